@@ -1,0 +1,63 @@
+"""Benchmark cases: inputs, masks and the callables of fgcupy and its peers, built once so the
+pytest-benchmark suite and the report command time exactly the same work."""
+
+from __future__ import annotations
+
+import torch
+
+from fgcupy import SliceMask, SparseAttention
+from fgcupy.mask import num_blocks
+
+
+def random_inputs(batch, heads, seq, head_dim, dtype=torch.bfloat16, seed=0, device="cuda"):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return tuple(torch.randn(batch, heads, seq, head_dim, generator=gen, device=device, dtype=dtype) for _ in range(3))
+
+
+def random_topk_mask(batch, heads, q_len, kv_len, slice_m, density, seed=0, device="cuda"):
+    """Each query block keeps round(density * kv_len) keys drawn uniformly (no host sync)."""
+    if density >= 1.0:
+        return SliceMask.full(batch, heads, q_len, kv_len, slice_m, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    k = max(1, round(density * kv_len))
+    q_blocks = num_blocks(q_len, slice_m)
+    scores = torch.rand(batch, heads, q_blocks, kv_len, generator=gen, device=device)
+    topk = torch.topk(scores, k, dim=-1, sorted=False).indices
+    del scores
+    return SliceMask.from_topk(topk, slice_m, q_len, kv_len)
+
+
+def uneven_mask(batch, heads, q_len, kv_len, slice_m, low=0.01, high=1.0, seed=0, device="cuda"):
+    """Query blocks keep between ``low`` and ``high`` of the keys (random per block); the long
+    blocks are placed last in index order, the worst case for a launch in index order."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q_blocks = num_blocks(q_len, slice_m)
+    fraction = torch.linspace(low, high, q_blocks, device=device)
+    keep_prob = fraction.view(1, 1, q_blocks, 1).expand(batch, heads, q_blocks, 1)
+    dense = torch.rand(batch, heads, q_blocks, kv_len, generator=gen, device=device) < keep_prob
+    return SliceMask.from_dense(dense, slice_m, q_len)
+
+
+def fgcupy_call(q, k, v, mask, key_tile=None, stages=2):
+    plan = SparseAttention().plan(mask, head_dim=q.shape[-1], dtype=q.dtype, key_tile=key_tile, stages=stages)
+    out = torch.empty_like(q)
+    return lambda: plan.run(q, k, v, out=out)
+
+
+def sdpa_call(q, k, v, backend: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+
+    def call():
+        with sdpa_kernel(chosen):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return call
+
+
+def flex_call(q, k, v, block_mask=None):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return lambda: compiled(q, k, v, block_mask=block_mask)

@@ -1,0 +1,82 @@
+"""Attention speed table on the current GPU: fgcupy at several densities and tile shapes beside
+SDPA (flash, cuDNN) in the same process, CUDA-event medians after warm-up.
+
+    PYTHONPATH=. python -m bench.report_attention --preset wan14b-480p [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from bench.cases import fgcupy_call, random_inputs, random_topk_mask, sdpa_call, uneven_mask
+from bench.presets import PRESETS
+from bench.timing import attention_tflops, cuda_time_ms
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--preset", default="wan14b-480p", choices=sorted(PRESETS))
+    parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.3])
+    parser.add_argument("--tiles", default="128x64s2,128x32s2,128x128s2,64x64s2,128x64s3",
+                        help="slice_m x key_tile s stages, comma separated")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--uneven", action="store_true", help="also time a 1%%-100%% uneven-list mask")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+
+    preset = PRESETS[args.preset]
+    batch, heads, seq, head_dim = preset.shape
+    q, k, v = random_inputs(batch, heads, seq, head_dim)
+    rows = []
+
+    def record(method, density, ms, **extra):
+        tflops = attention_tflops(batch, heads, seq, seq, head_dim, ms["median_ms"])
+        rows.append(dict(method=method, density=density, ms=ms["median_ms"], min_ms=ms["min_ms"],
+                         dense_equiv_tflops=tflops, kept_tflops=tflops * density, **extra))
+        print(f"{method:34s} d={density:<5} {ms['median_ms']:9.3f} ms  dense-equiv {tflops:7.1f} TFLOP/s"
+              f"  on kept work {tflops * density:6.1f}", flush=True)
+
+    for backend in ("flash", "cudnn"):
+        try:
+            record(f"sdpa-{backend}", 1.0, cuda_time_ms(sdpa_call(q, k, v, backend), reps=args.reps))
+        except RuntimeError as err:
+            print(f"sdpa-{backend}: unavailable ({str(err).splitlines()[0]})")
+
+    for density in args.densities:
+        for tile in args.tiles.split(","):
+            slice_m, rest = tile.split("x")
+            key_tile, stages = rest.split("s")
+            slice_m, key_tile, stages = int(slice_m), int(key_tile), int(stages)
+            mask = random_topk_mask(batch, heads, seq, seq, slice_m, density)
+            started = time.perf_counter()
+            call = fgcupy_call(q, k, v, mask, key_tile=key_tile, stages=stages)
+            call()
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - started
+            record(f"fgcupy m{slice_m} n{key_tile} s{stages}", density, cuda_time_ms(call, reps=args.reps),
+                   first_call_s=first_s)
+            del mask, call
+            torch.cuda.empty_cache()
+
+    if args.uneven:
+        mask = uneven_mask(batch, heads, seq, seq, 128)
+        density = mask.density()
+        record("fgcupy uneven 1-100% (longest first)", round(density, 3), cuda_time_ms(fgcupy_call(q, k, v, mask), reps=args.reps))
+
+    header = f"{torch.cuda.get_device_name()} | torch {torch.__version__} | preset {preset.name} {preset.shape}"
+    print("\n" + header)
+    print("| method | density | ms | dense-equiv TFLOP/s | TFLOP/s on kept work |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['method']} | {r['density']} | {r['ms']:.2f} | {r['dense_equiv_tflops']:.0f} | {r['kept_tflops']:.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

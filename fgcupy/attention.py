@@ -1,0 +1,207 @@
+"""Slice-sparse attention: a plan/run object and a one-shot function.
+
+``plan`` picks and loads the kernel for a mask and prepares the GPU work list (query blocks
+ordered longest list first) without synchronising the host; ``run`` checks the inputs and
+launches on torch's current stream. One plan serves many diffusion steps; re-planning a mask of
+the same shape refills the plan's own buffers in place, so a captured CUDA graph stays valid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import bridge
+from .jit import AttentionSpec, get_kernel
+from .jit.spec import HEAD_DIMS, SLICE_SIZES
+from .layout import check_layout, to_bhsd
+from .mask import SliceMask
+
+_DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+_INT32_MAX = 2**31 - 1
+
+
+def default_key_tile(head_dim: int, slice_m: int) -> int:
+    """Heuristic key-tile size when no tuned value is known: 64 keys keeps two K/V stages of
+    128-wide heads in about 64 KB of shared memory and fills the mma pipeline."""
+    return 64
+
+
+class SparseAttention:
+    """Plan once per mask, run per step.
+
+    >>> attn = SparseAttention()
+    >>> attn.plan(mask, head_dim=128, dtype=torch.bfloat16)
+    >>> out = attn.run(q, k, v)
+    """
+
+    def __init__(self):
+        self.spec: AttentionSpec | None = None
+        self.mask: SliceMask | None = None
+        self._indptr = None
+        self._indices = None
+        self._order = None
+
+    # ---- plan ----
+    def plan(self, mask: SliceMask, head_dim: int, dtype=torch.bfloat16, key_tile: int | None = None,
+             stages: int = 2) -> "SparseAttention":
+        if not isinstance(mask, SliceMask):
+            raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
+        dtype_name = bridge.dtype_name(dtype, "dtype")
+        if head_dim not in HEAD_DIMS:
+            raise ValueError(f"head_dim {head_dim} has no compiled kernel; available: {HEAD_DIMS}")
+        if mask.slice_m not in SLICE_SIZES:
+            raise ValueError(f"mask.slice_m={mask.slice_m} has no compiled kernel; available: {SLICE_SIZES}")
+        key_tile = default_key_tile(head_dim, mask.slice_m) if key_tile is None else key_tile
+        spec = AttentionSpec(dtype_name, head_dim, mask.slice_m, key_tile, stages)
+        if mask.device.type != "cuda":
+            raise ValueError(f"mask must be on a CUDA device to plan, got {mask.device} (use mask.to('cuda'))")
+        if mask.capacity > _INT32_MAX:
+            raise ValueError(f"mask capacity {mask.capacity} exceeds int32 offsets")
+
+        with torch.cuda.device(mask.device):
+            lengths = mask.row_lengths().reshape(-1)
+            order = torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
+            if self._same_shape(mask):
+                self._indptr.copy_(mask.indptr)
+                self._indices.copy_(mask.indices)
+                self._order.copy_(order)
+            else:
+                self._indptr = mask.indptr.contiguous().clone()
+                self._indices = mask.indices.contiguous().clone()
+                self._order = order
+            get_kernel_on(mask.device, spec)
+        self.spec = spec
+        self.mask = SliceMask(self._indptr, self._indices, mask.slice_m, mask.q_len, mask.kv_len)
+        return self
+
+    def _same_shape(self, mask: SliceMask) -> bool:
+        return (
+            self._indptr is not None
+            and self._indptr.shape == mask.indptr.shape
+            and self._indices.shape == mask.indices.shape
+            and self._indptr.device == mask.device
+        )
+
+    # ---- run ----
+    def run(self, q, k, v, scale: float | None = None, layout: str = "HND", out=None,
+            return_lse: bool = False, lse=None):
+        """Attention of ``q`` over the kept keys of ``k``/``v``.
+
+        q: [B, H, q_len, D] (layout "HND") or [B, q_len, H, D] ("NHD"); k, v likewise with kv_len.
+        Returns ``out`` (same type and layout as q), and float32 ``lse`` [B, H, q_len] (natural
+        log) if ``return_lse``. ``out``/``lse`` may be given to write into existing buffers.
+        """
+        if self.spec is None:
+            raise RuntimeError("SparseAttention.run called before plan(mask, ...)")
+        check_layout(layout)
+        returns_cupy = bridge.is_cupy_array(q)
+        q_t, k_t, v_t = (bridge.to_torch(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+        qh, kh, vh = (to_bhsd(x, layout) for x in (q_t, k_t, v_t))
+        check_inputs(qh, kh, vh, self.mask, self.spec)
+        mask = self.mask
+        if out is None:
+            out_t = torch.empty_like(q_t)
+        else:
+            out_t = bridge.to_torch(out, "out")
+            if out_t.shape != q_t.shape or out_t.dtype != q_t.dtype or out_t.device != q_t.device:
+                raise ValueError(
+                    f"out must match q: expected shape {tuple(q_t.shape)}, {q_t.dtype}, {q_t.device}; "
+                    f"got {tuple(out_t.shape)}, {out_t.dtype}, {out_t.device}"
+                )
+        oh = to_bhsd(out_t, layout)
+        _check_strides(oh, "out")
+        batch, heads, q_len, head_dim = qh.shape
+        if lse is not None:
+            lse = bridge.to_torch(lse, "lse")
+            expected = (batch, heads, q_len)
+            if tuple(lse.shape) != expected or lse.dtype != torch.float32 or lse.device != qh.device or not lse.is_contiguous():
+                raise ValueError(
+                    f"lse must be a contiguous float32 tensor of shape {expected} on {qh.device}; "
+                    f"got {tuple(lse.shape)}, {lse.dtype}, {lse.device}"
+                )
+            return_lse = True
+        elif return_lse:
+            lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
+        scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+        items = batch * heads * mask.q_blocks
+        if items and q_len:
+            kernel = get_kernel_on(qh.device, self.spec)
+            args = (
+                _ptr(qh), _ptr(kh), _ptr(vh), _ptr(oh), _ptr(lse) if lse is not None else np.uint64(0),
+                _ptr(self._indptr), _ptr(self._indices), _ptr(self._order),
+                np.int32(heads), np.int32(mask.q_blocks), np.int32(q_len), np.int32(mask.kv_len),
+                np.int32(mask.capacity),
+                *_strides(qh), *_strides(kh), *_strides(vh), *_strides(oh),
+                np.float32(scale * math.log2(math.e)),
+            )
+            with bridge.torch_stream(qh.device):
+                kernel((items,), (self.spec.threads,), args, shared_mem=self.spec.smem_bytes)
+        elif lse is not None:
+            lse.fill_(-math.inf)
+        result = bridge.to_cupy(out_t) if returns_cupy else out_t
+        if return_lse:
+            return result, (bridge.to_cupy(lse) if returns_cupy else lse)
+        return result
+
+def sparse_attention(q, k, v, mask: SliceMask, scale: float | None = None, layout: str = "HND",
+                     out=None, return_lse: bool = False, key_tile: int | None = None):
+    """One-shot slice-sparse attention: ``plan`` + ``run``. Prefer a ``SparseAttention`` object
+    when the same mask serves several calls."""
+    check_layout(layout)
+    q_t = bridge.to_torch(q, "q")
+    plan = SparseAttention().plan(mask, head_dim=q_t.shape[-1], dtype=q_t.dtype, key_tile=key_tile)
+    return plan.run(q, k, v, scale=scale, layout=layout, out=out, return_lse=return_lse)
+
+
+def check_inputs(q, k, v, mask: SliceMask, spec: AttentionSpec) -> None:
+    """ValueError/TypeError naming expected and actual for anything the kernel cannot take."""
+    expected_dtype = _DTYPE_BY_NAME[spec.dtype]
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dtype != expected_dtype:
+            raise TypeError(f"{name} has dtype {t.dtype}, the plan expects {expected_dtype}")
+        if t.device != mask.device:
+            raise ValueError(f"{name} is on {t.device}, the mask and plan are on {mask.device}")
+        if t.shape[-1] != spec.head_dim:
+            raise ValueError(f"{name} has head dim {t.shape[-1]}, the plan was made for {spec.head_dim}")
+    expected_q = (mask.batch, mask.heads, mask.q_len, spec.head_dim)
+    expected_kv = (mask.batch, mask.heads, mask.kv_len, spec.head_dim)
+    if tuple(q.shape) != expected_q:
+        raise ValueError(f"q has [B, H, S, D] shape {tuple(q.shape)}, the mask expects {expected_q}")
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != expected_kv:
+            raise ValueError(f"{name} has [B, H, S, D] shape {tuple(t.shape)}, the mask expects {expected_kv}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_strides(t, name)
+
+
+def get_kernel_on(device: torch.device, spec: AttentionSpec):
+    import cupy
+
+    with cupy.cuda.Device(device.index if device.index is not None else torch.cuda.current_device()):
+        return get_kernel(spec)
+
+
+def _check_strides(t: torch.Tensor, name: str) -> None:
+    """The kernel reads rows with 16-byte copies: unit stride over D, 8-element-aligned rows."""
+    if t.device.type != "cuda":
+        raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}")
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous along the head dim (stride 1), got strides {t.stride()}")
+    if any(s % 8 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1) or t.data_ptr() % 16:
+        raise ValueError(
+            f"{name} rows must start on 16-byte boundaries (strides multiple of 8 elements, "
+            f"aligned base); got strides {t.stride()}, address {t.data_ptr():#x}"
+        )
+
+
+def _ptr(t: torch.Tensor) -> np.uint64:
+    return np.uint64(t.data_ptr())
+
+
+def _strides(t: torch.Tensor):
+    """Element strides of B, H, S (a dimension of size one contributes nothing)."""
+    return tuple(np.int64(s if n > 1 else 0) for s, n in zip(t.stride()[:3], t.shape[:3]))

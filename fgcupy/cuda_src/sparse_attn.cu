@@ -1,0 +1,266 @@
+// Gather-load M x 1 slice-sparse attention, forward pass.
+//
+// One CTA computes one query block (M queries) of one (batch, head). It walks that block's
+// list of kept key positions in tiles of N keys, gathers the K and V rows of each tile with
+// 16-byte cp.async copies into swizzled shared memory (STAGES tiles in flight), and runs a
+// flash-style online softmax with mma.sync m16n8k16 (fp32 accumulate). Each warp owns 16
+// query rows. Invalid entries (tail of the last tile, or an index outside [0, kv_len)) are
+// zero-filled and masked with -inf, so a corrupt mask never reads outside K or V.
+#include "common.cuh"
+
+namespace fg {
+
+template <int D, int M, int N, int STAGES>
+struct SparseAttnShape {
+  static constexpr int kWarps = M / 16;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kChunksPerRow = D / 8;                // 16-byte chunks per row
+  static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static constexpr int kKvRowsPerThread = N / kRowsPerPass;
+  static constexpr int kQRowsPerThread = M / kRowsPerPass;
+  static constexpr int kTileElems = N * D;
+  // Layout of dynamic shared memory: Q tile, then K stages, V stages, key bias stages.
+  static constexpr int kSmemBytes = (M * D + 2 * STAGES * kTileElems) * 2 + STAGES * N * 4;
+  static_assert(M % 16 == 0 && D % 64 == 0, "M multiple of 16, D multiple of 64");
+  static_assert(N % 16 == 0, "key tile multiple of 16");
+  static_assert(kThreads % kChunksPerRow == 0, "threads must cover whole rows");
+  static_assert(N % kRowsPerPass == 0 && M % kRowsPerPass == 0, "tile rows per pass");
+};
+
+template <class T, int D, int M, int N, int STAGES>
+__global__ void __launch_bounds__(M / 16 * 32, 1)
+sparse_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                u16* __restrict__ o, float* __restrict__ lse,
+                const int* __restrict__ indptr, const int* __restrict__ indices,
+                const int* __restrict__ order, int heads, int q_blocks, int q_len, int kv_len,
+                int capacity, i64 q_sb, i64 q_sh, i64 q_ss, i64 k_sb, i64 k_sh, i64 k_ss,
+                i64 v_sb, i64 v_sh, i64 v_ss, i64 o_sb, i64 o_sh, i64 o_ss, float scale_log2) {
+  using S = SparseAttnShape<D, M, N, STAGES>;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  u16* sQ = reinterpret_cast<u16*>(smem_raw);
+  u16* sK = sQ + M * D;
+  u16* sV = sK + STAGES * S::kTileElems;
+  float* sBias = reinterpret_cast<float*>(sV + STAGES * S::kTileElems);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+
+  // Work item: longest lists first (order comes from the plan).
+  const int item = order[blockIdx.x];
+  const int qb = item % q_blocks;
+  const int bh = item / q_blocks;
+  const int b = bh / heads;
+  const int h = bh - b * heads;
+
+  int start = indptr[bh * (q_blocks + 1) + qb];
+  int end = indptr[bh * (q_blocks + 1) + qb + 1];
+  start = min(max(start, 0), capacity);
+  end = min(max(end, start), capacity);
+  const int ntiles = (end - start + N - 1) / N;
+
+  const u16* q_base = q + b * q_sb + h * q_sh;
+  const u16* k_base = k + b * k_sb + h * k_sh;
+  const u16* v_base = v + b * v_sb + h * v_sh;
+  const int q_row0 = qb * M;
+
+  // Each thread copies one 16-byte column chunk of several rows.
+  const int my_chunk = tid % S::kChunksPerRow;
+  const int my_row = tid / S::kChunksPerRow;
+
+  // ---- Q tile (zero rows past q_len) ----
+#pragma unroll
+  for (int j = 0; j < S::kQRowsPerThread; ++j) {
+    const int r = my_row + j * S::kRowsPerPass;
+    const bool valid = q_row0 + r < q_len;
+    const u16* src = q_base + (valid ? (q_row0 + r) * q_ss : 0) + my_chunk * 8;
+    cp_async16(smem_u32(sQ + swz<D>(r, my_chunk)), src, valid);
+  }
+
+  // Key indices are prefetched one tile ahead into registers, so the gather of a tile never
+  // waits on the load of its own indices.
+  int kv_idx[S::kKvRowsPerThread];
+  auto load_indices = [&](int tile) {
+#pragma unroll
+    for (int j = 0; j < S::kKvRowsPerThread; ++j) {
+      const int pos = start + tile * N + my_row + j * S::kRowsPerPass;
+      kv_idx[j] = pos < end ? __ldg(indices + pos) : -1;
+    }
+  };
+  auto issue_tile = [&](int stage) {
+#pragma unroll
+    for (int j = 0; j < S::kKvRowsPerThread; ++j) {
+      const int r = my_row + j * S::kRowsPerPass;
+      const int idx = kv_idx[j];
+      const bool valid = static_cast<unsigned>(idx) < static_cast<unsigned>(kv_len);
+      const i64 row = valid ? idx : 0;
+      const int off = stage * S::kTileElems + swz<D>(r, my_chunk);
+      cp_async16(smem_u32(sK + off), k_base + row * k_ss + my_chunk * 8, valid);
+      cp_async16(smem_u32(sV + off), v_base + row * v_ss + my_chunk * 8, valid);
+      if (my_chunk == 0) sBias[stage * N + r] = valid ? 0.f : FG_NEG_INF;
+    }
+  };
+
+  load_indices(0);
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ntiles) {
+      issue_tile(s);
+      load_indices(s + 1);
+    }
+    cp_async_commit();
+  }
+
+  float acc_o[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_o[i][e] = 0.f;
+  float row_max[2] = {FG_NEG_INF, FG_NEG_INF};
+  float row_sum[2] = {0.f, 0.f};
+
+  const int wrow = warp * 16;
+  const u32 sQ_addr = smem_u32(sQ);
+  const u32 sK_addr = smem_u32(sK);
+  const u32 sV_addr = smem_u32(sV);
+  // ldmatrix row/chunk roles of this lane (see the fragment layouts of mma.m16n8k16).
+  const int lm_r = lane & 7;
+  const int lm_hi8 = (lane >> 3) & 1;  // second 8x8 matrix of a pair
+  const int lm_hi16 = lane >> 4;       // second pair
+
+  for (int t = 0; t < ntiles; ++t) {
+    const int t_next = t + STAGES - 1;
+    if (t_next < ntiles) {
+      issue_tile(t_next % STAGES);
+      load_indices(t_next + 1);
+    }
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();
+    __syncthreads();
+
+    const int stage = t % STAGES;
+    const u32 k_stage = sK_addr + stage * S::kTileElems * 2;
+    const u32 v_stage = sV_addr + stage * S::kTileElems * 2;
+
+    // ---- S = Q K^T for this warp's 16 rows x N keys ----
+    float acc_s[N / 8][4];
+#pragma unroll
+    for (int i = 0; i < N / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_s[i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      u32 a[4];
+      ldmatrix_x4(a, sQ_addr + 2 * swz<D>(wrow + lm_hi8 * 8 + lm_r, kk * 2 + lm_hi16));
+#pragma unroll
+      for (int np = 0; np < N / 16; ++np) {
+        u32 bk[4];
+        ldmatrix_x4(bk, k_stage + 2 * swz<D>(np * 16 + lm_hi16 * 8 + lm_r, kk * 2 + lm_hi8));
+        T::mma(acc_s[2 * np], a, bk[0], bk[1]);
+        T::mma(acc_s[2 * np + 1], a, bk[2], bk[3]);
+      }
+    }
+
+    // ---- online softmax (base 2, scale folded in) ----
+    const float* bias = sBias + stage * N;
+    float tile_max[2] = {FG_NEG_INF, FG_NEG_INF};
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt) {
+      const int col = nt * 8 + (lane & 3) * 2;
+      const float b0 = bias[col], b1 = bias[col + 1];
+      acc_s[nt][0] = fmaf(acc_s[nt][0], scale_log2, b0);
+      acc_s[nt][1] = fmaf(acc_s[nt][1], scale_log2, b1);
+      acc_s[nt][2] = fmaf(acc_s[nt][2], scale_log2, b0);
+      acc_s[nt][3] = fmaf(acc_s[nt][3], scale_log2, b1);
+      tile_max[0] = fmaxf(tile_max[0], fmaxf(acc_s[nt][0], acc_s[nt][1]));
+      tile_max[1] = fmaxf(tile_max[1], fmaxf(acc_s[nt][2], acc_s[nt][3]));
+    }
+    float alpha[2], base[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float new_max = fmaxf(row_max[i], quad_max(tile_max[i]));
+      base[i] = new_max == FG_NEG_INF ? 0.f : new_max;  // all-masked row: keep exp2 finite
+      alpha[i] = fast_exp2(row_max[i] - base[i]);
+      row_max[i] = new_max;
+    }
+    float tile_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt) {
+      acc_s[nt][0] = fast_exp2(acc_s[nt][0] - base[0]);
+      acc_s[nt][1] = fast_exp2(acc_s[nt][1] - base[0]);
+      acc_s[nt][2] = fast_exp2(acc_s[nt][2] - base[1]);
+      acc_s[nt][3] = fast_exp2(acc_s[nt][3] - base[1]);
+      tile_sum[0] += acc_s[nt][0] + acc_s[nt][1];
+      tile_sum[1] += acc_s[nt][2] + acc_s[nt][3];
+    }
+    row_sum[0] = row_sum[0] * alpha[0] + tile_sum[0];
+    row_sum[1] = row_sum[1] * alpha[1] + tile_sum[1];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      acc_o[dt][0] *= alpha[0];
+      acc_o[dt][1] *= alpha[0];
+      acc_o[dt][2] *= alpha[1];
+      acc_o[dt][3] *= alpha[1];
+    }
+
+    // ---- O += P V ----
+#pragma unroll
+    for (int j = 0; j < N / 16; ++j) {
+      u32 a[4];
+      a[0] = T::pack(acc_s[2 * j][0], acc_s[2 * j][1]);
+      a[1] = T::pack(acc_s[2 * j][2], acc_s[2 * j][3]);
+      a[2] = T::pack(acc_s[2 * j + 1][0], acc_s[2 * j + 1][1]);
+      a[3] = T::pack(acc_s[2 * j + 1][2], acc_s[2 * j + 1][3]);
+#pragma unroll
+      for (int dp = 0; dp < D / 16; ++dp) {
+        u32 bv[4];
+        ldmatrix_x4_trans(bv, v_stage + 2 * swz<D>(j * 16 + lm_hi8 * 8 + lm_r, dp * 2 + lm_hi16));
+        T::mma(acc_o[2 * dp], a, bv[0], bv[1]);
+        T::mma(acc_o[2 * dp + 1], a, bv[2], bv[3]);
+      }
+    }
+    __syncthreads();  // this stage is refilled by the next iteration
+  }
+
+  // ---- epilogue: normalise, stage O through shared memory, 16-byte coalesced stores ----
+  cp_async_wait<0>();
+  __syncthreads();
+  const int g = lane >> 2;
+  const int tig = lane & 3;
+  float inv[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row_sum[i] = quad_sum(row_sum[i]);
+    inv[i] = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
+  }
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    const int r0 = wrow + g, r1 = wrow + g + 8;
+    *reinterpret_cast<u32*>(sQ + swz<D>(r0, dt) + tig * 2) =
+        T::pack(acc_o[dt][0] * inv[0], acc_o[dt][1] * inv[0]);
+    *reinterpret_cast<u32*>(sQ + swz<D>(r1, dt) + tig * 2) =
+        T::pack(acc_o[dt][2] * inv[1], acc_o[dt][3] * inv[1]);
+  }
+  if (lse != nullptr && tig == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = q_row0 + wrow + g + i * 8;
+      if (row < q_len) {
+        lse[static_cast<i64>(bh) * q_len + row] =
+            row_sum[i] > 0.f ? (row_max[i] + __log2f(row_sum[i])) * FG_LN2 : FG_NEG_INF;
+      }
+    }
+  }
+  __syncthreads();
+  u16* o_base = o + b * o_sb + h * o_sh;
+#pragma unroll
+  for (int j = 0; j < S::kQRowsPerThread; ++j) {
+    const int r = my_row + j * S::kRowsPerPass;
+    if (q_row0 + r < q_len) {
+      const uint4 val = *reinterpret_cast<const uint4*>(sQ + swz<D>(r, my_chunk));
+      *reinterpret_cast<uint4*>(o_base + (q_row0 + r) * o_ss + my_chunk * 8) = val;
+    }
+  }
+}
+
+}  // namespace fg

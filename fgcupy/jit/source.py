@@ -1,0 +1,41 @@
+"""Where the CUDA sources live and the NVRTC options every compile path shares."""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "cuda_src"
+
+
+@lru_cache(maxsize=None)
+def read_source(filename: str) -> str:
+    path = SOURCE_DIR / filename
+    if not path.is_file():
+        raise FileNotFoundError(f"fgcupy kernel source {path} is missing (broken install?)")
+    return path.read_text()
+
+
+@lru_cache(maxsize=None)
+def source_hash() -> str:
+    """Hash of every file in cuda_src/.
+
+    CuPy's disk cache keys on the top-level source and the options but not on headers pulled in
+    with -I; putting this hash into the options means an edited header never reuses a stale binary.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(SOURCE_DIR.glob("*")):
+        if path.suffix in (".cu", ".cuh"):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def nvrtc_options() -> tuple[str, ...]:
+    """Options for every fgcupy kernel, without the target architecture (each path adds its own)."""
+    return (
+        "-std=c++17",
+        f"-I{SOURCE_DIR}",
+        f"-DFGCUPY_SRC_HASH=0x{source_hash()}ULL",
+    )

@@ -1,0 +1,94 @@
+"""KernelSpec: one compiled specialization of a kernel template, and everything derived from it.
+
+A spec is the single source of truth for a kernel's template arguments: the readable name used
+in logs and reports, the C++ name expression handed to NVRTC, the launch shape and the shared
+memory it needs all come from here, so the runtime path and the CPU compile checks agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPES = ("bfloat16", "float16")
+HEAD_DIMS = (64, 128)
+SLICE_SIZES = (64, 128)
+KEY_TILES = (32, 64, 128)
+STAGES = (2, 3)
+
+_CPP_DTYPE = {"bfloat16": "fg::bf16_t", "float16": "fg::fp16_t"}
+_SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
+
+# Opt-in shared memory per block on sm_80 (163 KB) bounds every spec we ship; sm_90 allows 227 KB.
+MAX_SMEM_BYTES_SM80 = 163 * 1024
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Template arguments of ``fg::sparse_attn_fwd``."""
+
+    dtype: str = "bfloat16"
+    head_dim: int = 128
+    slice_m: int = 128
+    key_tile: int = 64
+    stages: int = 2
+
+    source = "sparse_attn.cu"
+    template = "fg::sparse_attn_fwd"
+
+    def __post_init__(self):
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("head_dim", self.head_dim, HEAD_DIMS)
+        _check_choice("slice_m", self.slice_m, SLICE_SIZES)
+        _check_choice("key_tile", self.key_tile, KEY_TILES)
+        _check_choice("stages", self.stages, STAGES)
+        rows_per_pass = self.threads // (self.head_dim // 8)
+        if self.key_tile % rows_per_pass:
+            raise ValueError(
+                f"key_tile={self.key_tile} must be a multiple of {rows_per_pass} "
+                f"for slice_m={self.slice_m}, head_dim={self.head_dim}"
+            )
+
+    @property
+    def name(self) -> str:
+        return (
+            f"sparse_attn_fwd_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}_m{self.slice_m}"
+            f"_n{self.key_tile}_s{self.stages}"
+        )
+
+    @property
+    def name_expression(self) -> str:
+        return (
+            f"{self.template}<{_CPP_DTYPE[self.dtype]}, {self.head_dim}, {self.slice_m}, "
+            f"{self.key_tile}, {self.stages}>"
+        )
+
+    @property
+    def threads(self) -> int:
+        return self.slice_m // 16 * 32
+
+    @property
+    def smem_bytes(self) -> int:
+        tile = self.key_tile * self.head_dim
+        return (self.slice_m * self.head_dim + 2 * self.stages * tile) * 2 + self.stages * self.key_tile * 4
+
+
+def all_attention_specs() -> list[AttentionSpec]:
+    """Every specialization fgcupy ships (and the CPU tests compile)."""
+    specs = []
+    for dtype in DTYPES:
+        for d in HEAD_DIMS:
+            for m in SLICE_SIZES:
+                for n in KEY_TILES:
+                    for s in STAGES:
+                        try:
+                            spec = AttentionSpec(dtype, d, m, n, s)
+                        except ValueError:
+                            continue
+                        if spec.smem_bytes <= MAX_SMEM_BYTES_SM80:
+                            specs.append(spec)
+    return specs
+
+
+def _check_choice(what, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {allowed}, got {value!r}")

@@ -1,0 +1,276 @@
+"""SliceMask: which M x 1 slices (query block x one key) attention keeps.
+
+Format (CSR with a fixed-capacity buffer, so shapes stay static across diffusion steps):
+  indptr  int32 [B, H, QB + 1]  offsets into ``indices``; row (b, h, j) owns
+                                ``indices[indptr[b, h, j] : indptr[b, h, j + 1]]``
+  indices int32 [capacity]      kept key positions, sorted ascending and unique within a row
+QB = ceil(q_len / slice_m). Query block j covers queries [j * slice_m, (j + 1) * slice_m).
+Tensors live on any torch device; nothing here synchronises the host except ``validate``,
+``density``, ``from_dense`` and the BlockMask converters, which say so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def _as_int32_tensor(x, what: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        x = torch.from_numpy(x)
+    elif not isinstance(x, torch.Tensor):
+        if hasattr(x, "__dlpack__"):
+            x = torch.from_dlpack(x)
+        else:
+            raise TypeError(f"{what} must be a torch tensor, numpy or cupy array, got {type(x).__name__}")
+    if x.dtype != torch.int32:
+        raise TypeError(f"{what} must be int32, got {x.dtype}")
+    return x
+
+
+def num_blocks(length: int, slice_m: int) -> int:
+    return (length + slice_m - 1) // slice_m
+
+
+@dataclass(frozen=True)
+class SliceMask:
+    indptr: torch.Tensor
+    indices: torch.Tensor
+    slice_m: int
+    q_len: int
+    kv_len: int
+
+    def __post_init__(self):
+        indptr = _as_int32_tensor(self.indptr, "indptr")
+        indices = _as_int32_tensor(self.indices, "indices")
+        object.__setattr__(self, "indptr", indptr)
+        object.__setattr__(self, "indices", indices)
+        for name in ("slice_m", "q_len", "kv_len"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if self.slice_m < 1:
+            raise ValueError(f"slice_m must be >= 1, got {self.slice_m}")
+        if indptr.dim() != 3:
+            raise ValueError(f"indptr must have shape [B, H, QB + 1], got {tuple(indptr.shape)}")
+        expected_qb = num_blocks(self.q_len, self.slice_m)
+        if indptr.shape[2] != expected_qb + 1:
+            raise ValueError(
+                f"indptr has {indptr.shape[2] - 1} query blocks, expected {expected_qb} "
+                f"(q_len={self.q_len}, slice_m={self.slice_m})"
+            )
+        if indices.dim() != 1:
+            raise ValueError(f"indices must be 1-D, got shape {tuple(indices.shape)}")
+        if indptr.device != indices.device:
+            raise ValueError(f"indptr is on {indptr.device} but indices on {indices.device}")
+
+    # ---- shape ----
+    @property
+    def batch(self) -> int:
+        return self.indptr.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.indptr.shape[1]
+
+    @property
+    def q_blocks(self) -> int:
+        return self.indptr.shape[2] - 1
+
+    @property
+    def capacity(self) -> int:
+        return self.indices.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.indptr.device
+
+    def row_lengths(self) -> torch.Tensor:
+        """int32 [B, H, QB]: number of kept keys of each query block (no sync)."""
+        return self.indptr[..., 1:] - self.indptr[..., :-1]
+
+    def density(self) -> float:
+        """Kept slices / all slices (synchronises)."""
+        total = self.batch * self.heads * self.q_blocks * self.kv_len
+        if total == 0:
+            return 0.0
+        return float(self.row_lengths().sum(dtype=torch.int64).item()) / total
+
+    def to(self, device) -> "SliceMask":
+        return SliceMask(self.indptr.to(device), self.indices.to(device), self.slice_m, self.q_len, self.kv_len)
+
+    def memory_bytes(self) -> int:
+        return (self.indptr.numel() + self.indices.numel()) * 4
+
+    # ---- constructors ----
+    @classmethod
+    def from_dense(cls, dense, slice_m: int, q_len: int, capacity: int | None = None) -> "SliceMask":
+        """From a boolean map ``[B, H, QB, KV]`` (True = keep). Synchronises (counts the keys)."""
+        if not isinstance(dense, torch.Tensor):
+            dense = torch.as_tensor(dense)
+        if dense.dim() != 4:
+            raise ValueError(f"dense mask must have shape [B, H, QB, KV], got {tuple(dense.shape)}")
+        dense = dense.to(torch.bool)
+        batch, heads, q_blocks, kv_len = dense.shape
+        counts = dense.sum(dim=-1, dtype=torch.int32).reshape(-1)
+        indptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=dense.device)
+        torch.cumsum(counts, 0, out=indptr[1:])
+        total = int(indptr[-1].item())
+        if total > torch.iinfo(torch.int32).max:
+            raise ValueError(f"mask keeps {total} slices, more than int32 offsets can address")
+        if capacity is None:
+            capacity = total
+        elif capacity < total:
+            raise ValueError(f"capacity={capacity} is smaller than the {total} kept slices")
+        indices = torch.zeros(capacity, dtype=torch.int32, device=dense.device)
+        indices[:total] = dense.reshape(-1, kv_len).nonzero()[:, 1].to(torch.int32)
+        return cls(_rows_to_indptr(indptr.to(torch.int32), batch, heads, q_blocks), indices, slice_m, q_len, kv_len)
+
+    @classmethod
+    def from_topk(cls, topk, slice_m: int, q_len: int, kv_len: int) -> "SliceMask":
+        """From key indices ``[B, H, QB, k]`` (each row's k keys, any order, unique). No sync."""
+        if not isinstance(topk, torch.Tensor):
+            topk = torch.as_tensor(topk)
+        if topk.dim() != 4:
+            raise ValueError(f"top-k indices must have shape [B, H, QB, k], got {tuple(topk.shape)}")
+        batch, heads, q_blocks, k = topk.shape
+        rows = batch * heads * q_blocks
+        if rows * k > torch.iinfo(torch.int32).max:
+            raise ValueError(f"{rows} rows x k={k} exceed int32 offsets")
+        indices = torch.sort(topk.to(torch.int32), dim=-1).values.reshape(-1)
+        flat = torch.arange(rows + 1, dtype=torch.int32, device=topk.device) * k
+        return cls(_rows_to_indptr(flat, batch, heads, q_blocks), indices, slice_m, q_len, kv_len)
+
+    @classmethod
+    def full(cls, batch: int, heads: int, q_len: int, kv_len: int, slice_m: int, device=None) -> "SliceMask":
+        """Every key for every query block: dense attention through the sparse kernel."""
+        q_blocks = num_blocks(q_len, slice_m)
+        keys = torch.arange(kv_len, dtype=torch.int32, device=device)
+        topk = keys.expand(batch, heads, q_blocks, kv_len)
+        return cls.from_topk(topk, slice_m, q_len, kv_len)
+
+    # ---- views ----
+    def flat_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, key) int64 pairs of every kept slice, row = (b * H + h) * QB + j. Synchronises."""
+        starts = self.indptr[..., :-1].reshape(-1).to(torch.int64)
+        lengths = (self.indptr[..., 1:].reshape(-1).to(torch.int64) - starts).clamp_min(0)
+        total = int(lengths.sum().item())
+        row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=self.device), lengths)
+        first = torch.cumsum(lengths, 0) - lengths
+        positions = starts[row_of] + torch.arange(total, device=self.device) - first[row_of]
+        positions = positions.clamp(0, max(self.capacity - 1, 0))
+        keys = self.indices[positions].to(torch.int64) if self.capacity else positions
+        return row_of, keys
+
+    def to_dense(self) -> torch.Tensor:
+        """Boolean map ``[B, H, QB, KV]`` (call ``validate`` first on untrusted masks)."""
+        row_of, keys = self.flat_rows()
+        rows = self.batch * self.heads * self.q_blocks
+        dense = torch.zeros(rows, self.kv_len, dtype=torch.bool, device=self.device)
+        dense[row_of, keys] = True
+        return dense.reshape(self.batch, self.heads, self.q_blocks, self.kv_len)
+
+    def validate(self) -> "SliceMask":
+        """Check offsets and indices; the one call allowed to synchronise. Names the bad row."""
+        starts = self.indptr[..., :-1].reshape(-1).cpu().to(torch.int64)
+        ends = self.indptr[..., 1:].reshape(-1).cpu().to(torch.int64)
+        for name, offsets in (("start", starts), ("end", ends)):
+            bad = (offsets < 0) | (offsets > self.capacity)
+            if bad.any():
+                row = int(torch.nonzero(bad)[0, 0])
+                raise ValueError(
+                    f"indptr {name} of {self._row_name(row)} is {int(offsets[row])}, "
+                    f"outside [0, capacity={self.capacity}]"
+                )
+        shrinking = ends < starts
+        if shrinking.any():
+            row = int(torch.nonzero(shrinking)[0, 0])
+            raise ValueError(
+                f"indptr decreases at {self._row_name(row)} (start {int(starts[row])} > end {int(ends[row])})"
+            )
+        row_of, keys = self.to("cpu").flat_rows()
+        out_of_range = (keys < 0) | (keys >= self.kv_len)
+        if out_of_range.any():
+            pos = int(torch.nonzero(out_of_range)[0, 0])
+            raise ValueError(
+                f"key index {int(keys[pos])} at {self._row_name(int(row_of[pos]))} is outside "
+                f"[0, kv_len={self.kv_len})"
+            )
+        if keys.numel() > 1:
+            not_increasing = (row_of[1:] == row_of[:-1]) & (keys[1:] <= keys[:-1])
+            if not_increasing.any():
+                pos = int(torch.nonzero(not_increasing)[0, 0])
+                raise ValueError(
+                    f"keys of {self._row_name(int(row_of[pos]))} are not sorted and unique "
+                    f"({int(keys[pos])} then {int(keys[pos + 1])})"
+                )
+        return self
+
+    def _row_name(self, row: int) -> str:
+        b, rest = divmod(row, self.heads * self.q_blocks)
+        h, j = divmod(rest, self.q_blocks)
+        return f"(b={b}, h={h}, row={j})"
+
+    # ---- FlexAttention ----
+    def block_cover(self, block_size: int = 128) -> torch.Tensor:
+        """Boolean ``[B, H, ceil(q_len/bs), ceil(kv_len/bs)]``: blocks holding any kept slice."""
+        if block_size % self.slice_m:
+            raise ValueError(f"block_size={block_size} must be a multiple of slice_m={self.slice_m}")
+        row_of, keys = self.flat_rows()
+        q_blocks_big = num_blocks(self.q_len, block_size)
+        kv_blocks_big = num_blocks(self.kv_len, block_size)
+        bh, j = torch.div(row_of, self.q_blocks, rounding_mode="floor"), row_of % self.q_blocks
+        big_row = bh * q_blocks_big + j * self.slice_m // block_size
+        cover = torch.zeros(self.batch * self.heads * q_blocks_big, kv_blocks_big, dtype=torch.bool, device=self.device)
+        cover[big_row, keys // block_size] = True
+        return cover.reshape(self.batch, self.heads, q_blocks_big, kv_blocks_big)
+
+    def to_block_mask(self, block_size: int = 128, exact: bool = True):
+        """FlexAttention ``BlockMask`` over the block cover (every block holding any kept slice).
+
+        With ``exact=True`` a ``mask_mod`` keeps only the kept slices inside each block, so
+        FlexAttention computes the same function as fgcupy; with ``exact=False`` whole blocks are
+        computed (the work a block-sparse kernel does for this mask). Synchronises.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
+
+        cover = self.block_cover(block_size)
+        counts = cover.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~cover).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        mask_mod = None
+        if exact:
+            slice_map = self.to_dense()
+            slice_m = self.slice_m
+
+            def mask_mod(b, h, q_idx, kv_idx):
+                return slice_map[b, h, q_idx // slice_m, kv_idx]
+
+        return BlockMask.from_kv_blocks(
+            counts, order, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(self.q_len, self.kv_len)
+        )
+
+    @classmethod
+    def from_block_mask(cls, block_mask, slice_m: int, q_len: int | None = None, kv_len: int | None = None):
+        """Every slice inside the blocks a FlexAttention ``BlockMask`` visits (its mask_mod is
+        not applied: partial blocks count as full). Synchronises."""
+        q_block, kv_block = block_mask.BLOCK_SIZE
+        seq_q, seq_kv = block_mask.seq_lengths
+        q_len = seq_q if q_len is None else q_len
+        kv_len = seq_kv if kv_len is None else kv_len
+        if q_block % slice_m:
+            raise ValueError(f"BlockMask query block {q_block} is not a multiple of slice_m={slice_m}")
+        blocks = block_mask.to_dense().to(torch.bool)  # [B, H, QBlocks, KVBlocks]
+        q_blocks = num_blocks(q_len, slice_m)
+        row_block = torch.arange(q_blocks, device=blocks.device) * slice_m // q_block
+        key_block = torch.arange(kv_len, device=blocks.device) // kv_block
+        dense = blocks[:, :, row_block][..., key_block]
+        return cls.from_dense(dense, slice_m, q_len)
+
+
+def _rows_to_indptr(flat: torch.Tensor, batch: int, heads: int, q_blocks: int) -> torch.Tensor:
+    """Flat row offsets [R + 1] -> [B, H, QB + 1]: each (b, h) ends where the next begins."""
+    starts = flat[:-1].reshape(batch, heads, q_blocks)
+    ends = flat[1:].reshape(batch, heads, q_blocks)[..., -1:] if q_blocks else flat[:1].expand(batch, heads, 1)
+    return torch.cat([starts, ends], dim=-1).contiguous()

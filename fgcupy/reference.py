@@ -1,0 +1,72 @@
+"""Exact slice-sparse attention in float32/float64 with torch, on any device.
+
+The yardstick of tests and quality benchmarks: a masked softmax over the kept keys of each
+query block, computed in chunks of query blocks so long sequences fit in memory. A query whose
+block keeps no key gets a zero output and LSE = -inf.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .layout import to_bhsd
+from .mask import SliceMask
+
+
+def reference_attention(
+    q, k, v, mask: SliceMask, scale: float | None = None, layout: str = "HND",
+    dtype: torch.dtype = torch.float32, rows_per_chunk: int = 4096,
+):
+    """Return ``(out, lse)``: out in ``dtype`` and ``layout``, lse float32-or-``dtype`` [B, H, S]."""
+    q, k, v = (to_bhsd(t, layout) for t in (q, k, v))
+    batch, heads, q_len, head_dim = q.shape
+    kv_len = k.shape[2]
+    if (mask.batch, mask.heads, mask.q_len, mask.kv_len) != (batch, heads, q_len, kv_len):
+        raise ValueError(
+            f"mask is for (B, H, q_len, kv_len)={(mask.batch, mask.heads, mask.q_len, mask.kv_len)}, "
+            f"inputs are {(batch, heads, q_len, kv_len)}"
+        )
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    keep = mask.to(q.device).to_dense()  # [B, H, QB, KV]
+    out = torch.zeros(batch, heads, q_len, head_dim, dtype=dtype, device=q.device)
+    lse = torch.full((batch, heads, q_len), -math.inf, dtype=dtype, device=q.device)
+    kf, vf = k.to(dtype), v.to(dtype)
+    blocks_per_chunk = max(1, rows_per_chunk // mask.slice_m)
+    for first in range(0, mask.q_blocks, blocks_per_chunk):
+        last = min(first + blocks_per_chunk, mask.q_blocks)
+        rows = slice(first * mask.slice_m, min(last * mask.slice_m, q_len))
+        qf = q[:, :, rows].to(dtype)
+        scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+        row_keep = keep[:, :, first:last].repeat_interleave(mask.slice_m, dim=2)[:, :, : qf.shape[2]]
+        scores = scores.masked_fill(~row_keep, -math.inf)
+        row_lse = torch.logsumexp(scores, dim=-1)
+        probs = torch.exp(scores - row_lse.unsqueeze(-1).clamp_min(torch.finfo(dtype).min))
+        probs = torch.nan_to_num(probs, nan=0.0)
+        out[:, :, rows] = torch.matmul(probs, vf)
+        lse[:, :, rows] = row_lse
+    if layout == "NHD":
+        out = out.transpose(1, 2)
+    return out, lse
+
+
+def dense_attention(q, k, v, scale: float | None = None, layout: str = "HND", dtype=torch.float32,
+                    rows_per_chunk: int = 4096):
+    """Full (unmasked) attention in ``dtype``: the quality baseline of sparse results."""
+    q, k, v = (to_bhsd(t, layout) for t in (q, k, v))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    kf, vf = k.to(dtype), v.to(dtype)
+    for first in range(0, q.shape[2], rows_per_chunk):
+        rows = slice(first, first + rows_per_chunk)
+        scores = torch.matmul(q[:, :, rows].to(dtype), kf.transpose(-1, -2)) * scale
+        out[:, :, rows] = torch.matmul(torch.softmax(scores, dim=-1), vf)
+    return out if layout == "HND" else out.transpose(1, 2)
+
+
+def relative_l2(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64."""
+    out, ref = out.to(torch.float64), ref.to(torch.float64)
+    denom = torch.linalg.vector_norm(ref)
+    return float(torch.linalg.vector_norm(out - ref) / denom) if denom > 0 else float(torch.linalg.vector_norm(out))

@@ -1,0 +1,87 @@
+"""Every shipped kernel specialization compiles with NVRTC for sm_80, sm_90 and sm_90a, with the
+options the runtime path uses, and ptxas' report shows no spills and shared memory in budget."""
+
+import pytest
+
+from fgcupy.jit import AttentionSpec, KernelCompileError, all_attention_specs
+from fgcupy.jit import report as report_mod
+from fgcupy.jit import source
+from fgcupy.jit.spec import MAX_SMEM_BYTES_SM80
+
+pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (test extra) provides NVRTC bindings")
+
+SPECS = all_attention_specs()
+
+
+def test_every_axis_is_shipped():
+    assert {s.dtype for s in SPECS} == {"bfloat16", "float16"}
+    assert {s.head_dim for s in SPECS} == {64, 128}
+    assert {s.slice_m for s in SPECS} == {64, 128}
+    assert {s.key_tile for s in SPECS} >= {32, 64}
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_90a"])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_compiles_without_spills(spec, arch):
+    rep = report_mod.compile_report(spec, arch)
+    assert rep.lowered_name.startswith("_Z"), rep.lowered_name
+    assert "sparse_attn_fwd" in rep.lowered_name
+    assert rep.spill_store_bytes == 0 and rep.spill_load_bytes == 0, rep.log
+    assert rep.stack_bytes == 0, rep.log
+    assert rep.registers * spec.threads <= 65536, f"{rep.registers} registers x {spec.threads} threads"
+    assert rep.static_smem_bytes + spec.smem_bytes <= MAX_SMEM_BYTES_SM80
+    assert rep.cubin_bytes > 1000
+
+
+def test_names_are_readable_and_unique():
+    names = [s.name for s in SPECS]
+    assert len(set(names)) == len(names)
+    spec = AttentionSpec("float16", 64, 128, 32, 3)
+    assert spec.name == "sparse_attn_fwd_fp16_d64_m128_n32_s3"
+    assert spec.name_expression == "fg::sparse_attn_fwd<fg::fp16_t, 64, 128, 32, 3>"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(head_dim=96), r"head_dim must be one of \(64, 128\), got 96"),
+        (dict(dtype="float32"), r"dtype must be one of \('bfloat16', 'float16'\), got 'float32'"),
+        (dict(slice_m=32), r"slice_m must be one of"),
+        (dict(key_tile=48), r"key_tile must be one of"),
+        (dict(stages=1), r"stages must be one of"),
+        (dict(head_dim=64, slice_m=128, key_tile=32, stages=2, dtype="bfloat16"), None),
+    ],
+)
+def test_spec_validation(kwargs, message):
+    if message is None:
+        AttentionSpec(**kwargs)
+        return
+    with pytest.raises(ValueError, match=message):
+        AttentionSpec(**kwargs)
+
+
+def test_options_carry_a_hash_of_every_source(tmp_path, monkeypatch):
+    options = source.nvrtc_options()
+    assert any(o.startswith("-DFGCUPY_SRC_HASH=0x") for o in options)
+    assert f"-I{source.SOURCE_DIR}" in options
+    before = source.source_hash()
+    # Editing a header (not the top-level .cu) must change the hash.
+    for f in source.SOURCE_DIR.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    (tmp_path / "common.cuh").write_text((tmp_path / "common.cuh").read_text() + "\n// edited\n")
+    monkeypatch.setattr(source, "SOURCE_DIR", tmp_path)
+    source.source_hash.cache_clear()
+    try:
+        assert source.source_hash() != before
+    finally:
+        source.source_hash.cache_clear()
+
+
+def test_compile_error_names_the_spec_and_carries_the_log(monkeypatch):
+    monkeypatch.setattr(report_mod, "read_source", lambda name: "this is not C++;")
+    spec = AttentionSpec()
+    with pytest.raises(KernelCompileError) as info:
+        report_mod.compile_report(spec, "sm_90")
+    assert info.value.spec == spec
+    assert spec.name in str(info.value)
+    assert "error" in info.value.nvrtc_log

@@ -1,0 +1,75 @@
+"""Bad input gets a ValueError/TypeError naming expected and actual, before anything reaches
+the GPU. These run without one: planning checks come before any CUDA call."""
+
+import pytest
+import torch
+
+from fgcupy import SliceMask, SparseAttention, sparse_attention
+from fgcupy.attention import check_inputs
+from fgcupy.jit import AttentionSpec
+
+MASK = SliceMask.full(1, 2, 100, 80, 64)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(mask="nope"), TypeError, "mask must be a fgcupy.SliceMask, got str"),
+        (dict(dtype=torch.float32), TypeError, r"dtype must be torch.bfloat16 or torch.float16, got torch.float32"),
+        (dict(head_dim=96), ValueError, r"head_dim 96 has no compiled kernel; available: \(64, 128\)"),
+        (dict(mask=SliceMask.full(1, 1, 64, 64, 16)), ValueError, r"mask.slice_m=16 has no compiled kernel"),
+        (dict(), ValueError, r"mask must be on a CUDA device to plan, got cpu"),
+        (dict(key_tile=48), ValueError, r"key_tile must be one of \(32, 64, 128\), got 48"),
+    ],
+)
+def test_plan_errors(kwargs, error, message):
+    args = dict(mask=MASK, head_dim=64, dtype=torch.bfloat16)
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        SparseAttention().plan(**args)
+
+
+def test_run_before_plan():
+    x = torch.zeros(1, 2, 100, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"run called before plan"):
+        SparseAttention().run(x, x, x)
+
+
+def _qkv(q_len=100, kv_len=80, d=64, dtype=torch.bfloat16, heads=2):
+    return (torch.zeros(1, heads, q_len, d, dtype=dtype), torch.zeros(1, heads, kv_len, d, dtype=dtype),
+            torch.zeros(1, heads, kv_len, d, dtype=dtype))
+
+
+SPEC = AttentionSpec("bfloat16", 64, 64, 64, 2)
+
+
+@pytest.mark.parametrize(
+    "inputs, error, message",
+    [
+        (_qkv(dtype=torch.float16), TypeError, r"q has dtype torch.float16, the plan expects torch.bfloat16"),
+        (_qkv(d=128), ValueError, r"q has head dim 128, the plan was made for 64"),
+        (_qkv(q_len=99), ValueError, r"q has \[B, H, S, D\] shape \(1, 2, 99, 64\), the mask expects \(1, 2, 100, 64\)"),
+        (_qkv(kv_len=81), ValueError, r"k has \[B, H, S, D\] shape \(1, 2, 81, 64\), the mask expects \(1, 2, 80, 64\)"),
+        (_qkv(heads=3), ValueError, r"q has \[B, H, S, D\] shape \(1, 3, 100, 64\)"),
+        (_qkv(), ValueError, r"q must be a CUDA tensor, got device cpu"),
+    ],
+)
+def test_input_checks(inputs, error, message):
+    with pytest.raises(error, match=message):
+        check_inputs(*inputs, MASK, SPEC)
+
+
+def test_strides_checked_before_launch():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"q must be a CUDA tensor"):
+        check_inputs(q[..., ::2].repeat(1, 1, 1, 2), k, v, MASK, SPEC)
+
+
+def test_one_shot_rejects_bad_layout_and_types():
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"layout must be one of \('HND', 'NHD'\)"):
+        sparse_attention(q, k, v, MASK, layout="BSHD")
+    with pytest.raises(TypeError, match=r"q must be a torch.Tensor or a cupy.ndarray, got list"):
+        sparse_attention([1, 2], k, v, MASK)
+    with pytest.raises(ValueError, match=r"mask must be on a CUDA device"):
+        sparse_attention(q, k, v, MASK)

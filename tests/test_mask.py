@@ -1,0 +1,147 @@
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fgcupy import SliceMask
+from fgcupy.mask import num_blocks
+
+from .strategies import dense_masks, mask_from
+
+
+@given(dense_masks())
+@settings(max_examples=60, deadline=None)
+def test_dense_round_trip(case):
+    dense, slice_m, q_len = case
+    mask = mask_from(dense, slice_m, q_len).validate()
+    assert torch.equal(mask.to_dense(), dense)
+    assert mask.density() == pytest.approx(dense.float().mean().item())
+    assert torch.equal(mask.row_lengths(), dense.sum(-1, dtype=torch.int32))
+
+
+@given(dense_masks(), st.integers(0, 50))
+@settings(max_examples=30, deadline=None)
+def test_capacity_padding_is_ignored(case, extra):
+    dense, slice_m, q_len = case
+    total = int(dense.sum())
+    mask = SliceMask.from_dense(dense, slice_m, q_len, capacity=total + extra)
+    assert mask.capacity == total + extra
+    assert torch.equal(mask.validate().to_dense(), dense)
+
+
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 40), st.integers(1, 200), st.data())
+@settings(max_examples=40, deadline=None)
+def test_from_topk_keeps_exactly_those_keys(batch, heads, q_blocks, kv_len, data):
+    k = data.draw(st.integers(0, kv_len))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    scores = torch.rand(batch, heads, q_blocks, kv_len, generator=gen)
+    topk = torch.topk(scores, k, dim=-1).indices
+    mask = SliceMask.from_topk(topk, 64, q_blocks * 64, kv_len).validate()
+    expected = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, topk, True)
+    assert torch.equal(mask.to_dense(), expected)
+    assert torch.equal(mask.indptr[..., 1:] - mask.indptr[..., :-1], torch.full((batch, heads, q_blocks), k, dtype=torch.int32))
+
+
+def test_full_mask_is_dense():
+    mask = SliceMask.full(2, 3, 130, 70, 64).validate()
+    assert mask.density() == 1.0
+    assert mask.to_dense().all()
+
+
+def test_accepts_numpy_arrays():
+    indptr = np.array([[[0, 2, 3]]], dtype=np.int32)
+    indices = np.array([1, 4, 0], dtype=np.int32)
+    mask = SliceMask(indptr, indices, slice_m=64, q_len=100, kv_len=5).validate()
+    assert mask.to_dense().tolist() == [[[[False, True, False, False, True], [True, False, False, False, False]]]]
+
+
+@pytest.mark.parametrize(
+    "indptr, indices, message",
+    [
+        ([[[0, 2, 9]]], [1, 4, 0], r"indptr end of \(b=0, h=0, row=1\) is 9, outside \[0, capacity=3\]"),
+        ([[[0, 3, 2]]], [1, 4, 0], r"indptr decreases at \(b=0, h=0, row=1\)"),
+        ([[[-1, 2, 3]]], [1, 4, 0], r"indptr start of \(b=0, h=0, row=0\) is -1"),
+        ([[[0, 2, 3]]], [1, 5, 0], r"key index 5 at \(b=0, h=0, row=0\) is outside \[0, kv_len=5\)"),
+        ([[[0, 2, 3]]], [4, 1, 0], r"keys of \(b=0, h=0, row=0\) are not sorted and unique \(4 then 1\)"),
+        ([[[0, 2, 3]]], [2, 2, 0], r"not sorted and unique \(2 then 2\)"),
+    ],
+)
+def test_validate_names_the_bad_row(indptr, indices, message):
+    mask = SliceMask(torch.tensor(indptr, dtype=torch.int32), torch.tensor(indices, dtype=torch.int32), 64, 100, 5)
+    with pytest.raises(ValueError, match=message):
+        mask.validate()
+
+
+def test_validate_names_batch_and_head():
+    dense = torch.ones(2, 3, 2, 8, dtype=torch.bool)
+    mask = SliceMask.from_dense(dense, 64, 128)
+    bad = mask.indices.clone()
+    row = (1 * 3 + 2) * 2 + 1  # (b=1, h=2, row=1)
+    bad[row * 8 + 3] = 99
+    with pytest.raises(ValueError, match=r"key index 99 at \(b=1, h=2, row=1\)"):
+        SliceMask(mask.indptr, bad, 64, 128, 8).validate()
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(indptr=torch.zeros(1, 1, 3, dtype=torch.int64)), TypeError, "indptr must be int32"),
+        (dict(indices=torch.zeros(3, dtype=torch.float32)), TypeError, "indices must be int32"),
+        (dict(indptr=torch.zeros(1, 3, dtype=torch.int32)), ValueError, r"shape \[B, H, QB \+ 1\]"),
+        (dict(q_len=300), ValueError, r"indptr has 2 query blocks, expected 5"),
+        (dict(slice_m=0), ValueError, "slice_m must be >= 1"),
+        (dict(kv_len=-1), ValueError, "kv_len must be a non-negative int"),
+        (dict(indices=torch.zeros(1, 3, dtype=torch.int32)), ValueError, "indices must be 1-D"),
+        (dict(indices=[1, 2]), TypeError, "indices must be a torch tensor, numpy or cupy array"),
+    ],
+)
+def test_constructor_errors(kwargs, error, message):
+    args = dict(indptr=torch.zeros(1, 1, 3, dtype=torch.int32), indices=torch.zeros(3, dtype=torch.int32),
+                slice_m=64, q_len=100, kv_len=5)
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        SliceMask(**args)
+
+
+@given(dense_masks(slice_sizes=(64, 128), max_q=400, max_kv=400))
+@settings(max_examples=25, deadline=None)
+def test_block_cover_contains_every_slice(case):
+    dense, slice_m, q_len = case
+    mask = mask_from(dense, slice_m, q_len)
+    cover = mask.block_cover(128)
+    batch, heads, q_blocks, kv_len = dense.shape
+    rows = torch.arange(q_blocks) * slice_m // 128
+    keys = torch.arange(kv_len) // 128
+    expanded = cover[:, :, rows][..., keys]
+    assert not (dense & ~expanded).any(), "a kept slice lies outside the cover"
+    # And the cover is minimal: each covered block holds at least one kept slice.
+    counts = torch.zeros(cover.shape, dtype=torch.int32)
+    b, h, j, key = torch.nonzero(dense, as_tuple=True)
+    counts.index_put_((b, h, j * slice_m // 128, key // 128), torch.ones_like(b, dtype=torch.int32), accumulate=True)
+    assert torch.equal(counts > 0, cover)
+
+
+def test_block_mask_round_trip_and_exact_mask_mod():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.rand(1, 2, 4, 300, generator=gen) < 0.05
+    mask = SliceMask.from_dense(dense, 64, 256)
+    block_mask = mask.to_block_mask(128, exact=True)
+    assert isinstance(block_mask, flex.BlockMask)
+    back = SliceMask.from_block_mask(block_mask, 64)
+    assert torch.equal(back.to_dense(), mask.block_cover(128)[:, :, torch.arange(4) // 2][..., torch.arange(300) // 128])
+    # The mask_mod reproduces the slice map exactly.
+    b, h, q, kv = 0, 1, torch.arange(256)[:, None], torch.arange(300)[None, :]
+    got = block_mask.mask_mod(torch.tensor(b), torch.tensor(h), q, kv)
+    assert torch.equal(got, dense[0, 1][q // 64, kv])
+
+
+def test_block_size_must_be_multiple_of_slice():
+    mask = SliceMask.full(1, 1, 256, 256, 128)
+    with pytest.raises(ValueError, match="multiple of slice_m=128"):
+        mask.block_cover(64)
+
+
+def test_num_blocks():
+    assert [num_blocks(n, 64) for n in (0, 1, 64, 65)] == [0, 1, 1, 2]

@@ -1,0 +1,75 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fgcupy import SliceMask, dense_attention, reference_attention, relative_l2
+
+from .strategies import dense_masks, mask_from
+
+
+def _sdpa_with_slice_mask(q, k, v, dense, slice_m, scale):
+    """torch's own masked SDPA, float64, with the slice map expanded to every query row."""
+    q_len = q.shape[2]
+    attn_mask = dense.repeat_interleave(slice_m, dim=2)[:, :, :q_len]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    return torch.nan_to_num(out, nan=0.0)  # SDPA gives NaN for rows with no key
+
+
+@given(dense_masks(max_q=200, max_kv=200), st.sampled_from([16, 32]), st.booleans(), st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_reference_matches_masked_sdpa(case, head_dim, custom_scale, seed):
+    dense, slice_m, q_len = case
+    batch, heads, _, kv_len = dense.shape
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, n, head_dim, generator=gen, dtype=torch.float64) for n in (q_len, kv_len, kv_len))
+    scale = 0.3 if custom_scale else None
+    out, lse = reference_attention(q, k, v, mask_from(dense, slice_m, q_len), scale=scale, dtype=torch.float64,
+                                   rows_per_chunk=50)
+    expected = _sdpa_with_slice_mask(q, k, v, dense, slice_m, scale)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    # LSE against a direct log-sum-exp; empty rows give -inf, never NaN.
+    s = (q @ k.transpose(-1, -2)) * (scale if scale is not None else 1 / math.sqrt(head_dim))
+    s = s.masked_fill(~dense.repeat_interleave(slice_m, dim=2)[:, :, :q_len], -math.inf)
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1))
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+
+
+def test_empty_rows_give_zero_and_minus_inf():
+    dense = torch.zeros(1, 1, 2, 10, dtype=torch.bool)
+    dense[0, 0, 1, 3] = True
+    q, k, v = (torch.randn(1, 1, n, 8) for n in (100, 10, 10))
+    out, lse = reference_attention(q, k, v, SliceMask.from_dense(dense, 64, 100))
+    assert (out[:, :, :64] == 0).all() and torch.isinf(lse[:, :, :64]).all() and (lse[:, :, :64] < 0).all()
+    torch.testing.assert_close(out[0, 0, 64:], v[0, 0, 3].expand(36, 8))
+
+
+def test_nhd_layout_matches_hnd():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 3, 90, 16, generator=gen) for _ in range(3))
+    mask = SliceMask.from_dense(torch.rand(2, 3, 2, 90, generator=gen) < 0.5, 64, 90)
+    out_hnd, lse_hnd = reference_attention(q, k, v, mask)
+    out_nhd, lse_nhd = reference_attention(*(t.transpose(1, 2) for t in (q, k, v)), mask, layout="NHD")
+    torch.testing.assert_close(out_nhd.transpose(1, 2), out_hnd)
+    torch.testing.assert_close(lse_nhd, lse_hnd)
+
+
+def test_full_mask_equals_dense_attention():
+    q, k, v = (torch.randn(1, 2, 77, 16, dtype=torch.float64) for _ in range(3))
+    out, _ = reference_attention(q, k, v, SliceMask.full(1, 2, 77, 77, 64), dtype=torch.float64)
+    torch.testing.assert_close(out, dense_attention(q, k, v, dtype=torch.float64, rows_per_chunk=10))
+
+
+def test_reference_rejects_mismatched_mask():
+    q = torch.randn(1, 2, 64, 16)
+    with pytest.raises(ValueError, match=r"mask is for \(B, H, q_len, kv_len\)=\(1, 2, 64, 50\), inputs are \(1, 2, 64, 64\)"):
+        reference_attention(q, q, q, SliceMask.full(1, 2, 64, 50, 64))
+
+
+def test_relative_l2():
+    ref = torch.tensor([3.0, 4.0])
+    assert relative_l2(ref, ref) == 0.0
+    assert relative_l2(torch.tensor([3.0, 4.5]), ref) == pytest.approx(0.1)
