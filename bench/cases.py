@@ -38,8 +38,8 @@ def uneven_mask(batch, heads, q_len, kv_len, slice_m, low=0.01, high=1.0, seed=0
     return SliceMask.from_dense(dense, slice_m, q_len)
 
 
-def fgcupy_call(q, k, v, mask, key_tile=None, stages=2):
-    plan = SparseAttention().plan(mask, head_dim=q.shape[-1], dtype=q.dtype, key_tile=key_tile, stages=stages)
+def fgcupy_call(q, k, v, mask, **tile):
+    plan = SparseAttention().plan(mask, head_dim=q.shape[-1], dtype=q.dtype, **tile)
     out = torch.empty_like(q)
     return lambda: plan.run(q, k, v, out=out)
 

@@ -21,8 +21,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="wan14b-480p", choices=sorted(PRESETS))
     parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.3])
-    parser.add_argument("--tiles", default="128x64s2,128x32s2,128x128s2,64x64s2,128x64s3",
-                        help="slice_m x key_tile s stages, comma separated")
+    parser.add_argument("--tiles", default="128x64s2w8,128x32s2w4,128x32s3w4,128x128s2w8,64x64s2w4",
+                        help="slice_m x key_tile s stages w warps, comma separated")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--uneven", action="store_true", help="also time a 1%%-100%% uneven-list mask")
     parser.add_argument("--json", help="write the rows here")
@@ -49,23 +49,30 @@ def main(argv=None):
     for density in args.densities:
         for tile in args.tiles.split(","):
             slice_m, rest = tile.split("x")
-            key_tile, stages = rest.split("s")
-            slice_m, key_tile, stages = int(slice_m), int(key_tile), int(stages)
+            key_tile, rest = rest.split("s")
+            stages, warps = rest.split("w")
+            slice_m, key_tile, stages, warps = int(slice_m), int(key_tile), int(stages), int(warps)
             mask = random_topk_mask(batch, heads, seq, seq, slice_m, density)
             started = time.perf_counter()
-            call = fgcupy_call(q, k, v, mask, key_tile=key_tile, stages=stages)
+            call = fgcupy_call(q, k, v, mask, key_tile=key_tile, stages=stages, rows_per_warp=slice_m // warps)
             call()
             torch.cuda.synchronize()
             first_s = time.perf_counter() - started
-            record(f"fgcupy m{slice_m} n{key_tile} s{stages}", density, cuda_time_ms(call, reps=args.reps),
-                   first_call_s=first_s)
+            record(f"fgcupy m{slice_m} n{key_tile} s{stages} w{warps}", density,
+                   cuda_time_ms(call, reps=args.reps), first_call_s=first_s)
             del mask, call
             torch.cuda.empty_cache()
 
     if args.uneven:
+        # Ideal time for the total work: the same number of kept keys spread evenly.
         mask = uneven_mask(batch, heads, seq, seq, 128)
-        density = mask.density()
-        record("fgcupy uneven 1-100% (longest first)", round(density, 3), cuda_time_ms(fgcupy_call(q, k, v, mask), reps=args.reps))
+        density = round(mask.density(), 3)
+        for schedule in ("index", "longest_first"):
+            record(f"fgcupy uneven 1-100% ({schedule})", density,
+                   cuda_time_ms(fgcupy_call(q, k, v, mask, schedule=schedule), reps=args.reps))
+        del mask
+        even = random_topk_mask(batch, heads, seq, seq, 128, density)
+        record("fgcupy even lists, same total work", density, cuda_time_ms(fgcupy_call(q, k, v, even), reps=args.reps))
 
     header = f"{torch.cuda.get_device_name()} | torch {torch.__version__} | preset {preset.name} {preset.shape}"
     print("\n" + header)

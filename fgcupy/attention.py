@@ -21,12 +21,13 @@ from .mask import SliceMask
 
 _DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _INT32_MAX = 2**31 - 1
+SCHEDULES = ("longest_first", "index")
 
 
-def default_key_tile(head_dim: int, slice_m: int) -> int:
-    """Heuristic key-tile size when no tuned value is known: 64 keys keeps two K/V stages of
-    128-wide heads in about 64 KB of shared memory and fills the mma pipeline."""
-    return 64
+def default_config(head_dim: int, slice_m: int) -> dict:
+    """Heuristic tile parameters when no tuned value is known: 64-key tiles, two stages, one
+    16-row m-tile per warp (fits every head dim and slice size without spills)."""
+    return {"key_tile": 64, "stages": 2, "rows_per_warp": 16}
 
 
 class SparseAttention:
@@ -46,7 +47,13 @@ class SparseAttention:
 
     # ---- plan ----
     def plan(self, mask: SliceMask, head_dim: int, dtype=torch.bfloat16, key_tile: int | None = None,
-             stages: int = 2) -> "SparseAttention":
+             stages: int | None = None, rows_per_warp: int | None = None,
+             schedule: str = "longest_first") -> "SparseAttention":
+        """Choose and load the kernel for ``mask``; tile parameters left as None take the
+        heuristic default (``default_config``). ``schedule`` orders the query blocks:
+        "longest_first" (default: long lists start early, so the last wave is short) or "index"."""
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if not isinstance(mask, SliceMask):
             raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
         dtype_name = bridge.dtype_name(dtype, "dtype")
@@ -54,8 +61,13 @@ class SparseAttention:
             raise ValueError(f"head_dim {head_dim} has no compiled kernel; available: {HEAD_DIMS}")
         if mask.slice_m not in SLICE_SIZES:
             raise ValueError(f"mask.slice_m={mask.slice_m} has no compiled kernel; available: {SLICE_SIZES}")
-        key_tile = default_key_tile(head_dim, mask.slice_m) if key_tile is None else key_tile
-        spec = AttentionSpec(dtype_name, head_dim, mask.slice_m, key_tile, stages)
+        default = default_config(head_dim, mask.slice_m)
+        spec = AttentionSpec(
+            dtype_name, head_dim, mask.slice_m,
+            default["key_tile"] if key_tile is None else key_tile,
+            default["stages"] if stages is None else stages,
+            default["rows_per_warp"] if rows_per_warp is None else rows_per_warp,
+        )
         if mask.device.type != "cuda":
             raise ValueError(f"mask must be on a CUDA device to plan, got {mask.device} (use mask.to('cuda'))")
         if mask.capacity > _INT32_MAX:
@@ -63,7 +75,10 @@ class SparseAttention:
 
         with torch.cuda.device(mask.device):
             lengths = mask.row_lengths().reshape(-1)
-            order = torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
+            if schedule == "longest_first":
+                order = torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
+            else:
+                order = torch.arange(lengths.numel(), dtype=torch.int32, device=lengths.device)
             if self._same_shape(mask):
                 self._indptr.copy_(mask.indptr)
                 self._indices.copy_(mask.indices)
@@ -148,12 +163,13 @@ class SparseAttention:
         return result
 
 def sparse_attention(q, k, v, mask: SliceMask, scale: float | None = None, layout: str = "HND",
-                     out=None, return_lse: bool = False, key_tile: int | None = None):
+                     out=None, return_lse: bool = False, **tile):
     """One-shot slice-sparse attention: ``plan`` + ``run``. Prefer a ``SparseAttention`` object
-    when the same mask serves several calls."""
+    when the same mask serves several calls. ``tile`` takes ``plan``'s key_tile, stages and
+    rows_per_warp."""
     check_layout(layout)
     q_t = bridge.to_torch(q, "q")
-    plan = SparseAttention().plan(mask, head_dim=q_t.shape[-1], dtype=q_t.dtype, key_tile=key_tile)
+    plan = SparseAttention().plan(mask, head_dim=q_t.shape[-1], dtype=q_t.dtype, **tile)
     return plan.run(q, k, v, scale=scale, layout=layout, out=out, return_lse=return_lse)
 
 

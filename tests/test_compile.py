@@ -37,8 +37,8 @@ def test_names_are_readable_and_unique():
     names = [s.name for s in SPECS]
     assert len(set(names)) == len(names)
     spec = AttentionSpec("float16", 64, 128, 32, 3)
-    assert spec.name == "sparse_attn_fwd_fp16_d64_m128_n32_s3"
-    assert spec.name_expression == "fg::sparse_attn_fwd<fg::fp16_t, 64, 128, 32, 3>"
+    assert spec.name == "sparse_attn_fwd_fp16_d64_m128_n32_s3_w8"
+    assert spec.name_expression == "fg::sparse_attn_fwd<fg::fp16_t, 64, 128, 32, 3, 1>"
 
 
 @pytest.mark.parametrize(
@@ -50,6 +50,8 @@ def test_names_are_readable_and_unique():
         (dict(key_tile=48), r"key_tile must be one of"),
         (dict(stages=1), r"stages must be one of"),
         (dict(head_dim=64, slice_m=128, key_tile=32, stages=2, dtype="bfloat16"), None),
+        (dict(head_dim=128, key_tile=64, rows_per_warp=32), r"rows_per_warp=32 needs key_tile \* head_dim <= 4096"),
+        (dict(head_dim=128, key_tile=32, rows_per_warp=32), None),
     ],
 )
 def test_spec_validation(kwargs, message):

@@ -20,6 +20,7 @@ MASK = SliceMask.full(1, 2, 100, 80, 64)
         (dict(mask=SliceMask.full(1, 1, 64, 64, 16)), ValueError, r"mask.slice_m=16 has no compiled kernel"),
         (dict(), ValueError, r"mask must be on a CUDA device to plan, got cpu"),
         (dict(key_tile=48), ValueError, r"key_tile must be one of \(32, 64, 128\), got 48"),
+        (dict(schedule="random"), ValueError, r"schedule must be one of \('longest_first', 'index'\)"),
     ],
 )
 def test_plan_errors(kwargs, error, message):

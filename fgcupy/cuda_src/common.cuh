@@ -70,6 +70,15 @@ __device__ __forceinline__ int swz(int row, int chunk) {
   return row * D + ((chunk ^ (row & 7)) << 3);
 }
 
+// Byte offset of 16-byte chunk `chunk` (a compile-time constant) in a swizzled row whose
+// `row & 7` is only known at run time and arrives pre-shifted as `xor16 = (row & 7) << 4`
+// (possibly XOR-ed with a lane's odd-chunk bit). Written so that only the low three chunk bits
+// meet the run-time value: the compiler keeps a handful of registers instead of one address per
+// unrolled (row, chunk) pair.
+__device__ __forceinline__ u32 swz_bytes(int chunk, u32 xor16) {
+  return static_cast<u32>((chunk & ~7) << 4) + ((static_cast<u32>(chunk & 7) << 4) ^ xor16);
+}
+
 // ---- asynchronous copies ----------------------------------------------------------------
 // 16-byte global->shared copy; when !valid the destination is zero-filled and nothing is read.
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {

@@ -3,16 +3,17 @@
 // One CTA computes one query block (M queries) of one (batch, head). It walks that block's
 // list of kept key positions in tiles of N keys, gathers the K and V rows of each tile with
 // 16-byte cp.async copies into swizzled shared memory (STAGES tiles in flight), and runs a
-// flash-style online softmax with mma.sync m16n8k16 (fp32 accumulate). Each warp owns 16
-// query rows. Invalid entries (tail of the last tile, or an index outside [0, kv_len)) are
+// flash-style online softmax with mma.sync m16n8k16 (fp32 accumulate). Each warp owns
+// MT x 16 query rows: with MT = 2 every K/V fragment read from shared memory feeds two mmas,
+// which halves shared-memory traffic per flop at the price of registers. Invalid entries (tail of the last tile, or an index outside [0, kv_len)) are
 // zero-filled and masked with -inf, so a corrupt mask never reads outside K or V.
 #include "common.cuh"
 
 namespace fg {
 
-template <int D, int M, int N, int STAGES>
+template <int D, int M, int N, int STAGES, int MT>
 struct SparseAttnShape {
-  static constexpr int kWarps = M / 16;
+  static constexpr int kWarps = M / (16 * MT);
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kChunksPerRow = D / 8;                // 16-byte chunks per row
   static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
@@ -21,21 +22,21 @@ struct SparseAttnShape {
   static constexpr int kTileElems = N * D;
   // Layout of dynamic shared memory: Q tile, then K stages, V stages, key bias stages.
   static constexpr int kSmemBytes = (M * D + 2 * STAGES * kTileElems) * 2 + STAGES * N * 4;
-  static_assert(M % 16 == 0 && D % 64 == 0, "M multiple of 16, D multiple of 64");
+  static_assert(M % (16 * MT) == 0 && D % 64 == 0, "M multiple of 16 * MT, D multiple of 64");
   static_assert(N % 16 == 0, "key tile multiple of 16");
   static_assert(kThreads % kChunksPerRow == 0, "threads must cover whole rows");
   static_assert(N % kRowsPerPass == 0 && M % kRowsPerPass == 0, "tile rows per pass");
 };
 
-template <class T, int D, int M, int N, int STAGES>
-__global__ void __launch_bounds__(M / 16 * 32, 1)
+template <class T, int D, int M, int N, int STAGES, int MT>
+__global__ void __launch_bounds__(M / (16 * MT) * 32, 1)
 sparse_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                 u16* __restrict__ o, float* __restrict__ lse,
                 const int* __restrict__ indptr, const int* __restrict__ indices,
                 const int* __restrict__ order, int heads, int q_blocks, int q_len, int kv_len,
                 int capacity, i64 q_sb, i64 q_sh, i64 q_ss, i64 k_sb, i64 k_sh, i64 k_ss,
                 i64 v_sb, i64 v_sh, i64 v_ss, i64 o_sb, i64 o_sh, i64 o_ss, float scale_log2) {
-  using S = SparseAttnShape<D, M, N, STAGES>;
+  using S = SparseAttnShape<D, M, N, STAGES, MT>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   u16* sQ = reinterpret_cast<u16*>(smem_raw);
   u16* sK = sQ + M * D;
@@ -111,22 +112,32 @@ sparse_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
     cp_async_commit();
   }
 
-  float acc_o[D / 8][4];
+  float acc_o[MT][D / 8][4];
 #pragma unroll
-  for (int i = 0; i < D / 8; ++i)
+  for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc_o[i][e] = 0.f;
-  float row_max[2] = {FG_NEG_INF, FG_NEG_INF};
-  float row_sum[2] = {0.f, 0.f};
+    for (int i = 0; i < D / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_o[mt][i][e] = 0.f;
+  float row_max[MT][2], row_sum[MT][2];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    row_max[mt][0] = row_max[mt][1] = FG_NEG_INF;
+    row_sum[mt][0] = row_sum[mt][1] = 0.f;
+  }
 
-  const int wrow = warp * 16;
-  const u32 sQ_addr = smem_u32(sQ);
-  const u32 sK_addr = smem_u32(sK);
-  const u32 sV_addr = smem_u32(sV);
-  // ldmatrix row/chunk roles of this lane (see the fragment layouts of mma.m16n8k16).
+  const int wrow = warp * 16 * MT;
+  // ldmatrix row/chunk roles of this lane (see the fragment layouts of mma.m16n8k16): lane
+  // l addresses row (l & 7) of 8x8 matrix (l >> 3). All tiles are swizzled by row & 7 = lm_r.
+  constexpr int kRowBytes = D * 2;
   const int lm_r = lane & 7;
   const int lm_hi8 = (lane >> 3) & 1;  // second 8x8 matrix of a pair
   const int lm_hi16 = lane >> 4;       // second pair
+  const u32 xor_a = static_cast<u32>(lm_r ^ lm_hi16) << 4;  // Q and V: odd chunk from lane >> 4
+  const u32 xor_b = static_cast<u32>(lm_r ^ lm_hi8) << 4;   // K: odd chunk from bit 3 of lane
+  const u32 q_lane = smem_u32(sQ) + (wrow + lm_hi8 * 8 + lm_r) * kRowBytes;
+  const u32 k_lane = smem_u32(sK) + (lm_hi16 * 8 + lm_r) * kRowBytes;
+  const u32 v_lane = smem_u32(sV) + (lm_hi8 * 8 + lm_r) * kRowBytes;
 
   for (int t = 0; t < ntiles; ++t) {
     const int t_next = t + STAGES - 1;
@@ -139,84 +150,102 @@ sparse_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
     __syncthreads();
 
     const int stage = t % STAGES;
-    const u32 k_stage = sK_addr + stage * S::kTileElems * 2;
-    const u32 v_stage = sV_addr + stage * S::kTileElems * 2;
+    const u32 k_stage = k_lane + stage * S::kTileElems * 2;
+    const u32 v_stage = v_lane + stage * S::kTileElems * 2;
 
-    // ---- S = Q K^T for this warp's 16 rows x N keys ----
-    float acc_s[N / 8][4];
+    // ---- S = Q K^T for this warp's MT x 16 rows x N keys ----
+    float acc_s[MT][N / 8][4];
 #pragma unroll
-    for (int i = 0; i < N / 8; ++i)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc_s[i][e] = 0.f;
+      for (int i = 0; i < N / 8; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc_s[mt][i][e] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      u32 a[4];
-      ldmatrix_x4(a, sQ_addr + 2 * swz<D>(wrow + lm_hi8 * 8 + lm_r, kk * 2 + lm_hi16));
+      u32 a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        ldmatrix_x4(a[mt], q_lane + mt * 16 * kRowBytes + swz_bytes(kk * 2, xor_a));
 #pragma unroll
       for (int np = 0; np < N / 16; ++np) {
         u32 bk[4];
-        ldmatrix_x4(bk, k_stage + 2 * swz<D>(np * 16 + lm_hi16 * 8 + lm_r, kk * 2 + lm_hi8));
-        T::mma(acc_s[2 * np], a, bk[0], bk[1]);
-        T::mma(acc_s[2 * np + 1], a, bk[2], bk[3]);
+        ldmatrix_x4(bk, k_stage + np * 16 * kRowBytes + swz_bytes(kk * 2, xor_b));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          T::mma(acc_s[mt][2 * np], a[mt], bk[0], bk[1]);
+          T::mma(acc_s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+        }
       }
     }
 
     // ---- online softmax (base 2, scale folded in) ----
     const float* bias = sBias + stage * N;
-    float tile_max[2] = {FG_NEG_INF, FG_NEG_INF};
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt) {
-      const int col = nt * 8 + (lane & 3) * 2;
-      const float b0 = bias[col], b1 = bias[col + 1];
-      acc_s[nt][0] = fmaf(acc_s[nt][0], scale_log2, b0);
-      acc_s[nt][1] = fmaf(acc_s[nt][1], scale_log2, b1);
-      acc_s[nt][2] = fmaf(acc_s[nt][2], scale_log2, b0);
-      acc_s[nt][3] = fmaf(acc_s[nt][3], scale_log2, b1);
-      tile_max[0] = fmaxf(tile_max[0], fmaxf(acc_s[nt][0], acc_s[nt][1]));
-      tile_max[1] = fmaxf(tile_max[1], fmaxf(acc_s[nt][2], acc_s[nt][3]));
-    }
-    float alpha[2], base[2];
+    for (int mt = 0; mt < MT; ++mt) {
+      float tile_max[2] = {FG_NEG_INF, FG_NEG_INF};
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float new_max = fmaxf(row_max[i], quad_max(tile_max[i]));
-      base[i] = new_max == FG_NEG_INF ? 0.f : new_max;  // all-masked row: keep exp2 finite
-      alpha[i] = fast_exp2(row_max[i] - base[i]);
-      row_max[i] = new_max;
-    }
-    float tile_sum[2] = {0.f, 0.f};
+      for (int nt = 0; nt < N / 8; ++nt) {
+        const int col = nt * 8 + (lane & 3) * 2;
+        const float b0 = bias[col], b1 = bias[col + 1];
+        float* s = acc_s[mt][nt];
+        s[0] = fmaf(s[0], scale_log2, b0);
+        s[1] = fmaf(s[1], scale_log2, b1);
+        s[2] = fmaf(s[2], scale_log2, b0);
+        s[3] = fmaf(s[3], scale_log2, b1);
+        tile_max[0] = fmaxf(tile_max[0], fmaxf(s[0], s[1]));
+        tile_max[1] = fmaxf(tile_max[1], fmaxf(s[2], s[3]));
+      }
+      float alpha[2], base[2];
 #pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt) {
-      acc_s[nt][0] = fast_exp2(acc_s[nt][0] - base[0]);
-      acc_s[nt][1] = fast_exp2(acc_s[nt][1] - base[0]);
-      acc_s[nt][2] = fast_exp2(acc_s[nt][2] - base[1]);
-      acc_s[nt][3] = fast_exp2(acc_s[nt][3] - base[1]);
-      tile_sum[0] += acc_s[nt][0] + acc_s[nt][1];
-      tile_sum[1] += acc_s[nt][2] + acc_s[nt][3];
-    }
-    row_sum[0] = row_sum[0] * alpha[0] + tile_sum[0];
-    row_sum[1] = row_sum[1] * alpha[1] + tile_sum[1];
+      for (int i = 0; i < 2; ++i) {
+        const float new_max = fmaxf(row_max[mt][i], quad_max(tile_max[i]));
+        base[i] = new_max == FG_NEG_INF ? 0.f : new_max;  // all-masked row: keep exp2 finite
+        alpha[i] = fast_exp2(row_max[mt][i] - base[i]);
+        row_max[mt][i] = new_max;
+      }
+      float tile_sum[2] = {0.f, 0.f};
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      acc_o[dt][0] *= alpha[0];
-      acc_o[dt][1] *= alpha[0];
-      acc_o[dt][2] *= alpha[1];
-      acc_o[dt][3] *= alpha[1];
+      for (int nt = 0; nt < N / 8; ++nt) {
+        float* s = acc_s[mt][nt];
+        s[0] = fast_exp2(s[0] - base[0]);
+        s[1] = fast_exp2(s[1] - base[0]);
+        s[2] = fast_exp2(s[2] - base[1]);
+        s[3] = fast_exp2(s[3] - base[1]);
+        tile_sum[0] += s[0] + s[1];
+        tile_sum[1] += s[2] + s[3];
+      }
+      row_sum[mt][0] = row_sum[mt][0] * alpha[0] + tile_sum[0];
+      row_sum[mt][1] = row_sum[mt][1] * alpha[1] + tile_sum[1];
+#pragma unroll
+      for (int dt = 0; dt < D / 8; ++dt) {
+        acc_o[mt][dt][0] *= alpha[0];
+        acc_o[mt][dt][1] *= alpha[0];
+        acc_o[mt][dt][2] *= alpha[1];
+        acc_o[mt][dt][3] *= alpha[1];
+      }
     }
 
     // ---- O += P V ----
 #pragma unroll
     for (int j = 0; j < N / 16; ++j) {
-      u32 a[4];
-      a[0] = T::pack(acc_s[2 * j][0], acc_s[2 * j][1]);
-      a[1] = T::pack(acc_s[2 * j][2], acc_s[2 * j][3]);
-      a[2] = T::pack(acc_s[2 * j + 1][0], acc_s[2 * j + 1][1]);
-      a[3] = T::pack(acc_s[2 * j + 1][2], acc_s[2 * j + 1][3]);
+      u32 a[MT][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        a[mt][0] = T::pack(acc_s[mt][2 * j][0], acc_s[mt][2 * j][1]);
+        a[mt][1] = T::pack(acc_s[mt][2 * j][2], acc_s[mt][2 * j][3]);
+        a[mt][2] = T::pack(acc_s[mt][2 * j + 1][0], acc_s[mt][2 * j + 1][1]);
+        a[mt][3] = T::pack(acc_s[mt][2 * j + 1][2], acc_s[mt][2 * j + 1][3]);
+      }
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         u32 bv[4];
-        ldmatrix_x4_trans(bv, v_stage + 2 * swz<D>(j * 16 + lm_hi8 * 8 + lm_r, dp * 2 + lm_hi16));
-        T::mma(acc_o[2 * dp], a, bv[0], bv[1]);
-        T::mma(acc_o[2 * dp + 1], a, bv[2], bv[3]);
+        ldmatrix_x4_trans(bv, v_stage + j * 16 * kRowBytes + swz_bytes(dp * 2, xor_a));
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          T::mma(acc_o[mt][2 * dp], a[mt], bv[0], bv[1]);
+          T::mma(acc_o[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
+        }
       }
     }
     __syncthreads();  // this stage is refilled by the next iteration
@@ -227,35 +256,42 @@ sparse_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
   __syncthreads();
   const int g = lane >> 2;
   const int tig = lane & 3;
-  float inv[2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    row_sum[i] = quad_sum(row_sum[i]);
-    inv[i] = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
-  }
-#pragma unroll
-  for (int dt = 0; dt < D / 8; ++dt) {
-    const int r0 = wrow + g, r1 = wrow + g + 8;
-    *reinterpret_cast<u32*>(sQ + swz<D>(r0, dt) + tig * 2) =
-        T::pack(acc_o[dt][0] * inv[0], acc_o[dt][1] * inv[0]);
-    *reinterpret_cast<u32*>(sQ + swz<D>(r1, dt) + tig * 2) =
-        T::pack(acc_o[dt][2] * inv[1], acc_o[dt][3] * inv[1]);
-  }
-  if (lse != nullptr && tig == 0) {
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      const int row = q_row0 + wrow + g + i * 8;
-      if (row < q_len) {
-        lse[static_cast<i64>(bh) * q_len + row] =
-            row_sum[i] > 0.f ? (row_max[i] + __log2f(row_sum[i])) * FG_LN2 : FG_NEG_INF;
+      row_sum[mt][i] = quad_sum(row_sum[mt][i]);
+      inv[i] = row_sum[mt][i] > 0.f ? 1.f / row_sum[mt][i] : 0.f;
+    }
+    const int r0 = wrow + mt * 16 + g, r1 = r0 + 8;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      *reinterpret_cast<u32*>(sQ + swz<D>(r0, dt) + tig * 2) =
+          T::pack(acc_o[mt][dt][0] * inv[0], acc_o[mt][dt][1] * inv[0]);
+      *reinterpret_cast<u32*>(sQ + swz<D>(r1, dt) + tig * 2) =
+          T::pack(acc_o[mt][dt][2] * inv[1], acc_o[mt][dt][3] * inv[1]);
+    }
+    if (lse != nullptr && tig == 0) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int row = q_row0 + r0 + i * 8;
+        if (row < q_len) {
+          lse[static_cast<i64>(bh) * q_len + row] =
+              row_sum[mt][i] > 0.f ? (row_max[mt][i] + __log2f(row_sum[mt][i])) * FG_LN2 : FG_NEG_INF;
+        }
       }
     }
   }
   __syncthreads();
   u16* o_base = o + b * o_sb + h * o_sh;
+  // Recompute (not reuse) the Q-load offsets: keeping them alive across the main loop costs
+  // registers the loop needs. The empty asm hides that this is the same value.
+  int out_row = my_row;
+  asm volatile("" : "+r"(out_row));
 #pragma unroll
   for (int j = 0; j < S::kQRowsPerThread; ++j) {
-    const int r = my_row + j * S::kRowsPerPass;
+    const int r = out_row + j * S::kRowsPerPass;
     if (q_row0 + r < q_len) {
       const uint4 val = *reinterpret_cast<const uint4*>(sQ + swz<D>(r, my_chunk));
       *reinterpret_cast<uint4*>(o_base + (q_row0 + r) * o_ss + my_chunk * 8) = val;

@@ -14,6 +14,7 @@ HEAD_DIMS = (64, 128)
 SLICE_SIZES = (64, 128)
 KEY_TILES = (32, 64, 128)
 STAGES = (2, 3)
+ROWS_PER_WARP = (16, 32)
 
 _CPP_DTYPE = {"bfloat16": "fg::bf16_t", "float16": "fg::fp16_t"}
 _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
@@ -31,6 +32,7 @@ class AttentionSpec:
     slice_m: int = 128
     key_tile: int = 64
     stages: int = 2
+    rows_per_warp: int = 16
 
     source = "sparse_attn.cu"
     template = "fg::sparse_attn_fwd"
@@ -41,6 +43,13 @@ class AttentionSpec:
         _check_choice("slice_m", self.slice_m, SLICE_SIZES)
         _check_choice("key_tile", self.key_tile, KEY_TILES)
         _check_choice("stages", self.stages, STAGES)
+        _check_choice("rows_per_warp", self.rows_per_warp, ROWS_PER_WARP)
+        if self.rows_per_warp == 32 and (self.key_tile * self.head_dim > 4096 or self.threads < 128):
+            # Two m-tiles per warp double the accumulators: past this ptxas spills (see tests).
+            raise ValueError(
+                f"rows_per_warp=32 needs key_tile * head_dim <= 4096 and >= 4 warps, got key_tile="
+                f"{self.key_tile}, head_dim={self.head_dim}, {self.warps} warps"
+            )
         rows_per_pass = self.threads // (self.head_dim // 8)
         if self.key_tile % rows_per_pass:
             raise ValueError(
@@ -52,19 +61,23 @@ class AttentionSpec:
     def name(self) -> str:
         return (
             f"sparse_attn_fwd_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}_m{self.slice_m}"
-            f"_n{self.key_tile}_s{self.stages}"
+            f"_n{self.key_tile}_s{self.stages}_w{self.warps}"
         )
 
     @property
     def name_expression(self) -> str:
         return (
             f"{self.template}<{_CPP_DTYPE[self.dtype]}, {self.head_dim}, {self.slice_m}, "
-            f"{self.key_tile}, {self.stages}>"
+            f"{self.key_tile}, {self.stages}, {self.rows_per_warp // 16}>"
         )
 
     @property
+    def warps(self) -> int:
+        return self.slice_m // self.rows_per_warp
+
+    @property
     def threads(self) -> int:
-        return self.slice_m // 16 * 32
+        return self.warps * 32
 
     @property
     def smem_bytes(self) -> int:
@@ -80,12 +93,13 @@ def all_attention_specs() -> list[AttentionSpec]:
             for m in SLICE_SIZES:
                 for n in KEY_TILES:
                     for s in STAGES:
-                        try:
-                            spec = AttentionSpec(dtype, d, m, n, s)
-                        except ValueError:
-                            continue
-                        if spec.smem_bytes <= MAX_SMEM_BYTES_SM80:
-                            specs.append(spec)
+                        for rows in ROWS_PER_WARP:
+                            try:
+                                spec = AttentionSpec(dtype, d, m, n, s, rows)
+                            except ValueError:
+                                continue
+                            if spec.smem_bytes <= MAX_SMEM_BYTES_SM80:
+                                specs.append(spec)
     return specs
 
 
