@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import torch
@@ -15,14 +16,16 @@ import torch
 from bench.cases import fgcupy_call, random_inputs, random_topk_mask, sdpa_call, uneven_mask
 from bench.presets import PRESETS
 from bench.timing import attention_tflops, cuda_time_ms
+from fgcupy.jit import AttentionSpec, Sm90AttentionSpec
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="wan14b-480p", choices=sorted(PRESETS))
     parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.3])
-    parser.add_argument("--tiles", default="128x64s2w8,128x32s2w4,128x32s3w4,128x128s2w8,64x64s2w4",
-                        help="slice_m x key_tile s stages w warps, comma separated")
+    parser.add_argument("--tiles", default="m128n64s2w8,m128n32s3w4,sm90-m128n64s2pv0,sm90-m128n64s2pv1,sm90-m128n128s2pv1",
+                        help="kernels, comma separated: m<slice>n<key tile>s<stages>w<warps> (mma.sync) or "
+                             "sm90-m<slice>n<key tile>s<stages>pv<mode> (wgmma)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--uneven", action="store_true", help="also time a 1%%-100%% uneven-list mask")
     parser.add_argument("--json", help="write the rows here")
@@ -48,18 +51,14 @@ def main(argv=None):
 
     for density in args.densities:
         for tile in args.tiles.split(","):
-            slice_m, rest = tile.split("x")
-            key_tile, rest = rest.split("s")
-            stages, warps = rest.split("w")
-            slice_m, key_tile, stages, warps = int(slice_m), int(key_tile), int(stages), int(warps)
-            mask = random_topk_mask(batch, heads, seq, seq, slice_m, density)
+            spec = parse_tile(tile, head_dim)
+            mask = random_topk_mask(batch, heads, seq, seq, spec.slice_m, density)
             started = time.perf_counter()
-            call = fgcupy_call(q, k, v, mask, key_tile=key_tile, stages=stages, rows_per_warp=slice_m // warps)
+            call = fgcupy_call(q, k, v, mask, spec=spec)
             call()
             torch.cuda.synchronize()
             first_s = time.perf_counter() - started
-            record(f"fgcupy m{slice_m} n{key_tile} s{stages} w{warps}", density,
-                   cuda_time_ms(call, reps=args.reps), first_call_s=first_s)
+            record(f"fgcupy {spec.name}", density, cuda_time_ms(call, reps=args.reps), first_call_s=first_s)
             del mask, call
             torch.cuda.empty_cache()
 
@@ -83,6 +82,17 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": header, "rows": rows}, f, indent=1)
+
+
+def parse_tile(token: str, head_dim: int, dtype: str = "bfloat16"):
+    """'m128n32s3w4' -> AttentionSpec, 'sm90-m128n64s2pv1' -> Sm90AttentionSpec."""
+    found = re.fullmatch(r"(sm90-)?m(\d+)n(\d+)s(\d+)(?:w(\d+)|pv(\d+))", token.strip())
+    if not found:
+        raise ValueError(f"cannot parse kernel {token!r}")
+    sm90, m, n, s, w, pv = found.groups()
+    if sm90:
+        return Sm90AttentionSpec(dtype, head_dim, int(m), int(n), int(s), int(pv or 0))
+    return AttentionSpec(dtype, head_dim, int(m), int(n), int(s), int(m) // int(w or int(m) // 16))
 
 
 if __name__ == "__main__":

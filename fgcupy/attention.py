@@ -48,10 +48,11 @@ class SparseAttention:
     # ---- plan ----
     def plan(self, mask: SliceMask, head_dim: int, dtype=torch.bfloat16, key_tile: int | None = None,
              stages: int | None = None, rows_per_warp: int | None = None,
-             schedule: str = "longest_first") -> "SparseAttention":
+             schedule: str = "longest_first", spec=None) -> "SparseAttention":
         """Choose and load the kernel for ``mask``; tile parameters left as None take the
         heuristic default (``default_config``). ``schedule`` orders the query blocks:
-        "longest_first" (default: long lists start early, so the last wave is short) or "index"."""
+        "longest_first" (default: long lists start early, so the last wave is short) or "index".
+        ``spec`` (an ``AttentionSpec`` or ``Sm90AttentionSpec``) picks the kernel outright."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if not isinstance(mask, SliceMask):
@@ -61,13 +62,23 @@ class SparseAttention:
             raise ValueError(f"head_dim {head_dim} has no compiled kernel; available: {HEAD_DIMS}")
         if mask.slice_m not in SLICE_SIZES:
             raise ValueError(f"mask.slice_m={mask.slice_m} has no compiled kernel; available: {SLICE_SIZES}")
-        default = default_config(head_dim, mask.slice_m)
-        spec = AttentionSpec(
-            dtype_name, head_dim, mask.slice_m,
-            default["key_tile"] if key_tile is None else key_tile,
-            default["stages"] if stages is None else stages,
-            default["rows_per_warp"] if rows_per_warp is None else rows_per_warp,
-        )
+        if spec is None:
+            default = default_config(head_dim, mask.slice_m)
+            spec = AttentionSpec(
+                dtype_name, head_dim, mask.slice_m,
+                default["key_tile"] if key_tile is None else key_tile,
+                default["stages"] if stages is None else stages,
+                default["rows_per_warp"] if rows_per_warp is None else rows_per_warp,
+            )
+        elif (spec.dtype, spec.head_dim, spec.slice_m) != (dtype_name, head_dim, mask.slice_m):
+            raise ValueError(
+                f"spec {spec.name} is for (dtype, head_dim, slice_m)={(spec.dtype, spec.head_dim, spec.slice_m)}, "
+                f"the plan asks for {(dtype_name, head_dim, mask.slice_m)}"
+            )
+        if key_tile is None and stages is None and rows_per_warp is None:
+            from .autotune import planned_spec  # the tuned winner for this GPU and shape, if stored
+
+            spec = planned_spec(mask, head_dim, dtype_name)
         if mask.device.type != "cuda":
             raise ValueError(f"mask must be on a CUDA device to plan, got {mask.device} (use mask.to('cuda'))")
         if mask.capacity > _INT32_MAX:

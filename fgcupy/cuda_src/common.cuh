@@ -10,6 +10,7 @@ namespace fg {
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef long long i64;
+typedef unsigned long long u64;
 
 #define FG_NEG_INF (__int_as_float(0xff800000))
 #define FG_LN2 0.6931471805599453f

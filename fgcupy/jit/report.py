@@ -43,7 +43,9 @@ def compile_report(spec, arch: str = "sm_90") -> PtxasReport:
     prog = check(nvrtc.nvrtcCreateProgram(source, spec.source.encode(), 0, [], []))
     try:
         check(nvrtc.nvrtcAddNameExpression(prog, spec.name_expression.encode()))
-        options = [o.encode() for o in nvrtc_options()] + [f"-arch={arch}".encode(), b"-Xptxas=-v"]
+        # cupy.RawModule adds -ftz=true and --device-as-default-execution-space: mirror them.
+        runtime_extras = ("-ftz=true", "--device-as-default-execution-space")
+        options = [o.encode() for o in nvrtc_options() + runtime_extras] + [f"-arch={arch}".encode(), b"-Xptxas=-v"]
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
         size = check(nvrtc.nvrtcGetProgramLogSize(prog))
         buf = b" " * size

@@ -50,7 +50,7 @@ def _compile(spec):
     started = time.perf_counter()
     module = cupy.RawModule(
         code=read_source(spec.source),
-        options=nvrtc_options(),
+        options=nvrtc_options() + tuple(spec.extra_options),
         name_expressions=[spec.name_expression],
     )
     try:

@@ -36,6 +36,8 @@ class AttentionSpec:
 
     source = "sparse_attn.cu"
     template = "fg::sparse_attn_fwd"
+    arch = None  # any sm_80+ target
+    extra_options = ()
 
     def __post_init__(self):
         _check_choice("dtype", self.dtype, DTYPES)
@@ -83,6 +85,63 @@ class AttentionSpec:
     def smem_bytes(self) -> int:
         tile = self.key_tile * self.head_dim
         return (self.slice_m * self.head_dim + 2 * self.stages * tile) * 2 + self.stages * self.key_tile * 4
+
+
+@dataclass(frozen=True)
+class Sm90AttentionSpec:
+    """Template arguments of ``fg::sparse_attn_fwd_sm90`` (wgmma; needs an sm_90a target).
+
+    ``pv`` picks how O += P V runs: 0 = mma.sync with ldmatrix.trans, 1 or 2 = wgmma reading V
+    as an MN-major operand (two descriptor conventions; see the kernel source).
+    """
+
+    dtype: str = "bfloat16"
+    head_dim: int = 128
+    slice_m: int = 128
+    key_tile: int = 64
+    stages: int = 2
+    pv: int = 0
+
+    source = "sparse_attn_sm90.cu"
+    template = "fg::sparse_attn_fwd_sm90"
+    arch = "sm_90a"
+    extra_options = ("-arch=sm_90a",)
+    rows_per_warp = 16
+
+    def __post_init__(self):
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("head_dim", self.head_dim, HEAD_DIMS)
+        _check_choice("slice_m", self.slice_m, SLICE_SIZES)
+        _check_choice("key_tile", self.key_tile, (64, 128))
+        _check_choice("stages", self.stages, STAGES)
+        _check_choice("pv", self.pv, (0, 1, 2))
+
+    @property
+    def name(self) -> str:
+        return (
+            f"sparse_attn_fwd_sm90_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}_m{self.slice_m}"
+            f"_n{self.key_tile}_s{self.stages}_pv{self.pv}"
+        )
+
+    @property
+    def name_expression(self) -> str:
+        return (
+            f"{self.template}<{_CPP_DTYPE[self.dtype]}, {self.head_dim}, {self.slice_m}, "
+            f"{self.key_tile}, {self.stages}, {self.pv}>"
+        )
+
+    @property
+    def warps(self) -> int:
+        return self.slice_m // 16
+
+    @property
+    def threads(self) -> int:
+        return self.warps * 32
+
+    @property
+    def smem_bytes(self) -> int:
+        tile = self.key_tile * self.head_dim
+        return (self.slice_m * self.head_dim + 2 * self.stages * tile) * 2 + self.stages * self.key_tile * 4 + 1024
 
 
 def all_attention_specs() -> list[AttentionSpec]:

@@ -1,0 +1,300 @@
+// Gather-load M x 1 slice-sparse attention, forward pass, Hopper (sm_90a) tensor cores.
+//
+// Same contract as sparse_attn.cu (one CTA per query block, key lists walked in tiles of N,
+// K/V rows gathered with cp.async, online softmax, invalid entries masked), but the matrix
+// products run on wgmma: each warpgroup (4 warps) owns 64 query rows; S = Q K^T reads Q and K
+// straight from shared memory through descriptors, and O += P V takes P from registers.
+// PV selects how V is read: 0 = per-warp mma.sync with ldmatrix.trans, 1/2 = wgmma with V
+// as an MN-major operand (1: LBO = next 64 columns, SBO = next 8 keys; 2: the two swapped).
+//
+// Shared-memory tiles use the 128-byte-swizzle layout wgmma expects: a tile of R rows and D
+// columns is stored as D/64 column halves of [R][128 B]; 16-byte chunk c of row r lives at
+// half c/8, line r, chunk (c % 8) ^ (r % 8). Every half starts on a 1024-byte boundary.
+#include "common.cuh"
+#include "wgmma.cuh"
+
+namespace fg {
+
+template <int R>
+__device__ __forceinline__ int sw128_offset(int row, int chunk) {  // in elements
+  return (chunk >> 3) * (R * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
+}
+
+template <int D, int M, int N, int STAGES>
+struct Sm90Shape {
+  static constexpr int kWarpgroups = M / 64;
+  static constexpr int kThreads = kWarpgroups * 128;
+  static constexpr int kChunksPerRow = D / 8;
+  static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static constexpr int kKvRowsPerThread = N / kRowsPerPass;
+  static constexpr int kQRowsPerThread = M / kRowsPerPass;
+  static constexpr int kTileElems = N * D;
+  static constexpr int kSmemBytes = (M * D + 2 * STAGES * kTileElems) * 2 + STAGES * N * 4 + 1024;
+  static_assert(M % 64 == 0 && D % 64 == 0 && N % 64 == 0, "M, D, N multiples of 64");
+  static_assert(N % kRowsPerPass == 0 && M % kRowsPerPass == 0, "tile rows per pass");
+};
+
+template <class T, int D, int N>
+__device__ __forceinline__ void qk_wgmma(float (&acc)[N / 2], u32 q_half0, u32 k_half0, int q_rows) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const u32 q_addr = q_half0 + (kk / 4) * q_rows * 128 + (kk % 4) * 32;
+    const u32 k_addr = k_half0 + (kk / 4) * N * 128 + (kk % 4) * 32;
+    const u64 da = smem_desc_sw128(q_addr, 16, 1024);
+    const u64 db = smem_desc_sw128(k_addr, 16, 1024);
+    if constexpr (N == 64) Wgmma<T>::ss_n64(acc, da, db, kk > 0);
+    else Wgmma<T>::ss_n128(acc, da, db, kk > 0);
+  }
+}
+
+template <class T, int D, int M, int N, int STAGES, int PV>
+__global__ void __launch_bounds__(M / 64 * 128, 1)
+sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
+                     u16* __restrict__ o, float* __restrict__ lse,
+                     const int* __restrict__ indptr, const int* __restrict__ indices,
+                     const int* __restrict__ order, int heads, int q_blocks, int q_len, int kv_len,
+                     int capacity, i64 q_sb, i64 q_sh, i64 q_ss, i64 k_sb, i64 k_sh, i64 k_ss,
+                     i64 v_sb, i64 v_sh, i64 v_ss, i64 o_sb, i64 o_sh, i64 o_ss, float scale_log2) {
+  using S = Sm90Shape<D, M, N, STAGES>;
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  // Descriptors address the 128-byte swizzle by absolute shared address: align to 1024 B.
+  unsigned char* smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
+  u16* sQ = reinterpret_cast<u16*>(smem_base);
+  u16* sK = sQ + M * D;
+  u16* sV = sK + STAGES * S::kTileElems;
+  float* sBias = reinterpret_cast<float*>(sV + STAGES * S::kTileElems);
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int wg = warp >> 2;
+
+  const int item = order[blockIdx.x];
+  const int qb = item % q_blocks;
+  const int bh = item / q_blocks;
+  const int b = bh / heads;
+  const int h = bh - b * heads;
+
+  int start = indptr[bh * (q_blocks + 1) + qb];
+  int end = indptr[bh * (q_blocks + 1) + qb + 1];
+  start = min(max(start, 0), capacity);
+  end = min(max(end, start), capacity);
+  const int ntiles = (end - start + N - 1) / N;
+
+  const u16* q_base = q + b * q_sb + h * q_sh;
+  const u16* k_base = k + b * k_sb + h * k_sh;
+  const u16* v_base = v + b * v_sb + h * v_sh;
+  const int q_row0 = qb * M;
+  const int my_chunk = tid % S::kChunksPerRow;
+  const int my_row = tid / S::kChunksPerRow;
+
+#pragma unroll
+  for (int j = 0; j < S::kQRowsPerThread; ++j) {
+    const int r = my_row + j * S::kRowsPerPass;
+    const bool valid = q_row0 + r < q_len;
+    const u16* src = q_base + (valid ? (q_row0 + r) * q_ss : 0) + my_chunk * 8;
+    cp_async16(smem_u32(sQ + sw128_offset<M>(r, my_chunk)), src, valid);
+  }
+
+  int kv_idx[S::kKvRowsPerThread];
+  auto load_indices = [&](int tile) {
+#pragma unroll
+    for (int j = 0; j < S::kKvRowsPerThread; ++j) {
+      const int pos = start + tile * N + my_row + j * S::kRowsPerPass;
+      kv_idx[j] = pos < end ? __ldg(indices + pos) : -1;
+    }
+  };
+  auto issue_tile = [&](int stage) {
+#pragma unroll
+    for (int j = 0; j < S::kKvRowsPerThread; ++j) {
+      const int r = my_row + j * S::kRowsPerPass;
+      const int idx = kv_idx[j];
+      const bool valid = static_cast<unsigned>(idx) < static_cast<unsigned>(kv_len);
+      const i64 row = valid ? idx : 0;
+      const int off = stage * S::kTileElems + sw128_offset<N>(r, my_chunk);
+      cp_async16(smem_u32(sK + off), k_base + row * k_ss + my_chunk * 8, valid);
+      cp_async16(smem_u32(sV + off), v_base + row * v_ss + my_chunk * 8, valid);
+      if (my_chunk == 0) sBias[stage * N + r] = valid ? 0.f : FG_NEG_INF;
+    }
+  };
+
+  load_indices(0);
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < ntiles) {
+      issue_tile(s);
+      load_indices(s + 1);
+    }
+    cp_async_commit();
+  }
+
+  float acc_o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc_o[i] = 0.f;
+  float row_max[2] = {FG_NEG_INF, FG_NEG_INF};
+  float row_sum[2] = {0.f, 0.f};
+
+  const u32 q_half0 = smem_u32(sQ) + wg * 64 * 128;
+  const u32 k_half0 = smem_u32(sK);
+  const u32 v_half0 = smem_u32(sV);
+  // For the mma.sync PV path: ldmatrix.trans lane roles (see sparse_attn.cu).
+  const int lm_r = lane & 7;
+  const int lm_hi8 = (lane >> 3) & 1;
+  const int lm_hi16 = lane >> 4;
+  const u32 xor_a = static_cast<u32>(lm_r ^ lm_hi16) << 4;
+  const u32 v_lane = v_half0 + (lm_hi8 * 8 + lm_r) * 128;
+
+  for (int t = 0; t < ntiles; ++t) {
+    const int t_next = t + STAGES - 1;
+    if (t_next < ntiles) {
+      issue_tile(t_next % STAGES);
+      load_indices(t_next + 1);
+    }
+    cp_async_commit();
+    cp_async_wait<STAGES - 1>();
+    fence_proxy_async();
+    __syncthreads();
+
+    const int stage = t % STAGES;
+    const u32 stage_bytes = stage * S::kTileElems * 2;
+
+    // ---- S = Q K^T on the tensor cores (64 rows per warpgroup) ----
+    float acc_s[N / 2];
+    wgmma_fence();
+    qk_wgmma<T, D, N>(acc_s, q_half0, k_half0 + stage_bytes, M);
+    wgmma_commit();
+    wgmma_wait<0>();
+
+    // ---- online softmax (base 2, scale folded in); rows g and g + 8 of this warp ----
+    const float* bias = sBias + stage * N;
+    float tile_max[2] = {FG_NEG_INF, FG_NEG_INF};
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt) {
+      const int col = nt * 8 + (lane & 3) * 2;
+      const float b0 = bias[col], b1 = bias[col + 1];
+      float* s = acc_s + nt * 4;
+      s[0] = fmaf(s[0], scale_log2, b0);
+      s[1] = fmaf(s[1], scale_log2, b1);
+      s[2] = fmaf(s[2], scale_log2, b0);
+      s[3] = fmaf(s[3], scale_log2, b1);
+      tile_max[0] = fmaxf(tile_max[0], fmaxf(s[0], s[1]));
+      tile_max[1] = fmaxf(tile_max[1], fmaxf(s[2], s[3]));
+    }
+    float alpha[2], base[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float new_max = fmaxf(row_max[i], quad_max(tile_max[i]));
+      base[i] = new_max == FG_NEG_INF ? 0.f : new_max;
+      alpha[i] = fast_exp2(row_max[i] - base[i]);
+      row_max[i] = new_max;
+    }
+    float tile_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < N / 8; ++nt) {
+      float* s = acc_s + nt * 4;
+      s[0] = fast_exp2(s[0] - base[0]);
+      s[1] = fast_exp2(s[1] - base[0]);
+      s[2] = fast_exp2(s[2] - base[1]);
+      s[3] = fast_exp2(s[3] - base[1]);
+      tile_sum[0] += s[0] + s[1];
+      tile_sum[1] += s[2] + s[3];
+    }
+    row_sum[0] = row_sum[0] * alpha[0] + tile_sum[0];
+    row_sum[1] = row_sum[1] * alpha[1] + tile_sum[1];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt) {
+      acc_o[dt * 4 + 0] *= alpha[0];
+      acc_o[dt * 4 + 1] *= alpha[0];
+      acc_o[dt * 4 + 2] *= alpha[1];
+      acc_o[dt * 4 + 3] *= alpha[1];
+    }
+
+    // ---- O += P V ----
+    if constexpr (PV == 0) {
+#pragma unroll
+      for (int j = 0; j < N / 16; ++j) {
+        u32 a[4];
+        a[0] = T::pack(acc_s[(2 * j) * 4 + 0], acc_s[(2 * j) * 4 + 1]);
+        a[1] = T::pack(acc_s[(2 * j) * 4 + 2], acc_s[(2 * j) * 4 + 3]);
+        a[2] = T::pack(acc_s[(2 * j + 1) * 4 + 0], acc_s[(2 * j + 1) * 4 + 1]);
+        a[3] = T::pack(acc_s[(2 * j + 1) * 4 + 2], acc_s[(2 * j + 1) * 4 + 3]);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          u32 bv[4];
+          const u32 addr = v_lane + stage_bytes + (dp >> 2) * N * 128 + j * 16 * 128 +
+                           ((static_cast<u32>((dp * 2) & 7) << 4) ^ xor_a);
+          ldmatrix_x4_trans(bv, addr);
+          T::mma(acc_o + (2 * dp) * 4, a, bv[0], bv[1]);
+          T::mma(acc_o + (2 * dp + 1) * 4, a, bv[2], bv[3]);
+        }
+      }
+    } else {
+      constexpr u32 kLbo = PV == 1 ? N * 128 : 1024;
+      constexpr u32 kSbo = PV == 1 ? 1024 : N * 128;
+      // All of P is packed before the first wgmma: registers written between wgmmas of one
+      // group would make ptxas serialise them.
+      u32 a[N / 16][4];
+#pragma unroll
+      for (int j = 0; j < N / 16; ++j) {
+        a[j][0] = T::pack(acc_s[(2 * j) * 4 + 0], acc_s[(2 * j) * 4 + 1]);
+        a[j][1] = T::pack(acc_s[(2 * j) * 4 + 2], acc_s[(2 * j) * 4 + 3]);
+        a[j][2] = T::pack(acc_s[(2 * j + 1) * 4 + 0], acc_s[(2 * j + 1) * 4 + 1]);
+        a[j][3] = T::pack(acc_s[(2 * j + 1) * 4 + 2], acc_s[(2 * j + 1) * 4 + 3]);
+      }
+      wgmma_fence();
+#pragma unroll
+      for (int j = 0; j < N / 16; ++j) {
+        const u64 db = smem_desc_sw128(v_half0 + stage_bytes + j * 16 * 128, kLbo, kSbo);
+        if constexpr (D == 64) Wgmma<T>::template rs_n64<1>(acc_o, a[j], db, 1);
+        else Wgmma<T>::template rs_n128<1>(acc_o, a[j], db, 1);
+      }
+      wgmma_commit();
+      wgmma_wait<0>();
+    }
+    __syncthreads();  // this stage is refilled by the next iteration
+  }
+
+  // ---- epilogue: normalise, stage O through shared memory, 16-byte coalesced stores ----
+  cp_async_wait<0>();
+  __syncthreads();
+  const int g = lane >> 2;
+  const int tig = lane & 3;
+  float inv[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row_sum[i] = quad_sum(row_sum[i]);
+    inv[i] = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
+  }
+  const int r0 = warp * 16 + g, r1 = r0 + 8;
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    *reinterpret_cast<u32*>(sQ + sw128_offset<M>(r0, dt) + tig * 2) =
+        T::pack(acc_o[dt * 4 + 0] * inv[0], acc_o[dt * 4 + 1] * inv[0]);
+    *reinterpret_cast<u32*>(sQ + sw128_offset<M>(r1, dt) + tig * 2) =
+        T::pack(acc_o[dt * 4 + 2] * inv[1], acc_o[dt * 4 + 3] * inv[1]);
+  }
+  if (lse != nullptr && tig == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = q_row0 + r0 + i * 8;
+      if (row < q_len) {
+        lse[static_cast<i64>(bh) * q_len + row] =
+            row_sum[i] > 0.f ? (row_max[i] + __log2f(row_sum[i])) * FG_LN2 : FG_NEG_INF;
+      }
+    }
+  }
+  __syncthreads();
+  u16* o_base = o + b * o_sb + h * o_sh;
+  int out_row = my_row;
+  asm volatile("" : "+r"(out_row));
+#pragma unroll
+  for (int j = 0; j < S::kQRowsPerThread; ++j) {
+    const int r = out_row + j * S::kRowsPerPass;
+    if (q_row0 + r < q_len) {
+      const uint4 val = *reinterpret_cast<const uint4*>(sQ + sw128_offset<M>(r, my_chunk));
+      *reinterpret_cast<uint4*>(o_base + (q_row0 + r) * o_ss + my_chunk * 8) = val;
+    }
+  }
+}
+
+}  // namespace fg

@@ -1,0 +1,58 @@
+"""The wgmma (sm_90a) kernel against the float32 reference; needs a Hopper GPU."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fgcupy import SparseAttention
+from fgcupy.jit import Sm90AttentionSpec
+
+from .test_attention_gpu import check_against_reference, random_mask, random_qkv
+
+pytestmark = pytest.mark.gpu
+
+PV_MODES = (0, 1, 2)
+
+
+@pytest.fixture(autouse=True)
+def _hopper_only():
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma kernel needs compute capability 9.0 (Hopper)")
+
+
+@st.composite
+def problems(draw, pv):
+    size = st.one_of(st.integers(1, 300), st.integers(300, 2500))
+    return dict(
+        spec=Sm90AttentionSpec(draw(st.sampled_from(["bfloat16", "float16"])), draw(st.sampled_from([64, 128])),
+                               draw(st.sampled_from([64, 128])), draw(st.sampled_from([64, 128])),
+                               draw(st.sampled_from([2, 3])), pv),
+        batch=draw(st.integers(1, 2)), heads=draw(st.integers(1, 3)), q_len=draw(size), kv_len=draw(size),
+        layout=draw(st.sampled_from(["HND", "NHD"])), seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _check(p):
+    spec = p["spec"]
+    if spec.smem_bytes > 227 * 1024:
+        return
+    dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float16
+    gen = torch.Generator().manual_seed(p["seed"])
+    q, k, v = random_qkv(gen, p["batch"], p["heads"], p["q_len"], p["kv_len"], spec.head_dim, dtype, p["layout"])
+    mask = random_mask(gen, p["batch"], p["heads"], p["q_len"], p["kv_len"], spec.slice_m)
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((p["batch"], p["heads"], p["q_len"]), float("nan"), device="cuda")
+    plan = SparseAttention().plan(mask, head_dim=spec.head_dim, dtype=dtype, spec=spec)
+    plan.run(q, k, v, layout=p["layout"], out=out, lse=lse)
+    check_against_reference(q, k, v, mask, out, lse, p["layout"], dtype)
+
+
+@pytest.mark.parametrize("pv", PV_MODES)
+def test_wgmma_kernel_matches_reference(pv):
+    @given(problems(pv))
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+    def run(p):
+        _check(p)
+
+    run()
