@@ -6,7 +6,7 @@ from fgcupy import SparseAttention, reference_attention, relative_l2
 from fgcupy.jit import Sm90AttentionSpec
 from tests.test_attention_gpu import random_mask, random_qkv
 
-for pv in (0, 1, 2):
+for pv in (0, 1):
     for d, m, n in ((128, 128, 64), (64, 64, 128), (128, 64, 128)):
         spec = Sm90AttentionSpec("bfloat16", d, m, n, 2, pv)
         gen = torch.Generator().manual_seed(0)

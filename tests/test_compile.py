@@ -3,10 +3,10 @@ options the runtime path uses, and ptxas' report shows no spills and shared memo
 
 import pytest
 
-from fgcupy.jit import AttentionSpec, KernelCompileError, all_attention_specs
+from fgcupy.jit import AttentionSpec, KernelCompileError, all_attention_specs, all_sm90_specs
 from fgcupy.jit import report as report_mod
 from fgcupy.jit import source
-from fgcupy.jit.spec import MAX_SMEM_BYTES_SM80
+from fgcupy.jit.spec import MAX_SMEM_BYTES_SM80, MAX_SMEM_BYTES_SM90
 
 pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (test extra) provides NVRTC bindings")
 
@@ -31,6 +31,24 @@ def test_compiles_without_spills(spec, arch):
     assert rep.registers * spec.threads <= 65536, f"{rep.registers} registers x {spec.threads} threads"
     assert rep.static_smem_bytes + spec.smem_bytes <= MAX_SMEM_BYTES_SM80
     assert rep.cubin_bytes > 1000
+
+
+@pytest.mark.parametrize("spec", all_sm90_specs(), ids=lambda s: s.name)
+def test_wgmma_kernels_compile_for_sm90a_without_spills(spec):
+    rep = report_mod.compile_report(spec, "sm_90a")
+    assert "sparse_attn_fwd_sm90" in rep.lowered_name
+    assert rep.spill_store_bytes == 0 and rep.spill_load_bytes == 0 and rep.stack_bytes == 0, rep.log
+    assert rep.registers * spec.threads <= 65536
+    assert spec.smem_bytes <= MAX_SMEM_BYTES_SM90
+    # No wgmma serialisation: ptxas says so with C7510/C7519 when registers move between wgmmas.
+    assert "C7510" not in rep.log and "C7519" not in rep.log, rep.log
+
+
+def test_wgmma_kernels_need_sm90a():
+    from fgcupy.jit import Sm90AttentionSpec
+
+    with pytest.raises(KernelCompileError, match="sparse_attn_fwd_sm90"):
+        report_mod.compile_report(Sm90AttentionSpec(), "sm_90")
 
 
 def test_names_are_readable_and_unique():

@@ -12,7 +12,7 @@ from .test_attention_gpu import check_against_reference, random_mask, random_qkv
 
 pytestmark = pytest.mark.gpu
 
-PV_MODES = (0, 1, 2)
+PV_MODES = (0, 1)
 
 
 @pytest.fixture(autouse=True)

@@ -4,8 +4,9 @@
 // K/V rows gathered with cp.async, online softmax, invalid entries masked), but the matrix
 // products run on wgmma: each warpgroup (4 warps) owns 64 query rows; S = Q K^T reads Q and K
 // straight from shared memory through descriptors, and O += P V takes P from registers.
-// PV selects how V is read: 0 = per-warp mma.sync with ldmatrix.trans, 1/2 = wgmma with V
-// as an MN-major operand (1: LBO = next 64 columns, SBO = next 8 keys; 2: the two swapped).
+// PV selects how V is read: 0 = per-warp mma.sync with ldmatrix.trans, 1 = wgmma with V as
+// an MN-major operand (descriptor LBO = distance to the next 64 columns, SBO = to the next 8
+// keys; the swapped convention was measured to give wrong results on an H100).
 //
 // Shared-memory tiles use the 128-byte-swizzle layout wgmma expects: a tile of R rows and D
 // columns is stored as D/64 column halves of [R][128 B]; 16-byte chunk c of row r lives at
@@ -229,8 +230,8 @@ sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const
         }
       }
     } else {
-      constexpr u32 kLbo = PV == 1 ? N * 128 : 1024;
-      constexpr u32 kSbo = PV == 1 ? 1024 : N * 128;
+      constexpr u32 kLbo = N * 128;  // next 64 columns of V (the other column half)
+      constexpr u32 kSbo = 1024;     // next 8 keys
       // All of P is packed before the first wgmma: registers written between wgmmas of one
       // group would make ptxas serialise them.
       u32 a[N / 16][4];

@@ -91,8 +91,8 @@ class AttentionSpec:
 class Sm90AttentionSpec:
     """Template arguments of ``fg::sparse_attn_fwd_sm90`` (wgmma; needs an sm_90a target).
 
-    ``pv`` picks how O += P V runs: 0 = mma.sync with ldmatrix.trans, 1 or 2 = wgmma reading V
-    as an MN-major operand (two descriptor conventions; see the kernel source).
+    ``pv`` picks how O += P V runs: 0 = mma.sync with ldmatrix.trans, 1 = wgmma reading V as
+    an MN-major operand (faster; see the kernel source).
     """
 
     dtype: str = "bfloat16"
@@ -100,7 +100,7 @@ class Sm90AttentionSpec:
     slice_m: int = 128
     key_tile: int = 64
     stages: int = 2
-    pv: int = 0
+    pv: int = 1
 
     source = "sparse_attn_sm90.cu"
     template = "fg::sparse_attn_fwd_sm90"
@@ -114,7 +114,7 @@ class Sm90AttentionSpec:
         _check_choice("slice_m", self.slice_m, SLICE_SIZES)
         _check_choice("key_tile", self.key_tile, (64, 128))
         _check_choice("stages", self.stages, STAGES)
-        _check_choice("pv", self.pv, (0, 1, 2))
+        _check_choice("pv", self.pv, (0, 1))
 
     @property
     def name(self) -> str:
@@ -158,6 +158,24 @@ def all_attention_specs() -> list[AttentionSpec]:
                             except ValueError:
                                 continue
                             if spec.smem_bytes <= MAX_SMEM_BYTES_SM80:
+                                specs.append(spec)
+    return specs
+
+
+MAX_SMEM_BYTES_SM90 = 227 * 1024
+
+
+def all_sm90_specs() -> list[Sm90AttentionSpec]:
+    """Every wgmma specialization fgcupy ships for Hopper (sm_90a)."""
+    specs = []
+    for dtype in DTYPES:
+        for d in HEAD_DIMS:
+            for m in SLICE_SIZES:
+                for n in (64, 128):
+                    for s in STAGES:
+                        for pv in (0, 1):
+                            spec = Sm90AttentionSpec(dtype, d, m, n, s, pv)
+                            if spec.smem_bytes <= MAX_SMEM_BYTES_SM90:
                                 specs.append(spec)
     return specs
 

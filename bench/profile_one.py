@@ -1,0 +1,20 @@
+"""Launch one fgcupy kernel a few times on a dense wan-like problem, for ncu to profile.
+
+    ncu --kernel-name regex:sparse_attn --launch-skip 2 --launch-count 1 python3 -m bench.profile_one sm90-m128n64s2pv1
+"""
+
+import sys
+
+import torch
+
+from bench.cases import fgcupy_call, random_inputs, random_topk_mask
+from bench.report_attention import parse_tile
+
+token = sys.argv[1] if len(sys.argv) > 1 else "sm90-m128n64s2pv1"
+heads = int(sys.argv[2]) if len(sys.argv) > 2 else 8
+spec = parse_tile(token, 128)
+q, k, v = random_inputs(1, heads, 32_760, 128)
+call = fgcupy_call(q, k, v, random_topk_mask(1, heads, 32_760, 32_760, spec.slice_m, 1.0), spec=spec)
+for _ in range(4):
+    call()
+torch.cuda.synchronize()
