@@ -1,0 +1,165 @@
+"""fgcupy against the peers on video-like attention, in one process on one GPU.
+
+For a preset and a pattern of fgcupy.workloads it predicts slice masks at several densities
+(mean-query top-k), then times, with CUDA-event medians after warm-up:
+  * SDPA flash and cuDNN (dense), FlexAttention dense;
+  * fgcupy on the slice mask;
+  * FlexAttention on the 128x128 block cover of the same slice mask (what a block-sparse
+    kernel must compute to be exact);
+  * FlexAttention on a 128x128 block mask chosen from pooled block scores, at the block
+    density whose output error matches fgcupy's (the equal-quality comparison).
+Errors are relative L2 against dense float32 attention on a subsample of heads. Writes
+``report.json`` and ``report.md`` into --out; ``python -m bench.plot`` draws the figures.
+
+    PYTHONPATH=. python -m bench.report_peers --preset wan14b-480p --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+
+from bench.timing import attention_tflops, cuda_time_ms
+from fgcupy import SparseAttention, predict_mask, relative_l2
+from fgcupy.reference import dense_attention
+from fgcupy.workloads import SHAPES, video_qkv
+
+
+def pooled_block_mask(q, k, density: float, block: int = 128):
+    """FlexAttention BlockMask keeping, per 128-query row block, the top key blocks by the
+    softmax of mean-pooled q against mean-pooled k (the usual block predictor)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    batch, heads, seq, dim = q.shape
+    blocks = math.ceil(seq / block)
+    pad = blocks * block - seq
+
+    def pool(x):
+        x = torch.nn.functional.pad(x.float(), (0, 0, 0, pad))
+        sums = x.view(batch, heads, blocks, block, dim).sum(3)
+        counts = torch.full((blocks,), float(block), device=x.device)
+        counts[-1] = block - pad
+        return sums / counts.view(1, 1, -1, 1)
+
+    scores = torch.softmax(pool(q) @ pool(k).transpose(-1, -2) / math.sqrt(dim), dim=-1)
+    keep = max(1, round(density * blocks))
+    top = torch.topk(scores, keep, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+    counts = torch.full((batch, heads, blocks), keep, dtype=torch.int32, device=q.device)
+    full_indices = torch.zeros(batch, heads, blocks, blocks, dtype=torch.int32, device=q.device)
+    full_indices[..., :keep] = top
+    return BlockMask.from_kv_blocks(counts, full_indices, BLOCK_SIZE=block, seq_lengths=(seq, seq))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="wan14b-480p", choices=sorted(SHAPES))
+    parser.add_argument("--pattern", default="mixed")
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
+    parser.add_argument("--block-densities", type=float, nargs="+", default=[0.2, 0.3, 0.4, 0.5, 0.6, 0.8])
+    parser.add_argument("--error-heads", type=int, default=4, help="heads used for the error columns")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", default="results")
+    args = parser.parse_args(argv)
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    os.makedirs(args.out, exist_ok=True)
+    shape = SHAPES[args.preset]
+    started = time.perf_counter()
+    q, k, v = video_qkv(shape, args.pattern, device="cuda", dtype=torch.bfloat16)
+    print(f"inputs {tuple(q.shape)} pattern {args.pattern} built in {time.perf_counter() - started:.1f} s", flush=True)
+    batch, heads, seq, dim = q.shape
+    sub = slice(0, min(args.error_heads, heads))
+    ref = dense_attention(q[:, sub], k[:, sub], v[:, sub])
+    flex = torch.compile(flex_attention, dynamic=False)
+    rows = []
+
+    def record(method, density, ms, error=None, **extra):
+        tflops = attention_tflops(batch, heads, seq, seq, dim, ms["median_ms"])
+        row = dict(method=method, density=density, ms=ms["median_ms"], dense_equiv_tflops=tflops,
+                   kept_tflops=tflops * density, rel_l2=error, **extra)
+        rows.append(row)
+        err = "" if error is None else f"  rel L2 {error:.4f}"
+        print(f"{method:28s} d={density:<6.3f} {ms['median_ms']:8.2f} ms  {tflops:7.1f} TFLOP/s dense-equiv{err}", flush=True)
+
+    for backend, name in ((SDPBackend.FLASH_ATTENTION, "sdpa-flash"), (SDPBackend.CUDNN_ATTENTION, "sdpa-cudnn")):
+        def call(backend=backend):
+            with sdpa_kernel(backend):
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        record(name, 1.0, cuda_time_ms(call, reps=args.reps))
+    record("flex-dense", 1.0, cuda_time_ms(lambda: flex(q, k, v), reps=args.reps))
+
+    fg_errors = {}
+    for density in args.densities:
+        mask_ms = cuda_time_ms(lambda: predict_mask(q, k, slice_m=128, method="topk", density=density), reps=args.reps)
+        mask = predict_mask(q, k, slice_m=128, method="topk", density=density)
+        plan = SparseAttention().plan(mask, head_dim=dim, dtype=q.dtype)
+        out = torch.empty_like(q)
+        ms = cuda_time_ms(lambda: plan.run(q, k, v, out=out), reps=args.reps)
+        error = relative_l2(out[:, sub].float(), ref)
+        fg_errors[density] = error
+        record("fgcupy", mask.density(), ms, error, target_density=density, spec=plan.spec.name,
+               predict_ms=mask_ms["median_ms"])
+        cover = mask.to_block_mask(128, exact=False)
+        cover_density = float(cover.kv_num_blocks.sum()) / (batch * heads * math.ceil(seq / 128) ** 2)
+        record("flex-block-cover", cover_density, cuda_time_ms(lambda: flex(q, k, v, block_mask=cover), reps=args.reps),
+               target_density=density, slice_density=mask.density(), fgcupy_ms=ms["median_ms"])
+        del mask, plan, cover, out
+        torch.cuda.empty_cache()
+
+    block_errors = {}
+    for density in args.block_densities:
+        block_mask = pooled_block_mask(q, k, density)
+        out = flex(q, k, v, block_mask=block_mask)
+        error = relative_l2(out[:, sub].float(), ref)
+        block_errors[density] = error
+        record("flex-block-pooled", density, cuda_time_ms(lambda: flex(q, k, v, block_mask=block_mask), reps=args.reps), error)
+        del block_mask, out
+
+    header = (f"{torch.cuda.get_device_name()} | driver {torch.cuda.driver_version() if hasattr(torch.cuda, 'driver_version') else 'n/a'}"
+              f" | torch {torch.__version__} | preset {args.preset} {tuple(q.shape)} bf16 | pattern {args.pattern}")
+    summary = equal_quality_summary(rows, fg_errors, block_errors)
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump({"header": header, "rows": rows, "summary": summary}, f, indent=1)
+    lines = [f"# fgcupy vs peers\n\n{header}\n", "| method | density | ms | dense-equiv TFLOP/s | rel L2 |", "|---|---|---|---|---|"]
+    for r in rows:
+        err = "" if r["rel_l2"] is None else f"{r['rel_l2']:.4f}"
+        lines.append(f"| {r['method']} | {r['density']:.3f} | {r['ms']:.2f} | {r['dense_equiv_tflops']:.0f} | {err} |")
+    lines += ["", *[f"- {s}" for s in summary]]
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def equal_quality_summary(rows, fg_errors, block_errors):
+    """Speed ratios the issue asks for, from the measured rows."""
+    by = {}
+    for r in rows:
+        by.setdefault(r["method"], []).append(r)
+    flash = by["sdpa-flash"][0]["ms"]
+    cudnn = by["sdpa-cudnn"][0]["ms"]
+    out = []
+    for fg, cover in zip(by.get("fgcupy", []), by.get("flex-block-cover", [])):
+        d = fg["target_density"]
+        line = (f"slice density {fg['density']:.3f}: fgcupy {fg['ms']:.2f} ms; block cover {cover['density']:.3f} dense "
+                f"-> FlexAttention {cover['ms']:.2f} ms ({cover['ms'] / fg['ms']:.2f}x slower); "
+                f"fgcupy / ({d} x SDPA-flash) = {fg['ms'] / (d * flash):.2f}, / ({d} x SDPA-cuDNN) = {fg['ms'] / (d * cudnn):.2f}")
+        matching = [b for b in by.get("flex-block-pooled", []) if b["rel_l2"] <= fg["rel_l2"]]
+        if matching:
+            best = min(matching, key=lambda b: b["density"])
+            line += (f"; equal quality: block density {best['density']:.2f} (rel L2 {best['rel_l2']:.4f} <= "
+                     f"{fg['rel_l2']:.4f}) takes {best['ms']:.2f} ms ({best['ms'] / fg['ms']:.2f}x fgcupy)")
+        else:
+            line += f"; no pooled block mask up to density {max(block_errors, default=0)} matched rel L2 {fg['rel_l2']:.4f}"
+        out.append(line)
+    return out
+
+
+if __name__ == "__main__":
+    main()

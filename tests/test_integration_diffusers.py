@@ -1,0 +1,451 @@
+"""fgcupy.integrations.diffusers on CPU: wiring, schedule, fallbacks and the processors' math.
+
+The kernel needs a GPU, so the math is checked with ``attention_fn`` set to fgcupy's exact
+reference: the processors must then reproduce the stock diffusers processors (full mask), or the
+stock processors given the same slice mask as a dense boolean mask (sparse masks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="diffusers is an optional extra: pip install 'fgcupy[diffusers]'")
+
+import fgcupy  # noqa: E402
+from fgcupy import SliceMask, relative_l2  # noqa: E402
+from fgcupy.integrations import diffusers as fd  # noqa: E402
+
+from .tiny_diffusers import (  # noqa: E402
+    CountingPredictor,
+    expand_mask,
+    full_predictor,
+    hunyuan_inputs,
+    random_predictor,
+    reference_attention_fn,
+    tiny_hunyuan,
+    tiny_wan,
+    wan_inputs,
+)
+
+
+def cpu_config(**overrides):
+    """A config that runs on CPU: the exact reference stands in for the kernel."""
+    base = dict(predictor=full_predictor, attention_fn=reference_attention_fn)
+    base.update(overrides)
+    return fd.SparseAttentionConfig(**base)
+
+
+def run_wan(model, latents, text, t=500):
+    with torch.no_grad():
+        return model(latents, torch.tensor([t]), text).sample
+
+
+def run_hunyuan(model, inputs, t=500):
+    latents, text, text_mask, pooled = inputs
+    with torch.no_grad():
+        return model(latents, torch.tensor([t]), text, text_mask, pooled).sample
+
+
+# ---------------------------------------------------------------------------------------------
+# wiring
+# ---------------------------------------------------------------------------------------------
+def test_apply_patches_wan_self_attention_only_and_remove_restores():
+    model = tiny_wan()
+    before = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    handle = fd.apply(model, cpu_config())
+
+    assert list(handle.layers) == ["blocks.0.attn1", "blocks.1.attn1"]
+    for i, block in enumerate(model.blocks):
+        assert isinstance(block.attn1.processor, fd.WanSparseProcessor)
+        assert block.attn1.processor.stock is before[f"blocks.{i}.attn1"]
+        assert block.attn2.processor is before[f"blocks.{i}.attn2"]  # cross-attention untouched
+    assert len(model._forward_pre_hooks) == 1
+    assert fd.handle_of(model) is handle
+
+    assert fd.remove(model) is handle
+    after = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    assert all(after[name] is before[name] for name in before)
+    assert len(model._forward_pre_hooks) == 0
+    assert fd.handle_of(model) is None
+    with pytest.raises(ValueError, match="not applied"):
+        fd.remove(model)
+
+
+def test_apply_patches_hunyuan_joint_attention_not_the_text_refiner():
+    model = tiny_hunyuan()
+    handle = fd.apply(model, cpu_config())
+    assert list(handle.layers) == ["transformer_blocks.0.attn", "single_transformer_blocks.0.attn"]
+    assert isinstance(model.transformer_blocks[0].attn.processor, fd.HunyuanVideoSparseProcessor)
+    refiner = model.context_embedder.token_refiner.refiner_blocks[0].attn
+    assert not isinstance(refiner.processor, fd._Processor)
+    fd.remove(model)
+    assert not any(isinstance(getattr(m, "processor", None), fd._Processor) for m in model.modules())
+
+
+def test_apply_twice_replaces_the_first_installation():
+    model = tiny_wan()
+    stock = model.blocks[0].attn1.processor
+    first = fd.apply(model, cpu_config())
+    second = fd.apply(model, cpu_config(dense_steps=3))
+    assert second is not first and second.config.dense_steps == 3
+    assert model.blocks[0].attn1.processor.stock is stock  # wraps the original, not the first wrapper
+    assert len(model._forward_pre_hooks) == 1
+    fd.remove(model)
+    assert model.blocks[0].attn1.processor is stock
+
+
+def test_remove_keeps_a_processor_set_after_apply():
+    model = tiny_wan()
+    fd.apply(model, cpu_config())
+    replacement = type(fd.handle_of(model).layers["blocks.0.attn1"].stock)()
+    model.blocks[0].attn1.set_processor(replacement)
+    fd.remove(model)
+    assert model.blocks[0].attn1.processor is replacement
+    assert not isinstance(model.blocks[1].attn1.processor, fd._Processor)
+
+
+def test_apply_rejects_models_without_supported_layers_and_bad_dense_layers():
+    with pytest.raises(TypeError, match="no self-attention layer"):
+        fd.apply(torch.nn.Linear(4, 4), cpu_config())
+    with pytest.raises(ValueError, match=r"dense_layers \[2\] out of range"):
+        fd.apply(tiny_wan(), cpu_config(dense_layers=(2,)))
+    with pytest.raises(TypeError, match="SparseAttentionConfig"):
+        fd.apply(tiny_wan(), {"density": 0.1})
+
+
+def test_attention_backend_setting_reaches_the_stock_processor():
+    model = tiny_wan()
+    latents, text = wan_inputs()
+    expected = run_wan(model, latents, text)
+    fd.apply(model, cpu_config(dense_steps=10))  # dense: every call goes through the stock processor
+    model.set_attention_backend("native")
+    proc = model.blocks[0].attn1.processor
+    assert proc._attention_backend is not None
+    assert proc.stock._attention_backend is proc._attention_backend
+    torch.testing.assert_close(run_wan(model, latents, text), expected, rtol=0, atol=0)
+    model.reset_attention_backend()
+
+
+# ---------------------------------------------------------------------------------------------
+# the processors' math
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fused", [False, True])
+def test_wan_full_mask_equals_stock(fused):
+    model = tiny_wan()
+    if fused:
+        model.fuse_qkv_projections()
+    latents, text = wan_inputs()
+    expected = run_wan(model, latents, text)
+    handle = fd.apply(model, cpu_config())
+    out = run_wan(model, latents, text)
+    assert relative_l2(out, expected) < 1e-5
+    assert all(s.sparse_calls == 1 and s.stock_calls == 0 for s in handle.stats().values())
+
+
+def test_hunyuan_full_mask_with_text_padding_equals_stock():
+    model = tiny_hunyuan()
+    inputs = hunyuan_inputs(valid_text=9)
+    expected = run_hunyuan(model, inputs)
+    handle = fd.apply(model, cpu_config())
+    out = run_hunyuan(model, inputs)
+    assert relative_l2(out, expected) < 1e-5
+    assert all(s.sparse_calls == 1 and s.stock_calls == 0 for s in handle.stats().values())
+    # The padding was folded into the mask: padded text keys are gone from every row.
+    for name in handle.layers:
+        kept = handle.mask(name).to_dense()
+        assert not kept[..., -3:].any() and kept[..., :-3].all()
+
+
+def test_wan_sparse_mask_equals_stock_with_the_same_dense_mask():
+    model = tiny_wan()
+    latents, _ = wan_inputs()
+    handle = fd.apply(model, cpu_config(predictor=random_predictor(0.3)))
+    attn = model.blocks[0].attn1
+    rotary = model.rope(latents)
+    hidden = torch.randn(1, rotary[0].shape[1], attn.to_q.in_features)
+    with torch.no_grad():
+        out = attn(hidden, None, None, rotary)
+        mask = handle.mask("blocks.0.attn1")
+        assert 0.2 < mask.density() < 0.5
+        expected = handle.layers["blocks.0.attn1"].stock(attn, hidden, None, expand_mask(mask), rotary)
+        dense = handle.layers["blocks.0.attn1"].stock(attn, hidden, None, None, rotary)
+    assert relative_l2(out, expected) < 1e-5
+    assert relative_l2(out, dense) > 1e-2  # the mask did change the result
+
+
+@pytest.mark.parametrize("block", ["transformer_blocks", "single_transformer_blocks"])
+def test_hunyuan_sparse_mask_with_padding_equals_stock_with_the_same_dense_mask(block):
+    model = tiny_hunyuan()
+    latents, _, _, _ = hunyuan_inputs()
+    handle = fd.apply(model, cpu_config(predictor=random_predictor(0.5)))
+    name = f"{block}.0.attn"
+    attn = getattr(model, block)[0].attn
+    rotary = model.rope(latents)
+    video, text, dim = rotary[0].shape[0], 12, attn.to_q.in_features
+    hidden, text_states = torch.randn(1, video, dim), torch.randn(1, text, dim)
+    key_valid = torch.ones(1, video + text, dtype=torch.bool)
+    key_valid[:, -4:] = False
+    padding = key_valid[:, None, None, :]
+    with torch.no_grad():
+        out = attn(hidden, encoder_hidden_states=text_states, attention_mask=padding, image_rotary_emb=rotary)
+        mask = handle.mask(name)
+        assert not mask.to_dense()[..., -4:].any()
+        expected = handle.layers[name].stock(attn, hidden, encoder_hidden_states=text_states,
+                                             attention_mask=expand_mask(mask, key_valid), image_rotary_emb=rotary)
+    for got, want in zip(out, expected):
+        assert relative_l2(got, want) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# steps and the refresh schedule
+# ---------------------------------------------------------------------------------------------
+def test_schedule_with_guidance_branches_and_a_dense_layer():
+    model = tiny_wan()
+    latents, text = wan_inputs()
+    counter = CountingPredictor(full_predictor)
+    handle = fd.apply(model, cpu_config(predictor=counter, dense_steps=2, refresh_every=3, dense_layers=(1,)))
+    for step in range(9):
+        for _ in range(2):  # conditional and unconditional pass of classifier-free guidance
+            run_wan(model, latents, text, t=1000 - 100 * step)
+        assert (handle.step, handle.branch) == (step, 1)
+    sparse, dense = handle.stats()["blocks.0.attn1"], handle.stats()["blocks.1.attn1"]
+    assert sparse.refresh_steps == [2, 2, 5, 5, 8, 8]
+    assert (sparse.dense_calls, sparse.sparse_calls, sparse.stock_calls) == (4, 14, 0)
+    assert (dense.dense_calls, dense.sparse_calls, dense.refreshes) == (18, 0, 0)
+    assert counter.calls == 6
+    assert handle.refresh_counts() == {"blocks.0.attn1": 6, "blocks.1.attn1": 0}
+
+
+def test_explicit_refresh_steps_and_shared_branches():
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    handle = fd.apply(model, cpu_config(dense_steps=1, refresh_steps=(4, 6)))
+    for step in range(8):
+        run_wan(model, latents, text, t=1000 - 100 * step)
+    assert handle.stats()["blocks.0.attn1"].refresh_steps == [1, 4, 6]  # first sparse step, then the list
+
+    counter = CountingPredictor(full_predictor)
+    handle = fd.apply(model, cpu_config(predictor=counter, refresh_every=2, share_branches=True))
+    for step in range(4):
+        run_wan(model, latents, text, t=1000 - 100 * step)
+        run_wan(model, latents, text, t=1000 - 100 * step)
+    assert handle.stats()["blocks.0.attn1"].refresh_steps == [0, 2]
+    assert handle.stats()["blocks.0.attn1"].sparse_calls == 8
+    assert counter.calls == 2
+
+
+def test_step_tracking_from_timesteps():
+    model = tiny_wan(layers=1)
+    handle = fd.apply(model, cpu_config())
+    seen = []
+    for t in (900, 900, 800, 800, 700):
+        handle.begin_forward(torch.tensor([t]))
+        seen.append((handle.step, handle.branch))
+    assert seen == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
+
+    latents, text = wan_inputs()
+    run_wan(model, latents, text, t=600)  # through the real pre-hook
+    assert (handle.step, handle.branch) == (3, 0)
+    assert handle.mask("blocks.0.attn1") is not None
+    generation = handle.generation
+    run_wan(model, latents, text, t=999)  # a larger timestep: a new generation
+    assert (handle.step, handle.branch, handle.generation) == (0, 0, generation + 1)
+    assert handle.stats()["blocks.0.attn1"].refresh_steps == [3, 0]  # masks were dropped, predicted anew
+
+    for expected in range(1, 4):  # no timestep: every call is a step
+        handle.begin_forward(None)
+        assert (handle.step, handle.branch) == (expected, 0)
+    # Wan 2.2 gives a timestep per token: the step is read from its largest value.
+    handle.begin_forward(torch.tensor([[500, 500, 0]]))
+    handle.begin_forward(torch.tensor([[400, 400, 0]]))
+    assert (handle.step, handle.branch) == (5, 0)
+
+    handle.set_step(7, branch=1)
+    assert (handle.step, handle.branch) == (7, 1)
+    handle.reset()
+    handle.begin_forward(torch.tensor([100]))
+    assert (handle.step, handle.branch) == (0, 0) and handle.mask("blocks.0.attn1") is None
+    with pytest.raises(ValueError):
+        handle.set_step(-1)
+
+
+def test_changed_text_padding_forces_a_refresh():
+    model = tiny_hunyuan()
+    handle = fd.apply(model, cpu_config(refresh_every=100))
+    run_hunyuan(model, hunyuan_inputs(valid_text=9), t=900)
+    run_hunyuan(model, hunyuan_inputs(valid_text=9), t=800)  # same padding: reuse
+    out = run_hunyuan(model, hunyuan_inputs(valid_text=5), t=700)  # new padding: predict again
+    expected_model = tiny_hunyuan()
+    expected = run_hunyuan(expected_model, hunyuan_inputs(valid_text=5), t=700)
+    assert relative_l2(out, expected) < 1e-5
+    assert all(s.refresh_steps == [0, 2] for s in handle.stats().values())
+
+
+# ---------------------------------------------------------------------------------------------
+# fallbacks and errors
+# ---------------------------------------------------------------------------------------------
+def test_unsupported_head_dim_runs_stock():
+    model = tiny_wan(head_dim=32)
+    latents, text = wan_inputs()
+    expected = run_wan(model, latents, text)
+    handle = fd.apply(model, cpu_config())
+    torch.testing.assert_close(run_wan(model, latents, text), expected, rtol=0, atol=0)
+    for stats in handle.stats().values():
+        assert (stats.sparse_calls, stats.stock_calls, stats.stock_reasons) == (0, 1, {"head_dim_32": 1})
+
+
+def test_cross_attention_and_masked_calls_run_stock():
+    model = tiny_wan()
+    latents, _ = wan_inputs()
+    handle = fd.apply(model, cpu_config())
+    handle.set_step(0)
+    attn = model.blocks[0].attn1
+    stock = handle.layers["blocks.0.attn1"].stock
+    rotary = model.rope(latents)
+    hidden = torch.randn(1, rotary[0].shape[1], attn.to_q.in_features)
+    context = torch.randn(1, 5, attn.to_q.in_features)
+    keep = torch.rand(1, 1, hidden.shape[1], hidden.shape[1]) < 0.5
+    keep[..., 0] = True
+    with torch.no_grad():
+        torch.testing.assert_close(attn(hidden, context, None, None), stock(attn, hidden, context, None, None),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(attn(hidden, None, keep, rotary), stock(attn, hidden, None, keep, rotary),
+                                   rtol=0, atol=0)
+    assert handle.stats()["blocks.0.attn1"].stock_reasons == {"cross_attention": 1, "attention_mask": 1}
+
+    model = tiny_hunyuan()
+    handle = fd.apply(model, cpu_config())
+    attn = model.transformer_blocks[0].attn
+    stock = handle.layers["transformer_blocks.0.attn"].stock
+    latents, _, _, _ = hunyuan_inputs()
+    rotary = model.rope(latents)
+    hidden = torch.randn(1, rotary[0].shape[0], attn.to_q.in_features)
+    text = torch.randn(1, 6, attn.to_q.in_features)
+    full = torch.rand(1, 1, hidden.shape[1] + 6, hidden.shape[1] + 6) < 0.5  # not a key-padding mask
+    full[..., 0] = True
+    with torch.no_grad():
+        got = attn(hidden, encoder_hidden_states=text, attention_mask=full, image_rotary_emb=rotary)
+        want = stock(attn, hidden, encoder_hidden_states=text, attention_mask=full, image_rotary_emb=rotary)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert handle.stats()["transformer_blocks.0.attn"].stock_reasons == {"attention_mask": 1}
+
+
+def test_context_parallel_runs_stock():
+    model = tiny_wan()
+    fd.apply(model, cpu_config())
+    proc = model.blocks[0].attn1.processor
+    sentinel = object()
+    proc._parallel_config = sentinel
+    assert proc.stock._parallel_config is sentinel
+    assert proc._route(model.blocks[0].attn1, torch.device("cpu"), None) == "stock"
+    assert proc._layer.stats.stock_reasons == {"context_parallel": 1}
+
+
+def test_no_gpu_is_a_clear_error_unless_fallback(monkeypatch):
+    monkeypatch.setattr(fd, "kernel_available", lambda: False)
+    model = tiny_wan()
+    latents, text = wan_inputs()
+    expected = run_wan(model, latents, text)
+    with pytest.raises(RuntimeError, match=r"needs a CUDA GPU.*fallback=True"):
+        fd.apply(model, fd.SparseAttentionConfig(predictor=full_predictor))
+    assert fd.handle_of(model) is None and not isinstance(model.blocks[0].attn1.processor, fd._Processor)
+
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor=full_predictor, fallback=True))
+    torch.testing.assert_close(run_wan(model, latents, text), expected, rtol=0, atol=0)
+    for stats in handle.stats().values():
+        assert (stats.sparse_calls, stats.stock_reasons) == (0, {"no_gpu": 1})
+
+
+def test_cpu_tensors_are_a_clear_error_where_a_gpu_exists(monkeypatch):
+    monkeypatch.setattr(fd, "kernel_available", lambda: True)
+    model = tiny_wan()
+    latents, text = wan_inputs()
+    fd.apply(model, fd.SparseAttentionConfig(predictor=full_predictor))
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn1.*on cpu.*Move the transformer to the GPU"):
+        run_wan(model, latents, text)
+
+
+def test_named_predictor_needs_fgcupy_predict_mask():
+    config = fd.SparseAttentionConfig(predictor="topk", density=0.2, attention_fn=reference_attention_fn)
+    if hasattr(fgcupy, "predict_mask"):
+        assert fd.apply(tiny_wan(), config).config.predictor == "topk"
+    else:
+        with pytest.raises(ImportError, match="predict_mask"):
+            fd.apply(tiny_wan(), config)
+
+
+def test_predictor_with_the_wrong_shape_is_named():
+    def wrong(q, k, slice_m):
+        return full_predictor(q[:, :1], k[:, :1], slice_m)
+
+    model = tiny_wan()
+    latents, text = wan_inputs()
+    fd.apply(model, cpu_config(predictor=wrong))
+    with pytest.raises(ValueError, match=r"blocks\.0\.attn1 has \(B, H, q_len, kv_len, slice_m\)=\(1, 1,"):
+        run_wan(model, latents, text)
+
+    fd.apply(model, cpu_config(predictor=lambda q, k, slice_m: None))
+    with pytest.raises(TypeError, match="returned NoneType"):
+        run_wan(model, latents, text)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(density=0.0), "density must be in"),
+        (dict(density=1.5), "density must be in"),
+        (dict(predictor="topk", density=None), "needs density"),
+        (dict(predictor="tau", tau=None), "needs tau"),
+        (dict(predictor=3), "method name or a callable"),
+        (dict(slice_m=32), "slice_m must be one of"),
+        (dict(refresh_every=0), "refresh_every"),
+        (dict(dense_steps=-1), "dense_steps"),
+        (dict(dense_layers=(-1,)), "dense_layers"),
+        (dict(refresh_steps=[1.5]), "refresh_steps"),
+        (dict(threshold=0.0), "threshold"),
+    ],
+)
+def test_config_validation(kwargs, error):
+    with pytest.raises((ValueError, TypeError), match=error):
+        fd.SparseAttentionConfig(**kwargs)
+
+
+def test_config_schedule():
+    config = fd.SparseAttentionConfig(dense_steps=2, refresh_every=3, dense_layers=[3, 1, 3])
+    assert config.dense_layers == (1, 3)
+    assert [s for s in range(10) if config.is_dense_step(s)] == [0, 1]
+    assert [s for s in range(10) if config.is_refresh_step(s)] == [2, 5, 8]
+    listed = fd.SparseAttentionConfig(dense_steps=2, refresh_steps=(1, 4, 9))
+    assert [s for s in range(10) if listed.is_refresh_step(s)] == [4, 9]  # step 1 is a dense step
+    assert fd.SparseAttentionConfig(tau=0.9, predictor_kwargs={"min_keys": 4}).predictor_arguments() == {
+        "density": 0.1, "tau": 0.9, "min_keys": 4}
+
+
+# ---------------------------------------------------------------------------------------------
+# drop_keys: the key-padding restriction of a slice mask
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(6))
+def test_drop_keys_matches_the_dense_restriction(seed):
+    gen = torch.Generator().manual_seed(seed)
+    batch, heads, q_blocks, kv_len, slice_m = 2, 3, 4, 37, 64
+    dense = torch.rand(batch, heads, q_blocks, kv_len, generator=gen) < 0.4
+    dense[0, 1, 2] = False  # an empty row
+    mask = SliceMask.from_dense(dense, slice_m, q_blocks * slice_m - 5, capacity=int(dense.sum()) + 11)
+    key_valid = torch.rand(batch, kv_len, generator=gen) < 0.7
+    out = fd.drop_keys(mask, key_valid).validate()
+    assert out.capacity == mask.capacity
+    assert torch.equal(out.to_dense(), dense & key_valid[:, None, None, :])
+
+
+def test_drop_keys_with_gaps_between_rows():
+    """Rows (b=0) [0, 2), [2, 5); (b=1) [8, 8), [8, 12): positions 5..7 belong to no row and hold
+    out-of-range garbage that must be ignored."""
+    indptr = torch.tensor([[[0, 2, 5]], [[8, 8, 12]]], dtype=torch.int32)
+    indices = torch.tensor([1, 3, 0, 2, 4, 9, 9, 9, 0, 2, 3, 4], dtype=torch.int32)
+    mask = SliceMask(indptr, indices, 64, 128, 5).validate()
+    key_valid = torch.tensor([[True, False, True, True, True], [False, True, True, False, True]])
+    out = fd.drop_keys(mask, key_valid).validate()
+    assert torch.equal(out.to_dense(), mask.to_dense() & key_valid[:, None, None, :])
+    assert out.indptr.tolist() == [[[0, 1, 4]], [[4, 4, 6]]]
+    assert out.indices[:6].tolist() == [3, 0, 2, 4, 2, 4]

@@ -1,0 +1,159 @@
+"""fgcupy.integrations.diffusers on the GPU: the real kernel inside tiny Wan / HunyuanVideo models.
+
+bf16 tolerance is measured, not guessed: the stock processor in bf16 against the same model in
+float32 sets the noise floor, and fgcupy in bf16 must stay within a small multiple of it."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="diffusers is an optional extra: pip install 'fgcupy[diffusers]'")
+
+import fgcupy  # noqa: E402
+from fgcupy import relative_l2  # noqa: E402
+from fgcupy.integrations import diffusers as fd  # noqa: E402
+
+from .tiny_diffusers import (  # noqa: E402
+    CountingPredictor,
+    expand_mask,
+    full_predictor,
+    hunyuan_inputs,
+    random_predictor,
+    reference_attention_fn,
+    tiny_hunyuan,
+    tiny_wan,
+    wan_inputs,
+)
+
+pytestmark = pytest.mark.gpu
+CUDA = "cuda"
+
+
+def wan_trajectory(model, latents, text, steps: int, dtype=torch.bfloat16):
+    """A few simulated denoising steps (Euler-like update with decreasing timesteps): outputs per step."""
+    x, outs = latents.to(dtype), []
+    with torch.no_grad():
+        for step in range(steps):
+            out = model(x, torch.tensor([1000 - 150 * step], device=CUDA), text.to(dtype)).sample
+            outs.append(out.float())
+            x = x - 0.15 * out
+    return outs
+
+
+def bf16_pair(model):
+    return model.to(CUDA), copy.deepcopy(model).to(CUDA, torch.bfloat16)
+
+
+@pytest.mark.parametrize("head_dim, slice_m", [(64, 64), (128, 128), (128, 64)])
+def test_wan_full_mask_matches_stock(head_dim, slice_m):
+    fp32, bf16 = bf16_pair(tiny_wan(head_dim=head_dim))
+    latents, text = wan_inputs(frames=3, size=32, device=CUDA)  # 768 tokens
+    truth = wan_trajectory(fp32, latents, text, 1, torch.float32)[0]
+    stock = wan_trajectory(bf16, latents, text, 1)[0]
+    handle = fd.apply(bf16, fd.SparseAttentionConfig(predictor=full_predictor, slice_m=slice_m))
+    ours = wan_trajectory(bf16, latents, text, 1)[0]
+    floor = relative_l2(stock, truth)
+    assert relative_l2(ours, truth) <= 2 * floor + 1e-3, (relative_l2(ours, truth), floor)
+    assert relative_l2(ours, stock) <= 2 * floor + 1e-3
+    assert all(s.sparse_calls == 1 and s.stock_calls == 0 for s in handle.stats().values())
+
+
+def test_hunyuan_full_mask_with_text_padding_matches_stock():
+    fp32, bf16 = bf16_pair(tiny_hunyuan(head_dim=128))
+    latents, text, text_mask, pooled = hunyuan_inputs(frames=3, size=32, device=CUDA)
+    t = torch.tensor([500], device=CUDA)
+    with torch.no_grad():
+        truth = fp32(latents, t, text, text_mask, pooled).sample.float()
+        args = (latents.bfloat16(), t, text.bfloat16(), text_mask, pooled.bfloat16())
+        stock = bf16(*args).sample.float()
+        handle = fd.apply(bf16, fd.SparseAttentionConfig(predictor=full_predictor))
+        ours = bf16(*args).sample.float()
+    floor = relative_l2(stock, truth)
+    assert relative_l2(ours, truth) <= 2 * floor + 1e-3, (relative_l2(ours, truth), floor)
+    assert all(s.sparse_calls == 1 and s.stock_calls == 0 for s in handle.stats().values())
+
+
+def test_kernel_layer_matches_stock_given_the_same_dense_mask():
+    model = tiny_hunyuan(head_dim=128).to(CUDA, torch.bfloat16)
+    latents, _, _, _ = hunyuan_inputs(frames=3, size=32, device=CUDA)
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor=random_predictor(0.3)))
+    handle.set_step(0)
+    attn = model.transformer_blocks[0].attn
+    rotary = model.rope(latents)
+    video, text, dim = rotary[0].shape[0], 12, attn.to_q.in_features
+    hidden = torch.randn(1, video, dim, device=CUDA, dtype=torch.bfloat16)
+    text_states = torch.randn(1, text, dim, device=CUDA, dtype=torch.bfloat16)
+    key_valid = torch.ones(1, video + text, dtype=torch.bool, device=CUDA)
+    key_valid[:, -4:] = False
+    with torch.no_grad():
+        out = attn(hidden, encoder_hidden_states=text_states, attention_mask=key_valid[:, None, None, :],
+                   image_rotary_emb=rotary)
+        mask = handle.mask("transformer_blocks.0.attn")
+        want = handle.layers["transformer_blocks.0.attn"].stock(
+            attn, hidden, encoder_hidden_states=text_states, attention_mask=expand_mask(mask, key_valid),
+            image_rotary_emb=rotary)
+    assert not mask.to_dense()[..., -4:].any()
+    for got, expected in zip(out, want):
+        assert relative_l2(got.float(), expected.float()) < 2e-2
+
+
+def test_sparse_schedule_follows_the_reference_and_refreshes_on_schedule():
+    """Several steps with a reused, periodically refreshed mask: the kernel's trajectory stays on
+    the exact-reference trajectory with the same masks, near the dense one, and predicts exactly
+    on the scheduled steps."""
+    _, model = bf16_pair(tiny_wan(head_dim=128))
+    latents, text = wan_inputs(frames=3, size=32, device=CUDA)
+    dense = wan_trajectory(model, latents, text, 6)
+
+    schedule = dict(dense_steps=1, refresh_every=2)
+    counter = CountingPredictor(random_predictor(0.4))
+    fd.apply(model, fd.SparseAttentionConfig(predictor=counter, attention_fn=reference_attention_fn, **schedule))
+    exact = wan_trajectory(model, latents, text, 6)
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor=counter, **schedule))
+    ours = wan_trajectory(model, latents, text, 6)
+
+    for step, (o, e, d) in enumerate(zip(ours, exact, dense)):
+        assert relative_l2(o, e) < 2e-2, step
+        assert relative_l2(o, d) < 5e-2, step
+    stats = handle.stats()
+    assert all(s.refresh_steps == [1, 3, 5] for s in stats.values())
+    assert all((s.dense_calls, s.sparse_calls) == (1, 5) for s in stats.values())
+    assert counter.calls == 2 * 2 * 3  # two runs x two layers x three refreshes
+    assert 0.3 < handle.mask("blocks.0.attn1").density() < 0.5
+
+
+@pytest.mark.skipif(not hasattr(fgcupy, "predict_mask"), reason="fgcupy.predict_mask is not in this fgcupy yet")
+@pytest.mark.parametrize("method, params", [("topk", {"density": 0.3}), ("tau", {"tau": 0.9})])
+def test_predict_mask_schedule_stays_close_to_dense(method, params):
+    _, model = bf16_pair(tiny_wan(head_dim=128))
+    latents, text = wan_inputs(frames=3, size=32, device=CUDA)
+    dense = wan_trajectory(model, latents, text, 5)
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor=method, dense_steps=1, refresh_every=2,
+                                                      **{"density": None, **params}))
+    ours = wan_trajectory(model, latents, text, 5)
+    for step, (o, d) in enumerate(zip(ours, dense)):
+        assert relative_l2(o, d) < 5e-2, step
+    assert all(s.refresh_steps == [1, 3] for s in handle.stats().values())
+    assert handle.mask("blocks.0.attn1").density() < 1.0
+
+
+def test_float32_model_falls_back_to_stock_attention():
+    model = tiny_wan(head_dim=64).to(CUDA)
+    latents, text = wan_inputs(device=CUDA)
+    stock = wan_trajectory(model, latents, text, 1, torch.float32)[0]
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor=full_predictor))
+    ours = wan_trajectory(model, latents, text, 1, torch.float32)[0]
+    assert relative_l2(ours, stock) < 1e-6
+    assert all(s.stock_reasons == {"dtype_float32": 1} for s in handle.stats().values())
+
+
+def test_cpu_model_on_a_gpu_machine_is_a_clear_error():
+    model = tiny_wan()
+    latents, text = wan_inputs()
+    fd.apply(model, fd.SparseAttentionConfig(predictor=full_predictor))
+    with pytest.raises(RuntimeError, match="Move the transformer to the GPU"):
+        with torch.no_grad():
+            model(latents, torch.tensor([500]), text)
