@@ -85,13 +85,13 @@ def main(argv=None):
 
 
 def parse_tile(token: str, head_dim: int, dtype: str = "bfloat16"):
-    """'m128n32s3w4' -> AttentionSpec, 'sm90-m128n64s2pv1' -> Sm90AttentionSpec."""
-    found = re.fullmatch(r"(sm90-)?m(\d+)n(\d+)s(\d+)(?:w(\d+)|pv(\d+))", token.strip())
+    """'m128n32s3w4' -> AttentionSpec, 'sm90-m128n64s2pv1c2' -> Sm90AttentionSpec."""
+    found = re.fullmatch(r"(sm90-)?m(\d+)n(\d+)s(\d+)(?:w(\d+)|pv(\d+)(?:c(\d+))?)", token.strip())
     if not found:
         raise ValueError(f"cannot parse kernel {token!r}")
-    sm90, m, n, s, w, pv = found.groups()
+    sm90, m, n, s, w, pv, ctas = found.groups()
     if sm90:
-        return Sm90AttentionSpec(dtype, head_dim, int(m), int(n), int(s), int(pv or 0))
+        return Sm90AttentionSpec(dtype, head_dim, int(m), int(n), int(s), int(pv or 0), int(ctas or 1))
     return AttentionSpec(dtype, head_dim, int(m), int(n), int(s), int(m) // int(w or int(m) // 16))
 
 

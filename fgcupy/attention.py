@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import bridge
-from .jit import AttentionSpec, get_kernel
+from .jit import AttentionSpec, Sm90AttentionSpec, get_kernel
 from .jit.spec import HEAD_DIMS, SLICE_SIZES
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask
@@ -25,9 +25,21 @@ SCHEDULES = ("longest_first", "index")
 
 
 def default_config(head_dim: int, slice_m: int) -> dict:
-    """Heuristic tile parameters when no tuned value is known: 64-key tiles, two stages, one
-    16-row m-tile per warp (fits every head dim and slice size without spills)."""
+    """Heuristic tile parameters of the mma.sync kernel (any sm_80+ GPU): 32-key tiles, three
+    stages and two 16-row m-tiles per warp for 128-query slices (the fastest measured on an
+    H100, notes/PERF.md); 64-key tiles, two stages, one m-tile per warp for 64-query slices."""
+    if slice_m == 128:
+        return {"key_tile": 32, "stages": 3, "rows_per_warp": 32}
     return {"key_tile": 64, "stages": 2, "rows_per_warp": 16}
+
+
+def default_spec(dtype: str, head_dim: int, slice_m: int, arch: str | None = None):
+    """The kernel used when nothing is tuned. On Hopper (``arch`` "sm_90"): the wgmma kernel with
+    64-key tiles, two stages and two CTAs per SM; elsewhere the mma.sync kernel of
+    ``default_config``."""
+    if arch == "sm_90":
+        return Sm90AttentionSpec(dtype, head_dim, slice_m, key_tile=64, stages=2, pv=1, ctas_per_sm=2)
+    return AttentionSpec(dtype, head_dim, slice_m, **default_config(head_dim, slice_m))
 
 
 class SparseAttention:
@@ -62,6 +74,10 @@ class SparseAttention:
             raise ValueError(f"head_dim {head_dim} has no compiled kernel; available: {HEAD_DIMS}")
         if mask.slice_m not in SLICE_SIZES:
             raise ValueError(f"mask.slice_m={mask.slice_m} has no compiled kernel; available: {SLICE_SIZES}")
+        if spec is None and key_tile is None and stages is None and rows_per_warp is None:
+            from .autotune import planned_spec  # the tuned winner for this GPU and shape, if stored
+
+            spec = planned_spec(mask, head_dim, dtype_name)
         if spec is None:
             default = default_config(head_dim, mask.slice_m)
             spec = AttentionSpec(
@@ -75,10 +91,6 @@ class SparseAttention:
                 f"spec {spec.name} is for (dtype, head_dim, slice_m)={(spec.dtype, spec.head_dim, spec.slice_m)}, "
                 f"the plan asks for {(dtype_name, head_dim, mask.slice_m)}"
             )
-        if key_tile is None and stages is None and rows_per_warp is None:
-            from .autotune import planned_spec  # the tuned winner for this GPU and shape, if stored
-
-            spec = planned_spec(mask, head_dim, dtype_name)
         if mask.device.type != "cuda":
             raise ValueError(f"mask must be on a CUDA device to plan, got {mask.device} (use mask.to('cuda'))")
         if mask.capacity > _INT32_MAX:

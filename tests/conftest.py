@@ -7,6 +7,8 @@ from fgcupy.bridge import cupy_available
 
 # Compile checks must never reuse a binary from an earlier run.
 os.environ.setdefault("CUPY_CACHE_DIR", tempfile.mkdtemp(prefix="fgcupy-cupy-cache-"))
+# Tuned results of the user's cache must not change which kernel a test runs.
+os.environ.setdefault("FGCUPY_CACHE_DIR", tempfile.mkdtemp(prefix="fgcupy-autotune-"))
 
 
 def _gpu_ready() -> bool:

@@ -80,6 +80,15 @@ __device__ __forceinline__ u32 swz_bytes(int chunk, u32 xor16) {
   return static_cast<u32>((chunk & ~7) << 4) + ((static_cast<u32>(chunk & 7) << 4) ^ xor16);
 }
 
+__device__ __forceinline__ void st_shared_f32(u32 addr, float x) {
+  asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(x));
+}
+__device__ __forceinline__ float ld_shared_f32(u32 addr) {
+  float x;
+  asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(x) : "r"(addr));
+  return x;
+}
+
 // ---- asynchronous copies ----------------------------------------------------------------
 // 16-byte global->shared copy; when !valid the destination is zero-filled and nothing is read.
 __device__ __forceinline__ void cp_async16(u32 dst, const void* src, bool valid) {

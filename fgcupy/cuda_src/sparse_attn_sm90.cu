@@ -48,8 +48,8 @@ __device__ __forceinline__ void qk_wgmma(float (&acc)[N / 2], u32 q_half0, u32 k
   }
 }
 
-template <class T, int D, int M, int N, int STAGES, int PV>
-__global__ void __launch_bounds__(M / 64 * 128, 1)
+template <class T, int D, int M, int N, int STAGES, int PV, int CTAS>
+__global__ void __launch_bounds__(M / 64 * 128, CTAS)
 sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
                      u16* __restrict__ o, float* __restrict__ lse,
                      const int* __restrict__ indptr, const int* __restrict__ indices,
@@ -57,6 +57,9 @@ sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const
                      int capacity, i64 q_sb, i64 q_sh, i64 q_ss, i64 k_sb, i64 k_sh, i64 k_ss,
                      i64 v_sb, i64 v_sh, i64 v_ss, i64 o_sb, i64 o_sh, i64 o_ss, float scale_log2) {
   using S = Sm90Shape<D, M, N, STAGES>;
+  // Two CTAs per SM leave no registers to hold the next tile's key indices: load them when
+  // the tile is issued and let the other CTA hide the latency.
+  constexpr bool kPrefetchIndices = CTAS == 1;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   // Descriptors address the 128-byte swizzle by absolute shared address: align to 1024 B.
   unsigned char* smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -64,6 +67,11 @@ sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const
   u16* sK = sQ + M * D;
   u16* sV = sK + STAGES * S::kTileElems;
   float* sBias = reinterpret_cast<float*>(sV + STAGES * S::kTileElems);
+  // 32-bit shared-window addresses: half the registers of generic pointers.
+  const u32 sQ_u32 = smem_u32(sQ);
+  const u32 sK_u32 = smem_u32(sK);
+  const u32 sV_u32 = smem_u32(sV);
+  const u32 sBias_u32 = smem_u32(sBias);
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -94,37 +102,45 @@ sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const
     const int r = my_row + j * S::kRowsPerPass;
     const bool valid = q_row0 + r < q_len;
     const u16* src = q_base + (valid ? (q_row0 + r) * q_ss : 0) + my_chunk * 8;
-    cp_async16(smem_u32(sQ + sw128_offset<M>(r, my_chunk)), src, valid);
+    cp_async16(sQ_u32 + 2 * sw128_offset<M>(r, my_chunk), src, valid);
   }
 
   int kv_idx[S::kKvRowsPerThread];
+  const int my_first = start + my_row;  // this thread's first position in the list
+  const int count = end - my_first;     // positions left from there
   auto load_indices = [&](int tile) {
+    // Rebuild the 64-bit pointer from one 32-bit register at each use (the empty asm stops
+    // the compiler from keeping the pointer live across the loop, which costs a spill).
+    int first = my_first;
+    asm volatile("" : "+r"(first));
+    const int* my_indices = indices + first;
 #pragma unroll
     for (int j = 0; j < S::kKvRowsPerThread; ++j) {
-      const int pos = start + tile * N + my_row + j * S::kRowsPerPass;
-      kv_idx[j] = pos < end ? __ldg(indices + pos) : -1;
+      const int pos = tile * N + j * S::kRowsPerPass;
+      kv_idx[j] = pos < count ? __ldg(my_indices + pos) : -1;
     }
   };
-  auto issue_tile = [&](int stage) {
+  auto issue_tile = [&](int stage, int tile) {
+    if constexpr (!kPrefetchIndices) load_indices(tile);
 #pragma unroll
     for (int j = 0; j < S::kKvRowsPerThread; ++j) {
       const int r = my_row + j * S::kRowsPerPass;
       const int idx = kv_idx[j];
       const bool valid = static_cast<unsigned>(idx) < static_cast<unsigned>(kv_len);
       const i64 row = valid ? idx : 0;
-      const int off = stage * S::kTileElems + sw128_offset<N>(r, my_chunk);
-      cp_async16(smem_u32(sK + off), k_base + row * k_ss + my_chunk * 8, valid);
-      cp_async16(smem_u32(sV + off), v_base + row * v_ss + my_chunk * 8, valid);
-      if (my_chunk == 0) sBias[stage * N + r] = valid ? 0.f : FG_NEG_INF;
+      const u32 off = 2 * (stage * S::kTileElems + sw128_offset<N>(r, my_chunk));
+      cp_async16(sK_u32 + off, k_base + row * k_ss + my_chunk * 8, valid);
+      cp_async16(sV_u32 + off, v_base + row * v_ss + my_chunk * 8, valid);
+      if (my_chunk == 0) st_shared_f32(sBias_u32 + 4 * (stage * N + r), valid ? 0.f : FG_NEG_INF);
     }
   };
 
-  load_indices(0);
+  if constexpr (kPrefetchIndices) load_indices(0);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < ntiles) {
-      issue_tile(s);
-      load_indices(s + 1);
+      issue_tile(s, s);
+      if constexpr (kPrefetchIndices) load_indices(s + 1);
     }
     cp_async_commit();
   }
@@ -135,9 +151,9 @@ sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const
   float row_max[2] = {FG_NEG_INF, FG_NEG_INF};
   float row_sum[2] = {0.f, 0.f};
 
-  const u32 q_half0 = smem_u32(sQ) + wg * 64 * 128;
-  const u32 k_half0 = smem_u32(sK);
-  const u32 v_half0 = smem_u32(sV);
+  const u32 q_half0 = sQ_u32 + wg * 64 * 128;
+  const u32 k_half0 = sK_u32;
+  const u32 v_half0 = sV_u32;
   // For the mma.sync PV path: ldmatrix.trans lane roles (see sparse_attn.cu).
   const int lm_r = lane & 7;
   const int lm_hi8 = (lane >> 3) & 1;
@@ -148,8 +164,8 @@ sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const
   for (int t = 0; t < ntiles; ++t) {
     const int t_next = t + STAGES - 1;
     if (t_next < ntiles) {
-      issue_tile(t_next % STAGES);
-      load_indices(t_next + 1);
+      issue_tile(t_next % STAGES, t_next);
+      if constexpr (kPrefetchIndices) load_indices(t_next + 1);
     }
     cp_async_commit();
     cp_async_wait<STAGES - 1>();
@@ -167,12 +183,11 @@ sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const
     wgmma_wait<0>();
 
     // ---- online softmax (base 2, scale folded in); rows g and g + 8 of this warp ----
-    const float* bias = sBias + stage * N;
+    const u32 bias = sBias_u32 + 4 * (stage * N + (lane & 3) * 2);
     float tile_max[2] = {FG_NEG_INF, FG_NEG_INF};
 #pragma unroll
     for (int nt = 0; nt < N / 8; ++nt) {
-      const int col = nt * 8 + (lane & 3) * 2;
-      const float b0 = bias[col], b1 = bias[col + 1];
+      const float b0 = ld_shared_f32(bias + nt * 32), b1 = ld_shared_f32(bias + nt * 32 + 4);
       float* s = acc_s + nt * 4;
       s[0] = fmaf(s[0], scale_log2, b0);
       s[1] = fmaf(s[1], scale_log2, b1);

@@ -101,6 +101,7 @@ class Sm90AttentionSpec:
     key_tile: int = 64
     stages: int = 2
     pv: int = 1
+    ctas_per_sm: int = 1
 
     source = "sparse_attn_sm90.cu"
     template = "fg::sparse_attn_fwd_sm90"
@@ -115,19 +116,30 @@ class Sm90AttentionSpec:
         _check_choice("key_tile", self.key_tile, (64, 128))
         _check_choice("stages", self.stages, STAGES)
         _check_choice("pv", self.pv, (0, 1))
+        _check_choice("ctas_per_sm", self.ctas_per_sm, (1, 2))
+        if self.ctas_per_sm == 2 and (
+            self.key_tile != 64 or self.pv != 1 or 2 * self.smem_bytes > MAX_SMEM_BYTES_SM90_PER_SM
+        ):
+            # Two CTAs per SM cap registers at 128 per thread: only 64-key tiles with the wgmma
+            # P V path fit without spills (see tests/test_compile.py).
+            raise ValueError(
+                f"ctas_per_sm=2 needs key_tile=64, pv=1 and two CTAs' shared memory "
+                f"({2 * self.smem_bytes} B) within {MAX_SMEM_BYTES_SM90_PER_SM} B; got "
+                f"key_tile={self.key_tile}, pv={self.pv}"
+            )
 
     @property
     def name(self) -> str:
         return (
             f"sparse_attn_fwd_sm90_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}_m{self.slice_m}"
-            f"_n{self.key_tile}_s{self.stages}_pv{self.pv}"
+            f"_n{self.key_tile}_s{self.stages}_pv{self.pv}_c{self.ctas_per_sm}"
         )
 
     @property
     def name_expression(self) -> str:
         return (
             f"{self.template}<{_CPP_DTYPE[self.dtype]}, {self.head_dim}, {self.slice_m}, "
-            f"{self.key_tile}, {self.stages}, {self.pv}>"
+            f"{self.key_tile}, {self.stages}, {self.pv}, {self.ctas_per_sm}>"
         )
 
     @property
@@ -163,6 +175,7 @@ def all_attention_specs() -> list[AttentionSpec]:
 
 
 MAX_SMEM_BYTES_SM90 = 227 * 1024
+MAX_SMEM_BYTES_SM90_PER_SM = 228 * 1024 - 2 * 1024  # two CTAs, 1 KB reserved by the driver each
 
 
 def all_sm90_specs() -> list[Sm90AttentionSpec]:
@@ -174,9 +187,13 @@ def all_sm90_specs() -> list[Sm90AttentionSpec]:
                 for n in (64, 128):
                     for s in STAGES:
                         for pv in (0, 1):
-                            spec = Sm90AttentionSpec(dtype, d, m, n, s, pv)
-                            if spec.smem_bytes <= MAX_SMEM_BYTES_SM90:
-                                specs.append(spec)
+                            for ctas in (1, 2):
+                                try:
+                                    spec = Sm90AttentionSpec(dtype, d, m, n, s, pv, ctas)
+                                except ValueError:
+                                    continue
+                                if spec.smem_bytes <= MAX_SMEM_BYTES_SM90:
+                                    specs.append(spec)
     return specs
 
 

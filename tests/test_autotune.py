@@ -1,0 +1,534 @@
+"""Autotuning without a GPU: candidates and fit checks, selection with a fake timer (the
+never-slower-than-default rule), the cache file (round trip, second process, corrupt / foreign /
+other-version files, concurrent writers), the FGCUPY_AUTOTUNE switch, and slice-size tuning
+with an injected predictor, attention and timer."""
+
+import json
+import math
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fgcupy import SliceMask, SparseAttention, autotune
+from fgcupy.jit import AttentionSpec, KernelCompileError, all_attention_specs
+from fgcupy.jit.report import PtxasReport
+from fgcupy.reference import reference_attention
+
+REPO = Path(__file__).resolve().parent.parent
+H100 = autotune.DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), 132, 232448, 65536)
+ADA = autotune.DeviceInfo("NVIDIA L40S", (8, 9), 142, 101376, 65536)  # ~99 KB per block
+KEY = autotune.ProblemKey.make(H100, "bfloat16", 128, 128, 32760, 32760, 0.3)
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own cache folder and a clean in-process state."""
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.delenv(autotune.AUTOTUNE_ENV, raising=False)
+    autotune.TuneCache._memo.clear()
+    autotune.TuneCache._warned.clear()
+    autotune._session.clear()
+    yield tmp_path / "cache" / autotune.CACHE_FILE
+    autotune._session.clear()
+
+
+def fake_report(registers=128, static_smem=0):
+    def compiler(spec, arch):
+        return PtxasReport(spec.name, arch, "_Zfake", registers, 0, 0, 0, static_smem, 5000, "")
+
+    return compiler
+
+
+def fake_measure(table):
+    """Milliseconds by spec name; names missing from the table fail to measure."""
+    seen = []
+
+    def measure(specs):
+        seen.extend(specs)
+        return {s: autotune.Measurement(table.get(s.name), 1.0 if s.name in table else None,
+                                        "" if s.name in table else "boom") for s in specs}
+
+    measure.seen = seen
+    return measure
+
+
+def fake_result(key=KEY, winner=None, ms=1.0):
+    winner = winner or AttentionSpec(key.dtype, key.head_dim, key.slice_m, 32, 3)
+    default = autotune.heuristic_spec(key.dtype, key.head_dim, key.slice_m, key.arch)
+    cands = [autotune.Candidate(s, 100, s.smem_bytes, 0, m, 1.0, "ok") for s, m in ((default, 2 * ms), (winner, ms))]
+    return autotune.TuneResult(key, default, winner, True, cands, 0.5)
+
+
+# ---- keys and buckets ------------------------------------------------------------------------
+def test_buckets_and_key_id():
+    assert autotune.length_bucket(32_760) == 32_768
+    assert autotune.length_bucket(17_550) == 16_384
+    assert autotune.length_bucket(75_600) == 65_536
+    assert autotune.length_bucket(10) == 128
+    assert autotune.density_bucket(0.3) == 0.3
+    assert autotune.density_bucket(0.27) == 0.3
+    assert autotune.density_bucket(0.9) == 1.0
+    assert autotune.density_bucket(1e-5) == 0.01
+    assert KEY.id == "NVIDIA H100 80GB HBM3|sm_90|bfloat16|d128|m128|q32768|kv32768|p0.3"
+    other = autotune.ProblemKey.make(ADA, "bfloat16", 128, 128, 32760, 32760, 0.3)
+    assert other.id != KEY.id and other.arch == "sm_89"
+
+
+def test_density_estimate_reads_shapes_only():
+    full = SliceMask.full(1, 2, 300, 200, 64)
+    assert autotune.mask_density_estimate(full) == 1.0
+    topk = torch.stack([torch.randperm(200)[:50] for _ in range(2 * 5)]).reshape(1, 2, 5, 50)
+    assert autotune.mask_density_estimate(SliceMask.from_topk(topk, 64, 300, 200)) == pytest.approx(0.25)
+
+
+# ---- candidates and fit ----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype, head_dim, slice_m", [("bfloat16", 128, 128), ("float16", 64, 64), ("bfloat16", 64, 128)])
+def test_candidates_are_the_shipped_specs_of_the_key(dtype, head_dim, slice_m):
+    cands = autotune.candidate_specs(dtype, head_dim, slice_m)
+    shipped = [s for s in all_attention_specs() if (s.dtype, s.head_dim, s.slice_m) == (dtype, head_dim, slice_m)]
+    assert set(cands) == set(shipped) | {autotune.heuristic_spec(dtype, head_dim, slice_m)}
+    assert len(set(cands)) == len(cands)
+    assert len({s.key_tile for s in cands}) >= 2 and len({s.stages for s in cands}) == 2
+    assert autotune.heuristic_spec(dtype, head_dim, slice_m) in cands
+
+
+def test_hopper_candidates_add_the_wgmma_kernels_and_default_to_one():
+    from fgcupy.jit import Sm90AttentionSpec, all_sm90_specs
+
+    cands = autotune.candidate_specs("bfloat16", 128, 128, "sm_90")
+    wgmma = [s for s in all_sm90_specs() if (s.dtype, s.head_dim, s.slice_m) == ("bfloat16", 128, 128)]
+    assert wgmma and set(wgmma) <= set(cands)
+    default = autotune.heuristic_spec("bfloat16", 128, 128, "sm_90")
+    assert isinstance(default, Sm90AttentionSpec) and default in cands
+    assert not any(isinstance(s, Sm90AttentionSpec) for s in autotune.candidate_specs("bfloat16", 128, 128, "sm_80"))
+
+
+def test_fit_skips_what_does_not_compile_or_fit():
+    big = AttentionSpec("bfloat16", 128, 128, 128, 2)  # ~161 KB of shared memory
+    small = AttentionSpec("bfloat16", 128, 128, 32, 2)
+    assert autotune.check_fit(big, H100, fake_report()).reason is None
+    assert "smem" in autotune.check_fit(big, ADA, fake_report()).reason
+    assert autotune.check_fit(small, ADA, fake_report()).reason is None
+    # static shared memory counts on top of the dynamic part
+    assert "smem" in autotune.check_fit(small, ADA, fake_report(static_smem=40_000)).reason
+    # 200 registers x 256 threads > a 32 K register file per block (e.g. a Jetson-class part)
+    small_regs = autotune.DeviceInfo("small", (8, 7), 16, 166912, 32768)
+    assert "regs" in autotune.check_fit(small, small_regs, fake_report(registers=200)).reason
+    assert autotune.check_fit(small, small_regs, fake_report(registers=128)).reason is None
+
+    def broken(spec, arch):
+        raise KernelCompileError(spec, "sparse_attn.cu(12): error: expected a ';'")
+
+    fit = autotune.check_fit(small, H100, broken)
+    assert fit.reason.startswith("compile failed") and "expected a ';'" in fit.reason
+
+    def unreadable(spec, arch):
+        raise ValueError("cannot find 'Used (\\d+) registers'")
+
+    assert autotune.check_fit(small, H100, unreadable).reason.startswith("no ptxas report")
+
+
+def test_fit_without_nvrtc_bindings_judges_shared_memory_from_the_spec():
+    def missing(spec, arch):
+        raise ModuleNotFoundError("No module named 'cuda.bindings'")
+
+    big = AttentionSpec("bfloat16", 128, 128, 128, 2)
+    assert autotune.check_fit(big, H100, missing).reason is None
+    assert "smem" in autotune.check_fit(big, ADA, missing).reason
+    assert autotune.check_fit(big, H100, missing).registers is None
+
+
+def test_fit_uses_the_real_ptxas_report_for_the_device_arch():
+    pytest.importorskip("cuda.bindings.nvrtc")
+    default = autotune.heuristic_spec("bfloat16", 128, 128)  # the mma.sync kernel: any arch
+    fit = autotune.check_fit(default, H100)
+    assert fit.reason is None and 0 < fit.registers <= 255 and fit.spill_bytes == 0
+    seen = []
+
+    def spy(spec, arch):
+        seen.append(arch)
+        return autotune._cached_compile_report(spec, arch)
+
+    autotune.check_fit(default, ADA, spy)
+    assert seen == ["sm_89"]
+
+
+def test_tune_skips_unfit_candidates_before_measuring():
+    info = ADA
+    cands = autotune.candidate_specs("bfloat16", 128, 128, info.arch)
+    # every candidate "measures" fast, the too-large ones fastest: they must never be timed
+    table = {s.name: (0.5 if s.smem_bytes > info.smem_per_block_optin else 5.0) for s in cands}
+    measure = fake_measure(table)
+    result = autotune.tune(autotune.ProblemKey.make(info, "bfloat16", 128, 128, 4096, 4096, 1.0), info, measure,
+                           compiler=fake_report())
+    assert all(s.smem_bytes <= info.smem_per_block_optin for s in measure.seen)
+    assert result.winner.smem_bytes <= info.smem_per_block_optin
+    skipped = [c for c in result.candidates if c.status.startswith("skipped")]
+    assert skipped and all(c.ms is None for c in skipped)
+    assert "skipped: smem" in result.table()
+
+
+# ---- selection -------------------------------------------------------------------------------
+DEFAULT = autotune.heuristic_spec("bfloat16", 128, 128, KEY.arch)
+OTHER = AttentionSpec("bfloat16", 128, 128, 32, 3)
+THIRD = AttentionSpec("bfloat16", 128, 128, 128, 2)
+
+
+@pytest.mark.parametrize(
+    "timings, expected",
+    [
+        ({DEFAULT: 10.0, OTHER: 9.8, THIRD: 12.0}, DEFAULT),  # 2 % faster: noise, keep the default
+        ({DEFAULT: 10.0, OTHER: 9.71, THIRD: 12.0}, DEFAULT),  # just inside the 3 % margin
+        ({DEFAULT: 10.0, OTHER: 9.5, THIRD: 9.0}, THIRD),  # clear win: the fastest
+        ({DEFAULT: 10.0, OTHER: 11.0}, DEFAULT),
+        ({DEFAULT: None, OTHER: 11.0, THIRD: 12.0}, OTHER),  # default could not run: fastest
+        ({DEFAULT: float("nan"), OTHER: 11.0}, OTHER),
+        ({DEFAULT: None, OTHER: None}, None),
+    ],
+)
+def test_select_never_slower_than_default_beyond_noise(timings, expected):
+    assert autotune.select_winner(timings, DEFAULT) == expected
+
+
+def test_tune_with_fake_timer_picks_the_clear_winner_and_keeps_default_otherwise():
+    cands = autotune.candidate_specs("bfloat16", 128, 128, KEY.arch)
+    base = {s.name: 10.0 + i for i, s in enumerate(cands)}
+    base[DEFAULT.name] = 10.0
+    fast = dict(base, **{OTHER.name: 8.0})
+    result = autotune.tune(KEY, H100, fake_measure(fast), compiler=fake_report())
+    assert result.measured and result.winner == OTHER
+    assert result.speedup == pytest.approx(10.0 / 8.0)
+    noise = dict(base, **{OTHER.name: 9.9})
+    assert autotune.tune(KEY, H100, fake_measure(noise), compiler=fake_report()).winner == DEFAULT
+
+
+def test_tune_with_nothing_measurable_keeps_the_default_and_stores_nothing(isolated_cache):
+    result = autotune.tune(KEY, H100, fake_measure({}), compiler=fake_report())
+    assert not result.measured and result.winner == DEFAULT
+    assert all(c.status.startswith("failed") for c in result.candidates)
+    assert autotune.TuneCache().store([result])
+    assert not isolated_cache.exists()
+
+
+def test_progress_lines_while_tuning():
+    lines = []
+    autotune.tune(KEY, H100, fake_measure({DEFAULT.name: 1.0}), compiler=fake_report(), progress=lines.append)
+    assert lines[0].startswith(KEY.id) and "checking" in lines[0]
+    assert any("timing" in line for line in lines) and "winner" in lines[-1]
+
+
+# ---- cache file ------------------------------------------------------------------------------
+def test_cache_location_env(monkeypatch, tmp_path):
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "x"))
+    assert autotune.cache_path() == tmp_path / "x" / "autotune.json"
+    monkeypatch.delenv(autotune.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert autotune.cache_path() == tmp_path / "xdg" / "fgcupy" / "autotune.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert autotune.cache_path() == tmp_path / "home" / ".cache" / "fgcupy" / "autotune.json"
+
+
+def test_round_trip_and_header(isolated_cache):
+    result = fake_result()
+    assert autotune.TuneCache().store([result], H100)
+    data = json.loads(isolated_cache.read_text())
+    header = data["header"]
+    assert header["library"] == "fgcupy" and header["format"] == autotune.FORMAT
+    assert header["version"] == autotune.library_stamp()["version"]
+    assert header["kernel_hash"] == autotune.library_stamp()["kernel_hash"]
+    assert header["gpus"]["NVIDIA H100 80GB HBM3|sm_90"]["sm_count"] == 132
+    entry = data["entries"][KEY.id]
+    assert entry["spec_name"] == OTHER.name and entry["default_ms"] == 2.0 and entry["winner_ms"] == 1.0
+    assert [c["spec"] for c in entry["candidates"]] == [DEFAULT.name, OTHER.name]
+    autotune.TuneCache._memo.clear()
+    assert autotune.TuneCache().lookup(KEY) == OTHER
+    assert autotune.TuneCache().lookup(autotune.ProblemKey.make(ADA, "bfloat16", 128, 128, 32760, 32760, 0.3)) is None
+    assert not list(isolated_cache.parent.glob(".autotune-*.tmp")), "temporary file left behind"
+
+
+def test_a_second_process_reuses_the_file(isolated_cache):
+    from fgcupy.jit.source import source_hash
+
+    source_hash.cache_clear()  # stamp the file with the kernel sources the child will hash
+    autotune.TuneCache().store([fake_result()], H100)
+    code = (
+        "from fgcupy import autotune\n"
+        f"key = autotune.ProblemKey.make(autotune.DeviceInfo('NVIDIA H100 80GB HBM3', (9, 0), 132, 232448, 65536),"
+        " 'bfloat16', 128, 128, 32760, 32760, 0.3)\n"
+        "calls = []\n"
+        "spec = autotune.choose_spec(key, None, lambda k: calls.append(k))\n"
+        "print(spec.name, len(calls))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), FGCUPY_AUTOTUNE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [OTHER.name, "0"]  # found, and no tune ran
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"{\"header\": {\"library\": \"fgcupy\", \"form", "corrupt"),
+        (b"\x00\xff garbage", "corrupt"),
+        (b"[1, 2, 3]", "not an fgcupy autotune file"),
+        (json.dumps({"header": {"library": "someone-else", "format": 1}, "entries": {}}).encode(), "not an fgcupy"),
+        (json.dumps({"header": {"library": "fgcupy", "format": 99}, "entries": {}}).encode(), "not an fgcupy"),
+    ],
+)
+def test_corrupt_or_foreign_file_warns_then_a_fresh_tune_replaces_it(isolated_cache, content, message):
+    isolated_cache.parent.mkdir(parents=True)
+    isolated_cache.write_bytes(content)
+    with pytest.warns(autotune.AutotuneCacheWarning, match=message):
+        assert autotune.TuneCache().lookup(KEY) is None
+    with pytest.warns(autotune.AutotuneCacheWarning):
+        assert autotune.TuneCache().store([fake_result()], H100)
+    autotune.TuneCache._memo.clear()
+    assert autotune.TuneCache().lookup(KEY) == OTHER
+
+
+@pytest.mark.parametrize("field", ["version", "kernel_hash"])
+def test_other_version_or_kernels_is_stale(isolated_cache, monkeypatch, field):
+    current = autotune.library_stamp()
+    monkeypatch.setattr(autotune, "library_stamp", lambda: dict(current, **{field: "0.0.0-old"}))
+    autotune.TuneCache().store([fake_result()], H100)
+    monkeypatch.setattr(autotune, "library_stamp", lambda: current)
+    autotune.TuneCache._memo.clear()
+    with pytest.warns(autotune.AutotuneCacheWarning, match="0.0.0-old"):
+        assert autotune.TuneCache().lookup(KEY) is None
+    # a fresh tune for this version replaces the stale entries rather than mixing with them
+    other_key = autotune.ProblemKey.make(H100, "bfloat16", 128, 64, 32760, 32760, 1.0)
+    with pytest.warns(autotune.AutotuneCacheWarning):
+        autotune.TuneCache().store([fake_result(other_key, AttentionSpec("bfloat16", 128, 64, 32, 2))], H100)
+    data = json.loads(isolated_cache.read_text())
+    assert list(data["entries"]) == [other_key.id] and data["header"][field] == current[field]
+
+
+def test_unusable_entry_is_ignored_with_a_warning(isolated_cache):
+    autotune.TuneCache().store([fake_result()], H100)
+    data = json.loads(isolated_cache.read_text())
+    data["entries"][KEY.id]["spec"]["key_tile"] = 48
+    isolated_cache.write_text(json.dumps(data))
+    with pytest.warns(autotune.AutotuneCacheWarning, match="unusable entry"):
+        assert autotune.TuneCache().lookup(KEY) is None
+
+
+def test_unwritable_folder_warns_and_keeps_going(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(autotune.CACHE_ENV, str(blocker / "cache"))
+    with pytest.warns(autotune.AutotuneCacheWarning, match="cannot write"):
+        assert autotune.TuneCache().store([fake_result()], H100) is False
+    assert autotune.TuneCache().lookup(KEY) is None
+
+
+def _writer(path, worker, count):
+    """One process storing ``count`` distinct keys one at a time (read-merge-write each)."""
+    cache = autotune.TuneCache(path)
+    for i in range(count):
+        key = autotune.ProblemKey(f"GPU {worker}", "sm_90", "bfloat16", 128, 128, 1024 * (i + 1), 1024, 0.3)
+        cache.store([fake_result(key)], None)
+
+
+def test_concurrent_writers_lose_nothing(isolated_cache):
+    workers, count = 6, 8
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    procs = [ctx.Process(target=_writer, args=(str(isolated_cache), w, count)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    entries = json.loads(isolated_cache.read_text())["entries"]
+    assert len(entries) == workers * count
+    assert {e["key"]["gpu"] for e in entries.values()} == {f"GPU {w}" for w in range(workers)}
+
+
+# ---- the switch and the plan-time choice -----------------------------------------------------
+def test_default_mode_uses_cache_or_heuristic_and_never_tunes(isolated_cache):
+    calls = []
+    assert autotune.choose_spec(KEY, DEFAULT, calls.append) == DEFAULT
+    autotune._session.clear()
+    autotune.TuneCache().store([fake_result()], H100)
+    assert autotune.choose_spec(KEY, DEFAULT, calls.append) == OTHER
+    assert calls == []
+
+
+def test_autotune_on_tunes_once_and_stores(isolated_cache, monkeypatch):
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")
+    calls = []
+
+    def tune_fn(key):
+        calls.append(key)
+        return fake_result(key)
+
+    assert autotune.choose_spec(KEY, DEFAULT, tune_fn, gpu=H100) == OTHER
+    assert autotune.choose_spec(KEY, DEFAULT, tune_fn, gpu=H100) == OTHER
+    assert len(calls) == 1
+    autotune._session.clear()  # as a new process would: the file answers
+    assert autotune.choose_spec(KEY, DEFAULT, tune_fn, gpu=H100) == OTHER
+    assert len(calls) == 1
+    assert KEY.id in json.loads(isolated_cache.read_text())["entries"]
+
+
+def test_failed_tune_warns_and_falls_back(monkeypatch):
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")
+
+    def tune_fn(key):
+        raise RuntimeError("out of memory")
+
+    with pytest.warns(autotune.AutotuneCacheWarning, match="out of memory"):
+        assert autotune.choose_spec(KEY, DEFAULT, tune_fn) == DEFAULT
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("on", True), ("0", False), ("", False), ("no", False)])
+def test_switch_values(monkeypatch, value, expected):
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, value)
+    assert autotune.autotune_enabled() is expected
+
+
+def test_bad_switch_value_warns(monkeypatch):
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "sometimes")
+    with pytest.warns(autotune.AutotuneCacheWarning, match="sometimes"):
+        assert autotune.autotune_enabled() is False
+
+
+def test_plan_without_tile_arguments_still_checks_the_device():
+    """The autotune hook in plan leaves CPU masks to the existing device error."""
+    mask = SliceMask.full(1, 2, 100, 80, 64)
+    assert autotune.planned_spec(mask, 64, "float16") == autotune.heuristic_spec("float16", 64, 64)
+    with pytest.raises(ValueError, match="must be on a CUDA device"):
+        SparseAttention().plan(mask, head_dim=64, dtype=torch.float16)
+
+
+def test_plan_consults_the_tuner_only_without_tile_arguments(monkeypatch):
+    """The hook in SparseAttention.plan: no tile arguments -> planned_spec; any tile argument or
+    an explicit spec -> untouched (checked on CPU, where plan then stops at the device check)."""
+    calls = []
+
+    def spy(mask, head_dim, dtype):
+        calls.append((head_dim, dtype))
+        return autotune.heuristic_spec(dtype, head_dim, mask.slice_m)
+
+    monkeypatch.setattr(autotune, "planned_spec", spy)
+    mask = SliceMask.full(1, 2, 100, 80, 64)
+    for kwargs in ({}, {"key_tile": 32}, {"stages": 3}, {"rows_per_warp": 16},
+                   {"spec": AttentionSpec("float16", 64, 64, 32, 3)}):
+        with pytest.raises(ValueError, match="must be on a CUDA device"):
+            SparseAttention().plan(mask, head_dim=64, dtype=torch.float16, **kwargs)
+    assert calls == [(64, "float16")]
+
+
+def test_presets_match_the_benchmark_table():
+    from bench.presets import PRESETS
+
+    assert autotune.PRESETS == {name: p.shape for name, p in PRESETS.items()}
+
+
+def test_command_without_gpu_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert autotune.main(["--preset", "cogvideox5b"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+# ---- slice-size tuning -----------------------------------------------------------------------
+def local_qkv(seq=256, heads=2, d=32, seed=0):
+    """Each query attends almost only to its own key: a block of M queries needs its M keys,
+    so M=64 meets a tight target at a quarter of the keys and M=128 only at half."""
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, heads, seq, d, generator=gen)
+    q = 8 * k + 0.5 * torch.randn(1, heads, seq, d, generator=gen)
+    v = torch.randn(1, heads, seq, d, generator=gen)
+    return q, k, v
+
+
+def exact_predictor(calls):
+    """Top-k keys by the block's maximum softmax probability (an oracle for the real predictor)."""
+
+    def predict(q, k, *, slice_m, method, density):
+        calls.append((slice_m, method, density))
+        assert method == "topk"
+        probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+        b, h, s, kv = probs.shape
+        block_max = probs.reshape(b, h, s // slice_m, slice_m, kv).amax(dim=3)
+        keep = max(1, round(density * kv))
+        return SliceMask.from_topk(torch.topk(block_max, keep, dim=-1).indices, slice_m, s, kv)
+
+    return predict
+
+
+def reference_attend(q, k, v, mask):
+    return reference_attention(q, k, v, mask)[0]
+
+
+def fake_slice_timer(attention_cost):
+    """Scoring costs 1 ms; attention costs density x attention_cost[M] ms."""
+    labels = []
+
+    def timer(fn, label):
+        fn()
+        labels.append(label)
+        if label["stage"] == "scoring":
+            return 1.0
+        return label["density"] * attention_cost[label["slice_m"]]
+
+    timer.labels = labels
+    return timer
+
+
+@pytest.mark.parametrize("cost, expected_m", [({64: 10.0, 128: 10.0}, 64), ({64: 30.0, 128: 10.0}, 128)])
+def test_tune_slice_meets_target_at_least_time(cost, expected_m):
+    q, k, v = local_qkv()
+    calls = []
+    timer = fake_slice_timer(cost)
+    choice = autotune.tune_slice(q, k, v, 2e-2, predictor=exact_predictor(calls), attend=reference_attend,
+                                 timer=timer, heads=2)
+    assert choice.met_target and choice.rel_l2 <= 2e-2
+    assert choice.slice_m == expected_m
+    # grid then bisection land on the smallest passing density: exactly the block's own keys
+    assert choice.density == pytest.approx({64: 0.25, 128: 0.5}[expected_m])
+    assert choice.total_ms == pytest.approx(1.0 + choice.density * cost[expected_m])
+    # every timed configuration met the target; the choice is the cheapest of them
+    timed = {(lbl["slice_m"], lbl["density"]) for lbl in timer.labels}
+    assert len(timed) == 2
+    assert {m for m, _, _ in calls} == {64, 128}
+    assert all(t.rel_l2 > 2e-2 for t in choice.trials if t.slice_m == 64 and t.density < 0.24)
+    assert any(t.density < 0.25 for t in choice.trials if t.slice_m == 64)
+
+
+def test_tune_slice_samples_heads():
+    q, k, v = local_qkv(heads=4)
+    seen = []
+
+    def attend(q_, k_, v_, mask):
+        seen.append(q_.shape[1])
+        return reference_attend(q_, k_, v_, mask)
+
+    choice = autotune.tune_slice(q, k, v, 2e-2, predictor=exact_predictor([]), attend=attend,
+                                 timer=fake_slice_timer({64: 10.0, 128: 10.0}), heads=2)
+    assert set(seen) == {2}
+    assert (choice.heads_sampled, choice.heads_total) == (2, 4)
+    assert choice.estimated_full_ms == pytest.approx(2 * choice.total_ms)
+
+
+def test_tune_slice_unreachable_target_warns_and_returns_most_accurate():
+    q, k, v = local_qkv()
+    with pytest.warns(RuntimeWarning, match="no slice size meets"):
+        choice = autotune.tune_slice(q, k, v, 1e-12, predictor=exact_predictor([]), attend=reference_attend,
+                                     timer=fake_slice_timer({64: 10.0, 128: 10.0}), densities=(0.1, 0.5, 1.0))
+    assert not choice.met_target
+    assert choice.rel_l2 == min(t.rel_l2 for t in choice.trials)
+
+
+def test_tune_slice_rejects_bad_arguments():
+    q, k, v = local_qkv()
+    with pytest.raises(ValueError, match="target"):
+        autotune.tune_slice(q, k, v, 0.0, predictor=exact_predictor([]))
+    with pytest.raises(ValueError, match="densities"):
+        autotune.tune_slice(q, k, v, 0.1, predictor=exact_predictor([]), densities=(0.0, 0.5))
