@@ -28,12 +28,13 @@ def random_topk_mask(batch, heads, q_len, kv_len, slice_m, density, seed=0, devi
 
 
 def uneven_mask(batch, heads, q_len, kv_len, slice_m, low=0.01, high=1.0, seed=0, device="cuda"):
-    """Query blocks keep between ``low`` and ``high`` of the keys (random per block); the long
-    blocks are placed last in index order, the worst case for a launch in index order."""
+    """Query blocks keep between ``low`` and ``high`` of the keys, growing with the block's
+    position in (batch, head, block) order: the longest lists come last, the worst case for a
+    launch in index order."""
     gen = torch.Generator(device=device).manual_seed(seed)
     q_blocks = num_blocks(q_len, slice_m)
-    fraction = torch.linspace(low, high, q_blocks, device=device)
-    keep_prob = fraction.view(1, 1, q_blocks, 1).expand(batch, heads, q_blocks, 1)
+    fraction = torch.linspace(low, high, batch * heads * q_blocks, device=device)
+    keep_prob = fraction.view(batch, heads, q_blocks, 1)
     dense = torch.rand(batch, heads, q_blocks, kv_len, generator=gen, device=device) < keep_prob
     return SliceMask.from_dense(dense, slice_m, q_len)
 

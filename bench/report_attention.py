@@ -16,6 +16,7 @@ import torch
 from bench.cases import fgcupy_call, random_inputs, random_topk_mask, sdpa_call, uneven_mask
 from bench.presets import PRESETS
 from bench.timing import attention_tflops, cuda_time_ms
+from fgcupy.attention import default_spec
 from fgcupy.jit import AttentionSpec, Sm90AttentionSpec
 
 
@@ -23,16 +24,19 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--preset", default="wan14b-480p", choices=sorted(PRESETS))
     parser.add_argument("--densities", type=float, nargs="+", default=[1.0, 0.3])
-    parser.add_argument("--tiles", default="m128n64s2w8,m128n32s3w4,sm90-m128n64s2pv0,sm90-m128n64s2pv1,sm90-m128n128s2pv1",
+    parser.add_argument("--tiles", default="default,m128n32s3w4,sm90-m128n128s2pv1c1,sm90-m128n64s2pv1c2",
                         help="kernels, comma separated: m<slice>n<key tile>s<stages>w<warps> (mma.sync) or "
                              "sm90-m<slice>n<key tile>s<stages>pv<mode> (wgmma)")
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--heads", type=int, help="time this many heads of the preset (TFLOP/s is per-head "
+                        "independent; dense masks of hunyuan-720p exceed int32 offsets at full head count)")
     parser.add_argument("--uneven", action="store_true", help="also time a 1%%-100%% uneven-list mask")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
 
     preset = PRESETS[args.preset]
     batch, heads, seq, head_dim = preset.shape
+    heads = args.heads or heads
     q, k, v = random_inputs(batch, heads, seq, head_dim)
     rows = []
 
@@ -51,29 +55,37 @@ def main(argv=None):
 
     for density in args.densities:
         for tile in args.tiles.split(","):
-            spec = parse_tile(tile, head_dim)
-            mask = random_topk_mask(batch, heads, seq, seq, spec.slice_m, density)
+            spec = None if tile == "default" else parse_tile(tile, head_dim)
+            mask = random_topk_mask(batch, heads, seq, seq, spec.slice_m if spec else 128, density)
             started = time.perf_counter()
-            call = fgcupy_call(q, k, v, mask, spec=spec)
+            call = fgcupy_call(q, k, v, mask, **({"spec": spec} if spec else {}))
             call()
             torch.cuda.synchronize()
             first_s = time.perf_counter() - started
-            record(f"fgcupy {spec.name}", density, cuda_time_ms(call, reps=args.reps), first_call_s=first_s)
+            name = spec.name if spec else "default plan"
+            record(f"fgcupy {name}", density, cuda_time_ms(call, reps=args.reps), first_call_s=first_s)
             del mask, call
             torch.cuda.empty_cache()
 
     if args.uneven:
+        # Also for the mma.sync kernel, the default of GPUs other than Hopper.
+        mma_spec = default_spec("bfloat16", head_dim, 128)
         # Ideal time for the total work: the same number of kept keys spread evenly.
         mask = uneven_mask(batch, heads, seq, seq, 128)
         density = round(mask.density(), 3)
         for schedule in ("index", "longest_first"):
             record(f"fgcupy uneven 1-100% ({schedule})", density,
                    cuda_time_ms(fgcupy_call(q, k, v, mask, schedule=schedule), reps=args.reps))
+            record(f"fgcupy {mma_spec.name} uneven ({schedule})", density,
+                   cuda_time_ms(fgcupy_call(q, k, v, mask, schedule=schedule, spec=mma_spec), reps=args.reps))
         del mask
         even = random_topk_mask(batch, heads, seq, seq, 128, density)
         record("fgcupy even lists, same total work", density, cuda_time_ms(fgcupy_call(q, k, v, even), reps=args.reps))
+        record(f"fgcupy {mma_spec.name} even lists", density,
+               cuda_time_ms(fgcupy_call(q, k, v, even, spec=mma_spec), reps=args.reps))
 
-    header = f"{torch.cuda.get_device_name()} | torch {torch.__version__} | preset {preset.name} {preset.shape}"
+    header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | preset {preset.name} "
+              f"(B, H, S, D) = {(batch, heads, seq, head_dim)}")
     print("\n" + header)
     print("| method | density | ms | dense-equiv TFLOP/s | TFLOP/s on kept work |")
     print("|---|---|---|---|---|")

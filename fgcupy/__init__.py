@@ -9,11 +9,24 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionSpec",
+    "SequenceParallelAttention",
     "KernelCompileError",
     "SliceMask",
     "SparseAttention",
     "dense_attention",
     "reference_attention",
     "relative_l2",
+    "sequence_parallel_attention",
     "sparse_attention",
 ]
+
+_LAZY = {"SequenceParallelAttention": "distributed", "sequence_parallel_attention": "distributed"}
+
+
+def __getattr__(name):
+    """Sequence-parallel entry points load on first use (they pull in torch.distributed)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

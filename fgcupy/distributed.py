@@ -1,0 +1,592 @@
+"""Sequence-parallel (Ulysses) slice-sparse attention on torch.distributed.
+
+Each rank of a process group passes its contiguous shard of the sequence (rank order is sequence
+order) of q, k, v, as ``[B, H, S_r, D]`` (layout "HND") or ``[B, S_r, H, D]`` ("NHD"). An
+all-to-all turns sequence shards into head shards: rank j receives heads ``head_ranges(H, P)[j]``
+over the whole sequence, attends (fgcupy's kernel on CUDA, the float32 reference elsewhere) and a
+second all-to-all returns the output to sequence shards. Attention is per head, so every rank
+computes exactly what one process computes for those heads, and masks never travel.
+
+Strategies (chosen so no token and no head is ever padded or dropped):
+- Uneven sequence shards: shards may have any lengths (zero included); the exchange uses exact
+  split sizes (``all_to_all_single`` with split lists), so nothing is padded and no pad needs
+  masking. Lengths are gathered from the ranks on every call, or given as ``seq_lens``.
+- Heads the world size does not divide: uneven head groups, the first ``H % P`` ranks own one
+  head more (the slowest rank sets the pace: H=40 on P=3 runs like 14 heads on each). Ranks past
+  ``H`` (``H < P``) own no head and only relay tokens.
+- Masks are per head over the whole sequence (``q_len`` = total tokens). A rank passes the full
+  ``H``-head mask (it takes its own heads with ``slice_heads``), a mask of just its own heads, a
+  callable ``mask(q, k, heads) -> SliceMask`` (for example ``MaskPredictor``) called per head group
+  on the exchanged full-sequence q, k, or None for dense attention.
+- Overlap: ``head_groups=G`` splits each rank's heads into G groups and exchanges each group
+  separately; attention on group g runs while later groups are still being exchanged and group
+  g's output travels back while group g+1 is attended. Collectives are asynchronous: NCCL runs them
+  on its own stream, and the compute stream waits on each group's arrival only. G=1 exchanges
+  everything before attending. Whether G > 1 pays is measured by bench/bench_distributed.py.
+- Exchange: "all_to_all" (``all_to_all_single``, what NCCL uses) or "p2p" (``isend``/``irecv``,
+  batched on NCCL), for backends whose all-to-all is missing (gloo lacked it in some torch
+  releases). "auto" uses all-to-all on NCCL and probes other backends once per group.
+- Errors: before any data moves, ranks exchange a small header (shapes, dtype, head groups, mask
+  shape, an error flag), so an input that one rank rejects raises on every rank instead of leaving
+  the others blocked in a collective. Passing ``seq_lens`` skips that header (and its host sync):
+  then a mismatch between ranks is not detected and can block until the process-group timeout.
+  Likewise an error inside a mask callable (it runs after the exchange) raises on its rank only.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.distributed as dist
+
+from .layout import check_layout, to_bhsd
+from .mask import SliceMask
+
+COMPUTES = ("auto", "fgcupy", "reference")
+EXCHANGES = ("auto", "all_to_all", "p2p")
+DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is given
+
+_DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
+_HEADER = ("error", "batch", "heads", "head_dim", "q_len", "kv_len", "dtype", "head_groups", "attend",
+           "return_lse", "mask", "mask_batch", "mask_heads", "mask_q_len", "mask_kv_len")
+_PROBED: dict = {}  # (id(group), device type) -> (group, exchange method)
+
+
+# ---- partitions ----
+def shard_ranges(length: int, parts: int) -> list[range]:
+    """Contiguous near-equal pieces, the first ``length % parts`` one longer (torch.tensor_split's
+    rule): every rank computes every rank's piece without communicating."""
+    if not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"parts must be a positive int, got {parts!r}")
+    if not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be a non-negative int, got {length!r}")
+    base, extra = divmod(length, parts)
+    ranges, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        ranges.append(range(start, stop))
+        start = stop
+    return ranges
+
+
+def head_ranges(heads: int, world_size: int) -> list[range]:
+    """Heads owned by each rank: ``shard_ranges`` over heads (uneven when P does not divide H)."""
+    return shard_ranges(heads, world_size)
+
+
+def _group_ranges(owned: range, head_groups: int) -> list[range]:
+    return [range(owned.start + r.start, owned.start + r.stop) for r in shard_ranges(len(owned), head_groups)]
+
+
+# ---- masks ----
+def slice_heads(mask: SliceMask, heads: range) -> SliceMask:
+    """The mask of heads ``heads`` (a step-1 range) of ``mask``, with compact storage.
+
+    Masks whose rows are stored back to back (``from_topk``, ``from_dense``, ``full``) give a view
+    of their index buffer; any other storage order is gathered. Reads three scalars (one host
+    synchronisation), so call it when planning, not per step.
+    """
+    if not isinstance(mask, SliceMask):
+        raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
+    if not isinstance(heads, range) or heads.step != 1:
+        raise TypeError(f"heads must be a range with step 1, got {heads!r}")
+    if heads.start < 0 or heads.stop > mask.heads or heads.stop < heads.start:
+        raise ValueError(f"heads {heads} are outside the mask's {mask.heads} heads")
+    indptr = mask.indptr[:, heads.start:heads.stop]
+    batch, count, width = indptr.shape
+    q_blocks = width - 1
+    rows = batch * count * q_blocks
+    if rows == 0:
+        empty = torch.zeros(batch, count, width, dtype=torch.int32, device=mask.device)
+        return SliceMask(empty, mask.indices[:0], mask.slice_m, mask.q_len, mask.kv_len)
+    starts = indptr[..., :-1].reshape(-1).to(torch.int64)
+    ends = indptr[..., 1:].reshape(-1).to(torch.int64)
+    lengths = (ends - starts).clamp_min(0)
+    offsets = torch.zeros(rows + 1, dtype=torch.int64, device=mask.device)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    back_to_back = (ends >= starts).all()
+    if rows > 1:
+        back_to_back = back_to_back & (starts[1:] == ends[:-1]).all()
+    in_bounds = ((lengths == 0) | ((starts >= 0) & (ends <= mask.capacity))).all()
+    flag, inside, first, total = torch.stack(
+        [back_to_back.to(torch.int64), in_bounds.to(torch.int64), starts[0], offsets[-1]]).tolist()
+    if not inside:
+        raise ValueError(f"mask offsets of heads {heads} point outside its index buffer (capacity {mask.capacity})")
+    if total > torch.iinfo(torch.int32).max:
+        raise ValueError(f"heads {heads} keep {total} slices, more than int32 offsets can address")
+    if flag:
+        indices = mask.indices[first:first + total]
+    else:
+        row_of = torch.repeat_interleave(torch.arange(rows, device=mask.device), lengths, output_size=total)
+        positions = starts[row_of] + torch.arange(total, device=mask.device) - offsets[:-1][row_of]
+        indices = mask.indices[positions]
+    flat = offsets.to(torch.int32)
+    row_starts = flat[:-1].reshape(batch, count, q_blocks)
+    head_ends = flat[1:].reshape(batch, count, q_blocks)[..., -1:]
+    return SliceMask(torch.cat([row_starts, head_ends], dim=-1).contiguous(), indices, mask.slice_m,
+                     mask.q_len, mask.kv_len)
+
+
+class MaskPredictor:
+    """Per-rank mask prediction for the heads a rank owns: calls ``fgcupy.predict_mask`` on the
+    exchanged full-sequence q, k of each head group. Scoring is imported on first use, so
+    distributed attention works where the scoring module is absent."""
+
+    def __init__(self, slice_m: int = 128, **options):
+        self.slice_m = slice_m
+        self.options = options
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, heads: range) -> SliceMask:
+        scoring = importlib.import_module("fgcupy.scoring")
+        # Exchanged tensors are strided views of the receive buffer; scoring kernels may want rows.
+        return scoring.predict_mask(q.contiguous(), k.contiguous(), slice_m=self.slice_m, **self.options)
+
+    def __repr__(self):
+        options = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"MaskPredictor(slice_m={self.slice_m}{options})"
+
+
+# ---- exchange ----
+class _Pending:
+    """Works of one exchange plus the buffers they use (kept alive until ``wait``)."""
+
+    def __init__(self, works, buffers):
+        self.works, self.buffers = works, buffers
+
+    def wait(self):
+        for work in self.works:
+            work.wait()
+        self.works = []
+
+
+def _backend(group) -> str:
+    return str(dist.get_backend(group)).lower()
+
+
+def _uses_nccl(group, device: torch.device) -> bool:
+    backend = _backend(group)
+    if device.type != "cuda" or "nccl" not in backend:
+        return False
+    return "cuda:nccl" in backend or ":" not in backend
+
+
+def _header_device(group, device: torch.device) -> torch.device:
+    if _uses_nccl(group, device):
+        return device
+    if "nccl" in _backend(group) and "gloo" not in _backend(group):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _probe_all_to_all(group, device: torch.device) -> str:
+    """'all_to_all' if the backend runs an uneven ``all_to_all_single`` on ``device``, else 'p2p'.
+    Unsupported collectives raise at the call on every rank alike, so all ranks agree."""
+    group = group if group is not None else dist.group.WORLD
+    key = (id(group), device.type)
+    if key in _PROBED and _PROBED[key][0] is group:
+        return _PROBED[key][1]
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    send_counts = [j + 1 for j in range(world)]
+    send = torch.zeros(sum(send_counts), device=device)
+    recv = torch.empty((rank + 1) * world, device=device)
+    try:
+        dist.all_to_all_single(recv, send, [rank + 1] * world, send_counts, group=group)
+        method = "all_to_all"
+    except (RuntimeError, NotImplementedError, ValueError):
+        method = "p2p"
+    _PROBED[key] = (group, method)
+    return method
+
+
+# ---- the entry points ----
+class SequenceParallelAttention:
+    """Ulysses sequence-parallel slice-sparse attention for one process group.
+
+    >>> attn = SequenceParallelAttention(group, head_groups=2)
+    >>> out = attn(q_shard, k_shard, v_shard, mask)      # mask: full-H, own heads, callable or None
+
+    A static mask is sliced and planned once and reused while the same mask object comes back
+    (slicing synchronises; later calls with that mask do not, apart from the header exchange), so
+    a mask whose tensors were changed in place must come as a new ``SliceMask``. A mask callable
+    gets ``heads``, the range of global head indices of the group, and must return a mask of
+    those heads over the whole sequence.
+    """
+
+    def __init__(self, group=None, *, head_groups: int = 1, compute: str = "auto", exchange: str = "auto",
+                 key_tile: int | None = None):
+        if not isinstance(head_groups, int) or isinstance(head_groups, bool) or head_groups < 1:
+            raise ValueError(f"head_groups must be a positive int, got {head_groups!r}")
+        if compute not in COMPUTES:
+            raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+        self.group = group
+        self.head_groups = head_groups
+        self.compute = compute
+        self.exchange = exchange
+        self.key_tile = key_tile
+        self.plan_builds = 0  # how often masks were sliced and planned (tests check reuse)
+        self._static_key = None
+        self._static = None  # per head group: (mask, plan or None)
+        self._dynamic_plans: dict = {}
+
+    # ---- public ----
+    def __call__(self, q, k, v, mask=None, *, layout: str = "HND", scale: float | None = None,
+                 seq_lens=None, return_lse: bool = False):
+        """Attention of this rank's query shard over the whole sequence.
+
+        Returns ``out`` (q's shape, dtype and layout) and, with ``return_lse``, float32
+        ``lse [B, H, S_r]`` (natural log; -inf where a query block keeps no key).
+        ``seq_lens``: every rank's shard length (the same list on all ranks) to skip gathering
+        them; only for self-attention (k, v shards as long as q's).
+        """
+        return self._forward(q, k, v, mask, layout, scale, seq_lens, return_lse, attend=True)
+
+    def exchange_only(self, q, k, v, *, layout: str = "HND", seq_lens=None) -> None:
+        """Both exchanges without attention, pipelined as in a call: the communication cost alone
+        (benchmarks). Nothing is returned: the output would be uninitialised memory."""
+        self._forward(q, k, v, None, layout, None, seq_lens, False, attend=False)
+
+    @property
+    def world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    # ---- the call ----
+    def _forward(self, q, k, v, mask, layout, scale, seq_lens, return_lse, attend):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
+        world, rank = self.world_size, self.rank
+        if rank < 0:
+            raise ValueError("this process is not a member of the given process group")
+        problem = None
+        local = dict.fromkeys(_HEADER, 0)
+        local.update(attend=int(attend), return_lse=int(bool(return_lse)))
+        device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+        try:
+            qh, kh, vh, compute = self._check_local(q, k, v, layout, local, world, rank)
+            device = qh.device
+            mask_info = self._prepare_masks(mask, qh, compute, world, rank) if attend else None
+            if mask_info is not None:
+                local.update(mask=1, mask_batch=mask_info[0], mask_heads=mask_info[1], mask_q_len=mask_info[2],
+                             mask_kv_len=mask_info[3])
+            if seq_lens is not None:
+                seq_lens = self._check_seq_lens(seq_lens, world, rank, local)
+        except Exception as err:  # noqa: BLE001 - raised below, after the other ranks hear of it
+            problem = err
+        if seq_lens is None:
+            local["error"] = 1 if problem is not None else 0
+            headers = self._gather_headers(local, device)
+            if problem is not None:
+                raise problem
+            bad = [i for i, h in enumerate(headers) if h["error"]]
+            if bad:
+                raise ValueError(f"sequence-parallel attention stopped: rank(s) {bad} of the group rejected "
+                                 f"their inputs (their errors say why)")
+            q_lens, kv_lens = self._check_agreement(headers, world)
+        else:
+            if problem is not None:
+                raise problem
+            q_lens, kv_lens = seq_lens, seq_lens
+            if mask_info is not None:
+                local.update(q_len=q_lens[rank], kv_len=kv_lens[rank])
+                _check_mask_totals([local], q_lens, kv_lens)
+        method = self._exchange_method(device)
+        return self._pipeline(qh, kh, vh, q, layout, mask, compute, method, q_lens, kv_lens, scale,
+                              return_lse, attend, world, rank)
+
+    def _check_local(self, q, k, v, layout, local, world, rank):
+        check_layout(layout)
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        qh, kh, vh = (to_bhsd(t, layout) for t in (q, k, v))
+        if qh.dtype not in _DTYPE_CODES:
+            raise TypeError(f"q has dtype {qh.dtype}; expected one of {tuple(_DTYPE_CODES)}")
+        for name, t in (("k", kh), ("v", vh)):
+            if t.dtype != qh.dtype or t.device != qh.device:
+                raise ValueError(f"{name} is {t.dtype} on {t.device}, q is {qh.dtype} on {qh.device}")
+        batch, heads, q_len, head_dim = qh.shape
+        if kh.shape != vh.shape:
+            raise ValueError(f"k and v shapes differ: {tuple(kh.shape)} vs {tuple(vh.shape)} ([B, H, S, D])")
+        if (kh.shape[0], kh.shape[1], kh.shape[3]) != (batch, heads, head_dim):
+            raise ValueError(f"k has [B, H, S, D] shape {tuple(kh.shape)}; q's {tuple(qh.shape)} needs "
+                             f"B={batch}, H={heads}, D={head_dim}")
+        if qh.device.type != "cuda" and _backend(self.group) == "nccl":
+            raise ValueError(f"the group's backend is {_backend(self.group)!r}: q, k, v must be CUDA tensors, "
+                             f"got {qh.device}")
+        compute = self.compute
+        if compute == "auto":
+            compute = "fgcupy" if qh.device.type == "cuda" else "reference"
+        if compute == "fgcupy" and qh.device.type != "cuda":
+            raise ValueError(f"compute='fgcupy' needs CUDA tensors, got {qh.device}")
+        local.update(batch=batch, heads=heads, head_dim=head_dim, q_len=q_len, kv_len=kh.shape[2],
+                     dtype=_DTYPE_CODES[qh.dtype], head_groups=self.head_groups)
+        return qh, kh, vh, compute
+
+    def _check_seq_lens(self, seq_lens, world, rank, local):
+        seq_lens = [int(n) for n in seq_lens]
+        if len(seq_lens) != world or any(n < 0 for n in seq_lens):
+            raise ValueError(f"seq_lens must list {world} non-negative shard lengths (one per rank), got {seq_lens}")
+        if seq_lens[rank] != local["q_len"] or local["kv_len"] != local["q_len"]:
+            raise ValueError(
+                f"seq_lens[{rank}]={seq_lens[rank]}, but this rank's q shard has {local['q_len']} tokens and "
+                f"k/v {local['kv_len']} (seq_lens is for self-attention shards of equal length)")
+        return seq_lens
+
+    def _gather_headers(self, local, device):
+        values = torch.tensor([int(local[name]) for name in _HEADER], dtype=torch.int64)
+        values = values.to(_header_device(self.group, device))
+        gathered = [torch.empty_like(values) for _ in range(self.world_size)]
+        dist.all_gather(gathered, values, group=self.group)
+        rows = torch.stack(gathered).tolist()
+        return [dict(zip(_HEADER, row)) for row in rows]
+
+    def _check_agreement(self, headers, world):
+        """Checks every rank makes alike from the same headers, so all raise or none does."""
+        for name in ("batch", "heads", "head_dim", "dtype", "head_groups", "attend", "return_lse"):
+            values = [h[name] for h in headers]
+            if len(set(values)) > 1:
+                shown = values if name != "dtype" else [_dtype_of(c) for c in values]
+                raise ValueError(f"ranks disagree on {name.replace('_', ' ')}: {shown} (rank order)")
+        q_lens = [h["q_len"] for h in headers]
+        kv_lens = [h["kv_len"] for h in headers]
+        _check_mask_totals(headers, q_lens, kv_lens)
+        return q_lens, kv_lens
+
+    def _exchange_method(self, device):
+        if self.exchange != "auto":
+            return self.exchange
+        if _uses_nccl(self.group, device):
+            return "all_to_all"
+        return _probe_all_to_all(self.group, device)
+
+    # ---- masks and plans ----
+    def _prepare_masks(self, mask, qh, compute, world, rank):
+        """Slice and plan a static mask per head group (cached); returns (B, H, q_len, kv_len) of
+        the given mask for the cross-rank check, or None when the mask is not static."""
+        if mask is None or (callable(mask) and not isinstance(mask, SliceMask)):
+            return None
+        if not isinstance(mask, SliceMask):
+            raise TypeError(f"mask must be a fgcupy.SliceMask, a callable (q, k, heads) -> SliceMask or None, "
+                            f"got {type(mask).__name__}")
+        batch, heads, _, head_dim = qh.shape
+        owned = head_ranges(heads, world)[rank]
+        if mask.heads == heads:
+            first = owned.start
+        elif mask.heads == len(owned):
+            first = 0
+        else:
+            raise ValueError(f"mask has {mask.heads} heads; expected all {heads} heads or this rank's "
+                             f"{len(owned)} (heads {owned.start}..{owned.stop - 1})")
+        if mask.batch != batch:
+            raise ValueError(f"mask has batch {mask.batch}, q has {batch}")
+        key = (id(mask), heads, world, rank, self.head_groups, compute, qh.device, qh.dtype, head_dim, self.key_tile)
+        if self._static_key != key or self._static[0] is not mask:
+            per_group = []
+            for sub in _group_ranges(owned, self.head_groups):
+                local = range(sub.start - owned.start + first, sub.stop - owned.start + first)
+                part = slice_heads(mask, local)
+                per_group.append((part, self._plan(part, qh, compute) if len(sub) else None))
+            self._static = (mask, per_group)
+            self._static_key = key
+            self.plan_builds += 1
+        return mask.batch, mask.heads, mask.q_len, mask.kv_len
+
+    def _plan(self, mask, qh, compute, plan=None):
+        if compute != "fgcupy":
+            return None
+        from .attention import SparseAttention  # cupy only where the kernel runs
+
+        if mask.device != qh.device:
+            mask = mask.to(qh.device)
+        plan = SparseAttention() if plan is None else plan
+        return plan.plan(mask, head_dim=qh.shape[-1], dtype=qh.dtype, key_tile=self.key_tile)
+
+    def _group_mask(self, g, mask, qg, kg, heads, compute, q_total, kv_total):
+        if isinstance(mask, SliceMask):
+            return self._static[1][g]
+        if mask is None:  # all keys: one cached full mask per group and shape
+            shape = (tuple(qg.shape), kv_total, qg.device, qg.dtype, compute)
+            cached = self._dynamic_plans.get(("dense", g))
+            if cached is None or cached[0] != shape:
+                full = SliceMask.full(qg.shape[0], qg.shape[1], q_total, kv_total, DENSE_SLICE_M, device=qg.device)
+                cached = (shape, full, self._plan(full, qg, compute))
+                self._dynamic_plans[("dense", g)] = cached
+            return cached[1], cached[2]
+        part = mask(qg, kg, heads)
+        if not isinstance(part, SliceMask):
+            raise TypeError(f"the mask callable returned {type(part).__name__}, expected a fgcupy.SliceMask")
+        expected = (qg.shape[0], len(heads), q_total, kv_total)
+        if (part.batch, part.heads, part.q_len, part.kv_len) != expected:
+            raise ValueError(f"the mask callable returned a mask for (B, H, q_len, kv_len)="
+                             f"{(part.batch, part.heads, part.q_len, part.kv_len)}; heads {heads} need {expected}")
+        previous = self._dynamic_plans.get(("callable", g))
+        plan = self._plan(part, qg, compute, plan=previous[1] if previous else None)
+        self._dynamic_plans[("callable", g)] = (part, plan)
+        return part, plan
+
+    def _attend(self, compute, qg, kg, vg, mask, plan, out, lse, scale):
+        if compute == "fgcupy":
+            plan.run(qg, kg, vg, scale=scale, out=out, lse=lse)
+            return
+        from .reference import reference_attention
+
+        accumulate = torch.float64 if qg.dtype == torch.float64 else torch.float32
+        ref_out, ref_lse = reference_attention(qg, kg, vg, mask, scale=scale, dtype=accumulate)
+        out.copy_(ref_out)
+        if lse is not None:
+            lse.copy_(ref_lse)
+
+    # ---- exchange pipeline ----
+    def _pipeline(self, qh, kh, vh, q, layout, mask, compute, method, q_lens, kv_lens, scale, return_lse, attend,
+                  world, rank):
+        batch, heads, _, head_dim = qh.shape
+        owned = head_ranges(heads, world)
+        groups = [[_group_ranges(r, self.head_groups)[g] for r in owned] for g in range(self.head_groups)]
+        q_total, kv_total = sum(q_lens), sum(kv_lens)
+        if q_lens == kv_lens:
+            streams = [([qh, kh, vh], q_lens)]  # one message per group: tokens carry q, k, v together
+        else:
+            streams = [([qh], q_lens), ([kh, vh], kv_lens)]
+        tags = iter(range(1 << 20))
+        arrivals = []
+        for subs in groups:  # issue every inbound exchange first: group g arrives while g-1 computes
+            if not any(len(s) for s in subs):
+                arrivals.append(None)
+                continue
+            views, pendings = [], []
+            for tensors, lens in streams:
+                got, pending = self._send_heads(tensors, lens, subs, method, next(tags), world, rank)
+                views += got
+                pendings.append(pending)
+            arrivals.append((views, pendings))
+
+        out = torch.empty_like(q)
+        oh = to_bhsd(out, layout)
+        lse = torch.empty(batch, heads, qh.shape[2], dtype=torch.float32, device=qh.device) if return_lse else None
+        departures = []
+        for g, subs in enumerate(groups):
+            if arrivals[g] is None:
+                continue
+            views, pendings = arrivals[g]
+            for pending in pendings:
+                pending.wait()
+            mine = subs[rank]
+            out_grid = torch.empty(q_total, batch, len(mine), head_dim, dtype=qh.dtype, device=qh.device)
+            out_g = out_grid.permute(1, 2, 0, 3)
+            lse_g = None
+            if return_lse:
+                lse_g = torch.empty(batch, len(mine), q_total, dtype=torch.float32, device=qh.device)
+            if attend and len(mine):
+                qg, kg, vg = views
+                part, plan = self._group_mask(g, mask, qg, kg, mine, compute, q_total, kv_total)
+                self._attend(compute, qg, kg, vg, part, plan, out_g, lse_g, scale)
+            arrivals[g] = None  # the inputs of this group may be freed once its exchange is done
+            sent = [self._return_heads(out_grid, subs, q_lens, method, next(tags), world, rank)]
+            if lse_g is not None:
+                sent.append(self._return_heads(lse_g.permute(2, 0, 1).contiguous(), subs, q_lens, method,
+                                               next(tags), world, rank))
+            departures.append((subs, sent))
+        for subs, sent in departures:
+            for (pending, chunks), target in zip(sent, (oh, lse)):
+                pending.wait()
+                for sub, chunk in zip(subs, chunks):
+                    if len(sub) and chunk.numel():
+                        # chunk: [S_r, B, h, D] (output) or [S_r, B, h] (lse) -> [B, h, S_r(, D)]
+                        order = (1, 2, 0, 3) if chunk.dim() == 4 else (1, 2, 0)
+                        target[:, sub.start:sub.stop].copy_(chunk.permute(*order))
+        if not attend:
+            return None
+        return (out, lse) if return_lse else out
+
+    def _send_heads(self, tensors, lens, subs, method, tag, world, rank):
+        """Start the exchange of ``tensors`` (this rank's [B, H, S_r, D] shards) so rank j gets
+        heads ``subs[j]`` over all tokens; returns [B, h, S, D] views of the arriving buffer."""
+        first = tensors[0]
+        batch, _, _, head_dim = first.shape
+        width = len(tensors)
+        mine = len(subs[rank])
+        send_counts = [lens[rank] * batch * width * len(s) * head_dim for s in subs]
+        recv_counts = [n * batch * width * mine * head_dim for n in lens]
+        send = torch.empty(sum(send_counts), dtype=first.dtype, device=first.device)
+        offset = 0
+        for sub, count in zip(subs, send_counts):
+            if count:
+                chunk = send[offset:offset + count].view(lens[rank], batch, width, len(sub), head_dim)
+                for i, t in enumerate(tensors):
+                    chunk[:, :, i].copy_(t[:, sub.start:sub.stop].permute(2, 0, 1, 3))
+            offset += count
+        recv = torch.empty(sum(recv_counts), dtype=first.dtype, device=first.device)
+        pending = self._exchange(send, recv, send_counts, recv_counts, method, tag, world, rank)
+        # Tokens arrive in rank order, so the buffer is [S, B, width, h, D] with S in sequence order.
+        grid = recv.view(sum(lens), batch, width, mine, head_dim)
+        return [grid[:, :, i].permute(1, 2, 0, 3) for i in range(width)], pending
+
+    def _return_heads(self, grid, subs, q_lens, method, tag, world, rank):
+        """Start returning ``grid`` ([S, B, h, ...], this rank's heads over all tokens) to the ranks
+        owning the tokens; returns the pending exchange and per-rank [S_r, B, h_j, ...] chunks."""
+        tail = tuple(grid.shape[3:])
+        batch, mine = grid.shape[1], grid.shape[2]
+        inner = 1
+        for n in tail:
+            inner *= n
+        send_counts = [n * batch * mine * inner for n in q_lens]
+        recv_counts = [q_lens[rank] * batch * len(s) * inner for s in subs]
+        recv = torch.empty(sum(recv_counts), dtype=grid.dtype, device=grid.device)
+        pending = self._exchange(grid.reshape(-1), recv, send_counts, recv_counts, method, tag, world, rank)
+        chunks = [c.view(q_lens[rank], batch, len(s), *tail) for c, s in zip(recv.split(recv_counts), subs)]
+        return pending, chunks
+
+    def _exchange(self, send, recv, send_counts, recv_counts, method, tag, world, rank):
+        if method == "all_to_all":
+            work = dist.all_to_all_single(recv, send, recv_counts, send_counts, group=self.group, async_op=True)
+            return _Pending([work], (send, recv))
+        sends, recvs = send.split(send_counts), recv.split(recv_counts)
+        if send_counts[rank]:
+            recvs[rank].copy_(sends[rank])
+        ops = []
+        for peer in range(world):
+            if peer == rank:
+                continue
+            global_peer = peer if self.group is None else dist.get_global_rank(self.group, peer)
+            if send_counts[peer]:
+                ops.append(dist.P2POp(dist.isend, sends[peer], global_peer, self.group, tag))
+            if recv_counts[peer]:
+                ops.append(dist.P2POp(dist.irecv, recvs[peer], global_peer, self.group, tag))
+        if not ops:
+            return _Pending([], (send, recv))
+        if _uses_nccl(self.group, send.device):
+            works = dist.batch_isend_irecv(ops)  # NCCL: one group call, or paired sends deadlock
+        else:
+            works = [op.op(op.tensor, op.peer, op.group, op.tag) for op in ops]
+        return _Pending(works, (send, recv))
+
+
+def _dtype_of(code):
+    return next((dtype for dtype, c in _DTYPE_CODES.items() if c == code), code)
+
+
+def _check_mask_totals(headers, q_lens, kv_lens):
+    q_total, kv_total = sum(q_lens), sum(kv_lens)
+    for i, h in enumerate(headers):
+        if not h["mask"]:
+            continue  # no static mask on that rank
+        if (h["mask_q_len"], h["mask_kv_len"]) != (q_total, kv_total):
+            who = f"rank {i}'s" if len(headers) > 1 else "the"
+            raise ValueError(
+                f"{who} mask is for q_len={h['mask_q_len']}, kv_len={h['mask_kv_len']}; the shards add up to "
+                f"q_len={q_total}, kv_len={kv_total} (masks use positions in the whole sequence)")
+
+
+def sequence_parallel_attention(q, k, v, mask=None, *, group=None, layout: str = "HND", scale: float | None = None,
+                                seq_lens=None, head_groups: int = 1, compute: str = "auto", exchange: str = "auto",
+                                return_lse: bool = False):
+    """One-shot ``SequenceParallelAttention(group, ...)(q, k, v, mask, ...)``. Keep an object
+    instead when the same mask serves several calls (its slices and plans are reused)."""
+    attention = SequenceParallelAttention(group, head_groups=head_groups, compute=compute, exchange=exchange)
+    return attention(q, k, v, mask, layout=layout, scale=scale, seq_lens=seq_lens, return_lse=return_lse)
