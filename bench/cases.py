@@ -7,6 +7,7 @@ import torch
 
 from fgcupy import SliceMask, SparseAttention
 from fgcupy.mask import num_blocks
+from fgcupy.mask import random_topk_mask as mask_random_topk
 
 
 def random_inputs(batch, heads, seq, head_dim, dtype=torch.bfloat16, seed=0, device="cuda"):
@@ -15,16 +16,9 @@ def random_inputs(batch, heads, seq, head_dim, dtype=torch.bfloat16, seed=0, dev
 
 
 def random_topk_mask(batch, heads, q_len, kv_len, slice_m, density, seed=0, device="cuda"):
-    """Each query block keeps round(density * kv_len) keys drawn uniformly (no host sync)."""
-    if density >= 1.0:
-        return SliceMask.full(batch, heads, q_len, kv_len, slice_m, device=device)
+    """``fgcupy.mask.random_topk_mask`` with a seeded generator on ``device`` (no host sync)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    k = max(1, round(density * kv_len))
-    q_blocks = num_blocks(q_len, slice_m)
-    scores = torch.rand(batch, heads, q_blocks, kv_len, generator=gen, device=device)
-    topk = torch.topk(scores, k, dim=-1, sorted=False).indices
-    del scores
-    return SliceMask.from_topk(topk, slice_m, q_len, kv_len)
+    return mask_random_topk(batch, heads, q_len, kv_len, slice_m, density, device, gen)
 
 
 def uneven_mask(batch, heads, q_len, kv_len, slice_m, low=0.01, high=1.0, seed=0, device="cuda"):

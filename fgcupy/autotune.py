@@ -49,7 +49,8 @@ import torch
 
 from .jit import AttentionSpec, KernelCompileError, Sm90AttentionSpec, all_attention_specs, all_sm90_specs
 from .jit.spec import SLICE_SIZES
-from .mask import SliceMask, num_blocks
+from .timing import cuda_time_ms
+from .mask import SliceMask, num_blocks, random_topk_mask
 
 CACHE_ENV = "FGCUPY_CACHE_DIR"
 AUTOTUNE_ENV = "FGCUPY_AUTOTUNE"
@@ -387,17 +388,6 @@ def sample_heads(total_heads: int, q_blocks: int, sm_count: int, waves: int = SA
     return max(1, min(total_heads, math.ceil(waves * sm_count / max(q_blocks, 1))))
 
 
-def random_topk_mask(heads: int, q_len: int, kv_len: int, slice_m: int, density: float, device,
-                     generator: torch.Generator | None = None) -> SliceMask:
-    """Each query block keeps round(density * kv_len) distinct keys drawn uniformly."""
-    if density >= 1.0:
-        return SliceMask.full(1, heads, q_len, kv_len, slice_m, device=device)
-    keep = max(1, round(density * kv_len))
-    scores = torch.rand(1, heads, num_blocks(q_len, slice_m), kv_len, generator=generator, device=device)
-    topk = torch.topk(scores, keep, dim=-1, sorted=False).indices
-    return SliceMask.from_topk(topk, slice_m, q_len, kv_len)
-
-
 class EventMeasure:
     """Times specs on random q/k/v and a random top-k mask of the key's shape (``plan(spec=)``).
 
@@ -429,7 +419,7 @@ class EventMeasure:
             gen = torch.Generator(device=device).manual_seed(self.seed)
             q, k, v = (torch.randn(1, self.heads, n, key.head_dim, generator=gen, device=device, dtype=dtype)
                        for n in (self.q_len, self.kv_len, self.kv_len))
-            mask = random_topk_mask(self.heads, self.q_len, self.kv_len, key.slice_m, self.density, device, gen)
+            mask = random_topk_mask(1, self.heads, self.q_len, self.kv_len, key.slice_m, self.density, device, gen)
             keys_per_row = mask.capacity // max(1, mask.heads * mask.q_blocks)
             flops = 4.0 * self.heads * self.q_len * keys_per_row * key.head_dim
             head0 = SliceMask(mask.indptr[:, :1].contiguous(), mask.indices, key.slice_m, self.q_len, self.kv_len)
@@ -763,18 +753,7 @@ class SliceChoice:
 
 def _event_timer(fn, label=None, warmup: int = 2, reps: int = 7) -> float:
     """Median CUDA-event milliseconds of ``fn`` on torch's current stream."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+    return cuda_time_ms(fn, warmup=warmup, reps=reps)["median_ms"]
 
 
 def _kernel_attend(q, k, v, mask):

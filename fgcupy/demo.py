@@ -9,35 +9,14 @@ small case instead.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 
 from .bridge import cupy_available
-from .mask import SliceMask, num_blocks
+from .mask import SliceMask, random_topk_mask
 from .reference import dense_attention, reference_attention, relative_l2
-
-
-def _random_topk_mask(batch, heads, q_len, kv_len, slice_m, density, device, seed=0):
-    gen = torch.Generator(device=device).manual_seed(seed)
-    scores = torch.rand(batch, heads, num_blocks(q_len, slice_m), kv_len, generator=gen, device=device)
-    keep = max(1, round(density * kv_len))
-    return SliceMask.from_topk(torch.topk(scores, keep, dim=-1, sorted=False).indices, slice_m, q_len, kv_len)
-
-
-def _median_ms(fn, reps=10):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return statistics.median(times)
+from .timing import cuda_time_ms
 
 
 def run_gpu(heads: int, seq: int, density: float) -> None:
@@ -46,15 +25,15 @@ def run_gpu(heads: int, seq: int, density: float) -> None:
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, heads, seq, 128, generator=gen, device=device, dtype=torch.bfloat16) for _ in range(3))
-    mask = _random_topk_mask(1, heads, seq, seq, 128, density, device)
+    mask = random_topk_mask(1, heads, seq, seq, 128, density, device, torch.Generator(device=device).manual_seed(1))
     plan = SparseAttention().plan(mask, head_dim=128, dtype=torch.bfloat16)
     out = plan.run(q, k, v)
     # Exactness on two heads against the float32 reference.
     sub = SliceMask(mask.indptr[:, :2], mask.indices, mask.slice_m, mask.q_len, mask.kv_len)
     ref, _ = reference_attention(q[:, :2], k[:, :2], v[:, :2], sub)
     err = relative_l2(out[:, :2].float(), ref)
-    sparse_ms = _median_ms(lambda: plan.run(q, k, v, out=out))
-    dense_ms = _median_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    sparse_ms = cuda_time_ms(lambda: plan.run(q, k, v, out=out))["median_ms"]
+    dense_ms = cuda_time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v))["median_ms"]
     print(f"GPU: {torch.cuda.get_device_name()}")
     print(f"problem: 1 x {heads} heads x {seq} tokens x 128, bf16; mask density {mask.density():.3f} (slice 128x1)")
     print(f"relative L2 error vs float32 reference (2 heads): {err:.2e}")
@@ -66,7 +45,7 @@ def run_cpu() -> None:
     print("Running the float32 reference path on a small case instead.")
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 512, 64, generator=gen) for _ in range(3))
-    mask = _random_topk_mask(1, 2, 512, 512, 64, 0.3, "cpu")
+    mask = random_topk_mask(1, 2, 512, 512, 64, 0.3, "cpu", torch.Generator().manual_seed(1))
     out, _ = reference_attention(q, k, v, mask)
     err = relative_l2(out, dense_attention(q, k, v))
     print(f"reference slice-sparse attention, 1 x 2 heads x 512 tokens, density {mask.density():.2f}: "

@@ -269,6 +269,19 @@ class SliceMask:
         return cls.from_dense(dense, slice_m, q_len)
 
 
+def random_topk_mask(batch: int, heads: int, q_len: int, kv_len: int, slice_m: int, density: float,
+                     device=None, generator: torch.Generator | None = None) -> SliceMask:
+    """Each query block keeps round(density * kv_len) distinct keys drawn uniformly (at least
+    one); density >= 1 keeps all. For benchmarks and tuning: random keys carry no structure."""
+    if density >= 1.0:
+        return SliceMask.full(batch, heads, q_len, kv_len, slice_m, device=device)
+    keep = max(1, round(density * kv_len))
+    scores = torch.rand(batch, heads, num_blocks(q_len, slice_m), kv_len, generator=generator, device=device)
+    topk = torch.topk(scores, keep, dim=-1, sorted=False).indices
+    del scores
+    return SliceMask.from_topk(topk, slice_m, q_len, kv_len)
+
+
 def _rows_to_indptr(flat: torch.Tensor, batch: int, heads: int, q_blocks: int) -> torch.Tensor:
     """Flat row offsets [R + 1] -> [B, H, QB + 1]: each (b, h) ends where the next begins."""
     starts = flat[:-1].reshape(batch, heads, q_blocks)

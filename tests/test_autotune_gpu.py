@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fgcupy import SliceMask, SparseAttention, autotune, dense_attention, reference_attention, relative_l2
+from fgcupy.mask import random_topk_mask
 
 pytestmark = pytest.mark.gpu
 DEVICE = torch.device("cuda")
@@ -45,7 +46,7 @@ def test_small_real_tune_completes_with_a_valid_winner():
     assert autotune.TuneCache().store([result], info)
     autotune.TuneCache._memo.clear()
     autotune._session.clear()
-    mask = autotune.random_topk_mask(2, 4096, 4096, 64, 0.3, DEVICE)
+    mask = random_topk_mask(1, 2, 4096, 4096, 64, 0.3, DEVICE)
     plan = SparseAttention().plan(mask, head_dim=64, dtype=torch.float16)
     assert plan.spec == result.winner
     q, k, v = (torch.randn(1, 2, 4096, 64, device=DEVICE, dtype=torch.float16) for _ in range(3))
@@ -63,7 +64,7 @@ def test_first_use_tuning_through_plan(isolated_cache, monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(autotune, "tune_on_device", counting)
-    mask = autotune.random_topk_mask(3, 2000, 3000, 128, 1.0, DEVICE)
+    mask = random_topk_mask(1, 3, 2000, 3000, 128, 1.0, DEVICE)
     plan = SparseAttention().plan(mask, head_dim=128, dtype=torch.bfloat16)
     assert len(calls) == 1
     (entry,) = json.loads(isolated_cache.read_text())["entries"].values()
