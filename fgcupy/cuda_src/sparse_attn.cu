@@ -7,7 +7,7 @@
 // MT x 16 query rows: with MT = 2 every K/V fragment read from shared memory feeds two mmas,
 // which halves shared-memory traffic per flop at the price of registers. Invalid entries (tail of the last tile, or an index outside [0, kv_len)) are
 // zero-filled and masked with -inf, so a corrupt mask never reads outside K or V.
-#include "common.cuh"
+#include "attn_common.cuh"
 
 namespace fg {
 
@@ -47,18 +47,10 @@ sparse_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
   const int lane = tid & 31;
   const int warp = tid >> 5;
 
-  // Work item: longest lists first (order comes from the plan).
-  const int item = order[blockIdx.x];
-  const int qb = item % q_blocks;
-  const int bh = item / q_blocks;
-  const int b = bh / heads;
-  const int h = bh - b * heads;
-
-  int start = indptr[bh * (q_blocks + 1) + qb];
-  int end = indptr[bh * (q_blocks + 1) + qb + 1];
-  start = min(max(start, 0), capacity);
-  end = min(max(end, start), capacity);
+  const WorkItem w = work_item(order, indptr, heads, q_blocks, capacity);
+  const int b = w.b, h = w.h, bh = w.bh, qb = w.qb, start = w.start, end = w.end;
   const int ntiles = (end - start + N - 1) / N;
+  const u32 sBias_u32 = smem_u32(sBias);
 
   const u16* q_base = q + b * q_sb + h * q_sh;
   const u16* k_base = k + b * k_sb + h * k_sh;
@@ -98,7 +90,7 @@ sparse_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
       const int off = stage * S::kTileElems + swz<D>(r, my_chunk);
       cp_async16(smem_u32(sK + off), k_base + row * k_ss + my_chunk * 8, valid);
       cp_async16(smem_u32(sV + off), v_base + row * v_ss + my_chunk * 8, valid);
-      if (my_chunk == 0) sBias[stage * N + r] = valid ? 0.f : FG_NEG_INF;
+      if (my_chunk == 0) st_shared_f32(sBias_u32 + 4 * (stage * N + r), valid ? 0.f : FG_NEG_INF);
     }
   };
 
@@ -180,50 +172,11 @@ sparse_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
     }
 
     // ---- online softmax (base 2, scale folded in) ----
-    const float* bias = sBias + stage * N;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      float tile_max[2] = {FG_NEG_INF, FG_NEG_INF};
-#pragma unroll
-      for (int nt = 0; nt < N / 8; ++nt) {
-        const int col = nt * 8 + (lane & 3) * 2;
-        const float b0 = bias[col], b1 = bias[col + 1];
-        float* s = acc_s[mt][nt];
-        s[0] = fmaf(s[0], scale_log2, b0);
-        s[1] = fmaf(s[1], scale_log2, b1);
-        s[2] = fmaf(s[2], scale_log2, b0);
-        s[3] = fmaf(s[3], scale_log2, b1);
-        tile_max[0] = fmaxf(tile_max[0], fmaxf(s[0], s[1]));
-        tile_max[1] = fmaxf(tile_max[1], fmaxf(s[2], s[3]));
-      }
-      float alpha[2], base[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const float new_max = fmaxf(row_max[mt][i], quad_max(tile_max[i]));
-        base[i] = new_max == FG_NEG_INF ? 0.f : new_max;  // all-masked row: keep exp2 finite
-        alpha[i] = fast_exp2(row_max[mt][i] - base[i]);
-        row_max[mt][i] = new_max;
-      }
-      float tile_sum[2] = {0.f, 0.f};
-#pragma unroll
-      for (int nt = 0; nt < N / 8; ++nt) {
-        float* s = acc_s[mt][nt];
-        s[0] = fast_exp2(s[0] - base[0]);
-        s[1] = fast_exp2(s[1] - base[0]);
-        s[2] = fast_exp2(s[2] - base[1]);
-        s[3] = fast_exp2(s[3] - base[1]);
-        tile_sum[0] += s[0] + s[1];
-        tile_sum[1] += s[2] + s[3];
-      }
-      row_sum[mt][0] = row_sum[mt][0] * alpha[0] + tile_sum[0];
-      row_sum[mt][1] = row_sum[mt][1] * alpha[1] + tile_sum[1];
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        acc_o[mt][dt][0] *= alpha[0];
-        acc_o[mt][dt][1] *= alpha[0];
-        acc_o[mt][dt][2] *= alpha[1];
-        acc_o[mt][dt][3] *= alpha[1];
-      }
+      float alpha[2];
+      softmax_tile<N>(&acc_s[mt][0][0], sBias_u32 + 4 * (stage * N + (lane & 3) * 2), scale_log2, row_max[mt], row_sum[mt], alpha);
+      rescale_rows<D>(&acc_o[mt][0][0], alpha);
     }
 
     // ---- O += P V ----
@@ -231,12 +184,7 @@ sparse_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
     for (int j = 0; j < N / 16; ++j) {
       u32 a[MT][4];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        a[mt][0] = T::pack(acc_s[mt][2 * j][0], acc_s[mt][2 * j][1]);
-        a[mt][1] = T::pack(acc_s[mt][2 * j][2], acc_s[mt][2 * j][3]);
-        a[mt][2] = T::pack(acc_s[mt][2 * j + 1][0], acc_s[mt][2 * j + 1][1]);
-        a[mt][3] = T::pack(acc_s[mt][2 * j + 1][2], acc_s[mt][2 * j + 1][3]);
-      }
+      for (int mt = 0; mt < MT; ++mt) pack_p<T>(a[mt], &acc_s[mt][0][0], j);
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         u32 bv[4];
@@ -259,11 +207,7 @@ sparse_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     float inv[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      row_sum[mt][i] = quad_sum(row_sum[mt][i]);
-      inv[i] = row_sum[mt][i] > 0.f ? 1.f / row_sum[mt][i] : 0.f;
-    }
+    finish_rows(row_sum[mt], inv);
     const int r0 = wrow + mt * 16 + g, r1 = r0 + 8;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
@@ -276,10 +220,7 @@ sparse_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
         const int row = q_row0 + r0 + i * 8;
-        if (row < q_len) {
-          lse[static_cast<i64>(bh) * q_len + row] =
-              row_sum[mt][i] > 0.f ? (row_max[mt][i] + __log2f(row_sum[mt][i])) * FG_LN2 : FG_NEG_INF;
-        }
+        if (row < q_len) lse[static_cast<i64>(bh) * q_len + row] = row_lse(row_max[mt][i], row_sum[mt][i]);
       }
     }
   }

@@ -11,7 +11,7 @@
 // Shared-memory tiles use the 128-byte-swizzle layout wgmma expects: a tile of R rows and D
 // columns is stored as D/64 column halves of [R][128 B]; 16-byte chunk c of row r lives at
 // half c/8, line r, chunk (c % 8) ^ (r % 8). Every half starts on a 1024-byte boundary.
-#include "common.cuh"
+#include "attn_common.cuh"
 #include "wgmma.cuh"
 
 namespace fg {
@@ -78,16 +78,8 @@ sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const
   const int warp = tid >> 5;
   const int wg = warp >> 2;
 
-  const int item = order[blockIdx.x];
-  const int qb = item % q_blocks;
-  const int bh = item / q_blocks;
-  const int b = bh / heads;
-  const int h = bh - b * heads;
-
-  int start = indptr[bh * (q_blocks + 1) + qb];
-  int end = indptr[bh * (q_blocks + 1) + qb + 1];
-  start = min(max(start, 0), capacity);
-  end = min(max(end, start), capacity);
+  const WorkItem w = work_item(order, indptr, heads, q_blocks, capacity);
+  const int b = w.b, h = w.h, bh = w.bh, qb = w.qb, start = w.start, end = w.end;
   const int ntiles = (end - start + N - 1) / N;
 
   const u16* q_base = q + b * q_sb + h * q_sh;
@@ -183,57 +175,16 @@ sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const
     wgmma_wait<0>();
 
     // ---- online softmax (base 2, scale folded in); rows g and g + 8 of this warp ----
-    const u32 bias = sBias_u32 + 4 * (stage * N + (lane & 3) * 2);
-    float tile_max[2] = {FG_NEG_INF, FG_NEG_INF};
-#pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt) {
-      const float b0 = ld_shared_f32(bias + nt * 32), b1 = ld_shared_f32(bias + nt * 32 + 4);
-      float* s = acc_s + nt * 4;
-      s[0] = fmaf(s[0], scale_log2, b0);
-      s[1] = fmaf(s[1], scale_log2, b1);
-      s[2] = fmaf(s[2], scale_log2, b0);
-      s[3] = fmaf(s[3], scale_log2, b1);
-      tile_max[0] = fmaxf(tile_max[0], fmaxf(s[0], s[1]));
-      tile_max[1] = fmaxf(tile_max[1], fmaxf(s[2], s[3]));
-    }
-    float alpha[2], base[2];
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float new_max = fmaxf(row_max[i], quad_max(tile_max[i]));
-      base[i] = new_max == FG_NEG_INF ? 0.f : new_max;
-      alpha[i] = fast_exp2(row_max[i] - base[i]);
-      row_max[i] = new_max;
-    }
-    float tile_sum[2] = {0.f, 0.f};
-#pragma unroll
-    for (int nt = 0; nt < N / 8; ++nt) {
-      float* s = acc_s + nt * 4;
-      s[0] = fast_exp2(s[0] - base[0]);
-      s[1] = fast_exp2(s[1] - base[0]);
-      s[2] = fast_exp2(s[2] - base[1]);
-      s[3] = fast_exp2(s[3] - base[1]);
-      tile_sum[0] += s[0] + s[1];
-      tile_sum[1] += s[2] + s[3];
-    }
-    row_sum[0] = row_sum[0] * alpha[0] + tile_sum[0];
-    row_sum[1] = row_sum[1] * alpha[1] + tile_sum[1];
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      acc_o[dt * 4 + 0] *= alpha[0];
-      acc_o[dt * 4 + 1] *= alpha[0];
-      acc_o[dt * 4 + 2] *= alpha[1];
-      acc_o[dt * 4 + 3] *= alpha[1];
-    }
+    float alpha[2];
+    softmax_tile<N>(acc_s, sBias_u32 + 4 * (stage * N + (lane & 3) * 2), scale_log2, row_max, row_sum, alpha);
+    rescale_rows<D>(acc_o, alpha);
 
     // ---- O += P V ----
     if constexpr (PV == 0) {
 #pragma unroll
       for (int j = 0; j < N / 16; ++j) {
         u32 a[4];
-        a[0] = T::pack(acc_s[(2 * j) * 4 + 0], acc_s[(2 * j) * 4 + 1]);
-        a[1] = T::pack(acc_s[(2 * j) * 4 + 2], acc_s[(2 * j) * 4 + 3]);
-        a[2] = T::pack(acc_s[(2 * j + 1) * 4 + 0], acc_s[(2 * j + 1) * 4 + 1]);
-        a[3] = T::pack(acc_s[(2 * j + 1) * 4 + 2], acc_s[(2 * j + 1) * 4 + 3]);
+        pack_p<T>(a, acc_s, j);
 #pragma unroll
         for (int dp = 0; dp < D / 16; ++dp) {
           u32 bv[4];
@@ -251,12 +202,7 @@ sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const
       // group would make ptxas serialise them.
       u32 a[N / 16][4];
 #pragma unroll
-      for (int j = 0; j < N / 16; ++j) {
-        a[j][0] = T::pack(acc_s[(2 * j) * 4 + 0], acc_s[(2 * j) * 4 + 1]);
-        a[j][1] = T::pack(acc_s[(2 * j) * 4 + 2], acc_s[(2 * j) * 4 + 3]);
-        a[j][2] = T::pack(acc_s[(2 * j + 1) * 4 + 0], acc_s[(2 * j + 1) * 4 + 1]);
-        a[j][3] = T::pack(acc_s[(2 * j + 1) * 4 + 2], acc_s[(2 * j + 1) * 4 + 3]);
-      }
+      for (int j = 0; j < N / 16; ++j) pack_p<T>(a[j], acc_s, j);
       wgmma_fence();
 #pragma unroll
       for (int j = 0; j < N / 16; ++j) {
@@ -276,11 +222,7 @@ sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const
   const int g = lane >> 2;
   const int tig = lane & 3;
   float inv[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    row_sum[i] = quad_sum(row_sum[i]);
-    inv[i] = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
-  }
+  finish_rows(row_sum, inv);
   const int r0 = warp * 16 + g, r1 = r0 + 8;
 #pragma unroll
   for (int dt = 0; dt < D / 8; ++dt) {
@@ -293,10 +235,7 @@ sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int row = q_row0 + r0 + i * 8;
-      if (row < q_len) {
-        lse[static_cast<i64>(bh) * q_len + row] =
-            row_sum[i] > 0.f ? (row_max[i] + __log2f(row_sum[i])) * FG_LN2 : FG_NEG_INF;
-      }
+      if (row < q_len) lse[static_cast<i64>(bh) * q_len + row] = row_lse(row_max[i], row_sum[i]);
     }
   }
   __syncthreads();

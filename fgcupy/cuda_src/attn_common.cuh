@@ -1,0 +1,112 @@
+// Pieces both attention kernels share: the work item of a CTA, the online-softmax update of
+// one warp's 16-row accumulator fragments, and the per-row finish (1 / sum and LSE).
+//
+// Fragment layout (mma.m16n8 C fragments, and wgmma accumulators per warp): for each 8-column
+// tile nt a thread holds s[nt*4 + 0..1] at row g = lane / 4, columns nt*8 + 2*(lane % 4) + 0..1,
+// and s[nt*4 + 2..3] at row g + 8, same columns.
+#pragma once
+#include "common.cuh"
+
+namespace fg {
+
+// The query block a CTA computes and the clamped range of its key list. Blocks come in the
+// plan's order (longest list first); offsets outside [0, capacity] are clamped so a corrupt
+// mask can never make the kernel read outside `indices`.
+struct WorkItem {
+  int b, h, bh, qb, start, end;
+};
+
+__device__ __forceinline__ WorkItem work_item(const int* __restrict__ order, const int* __restrict__ indptr,
+                                              int heads, int q_blocks, int capacity) {
+  WorkItem w;
+  const int item = order[blockIdx.x];
+  w.qb = item % q_blocks;
+  w.bh = item / q_blocks;
+  w.b = w.bh / heads;
+  w.h = w.bh - w.b * heads;
+  const int start = indptr[w.bh * (q_blocks + 1) + w.qb];
+  const int end = indptr[w.bh * (q_blocks + 1) + w.qb + 1];
+  w.start = min(max(start, 0), capacity);
+  w.end = min(max(end, w.start), capacity);
+  return w;
+}
+
+// One key tile of online softmax (base 2, scale folded in) for the two rows this thread holds.
+// `s` holds N/2 raw scores; on return it holds exp2(score * scale - running max). `my_bias` is
+// the shared address of the bias of this thread's first column, 8 * (lane % 4) bytes into the
+// tile's N per-key biases (0 or -inf for masked keys). Returns in `alpha` the factor by which
+// the output accumulators of each row must be rescaled.
+template <int N>
+__device__ __forceinline__ void softmax_tile(float* s, u32 my_bias, float scale_log2, float row_max[2],
+                                             float row_sum[2], float alpha[2]) {
+  float tile_max[2] = {FG_NEG_INF, FG_NEG_INF};
+#pragma unroll
+  for (int nt = 0; nt < N / 8; ++nt) {
+    const float b0 = ld_shared_f32(my_bias + nt * 32), b1 = ld_shared_f32(my_bias + nt * 32 + 4);
+    float* x = s + nt * 4;
+    x[0] = fmaf(x[0], scale_log2, b0);
+    x[1] = fmaf(x[1], scale_log2, b1);
+    x[2] = fmaf(x[2], scale_log2, b0);
+    x[3] = fmaf(x[3], scale_log2, b1);
+    tile_max[0] = fmaxf(tile_max[0], fmaxf(x[0], x[1]));
+    tile_max[1] = fmaxf(tile_max[1], fmaxf(x[2], x[3]));
+  }
+  float base[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float new_max = fmaxf(row_max[i], quad_max(tile_max[i]));
+    base[i] = new_max == FG_NEG_INF ? 0.f : new_max;  // all-masked row: keep exp2 finite
+    alpha[i] = fast_exp2(row_max[i] - base[i]);
+    row_max[i] = new_max;
+  }
+  float tile_sum[2] = {0.f, 0.f};
+#pragma unroll
+  for (int nt = 0; nt < N / 8; ++nt) {
+    float* x = s + nt * 4;
+    x[0] = fast_exp2(x[0] - base[0]);
+    x[1] = fast_exp2(x[1] - base[0]);
+    x[2] = fast_exp2(x[2] - base[1]);
+    x[3] = fast_exp2(x[3] - base[1]);
+    tile_sum[0] += x[0] + x[1];
+    tile_sum[1] += x[2] + x[3];
+  }
+  row_sum[0] = row_sum[0] * alpha[0] + tile_sum[0];
+  row_sum[1] = row_sum[1] * alpha[1] + tile_sum[1];
+}
+
+// Rescale a 16-row output fragment of D columns (D/2 floats per thread) by the rows' alphas.
+template <int D>
+__device__ __forceinline__ void rescale_rows(float* acc, const float alpha[2]) {
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    acc[dt * 4 + 0] *= alpha[0];
+    acc[dt * 4 + 1] *= alpha[0];
+    acc[dt * 4 + 2] *= alpha[1];
+    acc[dt * 4 + 3] *= alpha[1];
+  }
+}
+
+// P as the A operand of a 16-key step j (mma.m16n8k16 A-fragment layout).
+template <class T>
+__device__ __forceinline__ void pack_p(u32 a[4], const float* s, int j) {
+  a[0] = T::pack(s[(2 * j) * 4 + 0], s[(2 * j) * 4 + 1]);
+  a[1] = T::pack(s[(2 * j) * 4 + 2], s[(2 * j) * 4 + 3]);
+  a[2] = T::pack(s[(2 * j + 1) * 4 + 0], s[(2 * j + 1) * 4 + 1]);
+  a[3] = T::pack(s[(2 * j + 1) * 4 + 2], s[(2 * j + 1) * 4 + 3]);
+}
+
+// Finish the two rows: full row sums over the quad and 1 / sum (0 for an empty row).
+__device__ __forceinline__ void finish_rows(float row_sum[2], float inv[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    row_sum[i] = quad_sum(row_sum[i]);
+    inv[i] = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
+  }
+}
+
+// Natural-log LSE of a finished row (-inf for an empty row).
+__device__ __forceinline__ float row_lse(float row_max, float row_sum) {
+  return row_sum > 0.f ? (row_max + __log2f(row_sum)) * FG_LN2 : FG_NEG_INF;
+}
+
+}  // namespace fg
