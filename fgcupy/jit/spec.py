@@ -23,9 +23,52 @@ _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 MAX_SMEM_BYTES_SM80 = 163 * 1024
 
 
+class _AttentionKernelSpec:
+    """What both attention specs derive the same way from their template arguments: the readable
+    name, the C++ name expression, the launch width and the dynamic shared memory."""
+
+    # Subclasses set: source, template, name_prefix, arch, extra_options, _smem_slack.
+    _smem_slack = 0
+
+    def _template_args(self) -> tuple:
+        raise NotImplementedError
+
+    def _name_suffix(self) -> str:
+        raise NotImplementedError
+
+    def _check_common(self, key_tiles) -> None:
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("head_dim", self.head_dim, HEAD_DIMS)
+        _check_choice("slice_m", self.slice_m, SLICE_SIZES)
+        _check_choice("key_tile", self.key_tile, key_tiles)
+        _check_choice("stages", self.stages, STAGES)
+
+    @property
+    def name(self) -> str:
+        return (
+            f"{self.name_prefix}_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}_m{self.slice_m}"
+            f"_n{self.key_tile}_s{self.stages}_{self._name_suffix()}"
+        )
+
+    @property
+    def name_expression(self) -> str:
+        args = ", ".join(str(a) for a in (self.head_dim, self.slice_m, self.key_tile, self.stages, *self._template_args()))
+        return f"{self.template}<{_CPP_DTYPE[self.dtype]}, {args}>"
+
+    @property
+    def threads(self) -> int:
+        return self.warps * 32
+
+    @property
+    def smem_bytes(self) -> int:
+        """Q tile, K and V stages (2-byte elements), one float bias per key per stage."""
+        tile = self.key_tile * self.head_dim
+        return (self.slice_m * self.head_dim + 2 * self.stages * tile) * 2 + self.stages * self.key_tile * 4 + self._smem_slack
+
+
 @dataclass(frozen=True)
-class AttentionSpec:
-    """Template arguments of ``fg::sparse_attn_fwd``."""
+class AttentionSpec(_AttentionKernelSpec):
+    """Template arguments of ``fg::sparse_attn_fwd`` (mma.sync; any sm_80+ GPU)."""
 
     dtype: str = "bfloat16"
     head_dim: int = 128
@@ -36,15 +79,12 @@ class AttentionSpec:
 
     source = "sparse_attn.cu"
     template = "fg::sparse_attn_fwd"
+    name_prefix = "sparse_attn_fwd"
     arch = None  # any sm_80+ target
     extra_options = ()
 
     def __post_init__(self):
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("head_dim", self.head_dim, HEAD_DIMS)
-        _check_choice("slice_m", self.slice_m, SLICE_SIZES)
-        _check_choice("key_tile", self.key_tile, KEY_TILES)
-        _check_choice("stages", self.stages, STAGES)
+        self._check_common(KEY_TILES)
         _check_choice("rows_per_warp", self.rows_per_warp, ROWS_PER_WARP)
         if self.rows_per_warp == 32 and (self.key_tile * self.head_dim > 4096 or self.threads < 128):
             # Two m-tiles per warp double the accumulators: past this ptxas spills (see tests).
@@ -59,36 +99,19 @@ class AttentionSpec:
                 f"for slice_m={self.slice_m}, head_dim={self.head_dim}"
             )
 
-    @property
-    def name(self) -> str:
-        return (
-            f"sparse_attn_fwd_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}_m{self.slice_m}"
-            f"_n{self.key_tile}_s{self.stages}_w{self.warps}"
-        )
+    def _template_args(self) -> tuple:
+        return (self.rows_per_warp // 16,)
 
-    @property
-    def name_expression(self) -> str:
-        return (
-            f"{self.template}<{_CPP_DTYPE[self.dtype]}, {self.head_dim}, {self.slice_m}, "
-            f"{self.key_tile}, {self.stages}, {self.rows_per_warp // 16}>"
-        )
+    def _name_suffix(self) -> str:
+        return f"w{self.warps}"
 
     @property
     def warps(self) -> int:
         return self.slice_m // self.rows_per_warp
 
-    @property
-    def threads(self) -> int:
-        return self.warps * 32
-
-    @property
-    def smem_bytes(self) -> int:
-        tile = self.key_tile * self.head_dim
-        return (self.slice_m * self.head_dim + 2 * self.stages * tile) * 2 + self.stages * self.key_tile * 4
-
 
 @dataclass(frozen=True)
-class Sm90AttentionSpec:
+class Sm90AttentionSpec(_AttentionKernelSpec):
     """Template arguments of ``fg::sparse_attn_fwd_sm90`` (wgmma; needs an sm_90a target).
 
     ``pv`` picks how O += P V runs: 0 = mma.sync with ldmatrix.trans, 1 = wgmma reading V as
@@ -105,16 +128,14 @@ class Sm90AttentionSpec:
 
     source = "sparse_attn_sm90.cu"
     template = "fg::sparse_attn_fwd_sm90"
+    name_prefix = "sparse_attn_fwd_sm90"
     arch = "sm_90a"
     extra_options = ("-arch=sm_90a",)
     rows_per_warp = 16
+    _smem_slack = 1024  # the kernel aligns its tiles to 1024 bytes (128-byte swizzle atoms)
 
     def __post_init__(self):
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("head_dim", self.head_dim, HEAD_DIMS)
-        _check_choice("slice_m", self.slice_m, SLICE_SIZES)
-        _check_choice("key_tile", self.key_tile, (64, 128))
-        _check_choice("stages", self.stages, STAGES)
+        self._check_common((64, 128))
         _check_choice("pv", self.pv, (0, 1))
         _check_choice("ctas_per_sm", self.ctas_per_sm, (1, 2))
         if self.ctas_per_sm == 2 and (
@@ -128,32 +149,15 @@ class Sm90AttentionSpec:
                 f"key_tile={self.key_tile}, pv={self.pv}"
             )
 
-    @property
-    def name(self) -> str:
-        return (
-            f"sparse_attn_fwd_sm90_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}_m{self.slice_m}"
-            f"_n{self.key_tile}_s{self.stages}_pv{self.pv}_c{self.ctas_per_sm}"
-        )
+    def _template_args(self) -> tuple:
+        return (self.pv, self.ctas_per_sm)
 
-    @property
-    def name_expression(self) -> str:
-        return (
-            f"{self.template}<{_CPP_DTYPE[self.dtype]}, {self.head_dim}, {self.slice_m}, "
-            f"{self.key_tile}, {self.stages}, {self.pv}, {self.ctas_per_sm}>"
-        )
+    def _name_suffix(self) -> str:
+        return f"pv{self.pv}_c{self.ctas_per_sm}"
 
     @property
     def warps(self) -> int:
         return self.slice_m // 16
-
-    @property
-    def threads(self) -> int:
-        return self.warps * 32
-
-    @property
-    def smem_bytes(self) -> int:
-        tile = self.key_tile * self.head_dim
-        return (self.slice_m * self.head_dim + 2 * self.stages * tile) * 2 + self.stages * self.key_tile * 4 + 1024
 
 
 def all_attention_specs() -> list[AttentionSpec]:
