@@ -8,6 +8,7 @@ fgcupy orders correctly with the model around it (and inside CUDA graph capture)
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -48,8 +49,12 @@ def torch_stream(device: torch.device):
     import cupy
 
     stream = torch.cuda.current_stream(device)
+    with warnings.catch_warnings():
+        # cupy 14 prefers Stream.from_external; ExternalStream keeps working with cupy 13 too.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        external = cupy.cuda.ExternalStream(stream.cuda_stream, device.index)
     with cupy.cuda.Device(device.index):
-        with cupy.cuda.ExternalStream(stream.cuda_stream, device.index):
+        with external:
             yield
 
 
