@@ -32,7 +32,7 @@ def test_small_real_tune_completes_with_a_valid_winner():
     lines = []
     result = autotune.tune_on_device(key, DEVICE, 4096, 4096, 4, progress=lines.append)
     assert result.measured, result.table()
-    assert result.winner in autotune.candidate_specs("float16", 64, 64)
+    assert result.winner in autotune.candidate_specs("float16", 64, 64, info.arch)
     by_spec = {c.spec: c for c in result.candidates}
     assert by_spec[result.default].status == "ok", result.table()
     assert by_spec[result.winner].status == "ok" and by_spec[result.winner].ms > 0
