@@ -35,10 +35,14 @@ def default_config(head_dim: int, slice_m: int) -> dict:
 
 def default_spec(dtype: str, head_dim: int, slice_m: int, arch: str | None = None):
     """The kernel used when nothing is tuned. On Hopper (``arch`` "sm_90"): the wgmma kernel with
-    64-key tiles, two stages and two CTAs per SM; elsewhere the mma.sync kernel of
-    ``default_config``."""
+    64-key tiles; two CTAs per SM for 128-wide heads and 128-query slices, one CTA (three stages
+    for 64-wide heads) otherwise, the winners of the H100 tuning tables in notes/results.
+    Elsewhere the mma.sync kernel of ``default_config``."""
     if arch == "sm_90":
-        return Sm90AttentionSpec(dtype, head_dim, slice_m, key_tile=64, stages=2, pv=1, ctas_per_sm=2)
+        if head_dim == 128 and slice_m == 128:
+            return Sm90AttentionSpec(dtype, head_dim, slice_m, key_tile=64, stages=2, pv=1, ctas_per_sm=2)
+        stages = 3 if head_dim == 64 and slice_m == 128 else 2
+        return Sm90AttentionSpec(dtype, head_dim, slice_m, key_tile=64, stages=stages, pv=1, ctas_per_sm=1)
     return AttentionSpec(dtype, head_dim, slice_m, **default_config(head_dim, slice_m))
 
 
