@@ -1,9 +1,12 @@
 """fgcupy: fine-grained (M x 1 slice) sparse attention for video diffusion transformers."""
 
+from . import workloads
 from .attention import SparseAttention, sparse_attention
+from .cache import MaskCache, mask_drift
 from .jit import AttentionSpec, KernelCompileError
 from .mask import SliceMask
 from .reference import dense_attention, reference_attention, relative_l2
+from .scoring import predict_mask
 
 __version__ = "0.1.0"
 
@@ -11,13 +14,17 @@ __all__ = [
     "AttentionSpec",
     "SequenceParallelAttention",
     "KernelCompileError",
+    "MaskCache",
     "SliceMask",
     "SparseAttention",
     "dense_attention",
+    "mask_drift",
+    "predict_mask",
     "reference_attention",
     "relative_l2",
     "sequence_parallel_attention",
     "sparse_attention",
+    "workloads",
 ]
 
 _LAZY = {"SequenceParallelAttention": "distributed", "sequence_parallel_attention": "distributed"}

@@ -1,0 +1,257 @@
+"""Mask prediction on video-like attention: quality, cost and drift (one GPU, about 2-3 minutes).
+
+    PYTHONPATH=. python -m bench.report_masks --json masks.json
+
+1. Quality, per workload pattern (fgcupy.workloads: spatial, temporal, mixed) at the preset's
+   size: density vs relative L2 error (and cosine) of the attention output against dense float32
+   attention (fgcupy.reference), for mean-query top-k, mean-query tau, sub-block pooling (16
+   queries, max and union), exact column-max, and a 128x128 block mask chosen from pooled
+   block scores at the top-k densities. Errors are measured on a per-head subsample
+   (--quality-heads, default every fifth head: all head styles of the mixed pattern); masks are
+   exactly the ones the full problem would get for those heads.
+2. Cost on the full problem (all heads, mixed pattern): predict_mask per method, and the
+   scoring / selection stages of top-k, as CUDA-event medians beside SDPA (cuDNN, flash) in
+   the same run.
+3. Drift: q and k evolve slowly (--drift radians of content noise per step); the step-0 mask
+   against a fresh one at later steps (fraction of kept slices that changed), and the error of
+   reusing the old mask vs predicting anew.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import traceback
+
+import torch
+
+from bench.cases import sdpa_call
+from bench.timing import cuda_time_ms
+from fgcupy import SliceMask, mask_drift, mask_kernels, predict_mask, scoring
+from fgcupy import mask_reference as ref
+from fgcupy.reference import dense_attention, reference_attention, relative_l2
+from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
+
+
+def dense_lse(q, k, scale, budget_bytes=4 << 30):
+    """float32 [B, H, S] natural-log LSE of dense attention (what a dense step's kernel returns),
+    in row chunks whose float32 scores stay within ``budget_bytes``."""
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    rows = max(16, budget_bytes // (q.shape[0] * q.shape[1] * k.shape[2] * 4))
+    kf = k.float()
+    for r0 in range(0, q.shape[2], rows):
+        lse[:, :, r0 : r0 + rows] = torch.logsumexp(torch.matmul(q[:, :, r0 : r0 + rows].float(), kf.transpose(-1, -2)) * scale, -1)
+    return lse
+
+
+def block_mask(q, k, density, block=128):
+    """A 128x128 block mask from pooled block scores: each query block keeps its best-scoring
+    key blocks, round(density x key blocks) of them, as a SliceMask (slice_m = block)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    qb, kb = ref.pool_queries(q, block), ref.pool_queries(k, block)
+    scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale
+    keep = max(1, min(kb.shape[2], round(density * kb.shape[2])))
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(keep, dim=-1).indices, True)
+    dense = chosen.repeat_interleave(block, dim=-1)[..., : k.shape[2]]
+    return SliceMask.from_dense(dense, block, q.shape[2])
+
+
+class Quality:
+    """Errors of masks against dense float32 attention on one (subsampled) problem."""
+
+    def __init__(self, q, k, v):
+        self.q, self.k, self.v = q, k, v
+        self.dense = dense_attention(q, k, v)
+        self.lse = dense_lse(q, k, 1.0 / math.sqrt(q.shape[-1]))
+
+    def error(self, mask):
+        out, _ = reference_attention(self.q, self.k, self.v, mask, rows_per_chunk=2048)
+        cos = torch.nn.functional.cosine_similarity(out.flatten(2).double(), self.dense.flatten(2).double(), dim=-1)
+        return relative_l2(out, self.dense), float(cos.mean())
+
+
+def quality_rows(pattern, args, shape, heads, device):
+    q, k, v = video_qkv(shape, pattern, head_ids=heads, seed=args.seed, device=device)
+    qual = Quality(q, k, v)
+    seq = shape.seq
+    variants = [("topk", f"d={d}", dict(method="topk", density=d)) for d in args.densities]
+    variants += [("tau", f"tau={t}", dict(method="tau", tau=t)) for t in args.taus]
+    variants += [("topk-sub16-max", f"d={d}", dict(method="topk", density=d, pool=16, combine="max"))
+                 for d in args.densities]
+    variants += [("topk-sub16-union", f"k/8, d={d}", dict(method="topk", top_k=max(1, round(d * seq / 8)), pool=16,
+                                                          combine="union")) for d in args.densities]
+    variants += [("colmax", f"thr={c}/S", dict(method="colmax", threshold=c / seq, lse=qual.lse))
+                 for c in args.colmax_scales]
+    rows = []
+    for method, param, kw in variants:
+        rows.append(_measure(pattern, method, param, lambda kw=kw: predict_mask(q, k, 128, **kw), qual))
+    for d in args.densities:
+        rows.append(_measure(pattern, "block128", f"d={d}", lambda d=d: block_mask(q, k, d), qual))
+    return rows
+
+
+def _measure(pattern, method, param, make, qual):
+    try:
+        mask = make()
+        err, cos = qual.error(mask)
+        row = dict(pattern=pattern, method=method, param=param, density=mask.density(), rel_l2=err, cosine=cos)
+        print(f"  {pattern:9s} {method:17s} {param:14s} density {row['density']:.4f}  rel L2 {err:.4f}  cos {cos:.5f}",
+              flush=True)
+    except Exception as err:  # noqa: BLE001 - report and go on with the other variants
+        traceback.print_exc()
+        row = dict(pattern=pattern, method=method, param=param, error=repr(err))
+    return row
+
+
+def timing_rows(args, shape, device):
+    q, k, v = video_qkv(shape, "mixed", seed=args.seed, device=device)
+    scale = 1.0 / math.sqrt(shape.head_dim)
+    rows = []
+
+    def record(what, fn, **extra):
+        try:
+            ms = cuda_time_ms(fn, warmup=2, reps=args.reps)
+            rows.append(dict(what=what, ms=ms["median_ms"], min_ms=ms["min_ms"], **extra))
+            print(f"  {what:44s} {ms['median_ms']:9.3f} ms (min {ms['min_ms']:.3f})", flush=True)
+        except Exception as err:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append(dict(what=what, error=repr(err)))
+
+    for backend in ("cudnn", "flash"):
+        record(f"sdpa-{backend} dense", sdpa_call(q, k, v, backend))
+    lse = dense_lse(q, k, scale)
+    for label, kw in (
+        ("predict topk d=0.1", dict(method="topk", density=0.1)),
+        ("predict topk d=0.1 local=128", dict(method="topk", density=0.1, local=128)),
+        ("predict threshold p>=1e-4", dict(method="threshold", threshold=1e-4)),
+        ("predict tau=0.9 (one host sync)", dict(method="tau", tau=0.9)),
+        ("predict tau=0.9 max_keys=S/2 (no sync)", dict(method="tau", tau=0.9, max_keys=shape.seq // 2)),
+        ("predict topk d=0.1 sub16 max", dict(method="topk", density=0.1, pool=16, combine="max")),
+        ("predict topk sub16 union", dict(method="topk", top_k=round(0.1 * shape.seq / 8), pool=16, combine="union")),
+        ("predict colmax thr=0.5/S", dict(method="colmax", lse=lse)),
+    ):
+        record(label, lambda kw=kw: predict_mask(q, k, 128, **kw))
+    # Stages of mean-query top-k: pooling (torch), scoring kernel, selection kernel.
+    req = scoring.make_request(shape.head_dim, shape.seq, 128, "topk", density=0.1)
+    pooled = ref.pool_queries(q, 128).to(q.dtype).contiguous()
+    record("  stage: pool queries (torch)", lambda: ref.pool_queries(q, 128).to(q.dtype))
+    record("  stage: score kernel (logits + lse)", lambda: mask_kernels.gpu_scores("logits", pooled, k, req.scale))
+    vals, row_lse = mask_kernels.gpu_scores("logits", pooled, k, req.scale)
+    per_row = req.top_k
+    offsets = (torch.arange(vals.shape[0] * vals.shape[1], device=device, dtype=torch.int64) * per_row).to(torch.int32)
+    out = torch.empty(vals.shape[0] * vals.shape[1] * per_row, dtype=torch.int32, device=device)
+    record("  stage: select kernel (top-k, fused emit)",
+           lambda: mask_kernels.gpu_select(vals, shape.seq, req, lse=row_lse, offsets=offsets, out=out))
+    record("  stage: select kernel (tau=0.9, thresholds only)",
+           lambda: mask_kernels.gpu_select(vals, shape.seq, scoring.make_request(shape.head_dim, shape.seq, 128, "tau", tau=0.9),
+                                      lse=row_lse))
+    dense_ms = next((r["ms"] for r in rows if r["what"] == "sdpa-cudnn dense" and "ms" in r), None)
+    for r in rows:
+        if dense_ms and "ms" in r:
+            r["pct_of_sdpa_cudnn"] = 100.0 * r["ms"] / dense_ms
+    return rows
+
+
+def drift_rows(args, shape, heads, device):
+    rows = []
+    methods = (("topk d=0.1", dict(method="topk", density=0.1)), ("tau=0.9", dict(method="tau", tau=0.9)))
+    first = {}
+    for step in [0] + args.drift_steps:
+        q, k, v = video_qkv(shape, "mixed", head_ids=heads, seed=args.seed, device=device, step=step, drift=args.drift)
+        qual = Quality(q, k, v)
+        for label, kw in methods:
+            fresh = predict_mask(q, k, 128, **kw)
+            if step == 0:
+                first[label] = fresh
+                continue
+            moved = mask_drift(first[label], fresh)
+            err_fresh, _ = qual.error(fresh)
+            err_reused, _ = qual.error(first[label])
+            row = dict(step=step, method=label, changed=moved["changed"], jaccard=moved["jaccard"],
+                       rel_l2_fresh=err_fresh, rel_l2_reused=err_reused)
+            rows.append(row)
+            print(f"  step {step:3d} {label:10s} changed {moved['changed']:.4f} jaccard {moved['jaccard']:.4f}  "
+                  f"rel L2 fresh {err_fresh:.4f} reused {err_reused:.4f}", flush=True)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="wan14b-480p", choices=sorted(SHAPES))
+    parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
+    parser.add_argument("--quality-heads", type=int, nargs="+", default=None,
+                        help="head ids for the quality and drift sections (default: every fifth head)")
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
+    parser.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.95])
+    parser.add_argument("--colmax-scales", type=float, nargs="+", default=[0.5, 4.0, 32.0],
+                        help="column-max thresholds, in units of 1/S")
+    parser.add_argument("--drift", type=float, default=0.02, help="radians of content-noise rotation per step")
+    parser.add_argument("--drift-steps", type=int, nargs="+", default=[1, 2, 5, 10])
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "timing", "drift"])
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda")
+    shape = SHAPES[args.preset]
+    heads = args.quality_heads if args.quality_heads is not None else list(range(0, shape.heads, 5))
+    header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | preset {shape.name} "
+              f"(B={shape.batch}, H={shape.heads}, S={shape.seq}, D={shape.head_dim}, grid {shape.grid}) | "
+              f"quality heads {heads}")
+    print(header, flush=True)
+    result = dict(header=header, args=vars(args), quality=[], timing=[], drift=[])
+    started = time.perf_counter()
+    if "quality" not in args.skip:
+        print("\n## density vs relative L2 error (per pattern)", flush=True)
+        for pattern in args.patterns:
+            result["quality"] += quality_rows(pattern, args, shape, heads, device)
+            torch.cuda.empty_cache()
+        print(f"  [{time.perf_counter() - started:.0f} s]", flush=True)
+    if "timing" not in args.skip:
+        print(f"\n## cost on the full problem (CUDA-event medians of {args.reps})", flush=True)
+        result["timing"] = timing_rows(args, shape, device)
+        torch.cuda.empty_cache()
+        print(f"  [{time.perf_counter() - started:.0f} s]", flush=True)
+    if "drift" not in args.skip:
+        print(f"\n## drift between refresh steps (mixed pattern, {args.drift} rad/step)", flush=True)
+        result["drift"] = drift_rows(args, shape, heads, device)
+        print(f"  [{time.perf_counter() - started:.0f} s]", flush=True)
+
+    _print_summary(result)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    failures = [r for section in ("quality", "timing", "drift") for r in result[section] if "error" in r]
+    if failures:
+        print(f"\n{len(failures)} measurements failed: {[r.get('what') or r.get('method') for r in failures]}")
+        raise SystemExit(1)
+
+
+def _print_summary(result):
+    quality = [r for r in result["quality"] if "error" not in r]
+    if quality:
+        print("\n| pattern | method | parameter | density | rel L2 | cosine |\n|---|---|---|---|---|---|")
+        for r in quality:
+            print(f"| {r['pattern']} | {r['method']} | {r['param']} | {r['density']:.4f} | {r['rel_l2']:.4f} | {r['cosine']:.5f} |")
+        print("\nslice vs block at equal density (top-k rows):")
+        for pattern in dict.fromkeys(r["pattern"] for r in quality):
+            slices = {r["param"]: r for r in quality if r["pattern"] == pattern and r["method"] == "topk"}
+            blocks = {r["param"]: r for r in quality if r["pattern"] == pattern and r["method"] == "block128"}
+            for param in slices.keys() & blocks.keys():
+                s, b = slices[param], blocks[param]
+                ratio = b["rel_l2"] / s["rel_l2"] if s["rel_l2"] > 0 else float("inf")
+                print(f"  {pattern:9s} {param:8s} slice {s['rel_l2']:.4f} (d {s['density']:.3f})  block {b['rel_l2']:.4f} "
+                      f"(d {b['density']:.3f})  block/slice error x{ratio:.2f}")
+    timing = [r for r in result["timing"] if "ms" in r]
+    if timing:
+        print("\n| what | ms | % of SDPA cuDNN |\n|---|---|---|")
+        for r in timing:
+            pct = f"{r['pct_of_sdpa_cudnn']:.1f}" if "pct_of_sdpa_cudnn" in r else "-"
+            print(f"| {r['what'].strip()} | {r['ms']:.3f} | {pct} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""Masks cached across diffusion steps: dense warm-up, refresh on a schedule, reuse in between.
+
+Attention patterns of a video DiT change slowly along the sampling trajectory, so one
+prediction can serve several steps. :class:`MaskCache` keeps one mask per layer:
+
+* steps ``< warmup`` are "dense" (no mask: run full attention, perhaps to get the LSE for a
+  column-max prediction);
+* "refresh" steps predict a new mask: every ``refresh_every`` steps from the end of the
+  warm-up, or exactly the steps listed in ``refresh_steps`` (a layer with nothing cached
+  refreshes whatever the schedule says);
+* the steps in between "reuse" the layer's mask.
+
+Storage is compact: kept indices as int16 when kv_len fits (else int32), or a bit map of all
+slices, whichever is smaller ("auto"); ``describe()`` and ``memory_bytes()`` say what is held.
+A later step whose shapes differ from the cached mask's gets a ValueError naming both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .mask import SliceMask
+from .scoring import predict_mask
+
+STORAGES = ("auto", "index", "bits")
+_INT16_KEYS = 2**15
+
+
+@dataclass
+class _Entry:
+    """One layer's mask in compact form."""
+
+    shape: tuple  # (B, H, q_len, kv_len, slice_m)
+    indptr: torch.Tensor
+    payload: torch.Tensor  # int16/int32 indices, or uint8 packed bits [B, H, QB, ceil(S/8)]
+    form: str  # "index" or "bits"
+    kept: int | None  # slices kept (known for bits; None when not counted, to avoid a sync)
+    step: int
+
+    def memory_bytes(self) -> int:
+        return self.indptr.numel() * self.indptr.element_size() + self.payload.numel() * self.payload.element_size()
+
+
+class MaskCache:
+    """Per-layer SliceMasks across diffusion steps (see the module docstring).
+
+    >>> cache = MaskCache(warmup=2, refresh_every=5, method="topk", density=0.1)
+    >>> mask = cache.mask_for("block.7", step, q, k)   # None on dense steps
+    """
+
+    def __init__(self, warmup: int = 0, refresh_every: int | None = 1, refresh_steps=None, storage: str = "auto",
+                 **predict_kwargs):
+        if not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+        if refresh_steps is None:
+            if not isinstance(refresh_every, int) or refresh_every < 1:
+                raise ValueError(f"refresh_every must be a positive int (or give refresh_steps), got {refresh_every!r}")
+            self.refresh_steps = None
+        else:
+            steps = sorted({int(s) for s in refresh_steps})
+            if any(s < warmup for s in steps):
+                raise ValueError(f"refresh_steps {steps} include warm-up steps (< {warmup})")
+            self.refresh_steps = frozenset(steps)
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        self.warmup = warmup
+        self.refresh_every = refresh_every
+        self.storage = storage
+        self.predict_kwargs = predict_kwargs
+        self._entries: dict = {}
+        self.predictions = 0
+        self.reuses = 0
+
+    # ---- schedule ----
+    def action(self, step: int, layer=None) -> str:
+        """"dense", "refresh" or "reuse" for ``step`` (and ``layer``: one with nothing cached
+        refreshes)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if step < self.warmup:
+            return "dense"
+        if layer is not None and layer not in self._entries:
+            return "refresh"
+        if self.refresh_steps is not None:
+            return "refresh" if step in self.refresh_steps else "reuse"
+        return "refresh" if (step - self.warmup) % self.refresh_every == 0 else "reuse"
+
+    # ---- storage ----
+    def put(self, layer, mask: SliceMask, step: int = 0) -> None:
+        """Store ``mask`` as ``layer``'s mask (compactly)."""
+        if not isinstance(mask, SliceMask):
+            raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
+        shape = (mask.batch, mask.heads, mask.q_len, mask.kv_len, mask.slice_m)
+        slots = mask.batch * mask.heads * mask.q_blocks * mask.kv_len
+        index_bytes = mask.capacity * (2 if mask.kv_len <= _INT16_KEYS else 4)
+        form = self.storage if self.storage != "auto" else ("bits" if slots / 8 < index_bytes else "index")
+        if form == "bits":
+            dense = mask.to_dense()
+            pad = (-mask.kv_len) % 8
+            if pad:
+                dense = torch.nn.functional.pad(dense, (0, pad))
+            weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=dense.device)
+            payload = (dense.unflatten(-1, (-1, 8)).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+            kept = int(dense.sum().item())
+            indptr = torch.empty(0, dtype=torch.int32, device=mask.device)
+        else:
+            payload = mask.indices.to(torch.int16 if mask.kv_len <= _INT16_KEYS else torch.int32)
+            kept, indptr = None, mask.indptr.clone()
+        self._entries[layer] = _Entry(shape, indptr, payload, form, kept, step)
+
+    def get(self, layer, batch=None, heads=None, q_len=None, kv_len=None, slice_m=None) -> SliceMask:
+        """``layer``'s cached mask as a SliceMask; any shape given must match the cached one."""
+        if layer not in self._entries:
+            raise KeyError(f"no mask cached for layer {layer!r}; cached: {sorted(map(str, self._entries))}")
+        entry = self._entries[layer]
+        self._check(layer, entry, (batch, heads, q_len, kv_len, slice_m))
+        batch, heads, q_len, kv_len, slice_m = entry.shape
+        if entry.form == "index":
+            return SliceMask(entry.indptr, entry.payload.to(torch.int32), slice_m, q_len, kv_len)
+        bits = (entry.payload.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=entry.payload.device)) & 1
+        dense = bits.flatten(-2)[..., :kv_len].to(torch.bool)
+        counts = dense.sum(-1, dtype=torch.int32).reshape(batch, heads, -1)
+        ends = torch.cumsum(counts.reshape(-1), 0, dtype=torch.int32).reshape(counts.shape)
+        indptr = torch.cat([ends - counts, ends[..., -1:]], -1).contiguous()
+        keys = torch.nonzero_static(dense.reshape(-1, kv_len), size=entry.kept)[:, 1].to(torch.int32)
+        return SliceMask(indptr, keys, slice_m, q_len, kv_len)
+
+    def _check(self, layer, entry: _Entry, wanted) -> None:
+        names = ("B", "H", "q_len", "kv_len", "slice_m")
+        for name, have, want in zip(names, entry.shape, wanted):
+            if want is not None and want != have:
+                raise ValueError(
+                    f"layer {layer!r}: the cached mask (from step {entry.step}) is for (B, H, q_len, kv_len, "
+                    f"slice_m)={entry.shape}, but this step asks for {tuple(w if w is not None else h for w, h in zip(wanted, entry.shape))} "
+                    f"({name} differs)"
+                )
+
+    # ---- the per-step entry point ----
+    def mask_for(self, layer, step: int, q, k, layout: str = "HND", **overrides):
+        """The mask for ``layer`` at ``step``: None on dense steps, a fresh prediction (stored) on
+        refresh steps, the cached one otherwise. ``overrides`` update the predict_mask options."""
+        action = self.action(step, layer)
+        if action == "dense":
+            return None
+        q_t = q if layout == "HND" else q.transpose(1, 2)
+        k_t = k if layout == "HND" else k.transpose(1, 2)
+        options = {**self.predict_kwargs, **overrides}
+        slice_m = options.get("slice_m", 128)
+        if action == "reuse":
+            self.reuses += 1
+            return self.get(layer, q_t.shape[0], q_t.shape[1], q_t.shape[2], k_t.shape[2], slice_m)
+        mask = predict_mask(q, k, layout=layout, **options)
+        self.predictions += 1
+        self.put(layer, mask, step)
+        return mask
+
+    # ---- what is held ----
+    def layers(self) -> list:
+        return list(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def memory_bytes(self) -> int:
+        return sum(e.memory_bytes() for e in self._entries.values())
+
+    def describe(self) -> str:
+        """Schedule, then one line per layer: shape, storage form, bytes, step of the mask."""
+        dense = f"dense steps 0..{self.warmup - 1}" if self.warmup else "no dense warm-up"
+        if self.refresh_steps is not None:
+            schedule = f"{dense}, refresh at {sorted(self.refresh_steps)}"
+        else:
+            schedule = f"{dense}, refresh every {self.refresh_every} steps from step {self.warmup}"
+        lines = [f"MaskCache: {len(self._entries)} layers, {self.memory_bytes() / 2**20:.2f} MiB; {schedule}; "
+                 f"{self.predictions} predictions, {self.reuses} reuses"]
+        for layer, e in self._entries.items():
+            kept = f", {e.kept} slices" if e.kept is not None else f", capacity {e.payload.numel()}"
+            lines.append(f"  {layer}: (B, H, q_len, kv_len, slice_m)={e.shape}, {e.form} "
+                         f"{str(e.payload.dtype).replace('torch.', '')}{kept}, {e.memory_bytes()} bytes, from step {e.step}")
+        return "\n".join(lines)
+
+
+def mask_drift(old: SliceMask, new: SliceMask) -> dict:
+    """How much a mask moved between two steps (synchronises): ``changed`` = fraction of the
+    new mask's kept slices that the old one did not keep; ``jaccard`` = 1 - |old & new| /
+    |old | new|."""
+    if (old.batch, old.heads, old.q_len, old.kv_len, old.slice_m) != (new.batch, new.heads, new.q_len, new.kv_len, new.slice_m):
+        raise ValueError("masks of different shapes cannot be compared")
+    a, b = old.to_dense(), new.to(old.device).to_dense()
+    both = int((a & b).sum().item())
+    either = int((a | b).sum().item())
+    kept_new = int(b.sum().item())
+    return {
+        "changed": (kept_new - both) / kept_new if kept_new else 0.0,
+        "jaccard": 1.0 - both / either if either else 0.0,
+    }

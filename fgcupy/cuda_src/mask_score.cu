@@ -1,0 +1,295 @@
+// Mask-scoring kernels: rows (pooled mean queries, or single queries) against every key.
+//
+// One CTA takes WARPS x 16 rows of one (batch, head) and a chunk of keys, walks the chunk in
+// tiles of 64 keys (K rows double-buffered with 16-byte cp.async into swizzled shared memory)
+// and computes scale * row . key with mma.sync m16n8k16 (fp32 accumulate). Three modes:
+//   0 (logits): write the scaled logits [z, row, key] (float32) and, per row, the log-sum-exp
+//      of this CTA's key chunk (natural log) into partial[z, row, chunk];
+//   1 (stats):  only the partial log-sum-exps (used before mode 2 on pooled sub-blocks);
+//   2 (maxprob): p = exp(logit - lse[row]) and the max of p over each group of G consecutive
+//      rows (G a power of two dividing WARPS x 16), written to out[z, row / G, key]. With one
+//      query per row and G = slice_m this is the exact column-max score of a dense step.
+// Rows past n_rows read zeros and are never written; keys past the chunk are masked out.
+#include "common.cuh"
+
+namespace fg {
+
+template <int D, int WARPS>
+struct ScoreShape {
+  static constexpr int kRows = WARPS * 16;
+  static constexpr int kThreads = WARPS * 32;
+  static constexpr int kN = 64;                              // keys per tile
+  static constexpr int kChunksPerRow = D / 8;                // 16-byte chunks per row
+  static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static constexpr int kTileElems = kN * D;
+  static_assert(D % 16 == 0 && kThreads % kChunksPerRow == 0, "head dim / threads");
+  static_assert(kN % kRowsPerPass == 0 && kRows % kRowsPerPass == 0, "tile rows per pass");
+};
+
+// 8-byte store of two floats (dst is 8-byte aligned: even row stride, even key).
+__device__ __forceinline__ void store2(float* dst, float x, float y) {
+  float2 v;
+  v.x = x;
+  v.y = y;
+  *reinterpret_cast<float2*>(dst) = v;
+}
+
+__device__ __forceinline__ void merge_lse2(float& m, float& l, float m_o, float l_o) {
+  const float nm = fmaxf(m, m_o);
+  const float base = nm == FG_NEG_INF ? 0.f : nm;
+  l = l * fast_exp2(m - base) + l_o * fast_exp2(m_o - base);
+  m = nm;
+}
+
+template <class T, int D, int MODE, int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
+mask_score(const u16* __restrict__ rows, i64 r_sb, i64 r_sh, i64 r_ss,
+           const u16* __restrict__ k, i64 k_sb, i64 k_sh, i64 k_ss,
+           int heads, int bh0, int n_rows, int kv_len, int key_chunk, float scale, float scale_log2,
+           float* __restrict__ out, i64 out_ld, float* __restrict__ partial,
+           const float* __restrict__ lse, int group, int out_rows) {
+  using S = ScoreShape<D, WARPS>;
+  constexpr int kN = S::kN;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  u16* sQ = reinterpret_cast<u16*>(smem_raw);
+  u16* sK = sQ + S::kRows * D;
+  float* sRed = reinterpret_cast<float*>(sK + 2 * S::kTileElems);  // [WARPS][kN], mode 2 only
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = tid >> 5;
+  const int g = lane >> 2;
+  const int tig = lane & 3;
+  const int z = blockIdx.z;
+  const int bh = bh0 + z;
+  const int b = bh / heads;
+  const int h = bh - b * heads;
+  const int row0 = blockIdx.y * S::kRows;
+  const int key_begin = blockIdx.x * key_chunk;
+  const int key_end = min(kv_len, key_begin + key_chunk);
+  const int ntiles = (key_end - key_begin + kN - 1) / kN;
+
+  const u16* q_base = rows + b * r_sb + h * r_sh;
+  const u16* k_base = k + b * k_sb + h * k_sh;
+  const int my_chunk = tid % S::kChunksPerRow;
+  const int my_row = tid / S::kChunksPerRow;
+
+#pragma unroll
+  for (int j = 0; j < S::kRows / S::kRowsPerPass; ++j) {
+    const int r = my_row + j * S::kRowsPerPass;
+    const bool valid = row0 + r < n_rows;
+    const u16* src = q_base + (valid ? static_cast<i64>(row0 + r) * r_ss : 0) + my_chunk * 8;
+    cp_async16(smem_u32(sQ + swz<D>(r, my_chunk)), src, valid);
+  }
+  auto issue_tile = [&](int t, int stage) {
+#pragma unroll
+    for (int j = 0; j < kN / S::kRowsPerPass; ++j) {
+      const int r = my_row + j * S::kRowsPerPass;
+      const int key = key_begin + t * kN + r;
+      const bool valid = key < key_end;
+      const u16* src = k_base + (valid ? static_cast<i64>(key) * k_ss : 0) + my_chunk * 8;
+      cp_async16(smem_u32(sK + stage * S::kTileElems + swz<D>(r, my_chunk)), src, valid);
+    }
+  };
+  if (ntiles > 0) issue_tile(0, 0);
+  cp_async_commit();
+
+  const int wrow = warp * 16;
+  const int r_lo = row0 + wrow + g;  // this thread's two C-fragment rows: r_lo and r_lo + 8
+  // Mode 0/1: running max (log2 units) and sum of this thread's columns, per row.
+  float run_m[2] = {FG_NEG_INF, FG_NEG_INF};
+  float run_l[2] = {0.f, 0.f};
+  // Mode 2: log2-scaled lse of the two rows; rows without a finite lse contribute p = 0.
+  float lse2[2] = {0.f, 0.f};
+  bool row_ok[2] = {false, false};
+  if (MODE == 2) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int r = r_lo + 8 * i;
+      if (r < n_rows) {
+        const float x = lse[static_cast<i64>(z) * n_rows + r];
+        row_ok[i] = x > FG_NEG_INF && x < -FG_NEG_INF;
+        lse2[i] = x * 1.4426950408889634f;
+      }
+    }
+  }
+
+  // Mode 0: start of this thread's two output rows (only used where the row exists).
+  float* out_row[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) out_row[i] = out + (static_cast<i64>(z) * n_rows + r_lo + 8 * i) * out_ld;
+
+  const u32 sQ_addr = smem_u32(sQ);
+  const u32 sK_addr = smem_u32(sK);
+  const int lm_r = lane & 7;
+  const int lm_hi8 = (lane >> 3) & 1;
+  const int lm_hi16 = lane >> 4;
+
+  for (int t = 0; t < ntiles; ++t) {
+    if (t + 1 < ntiles) issue_tile(t + 1, (t + 1) & 1);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const u32 k_stage = sK_addr + (t & 1) * S::kTileElems * 2;
+
+    float acc[kN / 8][4];
+#pragma unroll
+    for (int i = 0; i < kN / 8; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      u32 a[4];
+      ldmatrix_x4(a, sQ_addr + 2 * swz<D>(wrow + lm_hi8 * 8 + lm_r, kk * 2 + lm_hi16));
+#pragma unroll
+      for (int np = 0; np < kN / 16; ++np) {
+        u32 bk[4];
+        ldmatrix_x4(bk, k_stage + 2 * swz<D>(np * 16 + lm_hi16 * 8 + lm_r, kk * 2 + lm_hi8));
+        T::mma(acc[2 * np], a, bk[0], bk[1]);
+        T::mma(acc[2 * np + 1], a, bk[2], bk[3]);
+      }
+    }
+
+    const int tile_key = key_begin + t * kN;
+    if (MODE == 0 || MODE == 1) {
+      float tile_m[2] = {FG_NEG_INF, FG_NEG_INF};
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt) {
+        const int key = tile_key + nt * 8 + tig * 2;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool valid = key + (e & 1) < key_end;
+          const float logit = acc[nt][e] * scale;
+          if (MODE == 0) acc[nt][e] = logit;
+          // log2 units for the statistics; masked keys do not count.
+          const float x = valid ? logit * 1.4426950408889634f : FG_NEG_INF;
+          tile_m[e >> 1] = fmaxf(tile_m[e >> 1], x);
+          if (MODE == 1) acc[nt][e] = x;
+          else if (!valid) acc[nt][e] = FG_NEG_INF;  // stored below only where valid
+        }
+      }
+      float base[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const float nm = fmaxf(run_m[i], tile_m[i]);
+        base[i] = nm == FG_NEG_INF ? 0.f : nm;
+        run_l[i] *= fast_exp2(run_m[i] - base[i]);
+        run_m[i] = nm;
+      }
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float x = MODE == 1 ? acc[nt][e] : acc[nt][e] * 1.4426950408889634f;
+          run_l[e >> 1] += fast_exp2(x - base[e >> 1]);
+        }
+      }
+      if (MODE == 0) {
+#pragma unroll
+        for (int nt = 0; nt < kN / 8; ++nt) {
+          const int key = tile_key + nt * 8 + tig * 2;
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            if (r_lo + 8 * i < n_rows && key < key_end) {
+              float* dst = out_row[i] + key;
+              if (key + 1 < key_end) {
+                store2(dst, acc[nt][2 * i], acc[nt][2 * i + 1]);
+              } else {
+                dst[0] = acc[nt][2 * i];
+              }
+            }
+          }
+        }
+      }
+    } else {
+      // ---- mode 2: probabilities, then the max over each group of `group` rows ----
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e >> 1;
+          acc[nt][e] = row_ok[i] ? fast_exp2(acc[nt][e] * scale_log2 - lse2[i]) : 0.f;
+        }
+      }
+      if (group >= 16) {
+#pragma unroll
+        for (int nt = 0; nt < kN / 8; ++nt) {
+          acc[nt][0] = fmaxf(acc[nt][0], acc[nt][2]);
+          acc[nt][1] = fmaxf(acc[nt][1], acc[nt][3]);
+        }
+      }
+      // Lanes 4 apart hold the same columns of neighbouring rows g: combine within groups.
+#pragma unroll
+      for (int s = 1; s < 8; s <<= 1) {
+        if (s < group) {
+#pragma unroll
+          for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+              acc[nt][e] = fmaxf(acc[nt][e], __shfl_xor_sync(0xffffffffu, acc[nt][e], 4 * s));
+        }
+      }
+      if (group <= 16) {
+        // One writer lane per group; for group <= 8 rows g and g + 8 are separate groups.
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          if (i == 1 && group == 16) break;
+          const int r = r_lo + 8 * i;
+          const int orow = r / group;
+          if (r % group == 0 && orow < out_rows) {
+#pragma unroll
+            for (int nt = 0; nt < kN / 8; ++nt) {
+              const int key = tile_key + nt * 8 + tig * 2;
+              if (key < key_end) {
+                float* dst = out + (static_cast<i64>(z) * out_rows + orow) * out_ld + key;
+                if (key + 1 < key_end) {
+                  store2(dst, acc[nt][2 * i], acc[nt][2 * i + 1]);
+                } else {
+                  dst[0] = acc[nt][2 * i];
+                }
+              }
+            }
+          }
+        }
+      } else {
+        // Groups span warps: each warp leaves its 16-row max in shared memory.
+        if (g == 0) {
+#pragma unroll
+          for (int nt = 0; nt < kN / 8; ++nt) {
+            sRed[warp * kN + nt * 8 + tig * 2] = acc[nt][0];
+            sRed[warp * kN + nt * 8 + tig * 2 + 1] = acc[nt][1];
+          }
+        }
+        __syncthreads();
+        const int warps_per_group = group / 16;
+        const int groups_here = WARPS / warps_per_group;
+        for (int idx = tid; idx < groups_here * kN; idx += S::kThreads) {
+          const int gi = idx / kN;
+          const int col = idx - gi * kN;
+          float m = 0.f;
+          for (int w = gi * warps_per_group; w < (gi + 1) * warps_per_group; ++w) m = fmaxf(m, sRed[w * kN + col]);
+          const int orow = row0 / group + gi;
+          const int key = tile_key + col;
+          if (orow < out_rows && key < key_end) out[(static_cast<i64>(z) * out_rows + orow) * out_ld + key] = m;
+        }
+      }
+    }
+    __syncthreads();  // the stage (and sRed) are refilled by the next iteration
+  }
+  cp_async_wait<0>();
+
+  if (MODE == 0 || MODE == 1) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      merge_lse2(run_m[i], run_l[i], __shfl_xor_sync(0xffffffffu, run_m[i], 1), __shfl_xor_sync(0xffffffffu, run_l[i], 1));
+      merge_lse2(run_m[i], run_l[i], __shfl_xor_sync(0xffffffffu, run_m[i], 2), __shfl_xor_sync(0xffffffffu, run_l[i], 2));
+      const int r = r_lo + 8 * i;
+      if (tig == 0 && r < n_rows) {
+        partial[(static_cast<i64>(z) * n_rows + r) * gridDim.x + blockIdx.x] =
+            run_l[i] > 0.f ? (run_m[i] + __log2f(run_l[i])) * FG_LN2 : FG_NEG_INF;
+      }
+    }
+  }
+}
+
+}  // namespace fg

@@ -1,0 +1,144 @@
+"""Specs of the mask-prediction kernels (scoring in mask_score.cu, selection in mask_select.cu).
+
+Like AttentionSpec, each spec is the single source of the template arguments, the readable
+name, the launch shape and the shared memory, so the runtime path (jit.get_kernel) and the
+no-GPU compile checks (jit.report.compile_report) build the same thing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .spec import DTYPES, HEAD_DIMS
+
+_CPP_DTYPE = {"bfloat16": "fg::bf16_t", "float16": "fg::fp16_t"}
+_SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
+
+#: Scoring modes (template MODE of fg::mask_score).
+SCORE_MODES = {"logits": 0, "stats": 1, "maxprob": 2}
+SCORE_KEY_TILE = 64
+SCORE_WARPS = (4, 8)
+
+#: Selection kernel constants (mirror mask_select.cu).
+SELECT_THREADS = 1024
+SELECT_BINS = 2048
+SELECT_CANDIDATES = 1024
+#: Fixed dynamic shared memory of the selection kernel: histogram counts and masses, candidates.
+SELECT_FIXED_SMEM = SELECT_BINS * 8 + SELECT_CANDIDATES * 8
+#: Dynamic shared memory cap of the staged selection kernel: sm_80 allows 163 KB per block,
+#: static shared memory included (about 200 bytes here), so stay a little below.
+SELECT_MAX_SMEM = 162 * 1024
+EMIT_THREADS = 256
+
+
+def _check_choice(what, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {tuple(allowed)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """``fg::mask_score<T, D, MODE, WARPS>``: rows x keys scores on tensor cores."""
+
+    dtype: str = "bfloat16"
+    head_dim: int = 128
+    mode: str = "logits"
+    warps: int = 4
+
+    source = "mask_score.cu"
+    template = "fg::mask_score"
+    extra_options = ()
+
+    def __post_init__(self):
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("head_dim", self.head_dim, HEAD_DIMS)
+        _check_choice("mode", self.mode, SCORE_MODES)
+        _check_choice("warps", self.warps, SCORE_WARPS)
+
+    @property
+    def name(self) -> str:
+        return f"mask_score_{self.mode}_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}_w{self.warps}"
+
+    @property
+    def name_expression(self) -> str:
+        return f"{self.template}<{_CPP_DTYPE[self.dtype]}, {self.head_dim}, {SCORE_MODES[self.mode]}, {self.warps}>"
+
+    @property
+    def threads(self) -> int:
+        return self.warps * 32
+
+    @property
+    def rows_per_cta(self) -> int:
+        return self.warps * 16
+
+    @property
+    def smem_bytes(self) -> int:
+        tiles = (self.rows_per_cta + 2 * SCORE_KEY_TILE) * self.head_dim * 2
+        return tiles + (self.warps * SCORE_KEY_TILE * 4 if self.mode == "maxprob" else 0)
+
+
+@dataclass(frozen=True)
+class SelectSpec:
+    """``fg::select_rows<STAGED>``: per-row threshold search (and optional emit). The staged
+    variant copies the row into shared memory once; the other re-reads it from global memory
+    (rows too long for shared memory)."""
+
+    staged: bool = True
+
+    source = "mask_select.cu"
+    template = "fg::select_rows"
+    extra_options = ()
+    threads = SELECT_THREADS
+
+    @property
+    def name(self) -> str:
+        return f"select_rows_{'staged' if self.staged else 'global'}"
+
+    @property
+    def name_expression(self) -> str:
+        return f"{self.template}<{'true' if self.staged else 'false'}>"
+
+    @property
+    def smem_bytes(self) -> int:
+        """The most dynamic shared memory a launch may ask for (the runtime's opt-in size)."""
+        return SELECT_MAX_SMEM if self.staged else SELECT_FIXED_SMEM
+
+    def launch_smem(self, row_stride: int) -> int:
+        return SELECT_FIXED_SMEM + (4 * row_stride if self.staged else 0)
+
+    @staticmethod
+    def fits(row_stride: int) -> bool:
+        """Whether a row of ``row_stride`` floats can be staged in shared memory."""
+        return SELECT_FIXED_SMEM + 4 * row_stride <= SELECT_MAX_SMEM
+
+
+@dataclass(frozen=True)
+class EmitSpec:
+    """``fg::emit_rows``: count or write the kept keys of each output row, the union over a
+    group of selected sub-rows plus an optional diagonal band."""
+
+    source = "mask_select.cu"
+    template = "fg::emit_rows"
+    extra_options = ()
+    threads = EMIT_THREADS
+    smem_bytes = 0
+
+    @property
+    def name(self) -> str:
+        return "emit_rows"
+
+    @property
+    def name_expression(self) -> str:
+        return self.template
+
+
+def all_mask_specs() -> list:
+    """Every mask-prediction specialization fgcupy ships (and the CPU tests compile)."""
+    specs = []
+    for dtype in DTYPES:
+        for d in HEAD_DIMS:
+            specs.append(ScoreSpec(dtype, d, "logits", 4))
+            specs.append(ScoreSpec(dtype, d, "stats", 4))
+            specs.append(ScoreSpec(dtype, d, "maxprob", 4))
+            specs.append(ScoreSpec(dtype, d, "maxprob", 8))
+    return specs + [SelectSpec(True), SelectSpec(False), EmitSpec()]

@@ -1,0 +1,161 @@
+"""Launchers of the mask-prediction kernels (cuda_src/mask_score.cu, mask_select.cu).
+
+Thin wrappers: they check what the kernels assume (16-byte aligned rows, padded score rows),
+allocate outputs and launch on torch's current stream. fgcupy.scoring composes them.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from . import bridge
+from .jit import get_kernel
+from .jit.score_spec import SCORE_KEY_TILE, SELECT_MAX_SMEM, EmitSpec, ScoreSpec, SelectSpec
+from .mask import num_blocks
+
+RULE_IDS = {"topk": 0, "tau": 1, "threshold": 2}
+_TARGET_CTAS = 2048
+
+
+def _ptr(t) -> np.uint64:
+    return np.uint64(0 if t is None else t.data_ptr())
+
+
+def _kernel(device: torch.device, spec):
+    import cupy
+
+    with cupy.cuda.Device(device.index if device.index is not None else torch.cuda.current_device()):
+        return get_kernel(spec)
+
+
+def _launch(device, spec, grid, args, shared_mem=None):
+    kernel = _kernel(device, spec)
+    with bridge.torch_stream(device):
+        kernel(grid, (spec.threads,), args, shared_mem=spec.smem_bytes if shared_mem is None else shared_mem)
+
+
+def _cp_async_ready(t: torch.Tensor) -> torch.Tensor:
+    """``t`` if its rows can be read with 16-byte copies, else a contiguous copy."""
+    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        s % 8 == 0 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1)
+    return t if ok else t.contiguous()
+
+
+def row_stride(kv_len: int) -> int:
+    """Score rows are padded to a multiple of 4 floats (16-byte aligned rows)."""
+    return (kv_len + 3) // 4 * 4
+
+
+def _key_chunking(kv_len: int, row_tiles: int) -> tuple:
+    """(keys per CTA, number of key chunks): enough CTAs to fill the GPU when rows are few."""
+    tiles = num_blocks(kv_len, SCORE_KEY_TILE)
+    chunks = min(tiles, max(1, num_blocks(_TARGET_CTAS, max(row_tiles, 1))))
+    per = num_blocks(tiles, chunks) * SCORE_KEY_TILE
+    return per, num_blocks(kv_len, per)
+
+
+def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, bh0: int = 0, nbh: int | None = None,
+               lse: torch.Tensor | None = None, group: int = 1, warps: int = 4):
+    """Run fg::mask_score on heads [bh0, bh0 + nbh) of rows [B, H, R, D] against k [B, H, S, D].
+
+    mode "logits" -> (logits [nbh, R, ld], lse [nbh, R]); "stats" -> lse [nbh, R];
+    "maxprob" (lse [nbh, R] given) -> scores [nbh, ceil(R / group), ld]. ld = row_stride(S).
+    """
+    batch, heads, n_rows, dim = rows.shape
+    kv_len = k.shape[2]
+    nbh = batch * heads - bh0 if nbh is None else nbh
+    spec = ScoreSpec(bridge.dtype_name(rows.dtype, "rows"), dim, mode, warps)
+    rows, k = _cp_async_ready(rows), _cp_async_ready(k)
+    ld = row_stride(kv_len)
+    row_tiles = num_blocks(n_rows, spec.rows_per_cta) * nbh
+    key_chunk, chunks = _key_chunking(kv_len, row_tiles)
+    device = rows.device
+    out = partial = None
+    out_rows = num_blocks(n_rows, group)
+    if mode == "logits":
+        out = torch.empty(nbh, n_rows, ld, dtype=torch.float32, device=device)
+    if mode == "maxprob":
+        if group & (group - 1) or spec.rows_per_cta % group:
+            raise ValueError(f"group={group} must be a power of two dividing {spec.rows_per_cta}")
+        out = torch.empty(nbh, out_rows, ld, dtype=torch.float32, device=device)
+        lse = lse.reshape(nbh, n_rows).contiguous()
+    else:
+        partial = torch.empty(nbh, n_rows, chunks, dtype=torch.float32, device=device)
+    args = (
+        _ptr(rows), *(np.int64(s) for s in rows.stride()[:3]),
+        _ptr(k), *(np.int64(s) for s in k.stride()[:3]),
+        np.int32(heads), np.int32(bh0), np.int32(n_rows), np.int32(kv_len), np.int32(key_chunk),
+        np.float32(scale), np.float32(scale * math.log2(math.e)),
+        _ptr(out), np.int64(ld), _ptr(partial), _ptr(lse if mode == "maxprob" else None),
+        np.int32(group), np.int32(out_rows),
+    )
+    if nbh and n_rows:
+        _launch(device, spec, (chunks, num_blocks(n_rows, spec.rows_per_cta), nbh), args)
+    if mode == "maxprob":
+        return out
+    row_lse = torch.logsumexp(partial, dim=-1)
+    return (out, row_lse) if mode == "logits" else row_lse
+
+
+@lru_cache(maxsize=None)
+def _smem_optin(device_index: int) -> int:
+    import cupy
+
+    runtime = cupy.cuda.runtime
+    return runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_index)
+
+
+def _select_spec(device: torch.device, ld: int) -> SelectSpec:
+    """The staged kernel where the row fits the shared memory this GPU grants, else global."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return SelectSpec(staged=SelectSpec.fits(ld) and _smem_optin(index) >= SELECT_MAX_SMEM + 1024)
+
+
+def gpu_select(vals: torch.Tensor, kv_len: int, req, *, lse=None, band: int | None = None,
+               offsets=None, out=None, counts=None):
+    """Run fg::select_rows on score rows vals [n, R, ld] (R rows per head).
+
+    ``req``: a fgcupy.scoring.MaskRequest (rule and its options). Returns (thr_u, thr_i, counts)
+    int32 [n * R]; with ``offsets``/``out`` also writes the kept indices (fused emit).
+    ``lse`` [n, R] marks vals as logits.
+    """
+    n, per_head, ld = vals.shape
+    rows = n * per_head
+    device = vals.device
+    spec = _select_spec(device, ld)
+    thr_u = torch.empty(rows, dtype=torch.int32, device=device)
+    thr_i = torch.empty(rows, dtype=torch.int32, device=device)
+    counts = torch.empty(rows, dtype=torch.int32, device=device) if counts is None else counts
+    if req.rule == "threshold":
+        thr = math.log(req.threshold) if lse is not None else req.threshold
+    else:
+        thr = 0.0
+    args = (
+        _ptr(vals), np.int64(ld), _ptr(None if lse is None else lse.reshape(rows).contiguous()), np.int32(kv_len),
+        np.int32(per_head), np.int32(req.slice_m), np.int32(-1 if band is None else band),
+        np.int32(RULE_IDS[req.rule]), np.int32(req.top_k or 0), np.float32(req.tau or 0.0), np.float32(thr),
+        np.int32(req.min_keys), np.int32(kv_len if req.max_keys is None else req.max_keys),
+        _ptr(thr_u), _ptr(thr_i), _ptr(counts), _ptr(offsets), _ptr(out),
+    )
+    if rows:
+        _launch(device, spec, (rows,), args, shared_mem=spec.launch_smem(ld))
+    return thr_u, thr_i, counts
+
+
+def gpu_emit(vals, kv_len, sub_rows: int, group: int, slice_m: int, thr_u, thr_i, counts, *, sel_band=None,
+             add_band=None, offsets=None, out=None):
+    """Run fg::emit_rows: count (no offsets) into ``counts`` or write the kept keys of each block."""
+    n = vals.shape[0]
+    out_rows = num_blocks(sub_rows, group)
+    args = (
+        _ptr(vals), np.int64(vals.shape[2]), np.int32(kv_len), np.int32(sub_rows), np.int32(out_rows),
+        np.int32(group), np.int32(slice_m), np.int32(-1 if sel_band is None else sel_band),
+        np.int32(-1 if add_band is None else add_band), _ptr(thr_u), _ptr(thr_i), _ptr(counts), _ptr(offsets),
+        _ptr(out),
+    )
+    if n * out_rows:
+        _launch(vals.device, EmitSpec(), (n * out_rows,), args)

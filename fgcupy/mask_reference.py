@@ -1,0 +1,194 @@
+"""Reference (torch, any device) of every mask scorer and selector: the GPU kernels' yardstick.
+
+Definitions (the kernels in cuda_src/mask_score.cu and mask_select.cu implement the same):
+
+* pooled query of a group of ``pool`` consecutive queries: their float32 mean, rounded to the
+  input dtype (the tensor-core kernel consumes it in that dtype);
+* mean-query logits: ``scale * pooled_q . k`` in float32 for every key, and their row LSE;
+* max-prob scores of a group of rows: ``max_row exp(logit - lse[row])`` (0 where lse is not
+  finite); with one query per row, its attention LSE and the group = the query block, this is
+  the exact column-max score of a dense step;
+* selection: keys ranked band first, then score descending, then index ascending (scores
+  compared through the float total order: NaN lowest, -0 == +0); keep the first n keys with
+  n = k (top-k), the band plus the keys scoring >= the threshold (for logit rows: logit >=
+  lse + log(threshold), i.e. probability >= threshold), or the fewest whose mass reaches tau
+  of the row's mass within a relative TAU_SLACK (mass = exp(logit - lse) or the score
+  itself); n clamped to [max(min_keys, band size), max_keys]. The band of query block j is
+  keys [j*M - local, (j+1)*M + local).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .mask import SliceMask, num_blocks
+
+RULES = ("topk", "tau", "threshold")
+BAND_KEY = 0xFFFFFFFF
+#: "Reaches tau" allows this relative error, so float32 sums on the GPU agree (tau = 1 keeps
+#: the keys with any mass, not the zero-mass ones that float rounding would drag in).
+TAU_SLACK = 1e-5
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def pool_queries(q: torch.Tensor, pool: int) -> torch.Tensor:
+    """float32 [B, H, ceil(S / pool), D]: mean of each run of ``pool`` queries (last run shorter)."""
+    batch, heads, seq, dim = q.shape
+    full = seq // pool
+    parts = []
+    if full:
+        parts.append(q[:, :, : full * pool].unflatten(2, (full, pool)).sum(3, dtype=torch.float32) / pool)
+    if seq > full * pool:
+        tail = q[:, :, full * pool :]
+        parts.append(tail.sum(2, keepdim=True, dtype=torch.float32) / tail.shape[2])
+    return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+
+
+def rounded(x: torch.Tensor, dtype) -> torch.Tensor:
+    """``x`` rounded to ``dtype`` when that is a 16-bit float, as float32."""
+    return x.to(dtype).float() if dtype in (torch.bfloat16, torch.float16) else x.float()
+
+
+def logits_and_lse(rows: torch.Tensor, k: torch.Tensor, scale: float, chunk: int = 1024):
+    """float32 logits [B, H, R, S] = scale * rows . k and their LSE [B, H, R]."""
+    kf = k.float()
+    logits = torch.empty(*rows.shape[:3], k.shape[2], dtype=torch.float32, device=rows.device)
+    for r0 in range(0, rows.shape[2], chunk):
+        logits[:, :, r0 : r0 + chunk] = torch.matmul(rows[:, :, r0 : r0 + chunk].float(), kf.transpose(-1, -2)) * scale
+    return logits, torch.logsumexp(logits, dim=-1)
+
+
+def maxprob_scores(rows: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group: int, scale: float,
+                   chunk: int = 1024) -> torch.Tensor:
+    """float32 [B, H, ceil(R / group), S]: per group of rows, the max softmax probability."""
+    batch, heads, n_rows, _ = rows.shape
+    out_rows = num_blocks(n_rows, group)
+    out = torch.zeros(batch, heads, out_rows, k.shape[2], dtype=torch.float32, device=rows.device)
+    kf = k.float()
+    chunk = max(group, chunk - chunk % group)
+    for r0 in range(0, n_rows, chunk):
+        r1 = min(n_rows, r0 + chunk)
+        logits = torch.matmul(rows[:, :, r0:r1].float(), kf.transpose(-1, -2)) * scale
+        row_lse = lse[:, :, r0:r1].float().unsqueeze(-1)
+        finite = torch.isfinite(row_lse)
+        probs = torch.where(finite, torch.exp(logits - torch.where(finite, row_lse, 0.0)), 0.0)
+        pad = (-probs.shape[2]) % group
+        if pad:
+            probs = torch.cat([probs, probs.new_zeros(batch, heads, pad, probs.shape[3])], 2)
+        out[:, :, r0 // group : r0 // group + probs.shape[2] // group] = probs.unflatten(2, (-1, group)).amax(3)
+    return out
+
+
+def colmax_scores(q, k, lse, slice_m: int, scale: float) -> torch.Tensor:
+    """Exact column max of a dense step: [B, H, QB, S] = max over each block's queries of p."""
+    return maxprob_scores(q, k, lse, slice_m, scale)
+
+
+def order_keys(values: torch.Tensor) -> torch.Tensor:
+    """int64 order keys of float32 values: the float total order as an unsigned (NaN -> 0)."""
+    bits = values.contiguous().float().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    bits = torch.where((bits << 1) & 0xFFFFFFFF == 0, torch.zeros_like(bits), bits)  # -0 -> +0
+    negative = bits >= 0x80000000
+    keys = torch.where(negative, 0xFFFFFFFF - bits, bits | 0x80000000)
+    return torch.where(torch.isnan(values), torch.zeros_like(keys), keys)
+
+
+def band_mask(q_blocks: int, kv_len: int, slice_m: int, local, device=None) -> torch.Tensor:
+    """bool [QB, S]: the diagonal band of each query block (all False when local is None)."""
+    keys = torch.arange(kv_len, device=device)
+    if local is None:
+        return torch.zeros(q_blocks, kv_len, dtype=torch.bool, device=device)
+    j = torch.arange(q_blocks, device=device).unsqueeze(1)
+    return (keys >= j * slice_m - local) & (keys < (j + 1) * slice_m + local)
+
+
+def select(values: torch.Tensor, rule: str, *, lse=None, k=None, tau=None, threshold=None, min_keys: int = 0,
+           max_keys=None, band=None) -> torch.Tensor:
+    """bool [..., R, S]: the kept keys of each row (see the module docstring).
+
+    ``values``: float32 scores; ``lse`` [..., R] marks them as logits (else probabilities);
+    ``band``: bool [R, S] (or broadcastable) of keys ranked first.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    values = values.float()
+    shape = values.shape
+    kv_len = shape[-1]
+    flat = values.reshape(-1, kv_len)
+    band_flat = (torch.zeros_like(flat, dtype=torch.bool) if band is None
+                 else band.to(flat.device).expand(shape).reshape(-1, kv_len))
+    keys = torch.where(band_flat, torch.full_like(flat, BAND_KEY, dtype=torch.int64), order_keys(flat))
+    order = torch.sort(keys, dim=-1, descending=True, stable=True).indices
+    band_count = band_flat.sum(-1)
+    if rule == "topk":
+        n = torch.full_like(band_count, int(k))
+    elif rule == "threshold":
+        if lse is not None:
+            vthr = lse.reshape(-1).float() + torch.tensor(math.log(threshold), dtype=torch.float32)
+        else:
+            vthr = torch.full((flat.shape[0],), threshold, dtype=torch.float32)
+        above = (keys >= order_keys(vthr.to(flat.device)).unsqueeze(1)) & ~band_flat
+        n = band_count + above.sum(-1)
+    else:
+        if lse is not None:
+            mass = torch.exp(flat.double() - lse.reshape(-1, 1).double())
+        else:
+            mass = flat.double().clamp_min(0.0)
+        mass = torch.nan_to_num(mass, nan=0.0)
+        sorted_mass = torch.gather(mass, 1, order)
+        running = torch.cumsum(sorted_mass, 1)
+        target = tau * running[:, -1:] * (1 - TAU_SLACK)
+        reached = running >= target
+        n = torch.where(reached.any(1), reached.to(torch.int8).argmax(1) + 1, torch.full_like(band_count, kv_len))
+    lo = band_count.clamp_min(max(min_keys, 0)).clamp_max(kv_len)
+    hi = torch.full_like(lo, kv_len if max_keys is None else min(max(max_keys, 0), kv_len))
+    hi = torch.maximum(hi, lo)
+    n = torch.minimum(torch.maximum(n, lo), hi)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(kv_len, device=flat.device).expand_as(order).contiguous())
+    return (rank < n.unsqueeze(1)).reshape(shape)
+
+
+def select_union(values, rule, group: int, *, band=None, **kwargs) -> torch.Tensor:
+    """bool [B, H, ceil(R / group), S]: union over groups of rows of their selections (no band),
+    plus ``band`` [QB, S]."""
+    kept = select(values, rule, **kwargs)
+    pad = (-kept.shape[2]) % group
+    if pad:
+        kept = torch.cat([kept, kept.new_zeros(*kept.shape[:2], pad, kept.shape[3])], 2)
+    union = kept.unflatten(2, (-1, group)).any(3)
+    return union | band if band is not None else union
+
+
+def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_k=None, tau=None, threshold=None,
+                           pool=None, combine="max", min_keys=0, max_keys=None, local=None, lse=None,
+                           scale=None) -> SliceMask:
+    """The whole prediction on any device ([B, H, S, D] inputs): scores, selection, SliceMask."""
+    batch, heads, q_len, dim = q.shape
+    kv_len = k.shape[2]
+    scale = default_scale(dim) if scale is None else scale
+    q_blocks = num_blocks(q_len, slice_m)
+    band = band_mask(q_blocks, kv_len, slice_m, local, q.device) if local is not None else None
+    sel = dict(k=top_k, tau=tau, threshold=threshold, min_keys=min_keys, max_keys=max_keys)
+    if method == "colmax":
+        scores = colmax_scores(q, k, lse, slice_m, scale)
+        keep = select(scores, rule, band=band, **sel)
+    else:
+        pool = slice_m if pool is None else pool
+        rows = rounded(pool_queries(q, pool), q.dtype)
+        if pool == slice_m:
+            logits, row_lse = logits_and_lse(rows, k, scale)
+            keep = select(logits, rule, lse=row_lse, band=band, **sel)
+        elif combine == "max":
+            _, sub_lse = logits_and_lse(rows, k, scale)
+            scores = maxprob_scores(rows, k, sub_lse, slice_m // pool, scale)
+            keep = select(scores, rule, band=band, **sel)
+        else:
+            logits, sub_lse = logits_and_lse(rows, k, scale)
+            keep = select_union(logits, rule, slice_m // pool, band=band, lse=sub_lse, **sel)
+    return SliceMask.from_dense(keep, slice_m, q_len)

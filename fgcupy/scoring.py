@@ -1,0 +1,323 @@
+"""Mask prediction: score (cuda_src/mask_score.cu) and select (mask_select.cu) into a SliceMask.
+
+Methods (DESIGN.md §2):
+  "topk" / "tau" / "threshold": mean-query scoring. Each query block's mean query (or, with
+      ``pool`` < slice_m, each sub-block's) against every key; selection by top-k, by the
+      smallest set holding a fraction tau of the softmax mass, or by probability >= threshold.
+      Sub-blocks are combined by ``combine="max"`` (max over sub-blocks of their softmax
+      probabilities, then one selection per block) or ``"union"`` (one selection per
+      sub-block, union per block).
+  "colmax": exact column-max scores from a dense step's row LSE (``lse`` [B, H, S], natural
+      log, as ``SparseAttention.run(..., return_lse=True)`` gives): score(block, key) = max over
+      the block's queries of their probability; selection by ``rule`` (default threshold,
+      0.5 / kv_len). Tiled on the GPU; the S x S matrix is never stored.
+Every selection can keep at least ``min_keys``, at most ``max_keys`` keys per block, and the
+block's diagonal band (its own keys and ``local`` more on either side), which is ranked first
+(it counts toward k and toward the mass). Exact definitions: fgcupy.mask_reference.
+
+Host synchronisation: none for top-k with combine "max" (row sizes are known from the
+shapes); tau / threshold / colmax need one to size the index buffer unless ``max_keys`` is
+given, and union needs one per workspace chunk. Score buffers are float32 [heads x rows x
+kv_len]; ``workspace_bytes`` bounds them by processing heads in chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import bridge
+from . import mask_reference as ref
+from .layout import check_layout, to_bhsd
+from .mask import SliceMask, num_blocks
+from .mask_kernels import RULE_IDS, gpu_emit, gpu_scores, gpu_select, row_stride
+
+METHODS = ("topk", "tau", "threshold", "colmax")
+COMBINES = ("max", "union")
+DEFAULT_WORKSPACE = 2 << 30
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class MaskRequest:
+    """Validated parameters of one prediction."""
+
+    method: str
+    rule: str
+    slice_m: int
+    pool: int
+    combine: str
+    top_k: int | None
+    tau: float | None
+    threshold: float | None
+    min_keys: int
+    max_keys: int | None
+    local: int | None
+    scale: float
+
+    @property
+    def kind(self) -> str:
+        """mean (one pooled row per block), submax, union, or colmax."""
+        if self.method == "colmax":
+            return "colmax"
+        if self.pool == self.slice_m:
+            return "mean"
+        return "submax" if self.combine == "max" else "union"
+
+    @property
+    def group(self) -> int:
+        return self.slice_m // self.pool
+
+
+def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: float | None = None,
+                 top_k: int | None = None, tau: float | None = None, threshold: float | None = None,
+                 rule: str | None = None, pool: int | None = None, combine: str = "max", min_keys: int = 0,
+                 max_keys: int | None = None, local: int | None = None, lse=None, scale: float | None = None,
+                 layout: str = "HND", workspace_bytes: int = DEFAULT_WORKSPACE) -> SliceMask:
+    """Predict which slices to keep for ``q`` attending to ``k``; returns a SliceMask on q's device.
+
+    q, k: [B, H, S, D] ("HND") or [B, S, H, D] ("NHD"), torch or cupy; CUDA tensors run the
+    kernels (bf16/fp16), CPU tensors the torch reference. ``density`` is top-k as a fraction
+    of kv_len. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.
+    """
+    check_layout(layout)
+    qt, kt = bridge.to_torch(q, "q"), bridge.to_torch(k, "k")
+    qh, kh = to_bhsd(qt, layout), to_bhsd(kt, layout)
+    if qh.shape[0] != kh.shape[0] or qh.shape[1] != kh.shape[1] or qh.shape[3] != kh.shape[3]:
+        raise ValueError(f"q and k must agree on B, H and D ([B, H, S, D]); got {tuple(qh.shape)} and {tuple(kh.shape)}")
+    if qh.device != kh.device:
+        raise ValueError(f"q is on {qh.device} but k on {kh.device}")
+    if qh.shape[2] < 1 or kh.shape[2] < 1:
+        raise ValueError(f"q and k need at least one token, got q_len={qh.shape[2]}, kv_len={kh.shape[2]}")
+    req = make_request(qh.shape[3], kh.shape[2], slice_m, method, density=density, top_k=top_k, tau=tau,
+                       threshold=threshold, rule=rule, pool=pool, combine=combine, min_keys=min_keys,
+                       max_keys=max_keys, local=local, scale=scale)
+    lse_t = None
+    if lse is not None and method != "colmax":
+        raise ValueError(f"lse applies to method='colmax' (scores from a dense step), not {method!r}")
+    if method == "colmax":
+        if lse is None:
+            raise ValueError("method='colmax' needs lse: the float32 [B, H, q_len] row LSE of a dense step")
+        lse_t = bridge.to_torch(lse, "lse")
+        expected = (qh.shape[0], qh.shape[1], qh.shape[2])
+        if tuple(lse_t.shape) != expected or lse_t.dtype != torch.float32 or lse_t.device != qh.device:
+            raise ValueError(f"lse must be float32 {expected} on {qh.device}; got {tuple(lse_t.shape)}, "
+                             f"{lse_t.dtype}, {lse_t.device}")
+    if qh.device.type != "cuda":
+        return _predict_reference(qh, kh, req, lse_t)
+    bridge.dtype_name(qh.dtype, "q")
+    if kh.dtype != qh.dtype:
+        raise TypeError(f"k has dtype {kh.dtype}, q has {qh.dtype}")
+    return _GpuPrediction(qh, kh, req, lse_t, workspace_bytes).run()
+
+
+def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None, tau=None, threshold=None,
+                 rule=None, pool=None, combine="max", min_keys=0, max_keys=None, local=None, scale=None) -> MaskRequest:
+    """Check every option; ValueError naming expected and actual."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(slice_m, int) or slice_m < 1:
+        raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
+    if method == "colmax":
+        rule = "threshold" if rule is None else rule
+    elif rule is not None and rule != method:
+        raise ValueError(f"rule={rule!r} only applies to method='colmax' (method {method!r} is its own rule)")
+    else:
+        rule = method
+    if rule not in RULE_IDS:
+        raise ValueError(f"rule must be one of {tuple(RULE_IDS)}, got {rule!r}")
+    if rule == "topk":
+        if (density is None) == (top_k is None):
+            raise ValueError("top-k selection needs exactly one of density (fraction of keys) or top_k")
+        if density is not None:
+            if not 0.0 <= density <= 1.0:
+                raise ValueError(f"density must be in [0, 1], got {density}")
+            top_k = round(density * kv_len)
+        if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+            raise ValueError(f"top_k must be a non-negative int, got {top_k!r}")
+        top_k = int(min(top_k, kv_len))
+    elif density is not None or top_k is not None:
+        raise ValueError(f"density/top_k apply to top-k selection, not rule {rule!r}")
+    if rule == "tau":
+        tau = 0.9 if tau is None else float(tau)
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {tau}")
+    elif tau is not None:
+        raise ValueError(f"tau applies to rule 'tau', not {rule!r}")
+    if rule == "threshold":
+        if threshold is None:
+            if method != "colmax":
+                raise ValueError("rule 'threshold' needs threshold (a probability)")
+            threshold = 0.5 / kv_len
+        threshold = float(threshold)
+        if not threshold > 0.0 or math.isinf(threshold):
+            raise ValueError(f"threshold must be a positive probability, got {threshold}")
+    elif threshold is not None:
+        raise ValueError(f"threshold applies to rule 'threshold', not {rule!r}")
+    pool = slice_m if pool is None else pool
+    if method == "colmax":
+        if pool != slice_m:
+            raise ValueError("pool applies to mean-query methods, not colmax")
+        if slice_m not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"colmax needs slice_m a power of two <= 128, got {slice_m}")
+    elif not isinstance(pool, int) or pool < 1 or slice_m % pool or (pool < slice_m and (slice_m // pool) & (slice_m // pool - 1)):
+        raise ValueError(f"pool must divide slice_m={slice_m} into a power-of-two number of sub-blocks, got {pool!r}")
+    elif pool < slice_m and slice_m // pool > 128:
+        raise ValueError(f"at most 128 sub-blocks per block, got slice_m / pool = {slice_m // pool}")
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    if not isinstance(min_keys, int) or min_keys < 0:
+        raise ValueError(f"min_keys must be a non-negative int, got {min_keys!r}")
+    if local is not None and (not isinstance(local, int) or local < 0):
+        raise ValueError(f"local must be None or a non-negative int (keys beyond the block on each side), got {local!r}")
+    if max_keys is not None:
+        band_width = slice_m + 2 * local if local is not None else 0
+        if not isinstance(max_keys, int) or max_keys < max(1, min_keys, min(band_width, kv_len)):
+            raise ValueError(f"max_keys must be an int >= max(1, min_keys={min_keys}, band width "
+                             f"{min(band_width, kv_len)}), got {max_keys!r}")
+    scale = ref.default_scale(head_dim) if scale is None else float(scale)
+    return MaskRequest(method, rule, slice_m, pool, combine, top_k, tau, threshold, min_keys, max_keys, local, scale)
+
+
+def _predict_reference(qh, kh, req: MaskRequest, lse) -> SliceMask:
+    return ref.predict_mask_reference(
+        qh, kh, req.slice_m, req.method, rule=req.rule, top_k=req.top_k, tau=req.tau, threshold=req.threshold,
+        pool=req.pool, combine=req.combine, min_keys=req.min_keys, max_keys=req.max_keys, local=req.local,
+        lse=lse, scale=req.scale)
+
+
+def static_row_counts(q_blocks: int, kv_len: int, req: MaskRequest, device="cpu") -> torch.Tensor:
+    """int64 [QB]: kept keys of each block under top-k, known from the shapes alone:
+    clamp(k, max(min_keys, band size), max_keys). On a CUDA device this launches, never syncs."""
+    j = torch.arange(q_blocks, dtype=torch.int64, device=device)
+    if req.local is None:
+        band = torch.zeros_like(j)
+    else:
+        lo = (j * req.slice_m - req.local).clamp(0, kv_len)
+        hi = torch.maximum(((j + 1) * req.slice_m + req.local).clamp(0, kv_len), lo)
+        band = hi - lo
+    lo_n = band.clamp(min=req.min_keys).clamp(max=kv_len)
+    hi_n = lo_n.clamp(min=min(kv_len if req.max_keys is None else req.max_keys, kv_len))
+    return torch.minimum(lo_n.clamp(min=req.top_k), hi_n)
+
+
+class _GpuPrediction:
+    """Chunked over (batch x head): score, select, emit; then one SliceMask."""
+
+    def __init__(self, qh, kh, req: MaskRequest, lse, workspace_bytes: int):
+        self.qh, self.kh, self.req, self.lse = qh, kh, req, lse
+        self.batch, self.heads, self.q_len, self.dim = qh.shape
+        self.kv_len = kh.shape[2]
+        self.bh = self.batch * self.heads
+        self.q_blocks = num_blocks(self.q_len, req.slice_m)
+        self.ld = row_stride(self.kv_len)
+        self.device = qh.device
+        kind = req.kind
+        if kind == "colmax":
+            self.rows = qh
+        else:
+            self.rows = ref.pool_queries(qh, req.pool).to(qh.dtype).contiguous()
+        self.sub_rows = self.rows.shape[2]
+        per_head = self.sub_rows if kind in ("mean", "union") else self.q_blocks
+        self.chunk = max(1, min(self.bh, workspace_bytes // max(1, per_head * self.ld * 4)))
+        # Sizes known from the shapes (top-k with one selection per block): fused emit, no sync.
+        self.static = req.rule == "topk" and kind != "union"
+        self.capped = req.max_keys is not None and kind != "union"
+
+    def run(self) -> SliceMask:
+        with torch.cuda.device(self.device):
+            if self.static:
+                return self._run_static()
+            return self._run_dynamic()
+
+    # ---- scores of one chunk: (vals [n, R, ld], lse or None) ----
+    def _scores(self, bh0, nbh):
+        req, kind = self.req, self.req.kind
+        if kind in ("mean", "union"):
+            return gpu_scores("logits", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh)
+        if kind == "submax":
+            sub_lse = gpu_scores("stats", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh)
+            return gpu_scores("maxprob", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=sub_lse,
+                              group=req.group, warps=4 if req.group <= 64 else 8), None
+        lse = self.lse.reshape(self.bh, self.q_len)[bh0 : bh0 + nbh]
+        return gpu_scores("maxprob", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=lse,
+                          group=req.slice_m, warps=4 if req.slice_m <= 64 else 8), None
+
+    def _run_static(self) -> SliceMask:
+        per_head = int(static_row_counts(self.q_blocks, self.kv_len, self.req).sum())
+        capacity = per_head * self.bh
+        if capacity > _INT32_MAX:
+            raise ValueError(f"the mask would keep {capacity} slices, more than int32 offsets address")
+        per_block = static_row_counts(self.q_blocks, self.kv_len, self.req, device=self.device)
+        starts = torch.cumsum(per_block, 0) - per_block
+        offsets = (torch.arange(self.bh, device=self.device, dtype=torch.int64).unsqueeze(1) * per_head
+                   + starts.unsqueeze(0)).reshape(-1).to(torch.int32)
+        counts = torch.empty(self.bh * self.q_blocks, dtype=torch.int32, device=self.device)
+        indices = torch.empty(capacity, dtype=torch.int32, device=self.device)
+        for bh0 in range(0, self.bh, self.chunk):
+            nbh = min(self.chunk, self.bh - bh0)
+            vals, lse = self._scores(bh0, nbh)
+            rows = slice(bh0 * self.q_blocks, (bh0 + nbh) * self.q_blocks)
+            gpu_select(vals, self.kv_len, self.req, lse=lse, band=self.req.local, offsets=offsets[rows],
+                       out=indices, counts=counts[rows])
+            del vals
+        return self._mask(offsets.to(torch.int64), counts, indices)
+
+    def _run_dynamic(self) -> SliceMask:
+        req, kind = self.req, self.req.kind
+        cap_row = min(req.max_keys, self.kv_len) if self.capped else None
+        all_offsets, all_counts, pieces = [], [], []
+        base = 0
+        indices = None
+        if self.capped:
+            total = cap_row * self.bh * self.q_blocks
+            if total > _INT32_MAX:
+                raise ValueError(f"max_keys={req.max_keys} x {self.bh * self.q_blocks} blocks exceeds int32 offsets")
+            indices = torch.empty(total, dtype=torch.int32, device=self.device)
+        for bh0 in range(0, self.bh, self.chunk):
+            nbh = min(self.chunk, self.bh - bh0)
+            vals, lse = self._scores(bh0, nbh)
+            if kind == "union":
+                thr_u, thr_i, _ = gpu_select(vals, self.kv_len, req, lse=lse, band=None)
+                counts = torch.empty(nbh * self.q_blocks, dtype=torch.int32, device=self.device)
+                emit_args = dict(sel_band=None, add_band=req.local)
+                gpu_emit(vals, self.kv_len, self.sub_rows, req.group, req.slice_m, thr_u, thr_i, counts, **emit_args)
+                group, sub_rows = req.group, self.sub_rows
+            else:
+                thr_u, thr_i, counts = gpu_select(vals, self.kv_len, req, lse=lse, band=req.local)
+                emit_args = dict(sel_band=req.local, add_band=None)
+                group, sub_rows = 1, self.q_blocks
+            local_starts = torch.cumsum(counts, 0, dtype=torch.int64) - counts
+            if self.capped:
+                row0 = bh0 * self.q_blocks
+                # Each chunk owns cap_row slots per block; unused slots stay between heads.
+                offsets = local_starts + row0 * cap_row
+                out = indices
+            else:
+                used = int(counts.sum(dtype=torch.int64).item())  # the one host sync per chunk
+                if base + used > _INT32_MAX:
+                    raise ValueError("the mask keeps more slices than int32 offsets address")
+                out = torch.empty(used, dtype=torch.int32, device=self.device)
+                pieces.append(out)
+                offsets = local_starts
+                all_offsets.append(local_starts + base)
+                base += used
+            gpu_emit(vals, self.kv_len, sub_rows, group, req.slice_m, thr_u, thr_i, counts,
+                     offsets=offsets.to(torch.int32), out=out, **emit_args)
+            if self.capped:
+                all_offsets.append(offsets)
+            all_counts.append(counts)
+            del vals
+        if not self.capped:
+            indices = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int32, device=self.device)
+        return self._mask(torch.cat(all_offsets), torch.cat(all_counts), indices)
+
+    def _mask(self, offsets, counts, indices) -> SliceMask:
+        """indptr [B, H, QB + 1] from each block's start and the end of each head's last block."""
+        starts = offsets.reshape(self.batch, self.heads, self.q_blocks)
+        ends = (offsets + counts.to(torch.int64)).reshape(self.batch, self.heads, self.q_blocks)[..., -1:]
+        indptr = torch.cat([starts, ends], dim=-1).to(torch.int32).contiguous()
+        return SliceMask(indptr, indices, self.req.slice_m, self.q_len, self.kv_len)

@@ -1,0 +1,113 @@
+"""MaskCache: the dense / refresh / reuse schedule, compact storage round trips, shape errors."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fgcupy import MaskCache, SliceMask, mask_drift, predict_mask
+
+from .strategies import dense_masks
+
+
+def _qk(seq=300, kv=260, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(1, 2, seq, 16, generator=gen), torch.randn(1, 2, kv, 16, generator=gen)
+
+
+@given(st.integers(0, 5), st.integers(1, 6), st.integers(0, 40))
+@settings(max_examples=60, deadline=None)
+def test_every_r_schedule(warmup, every, step):
+    cache = MaskCache(warmup=warmup, refresh_every=every)
+    cache.put("layer", SliceMask.full(1, 1, 64, 64, 64))
+    action = cache.action(step, "layer")
+    if step < warmup:
+        assert action == "dense"
+    elif (step - warmup) % every == 0:
+        assert action == "refresh"
+    else:
+        assert action == "reuse"
+    # A layer with nothing cached refreshes on any non-dense step.
+    assert cache.action(step, "other") == ("dense" if step < warmup else "refresh")
+
+
+def test_explicit_refresh_steps():
+    cache = MaskCache(warmup=2, refresh_steps=[2, 3, 10])
+    assert [cache.action(s) for s in range(12)] == (
+        ["dense"] * 2 + ["refresh", "refresh"] + ["reuse"] * 6 + ["refresh", "reuse"])
+    with pytest.raises(ValueError, match=r"refresh_steps \[1, 4\] include warm-up steps \(< 2\)"):
+        MaskCache(warmup=2, refresh_steps=[4, 1])
+    with pytest.raises(ValueError, match=r"refresh_every must be a positive int"):
+        MaskCache(refresh_every=0)
+    with pytest.raises(ValueError, match=r"storage must be one of \('auto', 'index', 'bits'\), got 'zip'"):
+        MaskCache(storage="zip")
+
+
+def test_mask_for_predicts_on_refresh_and_reuses_in_between():
+    q, k = _qk()
+    cache = MaskCache(warmup=1, refresh_every=3, method="topk", slice_m=64, density=0.2)
+    seen = [cache.mask_for("attn.0", step, q, k) for step in range(7)]
+    assert seen[0] is None
+    assert (cache.predictions, cache.reuses) == (2, 4)  # refresh at 1 and 4
+    expected = predict_mask(q, k, 64, "topk", density=0.2).to_dense()
+    for mask in seen[1:]:
+        assert torch.equal(mask.to_dense(), expected)
+    # The step's own options win over the cache's.
+    fresh = cache.mask_for("attn.1", 1, q, k, density=0.5)
+    assert fresh.density() == pytest.approx(0.5, abs=0.01)
+
+
+@given(dense_masks(max_kv=200), st.sampled_from(["index", "bits", "auto"]))
+@settings(max_examples=40, deadline=None)
+def test_storage_round_trips(case, storage):
+    dense, slice_m, q_len = case
+    mask = SliceMask.from_dense(dense, slice_m, q_len)
+    cache = MaskCache(storage=storage)
+    cache.put(0, mask, step=3)
+    back = cache.get(0).validate()
+    assert torch.equal(back.to_dense(), dense)
+    assert back.indices.dtype == torch.int32 and (back.slice_m, back.q_len, back.kv_len) == (slice_m, q_len, dense.shape[-1])
+
+
+def test_storage_is_compact():
+    dense = torch.rand(1, 4, 8, 1000, generator=torch.Generator().manual_seed(0)) < 0.5
+    mask = SliceMask.from_dense(dense, 64, 500)
+    int32_bytes = mask.memory_bytes()
+    auto = MaskCache()
+    auto.put("half", mask)
+    assert auto.memory_bytes() <= 4 * 8 * 1000 // 8 + 64  # bits win at density 0.5
+    sparse = SliceMask.from_dense(torch.rand(1, 4, 8, 1000) < 0.01, 64, 500)
+    auto.put("sparse", sparse)
+    index = MaskCache(storage="index")
+    index.put("sparse", sparse)
+    assert index.memory_bytes() < sparse.memory_bytes()  # int16 indices for kv_len <= 32768
+    assert auto.memory_bytes() < int32_bytes + sparse.memory_bytes()
+    text = auto.describe()
+    assert "2 layers" in text and "half" in text and "bits uint8" in text and "index int16" in text
+
+
+def test_shape_mismatch_names_both_shapes():
+    q, k = _qk()
+    cache = MaskCache(refresh_every=10, method="tau", slice_m=64, tau=0.8)
+    cache.mask_for("l", 0, q, k)
+    with pytest.raises(ValueError, match=r"layer 'l': the cached mask \(from step 0\) is for \(B, H, q_len, kv_len, "
+                                          r"slice_m\)=\(1, 2, 300, 260, 64\), but this step asks for "
+                                          r"\(1, 2, 300, 200, 64\) \(kv_len differs\)"):
+        cache.mask_for("l", 1, q, k[:, :, :200])
+    with pytest.raises(KeyError, match=r"no mask cached for layer 'x'"):
+        cache.get("x")
+    cache.clear()
+    assert cache.layers() == [] and cache.memory_bytes() == 0
+
+
+def test_mask_drift():
+    a = torch.zeros(1, 1, 2, 10, dtype=torch.bool)
+    a[..., :4] = True
+    b = a.clone()
+    b[0, 0, 0, 3] = False
+    b[0, 0, 0, 7] = True
+    old, new = SliceMask.from_dense(a, 64, 100), SliceMask.from_dense(b, 64, 100)
+    drift = mask_drift(old, new)
+    assert drift["changed"] == pytest.approx(1 / 8)
+    assert drift["jaccard"] == pytest.approx(1 - 7 / 9)
+    assert mask_drift(old, old) == {"changed": 0.0, "jaccard": 0.0}

@@ -1,0 +1,68 @@
+"""Every mask-prediction kernel specialization (scoring, selection, emission) compiles with NVRTC
+for sm_80, sm_90 and sm_90a with the runtime's options; ptxas shows no spills and resources in
+budget for the launch shape the spec declares."""
+
+import pytest
+
+from fgcupy.jit import report as report_mod
+from fgcupy.jit.score_spec import (
+    SELECT_FIXED_SMEM, SELECT_MAX_SMEM, EmitSpec, ScoreSpec, SelectSpec, all_mask_specs,
+)
+
+pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (test extra) provides NVRTC bindings")
+
+SPECS = all_mask_specs()
+SM80_SMEM = 163 * 1024
+
+
+def test_every_axis_is_shipped():
+    scores = [s for s in SPECS if isinstance(s, ScoreSpec)]
+    assert {(s.dtype, s.head_dim) for s in scores} == {(d, h) for d in ("bfloat16", "float16") for h in (64, 128)}
+    assert {(s.mode, s.warps) for s in scores} == {("logits", 4), ("stats", 4), ("maxprob", 4), ("maxprob", 8)}
+    assert SelectSpec(True) in SPECS and SelectSpec(False) in SPECS and EmitSpec() in SPECS
+    assert len({s.name for s in SPECS}) == len(SPECS)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_90a"])
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
+def test_compiles_without_spills(spec, arch):
+    rep = report_mod.compile_report(spec, arch)
+    assert rep.lowered_name.startswith("_Z"), rep.lowered_name
+    assert spec.template.split("::")[-1] in rep.lowered_name
+    assert rep.spill_store_bytes == 0 and rep.spill_load_bytes == 0, rep.log
+    assert rep.stack_bytes == 0, rep.log
+    assert rep.registers * spec.threads <= 65536, f"{rep.registers} registers x {spec.threads} threads"
+    assert rep.static_smem_bytes + spec.smem_bytes <= SM80_SMEM
+    assert rep.cubin_bytes > 1000
+
+
+def test_score_spec_names_and_shared_memory():
+    spec = ScoreSpec("float16", 64, "maxprob", 8)
+    assert spec.name == "mask_score_maxprob_fp16_d64_w8"
+    assert spec.name_expression == "fg::mask_score<fg::fp16_t, 64, 2, 8>"
+    assert spec.rows_per_cta == 128 and spec.threads == 256
+    # Q tile (128 rows) + two 64-key K stages, 2 bytes each, + the cross-warp max buffer.
+    assert spec.smem_bytes == (128 + 128) * 64 * 2 + 8 * 64 * 4
+    assert ScoreSpec().smem_bytes == (64 + 128) * 128 * 2
+
+
+def test_select_staging_limit():
+    assert SelectSpec(True).name_expression == "fg::select_rows<true>"
+    assert SelectSpec(False).smem_bytes == SELECT_FIXED_SMEM
+    wan_row = 32_760
+    assert SelectSpec.fits(wan_row) and SelectSpec(True).launch_smem(wan_row) <= SELECT_MAX_SMEM
+    assert not SelectSpec.fits(75_600)  # wan 720p rows are read from global memory
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(head_dim=96), r"head_dim must be one of \(64, 128\), got 96"),
+        (dict(dtype="float32"), r"dtype must be one of \('bfloat16', 'float16'\), got 'float32'"),
+        (dict(mode="probs"), r"mode must be one of \('logits', 'stats', 'maxprob'\), got 'probs'"),
+        (dict(warps=2), r"warps must be one of \(4, 8\), got 2"),
+    ],
+)
+def test_score_spec_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ScoreSpec(**kwargs)

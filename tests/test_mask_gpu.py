@@ -1,0 +1,242 @@
+"""Mask-prediction kernels against the torch reference on fresh random inputs (GPU only)."""
+
+import math
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fgcupy import MaskCache, SliceMask, mask_kernels, predict_mask, scoring
+from fgcupy import mask_reference as ref
+from fgcupy.jit.score_spec import SelectSpec
+from fgcupy.mask import num_blocks
+from fgcupy.workloads import VideoShape, video_qkv
+
+from .mask_checks import selection_cases, smallest_tau_set_ok, tau_rows_agree
+
+pytestmark = pytest.mark.gpu
+
+DEVICE = "cuda"
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def _inputs(seed, batch, heads, q_len, kv_len, dim, dtype, layout="HND"):
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        shape = (batch, heads, n, dim) if layout == "HND" else (batch, n, heads, dim)
+        x = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+        return x if layout == "HND" else x.transpose(1, 2)  # [B, H, S, D] view of NHD storage
+
+    return make(q_len), make(kv_len)
+
+
+@st.composite
+def score_problems(draw):
+    size = st.one_of(st.integers(1, 200), st.integers(200, 1500))
+    return dict(
+        dtype=draw(st.sampled_from([torch.bfloat16, torch.float16])), dim=draw(st.sampled_from([64, 128])),
+        batch=draw(st.integers(1, 2)), heads=draw(st.integers(1, 3)), q_len=draw(size), kv_len=draw(size),
+        pool=draw(st.sampled_from([1, 16, 64, 128])), layout=draw(st.sampled_from(["HND", "NHD"])),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _close(got, expected, rtol, atol):
+    err = (got - expected).abs()
+    assert torch.isfinite(got).all()
+    assert (err <= atol + rtol * expected.abs()).all(), f"max error {err.max().item():.3e}"
+
+
+@given(score_problems())
+@SETTINGS
+def test_mean_query_logits_and_lse(p):
+    q, k = _inputs(p["seed"], p["batch"], p["heads"], p["q_len"], p["kv_len"], p["dim"], p["dtype"], p["layout"])
+    scale = 1 / math.sqrt(p["dim"])
+    rows = ref.pool_queries(q, p["pool"]).to(p["dtype"]).contiguous()
+    bh = p["batch"] * p["heads"]
+    vals, lse = mask_kernels.gpu_scores("logits", rows, k, scale)
+    exp_logits, exp_lse = ref.logits_and_lse(rows, k, scale)
+    n_rows = rows.shape[2]
+    assert vals.shape == (bh, n_rows, mask_kernels.row_stride(p["kv_len"]))
+    _close(vals[..., : p["kv_len"]], exp_logits.reshape(bh, n_rows, -1), 1e-4, 1e-4)
+    _close(lse, exp_lse.reshape(bh, n_rows), 1e-5, 1e-4)
+    # A chunk of heads from the middle: the same rows.
+    if bh > 1:
+        part = mask_kernels.gpu_scores("stats", rows, k, scale, bh0=1, nbh=bh - 1)
+        _close(part, exp_lse.reshape(bh, n_rows)[1:], 1e-5, 1e-4)
+
+
+@given(score_problems(), st.sampled_from([1, 2, 4, 8, 16, 32, 64, 128]))
+@SETTINGS
+def test_maxprob_scores(p, group):
+    q, k = _inputs(p["seed"], p["batch"], p["heads"], p["q_len"], p["kv_len"], p["dim"], p["dtype"], p["layout"])
+    scale = 1 / math.sqrt(p["dim"])
+    rows = q if p["pool"] == 1 else ref.pool_queries(q, p["pool"]).to(p["dtype"]).contiguous()
+    _, lse = ref.logits_and_lse(rows, k, scale)
+    lse[..., ::7] = -math.inf  # rows without keys (an empty sparse row) contribute 0
+    bh = p["batch"] * p["heads"]
+    warps = 4 if group <= 64 else 8
+    got = mask_kernels.gpu_scores("maxprob", rows, k, scale, lse=lse.reshape(bh, -1), group=group, warps=warps)
+    expected = ref.maxprob_scores(rows, k, lse, group, scale)
+    out_rows = num_blocks(rows.shape[2], group)
+    assert got.shape == (bh, out_rows, mask_kernels.row_stride(p["kv_len"]))
+    _close(got[..., : p["kv_len"]], expected.reshape(bh, out_rows, -1), 1e-3, 1e-6)
+
+
+def _padded(values):
+    rows, kv_len = values.shape
+    buf = torch.full((1, rows, mask_kernels.row_stride(kv_len)), math.nan, device=DEVICE)
+    buf[0, :, :kv_len] = values.to(DEVICE)
+    return buf
+
+
+def _dense_from(counts, offsets, indices, kv_len):
+    dense = torch.zeros(counts.numel(), kv_len, dtype=torch.bool, device=counts.device)
+    rows = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts.long())
+    first = torch.repeat_interleave(offsets.long(), counts.long())
+    pos = torch.arange(rows.numel(), device=counts.device) - torch.repeat_interleave(
+        torch.cumsum(counts.long(), 0) - counts.long(), counts.long()) + first
+    keys = indices[pos].long()
+    assert ((keys >= 0) & (keys < kv_len)).all()
+    dense[rows, keys] = True
+    assert int(dense.sum()) == rows.numel(), "duplicate keys in a row"
+    return dense
+
+
+@pytest.mark.parametrize("staged", [True, False])
+@given(case=selection_cases(max_kv=3000))
+@SETTINGS
+def test_selection_matches_reference(staged, case):
+    values, lse, rule, opts = case["values"], case["lse"], case["rule"], case["opts"]
+    rows, kv_len = values.shape
+    local, slice_m = case["local"], case["slice_m"]
+    kwargs = {"top_k": opts["k"]} if rule == "topk" else {rule: opts[rule]}
+    req = scoring.make_request(64, kv_len, slice_m, "colmax", rule=rule, local=local, min_keys=opts["min_keys"],
+                               max_keys=opts.get("max_keys"), **kwargs)
+    buf = _padded(values)
+    lse_d = None if lse is None else lse.to(DEVICE).reshape(1, rows)
+    spec = SelectSpec(staged=staged and SelectSpec.fits(buf.shape[2]))
+    with mock.patch.object(mask_kernels, "_select_spec", lambda device, ld: spec):
+        thr_u, thr_i, counts = mask_kernels.gpu_select(buf, kv_len, req, lse=lse_d, band=local)
+        offsets = (torch.cumsum(counts, 0) - counts).to(torch.int32)
+        out = torch.full((max(int(counts.sum()), 1),), -1, dtype=torch.int32, device=DEVICE)
+        mask_kernels.gpu_emit(buf, kv_len, rows, 1, slice_m, thr_u, thr_i, counts, sel_band=local, offsets=offsets, out=out)
+        got = _dense_from(counts, offsets, out, kv_len)
+        # Fused emit (row sizes given) writes the same keys.
+        fused = torch.full_like(out, -1)
+        again = torch.empty_like(counts)
+        mask_kernels.gpu_select(buf, kv_len, req, lse=lse_d, band=local, offsets=offsets, out=fused, counts=again)
+    band = ref.band_mask(rows, kv_len, slice_m, local, DEVICE) if local is not None else None
+    expected = ref.select(values.to(DEVICE), rule, lse=None if lse is None else lse.to(DEVICE), band=band,
+                          k=req.top_k, tau=req.tau, threshold=req.threshold, min_keys=req.min_keys,
+                          max_keys=req.max_keys)
+    if rule == "tau":
+        # Float32 sums on the GPU may move the cut by one key where the running mass meets
+        # tau within rounding; anything else must match.
+        assert tau_rows_agree(values, got, expected, req.tau, lse=lse, band=band).all()
+    else:
+        assert torch.equal(got, expected)
+        assert torch.equal(again, counts) and torch.equal(fused, out)
+
+
+CONFIGS = [
+    dict(method="topk", density=0.1),
+    dict(method="topk", top_k=30, local=8, min_keys=5, workspace_bytes=1),
+    dict(method="tau", tau=0.8),
+    dict(method="tau", tau=0.5, max_keys=300, local=0, workspace_bytes=1),
+    dict(method="threshold", threshold=0.01, min_keys=3),
+    dict(method="topk", top_k=20, pool=16, combine="max"),
+    dict(method="tau", tau=0.7, pool=32, combine="max", workspace_bytes=1),
+    dict(method="topk", top_k=10, pool=16, combine="union", local=4),
+    dict(method="tau", tau=0.6, pool=16, combine="union", workspace_bytes=1),
+    dict(method="colmax"),
+    dict(method="colmax", rule="topk", top_k=40, local=2, workspace_bytes=1),
+    dict(method="colmax", rule="tau", tau=0.9, max_keys=400),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("shape", [(1, 2, 300, 400, 64, 64), (2, 3, 1000, 777, 128, 128)])
+def test_predict_mask_matches_reference(config, shape):
+    batch, heads, q_len, kv_len, dim, slice_m = shape
+    q, k = _inputs(11, batch, heads, q_len, kv_len, dim, torch.bfloat16)
+    kw = dict(config)
+    workspace = kw.pop("workspace_bytes", scoring.DEFAULT_WORKSPACE)
+    lse = ref.logits_and_lse(q, k, 1 / math.sqrt(dim))[1] if kw["method"] == "colmax" else None
+    got = predict_mask(q, k, slice_m, lse=lse, workspace_bytes=workspace, **kw).validate()
+    assert got.device.type == torch.device(DEVICE).type
+    req = scoring.make_request(dim, kv_len, slice_m, **kw)
+    expected = ref.predict_mask_reference(
+        q, k, slice_m, req.method, rule=req.rule, top_k=req.top_k, tau=req.tau, threshold=req.threshold,
+        pool=req.pool, combine=req.combine, min_keys=req.min_keys, max_keys=req.max_keys, local=req.local,
+        lse=lse, scale=req.scale).to_dense()
+    # Scores differ from the float32 reference only by summation order: a handful of slices at
+    # the cut may flip.
+    assert (got.to_dense() != expected).sum().item() <= 5 + 0.002 * int(expected.sum())
+    if req.rule == "topk" and req.kind != "union":
+        expected_lengths = scoring.static_row_counts(got.q_blocks, kv_len, req).to(DEVICE)
+        assert (got.row_lengths().long() == expected_lengths).all()
+
+
+def test_long_rows_use_the_global_selection_kernel():
+    q, k = _inputs(3, 1, 1, 200, 50_000, 64, torch.float16)
+    assert not SelectSpec.fits(mask_kernels.row_stride(50_000))
+    got = predict_mask(q, k, 64, "tau", tau=0.9).validate().to_dense()
+    rows = ref.rounded(ref.pool_queries(q, 64), torch.float16)
+    logits, lse = ref.logits_and_lse(rows, k, 1 / 8)
+    assert smallest_tau_set_ok(logits, got, 0.9, lse=lse).all()
+
+
+def test_topk_prediction_never_synchronises():
+    q, k = _inputs(4, 1, 4, 2048, 2048, 128, torch.bfloat16)
+    predict_mask(q, k, 128, "topk", density=0.1, local=128)  # compile outside the check
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        mask = predict_mask(q, k, 128, "topk", density=0.1, local=128)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    mask.validate()
+    assert mask.row_lengths().min().item() >= round(0.1 * 2048)
+
+
+def test_runs_on_torch_current_stream():
+    q_real, k = _inputs(5, 1, 2, 1000, 1000, 64, torch.bfloat16)
+    expected = predict_mask(q_real, k, 64, "topk", density=0.2).to_dense()
+    q = torch.zeros_like(q_real)
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(200_000_000)
+        q.copy_(q_real)
+        mask = predict_mask(q, k, 64, "topk", density=0.2)
+    side.synchronize()
+    assert torch.equal(mask.to_dense(), expected)
+
+
+def test_video_workload_on_the_gpu_is_seeded_and_light():
+    shape = VideoShape("wan-slice", 1, 4, 128, (21, 30, 52))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    q, k, v = video_qkv(shape, "mixed", seed=2, device=DEVICE)
+    outputs = 3 * q.numel() * q.element_size()
+    assert q.device.type == "cuda" and q.dtype == torch.bfloat16 and q.shape == (1, 4, 32_760, 128)
+    # Beyond its outputs, generation holds a few float32 [S, D] buffers, whatever the head count.
+    assert torch.cuda.max_memory_allocated() - before < outputs + 16 * 32_760 * 128 * 4
+    again = video_qkv(shape, "mixed", seed=2, device=DEVICE, head_ids=[3])
+    assert torch.equal(again[0][:, 0], q[:, 3])
+
+
+def test_mask_cache_on_the_gpu():
+    q, k = _inputs(6, 1, 2, 700, 900, 64, torch.bfloat16)
+    for storage in ("index", "bits"):
+        cache = MaskCache(warmup=1, refresh_every=2, storage=storage, method="tau", slice_m=64, tau=0.9)
+        assert cache.mask_for("l", 0, q, k) is None
+        fresh = cache.mask_for("l", 1, q, k)
+        reused = cache.mask_for("l", 2, q, k)
+        assert isinstance(reused, SliceMask) and reused.device.type == torch.device(DEVICE).type
+        assert torch.equal(reused.validate().to_dense(), fresh.to_dense())

@@ -1,0 +1,96 @@
+"""Video-like workloads: shapes, seeding, head subsamples, drift, and attention that is sparse."""
+
+import math
+
+import pytest
+import torch
+
+from bench.presets import PRESETS
+from fgcupy import workloads
+from fgcupy.workloads import SHAPES, VideoShape, grid_positions, head_styles, rotary_split, video_qkv
+
+SMALL = VideoShape("small", 1, 8, 64, (4, 10, 12))
+
+
+def test_presets_come_from_the_package_shapes():
+    assert set(PRESETS) == set(SHAPES)
+    for name, shape in SHAPES.items():
+        preset = PRESETS[name]
+        assert preset.shape == (shape.batch, shape.heads, shape.seq, shape.head_dim)
+        assert preset.grid == shape.grid
+    assert SHAPES["wan14b-480p"].seq == 32_760 and SHAPES["hunyuan-720p"].seq == 118_800
+
+
+def test_rotary_split_and_positions():
+    assert rotary_split(128) == (44, 42, 42)  # Wan 2.1's t / h / w split
+    assert sum(rotary_split(64)) == 64
+    pos = grid_positions((2, 3, 4))
+    assert pos.shape == (24, 3)
+    assert pos[5].tolist() == [0, 1, 1] and pos[12].tolist() == [1, 0, 0]
+
+
+def test_shapes_dtype_and_seeding():
+    q, k, v = video_qkv(SMALL, "mixed", seed=3)
+    assert q.shape == k.shape == v.shape == (1, 8, 480, 64) and q.dtype == torch.bfloat16
+    again = video_qkv(SMALL, "mixed", seed=3)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), again))
+    other = video_qkv(SMALL, "mixed", seed=4)
+    assert not torch.equal(q, other[0])
+    # A head subsample is the same heads as in the full problem.
+    sub = video_qkv(SMALL, "mixed", seed=3, head_ids=[5, 2])
+    assert torch.equal(sub[1][:, 0], k[:, 5]) and torch.equal(sub[1][:, 1], k[:, 2])
+
+
+def test_drift_moves_q_and_k_slowly():
+    base = video_qkv(SMALL, "spatial", seed=0, drift=0.05, step=0, dtype=torch.float32)
+    near = video_qkv(SMALL, "spatial", seed=0, drift=0.05, step=1, dtype=torch.float32)
+    far = video_qkv(SMALL, "spatial", seed=0, drift=0.05, step=20, dtype=torch.float32)
+    d_near = (base[0] - near[0]).norm() / base[0].norm()
+    d_far = (base[0] - far[0]).norm() / base[0].norm()
+    assert 0 < d_near < 0.1 < d_far
+    assert torch.equal(base[2], near[2])  # v does not drift
+
+
+def _attention_mass_in_top(shape, pattern, fraction, heads):
+    q, k, _ = video_qkv(shape, pattern, seed=0, head_ids=heads, dtype=torch.float32)
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(shape.head_dim), dim=-1)
+    top = probs.topk(max(1, int(fraction * shape.seq)), dim=-1).values.sum(-1)
+    return top.mean().item()
+
+
+@pytest.mark.parametrize("pattern", ["spatial", "temporal"])
+def test_attention_is_concentrated(pattern):
+    shape = VideoShape("mid", 1, 4, 128, (6, 16, 20))
+    # 5 % of the keys hold most of the attention; random inputs would hold about 5 %.
+    assert _attention_mass_in_top(shape, pattern, 0.05, [0, 1]) > 0.6
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 1, shape.seq, 128, generator=gen) for _ in range(2))
+    probs = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(128), -1)
+    assert probs.topk(int(0.05 * shape.seq), dim=-1).values.sum(-1).mean() < 0.3
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_spatial_heads_look_near_in_their_own_frame_temporal_heads_along_time(seed):
+    shape = VideoShape("mid", 1, 1, 128, (6, 16, 20))
+    pos = grid_positions(shape.grid).float()
+    query = 3 * 320 + 8 * 20 + 10  # frame 3, row 8, column 10
+    near = (pos[:, 1:] - pos[query, 1:]).abs().amax(1)
+    for pattern in ("spatial", "temporal"):
+        q, k, _ = video_qkv(shape, pattern, seed=seed, dtype=torch.float32, noise=0.0, objects=0, sinks=0)
+        p = torch.softmax(q[0, 0] @ k[0, 0].T / math.sqrt(128), -1)[query]
+        own_frame = p[pos[:, 0] == 3].sum()
+        assert p[near <= 3].sum() > 0.9
+        if pattern == "spatial":
+            assert own_frame > 0.8
+        else:  # the same place in every frame, about equally
+            per_frame = torch.stack([p[(pos[:, 0] == t) & (near <= 1)].sum() for t in range(6)])
+            assert per_frame.min() > 0.1 and own_frame < 0.3
+
+
+def test_head_styles_and_errors():
+    assert head_styles("spatial", 3) == ["spatial"] * 3
+    assert head_styles("mixed", 3) == list(workloads.PATTERNS["mixed"][:3])
+    with pytest.raises(ValueError, match=r"pattern must be one of \('spatial', 'temporal', 'mixed'\), got 'noise'"):
+        video_qkv(SMALL, "noise")
+    with pytest.raises(ValueError, match=r"unknown shape 'wan99'"):
+        video_qkv("wan99")
