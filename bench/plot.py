@@ -24,13 +24,13 @@ def main(argv=None):
         by.setdefault(r["method"], []).append(r)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, rows in by.items():
+    for i, (method, rows) in enumerate(by.items()):
         rows = sorted(rows, key=lambda r: r["density"])
         xs, ys = [r["density"] for r in rows], [r["ms"] for r in rows]
         if len(rows) == 1:
-            ax.axhline(ys[0], linestyle="--", linewidth=1, label=f"{method} (dense)", color=None)
+            ax.axhline(ys[0], linestyle="--", linewidth=1, label=f"{method} (dense)", color=f"C{i}")
         else:
-            ax.plot(xs, ys, marker="o", label=method)
+            ax.plot(xs, ys, marker="o", label=method, color=f"C{i}")
     ax.set_xlabel("density (slices kept for fgcupy; blocks computed for FlexAttention)")
     ax.set_ylabel("time (ms, median of CUDA-event timings)")
     ax.set_title(report["header"], fontsize=7)
