@@ -122,8 +122,7 @@ def main(argv=None):
         record("flex-block-pooled", density, cuda_time_ms(lambda: flex(q, k, v, block_mask=block_mask), reps=args.reps), error)
         del block_mask, out
 
-    header = (f"{torch.cuda.get_device_name()} | driver {torch.cuda.driver_version() if hasattr(torch.cuda, 'driver_version') else 'n/a'}"
-              f" | torch {torch.__version__} | preset {args.preset} {tuple(q.shape)} bf16 | pattern {args.pattern}")
+    header = f"{gpu_header()} | preset {args.preset} {tuple(q.shape)} bf16 | pattern {args.pattern}"
     summary = equal_quality_summary(rows, fg_errors, block_errors)
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump({"header": header, "rows": rows, "summary": summary}, f, indent=1)
@@ -135,6 +134,21 @@ def main(argv=None):
     with open(os.path.join(args.out, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    try:  # the figures, where matplotlib is installed (else: python -m bench.plot <out>/report.json)
+        from bench.plot import main as plot
+
+        plot([os.path.join(args.out, "report.json")])
+    except ImportError:
+        print("matplotlib not installed: run `python -m bench.plot report.json` elsewhere for the figures")
+
+
+def gpu_header() -> str:
+    """GPU name, driver and library versions for report headers."""
+    import cupy
+
+    driver = cupy.cuda.runtime.driverGetVersion()
+    return (f"{torch.cuda.get_device_name()} | driver CUDA {driver // 1000}.{driver % 1000 // 10} | "
+            f"torch {torch.__version__} | cupy {cupy.__version__}")
 
 
 def equal_quality_summary(rows, fg_errors, block_errors):
