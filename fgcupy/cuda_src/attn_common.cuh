@@ -109,4 +109,23 @@ __device__ __forceinline__ float row_lse(float row_max, float row_sum) {
   return row_sum > 0.f ? (row_max + __log2f(row_sum)) * FG_LN2 : FG_NEG_INF;
 }
 
+// Copy the output tile, staged in shared memory, to global rows q_row0 + r (< q_len) with
+// 16-byte stores: this thread writes chunk `chunk` of rows first_row + j * ROWS_PER_PASS.
+// `offset(r, c)` is the tile's element offset of chunk c of row r (each kernel swizzles its own
+// way). first_row is recomputed behind an empty asm so the compiler does not keep the Q-load
+// offsets (the same values) alive across the main loop, which costs registers the loop needs.
+template <int ROWS, int ROWS_PER_PASS, class Offset>
+__device__ __forceinline__ void store_tile(u16* __restrict__ o_base, i64 o_ss, const u16* tile, int first_row,
+                                           int chunk, int q_row0, int q_len, Offset offset) {
+  asm volatile("" : "+r"(first_row));
+#pragma unroll
+  for (int j = 0; j < ROWS / ROWS_PER_PASS; ++j) {
+    const int r = first_row + j * ROWS_PER_PASS;
+    if (q_row0 + r < q_len) {
+      const uint4 val = *reinterpret_cast<const uint4*>(tile + offset(r, chunk));
+      *reinterpret_cast<uint4*>(o_base + (q_row0 + r) * o_ss + chunk * 8) = val;
+    }
+  }
+}
+
 }  // namespace fg

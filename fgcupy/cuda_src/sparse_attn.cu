@@ -225,19 +225,8 @@ sparse_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
     }
   }
   __syncthreads();
-  u16* o_base = o + b * o_sb + h * o_sh;
-  // Recompute (not reuse) the Q-load offsets: keeping them alive across the main loop costs
-  // registers the loop needs. The empty asm hides that this is the same value.
-  int out_row = my_row;
-  asm volatile("" : "+r"(out_row));
-#pragma unroll
-  for (int j = 0; j < S::kQRowsPerThread; ++j) {
-    const int r = out_row + j * S::kRowsPerPass;
-    if (q_row0 + r < q_len) {
-      const uint4 val = *reinterpret_cast<const uint4*>(sQ + swz<D>(r, my_chunk));
-      *reinterpret_cast<uint4*>(o_base + (q_row0 + r) * o_ss + my_chunk * 8) = val;
-    }
-  }
+  store_tile<M, S::kRowsPerPass>(o + b * o_sb + h * o_sh, o_ss, sQ, my_row, my_chunk, q_row0, q_len,
+                                 [](int r, int c) { return swz<D>(r, c); });
 }
 
 }  // namespace fg

@@ -239,17 +239,8 @@ sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const
     }
   }
   __syncthreads();
-  u16* o_base = o + b * o_sb + h * o_sh;
-  int out_row = my_row;
-  asm volatile("" : "+r"(out_row));
-#pragma unroll
-  for (int j = 0; j < S::kQRowsPerThread; ++j) {
-    const int r = out_row + j * S::kRowsPerPass;
-    if (q_row0 + r < q_len) {
-      const uint4 val = *reinterpret_cast<const uint4*>(sQ + sw128_offset<M>(r, my_chunk));
-      *reinterpret_cast<uint4*>(o_base + (q_row0 + r) * o_ss + my_chunk * 8) = val;
-    }
-  }
+  store_tile<M, S::kRowsPerPass>(o + b * o_sb + h * o_sh, o_ss, sQ, my_row, my_chunk, q_row0, q_len,
+                                 [](int r, int c) { return sw128_offset<M>(r, c); });
 }
 
 }  // namespace fg
