@@ -12,6 +12,9 @@ prediction can serve several steps. :class:`MaskCache` keeps one mask per layer:
 
 Storage is compact: kept indices as int16 when kv_len fits (else int32), or a bit map of all
 slices, whichever is smaller ("auto"); ``describe()`` and ``memory_bytes()`` say what is held.
+``expanded=True`` keeps each SliceMask as given instead: ``get`` then returns that object with no
+conversion and no host synchronisation, for loops that reuse a mask every step (a planned kernel
+already holds the expanded mask, so a compact copy would only add memory).
 A later step whose shapes differ from the cached mask's gets a ValueError naming both.
 """
 
@@ -38,6 +41,7 @@ class _Entry:
     form: str  # "index" or "bits"
     kept: int | None  # slices kept (known for bits; None when not counted, to avoid a sync)
     step: int
+    mask: SliceMask | None = None  # the mask itself, for form "expanded"
 
     def memory_bytes(self) -> int:
         return self.indptr.numel() * self.indptr.element_size() + self.payload.numel() * self.payload.element_size()
@@ -51,7 +55,7 @@ class MaskCache:
     """
 
     def __init__(self, warmup: int = 0, refresh_every: int | None = 1, refresh_steps=None, storage: str = "auto",
-                 **predict_kwargs):
+                 expanded: bool = False, **predict_kwargs):
         if not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
         if refresh_steps is None:
@@ -65,9 +69,12 @@ class MaskCache:
             self.refresh_steps = frozenset(steps)
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        if expanded and storage != "auto":
+            raise ValueError(f"expanded=True keeps masks as given; it cannot be combined with storage={storage!r}")
         self.warmup = warmup
         self.refresh_every = refresh_every
         self.storage = storage
+        self.expanded = bool(expanded)
         self.predict_kwargs = predict_kwargs
         self._entries: dict = {}
         self.predictions = 0
@@ -93,6 +100,9 @@ class MaskCache:
         if not isinstance(mask, SliceMask):
             raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
         shape = (mask.batch, mask.heads, mask.q_len, mask.kv_len, mask.slice_m)
+        if self.expanded:
+            self._entries[layer] = _Entry(shape, mask.indptr, mask.indices, "expanded", None, step, mask)
+            return
         slots = mask.batch * mask.heads * mask.q_blocks * mask.kv_len
         index_bytes = mask.capacity * (2 if mask.kv_len <= _INT16_KEYS else 4)
         form = self.storage if self.storage != "auto" else ("bits" if slots / 8 < index_bytes else "index")
@@ -116,6 +126,8 @@ class MaskCache:
             raise KeyError(f"no mask cached for layer {layer!r}; cached: {sorted(map(str, self._entries))}")
         entry = self._entries[layer]
         self._check(layer, entry, (batch, heads, q_len, kv_len, slice_m))
+        if entry.mask is not None:
+            return entry.mask
         batch, heads, q_len, kv_len, slice_m = entry.shape
         if entry.form == "index":
             return SliceMask(entry.indptr, entry.payload.to(torch.int32), slice_m, q_len, kv_len)
@@ -159,6 +171,15 @@ class MaskCache:
     # ---- what is held ----
     def layers(self) -> list:
         return list(self._entries)
+
+    def __contains__(self, layer) -> bool:
+        return layer in self._entries
+
+    def step_of(self, layer) -> int | None:
+        """The step ``layer``'s mask was stored on (None when nothing is cached): lets a caller
+        that runs a layer more than once per step (guidance branches) refresh only once."""
+        entry = self._entries.get(layer)
+        return None if entry is None else entry.step
 
     def clear(self) -> None:
         self._entries.clear()

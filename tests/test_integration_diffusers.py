@@ -234,6 +234,32 @@ def test_explicit_refresh_steps_and_shared_branches():
     assert counter.calls == 2
 
 
+def test_masks_live_in_the_mask_cache_and_reuse_is_the_same_object():
+    """Reuse steps hand the very mask of the refresh step to attention (no per-step conversion)."""
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    seen = []
+
+    def recording(q, k, v, mask, scale):
+        seen.append(mask)
+        return reference_attention_fn(q, k, v, mask, scale)
+
+    handle = fd.apply(model, cpu_config(attention_fn=recording, dense_steps=1, refresh_every=3))
+    assert isinstance(handle.cache, fgcupy.MaskCache) and handle.cache.expanded
+    for step in range(5):
+        for _ in range(2):
+            run_wan(model, latents, text, t=1000 - 100 * step)
+    # sparse calls: steps 1..4, two branches each; refresh on steps 1 and 4
+    assert len(seen) == 8 and seen[0] is not seen[1]  # branch 1 holds its own mask
+    assert seen[2] is seen[4] is seen[0] and seen[3] is seen[5] is seen[1]  # steps 2, 3 reuse
+    assert seen[6] is not seen[0] and seen[7] is not seen[1]  # step 4 refreshes
+    assert sorted(handle.cache.layers()) == [("blocks.0.attn1", 0), ("blocks.0.attn1", 1)]
+    assert handle.mask("blocks.0.attn1", 1) is seen[7]
+    assert handle.mask_memory_bytes() == handle.cache.memory_bytes() > 0
+    assert "refresh every 3 steps from step 1" in handle.describe()
+    assert (handle.cache.predictions, handle.cache.reuses) == (4, 4)
+
+
 def test_step_tracking_from_timesteps():
     model = tiny_wan(layers=1)
     handle = fd.apply(model, cpu_config())

@@ -111,3 +111,20 @@ def test_mask_drift():
     assert drift["changed"] == pytest.approx(1 / 8)
     assert drift["jaccard"] == pytest.approx(1 - 7 / 9)
     assert mask_drift(old, old) == {"changed": 0.0, "jaccard": 0.0}
+
+
+def test_expanded_storage_returns_the_stored_mask_itself():
+    """Reuse in a hot loop: no conversion, no copy, so the object (and a plan built on it) stays valid."""
+    q, k = _qk()
+    cache = MaskCache(refresh_every=2, expanded=True)
+    mask = predict_mask(q, k, 64, "topk", density=0.2)
+    assert "attn" not in cache and cache.step_of("attn") is None
+    cache.put("attn", mask, step=3)
+    assert "attn" in cache and cache.step_of("attn") == 3
+    assert cache.get("attn", 1, 2, 300, 260, 64) is mask
+    assert cache.memory_bytes() == mask.indptr.numel() * 4 + mask.indices.numel() * 4
+    assert "expanded int32" in cache.describe()
+    with pytest.raises(ValueError, match="kv_len differs"):
+        cache.get("attn", kv_len=261)
+    with pytest.raises(ValueError, match="cannot be combined with storage='bits'"):
+        MaskCache(storage="bits", expanded=True)

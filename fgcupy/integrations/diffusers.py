@@ -17,8 +17,15 @@ The denoising step reaches the processors through a forward pre-hook on the tran
 with a smaller timestep than the last starts a new step, a call with the same timestep is another
 branch of the same step (classifier-free guidance runs the model twice per step; each branch keeps
 its own masks), a larger timestep starts a new generation (masks are dropped). Reading the timestep
-costs one host synchronisation per transformer call, not per layer. Masks are predicted on refresh
+costs one host synchronisation per transformer call, not per layer. The schedule and the masks are
+fgcupy's ``MaskCache`` (one entry per layer and guidance branch): masks are predicted on refresh
 steps and reused in between; warm-up steps and chosen layers run dense through the stock processor.
+
+Sequence parallel (``process_group``, Wan only): each rank's processor gets its contiguous shard of
+the sequence (and the matching rows of the rotary tables) and attends through
+``fgcupy.distributed.SequenceParallelAttention``; masks are predicted per rank for the heads it
+owns. Sharding the model's inputs and gathering its output is the caller's job (diffusers' own
+context parallelism, ``_parallel_config``, still routes to the stock processor).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 
 from ..attention import SparseAttention
 from ..bridge import cupy_available
+from ..cache import MaskCache
 from ..jit.spec import HEAD_DIMS, SLICE_SIZES
 from ..mask import SliceMask
 
@@ -81,6 +89,10 @@ class SparseAttentionConfig:
         instead of raising.
     attention_fn: replaces fgcupy's kernel: ``attention_fn(q, k, v, mask, scale) -> out`` with
         q, k, v, out ``[B, S, H, D]``; for other backends, comparisons and CPU tests.
+    process_group: a torch.distributed group whose ranks each hold a contiguous sequence shard
+        (rank order = sequence order): self-attention then runs through SequenceParallelAttention
+        (fgcupy's kernel on CUDA tensors, its float32 reference elsewhere), dense steps and layers
+        included. Wan only; excludes ``attention_fn``.
     """
 
     predictor: str | Callable = "topk"
@@ -96,6 +108,7 @@ class SparseAttentionConfig:
     share_branches: bool = False
     fallback: bool = False
     attention_fn: Callable | None = None
+    process_group: object = None
 
     def __post_init__(self):
         if isinstance(self.predictor, str):
@@ -125,17 +138,25 @@ class SparseAttentionConfig:
             raise TypeError(f"predictor_kwargs must be a dict, got {type(self.predictor_kwargs).__name__}")
         if self.attention_fn is not None and not callable(self.attention_fn):
             raise TypeError(f"attention_fn must be callable, got {type(self.attention_fn).__name__}")
+        if self.process_group is not None and self.attention_fn is not None:
+            raise ValueError("attention_fn and process_group exclude each other: with a process group attention "
+                             "runs in fgcupy.distributed.SequenceParallelAttention")
+
+    def mask_cache(self) -> MaskCache:
+        """An empty MaskCache with this schedule. Listed refresh steps inside the warm-up are dropped
+        (they would run dense anyway); masks are kept expanded, so reuse costs no conversion."""
+        steps = self.refresh_steps
+        if steps is not None:
+            steps = [s for s in steps if s >= self.dense_steps]
+        return MaskCache(warmup=self.dense_steps, refresh_every=self.refresh_every, refresh_steps=steps,
+                         expanded=True)
 
     def is_dense_step(self, step: int) -> bool:
-        return step < self.dense_steps
+        return self.mask_cache().action(step) == "dense"
 
     def is_refresh_step(self, step: int) -> bool:
         """Whether the schedule predicts new masks on ``step`` (a layer with no mask yet always does)."""
-        if self.is_dense_step(step):
-            return False
-        if self.refresh_steps is not None:
-            return step in self.refresh_steps
-        return (step - self.dense_steps) % self.refresh_every == 0
+        return self.mask_cache().action(step) == "refresh"
 
     def predictor_arguments(self) -> dict:
         args = {name: getattr(self, name) for name in ("density", "tau", "threshold")
@@ -182,13 +203,14 @@ class LayerStats:
 
 @dataclass
 class _Slot:
-    """A layer's cached mask for one guidance branch (and its kernel plan)."""
+    """What one layer keeps per guidance branch beside its mask (which is in the handle's
+    MaskCache): the kernel plan, or the sequence-parallel attention object, and what the mask
+    was predicted for."""
 
-    mask: SliceMask | None = None
     plan: SparseAttention | None = None
+    parallel: object = None  # fgcupy.distributed.SequenceParallelAttention
     key: tuple | None = None  # (shape of q, shape of k, dtype, device): a change forces a refresh
     key_version: int = 0
-    refreshed_step: int = -1
 
 
 class _Layer:
@@ -217,6 +239,7 @@ class SparseAttentionHandle:
         self.transformer = transformer
         self.config = config
         self.layers = {layer.name: layer for layer in layers}
+        self.cache = config.mask_cache()  # keys: (layer name, guidance branch)
         self.step = 0
         self.branch = 0
         self.generation = 0
@@ -273,6 +296,7 @@ class SparseAttentionHandle:
         self.generation += 1
         for layer in self.layers.values():
             layer.slots.clear()
+        self.cache.clear()
         self._padding_host.clear()
         self._padding_version.clear()
         self._padding_seen.clear()
@@ -288,20 +312,25 @@ class SparseAttentionHandle:
         return {name: layer.stats.refreshes for name, layer in self.layers.items()}
 
     def mask(self, name: str, branch: int = 0) -> SliceMask | None:
-        """The mask layer ``name`` holds for ``branch`` (None before its first sparse call)."""
-        slot = self.layers[name].slots.get(branch)
-        return None if slot is None else slot.mask
+        """The mask layer ``name`` holds for ``branch`` (None before its first sparse call); with a
+        process group, the mask of this rank's heads over the whole sequence."""
+        if name not in self.layers:
+            raise KeyError(f"no patched layer {name!r}; layers: {list(self.layers)}")
+        return self.cache.get((name, branch)) if (name, branch) in self.cache else None
 
     def mask_memory_bytes(self) -> int:
-        return sum(slot.mask.memory_bytes() for layer in self.layers.values()
-                   for slot in layer.slots.values() if slot.mask is not None)
+        return self.cache.memory_bytes()
+
+    def describe(self) -> str:
+        """The MaskCache's summary: schedule, then every (layer, branch) mask held."""
+        return self.cache.describe()
 
     # ---- routing ----
     def _slot_branch(self) -> int:
         return 0 if self.config.share_branches else self.branch
 
     def _dense(self, layer: _Layer) -> bool:
-        return layer.dense or self.config.is_dense_step(self.step)
+        return layer.dense or self.cache.action(self.step) == "dense"
 
     def _key_padding(self, attention_mask: torch.Tensor, batch: int, kv_len: int):
         """(key_valid [B, KV] bool or None when every key is valid, version). The first layer of a
@@ -322,26 +351,69 @@ class SparseAttentionHandle:
         self._padding_seen[id(attention_mask)] = (attention_mask, key_valid, version)
         return key_valid, version
 
+    def _needs_refresh(self, entry: tuple, slot: _Slot, key: tuple, key_version: int) -> bool:
+        """The cache's schedule says refresh (once per step, whatever the number of branches sharing
+        the entry), or the mask was predicted for other shapes or another key padding."""
+        if slot.key != key or slot.key_version != key_version or entry not in self.cache:
+            return True
+        return self.cache.action(self.step, entry) == "refresh" and self.cache.step_of(entry) != self.step
+
+    def _store(self, layer: _Layer, entry: tuple, slot: _Slot, mask: SliceMask, key: tuple, key_version: int):
+        self.cache.put(entry, mask, self.step)
+        self.cache.predictions += 1
+        slot.key, slot.key_version = key, key_version
+        layer.stats.refresh_steps.append(self.step)
+
     def _attend(self, layer: _Layer, q, k, v, key_valid=None, key_version: int = 0):
         """Slice-sparse attention of q, k, v ``[B, S, H, D]``: refresh the layer's mask when the
         schedule (or a new shape / key padding) asks, then run the kernel on the cached plan."""
         cfg = self.config
-        slot = layer.slots.setdefault(self._slot_branch(), _Slot())
+        branch = self._slot_branch()
+        entry = (layer.name, branch)
+        slot = layer.slots.setdefault(branch, _Slot())
         key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
-        scheduled = cfg.is_refresh_step(self.step) and slot.refreshed_step != self.step
-        if slot.mask is None or slot.key != key or slot.key_version != key_version or scheduled:
+        if self._needs_refresh(entry, slot, key, key_version):
             mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2))
             if key_valid is not None:
                 mask = drop_keys(mask, key_valid)
             if cfg.attention_fn is None:
                 slot.plan = (slot.plan or SparseAttention()).plan(mask, head_dim=q.shape[-1], dtype=q.dtype)
-                mask = slot.plan.mask
-            slot.mask, slot.key, slot.key_version, slot.refreshed_step = mask, key, key_version, self.step
-            layer.stats.refresh_steps.append(self.step)
+                mask = slot.plan.mask  # the cache holds the plan's own mask: no second copy
+            self._store(layer, entry, slot, mask, key, key_version)
+        else:
+            self.cache.reuses += 1
         layer.stats.sparse_calls += 1
         if cfg.attention_fn is not None:
-            return cfg.attention_fn(q, k, v, slot.mask, None)
+            return cfg.attention_fn(q, k, v, self.cache.get(entry), None)
         return slot.plan.run(q, k, v, layout="NHD")
+
+    def _attend_parallel(self, layer: _Layer, q, k, v, dense: bool):
+        """Sequence-parallel attention of this rank's shard q, k, v ``[B, S_r, H, D]``. Refresh steps
+        pass a callable that predicts (and caches) the mask of the heads this rank owns from the
+        exchanged full-sequence q, k; other steps pass the cached mask itself, so
+        SequenceParallelAttention slices and plans it once per refresh, not per step."""
+        from ..distributed import SequenceParallelAttention
+
+        branch = self._slot_branch()
+        slot = layer.slots.setdefault(branch, _Slot())
+        if slot.parallel is None:
+            slot.parallel = SequenceParallelAttention(self.config.process_group)
+        if dense:
+            return slot.parallel(q, k, v, None, layout="NHD")
+        entry = (layer.name, branch)
+        key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
+        if self._needs_refresh(entry, slot, key, 0):
+            def predict(q_heads, k_heads, heads):
+                mask = self._predict(layer, q_heads.contiguous(), k_heads.contiguous())
+                self._store(layer, entry, slot, mask, key, 0)
+                return mask
+
+            mask = predict
+        else:
+            self.cache.reuses += 1
+            mask = self.cache.get(entry)
+        layer.stats.sparse_calls += 1
+        return slot.parallel(q, k, v, mask, layout="NHD")
 
     def _predict(self, layer: _Layer, q, k) -> SliceMask:
         cfg = self.config
@@ -365,7 +437,7 @@ class SparseAttentionHandle:
 
     def _check_device(self, layer: _Layer, device: torch.device) -> bool:
         """True when fgcupy can take tensors on ``device``; False (stock path) or an error otherwise."""
-        if self.config.attention_fn is not None:
+        if self.config.attention_fn is not None or self.config.process_group is not None:
             return True
         if device.type == "cuda" and kernel_available():
             return True
@@ -417,6 +489,9 @@ class _Processor:
             reason = "context_parallel"
         if reason is None and head_dim not in HEAD_DIMS:
             reason = f"head_dim_{head_dim}"
+        if reason is not None and handle.config.process_group is not None and reason != "cross_attention":
+            # the stock processor would attend within this rank's shard only: a silently wrong answer
+            raise ValueError(f"layer {layer.name}: sequence-parallel attention cannot take this call ({reason})")
         if reason is not None:
             layer.stats._stock(reason)
             return "stock"
@@ -428,9 +503,11 @@ class _Processor:
             return "stock"
         return "sparse"
 
-    def _attention(self, q, k, v, key_valid=None, key_version=0, attention_mask=None):
+    def _attention(self, q, k, v, key_valid=None, key_version=0, attention_mask=None, dense=False):
         """fgcupy on q, k, v ``[B, S, H, D]``; the stock attention call for dtypes without a kernel."""
         handle = self._handle
+        if handle.config.process_group is not None:
+            return handle._attend_parallel(self._layer, q, k, v, dense)
         if handle.config.attention_fn is None and q.dtype not in _KERNEL_DTYPES:
             from diffusers.models.attention_dispatch import dispatch_attention_fn
 
@@ -470,7 +547,8 @@ class WanSparseProcessor(_Processor):
         elif getattr(attn, "add_k_proj", None) is not None:
             structural = "image_context"
         route = self._route(attn, hidden_states.device, structural)
-        if route != "sparse":
+        parallel = self._handle.config.process_group is not None
+        if route == "stock" or (route == "dense" and not parallel):  # parallel dense steps need the exchange
             return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
 
         if getattr(attn, "fused_projections", False):
@@ -483,7 +561,7 @@ class WanSparseProcessor(_Processor):
             query = _rotate_pairs_wan(query, *rotary_emb)
             key = _rotate_pairs_wan(key, *rotary_emb)
 
-        out = self._attention(query, key, value)
+        out = self._attention(query, key, value, dense=route == "dense")
         out = out.flatten(2, 3).type_as(query)
         out = attn.to_out[0](out)
         return attn.to_out[1](out)
@@ -619,7 +697,8 @@ def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = N
         raise TypeError(f"config must be a SparseAttentionConfig, got {type(config).__name__}")
     if not isinstance(transformer, torch.nn.Module):
         raise TypeError(f"transformer must be a torch.nn.Module, got {type(transformer).__name__}")
-    if config.attention_fn is None and not config.fallback and not kernel_available():
+    parallel = config.process_group is not None  # SequenceParallelAttention has a CPU reference path
+    if config.attention_fn is None and not config.fallback and not parallel and not kernel_available():
         raise RuntimeError(
             "fgcupy cannot run here: its kernel needs a CUDA GPU visible to torch and cupy "
             f"(torch.cuda.is_available()={torch.cuda.is_available()}, cupy sees a GPU={cupy_available()}). "
@@ -643,6 +722,8 @@ def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = N
             f"{type(transformer).__name__} has no self-attention layer with a stock WanAttnProcessor or "
             "HunyuanVideoAttnProcessor2_0 (already patched, or not a Wan / HunyuanVideo transformer?)"
         )
+    if parallel and any(kind is not WanSparseProcessor for *_, kind in found):
+        raise ValueError("process_group (sequence parallel) is supported for Wan transformers only")
     bad = [i for i in config.dense_layers if i >= len(found)]
     if bad:
         raise ValueError(f"dense_layers {bad} out of range: the model has {len(found)} self-attention layers")
@@ -668,6 +749,7 @@ def remove(transformer: torch.nn.Module) -> SparseAttentionHandle:
         if isinstance(current, _Processor) and current._handle is handle:
             _set_processor(layer.module, layer.stock)
         layer.slots.clear()
+    handle.cache.clear()
     if handle._hook is not None:
         handle._hook.remove()
         handle._hook = None

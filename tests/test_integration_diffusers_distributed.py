@@ -1,0 +1,141 @@
+"""fgcupy.integrations.diffusers with ``process_group``: two gloo ranks on CPU, each running a tiny
+Wan self-attention layer on its shard of the sequence (SequenceParallelAttention's reference path),
+must give the rows of the single-process processor's output (the exact reference as attention_fn),
+through dense, refresh and reuse steps of the schedule.
+
+The test is at the processor level: the tiny model's patch embedding and output unpatchify work on
+the whole sequence, and sharding a model's inputs is the caller's job (see the module docstring)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="diffusers is an optional extra: pip install 'fgcupy[diffusers]'")
+
+from fgcupy import relative_l2  # noqa: E402
+from fgcupy.distributed import shard_ranges  # noqa: E402
+from fgcupy.integrations import diffusers as fd  # noqa: E402
+
+from .dist_harness import free_port  # noqa: E402
+from .tiny_diffusers import (  # noqa: E402
+    oracle_topk,
+    reference_attention_fn,
+    tiny_hunyuan,
+    tiny_wan,
+    wan_inputs,
+)
+
+WORLD = 2
+STEPS = 5
+HEADS = 3  # uneven over two ranks: heads 0-1 on rank 0, head 2 on rank 1
+SCHEDULE = dict(predictor=oracle_topk(0.3), slice_m=64, dense_steps=1, refresh_every=2, dense_layers=(1,))
+# 3 frames of 10 x 10 latents: 75 tokens, shards 38 + 37, so a 64-query slice straddles the ranks.
+FRAMES, SIZE = 3, 10
+
+
+def _problem():
+    """Model, rotary tables and one hidden state per step (identical on every process)."""
+    model = tiny_wan(heads=HEADS)
+    latents, _ = wan_inputs(frames=FRAMES, size=SIZE)
+    rotary = model.rope(latents)
+    gen = torch.Generator().manual_seed(7)
+    hidden = [torch.randn(1, rotary[0].shape[1], model.blocks[0].attn1.to_q.in_features, generator=gen)
+              for _ in range(STEPS)]
+    return model, rotary, hidden
+
+
+def _run_steps(model, handle, rotary, hidden, rows=None):
+    """Each step: both self-attention layers (layer 1 is a dense layer) on ``rows`` of the sequence."""
+    outs = []
+    rows = slice(None) if rows is None else slice(rows.start, rows.stop)
+    shard_rotary = tuple(t[:, rows] for t in rotary)
+    with torch.no_grad():
+        for step in range(STEPS):
+            handle.set_step(step)
+            outs.append(torch.stack([block.attn1(hidden[step][:, rows], None, None, shard_rotary)
+                                     for block in model.blocks]))
+    return torch.stack(outs)  # [steps, layers, B, S_r, dim]
+
+
+def _worker(rank, port, path):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        model, rotary, hidden = _problem()
+        handle = fd.apply(model, fd.SparseAttentionConfig(process_group=dist.group.WORLD, **SCHEDULE))
+        rows = shard_ranges(rotary[0].shape[1], WORLD)[rank]
+        out = _run_steps(model, handle, rotary, hidden, rows)
+        stats = {name: (s.refresh_steps, s.sparse_calls, s.dense_calls, s.stock_calls)
+                 for name, s in handle.stats().items()}
+        mask = handle.mask("blocks.0.attn1")
+        torch.save(dict(out=out, stats=stats, mask_heads=mask.heads, mask_q_len=mask.q_len), f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    ctx = torch.multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="fgcupy-sp-diffusers-") as folder:
+        path = os.path.join(folder, "rank")
+        port = free_port()
+        procs = [ctx.Process(target=_worker, args=(r, port, path), daemon=True) for r in range(WORLD)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + 120
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for r, p in enumerate(procs):
+            if p.is_alive():
+                p.kill()
+                p.join()
+                pytest.fail(f"rank {r} hung")
+            assert p.exitcode == 0, f"rank {r} failed (exit code {p.exitcode})"
+        return [torch.load(f"{path}.{r}") for r in range(WORLD)]
+
+
+def test_sequence_parallel_processor_matches_single_process(ranks):
+    model, rotary, hidden = _problem()
+    handle = fd.apply(model, fd.SparseAttentionConfig(attention_fn=reference_attention_fn, **SCHEDULE))
+    expected = _run_steps(model, handle, rotary, hidden)
+    want_stats = {name: (s.refresh_steps, s.sparse_calls, s.dense_calls, s.stock_calls)
+                  for name, s in handle.stats().items()}
+    assert want_stats["blocks.0.attn1"] == ([1, 3], 4, 1, 0)  # dense step 0, refresh 1 and 3, reuse 2 and 4
+
+    pieces = shard_ranges(expected.shape[3], WORLD)
+    for rank, result in enumerate(ranks):
+        got, want = result["out"], expected[:, :, :, pieces[rank].start:pieces[rank].stop]
+        assert got.shape == want.shape
+        for step in range(STEPS):
+            for layer in range(2):
+                err = relative_l2(got[step, layer], want[step, layer])
+                assert err < 1e-5, f"rank {rank}, step {step}, layer {layer}: relative L2 {err}"
+        assert result["stats"] == want_stats
+        # each rank holds the mask of its own heads over the whole sequence
+        assert (result["mask_heads"], result["mask_q_len"]) == ([2, 1][rank], expected.shape[3])
+
+
+def test_reused_masks_matter():
+    """The sparse steps differ from dense attention, so a reuse step with the wrong mask would show."""
+    model, rotary, hidden = _problem()
+    handle = fd.apply(model, fd.SparseAttentionConfig(attention_fn=reference_attention_fn, **SCHEDULE))
+    sparse = _run_steps(model, handle, rotary, hidden)
+    fd.remove(model)
+    dense = _run_steps(model, fd.apply(model, fd.SparseAttentionConfig(
+        attention_fn=reference_attention_fn, **{**SCHEDULE, "dense_steps": STEPS})), rotary, hidden)
+    assert relative_l2(sparse[2, 0], dense[2, 0]) > 1e-2
+    torch.testing.assert_close(sparse[:, 1], dense[:, 1])  # the dense layer
+
+
+def test_process_group_config_checks():
+    with pytest.raises(ValueError, match="attention_fn and process_group exclude each other"):
+        fd.SparseAttentionConfig(process_group=object(), attention_fn=reference_attention_fn)
+    with pytest.raises(ValueError, match="Wan transformers only"):
+        fd.apply(tiny_hunyuan(), fd.SparseAttentionConfig(process_group=object()))
