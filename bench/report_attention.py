@@ -71,8 +71,7 @@ def main(argv=None):
             name = spec.name if spec else "default plan"
             record(f"fgcupy {name}", density, cuda_time_ms(lambda: plan.run(q, k, v, out=out), reps=args.reps),
                    first_plan_s=first_plan_s, replan_ms=plan_ms)
-            del plan, out
-            del mask, call
+            del plan, out, mask
             torch.cuda.empty_cache()
 
     if args.uneven:
