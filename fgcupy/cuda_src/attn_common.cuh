@@ -109,6 +109,56 @@ __device__ __forceinline__ float row_lse(float row_max, float row_sum) {
   return row_sum > 0.f ? (row_max + __log2f(row_sum)) * FG_LN2 : FG_NEG_INF;
 }
 
+// Start the asynchronous load of the CTA's Q tile: this thread copies chunk `chunk` of rows
+// first_row + j * ROWS_PER_PASS; rows past q_len are zero-filled. `offset` as in store_tile.
+template <int ROWS, int ROWS_PER_PASS, class Offset>
+__device__ __forceinline__ void load_q_tile(u32 tile, const u16* __restrict__ q_base, i64 q_ss, int first_row,
+                                            int chunk, int q_row0, int q_len, Offset offset) {
+#pragma unroll
+  for (int j = 0; j < ROWS / ROWS_PER_PASS; ++j) {
+    const int r = first_row + j * ROWS_PER_PASS;
+    const bool valid = q_row0 + r < q_len;
+    const u16* src = q_base + (valid ? (q_row0 + r) * q_ss : 0) + chunk * 8;
+    cp_async16(tile + 2 * offset(r, chunk), src, valid);
+  }
+}
+
+// This thread's key indices of one key tile (positions tile * N + j * ROWS_PER_PASS past its
+// first position `first` in the list, -1 past the end). The 64-bit pointer is rebuilt from the
+// 32-bit position at each call: the empty asm stops the compiler from keeping it live across
+// the main loop, which costs registers the loop needs.
+template <int N, int ROWS_PER_THREAD, int ROWS_PER_PASS>
+__device__ __forceinline__ void load_key_indices(int (&idx)[ROWS_PER_THREAD], const int* __restrict__ indices,
+                                                 int first, int count, int tile) {
+  asm volatile("" : "+r"(first));
+  const int* mine = indices + first;
+#pragma unroll
+  for (int j = 0; j < ROWS_PER_THREAD; ++j) {
+    const int pos = tile * N + j * ROWS_PER_PASS;
+    idx[j] = pos < count ? __ldg(mine + pos) : -1;
+  }
+}
+
+// Gather this thread's rows of key tile `stage`: chunk `chunk` of K and V rows idx[j] into tile
+// rows first_row + j * ROWS_PER_PASS (tiles of TILE_ELEMS elements from shared addresses sK, sV),
+// and each row's bias (0, or -inf for an index outside [0, kv_len), which is zero-filled and
+// never read).
+template <int ROWS_PER_THREAD, int ROWS_PER_PASS, int TILE_ELEMS, int N, class Offset>
+__device__ __forceinline__ void gather_kv_tile(u32 sK, u32 sV, u32 sBias, int stage, const int (&idx)[ROWS_PER_THREAD],
+                                               int first_row, int chunk, int kv_len, const u16* __restrict__ k_base,
+                                               i64 k_ss, const u16* __restrict__ v_base, i64 v_ss, Offset offset) {
+#pragma unroll
+  for (int j = 0; j < ROWS_PER_THREAD; ++j) {
+    const int r = first_row + j * ROWS_PER_PASS;
+    const bool valid = static_cast<unsigned>(idx[j]) < static_cast<unsigned>(kv_len);
+    const i64 row = valid ? idx[j] : 0;
+    const u32 off = 2 * (stage * TILE_ELEMS + offset(r, chunk));
+    cp_async16(sK + off, k_base + row * k_ss + chunk * 8, valid);
+    cp_async16(sV + off, v_base + row * v_ss + chunk * 8, valid);
+    if (chunk == 0) st_shared_f32(sBias + 4 * (stage * N + r), valid ? 0.f : FG_NEG_INF);
+  }
+}
+
 // Copy the output tile, staged in shared memory, to global rows q_row0 + r (< q_len) with
 // 16-byte stores: this thread writes chunk `chunk` of rows first_row + j * ROWS_PER_PASS.
 // `offset(r, c)` is the tile's element offset of chunk c of row r (each kernel swizzles its own

@@ -61,37 +61,21 @@ sparse_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16*
   const int my_chunk = tid % S::kChunksPerRow;
   const int my_row = tid / S::kChunksPerRow;
 
-  // ---- Q tile (zero rows past q_len) ----
-#pragma unroll
-  for (int j = 0; j < S::kQRowsPerThread; ++j) {
-    const int r = my_row + j * S::kRowsPerPass;
-    const bool valid = q_row0 + r < q_len;
-    const u16* src = q_base + (valid ? (q_row0 + r) * q_ss : 0) + my_chunk * 8;
-    cp_async16(smem_u32(sQ + swz<D>(r, my_chunk)), src, valid);
-  }
+  const auto tile_offset = [](int r, int c) { return swz<D>(r, c); };
+  load_q_tile<M, S::kRowsPerPass>(smem_u32(sQ), q_base, q_ss, my_row, my_chunk, q_row0, q_len, tile_offset);
 
   // Key indices are prefetched one tile ahead into registers, so the gather of a tile never
   // waits on the load of its own indices.
   int kv_idx[S::kKvRowsPerThread];
+  const int my_first = start + my_row;  // this thread's first position in the list
+  const int count = end - my_first;     // positions left from there
   auto load_indices = [&](int tile) {
-#pragma unroll
-    for (int j = 0; j < S::kKvRowsPerThread; ++j) {
-      const int pos = start + tile * N + my_row + j * S::kRowsPerPass;
-      kv_idx[j] = pos < end ? __ldg(indices + pos) : -1;
-    }
+    load_key_indices<N, S::kKvRowsPerThread, S::kRowsPerPass>(kv_idx, indices, my_first, count, tile);
   };
+  const u32 sK_u32 = smem_u32(sK), sV_u32 = smem_u32(sV);
   auto issue_tile = [&](int stage) {
-#pragma unroll
-    for (int j = 0; j < S::kKvRowsPerThread; ++j) {
-      const int r = my_row + j * S::kRowsPerPass;
-      const int idx = kv_idx[j];
-      const bool valid = static_cast<unsigned>(idx) < static_cast<unsigned>(kv_len);
-      const i64 row = valid ? idx : 0;
-      const int off = stage * S::kTileElems + swz<D>(r, my_chunk);
-      cp_async16(smem_u32(sK + off), k_base + row * k_ss + my_chunk * 8, valid);
-      cp_async16(smem_u32(sV + off), v_base + row * v_ss + my_chunk * 8, valid);
-      if (my_chunk == 0) st_shared_f32(sBias_u32 + 4 * (stage * N + r), valid ? 0.f : FG_NEG_INF);
-    }
+    gather_kv_tile<S::kKvRowsPerThread, S::kRowsPerPass, S::kTileElems, N>(
+        sK_u32, sV_u32, sBias_u32, stage, kv_idx, my_row, my_chunk, kv_len, k_base, k_ss, v_base, v_ss, tile_offset);
   };
 
   load_indices(0);

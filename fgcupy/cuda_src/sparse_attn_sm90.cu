@@ -89,42 +89,20 @@ sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const
   const int my_chunk = tid % S::kChunksPerRow;
   const int my_row = tid / S::kChunksPerRow;
 
-#pragma unroll
-  for (int j = 0; j < S::kQRowsPerThread; ++j) {
-    const int r = my_row + j * S::kRowsPerPass;
-    const bool valid = q_row0 + r < q_len;
-    const u16* src = q_base + (valid ? (q_row0 + r) * q_ss : 0) + my_chunk * 8;
-    cp_async16(sQ_u32 + 2 * sw128_offset<M>(r, my_chunk), src, valid);
-  }
+  load_q_tile<M, S::kRowsPerPass>(sQ_u32, q_base, q_ss, my_row, my_chunk, q_row0, q_len,
+                                  [](int r, int c) { return sw128_offset<M>(r, c); });
 
   int kv_idx[S::kKvRowsPerThread];
   const int my_first = start + my_row;  // this thread's first position in the list
   const int count = end - my_first;     // positions left from there
   auto load_indices = [&](int tile) {
-    // Rebuild the 64-bit pointer from one 32-bit register at each use (the empty asm stops
-    // the compiler from keeping the pointer live across the loop, which costs a spill).
-    int first = my_first;
-    asm volatile("" : "+r"(first));
-    const int* my_indices = indices + first;
-#pragma unroll
-    for (int j = 0; j < S::kKvRowsPerThread; ++j) {
-      const int pos = tile * N + j * S::kRowsPerPass;
-      kv_idx[j] = pos < count ? __ldg(my_indices + pos) : -1;
-    }
+    load_key_indices<N, S::kKvRowsPerThread, S::kRowsPerPass>(kv_idx, indices, my_first, count, tile);
   };
   auto issue_tile = [&](int stage, int tile) {
     if constexpr (!kPrefetchIndices) load_indices(tile);
-#pragma unroll
-    for (int j = 0; j < S::kKvRowsPerThread; ++j) {
-      const int r = my_row + j * S::kRowsPerPass;
-      const int idx = kv_idx[j];
-      const bool valid = static_cast<unsigned>(idx) < static_cast<unsigned>(kv_len);
-      const i64 row = valid ? idx : 0;
-      const u32 off = 2 * (stage * S::kTileElems + sw128_offset<N>(r, my_chunk));
-      cp_async16(sK_u32 + off, k_base + row * k_ss + my_chunk * 8, valid);
-      cp_async16(sV_u32 + off, v_base + row * v_ss + my_chunk * 8, valid);
-      if (my_chunk == 0) st_shared_f32(sBias_u32 + 4 * (stage * N + r), valid ? 0.f : FG_NEG_INF);
-    }
+    gather_kv_tile<S::kKvRowsPerThread, S::kRowsPerPass, S::kTileElems, N>(
+        sK_u32, sV_u32, sBias_u32, stage, kv_idx, my_row, my_chunk, kv_len, k_base, k_ss, v_base, v_ss,
+        [](int r, int c) { return sw128_offset<N>(r, c); });
   };
 
   if constexpr (kPrefetchIndices) load_indices(0);
