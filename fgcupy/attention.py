@@ -65,12 +65,18 @@ class SparseAttention:
     def plan(self, mask: SliceMask, head_dim: int, dtype=torch.bfloat16, key_tile: int | None = None,
              stages: int | None = None, rows_per_warp: int | None = None,
              schedule: str = "longest_first", spec=None) -> "SparseAttention":
-        """Choose and load the kernel for ``mask``; tile parameters left as None take the
-        heuristic default (``default_config``). ``schedule`` orders the query blocks:
-        "longest_first" (default: long lists start early, so the last wave is short) or "index".
-        ``spec`` (an ``AttentionSpec`` or ``Sm90AttentionSpec``) picks the kernel outright."""
+        """Choose and load the kernel for ``mask``. With no tile parameter and no ``spec``: the
+        tuned kernel for this GPU and shape if ``fgcupy.autotune`` stored one, else
+        ``default_spec``. Any of key_tile / stages / rows_per_warp selects the mma.sync kernel,
+        the others taking ``default_config``. ``spec`` (an ``AttentionSpec`` or
+        ``Sm90AttentionSpec``) picks the kernel outright. ``schedule`` orders the query blocks:
+        "longest_first" (default: long lists start early, so the last wave is short) or "index"."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        tile_args = {"key_tile": key_tile, "stages": stages, "rows_per_warp": rows_per_warp}
+        if spec is not None and any(v is not None for v in tile_args.values()):
+            given = {k: v for k, v in tile_args.items() if v is not None}
+            raise ValueError(f"give either spec or tile parameters, not both (spec={spec.name}, {given})")
         if not isinstance(mask, SliceMask):
             raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
         dtype_name = bridge.dtype_name(dtype, "dtype")
@@ -192,8 +198,8 @@ class SparseAttention:
 def sparse_attention(q, k, v, mask: SliceMask, scale: float | None = None, layout: str = "HND",
                      out=None, return_lse: bool = False, **tile):
     """One-shot slice-sparse attention: ``plan`` + ``run``. Prefer a ``SparseAttention`` object
-    when the same mask serves several calls. ``tile`` takes ``plan``'s key_tile, stages and
-    rows_per_warp."""
+    when the same mask serves several calls. ``tile`` takes ``plan``'s key_tile, stages,
+    rows_per_warp, schedule and spec."""
     check_layout(layout)
     q_t = bridge.to_torch(q, "q")
     plan = SparseAttention().plan(mask, head_dim=q_t.shape[-1], dtype=q_t.dtype, **tile)

@@ -21,6 +21,8 @@ MASK = SliceMask.full(1, 2, 100, 80, 64)
         (dict(), ValueError, r"mask must be on a CUDA device to plan, got cpu"),
         (dict(key_tile=48), ValueError, r"key_tile must be one of \(32, 64, 128\), got 48"),
         (dict(schedule="random"), ValueError, r"schedule must be one of \('longest_first', 'index'\)"),
+        (dict(spec=AttentionSpec("bfloat16", 64, 64), stages=3), ValueError,
+         r"give either spec or tile parameters, not both \(spec=sparse_attn_fwd_bf16_d64_m64_n64_s2_w4, \{'stages': 3\}\)"),
     ],
 )
 def test_plan_errors(kwargs, error, message):
