@@ -137,16 +137,24 @@ def timing_rows(args, shape, device):
     req = scoring.make_request(shape.head_dim, shape.seq, 128, "topk", density=0.1)
     pooled = ref.pool_queries(q, 128).to(q.dtype).contiguous()
     record("  stage: pool queries (torch)", lambda: ref.pool_queries(q, 128).to(q.dtype))
-    record("  stage: score kernel (logits + lse)", lambda: mask_kernels.gpu_scores("logits", pooled, k, req.scale))
+    for warps in (4, 8):
+        record(f"  stage: score kernel (logits + lse, {warps} warps)",
+               lambda w=warps: mask_kernels.gpu_scores("logits", pooled, k, req.scale, warps=w))
     vals, row_lse = mask_kernels.gpu_scores("logits", pooled, k, req.scale)
     per_row = req.top_k
     offsets = (torch.arange(vals.shape[0] * vals.shape[1], device=device, dtype=torch.int64) * per_row).to(torch.int32)
     out = torch.empty(vals.shape[0] * vals.shape[1] * per_row, dtype=torch.int32, device=device)
     record("  stage: select kernel (top-k, fused emit)",
            lambda: mask_kernels.gpu_select(vals, shape.seq, req, lse=row_lse, offsets=offsets, out=out))
-    record("  stage: select kernel (tau=0.9, thresholds only)",
-           lambda: mask_kernels.gpu_select(vals, shape.seq, scoring.make_request(shape.head_dim, shape.seq, 128, "tau", tau=0.9),
-                                      lse=row_lse))
+    tau_req = scoring.make_request(shape.head_dim, shape.seq, 128, "tau", tau=0.9)
+    record("  stage: select kernel (tau=0.9, counts and bitmask)",
+           lambda: mask_kernels.gpu_select(vals, shape.seq, tau_req, lse=row_lse, bits=True))
+    counts, bits = mask_kernels.gpu_select(vals, shape.seq, tau_req, lse=row_lse, bits=True)
+    tau_offsets = (torch.cumsum(counts, 0) - counts).to(torch.int32)
+    tau_out = torch.empty(int(counts.sum()), dtype=torch.int32, device=device)
+    record("  stage: emit kernel (tau=0.9 bitmask to indices)",
+           lambda: mask_kernels.gpu_emit(bits, shape.seq, vals.shape[1], 1, 128, counts, offsets=tau_offsets,
+                                         out=tau_out))
     dense_ms = next((r["ms"] for r in rows if r["what"] == "sdpa-cudnn dense" and "ms" in r), None)
     for r in rows:
         if dense_ms and "ms" in r:

@@ -115,21 +115,27 @@ def _select_spec(device: torch.device, ld: int) -> SelectSpec:
     return SelectSpec(staged=SelectSpec.fits(ld) and _smem_optin(index) >= SELECT_MAX_SMEM + 1024)
 
 
+def bit_words(kv_len: int) -> int:
+    """32-bit words per row of a selection bitmask."""
+    return (kv_len + 31) // 32
+
+
 def gpu_select(vals: torch.Tensor, kv_len: int, req, *, lse=None, band: int | None = None,
-               offsets=None, out=None, counts=None):
+               offsets=None, out=None, counts=None, bits: bool = False):
     """Run fg::select_rows on score rows vals [n, R, ld] (R rows per head).
 
-    ``req``: a fgcupy.scoring.MaskRequest (rule and its options). Returns (thr_u, thr_i, counts)
-    int32 [n * R]; with ``offsets``/``out`` also writes the kept indices (fused emit).
-    ``lse`` [n, R] marks vals as logits.
+    ``req``: a fgcupy.scoring.MaskRequest (rule and its options). Returns (counts int32 [n * R],
+    bitmask int32 [n * R, bit_words(kv_len)] of the kept keys if ``bits`` else None); with
+    ``offsets``/``out`` also writes the kept indices (fused emit). ``lse`` [n, R] marks vals as
+    logits.
     """
     n, per_head, ld = vals.shape
     rows = n * per_head
     device = vals.device
     spec = _select_spec(device, ld)
-    thr_u = torch.empty(rows, dtype=torch.int32, device=device)
-    thr_i = torch.empty(rows, dtype=torch.int32, device=device)
     counts = torch.empty(rows, dtype=torch.int32, device=device) if counts is None else counts
+    words = bit_words(kv_len)
+    mask_bits = torch.empty(rows, words, dtype=torch.int32, device=device) if bits else None
     if req.rule == "threshold":
         thr = math.log(req.threshold) if lse is not None else req.threshold
     else:
@@ -139,23 +145,25 @@ def gpu_select(vals: torch.Tensor, kv_len: int, req, *, lse=None, band: int | No
         np.int32(per_head), np.int32(req.slice_m), np.int32(-1 if band is None else band),
         np.int32(RULE_IDS[req.rule]), np.int32(req.top_k or 0), np.float32(req.tau or 0.0), np.float32(thr),
         np.int32(req.min_keys), np.int32(kv_len if req.max_keys is None else req.max_keys),
-        _ptr(thr_u), _ptr(thr_i), _ptr(counts), _ptr(offsets), _ptr(out),
+        _ptr(counts), _ptr(offsets), _ptr(out), _ptr(mask_bits), np.int32(words),
     )
     if rows:
         _launch(device, spec, (rows,), args, shared_mem=spec.launch_smem(ld))
-    return thr_u, thr_i, counts
+    return counts, mask_bits
 
 
-def gpu_emit(vals, kv_len, sub_rows: int, group: int, slice_m: int, thr_u, thr_i, counts, *, sel_band=None,
+def gpu_emit(bits: torch.Tensor, kv_len: int, sub_rows: int, group: int, slice_m: int, counts, *,
              add_band=None, offsets=None, out=None):
-    """Run fg::emit_rows: count (no offsets) into ``counts`` or write the kept keys of each block."""
-    n = vals.shape[0]
+    """Run fg::emit_rows on selection bitmasks bits [n * sub_rows, words]: count (no offsets)
+    into ``counts`` or write the kept keys of each block (union over ``group`` sub-rows, plus
+    the band ``add_band``)."""
+    words = bits.shape[1]
+    n = bits.shape[0] // max(sub_rows, 1)
     out_rows = num_blocks(sub_rows, group)
     args = (
-        _ptr(vals), np.int64(vals.shape[2]), np.int32(kv_len), np.int32(sub_rows), np.int32(out_rows),
-        np.int32(group), np.int32(slice_m), np.int32(-1 if sel_band is None else sel_band),
-        np.int32(-1 if add_band is None else add_band), _ptr(thr_u), _ptr(thr_i), _ptr(counts), _ptr(offsets),
-        _ptr(out),
+        _ptr(bits), np.int32(words), np.int32(kv_len), np.int32(sub_rows), np.int32(out_rows),
+        np.int32(group), np.int32(slice_m), np.int32(-1 if add_band is None else add_band),
+        _ptr(counts), _ptr(offsets), _ptr(out),
     )
     if n * out_rows:
-        _launch(vals.device, EmitSpec(), (n * out_rows,), args)
+        _launch(bits.device, EmitSpec(), (n * out_rows,), args)

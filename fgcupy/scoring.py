@@ -281,15 +281,14 @@ class _GpuPrediction:
             nbh = min(self.chunk, self.bh - bh0)
             vals, lse = self._scores(bh0, nbh)
             if kind == "union":
-                thr_u, thr_i, _ = gpu_select(vals, self.kv_len, req, lse=lse, band=None)
+                _, bits = gpu_select(vals, self.kv_len, req, lse=lse, band=None, bits=True)
                 counts = torch.empty(nbh * self.q_blocks, dtype=torch.int32, device=self.device)
-                emit_args = dict(sel_band=None, add_band=req.local)
-                gpu_emit(vals, self.kv_len, self.sub_rows, req.group, req.slice_m, thr_u, thr_i, counts, **emit_args)
-                group, sub_rows = req.group, self.sub_rows
+                gpu_emit(bits, self.kv_len, self.sub_rows, req.group, req.slice_m, counts, add_band=req.local)
+                group, sub_rows, add_band = req.group, self.sub_rows, req.local
             else:
-                thr_u, thr_i, counts = gpu_select(vals, self.kv_len, req, lse=lse, band=req.local)
-                emit_args = dict(sel_band=req.local, add_band=None)
-                group, sub_rows = 1, self.q_blocks
+                counts, bits = gpu_select(vals, self.kv_len, req, lse=lse, band=req.local, bits=True)
+                group, sub_rows, add_band = 1, self.q_blocks, None
+            del vals  # the emit reads only the bitmasks
             local_starts = torch.cumsum(counts, 0, dtype=torch.int64) - counts
             if self.capped:
                 row0 = bh0 * self.q_blocks
@@ -305,12 +304,12 @@ class _GpuPrediction:
                 offsets = local_starts
                 all_offsets.append(local_starts + base)
                 base += used
-            gpu_emit(vals, self.kv_len, sub_rows, group, req.slice_m, thr_u, thr_i, counts,
-                     offsets=offsets.to(torch.int32), out=out, **emit_args)
+            gpu_emit(bits, self.kv_len, sub_rows, group, req.slice_m, counts, add_band=add_band,
+                     offsets=offsets.to(torch.int32), out=out)
             if self.capped:
                 all_offsets.append(offsets)
             all_counts.append(counts)
-            del vals
+            del bits
         if not self.capped:
             indices = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int32, device=self.device)
         return self._mask(torch.cat(all_offsets), torch.cat(all_counts), indices)

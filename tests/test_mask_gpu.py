@@ -120,10 +120,15 @@ def test_selection_matches_reference(staged, case):
     lse_d = None if lse is None else lse.to(DEVICE).reshape(1, rows)
     spec = SelectSpec(staged=staged and SelectSpec.fits(buf.shape[2]))
     with mock.patch.object(mask_kernels, "_select_spec", lambda device, ld: spec):
-        thr_u, thr_i, counts = mask_kernels.gpu_select(buf, kv_len, req, lse=lse_d, band=local)
+        counts, bits = mask_kernels.gpu_select(buf, kv_len, req, lse=lse_d, band=local, bits=True)
+        assert bits.shape == (rows, mask_kernels.bit_words(kv_len))
+        # The bitmask holds exactly the counted keys.
+        recounted = torch.empty_like(counts)
+        mask_kernels.gpu_emit(bits, kv_len, rows, 1, slice_m, recounted)
+        assert torch.equal(recounted, counts)
         offsets = (torch.cumsum(counts, 0) - counts).to(torch.int32)
         out = torch.full((max(int(counts.sum()), 1),), -1, dtype=torch.int32, device=DEVICE)
-        mask_kernels.gpu_emit(buf, kv_len, rows, 1, slice_m, thr_u, thr_i, counts, sel_band=local, offsets=offsets, out=out)
+        mask_kernels.gpu_emit(bits, kv_len, rows, 1, slice_m, counts, offsets=offsets, out=out)
         got = _dense_from(counts, offsets, out, kv_len)
         # Fused emit (row sizes given) writes the same keys.
         fused = torch.full_like(out, -1)
@@ -182,8 +187,8 @@ def test_predict_mask_matches_reference(config, shape):
 
 
 def test_long_rows_use_the_global_selection_kernel():
-    q, k = _inputs(3, 1, 1, 200, 50_000, 64, torch.float16)
-    assert not SelectSpec.fits(mask_kernels.row_stride(50_000))
+    q, k = _inputs(3, 1, 1, 200, 75_600, 64, torch.float16)
+    assert not SelectSpec.fits(mask_kernels.row_stride(75_600))
     got = predict_mask(q, k, 64, "tau", tau=0.9).validate().to_dense()
     rows = ref.rounded(ref.pool_queries(q, 64), torch.float16)
     logits, lse = ref.logits_and_lse(rows, k, 1 / 8)

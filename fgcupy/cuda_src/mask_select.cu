@@ -11,24 +11,27 @@
 //   first n keys hold a fraction tau of the row's mass (mass = exp(logit - lse) for logit rows,
 //   the score itself for probability rows; "holds" allows a 1e-5 relative float32 summation
 //   error); then clamped to [max(min_keys, band), max_keys].
-//   Search: a 2048-bin histogram of counts (and masses) over a monotone coarse key (1/32 logit
-//   below the row's lse for logits, 1/32 octave for probabilities; bin 0 = band) picks the bin
-//   holding the n-th key (or where the mass reaches tau). If that bin holds <= 1024 keys they
-//   are gathered, sorted (bitonic) and the cut is read off exactly; otherwise the bin is refined
-//   by 8-bit digits of the order key (at most four more histogram passes), and exact ties left
-//   at the end are cut in index order by an ordered block scan.
-// With STAGED the row's order keys are copied to shared memory once and every pass reads them
-// there; otherwise each pass re-reads the row from global memory.
-// If `offsets` is given (row sizes known beforehand: top-k), the CTA also writes the kept
-// indices, ascending, at out + offsets[row].
+//   Search: one pass over the row builds a 2048-bin histogram of counts (and masses) over a
+//   monotone coarse key (1/32 logit below the row's lse for logits, 1/32 octave for
+//   probabilities; bin 0 = band) and picks the bin holding the n-th key (or where the mass
+//   reaches tau). If that bin holds <= 1024 keys they are gathered, sorted (bitonic) and the cut
+//   is read off exactly; otherwise the bin is refined by 8-bit digits of the order key (at most
+//   four more histogram passes over the bin's keys), and exact ties left at the end are cut in
+//   index order by an ordered block scan.
+// With STAGED the first pass leaves every key's coarse bin (16 bits) in shared memory, so later
+// passes touch global memory only for the keys of the cut's bin: the row is read from DRAM once,
+// and two CTAs fit on an SM. Without it (rows too long to stage) every pass re-reads the row.
+// Outputs: the kept count per row; with `offsets` (row sizes known beforehand: top-k) the kept
+// indices, ascending, at out + offsets[row]; with `bits` a bitmask of the kept keys, one bit
+// per key, `words` 32-bit words per row (for emit_rows).
 //
-// emit_rows counts (offsets == nullptr) or writes the kept keys of each output row: the union
-// over `group` consecutive selected sub-rows, plus an optional diagonal band.
+// emit_rows counts (offsets == nullptr) or writes the kept keys of each output row from the
+// bitmasks: the union over `group` consecutive selected sub-rows, plus an optional diagonal band.
 #include "common.cuh"
 
 namespace fg {
 
-constexpr int kSelThreads = 1024;
+constexpr int kSelThreads = 512;
 constexpr int kSelWarps = kSelThreads / 32;
 constexpr int kBins = 2048;
 constexpr int kDigitBins = 256;
@@ -75,32 +78,63 @@ __device__ __forceinline__ void band_range(int j, int slice_m, int band, int kv_
   hi = static_cast<int>(last > kv_len ? kv_len : (last < lo ? lo : last));
 }
 
-struct RowCtx {
-  const float* vals;        // the row in global memory
-  const unsigned* staged;   // its order keys in shared memory (STAGED)
-  int n;                    // keys in the row
-  int band_lo, band_hi;     // keys ranked first
-  bool logit;               // logits with a row lse, or probabilities
-  float lse;
-};
-
-template <bool STAGED>
-__device__ __forceinline__ unsigned raw_key(const RowCtx& c, int i) {
-  if (STAGED) return c.staged[i];
-  return order_key(__ldg(c.vals + i));
+// Keys per thread in the ordered passes: a multiple of 32 (whole bitmask words). The staged
+// bins array holds kSelThreads * keys_per_thread(kv_len) entries.
+__device__ __forceinline__ int keys_per_thread(int kv_len) {
+  return ((kv_len + kSelThreads - 1) / kSelThreads + 31) / 32 * 32;
 }
+
+struct RowCtx {
+  const float* vals;  // the row in global memory
+  const u16* bins;    // every key's coarse bin in shared memory (STAGED)
+  int n;              // keys in the row
+  int band_lo, band_hi;  // keys ranked first
+  bool logit;         // logits with a row lse, or probabilities
+  float lse;
+  float lse_bins;     // lse * kBinsPerLogit
+  int t0, t1;         // this thread's keys [t0, t1) in the ordered passes (t0 a multiple of 32)
+};
 
 __device__ __forceinline__ bool in_band(const RowCtx& c, int i) { return i >= c.band_lo && i < c.band_hi; }
 
-// Coarse bin (1 .. kBins-1, best first) of a non-band key: non-increasing in the key.
-__device__ __forceinline__ int coarse_bin(const RowCtx& c, unsigned u) {
-  if (u == 0u) return kBins - 1;
+__device__ __forceinline__ unsigned key_at(const RowCtx& c, int i) { return order_key(__ldg(c.vals + i)); }
+
+// Coarse bin (1 .. kBins-1, best first) of a non-band score v: non-increasing in v's order key
+// (NaN lowest), so a smaller bin always means a strictly larger key. Every pass computes bins
+// with this one function, so the staged bins and the search agree exactly.
+__device__ __forceinline__ int value_bin(const RowCtx& c, float v) {
   if (c.logit) {
-    const float t = fmaxf(c.lse - key_float(u), 0.f) * kBinsPerLogit;
-    return 1 + static_cast<int>(fminf(t, static_cast<float>(kBins - 2)));
+    const float t = fminf(fmaxf(fmaf(-kBinsPerLogit, v, c.lse_bins), 0.f), static_cast<float>(kBins - 2));
+    return v == v ? 1 + static_cast<int>(t) : kBins - 1;
   }
+  const unsigned u = order_key(v);
+  if (u == 0u) return kBins - 1;
   const int b = kProbTop - static_cast<int>(u >> 18);
   return min(max(b, 1), kBins - 1);
+}
+
+// Bin of key i (0 for the band): from shared memory when staged, else from the row.
+template <bool STAGED>
+__device__ __forceinline__ int bin_at(const RowCtx& c, int i) {
+  if (STAGED) return c.bins[i];
+  return in_band(c, i) ? 0 : value_bin(c, __ldg(c.vals + i));
+}
+
+// Bins of keys i0 .. i0 + 7 (i0 a multiple of 8; keys past the row get kBins).
+template <bool STAGED>
+__device__ __forceinline__ void bins8(const RowCtx& c, int i0, int b[8]) {
+  if (STAGED) {
+    const uint4 w = *reinterpret_cast<const uint4*>(c.bins + i0);
+    const unsigned ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      b[2 * e] = static_cast<int>(ws[e] & 0xffffu);
+      b[2 * e + 1] = static_cast<int>(ws[e] >> 16);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) b[e] = i0 + e < c.n ? bin_at<false>(c, i0 + e) : kBins;
+  }
 }
 
 __device__ __forceinline__ float key_mass(const RowCtx& c, unsigned u) {
@@ -116,27 +150,6 @@ struct SelScratch {
   unsigned before_cnt, bin_cnt;
   float before_mass;
 };
-
-// Warp-collective histogram add: lanes sharing the first active lane's bin add once.
-template <bool MASS>
-__device__ __forceinline__ void hist_add(unsigned* cnt, float* mass, int bin, float m, bool active, int lane) {
-  const unsigned act = __ballot_sync(kFull, active);
-  if (act == 0u) return;
-  const int leader = __ffs(act) - 1;
-  const int lead_bin = __shfl_sync(kFull, bin, leader);
-  const bool same = active && bin == lead_bin;
-  const unsigned group = __ballot_sync(kFull, same);
-  float group_mass = 0.f;
-  if (MASS) group_mass = warp_sum(same ? m : 0.f);
-  if (lane == leader) {
-    atomicAdd(cnt + lead_bin, static_cast<unsigned>(__popc(group)));
-    if (MASS) atomicAdd(mass + lead_bin, group_mass);
-  }
-  if (active && !same) {
-    atomicAdd(cnt + bin, 1u);
-    if (MASS) atomicAdd(mass + bin, m);
-  }
-}
 
 // Sum over the block (every thread gets the totals).
 __device__ __forceinline__ void block_sum(unsigned& xu, float& xf, SelScratch& sc) {
@@ -252,82 +265,93 @@ __device__ void find_bin(const unsigned* cnt, const float* mass, int nb, bool by
   __syncthreads();
 }
 
-// Level-0 histogram over the whole row (and, on the first pass, staging and threshold count).
-template <bool STAGED, bool MASS, bool FIRST>
-__device__ unsigned build_level0(RowCtx& c, unsigned* staged_out, unsigned* cnt, float* mass, unsigned u_thr,
-                                 bool count_thr) {
-  const int tid = threadIdx.x, lane = tid & 31;
+// First pass: read the row once (16-byte loads; the row stride is a multiple of 4 floats),
+// build the level-0 histogram, stage the bins (STAGED) and count keys >= u_thr (COUNT_THR).
+template <bool STAGED, bool MASS, bool COUNT_THR>
+__device__ unsigned first_pass(const RowCtx& c, u16* bins_out, unsigned* cnt, float* mass, unsigned u_thr) {
+  const int tid = threadIdx.x;
   for (int b = tid; b < kBins; b += kSelThreads) {
     cnt[b] = 0u;
     mass[b] = 0.f;
   }
   __syncthreads();
   unsigned above_thr = 0u;
-  if (FIRST) {
-    // Vectorised read of the row (16-byte loads; the row stride is a multiple of 4 floats).
-    const int nvec = (c.n + 3) >> 2;
-    for (int base = 0; base < nvec; base += 4 * kSelThreads) {
-      float4 x[4];
+  const int nvec = (c.n + 3) >> 2;
+  for (int base = 0; base < nvec; base += 4 * kSelThreads) {
+    float4 x[4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int f = base + j * kSelThreads + tid;
-        if (f < nvec) {
-          x[j] = __ldg(reinterpret_cast<const float4*>(c.vals) + f);
-        } else {
-          x[j].x = x[j].y = x[j].z = x[j].w = 0.f;
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int f = base + j * kSelThreads + tid;
-        const float xs[4] = {x[j].x, x[j].y, x[j].z, x[j].w};
-        unsigned us[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = 4 * f + e;
-          const bool active = f < nvec && i < c.n;
-          const unsigned u = order_key(xs[e]);
-          us[e] = u;
-          const bool band = in_band(c, i);
-          const int bin = band ? 0 : coarse_bin(c, u);
-          hist_add<MASS>(cnt, mass, bin, MASS ? key_mass(c, u) : 0.f, active, lane);
-          if (count_thr && active && !band && u >= u_thr) ++above_thr;
-        }
-        if (STAGED && f < nvec) {
-          uint4 w;
-          w.x = us[0];
-          w.y = us[1];
-          w.z = us[2];
-          w.w = us[3];
-          reinterpret_cast<uint4*>(staged_out)[f] = w;
-        }
+    for (int j = 0; j < 4; ++j) {
+      const int f = base + j * kSelThreads + tid;
+      if (f < nvec) {
+        x[j] = __ldg(reinterpret_cast<const float4*>(c.vals) + f);
+      } else {
+        x[j].x = x[j].y = x[j].z = x[j].w = 0.f;
       }
     }
-  } else {
-    for (int i0 = 0; i0 < c.n; i0 += kSelThreads) {
-      const int i = i0 + tid;
-      const bool active = i < c.n;
-      const unsigned u = active ? raw_key<STAGED>(c, i) : 0u;
-      const int bin = in_band(c, i) ? 0 : coarse_bin(c, u);
-      hist_add<MASS>(cnt, mass, bin, MASS ? key_mass(c, u) : 0.f, active, lane);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int f = base + j * kSelThreads + tid;
+      if (f >= nvec) continue;
+      const float xs[4] = {x[j].x, x[j].y, x[j].z, x[j].w};
+      const bool near_band = 4 * f < c.band_hi && 4 * f + 4 > c.band_lo;
+      int bs[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 4 * f + e;
+        const bool band = near_band && in_band(c, i);
+        bs[e] = band ? 0 : value_bin(c, xs[e]);
+        if (i < c.n) {
+          atomicAdd(cnt + bs[e], 1u);
+          if (MASS) atomicAdd(mass + bs[e], key_mass(c, order_key(xs[e])));
+          if (COUNT_THR && !band && order_key(xs[e]) >= u_thr) ++above_thr;
+        }
+      }
+      if (STAGED) {
+        uint2 w;
+        w.x = static_cast<unsigned>(bs[0]) | (static_cast<unsigned>(bs[1]) << 16);
+        w.y = static_cast<unsigned>(bs[2]) | (static_cast<unsigned>(bs[3]) << 16);
+        reinterpret_cast<uint2*>(bins_out)[f] = w;
+      }
     }
   }
   __syncthreads();
   return above_thr;
 }
 
-// Keys inside the current search window: coarse bin `bin` and, once refined, order-key prefix.
+// Level-0 histogram of counts again (the search destroys it).
 template <bool STAGED>
-__device__ __forceinline__ bool in_window(const RowCtx& c, int i, unsigned u, int bin, unsigned pfx, int pshift) {
-  if (i >= c.n || in_band(c, i)) return false;
-  if (coarse_bin(c, u) != bin) return false;
-  return pshift >= 32 || (u >> pshift) == pfx;
+__device__ void recount(const RowCtx& c, unsigned* cnt) {
+  const int tid = threadIdx.x;
+  for (int b = tid; b < kBins; b += kSelThreads) cnt[b] = 0u;
+  __syncthreads();
+  for (int i = tid; i < c.n; i += kSelThreads) atomicAdd(cnt + bin_at<STAGED>(c, i), 1u);
+  __syncthreads();
+}
+
+// Calls f(i, u) for each key of this thread's range in coarse bin `bin` (never the band) whose
+// order key u has prefix pfx above bit pshift, in index order. Only those keys are read from
+// global memory.
+template <bool STAGED, class F>
+__device__ __forceinline__ void for_window(const RowCtx& c, int bin, unsigned pfx, int pshift, F f) {
+  for (int i0 = c.t0; i0 < c.t1; i0 += 8) {
+    int b[8];
+    bins8<STAGED>(c, i0, b);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int i = i0 + e;
+      if (b[e] == bin && i < c.t1) {
+        const unsigned u = key_at(c, i);
+        if (pshift >= 32 || (u >> pshift) == pfx) f(i, u);
+      }
+    }
+  }
 }
 
 struct Cut {
   unsigned u;
   int i;
   unsigned n;
+  int bin;  // coarse bin of the cut key: keys in smaller bins are kept, in larger bins dropped
 };
 
 // The first `need_cnt` keys (count mode) or the fewest first keys holding `need_mass`
@@ -343,6 +367,7 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, float* mass, unsigned long
   float rem_mass = need_mass - sc.before_mass;
   unsigned window = sc.bin_cnt;
   Cut cut;
+  cut.bin = bin;
   if (bin == 0) {  // the band alone: it is always kept whole
     cut.u = kBandKey;
     cut.i = kIntMax;
@@ -358,17 +383,11 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, float* mass, unsigned long
       mass[b] = 0.f;
     }
     __syncthreads();
-    for (int i0 = 0; i0 < c.n; i0 += kSelThreads) {
-      const int i = i0 + tid;
-      const unsigned u = i < c.n ? raw_key<STAGED>(c, i) : 0u;
-      const bool act = in_window<STAGED>(c, i, u, bin, pfx, pshift);
+    for_window<STAGED>(c, bin, pfx, pshift, [&](int, unsigned u) {
       const int digit_bin = 255 - static_cast<int>((u >> shift) & 255u);
-      if (by_mass) {
-        hist_add<true>(cnt, mass, digit_bin, key_mass(c, u), act, lane);
-      } else {
-        hist_add<false>(cnt, mass, digit_bin, 0.f, act, lane);
-      }
-    }
+      atomicAdd(cnt + digit_bin, 1u);
+      if (by_mass) atomicAdd(mass + digit_bin, key_mass(c, u));
+    });
     __syncthreads();
     find_bin(cnt, mass, kDigitBins, by_mass, rem_cnt, rem_mass, sc);
     const unsigned digit = 255u - static_cast<unsigned>(sc.bin);
@@ -385,21 +404,10 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, float* mass, unsigned long
     // Gather the window's keys as (order key, inverted index) pairs and sort them descending.
     if (tid == 0) sc.ncand = 0;
     __syncthreads();
-    for (int i0 = 0; i0 < c.n; i0 += kSelThreads) {
-      const int i = i0 + tid;
-      const unsigned u = i < c.n ? raw_key<STAGED>(c, i) : 0u;
-      const bool act = in_window<STAGED>(c, i, u, bin, pfx, pshift);
-      const unsigned bal = __ballot_sync(kFull, act);
-      if (bal != 0u) {
-        int base = 0;
-        if (lane == 0) base = atomicAdd(&sc.ncand, __popc(bal));
-        base = __shfl_sync(kFull, base, 0);
-        const int pos = base + __popc(bal & lanemask_lt(lane));
-        if (act && pos < kCand) {
-          cand[pos] = (static_cast<unsigned long long>(u) << 32) | (0xffffffffu - static_cast<unsigned>(i));
-        }
-      }
-    }
+    for_window<STAGED>(c, bin, pfx, pshift, [&](int i, unsigned u) {
+      const int pos = atomicAdd(&sc.ncand, 1);
+      if (pos < kCand) cand[pos] = (static_cast<unsigned long long>(u) << 32) | (0xffffffffu - static_cast<unsigned>(i));
+    });
     __syncthreads();
     const int nc = min(sc.ncand, kCand);
     int size = 2;
@@ -467,26 +475,19 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, float* mass, unsigned long
     if (take >= window) {
       cut.i = kIntMax;
     } else {
+      // Thread ranges are in index order: a block scan of per-thread tie counts ranks them.
       if (tid == 0) sc.found = kIntMax;
-      unsigned running = 0u;
-      for (int i0 = 0; i0 < c.n; i0 += kSelThreads) {
-        const int i = i0 + tid;
-        const bool tie = i < c.n && !in_band(c, i) && raw_key<STAGED>(c, i) == pfx;
-        const unsigned bal = __ballot_sync(kFull, tie);
-        if (lane == 0) sc.warp_u[warp] = static_cast<unsigned>(__popc(bal));
-        __syncthreads();
-        unsigned before_w = 0u, total = 0u;
-        for (int w = 0; w < kSelWarps; ++w) {
-          const unsigned x = sc.warp_u[w];
-          if (w < warp) before_w += x;
-          total += x;
-        }
-        const unsigned rank = running + before_w + static_cast<unsigned>(__popc(bal & lanemask_lt(lane)));
-        if (tie && rank + 1u == take) sc.found = i;
-        running += total;
-        __syncthreads();
-        if (running >= take) break;
+      unsigned ties = 0u;
+      for_window<STAGED>(c, bin, pfx, 0, [&](int, unsigned) { ++ties; });
+      unsigned rank;
+      float unused;
+      block_exscan(ties, 0.f, rank, unused, sc);
+      if (rank < take && take <= rank + ties) {
+        for_window<STAGED>(c, bin, pfx, 0, [&](int i, unsigned) {
+          if (++rank == take) sc.found = i;
+        });
       }
+      __syncthreads();
       cut.i = sc.found;
       __syncthreads();
     }
@@ -495,33 +496,55 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, float* mass, unsigned long
   return cut;
 }
 
+// Kept-key bitmask of keys i0 .. i0 + 31 (i0 a multiple of 32): decided by the staged bin,
+// except in the cut's own bin, where the key itself is compared with the cut.
 template <bool STAGED>
-__device__ __forceinline__ bool kept(const RowCtx& c, int i, unsigned cu, int ci) {
-  const unsigned u = in_band(c, i) ? kBandKey : raw_key<STAGED>(c, i);
-  return u > cu || (u == cu && i <= ci);
+__device__ __forceinline__ unsigned kept_word(const RowCtx& c, int i0, const Cut& cut) {
+  unsigned m = 0u;
+#pragma unroll
+  for (int g = 0; g < 4; ++g) {
+    int b[8];
+    bins8<STAGED>(c, i0 + 8 * g, b);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int i = i0 + 8 * g + e;
+      bool k = b[e] < cut.bin;
+      if (b[e] == cut.bin && i < c.n) {
+        const unsigned u = in_band(c, i) ? kBandKey : key_at(c, i);
+        k = u > cut.u || (u == cut.u && i <= cut.i);
+      }
+      if (k) m |= 1u << (8 * g + e);
+    }
+  }
+  const int left = c.n - i0;
+  return left >= 32 ? m : (left <= 0 ? 0u : m & ((1u << left) - 1u));
 }
 
 template <bool STAGED>
-__global__ void __launch_bounds__(kSelThreads, 1)
+__global__ void __launch_bounds__(kSelThreads, 2)
 select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ lse, int kv_len, int rows_per_bh,
             int slice_m, int band, int rule, int k_keys, float tau, float thr, int min_keys, int max_keys,
-            unsigned* __restrict__ thr_u, int* __restrict__ thr_i, int* __restrict__ counts,
-            const int* __restrict__ offsets, int* __restrict__ out) {
+            int* __restrict__ counts, const int* __restrict__ offsets, int* __restrict__ out,
+            unsigned* __restrict__ bits, int words) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned* cnt = reinterpret_cast<unsigned*>(smem_raw);
   float* mass = reinterpret_cast<float*>(cnt + kBins);
   unsigned long long* cand = reinterpret_cast<unsigned long long*>(mass + kBins);
-  unsigned* staged = reinterpret_cast<unsigned*>(cand + kCand);
+  u16* staged_bins = reinterpret_cast<u16*>(cand + kCand);
   __shared__ SelScratch sc;
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x;
   const int row = blockIdx.x;
   RowCtx c;
   c.vals = vals + static_cast<i64>(row) * ld;
-  c.staged = staged;
+  c.bins = staged_bins;
   c.n = kv_len;
   c.logit = lse != nullptr;
   c.lse = c.logit ? lse[row] : 0.f;
+  c.lse_bins = c.lse * kBinsPerLogit;
+  const int per = keys_per_thread(kv_len);
+  c.t0 = tid * per;
+  c.t1 = min(kv_len, c.t0 + per);
   band_range(row % rows_per_bh, slice_m, band, kv_len, c.band_lo, c.band_hi);
 
   const bool tau_rule = rule == kRuleTau;
@@ -529,9 +552,11 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
   const unsigned u_thr = thr_rule ? order_key(c.logit ? c.lse + thr : thr) : 0u;
   unsigned above;
   if (tau_rule) {
-    above = build_level0<STAGED, true, true>(c, staged, cnt, mass, u_thr, false);
+    above = first_pass<STAGED, true, false>(c, staged_bins, cnt, mass, u_thr);
+  } else if (thr_rule) {
+    above = first_pass<STAGED, false, true>(c, staged_bins, cnt, mass, u_thr);
   } else {
-    above = build_level0<STAGED, false, true>(c, staged, cnt, mass, u_thr, thr_rule);
+    above = first_pass<STAGED, false, false>(c, staged_bins, cnt, mass, u_thr);
   }
   const unsigned band_cnt = cnt[0];
   const unsigned n_all = static_cast<unsigned>(kv_len);
@@ -549,114 +574,121 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
     cut = search<STAGED>(c, cnt, mass, cand, true, 0u, tau * total * (1.f - kTauSlack), sc);
     n_keep = min(max(cut.n, lo), hi);
     have_cut = n_keep == cut.n;
-    if (!have_cut) build_level0<STAGED, false, false>(c, staged, cnt, mass, 0u, false);
+    if (!have_cut) recount<STAGED>(c, cnt);
   } else {
-    unsigned dummy_f_u = thr_rule ? above : 0u;
-    float dummy_f = 0.f;
-    if (thr_rule) block_sum(dummy_f_u, dummy_f, sc);
-    const unsigned wanted = rule == kRuleTopK ? static_cast<unsigned>(max(k_keys, 0)) : band_cnt + dummy_f_u;
+    unsigned n_above = thr_rule ? above : 0u;
+    float unused = 0.f;
+    if (thr_rule) block_sum(n_above, unused, sc);
+    const unsigned wanted = rule == kRuleTopK ? static_cast<unsigned>(max(k_keys, 0)) : band_cnt + n_above;
     n_keep = min(max(wanted, lo), hi);
   }
   if (!have_cut) {
     if (n_keep == 0u) {
       cut.u = kBandKey;
       cut.i = -1;
+      cut.bin = 0;
     } else if (n_keep >= n_all) {
       cut.u = 0u;
       cut.i = kIntMax;
+      cut.bin = kBins;
     } else {
       cut = search<STAGED>(c, cnt, mass, cand, false, n_keep, 0.f, sc);
     }
     cut.n = n_keep;
   }
-  if (tid == 0) {
-    thr_u[row] = cut.u;
-    thr_i[row] = cut.i;
-    counts[row] = static_cast<int>(cut.n);
+  if (tid == 0) counts[row] = static_cast<int>(cut.n);
+
+  if (bits == nullptr && offsets == nullptr) return;
+
+  // ---- outputs: each thread its contiguous keys, 32 at a time ----
+  unsigned mine = 0u;
+  for (int i0 = c.t0; i0 < c.t1; i0 += 32) {
+    const unsigned m = kept_word<STAGED>(c, i0, cut);
+    mine += __popc(m);
+    if (bits != nullptr) bits[static_cast<i64>(row) * words + i0 / 32] = m;
   }
   if (offsets == nullptr) return;
-
-  // ---- fused emit: warp w writes its contiguous segment of keys in order ----
+  unsigned pos;
+  float unused;
+  block_exscan(mine, 0.f, pos, unused, sc);
   int* dst = out + offsets[row];
-  const int seg = ((kv_len + kSelWarps - 1) / kSelWarps + 31) & ~31;
-  const int ws = warp * seg;
-  const int we = min(kv_len, ws + seg);
-  unsigned mine = 0u;
-  for (int i0 = ws; i0 < we; i0 += 32) {
-    const int i = i0 + lane;
-    mine += __popc(__ballot_sync(kFull, i < we && kept<STAGED>(c, i, cut.u, cut.i)));
-  }
-  __syncthreads();
-  if (lane == 0) sc.warp_u[warp] = mine;
-  __syncthreads();
-  unsigned run = 0u;
-  for (int w = 0; w < warp; ++w) run += sc.warp_u[w];
-  for (int i0 = ws; i0 < we; i0 += 32) {
-    const int i = i0 + lane;
-    const bool f = i < we && kept<STAGED>(c, i, cut.u, cut.i);
-    const unsigned bal = __ballot_sync(kFull, f);
-    const unsigned pos = run + __popc(bal & lanemask_lt(lane));
-    if (f && pos < cut.n) dst[pos] = i;
-    run += __popc(bal);
+  for (int i0 = c.t0; i0 < c.t1; i0 += 32) {
+    unsigned m = kept_word<STAGED>(c, i0, cut);
+    while (m != 0u) {
+      const int b = __ffs(m) - 1;
+      m &= m - 1u;
+      if (pos < cut.n) dst[pos] = i0 + b;
+      ++pos;
+    }
   }
 }
 
+// Bits of word w (keys 32w .. 32w+31) inside [lo, hi).
+__device__ __forceinline__ unsigned range_bits(int w, int lo, int hi) {
+  const int a = max(lo, 32 * w), b = min(hi, 32 * w + 32);
+  if (a >= b) return 0u;
+  const unsigned m = b - a == 32 ? kFull : ((1u << (b - a)) - 1u);
+  return m << (a - 32 * w);
+}
+
 __global__ void __launch_bounds__(kEmitThreads)
-emit_rows(const float* __restrict__ vals, i64 ld, int kv_len, int sub_rows, int out_rows, int group, int slice_m,
-          int sel_band, int add_band, const unsigned* __restrict__ thr_u, const int* __restrict__ thr_i,
-          int* __restrict__ counts, const int* __restrict__ offsets, int* __restrict__ out) {
+emit_rows(const unsigned* __restrict__ bits, int words, int kv_len, int sub_rows, int out_rows, int group,
+          int slice_m, int add_band, int* __restrict__ counts, const int* __restrict__ offsets,
+          int* __restrict__ out) {
   __shared__ unsigned warp_cnt[kEmitWarps];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int row = blockIdx.x;
   const int bh = row / out_rows;
   const int j = row - bh * out_rows;
-  const int sub0 = bh * sub_rows + j * group;
+  const unsigned* sub0 = bits + (static_cast<i64>(bh) * sub_rows + static_cast<i64>(j) * group) * words;
   const int nsub = min(group, sub_rows - j * group);
-  int sel_lo, sel_hi, add_lo, add_hi;
-  band_range(j, slice_m, sel_band, kv_len, sel_lo, sel_hi);
+  int add_lo, add_hi;
   band_range(j, slice_m, add_band, kv_len, add_lo, add_hi);
-
-  auto keep = [&](int i) -> bool {
-    if (i >= add_lo && i < add_hi) return true;
-    const bool band = i >= sel_lo && i < sel_hi;
-    for (int s = 0; s < nsub; ++s) {
-      const int r = sub0 + s;
-      const unsigned u = band ? kBandKey : order_key(__ldg(vals + static_cast<i64>(r) * ld + i));
-      const unsigned cu = __ldg(thr_u + r);
-      if (u > cu || (u == cu && i <= __ldg(thr_i + r))) return true;
-    }
-    return false;
+  auto word = [&](int w) -> unsigned {
+    unsigned x = range_bits(w, add_lo, add_hi);
+    for (int s = 0; s < nsub; ++s) x |= __ldg(sub0 + static_cast<i64>(s) * words + w);
+    return x;
   };
-
-  const int seg = ((kv_len + kEmitWarps - 1) / kEmitWarps + 31) & ~31;
+  // Warp w owns a contiguous segment of words; lane l takes every 32nd word of it, so a warp
+  // writes one contiguous run of indices per 32 words.
+  const int seg = ((words + kEmitWarps - 1) / kEmitWarps + 31) & ~31;
   const int ws = warp * seg;
-  const int we = min(kv_len, ws + seg);
+  const int we = min(words, ws + seg);
   unsigned mine = 0u;
-  for (int i0 = ws; i0 < we; i0 += 32) {
-    const int i = i0 + lane;
-    mine += __popc(__ballot_sync(kFull, i < we && keep(i)));
-  }
+  for (int w = ws + lane; w < we; w += 32) mine += __popc(word(w));
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mine += __shfl_xor_sync(kFull, mine, off);
   if (lane == 0) warp_cnt[warp] = mine;
   __syncthreads();
+  unsigned run = 0u, total = 0u;
+  for (int w = 0; w < kEmitWarps; ++w) {
+    if (w < warp) run += warp_cnt[w];
+    total += warp_cnt[w];
+  }
   if (offsets == nullptr) {
-    if (tid == 0) {
-      unsigned total = 0u;
-      for (int w = 0; w < kEmitWarps; ++w) total += warp_cnt[w];
-      counts[row] = static_cast<int>(total);
-    }
+    if (tid == 0) counts[row] = static_cast<int>(total);
     return;
   }
-  unsigned run = 0u;
-  for (int w = 0; w < warp; ++w) run += warp_cnt[w];
   const unsigned limit = static_cast<unsigned>(max(counts[row], 0));
   int* dst = out + offsets[row];
-  for (int i0 = ws; i0 < we; i0 += 32) {
-    const int i = i0 + lane;
-    const bool f = i < we && keep(i);
-    const unsigned bal = __ballot_sync(kFull, f);
-    const unsigned pos = run + __popc(bal & lanemask_lt(lane));
-    if (f && pos < limit) dst[pos] = i;
-    run += __popc(bal);
+  for (int w0 = ws; w0 < we; w0 += 32) {
+    const int w = w0 + lane;
+    unsigned x = w < we ? word(w) : 0u;
+    const unsigned n = __popc(x);
+    unsigned incl = n;
+#pragma unroll
+    for (int off = 1; off < 32; off <<= 1) {
+      const unsigned y = __shfl_up_sync(kFull, incl, off);
+      if (lane >= off) incl += y;
+    }
+    unsigned pos = run + incl - n;
+    while (x != 0u) {
+      const int b = __ffs(x) - 1;
+      x &= x - 1u;
+      if (pos < limit) dst[pos] = 32 * w + b;
+      ++pos;
+    }
+    run += __shfl_sync(kFull, incl, 31);
   }
 }
 

@@ -20,11 +20,13 @@ SCORE_KEY_TILE = 64
 SCORE_WARPS = (4, 8)
 
 #: Selection kernel constants (mirror mask_select.cu).
-SELECT_THREADS = 1024
+SELECT_THREADS = 512
 SELECT_BINS = 2048
 SELECT_CANDIDATES = 1024
 #: Fixed dynamic shared memory of the selection kernel: histogram counts and masses, candidates.
 SELECT_FIXED_SMEM = SELECT_BINS * 8 + SELECT_CANDIDATES * 8
+#: Staged bytes per key: its 16-bit coarse bin.
+SELECT_STAGED_BYTES = 2
 #: Dynamic shared memory cap of the staged selection kernel: sm_80 allows 163 KB per block,
 #: static shared memory included (about 200 bytes here), so stay a little below.
 SELECT_MAX_SMEM = 162 * 1024
@@ -77,11 +79,18 @@ class ScoreSpec:
         return tiles + (self.warps * SCORE_KEY_TILE * 4 if self.mode == "maxprob" else 0)
 
 
+def staged_bytes(row_stride: int) -> int:
+    """Shared memory of the staged bins: every thread owns a whole number of 32-key words
+    (keys_per_thread in mask_select.cu), so the array covers SELECT_THREADS of those."""
+    per_thread = -(-(-(-row_stride // SELECT_THREADS)) // 32) * 32
+    return SELECT_THREADS * per_thread * SELECT_STAGED_BYTES
+
+
 @dataclass(frozen=True)
 class SelectSpec:
     """``fg::select_rows<STAGED>``: per-row threshold search (and optional emit). The staged
-    variant copies the row into shared memory once; the other re-reads it from global memory
-    (rows too long for shared memory)."""
+    variant keeps every key's 16-bit coarse bin in shared memory after one read of the row;
+    the other re-reads the row from global memory on every pass (rows too long to stage)."""
 
     staged: bool = True
 
@@ -104,18 +113,18 @@ class SelectSpec:
         return SELECT_MAX_SMEM if self.staged else SELECT_FIXED_SMEM
 
     def launch_smem(self, row_stride: int) -> int:
-        return SELECT_FIXED_SMEM + (4 * row_stride if self.staged else 0)
+        return SELECT_FIXED_SMEM + (staged_bytes(row_stride) if self.staged else 0)
 
     @staticmethod
     def fits(row_stride: int) -> bool:
-        """Whether a row of ``row_stride`` floats can be staged in shared memory."""
-        return SELECT_FIXED_SMEM + 4 * row_stride <= SELECT_MAX_SMEM
+        """Whether a row of ``row_stride`` keys can be staged in shared memory."""
+        return SELECT_FIXED_SMEM + staged_bytes(row_stride) <= SELECT_MAX_SMEM
 
 
 @dataclass(frozen=True)
 class EmitSpec:
-    """``fg::emit_rows``: count or write the kept keys of each output row, the union over a
-    group of selected sub-rows plus an optional diagonal band."""
+    """``fg::emit_rows``: count or write the kept keys of each output row from the selection
+    bitmasks, the union over a group of selected sub-rows plus an optional diagonal band."""
 
     source = "mask_select.cu"
     template = "fg::emit_rows"
@@ -138,6 +147,7 @@ def all_mask_specs() -> list:
     for dtype in DTYPES:
         for d in HEAD_DIMS:
             specs.append(ScoreSpec(dtype, d, "logits", 4))
+            specs.append(ScoreSpec(dtype, d, "logits", 8))
             specs.append(ScoreSpec(dtype, d, "stats", 4))
             specs.append(ScoreSpec(dtype, d, "maxprob", 4))
             specs.append(ScoreSpec(dtype, d, "maxprob", 8))
