@@ -2,7 +2,7 @@
 times, for ncu to profile the scoring and selection kernels.
 
     ncu --clock-control none --kernel-name regex:"mask_score|select_rows" --launch-skip 2 \\
-        --launch-count 2 python3 -m bench.profile_masks [method]
+        --launch-count 2 python3 -m bench.profile_masks [method] [--table]
 """
 
 import sys
@@ -12,9 +12,15 @@ import torch
 from fgcupy import predict_mask
 from fgcupy.workloads import SHAPES, video_qkv
 
-method = sys.argv[1] if len(sys.argv) > 1 else "topk"
+method = next((a for a in sys.argv[1:] if not a.startswith("--")), "topk")
 options = dict(density=0.1) if method == "topk" else {}
 q, k, _ = video_qkv(SHAPES["wan14b-480p"], "mixed", seed=0, device="cuda")
 for _ in range(3):
     predict_mask(q, k, 128, method, **options)
 torch.cuda.synchronize()
+if "--table" in sys.argv:
+    # Every GPU kernel of one prediction, with its time: what the stages leave out.
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        predict_mask(q, k, 128, method, **options)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))

@@ -237,7 +237,8 @@ class _GpuPrediction:
     def _scores(self, bh0, nbh):
         req, kind = self.req, self.req.kind
         if kind in ("mean", "union"):
-            return gpu_scores("logits", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh)
+            # 8 warps (128 rows per CTA) read K half as often: 0.85 vs 0.97 ms on wan14b-480p (H100).
+            return gpu_scores("logits", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, warps=8)
         if kind == "submax":
             sub_lse = gpu_scores("stats", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh)
             return gpu_scores("maxprob", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=sub_lse,

@@ -12,12 +12,12 @@
 //   the score itself for probability rows; "holds" allows a 1e-5 relative float32 summation
 //   error); then clamped to [max(min_keys, band), max_keys].
 //   Search: one pass over the row builds a 2048-bin histogram of counts (and masses) over a
-//   monotone coarse key (1/32 logit below the row's lse for logits, 1/32 octave for
+//   monotone coarse key (about 1/32 logit below the row's lse for logits, 1/32 octave for
 //   probabilities; bin 0 = band) and picks the bin holding the n-th key (or where the mass
-//   reaches tau). If that bin holds <= 1024 keys they are gathered, sorted (bitonic) and the cut
-//   is read off exactly; otherwise the bin is refined by 8-bit digits of the order key (at most
-//   four more histogram passes over the bin's keys), and exact ties left at the end are cut in
-//   index order by an ordered block scan.
+//   reaches tau). A radix select on 8-bit digits of the order key then narrows that bin (at most
+//   four digit histograms): over the row while the window holds more than 2048 keys, then over
+//   the window's keys gathered in shared memory, until one key or exact ties remain; ties are
+//   cut in index order.
 // With STAGED the first pass leaves every key's coarse bin (16 bits) in shared memory, so later
 // passes touch global memory only for the keys of the cut's bin: the row is read from DRAM once,
 // and two CTAs fit on an SM. Without it (rows too long to stage) every pass re-reads the row.
@@ -35,7 +35,7 @@ constexpr int kSelThreads = 512;
 constexpr int kSelWarps = kSelThreads / 32;
 constexpr int kBins = 2048;
 constexpr int kDigitBins = 256;
-constexpr int kCand = 1024;
+constexpr int kCand = 2048;
 constexpr float kBinsPerLogit = 32.f;
 constexpr float kTauSlack = 1e-5f;  // "reaches tau" allows this relative float32 summation error
 constexpr int kProbTop = 12257;  // (order_key(1.0f) >> 18) + 1: probability 1 falls in bin 1
@@ -104,8 +104,9 @@ __device__ __forceinline__ unsigned key_at(const RowCtx& c, int i) { return orde
 // with this one function, so the staged bins and the search agree exactly.
 __device__ __forceinline__ int value_bin(const RowCtx& c, float v) {
   if (c.logit) {
+    // 1 + round(t) from the mantissa of t + 2^23 + 1 (no float-to-int conversion unit).
     const float t = fminf(fmaxf(fmaf(-kBinsPerLogit, v, c.lse_bins), 0.f), static_cast<float>(kBins - 2));
-    return v == v ? 1 + static_cast<int>(t) : kBins - 1;
+    return v == v ? (__float_as_int(__fadd_rn(t, 8388609.f)) & 0x7fffff) : kBins - 1;
   }
   const unsigned u = order_key(v);
   if (u == 0u) return kBins - 1;
@@ -354,12 +355,20 @@ struct Cut {
   int bin;  // coarse bin of the cut key: keys in smaller bins are kept, in larger bins dropped
 };
 
+// The search window's keys once it fits kCand: order keys and indices, in no particular order.
+struct Cands {
+  unsigned* u;
+  int* i;
+};
+
 // The first `need_cnt` keys (count mode) or the fewest first keys holding `need_mass`
-// (mass mode). Requires the level-0 histogram; destroys it.
+// (mass mode). Requires the level-0 histogram; destroys it. After the coarse bin, 8-bit digits
+// of the order key narrow the window (a radix select): over the row while the window is larger
+// than kCand, then over the gathered candidates, until one key or exact ties remain.
 template <bool STAGED>
-__device__ Cut search(const RowCtx& c, unsigned* cnt, float* mass, unsigned long long* cand, bool by_mass,
-                      unsigned need_cnt, float need_mass, SelScratch& sc) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+__device__ Cut search(const RowCtx& c, unsigned* cnt, float* mass, Cands cand, bool by_mass, unsigned need_cnt,
+                      float need_mass, SelScratch& sc) {
+  const int tid = threadIdx.x;
   find_bin(cnt, mass, kBins, by_mass, need_cnt, need_mass, sc);
   const int bin = sc.bin;
   unsigned before = sc.before_cnt;
@@ -376,18 +385,41 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, float* mass, unsigned long
   }
   unsigned pfx = 0u;
   int pshift = 32;
-  while (window > static_cast<unsigned>(kCand) && pshift > 0) {
+  int nc = -1;  // gathered candidates; -1 while the window is only described by (bin, prefix)
+  auto gather = [&]() {
+    if (tid == 0) sc.ncand = 0;
+    __syncthreads();
+    for_window<STAGED>(c, bin, pfx, pshift, [&](int i, unsigned u) {
+      const int p = atomicAdd(&sc.ncand, 1);
+      if (p < kCand) {
+        cand.u[p] = u;
+        cand.i[p] = i;
+      }
+    });
+    __syncthreads();
+    nc = min(sc.ncand, kCand);
+  };
+  while (window > 1u && pshift > 0) {
+    if (nc < 0 && window <= static_cast<unsigned>(kCand)) gather();
     const int shift = pshift - 8;
     for (int b = tid; b < kDigitBins; b += kSelThreads) {
       cnt[b] = 0u;
       mass[b] = 0.f;
     }
     __syncthreads();
-    for_window<STAGED>(c, bin, pfx, pshift, [&](int, unsigned u) {
+    auto add = [&](unsigned u) {
       const int digit_bin = 255 - static_cast<int>((u >> shift) & 255u);
       atomicAdd(cnt + digit_bin, 1u);
       if (by_mass) atomicAdd(mass + digit_bin, key_mass(c, u));
-    });
+    };
+    if (nc >= 0) {
+      for (int p = tid; p < nc; p += kSelThreads) {
+        const unsigned u = cand.u[p];
+        if (pshift >= 32 || (u >> pshift) == pfx) add(u);
+      }
+    } else {
+      for_window<STAGED>(c, bin, pfx, pshift, [&](int, unsigned u) { add(u); });
+    }
     __syncthreads();
     find_bin(cnt, mass, kDigitBins, by_mass, rem_cnt, rem_mass, sc);
     const unsigned digit = 255u - static_cast<unsigned>(sc.bin);
@@ -399,63 +431,19 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, float* mass, unsigned long
     pshift = shift;
   }
   if (window == 0u) window = 1u;  // defensive: an empty window cannot happen for valid input
+  if (nc < 0 && window <= static_cast<unsigned>(kCand)) gather();
   unsigned take;
-  if (window <= static_cast<unsigned>(kCand)) {
-    // Gather the window's keys as (order key, inverted index) pairs and sort them descending.
-    if (tid == 0) sc.ncand = 0;
+  if (pshift > 0) {
+    // One key left: the candidate with the prefix.
+    if (tid == 0) sc.found = 0;
     __syncthreads();
-    for_window<STAGED>(c, bin, pfx, pshift, [&](int i, unsigned u) {
-      const int pos = atomicAdd(&sc.ncand, 1);
-      if (pos < kCand) cand[pos] = (static_cast<unsigned long long>(u) << 32) | (0xffffffffu - static_cast<unsigned>(i));
-    });
-    __syncthreads();
-    const int nc = min(sc.ncand, kCand);
-    int size = 2;
-    while (size < nc) size <<= 1;
-    for (int p = nc + tid; p < size; p += kSelThreads) cand[p] = 0ull;
-    __syncthreads();
-    for (int span = 2; span <= size; span <<= 1) {
-      for (int stride = span >> 1; stride > 0; stride >>= 1) {
-        for (int t = tid; t < size / 2; t += kSelThreads) {
-          const int lo = 2 * t - (t & (stride - 1));
-          const int hi = lo + stride;
-          const bool desc = (lo & span) == 0;
-          const unsigned long long a = cand[lo], b = cand[hi];
-          if ((a < b) == desc) {
-            cand[lo] = b;
-            cand[hi] = a;
-          }
-        }
-        __syncthreads();
-      }
+    for (int p = tid; p < nc; p += kSelThreads) {
+      if (pshift >= 32 || (cand.u[p] >> pshift) == pfx) sc.found = p;
     }
-    int pick;
-    if (by_mass) {
-      // Running mass over the sorted window; the cut is the first key reaching rem_mass.
-      const int p0 = 2 * tid;
-      const float m0 = p0 < nc ? key_mass(c, static_cast<unsigned>(cand[p0] >> 32)) : 0.f;
-      const float m1 = p0 + 1 < nc ? key_mass(c, static_cast<unsigned>(cand[p0 + 1] >> 32)) : 0.f;
-      unsigned ex_u;
-      float ex_m;
-      if (tid == 0) sc.best = kIntMax;
-      block_exscan(0u, m0 + m1, ex_u, ex_m, sc);
-      int mine = kIntMax;
-      if (p0 < nc && ex_m + m0 >= rem_mass) {
-        mine = p0;
-      } else if (p0 + 1 < nc && ex_m + m0 + m1 >= rem_mass) {
-        mine = p0 + 1;
-      }
-      if (mine != kIntMax) atomicMin(&sc.best, mine);
-      __syncthreads();
-      pick = sc.best == kIntMax ? nc - 1 : sc.best;
-    } else {
-      pick = static_cast<int>(min(max(rem_cnt, 1u), static_cast<unsigned>(nc))) - 1;
-    }
-    const unsigned long long chosen = cand[pick];
-    cut.u = static_cast<unsigned>(chosen >> 32);
-    cut.i = static_cast<int>(0xffffffffu - static_cast<unsigned>(chosen & 0xffffffffull));
-    take = static_cast<unsigned>(pick + 1);
     __syncthreads();
+    cut.u = cand.u[sc.found];
+    cut.i = cand.i[sc.found];
+    take = 1u;
   } else {
     // Exact ties (every window key has order key pfx): cut them in index order.
     cut.u = pfx;
@@ -475,23 +463,35 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, float* mass, unsigned long
     if (take >= window) {
       cut.i = kIntMax;
     } else {
-      // Thread ranges are in index order: a block scan of per-thread tie counts ranks them.
       if (tid == 0) sc.found = kIntMax;
-      unsigned ties = 0u;
-      for_window<STAGED>(c, bin, pfx, 0, [&](int, unsigned) { ++ties; });
-      unsigned rank;
-      float unused;
-      block_exscan(ties, 0.f, rank, unused, sc);
-      if (rank < take && take <= rank + ties) {
-        for_window<STAGED>(c, bin, pfx, 0, [&](int i, unsigned) {
-          if (++rank == take) sc.found = i;
-        });
+      __syncthreads();
+      if (nc >= 0) {
+        // The tie with exactly take - 1 smaller-index ties.
+        for (int p = tid; p < nc; p += kSelThreads) {
+          if (cand.u[p] != pfx) continue;
+          const int ip = cand.i[p];
+          unsigned smaller = 0u;
+          for (int q = 0; q < nc; ++q) smaller += cand.u[q] == pfx && cand.i[q] < ip;
+          if (smaller + 1u == take) sc.found = ip;
+        }
+      } else {
+        // Thread ranges are in index order: a block scan of per-thread tie counts ranks them.
+        unsigned ties = 0u;
+        for_window<STAGED>(c, bin, pfx, 0, [&](int, unsigned) { ++ties; });
+        unsigned rank;
+        float unused;
+        block_exscan(ties, 0.f, rank, unused, sc);
+        if (rank < take && take <= rank + ties) {
+          for_window<STAGED>(c, bin, pfx, 0, [&](int i, unsigned) {
+            if (++rank == take) sc.found = i;
+          });
+        }
       }
       __syncthreads();
       cut.i = sc.found;
-      __syncthreads();
     }
   }
+  __syncthreads();
   cut.n = before + take;
   return cut;
 }
@@ -529,8 +529,10 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned* cnt = reinterpret_cast<unsigned*>(smem_raw);
   float* mass = reinterpret_cast<float*>(cnt + kBins);
-  unsigned long long* cand = reinterpret_cast<unsigned long long*>(mass + kBins);
-  u16* staged_bins = reinterpret_cast<u16*>(cand + kCand);
+  Cands cand;
+  cand.u = reinterpret_cast<unsigned*>(mass + kBins);
+  cand.i = reinterpret_cast<int*>(cand.u + kCand);
+  u16* staged_bins = reinterpret_cast<u16*>(cand.i + kCand);
   __shared__ SelScratch sc;
 
   const int tid = threadIdx.x;
@@ -601,10 +603,15 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
   if (bits == nullptr && offsets == nullptr) return;
 
   // ---- outputs: each thread its contiguous keys, 32 at a time ----
+  // The kept words are computed once and kept in the (now free) candidate buffer when they fit.
+  const int my_words = per / 32;
+  const bool cached = my_words * kSelThreads <= kCand;
+  unsigned* saved = cand.u + tid * my_words;
   unsigned mine = 0u;
-  for (int i0 = c.t0; i0 < c.t1; i0 += 32) {
+  for (int i0 = c.t0, w = 0; i0 < c.t1; i0 += 32, ++w) {
     const unsigned m = kept_word<STAGED>(c, i0, cut);
     mine += __popc(m);
+    if (cached) saved[w] = m;
     if (bits != nullptr) bits[static_cast<i64>(row) * words + i0 / 32] = m;
   }
   if (offsets == nullptr) return;
@@ -612,8 +619,8 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
   float unused;
   block_exscan(mine, 0.f, pos, unused, sc);
   int* dst = out + offsets[row];
-  for (int i0 = c.t0; i0 < c.t1; i0 += 32) {
-    unsigned m = kept_word<STAGED>(c, i0, cut);
+  for (int i0 = c.t0, w = 0; i0 < c.t1; i0 += 32, ++w) {
+    unsigned m = cached ? saved[w] : kept_word<STAGED>(c, i0, cut);
     while (m != 0u) {
       const int b = __ffs(m) - 1;
       m &= m - 1u;

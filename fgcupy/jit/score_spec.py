@@ -22,7 +22,7 @@ SCORE_WARPS = (4, 8)
 #: Selection kernel constants (mirror mask_select.cu).
 SELECT_THREADS = 512
 SELECT_BINS = 2048
-SELECT_CANDIDATES = 1024
+SELECT_CANDIDATES = 2048
 #: Fixed dynamic shared memory of the selection kernel: histogram counts and masses, candidates.
 SELECT_FIXED_SMEM = SELECT_BINS * 8 + SELECT_CANDIDATES * 8
 #: Staged bytes per key: its 16-bit coarse bin.
