@@ -144,10 +144,45 @@ __device__ __forceinline__ float key_mass(const RowCtx& c, unsigned u) {
   return c.logit ? fast_exp2((v - c.lse) * 1.4426950408889634f) : fmaxf(v, 0.f);
 }
 
+// Histogram of masses. Logit rows (every mass <= 1 up to rounding) sum in fixed point, units of
+// 2^-36 split into two 32-bit sums: shared-memory float atomics are compare-and-swap loops,
+// integer adds are native. Probability rows (any non-negative score) add floats. finish()
+// leaves float masses in f() for find_bin.
+struct MassHist {
+  unsigned* hi;  // fixed point: sum of floor(m * 2^20)
+  unsigned* lo;  // fixed point: sum of the next 16 bits; float sums for probability rows
+  bool fixed;
+
+  __device__ __forceinline__ float* f() const { return reinterpret_cast<float*>(lo); }
+  __device__ __forceinline__ void clear(int b) const {
+    hi[b] = 0u;
+    lo[b] = 0u;
+  }
+  __device__ __forceinline__ void add(int b, float m) const {
+    if (fixed) {
+      const float s = fminf(m, 4.f) * 1048576.f;
+      const unsigned h = static_cast<unsigned>(s);
+      atomicAdd(hi + b, h);
+      atomicAdd(lo + b, static_cast<unsigned>((s - static_cast<float>(h)) * 65536.f));
+    } else {
+      atomicAdd(f() + b, m);
+    }
+  }
+  // Call between barriers: every thread converts its bins.
+  __device__ __forceinline__ void finish(int nb) const {
+    if (!fixed) return;
+    for (int b = threadIdx.x; b < nb; b += kSelThreads) {
+      const double x = static_cast<double>(hi[b]) * 65536.0 + static_cast<double>(lo[b]);
+      f()[b] = static_cast<float>(x * 1.4551915228366852e-11);  // 2^-36
+    }
+  }
+};
+
 struct SelScratch {
   unsigned warp_u[kSelWarps];
   float warp_f[kSelWarps];
   int best, last, bin, ncand, found;
+  int gathered;  // candidates of the last search (-1: none gathered)
   unsigned before_cnt, bin_cnt;
   float before_mass;
 };
@@ -269,11 +304,11 @@ __device__ void find_bin(const unsigned* cnt, const float* mass, int nb, bool by
 // First pass: read the row once (16-byte loads; the row stride is a multiple of 4 floats),
 // build the level-0 histogram, stage the bins (STAGED) and count keys >= u_thr (COUNT_THR).
 template <bool STAGED, bool MASS, bool COUNT_THR>
-__device__ unsigned first_pass(const RowCtx& c, u16* bins_out, unsigned* cnt, float* mass, unsigned u_thr) {
+__device__ unsigned first_pass(const RowCtx& c, u16* bins_out, unsigned* cnt, const MassHist& mass, unsigned u_thr) {
   const int tid = threadIdx.x;
   for (int b = tid; b < kBins; b += kSelThreads) {
     cnt[b] = 0u;
-    mass[b] = 0.f;
+    mass.clear(b);
   }
   __syncthreads();
   unsigned above_thr = 0u;
@@ -303,7 +338,7 @@ __device__ unsigned first_pass(const RowCtx& c, u16* bins_out, unsigned* cnt, fl
         bs[e] = band ? 0 : value_bin(c, xs[e]);
         if (i < c.n) {
           atomicAdd(cnt + bs[e], 1u);
-          if (MASS) atomicAdd(mass + bs[e], key_mass(c, order_key(xs[e])));
+          if (MASS) mass.add(bs[e], key_mass(c, order_key(xs[e])));
           if (COUNT_THR && !band && order_key(xs[e]) >= u_thr) ++above_thr;
         }
       }
@@ -316,6 +351,10 @@ __device__ unsigned first_pass(const RowCtx& c, u16* bins_out, unsigned* cnt, fl
     }
   }
   __syncthreads();
+  if (MASS) {
+    mass.finish(kBins);
+    __syncthreads();
+  }
   return above_thr;
 }
 
@@ -348,6 +387,19 @@ __device__ __forceinline__ void for_window(const RowCtx& c, int bin, unsigned pf
   }
 }
 
+// Calls f(i) for each key of this thread's range in coarse bin `bin`, from the bins alone.
+template <bool STAGED, class F>
+__device__ __forceinline__ void for_window_index(const RowCtx& c, int bin, F f) {
+  for (int i0 = c.t0; i0 < c.t1; i0 += 8) {
+    int b[8];
+    bins8<STAGED>(c, i0, b);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      if (b[e] == bin && i0 + e < c.t1) f(i0 + e);
+    }
+  }
+}
+
 struct Cut {
   unsigned u;
   int i;
@@ -366,10 +418,10 @@ struct Cands {
 // of the order key narrow the window (a radix select): over the row while the window is larger
 // than kCand, then over the gathered candidates, until one key or exact ties remain.
 template <bool STAGED>
-__device__ Cut search(const RowCtx& c, unsigned* cnt, float* mass, Cands cand, bool by_mass, unsigned need_cnt,
-                      float need_mass, SelScratch& sc) {
+__device__ Cut search(const RowCtx& c, unsigned* cnt, const MassHist& mass, Cands cand, bool by_mass,
+                      unsigned need_cnt, float need_mass, SelScratch& sc) {
   const int tid = threadIdx.x;
-  find_bin(cnt, mass, kBins, by_mass, need_cnt, need_mass, sc);
+  find_bin(cnt, mass.f(), kBins, by_mass, need_cnt, need_mass, sc);
   const int bin = sc.bin;
   unsigned before = sc.before_cnt;
   unsigned rem_cnt = need_cnt - min(need_cnt, before);
@@ -386,16 +438,29 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, float* mass, Cands cand, b
   unsigned pfx = 0u;
   int pshift = 32;
   int nc = -1;  // gathered candidates; -1 while the window is only described by (bin, prefix)
+  // Gather the window. The whole bin: indices first (from the bins alone), then their keys, so
+  // every thread's loads are independent of each other. After digit passes over the row: the
+  // keys with the prefix.
   auto gather = [&]() {
     if (tid == 0) sc.ncand = 0;
     __syncthreads();
-    for_window<STAGED>(c, bin, pfx, pshift, [&](int i, unsigned u) {
-      const int p = atomicAdd(&sc.ncand, 1);
-      if (p < kCand) {
-        cand.u[p] = u;
-        cand.i[p] = i;
-      }
-    });
+    if (pshift >= 32) {
+      for_window_index<STAGED>(c, bin, [&](int i) {
+        const int p = atomicAdd(&sc.ncand, 1);
+        if (p < kCand) cand.i[p] = i;
+      });
+      __syncthreads();
+      const int found = min(sc.ncand, kCand);
+      for (int p = tid; p < found; p += kSelThreads) cand.u[p] = key_at(c, cand.i[p]);
+    } else {
+      for_window<STAGED>(c, bin, pfx, pshift, [&](int i, unsigned u) {
+        const int p = atomicAdd(&sc.ncand, 1);
+        if (p < kCand) {
+          cand.u[p] = u;
+          cand.i[p] = i;
+        }
+      });
+    }
     __syncthreads();
     nc = min(sc.ncand, kCand);
   };
@@ -404,13 +469,13 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, float* mass, Cands cand, b
     const int shift = pshift - 8;
     for (int b = tid; b < kDigitBins; b += kSelThreads) {
       cnt[b] = 0u;
-      mass[b] = 0.f;
+      mass.clear(b);
     }
     __syncthreads();
     auto add = [&](unsigned u) {
       const int digit_bin = 255 - static_cast<int>((u >> shift) & 255u);
       atomicAdd(cnt + digit_bin, 1u);
-      if (by_mass) atomicAdd(mass + digit_bin, key_mass(c, u));
+      if (by_mass) mass.add(digit_bin, key_mass(c, u));
     };
     if (nc >= 0) {
       for (int p = tid; p < nc; p += kSelThreads) {
@@ -421,7 +486,11 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, float* mass, Cands cand, b
       for_window<STAGED>(c, bin, pfx, pshift, [&](int, unsigned u) { add(u); });
     }
     __syncthreads();
-    find_bin(cnt, mass, kDigitBins, by_mass, rem_cnt, rem_mass, sc);
+    if (by_mass) {
+      mass.finish(kDigitBins);
+      __syncthreads();
+    }
+    find_bin(cnt, mass.f(), kDigitBins, by_mass, rem_cnt, rem_mass, sc);
     const unsigned digit = 255u - static_cast<unsigned>(sc.bin);
     before += sc.before_cnt;
     rem_cnt -= min(rem_cnt, sc.before_cnt);
@@ -491,6 +560,7 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, float* mass, Cands cand, b
       cut.i = sc.found;
     }
   }
+  if (tid == 0) sc.gathered = nc;
   __syncthreads();
   cut.n = before + take;
   return cut;
@@ -528,9 +598,12 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
             unsigned* __restrict__ bits, int words) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned* cnt = reinterpret_cast<unsigned*>(smem_raw);
-  float* mass = reinterpret_cast<float*>(cnt + kBins);
+  MassHist mass;
+  mass.hi = cnt + kBins;
+  mass.lo = mass.hi + kBins;
   Cands cand;
-  cand.u = reinterpret_cast<unsigned*>(mass + kBins);
+  cand.u = mass.lo + kBins;
+  mass.fixed = lse != nullptr;
   cand.i = reinterpret_cast<int*>(cand.u + kCand);
   u16* staged_bins = reinterpret_cast<u16*>(cand.i + kCand);
   __shared__ SelScratch sc;
@@ -566,14 +639,15 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
   const unsigned hi = max(min(static_cast<unsigned>(max(max_keys, 0)), n_all), lo);
 
   Cut cut;
-  bool have_cut = false;
+  bool have_cut = false, searched = false;
   unsigned n_keep;
   if (tau_rule) {
     unsigned dummy = 0u;
     float total = 0.f;
-    for (int b = tid; b < kBins; b += kSelThreads) total += mass[b];
+    for (int b = tid; b < kBins; b += kSelThreads) total += mass.f()[b];
     block_sum(dummy, total, sc);
     cut = search<STAGED>(c, cnt, mass, cand, true, 0u, tau * total * (1.f - kTauSlack), sc);
+    searched = true;
     n_keep = min(max(cut.n, lo), hi);
     have_cut = n_keep == cut.n;
     if (!have_cut) recount<STAGED>(c, cnt);
@@ -595,10 +669,22 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
       cut.bin = kBins;
     } else {
       cut = search<STAGED>(c, cnt, mass, cand, false, n_keep, 0.f, sc);
+      searched = true;
     }
     cut.n = n_keep;
   }
   if (tid == 0) counts[row] = static_cast<int>(cut.n);
+  if (STAGED && searched && cut.bin > 0 && cut.bin < kBins) {
+    // Decide the gathered keys of the cut's bin once: kept -> bin 0, dropped -> above every bin,
+    // so the output passes read no keys for them.
+    const int nc = sc.gathered;
+    for (int p = tid; p < nc; p += kSelThreads) {
+      const unsigned u = cand.u[p];
+      const int i = cand.i[p];
+      staged_bins[i] = (u > cut.u || (u == cut.u && i <= cut.i)) ? 0 : 0xffff;
+    }
+    __syncthreads();
+  }
 
   if (bits == nullptr && offsets == nullptr) return;
 

@@ -23,8 +23,9 @@ SCORE_WARPS = (4, 8)
 SELECT_THREADS = 512
 SELECT_BINS = 2048
 SELECT_CANDIDATES = 2048
-#: Fixed dynamic shared memory of the selection kernel: histogram counts and masses, candidates.
-SELECT_FIXED_SMEM = SELECT_BINS * 8 + SELECT_CANDIDATES * 8
+#: Fixed dynamic shared memory of the selection kernel: histogram counts and masses (two 32-bit
+#: words a bin), candidates (key and index).
+SELECT_FIXED_SMEM = SELECT_BINS * 12 + SELECT_CANDIDATES * 8
 #: Staged bytes per key: its 16-bit coarse bin.
 SELECT_STAGED_BYTES = 2
 #: Dynamic shared memory cap of the staged selection kernel: sm_80 allows 163 KB per block,
