@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -204,6 +205,23 @@ def static_row_counts(q_blocks: int, kv_len: int, req: MaskRequest, device="cpu"
     return torch.minimum(lo_n.clamp(min=req.top_k), hi_n)
 
 
+@lru_cache(maxsize=32)
+def _static_layout(batch: int, heads: int, q_blocks: int, kv_len: int, req: MaskRequest, device: str):
+    """(int32 offsets of every block, int32 indptr [B, H, QB + 1], capacity) of a top-k mask:
+    known from the shapes, so repeated predictions (every layer, every step) reuse them."""
+    per_block = static_row_counts(q_blocks, kv_len, req)
+    per_head = int(per_block.sum())
+    capacity = per_head * batch * heads
+    if capacity > _INT32_MAX:
+        raise ValueError(f"the mask would keep {capacity} slices, more than int32 offsets address")
+    starts = torch.cumsum(per_block, 0) - per_block
+    head_base = torch.arange(batch * heads, dtype=torch.int64).unsqueeze(1) * per_head
+    offsets = (head_base + starts.unsqueeze(0)).reshape(-1)
+    indptr = torch.cat([head_base + starts.unsqueeze(0), head_base + per_head], dim=1)
+    return (offsets.to(torch.int32).to(device), indptr.reshape(batch, heads, q_blocks + 1).to(torch.int32).to(device),
+            capacity)
+
+
 class _GpuPrediction:
     """Chunked over (batch x head): score, select, emit; then one SliceMask."""
 
@@ -248,14 +266,8 @@ class _GpuPrediction:
                           group=req.slice_m, warps=4 if req.slice_m <= 64 else 8), None
 
     def _run_static(self) -> SliceMask:
-        per_head = int(static_row_counts(self.q_blocks, self.kv_len, self.req).sum())
-        capacity = per_head * self.bh
-        if capacity > _INT32_MAX:
-            raise ValueError(f"the mask would keep {capacity} slices, more than int32 offsets address")
-        per_block = static_row_counts(self.q_blocks, self.kv_len, self.req, device=self.device)
-        starts = torch.cumsum(per_block, 0) - per_block
-        offsets = (torch.arange(self.bh, device=self.device, dtype=torch.int64).unsqueeze(1) * per_head
-                   + starts.unsqueeze(0)).reshape(-1).to(torch.int32)
+        offsets, indptr, capacity = _static_layout(self.batch, self.heads, self.q_blocks, self.kv_len, self.req,
+                                                   str(self.device))
         counts = torch.empty(self.bh * self.q_blocks, dtype=torch.int32, device=self.device)
         indices = torch.empty(capacity, dtype=torch.int32, device=self.device)
         for bh0 in range(0, self.bh, self.chunk):
@@ -265,7 +277,7 @@ class _GpuPrediction:
             gpu_select(vals, self.kv_len, self.req, lse=lse, band=self.req.local, offsets=offsets[rows],
                        out=indices, counts=counts[rows])
             del vals
-        return self._mask(offsets.to(torch.int64), counts, indices)
+        return SliceMask(indptr.clone(), indices, self.req.slice_m, self.q_len, self.kv_len)
 
     def _run_dynamic(self) -> SliceMask:
         req, kind = self.req, self.req.kind

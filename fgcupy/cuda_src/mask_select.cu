@@ -34,7 +34,7 @@ namespace fg {
 constexpr int kSelThreads = 512;
 constexpr int kSelWarps = kSelThreads / 32;
 constexpr int kBins = 2048;
-constexpr int kDigitBins = 256;
+constexpr int kDigitBits = 11;  // radix digits: up to kBins bins
 constexpr int kCand = 2048;
 constexpr float kBinsPerLogit = 32.f;
 constexpr float kTauSlack = 1e-5f;  // "reaches tau" allows this relative float32 summation error
@@ -183,6 +183,7 @@ struct SelScratch {
   float warp_f[kSelWarps];
   int best, last, bin, ncand, found;
   int gathered;  // candidates of the last search (-1: none gathered)
+  unsigned kmin, kmax;
   unsigned before_cnt, bin_cnt;
   float before_mass;
 };
@@ -464,16 +465,42 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, const MassHist& mass, Cand
     __syncthreads();
     nc = min(sc.ncand, kCand);
   };
+  // Digits the gathered keys share need no pass: start below their common prefix.
+  auto skip_common_prefix = [&]() {
+    if (tid == 0) {
+      sc.kmin = 0xffffffffu;
+      sc.kmax = 0u;
+    }
+    __syncthreads();
+    for (int p = tid; p < nc; p += kSelThreads) {
+      atomicMin(&sc.kmin, cand.u[p]);
+      atomicMax(&sc.kmax, cand.u[p]);
+    }
+    __syncthreads();
+    const unsigned differ = sc.kmin ^ sc.kmax;
+    const int s = differ == 0u ? 0 : 32 - __clz(differ);
+    if (nc > 0 && s < pshift) {
+      pfx = s >= 32 ? 0u : sc.kmax >> s;
+      pshift = s;
+    }
+    __syncthreads();
+  };
   while (window > 1u && pshift > 0) {
-    if (nc < 0 && window <= static_cast<unsigned>(kCand)) gather();
-    const int shift = pshift - 8;
-    for (int b = tid; b < kDigitBins; b += kSelThreads) {
+    if (nc < 0 && window <= static_cast<unsigned>(kCand)) {
+      gather();
+      skip_common_prefix();
+      if (pshift == 0) break;
+    }
+    const int width = min(kDigitBits, pshift);
+    const int shift = pshift - width;
+    const int nb = 1 << width;
+    for (int b = tid; b < nb; b += kSelThreads) {
       cnt[b] = 0u;
       mass.clear(b);
     }
     __syncthreads();
     auto add = [&](unsigned u) {
-      const int digit_bin = 255 - static_cast<int>((u >> shift) & 255u);
+      const int digit_bin = nb - 1 - static_cast<int>((u >> shift) & static_cast<unsigned>(nb - 1));
       atomicAdd(cnt + digit_bin, 1u);
       if (by_mass) mass.add(digit_bin, key_mass(c, u));
     };
@@ -487,16 +514,16 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, const MassHist& mass, Cand
     }
     __syncthreads();
     if (by_mass) {
-      mass.finish(kDigitBins);
+      mass.finish(nb);
       __syncthreads();
     }
-    find_bin(cnt, mass.f(), kDigitBins, by_mass, rem_cnt, rem_mass, sc);
-    const unsigned digit = 255u - static_cast<unsigned>(sc.bin);
+    find_bin(cnt, mass.f(), nb, by_mass, rem_cnt, rem_mass, sc);
+    const unsigned digit = static_cast<unsigned>(nb - 1 - sc.bin);
     before += sc.before_cnt;
     rem_cnt -= min(rem_cnt, sc.before_cnt);
     rem_mass -= sc.before_mass;
     window = sc.bin_cnt;
-    pfx = (pshift >= 32 ? 0u : (pfx << 8)) | digit;
+    pfx = (pshift >= 32 ? 0u : (pfx << width)) | digit;
     pshift = shift;
   }
   if (window == 0u) window = 1u;  // defensive: an empty window cannot happen for valid input
@@ -701,12 +728,32 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
     if (bits != nullptr) bits[static_cast<i64>(row) * words + i0 / 32] = m;
   }
   if (offsets == nullptr) return;
+  int* dst = out + offsets[row];
+  if (cached) {
+    // Warp w's keys are the contiguous saved words [w * 32 * my_words, (w + 1) * 32 * my_words):
+    // one lane per key of each word, so every store of the warp is coalesced.
+    const int lane = tid & 31, warp = tid >> 5;
+    const unsigned warp_total = __reduce_add_sync(kFull, mine);
+    if (lane == 0) sc.warp_u[warp] = warp_total;
+    __syncthreads();
+    unsigned run = 0u;
+    for (int w = 0; w < warp; ++w) run += sc.warp_u[w];
+    const int first_word = warp * 32 * my_words;
+    const int row_words = (kv_len + 31) / 32;
+    for (int k = 0; k < 32 * my_words && first_word + k < row_words; ++k) {
+      const int word = first_word + k;
+      const unsigned m = cand.u[word];
+      const unsigned pos = run + __popc(m & lanemask_lt(lane));
+      if (((m >> lane) & 1u) && pos < cut.n) dst[pos] = 32 * word + lane;
+      run += __popc(m);
+    }
+    return;
+  }
   unsigned pos;
   float unused;
   block_exscan(mine, 0.f, pos, unused, sc);
-  int* dst = out + offsets[row];
-  for (int i0 = c.t0, w = 0; i0 < c.t1; i0 += 32, ++w) {
-    unsigned m = cached ? saved[w] : kept_word<STAGED>(c, i0, cut);
+  for (int i0 = c.t0; i0 < c.t1; i0 += 32) {
+    unsigned m = kept_word<STAGED>(c, i0, cut);
     while (m != 0u) {
       const int b = __ffs(m) - 1;
       m &= m - 1u;
