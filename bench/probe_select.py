@@ -38,6 +38,24 @@ def compile_variant(patch):
     return kernel
 
 
+def window_stats(vals, lse, top_k, chunk=512):
+    """Keys in the level-0 bin (1/32 logit below the lse) that holds each row's k-th key: the
+    window the radix select must narrow (more than 2048 keys -> passes over the row)."""
+    sizes, spreads = [], []
+    for r0 in range(0, vals.shape[0], chunk):
+        v = vals[r0 : r0 + chunk]
+        depth = ((lse[r0 : r0 + chunk, None] - v) * 32).clamp(0, 2046).floor()
+        kth = torch.topk(v, top_k, dim=1).values[:, -1:]
+        kth_bin = ((lse[r0 : r0 + chunk, None] - kth) * 32).clamp(0, 2046).floor()
+        sizes.append((depth == kth_bin).sum(1).float().cpu())
+        spreads.append((v.amax(1) - v.median(1).values).float().cpu())
+    sizes, spreads = torch.cat(sizes), torch.cat(spreads)
+    q = torch.tensor([0.5, 0.9, 0.99])
+    print(f"window at the k-th key: median / p90 / p99 {torch.quantile(sizes, q).tolist()}, "
+          f"rows > 2048: {(sizes > 2048).float().mean().item():.3f}; max - median logit: "
+          f"median {spreads.median().item():.3f}")
+
+
 def main():
     shape = SHAPES["wan14b-480p"]
     q, k, _ = video_qkv(shape, "mixed", seed=0, device="cuda")
@@ -52,6 +70,7 @@ def main():
     out = torch.empty(rows * req_topk.top_k, dtype=torch.int32, device="cuda")
     bits = torch.empty(rows, mask_kernels.bit_words(shape.seq), dtype=torch.int32, device="cuda")
     smem = SelectSpec(True).launch_smem(ld)
+    window_stats(vals[..., : shape.seq].reshape(rows, shape.seq), lse.reshape(rows), req_topk.top_k)
     ptr = mask_kernels._ptr
     print(f"rows {rows} x {shape.seq} keys, shared memory {smem} bytes")
     for name, patch in STOPS.items():

@@ -42,6 +42,7 @@ constexpr int kProbTop = 12257;  // (order_key(1.0f) >> 18) + 1: probability 1 f
 constexpr unsigned kBandKey = 0xffffffffu;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kIntMax = 0x7fffffff;
+constexpr int kRowPass = -2;
 constexpr int kEmitThreads = 256;
 constexpr int kEmitWarps = kEmitThreads / 32;
 enum { kRuleTopK = 0, kRuleTau = 1, kRuleThreshold = 2 };
@@ -182,7 +183,7 @@ struct SelScratch {
   unsigned warp_u[kSelWarps];
   float warp_f[kSelWarps];
   int best, last, bin, ncand, found;
-  int gathered;  // candidates of the last search (-1: none gathered)
+  int gathered;  // candidates of the last search (-1: none gathered, kRowPass: part of the bin)
   unsigned kmin, kmax;
   unsigned before_cnt, bin_cnt;
   float before_mass;
@@ -388,6 +389,44 @@ __device__ __forceinline__ void for_window(const RowCtx& c, int bin, unsigned pf
   }
 }
 
+// Calls f(i, u) for each key of coarse bin `bin` (never the band) with its order key u. The row
+// is streamed in 16-byte loads spread over the block (coalesced, from L2 after the first pass),
+// so no load waits on another; the order of the calls is unspecified.
+template <bool STAGED, class F>
+__device__ __forceinline__ void stream_bin(const RowCtx& c, int bin, F f) {
+  const int nvec = (c.n + 3) >> 2;
+  for (int base = 0; base < nvec; base += 4 * kSelThreads) {
+    float4 x[4];
+    uint2 bw[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int f4 = base + j * kSelThreads + threadIdx.x;
+      if (f4 < nvec) {
+        x[j] = __ldg(reinterpret_cast<const float4*>(c.vals) + f4);
+        if (STAGED) bw[j] = reinterpret_cast<const uint2*>(c.bins)[f4];
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int f4 = base + j * kSelThreads + threadIdx.x;
+      if (f4 >= nvec) continue;
+      const float xs[4] = {x[j].x, x[j].y, x[j].z, x[j].w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 4 * f4 + e;
+        int b;
+        if (STAGED) {
+          const unsigned w = e < 2 ? bw[j].x : bw[j].y;
+          b = static_cast<int>((e & 1) ? (w >> 16) : (w & 0xffffu));
+        } else {
+          b = in_band(c, i) ? 0 : value_bin(c, xs[e]);
+        }
+        if (b == bin && i < c.n) f(i, order_key(xs[e]));
+      }
+    }
+  }
+}
+
 // Calls f(i) for each key of this thread's range in coarse bin `bin`, from the bins alone.
 template <bool STAGED, class F>
 __device__ __forceinline__ void for_window_index(const RowCtx& c, int bin, F f) {
@@ -439,6 +478,7 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, const MassHist& mass, Cand
   unsigned pfx = 0u;
   int pshift = 32;
   int nc = -1;  // gathered candidates; -1 while the window is only described by (bin, prefix)
+  bool row_pass = false;  // a digit pass ran over the row: the candidates are part of the bin
   // Gather the window. The whole bin: indices first (from the bins alone), then their keys, so
   // every thread's loads are independent of each other. After digit passes over the row: the
   // keys with the prefix.
@@ -454,7 +494,8 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, const MassHist& mass, Cand
       const int found = min(sc.ncand, kCand);
       for (int p = tid; p < found; p += kSelThreads) cand.u[p] = key_at(c, cand.i[p]);
     } else {
-      for_window<STAGED>(c, bin, pfx, pshift, [&](int i, unsigned u) {
+      stream_bin<STAGED>(c, bin, [&](int i, unsigned u) {
+        if ((u >> pshift) != pfx) return;
         const int p = atomicAdd(&sc.ncand, 1);
         if (p < kCand) {
           cand.u[p] = u;
@@ -510,7 +551,10 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, const MassHist& mass, Cand
         if (pshift >= 32 || (u >> pshift) == pfx) add(u);
       }
     } else {
-      for_window<STAGED>(c, bin, pfx, pshift, [&](int, unsigned u) { add(u); });
+      row_pass = true;
+      stream_bin<STAGED>(c, bin, [&](int, unsigned u) {
+        if (pshift >= 32 || (u >> pshift) == pfx) add(u);
+      });
     }
     __syncthreads();
     if (by_mass) {
@@ -587,7 +631,7 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, const MassHist& mass, Cand
       cut.i = sc.found;
     }
   }
-  if (tid == 0) sc.gathered = nc;
+  if (tid == 0) sc.gathered = row_pass ? kRowPass : nc;
   __syncthreads();
   cut.n = before + take;
   return cut;
@@ -618,7 +662,7 @@ __device__ __forceinline__ unsigned kept_word(const RowCtx& c, int i0, const Cut
 }
 
 template <bool STAGED>
-__global__ void __launch_bounds__(kSelThreads, 2)
+__global__ void __launch_bounds__(kSelThreads, STAGED ? 2 : 1)
 select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ lse, int kv_len, int rows_per_bh,
             int slice_m, int band, int rule, int k_keys, float tau, float thr, int min_keys, int max_keys,
             int* __restrict__ counts, const int* __restrict__ offsets, int* __restrict__ out,
@@ -705,10 +749,11 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
     // Decide the gathered keys of the cut's bin once: kept -> bin 0, dropped -> above every bin,
     // so the output passes read no keys for them.
     const int nc = sc.gathered;
-    for (int p = tid; p < nc; p += kSelThreads) {
-      const unsigned u = cand.u[p];
-      const int i = cand.i[p];
-      staged_bins[i] = (u > cut.u || (u == cut.u && i <= cut.i)) ? 0 : 0xffff;
+    auto decide = [&](int i, unsigned u) { staged_bins[i] = (u > cut.u || (u == cut.u && i <= cut.i)) ? 0 : 0xffff; };
+    if (nc == kRowPass) {
+      stream_bin<STAGED>(c, cut.bin, decide);
+    } else {
+      for (int p = tid; p < nc; p += kSelThreads) decide(cand.i[p], cand.u[p]);
     }
     __syncthreads();
   }
