@@ -43,8 +43,6 @@ constexpr unsigned kBandKey = 0xffffffffu;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kIntMax = 0x7fffffff;
 constexpr int kRowPass = -2;
-constexpr int kRankWindow = 512;  // windows up to this size are cut by ranking
-constexpr int kStash = 8;         // kept words a lane keeps between the output passes
 constexpr int kEmitThreads = 256;
 constexpr int kEmitWarps = kEmitThreads / 32;
 enum { kRuleTopK = 0, kRuleTau = 1, kRuleThreshold = 2 };
@@ -528,50 +526,6 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, const MassHist& mass, Cand
     }
     __syncthreads();
   };
-  if (window <= static_cast<unsigned>(kRankWindow)) {
-    // A small window (the usual case: tens of keys): rank every candidate against the others
-    // (key descending, then index ascending) in one step instead of digit passes, each of which
-    // costs several block barriers.
-    gather();
-    float* cand_mass = mass.f();  // free once the level-0 bin is found
-    unsigned* rank_of = cnt;
-    if (by_mass) {
-      for (int p = tid; p < nc; p += kSelThreads) cand_mass[p] = key_mass(c, cand.u[p]);
-    }
-    if (tid == 0) {
-      sc.best = kIntMax;
-      sc.found = 0;
-    }
-    __syncthreads();
-    const unsigned target = min(max(rem_cnt, 1u), static_cast<unsigned>(max(nc, 1))) - 1u;
-    for (int p = tid; p < nc; p += kSelThreads) {
-      const unsigned up = cand.u[p];
-      const int ip = cand.i[p];
-      unsigned rank = 0u;
-      float ahead = 0.f;
-      for (int q = 0; q < nc; ++q) {
-        const unsigned uq = cand.u[q];
-        const bool better = uq > up || (uq == up && cand.i[q] < ip);
-        rank += better ? 1u : 0u;
-        if (by_mass && better) ahead += cand_mass[q];
-      }
-      rank_of[p] = rank;
-      const bool hit = by_mass ? ahead + cand_mass[p] >= rem_mass : rank == target;
-      if (hit) atomicMin(&sc.best, static_cast<int>(rank));
-    }
-    __syncthreads();
-    const unsigned pick = sc.best == kIntMax ? static_cast<unsigned>(max(nc, 1) - 1) : static_cast<unsigned>(sc.best);
-    for (int p = tid; p < nc; p += kSelThreads) {
-      if (rank_of[p] == pick) sc.found = p;
-    }
-    __syncthreads();
-    cut.u = cand.u[sc.found];
-    cut.i = cand.i[sc.found];
-    cut.n = before + pick + 1u;
-    if (tid == 0) sc.gathered = nc;
-    __syncthreads();
-    return cut;
-  }
   while (window > 1u && pshift > 0) {
     if (nc < 0 && window <= static_cast<unsigned>(kCand)) {
       gather();
@@ -683,15 +637,28 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, const MassHist& mass, Cand
   return cut;
 }
 
-// Whether key i is kept: decided by its bin, except in the cut's own bin (never, once the
-// gathered keys were decided in the staged bins), where the key is compared with the cut.
+// Kept-key bitmask of keys i0 .. i0 + 31 (i0 a multiple of 32): decided by the staged bin,
+// except in the cut's own bin, where the key itself is compared with the cut.
 template <bool STAGED>
-__device__ __forceinline__ bool kept_key(const RowCtx& c, int i, const Cut& cut) {
-  if (i >= c.n) return false;
-  const int b = bin_at<STAGED>(c, i);
-  if (b != cut.bin) return b < cut.bin;
-  const unsigned u = in_band(c, i) ? kBandKey : key_at(c, i);
-  return u > cut.u || (u == cut.u && i <= cut.i);
+__device__ __forceinline__ unsigned kept_word(const RowCtx& c, int i0, const Cut& cut) {
+  unsigned m = 0u;
+#pragma unroll
+  for (int g = 0; g < 4; ++g) {
+    int b[8];
+    bins8<STAGED>(c, i0 + 8 * g, b);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int i = i0 + 8 * g + e;
+      bool k = b[e] < cut.bin;
+      if (b[e] == cut.bin && i < c.n) {
+        const unsigned u = in_band(c, i) ? kBandKey : key_at(c, i);
+        k = u > cut.u || (u == cut.u && i <= cut.i);
+      }
+      if (k) m |= 1u << (8 * g + e);
+    }
+  }
+  const int left = c.n - i0;
+  return left >= 32 ? m : (left <= 0 ? 0u : m & ((1u << left) - 1u));
 }
 
 template <bool STAGED>
@@ -793,58 +760,51 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
 
   if (bits == nullptr && offsets == nullptr) return;
 
-  // ---- outputs: warp w owns the contiguous words [w0, w1) of the row; lane l decides key
-  // 32 * word + l and a ballot gives the word, so loads and stores are coalesced ----
-  const int lane = tid & 31, warp = tid >> 5;
-  const int row_words = (kv_len + 31) / 32;
-  const int wpw = (row_words + kSelWarps - 1) / kSelWarps;
-  const int w0 = warp * wpw;
-  const int w1 = min(row_words, w0 + wpw);
-  const bool stashed = wpw <= 32 * kStash;
-  unsigned stash[kStash];  // word w0 + 32 j + l sits in lane l's stash[j]
-  unsigned total = 0u;
-  auto word_at = [&](int w) { return __ballot_sync(kFull, kept_key<STAGED>(c, 32 * w + lane, cut)); };
-  auto count_word = [&](int w, unsigned m) {
-    total += __popc(m);
-    if (bits != nullptr && lane == 0) bits[static_cast<i64>(row) * words + w] = m;
-  };
-  if (stashed) {
-#pragma unroll
-    for (int j = 0; j < kStash; ++j) {
-      stash[j] = 0u;
-      for (int l = 0; l < 32; ++l) {
-        const int w = w0 + 32 * j + l;
-        if (w >= w1) break;
-        const unsigned m = word_at(w);
-        if (lane == l) stash[j] = m;
-        count_word(w, m);
-      }
-    }
-  } else {
-    for (int w = w0; w < w1; ++w) count_word(w, word_at(w));
+  // ---- outputs: each thread its contiguous keys, 32 at a time ----
+  // The kept words are computed once and kept in the (now free) candidate buffer when they fit.
+  const int my_words = per / 32;
+  const bool cached = my_words * kSelThreads <= kCand;
+  unsigned* saved = cand.u + tid * my_words;
+  unsigned mine = 0u;
+  for (int i0 = c.t0, w = 0; i0 < c.t1; i0 += 32, ++w) {
+    const unsigned m = kept_word<STAGED>(c, i0, cut);
+    mine += __popc(m);
+    if (cached) saved[w] = m;
+    if (bits != nullptr) bits[static_cast<i64>(row) * words + i0 / 32] = m;
   }
   if (offsets == nullptr) return;
-  if (lane == 0) sc.warp_u[warp] = total;
-  __syncthreads();
-  unsigned run = 0u;
-  for (int w = 0; w < warp; ++w) run += sc.warp_u[w];
   int* dst = out + offsets[row];
-  auto write_word = [&](int w, unsigned m) {
-    const unsigned pos = run + __popc(m & lanemask_lt(lane));
-    if (((m >> lane) & 1u) && pos < cut.n) dst[pos] = 32 * w + lane;
-    run += __popc(m);
-  };
-  if (stashed) {
-#pragma unroll
-    for (int j = 0; j < kStash; ++j) {
-      for (int l = 0; l < 32; ++l) {
-        const int w = w0 + 32 * j + l;
-        if (w >= w1) break;
-        write_word(w, __shfl_sync(kFull, stash[j], l));
-      }
+  if (cached) {
+    // Warp w's keys are the contiguous saved words [w * 32 * my_words, (w + 1) * 32 * my_words):
+    // one lane per key of each word, so every store of the warp is coalesced.
+    const int lane = tid & 31, warp = tid >> 5;
+    const unsigned warp_total = __reduce_add_sync(kFull, mine);
+    if (lane == 0) sc.warp_u[warp] = warp_total;
+    __syncthreads();
+    unsigned run = 0u;
+    for (int w = 0; w < warp; ++w) run += sc.warp_u[w];
+    const int first_word = warp * 32 * my_words;
+    const int row_words = (kv_len + 31) / 32;
+    for (int k = 0; k < 32 * my_words && first_word + k < row_words; ++k) {
+      const int word = first_word + k;
+      const unsigned m = cand.u[word];
+      const unsigned pos = run + __popc(m & lanemask_lt(lane));
+      if (((m >> lane) & 1u) && pos < cut.n) dst[pos] = 32 * word + lane;
+      run += __popc(m);
     }
-  } else {
-    for (int w = w0; w < w1; ++w) write_word(w, word_at(w));
+    return;
+  }
+  unsigned pos;
+  float unused;
+  block_exscan(mine, 0.f, pos, unused, sc);
+  for (int i0 = c.t0; i0 < c.t1; i0 += 32) {
+    unsigned m = kept_word<STAGED>(c, i0, cut);
+    while (m != 0u) {
+      const int b = __ffs(m) - 1;
+      m &= m - 1u;
+      if (pos < cut.n) dst[pos] = i0 + b;
+      ++pos;
+    }
   }
 }
 
