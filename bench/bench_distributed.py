@@ -164,26 +164,27 @@ def worker(rank, world, port, args, out_path):
         record(f"{world} GPUs: attention alone, contiguous inputs", density, ms, per)
         del grid, views, local_plan, local_out, q_h, k_h, v_h, contiguous_out
 
-        for groups in args.head_groups:
-            attention = SequenceParallelAttention(head_groups=groups)
-            call = lambda: attention(q_l, k_l, v_l, mask, layout=args.layout, seq_lens=seq_lens)  # noqa: E731
-            out = call()  # slices and plans the mask once
-            ms, per = slowest_median(timed(call, args.warmup, args.reps))
-            both = record(f"{world} GPUs: exchange + attention, {groups} head group(s)", density, ms, per,
-                          speedup_vs_1gpu=round(single_ms / ms, 3), head_groups=groups)
-            if groups == args.head_groups[0]:
-                _check_against_single(out, single_out, tokens, args.layout, density, record)
-            del out
-            xms, xper = slowest_median(timed(
-                lambda: attention.exchange_only(q_l, k_l, v_l, layout=args.layout, seq_lens=seq_lens),
-                args.warmup, args.reps))
-            moved = 4 * q_l.numel() * q_l.element_size() * (world - 1) / world  # q, k, v out + o back
-            record(f"{world} GPUs: exchange alone, {groups} head group(s)", density, xms, xper,
-                   bytes_sent_per_rank=int(moved), gb_per_s_per_rank=round(moved / xms / 1e6, 1))
-            # time the pipeline hid: (attention alone + exchange alone) - both together
-            both["overlap_hidden_ms"] = round(attention_alone + xms - ms, 3)
-            del attention
-            torch.cuda.empty_cache()
+        for exchange in args.exchanges:
+            for groups in args.head_groups:
+                attention = SequenceParallelAttention(head_groups=groups, exchange=exchange)
+                call = lambda: attention(q_l, k_l, v_l, mask, layout=args.layout, seq_lens=seq_lens)  # noqa: E731
+                out = call()  # slices and plans the mask once
+                ms, per = slowest_median(timed(call, args.warmup, args.reps))
+                both = record(f"{world} GPUs: {exchange} exchange + attention, {groups} head group(s)", density, ms,
+                              per, speedup_vs_1gpu=round(single_ms / ms, 3), head_groups=groups, exchange=exchange)
+                if groups == args.head_groups[0]:
+                    _check_against_single(out, single_out, tokens, args.layout, density, record)
+                del out
+                xms, xper = slowest_median(timed(
+                    lambda: attention.exchange_only(q_l, k_l, v_l, layout=args.layout, seq_lens=seq_lens),
+                    args.warmup, args.reps))
+                moved = 4 * q_l.numel() * q_l.element_size() * (world - 1) / world  # q, k, v out + o back
+                record(f"{world} GPUs: {exchange} exchange alone, {groups} head group(s)", density, xms, xper,
+                       bytes_sent_per_rank=int(moved), gb_per_s_per_rank=round(moved / xms / 1e6, 1))
+                # time the pipeline hid: (attention alone + exchange alone) - both together
+                both["overlap_hidden_ms"] = round(attention_alone + xms - ms, 3)
+                del attention
+                torch.cuda.empty_cache()
         del mask, single_out
         torch.cuda.empty_cache()
 
@@ -231,6 +232,8 @@ def main(argv=None):
     parser.add_argument("--preset", default="wan14b-720p", choices=sorted(PRESETS))
     parser.add_argument("--densities", type=float, nargs="+", default=[0.3, 1.0])
     parser.add_argument("--head-groups", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--exchanges", nargs="+", default=["all_to_all", "copy"], choices=["all_to_all", "p2p", "copy"],
+                        help="exchange methods of SequenceParallelAttention to time")
     parser.add_argument("--slice-m", type=int, default=128)
     parser.add_argument("--layout", default="HND", choices=["HND", "NHD"])
     parser.add_argument("--warmup", type=int, default=2)

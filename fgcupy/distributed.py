@@ -26,6 +26,10 @@ Strategies (chosen so no token and no head is ever padded or dropped):
 - Exchange: "all_to_all" (``all_to_all_single``, what NCCL uses) or "p2p" (``isend``/``irecv``,
   batched on NCCL), for backends whose all-to-all is missing (gloo lacked it in some torch
   releases). "auto" uses all-to-all on NCCL and probes other backends once per group.
+  "copy" (GPUs of one host, NCCL group): every rank writes its pieces straight into its peers'
+  buffers with the copy engines (CUDA IPC, fgcupy.peer_copy), so the exchange takes no SM from
+  attention and head groups overlap for real; NCCL only provides barriers. It covers
+  self-attention (equal q and k/v shards) without ``return_lse``; other calls use all-to-all.
 - Errors: before any data moves, ranks exchange a small header (shapes, dtype, head groups, mask
   shape, an error flag), so an input that one rank rejects raises on every rank instead of leaving
   the others blocked in a collective. Passing ``seq_lens`` skips that header (and its host sync):
@@ -44,7 +48,7 @@ from .layout import check_layout, to_bhsd
 from .mask import SliceMask
 
 COMPUTES = ("auto", "fgcupy", "reference")
-EXCHANGES = ("auto", "all_to_all", "p2p")
+EXCHANGES = ("auto", "all_to_all", "p2p", "copy")
 DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is given
 
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
@@ -296,6 +300,10 @@ class SequenceParallelAttention:
                 local.update(q_len=q_lens[rank], kv_len=kv_lens[rank])
                 _check_mask_totals([local], q_lens, kv_lens)
         method = self._exchange_method(device)
+        if method == "copy":
+            if q_lens == kv_lens and not return_lse and device.type == "cuda" and _uses_nccl(self.group, device):
+                return self._pipeline_copy(qh, kh, vh, q, layout, mask, compute, q_lens, scale, attend, world, rank)
+            method = "all_to_all"
         return self._pipeline(qh, kh, vh, q, layout, mask, compute, method, q_lens, kv_lens, scale,
                               return_lse, attend, world, rank)
 
@@ -503,6 +511,55 @@ class SequenceParallelAttention:
         if not attend:
             return None
         return (out, lse) if return_lse else out
+
+    def _pipeline_copy(self, qh, kh, vh, q, layout, mask, compute, lens, scale, attend, world, rank):
+        """The pipeline with copy-engine transfers (fgcupy.peer_copy): one side stream carries every
+        group's inbound copies, each followed by a barrier; attention on group g waits for its
+        barrier only, and its output is copied back to the token owners behind it."""
+        from .peer_copy import CopyPlan, PeerWorkspace
+
+        batch, heads, _, head_dim = qh.shape
+        owned = head_ranges(heads, world)
+        groups = [[_group_ranges(r, self.head_groups)[g] for r in owned] for g in range(self.head_groups)]
+        device = qh.device
+        plan = CopyPlan(layout, batch, heads, head_dim, lens, groups, qh.element_size())
+        sources = [x if CopyPlan.source_ok(x, layout) else (x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+                                                             if layout == "NHD" else x.contiguous())
+                   for x in (qh, kh, vh)]
+        ws = PeerWorkspace.get(self.group, device, plan.nbytes)
+        current = torch.cuda.current_stream(device)
+        ws.stream.wait_stream(current)
+        arrivals = []
+        with torch.cuda.stream(ws.stream):
+            ws.barrier()  # every rank is done with the previous call's buffers
+            for g in range(self.head_groups):
+                plan.inbound(ws, sources, rank, g)
+                ws.barrier()
+                arrivals.append(torch.cuda.Event())
+                arrivals[-1].record(ws.stream)
+        for x in sources:
+            x.record_stream(ws.stream)
+        total = sum(lens)
+        for g, subs in enumerate(groups):
+            mine = subs[rank]
+            current.wait_event(arrivals[g])
+            out_g = plan.new_out(rank, g, qh.dtype, device)
+            if attend and len(mine):
+                qg, kg, vg = plan.recv_views(ws.local, rank, g, qh.dtype)
+                part, attn_plan = self._group_mask(g, mask, qg, kg, mine, compute, total, total)
+                self._attend(compute, qg, kg, vg, part, attn_plan, plan.bhsd(out_g), None, scale)
+            ws.stream.wait_stream(current)
+            with torch.cuda.stream(ws.stream):
+                plan.outbound(ws, out_g, rank, g)
+            out_g.record_stream(ws.stream)
+        with torch.cuda.stream(ws.stream):
+            ws.barrier()  # every rank's outputs for this rank's tokens have landed
+        current.wait_stream(ws.stream)
+        if not attend:
+            return None
+        out = torch.empty_like(q)
+        to_bhsd(out, layout).copy_(plan.returned(ws.local, rank, qh.dtype))
+        return out
 
     def _send_heads(self, tensors, lens, subs, method, tag, world, rank):
         """Start the exchange of ``tensors`` (this rank's [B, H, S_r, D] shards) so rank j gets

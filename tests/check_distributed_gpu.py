@@ -38,6 +38,23 @@ CASES = [
     Case("reuse_then_new_mask", heads=4, seq=1200, head_dim=128, slice_m=128, head_groups=2, reuse=True),
     Case("custom_shards", heads=4, seq=1000, head_dim=128, slice_m=128, shards=(300, 700)),
     Case("medium_8k_groups2", heads=8, seq=8192, head_dim=128, slice_m=128, head_groups=2, layout="NHD"),
+    # copy-engine exchange (fgcupy.peer_copy)
+    Case("copy_even_hnd", heads=4, seq=1024, head_dim=128, slice_m=128, exchange="copy", return_lse=False),
+    Case("copy_uneven_nhd_groups2", heads=5, seq=2077, head_dim=64, slice_m=64, layout="NHD", head_groups=2,
+         exchange="copy", return_lse=False),
+    Case("copy_uneven_heads_groups3", heads=7, seq=1500, head_dim=128, slice_m=128, head_groups=3, exchange="copy",
+         return_lse=False),
+    Case("copy_batch2_custom_shards", batch=2, heads=4, seq=1000, head_dim=64, slice_m=64, shards=(300, 700),
+         exchange="copy", return_lse=False),
+    Case("copy_mask_predictor", heads=4, seq=1700, head_dim=128, slice_m=128, mask="predict", head_groups=2,
+         exchange="copy", return_lse=False),
+    Case("copy_dense_seq_lens", heads=2, seq=700, head_dim=128, slice_m=128, mask="none", pass_seq_lens=True,
+         exchange="copy", return_lse=False),
+    Case("copy_reuse", heads=4, seq=1200, head_dim=128, slice_m=128, head_groups=2, reuse=True, exchange="copy",
+         return_lse=False),
+    Case("copy_with_lse_uses_all_to_all", heads=4, seq=640, head_dim=128, slice_m=128, exchange="copy"),
+    Case("copy_kv_shards_differ_uses_all_to_all", heads=4, seq=640, kv_seq=1111, head_dim=128, slice_m=128,
+         exchange="copy"),
 ]
 
 

@@ -31,6 +31,7 @@ TWO_RANK_CASES = [Case(**{**c.__dict__, "group": "pair"}) if c.group == "world" 
     Case("p2p_exchange", heads=3, seq=37, exchange="p2p", head_groups=3, layout="NHD"),
     Case("auto_falls_back_to_p2p", heads=3, seq=37, hide_all_to_all=True, head_groups=2),
     Case("all_to_all_exchange", heads=3, seq=37, exchange="all_to_all", head_groups=3),
+    Case("copy_exchange_falls_back_off_gpu", heads=3, seq=37, exchange="copy", head_groups=2, layout="NHD"),
     Case("local_masks", heads=5, seq=30, mask="local", head_groups=2),
     Case("mask_callable", heads=4, seq=40, mask="callable", head_groups=2),
     Case("mask_predictor", heads=3, seq=41, mask="predict", head_groups=2),  # fgcupy.predict_mask per rank
@@ -177,7 +178,7 @@ def test_slice_heads_rejects(heads, error):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(head_groups=0), r"head_groups must be a positive int, got 0"),
     (dict(compute="triton"), r"compute must be one of \('auto', 'fgcupy', 'reference'\)"),
-    (dict(exchange="ring"), r"exchange must be one of \('auto', 'all_to_all', 'p2p'\)"),
+    (dict(exchange="ring"), r"exchange must be one of \('auto', 'all_to_all', 'p2p', 'copy'\)"),
 ])
 def test_constructor_rejects(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,190 @@
+"""Copy-engine exchange for sequence-parallel attention on GPUs of one host.
+
+NCCL's all-to-all runs as kernels: while it moves a head group, it takes SMs from the attention
+kernel working on the previous group, so pipelining hides little. Here every rank instead exposes
+one buffer to its peers (CUDA IPC) and each rank writes its pieces straight into the peers'
+buffers with ``cudaMemcpy2DAsync`` on a side stream: the GPUs' copy engines move the data and
+no SM is used. A one-element NCCL all-reduce on the same stream is the barrier that tells every
+rank its inbound copies are complete.
+
+Layouts (``layout`` of the call, the same on every rank): for "NHD" a receive region is
+``[B, S, h, D]`` and each copy moves rows of ``h * D`` elements (one row per token); for "HND"
+it is ``[B, h, S, D]`` and each row is one head's run of ``S_r * D`` elements. The return buffer
+of a rank has its output's layout, ``[B, S_r, H, D]`` or ``[B, H, S_r, D]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_WORKSPACES: dict = {}  # (id(group), device) -> PeerWorkspace
+
+
+@dataclass(frozen=True)
+class Rows:
+    """``height`` rows of ``width`` bytes, ``pitch`` bytes apart, from address ``ptr``."""
+
+    ptr: int
+    pitch: int
+    width: int
+    height: int
+
+
+class PeerWorkspace:
+    """A byte buffer on every rank of ``group`` that every rank can write (CUDA IPC), the stream
+    the copies run on and the barrier tensor. Collective: every rank builds it in the same call."""
+
+    def __init__(self, group, device: torch.device, nbytes: int):
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        self.group, self.device, self.nbytes = group, device, nbytes
+        self.local = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        handles = [None] * dist.get_world_size(group)
+        dist.all_gather_object(handles, reduce_tensor(self.local), group=group)
+        rank = dist.get_rank(group)
+        self.peers = [self.local if r == rank else rebuild(*args) for r, (rebuild, args) in enumerate(handles)]
+        self.stream = torch.cuda.Stream(device=device)
+        self._flag = torch.zeros(1, dtype=torch.int32, device=device)
+
+    @classmethod
+    def get(cls, group, device: torch.device, nbytes: int) -> PeerWorkspace:
+        """The cached workspace, rebuilt (collectively) when a call needs more bytes; ``nbytes``
+        must be the same on every rank so all rebuild together."""
+        key = (id(group), device)
+        ws = _WORKSPACES.get(key)
+        if ws is None or ws.nbytes < nbytes:
+            _WORKSPACES.pop(key, None)
+            ws = cls(group, device, nbytes)
+            _WORKSPACES[key] = ws
+        return ws
+
+    def ptr(self, rank: int) -> int:
+        return self.peers[rank].data_ptr()
+
+    def barrier(self) -> None:
+        """On the current stream: returns (to the stream) once every rank's earlier work on its
+        stream, copies into this rank's buffer included, is complete."""
+        dist.all_reduce(self._flag, group=self.group, async_op=True).wait()
+
+    def copy(self, dst: Rows, src: Rows) -> None:
+        """Queue a copy-engine copy on the current stream."""
+        import cupy
+
+        assert dst.width == src.width and dst.height == src.height, (dst, src)
+        if src.width == 0 or src.height == 0:
+            return
+        runtime = cupy.cuda.runtime
+        with cupy.cuda.Device(self.device.index):
+            runtime.memcpy2DAsync(dst.ptr, dst.pitch, src.ptr, src.pitch, src.width, src.height,
+                                  runtime.memcpyDefault, torch.cuda.current_stream(self.device).cuda_stream)
+
+
+class CopyPlan:
+    """Addresses of every piece of one call's exchange, computed alike on every rank.
+
+    ``groups[g][j]``: the heads rank j owns in head group g; ``lens[j]``: rank j's tokens.
+    """
+
+    def __init__(self, layout: str, batch: int, heads: int, head_dim: int, lens, groups, itemsize: int):
+        self.layout, self.batch, self.heads, self.head_dim = layout, batch, heads, head_dim
+        self.lens, self.groups, self.es = list(lens), groups, itemsize
+        self.total = sum(self.lens)
+        self.starts = [sum(self.lens[:j]) for j in range(len(self.lens))]
+        world = len(self.lens)
+        owned = [sum(len(g[j]) for g in groups) for j in range(world)]
+        self.recv_bytes = [3 * batch * owned[j] * self.total * head_dim * itemsize for j in range(world)]
+        self.ret_bytes = [batch * heads * n * head_dim * itemsize for n in self.lens]
+        self.nbytes = max(r + t for r, t in zip(self.recv_bytes, self.ret_bytes))
+
+    @staticmethod
+    def source_ok(x: torch.Tensor, layout: str) -> bool:
+        """Whether ``x`` ([B, H, S_r, D] view) has the rows a copy of ``layout`` reads."""
+        if x.stride(3) != 1:
+            return False
+        return x.stride(1) == x.shape[3] if layout == "NHD" else x.stride(2) == x.shape[3]
+
+    # ---- receive regions: rank j's buffer, group g, tensor t (q, k, v) ----
+    def _recv_offset(self, j: int, g: int, t: int) -> int:
+        per = self.batch * self.total * self.head_dim
+        before = sum(3 * len(self.groups[gg][j]) for gg in range(g))
+        return (before + t * len(self.groups[g][j])) * per * self.es
+
+    def recv_views(self, buffer: torch.Tensor, j: int, g: int, dtype) -> list:
+        """[B, h, S, D] views of rank j's q, k, v regions of group g."""
+        h = len(self.groups[g][j])
+        n = self.batch * h * self.total * self.head_dim
+        views = []
+        for t in range(3):
+            off = self._recv_offset(j, g, t)
+            flat = buffer[off: off + n * self.es].view(dtype)
+            if self.layout == "NHD":
+                views.append(flat.view(self.batch, self.total, h, self.head_dim).permute(0, 2, 1, 3))
+            else:
+                views.append(flat.view(self.batch, h, self.total, self.head_dim))
+        return views
+
+    def inbound(self, ws: PeerWorkspace, sources, rank: int, g: int) -> None:
+        """Queue this rank's pieces of group g (q, k, v ``sources``) into every rank's buffer."""
+        D, es, S, n = self.head_dim, self.es, self.total, self.lens[rank]
+        for j, sub in enumerate(self.groups[g]):
+            h = len(sub)
+            if h == 0 or n == 0:
+                continue
+            for t, x in enumerate(sources):
+                base = ws.ptr(j) + self._recv_offset(j, g, t)
+                for b in range(self.batch):
+                    src_ptr = x.data_ptr() + (b * x.stride(0) + sub.start * x.stride(1)) * es
+                    if self.layout == "NHD":
+                        src = Rows(src_ptr, x.stride(2) * es, h * D * es, n)
+                        dst = Rows(base + (b * S + self.starts[rank]) * h * D * es, h * D * es, h * D * es, n)
+                    else:
+                        src = Rows(src_ptr, x.stride(1) * es, n * D * es, h)
+                        dst = Rows(base + (b * h * S + self.starts[rank]) * D * es, S * D * es, n * D * es, h)
+                    ws.copy(dst, src)
+
+    # ---- outputs: rank r's heads of group g over all tokens, back to the token owners ----
+    def new_out(self, rank: int, g: int, dtype, device) -> torch.Tensor:
+        """The local buffer attention writes group g's output to, in the receive layout."""
+        h = len(self.groups[g][rank])
+        if self.layout == "NHD":
+            return torch.empty(self.batch, self.total, h, self.head_dim, dtype=dtype, device=device)
+        return torch.empty(self.batch, h, self.total, self.head_dim, dtype=dtype, device=device)
+
+    def bhsd(self, out_g: torch.Tensor) -> torch.Tensor:
+        return out_g.permute(0, 2, 1, 3) if self.layout == "NHD" else out_g
+
+    def _ret_offset(self, j: int) -> int:
+        return self.recv_bytes[j]
+
+    def outbound(self, ws: PeerWorkspace, out_g: torch.Tensor, rank: int, g: int) -> None:
+        """Queue group g's output rows of every rank's tokens into that rank's return buffer."""
+        D, es, S, H = self.head_dim, self.es, self.total, self.heads
+        mine = self.groups[g][rank]
+        h = len(mine)
+        if h == 0:
+            return
+        for s, n in enumerate(self.lens):
+            if n == 0:
+                continue
+            base = ws.ptr(s) + self._ret_offset(s)
+            for b in range(self.batch):
+                if self.layout == "NHD":
+                    src = Rows(out_g.data_ptr() + (b * S + self.starts[s]) * h * D * es, h * D * es, h * D * es, n)
+                    dst = Rows(base + (b * n * H + mine.start) * D * es, H * D * es, h * D * es, n)
+                else:
+                    src = Rows(out_g.data_ptr() + ((b * h) * S + self.starts[s]) * D * es, S * D * es, n * D * es, h)
+                    dst = Rows(base + (b * H + mine.start) * n * D * es, n * D * es, n * D * es, h)
+                ws.copy(dst, src)
+
+    def returned(self, buffer: torch.Tensor, rank: int, dtype) -> torch.Tensor:
+        """[B, H, S_r, D] view of this rank's return buffer."""
+        n = self.lens[rank]
+        count = self.batch * self.heads * n * self.head_dim
+        off = self._ret_offset(rank)
+        flat = buffer[off: off + count * self.es].view(dtype)
+        if self.layout == "NHD":
+            return flat.view(self.batch, n, self.heads, self.head_dim).permute(0, 2, 1, 3)
+        return flat.view(self.batch, self.heads, n, self.head_dim)
