@@ -522,10 +522,8 @@ class SequenceParallelAttention:
         owned = head_ranges(heads, world)
         groups = [[_group_ranges(r, self.head_groups)[g] for r in owned] for g in range(self.head_groups)]
         device = qh.device
-        plan = CopyPlan(layout, batch, heads, head_dim, lens, groups, qh.element_size())
-        sources = [x if CopyPlan.source_ok(x, layout) else (x.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
-                                                             if layout == "NHD" else x.contiguous())
-                   for x in (qh, kh, vh)]
+        plan = CopyPlan(batch, heads, head_dim, lens, groups, qh.element_size())
+        sources = [CopyPlan.source(x) for x in (qh, kh, vh)]
         ws = PeerWorkspace.get(self.group, device, plan.nbytes)
         current = torch.cuda.current_stream(device)
         ws.stream.wait_stream(current)
@@ -547,7 +545,7 @@ class SequenceParallelAttention:
             if attend and len(mine):
                 qg, kg, vg = plan.recv_views(ws.local, rank, g, qh.dtype)
                 part, attn_plan = self._group_mask(g, mask, qg, kg, mine, compute, total, total)
-                self._attend(compute, qg, kg, vg, part, attn_plan, plan.bhsd(out_g), None, scale)
+                self._attend(compute, qg, kg, vg, part, attn_plan, out_g, None, scale)
             ws.stream.wait_stream(current)
             with torch.cuda.stream(ws.stream):
                 plan.outbound(ws, out_g, rank, g)
