@@ -26,7 +26,6 @@ def worker(rank, world, port):
     if rank == 0:
         import cupy
 
-        print("peer tensors on", [str(p.device) for p in ws.peers], flush=True)
         with cupy.cuda.Device(rank):
             try:
                 cupy.cuda.runtime.deviceEnablePeerAccess(peer)

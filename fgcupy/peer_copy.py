@@ -37,18 +37,38 @@ class PeerWorkspace:
     the copies run on and the barrier tensor. Collective: every rank builds it in the same call."""
 
     def __init__(self, group, device: torch.device, nbytes: int):
-        from torch.multiprocessing.reductions import reduce_tensor
+        import cupy
 
+        runtime = cupy.cuda.runtime
         self.group, self.device, self.nbytes = group, device, nbytes
-        self.local = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        handles = [None] * dist.get_world_size(group)
-        dist.all_gather_object(handles, reduce_tensor(self.local), group=group)
         rank = dist.get_rank(group)
-        self.peers = [self.local if r == rank else rebuild(*args) for r, (rebuild, args) in enumerate(handles)]
-        for peer in self.peers:
-            _enable_peer_access(device, peer.device)
+        with cupy.cuda.Device(device.index):
+            # A plain cudaMalloc (not torch's pool): the IPC handle then covers exactly this buffer.
+            self._base = runtime.malloc(nbytes)
+            memory = cupy.cuda.UnownedMemory(self._base, nbytes, self, device.index)
+            array = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(memory, 0))
+            self.local = torch.from_dlpack(array)
+            handles = [None] * dist.get_world_size(group)
+            dist.all_gather_object(handles, runtime.ipcGetMemHandle(self._base), group=group)
+            # Opened on this rank's own device: its copy engines then write the peers' memory
+            # over NVLink (a handle opened on the owner's device index ran at ~33 GB/s, staged).
+            self._opened = [runtime.ipcOpenMemHandle(h, runtime.cudaIpcMemLazyEnablePeerAccess)
+                            for r, h in enumerate(handles) if r != rank]
+        opened = iter(self._opened)
+        self._ptrs = [self._base if r == rank else next(opened) for r in range(len(handles))]
         self.stream = torch.cuda.Stream(device=device)
         self._flag = torch.zeros(1, dtype=torch.int32, device=device)
+
+    def __del__(self):
+        try:
+            import cupy
+
+            with cupy.cuda.Device(self.device.index):
+                for ptr in self._opened:
+                    cupy.cuda.runtime.ipcCloseMemHandle(ptr)
+                cupy.cuda.runtime.free(self._base)  # synchronises the device first
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the driver reclaims it
+            pass
 
     @classmethod
     def get(cls, group, device: torch.device, nbytes: int) -> PeerWorkspace:
@@ -63,7 +83,8 @@ class PeerWorkspace:
         return ws
 
     def ptr(self, rank: int) -> int:
-        return self.peers[rank].data_ptr()
+        """Address of ``rank``'s buffer, valid on this rank's device."""
+        return self._ptrs[rank]
 
     def barrier(self) -> None:
         """On the current stream: returns (to the stream) once every rank's earlier work on its
@@ -72,8 +93,7 @@ class PeerWorkspace:
 
     def copy(self, dst: Rows, src: Rows) -> None:
         """Queue a copy-engine copy on the current stream: one ``cudaMemcpyAsync`` per row
-        (rows are long: a head's run of tokens), or one for all rows when both sides are dense.
-        (A 2-D copy between GPUs moved only ~29 GB/s on two H100s: it is staged, not peer to peer.)"""
+        (rows are long: a head's run of tokens), or one for all rows when both sides are dense."""
         import cupy
 
         assert dst.width == src.width and dst.height == src.height, (dst, src)
@@ -88,24 +108,6 @@ class PeerWorkspace:
             for r in range(src.height):
                 runtime.memcpyAsync(dst.ptr + r * dst.pitch, src.ptr + r * src.pitch, src.width,
                                     runtime.memcpyDefault, stream)
-
-
-def _enable_peer_access(device: torch.device, peer: torch.device) -> None:
-    """Let ``device`` address ``peer``'s memory directly: without it, copies between them are
-    staged through host memory (about 29 GB/s measured on two H100s instead of NVLink)."""
-    import cupy
-
-    if peer.index == device.index:
-        return
-    runtime = cupy.cuda.runtime
-    with cupy.cuda.Device(device.index):
-        if not runtime.deviceCanAccessPeer(device.index, peer.index):
-            return
-        try:
-            runtime.deviceEnablePeerAccess(peer.index)
-        except runtime.CUDARuntimeError as err:
-            if "AlreadyEnabled" not in str(err):
-                raise
 
 
 class CopyPlan:
