@@ -12,6 +12,7 @@ import torch
 
 from fgcupy.timing import cuda_time_ms
 from fgcupy import bridge, mask_kernels, scoring
+from fgcupy import mask_reference as ref
 from fgcupy.jit.score_spec import SelectSpec
 from fgcupy.jit.source import nvrtc_options, read_source
 from fgcupy.workloads import SHAPES, video_qkv
@@ -58,7 +59,7 @@ def window_stats(vals, lse, top_k, chunk=512):
 def main():
     shape = SHAPES["wan14b-480p"]
     q, k, _ = video_qkv(shape, "mixed", seed=0, device="cuda")
-    pooled = scoring.pool_rows(q, 128)
+    pooled = ref.pool_queries(q, 128).to(q.dtype).contiguous()
     req_topk = scoring.make_request(shape.head_dim, shape.seq, 128, "topk", density=0.1)
     req_tau = scoring.make_request(shape.head_dim, shape.seq, 128, "tau", tau=0.9)
     vals, lse = mask_kernels.gpu_scores("logits", pooled, k, req_topk.scale, warps=8)

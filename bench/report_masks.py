@@ -135,8 +135,8 @@ def timing_rows(args, shape, device):
         record(label, lambda kw=kw: predict_mask(q, k, 128, **kw))
     # Stages of mean-query top-k: pooling (torch), scoring kernel, selection kernel.
     req = scoring.make_request(shape.head_dim, shape.seq, 128, "topk", density=0.1)
-    pooled = scoring.pool_rows(q, 128)
-    record("  stage: pool queries (torch)", lambda: scoring.pool_rows(q, 128))
+    pooled = ref.pool_queries(q, 128).to(q.dtype).contiguous()
+    record("  stage: pool queries (torch)", lambda: ref.pool_queries(q, 128).to(q.dtype))
     for warps in (4, 8):
         record(f"  stage: score kernel (logits + lse, {warps} warps)",
                lambda w=warps: mask_kernels.gpu_scores("logits", pooled, k, req.scale, warps=w))

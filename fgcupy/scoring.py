@@ -205,14 +205,6 @@ def static_row_counts(q_blocks: int, kv_len: int, req: MaskRequest, device="cpu"
     return torch.minimum(lo_n.clamp(min=req.top_k), hi_n)
 
 
-def pool_rows(q: torch.Tensor, pool: int) -> torch.Tensor:
-    """Mean of each run of ``pool`` queries in q's dtype, contiguous [B, H, ceil(S / pool), D]:
-    one reduction (float accumulation) when ``pool`` divides S, else the reference's pooling."""
-    if q.shape[2] % pool == 0:
-        return q.unflatten(2, (q.shape[2] // pool, pool)).mean(3).contiguous()
-    return ref.pool_queries(q, pool).to(q.dtype).contiguous()
-
-
 @lru_cache(maxsize=32)
 def _static_layout(batch: int, heads: int, q_blocks: int, kv_len: int, req: MaskRequest, device: str):
     """(int32 offsets of every block, int32 indptr [B, H, QB + 1], capacity) of a top-k mask:
@@ -245,7 +237,7 @@ class _GpuPrediction:
         if kind == "colmax":
             self.rows = qh
         else:
-            self.rows = pool_rows(qh, req.pool)
+            self.rows = ref.pool_queries(qh, req.pool).to(qh.dtype).contiguous()
         self.sub_rows = self.rows.shape[2]
         per_head = self.sub_rows if kind in ("mean", "union") else self.q_blocks
         self.chunk = max(1, min(self.bh, workspace_bytes // max(1, per_head * self.ld * 4)))

@@ -51,11 +51,9 @@ def test_select_staging_limit():
     assert SelectSpec(False).smem_bytes == SELECT_FIXED_SMEM
     wan_row = 32_760
     assert SelectSpec.fits(wan_row) and SelectSpec(True).launch_smem(wan_row) <= SELECT_MAX_SMEM
-    # One-byte staged bins: three CTAs (the register limit) share an SM on Hopper (228 KB, 1 KB
-    # reserved per CTA).
-    assert 3 * (SelectSpec(True).launch_smem(wan_row) + 1024) <= 228 * 1024
-    assert SelectSpec.fits(75_600)  # wan 720p rows are staged too
-    assert not SelectSpec.fits(200_000)  # such rows are read from global memory
+    # Staged 16-bit bins: two CTAs share an SM on Hopper (228 KB, 1 KB reserved per CTA).
+    assert 2 * (SelectSpec(True).launch_smem(wan_row) + 1024) <= 228 * 1024
+    assert not SelectSpec.fits(75_600)  # wan 720p rows are read from global memory
 
 
 @pytest.mark.parametrize(

@@ -11,17 +11,16 @@
 //   first n keys hold a fraction tau of the row's mass (mass = exp(logit - lse) for logit rows,
 //   the score itself for probability rows; "holds" allows a 1e-5 relative float32 summation
 //   error); then clamped to [max(min_keys, band), max_keys].
-//   Search: one pass over the row builds a 255-bin histogram of counts (and masses) over a
-//   monotone coarse key (1/12 logit below the row's lse for logits, 1/8 octave for
-//   probabilities; bin 0 = band; keys more than ~21 logits below the lse share the last bin)
-//   and picks the bin holding the n-th key (or where the mass reaches tau). A radix select on
-//   8-bit digits of the order key then narrows that bin: over the row while the window holds
-//   more than 2048 keys, then over the window's keys gathered in shared memory, until one key
-//   or exact ties remain; ties are cut in index order.
-// With STAGED the first pass leaves every key's coarse bin (one byte) in shared memory, so later
+//   Search: one pass over the row builds a 2048-bin histogram of counts (and masses) over a
+//   monotone coarse key (about 1/32 logit below the row's lse for logits, 1/32 octave for
+//   probabilities; bin 0 = band) and picks the bin holding the n-th key (or where the mass
+//   reaches tau). A radix select on 8-bit digits of the order key then narrows that bin (at most
+//   four digit histograms): over the row while the window holds more than 2048 keys, then over
+//   the window's keys gathered in shared memory, until one key or exact ties remain; ties are
+//   cut in index order.
+// With STAGED the first pass leaves every key's coarse bin (16 bits) in shared memory, so later
 // passes touch global memory only for the keys of the cut's bin: the row is read from DRAM once,
-// and three CTAs (rows) share an SM, so one row's latency-bound search overlaps the others'
-// reads. Without it (rows too long to stage) every pass re-reads the row.
+// and two CTAs fit on an SM. Without it (rows too long to stage) every pass re-reads the row.
 // Outputs: the kept count per row; with `offsets` (row sizes known beforehand: top-k) the kept
 // indices, ascending, at out + offsets[row]; with `bits` a bitmask of the kept keys, one bit
 // per key, `words` 32-bit words per row (for emit_rows).
@@ -32,18 +31,14 @@
 
 namespace fg {
 
-constexpr int kSelThreads = 256;
+constexpr int kSelThreads = 512;
 constexpr int kSelWarps = kSelThreads / 32;
-constexpr int kBins = 255;       // coarse bins 0 .. 254 (staged as one byte each)
-constexpr int kDropped = 255;    // a staged bin already decided: dropped
-constexpr int kHist = 256;       // histogram entries: coarse bins or one 8-bit digit
-constexpr int kDigitBits = 8;    // radix digits
+constexpr int kBins = 2048;
+constexpr int kDigitBits = 11;  // radix digits: up to kBins bins
 constexpr int kCand = 2048;
-constexpr int kFirstLoads = 2;   // 16-byte loads in flight per thread in the first pass
-constexpr int kStreamLoads = 2;  // 16-byte loads in flight per thread when a row is streamed again
-constexpr float kBinsPerLogit = 12.f;
+constexpr float kBinsPerLogit = 32.f;
 constexpr float kTauSlack = 1e-5f;  // "reaches tau" allows this relative float32 summation error
-constexpr int kProbTop = 3065;  // (order_key(1.0f) >> 20) + 1: probability 1 falls in bin 1
+constexpr int kProbTop = 12257;  // (order_key(1.0f) >> 18) + 1: probability 1 falls in bin 1
 constexpr unsigned kBandKey = 0xffffffffu;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kIntMax = 0x7fffffff;
@@ -90,11 +85,9 @@ __device__ __forceinline__ int keys_per_thread(int kv_len) {
   return ((kv_len + kSelThreads - 1) / kSelThreads + 31) / 32 * 32;
 }
 
-typedef unsigned char bin_t;
-
 struct RowCtx {
   const float* vals;  // the row in global memory
-  const bin_t* bins;  // every key's coarse bin in shared memory (STAGED)
+  const u16* bins;    // every key's coarse bin in shared memory (STAGED)
   int n;              // keys in the row
   int band_lo, band_hi;  // keys ranked first
   bool logit;         // logits with a row lse, or probabilities
@@ -118,7 +111,7 @@ __device__ __forceinline__ int value_bin(const RowCtx& c, float v) {
   }
   const unsigned u = order_key(v);
   if (u == 0u) return kBins - 1;
-  const int b = kProbTop - static_cast<int>(u >> 20);
+  const int b = kProbTop - static_cast<int>(u >> 18);
   return min(max(b, 1), kBins - 1);
 }
 
@@ -129,27 +122,21 @@ __device__ __forceinline__ int bin_at(const RowCtx& c, int i) {
   return in_band(c, i) ? 0 : value_bin(c, __ldg(c.vals + i));
 }
 
-// Bins of keys i0 .. i0 + 7 (i0 a multiple of 8; keys past the row get kBins), one byte each,
-// packed in a uint2 (kept packed: unpacked they cost eight registers).
+// Bins of keys i0 .. i0 + 7 (i0 a multiple of 8; keys past the row get kBins).
 template <bool STAGED>
-__device__ __forceinline__ uint2 bins8(const RowCtx& c, int i0) {
-  if (STAGED) return *reinterpret_cast<const uint2*>(c.bins + i0);
-  uint2 w;
-  w.x = w.y = 0u;
+__device__ __forceinline__ void bins8(const RowCtx& c, int i0, int b[8]) {
+  if (STAGED) {
+    const uint4 w = *reinterpret_cast<const uint4*>(c.bins + i0);
+    const unsigned ws[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const unsigned b = static_cast<unsigned>(i0 + e < c.n ? bin_at<false>(c, i0 + e) : kBins);
-    if (e < 4) {
-      w.x |= b << (8 * e);
-    } else {
-      w.y |= b << (8 * (e - 4));
+    for (int e = 0; e < 4; ++e) {
+      b[2 * e] = static_cast<int>(ws[e] & 0xffffu);
+      b[2 * e + 1] = static_cast<int>(ws[e] >> 16);
     }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) b[e] = i0 + e < c.n ? bin_at<false>(c, i0 + e) : kBins;
   }
-  return w;
-}
-
-__device__ __forceinline__ int bin_of8(uint2 w, int e) {
-  return static_cast<int>(((e < 4 ? w.x : w.y) >> (8 * (e & 3))) & 0xffu);
 }
 
 __device__ __forceinline__ float key_mass(const RowCtx& c, unsigned u) {
@@ -319,7 +306,7 @@ __device__ void find_bin(const unsigned* cnt, const float* mass, int nb, bool by
 // First pass: read the row once (16-byte loads; the row stride is a multiple of 4 floats),
 // build the level-0 histogram, stage the bins (STAGED) and count keys >= u_thr (COUNT_THR).
 template <bool STAGED, bool MASS, bool COUNT_THR>
-__device__ unsigned first_pass(const RowCtx& c, bin_t* bins_out, unsigned* cnt, const MassHist& mass, unsigned u_thr) {
+__device__ unsigned first_pass(const RowCtx& c, u16* bins_out, unsigned* cnt, const MassHist& mass, unsigned u_thr) {
   const int tid = threadIdx.x;
   for (int b = tid; b < kBins; b += kSelThreads) {
     cnt[b] = 0u;
@@ -328,10 +315,10 @@ __device__ unsigned first_pass(const RowCtx& c, bin_t* bins_out, unsigned* cnt, 
   __syncthreads();
   unsigned above_thr = 0u;
   const int nvec = (c.n + 3) >> 2;
-  for (int base = 0; base < nvec; base += kFirstLoads * kSelThreads) {
-    float4 x[kFirstLoads];
+  for (int base = 0; base < nvec; base += 4 * kSelThreads) {
+    float4 x[4];
 #pragma unroll
-    for (int j = 0; j < kFirstLoads; ++j) {
+    for (int j = 0; j < 4; ++j) {
       const int f = base + j * kSelThreads + tid;
       if (f < nvec) {
         x[j] = __ldg(reinterpret_cast<const float4*>(c.vals) + f);
@@ -340,7 +327,7 @@ __device__ unsigned first_pass(const RowCtx& c, bin_t* bins_out, unsigned* cnt, 
       }
     }
 #pragma unroll
-    for (int j = 0; j < kFirstLoads; ++j) {
+    for (int j = 0; j < 4; ++j) {
       const int f = base + j * kSelThreads + tid;
       if (f >= nvec) continue;
       const float xs[4] = {x[j].x, x[j].y, x[j].z, x[j].w};
@@ -358,9 +345,10 @@ __device__ unsigned first_pass(const RowCtx& c, bin_t* bins_out, unsigned* cnt, 
         }
       }
       if (STAGED) {
-        reinterpret_cast<unsigned*>(bins_out)[f] = static_cast<unsigned>(bs[0]) | (static_cast<unsigned>(bs[1]) << 8) |
-                                                    (static_cast<unsigned>(bs[2]) << 16) |
-                                                    (static_cast<unsigned>(bs[3]) << 24);
+        uint2 w;
+        w.x = static_cast<unsigned>(bs[0]) | (static_cast<unsigned>(bs[1]) << 16);
+        w.y = static_cast<unsigned>(bs[2]) | (static_cast<unsigned>(bs[3]) << 16);
+        reinterpret_cast<uint2*>(bins_out)[f] = w;
       }
     }
   }
@@ -388,11 +376,12 @@ __device__ void recount(const RowCtx& c, unsigned* cnt) {
 template <bool STAGED, class F>
 __device__ __forceinline__ void for_window(const RowCtx& c, int bin, unsigned pfx, int pshift, F f) {
   for (int i0 = c.t0; i0 < c.t1; i0 += 8) {
-    const uint2 w = bins8<STAGED>(c, i0);
+    int b[8];
+    bins8<STAGED>(c, i0, b);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const int i = i0 + e;
-      if (bin_of8(w, e) == bin && i < c.t1) {
+      if (b[e] == bin && i < c.t1) {
         const unsigned u = key_at(c, i);
         if (pshift >= 32 || (u >> pshift) == pfx) f(i, u);
       }
@@ -406,19 +395,19 @@ __device__ __forceinline__ void for_window(const RowCtx& c, int bin, unsigned pf
 template <bool STAGED, class F>
 __device__ __forceinline__ void stream_bin(const RowCtx& c, int bin, F f) {
   const int nvec = (c.n + 3) >> 2;
-  for (int base = 0; base < nvec; base += kStreamLoads * kSelThreads) {
-    float4 x[kStreamLoads];
-    unsigned bw[kStreamLoads];
+  for (int base = 0; base < nvec; base += 4 * kSelThreads) {
+    float4 x[4];
+    uint2 bw[4];
 #pragma unroll
-    for (int j = 0; j < kStreamLoads; ++j) {
+    for (int j = 0; j < 4; ++j) {
       const int f4 = base + j * kSelThreads + threadIdx.x;
       if (f4 < nvec) {
         x[j] = __ldg(reinterpret_cast<const float4*>(c.vals) + f4);
-        if (STAGED) bw[j] = reinterpret_cast<const unsigned*>(c.bins)[f4];
+        if (STAGED) bw[j] = reinterpret_cast<const uint2*>(c.bins)[f4];
       }
     }
 #pragma unroll
-    for (int j = 0; j < kStreamLoads; ++j) {
+    for (int j = 0; j < 4; ++j) {
       const int f4 = base + j * kSelThreads + threadIdx.x;
       if (f4 >= nvec) continue;
       const float xs[4] = {x[j].x, x[j].y, x[j].z, x[j].w};
@@ -427,7 +416,8 @@ __device__ __forceinline__ void stream_bin(const RowCtx& c, int bin, F f) {
         const int i = 4 * f4 + e;
         int b;
         if (STAGED) {
-          b = static_cast<int>((bw[j] >> (8 * e)) & 0xffu);
+          const unsigned w = e < 2 ? bw[j].x : bw[j].y;
+          b = static_cast<int>((e & 1) ? (w >> 16) : (w & 0xffffu));
         } else {
           b = in_band(c, i) ? 0 : value_bin(c, xs[e]);
         }
@@ -441,10 +431,11 @@ __device__ __forceinline__ void stream_bin(const RowCtx& c, int bin, F f) {
 template <bool STAGED, class F>
 __device__ __forceinline__ void for_window_index(const RowCtx& c, int bin, F f) {
   for (int i0 = c.t0; i0 < c.t1; i0 += 8) {
-    const uint2 w = bins8<STAGED>(c, i0);
+    int b[8];
+    bins8<STAGED>(c, i0, b);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      if (bin_of8(w, e) == bin && i0 + e < c.t1) f(i0 + e);
+      if (b[e] == bin && i0 + e < c.t1) f(i0 + e);
     }
   }
 }
@@ -653,13 +644,13 @@ __device__ __forceinline__ unsigned kept_word(const RowCtx& c, int i0, const Cut
   unsigned m = 0u;
 #pragma unroll
   for (int g = 0; g < 4; ++g) {
-    const uint2 w = bins8<STAGED>(c, i0 + 8 * g);
+    int b[8];
+    bins8<STAGED>(c, i0 + 8 * g, b);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const int i = i0 + 8 * g + e;
-      const int b = bin_of8(w, e);
-      bool k = b < cut.bin;
-      if (b == cut.bin && i < c.n) {
+      bool k = b[e] < cut.bin;
+      if (b[e] == cut.bin && i < c.n) {
         const unsigned u = in_band(c, i) ? kBandKey : key_at(c, i);
         k = u > cut.u || (u == cut.u && i <= cut.i);
       }
@@ -671,7 +662,7 @@ __device__ __forceinline__ unsigned kept_word(const RowCtx& c, int i0, const Cut
 }
 
 template <bool STAGED>
-__global__ void __launch_bounds__(kSelThreads, STAGED ? 3 : 2)
+__global__ void __launch_bounds__(kSelThreads, STAGED ? 2 : 1)
 select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ lse, int kv_len, int rows_per_bh,
             int slice_m, int band, int rule, int k_keys, float tau, float thr, int min_keys, int max_keys,
             int* __restrict__ counts, const int* __restrict__ offsets, int* __restrict__ out,
@@ -679,13 +670,13 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned* cnt = reinterpret_cast<unsigned*>(smem_raw);
   MassHist mass;
-  mass.hi = cnt + kHist;
-  mass.lo = mass.hi + kHist;
+  mass.hi = cnt + kBins;
+  mass.lo = mass.hi + kBins;
   Cands cand;
-  cand.u = mass.lo + kHist;
+  cand.u = mass.lo + kBins;
   mass.fixed = lse != nullptr;
   cand.i = reinterpret_cast<int*>(cand.u + kCand);
-  bin_t* staged_bins = reinterpret_cast<bin_t*>(cand.i + kCand);
+  u16* staged_bins = reinterpret_cast<u16*>(cand.i + kCand);
   __shared__ SelScratch sc;
 
   const int tid = threadIdx.x;
@@ -758,7 +749,7 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
     // Decide the gathered keys of the cut's bin once: kept -> bin 0, dropped -> above every bin,
     // so the output passes read no keys for them.
     const int nc = sc.gathered;
-    auto decide = [&](int i, unsigned u) { staged_bins[i] = (u > cut.u || (u == cut.u && i <= cut.i)) ? 0 : kDropped; };
+    auto decide = [&](int i, unsigned u) { staged_bins[i] = (u > cut.u || (u == cut.u && i <= cut.i)) ? 0 : 0xffff; };
     if (nc == kRowPass) {
       stream_bin<STAGED>(c, cut.bin, decide);
     } else {

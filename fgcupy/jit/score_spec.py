@@ -20,14 +20,14 @@ SCORE_KEY_TILE = 64
 SCORE_WARPS = (4, 8)
 
 #: Selection kernel constants (mirror mask_select.cu).
-SELECT_THREADS = 256
-SELECT_BINS = 256  # histogram entries (255 coarse bins, or one 8-bit digit)
+SELECT_THREADS = 512
+SELECT_BINS = 2048
 SELECT_CANDIDATES = 2048
 #: Fixed dynamic shared memory of the selection kernel: histogram counts and masses (two 32-bit
 #: words a bin), candidates (key and index).
 SELECT_FIXED_SMEM = SELECT_BINS * 12 + SELECT_CANDIDATES * 8
-#: Staged bytes per key: its one-byte coarse bin.
-SELECT_STAGED_BYTES = 1
+#: Staged bytes per key: its 16-bit coarse bin.
+SELECT_STAGED_BYTES = 2
 #: Dynamic shared memory cap of the staged selection kernel: sm_80 allows 163 KB per block,
 #: static shared memory included (about 200 bytes here), so stay a little below.
 SELECT_MAX_SMEM = 162 * 1024
@@ -90,7 +90,7 @@ def staged_bytes(row_stride: int) -> int:
 @dataclass(frozen=True)
 class SelectSpec:
     """``fg::select_rows<STAGED>``: per-row threshold search (and optional emit). The staged
-    variant keeps every key's one-byte coarse bin in shared memory after one read of the row;
+    variant keeps every key's 16-bit coarse bin in shared memory after one read of the row;
     the other re-reads the row from global memory on every pass (rows too long to stage)."""
 
     staged: bool = True
