@@ -327,7 +327,7 @@ def format_table(title: str, rows: list[dict], default_name: str, winner_name: s
     def num(x, fmt):
         return "-" if x is None else format(x, fmt)
 
-    lines = [title, f"| spec | regs | smem KB | spill B | ms | TFLOP/s | |", "|---|---|---|---|---|---|---|"]
+    lines = [title, "| spec | regs | smem KB | spill B | ms | TFLOP/s | |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         tag = [t for t, n in (("default", default_name), ("WINNER", winner_name)) if r["spec"] == n]
         status = ", ".join(tag + ([r["status"]] if r["status"] != "ok" else []))

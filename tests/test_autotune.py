@@ -259,7 +259,7 @@ def test_a_second_process_reuses_the_file(isolated_cache):
     autotune.TuneCache().store([fake_result()], H100)
     code = (
         "from fgcupy import autotune\n"
-        f"key = autotune.ProblemKey.make(autotune.DeviceInfo('NVIDIA H100 80GB HBM3', (9, 0), 132, 232448, 65536),"
+        "key = autotune.ProblemKey.make(autotune.DeviceInfo('NVIDIA H100 80GB HBM3', (9, 0), 132, 232448, 65536),"
         " 'bfloat16', 128, 128, 32760, 32760, 0.3)\n"
         "calls = []\n"
         "spec = autotune.choose_spec(key, None, lambda k: calls.append(k))\n"
