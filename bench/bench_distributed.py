@@ -1,6 +1,7 @@
 """Sequence-parallel attention on several GPUs (NCCL, no torchrun): time on one GPU, on P GPUs
-(Ulysses exchange + fgcupy, with and without head-group pipelining), the exchange alone and the
-per-rank attention alone, all in one run so every number comes from the same machine.
+(Ulysses exchange + fgcupy, with and without head-group pipelining, for each exchange method:
+NCCL's all-to-all and the copy-engine exchange), the exchange alone and the per-rank attention
+alone, all in one run so every number comes from the same machine.
 
     PYTHONPATH=$PWD python -m bench.bench_distributed [--world 2] [--json out.json]
 

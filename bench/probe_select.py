@@ -84,7 +84,7 @@ def main():
 
             def call():
                 with bridge.torch_stream(vals.device):
-                    kernel((rows,), (512,), args, shared_mem=smem)
+                    kernel((rows,), (SelectSpec(True).threads,), args, shared_mem=smem)
 
             ms = cuda_time_ms(call, warmup=2, reps=10)
             print(f"  {name:22s} {label:6s} {ms['median_ms']:.3f} ms", flush=True)
