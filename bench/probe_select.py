@@ -1,7 +1,6 @@
 """Where the selection kernel's time goes: time fg::select_rows (top-k, fused emit, and tau) on
-wan14b-480p video-like scores, full and cut short after its first pass or after the search, and
-with the second CTA of each SM started later or not (the source is patched here, not in the
-package), beside the scoring kernel.
+wan14b-480p video-like scores, full and cut short after its first pass or after the search
+(the source is patched here, not in the package), beside the scoring kernel.
 
     PYTHONPATH=$PWD python3 -m bench.probe_select
 """
@@ -23,9 +22,6 @@ STOPS = {
     "first pass + search": ("  if (tid == 0) counts[row] = static_cast<int>(cut.n);", "  if (row >= 0) return;\n"),
     "full": None,
 }
-# Full kernel with another head start for the staggered CTAs (the shipped value is 15 us).
-STAGGERS = {f"full, stagger {ns / 1000:g} us": ("constexpr unsigned kStaggerNs = 15000;", f"constexpr unsigned kStaggerNs = {ns};")
-            for ns in (5000, 30000)}
 
 
 def compile_variant(patch):
@@ -35,7 +31,7 @@ def compile_variant(patch):
     if patch is not None:
         anchor, extra = patch
         assert anchor in src, anchor
-        src = src.replace(anchor, extra if extra.startswith("constexpr") else extra + anchor, 1)
+        src = src.replace(anchor, extra + anchor, 1)
     module = cupy.RawModule(code=src, options=nvrtc_options(), name_expressions=["fg::select_rows<true>"])
     kernel = module.get_function("fg::select_rows<true>")
     kernel.max_dynamic_shared_size_bytes = SelectSpec(True).smem_bytes
@@ -77,25 +73,21 @@ def main():
     window_stats(vals[..., : shape.seq].reshape(rows, shape.seq), lse.reshape(rows), req_topk.top_k)
     ptr = mask_kernels._ptr
     print(f"rows {rows} x {shape.seq} keys, shared memory {smem} bytes")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    variants = [(name, patch, sms) for name, patch in STOPS.items()]
-    variants += [("full, no stagger", None, 1 << 30)] + [(name, patch, sms) for name, patch in STAGGERS.items()]
-    for name, patch, stagger_from in variants:
+    for name, patch in STOPS.items():
         kernel = compile_variant(patch)
         for label, req, with_out in (("top-k", req_topk, True), ("tau", req_tau, False)):
             args = (ptr(vals), np.int64(ld), ptr(lse), np.int32(shape.seq), np.int32(per_head), np.int32(128),
                     np.int32(-1), np.int32(mask_kernels.RULE_IDS[req.rule]), np.int32(req.top_k or 0),
                     np.float32(req.tau or 0.0), np.float32(0.0), np.int32(0), np.int32(shape.seq), ptr(counts),
                     ptr(offsets if with_out else None), ptr(out if with_out else None),
-                    ptr(None if with_out else bits), np.int32(bits.shape[1]),
-                    np.int32(stagger_from))
+                    ptr(None if with_out else bits), np.int32(bits.shape[1]))
 
             def call():
                 with bridge.torch_stream(vals.device):
                     kernel((rows,), (SelectSpec(True).threads,), args, shared_mem=smem)
 
             ms = cuda_time_ms(call, warmup=2, reps=10)
-            print(f"  {name:26s} {label:6s} {ms['median_ms']:.3f} ms", flush=True)
+            print(f"  {name:22s} {label:6s} {ms['median_ms']:.3f} ms", flush=True)
     scale = 1 / math.sqrt(shape.head_dim)
     ms = cuda_time_ms(lambda: mask_kernels.gpu_scores("logits", pooled, k, scale, warps=8), warmup=2, reps=10)
     print(f"  score kernel (8 warps)        {ms['median_ms']:.3f} ms")

@@ -102,12 +102,6 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
 
 
 @lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    """Multiprocessors: the selection kernel staggers the second CTA of each."""
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@lru_cache(maxsize=None)
 def _smem_optin(device_index: int) -> int:
     import cupy
 
@@ -152,7 +146,6 @@ def gpu_select(vals: torch.Tensor, kv_len: int, req, *, lse=None, band: int | No
         np.int32(RULE_IDS[req.rule]), np.int32(req.top_k or 0), np.float32(req.tau or 0.0), np.float32(thr),
         np.int32(req.min_keys), np.int32(kv_len if req.max_keys is None else req.max_keys),
         _ptr(counts), _ptr(offsets), _ptr(out), _ptr(mask_bits), np.int32(words),
-        np.int32(_sm_count(device.index if device.index is not None else torch.cuda.current_device())),
     )
     if rows:
         _launch(device, spec, (rows,), args, shared_mem=spec.launch_smem(ld))

@@ -43,7 +43,6 @@ constexpr unsigned kBandKey = 0xffffffffu;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kIntMax = 0x7fffffff;
 constexpr int kRowPass = -2;
-constexpr unsigned kStaggerNs = 15000;  // about half a row's time
 constexpr int kEmitThreads = 256;
 constexpr int kEmitWarps = kEmitThreads / 32;
 enum { kRuleTopK = 0, kRuleTau = 1, kRuleThreshold = 2 };
@@ -667,7 +666,7 @@ __global__ void __launch_bounds__(kSelThreads, STAGED ? 2 : 1)
 select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ lse, int kv_len, int rows_per_bh,
             int slice_m, int band, int rule, int k_keys, float tau, float thr, int min_keys, int max_keys,
             int* __restrict__ counts, const int* __restrict__ offsets, int* __restrict__ out,
-            unsigned* __restrict__ bits, int words, int stagger_from) {
+            unsigned* __restrict__ bits, int words) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned* cnt = reinterpret_cast<unsigned*>(smem_raw);
   MassHist mass;
@@ -682,11 +681,6 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
 
   const int tid = threadIdx.x;
   const int row = blockIdx.x;
-  // The second CTA of each SM in the first wave (blockIdx in [stagger_from, 2 * stagger_from))
-  // starts later; each later CTA takes the slot of one that finished, so the offset stays: one
-  // CTA's latency-bound search and outputs overlap the other's read of its row, instead of both
-  // waiting on DRAM together and then both leaving it idle.
-  if (row >= stagger_from && row < 2 * stagger_from) __nanosleep(kStaggerNs);
   RowCtx c;
   c.vals = vals + static_cast<i64>(row) * ld;
   c.bins = staged_bins;
