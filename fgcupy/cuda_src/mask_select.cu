@@ -85,6 +85,24 @@ __device__ __forceinline__ int keys_per_thread(int kv_len) {
   return ((kv_len + kSelThreads - 1) / kSelThreads + 31) / 32 * 32;
 }
 
+// Where key i's staged bin lives. The 16-byte chunks are XOR-swizzled within each group of
+// eight: the ordered passes give each thread a run of 64 keys (eight chunks) and read chunk j of
+// every run at once, and unswizzled the eight lanes of a quarter warp would all hit the same
+// four banks (8-way conflicts).
+__device__ __forceinline__ unsigned staged_offset(int i) {
+  const unsigned byte = 2u * static_cast<unsigned>(i);
+  const unsigned chunk = byte >> 4;
+  return ((chunk ^ ((chunk >> 3) & 7u)) << 4) | (byte & 15u);
+}
+
+__device__ __forceinline__ u16* staged_ptr(u16* bins, int i) {
+  return reinterpret_cast<u16*>(reinterpret_cast<unsigned char*>(bins) + staged_offset(i));
+}
+
+__device__ __forceinline__ const u16* staged_ptr(const u16* bins, int i) {
+  return reinterpret_cast<const u16*>(reinterpret_cast<const unsigned char*>(bins) + staged_offset(i));
+}
+
 struct RowCtx {
   const float* vals;  // the row in global memory
   const u16* bins;    // every key's coarse bin in shared memory (STAGED)
@@ -118,7 +136,7 @@ __device__ __forceinline__ int value_bin(const RowCtx& c, float v) {
 // Bin of key i (0 for the band): from shared memory when staged, else from the row.
 template <bool STAGED>
 __device__ __forceinline__ int bin_at(const RowCtx& c, int i) {
-  if (STAGED) return c.bins[i];
+  if (STAGED) return *staged_ptr(c.bins, i);
   return in_band(c, i) ? 0 : value_bin(c, __ldg(c.vals + i));
 }
 
@@ -126,7 +144,7 @@ __device__ __forceinline__ int bin_at(const RowCtx& c, int i) {
 template <bool STAGED>
 __device__ __forceinline__ void bins8(const RowCtx& c, int i0, int b[8]) {
   if (STAGED) {
-    const uint4 w = *reinterpret_cast<const uint4*>(c.bins + i0);
+    const uint4 w = *reinterpret_cast<const uint4*>(staged_ptr(c.bins, i0));
     const unsigned ws[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
@@ -348,7 +366,7 @@ __device__ unsigned first_pass(const RowCtx& c, u16* bins_out, unsigned* cnt, co
         uint2 w;
         w.x = static_cast<unsigned>(bs[0]) | (static_cast<unsigned>(bs[1]) << 16);
         w.y = static_cast<unsigned>(bs[2]) | (static_cast<unsigned>(bs[3]) << 16);
-        reinterpret_cast<uint2*>(bins_out)[f] = w;
+        *reinterpret_cast<uint2*>(staged_ptr(bins_out, 4 * f)) = w;
       }
     }
   }
@@ -403,7 +421,7 @@ __device__ __forceinline__ void stream_bin(const RowCtx& c, int bin, F f) {
       const int f4 = base + j * kSelThreads + threadIdx.x;
       if (f4 < nvec) {
         x[j] = __ldg(reinterpret_cast<const float4*>(c.vals) + f4);
-        if (STAGED) bw[j] = reinterpret_cast<const uint2*>(c.bins)[f4];
+        if (STAGED) bw[j] = *reinterpret_cast<const uint2*>(staged_ptr(c.bins, 4 * f4));
       }
     }
 #pragma unroll
@@ -749,7 +767,9 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
     // Decide the gathered keys of the cut's bin once: kept -> bin 0, dropped -> above every bin,
     // so the output passes read no keys for them.
     const int nc = sc.gathered;
-    auto decide = [&](int i, unsigned u) { staged_bins[i] = (u > cut.u || (u == cut.u && i <= cut.i)) ? 0 : 0xffff; };
+    auto decide = [&](int i, unsigned u) {
+      *staged_ptr(staged_bins, i) = (u > cut.u || (u == cut.u && i <= cut.i)) ? 0 : 0xffff;
+    };
     if (nc == kRowPass) {
       stream_bin<STAGED>(c, cut.bin, decide);
     } else {
