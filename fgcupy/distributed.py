@@ -28,8 +28,8 @@ Strategies (chosen so no token and no head is ever padded or dropped):
   releases). "auto" uses all-to-all on NCCL and probes other backends once per group.
   "copy" (GPUs of one host, NCCL group): every rank writes its pieces straight into its peers'
   buffers with the copy engines (CUDA IPC, fgcupy.peer_copy), so the exchange takes no SM from
-  attention and head groups overlap for real; NCCL only provides barriers. It covers
-  self-attention (equal q and k/v shards) without ``return_lse``; other calls use all-to-all.
+  attention; NCCL only provides barriers. It covers self-attention (equal q and k/v shards)
+  without ``return_lse``; other calls use all-to-all. Ranks on different hosts raise.
 - Errors: before any data moves, ranks exchange a small header (shapes, dtype, head groups, mask
   shape, an error flag), so an input that one rank rejects raises on every rank instead of leaving
   the others blocked in a collective. Passing ``seq_lens`` skips that header (and its host sync):

@@ -18,6 +18,7 @@ every call and grown when a call needs more. ``release(group)``, called on every
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -49,11 +50,19 @@ class PeerWorkspace:
         with cupy.cuda.Device(device.index):
             # A plain cudaMalloc (not torch's pool): the IPC handle then covers exactly this buffer.
             self._base = runtime.malloc(nbytes)
-            memory = cupy.cuda.UnownedMemory(self._base, nbytes, self, device.index)
+            # No owner: this object frees the buffer (an owner would make a reference cycle and
+            # leave a replaced workspace to the garbage collector).
+            memory = cupy.cuda.UnownedMemory(self._base, nbytes, None, device.index)
             array = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(memory, 0))
             self.local = torch.from_dlpack(array)
-            handles = [None] * dist.get_world_size(group)
-            dist.all_gather_object(handles, runtime.ipcGetMemHandle(self._base), group=group)
+            gathered = [None] * dist.get_world_size(group)
+            dist.all_gather_object(gathered, (socket.gethostname(), runtime.ipcGetMemHandle(self._base)), group=group)
+            hosts = [host for host, _ in gathered]
+            if len(set(hosts)) > 1:  # every rank sees the same list, so every rank raises
+                runtime.free(self._base)
+                self._base, self._opened = None, []
+                raise ValueError(f"exchange='copy' needs the GPUs of one host; the group's ranks are on {hosts}")
+            handles = [handle for _, handle in gathered]
             # Opened on this rank's own device: its copy engines then write the peers' memory
             # over NVLink (a handle opened on the owner's device index ran at ~33 GB/s, staged).
             self._opened = [runtime.ipcOpenMemHandle(h, runtime.cudaIpcMemLazyEnablePeerAccess)
@@ -64,6 +73,8 @@ class PeerWorkspace:
         self._flag = torch.zeros(1, dtype=torch.int32, device=device)
 
     def __del__(self):
+        if getattr(self, "_base", None) is None:
+            return
         try:
             import cupy
 
@@ -116,7 +127,8 @@ class PeerWorkspace:
 
 def release(group=None) -> None:
     """Free this group's workspace on every rank (collective: call it on all ranks, with no
-    exchange in flight): peers unmap their views, wait for each other, then each frees its own."""
+    exchange in flight): peers unmap their views, wait for each other, then each frees its own.
+    Views of it handed out earlier (the q, k, v a mask callable received) must not be used after."""
     ws = next((w for key, w in _WORKSPACES.items() if key[0] == id(group)), None)
     if ws is None:
         return
