@@ -29,7 +29,7 @@ Strategies (chosen so no token and no head is ever padded or dropped):
   "copy" (GPUs of one host, NCCL group): every rank writes its pieces straight into its peers'
   buffers with the copy engines (CUDA IPC, fgcupy.peer_copy), so the exchange takes no SM from
   attention; NCCL only provides barriers. It covers self-attention (equal q and k/v shards)
-  without ``return_lse``; other calls use all-to-all. Ranks on different hosts raise.
+  without ``return_lse``; other calls use what "auto" picks. Ranks on different hosts raise.
 - Errors: before any data moves, ranks exchange a small header (shapes, dtype, head groups, mask
   shape, an error flag), so an input that one rank rejects raises on every rank instead of leaving
   the others blocked in a collective. Passing ``seq_lens`` skips that header (and its host sync):
@@ -84,6 +84,43 @@ def _group_ranges(owned: range, head_groups: int) -> list[range]:
 
 
 # ---- masks ----
+def concat_heads(masks) -> SliceMask:
+    """One mask holding the heads of ``masks`` in order (equal batch, lengths and slice size): what
+    ``slice_heads`` over consecutive head ranges undoes. Gathers on the device; one host sync."""
+    masks = list(masks)
+    if not masks or not all(isinstance(m, SliceMask) for m in masks):
+        raise TypeError("concat_heads needs one or more fgcupy.SliceMask")
+    first = masks[0]
+    shape = (first.batch, first.q_len, first.kv_len, first.slice_m, first.device)
+    for m in masks[1:]:
+        if (m.batch, m.q_len, m.kv_len, m.slice_m, m.device) != shape:
+            raise ValueError(f"masks to join must agree on (batch, q_len, kv_len, slice_m, device): {shape} vs "
+                             f"{(m.batch, m.q_len, m.kv_len, m.slice_m, m.device)}")
+    if len(masks) == 1:
+        return first
+    bases, base = [], 0
+    for m in masks:
+        bases.append(base)
+        base += m.capacity
+    starts = torch.cat([m.indptr[..., :-1].to(torch.int64) + b for m, b in zip(masks, bases)], dim=1)
+    ends = torch.cat([m.indptr[..., 1:].to(torch.int64) + b for m, b in zip(masks, bases)], dim=1)
+    batch, heads, q_blocks = starts.shape
+    starts, ends = starts.reshape(-1), ends.reshape(-1)
+    lengths = (ends - starts).clamp_min(0)
+    offsets = torch.zeros(starts.numel() + 1, dtype=torch.int64, device=first.device)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    total = int(offsets[-1].item())
+    if total > torch.iinfo(torch.int32).max:
+        raise ValueError(f"the joined mask keeps {total} slices, more than int32 offsets can address")
+    row_of = torch.repeat_interleave(torch.arange(starts.numel(), device=first.device), lengths, output_size=total)
+    positions = starts[row_of] + torch.arange(total, device=first.device) - offsets[:-1][row_of]
+    indices = torch.cat([m.indices for m in masks])[positions]
+    flat = offsets.to(torch.int32)
+    indptr = torch.cat([flat[:-1].reshape(batch, heads, q_blocks), flat[1:].reshape(batch, heads, q_blocks)[..., -1:]],
+                       dim=-1).contiguous()
+    return SliceMask(indptr, indices, first.slice_m, first.q_len, first.kv_len)
+
+
 def slice_heads(mask: SliceMask, heads: range) -> SliceMask:
     """The mask of heads ``heads`` (a step-1 range) of ``mask``, with compact storage.
 
@@ -303,7 +340,7 @@ class SequenceParallelAttention:
         if method == "copy":
             if q_lens == kv_lens and not return_lse and device.type == "cuda" and _uses_nccl(self.group, device):
                 return self._pipeline_copy(qh, kh, vh, q, layout, mask, compute, q_lens, scale, attend, world, rank)
-            method = "all_to_all"
+            method = self._auto_method(device)
         return self._pipeline(qh, kh, vh, q, layout, mask, compute, method, q_lens, kv_lens, scale,
                               return_lse, attend, world, rank)
 
@@ -367,8 +404,9 @@ class SequenceParallelAttention:
         return q_lens, kv_lens
 
     def _exchange_method(self, device):
-        if self.exchange != "auto":
-            return self.exchange
+        return self.exchange if self.exchange != "auto" else self._auto_method(device)
+
+    def _auto_method(self, device):
         if _uses_nccl(self.group, device):
             return "all_to_all"
         return _probe_all_to_all(self.group, device)

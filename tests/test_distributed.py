@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgcupy import SliceMask
-from fgcupy.distributed import (MaskPredictor, SequenceParallelAttention, head_ranges, sequence_parallel_attention,
-                                shard_ranges, slice_heads)
+from fgcupy.distributed import (MaskPredictor, SequenceParallelAttention, concat_heads, head_ranges,
+                                sequence_parallel_attention, shard_ranges, slice_heads)
 from tests.dist_harness import Case, error_cases, run_world
 
 CPU = dict(device="cpu", dtype="float32", compute="reference", tolerance=1e-5, tolerance_vs_single=1e-5,
@@ -165,6 +165,28 @@ def test_slice_heads_gathers_heads_stored_out_of_order():
         part = slice_heads(shuffled, heads).validate()
         assert torch.equal(part.to_dense(), dense[:, heads.start:heads.stop])
         assert part.capacity == int(counts[:, heads.start:heads.stop].sum())
+
+
+@given(st.integers(0, 2**31 - 1), st.lists(st.integers(0, 3), min_size=1, max_size=4))
+@settings(max_examples=40, deadline=None)
+def test_concat_heads_undoes_slice_heads(seed, sizes):
+    """Joining per-group masks (as the diffusers integration does with head groups) gives the mask
+    of all their heads, batch by batch."""
+    mask, dense = _random_mask(seed, heads=sum(sizes))
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    parts = [slice_heads(mask, range(a, b)) for a, b in zip(bounds, bounds[1:])]
+    joined = concat_heads(parts).validate()
+    assert joined.heads == sum(sizes) and torch.equal(joined.to_dense(), dense)
+    assert joined.capacity == int(dense.sum())
+
+
+def test_concat_heads_rejects_masks_that_do_not_match():
+    a, _ = _random_mask(1)
+    b, _ = _random_mask(2, q_len=40)
+    with pytest.raises(ValueError, match="must agree on"):
+        concat_heads([a, b])
+    with pytest.raises(TypeError, match="one or more fgcupy.SliceMask"):
+        concat_heads([])
 
 
 @pytest.mark.parametrize("heads, error", [(range(0, 6), ValueError), (range(3, 1, -1), TypeError),

@@ -69,7 +69,9 @@ def _worker(rank, port, path):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         model, rotary, hidden = _problem()
-        handle = fd.apply(model, fd.SparseAttentionConfig(process_group=dist.group.WORLD, **SCHEDULE))
+        # two head groups and the copy exchange, which off the GPU falls back to what "auto" picks
+        handle = fd.apply(model, fd.SparseAttentionConfig(process_group=dist.group.WORLD, **SCHEDULE,
+                                                          parallel_options=dict(head_groups=2, exchange="copy")))
         rows = shard_ranges(rotary[0].shape[1], WORLD)[rank]
         out = _run_steps(model, handle, rotary, hidden, rows)
         stats = {name: (s.refresh_steps, s.sparse_calls, s.dense_calls, s.stock_calls)
@@ -132,6 +134,15 @@ def test_reused_masks_matter():
         attention_fn=reference_attention_fn, **{**SCHEDULE, "dense_steps": STEPS})), rotary, hidden)
     assert relative_l2(sparse[2, 0], dense[2, 0]) > 1e-2
     torch.testing.assert_close(sparse[:, 1], dense[:, 1])  # the dense layer
+
+
+def test_parallel_options_checks():
+    with pytest.raises(ValueError, match=r"parallel_options accepts head_groups, exchange and key_tile, got \['groups'\]"):
+        fd.SparseAttentionConfig(process_group=object(), parallel_options=dict(groups=2))
+    with pytest.raises(ValueError, match="parallel_options apply to sequence parallelism: give process_group too"):
+        fd.SparseAttentionConfig(parallel_options=dict(head_groups=2))
+    with pytest.raises(TypeError, match="parallel_options must be a dict, got list"):
+        fd.SparseAttentionConfig(process_group=object(), parallel_options=["copy"])
 
 
 def test_process_group_config_checks():

@@ -93,6 +93,8 @@ class SparseAttentionConfig:
         (rank order = sequence order): self-attention then runs through SequenceParallelAttention
         (fgcupy's kernel on CUDA tensors, its float32 reference elsewhere), dense steps and layers
         included. Wan only; excludes ``attention_fn``.
+    parallel_options: keyword arguments of SequenceParallelAttention for ``process_group``:
+        ``head_groups``, ``exchange`` (``"copy"``: copy-engine transfers on one host), ``key_tile``.
     """
 
     predictor: str | Callable = "topk"
@@ -109,6 +111,7 @@ class SparseAttentionConfig:
     fallback: bool = False
     attention_fn: Callable | None = None
     process_group: object = None
+    parallel_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.predictor, str):
@@ -141,6 +144,13 @@ class SparseAttentionConfig:
         if self.process_group is not None and self.attention_fn is not None:
             raise ValueError("attention_fn and process_group exclude each other: with a process group attention "
                              "runs in fgcupy.distributed.SequenceParallelAttention")
+        if not isinstance(self.parallel_options, dict):
+            raise TypeError(f"parallel_options must be a dict, got {type(self.parallel_options).__name__}")
+        unknown = set(self.parallel_options) - {"head_groups", "exchange", "key_tile"}
+        if unknown:
+            raise ValueError(f"parallel_options accepts head_groups, exchange and key_tile, got {sorted(unknown)}")
+        if self.parallel_options and self.process_group is None:
+            raise ValueError("parallel_options apply to sequence parallelism: give process_group too")
 
     def mask_cache(self) -> MaskCache:
         """An empty MaskCache with this schedule. Listed refresh steps inside the warm-up are dropped
@@ -392,28 +402,31 @@ class SparseAttentionHandle:
         pass a callable that predicts (and caches) the mask of the heads this rank owns from the
         exchanged full-sequence q, k; other steps pass the cached mask itself, so
         SequenceParallelAttention slices and plans it once per refresh, not per step."""
-        from ..distributed import SequenceParallelAttention
+        from ..distributed import SequenceParallelAttention, concat_heads
 
         branch = self._slot_branch()
         slot = layer.slots.setdefault(branch, _Slot())
         if slot.parallel is None:
-            slot.parallel = SequenceParallelAttention(self.config.process_group)
+            slot.parallel = SequenceParallelAttention(self.config.process_group, **self.config.parallel_options)
         if dense:
             return slot.parallel(q, k, v, None, layout="NHD")
         entry = (layer.name, branch)
         key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
         if self._needs_refresh(entry, slot, key, 0):
-            def predict(q_heads, k_heads, heads):
-                mask = self._predict(layer, q_heads.contiguous(), k_heads.contiguous())
-                self._store(layer, entry, slot, mask, key, 0)
-                return mask
+            parts = []  # one mask per head group; joined into the mask of this rank's heads
 
-            mask = predict
-        else:
-            self.cache.reuses += 1
-            mask = self.cache.get(entry)
+            def predict(q_heads, k_heads, heads):
+                parts.append(self._predict(layer, q_heads.contiguous(), k_heads.contiguous()))
+                return parts[-1]
+
+            layer.stats.sparse_calls += 1
+            out = slot.parallel(q, k, v, predict, layout="NHD")
+            if parts:
+                self._store(layer, entry, slot, concat_heads(parts), key, 0)
+            return out
+        self.cache.reuses += 1
         layer.stats.sparse_calls += 1
-        return slot.parallel(q, k, v, mask, layout="NHD")
+        return slot.parallel(q, k, v, self.cache.get(entry), layout="NHD")
 
     def _predict(self, layer: _Layer, q, k) -> SliceMask:
         cfg = self.config
