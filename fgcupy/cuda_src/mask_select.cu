@@ -61,12 +61,6 @@ __device__ __forceinline__ float key_float(unsigned u) {
 
 __device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
 
-__device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) x += __shfl_xor_sync(kFull, x, off);
-  return x;
-}
-
 // Band [lo, hi) of query block j: its own keys and `band` more on either side (band < 0: none).
 __device__ __forceinline__ void band_range(int j, int slice_m, int band, int kv_len, int& lo, int& hi) {
   if (band < 0) {
