@@ -14,13 +14,14 @@
 //   Search: one pass over the row builds a 2048-bin histogram of counts (and masses) over a
 //   monotone coarse key (about 1/32 logit below the row's lse for logits, 1/32 octave for
 //   probabilities; bin 0 = band) and picks the bin holding the n-th key (or where the mass
-//   reaches tau). A radix select on 8-bit digits of the order key then narrows that bin (at most
-//   four digit histograms): over the row while the window holds more than 2048 keys, then over
-//   the window's keys gathered in shared memory, until one key or exact ties remain; ties are
-//   cut in index order.
+//   reaches tau). A radix select on 11-bit digits of the order key then narrows that bin (at
+//   most three digit histograms, starting below the common prefix of the gathered keys): over
+//   the row (streamed) while the window holds more than 2048 keys, then over the window's keys
+//   gathered in shared memory, until one key or exact ties remain; ties are cut in index order.
 // With STAGED the first pass leaves every key's coarse bin (16 bits) in shared memory, so later
-// passes touch global memory only for the keys of the cut's bin: the row is read from DRAM once,
-// and two CTAs fit on an SM. Without it (rows too long to stage) every pass re-reads the row.
+// passes touch global memory only for the keys of the cut's bin, and once the cut is known those
+// keys' bins are rewritten as kept or dropped: the row is read from DRAM once, and two CTAs fit
+// on an SM. Without it (rows too long to stage) every pass re-reads the row.
 // Outputs: the kept count per row; with `offsets` (row sizes known beforehand: top-k) the kept
 // indices, ascending, at out + offsets[row]; with `bits` a bitmask of the kept keys, one bit
 // per key, `words` 32-bit words per row (for emit_rows).
