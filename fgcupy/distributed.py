@@ -112,13 +112,24 @@ def concat_heads(masks) -> SliceMask:
     total = int(offsets[-1].item())
     if total > torch.iinfo(torch.int32).max:
         raise ValueError(f"the joined mask keeps {total} slices, more than int32 offsets can address")
-    row_of = torch.repeat_interleave(torch.arange(starts.numel(), device=first.device), lengths, output_size=total)
-    positions = starts[row_of] + torch.arange(total, device=first.device) - offsets[:-1][row_of]
-    indices = torch.cat([m.indices for m in masks])[positions]
+    indices = _gather_rows(torch.cat([m.indices for m in masks]), starts, lengths, offsets, total)
+    return _packed_mask(offsets, indices, (batch, heads, q_blocks), first)
+
+
+def _gather_rows(source, starts, lengths, offsets, total):
+    """Rows ``source[starts[r] : starts[r] + lengths[r]]`` packed back to back (row r from
+    ``offsets[r]``; ``total`` keys in all)."""
+    row_of = torch.repeat_interleave(torch.arange(starts.numel(), device=source.device), lengths, output_size=total)
+    positions = starts[row_of] + torch.arange(total, device=source.device) - offsets[:-1][row_of]
+    return source[positions]
+
+
+def _packed_mask(offsets, indices, shape, like: SliceMask) -> SliceMask:
+    """A mask of ``shape`` (B, H, QB) whose rows sit back to back in ``indices`` from ``offsets``
+    (int64, one per row plus the end), with ``like``'s slice size and lengths."""
     flat = offsets.to(torch.int32)
-    indptr = torch.cat([flat[:-1].reshape(batch, heads, q_blocks), flat[1:].reshape(batch, heads, q_blocks)[..., -1:]],
-                       dim=-1).contiguous()
-    return SliceMask(indptr, indices, first.slice_m, first.q_len, first.kv_len)
+    indptr = torch.cat([flat[:-1].reshape(shape), flat[1:].reshape(shape)[..., -1:]], dim=-1).contiguous()
+    return SliceMask(indptr, indices, like.slice_m, like.q_len, like.kv_len)
 
 
 def slice_heads(mask: SliceMask, heads: range) -> SliceMask:
@@ -159,14 +170,8 @@ def slice_heads(mask: SliceMask, heads: range) -> SliceMask:
     if flag:
         indices = mask.indices[first:first + total]
     else:
-        row_of = torch.repeat_interleave(torch.arange(rows, device=mask.device), lengths, output_size=total)
-        positions = starts[row_of] + torch.arange(total, device=mask.device) - offsets[:-1][row_of]
-        indices = mask.indices[positions]
-    flat = offsets.to(torch.int32)
-    row_starts = flat[:-1].reshape(batch, count, q_blocks)
-    head_ends = flat[1:].reshape(batch, count, q_blocks)[..., -1:]
-    return SliceMask(torch.cat([row_starts, head_ends], dim=-1).contiguous(), indices, mask.slice_m,
-                     mask.q_len, mask.kv_len)
+        indices = _gather_rows(mask.indices, starts, lengths, offsets, total)
+    return _packed_mask(offsets, indices, (batch, count, q_blocks), mask)
 
 
 class MaskPredictor:

@@ -3,8 +3,8 @@
 NCCL's all-to-all runs as kernels: while it moves a head group, it takes SMs from the attention
 kernel working on the previous group, so pipelining hides little. Here every rank instead exposes
 one buffer to its peers (CUDA IPC) and each rank writes its pieces straight into the peers'
-buffers with ``cudaMemcpy2DAsync`` on a side stream: the GPUs' copy engines move the data and
-no SM is used. A one-element NCCL all-reduce on the same stream is the barrier that tells every
+buffers with ``cudaMemcpyAsync`` on a side stream: the GPUs' copy engines move the data and no
+SM is used. A one-element NCCL all-reduce on the same stream is the barrier that tells every
 rank its inbound copies are complete.
 
 Layout: every region is head-major, ``[B, h, S, D]`` received and ``[B, H, S_r, D]`` returned, so

@@ -216,10 +216,9 @@ def _static_layout(batch: int, heads: int, q_blocks: int, kv_len: int, req: Mask
         raise ValueError(f"the mask would keep {capacity} slices, more than int32 offsets address")
     starts = torch.cumsum(per_block, 0) - per_block
     head_base = torch.arange(batch * heads, dtype=torch.int64).unsqueeze(1) * per_head
-    offsets = (head_base + starts.unsqueeze(0)).reshape(-1)
-    indptr = torch.cat([head_base + starts.unsqueeze(0), head_base + per_head], dim=1)
-    return (offsets.to(torch.int32).to(device), indptr.reshape(batch, heads, q_blocks + 1).to(torch.int32).to(device),
-            capacity)
+    indptr = torch.cat([head_base + starts.unsqueeze(0), head_base + per_head], dim=1).to(torch.int32)
+    offsets = indptr[:, :-1].reshape(-1)  # every block's start
+    return offsets.to(device), indptr.reshape(batch, heads, q_blocks + 1).to(device), capacity
 
 
 class _GpuPrediction:

@@ -412,21 +412,21 @@ class SparseAttentionHandle:
             return slot.parallel(q, k, v, None, layout="NHD")
         entry = (layer.name, branch)
         key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
-        if self._needs_refresh(entry, slot, key, 0):
-            parts = []  # one mask per head group; joined into the mask of this rank's heads
-
-            def predict(q_heads, k_heads, heads):
-                parts.append(self._predict(layer, q_heads.contiguous(), k_heads.contiguous()))
-                return parts[-1]
-
-            layer.stats.sparse_calls += 1
-            out = slot.parallel(q, k, v, predict, layout="NHD")
-            if parts:
-                self._store(layer, entry, slot, concat_heads(parts), key, 0)
-            return out
-        self.cache.reuses += 1
+        refresh = self._needs_refresh(entry, slot, key, 0)
         layer.stats.sparse_calls += 1
-        return slot.parallel(q, k, v, self.cache.get(entry), layout="NHD")
+        if not refresh:
+            self.cache.reuses += 1
+            return slot.parallel(q, k, v, self.cache.get(entry), layout="NHD")
+        parts = []  # one mask per head group; joined into the mask of this rank's heads
+
+        def predict(q_heads, k_heads, heads):
+            parts.append(self._predict(layer, q_heads.contiguous(), k_heads.contiguous()))
+            return parts[-1]
+
+        out = slot.parallel(q, k, v, predict, layout="NHD")
+        if parts:
+            self._store(layer, entry, slot, concat_heads(parts), key, 0)
+        return out
 
     def _predict(self, layer: _Layer, q, k) -> SliceMask:
         cfg = self.config

@@ -83,7 +83,8 @@ class ScoreSpec:
 def staged_bytes(row_stride: int) -> int:
     """Shared memory of the staged bins: every thread owns a whole number of 32-key words
     (keys_per_thread in mask_select.cu), so the array covers SELECT_THREADS of those."""
-    per_thread = -(-(-(-row_stride // SELECT_THREADS)) // 32) * 32
+    keys = -(-row_stride // SELECT_THREADS)  # ceiling division
+    per_thread = -(-keys // 32) * 32
     return SELECT_THREADS * per_thread * SELECT_STAGED_BYTES
 
 
