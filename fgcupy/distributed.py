@@ -556,9 +556,11 @@ class SequenceParallelAttention:
         return (out, lse) if return_lse else out
 
     def _pipeline_copy(self, qh, kh, vh, q, layout, mask, compute, lens, scale, attend, world, rank):
-        """The pipeline with copy-engine transfers (fgcupy.peer_copy): one side stream carries every
-        group's inbound copies, each followed by a barrier; attention on group g waits for its
-        barrier only, and its output is copied back to the token owners behind it."""
+        """The pipeline with copy-engine transfers (fgcupy.peer_copy). Host order is the schedule:
+        group 0's inbound copies and barrier, then per group g its attention (waiting for its
+        barrier only), the inbound copies of group g + 1 (so the attention is queued before the
+        host spends time on copies), and g's outbound copies behind its attention. Inbound and
+        outbound copies use separate streams, so no inbound copy waits for an attention."""
         from .peer_copy import CopyPlan, PeerWorkspace
 
         batch, heads, _, head_dim = qh.shape
@@ -569,33 +571,45 @@ class SequenceParallelAttention:
         sources = [CopyPlan.source(x) for x in (qh, kh, vh)]
         ws = PeerWorkspace.get(self.group, device, plan.nbytes)
         current = torch.cuda.current_stream(device)
+        # Inputs are ready, and this rank is done with the previous call's buffer (its output was
+        # copied out on the current stream).
         ws.stream.wait_stream(current)
-        arrivals = []
-        with torch.cuda.stream(ws.stream):
-            ws.barrier()  # every rank is done with the previous call's buffers
-            for g in range(self.head_groups):
+
+        def inbound(g):
+            """Queue group g's copies into the peers and the barrier after them; the returned
+            event fires once every rank's copies into this rank have landed. The first barrier
+            also says every rank finished the previous call, so its buffers may be overwritten."""
+            with torch.cuda.stream(ws.stream):
                 plan.inbound(ws, sources, rank, g)
                 ws.barrier()
-                arrivals.append(torch.cuda.Event())
-                arrivals[-1].record(ws.stream)
-        for x in sources:
-            x.record_stream(ws.stream)
+                arrived = torch.cuda.Event()
+                arrived.record(ws.stream)
+            return arrived
+
+        arrival = inbound(0)
+        ws.out_stream.wait_event(arrival)  # the peers' return regions are free from here on
         total = sum(lens)
         for g, subs in enumerate(groups):
             mine = subs[rank]
-            current.wait_event(arrivals[g])
+            current.wait_event(arrival)
             out_g = plan.new_out(rank, g, qh.dtype, device)
             if attend and len(mine):
                 qg, kg, vg = plan.recv_views(ws.local, rank, g, qh.dtype)
                 part, attn_plan = self._group_mask(g, mask, qg, kg, mine, compute, total, total)
                 self._attend(compute, qg, kg, vg, part, attn_plan, out_g, None, scale)
-            ws.stream.wait_stream(current)
-            with torch.cuda.stream(ws.stream):
+            done = torch.cuda.Event()
+            done.record(current)
+            if g + 1 < len(groups):
+                arrival = inbound(g + 1)
+            ws.out_stream.wait_event(done)
+            with torch.cuda.stream(ws.out_stream):
                 plan.outbound(ws, out_g, rank, g)
-            out_g.record_stream(ws.stream)
-        with torch.cuda.stream(ws.stream):
+            out_g.record_stream(ws.out_stream)
+        for x in sources:
+            x.record_stream(ws.stream)
+        with torch.cuda.stream(ws.out_stream):
             ws.barrier()  # every rank's outputs for this rank's tokens have landed
-        current.wait_stream(ws.stream)
+        current.wait_stream(ws.out_stream)
         if not attend:
             return None
         out = torch.empty_like(q)

@@ -38,8 +38,8 @@ class Rows:
 
 
 class PeerWorkspace:
-    """A byte buffer on every rank of ``group`` that every rank can write (CUDA IPC), the stream
-    the copies run on and the barrier tensor. Collective: every rank builds it in the same call."""
+    """A byte buffer on every rank of ``group`` that every rank can write (CUDA IPC), the streams
+    the inbound and outbound copies run on and the barrier tensor. Collective: every rank builds it in the same call."""
 
     def __init__(self, group, device: torch.device, nbytes: int):
         import cupy
@@ -69,7 +69,10 @@ class PeerWorkspace:
                             for r, h in enumerate(handles) if r != rank]
         opened = iter(self._opened)
         self._ptrs = [self._base if r == rank else next(opened) for r in range(len(handles))]
+        # Inbound copies run on one stream, outbound on another: an outbound copy waits for its
+        # group's attention, and the next groups' inbound copies must not queue behind it.
         self.stream = torch.cuda.Stream(device=device)
+        self.out_stream = torch.cuda.Stream(device=device)
         self._flag = torch.zeros(1, dtype=torch.int32, device=device)
 
     def __del__(self):

@@ -2,26 +2,57 @@
 
 One helper for the demo, the autotuner and the benchmarks, so every number fgcupy reports is
 measured the same way.
+
+Two readings of "how long": by default each run starts on an idle GPU, so the time includes the
+host's work until the first kernel is queued (an isolated call's latency). With ``queued=True``
+the GPU is first kept busy (``torch.cuda._sleep``) for longer than ``fn``'s host time, so ``fn``'s
+kernels are all queued before the start event fires and the events measure GPU time alone: what
+the call costs inside a model whose host runs ahead of the GPU. A host synchronisation inside
+``fn`` still counts in full (the GPU idles while the host catches up).
 """
 
 from __future__ import annotations
 
 import statistics
+import time
+from functools import lru_cache
 
 import torch
 
 
-def cuda_time_ms(fn, warmup: int = 3, reps: int = 10) -> dict:
-    """Median / min / max milliseconds of ``fn()`` measured with CUDA events."""
+@lru_cache(maxsize=None)
+def _sleep_cycles_per_ms(device_index: int) -> float:
+    cycles = 2_000_000
+    torch.cuda._sleep(cycles)  # warm
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(cycles)
+    stop.record()
+    stop.synchronize()
+    return cycles / start.elapsed_time(stop)
+
+
+def cuda_time_ms(fn, warmup: int = 3, reps: int = 10, queued: bool = False) -> dict:
+    """Median / min / max milliseconds of ``fn()`` measured with CUDA events (see the module
+    docstring for ``queued``)."""
+    host_s = 0.0
     for _ in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        host_s = time.perf_counter() - t0  # the last warm-up: compiles and caches are done
     torch.cuda.synchronize()
+    lead = 0
+    if queued:
+        lead = int(_sleep_cycles_per_ms(torch.cuda.current_device()) * (2.0 * host_s * 1e3 + 1.0))
     times = []
     for _ in range(reps):
         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if lead:
+            torch.cuda._sleep(lead)
         start.record()
         fn()
         stop.record()
         stop.synchronize()
         times.append(start.elapsed_time(stop))
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps}
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps,
+            "queued": queued}
