@@ -80,7 +80,20 @@ def head_ranges(heads: int, world_size: int) -> list[range]:
 
 
 def _group_ranges(owned: range, head_groups: int) -> list[range]:
-    return [range(owned.start + r.start, owned.start + r.stop) for r in shard_ranges(len(owned), head_groups)]
+    """Split a rank's heads into pipeline groups. The first group's exchange is the one no
+    attention can hide, so where there are heads enough (two per group) it gets about half a
+    share and the others split the rest evenly."""
+    n = len(owned)
+    if head_groups > 1 and n >= 2 * head_groups:
+        first = max(1, round(n / (2 * head_groups - 1)))
+        sizes = [first] + [len(r) for r in shard_ranges(n - first, head_groups - 1)]
+    else:
+        sizes = [len(r) for r in shard_ranges(n, head_groups)]
+    ranges, start = [], owned.start
+    for size in sizes:
+        ranges.append(range(start, start + size))
+        start += size
+    return ranges
 
 
 # ---- masks ----

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from fgcupy import SliceMask
 from fgcupy.distributed import (MaskPredictor, SequenceParallelAttention, concat_heads, head_ranges,
                                 sequence_parallel_attention, shard_ranges, slice_heads)
+from fgcupy.distributed import _group_ranges
 from tests.dist_harness import Case, error_cases, run_world
 
 CPU = dict(device="cpu", dtype="float32", compute="reference", tolerance=1e-5, tolerance_vs_single=1e-5,
@@ -113,6 +114,22 @@ def test_shard_ranges_partition(length, parts):
     sizes = [len(r) for r in ranges]
     assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
     assert head_ranges(length, parts) == ranges
+
+
+@given(st.integers(0, 50), st.integers(0, 60), st.integers(1, 9))
+@settings(max_examples=60, deadline=None)
+def test_head_groups_partition_the_owned_heads(start, count, groups):
+    owned = range(start, start + count)
+    ranges = _group_ranges(owned, groups)
+    assert len(ranges) == groups
+    assert [i for r in ranges for i in r] == list(owned)
+    sizes = [len(r) for r in ranges]
+    if groups > 1 and count >= 2 * groups:
+        # The first group (whose exchange cannot hide) is about half a share; the rest even.
+        assert 1 <= sizes[0] <= -(-count // groups) and max(sizes[1:]) - min(sizes[1:]) <= 1
+        assert sizes[0] <= min(sizes[1:])
+    else:
+        assert sizes == [len(r) for r in shard_ranges(count, groups)]
 
 
 @pytest.mark.parametrize("args", [(5, 0), (-1, 2), (3, 1.5)])

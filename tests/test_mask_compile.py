@@ -44,9 +44,11 @@ def test_score_spec_names_and_shared_memory():
     assert spec.name == "mask_score_maxprob_fp16_d64_w8"
     assert spec.name_expression == "fg::mask_score<fg::fp16_t, 64, 2, 8>"
     assert spec.rows_per_cta == 128 and spec.threads == 256
-    # Q tile (128 rows) + two 64-key K stages, 2 bytes each, + the cross-warp max buffer.
-    assert spec.smem_bytes == (128 + 128) * 64 * 2 + 8 * 64 * 4
-    assert ScoreSpec().smem_bytes == (64 + 128) * 128 * 2
+    # Q tile (128 rows) + four 64-key K stages (8 warps), 2 bytes each, + the cross-warp max buffer.
+    assert spec.stages == 4 and spec.smem_bytes == (128 + 4 * 64) * 64 * 2 + 8 * 64 * 4
+    assert ScoreSpec().stages == 2 and ScoreSpec().smem_bytes == (64 + 2 * 64) * 128 * 2
+    # Two 8-warp CTAs still share an SM (228 KB, 1 KB reserved per CTA).
+    assert 2 * (ScoreSpec("bfloat16", 128, "maxprob", 8).smem_bytes + 1024) <= 228 * 1024
 
 
 def test_select_staging_limit():

@@ -1,7 +1,7 @@
 // Mask-scoring kernels: rows (pooled mean queries, or single queries) against every key.
 //
 // One CTA takes WARPS x 16 rows of one (batch, head) and a chunk of keys, walks the chunk in
-// tiles of 64 keys (K rows double-buffered with 16-byte cp.async into swizzled shared memory)
+// tiles of 64 keys (K rows in a 2- or 4-stage cp.async pipeline of swizzled shared memory)
 // and computes scale * row . key with mma.sync m16n8k16 (fp32 accumulate). Four modes:
 //   0 (logits): write the scaled logits [z, row, key] (float32) and, per row, the log-sum-exp
 //      of this CTA's key chunk (natural log) into partial[z, row, chunk];
@@ -24,6 +24,9 @@ struct ScoreShape {
   static constexpr int kChunksPerRow = D / 8;                // 16-byte chunks per row
   static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
   static constexpr int kTileElems = kN * D;
+  // K tiles in flight: each tile's math is short, so two stages leave most of a memory round
+  // trip exposed per tile; 8-warp CTAs (two per SM) have the shared memory for four.
+  static constexpr int kStages = WARPS == 8 ? 4 : 2;
   static_assert(D % 16 == 0 && kThreads % kChunksPerRow == 0, "head dim / threads");
   static_assert(kN % kRowsPerPass == 0 && kRows % kRowsPerPass == 0, "tile rows per pass");
 };
@@ -59,7 +62,7 @@ mask_score(const u16* __restrict__ rows, i64 r_sb, i64 r_sh, i64 r_ss,
   extern __shared__ __align__(128) unsigned char smem_raw[];
   u16* sQ = reinterpret_cast<u16*>(smem_raw);
   u16* sK = sQ + S::kRows * D;
-  float* sRed = reinterpret_cast<float*>(sK + 2 * S::kTileElems);  // [WARPS][kN], mode 2 only
+  float* sRed = reinterpret_cast<float*>(sK + S::kStages * S::kTileElems);  // [WARPS][kN], mode 2 only
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -97,8 +100,12 @@ mask_score(const u16* __restrict__ rows, i64 r_sb, i64 r_sh, i64 r_ss,
       cp_async16(smem_u32(sK + stage * S::kTileElems + swz<D>(r, my_chunk)), src, valid);
     }
   };
-  if (ntiles > 0) issue_tile(0, 0);
-  cp_async_commit();
+  // Tiles 0 .. kStages-2 (the Q rows ride with tile 0): one commit group each.
+#pragma unroll
+  for (int st = 0; st < S::kStages - 1; ++st) {
+    if (st < ntiles) issue_tile(st, st);
+    cp_async_commit();
+  }
 
   const int wrow = warp * 16;
   const int r_lo = row0 + wrow + g;  // this thread's two C-fragment rows: r_lo and r_lo + 8
@@ -132,11 +139,12 @@ mask_score(const u16* __restrict__ rows, i64 r_sb, i64 r_sh, i64 r_ss,
   const int lm_hi16 = lane >> 4;
 
   for (int t = 0; t < ntiles; ++t) {
-    if (t + 1 < ntiles) issue_tile(t + 1, (t + 1) & 1);
+    const int ahead = t + S::kStages - 1;
+    if (ahead < ntiles) issue_tile(ahead, ahead % S::kStages);
     cp_async_commit();
-    cp_async_wait<1>();
+    cp_async_wait<S::kStages - 1>();  // tile t has landed
     __syncthreads();
-    const u32 k_stage = sK_addr + (t & 1) * S::kTileElems * 2;
+    const u32 k_stage = sK_addr + (t % S::kStages) * S::kTileElems * 2;
 
     float acc[kN / 8][4];
 #pragma unroll

@@ -77,8 +77,13 @@ class ScoreSpec:
         return self.warps * 16
 
     @property
+    def stages(self) -> int:
+        """K tiles in flight (ScoreShape::kStages)."""
+        return 4 if self.warps == 8 else 2
+
+    @property
     def smem_bytes(self) -> int:
-        tiles = (self.rows_per_cta + 2 * SCORE_KEY_TILE) * self.head_dim * 2
+        tiles = (self.rows_per_cta + self.stages * SCORE_KEY_TILE) * self.head_dim * 2
         return tiles + (self.warps * SCORE_KEY_TILE * 4 if self.mode == "maxprob" else 0)
 
 
