@@ -107,6 +107,16 @@ def _measure(pattern, method, param, make, qual):
     return row
 
 
+def _one_chunk(fn):
+    """fn() with scoring.PIPELINE_CHUNKS = 1 (all heads scored, then all selected)."""
+    saved = scoring.PIPELINE_CHUNKS
+    scoring.PIPELINE_CHUNKS = 1
+    try:
+        return fn()
+    finally:
+        scoring.PIPELINE_CHUNKS = saved
+
+
 def timing_rows(args, shape, device):
     q, k, v = video_qkv(shape, "mixed", seed=args.seed, device=device)
     scale = 1.0 / math.sqrt(shape.head_dim)
@@ -140,6 +150,10 @@ def timing_rows(args, shape, device):
         ("predict colmax thr=0.5/S", dict(method="colmax", lse=lse)),
     ):
         record(label, lambda kw=kw: predict_mask(q, k, 128, **kw))
+    # The same without the scoring / selection overlap: every head in one chunk.
+    for label, kw in (("predict topk d=0.1, one chunk (no overlap)", dict(method="topk", density=0.1)),
+                      ("predict tau=0.9, one chunk (no overlap)", dict(method="tau", tau=0.9))):
+        record(label, lambda kw=kw: _one_chunk(lambda: predict_mask(q, k, 128, workspace_bytes=8 << 30, **kw)))
     # Stages of mean-query top-k: pooling (torch), scoring kernel, selection kernel.
     req = scoring.make_request(shape.head_dim, shape.seq, 128, "topk", density=0.1)
     pooled = ref.pool_queries(q, 128).to(q.dtype).contiguous()

@@ -22,8 +22,10 @@ tie can trade places; logits beyond +-65504 round to +-inf). ``logits_dtype=torc
 keeps them exact. Probabilities (colmax, pooled max) are always float32.
 
 Host synchronisation: none for top-k with combine "max" (row sizes are known from the
-shapes); tau / threshold / colmax need one to size the index buffer unless ``max_keys`` is
-given, and union needs one per workspace chunk. Score buffers are [heads x rows x kv_len]; ``workspace_bytes`` bounds them by processing heads in chunks.
+shapes); the other selections need one to size the index buffer unless ``max_keys`` is given.
+Heads are processed in chunks (at least PIPELINE_CHUNKS): chunk c + 1 is scored on a side
+stream while chunk c is selected, so the two kernels share the GPU; two chunks' score buffers
+([heads x rows x kv_len]) exist at a time, each within half of ``workspace_bytes``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ from .mask_kernels import RULE_IDS, gpu_emit, gpu_scores, gpu_select, row_stride
 METHODS = ("topk", "tau", "threshold", "colmax")
 COMBINES = ("max", "union")
 DEFAULT_WORKSPACE = 2 << 30
+#: Heads are scored and selected in at least this many chunks: chunk c + 1 is scored on a side
+#: stream while chunk c is selected, and the two kernels share the GPU.
+PIPELINE_CHUNKS = 4
+_SIDE_STREAMS: dict = {}
 _INT32_MAX = 2**31 - 1
 
 
@@ -260,10 +266,50 @@ class _GpuPrediction:
             self.rows = ref.pool_queries(qh, req.pool).to(qh.dtype).contiguous()
         self.sub_rows = self.rows.shape[2]
         per_head = self.sub_rows if kind in ("mean", "union") else self.q_blocks
-        self.chunk = max(1, min(self.bh, workspace_bytes // max(1, per_head * self.ld * self.itemsize)))
+        # Two chunks' scores are alive at once (one scored while the other is selected), each
+        # within half the workspace; at least PIPELINE_CHUNKS chunks so the kernels overlap.
+        fits = max(1, workspace_bytes // max(1, 2 * per_head * self.ld * self.itemsize))
+        self.chunk = max(1, min(fits, -(-self.bh // PIPELINE_CHUNKS)))
         # Sizes known from the shapes (top-k with one selection per block): fused emit, no sync.
         self.static = req.rule == "topk" and kind != "union"
         self.capped = req.max_keys is not None and kind != "union"
+
+    def _scored_chunks(self):
+        """Yield (bh0, nbh, scores, lse) chunk by chunk, ready on the current stream. Chunk c + 1
+        is scored on a side stream while the caller selects chunk c on the current stream; the
+        scoring of chunk c + 2 waits until chunk c's selection is done, so at most two chunks'
+        scores exist at a time."""
+        current = torch.cuda.current_stream(self.device)
+        side = _SIDE_STREAMS.get(self.device)
+        if side is None:
+            side = _SIDE_STREAMS.setdefault(self.device, torch.cuda.Stream(device=self.device))
+        side.wait_stream(current)  # the pooled rows (and k) are ready
+        starts = list(range(0, self.bh, self.chunk))
+
+        def score(bh0):
+            with torch.cuda.stream(side):
+                vals, lse = self._scores(bh0, min(self.chunk, self.bh - bh0))
+                scored = torch.cuda.Event()
+                scored.record(side)
+            return vals, lse, scored
+
+        ahead = score(starts[0])
+        selected = []
+        for i, bh0 in enumerate(starts):
+            vals, lse, scored = ahead
+            if i + 1 < len(starts):
+                if i >= 1:
+                    side.wait_event(selected[i - 1])
+                ahead = score(starts[i + 1])
+            current.wait_event(scored)
+            for t in (vals, lse):
+                if t is not None:
+                    t.record_stream(current)
+            yield bh0, min(self.chunk, self.bh - bh0), vals, lse
+            del vals, lse
+            done = torch.cuda.Event()
+            done.record(current)
+            selected.append(done)
 
     def run(self) -> SliceMask:
         with torch.cuda.device(self.device):
@@ -291,62 +337,48 @@ class _GpuPrediction:
                                                    str(self.device))
         counts = torch.empty(self.bh * self.q_blocks, dtype=torch.int32, device=self.device)
         indices = torch.empty(capacity, dtype=torch.int32, device=self.device)
-        for bh0 in range(0, self.bh, self.chunk):
-            nbh = min(self.chunk, self.bh - bh0)
-            vals, lse = self._scores(bh0, nbh)
+        for bh0, nbh, vals, lse in self._scored_chunks():
             rows = slice(bh0 * self.q_blocks, (bh0 + nbh) * self.q_blocks)
             gpu_select(vals, self.kv_len, self.req, lse=lse, band=self.req.local, offsets=offsets[rows],
                        out=indices, counts=counts[rows])
-            del vals
+            del vals, lse
         return SliceMask(indptr.clone(), indices, self.req.slice_m, self.q_len, self.kv_len)
 
     def _run_dynamic(self) -> SliceMask:
+        """Select every chunk into bitmasks and counts, then size the index buffer (one host
+        sync, none with max_keys) and emit every chunk into it."""
         req, kind = self.req, self.req.kind
-        cap_row = min(req.max_keys, self.kv_len) if self.capped else None
-        all_offsets, all_counts, pieces = [], [], []
-        base = 0
-        indices = None
         if self.capped:
-            total = cap_row * self.bh * self.q_blocks
+            total = min(req.max_keys, self.kv_len) * self.bh * self.q_blocks
             if total > _INT32_MAX:
                 raise ValueError(f"max_keys={req.max_keys} x {self.bh * self.q_blocks} blocks exceeds int32 offsets")
             indices = torch.empty(total, dtype=torch.int32, device=self.device)
-        for bh0 in range(0, self.bh, self.chunk):
-            nbh = min(self.chunk, self.bh - bh0)
-            vals, lse = self._scores(bh0, nbh)
+        if kind == "union":
+            group, sub_rows, add_band = req.group, self.sub_rows, req.local
+        else:
+            group, sub_rows, add_band = 1, self.q_blocks, None
+        chunks = []  # (first block row, counts, bitmask)
+        for bh0, nbh, vals, lse in self._scored_chunks():
             if kind == "union":
                 _, bits = gpu_select(vals, self.kv_len, req, lse=lse, band=None, bits=True)
                 counts = torch.empty(nbh * self.q_blocks, dtype=torch.int32, device=self.device)
-                gpu_emit(bits, self.kv_len, self.sub_rows, req.group, req.slice_m, counts, add_band=req.local)
-                group, sub_rows, add_band = req.group, self.sub_rows, req.local
+                gpu_emit(bits, self.kv_len, sub_rows, group, req.slice_m, counts, add_band=add_band)
             else:
                 counts, bits = gpu_select(vals, self.kv_len, req, lse=lse, band=req.local, bits=True)
-                group, sub_rows, add_band = 1, self.q_blocks, None
-            del vals  # the emit reads only the bitmasks
-            local_starts = torch.cumsum(counts, 0, dtype=torch.int64) - counts
-            if self.capped:
-                row0 = bh0 * self.q_blocks
-                # Each chunk owns cap_row slots per block; unused slots stay between heads.
-                offsets = local_starts + row0 * cap_row
-                out = indices
-            else:
-                used = int(counts.sum(dtype=torch.int64).item())  # the one host sync per chunk
-                if base + used > _INT32_MAX:
-                    raise ValueError("the mask keeps more slices than int32 offsets address")
-                out = torch.empty(used, dtype=torch.int32, device=self.device)
-                pieces.append(out)
-                offsets = local_starts
-                all_offsets.append(local_starts + base)
-                base += used
-            gpu_emit(bits, self.kv_len, sub_rows, group, req.slice_m, counts, add_band=add_band,
-                     offsets=offsets.to(torch.int32), out=out)
-            if self.capped:
-                all_offsets.append(offsets)
-            all_counts.append(counts)
-            del bits
+            del vals, lse  # the emit reads only the bitmasks
+            chunks.append((bh0 * self.q_blocks, counts, bits))
+        all_counts = torch.cat([counts for _, counts, _ in chunks])
+        starts = torch.cumsum(all_counts, 0, dtype=torch.int64) - all_counts
         if not self.capped:
-            indices = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int32, device=self.device)
-        return self._mask(torch.cat(all_offsets), torch.cat(all_counts), indices)
+            used = int(all_counts.sum(dtype=torch.int64).item())  # the one host sync
+            if used > _INT32_MAX:
+                raise ValueError("the mask keeps more slices than int32 offsets address")
+            indices = torch.empty(used, dtype=torch.int32, device=self.device)
+        offsets = starts.to(torch.int32)
+        for row0, counts, bits in chunks:
+            gpu_emit(bits, self.kv_len, sub_rows, group, req.slice_m, counts, add_band=add_band,
+                     offsets=offsets[row0 : row0 + counts.numel()], out=indices)
+        return self._mask(starts, all_counts, indices)
 
     def _mask(self, offsets, counts, indices) -> SliceMask:
         """indptr [B, H, QB + 1] from each block's start and the end of each head's last block."""
