@@ -107,16 +107,6 @@ def _measure(pattern, method, param, make, qual):
     return row
 
 
-def _one_chunk(fn):
-    """fn() with scoring.PIPELINE_CHUNKS = 1 (all heads scored, then all selected)."""
-    saved = scoring.PIPELINE_CHUNKS
-    scoring.PIPELINE_CHUNKS = 1
-    try:
-        return fn()
-    finally:
-        scoring.PIPELINE_CHUNKS = saved
-
-
 def timing_rows(args, shape, device):
     q, k, v = video_qkv(shape, "mixed", seed=args.seed, device=device)
     scale = 1.0 / math.sqrt(shape.head_dim)
@@ -139,39 +129,31 @@ def timing_rows(args, shape, device):
     lse = dense_lse(q, k, scale)
     for label, kw in (
         ("predict topk d=0.1", dict(method="topk", density=0.1)),
-        ("predict topk d=0.1 float32 logits", dict(method="topk", density=0.1, logits_dtype=torch.float32)),
         ("predict topk d=0.1 local=128", dict(method="topk", density=0.1, local=128)),
         ("predict threshold p>=1e-4", dict(method="threshold", threshold=1e-4)),
         ("predict tau=0.9 (one host sync)", dict(method="tau", tau=0.9)),
-        ("predict tau=0.9 float32 logits", dict(method="tau", tau=0.9, logits_dtype=torch.float32)),
         ("predict tau=0.9 max_keys=S/2 (no sync)", dict(method="tau", tau=0.9, max_keys=shape.seq // 2)),
         ("predict topk d=0.1 sub16 max", dict(method="topk", density=0.1, pool=16, combine="max")),
         ("predict topk sub16 union", dict(method="topk", top_k=round(0.1 * shape.seq / 8), pool=16, combine="union")),
         ("predict colmax thr=0.5/S", dict(method="colmax", lse=lse)),
     ):
         record(label, lambda kw=kw: predict_mask(q, k, 128, **kw))
-    # The same without the scoring / selection overlap: every head in one chunk.
-    for label, kw in (("predict topk d=0.1, one chunk (no overlap)", dict(method="topk", density=0.1)),
-                      ("predict tau=0.9, one chunk (no overlap)", dict(method="tau", tau=0.9))):
-        record(label, lambda kw=kw: _one_chunk(lambda: predict_mask(q, k, 128, workspace_bytes=8 << 30, **kw)))
     # Stages of mean-query top-k: pooling (torch), scoring kernel, selection kernel.
     req = scoring.make_request(shape.head_dim, shape.seq, 128, "topk", density=0.1)
     pooled = ref.pool_queries(q, 128).to(q.dtype).contiguous()
     record("  stage: pool queries (torch)", lambda: ref.pool_queries(q, 128).to(q.dtype))
-    for mode, warps in (("logits", 4), ("logits", 8), ("logits_f16", 8)):
-        record(f"  stage: score kernel ({mode} + lse, {warps} warps)",
-               lambda m=mode, w=warps: mask_kernels.gpu_scores(m, pooled, k, req.scale, warps=w))
+    for warps in (4, 8):
+        record(f"  stage: score kernel (logits + lse, {warps} warps)",
+               lambda w=warps: mask_kernels.gpu_scores("logits", pooled, k, req.scale, warps=w))
+    vals, row_lse = mask_kernels.gpu_scores("logits", pooled, k, req.scale, warps=8)
+    per_row = req.top_k
+    offsets = (torch.arange(vals.shape[0] * vals.shape[1], device=device, dtype=torch.int64) * per_row).to(torch.int32)
+    out = torch.empty(vals.shape[0] * vals.shape[1] * per_row, dtype=torch.int32, device=device)
+    record("  stage: select kernel (top-k, fused emit)",
+           lambda: mask_kernels.gpu_select(vals, shape.seq, req, lse=row_lse, offsets=offsets, out=out))
     tau_req = scoring.make_request(shape.head_dim, shape.seq, 128, "tau", tau=0.9)
-    for mode in ("logits_f16", "logits"):
-        vals, row_lse = mask_kernels.gpu_scores(mode, pooled, k, req.scale, warps=8)
-        per_row = req.top_k
-        offsets = (torch.arange(vals.shape[0] * vals.shape[1], device=device, dtype=torch.int64) * per_row).to(torch.int32)
-        out = torch.empty(vals.shape[0] * vals.shape[1] * per_row, dtype=torch.int32, device=device)
-        record(f"  stage: select kernel ({mode}, top-k, fused emit)",
-               lambda: mask_kernels.gpu_select(vals, shape.seq, req, lse=row_lse, offsets=offsets, out=out))
-        record(f"  stage: select kernel ({mode}, tau=0.9, counts and bitmask)",
-               lambda: mask_kernels.gpu_select(vals, shape.seq, tau_req, lse=row_lse, bits=True))
-    vals, row_lse = mask_kernels.gpu_scores("logits_f16", pooled, k, req.scale, warps=8)
+    record("  stage: select kernel (tau=0.9, counts and bitmask)",
+           lambda: mask_kernels.gpu_select(vals, shape.seq, tau_req, lse=row_lse, bits=True))
     counts, bits = mask_kernels.gpu_select(vals, shape.seq, tau_req, lse=row_lse, bits=True)
     tau_offsets = (torch.cumsum(counts, 0) - counts).to(torch.int32)
     tau_out = torch.empty(int(counts.sum()), dtype=torch.int32, device=device)

@@ -18,11 +18,8 @@ SM80_SMEM = 163 * 1024
 def test_every_axis_is_shipped():
     scores = [s for s in SPECS if isinstance(s, ScoreSpec)]
     assert {(s.dtype, s.head_dim) for s in scores} == {(d, h) for d in ("bfloat16", "float16") for h in (64, 128)}
-    assert {(s.mode, s.warps) for s in scores} == {("logits", 4), ("logits", 8), ("logits_f16", 4), ("logits_f16", 8),
-                                                   ("stats", 4), ("maxprob", 4), ("maxprob", 8)}
-    selects = {(s.staged, s.scores) for s in SPECS if isinstance(s, SelectSpec)}
-    assert selects == {(staged, scores) for staged in (True, False) for scores in ("float32", "float16")}
-    assert EmitSpec() in SPECS
+    assert {(s.mode, s.warps) for s in scores} == {("logits", 4), ("logits", 8), ("stats", 4), ("maxprob", 4), ("maxprob", 8)}
+    assert SelectSpec(True) in SPECS and SelectSpec(False) in SPECS and EmitSpec() in SPECS
     assert len({s.name for s in SPECS}) == len(SPECS)
 
 
@@ -44,17 +41,13 @@ def test_score_spec_names_and_shared_memory():
     assert spec.name == "mask_score_maxprob_fp16_d64_w8"
     assert spec.name_expression == "fg::mask_score<fg::fp16_t, 64, 2, 8>"
     assert spec.rows_per_cta == 128 and spec.threads == 256
-    # Q tile (128 rows) + four 64-key K stages (8 warps), 2 bytes each, + the cross-warp max buffer.
-    assert spec.stages == 4 and spec.smem_bytes == (128 + 4 * 64) * 64 * 2 + 8 * 64 * 4
-    assert ScoreSpec().stages == 2 and ScoreSpec().smem_bytes == (64 + 2 * 64) * 128 * 2
-    # Two 8-warp CTAs still share an SM (228 KB, 1 KB reserved per CTA).
-    assert 2 * (ScoreSpec("bfloat16", 128, "maxprob", 8).smem_bytes + 1024) <= 228 * 1024
+    # Q tile (128 rows) + two 64-key K stages, 2 bytes each, + the cross-warp max buffer.
+    assert spec.smem_bytes == (128 + 128) * 64 * 2 + 8 * 64 * 4
+    assert ScoreSpec().smem_bytes == (64 + 128) * 128 * 2
 
 
 def test_select_staging_limit():
-    assert SelectSpec(True).name_expression == "fg::select_rows<true, fg::F32Scores>"
-    assert SelectSpec(False, "float16").name_expression == "fg::select_rows<false, fg::F16Scores>"
-    assert SelectSpec(False, "float16").name == "select_rows_global_f16"
+    assert SelectSpec(True).name_expression == "fg::select_rows<true>"
     assert SelectSpec(False).smem_bytes == SELECT_FIXED_SMEM
     wan_row = 32_760
     assert SelectSpec.fits(wan_row) and SelectSpec(True).launch_smem(wan_row) <= SELECT_MAX_SMEM
@@ -68,15 +61,10 @@ def test_select_staging_limit():
     [
         (dict(head_dim=96), r"head_dim must be one of \(64, 128\), got 96"),
         (dict(dtype="float32"), r"dtype must be one of \('bfloat16', 'float16'\), got 'float32'"),
-        (dict(mode="probs"), r"mode must be one of \('logits', 'stats', 'maxprob', 'logits_f16'\), got 'probs'"),
+        (dict(mode="probs"), r"mode must be one of \('logits', 'stats', 'maxprob'\), got 'probs'"),
         (dict(warps=2), r"warps must be one of \(4, 8\), got 2"),
     ],
 )
 def test_score_spec_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ScoreSpec(**kwargs)
-
-
-def test_select_spec_validation():
-    with pytest.raises(ValueError, match=r"scores must be one of \('float32', 'float16'\), got 'bfloat16'"):
-        SelectSpec(True, "bfloat16")
