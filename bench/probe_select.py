@@ -24,7 +24,7 @@ STOPS = {
 }
 
 
-def compile_variant(patch):
+def compile_variant(patch, spec):
     import cupy
 
     src = read_source("mask_select.cu")
@@ -32,9 +32,9 @@ def compile_variant(patch):
         anchor, extra = patch
         assert anchor in src, anchor
         src = src.replace(anchor, extra + anchor, 1)
-    module = cupy.RawModule(code=src, options=nvrtc_options(), name_expressions=["fg::select_rows<true>"])
-    kernel = module.get_function("fg::select_rows<true>")
-    kernel.max_dynamic_shared_size_bytes = SelectSpec(True).smem_bytes
+    module = cupy.RawModule(code=src, options=nvrtc_options(), name_expressions=[spec.name_expression])
+    kernel = module.get_function(spec.name_expression)
+    kernel.max_dynamic_shared_size_bytes = spec.smem_bytes
     return kernel
 
 
@@ -62,35 +62,39 @@ def main():
     pooled = ref.pool_queries(q, 128).to(q.dtype).contiguous()
     req_topk = scoring.make_request(shape.head_dim, shape.seq, 128, "topk", density=0.1)
     req_tau = scoring.make_request(shape.head_dim, shape.seq, 128, "tau", tau=0.9)
-    vals, lse = mask_kernels.gpu_scores("logits", pooled, k, req_topk.scale, warps=8)
-    n, per_head, ld = vals.shape
-    rows = n * per_head
-    counts = torch.empty(rows, dtype=torch.int32, device="cuda")
-    offsets = (torch.arange(rows, device="cuda", dtype=torch.int64) * req_topk.top_k).to(torch.int32)
-    out = torch.empty(rows * req_topk.top_k, dtype=torch.int32, device="cuda")
-    bits = torch.empty(rows, mask_kernels.bit_words(shape.seq), dtype=torch.int32, device="cuda")
-    smem = SelectSpec(True).launch_smem(ld)
-    window_stats(vals[..., : shape.seq].reshape(rows, shape.seq), lse.reshape(rows), req_topk.top_k)
-    ptr = mask_kernels._ptr
-    print(f"rows {rows} x {shape.seq} keys, shared memory {smem} bytes")
-    for name, patch in STOPS.items():
-        kernel = compile_variant(patch)
-        for label, req, with_out in (("top-k", req_topk, True), ("tau", req_tau, False)):
-            args = (ptr(vals), np.int64(ld), ptr(lse), np.int32(shape.seq), np.int32(per_head), np.int32(128),
-                    np.int32(-1), np.int32(mask_kernels.RULE_IDS[req.rule]), np.int32(req.top_k or 0),
-                    np.float32(req.tau or 0.0), np.float32(0.0), np.int32(0), np.int32(shape.seq), ptr(counts),
-                    ptr(offsets if with_out else None), ptr(out if with_out else None),
-                    ptr(None if with_out else bits), np.int32(bits.shape[1]))
+    for mode, scores in (("logits_f16", "float16"), ("logits", "float32")):
+        spec = SelectSpec(True, scores)
+        vals, lse = mask_kernels.gpu_scores(mode, pooled, k, req_topk.scale, warps=8)
+        n, per_head, ld = vals.shape
+        rows = n * per_head
+        counts = torch.empty(rows, dtype=torch.int32, device="cuda")
+        offsets = (torch.arange(rows, device="cuda", dtype=torch.int64) * req_topk.top_k).to(torch.int32)
+        out = torch.empty(rows * req_topk.top_k, dtype=torch.int32, device="cuda")
+        bits = torch.empty(rows, mask_kernels.bit_words(shape.seq), dtype=torch.int32, device="cuda")
+        smem = spec.launch_smem(ld)
+        if scores == "float32":
+            window_stats(vals[..., : shape.seq].reshape(rows, shape.seq), lse.reshape(rows), req_topk.top_k)
+        ptr = mask_kernels._ptr
+        print(f"{scores} scores: rows {rows} x {shape.seq} keys, shared memory {smem} bytes")
+        for name, patch in STOPS.items():
+            kernel = compile_variant(patch, spec)
+            for label, req, with_out in (("top-k", req_topk, True), ("tau", req_tau, False)):
+                args = (ptr(vals), np.int64(ld), ptr(lse), np.int32(shape.seq), np.int32(per_head), np.int32(128),
+                        np.int32(-1), np.int32(mask_kernels.RULE_IDS[req.rule]), np.int32(req.top_k or 0),
+                        np.float32(req.tau or 0.0), np.float32(0.0), np.int32(0), np.int32(shape.seq), ptr(counts),
+                        ptr(offsets if with_out else None), ptr(out if with_out else None),
+                        ptr(None if with_out else bits), np.int32(bits.shape[1]))
 
-            def call():
-                with bridge.torch_stream(vals.device):
-                    kernel((rows,), (SelectSpec(True).threads,), args, shared_mem=smem)
+                def call():
+                    with bridge.torch_stream(vals.device):
+                        kernel((rows,), (spec.threads,), args, shared_mem=smem)
 
-            ms = cuda_time_ms(call, warmup=2, reps=10)
-            print(f"  {name:22s} {label:6s} {ms['median_ms']:.3f} ms", flush=True)
+                ms = cuda_time_ms(call, warmup=2, reps=10)
+                print(f"  {name:22s} {label:6s} {ms['median_ms']:.3f} ms", flush=True)
     scale = 1 / math.sqrt(shape.head_dim)
-    ms = cuda_time_ms(lambda: mask_kernels.gpu_scores("logits", pooled, k, scale, warps=8), warmup=2, reps=10)
-    print(f"  score kernel (8 warps)        {ms['median_ms']:.3f} ms")
+    for mode in ("logits_f16", "logits"):
+        ms = cuda_time_ms(lambda m=mode: mask_kernels.gpu_scores(m, pooled, k, scale, warps=8), warmup=2, reps=10)
+        print(f"  score kernel ({mode}, 8 warps) {ms['median_ms']:.3f} ms")
 
 
 if __name__ == "__main__":

@@ -45,9 +45,12 @@ def _cp_async_ready(t: torch.Tensor) -> torch.Tensor:
     return t if ok else t.contiguous()
 
 
-def row_stride(kv_len: int) -> int:
-    """Score rows are padded to a multiple of 4 floats (16-byte aligned rows)."""
-    return (kv_len + 3) // 4 * 4
+def row_stride(kv_len: int, itemsize: int = 4) -> int:
+    """Score rows are padded to 128 bytes (32 float32 or 64 float16): every row starts on a cache
+    line, so the scoring kernel's 32-byte row segments fill whole sectors (float16 rows padded to
+    16 bytes only straddled sectors and were slower than float32 ones)."""
+    per = 128 // itemsize
+    return (kv_len + per - 1) // per * per
 
 
 def _key_chunking(kv_len: int, row_tiles: int) -> tuple:
@@ -62,22 +65,25 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
                lse: torch.Tensor | None = None, group: int = 1, warps: int = 4):
     """Run fg::mask_score on heads [bh0, bh0 + nbh) of rows [B, H, R, D] against k [B, H, S, D].
 
-    mode "logits" -> (logits [nbh, R, ld], lse [nbh, R]); "stats" -> lse [nbh, R];
-    "maxprob" (lse [nbh, R] given) -> scores [nbh, ceil(R / group), ld]. ld = row_stride(S).
+    mode "logits" -> (float32 logits [nbh, R, ld], lse [nbh, R]); "logits_f16" -> the same with
+    the logits stored as float16 (lse from the float32 logits); "stats" -> lse [nbh, R];
+    "maxprob" (lse [nbh, R] given) -> scores [nbh, ceil(R / group), ld]. ld = row_stride(S) of
+    the stored dtype.
     """
     batch, heads, n_rows, dim = rows.shape
     kv_len = k.shape[2]
     nbh = batch * heads - bh0 if nbh is None else nbh
     spec = ScoreSpec(bridge.dtype_name(rows.dtype, "rows"), dim, mode, warps)
     rows, k = _cp_async_ready(rows), _cp_async_ready(k)
-    ld = row_stride(kv_len)
+    half = mode == "logits_f16"
+    ld = row_stride(kv_len, 2 if half else 4)
     row_tiles = num_blocks(n_rows, spec.rows_per_cta) * nbh
     key_chunk, chunks = _key_chunking(kv_len, row_tiles)
     device = rows.device
     out = partial = None
     out_rows = num_blocks(n_rows, group)
-    if mode == "logits":
-        out = torch.empty(nbh, n_rows, ld, dtype=torch.float32, device=device)
+    if mode in ("logits", "logits_f16"):
+        out = torch.empty(nbh, n_rows, ld, dtype=torch.float16 if half else torch.float32, device=device)
     if mode == "maxprob":
         if group & (group - 1) or spec.rows_per_cta % group:
             raise ValueError(f"group={group} must be a power of two dividing {spec.rows_per_cta}")
@@ -98,7 +104,7 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     if mode == "maxprob":
         return out
     row_lse = torch.logsumexp(partial, dim=-1)
-    return (out, row_lse) if mode == "logits" else row_lse
+    return row_lse if mode == "stats" else (out, row_lse)
 
 
 @lru_cache(maxsize=None)
@@ -109,10 +115,13 @@ def _smem_optin(device_index: int) -> int:
     return runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_index)
 
 
-def _select_spec(device: torch.device, ld: int) -> SelectSpec:
+_SCORE_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+
+
+def _select_spec(device: torch.device, ld: int, scores: str = "float32") -> SelectSpec:
     """The staged kernel where the row fits the shared memory this GPU grants, else global."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return SelectSpec(staged=SelectSpec.fits(ld) and _smem_optin(index) >= SELECT_MAX_SMEM + 1024)
+    return SelectSpec(staged=SelectSpec.fits(ld) and _smem_optin(index) >= SELECT_MAX_SMEM + 1024, scores=scores)
 
 
 def bit_words(kv_len: int) -> int:
@@ -122,7 +131,8 @@ def bit_words(kv_len: int) -> int:
 
 def gpu_select(vals: torch.Tensor, kv_len: int, req, *, lse=None, band: int | None = None,
                offsets=None, out=None, counts=None, bits: bool = False):
-    """Run fg::select_rows on score rows vals [n, R, ld] (R rows per head).
+    """Run fg::select_rows on score rows vals [n, R, ld] (R rows per head; float32, or float16
+    logits).
 
     ``req``: a fgcupy.scoring.MaskRequest (rule and its options). Returns (counts int32 [n * R],
     bitmask int32 [n * R, bit_words(kv_len)] of the kept keys if ``bits`` else None); with
@@ -132,7 +142,13 @@ def gpu_select(vals: torch.Tensor, kv_len: int, req, *, lse=None, band: int | No
     n, per_head, ld = vals.shape
     rows = n * per_head
     device = vals.device
-    spec = _select_spec(device, ld)
+    scores = _SCORE_DTYPES.get(vals.dtype)
+    if scores is None or (scores == "float16" and lse is None):
+        raise TypeError(f"score rows must be float32, or float16 logits (with lse); got {vals.dtype}")
+    if ld < kv_len or ld % (16 // vals.element_size()) or not vals.is_contiguous() or vals.data_ptr() % 16:
+        raise ValueError(f"score rows must be contiguous, 16-byte aligned [n, R, ld >= kv_len] with rows of a "
+                         f"multiple of 16 bytes; got shape {tuple(vals.shape)}, {vals.dtype}")
+    spec = _select_spec(device, ld, scores)
     counts = torch.empty(rows, dtype=torch.int32, device=device) if counts is None else counts
     words = bit_words(kv_len)
     mask_bits = torch.empty(rows, words, dtype=torch.int32, device=device) if bits else None

@@ -5,6 +5,7 @@ Definitions (the kernels in cuda_src/mask_score.cu and mask_select.cu implement 
 * pooled query of a group of ``pool`` consecutive queries: their float32 mean, rounded to the
   input dtype (the tensor-core kernel consumes it in that dtype);
 * mean-query logits: ``scale * pooled_q . k`` in float32 for every key, and their row LSE;
+  stored logits (``logits_dtype``) are then rounded to that dtype (the LSE stays exact);
 * max-prob scores of a group of rows: ``max_row exp(logit - lse[row])`` (0 where lse is not
   finite); with one query per row, its attention LSE and the group = the query block, this is
   the exact column-max score of a dense step;
@@ -167,7 +168,7 @@ def select_union(values, rule, group: int, *, band=None, **kwargs) -> torch.Tens
 
 def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_k=None, tau=None, threshold=None,
                            pool=None, combine="max", min_keys=0, max_keys=None, local=None, lse=None,
-                           scale=None) -> SliceMask:
+                           scale=None, logits_dtype=torch.float32) -> SliceMask:
     """The whole prediction on any device ([B, H, S, D] inputs): scores, selection, SliceMask."""
     batch, heads, q_len, dim = q.shape
     kv_len = k.shape[2]
@@ -183,12 +184,12 @@ def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_
         rows = rounded(pool_queries(q, pool), q.dtype)
         if pool == slice_m:
             logits, row_lse = logits_and_lse(rows, k, scale)
-            keep = select(logits, rule, lse=row_lse, band=band, **sel)
+            keep = select(rounded(logits, logits_dtype), rule, lse=row_lse, band=band, **sel)
         elif combine == "max":
             _, sub_lse = logits_and_lse(rows, k, scale)
             scores = maxprob_scores(rows, k, sub_lse, slice_m // pool, scale)
             keep = select(scores, rule, band=band, **sel)
         else:
             logits, sub_lse = logits_and_lse(rows, k, scale)
-            keep = select_union(logits, rule, slice_m // pool, band=band, lse=sub_lse, **sel)
+            keep = select_union(rounded(logits, logits_dtype), rule, slice_m // pool, band=band, lse=sub_lse, **sel)
     return SliceMask.from_dense(keep, slice_m, q_len)

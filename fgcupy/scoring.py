@@ -15,10 +15,16 @@ Every selection can keep at least ``min_keys``, at most ``max_keys`` keys per bl
 block's diagonal band (its own keys and ``local`` more on either side), which is ranked first
 (it counts toward k and toward the mass). Exact definitions: fgcupy.mask_reference.
 
+Mean-query logits are stored as float16 between scoring and selection by default
+(``logits_dtype``): half the memory traffic of float32, and the selection is exact on the
+stored values (rounding moves a logit by at most 2^-11 of its size, so only keys that nearly
+tie can trade places; logits beyond +-65504 round to +-inf). ``logits_dtype=torch.float32``
+keeps them exact. Probabilities (colmax, pooled max) are always float32.
+
 Host synchronisation: none for top-k with combine "max" (row sizes are known from the
 shapes); the other selections need one (in all) to size the index buffer unless ``max_keys``
-is given. Score buffers are float32 [heads x rows x
-kv_len]; ``workspace_bytes`` bounds them by processing heads in chunks.
+is given. Score buffers ([heads x rows x kv_len], rows padded to 128 bytes) are bounded by
+``workspace_bytes``: heads are processed in chunks.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ class MaskRequest:
     max_keys: int | None
     local: int | None
     scale: float
+    logits_dtype: torch.dtype = torch.float32
 
     @property
     def kind(self) -> str:
@@ -77,12 +84,15 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
                  top_k: int | None = None, tau: float | None = None, threshold: float | None = None,
                  rule: str | None = None, pool: int | None = None, combine: str = "max", min_keys: int = 0,
                  max_keys: int | None = None, local: int | None = None, lse=None, scale: float | None = None,
-                 layout: str = "HND", workspace_bytes: int = DEFAULT_WORKSPACE) -> SliceMask:
+                 logits_dtype: torch.dtype | None = None, layout: str = "HND",
+                 workspace_bytes: int = DEFAULT_WORKSPACE) -> SliceMask:
     """Predict which slices to keep for ``q`` attending to ``k``; returns a SliceMask on q's device.
 
     q, k: [B, H, S, D] ("HND") or [B, S, H, D] ("NHD"), torch or cupy; CUDA tensors run the
     kernels (bf16/fp16), CPU tensors the torch reference. ``density`` is top-k as a fraction
     of kv_len. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.
+    ``logits_dtype``: torch.float16 (default where logits are stored: one pooled row per block,
+    or union) or torch.float32.
     """
     check_layout(layout)
     qt, kt = bridge.to_torch(q, "q"), bridge.to_torch(k, "k")
@@ -95,7 +105,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
         raise ValueError(f"q and k need at least one token, got q_len={qh.shape[2]}, kv_len={kh.shape[2]}")
     req = make_request(qh.shape[3], kh.shape[2], slice_m, method, density=density, top_k=top_k, tau=tau,
                        threshold=threshold, rule=rule, pool=pool, combine=combine, min_keys=min_keys,
-                       max_keys=max_keys, local=local, scale=scale)
+                       max_keys=max_keys, local=local, scale=scale, logits_dtype=logits_dtype)
     lse_t = None
     if lse is not None and method != "colmax":
         raise ValueError(f"lse applies to method='colmax' (scores from a dense step), not {method!r}")
@@ -116,7 +126,8 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
 
 
 def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None, tau=None, threshold=None,
-                 rule=None, pool=None, combine="max", min_keys=0, max_keys=None, local=None, scale=None) -> MaskRequest:
+                 rule=None, pool=None, combine="max", min_keys=0, max_keys=None, local=None, scale=None,
+                 logits_dtype=None) -> MaskRequest:
     """Check every option; ValueError naming expected and actual."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -180,14 +191,24 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
             raise ValueError(f"max_keys must be an int >= max(1, min_keys={min_keys}, band width "
                              f"{min(band_width, kv_len)}), got {max_keys!r}")
     scale = ref.default_scale(head_dim) if scale is None else float(scale)
-    return MaskRequest(method, rule, slice_m, pool, combine, top_k, tau, threshold, min_keys, max_keys, local, scale)
+    stores_logits = method != "colmax" and (pool == slice_m or combine == "union")
+    if logits_dtype is None:
+        logits_dtype = torch.float16 if stores_logits else torch.float32
+    elif logits_dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"logits_dtype must be torch.float16 or torch.float32, got {logits_dtype!r}")
+    elif logits_dtype == torch.float16 and not stores_logits:
+        raise ValueError("logits_dtype=torch.float16 applies where logits are stored (mean-query scoring with one "
+                         "pooled row per block, or combine='union'); colmax and combine='max' keep float32 "
+                         "probabilities")
+    return MaskRequest(method, rule, slice_m, pool, combine, top_k, tau, threshold, min_keys, max_keys, local, scale,
+                       logits_dtype)
 
 
 def _predict_reference(qh, kh, req: MaskRequest, lse) -> SliceMask:
     return ref.predict_mask_reference(
         qh, kh, req.slice_m, req.method, rule=req.rule, top_k=req.top_k, tau=req.tau, threshold=req.threshold,
         pool=req.pool, combine=req.combine, min_keys=req.min_keys, max_keys=req.max_keys, local=req.local,
-        lse=lse, scale=req.scale)
+        lse=lse, scale=req.scale, logits_dtype=req.logits_dtype)
 
 
 def static_row_counts(q_blocks: int, kv_len: int, req: MaskRequest, device="cpu") -> torch.Tensor:
@@ -230,7 +251,8 @@ class _GpuPrediction:
         self.kv_len = kh.shape[2]
         self.bh = self.batch * self.heads
         self.q_blocks = num_blocks(self.q_len, req.slice_m)
-        self.ld = row_stride(self.kv_len)
+        self.itemsize = 2 if req.logits_dtype == torch.float16 else 4
+        self.ld = row_stride(self.kv_len, self.itemsize)
         self.device = qh.device
         kind = req.kind
         if kind == "colmax":
@@ -239,7 +261,7 @@ class _GpuPrediction:
             self.rows = ref.pool_queries(qh, req.pool).to(qh.dtype).contiguous()
         self.sub_rows = self.rows.shape[2]
         per_head = self.sub_rows if kind in ("mean", "union") else self.q_blocks
-        self.chunk = max(1, min(self.bh, workspace_bytes // max(1, per_head * self.ld * 4)))
+        self.chunk = max(1, min(self.bh, workspace_bytes // max(1, per_head * self.ld * self.itemsize)))
         # Sizes known from the shapes (top-k with one selection per block): fused emit, no sync.
         self.static = req.rule == "topk" and kind != "union"
         self.capped = req.max_keys is not None and kind != "union"
@@ -255,7 +277,8 @@ class _GpuPrediction:
         req, kind = self.req, self.req.kind
         if kind in ("mean", "union"):
             # 8 warps (128 rows per CTA) read K half as often: 0.85 vs 0.97 ms on wan14b-480p (H100).
-            return gpu_scores("logits", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, warps=8)
+            mode = "logits_f16" if req.logits_dtype == torch.float16 else "logits"
+            return gpu_scores(mode, self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, warps=8)
         if kind == "submax":
             sub_lse = gpu_scores("stats", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh)
             return gpu_scores("maxprob", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=sub_lse,

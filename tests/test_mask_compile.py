@@ -18,8 +18,11 @@ SM80_SMEM = 163 * 1024
 def test_every_axis_is_shipped():
     scores = [s for s in SPECS if isinstance(s, ScoreSpec)]
     assert {(s.dtype, s.head_dim) for s in scores} == {(d, h) for d in ("bfloat16", "float16") for h in (64, 128)}
-    assert {(s.mode, s.warps) for s in scores} == {("logits", 4), ("logits", 8), ("stats", 4), ("maxprob", 4), ("maxprob", 8)}
-    assert SelectSpec(True) in SPECS and SelectSpec(False) in SPECS and EmitSpec() in SPECS
+    assert {(s.mode, s.warps) for s in scores} == {("logits", 4), ("logits", 8), ("logits_f16", 4), ("logits_f16", 8),
+                                                   ("stats", 4), ("maxprob", 4), ("maxprob", 8)}
+    selects = {(s.staged, s.scores) for s in SPECS if isinstance(s, SelectSpec)}
+    assert selects == {(staged, scores) for staged in (True, False) for scores in ("float32", "float16")}
+    assert EmitSpec() in SPECS
     assert len({s.name for s in SPECS}) == len(SPECS)
 
 
@@ -47,7 +50,9 @@ def test_score_spec_names_and_shared_memory():
 
 
 def test_select_staging_limit():
-    assert SelectSpec(True).name_expression == "fg::select_rows<true>"
+    assert SelectSpec(True).name_expression == "fg::select_rows<true, fg::F32Scores>"
+    assert SelectSpec(False, "float16").name_expression == "fg::select_rows<false, fg::F16Scores>"
+    assert SelectSpec(False, "float16").name == "select_rows_global_f16"
     assert SelectSpec(False).smem_bytes == SELECT_FIXED_SMEM
     wan_row = 32_760
     assert SelectSpec.fits(wan_row) and SelectSpec(True).launch_smem(wan_row) <= SELECT_MAX_SMEM
@@ -61,10 +66,15 @@ def test_select_staging_limit():
     [
         (dict(head_dim=96), r"head_dim must be one of \(64, 128\), got 96"),
         (dict(dtype="float32"), r"dtype must be one of \('bfloat16', 'float16'\), got 'float32'"),
-        (dict(mode="probs"), r"mode must be one of \('logits', 'stats', 'maxprob'\), got 'probs'"),
+        (dict(mode="probs"), r"mode must be one of \('logits', 'stats', 'maxprob', 'logits_f16'\), got 'probs'"),
         (dict(warps=2), r"warps must be one of \(4, 8\), got 2"),
     ],
 )
 def test_score_spec_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ScoreSpec(**kwargs)
+
+
+def test_select_spec_validation():
+    with pytest.raises(ValueError, match=r"scores must be one of \('float32', 'float16'\), got 'bfloat16'"):
+        SelectSpec(True, "bfloat16")

@@ -5,7 +5,7 @@ from unittest import mock
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fgcupy import MaskCache, SliceMask, mask_kernels, predict_mask, scoring
@@ -63,6 +63,11 @@ def test_mean_query_logits_and_lse(p):
     assert vals.shape == (bh, n_rows, mask_kernels.row_stride(p["kv_len"]))
     _close(vals[..., : p["kv_len"]], exp_logits.reshape(bh, n_rows, -1), 1e-4, 1e-4)
     _close(lse, exp_lse.reshape(bh, n_rows), 1e-5, 1e-4)
+    # Stored as float16: the float32 logits rounded (one float16 step of slack for the sum order).
+    half, half_lse = mask_kernels.gpu_scores("logits_f16", rows, k, scale)
+    assert half.dtype == torch.float16 and half.shape == (bh, n_rows, mask_kernels.row_stride(p["kv_len"], 2))
+    _close(half[..., : p["kv_len"]].float(), exp_logits.reshape(bh, n_rows, -1), 2**-10, 2e-4)
+    assert torch.equal(half_lse, lse)
     # A chunk of heads from the middle: the same rows.
     if bh > 1:
         part = mask_kernels.gpu_scores("stats", rows, k, scale, bh0=1, nbh=bh - 1)
@@ -86,10 +91,11 @@ def test_maxprob_scores(p, group):
     _close(got[..., : p["kv_len"]], expected.reshape(bh, out_rows, -1), 1e-3, 1e-6)
 
 
-def _padded(values):
+def _padded(values, dtype=torch.float32):
     rows, kv_len = values.shape
-    buf = torch.full((1, rows, mask_kernels.row_stride(kv_len)), math.nan, device=DEVICE)
-    buf[0, :, :kv_len] = values.to(DEVICE)
+    ld = mask_kernels.row_stride(kv_len, torch.empty(0, dtype=dtype).element_size())
+    buf = torch.full((1, rows, ld), math.nan, device=DEVICE, dtype=dtype)
+    buf[0, :, :kv_len] = values.to(DEVICE, dtype)
     return buf
 
 
@@ -106,20 +112,24 @@ def _dense_from(counts, offsets, indices, kv_len):
     return dense
 
 
+@pytest.mark.parametrize("scores", ["float32", "float16"])
 @pytest.mark.parametrize("staged", [True, False])
 @given(case=selection_cases(max_kv=3000))
 @SETTINGS
-def test_selection_matches_reference(staged, case):
+def test_selection_matches_reference(staged, scores, case):
     values, lse, rule, opts = case["values"], case["lse"], case["rule"], case["opts"]
+    if scores == "float16":
+        assume(lse is not None)  # float16 rows hold logits only
+        values = values.half().float()  # the reference ranks the stored values
     rows, kv_len = values.shape
     local, slice_m = case["local"], case["slice_m"]
     kwargs = {"top_k": opts["k"]} if rule == "topk" else {rule: opts[rule]}
     req = scoring.make_request(64, kv_len, slice_m, "colmax", rule=rule, local=local, min_keys=opts["min_keys"],
                                max_keys=opts.get("max_keys"), **kwargs)
-    buf = _padded(values)
+    buf = _padded(values, torch.float16 if scores == "float16" else torch.float32)
     lse_d = None if lse is None else lse.to(DEVICE).reshape(1, rows)
-    spec = SelectSpec(staged=staged and SelectSpec.fits(buf.shape[2]))
-    with mock.patch.object(mask_kernels, "_select_spec", lambda device, ld: spec):
+    spec = SelectSpec(staged=staged and SelectSpec.fits(buf.shape[2]), scores=scores)
+    with mock.patch.object(mask_kernels, "_select_spec", lambda device, ld, scores: spec):
         counts, bits = mask_kernels.gpu_select(buf, kv_len, req, lse=lse_d, band=local, bits=True)
         assert bits.shape == (rows, mask_kernels.bit_words(kv_len))
         # The bitmask holds exactly the counted keys.
@@ -149,6 +159,8 @@ def test_selection_matches_reference(staged, case):
 
 CONFIGS = [
     dict(method="topk", density=0.1),
+    dict(method="topk", density=0.1, logits_dtype=torch.float32),
+    dict(method="tau", tau=0.8, logits_dtype=torch.float32),
     dict(method="topk", top_k=30, local=8, min_keys=5, workspace_bytes=1),
     dict(method="tau", tau=0.8),
     dict(method="tau", tau=0.5, max_keys=300, local=0, workspace_bytes=1),
@@ -177,7 +189,7 @@ def test_predict_mask_matches_reference(config, shape):
     expected = ref.predict_mask_reference(
         q, k, slice_m, req.method, rule=req.rule, top_k=req.top_k, tau=req.tau, threshold=req.threshold,
         pool=req.pool, combine=req.combine, min_keys=req.min_keys, max_keys=req.max_keys, local=req.local,
-        lse=lse, scale=req.scale).to_dense()
+        lse=lse, scale=req.scale, logits_dtype=req.logits_dtype).to_dense()
     # Scores differ from the float32 reference only by summation order: a handful of slices at
     # the cut may flip.
     assert (got.to_dense() != expected).sum().item() <= 5 + 0.002 * int(expected.sum())
@@ -192,7 +204,8 @@ def test_long_rows_use_the_global_selection_kernel():
     got = predict_mask(q, k, 64, "tau", tau=0.9).validate().to_dense()
     rows = ref.rounded(ref.pool_queries(q, 64), torch.float16)
     logits, lse = ref.logits_and_lse(rows, k, 1 / 8)
-    assert smallest_tau_set_ok(logits, got, 0.9, lse=lse).all()
+    stored = ref.rounded(logits, torch.float16)  # the default logits_dtype
+    assert smallest_tau_set_ok(stored, got, 0.9, lse=lse).all()
 
 
 def test_topk_prediction_never_synchronises():

@@ -111,11 +111,31 @@ def test_min_and_max_keys_bound_every_block():
         (dict(method="topk", density=0.1, local=-2), r"local must be None or a non-negative int"),
         (dict(method="topk", density=0.1, local=8, max_keys=50), r"max_keys must be an int >= max\(1, min_keys=0, band width 80\), got 50"),
         (dict(method="topk", density=0.1, min_keys=-1), r"min_keys must be a non-negative int"),
+        (dict(method="topk", density=0.1, logits_dtype=torch.bfloat16), r"logits_dtype must be torch.float16 or"),
+        (dict(method="colmax", logits_dtype=torch.float16), r"colmax and combine='max' keep float32 probabilities"),
+        (dict(method="tau", pool=16, logits_dtype=torch.float16), r"applies where logits are stored"),
     ],
 )
 def test_option_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_request(16, 260, 64, **kwargs)
+
+
+def test_stored_logits_are_float16_unless_asked_otherwise():
+    # Block 0's pooled query picks coordinate 0; keys 0 and 1 score 1.0 and 1.0001, one float16
+    # step apart is 2^-10, so stored as float16 they tie and the lower index wins.
+    q = torch.zeros(1, 1, 64, 16)
+    q[..., 0] = 4.0  # scale 1/4: logit = k[:, 0]
+    k = torch.full((1, 1, 40, 16), 0.0)
+    k[..., 0] = -1.0
+    k[0, 0, 0, 0], k[0, 0, 1, 0] = 1.0, 1.0001
+    assert make_request(16, 40, 64, "topk", top_k=1).logits_dtype == torch.float16
+    assert make_request(16, 40, 64, "topk", top_k=1, pool=16).logits_dtype == torch.float32
+    assert make_request(16, 40, 64, "topk", top_k=1, pool=16, combine="union").logits_dtype == torch.float16
+    half = predict_mask(q, k, 64, "topk", top_k=1).to_dense()[0, 0, 0]
+    exact = predict_mask(q, k, 64, "topk", top_k=1, logits_dtype=torch.float32).to_dense()[0, 0, 0]
+    assert half.nonzero().flatten().tolist() == [0]
+    assert exact.nonzero().flatten().tolist() == [1]
 
 
 def test_input_errors():

@@ -2,9 +2,11 @@
 //
 // One CTA takes WARPS x 16 rows of one (batch, head) and a chunk of keys, walks the chunk in
 // tiles of 64 keys (K rows double-buffered with 16-byte cp.async into swizzled shared memory)
-// and computes scale * row . key with mma.sync m16n8k16 (fp32 accumulate). Three modes:
+// and computes scale * row . key with mma.sync m16n8k16 (fp32 accumulate). Four modes:
 //   0 (logits): write the scaled logits [z, row, key] (float32) and, per row, the log-sum-exp
 //      of this CTA's key chunk (natural log) into partial[z, row, chunk];
+//   3 (logits, float16): the same, logits stored rounded to float16 (IEEE round to nearest,
+//      overflow to +-inf); the log-sum-exps come from the float32 logits;
 //   1 (stats):  only the partial log-sum-exps (used before mode 2 on pooled sub-blocks);
 //   2 (maxprob): p = exp(logit - lse[row]) and the max of p over each group of G consecutive
 //      rows (G a power of two dividing WARPS x 16), written to out[z, row / G, key]. With one
@@ -25,6 +27,9 @@ struct ScoreShape {
   static_assert(D % 16 == 0 && kThreads % kChunksPerRow == 0, "head dim / threads");
   static_assert(kN % kRowsPerPass == 0 && kRows % kRowsPerPass == 0, "tile rows per pass");
 };
+
+// The float16 pair (lo, hi) in one 32-bit word.
+__device__ __forceinline__ u32 pack_half2(float lo, float hi) { return fp16_t::pack(lo, hi); }
 
 // 8-byte store of two floats (dst is 8-byte aligned: even row stride, even key).
 __device__ __forceinline__ void store2(float* dst, float x, float y) {
@@ -50,6 +55,7 @@ mask_score(const u16* __restrict__ rows, i64 r_sb, i64 r_sh, i64 r_ss,
            const float* __restrict__ lse, int group, int out_rows) {
   using S = ScoreShape<D, WARPS>;
   constexpr int kN = S::kN;
+  constexpr bool kLogits = MODE == 0 || MODE == 3;  // stored logits (float32 or float16)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   u16* sQ = reinterpret_cast<u16*>(smem_raw);
   u16* sK = sQ + S::kRows * D;
@@ -151,7 +157,7 @@ mask_score(const u16* __restrict__ rows, i64 r_sb, i64 r_sh, i64 r_ss,
     }
 
     const int tile_key = key_begin + t * kN;
-    if (MODE == 0 || MODE == 1) {
+    if (kLogits || MODE == 1) {
       float tile_m[2] = {FG_NEG_INF, FG_NEG_INF};
 #pragma unroll
       for (int nt = 0; nt < kN / 8; ++nt) {
@@ -160,7 +166,7 @@ mask_score(const u16* __restrict__ rows, i64 r_sb, i64 r_sh, i64 r_ss,
         for (int e = 0; e < 4; ++e) {
           const bool valid = key + (e & 1) < key_end;
           const float logit = acc[nt][e] * scale;
-          if (MODE == 0) acc[nt][e] = logit;
+          if (kLogits) acc[nt][e] = logit;
           // log2 units for the statistics; masked keys do not count.
           const float x = valid ? logit * 1.4426950408889634f : FG_NEG_INF;
           tile_m[e >> 1] = fmaxf(tile_m[e >> 1], x);
@@ -197,6 +203,31 @@ mask_score(const u16* __restrict__ rows, i64 r_sb, i64 r_sh, i64 r_ss,
               } else {
                 dst[0] = acc[nt][2 * i];
               }
+            }
+          }
+        }
+      }
+      if (MODE == 3) {
+        // Lanes tig and tig ^ 1 swap halves of neighbouring 8-key column tiles, so each lane
+        // stores four consecutive float16 (8 bytes) and a quad covers 32 contiguous bytes of a
+        // row: even lanes keep tile nt, odd lanes tile nt + 1. Groups of four keys never
+        // straddle a key chunk (chunks are multiples of 64 keys); past kv_len they land in the
+        // row's padding (rows are padded to 8 float16).
+        const bool odd = tig & 1;
+        u16* out16 = reinterpret_cast<u16*>(out);
+#pragma unroll
+        for (int np = 0; np < kN / 16; ++np) {
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const u32 a = pack_half2(acc[2 * np][2 * i], acc[2 * np][2 * i + 1]);
+            const u32 b = pack_half2(acc[2 * np + 1][2 * i], acc[2 * np + 1][2 * i + 1]);
+            const u32 got = __shfl_xor_sync(0xffffffffu, odd ? a : b, 1);
+            const int key = tile_key + (2 * np + (odd ? 1 : 0)) * 8 + (tig >> 1) * 4;
+            if (r_lo + 8 * i < n_rows && key < key_end) {
+              uint2 v;
+              v.x = odd ? got : a;
+              v.y = odd ? b : got;
+              *reinterpret_cast<uint2*>(out16 + (static_cast<i64>(z) * n_rows + r_lo + 8 * i) * out_ld + key) = v;
             }
           }
         }
@@ -278,7 +309,7 @@ mask_score(const u16* __restrict__ rows, i64 r_sb, i64 r_sh, i64 r_ss,
   }
   cp_async_wait<0>();
 
-  if (MODE == 0 || MODE == 1) {
+  if (kLogits || MODE == 1) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       merge_lse2(run_m[i], run_l[i], __shfl_xor_sync(0xffffffffu, run_m[i], 1), __shfl_xor_sync(0xffffffffu, run_l[i], 1));

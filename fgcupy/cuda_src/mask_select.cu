@@ -98,8 +98,73 @@ __device__ __forceinline__ const u16* staged_ptr(const u16* bins, int i) {
   return reinterpret_cast<const u16*>(reinterpret_cast<const unsigned char*>(bins) + staged_offset(i));
 }
 
-struct RowCtx {
-  const float* vals;  // the row in global memory
+// Score rows are float32 or float16 (raw 16-bit storage, see common.cuh); either way a 16-byte
+// load brings kVec scores, converted exactly to float.
+struct F32Scores {
+  typedef float T;
+  typedef float4 Raw;
+  static constexpr int kVec = 4;
+  static __device__ __forceinline__ float at(const float* p, int i) { return __ldg(p + i); }
+  static __device__ __forceinline__ Raw load(const float* p, int f) { return __ldg(reinterpret_cast<const float4*>(p) + f); }
+  static __device__ __forceinline__ void unpack(const Raw& v, float x[kVec]) {
+    x[0] = v.x;
+    x[1] = v.y;
+    x[2] = v.z;
+    x[3] = v.w;
+  }
+};
+
+struct F16Scores {
+  typedef u16 T;
+  typedef uint4 Raw;
+  static constexpr int kVec = 8;
+  static __device__ __forceinline__ float at(const u16* p, int i) { return fp16_t::to_float(__ldg(p + i)); }
+  static __device__ __forceinline__ Raw load(const u16* p, int f) { return __ldg(reinterpret_cast<const uint4*>(p) + f); }
+  static __device__ __forceinline__ void unpack(const Raw& v, float x[kVec]) {
+    const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      x[2 * e] = fp16_t::to_float(static_cast<u16>(w[e] & 0xffffu));
+      x[2 * e + 1] = fp16_t::to_float(static_cast<u16>(w[e] >> 16));
+    }
+  }
+};
+
+// The staged bins of kVec consecutive keys (the first a multiple of kVec): one 8- or 16-byte
+// access, inside one swizzled 16-byte chunk.
+template <int N>
+__device__ __forceinline__ void store_bins(u16* bins, int i0, const int b[N]) {
+  unsigned w[N / 2];
+#pragma unroll
+  for (int e = 0; e < N / 2; ++e) w[e] = static_cast<unsigned>(b[2 * e]) | (static_cast<unsigned>(b[2 * e + 1]) << 16);
+  if constexpr (N == 4) {
+    *reinterpret_cast<uint2*>(staged_ptr(bins, i0)) = make_uint2(w[0], w[1]);
+  } else {
+    *reinterpret_cast<uint4*>(staged_ptr(bins, i0)) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void load_bin_words(const u16* bins, int i0, unsigned w[N / 2]) {
+  if constexpr (N == 4) {
+    const uint2 v = *reinterpret_cast<const uint2*>(staged_ptr(bins, i0));
+    w[0] = v.x;
+    w[1] = v.y;
+  } else {
+    const uint4 v = *reinterpret_cast<const uint4*>(staged_ptr(bins, i0));
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
+  }
+}
+
+__device__ __forceinline__ int bin_of_words(const unsigned* w, int e) {
+  return static_cast<int>((w[e >> 1] >> (16 * (e & 1))) & 0xffffu);
+}
+
+// Everything about a row but where its scores live.
+struct RowBase {
   const u16* bins;    // every key's coarse bin in shared memory (STAGED)
   int n;              // keys in the row
   int band_lo, band_hi;  // keys ranked first
@@ -109,14 +174,21 @@ struct RowCtx {
   int t0, t1;         // this thread's keys [t0, t1) in the ordered passes (t0 a multiple of 32)
 };
 
-__device__ __forceinline__ bool in_band(const RowCtx& c, int i) { return i >= c.band_lo && i < c.band_hi; }
+template <class S>
+struct RowCtx : RowBase {
+  typedef S Scores;
+  const typename S::T* vals;  // the row in global memory
+};
 
-__device__ __forceinline__ unsigned key_at(const RowCtx& c, int i) { return order_key(__ldg(c.vals + i)); }
+__device__ __forceinline__ bool in_band(const RowBase& c, int i) { return i >= c.band_lo && i < c.band_hi; }
+
+template <class S>
+__device__ __forceinline__ unsigned key_at(const RowCtx<S>& c, int i) { return order_key(S::at(c.vals, i)); }
 
 // Coarse bin (1 .. kBins-1, best first) of a non-band score v: non-increasing in v's order key
 // (NaN lowest), so a smaller bin always means a strictly larger key. Every pass computes bins
 // with this one function, so the staged bins and the search agree exactly.
-__device__ __forceinline__ int value_bin(const RowCtx& c, float v) {
+__device__ __forceinline__ int value_bin(const RowBase& c, float v) {
   if (c.logit) {
     // 1 + round(t) from the mantissa of t + 2^23 + 1 (no float-to-int conversion unit).
     const float t = fminf(fmaxf(fmaf(-kBinsPerLogit, v, c.lse_bins), 0.f), static_cast<float>(kBins - 2));
@@ -129,30 +201,27 @@ __device__ __forceinline__ int value_bin(const RowCtx& c, float v) {
 }
 
 // Bin of key i (0 for the band): from shared memory when staged, else from the row.
-template <bool STAGED>
-__device__ __forceinline__ int bin_at(const RowCtx& c, int i) {
+template <bool STAGED, class S>
+__device__ __forceinline__ int bin_at(const RowCtx<S>& c, int i) {
   if (STAGED) return *staged_ptr(c.bins, i);
-  return in_band(c, i) ? 0 : value_bin(c, __ldg(c.vals + i));
+  return in_band(c, i) ? 0 : value_bin(c, S::at(c.vals, i));
 }
 
 // Bins of keys i0 .. i0 + 7 (i0 a multiple of 8; keys past the row get kBins).
-template <bool STAGED>
-__device__ __forceinline__ void bins8(const RowCtx& c, int i0, int b[8]) {
+template <bool STAGED, class S>
+__device__ __forceinline__ void bins8(const RowCtx<S>& c, int i0, int b[8]) {
   if (STAGED) {
-    const uint4 w = *reinterpret_cast<const uint4*>(staged_ptr(c.bins, i0));
-    const unsigned ws[4] = {w.x, w.y, w.z, w.w};
+    unsigned w[4];
+    load_bin_words<8>(c.bins, i0, w);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      b[2 * e] = static_cast<int>(ws[e] & 0xffffu);
-      b[2 * e + 1] = static_cast<int>(ws[e] >> 16);
-    }
+    for (int e = 0; e < 8; ++e) b[e] = bin_of_words(w, e);
   } else {
 #pragma unroll
     for (int e = 0; e < 8; ++e) b[e] = i0 + e < c.n ? bin_at<false>(c, i0 + e) : kBins;
   }
 }
 
-__device__ __forceinline__ float key_mass(const RowCtx& c, unsigned u) {
+__device__ __forceinline__ float key_mass(const RowBase& c, unsigned u) {
   if (u == 0u) return 0.f;
   const float v = key_float(u);
   return c.logit ? fast_exp2((v - c.lse) * 1.4426950408889634f) : fmaxf(v, 0.f);
@@ -316,10 +385,10 @@ __device__ void find_bin(const unsigned* cnt, const float* mass, int nb, bool by
   __syncthreads();
 }
 
-// First pass: read the row once (16-byte loads; the row stride is a multiple of 4 floats),
+// First pass: read the row once (16-byte loads; score rows are padded to 16 bytes),
 // build the level-0 histogram, stage the bins (STAGED) and count keys >= u_thr (COUNT_THR).
-template <bool STAGED, bool MASS, bool COUNT_THR>
-__device__ unsigned first_pass(const RowCtx& c, u16* bins_out, unsigned* cnt, const MassHist& mass, unsigned u_thr) {
+template <bool STAGED, bool MASS, bool COUNT_THR, class S>
+__device__ unsigned first_pass(const RowCtx<S>& c, u16* bins_out, unsigned* cnt, const MassHist& mass, unsigned u_thr) {
   const int tid = threadIdx.x;
   for (int b = tid; b < kBins; b += kSelThreads) {
     cnt[b] = 0u;
@@ -327,28 +396,26 @@ __device__ unsigned first_pass(const RowCtx& c, u16* bins_out, unsigned* cnt, co
   }
   __syncthreads();
   unsigned above_thr = 0u;
-  const int nvec = (c.n + 3) >> 2;
+  constexpr int V = S::kVec;
+  const int nvec = (c.n + V - 1) / V;
   for (int base = 0; base < nvec; base += 4 * kSelThreads) {
-    float4 x[4];
+    typename S::Raw raw[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int f = base + j * kSelThreads + tid;
-      if (f < nvec) {
-        x[j] = __ldg(reinterpret_cast<const float4*>(c.vals) + f);
-      } else {
-        x[j].x = x[j].y = x[j].z = x[j].w = 0.f;
-      }
+      if (f < nvec) raw[j] = S::load(c.vals, f);
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int f = base + j * kSelThreads + tid;
       if (f >= nvec) continue;
-      const float xs[4] = {x[j].x, x[j].y, x[j].z, x[j].w};
-      const bool near_band = 4 * f < c.band_hi && 4 * f + 4 > c.band_lo;
-      int bs[4];
+      float xs[V];
+      S::unpack(raw[j], xs);
+      const bool near_band = V * f < c.band_hi && V * f + V > c.band_lo;
+      int bs[V];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = 4 * f + e;
+      for (int e = 0; e < V; ++e) {
+        const int i = V * f + e;
         const bool band = near_band && in_band(c, i);
         bs[e] = band ? 0 : value_bin(c, xs[e]);
         if (i < c.n) {
@@ -357,12 +424,7 @@ __device__ unsigned first_pass(const RowCtx& c, u16* bins_out, unsigned* cnt, co
           if (COUNT_THR && !band && order_key(xs[e]) >= u_thr) ++above_thr;
         }
       }
-      if (STAGED) {
-        uint2 w;
-        w.x = static_cast<unsigned>(bs[0]) | (static_cast<unsigned>(bs[1]) << 16);
-        w.y = static_cast<unsigned>(bs[2]) | (static_cast<unsigned>(bs[3]) << 16);
-        *reinterpret_cast<uint2*>(staged_ptr(bins_out, 4 * f)) = w;
-      }
+      if (STAGED) store_bins<V>(bins_out, V * f, bs);
     }
   }
   __syncthreads();
@@ -374,8 +436,8 @@ __device__ unsigned first_pass(const RowCtx& c, u16* bins_out, unsigned* cnt, co
 }
 
 // Level-0 histogram of counts again (the search destroys it).
-template <bool STAGED>
-__device__ void recount(const RowCtx& c, unsigned* cnt) {
+template <bool STAGED, class S>
+__device__ void recount(const RowCtx<S>& c, unsigned* cnt) {
   const int tid = threadIdx.x;
   for (int b = tid; b < kBins; b += kSelThreads) cnt[b] = 0u;
   __syncthreads();
@@ -386,8 +448,8 @@ __device__ void recount(const RowCtx& c, unsigned* cnt) {
 // Calls f(i, u) for each key of this thread's range in coarse bin `bin` (never the band) whose
 // order key u has prefix pfx above bit pshift, in index order. Only those keys are read from
 // global memory.
-template <bool STAGED, class F>
-__device__ __forceinline__ void for_window(const RowCtx& c, int bin, unsigned pfx, int pshift, F f) {
+template <bool STAGED, class S, class F>
+__device__ __forceinline__ void for_window(const RowCtx<S>& c, int bin, unsigned pfx, int pshift, F f) {
   for (int i0 = c.t0; i0 < c.t1; i0 += 8) {
     int b[8];
     bins8<STAGED>(c, i0, b);
@@ -405,35 +467,31 @@ __device__ __forceinline__ void for_window(const RowCtx& c, int bin, unsigned pf
 // Calls f(i, u) for each key of coarse bin `bin` (never the band) with its order key u. The row
 // is streamed in 16-byte loads spread over the block (coalesced, from L2 after the first pass),
 // so no load waits on another; the order of the calls is unspecified.
-template <bool STAGED, class F>
-__device__ __forceinline__ void stream_bin(const RowCtx& c, int bin, F f) {
-  const int nvec = (c.n + 3) >> 2;
+template <bool STAGED, class S, class F>
+__device__ __forceinline__ void stream_bin(const RowCtx<S>& c, int bin, F f) {
+  constexpr int V = S::kVec;
+  const int nvec = (c.n + V - 1) / V;
   for (int base = 0; base < nvec; base += 4 * kSelThreads) {
-    float4 x[4];
-    uint2 bw[4];
+    typename S::Raw raw[4];
+    unsigned bw[4][V / 2];  // staged bins, two a word
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int f4 = base + j * kSelThreads + threadIdx.x;
-      if (f4 < nvec) {
-        x[j] = __ldg(reinterpret_cast<const float4*>(c.vals) + f4);
-        if (STAGED) bw[j] = *reinterpret_cast<const uint2*>(staged_ptr(c.bins, 4 * f4));
+      const int fv = base + j * kSelThreads + threadIdx.x;
+      if (fv < nvec) {
+        raw[j] = S::load(c.vals, fv);
+        if (STAGED) load_bin_words<V>(c.bins, V * fv, bw[j]);
       }
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int f4 = base + j * kSelThreads + threadIdx.x;
-      if (f4 >= nvec) continue;
-      const float xs[4] = {x[j].x, x[j].y, x[j].z, x[j].w};
+      const int fv = base + j * kSelThreads + threadIdx.x;
+      if (fv >= nvec) continue;
+      float xs[V];
+      S::unpack(raw[j], xs);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = 4 * f4 + e;
-        int b;
-        if (STAGED) {
-          const unsigned w = e < 2 ? bw[j].x : bw[j].y;
-          b = static_cast<int>((e & 1) ? (w >> 16) : (w & 0xffffu));
-        } else {
-          b = in_band(c, i) ? 0 : value_bin(c, xs[e]);
-        }
+      for (int e = 0; e < V; ++e) {
+        const int i = V * fv + e;
+        const int b = STAGED ? bin_of_words(bw[j], e) : (in_band(c, i) ? 0 : value_bin(c, xs[e]));
         if (b == bin && i < c.n) f(i, order_key(xs[e]));
       }
     }
@@ -441,8 +499,8 @@ __device__ __forceinline__ void stream_bin(const RowCtx& c, int bin, F f) {
 }
 
 // Calls f(i) for each key of this thread's range in coarse bin `bin`, from the bins alone.
-template <bool STAGED, class F>
-__device__ __forceinline__ void for_window_index(const RowCtx& c, int bin, F f) {
+template <bool STAGED, class S, class F>
+__device__ __forceinline__ void for_window_index(const RowCtx<S>& c, int bin, F f) {
   for (int i0 = c.t0; i0 < c.t1; i0 += 8) {
     int b[8];
     bins8<STAGED>(c, i0, b);
@@ -470,8 +528,8 @@ struct Cands {
 // (mass mode). Requires the level-0 histogram; destroys it. After the coarse bin, 8-bit digits
 // of the order key narrow the window (a radix select): over the row while the window is larger
 // than kCand, then over the gathered candidates, until one key or exact ties remain.
-template <bool STAGED>
-__device__ Cut search(const RowCtx& c, unsigned* cnt, const MassHist& mass, Cands cand, bool by_mass,
+template <bool STAGED, class S>
+__device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, Cands cand, bool by_mass,
                       unsigned need_cnt, float need_mass, SelScratch& sc) {
   const int tid = threadIdx.x;
   find_bin(cnt, mass.f(), kBins, by_mass, need_cnt, need_mass, sc);
@@ -652,8 +710,8 @@ __device__ Cut search(const RowCtx& c, unsigned* cnt, const MassHist& mass, Cand
 
 // Kept-key bitmask of keys i0 .. i0 + 31 (i0 a multiple of 32): decided by the staged bin,
 // except in the cut's own bin, where the key itself is compared with the cut.
-template <bool STAGED>
-__device__ __forceinline__ unsigned kept_word(const RowCtx& c, int i0, const Cut& cut) {
+template <bool STAGED, class S>
+__device__ __forceinline__ unsigned kept_word(const RowCtx<S>& c, int i0, const Cut& cut) {
   unsigned m = 0u;
 #pragma unroll
   for (int g = 0; g < 4; ++g) {
@@ -674,9 +732,9 @@ __device__ __forceinline__ unsigned kept_word(const RowCtx& c, int i0, const Cut
   return left >= 32 ? m : (left <= 0 ? 0u : m & ((1u << left) - 1u));
 }
 
-template <bool STAGED>
+template <bool STAGED, class S>
 __global__ void __launch_bounds__(kSelThreads, STAGED ? 2 : 1)
-select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ lse, int kv_len, int rows_per_bh,
+select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restrict__ lse, int kv_len, int rows_per_bh,
             int slice_m, int band, int rule, int k_keys, float tau, float thr, int min_keys, int max_keys,
             int* __restrict__ counts, const int* __restrict__ offsets, int* __restrict__ out,
             unsigned* __restrict__ bits, int words) {
@@ -694,7 +752,7 @@ select_rows(const float* __restrict__ vals, i64 ld, const float* __restrict__ ls
 
   const int tid = threadIdx.x;
   const int row = blockIdx.x;
-  RowCtx c;
+  RowCtx<S> c;
   c.vals = vals + static_cast<i64>(row) * ld;
   c.bins = staged_bins;
   c.n = kv_len;

@@ -15,7 +15,7 @@ _CPP_DTYPE = {"bfloat16": "fg::bf16_t", "float16": "fg::fp16_t"}
 _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 
 #: Scoring modes (template MODE of fg::mask_score).
-SCORE_MODES = {"logits": 0, "stats": 1, "maxprob": 2}
+SCORE_MODES = {"logits": 0, "stats": 1, "maxprob": 2, "logits_f16": 3}
 SCORE_KEY_TILE = 64
 SCORE_WARPS = (4, 8)
 
@@ -32,6 +32,8 @@ SELECT_STAGED_BYTES = 2
 #: static shared memory included (about 200 bytes here), so stay a little below.
 SELECT_MAX_SMEM = 162 * 1024
 EMIT_THREADS = 256
+#: Score-row storage the selection kernel reads (template S of fg::select_rows).
+SELECT_SCORES = {"float32": "fg::F32Scores", "float16": "fg::F16Scores"}
 
 
 def _check_choice(what, value, allowed):
@@ -90,24 +92,30 @@ def staged_bytes(row_stride: int) -> int:
 
 @dataclass(frozen=True)
 class SelectSpec:
-    """``fg::select_rows<STAGED>``: per-row threshold search (and optional emit). The staged
+    """``fg::select_rows<STAGED, S>``: per-row threshold search (and optional emit). The staged
     variant keeps every key's 16-bit coarse bin in shared memory after one read of the row;
-    the other re-reads the row from global memory on every pass (rows too long to stage)."""
+    the other re-reads the row from global memory on every pass (rows too long to stage).
+    ``scores``: the dtype of the score rows (float16 only holds logits)."""
 
     staged: bool = True
+    scores: str = "float32"
 
     source = "mask_select.cu"
     template = "fg::select_rows"
     extra_options = ()
     threads = SELECT_THREADS
 
+    def __post_init__(self):
+        _check_choice("scores", self.scores, SELECT_SCORES)
+
     @property
     def name(self) -> str:
-        return f"select_rows_{'staged' if self.staged else 'global'}"
+        suffix = "" if self.scores == "float32" else "_f16"
+        return f"select_rows_{'staged' if self.staged else 'global'}{suffix}"
 
     @property
     def name_expression(self) -> str:
-        return f"{self.template}<{'true' if self.staged else 'false'}>"
+        return f"{self.template}<{'true' if self.staged else 'false'}, {SELECT_SCORES[self.scores]}>"
 
     @property
     def smem_bytes(self) -> int:
@@ -150,7 +158,10 @@ def all_mask_specs() -> list:
         for d in HEAD_DIMS:
             specs.append(ScoreSpec(dtype, d, "logits", 4))
             specs.append(ScoreSpec(dtype, d, "logits", 8))
+            specs.append(ScoreSpec(dtype, d, "logits_f16", 4))
+            specs.append(ScoreSpec(dtype, d, "logits_f16", 8))
             specs.append(ScoreSpec(dtype, d, "stats", 4))
             specs.append(ScoreSpec(dtype, d, "maxprob", 4))
             specs.append(ScoreSpec(dtype, d, "maxprob", 8))
-    return specs + [SelectSpec(True), SelectSpec(False), EmitSpec()]
+    selects = [SelectSpec(staged, scores) for staged in (True, False) for scores in SELECT_SCORES]
+    return specs + selects + [EmitSpec()]
