@@ -60,6 +60,8 @@ __device__ __forceinline__ float key_float(unsigned u) {
   return __int_as_float(static_cast<int>(b));
 }
 
+__device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
+
 // Band [lo, hi) of query block j: its own keys and `band` more on either side (band < 0: none).
 __device__ __forceinline__ void band_range(int j, int slice_m, int band, int kv_len, int& lo, int& hi) {
   if (band < 0) {
@@ -845,14 +847,31 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
   }
   if (offsets == nullptr) return;
   int* dst = out + offsets[row];
-  // Each thread writes the kept keys of its own words: its keys are contiguous and in thread
-  // order, so an exclusive scan of the per-thread counts places them. (A warp walking its words
-  // one at a time, a lane per key, wrote coalesced but issued ~8x the instructions.)
+  if (cached) {
+    // Warp w's keys are the contiguous saved words [w * 32 * my_words, (w + 1) * 32 * my_words):
+    // one lane per key of each word, so every store of the warp is coalesced.
+    const int lane = tid & 31, warp = tid >> 5;
+    const unsigned warp_total = __reduce_add_sync(kFull, mine);
+    if (lane == 0) sc.warp_u[warp] = warp_total;
+    __syncthreads();
+    unsigned run = 0u;
+    for (int w = 0; w < warp; ++w) run += sc.warp_u[w];
+    const int first_word = warp * 32 * my_words;
+    const int row_words = (kv_len + 31) / 32;
+    for (int k = 0; k < 32 * my_words && first_word + k < row_words; ++k) {
+      const int word = first_word + k;
+      const unsigned m = cand.u[word];
+      const unsigned pos = run + __popc(m & lanemask_lt(lane));
+      if (((m >> lane) & 1u) && pos < cut.n) dst[pos] = 32 * word + lane;
+      run += __popc(m);
+    }
+    return;
+  }
   unsigned pos;
   float unused;
   block_exscan(mine, 0.f, pos, unused, sc);
-  for (int i0 = c.t0, w = 0; i0 < c.t1; i0 += 32, ++w) {
-    unsigned m = cached ? saved[w] : kept_word<STAGED>(c, i0, cut);
+  for (int i0 = c.t0; i0 < c.t1; i0 += 32) {
+    unsigned m = kept_word<STAGED>(c, i0, cut);
     while (m != 0u) {
       const int b = __ffs(m) - 1;
       m &= m - 1u;
