@@ -53,10 +53,10 @@ def row_stride(kv_len: int, itemsize: int = 4) -> int:
     return (kv_len + per - 1) // per * per
 
 
-def _key_chunking(kv_len: int, row_tiles: int, target_ctas: int = _TARGET_CTAS) -> tuple:
+def _key_chunking(kv_len: int, row_tiles: int) -> tuple:
     """(keys per CTA, number of key chunks): enough CTAs to fill the GPU when rows are few."""
     tiles = num_blocks(kv_len, SCORE_KEY_TILE)
-    chunks = min(tiles, max(1, num_blocks(target_ctas, max(row_tiles, 1))))
+    chunks = min(tiles, max(1, num_blocks(_TARGET_CTAS, max(row_tiles, 1))))
     per = num_blocks(tiles, chunks) * SCORE_KEY_TILE
     return per, num_blocks(kv_len, per)
 
@@ -78,8 +78,7 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     half = mode == "logits_f16"
     ld = row_stride(kv_len, 2 if half else 4)
     row_tiles = num_blocks(n_rows, spec.rows_per_cta) * nbh
-    # 16-warp CTAs (one per SM) get half as many, longer key chunks: each reloads its 256 rows.
-    key_chunk, chunks = _key_chunking(kv_len, row_tiles, _TARGET_CTAS if warps <= 8 else _TARGET_CTAS // 2)
+    key_chunk, chunks = _key_chunking(kv_len, row_tiles)
     device = rows.device
     out = partial = None
     out_rows = num_blocks(n_rows, group)

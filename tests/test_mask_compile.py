@@ -18,9 +18,8 @@ SM80_SMEM = 163 * 1024
 def test_every_axis_is_shipped():
     scores = [s for s in SPECS if isinstance(s, ScoreSpec)]
     assert {(s.dtype, s.head_dim) for s in scores} == {(d, h) for d in ("bfloat16", "float16") for h in (64, 128)}
-    assert {(s.mode, s.warps) for s in scores} == {("logits", 4), ("logits", 8), ("logits", 16), ("logits_f16", 4),
-                                                   ("logits_f16", 8), ("logits_f16", 16), ("stats", 4),
-                                                   ("maxprob", 4), ("maxprob", 8)}
+    assert {(s.mode, s.warps) for s in scores} == {("logits", 4), ("logits", 8), ("logits_f16", 4), ("logits_f16", 8),
+                                                   ("stats", 4), ("maxprob", 4), ("maxprob", 8)}
     selects = {(s.staged, s.scores) for s in SPECS if isinstance(s, SelectSpec)}
     assert selects == {(staged, scores) for staged in (True, False) for scores in ("float32", "float16")}
     assert EmitSpec() in SPECS
@@ -68,7 +67,7 @@ def test_select_staging_limit():
         (dict(head_dim=96), r"head_dim must be one of \(64, 128\), got 96"),
         (dict(dtype="float32"), r"dtype must be one of \('bfloat16', 'float16'\), got 'float32'"),
         (dict(mode="probs"), r"mode must be one of \('logits', 'stats', 'maxprob', 'logits_f16'\), got 'probs'"),
-        (dict(warps=2), r"warps must be one of \(4, 8, 16\), got 2"),
+        (dict(warps=2), r"warps must be one of \(4, 8\), got 2"),
     ],
 )
 def test_score_spec_validation(kwargs, message):

@@ -17,7 +17,7 @@ _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 #: Scoring modes (template MODE of fg::mask_score).
 SCORE_MODES = {"logits": 0, "stats": 1, "maxprob": 2, "logits_f16": 3}
 SCORE_KEY_TILE = 64
-SCORE_WARPS = (4, 8, 16)
+SCORE_WARPS = (4, 8)
 
 #: Selection kernel constants (mirror mask_select.cu).
 SELECT_THREADS = 512
@@ -160,8 +160,6 @@ def all_mask_specs() -> list:
             specs.append(ScoreSpec(dtype, d, "logits", 8))
             specs.append(ScoreSpec(dtype, d, "logits_f16", 4))
             specs.append(ScoreSpec(dtype, d, "logits_f16", 8))
-            specs.append(ScoreSpec(dtype, d, "logits", 16))
-            specs.append(ScoreSpec(dtype, d, "logits_f16", 16))
             specs.append(ScoreSpec(dtype, d, "stats", 4))
             specs.append(ScoreSpec(dtype, d, "maxprob", 4))
             specs.append(ScoreSpec(dtype, d, "maxprob", 8))
