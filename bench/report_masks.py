@@ -129,9 +129,11 @@ def timing_rows(args, shape, device):
     lse = dense_lse(q, k, scale)
     for label, kw in (
         ("predict topk d=0.1", dict(method="topk", density=0.1)),
+        ("predict topk d=0.1 float32 logits", dict(method="topk", density=0.1, logits_dtype=torch.float32)),
         ("predict topk d=0.1 local=128", dict(method="topk", density=0.1, local=128)),
         ("predict threshold p>=1e-4", dict(method="threshold", threshold=1e-4)),
         ("predict tau=0.9 (one host sync)", dict(method="tau", tau=0.9)),
+        ("predict tau=0.9 float16 logits", dict(method="tau", tau=0.9, logits_dtype=torch.float16)),
         ("predict tau=0.9 max_keys=S/2 (no sync)", dict(method="tau", tau=0.9, max_keys=shape.seq // 2)),
         ("predict topk d=0.1 sub16 max", dict(method="topk", density=0.1, pool=16, combine="max")),
         ("predict topk sub16 union", dict(method="topk", top_k=round(0.1 * shape.seq / 8), pool=16, combine="union")),

@@ -160,7 +160,7 @@ def test_selection_matches_reference(staged, scores, case):
 CONFIGS = [
     dict(method="topk", density=0.1),
     dict(method="topk", density=0.1, logits_dtype=torch.float32),
-    dict(method="tau", tau=0.8, logits_dtype=torch.float32),
+    dict(method="tau", tau=0.8, logits_dtype=torch.float16),
     dict(method="topk", top_k=30, local=8, min_keys=5, workspace_bytes=1),
     dict(method="tau", tau=0.8),
     dict(method="tau", tau=0.5, max_keys=300, local=0, workspace_bytes=1),
