@@ -3,9 +3,10 @@
 NCCL's all-to-all runs as kernels: while it moves a head group, it takes SMs from the attention
 kernel working on the previous group, so pipelining hides little. Here every rank instead exposes
 one buffer to its peers (CUDA IPC) and each rank writes its pieces straight into the peers'
-buffers with ``cudaMemcpyAsync`` on a side stream: the GPUs' copy engines move the data and no
-SM is used. A one-element NCCL all-reduce on the same stream is the barrier that tells every
-rank its inbound copies are complete.
+buffers with ``cudaMemcpyAsync`` on side streams (one for inbound, one for outbound copies): the
+GPUs' copy engines move the data and no SM is used. A one-element NCCL all-reduce queued behind
+the copies is the barrier that tells every rank its inbound copies are complete. Copies issued
+while attention runs are slow (~10x on an H100) but finish long before they are needed.
 
 Layout: every region is head-major, ``[B, h, S, D]`` received and ``[B, H, S_r, D]`` returned, so
 each copy moves whole rows of one head's ``S_r * D`` elements (megabytes). Token-major ("NHD")
