@@ -28,9 +28,6 @@ struct ScoreShape {
   static_assert(kN % kRowsPerPass == 0 && kRows % kRowsPerPass == 0, "tile rows per pass");
 };
 
-// The float16 pair (lo, hi) in one 32-bit word.
-__device__ __forceinline__ u32 pack_half2(float lo, float hi) { return fp16_t::pack(lo, hi); }
-
 // 8-byte store of two floats (dst is 8-byte aligned: even row stride, even key).
 __device__ __forceinline__ void store2(float* dst, float x, float y) {
   float2 v;
@@ -212,15 +209,15 @@ mask_score(const u16* __restrict__ rows, i64 r_sb, i64 r_sh, i64 r_ss,
         // stores four consecutive float16 (8 bytes) and a quad covers 32 contiguous bytes of a
         // row: even lanes keep tile nt, odd lanes tile nt + 1. Groups of four keys never
         // straddle a key chunk (chunks are multiples of 64 keys); past kv_len they land in the
-        // row's padding (rows are padded to 8 float16).
+        // row's padding (rows are padded to 128 bytes, mask_kernels.row_stride).
         const bool odd = tig & 1;
         u16* out16 = reinterpret_cast<u16*>(out);
 #pragma unroll
         for (int np = 0; np < kN / 16; ++np) {
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            const u32 a = pack_half2(acc[2 * np][2 * i], acc[2 * np][2 * i + 1]);
-            const u32 b = pack_half2(acc[2 * np + 1][2 * i], acc[2 * np + 1][2 * i + 1]);
+            const u32 a = fp16_t::pack(acc[2 * np][2 * i], acc[2 * np][2 * i + 1]);
+            const u32 b = fp16_t::pack(acc[2 * np + 1][2 * i], acc[2 * np + 1][2 * i + 1]);
             const u32 got = __shfl_xor_sync(0xffffffffu, odd ? a : b, 1);
             const int key = tile_key + (2 * np + (odd ? 1 : 0)) * 8 + (tig >> 1) * 4;
             if (r_lo + 8 * i < n_rows && key < key_end) {

@@ -176,7 +176,6 @@ struct RowBase {
 
 template <class S>
 struct RowCtx : RowBase {
-  typedef S Scores;
   const typename S::T* vals;  // the row in global memory
 };
 
@@ -525,7 +524,7 @@ struct Cands {
 };
 
 // The first `need_cnt` keys (count mode) or the fewest first keys holding `need_mass`
-// (mass mode). Requires the level-0 histogram; destroys it. After the coarse bin, 8-bit digits
+// (mass mode). Requires the level-0 histogram; destroys it. After the coarse bin, 11-bit digits
 // of the order key narrow the window (a radix select): over the row while the window is larger
 // than kCand, then over the gathered candidates, until one key or exact ties remain.
 template <bool STAGED, class S>
