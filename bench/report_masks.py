@@ -140,21 +140,25 @@ def timing_rows(args, shape, device):
         ("predict colmax thr=0.5/S", dict(method="colmax", lse=lse)),
     ):
         record(label, lambda kw=kw: predict_mask(q, k, 128, **kw))
-    # Stages of mean-query top-k: pooling (torch), scoring kernel, selection kernel.
+    # Stages of mean-query top-k: pooling (torch), scoring kernel, selection kernel; float16
+    # logits are top-k's default, float32 tau's.
     req = scoring.make_request(shape.head_dim, shape.seq, 128, "topk", density=0.1)
     pooled = ref.pool_queries(q, 128).to(q.dtype).contiguous()
     record("  stage: pool queries (torch)", lambda: ref.pool_queries(q, 128).to(q.dtype))
-    for warps in (4, 8):
-        record(f"  stage: score kernel (logits + lse, {warps} warps)",
-               lambda w=warps: mask_kernels.gpu_scores("logits", pooled, k, req.scale, warps=w))
+    for mode, warps in (("logits", 4), ("logits", 8), ("logits_f16", 8)):
+        record(f"  stage: score kernel ({mode} + lse, {warps} warps)",
+               lambda m=mode, w=warps: mask_kernels.gpu_scores(m, pooled, k, req.scale, warps=w))
+    half, half_lse = mask_kernels.gpu_scores("logits_f16", pooled, k, req.scale, warps=8)
     vals, row_lse = mask_kernels.gpu_scores("logits", pooled, k, req.scale, warps=8)
     per_row = req.top_k
     offsets = (torch.arange(vals.shape[0] * vals.shape[1], device=device, dtype=torch.int64) * per_row).to(torch.int32)
     out = torch.empty(vals.shape[0] * vals.shape[1] * per_row, dtype=torch.int32, device=device)
-    record("  stage: select kernel (top-k, fused emit)",
+    record("  stage: select kernel (float16 logits, top-k, fused emit)",
+           lambda: mask_kernels.gpu_select(half, shape.seq, req, lse=half_lse, offsets=offsets, out=out))
+    record("  stage: select kernel (float32 logits, top-k, fused emit)",
            lambda: mask_kernels.gpu_select(vals, shape.seq, req, lse=row_lse, offsets=offsets, out=out))
     tau_req = scoring.make_request(shape.head_dim, shape.seq, 128, "tau", tau=0.9)
-    record("  stage: select kernel (tau=0.9, counts and bitmask)",
+    record("  stage: select kernel (float32 logits, tau=0.9, counts and bitmask)",
            lambda: mask_kernels.gpu_select(vals, shape.seq, tau_req, lse=row_lse, bits=True))
     counts, bits = mask_kernels.gpu_select(vals, shape.seq, tau_req, lse=row_lse, bits=True)
     tau_offsets = (torch.cumsum(counts, 0) - counts).to(torch.int32)
