@@ -132,6 +132,10 @@ def timing_rows(args, shape, device):
         ("predict topk d=0.1 float32 logits", dict(method="topk", density=0.1, logits_dtype=torch.float32)),
         ("predict topk d=0.1 local=128", dict(method="topk", density=0.1, local=128)),
         ("predict threshold p>=1e-4", dict(method="threshold", threshold=1e-4)),
+        ("predict threshold p>=1e-4 float32 logits", dict(method="threshold", threshold=1e-4,
+                                                          logits_dtype=torch.float32)),
+        ("predict threshold p>=1e-4 max_keys=S/2 (no sync)", dict(method="threshold", threshold=1e-4,
+                                                                  max_keys=shape.seq // 2)),
         ("predict tau=0.9 (one host sync)", dict(method="tau", tau=0.9)),
         ("predict tau=0.9 float16 logits", dict(method="tau", tau=0.9, logits_dtype=torch.float16)),
         ("predict tau=0.9 max_keys=S/2 (no sync)", dict(method="tau", tau=0.9, max_keys=shape.seq // 2)),
@@ -140,8 +144,8 @@ def timing_rows(args, shape, device):
         ("predict colmax thr=0.5/S", dict(method="colmax", lse=lse)),
     ):
         record(label, lambda kw=kw: predict_mask(q, k, 128, **kw))
-    # Stages of mean-query top-k: pooling (torch), scoring kernel, selection kernel; float16
-    # logits are top-k's default, float32 tau's.
+    # Stages of mean-query selection: pooling (torch), scoring kernel, selection and emit
+    # kernels; float16 logits are top-k's and threshold's default, float32 tau's.
     req = scoring.make_request(shape.head_dim, shape.seq, 128, "topk", density=0.1)
     pooled = ref.pool_queries(q, 128).to(q.dtype).contiguous()
     record("  stage: pool queries (torch)", lambda: ref.pool_queries(q, 128).to(q.dtype))
@@ -166,6 +170,15 @@ def timing_rows(args, shape, device):
     record("  stage: emit kernel (tau=0.9 bitmask to indices)",
            lambda: mask_kernels.gpu_emit(bits, shape.seq, vals.shape[1], 1, 128, counts, offsets=tau_offsets,
                                          out=tau_out))
+    thr_req = scoring.make_request(shape.head_dim, shape.seq, 128, "threshold", threshold=1e-4)
+    record("  stage: select kernel (float16 logits, threshold 1e-4, counts and bitmask)",
+           lambda: mask_kernels.gpu_select(half, shape.seq, thr_req, lse=half_lse, bits=True))
+    counts, bits = mask_kernels.gpu_select(half, shape.seq, thr_req, lse=half_lse, bits=True)
+    thr_offsets = (torch.cumsum(counts, 0) - counts).to(torch.int32)
+    thr_out = torch.empty(int(counts.sum()), dtype=torch.int32, device=device)
+    record("  stage: emit kernel (threshold bitmask to indices)",
+           lambda: mask_kernels.gpu_emit(bits, shape.seq, half.shape[1], 1, 128, counts, offsets=thr_offsets,
+                                         out=thr_out))
     dense = next((r for r in rows if r["what"] == "sdpa-cudnn dense" and "ms" in r), None)
     for r in rows:
         if dense and "ms" in r:

@@ -15,13 +15,14 @@ Every selection can keep at least ``min_keys``, at most ``max_keys`` keys per bl
 block's diagonal band (its own keys and ``local`` more on either side), which is ranked first
 (it counts toward k and toward the mass). Exact definitions: fgcupy.mask_reference.
 
-Mean-query logits for top-k are stored as float16 between scoring and selection by default
-(``logits_dtype``): half the memory traffic of float32 (top-k 1.85 vs 2.07 ms on wan14b-480p,
-H100), and the selection is exact on the stored values: rounding moves a logit by at most
-2^-11 of its size, so only keys that nearly tie can trade places, and a logit beyond +-65504
-becomes +-inf (ranked first or last, ties by index). Tau and threshold keep float32 logits by
-default, since their masses would be meaningless past float16's range; ``logits_dtype``
-chooses either explicitly. Probabilities (colmax, pooled max) are always float32.
+Mean-query logits for top-k and threshold are stored as float16 between scoring and selection
+by default (``logits_dtype``): half the memory traffic of float32 (see README for the times),
+and the selection is exact on the stored values: rounding moves a logit by at most 2^-11 of
+its size, so only keys that nearly tie (or sit at the threshold) can change sides, and a logit
+beyond +-65504 becomes +-inf (ranked first or last, ties by index; kept or dropped by a
+threshold). Tau keeps float32 logits by default, since its masses would be meaningless past
+float16's range; ``logits_dtype`` chooses either explicitly. Probabilities (colmax, pooled
+max) are always float32.
 
 Host synchronisation: none for top-k with combine "max" (row sizes are known from the
 shapes); the other selections need one (in all) to size the index buffer unless ``max_keys``
@@ -93,8 +94,8 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     q, k: [B, H, S, D] ("HND") or [B, S, H, D] ("NHD"), torch or cupy; CUDA tensors run the
     kernels (bf16/fp16), CPU tensors the torch reference. ``density`` is top-k as a fraction
     of kv_len. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.
-    ``logits_dtype``: how mean-query logits are stored, torch.float16 (default for top-k) or
-    torch.float32 (default for tau and threshold); see the module docstring.
+    ``logits_dtype``: how mean-query logits are stored, torch.float16 (default for top-k and
+    threshold) or torch.float32 (default for tau); see the module docstring.
     """
     check_layout(layout)
     qt, kt = bridge.to_torch(q, "q"), bridge.to_torch(k, "k")
@@ -195,7 +196,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
     scale = ref.default_scale(head_dim) if scale is None else float(scale)
     stores_logits = method != "colmax" and (pool == slice_m or combine == "union")
     if logits_dtype is None:
-        logits_dtype = torch.float16 if stores_logits and rule == "topk" else torch.float32
+        logits_dtype = torch.float16 if stores_logits and rule in ("topk", "threshold") else torch.float32
     elif logits_dtype not in (torch.float16, torch.float32):
         raise ValueError(f"logits_dtype must be torch.float16 or torch.float32, got {logits_dtype!r}")
     elif logits_dtype == torch.float16 and not stores_logits:

@@ -165,6 +165,7 @@ CONFIGS = [
     dict(method="tau", tau=0.8),
     dict(method="tau", tau=0.5, max_keys=300, local=0, workspace_bytes=1),
     dict(method="threshold", threshold=0.01, min_keys=3),
+    dict(method="threshold", threshold=0.01, logits_dtype=torch.float32),
     dict(method="topk", top_k=20, pool=16, combine="max"),
     dict(method="tau", tau=0.7, pool=32, combine="max", workspace_bytes=1),
     dict(method="topk", top_k=10, pool=16, combine="union", local=4),

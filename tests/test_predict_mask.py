@@ -133,7 +133,8 @@ def test_stored_logits_are_float16_unless_asked_otherwise():
     assert make_request(16, 40, 64, "topk", top_k=1, pool=16).logits_dtype == torch.float32
     assert make_request(16, 40, 64, "topk", top_k=1, pool=16, combine="union").logits_dtype == torch.float16
     assert make_request(16, 40, 64, "tau").logits_dtype == torch.float32  # masses need the range
-    assert make_request(16, 40, 64, "threshold", threshold=0.1).logits_dtype == torch.float32
+    assert make_request(16, 40, 64, "threshold", threshold=0.1).logits_dtype == torch.float16
+    assert make_request(16, 40, 64, "threshold", threshold=0.1, pool=16).logits_dtype == torch.float32
     assert make_request(16, 40, 64, "tau", logits_dtype=torch.float16).logits_dtype == torch.float16
     half = predict_mask(q, k, 64, "topk", top_k=1).to_dense()[0, 0, 0]
     exact = predict_mask(q, k, 64, "topk", top_k=1, logits_dtype=torch.float32).to_dense()[0, 0, 0]

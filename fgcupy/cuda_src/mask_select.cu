@@ -14,10 +14,12 @@
 //   Search: one pass over the row builds a 2048-bin histogram of counts (and masses) over a
 //   monotone coarse key (about 1/32 logit below the row's lse for logits, 1/32 octave for
 //   probabilities; bin 0 = band) and picks the bin holding the n-th key (or where the mass
-//   reaches tau). A radix select on 11-bit digits of the order key then narrows that bin (at
-//   most three digit histograms, starting below the common prefix of the gathered keys): over
-//   the row (streamed) while the window holds more than 2048 keys, then over the window's keys
-//   gathered in shared memory, until one key or exact ties remain; ties are cut in index order.
+//   reaches tau). That bin's keys are then narrowed. Count rules with at most kRankMax keys in
+//   the bin (the usual case) rank each gathered key against the others. Otherwise a radix select
+//   on 11-bit digits of the order key (at most three digit histograms, starting below the common
+//   prefix of the gathered keys) runs over the row (streamed) while the window holds more than
+//   2048 keys, then over the window's keys gathered in shared memory, until one key or exact
+//   ties remain; ties are cut in index order.
 // With STAGED the first pass leaves every key's coarse bin (16 bits) in shared memory, so later
 // passes touch global memory only for the keys of the cut's bin, and once the cut is known those
 // keys' bins are rewritten as kept or dropped: the row is read from DRAM once, and two CTAs fit
@@ -37,10 +39,12 @@ constexpr int kSelWarps = kSelThreads / 32;
 constexpr int kBins = 2048;
 constexpr int kDigitBits = 11;  // radix digits: up to kBins bins
 constexpr int kCand = 2048;
+constexpr int kRankMax = kSelThreads / 2;  // count-rule windows up to this size are cut by ranking
 constexpr float kBinsPerLogit = 32.f;
 constexpr float kTauSlack = 1e-5f;  // "reaches tau" allows this relative float32 summation error
 constexpr int kProbTop = 12257;  // (order_key(1.0f) >> 18) + 1: probability 1 falls in bin 1
 constexpr unsigned kBandKey = 0xffffffffu;
+constexpr int kDroppedBin = 0x7fff;  // staged bin of a decided key of the cut's bin that is dropped
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kIntMax = 0x7fffffff;
 constexpr int kRowPass = -2;
@@ -61,6 +65,31 @@ __device__ __forceinline__ float key_float(unsigned u) {
 }
 
 __device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
+
+// Writes the set bits of 32 consecutive bitmask words (lane l holds word word0 + l) as key
+// indices, in order, at dst[base], dst[base + 1], ... (positions >= limit skipped). Only non-zero
+// words are visited (kept keys cluster: most words are zero), each by the whole warp with one
+// lane per bit, so every store is coalesced. Returns the number of set bits.
+__device__ __forceinline__ unsigned warp_write_words(unsigned x, int word0, unsigned base, unsigned limit, int* dst) {
+  const int lane = threadIdx.x & 31;
+  const unsigned n = __popc(x);
+  unsigned incl = n;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {
+    const unsigned y = __shfl_up_sync(kFull, incl, off);
+    if (lane >= off) incl += y;
+  }
+  const unsigned first = base + incl - n;
+  unsigned todo = __ballot_sync(kFull, x != 0u);
+  while (todo != 0u) {
+    const int src = __ffs(todo) - 1;
+    todo &= todo - 1u;
+    const unsigned m = __shfl_sync(kFull, x, src);
+    const unsigned pos = __shfl_sync(kFull, first, src) + __popc(m & lanemask_lt(lane));
+    if (((m >> lane) & 1u) && pos < limit) dst[pos] = 32 * (word0 + src) + lane;
+  }
+  return __shfl_sync(kFull, incl, 31);
+}
 
 // Band [lo, hi) of query block j: its own keys and `band` more on either side (band < 0: none).
 __device__ __forceinline__ void band_range(int j, int slice_m, int band, int kv_len, int& lo, int& hi) {
@@ -267,6 +296,7 @@ struct SelScratch {
   int gathered;  // candidates of the last search (-1: none gathered, kRowPass: part of the bin)
   unsigned kmin, kmax;
   unsigned before_cnt, bin_cnt;
+  unsigned band_cnt;  // keys of the row's band
   float before_mass;
 };
 
@@ -497,9 +527,29 @@ __device__ __forceinline__ void stream_bin(const RowCtx<S>& c, int bin, F f) {
   }
 }
 
+// Whether either 16-bit half of x is zero (exact).
+__device__ __forceinline__ bool has_zero_half(unsigned x) { return ((x - 0x00010001u) & ~x & 0x80008000u) != 0u; }
+
 // Calls f(i) for each key of this thread's range in coarse bin `bin`, from the bins alone.
+// Staged bins are tested two at a time (a pair without a match costs three operations).
 template <bool STAGED, class S, class F>
 __device__ __forceinline__ void for_window_index(const RowCtx<S>& c, int bin, F f) {
+  if (STAGED) {
+    const unsigned pattern = static_cast<unsigned>(bin) * 0x10001u;
+    for (int i0 = c.t0; i0 < c.t1; i0 += 8) {
+      unsigned w[4];
+      load_bin_words<8>(c.bins, i0, w);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const unsigned x = w[e] ^ pattern;
+        if (!has_zero_half(x)) continue;
+        const int i = i0 + 2 * e;
+        if ((x & 0xffffu) == 0u && i < c.t1) f(i);
+        if ((x >> 16) == 0u && i + 1 < c.t1) f(i + 1);
+      }
+    }
+    return;
+  }
   for (int i0 = c.t0; i0 < c.t1; i0 += 8) {
     int b[8];
     bins8<STAGED>(c, i0, b);
@@ -553,7 +603,10 @@ __device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, C
   // every thread's loads are independent of each other. After digit passes over the row: the
   // keys with the prefix.
   auto gather = [&]() {
-    if (tid == 0) sc.ncand = 0;
+    if (tid == 0) {
+      sc.ncand = 0;
+      sc.found = 0;
+    }
     __syncthreads();
     if (pshift >= 32) {
       for_window_index<STAGED>(c, bin, [&](int i) {
@@ -596,9 +649,36 @@ __device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, C
     }
     __syncthreads();
   };
+  // Count mode, small window: rank each candidate among the others and cut at the rem_cnt-th
+  // (one pass and one barrier instead of digit histograms and their barriers).
+  bool ranked = false;
+  unsigned take = 0u;
+  // Each candidate is ranked by `split` neighbouring lanes, each over every split-th other.
+  auto rank_cut = [&]() {
+    take = min(max(rem_cnt, 1u), static_cast<unsigned>(nc));
+    const int split = nc <= kSelThreads / 8 ? 8 : (nc <= kSelThreads / 4 ? 4 : 2);
+    const int p = tid / split;
+    const unsigned up = p < nc ? cand.u[p] : 0u;
+    const int ip = p < nc ? cand.i[p] : 0;
+    unsigned ahead = 0u;
+    for (int q = tid % split; q < nc && p < nc; q += split) {
+      const unsigned uq = cand.u[q];
+      ahead += static_cast<unsigned>(uq > up) + static_cast<unsigned>(uq == up && cand.i[q] < ip);
+    }
+    for (int off = 1; off < split; off <<= 1) ahead += __shfl_xor_sync(kFull, ahead, off);
+    if (p < nc && tid % split == 0 && ahead + 1u == take) sc.found = p;  // ranks are distinct: one match
+    __syncthreads();
+    cut.u = cand.u[sc.found];
+    cut.i = cand.i[sc.found];
+    ranked = true;
+  };
   while (window > 1u && pshift > 0) {
     if (nc < 0 && window <= static_cast<unsigned>(kCand)) {
       gather();
+      if (!by_mass && nc <= kRankMax) {
+        rank_cut();
+        break;
+      }
       skip_common_prefix();
       if (pshift == 0) break;
     }
@@ -641,9 +721,10 @@ __device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, C
     pshift = shift;
   }
   if (window == 0u) window = 1u;  // defensive: an empty window cannot happen for valid input
-  if (nc < 0 && window <= static_cast<unsigned>(kCand)) gather();
-  unsigned take;
-  if (pshift > 0) {
+  if (!ranked && nc < 0 && window <= static_cast<unsigned>(kCand)) gather();
+  if (ranked) {
+    // rank_cut set cut.u, cut.i and take
+  } else if (pshift > 0) {
     // One key left: the candidate with the prefix.
     if (tid == 0) sc.found = 0;
     __syncthreads();
@@ -707,8 +788,8 @@ __device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, C
   return cut;
 }
 
-// Kept-key bitmask of keys i0 .. i0 + 31 (i0 a multiple of 32): decided by the staged bin,
-// except in the cut's own bin, where the key itself is compared with the cut.
+// Kept-key bitmask of keys i0 .. i0 + 31 (i0 a multiple of 32) of a row that is not staged:
+// decided by each key's bin, except in the cut's own bin, where the key is compared with the cut.
 template <bool STAGED, class S>
 __device__ __forceinline__ unsigned kept_word(const RowCtx<S>& c, int i0, const Cut& cut) {
   unsigned m = 0u;
@@ -728,6 +809,27 @@ __device__ __forceinline__ unsigned kept_word(const RowCtx<S>& c, int i0, const 
     }
   }
   const int left = c.n - i0;
+  return left >= 32 ? m : (left <= 0 ? 0u : m & ((1u << left) - 1u));
+}
+
+// The same from staged bins alone, where every staged bin is at most 0x7fff and a key is kept
+// iff its bin < keep_below (every key of the cut's bin decided): one 32-bit subtraction per two
+// bins, bit 15 of each half set iff that half's bin <= keep_below - 1 (no borrow crosses halves).
+__device__ __forceinline__ unsigned kept_word_below(const u16* bins, int i0, int n, int keep_below) {
+  if (keep_below <= 0) return 0u;
+  const unsigned limit = (static_cast<unsigned>(keep_below - 1) | 0x8000u) * 0x10001u;
+  unsigned m = 0u;
+#pragma unroll
+  for (int g = 0; g < 4; ++g) {
+    unsigned w[4];
+    load_bin_words<8>(bins, i0 + 8 * g, w);
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const unsigned d = (limit - w[e]) & 0x80008000u;
+      m |= (((d >> 15) & 1u) | (d >> 30)) << (8 * g + 2 * e);  // bit 15 -> 0, bit 31 -> 1
+    }
+  }
+  const int left = n - i0;
   return left >= 32 ? m : (left <= 0 ? 0u : m & ((1u << left) - 1u));
 }
 
@@ -774,10 +876,15 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
   } else {
     above = first_pass<STAGED, false, false>(c, staged_bins, cnt, mass, u_thr);
   }
-  const unsigned band_cnt = cnt[0];
+  // Band keys (bin 0): kept in scratch for after the tau search, which reuses the histogram.
+  if (tid == 0) sc.band_cnt = cnt[0];
   const unsigned n_all = static_cast<unsigned>(kv_len);
-  const unsigned lo = min(max(static_cast<unsigned>(max(min_keys, 0)), band_cnt), n_all);
-  const unsigned hi = max(min(static_cast<unsigned>(max(max_keys, 0)), n_all), lo);
+  // [lo, hi] clamp of the kept count (computed where used: fewer registers live over the search).
+  auto clamp_keep = [&](unsigned n, unsigned band_cnt) {
+    const unsigned lo = min(max(static_cast<unsigned>(max(min_keys, 0)), band_cnt), n_all);
+    const unsigned hi = max(min(static_cast<unsigned>(max(max_keys, 0)), n_all), lo);
+    return min(max(n, lo), hi);
+  };
 
   Cut cut;
   bool have_cut = false, searched = false;
@@ -789,15 +896,16 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
     block_sum(dummy, total, sc);
     cut = search<STAGED>(c, cnt, mass, cand, true, 0u, tau * total * (1.f - kTauSlack), sc);
     searched = true;
-    n_keep = min(max(cut.n, lo), hi);
+    n_keep = clamp_keep(cut.n, sc.band_cnt);
     have_cut = n_keep == cut.n;
     if (!have_cut) recount<STAGED>(c, cnt);
   } else {
     unsigned n_above = thr_rule ? above : 0u;
     float unused = 0.f;
     if (thr_rule) block_sum(n_above, unused, sc);
+    const unsigned band_cnt = cnt[0];
     const unsigned wanted = rule == kRuleTopK ? static_cast<unsigned>(max(k_keys, 0)) : band_cnt + n_above;
-    n_keep = min(max(wanted, lo), hi);
+    n_keep = clamp_keep(wanted, band_cnt);
   }
   if (!have_cut) {
     if (n_keep == 0u) {
@@ -815,12 +923,13 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
     cut.n = n_keep;
   }
   if (tid == 0) counts[row] = static_cast<int>(cut.n);
-  if (STAGED && searched && cut.bin > 0 && cut.bin < kBins) {
+  const bool decided = STAGED && searched && cut.bin > 0 && cut.bin < kBins;
+  if (decided) {
     // Decide the gathered keys of the cut's bin once: kept -> bin 0, dropped -> above every bin,
     // so the output passes read no keys for them.
     const int nc = sc.gathered;
     auto decide = [&](int i, unsigned u) {
-      *staged_ptr(staged_bins, i) = (u > cut.u || (u == cut.u && i <= cut.i)) ? 0 : 0xffff;
+      *staged_ptr(staged_bins, i) = (u > cut.u || (u == cut.u && i <= cut.i)) ? 0 : kDroppedBin;
     };
     if (nc == kRowPass) {
       stream_bin<STAGED>(c, cut.bin, decide);
@@ -833,13 +942,24 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
   if (bits == nullptr && offsets == nullptr) return;
 
   // ---- outputs: each thread its contiguous keys, 32 at a time ----
+  // Staged rows are decided by bin alone: kept iff bin < keep_below (a searched cut's bin has
+  // been decided; otherwise the cut keeps whole bins: the band or nothing, or every key).
+  int keep_below = cut.bin;
+  if (STAGED && !decided) keep_below = cut.bin <= 0 ? (cut.i == kIntMax ? 1 : 0) : kBins;
+  auto kept = [&](int i0) -> unsigned {
+    if constexpr (STAGED) {
+      return kept_word_below(c.bins, i0, c.n, keep_below);
+    } else {
+      return kept_word<STAGED>(c, i0, cut);
+    }
+  };
   // The kept words are computed once and kept in the (now free) candidate buffer when they fit.
   const int my_words = per / 32;
   const bool cached = my_words * kSelThreads <= kCand;
   unsigned* saved = cand.u + tid * my_words;
   unsigned mine = 0u;
   for (int i0 = c.t0, w = 0; i0 < c.t1; i0 += 32, ++w) {
-    const unsigned m = kept_word<STAGED>(c, i0, cut);
+    const unsigned m = kept(i0);
     mine += __popc(m);
     if (cached) saved[w] = m;
     if (bits != nullptr) bits[static_cast<i64>(row) * words + i0 / 32] = m;
@@ -857,12 +977,10 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
     for (int w = 0; w < warp; ++w) run += sc.warp_u[w];
     const int first_word = warp * 32 * my_words;
     const int row_words = (kv_len + 31) / 32;
-    for (int k = 0; k < 32 * my_words && first_word + k < row_words; ++k) {
-      const int word = first_word + k;
-      const unsigned m = cand.u[word];
-      const unsigned pos = run + __popc(m & lanemask_lt(lane));
-      if (((m >> lane) & 1u) && pos < cut.n) dst[pos] = 32 * word + lane;
-      run += __popc(m);
+    for (int g = 0; g < my_words; ++g) {
+      const int word0 = first_word + 32 * g;
+      const unsigned x = word0 + lane < row_words ? cand.u[word0 + lane] : 0u;
+      run += warp_write_words(x, word0, run, cut.n, dst);
     }
     return;
   }
@@ -870,7 +988,7 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
   float unused;
   block_exscan(mine, 0.f, pos, unused, sc);
   for (int i0 = c.t0; i0 < c.t1; i0 += 32) {
-    unsigned m = kept_word<STAGED>(c, i0, cut);
+    unsigned m = kept(i0);
     while (m != 0u) {
       const int b = __ffs(m) - 1;
       m &= m - 1u;
@@ -930,22 +1048,7 @@ emit_rows(const unsigned* __restrict__ bits, int words, int kv_len, int sub_rows
   int* dst = out + offsets[row];
   for (int w0 = ws; w0 < we; w0 += 32) {
     const int w = w0 + lane;
-    unsigned x = w < we ? word(w) : 0u;
-    const unsigned n = __popc(x);
-    unsigned incl = n;
-#pragma unroll
-    for (int off = 1; off < 32; off <<= 1) {
-      const unsigned y = __shfl_up_sync(kFull, incl, off);
-      if (lane >= off) incl += y;
-    }
-    unsigned pos = run + incl - n;
-    while (x != 0u) {
-      const int b = __ffs(x) - 1;
-      x &= x - 1u;
-      if (pos < limit) dst[pos] = 32 * w + b;
-      ++pos;
-    }
-    run += __shfl_sync(kFull, incl, 31);
+    run += warp_write_words(w < we ? word(w) : 0u, w0, run, limit, dst);
   }
 }
 
