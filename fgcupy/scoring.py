@@ -334,20 +334,23 @@ class _GpuPrediction:
             chunks.append((bh0 * self.q_blocks, counts, bits))
         all_counts = torch.cat([counts for _, counts, _ in chunks])
         starts = torch.cumsum(all_counts, 0, dtype=torch.int64) - all_counts
+        # Everything that needs no buffer size is queued before the sync, so that after it only
+        # the allocation and the emit launches remain (the GPU idles from the sync until then).
+        offsets = starts.to(torch.int32)
+        indptr = self._indptr(starts, all_counts)
         if not self.capped:
-            used = int(all_counts.sum(dtype=torch.int64).item())  # the one host sync
+            total = all_counts.sum(dtype=torch.int64)
+            used = int(total.item())  # the one host sync
             if used > _INT32_MAX:
                 raise ValueError("the mask keeps more slices than int32 offsets address")
             indices = torch.empty(used, dtype=torch.int32, device=self.device)
-        offsets = starts.to(torch.int32)
         for row0, counts, bits in chunks:
             gpu_emit(bits, self.kv_len, sub_rows, group, req.slice_m, counts, add_band=add_band,
                      offsets=offsets[row0 : row0 + counts.numel()], out=indices)
-        return self._mask(starts, all_counts, indices)
+        return SliceMask(indptr, indices, self.req.slice_m, self.q_len, self.kv_len)
 
-    def _mask(self, offsets, counts, indices) -> SliceMask:
-        """indptr [B, H, QB + 1] from each block's start and the end of each head's last block."""
+    def _indptr(self, offsets, counts) -> torch.Tensor:
+        """int32 indptr [B, H, QB + 1] from each block's start and the end of each head's last block."""
         starts = offsets.reshape(self.batch, self.heads, self.q_blocks)
         ends = (offsets + counts.to(torch.int64)).reshape(self.batch, self.heads, self.q_blocks)[..., -1:]
-        indptr = torch.cat([starts, ends], dim=-1).to(torch.int32).contiguous()
-        return SliceMask(indptr, indices, self.req.slice_m, self.q_len, self.kv_len)
+        return torch.cat([starts, ends], dim=-1).to(torch.int32).contiguous()

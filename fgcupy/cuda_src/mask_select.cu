@@ -10,7 +10,9 @@
 //   n = top-k: k; threshold: band + keys scoring >= the threshold; tau: the smallest n whose
 //   first n keys hold a fraction tau of the row's mass (mass = exp(logit - lse) for logit rows,
 //   the score itself for probability rows; "holds" allows a 1e-5 relative float32 summation
-//   error); then clamped to [max(min_keys, band), max_keys].
+//   error); then clamped to [max(min_keys, band), max_keys]. Threshold rows split the
+//   threshold's coarse bin at the threshold (value_bin), so unless the clamp binds, the kept
+//   keys are whole bins and no search runs.
 //   Search: one pass over the row builds a 2048-bin histogram of counts (and masses) over a
 //   monotone coarse key (about 1/32 logit below the row's lse for logits, 1/32 octave for
 //   probabilities; bin 0 = band) and picks the bin holding the n-th key (or where the mass
@@ -48,6 +50,7 @@ constexpr int kDroppedBin = 0x7fff;  // staged bin of a decided key of the cut's
 constexpr unsigned kFull = 0xffffffffu;
 constexpr int kIntMax = 0x7fffffff;
 constexpr int kRowPass = -2;
+constexpr int kSplitCut = -2;  // Cut::i of a threshold cut at a bin boundary (no key compared)
 constexpr int kEmitThreads = 256;
 constexpr int kEmitWarps = kEmitThreads / 32;
 enum { kRuleTopK = 0, kRuleTau = 1, kRuleThreshold = 2 };
@@ -201,6 +204,8 @@ struct RowBase {
   float lse;
   float lse_bins;     // lse * kBinsPerLogit
   int t0, t1;         // this thread's keys [t0, t1) in the ordered passes (t0 a multiple of 32)
+  int split_bin;      // threshold rule: the threshold's coarse bin, split at split_u (else -1)
+  unsigned split_u;
 };
 
 template <class S>
@@ -214,9 +219,8 @@ template <class S>
 __device__ __forceinline__ unsigned key_at(const RowCtx<S>& c, int i) { return order_key(S::at(c.vals, i)); }
 
 // Coarse bin (1 .. kBins-1, best first) of a non-band score v: non-increasing in v's order key
-// (NaN lowest), so a smaller bin always means a strictly larger key. Every pass computes bins
-// with this one function, so the staged bins and the search agree exactly.
-__device__ __forceinline__ int value_bin(const RowBase& c, float v) {
+// (NaN lowest), so a smaller bin always means a strictly larger key.
+__device__ __forceinline__ int coarse_bin(const RowBase& c, float v) {
   if (c.logit) {
     // 1 + round(t) from the mantissa of t + 2^23 + 1 (no float-to-int conversion unit).
     const float t = fminf(fmaxf(fmaf(-kBinsPerLogit, v, c.lse_bins), 0.f), static_cast<float>(kBins - 2));
@@ -226,6 +230,18 @@ __device__ __forceinline__ int value_bin(const RowBase& c, float v) {
   if (u == 0u) return kBins - 1;
   const int b = kProbTop - static_cast<int>(u >> 18);
   return min(max(b, 1), kBins - 1);
+}
+
+// The bin every pass uses: the coarse bin, except that with a threshold split the keys of bin
+// split_bin below split_u move to the next bin. Bins stay monotone (a smaller bin still means
+// a strictly larger key), and the keys at or above the threshold are exactly the bins up to
+// split_bin. Every pass computes bins with this one function (SPLIT = false only where no row
+// has a split), so the staged bins and the search agree exactly.
+template <bool SPLIT = true>
+__device__ __forceinline__ int value_bin(const RowBase& c, float v) {
+  const int b = coarse_bin(c, v);
+  if (!SPLIT) return b;
+  return b == c.split_bin && order_key(v) < c.split_u ? b + 1 : b;
 }
 
 // Bin of key i (0 for the band): from shared memory when staged, else from the row.
@@ -446,7 +462,7 @@ __device__ unsigned first_pass(const RowCtx<S>& c, u16* bins_out, unsigned* cnt,
       for (int e = 0; e < V; ++e) {
         const int i = V * f + e;
         const bool band = near_band && in_band(c, i);
-        bs[e] = band ? 0 : value_bin(c, xs[e]);
+        bs[e] = band ? 0 : value_bin<COUNT_THR>(c, xs[e]);
         if (i < c.n) {
           atomicAdd(cnt + bs[e], 1u);
           if (MASS) mass.add(bs[e], key_mass(c, order_key(xs[e])));
@@ -867,7 +883,14 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
 
   const bool tau_rule = rule == kRuleTau;
   const bool thr_rule = rule == kRuleThreshold;
-  const unsigned u_thr = thr_rule ? order_key(c.logit ? c.lse + thr : thr) : 0u;
+  const float v_thr = c.logit ? c.lse + thr : thr;
+  const unsigned u_thr = thr_rule ? order_key(v_thr) : 0u;
+  c.split_bin = -1;
+  c.split_u = u_thr;
+  if (thr_rule && v_thr == v_thr) {
+    const int b = coarse_bin(c, v_thr);
+    if (b < kBins - 1) c.split_bin = b;  // (bins past kBins - 1 do not exist: no split, search)
+  }
   unsigned above;
   if (tau_rule) {
     above = first_pass<STAGED, true, false>(c, staged_bins, cnt, mass, u_thr);
@@ -906,6 +929,14 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
     const unsigned band_cnt = cnt[0];
     const unsigned wanted = rule == kRuleTopK ? static_cast<unsigned>(max(k_keys, 0)) : band_cnt + n_above;
     n_keep = clamp_keep(wanted, band_cnt);
+    if (thr_rule && c.split_bin >= 0 && n_keep == wanted) {
+      // Threshold, not clamped: the kept keys are the bins up to the split bin (no search).
+      have_cut = true;
+      cut.bin = c.split_bin + 1;
+      cut.u = kBandKey;  // no key of bin split_bin + 1 is kept
+      cut.i = kSplitCut;
+      cut.n = n_keep;
+    }
   }
   if (!have_cut) {
     if (n_keep == 0u) {
@@ -924,6 +955,11 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
   }
   if (tid == 0) counts[row] = static_cast<int>(cut.n);
   const bool decided = STAGED && searched && cut.bin > 0 && cut.bin < kBins;
+  // Staged rows are then decided by bin alone: kept iff bin < keep_below (a searched cut's bin
+  // is decided below, a threshold split keeps whole bins; otherwise the cut keeps the band or
+  // nothing, or every key).
+  const int keep_below =
+      decided || cut.i == kSplitCut ? cut.bin : (cut.bin <= 0 ? (cut.i == kIntMax ? 1 : 0) : kBins);
   if (decided) {
     // Decide the gathered keys of the cut's bin once: kept -> bin 0, dropped -> above every bin,
     // so the output passes read no keys for them.
@@ -942,10 +978,6 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
   if (bits == nullptr && offsets == nullptr) return;
 
   // ---- outputs: each thread its contiguous keys, 32 at a time ----
-  // Staged rows are decided by bin alone: kept iff bin < keep_below (a searched cut's bin has
-  // been decided; otherwise the cut keeps whole bins: the band or nothing, or every key).
-  int keep_below = cut.bin;
-  if (STAGED && !decided) keep_below = cut.bin <= 0 ? (cut.i == kIntMax ? 1 : 0) : kBins;
   auto kept = [&](int i0) -> unsigned {
     if constexpr (STAGED) {
       return kept_word_below(c.bins, i0, c.n, keep_below);
