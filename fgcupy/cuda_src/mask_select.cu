@@ -204,8 +204,8 @@ struct RowBase {
   float lse;
   float lse_bins;     // lse * kBinsPerLogit
   int t0, t1;         // this thread's keys [t0, t1) in the ordered passes (t0 a multiple of 32)
-  int split_bin;      // threshold rule: the threshold's coarse bin, split at split_u (else -1)
-  unsigned split_u;
+  int split_bin;      // threshold rule: the threshold's coarse bin, split at split_v (else -1)
+  float split_v;      // the threshold (not NaN where split_bin >= 0)
 };
 
 template <class S>
@@ -233,7 +233,7 @@ __device__ __forceinline__ int coarse_bin(const RowBase& c, float v) {
 }
 
 // The bin every pass uses: the coarse bin, except that with a threshold split the keys of bin
-// split_bin below split_u move to the next bin. Bins stay monotone (a smaller bin still means
+// split_bin below split_v move to the next bin. Bins stay monotone (a smaller bin still means
 // a strictly larger key), and the keys at or above the threshold are exactly the bins up to
 // split_bin. Every pass computes bins with this one function (SPLIT = false only where no row
 // has a split), so the staged bins and the search agree exactly.
@@ -241,7 +241,7 @@ template <bool SPLIT = true>
 __device__ __forceinline__ int value_bin(const RowBase& c, float v) {
   const int b = coarse_bin(c, v);
   if (!SPLIT) return b;
-  return b == c.split_bin && order_key(v) < c.split_u ? b + 1 : b;
+  return b == c.split_bin && v < c.split_v ? b + 1 : b;  // (that bin holds no NaN)
 }
 
 // Bin of key i (0 for the band): from shared memory when staged, else from the row.
@@ -313,6 +313,7 @@ struct SelScratch {
   unsigned kmin, kmax;
   unsigned before_cnt, bin_cnt;
   unsigned band_cnt;  // keys of the row's band
+  int split_bin;      // RowBase::split_bin
   float before_mass;
 };
 
@@ -466,7 +467,7 @@ __device__ unsigned first_pass(const RowCtx<S>& c, u16* bins_out, unsigned* cnt,
         if (i < c.n) {
           atomicAdd(cnt + bs[e], 1u);
           if (MASS) mass.add(bs[e], key_mass(c, order_key(xs[e])));
-          if (COUNT_THR && !band && order_key(xs[e]) >= u_thr) ++above_thr;
+          if (COUNT_THR && c.split_bin < 0 && !band && order_key(xs[e]) >= u_thr) ++above_thr;
         }
       }
       if (STAGED) store_bins<V>(bins_out, V * f, bs);
@@ -886,11 +887,12 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
   const float v_thr = c.logit ? c.lse + thr : thr;
   const unsigned u_thr = thr_rule ? order_key(v_thr) : 0u;
   c.split_bin = -1;
-  c.split_u = u_thr;
+  c.split_v = v_thr;
   if (thr_rule && v_thr == v_thr) {
     const int b = coarse_bin(c, v_thr);
     if (b < kBins - 1) c.split_bin = b;  // (bins past kBins - 1 do not exist: no split, search)
   }
+  if (tid == 0) sc.split_bin = c.split_bin;
   unsigned above;
   if (tau_rule) {
     above = first_pass<STAGED, true, false>(c, staged_bins, cnt, mass, u_thr);
@@ -924,15 +926,21 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
     if (!have_cut) recount<STAGED>(c, cnt);
   } else {
     unsigned n_above = thr_rule ? above : 0u;
+    const int split_bin = sc.split_bin;  // (c.split_bin, read back: one register fewer over the search)
+    if (thr_rule && split_bin >= 0) {
+      // With a split, the keys at or above the threshold are the non-band keys of bins 1 ..
+      // split_bin (the first pass counted them only without one).
+      for (int b = 1 + tid; b <= split_bin; b += kSelThreads) n_above += cnt[b];
+    }
     float unused = 0.f;
     if (thr_rule) block_sum(n_above, unused, sc);
     const unsigned band_cnt = cnt[0];
     const unsigned wanted = rule == kRuleTopK ? static_cast<unsigned>(max(k_keys, 0)) : band_cnt + n_above;
     n_keep = clamp_keep(wanted, band_cnt);
-    if (thr_rule && c.split_bin >= 0 && n_keep == wanted) {
+    if (thr_rule && split_bin >= 0 && n_keep == wanted) {
       // Threshold, not clamped: the kept keys are the bins up to the split bin (no search).
       have_cut = true;
-      cut.bin = c.split_bin + 1;
+      cut.bin = split_bin + 1;
       cut.u = kBandKey;  // no key of bin split_bin + 1 is kept
       cut.i = kSplitCut;
       cut.n = n_keep;
@@ -943,15 +951,16 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
       cut.u = kBandKey;
       cut.i = -1;
       cut.bin = 0;
+      cut.n = 0u;
     } else if (n_keep >= n_all) {
       cut.u = 0u;
       cut.i = kIntMax;
       cut.bin = kBins;
+      cut.n = n_all;
     } else {
-      cut = search<STAGED>(c, cnt, mass, cand, false, n_keep, 0.f, sc);
+      cut = search<STAGED>(c, cnt, mass, cand, false, n_keep, 0.f, sc);  // cut.n == n_keep
       searched = true;
     }
-    cut.n = n_keep;
   }
   if (tid == 0) counts[row] = static_cast<int>(cut.n);
   const bool decided = STAGED && searched && cut.bin > 0 && cut.bin < kBins;
