@@ -161,24 +161,21 @@ def timing_rows(args, shape, device):
            lambda: mask_kernels.gpu_select(half, shape.seq, req, lse=half_lse, offsets=offsets, out=out))
     record("  stage: select kernel (float32 logits, top-k, fused emit)",
            lambda: mask_kernels.gpu_select(vals, shape.seq, req, lse=row_lse, offsets=offsets, out=out))
-    tau_req = scoring.make_request(shape.head_dim, shape.seq, 128, "tau", tau=0.9)
-    record("  stage: select kernel (float32 logits, tau=0.9, counts and bitmask)",
-           lambda: mask_kernels.gpu_select(vals, shape.seq, tau_req, lse=row_lse, bits=True))
-    counts, bits = mask_kernels.gpu_select(vals, shape.seq, tau_req, lse=row_lse, bits=True)
-    tau_offsets = (torch.cumsum(counts, 0) - counts).to(torch.int32)
-    tau_out = torch.empty(int(counts.sum()), dtype=torch.int32, device=device)
-    record("  stage: emit kernel (tau=0.9 bitmask to indices)",
-           lambda: mask_kernels.gpu_emit(bits, shape.seq, vals.shape[1], 1, 128, counts, offsets=tau_offsets,
-                                         out=tau_out))
-    thr_req = scoring.make_request(shape.head_dim, shape.seq, 128, "threshold", threshold=1e-4)
-    record("  stage: select kernel (float16 logits, threshold 1e-4, counts and bitmask)",
-           lambda: mask_kernels.gpu_select(half, shape.seq, thr_req, lse=half_lse, bits=True))
-    counts, bits = mask_kernels.gpu_select(half, shape.seq, thr_req, lse=half_lse, bits=True)
-    thr_offsets = (torch.cumsum(counts, 0) - counts).to(torch.int32)
-    thr_out = torch.empty(int(counts.sum()), dtype=torch.int32, device=device)
-    record("  stage: emit kernel (threshold bitmask to indices)",
-           lambda: mask_kernels.gpu_emit(bits, shape.seq, half.shape[1], 1, 128, counts, offsets=thr_offsets,
-                                         out=thr_out))
+    def select_then_emit(what, scores, score_lse, sel_req):
+        """Time a selection into counts and bitmasks, then the emit of those bitmasks."""
+        record(f"  stage: select kernel ({what}, counts and bitmask)",
+               lambda: mask_kernels.gpu_select(scores, shape.seq, sel_req, lse=score_lse, bits=True))
+        counts, bits = mask_kernels.gpu_select(scores, shape.seq, sel_req, lse=score_lse, bits=True)
+        starts = (torch.cumsum(counts, 0) - counts).to(torch.int32)
+        kept = torch.empty(int(counts.sum()), dtype=torch.int32, device=device)
+        record(f"  stage: emit kernel ({what.split(', ')[-1]} bitmask to indices)",
+               lambda: mask_kernels.gpu_emit(bits, shape.seq, scores.shape[1], 1, 128, counts, offsets=starts,
+                                             out=kept))
+
+    select_then_emit("float32 logits, tau=0.9", vals, row_lse,
+                     scoring.make_request(shape.head_dim, shape.seq, 128, "tau", tau=0.9))
+    select_then_emit("float16 logits, threshold 1e-4", half, half_lse,
+                     scoring.make_request(shape.head_dim, shape.seq, 128, "threshold", threshold=1e-4))
     dense = next((r for r in rows if r["what"] == "sdpa-cudnn dense" and "ms" in r), None)
     for r in rows:
         if dense and "ms" in r:

@@ -313,7 +313,7 @@ struct SelScratch {
   unsigned kmin, kmax;
   unsigned before_cnt, bin_cnt;
   unsigned band_cnt;  // keys of the row's band
-  int split_bin;      // RowBase::split_bin
+  int split_bin;      // RowBase::split_bin, read back after the first pass (a register fewer)
   float before_mass;
 };
 
@@ -667,10 +667,10 @@ __device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, C
     __syncthreads();
   };
   // Count mode, small window: rank each candidate among the others and cut at the rem_cnt-th
-  // (one pass and one barrier instead of digit histograms and their barriers).
+  // (one pass and one barrier instead of digit histograms and their barriers). Each candidate
+  // is ranked by `split` neighbouring lanes, each over every split-th other candidate.
   bool ranked = false;
   unsigned take = 0u;
-  // Each candidate is ranked by `split` neighbouring lanes, each over every split-th other.
   auto rank_cut = [&]() {
     take = min(max(rem_cnt, 1u), static_cast<unsigned>(nc));
     const int split = nc <= kSelThreads / 8 ? 8 : (nc <= kSelThreads / 4 ? 4 : 2);
