@@ -431,7 +431,7 @@ __device__ void find_bin(const unsigned* cnt, const float* mass, int nb, bool by
   __syncthreads();
 }
 
-// First pass: read the row once (16-byte loads; score rows are padded to 16 bytes),
+// First pass: read the row once (16-byte loads; score rows are padded to 128 bytes),
 // build the level-0 histogram, stage the bins (STAGED) and count keys >= u_thr (COUNT_THR).
 template <bool STAGED, bool MASS, bool COUNT_THR, class S>
 __device__ unsigned first_pass(const RowCtx<S>& c, u16* bins_out, unsigned* cnt, const MassHist& mass, unsigned u_thr) {
@@ -807,13 +807,13 @@ __device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, C
 
 // Kept-key bitmask of keys i0 .. i0 + 31 (i0 a multiple of 32) of a row that is not staged:
 // decided by each key's bin, except in the cut's own bin, where the key is compared with the cut.
-template <bool STAGED, class S>
+template <class S>
 __device__ __forceinline__ unsigned kept_word(const RowCtx<S>& c, int i0, const Cut& cut) {
   unsigned m = 0u;
 #pragma unroll
   for (int g = 0; g < 4; ++g) {
     int b[8];
-    bins8<STAGED>(c, i0 + 8 * g, b);
+    bins8<false>(c, i0 + 8 * g, b);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const int i = i0 + 8 * g + e;
@@ -991,7 +991,7 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
     if constexpr (STAGED) {
       return kept_word_below(c.bins, i0, c.n, keep_below);
     } else {
-      return kept_word<STAGED>(c, i0, cut);
+      return kept_word(c, i0, cut);
     }
   };
   // The kept words are computed once and kept in the (now free) candidate buffer when they fit.
