@@ -40,7 +40,8 @@ class Rows:
 
 class PeerWorkspace:
     """A byte buffer on every rank of ``group`` that every rank can write (CUDA IPC), the streams
-    the inbound and outbound copies run on and the barrier tensor. Collective: every rank builds it in the same call."""
+    the inbound and outbound copies run on and the barrier tensor. Collective: every rank builds
+    it in the same call."""
 
     def __init__(self, group, device: torch.device, nbytes: int):
         import cupy
