@@ -2,6 +2,9 @@
 
     PYTHONPATH=. python -m bench.report_masks --json masks.json
 
+0. Error against the oracle, per head family (fgcupy.head_families, --family-heads each): the
+   best slice mask (exact column-max top-k) and the best 128x128 block mask at each density,
+   and every predictor of JUDGED as its error / the oracle slice mask's error.
 1. Quality, per workload pattern (fgcupy.workloads: spatial, temporal, mixed) at the preset's
    size: density vs relative L2 error (and cosine) of the attention output against dense float32
    attention (fgcupy.reference), for mean-query top-k, mean-query tau, sub-block pooling (16
@@ -33,8 +36,20 @@ from bench.cases import sdpa_call
 from bench.timing import cuda_time_ms
 from fgcupy import SliceMask, mask_drift, mask_kernels, predict_mask, scoring
 from fgcupy import mask_reference as ref
+from fgcupy.head_families import FAMILIES, family_qkv, mass_fraction
+from fgcupy.oracle import Judge, block_coherence
 from fgcupy.reference import dense_attention, reference_attention, relative_l2
 from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
+
+#: Predictors judged against the oracle per head family (predict_mask keyword arguments).
+JUDGED = {
+    "default": dict(),
+    "mean (pool 128)": dict(pool=128, exact_band=None),
+    "pool 16": dict(pool=16, exact_band=None),
+    "pool 32 + band 128": dict(pool=32, exact_band=128),
+    "pool 16 + band 128": dict(pool=16, exact_band=128),
+    "pool 8 + band 128": dict(pool=8, exact_band=128),
+}
 
 
 def dense_lse(q, k, scale, budget_bytes=4 << 30):
@@ -107,6 +122,37 @@ def _measure(pattern, method, param, make, qual):
     return row
 
 
+def family_rows(args, shape, device):
+    """Every predictor's error / the oracle slice mask's error, per head family and density."""
+    rows = []
+    for family in args.families:
+        q, k, v = family_qkv(shape, family, heads=args.family_heads, seed=args.seed, device=device)
+        judge = Judge(q, k, v)
+        coherence = block_coherence(q)
+        base = dict(family=family, mass90=mass_fraction(q, k), coherence=float(coherence.median()))
+        print(f"  {family:17s} keys holding 90% of a query's mass: {100 * base['mass90']:.2f}%  "
+              f"median block coherence {base['coherence']:.3f}", flush=True)
+        for d in args.densities:
+            oracle = judge.oracle_error(d)
+            block = judge.error(judge.block_oracle(d))
+            line = f"    d={d:<5} oracle {oracle:.4f}  block128 x{block / oracle:.2f}"
+            row = dict(base, density=d, oracle_rel_l2=oracle, block_rel_l2=block, ratios={})
+            for name, kw in JUDGED.items():
+                try:
+                    err, ratio = judge.ratio(predict_mask(q, k, 128, "topk", density=d, **kw))
+                except Exception as exc:  # noqa: BLE001 - report and go on
+                    traceback.print_exc()
+                    row["ratios"][name] = repr(exc)
+                    continue
+                row["ratios"][name] = ratio
+                line += f"  {name} x{ratio:.2f}"
+            print(line, flush=True)
+            rows.append(row)
+        del q, k, v, judge
+        torch.cuda.empty_cache()
+    return rows
+
+
 def timing_rows(args, shape, device):
     q, k, v = video_qkv(shape, "mixed", seed=args.seed, device=device)
     scale = 1.0 / math.sqrt(shape.head_dim)
@@ -142,6 +188,8 @@ def timing_rows(args, shape, device):
         ("predict topk d=0.1 sub16 max", dict(method="topk", density=0.1, pool=16, combine="max")),
         ("predict topk sub16 union", dict(method="topk", top_k=round(0.1 * shape.seq / 8), pool=16, combine="union")),
         ("predict colmax thr=0.5/S", dict(method="colmax", lse=lse)),
+        *((f"predict topk d=0.1 {name}", dict(method="topk", density=0.1, **kw)) for name, kw in JUDGED.items()),
+        *((f"predict topk d=0.3 {name}", dict(method="topk", density=0.3, **kw)) for name, kw in JUDGED.items()),
     ):
         record(label, lambda kw=kw: predict_mask(q, k, 128, **kw))
     # Stages of mean-query selection: pooling (torch), scoring kernel, selection and emit
@@ -221,7 +269,9 @@ def main(argv=None):
     parser.add_argument("--drift-steps", type=int, nargs="+", default=[1, 2, 5, 10])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "timing", "drift"])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--family-heads", type=int, default=8, help="heads per family")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["families", "quality", "timing", "drift"])
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
@@ -232,8 +282,12 @@ def main(argv=None):
               f"(B={shape.batch}, H={shape.heads}, S={shape.seq}, D={shape.head_dim}, grid {shape.grid}) | "
               f"quality heads {heads}")
     print(header, flush=True)
-    result = dict(header=header, args=vars(args), quality=[], timing=[], drift=[])
+    result = dict(header=header, args=vars(args), families=[], quality=[], timing=[], drift=[])
     started = time.perf_counter()
+    if "families" not in args.skip:
+        print("\n## error / oracle error per head family (fgcupy.head_families, top-k at each density)", flush=True)
+        result["families"] = family_rows(args, shape, device)
+        print(f"  [{time.perf_counter() - started:.0f} s]", flush=True)
     if "quality" not in args.skip:
         print("\n## density vs relative L2 error (per pattern)", flush=True)
         for pattern in args.patterns:
@@ -255,12 +309,27 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     failures = [r for section in ("quality", "timing", "drift") for r in result[section] if "error" in r]
+    failures += [r for r in result["families"] if any(isinstance(x, str) for x in r["ratios"].values())]
     if failures:
         print(f"\n{len(failures)} measurements failed: {[r.get('what') or r.get('method') for r in failures]}")
         raise SystemExit(1)
 
 
 def _print_summary(result):
+    families = result["families"]
+    if families:
+        names = list(JUDGED)
+        print("\n| family | density | oracle rel L2 | block128 | " + " | ".join(names) + " |")
+        print("|---|---|---|---|" + "---|" * len(names))
+        for r in families:
+            cells = [f"x{r['ratios'][n]:.2f}" if isinstance(r["ratios"].get(n), float) else "-" for n in names]
+            print(f"| {r['family']} | {r['density']} | {r['oracle_rel_l2']:.4f} | x{r['block_rel_l2'] / r['oracle_rel_l2']:.2f} | "
+                  + " | ".join(cells) + " |")
+        print("\nworst ratio over families at each density:")
+        for d in dict.fromkeys(r["density"] for r in families):
+            worst = {n: max((r["ratios"][n] for r in families if r["density"] == d and isinstance(r["ratios"].get(n), float)),
+                            default=float("nan")) for n in names}
+            print(f"  d={d}: " + "  ".join(f"{n} x{w:.2f}" for n, w in worst.items()))
     quality = [r for r in result["quality"] if "error" not in r]
     if quality:
         print("\n| pattern | method | parameter | density | rel L2 | cosine |\n|---|---|---|---|---|---|")

@@ -14,7 +14,8 @@ import torch
 
 from . import bridge
 from .jit import get_kernel
-from .jit.score_spec import SCORE_KEY_TILE, SELECT_MAX_SMEM, EmitSpec, ScoreSpec, SelectSpec
+from .jit.launch import launch
+from .jit.score_spec import SCORE_KEY_TILE, SCORE_PARAMS, SELECT_MAX_SMEM, EmitSpec, ScoreSpec, SelectSpec
 from .mask import num_blocks
 
 RULE_IDS = {"topk": 0, "tau": 1, "threshold": 2}
@@ -62,13 +63,19 @@ def _key_chunking(kv_len: int, row_tiles: int) -> tuple:
 
 
 def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, bh0: int = 0, nbh: int | None = None,
-               lse: torch.Tensor | None = None, group: int = 1, warps: int = 4):
+               lse: torch.Tensor | None = None, group: int = 1, warps: int = 4, band: tuple | None = None,
+               out: torch.Tensor | None = None):
     """Run fg::mask_score on heads [bh0, bh0 + nbh) of rows [B, H, R, D] against k [B, H, S, D].
 
     mode "logits" -> (float32 logits [nbh, R, ld], lse [nbh, R]); "logits_f16" -> the same with
     the logits stored as float16 (lse from the float32 logits); "stats" -> lse [nbh, R];
     "maxprob" (lse [nbh, R] given) -> scores [nbh, ceil(R / group), ld]. ld = row_stride(S) of
     the stored dtype.
+
+    ``band=(lo, width)``: each tile of warps x 16 rows (one query block of single queries)
+    takes only the keys [row0 + lo, row0 + lo + width): "stats" gives each row's LSE over its
+    band; "maxprob" (group = warps x 16) raises ``out``'s scores of those keys to the exact
+    maxima and returns ``out``.
     """
     batch, heads, n_rows, dim = rows.shape
     kv_len = k.shape[2]
@@ -78,29 +85,40 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     half = mode == "logits_f16"
     ld = row_stride(kv_len, 2 if half else 4)
     row_tiles = num_blocks(n_rows, spec.rows_per_cta) * nbh
-    key_chunk, chunks = _key_chunking(kv_len, row_tiles)
+    band_lo, band_width = (0, 0) if band is None else (int(band[0]), int(band[1]))
+    if band is not None:
+        if mode not in ("stats", "maxprob") or band_width < 1:
+            raise ValueError(f"band applies to modes 'stats' and 'maxprob' with a positive width, got {mode!r}, {band}")
+        if mode == "maxprob" and (group != spec.rows_per_cta or out is None):
+            raise ValueError(f"band maxprob needs group == {spec.rows_per_cta} rows per CTA and out= scores")
+        key_chunk, chunks = _key_chunking(min(kv_len, band_width), row_tiles)
+    else:
+        key_chunk, chunks = _key_chunking(kv_len, row_tiles)
     device = rows.device
-    out = partial = None
+    partial = None
     out_rows = num_blocks(n_rows, group)
     if mode in ("logits", "logits_f16"):
         out = torch.empty(nbh, n_rows, ld, dtype=torch.float16 if half else torch.float32, device=device)
     if mode == "maxprob":
         if group & (group - 1) or spec.rows_per_cta % group:
             raise ValueError(f"group={group} must be a power of two dividing {spec.rows_per_cta}")
-        out = torch.empty(nbh, out_rows, ld, dtype=torch.float32, device=device)
+        if out is None:
+            out = torch.empty(nbh, out_rows, ld, dtype=torch.float32, device=device)
+        elif out.shape != (nbh, out_rows, ld) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise ValueError(f"out must be contiguous float32 {(nbh, out_rows, ld)}, got {tuple(out.shape)} {out.dtype}")
         lse = lse.reshape(nbh, n_rows).contiguous()
     else:
         partial = torch.empty(nbh, n_rows, chunks, dtype=torch.float32, device=device)
-    args = (
-        _ptr(rows), *(np.int64(s) for s in rows.stride()[:3]),
-        _ptr(k), *(np.int64(s) for s in k.stride()[:3]),
-        np.int32(heads), np.int32(bh0), np.int32(n_rows), np.int32(kv_len), np.int32(key_chunk),
-        np.float32(scale), np.float32(scale * math.log2(math.e)),
-        _ptr(out), np.int64(ld), _ptr(partial), _ptr(lse if mode == "maxprob" else None),
-        np.int32(group), np.int32(out_rows),
+    params = SCORE_PARAMS.pack(
+        rows=rows, r_sb=rows.stride(0), r_sh=rows.stride(1), r_ss=rows.stride(2),
+        k=k, k_sb=k.stride(0), k_sh=k.stride(1), k_ss=k.stride(2),
+        out=out, out_ld=ld, partial=partial, lse=lse if mode == "maxprob" else None,
+        heads=heads, bh0=bh0, n_rows=n_rows, kv_len=kv_len, key_chunk=key_chunk,
+        group=group, out_rows=out_rows, band_lo=band_lo, band_width=band_width,
+        scale=scale, scale_log2=scale * math.log2(math.e),
     )
     if nbh and n_rows:
-        _launch(device, spec, (chunks, num_blocks(n_rows, spec.rows_per_cta), nbh), args)
+        launch(spec, device, (chunks, num_blocks(n_rows, spec.rows_per_cta), nbh), params)
     if mode == "maxprob":
         return out
     row_lse = torch.logsumexp(partial, dim=-1)

@@ -9,6 +9,10 @@ Definitions (the kernels in cuda_src/mask_score.cu and mask_select.cu implement 
 * max-prob scores of a group of rows: ``max_row exp(logit - lse[row])`` (0 where lse is not
   finite); with one query per row, its attention LSE and the group = the query block, this is
   the exact column-max score of a dense step;
+* exact band (``exact_band`` = L): on keys [j*M - L, (j+1)*M + L) of query block j, the
+  pooled max-prob score is raised to the exact one, max over the block's queries of
+  exp(logit - lse~), lse~ = logaddexp(the query's LSE over those keys, its sub-block's LSE):
+  near the diagonal, where pooling blurs most, every query speaks for itself;
 * selection: keys ranked band first, then score descending, then index ascending (scores
   compared through the float total order: NaN lowest, -0 == +0); keep the first n keys with
   n = k (top-k), the band plus the keys scoring >= the threshold (for logit rows: logit >=
@@ -82,6 +86,34 @@ def maxprob_scores(rows: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group
         if pad:
             probs = torch.cat([probs, probs.new_zeros(batch, heads, pad, probs.shape[3])], 2)
         out[:, :, r0 // group : r0 // group + probs.shape[2] // group] = probs.unflatten(2, (-1, group)).amax(3)
+    return out
+
+
+def band_bounds(block: int, slice_m: int, band: int, kv_len: int) -> tuple:
+    """Keys [lo, hi) of query block ``block``'s exact band: the block's own keys and ``band``
+    more on either side."""
+    return max(0, block * slice_m - band), min(kv_len, (block + 1) * slice_m + band)
+
+
+def refine_band(scores: torch.Tensor, q, k, sub_lse: torch.Tensor, pool: int, slice_m: int, band: int,
+                scale: float) -> torch.Tensor:
+    """Raise ``scores`` [B, H, QB, S] (pooled max-prob scores) on each block's band to the exact
+    column maxima: max over the block's queries of exp(logit - lse~), where a query's lse~ is
+    the log of its band mass plus its sub-block's total mass (logaddexp of the band LSE and
+    ``sub_lse`` [B, H, R] of the sub-block holding it). Returns a new tensor."""
+    out = scores.clone()
+    q_len, kv_len = q.shape[2], k.shape[2]
+    kf = k.float()
+    for j in range(scores.shape[2]):
+        q0, q1 = j * slice_m, min(q_len, (j + 1) * slice_m)
+        k0, k1 = band_bounds(j, slice_m, band, kv_len)
+        if k1 <= k0:
+            continue
+        logits = torch.matmul(q[:, :, q0:q1].float(), kf[:, :, k0:k1].transpose(-1, -2)) * scale
+        own = sub_lse[:, :, torch.arange(q0, q1, device=q.device) // pool]
+        total = torch.logaddexp(torch.logsumexp(logits, -1), own.float())
+        probs = torch.exp(logits - total.unsqueeze(-1)).amax(2)
+        out[:, :, j, k0:k1] = torch.maximum(out[:, :, j, k0:k1], probs)
     return out
 
 
@@ -168,7 +200,7 @@ def select_union(values, rule, group: int, *, band=None, **kwargs) -> torch.Tens
 
 def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_k=None, tau=None, threshold=None,
                            pool=None, combine="max", min_keys=0, max_keys=None, local=None, lse=None,
-                           scale=None, logits_dtype=torch.float32) -> SliceMask:
+                           scale=None, logits_dtype=torch.float32, exact_band=None) -> SliceMask:
     """The whole prediction on any device ([B, H, S, D] inputs): scores, selection, SliceMask."""
     batch, heads, q_len, dim = q.shape
     kv_len = k.shape[2]
@@ -182,7 +214,12 @@ def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_
     else:
         pool = slice_m if pool is None else pool
         rows = rounded(pool_queries(q, pool), q.dtype)
-        if pool == slice_m:
+        if exact_band is not None:
+            _, sub_lse = logits_and_lse(rows, k, scale)
+            scores = maxprob_scores(rows, k, sub_lse, slice_m // pool, scale)
+            scores = refine_band(scores, q, k, sub_lse, pool, slice_m, exact_band, scale)
+            keep = select(scores, rule, band=band, **sel)
+        elif pool == slice_m:
             logits, row_lse = logits_and_lse(rows, k, scale)
             keep = select(rounded(logits, logits_dtype), rule, lse=row_lse, band=band, **sel)
         elif combine == "max":

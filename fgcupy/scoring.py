@@ -47,6 +47,15 @@ from .mask_kernels import RULE_IDS, gpu_emit, gpu_scores, gpu_select, row_stride
 
 METHODS = ("topk", "tau", "threshold", "colmax")
 COMBINES = ("max", "union")
+#: Slice sizes the exact band takes (one query block per scoring CTA of 4 or 8 warps).
+EXACT_BAND_SLICES = (64, 128)
+#: The shipped default of mean-query methods (combine "max", slice_m 64 or 128): sub-blocks of
+#: DEFAULT_POOL queries, and exact scores on DEFAULT_EXACT_BAND keys either side of each block
+#: (README "Mask quality" has the measurements behind them).
+DEFAULT_POOL = 32
+DEFAULT_EXACT_BAND = 128
+#: Marks an option left to the default (None means "off" for exact_band).
+AUTO = "auto"
 DEFAULT_WORKSPACE = 2 << 30
 _INT32_MAX = 2**31 - 1
 
@@ -68,12 +77,15 @@ class MaskRequest:
     local: int | None
     scale: float
     logits_dtype: torch.dtype = torch.float32
+    exact_band: int | None = None
 
     @property
     def kind(self) -> str:
         """mean (one pooled row per block), submax, union, or colmax."""
         if self.method == "colmax":
             return "colmax"
+        if self.exact_band is not None:
+            return "submax"
         if self.pool == self.slice_m:
             return "mean"
         return "submax" if self.combine == "max" else "union"
@@ -85,9 +97,9 @@ class MaskRequest:
 
 def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: float | None = None,
                  top_k: int | None = None, tau: float | None = None, threshold: float | None = None,
-                 rule: str | None = None, pool: int | None = None, combine: str = "max", min_keys: int = 0,
+                 rule: str | None = None, pool=AUTO, combine: str = "max", min_keys: int = 0,
                  max_keys: int | None = None, local: int | None = None, lse=None, scale: float | None = None,
-                 logits_dtype: torch.dtype | None = None, layout: str = "HND",
+                 logits_dtype: torch.dtype | None = None, exact_band=AUTO, layout: str = "HND",
                  workspace_bytes: int = DEFAULT_WORKSPACE) -> SliceMask:
     """Predict which slices to keep for ``q`` attending to ``k``; returns a SliceMask on q's device.
 
@@ -96,6 +108,12 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     of kv_len. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.
     ``logits_dtype``: how mean-query logits are stored, torch.float16 (default for top-k and
     threshold) or torch.float32 (default for tau); see the module docstring.
+    ``pool``: queries per pooled sub-block (slice_m: one mean query per block).
+    ``exact_band``: keys within this many of the block (either side) get their exact column-max
+    score instead of the pooled one (slice_m 64 or 128, combine "max"; None: off; see
+    mask_reference). Left as "auto", mean-query methods with combine "max" and slice_m 64 or
+    128 use pool=DEFAULT_POOL and exact_band=DEFAULT_EXACT_BAND; other calls use one mean query
+    per block and no band.
     """
     check_layout(layout)
     qt, kt = bridge.to_torch(q, "q"), bridge.to_torch(k, "k")
@@ -108,7 +126,8 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
         raise ValueError(f"q and k need at least one token, got q_len={qh.shape[2]}, kv_len={kh.shape[2]}")
     req = make_request(qh.shape[3], kh.shape[2], slice_m, method, density=density, top_k=top_k, tau=tau,
                        threshold=threshold, rule=rule, pool=pool, combine=combine, min_keys=min_keys,
-                       max_keys=max_keys, local=local, scale=scale, logits_dtype=logits_dtype)
+                       max_keys=max_keys, local=local, scale=scale, logits_dtype=logits_dtype,
+                       exact_band=exact_band)
     lse_t = None
     if lse is not None and method != "colmax":
         raise ValueError(f"lse applies to method='colmax' (scores from a dense step), not {method!r}")
@@ -129,9 +148,14 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
 
 
 def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None, tau=None, threshold=None,
-                 rule=None, pool=None, combine="max", min_keys=0, max_keys=None, local=None, scale=None,
-                 logits_dtype=None) -> MaskRequest:
+                 rule=None, pool=AUTO, combine="max", min_keys=0, max_keys=None, local=None, scale=None,
+                 logits_dtype=None, exact_band=AUTO) -> MaskRequest:
     """Check every option; ValueError naming expected and actual."""
+    defaults_apply = method in ("topk", "tau", "threshold") and combine == "max" and slice_m in EXACT_BAND_SLICES
+    if isinstance(exact_band, str) and exact_band == AUTO:
+        exact_band = DEFAULT_EXACT_BAND if defaults_apply else None
+    if isinstance(pool, str) and pool == AUTO:
+        pool = min(DEFAULT_POOL, slice_m) if defaults_apply else None
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if not isinstance(slice_m, int) or slice_m < 1:
@@ -193,8 +217,20 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         if not isinstance(max_keys, int) or max_keys < max(1, min_keys, min(band_width, kv_len)):
             raise ValueError(f"max_keys must be an int >= max(1, min_keys={min_keys}, band width "
                              f"{min(band_width, kv_len)}), got {max_keys!r}")
+    if exact_band is not None:
+        if isinstance(exact_band, bool) or not isinstance(exact_band, (int, np.integer)) or exact_band < 0:
+            raise ValueError(f"exact_band must be None or a non-negative int (keys beyond the block on each side), "
+                             f"got {exact_band!r}")
+        if method == "colmax" or combine != "max":
+            raise ValueError(f"exact_band refines pooled max-prob scores: it needs a mean-query method and "
+                             f"combine='max', got method={method!r}, combine={combine!r}")
+        if slice_m not in EXACT_BAND_SLICES:
+            raise ValueError(f"exact_band needs slice_m in {EXACT_BAND_SLICES} (one query block per CTA), got {slice_m}")
+        if slice_m + 2 * int(exact_band) > _INT32_MAX:
+            raise ValueError(f"exact_band={exact_band} is too wide for int32 key offsets")
+        exact_band = int(exact_band)
     scale = ref.default_scale(head_dim) if scale is None else float(scale)
-    stores_logits = method != "colmax" and (pool == slice_m or combine == "union")
+    stores_logits = method != "colmax" and exact_band is None and (pool == slice_m or combine == "union")
     if logits_dtype is None:
         logits_dtype = torch.float16 if stores_logits and rule in ("topk", "threshold") else torch.float32
     elif logits_dtype not in (torch.float16, torch.float32):
@@ -204,14 +240,14 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
                          "pooled row per block, or combine='union'); colmax and combine='max' keep float32 "
                          "probabilities")
     return MaskRequest(method, rule, slice_m, pool, combine, top_k, tau, threshold, min_keys, max_keys, local, scale,
-                       logits_dtype)
+                       logits_dtype, exact_band)
 
 
 def _predict_reference(qh, kh, req: MaskRequest, lse) -> SliceMask:
     return ref.predict_mask_reference(
         qh, kh, req.slice_m, req.method, rule=req.rule, top_k=req.top_k, tau=req.tau, threshold=req.threshold,
         pool=req.pool, combine=req.combine, min_keys=req.min_keys, max_keys=req.max_keys, local=req.local,
-        lse=lse, scale=req.scale, logits_dtype=req.logits_dtype)
+        lse=lse, scale=req.scale, logits_dtype=req.logits_dtype, exact_band=req.exact_band)
 
 
 def static_row_counts(q_blocks: int, kv_len: int, req: MaskRequest, device="cpu") -> torch.Tensor:
@@ -283,12 +319,27 @@ class _GpuPrediction:
             mode = "logits_f16" if req.logits_dtype == torch.float16 else "logits"
             return gpu_scores(mode, self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, warps=8)
         if kind == "submax":
-            sub_lse = gpu_scores("stats", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh)
-            return gpu_scores("maxprob", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=sub_lse,
-                              group=req.group, warps=4 if req.group <= 64 else 8), None
+            # 8 warps (128 rows per CTA): K is read half as often as with 4.
+            sub_lse = gpu_scores("stats", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, warps=8)
+            scores = gpu_scores("maxprob", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=sub_lse,
+                                group=req.group, warps=8)
+            if req.exact_band is not None:
+                self._refine_band(scores, sub_lse, bh0, nbh)
+            return scores, None
         lse = self.lse.reshape(self.bh, self.q_len)[bh0 : bh0 + nbh]
         return gpu_scores("maxprob", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=lse,
                           group=req.slice_m, warps=4 if req.slice_m <= 64 else 8), None
+
+    def _refine_band(self, scores, sub_lse, bh0, nbh):
+        """Exact column maxima on each block's band (mask_reference.refine_band), in place."""
+        req = self.req
+        band = (-req.exact_band, req.slice_m + 2 * req.exact_band)
+        warps = req.slice_m // 16
+        band_lse = gpu_scores("stats", self.qh, self.kh, req.scale, bh0=bh0, nbh=nbh, warps=warps, band=band)
+        own = sub_lse.repeat_interleave(req.pool, dim=1)[:, : self.q_len]
+        total = torch.logaddexp(band_lse, own)
+        gpu_scores("maxprob", self.qh, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=total, group=req.slice_m,
+                   warps=warps, band=band, out=scores)
 
     def _chunks(self):
         """Yield (bh0, nbh, scores, lse) for each chunk of heads the workspace holds."""

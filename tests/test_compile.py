@@ -98,7 +98,7 @@ def test_options_carry_a_hash_of_every_source(tmp_path, monkeypatch):
 
 
 def test_compile_error_names_the_spec_and_carries_the_log(monkeypatch):
-    monkeypatch.setattr(report_mod, "read_source", lambda name: "this is not C++;")
+    monkeypatch.setattr(report_mod, "kernel_source", lambda spec: "this is not C++;")
     spec = AttentionSpec()
     with pytest.raises(KernelCompileError) as info:
         report_mod.compile_report(spec, "sm_90")

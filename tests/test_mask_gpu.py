@@ -91,6 +91,23 @@ def test_maxprob_scores(p, group):
     _close(got[..., : p["kv_len"]], expected.reshape(bh, out_rows, -1), 1e-3, 1e-6)
 
 
+@given(score_problems(), st.sampled_from([64, 128]), st.sampled_from([0, 3, 64, 500, 5000]))
+@SETTINGS
+def test_exact_band_scores(p, slice_m, band):
+    """Pooled max-prob scores raised to the exact column maxima on each block's band."""
+    q, k = _inputs(p["seed"], p["batch"], p["heads"], p["q_len"], p["kv_len"], p["dim"], p["dtype"], p["layout"])
+    pool = min(p["pool"], slice_m)
+    req = scoring.make_request(p["dim"], p["kv_len"], slice_m, "topk", top_k=1, pool=pool, exact_band=band)
+    pred = scoring._GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
+    got, _ = pred._scores(0, pred.bh)
+    rows = ref.rounded(ref.pool_queries(q, pool), q.dtype)
+    _, sub_lse = ref.logits_and_lse(rows, k, req.scale)
+    expected = ref.refine_band(ref.maxprob_scores(rows, k, sub_lse, slice_m // pool, req.scale), q, k, sub_lse, pool,
+                               slice_m, band, req.scale)
+    bh = p["batch"] * p["heads"]
+    _close(got[..., : p["kv_len"]], expected.reshape(bh, got.shape[1], -1), 1e-3, 1e-6)
+
+
 def _padded(values, dtype=torch.float32):
     rows, kv_len = values.shape
     ld = mask_kernels.row_stride(kv_len, torch.empty(0, dtype=dtype).element_size())
@@ -157,22 +174,30 @@ def test_selection_matches_reference(staged, scores, case):
         assert torch.equal(again, counts) and torch.equal(fused, out)
 
 
+MEAN = dict(pool=None, exact_band=None)  # one mean query per block, no exact band
 CONFIGS = [
-    dict(method="topk", density=0.1),
-    dict(method="topk", density=0.1, logits_dtype=torch.float32),
-    dict(method="tau", tau=0.8, logits_dtype=torch.float16),
-    dict(method="topk", top_k=30, local=8, min_keys=5, workspace_bytes=1),
+    dict(method="topk", density=0.1),  # the default: pooled sub-blocks and an exact band
     dict(method="tau", tau=0.8),
-    dict(method="tau", tau=0.5, max_keys=300, local=0, workspace_bytes=1),
     dict(method="threshold", threshold=0.01, min_keys=3),
-    dict(method="threshold", threshold=0.01, logits_dtype=torch.float32),
-    dict(method="topk", top_k=20, pool=16, combine="max"),
-    dict(method="tau", tau=0.7, pool=32, combine="max", workspace_bytes=1),
+    dict(method="topk", density=0.1, **MEAN),
+    dict(method="topk", density=0.1, logits_dtype=torch.float32, **MEAN),
+    dict(method="tau", tau=0.8, logits_dtype=torch.float16, **MEAN),
+    dict(method="topk", top_k=30, local=8, min_keys=5, workspace_bytes=1, **MEAN),
+    dict(method="tau", tau=0.8, **MEAN),
+    dict(method="tau", tau=0.5, max_keys=300, local=0, workspace_bytes=1, **MEAN),
+    dict(method="threshold", threshold=0.01, min_keys=3, **MEAN),
+    dict(method="threshold", threshold=0.01, logits_dtype=torch.float32, **MEAN),
+    dict(method="topk", top_k=20, pool=16, combine="max", exact_band=None),
+    dict(method="tau", tau=0.7, pool=32, combine="max", workspace_bytes=1, exact_band=None),
     dict(method="topk", top_k=10, pool=16, combine="union", local=4),
     dict(method="tau", tau=0.6, pool=16, combine="union", workspace_bytes=1),
     dict(method="colmax"),
     dict(method="colmax", rule="topk", top_k=40, local=2, workspace_bytes=1),
     dict(method="colmax", rule="tau", tau=0.9, max_keys=400),
+    dict(method="topk", top_k=40, pool=16, exact_band=24),
+    dict(method="topk", top_k=40, exact_band=0, workspace_bytes=1),
+    dict(method="tau", tau=0.8, pool=32, exact_band=200),
+    dict(method="threshold", threshold=0.01, pool=16, exact_band=1000, local=4),
 ]
 
 
@@ -190,7 +215,7 @@ def test_predict_mask_matches_reference(config, shape):
     expected = ref.predict_mask_reference(
         q, k, slice_m, req.method, rule=req.rule, top_k=req.top_k, tau=req.tau, threshold=req.threshold,
         pool=req.pool, combine=req.combine, min_keys=req.min_keys, max_keys=req.max_keys, local=req.local,
-        lse=lse, scale=req.scale, logits_dtype=req.logits_dtype).to_dense()
+        lse=lse, scale=req.scale, logits_dtype=req.logits_dtype, exact_band=req.exact_band).to_dense()
     # Scores differ from the float32 reference only by summation order: a handful of slices at
     # the cut may flip.
     assert (got.to_dense() != expected).sum().item() <= 5 + 0.002 * int(expected.sum())

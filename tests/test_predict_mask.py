@@ -14,6 +14,9 @@ from fgcupy.scoring import make_request, static_row_counts
 
 from .mask_checks import smallest_tau_set_ok
 
+#: One mean query per block, no exact band: the plain mean-query predictor.
+MEAN = dict(pool=64, exact_band=None)
+
 
 def _qk(seq=300, kv=260, heads=2, dim=16, seed=0, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
@@ -38,7 +41,7 @@ def test_topk_keeps_the_static_number_of_keys(seq, kv, slice_m, density, local, 
 
 def test_mean_query_topk_keeps_the_best_scoring_keys():
     q, k = _qk()
-    mask = predict_mask(q, k, 64, "topk", top_k=20)
+    mask = predict_mask(q, k, 64, "topk", top_k=20, **MEAN)
     pooled = ref.pool_queries(q, 64)
     logits = pooled @ k.transpose(-1, -2) / 4.0
     expected = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.topk(20, dim=-1).indices, True)
@@ -49,9 +52,9 @@ def test_tau_and_threshold_follow_their_definitions():
     q, k = _qk(seed=1)
     pooled = ref.pool_queries(q, 64)
     logits, lse = ref.logits_and_lse(pooled, k, 0.25)
-    kept = predict_mask(q, k, 64, "tau", tau=0.7).to_dense()
+    kept = predict_mask(q, k, 64, "tau", tau=0.7, **MEAN).to_dense()
     assert smallest_tau_set_ok(logits, kept, 0.7, lse=lse).all()
-    kept = predict_mask(q, k, 64, "threshold", threshold=0.01).to_dense()
+    kept = predict_mask(q, k, 64, "threshold", threshold=0.01, **MEAN).to_dense()
     assert torch.equal(kept, torch.exp(logits - lse.unsqueeze(-1)) >= 0.01)
 
 
@@ -114,6 +117,10 @@ def test_min_and_max_keys_bound_every_block():
         (dict(method="topk", density=0.1, logits_dtype=torch.bfloat16), r"logits_dtype must be torch.float16 or"),
         (dict(method="colmax", logits_dtype=torch.float16), r"colmax and combine='max' keep float32 probabilities"),
         (dict(method="tau", pool=16, logits_dtype=torch.float16), r"applies where logits are stored"),
+        (dict(method="topk", density=0.1, exact_band=-1), r"exact_band must be None or a non-negative int"),
+        (dict(method="topk", density=0.1, exact_band=True), r"exact_band must be None or a non-negative int"),
+        (dict(method="colmax", exact_band=4), r"exact_band refines pooled max-prob scores"),
+        (dict(method="topk", density=0.1, pool=16, combine="union", exact_band=4), r"combine='max'"),
     ],
 )
 def test_option_errors(kwargs, message):
@@ -129,15 +136,16 @@ def test_stored_logits_are_float16_unless_asked_otherwise():
     k = torch.full((1, 1, 40, 16), 0.0)
     k[..., 0] = -1.0
     k[0, 0, 0, 0], k[0, 0, 1, 0] = 1.0, 1.0001
-    assert make_request(16, 40, 64, "topk", top_k=1).logits_dtype == torch.float16
-    assert make_request(16, 40, 64, "topk", top_k=1, pool=16).logits_dtype == torch.float32
+    assert make_request(16, 40, 64, "topk", top_k=1).logits_dtype == torch.float32  # the default: probabilities
+    assert make_request(16, 40, 64, "topk", top_k=1, **MEAN).logits_dtype == torch.float16
+    assert make_request(16, 40, 64, "topk", top_k=1, pool=16, exact_band=None).logits_dtype == torch.float32
     assert make_request(16, 40, 64, "topk", top_k=1, pool=16, combine="union").logits_dtype == torch.float16
-    assert make_request(16, 40, 64, "tau").logits_dtype == torch.float32  # masses need the range
-    assert make_request(16, 40, 64, "threshold", threshold=0.1).logits_dtype == torch.float16
-    assert make_request(16, 40, 64, "threshold", threshold=0.1, pool=16).logits_dtype == torch.float32
-    assert make_request(16, 40, 64, "tau", logits_dtype=torch.float16).logits_dtype == torch.float16
-    half = predict_mask(q, k, 64, "topk", top_k=1).to_dense()[0, 0, 0]
-    exact = predict_mask(q, k, 64, "topk", top_k=1, logits_dtype=torch.float32).to_dense()[0, 0, 0]
+    assert make_request(16, 40, 64, "tau", **MEAN).logits_dtype == torch.float32  # masses need the range
+    assert make_request(16, 40, 64, "threshold", threshold=0.1, **MEAN).logits_dtype == torch.float16
+    assert make_request(16, 40, 64, "threshold", threshold=0.1, pool=16, exact_band=None).logits_dtype == torch.float32
+    assert make_request(16, 40, 64, "tau", logits_dtype=torch.float16, **MEAN).logits_dtype == torch.float16
+    half = predict_mask(q, k, 64, "topk", top_k=1, **MEAN).to_dense()[0, 0, 0]
+    exact = predict_mask(q, k, 64, "topk", top_k=1, logits_dtype=torch.float32, **MEAN).to_dense()[0, 0, 0]
     assert half.nonzero().flatten().tolist() == [0]
     assert exact.nonzero().flatten().tolist() == [1]
 
@@ -165,3 +173,45 @@ def test_returns_a_slice_mask_of_the_query_shape():
     assert (mask.batch, mask.heads, mask.q_blocks, mask.q_len, mask.kv_len, mask.slice_m) == (1, 2, 3, 129, 70, 64)
     assert mask.density() == pytest.approx(35 / 70)
     assert math.isclose(make_request(16, 70, 64, "topk", density=0.5).scale, 0.25)
+
+
+def test_exact_band_scores_are_the_exact_column_maxima_on_the_band():
+    """With the band covering every key and sub-blocks of one query, lse~ is the query's own
+    LSE (band mass + its own total mass = twice its mass: log 2 more), so the refined scores
+    are half the exact column maxima everywhere."""
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 2, 200, 16, generator=gen), torch.randn(1, 2, 150, 16, generator=gen)
+    scale = 0.25
+    _, lse = ref.logits_and_lse(q, k, scale)
+    pooled = ref.maxprob_scores(q, k, lse, 64, scale)
+    refined = ref.refine_band(pooled * 0, q, k, lse, 1, 64, 1000, scale)
+    torch.testing.assert_close(refined, ref.colmax_scores(q, k, lse, 64, scale) / 2, rtol=1e-5, atol=1e-7)
+
+
+def test_exact_band_keeps_each_query_neighbours_where_pooling_blurs():
+    """Queries of a block that each attend to one key near them (a different one per query):
+    the pooled mean sees none of them, the exact band finds every one."""
+    dim, seq = 64, 256
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(seq, dim, generator=gen)
+    keys = keys / keys.norm(dim=1, keepdim=True) * 6
+    q = (keys.roll(1, 0) + 0.01 * torch.randn(seq, dim, generator=gen))[None, None]  # query i likes key i - 1
+    k = keys[None, None]
+    base = predict_mask(q, k, 64, "topk", top_k=70, **MEAN)
+    exact = predict_mask(q, k, 64, "topk", top_k=70, pool=64, exact_band=1)
+    wanted = torch.zeros(1, 1, 4, seq, dtype=torch.bool)
+    for i in range(seq):
+        wanted[0, 0, i // 64, (i - 1) % seq] = True
+    wanted[0, 0, 0, seq - 1] = False  # query 0's key 255 is outside block 0's band
+    assert (exact.to_dense() & wanted).sum() == wanted.sum()
+    assert (base.to_dense() & wanted).sum() < wanted.sum() * 0.6
+
+
+def test_the_default_pools_sub_blocks_and_scores_the_band_exactly():
+    assert make_request(16, 400, 128, "topk", top_k=5).pool == 32
+    assert make_request(16, 400, 128, "topk", top_k=5).exact_band == 128
+    assert make_request(16, 400, 64, "tau", pool=16).exact_band == 128
+    assert make_request(16, 400, 32, "topk", top_k=5).exact_band is None  # no kernel for 32-query bands
+    assert make_request(16, 400, 32, "topk", top_k=5).pool == 32
+    union = make_request(16, 400, 128, "topk", top_k=5, pool=16, combine="union")
+    assert union.exact_band is None and union.pool == 16

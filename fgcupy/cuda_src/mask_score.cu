@@ -12,6 +12,11 @@
 //      rows (G a power of two dividing WARPS x 16), written to out[z, row / G, key]. With one
 //      query per row and G = slice_m this is the exact column-max score of a dense step.
 // Rows past n_rows read zeros and are never written; keys past the chunk are masked out.
+// Band mode (modes 1 and 2, band_width > 0): each row tile is one query block and takes only
+// the keys of its band [row0 + band_lo, + band_width); mode 2 then raises the block's existing
+// scores to the exact maxima (a max with what is stored: each (block, key) has one writer).
+// Parameters arrive as one ScoreParams struct (fgcupy/jit/score_spec.py: SCORE_PARAMS writes
+// its definition ahead of this source).
 #include "common.cuh"
 
 namespace fg {
@@ -45,11 +50,7 @@ __device__ __forceinline__ void merge_lse2(float& m, float& l, float m_o, float 
 
 template <class T, int D, int MODE, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
-mask_score(const u16* __restrict__ rows, i64 r_sb, i64 r_sh, i64 r_ss,
-           const u16* __restrict__ k, i64 k_sb, i64 k_sh, i64 k_ss,
-           int heads, int bh0, int n_rows, int kv_len, int key_chunk, float scale, float scale_log2,
-           float* __restrict__ out, i64 out_ld, float* __restrict__ partial,
-           const float* __restrict__ lse, int group, int out_rows) {
+mask_score(const __grid_constant__ ScoreParams p) {
   using S = ScoreShape<D, WARPS>;
   constexpr int kN = S::kN;
   constexpr bool kLogits = MODE == 0 || MODE == 3;  // stored logits (float32 or float16)
@@ -63,17 +64,35 @@ mask_score(const u16* __restrict__ rows, i64 r_sb, i64 r_sh, i64 r_ss,
   const int warp = tid >> 5;
   const int g = lane >> 2;
   const int tig = lane & 3;
+  const u16* __restrict__ rows = static_cast<const u16*>(p.rows);
+  const u16* __restrict__ k = static_cast<const u16*>(p.k);
+  float* __restrict__ out = static_cast<float*>(p.out);
+  float* __restrict__ partial = static_cast<float*>(p.partial);
+  const float* __restrict__ lse = static_cast<const float*>(p.lse);
+  const int n_rows = p.n_rows;
+  const int group = p.group;
+  const int out_rows = p.out_rows;
+  const float scale = p.scale;
+  const float scale_log2 = p.scale_log2;
+  const i64 out_ld = p.out_ld;
   const int z = blockIdx.z;
-  const int bh = bh0 + z;
-  const int b = bh / heads;
-  const int h = bh - b * heads;
+  const int bh = p.bh0 + z;
+  const int b = bh / p.heads;
+  const int h = bh - b * p.heads;
   const int row0 = blockIdx.y * S::kRows;
-  const int key_begin = blockIdx.x * key_chunk;
-  const int key_end = min(kv_len, key_begin + key_chunk);
-  const int ntiles = (key_end - key_begin + kN - 1) / kN;
+  // Keys of this CTA: a chunk of all keys, or (band mode) of this row tile's band
+  // [row0 + band_lo, row0 + band_lo + band_width) clipped to the keys.
+  const bool band = p.band_width > 0;
+  const int range_begin = band ? max(0, row0 + p.band_lo) : 0;
+  const int range_end = band ? min(p.kv_len, row0 + p.band_lo + p.band_width) : p.kv_len;
+  const int key_begin = range_begin + blockIdx.x * p.key_chunk;
+  const int key_end = min(range_end, key_begin + p.key_chunk);
+  const int ntiles = key_end > key_begin ? (key_end - key_begin + kN - 1) / kN : 0;
 
-  const u16* q_base = rows + b * r_sb + h * r_sh;
-  const u16* k_base = k + b * k_sb + h * k_sh;
+  const i64 r_ss = p.r_ss;
+  const i64 k_ss = p.k_ss;
+  const u16* q_base = rows + b * p.r_sb + h * p.r_sh;
+  const u16* k_base = k + b * p.k_sb + h * p.k_sh;
   const int my_chunk = tid % S::kChunksPerRow;
   const int my_row = tid / S::kChunksPerRow;
 
@@ -298,7 +317,11 @@ mask_score(const u16* __restrict__ rows, i64 r_sb, i64 r_sh, i64 r_ss,
           for (int w = gi * warps_per_group; w < (gi + 1) * warps_per_group; ++w) m = fmaxf(m, sRed[w * kN + col]);
           const int orow = row0 / group + gi;
           const int key = tile_key + col;
-          if (orow < out_rows && key < key_end) out[(static_cast<i64>(z) * out_rows + orow) * out_ld + key] = m;
+          if (orow < out_rows && key < key_end) {
+            // Band mode refines rows already scored: each (row, key) belongs to one CTA.
+            float* dst = out + (static_cast<i64>(z) * out_rows + orow) * out_ld + key;
+            *dst = band ? fmaxf(*dst, m) : m;
+          }
         }
       }
     }

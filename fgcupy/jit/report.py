@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .source import nvrtc_options, read_source
+from .launch import kernel_source
+from .source import nvrtc_options
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ def compile_report(spec, arch: str = "sm_90") -> PtxasReport:
             raise RuntimeError(f"NVRTC call failed: {err}")
         return values[0] if len(values) == 1 else values
 
-    source = read_source(spec.source).encode()
+    source = kernel_source(spec).encode()
     prog = check(nvrtc.nvrtcCreateProgram(source, spec.source.encode(), 0, [], []))
     try:
         check(nvrtc.nvrtcAddNameExpression(prog, spec.name_expression.encode()))

@@ -10,7 +10,8 @@ import logging
 import threading
 import time
 
-from .source import nvrtc_options, read_source
+from .launch import kernel_source
+from .source import nvrtc_options
 
 log = logging.getLogger("fgcupy")
 
@@ -49,7 +50,7 @@ def _compile(spec):
 
     started = time.perf_counter()
     module = cupy.RawModule(
-        code=read_source(spec.source),
+        code=kernel_source(spec),
         options=nvrtc_options() + tuple(spec.extra_options),
         name_expressions=[spec.name_expression],
     )

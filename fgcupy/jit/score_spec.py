@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .launch import ParamStruct
 from .spec import DTYPES, HEAD_DIMS
 
 _CPP_DTYPE = {"bfloat16": "fg::bf16_t", "float16": "fg::fp16_t"}
@@ -18,6 +19,15 @@ _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 SCORE_MODES = {"logits": 0, "stats": 1, "maxprob": 2, "logits_f16": 3}
 SCORE_KEY_TILE = 64
 SCORE_WARPS = (4, 8)
+#: fg::mask_score's one argument (see cuda_src/mask_score.cu for what each field means).
+SCORE_PARAMS = ParamStruct("ScoreParams", (
+    ("rows", "in"), ("r_sb", "i64"), ("r_sh", "i64"), ("r_ss", "i64"),
+    ("k", "in"), ("k_sb", "i64"), ("k_sh", "i64"), ("k_ss", "i64"),
+    ("out", "out"), ("out_ld", "i64"), ("partial", "out"), ("lse", "in"),
+    ("heads", "i32"), ("bh0", "i32"), ("n_rows", "i32"), ("kv_len", "i32"), ("key_chunk", "i32"),
+    ("group", "i32"), ("out_rows", "i32"), ("band_lo", "i32"), ("band_width", "i32"),
+    ("scale", "f32"), ("scale_log2", "f32"),
+))
 
 #: Selection kernel constants (mirror mask_select.cu).
 SELECT_THREADS = 512
@@ -53,6 +63,7 @@ class ScoreSpec:
     source = "mask_score.cu"
     template = "fg::mask_score"
     extra_options = ()
+    params = SCORE_PARAMS
 
     def __post_init__(self):
         _check_choice("dtype", self.dtype, DTYPES)
@@ -161,6 +172,7 @@ def all_mask_specs() -> list:
             specs.append(ScoreSpec(dtype, d, "logits_f16", 4))
             specs.append(ScoreSpec(dtype, d, "logits_f16", 8))
             specs.append(ScoreSpec(dtype, d, "stats", 4))
+            specs.append(ScoreSpec(dtype, d, "stats", 8))
             specs.append(ScoreSpec(dtype, d, "maxprob", 4))
             specs.append(ScoreSpec(dtype, d, "maxprob", 8))
     selects = [SelectSpec(staged, scores) for staged in (True, False) for scores in SELECT_SCORES]

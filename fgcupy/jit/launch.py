@@ -1,0 +1,92 @@
+"""One launch ABI: a kernel takes a single parameter struct whose layout is written once, here.
+
+A :class:`ParamStruct` lists its fields as (name, kind). From that one list come the C++
+definition (prepended to the kernel source at compile time, so the kernel reads
+``const __grid_constant__ Name p``) and the numpy structured dtype the host packs; the two
+layouts cannot drift. :func:`kernel_source` is what both compile paths (the runtime and the
+no-GPU ptxas reports) build, and :func:`launch` runs a spec on torch's current stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from .source import read_source
+
+#: Field kinds: C++ type and numpy type (pointers travel as 64-bit integers).
+KINDS = {
+    "in": ("const void*", np.uint64),
+    "out": ("void*", np.uint64),
+    "i64": ("long long", np.int64),
+    "i32": ("int", np.int32),
+    "f32": ("float", np.float32),
+}
+
+
+@dataclass(frozen=True)
+class ParamStruct:
+    """A kernel's parameter struct: C++ name and ((field, kind), ...) in declaration order."""
+
+    name: str
+    fields: tuple
+
+    def __post_init__(self):
+        for field, kind in self.fields:
+            if kind not in KINDS:
+                raise ValueError(f"{self.name}.{field}: kind must be one of {tuple(KINDS)}, got {kind!r}")
+
+    @cached_property
+    def dtype(self) -> np.dtype:
+        return np.dtype([(field, KINDS[kind][1]) for field, kind in self.fields], align=True)
+
+    def cpp(self) -> str:
+        body = "".join(f"  {KINDS[kind][0]} {field};\n" for field, kind in self.fields)
+        return f"struct {self.name} {{\n{body}}};\n"
+
+    def layout_checks(self) -> str:
+        """C++ static_asserts that the compiler lays the struct out as numpy does."""
+        checks = [f"static_assert(sizeof({self.name}) == {self.dtype.itemsize}, \"{self.name} size\");"]
+        for field, _ in self.fields:
+            offset = self.dtype.fields[field][1]
+            checks.append(f"static_assert(__builtin_offsetof({self.name}, {field}) == {offset}, "
+                          f"\"{self.name}.{field} offset\");")
+        return "\n".join(checks) + "\n"
+
+    def pack(self, **values) -> np.void:
+        """One struct value; every field must be given (tensors and None become pointers)."""
+        names = [field for field, _ in self.fields]
+        missing, extra = set(names) - values.keys(), values.keys() - set(names)
+        if missing or extra:
+            raise TypeError(f"{self.name}: missing fields {sorted(missing)}, unknown fields {sorted(extra)}")
+        packed = np.zeros((), dtype=self.dtype)
+        for field, kind in self.fields:
+            value = values[field]
+            if kind in ("in", "out"):
+                value = 0 if value is None else value.data_ptr()
+            packed[field] = value
+        return packed[()]
+
+
+def kernel_source(spec) -> str:
+    """The code NVRTC compiles for ``spec``: its parameter struct (if any), then its source."""
+    params = getattr(spec, "params", None)
+    prefix = "" if params is None else params.cpp()
+    return prefix + read_source(spec.source)
+
+
+def launch(spec, device, grid, params: np.void, shared_mem: int | None = None) -> None:
+    """Run ``spec`` with one packed parameter struct on torch's current stream of ``device``."""
+    import cupy
+    import torch
+
+    from .. import bridge
+    from .runtime import get_kernel
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    with cupy.cuda.Device(index):
+        kernel = get_kernel(spec)
+    with bridge.torch_stream(device):
+        kernel(tuple(grid), (spec.threads,), (params,), shared_mem=spec.smem_bytes if shared_mem is None else shared_mem)

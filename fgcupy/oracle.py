@@ -1,0 +1,104 @@
+"""The best mask of a given density, and predictors judged against it.
+
+For a query block, the slice mask with the smallest worst-case loss keeps the keys with the
+highest column maximum of the softmax (max over the block's queries of their probability):
+the oracle slice mask. The oracle 128x128 block mask keeps, per query block, the key blocks
+holding the highest such maximum. A predictor is judged by its output error divided by the
+oracle's error at the same density: absolute errors hide failures, since some heads are easy
+for every method.
+
+Everything here is plain torch (float32, any device) and independent of the kernels under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .mask import SliceMask, num_blocks
+from .mask_reference import colmax_scores
+from .reference import dense_attention, reference_attention, relative_l2
+
+
+def exact_lse(q, k, scale: float | None = None, rows_per_chunk: int = 2048) -> torch.Tensor:
+    """float32 [B, H, q_len]: each query's natural-log LSE over every key (a dense step's LSE)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    kf = k.float()
+    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    for r0 in range(0, q.shape[2], rows_per_chunk):
+        logits = torch.matmul(q[:, :, r0 : r0 + rows_per_chunk].float(), kf.transpose(-1, -2)) * scale
+        lse[:, :, r0 : r0 + rows_per_chunk] = torch.logsumexp(logits, -1)
+    return lse
+
+
+def block_coherence(q, slice_m: int = 128) -> torch.Tensor:
+    """float32 [B, H, QB]: mean cosine similarity of each block's queries to their mean, the
+    measure of how well one pooled query stands for its block (1: all alike)."""
+    qf = q.float()
+    pad = (-qf.shape[2]) % slice_m
+    blocks = torch.nn.functional.pad(qf, (0, 0, 0, pad)).unflatten(2, (-1, slice_m))  # [B, H, QB, M, D]
+    counts = torch.full((blocks.shape[2],), float(slice_m), device=q.device)
+    counts[-1] = slice_m - pad
+    mean = blocks.sum(3) / counts[:, None]
+    cos = torch.nn.functional.cosine_similarity(blocks, mean.unsqueeze(3).expand_as(blocks), dim=-1)  # padded rows: 0
+    return cos.sum(3) / counts
+
+
+def keys_for(density: float, kv_len: int) -> int:
+    """Keys per block at ``density`` (at least one)."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return max(1, min(kv_len, round(density * kv_len)))
+
+
+class Judge:
+    """One problem (q, k, v [B, H, S, D]) with its dense output and column maxima, so every
+    mask of it is judged against the same yardstick."""
+
+    def __init__(self, q, k, v, slice_m: int = 128, scale: float | None = None):
+        self.q, self.k, self.v, self.slice_m = q, k, v, slice_m
+        self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        self.dense = dense_attention(q, k, v, scale=self.scale)
+        self.lse = exact_lse(q, k, self.scale)
+        self.colmax = colmax_scores(q, k, self.lse, slice_m, self.scale)  # [B, H, QB, S]
+        self._oracle_err = {}
+
+    @property
+    def kv_len(self) -> int:
+        return self.k.shape[2]
+
+    def oracle(self, density: float) -> SliceMask:
+        """The best slice mask keeping round(density x kv_len) keys per block."""
+        top = self.colmax.topk(keys_for(density, self.kv_len), dim=-1).indices.sort(-1).values
+        return SliceMask.from_topk(top.to(torch.int32), self.slice_m, self.q.shape[2], self.kv_len)
+
+    def block_oracle(self, density: float, block: int = 128) -> SliceMask:
+        """The best block x block mask keeping round(density x key blocks) blocks per query block
+        (needs slice_m == block), as a SliceMask of whole key blocks."""
+        if block != self.slice_m:
+            raise ValueError(f"block oracle needs block == slice_m ({self.slice_m}), got {block}")
+        kb = num_blocks(self.kv_len, block)
+        pad = kb * block - self.kv_len
+        scores = torch.nn.functional.pad(self.colmax, (0, pad)).unflatten(-1, (kb, block)).amax(-1)
+        keep = max(1, min(kb, round(density * kb)))
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(keep, dim=-1).indices, True)
+        dense = chosen.repeat_interleave(block, dim=-1)[..., : self.kv_len]
+        return SliceMask.from_dense(dense, block, self.q.shape[2])
+
+    def error(self, mask: SliceMask) -> float:
+        """Relative L2 error of attention through ``mask`` against dense float32 attention."""
+        out, _ = reference_attention(self.q, self.k, self.v, mask, scale=self.scale, rows_per_chunk=2048)
+        return relative_l2(out, self.dense)
+
+    def oracle_error(self, density: float) -> float:
+        key = keys_for(density, self.kv_len)
+        if key not in self._oracle_err:
+            self._oracle_err[key] = self.error(self.oracle(density))
+        return self._oracle_err[key]
+
+    def ratio(self, mask: SliceMask) -> tuple:
+        """(error, error / oracle error at the mask's own density)."""
+        err = self.error(mask)
+        best = self.oracle_error(mask.density())
+        return err, (err / best if best > 0 else (1.0 if err == 0 else math.inf))
