@@ -41,12 +41,15 @@ from fgcupy.oracle import Judge, block_coherence
 from fgcupy.reference import dense_attention, reference_attention, relative_l2
 from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
 
+#: One mean query per block and no exact band: the plain mean-query predictor.
+MEAN = dict(pool=None, exact_band=None)
+
 #: Predictors judged against the oracle per head family (predict_mask keyword arguments).
 JUDGED = {
-    "default": dict(),
+    "default (pool 32 + band 128)": dict(),
     "mean (pool 128)": dict(pool=128, exact_band=None),
     "pool 16": dict(pool=16, exact_band=None),
-    "pool 32 + band 128": dict(pool=32, exact_band=128),
+    "pool 32": dict(pool=32, exact_band=None),
     "pool 16 + band 128": dict(pool=16, exact_band=128),
     "pool 8 + band 128": dict(pool=8, exact_band=128),
 }
@@ -174,19 +177,19 @@ def timing_rows(args, shape, device):
         record(f"sdpa-{backend} dense", sdpa_call(q, k, v, backend))
     lse = dense_lse(q, k, scale)
     for label, kw in (
-        ("predict topk d=0.1", dict(method="topk", density=0.1)),
-        ("predict topk d=0.1 float32 logits", dict(method="topk", density=0.1, logits_dtype=torch.float32)),
-        ("predict topk d=0.1 local=128", dict(method="topk", density=0.1, local=128)),
-        ("predict threshold p>=1e-4", dict(method="threshold", threshold=1e-4)),
-        ("predict threshold p>=1e-4 float32 logits", dict(method="threshold", threshold=1e-4,
+        ("predict topk d=0.1 mean query", dict(MEAN, method="topk", density=0.1)),
+        ("predict topk d=0.1 float32 logits", dict(MEAN, method="topk", density=0.1, logits_dtype=torch.float32)),
+        ("predict topk d=0.1 local=128", dict(MEAN, method="topk", density=0.1, local=128)),
+        ("predict threshold p>=1e-4", dict(MEAN, method="threshold", threshold=1e-4)),
+        ("predict threshold p>=1e-4 float32 logits", dict(MEAN, method="threshold", threshold=1e-4,
                                                           logits_dtype=torch.float32)),
-        ("predict threshold p>=1e-4 max_keys=S/2 (no sync)", dict(method="threshold", threshold=1e-4,
+        ("predict threshold p>=1e-4 max_keys=S/2 (no sync)", dict(MEAN, method="threshold", threshold=1e-4,
                                                                   max_keys=shape.seq // 2)),
-        ("predict tau=0.9 (one host sync)", dict(method="tau", tau=0.9)),
-        ("predict tau=0.9 float16 logits", dict(method="tau", tau=0.9, logits_dtype=torch.float16)),
-        ("predict tau=0.9 max_keys=S/2 (no sync)", dict(method="tau", tau=0.9, max_keys=shape.seq // 2)),
-        ("predict topk d=0.1 sub16 max", dict(method="topk", density=0.1, pool=16, combine="max")),
-        ("predict topk sub16 union", dict(method="topk", top_k=round(0.1 * shape.seq / 8), pool=16, combine="union")),
+        ("predict tau=0.9 (one host sync)", dict(MEAN, method="tau", tau=0.9)),
+        ("predict tau=0.9 float16 logits", dict(MEAN, method="tau", tau=0.9, logits_dtype=torch.float16)),
+        ("predict tau=0.9 max_keys=S/2 (no sync)", dict(MEAN, method="tau", tau=0.9, max_keys=shape.seq // 2)),
+        ("predict topk d=0.1 sub16 max", dict(MEAN, method="topk", density=0.1, pool=16, combine="max")),
+        ("predict topk sub16 union", dict(MEAN, method="topk", top_k=round(0.1 * shape.seq / 8), pool=16, combine="union")),
         ("predict colmax thr=0.5/S", dict(method="colmax", lse=lse)),
         *((f"predict topk d=0.1 {name}", dict(method="topk", density=0.1, **kw)) for name, kw in JUDGED.items()),
         *((f"predict topk d=0.3 {name}", dict(method="topk", density=0.3, **kw)) for name, kw in JUDGED.items()),

@@ -227,7 +227,7 @@ def test_predict_mask_matches_reference(config, shape):
 def test_long_rows_use_the_global_selection_kernel():
     q, k = _inputs(3, 1, 1, 200, 75_600, 64, torch.float16)
     assert not SelectSpec.fits(mask_kernels.row_stride(75_600))
-    got = predict_mask(q, k, 64, "tau", tau=0.9).validate().to_dense()
+    got = predict_mask(q, k, 64, "tau", tau=0.9, **MEAN).validate().to_dense()
     rows = ref.rounded(ref.pool_queries(q, 64), torch.float16)
     logits, lse = ref.logits_and_lse(rows, k, 1 / 8)
     stored = ref.rounded(logits, torch.float16)  # the default logits_dtype

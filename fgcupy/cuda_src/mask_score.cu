@@ -249,13 +249,14 @@ mask_score(const __grid_constant__ ScoreParams p) {
         }
       }
     } else {
-      // ---- mode 2: probabilities, then the max over each group of `group` rows ----
+      // ---- mode 2: log2 probabilities, their max over each group of `group` rows, and one
+      // exponential per stored score (exp2 is monotone, so the max commutes with it) ----
 #pragma unroll
       for (int nt = 0; nt < kN / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int i = e >> 1;
-          acc[nt][e] = row_ok[i] ? fast_exp2(acc[nt][e] * scale_log2 - lse2[i]) : 0.f;
+          acc[nt][e] = row_ok[i] ? acc[nt][e] * scale_log2 - lse2[i] : FG_NEG_INF;
         }
       }
       if (group >= 16) {
@@ -289,10 +290,11 @@ mask_score(const __grid_constant__ ScoreParams p) {
               const int key = tile_key + nt * 8 + tig * 2;
               if (key < key_end) {
                 float* dst = out + (static_cast<i64>(z) * out_rows + orow) * out_ld + key;
+                const float p0 = fast_exp2(acc[nt][2 * i]);
                 if (key + 1 < key_end) {
-                  store2(dst, acc[nt][2 * i], acc[nt][2 * i + 1]);
+                  store2(dst, p0, fast_exp2(acc[nt][2 * i + 1]));
                 } else {
-                  dst[0] = acc[nt][2 * i];
+                  dst[0] = p0;
                 }
               }
             }
@@ -313,8 +315,9 @@ mask_score(const __grid_constant__ ScoreParams p) {
         for (int idx = tid; idx < groups_here * kN; idx += S::kThreads) {
           const int gi = idx / kN;
           const int col = idx - gi * kN;
-          float m = 0.f;
+          float m = FG_NEG_INF;
           for (int w = gi * warps_per_group; w < (gi + 1) * warps_per_group; ++w) m = fmaxf(m, sRed[w * kN + col]);
+          m = fast_exp2(m);
           const int orow = row0 / group + gi;
           const int key = tile_key + col;
           if (orow < out_rows && key < key_end) {
