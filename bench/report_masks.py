@@ -50,6 +50,8 @@ JUDGED = {
     "mean (pool 128)": dict(pool=128, exact_band=None),
     "pool 16": dict(pool=16, exact_band=None),
     "pool 32": dict(pool=32, exact_band=None),
+    "pool 64 + band 128": dict(pool=64, exact_band=128),
+    "pool 32 + band 64": dict(pool=32, exact_band=64),
     "pool 16 + band 128": dict(pool=16, exact_band=128),
     "pool 8 + band 128": dict(pool=8, exact_band=128),
 }
