@@ -46,7 +46,7 @@ MEAN = dict(pool=None, exact_band=None)
 
 #: Predictors judged against the oracle per head family (predict_mask keyword arguments).
 JUDGED = {
-    "default (pool 32 + band 128)": dict(),
+    "default (pool 32 + band 64)": dict(),
     "mean (pool 128)": dict(pool=128, exact_band=None),
     "pool 16": dict(pool=16, exact_band=None),
     "pool 32": dict(pool=32, exact_band=None),

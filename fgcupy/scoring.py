@@ -53,7 +53,7 @@ EXACT_BAND_SLICES = (64, 128)
 #: DEFAULT_POOL queries, and exact scores on DEFAULT_EXACT_BAND keys either side of each block
 #: (README "Mask quality" has the measurements behind them).
 DEFAULT_POOL = 32
-DEFAULT_EXACT_BAND = 128
+DEFAULT_EXACT_BAND = 64
 #: Marks an option left to the default (None means "off" for exact_band).
 AUTO = "auto"
 DEFAULT_WORKSPACE = 2 << 30

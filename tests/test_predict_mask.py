@@ -209,8 +209,8 @@ def test_exact_band_keeps_each_query_neighbours_where_pooling_blurs():
 
 def test_the_default_pools_sub_blocks_and_scores_the_band_exactly():
     assert make_request(16, 400, 128, "topk", top_k=5).pool == 32
-    assert make_request(16, 400, 128, "topk", top_k=5).exact_band == 128
-    assert make_request(16, 400, 64, "tau", pool=16).exact_band == 128
+    assert make_request(16, 400, 128, "topk", top_k=5).exact_band == 64
+    assert make_request(16, 400, 64, "tau", pool=16).exact_band == 64
     assert make_request(16, 400, 32, "topk", top_k=5).exact_band is None  # no kernel for 32-query bands
     assert make_request(16, 400, 32, "topk", top_k=5).pool == 32
     union = make_request(16, 400, 128, "topk", top_k=5, pool=16, combine="union")

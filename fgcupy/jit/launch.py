@@ -47,13 +47,22 @@ class ParamStruct:
         return f"struct {self.name} {{\n{body}}};\n"
 
     def layout_checks(self) -> str:
-        """C++ static_asserts that the compiler lays the struct out as numpy does."""
-        checks = [f"static_assert(sizeof({self.name}) == {self.dtype.itemsize}, \"{self.name} size\");"]
-        for field, _ in self.fields:
-            offset = self.dtype.fields[field][1]
-            checks.append(f"static_assert(__builtin_offsetof({self.name}, {field}) == {offset}, "
-                          f"\"{self.name}.{field} offset\");")
-        return "\n".join(checks) + "\n"
+        """C++ static_asserts that the compiler gives the struct numpy's size and alignment
+        (NVRTC has no constant offsetof; :meth:`offsets_kernel` checks each field on a GPU)."""
+        return (f"static_assert(sizeof({self.name}) == {self.dtype.itemsize}, \"{self.name} size\");\n"
+                f"static_assert(alignof({self.name}) == {self.dtype.alignment}, \"{self.name} alignment\");\n")
+
+    def offsets_kernel(self) -> str:
+        """Source of ``extern "C" __global__ void offsets(long long* out)`` writing the C++
+        offset of every field, in order (compared with numpy's on a GPU)."""
+        lines = "".join(f"  out[{i}] = reinterpret_cast<const char*>(&s.{field}) - base;\n"
+                        for i, (field, _) in enumerate(self.fields))
+        return (self.cpp() + "extern \"C\" __global__ void offsets(long long* out) {\n"
+                f"  {self.name} s;\n  const char* base = reinterpret_cast<const char*>(&s);\n{lines}}}\n")
+
+    @property
+    def offsets(self) -> list:
+        return [self.dtype.fields[field][1] for field, _ in self.fields]
 
     def pack(self, **values) -> np.void:
         """One struct value; every field must be given (tensors and None become pointers)."""

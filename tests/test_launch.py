@@ -1,0 +1,60 @@
+"""The one launch ABI: Python and C++ agree on every parameter struct's layout (no GPU needed)."""
+
+import numpy as np
+import pytest
+
+from fgcupy.jit.launch import ParamStruct
+from fgcupy.jit.score_spec import SCORE_PARAMS
+
+
+def _nvrtc_accepts(code: str) -> tuple:
+    from cuda.bindings import nvrtc
+
+    err, prog = nvrtc.nvrtcCreateProgram(code.encode(), b"layout.cu", 0, [], [])
+    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
+    try:
+        (result,) = nvrtc.nvrtcCompileProgram(prog, 2, [b"-std=c++17", b"-arch=compute_80"])
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        return result == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
+    finally:
+        nvrtc.nvrtcDestroyProgram(prog)
+
+
+@pytest.mark.parametrize("struct", [SCORE_PARAMS], ids=lambda s: s.name)
+def test_cpp_layout_matches_numpy(struct):
+    ok, log = _nvrtc_accepts(struct.cpp() + struct.layout_checks())
+    assert ok, log
+
+
+def test_a_wrong_layout_is_caught():
+    """The check can fail: a claimed size that the compiler does not give."""
+    struct = ParamStruct("Odd", (("a", "i32"), ("b", "i64")))
+    assert struct.dtype.itemsize == 16
+    wrong = struct.layout_checks().replace("== 16", "== 12")
+    ok, _ = _nvrtc_accepts(struct.cpp() + wrong)
+    assert not ok
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("struct", [SCORE_PARAMS], ids=lambda s: s.name)
+def test_every_field_offset_matches_on_the_gpu(struct):
+    import cupy
+
+    kernel = cupy.RawModule(code=struct.offsets_kernel()).get_function("offsets")
+    out = cupy.zeros(len(struct.fields), dtype=cupy.int64)
+    kernel((1,), (1,), (out,))
+    assert out.get().tolist() == struct.offsets
+
+
+def test_pack_needs_every_field_and_no_other():
+    struct = ParamStruct("P", (("x", "in"), ("n", "i32"), ("s", "f32")))
+    with pytest.raises(TypeError, match=r"missing fields \['s'\]"):
+        struct.pack(x=None, n=1)
+    with pytest.raises(TypeError, match=r"unknown fields \['y'\]"):
+        struct.pack(x=None, n=1, s=0.5, y=2)
+    packed = struct.pack(x=None, n=7, s=0.5)
+    assert packed["n"] == 7 and packed["x"] == 0 and np.float32(packed["s"]) == np.float32(0.5)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        ParamStruct("Q", (("x", "double"),))

@@ -1,0 +1,101 @@
+"""The oracle yardstick and the head families, on small problems (CPU)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fgcupy import mask_reference as ref
+from fgcupy.head_families import FAMILIES, family_qkv, family_shape, mass_fraction
+from fgcupy.oracle import Judge, block_coherence, exact_lse, keys_for
+from fgcupy.reference import relative_l2
+
+SMALL = family_shape("wan14b-480p", grid=(2, 6, 20))  # 240 tokens, head dim 128
+
+
+@given(seed=st.integers(0, 2**16), q_len=st.integers(1, 300), kv_len=st.integers(1, 300),
+       density=st.sampled_from([0.05, 0.1, 0.3, 1.0]))
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_oracle_keeps_the_top_column_maxima_of_the_float64_reference(seed, q_len, kv_len, density):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=gen) * 2 for n in (q_len, kv_len, kv_len))
+    judge = Judge(q, k, v, slice_m=64)
+    # float64 column maxima from scratch
+    logits = q.double() @ k.double().transpose(-1, -2) / 4.0
+    probs = torch.softmax(logits, -1)
+    pad = (-q_len) % 64
+    colmax = torch.nn.functional.pad(probs, (0, 0, 0, pad)).unflatten(2, (-1, 64)).amax(3)
+    kept = judge.oracle(density).to_dense()
+    n = keys_for(density, kv_len)
+    assert (kept.sum(-1) == n).all()
+    # every kept key scores at least every dropped one (up to float32 rounding)
+    low_kept = torch.where(kept, colmax, math.inf).amin(-1)
+    high_dropped = torch.where(kept, -math.inf, colmax).amax(-1)
+    assert (low_kept >= high_dropped * (1 - 1e-4) - 1e-12).all()
+    torch.testing.assert_close(exact_lse(q, k), torch.logsumexp(logits, -1).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_full_density_oracle_is_exact_and_ratio_is_one():
+    q, k, v = family_qkv(SMALL, "window2d", heads=2, dtype=torch.float32)
+    judge = Judge(q, k, v)
+    assert judge.oracle_error(1.0) < 1e-5
+    err, ratio = judge.ratio(judge.oracle(0.2))
+    assert ratio == pytest.approx(1.0) and err > 0
+
+
+def test_block_oracle_is_never_better_than_the_slice_oracle_on_local_heads():
+    q, k, v = family_qkv(family_shape("wan14b-480p", grid=(2, 8, 32)), "gauss-sharp", heads=2, dtype=torch.float32)
+    judge = Judge(q, k, v)
+    assert judge.error(judge.block_oracle(0.25)) > judge.oracle_error(0.25)
+
+
+def test_block_coherence_is_one_for_identical_queries_and_low_for_random_ones():
+    same = torch.ones(1, 1, 200, 8)
+    assert torch.allclose(block_coherence(same, 64), torch.ones(1, 1, 4))
+    rand = torch.randn(1, 1, 256, 64, generator=torch.Generator().manual_seed(0))
+    assert block_coherence(rand, 128).max() < 0.2
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_families_are_seeded_finite_and_span_easy_to_hard(family):
+    q, k, v = family_qkv(SMALL, family, heads=2, seed=3)
+    q2, _, _ = family_qkv(SMALL, family, heads=2, seed=3)
+    assert torch.equal(q, q2)
+    assert q.shape == (1, 2, SMALL.seq + FAMILIES[family].text, 128)
+    assert all(torch.isfinite(t.float()).all() for t in (q, k, v))
+    assert 0.0 < mass_fraction(q, k) <= 1.0
+
+
+def test_sharp_heads_are_concentrated_and_broad_ones_are_not():
+    shape = family_shape("wan14b-480p", grid=(2, 10, 26))
+    sharp = mass_fraction(*family_qkv(shape, "gauss-sharp", heads=2)[:2])
+    broad = mass_fraction(*family_qkv(shape, "sinks-text", heads=2)[:2])
+    assert sharp < 0.05 < broad
+
+
+def test_family_errors():
+    with pytest.raises(ValueError, match="family must be one of"):
+        family_qkv(SMALL, "nope")
+    with pytest.raises(ValueError, match="unknown shape"):
+        family_qkv("tiny", "window2d")
+    with pytest.raises(ValueError, match="heads must be a positive int"):
+        family_qkv(SMALL, "window2d", heads=0)
+    with pytest.raises(ValueError, match="density must be in"):
+        keys_for(0.0, 10)
+
+
+def test_exact_band_default_beats_the_mean_query_on_a_local_family():
+    """On a window head finer than a block, the default (pooled sub-blocks + exact band) is
+    closer to the oracle than one mean query per block."""
+    shape = family_shape("wan14b-480p", grid=(2, 16, 52))
+    q, k, v = family_qkv(shape, "window2d", heads=2)
+    judge = Judge(q, k, v)
+    from fgcupy import predict_mask
+
+    _, default = judge.ratio(predict_mask(q, k, 128, "topk", density=0.1))
+    _, mean = judge.ratio(predict_mask(q, k, 128, "topk", density=0.1, pool=None, exact_band=None))
+    assert default < mean
+    assert relative_l2(judge.dense, judge.dense) == 0.0
+    assert ref.band_bounds(0, 128, 64, 100) == (0, 100)
