@@ -10,40 +10,18 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from . import bridge
-from .jit import AttentionSpec, Sm90AttentionSpec, get_kernel
+from .attention_kernel import SCHEDULES, block_order, launch_attention
+from .jit import AttentionSpec, get_kernel_on
 from .jit.spec import HEAD_DIMS, SLICE_SIZES
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask
+from .tiles import default_config, default_spec  # noqa: F401 - public here since the first release
 
 _DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _INT32_MAX = 2**31 - 1
-SCHEDULES = ("longest_first", "index")
-
-
-def default_config(head_dim: int, slice_m: int) -> dict:
-    """Heuristic tile parameters of the mma.sync kernel (any sm_80+ GPU): 32-key tiles, three
-    stages and two 16-row m-tiles per warp for 128-query slices (the fastest measured on an
-    H100, notes/PERF.md); 64-key tiles, two stages, one m-tile per warp for 64-query slices."""
-    if slice_m == 128:
-        return {"key_tile": 32, "stages": 3, "rows_per_warp": 32}
-    return {"key_tile": 64, "stages": 2, "rows_per_warp": 16}
-
-
-def default_spec(dtype: str, head_dim: int, slice_m: int, arch: str | None = None):
-    """The kernel used when nothing is tuned. On Hopper (``arch`` "sm_90"): the wgmma kernel with
-    64-key tiles; two CTAs per SM for 128-wide heads and 128-query slices, one CTA (three stages
-    for 64-wide heads) otherwise, the winners of the H100 tuning tables in notes/results.
-    Elsewhere the mma.sync kernel of ``default_config``."""
-    if arch == "sm_90":
-        if head_dim == 128 and slice_m == 128:
-            return Sm90AttentionSpec(dtype, head_dim, slice_m, key_tile=64, stages=2, pv=1, ctas_per_sm=2)
-        stages = 3 if head_dim == 64 and slice_m == 128 else 2
-        return Sm90AttentionSpec(dtype, head_dim, slice_m, key_tile=64, stages=stages, pv=1, ctas_per_sm=1)
-    return AttentionSpec(dtype, head_dim, slice_m, **default_config(head_dim, slice_m))
 
 
 class SparseAttention:
@@ -85,9 +63,9 @@ class SparseAttention:
         if mask.slice_m not in SLICE_SIZES:
             raise ValueError(f"mask.slice_m={mask.slice_m} has no compiled kernel; available: {SLICE_SIZES}")
         if spec is None and key_tile is None and stages is None and rows_per_warp is None:
-            from .autotune import planned_spec  # the tuned winner for this GPU and shape, if stored
+            from . import autotune  # the tuned winner for this GPU and shape, if stored
 
-            spec = planned_spec(mask, head_dim, dtype_name)
+            spec = autotune.planned_spec(mask, head_dim, dtype_name)
         if spec is None:
             default = default_config(head_dim, mask.slice_m)
             spec = AttentionSpec(
@@ -107,11 +85,7 @@ class SparseAttention:
             raise ValueError(f"mask capacity {mask.capacity} exceeds int32 offsets")
 
         with torch.cuda.device(mask.device):
-            lengths = mask.row_lengths().reshape(-1)
-            if schedule == "longest_first":
-                order = torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
-            else:
-                order = torch.arange(lengths.numel(), dtype=torch.int32, device=lengths.device)
+            order = block_order(mask, schedule)
             if self._same_shape(mask):
                 self._indptr.copy_(mask.indptr)
                 self._indices.copy_(mask.indices)
@@ -175,21 +149,7 @@ class SparseAttention:
             lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
         scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
-        items = batch * heads * mask.q_blocks
-        if items and q_len:
-            kernel = get_kernel_on(qh.device, self.spec)
-            args = (
-                _ptr(qh), _ptr(kh), _ptr(vh), _ptr(oh), _ptr(lse) if lse is not None else np.uint64(0),
-                _ptr(self._indptr), _ptr(self._indices), _ptr(self._order),
-                np.int32(heads), np.int32(mask.q_blocks), np.int32(q_len), np.int32(mask.kv_len),
-                np.int32(mask.capacity),
-                *_strides(qh), *_strides(kh), *_strides(vh), *_strides(oh),
-                np.float32(scale * math.log2(math.e)),
-            )
-            with bridge.torch_stream(qh.device):
-                kernel((items,), (self.spec.threads,), args, shared_mem=self.spec.smem_bytes)
-        elif lse is not None:
-            lse.fill_(-math.inf)
+        launch_attention(self.spec, qh, kh, vh, oh, lse, mask, self._order, scale)
         result = bridge.to_cupy(out_t) if returns_cupy else out_t
         if return_lse:
             return result, (bridge.to_cupy(lse) if returns_cupy else lse)
@@ -227,13 +187,6 @@ def check_inputs(q, k, v, mask: SliceMask, spec: AttentionSpec) -> None:
         _check_strides(t, name)
 
 
-def get_kernel_on(device: torch.device, spec: AttentionSpec):
-    import cupy
-
-    with cupy.cuda.Device(device.index if device.index is not None else torch.cuda.current_device()):
-        return get_kernel(spec)
-
-
 def _check_strides(t: torch.Tensor, name: str) -> None:
     """The kernel reads rows with 16-byte copies: unit stride over D, 8-element-aligned rows."""
     if t.device.type != "cuda":
@@ -245,12 +198,3 @@ def _check_strides(t: torch.Tensor, name: str) -> None:
             f"{name} rows must start on 16-byte boundaries (strides multiple of 8 elements, "
             f"aligned base); got strides {t.stride()}, address {t.data_ptr():#x}"
         )
-
-
-def _ptr(t: torch.Tensor) -> np.uint64:
-    return np.uint64(t.data_ptr())
-
-
-def _strides(t: torch.Tensor):
-    """Element strides of B, H, S (a dimension of size one contributes nothing)."""
-    return tuple(np.int64(s if n > 1 else 0) for s, n in zip(t.stride()[:3], t.shape[:3]))

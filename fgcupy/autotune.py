@@ -47,8 +47,12 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from .jit import AttentionSpec, KernelCompileError, Sm90AttentionSpec, all_attention_specs, all_sm90_specs
+from . import bridge
+from .attention_kernel import block_order, launch_attention
+from .jit import (AttentionSpec, KernelCompileError, Sm90AttentionSpec, all_attention_specs, all_sm90_specs,
+                  get_kernel_on)
 from .jit.spec import SLICE_SIZES
+from .tiles import default_spec
 from .timing import cuda_time_ms
 from .mask import SliceMask, num_blocks, random_topk_mask
 
@@ -177,10 +181,8 @@ def mask_density_estimate(mask: SliceMask) -> float:
 # Candidates and fit
 # ---------------------------------------------------------------------------------------------
 def heuristic_spec(dtype: str, head_dim: int, slice_m: int, arch: str | None = None) -> AttentionSpec:
-    """The documented default when nothing is tuned: ``attention.default_spec`` (the wgmma
+    """The documented default when nothing is tuned: ``tiles.default_spec`` (the wgmma
     kernel on Hopper, the mma.sync kernel elsewhere)."""
-    from .attention import default_spec
-
     return default_spec(dtype, head_dim, slice_m, arch)
 
 
@@ -409,7 +411,6 @@ class EventMeasure:
                 "reps": self.rounds * self.reps}
 
     def __call__(self, specs: list[AttentionSpec]) -> dict[AttentionSpec, Measurement]:
-        from .attention import SparseAttention, get_kernel_on
         from .reference import reference_attention, relative_l2
 
         key, device = self.key, self.device
@@ -424,14 +425,17 @@ class EventMeasure:
             flops = 4.0 * self.heads * self.q_len * keys_per_row * key.head_dim
             head0 = SliceMask(mask.indptr[:, :1].contiguous(), mask.indices, key.slice_m, self.q_len, self.kv_len)
             ref, _ = reference_attention(q[:, :1], k[:, :1], v[:, :1], head0, rows_per_chunk=2048)
-            plan = SparseAttention()
+            order = block_order(mask)
             out = torch.empty_like(q)
+            scale = 1.0 / math.sqrt(key.head_dim)
+            current = []
 
-            def use(spec):  # re-planning the same mask refills the plan's buffers in place
-                plan.plan(mask, head_dim=key.head_dim, dtype=dtype, spec=spec)
+            def use(spec):
+                get_kernel_on(device, spec)
+                current[:] = [spec]
 
             def run():
-                plan.run(q, k, v, out=out)
+                launch_attention(current[0], q, k, v, out, None, mask, order, scale)
 
             good, registers = [], {}
             for i, spec in enumerate(specs):
@@ -757,9 +761,11 @@ def _event_timer(fn, label=None, warmup: int = 2, reps: int = 7) -> float:
 
 
 def _kernel_attend(q, k, v, mask):
-    from .attention import SparseAttention
-
-    return SparseAttention().plan(mask, head_dim=q.shape[-1], dtype=q.dtype).run(q, k, v)
+    """Attention through the kernel ``SparseAttention.plan`` would pick (contiguous [B, H, S, D])."""
+    out = torch.empty_like(q)
+    spec = planned_spec(mask, q.shape[-1], bridge.dtype_name(q.dtype, "q"))
+    launch_attention(spec, q, k, v, out, None, mask, block_order(mask), 1.0 / math.sqrt(q.shape[-1]))
+    return out
 
 
 def tune_slice(q, k, v, target: float, *, layout: str = "HND", slice_sizes=SLICE_SIZES,
@@ -775,7 +781,6 @@ def tune_slice(q, k, v, target: float, *, layout: str = "HND", slice_sizes=SLICE
     ``fgcupy.scoring.predict_mask``; ``attend(q, k, v, mask)`` to the slice kernel;
     ``timer(fn, label) -> ms`` to CUDA events.
     """
-    from . import bridge
     from .layout import to_bhsd
     from .reference import dense_attention, relative_l2
 

@@ -5,6 +5,7 @@ import pytest
 
 from fgcupy.jit.launch import ParamStruct
 from fgcupy.jit.score_spec import SCORE_PARAMS
+from fgcupy.jit.spec import ATTN_PARAMS
 
 
 def _nvrtc_accepts(code: str) -> tuple:
@@ -22,7 +23,7 @@ def _nvrtc_accepts(code: str) -> tuple:
         nvrtc.nvrtcDestroyProgram(prog)
 
 
-@pytest.mark.parametrize("struct", [SCORE_PARAMS], ids=lambda s: s.name)
+@pytest.mark.parametrize("struct", [SCORE_PARAMS, ATTN_PARAMS], ids=lambda s: s.name)
 def test_cpp_layout_matches_numpy(struct):
     ok, log = _nvrtc_accepts(struct.cpp() + struct.layout_checks())
     assert ok, log
@@ -38,7 +39,7 @@ def test_a_wrong_layout_is_caught():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("struct", [SCORE_PARAMS], ids=lambda s: s.name)
+@pytest.mark.parametrize("struct", [SCORE_PARAMS, ATTN_PARAMS], ids=lambda s: s.name)
 def test_every_field_offset_matches_on_the_gpu(struct):
     import cupy
 

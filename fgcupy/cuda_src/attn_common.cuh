@@ -7,6 +7,25 @@
 #pragma once
 #include "common.cuh"
 
+// The kernels' one AttnParams argument (defined ahead of the source from
+// fgcupy/jit/spec.py: ATTN_PARAMS), unpacked into the names the kernel bodies use.
+#define FG_UNPACK_ATTN_PARAMS(p)                                                      \
+  const u16* __restrict__ q = static_cast<const u16*>(p.q);                          \
+  const u16* __restrict__ k = static_cast<const u16*>(p.k);                          \
+  const u16* __restrict__ v = static_cast<const u16*>(p.v);                          \
+  u16* __restrict__ o = static_cast<u16*>(p.o);                                      \
+  float* __restrict__ lse = static_cast<float*>(p.lse);                              \
+  const int* __restrict__ indptr = static_cast<const int*>(p.indptr);                \
+  const int* __restrict__ indices = static_cast<const int*>(p.indices);              \
+  const int* __restrict__ order = static_cast<const int*>(p.order);                  \
+  const int heads = p.heads, q_blocks = p.q_blocks, q_len = p.q_len;                 \
+  const int kv_len = p.kv_len, capacity = p.capacity;                                \
+  const i64 q_sb = p.q_sb, q_sh = p.q_sh, q_ss = p.q_ss;                             \
+  const i64 k_sb = p.k_sb, k_sh = p.k_sh, k_ss = p.k_ss;                             \
+  const i64 v_sb = p.v_sb, v_sh = p.v_sh, v_ss = p.v_ss;                             \
+  const i64 o_sb = p.o_sb, o_sh = p.o_sh, o_ss = p.o_ss;                             \
+  const float scale_log2 = p.scale_log2
+
 namespace fg {
 
 // The query block a CTA computes and the clamped range of its key list. Blocks come in the

@@ -30,12 +30,8 @@ struct SparseAttnShape {
 
 template <class T, int D, int M, int N, int STAGES, int MT>
 __global__ void __launch_bounds__(M / (16 * MT) * 32, 1)
-sparse_attn_fwd(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-                u16* __restrict__ o, float* __restrict__ lse,
-                const int* __restrict__ indptr, const int* __restrict__ indices,
-                const int* __restrict__ order, int heads, int q_blocks, int q_len, int kv_len,
-                int capacity, i64 q_sb, i64 q_sh, i64 q_ss, i64 k_sb, i64 k_sh, i64 k_ss,
-                i64 v_sb, i64 v_sh, i64 v_ss, i64 o_sb, i64 o_sh, i64 o_ss, float scale_log2) {
+sparse_attn_fwd(const __grid_constant__ AttnParams p) {
+  FG_UNPACK_ATTN_PARAMS(p);
   using S = SparseAttnShape<D, M, N, STAGES, MT>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   u16* sQ = reinterpret_cast<u16*>(smem_raw);

@@ -50,12 +50,8 @@ __device__ __forceinline__ void qk_wgmma(float (&acc)[N / 2], u32 q_half0, u32 k
 
 template <class T, int D, int M, int N, int STAGES, int PV, int CTAS>
 __global__ void __launch_bounds__(M / 64 * 128, CTAS)
-sparse_attn_fwd_sm90(const u16* __restrict__ q, const u16* __restrict__ k, const u16* __restrict__ v,
-                     u16* __restrict__ o, float* __restrict__ lse,
-                     const int* __restrict__ indptr, const int* __restrict__ indices,
-                     const int* __restrict__ order, int heads, int q_blocks, int q_len, int kv_len,
-                     int capacity, i64 q_sb, i64 q_sh, i64 q_ss, i64 k_sb, i64 k_sh, i64 k_ss,
-                     i64 v_sb, i64 v_sh, i64 v_ss, i64 o_sb, i64 o_sh, i64 o_ss, float scale_log2) {
+sparse_attn_fwd_sm90(const __grid_constant__ AttnParams p) {
+  FG_UNPACK_ATTN_PARAMS(p);
   using S = Sm90Shape<D, M, N, STAGES>;
   // Two CTAs per SM leave no registers to hold the next tile's key indices: load them when
   // the tile is issued and let the other CTA hide the latency.

@@ -1,6 +1,6 @@
 """Run-time compilation of fgcupy's CUDA templates (see spec.py, runtime.py, report.py)."""
 
-from .runtime import KernelCompileError, get_kernel
+from .runtime import KernelCompileError, get_kernel, get_kernel_on
 from .spec import AttentionSpec, Sm90AttentionSpec, all_attention_specs, all_sm90_specs
 
-__all__ = ["AttentionSpec", "Sm90AttentionSpec", "KernelCompileError", "all_attention_specs", "all_sm90_specs", "get_kernel"]
+__all__ = ["AttentionSpec", "Sm90AttentionSpec", "KernelCompileError", "all_attention_specs", "all_sm90_specs", "get_kernel", "get_kernel_on"]

@@ -3,8 +3,8 @@
 A :class:`ParamStruct` lists its fields as (name, kind). From that one list come the C++
 definition (prepended to the kernel source at compile time, so the kernel reads
 ``const __grid_constant__ Name p``) and the numpy structured dtype the host packs; the two
-layouts cannot drift. :func:`kernel_source` is what both compile paths (the runtime and the
-no-GPU ptxas reports) build, and :func:`launch` runs a spec on torch's current stream.
+layouts cannot drift (``source.kernel_source`` puts it ahead of the kernel's source for both
+compile paths). :func:`launch` runs a spec on torch's current stream.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from functools import cached_property
 
 import numpy as np
 
-from .source import read_source
 
 #: Field kinds: C++ type and numpy type (pointers travel as 64-bit integers).
 KINDS = {
@@ -79,23 +78,11 @@ class ParamStruct:
         return packed[()]
 
 
-def kernel_source(spec) -> str:
-    """The code NVRTC compiles for ``spec``: its parameter struct (if any), then its source."""
-    params = getattr(spec, "params", None)
-    prefix = "" if params is None else params.cpp()
-    return prefix + read_source(spec.source)
-
-
 def launch(spec, device, grid, params: np.void, shared_mem: int | None = None) -> None:
     """Run ``spec`` with one packed parameter struct on torch's current stream of ``device``."""
-    import cupy
-    import torch
-
     from .. import bridge
-    from .runtime import get_kernel
+    from .runtime import get_kernel_on
 
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with cupy.cuda.Device(index):
-        kernel = get_kernel(spec)
+    kernel = get_kernel_on(device, spec)
     with bridge.torch_stream(device):
         kernel(tuple(grid), (spec.threads,), (params,), shared_mem=spec.smem_bytes if shared_mem is None else shared_mem)

@@ -10,8 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .launch import kernel_source
-from .source import nvrtc_options
+from .source import kernel_source, nvrtc_options
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,7 @@ import logging
 import threading
 import time
 
-from .launch import kernel_source
-from .source import nvrtc_options
+from .source import kernel_source, nvrtc_options
 
 log = logging.getLogger("fgcupy")
 
@@ -43,6 +42,15 @@ def get_kernel(spec):
             kernel = _compile(spec)
             _kernels[key] = kernel
     return kernel
+
+
+def get_kernel_on(device, spec):
+    """``get_kernel`` on a torch device (its index, or torch's current device)."""
+    import cupy
+    import torch
+
+    with cupy.cuda.Device(device.index if device.index is not None else torch.cuda.current_device()):
+        return get_kernel(spec)
 
 
 def _compile(spec):

@@ -39,3 +39,10 @@ def nvrtc_options() -> tuple[str, ...]:
         f"-I{SOURCE_DIR}",
         f"-DFGCUPY_SRC_HASH=0x{source_hash()}ULL",
     )
+
+
+def kernel_source(spec) -> str:
+    """The code NVRTC compiles for ``spec``: its parameter struct (if any), then its source."""
+    params = getattr(spec, "params", None)
+    prefix = "" if params is None else params.cpp()
+    return prefix + read_source(spec.source)

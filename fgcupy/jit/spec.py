@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .launch import ParamStruct
+
 DTYPES = ("bfloat16", "float16")
 HEAD_DIMS = (64, 128)
 SLICE_SIZES = (64, 128)
@@ -23,9 +25,24 @@ _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 MAX_SMEM_BYTES_SM80 = 163 * 1024
 
 
+#: The attention kernels' one argument (cuda_src/attn_common.cuh unpacks it; both kernels take
+#: the same struct): tensors, the mask's CSR and the launch order, sizes, [B, H, S] element
+#: strides of q, k, v, o, and the softmax scale times log2(e).
+ATTN_PARAMS = ParamStruct("AttnParams", (
+    ("q", "in"), ("k", "in"), ("v", "in"), ("o", "out"), ("lse", "out"),
+    ("indptr", "in"), ("indices", "in"), ("order", "in"),
+    ("heads", "i32"), ("q_blocks", "i32"), ("q_len", "i32"), ("kv_len", "i32"), ("capacity", "i32"),
+    ("q_sb", "i64"), ("q_sh", "i64"), ("q_ss", "i64"), ("k_sb", "i64"), ("k_sh", "i64"), ("k_ss", "i64"),
+    ("v_sb", "i64"), ("v_sh", "i64"), ("v_ss", "i64"), ("o_sb", "i64"), ("o_sh", "i64"), ("o_ss", "i64"),
+    ("scale_log2", "f32"),
+))
+
+
 class _AttentionKernelSpec:
     """What both attention specs derive the same way from their template arguments: the readable
     name, the C++ name expression, the launch width and the dynamic shared memory."""
+
+    params = ATTN_PARAMS
 
     # Subclasses set: source, template, name_prefix, arch, extra_options, _smem_slack.
     _smem_slack = 0
