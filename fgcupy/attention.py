@@ -8,19 +8,20 @@ the same shape refills the plan's own buffers in place, so a captured CUDA graph
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 from . import bridge
-from .attention_kernel import SCHEDULES, block_order, launch_attention
+from .attention_kernel import SCHEDULES, block_order, check_inputs, check_strides  # noqa: F401 - public here
 from .jit import AttentionSpec, get_kernel_on
+from .ops import spec_token
 from .jit.spec import HEAD_DIMS, SLICE_SIZES
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask
 from .tiles import default_config, default_spec  # noqa: F401 - public here since the first release
 
-_DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 _INT32_MAX = 2**31 - 1
 
 
@@ -79,12 +80,10 @@ class SparseAttention:
                 f"spec {spec.name} is for (dtype, head_dim, slice_m)={(spec.dtype, spec.head_dim, spec.slice_m)}, "
                 f"the plan asks for {(dtype_name, head_dim, mask.slice_m)}"
             )
-        if mask.device.type != "cuda":
-            raise ValueError(f"mask must be on a CUDA device to plan, got {mask.device} (use mask.to('cuda'))")
         if mask.capacity > _INT32_MAX:
             raise ValueError(f"mask capacity {mask.capacity} exceeds int32 offsets")
 
-        with torch.cuda.device(mask.device):
+        with torch.cuda.device(mask.device) if mask.device.type == "cuda" else contextlib.nullcontext():
             order = block_order(mask, schedule)
             if self._same_shape(mask):
                 self._indptr.copy_(mask.indptr)
@@ -94,7 +93,8 @@ class SparseAttention:
                 self._indptr = mask.indptr.contiguous().clone()
                 self._indices = mask.indices.contiguous().clone()
                 self._order = order
-            get_kernel_on(mask.device, spec)
+            if mask.device.type == "cuda":
+                get_kernel_on(mask.device, spec)
         self.spec = spec
         self.mask = SliceMask(self._indptr, self._indices, mask.slice_m, mask.q_len, mask.kv_len)
         return self
@@ -115,86 +115,75 @@ class SparseAttention:
         q: [B, H, q_len, D] (layout "HND") or [B, q_len, H, D] ("NHD"); k, v likewise with kv_len.
         Returns ``out`` (same type and layout as q), and float32 ``lse`` [B, H, q_len] (natural
         log) if ``return_lse``. ``out``/``lse`` may be given to write into existing buffers.
+        One ``torch.ops.fgcupy.sparse_attention_`` call: torch.compile and CUDA graphs take it.
         """
         if self.spec is None:
             raise RuntimeError("SparseAttention.run called before plan(mask, ...)")
-        check_layout(layout)
-        returns_cupy = bridge.is_cupy_array(q)
-        q_t, k_t, v_t = (bridge.to_torch(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
-        qh, kh, vh = (to_bhsd(x, layout) for x in (q_t, k_t, v_t))
-        check_inputs(qh, kh, vh, self.mask, self.spec)
-        mask = self.mask
-        if out is None:
-            out_t = torch.empty_like(q_t)
-        else:
-            out_t = bridge.to_torch(out, "out")
-            if out_t.shape != q_t.shape or out_t.dtype != q_t.dtype or out_t.device != q_t.device:
-                raise ValueError(
-                    f"out must match q: expected shape {tuple(q_t.shape)}, {q_t.dtype}, {q_t.device}; "
-                    f"got {tuple(out_t.shape)}, {out_t.dtype}, {out_t.device}"
-                )
-        oh = to_bhsd(out_t, layout)
-        _check_strides(oh, "out")
-        batch, heads, q_len, head_dim = qh.shape
-        if lse is not None:
-            lse = bridge.to_torch(lse, "lse")
-            expected = (batch, heads, q_len)
-            if tuple(lse.shape) != expected or lse.dtype != torch.float32 or lse.device != qh.device or not lse.is_contiguous():
-                raise ValueError(
-                    f"lse must be a contiguous float32 tensor of shape {expected} on {qh.device}; "
-                    f"got {tuple(lse.shape)}, {lse.dtype}, {lse.device}"
-                )
-            return_lse = True
-        elif return_lse:
-            lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
-        scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+        return _attend(q, k, v, self.mask, self.spec, self._order, scale, layout, out, return_lse, lse)
 
-        launch_attention(self.spec, qh, kh, vh, oh, lse, mask, self._order, scale)
-        result = bridge.to_cupy(out_t) if returns_cupy else out_t
-        if return_lse:
-            return result, (bridge.to_cupy(lse) if returns_cupy else lse)
-        return result
+
+def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_lse, lse):
+    """Check, allocate what is missing, and call the op (``spec`` None: the op picks as plan would)."""
+    check_layout(layout)
+    returns_cupy = bridge.is_cupy_array(q)
+    q_t, k_t, v_t = (bridge.to_torch(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    qh, kh, vh = (to_bhsd(x, layout) for x in (q_t, k_t, v_t))
+    if qh.device.type == "cuda":
+        check_inputs(qh, kh, vh, mask, spec or _spec_like(qh, mask))
+    else:
+        check_inputs(qh, kh, vh, mask)  # the reference takes any floating dtype
+    if out is None:
+        out_t = torch.empty_like(q_t)
+    else:
+        out_t = bridge.to_torch(out, "out")
+        if out_t.shape != q_t.shape or out_t.dtype != q_t.dtype or out_t.device != q_t.device:
+            raise ValueError(
+                f"out must match q: expected shape {tuple(q_t.shape)}, {q_t.dtype}, {q_t.device}; "
+                f"got {tuple(out_t.shape)}, {out_t.dtype}, {out_t.device}"
+            )
+    oh = to_bhsd(out_t, layout)
+    batch, heads, q_len, head_dim = qh.shape
+    if lse is not None:
+        lse = bridge.to_torch(lse, "lse")
+        expected = (batch, heads, q_len)
+        if tuple(lse.shape) != expected or lse.dtype != torch.float32 or lse.device != qh.device or not lse.is_contiguous():
+            raise ValueError(
+                f"lse must be a contiguous float32 tensor of shape {expected} on {qh.device}; "
+                f"got {tuple(lse.shape)}, {lse.dtype}, {lse.device}"
+            )
+        return_lse = True
+    elif return_lse:
+        lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    torch.ops.fgcupy.sparse_attention_(qh, kh, vh, oh, lse, mask.indptr, mask.indices, order, mask.slice_m, scale,
+                                       spec_token(spec))
+    result = bridge.to_cupy(out_t) if returns_cupy else out_t
+    if return_lse:
+        return result, (bridge.to_cupy(lse) if returns_cupy else lse)
+    return result
+
+
+def _spec_like(q, mask: SliceMask):
+    """The default spec of q's dtype and head dim (what input checks compare against)."""
+    dtype = bridge.dtype_name(q.dtype, "q")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"head_dim {q.shape[-1]} has no compiled kernel; available: {HEAD_DIMS}")
+    if mask.slice_m not in SLICE_SIZES:
+        raise ValueError(f"mask.slice_m={mask.slice_m} has no compiled kernel; available: {SLICE_SIZES}")
+    return default_spec(dtype, q.shape[-1], mask.slice_m)
+
 
 def sparse_attention(q, k, v, mask: SliceMask, scale: float | None = None, layout: str = "HND",
                      out=None, return_lse: bool = False, **tile):
-    """One-shot slice-sparse attention: ``plan`` + ``run``. Prefer a ``SparseAttention`` object
-    when the same mask serves several calls. ``tile`` takes ``plan``'s key_tile, stages,
-    rows_per_warp, schedule and spec."""
+    """One-shot slice-sparse attention. With no ``tile`` option the op picks the kernel as
+    ``plan`` would (and CPU tensors get the reference); ``tile`` takes ``plan``'s key_tile,
+    stages, rows_per_warp, schedule and spec. Prefer a ``SparseAttention`` object when the same
+    mask serves several calls."""
     check_layout(layout)
-    q_t = bridge.to_torch(q, "q")
-    plan = SparseAttention().plan(mask, head_dim=q_t.shape[-1], dtype=q_t.dtype, **tile)
-    return plan.run(q, k, v, scale=scale, layout=layout, out=out, return_lse=return_lse)
-
-
-def check_inputs(q, k, v, mask: SliceMask, spec: AttentionSpec) -> None:
-    """ValueError/TypeError naming expected and actual for anything the kernel cannot take."""
-    expected_dtype = _DTYPE_BY_NAME[spec.dtype]
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dtype != expected_dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, the plan expects {expected_dtype}")
-        if t.device != mask.device:
-            raise ValueError(f"{name} is on {t.device}, the mask and plan are on {mask.device}")
-        if t.shape[-1] != spec.head_dim:
-            raise ValueError(f"{name} has head dim {t.shape[-1]}, the plan was made for {spec.head_dim}")
-    expected_q = (mask.batch, mask.heads, mask.q_len, spec.head_dim)
-    expected_kv = (mask.batch, mask.heads, mask.kv_len, spec.head_dim)
-    if tuple(q.shape) != expected_q:
-        raise ValueError(f"q has [B, H, S, D] shape {tuple(q.shape)}, the mask expects {expected_q}")
-    for name, t in (("k", k), ("v", v)):
-        if tuple(t.shape) != expected_kv:
-            raise ValueError(f"{name} has [B, H, S, D] shape {tuple(t.shape)}, the mask expects {expected_kv}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_strides(t, name)
-
-
-def _check_strides(t: torch.Tensor, name: str) -> None:
-    """The kernel reads rows with 16-byte copies: unit stride over D, 8-element-aligned rows."""
-    if t.device.type != "cuda":
-        raise ValueError(f"{name} must be a CUDA tensor, got device {t.device}")
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous along the head dim (stride 1), got strides {t.stride()}")
-    if any(s % 8 for s, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1) or t.data_ptr() % 16:
-        raise ValueError(
-            f"{name} rows must start on 16-byte boundaries (strides multiple of 8 elements, "
-            f"aligned base); got strides {t.stride()}, address {t.data_ptr():#x}"
-        )
+    if not isinstance(mask, SliceMask):
+        raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
+    if tile:
+        q_t = bridge.to_torch(q, "q")
+        plan = SparseAttention().plan(mask, head_dim=q_t.shape[-1], dtype=q_t.dtype, **tile)
+        return plan.run(q, k, v, scale=scale, layout=layout, out=out, return_lse=return_lse)
+    return _attend(q, k, v, mask, None, None, scale, layout, out, return_lse, None)

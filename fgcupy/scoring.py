@@ -139,11 +139,20 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
         if tuple(lse_t.shape) != expected or lse_t.dtype != torch.float32 or lse_t.device != qh.device:
             raise ValueError(f"lse must be float32 {expected} on {qh.device}; got {tuple(lse_t.shape)}, "
                              f"{lse_t.dtype}, {lse_t.device}")
+    if qh.device.type == "cuda":
+        bridge.dtype_name(qh.dtype, "q")
+        if kh.dtype != qh.dtype:
+            raise TypeError(f"k has dtype {kh.dtype}, q has {qh.dtype}")
+    if req.rule == "topk" and req.kind in ("mean", "submax") and workspace_bytes == DEFAULT_WORKSPACE:
+        # Sizes known from the shapes: one custom op (fgcupy.ops, registered when the package
+        # loads), which torch.compile and CUDA graphs take.
+        indptr, indices = torch.ops.fgcupy.predict_topk(
+            qh, kh, req.slice_m, req.top_k, req.pool, -1 if req.exact_band is None else req.exact_band,
+            req.min_keys, -1 if req.max_keys is None else req.max_keys, -1 if req.local is None else req.local,
+            req.scale, req.logits_dtype == torch.float16)
+        return SliceMask(indptr, indices, req.slice_m, qh.shape[2], kh.shape[2])
     if qh.device.type != "cuda":
         return _predict_reference(qh, kh, req, lse_t)
-    bridge.dtype_name(qh.dtype, "q")
-    if kh.dtype != qh.dtype:
-        raise TypeError(f"k has dtype {kh.dtype}, q has {qh.dtype}")
     return _GpuPrediction(qh, kh, req, lse_t, workspace_bytes).run()
 
 

@@ -4,8 +4,8 @@ the GPU. These run without one: planning checks come before any CUDA call."""
 import pytest
 import torch
 
-from fgcupy import SliceMask, SparseAttention, sparse_attention
-from fgcupy.attention import check_inputs
+from fgcupy import SliceMask, SparseAttention, reference_attention, sparse_attention
+from fgcupy.attention import check_inputs, check_strides
 from fgcupy.jit import AttentionSpec
 
 MASK = SliceMask.full(1, 2, 100, 80, 64)
@@ -18,7 +18,6 @@ MASK = SliceMask.full(1, 2, 100, 80, 64)
         (dict(dtype=torch.float32), TypeError, r"dtype must be torch.bfloat16 or torch.float16, got torch.float32"),
         (dict(head_dim=96), ValueError, r"head_dim 96 has no compiled kernel; available: \(64, 128\)"),
         (dict(mask=SliceMask.full(1, 1, 64, 64, 16)), ValueError, r"mask.slice_m=16 has no compiled kernel"),
-        (dict(), ValueError, r"mask must be on a CUDA device to plan, got cpu"),
         (dict(key_tile=48), ValueError, r"key_tile must be one of \(32, 64, 128\), got 48"),
         (dict(schedule="random"), ValueError, r"schedule must be one of \('longest_first', 'index'\)"),
         (dict(spec=AttentionSpec("bfloat16", 64, 64), stages=3), ValueError,
@@ -54,7 +53,7 @@ SPEC = AttentionSpec("bfloat16", 64, 64, 64, 2)
         (_qkv(q_len=99), ValueError, r"q has \[B, H, S, D\] shape \(1, 2, 99, 64\), the mask expects \(1, 2, 100, 64\)"),
         (_qkv(kv_len=81), ValueError, r"k has \[B, H, S, D\] shape \(1, 2, 81, 64\), the mask expects \(1, 2, 80, 64\)"),
         (_qkv(heads=3), ValueError, r"q has \[B, H, S, D\] shape \(1, 3, 100, 64\)"),
-        (_qkv(), ValueError, r"q must be a CUDA tensor, got device cpu"),
+        (_qkv(dtype=torch.float32), TypeError, r"q has dtype torch.float32, the plan expects torch.bfloat16"),
     ],
 )
 def test_input_checks(inputs, error, message):
@@ -63,9 +62,11 @@ def test_input_checks(inputs, error, message):
 
 
 def test_strides_checked_before_launch():
-    q, k, v = _qkv()
-    with pytest.raises(ValueError, match=r"q must be a CUDA tensor"):
-        check_inputs(q[..., ::2].repeat(1, 1, 1, 2), k, v, MASK, SPEC)
+    q, _, _ = _qkv()
+    with pytest.raises(ValueError, match=r"q must be contiguous along the head dim"):
+        check_strides(q.transpose(2, 3).contiguous().transpose(2, 3), "q")
+    with pytest.raises(ValueError, match=r"q rows must start on 16-byte boundaries"):
+        check_strides(torch.zeros(1, 2, 100, 68, dtype=torch.bfloat16)[..., :64], "q")
 
 
 def test_one_shot_rejects_bad_layout_and_types():
@@ -74,5 +75,20 @@ def test_one_shot_rejects_bad_layout_and_types():
         sparse_attention(q, k, v, MASK, layout="BSHD")
     with pytest.raises(TypeError, match=r"q must be a torch.Tensor or a cupy.ndarray, got list"):
         sparse_attention([1, 2], k, v, MASK)
-    with pytest.raises(ValueError, match=r"mask must be on a CUDA device"):
-        sparse_attention(q, k, v, MASK)
+    with pytest.raises(TypeError, match=r"mask must be a fgcupy.SliceMask, got str"):
+        sparse_attention(q, k, v, "mask")
+    with pytest.raises(TypeError, match=r"q must have a floating dtype, got torch.int32"):
+        sparse_attention(*(t.to(torch.int32) for t in (q, k, v)), MASK)
+
+
+def test_cpu_plans_and_one_shot_calls_run_the_reference():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 64, generator=gen) for n in (100, 80, 80))
+    expected, lse = reference_attention(q, k, v, MASK)
+    torch.testing.assert_close(sparse_attention(q, k, v, MASK), expected)
+    attn = SparseAttention().plan(MASK, head_dim=64, dtype=torch.bfloat16)
+    qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+    out, got_lse = attn.run(qb, kb, vb, return_lse=True)
+    ref_b, ref_lse = reference_attention(qb, kb, vb, MASK)
+    torch.testing.assert_close(out, ref_b.bfloat16())
+    torch.testing.assert_close(got_lse, ref_lse)
