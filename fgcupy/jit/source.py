@@ -6,7 +6,19 @@ import hashlib
 from functools import lru_cache
 from pathlib import Path
 
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "cuda_src"
+_PACKAGE = Path(__file__).resolve().parent.parent
+
+
+def _source_dir() -> Path:
+    """cuda_src/ inside the installed package, else the repository's top-level cuda_src/ (a work
+    tree on PYTHONPATH)."""
+    for candidate in (_PACKAGE / "cuda_src", _PACKAGE.parent / "cuda_src"):
+        if (candidate / "common.cuh").is_file():
+            return candidate
+    return _PACKAGE / "cuda_src"  # read_source names it in its error
+
+
+SOURCE_DIR = _source_dir()
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,72 @@
+"""Pictures of slice masks (matplotlib, the optional ``plot`` extra).
+
+One panel per mask: query blocks down, keys across, kept slices lit, the 128x128 block cover
+(what a block-sparse kernel would have to compute) shaded behind them, and each block's
+density in a bar beside it. Long key axes are binned: a pixel shows the fraction of its keys
+kept.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .mask import SliceMask, num_blocks
+
+
+def _matplotlib():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("mask pictures need matplotlib: pip install 'fgcupy[plot]'") from err
+    return plt
+
+
+def mask_image(mask: SliceMask, batch: int = 0, head: int = 0, max_columns: int = 2048) -> torch.Tensor:
+    """float32 [QB, columns]: the fraction of keys kept in each (block, key bin) of one head."""
+    if not (0 <= batch < mask.batch and 0 <= head < mask.heads):
+        raise ValueError(f"(batch, head) must index the mask's {(mask.batch, mask.heads)}, got {(batch, head)}")
+    if max_columns < 1:
+        raise ValueError(f"max_columns must be positive, got {max_columns}")
+    one = SliceMask(mask.indptr[batch : batch + 1, head : head + 1].contiguous(), mask.indices, mask.slice_m,
+                    mask.q_len, mask.kv_len)
+    dense = one.to_dense()[0, 0].float().cpu()
+    per_bin = num_blocks(mask.kv_len, max_columns)
+    pad = (-mask.kv_len) % per_bin
+    return torch.nn.functional.pad(dense, (0, pad)).unflatten(1, (-1, per_bin)).mean(2)
+
+
+def draw_masks(masks: dict, path, batch: int = 0, head: int = 0, block_size: int = 128, max_columns: int = 2048,
+               title: str | None = None):
+    """Draw ``{label: SliceMask}`` side by side into ``path`` (PNG); returns the figure's path."""
+    if not masks:
+        raise ValueError("draw_masks needs at least one mask")
+    plt = _matplotlib()
+    fig, axes = plt.subplots(1, 2 * len(masks), figsize=(6.5 * len(masks), 5),
+                             gridspec_kw={"width_ratios": [8, 1] * len(masks)}, squeeze=False)
+    for i, (label, mask) in enumerate(masks.items()):
+        image = mask_image(mask, batch, head, max_columns)
+        ax, bar = axes[0, 2 * i], axes[0, 2 * i + 1]
+        extent = (0, mask.kv_len, mask.q_len, 0)
+        if block_size % mask.slice_m == 0:
+            cover = mask.block_cover(block_size)[batch, head].float().cpu()
+            ax.imshow(cover, cmap="Blues", vmin=0, vmax=3, extent=extent, aspect="auto", interpolation="nearest")
+        shown = torch.where(image > 0, image, torch.nan)
+        ax.imshow(shown, cmap="magma_r", vmin=0, vmax=1, extent=extent, aspect="auto", interpolation="nearest")
+        ax.set_title(f"{label}: density {float(image.mean()):.3f}")
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+        rows = image.mean(1)
+        bar.barh(torch.arange(rows.numel()) * mask.slice_m + mask.slice_m / 2, rows, height=mask.slice_m, color="0.3")
+        bar.set_ylim(mask.q_len, 0)
+        bar.set_xlim(0, max(float(rows.max()), 1e-3) * 1.1)
+        bar.set_xlabel("density")
+        bar.set_yticks([])
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,33 @@
+"""Mask pictures (matplotlib): the binned image and the PNG."""
+
+import pytest
+import torch
+
+from fgcupy import SliceMask
+from fgcupy.plot import draw_masks, mask_image
+
+pytest.importorskip("matplotlib")
+
+
+def _mask():
+    dense = torch.zeros(1, 2, 4, 300, dtype=torch.bool)
+    dense[0, 0, 0, :10] = True
+    dense[0, 1, 3, 290:] = True
+    return SliceMask.from_dense(dense, 64, 256)
+
+
+def test_mask_image_bins_keys_into_kept_fractions():
+    image = mask_image(_mask(), head=0, max_columns=30)
+    assert image.shape == (4, 30)
+    assert image[0, 0] == 1.0 and image[0, 1:].sum() == 0 and image[1:].sum() == 0
+    image = mask_image(_mask(), head=1, max_columns=300)
+    assert image[3, 290:].all() and image.sum() == 10
+    with pytest.raises(ValueError, match=r"\(batch, head\) must index the mask's \(1, 2\), got \(0, 2\)"):
+        mask_image(_mask(), head=2)
+
+
+def test_draw_masks_writes_a_png(tmp_path):
+    path = draw_masks({"a": _mask(), "b": _mask()}, tmp_path / "m.png", head=1, block_size=128, title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="at least one mask"):
+        draw_masks({}, tmp_path / "n.png")
