@@ -38,6 +38,7 @@ from fgcupy import SliceMask, mask_drift, mask_kernels, predict_mask, scoring
 from fgcupy import mask_reference as ref
 from fgcupy.head_families import FAMILIES, family_qkv, mass_fraction
 from fgcupy.oracle import Judge, block_coherence
+from fgcupy.progress import progress_bar
 from fgcupy.reference import dense_attention, reference_attention, relative_l2
 from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
 
@@ -130,7 +131,7 @@ def _measure(pattern, method, param, make, qual):
 def family_rows(args, shape, device):
     """Every predictor's error / the oracle slice mask's error, per head family and density."""
     rows = []
-    for family in args.families:
+    for family in progress_bar(args.families, desc="head families"):
         q, k, v = family_qkv(shape, family, heads=args.family_heads, seed=args.seed, device=device)
         judge = Judge(q, k, v)
         coherence = block_coherence(q)

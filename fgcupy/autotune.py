@@ -53,6 +53,7 @@ from .jit import (AttentionSpec, KernelCompileError, Sm90AttentionSpec, all_atte
                   get_kernel_on)
 from .jit.spec import SLICE_SIZES
 from .tiles import default_spec
+from .progress import progress_bar
 from .timing import cuda_time_ms
 from .mask import SliceMask, num_blocks, random_topk_mask
 
@@ -438,7 +439,7 @@ class EventMeasure:
                 launch_attention(current[0], q, k, v, out, None, mask, order, scale)
 
             good, registers = [], {}
-            for i, spec in enumerate(specs):
+            for i, spec in enumerate(progress_bar(specs, desc="fgcupy autotune: load + check")):
                 self.progress(f"  [{i + 1}/{len(specs)}] load + check {spec.name}")
                 try:
                     registers[spec] = getattr(get_kernel_on(device, spec), "num_regs", None)
@@ -458,9 +459,11 @@ class EventMeasure:
             torch.cuda.synchronize(device)
             samples = {s: [] for s in good}
             stream = torch.cuda.current_stream(device)
+            bar = progress_bar(total=self.rounds * len(good), desc="fgcupy autotune: timing")
             for r in range(self.rounds):
                 self.progress(f"  round {r + 1}/{self.rounds}: {len(good)} candidates x {self.reps} reps")
                 for spec in (good if r % 2 == 0 else good[::-1]):
+                    bar.update()
                     use(spec)
                     run()
                     events = []
@@ -472,6 +475,7 @@ class EventMeasure:
                         events.append((start, stop))
                     events[-1][1].synchronize()
                     samples[spec].extend(a.elapsed_time(b) for a, b in events)
+            bar.close()
             for spec, times in samples.items():
                 ms = statistics.median(times)
                 results[spec] = Measurement(ms, flops / (ms * 1e-3) / 1e12, registers=registers.get(spec))
