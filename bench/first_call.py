@@ -1,0 +1,55 @@
+"""Time of the first sparse_attention of a new process, cold (empty kernel cache) and warm.
+
+    python -m bench.first_call            (GPU; spawns fresh processes, prints both and a profile)
+
+Each measurement is a new Python process that imports torch (not counted: a model has it
+already), then times ``import fgcupy`` plus the first ``sparse_attention`` call until its
+result is on the host. "cold" points CUPY_CACHE_DIR at an empty folder; "warm" reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+CHILD = r"""
+import cProfile, io, json, pstats, sys, time
+import torch
+torch.cuda.init()
+q = torch.randn(1, 2, 1024, 128, device="cuda", dtype=torch.bfloat16)
+torch.cuda.synchronize()
+prof = cProfile.Profile()
+t0 = time.perf_counter()
+prof.enable()
+import fgcupy
+mask = fgcupy.SliceMask.full(1, 2, 1024, 1024, 128, device="cuda")
+out = fgcupy.sparse_attention(q, q, q, mask)
+torch.cuda.synchronize()
+prof.disable()
+total = time.perf_counter() - t0
+buf = io.StringIO()
+pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(25)
+print(json.dumps({"seconds": total, "profile": buf.getvalue()}))
+"""
+
+
+def run_child(cache_dir: str, autotune_dir: str) -> dict:
+    env = dict(os.environ, CUPY_CACHE_DIR=cache_dir, FGCUPY_CACHE_DIR=autotune_dir)
+    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    cache, tuned = tempfile.mkdtemp(prefix="fgcupy-first-call-"), tempfile.mkdtemp(prefix="fgcupy-tune-")
+    cold = run_child(cache, tuned)
+    warm = [run_child(cache, tuned) for _ in range(3)]
+    print(f"first sparse_attention of a process (import fgcupy included): cold {cold['seconds'] * 1e3:.0f} ms, "
+          f"warm {', '.join(f'{w['seconds'] * 1e3:.0f}' for w in warm)} ms")
+    print("\nwarm profile (cumulative):\n" + warm[-1]["profile"])
+
+
+if __name__ == "__main__":
+    main()
