@@ -46,8 +46,9 @@ def main() -> None:
     cache, tuned = tempfile.mkdtemp(prefix="fgcupy-first-call-"), tempfile.mkdtemp(prefix="fgcupy-tune-")
     cold = run_child(cache, tuned)
     warm = [run_child(cache, tuned) for _ in range(3)]
+    warm_ms = ", ".join(f"{w['seconds'] * 1e3:.0f}" for w in warm)
     print(f"first sparse_attention of a process (import fgcupy included): cold {cold['seconds'] * 1e3:.0f} ms, "
-          f"warm {', '.join(f'{w['seconds'] * 1e3:.0f}' for w in warm)} ms")
+          f"warm {warm_ms} ms")
     print("\nwarm profile (cumulative):\n" + warm[-1]["profile"])
 
 
