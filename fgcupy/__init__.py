@@ -1,6 +1,6 @@
 """fgcupy: fine-grained (M x 1 slice) sparse attention for video diffusion transformers."""
 
-from . import ops, workloads  # ops: registers torch.ops.fgcupy (custom ops for torch.compile)
+from . import workloads
 from .attention import SparseAttention, sparse_attention
 from .cache import MaskCache, mask_drift
 from .jit import AttentionSpec, KernelCompileError

@@ -16,6 +16,7 @@ import torch
 from . import bridge
 from .attention_kernel import SCHEDULES, block_order, check_inputs, check_strides  # noqa: F401 - public here
 from .jit import AttentionSpec, get_kernel_on
+from . import ops
 from .ops import spec_token
 from .jit.spec import HEAD_DIMS, SLICE_SIZES
 from .layout import check_layout, to_bhsd
@@ -155,8 +156,7 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
     elif return_lse:
         lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    torch.ops.fgcupy.sparse_attention_(qh, kh, vh, oh, lse, mask.indptr, mask.indices, order, mask.slice_m, scale,
-                                       spec_token(spec))
+    ops.attend(qh, kh, vh, oh, lse, mask.indptr, mask.indices, order, mask.slice_m, scale, spec_token(spec))
     result = bridge.to_cupy(out_t) if returns_cupy else out_t
     if return_lse:
         return result, (bridge.to_cupy(lse) if returns_cupy else lse)

@@ -98,7 +98,7 @@ def test_exact_band_scores(p, slice_m, band):
     q, k = _inputs(p["seed"], p["batch"], p["heads"], p["q_len"], p["kv_len"], p["dim"], p["dtype"], p["layout"])
     pool = min(p["pool"], slice_m)
     req = scoring.make_request(p["dim"], p["kv_len"], slice_m, "topk", top_k=1, pool=pool, exact_band=band)
-    pred = scoring._GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
+    pred = scoring.GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
     got, _ = pred._scores(0, pred.bh)
     rows = ref.rounded(ref.pool_queries(q, pool), q.dtype)
     _, sub_lse = ref.logits_and_lse(rows, k, req.scale)

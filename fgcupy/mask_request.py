@@ -1,0 +1,156 @@
+"""The options of one mask prediction, checked once: ``make_request`` -> ``MaskRequest``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import mask_reference as ref
+from .mask_kernels import RULE_IDS
+
+METHODS = ("topk", "tau", "threshold", "colmax")
+COMBINES = ("max", "union")
+#: Slice sizes the exact band takes (one query block per scoring CTA of 4 or 8 warps).
+EXACT_BAND_SLICES = (64, 128)
+#: The shipped default of mean-query methods (combine "max", slice_m 64 or 128): sub-blocks of
+#: DEFAULT_POOL queries, and exact scores on DEFAULT_EXACT_BAND keys either side of each block
+#: (README "Mask quality" has the measurements behind them).
+DEFAULT_POOL = 32
+DEFAULT_EXACT_BAND = 64
+#: Marks an option left to the default (None means "off" for exact_band).
+AUTO = "auto"
+_INT32_MAX = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class MaskRequest:
+    """Validated parameters of one prediction."""
+
+    method: str
+    rule: str
+    slice_m: int
+    pool: int
+    combine: str
+    top_k: int | None
+    tau: float | None
+    threshold: float | None
+    min_keys: int
+    max_keys: int | None
+    local: int | None
+    scale: float
+    logits_dtype: torch.dtype = torch.float32
+    exact_band: int | None = None
+
+    @property
+    def kind(self) -> str:
+        """mean (one pooled row per block), submax, union, or colmax."""
+        if self.method == "colmax":
+            return "colmax"
+        if self.exact_band is not None:
+            return "submax"
+        if self.pool == self.slice_m:
+            return "mean"
+        return "submax" if self.combine == "max" else "union"
+
+    @property
+    def group(self) -> int:
+        return self.slice_m // self.pool
+
+
+def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None, tau=None, threshold=None,
+                 rule=None, pool=AUTO, combine="max", min_keys=0, max_keys=None, local=None, scale=None,
+                 logits_dtype=None, exact_band=AUTO) -> MaskRequest:
+    """Check every option; ValueError naming expected and actual."""
+    defaults_apply = method in ("topk", "tau", "threshold") and combine == "max" and slice_m in EXACT_BAND_SLICES
+    if isinstance(exact_band, str) and exact_band == AUTO:
+        exact_band = DEFAULT_EXACT_BAND if defaults_apply else None
+    if isinstance(pool, str) and pool == AUTO:
+        pool = min(DEFAULT_POOL, slice_m) if defaults_apply else None
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if not isinstance(slice_m, int) or slice_m < 1:
+        raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
+    if method == "colmax":
+        rule = "threshold" if rule is None else rule
+    elif rule is not None and rule != method:
+        raise ValueError(f"rule={rule!r} only applies to method='colmax' (method {method!r} is its own rule)")
+    else:
+        rule = method
+    if rule not in RULE_IDS:
+        raise ValueError(f"rule must be one of {tuple(RULE_IDS)}, got {rule!r}")
+    if rule == "topk":
+        if (density is None) == (top_k is None):
+            raise ValueError("top-k selection needs exactly one of density (fraction of keys) or top_k")
+        if density is not None:
+            if not 0.0 <= density <= 1.0:
+                raise ValueError(f"density must be in [0, 1], got {density}")
+            top_k = round(density * kv_len)
+        if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+            raise ValueError(f"top_k must be a non-negative int, got {top_k!r}")
+        top_k = int(min(top_k, kv_len))
+    elif density is not None or top_k is not None:
+        raise ValueError(f"density/top_k apply to top-k selection, not rule {rule!r}")
+    if rule == "tau":
+        tau = 0.9 if tau is None else float(tau)
+        if not 0.0 < tau <= 1.0:
+            raise ValueError(f"tau must be in (0, 1], got {tau}")
+    elif tau is not None:
+        raise ValueError(f"tau applies to rule 'tau', not {rule!r}")
+    if rule == "threshold":
+        if threshold is None:
+            if method != "colmax":
+                raise ValueError("rule 'threshold' needs threshold (a probability)")
+            threshold = 0.5 / kv_len
+        threshold = float(threshold)
+        if not threshold > 0.0 or math.isinf(threshold):
+            raise ValueError(f"threshold must be a positive probability, got {threshold}")
+    elif threshold is not None:
+        raise ValueError(f"threshold applies to rule 'threshold', not {rule!r}")
+    pool = slice_m if pool is None else pool
+    if method == "colmax":
+        if pool != slice_m:
+            raise ValueError("pool applies to mean-query methods, not colmax")
+        if slice_m not in (1, 2, 4, 8, 16, 32, 64, 128):
+            raise ValueError(f"colmax needs slice_m a power of two <= 128, got {slice_m}")
+    elif not isinstance(pool, int) or pool < 1 or slice_m % pool or (pool < slice_m and (slice_m // pool) & (slice_m // pool - 1)):
+        raise ValueError(f"pool must divide slice_m={slice_m} into a power-of-two number of sub-blocks, got {pool!r}")
+    elif pool < slice_m and slice_m // pool > 128:
+        raise ValueError(f"at most 128 sub-blocks per block, got slice_m / pool = {slice_m // pool}")
+    if combine not in COMBINES:
+        raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    if not isinstance(min_keys, int) or min_keys < 0:
+        raise ValueError(f"min_keys must be a non-negative int, got {min_keys!r}")
+    if local is not None and (not isinstance(local, int) or local < 0):
+        raise ValueError(f"local must be None or a non-negative int (keys beyond the block on each side), got {local!r}")
+    if max_keys is not None:
+        band_width = slice_m + 2 * local if local is not None else 0
+        if not isinstance(max_keys, int) or max_keys < max(1, min_keys, min(band_width, kv_len)):
+            raise ValueError(f"max_keys must be an int >= max(1, min_keys={min_keys}, band width "
+                             f"{min(band_width, kv_len)}), got {max_keys!r}")
+    if exact_band is not None:
+        if isinstance(exact_band, bool) or not isinstance(exact_band, (int, np.integer)) or exact_band < 0:
+            raise ValueError(f"exact_band must be None or a non-negative int (keys beyond the block on each side), "
+                             f"got {exact_band!r}")
+        if method == "colmax" or combine != "max":
+            raise ValueError(f"exact_band refines pooled max-prob scores: it needs a mean-query method and "
+                             f"combine='max', got method={method!r}, combine={combine!r}")
+        if slice_m not in EXACT_BAND_SLICES:
+            raise ValueError(f"exact_band needs slice_m in {EXACT_BAND_SLICES} (one query block per CTA), got {slice_m}")
+        if slice_m + 2 * int(exact_band) > _INT32_MAX:
+            raise ValueError(f"exact_band={exact_band} is too wide for int32 key offsets")
+        exact_band = int(exact_band)
+    scale = ref.default_scale(head_dim) if scale is None else float(scale)
+    stores_logits = method != "colmax" and exact_band is None and (pool == slice_m or combine == "union")
+    if logits_dtype is None:
+        logits_dtype = torch.float16 if stores_logits and rule in ("topk", "threshold") else torch.float32
+    elif logits_dtype not in (torch.float16, torch.float32):
+        raise ValueError(f"logits_dtype must be torch.float16 or torch.float32, got {logits_dtype!r}")
+    elif logits_dtype == torch.float16 and not stores_logits:
+        raise ValueError("logits_dtype=torch.float16 applies where logits are stored (mean-query scoring with one "
+                         "pooled row per block, or combine='union'); colmax and combine='max' keep float32 "
+                         "probabilities")
+    return MaskRequest(method, rule, slice_m, pool, combine, top_k, tau, threshold, min_keys, max_keys, local, scale,
+                       logits_dtype, exact_band)

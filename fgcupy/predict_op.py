@@ -1,0 +1,78 @@
+"""Top-k mask prediction as a torch.library custom op (``torch.ops.fgcupy.predict_topk``).
+
+A top-k mask's sizes follow from the shapes, so the op has a fake implementation and
+torch.compile(fullgraph=True) takes it; the CUDA implementation runs the kernels, the CPU one the
+torch reference. :func:`predict` uses the op only while torch.compile traces (see fgcupy.ops).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gpu_prediction import DEFAULT_WORKSPACE, GpuPrediction, predict_reference
+from .mask import num_blocks
+from .mask_request import make_request
+
+
+def static_capacity(batch: int, heads: int, q_blocks: int, kv_len: int, slice_m: int, top_k: int, min_keys: int,
+                    max_keys: int | None, local: int | None) -> int:
+    """Slices a top-k mask keeps, from the shapes alone (scoring.static_row_counts in Python ints)."""
+    cap = kv_len if max_keys is None else min(max_keys, kv_len)
+    total = 0
+    for j in range(q_blocks):
+        band = 0
+        if local is not None:
+            lo = min(max(j * slice_m - local, 0), kv_len)
+            hi = max(min(max((j + 1) * slice_m + local, 0), kv_len), lo)
+            band = hi - lo
+        low = min(max(band, min_keys), kv_len)
+        total += min(max(low, top_k), max(low, cap))
+    return batch * heads * total
+
+
+@torch.library.custom_op("fgcupy::predict_topk", mutates_args=())
+def predict_topk(q: torch.Tensor, k: torch.Tensor, slice_m: int, top_k: int, pool: int, exact_band: int,
+                 min_keys: int, max_keys: int, local: int, scale: float, half_logits: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indptr, indices) of a top-k mask predicted from [B, H, S, D] q, k (negative
+    exact_band / max_keys / local: off; see fgcupy.predict_mask)."""
+    raise NotImplementedError(f"fgcupy::predict_topk has no implementation for device {q.device}")
+
+
+def _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits):
+    return make_request(q.shape[3], k.shape[2], slice_m, "topk", top_k=top_k, pool=pool,
+                        exact_band=None if exact_band < 0 else exact_band, min_keys=min_keys,
+                        max_keys=None if max_keys < 0 else max_keys, local=None if local < 0 else local,
+                        scale=scale, logits_dtype=torch.float16 if half_logits else torch.float32)
+
+
+@predict_topk.register_fake
+def _(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits):
+    batch, heads, q_len, _ = q.shape
+    q_blocks = num_blocks(q_len, slice_m)
+    capacity = static_capacity(batch, heads, q_blocks, k.shape[2], slice_m, top_k, min_keys,
+                               None if max_keys < 0 else max_keys, None if local < 0 else local)
+    return (q.new_empty((batch, heads, q_blocks + 1), dtype=torch.int32),
+            q.new_empty((capacity,), dtype=torch.int32))
+
+
+def _predict_cpu(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits):
+    mask = predict_reference(q, k, _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local,
+                                             scale, half_logits), None)
+    return mask.indptr, mask.indices
+
+
+def _predict_cuda(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits):
+    req = _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits)
+    mask = GpuPrediction(q, k, req, None, DEFAULT_WORKSPACE).run()
+    return mask.indptr, mask.indices
+
+
+predict_topk.register_kernel("cpu")(_predict_cpu)
+predict_topk.register_kernel("cuda")(_predict_cuda)
+
+
+def predict(*args) -> tuple:
+    """``predict_topk``'s arguments: the op under torch.compile, else its implementation."""
+    if torch.compiler.is_compiling():
+        return torch.ops.fgcupy.predict_topk(*args)
+    return _predict_cuda(*args) if args[0].device.type == "cuda" else _predict_cpu(*args)
