@@ -421,7 +421,6 @@ def test_predictor_with_the_wrong_shape_is_named():
     [
         (dict(density=0.0), "density must be in"),
         (dict(density=1.5), "density must be in"),
-        (dict(predictor="topk", density=None), "needs density"),
         (dict(predictor="tau", tau=None), "needs tau"),
         (dict(predictor=3), "method name or a callable"),
         (dict(slice_m=32), "slice_m must be one of"),
@@ -444,8 +443,25 @@ def test_config_schedule():
     assert [s for s in range(10) if config.is_refresh_step(s)] == [2, 5, 8]
     listed = fd.SparseAttentionConfig(dense_steps=2, refresh_steps=(1, 4, 9))
     assert [s for s in range(10) if listed.is_refresh_step(s)] == [4, 9]  # step 1 is a dense step
-    assert fd.SparseAttentionConfig(tau=0.9, predictor_kwargs={"min_keys": 4}).predictor_arguments() == {
-        "density": 0.1, "tau": 0.9, "min_keys": 4}
+    assert fd.SparseAttentionConfig(predictor_kwargs={"min_keys": 4}).predictor_arguments() == {
+        "density": 0.1, "min_keys": 4}
+    assert fd.SparseAttentionConfig(predictor="tau", tau=0.9).predictor_arguments() == {"tau": 0.9}
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(predictor="bogus"), ValueError, r"predictor must be one of \('topk', 'tau', 'threshold'\)"),
+    (dict(predictor="colmax"), ValueError, r"predictor must be one of"),
+    (dict(predictor="tau"), ValueError, r"predictor='tau' needs tau=..., got None"),
+    (dict(predictor="tau", tau=0.9, density=0.2), ValueError, r"density=0.2 does not apply to predictor='tau'"),
+    (dict(tau=0.9), ValueError, r"tau=0.9 does not apply to predictor='topk'"),
+    (dict(predictor_kwargs={"pool": 24}), ValueError, r"pool must divide slice_m=128"),
+    (dict(predictor_kwargs={"bogus": 1}), ValueError, r"predict_mask does not take: \['bogus'\]"),
+    (dict(predictor="threshold", threshold=1e-3, predictor_kwargs={"top_k": 3}), ValueError,
+     r"density/top_k apply to top-k selection"),
+])
+def test_config_refuses_what_cannot_work(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        fd.SparseAttentionConfig(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,6 +60,7 @@ _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 # The parameter each named predictor method is tuned by (checked at config time, so a missing
 # density fails at apply() rather than on the first refresh step deep inside a pipeline).
 _METHOD_PARAMETER = {"topk": "density", "tau": "tau", "threshold": "threshold"}
+DEFAULT_DENSITY = 0.1
 
 
 def kernel_available() -> bool:
@@ -74,8 +75,8 @@ def kernel_available() -> bool:
 class SparseAttentionConfig:
     """What ``apply`` installs.
 
-    predictor: a ``fgcupy.predict_mask`` method name ("topk", "tau", "threshold", "colmax") tuned by
-        ``density`` / ``tau`` / ``threshold`` (+ ``predictor_kwargs``), or a callable
+    predictor: a ``fgcupy.predict_mask`` method name ("topk", "tau", "threshold") tuned by its
+        own ``density`` (default 0.1) / ``tau`` / ``threshold`` (+ ``predictor_kwargs``), or a callable
         ``predictor(q, k, slice_m=...) -> SliceMask`` with q, k ``[B, H, S, D]`` views.
     slice_m: queries per slice (a kernel size, 64 or 128).
     dense_steps: the first denoising steps run dense (stock processor): early steps set the layout.
@@ -98,7 +99,7 @@ class SparseAttentionConfig:
     """
 
     predictor: str | Callable = "topk"
-    density: float | None = 0.1
+    density: float | None = None  # "topk" without one keeps 0.1
     tau: float | None = None
     threshold: float | None = None
     predictor_kwargs: dict = field(default_factory=dict)
@@ -115,11 +116,18 @@ class SparseAttentionConfig:
 
     def __post_init__(self):
         if isinstance(self.predictor, str):
-            if not self.predictor:
-                raise ValueError("predictor must be a method name of fgcupy.predict_mask or a callable, got ''")
-            needed = _METHOD_PARAMETER.get(self.predictor)
-            if needed is not None and getattr(self, needed) is None:
+            if self.predictor not in _METHOD_PARAMETER:
+                raise ValueError(f"predictor must be one of {tuple(_METHOD_PARAMETER)} (fgcupy.predict_mask methods "
+                                 f"that need no dense step) or a callable, got {self.predictor!r}")
+            needed = _METHOD_PARAMETER[self.predictor]
+            if self.predictor == "topk" and self.density is None:
+                object.__setattr__(self, "density", DEFAULT_DENSITY)
+            if getattr(self, needed) is None:
                 raise ValueError(f"predictor={self.predictor!r} needs {needed}=..., got None")
+            for other in set(_METHOD_PARAMETER.values()) - {needed}:
+                if getattr(self, other) is not None:
+                    raise ValueError(f"{other}={getattr(self, other)!r} does not apply to predictor={self.predictor!r} "
+                                     f"(it takes {needed})")
         elif not callable(self.predictor):
             raise TypeError(f"predictor must be a method name or a callable, got {type(self.predictor).__name__}")
         for name in ("density", "tau"):
@@ -151,7 +159,23 @@ class SparseAttentionConfig:
             raise ValueError(f"parallel_options accepts head_groups, exchange and key_tile, got {sorted(unknown)}")
         if self.parallel_options and self.process_group is None:
             raise ValueError("parallel_options apply to sequence parallelism: give process_group too")
+        if isinstance(self.predictor, str):
+            self._check_predictor_arguments()
 
+    def _check_predictor_arguments(self) -> None:
+        """Refuse now what predict_mask would refuse at the first sparse step."""
+        import inspect
+
+        from ..mask_request import make_request
+
+        kwargs = self.predictor_arguments()
+        allowed = set(inspect.signature(make_request).parameters) - {"head_dim", "kv_len", "slice_m", "method"}
+        allowed |= {"layout", "workspace_bytes"}
+        unknown = set(kwargs) - allowed
+        if unknown:
+            raise ValueError(f"predictor_kwargs holds options predict_mask does not take: {sorted(unknown)}")
+        checked = {name: value for name, value in kwargs.items() if name not in ("layout", "workspace_bytes")}
+        make_request(128, 4096, self.slice_m, self.predictor, **checked)
     def mask_cache(self) -> MaskCache:
         """An empty MaskCache with this schedule. Listed refresh steps inside the warm-up are dropped
         (they would run dense anyway); masks are kept expanded, so reuse costs no conversion."""
@@ -169,8 +193,12 @@ class SparseAttentionConfig:
         return self.mask_cache().action(step) == "refresh"
 
     def predictor_arguments(self) -> dict:
-        args = {name: getattr(self, name) for name in ("density", "tau", "threshold")
-                if getattr(self, name) is not None}
+        """predict_mask's keyword arguments: the chosen method's own parameter (density for
+        "topk", tau for "tau", threshold for "threshold") and ``predictor_kwargs``."""
+        args = {}
+        if isinstance(self.predictor, str):
+            name = _METHOD_PARAMETER[self.predictor]
+            args[name] = getattr(self, name)
         args.update(self.predictor_kwargs)
         return args
 
