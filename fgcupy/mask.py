@@ -30,6 +30,9 @@ def _as_int32_tensor(x, what: str) -> torch.Tensor:
     return x
 
 
+INT32_MAX = 2**31 - 1
+
+
 def num_blocks(length: int, slice_m: int) -> int:
     return (length + slice_m - 1) // slice_m
 
@@ -51,6 +54,8 @@ class SliceMask:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            if value > INT32_MAX:
+                raise ValueError(f"{name} must be < 2**31 (kernels index with int32), got {value}")
         if self.slice_m < 1:
             raise ValueError(f"slice_m must be >= 1, got {self.slice_m}")
         if indptr.dim() != 3:
@@ -63,6 +68,8 @@ class SliceMask:
             )
         if indices.dim() != 1:
             raise ValueError(f"indices must be 1-D, got shape {tuple(indices.shape)}")
+        if indices.shape[0] > INT32_MAX:
+            raise ValueError(f"indices holds {indices.shape[0]} entries, more than int32 offsets address")
         if indptr.device != indices.device:
             raise ValueError(f"indptr is on {indptr.device} but indices on {indices.device}")
 
@@ -112,7 +119,12 @@ class SliceMask:
             dense = torch.as_tensor(dense)
         if dense.dim() != 4:
             raise ValueError(f"dense mask must have shape [B, H, QB, KV], got {tuple(dense.shape)}")
-        dense = dense.to(torch.bool)
+        if dense.dtype != torch.bool:
+            if dense.dtype.is_floating_point or dense.dtype.is_complex:
+                raise TypeError(f"dense mask must be boolean (or integer 0/1), got {dense.dtype}")
+            if dense.numel() and ((dense != 0) & (dense != 1)).any():
+                raise ValueError("dense mask must hold only 0 and 1 (or booleans)")
+            dense = dense.to(torch.bool)
         batch, heads, q_blocks, kv_len = dense.shape
         counts = dense.sum(dim=-1, dtype=torch.int32).reshape(-1)
         indptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=dense.device)
@@ -125,16 +137,26 @@ class SliceMask:
         elif capacity < total:
             raise ValueError(f"capacity={capacity} is smaller than the {total} kept slices")
         indices = torch.zeros(capacity, dtype=torch.int32, device=dense.device)
-        indices[:total] = dense.reshape(-1, kv_len).nonzero()[:, 1].to(torch.int32)
+        if total:
+            indices[:total] = dense.reshape(-1, kv_len).nonzero()[:, 1].to(torch.int32)
         return cls(_rows_to_indptr(indptr.to(torch.int32), batch, heads, q_blocks), indices, slice_m, q_len, kv_len)
 
     @classmethod
     def from_topk(cls, topk, slice_m: int, q_len: int, kv_len: int) -> "SliceMask":
-        """From key indices ``[B, H, QB, k]`` (each row's k keys, any order, unique). No sync."""
+        """From key indices ``[B, H, QB, k]`` (each row's k keys, any order, unique). No sync for
+        int32 indices (``validate`` checks them); other integer dtypes are range-checked first
+        (one sync), so a value beyond int32 never wraps into a valid key."""
         if not isinstance(topk, torch.Tensor):
             topk = torch.as_tensor(topk)
+        if topk.dtype == torch.bool or topk.dtype.is_floating_point or topk.dtype.is_complex:
+            raise TypeError(f"top-k indices must be an integer tensor, got {topk.dtype}")
         if topk.dim() != 4:
             raise ValueError(f"top-k indices must have shape [B, H, QB, k], got {tuple(topk.shape)}")
+        if topk.dtype != torch.int32 and topk.numel():
+            bad = (topk < 0) | (topk >= kv_len)
+            if bad.any():
+                where = tuple(int(i) for i in torch.nonzero(bad)[0])
+                raise ValueError(f"top-k index {int(topk[where])} at {where} is outside [0, kv_len={kv_len})")
         batch, heads, q_blocks, k = topk.shape
         rows = batch * heads * q_blocks
         if rows * k > torch.iinfo(torch.int32).max:

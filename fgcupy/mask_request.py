@@ -142,6 +142,11 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         if slice_m + 2 * int(exact_band) > _INT32_MAX:
             raise ValueError(f"exact_band={exact_band} is too wide for int32 key offsets")
         exact_band = int(exact_band)
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+            raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive finite number, got {scale}")
     scale = ref.default_scale(head_dim) if scale is None else float(scale)
     stores_logits = method != "colmax" and exact_band is None and (pool == slice_m or combine == "union")
     if logits_dtype is None:

@@ -43,7 +43,8 @@ def _attention_cpu(q, k, v, out, lse, indptr, indices, order, slice_m, scale, sp
     from .reference import reference_attention
 
     mask = SliceMask(indptr, indices, slice_m, q.shape[2], k.shape[2])
-    result, row_lse = reference_attention(q, k, v, mask, scale=scale)
+    precision = torch.float64 if q.dtype == torch.float64 else torch.float32
+    result, row_lse = reference_attention(q, k, v, mask, scale=scale, dtype=precision)
     out.copy_(result)
     if lse is not None:
         lse.copy_(row_lse)

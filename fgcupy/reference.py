@@ -42,8 +42,9 @@ def reference_attention(
         row_keep = keep[:, :, first:last].repeat_interleave(mask.slice_m, dim=2)[:, :, : qf.shape[2]]
         scores = scores.masked_fill(~row_keep, -math.inf)
         row_lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - row_lse.unsqueeze(-1).clamp_min(torch.finfo(dtype).min))
-        probs = torch.nan_to_num(probs, nan=0.0)
+        # A query whose block keeps no key gets zeros (its LSE is -inf); NaN inputs stay NaN.
+        empty = torch.isneginf(row_lse).unsqueeze(-1)
+        probs = torch.where(empty, 0.0, torch.exp(scores - torch.where(empty, 0.0, row_lse.unsqueeze(-1))))
         out[:, :, rows] = torch.matmul(probs, vf)
         lse[:, :, rows] = row_lse
     if layout == "NHD":

@@ -36,6 +36,7 @@ import torch
 
 from . import bridge, predict_op
 from .gpu_prediction import DEFAULT_WORKSPACE, GpuPrediction, predict_reference, static_row_counts  # noqa: F401
+from .jit.spec import SLICE_SIZES
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask
 from .mask_request import (AUTO, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
@@ -70,6 +71,16 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
         raise ValueError(f"q is on {qh.device} but k on {kh.device}")
     if qh.shape[2] < 1 or kh.shape[2] < 1:
         raise ValueError(f"q and k need at least one token, got q_len={qh.shape[2]}, kv_len={kh.shape[2]}")
+    if qh.shape[3] < 1:
+        raise ValueError(f"q and k need a head dim of at least 1, got {qh.shape[3]}")
+    for name, t in (("q", qh), ("k", kh)):
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
+    if kh.dtype != qh.dtype:
+        raise TypeError(f"k has dtype {kh.dtype}, q has {qh.dtype}")
+    if qh.device.type == "cuda" and slice_m not in SLICE_SIZES:
+        raise ValueError(f"slice_m={slice_m!r} has no attention kernel; available: {SLICE_SIZES} "
+                         "(the CPU reference takes any size)")
     req = make_request(qh.shape[3], kh.shape[2], slice_m, method, density=density, top_k=top_k, tau=tau,
                        threshold=threshold, rule=rule, pool=pool, combine=combine, min_keys=min_keys,
                        max_keys=max_keys, local=local, scale=scale, logits_dtype=logits_dtype,
@@ -87,8 +98,6 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
                              f"{lse_t.dtype}, {lse_t.device}")
     if qh.device.type == "cuda":
         bridge.dtype_name(qh.dtype, "q")
-        if kh.dtype != qh.dtype:
-            raise TypeError(f"k has dtype {kh.dtype}, q has {qh.dtype}")
     if req.rule == "topk" and req.kind in ("mean", "submax") and workspace_bytes == DEFAULT_WORKSPACE:
         # Sizes known from the shapes: one custom op, which torch.compile and CUDA graphs take.
         indptr, indices = predict_op.predict(
