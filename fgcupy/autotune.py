@@ -60,7 +60,11 @@ from .mask import SliceMask, num_blocks, random_topk_mask
 CACHE_ENV = "FGCUPY_CACHE_DIR"
 AUTOTUNE_ENV = "FGCUPY_AUTOTUNE"
 CACHE_FILE = "autotune.json"
-FORMAT = 1
+FORMAT = 2
+#: Tables of other library versions kept in the file (each version reads only its own).
+KEEP_VERSIONS = 8
+#: Seconds a writer waits for the cache lock before giving up (with a warning, no store).
+LOCK_TIMEOUT_S = 10.0
 # A candidate must beat the heuristic default by more than this fraction to replace it.
 NOISE_MARGIN = 0.03
 DENSITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
@@ -513,14 +517,24 @@ def library_stamp() -> dict:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
-    """Exclusive lock on ``path`` (a side file) for the read-merge-write of the cache."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+def _file_lock(path: Path, timeout: float | None = None):
+    """Exclusive lock on ``path`` (a side file) for the read-merge-write of the cache: created
+    0600, never through a symlink, waited on for at most ``timeout`` seconds (TimeoutError)."""
+    timeout = LOCK_TIMEOUT_S if timeout is None else timeout
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
     try:
+        deadline = time.monotonic() + timeout
         try:
             import fcntl
 
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"{path} stayed locked for {timeout:.0f} s") from None
+                    time.sleep(0.05)
         except ImportError:  # Windows
             import msvcrt
 
@@ -528,6 +542,10 @@ def _file_lock(path: Path):
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def _stamp_id(stamp: dict) -> str:
+    return f"{stamp.get('version')}|{stamp.get('kernel_hash')}"
 
 
 class TuneCache:
@@ -567,23 +585,43 @@ class TuneCache:
             raw = self.path.read_bytes()
         except OSError as err:
             return {}, f"cannot read {self.path}: {err}"
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except ValueError as err:  # includes UnicodeDecodeError
-            return {}, f"{self.path} is corrupt ({err}); it will be replaced by a fresh tune"
-        header = data.get("header") if isinstance(data, dict) else None
-        if not isinstance(header, dict) or header.get("library") != "fgcupy" or header.get("format") != FORMAT:
-            return {}, f"{self.path} is not an fgcupy autotune file (format {FORMAT}); it will be replaced"
+        data, problem = self._parse(raw)
+        if problem:
+            return {}, problem
         stamp = library_stamp()
-        theirs = {k: header.get(k) for k in stamp}
-        if theirs != stamp:
+        tables = self._tables(data)
+        entries = tables.get(_stamp_id(stamp), {}).get("entries")
+        if entries is None:
+            theirs = {k: data["header"].get(k) for k in stamp}
             return {}, (f"{self.path} was written by fgcupy {theirs['version']} (kernels {theirs['kernel_hash']}), "
                         f"this is {stamp['version']} (kernels {stamp['kernel_hash']}): its results are stale "
-                        f"and will be replaced by fresh tunes")
-        entries = data.get("entries")
-        if not isinstance(entries, dict):
-            return {}, f"{self.path} has no entries table; it will be replaced"
+                        f"and fresh tunes will be stored beside them")
         return entries, None
+
+    def _parse(self, raw: bytes) -> tuple[dict | None, str | None]:
+        """(data, problem): the parsed file if it is an fgcupy autotune file."""
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as err:  # ValueError includes UnicodeDecodeError
+            return None, f"{self.path} is corrupt ({type(err).__name__}); it will be replaced by a fresh tune"
+        header = data.get("header") if isinstance(data, dict) else None
+        if not isinstance(header, dict) or header.get("library") != "fgcupy" or header.get("format") not in (1, FORMAT):
+            return None, f"{self.path} is not an fgcupy autotune file (format {FORMAT}); it will be replaced"
+        return data, None
+
+    @staticmethod
+    def _tables(data: dict) -> dict:
+        """{version stamp id: {"header": ..., "entries": {...}}} of every well-formed table."""
+        tables = {}
+        others = data.get("other_versions")
+        if isinstance(others, dict):
+            for stamp_id, table in others.items():
+                if isinstance(table, dict) and isinstance(table.get("entries"), dict):
+                    tables[stamp_id] = {"header": table.get("header") if isinstance(table.get("header"), dict) else {},
+                                        "entries": table["entries"]}
+        if isinstance(data.get("entries"), dict):
+            tables[_stamp_id(data["header"])] = {"header": data["header"], "entries": data["entries"]}
+        return tables
 
     def _warn(self, message: str, signature) -> None:
         with self._lock:
@@ -597,7 +635,13 @@ class TuneCache:
         if entry is None:
             return None
         try:
-            spec = _SPEC_CLASSES[entry.get("kernel", "AttentionSpec")](**entry["spec"])
+            if not isinstance(entry, dict) or not isinstance(entry.get("spec"), dict):
+                raise TypeError("an entry must be an object with a spec object")
+            fields = entry["spec"]
+            bad = {k: v for k, v in fields.items() if not (type(v) is int or type(v) is str)}
+            if bad:
+                raise TypeError(f"spec fields must be ints or strings, got {bad}")
+            spec = _SPEC_CLASSES[entry.get("kernel", "AttentionSpec")](**fields)
         except (KeyError, TypeError, ValueError) as err:
             self._warn(f"ignoring unusable entry {key.id!r} in {self.path}: {err}", None)
             return None
@@ -619,21 +663,27 @@ class TuneCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with _file_lock(self.path.with_name(self.path.name + ".lock")):
+                tables = {}
                 if self.path.exists():
-                    entries, problem = self._read()
-                    header = json.loads(self.path.read_text())["header"] if problem is None else {}
+                    data, problem = self._parse(self.path.read_bytes())
                     if problem:
                         self._warn(problem, None)
-                else:
-                    entries, header = {}, {}
+                    else:
+                        tables = self._tables(data)
+                stamp = library_stamp()
+                mine = tables.pop(_stamp_id(stamp), {"header": {}, "entries": {}})
+                header = mine["header"]
                 gpus = dict(header.get("gpus", {})) if isinstance(header.get("gpus"), dict) else {}
                 if gpu is not None:
                     gpus[f"{gpu.name}|{gpu.arch}"] = {"name": gpu.name, "arch": gpu.arch, "sm_count": gpu.sm_count}
-                merged = {**entries, **new}
+                merged = {**mine["entries"], **new}
+                newest = sorted(tables.items(), key=lambda item: str(item[1]["header"].get("written", "")),
+                                reverse=True)[:KEEP_VERSIONS]
                 data = {
-                    "header": {"library": "fgcupy", "format": FORMAT, **library_stamp(), "gpus": gpus,
+                    "header": {"library": "fgcupy", "format": FORMAT, **stamp, "gpus": gpus,
                                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
                     "entries": dict(sorted(merged.items())),
+                    "other_versions": dict(newest),
                 }
                 fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".autotune-", suffix=".tmp")
                 try:

@@ -301,12 +301,17 @@ def test_other_version_or_kernels_is_stale(isolated_cache, monkeypatch, field):
     autotune.TuneCache._memo.clear()
     with pytest.warns(autotune.AutotuneCacheWarning, match="0.0.0-old"):
         assert autotune.TuneCache().lookup(KEY) is None
-    # a fresh tune for this version replaces the stale entries rather than mixing with them
+    # a fresh tune for this version is stored beside the other version's table, never mixed with it
     other_key = autotune.ProblemKey.make(H100, "bfloat16", 128, 64, 32760, 32760, 1.0)
-    with pytest.warns(autotune.AutotuneCacheWarning):
-        autotune.TuneCache().store([fake_result(other_key, AttentionSpec("bfloat16", 128, 64, 32, 2))], H100)
+    autotune.TuneCache().store([fake_result(other_key, AttentionSpec("bfloat16", 128, 64, 32, 2))], H100)
     data = json.loads(isolated_cache.read_text())
     assert list(data["entries"]) == [other_key.id] and data["header"][field] == current[field]
+    (old_table,) = data["other_versions"].values()
+    assert list(old_table["entries"]) == [KEY.id] and old_table["header"][field] == "0.0.0-old"
+    # ... and the older version still finds its own results after the newer one wrote
+    monkeypatch.setattr(autotune, "library_stamp", lambda: dict(current, **{field: "0.0.0-old"}))
+    autotune.TuneCache._memo.clear()
+    assert autotune.TuneCache().lookup(KEY) == OTHER
 
 
 def test_unusable_entry_is_ignored_with_a_warning(isolated_cache):
@@ -316,6 +321,66 @@ def test_unusable_entry_is_ignored_with_a_warning(isolated_cache):
     isolated_cache.write_text(json.dumps(data))
     with pytest.warns(autotune.AutotuneCacheWarning, match="unusable entry"):
         assert autotune.TuneCache().lookup(KEY) is None
+
+
+@pytest.mark.parametrize("entry, message", [
+    ([1, 2], "an entry must be an object"),
+    ({"spec": "x"}, "an entry must be an object with a spec object"),
+    ({"spec": {"dtype": "bfloat16", "head_dim": 128, "slice_m": 128, "key_tile": 32.0, "stages": 3,
+               "rows_per_warp": 32}}, "spec fields must be ints or strings"),
+    ({"spec": {"dtype": "bfloat16", "head_dim": 128, "slice_m": 128, "key_tile": True}}, "ints or strings"),
+    ({"kernel": "Evil", "spec": {}}, "unusable entry"),
+])
+def test_foreign_entries_never_reach_plan(isolated_cache, entry, message):
+    autotune.TuneCache().store([fake_result()], H100)
+    data = json.loads(isolated_cache.read_text())
+    data["entries"][KEY.id] = entry
+    isolated_cache.write_text(json.dumps(data))
+    autotune.TuneCache._memo.clear()
+    with pytest.warns(autotune.AutotuneCacheWarning, match=message):
+        assert autotune.TuneCache().lookup(KEY) is None
+
+
+def test_deeply_nested_file_is_corrupt_not_a_crash(isolated_cache):
+    isolated_cache.parent.mkdir(parents=True)
+    isolated_cache.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.warns(autotune.AutotuneCacheWarning, match="corrupt"):
+        assert autotune.TuneCache().lookup(KEY) is None
+
+
+def test_spec_fields_are_strictly_typed():
+    with pytest.raises(ValueError, match="key_tile must be one of"):
+        AttentionSpec("bfloat16", 128, 128, 32.0, 3)
+    with pytest.raises(ValueError, match="head_dim must be one of"):
+        AttentionSpec("bfloat16", True, 128)
+
+
+def test_lock_is_private_never_follows_a_symlink_and_is_waited_on_briefly(isolated_cache, monkeypatch):
+    import fcntl
+    import os
+    import stat
+
+    isolated_cache.parent.mkdir(parents=True)
+    lock = isolated_cache.with_name(isolated_cache.name + ".lock")
+    assert autotune.TuneCache().store([fake_result()], H100)
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+    # another process holds the lock: the writer gives up after the timeout, with a warning
+    monkeypatch.setattr(autotune, "LOCK_TIMEOUT_S", 0.2)
+    holder = os.open(lock, os.O_RDWR)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        with pytest.warns(autotune.AutotuneCacheWarning, match="stayed locked"):
+            assert autotune.TuneCache().store([fake_result()], H100) is False
+    finally:
+        os.close(holder)
+    # a symlink planted where the lock goes is not followed
+    target = isolated_cache.parent / "victim"
+    target.write_text("keep me")
+    lock.unlink()
+    lock.symlink_to(target)
+    with pytest.warns(autotune.AutotuneCacheWarning, match="cannot write"):
+        assert autotune.TuneCache().store([fake_result()], H100) is False
+    assert target.read_text() == "keep me"
 
 
 def test_unwritable_folder_warns_and_keeps_going(tmp_path, monkeypatch):

@@ -219,5 +219,5 @@ def all_sm90_specs() -> list[Sm90AttentionSpec]:
 
 
 def _check_choice(what, value, allowed):
-    if value not in allowed:
+    if value not in allowed or type(value) is not type(allowed[0]):
         raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
