@@ -15,8 +15,8 @@
 // Band mode (modes 1 and 2, band_width > 0): each row tile is one query block and takes only
 // the keys of its band [row0 + band_lo, + band_width); mode 2 then raises the block's existing
 // scores to the exact maxima (a max with what is stored: each (block, key) has one writer).
-// Parameters arrive as one ScoreParams struct (fgcupy/jit/score_spec.py: SCORE_PARAMS writes
-// its definition ahead of this source).
+// Parameters arrive as one ScoreParams struct; it and the constants kScoreKeyTile and kMode_*
+// come from fgcupy/jit/score_spec.py (SCORE_PARAMS, SCORE_CONSTANTS), written ahead of this source.
 #include "common.cuh"
 
 namespace fg {
@@ -25,7 +25,7 @@ template <int D, int WARPS>
 struct ScoreShape {
   static constexpr int kRows = WARPS * 16;
   static constexpr int kThreads = WARPS * 32;
-  static constexpr int kN = 64;                              // keys per tile
+  static constexpr int kN = kScoreKeyTile;                   // keys per tile
   static constexpr int kChunksPerRow = D / 8;                // 16-byte chunks per row
   static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
   static constexpr int kTileElems = kN * D;
@@ -53,7 +53,7 @@ __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
 mask_score(const __grid_constant__ ScoreParams p) {
   using S = ScoreShape<D, WARPS>;
   constexpr int kN = S::kN;
-  constexpr bool kLogits = MODE == 0 || MODE == 3;  // stored logits (float32 or float16)
+  constexpr bool kLogits = MODE == kMode_logits || MODE == kMode_logits_f16;  // stored logits
   extern __shared__ __align__(128) unsigned char smem_raw[];
   u16* sQ = reinterpret_cast<u16*>(smem_raw);
   u16* sK = sQ + S::kRows * D;
@@ -124,7 +124,7 @@ mask_score(const __grid_constant__ ScoreParams p) {
   // Mode 2: log2-scaled lse of the two rows; rows without a finite lse contribute p = 0.
   float lse2[2] = {0.f, 0.f};
   bool row_ok[2] = {false, false};
-  if (MODE == 2) {
+  if (MODE == kMode_maxprob) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int r = r_lo + 8 * i;
@@ -173,7 +173,7 @@ mask_score(const __grid_constant__ ScoreParams p) {
     }
 
     const int tile_key = key_begin + t * kN;
-    if (kLogits || MODE == 1) {
+    if (kLogits || MODE == kMode_stats) {
       float tile_m[2] = {FG_NEG_INF, FG_NEG_INF};
 #pragma unroll
       for (int nt = 0; nt < kN / 8; ++nt) {
@@ -186,7 +186,7 @@ mask_score(const __grid_constant__ ScoreParams p) {
           // log2 units for the statistics; masked keys do not count.
           const float x = valid ? logit * 1.4426950408889634f : FG_NEG_INF;
           tile_m[e >> 1] = fmaxf(tile_m[e >> 1], x);
-          if (MODE == 1) acc[nt][e] = x;
+          if (MODE == kMode_stats) acc[nt][e] = x;
           else if (!valid) acc[nt][e] = FG_NEG_INF;  // stored below only where valid
         }
       }
@@ -202,11 +202,11 @@ mask_score(const __grid_constant__ ScoreParams p) {
       for (int nt = 0; nt < kN / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const float x = MODE == 1 ? acc[nt][e] : acc[nt][e] * 1.4426950408889634f;
+          const float x = MODE == kMode_stats ? acc[nt][e] : acc[nt][e] * 1.4426950408889634f;
           run_l[e >> 1] += fast_exp2(x - base[e >> 1]);
         }
       }
-      if (MODE == 0) {
+      if (MODE == kMode_logits) {
 #pragma unroll
         for (int nt = 0; nt < kN / 8; ++nt) {
           const int key = tile_key + nt * 8 + tig * 2;
@@ -223,7 +223,7 @@ mask_score(const __grid_constant__ ScoreParams p) {
           }
         }
       }
-      if (MODE == 3) {
+      if (MODE == kMode_logits_f16) {
         // Lanes tig and tig ^ 1 swap halves of neighbouring 8-key column tiles, so each lane
         // stores four consecutive float16 (8 bytes) and a quad covers 32 contiguous bytes of a
         // row: even lanes keep tile nt, odd lanes tile nt + 1. Groups of four keys never
@@ -332,7 +332,7 @@ mask_score(const __grid_constant__ ScoreParams p) {
   }
   cp_async_wait<0>();
 
-  if (kLogits || MODE == 1) {
+  if (kLogits || MODE == kMode_stats) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       merge_lse2(run_m[i], run_l[i], __shfl_xor_sync(0xffffffffu, run_m[i], 1), __shfl_xor_sync(0xffffffffu, run_l[i], 1));

@@ -36,11 +36,11 @@
 
 namespace fg {
 
-constexpr int kSelThreads = 512;
+// kSelThreads, kBins, kCand, kEmitThreads, kStagedBytes and the rule ids kRule_* come from
+// fgcupy/jit/score_spec.py (SELECT_CONSTANTS), written ahead of this source with the
+// SelectParams and EmitParams structs (SELECT_PARAMS, EMIT_PARAMS).
 constexpr int kSelWarps = kSelThreads / 32;
-constexpr int kBins = 2048;
 constexpr int kDigitBits = 11;  // radix digits: up to kBins bins
-constexpr int kCand = 2048;
 constexpr int kRankMax = kSelThreads / 2;  // count-rule windows up to this size are cut by ranking
 constexpr float kBinsPerLogit = 32.f;
 constexpr float kTauSlack = 1e-5f;  // "reaches tau" allows this relative float32 summation error
@@ -51,9 +51,9 @@ constexpr unsigned kFull = 0xffffffffu;
 constexpr int kIntMax = 0x7fffffff;
 constexpr int kRowPass = -2;
 constexpr int kSplitCut = -2;  // Cut::i of a threshold cut at a bin boundary (no key compared)
-constexpr int kEmitThreads = 256;
 constexpr int kEmitWarps = kEmitThreads / 32;
-enum { kRuleTopK = 0, kRuleTau = 1, kRuleThreshold = 2 };
+static_assert(sizeof(u16) == kStagedBytes, "a staged coarse bin is 16 bits");
+static_assert(kBins == 1 << kDigitBits, "radix digits address every bin");
 
 __device__ __forceinline__ unsigned order_key(float v) {
   unsigned b = static_cast<unsigned>(__float_as_int(v));
@@ -852,10 +852,17 @@ __device__ __forceinline__ unsigned kept_word_below(const u16* bins, int i0, int
 
 template <bool STAGED, class S>
 __global__ void __launch_bounds__(kSelThreads, STAGED ? 2 : 1)
-select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restrict__ lse, int kv_len, int rows_per_bh,
-            int slice_m, int band, int rule, int k_keys, float tau, float thr, int min_keys, int max_keys,
-            int* __restrict__ counts, const int* __restrict__ offsets, int* __restrict__ out,
-            unsigned* __restrict__ bits, int words) {
+select_rows(const __grid_constant__ SelectParams p) {
+  const typename S::T* __restrict__ vals = static_cast<const typename S::T*>(p.vals);
+  const float* __restrict__ lse = static_cast<const float*>(p.lse);
+  int* __restrict__ counts = static_cast<int*>(p.counts);
+  const int* __restrict__ offsets = static_cast<const int*>(p.offsets);
+  int* __restrict__ out = static_cast<int*>(p.out);
+  unsigned* __restrict__ bits = static_cast<unsigned*>(p.bits);
+  const i64 ld = p.ld;
+  const int kv_len = p.kv_len, rows_per_bh = p.rows_per_bh, slice_m = p.slice_m, band = p.band;
+  const int rule = p.rule, k_keys = p.k_keys, min_keys = p.min_keys, max_keys = p.max_keys, words = p.words;
+  const float tau = p.tau, thr = p.thr;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned* cnt = reinterpret_cast<unsigned*>(smem_raw);
   MassHist mass;
@@ -882,8 +889,8 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
   c.t1 = min(kv_len, c.t0 + per);
   band_range(row % rows_per_bh, slice_m, band, kv_len, c.band_lo, c.band_hi);
 
-  const bool tau_rule = rule == kRuleTau;
-  const bool thr_rule = rule == kRuleThreshold;
+  const bool tau_rule = rule == kRule_tau;
+  const bool thr_rule = rule == kRule_threshold;
   const float v_thr = c.logit ? c.lse + thr : thr;
   const unsigned u_thr = thr_rule ? order_key(v_thr) : 0u;
   c.split_bin = -1;
@@ -935,7 +942,7 @@ select_rows(const typename S::T* __restrict__ vals, i64 ld, const float* __restr
     float unused = 0.f;
     if (thr_rule) block_sum(n_above, unused, sc);
     const unsigned band_cnt = cnt[0];
-    const unsigned wanted = rule == kRuleTopK ? static_cast<unsigned>(max(k_keys, 0)) : band_cnt + n_above;
+    const unsigned wanted = rule == kRule_topk ? static_cast<unsigned>(max(k_keys, 0)) : band_cnt + n_above;
     n_keep = clamp_keep(wanted, band_cnt);
     if (thr_rule && split_bin >= 0 && n_keep == wanted) {
       // Threshold, not clamped: the kept keys are the bins up to the split bin (no search).
@@ -1048,9 +1055,13 @@ __device__ __forceinline__ unsigned range_bits(int w, int lo, int hi) {
 }
 
 __global__ void __launch_bounds__(kEmitThreads)
-emit_rows(const unsigned* __restrict__ bits, int words, int kv_len, int sub_rows, int out_rows, int group,
-          int slice_m, int add_band, int* __restrict__ counts, const int* __restrict__ offsets,
-          int* __restrict__ out) {
+emit_rows(const __grid_constant__ EmitParams p) {
+  const unsigned* __restrict__ bits = static_cast<const unsigned*>(p.bits);
+  int* __restrict__ counts = static_cast<int*>(p.counts);
+  const int* __restrict__ offsets = static_cast<const int*>(p.offsets);
+  int* __restrict__ out = static_cast<int*>(p.out);
+  const int words = p.words, kv_len = p.kv_len, sub_rows = p.sub_rows, out_rows = p.out_rows;
+  const int group = p.group, slice_m = p.slice_m, add_band = p.add_band;
   __shared__ unsigned warp_cnt[kEmitWarps];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int row = blockIdx.x;

@@ -53,6 +53,7 @@ from .jit import (AttentionSpec, KernelCompileError, Sm90AttentionSpec, all_atte
                   get_kernel_on)
 from .jit.spec import SLICE_SIZES
 from .tiles import default_spec
+from .workloads import SHAPES
 from .progress import progress_bar
 from .timing import cuda_time_ms
 from .mask import SliceMask, num_blocks, random_topk_mask
@@ -77,14 +78,8 @@ SAMPLE_WAVES = 32
 CHECK_TOLERANCE = {"bfloat16": 2e-2, "float16": 6e-3}
 _TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Workload shapes of DESIGN.md §4 (B, H, S, D); bench/presets.py holds the same table.
-PRESETS = {
-    "wan14b-480p": (1, 40, 32_760, 128),
-    "wan14b-720p": (1, 40, 75_600, 128),
-    "wan1.3b-480p": (1, 12, 32_760, 128),
-    "hunyuan-720p": (1, 24, 118_800, 128),
-    "cogvideox5b": (1, 48, 17_550, 64),
-}
+#: Workload shapes (B, H, S, D) of fgcupy.workloads, by preset name.
+PRESETS = {name: (shape.batch, shape.heads, shape.seq, shape.head_dim) for name, shape in SHAPES.items()}
 
 
 class AutotuneCacheWarning(UserWarning):

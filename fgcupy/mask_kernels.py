@@ -9,34 +9,15 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-import numpy as np
 import torch
 
 from . import bridge
-from .jit import get_kernel
 from .jit.launch import launch
-from .jit.score_spec import SCORE_KEY_TILE, SCORE_PARAMS, SELECT_MAX_SMEM, EmitSpec, ScoreSpec, SelectSpec
+from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_MAX_SMEM,  # noqa: F401 - RULE_IDS: public
+                             EmitSpec, ScoreSpec, SelectSpec)
 from .mask import num_blocks
 
-RULE_IDS = {"topk": 0, "tau": 1, "threshold": 2}
 _TARGET_CTAS = 2048
-
-
-def _ptr(t) -> np.uint64:
-    return np.uint64(0 if t is None else t.data_ptr())
-
-
-def _kernel(device: torch.device, spec):
-    import cupy
-
-    with cupy.cuda.Device(device.index if device.index is not None else torch.cuda.current_device()):
-        return get_kernel(spec)
-
-
-def _launch(device, spec, grid, args, shared_mem=None):
-    kernel = _kernel(device, spec)
-    with bridge.torch_stream(device):
-        kernel(grid, (spec.threads,), args, shared_mem=spec.smem_bytes if shared_mem is None else shared_mem)
 
 
 def _cp_async_ready(t: torch.Tensor) -> torch.Tensor:
@@ -174,15 +155,14 @@ def gpu_select(vals: torch.Tensor, kv_len: int, req, *, lse=None, band: int | No
         thr = math.log(req.threshold) if lse is not None else req.threshold
     else:
         thr = 0.0
-    args = (
-        _ptr(vals), np.int64(ld), _ptr(None if lse is None else lse.reshape(rows).contiguous()), np.int32(kv_len),
-        np.int32(per_head), np.int32(req.slice_m), np.int32(-1 if band is None else band),
-        np.int32(RULE_IDS[req.rule]), np.int32(req.top_k or 0), np.float32(req.tau or 0.0), np.float32(thr),
-        np.int32(req.min_keys), np.int32(kv_len if req.max_keys is None else req.max_keys),
-        _ptr(counts), _ptr(offsets), _ptr(out), _ptr(mask_bits), np.int32(words),
+    params = spec.params.pack(
+        vals=vals, ld=ld, lse=None if lse is None else lse.reshape(rows).contiguous(), counts=counts,
+        offsets=offsets, out=out, bits=mask_bits, kv_len=kv_len, rows_per_bh=per_head, slice_m=req.slice_m,
+        band=-1 if band is None else band, rule=RULE_IDS[req.rule], k_keys=req.top_k or 0, tau=req.tau or 0.0,
+        thr=thr, min_keys=req.min_keys, max_keys=kv_len if req.max_keys is None else req.max_keys, words=words,
     )
     if rows:
-        _launch(device, spec, (rows,), args, shared_mem=spec.launch_smem(ld))
+        launch(spec, device, (rows,), params, shared_mem=spec.launch_smem(ld))
     return counts, mask_bits
 
 
@@ -194,10 +174,9 @@ def gpu_emit(bits: torch.Tensor, kv_len: int, sub_rows: int, group: int, slice_m
     words = bits.shape[1]
     n = bits.shape[0] // max(sub_rows, 1)
     out_rows = num_blocks(sub_rows, group)
-    args = (
-        _ptr(bits), np.int32(words), np.int32(kv_len), np.int32(sub_rows), np.int32(out_rows),
-        np.int32(group), np.int32(slice_m), np.int32(-1 if add_band is None else add_band),
-        _ptr(counts), _ptr(offsets), _ptr(out),
-    )
+    spec = EmitSpec()
+    params = spec.params.pack(bits=bits, counts=counts, offsets=offsets, out=out, words=words, kv_len=kv_len,
+                              sub_rows=sub_rows, out_rows=out_rows, group=group, slice_m=slice_m,
+                              add_band=-1 if add_band is None else add_band)
     if n * out_rows:
-        _launch(bits.device, EmitSpec(), (n * out_rows,), args)
+        launch(spec, bits.device, (n * out_rows,), params)

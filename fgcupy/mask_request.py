@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import mask_reference as ref
-from .mask_kernels import RULE_IDS
+from .jit.score_spec import RULE_IDS
 
 METHODS = ("topk", "tau", "threshold", "colmax")
 COMBINES = ("max", "union")

@@ -488,12 +488,6 @@ def test_plan_consults_the_tuner_only_without_tile_arguments(monkeypatch):
     assert calls == [(64, "float16")]
 
 
-def test_presets_match_the_benchmark_table():
-    from bench.presets import PRESETS
-
-    assert autotune.PRESETS == {name: p.shape for name, p in PRESETS.items()}
-
-
 def test_command_without_gpu_says_so(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")

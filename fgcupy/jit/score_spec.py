@@ -18,6 +18,8 @@ _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 #: Scoring modes (template MODE of fg::mask_score).
 SCORE_MODES = {"logits": 0, "stats": 1, "maxprob": 2, "logits_f16": 3}
 SCORE_KEY_TILE = 64
+#: Selection rules (fg::select_rows' rule argument).
+RULE_IDS = {"topk": 0, "tau": 1, "threshold": 2}
 SCORE_WARPS = (4, 8)
 #: fg::mask_score's one argument (see cuda_src/mask_score.cu for what each field means).
 SCORE_PARAMS = ParamStruct("ScoreParams", (
@@ -29,7 +31,7 @@ SCORE_PARAMS = ParamStruct("ScoreParams", (
     ("scale", "f32"), ("scale_log2", "f32"),
 ))
 
-#: Selection kernel constants (mirror mask_select.cu).
+#: Selection kernel constants (written ahead of mask_select.cu as C++ constants: SELECT_CONSTANTS).
 SELECT_THREADS = 512
 SELECT_BINS = 2048
 SELECT_CANDIDATES = 2048
@@ -42,6 +44,23 @@ SELECT_STAGED_BYTES = 2
 #: static shared memory included (about 200 bytes here), so stay a little below.
 SELECT_MAX_SMEM = 162 * 1024
 EMIT_THREADS = 256
+#: The C++ constants each mask kernel source is compiled with (source.kernel_source writes them).
+SCORE_CONSTANTS = {"kScoreKeyTile": SCORE_KEY_TILE, **{f"kMode_{m}": v for m, v in SCORE_MODES.items()}}
+SELECT_CONSTANTS = {"kSelThreads": SELECT_THREADS, "kBins": SELECT_BINS, "kCand": SELECT_CANDIDATES,
+                    "kEmitThreads": EMIT_THREADS, "kStagedBytes": SELECT_STAGED_BYTES,
+                    **{f"kRule_{r}": v for r, v in RULE_IDS.items()}}
+#: fg::select_rows' one argument (see cuda_src/mask_select.cu).
+SELECT_PARAMS = ParamStruct("SelectParams", (
+    ("vals", "in"), ("ld", "i64"), ("lse", "in"), ("counts", "out"), ("offsets", "in"), ("out", "out"),
+    ("bits", "out"), ("kv_len", "i32"), ("rows_per_bh", "i32"), ("slice_m", "i32"), ("band", "i32"),
+    ("rule", "i32"), ("k_keys", "i32"), ("tau", "f32"), ("thr", "f32"), ("min_keys", "i32"),
+    ("max_keys", "i32"), ("words", "i32"),
+))
+#: fg::emit_rows' one argument.
+EMIT_PARAMS = ParamStruct("EmitParams", (
+    ("bits", "in"), ("counts", "out"), ("offsets", "in"), ("out", "out"), ("words", "i32"), ("kv_len", "i32"),
+    ("sub_rows", "i32"), ("out_rows", "i32"), ("group", "i32"), ("slice_m", "i32"), ("add_band", "i32"),
+))
 #: Score-row storage the selection kernel reads (template S of fg::select_rows).
 SELECT_SCORES = {"float32": "fg::F32Scores", "float16": "fg::F16Scores"}
 
@@ -64,6 +83,7 @@ class ScoreSpec:
     template = "fg::mask_score"
     extra_options = ()
     params = SCORE_PARAMS
+    constants = SCORE_CONSTANTS
 
     def __post_init__(self):
         _check_choice("dtype", self.dtype, DTYPES)
@@ -115,6 +135,9 @@ class SelectSpec:
     template = "fg::select_rows"
     extra_options = ()
     threads = SELECT_THREADS
+    params = SELECT_PARAMS
+    shared_params = (EMIT_PARAMS,)  # emit_rows is compiled with it (one source file)
+    constants = SELECT_CONSTANTS
 
     def __post_init__(self):
         _check_choice("scores", self.scores, SELECT_SCORES)
@@ -151,6 +174,9 @@ class EmitSpec:
     template = "fg::emit_rows"
     extra_options = ()
     threads = EMIT_THREADS
+    params = EMIT_PARAMS
+    shared_params = (SELECT_PARAMS,)
+    constants = SELECT_CONSTANTS
     smem_bytes = 0
 
     @property

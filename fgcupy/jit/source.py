@@ -54,7 +54,12 @@ def nvrtc_options() -> tuple[str, ...]:
 
 
 def kernel_source(spec) -> str:
-    """The code NVRTC compiles for ``spec``: its parameter struct (if any), then its source."""
-    params = getattr(spec, "params", None)
-    prefix = "" if params is None else params.cpp()
+    """The code NVRTC compiles for ``spec``: the constants and parameter structs the Python side
+    owns (``spec.constants``; ``spec.params`` and any ``spec.shared_params`` of kernels in the
+    same file), then the kernel's source."""
+    constants = getattr(spec, "constants", {})
+    prefix = "".join(f"constexpr int {name} = {int(value)};\n" for name, value in constants.items())
+    for params in (getattr(spec, "params", None), *getattr(spec, "shared_params", ())):
+        if params is not None and params.name + " {" not in prefix:
+            prefix += params.cpp()
     return prefix + read_source(spec.source)

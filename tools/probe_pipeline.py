@@ -5,7 +5,7 @@ inbound copy, barrier, attention launch and outbound copy (the library is wrappe
 changed), then prints each rank's timeline in milliseconds from the call's start, beside the
 same head groups' attention run back to back with nothing else and all heads in one launch.
 
-    PYTHONPATH=$PWD python -m bench.probe_pipeline [--exchange copy] [--head-groups 4]
+    PYTHONPATH=$PWD python -m tools.probe_pipeline [--exchange copy] [--head-groups 4]
 """
 
 from __future__ import annotations

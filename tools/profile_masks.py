@@ -2,7 +2,7 @@
 times, for ncu to profile the scoring and selection kernels.
 
     ncu --clock-control none --kernel-name regex:"mask_score|select_rows" --launch-skip 2 \\
-        --launch-count 2 python3 -m bench.profile_masks [method] [--table] [--host]
+        --launch-count 2 python3 -m tools.profile_masks [method] [--table] [--host]
 
 --table lists every GPU kernel of one prediction; --host profiles the host (cProfile, 30 calls):
 where the launch work of a prediction goes.

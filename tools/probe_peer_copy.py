@@ -1,7 +1,7 @@
 """Two ranks on one host: the bandwidth of a copy into the peer's IPC buffer (fgcupy.peer_copy)
 and the cost of its barrier, with CUDA events.
 
-    PYTHONPATH=$PWD python3 -m bench.probe_peer_copy
+    PYTHONPATH=$PWD python3 -m tools.probe_peer_copy
 """
 
 import datetime

@@ -1,6 +1,6 @@
 """Launch one fgcupy kernel a few times on a dense wan-like problem, for ncu to profile.
 
-    ncu --kernel-name regex:sparse_attn --launch-skip 2 --launch-count 1 python3 -m bench.profile_one sm90-m128n64s2pv1
+    ncu --kernel-name regex:sparse_attn --launch-skip 2 --launch-count 1 python3 -m tools.profile_one sm90-m128n64s2pv1
 """
 
 import sys
