@@ -30,21 +30,27 @@ Strategies (chosen so no token and no head is ever padded or dropped):
   buffers with the copy engines (CUDA IPC, fgcupy.peer_copy), so the exchange takes no SM from
   attention; NCCL only provides barriers. It covers self-attention (equal q and k/v shards)
   without ``return_lse``; other calls use what "auto" picks. Ranks on different hosts raise.
-- Errors: before any data moves, ranks exchange a small header (shapes, dtype, head groups, mask
-  shape, an error flag), so an input that one rank rejects raises on every rank instead of leaving
-  the others blocked in a collective. Passing ``seq_lens`` skips that header (and its host sync):
-  then a mismatch between ranks is not detected and can block until the process-group timeout.
-  Likewise an error inside a mask callable (it runs after the exchange) raises on its rank only.
+- Errors: before any data moves, ranks exchange a small header (shapes, dtype, layout, scale,
+  head groups, exchange kind, mask kind and shape, ``seq_lens``, an error flag), so an input that
+  one rank rejects, or on which ranks disagree, raises on every rank instead of leaving the others
+  blocked in a collective. On gloo groups, a mask callable that fails on one rank makes every rank
+  raise (the ranks agree after each head group's masks), and every wait on a collective (header,
+  all-to-all) is bounded by ``FGCUPY_COLLECTIVE_TIMEOUT_S`` (default 60 s); point-to-point
+  exchanges and NCCL groups are bounded by the process group's own timeout.
 """
 
 from __future__ import annotations
 
+import datetime
 import importlib
+import os
+import struct
+import time
 
 import torch
 import torch.distributed as dist
 
-from .layout import check_layout, to_bhsd
+from .layout import LAYOUTS, check_layout, to_bhsd
 from .mask import SliceMask
 
 COMPUTES = ("auto", "fgcupy", "reference")
@@ -53,7 +59,42 @@ DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is give
 
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
 _HEADER = ("error", "batch", "heads", "head_dim", "q_len", "kv_len", "dtype", "head_groups", "attend",
-           "return_lse", "mask", "mask_batch", "mask_heads", "mask_q_len", "mask_kv_len")
+           "return_lse", "mask", "mask_batch", "mask_heads", "mask_q_len", "mask_kv_len", "layout", "scale",
+           "exchange", "mask_kind", "seq_lens")
+#: Header fields every rank must have alike (seq_lens: a digest of the list, 0 when not given).
+_AGREE = ("batch", "heads", "head_dim", "dtype", "head_groups", "attend", "return_lse", "layout", "scale", "exchange",
+          "mask_kind", "seq_lens")
+_MASK_KINDS = {"none": 0, "static": 1, "callable": 2}
+COLLECTIVE_TIMEOUT_ENV = "FGCUPY_COLLECTIVE_TIMEOUT_S"
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a rank waits on a collective of a gloo group before raising (default 60 s)."""
+    raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "60")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if not seconds > 0:
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV} must be positive, got {raw!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def _scale_code(scale) -> int:
+    """The scale's float64 bits as an int64 (0 for None, the default), for the header."""
+    return 0 if scale is None else struct.unpack("<q", struct.pack("<d", float(scale)))[0]
+
+
+def _scale_of(code: int):
+    return None if code == 0 else struct.unpack("<d", struct.pack("<q", code))[0]
+
+
+def _lens_digest(seq_lens) -> int:
+    """A nonzero int63 digest of a seq_lens list (0: not given)."""
+    digest = 1469598103934665603
+    for n in [len(seq_lens), *seq_lens]:
+        digest = ((digest ^ (int(n) & 0xFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return digest or 1
 _PROBED: dict = {}  # (id(group), device type) -> (group, exchange method)
 
 
@@ -210,13 +251,34 @@ class MaskPredictor:
 class _Pending:
     """Works of one exchange plus the buffers they use (kept alive until ``wait``)."""
 
-    def __init__(self, works, buffers):
-        self.works, self.buffers = works, buffers
+    def __init__(self, works, buffers, group, pollable=True):
+        self.works, self.buffers, self.group, self.pollable = works, buffers, group, pollable
 
     def wait(self):
         for work in self.works:
-            work.wait()
+            _wait(work, self.group, self.pollable)
         self.works = []
+
+
+def _wait(work, group, pollable: bool = True) -> None:
+    """Wait for one collective of ``group``; on gloo at most collective_timeout(), then
+    TimeoutError (the work is polled: gloo's own wait ignores a timeout here). Gloo's
+    point-to-point works never report completion to a poll: those wait for the process group's
+    own timeout (``pollable=False``)."""
+    if not pollable or "gloo" not in _backend(group):
+        work.wait()
+        return
+    timeout = collective_timeout()
+    deadline = time.monotonic() + timeout.total_seconds()
+    pause = 0.0
+    while not work.is_completed():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"a sequence-parallel collective did not finish within "
+                               f"{timeout.total_seconds():.0f} s ({COLLECTIVE_TIMEOUT_ENV}); another rank "
+                               f"probably failed or stopped")
+        time.sleep(pause)
+        pause = min(0.001, pause + 0.0001)
+    work.wait()  # raises the collective's own error, if it failed
 
 
 def _backend(group) -> str:
@@ -297,8 +359,8 @@ class SequenceParallelAttention:
 
         Returns ``out`` (q's shape, dtype and layout) and, with ``return_lse``, float32
         ``lse [B, H, S_r]`` (natural log; -inf where a query block keeps no key).
-        ``seq_lens``: every rank's shard length (the same list on all ranks) to skip gathering
-        them; only for self-attention (k, v shards as long as q's).
+        ``seq_lens``: every rank's shard length (the same list on all ranks, which they check);
+        only for self-attention (k, v shards as long as q's).
         """
         return self._forward(q, k, v, mask, layout, scale, seq_lens, return_lse, attend=True)
 
@@ -324,7 +386,10 @@ class SequenceParallelAttention:
             raise ValueError("this process is not a member of the given process group")
         problem = None
         local = dict.fromkeys(_HEADER, 0)
-        local.update(attend=int(attend), return_lse=int(bool(return_lse)))
+        local.update(attend=int(attend), return_lse=int(bool(return_lse)),
+                     exchange=EXCHANGES.index(self.exchange),
+                     mask_kind=_MASK_KINDS["none" if mask is None else
+                                           "static" if isinstance(mask, SliceMask) else "callable"])
         device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
         try:
             qh, kh, vh, compute = self._check_local(q, k, v, layout, local, world, rank)
@@ -335,25 +400,19 @@ class SequenceParallelAttention:
                              mask_kv_len=mask_info[3])
             if seq_lens is not None:
                 seq_lens = self._check_seq_lens(seq_lens, world, rank, local)
+                local["seq_lens"] = _lens_digest(seq_lens)
+            local.update(layout=LAYOUTS.index(layout), scale=_scale_code(scale))
         except Exception as err:  # noqa: BLE001 - raised below, after the other ranks hear of it
             problem = err
-        if seq_lens is None:
-            local["error"] = 1 if problem is not None else 0
-            headers = self._gather_headers(local, device)
-            if problem is not None:
-                raise problem
-            bad = [i for i, h in enumerate(headers) if h["error"]]
-            if bad:
-                raise ValueError(f"sequence-parallel attention stopped: rank(s) {bad} of the group rejected "
-                                 f"their inputs (their errors say why)")
-            q_lens, kv_lens = self._check_agreement(headers, world)
-        else:
-            if problem is not None:
-                raise problem
-            q_lens, kv_lens = seq_lens, seq_lens
-            if mask_info is not None:
-                local.update(q_len=q_lens[rank], kv_len=kv_lens[rank])
-                _check_mask_totals([local], q_lens, kv_lens)
+        local["error"] = 1 if problem is not None else 0
+        headers = self._gather_headers(local, device)
+        if problem is not None:
+            raise problem
+        bad = [i for i, h in enumerate(headers) if h["error"]]
+        if bad:
+            raise ValueError(f"sequence-parallel attention stopped: rank(s) {bad} of the group rejected "
+                             f"their inputs (their errors say why)")
+        q_lens, kv_lens = self._check_agreement(headers, world)
         method = self._exchange_method(device)
         if method == "copy":
             if q_lens == kv_lens and not return_lse and device.type == "cuda" and _uses_nccl(self.group, device):
@@ -405,21 +464,46 @@ class SequenceParallelAttention:
         values = torch.tensor([int(local[name]) for name in _HEADER], dtype=torch.int64)
         values = values.to(_header_device(self.group, device))
         gathered = [torch.empty_like(values) for _ in range(self.world_size)]
-        dist.all_gather(gathered, values, group=self.group)
+        _wait(dist.all_gather(gathered, values, group=self.group, async_op=True), self.group)
         rows = torch.stack(gathered).tolist()
         return [dict(zip(_HEADER, row)) for row in rows]
 
     def _check_agreement(self, headers, world):
         """Checks every rank makes alike from the same headers, so all raise or none does."""
-        for name in ("batch", "heads", "head_dim", "dtype", "head_groups", "attend", "return_lse"):
+        for name in _AGREE:
             values = [h[name] for h in headers]
             if len(set(values)) > 1:
-                shown = values if name != "dtype" else [_dtype_of(c) for c in values]
+                shown = {"dtype": lambda: [_dtype_of(c) for c in values],
+                         "layout": lambda: [LAYOUTS[c] for c in values],
+                         "scale": lambda: [_scale_of(c) for c in values],
+                         "exchange": lambda: [EXCHANGES[c] for c in values],
+                         "mask_kind": lambda: [next(k for k, v in _MASK_KINDS.items() if v == c) for c in values],
+                         "seq_lens": lambda: ["given" if c else "not given" for c in values],
+                         }.get(name, lambda: values)()
+                if name == "seq_lens" and all(values):
+                    shown = "different lists"
                 raise ValueError(f"ranks disagree on {name.replace('_', ' ')}: {shown} (rank order)")
         q_lens = [h["q_len"] for h in headers]
         kv_lens = [h["kv_len"] for h in headers]
         _check_mask_totals(headers, q_lens, kv_lens)
         return q_lens, kv_lens
+
+    def _agree_on_masks(self, mask, failure, device) -> None:
+        """After a head group's mask callable ran on every rank (gloo groups): all raise if any
+        failed, instead of the others waiting in the next exchange."""
+        if mask is None or isinstance(mask, SliceMask) or _uses_nccl(self.group, device):
+            if failure is not None:
+                raise failure
+            return
+        flags = torch.zeros(self.world_size, dtype=torch.int64)
+        flags[self.rank] = failure is not None
+        _wait(dist.all_reduce(flags, group=self.group, async_op=True), self.group)
+        if failure is not None:
+            raise failure
+        if flags.any():
+            failed = [i for i, f in enumerate(flags.tolist()) if f]
+            raise ValueError(f"sequence-parallel attention stopped: the mask callable failed on rank(s) {failed} "
+                             f"of the group (their errors say why)")
 
     def _exchange_method(self, device):
         return self.exchange if self.exchange != "auto" else self._auto_method(device)
@@ -548,8 +632,15 @@ class SequenceParallelAttention:
                 lse_g = torch.empty(batch, len(mine), q_total, dtype=torch.float32, device=qh.device)
             if attend and len(mine):
                 qg, kg, vg = views
-                part, plan = self._group_mask(g, mask, qg, kg, mine, compute, q_total, kv_total)
+                failure = None
+                try:
+                    part, plan = self._group_mask(g, mask, qg, kg, mine, compute, q_total, kv_total)
+                except Exception as err:  # noqa: BLE001 - raised below, once every rank knows
+                    failure = err
+                self._agree_on_masks(mask, failure, qh.device)
                 self._attend(compute, qg, kg, vg, part, plan, out_g, lse_g, scale)
+            elif attend:
+                self._agree_on_masks(mask, None, qh.device)
             arrivals[g] = None  # the inputs of this group may be freed once its exchange is done
             sent = [self._return_heads(out_grid, subs, q_lens, method, next(tags), world, rank)]
             if lse_g is not None:
@@ -670,7 +761,7 @@ class SequenceParallelAttention:
     def _exchange(self, send, recv, send_counts, recv_counts, method, tag, world, rank):
         if method == "all_to_all":
             work = dist.all_to_all_single(recv, send, recv_counts, send_counts, group=self.group, async_op=True)
-            return _Pending([work], (send, recv))
+            return _Pending([work], (send, recv), self.group)
         sends, recvs = send.split(send_counts), recv.split(recv_counts)
         if send_counts[rank]:
             recvs[rank].copy_(sends[rank])
@@ -684,12 +775,12 @@ class SequenceParallelAttention:
             if recv_counts[peer]:
                 ops.append(dist.P2POp(dist.irecv, recvs[peer], global_peer, self.group, tag))
         if not ops:
-            return _Pending([], (send, recv))
+            return _Pending([], (send, recv), self.group)
         if _uses_nccl(self.group, send.device):
             works = dist.batch_isend_irecv(ops)  # NCCL: one group call, or paired sends deadlock
         else:
             works = [op.op(op.tensor, op.peer, op.group, op.tag) for op in ops]
-        return _Pending(works, (send, recv))
+        return _Pending(works, (send, recv), self.group, pollable=False)
 
 
 def _dtype_of(code):

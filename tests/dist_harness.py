@@ -240,8 +240,9 @@ def error_cases(settings):
     device, dtype, compute = settings["device"], getattr(torch, settings["dtype"]), settings["compute"]
     inputs = lambda rank, world, **kw: _error_inputs(rank, world, device=device, dtype=dtype, **kw)  # noqa: E731
 
-    def call(group, q, k, v, mask=None, head_groups=1, **kw):
-        return SequenceParallelAttention(group, head_groups=head_groups, compute=compute)(q, k, v, mask, **kw)
+    def call(group, q, k, v, mask=None, head_groups=1, exchange="auto", **kw):
+        return SequenceParallelAttention(group, head_groups=head_groups, compute=compute,
+                                         exchange=exchange)(q, k, v, mask, **kw)
 
     def heads_disagree(rank, world, group):
         q, k, v, _ = inputs(rank, world, heads=4 if rank == 0 else 2)
@@ -283,7 +284,57 @@ def error_cases(settings):
         q, k, v, mask = inputs(rank, world)
         call(group, q, k, v, lambda qq, kk, heads: mask)  # all heads, not the group's
 
+    def exchange_disagree(rank, world, group):
+        q, k, v, mask = inputs(rank, world)
+        call(group, q, k, v, mask, exchange="p2p" if rank == 0 else "all_to_all")
+
+    def scale_disagree(rank, world, group):
+        q, k, v, mask = inputs(rank, world)
+        call(group, q, k, v, mask, scale=0.3 if rank == 0 else None)
+
+    def layout_disagree(rank, world, group):
+        q, k, v, mask = inputs(rank, world)
+        layout = "NHD" if rank == 0 else "HND"
+        if layout == "NHD":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        call(group, q, k, v, mask, layout=layout)
+
+    def mask_presence_disagree(rank, world, group):
+        q, k, v, mask = inputs(rank, world)
+        call(group, q, k, v, mask if rank == 0 else None)
+
+    def seq_lens_lists_differ(rank, world, group):
+        q, k, v, mask = inputs(rank, world)
+        lens = [len(r) for r in shard_ranges(24, world)]
+        if rank == 0:
+            lens[-1] += 5  # rank 0's own entry is right, its view of the others is not
+        call(group, q, k, v, mask, seq_lens=lens)
+
+    def seq_lens_on_one_rank(rank, world, group):
+        q, k, v, mask = inputs(rank, world)
+        call(group, q, k, v, mask, seq_lens=[len(r) for r in shard_ranges(24, world)] if rank == 0 else None)
+
+    def mask_callable_fails_on_last_rank(rank, world, group):
+        q, k, v, mask = inputs(rank, world)
+
+        def predictor(qq, kk, heads):
+            if rank == world - 1:
+                raise ValueError("the predictor broke")
+            return slice_heads(mask, heads)
+
+        call(group, q, k, v, predictor)
+
     return {
+        "exchange_disagree": (exchange_disagree, "ValueError", r"ranks disagree on exchange: \['p2p', 'all_to_all'"),
+        "scale_disagree": (scale_disagree, "ValueError", r"ranks disagree on scale: \[0.3, None"),
+        "layout_disagree": (layout_disagree, "ValueError", r"ranks disagree on layout: \['NHD', 'HND'"),
+        "mask_presence_disagree": (mask_presence_disagree, "ValueError",
+                                   r"ranks disagree on mask kind: \['static', 'none'"),
+        "seq_lens_lists_differ": (seq_lens_lists_differ, "ValueError", r"ranks disagree on seq lens: different lists"),
+        "seq_lens_on_one_rank": (seq_lens_on_one_rank, "ValueError",
+                                 r"ranks disagree on seq lens: \['given', 'not given'"),
+        "mask_callable_fails_on_last_rank": (mask_callable_fails_on_last_rank, "ValueError",
+                                             {1: r"the predictor broke", "other": r"mask callable failed on rank\(s\) \[1\]"}),
         "heads_disagree": (heads_disagree, "ValueError", r"ranks disagree on heads: \[4, 2\]"),
         "mask_too_short_on_last_rank": (mask_too_short_on_last_rank, "ValueError",
                                         r"mask is for q_len=16, kv_len=16; the shards add up to q_len=24"),
