@@ -19,13 +19,75 @@ every call and grown when a call needs more. ``release(group)``, called on every
 
 from __future__ import annotations
 
+import hashlib
 import socket
+import struct
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 _WORKSPACES: dict = {}  # (id(group), device) -> PeerWorkspace
+
+#: What each rank tells its peers about its buffer, as raw bytes in a uint8 tensor (never a
+#: pickle): the CUDA IPC handle, the buffer's size, a digest of (host name, boot id) and the
+#: device's UUID.
+_HANDLE_BYTES = 64
+_ADVERT = struct.Struct(f"<{_HANDLE_BYTES}sq32s16s")
+
+
+def host_identity() -> bytes:
+    """32 bytes naming this boot of this machine: a digest of the host name and the kernel's
+    boot id (a host name alone can repeat across machines)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return hashlib.sha256(f"{socket.gethostname()}|{boot}".encode()).digest()
+
+
+def device_identity(device: torch.device) -> bytes:
+    """16 bytes naming the GPU (its UUID)."""
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    raw = getattr(uuid, "bytes", None)
+    return bytes(raw)[:16] if raw else hashlib.md5(str(uuid).encode()).digest()
+
+
+def pack_advert(handle: bytes, nbytes: int, host: bytes, device_uuid: bytes) -> torch.Tensor:
+    """uint8 tensor of one rank's advertisement (see _ADVERT)."""
+    if len(handle) != _HANDLE_BYTES:
+        raise ValueError(f"a CUDA IPC handle has {_HANDLE_BYTES} bytes, got {len(handle)}")
+    raw = _ADVERT.pack(bytes(handle), int(nbytes), bytes(host)[:32], bytes(device_uuid)[:16])
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
+
+
+def unpack_adverts(rows: list) -> list:
+    """[(handle, nbytes, host, device_uuid)] of every rank, checked: one host, distinct devices,
+    positive sizes. Every rank sees the same rows, so every rank raises alike."""
+    adverts = [_ADVERT.unpack(bytes(row.cpu().numpy().tobytes())) for row in rows]
+    hosts = {host for _, _, host, _ in adverts}
+    if len(hosts) > 1:
+        raise ValueError(f"exchange='copy' needs the GPUs of one host (same boot); the group's ranks are on "
+                         f"{len(hosts)} machines")
+    devices = [dev for _, _, _, dev in adverts]
+    if len(set(devices)) != len(devices):
+        raise ValueError("exchange='copy' needs one GPU per rank; two ranks reported the same device")
+    if any(n <= 0 for _, n, _, _ in adverts):
+        raise ValueError(f"a rank advertised a buffer of {[n for _, n, _, _ in adverts]} bytes")
+    return adverts
+
+
+def check_within(dst: "Rows", ptrs: list, sizes: list) -> None:
+    """ValueError unless every row of ``dst`` lies inside one rank's advertised buffer."""
+    if dst.width == 0 or dst.height == 0:
+        return
+    end = dst.ptr + (dst.height - 1) * dst.pitch + dst.width
+    for base, size in zip(ptrs, sizes):
+        if base <= dst.ptr and end <= base + size:
+            return
+    raise ValueError(f"a peer copy of {dst.height} rows x {dst.width} bytes at {dst.ptr:#x} falls outside "
+                     f"every rank's advertised buffer")
 
 
 @dataclass(frozen=True)
@@ -57,14 +119,18 @@ class PeerWorkspace:
             memory = cupy.cuda.UnownedMemory(self._base, nbytes, None, device.index)
             array = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(memory, 0))
             self.local = torch.from_dlpack(array)
-            gathered = [None] * dist.get_world_size(group)
-            dist.all_gather_object(gathered, (socket.gethostname(), runtime.ipcGetMemHandle(self._base)), group=group)
-            hosts = [host for host, _ in gathered]
-            if len(set(hosts)) > 1:  # every rank sees the same list, so every rank raises
+            advert = pack_advert(runtime.ipcGetMemHandle(self._base), nbytes, host_identity(),
+                                 device_identity(device)).to(device)
+            rows = [torch.empty_like(advert) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(rows, advert, group=group)
+            try:
+                adverts = unpack_adverts(rows)
+            except ValueError:
                 runtime.free(self._base)
                 self._base, self._opened = None, []
-                raise ValueError(f"exchange='copy' needs the GPUs of one host; the group's ranks are on {hosts}")
-            handles = [handle for _, handle in gathered]
+                raise
+            handles = [handle for handle, _, _, _ in adverts]
+            self._sizes = [size for _, size, _, _ in adverts]
             # Opened on this rank's own device: its copy engines then write the peers' memory
             # over NVLink (a handle opened on the owner's device index ran at ~33 GB/s, staged).
             self._opened = [runtime.ipcOpenMemHandle(h, runtime.cudaIpcMemLazyEnablePeerAccess)
@@ -97,7 +163,8 @@ class PeerWorkspace:
         key = (id(group), device)
         ws = _WORKSPACES.get(key)
         if ws is None or ws.nbytes < nbytes:
-            _WORKSPACES.pop(key, None)
+            if ws is not None:
+                release(group)  # peers stop using the old buffers before any is freed
             ws = cls(group, device, nbytes)
             _WORKSPACES[key] = ws
         return ws
@@ -116,9 +183,11 @@ class PeerWorkspace:
         (rows are long: a head's run of tokens), or one for all rows when both sides are dense."""
         import cupy
 
-        assert dst.width == src.width and dst.height == src.height, (dst, src)
+        if dst.width != src.width or dst.height != src.height:
+            raise ValueError(f"a peer copy needs source and target of one shape, got {src} and {dst}")
         if src.width == 0 or src.height == 0:
             return
+        check_within(dst, self._ptrs, self._sizes)
         runtime = cupy.cuda.runtime
         stream = torch.cuda.current_stream(self.device).cuda_stream
         with cupy.cuda.Device(self.device.index):

@@ -9,7 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgcupy.distributed import _group_ranges, head_ranges
-from fgcupy.peer_copy import CopyPlan
+import pytest
+
+from fgcupy.peer_copy import CopyPlan, Rows, check_within, host_identity, pack_advert, unpack_adverts
 
 
 class MemmoveWorkspace:
@@ -78,3 +80,29 @@ def test_source_keeps_head_major_views_and_copies_token_major_ones():
     token_major = torch.randn(2, 6, 5, 8).transpose(1, 2)
     made = CopyPlan.source(token_major)
     assert made is not token_major and made.is_contiguous() and torch.equal(made, token_major)
+
+
+def test_adverts_are_raw_bytes_checked_for_one_host_and_distinct_devices():
+    host = host_identity()
+    rows = [pack_advert(bytes([r]) * 64, 1000 + r, host, bytes([r]) * 16) for r in range(3)]
+    assert all(row.dtype == torch.uint8 and row.numel() == 64 + 8 + 32 + 16 for row in rows)
+    adverts = unpack_adverts(rows)
+    assert [a[1] for a in adverts] == [1000, 1001, 1002] and adverts[2][0] == bytes([2]) * 64
+    other = pack_advert(bytes(64), 5, bytes(32), bytes([9]) * 16)
+    with pytest.raises(ValueError, match="needs the GPUs of one host"):
+        unpack_adverts(rows + [other])
+    with pytest.raises(ValueError, match="one GPU per rank"):
+        unpack_adverts([rows[0], pack_advert(bytes(64), 7, host, bytes([0]) * 16)])
+    with pytest.raises(ValueError, match="advertised a buffer of"):
+        unpack_adverts([pack_advert(bytes(64), 0, host, bytes(16))])
+    with pytest.raises(ValueError, match="has 64 bytes, got 3"):
+        pack_advert(b"abc", 1, host, bytes(16))
+
+
+def test_peer_copies_stay_inside_the_advertised_buffers():
+    ptrs, sizes = [1000, 5000], [100, 200]
+    check_within(Rows(1000, 10, 10, 10), ptrs, sizes)          # exactly fills rank 0's buffer
+    check_within(Rows(5140, 20, 20, 3), ptrs, sizes)           # ends at 5200
+    for bad in (Rows(1000, 10, 10, 11), Rows(5190, 20, 20, 1), Rows(990, 0, 5, 1), Rows(3000, 1, 1, 1)):
+        with pytest.raises(ValueError, match="outside every rank's advertised buffer"):
+            check_within(bad, ptrs, sizes)
