@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .mask import SliceMask
+from .mask import SliceMask, indptr_from_counts, num_blocks
 from .scoring import predict_mask
 
 STORAGES = ("auto", "index", "bits")
@@ -133,10 +133,9 @@ class MaskCache:
             return SliceMask(entry.indptr, entry.payload.to(torch.int32), slice_m, q_len, kv_len)
         bits = (entry.payload.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=entry.payload.device)) & 1
         dense = bits.flatten(-2)[..., :kv_len].to(torch.bool)
-        counts = dense.sum(-1, dtype=torch.int32).reshape(batch, heads, -1)
-        ends = torch.cumsum(counts.reshape(-1), 0, dtype=torch.int32).reshape(counts.shape)
-        indptr = torch.cat([ends - counts, ends[..., -1:]], -1).contiguous()
-        keys = torch.nonzero_static(dense.reshape(-1, kv_len), size=entry.kept)[:, 1].to(torch.int32)
+        indptr = indptr_from_counts(dense.sum(-1, dtype=torch.int32), batch, heads, num_blocks(q_len, slice_m))
+        rows = batch * heads * num_blocks(q_len, slice_m)
+        keys = torch.nonzero_static(dense.reshape(rows, kv_len), size=entry.kept)[:, 1].to(torch.int32)
         return SliceMask(indptr, keys, slice_m, q_len, kv_len)
 
     def _check(self, layer, entry: _Entry, wanted) -> None:

@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 
 from .layout import LAYOUTS, check_layout, to_bhsd
-from .mask import SliceMask
+from .mask import SliceMask, indptr_from_offsets
 
 COMPUTES = ("auto", "fgcupy", "reference")
 EXCHANGES = ("auto", "all_to_all", "p2p", "copy")
@@ -181,8 +181,7 @@ def _gather_rows(source, starts, lengths, offsets, total):
 def _packed_mask(offsets, indices, shape, like: SliceMask) -> SliceMask:
     """A mask of ``shape`` (B, H, QB) whose rows sit back to back in ``indices`` from ``offsets``
     (int64, one per row plus the end), with ``like``'s slice size and lengths."""
-    flat = offsets.to(torch.int32)
-    indptr = torch.cat([flat[:-1].reshape(shape), flat[1:].reshape(shape)[..., -1:]], dim=-1).contiguous()
+    indptr = indptr_from_offsets(offsets.to(torch.int32), *shape)
     return SliceMask(indptr, indices, like.slice_m, like.q_len, like.kv_len)
 
 

@@ -139,7 +139,7 @@ class SliceMask:
         indices = torch.zeros(capacity, dtype=torch.int32, device=dense.device)
         if total:
             indices[:total] = dense.reshape(-1, kv_len).nonzero()[:, 1].to(torch.int32)
-        return cls(_rows_to_indptr(indptr.to(torch.int32), batch, heads, q_blocks), indices, slice_m, q_len, kv_len)
+        return cls(indptr_from_offsets(indptr.to(torch.int32), batch, heads, q_blocks), indices, slice_m, q_len, kv_len)
 
     @classmethod
     def from_topk(cls, topk, slice_m: int, q_len: int, kv_len: int) -> "SliceMask":
@@ -163,7 +163,7 @@ class SliceMask:
             raise ValueError(f"{rows} rows x k={k} exceed int32 offsets")
         indices = torch.sort(topk.to(torch.int32), dim=-1).values.reshape(-1)
         flat = torch.arange(rows + 1, dtype=torch.int32, device=topk.device) * k
-        return cls(_rows_to_indptr(flat, batch, heads, q_blocks), indices, slice_m, q_len, kv_len)
+        return cls(indptr_from_offsets(flat, batch, heads, q_blocks), indices, slice_m, q_len, kv_len)
 
     @classmethod
     def full(cls, batch: int, heads: int, q_len: int, kv_len: int, slice_m: int, device=None) -> "SliceMask":
@@ -304,8 +304,17 @@ def random_topk_mask(batch: int, heads: int, q_len: int, kv_len: int, slice_m: i
     return SliceMask.from_topk(topk, slice_m, q_len, kv_len)
 
 
-def _rows_to_indptr(flat: torch.Tensor, batch: int, heads: int, q_blocks: int) -> torch.Tensor:
-    """Flat row offsets [R + 1] -> [B, H, QB + 1]: each (b, h) ends where the next begins."""
+def indptr_from_offsets(flat: torch.Tensor, batch: int, heads: int, q_blocks: int) -> torch.Tensor:
+    """The one indptr builder: flat row offsets [R + 1] (rows back to back, R = B * H * QB) ->
+    int32 [B, H, QB + 1], each (b, h) ending where the next begins (no host sync)."""
     starts = flat[:-1].reshape(batch, heads, q_blocks)
     ends = flat[1:].reshape(batch, heads, q_blocks)[..., -1:] if q_blocks else flat[:1].expand(batch, heads, 1)
     return torch.cat([starts, ends], dim=-1).contiguous()
+
+
+def indptr_from_counts(counts: torch.Tensor, batch: int, heads: int, q_blocks: int) -> torch.Tensor:
+    """int32 [B, H, QB + 1] of rows holding ``counts`` (any shape of B * H * QB) keys each, back to
+    back from offset 0 (no host sync)."""
+    flat = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
+    torch.cumsum(counts.reshape(-1).to(torch.int64), 0, out=flat[1:])
+    return indptr_from_offsets(flat.to(torch.int32), batch, heads, q_blocks)

@@ -238,3 +238,19 @@ def test_sizes_beyond_int32_are_refused_up_front():
     with pytest.raises(TypeError, match=r"top-k indices must be an integer tensor, got torch.float32"):
         SliceMask.from_topk(torch.tensor([[[[2.7, 1.0]]]]), 64, 10, 10)
     assert SliceMask.from_dense(torch.zeros(1, 1, 1, 0, dtype=torch.bool), 64, 10).capacity == 0
+
+
+@pytest.mark.parametrize("shape, q_len", [((1, 0, 2, 10), 32), ((1, 1, 0, 10), 0), ((2, 3, 4, 0), 64)])
+def test_empty_dimensions_round_trip_through_the_cache_and_head_joins(shape, q_len):
+    from fgcupy import MaskCache
+    from fgcupy.distributed import concat_heads, slice_heads
+
+    dense = torch.zeros(shape, dtype=torch.bool)
+    mask = SliceMask.from_dense(dense, 16 if q_len else 64, q_len)
+    for storage in ("bits", "index"):
+        cache = MaskCache(storage=storage)
+        cache.put("layer", mask, 0)
+        assert torch.equal(cache.get("layer").to_dense(), dense)
+    joined = concat_heads([mask, mask])
+    assert joined.heads == 2 * mask.heads and kernel_safe(joined.validate())
+    assert torch.equal(slice_heads(joined, range(mask.heads)).to_dense(), dense)
