@@ -41,192 +41,23 @@ Strategies (chosen so no token and no head is ever padded or dropped):
 
 from __future__ import annotations
 
-import datetime
 import importlib
-import os
-import struct
-import time
 
 import torch
 import torch.distributed as dist
 
 from .layout import LAYOUTS, check_layout, to_bhsd
-from .mask import SliceMask, indptr_from_offsets
+from .mask import SliceMask
+from .mask_algebra import concat_heads, slice_heads  # noqa: F401 - public here
+from .sp_exchange import probe_all_to_all, return_heads, send_heads
+from .sp_handshake import (_DTYPE_CODES, _HEADER, _MASK_KINDS, COLLECTIVE_TIMEOUT_ENV,  # noqa: F401 - public here
+                           COMPUTES, EXCHANGES, Pending, _backend, _group_ranges, _lens_digest, _scale_code,
+                           _uses_nccl, _wait, check_agreement, collective_timeout, gather_headers, head_ranges,
+                           shard_ranges)
 
-COMPUTES = ("auto", "fgcupy", "reference")
-EXCHANGES = ("auto", "all_to_all", "p2p", "copy")
 DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is given
 
-_DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
-_HEADER = ("error", "batch", "heads", "head_dim", "q_len", "kv_len", "dtype", "head_groups", "attend",
-           "return_lse", "mask", "mask_batch", "mask_heads", "mask_q_len", "mask_kv_len", "layout", "scale",
-           "exchange", "mask_kind", "seq_lens")
-#: Header fields every rank must have alike (seq_lens: a digest of the list, 0 when not given).
-_AGREE = ("batch", "heads", "head_dim", "dtype", "head_groups", "attend", "return_lse", "layout", "scale", "exchange",
-          "mask_kind", "seq_lens")
-_MASK_KINDS = {"none": 0, "static": 1, "callable": 2}
-COLLECTIVE_TIMEOUT_ENV = "FGCUPY_COLLECTIVE_TIMEOUT_S"
-
-
-def collective_timeout() -> datetime.timedelta:
-    """How long a rank waits on a collective of a gloo group before raising (default 60 s)."""
-    raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "60")
-    try:
-        seconds = float(raw)
-    except ValueError:
-        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
-    if not seconds > 0:
-        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV} must be positive, got {raw!r}")
-    return datetime.timedelta(seconds=seconds)
-
-
-def _scale_code(scale) -> int:
-    """The scale's float64 bits as an int64 (0 for None, the default), for the header."""
-    return 0 if scale is None else struct.unpack("<q", struct.pack("<d", float(scale)))[0]
-
-
-def _scale_of(code: int):
-    return None if code == 0 else struct.unpack("<d", struct.pack("<q", code))[0]
-
-
-def _lens_digest(seq_lens) -> int:
-    """A nonzero int63 digest of a seq_lens list (0: not given)."""
-    digest = 1469598103934665603
-    for n in [len(seq_lens), *seq_lens]:
-        digest = ((digest ^ (int(n) & 0xFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
-    return digest or 1
-_PROBED: dict = {}  # (id(group), device type) -> (group, exchange method)
-
-
-# ---- partitions ----
-def shard_ranges(length: int, parts: int) -> list[range]:
-    """Contiguous near-equal pieces, the first ``length % parts`` one longer (torch.tensor_split's
-    rule): every rank computes every rank's piece without communicating."""
-    if not isinstance(parts, int) or parts < 1:
-        raise ValueError(f"parts must be a positive int, got {parts!r}")
-    if not isinstance(length, int) or length < 0:
-        raise ValueError(f"length must be a non-negative int, got {length!r}")
-    base, extra = divmod(length, parts)
-    ranges, start = [], 0
-    for i in range(parts):
-        stop = start + base + (1 if i < extra else 0)
-        ranges.append(range(start, stop))
-        start = stop
-    return ranges
-
-
-def head_ranges(heads: int, world_size: int) -> list[range]:
-    """Heads owned by each rank: ``shard_ranges`` over heads (uneven when P does not divide H)."""
-    return shard_ranges(heads, world_size)
-
-
-def _group_ranges(owned: range, head_groups: int) -> list[range]:
-    """Split a rank's heads into pipeline groups. The first group's exchange is the one no
-    attention can hide, so where there are heads enough (two per group) it gets about half a
-    share and the others split the rest evenly."""
-    n = len(owned)
-    if head_groups > 1 and n >= 2 * head_groups:
-        first = max(1, round(n / (2 * head_groups - 1)))
-        sizes = [first] + [len(r) for r in shard_ranges(n - first, head_groups - 1)]
-    else:
-        sizes = [len(r) for r in shard_ranges(n, head_groups)]
-    ranges, start = [], owned.start
-    for size in sizes:
-        ranges.append(range(start, start + size))
-        start += size
-    return ranges
-
-
-# ---- masks ----
-def concat_heads(masks) -> SliceMask:
-    """One mask holding the heads of ``masks`` in order (equal batch, lengths and slice size): what
-    ``slice_heads`` over consecutive head ranges undoes. Gathers on the device; one host sync."""
-    masks = list(masks)
-    if not masks or not all(isinstance(m, SliceMask) for m in masks):
-        raise TypeError("concat_heads needs one or more fgcupy.SliceMask")
-    first = masks[0]
-    shape = (first.batch, first.q_len, first.kv_len, first.slice_m, first.device)
-    for m in masks[1:]:
-        if (m.batch, m.q_len, m.kv_len, m.slice_m, m.device) != shape:
-            raise ValueError(f"masks to join must agree on (batch, q_len, kv_len, slice_m, device): {shape} vs "
-                             f"{(m.batch, m.q_len, m.kv_len, m.slice_m, m.device)}")
-    if len(masks) == 1:
-        return first
-    bases, base = [], 0
-    for m in masks:
-        bases.append(base)
-        base += m.capacity
-    starts = torch.cat([m.indptr[..., :-1].to(torch.int64) + b for m, b in zip(masks, bases)], dim=1)
-    ends = torch.cat([m.indptr[..., 1:].to(torch.int64) + b for m, b in zip(masks, bases)], dim=1)
-    batch, heads, q_blocks = starts.shape
-    starts, ends = starts.reshape(-1), ends.reshape(-1)
-    lengths = (ends - starts).clamp_min(0)
-    offsets = torch.zeros(starts.numel() + 1, dtype=torch.int64, device=first.device)
-    torch.cumsum(lengths, 0, out=offsets[1:])
-    total = int(offsets[-1].item())
-    if total > torch.iinfo(torch.int32).max:
-        raise ValueError(f"the joined mask keeps {total} slices, more than int32 offsets can address")
-    indices = _gather_rows(torch.cat([m.indices for m in masks]), starts, lengths, offsets, total)
-    return _packed_mask(offsets, indices, (batch, heads, q_blocks), first)
-
-
-def _gather_rows(source, starts, lengths, offsets, total):
-    """Rows ``source[starts[r] : starts[r] + lengths[r]]`` packed back to back (row r from
-    ``offsets[r]``; ``total`` keys in all)."""
-    row_of = torch.repeat_interleave(torch.arange(starts.numel(), device=source.device), lengths, output_size=total)
-    positions = starts[row_of] + torch.arange(total, device=source.device) - offsets[:-1][row_of]
-    return source[positions]
-
-
-def _packed_mask(offsets, indices, shape, like: SliceMask) -> SliceMask:
-    """A mask of ``shape`` (B, H, QB) whose rows sit back to back in ``indices`` from ``offsets``
-    (int64, one per row plus the end), with ``like``'s slice size and lengths."""
-    indptr = indptr_from_offsets(offsets.to(torch.int32), *shape)
-    return SliceMask(indptr, indices, like.slice_m, like.q_len, like.kv_len)
-
-
-def slice_heads(mask: SliceMask, heads: range) -> SliceMask:
-    """The mask of heads ``heads`` (a step-1 range) of ``mask``, with compact storage.
-
-    Masks whose rows are stored back to back (``from_topk``, ``from_dense``, ``full``) give a view
-    of their index buffer; any other storage order is gathered. Reads three scalars (one host
-    synchronisation), so call it when planning, not per step.
-    """
-    if not isinstance(mask, SliceMask):
-        raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
-    if not isinstance(heads, range) or heads.step != 1:
-        raise TypeError(f"heads must be a range with step 1, got {heads!r}")
-    if heads.start < 0 or heads.stop > mask.heads or heads.stop < heads.start:
-        raise ValueError(f"heads {heads} are outside the mask's {mask.heads} heads")
-    indptr = mask.indptr[:, heads.start:heads.stop]
-    batch, count, width = indptr.shape
-    q_blocks = width - 1
-    rows = batch * count * q_blocks
-    if rows == 0:
-        empty = torch.zeros(batch, count, width, dtype=torch.int32, device=mask.device)
-        return SliceMask(empty, mask.indices[:0], mask.slice_m, mask.q_len, mask.kv_len)
-    starts = indptr[..., :-1].reshape(-1).to(torch.int64)
-    ends = indptr[..., 1:].reshape(-1).to(torch.int64)
-    lengths = (ends - starts).clamp_min(0)
-    offsets = torch.zeros(rows + 1, dtype=torch.int64, device=mask.device)
-    torch.cumsum(lengths, 0, out=offsets[1:])
-    back_to_back = (ends >= starts).all()
-    if rows > 1:
-        back_to_back = back_to_back & (starts[1:] == ends[:-1]).all()
-    in_bounds = ((lengths == 0) | ((starts >= 0) & (ends <= mask.capacity))).all()
-    flag, inside, first, total = torch.stack(
-        [back_to_back.to(torch.int64), in_bounds.to(torch.int64), starts[0], offsets[-1]]).tolist()
-    if not inside:
-        raise ValueError(f"mask offsets of heads {heads} point outside its index buffer (capacity {mask.capacity})")
-    if total > torch.iinfo(torch.int32).max:
-        raise ValueError(f"heads {heads} keep {total} slices, more than int32 offsets can address")
-    if flag:
-        indices = mask.indices[first:first + total]
-    else:
-        indices = _gather_rows(mask.indices, starts, lengths, offsets, total)
-    return _packed_mask(offsets, indices, (batch, count, q_blocks), mask)
-
-
+# ---- the entry points ----
 class MaskPredictor:
     """Per-rank mask prediction for the heads a rank owns: calls ``fgcupy.predict_mask`` on the
     exchanged full-sequence q, k of each head group. Scoring is imported on first use, so
@@ -246,80 +77,6 @@ class MaskPredictor:
         return f"MaskPredictor(slice_m={self.slice_m}{options})"
 
 
-# ---- exchange ----
-class _Pending:
-    """Works of one exchange plus the buffers they use (kept alive until ``wait``)."""
-
-    def __init__(self, works, buffers, group, pollable=True):
-        self.works, self.buffers, self.group, self.pollable = works, buffers, group, pollable
-
-    def wait(self):
-        for work in self.works:
-            _wait(work, self.group, self.pollable)
-        self.works = []
-
-
-def _wait(work, group, pollable: bool = True) -> None:
-    """Wait for one collective of ``group``; on gloo at most collective_timeout(), then
-    TimeoutError (the work is polled: gloo's own wait ignores a timeout here). Gloo's
-    point-to-point works never report completion to a poll: those wait for the process group's
-    own timeout (``pollable=False``)."""
-    if not pollable or "gloo" not in _backend(group):
-        work.wait()
-        return
-    timeout = collective_timeout()
-    deadline = time.monotonic() + timeout.total_seconds()
-    pause = 0.0
-    while not work.is_completed():
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"a sequence-parallel collective did not finish within "
-                               f"{timeout.total_seconds():.0f} s ({COLLECTIVE_TIMEOUT_ENV}); another rank "
-                               f"probably failed or stopped")
-        time.sleep(pause)
-        pause = min(0.001, pause + 0.0001)
-    work.wait()  # raises the collective's own error, if it failed
-
-
-def _backend(group) -> str:
-    return str(dist.get_backend(group)).lower()
-
-
-def _uses_nccl(group, device: torch.device) -> bool:
-    backend = _backend(group)
-    if device.type != "cuda" or "nccl" not in backend:
-        return False
-    return "cuda:nccl" in backend or ":" not in backend
-
-
-def _header_device(group, device: torch.device) -> torch.device:
-    if _uses_nccl(group, device):
-        return device
-    if "nccl" in _backend(group) and "gloo" not in _backend(group):
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _probe_all_to_all(group, device: torch.device) -> str:
-    """'all_to_all' if the backend runs an uneven ``all_to_all_single`` on ``device``, else 'p2p'.
-    Unsupported collectives raise at the call on every rank alike, so all ranks agree."""
-    group = group if group is not None else dist.group.WORLD
-    key = (id(group), device.type)
-    if key in _PROBED and _PROBED[key][0] is group:
-        return _PROBED[key][1]
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    send_counts = [j + 1 for j in range(world)]
-    send = torch.zeros(sum(send_counts), device=device)
-    recv = torch.empty((rank + 1) * world, device=device)
-    try:
-        dist.all_to_all_single(recv, send, [rank + 1] * world, send_counts, group=group)
-        method = "all_to_all"
-    except (RuntimeError, NotImplementedError, ValueError):
-        method = "p2p"
-    _PROBED[key] = (group, method)
-    return method
-
-
-# ---- the entry points ----
 class SequenceParallelAttention:
     """Ulysses sequence-parallel slice-sparse attention for one process group.
 
@@ -404,14 +161,14 @@ class SequenceParallelAttention:
         except Exception as err:  # noqa: BLE001 - raised below, after the other ranks hear of it
             problem = err
         local["error"] = 1 if problem is not None else 0
-        headers = self._gather_headers(local, device)
+        headers = gather_headers(self.group, local, device, world)
         if problem is not None:
             raise problem
         bad = [i for i, h in enumerate(headers) if h["error"]]
         if bad:
             raise ValueError(f"sequence-parallel attention stopped: rank(s) {bad} of the group rejected "
                              f"their inputs (their errors say why)")
-        q_lens, kv_lens = self._check_agreement(headers, world)
+        q_lens, kv_lens = check_agreement(headers)
         method = self._exchange_method(device)
         if method == "copy":
             if q_lens == kv_lens and not return_lse and device.type == "cuda" and _uses_nccl(self.group, device):
@@ -459,34 +216,6 @@ class SequenceParallelAttention:
                 f"k/v {local['kv_len']} (seq_lens is for self-attention shards of equal length)")
         return seq_lens
 
-    def _gather_headers(self, local, device):
-        values = torch.tensor([int(local[name]) for name in _HEADER], dtype=torch.int64)
-        values = values.to(_header_device(self.group, device))
-        gathered = [torch.empty_like(values) for _ in range(self.world_size)]
-        _wait(dist.all_gather(gathered, values, group=self.group, async_op=True), self.group)
-        rows = torch.stack(gathered).tolist()
-        return [dict(zip(_HEADER, row)) for row in rows]
-
-    def _check_agreement(self, headers, world):
-        """Checks every rank makes alike from the same headers, so all raise or none does."""
-        for name in _AGREE:
-            values = [h[name] for h in headers]
-            if len(set(values)) > 1:
-                shown = {"dtype": lambda: [_dtype_of(c) for c in values],
-                         "layout": lambda: [LAYOUTS[c] for c in values],
-                         "scale": lambda: [_scale_of(c) for c in values],
-                         "exchange": lambda: [EXCHANGES[c] for c in values],
-                         "mask_kind": lambda: [next(k for k, v in _MASK_KINDS.items() if v == c) for c in values],
-                         "seq_lens": lambda: ["given" if c else "not given" for c in values],
-                         }.get(name, lambda: values)()
-                if name == "seq_lens" and all(values):
-                    shown = "different lists"
-                raise ValueError(f"ranks disagree on {name.replace('_', ' ')}: {shown} (rank order)")
-        q_lens = [h["q_len"] for h in headers]
-        kv_lens = [h["kv_len"] for h in headers]
-        _check_mask_totals(headers, q_lens, kv_lens)
-        return q_lens, kv_lens
-
     def _agree_on_masks(self, mask, failure, device) -> None:
         """After a head group's mask callable ran on every rank (gloo groups): all raise if any
         failed, instead of the others waiting in the next exchange."""
@@ -510,7 +239,7 @@ class SequenceParallelAttention:
     def _auto_method(self, device):
         if _uses_nccl(self.group, device):
             return "all_to_all"
-        return _probe_all_to_all(self.group, device)
+        return probe_all_to_all(self.group, device)
 
     # ---- masks and plans ----
     def _prepare_masks(self, mask, qh, compute, world, rank):
@@ -608,7 +337,7 @@ class SequenceParallelAttention:
                 continue
             views, pendings = [], []
             for tensors, lens in streams:
-                got, pending = self._send_heads(tensors, lens, subs, method, next(tags), world, rank)
+                got, pending = send_heads(self.group, tensors, lens, subs, method, next(tags), world, rank)
                 views += got
                 pendings.append(pending)
             arrivals.append((views, pendings))
@@ -641,9 +370,9 @@ class SequenceParallelAttention:
             elif attend:
                 self._agree_on_masks(mask, None, qh.device)
             arrivals[g] = None  # the inputs of this group may be freed once its exchange is done
-            sent = [self._return_heads(out_grid, subs, q_lens, method, next(tags), world, rank)]
+            sent = [return_heads(self.group, out_grid, subs, q_lens, method, next(tags), world, rank)]
             if lse_g is not None:
-                sent.append(self._return_heads(lse_g.permute(2, 0, 1).contiguous(), subs, q_lens, method,
+                sent.append(return_heads(self.group, lse_g.permute(2, 0, 1).contiguous(), subs, q_lens, method,
                                                next(tags), world, rank))
             departures.append((subs, sent))
         for subs, sent in departures:
@@ -719,83 +448,6 @@ class SequenceParallelAttention:
         to_bhsd(out, layout).copy_(plan.returned(ws.local, rank, qh.dtype))
         return out
 
-    def _send_heads(self, tensors, lens, subs, method, tag, world, rank):
-        """Start the exchange of ``tensors`` (this rank's [B, H, S_r, D] shards) so rank j gets
-        heads ``subs[j]`` over all tokens; returns [B, h, S, D] views of the arriving buffer."""
-        first = tensors[0]
-        batch, _, _, head_dim = first.shape
-        width = len(tensors)
-        mine = len(subs[rank])
-        send_counts = [lens[rank] * batch * width * len(s) * head_dim for s in subs]
-        recv_counts = [n * batch * width * mine * head_dim for n in lens]
-        send = torch.empty(sum(send_counts), dtype=first.dtype, device=first.device)
-        offset = 0
-        for sub, count in zip(subs, send_counts):
-            if count:
-                chunk = send[offset:offset + count].view(lens[rank], batch, width, len(sub), head_dim)
-                for i, t in enumerate(tensors):
-                    chunk[:, :, i].copy_(t[:, sub.start:sub.stop].permute(2, 0, 1, 3))
-            offset += count
-        recv = torch.empty(sum(recv_counts), dtype=first.dtype, device=first.device)
-        pending = self._exchange(send, recv, send_counts, recv_counts, method, tag, world, rank)
-        # Tokens arrive in rank order, so the buffer is [S, B, width, h, D] with S in sequence order.
-        grid = recv.view(sum(lens), batch, width, mine, head_dim)
-        return [grid[:, :, i].permute(1, 2, 0, 3) for i in range(width)], pending
-
-    def _return_heads(self, grid, subs, q_lens, method, tag, world, rank):
-        """Start returning ``grid`` ([S, B, h, ...], this rank's heads over all tokens) to the ranks
-        owning the tokens; returns the pending exchange and per-rank [S_r, B, h_j, ...] chunks."""
-        tail = tuple(grid.shape[3:])
-        batch, mine = grid.shape[1], grid.shape[2]
-        inner = 1
-        for n in tail:
-            inner *= n
-        send_counts = [n * batch * mine * inner for n in q_lens]
-        recv_counts = [q_lens[rank] * batch * len(s) * inner for s in subs]
-        recv = torch.empty(sum(recv_counts), dtype=grid.dtype, device=grid.device)
-        pending = self._exchange(grid.reshape(-1), recv, send_counts, recv_counts, method, tag, world, rank)
-        chunks = [c.view(q_lens[rank], batch, len(s), *tail) for c, s in zip(recv.split(recv_counts), subs)]
-        return pending, chunks
-
-    def _exchange(self, send, recv, send_counts, recv_counts, method, tag, world, rank):
-        if method == "all_to_all":
-            work = dist.all_to_all_single(recv, send, recv_counts, send_counts, group=self.group, async_op=True)
-            return _Pending([work], (send, recv), self.group)
-        sends, recvs = send.split(send_counts), recv.split(recv_counts)
-        if send_counts[rank]:
-            recvs[rank].copy_(sends[rank])
-        ops = []
-        for peer in range(world):
-            if peer == rank:
-                continue
-            global_peer = peer if self.group is None else dist.get_global_rank(self.group, peer)
-            if send_counts[peer]:
-                ops.append(dist.P2POp(dist.isend, sends[peer], global_peer, self.group, tag))
-            if recv_counts[peer]:
-                ops.append(dist.P2POp(dist.irecv, recvs[peer], global_peer, self.group, tag))
-        if not ops:
-            return _Pending([], (send, recv), self.group)
-        if _uses_nccl(self.group, send.device):
-            works = dist.batch_isend_irecv(ops)  # NCCL: one group call, or paired sends deadlock
-        else:
-            works = [op.op(op.tensor, op.peer, op.group, op.tag) for op in ops]
-        return _Pending(works, (send, recv), self.group, pollable=False)
-
-
-def _dtype_of(code):
-    return next((dtype for dtype, c in _DTYPE_CODES.items() if c == code), code)
-
-
-def _check_mask_totals(headers, q_lens, kv_lens):
-    q_total, kv_total = sum(q_lens), sum(kv_lens)
-    for i, h in enumerate(headers):
-        if not h["mask"]:
-            continue  # no static mask on that rank
-        if (h["mask_q_len"], h["mask_kv_len"]) != (q_total, kv_total):
-            who = f"rank {i}'s" if len(headers) > 1 else "the"
-            raise ValueError(
-                f"{who} mask is for q_len={h['mask_q_len']}, kv_len={h['mask_kv_len']}; the shards add up to "
-                f"q_len={q_total}, kv_len={kv_total} (masks use positions in the whole sequence)")
 
 
 def sequence_parallel_attention(q, k, v, mask=None, *, group=None, layout: str = "HND", scale: float | None = None,

@@ -121,20 +121,20 @@ def single_process(q, k, v, mask, compute, scale=None):
 def _without_all_to_all(call):
     """Run ``call`` with torch.distributed.all_to_all_single refusing, as a backend without it
     does; the exchange probe must pick point-to-point and say so."""
-    from fgcupy import distributed
+    from fgcupy import sp_exchange
 
     def refuse(*args, **kwargs):
         raise RuntimeError("ProcessGroupGloo does not support alltoall_base (simulated)")
 
     saved = dist.all_to_all_single
-    distributed._PROBED.clear()
+    sp_exchange._PROBED.clear()
     dist.all_to_all_single = refuse
     try:
         result = call()
     finally:
         dist.all_to_all_single = saved
-    chosen = [method for _, method in distributed._PROBED.values()]
-    distributed._PROBED.clear()
+    chosen = [method for _, method in sp_exchange._PROBED.values()]
+    sp_exchange._PROBED.clear()
     if chosen != ["p2p"]:
         raise AssertionError(f"with all_to_all_single missing the probe chose {chosen}, expected ['p2p']")
     return result

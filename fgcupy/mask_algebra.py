@@ -1,0 +1,97 @@
+"""Mask algebra beside SliceMask: slicing and joining heads, gathering rows (the one indptr
+builder is fgcupy.mask.indptr_from_offsets)."""
+
+from __future__ import annotations
+
+import torch
+
+from .mask import SliceMask, indptr_from_offsets
+
+
+def concat_heads(masks) -> SliceMask:
+    """One mask holding the heads of ``masks`` in order (equal batch, lengths and slice size): what
+    ``slice_heads`` over consecutive head ranges undoes. Gathers on the device; one host sync."""
+    masks = list(masks)
+    if not masks or not all(isinstance(m, SliceMask) for m in masks):
+        raise TypeError("concat_heads needs one or more fgcupy.SliceMask")
+    first = masks[0]
+    shape = (first.batch, first.q_len, first.kv_len, first.slice_m, first.device)
+    for m in masks[1:]:
+        if (m.batch, m.q_len, m.kv_len, m.slice_m, m.device) != shape:
+            raise ValueError(f"masks to join must agree on (batch, q_len, kv_len, slice_m, device): {shape} vs "
+                             f"{(m.batch, m.q_len, m.kv_len, m.slice_m, m.device)}")
+    if len(masks) == 1:
+        return first
+    bases, base = [], 0
+    for m in masks:
+        bases.append(base)
+        base += m.capacity
+    starts = torch.cat([m.indptr[..., :-1].to(torch.int64) + b for m, b in zip(masks, bases)], dim=1)
+    ends = torch.cat([m.indptr[..., 1:].to(torch.int64) + b for m, b in zip(masks, bases)], dim=1)
+    batch, heads, q_blocks = starts.shape
+    starts, ends = starts.reshape(-1), ends.reshape(-1)
+    lengths = (ends - starts).clamp_min(0)
+    offsets = torch.zeros(starts.numel() + 1, dtype=torch.int64, device=first.device)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    total = int(offsets[-1].item())
+    if total > torch.iinfo(torch.int32).max:
+        raise ValueError(f"the joined mask keeps {total} slices, more than int32 offsets can address")
+    indices = gather_rows(torch.cat([m.indices for m in masks]), starts, lengths, offsets, total)
+    return packed_mask(offsets, indices, (batch, heads, q_blocks), first)
+
+
+def gather_rows(source, starts, lengths, offsets, total):
+    """Rows ``source[starts[r] : starts[r] + lengths[r]]`` packed back to back (row r from
+    ``offsets[r]``; ``total`` keys in all)."""
+    row_of = torch.repeat_interleave(torch.arange(starts.numel(), device=source.device), lengths, output_size=total)
+    positions = starts[row_of] + torch.arange(total, device=source.device) - offsets[:-1][row_of]
+    return source[positions]
+
+
+def packed_mask(offsets, indices, shape, like: SliceMask) -> SliceMask:
+    """A mask of ``shape`` (B, H, QB) whose rows sit back to back in ``indices`` from ``offsets``
+    (int64, one per row plus the end), with ``like``'s slice size and lengths."""
+    indptr = indptr_from_offsets(offsets.to(torch.int32), *shape)
+    return SliceMask(indptr, indices, like.slice_m, like.q_len, like.kv_len)
+
+
+def slice_heads(mask: SliceMask, heads: range) -> SliceMask:
+    """The mask of heads ``heads`` (a step-1 range) of ``mask``, with compact storage.
+
+    Masks whose rows are stored back to back (``from_topk``, ``from_dense``, ``full``) give a view
+    of their index buffer; any other storage order is gathered. Reads three scalars (one host
+    synchronisation), so call it when planning, not per step.
+    """
+    if not isinstance(mask, SliceMask):
+        raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
+    if not isinstance(heads, range) or heads.step != 1:
+        raise TypeError(f"heads must be a range with step 1, got {heads!r}")
+    if heads.start < 0 or heads.stop > mask.heads or heads.stop < heads.start:
+        raise ValueError(f"heads {heads} are outside the mask's {mask.heads} heads")
+    indptr = mask.indptr[:, heads.start:heads.stop]
+    batch, count, width = indptr.shape
+    q_blocks = width - 1
+    rows = batch * count * q_blocks
+    if rows == 0:
+        empty = torch.zeros(batch, count, width, dtype=torch.int32, device=mask.device)
+        return SliceMask(empty, mask.indices[:0], mask.slice_m, mask.q_len, mask.kv_len)
+    starts = indptr[..., :-1].reshape(-1).to(torch.int64)
+    ends = indptr[..., 1:].reshape(-1).to(torch.int64)
+    lengths = (ends - starts).clamp_min(0)
+    offsets = torch.zeros(rows + 1, dtype=torch.int64, device=mask.device)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    back_to_back = (ends >= starts).all()
+    if rows > 1:
+        back_to_back = back_to_back & (starts[1:] == ends[:-1]).all()
+    in_bounds = ((lengths == 0) | ((starts >= 0) & (ends <= mask.capacity))).all()
+    flag, inside, first, total = torch.stack(
+        [back_to_back.to(torch.int64), in_bounds.to(torch.int64), starts[0], offsets[-1]]).tolist()
+    if not inside:
+        raise ValueError(f"mask offsets of heads {heads} point outside its index buffer (capacity {mask.capacity})")
+    if total > torch.iinfo(torch.int32).max:
+        raise ValueError(f"heads {heads} keep {total} slices, more than int32 offsets can address")
+    if flag:
+        indices = mask.indices[first:first + total]
+    else:
+        indices = gather_rows(mask.indices, starts, lengths, offsets, total)
+    return packed_mask(offsets, indices, (batch, count, q_blocks), mask)

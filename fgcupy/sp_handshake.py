@@ -1,0 +1,198 @@
+"""Sequence parallelism's bookkeeping: how shards and heads are split, the header every rank
+exchanges before data moves (and the checks all ranks make alike from it), and bounded waits on
+collectives."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import struct
+import time
+
+import torch
+import torch.distributed as dist
+
+from .layout import LAYOUTS
+
+COMPUTES = ("auto", "fgcupy", "reference")
+EXCHANGES = ("auto", "all_to_all", "p2p", "copy")
+
+_DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
+_HEADER = ("error", "batch", "heads", "head_dim", "q_len", "kv_len", "dtype", "head_groups", "attend",
+           "return_lse", "mask", "mask_batch", "mask_heads", "mask_q_len", "mask_kv_len", "layout", "scale",
+           "exchange", "mask_kind", "seq_lens")
+#: Header fields every rank must have alike (seq_lens: a digest of the list, 0 when not given).
+_AGREE = ("batch", "heads", "head_dim", "dtype", "head_groups", "attend", "return_lse", "layout", "scale", "exchange",
+          "mask_kind", "seq_lens")
+_MASK_KINDS = {"none": 0, "static": 1, "callable": 2}
+COLLECTIVE_TIMEOUT_ENV = "FGCUPY_COLLECTIVE_TIMEOUT_S"
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a rank waits on a collective of a gloo group before raising (default 60 s)."""
+    raw = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "60")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    if not seconds > 0:
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV} must be positive, got {raw!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+def _scale_code(scale) -> int:
+    """The scale's float64 bits as an int64 (0 for None, the default), for the header."""
+    return 0 if scale is None else struct.unpack("<q", struct.pack("<d", float(scale)))[0]
+
+
+def _scale_of(code: int):
+    return None if code == 0 else struct.unpack("<d", struct.pack("<q", code))[0]
+
+
+def _lens_digest(seq_lens) -> int:
+    """A nonzero int63 digest of a seq_lens list (0: not given)."""
+    digest = 1469598103934665603
+    for n in [len(seq_lens), *seq_lens]:
+        digest = ((digest ^ (int(n) & 0xFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return digest or 1
+
+
+# ---- partitions ----
+def shard_ranges(length: int, parts: int) -> list[range]:
+    """Contiguous near-equal pieces, the first ``length % parts`` one longer (torch.tensor_split's
+    rule): every rank computes every rank's piece without communicating."""
+    if not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"parts must be a positive int, got {parts!r}")
+    if not isinstance(length, int) or length < 0:
+        raise ValueError(f"length must be a non-negative int, got {length!r}")
+    base, extra = divmod(length, parts)
+    ranges, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        ranges.append(range(start, stop))
+        start = stop
+    return ranges
+
+
+def head_ranges(heads: int, world_size: int) -> list[range]:
+    """Heads owned by each rank: ``shard_ranges`` over heads (uneven when P does not divide H)."""
+    return shard_ranges(heads, world_size)
+
+
+def _group_ranges(owned: range, head_groups: int) -> list[range]:
+    """Split a rank's heads into pipeline groups. The first group's exchange is the one no
+    attention can hide, so where there are heads enough (two per group) it gets about half a
+    share and the others split the rest evenly."""
+    n = len(owned)
+    if head_groups > 1 and n >= 2 * head_groups:
+        first = max(1, round(n / (2 * head_groups - 1)))
+        sizes = [first] + [len(r) for r in shard_ranges(n - first, head_groups - 1)]
+    else:
+        sizes = [len(r) for r in shard_ranges(n, head_groups)]
+    ranges, start = [], owned.start
+    for size in sizes:
+        ranges.append(range(start, start + size))
+        start += size
+    return ranges
+
+
+# ---- masks ----
+
+
+# ---- backends and waits ----
+def _backend(group) -> str:
+    return str(dist.get_backend(group)).lower()
+
+
+def _uses_nccl(group, device: torch.device) -> bool:
+    backend = _backend(group)
+    if device.type != "cuda" or "nccl" not in backend:
+        return False
+    return "cuda:nccl" in backend or ":" not in backend
+
+
+def _header_device(group, device: torch.device) -> torch.device:
+    if _uses_nccl(group, device):
+        return device
+    if "nccl" in _backend(group) and "gloo" not in _backend(group):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class Pending:
+    """Works of one exchange plus the buffers they use (kept alive until ``wait``)."""
+
+    def __init__(self, works, buffers, group, pollable=True):
+        self.works, self.buffers, self.group, self.pollable = works, buffers, group, pollable
+
+    def wait(self):
+        for work in self.works:
+            _wait(work, self.group, self.pollable)
+        self.works = []
+
+
+def _wait(work, group, pollable: bool = True) -> None:
+    """Wait for one collective of ``group``; on gloo at most collective_timeout(), then
+    TimeoutError (the work is polled: gloo's own wait ignores a timeout here). Gloo's
+    point-to-point works never report completion to a poll: those wait for the process group's
+    own timeout (``pollable=False``)."""
+    if not pollable or "gloo" not in _backend(group):
+        work.wait()
+        return
+    timeout = collective_timeout()
+    deadline = time.monotonic() + timeout.total_seconds()
+    pause = 0.0
+    while not work.is_completed():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"a sequence-parallel collective did not finish within "
+                               f"{timeout.total_seconds():.0f} s ({COLLECTIVE_TIMEOUT_ENV}); another rank "
+                               f"probably failed or stopped")
+        time.sleep(pause)
+        pause = min(0.001, pause + 0.0001)
+    work.wait()  # raises the collective's own error, if it failed
+
+
+# ---- the header ----
+def gather_headers(group, local, device, world: int):
+    values = torch.tensor([int(local[name]) for name in _HEADER], dtype=torch.int64)
+    values = values.to(_header_device(group, device))
+    gathered = [torch.empty_like(values) for _ in range(world)]
+    _wait(dist.all_gather(gathered, values, group=group, async_op=True), group)
+    rows = torch.stack(gathered).tolist()
+    return [dict(zip(_HEADER, row)) for row in rows]
+
+def check_agreement(headers):
+    """Checks every rank makes alike from the same headers, so all raise or none does."""
+    for name in _AGREE:
+        values = [h[name] for h in headers]
+        if len(set(values)) > 1:
+            shown = {"dtype": lambda: [_dtype_of(c) for c in values],
+                     "layout": lambda: [LAYOUTS[c] for c in values],
+                     "scale": lambda: [_scale_of(c) for c in values],
+                     "exchange": lambda: [EXCHANGES[c] for c in values],
+                     "mask_kind": lambda: [next(k for k, v in _MASK_KINDS.items() if v == c) for c in values],
+                     "seq_lens": lambda: ["given" if c else "not given" for c in values],
+                     }.get(name, lambda: values)()
+            if name == "seq_lens" and all(values):
+                shown = "different lists"
+            raise ValueError(f"ranks disagree on {name.replace('_', ' ')}: {shown} (rank order)")
+    q_lens = [h["q_len"] for h in headers]
+    kv_lens = [h["kv_len"] for h in headers]
+    _check_mask_totals(headers, q_lens, kv_lens)
+    return q_lens, kv_lens
+
+
+def _dtype_of(code):
+    return next((dtype for dtype, c in _DTYPE_CODES.items() if c == code), code)
+
+
+def _check_mask_totals(headers, q_lens, kv_lens):
+    q_total, kv_total = sum(q_lens), sum(kv_lens)
+    for i, h in enumerate(headers):
+        if not h["mask"]:
+            continue  # no static mask on that rank
+        if (h["mask_q_len"], h["mask_kv_len"]) != (q_total, kv_total):
+            who = f"rank {i}'s" if len(headers) > 1 else "the"
+            raise ValueError(
+                f"{who} mask is for q_len={h['mask_q_len']}, kv_len={h['mask_kv_len']}; the shards add up to "
+                f"q_len={q_total}, kv_len={kv_total} (masks use positions in the whole sequence)")
