@@ -1,5 +1,5 @@
-"""Mask algebra beside SliceMask: slicing and joining heads, gathering rows (the one indptr
-builder is fgcupy.mask.indptr_from_offsets)."""
+"""Mask algebra beside SliceMask: slicing and joining heads, dropping keys, gathering rows (the
+one indptr builder is fgcupy.mask.indptr_from_offsets)."""
 
 from __future__ import annotations
 
@@ -95,3 +95,33 @@ def slice_heads(mask: SliceMask, heads: range) -> SliceMask:
     else:
         indices = gather_rows(mask.indices, starts, lengths, offsets, total)
     return packed_mask(offsets, indices, (batch, count, q_blocks), mask)
+
+
+def drop_keys(mask: SliceMask, key_valid: torch.Tensor) -> SliceMask:
+    """``mask`` without the keys where ``key_valid`` (bool ``[B, KV]``) is False, on the GPU and
+    without a host synchronisation (same capacity; rows stay sorted). Rows may sit anywhere in
+    the buffer as long as they do not overlap."""
+    batch, heads, q_blocks, kv_len = mask.batch, mask.heads, mask.q_blocks, mask.kv_len
+    if tuple(key_valid.shape) != (batch, kv_len) or key_valid.dtype != torch.bool:
+        raise ValueError(
+            f"key_valid must be bool [B, KV]={(batch, kv_len)}, got {key_valid.dtype} {tuple(key_valid.shape)}"
+        )
+    device, capacity = mask.device, mask.capacity
+    key_valid = key_valid.to(device)
+    starts = mask.indptr[..., :-1].reshape(-1).to(torch.int64)
+    ends = mask.indptr[..., 1:].reshape(-1).to(torch.int64)
+    if capacity == 0 or starts.numel() == 0:
+        return mask
+    # batch + 1 at every position a row covers, 0 in gaps: +tag at a row's start, -tag at its end.
+    tag = (torch.arange(starts.numel(), device=device) // (heads * q_blocks) + 1).to(torch.int64)
+    marks = torch.zeros(capacity + 1, dtype=torch.int64, device=device)
+    marks.index_add_(0, starts, tag).index_add_(0, ends, -tag)
+    owner = torch.cumsum(marks, 0)[:capacity]
+    keys = mask.indices.to(torch.int64).clamp(0, max(kv_len - 1, 0))
+    keep = (owner > 0) & key_valid[(owner - 1).clamp_min(0), keys]
+    before = torch.zeros(capacity + 1, dtype=torch.int64, device=device)
+    torch.cumsum(keep, 0, out=before[1:])
+    target = torch.where(keep, before[:-1], capacity)  # dropped entries land in a spare slot
+    indices = torch.zeros(capacity + 1, dtype=torch.int32, device=device).scatter_(0, target, mask.indices)
+    indptr = before[mask.indptr.to(torch.int64)].to(torch.int32)
+    return SliceMask(indptr, indices[:capacity], mask.slice_m, mask.q_len, kv_len)

@@ -1,0 +1,158 @@
+"""SparseAttentionConfig: what ``fgcupy.integrations.diffusers.apply`` installs, checked when it
+is made (a setting that cannot work is refused here, not at the first sparse step)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ..cache import MaskCache
+from ..jit.spec import SLICE_SIZES
+
+# The parameter each named predictor method is tuned by (checked at config time, so a missing
+# density fails at apply() rather than on the first refresh step deep inside a pipeline).
+_METHOD_PARAMETER = {"topk": "density", "tau": "tau", "threshold": "threshold"}
+DEFAULT_DENSITY = 0.1
+
+
+@dataclass(frozen=True)
+class SparseAttentionConfig:
+    """What ``apply`` installs.
+
+    predictor: a ``fgcupy.predict_mask`` method name ("topk", "tau", "threshold") tuned by its
+        own ``density`` (default 0.1) / ``tau`` / ``threshold`` (+ ``predictor_kwargs``), or a callable
+        ``predictor(q, k, slice_m=...) -> SliceMask`` with q, k ``[B, H, S, D]`` views.
+    slice_m: queries per slice (a kernel size, 64 or 128).
+    dense_steps: the first denoising steps run dense (stock processor): early steps set the layout.
+    dense_layers: indices (in model order) of self-attention layers that always run dense.
+    refresh_every / refresh_steps: masks are re-predicted every ``refresh_every`` sparse steps
+        (counted from the first sparse step), or exactly on the steps listed in ``refresh_steps``
+        (the first sparse step always predicts); other steps reuse the layer's cached mask.
+    share_branches: later calls of the same step (classifier-free guidance's second pass) reuse the
+        first call's masks instead of predicting their own: half the mask memory.
+    fallback: where fgcupy's kernel cannot run (no GPU, CPU tensors), use the stock processor
+        instead of raising.
+    attention_fn: replaces fgcupy's kernel: ``attention_fn(q, k, v, mask, scale) -> out`` with
+        q, k, v, out ``[B, S, H, D]``; for other backends, comparisons and CPU tests.
+    process_group: a torch.distributed group whose ranks each hold a contiguous sequence shard
+        (rank order = sequence order): self-attention then runs through SequenceParallelAttention
+        (fgcupy's kernel on CUDA tensors, its float32 reference elsewhere), dense steps and layers
+        included. Wan only; excludes ``attention_fn``.
+    parallel_options: keyword arguments of SequenceParallelAttention for ``process_group``:
+        ``head_groups``, ``exchange`` (``"copy"``: copy-engine transfers on one host), ``key_tile``.
+    """
+
+    predictor: str | Callable = "topk"
+    density: float | None = None  # "topk" without one keeps 0.1
+    tau: float | None = None
+    threshold: float | None = None
+    predictor_kwargs: dict = field(default_factory=dict)
+    slice_m: int = 128
+    dense_steps: int = 0
+    dense_layers: tuple[int, ...] = ()
+    refresh_every: int = 5
+    refresh_steps: tuple[int, ...] | None = None
+    share_branches: bool = False
+    fallback: bool = False
+    attention_fn: Callable | None = None
+    process_group: object = None
+    parallel_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if isinstance(self.predictor, str):
+            if self.predictor not in _METHOD_PARAMETER:
+                raise ValueError(f"predictor must be one of {tuple(_METHOD_PARAMETER)} (fgcupy.predict_mask methods "
+                                 f"that need no dense step) or a callable, got {self.predictor!r}")
+            needed = _METHOD_PARAMETER[self.predictor]
+            if self.predictor == "topk" and self.density is None:
+                object.__setattr__(self, "density", DEFAULT_DENSITY)
+            if getattr(self, needed) is None:
+                raise ValueError(f"predictor={self.predictor!r} needs {needed}=..., got None")
+            for other in set(_METHOD_PARAMETER.values()) - {needed}:
+                if getattr(self, other) is not None:
+                    raise ValueError(f"{other}={getattr(self, other)!r} does not apply to predictor={self.predictor!r} "
+                                     f"(it takes {needed})")
+        elif not callable(self.predictor):
+            raise TypeError(f"predictor must be a method name or a callable, got {type(self.predictor).__name__}")
+        for name in ("density", "tau"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if self.threshold is not None and not self.threshold > 0:
+            raise ValueError(f"threshold must be > 0, got {self.threshold}")
+        if self.slice_m not in SLICE_SIZES:
+            raise ValueError(f"slice_m must be one of {SLICE_SIZES} (sizes with a kernel), got {self.slice_m}")
+        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
+            raise ValueError(f"dense_steps must be an int >= 0, got {self.dense_steps!r}")
+        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
+            raise ValueError(f"refresh_every must be an int >= 1, got {self.refresh_every!r}")
+        object.__setattr__(self, "dense_layers", _int_tuple(self.dense_layers, "dense_layers"))
+        if self.refresh_steps is not None:
+            object.__setattr__(self, "refresh_steps", _int_tuple(self.refresh_steps, "refresh_steps"))
+        if not isinstance(self.predictor_kwargs, dict):
+            raise TypeError(f"predictor_kwargs must be a dict, got {type(self.predictor_kwargs).__name__}")
+        if self.attention_fn is not None and not callable(self.attention_fn):
+            raise TypeError(f"attention_fn must be callable, got {type(self.attention_fn).__name__}")
+        if self.process_group is not None and self.attention_fn is not None:
+            raise ValueError("attention_fn and process_group exclude each other: with a process group attention "
+                             "runs in fgcupy.distributed.SequenceParallelAttention")
+        if not isinstance(self.parallel_options, dict):
+            raise TypeError(f"parallel_options must be a dict, got {type(self.parallel_options).__name__}")
+        unknown = set(self.parallel_options) - {"head_groups", "exchange", "key_tile"}
+        if unknown:
+            raise ValueError(f"parallel_options accepts head_groups, exchange and key_tile, got {sorted(unknown)}")
+        if self.parallel_options and self.process_group is None:
+            raise ValueError("parallel_options apply to sequence parallelism: give process_group too")
+        if isinstance(self.predictor, str):
+            self._check_predictor_arguments()
+
+    def _check_predictor_arguments(self) -> None:
+        """Refuse now what predict_mask would refuse at the first sparse step."""
+        import inspect
+
+        from ..mask_request import make_request
+
+        kwargs = self.predictor_arguments()
+        allowed = set(inspect.signature(make_request).parameters) - {"head_dim", "kv_len", "slice_m", "method"}
+        allowed |= {"layout", "workspace_bytes"}
+        unknown = set(kwargs) - allowed
+        if unknown:
+            raise ValueError(f"predictor_kwargs holds options predict_mask does not take: {sorted(unknown)}")
+        checked = {name: value for name, value in kwargs.items() if name not in ("layout", "workspace_bytes")}
+        make_request(128, 4096, self.slice_m, self.predictor, **checked)
+    def mask_cache(self) -> MaskCache:
+        """An empty MaskCache with this schedule. Listed refresh steps inside the warm-up are dropped
+        (they would run dense anyway); masks are kept expanded, so reuse costs no conversion."""
+        steps = self.refresh_steps
+        if steps is not None:
+            steps = [s for s in steps if s >= self.dense_steps]
+        return MaskCache(warmup=self.dense_steps, refresh_every=self.refresh_every, refresh_steps=steps,
+                         expanded=True)
+
+    def is_dense_step(self, step: int) -> bool:
+        return self.mask_cache().action(step) == "dense"
+
+    def is_refresh_step(self, step: int) -> bool:
+        """Whether the schedule predicts new masks on ``step`` (a layer with no mask yet always does)."""
+        return self.mask_cache().action(step) == "refresh"
+
+    def predictor_arguments(self) -> dict:
+        """predict_mask's keyword arguments: the chosen method's own parameter (density for
+        "topk", tau for "tau", threshold for "threshold") and ``predictor_kwargs``."""
+        args = {}
+        if isinstance(self.predictor, str):
+            name = _METHOD_PARAMETER[self.predictor]
+            args[name] = getattr(self, name)
+        args.update(self.predictor_kwargs)
+        return args
+
+
+def _int_tuple(values, what: str) -> tuple[int, ...]:
+    if isinstance(values, int) and not isinstance(values, bool):
+        values = (values,)
+    if not isinstance(values, Iterable):
+        raise TypeError(f"{what} must be a sequence of ints, got {type(values).__name__}")
+    out = tuple(values)
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in out):
+        raise ValueError(f"{what} must hold ints >= 0, got {out}")
+    return tuple(sorted(set(out)))
