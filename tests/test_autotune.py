@@ -295,9 +295,9 @@ def test_corrupt_or_foreign_file_warns_then_a_fresh_tune_replaces_it(isolated_ca
 @pytest.mark.parametrize("field", ["version", "kernel_hash"])
 def test_other_version_or_kernels_is_stale(isolated_cache, monkeypatch, field):
     current = autotune.library_stamp()
-    monkeypatch.setattr(autotune, "library_stamp", lambda: dict(current, **{field: "0.0.0-old"}))
+    monkeypatch.setattr(autotune.store, "library_stamp", lambda: dict(current, **{field: "0.0.0-old"}))
     autotune.TuneCache().store([fake_result()], H100)
-    monkeypatch.setattr(autotune, "library_stamp", lambda: current)
+    monkeypatch.setattr(autotune.store, "library_stamp", lambda: current)
     autotune.TuneCache._memo.clear()
     with pytest.warns(autotune.AutotuneCacheWarning, match="0.0.0-old"):
         assert autotune.TuneCache().lookup(KEY) is None
@@ -309,7 +309,7 @@ def test_other_version_or_kernels_is_stale(isolated_cache, monkeypatch, field):
     (old_table,) = data["other_versions"].values()
     assert list(old_table["entries"]) == [KEY.id] and old_table["header"][field] == "0.0.0-old"
     # ... and the older version still finds its own results after the newer one wrote
-    monkeypatch.setattr(autotune, "library_stamp", lambda: dict(current, **{field: "0.0.0-old"}))
+    monkeypatch.setattr(autotune.store, "library_stamp", lambda: dict(current, **{field: "0.0.0-old"}))
     autotune.TuneCache._memo.clear()
     assert autotune.TuneCache().lookup(KEY) == OTHER
 
@@ -365,7 +365,7 @@ def test_lock_is_private_never_follows_a_symlink_and_is_waited_on_briefly(isolat
     assert autotune.TuneCache().store([fake_result()], H100)
     assert stat.S_IMODE(lock.stat().st_mode) == 0o600
     # another process holds the lock: the writer gives up after the timeout, with a warning
-    monkeypatch.setattr(autotune, "LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(autotune.store, "LOCK_TIMEOUT_S", 0.2)
     holder = os.open(lock, os.O_RDWR)
     fcntl.flock(holder, fcntl.LOCK_EX)
     try:

@@ -63,7 +63,7 @@ def test_first_use_tuning_through_plan(isolated_cache, monkeypatch):
         calls.append(args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(autotune, "tune_on_device", counting)
+    monkeypatch.setattr(autotune.choice, "tune_on_device", counting)
     mask = random_topk_mask(1, 3, 2000, 3000, 128, 1.0, DEVICE)
     plan = SparseAttention().plan(mask, head_dim=128, dtype=torch.bfloat16)
     assert len(calls) == 1

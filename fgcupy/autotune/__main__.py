@@ -1,0 +1,7 @@
+"""``python -m fgcupy.autotune``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

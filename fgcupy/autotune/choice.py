@@ -1,0 +1,85 @@
+"""The spec plan() uses: this process's choice, the stored winner, a fresh tune
+(FGCUPY_AUTOTUNE=1), or the heuristic default."""
+
+from __future__ import annotations
+
+
+import os
+import sys
+import threading
+import warnings
+from typing import Callable
+
+import torch
+
+from ..jit import AttentionSpec
+from ..mask import SliceMask
+from .candidates import heuristic_spec
+from .keys import DeviceInfo, ProblemKey, mask_density_estimate
+from .measure import tune_on_device
+from .selection import TuneResult
+from .store import AUTOTUNE_ENV, AutotuneCacheWarning, TuneCache
+
+# Choice at plan time
+# ---------------------------------------------------------------------------------------------
+_session: dict[str, AttentionSpec] = {}  # key id -> spec chosen in this process
+_session_lock = threading.RLock()
+
+
+def autotune_enabled() -> bool:
+    """FGCUPY_AUTOTUNE: 1/true/yes/on tune on first use; 0/false/no/off/unset do not."""
+    value = os.environ.get(AUTOTUNE_ENV, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value not in ("", "0", "false", "no", "off"):
+        warnings.warn(f"fgcupy autotune: {AUTOTUNE_ENV}={value!r} is not 0 or 1; not tuning",
+                      AutotuneCacheWarning, stacklevel=3)
+    return False
+
+
+def choose_spec(key: ProblemKey, default: AttentionSpec, tune_fn: Callable[[ProblemKey], TuneResult],
+                cache: TuneCache | None = None, gpu: DeviceInfo | None = None) -> AttentionSpec:
+    """This process's choice, else the cached winner, else (FGCUPY_AUTOTUNE=1) a fresh tune that
+    is stored, else ``default``. A failed tune warns and falls back to ``default``."""
+    with _session_lock:
+        spec = _session.get(key.id)
+        if spec is not None:
+            return spec
+        cache = cache or TuneCache()
+        spec = cache.lookup(key)
+        if spec is None and autotune_enabled():
+            try:
+                result = tune_fn(key)
+            except Exception as err:  # noqa: BLE001 - tuning is an optimisation, never fatal
+                warnings.warn(f"fgcupy autotune: tuning {key.id} failed ({type(err).__name__}: {err}); "
+                              f"using {default.name}", AutotuneCacheWarning, stacklevel=3)
+                result = None
+            if result is not None and result.measured:
+                cache.store([result], gpu)
+                spec = result.winner
+        spec = spec or default
+        _session[key.id] = spec
+        return spec
+
+
+def planned_spec(mask: SliceMask, head_dim: int, dtype: str) -> AttentionSpec:
+    """The spec ``SparseAttention.plan`` uses when no key tile / stages are given."""
+    if mask.device.type != "cuda" or not torch.cuda.is_available():
+        return heuristic_spec(dtype, head_dim, mask.slice_m)
+    info = DeviceInfo.of(mask.device)
+    default = heuristic_spec(dtype, head_dim, mask.slice_m, info.arch)
+    key = ProblemKey.make(info, dtype, head_dim, mask.slice_m, mask.q_len, mask.kv_len, mask_density_estimate(mask))
+
+    def tune_fn(k: ProblemKey) -> TuneResult | None:
+        if torch.cuda.is_current_stream_capturing():
+            warnings.warn(f"fgcupy autotune: not tuning {k.id} during CUDA graph capture; using {default.name}",
+                          AutotuneCacheWarning, stacklevel=4)
+            return None
+        return tune_on_device(k, mask.device, mask.q_len, mask.kv_len, mask.batch * mask.heads,
+                              progress=_stderr_progress)
+
+    return choose_spec(key, default, tune_fn, gpu=info)
+
+
+def _stderr_progress(line: str) -> None:
+    print(f"fgcupy autotune: {line}", file=sys.stderr, flush=True)

@@ -1,0 +1,91 @@
+"""``python -m fgcupy.autotune``: tune workload presets ahead of time and print the tables."""
+
+from __future__ import annotations
+
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import torch
+
+from ..jit.spec import SLICE_SIZES
+from ..workloads import SHAPES
+from .choice import _stderr_progress
+from .keys import DeviceInfo, ProblemKey, _TORCH_DTYPES
+from .measure import tune_on_device
+from .selection import format_table
+from .store import AUTOTUNE_ENV, CACHE_ENV, CACHE_FILE, TuneCache, cache_path
+
+#: Workload shapes (B, H, S, D) of fgcupy.workloads, by preset name.
+PRESETS = {name: (shape.batch, shape.heads, shape.seq, shape.head_dim) for name, shape in SHAPES.items()}
+
+
+# Command line
+# ---------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m fgcupy.autotune",
+        description="Tune fgcupy's kernel for workload presets on this GPU and store the winners "
+                    f"(file: ${CACHE_ENV}/{CACHE_FILE}, default {cache_path()}).",
+        epilog=f"{AUTOTUNE_ENV}=1 tunes each new problem on first use inside SparseAttention.plan; "
+               f"{AUTOTUNE_ENV}=0 (default) uses stored winners and otherwise the heuristic default.")
+    parser.add_argument("--preset", nargs="+", default=["wan14b-480p"], choices=sorted(PRESETS))
+    parser.add_argument("--density", type=float, nargs="+", default=[1.0, 0.3])
+    parser.add_argument("--slice-m", type=int, nargs="+", default=list(SLICE_SIZES), choices=SLICE_SIZES)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_TORCH_DTYPES))
+    parser.add_argument("--force", action="store_true", help="re-tune keys that are already stored")
+    parser.add_argument("--no-store", action="store_true", help="print only; leave the cache file alone")
+    parser.add_argument("--reps", type=int, default=5, help="timed reps per candidate per round (3 rounds)")
+    parser.add_argument("--json", help="also write every result (with candidate tables) here")
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("fgcupy autotune: no CUDA device visible; nothing to tune", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", torch.cuda.current_device())
+    info = DeviceInfo.of(device)
+    cache = TuneCache()
+    print(f"{info.name} ({info.arch}, {info.sm_count} SMs, {info.smem_per_block_optin} B smem/block) | "
+          f"torch {torch.__version__} | cache {cache.path}", flush=True)
+    started = time.perf_counter()
+    summary, dump = [], []
+    for name in args.preset:
+        batch, heads, seq, head_dim = PRESETS[name]
+        for density in args.density:
+            for slice_m in args.slice_m:
+                key = ProblemKey.make(info, args.dtype, head_dim, slice_m, seq, seq, density)
+                entry = None if args.force else cache.entry(key)
+                if entry is not None and cache.lookup(key) is not None:
+                    print(f"\n{name} d={density} m={slice_m}: cached (tuned {entry.get('tuned_at')}, "
+                          f"{entry.get('tune_seconds')} s)")
+                    print(format_table(key.id, entry.get("candidates", []), entry.get("default", ""), entry["spec_name"]))
+                    summary.append((name, density, slice_m, entry.get("default"), entry.get("default_ms"),
+                                    entry["spec_name"], entry.get("winner_ms"), 0.0, "cached"))
+                    dump.append({"preset": name, "cached": True, **entry})
+                    continue
+                print(f"\n{name} d={density} m={slice_m}: tuning", flush=True)
+                result = tune_on_device(key, device, seq, seq, batch * heads, density=density,
+                                        reps=args.reps, progress=_stderr_progress)
+                print(result.table(), flush=True)
+                if not args.no_store:
+                    cache.store([result], info)
+                summary.append((name, density, slice_m, result.default.name, result.ms_of(result.default),
+                                result.winner.name, result.ms_of(result.winner), result.seconds, "tuned"))
+                dump.append({"preset": name, "cached": False, **result.to_entry()})
+                torch.cuda.empty_cache()
+
+    print(f"\nsummary ({time.perf_counter() - started:.1f} s in all; times on the sampled heads)")
+    print("| preset | density | M | default | ms | winner | ms | speedup | tune s | |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, density, m, dname, dms, wname, wms, secs, how in summary:
+        speed = f"{dms / wms:.3f}" if dms and wms else "-"
+        dms_s = f"{dms:.3f}" if dms else "-"
+        wms_s = f"{wms:.3f}" if wms else "-"
+        print(f"| {name} | {density} | {m} | {dname} | {dms_s} | {wname} | {wms_s} | {speed} | {secs:.1f} | {how} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"gpu": dataclasses.asdict(info), "torch": torch.__version__, "results": dump}, f, indent=1)
+    return 0

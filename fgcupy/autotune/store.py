@@ -1,0 +1,241 @@
+"""The autotune file: read (memoised, every problem a warning), merged and written under a
+private, bounded lock; other library versions' tables are kept, never wiped."""
+
+from __future__ import annotations
+
+
+import contextlib
+import json
+import os
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Iterable
+
+
+from ..jit import AttentionSpec
+from .keys import DeviceInfo, ProblemKey, _SPEC_CLASSES
+from .selection import TuneResult
+
+CACHE_ENV = "FGCUPY_CACHE_DIR"
+AUTOTUNE_ENV = "FGCUPY_AUTOTUNE"
+CACHE_FILE = "autotune.json"
+FORMAT = 2
+#: Tables of other library versions kept in the file (each version reads only its own).
+KEEP_VERSIONS = 8
+#: Seconds a writer waits for the cache lock before giving up (with a warning, no store).
+LOCK_TIMEOUT_S = 10.0
+
+
+class AutotuneCacheWarning(UserWarning):
+    """The autotune file could not be used or written; fgcupy carries on without it."""
+
+
+
+
+# Persistence
+# ---------------------------------------------------------------------------------------------
+def cache_path() -> Path:
+    """$FGCUPY_CACHE_DIR/autotune.json, else $XDG_CACHE_HOME/fgcupy/..., else ~/.cache/fgcupy/..."""
+    folder = os.environ.get(CACHE_ENV)
+    if folder:
+        return Path(folder).expanduser() / CACHE_FILE
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "fgcupy" / CACHE_FILE
+
+
+def library_stamp() -> dict:
+    """What makes stored timings stale: the library version and the kernel sources."""
+    from .. import __version__
+    from ..jit.source import source_hash
+
+    return {"version": __version__, "kernel_hash": source_hash()}
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout: float | None = None):
+    """Exclusive lock on ``path`` (a side file) for the read-merge-write of the cache: created
+    0600, never through a symlink, waited on for at most ``timeout`` seconds (TimeoutError)."""
+    timeout = LOCK_TIMEOUT_S if timeout is None else timeout
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        try:
+            import fcntl
+
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise TimeoutError(f"{path} stayed locked for {timeout:.0f} s") from None
+                    time.sleep(0.05)
+        except ImportError:  # Windows
+            import msvcrt
+
+            msvcrt.locking(fd, msvcrt.LK_LOCK, 1)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _stamp_id(stamp: dict) -> str:
+    return f"{stamp.get('version')}|{stamp.get('kernel_hash')}"
+
+
+class TuneCache:
+    """The JSON file of tuned winners. Reads are memoised by the file's stat signature (and
+    ``choose_spec`` memoises per key), so planning rarely touches the disk; every problem with
+    the file becomes a warning, never an exception."""
+
+    _memo: dict = {}  # path -> (signature, entries)
+    _warned: set = set()
+    _lock = threading.Lock()
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else cache_path()
+
+    # ---- reading ----
+    def entries(self) -> dict[str, dict]:
+        """Entries valid for this library version and kernel sources ({} when unusable)."""
+        try:
+            st = self.path.stat()
+        except OSError:
+            return {}
+        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+        with self._lock:
+            memo = self._memo.get(str(self.path))
+            if memo is not None and memo[0] == signature:
+                return memo[1]
+        entries, problem = self._read()
+        if problem:
+            self._warn(problem, signature)
+        with self._lock:
+            self._memo[str(self.path)] = (signature, entries)
+        return entries
+
+    def _read(self) -> tuple[dict, str | None]:
+        """(entries, problem): entries are usable ones; problem says why the file was not."""
+        try:
+            raw = self.path.read_bytes()
+        except OSError as err:
+            return {}, f"cannot read {self.path}: {err}"
+        data, problem = self._parse(raw)
+        if problem:
+            return {}, problem
+        stamp = library_stamp()
+        tables = self._tables(data)
+        entries = tables.get(_stamp_id(stamp), {}).get("entries")
+        if entries is None:
+            theirs = {k: data["header"].get(k) for k in stamp}
+            return {}, (f"{self.path} was written by fgcupy {theirs['version']} (kernels {theirs['kernel_hash']}), "
+                        f"this is {stamp['version']} (kernels {stamp['kernel_hash']}): its results are stale "
+                        f"and fresh tunes will be stored beside them")
+        return entries, None
+
+    def _parse(self, raw: bytes) -> tuple[dict | None, str | None]:
+        """(data, problem): the parsed file if it is an fgcupy autotune file."""
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as err:  # ValueError includes UnicodeDecodeError
+            return None, f"{self.path} is corrupt ({type(err).__name__}); it will be replaced by a fresh tune"
+        header = data.get("header") if isinstance(data, dict) else None
+        if not isinstance(header, dict) or header.get("library") != "fgcupy" or header.get("format") not in (1, FORMAT):
+            return None, f"{self.path} is not an fgcupy autotune file (format {FORMAT}); it will be replaced"
+        return data, None
+
+    @staticmethod
+    def _tables(data: dict) -> dict:
+        """{version stamp id: {"header": ..., "entries": {...}}} of every well-formed table."""
+        tables = {}
+        others = data.get("other_versions")
+        if isinstance(others, dict):
+            for stamp_id, table in others.items():
+                if isinstance(table, dict) and isinstance(table.get("entries"), dict):
+                    tables[stamp_id] = {"header": table.get("header") if isinstance(table.get("header"), dict) else {},
+                                        "entries": table["entries"]}
+        if isinstance(data.get("entries"), dict):
+            tables[_stamp_id(data["header"])] = {"header": data["header"], "entries": data["entries"]}
+        return tables
+
+    def _warn(self, message: str, signature) -> None:
+        with self._lock:
+            if (str(self.path), signature, message) in self._warned:
+                return
+            self._warned.add((str(self.path), signature, message))
+        warnings.warn(f"fgcupy autotune: {message}", AutotuneCacheWarning, stacklevel=3)
+
+    def lookup(self, key: ProblemKey) -> AttentionSpec | None:
+        entry = self.entries().get(key.id)
+        if entry is None:
+            return None
+        try:
+            if not isinstance(entry, dict) or not isinstance(entry.get("spec"), dict):
+                raise TypeError("an entry must be an object with a spec object")
+            fields = entry["spec"]
+            bad = {k: v for k, v in fields.items() if not (type(v) is int or type(v) is str)}
+            if bad:
+                raise TypeError(f"spec fields must be ints or strings, got {bad}")
+            spec = _SPEC_CLASSES[entry.get("kernel", "AttentionSpec")](**fields)
+        except (KeyError, TypeError, ValueError) as err:
+            self._warn(f"ignoring unusable entry {key.id!r} in {self.path}: {err}", None)
+            return None
+        if (spec.dtype, spec.head_dim, spec.slice_m) != (key.dtype, key.head_dim, key.slice_m):
+            self._warn(f"ignoring entry {key.id!r} in {self.path}: its spec {spec.name} is for another problem", None)
+            return None
+        return spec
+
+    def entry(self, key: ProblemKey) -> dict | None:
+        return self.entries().get(key.id)
+
+    # ---- writing ----
+    def store(self, results: Iterable[TuneResult], gpu: DeviceInfo | None = None) -> bool:
+        """Merge ``results`` into the file under a lock and replace it atomically. Returns False
+        (with a warning) when the folder or file cannot be written."""
+        new = {r.key.id: r.to_entry() for r in results if r.measured}
+        if not new:
+            return True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with _file_lock(self.path.with_name(self.path.name + ".lock")):
+                tables = {}
+                if self.path.exists():
+                    data, problem = self._parse(self.path.read_bytes())
+                    if problem:
+                        self._warn(problem, None)
+                    else:
+                        tables = self._tables(data)
+                stamp = library_stamp()
+                mine = tables.pop(_stamp_id(stamp), {"header": {}, "entries": {}})
+                header = mine["header"]
+                gpus = dict(header.get("gpus", {})) if isinstance(header.get("gpus"), dict) else {}
+                if gpu is not None:
+                    gpus[f"{gpu.name}|{gpu.arch}"] = {"name": gpu.name, "arch": gpu.arch, "sm_count": gpu.sm_count}
+                merged = {**mine["entries"], **new}
+                newest = sorted(tables.items(), key=lambda item: str(item[1]["header"].get("written", "")),
+                                reverse=True)[:KEEP_VERSIONS]
+                data = {
+                    "header": {"library": "fgcupy", "format": FORMAT, **stamp, "gpus": gpus,
+                               "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                    "entries": dict(sorted(merged.items())),
+                    "other_versions": dict(newest),
+                }
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".autotune-", suffix=".tmp")
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(data, f, indent=1)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, self.path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+        except OSError as err:
+            self._warn(f"cannot write {self.path}: {err}; tuned results stay in this process only", None)
+            return False
+        return True
