@@ -8,7 +8,7 @@ from functools import lru_cache
 import torch
 
 from . import mask_reference as ref
-from .mask import SliceMask, num_blocks
+from .mask import SliceMask, indptr_from_counts, num_blocks
 from .mask_kernels import gpu_emit, gpu_scores, gpu_select, row_stride
 from .mask_request import MaskRequest
 
@@ -47,11 +47,9 @@ def _static_layout(batch: int, heads: int, q_blocks: int, kv_len: int, req: Mask
     capacity = per_head * batch * heads
     if capacity > _INT32_MAX:
         raise ValueError(f"the mask would keep {capacity} slices, more than int32 offsets address")
-    starts = torch.cumsum(per_block, 0) - per_block
-    head_base = torch.arange(batch * heads, dtype=torch.int64).unsqueeze(1) * per_head
-    indptr = torch.cat([head_base + starts.unsqueeze(0), head_base + per_head], dim=1).to(torch.int32)
-    offsets = indptr[:, :-1].reshape(-1)  # every block's start
-    return offsets.to(device), indptr.reshape(batch, heads, q_blocks + 1).to(device), capacity
+    indptr = indptr_from_counts(per_block.repeat(batch * heads), batch, heads, q_blocks)
+    offsets = indptr[..., :-1].reshape(-1)  # every block's start
+    return offsets.to(device), indptr.to(device), capacity
 
 
 class GpuPrediction:
@@ -157,11 +155,10 @@ class GpuPrediction:
             del vals, lse  # the emit reads only the bitmasks
             chunks.append((bh0 * self.q_blocks, counts, bits))
         all_counts = torch.cat([counts for _, counts, _ in chunks])
-        starts = torch.cumsum(all_counts, 0, dtype=torch.int64) - all_counts
         # Everything that needs no buffer size is queued before the sync, so that after it only
         # the allocation and the emit launches remain (the GPU idles from the sync until then).
-        offsets = starts.to(torch.int32)
-        indptr = self._indptr(starts, all_counts)
+        indptr = indptr_from_counts(all_counts, self.batch, self.heads, self.q_blocks)
+        offsets = indptr[..., :-1].reshape(-1)
         if not self.capped:
             total = all_counts.sum(dtype=torch.int64)
             used = int(total.item())  # the one host sync
@@ -172,9 +169,3 @@ class GpuPrediction:
             gpu_emit(bits, self.kv_len, sub_rows, group, req.slice_m, counts, add_band=add_band,
                      offsets=offsets[row0 : row0 + counts.numel()], out=indices)
         return SliceMask(indptr, indices, self.req.slice_m, self.q_len, self.kv_len)
-
-    def _indptr(self, offsets, counts) -> torch.Tensor:
-        """int32 indptr [B, H, QB + 1] from each block's start and the end of each head's last block."""
-        starts = offsets.reshape(self.batch, self.heads, self.q_blocks)
-        ends = (offsets + counts.to(torch.int64)).reshape(self.batch, self.heads, self.q_blocks)[..., -1:]
-        return torch.cat([starts, ends], dim=-1).to(torch.int32).contiguous()
