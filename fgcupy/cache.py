@@ -160,12 +160,20 @@ class MaskCache:
         options = {**self.predict_kwargs, **overrides}
         slice_m = options.get("slice_m", 128)
         if action == "reuse":
-            self.reuses += 1
+            self.record_reuse()
             return self.get(layer, q_t.shape[0], q_t.shape[1], q_t.shape[2], k_t.shape[2], slice_m)
         mask = predict_mask(q, k, layout=layout, **options)
-        self.predictions += 1
+        self.record_prediction()
         self.put(layer, mask, step)
         return mask
+
+    def record_prediction(self) -> None:
+        """Count a mask predicted for this cache (callers that predict themselves say so here)."""
+        self.predictions += 1
+
+    def record_reuse(self) -> None:
+        """Count a step that reused a cached mask."""
+        self.reuses += 1
 
     # ---- what is held ----
     def layers(self) -> list:

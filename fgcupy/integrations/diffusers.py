@@ -86,7 +86,7 @@ class LayerStats:
     def refreshes(self) -> int:
         return len(self.refresh_steps)
 
-    def _stock(self, reason: str) -> None:
+    def record_stock(self, reason: str) -> None:
         self.stock_calls += 1
         self.stock_reasons[reason] = self.stock_reasons.get(reason, 0) + 1
 
@@ -219,10 +219,10 @@ class SparseAttentionHandle:
     def _slot_branch(self) -> int:
         return 0 if self.config.share_branches else self.branch
 
-    def _dense(self, layer: _Layer) -> bool:
+    def is_dense(self, layer: _Layer) -> bool:
         return layer.dense or self.cache.action(self.step) == "dense"
 
-    def _key_padding(self, attention_mask: torch.Tensor, batch: int, kv_len: int):
+    def key_padding(self, attention_mask: torch.Tensor, batch: int, kv_len: int):
         """(key_valid [B, KV] bool or None when every key is valid, version). The first layer of a
         transformer call that sees a new mask copies it to the host once; later layers of the call
         get the answer by identity. A changed padding bumps the version, so layers re-predict."""
@@ -250,11 +250,11 @@ class SparseAttentionHandle:
 
     def _store(self, layer: _Layer, entry: tuple, slot: _Slot, mask: SliceMask, key: tuple, key_version: int):
         self.cache.put(entry, mask, self.step)
-        self.cache.predictions += 1
+        self.cache.record_prediction()
         slot.key, slot.key_version = key, key_version
         layer.stats.refresh_steps.append(self.step)
 
-    def _attend(self, layer: _Layer, q, k, v, key_valid=None, key_version: int = 0):
+    def attend(self, layer: _Layer, q, k, v, key_valid=None, key_version: int = 0):
         """Slice-sparse attention of q, k, v ``[B, S, H, D]``: refresh the layer's mask when the
         schedule (or a new shape / key padding) asks, then run the kernel on the cached plan."""
         cfg = self.config
@@ -271,13 +271,13 @@ class SparseAttentionHandle:
                 mask = slot.plan.mask  # the cache holds the plan's own mask: no second copy
             self._store(layer, entry, slot, mask, key, key_version)
         else:
-            self.cache.reuses += 1
+            self.cache.record_reuse()
         layer.stats.sparse_calls += 1
         if cfg.attention_fn is not None:
             return cfg.attention_fn(q, k, v, self.cache.get(entry), None)
         return slot.plan.run(q, k, v, layout="NHD")
 
-    def _attend_parallel(self, layer: _Layer, q, k, v, dense: bool):
+    def attend_parallel(self, layer: _Layer, q, k, v, dense: bool):
         """Sequence-parallel attention of this rank's shard q, k, v ``[B, S_r, H, D]``. Refresh steps
         pass a callable that predicts (and caches) the mask of the heads this rank owns from the
         exchanged full-sequence q, k; other steps pass the cached mask itself, so
@@ -295,7 +295,7 @@ class SparseAttentionHandle:
         refresh = self._needs_refresh(entry, slot, key, 0)
         layer.stats.sparse_calls += 1
         if not refresh:
-            self.cache.reuses += 1
+            self.cache.record_reuse()
             return slot.parallel(q, k, v, self.cache.get(entry), layout="NHD")
         parts = []  # one mask per head group; joined into the mask of this rank's heads
 
@@ -328,7 +328,7 @@ class SparseAttentionHandle:
             )
         return mask
 
-    def _check_device(self, layer: _Layer, device: torch.device) -> bool:
+    def device_ok(self, layer: _Layer, device: torch.device) -> bool:
         """True when fgcupy can take tensors on ``device``; False (stock path) or an error otherwise."""
         if self.config.attention_fn is not None or self.config.process_group is not None:
             return True

@@ -52,13 +52,13 @@ class _Processor:
             # the stock processor would attend within this rank's shard only: a silently wrong answer
             raise ValueError(f"layer {layer.name}: sequence-parallel attention cannot take this call ({reason})")
         if reason is not None:
-            layer.stats._stock(reason)
+            layer.stats.record_stock(reason)
             return "stock"
-        if handle._dense(layer):
+        if handle.is_dense(layer):
             layer.stats.dense_calls += 1
             return "dense"
-        if not handle._check_device(layer, device):
-            layer.stats._stock("no_gpu")
+        if not handle.device_ok(layer, device):
+            layer.stats.record_stock("no_gpu")
             return "stock"
         return "sparse"
 
@@ -66,14 +66,14 @@ class _Processor:
         """fgcupy on q, k, v ``[B, S, H, D]``; the stock attention call for dtypes without a kernel."""
         handle = self._handle
         if handle.config.process_group is not None:
-            return handle._attend_parallel(self._layer, q, k, v, dense)
+            return handle.attend_parallel(self._layer, q, k, v, dense)
         if handle.config.attention_fn is None and q.dtype not in _KERNEL_DTYPES:
             from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-            self._layer.stats._stock(f"dtype_{str(q.dtype).removeprefix('torch.')}")
+            self._layer.stats.record_stock(f"dtype_{str(q.dtype).removeprefix('torch.')}")
             return dispatch_attention_fn(q, k, v, attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
                                          backend=self._attention_backend, parallel_config=None)
-        return handle._attend(self._layer, q, k, v, key_valid, key_version)
+        return handle.attend(self._layer, q, k, v, key_valid, key_version)
 
 
 def _rotate_pairs_wan(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -136,7 +136,7 @@ class HunyuanVideoSparseProcessor(_Processor):
         text_len = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
         kv_len = hidden_states.shape[1] + text_len
         structural = None
-        if attention_mask is not None and not _is_key_padding(attention_mask, hidden_states.shape[0], kv_len):
+        if attention_mask is not None and not _iskey_padding(attention_mask, hidden_states.shape[0], kv_len):
             structural = "attention_mask"
         route = self._route(attn, hidden_states.device, structural)
         if route != "sparse":
@@ -144,7 +144,7 @@ class HunyuanVideoSparseProcessor(_Processor):
                               attention_mask=attention_mask, image_rotary_emb=image_rotary_emb)
         key_valid, key_version = None, 0
         if attention_mask is not None:
-            key_valid, key_version = self._handle._key_padding(attention_mask, hidden_states.shape[0], kv_len)
+            key_valid, key_version = self._handle.key_padding(attention_mask, hidden_states.shape[0], kv_len)
 
         tokens = torch.cat([hidden_states, encoder_hidden_states], dim=1) if in_stream else hidden_states
         query, key, value = (proj(tokens).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
@@ -177,7 +177,7 @@ class HunyuanVideoSparseProcessor(_Processor):
         return video_out, text_out
 
 
-def _is_key_padding(mask: torch.Tensor, batch: int, kv_len: int) -> bool:
+def _iskey_padding(mask: torch.Tensor, batch: int, kv_len: int) -> bool:
     """A boolean ``[B or 1, 1, 1, KV]`` mask (True = attend): one flag per key, the same for every
     query and head, which a slice mask can absorb exactly."""
     return (
