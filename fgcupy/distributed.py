@@ -42,6 +42,7 @@ Strategies (chosen so no token and no head is ever padded or dropped):
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -51,13 +52,34 @@ from .mask import SliceMask
 from .mask_algebra import concat_heads, slice_heads  # noqa: F401 - public here
 from .sp_exchange import probe_all_to_all, return_heads, send_heads
 from .sp_handshake import (_DTYPE_CODES, _HEADER, _MASK_KINDS, COLLECTIVE_TIMEOUT_ENV,  # noqa: F401 - public here
-                           COMPUTES, EXCHANGES, Pending, _backend, _group_ranges, _lens_digest, _scale_code,
+                           COMPUTES, EXCHANGES, _backend, _group_ranges, _lens_digest, _scale_code,
                            _uses_nccl, _wait, check_agreement, collective_timeout, gather_headers, head_ranges,
                            shard_ranges)
 
 DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is given
 
 # ---- the entry points ----
+@dataclass(frozen=True)
+class _Call:
+    """One call's inputs ([B, H, S_r, D] views and q as given) and what the ranks agreed on."""
+
+    qh: torch.Tensor
+    kh: torch.Tensor
+    vh: torch.Tensor
+    q: torch.Tensor
+    layout: str
+    mask: object
+    compute: str
+    method: str
+    q_lens: list
+    kv_lens: list
+    scale: float | None
+    return_lse: bool
+    attend: bool
+    world: int
+    rank: int
+
+
 class MaskPredictor:
     """Per-rank mask prediction for the heads a rank owns: calls ``fgcupy.predict_mask`` on the
     exchanged full-sequence q, k of each head group. Scoring is imported on first use, so
@@ -172,10 +194,11 @@ class SequenceParallelAttention:
         method = self._exchange_method(device)
         if method == "copy":
             if q_lens == kv_lens and not return_lse and device.type == "cuda" and _uses_nccl(self.group, device):
-                return self._pipeline_copy(qh, kh, vh, q, layout, mask, compute, q_lens, scale, attend, world, rank)
+                return self._pipeline_copy(_Call(qh, kh, vh, q, layout, mask, compute, method, q_lens, kv_lens, scale,
+                                                 return_lse, attend, world, rank))
             method = self._auto_method(device)
-        return self._pipeline(qh, kh, vh, q, layout, mask, compute, method, q_lens, kv_lens, scale,
-                              return_lse, attend, world, rank)
+        return self._pipeline(_Call(qh, kh, vh, q, layout, mask, compute, method, q_lens, kv_lens, scale, return_lse,
+                                    attend, world, rank))
 
     def _check_local(self, q, k, v, layout, local, world, rank):
         check_layout(layout)
@@ -319,8 +342,11 @@ class SequenceParallelAttention:
             lse.copy_(ref_lse)
 
     # ---- exchange pipeline ----
-    def _pipeline(self, qh, kh, vh, q, layout, mask, compute, method, q_lens, kv_lens, scale, return_lse, attend,
-                  world, rank):
+    def _pipeline(self, call: _Call):
+        qh, kh, vh, q, layout, mask, compute, method = (call.qh, call.kh, call.vh, call.q, call.layout, call.mask,
+                                                        call.compute, call.method)
+        q_lens, kv_lens, scale, return_lse, attend = call.q_lens, call.kv_lens, call.scale, call.return_lse, call.attend
+        world, rank = call.world, call.rank
         batch, heads, _, head_dim = qh.shape
         owned = head_ranges(heads, world)
         groups = [[_group_ranges(r, self.head_groups)[g] for r in owned] for g in range(self.head_groups)]
@@ -387,12 +413,14 @@ class SequenceParallelAttention:
             return None
         return (out, lse) if return_lse else out
 
-    def _pipeline_copy(self, qh, kh, vh, q, layout, mask, compute, lens, scale, attend, world, rank):
+    def _pipeline_copy(self, call: _Call):
         """The pipeline with copy-engine transfers (fgcupy.peer_copy). Host order is the schedule:
         group 0's inbound copies and barrier, then per group g its attention (waiting for its
         barrier only), the inbound copies of group g + 1 (so the attention is queued before the
         host spends time on copies), and g's outbound copies behind its attention. Inbound and
         outbound copies use separate streams, so no inbound copy waits for an attention."""
+        qh, kh, vh, q, layout, mask, compute = call.qh, call.kh, call.vh, call.q, call.layout, call.mask, call.compute
+        lens, scale, attend, world, rank = call.q_lens, call.scale, call.attend, call.world, call.rank
         from .peer_copy import CopyPlan, PeerWorkspace
 
         batch, heads, _, head_dim = qh.shape
