@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionSpec",
+    "HybridSequenceParallelAttention",
     "SequenceParallelAttention",
     "KernelCompileError",
     "MaskCache",
@@ -27,7 +28,8 @@ __all__ = [
     "workloads",
 ]
 
-_LAZY = {"SequenceParallelAttention": "distributed", "sequence_parallel_attention": "distributed"}
+_LAZY = {"SequenceParallelAttention": "distributed", "sequence_parallel_attention": "distributed",
+         "HybridSequenceParallelAttention": "ring"}
 
 
 def __getattr__(name):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .mask import SliceMask, indptr_from_offsets
+from .mask import SliceMask, indptr_from_offsets, num_blocks
 
 
 def concat_heads(masks) -> SliceMask:
@@ -125,3 +125,24 @@ def drop_keys(mask: SliceMask, key_valid: torch.Tensor) -> SliceMask:
     indices = torch.zeros(capacity + 1, dtype=torch.int32, device=device).scatter_(0, target, mask.indices)
     indptr = before[mask.indptr.to(torch.int64)].to(torch.int32)
     return SliceMask(indptr, indices[:capacity], mask.slice_m, mask.q_len, kv_len)
+
+
+def slice_rows(mask: SliceMask, first_block: int, q_len: int) -> SliceMask:
+    """The query blocks of queries [first_block * slice_m, + q_len) as a mask of its own (no copy
+    of the indices, no host sync)."""
+    last = min(mask.q_blocks, first_block + num_blocks(q_len, mask.slice_m))
+    if not 0 <= first_block <= last:
+        raise ValueError(f"rows from block {first_block} are outside the mask's {mask.q_blocks} blocks")
+    return SliceMask(mask.indptr[..., first_block : last + 1].contiguous(), mask.indices, mask.slice_m, q_len,
+                     mask.kv_len)
+
+
+def restrict_keys(mask: SliceMask, start: int, stop: int) -> SliceMask:
+    """The keys [start, stop) of ``mask``, renumbered from 0 (kv_len = stop - start), on the
+    device and without a host synchronisation."""
+    if not 0 <= start <= stop <= mask.kv_len:
+        raise ValueError(f"key range [{start}, {stop}) is outside [0, kv_len={mask.kv_len}]")
+    valid = torch.zeros(mask.batch, mask.kv_len, dtype=torch.bool, device=mask.device)
+    valid[:, start:stop] = True
+    kept = drop_keys(mask, valid)
+    return SliceMask(kept.indptr, (kept.indices - start).clamp_min(0), mask.slice_m, mask.q_len, stop - start)

@@ -13,6 +13,8 @@ _PROBED: dict = {}  # (id(group), device type) -> (group, exchange method)
 
 
 # ---- exchange ----
+
+
 def probe_all_to_all(group, device: torch.device) -> str:
     """'all_to_all' if the backend runs an uneven ``all_to_all_single`` on ``device``, else 'p2p'.
     Unsupported collectives raise at the call on every rank alike, so all ranks agree."""
@@ -56,6 +58,7 @@ def send_heads(group, tensors, lens, subs, method, tag, world, rank):
     grid = recv.view(sum(lens), batch, width, mine, head_dim)
     return [grid[:, :, i].permute(1, 2, 0, 3) for i in range(width)], pending
 
+
 def return_heads(group, grid, subs, q_lens, method, tag, world, rank):
     """Start returning ``grid`` ([S, B, h, ...], this rank's heads over all tokens) to the ranks
     owning the tokens; returns the pending exchange and per-rank [S_r, B, h_j, ...] chunks."""
@@ -70,6 +73,7 @@ def return_heads(group, grid, subs, q_lens, method, tag, world, rank):
     pending = exchange(group, grid.reshape(-1), recv, send_counts, recv_counts, method, tag, world, rank)
     chunks = [c.view(q_lens[rank], batch, len(s), *tail) for c, s in zip(recv.split(recv_counts), subs)]
     return pending, chunks
+
 
 def exchange(group, send, recv, send_counts, recv_counts, method, tag, world, rank):
     if method == "all_to_all":

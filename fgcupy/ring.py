@@ -1,0 +1,184 @@
+"""Ulysses x ring sequence parallelism: a grid of R spans x U ranks.
+
+Ulysses alone (fgcupy.distributed) stops at world size = head count and its all-to-all grows
+with the ranks. Here the group's ranks form R *spans* of U consecutive ranks (rank order is
+sequence order): within a span, an all-to-all gives each rank U-th of the heads over the span's
+tokens (Ulysses); across spans, the ranks holding the same heads (a *ring*) all-gather their
+keys and values, and each attends its span's queries over every span's keys with the slice mask
+restricted to that span, merging the partial outputs exactly through their log-sum-exps. A
+second all-to-all returns the output to the tokens' owners.
+
+Masks: a static SliceMask over the whole sequence and all heads (or None: every key); each span
+must start on a slice boundary (shard lengths multiple of slice_m, the last one excepted), so a
+query block never straddles two spans. Self-attention only (k, v shards as long as q's).
+Construct it on every rank of the default process group: it creates its sub-groups.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from .attention import sparse_attention
+from .layout import LAYOUTS, check_layout, to_bhsd
+from .mask import SliceMask
+from .mask_algebra import restrict_keys, slice_heads, slice_rows
+from .sp_exchange import probe_all_to_all, return_heads, send_heads
+from .sp_handshake import (_DTYPE_CODES, _HEADER, _MASK_KINDS, _scale_code, check_agreement, gather_headers,
+                           head_ranges)
+
+DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is given
+
+
+class HybridSequenceParallelAttention:
+    """``HybridSequenceParallelAttention(group, ring=R)(q_shard, k_shard, v_shard, mask)``.
+
+    ``ring``: the number of spans R (it divides the group's size W; U = W / R ranks per span).
+    ring=1 is Ulysses over the whole group, ring=W pure ring attention.
+    """
+
+    def __init__(self, group=None, *, ring: int):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
+        world = dist.get_world_size(group)
+        if isinstance(ring, bool) or not isinstance(ring, int) or ring < 1 or world % ring:
+            raise ValueError(f"ring must be a positive int dividing the group's {world} ranks, got {ring!r}")
+        self.group, self.ring, self.ulysses = group, ring, world // ring
+        ranks = [r if group is None else dist.get_global_rank(group, r) for r in range(world)]
+        span_groups = [dist.new_group([ranks[j * self.ulysses + u] for u in range(self.ulysses)])
+                       for j in range(ring)]
+        ring_groups = [dist.new_group([ranks[j * self.ulysses + u] for j in range(ring)])
+                       for u in range(self.ulysses)]
+        rank = dist.get_rank(group)
+        self.span, self.member = divmod(rank, self.ulysses) if rank >= 0 else (-1, -1)
+        self.span_group = span_groups[self.span] if rank >= 0 else None
+        self.ring_group = ring_groups[self.member] if rank >= 0 else None
+
+    def __call__(self, q, k, v, mask: SliceMask | None = None, *, layout: str = "HND", scale: float | None = None,
+                 return_lse: bool = False):
+        """Attention of this rank's query shard over the whole sequence: ``out`` in q's layout
+        (and float32 ``lse [B, H, S_r]`` with ``return_lse``)."""
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        local = dict.fromkeys(_HEADER, 0)
+        problem = None
+        try:
+            qh, kh, vh = self._check_local(q, k, v, mask, layout, scale, return_lse, local)
+        except Exception as err:  # noqa: BLE001 - raised below, after the other ranks hear of it
+            problem = err
+        local["error"] = int(problem is not None)
+        device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
+        headers = gather_headers(self.group, local, device, world)
+        if problem is not None:
+            raise problem
+        bad = [i for i, h in enumerate(headers) if h["error"]]
+        if bad:
+            raise ValueError(f"hybrid sequence-parallel attention stopped: rank(s) {bad} rejected their inputs")
+        lens, kv_lens = check_agreement(headers)
+        if lens != kv_lens:
+            raise ValueError(f"hybrid sequence parallelism is for self-attention: q shards {lens}, k/v shards {kv_lens}")
+        U = self.ulysses
+        spans = [sum(lens[j * U:(j + 1) * U]) for j in range(self.ring)]
+        starts = [sum(spans[:j]) for j in range(self.ring)]
+        slice_m = mask.slice_m if mask is not None else DENSE_SLICE_M
+        if mask is not None and any(s % slice_m for s in starts):
+            raise ValueError(f"every span must start on a slice boundary (slice_m={slice_m}); span starts {starts} "
+                             f"(shards {lens})")
+        out, lse = self._attend(qh, kh, vh, mask, lens, spans, starts, scale, return_lse, rank)
+        out = out if layout == "HND" else out.transpose(1, 2)
+        return (out, lse) if return_lse else out
+
+    def _check_local(self, q, k, v, mask, layout, scale, return_lse, local):
+        check_layout(layout)
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        qh, kh, vh = (to_bhsd(t, layout) for t in (q, k, v))
+        if qh.dtype not in _DTYPE_CODES:
+            raise TypeError(f"q has dtype {qh.dtype}; expected one of {tuple(_DTYPE_CODES)}")
+        if kh.shape != qh.shape or vh.shape != qh.shape or kh.dtype != qh.dtype or vh.dtype != qh.dtype:
+            raise ValueError(f"q, k, v shards must agree in shape and dtype (self-attention); got "
+                             f"{tuple(qh.shape)}, {tuple(kh.shape)}, {tuple(vh.shape)}")
+        if mask is not None and not isinstance(mask, SliceMask):
+            raise TypeError(f"mask must be a fgcupy.SliceMask over the whole sequence or None, got {type(mask).__name__}")
+        batch, heads, q_len, head_dim = qh.shape
+        local.update(batch=batch, heads=heads, head_dim=head_dim, q_len=q_len, kv_len=q_len,
+                     dtype=_DTYPE_CODES[qh.dtype], head_groups=1, attend=1, return_lse=int(bool(return_lse)),
+                     layout=LAYOUTS.index(layout), scale=_scale_code(scale),
+                     mask_kind=_MASK_KINDS["none" if mask is None else "static"])
+        if mask is not None:
+            if (mask.batch, mask.heads) != (batch, heads):
+                raise ValueError(f"mask is for (B, H)={(mask.batch, mask.heads)}, q for {(batch, heads)}")
+            local.update(mask=1, mask_batch=mask.batch, mask_heads=mask.heads, mask_q_len=mask.q_len,
+                         mask_kv_len=mask.kv_len)
+        return qh, kh, vh
+
+    def _attend(self, qh, kh, vh, mask, lens, spans, starts, scale, return_lse, rank):
+        batch, heads, _, head_dim = qh.shape
+        U, j, u = self.ulysses, self.span, self.member
+        subs = head_ranges(heads, U)
+        mine = subs[u]
+        span_lens = lens[j * U:(j + 1) * U]
+        method = probe_all_to_all(self.span_group, qh.device)
+        views, pending = send_heads(self.span_group, [qh, kh, vh], span_lens, subs, method, 0, U, u)
+        pending.wait()
+        qj, kj, vj = views  # [B, h, span_j, D]
+        keys, values = self._gather_ring(kj.contiguous(), vj.contiguous(), spans)
+        out = torch.zeros(batch, len(mine), spans[j], head_dim, dtype=torch.float32, device=qh.device)
+        lse = torch.full((batch, len(mine), spans[j]), -math.inf, dtype=torch.float32, device=qh.device)
+        if len(mine):
+            rows = self._rows(mask, mine, batch, spans, starts, qh.device)
+            for i in range(self.ring):
+                if spans[i] == 0 or spans[j] == 0:
+                    continue
+                part = restrict_keys(rows, starts[i], starts[i] + spans[i])
+                out_i, lse_i = sparse_attention(qj, keys[i], values[i], part, scale=scale, return_lse=True)
+                out, lse = _merge(out, lse, out_i.float(), lse_i.float())
+        grid = out.to(qh.dtype).permute(2, 0, 1, 3).contiguous()  # [span_j, B, h, D]
+        pending, chunks = return_heads(self.span_group, grid, subs, span_lens, method, 1, U, u)
+        pending.wait()
+        result = torch.empty_like(qh)
+        for sub, chunk in zip(subs, chunks):
+            if len(sub) and chunk.numel():
+                result[:, sub.start:sub.stop].copy_(chunk.permute(1, 2, 0, 3))
+        lse_out = None
+        if return_lse:
+            pending, chunks = return_heads(self.span_group, lse.permute(2, 0, 1).contiguous(), subs, span_lens,
+                                           method, 2, U, u)
+            pending.wait()
+            lse_out = torch.empty(batch, heads, qh.shape[2], dtype=torch.float32, device=qh.device)
+            for sub, chunk in zip(subs, chunks):
+                if len(sub) and chunk.numel():
+                    lse_out[:, sub.start:sub.stop].copy_(chunk.permute(1, 2, 0))
+        return result, lse_out
+
+    def _gather_ring(self, k, v, spans):
+        """Every span's keys and values of this rank's heads (all-gather over the ring, padded to
+        the longest span)."""
+        longest = max(spans)
+        pad = longest - k.shape[2]
+        kv = torch.nn.functional.pad(torch.stack([k, v]), (0, 0, 0, pad))
+        gathered = [torch.empty_like(kv) for _ in range(self.ring)]
+        dist.all_gather(gathered, kv, group=self.ring_group)
+        return [g[0, :, :, :n] for g, n in zip(gathered, spans)], [g[1, :, :, :n] for g, n in zip(gathered, spans)]
+
+    def _rows(self, mask, heads, batch, spans, starts, device):
+        """The mask of this rank's heads and its span's query blocks, over every key."""
+        j = self.span
+        total = sum(spans)
+        if mask is None:
+            return SliceMask.full(batch, len(heads), spans[j], total, DENSE_SLICE_M, device=device)
+        part = slice_heads(mask.to(device), heads)
+        return slice_rows(part, starts[j] // mask.slice_m, spans[j])
+
+
+def _merge(out, lse, out_i, lse_i):
+    """Exact merge of two partial attentions over disjoint key sets (float32, -inf = no key)."""
+    both = torch.maximum(lse, lse_i)
+    base = torch.where(torch.isfinite(both), both, 0.0)
+    w, w_i = torch.exp(lse - base), torch.exp(lse_i - base)
+    total = w + w_i
+    merged = torch.where(total > 0, base + torch.log(total), -math.inf)
+    safe = torch.where(total > 0, total, 1.0).unsqueeze(-1)
+    return (out * w.unsqueeze(-1) + out_i * w_i.unsqueeze(-1)) / safe, merged

@@ -1,0 +1,115 @@
+"""Ulysses x ring sequence parallelism on CPU (gloo): every grid shape of 2, 3 and 4 ranks gives
+the one-process reference; a span that starts inside a query block raises on every rank."""
+
+import datetime
+import json
+import os
+import tempfile
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fgcupy import SliceMask, reference_attention
+from tests.dist_harness import free_port
+
+SLICE = 16
+CASES = [  # (name, shard lengths per rank as multiples of SLICE (last may be ragged), heads, batch, layout, mask)
+    ("even", None, 4, 1, "HND", "random"),
+    ("uneven_nhd", "uneven", 3, 2, "NHD", "random"),
+    ("dense_no_mask", None, 5, 1, "HND", "none"),
+    ("ragged_last", "ragged", 2, 1, "NHD", "random"),
+]
+
+
+def _lens(kind, world):
+    if kind == "uneven":
+        return [SLICE * (1 + (r % 3)) for r in range(world)]
+    if kind == "ragged":
+        return [SLICE * 2] * (world - 1) + [SLICE + 5]
+    return [SLICE * 2] * world
+
+
+def _problem(kind, heads, batch, world, seed=0):
+    lens = _lens(kind, world)
+    total = sum(lens)
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, total, 8, generator=gen) for _ in range(3))
+    blocks = -(-total // SLICE)
+    mask = SliceMask.from_dense(torch.rand(batch, heads, blocks, total, generator=gen) < 0.4, SLICE, total)
+    return lens, q, k, v, mask
+
+
+def _worker(rank, world, port, path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    from fgcupy.ring import HybridSequenceParallelAttention
+
+    verdicts = {}
+    for ring in [r for r in range(1, world + 1) if world % r == 0]:
+        attn = HybridSequenceParallelAttention(ring=ring)
+        for name, kind, heads, batch, layout, mask_kind in CASES:
+            key = f"ring{ring}_{name}"
+            try:
+                lens, q, k, v, mask = _problem(kind, heads, batch, world)
+                mask = None if mask_kind == "none" else mask
+                lo, hi = sum(lens[:rank]), sum(lens[:rank + 1])
+                shard = [t[:, :, lo:hi] for t in (q, k, v)]
+                if layout == "NHD":
+                    shard = [t.transpose(1, 2).contiguous() for t in shard]
+                out, lse = attn(*shard, mask, layout=layout, return_lse=True)
+                full = mask if mask is not None else SliceMask.full(batch, heads, q.shape[2], k.shape[2], SLICE)
+                ref, ref_lse = reference_attention(q, k, v, full)
+                out = out if layout == "HND" else out.transpose(1, 2)
+                err = float((out - ref[:, :, lo:hi]).abs().max()) if out.numel() else 0.0
+                lse_err = float((lse - ref_lse[:, :, lo:hi]).nan_to_num(0.0, 0.0, 0.0).abs().max()) if lse.numel() else 0.0
+                same_inf = bool(torch.equal(torch.isinf(lse), torch.isinf(ref_lse[:, :, lo:hi])))
+                verdicts[key] = dict(ok=err < 1e-5 and lse_err < 1e-4 and same_inf, err=err, lse_err=lse_err)
+            except Exception:  # noqa: BLE001 - the parent reports it
+                verdicts[key] = dict(ok=False, detail=traceback.format_exc(limit=5))
+        # a span starting inside a query block: every rank raises
+        if ring > 1:
+            lens = [SLICE + 3] * world
+            gen = torch.Generator().manual_seed(1)
+            total = sum(lens)
+            q = torch.randn(1, 2, total, 8, generator=gen)
+            lo, hi = sum(lens[:rank]), sum(lens[:rank + 1])
+            mask = SliceMask.full(1, 2, total, total, SLICE)
+            try:
+                attn(q[:, :, lo:hi], q[:, :, lo:hi], q[:, :, lo:hi], mask)
+                verdicts[f"ring{ring}_misaligned"] = dict(ok=False, detail="no error")
+            except ValueError as err:
+                verdicts[f"ring{ring}_misaligned"] = dict(ok="slice boundary" in str(err), detail=str(err))
+    with open(f"{path}.{rank}", "w") as f:
+        json.dump(verdicts, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_every_grid_matches_one_process(world):
+    path = tempfile.mktemp(prefix="fgcupy-ring-")
+    ctx = torch.multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, path)) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert not p.is_alive(), "a rank hung"
+    for rank in range(world):
+        with open(f"{path}.{rank}") as f:
+            verdicts = json.load(f)
+        os.unlink(f"{path}.{rank}")
+        rings = [r for r in range(1, world + 1) if world % r == 0]
+        assert len(verdicts) == len(rings) * len(CASES) + len(rings) - 1
+        for name, verdict in verdicts.items():
+            assert verdict["ok"], f"rank {rank} {name}: {verdict}"
+
+
+def test_ring_must_divide_the_group():
+    from fgcupy.ring import HybridSequenceParallelAttention
+
+    with pytest.raises(RuntimeError, match="not initialised"):
+        HybridSequenceParallelAttention(ring=2)
