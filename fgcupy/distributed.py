@@ -41,8 +41,6 @@ Strategies (chosen so no token and no head is ever padded or dropped):
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -50,55 +48,16 @@ import torch.distributed as dist
 from .layout import LAYOUTS, check_layout, to_bhsd
 from .mask import SliceMask
 from .mask_algebra import concat_heads, slice_heads  # noqa: F401 - public here
+from .sp_masks import MaskPredictor  # noqa: F401 - public here
 from .sp_exchange import probe_all_to_all, return_heads, send_heads
 from .sp_handshake import (_DTYPE_CODES, _HEADER, _MASK_KINDS, COLLECTIVE_TIMEOUT_ENV,  # noqa: F401 - public here
                            COMPUTES, EXCHANGES, _backend, _group_ranges, _lens_digest, _scale_code,
-                           _uses_nccl, _wait, check_agreement, collective_timeout, gather_headers, head_ranges,
+                           _Call, _uses_nccl, _wait, check_agreement, check_seq_lens, collective_timeout, gather_headers, head_ranges,
                            shard_ranges)
 
 DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is given
 
 # ---- the entry points ----
-@dataclass(frozen=True)
-class _Call:
-    """One call's inputs ([B, H, S_r, D] views and q as given) and what the ranks agreed on."""
-
-    qh: torch.Tensor
-    kh: torch.Tensor
-    vh: torch.Tensor
-    q: torch.Tensor
-    layout: str
-    mask: object
-    compute: str
-    method: str
-    q_lens: list
-    kv_lens: list
-    scale: float | None
-    return_lse: bool
-    attend: bool
-    world: int
-    rank: int
-
-
-class MaskPredictor:
-    """Per-rank mask prediction for the heads a rank owns: calls ``fgcupy.predict_mask`` on the
-    exchanged full-sequence q, k of each head group. Scoring is imported on first use, so
-    distributed attention works where the scoring module is absent."""
-
-    def __init__(self, slice_m: int = 128, **options):
-        self.slice_m = slice_m
-        self.options = options
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, heads: range) -> SliceMask:
-        scoring = importlib.import_module("fgcupy.scoring")
-        # Exchanged tensors are strided views of the receive buffer; scoring kernels may want rows.
-        return scoring.predict_mask(q.contiguous(), k.contiguous(), slice_m=self.slice_m, **self.options)
-
-    def __repr__(self):
-        options = "".join(f", {k}={v!r}" for k, v in self.options.items())
-        return f"MaskPredictor(slice_m={self.slice_m}{options})"
-
-
 class SequenceParallelAttention:
     """Ulysses sequence-parallel slice-sparse attention for one process group.
 
@@ -177,7 +136,7 @@ class SequenceParallelAttention:
                 local.update(mask=1, mask_batch=mask_info[0], mask_heads=mask_info[1], mask_q_len=mask_info[2],
                              mask_kv_len=mask_info[3])
             if seq_lens is not None:
-                seq_lens = self._check_seq_lens(seq_lens, world, rank, local)
+                seq_lens = check_seq_lens(seq_lens, world, rank, local)
                 local["seq_lens"] = _lens_digest(seq_lens)
             local.update(layout=LAYOUTS.index(layout), scale=_scale_code(scale))
         except Exception as err:  # noqa: BLE001 - raised below, after the other ranks hear of it
@@ -228,16 +187,6 @@ class SequenceParallelAttention:
         local.update(batch=batch, heads=heads, head_dim=head_dim, q_len=q_len, kv_len=kh.shape[2],
                      dtype=_DTYPE_CODES[qh.dtype], head_groups=self.head_groups)
         return qh, kh, vh, compute
-
-    def _check_seq_lens(self, seq_lens, world, rank, local):
-        seq_lens = [int(n) for n in seq_lens]
-        if len(seq_lens) != world or any(n < 0 for n in seq_lens):
-            raise ValueError(f"seq_lens must list {world} non-negative shard lengths (one per rank), got {seq_lens}")
-        if seq_lens[rank] != local["q_len"] or local["kv_len"] != local["q_len"]:
-            raise ValueError(
-                f"seq_lens[{rank}]={seq_lens[rank]}, but this rank's q shard has {local['q_len']} tokens and "
-                f"k/v {local['kv_len']} (seq_lens is for self-attention shards of equal length)")
-        return seq_lens
 
     def _agree_on_masks(self, mask, failure, device) -> None:
         """After a head group's mask callable ran on every rank (gloo groups): all raise if any

@@ -8,6 +8,7 @@ import datetime
 import os
 import struct
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -196,3 +197,36 @@ def _check_mask_totals(headers, q_lens, kv_lens):
             raise ValueError(
                 f"{who} mask is for q_len={h['mask_q_len']}, kv_len={h['mask_kv_len']}; the shards add up to "
                 f"q_len={q_total}, kv_len={kv_total} (masks use positions in the whole sequence)")
+
+
+def check_seq_lens(seq_lens, world: int, rank: int, local: dict) -> list:
+    """``seq_lens`` as ints, checked against this rank's own shard (self-attention only)."""
+    seq_lens = [int(n) for n in seq_lens]
+    if len(seq_lens) != world or any(n < 0 for n in seq_lens):
+        raise ValueError(f"seq_lens must list {world} non-negative shard lengths (one per rank), got {seq_lens}")
+    if seq_lens[rank] != local["q_len"] or local["kv_len"] != local["q_len"]:
+        raise ValueError(
+            f"seq_lens[{rank}]={seq_lens[rank]}, but this rank's q shard has {local['q_len']} tokens and "
+            f"k/v {local['kv_len']} (seq_lens is for self-attention shards of equal length)")
+    return seq_lens
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call's inputs ([B, H, S_r, D] views and q as given) and what the ranks agreed on."""
+
+    qh: torch.Tensor
+    kh: torch.Tensor
+    vh: torch.Tensor
+    q: torch.Tensor
+    layout: str
+    mask: object
+    compute: str
+    method: str
+    q_lens: list
+    kv_lens: list
+    scale: float | None
+    return_lse: bool
+    attend: bool
+    world: int
+    rank: int

@@ -6,8 +6,6 @@ two-rank cases and the error cases run in a process group of global ranks 1 and 
 differ from global ones, as in a real sub-group), the three-rank cases in the whole world."""
 
 import re
-import sys
-import types
 
 import pytest
 import torch
@@ -238,7 +236,9 @@ def test_mask_predictor_forwards_to_scoring(monkeypatch):
         seen.update(q=q, k=k, slice_m=slice_m, options=options)
         return "mask"
 
-    monkeypatch.setitem(sys.modules, "fgcupy.scoring", types.SimpleNamespace(predict_mask=predict_mask))
+    from fgcupy import sp_masks
+
+    monkeypatch.setattr(sp_masks, "predict_mask", predict_mask)
     predictor = MaskPredictor(slice_m=64, method="mean", density=0.3)
     q = torch.zeros(4, 1, 3, 8).permute(1, 2, 0, 3)  # strided, as exchanged heads are
     k = torch.zeros(1, 3, 4, 8)
