@@ -23,19 +23,26 @@ def predict_reference(qh, kh, req: MaskRequest, lse) -> SliceMask:
         lse=lse, scale=req.scale, logits_dtype=req.logits_dtype, exact_band=req.exact_band)
 
 
+def row_counts(q_blocks: int, kv_len: int, slice_m: int, top_k: int, min_keys: int, max_keys: int | None,
+               local: int | None) -> list:
+    """Kept keys of each block under top-k, from the shapes alone (plain ints, so fake tensors
+    for torch.compile can use it): clamp(k, max(min_keys, band size), max_keys)."""
+    cap = kv_len if max_keys is None else min(max_keys, kv_len)
+    counts = []
+    for j in range(q_blocks):
+        band = 0
+        if local is not None:
+            lo = min(max(j * slice_m - local, 0), kv_len)
+            band = max(min(max((j + 1) * slice_m + local, 0), kv_len), lo) - lo
+        low = min(max(band, min_keys), kv_len)
+        counts.append(min(max(low, top_k), max(low, cap)))
+    return counts
+
+
 def static_row_counts(q_blocks: int, kv_len: int, req: MaskRequest, device="cpu") -> torch.Tensor:
-    """int64 [QB]: kept keys of each block under top-k, known from the shapes alone:
-    clamp(k, max(min_keys, band size), max_keys). On a CUDA device this launches, never syncs."""
-    j = torch.arange(q_blocks, dtype=torch.int64, device=device)
-    if req.local is None:
-        band = torch.zeros_like(j)
-    else:
-        lo = (j * req.slice_m - req.local).clamp(0, kv_len)
-        hi = torch.maximum(((j + 1) * req.slice_m + req.local).clamp(0, kv_len), lo)
-        band = hi - lo
-    lo_n = band.clamp(min=req.min_keys).clamp(max=kv_len)
-    hi_n = lo_n.clamp(min=min(kv_len if req.max_keys is None else req.max_keys, kv_len))
-    return torch.minimum(lo_n.clamp(min=req.top_k), hi_n)
+    """int64 [QB]: ``row_counts`` of a top-k request."""
+    counts = row_counts(q_blocks, kv_len, req.slice_m, req.top_k, req.min_keys, req.max_keys, req.local)
+    return torch.tensor(counts, dtype=torch.int64, device=device)
 
 
 @lru_cache(maxsize=32)

@@ -9,25 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .gpu_prediction import DEFAULT_WORKSPACE, GpuPrediction, predict_reference
+from .gpu_prediction import DEFAULT_WORKSPACE, GpuPrediction, predict_reference, row_counts
 from .mask import num_blocks
 from .mask_request import make_request
-
-
-def static_capacity(batch: int, heads: int, q_blocks: int, kv_len: int, slice_m: int, top_k: int, min_keys: int,
-                    max_keys: int | None, local: int | None) -> int:
-    """Slices a top-k mask keeps, from the shapes alone (scoring.static_row_counts in Python ints)."""
-    cap = kv_len if max_keys is None else min(max_keys, kv_len)
-    total = 0
-    for j in range(q_blocks):
-        band = 0
-        if local is not None:
-            lo = min(max(j * slice_m - local, 0), kv_len)
-            hi = max(min(max((j + 1) * slice_m + local, 0), kv_len), lo)
-            band = hi - lo
-        low = min(max(band, min_keys), kv_len)
-        total += min(max(low, top_k), max(low, cap))
-    return batch * heads * total
 
 
 @torch.library.custom_op("fgcupy::predict_topk", mutates_args=())
@@ -49,8 +33,8 @@ def _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, 
 def _(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits):
     batch, heads, q_len, _ = q.shape
     q_blocks = num_blocks(q_len, slice_m)
-    capacity = static_capacity(batch, heads, q_blocks, k.shape[2], slice_m, top_k, min_keys,
-                               None if max_keys < 0 else max_keys, None if local < 0 else local)
+    capacity = batch * heads * sum(row_counts(q_blocks, k.shape[2], slice_m, top_k, min_keys,
+                                              None if max_keys < 0 else max_keys, None if local < 0 else local))
     return (q.new_empty((batch, heads, q_blocks + 1), dtype=torch.int32),
             q.new_empty((capacity,), dtype=torch.int32))
 
