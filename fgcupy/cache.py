@@ -28,6 +28,10 @@ from .mask import SliceMask, indptr_from_counts, num_blocks
 from .scoring import predict_mask
 
 STORAGES = ("auto", "index", "bits")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 _INT16_KEYS = 2**15
 
 
@@ -56,14 +60,19 @@ class MaskCache:
 
     def __init__(self, warmup: int = 0, refresh_every: int | None = 1, refresh_steps=None, storage: str = "auto",
                  expanded: bool = False, **predict_kwargs):
-        if not isinstance(warmup, int) or warmup < 0:
+        if not _is_int(warmup) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
         if refresh_steps is None:
-            if not isinstance(refresh_every, int) or refresh_every < 1:
+            if not _is_int(refresh_every) or refresh_every < 1:
                 raise ValueError(f"refresh_every must be a positive int (or give refresh_steps), got {refresh_every!r}")
             self.refresh_steps = None
         else:
-            steps = sorted({int(s) for s in refresh_steps})
+            if isinstance(refresh_steps, (str, bytes)) or not hasattr(refresh_steps, "__iter__"):
+                raise TypeError(f"refresh_steps must be a sequence of ints, got {refresh_steps!r}")
+            refresh_steps = list(refresh_steps)
+            if not all(_is_int(s) for s in refresh_steps):
+                raise TypeError(f"refresh_steps must hold ints, got {refresh_steps!r}")
+            steps = sorted(set(refresh_steps))
             if any(s < warmup for s in steps):
                 raise ValueError(f"refresh_steps {steps} include warm-up steps (< {warmup})")
             self.refresh_steps = frozenset(steps)
@@ -84,8 +93,8 @@ class MaskCache:
     def action(self, step: int, layer=None) -> str:
         """"dense", "refresh" or "reuse" for ``step`` (and ``layer``: one with nothing cached
         refreshes)."""
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        if not _is_int(step) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
         if step < self.warmup:
             return "dense"
         if layer is not None and layer not in self._entries:

@@ -1,6 +1,6 @@
 """Fuzzing the public CPU entry points (hypothesis): every bad input gets a ValueError or
 TypeError raised by fgcupy itself; every good input gives what an independent check expects.
-About 12,500 generated cases (5 x 2,500); FGCUPY_FUZZ_EXAMPLES scales them."""
+About 17,500 generated cases (7 x 2,500); FGCUPY_FUZZ_EXAMPLES scales them."""
 
 import math
 import os
@@ -254,3 +254,60 @@ def test_empty_dimensions_round_trip_through_the_cache_and_head_joins(shape, q_l
     joined = concat_heads([mask, mask])
     assert joined.heads == 2 * mask.heads and kernel_safe(joined.validate())
     assert torch.equal(slice_heads(joined, range(mask.heads)).to_dense(), dense)
+
+
+SCHEDULE_VALUES = st.one_of(st.integers(-2, 12), st.sampled_from([None, 2.5, True, "3", [1, 2], (4, "x"), math.nan]))
+
+
+@given(warmup=SCHEDULE_VALUES, refresh_every=SCHEDULE_VALUES,
+       refresh_steps=st.one_of(st.none(), st.lists(SCHEDULE_VALUES, max_size=3), st.sampled_from(["abc", 5])),
+       storage=st.sampled_from(["auto", "bits", "index", "dense", 3]), expanded=st.sampled_from([False, True, 1]),
+       step=SCHEDULE_VALUES)
+@FUZZ
+def test_mask_cache_schedules_are_refused_or_consistent(warmup, refresh_every, refresh_steps, storage, expanded,
+                                                        step):
+    from fgcupy import MaskCache
+
+    cache = ours(lambda: MaskCache(warmup=warmup, refresh_every=refresh_every, refresh_steps=refresh_steps,
+                                   storage=storage, expanded=expanded))
+    if cache is None:
+        return
+    action = ours(lambda: cache.action(step))
+    if action is None:
+        return
+    assert isinstance(step, int) and not isinstance(step, bool) and step >= 0
+    if step < cache.warmup:
+        expected = "dense"
+    elif cache.refresh_steps is not None:
+        expected = "refresh" if step in cache.refresh_steps else "reuse"
+    else:
+        expected = "refresh" if (step - cache.warmup) % cache.refresh_every == 0 else "reuse"
+    assert action == expected
+    assert ours(lambda: cache.action(step, layer="never cached")) in ("dense", "refresh")
+
+
+@given(st.fixed_dictionaries({}, optional={
+    "predictor": st.sampled_from(["topk", "tau", "threshold", "colmax", "bogus", "", 3, None]),
+    "density": st.sampled_from([None, 0.1, 0.0, 1.5, math.nan, "0.2"]),
+    "tau": st.sampled_from([None, 0.9, 2.0, math.nan]),
+    "threshold": st.sampled_from([None, 1e-3, -1.0, math.inf]),
+    "slice_m": st.sampled_from([64, 128, 96, 128.0, True]),
+    "dense_steps": st.sampled_from([0, 2, -1, 1.5, True]),
+    "refresh_every": st.sampled_from([1, 5, 0, 2.5]),
+    "refresh_steps": st.sampled_from([None, (3, 7), (-1,), "x", 4]),
+    "predictor_kwargs": st.sampled_from([{}, {"pool": 16}, {"pool": 24}, {"min_keys": -1}, {"bogus": 1},
+                                         {"exact_band": None}, "pool=16"]),
+    "dense_layers": st.sampled_from([(), (1, 2), (-1,), "x", 3]),
+}))
+@FUZZ
+def test_integration_configs_are_refused_when_made(kwargs):
+    pytest.importorskip("diffusers")
+    from fgcupy.integrations.diffusers import SparseAttentionConfig
+
+    config = ours(lambda: SparseAttentionConfig(**kwargs))
+    if config is None:
+        return
+    # what it accepted, predict_mask accepts too (checked with a tiny CPU problem)
+    q = torch.randn(1, 1, 2 * config.slice_m, 16)
+    mask = ours(lambda: predict_mask(q, q, config.slice_m, config.predictor, **config.predictor_arguments()))
+    assert mask is not None, f"config {kwargs} accepted what predict_mask refuses"
