@@ -37,7 +37,7 @@ from bench.timing import cuda_time_ms
 from fgcupy import SliceMask, mask_drift, mask_kernels, predict_mask, scoring
 from fgcupy import mask_reference as ref
 from fgcupy.head_families import FAMILIES, family_qkv, mass_fraction
-from fgcupy.oracle import Judge, block_coherence
+from fgcupy.oracle import Judge, block_coherence, exact_lse
 from fgcupy.progress import progress_bar
 from fgcupy.reference import dense_attention, reference_attention, relative_l2
 from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
@@ -58,17 +58,6 @@ JUDGED = {
 }
 
 
-def dense_lse(q, k, scale, budget_bytes=4 << 30):
-    """float32 [B, H, S] natural-log LSE of dense attention (what a dense step's kernel returns),
-    in row chunks whose float32 scores stay within ``budget_bytes``."""
-    lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    rows = max(16, budget_bytes // (q.shape[0] * q.shape[1] * k.shape[2] * 4))
-    kf = k.float()
-    for r0 in range(0, q.shape[2], rows):
-        lse[:, :, r0 : r0 + rows] = torch.logsumexp(torch.matmul(q[:, :, r0 : r0 + rows].float(), kf.transpose(-1, -2)) * scale, -1)
-    return lse
-
-
 def block_mask(q, k, density, block=128):
     """A 128x128 block mask from pooled block scores: each query block keeps its best-scoring
     key blocks, round(density x key blocks) of them, as a SliceMask (slice_m = block)."""
@@ -87,7 +76,7 @@ class Quality:
     def __init__(self, q, k, v):
         self.q, self.k, self.v = q, k, v
         self.dense = dense_attention(q, k, v)
-        self.lse = dense_lse(q, k, 1.0 / math.sqrt(q.shape[-1]))
+        self.lse = exact_lse(q, k)
 
     def error(self, mask):
         out, _ = reference_attention(self.q, self.k, self.v, mask, rows_per_chunk=2048)
@@ -178,7 +167,7 @@ def timing_rows(args, shape, device):
 
     for backend in ("cudnn", "flash"):
         record(f"sdpa-{backend} dense", sdpa_call(q, k, v, backend))
-    lse = dense_lse(q, k, scale)
+    lse = exact_lse(q, k, scale)
     for label, kw in (
         ("predict topk d=0.1 mean query", dict(MEAN, method="topk", density=0.1)),
         ("predict topk d=0.1 float32 logits", dict(MEAN, method="topk", density=0.1, logits_dtype=torch.float32)),

@@ -45,14 +45,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .layout import LAYOUTS, check_layout, to_bhsd
+from .layout import LAYOUTS, to_bhsd
 from .mask import SliceMask
 from .mask_algebra import concat_heads, slice_heads  # noqa: F401 - public here
 from .sp_masks import MaskPredictor  # noqa: F401 - public here
 from .sp_exchange import probe_all_to_all, return_heads, send_heads
 from .sp_handshake import (_DTYPE_CODES, _HEADER, _MASK_KINDS, COLLECTIVE_TIMEOUT_ENV,  # noqa: F401 - public here
                            COMPUTES, EXCHANGES, _backend, _group_ranges, _lens_digest, _scale_code,
-                           _Call, _uses_nccl, _wait, check_agreement, check_seq_lens, collective_timeout, gather_headers, head_ranges,
+                           _Call, _uses_nccl, _wait, check_agreement, check_seq_lens, shard_views, collective_timeout, gather_headers, head_ranges,
                            shard_ranges)
 
 DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is given
@@ -160,13 +160,7 @@ class SequenceParallelAttention:
                                     attend, world, rank))
 
     def _check_local(self, q, k, v, layout, local, world, rank):
-        check_layout(layout)
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        qh, kh, vh = (to_bhsd(t, layout) for t in (q, k, v))
-        if qh.dtype not in _DTYPE_CODES:
-            raise TypeError(f"q has dtype {qh.dtype}; expected one of {tuple(_DTYPE_CODES)}")
+        qh, kh, vh = shard_views(q, k, v, layout)
         for name, t in (("k", kh), ("v", vh)):
             if t.dtype != qh.dtype or t.device != qh.device:
                 raise ValueError(f"{name} is {t.dtype} on {t.device}, q is {qh.dtype} on {qh.device}")

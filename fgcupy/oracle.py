@@ -21,11 +21,13 @@ from .mask_reference import colmax_scores
 from .reference import dense_attention, reference_attention, relative_l2
 
 
-def exact_lse(q, k, scale: float | None = None, rows_per_chunk: int = 2048) -> torch.Tensor:
-    """float32 [B, H, q_len]: each query's natural-log LSE over every key (a dense step's LSE)."""
+def exact_lse(q, k, scale: float | None = None, budget_bytes: int = 4 << 30) -> torch.Tensor:
+    """float32 [B, H, q_len]: each query's natural-log LSE over every key (a dense step's LSE),
+    in row chunks whose float32 scores stay within ``budget_bytes``."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     kf = k.float()
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    rows_per_chunk = max(16, budget_bytes // max(1, q.shape[0] * q.shape[1] * k.shape[2] * 4))
     for r0 in range(0, q.shape[2], rows_per_chunk):
         logits = torch.matmul(q[:, :, r0 : r0 + rows_per_chunk].float(), kf.transpose(-1, -2)) * scale
         lse[:, :, r0 : r0 + rows_per_chunk] = torch.logsumexp(logits, -1)

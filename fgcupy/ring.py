@@ -22,12 +22,12 @@ import torch
 import torch.distributed as dist
 
 from .attention import sparse_attention
-from .layout import LAYOUTS, check_layout, to_bhsd
+from .layout import LAYOUTS
 from .mask import SliceMask
 from .mask_algebra import restrict_keys, slice_heads, slice_rows
 from .sp_exchange import probe_all_to_all, return_heads, send_heads
 from .sp_handshake import (_DTYPE_CODES, _HEADER, _MASK_KINDS, _scale_code, check_agreement, gather_headers,
-                           head_ranges)
+                           head_ranges, shard_views)
 
 DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is given
 
@@ -90,13 +90,7 @@ class HybridSequenceParallelAttention:
         return (out, lse) if return_lse else out
 
     def _check_local(self, q, k, v, mask, layout, scale, return_lse, local):
-        check_layout(layout)
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        qh, kh, vh = (to_bhsd(t, layout) for t in (q, k, v))
-        if qh.dtype not in _DTYPE_CODES:
-            raise TypeError(f"q has dtype {qh.dtype}; expected one of {tuple(_DTYPE_CODES)}")
+        qh, kh, vh = shard_views(q, k, v, layout)
         if kh.shape != qh.shape or vh.shape != qh.shape or kh.dtype != qh.dtype or vh.dtype != qh.dtype:
             raise ValueError(f"q, k, v shards must agree in shape and dtype (self-attention); got "
                              f"{tuple(qh.shape)}, {tuple(kh.shape)}, {tuple(vh.shape)}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .layout import LAYOUTS
+from .layout import LAYOUTS, check_layout, to_bhsd
 
 COMPUTES = ("auto", "fgcupy", "reference")
 EXCHANGES = ("auto", "all_to_all", "p2p", "copy")
@@ -230,3 +230,16 @@ class _Call:
     attend: bool
     world: int
     rank: int
+
+
+def shard_views(q, k, v, layout: str) -> tuple:
+    """[B, H, S, D] views of this rank's q, k, v shards, checked to be torch tensors of a dtype
+    the header can name."""
+    check_layout(layout)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    qh, kh, vh = (to_bhsd(t, layout) for t in (q, k, v))
+    if qh.dtype not in _DTYPE_CODES:
+        raise TypeError(f"q has dtype {qh.dtype}; expected one of {tuple(_DTYPE_CODES)}")
+    return qh, kh, vh
