@@ -15,7 +15,7 @@ import torch
 
 from . import bridge
 from .attention_kernel import SCHEDULES, block_order, check_inputs, check_strides  # noqa: F401 - public here
-from .jit import AttentionSpec, get_kernel_on
+from .jit import AttentionSpec, Sm90AttentionSpec, get_kernel_on
 from . import ops
 from .ops import spec_token
 from .jit.spec import HEAD_DIMS, SLICE_SIZES
@@ -54,6 +54,8 @@ class SparseAttention:
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         tile_args = {"key_tile": key_tile, "stages": stages, "rows_per_warp": rows_per_warp}
+        if spec is not None and not isinstance(spec, (AttentionSpec, Sm90AttentionSpec)):
+            raise TypeError(f"spec must be an AttentionSpec or Sm90AttentionSpec, got {type(spec).__name__}")
         if spec is not None and any(v is not None for v in tile_args.values()):
             given = {k: v for k, v in tile_args.items() if v is not None}
             raise ValueError(f"give either spec or tile parameters, not both (spec={spec.name}, {given})")
@@ -61,7 +63,7 @@ class SparseAttention:
             raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
         dtype_name = bridge.dtype_name(dtype, "dtype")
         if head_dim not in HEAD_DIMS:
-            raise ValueError(f"head_dim {head_dim} has no compiled kernel; available: {HEAD_DIMS}")
+            raise ValueError(f"head_dim {head_dim!r} has no compiled kernel; available: {HEAD_DIMS}")
         if mask.slice_m not in SLICE_SIZES:
             raise ValueError(f"mask.slice_m={mask.slice_m} has no compiled kernel; available: {SLICE_SIZES}")
         if spec is None and key_tile is None and stages is None and rows_per_warp is None:
@@ -116,7 +118,8 @@ class SparseAttention:
         q: [B, H, q_len, D] (layout "HND") or [B, q_len, H, D] ("NHD"); k, v likewise with kv_len.
         Returns ``out`` (same type and layout as q), and float32 ``lse`` [B, H, q_len] (natural
         log) if ``return_lse``. ``out``/``lse`` may be given to write into existing buffers.
-        One ``torch.ops.fgcupy.sparse_attention_`` call: torch.compile and CUDA graphs take it.
+        Under torch.compile this is one ``torch.ops.fgcupy.sparse_attention_`` call (CUDA graphs
+        take it too); eager calls run the same implementation directly.
         """
         if self.spec is None:
             raise RuntimeError("SparseAttention.run called before plan(mask, ...)")

@@ -1,6 +1,6 @@
 """Launch of the slice-sparse attention kernels: one AttnParams struct on torch's stream.
 
-Below both the plan/run object (attention.py) and the tuner (autotune.py), which time and run
+Below both the plan/run object (attention.py) and the tuner (the autotune package), which time and run
 kernels through here.
 """
 

@@ -138,7 +138,7 @@ def family_qkv(shape, family: str, *, heads: int = 8, seed: int = 0, device="cpu
         raise TypeError(f"shape must be a VideoShape or a name in {sorted(SHAPES)}, got {type(shape).__name__}")
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
-    if not isinstance(heads, int) or heads < 1:
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
         raise ValueError(f"heads must be a positive int, got {heads!r}")
     fam = FAMILIES[family]
     dim = shape.head_dim
@@ -202,6 +202,8 @@ def mass_fraction(q, k, mass: float = 0.9, queries: int = 256, seed: int = 0) ->
     """Mean over sampled queries (all heads) of the fraction of keys holding ``mass`` of the
     query's softmax: ~0 for sharp heads, ~1 for uniform ones."""
     batch, heads, q_len, dim = q.shape
+    if q_len == 0 or k.shape[2] == 0:
+        raise ValueError(f"mass_fraction needs queries and keys, got q_len={q_len}, kv_len={k.shape[2]}")
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, q_len, (min(queries, q_len),), generator=gen).to(q.device)
     logits = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)) / math.sqrt(dim)
@@ -212,5 +214,10 @@ def mass_fraction(q, k, mass: float = 0.9, queries: int = 256, seed: int = 0) ->
 
 def family_shape(shape, grid=None) -> VideoShape:
     """``shape`` (a name or VideoShape) with its grid replaced, for small test problems."""
-    shape = SHAPES[shape] if isinstance(shape, str) else shape
+    if isinstance(shape, str):
+        if shape not in SHAPES:
+            raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
+        shape = SHAPES[shape]
+    if grid is not None and (len(grid) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in grid)):
+        raise ValueError(f"grid must be three positive ints (T, H, W), got {grid!r}")
     return shape if grid is None else replace(shape, grid=tuple(grid), name=f"{shape.name}-{'x'.join(map(str, grid))}")

@@ -101,6 +101,9 @@ def drop_keys(mask: SliceMask, key_valid: torch.Tensor) -> SliceMask:
     """``mask`` without the keys where ``key_valid`` (bool ``[B, KV]``) is False, on the GPU and
     without a host synchronisation (same capacity; rows stay sorted). Rows may sit anywhere in
     the buffer as long as they do not overlap."""
+    _check_mask(mask)
+    if not isinstance(key_valid, torch.Tensor):
+        raise TypeError(f"key_valid must be a bool torch.Tensor [B, KV], got {type(key_valid).__name__}")
     batch, heads, q_blocks, kv_len = mask.batch, mask.heads, mask.q_blocks, mask.kv_len
     if tuple(key_valid.shape) != (batch, kv_len) or key_valid.dtype != torch.bool:
         raise ValueError(
@@ -130,6 +133,8 @@ def drop_keys(mask: SliceMask, key_valid: torch.Tensor) -> SliceMask:
 def slice_rows(mask: SliceMask, first_block: int, q_len: int) -> SliceMask:
     """The query blocks of queries [first_block * slice_m, + q_len) as a mask of its own (no copy
     of the indices, no host sync)."""
+    _check_mask(mask)
+    _check_ints(first_block=first_block, q_len=q_len)
     last = min(mask.q_blocks, first_block + num_blocks(q_len, mask.slice_m))
     if not 0 <= first_block <= last:
         raise ValueError(f"rows from block {first_block} are outside the mask's {mask.q_blocks} blocks")
@@ -140,9 +145,22 @@ def slice_rows(mask: SliceMask, first_block: int, q_len: int) -> SliceMask:
 def restrict_keys(mask: SliceMask, start: int, stop: int) -> SliceMask:
     """The keys [start, stop) of ``mask``, renumbered from 0 (kv_len = stop - start), on the
     device and without a host synchronisation."""
+    _check_mask(mask)
+    _check_ints(start=start, stop=stop)
     if not 0 <= start <= stop <= mask.kv_len:
         raise ValueError(f"key range [{start}, {stop}) is outside [0, kv_len={mask.kv_len}]")
     valid = torch.zeros(mask.batch, mask.kv_len, dtype=torch.bool, device=mask.device)
     valid[:, start:stop] = True
     kept = drop_keys(mask, valid)
     return SliceMask(kept.indptr, (kept.indices - start).clamp_min(0), mask.slice_m, mask.q_len, stop - start)
+
+
+def _check_mask(mask) -> None:
+    if not isinstance(mask, SliceMask):
+        raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
+
+
+def _check_ints(**values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")

@@ -71,8 +71,9 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         pool = min(DEFAULT_POOL, slice_m) if defaults_apply else None
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not isinstance(slice_m, int) or slice_m < 1:
+    if isinstance(slice_m, bool) or not isinstance(slice_m, (int, np.integer)) or slice_m < 1:
         raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
+    slice_m = int(slice_m)
     if method == "colmax":
         rule = "threshold" if rule is None else rule
     elif rule is not None and rule != method:
@@ -127,7 +128,8 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         raise ValueError(f"local must be None or a non-negative int (keys beyond the block on each side), got {local!r}")
     if max_keys is not None:
         band_width = slice_m + 2 * local if local is not None else 0
-        if not isinstance(max_keys, int) or max_keys < max(1, min_keys, min(band_width, kv_len)):
+        if isinstance(max_keys, bool) or not isinstance(max_keys, (int, np.integer)) or \
+                max_keys < max(1, min_keys, min(band_width, kv_len)):
             raise ValueError(f"max_keys must be an int >= max(1, min_keys={min_keys}, band width "
                              f"{min(band_width, kv_len)}), got {max_keys!r}")
     if exact_band is not None:

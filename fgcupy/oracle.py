@@ -37,6 +37,8 @@ def exact_lse(q, k, scale: float | None = None, budget_bytes: int = 4 << 30) -> 
 def block_coherence(q, slice_m: int = 128) -> torch.Tensor:
     """float32 [B, H, QB]: mean cosine similarity of each block's queries to their mean, the
     measure of how well one pooled query stands for its block (1: all alike)."""
+    if q.shape[2] == 0:
+        return q.new_zeros(*q.shape[:2], 0, dtype=torch.float32)
     qf = q.float()
     pad = (-qf.shape[2]) % slice_m
     blocks = torch.nn.functional.pad(qf, (0, 0, 0, pad)).unflatten(2, (-1, slice_m))  # [B, H, QB, M, D]
@@ -83,7 +85,7 @@ class Judge:
         kb = num_blocks(self.kv_len, block)
         pad = kb * block - self.kv_len
         scores = torch.nn.functional.pad(self.colmax, (0, pad)).unflatten(-1, (kb, block)).amax(-1)
-        keep = max(1, min(kb, round(density * kb)))
+        keep = keys_for(density, kb)
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(keep, dim=-1).indices, True)
         dense = chosen.repeat_interleave(block, dim=-1)[..., : self.kv_len]
         return SliceMask.from_dense(dense, block, self.q.shape[2])
@@ -102,5 +104,5 @@ class Judge:
     def ratio(self, mask: SliceMask) -> tuple:
         """(error, error / oracle error at the mask's own density)."""
         err = self.error(mask)
-        best = self.oracle_error(mask.density())
+        best = self.oracle_error(max(mask.density(), 1.0 / self.kv_len))  # an empty mask: the one-key oracle
         return err, (err / best if best > 0 else (1.0 if err == 0 else math.inf))

@@ -13,15 +13,16 @@ import torch
 from .mask import SliceMask, num_blocks
 
 
-def _matplotlib():
+def _figure(**kwargs):
+    """A matplotlib Figure on the Agg canvas (the caller's pyplot backend stays as it is)."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as err:
         raise ImportError("mask pictures need matplotlib: pip install 'fgcupy[plot]'") from err
-    return plt
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def mask_image(mask: SliceMask, batch: int = 0, head: int = 0, max_columns: int = 2048) -> torch.Tensor:
@@ -33,6 +34,8 @@ def mask_image(mask: SliceMask, batch: int = 0, head: int = 0, max_columns: int 
     one = SliceMask(mask.indptr[batch : batch + 1, head : head + 1].contiguous(), mask.indices, mask.slice_m,
                     mask.q_len, mask.kv_len)
     dense = one.to_dense()[0, 0].float().cpu()
+    if mask.kv_len == 0:
+        return torch.zeros(mask.q_blocks, 0)
     per_bin = num_blocks(mask.kv_len, max_columns)
     pad = (-mask.kv_len) % per_bin
     return torch.nn.functional.pad(dense, (0, pad)).unflatten(1, (-1, per_bin)).mean(2)
@@ -43,9 +46,8 @@ def draw_masks(masks: dict, path, batch: int = 0, head: int = 0, block_size: int
     """Draw ``{label: SliceMask}`` side by side into ``path`` (PNG); returns the figure's path."""
     if not masks:
         raise ValueError("draw_masks needs at least one mask")
-    plt = _matplotlib()
-    fig, axes = plt.subplots(1, 2 * len(masks), figsize=(6.5 * len(masks), 5),
-                             gridspec_kw={"width_ratios": [8, 1] * len(masks)}, squeeze=False)
+    fig = _figure(figsize=(6.5 * len(masks), 5))
+    axes = fig.subplots(1, 2 * len(masks), gridspec_kw={"width_ratios": [8, 1] * len(masks)}, squeeze=False)
     for i, (label, mask) in enumerate(masks.items()):
         image = mask_image(mask, batch, head, max_columns)
         ax, bar = axes[0, 2 * i], axes[0, 2 * i + 1]
@@ -68,5 +70,4 @@ def draw_masks(masks: dict, path, batch: int = 0, head: int = 0, block_size: int
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

@@ -26,8 +26,8 @@ from .layout import LAYOUTS
 from .mask import SliceMask
 from .mask_algebra import restrict_keys, slice_heads, slice_rows
 from .sp_exchange import probe_all_to_all, return_heads, send_heads
-from .sp_handshake import (_DTYPE_CODES, _HEADER, _MASK_KINDS, _scale_code, check_agreement, gather_headers,
-                           head_ranges, shard_views)
+from .sp_handshake import (_DTYPE_CODES, _HEADER, _MASK_KINDS, _scale_code, _wait, check_agreement,
+                           gather_headers, head_ranges, shard_views)
 
 DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is given
 
@@ -42,6 +42,8 @@ class HybridSequenceParallelAttention:
     def __init__(self, group=None, *, ring: int):
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
+        if dist.get_rank(group) < 0:
+            raise ValueError("this process is not a member of the given process group")
         world = dist.get_world_size(group)
         if isinstance(ring, bool) or not isinstance(ring, int) or ring < 1 or world % ring:
             raise ValueError(f"ring must be a positive int dividing the group's {world} ranks, got {ring!r}")
@@ -52,9 +54,8 @@ class HybridSequenceParallelAttention:
         ring_groups = [dist.new_group([ranks[j * self.ulysses + u] for j in range(ring)])
                        for u in range(self.ulysses)]
         rank = dist.get_rank(group)
-        self.span, self.member = divmod(rank, self.ulysses) if rank >= 0 else (-1, -1)
-        self.span_group = span_groups[self.span] if rank >= 0 else None
-        self.ring_group = ring_groups[self.member] if rank >= 0 else None
+        self.span, self.member = divmod(rank, self.ulysses)
+        self.span_group, self.ring_group = span_groups[self.span], ring_groups[self.member]
 
     def __call__(self, q, k, v, mask: SliceMask | None = None, *, layout: str = "HND", scale: float | None = None,
                  return_lse: bool = False):
@@ -75,9 +76,7 @@ class HybridSequenceParallelAttention:
         bad = [i for i, h in enumerate(headers) if h["error"]]
         if bad:
             raise ValueError(f"hybrid sequence-parallel attention stopped: rank(s) {bad} rejected their inputs")
-        lens, kv_lens = check_agreement(headers)
-        if lens != kv_lens:
-            raise ValueError(f"hybrid sequence parallelism is for self-attention: q shards {lens}, k/v shards {kv_lens}")
+        lens, _ = check_agreement(headers)  # k/v shards equal q's (checked locally)
         U = self.ulysses
         spans = [sum(lens[j * U:(j + 1) * U]) for j in range(self.ring)]
         starts = [sum(spans[:j]) for j in range(self.ring)]
@@ -154,7 +153,7 @@ class HybridSequenceParallelAttention:
         pad = longest - k.shape[2]
         kv = torch.nn.functional.pad(torch.stack([k, v]), (0, 0, 0, pad))
         gathered = [torch.empty_like(kv) for _ in range(self.ring)]
-        dist.all_gather(gathered, kv, group=self.ring_group)
+        _wait(dist.all_gather(gathered, kv, group=self.ring_group, async_op=True), self.ring_group)
         return [g[0, :, :, :n] for g, n in zip(gathered, spans)], [g[1, :, :, :n] for g, n in zip(gathered, spans)]
 
     def _rows(self, mask, heads, batch, spans, starts, device):

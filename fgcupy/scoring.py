@@ -15,8 +15,10 @@ Every selection can keep at least ``min_keys``, at most ``max_keys`` keys per bl
 block's diagonal band (its own keys and ``local`` more on either side), which is ranked first
 (it counts toward k and toward the mass). Exact definitions: fgcupy.mask_reference.
 
-Mean-query logits for top-k and threshold are stored as float16 between scoring and selection
-by default (``logits_dtype``): half the memory traffic of float32 (see README for the times),
+The default scores are probabilities (pooled sub-blocks with the exact band, float32). With one
+mean query per block (``pool=None, exact_band=None``), or combine "union", logits are stored
+between scoring and selection, as float16 for top-k and threshold unless ``logits_dtype`` says
+otherwise: half the memory traffic of float32 (see README for the times),
 and the selection is exact on the stored values: rounding moves a logit by at most 2^-11 of
 its size, so only keys that nearly tie (or sit at the threshold) can change sides, and a logit
 beyond +-65504 becomes +-inf (ranked first or last, ties by index; kept or dropped by a
@@ -53,8 +55,9 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     q, k: [B, H, S, D] ("HND") or [B, S, H, D] ("NHD"), torch or cupy; CUDA tensors run the
     kernels (bf16/fp16), CPU tensors the torch reference. ``density`` is top-k as a fraction
     of kv_len. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.
-    ``logits_dtype``: how mean-query logits are stored, torch.float16 (default for top-k and
-    threshold) or torch.float32 (default for tau); see the module docstring.
+    ``logits_dtype``: how stored mean-query logits are kept (one mean query per block or combine
+    "union" only), torch.float16 (default for top-k and threshold) or torch.float32 (default for
+    tau); see the module docstring.
     ``pool``: queries per pooled sub-block (slice_m: one mean query per block).
     ``exact_band``: keys within this many of the block (either side) get their exact column-max
     score instead of the pooled one (slice_m 64 or 128, combine "max"; None: off; see

@@ -97,9 +97,6 @@ def _group_ranges(owned: range, head_groups: int) -> list[range]:
     return ranges
 
 
-# ---- masks ----
-
-
 # ---- backends and waits ----
 def _backend(group) -> str:
     return str(dist.get_backend(group)).lower()

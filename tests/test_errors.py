@@ -92,3 +92,26 @@ def test_cpu_plans_and_one_shot_calls_run_the_reference():
     ref_b, ref_lse = reference_attention(qb, kb, vb, MASK)
     torch.testing.assert_close(out, ref_b.bfloat16())
     torch.testing.assert_close(got_lse, ref_lse)
+
+
+def test_numpy_ints_are_ints_and_a_spec_must_be_a_spec():
+    import numpy as np
+
+    assert AttentionSpec("bfloat16", np.int64(64), np.int64(64)).head_dim == 64
+    with pytest.raises(TypeError, match="spec must be an AttentionSpec or Sm90AttentionSpec, got str"):
+        SparseAttention().plan(MASK, head_dim=64, spec="abc")
+    with pytest.raises(ValueError, match="key_tile must be one of"):
+        AttentionSpec("bfloat16", 64, 64, 64.0)
+
+
+def test_mask_algebra_refuses_what_is_not_a_mask():
+    from fgcupy.mask_algebra import drop_keys, restrict_keys, slice_rows
+
+    with pytest.raises(TypeError, match="mask must be a fgcupy.SliceMask, got list"):
+        drop_keys([], torch.ones(1, 80, dtype=torch.bool))
+    with pytest.raises(TypeError, match="key_valid must be a bool torch.Tensor"):
+        drop_keys(MASK, [[True] * 80])
+    with pytest.raises(ValueError, match="start must be a non-negative int, got 10.0"):
+        restrict_keys(MASK, 10.0, 20)
+    with pytest.raises(ValueError, match="first_block must be a non-negative int"):
+        slice_rows(MASK, -1, 10)

@@ -14,6 +14,7 @@ pytest.importorskip("diffusers", reason="diffusers is an optional extra: pip ins
 import fgcupy  # noqa: E402
 from fgcupy import SliceMask, relative_l2  # noqa: E402
 from fgcupy.integrations import diffusers as fd  # noqa: E402
+from fgcupy.mask_algebra import drop_keys  # noqa: E402
 
 from .tiny_diffusers import (  # noqa: E402
     CountingPredictor,
@@ -446,6 +447,7 @@ def test_config_schedule():
     assert fd.SparseAttentionConfig(predictor_kwargs={"min_keys": 4}).predictor_arguments() == {
         "density": 0.1, "min_keys": 4}
     assert fd.SparseAttentionConfig(predictor="tau", tau=0.9).predictor_arguments() == {"tau": 0.9}
+    assert fd.SparseAttentionConfig(predictor_kwargs={"top_k": 512}).predictor_arguments() == {"top_k": 512}
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
@@ -475,7 +477,7 @@ def test_drop_keys_matches_the_dense_restriction(seed):
     dense[0, 1, 2] = False  # an empty row
     mask = SliceMask.from_dense(dense, slice_m, q_blocks * slice_m - 5, capacity=int(dense.sum()) + 11)
     key_valid = torch.rand(batch, kv_len, generator=gen) < 0.7
-    out = fd.drop_keys(mask, key_valid).validate()
+    out = drop_keys(mask, key_valid).validate()
     assert out.capacity == mask.capacity
     assert torch.equal(out.to_dense(), dense & key_valid[:, None, None, :])
 
@@ -487,7 +489,7 @@ def test_drop_keys_with_gaps_between_rows():
     indices = torch.tensor([1, 3, 0, 2, 4, 9, 9, 9, 0, 2, 3, 4], dtype=torch.int32)
     mask = SliceMask(indptr, indices, 64, 128, 5).validate()
     key_valid = torch.tensor([[True, False, True, True, True], [False, True, True, False, True]])
-    out = fd.drop_keys(mask, key_valid).validate()
+    out = drop_keys(mask, key_valid).validate()
     assert torch.equal(out.to_dense(), mask.to_dense() & key_valid[:, None, None, :])
     assert out.indptr.tolist() == [[[0, 1, 4]], [[4, 4, 6]]]
     assert out.indices[:6].tolist() == [3, 0, 2, 4, 2, 4]

@@ -6,7 +6,7 @@ dim / slice size is a candidate (key tile, stages, rows per warp, ...); candidat
 report (``compile_report`` for the device's arch) does not compile or does not fit the device's
 shared memory or register file are skipped; the rest are checked against a float32 reference
 and timed with CUDA events on random inputs of the key's shape (a sample of heads). The winner
-is the fastest, except that the heuristic default (``attention.default_config``) stays unless
+is the fastest, except that the heuristic default (``tiles.default_spec``) stays unless
 a candidate beats it by more than ``NOISE_MARGIN``: tuning never makes things slower beyond
 measurement noise. The launch schedule is not tuned: on the uniform top-k masks used for
 timing every query block has the same list length, so both schedules do the same work.

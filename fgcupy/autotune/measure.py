@@ -39,6 +39,9 @@ class EventMeasure:
 
     def __init__(self, key: ProblemKey, device, q_len: int, kv_len: int, heads: int, *, density: float | None = None,
                  warmup: int = 2, rounds: int = 3, reps: int = 5, seed: int = 0, progress=None):
+        for name, value in (("rounds", rounds), ("reps", reps), ("heads", heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.key, self.device = key, torch.device(device)
         self.q_len, self.kv_len, self.heads = q_len, kv_len, heads
         self.density = key.density if density is None else density

@@ -93,6 +93,10 @@ def tune_slice(q, k, v, target: float, *, layout: str = "HND", slice_sizes=SLICE
         raise ValueError(f"target must be a positive relative L2 error, got {target!r}")
     if not densities or any(not 0 < d <= 1 for d in densities):
         raise ValueError(f"densities must be in (0, 1], got {densities!r}")
+    if not slice_sizes or any(m not in SLICE_SIZES for m in slice_sizes):
+        raise ValueError(f"slice_sizes must be a non-empty list of {SLICE_SIZES}, got {slice_sizes!r}")
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be a positive int, got {heads!r}")
     if predictor is None:
         try:
             from ..scoring import predict_mask as predictor

@@ -64,9 +64,10 @@ class SparseAttentionConfig:
                 raise ValueError(f"predictor must be one of {tuple(_METHOD_PARAMETER)} (fgcupy.predict_mask methods "
                                  f"that need no dense step) or a callable, got {self.predictor!r}")
             needed = _METHOD_PARAMETER[self.predictor]
-            if self.predictor == "topk" and self.density is None:
+            if self.predictor == "topk" and self.density is None and "top_k" not in self.predictor_kwargs:
                 object.__setattr__(self, "density", DEFAULT_DENSITY)
-            if getattr(self, needed) is None:
+            given_top_k = isinstance(self.predictor_kwargs, dict) and "top_k" in self.predictor_kwargs
+            if getattr(self, needed) is None and not (needed == "density" and given_top_k):
                 raise ValueError(f"predictor={self.predictor!r} needs {needed}=..., got None")
             for other in set(_METHOD_PARAMETER.values()) - {needed}:
                 if getattr(self, other) is not None:
@@ -142,7 +143,8 @@ class SparseAttentionConfig:
         args = {}
         if isinstance(self.predictor, str):
             name = _METHOD_PARAMETER[self.predictor]
-            args[name] = getattr(self, name)
+            if getattr(self, name) is not None:
+                args[name] = getattr(self, name)
         args.update(self.predictor_kwargs)
         return args
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .launch import ParamStruct
 
 DTYPES = ("bfloat16", "float16")
@@ -219,5 +221,11 @@ def all_sm90_specs() -> list[Sm90AttentionSpec]:
 
 
 def _check_choice(what, value, allowed):
-    if value not in allowed or type(value) is not type(allowed[0]):
+    """``value`` must be one of ``allowed`` and of its kind (an int, numpy's included, for
+    numbers; never a bool or a float that happens to be equal)."""
+    if isinstance(allowed[0], int):
+        kind_ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    else:
+        kind_ok = type(value) is type(allowed[0])
+    if value not in allowed or not kind_ok:
         raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
