@@ -50,12 +50,12 @@ from .mask import SliceMask
 from .mask_algebra import concat_heads, slice_heads  # noqa: F401 - public here
 from .sp_masks import MaskPredictor  # noqa: F401 - public here
 from .sp_exchange import probe_all_to_all, return_heads, send_heads
-from .sp_handshake import (_DTYPE_CODES, _HEADER, _MASK_KINDS, COLLECTIVE_TIMEOUT_ENV,  # noqa: F401 - public here
-                           COMPUTES, EXCHANGES, _backend, _group_ranges, _lens_digest, _scale_code,
-                           _Call, _uses_nccl, _wait, check_agreement, check_seq_lens, shard_views, collective_timeout, gather_headers, head_ranges,
-                           shard_ranges)
+from .sp_handshake import (  # noqa: F401 - some are public here
+    _backend, _Call, check_agreement, check_seq_lens, collective_timeout, COLLECTIVE_TIMEOUT_ENV,
+    COMPUTES, DENSE_SLICE_M, _DTYPE_CODES, EXCHANGES, gather_headers, _group_ranges, head_ranges,
+    _HEADER, _lens_digest, _MASK_KINDS, _scale_code, shard_ranges, shard_views, _uses_nccl, _wait,
+)
 
-DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is given
 
 # ---- the entry points ----
 class SequenceParallelAttention:

@@ -26,10 +26,9 @@ from .layout import LAYOUTS
 from .mask import SliceMask
 from .mask_algebra import restrict_keys, slice_heads, slice_rows
 from .sp_exchange import probe_all_to_all, return_heads, send_heads
-from .sp_handshake import (_DTYPE_CODES, _HEADER, _MASK_KINDS, _scale_code, _wait, check_agreement,
+from .sp_handshake import (DENSE_SLICE_M, _DTYPE_CODES, _HEADER, _MASK_KINDS, _scale_code, _wait, check_agreement,
                            gather_headers, head_ranges, shard_views)
 
-DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is given
 
 
 class HybridSequenceParallelAttention:
@@ -56,6 +55,7 @@ class HybridSequenceParallelAttention:
         rank = dist.get_rank(group)
         self.span, self.member = divmod(rank, self.ulysses)
         self.span_group, self.ring_group = span_groups[self.span], ring_groups[self.member]
+        self._rows_key, self._rows_mask = None, None  # this rank's rows of the last mask
 
     def __call__(self, q, k, v, mask: SliceMask | None = None, *, layout: str = "HND", scale: float | None = None,
                  return_lse: bool = False):
@@ -157,13 +157,19 @@ class HybridSequenceParallelAttention:
         return [g[0, :, :, :n] for g, n in zip(gathered, spans)], [g[1, :, :, :n] for g, n in zip(gathered, spans)]
 
     def _rows(self, mask, heads, batch, spans, starts, device):
-        """The mask of this rank's heads and its span's query blocks, over every key."""
+        """The mask of this rank's heads and its span's query blocks, over every key; kept while
+        the same mask object comes back (slicing heads synchronises), as SequenceParallelAttention
+        keeps its static masks."""
+        key = (id(mask), heads, batch, tuple(spans), device)
+        if self._rows_key == key and (mask is None or self._rows_mask[0] is mask):
+            return self._rows_mask[1]
         j = self.span
-        total = sum(spans)
         if mask is None:
-            return SliceMask.full(batch, len(heads), spans[j], total, DENSE_SLICE_M, device=device)
-        part = slice_heads(mask.to(device), heads)
-        return slice_rows(part, starts[j] // mask.slice_m, spans[j])
+            rows = SliceMask.full(batch, len(heads), spans[j], sum(spans), DENSE_SLICE_M, device=device)
+        else:
+            rows = slice_rows(slice_heads(mask.to(device), heads), starts[j] // mask.slice_m, spans[j])
+        self._rows_key, self._rows_mask = key, (mask, rows)
+        return rows
 
 
 def _merge(out, lse, out_i, lse_i):

@@ -17,6 +17,7 @@ from .layout import LAYOUTS, check_layout, to_bhsd
 
 COMPUTES = ("auto", "fgcupy", "reference")
 EXCHANGES = ("auto", "all_to_all", "p2p", "copy")
+DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is given
 
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
 _HEADER = ("error", "batch", "heads", "head_dim", "q_len", "kv_len", "dtype", "head_groups", "attend",

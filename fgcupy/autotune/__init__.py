@@ -103,5 +103,3 @@ from .cli import (  # noqa: F401
     PRESETS,
     main,
 )
-
-from . import candidates, choice, cli, keys, measure, selection, slices, store  # noqa: F401,E402
