@@ -129,4 +129,20 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// Merge a (max, sum) pair of log2-domain partial sums into (m, l).
+__device__ __forceinline__ void merge_lse2(float& m, float& l, float m_o, float l_o) {
+  const float nm = fmaxf(m, m_o);
+  const float base = nm == FG_NEG_INF ? 0.f : nm;
+  l = l * fast_exp2(m - base) + l_o * fast_exp2(m_o - base);
+  m = nm;
+}
+
+// 8-byte store of two floats (dst is 8-byte aligned).
+__device__ __forceinline__ void store2(float* dst, float x, float y) {
+  float2 v;
+  v.x = x;
+  v.y = y;
+  *reinterpret_cast<float2*>(dst) = v;
+}
+
 }  // namespace fg

@@ -33,21 +33,6 @@ struct ScoreShape {
   static_assert(kN % kRowsPerPass == 0 && kRows % kRowsPerPass == 0, "tile rows per pass");
 };
 
-// 8-byte store of two floats (dst is 8-byte aligned: even row stride, even key).
-__device__ __forceinline__ void store2(float* dst, float x, float y) {
-  float2 v;
-  v.x = x;
-  v.y = y;
-  *reinterpret_cast<float2*>(dst) = v;
-}
-
-__device__ __forceinline__ void merge_lse2(float& m, float& l, float m_o, float l_o) {
-  const float nm = fmaxf(m, m_o);
-  const float base = nm == FG_NEG_INF ? 0.f : nm;
-  l = l * fast_exp2(m - base) + l_o * fast_exp2(m_o - base);
-  m = nm;
-}
-
 template <class T, int D, int MODE, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
 mask_score(const __grid_constant__ ScoreParams p) {

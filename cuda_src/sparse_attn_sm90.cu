@@ -8,18 +8,11 @@
 // an MN-major operand (descriptor LBO = distance to the next 64 columns, SBO = to the next 8
 // keys; the swapped convention was measured to give wrong results on an H100).
 //
-// Shared-memory tiles use the 128-byte-swizzle layout wgmma expects: a tile of R rows and D
-// columns is stored as D/64 column halves of [R][128 B]; 16-byte chunk c of row r lives at
-// half c/8, line r, chunk (c % 8) ^ (r % 8). Every half starts on a 1024-byte boundary.
+// Shared-memory tiles use the 128-byte-swizzle layout of wgmma.cuh (sw128_offset).
 #include "attn_common.cuh"
 #include "wgmma.cuh"
 
 namespace fg {
-
-template <int R>
-__device__ __forceinline__ int sw128_offset(int row, int chunk) {  // in elements
-  return (chunk >> 3) * (R * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
-}
 
 template <int D, int M, int N, int STAGES>
 struct Sm90Shape {
@@ -34,19 +27,6 @@ struct Sm90Shape {
   static_assert(M % 64 == 0 && D % 64 == 0 && N % 64 == 0, "M, D, N multiples of 64");
   static_assert(N % kRowsPerPass == 0 && M % kRowsPerPass == 0, "tile rows per pass");
 };
-
-template <class T, int D, int N>
-__device__ __forceinline__ void qk_wgmma(float (&acc)[N / 2], u32 q_half0, u32 k_half0, int q_rows) {
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const u32 q_addr = q_half0 + (kk / 4) * q_rows * 128 + (kk % 4) * 32;
-    const u32 k_addr = k_half0 + (kk / 4) * N * 128 + (kk % 4) * 32;
-    const u64 da = smem_desc_sw128(q_addr, 16, 1024);
-    const u64 db = smem_desc_sw128(k_addr, 16, 1024);
-    if constexpr (N == 64) Wgmma<T>::ss_n64(acc, da, db, kk > 0);
-    else Wgmma<T>::ss_n128(acc, da, db, kk > 0);
-  }
-}
 
 template <class T, int D, int M, int N, int STAGES, int PV, int CTAS>
 __global__ void __launch_bounds__(M / 64 * 128, CTAS)
@@ -144,7 +124,7 @@ sparse_attn_fwd_sm90(const __grid_constant__ AttnParams p) {
     // ---- S = Q K^T on the tensor cores (64 rows per warpgroup) ----
     float acc_s[N / 2];
     wgmma_fence();
-    qk_wgmma<T, D, N>(acc_s, q_half0, k_half0 + stage_bytes, M);
+    wgmma_ss_tile<T, D, N>(acc_s, q_half0, k_half0 + stage_bytes, M);
     wgmma_commit();
     wgmma_wait<0>();
 

@@ -14,7 +14,7 @@ import torch
 from . import bridge
 from .jit.launch import launch
 from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_MAX_SMEM,  # noqa: F401 - RULE_IDS: public
-                             EmitSpec, ScoreSpec, SelectSpec)
+                             SM90_SCORE_MODES, SM90_SCORE_ROWS, EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec)
 from .mask import num_blocks
 
 _TARGET_CTAS = 2048
@@ -35,18 +35,46 @@ def row_stride(kv_len: int, itemsize: int = 4) -> int:
     return (kv_len + per - 1) // per * per
 
 
-def _key_chunking(kv_len: int, row_tiles: int) -> tuple:
+def _key_chunking(kv_len: int, row_tiles: int, key_tile: int = SCORE_KEY_TILE) -> tuple:
     """(keys per CTA, number of key chunks): enough CTAs to fill the GPU when rows are few."""
-    tiles = num_blocks(kv_len, SCORE_KEY_TILE)
+    tiles = num_blocks(kv_len, key_tile)
     chunks = min(tiles, max(1, num_blocks(_TARGET_CTAS, max(row_tiles, 1))))
-    per = num_blocks(tiles, chunks) * SCORE_KEY_TILE
+    per = num_blocks(tiles, chunks) * key_tile
     return per, num_blocks(kv_len, per)
+
+
+@lru_cache(maxsize=None)
+def _is_hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+SCORE_KERNELS = ("auto", "mma", "wgmma")
+
+
+def _score_spec(kernel: str, portable: ScoreSpec, group: int, band, device):
+    """The scoring kernel of a launch: the wgmma kernel (128 rows per CTA) on Hopper for the
+    modes it has, where a band's row tile (``portable``'s rows per CTA) is its 128 rows and
+    groups hold two or more rows; else ``portable``, the mma.sync kernel. ``kernel`` "mma" or
+    "wgmma" forces one."""
+    if kernel not in SCORE_KERNELS:
+        raise ValueError(f"kernel must be one of {SCORE_KERNELS}, got {kernel!r}")
+    mode = portable.mode
+    fits = (mode in SM90_SCORE_MODES and (band is None or portable.rows_per_cta == SM90_SCORE_ROWS)
+            and (mode != "maxprob" or group >= 2))
+    if kernel == "wgmma" and not fits:
+        raise ValueError(f"the wgmma scoring kernel has no mode {mode!r} with group={group}, band={band}, "
+                         f"{portable.rows_per_cta} rows per CTA")
+    if kernel == "mma" or not fits:
+        return portable
+    if kernel == "auto" and not _is_hopper(device.index if device.index is not None else torch.cuda.current_device()):
+        return portable
+    return Sm90ScoreSpec(portable.dtype, portable.head_dim, mode)
 
 
 def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, bh0: int = 0, nbh: int | None = None,
                lse: torch.Tensor | None = None, group: int = 1, warps: int = 4, band: tuple | None = None,
-               out: torch.Tensor | None = None):
-    """Run fg::mask_score on heads [bh0, bh0 + nbh) of rows [B, H, R, D] against k [B, H, S, D].
+               out: torch.Tensor | None = None, kernel: str = "auto"):
+    """Run fg::mask_score (or fg::mask_score_sm90, see _score_spec) on heads [bh0, bh0 + nbh) of rows [B, H, R, D] against k [B, H, S, D].
 
     mode "logits" -> (float32 logits [nbh, R, ld], lse [nbh, R]); "logits_f16" -> the same with
     the logits stored as float16 (lse from the float32 logits); "stats" -> lse [nbh, R];
@@ -61,7 +89,10 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     batch, heads, n_rows, dim = rows.shape
     kv_len = k.shape[2]
     nbh = batch * heads - bh0 if nbh is None else nbh
-    spec = ScoreSpec(bridge.dtype_name(rows.dtype, "rows"), dim, mode, warps)
+    portable = ScoreSpec(bridge.dtype_name(rows.dtype, "rows"), dim, mode, warps)  # checks the arguments
+    if mode == "maxprob" and (group < 1 or group & (group - 1) or portable.rows_per_cta % group):
+        raise ValueError(f"group={group} must be a power of two dividing {portable.rows_per_cta}")
+    spec = _score_spec(kernel, portable, group, band, rows.device)
     rows, k = _cp_async_ready(rows), _cp_async_ready(k)
     half = mode == "logits_f16"
     ld = row_stride(kv_len, 2 if half else 4)
@@ -72,17 +103,15 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
             raise ValueError(f"band applies to modes 'stats' and 'maxprob' with a positive width, got {mode!r}, {band}")
         if mode == "maxprob" and (group != spec.rows_per_cta or out is None):
             raise ValueError(f"band maxprob needs group == {spec.rows_per_cta} rows per CTA and out= scores")
-        key_chunk, chunks = _key_chunking(min(kv_len, band_width), row_tiles)
+        key_chunk, chunks = _key_chunking(min(kv_len, band_width), row_tiles, spec.key_tile)
     else:
-        key_chunk, chunks = _key_chunking(kv_len, row_tiles)
+        key_chunk, chunks = _key_chunking(kv_len, row_tiles, spec.key_tile)
     device = rows.device
     partial = None
     out_rows = num_blocks(n_rows, group)
     if mode in ("logits", "logits_f16"):
         out = torch.empty(nbh, n_rows, ld, dtype=torch.float16 if half else torch.float32, device=device)
     if mode == "maxprob":
-        if group & (group - 1) or spec.rows_per_cta % group:
-            raise ValueError(f"group={group} must be a power of two dividing {spec.rows_per_cta}")
         if out is None:
             out = torch.empty(nbh, out_rows, ld, dtype=torch.float32, device=device)
         elif out.shape != (nbh, out_rows, ld) or out.dtype != torch.float32 or not out.is_contiguous():
@@ -99,7 +128,7 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
         scale=scale, scale_log2=scale * math.log2(math.e),
     )
     if nbh and n_rows:
-        launch(spec, device, (chunks, num_blocks(n_rows, spec.rows_per_cta), nbh), params)
+        launch(spec, device, spec.grid(chunks, num_blocks(n_rows, spec.rows_per_cta), nbh), params)
     if mode == "maxprob":
         return out
     row_lse = torch.logsumexp(partial, dim=-1)

@@ -5,9 +5,12 @@ budget for the launch shape the spec declares."""
 import pytest
 
 from fgcupy.jit import report as report_mod
+from fgcupy import mask_kernels
 from fgcupy.jit.score_spec import (
-    SELECT_FIXED_SMEM, SELECT_MAX_SMEM, EmitSpec, ScoreSpec, SelectSpec, all_mask_specs,
+    SELECT_FIXED_SMEM, SELECT_MAX_SMEM, EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec, all_mask_specs,
+    all_sm90_mask_specs,
 )
+from fgcupy.jit.spec import MAX_SMEM_BYTES_SM90_PER_SM
 
 pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (test extra) provides NVRTC bindings")
 
@@ -78,3 +81,44 @@ def test_score_spec_validation(kwargs, message):
 def test_select_spec_validation():
     with pytest.raises(ValueError, match=r"scores must be one of \('float32', 'float16'\), got 'bfloat16'"):
         SelectSpec(True, "bfloat16")
+
+
+@pytest.mark.parametrize("spec", all_sm90_mask_specs(), ids=lambda s: s.name)
+def test_wgmma_scoring_compiles_for_two_ctas_per_sm(spec):
+    """The wgmma scoring kernel runs two CTAs per SM: at most 128 registers, no spills, and two
+    CTAs' shared memory within an SM's."""
+    rep = report_mod.compile_report(spec, "sm_90a")
+    assert "mask_score_sm90" in rep.lowered_name
+    assert rep.spill_store_bytes == 0 and rep.spill_load_bytes == 0 and rep.stack_bytes == 0, rep.log
+    assert rep.registers <= 128, rep.registers
+    assert 2 * (rep.static_smem_bytes + spec.smem_bytes) <= MAX_SMEM_BYTES_SM90_PER_SM
+
+
+def test_wgmma_scoring_spec():
+    assert {(s.dtype, s.head_dim, s.mode) for s in all_sm90_mask_specs()} == {
+        (d, h, m) for d in ("bfloat16", "float16") for h in (64, 128) for m in ("stats", "maxprob")}
+    spec = Sm90ScoreSpec("float16", 64, "stats")
+    assert spec.name == "mask_score_sm90_stats_fp16_d64"
+    assert spec.name_expression == "fg::mask_score_sm90<fg::fp16_t, 64, 1>"
+    # Rows first: CTAs that run together share key tiles.
+    assert spec.grid(3, 5, 7) == (5, 3, 7) and ScoreSpec().grid(3, 5, 7) == (3, 5, 7)
+    with pytest.raises(ValueError, match=r"mode must be one of \('stats', 'maxprob'\), got 'logits'"):
+        Sm90ScoreSpec(mode="logits")
+
+
+@pytest.mark.parametrize("mode, group, band, warps, fits", [
+    ("maxprob", 4, None, 8, True), ("maxprob", 128, None, 8, True), ("maxprob", 64, None, 4, True),
+    ("stats", 1, None, 4, True), ("stats", 1, (-64, 256), 8, True), ("maxprob", 128, (-64, 256), 8, True),
+    ("maxprob", 1, None, 4, False), ("logits", 1, None, 8, False), ("stats", 1, (-64, 192), 4, False),
+])
+def test_which_scoring_kernel_runs(mode, group, band, warps, fits):
+    """Forced kernels: "mma" always; "wgmma" where it has the mode, group and band row tile."""
+    portable = ScoreSpec("bfloat16", 128, mode, warps)
+    assert mask_kernels._score_spec("mma", portable, group, band, None) is portable
+    if fits:
+        assert mask_kernels._score_spec("wgmma", portable, group, band, None) == Sm90ScoreSpec("bfloat16", 128, mode)
+    else:
+        with pytest.raises(ValueError, match="the wgmma scoring kernel has no mode"):
+            mask_kernels._score_spec("wgmma", portable, group, band, None)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        mask_kernels._score_spec("fast", portable, group, band, None)

@@ -20,6 +20,9 @@ pytestmark = pytest.mark.gpu
 
 DEVICE = "cuda"
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+#: Scoring kernels this GPU runs: the wgmma one only on Hopper.
+SCORE_KERNELS = ["mma"] + (["wgmma"] if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+                           else [])
 
 
 def _inputs(seed, batch, heads, q_len, kv_len, dim, dtype, layout="HND"):
@@ -68,15 +71,18 @@ def test_mean_query_logits_and_lse(p):
     assert half.dtype == torch.float16 and half.shape == (bh, n_rows, mask_kernels.row_stride(p["kv_len"], 2))
     _close(half[..., : p["kv_len"]].float(), exp_logits.reshape(bh, n_rows, -1), 2**-10, 2e-4)
     assert torch.equal(half_lse, lse)
-    # A chunk of heads from the middle: the same rows.
-    if bh > 1:
-        part = mask_kernels.gpu_scores("stats", rows, k, scale, bh0=1, nbh=bh - 1)
-        _close(part, exp_lse.reshape(bh, n_rows)[1:], 1e-5, 1e-4)
+    for kernel in SCORE_KERNELS:
+        stats = mask_kernels.gpu_scores("stats", rows, k, scale, kernel=kernel)
+        _close(stats, exp_lse.reshape(bh, n_rows), 1e-5, 1e-4)
+        # A chunk of heads from the middle: the same rows.
+        if bh > 1:
+            part = mask_kernels.gpu_scores("stats", rows, k, scale, bh0=1, nbh=bh - 1, kernel=kernel)
+            _close(part, exp_lse.reshape(bh, n_rows)[1:], 1e-5, 1e-4)
 
 
-@given(score_problems(), st.sampled_from([1, 2, 4, 8, 16, 32, 64, 128]))
+@given(score_problems(), st.sampled_from([1, 2, 4, 8, 16, 32, 64, 128]), st.sampled_from(SCORE_KERNELS))
 @SETTINGS
-def test_maxprob_scores(p, group):
+def test_maxprob_scores(p, group, kernel):
     q, k = _inputs(p["seed"], p["batch"], p["heads"], p["q_len"], p["kv_len"], p["dim"], p["dtype"], p["layout"])
     scale = 1 / math.sqrt(p["dim"])
     rows = q if p["pool"] == 1 else ref.pool_queries(q, p["pool"]).to(p["dtype"]).contiguous()
@@ -84,22 +90,27 @@ def test_maxprob_scores(p, group):
     lse[..., ::7] = -math.inf  # rows without keys (an empty sparse row) contribute 0
     bh = p["batch"] * p["heads"]
     warps = 4 if group <= 64 else 8
-    got = mask_kernels.gpu_scores("maxprob", rows, k, scale, lse=lse.reshape(bh, -1), group=group, warps=warps)
+    kernel = "mma" if group == 1 else kernel  # single rows: the mma.sync kernel only
+    got = mask_kernels.gpu_scores("maxprob", rows, k, scale, lse=lse.reshape(bh, -1), group=group, warps=warps,
+                                  kernel=kernel)
     expected = ref.maxprob_scores(rows, k, lse, group, scale)
     out_rows = num_blocks(rows.shape[2], group)
     assert got.shape == (bh, out_rows, mask_kernels.row_stride(p["kv_len"]))
     _close(got[..., : p["kv_len"]], expected.reshape(bh, out_rows, -1), 1e-3, 1e-6)
 
 
-@given(score_problems(), st.sampled_from([64, 128]), st.sampled_from([0, 3, 64, 500, 5000]))
+@given(score_problems(), st.sampled_from([64, 128]), st.sampled_from([0, 3, 64, 500, 5000]),
+       st.sampled_from(SCORE_KERNELS))
 @SETTINGS
-def test_exact_band_scores(p, slice_m, band):
-    """Pooled max-prob scores raised to the exact column maxima on each block's band."""
+def test_exact_band_scores(p, slice_m, band, kernel):
+    """Pooled max-prob scores raised to the exact column maxima on each block's band, by the
+    kernels "auto" picks on Hopper (wgmma) and elsewhere (mma.sync)."""
     q, k = _inputs(p["seed"], p["batch"], p["heads"], p["q_len"], p["kv_len"], p["dim"], p["dtype"], p["layout"])
     pool = min(p["pool"], slice_m)
     req = scoring.make_request(p["dim"], p["kv_len"], slice_m, "topk", top_k=1, pool=pool, exact_band=band)
     pred = scoring.GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
-    got, _ = pred._scores(0, pred.bh)
+    with mock.patch.object(mask_kernels, "_is_hopper", lambda index: kernel == "wgmma"):
+        got, _ = pred._scores(0, pred.bh)
     rows = ref.rounded(ref.pool_queries(q, pool), q.dtype)
     _, sub_lse = ref.logits_and_lse(rows, k, req.scale)
     expected = ref.refine_band(ref.maxprob_scores(rows, k, sub_lse, slice_m // pool, req.scale), q, k, sub_lse, pool,

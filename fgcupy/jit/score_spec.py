@@ -18,6 +18,10 @@ _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 #: Scoring modes (template MODE of fg::mask_score).
 SCORE_MODES = {"logits": 0, "stats": 1, "maxprob": 2, "logits_f16": 3}
 SCORE_KEY_TILE = 64
+#: The Hopper scoring kernel (mask_score_sm90.cu): resident rows per CTA and keys per tile.
+SM90_SCORE_ROWS = 128
+SM90_SCORE_KEY_TILE = 128
+SM90_SCORE_MODES = ("stats", "maxprob")
 #: Selection rules (fg::select_rows' rule argument).
 RULE_IDS = {"topk": 0, "tau": 1, "threshold": 2}
 SCORE_WARPS = (4, 8)
@@ -45,7 +49,8 @@ SELECT_STAGED_BYTES = 2
 SELECT_MAX_SMEM = 162 * 1024
 EMIT_THREADS = 256
 #: The C++ constants each mask kernel source is compiled with (source.kernel_source writes them).
-SCORE_CONSTANTS = {"kScoreKeyTile": SCORE_KEY_TILE, **{f"kMode_{m}": v for m, v in SCORE_MODES.items()}}
+SCORE_CONSTANTS = {"kScoreKeyTile": SCORE_KEY_TILE, "kSm90ScoreRows": SM90_SCORE_ROWS,
+                   "kSm90ScoreKeyTile": SM90_SCORE_KEY_TILE, **{f"kMode_{m}": v for m, v in SCORE_MODES.items()}}
 SELECT_CONSTANTS = {"kSelThreads": SELECT_THREADS, "kBins": SELECT_BINS, "kCand": SELECT_CANDIDATES,
                     "kEmitThreads": EMIT_THREADS, "kStagedBytes": SELECT_STAGED_BYTES,
                     **{f"kRule_{r}": v for r, v in RULE_IDS.items()}}
@@ -99,6 +104,8 @@ class ScoreSpec:
     def name_expression(self) -> str:
         return f"{self.template}<{_CPP_DTYPE[self.dtype]}, {self.head_dim}, {SCORE_MODES[self.mode]}, {self.warps}>"
 
+    key_tile = SCORE_KEY_TILE
+
     @property
     def threads(self) -> int:
         return self.warps * 32
@@ -107,10 +114,56 @@ class ScoreSpec:
     def rows_per_cta(self) -> int:
         return self.warps * 16
 
+    @staticmethod
+    def grid(chunks: int, row_tiles: int, heads: int) -> tuple:
+        return (chunks, row_tiles, heads)
+
     @property
     def smem_bytes(self) -> int:
         tiles = (self.rows_per_cta + 2 * SCORE_KEY_TILE) * self.head_dim * 2
         return tiles + (self.warps * SCORE_KEY_TILE * 4 if self.mode == "maxprob" else 0)
+
+
+@dataclass(frozen=True)
+class Sm90ScoreSpec:
+    """``fg::mask_score_sm90<T, D, MODE>``: the stats and maxprob modes on wgmma (sm_90a), 128
+    rows per CTA, 128-key tiles, two CTAs per SM. Its grid puts row tiles first (``grid``)."""
+
+    dtype: str = "bfloat16"
+    head_dim: int = 128
+    mode: str = "maxprob"
+
+    source = "mask_score_sm90.cu"
+    template = "fg::mask_score_sm90"
+    arch = "sm_90a"
+    extra_options = ("-arch=sm_90a",)
+    params = SCORE_PARAMS
+    constants = SCORE_CONSTANTS
+    threads = 256
+    rows_per_cta = SM90_SCORE_ROWS
+    key_tile = SM90_SCORE_KEY_TILE
+
+    def __post_init__(self):
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("head_dim", self.head_dim, HEAD_DIMS)
+        _check_choice("mode", self.mode, SM90_SCORE_MODES)
+
+    @property
+    def name(self) -> str:
+        return f"mask_score_sm90_{self.mode}_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}"
+
+    @property
+    def name_expression(self) -> str:
+        return f"{self.template}<{_CPP_DTYPE[self.dtype]}, {self.head_dim}, {SCORE_MODES[self.mode]}>"
+
+    @property
+    def smem_bytes(self) -> int:
+        """Resident rows, two key stages, the rows' lse and 1 KB to align the swizzled tiles."""
+        return (SM90_SCORE_ROWS + 2 * SM90_SCORE_KEY_TILE) * self.head_dim * 2 + SM90_SCORE_ROWS * 4 + 1024
+
+    @staticmethod
+    def grid(chunks: int, row_tiles: int, heads: int) -> tuple:
+        return (row_tiles, chunks, heads)
 
 
 def staged_bytes(row_stride: int) -> int:
@@ -203,3 +256,8 @@ def all_mask_specs() -> list:
             specs.append(ScoreSpec(dtype, d, "maxprob", 8))
     selects = [SelectSpec(staged, scores) for staged in (True, False) for scores in SELECT_SCORES]
     return specs + selects + [EmitSpec()]
+
+
+def all_sm90_mask_specs() -> list:
+    """Every Hopper (sm_90a) scoring specialization fgcupy ships."""
+    return [Sm90ScoreSpec(dtype, d, mode) for dtype in DTYPES for d in HEAD_DIMS for mode in SM90_SCORE_MODES]
