@@ -14,7 +14,8 @@
 // Band mode (band_width > 0; maxprob only with group = 128): each row tile is one query block
 // and takes the keys [row0 + band_lo, + band_width); maxprob raises the stored scores.
 // Grid: (row tiles, key chunks, heads), row tiles fastest, so CTAs that run together read the
-// same keys from L2.
+// same keys from L2. Two CTAs per SM: one's reductions overlap the other's products (256 rows
+// per CTA, one CTA per SM and two products in flight per warpgroup measured slower).
 #include "common.cuh"
 #include "wgmma.cuh"
 
@@ -113,6 +114,11 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   // A: 64 rows (stats) or 64 keys (maxprob) of its tile, per warpgroup.
   const u32 a_wg = wg * 64 * 128;
   const int thread_row = wg * 64 + (warp & 3) * 16 + g;  // first of this thread's two A rows
+  // Maxprob: groups are powers of two (shifts, not divisions); this thread's first output row
+  // (of its column tile 0) and its store pointer, keys added per tile.
+  const int group_shift = __ffs(group) - 1;
+  const int orow0 = (row0 + tig * 2) >> group_shift;
+  float* out_thread = out + (static_cast<i64>(z) * out_rows + orow0) * out_ld + thread_row;
 
   for (int t = 0; t < ntiles; ++t) {
     if (t + 1 < ntiles) issue_tile(t + 1, (t + 1) & 1);
@@ -125,10 +131,11 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
 
     float acc[kN / 2];
     wgmma_fence();
-    if (MODE == kMode_stats) wgmma_ss_tile<T, D, kN>(acc, sR_u32 + a_wg, k_stage, S::kRows);
-    else wgmma_ss_tile<T, D, S::kRows>(acc, k_stage + a_wg, sR_u32, kN);
+    if (MODE == kMode_stats) wgmma_ss_tile<T, D, kN>(acc, sR_u32 + a_wg, S::kRows, k_stage, kN);
+    else wgmma_ss_tile<T, D, S::kRows>(acc, k_stage + a_wg, kN, sR_u32, S::kRows);
     wgmma_commit();
     wgmma_wait<0>();
+    wgmma_fence_operand(acc);
 
     if (MODE == kMode_stats) {
       // acc[nt * 4 + e]: row thread_row + 8 * (e >> 1), key tile_key + nt * 8 + tig * 2 + (e & 1).
@@ -184,15 +191,15 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
             if (lanes >= 2) v[nt][i] = fmaxf(v[nt][i], __shfl_xor_sync(0xffffffffu, v[nt][i], 1));
             if (lanes >= 4) v[nt][i] = fmaxf(v[nt][i], __shfl_xor_sync(0xffffffffu, v[nt][i], 2));
           }
-          const int orow = (row0 + nt * 8 + tig * 2) / group;
-          if ((tig & (lanes - 1)) == 0 && orow < out_rows) {
+          const int step = (nt * 8) >> group_shift;  // output rows past orow0
+          if ((tig & (lanes - 1)) == 0 && orow0 + step < out_rows) {
+            float* dst = out_thread + step * out_ld + tile_key;
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-              const int key = tile_key + thread_row + 8 * i;
-              if (key < key_end) {
-                float* dst = out + (static_cast<i64>(z) * out_rows + orow) * out_ld + key;
+              if (tile_key + thread_row + 8 * i < key_end) {
                 const float m = fast_exp2(v[nt][i]);
-                *dst = band ? fmaxf(*dst, m) : m;
+                if (band) dst[8 * i] = fmaxf(dst[8 * i], m);
+                else dst[8 * i] = m;
               }
             }
           }

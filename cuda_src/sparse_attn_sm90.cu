@@ -124,7 +124,7 @@ sparse_attn_fwd_sm90(const __grid_constant__ AttnParams p) {
     // ---- S = Q K^T on the tensor cores (64 rows per warpgroup) ----
     float acc_s[N / 2];
     wgmma_fence();
-    wgmma_ss_tile<T, D, N>(acc_s, q_half0, k_half0 + stage_bytes, M);
+    wgmma_ss_tile<T, D, N>(acc_s, q_half0, M, k_half0 + stage_bytes, N);
     wgmma_commit();
     wgmma_wait<0>();
 

@@ -62,6 +62,12 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 }
+// Pin an accumulator's registers after a wgmma wait: reads of it may not move above the wait.
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operand(float (&acc)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(acc[i])::"memory");
+}
 // Make this thread's generic-proxy writes to shared memory (cp.async, st.shared) visible to
 // the async proxy that wgmma reads through; a barrier must follow.
 __device__ __forceinline__ void fence_proxy_async() {
@@ -84,13 +90,13 @@ __device__ __forceinline__ int sw128_offset(int row, int chunk) {
 }
 
 // D(64 x N) = A B^T over all D columns: A is 64 rows of an a_rows-row sw128 tile starting at
-// a_half0 (the row offset already added), B the N rows of an sw128 tile at b_half0.
+// a_half0 (the row offset already added), B N rows of a b_rows-row sw128 tile at b_half0.
 template <class T, int D, int N>
-__device__ __forceinline__ void wgmma_ss_tile(float (&acc)[N / 2], u32 a_half0, u32 b_half0, int a_rows) {
+__device__ __forceinline__ void wgmma_ss_tile(float (&acc)[N / 2], u32 a_half0, int a_rows, u32 b_half0, int b_rows) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     const u32 a_addr = a_half0 + (kk / 4) * a_rows * 128 + (kk % 4) * 32;
-    const u32 b_addr = b_half0 + (kk / 4) * N * 128 + (kk % 4) * 32;
+    const u32 b_addr = b_half0 + (kk / 4) * b_rows * 128 + (kk % 4) * 32;
     const u64 da = smem_desc_sw128(a_addr, 16, 1024);
     const u64 db = smem_desc_sw128(b_addr, 16, 1024);
     if constexpr (N == 64) Wgmma<T>::ss_n64(acc, da, db, kk > 0);
