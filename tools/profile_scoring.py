@@ -1,0 +1,64 @@
+"""The scoring passes of mask prediction on both kernels, and whole predictions, beside SDPA
+cuDNN in the same run (wan14b-480p, mixed pattern; queued GPU time, CUDA-event medians).
+
+    PYTHONPATH=. python -m tools.profile_scoring [--table]
+
+Prints, for the mma.sync kernel and (on Hopper) the wgmma kernel: the exact column-max pass
+(every query, groups of 128, LSE given), and the two pooled passes of the default predictor
+(pool 32: stats, then max-probability over groups of 4); then predict_mask's default and
+column-max predictions. --table adds the GPU kernels of one default prediction.
+"""
+
+import math
+import sys
+
+import torch
+
+from bench.cases import sdpa_call
+from fgcupy import mask_kernels, predict_mask
+from fgcupy import mask_reference as ref
+from fgcupy.oracle import exact_lse
+from fgcupy.timing import cuda_time_ms
+from fgcupy.workloads import SHAPES, video_qkv
+
+
+def main():
+    shape = SHAPES["wan14b-480p"]
+    q, k, v = video_qkv(shape, "mixed", seed=0, device="cuda")
+    heads, seq, dim = shape.heads, shape.seq, shape.head_dim
+    scale = 1 / math.sqrt(dim)
+    lse = exact_lse(q, k, scale)
+    flops = 2 * heads * seq * seq * dim  # one Q K^T
+
+    def ms(fn):
+        return cuda_time_ms(fn, warmup=2, reps=10, queued=True)["median_ms"]
+
+    print(torch.cuda.get_device_name())
+    dense = ms(sdpa_call(q, k, v, "cudnn"))
+    print(f"SDPA cuDNN dense: {dense:.3f} ms")
+    pooled = ref.pool_queries(q, 32).to(q.dtype).contiguous()
+    pooled_lse = mask_kernels.gpu_scores("stats", pooled, k, scale, warps=8)
+    kernels = ["mma"] + (["wgmma"] if torch.cuda.get_device_capability() == (9, 0) else [])
+    for kernel in kernels:
+        t = ms(lambda: mask_kernels.gpu_scores("maxprob", q, k, scale, lse=lse.reshape(heads, -1), group=128,
+                                               warps=8, kernel=kernel))
+        print(f"{kernel:5s} column-max pass: {t:.3f} ms = {flops / t / 1e9:.0f} TFLOP/s = {t / dense:.3f} x cuDNN")
+        stats = ms(lambda: mask_kernels.gpu_scores("stats", pooled, k, scale, warps=8, kernel=kernel))
+        maxprob = ms(lambda: mask_kernels.gpu_scores("maxprob", pooled, k, scale, lse=pooled_lse, group=4, warps=8,
+                                                     kernel=kernel))
+        print(f"{kernel:5s} pool-32 stats pass {stats:.3f} ms ({flops / 32 / stats / 1e9:.0f} TFLOP/s), "
+              f"max-probability pass {maxprob:.3f} ms ({flops / 32 / maxprob / 1e9:.0f} TFLOP/s)")
+    for name, kw in (("default, top-k d=0.1", dict(method="topk", density=0.1)),
+                     ("default, top-k d=0.3", dict(method="topk", density=0.3)),
+                     ("column max, top-k d=0.1", dict(method="colmax", lse=lse, rule="topk", density=0.1))):
+        t = ms(lambda: predict_mask(q, k, 128, **kw))
+        print(f"predict_mask {name}: {t:.3f} ms = {100 * t / dense:.2f} % of cuDNN dense")
+    if "--table" in sys.argv:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            predict_mask(q, k, 128, "topk", density=0.1)
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=50))
+
+
+if __name__ == "__main__":
+    main()
