@@ -20,7 +20,8 @@ from . import ops
 from .ops import spec_token
 from .jit.spec import HEAD_DIMS, SLICE_SIZES
 from .layout import check_layout, to_bhsd
-from .mask import SliceMask
+from .mask import SliceMask, num_blocks
+from .mask_algebra import drop_keys
 from .tiles import default_config, default_spec  # noqa: F401 - public here since the first release
 
 _INT32_MAX = 2**31 - 1
@@ -190,3 +191,34 @@ def sparse_attention(q, k, v, mask: SliceMask, scale: float | None = None, layou
         plan = SparseAttention().plan(mask, head_dim=q_t.shape[-1], dtype=q_t.dtype, **tile)
         return plan.run(q, k, v, scale=scale, layout=layout, out=out, return_lse=return_lse)
     return _attend(q, k, v, mask, None, None, scale, layout, out, return_lse, None)
+
+
+#: Index slices (int32 each) of the full masks one dense_attention_with_lse launch may build.
+DENSE_INDEX_BUDGET = 1 << 26
+
+
+def dense_attention_with_lse(q, k, v, slice_m: int = 128, key_valid=None, scale: float | None = None,
+                             layout: str = "HND", index_budget: int = DENSE_INDEX_BUDGET):
+    """(out, lse): dense attention through the slice kernel (CPU tensors: the reference) and its
+    row LSE, float32 [B, H, S], natural log: the dense step whose LSE exact column-max masks
+    need. ``key_valid`` (bool [B, KV]) drops padded keys. Heads run in groups whose full index
+    lists hold at most ``index_budget`` slices (a 32,760-token head needs 8.4 M)."""
+    check_layout(layout)
+    q_t, k_t, v_t = (bridge.to_torch(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
+    qh, kh = to_bhsd(q_t, layout), to_bhsd(k_t, layout)
+    batch, heads, q_len, _ = qh.shape
+    kv_len = kh.shape[2]
+    per_head = batch * num_blocks(q_len, slice_m) * kv_len
+    group = max(1, min(heads, index_budget // max(per_head, 1)))
+    out = torch.empty_like(q_t)
+    lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
+    head_axis = 1 if layout == "HND" else 2
+    for h0 in range(0, heads, group):
+        h1 = min(heads, h0 + group)
+        full = SliceMask.full(batch, h1 - h0, q_len, kv_len, slice_m, device=qh.device)
+        if key_valid is not None:
+            full = drop_keys(full, key_valid)
+        part = [x.narrow(head_axis, h0, h1 - h0) for x in (q_t, k_t, v_t, out)]
+        _, part_lse = sparse_attention(*part[:3], full, scale=scale, layout=layout, out=part[3], return_lse=True)
+        lse[:, h0:h1] = part_lse
+    return out, lse

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from fgcupy import SliceMask, SparseAttention, reference_attention, relative_l2, sparse_attention
 from fgcupy.jit import all_attention_specs
+from fgcupy.mask_algebra import drop_keys
 from fgcupy.mask import num_blocks
 
 pytestmark = pytest.mark.gpu
@@ -199,3 +200,16 @@ def test_schedules_give_identical_results():
     outs = [SparseAttention().plan(mask, head_dim=128, dtype=torch.bfloat16, schedule=s).run(q, k, v)
             for s in ("longest_first", "index")]
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_dense_attention_with_lse_matches_reference(layout):
+    """The exact schedule's refresh call on the kernel: head groups, padded keys dropped."""
+    from fgcupy.attention import dense_attention_with_lse
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = random_qkv(gen, 2, 5, 700, 900, 128, torch.bfloat16, layout)
+    key_valid = torch.rand(2, 900, generator=gen).to(DEVICE) > 0.2
+    out, lse = dense_attention_with_lse(q, k, v, 128, key_valid=key_valid, layout=layout, index_budget=2 * 6 * 900)
+    full = SliceMask.full(2, 5, 700, 900, 128, device=DEVICE)
+    check_against_reference(q, k, v, drop_keys(full, key_valid), out, lse, layout, torch.bfloat16)

@@ -15,6 +15,7 @@ import fgcupy  # noqa: E402
 from fgcupy import SliceMask, relative_l2  # noqa: E402
 from fgcupy.integrations import diffusers as fd  # noqa: E402
 from fgcupy.mask_algebra import drop_keys  # noqa: E402
+from fgcupy.oracle import exact_lse  # noqa: E402
 
 from .tiny_diffusers import (  # noqa: E402
     CountingPredictor,
@@ -261,6 +262,50 @@ def test_masks_live_in_the_mask_cache_and_reuse_is_the_same_object():
     assert (handle.cache.predictions, handle.cache.reuses) == (4, 4)
 
 
+def _recording(seen):
+    def attention_fn(q, k, v, mask, scale):
+        seen.append((q, k, mask))
+        return reference_attention_fn(q, k, v, mask, scale)
+    return attention_fn
+
+
+def test_exact_schedule_refreshes_densely_with_column_max_masks():
+    """predictor="colmax": refresh calls return dense attention and keep the exact column-max
+    mask of their LSE; the steps between run sparse on it."""
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    dense = [run_wan(model, latents, text, t=1000 - 100 * step) for step in range(4)]
+    seen = []
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor="colmax", density=0.3, slice_m=64, refresh_every=2,
+                                                      attention_fn=_recording(seen)))
+    outs = [run_wan(model, latents, text, t=1000 - 100 * step) for step in range(4)]
+    stats = handle.stats()["blocks.0.attn1"]
+    assert stats.refresh_steps == [0, 2] and (stats.dense_calls, stats.sparse_calls) == (2, 2)
+    assert relative_l2(outs[0], dense[0]) < 1e-5  # a refresh step is exact
+    assert relative_l2(outs[1], dense[1]) > 1e-4  # the next one is sparse
+    q, k, full = seen[0]
+    assert full.density() == 1.0
+    lse = exact_lse(q.transpose(1, 2), k.transpose(1, 2))
+    expected = fgcupy.predict_mask(q.transpose(1, 2), k.transpose(1, 2), 64, method="colmax", lse=lse, rule="topk",
+                                   density=0.3)
+    assert torch.equal(seen[1][2].to_dense(), expected.to_dense())
+    assert abs(expected.density() - 0.3) < 0.01
+
+
+def test_exact_schedule_with_text_padding():
+    """HunyuanVideo: the dense refresh call drops the padded text keys, like the stock processor."""
+    model = tiny_hunyuan()
+    inputs = hunyuan_inputs(valid_text=9)
+    expected = run_hunyuan(model, inputs)
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor="colmax", density=0.5, slice_m=64,
+                                                      attention_fn=reference_attention_fn))
+    out = run_hunyuan(model, inputs)
+    assert relative_l2(out, expected) < 1e-5
+    for name, stats in handle.stats().items():
+        assert stats.dense_calls == 1 and stats.refresh_steps == [0]
+        assert not handle.mask(name).to_dense()[..., -3:].any()
+
+
 def test_step_tracking_from_timesteps():
     model = tiny_wan(layers=1)
     handle = fd.apply(model, cpu_config())
@@ -448,11 +493,24 @@ def test_config_schedule():
         "density": 0.1, "min_keys": 4}
     assert fd.SparseAttentionConfig(predictor="tau", tau=0.9).predictor_arguments() == {"tau": 0.9}
     assert fd.SparseAttentionConfig(predictor_kwargs={"top_k": 512}).predictor_arguments() == {"top_k": 512}
+    # The exact schedule: the rule follows from the one parameter given (top-k at 0.1 by default).
+    exact = fd.SparseAttentionConfig(predictor="colmax")
+    assert exact.exact and not fd.SparseAttentionConfig().exact
+    assert exact.predictor_arguments() == {"rule": "topk", "density": 0.1}
+    assert fd.SparseAttentionConfig(predictor="colmax", tau=0.9).predictor_arguments() == {"rule": "tau", "tau": 0.9}
+    assert fd.SparseAttentionConfig(predictor="colmax", threshold=1e-3, predictor_kwargs={"min_keys": 2}
+                                    ).predictor_arguments() == {"rule": "threshold", "threshold": 1e-3, "min_keys": 2}
+    assert fd.SparseAttentionConfig(predictor="colmax", predictor_kwargs={"top_k": 8}).predictor_arguments() == {
+        "rule": "topk", "top_k": 8}
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(predictor="bogus"), ValueError, r"predictor must be one of \('topk', 'tau', 'threshold'\)"),
-    (dict(predictor="colmax"), ValueError, r"predictor must be one of"),
+    (dict(predictor="colmax", tau=0.9, density=0.2), ValueError, r"selects by one rule: give one of density"),
+    (dict(predictor="colmax", predictor_kwargs={"rule": "tau"}), ValueError, r"may not set 'rule' or 'lse'"),
+    (dict(predictor="colmax", process_group=object()), ValueError, r"not with process_group"),
+    (dict(predictor="colmax", predictor_kwargs={"pool": 32}), ValueError, r"pool applies to mean-query methods"),
+    (dict(predictor="colmax", slice_m=64, threshold=0.0), ValueError, r"threshold must be > 0"),
     (dict(predictor="tau"), ValueError, r"predictor='tau' needs tau=..., got None"),
     (dict(predictor="tau", tau=0.9, density=0.2), ValueError, r"density=0.2 does not apply to predictor='tau'"),
     (dict(tau=0.9), ValueError, r"tau=0.9 does not apply to predictor='topk'"),

@@ -73,3 +73,27 @@ def test_relative_l2():
     ref = torch.tensor([3.0, 4.0])
     assert relative_l2(ref, ref) == 0.0
     assert relative_l2(torch.tensor([3.0, 4.5]), ref) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+@pytest.mark.parametrize("budget", [1, 10_000])
+def test_dense_attention_with_lse_in_head_groups(layout, budget):
+    """Dense output and row LSE of the exact schedule's refresh call, any head grouping, with
+    padded keys dropped (CPU tensors: the reference path)."""
+    from fgcupy.attention import dense_attention_with_lse
+    from fgcupy.oracle import exact_lse
+
+    gen = torch.Generator().manual_seed(budget)
+    q, k, v = (torch.randn(2, 3, n, 32, generator=gen) for n in (150, 170, 170))
+    key_valid = torch.ones(2, 170, dtype=torch.bool)
+    key_valid[0, -30:] = False
+    key_valid[1, :5] = False
+    arranged = [x if layout == "HND" else x.transpose(1, 2) for x in (q, k, v)]
+    out, lse = dense_attention_with_lse(*arranged, slice_m=64, key_valid=key_valid, layout=layout,
+                                        index_budget=budget)
+    out = out if layout == "HND" else out.transpose(1, 2)
+    for b in range(2):
+        keep = key_valid[b]
+        expected = dense_attention(q[b : b + 1], k[b : b + 1, :, keep], v[b : b + 1, :, keep])
+        assert relative_l2(out[b : b + 1], expected) < 1e-5
+        torch.testing.assert_close(lse[b : b + 1], exact_lse(q[b : b + 1], k[b : b + 1, :, keep]), rtol=1e-5, atol=1e-5)

@@ -20,6 +20,8 @@ its own masks), a larger timestep starts a new generation (masks are dropped). R
 costs one host synchronisation per transformer call, not per layer. The schedule and the masks are
 fgcupy's ``MaskCache`` (one entry per layer and guidance branch): masks are predicted on refresh
 steps and reused in between; warm-up steps and chosen layers run dense through the stock processor.
+With ``predictor="colmax"`` (the exact schedule) a refresh call runs dense attention through
+fgcupy's kernel, returns that exact output, and keeps the exact column-max mask its LSE gives.
 
 Sequence parallel (``process_group``, Wan only): each rank's processor gets its contiguous shard of
 the sequence (and the matching rows of the rotary tables) and attends through
@@ -35,7 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import SparseAttention
+from ..attention import SparseAttention, dense_attention_with_lse
 from ..bridge import cupy_available
 from ..mask import SliceMask
 from ..mask_algebra import drop_keys
@@ -260,13 +262,17 @@ class SparseAttentionHandle:
         slot = layer.slots.setdefault(branch, _Slot())
         key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
         if self._needs_refresh(entry, slot, key, key_version):
-            mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2))
+            dense_out, lse = self._dense_call(q, k, v, key_valid) if cfg.exact else (None, None)
+            mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), lse)
             if key_valid is not None:
                 mask = drop_keys(mask, key_valid)
             if cfg.attention_fn is None:
                 slot.plan = (slot.plan or SparseAttention()).plan(mask, head_dim=q.shape[-1], dtype=q.dtype)
                 mask = slot.plan.mask  # the cache holds the plan's own mask: no second copy
             self._store(layer, entry, slot, mask, key, key_version)
+            if dense_out is not None:
+                layer.stats.dense_calls += 1
+                return dense_out
         else:
             self.cache.record_reuse()
         layer.stats.sparse_calls += 1
@@ -305,10 +311,23 @@ class SparseAttentionHandle:
             self._store(layer, entry, slot, concat_heads(parts), key, 0)
         return out
 
-    def _predict(self, layer: _Layer, q, k) -> SliceMask:
+    def _dense_call(self, q, k, v, key_valid):
+        """(exact output, row LSE) of q, k, v ``[B, S, H, D]``: the refresh call of the exact
+        schedule. With ``attention_fn`` the output is its answer on the full mask."""
+        cfg = self.config
+        out, lse = dense_attention_with_lse(q, k, v, cfg.slice_m, key_valid, layout="NHD")
+        if cfg.attention_fn is not None:
+            batch, q_len, heads, _ = q.shape
+            full = SliceMask.full(batch, heads, q_len, k.shape[1], cfg.slice_m, device=q.device)
+            out = cfg.attention_fn(q, k, v, full if key_valid is None else drop_keys(full, key_valid), None)
+        return out, lse
+
+    def _predict(self, layer: _Layer, q, k, lse=None) -> SliceMask:
         cfg = self.config
         if callable(cfg.predictor):
             mask = cfg.predictor(q, k, slice_m=cfg.slice_m)
+        elif cfg.exact:
+            mask = _predict_mask()(q, k, slice_m=cfg.slice_m, method="colmax", lse=lse, **cfg.predictor_arguments())
         else:
             mask = _predict_mask()(q, k, slice_m=cfg.slice_m, method=cfg.predictor, **cfg.predictor_arguments())
         if not isinstance(mask, SliceMask):

@@ -12,6 +12,11 @@ from ..jit.spec import SLICE_SIZES
 # The parameter each named predictor method is tuned by (checked at config time, so a missing
 # density fails at apply() rather than on the first refresh step deep inside a pipeline).
 _METHOD_PARAMETER = {"topk": "density", "tau": "tau", "threshold": "threshold"}
+#: The exact predictor: refresh steps run dense attention and keep its row LSE, and the mask is
+#: the exact column max (fgcupy.predict_mask(method="colmax")), selected by the rule of the one
+#: parameter given (density: top-k, tau, threshold).
+EXACT_PREDICTOR = "colmax"
+_RULE_OF_PARAMETER = {"density": "topk", "tau": "tau", "threshold": "threshold"}
 DEFAULT_DENSITY = 0.1
 
 
@@ -21,7 +26,12 @@ class SparseAttentionConfig:
 
     predictor: a ``fgcupy.predict_mask`` method name ("topk", "tau", "threshold") tuned by its
         own ``density`` (default 0.1) / ``tau`` / ``threshold`` (+ ``predictor_kwargs``), or a callable
-        ``predictor(q, k, slice_m=...) -> SliceMask`` with q, k ``[B, H, S, D]`` views.
+        ``predictor(q, k, slice_m=...) -> SliceMask`` with q, k ``[B, H, S, D]`` views; or "colmax",
+        the exact schedule (FG-Attn): a layer's refresh calls run dense attention (their output
+        is exact) and keep its row LSE, and the mask is the exact column max selected by the one
+        of ``density`` (top-k, the default 0.1), ``tau`` or ``threshold`` given. The most accurate
+        masks, at the price of a dense call and a column-max pass per refresh (about 0.8x a dense
+        attention on an H200 with the wgmma scoring kernel): choose a long refresh interval.
     slice_m: queries per slice (a kernel size, 64 or 128).
     dense_steps: the first denoising steps run dense (stock processor): early steps set the layout.
     dense_layers: indices (in model order) of self-attention layers that always run dense.
@@ -59,10 +69,13 @@ class SparseAttentionConfig:
     parallel_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if isinstance(self.predictor, str):
+        if self.predictor == EXACT_PREDICTOR:
+            self._check_exact_schedule()
+        elif isinstance(self.predictor, str):
             if self.predictor not in _METHOD_PARAMETER:
                 raise ValueError(f"predictor must be one of {tuple(_METHOD_PARAMETER)} (fgcupy.predict_mask methods "
-                                 f"that need no dense step) or a callable, got {self.predictor!r}")
+                                 f"that need no dense step), {EXACT_PREDICTOR!r} (exact masks from a dense call on "
+                                 f"each refresh) or a callable, got {self.predictor!r}")
             needed = _METHOD_PARAMETER[self.predictor]
             if self.predictor == "topk" and self.density is None and "top_k" not in self.predictor_kwargs:
                 object.__setattr__(self, "density", DEFAULT_DENSITY)
@@ -107,6 +120,25 @@ class SparseAttentionConfig:
         if isinstance(self.predictor, str):
             self._check_predictor_arguments()
 
+    @property
+    def exact(self) -> bool:
+        """Whether refresh calls run dense and predict exact column-max masks from their LSE."""
+        return self.predictor == EXACT_PREDICTOR
+
+    def _check_exact_schedule(self) -> None:
+        given = [name for name in _RULE_OF_PARAMETER if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"predictor={EXACT_PREDICTOR!r} selects by one rule: give one of density, tau, threshold, "
+                             f"got {given}")
+        if isinstance(self.predictor_kwargs, dict) and ("rule" in self.predictor_kwargs or "lse" in self.predictor_kwargs):
+            raise ValueError(f"predictor={EXACT_PREDICTOR!r} takes its rule from density / tau / threshold and its "
+                             f"lse from the dense call: predictor_kwargs may not set 'rule' or 'lse'")
+        if not given and not (isinstance(self.predictor_kwargs, dict) and "top_k" in self.predictor_kwargs):
+            object.__setattr__(self, "density", DEFAULT_DENSITY)
+        if self.process_group is not None:
+            raise ValueError(f"predictor={EXACT_PREDICTOR!r} needs each layer's full-sequence LSE on one device: not "
+                             f"with process_group (sequence parallel); use a predicted mask there")
+
     def _check_predictor_arguments(self) -> None:
         """Refuse now what predict_mask would refuse at the first sparse step."""
         import inspect
@@ -139,9 +171,16 @@ class SparseAttentionConfig:
 
     def predictor_arguments(self) -> dict:
         """predict_mask's keyword arguments: the chosen method's own parameter (density for
-        "topk", tau for "tau", threshold for "threshold") and ``predictor_kwargs``."""
+        "topk", tau for "tau", threshold for "threshold"; for "colmax" the rule of the one given)
+        and ``predictor_kwargs``."""
         args = {}
-        if isinstance(self.predictor, str):
+        if self.exact:
+            for name, rule in _RULE_OF_PARAMETER.items():
+                if getattr(self, name) is not None:
+                    args.update(rule=rule, **{name: getattr(self, name)})
+            if not args:  # top_k in predictor_kwargs
+                args["rule"] = "topk"
+        elif isinstance(self.predictor, str):
             name = _METHOD_PARAMETER[self.predictor]
             if getattr(self, name) is not None:
                 args[name] = getattr(self, name)
