@@ -1,6 +1,8 @@
 """Mask prediction on video-like attention: quality, cost and drift (one GPU, about 2-3 minutes).
 
     PYTHONPATH=. python -m bench.report_masks --json masks.json
+    PYTHONPATH=. python -m bench.report_masks --device cpu --grid 9x30x52 --family-heads 4 \
+        --densities 0.1 0.3 --skip quality timing drift     (the families section on a CPU)
 
 0. Error against the oracle, per head family (fgcupy.head_families, --family-heads each): the
    best slice mask (exact column-max top-k) and the best 128x128 block mask at each density,
@@ -36,7 +38,7 @@ from bench.cases import sdpa_call
 from bench.timing import cuda_time_ms
 from fgcupy import SliceMask, mask_drift, mask_kernels, predict_mask, scoring
 from fgcupy import mask_reference as ref
-from fgcupy.head_families import FAMILIES, family_qkv, mass_fraction
+from fgcupy.head_families import FAMILIES, family_qkv, family_shape, mass_fraction
 from fgcupy.oracle import Judge, block_coherence, exact_lse
 from fgcupy.progress import progress_bar
 from fgcupy.reference import dense_attention, reference_attention, relative_l2
@@ -47,8 +49,9 @@ MEAN = dict(pool=None, exact_band=None)
 
 #: Predictors judged against the oracle per head family (predict_mask keyword arguments).
 JUDGED = {
-    "default (pool 32 + band 64)": dict(),
+    "default": dict(),
     "mean (pool 128)": dict(pool=128, exact_band=None),
+    "sampled 32 + band 64": dict(pool=32, sample=True, exact_band=64),
     "pool 16": dict(pool=16, exact_band=None),
     "pool 32": dict(pool=32, exact_band=None),
     "pool 64 + band 128": dict(pool=64, exact_band=128),
@@ -120,6 +123,7 @@ def _measure(pattern, method, param, make, qual):
 def family_rows(args, shape, device):
     """Every predictor's error / the oracle slice mask's error, per head family and density."""
     rows = []
+    judged = {name: JUDGED[name] for name in args.judged}
     for family in progress_bar(args.families, desc="head families"):
         q, k, v = family_qkv(shape, family, heads=args.family_heads, seed=args.seed, device=device)
         judge = Judge(q, k, v)
@@ -132,7 +136,7 @@ def family_rows(args, shape, device):
             block = judge.error(judge.block_oracle(d))
             line = f"    d={d:<5} oracle {oracle:.4f}  block128 x{block / oracle:.2f}"
             row = dict(base, density=d, oracle_rel_l2=oracle, block_rel_l2=block, ratios={})
-            for name, kw in JUDGED.items():
+            for name, kw in judged.items():
                 try:
                     err, ratio = judge.ratio(predict_mask(q, k, 128, "topk", density=d, **kw))
                 except Exception as exc:  # noqa: BLE001 - report and go on
@@ -144,7 +148,8 @@ def family_rows(args, shape, device):
             print(line, flush=True)
             rows.append(row)
         del q, k, v, judge
-        torch.cuda.empty_cache()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -266,14 +271,23 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--family-heads", type=int, default=8, help="heads per family")
+    parser.add_argument("--judged", nargs="+", default=list(JUDGED), choices=list(JUDGED),
+                        help="predictors of the families section")
+    parser.add_argument("--grid", help="T x H x W latent grid replacing the preset's (e.g. 9x30x52)")
+    parser.add_argument("--device", default="cuda",
+                        help="cuda, or cpu for the families section alone (torch reference; hours at full size)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["families", "quality", "timing", "drift"])
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
     shape = SHAPES[args.preset]
+    if args.grid:
+        shape = family_shape(shape, tuple(int(n) for n in args.grid.lower().split("x")))
+    if device.type != "cuda" and set(args.skip) != {"quality", "timing", "drift"}:
+        parser.error("off the GPU only the families section runs: --skip quality timing drift")
     heads = args.quality_heads if args.quality_heads is not None else list(range(0, shape.heads, 5))
-    header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | preset {shape.name} "
+    header = (f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} | torch {torch.__version__} | preset {shape.name} "
               f"(B={shape.batch}, H={shape.heads}, S={shape.seq}, D={shape.head_dim}, grid {shape.grid}) | "
               f"quality heads {heads}")
     print(header, flush=True)
@@ -313,7 +327,7 @@ def main(argv=None):
 def _print_summary(result):
     families = result["families"]
     if families:
-        names = list(JUDGED)
+        names = list(families[0]["ratios"])
         print("\n| family | density | oracle rel L2 | block128 | " + " | ".join(names) + " |")
         print("|---|---|---|---|" + "---|" * len(names))
         for r in families:

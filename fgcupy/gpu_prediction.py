@@ -20,7 +20,7 @@ def predict_reference(qh, kh, req: MaskRequest, lse) -> SliceMask:
     return ref.predict_mask_reference(
         qh, kh, req.slice_m, req.method, rule=req.rule, top_k=req.top_k, tau=req.tau, threshold=req.threshold,
         pool=req.pool, combine=req.combine, min_keys=req.min_keys, max_keys=req.max_keys, local=req.local,
-        lse=lse, scale=req.scale, logits_dtype=req.logits_dtype, exact_band=req.exact_band)
+        lse=lse, scale=req.scale, logits_dtype=req.logits_dtype, exact_band=req.exact_band, sample=req.sample)
 
 
 def row_counts(q_blocks: int, kv_len: int, slice_m: int, top_k: int, min_keys: int, max_keys: int | None,
@@ -74,6 +74,8 @@ class GpuPrediction:
         kind = req.kind
         if kind == "colmax":
             self.rows = qh
+        elif req.sample:
+            self.rows = qh.index_select(2, ref.sample_rows(self.q_len, req.pool, qh.device)).contiguous()
         else:
             self.rows = ref.pool_queries(qh, req.pool).to(qh.dtype).contiguous()
         self.sub_rows = self.rows.shape[2]
@@ -101,6 +103,8 @@ class GpuPrediction:
             sub_lse = gpu_scores("stats", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, warps=8)
             scores = gpu_scores("maxprob", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=sub_lse,
                                 group=req.group, warps=8)
+            if req.sample:
+                scores = ref.dilate_keys(scores, req.pool // 2, self.kv_len)
             if req.exact_band is not None:
                 self._refine_band(scores, sub_lse, bh0, nbh)
             return scores, None

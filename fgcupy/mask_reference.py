@@ -3,7 +3,10 @@
 Definitions (the kernels in cuda_src/mask_score.cu and mask_select.cu implement the same):
 
 * pooled query of a group of ``pool`` consecutive queries: their float32 mean, rounded to the
-  input dtype (the tensor-core kernel consumes it in that dtype);
+  input dtype (the tensor-core kernel consumes it in that dtype); or, sampled (``sample``), the
+  group's middle query itself (``sample_rows``), whose max-prob scores are then dilated along
+  the key axis by pool // 2 either side (``dilate_keys``): the group's other queries sit up to
+  pool / 2 tokens away and, under relative positions, look at keys shifted by as much;
 * mean-query logits: ``scale * pooled_q . k`` in float32 for every key, and their row LSE;
   stored logits (``logits_dtype``) are then rounded to that dtype (the LSE stays exact);
 * max-prob scores of a group of rows: ``max_row exp(logit - lse[row])`` (0 where lse is not
@@ -52,6 +55,29 @@ def pool_queries(q: torch.Tensor, pool: int) -> torch.Tensor:
         tail = q[:, :, full * pool :]
         parts.append(tail.sum(2, keepdim=True, dtype=torch.float32) / tail.shape[2])
     return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+
+
+def sample_rows(q_len: int, pool: int, device=None) -> torch.Tensor:
+    """int64 [ceil(q_len / pool)]: the middle query of each group of ``pool`` (the last query
+    for a short last group that ends before its middle)."""
+    groups = num_blocks(q_len, pool)
+    return (torch.arange(groups, device=device) * pool + pool // 2).clamp_max(q_len - 1)
+
+
+def dilate_keys(scores: torch.Tensor, width: int, kv_len: int | None = None) -> torch.Tensor:
+    """Each key's score raised to the max over keys [j - width, j + width] of its row; only the
+    first ``kv_len`` entries of the last axis (default: all) are keys, the rest is returned
+    unspecified. A new tensor."""
+    kv_len = scores.shape[-1] if kv_len is None else kv_len
+    out = torch.empty_like(scores)
+    if width == 0 or kv_len == 0:
+        out[..., :kv_len] = scores[..., :kv_len]
+        return out
+    rows = scores[..., :kv_len].reshape(-1, 1, kv_len)
+    # max_pool1d pads with -inf and takes at most half its window as padding.
+    pooled = torch.nn.functional.max_pool1d(rows, 2 * width + 1, stride=1, padding=width)
+    out[..., :kv_len] = pooled.reshape(*scores.shape[:-1], kv_len)
+    return out
 
 
 def rounded(x: torch.Tensor, dtype) -> torch.Tensor:
@@ -200,7 +226,7 @@ def select_union(values, rule, group: int, *, band=None, **kwargs) -> torch.Tens
 
 def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_k=None, tau=None, threshold=None,
                            pool=None, combine="max", min_keys=0, max_keys=None, local=None, lse=None,
-                           scale=None, logits_dtype=torch.float32, exact_band=None) -> SliceMask:
+                           scale=None, logits_dtype=torch.float32, exact_band=None, sample=False) -> SliceMask:
     """The whole prediction on any device ([B, H, S, D] inputs): scores, selection, SliceMask."""
     batch, heads, q_len, dim = q.shape
     kv_len = k.shape[2]
@@ -213,11 +239,14 @@ def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_
         keep = select(scores, rule, band=band, **sel)
     else:
         pool = slice_m if pool is None else pool
-        rows = rounded(pool_queries(q, pool), q.dtype)
-        if exact_band is not None:
+        rows = q[:, :, sample_rows(q_len, pool, q.device)] if sample else rounded(pool_queries(q, pool), q.dtype)
+        if exact_band is not None or sample:
             _, sub_lse = logits_and_lse(rows, k, scale)
             scores = maxprob_scores(rows, k, sub_lse, slice_m // pool, scale)
-            scores = refine_band(scores, q, k, sub_lse, pool, slice_m, exact_band, scale)
+            if sample:
+                scores = dilate_keys(scores, pool // 2)
+            if exact_band is not None:
+                scores = refine_band(scores, q, k, sub_lse, pool, slice_m, exact_band, scale)
             keep = select(scores, rule, band=band, **sel)
         elif pool == slice_m:
             logits, row_lse = logits_and_lse(rows, k, scale)

@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fgcupy import SliceMask, predict_mask, reference_attention, sparse_attention
+from fgcupy.oracle import exact_lse
 
 EXAMPLES = int(os.environ.get("FGCUPY_FUZZ_EXAMPLES", "2500"))
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
@@ -309,5 +310,7 @@ def test_integration_configs_are_refused_when_made(kwargs):
         return
     # what it accepted, predict_mask accepts too (checked with a tiny CPU problem)
     q = torch.randn(1, 1, 2 * config.slice_m, 16)
-    mask = ours(lambda: predict_mask(q, q, config.slice_m, config.predictor, **config.predictor_arguments()))
+    dense_step = dict(lse=exact_lse(q, q)) if config.exact else {}  # the exact schedule's LSE
+    mask = ours(lambda: predict_mask(q, q, config.slice_m, config.predictor, **config.predictor_arguments(),
+                                     **dense_step))
     assert mask is not None, f"config {kwargs} accepted what predict_mask refuses"

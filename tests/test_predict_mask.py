@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from fgcupy import SliceMask, predict_mask
 from fgcupy import mask_reference as ref
 from fgcupy.mask import num_blocks
+from fgcupy.mask_request import DEFAULT_SAMPLE
 from fgcupy.scoring import make_request, static_row_counts
 
 from .mask_checks import smallest_tau_set_ok
@@ -215,3 +216,54 @@ def test_the_default_pools_sub_blocks_and_scores_the_band_exactly():
     assert make_request(16, 400, 32, "topk", top_k=5).pool == 32
     union = make_request(16, 400, 128, "topk", top_k=5, pool=16, combine="union")
     assert union.exact_band is None and union.pool == 16
+
+
+@given(st.integers(1, 300), st.integers(1, 200), st.sampled_from([2, 4, 8, 16, 32, 64]), st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_sampled_scores_against_a_float64_recount(q_len, kv_len, pool, seed):
+    """sample=True: each group's middle query (clamped to the last query), its exact softmax,
+    the max over the block's groups, then the max over keys within pool // 2 either side;
+    recounted here in float64 with plain loops over groups and keys."""
+    slice_m, dim, scale = 64, 16, 0.3
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, 1, q_len, dim, generator=gen), torch.randn(1, 1, kv_len, dim, generator=gen)
+    rows = q[:, :, ref.sample_rows(q_len, pool)]
+    _, lse = ref.logits_and_lse(rows, k, scale)
+    got = ref.dilate_keys(ref.maxprob_scores(rows, k, lse, slice_m // pool, scale), pool // 2)
+    half = pool // 2
+    probs = torch.softmax(q[0, 0].double() @ k[0, 0].double().T * scale, -1)
+    for j in range(num_blocks(q_len, slice_m)):
+        groups = range(j * slice_m // pool, min((j + 1) * slice_m // pool, num_blocks(q_len, pool)))
+        middle = [min(g * pool + half, q_len - 1) for g in groups]
+        best = probs[middle].amax(0)
+        expected = torch.stack([best[max(0, key - half): key + half + 1].max() for key in range(kv_len)])
+        torch.testing.assert_close(got[0, 0, j].double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_sampling_follows_the_default_and_is_refused_where_it_cannot_apply():
+    req = make_request(64, 1000, 128, "topk", density=0.1)
+    assert (req.pool, req.sample, req.exact_band, req.kind) == (32, DEFAULT_SAMPLE, 64, "submax")
+    assert not make_request(64, 1000, 128, "topk", density=0.1, pool=16).sample  # an explicit pool: mean queries
+    assert make_request(64, 1000, 128, "topk", density=0.1, pool=16, sample=True).sample
+    assert not make_request(64, 1000, 128, "topk", density=0.1, combine="union").sample
+    with pytest.raises(TypeError, match="sample must be a bool"):
+        make_request(64, 1000, 128, "topk", density=0.1, sample=1)
+    with pytest.raises(ValueError, match="sample scores sub-blocks by their middle query"):
+        make_request(64, 1000, 128, "topk", density=0.1, pool=16, combine="union", sample=True)
+    with pytest.raises(ValueError, match="sample scores sub-blocks by their middle query"):
+        make_request(64, 1000, 128, "colmax", sample=True)
+
+
+def test_sampled_prediction_equals_the_reference_pipeline():
+    """predict_mask (CPU: the op's reference path) with sampled rows and the default pool and
+    band: sampling, dilation, exact band, top-k; against the steps written out."""
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 2, 300, 32, generator=gen), torch.randn(1, 2, 260, 32, generator=gen)
+    got = predict_mask(q, k, 64, "topk", top_k=40, sample=True)
+    scale = 1 / math.sqrt(32)
+    rows = q[:, :, ref.sample_rows(300, 32)]
+    _, lse = ref.logits_and_lse(rows, k, scale)
+    scores = ref.dilate_keys(ref.maxprob_scores(rows, k, lse, 2, scale), 16)
+    scores = ref.refine_band(scores, q, k, lse, 32, 64, 64, scale)
+    keep = ref.select(scores, "topk", k=40)
+    assert torch.equal(got.to_dense(), keep)
