@@ -129,6 +129,19 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// Online log-sum-exp of two rows (log2 domain): raise the running max to include a tile's max,
+// rescale the running sums to it, and give the base the tile's terms are taken against.
+__device__ __forceinline__ void raise_running_max(float (&run_m)[2], float (&run_l)[2], const float (&tile_m)[2],
+                                                  float (&base)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float nm = fmaxf(run_m[i], tile_m[i]);
+    base[i] = nm == FG_NEG_INF ? 0.f : nm;
+    run_l[i] *= fast_exp2(run_m[i] - base[i]);
+    run_m[i] = nm;
+  }
+}
+
 // Merge a (max, sum) pair of log2-domain partial sums into (m, l).
 __device__ __forceinline__ void merge_lse2(float& m, float& l, float m_o, float l_o) {
   const float nm = fmaxf(m, m_o);

@@ -151,13 +151,7 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
         }
       }
       float base[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const float nm = fmaxf(run_m[i], tile_m[i]);
-        base[i] = nm == FG_NEG_INF ? 0.f : nm;
-        run_l[i] *= fast_exp2(run_m[i] - base[i]);
-        run_m[i] = nm;
-      }
+      raise_running_max(run_m, run_l, tile_m, base);
 #pragma unroll
       for (int i = 0; i < kN / 2; ++i) run_l[(i >> 1) & 1] += fast_exp2(acc[i] - base[(i >> 1) & 1]);
     } else {
