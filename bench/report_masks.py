@@ -51,7 +51,8 @@ MEAN = dict(pool=None, exact_band=None)
 JUDGED = {
     "default": dict(),
     "mean (pool 128)": dict(pool=128, exact_band=None),
-    "sampled 32 + band 64": dict(pool=32, sample=True, exact_band=64),
+    "sampled 32 + band 64": dict(pool=32, pooling="sample", exact_band=64),
+    "both 32 + band 64": dict(pool=32, pooling="both", exact_band=64),
     "pool 16": dict(pool=16, exact_band=None),
     "pool 32": dict(pool=32, exact_band=None),
     "pool 64 + band 128": dict(pool=64, exact_band=128),

@@ -20,7 +20,7 @@ def predict_reference(qh, kh, req: MaskRequest, lse) -> SliceMask:
     return ref.predict_mask_reference(
         qh, kh, req.slice_m, req.method, rule=req.rule, top_k=req.top_k, tau=req.tau, threshold=req.threshold,
         pool=req.pool, combine=req.combine, min_keys=req.min_keys, max_keys=req.max_keys, local=req.local,
-        lse=lse, scale=req.scale, logits_dtype=req.logits_dtype, exact_band=req.exact_band, sample=req.sample)
+        lse=lse, scale=req.scale, logits_dtype=req.logits_dtype, exact_band=req.exact_band, pooling=req.pooling)
 
 
 def row_counts(q_blocks: int, kv_len: int, slice_m: int, top_k: int, min_keys: int, max_keys: int | None,
@@ -72,14 +72,16 @@ class GpuPrediction:
         self.ld = row_stride(self.kv_len, self.itemsize)
         self.device = qh.device
         kind = req.kind
-        if kind == "colmax":
-            self.rows = qh
-        elif req.sample:
-            self.rows = qh.index_select(2, ref.sample_rows(self.q_len, req.pool, qh.device)).contiguous()
-        else:
-            self.rows = ref.pool_queries(qh, req.pool).to(qh.dtype).contiguous()
+        # Rows scored against every key: the queries (colmax), each sub-block's mean query and / or
+        # its middle query (pooling "mean", "sample", "both").
+        self.rows = qh if kind == "colmax" else ref.pool_queries(qh, req.pool).to(qh.dtype).contiguous()
+        self.samples = None
+        if req.pooling != "mean":
+            self.samples = qh.index_select(2, ref.sample_rows(self.q_len, req.pool, qh.device)).contiguous()
         self.sub_rows = self.rows.shape[2]
-        per_head = self.sub_rows if kind in ("mean", "union") else self.q_blocks
+        # Score buffers alive at once per head: the block scores, a dilated copy, the other pooling's.
+        buffers = {"mean": 1, "sample": 2, "both": 3}[req.pooling]
+        per_head = self.sub_rows if kind in ("mean", "union") else self.q_blocks * buffers
         self.chunk = max(1, min(self.bh, workspace_bytes // max(1, per_head * self.ld * self.itemsize)))
         # Sizes known from the shapes (top-k with one selection per block): fused emit, no sync.
         self.static = req.rule == "topk" and kind != "union"
@@ -99,18 +101,28 @@ class GpuPrediction:
             mode = "logits_f16" if req.logits_dtype == torch.float16 else "logits"
             return gpu_scores(mode, self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, warps=8)
         if kind == "submax":
-            # 8 warps (128 rows per CTA): K is read half as often as with 4.
-            sub_lse = gpu_scores("stats", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, warps=8)
-            scores = gpu_scores("maxprob", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=sub_lse,
-                                group=req.group, warps=8)
-            if req.sample:
-                scores = ref.dilate_keys(scores, req.pool // 2, self.kv_len)
-            if req.exact_band is not None:
-                self._refine_band(scores, sub_lse, bh0, nbh)
-            return scores, None
+            if req.pooling == "both":  # mask_reference.pooled_scores: the geometric mean
+                scores = self._subblock_scores(self.rows, False, bh0, nbh)
+                return scores.mul_(self._subblock_scores(self.samples, True, bh0, nbh)).sqrt_(), None
+            if req.pooling == "sample":
+                return self._subblock_scores(self.samples, True, bh0, nbh), None
+            return self._subblock_scores(self.rows, False, bh0, nbh), None
         lse = self.lse.reshape(self.bh, self.q_len)[bh0 : bh0 + nbh]
         return gpu_scores("maxprob", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=lse,
                           group=req.slice_m, warps=4 if req.slice_m <= 64 else 8), None
+
+    def _subblock_scores(self, rows, sampled, bh0, nbh):
+        """mask_reference.subblock_scores of one chunk of heads: [nbh, QB, ld] float32."""
+        req = self.req
+        # 8 warps (128 rows per CTA): K is read half as often as with 4.
+        sub_lse = gpu_scores("stats", rows, self.kh, req.scale, bh0=bh0, nbh=nbh, warps=8)
+        scores = gpu_scores("maxprob", rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=sub_lse, group=req.group,
+                            warps=8)
+        if sampled:
+            scores = ref.dilate_keys(scores, req.pool // 2, self.kv_len)
+        if req.exact_band is not None:
+            self._refine_band(scores, sub_lse, bh0, nbh)
+        return scores
 
     def _refine_band(self, scores, sub_lse, bh0, nbh):
         """Exact column maxima on each block's band (mask_reference.refine_band), in place."""

@@ -2,11 +2,13 @@
 
 Definitions (the kernels in cuda_src/mask_score.cu and mask_select.cu implement the same):
 
-* pooled query of a group of ``pool`` consecutive queries: their float32 mean, rounded to the
-  input dtype (the tensor-core kernel consumes it in that dtype); or, sampled (``sample``), the
-  group's middle query itself (``sample_rows``), whose max-prob scores are then dilated along
-  the key axis by pool // 2 either side (``dilate_keys``): the group's other queries sit up to
-  pool / 2 tokens away and, under relative positions, look at keys shifted by as much;
+* pooled query of a group of ``pool`` consecutive queries (``pooling="mean"``): their float32
+  mean, rounded to the input dtype (the tensor-core kernel consumes it in that dtype); or
+  (``"sample"``) the group's middle query itself (``sample_rows``), whose max-prob scores are
+  then dilated along the key axis by pool // 2 either side (``dilate_keys``): the group's other
+  queries sit up to pool / 2 tokens away and, under relative positions, look at keys shifted by
+  as much; or (``"both"``) the geometric mean of the two max-prob scores, each with its own
+  exact band: a key must look likely to the mean and to the samples;
 * mean-query logits: ``scale * pooled_q . k`` in float32 for every key, and their row LSE;
   stored logits (``logits_dtype``) are then rounded to that dtype (the LSE stays exact);
 * max-prob scores of a group of rows: ``max_row exp(logit - lse[row])`` (0 where lse is not
@@ -143,6 +145,27 @@ def refine_band(scores: torch.Tensor, q, k, sub_lse: torch.Tensor, pool: int, sl
     return out
 
 
+def subblock_scores(q, k, pool: int, slice_m: int, exact_band, scale: float, sampled: bool) -> torch.Tensor:
+    """float32 [B, H, QB, S]: max-prob scores of sub-blocks scored by their mean query or, if
+    ``sampled``, by their middle query with dilated scores; raised on the exact band."""
+    rows = q[:, :, sample_rows(q.shape[2], pool, q.device)] if sampled else rounded(pool_queries(q, pool), q.dtype)
+    _, sub_lse = logits_and_lse(rows, k, scale)
+    scores = maxprob_scores(rows, k, sub_lse, slice_m // pool, scale)
+    if sampled:
+        scores = dilate_keys(scores, pool // 2)
+    if exact_band is not None:
+        scores = refine_band(scores, q, k, sub_lse, pool, slice_m, exact_band, scale)
+    return scores
+
+
+def pooled_scores(q, k, pool: int, slice_m: int, exact_band, scale: float, pooling: str) -> torch.Tensor:
+    """The scores of a sub-block prediction (``pooling`` "mean", "sample" or "both")."""
+    if pooling == "both":
+        return torch.sqrt(subblock_scores(q, k, pool, slice_m, exact_band, scale, False)
+                          * subblock_scores(q, k, pool, slice_m, exact_band, scale, True))
+    return subblock_scores(q, k, pool, slice_m, exact_band, scale, pooling == "sample")
+
+
 def colmax_scores(q, k, lse, slice_m: int, scale: float) -> torch.Tensor:
     """Exact column max of a dense step: [B, H, QB, S] = max over each block's queries of p."""
     return maxprob_scores(q, k, lse, slice_m, scale)
@@ -226,7 +249,7 @@ def select_union(values, rule, group: int, *, band=None, **kwargs) -> torch.Tens
 
 def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_k=None, tau=None, threshold=None,
                            pool=None, combine="max", min_keys=0, max_keys=None, local=None, lse=None,
-                           scale=None, logits_dtype=torch.float32, exact_band=None, sample=False) -> SliceMask:
+                           scale=None, logits_dtype=torch.float32, exact_band=None, pooling="mean") -> SliceMask:
     """The whole prediction on any device ([B, H, S, D] inputs): scores, selection, SliceMask."""
     batch, heads, q_len, dim = q.shape
     kv_len = k.shape[2]
@@ -239,14 +262,9 @@ def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_
         keep = select(scores, rule, band=band, **sel)
     else:
         pool = slice_m if pool is None else pool
-        rows = q[:, :, sample_rows(q_len, pool, q.device)] if sample else rounded(pool_queries(q, pool), q.dtype)
-        if exact_band is not None or sample:
-            _, sub_lse = logits_and_lse(rows, k, scale)
-            scores = maxprob_scores(rows, k, sub_lse, slice_m // pool, scale)
-            if sample:
-                scores = dilate_keys(scores, pool // 2)
-            if exact_band is not None:
-                scores = refine_band(scores, q, k, sub_lse, pool, slice_m, exact_band, scale)
+        rows = rounded(pool_queries(q, pool), q.dtype)
+        if exact_band is not None or pooling != "mean":
+            scores = pooled_scores(q, k, pool, slice_m, exact_band, scale, pooling)
             keep = select(scores, rule, band=band, **sel)
         elif pool == slice_m:
             logits, row_lse = logits_and_lse(rows, k, scale)

@@ -20,10 +20,11 @@ EXACT_BAND_SLICES = (64, 128)
 #: (README "Mask quality" has the measurements behind them).
 DEFAULT_POOL = 32
 DEFAULT_EXACT_BAND = 64
-#: Whether the default's sub-blocks are scored by their middle query, scores dilated along the
-#: keys (mask_reference: sample_rows, dilate_keys), instead of their mean query; an explicit
-#: ``pool`` keeps mean queries unless ``sample=True`` is given too.
-DEFAULT_SAMPLE = False
+#: How each sub-block of ``pool`` queries is scored (mask_reference): "mean" (its mean query),
+#: "sample" (its middle query, scores dilated along the keys) or "both" (the geometric mean of
+#: the two scores). The default's; an explicit ``pool`` keeps "mean" unless ``pooling`` is given.
+POOLINGS = ("mean", "sample", "both")
+DEFAULT_POOLING = "mean"
 #: Marks an option left to the default (None means "off" for exact_band).
 AUTO = "auto"
 _INT32_MAX = 2**31 - 1
@@ -47,14 +48,14 @@ class MaskRequest:
     scale: float
     logits_dtype: torch.dtype = torch.float32
     exact_band: int | None = None
-    sample: bool = False
+    pooling: str = "mean"
 
     @property
     def kind(self) -> str:
         """mean (one pooled row per block), submax, union, or colmax."""
         if self.method == "colmax":
             return "colmax"
-        if self.exact_band is not None or self.sample:
+        if self.exact_band is not None or self.pooling != "mean":
             return "submax"
         if self.pool == self.slice_m:
             return "mean"
@@ -67,13 +68,13 @@ class MaskRequest:
 
 def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None, tau=None, threshold=None,
                  rule=None, pool=AUTO, combine="max", min_keys=0, max_keys=None, local=None, scale=None,
-                 logits_dtype=None, exact_band=AUTO, sample=AUTO) -> MaskRequest:
+                 logits_dtype=None, exact_band=AUTO, pooling=AUTO) -> MaskRequest:
     """Check every option; ValueError naming expected and actual."""
     defaults_apply = method in ("topk", "tau", "threshold") and combine == "max" and slice_m in EXACT_BAND_SLICES
     if isinstance(exact_band, str) and exact_band == AUTO:
         exact_band = DEFAULT_EXACT_BAND if defaults_apply else None
-    if isinstance(sample, str) and sample == AUTO:
-        sample = DEFAULT_SAMPLE and defaults_apply and isinstance(pool, str) and pool == AUTO
+    if isinstance(pooling, str) and pooling == AUTO:
+        pooling = DEFAULT_POOLING if defaults_apply and isinstance(pool, str) and pool == AUTO else "mean"
     if isinstance(pool, str) and pool == AUTO:
         pool = min(DEFAULT_POOL, slice_m) if defaults_apply else None
     if method not in METHODS:
@@ -151,19 +152,18 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         if slice_m + 2 * int(exact_band) > _INT32_MAX:
             raise ValueError(f"exact_band={exact_band} is too wide for int32 key offsets")
         exact_band = int(exact_band)
-    if not isinstance(sample, (bool, np.bool_)):
-        raise TypeError(f"sample must be a bool, got {type(sample).__name__}")
-    sample = bool(sample)
-    if sample and (method == "colmax" or combine != "max"):
-        raise ValueError(f"sample scores sub-blocks by their middle query for the max-prob combine: it needs a "
-                         f"mean-query method and combine='max', got method={method!r}, combine={combine!r}")
+    if not isinstance(pooling, str) or pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling != "mean" and (method == "colmax" or combine != "max"):
+        raise ValueError(f"pooling={pooling!r} scores sub-blocks by their middle query for the max-prob combine: it "
+                         f"needs a mean-query method and combine='max', got method={method!r}, combine={combine!r}")
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
             raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive finite number, got {scale}")
     scale = ref.default_scale(head_dim) if scale is None else float(scale)
-    stores_logits = method != "colmax" and exact_band is None and not sample and (pool == slice_m or combine == "union")
+    stores_logits = method != "colmax" and exact_band is None and pooling == "mean" and (pool == slice_m or combine == "union")
     if logits_dtype is None:
         logits_dtype = torch.float16 if stores_logits and rule in ("topk", "threshold") else torch.float32
     elif logits_dtype not in (torch.float16, torch.float32):
@@ -173,4 +173,4 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
                          "pooled row per block, or combine='union'); colmax and combine='max' keep float32 "
                          "probabilities")
     return MaskRequest(method, rule, slice_m, pool, combine, top_k, tau, threshold, min_keys, max_keys, local, scale,
-                       logits_dtype, exact_band, sample)
+                       logits_dtype, exact_band, pooling)

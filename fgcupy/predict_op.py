@@ -17,21 +17,21 @@ from .mask_request import make_request
 @torch.library.custom_op("fgcupy::predict_topk", mutates_args=())
 def predict_topk(q: torch.Tensor, k: torch.Tensor, slice_m: int, top_k: int, pool: int, exact_band: int,
                  min_keys: int, max_keys: int, local: int, scale: float, half_logits: bool,
-                 sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                 pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(indptr, indices) of a top-k mask predicted from [B, H, S, D] q, k (negative
     exact_band / max_keys / local: off; see fgcupy.predict_mask)."""
     raise NotImplementedError(f"fgcupy::predict_topk has no implementation for device {q.device}")
 
 
-def _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, sample):
+def _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling):
     return make_request(q.shape[3], k.shape[2], slice_m, "topk", top_k=top_k, pool=pool,
                         exact_band=None if exact_band < 0 else exact_band, min_keys=min_keys,
                         max_keys=None if max_keys < 0 else max_keys, local=None if local < 0 else local,
-                        scale=scale, logits_dtype=torch.float16 if half_logits else torch.float32, sample=sample)
+                        scale=scale, logits_dtype=torch.float16 if half_logits else torch.float32, pooling=pooling)
 
 
 @predict_topk.register_fake
-def _(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, sample):
+def _(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling):
     batch, heads, q_len, _ = q.shape
     q_blocks = num_blocks(q_len, slice_m)
     capacity = batch * heads * sum(row_counts(q_blocks, k.shape[2], slice_m, top_k, min_keys,
@@ -40,14 +40,14 @@ def _(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, 
             q.new_empty((capacity,), dtype=torch.int32))
 
 
-def _predict_cpu(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, sample):
+def _predict_cpu(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling):
     mask = predict_reference(q, k, _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local,
-                                             scale, half_logits, sample), None)
+                                             scale, half_logits, pooling), None)
     return mask.indptr, mask.indices
 
 
-def _predict_cuda(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, sample):
-    req = _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, sample)
+def _predict_cuda(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling):
+    req = _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling)
     mask = GpuPrediction(q, k, req, None, DEFAULT_WORKSPACE).run()
     return mask.indptr, mask.indices
 

@@ -48,7 +48,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
                  top_k: int | None = None, tau: float | None = None, threshold: float | None = None,
                  rule: str | None = None, pool=AUTO, combine: str = "max", min_keys: int = 0,
                  max_keys: int | None = None, local: int | None = None, lse=None, scale: float | None = None,
-                 logits_dtype: torch.dtype | None = None, exact_band=AUTO, sample=AUTO, layout: str = "HND",
+                 logits_dtype: torch.dtype | None = None, exact_band=AUTO, pooling=AUTO, layout: str = "HND",
                  workspace_bytes: int = DEFAULT_WORKSPACE) -> SliceMask:
     """Predict which slices to keep for ``q`` attending to ``k``; returns a SliceMask on q's device.
 
@@ -59,14 +59,15 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     "union" only), torch.float16 (default for top-k and threshold) or torch.float32 (default for
     tau); see the module docstring.
     ``pool``: queries per pooled sub-block (slice_m: one mean query per block).
-    ``sample``: score each sub-block by its middle query instead of its mean, and dilate the
-    scores along the keys by pool // 2 either side (combine "max"; see mask_reference).
+    ``pooling``: how each sub-block is scored (combine "max"; see mask_reference): "mean" (its
+    mean query), "sample" (its middle query, scores dilated along the keys by pool // 2 either
+    side) or "both" (the geometric mean of the two scores; twice the scoring work).
     ``exact_band``: keys within this many of the block (either side) get their exact column-max
     score instead of the pooled one (slice_m 64 or 128, combine "max"; None: off; see
     mask_reference). Left as "auto", mean-query methods with combine "max" and slice_m 64 or
-    128 use pool=DEFAULT_POOL, sample=DEFAULT_SAMPLE and exact_band=DEFAULT_EXACT_BAND (an
-    explicit pool keeps mean queries unless sample=True is given); other calls use one mean
-    query per block and no band.
+    128 use pool=DEFAULT_POOL, pooling=DEFAULT_POOLING and exact_band=DEFAULT_EXACT_BAND (an
+    explicit pool keeps mean queries unless pooling is given); other calls use one mean query
+    per block and no band.
     """
     check_layout(layout)
     qt, kt = bridge.to_torch(q, "q"), bridge.to_torch(k, "k")
@@ -90,7 +91,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     req = make_request(qh.shape[3], kh.shape[2], slice_m, method, density=density, top_k=top_k, tau=tau,
                        threshold=threshold, rule=rule, pool=pool, combine=combine, min_keys=min_keys,
                        max_keys=max_keys, local=local, scale=scale, logits_dtype=logits_dtype,
-                       exact_band=exact_band, sample=sample)
+                       exact_band=exact_band, pooling=pooling)
     lse_t = None
     if lse is not None and method != "colmax":
         raise ValueError(f"lse applies to method='colmax' (scores from a dense step), not {method!r}")
@@ -109,7 +110,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
         indptr, indices = predict_op.predict(
             qh, kh, req.slice_m, req.top_k, req.pool, -1 if req.exact_band is None else req.exact_band,
             req.min_keys, -1 if req.max_keys is None else req.max_keys, -1 if req.local is None else req.local,
-            req.scale, req.logits_dtype == torch.float16, req.sample)
+            req.scale, req.logits_dtype == torch.float16, req.pooling)
         return SliceMask(indptr, indices, req.slice_m, qh.shape[2], kh.shape[2])
     if qh.device.type != "cuda":
         return predict_reference(qh, kh, req, lse_t)

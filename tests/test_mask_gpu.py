@@ -209,9 +209,11 @@ CONFIGS = [
     dict(method="topk", top_k=40, exact_band=0, workspace_bytes=1),
     dict(method="tau", tau=0.8, pool=32, exact_band=200),
     dict(method="threshold", threshold=0.01, pool=16, exact_band=1000, local=4),
-    dict(method="topk", top_k=30, pool=32, sample=True, exact_band=None, workspace_bytes=1),
-    dict(method="tau", tau=0.8, pool=16, sample=True, exact_band=None),
-    dict(method="threshold", threshold=0.01, pool=8, sample=True, exact_band=24),
+    dict(method="topk", top_k=30, pool=32, pooling="sample", exact_band=None, workspace_bytes=1),
+    dict(method="tau", tau=0.8, pool=16, pooling="sample", exact_band=None),
+    dict(method="threshold", threshold=0.01, pool=8, pooling="sample", exact_band=24),
+    dict(method="topk", top_k=40, pool=32, pooling="both"),
+    dict(method="tau", tau=0.7, pool=16, pooling="both", exact_band=None, workspace_bytes=1),
 ]
 
 
@@ -230,7 +232,7 @@ def test_predict_mask_matches_reference(config, shape):
         q, k, slice_m, req.method, rule=req.rule, top_k=req.top_k, tau=req.tau, threshold=req.threshold,
         pool=req.pool, combine=req.combine, min_keys=req.min_keys, max_keys=req.max_keys, local=req.local,
         lse=lse, scale=req.scale, logits_dtype=req.logits_dtype, exact_band=req.exact_band,
-        sample=req.sample).to_dense()
+        pooling=req.pooling).to_dense()
     # Scores differ from the float32 reference only by summation order: a handful of slices at
     # the cut may flip.
     assert (got.to_dense() != expected).sum().item() <= 5 + 0.002 * int(expected.sum())

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from fgcupy import SliceMask, predict_mask
 from fgcupy import mask_reference as ref
 from fgcupy.mask import num_blocks
-from fgcupy.mask_request import DEFAULT_SAMPLE
+from fgcupy.mask_request import DEFAULT_POOLING
 from fgcupy.scoring import make_request, static_row_counts
 
 from .mask_checks import smallest_tau_set_ok
@@ -221,7 +221,7 @@ def test_the_default_pools_sub_blocks_and_scores_the_band_exactly():
 @given(st.integers(1, 300), st.integers(1, 200), st.sampled_from([2, 4, 8, 16, 32, 64]), st.integers(0, 2**31 - 1))
 @settings(max_examples=40, deadline=None)
 def test_sampled_scores_against_a_float64_recount(q_len, kv_len, pool, seed):
-    """sample=True: each group's middle query (clamped to the last query), its exact softmax,
+    """pooling="sample": each group's middle query (clamped to the last query), its exact softmax,
     the max over the block's groups, then the max over keys within pool // 2 either side;
     recounted here in float64 with plain loops over groups and keys."""
     slice_m, dim, scale = 64, 16, 0.3
@@ -240,30 +240,36 @@ def test_sampled_scores_against_a_float64_recount(q_len, kv_len, pool, seed):
         torch.testing.assert_close(got[0, 0, j].double(), expected, rtol=1e-5, atol=1e-7)
 
 
-def test_sampling_follows_the_default_and_is_refused_where_it_cannot_apply():
+def test_pooling_follows_the_default_and_is_refused_where_it_cannot_apply():
     req = make_request(64, 1000, 128, "topk", density=0.1)
-    assert (req.pool, req.sample, req.exact_band, req.kind) == (32, DEFAULT_SAMPLE, 64, "submax")
-    assert not make_request(64, 1000, 128, "topk", density=0.1, pool=16).sample  # an explicit pool: mean queries
-    assert make_request(64, 1000, 128, "topk", density=0.1, pool=16, sample=True).sample
-    assert not make_request(64, 1000, 128, "topk", density=0.1, combine="union").sample
-    with pytest.raises(TypeError, match="sample must be a bool"):
-        make_request(64, 1000, 128, "topk", density=0.1, sample=1)
-    with pytest.raises(ValueError, match="sample scores sub-blocks by their middle query"):
-        make_request(64, 1000, 128, "topk", density=0.1, pool=16, combine="union", sample=True)
-    with pytest.raises(ValueError, match="sample scores sub-blocks by their middle query"):
-        make_request(64, 1000, 128, "colmax", sample=True)
+    assert (req.pool, req.pooling, req.exact_band, req.kind) == (32, DEFAULT_POOLING, 64, "submax")
+    assert make_request(64, 1000, 128, "topk", density=0.1, pool=16).pooling == "mean"  # an explicit pool
+    assert make_request(64, 1000, 128, "topk", density=0.1, pool=16, pooling="both").pooling == "both"
+    assert make_request(64, 1000, 128, "topk", density=0.1, combine="union").pooling == "mean"
+    assert make_request(64, 1000, 128, "tau", pool=128, pooling="sample", exact_band=None).kind == "submax"
+    with pytest.raises(ValueError, match=r"pooling must be one of \('mean', 'sample', 'both'\), got True"):
+        make_request(64, 1000, 128, "topk", density=0.1, pooling=True)
+    with pytest.raises(ValueError, match="pooling='sample' scores sub-blocks by their middle query"):
+        make_request(64, 1000, 128, "topk", density=0.1, pool=16, combine="union", pooling="sample")
+    with pytest.raises(ValueError, match="pooling='both' scores sub-blocks by their middle query"):
+        make_request(64, 1000, 128, "colmax", pooling="both")
 
 
 def test_sampled_prediction_equals_the_reference_pipeline():
-    """predict_mask (CPU: the op's reference path) with sampled rows and the default pool and
-    band: sampling, dilation, exact band, top-k; against the steps written out."""
+    """predict_mask (CPU: the op's reference path) with sampled rows, and with both poolings, at
+    the default pool and band: scoring, dilation, exact bands, geometric mean, top-k; against
+    the steps written out."""
     gen = torch.Generator().manual_seed(4)
     q, k = torch.randn(1, 2, 300, 32, generator=gen), torch.randn(1, 2, 260, 32, generator=gen)
-    got = predict_mask(q, k, 64, "topk", top_k=40, sample=True)
     scale = 1 / math.sqrt(32)
-    rows = q[:, :, ref.sample_rows(300, 32)]
-    _, lse = ref.logits_and_lse(rows, k, scale)
-    scores = ref.dilate_keys(ref.maxprob_scores(rows, k, lse, 2, scale), 16)
-    scores = ref.refine_band(scores, q, k, lse, 32, 64, 64, scale)
-    keep = ref.select(scores, "topk", k=40)
-    assert torch.equal(got.to_dense(), keep)
+    blocks = {}
+    for pooling, rows in (("mean", ref.rounded(ref.pool_queries(q, 32), q.dtype)),
+                          ("sample", q[:, :, ref.sample_rows(300, 32)])):
+        _, lse = ref.logits_and_lse(rows, k, scale)
+        scores = ref.maxprob_scores(rows, k, lse, 2, scale)
+        scores = ref.dilate_keys(scores, 16) if pooling == "sample" else scores
+        blocks[pooling] = ref.refine_band(scores, q, k, lse, 32, 64, 64, scale)
+    blocks["both"] = (blocks["mean"] * blocks["sample"]).sqrt()
+    for pooling in ("sample", "both"):
+        got = predict_mask(q, k, 64, "topk", top_k=40, pooling=pooling)
+        assert torch.equal(got.to_dense(), ref.select(blocks[pooling], "topk", k=40)), pooling
