@@ -72,12 +72,18 @@ class GpuPrediction:
         self.ld = row_stride(self.kv_len, self.itemsize)
         self.device = qh.device
         kind = req.kind
-        # Rows scored against every key: the queries (colmax), each sub-block's mean query and / or
-        # its middle query (pooling "mean", "sample", "both").
-        self.rows = qh if kind == "colmax" else ref.pool_queries(qh, req.pool).to(qh.dtype).contiguous()
-        self.samples = None
+        # Rows scored against every key: the queries (colmax), each sub-block's mean query or its
+        # middle query (pooling "mean" / "sample"); "both" keeps the middle queries in samples.
+        samples = None
         if req.pooling != "mean":
-            self.samples = qh.index_select(2, ref.sample_rows(self.q_len, req.pool, qh.device)).contiguous()
+            samples = qh.index_select(2, ref.sample_rows(self.q_len, req.pool, qh.device)).contiguous()
+        if kind == "colmax":
+            self.rows = qh
+        elif req.pooling == "sample":
+            self.rows = samples
+        else:
+            self.rows = ref.pool_queries(qh, req.pool).to(qh.dtype).contiguous()
+        self.samples = samples if req.pooling == "both" else None
         self.sub_rows = self.rows.shape[2]
         # Score buffers alive at once per head: the block scores, a dilated copy, the other pooling's.
         buffers = {"mean": 1, "sample": 2, "both": 3}[req.pooling]
@@ -101,12 +107,10 @@ class GpuPrediction:
             mode = "logits_f16" if req.logits_dtype == torch.float16 else "logits"
             return gpu_scores(mode, self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, warps=8)
         if kind == "submax":
+            scores = self._subblock_scores(self.rows, req.pooling == "sample", bh0, nbh)
             if req.pooling == "both":  # mask_reference.pooled_scores: the geometric mean
-                scores = self._subblock_scores(self.rows, False, bh0, nbh)
-                return scores.mul_(self._subblock_scores(self.samples, True, bh0, nbh)).sqrt_(), None
-            if req.pooling == "sample":
-                return self._subblock_scores(self.samples, True, bh0, nbh), None
-            return self._subblock_scores(self.rows, False, bh0, nbh), None
+                scores.mul_(self._subblock_scores(self.samples, True, bh0, nbh)).sqrt_()
+            return scores, None
         lse = self.lse.reshape(self.bh, self.q_len)[bh0 : bh0 + nbh]
         return gpu_scores("maxprob", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=lse,
                           group=req.slice_m, warps=4 if req.slice_m <= 64 else 8), None

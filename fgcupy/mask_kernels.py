@@ -74,7 +74,8 @@ def _score_spec(kernel: str, portable: ScoreSpec, group: int, band, device):
 def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, bh0: int = 0, nbh: int | None = None,
                lse: torch.Tensor | None = None, group: int = 1, warps: int = 4, band: tuple | None = None,
                out: torch.Tensor | None = None, kernel: str = "auto"):
-    """Run fg::mask_score (or fg::mask_score_sm90, see _score_spec) on heads [bh0, bh0 + nbh) of rows [B, H, R, D] against k [B, H, S, D].
+    """Run fg::mask_score (or fg::mask_score_sm90, see _score_spec) on heads [bh0, bh0 + nbh) of
+    rows [B, H, R, D] against k [B, H, S, D].
 
     mode "logits" -> (float32 logits [nbh, R, ld], lse [nbh, R]); "logits_f16" -> the same with
     the logits stored as float16 (lse from the float32 logits); "stats" -> lse [nbh, R];

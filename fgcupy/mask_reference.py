@@ -262,18 +262,13 @@ def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_
         keep = select(scores, rule, band=band, **sel)
     else:
         pool = slice_m if pool is None else pool
-        rows = rounded(pool_queries(q, pool), q.dtype)
-        if exact_band is not None or pooling != "mean":
-            scores = pooled_scores(q, k, pool, slice_m, exact_band, scale, pooling)
-            keep = select(scores, rule, band=band, **sel)
-        elif pool == slice_m:
-            logits, row_lse = logits_and_lse(rows, k, scale)
-            keep = select(rounded(logits, logits_dtype), rule, lse=row_lse, band=band, **sel)
-        elif combine == "max":
-            _, sub_lse = logits_and_lse(rows, k, scale)
-            scores = maxprob_scores(rows, k, sub_lse, slice_m // pool, scale)
-            keep = select(scores, rule, band=band, **sel)
-        else:
-            logits, sub_lse = logits_and_lse(rows, k, scale)
-            keep = select_union(rounded(logits, logits_dtype), rule, slice_m // pool, band=band, lse=sub_lse, **sel)
+        if exact_band is not None or pooling != "mean" or (pool < slice_m and combine == "max"):
+            keep = select(pooled_scores(q, k, pool, slice_m, exact_band, scale, pooling), rule, band=band, **sel)
+        else:  # stored logits: one mean query per block, or the union of sub-block selections
+            logits, row_lse = logits_and_lse(rounded(pool_queries(q, pool), q.dtype), k, scale)
+            if pool == slice_m:
+                keep = select(rounded(logits, logits_dtype), rule, lse=row_lse, band=band, **sel)
+            else:
+                keep = select_union(rounded(logits, logits_dtype), rule, slice_m // pool, band=band, lse=row_lse,
+                                    **sel)
     return SliceMask.from_dense(keep, slice_m, q_len)

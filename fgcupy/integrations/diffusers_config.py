@@ -16,7 +16,7 @@ _METHOD_PARAMETER = {"topk": "density", "tau": "tau", "threshold": "threshold"}
 #: the exact column max (fgcupy.predict_mask(method="colmax")), selected by the rule of the one
 #: parameter given (density: top-k, tau, threshold).
 EXACT_PREDICTOR = "colmax"
-_RULE_OF_PARAMETER = {"density": "topk", "tau": "tau", "threshold": "threshold"}
+_RULE_OF_PARAMETER = {parameter: method for method, parameter in _METHOD_PARAMETER.items()}
 DEFAULT_DENSITY = 0.1
 
 
