@@ -4,7 +4,8 @@
     PYTHONPATH=. python -m bench.report_masks --device cpu --grid 9x30x52 --family-heads 4 \
         --densities 0.1 0.3 --skip quality timing drift     (the families section on a CPU)
 
-0. Error against the oracle, per head family (fgcupy.head_families, --family-heads each): the
+0. Error against the oracle, per head family (fgcupy.head_families, --family-heads each; and
+   the first heads of each fgcupy.workloads pattern, as "workload-<pattern>"): the
    best slice mask (exact column-max top-k) and the best 128x128 block mask at each density,
    and every predictor of JUDGED as its error / the oracle slice mask's error.
 1. Quality, per workload pattern (fgcupy.workloads: spatial, temporal, mixed) at the preset's
@@ -48,11 +49,16 @@ from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
 MEAN = dict(pool=None, exact_band=None)
 
 #: Predictors judged against the oracle per head family (predict_mask keyword arguments).
+#: fgcupy.workloads patterns judged beside the head families (their first --family-heads heads).
+WORKLOAD_PREFIX = "workload-"
+WORKLOAD_FAMILIES = [WORKLOAD_PREFIX + p for p in PATTERNS]
+
 JUDGED = {
     "default": dict(),
     "mean (pool 128)": dict(pool=128, exact_band=None),
     "sampled 32 + band 64": dict(pool=32, pooling="sample", exact_band=64),
     "both 32 + band 64": dict(pool=32, pooling="both", exact_band=64),
+    "both 64 + band 64": dict(pool=64, pooling="both", exact_band=64),
     "pool 16": dict(pool=16, exact_band=None),
     "pool 32": dict(pool=32, exact_band=None),
     "pool 64 + band 128": dict(pool=64, exact_band=128),
@@ -126,7 +132,11 @@ def family_rows(args, shape, device):
     rows = []
     judged = {name: JUDGED[name] for name in args.judged}
     for family in progress_bar(args.families, desc="head families"):
-        q, k, v = family_qkv(shape, family, heads=args.family_heads, seed=args.seed, device=device)
+        if family.startswith(WORKLOAD_PREFIX):  # our own head zoo, judged the same way
+            q, k, v = video_qkv(shape, family[len(WORKLOAD_PREFIX):], head_ids=range(args.family_heads),
+                                seed=args.seed, device=device)
+        else:
+            q, k, v = family_qkv(shape, family, heads=args.family_heads, seed=args.seed, device=device)
         judge = Judge(q, k, v)
         coherence = block_coherence(q)
         base = dict(family=family, mass90=mass_fraction(q, k), coherence=float(coherence.median()))
@@ -270,7 +280,8 @@ def main(argv=None):
     parser.add_argument("--drift-steps", type=int, nargs="+", default=[1, 2, 5, 10])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES) + WORKLOAD_FAMILIES,
+                        choices=list(FAMILIES) + WORKLOAD_FAMILIES)
     parser.add_argument("--family-heads", type=int, default=8, help="heads per family")
     parser.add_argument("--judged", nargs="+", default=list(JUDGED), choices=list(JUDGED),
                         help="predictors of the families section")

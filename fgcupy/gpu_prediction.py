@@ -9,7 +9,7 @@ import torch
 
 from . import mask_reference as ref
 from .mask import SliceMask, indptr_from_counts, num_blocks
-from .mask_kernels import gpu_emit, gpu_scores, gpu_select, row_stride
+from .mask_kernels import gpu_dilate, gpu_emit, gpu_scores, gpu_select, row_stride
 from .mask_request import MaskRequest
 
 DEFAULT_WORKSPACE = 2 << 30
@@ -123,7 +123,7 @@ class GpuPrediction:
         scores = gpu_scores("maxprob", rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=sub_lse, group=req.group,
                             warps=8)
         if sampled:
-            scores = ref.dilate_keys(scores, req.pool // 2, self.kv_len)
+            scores = gpu_dilate(scores, req.pool // 2, self.kv_len)
         if req.exact_band is not None:
             self._refine_band(scores, sub_lse, bh0, nbh)
         return scores

@@ -14,8 +14,10 @@ import torch
 from . import bridge
 from .jit.launch import launch
 from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_MAX_SMEM,  # noqa: F401 - RULE_IDS: public
-                             SM90_SCORE_MODES, SM90_SCORE_ROWS, EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec)
+                             SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DilateSpec, EmitSpec, ScoreSpec,
+                             SelectSpec, Sm90ScoreSpec)
 from .mask import num_blocks
+from .mask_reference import dilate_keys
 
 _TARGET_CTAS = 2048
 
@@ -210,3 +212,26 @@ def gpu_emit(bits: torch.Tensor, kv_len: int, sub_rows: int, group: int, slice_m
                               add_band=-1 if add_band is None else add_band)
     if n * out_rows:
         launch(spec, bits.device, (n * out_rows,), params)
+
+
+def gpu_dilate(scores: torch.Tensor, radius: int, kv_len: int) -> torch.Tensor:
+    """fg::dilate_rows on float32 score rows [..., ld]: a new tensor whose first ``kv_len`` keys
+    of each row hold the max over keys j - radius .. j + radius (mask_reference.dilate_keys;
+    radii beyond DILATE_MAX_RADIUS, from sub-blocks of more than 128 queries, run that)."""
+    if radius > DILATE_MAX_RADIUS:
+        return dilate_keys(scores, radius, kv_len)
+    if scores.dtype != torch.float32 or not scores.is_contiguous() or scores.data_ptr() % 16 or scores.shape[-1] % 8:
+        raise ValueError(f"score rows must be contiguous, 16-byte aligned float32 with ld a multiple of 8; got "
+                         f"shape {tuple(scores.shape)}, {scores.dtype}")
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    ld = scores.shape[-1]
+    if not 0 <= kv_len <= ld:
+        raise ValueError(f"kv_len must be in [0, ld={ld}], got {kv_len}")
+    out = torch.empty_like(scores)
+    rows = scores.numel() // ld if ld else 0
+    if rows:
+        spec = DilateSpec()
+        launch(spec, scores.device, spec.grid(rows, ld),
+               spec.params.pack(src=scores, dst=out, ld=ld, kv_len=kv_len, radius=radius))
+    return out

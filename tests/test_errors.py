@@ -4,9 +4,10 @@ the GPU. These run without one: planning checks come before any CUDA call."""
 import pytest
 import torch
 
-from fgcupy import SliceMask, SparseAttention, reference_attention, sparse_attention
+from fgcupy import SliceMask, SparseAttention, mask_kernels, reference_attention, sparse_attention
 from fgcupy.attention import check_inputs, check_strides
 from fgcupy.jit import AttentionSpec
+from fgcupy.mask_reference import dilate_keys
 
 MASK = SliceMask.full(1, 2, 100, 80, 64)
 
@@ -115,3 +116,21 @@ def test_mask_algebra_refuses_what_is_not_a_mask():
         restrict_keys(MASK, 10.0, 20)
     with pytest.raises(ValueError, match="first_block must be a non-negative int"):
         slice_rows(MASK, -1, 10)
+
+
+def test_dilation_kernel_refuses_rows_it_cannot_read():
+    with pytest.raises(ValueError, match="float32"):
+        mask_kernels.gpu_dilate(torch.zeros(2, 16, dtype=torch.float64), 1, 16)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        mask_kernels.gpu_dilate(torch.zeros(2, 12), 1, 12)
+    with pytest.raises(ValueError, match="radius"):
+        mask_kernels.gpu_dilate(torch.zeros(2, 16), -1, 16)
+    with pytest.raises(ValueError, match="kv_len"):
+        mask_kernels.gpu_dilate(torch.zeros(2, 16), 1, 17)
+
+
+def test_dilation_past_the_kernel_radius_runs_the_reference():
+    radius = mask_kernels.DILATE_MAX_RADIUS + 1
+    scores = torch.rand(3, 200)
+    got = mask_kernels.gpu_dilate(scores, radius, 150)
+    assert torch.equal(got[:, :150], dilate_keys(scores[:, :150], radius))

@@ -119,6 +119,21 @@ def test_exact_band_scores(p, slice_m, band, kernel):
     _close(got[..., : p["kv_len"]], expected.reshape(bh, got.shape[1], -1), 1e-3, 1e-6)
 
 
+@given(st.integers(1, 5), st.integers(1, 5000), st.sampled_from([0, 1, 2, 3, 4, 5, 8, 16, 32, 64, 100]),
+       st.integers(0, 2**31 - 1))
+@SETTINGS
+def test_dilated_rows_match_the_reference(rows, kv_len, radius, seed):
+    """fg::dilate_rows equals max_pool1d's sliding max on the keys (tile edges, short rows, the
+    padding after kv_len left out); radii past the kernel's run on the reference."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.rand(rows, kv_len, generator=gen) ** 8  # a few large values, as probabilities
+    scores = _padded(values)
+    scores[..., kv_len:] = 2.0  # padding must not leak into the keys' maxima
+    got = mask_kernels.gpu_dilate(scores, radius, kv_len)
+    expected = ref.dilate_keys(values.to(DEVICE)[None], radius)
+    assert torch.equal(got[..., :kv_len], expected)
+
+
 def _padded(values, dtype=torch.float32):
     rows, kv_len = values.shape
     ld = mask_kernels.row_stride(kv_len, torch.empty(0, dtype=dtype).element_size())

@@ -5,8 +5,8 @@ cuDNN in the same run (wan14b-480p, mixed pattern; queued GPU time, CUDA-event m
 
 Prints, for the mma.sync kernel and (on Hopper) the wgmma kernel: the exact column-max pass
 (every query, groups of 128, LSE given), and the two pooled passes of the default predictor
-(pool 32: stats, then max-probability over groups of 4); then predict_mask's default and
-column-max predictions. --table adds the GPU kernels of one default prediction.
+(pool 32: stats, then max-probability over groups of 4); then predict_mask's default, its
+sampled and combined poolings, and column-max predictions. --table adds the GPU kernels of one default prediction.
 """
 
 import math
@@ -50,6 +50,11 @@ def main():
               f"max-probability pass {maxprob:.3f} ms ({flops / 32 / maxprob / 1e9:.0f} TFLOP/s)")
     for name, kw in (("default, top-k d=0.1", dict(method="topk", density=0.1)),
                      ("default, top-k d=0.3", dict(method="topk", density=0.3)),
+                     ("pooling=sample, top-k d=0.1", dict(method="topk", density=0.1, pooling="sample")),
+                     ("pooling=both, top-k d=0.1", dict(method="topk", density=0.1, pooling="both")),
+                     ("pooling=both, top-k d=0.3", dict(method="topk", density=0.3, pooling="both")),
+                     ("pooling=both pool=64, top-k d=0.1", dict(method="topk", density=0.1, pool=64, pooling="both")),
+                     ("pooling=both pool=64, top-k d=0.3", dict(method="topk", density=0.3, pool=64, pooling="both")),
                      ("column max, top-k d=0.1", dict(method="colmax", lse=lse, rule="topk", density=0.1))):
         t = ms(lambda: predict_mask(q, k, 128, **kw))
         print(f"predict_mask {name}: {t:.3f} ms = {100 * t / dense:.2f} % of cuDNN dense")

@@ -66,6 +66,17 @@ EMIT_PARAMS = ParamStruct("EmitParams", (
     ("bits", "in"), ("counts", "out"), ("offsets", "in"), ("out", "out"), ("words", "i32"), ("kv_len", "i32"),
     ("sub_rows", "i32"), ("out_rows", "i32"), ("group", "i32"), ("slice_m", "i32"), ("add_band", "i32"),
 ))
+#: The sliding-max kernel (mask_dilate.cu): keys per CTA, outputs per thread, largest radius.
+DILATE_RUN = 8
+DILATE_THREADS = 256
+DILATE_TILE = DILATE_RUN * DILATE_THREADS
+DILATE_MAX_RADIUS = 64
+DILATE_CONSTANTS = {"kDilateTile": DILATE_TILE, "kDilateRun": DILATE_RUN, "kDilateThreads": DILATE_THREADS,
+                    "kDilateMaxRadius": DILATE_MAX_RADIUS}
+#: fg::dilate_rows' one argument.
+DILATE_PARAMS = ParamStruct("DilateParams", (
+    ("src", "in"), ("dst", "out"), ("ld", "i32"), ("kv_len", "i32"), ("radius", "i32"),
+))
 #: Score-row storage the selection kernel reads (template S of fg::select_rows).
 SELECT_SCORES = {"float32": "fg::F32Scores", "float16": "fg::F16Scores"}
 
@@ -241,6 +252,31 @@ class EmitSpec:
         return self.template
 
 
+@dataclass(frozen=True)
+class DilateSpec:
+    """``fg::dilate_rows``: each score row's sliding maximum over keys j - radius .. j + radius."""
+
+    source = "mask_dilate.cu"
+    template = "fg::dilate_rows"
+    extra_options = ()
+    threads = DILATE_THREADS
+    params = DILATE_PARAMS
+    constants = DILATE_CONSTANTS
+    smem_bytes = 0
+
+    @property
+    def name(self) -> str:
+        return "dilate_rows"
+
+    @property
+    def name_expression(self) -> str:
+        return self.template
+
+    @staticmethod
+    def grid(rows: int, ld: int) -> tuple:
+        return (rows * (-(-ld // DILATE_TILE)),)
+
+
 def all_mask_specs() -> list:
     """Every mask-prediction specialization fgcupy ships (and the CPU tests compile)."""
     specs = []
@@ -255,7 +291,7 @@ def all_mask_specs() -> list:
             specs.append(ScoreSpec(dtype, d, "maxprob", 4))
             specs.append(ScoreSpec(dtype, d, "maxprob", 8))
     selects = [SelectSpec(staged, scores) for staged in (True, False) for scores in SELECT_SCORES]
-    return specs + selects + [EmitSpec()]
+    return specs + selects + [EmitSpec(), DilateSpec()]
 
 
 def all_sm90_mask_specs() -> list:

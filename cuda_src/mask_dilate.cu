@@ -1,0 +1,62 @@
+// Sliding maximum along score rows: out[r][j] = max of src[r][j - radius .. j + radius], keys
+// outside [0, kv_len) left out (mask_reference.dilate_keys). A sampled sub-block's scores are
+// dilated this way so that its other queries, which look at shifted keys, are covered.
+//
+// One CTA handles kDilateTile keys of one row: it stages the tile and `radius` keys either side
+// in shared memory, then each thread writes kDilateRun consecutive outputs. For radius >= 4 the
+// windows of a thread's run share a core [j + run - 1 - radius, j + radius], read once; the rest
+// of each window is a running max from either end (about 5 shared-memory reads per output at
+// radius 16, against 33 for the plain loop). The pass is bound by DRAM: one read, one write.
+#include "common.cuh"
+
+namespace fg {
+
+// kDilateTile, kDilateRun, kDilateThreads and kDilateMaxRadius come from fgcupy/jit/score_spec.py
+// (DILATE_CONSTANTS), written ahead of this source with the DilateParams struct.
+static_assert(kDilateTile == kDilateThreads * kDilateRun, "each thread writes one run");
+static_assert(kDilateRun == 8, "runs are stored as two float4");
+
+__global__ void __launch_bounds__(kDilateThreads) dilate_rows(const __grid_constant__ DilateParams p) {
+  __shared__ float s[kDilateTile + 2 * kDilateMaxRadius];
+  const int tiles = (p.ld + kDilateTile - 1) / kDilateTile;
+  const i64 row = blockIdx.x / tiles;
+  const int t0 = static_cast<int>(blockIdx.x % tiles) * kDilateTile;
+  const int r = p.radius;
+  const float* src = static_cast<const float*>(p.src) + row * p.ld;
+  for (int i = threadIdx.x; i < kDilateTile + 2 * r; i += kDilateThreads) {
+    const int key = t0 - r + i;
+    s[i] = (key >= 0 && key < p.kv_len) ? src[key] : FG_NEG_INF;
+  }
+  __syncthreads();
+  const int j = threadIdx.x * kDilateRun;  // first output of the run, local; its window starts at s[j]
+  if (t0 + j >= p.ld) return;
+  float out[kDilateRun];
+  if (r >= kDilateRun / 2) {
+    float core = FG_NEG_INF;
+    for (int i = j + kDilateRun - 1; i <= j + 2 * r; ++i) core = fmaxf(core, s[i]);
+    float left = FG_NEG_INF;  // max of s[j + u .. j + kDilateRun - 1] (its last key is in the core)
+#pragma unroll
+    for (int u = kDilateRun - 1; u >= 0; --u) {
+      left = fmaxf(left, s[j + u]);
+      out[u] = fmaxf(core, left);
+    }
+    float right = FG_NEG_INF;  // max of s[j + 2r + 1 .. j + u + 2r]
+#pragma unroll
+    for (int u = 1; u < kDilateRun; ++u) {
+      right = fmaxf(right, s[j + u + 2 * r]);
+      out[u] = fmaxf(out[u], right);
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < kDilateRun; ++u) {
+      float m = FG_NEG_INF;
+      for (int i = 0; i <= 2 * r; ++i) m = fmaxf(m, s[j + u + i]);
+      out[u] = m;
+    }
+  }
+  float4* dst = reinterpret_cast<float4*>(static_cast<float*>(p.dst) + row * p.ld + t0 + j);
+  dst[0] = make_float4(out[0], out[1], out[2], out[3]);
+  dst[1] = make_float4(out[4], out[5], out[6], out[7]);
+}
+
+}  // namespace fg
