@@ -1,5 +1,6 @@
 // Sliding maximum along score rows: out[r][j] = max of src[r][j - radius .. j + radius], keys
-// outside [0, kv_len) left out (mask_reference.dilate_keys). A sampled sub-block's scores are
+// outside [0, kv_len) left out (mask_reference.dilate_keys); with `mul`, out = sqrt(mul * that)
+// (the geometric mean of pooling "both"; `dst` may be `mul`). A sampled sub-block's scores are
 // dilated this way so that its other queries, which look at shifted keys, are covered.
 //
 // One CTA handles kDilateTile keys of one row: it stages the tile and `radius` keys either side
@@ -53,6 +54,13 @@ __global__ void __launch_bounds__(kDilateThreads) dilate_rows(const __grid_const
       for (int i = 0; i <= 2 * r; ++i) m = fmaxf(m, s[j + u + i]);
       out[u] = m;
     }
+  }
+  if (p.mul != nullptr) {  // the geometric mean with another score array (pooling "both")
+    const float4* m = reinterpret_cast<const float4*>(static_cast<const float*>(p.mul) + row * p.ld + t0 + j);
+    const float4 m0 = m[0], m1 = m[1];
+    const float other[kDilateRun] = {m0.x, m0.y, m0.z, m0.w, m1.x, m1.y, m1.z, m1.w};
+#pragma unroll
+    for (int u = 0; u < kDilateRun; ++u) out[u] = sqrtf(out[u] * other[u]);
   }
   float4* dst = reinterpret_cast<float4*>(static_cast<float*>(p.dst) + row * p.ld + t0 + j);
   dst[0] = make_float4(out[0], out[1], out[2], out[3]);

@@ -85,8 +85,8 @@ class GpuPrediction:
             self.rows = ref.pool_queries(qh, req.pool).to(qh.dtype).contiguous()
         self.samples = samples if req.pooling == "both" else None
         self.sub_rows = self.rows.shape[2]
-        # Score buffers alive at once per head: the block scores, a dilated copy, the other pooling's.
-        buffers = {"mean": 1, "sample": 2, "both": 3}[req.pooling]
+        # Score buffers alive at once per head: the block scores and, sampled, the raw sampled scores.
+        buffers = {"mean": 1, "sample": 2, "both": 2}[req.pooling]
         per_head = self.sub_rows if kind in ("mean", "union") else self.q_blocks * buffers
         self.chunk = max(1, min(self.bh, workspace_bytes // max(1, per_head * self.ld * self.itemsize)))
         # Sizes known from the shapes (top-k with one selection per block): fused emit, no sync.
@@ -107,26 +107,31 @@ class GpuPrediction:
             mode = "logits_f16" if req.logits_dtype == torch.float16 else "logits"
             return gpu_scores(mode, self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, warps=8)
         if kind == "submax":
-            scores = self._subblock_scores(self.rows, req.pooling == "sample", bh0, nbh)
-            if req.pooling == "both":  # mask_reference.pooled_scores: the geometric mean
-                scores.mul_(self._subblock_scores(self.samples, True, bh0, nbh)).sqrt_()
-            return scores, None
+            return self._pooled_scores(bh0, nbh), None
         lse = self.lse.reshape(self.bh, self.q_len)[bh0 : bh0 + nbh]
         return gpu_scores("maxprob", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=lse,
                           group=req.slice_m, warps=4 if req.slice_m <= 64 else 8), None
 
-    def _subblock_scores(self, rows, sampled, bh0, nbh):
-        """mask_reference.subblock_scores of one chunk of heads: [nbh, QB, ld] float32."""
+    def _pooled_scores(self, bh0, nbh):
+        """mask_reference.pooled_scores of one chunk of heads: [nbh, QB, ld] float32."""
+        req = self.req
+        scores, sub_lse = self._raw_scores(self.rows, bh0, nbh)
+        if req.pooling == "sample":
+            scores = gpu_dilate(scores, req.pool // 2, self.kv_len)
+        elif req.pooling == "both":  # the geometric mean, written into the mean rows' scores
+            gpu_dilate(self._raw_scores(self.samples, bh0, nbh)[0], req.pool // 2, self.kv_len, mul=scores)
+        if req.exact_band is not None:
+            self._refine_band(scores, sub_lse, bh0, nbh)
+        return scores
+
+    def _raw_scores(self, rows, bh0, nbh):
+        """(max-prob scores [nbh, QB, ld], LSE [nbh, R]) of one chunk of heads' pooled rows."""
         req = self.req
         # 8 warps (128 rows per CTA): K is read half as often as with 4.
         sub_lse = gpu_scores("stats", rows, self.kh, req.scale, bh0=bh0, nbh=nbh, warps=8)
         scores = gpu_scores("maxprob", rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=sub_lse, group=req.group,
                             warps=8)
-        if sampled:
-            scores = gpu_dilate(scores, req.pool // 2, self.kv_len)
-        if req.exact_band is not None:
-            self._refine_band(scores, sub_lse, bh0, nbh)
-        return scores
+        return scores, sub_lse
 
     def _refine_band(self, scores, sub_lse, bh0, nbh):
         """Exact column maxima on each block's band (mask_reference.refine_band), in place."""

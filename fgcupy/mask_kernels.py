@@ -214,24 +214,28 @@ def gpu_emit(bits: torch.Tensor, kv_len: int, sub_rows: int, group: int, slice_m
         launch(spec, bits.device, (n * out_rows,), params)
 
 
-def gpu_dilate(scores: torch.Tensor, radius: int, kv_len: int) -> torch.Tensor:
-    """fg::dilate_rows on float32 score rows [..., ld]: a new tensor whose first ``kv_len`` keys
-    of each row hold the max over keys j - radius .. j + radius (mask_reference.dilate_keys;
-    radii beyond DILATE_MAX_RADIUS, from sub-blocks of more than 128 queries, run that)."""
+def gpu_dilate(scores: torch.Tensor, radius: int, kv_len: int, *, mul: torch.Tensor | None = None) -> torch.Tensor:
+    """fg::dilate_rows on float32 score rows [..., ld]: the first ``kv_len`` keys of each row
+    raised to the max over keys j - radius .. j + radius (mask_reference.dilate_keys), in a new
+    tensor; with ``mul`` (same shape) sqrt(mul * that), written into ``mul``. Radii beyond
+    DILATE_MAX_RADIUS (sub-blocks of more than 128 queries) run the torch reference."""
     if radius > DILATE_MAX_RADIUS:
-        return dilate_keys(scores, radius, kv_len)
-    if scores.dtype != torch.float32 or not scores.is_contiguous() or scores.data_ptr() % 16 or scores.shape[-1] % 8:
-        raise ValueError(f"score rows must be contiguous, 16-byte aligned float32 with ld a multiple of 8; got "
-                         f"shape {tuple(scores.shape)}, {scores.dtype}")
+        dilated = dilate_keys(scores, radius, kv_len)
+        return dilated if mul is None else mul.mul_(dilated).sqrt_()
+    for name, t in (("scores", scores), ("mul", mul)):
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.data_ptr() % 16
+                              or t.shape[-1] % 8 or t.shape != scores.shape):
+            raise ValueError(f"{name} rows must be contiguous, 16-byte aligned float32 of one shape with ld a "
+                             f"multiple of 8; got shape {tuple(t.shape)}, {t.dtype}")
     if radius < 0:
         raise ValueError(f"radius must be >= 0, got {radius}")
     ld = scores.shape[-1]
     if not 0 <= kv_len <= ld:
         raise ValueError(f"kv_len must be in [0, ld={ld}], got {kv_len}")
-    out = torch.empty_like(scores)
+    out = torch.empty_like(scores) if mul is None else mul
     rows = scores.numel() // ld if ld else 0
     if rows:
         spec = DilateSpec()
         launch(spec, scores.device, spec.grid(rows, ld),
-               spec.params.pack(src=scores, dst=out, ld=ld, kv_len=kv_len, radius=radius))
+               spec.params.pack(src=scores, mul=mul, dst=out, ld=ld, kv_len=kv_len, radius=radius))
     return out

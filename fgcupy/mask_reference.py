@@ -145,25 +145,26 @@ def refine_band(scores: torch.Tensor, q, k, sub_lse: torch.Tensor, pool: int, sl
     return out
 
 
-def subblock_scores(q, k, pool: int, slice_m: int, exact_band, scale: float, sampled: bool) -> torch.Tensor:
-    """float32 [B, H, QB, S]: max-prob scores of sub-blocks scored by their mean query or, if
-    ``sampled``, by their middle query with dilated scores; raised on the exact band."""
+def raw_subblock_scores(q, k, pool: int, slice_m: int, scale: float, sampled: bool) -> tuple:
+    """(float32 [B, H, QB, S] max-prob scores, their rows' LSE [B, H, R]) of sub-blocks scored
+    by their mean query or, if ``sampled``, by their middle query with dilated scores."""
     rows = q[:, :, sample_rows(q.shape[2], pool, q.device)] if sampled else rounded(pool_queries(q, pool), q.dtype)
     _, sub_lse = logits_and_lse(rows, k, scale)
     scores = maxprob_scores(rows, k, sub_lse, slice_m // pool, scale)
-    if sampled:
-        scores = dilate_keys(scores, pool // 2)
-    if exact_band is not None:
-        scores = refine_band(scores, q, k, sub_lse, pool, slice_m, exact_band, scale)
-    return scores
+    return (dilate_keys(scores, pool // 2) if sampled else scores), sub_lse
 
 
 def pooled_scores(q, k, pool: int, slice_m: int, exact_band, scale: float, pooling: str) -> torch.Tensor:
-    """The scores of a sub-block prediction (``pooling`` "mean", "sample" or "both")."""
+    """The scores of a sub-block prediction: ``pooling`` "mean" or "sample" (raw_subblock_scores),
+    or "both" (the geometric mean of the two); raised to the exact column maxima on each block's
+    band, with the mean rows' LSE standing for the rest of a query's mass (the sampled rows'
+    with "sample")."""
+    scores, sub_lse = raw_subblock_scores(q, k, pool, slice_m, scale, pooling == "sample")
     if pooling == "both":
-        return torch.sqrt(subblock_scores(q, k, pool, slice_m, exact_band, scale, False)
-                          * subblock_scores(q, k, pool, slice_m, exact_band, scale, True))
-    return subblock_scores(q, k, pool, slice_m, exact_band, scale, pooling == "sample")
+        scores = torch.sqrt(scores * raw_subblock_scores(q, k, pool, slice_m, scale, True)[0])
+    if exact_band is not None:
+        scores = refine_band(scores, q, k, sub_lse, pool, slice_m, exact_band, scale)
+    return scores
 
 
 def colmax_scores(q, k, lse, slice_m: int, scale: float) -> torch.Tensor:

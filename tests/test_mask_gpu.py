@@ -132,6 +132,9 @@ def test_dilated_rows_match_the_reference(rows, kv_len, radius, seed):
     got = mask_kernels.gpu_dilate(scores, radius, kv_len)
     expected = ref.dilate_keys(values.to(DEVICE)[None], radius)
     assert torch.equal(got[..., :kv_len], expected)
+    other = _padded(torch.rand(rows, kv_len, generator=gen))
+    mean = mask_kernels.gpu_dilate(scores, radius, kv_len, mul=other.clone())
+    torch.testing.assert_close(mean[..., :kv_len], torch.sqrt(other[..., :kv_len] * expected), rtol=1e-6, atol=0)
 
 
 def _padded(values, dtype=torch.float32):

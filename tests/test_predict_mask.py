@@ -257,19 +257,20 @@ def test_pooling_follows_the_default_and_is_refused_where_it_cannot_apply():
 
 def test_sampled_prediction_equals_the_reference_pipeline():
     """predict_mask (CPU: the op's reference path) with sampled rows, and with both poolings, at
-    the default pool and band: scoring, dilation, exact bands, geometric mean, top-k; against
-    the steps written out."""
+    the default pool and band: scoring, dilation, geometric mean, exact band (with the mean rows'
+    LSE for "both"), top-k; against the steps written out."""
     gen = torch.Generator().manual_seed(4)
     q, k = torch.randn(1, 2, 300, 32, generator=gen), torch.randn(1, 2, 260, 32, generator=gen)
     scale = 1 / math.sqrt(32)
-    blocks = {}
+    raw = {}
     for pooling, rows in (("mean", ref.rounded(ref.pool_queries(q, 32), q.dtype)),
                           ("sample", q[:, :, ref.sample_rows(300, 32)])):
         _, lse = ref.logits_and_lse(rows, k, scale)
         scores = ref.maxprob_scores(rows, k, lse, 2, scale)
-        scores = ref.dilate_keys(scores, 16) if pooling == "sample" else scores
-        blocks[pooling] = ref.refine_band(scores, q, k, lse, 32, 64, 64, scale)
-    blocks["both"] = (blocks["mean"] * blocks["sample"]).sqrt()
+        raw[pooling] = (ref.dilate_keys(scores, 16) if pooling == "sample" else scores), lse
+    (mean, mean_lse), (sample, sample_lse) = raw["mean"], raw["sample"]
+    blocks = {"sample": ref.refine_band(sample, q, k, sample_lse, 32, 64, 64, scale),
+              "both": ref.refine_band((mean * sample).sqrt(), q, k, mean_lse, 32, 64, 64, scale)}
     for pooling in ("sample", "both"):
         got = predict_mask(q, k, 64, "topk", top_k=40, pooling=pooling)
         assert torch.equal(got.to_dense(), ref.select(blocks[pooling], "topk", k=40)), pooling

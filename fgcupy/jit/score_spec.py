@@ -75,7 +75,7 @@ DILATE_CONSTANTS = {"kDilateTile": DILATE_TILE, "kDilateRun": DILATE_RUN, "kDila
                     "kDilateMaxRadius": DILATE_MAX_RADIUS}
 #: fg::dilate_rows' one argument.
 DILATE_PARAMS = ParamStruct("DilateParams", (
-    ("src", "in"), ("dst", "out"), ("ld", "i32"), ("kv_len", "i32"), ("radius", "i32"),
+    ("src", "in"), ("mul", "in"), ("dst", "out"), ("ld", "i32"), ("kv_len", "i32"), ("radius", "i32"),
 ))
 #: Score-row storage the selection kernel reads (template S of fg::select_rows).
 SELECT_SCORES = {"float32": "fg::F32Scores", "float16": "fg::F16Scores"}
