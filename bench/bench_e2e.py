@@ -61,7 +61,8 @@ def build_wan(layers: int, dtype=torch.bfloat16):
 
 
 def make_predictor(name: str, density: float, tau: float):
-    """'topk' (at ``density``) / 'tau' (mass ``tau``): fgcupy.predict_mask; 'random': uniform random
+    """'topk' (at ``density``) / 'tau' (mass ``tau``): fgcupy.predict_mask; 'colmax': the exact
+    schedule (column-max top-k at ``density`` from each refresh's dense LSE); 'random': uniform random
     keys at ``density`` (the same work for the kernel, next to no prediction cost); 'auto': topk
     where fgcupy has predict_mask, else random."""
     if name == "auto":
@@ -144,17 +145,20 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
     schedule = fd.SparseAttentionConfig(dense_steps=args.dense_steps, refresh_every=args.refresh_every, **predictor)
     n_dense, n_refresh, n_reuse = schedule_counts(schedule, args.steps)
     amortised = (n_dense * stock + n_refresh * refresh + n_reuse * reuse) / args.steps
+    mask_share = n_refresh * (refresh - reuse) / args.steps / stock_attn  # per step, of stock attention
     row = dict(seq=seq, density=density, stock_block_ms=stock, stock_attention_ms=stock_attn,
                stock_attention_share=stock_attn / stock, fgcupy_reuse_block_ms=reuse,
                fgcupy_refresh_block_ms=refresh, refresh_overhead_ms=refresh - reuse,
                fgcupy_attention_ms=sparse_attn, fgcupy_attention_share=sparse_attn / reuse,
                schedule=dict(steps=args.steps, dense=n_dense, refresh=n_refresh, reuse=n_reuse),
                amortised_block_ms=amortised, speedup_steady=stock / reuse, speedup_amortised=stock / amortised,
-               attention_speedup=stock_attn / sparse_attn, first_call_s=first_call_s)
+               attention_speedup=stock_attn / sparse_attn, first_call_s=first_call_s,
+               amortised_mask_share=mask_share)
     print(f"seq {seq:6d}  density {density:.3f}  block: stock {stock:7.2f} ms (attention {stock_attn:7.2f} ms, "
           f"{100 * stock_attn / stock:4.1f} %) | fgcupy reuse {reuse:7.2f} ms (attention {sparse_attn:7.2f} ms, "
           f"{100 * sparse_attn / reuse:4.1f} %), refresh {refresh:7.2f} ms | {args.steps}-step average "
-          f"{amortised:7.2f} ms -> x{stock / amortised:.2f} (steady x{stock / reuse:.2f})", flush=True)
+          f"{amortised:7.2f} ms -> x{stock / amortised:.2f} (steady x{stock / reuse:.2f}); refresh cost per step "
+          f"{100 * mask_share:.1f} % of stock attention", flush=True)
     del model, block, handle, plan, q, k, v, hidden, context, temb, rotary
     torch.cuda.empty_cache()
     return row
@@ -211,7 +215,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seqs", type=int, nargs="+", default=[32_760, 75_600], choices=sorted(GRIDS))
     parser.add_argument("--density", type=float, default=0.1)
-    parser.add_argument("--predictor", default="auto", choices=["auto", "topk", "tau", "random"])
+    parser.add_argument("--predictor", default="auto", choices=["auto", "topk", "tau", "colmax", "random"],
+                        help="colmax: the exact schedule (a refresh runs dense attention and its column max)")
     parser.add_argument("--tau", type=float, default=0.9, help="probability mass kept by --predictor tau")
     parser.add_argument("--slice-m", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50, help="schedule length the refresh cost is spread over")

@@ -213,11 +213,13 @@ def dense_attention_with_lse(q, k, v, slice_m: int = 128, key_valid=None, scale:
     out = torch.empty_like(q_t)
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
     head_axis = 1 if layout == "HND" else 2
+    masks = {}  # one full mask per group size, shared by the groups
     for h0 in range(0, heads, group):
         h1 = min(heads, h0 + group)
-        full = SliceMask.full(batch, h1 - h0, q_len, kv_len, slice_m, device=qh.device)
-        if key_valid is not None:
-            full = drop_keys(full, key_valid)
+        if h1 - h0 not in masks:
+            full = SliceMask.full(batch, h1 - h0, q_len, kv_len, slice_m, device=qh.device)
+            masks[h1 - h0] = full if key_valid is None else drop_keys(full, key_valid)
+        full = masks[h1 - h0]
         part = [x.narrow(head_axis, h0, h1 - h0) for x in (q_t, k_t, v_t, out)]
         _, part_lse = sparse_attention(*part[:3], full, scale=scale, layout=layout, out=part[3], return_lse=True)
         lse[:, h0:h1] = part_lse

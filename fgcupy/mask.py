@@ -169,9 +169,12 @@ class SliceMask:
     def full(cls, batch: int, heads: int, q_len: int, kv_len: int, slice_m: int, device=None) -> "SliceMask":
         """Every key for every query block: dense attention through the sparse kernel."""
         q_blocks = num_blocks(q_len, slice_m)
-        keys = torch.arange(kv_len, dtype=torch.int32, device=device)
-        topk = keys.expand(batch, heads, q_blocks, kv_len)
-        return cls.from_topk(topk, slice_m, q_len, kv_len)
+        rows = batch * heads * q_blocks
+        if rows * kv_len > torch.iinfo(torch.int32).max:
+            raise ValueError(f"{rows} rows x {kv_len} keys exceed int32 offsets")
+        indices = torch.arange(kv_len, dtype=torch.int32, device=device).repeat(rows)  # sorted already
+        flat = torch.arange(rows + 1, dtype=torch.int32, device=device) * kv_len
+        return cls(indptr_from_offsets(flat, batch, heads, q_blocks), indices, slice_m, q_len, kv_len)
 
     # ---- views ----
     def flat_rows(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -157,3 +157,21 @@ def test_cpu_model_on_a_gpu_machine_is_a_clear_error():
     with pytest.raises(RuntimeError, match="Move the transformer to the GPU"):
         with torch.no_grad():
             model(latents, torch.tensor([500]), text)
+
+
+def test_exact_schedule_on_the_kernel():
+    """predictor="colmax" on CUDA: each refresh step runs dense attention through the kernel (its
+    output matches the stock trajectory to bf16 noise) and keeps the exact column-max mask; the
+    sparse steps between stay near dense."""
+    _, model = bf16_pair(tiny_wan(head_dim=128))
+    latents, text = wan_inputs(frames=3, size=32, device=CUDA)
+    dense = wan_trajectory(model, latents, text, 5)
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor="colmax", density=0.3, dense_steps=1,
+                                                      refresh_every=2))
+    ours = wan_trajectory(model, latents, text, 5)
+    assert relative_l2(ours[1], dense[1]) < 2e-2  # refresh: dense through the kernel
+    for step, (o, d) in enumerate(zip(ours, dense)):
+        assert relative_l2(o, d) < 5e-2, step
+    stats = handle.stats()
+    assert all(s.refresh_steps == [1, 3] for s in stats.values())
+    assert abs(handle.mask("blocks.0.attn1").density() - 0.3) < 0.02

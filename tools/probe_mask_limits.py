@@ -1,0 +1,86 @@
+"""How close can a cheap predictor get to the oracle? Idealised predictors on the hard families.
+
+    PYTHONPATH=. python -m tools.probe_mask_limits [--grid 5x30x52] [--heads 2] [--families ...]
+
+Each line is error / oracle error (fgcupy.oracle.Judge, top-k at d = 0.1 and 0.3) of a
+predictor that is given more than a real one has, so a real predictor of that kind can do no
+better:
+* "column sum": keys ranked by the block's summed probability (a different yardstick than the
+  oracle's column max; about 1.0 means the two agree);
+* "colmax dilated 1": the exact column maxima widened by one key either side (what dilation
+  costs even on exact scores);
+* "every 2nd/8th query": the exact column max over a subset of the block's queries, with their
+  exact LSE (8th: dilated by 4 keys);
+* "exact on top C": the default "both" scores, with the exact column max on each block's top C
+  fraction of keys by those scores (a two-stage predictor whose second stage is free).
+Runs on the CPU (torch reference) or on a GPU (--device cuda).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from fgcupy import mask_reference as ref
+from fgcupy.head_families import FAMILIES, family_qkv
+from fgcupy.mask import SliceMask
+from fgcupy.oracle import Judge, keys_for
+from fgcupy.workloads import VideoShape
+
+SLICE_M = 128
+
+
+def column_stat(q, k, lse, rows, scale, reduce):
+    """[B, H, QB, S]: per query block, the max or sum of exact probabilities over ``rows``."""
+    blocks = math.ceil(q.shape[2] / SLICE_M)
+    out = torch.zeros(q.shape[0], q.shape[1], blocks, k.shape[2], device=q.device)
+    kf = k.float()
+    for b in range(blocks):
+        r = rows[(rows >= b * SLICE_M) & (rows < (b + 1) * SLICE_M)]
+        p = torch.exp(torch.matmul(q[:, :, r].float(), kf.transpose(-1, -2)) * scale - lse[:, :, r].unsqueeze(-1))
+        out[:, :, b] = p.amax(2) if reduce == "max" else p.sum(2)
+    return out
+
+
+def predictors(q, k, judge, scale):
+    rows = torch.arange(q.shape[2], device=q.device)
+    yield "column sum", column_stat(q, k, judge.lse, rows, scale, "sum")
+    yield "colmax dilated 1", ref.dilate_keys(judge.colmax, 1)
+    yield "every 2nd query", column_stat(q, k, judge.lse, rows[::2], scale, "max")
+    yield "every 8th query, dilated 4", ref.dilate_keys(column_stat(q, k, judge.lse, rows[4::8], scale, "max"), 4)
+    both = ref.pooled_scores(q, k, 64, SLICE_M, 64, scale, "both")
+    yield "both 64 + band 64", both
+    for frac in (0.1, 0.2):
+        top = both.topk(keys_for(frac, k.shape[2]), -1).indices
+        yield f"both, exact on top {frac}", both.scatter(-1, top, judge.colmax.gather(-1, top))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grid", default="5x30x52")
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--families", nargs="+", default=["gauss-sharp", "mixture"], choices=list(FAMILIES))
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    grid = tuple(int(n) for n in args.grid.split("x"))
+    shape = VideoShape(f"grid {args.grid}", 1, args.heads, 128, grid)
+    scale = 1 / math.sqrt(shape.head_dim)
+    print(f"grid {grid} ({shape.seq} tokens), {args.heads} heads per family, device {args.device}")
+    for family in args.families:
+        q, k, v = family_qkv(shape, family, heads=args.heads, device=args.device)
+        judge = Judge(q, k, v, SLICE_M, scale)
+        kv_len = k.shape[2]
+        print(f"{family}: oracle error " + ", ".join(f"d={d}: {judge.oracle_error(d):.4f}" for d in (0.1, 0.3)))
+        for name, scores in predictors(q, k, judge, scale):
+            ratios = []
+            for d in (0.1, 0.3):
+                top = scores.topk(keys_for(d, kv_len), dim=-1).indices.sort(-1).values
+                mask = SliceMask.from_topk(top.to(torch.int32), SLICE_M, q.shape[2], kv_len)
+                ratios.append(f"x{judge.ratio(mask)[1]:.2f}")
+            print(f"  {name:28s} d=0.1 {ratios[0]}  d=0.3 {ratios[1]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
