@@ -13,7 +13,7 @@ import torch
 
 from . import bridge
 from .jit.launch import launch
-from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_MAX_SMEM,  # noqa: F401 - RULE_IDS: public
+from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_LARGE_SMEM, SELECT_MAX_SMEM,  # noqa: F401
                              SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DilateSpec, EmitSpec, ScoreSpec,
                              SelectSpec, Sm90ScoreSpec)
 from .mask import num_blocks
@@ -150,9 +150,13 @@ _SCORE_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
 
 
 def _select_spec(device: torch.device, ld: int, scores: str = "float32") -> SelectSpec:
-    """The staged kernel where the row fits the shared memory this GPU grants, else global."""
+    """The staged kernel where the row fits the shared memory this GPU grants (the larger cap
+    where it grants that, 1 KB left for static shared memory), else the global one."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return SelectSpec(staged=SelectSpec.fits(ld) and _smem_optin(index) >= SELECT_MAX_SMEM + 1024, scores=scores)
+    optin = _smem_optin(index)
+    cap = SELECT_LARGE_SMEM if optin >= SELECT_LARGE_SMEM + 1024 else SELECT_MAX_SMEM
+    staged = SelectSpec.fits(ld, cap) and optin >= cap + 1024
+    return SelectSpec(staged=staged, scores=scores, max_smem=cap if staged else SELECT_MAX_SMEM)
 
 
 def bit_words(kv_len: int) -> int:

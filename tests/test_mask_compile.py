@@ -7,7 +7,7 @@ import pytest
 from fgcupy.jit import report as report_mod
 from fgcupy import mask_kernels
 from fgcupy.jit.score_spec import (
-    SELECT_FIXED_SMEM, SELECT_MAX_SMEM, EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec, all_mask_specs,
+    SELECT_FIXED_SMEM, SELECT_LARGE_SMEM, SELECT_MAX_SMEM, EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec, all_mask_specs,
     all_sm90_mask_specs,
 )
 from fgcupy.jit.spec import MAX_SMEM_BYTES_SM90_PER_SM
@@ -61,7 +61,12 @@ def test_select_staging_limit():
     assert SelectSpec.fits(wan_row) and SelectSpec(True).launch_smem(wan_row) <= SELECT_MAX_SMEM
     # Staged 16-bit bins: two CTAs share an SM on Hopper (228 KB, 1 KB reserved per CTA).
     assert 2 * (SelectSpec(True).launch_smem(wan_row) + 1024) <= 228 * 1024
-    assert not SelectSpec.fits(75_600)  # wan 720p rows are read from global memory
+    assert not SelectSpec.fits(75_600)  # wan 720p rows: global memory within sm_80's 163 KB
+    assert SelectSpec.fits(75_600, SELECT_LARGE_SMEM) and SelectSpec.fits(81_920, SELECT_LARGE_SMEM)
+    assert not SelectSpec.fits(81_952, SELECT_LARGE_SMEM)
+    assert SelectSpec(True, max_smem=SELECT_LARGE_SMEM).smem_bytes + 1024 <= 227 * 1024  # sm_90's opt-in
+    with pytest.raises(ValueError, match="max_smem"):
+        SelectSpec(True, max_smem=100_000)
 
 
 @pytest.mark.parametrize(

@@ -259,9 +259,16 @@ def test_predict_mask_matches_reference(config, shape):
         assert (got.row_lengths().long() == expected_lengths).all()
 
 
-def test_long_rows_use_the_global_selection_kernel():
-    q, k = _inputs(3, 1, 1, 200, 75_600, 64, torch.float16)
-    assert not SelectSpec.fits(mask_kernels.row_stride(75_600))
+@pytest.mark.parametrize("kv_len", [75_600, 100_000])
+def test_long_rows_select_correctly(kv_len):
+    """Rows past sm_80's staging limit: staged in the larger shared memory where the GPU grants
+    it (Hopper, up to 81,920 keys), else read from global memory."""
+    q, k = _inputs(3, 1, 1, 200, kv_len, 64, torch.float16)
+    ld = mask_kernels.row_stride(kv_len)
+    assert not SelectSpec.fits(ld)
+    spec = mask_kernels._select_spec(q.device, ld)
+    optin = mask_kernels._smem_optin(q.device.index or 0)
+    assert spec.staged == (kv_len <= 81_920 and optin >= mask_kernels.SELECT_LARGE_SMEM + 1024)
     got = predict_mask(q, k, 64, "tau", tau=0.9, **MEAN).validate().to_dense()
     rows = ref.rounded(ref.pool_queries(q, 64), torch.float16)
     logits, lse = ref.logits_and_lse(rows, k, 1 / 8)

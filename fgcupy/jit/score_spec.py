@@ -47,6 +47,8 @@ SELECT_STAGED_BYTES = 2
 #: Dynamic shared memory cap of the staged selection kernel: sm_80 allows 163 KB per block,
 #: static shared memory included (about 200 bytes here), so stay a little below.
 SELECT_MAX_SMEM = 162 * 1024
+#: The cap where the GPU grants it (sm_90: 227 KB per block): staged rows up to 81,920 keys.
+SELECT_LARGE_SMEM = 226 * 1024
 EMIT_THREADS = 256
 #: The C++ constants each mask kernel source is compiled with (source.kernel_source writes them).
 SCORE_CONSTANTS = {"kScoreKeyTile": SCORE_KEY_TILE, "kSm90ScoreRows": SM90_SCORE_ROWS,
@@ -194,6 +196,7 @@ class SelectSpec:
 
     staged: bool = True
     scores: str = "float32"
+    max_smem: int = SELECT_MAX_SMEM  # dynamic shared memory the staged kernel may ask for
 
     source = "mask_select.cu"
     template = "fg::select_rows"
@@ -205,6 +208,7 @@ class SelectSpec:
 
     def __post_init__(self):
         _check_choice("scores", self.scores, SELECT_SCORES)
+        _check_choice("max_smem", self.max_smem, (SELECT_MAX_SMEM, SELECT_LARGE_SMEM))
 
     @property
     def name(self) -> str:
@@ -218,15 +222,15 @@ class SelectSpec:
     @property
     def smem_bytes(self) -> int:
         """The most dynamic shared memory a launch may ask for (the runtime's opt-in size)."""
-        return SELECT_MAX_SMEM if self.staged else SELECT_FIXED_SMEM
+        return self.max_smem if self.staged else SELECT_FIXED_SMEM
 
     def launch_smem(self, row_stride: int) -> int:
         return SELECT_FIXED_SMEM + (staged_bytes(row_stride) if self.staged else 0)
 
     @staticmethod
-    def fits(row_stride: int) -> bool:
-        """Whether a row of ``row_stride`` keys can be staged in shared memory."""
-        return SELECT_FIXED_SMEM + staged_bytes(row_stride) <= SELECT_MAX_SMEM
+    def fits(row_stride: int, max_smem: int = SELECT_MAX_SMEM) -> bool:
+        """Whether a row of ``row_stride`` keys can be staged in ``max_smem`` bytes."""
+        return SELECT_FIXED_SMEM + staged_bytes(row_stride) <= max_smem
 
 
 @dataclass(frozen=True)
