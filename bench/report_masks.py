@@ -2,7 +2,8 @@
 
     PYTHONPATH=. python -m bench.report_masks --json masks.json
     PYTHONPATH=. python -m bench.report_masks --device cpu --grid 9x30x52 --family-heads 4 \
-        --densities 0.1 0.3 --skip quality timing drift     (the families section on a CPU)
+        --densities 0.1 0.3 --skip quality timing drift     (the families section on a CPU;
+    --skip families quality timing: the drift section)
 
 0. Error against the oracle, per head family (fgcupy.head_families, --family-heads each; and
    the first heads of each fgcupy.workloads pattern, as "workload-<pattern>"): the
@@ -21,8 +22,9 @@
    launch work included) and GPU time with the call queued behind other work (as in a model,
    whose host runs ahead; host synchronisations still count).
 3. Drift: q and k evolve slowly (--drift radians of content noise per step); the step-0 mask
-   against a fresh one at later steps (fraction of kept slices that changed), and the error of
-   reusing the old mask vs predicting anew.
+   against a fresh one at later steps (fraction of kept slices that changed), the error of
+   reusing the old mask vs predicting anew, and the drift of q's and k's block means
+   (fgcupy.cache.means_drift: what SparseAttentionConfig(refresh_on_drift=...) compares).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 from bench.cases import sdpa_call
 from bench.timing import cuda_time_ms
 from fgcupy import SliceMask, mask_drift, mask_kernels, predict_mask, scoring
+from fgcupy.cache import block_means, means_drift
 from fgcupy import mask_reference as ref
 from fgcupy.head_families import FAMILIES, family_qkv, family_shape, mass_fraction
 from fgcupy.oracle import Judge, block_coherence, exact_lse
@@ -246,10 +249,13 @@ def timing_rows(args, shape, device):
 def drift_rows(args, shape, heads, device):
     rows = []
     methods = (("topk d=0.1", dict(method="topk", density=0.1)), ("tau=0.9", dict(method="tau", tau=0.9)))
-    first = {}
+    first, means0 = {}, None
     for step in [0] + args.drift_steps:
         q, k, v = video_qkv(shape, "mixed", head_ids=heads, seed=args.seed, device=device, step=step, drift=args.drift)
         qual = Quality(q, k, v)
+        means = block_means(q, 128), block_means(k, 128)
+        means0 = means if step == 0 else means0
+        signal = max(float(means_drift(a, b)) for a, b in zip(means0, means))  # what refresh_on_drift reads
         for label, kw in methods:
             fresh = predict_mask(q, k, 128, **kw)
             if step == 0:
@@ -259,10 +265,10 @@ def drift_rows(args, shape, heads, device):
             err_fresh, _ = qual.error(fresh)
             err_reused, _ = qual.error(first[label])
             row = dict(step=step, method=label, changed=moved["changed"], jaccard=moved["jaccard"],
-                       rel_l2_fresh=err_fresh, rel_l2_reused=err_reused)
+                       rel_l2_fresh=err_fresh, rel_l2_reused=err_reused, means_drift=signal)
             rows.append(row)
             print(f"  step {step:3d} {label:10s} changed {moved['changed']:.4f} jaccard {moved['jaccard']:.4f}  "
-                  f"rel L2 fresh {err_fresh:.4f} reused {err_reused:.4f}", flush=True)
+                  f"rel L2 fresh {err_fresh:.4f} reused {err_reused:.4f}  block-means drift {signal:.2e}", flush=True)
     return rows
 
 
@@ -287,7 +293,7 @@ def main(argv=None):
                         help="predictors of the families section")
     parser.add_argument("--grid", help="T x H x W latent grid replacing the preset's (e.g. 9x30x52)")
     parser.add_argument("--device", default="cuda",
-                        help="cuda, or cpu for the families section alone (torch reference; hours at full size)")
+                        help="cuda, or cpu for the families and drift sections (torch reference; hours at full size)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["families", "quality", "timing", "drift"])
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
@@ -296,8 +302,8 @@ def main(argv=None):
     shape = SHAPES[args.preset]
     if args.grid:
         shape = family_shape(shape, tuple(int(n) for n in args.grid.lower().split("x")))
-    if device.type != "cuda" and set(args.skip) != {"quality", "timing", "drift"}:
-        parser.error("off the GPU only the families section runs: --skip quality timing drift")
+    if device.type != "cuda" and not {"quality", "timing"} <= set(args.skip):
+        parser.error("off the GPU only the families and drift sections run: --skip quality timing")
     heads = args.quality_heads if args.quality_heads is not None else list(range(0, shape.heads, 5))
     header = (f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} | torch {torch.__version__} | preset {shape.name} "
               f"(B={shape.batch}, H={shape.heads}, S={shape.seq}, D={shape.head_dim}, grid {shape.grid}) | "

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from .mask import SliceMask, indptr_from_counts, num_blocks
+from .mask_reference import pool_queries
 from .scoring import predict_mask
 
 STORAGES = ("auto", "index", "bits")
@@ -233,3 +234,19 @@ def mask_drift(old: SliceMask, new: SliceMask) -> dict:
         "changed": (kept_new - both) / kept_new if kept_new else 0.0,
         "jaccard": 1.0 - both / either if either else 0.0,
     }
+
+
+def block_means(x: torch.Tensor, slice_m: int) -> torch.Tensor:
+    """float32 [B, H, QB, D]: the mean of each block of ``slice_m`` rows of x [B, H, S, D] (a
+    layer's fingerprint for :func:`means_drift`: a few kilobytes per head)."""
+    return pool_queries(x, slice_m)
+
+
+def means_drift(reference: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """1 - the mean cosine similarity of two :func:`block_means` (0-dim float32 on their device,
+    no host sync): 0 when nothing moved. A cheap stand-in for how far a mask went stale
+    (``bench.report_masks``' drift section prints it beside the share of kept slices a fresh
+    mask changes)."""
+    if reference.shape != current.shape:
+        raise ValueError(f"block means of different shapes: {tuple(reference.shape)} and {tuple(current.shape)}")
+    return 1.0 - torch.nn.functional.cosine_similarity(reference, current, dim=-1).mean()

@@ -236,6 +236,49 @@ def test_explicit_refresh_steps_and_shared_branches():
     assert counter.calls == 2
 
 
+@pytest.mark.parametrize("predictor", ["topk", "colmax"])
+def test_refresh_on_drift(predictor):
+    """refresh_on_drift re-predicts a layer's mask on the step its inputs moved (new latents), not
+    on steps that barely moved, besides the schedule (here: only the first sparse step)."""
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    moved = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
+    density = dict(density=0.5) if predictor == "topk" else {}
+    handle = fd.apply(model, cpu_config(predictor=predictor, refresh_every=100, refresh_on_drift=0.05, **density))
+    for step, x in enumerate([latents, latents, moved, moved]):
+        run_wan(model, x, text, t=1000 - step)
+    stats = handle.stats()["blocks.0.attn1"]
+    assert stats.refresh_steps == [0, 2] and stats.drift_refresh_steps == [2]
+    assert stats.dense_calls == (2 if predictor == "colmax" else 0)
+
+
+def test_refresh_on_drift_with_shared_branches_judges_the_first_branch():
+    """With share_branches the second branch (other inputs, the same mask) never counts as drift."""
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    other = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
+    handle = fd.apply(model, cpu_config(density=0.5, refresh_every=100, refresh_on_drift=0.05, share_branches=True))
+    for step in range(3):
+        run_wan(model, latents, text, t=1000 - step)
+        run_wan(model, other, text, t=1000 - step)
+    stats = handle.stats()["blocks.0.attn1"]
+    assert stats.refresh_steps == [0] and stats.drift_refresh_steps == []
+    assert stats.sparse_calls == 6
+
+
+def test_block_means_drift():
+    from fgcupy.cache import block_means, means_drift
+
+    x = torch.randn(1, 2, 300, 16, generator=torch.Generator().manual_seed(0))
+    means = block_means(x, 128)
+    assert means.shape == (1, 2, 3, 16)
+    torch.testing.assert_close(means[0, 1, 2], x[0, 1, 256:].mean(0))
+    assert abs(float(means_drift(means, means))) < 1e-6
+    assert float(means_drift(means, -means)) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="different shapes"):
+        means_drift(means, means[:, :1])
+
+
 def test_masks_live_in_the_mask_cache_and_reuse_is_the_same_object():
     """Reuse steps hand the very mask of the refresh step to attention (no per-step conversion)."""
     model = tiny_wan(layers=1)
@@ -518,6 +561,10 @@ def test_config_schedule():
     (dict(predictor_kwargs={"bogus": 1}), ValueError, r"predict_mask does not take: \['bogus'\]"),
     (dict(predictor="threshold", threshold=1e-3, predictor_kwargs={"top_k": 3}), ValueError,
      r"density/top_k apply to top-k selection"),
+    (dict(refresh_on_drift=0.0), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
+    (dict(refresh_on_drift=2.5), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
+    (dict(refresh_on_drift=True), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
+    (dict(refresh_on_drift=0.1, process_group=object()), ValueError, r"refresh_on_drift decides per rank"),
 ])
 def test_config_refuses_what_cannot_work(kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -22,6 +22,8 @@ fgcupy's ``MaskCache`` (one entry per layer and guidance branch): masks are pred
 steps and reused in between; warm-up steps and chosen layers run dense through the stock processor.
 With ``predictor="colmax"`` (the exact schedule) a refresh call runs dense attention through
 fgcupy's kernel, returns that exact output, and keeps the exact column-max mask its LSE gives.
+With ``refresh_on_drift`` a layer also refreshes on a step where the block means of its queries or
+keys moved past the threshold since its mask was made (one host synchronisation per layer).
 
 Sequence parallel (``process_group``, Wan only): each rank's processor gets its contiguous shard of
 the sequence (and the matching rows of the rotary tables) and attends through
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import SparseAttention, dense_attention_with_lse
+from ..cache import block_means, means_drift
 from ..bridge import cupy_available
 from ..mask import SliceMask
 from ..mask_algebra import drop_keys
@@ -80,6 +83,7 @@ class LayerStats:
     stock_calls: int = 0
     stock_reasons: dict = field(default_factory=dict)
     refresh_steps: list = field(default_factory=list)
+    drift_refresh_steps: list = field(default_factory=list)  # refreshes that refresh_on_drift asked for
 
     @property
     def refreshes(self) -> int:
@@ -100,6 +104,7 @@ class _Slot:
     parallel: object = None  # fgcupy.distributed.SequenceParallelAttention
     key: tuple | None = None  # (shape of q, shape of k, dtype, device): a change forces a refresh
     key_version: int = 0
+    means: tuple | None = None  # block means of (q, k) the mask was made from (refresh_on_drift)
 
 
 class _Layer:
@@ -194,7 +199,8 @@ class SparseAttentionHandle:
     def stats(self) -> dict[str, LayerStats]:
         """Copies of every patched layer's statistics, by module name, in model order."""
         return {name: dataclasses.replace(layer.stats, stock_reasons=dict(layer.stats.stock_reasons),
-                                          refresh_steps=list(layer.stats.refresh_steps))
+                                          refresh_steps=list(layer.stats.refresh_steps),
+                                          drift_refresh_steps=list(layer.stats.drift_refresh_steps))
                 for name, layer in self.layers.items()}
 
     def refresh_counts(self) -> dict[str, int]:
@@ -247,6 +253,19 @@ class SparseAttentionHandle:
             return True
         return self.cache.action(self.step, entry) == "refresh" and self.cache.step_of(entry) != self.step
 
+    def _block_means(self, q, k) -> tuple | None:
+        """With refresh_on_drift: the block means of q, k ``[B, S, H, D]``; else None."""
+        if self.config.refresh_on_drift is None:
+            return None
+        return tuple(block_means(x.transpose(1, 2), self.config.slice_m) for x in (q, k))
+
+    def _drifted(self, slot: _Slot, means: tuple) -> bool:
+        """Whether q or k moved past refresh_on_drift since the slot's mask was made (one host sync)."""
+        if slot.means is None or any(old.shape != new.shape for old, new in zip(slot.means, means)):
+            return False
+        drift = torch.maximum(means_drift(slot.means[0], means[0]), means_drift(slot.means[1], means[1]))
+        return bool(drift.item() > self.config.refresh_on_drift)
+
     def _store(self, layer: _Layer, entry: tuple, slot: _Slot, mask: SliceMask, key: tuple, key_version: int):
         self.cache.put(entry, mask, self.step)
         self.cache.record_prediction()
@@ -261,7 +280,16 @@ class SparseAttentionHandle:
         entry = (layer.name, branch)
         slot = layer.slots.setdefault(branch, _Slot())
         key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
-        if self._needs_refresh(entry, slot, key, key_version):
+        scheduled = self._needs_refresh(entry, slot, key, key_version)
+        # Drift is judged on the branch that makes the slot's masks (the first, with shared branches).
+        means = self._block_means(q, k) if branch == self.branch else None
+        drifted = (not scheduled and means is not None and self.cache.step_of(entry) != self.step
+                   and self._drifted(slot, means))
+        if scheduled or drifted:
+            if drifted:
+                layer.stats.drift_refresh_steps.append(self.step)
+            if means is not None:
+                slot.means = means
             dense_out, lse = self._dense_call(q, k, v, key_valid) if cfg.exact else (None, None)
             mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), lse)
             if key_valid is not None:

@@ -38,6 +38,9 @@ class SparseAttentionConfig:
     refresh_every / refresh_steps: masks are re-predicted every ``refresh_every`` sparse steps
         (counted from the first sparse step), or exactly on the steps listed in ``refresh_steps``
         (the first sparse step always predicts); other steps reuse the layer's cached mask.
+    refresh_on_drift: also re-predict a layer's mask on a step where its queries or keys moved
+        by more than this since the mask was made (``fgcupy.cache.means_drift`` of their block
+        means, in (0, 2]; costs one host sync per layer and sparse step). None: schedule only.
     share_branches: later calls of the same step (classifier-free guidance's second pass) reuse the
         first call's masks instead of predicting their own: half the mask memory.
     fallback: where fgcupy's kernel cannot run (no GPU, CPU tensors), use the stock processor
@@ -62,6 +65,7 @@ class SparseAttentionConfig:
     dense_layers: tuple[int, ...] = ()
     refresh_every: int = 5
     refresh_steps: tuple[int, ...] | None = None
+    refresh_on_drift: float | None = None
     share_branches: bool = False
     fallback: bool = False
     attention_fn: Callable | None = None
@@ -100,6 +104,14 @@ class SparseAttentionConfig:
             raise ValueError(f"dense_steps must be an int >= 0, got {self.dense_steps!r}")
         if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
             raise ValueError(f"refresh_every must be an int >= 1, got {self.refresh_every!r}")
+        if self.refresh_on_drift is not None:
+            if isinstance(self.refresh_on_drift, bool) or not isinstance(self.refresh_on_drift, (int, float)) \
+                    or not 0.0 < self.refresh_on_drift <= 2.0:
+                raise ValueError(f"refresh_on_drift must be a number in (0, 2] (1 - cosine similarity), "
+                                 f"got {self.refresh_on_drift!r}")
+            if self.process_group is not None:
+                raise ValueError("refresh_on_drift decides per rank from its own shard: not with process_group "
+                                 "(the ranks must refresh together); use refresh_every or refresh_steps")
         object.__setattr__(self, "dense_layers", _int_tuple(self.dense_layers, "dense_layers"))
         if self.refresh_steps is not None:
             object.__setattr__(self, "refresh_steps", _int_tuple(self.refresh_steps, "refresh_steps"))
