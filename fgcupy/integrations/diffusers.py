@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import SparseAttention, dense_attention_with_lse
-from ..cache import block_means, means_drift
 from ..bridge import cupy_available
+from ..cache import block_means, means_drift
 from ..mask import SliceMask
 from ..mask_algebra import drop_keys
 from .diffusers_config import SparseAttentionConfig
