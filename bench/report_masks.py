@@ -41,6 +41,7 @@ from bench.cases import sdpa_call
 from bench.timing import cuda_time_ms
 from fgcupy import SliceMask, mask_drift, mask_kernels, predict_mask, scoring
 from fgcupy.cache import block_means, means_drift
+from fgcupy.calibration import calibrate_pooling
 from fgcupy import mask_reference as ref
 from fgcupy.head_families import FAMILIES, family_qkv, family_shape, mass_fraction
 from fgcupy.oracle import Judge, block_coherence, exact_lse
@@ -68,6 +69,8 @@ JUDGED = {
     "pool 32 + band 64": dict(pool=32, exact_band=64),
     "pool 16 + band 128": dict(pool=16, exact_band=128),
     "pool 8 + band 128": dict(pool=8, exact_band=128),
+    # Per head, the pooling whose mask holds the most exact column-max mass (the LSE of a dense step).
+    "calibrated (mean | both)": "calibrate",
 }
 
 
@@ -152,6 +155,8 @@ def family_rows(args, shape, device):
             row = dict(base, density=d, oracle_rel_l2=oracle, block_rel_l2=block, ratios={})
             for name, kw in judged.items():
                 try:
+                    if kw == "calibrate":
+                        kw = dict(pooling=calibrate_pooling(q, k, judge.lse, 128, density=d))
                     err, ratio = judge.ratio(predict_mask(q, k, 128, "topk", density=d, **kw))
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     traceback.print_exc()

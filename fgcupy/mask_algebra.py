@@ -28,16 +28,35 @@ def concat_heads(masks) -> SliceMask:
         base += m.capacity
     starts = torch.cat([m.indptr[..., :-1].to(torch.int64) + b for m, b in zip(masks, bases)], dim=1)
     ends = torch.cat([m.indptr[..., 1:].to(torch.int64) + b for m, b in zip(masks, bases)], dim=1)
+    return _pack_rows(torch.cat([m.indices for m in masks]), starts, ends, first)
+
+
+def take_heads(mask: SliceMask, heads) -> SliceMask:
+    """The mask whose head i is ``mask``'s head ``heads[i]`` (any order, repeats allowed), packed
+    back to back. Gathers on the device; one host sync."""
+    if not isinstance(mask, SliceMask):
+        raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
+    order = [int(h) for h in heads]
+    if not order or any(h < 0 or h >= mask.heads for h in order):
+        raise ValueError(f"heads must be one or more head indices in [0, {mask.heads}), got {list(heads)}")
+    index = torch.tensor(order, dtype=torch.int64, device=mask.device)
+    starts = mask.indptr[..., :-1].index_select(1, index).to(torch.int64)
+    ends = mask.indptr[..., 1:].index_select(1, index).to(torch.int64)
+    return _pack_rows(mask.indices, starts, ends, mask)
+
+
+def _pack_rows(source, starts, ends, like: SliceMask) -> SliceMask:
+    """The mask of shape starts.shape (B, H, QB) whose row r is ``source[starts[r] : ends[r]]``
+    (one host sync for the total)."""
     batch, heads, q_blocks = starts.shape
     starts, ends = starts.reshape(-1), ends.reshape(-1)
     lengths = (ends - starts).clamp_min(0)
-    offsets = torch.zeros(starts.numel() + 1, dtype=torch.int64, device=first.device)
+    offsets = torch.zeros(starts.numel() + 1, dtype=torch.int64, device=source.device)
     torch.cumsum(lengths, 0, out=offsets[1:])
     total = int(offsets[-1].item())
     if total > torch.iinfo(torch.int32).max:
-        raise ValueError(f"the joined mask keeps {total} slices, more than int32 offsets can address")
-    indices = gather_rows(torch.cat([m.indices for m in masks]), starts, lengths, offsets, total)
-    return packed_mask(offsets, indices, (batch, heads, q_blocks), first)
+        raise ValueError(f"the mask keeps {total} slices, more than int32 offsets can address")
+    return packed_mask(offsets, gather_rows(source, starts, lengths, offsets, total), (batch, heads, q_blocks), like)
 
 
 def gather_rows(source, starts, lengths, offsets, total):

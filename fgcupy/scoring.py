@@ -41,8 +41,10 @@ from .gpu_prediction import DEFAULT_WORKSPACE, GpuPrediction, predict_reference,
 from .jit.spec import SLICE_SIZES
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask
+from .mask_algebra import concat_heads, take_heads
 from .mask_request import (AUTO, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
-                           METHODS, MaskRequest, make_request)
+                           METHODS, POOLINGS, MaskRequest, make_request)
+
 
 def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: float | None = None,
                  top_k: int | None = None, tau: float | None = None, threshold: float | None = None,
@@ -61,7 +63,9 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     ``pool``: queries per pooled sub-block (slice_m: one mean query per block).
     ``pooling``: how each sub-block is scored (combine "max"; see mask_reference): "mean" (its
     mean query), "sample" (its middle query, scores dilated along the keys by pool // 2 either
-    side) or "both" (the geometric mean of the two scores; twice the scoring work).
+    side) or "both" (the geometric mean of the two scores; twice the scoring work); or one of
+    those per head (a list of H, e.g. from ``fgcupy.calibration.calibrate_pooling``): heads are
+    predicted in groups of one pooling and joined (one host sync per group join).
     ``exact_band``: keys within this many of the block (either side) get their exact column-max
     score instead of the pooled one (slice_m 64 or 128, combine "max"; None: off; see
     mask_reference). Left as "auto", mean-query methods with combine "max" and slice_m 64 or
@@ -85,6 +89,12 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
             raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
     if kh.dtype != qh.dtype:
         raise TypeError(f"k has dtype {kh.dtype}, q has {qh.dtype}")
+    if isinstance(pooling, (list, tuple)):
+        return _predict_per_head_pooling(
+            qh, kh, list(pooling), slice_m, dict(
+                method=method, density=density, top_k=top_k, tau=tau, threshold=threshold, rule=rule, pool=pool,
+                combine=combine, min_keys=min_keys, max_keys=max_keys, local=local, lse=lse, scale=scale,
+                logits_dtype=logits_dtype, exact_band=exact_band, workspace_bytes=workspace_bytes))
     if qh.device.type == "cuda" and slice_m not in SLICE_SIZES:
         raise ValueError(f"slice_m={slice_m!r} has no attention kernel; available: {SLICE_SIZES} "
                          "(the CPU reference takes any size)")
@@ -115,3 +125,25 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     if qh.device.type != "cuda":
         return predict_reference(qh, kh, req, lse_t)
     return GpuPrediction(qh, kh, req, lse_t, workspace_bytes).run()
+
+
+def _predict_per_head_pooling(qh, kh, poolings: list, slice_m: int, options: dict) -> SliceMask:
+    """predict_mask with ``poolings[h]`` for head h: one prediction per pooling over its heads,
+    joined in head order."""
+    heads = qh.shape[1]
+    if len(poolings) != heads or any(not isinstance(p, str) or p not in POOLINGS for p in poolings):
+        raise ValueError(f"pooling per head must list one of {POOLINGS} for each of the {heads} heads, "
+                         f"got {poolings!r}")
+    if options["method"] == "colmax":
+        raise ValueError("pooling per head applies to the mean-query methods, not colmax")
+    groups = {p: [h for h in range(heads) if poolings[h] == p] for p in dict.fromkeys(poolings)}
+    if len(groups) == 1:
+        return predict_mask(qh, kh, slice_m, pooling=poolings[0], **options)
+    masks, placed = [], []
+    for pooling, group in groups.items():
+        index = torch.tensor(group, device=qh.device)
+        masks.append(predict_mask(qh.index_select(1, index), kh.index_select(1, index), slice_m, pooling=pooling,
+                                  **options))
+        placed += group
+    position = {h: i for i, h in enumerate(placed)}
+    return take_heads(concat_heads(masks), [position[h] for h in range(heads)])

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgcupy import SliceMask
+from fgcupy.mask_algebra import take_heads
 from fgcupy.distributed import (MaskPredictor, SequenceParallelAttention, concat_heads, head_ranges,
                                 sequence_parallel_attention, shard_ranges, slice_heads)
 from fgcupy.distributed import _group_ranges
@@ -194,6 +195,17 @@ def test_concat_heads_undoes_slice_heads(seed, sizes):
     joined = concat_heads(parts).validate()
     assert joined.heads == sum(sizes) and torch.equal(joined.to_dense(), dense)
     assert joined.capacity == int(dense.sum())
+
+
+@given(st.integers(0, 2**31 - 1), st.lists(st.integers(0, 4), min_size=1, max_size=8))
+@settings(max_examples=40, deadline=None)
+def test_take_heads_reorders_and_repeats(seed, order):
+    """Head i of take_heads(mask, order) is the mask's head order[i], from any storage order."""
+    mask, dense = _random_mask(seed)
+    taken = take_heads(mask, order).validate()
+    assert torch.equal(taken.to_dense(), dense[:, order])
+    with pytest.raises(ValueError, match="head indices"):
+        take_heads(mask, [5])
 
 
 def test_concat_heads_rejects_masks_that_do_not_match():

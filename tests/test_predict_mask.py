@@ -274,3 +274,30 @@ def test_sampled_prediction_equals_the_reference_pipeline():
     for pooling in ("sample", "both"):
         got = predict_mask(q, k, 64, "topk", top_k=40, pooling=pooling)
         assert torch.equal(got.to_dense(), ref.select(blocks[pooling], "topk", k=40)), pooling
+
+
+@pytest.mark.parametrize("layout", ["HND", "NHD"])
+def test_pooling_per_head_is_each_heads_own_prediction(layout):
+    """pooling=[...] per head: head h's mask is what pooling[h] gives that head alone."""
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 4, 300, 32, generator=gen), torch.randn(1, 4, 260, 32, generator=gen)
+    poolings = ["both", "mean", "sample", "both"]
+    args = (q, k) if layout == "HND" else (q.transpose(1, 2), k.transpose(1, 2))
+    got = predict_mask(*args, 64, "topk", top_k=40, pooling=poolings, layout=layout).validate().to_dense()
+    for h, pooling in enumerate(poolings):
+        alone = predict_mask(q[:, h : h + 1], k[:, h : h + 1], 64, "topk", top_k=40, pooling=pooling)
+        assert torch.equal(got[:, h : h + 1], alone.to_dense()), (h, pooling)
+    same = predict_mask(q, k, 64, "tau", tau=0.8, pooling=["sample"] * 4).to_dense()
+    assert torch.equal(same, predict_mask(q, k, 64, "tau", tau=0.8, pooling="sample").to_dense())
+
+
+@pytest.mark.parametrize("pooling, message", [
+    (["mean"] * 3, r"one of \('mean', 'sample', 'both'\) for each of the 4 heads"),
+    (["mean", "mean", "max", "mean"], r"for each of the 4 heads"),
+])
+def test_pooling_per_head_refuses_bad_lists(pooling, message):
+    q = torch.randn(1, 4, 100, 16)
+    with pytest.raises(ValueError, match=message):
+        predict_mask(q, q, 64, "topk", density=0.1, pooling=pooling)
+    with pytest.raises(ValueError, match="not colmax"):
+        predict_mask(q, q, 64, "colmax", lse=torch.zeros(1, 4, 100), pooling=["mean", "both"] * 2)

@@ -1,0 +1,65 @@
+"""Per-head choice of the cheap predictor's pooling, from one dense step's LSE.
+
+No one pooling is best everywhere: mean queries rank a spatial head's keys best, sampled
+queries a head that looks along time (README "Mask quality"). Given a dense step's row LSE (the
+exact schedule's refresh, ``fgcupy.attention.dense_attention_with_lse``, or any dense attention
+that returns it), :func:`calibrate_pooling` predicts each candidate's mask and keeps, per head,
+the one whose kept slices hold the most exact column-max mass (the oracle's own score, so no
+values and no attention output are needed). The result goes to ``predict_mask(pooling=...)`` on
+later steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .mask_kernels import gpu_scores
+from .mask_reference import colmax_scores
+from .mask_request import POOLINGS
+from .scoring import predict_mask
+
+DEFAULT_CANDIDATES = ("mean", "both")
+
+
+def exact_colmax(q, k, lse, slice_m: int, scale: float) -> torch.Tensor:
+    """float32 [B, H, QB, KV]: the exact column maxima of a dense step (the scoring kernel's
+    max-probability pass on CUDA, as predict_mask(method="colmax") runs it; the reference else)."""
+    if q.device.type != "cuda":
+        return colmax_scores(q, k, lse, slice_m, scale)
+    batch, heads, q_len, _ = q.shape
+    scores = gpu_scores("maxprob", q, k, scale, nbh=batch * heads, lse=lse.reshape(batch * heads, q_len),
+                        group=slice_m, warps=4 if slice_m <= 64 else 8)
+    return scores[..., : k.shape[2]].reshape(batch, heads, -1, k.shape[2])
+
+
+def captured_colmax(colmax: torch.Tensor, mask) -> torch.Tensor:
+    """float64 [H]: per head, the exact column-max mass (summed over batch and blocks) on the
+    slices ``mask`` keeps; ``colmax`` [B, H, QB, KV] as from mask_reference.colmax_scores."""
+    kept = mask.to_dense().to(colmax.device)
+    return (colmax.double() * kept).sum(dim=(0, 2, 3))
+
+
+def calibrate_pooling(q, k, lse, slice_m: int = 128, *, candidates=DEFAULT_CANDIDATES, scale: float | None = None,
+                      **predict_kwargs) -> list:
+    """The pooling of ``candidates`` whose mask holds the most exact column-max mass, per head.
+
+    q, k: [B, H, S, D] (torch); lse: float32 [B, H, q_len], their dense step's natural-log row
+    LSE; ``predict_kwargs``: the predict_mask options the choice is for (e.g. density=0.1).
+    Scores every query against every key once (the cost of a column-max pass, in float32 torch).
+    """
+    if not candidates or any(c not in POOLINGS for c in candidates):
+        raise ValueError(f"candidates must be one or more of {POOLINGS}, got {candidates!r}")
+    if "pooling" in predict_kwargs or predict_kwargs.get("method") == "colmax":
+        raise ValueError("calibrate_pooling chooses pooling for a mean-query method: predict_kwargs may not set "
+                         "pooling or method='colmax'")
+    lse = torch.as_tensor(lse)
+    if tuple(lse.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"lse must be [B, H, q_len] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    colmax = exact_colmax(q, k, lse.float(), slice_m, scale)
+    captured = torch.stack([captured_colmax(colmax, predict_mask(q, k, slice_m, pooling=c, scale=scale,
+                                                                 **predict_kwargs))
+                            for c in candidates])  # [candidates, H]
+    return [candidates[i] for i in captured.argmax(0).tolist()]

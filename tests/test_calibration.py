@@ -1,0 +1,50 @@
+"""fgcupy.calibration: the per-head pooling choice from a dense step's LSE (CPU reference)."""
+
+import math
+
+import pytest
+import torch
+
+from fgcupy import predict_mask
+from fgcupy.calibration import calibrate_pooling, captured_colmax
+from fgcupy.head_families import family_qkv
+from fgcupy.mask_reference import colmax_scores
+from fgcupy.oracle import exact_lse
+from fgcupy.workloads import VideoShape, video_qkv
+
+SHAPE = VideoShape("small", 1, 1, 128, (5, 30, 52))  # frames as wide as a model's: a block spans 2.5 rows
+
+
+def two_kinds_of_heads():
+    """Head 0 looks along time (strided), head 1 is a spatial workload head."""
+    temporal = family_qkv(SHAPE, "temporal-strided", heads=1)
+    spatial = video_qkv(SHAPE, "spatial", head_ids=[0])
+    return [torch.cat(pair, dim=1) for pair in zip(temporal, spatial)]
+
+
+def test_each_head_gets_the_pooling_that_holds_the_most_column_max_mass():
+    q, k, _ = two_kinds_of_heads()
+    lse = exact_lse(q, k)
+    chosen = calibrate_pooling(q, k, lse, 128, density=0.1)
+    colmax = colmax_scores(q, k, lse, 128, 1 / math.sqrt(128))
+    held = {}
+    for pooling in ("mean", "both"):
+        row, key = predict_mask(q, k, 128, density=0.1, pooling=pooling).flat_rows()
+        blocks = colmax.shape[2]
+        per_row = colmax.reshape(-1, colmax.shape[3])[row, key].double()
+        held[pooling] = torch.zeros(2, dtype=torch.float64).index_add_(0, row // blocks % 2, per_row)
+    assert chosen == ["both" if held["both"][h] > held["mean"][h] else "mean" for h in range(2)]
+    assert chosen == ["both", "mean"]  # sampled queries for the strided head, mean queries for the spatial one
+    mask = predict_mask(q, k, 128, density=0.1, pooling="mean")
+    torch.testing.assert_close(captured_colmax(colmax, mask), held["mean"])
+
+
+def test_calibration_refuses_what_it_cannot_choose():
+    q = torch.randn(1, 2, 256, 32)
+    lse = exact_lse(q, q)
+    with pytest.raises(ValueError, match="candidates must be"):
+        calibrate_pooling(q, q, lse, 128, candidates=("mean", "max"), density=0.1)
+    with pytest.raises(ValueError, match="may not set pooling"):
+        calibrate_pooling(q, q, lse, 128, pooling="both", density=0.1)
+    with pytest.raises(ValueError, match=r"lse must be \[B, H, q_len\]"):
+        calibrate_pooling(q, q, lse[:, :1], 128, density=0.1)
