@@ -335,6 +335,32 @@ def test_exact_schedule_refreshes_densely_with_column_max_masks():
     assert abs(expected.density() - 0.3) < 0.01
 
 
+def test_calibrated_schedule_chooses_poolings_once_per_layer():
+    """calibrate_pooling: the first refresh runs dense (exact output), keeps the exact column-max
+    mask and picks per-head poolings from its LSE; later refreshes predict with them."""
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    dense = [run_wan(model, latents, text, t=1000 - 100 * step) for step in range(4)]
+    seen = []
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor="topk", density=0.3, slice_m=64, refresh_every=2,
+                                                      calibrate_pooling=True, attention_fn=_recording(seen)))
+    outs = [run_wan(model, latents, text, t=1000 - 100 * step) for step in range(4)]
+    stats = handle.stats()["blocks.0.attn1"]
+    assert stats.refresh_steps == [0, 2] and (stats.dense_calls, stats.sparse_calls) == (1, 3)
+    assert relative_l2(outs[0], dense[0]) < 1e-5  # the calibration step is exact
+    poolings = handle.layers["blocks.0.attn1"].slots[0].poolings
+    assert len(poolings) == seen[0][0].shape[2] and set(poolings) <= {"mean", "both"}
+    q, k, full = seen[0]
+    assert full.density() == 1.0
+    lse = exact_lse(q.transpose(1, 2), k.transpose(1, 2))
+    exact = fgcupy.predict_mask(q.transpose(1, 2), k.transpose(1, 2), 64, method="colmax", lse=lse, rule="topk",
+                                density=0.3)
+    assert torch.equal(seen[1][2].to_dense(), exact.to_dense())  # step 1 reuses step 0's exact mask
+    q2, k2, mask2 = seen[2]  # step 2: a refresh with the calibrated poolings
+    expected = fgcupy.predict_mask(q2.transpose(1, 2), k2.transpose(1, 2), 64, "topk", density=0.3, pooling=poolings)
+    assert torch.equal(mask2.to_dense(), expected.to_dense())
+
+
 def test_exact_schedule_with_text_padding():
     """HunyuanVideo: the dense refresh call drops the padded text keys, like the stock processor."""
     model = tiny_hunyuan()
@@ -561,6 +587,10 @@ def test_config_schedule():
     (dict(predictor_kwargs={"bogus": 1}), ValueError, r"predict_mask does not take: \['bogus'\]"),
     (dict(predictor="threshold", threshold=1e-3, predictor_kwargs={"top_k": 3}), ValueError,
      r"density/top_k apply to top-k selection"),
+    (dict(predictor="tau", tau=0.9, calibrate_pooling=True), ValueError, r"predictor='topk' only"),
+    (dict(predictor="colmax", calibrate_pooling=True), ValueError, r"predictor='topk' only"),
+    (dict(calibrate_pooling=True, process_group=object()), ValueError, r"calibrate_pooling needs each layer"),
+    (dict(calibrate_pooling=True, predictor_kwargs={"pooling": "both"}), ValueError, r"may not set it"),
     (dict(refresh_on_drift=0.0), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
     (dict(refresh_on_drift=2.5), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
     (dict(refresh_on_drift=True), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),

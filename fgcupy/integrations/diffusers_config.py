@@ -38,6 +38,11 @@ class SparseAttentionConfig:
     refresh_every / refresh_steps: masks are re-predicted every ``refresh_every`` sparse steps
         (counted from the first sparse step), or exactly on the steps listed in ``refresh_steps``
         (the first sparse step always predicts); other steps reuse the layer's cached mask.
+    calibrate_pooling: with predictor "topk", a layer's first refresh runs dense attention
+        through the kernel (as the exact schedule does), keeps the exact column-max mask for that
+        step, and picks per head the pooling ("mean" or "both") whose mask holds the most
+        column-max mass (``fgcupy.calibration``); later refreshes predict with those poolings.
+        One dense call and column-max pass per layer and generation.
     refresh_on_drift: also re-predict a layer's mask on a step where its queries or keys moved
         by more than this since the mask was made (``fgcupy.cache.means_drift`` of their block
         means, in (0, 2]; costs one host sync per layer and sparse step). None: schedule only.
@@ -66,6 +71,7 @@ class SparseAttentionConfig:
     refresh_every: int = 5
     refresh_steps: tuple[int, ...] | None = None
     refresh_on_drift: float | None = None
+    calibrate_pooling: bool = False
     share_branches: bool = False
     fallback: bool = False
     attention_fn: Callable | None = None
@@ -104,6 +110,15 @@ class SparseAttentionConfig:
             raise ValueError(f"dense_steps must be an int >= 0, got {self.dense_steps!r}")
         if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
             raise ValueError(f"refresh_every must be an int >= 1, got {self.refresh_every!r}")
+        if self.calibrate_pooling:
+            if self.predictor != "topk":
+                raise ValueError(f"calibrate_pooling compares masks of equal size: predictor='topk' only, "
+                                 f"got predictor={self.predictor!r}")
+            if self.process_group is not None:
+                raise ValueError("calibrate_pooling needs each layer's full-sequence LSE on one device: not with "
+                                 "process_group")
+            if isinstance(self.predictor_kwargs, dict) and "pooling" in self.predictor_kwargs:
+                raise ValueError("calibrate_pooling chooses the pooling: predictor_kwargs may not set it")
         if self.refresh_on_drift is not None:
             if isinstance(self.refresh_on_drift, bool) or not isinstance(self.refresh_on_drift, (int, float)) \
                     or not 0.0 < self.refresh_on_drift <= 2.0:
