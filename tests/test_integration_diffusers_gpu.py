@@ -190,6 +190,6 @@ def test_calibrated_schedule_on_the_kernel():
     for step, (o, d) in enumerate(zip(ours, dense)):
         assert relative_l2(o, d) < 5e-2, step
     stats = handle.stats()
-    assert all(s.refresh_steps == [1, 3] and s.dense_calls == 1 for s in stats.values())
+    assert all(s.refresh_steps == [1, 3] and s.dense_calls == 2 for s in stats.values())  # warm-up + calibration
     poolings = handle.layers["blocks.0.attn1"].slots[0].poolings
     assert poolings is not None and set(poolings) <= {"mean", "both"}
