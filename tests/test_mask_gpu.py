@@ -326,3 +326,14 @@ def test_mask_cache_on_the_gpu():
         reused = cache.mask_for("l", 2, q, k)
         assert isinstance(reused, SliceMask) and reused.device.type == torch.device(DEVICE).type
         assert torch.equal(reused.validate().to_dense(), fresh.to_dense())
+
+
+def test_pooling_per_head_on_the_gpu():
+    """pooling=[...] on CUDA: each head's mask is its own pooling's prediction (the groups are
+    predicted apart and joined back in head order)."""
+    q, k = _inputs(11, 1, 4, 700, 900, 128, torch.bfloat16)
+    poolings = ["both", "mean", "both", "sample"]
+    got = predict_mask(q, k, 128, "topk", density=0.1, pooling=poolings).validate().to_dense()
+    for h, pooling in enumerate(poolings):
+        alone = predict_mask(q[:, h : h + 1], k[:, h : h + 1], 128, "topk", density=0.1, pooling=pooling)
+        assert torch.equal(got[:, h : h + 1], alone.to_dense()), (h, pooling)
