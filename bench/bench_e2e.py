@@ -218,6 +218,9 @@ def main(argv=None):
     parser.add_argument("--predictor", default="auto", choices=["auto", "topk", "tau", "colmax", "random"],
                         help="colmax: the exact schedule (a refresh runs dense attention and its column max)")
     parser.add_argument("--tau", type=float, default=0.9, help="probability mass kept by --predictor tau")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="with --predictor topk: calibrate_pooling=True (a layer's first refresh is dense and "
+                             "picks per-head poolings; the refresh timed here is a calibrated one)")
     parser.add_argument("--slice-m", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50, help="schedule length the refresh cost is spread over")
     parser.add_argument("--dense-steps", type=int, default=5)
@@ -236,6 +239,10 @@ def main(argv=None):
 
     started = time.perf_counter()
     name, predictor = make_predictor(args.predictor, args.density, args.tau)
+    if args.calibrate:
+        if name != "topk":
+            parser.error("--calibrate needs --predictor topk")
+        name, predictor = "topk, calibrated poolings", dict(predictor, calibrate_pooling=True)
     header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | diffusers "
               f"{__import__('diffusers').__version__} | predictor {name} | target density {args.density}")
     print(header, flush=True)

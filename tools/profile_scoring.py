@@ -48,7 +48,10 @@ def main():
                                                      kernel=kernel))
         print(f"{kernel:5s} pool-32 stats pass {stats:.3f} ms ({flops / 32 / stats / 1e9:.0f} TFLOP/s), "
               f"max-probability pass {maxprob:.3f} ms ({flops / 32 / maxprob / 1e9:.0f} TFLOP/s)")
+    per_head = ["mean", "both"] * (heads // 2) + ["mean"] * (heads % 2)
     for name, kw in (("default, top-k d=0.1", dict(method="topk", density=0.1)),
+                     ("pooling per head (mean, both alternating), top-k d=0.1",
+                      dict(method="topk", density=0.1, pooling=per_head)),
                      ("default, top-k d=0.3", dict(method="topk", density=0.3)),
                      ("pooling=sample, top-k d=0.1", dict(method="topk", density=0.1, pooling="sample")),
                      ("pooling=both, top-k d=0.1", dict(method="topk", density=0.1, pooling="both")),
