@@ -38,7 +38,9 @@ def captured_colmax(colmax: torch.Tensor, mask) -> torch.Tensor:
     """float64 [H]: per head, the exact column-max mass (summed over batch and blocks) on the
     slices ``mask`` keeps; ``colmax`` [B, H, QB, KV] as from mask_reference.colmax_scores."""
     kept = mask.to_dense().to(colmax.device)
-    return (colmax.double() * kept).sum(dim=(0, 2, 3))
+    # Head by head: a temporary the size of one head's scores, not of all of them in float64.
+    return torch.stack([torch.where(kept[:, h], colmax[:, h], 0.0).sum(dtype=torch.float64)
+                        for h in range(colmax.shape[1])])
 
 
 def calibrate_pooling(q, k, lse, slice_m: int = 128, *, candidates=DEFAULT_CANDIDATES, scale: float | None = None,
@@ -47,7 +49,9 @@ def calibrate_pooling(q, k, lse, slice_m: int = 128, *, candidates=DEFAULT_CANDI
 
     q, k: [B, H, S, D] (torch); lse: float32 [B, H, q_len], their dense step's natural-log row
     LSE; ``predict_kwargs``: the predict_mask options the choice is for (e.g. density=0.1).
-    Scores every query against every key once (the cost of a column-max pass, in float32 torch).
+    Runs a column-max pass (the scoring kernel on CUDA, float32 torch on the CPU) and keeps its
+    float32 scores, B x H x ceil(q_len / slice_m) x kv_len of them (1.3 GB for 40 heads of 32,760
+    tokens), and one prediction per candidate.
     """
     if not candidates or any(c not in POOLINGS for c in candidates):
         raise ValueError(f"candidates must be one or more of {POOLINGS}, got {candidates!r}")
