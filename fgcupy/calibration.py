@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .mask_kernels import gpu_scores
+from .mask_kernels import gpu_colmax
 from .mask_reference import colmax_scores
 from .mask_request import POOLINGS
 from .scoring import predict_mask
@@ -29,8 +29,7 @@ def exact_colmax(q, k, lse, slice_m: int, scale: float) -> torch.Tensor:
     if q.device.type != "cuda":
         return colmax_scores(q, k, lse, slice_m, scale)
     batch, heads, q_len, _ = q.shape
-    scores = gpu_scores("maxprob", q, k, scale, nbh=batch * heads, lse=lse.reshape(batch * heads, q_len),
-                        group=slice_m, warps=4 if slice_m <= 64 else 8)
+    scores = gpu_colmax(q, k, scale, lse.reshape(batch * heads, q_len), slice_m)
     return scores[..., : k.shape[2]].reshape(batch, heads, -1, k.shape[2])
 
 

@@ -9,7 +9,7 @@ import torch
 
 from . import mask_reference as ref
 from .mask import SliceMask, indptr_from_counts, num_blocks
-from .mask_kernels import gpu_dilate, gpu_emit, gpu_scores, gpu_select, row_stride
+from .mask_kernels import gpu_colmax, gpu_dilate, gpu_emit, gpu_scores, gpu_select, row_stride
 from .mask_request import MaskRequest
 
 DEFAULT_WORKSPACE = 2 << 30
@@ -109,8 +109,7 @@ class GpuPrediction:
         if kind == "submax":
             return self._pooled_scores(bh0, nbh), None
         lse = self.lse.reshape(self.bh, self.q_len)[bh0 : bh0 + nbh]
-        return gpu_scores("maxprob", self.rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=lse,
-                          group=req.slice_m, warps=4 if req.slice_m <= 64 else 8), None
+        return gpu_colmax(self.rows, self.kh, req.scale, lse, req.slice_m, bh0=bh0, nbh=nbh), None
 
     def _pooled_scores(self, bh0, nbh):
         """mask_reference.pooled_scores of one chunk of heads: [nbh, QB, ld] float32."""

@@ -139,6 +139,15 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
 
 
 @lru_cache(maxsize=None)
+def gpu_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor, slice_m: int, *, bh0: int = 0,
+               nbh: int | None = None) -> torch.Tensor:
+    """A dense step's exact column maxima (``gpu_scores`` max-probability pass over every query,
+    groups of ``slice_m``) of heads [bh0, bh0 + nbh): float32 [nbh, ceil(q_len / slice_m), ld];
+    ``lse`` [nbh, q_len]."""
+    return gpu_scores("maxprob", q, k, scale, bh0=bh0, nbh=nbh, lse=lse, group=slice_m,
+                      warps=4 if slice_m <= 64 else 8)
+
+
 def _smem_optin(device_index: int) -> int:
     import cupy
 
