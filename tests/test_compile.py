@@ -105,3 +105,14 @@ def test_compile_error_names_the_spec_and_carries_the_log(monkeypatch):
     assert info.value.spec == spec
     assert spec.name in str(info.value)
     assert "error" in info.value.nvrtc_log
+
+
+def test_specs_differing_only_in_shared_memory_get_their_own_module():
+    """CuPy shares a module between equal (source, options); the opt-in size is set on its
+    function, so a smaller spec compiled later would shrink the larger one's limit."""
+    from fgcupy.jit.runtime import module_options
+    from fgcupy.jit.score_spec import SELECT_LARGE_SMEM, SELECT_MAX_SMEM, SelectSpec
+
+    small, large = SelectSpec(max_smem=SELECT_MAX_SMEM), SelectSpec(max_smem=SELECT_LARGE_SMEM)
+    assert source.kernel_source(small) == source.kernel_source(large)
+    assert module_options(small) != module_options(large)

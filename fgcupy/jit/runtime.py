@@ -53,13 +53,20 @@ def get_kernel_on(device, spec):
         return get_kernel(spec)
 
 
+def module_options(spec) -> tuple[str, ...]:
+    """NVRTC options for ``spec``'s module. They name the opt-in shared memory size: CuPy keeps
+    one module per (source, options) and the size is set on that module's function, so specs
+    that differ only in it must not share a module."""
+    return nvrtc_options() + tuple(spec.extra_options) + (f"-DFGCUPY_SMEM_OPTIN={int(spec.smem_bytes)}",)
+
+
 def _compile(spec):
     import cupy
 
     started = time.perf_counter()
     module = cupy.RawModule(
         code=kernel_source(spec),
-        options=nvrtc_options() + tuple(spec.extra_options),
+        options=module_options(spec),
         name_expressions=[spec.name_expression],
     )
     try:
