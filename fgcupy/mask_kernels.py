@@ -138,7 +138,6 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     return row_lse if mode == "stats" else (out, row_lse)
 
 
-@lru_cache(maxsize=None)
 def gpu_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor, slice_m: int, *, bh0: int = 0,
                nbh: int | None = None) -> torch.Tensor:
     """A dense step's exact column maxima (``gpu_scores`` max-probability pass over every query,
@@ -148,6 +147,7 @@ def gpu_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor
                       warps=4 if slice_m <= 64 else 8)
 
 
+@lru_cache(maxsize=None)
 def _smem_optin(device_index: int) -> int:
     import cupy
 

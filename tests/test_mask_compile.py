@@ -127,3 +127,12 @@ def test_which_scoring_kernel_runs(mode, group, band, warps, fits):
             mask_kernels._score_spec("wgmma", portable, group, band, None)
     with pytest.raises(ValueError, match="kernel must be one of"):
         mask_kernels._score_spec("fast", portable, group, band, None)
+
+
+def test_score_passes_keep_no_tensors_alive():
+    """A cache on a function of tensors would hold every call's inputs and outputs (a 1.3 GB
+    score matrix per wan480p call) and hand back stale scores when a tensor is reused."""
+    from fgcupy import mask_kernels
+
+    for name in ("gpu_scores", "gpu_colmax", "gpu_select", "gpu_dilate"):
+        assert not hasattr(getattr(mask_kernels, name), "cache_info"), name
