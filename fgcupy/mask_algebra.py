@@ -8,9 +8,11 @@ import torch
 from .mask import SliceMask, indptr_from_offsets, num_blocks
 
 
-def concat_heads(masks) -> SliceMask:
+def concat_heads(masks, order=None) -> SliceMask:
     """One mask holding the heads of ``masks`` in order (equal batch, lengths and slice size): what
-    ``slice_heads`` over consecutive head ranges undoes. Gathers on the device; one host sync."""
+    ``slice_heads`` over consecutive head ranges undoes. With ``order``, head i of the result is
+    head ``order[i]`` of that concatenation (``take_heads`` fused in: one gather). Gathers on the
+    device; one host sync."""
     masks = list(masks)
     if not masks or not all(isinstance(m, SliceMask) for m in masks):
         raise TypeError("concat_heads needs one or more fgcupy.SliceMask")
@@ -21,14 +23,24 @@ def concat_heads(masks) -> SliceMask:
             raise ValueError(f"masks to join must agree on (batch, q_len, kv_len, slice_m, device): {shape} vs "
                              f"{(m.batch, m.q_len, m.kv_len, m.slice_m, m.device)}")
     if len(masks) == 1:
-        return first
+        return first if order is None else take_heads(first, order)
     bases, base = [], 0
     for m in masks:
         bases.append(base)
         base += m.capacity
     starts = torch.cat([m.indptr[..., :-1].to(torch.int64) + b for m, b in zip(masks, bases)], dim=1)
     ends = torch.cat([m.indptr[..., 1:].to(torch.int64) + b for m, b in zip(masks, bases)], dim=1)
+    if order is not None:
+        index = _head_index(order, starts.shape[1], first.device)
+        starts, ends = starts.index_select(1, index), ends.index_select(1, index)
     return _pack_rows(torch.cat([m.indices for m in masks]), starts, ends, first)
+
+
+def _head_index(heads, count: int, device) -> torch.Tensor:
+    order = [int(h) for h in heads]
+    if not order or any(h < 0 or h >= count for h in order):
+        raise ValueError(f"heads must be one or more head indices in [0, {count}), got {list(heads)}")
+    return torch.tensor(order, dtype=torch.int64, device=device)
 
 
 def take_heads(mask: SliceMask, heads) -> SliceMask:
@@ -36,10 +48,7 @@ def take_heads(mask: SliceMask, heads) -> SliceMask:
     back to back. Gathers on the device; one host sync."""
     if not isinstance(mask, SliceMask):
         raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
-    order = [int(h) for h in heads]
-    if not order or any(h < 0 or h >= mask.heads for h in order):
-        raise ValueError(f"heads must be one or more head indices in [0, {mask.heads}), got {list(heads)}")
-    index = torch.tensor(order, dtype=torch.int64, device=mask.device)
+    index = _head_index(heads, mask.heads, mask.device)
     starts = mask.indptr[..., :-1].index_select(1, index).to(torch.int64)
     ends = mask.indptr[..., 1:].index_select(1, index).to(torch.int64)
     return _pack_rows(mask.indices, starts, ends, mask)

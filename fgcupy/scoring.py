@@ -41,7 +41,7 @@ from .gpu_prediction import DEFAULT_WORKSPACE, GpuPrediction, predict_reference,
 from .jit.spec import SLICE_SIZES
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask
-from .mask_algebra import concat_heads, take_heads
+from .mask_algebra import concat_heads
 from .mask_request import (AUTO, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
                            METHODS, POOLINGS, MaskRequest, make_request)
 
@@ -146,4 +146,4 @@ def _predict_per_head_pooling(qh, kh, poolings: list, slice_m: int, options: dic
                                   **options))
         placed += group
     position = {h: i for i, h in enumerate(placed)}
-    return take_heads(concat_heads(masks), [position[h] for h in range(heads)])
+    return concat_heads(masks, order=[position[h] for h in range(heads)])

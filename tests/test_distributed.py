@@ -208,6 +208,20 @@ def test_take_heads_reorders_and_repeats(seed, order):
         take_heads(mask, [5])
 
 
+@given(st.integers(0, 2**31 - 1), st.lists(st.integers(1, 3), min_size=1, max_size=4), st.data())
+@settings(max_examples=40, deadline=None)
+def test_concat_heads_in_a_given_order(seed, sizes, data):
+    """concat_heads(parts, order) equals take_heads(concat_heads(parts), order) in one gather."""
+    mask, dense = _random_mask(seed, heads=sum(sizes))
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    parts = [slice_heads(mask, range(a, b)) for a, b in zip(bounds, bounds[1:])]
+    order = data.draw(st.permutations(range(sum(sizes))))
+    joined = concat_heads(parts, order=order).validate()
+    assert torch.equal(joined.to_dense(), dense[:, list(order)])
+    with pytest.raises(ValueError, match="head indices"):
+        concat_heads(parts, order=[sum(sizes)])
+
+
 def test_concat_heads_rejects_masks_that_do_not_match():
     a, _ = _random_mask(1)
     b, _ = _random_mask(2, q_len=40)
