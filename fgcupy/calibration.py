@@ -3,7 +3,7 @@
 No one pooling is best everywhere: mean queries rank a spatial head's keys best, sampled
 queries a head that looks along time (README "Mask quality"). Given a dense step's row LSE (the
 exact schedule's refresh, ``fgcupy.attention.dense_attention_with_lse``, or any dense attention
-that returns it), :func:`calibrate_pooling` predicts each candidate's mask and keeps, per head,
+that returns it), :func:`calibrate` predicts each candidate's mask and keeps, per head,
 the one whose kept slices hold the most exact column-max mass (the oracle's own score, so no
 values and no attention output are needed). The result goes to ``predict_mask(pooling=...)`` on
 later steps.
@@ -12,9 +12,12 @@ later steps.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
+from .mask import SliceMask
+from .mask_algebra import concat_heads
 from .mask_kernels import gpu_colmax
 from .mask_reference import colmax_scores
 from .mask_request import POOLINGS
@@ -42,9 +45,20 @@ def captured_colmax(colmax: torch.Tensor, mask) -> torch.Tensor:
                         for h in range(colmax.shape[1])])
 
 
-def calibrate_pooling(q, k, lse, slice_m: int = 128, *, candidates=DEFAULT_CANDIDATES, scale: float | None = None,
-                      **predict_kwargs) -> list:
-    """The pooling of ``candidates`` whose mask holds the most exact column-max mass, per head.
+@dataclass(frozen=True)
+class Calibration:
+    """What one calibration gives: the pooling per head and the mask of that choice (head h from
+    its pooling's prediction), for the steps until the next refresh."""
+
+    poolings: list
+    mask: SliceMask
+
+
+def calibrate(q, k, lse, slice_m: int = 128, *, candidates=DEFAULT_CANDIDATES, scale: float | None = None,
+              **predict_kwargs) -> Calibration:
+    """The pooling of ``candidates`` whose mask holds the most exact column-max mass, per head,
+    and the mask those choices give (joined from the candidates' predictions: nothing predicted
+    twice).
 
     q, k: [B, H, S, D] (torch); lse: float32 [B, H, q_len], their dense step's natural-log row
     LSE; ``predict_kwargs``: the predict_mask options the choice is for (e.g. density=0.1).
@@ -62,7 +76,17 @@ def calibrate_pooling(q, k, lse, slice_m: int = 128, *, candidates=DEFAULT_CANDI
         raise ValueError(f"lse must be [B, H, q_len] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     colmax = exact_colmax(q, k, lse.float(), slice_m, scale)
-    captured = torch.stack([captured_colmax(colmax, predict_mask(q, k, slice_m, pooling=c, scale=scale,
-                                                                 **predict_kwargs))
-                            for c in candidates])  # [candidates, H]
-    return [candidates[i] for i in captured.argmax(0).tolist()]
+    masks = [predict_mask(q, k, slice_m, pooling=c, scale=scale, **predict_kwargs) for c in candidates]
+    captured = torch.stack([captured_colmax(colmax, m) for m in masks])  # [candidates, H]
+    chosen = captured.argmax(0).tolist()
+    heads = q.shape[1]
+    if len(set(chosen)) == 1:
+        mask = masks[chosen[0]]
+    else:
+        mask = concat_heads(masks, order=[c * heads + h for h, c in enumerate(chosen)])
+    return Calibration([candidates[c] for c in chosen], mask)
+
+
+def calibrate_pooling(q, k, lse, slice_m: int = 128, **options) -> list:
+    """``calibrate(...).poolings``: the pooling per head, for ``predict_mask(pooling=...)``."""
+    return calibrate(q, k, lse, slice_m, **options).poolings

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fgcupy import predict_mask
-from fgcupy.calibration import calibrate_pooling, captured_colmax
+from fgcupy.calibration import calibrate, calibrate_pooling, captured_colmax
 from fgcupy.head_families import family_qkv
 from fgcupy.mask_reference import colmax_scores
 from fgcupy.oracle import exact_lse
@@ -37,6 +37,11 @@ def test_each_head_gets_the_pooling_that_holds_the_most_column_max_mass():
     assert chosen == ["both", "mean"]  # sampled queries for the strided head, mean queries for the spatial one
     mask = predict_mask(q, k, 128, density=0.1, pooling="mean")
     torch.testing.assert_close(captured_colmax(colmax, mask), held["mean"])
+    # The calibration's mask: each head's rows from its chosen pooling's prediction.
+    joined = calibrate(q, k, lse, 128, density=0.1).mask.validate().to_dense()
+    for h, pooling in enumerate(chosen):
+        expected = predict_mask(q[:, h:h + 1], k[:, h:h + 1], 128, density=0.1, pooling=pooling).to_dense()
+        assert torch.equal(joined[:, h:h + 1], expected)
 
 
 def test_calibration_refuses_what_it_cannot_choose():

@@ -42,7 +42,7 @@ import torch
 from ..attention import SparseAttention, dense_attention_with_lse
 from ..bridge import cupy_available
 from ..cache import block_means, means_drift
-from ..calibration import calibrate_pooling
+from ..calibration import calibrate
 from ..mask import SliceMask
 from ..mask_algebra import drop_keys
 from .diffusers_config import SparseAttentionConfig
@@ -297,9 +297,11 @@ class SparseAttentionHandle:
             calibrating = cfg.calibrate_pooling and slot.poolings is None
             dense_out, lse = self._dense_call(q, k, v, key_valid) if cfg.exact or calibrating else (None, None)
             if calibrating:
-                slot.poolings = calibrate_pooling(q.transpose(1, 2), k.transpose(1, 2), lse, cfg.slice_m,
-                                                  method=cfg.predictor, **cfg.predictor_arguments())
-            mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), lse, slot.poolings)
+                calibration = calibrate(q.transpose(1, 2), k.transpose(1, 2), lse, cfg.slice_m,
+                                        method=cfg.predictor, **cfg.predictor_arguments())
+                slot.poolings, mask = calibration.poolings, calibration.mask
+            else:
+                mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), lse, slot.poolings)
             if key_valid is not None:
                 mask = drop_keys(mask, key_valid)
             if cfg.attention_fn is None:
@@ -358,15 +360,6 @@ class SparseAttentionHandle:
             out = cfg.attention_fn(q, k, v, full if key_valid is None else drop_keys(full, key_valid), None)
         return out, lse
 
-    def _colmax_arguments(self) -> dict:
-        """predict_mask's options for a column-max mask: the exact schedule's, or (calibrating) the
-        named predictor's rule with its selection options (the mean-query ones do not apply)."""
-        cfg = self.config
-        if cfg.exact:
-            return cfg.predictor_arguments()
-        selection = {"density", "top_k", "tau", "threshold", "min_keys", "max_keys", "local", "scale"}
-        return {"rule": cfg.predictor, **{n: v for n, v in cfg.predictor_arguments().items() if n in selection}}
-
     def _predict(self, layer: _Layer, q, k, lse=None, poolings=None) -> SliceMask:
         """The layer's new mask: the exact column max where a dense call gave ``lse``, else the
         configured predictor (with per-head ``poolings`` once calibrated)."""
@@ -374,7 +367,7 @@ class SparseAttentionHandle:
         if callable(cfg.predictor):
             mask = cfg.predictor(q, k, slice_m=cfg.slice_m)
         elif lse is not None:
-            mask = _predict_mask()(q, k, slice_m=cfg.slice_m, method="colmax", lse=lse, **self._colmax_arguments())
+            mask = _predict_mask()(q, k, slice_m=cfg.slice_m, method="colmax", lse=lse, **cfg.predictor_arguments())
         else:
             pooling = {} if poolings is None else {"pooling": poolings}
             mask = _predict_mask()(q, k, slice_m=cfg.slice_m, method=cfg.predictor, **cfg.predictor_arguments(),

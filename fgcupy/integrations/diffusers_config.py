@@ -39,10 +39,10 @@ class SparseAttentionConfig:
         (counted from the first sparse step), or exactly on the steps listed in ``refresh_steps``
         (the first sparse step always predicts); other steps reuse the layer's cached mask.
     calibrate_pooling: with predictor "topk", a layer's first refresh runs dense attention
-        through the kernel (as the exact schedule does), keeps the exact column-max mask for that
-        step, and picks per head the pooling ("mean" or "both") whose mask holds the most
-        column-max mass (``fgcupy.calibration``); later refreshes predict with those poolings.
-        One dense call and column-max pass per layer and generation.
+        through the kernel (as the exact schedule does) and picks per head the pooling ("mean"
+        or "both") whose mask holds the most column-max mass (``fgcupy.calibration``); that
+        step's mask is the chosen one and later refreshes predict with those poolings. One dense
+        call and column-max pass per layer and generation.
     refresh_on_drift: also re-predict a layer's mask on a step where its queries or keys moved
         by more than this since the mask was made (``fgcupy.cache.means_drift`` of their block
         means, in (0, 2]; costs one host sync per layer and sparse step). None: schedule only.
