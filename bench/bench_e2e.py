@@ -144,7 +144,7 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
     calibrate = refresh
     if predictor.get("calibrate_pooling"):
         def calibrating_block():
-            handle.reset()
+            handle.reset(recalibrate=True)
             return run_block()
 
         calibrate = cuda_time_ms(calibrating_block, **reps)["median_ms"]

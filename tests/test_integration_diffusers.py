@@ -348,7 +348,7 @@ def test_calibrated_schedule_chooses_poolings_once_per_layer():
     stats = handle.stats()["blocks.0.attn1"]
     assert stats.refresh_steps == [0, 2] and (stats.dense_calls, stats.sparse_calls) == (1, 3)
     assert relative_l2(outs[0], dense[0]) < 1e-5  # the calibration step is exact
-    poolings = handle.layers["blocks.0.attn1"].slots[0].poolings
+    poolings = next(iter(handle.layers["blocks.0.attn1"].poolings.values()))
     assert len(poolings) == seen[0][0].shape[2] and set(poolings) <= {"mean", "both"}
     q, k, full = seen[0]
     assert full.density() == 1.0
@@ -357,6 +357,30 @@ def test_calibrated_schedule_chooses_poolings_once_per_layer():
     q2, k2, mask2 = seen[2]  # step 2: a refresh with the calibrated poolings
     expected = fgcupy.predict_mask(q2.transpose(1, 2), k2.transpose(1, 2), 64, "topk", density=0.3, pooling=poolings)
     assert torch.equal(mask2.to_dense(), expected.to_dense())
+
+
+def test_calibration_is_kept_across_generations_until_asked_again():
+    """A head's kind belongs to the model: a new generation keeps the chosen poolings (no dense
+    refresh), reset(recalibrate=True) chooses again, and a new input shape does too."""
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor="topk", density=0.3, slice_m=64, refresh_every=2,
+                                                      calibrate_pooling=True, attention_fn=reference_attention_fn))
+    layer = handle.layers["blocks.0.attn1"]
+
+    def generation(inputs=latents):
+        handle.reset(clear_stats=True)
+        for step in range(3):
+            run_wan(model, inputs, text, t=1000 - 100 * step)
+        return handle.stats()["blocks.0.attn1"].dense_calls
+
+    assert generation() == 1 and len(layer.poolings) == 1
+    chosen = dict(layer.poolings)
+    assert generation() == 0 and layer.poolings == chosen
+    handle.reset(recalibrate=True)
+    assert not layer.poolings
+    assert generation() == 1 and layer.poolings == chosen  # same inputs, same choice
+    assert generation(latents[:, :, :2]) == 1 and len(layer.poolings) == 2  # fewer frames: chosen for them
 
 
 def test_exact_schedule_with_text_padding():

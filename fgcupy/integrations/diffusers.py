@@ -106,7 +106,6 @@ class _Slot:
     key: tuple | None = None  # (shape of q, shape of k, dtype, device): a change forces a refresh
     key_version: int = 0
     means: tuple | None = None  # block means of (q, k) the mask was made from (refresh_on_drift)
-    poolings: list | None = None  # per-head poolings chosen at the first refresh (calibrate_pooling)
 
 
 class _Layer:
@@ -118,6 +117,9 @@ class _Layer:
         self.dense = dense
         self.slots: dict[int, _Slot] = {}
         self.stats = LayerStats(name, index)
+        # calibrate_pooling: per-head poolings per (branch, shapes), kept across generations (a
+        # head's kind is the model's, not the prompt's); reset(recalibrate=True) forgets them.
+        self.poolings: dict[tuple, list] = {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,9 +180,13 @@ class SparseAttentionHandle:
         self._calls = max(self._calls, 1)
         self._padding_seen.clear()
 
-    def reset(self, clear_stats: bool = False) -> None:
-        """Forget masks and the step count (the next call is step 0 of a new generation)."""
+    def reset(self, clear_stats: bool = False, recalibrate: bool = False) -> None:
+        """Forget masks and the step count (the next call is step 0 of a new generation); with
+        ``recalibrate`` also the calibrated poolings (calibrate_pooling chooses them again)."""
         self._new_generation()
+        if recalibrate:
+            for layer in self.layers.values():
+                layer.poolings.clear()
         self._calls = 0
         self._last_timestep = None
         if clear_stats:
@@ -292,16 +298,15 @@ class SparseAttentionHandle:
                 layer.stats.drift_refresh_steps.append(self.step)
             if means is not None:
                 slot.means = means
-            if slot.key != key:  # new shapes: choose the poolings again
-                slot.poolings = None
-            calibrating = cfg.calibrate_pooling and slot.poolings is None
+            poolings = layer.poolings.get((branch, key))
+            calibrating = cfg.calibrate_pooling and poolings is None
             dense_out, lse = self._dense_call(q, k, v, key_valid) if cfg.exact or calibrating else (None, None)
             if calibrating:
                 calibration = calibrate(q.transpose(1, 2), k.transpose(1, 2), lse, cfg.slice_m,
                                         method=cfg.predictor, **cfg.predictor_arguments())
-                slot.poolings, mask = calibration.poolings, calibration.mask
+                layer.poolings[(branch, key)], mask = calibration.poolings, calibration.mask
             else:
-                mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), lse, slot.poolings)
+                mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), lse, poolings)
             if key_valid is not None:
                 mask = drop_keys(mask, key_valid)
             if cfg.attention_fn is None:

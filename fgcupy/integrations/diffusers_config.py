@@ -42,7 +42,9 @@ class SparseAttentionConfig:
         through the kernel (as the exact schedule does) and picks per head the pooling ("mean"
         or "both") whose mask holds the most column-max mass (``fgcupy.calibration``); that
         step's mask is the chosen one and later refreshes predict with those poolings. One dense
-        call and column-max pass per layer and generation.
+        call and column-max pass per layer (and guidance branch and input shape) while the
+        handle lives: later generations keep the choice (``handle.reset(recalibrate=True)``
+        makes it again).
     refresh_on_drift: also re-predict a layer's mask on a step where its queries or keys moved
         by more than this since the mask was made (``fgcupy.cache.means_drift`` of their block
         means, in (0, 2]; costs one host sync per layer and sparse step). None: schedule only.
