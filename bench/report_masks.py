@@ -71,6 +71,8 @@ JUDGED = {
     "pool 8 + band 128": dict(pool=8, exact_band=128),
     # Per head, the pooling whose mask holds the most exact column-max mass (the LSE of a dense step).
     "calibrated (mean | both)": "calibrate",
+    # The same choice without a dense step: the most probability of 4 sampled queries per block.
+    "calibrated by samples (mean | both)": "calibrate_sampled",
 }
 
 
@@ -155,8 +157,9 @@ def family_rows(args, shape, device):
             row = dict(base, density=d, oracle_rel_l2=oracle, block_rel_l2=block, ratios={})
             for name, kw in judged.items():
                 try:
-                    if kw == "calibrate":
-                        kw = dict(pooling=calibrate_pooling(q, k, judge.lse, 128, density=d))
+                    if kw in ("calibrate", "calibrate_sampled"):
+                        lse = judge.lse if kw == "calibrate" else None
+                        kw = dict(pooling=calibrate_pooling(q, k, lse, 128, density=d))
                     err, ratio = judge.ratio(predict_mask(q, k, 128, "topk", density=d, **kw))
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     traceback.print_exc()

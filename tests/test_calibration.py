@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fgcupy import predict_mask
-from fgcupy.calibration import calibrate, calibrate_pooling, captured_colmax
+from fgcupy.calibration import calibrate, calibrate_pooling, captured_colmax, sample_rows, sampled_mass
 from fgcupy.head_families import family_qkv
 from fgcupy.mask_reference import colmax_scores
 from fgcupy.oracle import exact_lse
@@ -53,3 +53,33 @@ def test_calibration_refuses_what_it_cannot_choose():
         calibrate_pooling(q, q, lse, 128, pooling="both", density=0.1)
     with pytest.raises(ValueError, match=r"lse must be \[B, H, q_len\]"):
         calibrate_pooling(q, q, lse[:, :1], 128, density=0.1)
+
+
+@pytest.mark.parametrize("per_block", [4, 16])
+def test_sampled_mass_is_the_probability_the_mask_keeps(per_block):
+    """sampled_mass against softmax rows written out: per head, the probability of the sampled
+    queries on the kept keys of their blocks (the last, partial block's samples past q_len left out)."""
+    q, k, _ = two_kinds_of_heads()
+    q, k = q[:, :, :1000], k[:, :, :1100]  # a partial last block of 1000 - 7 * 128 = 104 queries
+    masks = [predict_mask(q, k, 128, density=0.1, pooling=p) for p in ("mean", "both")]
+    got = sampled_mass(q, k, masks, 128, 1 / math.sqrt(128), per_block=per_block)
+    positions = sample_rows(q.shape[2], 128, per_block)
+    if per_block == 4:
+        assert positions[:2].tolist() == [[8, 40, 72, 104], [136, 168, 200, 232]]
+    rows = positions.reshape(-1)
+    rows = rows[rows < q.shape[2]]
+    probs = torch.softmax(q[:, :, rows].double() @ k.double().transpose(-1, -2) / math.sqrt(128), dim=-1)
+    for i, mask in enumerate(masks):
+        kept = mask.to_dense()[:, :, rows // 128]
+        torch.testing.assert_close(got[i], (probs * kept).sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="per_block must be a positive divisor"):
+        sample_rows(1000, 128, 3)
+
+
+def test_sampled_calibration_needs_no_dense_step():
+    """Without an LSE the choice comes from sampled queries: the strided head still gets the
+    sampled queries, the spatial one the mean query (as with the exact column max)."""
+    q, k, _ = two_kinds_of_heads()
+    calibration = calibrate(q, k, None, 128, density=0.1)
+    assert calibration.poolings == ["both", "mean"]
+    assert calibration.mask.heads == 2
