@@ -140,7 +140,8 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
 
     refresh = cuda_time_ms(refresh_block, **reps)["median_ms"]
     assert handle.refresh_counts()["blocks.0.attn1"] == args.warmup + args.reps
-    # A calibrated schedule's first refresh also runs dense attention and the column-max pass.
+    # A calibrated schedule's first refresh also predicts with every candidate pooling and reads
+    # sampled queries' softmax rows.
     calibrate = refresh
     if predictor.get("calibrate_pooling"):
         def calibrating_block():
@@ -232,8 +233,8 @@ def main(argv=None):
                         help="colmax: the exact schedule (a refresh runs dense attention and its column max)")
     parser.add_argument("--tau", type=float, default=0.9, help="probability mass kept by --predictor tau")
     parser.add_argument("--calibrate", action="store_true",
-                        help="with --predictor topk: calibrate_pooling=True (a layer's first refresh is dense and "
-                             "picks per-head poolings; the refresh timed here is a calibrated one)")
+                        help="with --predictor topk: calibrate_pooling=True (a layer's first refresh picks per-head "
+                             "poolings from sampled queries; the calibrating refresh is timed apart)")
     parser.add_argument("--slice-m", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50, help="schedule length the refresh cost is spread over")
     parser.add_argument("--dense-steps", type=int, default=5)

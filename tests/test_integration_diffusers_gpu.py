@@ -178,18 +178,17 @@ def test_exact_schedule_on_the_kernel():
 
 
 def test_calibrated_schedule_on_the_kernel():
-    """calibrate_pooling on CUDA: the calibration refresh is dense through the kernel, the poolings
-    it picks drive later refreshes, and the trajectory stays near dense."""
+    """calibrate_pooling on CUDA: the first refresh picks the poolings from sampled queries, they
+    drive later refreshes, and the trajectory stays near dense."""
     _, model = bf16_pair(tiny_wan(head_dim=128))
     latents, text = wan_inputs(frames=3, size=32, device=CUDA)
     dense = wan_trajectory(model, latents, text, 5)
     handle = fd.apply(model, fd.SparseAttentionConfig(density=0.3, dense_steps=1, refresh_every=2,
                                                       calibrate_pooling=True))
     ours = wan_trajectory(model, latents, text, 5)
-    assert relative_l2(ours[1], dense[1]) < 2e-2  # the calibration refresh: dense through the kernel
     for step, (o, d) in enumerate(zip(ours, dense)):
         assert relative_l2(o, d) < 5e-2, step
     stats = handle.stats()
-    assert all(s.refresh_steps == [1, 3] and s.dense_calls == 2 for s in stats.values())  # warm-up + calibration
+    assert all(s.refresh_steps == [1, 3] and s.dense_calls == 1 and s.calibrations == 1 for s in stats.values())
     poolings = next(iter(handle.layers["blocks.0.attn1"].poolings.values()))
     assert poolings is not None and set(poolings) <= {"mean", "both"}

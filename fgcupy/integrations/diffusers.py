@@ -85,6 +85,7 @@ class LayerStats:
     stock_reasons: dict = field(default_factory=dict)
     refresh_steps: list = field(default_factory=list)
     drift_refresh_steps: list = field(default_factory=list)  # refreshes that refresh_on_drift asked for
+    calibrations: int = 0  # per-head pooling choices made (calibrate_pooling)
 
     @property
     def refreshes(self) -> int:
@@ -300,11 +301,12 @@ class SparseAttentionHandle:
                 slot.means = means
             poolings = layer.poolings.get((branch, key))
             calibrating = cfg.calibrate_pooling and poolings is None
-            dense_out, lse = self._dense_call(q, k, v, key_valid) if cfg.exact or calibrating else (None, None)
-            if calibrating:
-                calibration = calibrate(q.transpose(1, 2), k.transpose(1, 2), lse, cfg.slice_m,
+            dense_out, lse = self._dense_call(q, k, v, key_valid) if cfg.exact else (None, None)
+            if calibrating:  # from sampled queries: no dense step
+                calibration = calibrate(q.transpose(1, 2), k.transpose(1, 2), None, cfg.slice_m,
                                         method=cfg.predictor, **cfg.predictor_arguments())
                 layer.poolings[(branch, key)], mask = calibration.poolings, calibration.mask
+                layer.stats.calibrations += 1
             else:
                 mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), lse, poolings)
             if key_valid is not None:

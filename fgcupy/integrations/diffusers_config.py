@@ -38,13 +38,12 @@ class SparseAttentionConfig:
     refresh_every / refresh_steps: masks are re-predicted every ``refresh_every`` sparse steps
         (counted from the first sparse step), or exactly on the steps listed in ``refresh_steps``
         (the first sparse step always predicts); other steps reuse the layer's cached mask.
-    calibrate_pooling: with predictor "topk", a layer's first refresh runs dense attention
-        through the kernel (as the exact schedule does) and picks per head the pooling ("mean"
-        or "both") whose mask holds the most column-max mass (``fgcupy.calibration``); that
-        step's mask is the chosen one and later refreshes predict with those poolings. One dense
-        call and column-max pass per layer (and guidance branch and input shape) while the
-        handle lives: later generations keep the choice (``handle.reset(recalibrate=True)``
-        makes it again).
+    calibrate_pooling: with predictor "topk", a layer's first refresh picks per head the pooling
+        ("mean" or "both") whose mask holds the most probability of 16 sampled queries per
+        query block (``fgcupy.calibration``, exact softmax rows of those queries: no dense
+        step); that step's mask is the chosen one and later refreshes predict with those
+        poolings. Once per layer (and guidance branch and input shape) while the handle lives:
+        later generations keep the choice (``handle.reset(recalibrate=True)`` makes it again).
     refresh_on_drift: also re-predict a layer's mask on a step where its queries or keys moved
         by more than this since the mask was made (``fgcupy.cache.means_drift`` of their block
         means, in (0, 2]; costs one host sync per layer and sparse step). None: schedule only.
@@ -117,8 +116,8 @@ class SparseAttentionConfig:
                 raise ValueError(f"calibrate_pooling compares masks of equal size: predictor='topk' only, "
                                  f"got predictor={self.predictor!r}")
             if self.process_group is not None:
-                raise ValueError("calibrate_pooling needs each layer's full-sequence LSE on one device: not with "
-                                 "process_group")
+                raise ValueError("calibrate_pooling needs each layer's full-sequence queries and keys on one "
+                                 "device: not with process_group")
             if isinstance(self.predictor_kwargs, dict) and "pooling" in self.predictor_kwargs:
                 raise ValueError("calibrate_pooling chooses the pooling: predictor_kwargs may not set it")
         if self.refresh_on_drift is not None:
