@@ -84,7 +84,7 @@ def sampled_mass(q, k, masks, slice_m: int, scale: float, per_block: int = DEFAU
         row, key = mask.flat_rows()
         per_head = mask.row_lengths().reshape(-1, q_blocks).sum(1, dtype=torch.int64)
         kept.append((row % q_blocks, key, [0] + torch.cumsum(per_head, 0).tolist()))
-    mass = torch.zeros(len(masks), heads, dtype=torch.float64)
+    mass = torch.zeros(len(masks), heads, dtype=torch.float64, device=q.device)  # read back once
     for b in range(batch):
         for h in range(heads):
             logits = torch.matmul(q[b, h, rows].float(), k[b, h].float().T) * scale  # [QB * per_block, KV]
@@ -94,8 +94,8 @@ def sampled_mass(q, k, masks, slice_m: int, scale: float, per_block: int = DEFAU
                 lo, hi = starts[b * heads + h], starts[b * heads + h + 1]
                 blk, kk = block[lo:hi], key[lo:hi]
                 probs = torch.exp(logits[blk, :, kk] - lse[blk]) * valid[blk]
-                mass[i, h] += probs.sum(dtype=torch.float64).cpu()
-    return mass
+                mass[i, h] += probs.sum(dtype=torch.float64)
+    return mass.cpu()
 
 
 def calibrate(q, k, lse=None, slice_m: int = 128, *, candidates=DEFAULT_CANDIDATES, scale: float | None = None,
