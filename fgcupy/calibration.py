@@ -24,8 +24,8 @@ from .mask_request import POOLINGS
 from .scoring import predict_mask
 
 DEFAULT_CANDIDATES = ("mean", "both")
-#: Sampled queries per block of 128 when no dense step's LSE is given (16: the choice matched
-#: the column-max one on every head family where 4 and 8 queries still differed).
+#: Sampled queries per query block when no dense step's LSE is given (16: at blocks of 128 the
+#: choice matched the column-max one on every head family where 4 and 8 queries still differed).
 DEFAULT_SAMPLES = 16
 
 
