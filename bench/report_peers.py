@@ -7,7 +7,10 @@ For a preset and a pattern of fgcupy.workloads it predicts slice masks at severa
   * FlexAttention on the 128x128 block cover of the same slice mask (what a block-sparse
     kernel must compute to be exact);
   * FlexAttention on a 128x128 block mask chosen from pooled block scores, at the block
-    density whose output error matches fgcupy's (the equal-quality comparison).
+    density whose output error matches fgcupy's (the equal-quality comparison);
+  * where they are installed: FlexAttention with its FLASH backend (dense and pooled block
+    masks) and FlashInfer's variable block-sparse attention with 128 x 1 blocks on the slice
+    mask (the FG-Attn paper's baseline); elsewhere a line says why they were left out.
 Errors are relative L2 against dense float32 attention on a subsample of heads. Writes
 ``report.json`` and ``report.md`` into --out; ``python -m bench.plot`` draws the figures.
 
@@ -21,6 +24,7 @@ import json
 import math
 import os
 import time
+from functools import partial
 
 import torch
 
@@ -53,6 +57,39 @@ def pooled_block_mask(q, k, density: float, block: int = 128):
     full_indices = torch.zeros(batch, heads, blocks, blocks, dtype=torch.int32, device=q.device)
     full_indices[..., :keep] = top
     return BlockMask.from_kv_blocks(counts, full_indices, BLOCK_SIZE=block, seq_lengths=(seq, seq))
+
+
+def optional_peer(name: str, make_call, reps: int):
+    """CUDA-event timing of the call ``make_call()`` returns, for a peer that may not be installed
+    here (FlashInfer, FlexAttention's FLASH backend): None, with the reason printed, where making
+    it or its first call fails."""
+    try:
+        call = make_call()
+        call()
+        torch.cuda.synchronize()
+    except Exception as err:  # noqa: BLE001 - any failure means "not available here"
+        reason = (str(err).strip().splitlines() or [""])[0][:160]
+        print(f"{name:28s} unavailable here ({type(err).__name__}: {reason})", flush=True)
+        return None
+    return cuda_time_ms(call, reps=reps)
+
+
+def flashinfer_slices(q, k, v, mask):
+    """FlashInfer's block-sparse attention with 128 x 1 blocks (the FG-Attn paper's baseline) on
+    the slice mask: its variable block-sparse wrapper, one block layout per head."""
+    import flashinfer
+
+    batch, heads, seq, dim = q.shape
+    if batch != 1 or mask.slice_m != 128:
+        raise ValueError("the FlashInfer comparison takes one batch and slices of 128 queries")
+    workspace = torch.empty(128 * 1024 * 1024, dtype=torch.uint8, device=q.device)
+    wrapper = flashinfer.sparse.VariableBlockSparseAttentionWrapper(workspace)
+    blocks = mask.q_blocks
+    row_sizes = torch.full((heads, blocks), 128, dtype=torch.int32, device=q.device)
+    row_sizes[:, -1] = seq - 128 * (blocks - 1)
+    col_sizes = torch.ones(heads, seq, dtype=torch.int32, device=q.device)
+    wrapper.plan(mask.to_dense()[0], row_sizes, col_sizes, heads, heads, dim, q_data_type=q.dtype)
+    return lambda: wrapper.run(q[0], k[0], v[0])  # HND: [heads, tokens, dim]
 
 
 def main(argv=None):
@@ -94,6 +131,11 @@ def main(argv=None):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v)
         record(name, 1.0, cuda_time_ms(call, reps=args.reps))
     record("flex-dense", 1.0, cuda_time_ms(lambda: flex(q, k, v), reps=args.reps))
+    flash_options = {"BACKEND": "FLASH"}
+    flash_dense = optional_peer("flex-flash-dense", lambda: partial(flex, q, k, v, kernel_options=flash_options),
+                                args.reps)
+    if flash_dense is not None:
+        record("flex-flash-dense", 1.0, flash_dense)
 
     fg_errors = {}
     for density in args.densities:
@@ -110,6 +152,9 @@ def main(argv=None):
         cover_density = float(cover.kv_num_blocks.sum()) / (batch * heads * math.ceil(seq / 128) ** 2)
         record("flex-block-cover", cover_density, cuda_time_ms(lambda: flex(q, k, v, block_mask=cover), reps=args.reps),
                target_density=density, slice_density=mask.density(), fgcupy_ms=ms["median_ms"])
+        flashinfer_ms = optional_peer("flashinfer-slices", partial(flashinfer_slices, q, k, v, mask), args.reps)
+        if flashinfer_ms is not None:
+            record("flashinfer-slices", mask.density(), flashinfer_ms, target_density=density)
         del mask, plan, cover, out
         torch.cuda.empty_cache()
 
@@ -120,6 +165,10 @@ def main(argv=None):
         error = relative_l2(out[:, sub].float(), ref)
         block_errors[density] = error
         record("flex-block-pooled", density, cuda_time_ms(lambda: flex(q, k, v, block_mask=block_mask), reps=args.reps), error)
+        if flash_dense is not None:
+            record("flex-flash-block-pooled", density,
+                   cuda_time_ms(lambda: flex(q, k, v, block_mask=block_mask, kernel_options=flash_options),
+                                reps=args.reps), error)
         del block_mask, out
 
     header = f"{gpu_header()} | preset {args.preset} {tuple(q.shape)} bf16 | pattern {args.pattern}"
