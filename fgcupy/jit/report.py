@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .source import kernel_source, nvrtc_options
+from .source import kernel_source, nvrtc_options, spec_defines
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ def compile_report(spec, arch: str = "sm_90") -> PtxasReport:
         check(nvrtc.nvrtcAddNameExpression(prog, spec.name_expression.encode()))
         # cupy.RawModule adds -ftz=true and --device-as-default-execution-space: mirror them.
         runtime_extras = ("-ftz=true", "--device-as-default-execution-space")
-        options = [o.encode() for o in nvrtc_options() + runtime_extras] + [f"-arch={arch}".encode(), b"-Xptxas=-v"]
+        options = [o.encode() for o in nvrtc_options() + spec_defines(spec) + runtime_extras]
+        options += [f"-arch={arch}".encode(), b"-Xptxas=-v"]
         (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
         size = check(nvrtc.nvrtcGetProgramLogSize(prog))
         buf = b" " * size

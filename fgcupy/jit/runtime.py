@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 
-from .source import kernel_source, nvrtc_options
+from .source import kernel_source, nvrtc_options, spec_defines
 
 log = logging.getLogger("fgcupy")
 
@@ -54,10 +54,8 @@ def get_kernel_on(device, spec):
 
 
 def module_options(spec) -> tuple[str, ...]:
-    """NVRTC options for ``spec``'s module. They name the opt-in shared memory size: CuPy keeps
-    one module per (source, options) and the size is set on that module's function, so specs
-    that differ only in it must not share a module."""
-    return nvrtc_options() + tuple(spec.extra_options) + (f"-DFGCUPY_SMEM_OPTIN={int(spec.smem_bytes)}",)
+    """NVRTC options for ``spec``'s module (``source.spec_defines`` makes it the spec's own)."""
+    return nvrtc_options() + tuple(spec.extra_options) + spec_defines(spec)
 
 
 def _compile(spec):

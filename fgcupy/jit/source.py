@@ -53,6 +53,13 @@ def nvrtc_options() -> tuple[str, ...]:
     )
 
 
+def spec_defines(spec) -> tuple[str, ...]:
+    """Defines that make ``spec``'s module its own: the opt-in shared memory size. CuPy keeps one
+    module per (source, options) and the size is set on that module's function, so specs that
+    differ only in it must not share a module."""
+    return (f"-DFGCUPY_SMEM_OPTIN={int(spec.smem_bytes)}",)
+
+
 def kernel_source(spec) -> str:
     """The code NVRTC compiles for ``spec``: the constants and parameter structs the Python side
     owns (``spec.constants``; ``spec.params`` and any ``spec.shared_params`` of kernels in the
