@@ -64,8 +64,8 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     ``pooling``: how each sub-block is scored (combine "max"; see mask_reference): "mean" (its
     mean query), "sample" (its middle query, scores dilated along the keys by pool // 2 either
     side) or "both" (the geometric mean of the two scores; twice the scoring work); or one of
-    those per head (a list of H, e.g. from ``fgcupy.calibration.calibrate_pooling``): heads are
-    predicted in groups of one pooling and joined (one host sync per group join).
+    those per head (a list of H, e.g. from ``fgcupy.calibration.calibrate``): heads are
+    predicted in groups of one pooling and joined in head order by one gather (one host sync).
     ``exact_band``: keys within this many of the block (either side) get their exact column-max
     score instead of the pooled one (slice_m 64 or 128, combine "max"; None: off; see
     mask_reference). Left as "auto", mean-query methods with combine "max" and slice_m 64 or
