@@ -52,11 +52,11 @@ from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
 #: One mean query per block and no exact band: the plain mean-query predictor.
 MEAN = dict(pool=None, exact_band=None)
 
-#: Predictors judged against the oracle per head family (predict_mask keyword arguments).
 #: fgcupy.workloads patterns judged beside the head families (their first --family-heads heads).
 WORKLOAD_PREFIX = "workload-"
 WORKLOAD_FAMILIES = [WORKLOAD_PREFIX + p for p in PATTERNS]
 
+#: Predictors judged against the oracle per head family (predict_mask keyword arguments).
 JUDGED = {
     "default": dict(),
     "mean (pool 128)": dict(pool=128, exact_band=None),
@@ -71,7 +71,8 @@ JUDGED = {
     "pool 8 + band 128": dict(pool=8, exact_band=128),
     # Per head, the pooling whose mask holds the most exact column-max mass (the LSE of a dense step).
     "calibrated (mean | both)": "calibrate",
-    # The same choice without a dense step: the most probability of 4 sampled queries per block.
+    # The same choice without a dense step: the most probability of sampled queries
+    # (fgcupy.calibration.DEFAULT_SAMPLES per block).
     "calibrated by samples (mean | both)": "calibrate_sampled",
 }
 

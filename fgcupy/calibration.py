@@ -57,7 +57,7 @@ class Calibration:
     mask: SliceMask
 
 
-def sample_rows(q_len: int, slice_m: int, per_block: int) -> torch.Tensor:
+def probe_queries(q_len: int, slice_m: int, per_block: int) -> torch.Tensor:
     """int64 [QB, per_block]: the queries ``sampled_mass`` reads, ``per_block`` per query block,
     a quarter of the way into each of its equal parts (away from the parts' middles, the queries
     pooling "sample" scores exactly, so the judge does not favour it). The last block's may pass
@@ -71,11 +71,11 @@ def sample_rows(q_len: int, slice_m: int, per_block: int) -> torch.Tensor:
 
 def sampled_mass(q, k, masks, slice_m: int, scale: float, per_block: int = DEFAULT_SAMPLES) -> torch.Tensor:
     """float64 [len(masks), H]: per mask and head, the attention probability that sampled queries
-    (``sample_rows``) put on the slices the mask keeps, summed over batch and queries: the mass
+    (``probe_queries``) put on the slices the mask keeps, summed over batch and queries: the mass
     a mask holds, read off exact softmax rows of a few queries (per_block / slice_m of a dense
     step's QK^T, one head at a time; only the kept keys' probabilities are formed)."""
     batch, heads, q_len, _ = q.shape
-    positions = sample_rows(q_len, slice_m, per_block).to(q.device)
+    positions = probe_queries(q_len, slice_m, per_block).to(q.device)
     q_blocks = positions.shape[0]
     valid = (positions < q_len).to(torch.float32)
     rows = positions.clamp(max=q_len - 1).reshape(-1)
@@ -114,7 +114,7 @@ def calibrate(q, k, lse=None, slice_m: int = 128, *, candidates=DEFAULT_CANDIDAT
     if not candidates or any(c not in POOLINGS for c in candidates):
         raise ValueError(f"candidates must be one or more of {POOLINGS}, got {candidates!r}")
     if "pooling" in predict_kwargs or predict_kwargs.get("method") == "colmax":
-        raise ValueError("calibrate_pooling chooses pooling for a mean-query method: predict_kwargs may not set "
+        raise ValueError("calibrate chooses the pooling of a mean-query method: predict_kwargs may not set "
                          "pooling or method='colmax'")
     if lse is not None:
         lse = torch.as_tensor(lse)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fgcupy import predict_mask
-from fgcupy.calibration import calibrate, calibrate_pooling, captured_colmax, sample_rows, sampled_mass
+from fgcupy.calibration import calibrate, calibrate_pooling, captured_colmax, probe_queries, sampled_mass
 from fgcupy.head_families import family_qkv
 from fgcupy.mask_reference import colmax_scores
 from fgcupy.oracle import exact_lse
@@ -63,7 +63,7 @@ def test_sampled_mass_is_the_probability_the_mask_keeps(per_block):
     q, k = q[:, :, :1000], k[:, :, :1100]  # a partial last block of 1000 - 7 * 128 = 104 queries
     masks = [predict_mask(q, k, 128, density=0.1, pooling=p) for p in ("mean", "both")]
     got = sampled_mass(q, k, masks, 128, 1 / math.sqrt(128), per_block=per_block)
-    positions = sample_rows(q.shape[2], 128, per_block)
+    positions = probe_queries(q.shape[2], 128, per_block)
     if per_block == 4:
         assert positions[:2].tolist() == [[8, 40, 72, 104], [136, 168, 200, 232]]
     rows = positions.reshape(-1)
@@ -73,7 +73,7 @@ def test_sampled_mass_is_the_probability_the_mask_keeps(per_block):
         kept = mask.to_dense()[:, :, rows // 128]
         torch.testing.assert_close(got[i], (probs * kept).sum(dim=(0, 2, 3)), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="per_block must be a positive divisor"):
-        sample_rows(1000, 128, 3)
+        probe_queries(1000, 128, 3)
 
 
 def test_sampled_calibration_needs_no_dense_step():
