@@ -8,10 +8,11 @@
 //   stats (rows are A, 64 per warpgroup; keys are N): each row's log-sum-exp over the chunk,
 //     written to partial[z, row, chunk], as mask_score.cu's mode 1;
 //   maxprob (keys are A, 64 per warpgroup; rows are N): p = exp2(logit * log2e - lse2[row])
-//     and its max over each group of `group` consecutive rows (a power of two, 2..128),
-//     written to out[z, row / group, key], as mode 2. A column max needs no exponential per
+//     and its max over each group of GROUP consecutive rows (a power of two, 2..128, a
+//     template argument: with a runtime group the epilogue's index arithmetic and branches
+//     outnumbered its math), written to out[z, row / GROUP, key], as mode 2. A column max needs no exponential per
 //     element: the max is taken on the exponent and one exp2 per stored score follows.
-// Band mode (band_width > 0; maxprob only with group = 128): each row tile is one query block
+// Band mode (band_width > 0; maxprob only with GROUP = 128): each row tile is one query block
 // and takes the keys [row0 + band_lo, + band_width); maxprob raises the stored scores.
 // Grid: (row tiles, key chunks, heads), row tiles fastest, so CTAs that run together read the
 // same keys from L2. Two CTAs per SM: one's reductions overlap the other's products (256 rows
@@ -33,13 +34,18 @@ struct Sm90ScoreShape {
   static_assert(D % 64 == 0 && kKeys % kRowsPerPass == 0 && kRows % kRowsPerPass == 0, "tile rows per pass");
 };
 
-template <class T, int D, int MODE>
+constexpr int log2_pow2(int x) { return x <= 1 ? 0 : 1 + log2_pow2(x / 2); }
+
+template <class T, int D, int MODE, int GROUP>
 __global__ void __launch_bounds__(256, 2)
 mask_score_sm90(const __grid_constant__ ScoreParams p) {
   using S = Sm90ScoreShape<D>;
   constexpr int kN = S::kKeys;
   constexpr float kLog2e = 1.4426950408889634f;
   static_assert(MODE == kMode_stats || MODE == kMode_maxprob, "stats and maxprob only");
+  static_assert(MODE == kMode_stats ? GROUP == 1
+                                    : GROUP >= 2 && GROUP <= S::kRows && (GROUP & (GROUP - 1)) == 0,
+                "maxprob groups are powers of two from 2 to 128 rows; stats takes GROUP 1");
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   u16* sR = reinterpret_cast<u16*>(smem_base);
@@ -107,17 +113,16 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   float run_m[2] = {FG_NEG_INF, FG_NEG_INF};
   float run_l[2] = {0.f, 0.f};
   const float scale_log2 = p.scale_log2;
-  const int group = p.group;
   const int out_rows = p.out_rows;
   const i64 out_ld = p.out_ld;
   float* __restrict__ out = static_cast<float*>(p.out);
   // A: 64 rows (stats) or 64 keys (maxprob) of its tile, per warpgroup.
   const u32 a_wg = wg * 64 * 128;
   const int thread_row = wg * 64 + (warp & 3) * 16 + g;  // first of this thread's two A rows
-  // Maxprob: groups are powers of two (shifts, not divisions); this thread's first output row
-  // (of its column tile 0) and its store pointer, keys added per tile.
-  const int group_shift = __ffs(group) - 1;
-  const int orow0 = (row0 + tig * 2) >> group_shift;
+  // Maxprob: this thread's first output row (of its column tile 0) and its store pointer, keys
+  // added per tile.
+  constexpr int kGroupShift = log2_pow2(GROUP);
+  const int orow0 = (row0 + tig * 2) >> kGroupShift;
   float* out_thread = out + (static_cast<i64>(z) * out_rows + orow0) * out_ld + thread_row;
 
   for (int t = 0; t < ntiles; ++t) {
@@ -139,62 +144,59 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
 
     if (MODE == kMode_stats) {
       // acc[nt * 4 + e]: row thread_row + 8 * (e >> 1), key tile_key + nt * 8 + tig * 2 + (e & 1).
+      // Keys past the chunk (its last tile only) become -inf. The max is taken on the raw
+      // products (the scale is positive) and the scale folds into each exponent's FFMA.
+      if (tile_key + kN > key_end) {
+#pragma unroll
+        for (int nt = 0; nt < kN / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (tile_key + nt * 8 + tig * 2 + (e & 1) >= key_end) acc[nt * 4 + e] = FG_NEG_INF;
+      }
       float tile_m[2] = {FG_NEG_INF, FG_NEG_INF};
 #pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt) {
-        const int key = tile_key + nt * 8 + tig * 2;
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float x = key + (e & 1) < key_end ? acc[nt * 4 + e] * scale_log2 : FG_NEG_INF;
-          acc[nt * 4 + e] = x;
-          tile_m[e >> 1] = fmaxf(tile_m[e >> 1], x);
-        }
-      }
+      for (int i = 0; i < kN / 2; ++i) tile_m[(i >> 1) & 1] = fmaxf(tile_m[(i >> 1) & 1], acc[i]);
+      tile_m[0] *= scale_log2;
+      tile_m[1] *= scale_log2;
       float base[2];
       raise_running_max(run_m, run_l, tile_m, base);
+      float part[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // two sums per row: shorter add chains
 #pragma unroll
-      for (int i = 0; i < kN / 2; ++i) run_l[(i >> 1) & 1] += fast_exp2(acc[i] - base[(i >> 1) & 1]);
+      for (int i = 0; i < kN / 2; ++i)
+        part[(i >> 1) & 1][i & 1] += fast_exp2(fmaf(acc[i], scale_log2, -base[(i >> 1) & 1]));
+      run_l[0] += part[0][0] + part[0][1];
+      run_l[1] += part[1][0] + part[1][1];
     } else {
       // acc[nt * 4 + e]: key tile_key + thread_row + 8 * (e >> 1), row row0 + nt * 8 + tig * 2 + (e & 1).
-      // v[nt][i]: the exponent's max over the thread's two rows of column tile nt, key i.
-      float v[kN / 8][2];
+      // Column tile by column tile: the exponent's max over the thread's two rows of each key,
+      // folded over the tiles of one group (groups of 16 or more rows span several), then over
+      // the quad lanes the group spans; one exp2 and store per group and key.
+      constexpr int kTilesPerGroup = GROUP >= 16 ? GROUP / 8 : 1;
+      constexpr int kLanes = GROUP >= 8 ? 4 : GROUP / 2;  // quad lanes one group spans
+      float run[2];
 #pragma unroll
       for (int nt = 0; nt < S::kRows / 8; ++nt) {
         const float2 l2 = *reinterpret_cast<const float2*>(sLse2 + nt * 8 + tig * 2);
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
-          v[nt][i] = fmaxf(acc[nt * 4 + 2 * i] * scale_log2 - l2.x, acc[nt * 4 + 2 * i + 1] * scale_log2 - l2.y);
-      }
-      // Groups of 16 or more rows: fold column tiles within the thread first (fewer shuffles).
-      const int tiles_per_group = group >= 16 ? group / 8 : 1;
-#pragma unroll
-      for (int span = 1; span < S::kRows / 8; span <<= 1) {
-        if (span < tiles_per_group) {
-#pragma unroll
-          for (int nt = 0; nt < S::kRows / 8; nt += 2 * span)
-#pragma unroll
-            for (int i = 0; i < 2; ++i) v[nt][i] = fmaxf(v[nt][i], v[nt + span][i]);
+        for (int i = 0; i < 2; ++i) {
+          const float v = fmaxf(acc[nt * 4 + 2 * i] * scale_log2 - l2.x, acc[nt * 4 + 2 * i + 1] * scale_log2 - l2.y);
+          run[i] = nt % kTilesPerGroup == 0 ? v : fmaxf(run[i], v);
         }
-      }
-      const int lanes = group >= 8 ? 4 : group / 2;  // quad lanes one group spans
+        if (nt % kTilesPerGroup != kTilesPerGroup - 1) continue;
 #pragma unroll
-      for (int nt = 0; nt < S::kRows / 8; ++nt) {
-        if (nt % tiles_per_group == 0) {
+        for (int i = 0; i < 2; ++i) {
+          if (kLanes >= 2) run[i] = fmaxf(run[i], __shfl_xor_sync(0xffffffffu, run[i], 1));
+          if (kLanes >= 4) run[i] = fmaxf(run[i], __shfl_xor_sync(0xffffffffu, run[i], 2));
+        }
+        const int step = ((nt + 1 - kTilesPerGroup) * 8) >> kGroupShift;  // output rows past orow0
+        if ((tig & (kLanes - 1)) == 0 && orow0 + step < out_rows) {
+          float* dst = out_thread + step * out_ld + tile_key;
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            if (lanes >= 2) v[nt][i] = fmaxf(v[nt][i], __shfl_xor_sync(0xffffffffu, v[nt][i], 1));
-            if (lanes >= 4) v[nt][i] = fmaxf(v[nt][i], __shfl_xor_sync(0xffffffffu, v[nt][i], 2));
-          }
-          const int step = (nt * 8) >> group_shift;  // output rows past orow0
-          if ((tig & (lanes - 1)) == 0 && orow0 + step < out_rows) {
-            float* dst = out_thread + step * out_ld + tile_key;
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-              if (tile_key + thread_row + 8 * i < key_end) {
-                const float m = fast_exp2(v[nt][i]);
-                if (band) dst[8 * i] = fmaxf(dst[8 * i], m);
-                else dst[8 * i] = m;
-              }
+            if (tile_key + thread_row + 8 * i < key_end) {
+              const float m = fast_exp2(run[i]);
+              if (band) dst[8 * i] = fmaxf(dst[8 * i], m);
+              else __stcs(dst + 8 * i, m);  // streamed: keep L2 for the key tiles other CTAs read
             }
           }
         }

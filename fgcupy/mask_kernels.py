@@ -70,7 +70,7 @@ def _score_spec(kernel: str, portable: ScoreSpec, group: int, band, device):
         return portable
     if kernel == "auto" and not _is_hopper(device.index if device.index is not None else torch.cuda.current_device()):
         return portable
-    return Sm90ScoreSpec(portable.dtype, portable.head_dim, mode)
+    return Sm90ScoreSpec(portable.dtype, portable.head_dim, mode, group if mode == "maxprob" else 1)
 
 
 def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, bh0: int = 0, nbh: int | None = None,
@@ -92,6 +92,8 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     batch, heads, n_rows, dim = rows.shape
     kv_len = k.shape[2]
     nbh = batch * heads - bh0 if nbh is None else nbh
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number (the kernels fold it into maxima), got {scale}")
     portable = ScoreSpec(bridge.dtype_name(rows.dtype, "rows"), dim, mode, warps)  # checks the arguments
     if mode == "maxprob" and (group < 1 or group & (group - 1) or portable.rows_per_cta % group):
         raise ValueError(f"group={group} must be a power of two dividing {portable.rows_per_cta}")
@@ -134,7 +136,9 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
         launch(spec, device, spec.grid(chunks, num_blocks(n_rows, spec.rows_per_cta), nbh), params)
     if mode == "maxprob":
         return out
-    row_lse = torch.logsumexp(partial, dim=-1)
+    # One key chunk (bands, short rows): its LSE is the row's; logsumexp over a dimension of one
+    # would still run two reductions over every row.
+    row_lse = partial[..., 0] if chunks == 1 else torch.logsumexp(partial, dim=-1)
     return row_lse if mode == "stats" else (out, row_lse)
 
 

@@ -50,13 +50,12 @@ def pool_queries(q: torch.Tensor, pool: int) -> torch.Tensor:
     """float32 [B, H, ceil(S / pool), D]: mean of each run of ``pool`` queries (last run shorter)."""
     batch, heads, seq, dim = q.shape
     full = seq // pool
-    parts = []
+    out = torch.empty(batch, heads, -(-seq // pool), dim, dtype=torch.float32, device=q.device)
     if full:
-        parts.append(q[:, :, : full * pool].unflatten(2, (full, pool)).sum(3, dtype=torch.float32) / pool)
+        torch.mean(q[:, :, : full * pool].unflatten(2, (full, pool)), 3, dtype=torch.float32, out=out[:, :, :full])
     if seq > full * pool:
-        tail = q[:, :, full * pool :]
-        parts.append(tail.sum(2, keepdim=True, dtype=torch.float32) / tail.shape[2])
-    return torch.cat(parts, 2) if len(parts) > 1 else parts[0]
+        torch.mean(q[:, :, full * pool :], 2, keepdim=True, dtype=torch.float32, out=out[:, :, full:])
+    return out
 
 
 def sample_rows(q_len: int, pool: int, device=None) -> torch.Tensor:

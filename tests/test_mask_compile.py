@@ -3,6 +3,7 @@ for sm_80, sm_90 and sm_90a with the runtime's options; ptxas shows no spills an
 budget for the launch shape the spec declares."""
 
 import pytest
+import torch
 
 from fgcupy.jit import report as report_mod
 from fgcupy import mask_kernels
@@ -100,11 +101,18 @@ def test_wgmma_scoring_compiles_for_two_ctas_per_sm(spec):
 
 
 def test_wgmma_scoring_spec():
-    assert {(s.dtype, s.head_dim, s.mode) for s in all_sm90_mask_specs()} == {
-        (d, h, m) for d in ("bfloat16", "float16") for h in (64, 128) for m in ("stats", "maxprob")}
+    groups = {"stats": (1,), "maxprob": (2, 4, 8, 16, 32, 64, 128)}
+    assert {(s.dtype, s.head_dim, s.mode, s.group) for s in all_sm90_mask_specs()} == {
+        (d, h, m, g) for d in ("bfloat16", "float16") for h in (64, 128) for m in groups for g in groups[m]}
     spec = Sm90ScoreSpec("float16", 64, "stats")
     assert spec.name == "mask_score_sm90_stats_fp16_d64"
-    assert spec.name_expression == "fg::mask_score_sm90<fg::fp16_t, 64, 1>"
+    assert spec.name_expression == "fg::mask_score_sm90<fg::fp16_t, 64, 1, 1>"
+    pooled = Sm90ScoreSpec("bfloat16", 128, "maxprob", 4)
+    assert pooled.name == "mask_score_sm90_maxprob_g4_bf16_d128"
+    assert pooled.name_expression == "fg::mask_score_sm90<fg::bf16_t, 128, 2, 4>"
+    for mode, group in (("maxprob", 1), ("maxprob", 3), ("maxprob", 256), ("stats", 4)):
+        with pytest.raises(ValueError, match=f"group of mode '{mode}' must be one of"):
+            Sm90ScoreSpec(mode=mode, group=group)
     # Rows first: CTAs that run together share key tiles.
     assert spec.grid(3, 5, 7) == (5, 3, 7) and ScoreSpec().grid(3, 5, 7) == (3, 5, 7)
     with pytest.raises(ValueError, match=r"mode must be one of \('stats', 'maxprob'\), got 'logits'"):
@@ -121,7 +129,8 @@ def test_which_scoring_kernel_runs(mode, group, band, warps, fits):
     portable = ScoreSpec("bfloat16", 128, mode, warps)
     assert mask_kernels._score_spec("mma", portable, group, band, None) is portable
     if fits:
-        assert mask_kernels._score_spec("wgmma", portable, group, band, None) == Sm90ScoreSpec("bfloat16", 128, mode)
+        expected = Sm90ScoreSpec("bfloat16", 128, mode, group if mode == "maxprob" else 1)
+        assert mask_kernels._score_spec("wgmma", portable, group, band, None) == expected
     else:
         with pytest.raises(ValueError, match="the wgmma scoring kernel has no mode"):
             mask_kernels._score_spec("wgmma", portable, group, band, None)
@@ -136,3 +145,11 @@ def test_score_passes_keep_no_tensors_alive():
 
     for name in ("gpu_scores", "gpu_colmax", "gpu_select", "gpu_dilate"):
         assert not hasattr(getattr(mask_kernels, name), "cache_info"), name
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.1, float("nan"), float("inf")])
+def test_score_passes_refuse_a_scale_they_cannot_fold(scale):
+    """The kernels take maxima on unscaled products and fold the scale into the exponent."""
+    rows = torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        mask_kernels.gpu_scores("stats", rows, rows, scale)

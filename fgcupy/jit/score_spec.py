@@ -22,6 +22,8 @@ SCORE_KEY_TILE = 64
 SM90_SCORE_ROWS = 128
 SM90_SCORE_KEY_TILE = 128
 SM90_SCORE_MODES = ("stats", "maxprob")
+#: Row groups of the Hopper max-probability pass (its template GROUP): powers of two to 128.
+SM90_SCORE_GROUPS = (2, 4, 8, 16, 32, 64, 128)
 #: Selection rules (fg::select_rows' rule argument).
 RULE_IDS = {"topk": 0, "tau": 1, "threshold": 2}
 SCORE_WARPS = (4, 8)
@@ -139,12 +141,15 @@ class ScoreSpec:
 
 @dataclass(frozen=True)
 class Sm90ScoreSpec:
-    """``fg::mask_score_sm90<T, D, MODE>``: the stats and maxprob modes on wgmma (sm_90a), 128
-    rows per CTA, 128-key tiles, two CTAs per SM. Its grid puts row tiles first (``grid``)."""
+    """``fg::mask_score_sm90<T, D, MODE, GROUP>``: the stats and maxprob modes on wgmma (sm_90a),
+    128 rows per CTA, 128-key tiles, two CTAs per SM. Its grid puts row tiles first (``grid``).
+    ``group``: rows per max-probability group (one of SM90_SCORE_GROUPS), compiled in; stats
+    takes 1 (the default)."""
 
     dtype: str = "bfloat16"
     head_dim: int = 128
-    mode: str = "maxprob"
+    mode: str = "stats"
+    group: int = 1
 
     source = "mask_score_sm90.cu"
     template = "fg::mask_score_sm90"
@@ -160,14 +165,18 @@ class Sm90ScoreSpec:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("head_dim", self.head_dim, HEAD_DIMS)
         _check_choice("mode", self.mode, SM90_SCORE_MODES)
+        _check_choice(f"group of mode {self.mode!r}", self.group,
+                      SM90_SCORE_GROUPS if self.mode == "maxprob" else (1,))
 
     @property
     def name(self) -> str:
-        return f"mask_score_sm90_{self.mode}_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}"
+        group = f"_g{self.group}" if self.mode == "maxprob" else ""
+        return f"mask_score_sm90_{self.mode}{group}_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}"
 
     @property
     def name_expression(self) -> str:
-        return f"{self.template}<{_CPP_DTYPE[self.dtype]}, {self.head_dim}, {SCORE_MODES[self.mode]}>"
+        return (f"{self.template}<{_CPP_DTYPE[self.dtype]}, {self.head_dim}, {SCORE_MODES[self.mode]}, "
+                f"{self.group}>")
 
     @property
     def smem_bytes(self) -> int:
@@ -300,4 +309,5 @@ def all_mask_specs() -> list:
 
 def all_sm90_mask_specs() -> list:
     """Every Hopper (sm_90a) scoring specialization fgcupy ships."""
-    return [Sm90ScoreSpec(dtype, d, mode) for dtype in DTYPES for d in HEAD_DIMS for mode in SM90_SCORE_MODES]
+    return [Sm90ScoreSpec(dtype, d, mode, group) for dtype in DTYPES for d in HEAD_DIMS
+            for mode, groups in (("stats", (1,)), ("maxprob", SM90_SCORE_GROUPS)) for group in groups]
