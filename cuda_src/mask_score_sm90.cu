@@ -12,8 +12,13 @@
 //     template argument: with a runtime group the epilogue's index arithmetic and branches
 //     outnumbered its math), written to out[z, row / GROUP, key], as mode 2. A column max needs no exponential per
 //     element: the max is taken on the exponent and one exp2 per stored score follows.
-// Band mode (band_width > 0; maxprob only with GROUP = 128): each row tile is one query block
-// and takes the keys [row0 + band_lo, + band_width); maxprob raises the stored scores.
+// Band (band_width > 0; maxprob only with GROUP = 128): each row tile is one query block and
+// takes the keys [row0 + band_lo, + band_width); maxprob raises the stored scores.
+//   band mode (MODE 4, GROUP 128, one key chunk): the exact band of the default predictor in one
+//     launch: a stats pass over the band gives each query its band LSE, joined
+//     (log-add) with the LSE lse[z, row / group] of the pooled sub-block holding it; a
+//     max-probability pass over the band with that LSE then raises out, as the stats and
+//     maxprob launches with a log-add between them did, with the rows read once.
 // Grid: (row tiles, key chunks, heads), row tiles fastest, so CTAs that run together read the
 // same keys from L2. Two CTAs per SM: one's reductions overlap the other's products (256 rows
 // per CTA, one CTA per SM and two products in flight per warpgroup measured slower).
@@ -42,10 +47,12 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   using S = Sm90ScoreShape<D>;
   constexpr int kN = S::kKeys;
   constexpr float kLog2e = 1.4426950408889634f;
-  static_assert(MODE == kMode_stats || MODE == kMode_maxprob, "stats and maxprob only");
-  static_assert(MODE == kMode_stats ? GROUP == 1
-                                    : GROUP >= 2 && GROUP <= S::kRows && (GROUP & (GROUP - 1)) == 0,
-                "maxprob groups are powers of two from 2 to 128 rows; stats takes GROUP 1");
+  static_assert(MODE == kMode_stats || MODE == kMode_maxprob || MODE == kMode_band, "stats, maxprob, band");
+  static_assert(MODE == kMode_stats  ? GROUP == 1
+                : MODE == kMode_band ? GROUP == S::kRows
+                                     : GROUP >= 2 && GROUP <= S::kRows && (GROUP & (GROUP - 1)) == 0,
+                "maxprob groups are powers of two from 2 to 128 rows; stats takes GROUP 1, band 128");
+  constexpr int kPasses = MODE == kMode_band ? 2 : 1;  // band: stats, then maxprob
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   u16* sR = reinterpret_cast<u16*>(smem_base);
@@ -106,9 +113,6 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
     const float x = r < n_rows ? static_cast<const float*>(p.lse)[static_cast<i64>(z) * n_rows + r] : FG_NEG_INF;
     sLse2[tid] = x > FG_NEG_INF && x < -FG_NEG_INF ? x * kLog2e : -FG_NEG_INF;
   }
-  if (ntiles > 0) issue_tile(0, 0);
-  cp_async_commit();
-
   // Stats: this thread's rows wg*64 + (warp%4)*16 + g and + 8; running max (log2) and sum.
   float run_m[2] = {FG_NEG_INF, FG_NEG_INF};
   float run_l[2] = {0.f, 0.f};
@@ -125,97 +129,117 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   const int orow0 = (row0 + tig * 2) >> kGroupShift;
   float* out_thread = out + (static_cast<i64>(z) * out_rows + orow0) * out_ld + thread_row;
 
-  for (int t = 0; t < ntiles; ++t) {
-    if (t + 1 < ntiles) issue_tile(t + 1, (t + 1) & 1);
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
+    const bool stats_pass = MODE == kMode_stats || (MODE == kMode_band && pass == 0);
+    if (ntiles > 0) issue_tile(0, 0);
     cp_async_commit();
-    cp_async_wait<1>();
-    fence_proxy_async();
-    __syncthreads();
-    const u32 k_stage = sK_u32 + (t & 1) * S::kTileElems * 2;
-    const int tile_key = key_begin + t * kN;
+    for (int t = 0; t < ntiles; ++t) {
+      if (t + 1 < ntiles) issue_tile(t + 1, (t + 1) & 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+      fence_proxy_async();
+      __syncthreads();
+      const u32 k_stage = sK_u32 + (t & 1) * S::kTileElems * 2;
+      const int tile_key = key_begin + t * kN;
 
-    float acc[kN / 2];
-    wgmma_fence();
-    if (MODE == kMode_stats) wgmma_ss_tile<T, D, kN>(acc, sR_u32 + a_wg, S::kRows, k_stage, kN);
-    else wgmma_ss_tile<T, D, S::kRows>(acc, k_stage + a_wg, kN, sR_u32, S::kRows);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operand(acc);
+      float acc[kN / 2];
+      wgmma_fence();
+      if (stats_pass) wgmma_ss_tile<T, D, kN>(acc, sR_u32 + a_wg, S::kRows, k_stage, kN);
+      else wgmma_ss_tile<T, D, S::kRows>(acc, k_stage + a_wg, kN, sR_u32, S::kRows);
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_operand(acc);
 
-    if (MODE == kMode_stats) {
-      // acc[nt * 4 + e]: row thread_row + 8 * (e >> 1), key tile_key + nt * 8 + tig * 2 + (e & 1).
-      // Keys past the chunk (its last tile only) become -inf. The max is taken on the raw
-      // products (the scale is positive) and the scale folds into each exponent's FFMA.
-      if (tile_key + kN > key_end) {
+      if (stats_pass) {
+        // acc[nt * 4 + e]: row thread_row + 8 * (e >> 1), key tile_key + nt * 8 + tig * 2 + (e & 1).
+        // Keys past the chunk (its last tile only) become -inf. The max is taken on the raw
+        // products (the scale is positive) and the scale folds into each exponent's FFMA.
+        if (tile_key + kN > key_end) {
 #pragma unroll
-        for (int nt = 0; nt < kN / 8; ++nt)
+          for (int nt = 0; nt < kN / 8; ++nt)
 #pragma unroll
-          for (int e = 0; e < 4; ++e)
-            if (tile_key + nt * 8 + tig * 2 + (e & 1) >= key_end) acc[nt * 4 + e] = FG_NEG_INF;
-      }
-      float tile_m[2] = {FG_NEG_INF, FG_NEG_INF};
-#pragma unroll
-      for (int i = 0; i < kN / 2; ++i) tile_m[(i >> 1) & 1] = fmaxf(tile_m[(i >> 1) & 1], acc[i]);
-      tile_m[0] *= scale_log2;
-      tile_m[1] *= scale_log2;
-      float base[2];
-      raise_running_max(run_m, run_l, tile_m, base);
-      float part[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // two sums per row: shorter add chains
-#pragma unroll
-      for (int i = 0; i < kN / 2; ++i)
-        part[(i >> 1) & 1][i & 1] += fast_exp2(fmaf(acc[i], scale_log2, -base[(i >> 1) & 1]));
-      run_l[0] += part[0][0] + part[0][1];
-      run_l[1] += part[1][0] + part[1][1];
-    } else {
-      // acc[nt * 4 + e]: key tile_key + thread_row + 8 * (e >> 1), row row0 + nt * 8 + tig * 2 + (e & 1).
-      // Column tile by column tile: the exponent's max over the thread's two rows of each key,
-      // folded over the tiles of one group (groups of 16 or more rows span several), then over
-      // the quad lanes the group spans; one exp2 and store per group and key.
-      constexpr int kTilesPerGroup = GROUP >= 16 ? GROUP / 8 : 1;
-      constexpr int kLanes = GROUP >= 8 ? 4 : GROUP / 2;  // quad lanes one group spans
-      float run[2];
-#pragma unroll
-      for (int nt = 0; nt < S::kRows / 8; ++nt) {
-        const float2 l2 = *reinterpret_cast<const float2*>(sLse2 + nt * 8 + tig * 2);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          const float v = fmaxf(acc[nt * 4 + 2 * i] * scale_log2 - l2.x, acc[nt * 4 + 2 * i + 1] * scale_log2 - l2.y);
-          run[i] = nt % kTilesPerGroup == 0 ? v : fmaxf(run[i], v);
+            for (int e = 0; e < 4; ++e)
+              if (tile_key + nt * 8 + tig * 2 + (e & 1) >= key_end) acc[nt * 4 + e] = FG_NEG_INF;
         }
-        if (nt % kTilesPerGroup != kTilesPerGroup - 1) continue;
+        float tile_m[2] = {FG_NEG_INF, FG_NEG_INF};
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          if (kLanes >= 2) run[i] = fmaxf(run[i], __shfl_xor_sync(0xffffffffu, run[i], 1));
-          if (kLanes >= 4) run[i] = fmaxf(run[i], __shfl_xor_sync(0xffffffffu, run[i], 2));
-        }
-        const int step = ((nt + 1 - kTilesPerGroup) * 8) >> kGroupShift;  // output rows past orow0
-        if ((tig & (kLanes - 1)) == 0 && orow0 + step < out_rows) {
-          float* dst = out_thread + step * out_ld + tile_key;
+        for (int i = 0; i < kN / 2; ++i) tile_m[(i >> 1) & 1] = fmaxf(tile_m[(i >> 1) & 1], acc[i]);
+        tile_m[0] *= scale_log2;
+        tile_m[1] *= scale_log2;
+        float base[2];
+        raise_running_max(run_m, run_l, tile_m, base);
+        float part[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // two sums per row: shorter add chains
+#pragma unroll
+        for (int i = 0; i < kN / 2; ++i)
+          part[(i >> 1) & 1][i & 1] += fast_exp2(fmaf(acc[i], scale_log2, -base[(i >> 1) & 1]));
+        run_l[0] += part[0][0] + part[0][1];
+        run_l[1] += part[1][0] + part[1][1];
+      } else {
+        // acc[nt * 4 + e]: key tile_key + thread_row + 8 * (e >> 1), row row0 + nt * 8 + tig * 2 + (e & 1).
+        // Column tile by column tile: the exponent's max over the thread's two rows of each key,
+        // folded over the tiles of one group (groups of 16 or more rows span several), then over
+        // the quad lanes the group spans; one exp2 and store per group and key.
+        constexpr int kTilesPerGroup = GROUP >= 16 ? GROUP / 8 : 1;
+        constexpr int kLanes = GROUP >= 8 ? 4 : GROUP / 2;  // quad lanes one group spans
+        float run[2];
+#pragma unroll
+        for (int nt = 0; nt < S::kRows / 8; ++nt) {
+          const float2 l2 = *reinterpret_cast<const float2*>(sLse2 + nt * 8 + tig * 2);
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            if (tile_key + thread_row + 8 * i < key_end) {
-              const float m = fast_exp2(run[i]);
-              if (band) dst[8 * i] = fmaxf(dst[8 * i], m);
-              else __stcs(dst + 8 * i, m);  // streamed: keep L2 for the key tiles other CTAs read
+            const float v = fmaxf(acc[nt * 4 + 2 * i] * scale_log2 - l2.x, acc[nt * 4 + 2 * i + 1] * scale_log2 - l2.y);
+            run[i] = nt % kTilesPerGroup == 0 ? v : fmaxf(run[i], v);
+          }
+          if (nt % kTilesPerGroup != kTilesPerGroup - 1) continue;
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            if (kLanes >= 2) run[i] = fmaxf(run[i], __shfl_xor_sync(0xffffffffu, run[i], 1));
+            if (kLanes >= 4) run[i] = fmaxf(run[i], __shfl_xor_sync(0xffffffffu, run[i], 2));
+          }
+          const int step = ((nt + 1 - kTilesPerGroup) * 8) >> kGroupShift;  // output rows past orow0
+          if ((tig & (kLanes - 1)) == 0 && orow0 + step < out_rows) {
+            float* dst = out_thread + step * out_ld + tile_key;
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              if (tile_key + thread_row + 8 * i < key_end) {
+                const float m = fast_exp2(run[i]);
+                if (band) dst[8 * i] = fmaxf(dst[8 * i], m);
+                else __stcs(dst + 8 * i, m);  // streamed: keep L2 for the key tiles other CTAs read
+              }
             }
           }
         }
       }
+      __syncthreads();  // the stage is refilled by the next iteration
     }
-    __syncthreads();  // the stage is refilled by the next iteration
-  }
-  cp_async_wait<0>();
+    cp_async_wait<0>();
 
-  if (MODE == kMode_stats) {
+    if (stats_pass) {
 #pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      merge_lse2(run_m[i], run_l[i], __shfl_xor_sync(0xffffffffu, run_m[i], 1), __shfl_xor_sync(0xffffffffu, run_l[i], 1));
-      merge_lse2(run_m[i], run_l[i], __shfl_xor_sync(0xffffffffu, run_m[i], 2), __shfl_xor_sync(0xffffffffu, run_l[i], 2));
-      const int r = row0 + thread_row + 8 * i;
-      if (tig == 0 && r < n_rows) {
-        static_cast<float*>(p.partial)[(static_cast<i64>(z) * n_rows + r) * gridDim.y + chunk] =
-            run_l[i] > 0.f ? (run_m[i] + __log2f(run_l[i])) * FG_LN2 : FG_NEG_INF;
+      for (int i = 0; i < 2; ++i) {
+        merge_lse2(run_m[i], run_l[i], __shfl_xor_sync(0xffffffffu, run_m[i], 1), __shfl_xor_sync(0xffffffffu, run_l[i], 1));
+        merge_lse2(run_m[i], run_l[i], __shfl_xor_sync(0xffffffffu, run_m[i], 2), __shfl_xor_sync(0xffffffffu, run_l[i], 2));
+        const int r = row0 + thread_row + 8 * i;
+        const float lse2 = run_l[i] > 0.f ? run_m[i] + __log2f(run_l[i]) : FG_NEG_INF;
+        if (MODE == kMode_stats && tig == 0 && r < n_rows) {
+          static_cast<float*>(p.partial)[(static_cast<i64>(z) * n_rows + r) * gridDim.y + chunk] = lse2 * FG_LN2;
+        }
+        if (MODE == kMode_band && tig == 0) {
+          // The row's band LSE log-added to its sub-block's (p.group queries a pooled row); rows
+          // past n_rows, or with no finite mass, get +inf (p = 0) as in maxprob mode.
+          float total = -FG_NEG_INF;
+          if (r < n_rows) {
+            const int own_rows = (n_rows + p.group - 1) / p.group;
+            const float x = static_cast<const float*>(p.lse)[static_cast<i64>(z) * own_rows + r / p.group];
+            const float own2 = x > FG_NEG_INF && x < -FG_NEG_INF ? x * kLog2e : FG_NEG_INF;
+            const float m = fmaxf(lse2, own2);
+            if (m > FG_NEG_INF) total = m + __log2f(fast_exp2(lse2 - m) + fast_exp2(own2 - m));
+          }
+          sLse2[thread_row + 8 * i] = total;
+        }
       }
+      if (MODE == kMode_band) __syncthreads();  // every row's LSE before the maxprob pass reads it
     }
   }
 }

@@ -9,7 +9,7 @@ import torch
 
 from . import mask_reference as ref
 from .mask import SliceMask, indptr_from_counts, num_blocks
-from .mask_kernels import gpu_colmax, gpu_dilate, gpu_emit, gpu_scores, gpu_select, row_stride
+from .mask_kernels import gpu_colmax, gpu_dilate, gpu_emit, gpu_refine_band, gpu_scores, gpu_select, row_stride
 from .mask_request import MaskRequest
 
 DEFAULT_WORKSPACE = 2 << 30
@@ -136,12 +136,7 @@ class GpuPrediction:
         """Exact column maxima on each block's band (mask_reference.refine_band), in place."""
         req = self.req
         band = (-req.exact_band, req.slice_m + 2 * req.exact_band)
-        warps = req.slice_m // 16
-        band_lse = gpu_scores("stats", self.qh, self.kh, req.scale, bh0=bh0, nbh=nbh, warps=warps, band=band)
-        own = sub_lse.repeat_interleave(req.pool, dim=1)[:, : self.q_len]
-        total = torch.logaddexp(band_lse, own)
-        gpu_scores("maxprob", self.qh, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=total, group=req.slice_m,
-                   warps=warps, band=band, out=scores)
+        gpu_refine_band(self.qh, self.kh, req.scale, sub_lse, req.pool, req.slice_m, band, scores, bh0=bh0, nbh=nbh)
 
     def _chunks(self):
         """Yield (bh0, nbh, scores, lse) for each chunk of heads the workspace holds."""

@@ -73,6 +73,60 @@ def _score_spec(kernel: str, portable: ScoreSpec, group: int, band, device):
     return Sm90ScoreSpec(portable.dtype, portable.head_dim, mode, group if mode == "maxprob" else 1)
 
 
+def _score_params(rows, k, scale: float, *, out, ld: int, partial, lse, bh0: int, key_chunk: int, group: int,
+                  out_rows: int, band: tuple):
+    """The ScoreParams of one scoring launch over rows [B, H, R, D] and k [B, H, S, D]."""
+    return SCORE_PARAMS.pack(
+        rows=rows, r_sb=rows.stride(0), r_sh=rows.stride(1), r_ss=rows.stride(2),
+        k=k, k_sb=k.stride(0), k_sh=k.stride(1), k_ss=k.stride(2),
+        out=out, out_ld=ld, partial=partial, lse=lse,
+        heads=rows.shape[1], bh0=bh0, n_rows=rows.shape[2], kv_len=k.shape[2], key_chunk=key_chunk,
+        group=group, out_rows=out_rows, band_lo=band[0], band_width=band[1],
+        scale=scale, scale_log2=scale * math.log2(math.e),
+    )
+
+
+def gpu_refine_band(q: torch.Tensor, k: torch.Tensor, scale: float, sub_lse: torch.Tensor, pool: int, slice_m: int,
+                    band: tuple, out: torch.Tensor, *, bh0: int = 0, nbh: int | None = None,
+                    kernel: str = "auto") -> torch.Tensor:
+    """Raise pooled max-probability scores ``out`` [nbh, QB, ld] of heads [bh0, bh0 + nbh) on
+    each query block's band ``(lo, width)`` to the exact column maxima (mask_reference.refine_band:
+    each query's LSE is its band LSE log-added to ``sub_lse`` [nbh, ceil(q_len / pool)] of the
+    sub-block holding it). On Hopper with blocks of 128 one launch (the wgmma kernel's band mode);
+    otherwise a stats pass over the bands, the log-add in torch, and a max-probability pass.
+    Returns ``out``."""
+    batch, heads, q_len, dim = q.shape
+    nbh = batch * heads - bh0 if nbh is None else nbh
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number (the kernels fold it into maxima), got {scale}")
+    warps = slice_m // 16
+    portable = ScoreSpec(bridge.dtype_name(q.dtype, "q"), dim, "stats", warps)
+    fused = _score_spec(kernel, portable, 1, band, q.device) is not portable
+    if not fused:
+        band_lse = gpu_scores("stats", q, k, scale, bh0=bh0, nbh=nbh, warps=warps, band=band, kernel=kernel)
+        own = sub_lse.repeat_interleave(pool, dim=1)[:, :q_len]
+        return gpu_scores("maxprob", q, k, scale, bh0=bh0, nbh=nbh, lse=torch.logaddexp(band_lse, own), group=slice_m,
+                          warps=warps, band=band, out=out, kernel=kernel)
+    q_blocks, kv_len = num_blocks(q_len, slice_m), k.shape[2]
+    ld = row_stride(kv_len, 4)
+    if out.shape != (nbh, q_blocks, ld) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous float32 {(nbh, q_blocks, ld)}, got {tuple(out.shape)} {out.dtype}")
+    if sub_lse.shape != (nbh, num_blocks(q_len, pool)) or sub_lse.dtype != torch.float32:
+        raise ValueError(f"sub_lse must be float32 {(nbh, num_blocks(q_len, pool))}, got {tuple(sub_lse.shape)} "
+                         f"{sub_lse.dtype}")
+    width = int(band[1])
+    if width < 1:
+        raise ValueError(f"band width must be positive, got {band}")
+    spec = Sm90ScoreSpec(portable.dtype, dim, "band", SM90_SCORE_ROWS)
+    q, k = _cp_async_ready(q), _cp_async_ready(k)
+    # One key chunk: each CTA needs its rows' whole band for their LSE.
+    params = _score_params(q, k, scale, out=out, ld=ld, partial=None, lse=sub_lse.contiguous(), bh0=bh0,
+                           key_chunk=min(kv_len, width), group=pool, out_rows=q_blocks, band=(int(band[0]), width))
+    if nbh and q_len:
+        launch(spec, q.device, spec.grid(1, num_blocks(q_len, SM90_SCORE_ROWS), nbh), params)
+    return out
+
+
 def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, bh0: int = 0, nbh: int | None = None,
                lse: torch.Tensor | None = None, group: int = 1, warps: int = 4, band: tuple | None = None,
                out: torch.Tensor | None = None, kernel: str = "auto"):
@@ -124,14 +178,8 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
         lse = lse.reshape(nbh, n_rows).contiguous()
     else:
         partial = torch.empty(nbh, n_rows, chunks, dtype=torch.float32, device=device)
-    params = SCORE_PARAMS.pack(
-        rows=rows, r_sb=rows.stride(0), r_sh=rows.stride(1), r_ss=rows.stride(2),
-        k=k, k_sb=k.stride(0), k_sh=k.stride(1), k_ss=k.stride(2),
-        out=out, out_ld=ld, partial=partial, lse=lse if mode == "maxprob" else None,
-        heads=heads, bh0=bh0, n_rows=n_rows, kv_len=kv_len, key_chunk=key_chunk,
-        group=group, out_rows=out_rows, band_lo=band_lo, band_width=band_width,
-        scale=scale, scale_log2=scale * math.log2(math.e),
-    )
+    params = _score_params(rows, k, scale, out=out, ld=ld, partial=partial, lse=lse if mode == "maxprob" else None,
+                           bh0=bh0, key_chunk=key_chunk, group=group, out_rows=out_rows, band=(band_lo, band_width))
     if nbh and n_rows:
         launch(spec, device, spec.grid(chunks, num_blocks(n_rows, spec.rows_per_cta), nbh), params)
     if mode == "maxprob":

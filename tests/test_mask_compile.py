@@ -101,7 +101,7 @@ def test_wgmma_scoring_compiles_for_two_ctas_per_sm(spec):
 
 
 def test_wgmma_scoring_spec():
-    groups = {"stats": (1,), "maxprob": (2, 4, 8, 16, 32, 64, 128)}
+    groups = {"stats": (1,), "maxprob": (2, 4, 8, 16, 32, 64, 128), "band": (128,)}
     assert {(s.dtype, s.head_dim, s.mode, s.group) for s in all_sm90_mask_specs()} == {
         (d, h, m, g) for d in ("bfloat16", "float16") for h in (64, 128) for m in groups for g in groups[m]}
     spec = Sm90ScoreSpec("float16", 64, "stats")
@@ -110,12 +110,15 @@ def test_wgmma_scoring_spec():
     pooled = Sm90ScoreSpec("bfloat16", 128, "maxprob", 4)
     assert pooled.name == "mask_score_sm90_maxprob_g4_bf16_d128"
     assert pooled.name_expression == "fg::mask_score_sm90<fg::bf16_t, 128, 2, 4>"
-    for mode, group in (("maxprob", 1), ("maxprob", 3), ("maxprob", 256), ("stats", 4)):
+    assert Sm90ScoreSpec("bfloat16", 64, "band", 128).name_expression == "fg::mask_score_sm90<fg::bf16_t, 64, 4, 128>"
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ScoreSpec(mode="band")  # the mma.sync kernel has no band mode
+    for mode, group in (("maxprob", 1), ("maxprob", 3), ("maxprob", 256), ("stats", 4), ("band", 64)):
         with pytest.raises(ValueError, match=f"group of mode '{mode}' must be one of"):
             Sm90ScoreSpec(mode=mode, group=group)
     # Rows first: CTAs that run together share key tiles.
     assert spec.grid(3, 5, 7) == (5, 3, 7) and ScoreSpec().grid(3, 5, 7) == (3, 5, 7)
-    with pytest.raises(ValueError, match=r"mode must be one of \('stats', 'maxprob'\), got 'logits'"):
+    with pytest.raises(ValueError, match=r"mode must be one of \('stats', 'maxprob', 'band'\), got 'logits'"):
         Sm90ScoreSpec(mode="logits")
 
 
@@ -153,3 +156,17 @@ def test_score_passes_refuse_a_scale_they_cannot_fold(scale):
     rows = torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="scale must be a positive finite number"):
         mask_kernels.gpu_scores("stats", rows, rows, scale)
+
+
+def test_band_refinement_checks_its_buffers():
+    """The fused band launch writes into the caller's scores and reads the sub-blocks' LSE: both
+    are checked against the shapes before anything runs."""
+    q = torch.zeros(1, 2, 300, 64, dtype=torch.bfloat16)
+    sub_lse = torch.zeros(2, 10)  # ceil(300 / 32)
+    good = torch.zeros(2, 3, mask_kernels.row_stride(300))
+    with pytest.raises(ValueError, match="out must be contiguous float32"):
+        mask_kernels.gpu_refine_band(q, q, 0.125, sub_lse, 32, 128, (-64, 256), good[:, :2], kernel="wgmma")
+    with pytest.raises(ValueError, match="sub_lse must be float32"):
+        mask_kernels.gpu_refine_band(q, q, 0.125, sub_lse[:, :9], 32, 128, (-64, 256), good, kernel="wgmma")
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        mask_kernels.gpu_refine_band(q, q, -1.0, sub_lse, 32, 128, (-64, 256), good, kernel="wgmma")

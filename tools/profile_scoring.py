@@ -5,7 +5,8 @@ cuDNN in the same run (wan14b-480p, mixed pattern; queued GPU time, CUDA-event m
 
 Prints, for the mma.sync kernel and (on Hopper) the wgmma kernel: the exact column-max pass
 (every query, groups of 128, LSE given), and the two pooled passes of the default predictor
-(pool 32: stats, then max-probability over groups of 4); then predict_mask's default, its
+(pool 32: stats, then max-probability over groups of 4) and, on wgmma, the exact band in two
+launches against the fused one; then predict_mask's default, its
 sampled and combined poolings, and column-max predictions. --table adds the GPU kernels of one default prediction.
 """
 
@@ -48,6 +49,8 @@ def main():
                                                      kernel=kernel))
         print(f"{kernel:5s} pool-32 stats pass {stats:.3f} ms ({flops / 32 / stats / 1e9:.0f} TFLOP/s), "
               f"max-probability pass {maxprob:.3f} ms ({flops / 32 / maxprob / 1e9:.0f} TFLOP/s)")
+    if "wgmma" in kernels:
+        _exact_band(q, k, scale, pooled, pooled_lse, ms)
     per_head = ["mean", "both"] * (heads // 2) + ["mean"] * (heads % 2)
     for name, kw in (("default, top-k d=0.1", dict(method="topk", density=0.1)),
                      ("pooling per head (mean, both alternating), top-k d=0.1",
@@ -66,6 +69,28 @@ def main():
             predict_mask(q, k, 128, "topk", density=0.1)
             torch.cuda.synchronize()
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=10, max_name_column_width=50))
+
+
+def _exact_band(q, k, scale, pooled, pooled_lse, ms):
+    """The default's exact band (64 keys either side) on wgmma: a stats launch, torch's log-add
+    and a max-probability launch, against the fused band launch (mask_kernels.gpu_refine_band)."""
+    seq, band = q.shape[2], (-64, 256)
+    base = mask_kernels.gpu_scores("maxprob", pooled, k, scale, lse=pooled_lse, group=4, warps=8)
+
+    def two_launches(out):
+        band_lse = mask_kernels.gpu_scores("stats", q, k, scale, warps=8, band=band, kernel="wgmma")
+        own = pooled_lse.repeat_interleave(32, dim=1)[:, :seq]
+        return mask_kernels.gpu_scores("maxprob", q, k, scale, lse=torch.logaddexp(band_lse, own), group=128,
+                                       warps=8, band=band, out=out, kernel="wgmma")
+
+    def fused(out):
+        return mask_kernels.gpu_refine_band(q, k, scale, pooled_lse, 32, 128, band, out, kernel="wgmma")
+
+    a, b = two_launches(base.clone()), fused(base.clone())
+    rel = float(((a - b).abs() / a.abs().clamp_min(1e-30))[..., :seq].max())
+    work = base.clone()
+    print(f"wgmma exact band: two launches and a log-add {ms(lambda: two_launches(work)):.3f} ms, "
+          f"fused {ms(lambda: fused(work)):.3f} ms (largest relative difference {rel:.1e})")
 
 
 if __name__ == "__main__":

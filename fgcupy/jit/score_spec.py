@@ -16,14 +16,17 @@ _CPP_DTYPE = {"bfloat16": "fg::bf16_t", "float16": "fg::fp16_t"}
 _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 
 #: Scoring modes (template MODE of fg::mask_score).
-SCORE_MODES = {"logits": 0, "stats": 1, "maxprob": 2, "logits_f16": 3}
+SCORE_MODES = {"logits": 0, "stats": 1, "maxprob": 2, "logits_f16": 3, "band": 4}
+#: The modes of the portable (mma.sync) kernel: all but "band", which only the wgmma kernel has.
+PORTABLE_SCORE_MODES = tuple(m for m in SCORE_MODES if m != "band")
 SCORE_KEY_TILE = 64
 #: The Hopper scoring kernel (mask_score_sm90.cu): resident rows per CTA and keys per tile.
 SM90_SCORE_ROWS = 128
 SM90_SCORE_KEY_TILE = 128
-SM90_SCORE_MODES = ("stats", "maxprob")
+SM90_SCORE_MODES = ("stats", "maxprob", "band")
 #: Row groups of the Hopper max-probability pass (its template GROUP): powers of two to 128.
 SM90_SCORE_GROUPS = (2, 4, 8, 16, 32, 64, 128)
+_SM90_GROUPS = {"stats": (1,), "maxprob": SM90_SCORE_GROUPS, "band": (SM90_SCORE_ROWS,)}
 #: Selection rules (fg::select_rows' rule argument).
 RULE_IDS = {"topk": 0, "tau": 1, "threshold": 2}
 SCORE_WARPS = (4, 8)
@@ -108,7 +111,7 @@ class ScoreSpec:
     def __post_init__(self):
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("head_dim", self.head_dim, HEAD_DIMS)
-        _check_choice("mode", self.mode, SCORE_MODES)
+        _check_choice("mode", self.mode, PORTABLE_SCORE_MODES)
         _check_choice("warps", self.warps, SCORE_WARPS)
 
     @property
@@ -144,7 +147,8 @@ class Sm90ScoreSpec:
     """``fg::mask_score_sm90<T, D, MODE, GROUP>``: the stats and maxprob modes on wgmma (sm_90a),
     128 rows per CTA, 128-key tiles, two CTAs per SM. Its grid puts row tiles first (``grid``).
     ``group``: rows per max-probability group (one of SM90_SCORE_GROUPS), compiled in; stats
-    takes 1 (the default)."""
+    takes 1 (the default), "band" (an exact band's stats and max-probability passes in one
+    launch, groups of a whole row tile) 128."""
 
     dtype: str = "bfloat16"
     head_dim: int = 128
@@ -165,12 +169,11 @@ class Sm90ScoreSpec:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("head_dim", self.head_dim, HEAD_DIMS)
         _check_choice("mode", self.mode, SM90_SCORE_MODES)
-        _check_choice(f"group of mode {self.mode!r}", self.group,
-                      SM90_SCORE_GROUPS if self.mode == "maxprob" else (1,))
+        _check_choice(f"group of mode {self.mode!r}", self.group, _SM90_GROUPS[self.mode])
 
     @property
     def name(self) -> str:
-        group = f"_g{self.group}" if self.mode == "maxprob" else ""
+        group = f"_g{self.group}" if self.mode == "maxprob" else ""  # band: always 128
         return f"mask_score_sm90_{self.mode}{group}_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}"
 
     @property
@@ -310,4 +313,4 @@ def all_mask_specs() -> list:
 def all_sm90_mask_specs() -> list:
     """Every Hopper (sm_90a) scoring specialization fgcupy ships."""
     return [Sm90ScoreSpec(dtype, d, mode, group) for dtype in DTYPES for d in HEAD_DIMS
-            for mode, groups in (("stats", (1,)), ("maxprob", SM90_SCORE_GROUPS)) for group in groups]
+            for mode, groups in _SM90_GROUPS.items() for group in groups]
