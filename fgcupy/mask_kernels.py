@@ -73,6 +73,12 @@ def _score_spec(kernel: str, portable: ScoreSpec, group: int, band, device):
     return Sm90ScoreSpec(portable.dtype, portable.head_dim, mode, group if mode == "maxprob" else 1)
 
 
+def _check_scale(scale: float) -> None:
+    """The scoring kernels take maxima of raw products and fold the scale into the exponent."""
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a positive finite number (the kernels fold it into maxima), got {scale}")
+
+
 def _score_params(rows, k, scale: float, *, out, ld: int, partial, lse, bh0: int, key_chunk: int, group: int,
                   out_rows: int, band: tuple):
     """The ScoreParams of one scoring launch over rows [B, H, R, D] and k [B, H, S, D]."""
@@ -97,8 +103,7 @@ def gpu_refine_band(q: torch.Tensor, k: torch.Tensor, scale: float, sub_lse: tor
     Returns ``out``."""
     batch, heads, q_len, dim = q.shape
     nbh = batch * heads - bh0 if nbh is None else nbh
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number (the kernels fold it into maxima), got {scale}")
+    _check_scale(scale)
     warps = slice_m // 16
     portable = ScoreSpec(bridge.dtype_name(q.dtype, "q"), dim, "stats", warps)
     fused = _score_spec(kernel, portable, 1, band, q.device) is not portable
@@ -146,8 +151,7 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     batch, heads, n_rows, dim = rows.shape
     kv_len = k.shape[2]
     nbh = batch * heads - bh0 if nbh is None else nbh
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive finite number (the kernels fold it into maxima), got {scale}")
+    _check_scale(scale)
     portable = ScoreSpec(bridge.dtype_name(rows.dtype, "rows"), dim, mode, warps)  # checks the arguments
     if mode == "maxprob" and (group < 1 or group & (group - 1) or portable.rows_per_cta % group):
         raise ValueError(f"group={group} must be a power of two dividing {portable.rows_per_cta}")
