@@ -18,7 +18,7 @@ from bench.cases import sdpa_call
 from fgcupy import bridge, mask_kernels
 from fgcupy import mask_reference as ref
 from fgcupy.jit import source as src
-from fgcupy.jit.score_spec import SCORE_PARAMS, Sm90ScoreSpec
+from fgcupy.jit.score_spec import Sm90ScoreSpec
 from fgcupy.oracle import exact_lse
 from fgcupy.timing import cuda_time_ms
 from fgcupy.workloads import SHAPES, video_qkv
@@ -57,11 +57,9 @@ class EarlierKernel:
         out = torch.empty(heads, -(-n_rows // group), ld, dtype=torch.float32, device=k.device) \
             if mode == "maxprob" else None
         partial = torch.empty(heads, n_rows, chunks, dtype=torch.float32, device=k.device) if mode == "stats" else None
-        params = SCORE_PARAMS.pack(
-            rows=rows, r_sb=rows.stride(0), r_sh=rows.stride(1), r_ss=rows.stride(2), k=k, k_sb=k.stride(0),
-            k_sh=k.stride(1), k_ss=k.stride(2), out=out, out_ld=ld, partial=partial, lse=lse, heads=heads, bh0=0,
-            n_rows=n_rows, kv_len=kv_len, key_chunk=key_chunk, group=group, out_rows=-(-n_rows // group),
-            band_lo=0, band_width=0, scale=self.scale, scale_log2=self.scale * math.log2(math.e))
+        params = mask_kernels._score_params(rows, k, self.scale, out=out, ld=ld, partial=partial, lse=lse, bh0=0,
+                                            key_chunk=key_chunk, group=group, out_rows=-(-n_rows // group),
+                                            band=(0, 0))
         function = self._function(mode, group)
         with bridge.torch_stream(k.device):
             function((row_tiles, chunks, heads), (256,), (params,), shared_mem=function.max_dynamic_shared_size_bytes)
