@@ -15,7 +15,7 @@ import torch
 
 from . import bridge
 from .attention_kernel import SCHEDULES, block_order, check_inputs, check_strides  # noqa: F401 - public here
-from .jit import AttentionSpec, Sm90AttentionSpec, get_kernel_on
+from .jit import AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec, get_kernel_on
 from . import ops
 from .ops import spec_token
 from .jit.spec import HEAD_DIMS, SLICE_SIZES
@@ -25,6 +25,9 @@ from .mask_algebra import drop_keys
 from .tiles import default_config, default_spec  # noqa: F401 - public here since the first release
 
 _INT32_MAX = 2**31 - 1
+
+#: The kernels a plan can run: mma.sync (any sm_80+), wgmma, warp-specialised wgmma (Hopper).
+KERNEL_SPECS = (AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec)
 
 
 class SparseAttention:
@@ -49,14 +52,15 @@ class SparseAttention:
         """Choose and load the kernel for ``mask``. With no tile parameter and no ``spec``: the
         tuned kernel for this GPU and shape if ``fgcupy.autotune`` stored one, else
         ``default_spec``. Any of key_tile / stages / rows_per_warp selects the mma.sync kernel,
-        the others taking ``default_config``. ``spec`` (an ``AttentionSpec`` or
-        ``Sm90AttentionSpec``) picks the kernel outright. ``schedule`` orders the query blocks:
+        the others taking ``default_config``. ``spec`` (one of ``KERNEL_SPECS``) picks the kernel
+        outright. ``schedule`` orders the query blocks:
         "longest_first" (default: long lists start early, so the last wave is short) or "index"."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         tile_args = {"key_tile": key_tile, "stages": stages, "rows_per_warp": rows_per_warp}
-        if spec is not None and not isinstance(spec, (AttentionSpec, Sm90AttentionSpec)):
-            raise TypeError(f"spec must be an AttentionSpec or Sm90AttentionSpec, got {type(spec).__name__}")
+        if spec is not None and not isinstance(spec, KERNEL_SPECS):
+            names = ", ".join(cls.__name__ for cls in KERNEL_SPECS)
+            raise TypeError(f"spec must be one of {names}; got {type(spec).__name__}")
         if spec is not None and any(v is not None for v in tile_args.values()):
             given = {k: v for k, v in tile_args.items() if v is not None}
             raise ValueError(f"give either spec or tile parameters, not both (spec={spec.name}, {given})")

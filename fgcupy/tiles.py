@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .jit import AttentionSpec, Sm90AttentionSpec
+from .jit import AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec
 
 
 def default_config(head_dim: int, slice_m: int) -> dict:
@@ -15,13 +15,13 @@ def default_config(head_dim: int, slice_m: int) -> dict:
 
 
 def default_spec(dtype: str, head_dim: int, slice_m: int, arch: str | None = None):
-    """The kernel used when nothing is tuned. On Hopper (``arch`` "sm_90"): the wgmma kernel with
-    64-key tiles; two CTAs per SM for 128-wide heads and 128-query slices, one CTA (three stages
-    for 64-wide heads) otherwise, the winners of the H100 tuning tables in notes/results.
-    Elsewhere the mma.sync kernel of ``default_config``."""
+    """The kernel used when nothing is tuned. On Hopper (``arch`` "sm_90"): the warp-specialised
+    wgmma kernel with 128-key tiles and two stages (ping-pong with 128-query slices) for
+    128-wide heads and for 64-wide heads with 128-query slices, the fastest measured on an H200
+    (notes/PERF.md, session 10); the wgmma kernel (64-key tiles, one CTA per SM) for 64-wide
+    heads with 64-query slices. Elsewhere the mma.sync kernel of ``default_config``."""
     if arch == "sm_90":
-        if head_dim == 128 and slice_m == 128:
-            return Sm90AttentionSpec(dtype, head_dim, slice_m, key_tile=64, stages=2, pv=1, ctas_per_sm=2)
-        stages = 3 if head_dim == 64 and slice_m == 128 else 2
-        return Sm90AttentionSpec(dtype, head_dim, slice_m, key_tile=64, stages=stages, pv=1, ctas_per_sm=1)
+        if head_dim == 128 or slice_m == 128:
+            return Sm90WsAttentionSpec(dtype, head_dim, slice_m, key_tile=128, stages=2, pingpong=int(slice_m == 128))
+        return Sm90AttentionSpec(dtype, head_dim, slice_m, key_tile=64, stages=2, pv=1, ctas_per_sm=1)
     return AttentionSpec(dtype, head_dim, slice_m, **default_config(head_dim, slice_m))

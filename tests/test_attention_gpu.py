@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fgcupy import SliceMask, SparseAttention, reference_attention, relative_l2, sparse_attention
-from fgcupy.jit import all_attention_specs
+from fgcupy.jit import Sm90WsAttentionSpec, all_attention_specs
 from fgcupy.mask_algebra import drop_keys
 from fgcupy.mask import num_blocks
 
@@ -16,6 +16,8 @@ pytestmark = pytest.mark.gpu
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 3e-3}
 DEVICE = "cuda"
+# The default kernel, and the warp-specialised one with key tiles shorter and longer than a list.
+CORRUPT_MASK_SPECS = (None, Sm90WsAttentionSpec("bfloat16", 64, 64, 64, 2, 0), Sm90WsAttentionSpec("bfloat16", 64, 64, 128, 3, 0))
 
 
 def random_mask(gen, batch, heads, q_len, kv_len, slice_m, device=DEVICE):
@@ -159,9 +161,12 @@ def test_replan_same_shape_reuses_buffers():
     check_against_reference(q, k, v, second, out, lse, "HND", torch.float16)
 
 
-def test_corrupt_mask_never_reads_out_of_bounds():
+@pytest.mark.parametrize("spec", CORRUPT_MASK_SPECS, ids=lambda s: s.name if s else "default")
+def test_corrupt_mask_never_reads_out_of_bounds(spec):
     """Indices past kv_len and offsets past capacity are dropped by the kernel (and reported by
     validate), never an illegal address."""
+    if spec is not None and spec.arch == "sm_90a" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("a Hopper kernel")
     gen = torch.Generator().manual_seed(9)
     q, k, v = random_qkv(gen, 1, 1, 200, 100, 64, torch.bfloat16, "HND")
     good = SliceMask.from_dense(torch.ones(1, 1, 4, 100, dtype=torch.bool, device=DEVICE), 64, 200)
@@ -173,7 +178,7 @@ def test_corrupt_mask_never_reads_out_of_bounds():
     bad = SliceMask(indptr, indices, 64, 200, 100)
     with pytest.raises(ValueError):
         bad.validate()
-    out = sparse_attention(q, k, v, bad)
+    out = sparse_attention(q, k, v, bad, spec=spec)
     torch.cuda.synchronize()
     assert torch.isfinite(out).all()
     # Row block 0 lost keys 5 and 6 (the corrupted entries); the other blocks are intact.

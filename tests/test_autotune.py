@@ -97,15 +97,18 @@ def test_candidates_are_the_shipped_specs_of_the_key(dtype, head_dim, slice_m):
     assert autotune.heuristic_spec(dtype, head_dim, slice_m) in cands
 
 
-def test_hopper_candidates_add_the_wgmma_kernels_and_default_to_one():
-    from fgcupy.jit import Sm90AttentionSpec, all_sm90_specs
+def test_hopper_candidates_add_both_wgmma_kernels_and_default_to_one():
+    from fgcupy.jit import Sm90AttentionSpec, Sm90WsAttentionSpec, all_sm90_specs, all_sm90_ws_specs
 
+    hopper = (Sm90AttentionSpec, Sm90WsAttentionSpec)
     cands = autotune.candidate_specs("bfloat16", 128, 128, "sm_90")
-    wgmma = [s for s in all_sm90_specs() if (s.dtype, s.head_dim, s.slice_m) == ("bfloat16", 128, 128)]
-    assert wgmma and set(wgmma) <= set(cands)
+    for shipped in (all_sm90_specs(), all_sm90_ws_specs()):
+        wgmma = [s for s in shipped if (s.dtype, s.head_dim, s.slice_m) == ("bfloat16", 128, 128)]
+        assert wgmma and set(wgmma) <= set(cands)
     default = autotune.heuristic_spec("bfloat16", 128, 128, "sm_90")
-    assert isinstance(default, Sm90AttentionSpec) and default in cands
-    assert not any(isinstance(s, Sm90AttentionSpec) for s in autotune.candidate_specs("bfloat16", 128, 128, "sm_80"))
+    assert isinstance(default, Sm90WsAttentionSpec) and default in cands
+    assert isinstance(autotune.heuristic_spec("bfloat16", 64, 128, "sm_90"), hopper)
+    assert not any(isinstance(s, hopper) for s in autotune.candidate_specs("bfloat16", 128, 128, "sm_80"))
 
 
 def test_fit_skips_what_does_not_compile_or_fit():

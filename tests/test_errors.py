@@ -99,7 +99,7 @@ def test_numpy_ints_are_ints_and_a_spec_must_be_a_spec():
     import numpy as np
 
     assert AttentionSpec("bfloat16", np.int64(64), np.int64(64)).head_dim == 64
-    with pytest.raises(TypeError, match="spec must be an AttentionSpec or Sm90AttentionSpec, got str"):
+    with pytest.raises(TypeError, match="spec must be one of AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec; got str"):
         SparseAttention().plan(MASK, head_dim=64, spec="abc")
     with pytest.raises(ValueError, match="key_tile must be one of"):
         AttentionSpec("bfloat16", 64, 64, 64.0)

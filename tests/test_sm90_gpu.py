@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fgcupy import SparseAttention
-from fgcupy.jit import all_sm90_specs
+from fgcupy.jit import all_sm90_specs, all_sm90_ws_specs
 
 from .test_attention_gpu import check_against_reference, random_mask, random_qkv
 
@@ -22,9 +22,9 @@ def _hopper_only():
 
 
 @st.composite
-def problems(draw, pv):
+def problems(draw, specs):
     size = st.one_of(st.integers(1, 300), st.integers(300, 2500))
-    spec = draw(st.sampled_from([s for s in all_sm90_specs() if s.pv == pv]))
+    spec = draw(st.sampled_from(specs))
     return dict(
         spec=spec,
         batch=draw(st.integers(1, 2)), heads=draw(st.integers(1, 3)), q_len=draw(size), kv_len=draw(size),
@@ -47,8 +47,18 @@ def _check(p):
 
 @pytest.mark.parametrize("pv", PV_MODES)
 def test_wgmma_kernel_matches_reference(pv):
-    @given(problems(pv))
+    @given(problems([s for s in all_sm90_specs() if s.pv == pv]))
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    def run(p):
+        _check(p)
+
+    run()
+
+
+@pytest.mark.parametrize("pingpong", (0, 1))
+def test_warp_specialised_kernel_matches_reference(pingpong):
+    @given(problems([s for s in all_sm90_ws_specs() if s.pingpong == pingpong]))
+    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
     def run(p):
         _check(p)
 

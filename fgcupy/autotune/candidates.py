@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass
 
 
-from ..jit import AttentionSpec, KernelCompileError, all_attention_specs, all_sm90_specs
+from ..jit import AttentionSpec, KernelCompileError, all_attention_specs, all_sm90_specs, all_sm90_ws_specs
 from ..tiles import default_spec
 from .keys import DeviceInfo
 
@@ -21,9 +21,9 @@ def heuristic_spec(dtype: str, head_dim: int, slice_m: int, arch: str | None = N
 
 def candidate_specs(dtype: str, head_dim: int, slice_m: int, arch: str | None = None) -> list[AttentionSpec]:
     """Every shipped spec (the set CI compiles) for this dtype, head dim and slice size, plus the
-    heuristic default; device limits are applied later by ``check_fit``. The wgmma specs join
-    on Hopper (``arch`` "sm_90")."""
-    shipped = all_attention_specs() + (all_sm90_specs() if arch == "sm_90" else [])
+    heuristic default; device limits are applied later by ``check_fit``. The wgmma specs (both
+    kernels) join on Hopper (``arch`` "sm_90")."""
+    shipped = all_attention_specs() + (all_sm90_specs() + all_sm90_ws_specs() if arch == "sm_90" else [])
     specs = [s for s in shipped if (s.dtype, s.head_dim, s.slice_m) == (dtype, head_dim, slice_m)]
     default = heuristic_spec(dtype, head_dim, slice_m, arch)
     if default not in specs:

@@ -179,6 +179,52 @@ class Sm90AttentionSpec(_AttentionKernelSpec):
         return self.slice_m // 16
 
 
+@dataclass(frozen=True)
+class Sm90WsAttentionSpec(_AttentionKernelSpec):
+    """Template arguments of ``fg::sparse_attn_fwd_sm90_ws`` (warp-specialised wgmma; sm_90a).
+
+    One producer warpgroup gathers K/V into ``stages`` buffers signalled by mbarriers; one
+    consumer warpgroup per 64 query rows overlaps its softmax with its P V product, and with
+    ``pingpong`` the two consumers of a 128-query slice take turns on the tensor cores.
+    """
+
+    dtype: str = "bfloat16"
+    head_dim: int = 128
+    slice_m: int = 128
+    key_tile: int = 128
+    stages: int = 2
+    pingpong: int = 1
+
+    source = "sparse_attn_sm90_ws.cu"
+    template = "fg::sparse_attn_fwd_sm90_ws"
+    name_prefix = "sparse_attn_fwd_sm90ws"
+    arch = "sm_90a"
+    extra_options = ("-arch=sm_90a",)
+    rows_per_warp = 16
+    ctas_per_sm = 1
+
+    def __post_init__(self):
+        self._check_common((64, 128))
+        _check_choice("pingpong", self.pingpong, (0, 1))
+        if self.pingpong and self.slice_m != 128:
+            raise ValueError(f"pingpong=1 needs two consumer warpgroups (slice_m=128), got slice_m={self.slice_m}")
+
+    def _template_args(self) -> tuple:
+        return (self.pingpong,)
+
+    def _name_suffix(self) -> str:
+        return f"pp{self.pingpong}"
+
+    @property
+    def warps(self) -> int:
+        return (self.slice_m // 64 + 1) * 4
+
+    @property
+    def smem_bytes(self) -> int:
+        """The common tiles, 1024 bytes of alignment slack and four mbarriers per stage."""
+        return super().smem_bytes + 1024 + 4 * 8 * self.stages
+
+
 def all_attention_specs() -> list[AttentionSpec]:
     """Every specialization fgcupy ships (and the CPU tests compile)."""
     specs = []
@@ -217,6 +263,24 @@ def all_sm90_specs() -> list[Sm90AttentionSpec]:
                                     continue
                                 if spec.smem_bytes <= MAX_SMEM_BYTES_SM90:
                                     specs.append(spec)
+    return specs
+
+
+def all_sm90_ws_specs() -> list[Sm90WsAttentionSpec]:
+    """Every warp-specialised wgmma specialization fgcupy ships for Hopper (sm_90a)."""
+    specs = []
+    for dtype in DTYPES:
+        for d in HEAD_DIMS:
+            for m in SLICE_SIZES:
+                for n in (64, 128):
+                    for s in STAGES:
+                        for pingpong in (0, 1):
+                            try:
+                                spec = Sm90WsAttentionSpec(dtype, d, m, n, s, pingpong)
+                            except ValueError:
+                                continue
+                            if spec.smem_bytes <= MAX_SMEM_BYTES_SM90:
+                                specs.append(spec)
     return specs
 
 
