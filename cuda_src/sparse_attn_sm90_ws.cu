@@ -5,9 +5,8 @@
 // * warpgroup 0 (producer) gathers the kept K and V rows with 16-byte cp.async into STAGES
 //   swizzled buffers; each buffer has a "full" mbarrier (its copies landed, counted per thread
 //   with cp.async.mbarrier.arrive) and an "empty" one (the consumers are done with it). K of
-//   tile n + 1 is issued before V of tile n, the order the consumers need them in. With
-//   PRODUCERS = 2, warpgroup 0 loads K and warpgroup 1 loads V, each at its own pace.
-// * the next M/64 warpgroups (consumers) each own 64 query rows. Per key tile n a consumer issues
+//   tile n + 1 is issued before V of tile n, the order the consumers need them in.
+// * warpgroups 1..M/64 (consumers) each own 64 query rows. Per key tile n a consumer issues
 //   S_n = Q K_n^T and then O += P_{n-1} V_{n-1}; the softmax of S_n runs while the second
 //   product is still on the tensor cores. With two consumers and PINGPONG, named barriers hand
 //   the tensor cores from one to the other, so one's softmax overlaps the other's products.
@@ -17,26 +16,22 @@
 
 namespace fg {
 
-template <int D, int M, int N, int STAGES, int PRODUCERS>
+template <int D, int M, int N, int STAGES>
 struct Sm90WsShape {
   static constexpr int kConsumers = M / 64;
-  static constexpr int kProducers = PRODUCERS;  // 1: one warpgroup loads K and V; 2: one each
-  static constexpr int kThreads = (kConsumers + kProducers) * 128;
+  static constexpr int kThreads = (kConsumers + 1) * 128;
   static constexpr int kChunksPerRow = D / 8;
   static constexpr int kRowsPerPass = 128 / kChunksPerRow;  // rows one warpgroup copies at once
   static constexpr int kPasses = N / kRowsPerPass;
   static constexpr int kWarpRows = 32 / kChunksPerRow;      // rows of one warp in one pass
   static constexpr int kTileElems = N * D;
   static constexpr int kTileBytes = kTileElems * 2;
-  // Register split (setmaxnreg) with two consumers: the consumers need 192 (ptxas spills
-  // below); the producers' gather is bound by how many copies they keep in flight, so they
-  // keep the rest (fewer measured slower: notes/PERF.md): 120 for one producer (384 threads
-  // launch with 168 each), 64 each for two (512 threads launch with 128 each). One consumer
-  // with one producer has 255 without any of this.
-  static constexpr bool kSplitRegisters = kConsumers == 2;
-  static constexpr int kProducerRegs = kProducers == 1 ? 120 : 64;
+  // Register split of three warpgroups (setmaxnreg; 384 threads launch with 168 each). The
+  // consumers need 192 (ptxas spills below); the producer's gather is bound by how many
+  // copies it keeps in flight, so it keeps the rest (fewer measured slower: notes/PERF.md).
+  // One consumer has 255 without any of this.
+  static constexpr int kProducerRegs = 120;
   static constexpr int kConsumerRegs = 192;
-  static_assert(kProducers == 1 || kConsumers == 2, "two producers serve two consumers");
   static_assert(M == 64 || M == 128, "one or two consumer warpgroups");
   static_assert(D % 64 == 0 && (N == 64 || N == 128), "D multiple of 64, N 64 or 128");
   static_assert(N / 4 <= 32, "each producer lane holds one key index of its warp's rows");
@@ -48,11 +43,11 @@ struct Sm90WsShape {
 constexpr int kBarConsumer0 = 1;
 constexpr int kBarTurn0 = 3;
 
-template <class T, int D, int M, int N, int STAGES, int PINGPONG, int PRODUCERS>
-__global__ void __launch_bounds__(Sm90WsShape<D, M, N, STAGES, PRODUCERS>::kThreads, 1)
+template <class T, int D, int M, int N, int STAGES, int PINGPONG>
+__global__ void __launch_bounds__(Sm90WsShape<D, M, N, STAGES>::kThreads, 1)
 sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
   FG_UNPACK_ATTN_PARAMS(p);
-  using S = Sm90WsShape<D, M, N, STAGES, PRODUCERS>;
+  using S = Sm90WsShape<D, M, N, STAGES>;
   constexpr bool kPingPong = PINGPONG && S::kConsumers == 2;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -84,10 +79,10 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
   const int b = w.b, h = w.h, bh = w.bh, qb = w.qb, start = w.start, end = w.end;
   const int ntiles = (end - start + N - 1) / N;
 
-  if (wg < S::kProducers) {
-    // ---------------- producer(s) ----------------
-    if constexpr (S::kSplitRegisters) regs_release<S::kProducerRegs>();
-    const int warp = (tid >> 5) & 3;
+  if (wg == 0) {
+    // ---------------- producer ----------------
+    if constexpr (S::kConsumers == 2) regs_release<S::kProducerRegs>();
+    const int warp = tid >> 5;
     const int chunk = lane % S::kChunksPerRow;
     const int sub = lane / S::kChunksPerRow;  // row within the warp's rows of a pass
     // Lane l holds the key index of the warp's row (l % kWarpRows) + kRowsPerPass * (l / kWarpRows).
@@ -124,12 +119,7 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
       gather(sV_u32 + s * S::kTileBytes, v_base, v_ss, idx);
       mbar_arrive_cp_async(full_v(s));
     };
-    if (S::kProducers == 2) {
-      for (int n = 0; n < ntiles; ++n) {
-        if (wg == 0) load_k(n, tile_index(n));
-        else load_v(n, tile_index(n));
-      }
-    } else if (ntiles > 0) {
+    if (ntiles > 0) {
       int idx = tile_index(0);
       load_k(0, idx);
       for (int n = 0; n < ntiles; ++n) {
@@ -147,8 +137,8 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
   }
 
   // ---------------- consumers ----------------
-  if constexpr (S::kSplitRegisters) regs_claim<S::kConsumerRegs>();
-  const int c = wg - S::kProducers;
+  if constexpr (S::kConsumers == 2) regs_claim<S::kConsumerRegs>();
+  const int c = wg - 1;
   const int ctid = tid - 128 * wg;
   const int warp = ctid >> 5;  // warp within the consumer warpgroup: rows warp * 16 + (0..15)
   const int q_row0 = qb * M + c * 64;

@@ -186,7 +186,6 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
     One producer warpgroup gathers K/V into ``stages`` buffers signalled by mbarriers; one
     consumer warpgroup per 64 query rows overlaps its softmax with its P V product, and with
     ``pingpong`` the two consumers of a 128-query slice take turns on the tensor cores.
-    ``producers=2`` (128-query slices) splits the gather: one warpgroup loads K, one V.
     """
 
     dtype: str = "bfloat16"
@@ -195,7 +194,6 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
     key_tile: int = 128
     stages: int = 2
     pingpong: int = 1
-    producers: int = 1
 
     source = "sparse_attn_sm90_ws.cu"
     template = "fg::sparse_attn_fwd_sm90_ws"
@@ -208,20 +206,18 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
     def __post_init__(self):
         self._check_common((64, 128))
         _check_choice("pingpong", self.pingpong, (0, 1))
-        _check_choice("producers", self.producers, (1, 2))
-        if self.slice_m != 128 and (self.pingpong, self.producers) != (0, 1):
-            raise ValueError(f"pingpong=1 and producers=2 need two consumer warpgroups (slice_m=128), got "
-                             f"slice_m={self.slice_m}, pingpong={self.pingpong}, producers={self.producers}")
+        if self.pingpong and self.slice_m != 128:
+            raise ValueError(f"pingpong=1 needs two consumer warpgroups (slice_m=128), got slice_m={self.slice_m}")
 
     def _template_args(self) -> tuple:
-        return (self.pingpong, self.producers)
+        return (self.pingpong,)
 
     def _name_suffix(self) -> str:
-        return f"pp{self.pingpong}" + ("_p2" if self.producers == 2 else "")
+        return f"pp{self.pingpong}"
 
     @property
     def warps(self) -> int:
-        return (self.slice_m // 64 + self.producers) * 4
+        return (self.slice_m // 64 + 1) * 4
 
     @property
     def smem_bytes(self) -> int:
@@ -279,13 +275,12 @@ def all_sm90_ws_specs() -> list[Sm90WsAttentionSpec]:
                 for n in (64, 128):
                     for s in STAGES:
                         for pingpong in (0, 1):
-                            for producers in (1, 2):
-                                try:
-                                    spec = Sm90WsAttentionSpec(dtype, d, m, n, s, pingpong, producers)
-                                except ValueError:
-                                    continue
-                                if spec.smem_bytes <= MAX_SMEM_BYTES_SM90:
-                                    specs.append(spec)
+                            try:
+                                spec = Sm90WsAttentionSpec(dtype, d, m, n, s, pingpong)
+                            except ValueError:
+                                continue
+                            if spec.smem_bytes <= MAX_SMEM_BYTES_SM90:
+                                specs.append(spec)
     return specs
 
 
