@@ -21,11 +21,15 @@ struct Sm90WsShape {
   static constexpr int kConsumers = M / 64;
   static constexpr int kThreads = (kConsumers + 1) * 128;
   static constexpr int kChunksPerRow = D / 8;
-  static constexpr int kRowsPerPass = 128 / kChunksPerRow;  // rows one warpgroup copies at once
-  static constexpr int kPasses = N / kRowsPerPass;
-  static constexpr int kWarpRows = 32 / kChunksPerRow;      // rows of one warp in one pass
+  static constexpr int kRowsPerPass = 128 / kChunksPerRow;  // Q/O rows one warpgroup copies at once
   static constexpr int kTileElems = N * D;
   static constexpr int kTileBytes = kTileElems * 2;
+  // The producer's gather: 8 threads per row, each copying its 16-byte chunk of every 64-column
+  // half (one index shuffle and one address per row and thread, D / 64 copies from it).
+  static constexpr int kHalves = D / 64;
+  static constexpr int kGatherRowsPerPass = 16;
+  static constexpr int kGatherPasses = N / kGatherRowsPerPass;
+  static constexpr int kGatherWarpRows = 4;  // rows of one warp in one pass
   // Register split of three warpgroups (setmaxnreg; 384 threads launch with 168 each). The
   // consumers need 192 (ptxas spills below); the producer's gather is bound by how many
   // copies it keeps in flight, so it keeps the rest (fewer measured slower: notes/PERF.md).
@@ -34,7 +38,7 @@ struct Sm90WsShape {
   static constexpr int kConsumerRegs = 192;
   static_assert(M == 64 || M == 128, "one or two consumer warpgroups");
   static_assert(D % 64 == 0 && (N == 64 || N == 128), "D multiple of 64, N 64 or 128");
-  static_assert(N / 4 <= 32, "each producer lane holds one key index of its warp's rows");
+  static_assert(N / 4 <= 32 && N % 16 == 0, "each producer lane holds one key index of its warp's rows");
   static_assert(STAGES >= 2, "K of tile n + 1 is loaded while V of tile n is");
 };
 
@@ -83,10 +87,11 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
     // ---------------- producer ----------------
     if constexpr (S::kConsumers == 2) regs_release<S::kProducerRegs>();
     const int warp = tid >> 5;
-    const int chunk = lane % S::kChunksPerRow;
-    const int sub = lane / S::kChunksPerRow;  // row within the warp's rows of a pass
-    // Lane l holds the key index of the warp's row (l % kWarpRows) + kRowsPerPass * (l / kWarpRows).
-    const int my_pos = warp * S::kWarpRows + (lane % S::kWarpRows) + S::kRowsPerPass * (lane / S::kWarpRows);
+    const int chunk = lane % 8;
+    const int sub = lane / 8;  // row within the warp's rows of a pass
+    // Lane l holds the key index of the warp's row (l % 4) + 16 * (l / 4) (N / 4 rows per warp).
+    const int my_pos = warp * S::kGatherWarpRows + (lane % S::kGatherWarpRows) +
+                       S::kGatherRowsPerPass * (lane / S::kGatherWarpRows);
     const u16* k_base = k + b * k_sb + h * k_sh;
     const u16* v_base = v + b * v_sb + h * v_sh;
     auto tile_index = [&](int n) {
@@ -95,14 +100,18 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
       if (lane < N / 4 && pos < end) idx = __ldg(indices + pos);
       return static_cast<unsigned>(idx) < static_cast<unsigned>(kv_len) ? idx : -1;
     };
-    // Copy chunk `chunk` of this warp's rows of one tile; row r's index sits in lane sub + kWarpRows * j.
+    // Copy chunk `chunk` of each half of this warp's rows of one tile; the index of pass j's
+    // row sits in lane sub + 4 * j.
     auto gather = [&](u32 tile, const u16* base, i64 row_stride, int idx) {
 #pragma unroll
-      for (int j = 0; j < S::kPasses; ++j) {
-        const int row_idx = __shfl_sync(0xffffffffu, idx, sub + S::kWarpRows * j);
-        const int r = warp * S::kWarpRows + sub + S::kRowsPerPass * j;
+      for (int j = 0; j < S::kGatherPasses; ++j) {
+        const int row_idx = __shfl_sync(0xffffffffu, idx, sub + S::kGatherWarpRows * j);
+        const int r = warp * S::kGatherWarpRows + sub + S::kGatherRowsPerPass * j;
         const bool valid = row_idx >= 0;
-        cp_async16(tile + 2 * sw128_offset<N>(r, chunk), base + (valid ? row_idx : 0) * row_stride + chunk * 8, valid);
+        const u16* src = base + (valid ? row_idx : 0) * row_stride + chunk * 8;
+        const u32 dst = tile + 2 * sw128_offset<N>(r, chunk);
+#pragma unroll
+        for (int half = 0; half < S::kHalves; ++half) cp_async16(dst + half * N * 128, src + half * 64, valid);
       }
     };
     auto load_k = [&](int n, int idx) {
