@@ -45,20 +45,18 @@ def _check(p):
     check_against_reference(q, k, v, mask, out, lse, p["layout"], dtype)
 
 
-@pytest.mark.parametrize("pv", PV_MODES)
-def test_wgmma_kernel_matches_reference(pv):
-    @given(problems([s for s in all_sm90_specs() if s.pv == pv]))
-    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-    def run(p):
-        _check(p)
-
-    run()
+#: Groups of Hopper specs, each a hypothesis test of its own: the wgmma kernel by P V mode, the
+#: warp-specialised kernel with and without ping-pong.
+SPEC_GROUPS = {
+    **{f"wgmma-pv{pv}": [s for s in all_sm90_specs() if s.pv == pv] for pv in PV_MODES},
+    **{f"warp-specialised-pp{pp}": [s for s in all_sm90_ws_specs() if s.pingpong == pp] for pp in (0, 1)},
+}
 
 
-@pytest.mark.parametrize("pingpong", (0, 1))
-def test_warp_specialised_kernel_matches_reference(pingpong):
-    @given(problems([s for s in all_sm90_ws_specs() if s.pingpong == pingpong]))
-    @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@pytest.mark.parametrize("group", SPEC_GROUPS)
+def test_hopper_kernels_match_reference(group):
+    @given(problems(SPEC_GROUPS[group]))
+    @settings(max_examples=50, deadline=None, suppress_health_check=list(HealthCheck))
     def run(p):
         _check(p)
 

@@ -7,6 +7,7 @@ memory it needs all come from here, so the runtime path and the CPU compile chec
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -227,20 +228,7 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
 
 def all_attention_specs() -> list[AttentionSpec]:
     """Every specialization fgcupy ships (and the CPU tests compile)."""
-    specs = []
-    for dtype in DTYPES:
-        for d in HEAD_DIMS:
-            for m in SLICE_SIZES:
-                for n in KEY_TILES:
-                    for s in STAGES:
-                        for rows in ROWS_PER_WARP:
-                            try:
-                                spec = AttentionSpec(dtype, d, m, n, s, rows)
-                            except ValueError:
-                                continue
-                            if spec.smem_bytes <= MAX_SMEM_BYTES_SM80:
-                                specs.append(spec)
-    return specs
+    return _shipped(AttentionSpec, MAX_SMEM_BYTES_SM80, KEY_TILES, STAGES, ROWS_PER_WARP)
 
 
 MAX_SMEM_BYTES_SM90 = 227 * 1024
@@ -249,38 +237,25 @@ MAX_SMEM_BYTES_SM90_PER_SM = 228 * 1024 - 2 * 1024  # two CTAs, 1 KB reserved by
 
 def all_sm90_specs() -> list[Sm90AttentionSpec]:
     """Every wgmma specialization fgcupy ships for Hopper (sm_90a)."""
-    specs = []
-    for dtype in DTYPES:
-        for d in HEAD_DIMS:
-            for m in SLICE_SIZES:
-                for n in (64, 128):
-                    for s in STAGES:
-                        for pv in (0, 1):
-                            for ctas in (1, 2):
-                                try:
-                                    spec = Sm90AttentionSpec(dtype, d, m, n, s, pv, ctas)
-                                except ValueError:
-                                    continue
-                                if spec.smem_bytes <= MAX_SMEM_BYTES_SM90:
-                                    specs.append(spec)
-    return specs
+    return _shipped(Sm90AttentionSpec, MAX_SMEM_BYTES_SM90, (64, 128), STAGES, (0, 1), (1, 2))
 
 
 def all_sm90_ws_specs() -> list[Sm90WsAttentionSpec]:
     """Every warp-specialised wgmma specialization fgcupy ships for Hopper (sm_90a)."""
+    return _shipped(Sm90WsAttentionSpec, MAX_SMEM_BYTES_SM90, (64, 128), STAGES, (0, 1))
+
+
+def _shipped(spec_class, smem_limit: int, *axes) -> list:
+    """Every valid ``spec_class(dtype, head_dim, slice_m, *rest)`` over the product of the
+    shipped dtypes, head dims and slice sizes with ``axes``, within ``smem_limit`` bytes."""
     specs = []
-    for dtype in DTYPES:
-        for d in HEAD_DIMS:
-            for m in SLICE_SIZES:
-                for n in (64, 128):
-                    for s in STAGES:
-                        for pingpong in (0, 1):
-                            try:
-                                spec = Sm90WsAttentionSpec(dtype, d, m, n, s, pingpong)
-                            except ValueError:
-                                continue
-                            if spec.smem_bytes <= MAX_SMEM_BYTES_SM90:
-                                specs.append(spec)
+    for args in itertools.product(DTYPES, HEAD_DIMS, SLICE_SIZES, *axes):
+        try:
+            spec = spec_class(*args)
+        except ValueError:
+            continue
+        if spec.smem_bytes <= smem_limit:
+            specs.append(spec)
     return specs
 
 
