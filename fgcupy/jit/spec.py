@@ -201,8 +201,6 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
     name_prefix = "sparse_attn_fwd_sm90ws"
     arch = "sm_90a"
     extra_options = ("-arch=sm_90a",)
-    rows_per_warp = 16
-    ctas_per_sm = 1
 
     def __post_init__(self):
         self._check_common((64, 128))
@@ -221,9 +219,9 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
         return (self.slice_m // 64 + 1) * 4
 
     @property
-    def smem_bytes(self) -> int:
-        """The common tiles, 1024 bytes of alignment slack and four mbarriers per stage."""
-        return super().smem_bytes + 1024 + 4 * 8 * self.stages
+    def _smem_slack(self) -> int:
+        """1024 bytes to align the tiles (128-byte swizzle atoms) and four mbarriers per stage."""
+        return 1024 + 4 * 8 * self.stages
 
 
 def all_attention_specs() -> list[AttentionSpec]:
