@@ -29,7 +29,7 @@ def main(argv=None):
     parser.add_argument("--tiles", default="default,m128n32s3w4,sm90-m128n128s2pv1c1,sm90-m128n64s2pv1c2",
                         help="kernels, comma separated: m<slice>n<key tile>s<stages>w<warps> (mma.sync), "
                              "sm90-m<slice>n<key tile>s<stages>pv<mode>c<ctas> (wgmma) or "
-                             "ws-m<slice>n<key tile>s<stages>pp<pingpong>[-persist] (warp-specialised wgmma)")
+                             "ws-m<slice>n<key tile>s<stages>pp<pingpong> (warp-specialised wgmma)")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--heads", type=int, help="time this many heads of the preset (TFLOP/s is per-head "
                         "independent; dense masks of hunyuan-720p exceed int32 offsets at full head count)")
@@ -108,10 +108,10 @@ def main(argv=None):
 
 def parse_tile(token: str, head_dim: int, dtype: str = "bfloat16"):
     """'m128n32s3w4' -> AttentionSpec, 'sm90-m128n64s2pv1c2' -> Sm90AttentionSpec,
-    'ws-m128n128s2pp1' (or 'ws-m128n128s2pp1-persist') -> Sm90WsAttentionSpec."""
-    ws = re.fullmatch(r"ws-m(\d+)n(\d+)s(\d+)pp(\d+)(-persist)?", token.strip())
+    'ws-m128n128s2pp1' -> Sm90WsAttentionSpec."""
+    ws = re.fullmatch(r"ws-m(\d+)n(\d+)s(\d+)pp(\d+)", token.strip())
     if ws:
-        return Sm90WsAttentionSpec(dtype, head_dim, *(int(g) for g in ws.groups()[:4]), persistent=int(bool(ws.group(5))))
+        return Sm90WsAttentionSpec(dtype, head_dim, *(int(g) for g in ws.groups()))
     found = re.fullmatch(r"(sm90-)?m(\d+)n(\d+)s(\d+)(?:w(\d+)|pv(\d+)(?:c(\d+))?)", token.strip())
     if not found:
         raise ValueError(f"cannot parse kernel {token!r}")

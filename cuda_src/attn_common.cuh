@@ -18,9 +18,8 @@
   const int* __restrict__ indptr = static_cast<const int*>(p.indptr);                \
   const int* __restrict__ indices = static_cast<const int*>(p.indices);              \
   const int* __restrict__ order = static_cast<const int*>(p.order);                  \
-  int* __restrict__ work_counter = static_cast<int*>(p.work_counter);                \
   const int heads = p.heads, q_blocks = p.q_blocks, q_len = p.q_len;                 \
-  const int kv_len = p.kv_len, capacity = p.capacity, items = p.items;              \
+  const int kv_len = p.kv_len, capacity = p.capacity;                                \
   const i64 q_sb = p.q_sb, q_sh = p.q_sh, q_ss = p.q_ss;                             \
   const i64 k_sb = p.k_sb, k_sh = p.k_sh, k_ss = p.k_ss;                             \
   const i64 v_sb = p.v_sb, v_sh = p.v_sh, v_ss = p.v_ss;                             \
@@ -36,10 +35,10 @@ struct WorkItem {
   int b, h, bh, qb, start, end;
 };
 
-// Work item `item` of the plan's order: the query block and the clamped range of its key list.
-__device__ __forceinline__ WorkItem work_item_at(int item, const int* __restrict__ indptr, int heads, int q_blocks,
-                                                 int capacity) {
+__device__ __forceinline__ WorkItem work_item(const int* __restrict__ order, const int* __restrict__ indptr,
+                                              int heads, int q_blocks, int capacity) {
   WorkItem w;
+  const int item = order[blockIdx.x];
   w.qb = item % q_blocks;
   w.bh = item / q_blocks;
   w.b = w.bh / heads;
@@ -49,12 +48,6 @@ __device__ __forceinline__ WorkItem work_item_at(int item, const int* __restrict
   w.start = min(max(start, 0), capacity);
   w.end = min(max(end, w.start), capacity);
   return w;
-}
-
-// The work item of this CTA (one CTA per item).
-__device__ __forceinline__ WorkItem work_item(const int* __restrict__ order, const int* __restrict__ indptr,
-                                              int heads, int q_blocks, int capacity) {
-  return work_item_at(order[blockIdx.x], indptr, heads, q_blocks, capacity);
 }
 
 // One key tile of online softmax (base 2, scale folded in) for the two rows this thread holds.

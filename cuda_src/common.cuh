@@ -83,14 +83,6 @@ __device__ __forceinline__ u32 swz_bytes(int chunk, u32 xor16) {
 __device__ __forceinline__ void st_shared_f32(u32 addr, float x) {
   asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(x));
 }
-__device__ __forceinline__ void st_shared_s32(u32 addr, int x) {
-  asm volatile("st.shared.s32 [%0], %1;\n" ::"r"(addr), "r"(x) : "memory");
-}
-__device__ __forceinline__ int ld_shared_s32(u32 addr) {
-  int x;
-  asm volatile("ld.shared.s32 %0, [%1];\n" : "=r"(x) : "r"(addr) : "memory");
-  return x;
-}
 __device__ __forceinline__ float ld_shared_f32(u32 addr) {
   float x;
   asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(x) : "r"(addr));

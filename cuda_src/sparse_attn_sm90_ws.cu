@@ -10,10 +10,6 @@
 //   S_n = Q K_n^T and then O += P_{n-1} V_{n-1}; the softmax of S_n runs while the second
 //   product is still on the tensor cores. With two consumers and PINGPONG, named barriers hand
 //   the tensor cores from one to the other, so one's softmax overlaps the other's products.
-// * The producer also loads each block's Q and hands out the work: with PERSIST the grid is one
-//   CTA per SM and each CTA takes query blocks (in the plan's order) from a global counter until
-//   none are left, so the next block's Q, indices and first key tiles load while the consumers
-//   finish the last one (O is then staged in its own buffer); without it, one CTA per block.
 #include "attn_common.cuh"
 #include "sync_sm90.cuh"
 #include "wgmma.cuh"
@@ -40,7 +36,6 @@ struct Sm90WsShape {
   // One consumer has 255 without any of this.
   static constexpr int kProducerRegs = 120;
   static constexpr int kConsumerRegs = 192;
-  static constexpr int kQBytes = M * D * 2;
   static_assert(M == 64 || M == 128, "one or two consumer warpgroups");
   static_assert(D % 64 == 0 && (N == 64 || N == 128), "D multiple of 64, N 64 or 128");
   static_assert(N / 4 <= 32 && N % 16 == 0, "each producer lane holds one key index of its warp's rows");
@@ -52,7 +47,7 @@ struct Sm90WsShape {
 constexpr int kBarConsumer0 = 1;
 constexpr int kBarTurn0 = 3;
 
-template <class T, int D, int M, int N, int STAGES, int PINGPONG, int PERSIST>
+template <class T, int D, int M, int N, int STAGES, int PINGPONG>
 __global__ void __launch_bounds__(Sm90WsShape<D, M, N, STAGES>::kThreads, 1)
 sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
   FG_UNPACK_ATTN_PARAMS(p);
@@ -60,21 +55,15 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
   constexpr bool kPingPong = PINGPONG && S::kConsumers == 2;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
-  // Q | K stages | V stages | O (PERSIST; else O is staged over Q) | key bias stages | barriers | work slots
   const u32 sQ_u32 = smem_u32(smem_base);
-  const u32 sK_u32 = sQ_u32 + S::kQBytes;
+  const u32 sK_u32 = sQ_u32 + M * D * 2;
   const u32 sV_u32 = sK_u32 + STAGES * S::kTileBytes;
-  const u32 sO_u32 = PERSIST ? sV_u32 + STAGES * S::kTileBytes : sQ_u32;
-  const u32 sBias_u32 = sV_u32 + STAGES * S::kTileBytes + (PERSIST ? S::kQBytes : 0);
-  const u32 bar_u32 = sBias_u32 + STAGES * N * 4;
+  const u32 sBias_u32 = sV_u32 + STAGES * S::kTileBytes;
+  const u32 bar_u32 = sBias_u32 + STAGES * N * 4;  // full K, full V, empty K, empty V
   auto full_k = [&](int s) { return bar_u32 + 8 * s; };
   auto full_v = [&](int s) { return bar_u32 + 8 * (STAGES + s); };
   auto empty_k = [&](int s) { return bar_u32 + 8 * (2 * STAGES + s); };
   auto empty_v = [&](int s) { return bar_u32 + 8 * (3 * STAGES + s); };
-  const u32 q_full = bar_u32 + 8 * (4 * STAGES);
-  const u32 q_empty = q_full + 8;
-  auto item_full = [&](int slot) { return q_full + 16 + 8 * slot; };
-  const u32 slot_u32 = q_full + 32;  // two ints: the work item of even and odd turns (-1: done)
 
   const int tid = threadIdx.x;
   const int wg = tid >> 7;
@@ -87,18 +76,12 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
       mbar_init(empty_k(s), S::kConsumers * 128);
       mbar_init(empty_v(s), S::kConsumers * 128);
     }
-    mbar_init(q_full, 128);
-    mbar_init(q_empty, S::kConsumers * 128);
-    mbar_init(item_full(0), 1);
-    mbar_init(item_full(1), 1);
   }
   __syncthreads();
 
-  // The work item of turn `it` (every thread takes every turn): -1 when none is left.
-  auto next_item = [&](int it) {
-    mbar_wait(item_full(it & 1), (it >> 1) & 1);
-    return ld_shared_s32(slot_u32 + 4 * (it & 1));
-  };
+  const WorkItem w = work_item(order, indptr, heads, q_blocks, capacity);
+  const int b = w.b, h = w.h, bh = w.bh, qb = w.qb, start = w.start, end = w.end;
+  const int ntiles = (end - start + N - 1) / N;
 
   if (wg == 0) {
     // ---------------- producer ----------------
@@ -109,7 +92,8 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
     // Lane l holds the key index of the warp's row (l % 4) + 16 * (l / 4) (N / 4 rows per warp).
     const int my_pos = warp * S::kGatherWarpRows + (lane % S::kGatherWarpRows) +
                        S::kGatherRowsPerPass * (lane / S::kGatherWarpRows);
-    int start = 0, end = 0;
+    const u16* k_base = k + b * k_sb + h * k_sh;
+    const u16* v_base = v + b * v_sb + h * v_sh;
     auto tile_index = [&](int n) {
       const int pos = start + n * N + my_pos;
       int idx = -1;
@@ -130,62 +114,32 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
         for (int half = 0; half < S::kHalves; ++half) cp_async16(dst + half * N * 128, src + half * 64, valid);
       }
     };
-    int g = 0;  // key tiles of earlier items: tile n of this item uses stage (g + n) % STAGES
-    const u16* k_base = k;
-    const u16* v_base = v;
     auto load_k = [&](int n, int idx) {
-      const int t = g + n, s = t % STAGES;
-      if (t >= STAGES) mbar_wait(empty_k(s), ((t / STAGES) - 1) & 1);
+      const int s = n % STAGES;
+      if (n >= STAGES) mbar_wait(empty_k(s), ((n / STAGES) - 1) & 1);
       if (lane < N / 4) st_shared_f32(sBias_u32 + 4 * (s * N + my_pos), idx >= 0 ? 0.f : FG_NEG_INF);
       mbar_arrive(full_k(s));
       gather(sK_u32 + s * S::kTileBytes, k_base, k_ss, idx);
       mbar_arrive_cp_async(full_k(s));
     };
     auto load_v = [&](int n, int idx) {
-      const int t = g + n, s = t % STAGES;
-      if (t >= STAGES) mbar_wait(empty_v(s), ((t / STAGES) - 1) & 1);
+      const int s = n % STAGES;
+      if (n >= STAGES) mbar_wait(empty_v(s), ((n / STAGES) - 1) & 1);
       gather(sV_u32 + s * S::kTileBytes, v_base, v_ss, idx);
       mbar_arrive_cp_async(full_v(s));
     };
-    int item = blockIdx.x;  // thread 0's: the item it publishes next
-    for (int it = 0;; ++it) {
-      if (it > 0) mbar_wait(q_empty, (it - 1) & 1);  // the consumers are done with Q (and slot it - 2)
-      if (tid == 0) {
-        const int publish = item;
-        item = -1;
-        if (PERSIST && publish >= 0) {
-          item = static_cast<int>(gridDim.x) + atomicAdd(work_counter, 1);
-          if (item >= items) item = -1;
+    if (ntiles > 0) {
+      int idx = tile_index(0);
+      load_k(0, idx);
+      for (int n = 0; n < ntiles; ++n) {
+        int idx_next = -1;
+        if (n + 1 < ntiles) {
+          idx_next = tile_index(n + 1);
+          load_k(n + 1, idx_next);
         }
-        st_shared_s32(slot_u32 + 4 * (it & 1), publish);
-        mbar_arrive(item_full(it & 1));
+        load_v(n, idx);
+        idx = idx_next;
       }
-      const int cur = next_item(it);
-      if (cur < 0) break;
-      const WorkItem w = work_item_at(order[cur], indptr, heads, q_blocks, capacity);
-      start = w.start;
-      end = w.end;
-      const int ntiles = (end - start + N - 1) / N;
-      k_base = k + w.b * k_sb + w.h * k_sh;
-      v_base = v + w.b * v_sb + w.h * v_sh;
-      load_q_tile<M, S::kRowsPerPass>(sQ_u32, q + w.b * q_sb + w.h * q_sh, q_ss, tid / S::kChunksPerRow,
-                                      tid % S::kChunksPerRow, w.qb * M, q_len,
-                                      [](int r, int ch) { return sw128_offset<M>(r, ch); });
-      mbar_arrive_cp_async(q_full);
-      if (ntiles > 0) {
-        int idx = tile_index(0);
-        load_k(0, idx);
-        for (int n = 0; n < ntiles; ++n) {
-          int idx_next = -1;
-          if (n + 1 < ntiles) {
-            idx_next = tile_index(n + 1);
-            load_k(n + 1, idx_next);
-          }
-          load_v(n, idx);
-          idx = idx_next;
-        }
-      }
-      g += ntiles;
     }
     cp_async_wait_all();
     return;
@@ -196,7 +150,16 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
   const int c = wg - 1;
   const int ctid = tid - 128 * wg;
   const int warp = ctid >> 5;  // warp within the consumer warpgroup: rows warp * 16 + (0..15)
+  const int q_row0 = qb * M + c * 64;
   auto q_offset = [c](int r, int ch) { return sw128_offset<M>(c * 64 + r, ch); };
+  {
+    const u16* q_base = q + b * q_sb + h * q_sh;
+    load_q_tile<64, S::kRowsPerPass>(sQ_u32, q_base, q_ss, ctid / S::kChunksPerRow, ctid % S::kChunksPerRow,
+                                     q_row0, q_len, q_offset);
+    cp_async_wait_all();
+    fence_proxy_async();
+    named_sync(kBarConsumer0 + c, 128);
+  }
   auto turn_wait = [&]() {
     if constexpr (kPingPong) named_sync(kBarTurn0 + c, 256);
   };
@@ -207,128 +170,110 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
     if (c == 1) named_arrive(kBarTurn0, 256);  // consumer 0 goes first
   }
 
+  float acc_o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) acc_o[i] = 0.f;
+  float row_max[2] = {FG_NEG_INF, FG_NEG_INF};
+  float row_sum[2] = {0.f, 0.f};
+  u32 p_frag[N / 16][4];
   const u32 q_half0 = sQ_u32 + c * 64 * 128;
   constexpr u32 kLbo = N * 128;  // V as an MN-major operand: next 64 columns
   constexpr u32 kSbo = 1024;     // next 8 keys
-  int g = 0;  // key tiles of earlier items, as in the producer
-  for (int it = 0;; ++it) {
-    const int cur = next_item(it);
-    if (cur < 0) break;
-    const WorkItem w = work_item_at(order[cur], indptr, heads, q_blocks, capacity);
-    const int ntiles = (w.end - w.start + N - 1) / N;
-    const int q_row0 = w.qb * M + c * 64;
-
-    float acc_o[D / 2];
+  auto issue_pv = [&](int s) {
+    wgmma_fence();
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) acc_o[i] = 0.f;
-    float row_max[2] = {FG_NEG_INF, FG_NEG_INF};
-    float row_sum[2] = {0.f, 0.f};
-    u32 p_frag[N / 16][4];
-    auto issue_pv = [&](int s) {
-      wgmma_fence();
-#pragma unroll
-      for (int j = 0; j < N / 16; ++j) {
-        const u64 db = smem_desc_sw128(sV_u32 + s * S::kTileBytes + j * 16 * 128, kLbo, kSbo);
-        if constexpr (D == 64) Wgmma<T>::template rs_n64<1>(acc_o, p_frag[j], db, 1);
-        else Wgmma<T>::template rs_n128<1>(acc_o, p_frag[j], db, 1);
-      }
-      wgmma_commit();
-    };
-    auto issue_s = [&](float (&acc_s)[N / 2], int n) {
-      const int s = (g + n) % STAGES;
-      mbar_wait(full_k(s), ((g + n) / STAGES) & 1);
-      fence_proxy_async();
-      turn_wait();
-      wgmma_fence();
-      wgmma_ss_tile<T, D, N>(acc_s, q_half0, M, sK_u32 + s * S::kTileBytes, N);
-      wgmma_commit();
-    };
-    // Softmax of S_n, release of K_n (and of Q after the last tile), then (after `wait_pv`)
-    // the rescale of O and P_n.
-    auto softmax_and_pack = [&](float (&acc_s)[N / 2], int n, auto wait_pv) {
-      const int s = (g + n) % STAGES;
-      float alpha[2];
-      softmax_tile<N>(acc_s, sBias_u32 + 4 * (s * N + (lane & 3) * 2), scale_log2, row_max, row_sum, alpha);
-      mbar_arrive(empty_k(s));
-      if (n == ntiles - 1) mbar_arrive(q_empty);
-      wait_pv();
-      rescale_rows<D>(acc_o, alpha);
-#pragma unroll
-      for (int j = 0; j < N / 16; ++j) pack_p<T>(p_frag[j], acc_s, j);
-    };
-    auto wait_v = [&](int n) {
-      mbar_wait(full_v((g + n) % STAGES), ((g + n) / STAGES) & 1);
-      fence_proxy_async();
-    };
-
-    // Every consumer waits for Q, even of an empty item: the producer's arrivals on q_full also
-    // say that all its threads have read this turn's work slot, which the next q_empty frees.
-    mbar_wait(q_full, it & 1);
-    if (ntiles > 0) {
-      float acc_s[N / 2];
-      issue_s(acc_s, 0);
-      turn_pass();
-      wgmma_wait<0>();
-      wgmma_fence_operand(acc_s);
-      softmax_and_pack(acc_s, 0, []() {});
-    } else {
-      mbar_arrive(q_empty);
+    for (int j = 0; j < N / 16; ++j) {
+      const u64 db = smem_desc_sw128(sV_u32 + s * S::kTileBytes + j * 16 * 128, kLbo, kSbo);
+      if constexpr (D == 64) Wgmma<T>::template rs_n64<1>(acc_o, p_frag[j], db, 1);
+      else Wgmma<T>::template rs_n128<1>(acc_o, p_frag[j], db, 1);
     }
-    for (int n = 1; n < ntiles; ++n) {
-      float acc_s[N / 2];
-      issue_s(acc_s, n);
-      wait_v(n - 1);
-      issue_pv((g + n - 1) % STAGES);
-      turn_pass();
-      wgmma_wait<1>();
-      wgmma_fence_operand(acc_s);
-      softmax_and_pack(acc_s, n, [&]() {
-        wgmma_wait<0>();
-        wgmma_fence_operand(acc_o);
-        mbar_arrive(empty_v((g + n - 1) % STAGES));
-      });
-    }
-    // The last tile's P V (and one more turn, so both consumers take as many as they pass).
+    wgmma_commit();
+  };
+  auto issue_s = [&](float (&acc_s)[N / 2], int n) {
+    const int s = n % STAGES;
+    mbar_wait(full_k(s), (n / STAGES) & 1);
+    fence_proxy_async();
     turn_wait();
-    if (ntiles > 0) {
-      wait_v(ntiles - 1);
-      issue_pv((g + ntiles - 1) % STAGES);
-    }
+    wgmma_fence();
+    wgmma_ss_tile<T, D, N>(acc_s, q_half0, M, sK_u32 + s * S::kTileBytes, N);
+    wgmma_commit();
+  };
+  // Softmax of S_n, release of K_n, then (after `wait_pv`) the rescale of O and P_n.
+  auto softmax_and_pack = [&](float (&acc_s)[N / 2], int n, auto wait_pv) {
+    const int s = n % STAGES;
+    float alpha[2];
+    softmax_tile<N>(acc_s, sBias_u32 + 4 * (s * N + (lane & 3) * 2), scale_log2, row_max, row_sum, alpha);
+    mbar_arrive(empty_k(s));
+    wait_pv();
+    rescale_rows<D>(acc_o, alpha);
+#pragma unroll
+    for (int j = 0; j < N / 16; ++j) pack_p<T>(p_frag[j], acc_s, j);
+  };
+  auto wait_v = [&](int n) {
+    const int s = n % STAGES;
+    mbar_wait(full_v(s), (n / STAGES) & 1);
+    fence_proxy_async();
+  };
+
+  if (ntiles > 0) {
+    float acc_s[N / 2];
+    issue_s(acc_s, 0);
     turn_pass();
-    if (ntiles > 0) {
+    wgmma_wait<0>();
+    wgmma_fence_operand(acc_s);
+    softmax_and_pack(acc_s, 0, []() {});
+  }
+  for (int n = 1; n < ntiles; ++n) {
+    float acc_s[N / 2];
+    issue_s(acc_s, n);
+    wait_v(n - 1);
+    issue_pv((n - 1) % STAGES);
+    turn_pass();
+    wgmma_wait<1>();
+    wgmma_fence_operand(acc_s);
+    softmax_and_pack(acc_s, n, [&]() {
       wgmma_wait<0>();
       wgmma_fence_operand(acc_o);
-      mbar_arrive(empty_v((g + ntiles - 1) % STAGES));
-    }
-    g += ntiles;
-
-    // ---- epilogue: normalise, stage O over this warpgroup's rows, 16-byte stores ----
-    const int gr = lane >> 2;
-    const int tig = lane & 3;
-    float inv[2];
-    finish_rows(row_sum, inv);
-    const int r0 = warp * 16 + gr, r1 = r0 + 8;
-    u16* sO = reinterpret_cast<u16*>(smem_base + (sO_u32 - sQ_u32));
-    if constexpr (PERSIST) named_sync(kBarConsumer0 + c, 128);  // the last item's stores have read sO
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<u32*>(sO + q_offset(r0, dt) + tig * 2) = T::pack(acc_o[dt * 4 + 0] * inv[0], acc_o[dt * 4 + 1] * inv[0]);
-      *reinterpret_cast<u32*>(sO + q_offset(r1, dt) + tig * 2) = T::pack(acc_o[dt * 4 + 2] * inv[1], acc_o[dt * 4 + 3] * inv[1]);
-    }
-    if (lse != nullptr && tig == 0) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int row = q_row0 + r0 + i * 8;
-        if (row < q_len) lse[static_cast<i64>(w.bh) * q_len + row] = row_lse(row_max[i], row_sum[i]);
-      }
-    }
-    named_sync(kBarConsumer0 + c, 128);
-    store_tile<64, S::kRowsPerPass>(o + w.b * o_sb + w.h * o_sh, o_ss, sO, ctid / S::kChunksPerRow,
-                                    ctid % S::kChunksPerRow, q_row0, q_len, q_offset);
+      mbar_arrive(empty_v((n - 1) % STAGES));
+    });
+  }
+  // The last tile's P V (and one more turn, so both consumers take as many as they pass).
+  turn_wait();
+  if (ntiles > 0) {
+    wait_v(ntiles - 1);
+    issue_pv((ntiles - 1) % STAGES);
+  }
+  turn_pass();
+  if (ntiles > 0) {
+    wgmma_wait<0>();
+    wgmma_fence_operand(acc_o);
   }
   if constexpr (kPingPong) {
     if (c == 0) named_sync(kBarTurn0, 256);  // consumer 1's last pass
   }
+
+  // ---- epilogue: normalise, stage O over this warpgroup's Q rows, 16-byte stores ----
+  const int g = lane >> 2;
+  const int tig = lane & 3;
+  float inv[2];
+  finish_rows(row_sum, inv);
+  const int r0 = warp * 16 + g, r1 = r0 + 8;
+  u16* sQ = reinterpret_cast<u16*>(smem_base);
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt) {
+    *reinterpret_cast<u32*>(sQ + q_offset(r0, dt) + tig * 2) = T::pack(acc_o[dt * 4 + 0] * inv[0], acc_o[dt * 4 + 1] * inv[0]);
+    *reinterpret_cast<u32*>(sQ + q_offset(r1, dt) + tig * 2) = T::pack(acc_o[dt * 4 + 2] * inv[1], acc_o[dt * 4 + 3] * inv[1]);
+  }
+  if (lse != nullptr && tig == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int row = q_row0 + r0 + i * 8;
+      if (row < q_len) lse[static_cast<i64>(bh) * q_len + row] = row_lse(row_max[i], row_sum[i]);
+    }
+  }
+  named_sync(kBarConsumer0 + c, 128);
+  store_tile<64, S::kRowsPerPass>(o + b * o_sb + h * o_sh, o_ss, sQ, ctid / S::kChunksPerRow, ctid % S::kChunksPerRow,
+                                  q_row0, q_len, q_offset);
 }
 
 }  // namespace fg

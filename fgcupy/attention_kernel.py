@@ -6,7 +6,6 @@ kernels through here.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -47,24 +46,12 @@ def launch_attention(spec, q, k, v, out, lse, mask: SliceMask, order: torch.Tens
     strides = {}
     for name, t in (("q", q), ("k", k), ("v", v), ("o", out)):
         strides.update(zip((f"{name}_sb", f"{name}_sh", f"{name}_ss"), _strides(t)))
-    grid, counter = items, None
-    if getattr(spec, "persistent", 0):
-        # One CTA per SM, each taking blocks from a counter past the first grid-size ones; a
-        # fresh counter per launch, ordered on the stream (launches on other streams stay apart).
-        grid = min(items, multiprocessors(q.device))
-        counter = torch.zeros(1, dtype=torch.int32, device=q.device)
     params = spec.params.pack(
-        q=q, k=k, v=v, o=out, lse=lse, indptr=mask.indptr, indices=mask.indices, order=order, work_counter=counter,
-        heads=heads, q_blocks=mask.q_blocks, q_len=q_len, kv_len=mask.kv_len, capacity=mask.capacity, items=items,
+        q=q, k=k, v=v, o=out, lse=lse, indptr=mask.indptr, indices=mask.indices, order=order,
+        heads=heads, q_blocks=mask.q_blocks, q_len=q_len, kv_len=mask.kv_len, capacity=mask.capacity,
         scale_log2=scale * math.log2(math.e), **strides,
     )
-    launch(spec, q.device, (grid,), params)
-
-
-@functools.lru_cache(maxsize=None)
-def multiprocessors(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    launch(spec, q.device, (items,), params)
 
 
 def check_inputs(q, k, v, mask: SliceMask, spec=None) -> None:

@@ -23,18 +23,12 @@ def _hopper_only():
 
 @st.composite
 def problems(draw, specs):
-    spec = draw(st.sampled_from(specs))
     size = st.one_of(st.integers(1, 300), st.integers(300, 2500))
-    heads, q_len = st.integers(1, 3), size
-    if getattr(spec, "persistent", 0):
-        # Often more query blocks than SMs, so CTAs take several blocks each.
-        heads = st.one_of(st.integers(1, 3), st.integers(6, 16))
-        q_len = st.one_of(size, st.integers(2500, 9000))
+    spec = draw(st.sampled_from(specs))
     return dict(
         spec=spec,
-        batch=draw(st.integers(1, 2)), heads=draw(heads), q_len=draw(q_len), kv_len=draw(size),
+        batch=draw(st.integers(1, 2)), heads=draw(st.integers(1, 3)), q_len=draw(size), kv_len=draw(size),
         layout=draw(st.sampled_from(["HND", "NHD"])), seed=draw(st.integers(0, 2**31 - 1)),
-        schedule=draw(st.sampled_from(["longest_first", "index"])),
     )
 
 
@@ -46,18 +40,16 @@ def _check(p):
     mask = random_mask(gen, p["batch"], p["heads"], p["q_len"], p["kv_len"], spec.slice_m)
     out = torch.full_like(q, float("nan"))
     lse = torch.full((p["batch"], p["heads"], p["q_len"]), float("nan"), device="cuda")
-    plan = SparseAttention().plan(mask, head_dim=spec.head_dim, dtype=dtype, schedule=p["schedule"], spec=spec)
+    plan = SparseAttention().plan(mask, head_dim=spec.head_dim, dtype=dtype, spec=spec)
     plan.run(q, k, v, layout=p["layout"], out=out, lse=lse)
     check_against_reference(q, k, v, mask, out, lse, p["layout"], dtype)
 
 
 #: Groups of Hopper specs, each a hypothesis test of its own: the wgmma kernel by P V mode, the
-#: warp-specialised kernel with and without ping-pong, one CTA per block or persistent.
+#: warp-specialised kernel with and without ping-pong.
 SPEC_GROUPS = {
     **{f"wgmma-pv{pv}": [s for s in all_sm90_specs() if s.pv == pv] for pv in PV_MODES},
-    **{f"warp-specialised-pp{pp}{'-persistent' if persist else ''}":
-       [s for s in all_sm90_ws_specs() if (s.pingpong, s.persistent) == (pp, persist)]
-       for pp in (0, 1) for persist in (0, 1)},
+    **{f"warp-specialised-pp{pp}": [s for s in all_sm90_ws_specs() if s.pingpong == pp] for pp in (0, 1)},
 }
 
 

@@ -33,8 +33,8 @@ MAX_SMEM_BYTES_SM80 = 163 * 1024
 #: strides of q, k, v, o, and the softmax scale times log2(e).
 ATTN_PARAMS = ParamStruct("AttnParams", (
     ("q", "in"), ("k", "in"), ("v", "in"), ("o", "out"), ("lse", "out"),
-    ("indptr", "in"), ("indices", "in"), ("order", "in"), ("work_counter", "out"),
-    ("heads", "i32"), ("q_blocks", "i32"), ("q_len", "i32"), ("kv_len", "i32"), ("capacity", "i32"), ("items", "i32"),
+    ("indptr", "in"), ("indices", "in"), ("order", "in"),
+    ("heads", "i32"), ("q_blocks", "i32"), ("q_len", "i32"), ("kv_len", "i32"), ("capacity", "i32"),
     ("q_sb", "i64"), ("q_sh", "i64"), ("q_ss", "i64"), ("k_sb", "i64"), ("k_sh", "i64"), ("k_ss", "i64"),
     ("v_sb", "i64"), ("v_sh", "i64"), ("v_ss", "i64"), ("o_sb", "i64"), ("o_sh", "i64"), ("o_ss", "i64"),
     ("scale_log2", "f32"),
@@ -186,9 +186,7 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
 
     One producer warpgroup gathers K/V into ``stages`` buffers signalled by mbarriers; one
     consumer warpgroup per 64 query rows overlaps its softmax with its P V product, and with
-    ``pingpong`` the two consumers of a 128-query slice take turns on the tensor cores. With
-    ``persistent`` the grid is one CTA per SM, each taking query blocks from a counter, so a
-    block's loads overlap the previous block's last tiles and epilogue (O gets its own buffer).
+    ``pingpong`` the two consumers of a 128-query slice take turns on the tensor cores.
     """
 
     dtype: str = "bfloat16"
@@ -197,7 +195,6 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
     key_tile: int = 128
     stages: int = 2
     pingpong: int = 1
-    persistent: int = 0
 
     source = "sparse_attn_sm90_ws.cu"
     template = "fg::sparse_attn_fwd_sm90_ws"
@@ -208,15 +205,14 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
     def __post_init__(self):
         self._check_common((64, 128))
         _check_choice("pingpong", self.pingpong, (0, 1))
-        _check_choice("persistent", self.persistent, (0, 1))
         if self.pingpong and self.slice_m != 128:
             raise ValueError(f"pingpong=1 needs two consumer warpgroups (slice_m=128), got slice_m={self.slice_m}")
 
     def _template_args(self) -> tuple:
-        return (self.pingpong, self.persistent)
+        return (self.pingpong,)
 
     def _name_suffix(self) -> str:
-        return f"pp{self.pingpong}" + ("_persist" if self.persistent else "")
+        return f"pp{self.pingpong}"
 
     @property
     def warps(self) -> int:
@@ -224,9 +220,8 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
 
     @property
     def _smem_slack(self) -> int:
-        """1024 bytes to align the tiles (128-byte swizzle atoms); four mbarriers per stage, four
-        more (Q and the work slots) and the two slots; with ``persistent``, O's staging tile."""
-        return 1024 + 8 * (4 * self.stages + 4) + 8 + self.persistent * self.slice_m * self.head_dim * 2
+        """1024 bytes to align the tiles (128-byte swizzle atoms) and four mbarriers per stage."""
+        return 1024 + 4 * 8 * self.stages
 
 
 def all_attention_specs() -> list[AttentionSpec]:
@@ -245,7 +240,7 @@ def all_sm90_specs() -> list[Sm90AttentionSpec]:
 
 def all_sm90_ws_specs() -> list[Sm90WsAttentionSpec]:
     """Every warp-specialised wgmma specialization fgcupy ships for Hopper (sm_90a)."""
-    return _shipped(Sm90WsAttentionSpec, MAX_SMEM_BYTES_SM90, (64, 128), STAGES, (0, 1), (0, 1))
+    return _shipped(Sm90WsAttentionSpec, MAX_SMEM_BYTES_SM90, (64, 128), STAGES, (0, 1))
 
 
 def _shipped(spec_class, smem_limit: int, *axes) -> list:
