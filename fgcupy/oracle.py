@@ -80,15 +80,45 @@ class Judge:
     def block_oracle(self, density: float, block: int = 128) -> SliceMask:
         """The best block x block mask keeping round(density x key blocks) blocks per query block
         (needs slice_m == block), as a SliceMask of whole key blocks."""
+        return self.block_oracle_of(keys_for(density, num_blocks(self.kv_len, block)), block)
+
+    def block_oracle_of(self, blocks: int, block: int = 128) -> SliceMask:
+        """The best block x block mask keeping ``blocks`` key blocks per query block (needs
+        slice_m == block), as a SliceMask of whole key blocks."""
         if block != self.slice_m:
             raise ValueError(f"block oracle needs block == slice_m ({self.slice_m}), got {block}")
         kb = num_blocks(self.kv_len, block)
+        if not 1 <= blocks <= kb:
+            raise ValueError(f"blocks must be in [1, {kb}] (key blocks of {block}), got {blocks}")
         pad = kb * block - self.kv_len
         scores = torch.nn.functional.pad(self.colmax, (0, pad)).unflatten(-1, (kb, block)).amax(-1)
-        keep = keys_for(density, kb)
-        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(keep, dim=-1).indices, True)
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(blocks, dim=-1).indices, True)
         dense = chosen.repeat_interleave(block, dim=-1)[..., : self.kv_len]
         return SliceMask.from_dense(dense, block, self.q.shape[2])
+
+    def blocks_for_error(self, target: float, block: int = 128, low: int = 1) -> tuple:
+        """(key blocks per query block, error) of the smallest oracle block mask whose error is at
+        most ``target``, by bisection between ``low`` and every block (the full mask is exact).
+        Bisection assumes the error falls as blocks are added, which the nested masks make the
+        rule, not a law: the result's error is at most ``target`` and one block fewer's is above.
+        The equal-error density of a block-sparse kernel beside a slice mask of error ``target``."""
+        kb = num_blocks(self.kv_len, block)
+        lo, hi = max(1, min(low, kb)), kb
+        errors = {kb: self.error(self.block_oracle_of(kb, block))}
+        if self._block_error(lo, block, errors) <= target:
+            return lo, errors[lo]
+        while hi - lo > 1:  # error(lo) > target >= error(hi) holds (error(kb) is ~0)
+            mid = (lo + hi) // 2
+            if self._block_error(mid, block, errors) <= target:
+                hi = mid
+            else:
+                lo = mid
+        return hi, errors[hi]
+
+    def _block_error(self, blocks: int, block: int, cache: dict) -> float:
+        if blocks not in cache:
+            cache[blocks] = self.error(self.block_oracle_of(blocks, block))
+        return cache[blocks]
 
     def error(self, mask: SliceMask) -> float:
         """Relative L2 error of attention through ``mask`` against dense float32 attention."""

@@ -51,6 +51,22 @@ def test_block_oracle_is_never_better_than_the_slice_oracle_on_local_heads():
     assert judge.error(judge.block_oracle(0.25)) > judge.oracle_error(0.25)
 
 
+@pytest.mark.parametrize("family", ["window2d", "gauss-coarse"])
+def test_blocks_for_error_finds_the_equal_error_block_count(family):
+    q, k, v = family_qkv(family_shape("wan14b-480p", grid=(2, 10, 32)), family, heads=2)  # 640 tokens
+    judge = Judge(q, k, v, slice_m=64)
+    errors = [judge.error(judge.block_oracle_of(n, 64)) for n in range(1, 11)]
+    target = judge.oracle_error(0.2)
+    blocks, error = judge.blocks_for_error(target, block=64)
+    assert error == errors[blocks - 1] <= target
+    assert blocks == 1 or errors[blocks - 2] > target
+    if all(a >= b for a, b in zip(errors, errors[1:])):  # monotone: bisection finds the first crossing
+        assert blocks == next(n for n, e in enumerate(errors, 1) if e <= target)
+    assert judge.blocks_for_error(errors[9] + 1.0, block=64, low=3)[0] == 3
+    with pytest.raises(ValueError, match="blocks must be in"):
+        judge.block_oracle_of(11, 64)
+
+
 def test_block_coherence_is_one_for_identical_queries_and_low_for_random_ones():
     same = torch.ones(1, 1, 200, 8)
     assert torch.allclose(block_coherence(same, 64), torch.ones(1, 1, 4))
