@@ -33,6 +33,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--heads", type=int, help="time this many heads of the preset (TFLOP/s is per-head "
                         "independent; dense masks of hunyuan-720p exceed int32 offsets at full head count)")
+    parser.add_argument("--head-dim", type=int, help="replace the preset's head dim (e.g. 96 or 256)")
     parser.add_argument("--uneven", action="store_true", help="also time a 1%%-100%% uneven-list mask")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
@@ -40,6 +41,7 @@ def main(argv=None):
     preset = PRESETS[args.preset]
     batch, heads, seq, head_dim = preset.shape
     heads = args.heads or heads
+    head_dim = args.head_dim or head_dim
     q, k, v = random_inputs(batch, heads, seq, head_dim)
     rows = []
 

@@ -159,21 +159,24 @@ __device__ __forceinline__ void load_key_indices(int (&idx)[ROWS_PER_THREAD], co
 }
 
 // Gather this thread's rows of key tile `stage`: chunk `chunk` of K and V rows idx[j] into tile
-// rows first_row + j * ROWS_PER_PASS (tiles of TILE_ELEMS elements from shared addresses sK, sV),
-// and each row's bias (0, or -inf for an index outside [0, kv_len), which is zero-filled and
-// never read).
+// rows first_row + j * ROWS_PER_PASS (tiles of TILE_ELEMS elements from shared addresses sK, sV;
+// no copy where `copy` is false, a chunk past the head dim), and each row's bias (0, or -inf for
+// an index outside [0, kv_len), which is zero-filled and never read).
 template <int ROWS_PER_THREAD, int ROWS_PER_PASS, int TILE_ELEMS, int N, class Offset>
 __device__ __forceinline__ void gather_kv_tile(u32 sK, u32 sV, u32 sBias, int stage, const int (&idx)[ROWS_PER_THREAD],
                                                int first_row, int chunk, int kv_len, const u16* __restrict__ k_base,
-                                               i64 k_ss, const u16* __restrict__ v_base, i64 v_ss, Offset offset) {
+                                               i64 k_ss, const u16* __restrict__ v_base, i64 v_ss, Offset offset,
+                                               bool copy = true) {
 #pragma unroll
   for (int j = 0; j < ROWS_PER_THREAD; ++j) {
     const int r = first_row + j * ROWS_PER_PASS;
     const bool valid = static_cast<unsigned>(idx[j]) < static_cast<unsigned>(kv_len);
     const i64 row = valid ? idx[j] : 0;
     const u32 off = 2 * (stage * TILE_ELEMS + offset(r, chunk));
-    cp_async16(sK + off, k_base + row * k_ss + chunk * 8, valid);
-    cp_async16(sV + off, v_base + row * v_ss + chunk * 8, valid);
+    if (copy) {
+      cp_async16(sK + off, k_base + row * k_ss + chunk * 8, valid);
+      cp_async16(sV + off, v_base + row * v_ss + chunk * 8, valid);
+    }
     if (chunk == 0) st_shared_f32(sBias + 4 * (stage * N + r), valid ? 0.f : FG_NEG_INF);
   }
 }

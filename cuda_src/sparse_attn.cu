@@ -15,14 +15,17 @@ template <int D, int M, int N, int STAGES, int MT>
 struct SparseAttnShape {
   static constexpr int kWarps = M / (16 * MT);
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kChunksPerRow = D / 8;                // 16-byte chunks per row
+  // Rows in shared memory are DP wide (D rounded up to 64, the swizzle's span); the columns
+  // past D are never loaded, read or stored.
+  static constexpr int kDP = (D + 63) / 64 * 64;
+  static constexpr int kChunksPerRow = kDP / 8;              // 16-byte chunks per row
   static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
   static constexpr int kKvRowsPerThread = N / kRowsPerPass;
   static constexpr int kQRowsPerThread = M / kRowsPerPass;
-  static constexpr int kTileElems = N * D;
+  static constexpr int kTileElems = N * kDP;
   // Layout of dynamic shared memory: Q tile, then K stages, V stages, key bias stages.
-  static constexpr int kSmemBytes = (M * D + 2 * STAGES * kTileElems) * 2 + STAGES * N * 4;
-  static_assert(M % (16 * MT) == 0 && D % 64 == 0, "M multiple of 16 * MT, D multiple of 64");
+  static constexpr int kSmemBytes = (M * kDP + 2 * STAGES * kTileElems) * 2 + STAGES * N * 4;
+  static_assert(M % (16 * MT) == 0 && D % 32 == 0, "M multiple of 16 * MT, D multiple of 32");
   static_assert(N % 16 == 0, "key tile multiple of 16");
   static_assert(kThreads % kChunksPerRow == 0, "threads must cover whole rows");
   static_assert(N % kRowsPerPass == 0 && M % kRowsPerPass == 0, "tile rows per pass");
@@ -53,12 +56,13 @@ sparse_attn_fwd(const __grid_constant__ AttnParams p) {
   const u16* v_base = v + b * v_sb + h * v_sh;
   const int q_row0 = qb * M;
 
-  // Each thread copies one 16-byte column chunk of several rows.
+  // Each thread copies one 16-byte column chunk of several rows (none past column D).
   const int my_chunk = tid % S::kChunksPerRow;
   const int my_row = tid / S::kChunksPerRow;
+  const bool my_cols = my_chunk < D / 8;
 
-  const auto tile_offset = [](int r, int c) { return swz<D>(r, c); };
-  load_q_tile<M, S::kRowsPerPass>(smem_u32(sQ), q_base, q_ss, my_row, my_chunk, q_row0, q_len, tile_offset);
+  const auto tile_offset = [](int r, int c) { return swz<S::kDP>(r, c); };
+  if (my_cols) load_q_tile<M, S::kRowsPerPass>(smem_u32(sQ), q_base, q_ss, my_row, my_chunk, q_row0, q_len, tile_offset);
 
   // Key indices are prefetched one tile ahead into registers, so the gather of a tile never
   // waits on the load of its own indices.
@@ -71,7 +75,8 @@ sparse_attn_fwd(const __grid_constant__ AttnParams p) {
   const u32 sK_u32 = smem_u32(sK), sV_u32 = smem_u32(sV);
   auto issue_tile = [&](int stage) {
     gather_kv_tile<S::kKvRowsPerThread, S::kRowsPerPass, S::kTileElems, N>(
-        sK_u32, sV_u32, sBias_u32, stage, kv_idx, my_row, my_chunk, kv_len, k_base, k_ss, v_base, v_ss, tile_offset);
+        sK_u32, sV_u32, sBias_u32, stage, kv_idx, my_row, my_chunk, kv_len, k_base, k_ss, v_base, v_ss, tile_offset,
+        my_cols);
   };
 
   load_indices(0);
@@ -101,7 +106,7 @@ sparse_attn_fwd(const __grid_constant__ AttnParams p) {
   const int wrow = warp * 16 * MT;
   // ldmatrix row/chunk roles of this lane (see the fragment layouts of mma.m16n8k16): lane
   // l addresses row (l & 7) of 8x8 matrix (l >> 3). All tiles are swizzled by row & 7 = lm_r.
-  constexpr int kRowBytes = D * 2;
+  constexpr int kRowBytes = S::kDP * 2;
   const int lm_r = lane & 7;
   const int lm_hi8 = (lane >> 3) & 1;  // second 8x8 matrix of a pair
   const int lm_hi16 = lane >> 4;       // second pair
@@ -191,9 +196,9 @@ sparse_attn_fwd(const __grid_constant__ AttnParams p) {
     const int r0 = wrow + mt * 16 + g, r1 = r0 + 8;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
-      *reinterpret_cast<u32*>(sQ + swz<D>(r0, dt) + tig * 2) =
+      *reinterpret_cast<u32*>(sQ + swz<S::kDP>(r0, dt) + tig * 2) =
           T::pack(acc_o[mt][dt][0] * inv[0], acc_o[mt][dt][1] * inv[0]);
-      *reinterpret_cast<u32*>(sQ + swz<D>(r1, dt) + tig * 2) =
+      *reinterpret_cast<u32*>(sQ + swz<S::kDP>(r1, dt) + tig * 2) =
           T::pack(acc_o[mt][dt][2] * inv[1], acc_o[mt][dt][3] * inv[1]);
     }
     if (lse != nullptr && tig == 0) {
@@ -205,8 +210,10 @@ sparse_attn_fwd(const __grid_constant__ AttnParams p) {
     }
   }
   __syncthreads();
-  store_tile<M, S::kRowsPerPass>(o + b * o_sb + h * o_sh, o_ss, sQ, my_row, my_chunk, q_row0, q_len,
-                                 [](int r, int c) { return swz<D>(r, c); });
+  if (my_cols) {
+    store_tile<M, S::kRowsPerPass>(o + b * o_sb + h * o_sh, o_ss, sQ, my_row, my_chunk, q_row0, q_len,
+                                   [](int r, int c) { return swz<S::kDP>(r, c); });
+  }
 }
 
 }  // namespace fg

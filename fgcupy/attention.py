@@ -18,7 +18,7 @@ from .attention_kernel import SCHEDULES, block_order, check_inputs, check_stride
 from .jit import AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec, get_kernel_on
 from . import ops
 from .ops import spec_token
-from .jit.spec import HEAD_DIMS, SLICE_SIZES
+from .jit.spec import ATTENTION_HEAD_DIMS, SLICE_SIZES
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask, num_blocks
 from .mask_algebra import drop_keys
@@ -67,8 +67,8 @@ class SparseAttention:
         if not isinstance(mask, SliceMask):
             raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
         dtype_name = bridge.dtype_name(dtype, "dtype")
-        if head_dim not in HEAD_DIMS:
-            raise ValueError(f"head_dim {head_dim!r} has no compiled kernel; available: {HEAD_DIMS}")
+        if head_dim not in ATTENTION_HEAD_DIMS:
+            raise ValueError(f"head_dim {head_dim!r} has no attention kernel; available: {ATTENTION_HEAD_DIMS}")
         if mask.slice_m not in SLICE_SIZES:
             raise ValueError(f"mask.slice_m={mask.slice_m} has no compiled kernel; available: {SLICE_SIZES}")
         if spec is None and key_tile is None and stages is None and rows_per_warp is None:
@@ -174,8 +174,8 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
 def _spec_like(q, mask: SliceMask):
     """The default spec of q's dtype and head dim (what input checks compare against)."""
     dtype = bridge.dtype_name(q.dtype, "q")
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"head_dim {q.shape[-1]} has no compiled kernel; available: {HEAD_DIMS}")
+    if q.shape[-1] not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"head_dim {q.shape[-1]} has no attention kernel; available: {ATTENTION_HEAD_DIMS}")
     if mask.slice_m not in SLICE_SIZES:
         raise ValueError(f"mask.slice_m={mask.slice_m} has no compiled kernel; available: {SLICE_SIZES}")
     return default_spec(dtype, q.shape[-1], mask.slice_m)

@@ -8,7 +8,11 @@ from .jit import AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec
 def default_config(head_dim: int, slice_m: int) -> dict:
     """Heuristic tile parameters of the mma.sync kernel (any sm_80+ GPU): 32-key tiles, three
     stages and two 16-row m-tiles per warp for 128-query slices (the fastest measured on an
-    H100, notes/PERF.md); 64-key tiles, two stages, one m-tile per warp for 64-query slices."""
+    H100, notes/PERF.md); 64-key tiles, two stages, one m-tile per warp for 64-query slices.
+    Heads of 256 take 32-key tiles, two stages and one m-tile per warp (anything larger spills
+    or passes sm_80's shared memory)."""
+    if head_dim > 128:
+        return {"key_tile": 32, "stages": 2, "rows_per_warp": 16}
     if slice_m == 128:
         return {"key_tile": 32, "stages": 3, "rows_per_warp": 32}
     return {"key_tile": 64, "stages": 2, "rows_per_warp": 16}
@@ -19,8 +23,9 @@ def default_spec(dtype: str, head_dim: int, slice_m: int, arch: str | None = Non
     wgmma kernel with 128-key tiles and two stages (ping-pong with 128-query slices) for
     128-wide heads and for 64-wide heads with 128-query slices, the fastest measured on an H200
     (notes/PERF.md, session 10); the wgmma kernel (64-key tiles, one CTA per SM) for 64-wide
-    heads with 64-query slices. Elsewhere the mma.sync kernel of ``default_config``."""
-    if arch == "sm_90":
+    heads with 64-query slices. Elsewhere, and for head dims the wgmma kernels do not take
+    (96, 256), the mma.sync kernel of ``default_config``."""
+    if arch == "sm_90" and head_dim in Sm90WsAttentionSpec.head_dims:
         if head_dim == 128 or slice_m == 128:
             return Sm90WsAttentionSpec(dtype, head_dim, slice_m, key_tile=128, stages=2, pingpong=int(slice_m == 128))
         return Sm90AttentionSpec(dtype, head_dim, slice_m, key_tile=64, stages=2, pv=1, ctas_per_sm=1)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from fgcupy import SliceMask, SparseAttention, reference_attention, relative_l2, sparse_attention
 from fgcupy.jit import Sm90WsAttentionSpec, all_attention_specs
+from fgcupy.jit.spec import ATTENTION_HEAD_DIMS
 from fgcupy.mask_algebra import drop_keys
 from fgcupy.mask import num_blocks
 
@@ -53,7 +54,7 @@ def check_against_reference(q, k, v, mask, out, lse, layout, dtype, scale=None):
 @st.composite
 def problems(draw):
     dtype = draw(st.sampled_from([torch.bfloat16, torch.float16]))
-    head_dim = draw(st.sampled_from([64, 128]))
+    head_dim = draw(st.sampled_from(ATTENTION_HEAD_DIMS))
     slice_m = draw(st.sampled_from([64, 128]))
     name = "bfloat16" if dtype == torch.bfloat16 else "float16"
     spec = draw(st.sampled_from([s for s in all_attention_specs()
@@ -82,7 +83,7 @@ def test_matches_reference(p):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", ATTENTION_HEAD_DIMS)
 def test_full_mask_matches_sdpa(dtype, head_dim):
     gen = torch.Generator().manual_seed(7)
     q, k, v = random_qkv(gen, 1, 4, 1500, 1500, head_dim, dtype, "HND")

@@ -15,7 +15,8 @@ SPECS = all_attention_specs()
 
 def test_every_axis_is_shipped():
     assert {s.dtype for s in SPECS} == {"bfloat16", "float16"}
-    assert {s.head_dim for s in SPECS} == {64, 128}
+    assert {s.head_dim for s in SPECS} == {64, 96, 128, 256}
+    assert {s.head_dim for s in all_sm90_specs() + all_sm90_ws_specs()} == {64, 128}
     assert {s.slice_m for s in SPECS} == {64, 128}
     assert {s.key_tile for s in SPECS} >= {32, 64}
 
@@ -63,7 +64,9 @@ def test_names_are_readable_and_unique():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(head_dim=96), r"head_dim must be one of \(64, 128\), got 96"),
+        (dict(head_dim=80), r"head_dim must be one of \(64, 96, 128, 256\), got 80"),
+        (dict(head_dim=96, key_tile=128, slice_m=64), None),
+        (dict(head_dim=256, key_tile=64), r"head_dim=256 needs key_tile=32 \(larger tiles spill\), got 64"),
         (dict(dtype="float32"), r"dtype must be one of \('bfloat16', 'float16'\), got 'float32'"),
         (dict(slice_m=32), r"slice_m must be one of"),
         (dict(key_tile=48), r"key_tile must be one of"),

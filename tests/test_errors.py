@@ -17,7 +17,7 @@ MASK = SliceMask.full(1, 2, 100, 80, 64)
     [
         (dict(mask="nope"), TypeError, "mask must be a fgcupy.SliceMask, got str"),
         (dict(dtype=torch.float32), TypeError, r"dtype must be torch.bfloat16 or torch.float16, got torch.float32"),
-        (dict(head_dim=96), ValueError, r"head_dim 96 has no compiled kernel; available: \(64, 128\)"),
+        (dict(head_dim=80), ValueError, r"head_dim 80 has no attention kernel; available: \(64, 96, 128, 256\)"),
         (dict(mask=SliceMask.full(1, 1, 64, 64, 16)), ValueError, r"mask.slice_m=16 has no compiled kernel"),
         (dict(key_tile=48), ValueError, r"key_tile must be one of \(32, 64, 128\), got 48"),
         (dict(schedule="random"), ValueError, r"schedule must be one of \('longest_first', 'index'\)"),

@@ -3,7 +3,7 @@
     compute-sanitizer --tool memcheck  python -m tools.sanitize_kernels
     compute-sanitizer --tool racecheck python -m tools.sanitize_kernels
 
-Covers: the mma.sync attention kernel (both slice sizes and head dims), both wgmma kernels (on
+Covers: the mma.sync attention kernel (both slice sizes; head dims 64, 96, 128, 256), both wgmma kernels (on
 Hopper; the warp-specialised one over lists of several key tiles), every mask-scoring mode (band mode included), both selection kernels (staged and
 global rows, each rule) and the emit kernel. Each result is checked against the reference, so
 a run that sanitizes clean also computed the right thing.
@@ -24,6 +24,8 @@ def attention_cases():
     for d in (64, 128):
         for m in (64, 128):
             yield AttentionSpec("bfloat16", d, m), 300
+    yield AttentionSpec("float16", 96, 128, key_tile=32, stages=3, rows_per_warp=32), 300
+    yield AttentionSpec("bfloat16", 256, 64, key_tile=32, stages=2), 300
     if torch.cuda.get_device_capability()[0] == 9:
         yield Sm90AttentionSpec("bfloat16", 128, 128, key_tile=64, stages=2, pv=1, ctas_per_sm=2), 300
         yield Sm90AttentionSpec("float16", 64, 64, key_tile=64, stages=2, pv=1, ctas_per_sm=1), 300

@@ -15,7 +15,10 @@ import numpy as np
 from .launch import ParamStruct
 
 DTYPES = ("bfloat16", "float16")
+#: Head dims of every kernel: the wgmma attention kernels and mask prediction.
 HEAD_DIMS = (64, 128)
+#: Head dims of the mma.sync attention kernel (any sm_80+ GPU, Hopper included).
+ATTENTION_HEAD_DIMS = (64, 96, 128, 256)
 SLICE_SIZES = (64, 128)
 KEY_TILES = (32, 64, 128)
 STAGES = (2, 3)
@@ -47,8 +50,9 @@ class _AttentionKernelSpec:
 
     params = ATTN_PARAMS
 
-    # Subclasses set: source, template, name_prefix, arch, extra_options, _smem_slack.
+    # Subclasses set: source, template, name_prefix, arch, extra_options, _smem_slack, head_dims.
     _smem_slack = 0
+    head_dims = HEAD_DIMS
 
     def _template_args(self) -> tuple:
         raise NotImplementedError
@@ -58,7 +62,7 @@ class _AttentionKernelSpec:
 
     def _check_common(self, key_tiles) -> None:
         _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("head_dim", self.head_dim, HEAD_DIMS)
+        _check_choice("head_dim", self.head_dim, self.head_dims)
         _check_choice("slice_m", self.slice_m, SLICE_SIZES)
         _check_choice("key_tile", self.key_tile, key_tiles)
         _check_choice("stages", self.stages, STAGES)
@@ -80,10 +84,16 @@ class _AttentionKernelSpec:
         return self.warps * 32
 
     @property
+    def row_elems(self) -> int:
+        """Elements per row of a tile in shared memory: the head dim rounded up to 64 (the
+        swizzle's span; the kernel never touches the columns past the head dim)."""
+        return -(-self.head_dim // 64) * 64
+
+    @property
     def smem_bytes(self) -> int:
         """Q tile, K and V stages (2-byte elements), one float bias per key per stage."""
-        tile = self.key_tile * self.head_dim
-        return (self.slice_m * self.head_dim + 2 * self.stages * tile) * 2 + self.stages * self.key_tile * 4 + self._smem_slack
+        tile = self.key_tile * self.row_elems
+        return (self.slice_m * self.row_elems + 2 * self.stages * tile) * 2 + self.stages * self.key_tile * 4 + self._smem_slack
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,7 @@ class AttentionSpec(_AttentionKernelSpec):
     name_prefix = "sparse_attn_fwd"
     arch = None  # any sm_80+ target
     extra_options = ()
+    head_dims = ATTENTION_HEAD_DIMS
 
     def __post_init__(self):
         self._check_common(KEY_TILES)
@@ -112,7 +123,10 @@ class AttentionSpec(_AttentionKernelSpec):
                 f"rows_per_warp=32 needs key_tile * head_dim <= 4096 and >= 4 warps, got key_tile="
                 f"{self.key_tile}, head_dim={self.head_dim}, {self.warps} warps"
             )
-        rows_per_pass = self.threads // (self.head_dim // 8)
+        if self.head_dim > 128 and self.key_tile > 32:
+            # 128 output accumulators per thread leave room for 32-key score tiles only.
+            raise ValueError(f"head_dim={self.head_dim} needs key_tile=32 (larger tiles spill), got {self.key_tile}")
+        rows_per_pass = self.threads // (self.row_elems // 8)
         if self.key_tile % rows_per_pass:
             raise ValueError(
                 f"key_tile={self.key_tile} must be a multiple of {rows_per_pass} "
@@ -247,7 +261,7 @@ def _shipped(spec_class, smem_limit: int, *axes) -> list:
     """Every valid ``spec_class(dtype, head_dim, slice_m, *rest)`` over the product of the
     shipped dtypes, head dims and slice sizes with ``axes``, within ``smem_limit`` bytes."""
     specs = []
-    for args in itertools.product(DTYPES, HEAD_DIMS, SLICE_SIZES, *axes):
+    for args in itertools.product(DTYPES, spec_class.head_dims, SLICE_SIZES, *axes):
         try:
             spec = spec_class(*args)
         except ValueError:
