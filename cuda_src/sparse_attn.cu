@@ -38,7 +38,7 @@ sparse_attn_fwd(const __grid_constant__ AttnParams p) {
   using S = SparseAttnShape<D, M, N, STAGES, MT>;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   u16* sQ = reinterpret_cast<u16*>(smem_raw);
-  u16* sK = sQ + M * D;
+  u16* sK = sQ + M * S::kDP;
   u16* sV = sK + STAGES * S::kTileElems;
   float* sBias = reinterpret_cast<float*>(sV + STAGES * S::kTileElems);
 
