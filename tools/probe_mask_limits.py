@@ -12,7 +12,10 @@ better:
 * "every 2nd/8th query": the exact column max over a subset of the block's queries, with their
   exact LSE (8th: dilated by 4 keys);
 * "exact on top C": the default "both" scores, with the exact column max on each block's top C
-  fraction of keys by those scores (a two-stage predictor whose second stage is free).
+  fraction of keys by those scores (a two-stage predictor whose second stage is free);
+* "exact on frames +-F": the default scores (mean queries of 32, exact band of 64), with the
+  exact column max also on the block's keys +-64 in the F frames before and after it (bands at
+  multiples of the frame size, as a predictor told the video grid could place them).
 Runs on the CPU (torch reference) or on a GPU (--device cuda).
 """
 
@@ -44,7 +47,19 @@ def column_stat(q, k, lse, rows, scale, reduce):
     return out
 
 
-def predictors(q, k, judge, scale):
+def frame_bands(scores, colmax, frame: int, frames: int, band: int = 64):
+    """``scores`` with the exact column max on each block's keys +-band shifted by 1..frames frames."""
+    out = scores.clone()
+    kv_len = scores.shape[-1]
+    for b in range(scores.shape[2]):
+        for shift in [j * frame for j in range(1, frames + 1)] + [-j * frame for j in range(1, frames + 1)]:
+            lo, hi = max(0, b * SLICE_M + shift - band), min(kv_len, (b + 1) * SLICE_M + shift + band)
+            if hi > lo:
+                out[:, :, b, lo:hi] = colmax[:, :, b, lo:hi]
+    return out
+
+
+def predictors(q, k, judge, scale, grid):
     rows = torch.arange(q.shape[2], device=q.device)
     yield "column sum", column_stat(q, k, judge.lse, rows, scale, "sum")
     yield "colmax dilated 1", ref.dilate_keys(judge.colmax, 1)
@@ -55,6 +70,9 @@ def predictors(q, k, judge, scale):
     for frac in (0.1, 0.2):
         top = both.topk(keys_for(frac, k.shape[2]), -1).indices
         yield f"both, exact on top {frac}", both.scatter(-1, top, judge.colmax.gather(-1, top))
+    default = ref.pooled_scores(q, k, 32, SLICE_M, 64, scale, "mean")
+    for frames in (2, grid[0] - 1):
+        yield f"exact on frames +-{frames}", frame_bands(default, judge.colmax, grid[1] * grid[2], frames)
 
 
 def main():
@@ -73,7 +91,7 @@ def main():
         judge = Judge(q, k, v, SLICE_M, scale)
         kv_len = k.shape[2]
         print(f"{family}: oracle error " + ", ".join(f"d={d}: {judge.oracle_error(d):.4f}" for d in (0.1, 0.3)))
-        for name, scores in predictors(q, k, judge, scale):
+        for name, scores in predictors(q, k, judge, scale, grid):
             ratios = []
             for d in (0.1, 0.3):
                 top = scores.topk(keys_for(d, kv_len), dim=-1).indices.sort(-1).values
