@@ -4,7 +4,8 @@
 
 Each measurement is a new Python process that imports torch (not counted: a model has it
 already), then times ``import fgcupy`` plus the first ``sparse_attention`` call until its
-result is on the host. "cold" points CUPY_CACHE_DIR at an empty folder; "warm" reuses it.
+result is on the host. "cold" points FGCUPY_CACHE_DIR (compiled kernels, autotune file) and
+CUPY_CACHE_DIR at empty folders; "warm" reuses them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ prof.disable()
 total = time.perf_counter() - t0
 buf = io.StringIO()
 pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(25)
-print(json.dumps({"seconds": total, "profile": buf.getvalue()}))
+print(json.dumps({"seconds": total, "profile": buf.getvalue(), "cupy_imported": "cupy" in sys.modules}))
 """
 
 
@@ -49,6 +50,7 @@ def main() -> None:
     warm_ms = ", ".join(f"{w['seconds'] * 1e3:.0f}" for w in warm)
     print(f"first sparse_attention of a process (import fgcupy included): cold {cold['seconds'] * 1e3:.0f} ms, "
           f"warm {warm_ms} ms")
+    print(f"cupy imported: cold {cold['cupy_imported']}, warm {[w['cupy_imported'] for w in warm]}")
     print("\nwarm profile (cumulative):\n" + warm[-1]["profile"])
 
 

@@ -102,7 +102,9 @@ def test_options_carry_a_hash_of_every_source(tmp_path, monkeypatch):
 
 
 def test_compile_error_names_the_spec_and_carries_the_log(monkeypatch):
-    monkeypatch.setattr(report_mod, "kernel_source", lambda spec: "this is not C++;")
+    from fgcupy.jit import compile as compile_mod
+
+    monkeypatch.setattr(compile_mod, "kernel_source", lambda spec: "this is not C++;")
     spec = AttentionSpec()
     with pytest.raises(KernelCompileError) as info:
         report_mod.compile_report(spec, "sm_90")
@@ -118,5 +120,8 @@ def test_specs_differing_only_in_shared_memory_get_their_own_module():
     from fgcupy.jit.score_spec import SELECT_LARGE_SMEM, SELECT_MAX_SMEM, SelectSpec
 
     small, large = SelectSpec(max_smem=SELECT_MAX_SMEM), SelectSpec(max_smem=SELECT_LARGE_SMEM)
+    from fgcupy.jit.kernel_cache import cache_file
+
     assert source.kernel_source(small) == source.kernel_source(large)
     assert module_options(small) != module_options(large)
+    assert cache_file(small, "sm_90") != cache_file(large, "sm_90")

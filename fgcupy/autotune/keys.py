@@ -48,15 +48,15 @@ _device_infos: dict[int, DeviceInfo] = {}
 def _device_info(index: int) -> DeviceInfo:
     info = _device_infos.get(index)
     if info is None:
-        from cupy.cuda import runtime
+        from ..jit import driver
 
         props = torch.cuda.get_device_properties(index)
         info = DeviceInfo(
             name=props.name,
             capability=(props.major, props.minor),
             sm_count=props.multi_processor_count,
-            smem_per_block_optin=runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, index),
-            regs_per_block=runtime.deviceGetAttribute(runtime.cudaDevAttrMaxRegistersPerBlock, index),
+            smem_per_block_optin=driver.device_attribute(index, driver.DEVICE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN),
+            regs_per_block=driver.device_attribute(index, driver.DEVICE_MAX_REGISTERS_PER_BLOCK),
         )
         _device_infos[index] = info
     return info

@@ -16,10 +16,10 @@ from typing import Iterable
 
 
 from ..jit import AttentionSpec
+from ..paths import CACHE_ENV, cache_root  # noqa: F401 - CACHE_ENV is part of the autotune API
 from .keys import DeviceInfo, ProblemKey, _SPEC_CLASSES
 from .selection import TuneResult
 
-CACHE_ENV = "FGCUPY_CACHE_DIR"
 AUTOTUNE_ENV = "FGCUPY_AUTOTUNE"
 CACHE_FILE = "autotune.json"
 FORMAT = 2
@@ -39,12 +39,7 @@ class AutotuneCacheWarning(UserWarning):
 # ---------------------------------------------------------------------------------------------
 def cache_path() -> Path:
     """$FGCUPY_CACHE_DIR/autotune.json, else $XDG_CACHE_HOME/fgcupy/..., else ~/.cache/fgcupy/..."""
-    folder = os.environ.get(CACHE_ENV)
-    if folder:
-        return Path(folder).expanduser() / CACHE_FILE
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "fgcupy" / CACHE_FILE
+    return cache_root() / CACHE_FILE
 
 
 def library_stamp() -> dict:

@@ -1,6 +1,7 @@
 """Run-time compilation of fgcupy's CUDA templates (see spec.py, runtime.py, report.py)."""
 
-from .runtime import KernelCompileError, get_kernel, get_kernel_on
+from .compile import KernelCompileError
+from .runtime import get_kernel, get_kernel_on
 from .spec import (AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec, all_attention_specs, all_sm90_specs,
                    all_sm90_ws_specs)
 

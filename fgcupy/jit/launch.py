@@ -80,9 +80,7 @@ class ParamStruct:
 
 def launch(spec, device, grid, params: np.void, shared_mem: int | None = None) -> None:
     """Run ``spec`` with one packed parameter struct on torch's current stream of ``device``."""
-    from .. import bridge
     from .runtime import get_kernel_on
 
-    kernel = get_kernel_on(device, spec)
-    with bridge.torch_stream(device):
-        kernel(tuple(grid), (spec.threads,), (params,), shared_mem=spec.smem_bytes if shared_mem is None else shared_mem)
+    get_kernel_on(device, spec).launch(device, grid, spec.threads, params,
+                                       spec.smem_bytes if shared_mem is None else shared_mem)

@@ -1,7 +1,6 @@
 """Compile a spec to a cubin for a chosen architecture without a GPU and read ptxas' report.
 
-Uses the same source and options as the runtime path (cupy.RawModule), plus the target and
-``-Xptxas=-v``. CI uses it to prove every specialization builds for sm_80/sm_90/sm_90a with
+Uses the same compile as the runtime path (``compile.compile_cubin``), plus ``-Xptxas=-v``. CI uses it to prove every specialization builds for sm_80/sm_90/sm_90a with
 no spills; the autotuner uses it to skip configurations that do not fit.
 """
 
@@ -10,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .source import kernel_source, nvrtc_options, spec_defines
+from .compile import compile_cubin
 
 
 @dataclass(frozen=True)
@@ -29,36 +28,8 @@ class PtxasReport:
 
 def compile_report(spec, arch: str = "sm_90") -> PtxasReport:
     """Compile ``spec`` for ``arch`` (e.g. "sm_80", "sm_90", "sm_90a") and parse ptxas -v."""
-    from cuda.bindings import nvrtc
-
-    from .runtime import KernelCompileError
-
-    def check(result):
-        err, *values = result
-        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            raise RuntimeError(f"NVRTC call failed: {err}")
-        return values[0] if len(values) == 1 else values
-
-    source = kernel_source(spec).encode()
-    prog = check(nvrtc.nvrtcCreateProgram(source, spec.source.encode(), 0, [], []))
-    try:
-        check(nvrtc.nvrtcAddNameExpression(prog, spec.name_expression.encode()))
-        # cupy.RawModule adds -ftz=true and --device-as-default-execution-space: mirror them.
-        runtime_extras = ("-ftz=true", "--device-as-default-execution-space")
-        options = [o.encode() for o in nvrtc_options() + spec_defines(spec) + runtime_extras]
-        options += [f"-arch={arch}".encode(), b"-Xptxas=-v"]
-        (err,) = nvrtc.nvrtcCompileProgram(prog, len(options), options)
-        size = check(nvrtc.nvrtcGetProgramLogSize(prog))
-        buf = b" " * size
-        check(nvrtc.nvrtcGetProgramLog(prog, buf))
-        log = buf.rstrip(b"\x00 ").decode(errors="replace")
-        if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
-            raise KernelCompileError(spec, log)
-        lowered = check(nvrtc.nvrtcGetLoweredName(prog, spec.name_expression.encode())).decode()
-        cubin_size = check(nvrtc.nvrtcGetCUBINSize(prog))
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
-    return _parse(spec.name, arch, lowered, log, cubin_size)
+    compiled = compile_cubin(spec, arch, ("-Xptxas=-v",))
+    return _parse(spec.name, arch, compiled.lowered_name, compiled.log, len(compiled.cubin))
 
 
 def _parse(spec_name, arch, lowered, log, cubin_size) -> PtxasReport:

@@ -1,7 +1,10 @@
-"""Run-time compilation with cupy.RawModule: one module per (spec, device) in this process.
+"""Kernels ready to launch: one per (spec, device) in this process.
 
-Between processes CuPy's disk cache (CUPY_CACHE_DIR) holds the binaries; the source hash in
-the options keeps it honest when a header changes.
+A kernel comes from this process's table, else from the disk cache (``kernel_cache``), else from
+NVRTC through cuda.bindings (then written to the disk cache); it is loaded and launched by the
+CUDA driver through ctypes (``driver``), so a process whose kernels are cached imports no CUDA
+Python package. Where cuda.bindings or libcuda is missing, cupy.RawModule compiles, caches
+(CUPY_CACHE_DIR) and launches instead.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ import logging
 import threading
 import time
 
-from .source import kernel_source, nvrtc_options, spec_defines
+from . import driver, kernel_cache
+from .compile import KernelCompileError, compile_cubin
+from .source import nvrtc_options, spec_defines
 
 log = logging.getLogger("fgcupy")
 
@@ -18,60 +23,110 @@ _lock = threading.Lock()
 _kernels: dict = {}
 
 
-class KernelCompileError(RuntimeError):
-    """NVRTC rejected a kernel specialization; carries the spec and the compiler log."""
+class DriverKernel:
+    """A kernel loaded through the CUDA driver; launches on torch's current stream."""
 
-    def __init__(self, spec, nvrtc_log: str):
-        self.spec = spec
-        self.nvrtc_log = nvrtc_log
-        super().__init__(f"NVRTC failed to compile {spec.name} ({spec.name_expression}):\n{nvrtc_log}")
+    def __init__(self, function: driver.Function):
+        self.function = function
+
+    @property
+    def num_regs(self) -> int:
+        return self.function.num_regs
+
+    def launch(self, device, grid, block: int, params, shared_mem: int) -> None:
+        import torch
+
+        stream = torch.cuda.current_stream(device).cuda_stream
+        self.function.launch(grid, block, shared_mem, stream, params.tobytes())
+
+
+class CupyKernel:
+    """A cupy.RawKernel (the path without cuda.bindings); launches on torch's current stream."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    @property
+    def num_regs(self) -> int:
+        return self.raw.num_regs
+
+    def launch(self, device, grid, block: int, params, shared_mem: int) -> None:
+        from .. import bridge
+
+        with bridge.torch_stream(device):
+            self.raw(tuple(grid), (block,), (params,), shared_mem=shared_mem)
 
 
 def get_kernel(spec):
-    """The cupy.RawKernel for ``spec`` on the current device, compiled on first use."""
-    import cupy
+    """The kernel for ``spec`` on torch's current device, loaded (or compiled) on first use."""
+    import torch
 
-    device = cupy.cuda.Device().id
-    key = (spec, device)
+    return get_kernel_on(torch.device("cuda", torch.cuda.current_device()), spec)
+
+
+def get_kernel_on(device, spec):
+    """The kernel for ``spec`` on a torch device (its index, or torch's current device)."""
+    import torch
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (spec, index)
     kernel = _kernels.get(key)
     if kernel is not None:
         return kernel
     with _lock:
         kernel = _kernels.get(key)
         if kernel is None:
-            kernel = _compile(spec)
+            kernel = _load(spec, index)
             _kernels[key] = kernel
     return kernel
 
 
-def get_kernel_on(device, spec):
-    """``get_kernel`` on a torch device (its index, or torch's current device)."""
-    import cupy
+def device_arch(index: int) -> str:
     import torch
 
-    with cupy.cuda.Device(device.index if device.index is not None else torch.cuda.current_device()):
-        return get_kernel(spec)
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}"
+
+
+def _load(spec, index: int):
+    started = time.perf_counter()
+    arch = spec.arch or device_arch(index)
+    compiled = kernel_cache.load(spec, arch)
+    source = "the disk cache"
+    if compiled is None:
+        try:
+            compiled = compile_cubin(spec, arch)
+        except ImportError:
+            return _load_with_cupy(spec, index)
+        kernel_cache.store(spec, arch, compiled)
+        source = "NVRTC"
+    if not driver.available():
+        return _load_with_cupy(spec, index)
+    function = driver.Function(compiled.cubin, compiled.lowered_name, index, spec.smem_bytes)
+    log.info("fgcupy: loaded %s from %s in %.3f s", spec.name, source, time.perf_counter() - started)
+    return DriverKernel(function)
 
 
 def module_options(spec) -> tuple[str, ...]:
-    """NVRTC options for ``spec``'s module (``source.spec_defines`` makes it the spec's own)."""
+    """cupy.RawModule's NVRTC options for ``spec`` (``source.spec_defines`` makes the module the
+    spec's own: cupy keeps one module per source and options)."""
     return nvrtc_options() + tuple(spec.extra_options) + spec_defines(spec)
 
 
-def _compile(spec):
+def _load_with_cupy(spec, index: int):
     import cupy
 
+    from .source import kernel_source
+
     started = time.perf_counter()
-    module = cupy.RawModule(
-        code=kernel_source(spec),
-        options=module_options(spec),
-        name_expressions=[spec.name_expression],
-    )
-    try:
-        kernel = module.get_function(spec.name_expression)
-    except cupy.cuda.compiler.CompileException as err:
-        raise KernelCompileError(spec, err.get_message() if hasattr(err, "get_message") else str(err)) from err
-    if spec.smem_bytes > 48 * 1024:
-        kernel.max_dynamic_shared_size_bytes = spec.smem_bytes
-    log.info("fgcupy: loaded %s in %.2f s", spec.name, time.perf_counter() - started)
-    return kernel
+    with cupy.cuda.Device(index):
+        module = cupy.RawModule(code=kernel_source(spec), options=module_options(spec),
+                                name_expressions=[spec.name_expression])
+        try:
+            raw = module.get_function(spec.name_expression)
+        except cupy.cuda.compiler.CompileException as err:
+            raise KernelCompileError(spec, err.get_message() if hasattr(err, "get_message") else str(err)) from err
+        if spec.smem_bytes > 48 * 1024:
+            raw.max_dynamic_shared_size_bytes = spec.smem_bytes
+    log.info("fgcupy: loaded %s with cupy in %.2f s", spec.name, time.perf_counter() - started)
+    return CupyKernel(raw)

@@ -1,0 +1,144 @@
+"""The few CUDA driver calls that load a cubin and launch its kernel, through ctypes.
+
+Nothing here imports a CUDA Python package: a process whose kernels are already compiled loads
+and launches them without importing cupy (hundreds of milliseconds). Contexts are the devices'
+primary contexts, the ones torch (and cupy) use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+
+# CUfunction_attribute values (cuda.h).
+_ATTR_NUM_REGS = 4
+_ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+# CUdevice_attribute values (cuda.h).
+DEVICE_MAX_REGISTERS_PER_BLOCK = 12
+DEVICE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97
+
+_lib = None
+_lib_lock = threading.Lock()
+
+
+class CudaDriverError(RuntimeError):
+    """A CUDA driver call failed; names the call and the driver's error."""
+
+
+def _library():
+    """libcuda, loaded once, with the signatures used here."""
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            lib = ctypes.CDLL("nvcuda.dll" if sys.platform == "win32" else "libcuda.so.1")
+            p, i, u = ctypes.c_void_p, ctypes.c_int, ctypes.c_uint
+            signatures = {
+                "cuInit": [u],
+                "cuDeviceGet": [ctypes.POINTER(i), i],
+                "cuDeviceGetAttribute": [ctypes.POINTER(i), i, i],
+                "cuDevicePrimaryCtxRetain": [ctypes.POINTER(p), i],
+                "cuCtxGetCurrent": [ctypes.POINTER(p)],
+                "cuCtxPushCurrent_v2": [p],
+                "cuCtxPopCurrent_v2": [ctypes.POINTER(p)],
+                "cuModuleLoadData": [ctypes.POINTER(p), ctypes.c_char_p],
+                "cuModuleGetFunction": [ctypes.POINTER(p), p, ctypes.c_char_p],
+                "cuFuncSetAttribute": [p, i, i],
+                "cuFuncGetAttribute": [ctypes.POINTER(i), i, p],
+                "cuLaunchKernel": [p, u, u, u, u, u, u, u, p, ctypes.POINTER(p), ctypes.POINTER(p)],
+                "cuGetErrorName": [i, ctypes.POINTER(ctypes.c_char_p)],
+            }
+            for name, args in signatures.items():
+                fn = getattr(lib, name)
+                fn.argtypes, fn.restype = args, i
+            _lib = lib
+    return _lib
+
+
+def available() -> bool:
+    """True when libcuda loads (a CUDA driver is installed)."""
+    try:
+        _library()
+    except OSError:
+        return False
+    return True
+
+
+def _check(result: int, call: str) -> None:
+    if result != 0:
+        name = ctypes.c_char_p()
+        _lib.cuGetErrorName(result, ctypes.byref(name))
+        raise CudaDriverError(f"CUDA driver call {call} failed: {(name.value or b'unknown').decode()} ({result})")
+
+
+def _device(device_index: int) -> ctypes.c_int:
+    lib = _library()
+    _check(lib.cuInit(0), "cuInit")
+    device = ctypes.c_int()
+    _check(lib.cuDeviceGet(ctypes.byref(device), device_index), "cuDeviceGet")
+    return device
+
+
+def device_attribute(device_index: int, attribute: int) -> int:
+    """One CUdevice_attribute of a device (e.g. DEVICE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)."""
+    device = _device(device_index)
+    value = ctypes.c_int()
+    _check(_lib.cuDeviceGetAttribute(ctypes.byref(value), attribute, device), "cuDeviceGetAttribute")
+    return value.value
+
+
+def _primary_context(device_index: int) -> ctypes.c_void_p:
+    lib = _library()
+    device = _device(device_index)
+    context = ctypes.c_void_p()
+    _check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(context), device), "cuDevicePrimaryCtxRetain")
+    return context
+
+
+class _InContext:
+    """Make ``context`` current for a block (pushed only if another one is current)."""
+
+    def __init__(self, context: ctypes.c_void_p):
+        self.context, self.pushed = context, False
+
+    def __enter__(self):
+        current = ctypes.c_void_p()
+        _check(_lib.cuCtxGetCurrent(ctypes.byref(current)), "cuCtxGetCurrent")
+        if current.value != self.context.value:
+            _check(_lib.cuCtxPushCurrent_v2(self.context), "cuCtxPushCurrent")
+            self.pushed = True
+
+    def __exit__(self, *exc):
+        if self.pushed:
+            _check(_lib.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p())), "cuCtxPopCurrent")
+
+
+class Function:
+    """One kernel of a loaded cubin on one device."""
+
+    def __init__(self, cubin: bytes, lowered_name: str, device_index: int, max_dynamic_smem: int = 0):
+        self.context = _primary_context(device_index)
+        module, function = ctypes.c_void_p(), ctypes.c_void_p()
+        with _InContext(self.context):
+            _check(_lib.cuModuleLoadData(ctypes.byref(module), cubin), "cuModuleLoadData")
+            _check(_lib.cuModuleGetFunction(ctypes.byref(function), module, lowered_name.encode()),
+                   f"cuModuleGetFunction({lowered_name})")
+            if max_dynamic_smem > 48 * 1024:
+                _check(_lib.cuFuncSetAttribute(function, _ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, max_dynamic_smem),
+                       "cuFuncSetAttribute(max dynamic shared memory)")
+        self.module, self.function = module, function
+
+    @property
+    def num_regs(self) -> int:
+        value = ctypes.c_int()
+        _check(_lib.cuFuncGetAttribute(ctypes.byref(value), _ATTR_NUM_REGS, self.function), "cuFuncGetAttribute")
+        return value.value
+
+    def launch(self, grid: tuple, block: int, shared_mem: int, stream: int, params: bytes) -> None:
+        """Launch with one by-value parameter (the packed struct ``params``) on ``stream``."""
+        grid = tuple(grid) + (1,) * (3 - len(grid))
+        arg = ctypes.create_string_buffer(params, len(params))
+        args = (ctypes.c_void_p * 1)(ctypes.cast(arg, ctypes.c_void_p))
+        with _InContext(self.context):
+            _check(_lib.cuLaunchKernel(self.function, grid[0], grid[1], grid[2], block, 1, 1, shared_mem,
+                                       ctypes.c_void_p(stream), args, None), "cuLaunchKernel")
