@@ -90,7 +90,7 @@ def device_arch(index: int) -> str:
 
 def _load(spec, index: int):
     started = time.perf_counter()
-    arch = spec.arch or device_arch(index)
+    arch = getattr(spec, "arch", None) or device_arch(index)
     compiled = kernel_cache.load(spec, arch)
     source = "the disk cache"
     if compiled is None:
