@@ -33,8 +33,8 @@ def read_source(filename: str) -> str:
 def source_hash() -> str:
     """Hash of every file in cuda_src/.
 
-    CuPy's disk cache keys on the top-level source and the options but not on headers pulled in
-    with -I; putting this hash into the options means an edited header never reuses a stale binary.
+    Disk caches key on the top-level source and the options, not on headers pulled in with -I;
+    putting this hash into the options means an edited header never reuses a stale binary.
     """
     digest = hashlib.sha256()
     for path in sorted(SOURCE_DIR.glob("*")):
