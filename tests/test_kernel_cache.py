@@ -59,3 +59,55 @@ def test_an_unwritable_cache_is_logged_not_raised(tmp_path, monkeypatch, caplog)
 
 def test_driver_availability_is_a_plain_answer():
     assert driver.available() in (True, False)
+
+
+class _FakeFunction:
+    def __init__(self, cubin, lowered_name, device_index, max_dynamic_smem=0):
+        self.args = (cubin, lowered_name, device_index, max_dynamic_smem)
+
+
+@pytest.fixture
+def fresh_runtime(monkeypatch, cache_dir):
+    from fgcupy.jit import runtime
+
+    monkeypatch.setattr(runtime, "_kernels", {})
+    monkeypatch.setattr(runtime, "device_arch", lambda index: "sm_80")
+    monkeypatch.setattr(runtime.driver, "available", lambda: True)
+    monkeypatch.setattr(runtime.driver, "Function", _FakeFunction)
+    return runtime
+
+
+def test_a_cold_load_compiles_once_then_loads_from_disk(fresh_runtime, monkeypatch):
+    runtime = fresh_runtime
+    compiles = []
+    real = runtime.compile_cubin
+    monkeypatch.setattr(runtime, "compile_cubin", lambda spec, arch: compiles.append(arch) or real(spec, arch))
+    first = runtime._load(SPEC, 0)
+    assert compiles == ["sm_80"] and isinstance(first, runtime.DriverKernel)
+    assert first.function.args[1:] == (kernel_cache.load(SPEC, "sm_80").lowered_name, 0, SPEC.smem_bytes)
+    second = runtime._load(SPEC, 0)  # a new process: nothing in memory, the file on disk
+    assert compiles == ["sm_80"] and second.function.args[0] == first.function.args[0]
+
+
+def test_without_nvrtc_bindings_or_a_driver_library_cupy_takes_over(fresh_runtime, monkeypatch):
+    runtime = fresh_runtime
+    monkeypatch.setattr(runtime, "_load_with_cupy", lambda spec, index: ("cupy", spec.name, index))
+
+    def no_bindings(spec, arch):
+        raise ImportError("no cuda.bindings")
+
+    monkeypatch.setattr(runtime, "compile_cubin", no_bindings)
+    assert runtime._load(SPEC, 1) == ("cupy", SPEC.name, 1)
+    monkeypatch.setattr(runtime, "compile_cubin", compile_cubin)
+    monkeypatch.setattr(runtime.driver, "available", lambda: False)
+    assert runtime._load(SPEC, 0) == ("cupy", SPEC.name, 0)
+
+
+def test_wgmma_specs_compile_for_their_own_arch(fresh_runtime, monkeypatch):
+    from fgcupy.jit import Sm90AttentionSpec
+
+    runtime = fresh_runtime
+    seen = []
+    monkeypatch.setattr(runtime, "compile_cubin", lambda spec, arch: seen.append(arch) or compile_cubin(SPEC, "sm_80"))
+    runtime._load(Sm90AttentionSpec("bfloat16", 64, 64), 0)
+    assert seen == ["sm_90a"]
