@@ -3,7 +3,8 @@
 #   STEPS="tests sanitize kernels" bash bench/gpu_round.sh        (the default)
 # Steps: tests (every gpu-marked test), sanitize (compute-sanitizer memcheck on a reduced run),
 # kernels (bench.report_attention on the presets), tune (fgcupy.autotune tables),
-# e2e (bench.bench_e2e; needs diffusers: carry .whl), peers (bench.report_peers), masks.
+# e2e (bench.bench_e2e; needs diffusers: carry .whl), peers (bench.report_peers), masks,
+# contest (bench.report_equal_error), headdims (D = 96 and 256 beside SDPA), firstcall.
 set -uo pipefail
 OUT=${OUT:-results}
 STEPS=${STEPS:-tests sanitize kernels}
@@ -38,6 +39,16 @@ if has e2e; then
 fi
 if has peers; then
   timeout 400 python3 -m bench.report_peers --out "$OUT" 2>&1 | tee "$OUT/peers.log" | tail -30
+fi
+if has contest; then
+  timeout 400 python3 -m bench.report_equal_error --json "$OUT/equal_error.json" 2>&1 | tee "$OUT/equal_error.log" | tail -22
+fi
+if has headdims; then
+  timeout 100 python3 -m bench.report_attention --head-dim 96 --densities 1.0 0.3 0.1 --tiles default 2>&1 | grep "^|"
+  timeout 100 python3 -m bench.report_attention --head-dim 256 --heads 20 --densities 1.0 0.3 0.1 --tiles default 2>&1 | grep "^|"
+fi
+if has firstcall; then
+  timeout 120 python3 -m bench.first_call 2>&1 | tee "$OUT/first_call.log" | head -3
 fi
 if has masks; then
   timeout 300 python3 -m bench.report_masks --json "$OUT/masks.json" 2>&1 | tee "$OUT/masks.log" | tail -40
