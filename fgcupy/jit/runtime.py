@@ -89,6 +89,8 @@ def device_arch(index: int) -> str:
 
 
 def _load(spec, index: int):
+    if not driver.available():
+        return _load_with_cupy(spec, index)
     started = time.perf_counter()
     arch = getattr(spec, "arch", None) or device_arch(index)
     compiled = kernel_cache.load(spec, arch)
@@ -100,8 +102,6 @@ def _load(spec, index: int):
             return _load_with_cupy(spec, index)
         kernel_cache.store(spec, arch, compiled)
         source = "NVRTC"
-    if not driver.available():
-        return _load_with_cupy(spec, index)
     function = driver.Function(compiled.cubin, compiled.lowered_name, index, spec.smem_bytes)
     log.info("fgcupy: loaded %s from %s in %.3f s", spec.name, source, time.perf_counter() - started)
     return DriverKernel(function)
