@@ -67,10 +67,7 @@ class SparseAttention:
         if not isinstance(mask, SliceMask):
             raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
         dtype_name = bridge.dtype_name(dtype, "dtype")
-        if head_dim not in ATTENTION_HEAD_DIMS:
-            raise ValueError(f"head_dim {head_dim!r} has no attention kernel; available: {ATTENTION_HEAD_DIMS}")
-        if mask.slice_m not in SLICE_SIZES:
-            raise ValueError(f"mask.slice_m={mask.slice_m} has no compiled kernel; available: {SLICE_SIZES}")
+        _check_has_kernel(head_dim, mask.slice_m)
         if spec is None and key_tile is None and stages is None and rows_per_warp is None:
             from . import autotune  # the tuned winner for this GPU and shape, if stored
 
@@ -171,13 +168,18 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
     return result
 
 
+def _check_has_kernel(head_dim, slice_m) -> None:
+    """ValueError unless an attention kernel takes this head dim and slice size."""
+    if head_dim not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim!r} has no attention kernel; available: {ATTENTION_HEAD_DIMS}")
+    if slice_m not in SLICE_SIZES:
+        raise ValueError(f"mask.slice_m={slice_m} has no compiled kernel; available: {SLICE_SIZES}")
+
+
 def _spec_like(q, mask: SliceMask):
     """The default spec of q's dtype and head dim (what input checks compare against)."""
     dtype = bridge.dtype_name(q.dtype, "q")
-    if q.shape[-1] not in ATTENTION_HEAD_DIMS:
-        raise ValueError(f"head_dim {q.shape[-1]} has no attention kernel; available: {ATTENTION_HEAD_DIMS}")
-    if mask.slice_m not in SLICE_SIZES:
-        raise ValueError(f"mask.slice_m={mask.slice_m} has no compiled kernel; available: {SLICE_SIZES}")
+    _check_has_kernel(q.shape[-1], mask.slice_m)
     return default_spec(dtype, q.shape[-1], mask.slice_m)
 
 

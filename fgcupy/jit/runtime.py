@@ -13,6 +13,8 @@ import logging
 import threading
 import time
 
+import torch
+
 from . import driver, kernel_cache
 from .compile import KernelCompileError, compile_cubin
 from .source import nvrtc_options, spec_defines
@@ -34,8 +36,6 @@ class DriverKernel:
         return self.function.num_regs
 
     def launch(self, device, grid, block: int, params, shared_mem: int) -> None:
-        import torch
-
         stream = torch.cuda.current_stream(device).cuda_stream
         self.function.launch(grid, block, shared_mem, stream, params.tobytes())
 
@@ -59,15 +59,11 @@ class CupyKernel:
 
 def get_kernel(spec):
     """The kernel for ``spec`` on torch's current device, loaded (or compiled) on first use."""
-    import torch
-
     return get_kernel_on(torch.device("cuda", torch.cuda.current_device()), spec)
 
 
 def get_kernel_on(device, spec):
     """The kernel for ``spec`` on a torch device (its index, or torch's current device)."""
-    import torch
-
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (spec, index)
     kernel = _kernels.get(key)
@@ -82,8 +78,6 @@ def get_kernel_on(device, spec):
 
 
 def device_arch(index: int) -> str:
-    import torch
-
     major, minor = torch.cuda.get_device_capability(index)
     return f"sm_{major}{minor}"
 
