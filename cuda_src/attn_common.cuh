@@ -129,14 +129,15 @@ __device__ __forceinline__ float row_lse(float row_max, float row_sum) {
 }
 
 // Start the asynchronous load of the CTA's Q tile: this thread copies chunk `chunk` of rows
-// first_row + j * ROWS_PER_PASS; rows past q_len are zero-filled. `offset` as in store_tile.
+// first_row + j * ROWS_PER_PASS; rows past q_len, and every row where `cols` is false (a chunk
+// past the head dim), are zero-filled. `offset` as in store_tile.
 template <int ROWS, int ROWS_PER_PASS, class Offset>
 __device__ __forceinline__ void load_q_tile(u32 tile, const u16* __restrict__ q_base, i64 q_ss, int first_row,
-                                            int chunk, int q_row0, int q_len, Offset offset) {
+                                            int chunk, int q_row0, int q_len, Offset offset, bool cols = true) {
 #pragma unroll
   for (int j = 0; j < ROWS / ROWS_PER_PASS; ++j) {
     const int r = first_row + j * ROWS_PER_PASS;
-    const bool valid = q_row0 + r < q_len;
+    const bool valid = cols && q_row0 + r < q_len;
     const u16* src = q_base + (valid ? (q_row0 + r) * q_ss : 0) + chunk * 8;
     cp_async16(tile + 2 * offset(r, chunk), src, valid);
   }

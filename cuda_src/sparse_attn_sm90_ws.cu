@@ -16,8 +16,11 @@
 
 namespace fg {
 
-template <int D, int M, int N, int STAGES>
+template <int HD, int M, int N, int STAGES>
 struct Sm90WsShape {
+  // Tiles are D = HD rounded up to 64 columns wide (the swizzle atom); the columns past HD are
+  // zero-filled, so the products run at width D and the output columns past HD are not stored.
+  static constexpr int D = (HD + 63) / 64 * 64;
   static constexpr int kConsumers = M / 64;
   static constexpr int kThreads = (kConsumers + 1) * 128;
   static constexpr int kChunksPerRow = D / 8;
@@ -37,7 +40,7 @@ struct Sm90WsShape {
   static constexpr int kProducerRegs = 120;
   static constexpr int kConsumerRegs = 192;
   static_assert(M == 64 || M == 128, "one or two consumer warpgroups");
-  static_assert(D % 64 == 0 && (N == 64 || N == 128), "D multiple of 64, N 64 or 128");
+  static_assert(HD % 32 == 0 && (N == 64 || N == 128), "head dim multiple of 32, N 64 or 128");
   static_assert(N / 4 <= 32 && N % 16 == 0, "each producer lane holds one key index of its warp's rows");
   static_assert(STAGES >= 2, "K of tile n + 1 is loaded while V of tile n is");
 };
@@ -47,11 +50,12 @@ struct Sm90WsShape {
 constexpr int kBarConsumer0 = 1;
 constexpr int kBarTurn0 = 3;
 
-template <class T, int D, int M, int N, int STAGES, int PINGPONG>
-__global__ void __launch_bounds__(Sm90WsShape<D, M, N, STAGES>::kThreads, 1)
+template <class T, int HD, int M, int N, int STAGES, int PINGPONG>
+__global__ void __launch_bounds__(Sm90WsShape<HD, M, N, STAGES>::kThreads, 1)
 sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
   FG_UNPACK_ATTN_PARAMS(p);
-  using S = Sm90WsShape<D, M, N, STAGES>;
+  using S = Sm90WsShape<HD, M, N, STAGES>;
+  constexpr int D = S::D;
   constexpr bool kPingPong = PINGPONG && S::kConsumers == 2;
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -111,7 +115,9 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
         const u16* src = base + (valid ? row_idx : 0) * row_stride + chunk * 8;
         const u32 dst = tile + 2 * sw128_offset<N>(r, chunk);
 #pragma unroll
-        for (int half = 0; half < S::kHalves; ++half) cp_async16(dst + half * N * 128, src + half * 64, valid);
+        for (int half = 0; half < S::kHalves; ++half) {
+          cp_async16(dst + half * N * 128, src + half * 64, valid && (HD == D || half * 64 + chunk * 8 < HD));
+        }
       }
     };
     auto load_k = [&](int n, int idx) {
@@ -155,7 +161,7 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
   {
     const u16* q_base = q + b * q_sb + h * q_sh;
     load_q_tile<64, S::kRowsPerPass>(sQ_u32, q_base, q_ss, ctid / S::kChunksPerRow, ctid % S::kChunksPerRow,
-                                     q_row0, q_len, q_offset);
+                                     q_row0, q_len, q_offset, HD == D || ctid % S::kChunksPerRow < HD / 8);
     cp_async_wait_all();
     fence_proxy_async();
     named_sync(kBarConsumer0 + c, 128);
@@ -272,8 +278,10 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
     }
   }
   named_sync(kBarConsumer0 + c, 128);
-  store_tile<64, S::kRowsPerPass>(o + b * o_sb + h * o_sh, o_ss, sQ, ctid / S::kChunksPerRow, ctid % S::kChunksPerRow,
-                                  q_row0, q_len, q_offset);
+  if (HD == D || ctid % S::kChunksPerRow < HD / 8) {
+    store_tile<64, S::kRowsPerPass>(o + b * o_sb + h * o_sh, o_ss, sQ, ctid / S::kChunksPerRow,
+                                    ctid % S::kChunksPerRow, q_row0, q_len, q_offset);
+  }
 }
 
 }  // namespace fg

@@ -15,7 +15,8 @@ import numpy as np
 from .launch import ParamStruct
 
 DTYPES = ("bfloat16", "float16")
-#: Head dims of every kernel: the wgmma attention kernels and mask prediction.
+#: Head dims of every kernel (mask prediction and the wgmma kernels; the warp-specialised one
+#: also takes 96).
 HEAD_DIMS = (64, 128)
 #: Head dims of the mma.sync attention kernel (any sm_80+ GPU, Hopper included).
 ATTENTION_HEAD_DIMS = (64, 96, 128, 256)
@@ -215,6 +216,7 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
     name_prefix = "sparse_attn_fwd_sm90ws"
     arch = "sm_90a"
     extra_options = ("-arch=sm_90a",)
+    head_dims = (64, 96, 128)  # 96 runs in 128-wide tiles, the padding zero-filled
 
     def __post_init__(self):
         self._check_common((64, 128))
