@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from .mask import SliceMask
+from .op_library import define
 
 _SPECS: dict = {}  # spec name -> spec (the op takes the name: a custom op argument is a string)
 
@@ -25,17 +26,7 @@ def spec_token(spec) -> str:
     return spec.name
 
 
-@torch.library.custom_op("fgcupy::sparse_attention_", mutates_args=("out", "lse"))
-def sparse_attention_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor | None,
-                      indptr: torch.Tensor, indices: torch.Tensor, order: torch.Tensor | None, slice_m: int,
-                      scale: float, spec: str) -> None:
-    """Attention of [B, H, S, D] views q over k, v through the mask (indptr, indices) into out
-    (and float32 lse [B, H, q_len]); ``order``: the plan's launch order (None: longest first)."""
-    raise NotImplementedError(f"fgcupy::sparse_attention_ has no implementation for device {q.device}")
-
-
-@sparse_attention_.register_fake
-def _(q, k, v, out, lse, indptr, indices, order, slice_m, scale, spec):
+def _attention_meta(q, k, v, out, lse, indptr, indices, order, slice_m, scale, spec):
     return None
 
 
@@ -63,8 +54,11 @@ def _attention_cuda(q, k, v, out, lse, indptr, indices, order, slice_m, scale, s
     launch_attention(chosen, q, k, v, out, lse, mask, block_order(mask) if order is None else order, scale)
 
 
-sparse_attention_.register_kernel("cpu")(_attention_cpu)
-sparse_attention_.register_kernel("cuda")(_attention_cuda)
+# Attention of [B, H, S, D] views q over k, v through the mask (indptr, indices) into out (and
+# float32 lse [B, H, q_len]); order: the plan's launch order (None: longest first).
+define("sparse_attention_(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!)? lse, Tensor indptr, "
+       "Tensor indices, Tensor? order, SymInt slice_m, float scale, str spec) -> ()",
+       cpu=_attention_cpu, cuda=_attention_cuda, meta=_attention_meta)
 
 
 def attend(*args) -> None:

@@ -1,6 +1,6 @@
-"""Top-k mask prediction as a torch.library custom op (``torch.ops.fgcupy.predict_topk``).
+"""Top-k mask prediction as a torch.library op (``torch.ops.fgcupy.predict_topk``).
 
-A top-k mask's sizes follow from the shapes, so the op has a fake implementation and
+A top-k mask's sizes follow from the shapes, so the op has a meta implementation and
 torch.compile(fullgraph=True) takes it; the CUDA implementation runs the kernels, the CPU one the
 torch reference. :func:`predict` uses the op only while torch.compile traces (see fgcupy.ops).
 """
@@ -12,15 +12,7 @@ import torch
 from .gpu_prediction import DEFAULT_WORKSPACE, GpuPrediction, predict_reference, row_counts
 from .mask import num_blocks
 from .mask_request import make_request
-
-
-@torch.library.custom_op("fgcupy::predict_topk", mutates_args=())
-def predict_topk(q: torch.Tensor, k: torch.Tensor, slice_m: int, top_k: int, pool: int, exact_band: int,
-                 min_keys: int, max_keys: int, local: int, scale: float, half_logits: bool,
-                 pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indptr, indices) of a top-k mask predicted from [B, H, S, D] q, k (negative
-    exact_band / max_keys / local: off; see fgcupy.predict_mask)."""
-    raise NotImplementedError(f"fgcupy::predict_topk has no implementation for device {q.device}")
+from .op_library import define
 
 
 def _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling):
@@ -30,8 +22,7 @@ def _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, 
                         scale=scale, logits_dtype=torch.float16 if half_logits else torch.float32, pooling=pooling)
 
 
-@predict_topk.register_fake
-def _(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling):
+def _predict_meta(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling):
     batch, heads, q_len, _ = q.shape
     q_blocks = num_blocks(q_len, slice_m)
     capacity = batch * heads * sum(row_counts(q_blocks, k.shape[2], slice_m, top_k, min_keys,
@@ -52,8 +43,11 @@ def _predict_cuda(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, lo
     return mask.indptr, mask.indices
 
 
-predict_topk.register_kernel("cpu")(_predict_cpu)
-predict_topk.register_kernel("cuda")(_predict_cuda)
+# (indptr, indices) of a top-k mask predicted from [B, H, S, D] q, k (negative exact_band /
+# max_keys / local: off; see fgcupy.predict_mask).
+define("predict_topk(Tensor q, Tensor k, SymInt slice_m, SymInt top_k, SymInt pool, SymInt exact_band, "
+       "SymInt min_keys, SymInt max_keys, SymInt local, float scale, bool half_logits, str pooling) -> (Tensor, Tensor)",
+       cpu=_predict_cpu, cuda=_predict_cuda, meta=_predict_meta)
 
 
 def predict(*args) -> tuple:
