@@ -40,7 +40,8 @@ t3 = time.perf_counter()
 total = t3 - t0
 stages = {"import": t1 - t0, "mask": t2 - t1, "attention": t3 - t2}
 buf = io.StringIO()
-pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(25)
+if profiled:
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(25)
 print(json.dumps({"seconds": total, "stages": stages, "profile": buf.getvalue(), "cupy_imported": "cupy" in sys.modules}))
 """
 
