@@ -36,11 +36,13 @@ struct Sm90WsShape {
   // Register split of three warpgroups (setmaxnreg; 384 threads launch with 168 each). The
   // consumers need 192 (ptxas spills below); the producer's gather is bound by how many
   // copies it keeps in flight, so it keeps the rest (fewer measured slower: notes/PERF.md).
-  // One consumer has 255 without any of this.
-  static constexpr int kProducerRegs = 120;
-  static constexpr int kConsumerRegs = 192;
+  // D = 256 holds 128 output accumulators per consumer thread: the consumers take 232 and the
+  // producer what is left. One consumer has 255 without any of this.
+  static constexpr int kProducerRegs = D > 128 ? 40 : 120;
+  static constexpr int kConsumerRegs = D > 128 ? 232 : 192;
   static_assert(M == 64 || M == 128, "one or two consumer warpgroups");
   static_assert(HD % 32 == 0 && (N == 64 || N == 128), "head dim multiple of 32, N 64 or 128");
+  static_assert(D <= 128 || N == 64, "D = 256 leaves registers for 64-key score tiles only");
   static_assert(N / 4 <= 32 && N % 16 == 0, "each producer lane holds one key index of its warp's rows");
   static_assert(STAGES >= 2, "K of tile n + 1 is loaded while V of tile n is");
 };
@@ -189,9 +191,17 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
     wgmma_fence();
 #pragma unroll
     for (int j = 0; j < N / 16; ++j) {
-      const u64 db = smem_desc_sw128(sV_u32 + s * S::kTileBytes + j * 16 * 128, kLbo, kSbo);
-      if constexpr (D == 64) Wgmma<T>::template rs_n64<1>(acc_o, p_frag[j], db, 1);
-      else Wgmma<T>::template rs_n128<1>(acc_o, p_frag[j], db, 1);
+      const u32 v_rows = sV_u32 + s * S::kTileBytes + j * 16 * 128;
+      if constexpr (D == 64) {
+        Wgmma<T>::template rs_n64<1>(acc_o, p_frag[j], smem_desc_sw128(v_rows, kLbo, kSbo), 1);
+      } else {
+        // 128 output columns (two 64-column halves of V) per product; D = 256 takes two.
+#pragma unroll
+        for (int cols = 0; cols < D / 128; ++cols) {
+          const u64 db = smem_desc_sw128(v_rows + cols * 2 * kLbo, kLbo, kSbo);
+          Wgmma<T>::template rs_n128<1>(*reinterpret_cast<float(*)[64]>(acc_o + cols * 64), p_frag[j], db, 1);
+        }
+      }
     }
     wgmma_commit();
   };

@@ -20,13 +20,15 @@ def default_config(head_dim: int, slice_m: int) -> dict:
 
 def default_spec(dtype: str, head_dim: int, slice_m: int, arch: str | None = None):
     """The kernel used when nothing is tuned. On Hopper (``arch`` "sm_90"): the warp-specialised
-    wgmma kernel with 128-key tiles and two stages (ping-pong with 128-query slices) for
-    96- and 128-wide heads and for 64-wide heads with 128-query slices, the fastest measured on
-    an H200 (notes/PERF.md, sessions 10-11); the wgmma kernel (64-key tiles, one CTA per SM) for
-    64-wide heads with 64-query slices. Elsewhere, and for head dim 256, the mma.sync kernel of
-    ``default_config``."""
+    wgmma kernel with two stages (ping-pong with 128-query slices) and 128-key tiles for 96- and
+    128-wide heads and for 64-wide heads with 128-query slices, the fastest measured on an H200
+    (notes/PERF.md, sessions 10-12), 64-key tiles for 256-wide heads; the wgmma kernel (64-key
+    tiles, one CTA per SM) for 64-wide heads with 64-query slices. Elsewhere the mma.sync kernel
+    of ``default_config``."""
     if arch == "sm_90" and head_dim in Sm90WsAttentionSpec.head_dims:
         if head_dim != 64 or slice_m == 128:
-            return Sm90WsAttentionSpec(dtype, head_dim, slice_m, key_tile=128, stages=2, pingpong=int(slice_m == 128))
+            key_tile = 64 if head_dim > 128 else 128
+            return Sm90WsAttentionSpec(dtype, head_dim, slice_m, key_tile=key_tile, stages=2,
+                                       pingpong=int(slice_m == 128))
         return Sm90AttentionSpec(dtype, head_dim, slice_m, key_tile=64, stages=2, pv=1, ctas_per_sm=1)
     return AttentionSpec(dtype, head_dim, slice_m, **default_config(head_dim, slice_m))

@@ -3,7 +3,8 @@ options the runtime path uses, and ptxas' report shows no spills and shared memo
 
 import pytest
 
-from fgcupy.jit import AttentionSpec, KernelCompileError, all_attention_specs, all_sm90_specs, all_sm90_ws_specs
+from fgcupy.jit import (AttentionSpec, KernelCompileError, Sm90WsAttentionSpec, all_attention_specs, all_sm90_specs,
+                        all_sm90_ws_specs)
 from fgcupy.jit import report as report_mod
 from fgcupy.jit import source
 from fgcupy.jit.spec import MAX_SMEM_BYTES_SM80, MAX_SMEM_BYTES_SM90
@@ -17,7 +18,7 @@ def test_every_axis_is_shipped():
     assert {s.dtype for s in SPECS} == {"bfloat16", "float16"}
     assert {s.head_dim for s in SPECS} == {64, 96, 128, 256}
     assert {s.head_dim for s in all_sm90_specs()} == {64, 128}
-    assert {s.head_dim for s in all_sm90_ws_specs()} == {64, 96, 128}
+    assert {s.head_dim for s in all_sm90_ws_specs()} == {64, 96, 128, 256}
     assert {s.slice_m for s in SPECS} == {64, 128}
     assert {s.key_tile for s in SPECS} >= {32, 64}
 
@@ -83,6 +84,13 @@ def test_spec_validation(kwargs, message):
         return
     with pytest.raises(ValueError, match=message):
         AttentionSpec(**kwargs)
+
+
+def test_warp_specialised_head_dim_256_takes_64_key_tiles_only():
+    assert Sm90WsAttentionSpec("bfloat16", 256, 128, key_tile=64).name == "sparse_attn_fwd_sm90ws_bf16_d256_m128_n64_s2_pp1"
+    with pytest.raises(ValueError, match=r"head_dim=256 needs key_tile=64 \(larger tiles spill\), got 128"):
+        Sm90WsAttentionSpec("bfloat16", 256, 128, key_tile=128)
+    assert {s.key_tile for s in all_sm90_ws_specs() if s.head_dim == 256} == {64}
 
 
 def test_options_carry_a_hash_of_every_source(tmp_path, monkeypatch):

@@ -4,7 +4,7 @@
     compute-sanitizer --tool racecheck python -m tools.sanitize_kernels
 
 Covers: the mma.sync attention kernel (both slice sizes; head dims 64, 96, 128, 256), both wgmma kernels (on
-Hopper; the warp-specialised one over lists of several key tiles, head dims 64, 96 and 128), every mask-scoring mode (band mode included), both selection kernels (staged and
+Hopper; the warp-specialised one over lists of several key tiles, head dims 64, 96, 128 and 256), every mask-scoring mode (band mode included), both selection kernels (staged and
 global rows, each rule) and the emit kernel. Each result is checked against the reference, so
 a run that sanitizes clean also computed the right thing.
 """
@@ -33,6 +33,8 @@ def attention_cases():
         yield Sm90WsAttentionSpec("bfloat16", 64, 128, key_tile=64, stages=3, pingpong=0), 1500
         yield Sm90WsAttentionSpec("float16", 128, 64, key_tile=64, stages=2, pingpong=0), 1500
         yield Sm90WsAttentionSpec("bfloat16", 96, 128, key_tile=128, stages=2, pingpong=1), 1500
+        yield Sm90WsAttentionSpec("bfloat16", 256, 128, key_tile=64, stages=2, pingpong=1), 1500
+        yield Sm90WsAttentionSpec("float16", 256, 64, key_tile=64, stages=3, pingpong=0), 1500
 
 
 def main() -> None:

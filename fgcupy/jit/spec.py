@@ -16,7 +16,7 @@ from .launch import ParamStruct
 
 DTYPES = ("bfloat16", "float16")
 #: Head dims of every kernel (mask prediction and the wgmma kernels; the warp-specialised one
-#: also takes 96).
+#: takes ATTENTION_HEAD_DIMS).
 HEAD_DIMS = (64, 128)
 #: Head dims of the mma.sync attention kernel (any sm_80+ GPU, Hopper included).
 ATTENTION_HEAD_DIMS = (64, 96, 128, 256)
@@ -216,11 +216,14 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
     name_prefix = "sparse_attn_fwd_sm90ws"
     arch = "sm_90a"
     extra_options = ("-arch=sm_90a",)
-    head_dims = (64, 96, 128)  # 96 runs in 128-wide tiles, the padding zero-filled
+    head_dims = ATTENTION_HEAD_DIMS  # 96 runs in 128-wide tiles, the padding zero-filled
 
     def __post_init__(self):
         self._check_common((64, 128))
         _check_choice("pingpong", self.pingpong, (0, 1))
+        if self.head_dim > 128 and self.key_tile != 64:
+            # 128 output accumulators per consumer thread leave room for 64-key score tiles only.
+            raise ValueError(f"head_dim={self.head_dim} needs key_tile=64 (larger tiles spill), got {self.key_tile}")
         if self.pingpong and self.slice_m != 128:
             raise ValueError(f"pingpong=1 needs two consumer warpgroups (slice_m=128), got slice_m={self.slice_m}")
 
