@@ -5,7 +5,11 @@
 // * warpgroup 0 (producer) gathers the kept K and V rows with 16-byte cp.async into STAGES
 //   swizzled buffers; each buffer has a "full" mbarrier (its copies landed, counted per thread
 //   with cp.async.mbarrier.arrive) and an "empty" one (the consumers are done with it). K of
-//   tile n + 1 is issued before V of tile n, the order the consumers need them in.
+//   tile n + 1 is issued before V of tile n, the order the consumers need them in. A key tile
+//   that is one contiguous run of N keys (dense rows, windows, sinks, text tokens) is instead
+//   loaded by the tensor-memory accelerator, one box per 64 columns, when the host encoded
+//   tensor maps (p.tma): every producer thread checks its rows' indices and a barrier ANDs the
+//   votes, so a list that is not exactly that run (corrupt ones included) is gathered.
 // * warpgroups 1..M/64 (consumers) each own 64 query rows. Per key tile n a consumer issues
 //   S_n = Q K_n^T and then O += P_{n-1} V_{n-1}; the softmax of S_n runs while the second
 //   product is still on the tensor cores. With two consumers and PINGPONG, named barriers hand
@@ -51,6 +55,7 @@ struct Sm90WsShape {
 // the tensor cores.
 constexpr int kBarConsumer0 = 1;
 constexpr int kBarTurn0 = 3;
+constexpr int kBarProducer = 5;
 
 template <class T, int HD, int M, int N, int STAGES, int PINGPONG>
 __global__ void __launch_bounds__(Sm90WsShape<HD, M, N, STAGES>::kThreads, 1)
@@ -122,31 +127,63 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
         }
       }
     };
-    auto load_k = [&](int n, int idx) {
+    // The first key of tile n if its N keys are the run first, first + 1, ..., else -1. The
+    // first and last keys decide alone whether the vote runs (the same for every producer
+    // thread); the vote checks every row.
+    auto tile_run = [&](int n, int idx) {
+      const int first = start + n * N;
+      if (!p.tma || first + N > end) return -1;
+      const int key0 = __ldg(indices + first);
+      if (__ldg(indices + first + N - 1) - key0 != N - 1 || key0 < 0 || key0 > kv_len - N) return -1;
+      return named_all(kBarProducer, 128, lane >= N / 4 || idx == key0 + my_pos) ? key0 : -1;
+    };
+    // Tile `tile` from rows run, run + 1, ... of one tensor map; thread 0 sets the byte count
+    // and issues the boxes, the others arrive as after a gather.
+    auto load_run = [&](u32 tile, const void* map, int run, u32 bar) {
+      if (tid == 0) {
+        mbar_arrive_expect_tx(bar, S::kTileBytes);
+#pragma unroll
+        for (int half = 0; half < S::kHalves; ++half) tma_load_4d(tile + half * N * 128, map, half * 64, run, h, b, bar);
+      } else {
+        mbar_arrive(bar);
+      }
+    };
+    auto load_k = [&](int n, int idx, int run) {
       const int s = n % STAGES;
       if (n >= STAGES) mbar_wait(empty_k(s), ((n / STAGES) - 1) & 1);
       if (lane < N / 4) st_shared_f32(sBias_u32 + 4 * (s * N + my_pos), idx >= 0 ? 0.f : FG_NEG_INF);
       mbar_arrive(full_k(s));
-      gather(sK_u32 + s * S::kTileBytes, k_base, k_ss, idx);
-      mbar_arrive_cp_async(full_k(s));
+      if (run >= 0) {
+        load_run(sK_u32 + s * S::kTileBytes, &p.k_map, run, full_k(s));
+      } else {
+        gather(sK_u32 + s * S::kTileBytes, k_base, k_ss, idx);
+        mbar_arrive_cp_async(full_k(s));
+      }
     };
-    auto load_v = [&](int n, int idx) {
+    auto load_v = [&](int n, int idx, int run) {
       const int s = n % STAGES;
       if (n >= STAGES) mbar_wait(empty_v(s), ((n / STAGES) - 1) & 1);
-      gather(sV_u32 + s * S::kTileBytes, v_base, v_ss, idx);
-      mbar_arrive_cp_async(full_v(s));
+      if (run >= 0) {
+        load_run(sV_u32 + s * S::kTileBytes, &p.v_map, run, full_v(s));
+      } else {
+        gather(sV_u32 + s * S::kTileBytes, v_base, v_ss, idx);
+        mbar_arrive_cp_async(full_v(s));
+      }
     };
     if (ntiles > 0) {
       int idx = tile_index(0);
-      load_k(0, idx);
+      int run = tile_run(0, idx);
+      load_k(0, idx, run);
       for (int n = 0; n < ntiles; ++n) {
-        int idx_next = -1;
+        int idx_next = -1, run_next = -1;
         if (n + 1 < ntiles) {
           idx_next = tile_index(n + 1);
-          load_k(n + 1, idx_next);
+          run_next = tile_run(n + 1, idx_next);
+          load_k(n + 1, idx_next, run_next);
         }
-        load_v(n, idx);
+        load_v(n, idx, run);
         idx = idx_next;
+        run = run_next;
       }
     }
     cp_async_wait_all();

@@ -6,11 +6,14 @@ kernels through here.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
+from .jit import driver
 from .jit.launch import launch
+from .jit.spec import ATTN_TMA_PARAMS
 from .mask import SliceMask
 
 SCHEDULES = ("longest_first", "index")
@@ -25,6 +28,26 @@ def block_order(mask: SliceMask, schedule: str = "longest_first") -> torch.Tenso
     if schedule == "longest_first":
         return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
     return torch.arange(lengths.numel(), dtype=torch.int32, device=lengths.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _encode_rows_map(dtype: torch.dtype, address: int, shape: tuple, strides: tuple, rows: int) -> bytes | None:
+    batch, heads, seq, dim = shape
+    # A dim of size one gets the stride a contiguous tensor would have (its coordinate is always 0).
+    s_s = strides[2] * 2 if seq > 1 else -(-dim * 2 // 16) * 16
+    s_h = strides[1] * 2 if heads > 1 else s_s * seq
+    s_b = strides[0] * 2 if batch > 1 else s_h * heads
+    kind = driver.TENSOR_MAP_BFLOAT16 if dtype == torch.bfloat16 else driver.TENSOR_MAP_FLOAT16
+    return driver.encode_tensor_map(kind, address, (dim, seq, heads, batch), (s_s, s_h, s_b), (64, rows, 1, 1))
+
+
+def rows_tensor_map(t: torch.Tensor, rows: int) -> bytes | None:
+    """The tensor map of [B, H, S, D] view ``t`` that loads ``rows`` consecutive rows of one head,
+    64 columns at a time, into the kernels' 128-byte-swizzled tiles (columns past D read as
+    zeros); None where the driver is not used or refuses the layout (the kernel then gathers)."""
+    if not driver.available() or t.stride(3) != 1:
+        return None
+    return _encode_rows_map(t.dtype, t.data_ptr(), tuple(t.shape), tuple(t.stride()), rows)
 
 
 def _strides(t: torch.Tensor) -> tuple:
@@ -43,13 +66,16 @@ def launch_attention(spec, q, k, v, out, lse, mask: SliceMask, order: torch.Tens
         if lse is not None:
             lse.fill_(-math.inf)
         return
-    strides = {}
+    fields = {}
     for name, t in (("q", q), ("k", k), ("v", v), ("o", out)):
-        strides.update(zip((f"{name}_sb", f"{name}_sh", f"{name}_ss"), _strides(t)))
+        fields.update(zip((f"{name}_sb", f"{name}_sh", f"{name}_ss"), _strides(t)))
+    if spec.params is ATTN_TMA_PARAMS:
+        maps = {"k_map": rows_tensor_map(k, spec.key_tile), "v_map": rows_tensor_map(v, spec.key_tile)}
+        fields.update(maps, tma=int(None not in maps.values()))
     params = spec.params.pack(
         q=q, k=k, v=v, o=out, lse=lse, indptr=mask.indptr, indices=mask.indices, order=order,
         heads=heads, q_blocks=mask.q_blocks, q_len=q_len, kv_len=mask.kv_len, capacity=mask.capacity,
-        scale_log2=scale * math.log2(math.e), **strides,
+        scale_log2=scale * math.log2(math.e), **fields,
     )
     launch(spec, q.device, (items,), params)
 

@@ -5,7 +5,7 @@ import pytest
 
 from fgcupy.jit.launch import ParamStruct
 from fgcupy.jit.score_spec import SCORE_PARAMS
-from fgcupy.jit.spec import ATTN_PARAMS
+from fgcupy.jit.spec import ATTN_PARAMS, ATTN_TMA_PARAMS
 
 
 def _nvrtc_accepts(code: str) -> tuple:
@@ -23,7 +23,7 @@ def _nvrtc_accepts(code: str) -> tuple:
         nvrtc.nvrtcDestroyProgram(prog)
 
 
-@pytest.mark.parametrize("struct", [SCORE_PARAMS, ATTN_PARAMS], ids=lambda s: s.name)
+@pytest.mark.parametrize("struct", [SCORE_PARAMS, ATTN_PARAMS, ATTN_TMA_PARAMS], ids=lambda s: f"{s.name}-{len(s.fields)}")
 def test_cpp_layout_matches_numpy(struct):
     ok, log = _nvrtc_accepts(struct.cpp() + struct.layout_checks())
     assert ok, log
@@ -39,7 +39,7 @@ def test_a_wrong_layout_is_caught():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("struct", [SCORE_PARAMS, ATTN_PARAMS], ids=lambda s: s.name)
+@pytest.mark.parametrize("struct", [SCORE_PARAMS, ATTN_PARAMS, ATTN_TMA_PARAMS], ids=lambda s: f"{s.name}-{len(s.fields)}")
 def test_every_field_offset_matches_on_the_gpu(struct):
     import cupy
 
@@ -47,6 +47,15 @@ def test_every_field_offset_matches_on_the_gpu(struct):
     out = cupy.zeros(len(struct.fields), dtype=cupy.int64)
     kernel((1,), (1,), (out,))
     assert out.get().tolist() == struct.offsets
+
+
+def test_tensor_maps_sit_on_64_byte_boundaries():
+    struct = ParamStruct("M", (("n", "i32"), ("map", "tmap"), ("m", "i32")))
+    assert struct.offsets == [0, 64, 192] and struct.dtype.itemsize == 256 and struct.alignment == 64
+    packed = struct.pack(n=1, map=bytes(range(128)), m=2).tobytes()
+    assert packed[64:192] == bytes(range(128)) and struct.pack(n=1, map=None, m=2).tobytes()[64:192] == bytes(128)
+    ok, log = _nvrtc_accepts(struct.cpp() + struct.layout_checks())
+    assert ok, log
 
 
 def test_pack_needs_every_field_and_no_other():

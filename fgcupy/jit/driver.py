@@ -47,6 +47,8 @@ def _library():
                 "cuFuncGetAttribute": [ctypes.POINTER(i), i, p],
                 "cuLaunchKernel": [p, u, u, u, u, u, u, u, p, ctypes.POINTER(p), ctypes.POINTER(p)],
                 "cuGetErrorName": [i, ctypes.POINTER(ctypes.c_char_p)],
+                "cuTensorMapEncodeTiled": [p, i, u, p, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_uint64),
+                                           ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint32), i, i, i, i],
             }
             for name, args in signatures.items():
                 fn = getattr(lib, name)
@@ -142,3 +144,24 @@ class Function:
         with _InContext(self.context):
             _check(_lib.cuLaunchKernel(self.function, grid[0], grid[1], grid[2], block, 1, 1, shared_mem,
                                        ctypes.c_void_p(stream), args, None), "cuLaunchKernel")
+
+
+# CUtensorMap enums (cuda.h).
+TENSOR_MAP_BFLOAT16, TENSOR_MAP_FLOAT16 = 9, 6
+_SWIZZLE_128B, _L2_PROMOTION_256B = 3, 3
+
+
+def encode_tensor_map(data_type: int, address: int, dims: tuple, strides_bytes: tuple, box: tuple) -> bytes | None:
+    """A tiled CUtensorMap (128-byte swizzle, zero fill out of bounds) of a tensor at ``address``
+    with ``dims`` (innermost first), byte ``strides_bytes`` of the outer dims and a ``box``; None
+    where the driver refuses it (alignment, strides)."""
+    lib = _library()
+    rank = len(dims)
+    out = ctypes.create_string_buffer(128 + 64)
+    start = -ctypes.addressof(out) % 64  # the descriptor must be 64-byte aligned
+    result = lib.cuTensorMapEncodeTiled(
+        ctypes.c_void_p(ctypes.addressof(out) + start), data_type, rank, ctypes.c_void_p(address),
+        (ctypes.c_uint64 * rank)(*dims), (ctypes.c_uint64 * (rank - 1))(*strides_bytes),
+        (ctypes.c_uint32 * rank)(*box), (ctypes.c_uint32 * rank)(*([1] * rank)), 0, _SWIZZLE_128B,
+        _L2_PROMOTION_256B, 0)
+    return out.raw[start:start + 128] if result == 0 else None

@@ -15,14 +15,19 @@ from functools import cached_property
 import numpy as np
 
 
-#: Field kinds: C++ type and numpy type (pointers travel as 64-bit integers).
+#: Field kinds: C++ type and numpy type (pointers travel as 64-bit integers). "tmap" is a
+#: tensor-memory-accelerator descriptor (CUtensorMap: 128 opaque bytes, 64-byte aligned).
 KINDS = {
     "in": ("const void*", np.uint64),
     "out": ("void*", np.uint64),
     "i64": ("long long", np.int64),
     "i32": ("int", np.int32),
     "f32": ("float", np.float32),
+    "tmap": ("TensorMap", np.dtype("V128")),
 }
+_ALIGN = {"tmap": 64}  # numpy aligns a void field to 1 byte; C++ to alignas(64)
+_TENSOR_MAP_CPP = ("#ifndef FGCUPY_TENSOR_MAP\n#define FGCUPY_TENSOR_MAP\n"
+                   "struct alignas(64) TensorMap { unsigned long long bits[16]; };\n#endif\n")
 
 
 @dataclass(frozen=True)
@@ -39,17 +44,34 @@ class ParamStruct:
 
     @cached_property
     def dtype(self) -> np.dtype:
-        return np.dtype([(field, KINDS[kind][1]) for field, kind in self.fields], align=True)
+        """C's layout: each field at the next multiple of its alignment, the size a multiple of
+        the largest one."""
+        offsets, formats, end, largest = [], [], 0, 1
+        for _, kind in self.fields:
+            fmt = np.dtype(KINDS[kind][1])
+            align = _ALIGN.get(kind, fmt.alignment)
+            end = -(-end // align) * align
+            offsets.append(end)
+            formats.append(fmt)
+            end += fmt.itemsize
+            largest = max(largest, align)
+        return np.dtype({"names": [f for f, _ in self.fields], "formats": formats, "offsets": offsets,
+                         "itemsize": -(-end // largest) * largest, "aligned": True})
+
+    @property
+    def alignment(self) -> int:
+        return max(_ALIGN.get(kind, np.dtype(KINDS[kind][1]).alignment) for _, kind in self.fields)
 
     def cpp(self) -> str:
         body = "".join(f"  {KINDS[kind][0]} {field};\n" for field, kind in self.fields)
-        return f"struct {self.name} {{\n{body}}};\n"
+        maps = _TENSOR_MAP_CPP if any(kind == "tmap" for _, kind in self.fields) else ""
+        return f"{maps}struct {self.name} {{\n{body}}};\n"
 
     def layout_checks(self) -> str:
         """C++ static_asserts that the compiler gives the struct numpy's size and alignment
         (NVRTC has no constant offsetof; :meth:`offsets_kernel` checks each field on a GPU)."""
         return (f"static_assert(sizeof({self.name}) == {self.dtype.itemsize}, \"{self.name} size\");\n"
-                f"static_assert(alignof({self.name}) == {self.dtype.alignment}, \"{self.name} alignment\");\n")
+                f"static_assert(alignof({self.name}) == {self.alignment}, \"{self.name} alignment\");\n")
 
     def offsets_kernel(self) -> str:
         """Source of ``extern "C" __global__ void offsets(long long* out)`` writing the C++
@@ -74,6 +96,8 @@ class ParamStruct:
             value = values[field]
             if kind in ("in", "out"):
                 value = 0 if value is None else value.data_ptr()
+            elif kind == "tmap":
+                value = np.void(bytes(128) if value is None else value)  # None: a zero descriptor
             packed[field] = value
         return packed[()]
 

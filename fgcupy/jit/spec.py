@@ -35,14 +35,19 @@ MAX_SMEM_BYTES_SM80 = 163 * 1024
 #: The attention kernels' one argument (cuda_src/attn_common.cuh unpacks it; both kernels take
 #: the same struct): tensors, the mask's CSR and the launch order, sizes, [B, H, S] element
 #: strides of q, k, v, o, and the softmax scale times log2(e).
-ATTN_PARAMS = ParamStruct("AttnParams", (
+_ATTN_FIELDS = (
     ("q", "in"), ("k", "in"), ("v", "in"), ("o", "out"), ("lse", "out"),
     ("indptr", "in"), ("indices", "in"), ("order", "in"),
     ("heads", "i32"), ("q_blocks", "i32"), ("q_len", "i32"), ("kv_len", "i32"), ("capacity", "i32"),
     ("q_sb", "i64"), ("q_sh", "i64"), ("q_ss", "i64"), ("k_sb", "i64"), ("k_sh", "i64"), ("k_ss", "i64"),
     ("v_sb", "i64"), ("v_sh", "i64"), ("v_ss", "i64"), ("o_sb", "i64"), ("o_sh", "i64"), ("o_ss", "i64"),
     ("scale_log2", "f32"),
-))
+)
+ATTN_PARAMS = ParamStruct("AttnParams", _ATTN_FIELDS)
+#: The warp-specialised kernel's struct: the same fields, then tensor maps of K and V (rows of
+#: the kernel's key tile, 64 columns) for key tiles that are one contiguous run, and whether they
+#: are valid (``tma``; 0 where the driver could not encode them: every tile is gathered).
+ATTN_TMA_PARAMS = ParamStruct("AttnParams", _ATTN_FIELDS + (("k_map", "tmap"), ("v_map", "tmap"), ("tma", "i32")))
 
 
 class _AttentionKernelSpec:
@@ -217,6 +222,7 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
     arch = "sm_90a"
     extra_options = ("-arch=sm_90a",)
     head_dims = ATTENTION_HEAD_DIMS  # 96 runs in 128-wide tiles, the padding zero-filled
+    params = ATTN_TMA_PARAMS
 
     def __post_init__(self):
         self._check_common((64, 128))
