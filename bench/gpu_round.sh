@@ -4,7 +4,8 @@
 # Steps: tests (every gpu-marked test), sanitize (compute-sanitizer memcheck on a reduced run),
 # kernels (bench.report_attention on the presets), tune (fgcupy.autotune tables),
 # e2e (bench.bench_e2e; needs diffusers: carry .whl), peers (bench.report_peers), masks,
-# contest (bench.report_equal_error), headdims (D = 96 and 256 beside SDPA), firstcall.
+# contest (bench.report_equal_error), headdims (D = 96 and 256 beside SDPA), firstcall,
+# tma (tools.ab_tensor_maps: whole key tiles by TMA against every tile gathered).
 set -uo pipefail
 OUT=${OUT:-results}
 STEPS=${STEPS:-tests sanitize kernels}
@@ -45,7 +46,11 @@ if has contest; then
 fi
 if has headdims; then
   timeout 100 python3 -m bench.report_attention --head-dim 96 --densities 1.0 0.3 0.1 --tiles default 2>&1 | grep "^|"
-  timeout 100 python3 -m bench.report_attention --head-dim 256 --heads 20 --densities 1.0 0.3 0.1 --tiles default 2>&1 | grep "^|"
+  timeout 100 python3 -m bench.report_attention --head-dim 256 --heads 20 --densities 1.0 0.3 0.1 \
+    --tiles default,ws-m128n64s2pp0,m128n32s2w8 2>&1 | grep "^|"
+fi
+if has tma; then
+  timeout 200 python3 -m tools.ab_tensor_maps 2>&1 | tee "$OUT/ws_tma_runs_ab.log"
 fi
 if has firstcall; then
   timeout 120 python3 -m bench.first_call 2>&1 | tee "$OUT/first_call.log" | head -3
