@@ -26,6 +26,11 @@ KINDS = {
     "tmap": ("TensorMap", np.dtype("V128")),
 }
 _ALIGN = {"tmap": 64}  # numpy aligns a void field to 1 byte; C++ to alignas(64)
+
+
+def _field_alignment(kind: str) -> int:
+    return _ALIGN.get(kind, np.dtype(KINDS[kind][1]).alignment)
+
 _TENSOR_MAP_CPP = ("#ifndef FGCUPY_TENSOR_MAP\n#define FGCUPY_TENSOR_MAP\n"
                    "struct alignas(64) TensorMap { unsigned long long bits[16]; };\n#endif\n")
 
@@ -46,21 +51,19 @@ class ParamStruct:
     def dtype(self) -> np.dtype:
         """C's layout: each field at the next multiple of its alignment, the size a multiple of
         the largest one."""
-        offsets, formats, end, largest = [], [], 0, 1
+        offsets, formats, end = [], [], 0
         for _, kind in self.fields:
-            fmt = np.dtype(KINDS[kind][1])
-            align = _ALIGN.get(kind, fmt.alignment)
+            fmt, align = np.dtype(KINDS[kind][1]), _field_alignment(kind)
             end = -(-end // align) * align
             offsets.append(end)
             formats.append(fmt)
             end += fmt.itemsize
-            largest = max(largest, align)
         return np.dtype({"names": [f for f, _ in self.fields], "formats": formats, "offsets": offsets,
-                         "itemsize": -(-end // largest) * largest, "aligned": True})
+                         "itemsize": -(-end // self.alignment) * self.alignment, "aligned": True})
 
     @property
     def alignment(self) -> int:
-        return max(_ALIGN.get(kind, np.dtype(KINDS[kind][1]).alignment) for _, kind in self.fields)
+        return max(_field_alignment(kind) for _, kind in self.fields)
 
     def cpp(self) -> str:
         body = "".join(f"  {KINDS[kind][0]} {field};\n" for field, kind in self.fields)

@@ -15,10 +15,9 @@ import numpy as np
 from .launch import ParamStruct
 
 DTYPES = ("bfloat16", "float16")
-#: Head dims of every kernel (mask prediction and the wgmma kernels; the warp-specialised one
-#: takes ATTENTION_HEAD_DIMS).
+#: Head dims of mask prediction and of the first wgmma attention kernel (Sm90AttentionSpec).
 HEAD_DIMS = (64, 128)
-#: Head dims of the mma.sync attention kernel (any sm_80+ GPU, Hopper included).
+#: Head dims of attention: the mma.sync kernel (any sm_80+ GPU) and the warp-specialised one.
 ATTENTION_HEAD_DIMS = (64, 96, 128, 256)
 SLICE_SIZES = (64, 128)
 KEY_TILES = (32, 64, 128)
@@ -32,9 +31,9 @@ _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 MAX_SMEM_BYTES_SM80 = 163 * 1024
 
 
-#: The attention kernels' one argument (cuda_src/attn_common.cuh unpacks it; both kernels take
-#: the same struct): tensors, the mask's CSR and the launch order, sizes, [B, H, S] element
-#: strides of q, k, v, o, and the softmax scale times log2(e).
+#: The attention kernels' one argument (cuda_src/attn_common.cuh unpacks its fields; the
+#: warp-specialised kernel's struct adds tensor maps, below): tensors, the mask's CSR and the
+#: launch order, sizes, [B, H, S] element strides of q, k, v, o, and the softmax scale times log2(e).
 _ATTN_FIELDS = (
     ("q", "in"), ("k", "in"), ("v", "in"), ("o", "out"), ("lse", "out"),
     ("indptr", "in"), ("indices", "in"), ("order", "in"),
