@@ -14,8 +14,8 @@ import math
 import torch
 
 from . import bridge
-from .attention_kernel import SCHEDULES, block_order, check_inputs, check_strides  # noqa: F401 - public here
-from .jit import AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec, get_kernel_on
+from .attention_kernel import SCHEDULES, block_order, check_inputs, check_strides, load_kernels  # noqa: F401 - public here
+from .jit import AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec
 from . import ops
 from .ops import spec_token
 from .jit.spec import ATTENTION_HEAD_DIMS, SLICE_SIZES
@@ -89,6 +89,8 @@ class SparseAttention:
             raise ValueError(f"mask capacity {mask.capacity} exceeds int32 offsets")
 
         with torch.cuda.device(mask.device) if mask.device.type == "cuda" else contextlib.nullcontext():
+            if mask.device.type == "cuda":
+                load_kernels(mask.device, spec)
             order = block_order(mask, schedule)
             if self._same_shape(mask):
                 self._indptr.copy_(mask.indptr)
@@ -98,8 +100,6 @@ class SparseAttention:
                 self._indptr = mask.indptr.contiguous().clone()
                 self._indices = mask.indices.contiguous().clone()
                 self._order = order
-            if mask.device.type == "cuda":
-                get_kernel_on(mask.device, spec)
         self.spec = spec
         self.mask = SliceMask(self._indptr, self._indices, mask.slice_m, mask.q_len, mask.kv_len)
         return self

@@ -13,6 +13,8 @@ import torch
 
 from .jit import driver
 from .jit.launch import launch
+from .jit.runtime import get_kernel_on, load_in_background
+from .jit.plan_spec import ORDER_BUCKETS, ORDER_TILE_KEYS, LaunchOrderSpec, order_shift
 from .jit.spec import ATTN_TMA_PARAMS
 from .mask import SliceMask
 
@@ -21,13 +23,40 @@ _DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def block_order(mask: SliceMask, schedule: str = "longest_first") -> torch.Tensor:
-    """int32 launch order of the (b, h, block) rows: longest list first, or index order."""
+    """int32 launch order of the (b, h, block) rows: most key tiles first (``order_buckets``),
+    ties in index order; or index order. On CUDA the order is computed by fgcupy's own kernel
+    (a torch sort's first use in a process costs tens of milliseconds); no host sync."""
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    lengths = mask.row_lengths().reshape(-1)
-    if schedule == "longest_first":
-        return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
-    return torch.arange(lengths.numel(), dtype=torch.int32, device=lengths.device)
+    rows = mask.batch * mask.heads * mask.q_blocks
+    if schedule == "index" or rows == 0:
+        return torch.arange(rows, dtype=torch.int32, device=mask.device)
+    if mask.device.type != "cuda":
+        lengths = mask.indptr[..., 1:].to(torch.int64) - mask.indptr[..., :-1].to(torch.int64)  # as the kernel: no wrap
+        return torch.argsort(order_buckets(lengths.reshape(-1), mask.kv_len), descending=True,
+                             stable=True).to(torch.int32)
+    order = torch.empty(rows, dtype=torch.int32, device=mask.device)
+    spec = LaunchOrderSpec()
+    launch(spec, mask.device, (1,), spec.params.pack(indptr=mask.indptr.contiguous(), order=order, rows=rows,
+                                                    q_blocks=mask.q_blocks, shift=order_shift(mask.kv_len)))
+    return order
+
+
+def load_kernels(device, spec) -> None:
+    """Load ``spec``'s kernel and the launch-order kernel, the two compiling side by side when
+    neither is cached."""
+    order_spec = LaunchOrderSpec()
+    load_in_background(device, order_spec)
+    get_kernel_on(device, spec)
+    get_kernel_on(device, order_spec)
+
+
+def order_buckets(lengths: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """The longest-first schedule's sort key of each row: its key tiles (of ORDER_TILE_KEYS
+    keys; negative lengths count 0), shifted by ``order_shift(kv_len)``, capped at the last
+    bucket (rows longer than kv_len share it)."""
+    tiles = (lengths.to(torch.int64).clamp_min(0) + ORDER_TILE_KEYS - 1) // ORDER_TILE_KEYS
+    return (tiles >> order_shift(kv_len)).clamp_max(ORDER_BUCKETS - 1)
 
 
 @functools.lru_cache(maxsize=64)

@@ -43,7 +43,7 @@ def _attention_cpu(q, k, v, out, lse, indptr, indices, order, slice_m, scale, sp
 
 def _attention_cuda(q, k, v, out, lse, indptr, indices, order, slice_m, scale, spec):
     from . import autotune, bridge
-    from .attention_kernel import block_order, check_inputs, launch_attention
+    from .attention_kernel import block_order, check_inputs, launch_attention, load_kernels
 
     mask = SliceMask(indptr, indices, slice_m, q.shape[2], k.shape[2])
     chosen = _SPECS.get(spec) if spec else autotune.planned_spec(mask, q.shape[-1], bridge.dtype_name(q.dtype, "q"))
@@ -51,7 +51,10 @@ def _attention_cuda(q, k, v, out, lse, indptr, indices, order, slice_m, scale, s
         raise ValueError(f"unknown kernel spec {spec!r} (plan() registers the specs it chooses)")
     if not spec:
         check_inputs(q, k, v, mask, chosen)
-    launch_attention(chosen, q, k, v, out, lse, mask, block_order(mask) if order is None else order, scale)
+    if order is None:
+        load_kernels(q.device, chosen)
+        order = block_order(mask)
+    launch_attention(chosen, q, k, v, out, lse, mask, order, scale)
 
 
 # Attention of [B, H, S, D] views q over k, v through the mask (indptr, indices) into out (and

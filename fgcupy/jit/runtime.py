@@ -21,7 +21,8 @@ from .source import nvrtc_options, spec_defines
 
 log = logging.getLogger("fgcupy")
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards _key_locks
+_key_locks: dict = {}  # (spec, device index) -> the lock its one load holds
 _kernels: dict = {}
 
 
@@ -64,17 +65,38 @@ def get_kernel(spec):
 
 def get_kernel_on(device, spec):
     """The kernel for ``spec`` on a torch device (its index, or torch's current device)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (spec, index)
+    key = (spec, _index(device))
     kernel = _kernels.get(key)
     if kernel is not None:
         return kernel
     with _lock:
+        key_lock = _key_locks.setdefault(key, threading.Lock())
+    with key_lock:  # one load per kernel; loads of different kernels run side by side
         kernel = _kernels.get(key)
         if kernel is None:
-            kernel = _load(spec, index)
+            kernel = _load(spec, key[1])
             _kernels[key] = kernel
     return kernel
+
+
+def load_in_background(device, spec) -> None:
+    """Start loading ``spec``'s kernel on a thread unless it is loaded, so that a cold compile
+    overlaps the caller's own (NVRTC runs without the GIL); ``get_kernel_on`` then waits for it,
+    and raises the error if the load failed."""
+    if (spec, _index(device)) in _kernels:
+        return
+    threading.Thread(target=_load_quietly, args=(device, spec), daemon=True, name="fgcupy-load").start()
+
+
+def _load_quietly(device, spec) -> None:
+    try:
+        get_kernel_on(device, spec)
+    except Exception:  # noqa: BLE001 - the caller's own get_kernel_on raises it
+        log.debug("fgcupy: background load of %s failed", spec.name, exc_info=True)
+
+
+def _index(device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def device_arch(index: int) -> str:
