@@ -98,6 +98,9 @@ def test_wgmma_scoring_compiles_for_two_ctas_per_sm(spec):
     assert rep.spill_store_bytes == 0 and rep.spill_load_bytes == 0 and rep.stack_bytes == 0, rep.log
     assert rep.registers <= 128, rep.registers
     assert 2 * (rep.static_smem_bytes + spec.smem_bytes) <= MAX_SMEM_BYTES_SM90_PER_SM
+    # No wgmma serialisation (ptxas' C75xx performance warnings), e.g. for lack of registers to
+    # keep two products in flight.
+    assert "serialized" not in rep.log and "C75" not in rep.log, rep.log
 
 
 def test_wgmma_scoring_spec():
