@@ -91,10 +91,9 @@ def schedule_counts(config: fd.SparseAttentionConfig, steps: int):
     return dense, refresh, steps - dense - refresh
 
 
-def bench_block(seq: int, args, predictor: dict) -> dict:
-    from diffusers.models.attention_dispatch import dispatch_attention_fn
-
-    model = build_wan(1)
+def block_call(model, seq: int):
+    """A no-grad call of ``model``'s first block on random hidden states of ``seq`` tokens, with
+    the model's rotary embedding, text context and timestep embedding."""
     block = model.blocks[0]
     gen = torch.Generator(device=DEVICE).manual_seed(1)
     with torch.no_grad():
@@ -110,7 +109,16 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
         with torch.no_grad():
             return block(hidden, context, temb, rotary)
 
-    reps = dict(warmup=args.warmup, reps=args.reps)
+    return run_block
+
+
+def bench_block(seq: int, args, predictor: dict) -> dict:
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    model = build_wan(1)
+    run_block = block_call(model, seq)
+    gen = torch.Generator(device=DEVICE).manual_seed(2)
+    reps = dict(warmup=args.warmup, reps=args.reps, queued=args.queued)
     stock = cuda_time_ms(run_block, **reps)["median_ms"]
     heads, head_dim = WAN14B["num_attention_heads"], WAN14B["attention_head_dim"]
     q, k, v = (torch.randn(1, seq, heads, head_dim, generator=gen, device=DEVICE, dtype=torch.bfloat16)
@@ -173,7 +181,7 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
           f"{amortised:7.2f} ms -> x{stock / amortised:.2f} (steady x{stock / reuse:.2f}); refresh cost per step "
           f"{100 * mask_share:.1f} % of stock attention"
           + (f" ({100 * later_share:.1f} % in later generations)" if calibrate != refresh else ""), flush=True)
-    del model, block, handle, plan, q, k, v, hidden, context, temb, rotary
+    del model, run_block, handle, plan, q, k, v
     torch.cuda.empty_cache()
     return row
 
@@ -241,6 +249,9 @@ def main(argv=None):
     parser.add_argument("--refresh-every", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--queued", action="store_true",
+                        help="time the block calls as queued GPU time (the host runs ahead, as in a model) "
+                             "instead of isolated calls that start on an idle GPU (fgcupy.timing)")
     parser.add_argument("--model-seq", type=int, default=32_760, choices=sorted(GRIDS))
     parser.add_argument("--model-layers", type=int, default=4, help="0 skips the full-model part")
     parser.add_argument("--model-steps", type=int, default=4)
@@ -258,7 +269,8 @@ def main(argv=None):
             parser.error("--calibrate needs --predictor topk")
         name, predictor = "topk, calibrated poolings", dict(predictor, calibrate_pooling=True)
     header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | diffusers "
-              f"{__import__('diffusers').__version__} | predictor {name} | target density {args.density}")
+              f"{__import__('diffusers').__version__} | predictor {name} | target density {args.density} | "
+              f"{'queued GPU time' if args.queued else 'isolated calls'}")
     print(header, flush=True)
     print("(random weights attend almost uniformly: the PSNR below checks plumbing, not quality)", flush=True)
     blocks = [bench_block(seq, args, predictor) for seq in args.seqs]
