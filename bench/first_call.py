@@ -49,35 +49,48 @@ print(json.dumps({"seconds": total, "stages": stages, "profile": buf.getvalue(),
 def run_child(cache_dir: str, autotune_dir: str, profile: bool = False) -> dict:
     env = dict(os.environ, CUPY_CACHE_DIR=cache_dir, FGCUPY_CACHE_DIR=autotune_dir)
     argv = [sys.executable, "-c", CHILD] + (["--profile"] if profile else [])
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    done = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the first-call process failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]), cache=cache_dir, tuned=autotune_dir)
 
 
-def main() -> None:
+def _fresh_dirs() -> tuple:
+    return tempfile.mkdtemp(prefix="fgcupy-first-call-"), tempfile.mkdtemp(prefix="fgcupy-tune-")
+
+
+def measure(cold_runs: int = 2, warm_runs: int = 3) -> tuple[list, list]:
+    """(cold, warm) child results: the first cold process fills a fresh cache that the warm ones
+    reuse; further cold ones start from fresh caches (the machine's first process also reads
+    NVRTC's and the driver's files from disk)."""
     import compileall
 
     import fgcupy
 
     compileall.compile_dir(os.path.dirname(fgcupy.__file__), quiet=1)
+    cache, tuned = _fresh_dirs()
+    cold = [run_child(cache, tuned)] + [run_child(*_fresh_dirs()) for _ in range(cold_runs - 1)]
+    warm = [run_child(cache, tuned) for _ in range(warm_runs)]
+    return cold, warm
 
-    def fresh_dirs():
-        return tempfile.mkdtemp(prefix="fgcupy-first-call-"), tempfile.mkdtemp(prefix="fgcupy-tune-")
 
-    cache, tuned = fresh_dirs()
-    # Two cold processes: the machine's first one also reads NVRTC and the driver's files from disk.
-    cold = [run_child(cache, tuned), run_child(*fresh_dirs())]
-    warm = [run_child(cache, tuned) for _ in range(3)]
-    warm_profile = run_child(cache, tuned, profile=True)
-    cold_profile = run_child(*fresh_dirs(), profile=True)
-
+def summary(cold: list, warm: list) -> str:
+    """The lines bench.first_call and bench.report_attention print."""
     def ms(runs):
         return ", ".join(f"{r['seconds'] * 1e3:.0f}" for r in runs)
 
-    print(f"first sparse_attention of a process (import fgcupy included): cold {ms(cold)} ms, warm {ms(warm)} ms")
+    lines = [f"first sparse_attention of a process (import fgcupy included): cold {ms(cold)} ms, warm {ms(warm)} ms"]
     runs = [(f"cold {i}", c) for i, c in enumerate(cold)] + [(f"warm {i}", w) for i, w in enumerate(warm)]
-    for name, w in runs:
-        print(f"{name}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in w["stages"].items()))
-    print(f"cupy imported: cold {[c['cupy_imported'] for c in cold]}, warm {[w['cupy_imported'] for w in warm]}")
+    lines += [f"{name}: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in w["stages"].items()) for name, w in runs]
+    lines.append(f"cupy imported: cold {[c['cupy_imported'] for c in cold]}, warm {[w['cupy_imported'] for w in warm]}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    cold, warm = measure()
+    warm_profile = run_child(cold[0]["cache"], cold[0]["tuned"], profile=True)
+    cold_profile = run_child(*_fresh_dirs(), profile=True)
+    print(summary(cold, warm))
     print("\nwarm profile (cumulative; the profiler slows what it times):\n" + warm_profile["profile"])
     print("\ncold profile (cumulative):\n" + cold_profile["profile"])
 

@@ -26,9 +26,9 @@ if has sanitize; then
 fi
 if has kernels; then
   timeout 200 python3 -m bench.report_attention --reps 5 --uneven --json "$OUT/attention_wan14b-480p.json" 2>&1 | tee "$OUT/bench_wan.log" | grep "^|"
-  timeout 100 python3 -m bench.report_attention --preset cogvideox5b --densities 1.0 0.3 --reps 5 \
+  timeout 100 python3 -m bench.report_attention --preset cogvideox5b --densities 1.0 0.3 --reps 5 --no-first-call \
     --tiles default,m128n32s3w4 --json "$OUT/attention_cogvideox5b.json" 2>&1 | grep "^|"
-  timeout 150 python3 -m bench.report_attention --preset hunyuan-720p --heads 12 --densities 1.0 --reps 3 \
+  timeout 150 python3 -m bench.report_attention --preset hunyuan-720p --heads 12 --densities 1.0 --reps 3 --no-first-call \
     --tiles default,m128n32s3w4 --json "$OUT/attention_hunyuan-720p.json" 2>&1 | grep "^|"
 fi
 if has tune; then
@@ -45,8 +45,8 @@ if has contest; then
   timeout 400 python3 -m bench.report_equal_error --json "$OUT/equal_error.json" 2>&1 | tee "$OUT/equal_error.log" | tail -22
 fi
 if has headdims; then
-  timeout 100 python3 -m bench.report_attention --head-dim 96 --densities 1.0 0.3 0.1 --tiles default 2>&1 | grep "^|"
-  timeout 100 python3 -m bench.report_attention --head-dim 256 --heads 20 --densities 1.0 0.3 0.1 \
+  timeout 100 python3 -m bench.report_attention --head-dim 96 --densities 1.0 0.3 0.1 --tiles default --no-first-call 2>&1 | grep "^|"
+  timeout 100 python3 -m bench.report_attention --head-dim 256 --heads 20 --densities 1.0 0.3 0.1 --no-first-call \
     --tiles default,ws-m128n64s2pp0,m128n32s2w8 2>&1 | grep "^|"
 fi
 if has tma; then

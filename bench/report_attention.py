@@ -1,5 +1,6 @@
 """Attention speed table on the current GPU: fgcupy at several densities and tile shapes beside
-SDPA (flash, cuDNN) in the same process, CUDA-event medians after warm-up.
+SDPA (flash, cuDNN) in the same process, CUDA-event medians after warm-up; then the first
+sparse_attention of new processes, cold and warm (bench.first_call).
 
     PYTHONPATH=. python -m bench.report_attention --preset wan14b-480p [--json out.json]
 """
@@ -14,6 +15,8 @@ import time
 import torch
 
 from bench.cases import fgcupy_call, random_inputs, random_topk_mask, sdpa_call, uneven_mask
+from bench.first_call import measure as measure_first_call
+from bench.first_call import summary as first_call_summary
 from bench.presets import PRESETS
 from bench.report_peers import gpu_header
 from bench.timing import attention_tflops, cuda_time_ms
@@ -35,6 +38,8 @@ def main(argv=None):
                         "independent; dense masks of hunyuan-720p exceed int32 offsets at full head count)")
     parser.add_argument("--head-dim", type=int, help="replace the preset's head dim (e.g. 96 or 256)")
     parser.add_argument("--uneven", action="store_true", help="also time a 1%%-100%% uneven-list mask")
+    parser.add_argument("--no-first-call", action="store_true",
+                        help="skip the first call of new processes (bench.first_call: one cold, two warm)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
 
@@ -103,9 +108,14 @@ def main(argv=None):
         replan = f"{r['replan_ms']:.2f}" if "replan_ms" in r else ""
         print(f"| {r['method']} | {r['density']} | {r['ms']:.2f} | {r['dense_equiv_tflops']:.0f} | "
               f"{r['kept_tflops']:.0f} | {first} | {replan} |")
+    first_call = None
+    if not args.no_first_call:
+        cold, warm = measure_first_call(cold_runs=1, warm_runs=2)
+        first_call = {"cold": cold, "warm": warm}
+        print("\n" + first_call_summary(cold, warm))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "rows": rows}, f, indent=1)
+            json.dump({"header": header, "rows": rows, "first_call": first_call}, f, indent=1)
 
 
 def parse_tile(token: str, head_dim: int, dtype: str = "bfloat16"):

@@ -3,6 +3,7 @@ read ptxas' report of. No GPU is needed, only the architecture to compile for.""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 from .source import kernel_source, nvrtc_options, spec_defines
@@ -32,9 +33,22 @@ def compile_options(spec, arch: str) -> tuple[str, ...]:
     return nvrtc_options() + spec_defines(spec) + RUNTIME_EXTRAS + (f"-arch={arch}",)
 
 
+_nvrtc_lock = threading.Lock()
+
+
+def _nvrtc():
+    """cuda.bindings' NVRTC module with its library loaded, under a lock: the first compiles of
+    two threads (a kernel and the launch order, side by side) must not load it at once."""
+    with _nvrtc_lock:
+        from cuda.bindings import nvrtc
+
+        nvrtc.nvrtcVersion()
+    return nvrtc
+
+
 def compile_cubin(spec, arch: str, extra_options: tuple = ()) -> CompiledKernel:
     """Compile ``spec`` for ``arch``; KernelCompileError with NVRTC's log if it fails."""
-    from cuda.bindings import nvrtc
+    nvrtc = _nvrtc()
 
     def check(result):
         err, *values = result
