@@ -83,9 +83,11 @@ def load_in_background(device, spec) -> None:
     """Start loading ``spec``'s kernel on a thread unless it is loaded, so that a cold compile
     overlaps the caller's own (NVRTC runs without the GIL); ``get_kernel_on`` then waits for it,
     and raises the error if the load failed."""
-    if (spec, _index(device)) in _kernels:
+    index = _index(device)  # here: a thread's current device is its own
+    if (spec, index) in _kernels:
         return
-    threading.Thread(target=_load_quietly, args=(device, spec), daemon=True, name="fgcupy-load").start()
+    threading.Thread(target=_load_quietly, args=(torch.device("cuda", index), spec), daemon=True,
+                     name="fgcupy-load").start()
 
 
 def _load_quietly(device, spec) -> None:
