@@ -15,7 +15,13 @@ better:
   fraction of keys by those scores (a two-stage predictor whose second stage is free);
 * "exact on frames +-F": the default scores (mean queries of 32, exact band of 64), with the
   exact column max also on the block's keys +-64 in the F frames before and after it (bands at
-  multiples of the frame size, as a predictor told the video grid could place them).
+  multiples of the frame size, as a predictor told the video grid could place them);
+* "default", "both 32 + band 64": the shipped default and its pooling "both" (real predictors);
+* "mean of P + band 64": the default's scoring itself with sub-blocks of P queries instead of
+  32 (a real predictor; its scoring work grows as 32 / P times the default's);
+* "best per block of ...": each query block takes whichever of those real predictors' masks
+  gives it the least output error (the squared error splits over blocks), a bound for any
+  per-block choice among them.
 Runs on the CPU (torch reference) or on a GPU (--device cuda).
 """
 
@@ -30,9 +36,12 @@ from fgcupy import mask_reference as ref
 from fgcupy.head_families import FAMILIES, family_qkv
 from fgcupy.mask import SliceMask
 from fgcupy.oracle import Judge, keys_for
+from fgcupy.reference import reference_attention
 from fgcupy.workloads import VideoShape
 
 SLICE_M = 128
+#: The real predictors a per-block choice picks from (names yielded by ``predictors``).
+PER_BLOCK_CANDIDATES = ("default", "both 32 + band 64", "mean of 8 + band 64")
 
 
 def column_stat(q, k, lse, rows, scale, reduce):
@@ -59,6 +68,19 @@ def frame_bands(scores, colmax, frame: int, frames: int, band: int = 64):
     return out
 
 
+def block_errors(judge, mask) -> torch.Tensor:
+    """[B, H, QB] squared output error of each query block against dense attention, float64."""
+    out, _ = reference_attention(judge.q, judge.k, judge.v, mask, scale=judge.scale, rows_per_chunk=2048)
+    err = ((out.double() - judge.dense.double()) ** 2).sum(-1)
+    return torch.nn.functional.pad(err, (0, (-err.shape[-1]) % SLICE_M)).unflatten(-1, (-1, SLICE_M)).sum(-1)
+
+
+def top_mask(scores, density: float, q_len: int) -> SliceMask:
+    kv_len = scores.shape[-1]
+    top = scores.topk(keys_for(density, kv_len), dim=-1).indices.sort(-1).values
+    return SliceMask.from_topk(top.to(torch.int32), SLICE_M, q_len, kv_len)
+
+
 def predictors(q, k, judge, scale, grid):
     rows = torch.arange(q.shape[2], device=q.device)
     yield "column sum", column_stat(q, k, judge.lse, rows, scale, "sum")
@@ -71,8 +93,12 @@ def predictors(q, k, judge, scale, grid):
         top = both.topk(keys_for(frac, k.shape[2]), -1).indices
         yield f"both, exact on top {frac}", both.scatter(-1, top, judge.colmax.gather(-1, top))
     default = ref.pooled_scores(q, k, 32, SLICE_M, 64, scale, "mean")
+    yield "default", default
+    yield "both 32 + band 64", ref.pooled_scores(q, k, 32, SLICE_M, 64, scale, "both")
     for frames in (2, grid[0] - 1):
         yield f"exact on frames +-{frames}", frame_bands(default, judge.colmax, grid[1] * grid[2], frames)
+    for pool in (8, 4, 2):
+        yield f"mean of {pool} + band 64", ref.pooled_scores(q, k, pool, SLICE_M, 64, scale, "mean")
 
 
 def main():
@@ -89,15 +115,21 @@ def main():
     for family in args.families:
         q, k, v = family_qkv(shape, family, heads=args.heads, device=args.device)
         judge = Judge(q, k, v, SLICE_M, scale)
-        kv_len = k.shape[2]
         print(f"{family}: oracle error " + ", ".join(f"d={d}: {judge.oracle_error(d):.4f}" for d in (0.1, 0.3)))
+        candidates = {}  # density -> [per-block errors of the real predictors]
         for name, scores in predictors(q, k, judge, scale, grid):
             ratios = []
             for d in (0.1, 0.3):
-                top = scores.topk(keys_for(d, kv_len), dim=-1).indices.sort(-1).values
-                mask = SliceMask.from_topk(top.to(torch.int32), SLICE_M, q.shape[2], kv_len)
+                mask = top_mask(scores, d, q.shape[2])
                 ratios.append(f"x{judge.ratio(mask)[1]:.2f}")
+                if name in PER_BLOCK_CANDIDATES:
+                    candidates.setdefault(d, []).append(block_errors(judge, mask))
             print(f"  {name:28s} d=0.1 {ratios[0]}  d=0.3 {ratios[1]}", flush=True)
+        norm = float((judge.dense.double() ** 2).sum())
+        bound = [math.sqrt(float(torch.stack(candidates[d]).amin(0).sum()) / norm) / judge.oracle_error(d)
+                 for d in (0.1, 0.3)]
+        print(f"  best per block of {', '.join(PER_BLOCK_CANDIDATES)}: d=0.1 x{bound[0]:.2f}  d=0.3 x{bound[1]:.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":
