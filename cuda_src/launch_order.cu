@@ -24,6 +24,16 @@ __device__ __forceinline__ int row_bucket(const int* __restrict__ indptr, int ro
   return static_cast<int>(min(tiles >> shift, static_cast<long long>(kOrderBuckets - 1)));
 }
 
+// Inclusive sum of x over lanes 0..lane of the warp.
+__device__ __forceinline__ int warp_inclusive_sum(int x, int lane) {
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int other = __shfl_up_sync(0xffffffffu, x, d);
+    if (lane >= d) x += other;
+  }
+  return x;
+}
+
 __global__ void __launch_bounds__(kOrderThreads) launch_order(const __grid_constant__ OrderParams p) {
   __shared__ int start[kOrderBuckets];
   __shared__ u16 staged[kOrderSegment];
@@ -46,21 +56,11 @@ __global__ void __launch_bounds__(kOrderThreads) launch_order(const __grid_const
     counts[u] = start[kOrderBuckets - 1 - (tid * kRun + u)];
     total += counts[u];
   }
-  int inclusive = total;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int other = __shfl_up_sync(0xffffffffu, inclusive, d);
-    if (lane >= d) inclusive += other;
-  }
+  const int inclusive = warp_inclusive_sum(total, lane);
   if (lane == 31) warp_sums[warp] = inclusive;
   __syncthreads();
   if (warp == 0) {
-    int w = lane < kOrderThreads / 32 ? warp_sums[lane] : 0;
-#pragma unroll
-    for (int d = 1; d < 32; d <<= 1) {
-      const int other = __shfl_up_sync(0xffffffffu, w, d);
-      if (lane >= d) w += other;
-    }
+    const int w = warp_inclusive_sum(lane < kOrderThreads / 32 ? warp_sums[lane] : 0, lane);
     if (lane < kOrderThreads / 32) warp_sums[lane] = w;  // inclusive over warps
   }
   __syncthreads();

@@ -90,7 +90,7 @@ class SparseAttention:
 
         with torch.cuda.device(mask.device) if mask.device.type == "cuda" else contextlib.nullcontext():
             if mask.device.type == "cuda":
-                load_kernels(mask.device, spec)
+                load_kernels(mask.device, spec, schedule)
             order = block_order(mask, schedule)
             if self._same_shape(mask):
                 self._indptr.copy_(mask.indptr)

@@ -42,9 +42,12 @@ def block_order(mask: SliceMask, schedule: str = "longest_first") -> torch.Tenso
     return order
 
 
-def load_kernels(device, spec) -> None:
-    """Load ``spec``'s kernel and the launch-order kernel, the two compiling side by side when
-    neither is cached."""
+def load_kernels(device, spec, schedule: str = "longest_first") -> None:
+    """Load ``spec``'s kernel and, for the longest-first schedule, the launch-order kernel, the
+    two compiling side by side when neither is cached."""
+    if schedule == "index":
+        get_kernel_on(device, spec)
+        return
     order_spec = LaunchOrderSpec()
     load_in_background(device, order_spec)
     get_kernel_on(device, spec)

@@ -4,8 +4,11 @@
     compute-sanitizer --tool racecheck python -m tools.sanitize_kernels
 
 Covers: the mma.sync attention kernel (both slice sizes; head dims 64, 96, 128, 256), both wgmma kernels (on
-Hopper; the warp-specialised one over lists of several key tiles, head dims 64, 96, 128 and 256), every mask-scoring mode (band mode included), both selection kernels (staged and
-global rows, each rule) and the emit kernel. Each result is checked against the reference, so
+Hopper; the warp-specialised one over lists of several key tiles, head dims 64, 96, 128 and 256,
+with random lists (every tile gathered) and with full and window masks, whose contiguous tiles
+load through tensor maps), the launch-order kernel, every mask-scoring mode (band mode
+included), the dilation of sampled poolings, both selection kernels (staged and global rows,
+each rule) and the emit kernel. Each result is checked against the reference, so
 a run that sanitizes clean also computed the right thing.
 """
 
@@ -37,24 +40,39 @@ def attention_cases():
         yield Sm90WsAttentionSpec("float16", 256, 64, key_tile=64, stages=3, pingpong=0), 1500
 
 
+def window_mask(tokens: int, slice_m: int, radius: int) -> SliceMask:
+    """Each query block keeps the keys within ``radius`` of its centre: contiguous runs, so whole
+    key tiles load through tensor maps and the runs' ragged ends are gathered."""
+    blocks = -(-tokens // slice_m)
+    centre = (torch.arange(blocks, device="cuda") * slice_m + slice_m // 2)[:, None]
+    keys = torch.arange(tokens, device="cuda")[None, :]
+    return SliceMask.from_dense(((keys - centre).abs() <= radius).expand(1, 2, blocks, tokens), slice_m, tokens)
+
+
 def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     for spec, tokens in attention_cases():
         d, m = spec.head_dim, spec.slice_m
         dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float16
         q, k, v = (torch.randn(1, 2, tokens, d, generator=gen, device="cuda", dtype=dtype) for _ in range(3))
-        mask = random_topk_mask(1, 2, tokens, tokens, m, 0.3, "cuda", gen)
-        out = sparse_attention(q, k, v, mask, spec=spec)
-        err = relative_l2(out.float(), reference_attention(q, k, v, mask)[0])
-        print(f"{spec.name}: rel L2 {err:.2e}")
-        assert err < 2e-2
+        masks = {"random": random_topk_mask(1, 2, tokens, tokens, m, 0.3, "cuda", gen)}
+        if isinstance(spec, Sm90WsAttentionSpec):
+            masks["full"] = SliceMask.full(1, 2, tokens, tokens, m, device="cuda")
+            masks["window"] = window_mask(tokens, m, 200)
+        for kind, mask in masks.items():
+            out = sparse_attention(q, k, v, mask, spec=spec)
+            err = relative_l2(out.float(), reference_attention(q, k, v, mask)[0])
+            print(f"{spec.name} {kind}: rel L2 {err:.2e}")
+            assert err < 2e-2
     q, k = (torch.randn(1, 2, 700, 64, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     lse = torch.logsumexp(q.float() @ k.float().transpose(-1, -2) / 8.0, -1)
     for kw in (dict(method="topk", density=0.1), dict(method="topk", density=0.1, pool=None, exact_band=None),
                dict(method="tau", tau=0.8), dict(method="threshold", threshold=0.01, pool=None, exact_band=None),
-               dict(method="topk", top_k=20, pool=16, combine="union"), dict(method="colmax", lse=lse)):
+               dict(method="topk", top_k=20, pool=16, combine="union"), dict(method="colmax", lse=lse),
+               dict(method="topk", density=0.1, pooling="sample"), dict(method="topk", density=0.1, pooling="both")):
         mask = predict_mask(q, k, 64, **kw).validate()
-        print(f"predict_mask {kw.get('method')} {sorted(k for k in kw if k != 'lse')}: density {mask.density():.3f}")
+        print(f"predict_mask {kw.get('method')} {sorted(k for k in kw if k != 'lse')} {kw.get('pooling', '')}: "
+              f"density {mask.density():.3f}")
     long_k = torch.randn(1, 1, 75_600, 64, generator=gen, device="cuda", dtype=torch.float16)
     mask = predict_mask(long_k[:, :, :128], long_k, 64, "tau", tau=0.9, pool=None, exact_band=None).validate()
     print(f"global-row selection: density {mask.density():.4f}")

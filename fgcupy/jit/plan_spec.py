@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .launch import ParamStruct
+from .plain_spec import PlainKernelSpec
 
 ORDER_THREADS = 1024
 #: Buckets of the order: a row's key tiles (of ORDER_TILE_KEYS keys), shifted right until the
@@ -31,21 +32,11 @@ def order_shift(kv_len: int) -> int:
 
 
 @dataclass(frozen=True)
-class LaunchOrderSpec:
+class LaunchOrderSpec(PlainKernelSpec):
     """``fg::launch_order``: one CTA writes the rows of a mask longest first (see the source)."""
 
     source = "launch_order.cu"
     template = "fg::launch_order"
-    extra_options = ()
     threads = ORDER_THREADS
     params = ORDER_PARAMS
     constants = ORDER_CONSTANTS
-    smem_bytes = 0
-
-    @property
-    def name(self) -> str:
-        return "launch_order"
-
-    @property
-    def name_expression(self) -> str:
-        return self.template

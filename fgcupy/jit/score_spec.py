@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .launch import ParamStruct
+from .plain_spec import PlainKernelSpec
 from .spec import DTYPES, HEAD_DIMS
 
 _CPP_DTYPE = {"bfloat16": "fg::bf16_t", "float16": "fg::fp16_t"}
@@ -246,47 +247,27 @@ class SelectSpec:
 
 
 @dataclass(frozen=True)
-class EmitSpec:
+class EmitSpec(PlainKernelSpec):
     """``fg::emit_rows``: count or write the kept keys of each output row from the selection
     bitmasks, the union over a group of selected sub-rows plus an optional diagonal band."""
 
     source = "mask_select.cu"
     template = "fg::emit_rows"
-    extra_options = ()
     threads = EMIT_THREADS
     params = EMIT_PARAMS
     shared_params = (SELECT_PARAMS,)
     constants = SELECT_CONSTANTS
-    smem_bytes = 0
-
-    @property
-    def name(self) -> str:
-        return "emit_rows"
-
-    @property
-    def name_expression(self) -> str:
-        return self.template
 
 
 @dataclass(frozen=True)
-class DilateSpec:
+class DilateSpec(PlainKernelSpec):
     """``fg::dilate_rows``: each score row's sliding maximum over keys j - radius .. j + radius."""
 
     source = "mask_dilate.cu"
     template = "fg::dilate_rows"
-    extra_options = ()
     threads = DILATE_THREADS
     params = DILATE_PARAMS
     constants = DILATE_CONSTANTS
-    smem_bytes = 0
-
-    @property
-    def name(self) -> str:
-        return "dilate_rows"
-
-    @property
-    def name_expression(self) -> str:
-        return self.template
 
     @staticmethod
     def grid(rows: int, ld: int) -> tuple:
