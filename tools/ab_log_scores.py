@@ -16,14 +16,11 @@ import tempfile
 
 import torch
 
-from bench.cases import sdpa_call
 from fgcupy import mask_kernels, predict_mask
-from fgcupy import mask_reference as ref
 from fgcupy.jit import source as src
 from fgcupy.mask_request import make_request
-from fgcupy.timing import cuda_time_ms
-from fgcupy.workloads import SHAPES, video_qkv
 from tools.compare_scoring import EarlierKernel
+from tools.scoring_setup import queued_ms, scoring_setup
 
 FLOAT32_STORE = """                const float m = fast_exp2(run[i]);
                 if (band) dst[8 * i] = fmaxf(dst[8 * i], m);
@@ -47,19 +44,10 @@ def log_store_source() -> str:
 
 
 def main():
-    shape = SHAPES["wan14b-480p"]
-    q, k, v = video_qkv(shape, "mixed", seed=0, device="cuda")
-    heads, seq, dim = shape.heads, shape.seq, shape.head_dim
-    scale = 1 / math.sqrt(dim)
-
-    def ms(fn):
-        return cuda_time_ms(fn, warmup=2, reps=10, queued=True)["median_ms"]
-
-    print(torch.cuda.get_device_name())
-    dense = ms(sdpa_call(q, k, v, "cudnn"))
-    print(f"SDPA cuDNN dense {dense:.3f} ms")
-    pooled = ref.pool_queries(q, 32).to(q.dtype).contiguous()
-    plse = mask_kernels.gpu_scores("stats", pooled, k, scale, warps=8)
+    setup = scoring_setup()
+    q, k, scale, pooled, plse, dense = setup.q, setup.k, setup.scale, setup.pooled, setup.pooled_lse, setup.dense_ms
+    heads, seq, dim = setup.shape.heads, setup.shape.seq, setup.shape.head_dim
+    ms = queued_ms
     with tempfile.NamedTemporaryFile("w", suffix=".cu") as variant_file:
         variant_file.write(log_store_source())
         variant_file.flush()

@@ -10,35 +10,23 @@ launches against the fused one; then predict_mask's default, its
 sampled and combined poolings, and column-max predictions. --table adds the GPU kernels of one default prediction.
 """
 
-import math
 import sys
 
 import torch
 
-from bench.cases import sdpa_call
 from fgcupy import mask_kernels, predict_mask
-from fgcupy import mask_reference as ref
 from fgcupy.oracle import exact_lse
-from fgcupy.timing import cuda_time_ms
-from fgcupy.workloads import SHAPES, video_qkv
+from tools.scoring_setup import queued_ms, scoring_setup
 
 
 def main():
-    shape = SHAPES["wan14b-480p"]
-    q, k, v = video_qkv(shape, "mixed", seed=0, device="cuda")
-    heads, seq, dim = shape.heads, shape.seq, shape.head_dim
-    scale = 1 / math.sqrt(dim)
+    setup = scoring_setup()
+    q, k, scale, pooled, pooled_lse, dense = (setup.q, setup.k, setup.scale, setup.pooled, setup.pooled_lse,
+                                              setup.dense_ms)
+    heads, seq, dim = setup.shape.heads, setup.shape.seq, setup.shape.head_dim
     lse = exact_lse(q, k, scale)
     flops = 2 * heads * seq * seq * dim  # one Q K^T
-
-    def ms(fn):
-        return cuda_time_ms(fn, warmup=2, reps=10, queued=True)["median_ms"]
-
-    print(torch.cuda.get_device_name())
-    dense = ms(sdpa_call(q, k, v, "cudnn"))
-    print(f"SDPA cuDNN dense: {dense:.3f} ms")
-    pooled = ref.pool_queries(q, 32).to(q.dtype).contiguous()
-    pooled_lse = mask_kernels.gpu_scores("stats", pooled, k, scale, warps=8)
+    ms = queued_ms
     kernels = ["mma"] + (["wgmma"] if torch.cuda.get_device_capability() == (9, 0) else [])
     for kernel in kernels:
         t = ms(lambda: mask_kernels.gpu_scores("maxprob", q, k, scale, lse=lse.reshape(heads, -1), group=128,
