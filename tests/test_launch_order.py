@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgcupy import SliceMask
+import fgcupy.attention_kernel as attention_kernel
 from fgcupy.attention_kernel import block_order, order_buckets
 from fgcupy.jit.plan_spec import ORDER_BUCKETS, ORDER_SEGMENT, ORDER_TILE_KEYS, LaunchOrderSpec, order_shift
 
@@ -21,6 +22,16 @@ def _mask_of_lengths(lengths, q_blocks: int, kv_len: int, device="cpu") -> Slice
     indptr[:, 1:] = rows.cumsum(1)  # a negative length makes indptr go down (a corrupt mask)
     return SliceMask(indptr.to(torch.int32).reshape(batch, heads, q_blocks + 1).to(device),
                      torch.zeros(1, dtype=torch.int32, device=device), 128, q_blocks * 128, kv_len)
+
+
+@pytest.mark.parametrize("schedule, loads_order", [("longest_first", True), ("index", False)])
+def test_plan_loads_the_order_kernel_only_for_its_schedule(monkeypatch, schedule, loads_order):
+    loaded = []
+    monkeypatch.setattr(attention_kernel, "get_kernel_on", lambda device, spec: loaded.append(spec))
+    monkeypatch.setattr(attention_kernel, "load_in_background", lambda device, spec: loaded.append(spec))
+    attention_kernel.load_kernels("cuda:0", "attention spec", schedule)
+    assert "attention spec" in loaded
+    assert any(isinstance(spec, LaunchOrderSpec) for spec in loaded) == loads_order
 
 
 def test_shift_puts_every_possible_row_in_a_bucket():
