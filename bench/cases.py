@@ -21,6 +21,16 @@ def random_topk_mask(batch, heads, q_len, kv_len, slice_m, density, seed=0, devi
     return mask_random_topk(batch, heads, q_len, kv_len, slice_m, density, device, gen)
 
 
+def window_mask(batch, heads, tokens, slice_m, radius, device="cuda"):
+    """Each query block keeps the keys within ``radius`` of its centre: one contiguous run per
+    block, whose whole key tiles the Hopper kernel loads through tensor maps."""
+    blocks = num_blocks(tokens, slice_m)
+    centre = (torch.arange(blocks, device=device) * slice_m + slice_m // 2)[:, None]
+    keys = torch.arange(tokens, device=device)[None, :]
+    within = ((keys - centre).abs() <= radius).expand(batch, heads, blocks, tokens)
+    return SliceMask.from_dense(within, slice_m, tokens)
+
+
 def uneven_mask(batch, heads, q_len, kv_len, slice_m, low=0.01, high=1.0, seed=0, device="cuda"):
     """Query blocks keep between ``low`` and ``high`` of the keys, growing with the block's
     position in (batch, head, block) order: the longest lists come last, the worst case for a

@@ -109,7 +109,6 @@ def scoring() -> None:
         for name, variant in variants.items():
             line += f" | {name} polynomial {queued_ms(lambda: variant('stats', pooled)):.3f} ms"
         print(line, flush=True)
-    del setup
 
 
 def attention() -> None:

@@ -8,19 +8,16 @@ withheld), wan14b-480p, beside SDPA cuDNN dense (GPU, Hopper):
 import torch
 
 import fgcupy.attention_kernel as attention_kernel
-from bench.cases import random_inputs, random_topk_mask, sdpa_call
+from bench.cases import random_inputs, random_topk_mask, sdpa_call, window_mask
 from fgcupy import SliceMask, SparseAttention
 from fgcupy.timing import cuda_time_ms
 
 B, H, S, D = 1, 40, 32760, 128
 
 
-def window_mask(density: float) -> SliceMask:
+def centred_window(density: float) -> SliceMask:
     """Each 128-query block keeps the keys within density * S / 2 of its centre."""
-    blocks = -(-S // 128)
-    centre = (torch.arange(blocks, device="cuda") * 128 + 64)[:, None]
-    keys = torch.arange(S, device="cuda")[None, :]
-    return SliceMask.from_dense(((keys - centre).abs() <= int(density * S / 2)).expand(B, H, blocks, S), 128, S)
+    return window_mask(B, H, S, 128, int(density * S / 2))
 
 
 def main() -> None:
@@ -29,8 +26,8 @@ def main() -> None:
     print(torch.cuda.get_device_name(), "| wan14b-480p", (B, H, S, D))
     cudnn = cuda_time_ms(sdpa_call(q, k, v, "cudnn"), reps=10)["median_ms"]
     print(f"sdpa-cudnn dense {cudnn:.2f} ms")
-    masks = {"dense": SliceMask.full(B, H, S, S, 128, device="cuda"), "window 0.3": window_mask(0.3),
-             "window 0.1": window_mask(0.1), "random 0.3": random_topk_mask(B, H, S, S, 128, 0.3),
+    masks = {"dense": SliceMask.full(B, H, S, S, 128, device="cuda"), "window 0.3": centred_window(0.3),
+             "window 0.1": centred_window(0.1), "random 0.3": random_topk_mask(B, H, S, S, 128, 0.3),
              "random 0.1": random_topk_mask(B, H, S, S, 128, 0.1)}
     out = torch.empty_like(q)
     for name, mask in masks.items():

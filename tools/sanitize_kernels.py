@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from bench.cases import window_mask
 from fgcupy import SliceMask, predict_mask, reference_attention, sparse_attention
 from fgcupy.jit import AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec
 from fgcupy.mask import random_topk_mask
@@ -40,15 +41,6 @@ def attention_cases():
         yield Sm90WsAttentionSpec("float16", 256, 64, key_tile=64, stages=3, pingpong=0), 1500
 
 
-def window_mask(tokens: int, slice_m: int, radius: int) -> SliceMask:
-    """Each query block keeps the keys within ``radius`` of its centre: contiguous runs, so whole
-    key tiles load through tensor maps and the runs' ragged ends are gathered."""
-    blocks = -(-tokens // slice_m)
-    centre = (torch.arange(blocks, device="cuda") * slice_m + slice_m // 2)[:, None]
-    keys = torch.arange(tokens, device="cuda")[None, :]
-    return SliceMask.from_dense(((keys - centre).abs() <= radius).expand(1, 2, blocks, tokens), slice_m, tokens)
-
-
 def main() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
     for spec, tokens in attention_cases():
@@ -58,7 +50,7 @@ def main() -> None:
         masks = {"random": random_topk_mask(1, 2, tokens, tokens, m, 0.3, "cuda", gen)}
         if isinstance(spec, Sm90WsAttentionSpec):
             masks["full"] = SliceMask.full(1, 2, tokens, tokens, m, device="cuda")
-            masks["window"] = window_mask(tokens, m, 200)
+            masks["window"] = window_mask(1, 2, tokens, m, 200)
         for kind, mask in masks.items():
             out = sparse_attention(q, k, v, mask, spec=spec)
             err = relative_l2(out.float(), reference_attention(q, k, v, mask)[0])
