@@ -64,7 +64,7 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int wg = warp >> 2;
+  const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0);  // warp-uniform to the compiler: descriptors in uniform registers
   const int g = lane >> 2;
   const int tig = lane & 3;
   const u16* __restrict__ rows = static_cast<const u16*>(p.rows);
@@ -97,14 +97,28 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
     const u16* src = r_base + (valid ? static_cast<i64>(row0 + r) * r_ss : 0) + my_chunk * 8;
     cp_async16(sR_u32 + 2 * sw128_offset<S::kRows>(r, my_chunk), src, valid);
   }
+  // Key tiles: this thread copies chunk my_chunk of rows my_row + j * kRowsPerPass. Its source
+  // and destination advance by fixed steps (the rows' swizzle repeats every 8), so a tile's
+  // addresses are additions, not a 64-bit multiply per row; only a chunk's last, partial tile
+  // tests rows against key_end (those past it are zero-filled from a valid address).
+  const u16* k_thread = k_base + static_cast<i64>(key_begin + my_row) * k_ss + my_chunk * 8;
+  const i64 k_pass_step = static_cast<i64>(S::kRowsPerPass) * k_ss;
+  const u32 k_dst = sK_u32 + 2 * sw128_offset<kN>(my_row, my_chunk);
+  constexpr u32 kPassBytes = S::kRowsPerPass * 128;  // kRowsPerPass swizzled rows of one column half
+  static_assert(S::kRowsPerPass % 8 == 0, "a pass of rows keeps each row's swizzle phase");
   auto issue_tile = [&](int t, int stage) {
+    const u16* src = k_thread + static_cast<i64>(t) * kN * k_ss;
+    const u32 dst = k_dst + stage * S::kTileElems * 2;
+    if (key_begin + (t + 1) * kN <= key_end) {
 #pragma unroll
-    for (int j = 0; j < kN / S::kRowsPerPass; ++j) {
-      const int r = my_row + j * S::kRowsPerPass;
-      const int key = key_begin + t * kN + r;
-      const bool valid = key < key_end;
-      const u16* src = k_base + (valid ? static_cast<i64>(key) * k_ss : 0) + my_chunk * 8;
-      cp_async16(sK_u32 + 2 * (stage * S::kTileElems + sw128_offset<kN>(r, my_chunk)), src, valid);
+      for (int j = 0; j < kN / S::kRowsPerPass; ++j) cp_async16(dst + j * kPassBytes, src + j * k_pass_step, true);
+    } else {
+      const int rows_left = key_end - (key_begin + t * kN + my_row);
+#pragma unroll
+      for (int j = 0; j < kN / S::kRowsPerPass; ++j) {
+        const bool valid = j * S::kRowsPerPass < rows_left;
+        cp_async16(dst + j * kPassBytes, valid ? src + j * k_pass_step : k_base, valid);
+      }
     }
   };
   if (MODE == kMode_maxprob && tid < S::kRows) {

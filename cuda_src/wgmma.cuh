@@ -81,6 +81,13 @@ __device__ __forceinline__ u64 smem_desc_sw128(u32 smem_addr, u32 lbo_bytes, u32
          (static_cast<u64>(sbo_bytes >> 4) << 32) | (1ull << 62);
 }
 
+// `desc` with its start address moved on by `bytes` (a multiple of 16, staying inside shared
+// memory): the address is the descriptor's low 14 bits, so one 32-bit add moves it, where
+// building each descriptor afresh costs a mask, a shift and an or per wgmma.
+__device__ __forceinline__ u64 desc_advance(u64 desc, u32 bytes) {
+  return (desc & 0xFFFFFFFF00000000ull) | static_cast<u32>(static_cast<u32>(desc) + (bytes >> 4));
+}
+
 // The 128-byte-swizzle layout wgmma expects: a tile of R rows and D columns is stored as D/64
 // column halves of [R][128 B]; 16-byte chunk c of row r lives at half c/8, line r, chunk
 // (c % 8) ^ (r % 8). Every half starts on a 1024-byte boundary. Offset in elements.
@@ -93,12 +100,12 @@ __device__ __forceinline__ int sw128_offset(int row, int chunk) {
 // a_half0 (the row offset already added), B N rows of a b_rows-row sw128 tile at b_half0.
 template <class T, int D, int N>
 __device__ __forceinline__ void wgmma_ss_tile(float (&acc)[N / 2], u32 a_half0, int a_rows, u32 b_half0, int b_rows) {
+  const u64 da0 = smem_desc_sw128(a_half0, 16, 1024);
+  const u64 db0 = smem_desc_sw128(b_half0, 16, 1024);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    const u32 a_addr = a_half0 + (kk / 4) * a_rows * 128 + (kk % 4) * 32;
-    const u32 b_addr = b_half0 + (kk / 4) * b_rows * 128 + (kk % 4) * 32;
-    const u64 da = smem_desc_sw128(a_addr, 16, 1024);
-    const u64 db = smem_desc_sw128(b_addr, 16, 1024);
+    const u64 da = desc_advance(da0, (kk / 4) * a_rows * 128 + (kk % 4) * 32);
+    const u64 db = desc_advance(db0, (kk / 4) * b_rows * 128 + (kk % 4) * 32);
     if constexpr (N == 64) Wgmma<T>::ss_n64(acc, da, db, kk > 0);
     else Wgmma<T>::ss_n128(acc, da, db, kk > 0);
   }

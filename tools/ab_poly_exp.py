@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-import fgcupy.jit.runtime as runtime
 import fgcupy.jit.source as source
 from bench.cases import random_inputs, random_topk_mask, sdpa_call
 from fgcupy import SliceMask, SparseAttention, mask_kernels, reference_attention
 from fgcupy.reference import relative_l2
 from fgcupy.timing import cuda_time_ms
+from tools.ab_sources import use_sources
 from tools.compare_scoring import EarlierKernel
 from tools.scoring_setup import queued_ms, scoring_setup
 
@@ -77,14 +77,6 @@ def softmax_variant_dir(cond: str) -> Path:
     new = f"    if ({cond}) {{\n{poly}\n    }} else {{\n{SOFTMAX_EXP}\n    }}"
     header.write_text(_patched(header.read_text(), SOFTMAX_EXP, new, "template <int N>\n__device__ __forceinline__ void softmax_tile"))
     return folder
-
-
-def use_sources(folder: Path) -> None:
-    """Compile and load kernels from ``folder`` from now on (their hash keys the disk cache)."""
-    source.SOURCE_DIR = folder
-    source.source_hash.cache_clear()
-    source.read_source.cache_clear()
-    runtime._kernels.clear()
 
 
 def scoring() -> None:
