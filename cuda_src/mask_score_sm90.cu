@@ -23,6 +23,7 @@
 // same keys from L2. Two CTAs per SM: one's reductions overlap the other's products (256 rows
 // per CTA, one CTA per SM and two products in flight per warpgroup measured slower).
 #include "common.cuh"
+#include "sync_sm90.cuh"
 #include "wgmma.cuh"
 
 namespace fg {
@@ -97,28 +98,49 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
     const u16* src = r_base + (valid ? static_cast<i64>(row0 + r) * r_ss : 0) + my_chunk * 8;
     cp_async16(sR_u32 + 2 * sw128_offset<S::kRows>(r, my_chunk), src, valid);
   }
-  // Key tiles: this thread copies chunk my_chunk of rows my_row + j * kRowsPerPass. Its source
-  // and destination advance by fixed steps (the rows' swizzle repeats every 8), so a tile's
-  // addresses are additions, not a 64-bit multiply per row; only a chunk's last, partial tile
-  // tests rows against key_end (those past it are zero-filled from a valid address).
-  const u16* k_thread = k_base + static_cast<i64>(key_begin + my_row) * k_ss + my_chunk * 8;
-  const i64 k_pass_step = static_cast<i64>(S::kRowsPerPass) * k_ss;
-  const u32 k_dst = sK_u32 + 2 * sw128_offset<kN>(my_row, my_chunk);
-  constexpr u32 kPassBytes = S::kRowsPerPass * 128;  // kRowsPerPass swizzled rows of one column half
-  static_assert(S::kRowsPerPass % 8 == 0, "a pass of rows keeps each row's swizzle phase");
+  // Key tiles. In maxprob mode each warpgroup's A operand is its own 64 keys of the tile, so
+  // each warpgroup copies just those and waits on its own named barrier: the two run apart, one's
+  // epilogue beside the other's product. Where both read every key (stats, band), all threads
+  // copy the tile and meet at __syncthreads.
+  // A loader copies chunk l_chunk of rows l_row + j * kLoadPass. Its source and destination
+  // advance by fixed steps (the rows' swizzle repeats every 8), so a tile's addresses are
+  // additions, not a 64-bit multiply per row; only a chunk's last, partial tile tests rows
+  // against key_end (those past it are zero-filled from a valid address).
+  constexpr bool kOwnKeys = MODE == kMode_maxprob;
+  constexpr int kLoaders = kOwnKeys ? 128 : S::kThreads;
+  constexpr int kLoadRows = kOwnKeys ? 64 : kN;
+  constexpr int kLoadPass = kLoaders / S::kChunksPerRow;
+  static_assert(kLoadPass % 8 == 0 && kLoadRows % kLoadPass == 0, "a pass of rows keeps each row's swizzle phase");
+  const int l_tid = kOwnKeys ? tid & 127 : tid;
+  const int l_chunk = l_tid % S::kChunksPerRow;
+  const int l_row = (kOwnKeys ? wg * 64 : 0) + l_tid / S::kChunksPerRow;
+  const u16* k_thread = k_base + static_cast<i64>(key_begin + l_row) * k_ss + l_chunk * 8;
+  const i64 k_pass_step = static_cast<i64>(kLoadPass) * k_ss;
+  const u32 k_dst = sK_u32 + 2 * sw128_offset<kN>(l_row, l_chunk);
+  constexpr u32 kPassBytes = kLoadPass * 128;  // kLoadPass swizzled rows of one column half
   auto issue_tile = [&](int t, int stage) {
     const u16* src = k_thread + static_cast<i64>(t) * kN * k_ss;
     const u32 dst = k_dst + stage * S::kTileElems * 2;
     if (key_begin + (t + 1) * kN <= key_end) {
 #pragma unroll
-      for (int j = 0; j < kN / S::kRowsPerPass; ++j) cp_async16(dst + j * kPassBytes, src + j * k_pass_step, true);
+      for (int j = 0; j < kLoadRows / kLoadPass; ++j) cp_async16(dst + j * kPassBytes, src + j * k_pass_step, true);
     } else {
-      const int rows_left = key_end - (key_begin + t * kN + my_row);
+      const int rows_left = key_end - (key_begin + t * kN + l_row);
 #pragma unroll
-      for (int j = 0; j < kN / S::kRowsPerPass; ++j) {
-        const bool valid = j * S::kRowsPerPass < rows_left;
+      for (int j = 0; j < kLoadRows / kLoadPass; ++j) {
+        const bool valid = j * kLoadPass < rows_left;
         cp_async16(dst + j * kPassBytes, valid ? src + j * k_pass_step : k_base, valid);
       }
+    }
+  };
+  // The first tile's wait also covers the resident rows and their lse, which every thread
+  // copied or wrote: all threads meet there.
+  auto tile_sync = [&](bool first) {
+    if (kOwnKeys && !first) {
+      if (wg == 0) named_sync(1, 128);  // constant ids: ptxas reserves only the barriers named
+      else named_sync(2, 128);
+    } else {
+      __syncthreads();
     }
   };
   if (MODE == kMode_maxprob && tid < S::kRows) {
@@ -153,7 +175,7 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
       cp_async_commit();
       cp_async_wait<1>();
       fence_proxy_async();
-      __syncthreads();
+      tile_sync(t == 0);
       const u32 k_stage = sK_u32 + (t & 1) * S::kTileElems * 2;
       const int tile_key = key_begin + t * kN;
 
@@ -225,7 +247,7 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
           }
         }
       }
-      __syncthreads();  // the stage is refilled by the next iteration
+      tile_sync(false);  // the stage is refilled by the next iteration
     }
     cp_async_wait<0>();
 
