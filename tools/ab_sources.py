@@ -44,7 +44,11 @@ def use_sources(folder: Path) -> None:
 
 
 def revision_sources(rev: str, into: Path) -> Path:
-    """``rev``'s cuda_src/ unpacked under ``into``."""
+    """``rev``'s cuda_src/ unpacked under ``into``; a folder of kernel sources is taken as is
+    (for a copy of the tree without its git history: ``git archive REV cuda_src | tar -x -C DIR``
+    beforehand, then pass DIR/cuda_src)."""
+    if Path(rev).is_dir():
+        return Path(rev)
     repo = Path(__file__).resolve().parent.parent
     archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "cuda_src"], check=True,
                              capture_output=True).stdout
@@ -136,7 +140,7 @@ def scoring(variants: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("revs", nargs="+", help="git revisions whose cuda_src/ is timed beside the working tree's")
+    parser.add_argument("revs", nargs="+", help="git revisions (or folders of kernel sources) timed beside the tree's")
     parser.add_argument("--skip", nargs="*", default=[], choices=["scoring", "attention"])
     args = parser.parse_args()
     print(torch.cuda.get_device_name())
