@@ -216,8 +216,16 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
         // Column tile by column tile: the exponent's max over the thread's two rows of each key,
         // folded over the tiles of one group (groups of 16 or more rows span several), then over
         // the quad lanes the group spans; one exp2 and store per group and key.
+        // Stores: one pointer stepped by a group's output rows, the key bound tested only on a
+        // chunk's last tile, raised in place only where a band is possible (groups of a whole
+        // row tile): with a row of stores per column tile, their address arithmetic and branches
+        // would outnumber the math.
         constexpr int kTilesPerGroup = GROUP >= 16 ? GROUP / 8 : 1;
         constexpr int kLanes = GROUP >= 8 ? 4 : GROUP / 2;  // quad lanes one group spans
+        constexpr int kRowsPerStep = GROUP >= 8 ? 1 : 8 / GROUP;  // output rows between two groups' stores
+        const bool full_tile = tile_key + kN <= key_end;
+        const i64 step_ld = kRowsPerStep * out_ld;
+        float* dst = out_thread + tile_key;
         float run[2];
 #pragma unroll
         for (int nt = 0; nt < S::kRows / 8; ++nt) {
@@ -235,16 +243,16 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
           }
           const int step = ((nt + 1 - kTilesPerGroup) * 8) >> kGroupShift;  // output rows past orow0
           if ((tig & (kLanes - 1)) == 0 && orow0 + step < out_rows) {
-            float* dst = out_thread + step * out_ld + tile_key;
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-              if (tile_key + thread_row + 8 * i < key_end) {
+              if (full_tile || tile_key + thread_row + 8 * i < key_end) {
                 const float m = fast_exp2(run[i]);
-                if (band) dst[8 * i] = fmaxf(dst[8 * i], m);
+                if (GROUP == S::kRows && band) dst[8 * i] = fmaxf(dst[8 * i], m);
                 else __stcs(dst + 8 * i, m);  // streamed: keep L2 for the key tiles other CTAs read
               }
             }
           }
+          dst += step_ld;
         }
       }
       tile_sync(false);  // the stage is refilled by the next iteration
