@@ -220,8 +220,9 @@ __device__ __forceinline__ unsigned key_at(const RowCtx<S>& c, int i) { return o
 
 // Coarse bin (1 .. kBins-1, best first) of a non-band score v: non-increasing in v's order key
 // (NaN lowest), so a smaller bin always means a strictly larger key.
-__device__ __forceinline__ int coarse_bin(const RowBase& c, float v) {
-  if (c.logit) {
+template <bool LOGIT>
+__device__ __forceinline__ int coarse_bin_of(const RowBase& c, float v) {
+  if (LOGIT) {
     // 1 + round(t) from the mantissa of t + 2^23 + 1 (no float-to-int conversion unit).
     const float t = fminf(fmaxf(fmaf(-kBinsPerLogit, v, c.lse_bins), 0.f), static_cast<float>(kBins - 2));
     return v == v ? (__float_as_int(__fadd_rn(t, 8388609.f)) & 0x7fffff) : kBins - 1;
@@ -231,17 +232,24 @@ __device__ __forceinline__ int coarse_bin(const RowBase& c, float v) {
   const int b = kProbTop - static_cast<int>(u >> 18);
   return min(max(b, 1), kBins - 1);
 }
+__device__ __forceinline__ int coarse_bin(const RowBase& c, float v) {
+  return c.logit ? coarse_bin_of<true>(c, v) : coarse_bin_of<false>(c, v);
+}
 
 // The bin every pass uses: the coarse bin, except that with a threshold split the keys of bin
 // split_bin below split_v move to the next bin. Bins stay monotone (a smaller bin still means
 // a strictly larger key), and the keys at or above the threshold are exactly the bins up to
 // split_bin. Every pass computes bins with this one function (SPLIT = false only where no row
 // has a split), so the staged bins and the search agree exactly.
-template <bool SPLIT = true>
-__device__ __forceinline__ int value_bin(const RowBase& c, float v) {
-  const int b = coarse_bin(c, v);
+template <bool SPLIT, bool LOGIT>
+__device__ __forceinline__ int value_bin_of(const RowBase& c, float v) {
+  const int b = coarse_bin_of<LOGIT>(c, v);
   if (!SPLIT) return b;
   return b == c.split_bin && v < c.split_v ? b + 1 : b;  // (that bin holds no NaN)
+}
+template <bool SPLIT = true>
+__device__ __forceinline__ int value_bin(const RowBase& c, float v) {
+  return c.logit ? value_bin_of<SPLIT, true>(c, v) : value_bin_of<SPLIT, false>(c, v);
 }
 
 // Bin of key i (0 for the band): from shared memory when staged, else from the row.
@@ -459,15 +467,33 @@ __device__ unsigned first_pass(const RowCtx<S>& c, u16* bins_out, unsigned* cnt,
       S::unpack(raw[j], xs);
       const bool near_band = V * f < c.band_hi && V * f + V > c.band_lo;
       int bs[V];
+      if (!near_band && V * f + V <= c.n) {
+        // Most vectors: no band key, none past the row, the row's kind known once (their
+        // per-key tests and branches cost more than the binning).
+        if (c.logit) {
 #pragma unroll
-      for (int e = 0; e < V; ++e) {
-        const int i = V * f + e;
-        const bool band = near_band && in_band(c, i);
-        bs[e] = band ? 0 : value_bin<COUNT_THR>(c, xs[e]);
-        if (i < c.n) {
+          for (int e = 0; e < V; ++e) bs[e] = value_bin_of<COUNT_THR, true>(c, xs[e]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < V; ++e) bs[e] = value_bin_of<COUNT_THR, false>(c, xs[e]);
+        }
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
           atomicAdd(cnt + bs[e], 1u);
           if (MASS) mass.add(bs[e], key_mass(c, order_key(xs[e])));
-          if (COUNT_THR && c.split_bin < 0 && !band && order_key(xs[e]) >= u_thr) ++above_thr;
+          if (COUNT_THR && c.split_bin < 0 && order_key(xs[e]) >= u_thr) ++above_thr;
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const int i = V * f + e;
+          const bool band = near_band && in_band(c, i);
+          bs[e] = band ? 0 : value_bin<COUNT_THR>(c, xs[e]);
+          if (i < c.n) {
+            atomicAdd(cnt + bs[e], 1u);
+            if (MASS) mass.add(bs[e], key_mass(c, order_key(xs[e])));
+            if (COUNT_THR && c.split_bin < 0 && !band && order_key(xs[e]) >= u_thr) ++above_thr;
+          }
         }
       }
       if (STAGED) store_bins<V>(bins_out, V * f, bs);
