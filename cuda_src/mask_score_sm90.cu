@@ -2,7 +2,8 @@
 // of mask_score.cu, same parameters and outputs, at wgmma rates.
 //
 // A CTA (two warpgroups) keeps 128 rows in shared memory and walks its key chunk in tiles of
-// 128 keys (cp.async into 128-byte-swizzled stages). Both modes multiply the same two tiles;
+// 128 keys (cp.async into two 128-byte-swizzled stages; in maxprob mode each warpgroup copies
+// and waits for only its own 64 keys, so the two run apart). Both modes multiply the same two tiles;
 // they differ in which one is the wgmma's A operand, so that each mode's reduction stays
 // inside a thread and its quad:
 //   stats (rows are A, 64 per warpgroup; keys are N): each row's log-sum-exp over the chunk,
