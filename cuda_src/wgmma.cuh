@@ -81,8 +81,9 @@ __device__ __forceinline__ u64 smem_desc_sw128(u32 smem_addr, u32 lbo_bytes, u32
          (static_cast<u64>(sbo_bytes >> 4) << 32) | (1ull << 62);
 }
 
-// `desc` with its start address moved on by `bytes` (a multiple of 16, staying inside shared
-// memory): the address is the descriptor's low 14 bits, so one 32-bit add moves it, where
+// `desc` with its start address moved on by `bytes` (a multiple of 16; the sum stays below
+// 256 KiB, as every shared address does): the address is the descriptor's low 14 bits (of the
+// address >> 4), so one 32-bit add moves it, where
 // building each descriptor afresh costs a mask, a shift and an or per wgmma.
 __device__ __forceinline__ u64 desc_advance(u64 desc, u32 bytes) {
   return (desc & 0xFFFFFFFF00000000ull) | static_cast<u32>(static_cast<u32>(desc) + (bytes >> 4));

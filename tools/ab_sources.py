@@ -4,7 +4,8 @@
 
 Each REV's cuda_src/ (``git archive``) is unpacked into a temporary folder and the runtime is
 pointed at one folder or another between timings (``use_sources``), in alternation, so every
-build meets the same clocks. First each build's outputs are compared with the first REV's, then:
+build meets the same clocks. First each build's outputs are compared with the first REV's
+(attention outputs, scores, and the keys of default predictions), then:
 * attention: wan14b-480p dense and random key lists (0.3, 0.1), cogvideox5b dense, beside SDPA
   cuDNN; CUDA-event medians;
 * scoring: the column-max pass (every query, groups of 128, LSE given), the default's pooled
@@ -106,6 +107,11 @@ def _attention_preset(variants: dict, preset: str, shape: tuple, densities: tupl
         print(_line(f"density {density}", times, cudnn * density, "x (d x cuDNN)"), flush=True)
 
 
+def _same_keys(a, b) -> bool:
+    """Whether two slice masks keep the same keys in every row (slots no row owns are not data)."""
+    return all(torch.equal(x, y) for x, y in zip(a.flat_rows(), b.flat_rows()))
+
+
 def scoring(variants: dict) -> None:
     setup = scoring_setup()
     q, k, scale, pooled, pooled_lse, dense = setup.q, setup.k, setup.scale, setup.pooled, setup.pooled_lse, setup.dense_ms
@@ -119,23 +125,35 @@ def scoring(variants: dict) -> None:
         "pool-32 stats pass": lambda: mask_kernels.gpu_scores("stats", pooled, k, scale, warps=8, kernel="wgmma"),
         "pool-32 max-prob pass": lambda: mask_kernels.gpu_scores("maxprob", pooled, k, scale, lse=pooled_lse,
                                                                  group=4, warps=8, kernel="wgmma"),
+        # Raises `work` in place to maxima: timed on its own output (calls after the first change
+        # nothing), compared from a fresh copy of the pooled scores.
         "fused exact band": lambda: mask_kernels.gpu_refine_band(q, k, scale, pooled_lse, 32, 128, (-64, 256),
-                                                                 work.copy_(base), kernel="wgmma"),
+                                                                 work, kernel="wgmma"),
     }
     for label, fn in passes.items():
         outs = {}
         for name, folder in variants.items():
             use_sources(folder)
+            work.copy_(base)
             outs[name] = fn().clone()
         first, *rest = outs
         for name in rest:
             diff = (outs[name] - outs[first]).abs().max().item()
             print(f"  {label}: largest difference {name} - {first} {diff:.2e}")
+    predictions = {density: (lambda d=density: predict_mask(q, k, 128, method="topk", density=d)) for density in (0.1, 0.3)}
+    for density, fn in predictions.items():
+        masks = {}
+        for name, folder in variants.items():
+            use_sources(folder)
+            masks[name] = fn()
+        first, *rest = masks
+        for name in rest:
+            same = _same_keys(masks[name], masks[first])
+            print(f"  default d={density}: {name} {'keeps the same keys as' if same else 'DIFFERS from'} {first}")
     for label, fn in passes.items():
         print(_line(label, _alternate(variants, fn, queued_ms), dense), flush=True)
-    for density in (0.1, 0.3):
-        times = _alternate(variants, lambda: predict_mask(q, k, 128, method="topk", density=density), queued_ms)
-        print(_line(f"default d={density}", times, dense / 100, "% of cuDNN"), flush=True)
+    for density, fn in predictions.items():
+        print(_line(f"default d={density}", _alternate(variants, fn, queued_ms), dense / 100, "% of cuDNN"), flush=True)
 
 
 def main() -> None:
