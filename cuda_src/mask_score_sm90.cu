@@ -66,7 +66,7 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int wg = __shfl_sync(0xffffffffu, warp >> 2, 0);  // warp-uniform to the compiler: descriptors in uniform registers
+  const int wg = warpgroup_index();
   const int g = lane >> 2;
   const int tig = lane & 3;
   const u16* __restrict__ rows = static_cast<const u16*>(p.rows);

@@ -77,7 +77,7 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
   auto empty_v = [&](int s) { return bar_u32 + 8 * (3 * STAGES + s); };
 
   const int tid = threadIdx.x;
-  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);  // warp-uniform to the compiler: descriptors in uniform registers
+  const int wg = warpgroup_index();
   const int lane = tid & 31;
   if (tid == 0) {
 #pragma unroll

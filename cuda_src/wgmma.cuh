@@ -56,6 +56,11 @@ struct Wgmma<fp16_t> {
 };
 #undef FG_WGMMA_OPS
 
+// This thread's warpgroup (threads 128 * i .. 128 * i + 127), broadcast from lane 0 so that the
+// compiler knows it is warp-uniform: descriptors built from it stay in uniform registers
+// instead of being moved there before every wgmma.
+__device__ __forceinline__ int warpgroup_index() { return __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) >> 7, 0); }
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
