@@ -93,6 +93,41 @@ __device__ __forceinline__ void softmax_tile(float* s, u32 my_bias, float scale_
   row_sum[1] = row_sum[1] * alpha[1] + tile_sum[1];
 }
 
+// softmax_tile for a tile with no masked key: the max is taken on the raw products (the scale
+// is positive) and the scale folds into each exponent's FFMA, with no bias to load or add.
+template <int N>
+__device__ __forceinline__ void softmax_tile_unmasked(float* s, float scale_log2, float row_max[2], float row_sum[2],
+                                                      float alpha[2]) {
+  float tile_max[2] = {FG_NEG_INF, FG_NEG_INF};
+#pragma unroll
+  for (int nt = 0; nt < N / 8; ++nt) {
+    const float* x = s + nt * 4;
+    tile_max[0] = fmaxf(tile_max[0], fmaxf(x[0], x[1]));
+    tile_max[1] = fmaxf(tile_max[1], fmaxf(x[2], x[3]));
+  }
+  float base[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float new_max = fmaxf(row_max[i], quad_max(tile_max[i]) * scale_log2);
+    base[i] = new_max == FG_NEG_INF ? 0.f : new_max;
+    alpha[i] = fast_exp2(row_max[i] - base[i]);
+    row_max[i] = new_max;
+  }
+  float tile_sum[2] = {0.f, 0.f};
+#pragma unroll
+  for (int nt = 0; nt < N / 8; ++nt) {
+    float* x = s + nt * 4;
+    x[0] = fast_exp2(fmaf(x[0], scale_log2, -base[0]));
+    x[1] = fast_exp2(fmaf(x[1], scale_log2, -base[0]));
+    x[2] = fast_exp2(fmaf(x[2], scale_log2, -base[1]));
+    x[3] = fast_exp2(fmaf(x[3], scale_log2, -base[1]));
+    tile_sum[0] += x[0] + x[1];
+    tile_sum[1] += x[2] + x[3];
+  }
+  row_sum[0] = row_sum[0] * alpha[0] + tile_sum[0];
+  row_sum[1] = row_sum[1] * alpha[1] + tile_sum[1];
+}
+
 // Rescale a 16-row output fragment of D columns (D/2 floats per thread) by the rows' alphas.
 template <int D>
 __device__ __forceinline__ void rescale_rows(float* acc, const float alpha[2]) {

@@ -83,6 +83,15 @@ __device__ __forceinline__ u32 swz_bytes(int chunk, u32 xor16) {
 __device__ __forceinline__ void st_shared_f32(u32 addr, float x) {
   asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(x));
 }
+__device__ __forceinline__ void st_shared_u32(u32 addr, unsigned x) {
+  asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(addr), "r"(x));
+}
+// Whether all four 32-bit words at a 16-byte aligned shared address are nonzero.
+__device__ __forceinline__ bool ld_shared_all4(u32 addr) {
+  unsigned a, b, c, d;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(a), "=r"(b), "=r"(c), "=r"(d) : "r"(addr));
+  return a && b && c && d;
+}
 __device__ __forceinline__ float ld_shared_f32(u32 addr) {
   float x;
   asm volatile("ld.shared.f32 %0, [%1];\n" : "=f"(x) : "r"(addr));

@@ -71,6 +71,9 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
   const u32 sV_u32 = sK_u32 + STAGES * S::kTileBytes;
   const u32 sBias_u32 = sV_u32 + STAGES * S::kTileBytes;
   const u32 bar_u32 = sBias_u32 + STAGES * N * 4;  // full K, full V, empty K, empty V
+  // Per stage, one word per producer warp: nonzero when none of its rows is masked (the whole
+  // tile unmasked lets the consumers skip the biases; written and released like them).
+  const u32 unmasked_u32 = bar_u32 + 4 * STAGES * 8;
   auto full_k = [&](int s) { return bar_u32 + 8 * s; };
   auto full_v = [&](int s) { return bar_u32 + 8 * (STAGES + s); };
   auto empty_k = [&](int s) { return bar_u32 + 8 * (2 * STAGES + s); };
@@ -152,6 +155,8 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
       const int s = n % STAGES;
       if (n >= STAGES) mbar_wait(empty_k(s), ((n / STAGES) - 1) & 1);
       if (lane < N / 4) st_shared_f32(sBias_u32 + 4 * (s * N + my_pos), idx >= 0 ? 0.f : FG_NEG_INF);
+      const unsigned warp_unmasked = __all_sync(0xffffffffu, lane >= N / 4 || idx >= 0);
+      if (lane == 0) st_shared_u32(unmasked_u32 + 4 * (s * 4 + warp), warp_unmasked);
       mbar_arrive(full_k(s));
       if (run >= 0) {
         load_run(sK_u32 + s * S::kTileBytes, &p.k_map, run, full_k(s));
@@ -255,7 +260,8 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
   auto softmax_and_pack = [&](float (&acc_s)[N / 2], int n, auto wait_pv) {
     const int s = n % STAGES;
     float alpha[2];
-    softmax_tile<N>(acc_s, sBias_u32 + 4 * (s * N + (lane & 3) * 2), scale_log2, row_max, row_sum, alpha);
+    if (ld_shared_all4(unmasked_u32 + 16 * s)) softmax_tile_unmasked<N>(acc_s, scale_log2, row_max, row_sum, alpha);
+    else softmax_tile<N>(acc_s, sBias_u32 + 4 * (s * N + (lane & 3) * 2), scale_log2, row_max, row_sum, alpha);
     mbar_arrive(empty_k(s));
     wait_pv();
     rescale_rows<D>(acc_o, alpha);

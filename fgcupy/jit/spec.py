@@ -244,8 +244,9 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
 
     @property
     def _smem_slack(self) -> int:
-        """1024 bytes to align the tiles (128-byte swizzle atoms) and four mbarriers per stage."""
-        return 1024 + 4 * 8 * self.stages
+        """1024 bytes to align the tiles (128-byte swizzle atoms), four mbarriers and four
+        producer warps' unmasked flags per stage."""
+        return 1024 + 4 * 8 * self.stages + 16 * self.stages
 
 
 def all_attention_specs() -> list[AttentionSpec]:
