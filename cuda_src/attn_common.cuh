@@ -50,6 +50,19 @@ __device__ __forceinline__ WorkItem work_item(const int* __restrict__ order, con
   return w;
 }
 
+// The running max of the thread's two rows after a tile whose (scaled, quad-reduced) maxima are
+// m0 and m1: `alpha` rescales what was summed before, `base` is what the tile's exponents subtract.
+__device__ __forceinline__ void advance_row_max(float m0, float m1, float row_max[2], float alpha[2], float base[2]) {
+  const float tile_max[2] = {m0, m1};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float new_max = fmaxf(row_max[i], tile_max[i]);
+    base[i] = new_max == FG_NEG_INF ? 0.f : new_max;  // all-masked row: keep exp2 finite
+    alpha[i] = fast_exp2(row_max[i] - base[i]);
+    row_max[i] = new_max;
+  }
+}
+
 // One key tile of online softmax (base 2, scale folded in) for the two rows this thread holds.
 // `s` holds N/2 raw scores; on return it holds exp2(score * scale - running max). `my_bias` is
 // the shared address of the bias of this thread's first column, 8 * (lane % 4) bytes into the
@@ -71,13 +84,7 @@ __device__ __forceinline__ void softmax_tile(float* s, u32 my_bias, float scale_
     tile_max[1] = fmaxf(tile_max[1], fmaxf(x[2], x[3]));
   }
   float base[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const float new_max = fmaxf(row_max[i], quad_max(tile_max[i]));
-    base[i] = new_max == FG_NEG_INF ? 0.f : new_max;  // all-masked row: keep exp2 finite
-    alpha[i] = fast_exp2(row_max[i] - base[i]);
-    row_max[i] = new_max;
-  }
+  advance_row_max(quad_max(tile_max[0]), quad_max(tile_max[1]), row_max, alpha, base);
   float tile_sum[2] = {0.f, 0.f};
 #pragma unroll
   for (int nt = 0; nt < N / 8; ++nt) {
@@ -106,13 +113,7 @@ __device__ __forceinline__ void softmax_tile_unmasked(float* s, float scale_log2
     tile_max[1] = fmaxf(tile_max[1], fmaxf(x[2], x[3]));
   }
   float base[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const float new_max = fmaxf(row_max[i], quad_max(tile_max[i]) * scale_log2);
-    base[i] = new_max == FG_NEG_INF ? 0.f : new_max;
-    alpha[i] = fast_exp2(row_max[i] - base[i]);
-    row_max[i] = new_max;
-  }
+  advance_row_max(quad_max(tile_max[0]) * scale_log2, quad_max(tile_max[1]) * scale_log2, row_max, alpha, base);
   float tile_sum[2] = {0.f, 0.f};
 #pragma unroll
   for (int nt = 0; nt < N / 8; ++nt) {
