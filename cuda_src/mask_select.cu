@@ -1027,7 +1027,8 @@ select_rows(const __grid_constant__ SelectParams p) {
       return kept_word(c, i0, cut);
     }
   };
-  // The kept words are computed once and kept in the (now free) candidate buffer when they fit.
+  // The kept words are computed once and kept in the (now free) candidate buffer when they fit,
+  // else computed again for the output pass.
   const int my_words = per / 32;
   const bool cached = my_words * kSelThreads <= kCand;
   unsigned* saved = cand.u + tid * my_words;
@@ -1040,35 +1041,20 @@ select_rows(const __grid_constant__ SelectParams p) {
   }
   if (offsets == nullptr) return;
   int* dst = out + offsets[row];
-  if (cached) {
-    // Warp w's keys are the contiguous saved words [w * 32 * my_words, (w + 1) * 32 * my_words):
-    // one lane per key of each word, so every store of the warp is coalesced.
-    const int lane = tid & 31, warp = tid >> 5;
-    const unsigned warp_total = __reduce_add_sync(kFull, mine);
-    if (lane == 0) sc.warp_u[warp] = warp_total;
-    __syncthreads();
-    unsigned run = 0u;
-    for (int w = 0; w < warp; ++w) run += sc.warp_u[w];
-    const int first_word = warp * 32 * my_words;
-    const int row_words = (kv_len + 31) / 32;
-    for (int g = 0; g < my_words; ++g) {
-      const int word0 = first_word + 32 * g;
-      const unsigned x = word0 + lane < row_words ? cand.u[word0 + lane] : 0u;
-      run += warp_write_words(x, word0, run, cut.n, dst);
-    }
-    return;
-  }
-  unsigned pos;
-  float unused;
-  block_exscan(mine, 0.f, pos, unused, sc);
-  for (int i0 = c.t0; i0 < c.t1; i0 += 32) {
-    unsigned m = kept(i0);
-    while (m != 0u) {
-      const int b = __ffs(m) - 1;
-      m &= m - 1u;
-      if (pos < cut.n) dst[pos] = i0 + b;
-      ++pos;
-    }
+  // Warp w's keys are the words [w * 32 * my_words, (w + 1) * 32 * my_words), its threads' keys:
+  // lane l takes word l of each group of 32, so every store of the warp is coalesced.
+  const int lane = tid & 31, warp = tid >> 5;
+  const unsigned warp_total = __reduce_add_sync(kFull, mine);
+  if (lane == 0) sc.warp_u[warp] = warp_total;
+  __syncthreads();
+  unsigned run = 0u;
+  for (int w = 0; w < warp; ++w) run += sc.warp_u[w];
+  const int first_word = warp * 32 * my_words;
+  const int row_words = (kv_len + 31) / 32;
+  for (int g = 0; g < my_words; ++g) {
+    const int word = first_word + 32 * g + lane;
+    const unsigned x = word < row_words ? (cached ? cand.u[word] : kept(32 * word)) : 0u;
+    run += warp_write_words(x, word - lane, run, cut.n, dst);
   }
 }
 

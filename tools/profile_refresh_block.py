@@ -1,17 +1,29 @@
-"""The kernels of a Wan-14B-sized diffusers block on reused-mask calls and on refresh calls
-(predict + plan + run) through the diffusers integration, top-k density 0.1, random weights
-(GPU, diffusers installed; torch.profiler, three calls of each):
+"""What a refresh adds to a Wan-14B-sized diffusers block: the kernels of reused-mask calls and
+of refresh calls (predict + plan + run) through the diffusers integration, top-k density 0.1,
+random weights (GPU, diffusers installed; torch.profiler, three calls of each), then per kernel
+the GPU time a refresh call adds over a reuse call:
 
     PYTHONPATH=. python -m tools.profile_refresh_block [32760 | 75600]
 """
 
 import sys
-
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fgcupy.integrations.diffusers as fd
 from bench.bench_e2e import block_call, build_wan
+
+CALLS = 3
+
+
+def kernel_times(prof) -> tuple:
+    """({kernel name: GPU microseconds per call}, {kernel name: launches per call})."""
+    times, launches = {}, {}
+    for avg in prof.key_averages():
+        if avg.device_type == torch.autograd.DeviceType.CUDA:
+            times[avg.key] = getattr(avg, "self_device_time_total", 0.0) / CALLS
+            launches[avg.key] = avg.count / CALLS
+    return times, launches
 
 
 def main() -> None:
@@ -19,6 +31,7 @@ def main() -> None:
     model = build_wan(1)
     run_block = block_call(model, seq)
     print(torch.cuda.get_device_name(), "| tokens", seq)
+    measured = {}
     for name, every in (("reuse", 10**9), ("refresh", 1)):
         handle = fd.apply(model, fd.SparseAttentionConfig(refresh_every=every, predictor="topk", density=0.1))
         steps = iter(range(10**9))
@@ -27,16 +40,24 @@ def main() -> None:
             handle.set_step(next(steps) if every == 1 else 1)
             run_block()
 
-        for _ in range(3):
+        for _ in range(CALLS):
             call()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(3):
+            for _ in range(CALLS):
                 call()
             torch.cuda.synchronize()
-        print(f"==== {name} (3 calls)")
+        print(f"==== {name} ({CALLS} calls)")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        measured[name] = kernel_times(prof)
         fd.remove(model)
+    (reuse, _), (refresh, launches) = measured["reuse"], measured["refresh"]
+    added = {k: refresh[k] - reuse.get(k, 0.0) for k in refresh.keys() | reuse.keys()}
+    print(f"==== GPU time a refresh call adds (per call): {sum(added.values()) / 1e3:.3f} ms "
+          f"(reuse {sum(reuse.values()) / 1e3:.3f} ms, refresh {sum(refresh.values()) / 1e3:.3f} ms of kernels)")
+    for kernel, us in sorted(added.items(), key=lambda kv: -abs(kv[1])):
+        if abs(us) >= 5.0:
+            print(f"{us / 1e3:9.3f} ms  x{launches.get(kernel, 0):5.1f}  {kernel[:110]}")
 
 
 if __name__ == "__main__":
