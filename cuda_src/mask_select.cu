@@ -69,10 +69,27 @@ __device__ __forceinline__ float key_float(unsigned u) {
 
 __device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
 
+// Position of the (r + 1)-th set bit of m (r < popc(m)): a binary search on bit counts.
+__device__ __forceinline__ int nth_set_bit(unsigned m, unsigned r) {
+  int pos = 0;
+#pragma unroll
+  for (int width = 16; width >= 1; width >>= 1) {
+    const unsigned low = __popc(m & ((1u << width) - 1u));
+    if (r >= low) {
+      r -= low;
+      m >>= width;
+      pos += width;
+    }
+  }
+  return pos;
+}
+
 // Writes the set bits of 32 consecutive bitmask words (lane l holds word word0 + l) as key
-// indices, in order, at dst[base], dst[base + 1], ... (positions >= limit skipped). Only non-zero
-// words are visited (kept keys cluster: most words are zero), each by the whole warp with one
-// lane per bit, so every store is coalesced. Returns the number of set bits.
+// indices, in order, at dst[base], dst[base + 1], ... (positions >= limit skipped); every store
+// of the warp is coalesced. Returns the number of set bits. Where few words are non-zero (kept
+// keys cluster) the warp visits each of them with one lane per bit; where many are (scattered
+// keys) it writes 32 consecutive outputs per step, each lane finding its output's word by a
+// binary search of the words' starts and the bit by nth_set_bit.
 __device__ __forceinline__ unsigned warp_write_words(unsigned x, int word0, unsigned base, unsigned limit, int* dst) {
   const int lane = threadIdx.x & 31;
   const unsigned n = __popc(x);
@@ -82,16 +99,31 @@ __device__ __forceinline__ unsigned warp_write_words(unsigned x, int word0, unsi
     const unsigned y = __shfl_up_sync(kFull, incl, off);
     if (lane >= off) incl += y;
   }
-  const unsigned first = base + incl - n;
+  const unsigned start = incl - n;
+  const unsigned total = __shfl_sync(kFull, incl, 31);
   unsigned todo = __ballot_sync(kFull, x != 0u);
-  while (todo != 0u) {
-    const int src = __ffs(todo) - 1;
-    todo &= todo - 1u;
-    const unsigned m = __shfl_sync(kFull, x, src);
-    const unsigned pos = __shfl_sync(kFull, first, src) + __popc(m & lanemask_lt(lane));
-    if (((m >> lane) & 1u) && pos < limit) dst[pos] = 32 * (word0 + src) + lane;
+  if (static_cast<unsigned>(__popc(todo)) <= 2u * ((total + 31u) / 32u)) {
+    while (todo != 0u) {
+      const int src = __ffs(todo) - 1;
+      todo &= todo - 1u;
+      const unsigned m = __shfl_sync(kFull, x, src);
+      const unsigned pos = base + __shfl_sync(kFull, start, src) + __popc(m & lanemask_lt(lane));
+      if (((m >> lane) & 1u) && pos < limit) dst[pos] = 32 * (word0 + src) + lane;
+    }
+    return total;
   }
-  return __shfl_sync(kFull, incl, 31);
+  for (unsigned k0 = 0u; k0 < total; k0 += 32u) {
+    const unsigned k = k0 + lane;  // the output this lane writes: in the last word starting at or before it
+    int w = 0;
+#pragma unroll
+    for (int step = 16; step >= 1; step >>= 1) {
+      if (__shfl_sync(kFull, start, w + step) <= k) w += step;
+    }
+    const unsigned m = __shfl_sync(kFull, x, w);
+    const unsigned r = k - __shfl_sync(kFull, start, w);
+    if (k < total && base + k < limit) dst[base + k] = 32 * (word0 + w) + nth_set_bit(m, r);
+  }
+  return total;
 }
 
 // Band [lo, hi) of query block j: its own keys and `band` more on either side (band < 0: none).
