@@ -8,6 +8,7 @@ build meets the same clocks. First each build's outputs are compared with the fi
 (attention outputs, scores, and the keys of default predictions), then:
 * attention: wan14b-480p dense and random key lists (0.3, 0.1), cogvideox5b dense, beside SDPA
   cuDNN; CUDA-event medians;
+* selection: default predictions on flat rows (random inputs) at 32,760 and 75,600 tokens;
 * scoring: the column-max pass (every query, groups of 128, LSE given), the default's pooled
   passes (pool 32: stats, max-probability over groups of 4), its fused exact band and whole
   default predictions (top-k 0.1 and 0.3), queued medians, beside the same run's SDPA cuDNN.
@@ -156,10 +157,28 @@ def scoring(variants: dict) -> None:
         print(_line(f"default d={density}", _alternate(variants, fn, queued_ms), dense / 100, "% of cuDNN"), flush=True)
 
 
+def selection(variants: dict) -> None:
+    """Default predictions (top-k 0.1) on flat rows: random q, k of 40 heads at 32,760 and 75,600
+    tokens, as in the random-weight block of bench.bench_e2e (the selection's slowest rows)."""
+    for seq in (32_760, 75_600):
+        q, k, _ = random_inputs(1, 40, seq, 128, seed=3)
+        fn = lambda: predict_mask(q, k, 128, method="topk", density=0.1)  # noqa: E731
+        masks = {}
+        for name, folder in variants.items():
+            use_sources(folder)
+            masks[name] = fn()
+        first, *rest = masks
+        for name in rest:
+            same = _same_keys(masks[name], masks[first])
+            print(f"  flat rows {seq}: {name} {'keeps the same keys as' if same else 'DIFFERS from'} {first}")
+        print(_line(f"default d=0.1, flat rows, {seq} tokens", _alternate(variants, fn, queued_ms), None, "ms"),
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("revs", nargs="+", help="git revisions (or folders of kernel sources) timed beside the tree's")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["scoring", "attention"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["scoring", "selection", "attention"])
     args = parser.parse_args()
     print(torch.cuda.get_device_name())
     tree = source.SOURCE_DIR
@@ -169,6 +188,8 @@ def main() -> None:
         try:
             if "scoring" not in args.skip:
                 scoring(variants)
+            if "selection" not in args.skip:
+                selection(variants)
             if "attention" not in args.skip:
                 attention(variants)
         finally:
