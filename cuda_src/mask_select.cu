@@ -259,10 +259,12 @@ __device__ __forceinline__ int coarse_bin_of(const RowBase& c, float v) {
     const float t = fminf(fmaxf(fmaf(-kBinsPerLogit, v, c.lse_bins), 0.f), static_cast<float>(kBins - 2));
     return v == v ? (__float_as_int(__fadd_rn(t, 8388609.f)) & 0x7fffff) : kBins - 1;
   }
-  const unsigned u = order_key(v);
-  if (u == 0u) return kBins - 1;
-  const int b = kProbTop - static_cast<int>(u >> 18);
-  return min(max(b, 1), kBins - 1);
+  // kProbTop - (order_key(v) >> 18) clamped to [1, kBins - 1] without order_key's branches: for
+  // v >= +0 the order key is its bits with the sign bit set (2^13 added to bits >> 18); negative
+  // values, -0 and NaN (bits above +inf's, unsigned) take the lowest bin, as +0 does.
+  const unsigned bits = __float_as_uint(v);
+  const int b = min(max(kProbTop - 8192 - static_cast<int>(bits >> 18), 1), kBins - 1);
+  return bits > 0x7f800000u ? kBins - 1 : b;
 }
 __device__ __forceinline__ int coarse_bin(const RowBase& c, float v) {
   return c.logit ? coarse_bin_of<true>(c, v) : coarse_bin_of<false>(c, v);
