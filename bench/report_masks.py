@@ -39,7 +39,7 @@ import torch
 
 from bench.cases import sdpa_call
 from bench.timing import cuda_time_ms
-from fgcupy import SliceMask, mask_drift, mask_kernels, predict_mask, scoring
+from fgcupy import SliceMask, find_diagonals, mask_drift, mask_kernels, predict_mask, scoring
 from fgcupy.cache import block_means, means_drift
 from fgcupy.calibration import calibrate_pooling
 from fgcupy import mask_reference as ref
@@ -56,6 +56,8 @@ MEAN = dict(pool=None, exact_band=None)
 WORKLOAD_PREFIX = "workload-"
 WORKLOAD_FAMILIES = [WORKLOAD_PREFIX + p for p in PATTERNS]
 
+#: Marks predictors whose diagonals are found per problem (fgcupy.find_diagonals).
+FOUND = "found"
 #: Predictors judged against the oracle per head family (predict_mask keyword arguments).
 JUDGED = {
     "default": dict(),
@@ -67,6 +69,9 @@ JUDGED = {
     "pool 32": dict(pool=32, exact_band=None),
     "pool 64 + band 128": dict(pool=64, exact_band=128),
     "pool 32 + band 64": dict(pool=32, exact_band=64),
+    # The default with the band also moved along the diagonals sampled queries attend on.
+    "default + diagonals": dict(diagonals=FOUND),
+    "pool 64 + band 64 + diagonals": dict(pool=64, exact_band=64, diagonals=FOUND),
     "pool 16 + band 128": dict(pool=16, exact_band=128),
     "pool 8 + band 128": dict(pool=8, exact_band=128),
     # Per head, the pooling whose mask holds the most exact column-max mass (the LSE of a dense step).
@@ -75,6 +80,11 @@ JUDGED = {
     # (fgcupy.calibration.DEFAULT_SAMPLES per block).
     "calibrated by samples (mean | both)": "calibrate_sampled",
 }
+
+
+def with_diagonals(kw, diagonals):
+    """``kw`` with FOUND replaced by ``diagonals``."""
+    return dict(kw, diagonals=diagonals) if isinstance(kw, dict) and kw.get("diagonals") == FOUND else kw
 
 
 def block_mask(q, k, density, block=128):
@@ -147,6 +157,8 @@ def family_rows(args, shape, device):
         else:
             q, k, v = family_qkv(shape, family, heads=args.family_heads, seed=args.seed, device=device)
         judge = Judge(q, k, v)
+        diagonals = find_diagonals(q, k, 128)
+        print(f"  {family:17s} diagonals found: {diagonals}", flush=True)
         coherence = block_coherence(q)
         base = dict(family=family, mass90=mass_fraction(q, k), coherence=float(coherence.median()))
         print(f"  {family:17s} keys holding 90% of a query's mass: {100 * base['mass90']:.2f}%  "
@@ -161,6 +173,7 @@ def family_rows(args, shape, device):
                     if kw in ("calibrate", "calibrate_sampled"):
                         lse = judge.lse if kw == "calibrate" else None
                         kw = dict(pooling=calibrate_pooling(q, k, lse, 128, density=d))
+                    kw = with_diagonals(kw, diagonals)
                     err, ratio = judge.ratio(predict_mask(q, k, 128, "topk", density=d, **kw))
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     traceback.print_exc()
@@ -196,6 +209,8 @@ def timing_rows(args, shape, device):
     for backend in ("cudnn", "flash"):
         record(f"sdpa-{backend} dense", sdpa_call(q, k, v, backend))
     lse = exact_lse(q, k, scale)
+    diagonals = find_diagonals(q, k, 128)
+    record(f"find_diagonals (found {diagonals})", lambda: find_diagonals(q, k, 128))
     for label, kw in (
         ("predict topk d=0.1 mean query", dict(MEAN, method="topk", density=0.1)),
         ("predict topk d=0.1 float32 logits", dict(MEAN, method="topk", density=0.1, logits_dtype=torch.float32)),
@@ -211,8 +226,10 @@ def timing_rows(args, shape, device):
         ("predict topk d=0.1 sub16 max", dict(MEAN, method="topk", density=0.1, pool=16, combine="max")),
         ("predict topk sub16 union", dict(MEAN, method="topk", top_k=round(0.1 * shape.seq / 8), pool=16, combine="union")),
         ("predict colmax thr=0.5/S", dict(method="colmax", lse=lse)),
-        *((f"predict topk d=0.1 {name}", dict(method="topk", density=0.1, **kw)) for name, kw in JUDGED.items()),
-        *((f"predict topk d=0.3 {name}", dict(method="topk", density=0.3, **kw)) for name, kw in JUDGED.items()),
+        *((f"predict topk d=0.1 {name}", dict(method="topk", density=0.1, **with_diagonals(kw, diagonals)))
+          for name, kw in JUDGED.items() if isinstance(kw, dict)),
+        *((f"predict topk d=0.3 {name}", dict(method="topk", density=0.3, **with_diagonals(kw, diagonals)))
+          for name, kw in JUDGED.items() if isinstance(kw, dict)),
     ):
         record(label, lambda kw=kw: predict_mask(q, k, 128, **kw))
     # Stages of mean-query selection: pooling (torch), scoring kernel, selection and emit

@@ -3,6 +3,7 @@
 from . import workloads
 from .attention import SparseAttention, sparse_attention
 from .cache import MaskCache, mask_drift
+from .diagonals import find_diagonals
 from .jit import AttentionSpec, KernelCompileError
 from .mask import SliceMask
 from .reference import dense_attention, reference_attention, relative_l2
@@ -19,6 +20,7 @@ __all__ = [
     "SliceMask",
     "SparseAttention",
     "dense_attention",
+    "find_diagonals",
     "mask_drift",
     "predict_mask",
     "reference_attention",

@@ -20,7 +20,8 @@ def predict_reference(qh, kh, req: MaskRequest, lse) -> SliceMask:
     return ref.predict_mask_reference(
         qh, kh, req.slice_m, req.method, rule=req.rule, top_k=req.top_k, tau=req.tau, threshold=req.threshold,
         pool=req.pool, combine=req.combine, min_keys=req.min_keys, max_keys=req.max_keys, local=req.local,
-        lse=lse, scale=req.scale, logits_dtype=req.logits_dtype, exact_band=req.exact_band, pooling=req.pooling)
+        lse=lse, scale=req.scale, logits_dtype=req.logits_dtype, exact_band=req.exact_band, pooling=req.pooling,
+        diagonals=req.diagonals)
 
 
 def row_counts(q_blocks: int, kv_len: int, slice_m: int, top_k: int, min_keys: int, max_keys: int | None,
@@ -133,10 +134,13 @@ class GpuPrediction:
         return scores, sub_lse
 
     def _refine_band(self, scores, sub_lse, bh0, nbh):
-        """Exact column maxima on each block's band (mask_reference.refine_band), in place."""
+        """Exact column maxima on each block's band and on the band moved by each diagonal
+        (mask_reference.refine_band), in place."""
         req = self.req
-        band = (-req.exact_band, req.slice_m + 2 * req.exact_band)
-        gpu_refine_band(self.qh, self.kh, req.scale, sub_lse, req.pool, req.slice_m, band, scores, bh0=bh0, nbh=nbh)
+        for shift in (0, *req.diagonals):
+            band = (shift - req.exact_band, req.slice_m + 2 * req.exact_band)
+            gpu_refine_band(self.qh, self.kh, req.scale, sub_lse, req.pool, req.slice_m, band, scores, bh0=bh0,
+                            nbh=nbh)
 
     def _chunks(self):
         """Yield (bh0, nbh, scores, lse) for each chunk of heads the workspace holds."""

@@ -18,6 +18,9 @@ Definitions (the kernels in cuda_src/mask_score.cu and mask_select.cu implement 
   pooled max-prob score is raised to the exact one, max over the block's queries of
   exp(logit - lse~), lse~ = logaddexp(the query's LSE over those keys, its sub-block's LSE):
   near the diagonal, where pooling blurs most, every query speaks for itself;
+* diagonals (``diagonals`` = shifts d): the same on keys [j*M - L + d, (j+1)*M + L + d), each
+  band with its own band LSE: where a head's attention sits at fixed offsets from the query
+  (the same place one or more frames away), those keys too are scored exactly;
 * selection: keys ranked band first, then score descending, then index ascending (scores
   compared through the float total order: NaN lowest, -0 == +0); keep the first n keys with
   n = k (top-k), the band plus the keys scoring >= the threshold (for logit rows: logit >=
@@ -116,24 +119,25 @@ def maxprob_scores(rows: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group
     return out
 
 
-def band_bounds(block: int, slice_m: int, band: int, kv_len: int) -> tuple:
+def band_bounds(block: int, slice_m: int, band: int, kv_len: int, shift: int = 0) -> tuple:
     """Keys [lo, hi) of query block ``block``'s exact band: the block's own keys and ``band``
-    more on either side."""
-    return max(0, block * slice_m - band), min(kv_len, (block + 1) * slice_m + band)
+    more on either side, moved by ``shift`` keys (a diagonal), clipped to the keys."""
+    lo = min(max(0, block * slice_m - band + shift), kv_len)
+    return lo, max(lo, min(kv_len, (block + 1) * slice_m + band + shift))
 
 
 def refine_band(scores: torch.Tensor, q, k, sub_lse: torch.Tensor, pool: int, slice_m: int, band: int,
-                scale: float) -> torch.Tensor:
-    """Raise ``scores`` [B, H, QB, S] (pooled max-prob scores) on each block's band to the exact
-    column maxima: max over the block's queries of exp(logit - lse~), where a query's lse~ is
-    the log of its band mass plus its sub-block's total mass (logaddexp of the band LSE and
-    ``sub_lse`` [B, H, R] of the sub-block holding it). Returns a new tensor."""
+                scale: float, shift: int = 0) -> torch.Tensor:
+    """Raise ``scores`` [B, H, QB, S] (pooled max-prob scores) on each block's band (moved by
+    ``shift`` keys) to the exact column maxima: max over the block's queries of exp(logit - lse~),
+    where a query's lse~ is the log of its band mass plus its sub-block's total mass (logaddexp
+    of the band LSE and ``sub_lse`` [B, H, R] of the sub-block holding it). Returns a new tensor."""
     out = scores.clone()
     q_len, kv_len = q.shape[2], k.shape[2]
     kf = k.float()
     for j in range(scores.shape[2]):
         q0, q1 = j * slice_m, min(q_len, (j + 1) * slice_m)
-        k0, k1 = band_bounds(j, slice_m, band, kv_len)
+        k0, k1 = band_bounds(j, slice_m, band, kv_len, shift)
         if k1 <= k0:
             continue
         logits = torch.matmul(q[:, :, q0:q1].float(), kf[:, :, k0:k1].transpose(-1, -2)) * scale
@@ -153,16 +157,19 @@ def raw_subblock_scores(q, k, pool: int, slice_m: int, scale: float, sampled: bo
     return (dilate_keys(scores, pool // 2) if sampled else scores), sub_lse
 
 
-def pooled_scores(q, k, pool: int, slice_m: int, exact_band, scale: float, pooling: str) -> torch.Tensor:
+def pooled_scores(q, k, pool: int, slice_m: int, exact_band, scale: float, pooling: str,
+                  diagonals: tuple = ()) -> torch.Tensor:
     """The scores of a sub-block prediction: ``pooling`` "mean" or "sample" (raw_subblock_scores),
     or "both" (the geometric mean of the two); raised to the exact column maxima on each block's
     band, with the mean rows' LSE standing for the rest of a query's mass (the sampled rows'
-    with "sample")."""
+    with "sample"), and then on the same band moved by each of ``diagonals`` (each with its own
+    band LSE)."""
     scores, sub_lse = raw_subblock_scores(q, k, pool, slice_m, scale, pooling == "sample")
     if pooling == "both":
         scores = torch.sqrt(scores * raw_subblock_scores(q, k, pool, slice_m, scale, True)[0])
     if exact_band is not None:
-        scores = refine_band(scores, q, k, sub_lse, pool, slice_m, exact_band, scale)
+        for shift in (0, *diagonals):
+            scores = refine_band(scores, q, k, sub_lse, pool, slice_m, exact_band, scale, shift)
     return scores
 
 
@@ -249,7 +256,8 @@ def select_union(values, rule, group: int, *, band=None, **kwargs) -> torch.Tens
 
 def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_k=None, tau=None, threshold=None,
                            pool=None, combine="max", min_keys=0, max_keys=None, local=None, lse=None,
-                           scale=None, logits_dtype=torch.float32, exact_band=None, pooling="mean") -> SliceMask:
+                           scale=None, logits_dtype=torch.float32, exact_band=None, pooling="mean",
+                           diagonals=()) -> SliceMask:
     """The whole prediction on any device ([B, H, S, D] inputs): scores, selection, SliceMask."""
     batch, heads, q_len, dim = q.shape
     kv_len = k.shape[2]
@@ -263,7 +271,8 @@ def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_
     else:
         pool = slice_m if pool is None else pool
         if exact_band is not None or pooling != "mean" or (pool < slice_m and combine == "max"):
-            keep = select(pooled_scores(q, k, pool, slice_m, exact_band, scale, pooling), rule, band=band, **sel)
+            keep = select(pooled_scores(q, k, pool, slice_m, exact_band, scale, pooling, diagonals), rule, band=band,
+                          **sel)
         else:  # stored logits: one mean query per block, or the union of sub-block selections
             logits, row_lse = logits_and_lse(rounded(pool_queries(q, pool), q.dtype), k, scale)
             if pool == slice_m:

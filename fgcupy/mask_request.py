@@ -49,6 +49,7 @@ class MaskRequest:
     logits_dtype: torch.dtype = torch.float32
     exact_band: int | None = None
     pooling: str = "mean"
+    diagonals: tuple = ()
 
     @property
     def kind(self) -> str:
@@ -68,7 +69,7 @@ class MaskRequest:
 
 def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None, tau=None, threshold=None,
                  rule=None, pool=AUTO, combine="max", min_keys=0, max_keys=None, local=None, scale=None,
-                 logits_dtype=None, exact_band=AUTO, pooling=AUTO) -> MaskRequest:
+                 logits_dtype=None, exact_band=AUTO, pooling=AUTO, diagonals=()) -> MaskRequest:
     """Check every option; ValueError naming expected and actual."""
     defaults_apply = method in ("topk", "tau", "threshold") and combine == "max" and slice_m in EXACT_BAND_SLICES
     if isinstance(exact_band, str) and exact_band == AUTO:
@@ -152,6 +153,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         if slice_m + 2 * int(exact_band) > _INT32_MAX:
             raise ValueError(f"exact_band={exact_band} is too wide for int32 key offsets")
         exact_band = int(exact_band)
+    diagonals = _checked_diagonals(diagonals, exact_band, slice_m)
     if not isinstance(pooling, str) or pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if pooling != "mean" and (method == "colmax" or combine != "max"):
@@ -173,4 +175,21 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
                          "pooled row per block, or combine='union'); colmax and combine='max' keep float32 "
                          "probabilities")
     return MaskRequest(method, rule, slice_m, pool, combine, top_k, tau, threshold, min_keys, max_keys, local, scale,
-                       logits_dtype, exact_band, pooling)
+                       logits_dtype, exact_band, pooling, diagonals)
+
+
+def _checked_diagonals(diagonals, exact_band, slice_m: int) -> tuple:
+    """Sorted distinct non-zero key shifts of the exact band (0, the band itself, is implied)."""
+    if isinstance(diagonals, (str, bytes)) or not hasattr(diagonals, "__iter__"):
+        raise ValueError(f"diagonals must be a sequence of ints (key offsets), got {diagonals!r}")
+    diagonals = tuple(diagonals)
+    for d in diagonals:
+        if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
+            raise ValueError(f"diagonals must be ints (key offsets), got {d!r} in {diagonals!r}")
+    if diagonals and exact_band is None:
+        raise ValueError("diagonals move the exact band: they need exact_band (and a pooled method with "
+                         "combine='max'), got exact_band=None")
+    width = 0 if exact_band is None else slice_m + 2 * exact_band
+    if any(abs(int(d)) + width > _INT32_MAX for d in diagonals):
+        raise ValueError(f"diagonals {diagonals!r} are too far for int32 key offsets")
+    return tuple(sorted({int(d) for d in diagonals} - {0}))

@@ -50,8 +50,8 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
                  top_k: int | None = None, tau: float | None = None, threshold: float | None = None,
                  rule: str | None = None, pool=AUTO, combine: str = "max", min_keys: int = 0,
                  max_keys: int | None = None, local: int | None = None, lse=None, scale: float | None = None,
-                 logits_dtype: torch.dtype | None = None, exact_band=AUTO, pooling=AUTO, layout: str = "HND",
-                 workspace_bytes: int = DEFAULT_WORKSPACE) -> SliceMask:
+                 logits_dtype: torch.dtype | None = None, exact_band=AUTO, pooling=AUTO, diagonals=(),
+                 layout: str = "HND", workspace_bytes: int = DEFAULT_WORKSPACE) -> SliceMask:
     """Predict which slices to keep for ``q`` attending to ``k``; returns a SliceMask on q's device.
 
     q, k: [B, H, S, D] ("HND") or [B, S, H, D] ("NHD"), torch or cupy; CUDA tensors run the
@@ -72,6 +72,10 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     128 use pool=DEFAULT_POOL, pooling=DEFAULT_POOLING and exact_band=DEFAULT_EXACT_BAND (an
     explicit pool keeps mean queries unless pooling is given); other calls use one mean query
     per block and no band.
+    ``diagonals``: key offsets (key index - query index, e.g. plus or minus one frame) where the
+    exact band is applied again, moved by that many keys (needs exact_band); heads that attend
+    at fixed offsets, such as the same place in other frames, get those keys scored exactly.
+    ``fgcupy.find_diagonals`` finds them from sampled queries. Each costs about one band.
     """
     check_layout(layout)
     qt, kt = bridge.to_torch(q, "q"), bridge.to_torch(k, "k")
@@ -94,14 +98,15 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
             qh, kh, list(pooling), slice_m, dict(
                 method=method, density=density, top_k=top_k, tau=tau, threshold=threshold, rule=rule, pool=pool,
                 combine=combine, min_keys=min_keys, max_keys=max_keys, local=local, lse=lse, scale=scale,
-                logits_dtype=logits_dtype, exact_band=exact_band, workspace_bytes=workspace_bytes))
+                logits_dtype=logits_dtype, exact_band=exact_band, diagonals=diagonals,
+                workspace_bytes=workspace_bytes))
     if qh.device.type == "cuda" and slice_m not in SLICE_SIZES:
         raise ValueError(f"slice_m={slice_m!r} has no attention kernel; available: {SLICE_SIZES} "
                          "(the CPU reference takes any size)")
     req = make_request(qh.shape[3], kh.shape[2], slice_m, method, density=density, top_k=top_k, tau=tau,
                        threshold=threshold, rule=rule, pool=pool, combine=combine, min_keys=min_keys,
                        max_keys=max_keys, local=local, scale=scale, logits_dtype=logits_dtype,
-                       exact_band=exact_band, pooling=pooling)
+                       exact_band=exact_band, pooling=pooling, diagonals=diagonals)
     lse_t = None
     if lse is not None and method != "colmax":
         raise ValueError(f"lse applies to method='colmax' (scores from a dense step), not {method!r}")
@@ -120,7 +125,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
         indptr, indices = predict_op.predict(
             qh, kh, req.slice_m, req.top_k, req.pool, -1 if req.exact_band is None else req.exact_band,
             req.min_keys, -1 if req.max_keys is None else req.max_keys, -1 if req.local is None else req.local,
-            req.scale, req.logits_dtype == torch.float16, req.pooling)
+            req.scale, req.logits_dtype == torch.float16, req.pooling, list(req.diagonals))
         return SliceMask(indptr, indices, req.slice_m, qh.shape[2], kh.shape[2])
     if qh.device.type != "cuda":
         return predict_reference(qh, kh, req, lse_t)

@@ -119,6 +119,24 @@ def test_exact_band_scores(p, slice_m, band, kernel):
     _close(got[..., : p["kv_len"]], expected.reshape(bh, got.shape[1], -1), 1e-3, 1e-6)
 
 
+@given(score_problems(), st.sampled_from([64, 128]), st.sampled_from([0, 3, 64]),
+       st.lists(st.integers(-2000, 2000), max_size=3), st.sampled_from(SCORE_KERNELS))
+@SETTINGS
+def test_diagonal_bands_score_exactly(p, slice_m, band, diagonals, kernel):
+    """The exact band moved by each diagonal (past either end of the keys too) raises the same
+    scores as mask_reference's bands, on both kernels."""
+    q, k = _inputs(p["seed"], p["batch"], p["heads"], p["q_len"], p["kv_len"], p["dim"], p["dtype"], p["layout"])
+    pool = min(p["pool"], slice_m)
+    req = scoring.make_request(p["dim"], p["kv_len"], slice_m, "topk", top_k=1, pool=pool, exact_band=band,
+                               diagonals=diagonals)
+    pred = scoring.GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
+    with mock.patch.object(mask_kernels, "_is_hopper", lambda index: kernel == "wgmma"):
+        got, _ = pred._scores(0, pred.bh)
+    expected = ref.pooled_scores(q, k, pool, slice_m, band, req.scale, "mean", req.diagonals)
+    bh = p["batch"] * p["heads"]
+    _close(got[..., : p["kv_len"]], expected.reshape(bh, got.shape[1], -1), 1e-3, 1e-6)
+
+
 @given(st.integers(1, 5), st.integers(1, 5000), st.sampled_from([0, 1, 2, 3, 4, 5, 8, 16, 32, 64, 100]),
        st.integers(0, 2**31 - 1))
 @SETTINGS

@@ -122,6 +122,11 @@ def test_min_and_max_keys_bound_every_block():
         (dict(method="topk", density=0.1, exact_band=True), r"exact_band must be None or a non-negative int"),
         (dict(method="colmax", exact_band=4), r"exact_band refines pooled max-prob scores"),
         (dict(method="topk", density=0.1, pool=16, combine="union", exact_band=4), r"combine='max'"),
+        (dict(method="topk", density=0.1, exact_band=None, diagonals=[300]), r"diagonals move the exact band"),
+        (dict(method="topk", density=0.1, diagonals=[1.5]), r"diagonals must be ints"),
+        (dict(method="topk", density=0.1, diagonals=[True]), r"diagonals must be ints"),
+        (dict(method="topk", density=0.1, diagonals=300), r"diagonals must be a sequence of ints"),
+        (dict(method="topk", density=0.1, diagonals=[2**31]), r"too far for int32"),
     ],
 )
 def test_option_errors(kwargs, message):
@@ -206,6 +211,37 @@ def test_exact_band_keeps_each_query_neighbours_where_pooling_blurs():
     wanted[0, 0, 0, seq - 1] = False  # query 0's key 255 is outside block 0's band
     assert (exact.to_dense() & wanted).sum() == wanted.sum()
     assert (base.to_dense() & wanted).sum() < wanted.sum() * 0.6
+
+
+def test_diagonals_are_the_band_moved_along_the_keys():
+    """Each diagonal d scores keys [j*M - L + d, (j+1)*M + L + d) exactly (clipped to the keys,
+    nothing past either end), as a band of its own; the request keeps them sorted, distinct, and
+    without 0 (the band itself)."""
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 2, 300, 16, generator=gen), torch.randn(1, 2, 280, 16, generator=gen)
+    scale = 0.25
+    scores, sub_lse = ref.raw_subblock_scores(q, k, 16, 64, scale, False)
+    for shift in (-200, 90, 1000):
+        moved = ref.refine_band(scores, q, k, sub_lse, 16, 64, 8, scale, shift)
+        for j in range(scores.shape[2]):
+            lo, hi = min(max(0, 64 * j - 8 + shift), 280), min(280, 64 * j + 72 + shift)
+            outside = torch.ones(280, dtype=torch.bool)
+            outside[lo:max(lo, hi)] = False
+            assert torch.equal(moved[:, :, j, outside], scores[:, :, j, outside])
+            if hi > lo:
+                logits = q[:, :, 64 * j : 64 * j + 64] @ k[:, :, lo:hi].transpose(-1, -2) * scale
+                own = sub_lse[:, :, torch.arange(64 * j, min(300, 64 * j + 64)) // 16]
+                lse = torch.logaddexp(torch.logsumexp(logits, -1), own)
+                exact = torch.exp(logits - lse.unsqueeze(-1)).amax(2)
+                torch.testing.assert_close(moved[:, :, j, lo:hi], torch.maximum(scores[:, :, j, lo:hi], exact))
+    req = make_request(16, 280, 64, "topk", top_k=5, diagonals=[90, -200, 0, 90])
+    assert req.diagonals == (-200, 90)
+    both = ref.pooled_scores(q, k, 16, 64, 8, scale, "mean", req.diagonals)
+    one_by_one = ref.refine_band(ref.refine_band(ref.refine_band(scores, q, k, sub_lse, 16, 64, 8, scale), q, k,
+                                                 sub_lse, 16, 64, 8, scale, -200), q, k, sub_lse, 16, 64, 8, scale, 90)
+    assert torch.equal(both, one_by_one)
+    mask = predict_mask(q, k, 64, "topk", top_k=40, pool=16, exact_band=8, diagonals=[90, -200])
+    assert torch.equal(mask.to_dense(), ref.select(both, "topk", k=40))
 
 
 def test_the_default_pools_sub_blocks_and_scores_the_band_exactly():

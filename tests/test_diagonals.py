@@ -1,0 +1,76 @@
+"""find_diagonals: offsets where a head attends whatever the query, found from sampled rows (CPU)."""
+
+import pytest
+import torch
+
+from fgcupy import find_diagonals, predict_mask
+from fgcupy.diagonals import PEAK_WIDTH, offset_mass
+from fgcupy.head_families import family_qkv, family_shape
+from fgcupy.oracle import Judge
+
+GRID = (4, 16, 24)  # frames of 384 tokens, more than a block and its band
+FRAME = GRID[1] * GRID[2]
+
+
+def _planted(shift: int, seq: int = 1200, dim: int = 32, seed: int = 0):
+    """Query i's best key is i + shift (modulo the sequence), all others random."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, seq, dim, generator=gen)
+    k = torch.randn(1, 2, seq, dim, generator=gen)
+    k = 0.5 * k + 3.0 * q.roll(shift, dims=2)
+    return q, k
+
+
+def test_offset_mass_sums_to_one_and_peaks_at_the_planted_offset():
+    q, k = _planted(300)
+    mass = offset_mass(q, k)
+    assert mass.sum().item() == pytest.approx(1.0, rel=1e-5)
+    assert mass.shape == (2 * 1200 - 1,)
+    assert int(mass.argmax()) - (1200 - 1) in (300, 300 - 1200)
+
+
+def test_a_planted_diagonal_is_found_and_random_heads_have_none():
+    q, k = _planted(500)
+    found = find_diagonals(q, k, 64, exact_band=16, count=2)
+    assert any(abs(d - 500) <= PEAK_WIDTH // 2 for d in found), found
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 2, 1200, 32, generator=gen), torch.randn(1, 2, 1200, 32, generator=gen)
+    assert find_diagonals(q, k, 64, exact_band=16) == ()
+    assert find_diagonals(q, k, count=0) == ()
+
+
+def test_the_layout_and_argument_checks():
+    q, k = _planted(300)
+    assert find_diagonals(q, k, 64, exact_band=16) == find_diagonals(q.transpose(1, 2), k.transpose(1, 2), 64,
+                                                                      exact_band=16, layout="NHD")
+    with pytest.raises(ValueError, match="count must be a non-negative int"):
+        find_diagonals(q, k, count=-1)
+    with pytest.raises(ValueError, match="samples must be a positive int"):
+        find_diagonals(q, k, samples=0)
+    with pytest.raises(ValueError, match="exact_band must be a non-negative int"):
+        find_diagonals(q, k, exact_band=None)
+
+
+@pytest.mark.parametrize("family, frames", [("temporal-strided", True), ("window3d", True), ("window2d", False),
+                                            ("sinks-text", False)])
+def test_head_families_get_diagonals_at_whole_frames_or_none(family, frames):
+    """Heads that look at other frames get diagonals near multiples of the frame size; heads
+    within their own frame, or broad ones leaning on sinks and text, get none."""
+    q, k, _ = family_qkv(family_shape("wan14b-480p", grid=GRID), family, heads=2)
+    found = find_diagonals(q, k, 128, count=4)
+    if not frames:
+        assert found == ()
+        return
+    assert found
+    for d in found:
+        nearest = round(d / FRAME) * FRAME
+        assert nearest != 0 and abs(d - nearest) <= PEAK_WIDTH, (d, FRAME)
+
+
+def test_diagonals_bring_strided_temporal_heads_nearer_the_oracle():
+    q, k, v = family_qkv(family_shape("wan14b-480p", grid=GRID), "temporal-strided", heads=2)
+    judge = Judge(q, k, v)
+    plain = judge.error(predict_mask(q, k, 128, "topk", density=0.1))
+    diagonals = find_diagonals(q, k, 128)
+    better = judge.error(predict_mask(q, k, 128, "topk", density=0.1, diagonals=diagonals))
+    assert better < 0.8 * plain, (plain, better, diagonals)
