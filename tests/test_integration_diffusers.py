@@ -358,6 +358,36 @@ def test_calibrated_schedule_chooses_poolings_once_per_layer():
     assert torch.equal(mask2.to_dense(), expected.to_dense())
 
 
+def test_found_diagonals_are_scored_on_every_refresh_of_their_layer(monkeypatch):
+    """find_diagonals: a layer's first refresh finds them (once per layer and shape), and every
+    refresh predicts with them; reset(recalibrate=True) finds them again."""
+    found = []
+
+    def finder(q, k, slice_m, *, count, layout):
+        found.append((tuple(q.shape), slice_m, count, layout))
+        return (-96, 96)
+
+    monkeypatch.setattr(fd, "find_diagonals", finder)
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    seen = []
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor="topk", density=0.3, slice_m=64, refresh_every=2,
+                                                      find_diagonals=3, attention_fn=_recording(seen)))
+    for step in range(4):
+        run_wan(model, latents, text, t=1000 - 100 * step)
+    stats = handle.stats()["blocks.0.attn1"]
+    assert stats.refresh_steps == [0, 2] and stats.diagonals == (-96, 96)
+    assert len(found) == 1 and found[0][1:] == (64, 3, "NHD")
+    for index in (0, 2):
+        q, k, mask = seen[index]
+        expected = fgcupy.predict_mask(q.transpose(1, 2), k.transpose(1, 2), 64, "topk", density=0.3,
+                                       diagonals=(-96, 96))
+        assert torch.equal(mask.to_dense(), expected.to_dense())
+    handle.reset(recalibrate=True)
+    run_wan(model, latents, text, t=1000)
+    assert len(found) == 2
+
+
 def test_calibration_is_kept_across_generations_until_asked_again():
     """A head's kind belongs to the model: a new generation keeps the chosen poolings,
     reset(recalibrate=True) chooses again, and a new input shape does too."""
@@ -612,6 +642,11 @@ def test_config_schedule():
     (dict(predictor="colmax", calibrate_pooling=True), ValueError, r"predictor='topk' only"),
     (dict(calibrate_pooling=True, process_group=object()), ValueError, r"calibrate_pooling needs each layer"),
     (dict(calibrate_pooling=True, predictor_kwargs={"pooling": "both"}), ValueError, r"may not set it"),
+    (dict(find_diagonals=-1), ValueError, r"find_diagonals must be an int >= 0"),
+    (dict(find_diagonals=True), ValueError, r"find_diagonals must be an int >= 0"),
+    (dict(predictor="colmax", find_diagonals=2), ValueError, r"moves the exact band of the mean-query predictors"),
+    (dict(find_diagonals=2, process_group=object()), ValueError, r"find_diagonals needs each layer"),
+    (dict(find_diagonals=2, predictor_kwargs={"diagonals": (300,)}), ValueError, r"may not set them"),
     (dict(refresh_on_drift=0.0), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
     (dict(refresh_on_drift=2.5), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
     (dict(refresh_on_drift=True), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),

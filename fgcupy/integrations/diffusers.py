@@ -43,6 +43,7 @@ from ..attention import SparseAttention, dense_attention_with_lse
 from ..bridge import cupy_available
 from ..cache import block_means, means_drift
 from ..calibration import calibrate
+from ..diagonals import find_diagonals
 from ..mask import SliceMask
 from ..mask_algebra import drop_keys
 from .diffusers_config import SparseAttentionConfig
@@ -86,6 +87,7 @@ class LayerStats:
     refresh_steps: list = field(default_factory=list)
     drift_refresh_steps: list = field(default_factory=list)  # refreshes that refresh_on_drift asked for
     calibrations: int = 0  # per-head pooling choices made (calibrate_pooling)
+    diagonals: tuple = ()  # the diagonals last found (find_diagonals)
 
     @property
     def refreshes(self) -> int:
@@ -121,6 +123,8 @@ class _Layer:
         # calibrate_pooling: per-head poolings per (branch, shapes), kept across generations (a
         # head's kind is the model's, not the prompt's); reset(recalibrate=True) forgets them.
         self.poolings: dict[tuple, list] = {}
+        # find_diagonals: the key offsets scored exactly too, per (branch, shapes), kept likewise.
+        self.diagonals: dict[tuple, tuple] = {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,11 +187,13 @@ class SparseAttentionHandle:
 
     def reset(self, clear_stats: bool = False, recalibrate: bool = False) -> None:
         """Forget masks and the step count (the next call is step 0 of a new generation); with
-        ``recalibrate`` also the calibrated poolings (calibrate_pooling chooses them again)."""
+        ``recalibrate`` also the calibrated poolings and found diagonals (calibrate_pooling and
+        find_diagonals choose them again)."""
         self._new_generation()
         if recalibrate:
             for layer in self.layers.values():
                 layer.poolings.clear()
+                layer.diagonals.clear()
         self._calls = 0
         self._last_timestep = None
         if clear_stats:
@@ -308,7 +314,8 @@ class SparseAttentionHandle:
                 layer.poolings[(branch, key)], mask = calibration.poolings, calibration.mask
                 layer.stats.calibrations += 1
             else:
-                mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), lse, poolings)
+                diagonals = self._diagonals(layer, (branch, key), q, k)
+                mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), lse, poolings, diagonals)
             if key_valid is not None:
                 mask = drop_keys(mask, key_valid)
             if cfg.attention_fn is None:
@@ -367,18 +374,31 @@ class SparseAttentionHandle:
             out = cfg.attention_fn(q, k, v, full if key_valid is None else drop_keys(full, key_valid), None)
         return out, lse
 
-    def _predict(self, layer: _Layer, q, k, lse=None, poolings=None) -> SliceMask:
+    def _diagonals(self, layer: _Layer, entry: tuple, q, k) -> tuple:
+        """The layer's diagonals (find_diagonals): found on its first refresh, then kept."""
+        count = self.config.find_diagonals
+        if not count:
+            return ()
+        if entry not in layer.diagonals:
+            layer.diagonals[entry] = find_diagonals(q, k, self.config.slice_m, count=count, layout="NHD")
+            layer.stats.diagonals = layer.diagonals[entry]
+        return layer.diagonals[entry]
+
+    def _predict(self, layer: _Layer, q, k, lse=None, poolings=None, diagonals=()) -> SliceMask:
         """The layer's new mask: the exact column max where a dense call gave ``lse``, else the
-        configured predictor (with per-head ``poolings`` once calibrated)."""
+        configured predictor (with per-head ``poolings`` once calibrated and the layer's
+        ``diagonals``)."""
         cfg = self.config
         if callable(cfg.predictor):
             mask = cfg.predictor(q, k, slice_m=cfg.slice_m)
         elif lse is not None:
             mask = _predict_mask()(q, k, slice_m=cfg.slice_m, method="colmax", lse=lse, **cfg.predictor_arguments())
         else:
-            pooling = {} if poolings is None else {"pooling": poolings}
+            extra = {} if poolings is None else {"pooling": poolings}
+            if diagonals:
+                extra["diagonals"] = diagonals
             mask = _predict_mask()(q, k, slice_m=cfg.slice_m, method=cfg.predictor, **cfg.predictor_arguments(),
-                                   **pooling)
+                                   **extra)
         if not isinstance(mask, SliceMask):
             raise TypeError(
                 f"the predictor returned {type(mask).__name__} for layer {layer.name}, expected a SliceMask"

@@ -44,6 +44,12 @@ class SparseAttentionConfig:
         step); that step's mask is the chosen one and later refreshes predict with those
         poolings. Once per layer (and guidance branch and input shape) while the handle lives:
         later generations keep the choice (``handle.reset(recalibrate=True)`` makes it again).
+    find_diagonals: with a named mean-query predictor, a layer's first refresh finds up to this
+        many diagonals (``fgcupy.find_diagonals``: key offsets, such as whole frames, where
+        sampled queries of every head attend; one host sync) and every refresh of that layer
+        then scores them exactly too (``predict_mask(diagonals=...)``). Kept per layer (and
+        guidance branch and input shape) while the handle lives, like calibrated poolings.
+        0: off.
     refresh_on_drift: also re-predict a layer's mask on a step where its queries or keys moved
         by more than this since the mask was made (``fgcupy.cache.means_drift`` of their block
         means, in (0, 2]; costs one host sync per layer and sparse step). None: schedule only.
@@ -73,6 +79,7 @@ class SparseAttentionConfig:
     refresh_steps: tuple[int, ...] | None = None
     refresh_on_drift: float | None = None
     calibrate_pooling: bool = False
+    find_diagonals: int = 0
     share_branches: bool = False
     fallback: bool = False
     attention_fn: Callable | None = None
@@ -120,6 +127,17 @@ class SparseAttentionConfig:
                                  "device: not with process_group")
             if isinstance(self.predictor_kwargs, dict) and "pooling" in self.predictor_kwargs:
                 raise ValueError("calibrate_pooling chooses the pooling: predictor_kwargs may not set it")
+        if isinstance(self.find_diagonals, bool) or not isinstance(self.find_diagonals, int) or self.find_diagonals < 0:
+            raise ValueError(f"find_diagonals must be an int >= 0 (diagonals per layer), got {self.find_diagonals!r}")
+        if self.find_diagonals:
+            if self.predictor not in _METHOD_PARAMETER:
+                raise ValueError(f"find_diagonals moves the exact band of the mean-query predictors {tuple(_METHOD_PARAMETER)}, "
+                                 f"got predictor={self.predictor!r}")
+            if self.process_group is not None:
+                raise ValueError("find_diagonals needs each layer's full-sequence queries and keys on one device: not "
+                                 "with process_group")
+            if isinstance(self.predictor_kwargs, dict) and "diagonals" in self.predictor_kwargs:
+                raise ValueError("find_diagonals finds the diagonals: predictor_kwargs may not set them")
         if self.refresh_on_drift is not None:
             if isinstance(self.refresh_on_drift, bool) or not isinstance(self.refresh_on_drift, (int, float)) \
                     or not 0.0 < self.refresh_on_drift <= 2.0:
