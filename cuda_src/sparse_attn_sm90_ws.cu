@@ -37,6 +37,8 @@ struct Sm90WsShape {
   static constexpr int kGatherRowsPerPass = 16;
   static constexpr int kGatherPasses = N / kGatherRowsPerPass;
   static constexpr int kGatherWarpRows = 4;  // rows of one warp in one pass
+  // The producer warpgroup's warps; each writes one "unmasked" flag word per stage.
+  static constexpr int kProducerWarps = 4;
   // Register split of three warpgroups (setmaxnreg; 384 threads launch with 168 each). The
   // consumers need 192 (ptxas spills below); the producer's gather is bound by how many
   // copies it keeps in flight, so it keeps the rest (fewer measured slower: notes/PERF.md).
@@ -72,7 +74,9 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
   const u32 sBias_u32 = sV_u32 + STAGES * S::kTileBytes;
   const u32 bar_u32 = sBias_u32 + STAGES * N * 4;  // full K, full V, empty K, empty V
   // Per stage, one word per producer warp: nonzero when none of its rows is masked (the whole
-  // tile unmasked lets the consumers skip the biases; written and released like them).
+  // tile unmasked lets the consumers skip the biases; written and released like them). The
+  // consumers read the stage's words at once (ld_shared_all4: four words).
+  static_assert(S::kProducerWarps == 4, "ld_shared_all4 reads one flag word per producer warp");
   const u32 unmasked_u32 = bar_u32 + 4 * STAGES * 8;
   auto full_k = [&](int s) { return bar_u32 + 8 * s; };
   auto full_v = [&](int s) { return bar_u32 + 8 * (STAGES + s); };
@@ -156,7 +160,7 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
       if (n >= STAGES) mbar_wait(empty_k(s), ((n / STAGES) - 1) & 1);
       if (lane < N / 4) st_shared_f32(sBias_u32 + 4 * (s * N + my_pos), idx >= 0 ? 0.f : FG_NEG_INF);
       const unsigned warp_unmasked = __all_sync(0xffffffffu, lane >= N / 4 || idx >= 0);
-      if (lane == 0) st_shared_u32(unmasked_u32 + 4 * (s * 4 + warp), warp_unmasked);
+      if (lane == 0) st_shared_u32(unmasked_u32 + 4 * (s * S::kProducerWarps + warp), warp_unmasked);
       mbar_arrive(full_k(s));
       if (run >= 0) {
         load_run(sK_u32 + s * S::kTileBytes, &p.k_map, run, full_k(s));
@@ -260,7 +264,7 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
   auto softmax_and_pack = [&](float (&acc_s)[N / 2], int n, auto wait_pv) {
     const int s = n % STAGES;
     float alpha[2];
-    if (ld_shared_all4(unmasked_u32 + 16 * s)) softmax_tile_unmasked<N>(acc_s, scale_log2, row_max, row_sum, alpha);
+    if (ld_shared_all4(unmasked_u32 + 4 * S::kProducerWarps * s)) softmax_tile_unmasked<N>(acc_s, scale_log2, row_max, row_sum, alpha);
     else softmax_tile<N>(acc_s, sBias_u32 + 4 * (s * N + (lane & 3) * 2), scale_log2, row_max, row_sum, alpha);
     mbar_arrive(empty_k(s));
     wait_pv();

@@ -22,6 +22,8 @@ ATTENTION_HEAD_DIMS = (64, 96, 128, 256)
 SLICE_SIZES = (64, 128)
 KEY_TILES = (32, 64, 128)
 STAGES = (2, 3)
+#: Producer warps of the warp-specialised Hopper kernel (its Sm90WsShape::kProducerWarps).
+WS_PRODUCER_WARPS = 4
 ROWS_PER_WARP = (16, 32)
 
 _CPP_DTYPE = {"bfloat16": "fg::bf16_t", "float16": "fg::fp16_t"}
@@ -244,9 +246,9 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
 
     @property
     def _smem_slack(self) -> int:
-        """1024 bytes to align the tiles (128-byte swizzle atoms), four mbarriers and four
-        producer warps' unmasked flags per stage."""
-        return 1024 + 4 * 8 * self.stages + 16 * self.stages
+        """1024 bytes to align the tiles (128-byte swizzle atoms), four mbarriers and one
+        unmasked-flag word per producer warp per stage."""
+        return 1024 + 4 * 8 * self.stages + 4 * WS_PRODUCER_WARPS * self.stages
 
 
 def all_attention_specs() -> list[AttentionSpec]:
