@@ -134,25 +134,13 @@ class GpuPrediction:
         return scores, sub_lse
 
     def _refine_band(self, scores, sub_lse, bh0, nbh):
-        """Exact column maxima on each block's band, and on the band moved by each diagonal
-        (mask_reference.refine_bands), in place."""
+        """Exact column maxima on each block's band and on the band moved by each diagonal
+        (mask_reference.refine_band), in place."""
         req = self.req
-        width = req.slice_m + 2 * req.exact_band
-        if not req.diagonals:
-            gpu_refine_band(self.qh, self.kh, req.scale, sub_lse, req.pool, req.slice_m, (-req.exact_band, width),
-                            scores, bh0=bh0, nbh=nbh)
-            return
-        # Every band's LSE first (stats passes), their log-sum with the sub-block's LSE, then a
-        # max-probability pass per band with that one LSE.
-        bands = [(shift - req.exact_band, width) for shift in (0, *req.diagonals)]
-        warps = req.slice_m // 16
-        own = sub_lse.repeat_interleave(req.pool, dim=1)[:, : self.q_len]
-        band_lse = [gpu_scores("stats", self.qh, self.kh, req.scale, bh0=bh0, nbh=nbh, warps=warps, band=band)
-                    for band in bands]
-        total = torch.logsumexp(torch.stack([own, *band_lse]), 0)
-        for band in bands:
-            gpu_scores("maxprob", self.qh, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=total, group=req.slice_m,
-                       warps=warps, band=band, out=scores)
+        for shift in (0, *req.diagonals):
+            band = (shift - req.exact_band, req.slice_m + 2 * req.exact_band)
+            gpu_refine_band(self.qh, self.kh, req.scale, sub_lse, req.pool, req.slice_m, band, scores, bh0=bh0,
+                            nbh=nbh)
 
     def _chunks(self):
         """Yield (bh0, nbh, scores, lse) for each chunk of heads the workspace holds."""

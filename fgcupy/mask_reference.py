@@ -18,10 +18,9 @@ Definitions (the kernels in cuda_src/mask_score.cu and mask_select.cu implement 
   pooled max-prob score is raised to the exact one, max over the block's queries of
   exp(logit - lse~), lse~ = logaddexp(the query's LSE over those keys, its sub-block's LSE):
   near the diagonal, where pooling blurs most, every query speaks for itself;
-* diagonals (``diagonals`` = shifts d): the same on keys [j*M - L + d, (j+1)*M + L + d) too,
-  lse~ then log-adding the query's LSE over every one of its bands and its sub-block's LSE:
-  where a head's attention sits at fixed offsets from the query (the same place one or more
-  frames away), those keys too are scored exactly;
+* diagonals (``diagonals`` = shifts d): the same on keys [j*M - L + d, (j+1)*M + L + d), each
+  band with its own band LSE: where a head's attention sits at fixed offsets from the query
+  (the same place one or more frames away), those keys too are scored exactly;
 * selection: keys ranked band first, then score descending, then index ascending (scores
   compared through the float total order: NaN lowest, -0 == +0); keep the first n keys with
   n = k (top-k), the band plus the keys scoring >= the threshold (for logit rows: logit >=
@@ -149,31 +148,6 @@ def refine_band(scores: torch.Tensor, q, k, sub_lse: torch.Tensor, pool: int, sl
     return out
 
 
-def refine_bands(scores: torch.Tensor, q, k, sub_lse: torch.Tensor, pool: int, slice_m: int, band: int,
-                 scale: float, shifts: tuple) -> torch.Tensor:
-    """``refine_band`` on the band and on the band moved by each of ``shifts`` at once: every
-    query's lse~ log-adds the LSE of each of those bands (keys of overlapping bands count once
-    per band) and its sub-block's LSE, so no band's probabilities forget the others' mass.
-    With no shifts it is refine_band. Returns a new tensor."""
-    if not shifts:
-        return refine_band(scores, q, k, sub_lse, pool, slice_m, band, scale)
-    out = scores.clone()
-    q_len, kv_len = q.shape[2], k.shape[2]
-    kf = k.float()
-    for j in range(scores.shape[2]):
-        q0, q1 = j * slice_m, min(q_len, (j + 1) * slice_m)
-        ranges = [band_bounds(j, slice_m, band, kv_len, shift) for shift in (0, *shifts)]
-        logits = [torch.matmul(q[:, :, q0:q1].float(), kf[:, :, k0:k1].transpose(-1, -2)) * scale
-                  for k0, k1 in ranges]
-        own = sub_lse[:, :, torch.arange(q0, q1, device=q.device) // pool].float()
-        total = torch.logsumexp(torch.stack([own] + [torch.logsumexp(x, -1) for x in logits]), 0)
-        for (k0, k1), x in zip(ranges, logits):
-            if k1 > k0:
-                probs = torch.exp(x - total.unsqueeze(-1)).amax(2)
-                out[:, :, j, k0:k1] = torch.maximum(out[:, :, j, k0:k1], probs)
-    return out
-
-
 def raw_subblock_scores(q, k, pool: int, slice_m: int, scale: float, sampled: bool) -> tuple:
     """(float32 [B, H, QB, S] max-prob scores, their rows' LSE [B, H, R]) of sub-blocks scored
     by their mean query or, if ``sampled``, by their middle query with dilated scores."""
@@ -188,12 +162,14 @@ def pooled_scores(q, k, pool: int, slice_m: int, exact_band, scale: float, pooli
     """The scores of a sub-block prediction: ``pooling`` "mean" or "sample" (raw_subblock_scores),
     or "both" (the geometric mean of the two); raised to the exact column maxima on each block's
     band, with the mean rows' LSE standing for the rest of a query's mass (the sampled rows'
-    with "sample"), and on the same band moved by each of ``diagonals`` (refine_bands)."""
+    with "sample"), and then on the same band moved by each of ``diagonals`` (each with its own
+    band LSE)."""
     scores, sub_lse = raw_subblock_scores(q, k, pool, slice_m, scale, pooling == "sample")
     if pooling == "both":
         scores = torch.sqrt(scores * raw_subblock_scores(q, k, pool, slice_m, scale, True)[0])
     if exact_band is not None:
-        scores = refine_bands(scores, q, k, sub_lse, pool, slice_m, exact_band, scale, tuple(diagonals))
+        for shift in (0, *diagonals):
+            scores = refine_band(scores, q, k, sub_lse, pool, slice_m, exact_band, scale, shift)
     return scores
 
 
