@@ -113,6 +113,18 @@ def _same_keys(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.flat_rows(), b.flat_rows()))
 
 
+def _compare_masks(variants: dict, predict, label: str) -> None:
+    """Print whether every variant's ``predict()`` keeps the same keys as the first variant's."""
+    masks = {}
+    for name, folder in variants.items():
+        use_sources(folder)
+        masks[name] = predict()
+    first, *rest = masks
+    for name in rest:
+        same = _same_keys(masks[name], masks[first])
+        print(f"  {label}: {name} {'keeps the same keys as' if same else 'DIFFERS from'} {first}")
+
+
 def scoring(variants: dict) -> None:
     setup = scoring_setup()
     q, k, scale, pooled, pooled_lse, dense = setup.q, setup.k, setup.scale, setup.pooled, setup.pooled_lse, setup.dense_ms
@@ -143,14 +155,7 @@ def scoring(variants: dict) -> None:
             print(f"  {label}: largest difference {name} - {first} {diff:.2e}")
     predictions = {density: (lambda d=density: predict_mask(q, k, 128, method="topk", density=d)) for density in (0.1, 0.3)}
     for density, fn in predictions.items():
-        masks = {}
-        for name, folder in variants.items():
-            use_sources(folder)
-            masks[name] = fn()
-        first, *rest = masks
-        for name in rest:
-            same = _same_keys(masks[name], masks[first])
-            print(f"  default d={density}: {name} {'keeps the same keys as' if same else 'DIFFERS from'} {first}")
+        _compare_masks(variants, fn, f"default d={density}")
     for label, fn in passes.items():
         print(_line(label, _alternate(variants, fn, queued_ms), dense), flush=True)
     for density, fn in predictions.items():
@@ -163,14 +168,7 @@ def selection(variants: dict) -> None:
     for seq in (32_760, 75_600):
         q, k, _ = random_inputs(1, 40, seq, 128, seed=3)
         fn = lambda: predict_mask(q, k, 128, method="topk", density=0.1)  # noqa: E731
-        masks = {}
-        for name, folder in variants.items():
-            use_sources(folder)
-            masks[name] = fn()
-        first, *rest = masks
-        for name in rest:
-            same = _same_keys(masks[name], masks[first])
-            print(f"  flat rows {seq}: {name} {'keeps the same keys as' if same else 'DIFFERS from'} {first}")
+        _compare_masks(variants, fn, f"flat rows {seq}")
         print(_line(f"default d=0.1, flat rows, {seq} tokens", _alternate(variants, fn, queued_ms), None, "ms"),
               flush=True)
 
