@@ -49,6 +49,8 @@ class SparseAttentionConfig:
         sampled queries of every head attend; one host sync) and every refresh of that layer
         then scores them exactly too (``predict_mask(diagonals=...)``). Kept per layer (and
         guidance branch and input shape) while the handle lives, like calibrated poolings.
+        Each diagonal costs about one exact band per refresh; the offsets are shared by a
+        layer's heads (README "Mask quality" has what they gain and lose per head family).
         0: off.
     refresh_on_drift: also re-predict a layer's mask on a step where its queries or keys moved
         by more than this since the mask was made (``fgcupy.cache.means_drift`` of their block
