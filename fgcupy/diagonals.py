@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .layout import check_layout, to_bhsd
+from .layout import query_key_views
 from .mask_request import DEFAULT_EXACT_BAND
 
 #: Queries sampled per head (evenly spaced over the sequence).
@@ -64,9 +64,9 @@ def find_diagonals(q, k, slice_m: int = 128, *, count: int = 4, exact_band: int 
     least ``min_mass`` of a query's mass and ``min_contrast`` times the mean of its surroundings
     (a peak, not a broad head's slope), none overlapping the block's own band nor another chosen
     diagonal's (bands of slice_m + 2 * exact_band keys).
-    One host synchronisation (the offsets are host ints)."""
-    check_layout(layout)
-    qh, kh = to_bhsd(q, layout), to_bhsd(k, layout)
+    q, k: [B, H, S, D] ("HND") or [B, S, H, D] ("NHD"), torch or cupy. One host
+    synchronisation (the offsets are host ints)."""
+    qh, kh = query_key_views(q, k, layout)
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise ValueError(f"count must be a non-negative int, got {count!r}")
     if isinstance(exact_band, bool) or not isinstance(exact_band, int) or exact_band < 0:

@@ -39,7 +39,7 @@ import torch
 from . import bridge, predict_op
 from .gpu_prediction import DEFAULT_WORKSPACE, GpuPrediction, predict_reference, static_row_counts  # noqa: F401
 from .jit.spec import SLICE_SIZES
-from .layout import check_layout, to_bhsd
+from .layout import query_key_views
 from .mask import SliceMask
 from .mask_algebra import concat_heads
 from .mask_request import (AUTO, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
@@ -77,22 +77,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     at fixed offsets, such as the same place in other frames, get those keys scored exactly.
     ``fgcupy.find_diagonals`` finds them from sampled queries. Each costs about one band.
     """
-    check_layout(layout)
-    qt, kt = bridge.to_torch(q, "q"), bridge.to_torch(k, "k")
-    qh, kh = to_bhsd(qt, layout), to_bhsd(kt, layout)
-    if qh.shape[0] != kh.shape[0] or qh.shape[1] != kh.shape[1] or qh.shape[3] != kh.shape[3]:
-        raise ValueError(f"q and k must agree on B, H and D ([B, H, S, D]); got {tuple(qh.shape)} and {tuple(kh.shape)}")
-    if qh.device != kh.device:
-        raise ValueError(f"q is on {qh.device} but k on {kh.device}")
-    if qh.shape[2] < 1 or kh.shape[2] < 1:
-        raise ValueError(f"q and k need at least one token, got q_len={qh.shape[2]}, kv_len={kh.shape[2]}")
-    if qh.shape[3] < 1:
-        raise ValueError(f"q and k need a head dim of at least 1, got {qh.shape[3]}")
-    for name, t in (("q", qh), ("k", kh)):
-        if not t.dtype.is_floating_point:
-            raise TypeError(f"{name} must have a floating dtype, got {t.dtype}")
-    if kh.dtype != qh.dtype:
-        raise TypeError(f"k has dtype {kh.dtype}, q has {qh.dtype}")
+    qh, kh = query_key_views(q, k, layout)
     if isinstance(pooling, (list, tuple)):
         return _predict_per_head_pooling(
             qh, kh, list(pooling), slice_m, dict(

@@ -49,6 +49,10 @@ def test_the_layout_and_argument_checks():
         find_diagonals(q, k, samples=0)
     with pytest.raises(ValueError, match="exact_band must be a non-negative int"):
         find_diagonals(q, k, exact_band=None)
+    with pytest.raises(ValueError, match="q and k must agree on B, H and D"):
+        find_diagonals(q, k[:, :1])
+    with pytest.raises(TypeError, match="k has dtype"):
+        find_diagonals(q, k.double())
 
 
 @pytest.mark.parametrize("family, frames", [("temporal-strided", True), ("window3d", True), ("window2d", False),
