@@ -44,8 +44,8 @@ class SparseAttentionConfig:
         step); that step's mask is the chosen one and later refreshes predict with those
         poolings. Once per layer (and guidance branch and input shape) while the handle lives:
         later generations keep the choice (``handle.reset(recalibrate=True)`` makes it again).
-    find_diagonals: with a named mean-query predictor, a layer's first refresh finds up to this
-        many diagonals (``fgcupy.find_diagonals``: key offsets, such as whole frames, where
+    find_diagonals: with a named mean-query predictor, a layer's first predicting refresh (the
+        one after the calibration, with calibrate_pooling) finds up to this many diagonals (``fgcupy.find_diagonals``: key offsets, such as whole frames, where
         sampled queries of every head attend; one host sync) and every refresh of that layer
         then scores them exactly too (``predict_mask(diagonals=...)``). Kept per layer (and
         guidance branch and input shape) while the handle lives, like calibrated poolings.
