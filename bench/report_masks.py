@@ -44,7 +44,7 @@ from fgcupy.cache import block_means, means_drift
 from fgcupy.calibration import calibrate_pooling
 from fgcupy import mask_reference as ref
 from fgcupy.head_families import FAMILIES, family_qkv, family_shape, mass_fraction
-from fgcupy.oracle import Judge, block_coherence, exact_lse
+from fgcupy.oracle import Judge, exact_lse
 from fgcupy.progress import progress_bar
 from fgcupy.reference import dense_attention, reference_attention, relative_l2
 from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
@@ -64,6 +64,7 @@ JUDGED = {
     "mean (pool 128)": dict(pool=128, exact_band=None),
     "sampled 32 + band 64": dict(pool=32, pooling="sample", exact_band=64),
     "both 32 + band 64": dict(pool=32, pooling="both", exact_band=64),
+    "adaptive 32 + band 64": dict(pool=32, pooling="adaptive", exact_band=64),
     "both 64 + band 64": dict(pool=64, pooling="both", exact_band=64),
     "pool 16": dict(pool=16, exact_band=None),
     "pool 32": dict(pool=32, exact_band=None),
@@ -159,7 +160,7 @@ def family_rows(args, shape, device):
         judge = Judge(q, k, v)
         diagonals = find_diagonals(q, k, 128)
         print(f"  {family:17s} diagonals found: {diagonals}", flush=True)
-        coherence = block_coherence(q)
+        coherence = ref.block_coherence(q, 128)
         base = dict(family=family, mass90=mass_fraction(q, k), coherence=float(coherence.median()))
         print(f"  {family:17s} keys holding 90% of a query's mass: {100 * base['mass90']:.2f}%  "
               f"median block coherence {base['coherence']:.3f}", flush=True)

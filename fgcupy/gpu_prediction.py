@@ -9,7 +9,8 @@ import torch
 
 from . import mask_reference as ref
 from .mask import SliceMask, indptr_from_counts, num_blocks
-from .mask_kernels import gpu_colmax, gpu_dilate, gpu_emit, gpu_refine_band, gpu_scores, gpu_select, row_stride
+from .mask_kernels import (gpu_colmax, gpu_dilate, gpu_dilate_in_place, gpu_emit, gpu_refine_band, gpu_scores,
+                           gpu_select, row_stride)
 from .mask_request import MaskRequest
 
 DEFAULT_WORKSPACE = 2 << 30
@@ -74,20 +75,25 @@ class GpuPrediction:
         self.device = qh.device
         kind = req.kind
         # Rows scored against every key: the queries (colmax), each sub-block's mean query or its
-        # middle query (pooling "mean" / "sample"); "both" keeps the middle queries in samples.
-        samples = None
-        if req.pooling != "mean":
+        # middle query (pooling "mean" / "sample", per block for "adaptive", whose sampled blocks'
+        # score rows are dilated); "both" keeps the middle queries in samples.
+        samples, self.sampled = None, None
+        if req.pooling in ("sample", "both"):
             samples = qh.index_select(2, ref.sample_rows(self.q_len, req.pool, qh.device)).contiguous()
         if kind == "colmax":
             self.rows = qh
         elif req.pooling == "sample":
             self.rows = samples
+        elif req.pooling == "adaptive":
+            self.sampled = ref.sampled_blocks(qh, req.slice_m).reshape(self.bh * self.q_blocks)
+            self.rows = ref.adaptive_rows(qh, req.pool, req.slice_m, self.sampled.view(self.batch, self.heads, -1))
+            self.rows = self.rows.contiguous()
         else:
             self.rows = ref.pool_queries(qh, req.pool).to(qh.dtype).contiguous()
         self.samples = samples if req.pooling == "both" else None
         self.sub_rows = self.rows.shape[2]
         # Score buffers alive at once per head: the block scores and, sampled, the raw sampled scores.
-        buffers = {"mean": 1, "sample": 2, "both": 2}[req.pooling]
+        buffers = {"mean": 1, "sample": 2, "both": 2, "adaptive": 1}[req.pooling]
         per_head = self.sub_rows if kind in ("mean", "union") else self.q_blocks * buffers
         self.chunk = max(1, min(self.bh, workspace_bytes // max(1, per_head * self.ld * self.itemsize)))
         # Sizes known from the shapes (top-k with one selection per block): fused emit, no sync.
@@ -120,6 +126,9 @@ class GpuPrediction:
             scores = gpu_dilate(scores, req.pool // 2, self.kv_len)
         elif req.pooling == "both":  # the geometric mean, written into the mean rows' scores
             gpu_dilate(self._raw_scores(self.samples, bh0, nbh)[0], req.pool // 2, self.kv_len, mul=scores)
+        elif req.pooling == "adaptive":
+            blocks = slice(bh0 * self.q_blocks, (bh0 + nbh) * self.q_blocks)
+            gpu_dilate_in_place(scores, req.pool // 2, self.kv_len, self.sampled[blocks])
         if req.exact_band is not None:
             self._refine_band(scores, sub_lse, bh0, nbh)
         return scores

@@ -14,8 +14,8 @@ import torch
 from . import bridge
 from .jit.launch import launch
 from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_LARGE_SMEM, SELECT_MAX_SMEM,  # noqa: F401
-                             SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DilateSpec, EmitSpec, ScoreSpec,
-                             SelectSpec, Sm90ScoreSpec)
+                             SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DilateInPlaceSpec, DilateSpec,
+                             EmitSpec, SaveHalosSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec)
 from .mask import num_blocks
 from .mask_reference import dilate_keys
 
@@ -292,15 +292,10 @@ def gpu_dilate(scores: torch.Tensor, radius: int, kv_len: int, *, mul: torch.Ten
         dilated = dilate_keys(scores, radius, kv_len)
         return dilated if mul is None else mul.mul_(dilated).sqrt_()
     for name, t in (("scores", scores), ("mul", mul)):
-        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.data_ptr() % 16
-                              or t.shape[-1] % 8 or t.shape != scores.shape):
-            raise ValueError(f"{name} rows must be contiguous, 16-byte aligned float32 of one shape with ld a "
-                             f"multiple of 8; got shape {tuple(t.shape)}, {t.dtype}")
-    if radius < 0:
-        raise ValueError(f"radius must be >= 0, got {radius}")
+        if t is not None:
+            _check_rows(name, t, scores)
     ld = scores.shape[-1]
-    if not 0 <= kv_len <= ld:
-        raise ValueError(f"kv_len must be in [0, ld={ld}], got {kv_len}")
+    _check_dilation(radius, kv_len, ld)
     out = torch.empty_like(scores) if mul is None else mul
     rows = scores.numel() // ld if ld else 0
     if rows:
@@ -308,3 +303,41 @@ def gpu_dilate(scores: torch.Tensor, radius: int, kv_len: int, *, mul: torch.Ten
         launch(spec, scores.device, spec.grid(rows, ld),
                spec.params.pack(src=scores, mul=mul, dst=out, ld=ld, kv_len=kv_len, radius=radius))
     return out
+
+
+def _check_rows(name: str, t: torch.Tensor, like: torch.Tensor):
+    if t.dtype != torch.float32 or not t.is_contiguous() or t.data_ptr() % 16 or t.shape[-1] % 8 or t.shape != like.shape:
+        raise ValueError(f"{name} rows must be contiguous, 16-byte aligned float32 of one shape with ld a "
+                         f"multiple of 8; got shape {tuple(t.shape)}, {t.dtype}")
+
+
+def _check_dilation(radius: int, kv_len: int, ld: int):
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    if not 0 <= kv_len <= ld:
+        raise ValueError(f"kv_len must be in [0, ld={ld}], got {kv_len}")
+
+
+def gpu_dilate_in_place(scores: torch.Tensor, radius: int, kv_len: int, flags: torch.Tensor) -> torch.Tensor:
+    """fg::dilate_rows_in_place: the rows of float32 ``scores`` [..., ld] whose entry of ``flags``
+    (bool, one per row) is set get ``gpu_dilate``'s sliding max over their first ``kv_len`` keys,
+    in place; the other rows are left as they are. Returns ``scores``."""
+    _check_rows("scores", scores, scores)
+    ld = scores.shape[-1]
+    rows = scores.numel() // ld if ld else 0
+    if flags.dtype != torch.bool or flags.numel() != rows or flags.device != scores.device:
+        raise ValueError(f"flags must be bool with one entry per row ({rows}) on {scores.device}, got "
+                         f"{flags.numel()} {flags.dtype} on {flags.device}")
+    _check_dilation(radius, kv_len, ld)
+    if radius > DILATE_MAX_RADIUS:
+        dilated = dilate_keys(scores.reshape(rows, ld), radius, kv_len)
+        scores.reshape(rows, ld)[flags.reshape(rows), :kv_len] = dilated[flags.reshape(rows), :kv_len]
+        return scores
+    if rows and kv_len:
+        grid = DilateInPlaceSpec.grid(rows, kv_len)
+        halo = torch.empty(grid[0] * 2 * radius, dtype=torch.float32, device=scores.device)
+        params = DilateInPlaceSpec.params.pack(scores=scores, halo=halo, flags=flags.contiguous(), ld=ld,
+                                               kv_len=kv_len, radius=radius)
+        launch(SaveHalosSpec(), scores.device, grid, params)
+        launch(DilateInPlaceSpec(), scores.device, grid, params)
+    return scores

@@ -8,7 +8,10 @@ Definitions (the kernels in cuda_src/mask_score.cu and mask_select.cu implement 
   then dilated along the key axis by pool // 2 either side (``dilate_keys``): the group's other
   queries sit up to pool / 2 tokens away and, under relative positions, look at keys shifted by
   as much; or (``"both"``) the geometric mean of the two max-prob scores, each with its own
-  exact band: a key must look likely to the mean and to the samples;
+  exact band: a key must look likely to the mean and to the samples; or (``"adaptive"``) per
+  query block, the middle queries where the block's coherence (``block_coherence``) is below
+  ``COHERENCE_CUT`` and the mean queries elsewhere: a block whose queries point different ways
+  has a mean that stands for none of them;
 * mean-query logits: ``scale * pooled_q . k`` in float32 for every key, and their row LSE;
   stored logits (``logits_dtype``) are then rounded to that dtype (the LSE stays exact);
 * max-prob scores of a group of rows: ``max_row exp(logit - lse[row])`` (0 where lse is not
@@ -45,6 +48,13 @@ BAND_KEY = 0xFFFFFFFF
 TAU_SLACK = 1e-5
 
 
+#: Blocks whose coherence (``block_coherence``) is below this are scored by sampled queries
+#: under pooling "adaptive". Heads that look a few tokens around each query
+#: measure 0.1-0.35 (their queries turn with position), heads whose blocks share a target
+#: (sinks, text, broad or region-mixed heads) 0.45 and up (notes/PERF.md, session 18).
+COHERENCE_CUT = 0.4
+
+
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
@@ -66,6 +76,40 @@ def sample_rows(q_len: int, pool: int, device=None) -> torch.Tensor:
     for a short last group that ends before its middle)."""
     groups = num_blocks(q_len, pool)
     return (torch.arange(groups, device=device) * pool + pool // 2).clamp_max(q_len - 1)
+
+
+def block_coherence(q: torch.Tensor, slice_m: int) -> torch.Tensor:
+    """float32 [B, H, QB]: each block's mean resultant length, the norm of its queries' mean over
+    the mean of their norms (1: all alike; near 0: they point every way; 0 for zero queries).
+    It is the queries' mean cosine similarity to their mean where their norms agree, and costs
+    two reductions over the queries."""
+    batch, heads, q_len, _ = q.shape
+    q_blocks = num_blocks(q_len, slice_m)
+    if q_len == 0:
+        return torch.zeros(batch, heads, 0, dtype=torch.float32, device=q.device)
+    mean_norm = torch.linalg.vector_norm(pool_queries(q, slice_m), dim=-1)
+    norms = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32)
+    pad = q_blocks * slice_m - q_len
+    norm_sums = torch.nn.functional.pad(norms, (0, pad)).view(batch, heads, q_blocks, slice_m).sum(-1)
+    counts = torch.full((q_blocks,), float(slice_m), device=q.device)
+    counts[-1] = slice_m - pad
+    mean_of_norms = norm_sums / counts
+    return torch.where(mean_of_norms > 0, mean_norm / torch.where(mean_of_norms > 0, mean_of_norms, 1.0), 0.0)
+
+
+def sampled_blocks(q: torch.Tensor, slice_m: int) -> torch.Tensor:
+    """bool [B, H, QB]: the blocks pooling "adaptive" scores by their sampled queries."""
+    return block_coherence(q, slice_m) < COHERENCE_CUT
+
+
+def adaptive_rows(q: torch.Tensor, pool: int, slice_m: int, sampled: torch.Tensor) -> torch.Tensor:
+    """[B, H, ceil(S / pool), D] in q's dtype: each sub-block's middle query where its block is
+    ``sampled`` (bool [B, H, QB]), else its mean query rounded to q's dtype."""
+    q_len = q.shape[2]
+    means = pool_queries(q, pool).to(q.dtype)
+    middles = q.index_select(2, sample_rows(q_len, pool, q.device))
+    per_row = sampled.repeat_interleave(slice_m // pool, 2)[:, :, : means.shape[2]]
+    return torch.where(per_row.unsqueeze(-1), middles, means)
 
 
 def dilate_keys(scores: torch.Tensor, width: int, kv_len: int | None = None) -> torch.Tensor:
@@ -148,25 +192,36 @@ def refine_band(scores: torch.Tensor, q, k, sub_lse: torch.Tensor, pool: int, sl
     return out
 
 
-def raw_subblock_scores(q, k, pool: int, slice_m: int, scale: float, sampled: bool) -> tuple:
+def raw_subblock_scores(q, k, pool: int, slice_m: int, scale: float, pooling: str) -> tuple:
     """(float32 [B, H, QB, S] max-prob scores, their rows' LSE [B, H, R]) of sub-blocks scored
-    by their mean query or, if ``sampled``, by their middle query with dilated scores."""
-    rows = q[:, :, sample_rows(q.shape[2], pool, q.device)] if sampled else rounded(pool_queries(q, pool), q.dtype)
+    by their mean query ("mean"), their middle query with dilated scores ("sample"), or per
+    block the one or the other ("adaptive")."""
+    if pooling == "adaptive":
+        sampled = sampled_blocks(q, slice_m)
+        rows = adaptive_rows(q, pool, slice_m, sampled)
+    elif pooling == "sample":
+        rows = q[:, :, sample_rows(q.shape[2], pool, q.device)]
+    else:
+        rows = rounded(pool_queries(q, pool), q.dtype)
     _, sub_lse = logits_and_lse(rows, k, scale)
     scores = maxprob_scores(rows, k, sub_lse, slice_m // pool, scale)
-    return (dilate_keys(scores, pool // 2) if sampled else scores), sub_lse
+    if pooling == "sample":
+        scores = dilate_keys(scores, pool // 2)
+    elif pooling == "adaptive":
+        scores = torch.where(sampled.unsqueeze(-1), dilate_keys(scores, pool // 2), scores)
+    return scores, sub_lse
 
 
 def pooled_scores(q, k, pool: int, slice_m: int, exact_band, scale: float, pooling: str,
                   diagonals: tuple = ()) -> torch.Tensor:
-    """The scores of a sub-block prediction: ``pooling`` "mean" or "sample" (raw_subblock_scores),
-    or "both" (the geometric mean of the two); raised to the exact column maxima on each block's
-    band, with the mean rows' LSE standing for the rest of a query's mass (the sampled rows'
-    with "sample"), and then on the same band moved by each of ``diagonals`` (each with its own
-    band LSE)."""
-    scores, sub_lse = raw_subblock_scores(q, k, pool, slice_m, scale, pooling == "sample")
+    """The scores of a sub-block prediction: ``pooling`` "mean", "sample" or "adaptive"
+    (raw_subblock_scores), or "both" (the geometric mean of "mean" and "sample"); raised to the
+    exact column maxima on each block's band, with the scored rows' LSE standing for the rest of
+    a query's mass (the mean rows' with "both"), and then on the same band moved by each of
+    ``diagonals`` (each with its own band LSE)."""
+    scores, sub_lse = raw_subblock_scores(q, k, pool, slice_m, scale, "mean" if pooling == "both" else pooling)
     if pooling == "both":
-        scores = torch.sqrt(scores * raw_subblock_scores(q, k, pool, slice_m, scale, True)[0])
+        scores = torch.sqrt(scores * raw_subblock_scores(q, k, pool, slice_m, scale, "sample")[0])
     if exact_band is not None:
         for shift in (0, *diagonals):
             scores = refine_band(scores, q, k, sub_lse, pool, slice_m, exact_band, scale, shift)

@@ -21,10 +21,12 @@ EXACT_BAND_SLICES = (64, 128)
 DEFAULT_POOL = 32
 DEFAULT_EXACT_BAND = 64
 #: How each sub-block of ``pool`` queries is scored (mask_reference): "mean" (its mean query),
-#: "sample" (its middle query, scores dilated along the keys) or "both" (the geometric mean of
-#: the two scores). The default's; an explicit ``pool`` keeps "mean" unless ``pooling`` is given.
-POOLINGS = ("mean", "sample", "both")
-DEFAULT_POOLING = "mean"
+#: "sample" (its middle query, scores dilated along the keys), "both" (the geometric mean of
+#: the two scores) or "adaptive" (per query block, "sample" where the block's queries are
+#: incoherent, else "mean"). The default's; an explicit ``pool`` keeps "mean" unless
+#: ``pooling`` is given.
+POOLINGS = ("mean", "sample", "both", "adaptive")
+DEFAULT_POOLING = "adaptive"
 #: Marks an option left to the default (None means "off" for exact_band).
 AUTO = "auto"
 _INT32_MAX = 2**31 - 1

@@ -34,21 +34,6 @@ def exact_lse(q, k, scale: float | None = None, budget_bytes: int = 4 << 30) -> 
     return lse
 
 
-def block_coherence(q, slice_m: int = 128) -> torch.Tensor:
-    """float32 [B, H, QB]: mean cosine similarity of each block's queries to their mean, the
-    measure of how well one pooled query stands for its block (1: all alike)."""
-    if q.shape[2] == 0:
-        return q.new_zeros(*q.shape[:2], 0, dtype=torch.float32)
-    qf = q.float()
-    pad = (-qf.shape[2]) % slice_m
-    blocks = torch.nn.functional.pad(qf, (0, 0, 0, pad)).unflatten(2, (-1, slice_m))  # [B, H, QB, M, D]
-    counts = torch.full((blocks.shape[2],), float(slice_m), device=q.device)
-    counts[-1] = slice_m - pad
-    mean = blocks.sum(3) / counts[:, None]
-    cos = torch.nn.functional.cosine_similarity(blocks, mean.unsqueeze(3).expand_as(blocks), dim=-1)  # padded rows: 0
-    return cos.sum(3) / counts
-
-
 def keys_for(density: float, kv_len: int) -> int:
     """Keys per block at ``density`` (at least one)."""
     if not 0.0 < density <= 1.0:

@@ -63,8 +63,10 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     ``pool``: queries per pooled sub-block (slice_m: one mean query per block).
     ``pooling``: how each sub-block is scored (combine "max"; see mask_reference): "mean" (its
     mean query), "sample" (its middle query, scores dilated along the keys by pool // 2 either
-    side) or "both" (the geometric mean of the two scores; twice the scoring work); or one of
-    those per head (a list of H, e.g. from ``fgcupy.calibration.calibrate``): heads are
+    side), "both" (the geometric mean of the two scores; twice the scoring work) or "adaptive"
+    (per query block: "sample" where the block's queries point different ways, their mean
+    cosine similarity to their mean below mask_reference.COHERENCE_CUT, else "mean"; the cost of
+    "mean" plus a sliding max over the sampled blocks' rows); or one of those per head (a list of H, e.g. from ``fgcupy.calibration.calibrate``): heads are
     predicted in groups of one pooling and joined in head order by one gather (one host sync).
     ``exact_band``: keys within this many of the block (either side) get their exact column-max
     score instead of the pooled one (slice_m 64 or 128, combine "max"; None: off; see

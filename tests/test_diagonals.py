@@ -74,7 +74,7 @@ def test_head_families_get_diagonals_at_whole_frames_or_none(family, frames):
 def test_diagonals_bring_strided_temporal_heads_nearer_the_oracle():
     q, k, v = family_qkv(family_shape("wan14b-480p", grid=GRID), "temporal-strided", heads=2)
     judge = Judge(q, k, v)
-    plain = judge.error(predict_mask(q, k, 128, "topk", density=0.1))
+    plain = judge.error(predict_mask(q, k, 128, "topk", density=0.1, pooling="mean"))
     diagonals = find_diagonals(q, k, 128)
-    better = judge.error(predict_mask(q, k, 128, "topk", density=0.1, diagonals=diagonals))
+    better = judge.error(predict_mask(q, k, 128, "topk", density=0.1, pooling="mean", diagonals=diagonals))
     assert better < 0.8 * plain, (plain, better, diagonals)

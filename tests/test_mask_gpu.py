@@ -158,6 +158,27 @@ def test_dilated_rows_match_the_reference(rows, kv_len, radius, seed):
                                atol=2e-19)
 
 
+@given(st.integers(1, 6), st.integers(1, 9000), st.sampled_from([0, 1, 3, 4, 16, 64, 100]), st.integers(0, 2**31 - 1))
+@SETTINGS
+def test_rows_dilated_in_place_match_the_reference(rows, kv_len, radius, seed):
+    """fg::dilate_rows_in_place: flagged rows get max_pool1d's sliding max over their keys
+    (across its tiles, in place), the other rows stay bit for bit; radii past the kernel's run
+    on the reference."""
+    gen = torch.Generator().manual_seed(seed)
+    values = torch.rand(rows, kv_len, generator=gen) ** 8
+    values[values < torch.finfo(torch.float32).tiny] = 0.0
+    flags = torch.rand(rows, generator=gen) < 0.6
+    scores = _padded(values)
+    scores[..., kv_len:] = 2.0  # padding must not leak into the keys' maxima
+    before = scores.clone()
+    got = mask_kernels.gpu_dilate_in_place(scores, radius, kv_len, flags.to(DEVICE))
+    assert got is scores
+    expected = ref.dilate_keys(values.to(DEVICE)[None], radius)
+    flagged = flags.to(DEVICE)
+    assert torch.equal(got[0, flagged, :kv_len], expected[0, flagged])
+    assert torch.equal(got[0, ~flagged], before[0, ~flagged])
+
+
 def _padded(values, dtype=torch.float32):
     rows, kv_len = values.shape
     ld = mask_kernels.row_stride(kv_len, torch.empty(0, dtype=dtype).element_size())
@@ -253,6 +274,8 @@ CONFIGS = [
     dict(method="threshold", threshold=0.01, pool=8, pooling="sample", exact_band=24),
     dict(method="topk", top_k=40, pool=32, pooling="both"),
     dict(method="tau", tau=0.7, pool=16, pooling="both", exact_band=None, workspace_bytes=1),
+    dict(method="topk", top_k=40, pool=32, pooling="adaptive"),
+    dict(method="tau", tau=0.8, pool=16, pooling="adaptive", exact_band=None, workspace_bytes=1),
 ]
 
 
@@ -358,3 +381,30 @@ def test_pooling_per_head_on_the_gpu():
     for h, pooling in enumerate(poolings):
         alone = predict_mask(q[:, h : h + 1], k[:, h : h + 1], 128, "topk", density=0.1, pooling=pooling)
         assert torch.equal(got[:, h : h + 1], alone.to_dense()), (h, pooling)
+
+
+@pytest.mark.parametrize("slice_m, pool, kernel", [(64, 16, "mma"), (128, 32, "mma"), (128, 32, "wgmma")])
+def test_adaptive_pooling_on_blocks_of_both_kinds(slice_m, pool, kernel):
+    """pooling="adaptive" on CUDA, where some blocks are coherent (one shared direction) and
+    the others noise: the same blocks are sampled as in the reference, and the scores (sampled
+    rows dilated in place, the band on each block's own rows' LSE) match it."""
+    if kernel not in SCORE_KERNELS:
+        pytest.skip("the wgmma scoring kernel needs an sm_90 GPU")
+    gen = torch.Generator().manual_seed(21)
+    q = torch.randn(1, 3, 1000, 128, generator=gen)
+    coherent = (torch.arange(1000) // slice_m) % 3 == 0
+    q[:, :, coherent] = 0.2 * q[:, :, coherent] + torch.randn(1, 3, 1, 128, generator=gen)
+    q = q.to(DEVICE, torch.bfloat16)
+    k = torch.randn(1, 3, 777, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    sampled = ref.sampled_blocks(q, slice_m)
+    assert sampled.any() and not sampled.all()
+    req = scoring.make_request(128, 777, slice_m, "topk", top_k=50, pool=pool, pooling="adaptive")
+    pred = scoring.GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
+    assert torch.equal(pred.sampled, sampled.reshape(-1))
+    with mock.patch.object(mask_kernels, "_is_hopper", lambda index: kernel == "wgmma"):
+        got, _ = pred._scores(0, pred.bh)
+    expected = ref.pooled_scores(q, k, pool, slice_m, req.exact_band, req.scale, "adaptive")
+    _close(got[..., :777], expected.reshape(3, got.shape[1], -1), 1e-3, 1e-6)
+    mask = predict_mask(q, k, slice_m, "topk", top_k=50, pool=pool, pooling="adaptive").validate()
+    reference = ref.select(expected, "topk", k=50)
+    assert (mask.to_dense() != reference).sum().item() <= 5 + 0.002 * int(reference.sum())

@@ -9,8 +9,11 @@ from hypothesis import strategies as st
 
 from fgcupy import mask_reference as ref
 from fgcupy.head_families import FAMILIES, family_qkv, family_shape, mass_fraction
-from fgcupy.oracle import Judge, block_coherence, exact_lse, keys_for
+from fgcupy import predict_mask
+from fgcupy.mask_reference import block_coherence
+from fgcupy.oracle import Judge, exact_lse, keys_for
 from fgcupy.reference import relative_l2
+from fgcupy.workloads import video_qkv
 
 SMALL = family_shape("wan14b-480p", grid=(2, 6, 20))  # 240 tokens, head dim 128
 
@@ -115,3 +118,20 @@ def test_exact_band_default_beats_the_mean_query_on_a_local_family():
     assert default < mean
     assert relative_l2(judge.dense, judge.dense) == 0.0
     assert ref.band_bounds(0, 128, 64, 100) == (0, 100)
+
+
+def test_adaptive_pooling_samples_heads_that_turn_with_position_and_keeps_coherent_ones():
+    """The default pooling "adaptive": strided temporal heads (their blocks' queries point
+    different ways) are sampled and land nearer the oracle than mean queries; the blocks of the
+    video-like workload's heads are coherent and keep their mean-query mask."""
+    shape = family_shape("wan14b-480p", grid=(3, 30, 52))  # 480p frames: a block spans 2.5 rows
+    q, k, v = family_qkv(shape, "temporal-strided", heads=2)
+    assert ref.sampled_blocks(q, 128).all()
+    judge = Judge(q, k, v)
+    mean = judge.error(predict_mask(q, k, 128, "topk", density=0.1, pooling="mean"))
+    adaptive = judge.error(predict_mask(q, k, 128, "topk", density=0.1))
+    assert adaptive < 0.7 * mean, (mean, adaptive)
+    q, k, _ = video_qkv(shape, "mixed", head_ids=range(4))
+    assert not ref.sampled_blocks(q, 128).any()
+    assert torch.equal(predict_mask(q, k, 128, "topk", density=0.1).to_dense(),
+                       predict_mask(q, k, 128, "topk", density=0.1, pooling="mean").to_dense())

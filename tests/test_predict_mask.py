@@ -220,7 +220,7 @@ def test_diagonals_are_the_band_moved_along_the_keys():
     gen = torch.Generator().manual_seed(5)
     q, k = torch.randn(1, 2, 300, 16, generator=gen), torch.randn(1, 2, 280, 16, generator=gen)
     scale = 0.25
-    scores, sub_lse = ref.raw_subblock_scores(q, k, 16, 64, scale, False)
+    scores, sub_lse = ref.raw_subblock_scores(q, k, 16, 64, scale, "mean")
     for shift in (-200, 90, 1000):
         moved = ref.refine_band(scores, q, k, sub_lse, 16, 64, 8, scale, shift)
         for j in range(scores.shape[2]):
@@ -283,7 +283,7 @@ def test_pooling_follows_the_default_and_is_refused_where_it_cannot_apply():
     assert make_request(64, 1000, 128, "topk", density=0.1, pool=16, pooling="both").pooling == "both"
     assert make_request(64, 1000, 128, "topk", density=0.1, combine="union").pooling == "mean"
     assert make_request(64, 1000, 128, "tau", pool=128, pooling="sample", exact_band=None).kind == "submax"
-    with pytest.raises(ValueError, match=r"pooling must be one of \('mean', 'sample', 'both'\), got True"):
+    with pytest.raises(ValueError, match=r"pooling must be one of \('mean', 'sample', 'both', 'adaptive'\), got True"):
         make_request(64, 1000, 128, "topk", density=0.1, pooling=True)
     with pytest.raises(ValueError, match="pooling='sample' scores sub-blocks by their middle query"):
         make_request(64, 1000, 128, "topk", density=0.1, pool=16, combine="union", pooling="sample")
@@ -328,7 +328,7 @@ def test_pooling_per_head_is_each_heads_own_prediction(layout):
 
 
 @pytest.mark.parametrize("pooling, message", [
-    (["mean"] * 3, r"one of \('mean', 'sample', 'both'\) for each of the 4 heads"),
+    (["mean"] * 3, r"one of \('mean', 'sample', 'both', 'adaptive'\) for each of the 4 heads"),
     (["mean", "mean", "max", "mean"], r"for each of the 4 heads"),
 ])
 def test_pooling_per_head_refuses_bad_lists(pooling, message):
@@ -337,3 +337,50 @@ def test_pooling_per_head_refuses_bad_lists(pooling, message):
         predict_mask(q, q, 64, "topk", density=0.1, pooling=pooling)
     with pytest.raises(ValueError, match="not colmax"):
         predict_mask(q, q, 64, "colmax", lse=torch.zeros(1, 4, 100), pooling=["mean", "both"] * 2)
+
+
+def _blocks_of_two_kinds(q_len, dim, slice_m, seed):
+    """q [1, 2, q_len, dim] float32 whose even blocks share one direction (coherent) and whose
+    odd blocks are noise (incoherent), and the bool [1, 2, QB] of the incoherent ones."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, q_len, dim, generator=gen)
+    block = torch.arange(q_len) // slice_m
+    coherent = block % 2 == 0
+    q[:, :, coherent] = 0.2 * q[:, :, coherent] + torch.randn(1, 2, 1, dim, generator=gen)
+    blocks = num_blocks(q_len, slice_m)
+    return q, (torch.arange(blocks) % 2 == 1).expand(1, 2, blocks)
+
+
+@given(st.integers(1, 400), st.sampled_from([16, 64]), st.sampled_from([16, 32]), st.integers(0, 2**31 - 1))
+@settings(max_examples=30, deadline=None)
+def test_block_coherence_against_a_float64_recount(q_len, slice_m, dim, seed):
+    """Each block's norm of the mean query over the mean query norm (a short last block over its
+    own queries; an all-zero block 0), recounted in float64."""
+    q, _ = _blocks_of_two_kinds(q_len, dim, slice_m, seed)
+    q[0, 0, ::7] = 0.0
+    q[0, 1, :slice_m] = 0.0
+    got = ref.block_coherence(q, slice_m)
+    for h in range(2):
+        for j in range(num_blocks(q_len, slice_m)):
+            rows = q[0, h, j * slice_m : (j + 1) * slice_m].double()
+            norms = rows.norm(dim=1).mean()
+            expected = rows.mean(0).norm() / norms if norms > 0 else 0.0
+            assert abs(got[0, h, j].item() - float(expected)) < 1e-5, (h, j)
+
+
+def test_adaptive_pooling_samples_the_incoherent_blocks_only():
+    """pooling="adaptive": blocks below COHERENCE_CUT get the sampled rows' dilated scores, the
+    others the mean rows' scores; each with its rows' LSE in the exact band; top-k of that."""
+    q, incoherent = _blocks_of_two_kinds(300, 32, 64, 6)
+    k = torch.randn(1, 2, 260, 32, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(ref.sampled_blocks(q, 64), incoherent)
+    scale = 1 / math.sqrt(32)
+    mean, mean_lse = ref.raw_subblock_scores(q, k, 32, 64, scale, "mean")
+    sample, sample_lse = ref.raw_subblock_scores(q, k, 32, 64, scale, "sample")
+    got, got_lse = ref.raw_subblock_scores(q, k, 32, 64, scale, "adaptive")
+    assert torch.equal(got, torch.where(incoherent.unsqueeze(-1), sample, mean))
+    per_row = incoherent.repeat_interleave(2, 2)[:, :, : mean_lse.shape[2]]
+    assert torch.equal(got_lse, torch.where(per_row, sample_lse, mean_lse))
+    banded = ref.refine_band(got, q, k, got_lse, 32, 64, 64, scale)
+    mask = predict_mask(q, k, 64, "topk", top_k=40, pool=32, pooling="adaptive")
+    assert torch.equal(mask.to_dense(), ref.select(banded, "topk", k=40))

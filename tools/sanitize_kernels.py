@@ -7,7 +7,7 @@ Covers: the mma.sync attention kernel (both slice sizes; head dims 64, 96, 128, 
 Hopper; the warp-specialised one over lists of several key tiles, head dims 64, 96, 128 and 256,
 with random lists (every tile gathered) and with full and window masks, whose contiguous tiles
 load through tensor maps), the launch-order kernel, every mask-scoring mode (band mode
-included), the dilation of sampled poolings, both selection kernels (staged and global rows,
+included), the dilation of sampled poolings (in place for "adaptive", the default), both selection kernels (staged and global rows,
 each rule) and the emit kernel. Each result is checked against the reference, so
 a run that sanitizes clean also computed the right thing.
 """
@@ -61,7 +61,8 @@ def main() -> None:
     for kw in (dict(method="topk", density=0.1), dict(method="topk", density=0.1, pool=None, exact_band=None),
                dict(method="tau", tau=0.8), dict(method="threshold", threshold=0.01, pool=None, exact_band=None),
                dict(method="topk", top_k=20, pool=16, combine="union"), dict(method="colmax", lse=lse),
-               dict(method="topk", density=0.1, pooling="sample"), dict(method="topk", density=0.1, pooling="both")):
+               dict(method="topk", density=0.1, pooling="sample"), dict(method="topk", density=0.1, pooling="both"),
+               dict(method="topk", density=0.1, pooling="mean")):
         mask = predict_mask(q, k, 64, **kw).validate()
         print(f"predict_mask {kw.get('method')} {sorted(k for k in kw if k != 'lse')} {kw.get('pooling', '')}: "
               f"density {mask.density():.3f}")
