@@ -3,16 +3,18 @@
 // (the geometric mean of pooling "both"; `dst` may be `mul`). A sampled sub-block's scores are
 // dilated this way so that its other queries, which look at shifted keys, are covered.
 //
-// dilate_rows: one CTA handles kDilateTile keys of one row: it stages the tile and `radius` keys
-// either side in shared memory, then each thread writes kDilateRun consecutive outputs. For
-// radius >= 4 the windows of a thread's run share a core [j + run - 1 - radius, j + radius], read
-// once; the rest of each window is a running max from either end (about 5 shared-memory reads
-// per output at radius 16, against 33 for the plain loop). The pass is bound by DRAM: one read,
-// one write.
+// A tile of kDilateTile keys is staged in shared memory with `radius` keys either side; each
+// thread loads its run of kDilateRun keys as two float4 (all of a thread's loads are in flight
+// at once: the pass is bound by DRAM) and writes kDilateRun consecutive outputs. For radius >= 4
+// the windows of a thread's run share a core [j + run - 1 - radius, j + radius], read once; the
+// rest of each window is a running max from either end (about 5 shared-memory reads per output
+// at radius 16, against 33 for the plain loop).
 //
-// dilate_rows_in_place: the same on the rows whose flag is set (pooling "adaptive": the blocks
-// scored by sampled queries), in place, after save_dilate_halos has copied the keys either side
-// of each chunk that the neighbouring chunks' CTAs will overwrite.
+// dilate_rows: one CTA per tile of a row, out of place. dilate_rows_in_place: the rows whose flag
+// is set (pooling "adaptive": the blocks scored by sampled queries), in place; one CTA walks a
+// whole row tile by tile, so no other CTA reads keys it has overwritten: a tile's right halo is
+// read before the tile is written, and its last `radius` original keys stay in shared memory as
+// the next tile's left halo. A row whose flag is clear costs one CTA that returns.
 #include "common.cuh"
 
 namespace fg {
@@ -49,19 +51,44 @@ __device__ __forceinline__ void window_maxima(const float* s, int j, int r, floa
   }
 }
 
+// Stage keys t0 .. t0 + kDilateTile + r - 1 of `row` into s[r ..]: the tile (two float4 per
+// thread; ld is a multiple of 8) and the right halo; keys at or past kv_len read as -inf.
+__device__ __forceinline__ void stage_tile_and_right(float* s, const float* row, int t0, int r, int kv_len,
+                                                     int ld) {
+  const int j = threadIdx.x * kDilateRun;
+  float v[kDilateRun];
+  if (t0 + j < ld) {
+    const float4 a = *reinterpret_cast<const float4*>(row + t0 + j);
+    const float4 b = *reinterpret_cast<const float4*>(row + t0 + j + 4);
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  }
+  const int halo_key = t0 + kDilateTile + threadIdx.x;
+  const float halo = (static_cast<int>(threadIdx.x) < r && halo_key < kv_len) ? row[halo_key] : FG_NEG_INF;
+#pragma unroll
+  for (int u = 0; u < kDilateRun; ++u) s[r + j + u] = (t0 + j + u < kv_len) ? v[u] : FG_NEG_INF;
+  if (static_cast<int>(threadIdx.x) < r) s[r + kDilateTile + threadIdx.x] = halo;
+}
+
+// Each thread's run of outputs from the staged window (its window starts at s[j]).
+__device__ __forceinline__ void store_run(float* dst, const float (&out)[kDilateRun]) {
+  float4* d = reinterpret_cast<float4*>(dst);
+  d[0] = make_float4(out[0], out[1], out[2], out[3]);
+  d[1] = make_float4(out[4], out[5], out[6], out[7]);
+}
+
 __global__ void __launch_bounds__(kDilateThreads) dilate_rows(const __grid_constant__ DilateParams p) {
-  __shared__ float s[kDilateTile + 2 * kDilateMaxRadius];
+  __shared__ float s[kDilateTile + 2 * kDilateMaxRadius];  // s[i] holds key t0 - r + i
   const int tiles = (p.ld + kDilateTile - 1) / kDilateTile;
   const i64 row = blockIdx.x / tiles;
   const int t0 = static_cast<int>(blockIdx.x % tiles) * kDilateTile;
   const int r = p.radius;
   const float* src = static_cast<const float*>(p.src) + row * p.ld;
-  for (int i = threadIdx.x; i < kDilateTile + 2 * r; i += kDilateThreads) {
-    const int key = t0 - r + i;
-    s[i] = (key >= 0 && key < p.kv_len) ? src[key] : FG_NEG_INF;
-  }
+  static_assert(kDilateMaxRadius <= kDilateThreads, "one halo key a thread");
+  const int left_key = t0 - r + static_cast<int>(threadIdx.x);
+  if (static_cast<int>(threadIdx.x) < r) s[threadIdx.x] = (left_key >= 0 && left_key < p.kv_len) ? src[left_key] : FG_NEG_INF;
+  stage_tile_and_right(s, src, t0, r, p.kv_len, p.ld);
   __syncthreads();
-  const int j = threadIdx.x * kDilateRun;  // first output of the run, local; its window starts at s[j]
+  const int j = threadIdx.x * kDilateRun;
   if (t0 + j >= p.ld) return;
   float out[kDilateRun];
   window_maxima(s, j, r, out);
@@ -72,56 +99,27 @@ __global__ void __launch_bounds__(kDilateThreads) dilate_rows(const __grid_const
 #pragma unroll
     for (int u = 0; u < kDilateRun; ++u) out[u] = sqrtf(out[u] * other[u]);
   }
-  float4* dst = reinterpret_cast<float4*>(static_cast<float*>(p.dst) + row * p.ld + t0 + j);
-  dst[0] = make_float4(out[0], out[1], out[2], out[3]);
-  dst[1] = make_float4(out[4], out[5], out[6], out[7]);
+  store_run(static_cast<float*>(p.dst) + row * p.ld + t0 + j, out);
 }
 
-// The original `radius` keys either side of each kDilateTile-key chunk of the flagged rows, into
-// halo[(row * chunks + chunk) * 2 * radius ...] (left then right; keys outside the row: -inf).
-__global__ void __launch_bounds__(kDilateThreads) save_dilate_halos(const __grid_constant__ DilateInPlaceParams p) {
-  const int chunks = (p.kv_len + kDilateTile - 1) / kDilateTile;
-  const i64 row = blockIdx.x / chunks;
-  const int chunk = static_cast<int>(blockIdx.x % chunks);
-  if (!static_cast<const bool*>(p.flags)[row]) return;
-  const float* scores = static_cast<const float*>(p.scores) + row * p.ld;
-  float* halo = static_cast<float*>(p.halo) + (row * chunks + chunk) * 2 * p.radius;
-  for (int i = threadIdx.x; i < 2 * p.radius; i += kDilateThreads) {
-    const int key = i < p.radius ? chunk * kDilateTile - p.radius + i : (chunk + 1) * kDilateTile + i - p.radius;
-    halo[i] = (key >= 0 && key < p.kv_len) ? scores[key] : FG_NEG_INF;
-  }
-}
-
-// Each flagged row's chunks dilated in place: a CTA reads only its own chunk from the row, which
-// no other CTA writes, and its halo from save_dilate_halos' copy.
 __global__ void __launch_bounds__(kDilateThreads) dilate_rows_in_place(const __grid_constant__ DilateInPlaceParams p) {
   __shared__ float s[kDilateTile + 2 * kDilateMaxRadius];  // s[i] holds key t0 - r + i
-  const int chunks = (p.kv_len + kDilateTile - 1) / kDilateTile;
-  const i64 row = blockIdx.x / chunks;
-  const int chunk = static_cast<int>(blockIdx.x % chunks);
+  const i64 row = blockIdx.x;
   if (!static_cast<const bool*>(p.flags)[row]) return;
   float* scores = static_cast<float*>(p.scores) + row * p.ld;
-  const float* halo = static_cast<const float*>(p.halo) + (row * chunks + chunk) * 2 * p.radius;
   const int r = p.radius;
-  const int t0 = chunk * kDilateTile;
-  for (int i = threadIdx.x; i < kDilateTile + 2 * r; i += kDilateThreads) {
-    const int key = t0 - r + i;
-    if (i < r) {
-      s[i] = halo[i];
-    } else if (i >= r + kDilateTile) {
-      s[i] = halo[i - kDilateTile];
-    } else {
-      s[i] = key < p.kv_len ? scores[key] : FG_NEG_INF;
-    }
-  }
-  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < r) s[threadIdx.x] = FG_NEG_INF;
   const int j = threadIdx.x * kDilateRun;
-  if (t0 + j >= p.kv_len) return;
-  float out[kDilateRun];
-  window_maxima(s, j, r, out);
-  float4* dst = reinterpret_cast<float4*>(scores + t0 + j);
-  dst[0] = make_float4(out[0], out[1], out[2], out[3]);
-  dst[1] = make_float4(out[4], out[5], out[6], out[7]);
+  for (int t0 = 0; t0 < p.kv_len; t0 += kDilateTile) {
+    stage_tile_and_right(s, scores, t0, r, p.kv_len, p.ld);
+    __syncthreads();
+    float out[kDilateRun];
+    window_maxima(s, j, r, out);
+    __syncthreads();  // every window read: the tile's last r keys become the next left halo
+    if (static_cast<int>(threadIdx.x) < r) s[threadIdx.x] = s[kDilateTile + threadIdx.x];
+    if (t0 + j < p.kv_len) store_run(scores + t0 + j, out);
+    __syncthreads();  // the halo moved before the next tile is staged over it
+  }
 }
 
 }  // namespace fg

@@ -85,9 +85,8 @@ class GpuPrediction:
         elif req.pooling == "sample":
             self.rows = samples
         elif req.pooling == "adaptive":
-            self.sampled = ref.sampled_blocks(qh, req.slice_m).reshape(self.bh * self.q_blocks)
-            self.rows = ref.adaptive_rows(qh, req.pool, req.slice_m, self.sampled.view(self.batch, self.heads, -1))
-            self.rows = self.rows.contiguous()
+            rows, sampled = ref.adaptive_rows(qh, req.pool, req.slice_m)
+            self.rows, self.sampled = rows.contiguous(), sampled.reshape(self.bh * self.q_blocks)
         else:
             self.rows = ref.pool_queries(qh, req.pool).to(qh.dtype).contiguous()
         self.samples = samples if req.pooling == "both" else None

@@ -15,7 +15,7 @@ from . import bridge
 from .jit.launch import launch
 from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_LARGE_SMEM, SELECT_MAX_SMEM,  # noqa: F401
                              SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DilateInPlaceSpec, DilateSpec,
-                             EmitSpec, SaveHalosSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec)
+                             EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec)
 from .mask import num_blocks
 from .mask_reference import dilate_keys
 
@@ -334,10 +334,7 @@ def gpu_dilate_in_place(scores: torch.Tensor, radius: int, kv_len: int, flags: t
         scores.reshape(rows, ld)[flags.reshape(rows), :kv_len] = dilated[flags.reshape(rows), :kv_len]
         return scores
     if rows and kv_len:
-        grid = DilateInPlaceSpec.grid(rows, kv_len)
-        halo = torch.empty(grid[0] * 2 * radius, dtype=torch.float32, device=scores.device)
-        params = DilateInPlaceSpec.params.pack(scores=scores, halo=halo, flags=flags.contiguous(), ld=ld,
-                                               kv_len=kv_len, radius=radius)
-        launch(SaveHalosSpec(), scores.device, grid, params)
-        launch(DilateInPlaceSpec(), scores.device, grid, params)
+        spec = DilateInPlaceSpec()
+        launch(spec, scores.device, (rows,), spec.params.pack(scores=scores, flags=flags.contiguous(), ld=ld,
+                                                                kv_len=kv_len, radius=radius))
     return scores

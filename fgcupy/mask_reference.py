@@ -83,33 +83,39 @@ def block_coherence(q: torch.Tensor, slice_m: int) -> torch.Tensor:
     the mean of their norms (1: all alike; near 0: they point every way; 0 for zero queries).
     It is the queries' mean cosine similarity to their mean where their norms agree, and costs
     two reductions over the queries."""
+    return coherence_of(q, pool_queries(q, slice_m), slice_m, slice_m)
+
+
+def coherence_of(q: torch.Tensor, means: torch.Tensor, pool: int, slice_m: int) -> torch.Tensor:
+    """``block_coherence`` from ``means`` = pool_queries(q, pool) (pool dividing slice_m), so a
+    prediction that pools its sub-blocks anyway reads the queries once more, for their norms."""
     batch, heads, q_len, _ = q.shape
     q_blocks = num_blocks(q_len, slice_m)
     if q_len == 0:
         return torch.zeros(batch, heads, 0, dtype=torch.float32, device=q.device)
-    mean_norm = torch.linalg.vector_norm(pool_queries(q, slice_m), dim=-1)
-    norms = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32)
+    group = slice_m // pool
+    sub_counts = torch.full((means.shape[2],), float(pool), device=q.device)
+    sub_counts[-1] = q_len - (means.shape[2] - 1) * pool
+    sums = torch.nn.functional.pad(means * sub_counts[:, None], (0, 0, 0, q_blocks * group - means.shape[2]))
+    sums = sums.view(batch, heads, q_blocks, group, -1).sum(3)
     pad = q_blocks * slice_m - q_len
-    norm_sums = torch.nn.functional.pad(norms, (0, pad)).view(batch, heads, q_blocks, slice_m).sum(-1)
     counts = torch.full((q_blocks,), float(slice_m), device=q.device)
     counts[-1] = slice_m - pad
-    mean_of_norms = norm_sums / counts
-    return torch.where(mean_of_norms > 0, mean_norm / torch.where(mean_of_norms > 0, mean_of_norms, 1.0), 0.0)
+    norms = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32)
+    norm_sums = torch.nn.functional.pad(norms, (0, pad)).view(batch, heads, q_blocks, slice_m).sum(-1)
+    mean_norm = torch.linalg.vector_norm(sums, dim=-1)  # both sides times the block's count
+    return torch.where(norm_sums > 0, mean_norm / torch.where(norm_sums > 0, norm_sums, 1.0), 0.0)
 
 
-def sampled_blocks(q: torch.Tensor, slice_m: int) -> torch.Tensor:
-    """bool [B, H, QB]: the blocks pooling "adaptive" scores by their sampled queries."""
-    return block_coherence(q, slice_m) < COHERENCE_CUT
-
-
-def adaptive_rows(q: torch.Tensor, pool: int, slice_m: int, sampled: torch.Tensor) -> torch.Tensor:
-    """[B, H, ceil(S / pool), D] in q's dtype: each sub-block's middle query where its block is
-    ``sampled`` (bool [B, H, QB]), else its mean query rounded to q's dtype."""
-    q_len = q.shape[2]
-    means = pool_queries(q, pool).to(q.dtype)
-    middles = q.index_select(2, sample_rows(q_len, pool, q.device))
+def adaptive_rows(q: torch.Tensor, pool: int, slice_m: int) -> tuple:
+    """(rows [B, H, ceil(S / pool), D] in q's dtype, sampled bool [B, H, QB]) of pooling
+    "adaptive": each sub-block's middle query where its block's coherence is below
+    COHERENCE_CUT (``sampled``), else its mean query rounded to q's dtype."""
+    means = pool_queries(q, pool)
+    sampled = coherence_of(q, means, pool, slice_m) < COHERENCE_CUT
+    middles = q.index_select(2, sample_rows(q.shape[2], pool, q.device))
     per_row = sampled.repeat_interleave(slice_m // pool, 2)[:, :, : means.shape[2]]
-    return torch.where(per_row.unsqueeze(-1), middles, means)
+    return torch.where(per_row.unsqueeze(-1), middles, means.to(q.dtype)), sampled
 
 
 def dilate_keys(scores: torch.Tensor, width: int, kv_len: int | None = None) -> torch.Tensor:
@@ -197,8 +203,7 @@ def raw_subblock_scores(q, k, pool: int, slice_m: int, scale: float, pooling: st
     by their mean query ("mean"), their middle query with dilated scores ("sample"), or per
     block the one or the other ("adaptive")."""
     if pooling == "adaptive":
-        sampled = sampled_blocks(q, slice_m)
-        rows = adaptive_rows(q, pool, slice_m, sampled)
+        rows, sampled = adaptive_rows(q, pool, slice_m)
     elif pooling == "sample":
         rows = q[:, :, sample_rows(q.shape[2], pool, q.device)]
     else:

@@ -355,11 +355,13 @@ def _blocks_of_two_kinds(q_len, dim, slice_m, seed):
 @settings(max_examples=30, deadline=None)
 def test_block_coherence_against_a_float64_recount(q_len, slice_m, dim, seed):
     """Each block's norm of the mean query over the mean query norm (a short last block over its
-    own queries; an all-zero block 0), recounted in float64."""
+    own queries; an all-zero block 0), recounted in float64; the same from sub-block means."""
     q, _ = _blocks_of_two_kinds(q_len, dim, slice_m, seed)
     q[0, 0, ::7] = 0.0
     q[0, 1, :slice_m] = 0.0
     got = ref.block_coherence(q, slice_m)
+    from_sub_blocks = ref.coherence_of(q, ref.pool_queries(q, 8), 8, slice_m)  # what a prediction computes
+    torch.testing.assert_close(from_sub_blocks, got, rtol=1e-5, atol=1e-6)
     for h in range(2):
         for j in range(num_blocks(q_len, slice_m)):
             rows = q[0, h, j * slice_m : (j + 1) * slice_m].double()
@@ -373,7 +375,7 @@ def test_adaptive_pooling_samples_the_incoherent_blocks_only():
     others the mean rows' scores; each with its rows' LSE in the exact band; top-k of that."""
     q, incoherent = _blocks_of_two_kinds(300, 32, 64, 6)
     k = torch.randn(1, 2, 260, 32, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(ref.sampled_blocks(q, 64), incoherent)
+    assert torch.equal(ref.adaptive_rows(q, 32, 64)[1], incoherent)
     scale = 1 / math.sqrt(32)
     mean, mean_lse = ref.raw_subblock_scores(q, k, 32, 64, scale, "mean")
     sample, sample_lse = ref.raw_subblock_scores(q, k, 32, 64, scale, "sample")

@@ -85,10 +85,9 @@ DILATE_CONSTANTS = {"kDilateTile": DILATE_TILE, "kDilateRun": DILATE_RUN, "kDila
 DILATE_PARAMS = ParamStruct("DilateParams", (
     ("src", "in"), ("mul", "in"), ("dst", "out"), ("ld", "i32"), ("kv_len", "i32"), ("radius", "i32"),
 ))
-#: The one argument of fg::save_dilate_halos and fg::dilate_rows_in_place (flags: one bool per
-#: row; halo: 2 * radius floats per chunk of DILATE_TILE keys of each row).
+#: fg::dilate_rows_in_place's one argument (flags: one bool per row).
 DILATE_IN_PLACE_PARAMS = ParamStruct("DilateInPlaceParams", (
-    ("scores", "out"), ("halo", "out"), ("flags", "in"), ("ld", "i32"), ("kv_len", "i32"), ("radius", "i32"),
+    ("scores", "out"), ("flags", "in"), ("ld", "i32"), ("kv_len", "i32"), ("radius", "i32"),
 ))
 #: Score-row storage the selection kernel reads (template S of fg::select_rows).
 SELECT_SCORES = {"float32": "fg::F32Scores", "float16": "fg::F16Scores"}
@@ -282,8 +281,8 @@ class DilateSpec(PlainKernelSpec):
 
 @dataclass(frozen=True)
 class DilateInPlaceSpec(PlainKernelSpec):
-    """``fg::dilate_rows_in_place``: the sliding maximum of the flagged score rows, in place,
-    one CTA per chunk of DILATE_TILE keys (after ``SaveHalosSpec``'s kernel)."""
+    """``fg::dilate_rows_in_place``: the sliding maximum of the flagged score rows, in place
+    (one CTA per row)."""
 
     source = "mask_dilate.cu"
     template = "fg::dilate_rows_in_place"
@@ -291,18 +290,6 @@ class DilateInPlaceSpec(PlainKernelSpec):
     params = DILATE_IN_PLACE_PARAMS
     shared_params = (DILATE_PARAMS,)
     constants = DILATE_CONSTANTS
-
-    @staticmethod
-    def grid(rows: int, kv_len: int) -> tuple:
-        return (rows * (-(-kv_len // DILATE_TILE)),)
-
-
-@dataclass(frozen=True)
-class SaveHalosSpec(DilateInPlaceSpec):
-    """``fg::save_dilate_halos``: the keys either side of each chunk of the flagged rows, kept
-    before ``fg::dilate_rows_in_place`` overwrites them."""
-
-    template = "fg::save_dilate_halos"
 
 
 def all_mask_specs() -> list:
@@ -319,7 +306,7 @@ def all_mask_specs() -> list:
             specs.append(ScoreSpec(dtype, d, "maxprob", 4))
             specs.append(ScoreSpec(dtype, d, "maxprob", 8))
     selects = [SelectSpec(staged, scores) for staged in (True, False) for scores in SELECT_SCORES]
-    return specs + selects + [EmitSpec(), DilateSpec(), DilateInPlaceSpec(), SaveHalosSpec()]
+    return specs + selects + [EmitSpec(), DilateSpec(), DilateInPlaceSpec()]
 
 
 def all_sm90_mask_specs() -> list:
