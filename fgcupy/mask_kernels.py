@@ -15,7 +15,7 @@ from . import bridge
 from .jit.launch import launch
 from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_LARGE_SMEM, SELECT_MAX_SMEM,  # noqa: F401
                              SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DilateInPlaceSpec, DilateSpec,
-                             EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec)
+                             EmitSpec, NormSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec)
 from .mask import num_blocks
 from .mask_reference import dilate_keys
 
@@ -338,3 +338,21 @@ def gpu_dilate_in_place(scores: torch.Tensor, radius: int, kv_len: int, flags: t
         launch(spec, scores.device, (rows,), spec.params.pack(scores=scores, flags=flags.contiguous(), ld=ld,
                                                                 kv_len=kv_len, radius=radius))
     return scores
+
+
+def gpu_block_norm_sums(q: torch.Tensor, slice_m: int) -> torch.Tensor | None:
+    """fg::block_norm_sums: float32 [B, H, QB], each block's sum of query norms (what
+    mask_reference.coherence_of divides by), or None where the kernel does not apply (not a
+    16-bit CUDA tensor, a head dim not a multiple of 64, odd strides or a misaligned start)."""
+    batch, heads, q_len, dim = q.shape
+    if (q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16) or dim % 64 or q.stride(3) != 1
+            or any(st % 2 for st in q.stride()[:3]) or q.data_ptr() % 4 or q_len == 0):
+        return None
+    q_blocks = num_blocks(q_len, slice_m)
+    out = torch.empty(batch, heads, q_blocks, dtype=torch.float32, device=q.device)
+    spec = NormSpec()
+    launch(spec, q.device, (batch * heads * q_blocks,),
+           spec.params.pack(q=q, out=out, stride_b=q.stride(0), stride_h=q.stride(1), stride_s=q.stride(2),
+                            heads=heads, q_len=q_len, dim=dim, slice_m=slice_m,
+                            is_bf16=int(q.dtype == torch.bfloat16)))
+    return out

@@ -86,33 +86,34 @@ def block_coherence(q: torch.Tensor, slice_m: int) -> torch.Tensor:
     return coherence_of(q, pool_queries(q, slice_m), slice_m, slice_m)
 
 
-def coherence_of(q: torch.Tensor, means: torch.Tensor, pool: int, slice_m: int) -> torch.Tensor:
+def coherence_of(q: torch.Tensor, means: torch.Tensor, pool: int, slice_m: int, norm_sums=None) -> torch.Tensor:
     """``block_coherence`` from ``means`` = pool_queries(q, pool) (pool dividing slice_m), so a
-    prediction that pools its sub-blocks anyway reads the queries once more, for their norms."""
+    prediction that pools its sub-blocks anyway reads the queries once more, for their norms;
+    ``norm_sums`` [B, H, QB] (each block's sum of query norms, mask_kernels.gpu_block_norm_sums)
+    saves that read."""
     batch, heads, q_len, _ = q.shape
     q_blocks = num_blocks(q_len, slice_m)
     if q_len == 0:
         return torch.zeros(batch, heads, 0, dtype=torch.float32, device=q.device)
     group = slice_m // pool
-    sub_counts = torch.full((means.shape[2],), float(pool), device=q.device)
-    sub_counts[-1] = q_len - (means.shape[2] - 1) * pool
-    sums = torch.nn.functional.pad(means * sub_counts[:, None], (0, 0, 0, q_blocks * group - means.shape[2]))
+    sums = means * float(pool)  # each sub-block's sum of queries (the last may hold fewer)
+    sums[:, :, -1] *= (q_len - (means.shape[2] - 1) * pool) / pool
+    sums = torch.nn.functional.pad(sums, (0, 0, 0, q_blocks * group - means.shape[2]))
     sums = sums.view(batch, heads, q_blocks, group, -1).sum(3)
-    pad = q_blocks * slice_m - q_len
-    counts = torch.full((q_blocks,), float(slice_m), device=q.device)
-    counts[-1] = slice_m - pad
-    norms = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32)
-    norm_sums = torch.nn.functional.pad(norms, (0, pad)).view(batch, heads, q_blocks, slice_m).sum(-1)
-    mean_norm = torch.linalg.vector_norm(sums, dim=-1)  # both sides times the block's count
-    return torch.where(norm_sums > 0, mean_norm / torch.where(norm_sums > 0, norm_sums, 1.0), 0.0)
+    if norm_sums is None:
+        norms = torch.linalg.vector_norm(q, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).float()
+        pad = q_blocks * slice_m - q_len
+        norm_sums = torch.nn.functional.pad(norms, (0, pad)).view(batch, heads, q_blocks, slice_m).sum(-1)
+    sum_norm = torch.linalg.vector_norm(sums, dim=-1)  # |mean| / mean |q|, both times the count
+    return torch.where(norm_sums > 0, sum_norm / torch.where(norm_sums > 0, norm_sums, 1.0), 0.0)
 
 
-def adaptive_rows(q: torch.Tensor, pool: int, slice_m: int) -> tuple:
+def adaptive_rows(q: torch.Tensor, pool: int, slice_m: int, norm_sums=None) -> tuple:
     """(rows [B, H, ceil(S / pool), D] in q's dtype, sampled bool [B, H, QB]) of pooling
     "adaptive": each sub-block's middle query where its block's coherence is below
     COHERENCE_CUT (``sampled``), else its mean query rounded to q's dtype."""
     means = pool_queries(q, pool)
-    sampled = coherence_of(q, means, pool, slice_m) < COHERENCE_CUT
+    sampled = coherence_of(q, means, pool, slice_m, norm_sums) < COHERENCE_CUT
     middles = q.index_select(2, sample_rows(q.shape[2], pool, q.device))
     per_row = sampled.repeat_interleave(slice_m // pool, 2)[:, :, : means.shape[2]]
     return torch.where(per_row.unsqueeze(-1), middles, means.to(q.dtype)), sampled

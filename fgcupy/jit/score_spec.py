@@ -89,6 +89,12 @@ DILATE_PARAMS = ParamStruct("DilateParams", (
 DILATE_IN_PLACE_PARAMS = ParamStruct("DilateInPlaceParams", (
     ("scores", "out"), ("flags", "in"), ("ld", "i32"), ("kv_len", "i32"), ("radius", "i32"),
 ))
+#: fg::block_norm_sums (query_norms.cu): threads per CTA, and its one argument.
+NORM_THREADS = 256
+NORM_PARAMS = ParamStruct("NormParams", (
+    ("q", "in"), ("out", "out"), ("stride_b", "i64"), ("stride_h", "i64"), ("stride_s", "i64"),
+    ("heads", "i32"), ("q_len", "i32"), ("dim", "i32"), ("slice_m", "i32"), ("is_bf16", "i32"),
+))
 #: Score-row storage the selection kernel reads (template S of fg::select_rows).
 SELECT_SCORES = {"float32": "fg::F32Scores", "float16": "fg::F16Scores"}
 
@@ -292,6 +298,17 @@ class DilateInPlaceSpec(PlainKernelSpec):
     constants = DILATE_CONSTANTS
 
 
+@dataclass(frozen=True)
+class NormSpec(PlainKernelSpec):
+    """``fg::block_norm_sums``: each block's sum of query norms (16-bit queries, either dtype)."""
+
+    source = "query_norms.cu"
+    template = "fg::block_norm_sums"
+    threads = NORM_THREADS
+    params = NORM_PARAMS
+    constants = {"kNormThreads": NORM_THREADS}
+
+
 def all_mask_specs() -> list:
     """Every mask-prediction specialization fgcupy ships (and the CPU tests compile)."""
     specs = []
@@ -306,7 +323,7 @@ def all_mask_specs() -> list:
             specs.append(ScoreSpec(dtype, d, "maxprob", 4))
             specs.append(ScoreSpec(dtype, d, "maxprob", 8))
     selects = [SelectSpec(staged, scores) for staged in (True, False) for scores in SELECT_SCORES]
-    return specs + selects + [EmitSpec(), DilateSpec(), DilateInPlaceSpec()]
+    return specs + selects + [EmitSpec(), DilateSpec(), DilateInPlaceSpec(), NormSpec()]
 
 
 def all_sm90_mask_specs() -> list:
