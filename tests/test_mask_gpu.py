@@ -408,3 +408,21 @@ def test_adaptive_pooling_on_blocks_of_both_kinds(slice_m, pool, kernel):
     mask = predict_mask(q, k, slice_m, "topk", top_k=50, pool=pool, pooling="adaptive").validate()
     reference = ref.select(expected, "topk", k=50)
     assert (mask.to_dense() != reference).sum().item() <= 5 + 0.002 * int(reference.sum())
+
+
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 700), st.sampled_from([64, 128]),
+       st.sampled_from([64, 128]), st.sampled_from([torch.bfloat16, torch.float16]), st.sampled_from(["HND", "NHD"]),
+       st.integers(0, 2**31 - 1))
+@SETTINGS
+def test_block_norm_sums_match_the_reference(batch, heads, q_len, slice_m, dim, dtype, layout, seed):
+    """fg::block_norm_sums: each block's sum of query norms (a short last block over its own
+    queries), both layouts and dtypes; the coherence built on it is the reference's."""
+    q, _ = _inputs(seed, batch, heads, q_len, 1, dim, dtype, layout)
+    got = mask_kernels.gpu_block_norm_sums(q, slice_m)
+    norms = torch.linalg.vector_norm(q, dim=-1, dtype=torch.float32)
+    pad = num_blocks(q_len, slice_m) * slice_m - q_len
+    expected = torch.nn.functional.pad(norms, (0, pad)).view(batch, heads, -1, slice_m).sum(-1)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+    means = ref.pool_queries(q, 32)
+    torch.testing.assert_close(ref.coherence_of(q, means, 32, slice_m, got), ref.coherence_of(q, means, 32, slice_m),
+                               rtol=1e-5, atol=1e-6)
