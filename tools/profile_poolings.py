@@ -1,8 +1,9 @@
 """What each pooling costs where it matters: predictions (top-k 0.1) with pooling "mean",
 "adaptive", "sample" and "both" (pool 32, band 64) on wan14b-480p (40 heads, 32,760 tokens),
 on the video-like "mixed" inputs (coherent blocks) and on head families whose blocks are
-incoherent (every block sampled) or split, plus the coherence measure itself; queued medians
-beside SDPA cuDNN in the same run (GPU):
+incoherent (every block sampled) or not, plus mask_reference.block_coherence (the torch measure
+the judge prints; a prediction takes it from its pooled rows and fg::block_norm_sums); queued
+medians beside SDPA cuDNN in the same run (GPU):
 
     PYTHONPATH=. python -m tools.profile_poolings
 """
