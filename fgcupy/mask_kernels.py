@@ -330,8 +330,8 @@ def gpu_dilate_in_place(scores: torch.Tensor, radius: int, kv_len: int, flags: t
                          f"{flags.numel()} {flags.dtype} on {flags.device}")
     _check_dilation(radius, kv_len, ld)
     if radius > DILATE_MAX_RADIUS:
-        dilated = dilate_keys(scores.reshape(rows, ld), radius, kv_len)
-        scores.reshape(rows, ld)[flags.reshape(rows), :kv_len] = dilated[flags.reshape(rows), :kv_len]
+        view = scores.view(rows, ld)[:, :kv_len]
+        view.copy_(torch.where(flags.view(rows, 1), dilate_keys(view, radius), view))
         return scores
     if rows and kv_len:
         spec = DilateInPlaceSpec()
