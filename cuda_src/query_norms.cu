@@ -1,7 +1,7 @@
 // Sum of the query norms of each block of slice_m queries: out[bh * q_blocks + j] = sum over the
 // block's queries of ||q||_2 in float32 (the denominator of the blocks' coherence, pooling
-// "adaptive"; mask_reference.coherence_of). One CTA per block, one warp per query at a time, each
-// lane reading two 16-bit elements per 64 of the head dim.
+// "adaptive"; mask_reference.coherence_of). One CTA per block, each warp four queries at a time,
+// each lane reading two 16-bit elements per 64 of the head dim.
 #include "common.cuh"
 
 namespace fg {
@@ -24,20 +24,33 @@ __global__ void __launch_bounds__(kNormThreads) block_norm_sums(const __grid_con
   const int first = block * p.slice_m;
   const int last = min(first + p.slice_m, p.q_len);
   const bool bf16 = p.is_bf16 != 0;
+  // Each warp takes kRowsAtOnce queries at a time and issues all their loads before any math,
+  // so a lane keeps several loads in flight (one query at a time was latency-bound).
+  constexpr int kRowsAtOnce = 4;
   float sum = 0.f;
-#pragma unroll 4
-  for (int s = first + warp; s < last; s += kWarps) {
-    const u16* row = q + s * p.stride_s;
-    float sq = 0.f;
+  for (int s0 = first + warp * kRowsAtOnce; s0 < last; s0 += kWarps * kRowsAtOnce) {
+    float sq[kRowsAtOnce] = {};
+#pragma unroll 2
     for (int d = 2 * lane; d < p.dim; d += 64) {
-      const u32 two = *reinterpret_cast<const u32*>(row + d);
-      const float a = to_float_of(static_cast<u16>(two & 0xffff), bf16);
-      const float b = to_float_of(static_cast<u16>(two >> 16), bf16);
-      sq = fmaf(a, a, fmaf(b, b, sq));
+      u32 two[kRowsAtOnce];
+#pragma unroll
+      for (int r = 0; r < kRowsAtOnce; ++r) {
+        two[r] = s0 + r < last ? *reinterpret_cast<const u32*>(q + (s0 + r) * p.stride_s + d) : 0u;
+      }
+#pragma unroll
+      for (int r = 0; r < kRowsAtOnce; ++r) {
+        const float a = to_float_of(static_cast<u16>(two[r] & 0xffff), bf16);
+        const float b = to_float_of(static_cast<u16>(two[r] >> 16), bf16);
+        sq[r] = fmaf(a, a, fmaf(b, b, sq[r]));
+      }
     }
 #pragma unroll
-    for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
-    sum += sqrtf(sq);
+    for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+      for (int r = 0; r < kRowsAtOnce; ++r) sq[r] += __shfl_xor_sync(0xffffffffu, sq[r], off);
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsAtOnce; ++r) sum += sqrtf(sq[r]);  // rows past the block add sqrt(0)
   }
   if (lane == 0) partial[warp] = sum;
   __syncthreads();
