@@ -26,6 +26,11 @@ struct bf16_t {
   static __device__ __forceinline__ float to_float(u16 x) {
     return __int_as_float(static_cast<unsigned>(x) << 16);
   }
+  // Round toward zero (the high half of x's bits): integer instructions, no conversion unit.
+  static __device__ __forceinline__ u16 truncate(float x) { return static_cast<u16>(__float_as_uint(x) >> 16); }
+  static __device__ __forceinline__ u32 pack_truncated(float lo, float hi) {
+    return __byte_perm(__float_as_uint(lo), __float_as_uint(hi), 0x7632);
+  }
   // D = A * B + D for one m16n8k16 tile, fp32 accumulate.
   static __device__ __forceinline__ void mma(float d[4], const u32 a[4], u32 b0, u32 b1) {
     asm volatile(

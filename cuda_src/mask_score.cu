@@ -9,8 +9,9 @@
 //      overflow to +-inf); the log-sum-exps come from the float32 logits;
 //   1 (stats):  only the partial log-sum-exps (used before mode 2 on pooled sub-blocks);
 //   2 (maxprob): p = exp(logit - lse[row]) and the max of p over each group of G consecutive
-//      rows (G a power of two dividing WARPS x 16), written to out[z, row / G, key]. With one
-//      query per row and G = slice_m this is the exact column-max score of a dense step.
+//      rows (G a power of two dividing WARPS x 16), written to out[z, row / G, key] as bfloat16
+//      rounded toward zero. With one query per row and G = slice_m this is the exact column-max
+//      score of a dense step.
 // Rows past n_rows read zeros and are never written; keys past the chunk are masked out.
 // Band mode (modes 1 and 2, band_width > 0): each row tile is one query block and takes only
 // the keys of its band [row0 + band_lo, + band_width); mode 2 then raises the block's existing
@@ -51,7 +52,8 @@ mask_score(const __grid_constant__ ScoreParams p) {
   const int tig = lane & 3;
   const u16* __restrict__ rows = static_cast<const u16*>(p.rows);
   const u16* __restrict__ k = static_cast<const u16*>(p.k);
-  float* __restrict__ out = static_cast<float*>(p.out);
+  float* __restrict__ out = static_cast<float*>(p.out);      // mode 0
+  u16* __restrict__ out16 = static_cast<u16*>(p.out);        // modes 2 (bfloat16) and 3 (float16)
   float* __restrict__ partial = static_cast<float*>(p.partial);
   const float* __restrict__ lse = static_cast<const float*>(p.lse);
   const int n_rows = p.n_rows;
@@ -209,7 +211,6 @@ mask_score(const __grid_constant__ ScoreParams p) {
         // straddle a key chunk (chunks are multiples of 64 keys); past kv_len they land in the
         // row's padding (rows are padded to 128 bytes, mask_kernels.row_stride).
         const bool odd = tig & 1;
-        u16* out16 = reinterpret_cast<u16*>(out);
 #pragma unroll
         for (int np = 0; np < kN / 16; ++np) {
 #pragma unroll
@@ -268,12 +269,12 @@ mask_score(const __grid_constant__ ScoreParams p) {
             for (int nt = 0; nt < kN / 8; ++nt) {
               const int key = tile_key + nt * 8 + tig * 2;
               if (key < key_end) {
-                float* dst = out + (static_cast<i64>(z) * out_rows + orow) * out_ld + key;
+                u16* dst = out16 + (static_cast<i64>(z) * out_rows + orow) * out_ld + key;
                 const float p0 = fast_exp2(acc[nt][2 * i]);
-                if (key + 1 < key_end) {
-                  store2(dst, p0, fast_exp2(acc[nt][2 * i + 1]));
+                if (key + 1 < key_end) {  // key is even: chunks and tiles start at multiples of 64
+                  *reinterpret_cast<u32*>(dst) = bf16_t::pack_truncated(p0, fast_exp2(acc[nt][2 * i + 1]));
                 } else {
-                  dst[0] = p0;
+                  dst[0] = bf16_t::truncate(p0);
                 }
               }
             }
@@ -301,8 +302,8 @@ mask_score(const __grid_constant__ ScoreParams p) {
           const int key = tile_key + col;
           if (orow < out_rows && key < key_end) {
             // Band mode refines rows already scored: each (row, key) belongs to one CTA.
-            float* dst = out + (static_cast<i64>(z) * out_rows + orow) * out_ld + key;
-            *dst = band ? fmaxf(*dst, m) : m;
+            u16* dst = out16 + (static_cast<i64>(z) * out_rows + orow) * out_ld + key;
+            *dst = bf16_t::truncate(band ? fmaxf(bf16_t::to_float(*dst), m) : m);
           }
         }
       }

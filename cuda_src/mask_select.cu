@@ -162,8 +162,9 @@ __device__ __forceinline__ const u16* staged_ptr(const u16* bins, int i) {
   return reinterpret_cast<const u16*>(reinterpret_cast<const unsigned char*>(bins) + staged_offset(i));
 }
 
-// Score rows are float32 or float16 (raw 16-bit storage, see common.cuh); either way a 16-byte
-// load brings kVec scores, converted exactly to float.
+// Score rows are float32, float16 (logits) or bfloat16 (max-probability scores), 16-bit ones as
+// raw storage (see common.cuh); either way a 16-byte load brings kVec scores, converted exactly
+// to float.
 struct F32Scores {
   typedef float T;
   typedef float4 Raw;
@@ -190,6 +191,22 @@ struct F16Scores {
     for (int e = 0; e < 4; ++e) {
       x[2 * e] = fp16_t::to_float(static_cast<u16>(w[e] & 0xffffu));
       x[2 * e + 1] = fp16_t::to_float(static_cast<u16>(w[e] >> 16));
+    }
+  }
+};
+
+struct BF16Scores {
+  typedef u16 T;
+  typedef uint4 Raw;
+  static constexpr int kVec = 8;
+  static __device__ __forceinline__ float at(const u16* p, int i) { return bf16_t::to_float(__ldg(p + i)); }
+  static __device__ __forceinline__ Raw load(const u16* p, int f) { return __ldg(reinterpret_cast<const uint4*>(p) + f); }
+  static __device__ __forceinline__ void unpack(const Raw& v, float x[kVec]) {
+    const unsigned w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      x[2 * e] = __int_as_float(static_cast<int>(w[e] << 16));
+      x[2 * e + 1] = __int_as_float(static_cast<int>(w[e] & 0xffff0000u));
     }
   }
 };
@@ -833,8 +850,9 @@ __device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, C
     } else {
       if (tid == 0) sc.found = kIntMax;
       __syncthreads();
-      if (nc >= 0) {
-        // The tie with exactly take - 1 smaller-index ties.
+      if (nc >= 0 && nc <= kRankMax) {
+        // The tie with exactly take - 1 smaller-index ties (quadratic in nc: small windows only;
+        // 16-bit scores can leave thousands of exact ties).
         for (int p = tid; p < nc; p += kSelThreads) {
           if (cand.u[p] != pfx) continue;
           const int ip = cand.i[p];
@@ -843,7 +861,8 @@ __device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, C
           if (smaller + 1u == take) sc.found = ip;
         }
       } else {
-        // Thread ranges are in index order: a block scan of per-thread tie counts ranks them.
+        // Thread ranges are in index order: a block scan of per-thread tie counts ranks them
+        // (two passes over this thread's keys of the bin).
         unsigned ties = 0u;
         for_window<STAGED>(c, bin, pfx, 0, [&](int, unsigned) { ++ties; });
         unsigned rank;

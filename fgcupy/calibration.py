@@ -30,8 +30,9 @@ DEFAULT_SAMPLES = 16
 
 
 def exact_colmax(q, k, lse, slice_m: int, scale: float) -> torch.Tensor:
-    """float32 [B, H, QB, KV]: the exact column maxima of a dense step (the scoring kernel's
-    max-probability pass on CUDA, as predict_mask(method="colmax") runs it; the reference else)."""
+    """[B, H, QB, KV]: the exact column maxima of a dense step, rounded to bfloat16 as the
+    scoring kernels store them (the kernel's max-probability pass on CUDA, as
+    predict_mask(method="colmax") runs it, a bfloat16 view; the reference else, float32)."""
     if q.device.type != "cuda":
         return colmax_scores(q, k, lse, slice_m, scale)
     batch, heads, q_len, _ = q.shape

@@ -70,10 +70,11 @@ class GpuPrediction:
         self.kv_len = kh.shape[2]
         self.bh = self.batch * self.heads
         self.q_blocks = num_blocks(self.q_len, req.slice_m)
-        self.itemsize = 2 if req.logits_dtype == torch.float16 else 4
+        kind = req.kind
+        stored = req.logits_dtype if kind in ("mean", "union") else ref.PROB_DTYPE
+        self.itemsize = stored.itemsize
         self.ld = row_stride(self.kv_len, self.itemsize)
         self.device = qh.device
-        kind = req.kind
         # Rows scored against every key: the queries (colmax), each sub-block's mean query or its
         # middle query (pooling "mean" / "sample", per block for "adaptive", whose sampled blocks'
         # score rows are dilated); "both" keeps the middle queries in samples.
@@ -118,7 +119,7 @@ class GpuPrediction:
         return gpu_colmax(self.rows, self.kh, req.scale, lse, req.slice_m, bh0=bh0, nbh=nbh), None
 
     def _pooled_scores(self, bh0, nbh):
-        """mask_reference.pooled_scores of one chunk of heads: [nbh, QB, ld] float32."""
+        """mask_reference.pooled_scores of one chunk of heads: [nbh, QB, ld] bfloat16."""
         req = self.req
         scores, sub_lse = self._raw_scores(self.rows, bh0, nbh)
         if req.pooling == "sample":

@@ -14,10 +14,11 @@ import torch
 from . import bridge
 from .jit.launch import launch
 from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_LARGE_SMEM, SELECT_MAX_SMEM,  # noqa: F401
-                             SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DilateInPlaceSpec, DilateSpec,
+                             SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DILATE_RUN, DilateInPlaceSpec,
+                             DilateSpec,
                              EmitSpec, NormSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec)
 from .mask import num_blocks
-from .mask_reference import dilate_keys
+from .mask_reference import PROB_DTYPE, dilate_keys, stored_probs
 
 _TARGET_CTAS = 2048
 
@@ -30,8 +31,8 @@ def _cp_async_ready(t: torch.Tensor) -> torch.Tensor:
 
 
 def row_stride(kv_len: int, itemsize: int = 4) -> int:
-    """Score rows are padded to 128 bytes (32 float32 or 64 float16): every row starts on a cache
-    line, so the scoring kernel's 32-byte row segments fill whole sectors (float16 rows padded to
+    """Score rows are padded to 128 bytes (32 float32 or 64 16-bit scores): every row starts on a
+    cache line, so the scoring kernel's 32-byte row segments fill whole sectors (float16 rows padded to
     16 bytes only straddled sectors and were slower than float32 ones)."""
     per = 128 // itemsize
     return (kv_len + per - 1) // per * per
@@ -95,7 +96,7 @@ def _score_params(rows, k, scale: float, *, out, ld: int, partial, lse, bh0: int
 def gpu_refine_band(q: torch.Tensor, k: torch.Tensor, scale: float, sub_lse: torch.Tensor, pool: int, slice_m: int,
                     band: tuple, out: torch.Tensor, *, bh0: int = 0, nbh: int | None = None,
                     kernel: str = "auto") -> torch.Tensor:
-    """Raise pooled max-probability scores ``out`` [nbh, QB, ld] of heads [bh0, bh0 + nbh) on
+    """Raise pooled max-probability scores ``out`` (bfloat16 [nbh, QB, ld]) of heads [bh0, bh0 + nbh) on
     each query block's band ``(lo, width)`` to the exact column maxima (mask_reference.refine_band:
     each query's LSE is its band LSE log-added to ``sub_lse`` [nbh, ceil(q_len / pool)] of the
     sub-block holding it). On Hopper with blocks of 128 one launch (the wgmma kernel's band mode);
@@ -113,9 +114,8 @@ def gpu_refine_band(q: torch.Tensor, k: torch.Tensor, scale: float, sub_lse: tor
         return gpu_scores("maxprob", q, k, scale, bh0=bh0, nbh=nbh, lse=torch.logaddexp(band_lse, own), group=slice_m,
                           warps=warps, band=band, out=out, kernel=kernel)
     q_blocks, kv_len = num_blocks(q_len, slice_m), k.shape[2]
-    ld = row_stride(kv_len, 4)
-    if out.shape != (nbh, q_blocks, ld) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be contiguous float32 {(nbh, q_blocks, ld)}, got {tuple(out.shape)} {out.dtype}")
+    ld = row_stride(kv_len, PROB_DTYPE.itemsize)
+    _check_prob_out(out, (nbh, q_blocks, ld))
     if sub_lse.shape != (nbh, num_blocks(q_len, pool)) or sub_lse.dtype != torch.float32:
         raise ValueError(f"sub_lse must be float32 {(nbh, num_blocks(q_len, pool))}, got {tuple(sub_lse.shape)} "
                          f"{sub_lse.dtype}")
@@ -140,8 +140,8 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
 
     mode "logits" -> (float32 logits [nbh, R, ld], lse [nbh, R]); "logits_f16" -> the same with
     the logits stored as float16 (lse from the float32 logits); "stats" -> lse [nbh, R];
-    "maxprob" (lse [nbh, R] given) -> scores [nbh, ceil(R / group), ld]. ld = row_stride(S) of
-    the stored dtype.
+    "maxprob" (lse [nbh, R] given) -> bfloat16 scores [nbh, ceil(R / group), ld] (PROB_DTYPE).
+    ld = row_stride(S) of the stored dtype.
 
     ``band=(lo, width)``: each tile of warps x 16 rows (one query block of single queries)
     takes only the keys [row0 + lo, row0 + lo + width): "stats" gives each row's LSE over its
@@ -158,7 +158,7 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     spec = _score_spec(kernel, portable, group, band, rows.device)
     rows, k = _cp_async_ready(rows), _cp_async_ready(k)
     half = mode == "logits_f16"
-    ld = row_stride(kv_len, 2 if half else 4)
+    ld = row_stride(kv_len, 2 if half else PROB_DTYPE.itemsize if mode == "maxprob" else 4)
     row_tiles = num_blocks(n_rows, spec.rows_per_cta) * nbh
     band_lo, band_width = (0, 0) if band is None else (int(band[0]), int(band[1]))
     if band is not None:
@@ -176,9 +176,9 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
         out = torch.empty(nbh, n_rows, ld, dtype=torch.float16 if half else torch.float32, device=device)
     if mode == "maxprob":
         if out is None:
-            out = torch.empty(nbh, out_rows, ld, dtype=torch.float32, device=device)
-        elif out.shape != (nbh, out_rows, ld) or out.dtype != torch.float32 or not out.is_contiguous():
-            raise ValueError(f"out must be contiguous float32 {(nbh, out_rows, ld)}, got {tuple(out.shape)} {out.dtype}")
+            out = torch.empty(nbh, out_rows, ld, dtype=PROB_DTYPE, device=device)
+        else:
+            _check_prob_out(out, (nbh, out_rows, ld))
         lse = lse.reshape(nbh, n_rows).contiguous()
     else:
         partial = torch.empty(nbh, n_rows, chunks, dtype=torch.float32, device=device)
@@ -197,7 +197,7 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
 def gpu_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor, slice_m: int, *, bh0: int = 0,
                nbh: int | None = None) -> torch.Tensor:
     """A dense step's exact column maxima (``gpu_scores`` max-probability pass over every query,
-    groups of ``slice_m``) of heads [bh0, bh0 + nbh): float32 [nbh, ceil(q_len / slice_m), ld];
+    groups of ``slice_m``) of heads [bh0, bh0 + nbh): bfloat16 [nbh, ceil(q_len / slice_m), ld];
     ``lse`` [nbh, q_len]."""
     return gpu_scores("maxprob", q, k, scale, bh0=bh0, nbh=nbh, lse=lse, group=slice_m,
                       warps=4 if slice_m <= 64 else 8)
@@ -211,7 +211,7 @@ def _smem_optin(device_index: int) -> int:
     return runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_index)
 
 
-_SCORE_DTYPES = {torch.float32: "float32", torch.float16: "float16"}
+_SCORE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def _select_spec(device: torch.device, ld: int, scores: str = "float32") -> SelectSpec:
@@ -231,8 +231,8 @@ def bit_words(kv_len: int) -> int:
 
 def gpu_select(vals: torch.Tensor, kv_len: int, req, *, lse=None, band: int | None = None,
                offsets=None, out=None, counts=None, bits: bool = False):
-    """Run fg::select_rows on score rows vals [n, R, ld] (R rows per head; float32, or float16
-    logits).
+    """Run fg::select_rows on score rows vals [n, R, ld] (R rows per head; float32, float16
+    logits or bfloat16 max-probability scores).
 
     ``req``: a fgcupy.scoring.MaskRequest (rule and its options). Returns (counts int32 [n * R],
     bitmask int32 [n * R, bit_words(kv_len)] of the kept keys if ``bits`` else None); with
@@ -243,8 +243,9 @@ def gpu_select(vals: torch.Tensor, kv_len: int, req, *, lse=None, band: int | No
     rows = n * per_head
     device = vals.device
     scores = _SCORE_DTYPES.get(vals.dtype)
-    if scores is None or (scores == "float16" and lse is None):
-        raise TypeError(f"score rows must be float32, or float16 logits (with lse); got {vals.dtype}")
+    if scores is None or (scores == "float16" and lse is None) or (scores == "bfloat16" and lse is not None):
+        raise TypeError(f"score rows must be float32, float16 logits (with lse) or bfloat16 probabilities (no lse); "
+                        f"got {vals.dtype} {'with' if lse is not None else 'without'} lse")
     if ld < kv_len or ld % (16 // vals.element_size()) or not vals.is_contiguous() or vals.data_ptr() % 16:
         raise ValueError(f"score rows must be contiguous, 16-byte aligned [n, R, ld >= kv_len] with rows of a "
                          f"multiple of 16 bytes; got shape {tuple(vals.shape)}, {vals.dtype}")
@@ -284,13 +285,16 @@ def gpu_emit(bits: torch.Tensor, kv_len: int, sub_rows: int, group: int, slice_m
 
 
 def gpu_dilate(scores: torch.Tensor, radius: int, kv_len: int, *, mul: torch.Tensor | None = None) -> torch.Tensor:
-    """fg::dilate_rows on float32 score rows [..., ld]: the first ``kv_len`` keys of each row
+    """fg::dilate_rows on bfloat16 score rows [..., ld]: the first ``kv_len`` keys of each row
     raised to the max over keys j - radius .. j + radius (mask_reference.dilate_keys), in a new
-    tensor; with ``mul`` (same shape) sqrt(mul * that), written into ``mul``. Radii beyond
-    DILATE_MAX_RADIUS (sub-blocks of more than 128 queries) run the torch reference."""
+    tensor; with ``mul`` (same shape) sqrt(mul * that) in float32, stored (stored_probs), written into
+    ``mul``. Radii beyond DILATE_MAX_RADIUS (sub-blocks of more than 128 queries) run the torch
+    reference."""
     if radius > DILATE_MAX_RADIUS:
-        dilated = dilate_keys(scores, radius, kv_len)
-        return dilated if mul is None else mul.mul_(dilated).sqrt_()
+        dilated = dilate_keys(scores.float(), radius, kv_len)
+        if mul is None:
+            return dilated.to(scores.dtype)
+        return mul.copy_(stored_probs(torch.sqrt(mul.float() * dilated)))
     for name, t in (("scores", scores), ("mul", mul)):
         if t is not None:
             _check_rows(name, t, scores)
@@ -306,9 +310,15 @@ def gpu_dilate(scores: torch.Tensor, radius: int, kv_len: int, *, mul: torch.Ten
 
 
 def _check_rows(name: str, t: torch.Tensor, like: torch.Tensor):
-    if t.dtype != torch.float32 or not t.is_contiguous() or t.data_ptr() % 16 or t.shape[-1] % 8 or t.shape != like.shape:
-        raise ValueError(f"{name} rows must be contiguous, 16-byte aligned float32 of one shape with ld a "
-                         f"multiple of 8; got shape {tuple(t.shape)}, {t.dtype}")
+    if (t.dtype != PROB_DTYPE or not t.is_contiguous() or t.data_ptr() % 16 or t.shape[-1] % DILATE_RUN
+            or t.shape != like.shape):
+        raise ValueError(f"{name} rows must be contiguous, 16-byte aligned {PROB_DTYPE} of one shape with ld a "
+                         f"multiple of {DILATE_RUN}; got shape {tuple(t.shape)}, {t.dtype}")
+
+
+def _check_prob_out(out: torch.Tensor, shape: tuple):
+    if out.shape != shape or out.dtype != PROB_DTYPE or not out.is_contiguous():
+        raise ValueError(f"out must be contiguous {PROB_DTYPE} {shape}, got {tuple(out.shape)} {out.dtype}")
 
 
 def _check_dilation(radius: int, kv_len: int, ld: int):
@@ -319,7 +329,7 @@ def _check_dilation(radius: int, kv_len: int, ld: int):
 
 
 def gpu_dilate_in_place(scores: torch.Tensor, radius: int, kv_len: int, flags: torch.Tensor) -> torch.Tensor:
-    """fg::dilate_rows_in_place: the rows of float32 ``scores`` [..., ld] whose entry of ``flags``
+    """fg::dilate_rows_in_place: the rows of bfloat16 ``scores`` [..., ld] whose entry of ``flags``
     (bool, one per row) is set get ``gpu_dilate``'s sliding max over their first ``kv_len`` keys,
     in place; the other rows are left as they are. Returns ``scores``."""
     _check_rows("scores", scores, scores)
@@ -331,7 +341,7 @@ def gpu_dilate_in_place(scores: torch.Tensor, radius: int, kv_len: int, flags: t
     _check_dilation(radius, kv_len, ld)
     if radius > DILATE_MAX_RADIUS:
         view = scores.view(rows, ld)[:, :kv_len]
-        view.copy_(torch.where(flags.view(rows, 1), dilate_keys(view, radius), view))
+        view.copy_(torch.where(flags.view(rows, 1), dilate_keys(view.float(), radius).to(view.dtype), view))
         return scores
     if rows and kv_len:
         spec = DilateInPlaceSpec()

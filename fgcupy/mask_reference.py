@@ -15,8 +15,11 @@ Definitions (the kernels in cuda_src/mask_score.cu and mask_select.cu implement 
 * mean-query logits: ``scale * pooled_q . k`` in float32 for every key, and their row LSE;
   stored logits (``logits_dtype``) are then rounded to that dtype (the LSE stays exact);
 * max-prob scores of a group of rows: ``max_row exp(logit - lse[row])`` (0 where lse is not
-  finite); with one query per row, its attention LSE and the group = the query block, this is
-  the exact column-max score of a dense step;
+  finite), stored as ``PROB_DTYPE`` (bfloat16, rounded toward zero: ``stored_probs``; half the
+  memory traffic of float32 in every pass over the score rows; the rounding is monotone, so
+  maxima taken later, the dilation and the exact band, commute with it, and only keys whose
+  scores agree to within 2^-7 can change places); with one query per row, its attention LSE
+  and the group = the query block, this is the exact column-max score of a dense step;
 * exact band (``exact_band`` = L): on keys [j*M - L, (j+1)*M + L) of query block j, the
   pooled max-prob score is raised to the exact one, max over the block's queries of
   exp(logit - lse~), lse~ = logaddexp(the query's LSE over those keys, its sub-block's LSE):
@@ -46,6 +49,15 @@ BAND_KEY = 0xFFFFFFFF
 #: "Reaches tau" allows this relative error, so float32 sums on the GPU agree (tau = 1 keeps
 #: the keys with any mass, not the zero-mass ones that float rounding would drag in).
 TAU_SLACK = 1e-5
+#: How max-probability scores are stored between the kernels (see "max-prob scores" above).
+PROB_DTYPE = torch.bfloat16
+
+
+def stored_probs(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` as the kernels store it in PROB_DTYPE: bfloat16 rounded toward zero (the
+    high half of each float's bits, which costs the kernels no conversion instruction), as
+    float32."""
+    return (x.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
 
 
 #: Blocks whose coherence (``block_coherence``) is below this are scored by sampled queries
@@ -150,8 +162,9 @@ def logits_and_lse(rows: torch.Tensor, k: torch.Tensor, scale: float, chunk: int
 
 
 def maxprob_scores(rows: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group: int, scale: float,
-                   chunk: int = 1024) -> torch.Tensor:
-    """float32 [B, H, ceil(R / group), S]: per group of rows, the max softmax probability."""
+                   chunk: int = 1024, exact: bool = False) -> torch.Tensor:
+    """float32 [B, H, ceil(R / group), S]: per group of rows, the max softmax probability as the
+    kernels store it (``stored_probs``), or unrounded with ``exact``."""
     batch, heads, n_rows, _ = rows.shape
     out_rows = num_blocks(n_rows, group)
     out = torch.zeros(batch, heads, out_rows, k.shape[2], dtype=torch.float32, device=rows.device)
@@ -167,7 +180,7 @@ def maxprob_scores(rows: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group
         if pad:
             probs = torch.cat([probs, probs.new_zeros(batch, heads, pad, probs.shape[3])], 2)
         out[:, :, r0 // group : r0 // group + probs.shape[2] // group] = probs.unflatten(2, (-1, group)).amax(3)
-    return out
+    return out if exact else stored_probs(out)
 
 
 def band_bounds(block: int, slice_m: int, band: int, kv_len: int, shift: int = 0) -> tuple:
@@ -194,7 +207,7 @@ def refine_band(scores: torch.Tensor, q, k, sub_lse: torch.Tensor, pool: int, sl
         logits = torch.matmul(q[:, :, q0:q1].float(), kf[:, :, k0:k1].transpose(-1, -2)) * scale
         own = sub_lse[:, :, torch.arange(q0, q1, device=q.device) // pool]
         total = torch.logaddexp(torch.logsumexp(logits, -1), own.float())
-        probs = torch.exp(logits - total.unsqueeze(-1)).amax(2)
+        probs = stored_probs(torch.exp(logits - total.unsqueeze(-1)).amax(2))
         out[:, :, j, k0:k1] = torch.maximum(out[:, :, j, k0:k1], probs)
     return out
 
@@ -227,16 +240,17 @@ def pooled_scores(q, k, pool: int, slice_m: int, exact_band, scale: float, pooli
     ``diagonals`` (each with its own band LSE)."""
     scores, sub_lse = raw_subblock_scores(q, k, pool, slice_m, scale, "mean" if pooling == "both" else pooling)
     if pooling == "both":
-        scores = torch.sqrt(scores * raw_subblock_scores(q, k, pool, slice_m, scale, "sample")[0])
+        scores = stored_probs(torch.sqrt(scores * raw_subblock_scores(q, k, pool, slice_m, scale, "sample")[0]))
     if exact_band is not None:
         for shift in (0, *diagonals):
             scores = refine_band(scores, q, k, sub_lse, pool, slice_m, exact_band, scale, shift)
     return scores
 
 
-def colmax_scores(q, k, lse, slice_m: int, scale: float) -> torch.Tensor:
-    """Exact column max of a dense step: [B, H, QB, S] = max over each block's queries of p."""
-    return maxprob_scores(q, k, lse, slice_m, scale)
+def colmax_scores(q, k, lse, slice_m: int, scale: float, exact: bool = False) -> torch.Tensor:
+    """Exact column max of a dense step: [B, H, QB, S] = max over each block's queries of p
+    (stored as ``maxprob_scores`` has it, or unrounded with ``exact``)."""
+    return maxprob_scores(q, k, lse, slice_m, scale, exact=exact)
 
 
 def order_keys(values: torch.Tensor) -> torch.Tensor:

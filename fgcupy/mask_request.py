@@ -174,8 +174,8 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         raise ValueError(f"logits_dtype must be torch.float16 or torch.float32, got {logits_dtype!r}")
     elif logits_dtype == torch.float16 and not stores_logits:
         raise ValueError("logits_dtype=torch.float16 applies where logits are stored (mean-query scoring with one "
-                         "pooled row per block, or combine='union'); colmax and combine='max' keep float32 "
-                         "probabilities")
+                         "pooled row per block, or combine='union'); colmax and combine='max' store "
+                         "probabilities (bfloat16)")
     return MaskRequest(method, rule, slice_m, pool, combine, top_k, tau, threshold, min_keys, max_keys, local, scale,
                        logits_dtype, exact_band, pooling, diagonals)
 

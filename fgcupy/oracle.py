@@ -50,7 +50,7 @@ class Judge:
         self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         self.dense = dense_attention(q, k, v, scale=self.scale)
         self.lse = exact_lse(q, k, self.scale)
-        self.colmax = colmax_scores(q, k, self.lse, slice_m, self.scale)  # [B, H, QB, S]
+        self.colmax = colmax_scores(q, k, self.lse, slice_m, self.scale, exact=True)  # [B, H, QB, S]
         self._oracle_err = {}
 
     @property

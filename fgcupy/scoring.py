@@ -15,7 +15,7 @@ Every selection can keep at least ``min_keys``, at most ``max_keys`` keys per bl
 block's diagonal band (its own keys and ``local`` more on either side), which is ranked first
 (it counts toward k and toward the mass). Exact definitions: fgcupy.mask_reference.
 
-The default scores are probabilities (pooled sub-blocks with the exact band, float32). With one
+The default scores are probabilities (pooled sub-blocks with the exact band). With one
 mean query per block (``pool=None, exact_band=None``), or combine "union", logits are stored
 between scoring and selection, as float16 for top-k and threshold unless ``logits_dtype`` says
 otherwise: half the memory traffic of float32 (see README for the times),
@@ -24,7 +24,10 @@ its size, so only keys that nearly tie (or sit at the threshold) can change side
 beyond +-65504 becomes +-inf (ranked first or last, ties by index; kept or dropped by a
 threshold). Tau keeps float32 logits by default, since its masses would be meaningless past
 float16's range; ``logits_dtype`` chooses either explicitly. Probabilities (colmax, pooled
-max) are always float32.
+max) are stored as bfloat16 rounded toward zero (mask_reference.stored_probs; the reference
+rounds them the same way): half the traffic of float32 in the dilation and selection passes,
+and every probability keeps 8 significant bits, so keys only trade places with keys scoring
+within 2^-7 of them.
 
 Host synchronisation: none for top-k with combine "max" (row sizes are known from the
 shapes); the other selections need one (in all) to size the index buffer unless ``max_keys``

@@ -119,18 +119,20 @@ def test_mask_algebra_refuses_what_is_not_a_mask():
 
 
 def test_dilation_kernel_refuses_rows_it_cannot_read():
-    with pytest.raises(ValueError, match="float32"):
-        mask_kernels.gpu_dilate(torch.zeros(2, 16, dtype=torch.float64), 1, 16)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        mask_kernels.gpu_dilate(torch.zeros(2, 12), 1, 12)
+    rows = dict(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="torch.bfloat16 of one shape .* got shape \\(2, 16\\), torch.float32"):
+        mask_kernels.gpu_dilate(torch.zeros(2, 16), 1, 16)
+    with pytest.raises(ValueError, match=f"multiple of {mask_kernels.DILATE_RUN}"):
+        mask_kernels.gpu_dilate(torch.zeros(2, 24, **rows), 1, 24)
     with pytest.raises(ValueError, match="radius"):
-        mask_kernels.gpu_dilate(torch.zeros(2, 16), -1, 16)
+        mask_kernels.gpu_dilate(torch.zeros(2, 16, **rows), -1, 16)
     with pytest.raises(ValueError, match="kv_len"):
-        mask_kernels.gpu_dilate(torch.zeros(2, 16), 1, 17)
+        mask_kernels.gpu_dilate(torch.zeros(2, 16, **rows), 1, 17)
 
 
 def test_dilation_past_the_kernel_radius_runs_the_reference():
     radius = mask_kernels.DILATE_MAX_RADIUS + 1
-    scores = torch.rand(3, 200)
+    scores = torch.rand(3, 200).to(torch.bfloat16)
     got = mask_kernels.gpu_dilate(scores, radius, 150)
+    assert got.dtype == torch.bfloat16
     assert torch.equal(got[:, :150], dilate_keys(scores[:, :150], radius))

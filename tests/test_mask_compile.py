@@ -25,7 +25,7 @@ def test_every_axis_is_shipped():
     assert {(s.mode, s.warps) for s in scores} == {("logits", 4), ("logits", 8), ("logits_f16", 4), ("logits_f16", 8),
                                                    ("stats", 4), ("stats", 8), ("maxprob", 4), ("maxprob", 8)}
     selects = {(s.staged, s.scores) for s in SPECS if isinstance(s, SelectSpec)}
-    assert selects == {(staged, scores) for staged in (True, False) for scores in ("float32", "float16")}
+    assert selects == {(staged, scores) for staged in (True, False) for scores in ("float32", "float16", "bfloat16")}
     assert EmitSpec() in SPECS
     assert len({s.name for s in SPECS}) == len(SPECS)
 
@@ -85,8 +85,8 @@ def test_score_spec_validation(kwargs, message):
 
 
 def test_select_spec_validation():
-    with pytest.raises(ValueError, match=r"scores must be one of \('float32', 'float16'\), got 'bfloat16'"):
-        SelectSpec(True, "bfloat16")
+    with pytest.raises(ValueError, match=r"scores must be one of \('float32', 'float16', 'bfloat16'\), got 'float64'"):
+        SelectSpec(True, "float64")
 
 
 @pytest.mark.parametrize("spec", all_sm90_mask_specs(), ids=lambda s: s.name)
@@ -166,9 +166,11 @@ def test_band_refinement_checks_its_buffers():
     are checked against the shapes before anything runs."""
     q = torch.zeros(1, 2, 300, 64, dtype=torch.bfloat16)
     sub_lse = torch.zeros(2, 10)  # ceil(300 / 32)
-    good = torch.zeros(2, 3, mask_kernels.row_stride(300))
-    with pytest.raises(ValueError, match="out must be contiguous float32"):
+    good = torch.zeros(2, 3, mask_kernels.row_stride(300, 2), dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"out must be contiguous torch.bfloat16 \(2, 3, 320\), got \(2, 2, 320\)"):
         mask_kernels.gpu_refine_band(q, q, 0.125, sub_lse, 32, 128, (-64, 256), good[:, :2], kernel="wgmma")
+    with pytest.raises(ValueError, match=r"out must be contiguous torch.bfloat16 .* torch.float32"):
+        mask_kernels.gpu_refine_band(q, q, 0.125, sub_lse, 32, 128, (-64, 256), good.float(), kernel="wgmma")
     with pytest.raises(ValueError, match="sub_lse must be float32"):
         mask_kernels.gpu_refine_band(q, q, 0.125, sub_lse[:, :9], 32, 128, (-64, 256), good, kernel="wgmma")
     with pytest.raises(ValueError, match="scale must be a positive finite number"):

@@ -47,6 +47,10 @@ def score_problems(draw):
     )
 
 
+# Scores stored as bfloat16 from float32 sums in another order: one rounding step apart at most.
+PROB_RTOL = 2**-7
+
+
 def _close(got, expected, rtol, atol):
     err = (got - expected).abs()
     assert torch.isfinite(got).all()
@@ -95,8 +99,8 @@ def test_maxprob_scores(p, group, kernel):
                                   kernel=kernel)
     expected = ref.maxprob_scores(rows, k, lse, group, scale)
     out_rows = num_blocks(rows.shape[2], group)
-    assert got.shape == (bh, out_rows, mask_kernels.row_stride(p["kv_len"]))
-    _close(got[..., : p["kv_len"]], expected.reshape(bh, out_rows, -1), 1e-3, 1e-6)
+    assert got.dtype == ref.PROB_DTYPE and got.shape == (bh, out_rows, mask_kernels.row_stride(p["kv_len"], 2))
+    _close(got[..., : p["kv_len"]].float(), expected.reshape(bh, out_rows, -1), PROB_RTOL, 1e-6)
 
 
 @given(score_problems(), st.sampled_from([64, 128]), st.sampled_from([0, 3, 64, 500, 5000]),
@@ -116,7 +120,7 @@ def test_exact_band_scores(p, slice_m, band, kernel):
     expected = ref.refine_band(ref.maxprob_scores(rows, k, sub_lse, slice_m // pool, req.scale), q, k, sub_lse, pool,
                                slice_m, band, req.scale)
     bh = p["batch"] * p["heads"]
-    _close(got[..., : p["kv_len"]], expected.reshape(bh, got.shape[1], -1), 1e-3, 1e-6)
+    _close(got[..., : p["kv_len"]].float(), expected.reshape(bh, got.shape[1], -1), PROB_RTOL, 1e-6)
 
 
 @given(score_problems(), st.sampled_from([64, 128]), st.sampled_from([0, 3, 64]),
@@ -134,7 +138,7 @@ def test_diagonal_bands_score_exactly(p, slice_m, band, diagonals, kernel):
         got, _ = pred._scores(0, pred.bh)
     expected = ref.pooled_scores(q, k, pool, slice_m, band, req.scale, "mean", req.diagonals)
     bh = p["batch"] * p["heads"]
-    _close(got[..., : p["kv_len"]], expected.reshape(bh, got.shape[1], -1), 1e-3, 1e-6)
+    _close(got[..., : p["kv_len"]].float(), expected.reshape(bh, got.shape[1], -1), PROB_RTOL, 1e-6)
 
 
 @given(st.integers(1, 5), st.integers(1, 5000), st.sampled_from([0, 1, 2, 3, 4, 5, 8, 16, 32, 64, 100]),
@@ -143,19 +147,18 @@ def test_diagonal_bands_score_exactly(p, slice_m, band, diagonals, kernel):
 def test_dilated_rows_match_the_reference(rows, kv_len, radius, seed):
     """fg::dilate_rows equals max_pool1d's sliding max on the keys (tile edges, short rows, the
     padding after kv_len left out); radii past the kernel's run on the reference."""
-    gen = torch.Generator().manual_seed(seed)
-    values = torch.rand(rows, kv_len, generator=gen) ** 8  # a few large values, as probabilities
-    values[values < torch.finfo(torch.float32).tiny] = 0.0  # the kernels flush subnormals (-ftz=true)
-    scores = _padded(values)
+    values = _probabilities(rows, kv_len, seed)
+    scores = _padded(values, ref.PROB_DTYPE)
     scores[..., kv_len:] = 2.0  # padding must not leak into the keys' maxima
     got = mask_kernels.gpu_dilate(scores, radius, kv_len)
     expected = ref.dilate_keys(values.to(DEVICE)[None], radius)
-    assert torch.equal(got[..., :kv_len], expected)
-    other = _padded(torch.rand(rows, kv_len, generator=gen))
+    assert got.dtype == ref.PROB_DTYPE and torch.equal(got[..., :kv_len].float(), expected)
+    other = _padded(_probabilities(rows, kv_len, seed + 1), ref.PROB_DTYPE)
     mean = mask_kernels.gpu_dilate(scores, radius, kv_len, mul=other.clone())
-    # A subnormal product is flushed to 0 by the kernel: sqrt of the smallest normal is the slack.
-    torch.testing.assert_close(mean[..., :kv_len], torch.sqrt(other[..., :kv_len] * expected), rtol=1e-6,
-                               atol=2e-19)
+    # sqrt in float32, rounded; a subnormal product is flushed to 0 by the kernel: sqrt of the
+    # smallest normal is the slack.
+    expected_mean = torch.sqrt(other[..., :kv_len].float() * expected)
+    torch.testing.assert_close(mean[..., :kv_len].float(), expected_mean, rtol=PROB_RTOL, atol=2e-19)
 
 
 @given(st.integers(1, 6), st.integers(1, 9000), st.sampled_from([0, 1, 3, 4, 16, 64, 100]), st.integers(0, 2**31 - 1))
@@ -164,19 +167,25 @@ def test_rows_dilated_in_place_match_the_reference(rows, kv_len, radius, seed):
     """fg::dilate_rows_in_place: flagged rows get max_pool1d's sliding max over their keys
     (across its tiles, in place), the other rows stay bit for bit; radii past the kernel's run
     on the reference."""
-    gen = torch.Generator().manual_seed(seed)
-    values = torch.rand(rows, kv_len, generator=gen) ** 8
-    values[values < torch.finfo(torch.float32).tiny] = 0.0
-    flags = torch.rand(rows, generator=gen) < 0.6
-    scores = _padded(values)
+    values = _probabilities(rows, kv_len, seed)
+    flags = torch.rand(rows, generator=torch.Generator().manual_seed(seed)) < 0.6
+    scores = _padded(values, ref.PROB_DTYPE)
     scores[..., kv_len:] = 2.0  # padding must not leak into the keys' maxima
     before = scores.clone()
     got = mask_kernels.gpu_dilate_in_place(scores, radius, kv_len, flags.to(DEVICE))
     assert got is scores
     expected = ref.dilate_keys(values.to(DEVICE)[None], radius)
     flagged = flags.to(DEVICE)
-    assert torch.equal(got[0, flagged, :kv_len], expected[0, flagged])
+    assert torch.equal(got[0, flagged, :kv_len].float(), expected[0, flagged])
     assert torch.equal(got[0, ~flagged], before[0, ~flagged])
+
+
+def _probabilities(rows, kv_len, seed):
+    """float32 [rows, kv_len] holding bfloat16 values like max-probability scores: a few large,
+    no subnormals (the kernels flush them, -ftz=true)."""
+    values = (torch.rand(rows, kv_len, generator=torch.Generator().manual_seed(seed)) ** 8).to(ref.PROB_DTYPE).float()
+    values[values < torch.finfo(torch.float32).tiny] = 0.0
+    return values
 
 
 def _padded(values, dtype=torch.float32):
@@ -200,7 +209,7 @@ def _dense_from(counts, offsets, indices, kv_len):
     return dense
 
 
-@pytest.mark.parametrize("scores", ["float32", "float16"])
+@pytest.mark.parametrize("scores", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("staged", [True, False])
 @given(case=selection_cases(max_kv=3000))
 @SETTINGS
@@ -209,12 +218,15 @@ def test_selection_matches_reference(staged, scores, case):
     if scores == "float16":
         assume(lse is not None)  # float16 rows hold logits only
         values = values.half().float()  # the reference ranks the stored values
+    if scores == "bfloat16":
+        assume(lse is None)  # bfloat16 rows hold probabilities only
+        values = values.bfloat16().float()
     rows, kv_len = values.shape
     local, slice_m = case["local"], case["slice_m"]
     kwargs = {"top_k": opts["k"]} if rule == "topk" else {rule: opts[rule]}
     req = scoring.make_request(64, kv_len, slice_m, "colmax", rule=rule, local=local, min_keys=opts["min_keys"],
                                max_keys=opts.get("max_keys"), **kwargs)
-    buf = _padded(values, torch.float16 if scores == "float16" else torch.float32)
+    buf = _padded(values, getattr(torch, scores))
     lse_d = None if lse is None else lse.to(DEVICE).reshape(1, rows)
     spec = SelectSpec(staged=staged and SelectSpec.fits(buf.shape[2]), scores=scores)
     with mock.patch.object(mask_kernels, "_select_spec", lambda device, ld, scores: spec):
@@ -318,6 +330,11 @@ def test_long_rows_select_correctly(kv_len):
     logits, lse = ref.logits_and_lse(rows, k, 1 / 8)
     stored = ref.rounded(logits, torch.float16)  # the default logits_dtype
     assert smallest_tau_set_ok(stored, got, 0.9, lse=lse).all()
+    # The default predictor's bfloat16 max-probability rows, staged or not alike.
+    got = predict_mask(q, k, 64, "topk", density=0.1).validate().to_dense()
+    expected = scoring.predict_reference(q, k, scoring.make_request(64, kv_len, 64, "topk", density=0.1),
+                                         None).to_dense()
+    assert (got != expected).sum().item() <= 5 + 0.002 * int(expected.sum())
 
 
 def test_topk_prediction_never_synchronises():
@@ -404,7 +421,7 @@ def test_adaptive_pooling_on_blocks_of_both_kinds(slice_m, pool, kernel):
     with mock.patch.object(mask_kernels, "_is_hopper", lambda index: kernel == "wgmma"):
         got, _ = pred._scores(0, pred.bh)
     expected = ref.pooled_scores(q, k, pool, slice_m, req.exact_band, req.scale, "adaptive")
-    _close(got[..., :777], expected.reshape(3, got.shape[1], -1), 1e-3, 1e-6)
+    _close(got[..., :777].float(), expected.reshape(3, got.shape[1], -1), PROB_RTOL, 1e-6)
     mask = predict_mask(q, k, slice_m, "topk", top_k=50, pool=pool, pooling="adaptive").validate()
     reference = ref.select(expected, "topk", k=50)
     assert (mask.to_dense() != reference).sum().item() <= 5 + 0.002 * int(reference.sum())

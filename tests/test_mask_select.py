@@ -110,12 +110,17 @@ def test_maxprob_and_colmax_scores_are_group_maxima_of_softmax(heads, n_rows, kv
     k = torch.randn(1, heads, kv_len, 16, generator=gen, dtype=torch.float64)
     probs = torch.softmax(rows @ k.transpose(-1, -2) * 0.3, dim=-1)
     lse = torch.logsumexp(rows @ k.transpose(-1, -2) * 0.3, dim=-1)
-    got = ref.maxprob_scores(rows, k, lse, group, 0.3)
+    got = ref.maxprob_scores(rows, k, lse, group, 0.3, exact=True)
     assert got.shape == (1, heads, -(-n_rows // group), kv_len)
     for g in range(got.shape[2]):
         expected = probs[:, :, g * group : (g + 1) * group].amax(2)
         assert torch.allclose(got[:, :, g].double(), expected, rtol=1e-5, atol=1e-7)
-    assert torch.equal(ref.colmax_scores(rows, k, lse, group, 0.3), got)
+    assert torch.equal(ref.colmax_scores(rows, k, lse, group, 0.3, exact=True), got)
+    # As the kernels store them: bfloat16 rounded toward zero (monotone, within 2^-7 below).
+    stored = ref.maxprob_scores(rows, k, lse, group, 0.3)
+    assert torch.equal(stored, ref.stored_probs(got)) and torch.equal(stored, stored.to(torch.bfloat16).float())
+    assert torch.equal(ref.colmax_scores(rows, k, lse, group, 0.3), stored)
+    assert ((got - stored >= 0) & (got - stored <= got * 2**-7)).all()
     # Rows whose LSE is not finite (no key in a sparse step) contribute nothing.
     lse[:, :, 0] = -math.inf
     assert torch.isfinite(ref.maxprob_scores(rows, k, lse, group, 0.3)).all()

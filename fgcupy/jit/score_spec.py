@@ -75,7 +75,7 @@ EMIT_PARAMS = ParamStruct("EmitParams", (
     ("sub_rows", "i32"), ("out_rows", "i32"), ("group", "i32"), ("slice_m", "i32"), ("add_band", "i32"),
 ))
 #: The sliding-max kernel (mask_dilate.cu): keys per CTA, outputs per thread, largest radius.
-DILATE_RUN = 8
+DILATE_RUN = 16
 DILATE_THREADS = 256
 DILATE_TILE = DILATE_RUN * DILATE_THREADS
 DILATE_MAX_RADIUS = 64
@@ -95,8 +95,10 @@ NORM_PARAMS = ParamStruct("NormParams", (
     ("q", "in"), ("out", "out"), ("stride_b", "i64"), ("stride_h", "i64"), ("stride_s", "i64"),
     ("heads", "i32"), ("q_len", "i32"), ("dim", "i32"), ("slice_m", "i32"), ("is_bf16", "i32"),
 ))
-#: Score-row storage the selection kernel reads (template S of fg::select_rows).
-SELECT_SCORES = {"float32": "fg::F32Scores", "float16": "fg::F16Scores"}
+#: Score-row storage the selection kernel reads (template S of fg::select_rows): float32 or
+#: float16 logits, bfloat16 max-probability scores (what the "maxprob" and "band" modes write).
+SELECT_SCORES = {"float32": "fg::F32Scores", "float16": "fg::F16Scores", "bfloat16": "fg::BF16Scores"}
+_SELECT_SUFFIX = {"float32": "", "float16": "_f16", "bfloat16": "_bf16"}
 
 
 def _check_choice(what, value, allowed):
@@ -215,7 +217,8 @@ class SelectSpec:
     """``fg::select_rows<STAGED, S>``: per-row threshold search (and optional emit). The staged
     variant keeps every key's 16-bit coarse bin in shared memory after one read of the row;
     the other re-reads the row from global memory on every pass (rows too long to stage).
-    ``scores``: the dtype of the score rows (float16 only holds logits)."""
+    ``scores``: the dtype of the score rows (float16 only holds logits, bfloat16 only
+    max-probability scores)."""
 
     staged: bool = True
     scores: str = "float32"
@@ -235,8 +238,7 @@ class SelectSpec:
 
     @property
     def name(self) -> str:
-        suffix = "" if self.scores == "float32" else "_f16"
-        return f"select_rows_{'staged' if self.staged else 'global'}{suffix}"
+        return f"select_rows_{'staged' if self.staged else 'global'}{_SELECT_SUFFIX[self.scores]}"
 
     @property
     def name_expression(self) -> str:
@@ -271,7 +273,7 @@ class EmitSpec(PlainKernelSpec):
 
 @dataclass(frozen=True)
 class DilateSpec(PlainKernelSpec):
-    """``fg::dilate_rows``: each score row's sliding maximum over keys j - radius .. j + radius."""
+    """``fg::dilate_rows``: each bfloat16 score row's sliding maximum over keys j - radius .. j + radius."""
 
     source = "mask_dilate.cu"
     template = "fg::dilate_rows"
@@ -287,8 +289,8 @@ class DilateSpec(PlainKernelSpec):
 
 @dataclass(frozen=True)
 class DilateInPlaceSpec(PlainKernelSpec):
-    """``fg::dilate_rows_in_place``: the sliding maximum of the flagged score rows, in place
-    (one CTA per row)."""
+    """``fg::dilate_rows_in_place``: the sliding maximum of the flagged bfloat16 score rows, in
+    place (one CTA per row)."""
 
     source = "mask_dilate.cu"
     template = "fg::dilate_rows_in_place"
