@@ -169,6 +169,7 @@ struct F32Scores {
   typedef float T;
   typedef float4 Raw;
   static constexpr int kVec = 4;
+  static constexpr int kZeroLowBits = 0;  // order-key bits every stored score has zero
   static __device__ __forceinline__ float at(const float* p, int i) { return __ldg(p + i); }
   static __device__ __forceinline__ Raw load(const float* p, int f) { return __ldg(reinterpret_cast<const float4*>(p) + f); }
   static __device__ __forceinline__ void unpack(const Raw& v, float x[kVec]) {
@@ -183,6 +184,7 @@ struct F16Scores {
   typedef u16 T;
   typedef uint4 Raw;
   static constexpr int kVec = 8;
+  static constexpr int kZeroLowBits = 13;  // a float16 is a float with 13 more mantissa bits zero
   static __device__ __forceinline__ float at(const u16* p, int i) { return fp16_t::to_float(__ldg(p + i)); }
   static __device__ __forceinline__ Raw load(const u16* p, int f) { return __ldg(reinterpret_cast<const uint4*>(p) + f); }
   static __device__ __forceinline__ void unpack(const Raw& v, float x[kVec]) {
@@ -199,6 +201,7 @@ struct BF16Scores {
   typedef u16 T;
   typedef uint4 Raw;
   static constexpr int kVec = 8;
+  static constexpr int kZeroLowBits = 16;
   static __device__ __forceinline__ float at(const u16* p, int i) { return bf16_t::to_float(__ldg(p + i)); }
   static __device__ __forceinline__ Raw load(const u16* p, int f) { return __ldg(reinterpret_cast<const uint4*>(p) + f); }
   static __device__ __forceinline__ void unpack(const Raw& v, float x[kVec]) {
@@ -670,7 +673,10 @@ struct Cands {
 // The first `need_cnt` keys (count mode) or the fewest first keys holding `need_mass`
 // (mass mode). Requires the level-0 histogram; destroys it. After the coarse bin, 11-bit digits
 // of the order key narrow the window (a radix select): over the row while the window is larger
-// than kCand, then over the gathered candidates, until one key or exact ties remain.
+// than kCand, then over the gathered candidates, until one key or exact ties remain. Digits
+// start below the bits the bin fixes (a probability bin other than the first and last is one
+// prefix of the order key) and end at the bits every stored score has zero (16-bit rows), so
+// rows of many equal scores take no pass that cannot split them.
 template <bool STAGED, class S>
 __device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, Cands cand, bool by_mass,
                       unsigned need_cnt, float need_mass, SelScratch& sc) {
@@ -691,8 +697,14 @@ __device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, C
   }
   unsigned pfx = 0u;
   int pshift = 32;
+  if (!c.logit && bin >= 2 && bin <= kBins - 2 && sc.split_bin < 0) {
+    pfx = static_cast<unsigned>(kProbTop - bin);  // coarse_bin_of<false>: key >> 18 = kProbTop - bin
+    pshift = 18;
+  }
+  constexpr int kLow = S::kZeroLowBits;
   int nc = -1;  // gathered candidates; -1 while the window is only described by (bin, prefix)
   bool row_pass = false;  // a digit pass ran over the row: the candidates are part of the bin
+  bool whole_bin = true;  // no digit has narrowed the window yet
   // Gather the window. The whole bin: indices first (from the bins alone), then their keys, so
   // every thread's loads are independent of each other. After digit passes over the row: the
   // keys with the prefix.
@@ -702,7 +714,7 @@ __device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, C
       sc.found = 0;
     }
     __syncthreads();
-    if (pshift >= 32) {
+    if (whole_bin) {
       for_window_index<STAGED>(c, bin, [&](int i) {
         const int p = atomicAdd(&sc.ncand, 1);
         if (p < kCand) cand.i[p] = i;
@@ -766,7 +778,7 @@ __device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, C
     cut.i = cand.i[sc.found];
     ranked = true;
   };
-  while (window > 1u && pshift > 0) {
+  while (window > 1u && pshift > kLow) {
     if (nc < 0 && window <= static_cast<unsigned>(kCand)) {
       gather();
       if (!by_mass && nc <= kRankMax) {
@@ -774,7 +786,7 @@ __device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, C
         break;
       }
       skip_common_prefix();
-      if (pshift == 0) break;
+      if (pshift <= kLow) break;
     }
     const int width = min(kDigitBits, pshift);
     const int shift = pshift - width;
@@ -813,6 +825,11 @@ __device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, C
     window = sc.bin_cnt;
     pfx = (pshift >= 32 ? 0u : (pfx << width)) | digit;
     pshift = shift;
+    whole_bin = false;
+  }
+  if (!ranked && pshift > 0 && pshift <= kLow) {  // the bits left are zero: one key, or exact ties
+    pfx <<= pshift;
+    pshift = 0;
   }
   if (window == 0u) window = 1u;  // defensive: an empty window cannot happen for valid input
   if (!ranked && nc < 0 && window <= static_cast<unsigned>(kCand)) gather();

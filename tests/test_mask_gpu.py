@@ -315,6 +315,33 @@ def test_predict_mask_matches_reference(config, shape):
         assert (got.row_lengths().long() == expected_lengths).all()
 
 
+@pytest.mark.parametrize("scores", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("kv_len", [3000, 32_760, 100_000])
+def test_rows_of_few_distinct_scores_select_exactly(scores, kv_len):
+    """Rows whose keys share a handful of values (flat attention stored in 16 bits): the cut
+    falls inside thousands of exact ties, which are kept in index order, as the reference does."""
+    gen = torch.Generator().manual_seed(kv_len)
+    rows = 8
+    levels = torch.randint(1, 6, (rows, kv_len), generator=gen).float()
+    lse = None
+    if scores == "float16":
+        values, lse = levels, torch.logsumexp(levels, -1)  # logits
+    else:
+        values = (1 + levels / 64) / kv_len  # probabilities within a few bfloat16 steps of 1 / kv_len
+        values = ref.stored_probs(values) if scores == "bfloat16" else values
+    buf = _padded(values, getattr(torch, scores))
+    for rule, kw in (("topk", dict(top_k=kv_len // 10)), ("topk", dict(top_k=kv_len // 2)),
+                     ("threshold", dict(threshold=1.03 / kv_len if lse is None else 0.5 / kv_len))):
+        req = scoring.make_request(64, kv_len, 1, "colmax", rule=rule, **kw)
+        counts, bits = mask_kernels.gpu_select(buf, kv_len, req, lse=None if lse is None else lse.to(DEVICE)[None],
+                                               bits=True)
+        got = ((bits.unsqueeze(-1) >> torch.arange(32, device=DEVICE)) & 1).bool().reshape(rows, -1)[:, :kv_len]
+        expected = ref.select(values.to(DEVICE), rule, lse=None if lse is None else lse.to(DEVICE), k=req.top_k,
+                              threshold=req.threshold)
+        assert torch.equal(got, expected), (rule, kw)
+        assert torch.equal(counts.long(), expected.sum(-1))
+
+
 @pytest.mark.parametrize("kv_len", [75_600, 100_000])
 def test_long_rows_select_correctly(kv_len):
     """Rows past sm_80's staging limit: staged in the larger shared memory where the GPU grants
