@@ -9,7 +9,7 @@ import torch
 
 from . import mask_reference as ref
 from .mask import SliceMask, indptr_from_counts, num_blocks
-from .mask_kernels import (gpu_block_norm_sums, gpu_colmax, gpu_dilate, gpu_dilate_in_place, gpu_emit,
+from .mask_kernels import (gpu_adaptive_rows, gpu_colmax, gpu_dilate, gpu_dilate_in_place, gpu_emit,
                            gpu_refine_band, gpu_scores, gpu_select, row_stride)
 from .mask_request import MaskRequest
 
@@ -86,7 +86,7 @@ class GpuPrediction:
         elif req.pooling == "sample":
             self.rows = samples
         elif req.pooling == "adaptive":
-            rows, sampled = ref.adaptive_rows(qh, req.pool, req.slice_m, gpu_block_norm_sums(qh, req.slice_m))
+            rows, sampled = gpu_adaptive_rows(qh, req.pool, req.slice_m) or ref.adaptive_rows(qh, req.pool, req.slice_m)
             self.rows, self.sampled = rows.contiguous(), sampled.reshape(self.bh * self.q_blocks)
         else:
             self.rows = ref.pool_queries(qh, req.pool).to(qh.dtype).contiguous()

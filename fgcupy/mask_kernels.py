@@ -16,9 +16,9 @@ from .jit.launch import launch
 from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_LARGE_SMEM, SELECT_MAX_SMEM,  # noqa: F401
                              SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DILATE_RUN, DilateInPlaceSpec,
                              DilateSpec,
-                             EmitSpec, NormSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec)
+                             EmitSpec, AdaptiveRowsSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec, ROWS_MAX_DIM, ROWS_MAX_GROUPS)
 from .mask import num_blocks
-from .mask_reference import PROB_DTYPE, dilate_keys, stored_probs
+from .mask_reference import COHERENCE_CUT, PROB_DTYPE, dilate_keys, stored_probs
 
 _TARGET_CTAS = 2048
 
@@ -350,19 +350,22 @@ def gpu_dilate_in_place(scores: torch.Tensor, radius: int, kv_len: int, flags: t
     return scores
 
 
-def gpu_block_norm_sums(q: torch.Tensor, slice_m: int) -> torch.Tensor | None:
-    """fg::block_norm_sums: float32 [B, H, QB], each block's sum of query norms (what
-    mask_reference.coherence_of divides by), or None where the kernel does not apply (not a
-    16-bit CUDA tensor, a head dim not a multiple of 64, odd strides or a misaligned start)."""
+def gpu_adaptive_rows(q: torch.Tensor, pool: int, slice_m: int):
+    """fg::adaptive_rows: mask_reference.adaptive_rows (rows [B, H, ceil(S / pool), D] in q's
+    dtype, sampled bool [B, H, QB]) in one read of the queries, or None where the kernel does not
+    apply (not a 16-bit CUDA tensor, a head dim not a multiple of 64 or above ROWS_MAX_DIM, pool
+    below 4 or more than ROWS_MAX_GROUPS sub-blocks a block, odd strides or a misaligned start)."""
     batch, heads, q_len, dim = q.shape
-    if (q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16) or dim % 64 or q.stride(3) != 1
+    if (q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16) or dim % 64 or dim > ROWS_MAX_DIM
+            or pool < 4 or slice_m % pool or slice_m // pool > ROWS_MAX_GROUPS or q.stride(3) != 1
             or any(st % 2 for st in q.stride()[:3]) or q.data_ptr() % 4 or q_len == 0):
         return None
     q_blocks = num_blocks(q_len, slice_m)
-    out = torch.empty(batch, heads, q_blocks, dtype=torch.float32, device=q.device)
-    spec = NormSpec()
+    rows = torch.empty(batch, heads, num_blocks(q_len, pool), dim, dtype=q.dtype, device=q.device)
+    sampled = torch.empty(batch, heads, q_blocks, dtype=torch.bool, device=q.device)
+    spec = AdaptiveRowsSpec()
     launch(spec, q.device, (batch * heads * q_blocks,),
-           spec.params.pack(q=q, out=out, stride_b=q.stride(0), stride_h=q.stride(1), stride_s=q.stride(2),
-                            heads=heads, q_len=q_len, dim=dim, slice_m=slice_m,
-                            is_bf16=int(q.dtype == torch.bfloat16)))
-    return out
+           spec.params.pack(q=q, rows=rows, sampled=sampled, stride_b=q.stride(0), stride_h=q.stride(1),
+                            stride_s=q.stride(2), heads=heads, q_len=q_len, dim=dim, slice_m=slice_m, pool=pool,
+                            is_bf16=int(q.dtype == torch.bfloat16), cut=COHERENCE_CUT))
+    return rows, sampled

@@ -98,11 +98,10 @@ def block_coherence(q: torch.Tensor, slice_m: int) -> torch.Tensor:
     return coherence_of(q, pool_queries(q, slice_m), slice_m, slice_m)
 
 
-def coherence_of(q: torch.Tensor, means: torch.Tensor, pool: int, slice_m: int, norm_sums=None) -> torch.Tensor:
+def coherence_of(q: torch.Tensor, means: torch.Tensor, pool: int, slice_m: int) -> torch.Tensor:
     """``block_coherence`` from ``means`` = pool_queries(q, pool) (pool dividing slice_m), so a
-    prediction that pools its sub-blocks anyway reads the queries once more, for their norms;
-    ``norm_sums`` [B, H, QB] (each block's sum of query norms, mask_kernels.gpu_block_norm_sums)
-    saves that read."""
+    prediction that pools its sub-blocks anyway reads the queries once more, for their norms
+    (mask_kernels.gpu_adaptive_rows does both in one read)."""
     batch, heads, q_len, _ = q.shape
     q_blocks = num_blocks(q_len, slice_m)
     if q_len == 0:
@@ -112,20 +111,19 @@ def coherence_of(q: torch.Tensor, means: torch.Tensor, pool: int, slice_m: int, 
     sums[:, :, -1] *= (q_len - (means.shape[2] - 1) * pool) / pool
     sums = torch.nn.functional.pad(sums, (0, 0, 0, q_blocks * group - means.shape[2]))
     sums = sums.view(batch, heads, q_blocks, group, -1).sum(3)
-    if norm_sums is None:
-        norms = torch.linalg.vector_norm(q, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).float()
-        pad = q_blocks * slice_m - q_len
-        norm_sums = torch.nn.functional.pad(norms, (0, pad)).view(batch, heads, q_blocks, slice_m).sum(-1)
+    norms = torch.linalg.vector_norm(q, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).float()
+    pad = q_blocks * slice_m - q_len
+    norm_sums = torch.nn.functional.pad(norms, (0, pad)).view(batch, heads, q_blocks, slice_m).sum(-1)
     sum_norm = torch.linalg.vector_norm(sums, dim=-1)  # |mean| / mean |q|, both times the count
     return torch.where(norm_sums > 0, sum_norm / torch.where(norm_sums > 0, norm_sums, 1.0), 0.0)
 
 
-def adaptive_rows(q: torch.Tensor, pool: int, slice_m: int, norm_sums=None) -> tuple:
+def adaptive_rows(q: torch.Tensor, pool: int, slice_m: int) -> tuple:
     """(rows [B, H, ceil(S / pool), D] in q's dtype, sampled bool [B, H, QB]) of pooling
     "adaptive": each sub-block's middle query where its block's coherence is below
     COHERENCE_CUT (``sampled``), else its mean query rounded to q's dtype."""
     means = pool_queries(q, pool)
-    sampled = coherence_of(q, means, pool, slice_m, norm_sums) < COHERENCE_CUT
+    sampled = coherence_of(q, means, pool, slice_m) < COHERENCE_CUT
     middles = q.index_select(2, sample_rows(q.shape[2], pool, q.device))
     per_row = sampled.repeat_interleave(slice_m // pool, 2)[:, :, : means.shape[2]]
     return torch.where(per_row.unsqueeze(-1), middles, means.to(q.dtype)), sampled

@@ -2,7 +2,7 @@
 "adaptive", "sample" and "both" (pool 32, band 64) on wan14b-480p (40 heads, 32,760 tokens),
 on the video-like "mixed" inputs (coherent blocks) and on head families whose blocks are
 incoherent (every block sampled) or not, plus mask_reference.block_coherence (the torch measure
-the judge prints; a prediction takes it from its pooled rows and fg::block_norm_sums); queued
+the judge prints; a prediction takes it from fg::adaptive_rows); queued
 medians beside SDPA cuDNN in the same run (GPU):
 
     PYTHONPATH=. python -m tools.profile_poolings

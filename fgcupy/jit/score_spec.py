@@ -89,11 +89,15 @@ DILATE_PARAMS = ParamStruct("DilateParams", (
 DILATE_IN_PLACE_PARAMS = ParamStruct("DilateInPlaceParams", (
     ("scores", "out"), ("flags", "in"), ("ld", "i32"), ("kv_len", "i32"), ("radius", "i32"),
 ))
-#: fg::block_norm_sums (query_norms.cu): threads per CTA, and its one argument.
-NORM_THREADS = 256
-NORM_PARAMS = ParamStruct("NormParams", (
-    ("q", "in"), ("out", "out"), ("stride_b", "i64"), ("stride_h", "i64"), ("stride_s", "i64"),
-    ("heads", "i32"), ("q_len", "i32"), ("dim", "i32"), ("slice_m", "i32"), ("is_bf16", "i32"),
+#: fg::adaptive_rows (adaptive_rows.cu): threads per CTA, the most sub-blocks per block and the
+#: largest head dim it holds in shared memory, and its one argument.
+ROWS_THREADS = 256
+ROWS_MAX_GROUPS = 8
+ROWS_MAX_DIM = 256
+ADAPTIVE_ROWS_PARAMS = ParamStruct("AdaptiveRowsParams", (
+    ("q", "in"), ("rows", "out"), ("sampled", "out"), ("stride_b", "i64"), ("stride_h", "i64"), ("stride_s", "i64"),
+    ("heads", "i32"), ("q_len", "i32"), ("dim", "i32"), ("slice_m", "i32"), ("pool", "i32"), ("is_bf16", "i32"),
+    ("cut", "f32"),
 ))
 #: Score-row storage the selection kernel reads (template S of fg::select_rows): float32 or
 #: float16 logits, bfloat16 max-probability scores (what the "maxprob" and "band" modes write).
@@ -301,14 +305,15 @@ class DilateInPlaceSpec(PlainKernelSpec):
 
 
 @dataclass(frozen=True)
-class NormSpec(PlainKernelSpec):
-    """``fg::block_norm_sums``: each block's sum of query norms (16-bit queries, either dtype)."""
+class AdaptiveRowsSpec(PlainKernelSpec):
+    """``fg::adaptive_rows``: pooling "adaptive"'s scored rows and sampled blocks in one read of
+    the (16-bit) queries."""
 
-    source = "query_norms.cu"
-    template = "fg::block_norm_sums"
-    threads = NORM_THREADS
-    params = NORM_PARAMS
-    constants = {"kNormThreads": NORM_THREADS}
+    source = "adaptive_rows.cu"
+    template = "fg::adaptive_rows"
+    threads = ROWS_THREADS
+    params = ADAPTIVE_ROWS_PARAMS
+    constants = {"kRowsThreads": ROWS_THREADS, "kRowsMaxGroups": ROWS_MAX_GROUPS, "kRowsMaxDim": ROWS_MAX_DIM}
 
 
 def all_mask_specs() -> list:
@@ -325,7 +330,7 @@ def all_mask_specs() -> list:
             specs.append(ScoreSpec(dtype, d, "maxprob", 4))
             specs.append(ScoreSpec(dtype, d, "maxprob", 8))
     selects = [SelectSpec(staged, scores) for staged in (True, False) for scores in SELECT_SCORES]
-    return specs + selects + [EmitSpec(), DilateSpec(), DilateInPlaceSpec(), NormSpec()]
+    return specs + selects + [EmitSpec(), DilateSpec(), DilateInPlaceSpec(), AdaptiveRowsSpec()]
 
 
 def all_sm90_mask_specs() -> list:
