@@ -169,7 +169,7 @@ struct F32Scores {
   typedef float T;
   typedef float4 Raw;
   static constexpr int kVec = 4;
-  static constexpr int kZeroLowBits = 0;  // order-key bits every stored score has zero
+  static constexpr int kZeroLowBits = 0;  // low bits every stored score has zero
   static __device__ __forceinline__ float at(const float* p, int i) { return __ldg(p + i); }
   static __device__ __forceinline__ Raw load(const float* p, int f) { return __ldg(reinterpret_cast<const float4*>(p) + f); }
   static __device__ __forceinline__ void unpack(const Raw& v, float x[kVec]) {
@@ -180,39 +180,28 @@ struct F32Scores {
   }
 };
 
-struct F16Scores {
+// 16-bit rows: H converts one score (fp16_t or bf16_t); ZERO_LOW_BITS order-key bits are zero in
+// every converted score's bits (a float16 is a float with 13 more mantissa bits zero, a
+// bfloat16 16).
+template <class H, int ZERO_LOW_BITS>
+struct U16Scores {
   typedef u16 T;
   typedef uint4 Raw;
   static constexpr int kVec = 8;
-  static constexpr int kZeroLowBits = 13;  // a float16 is a float with 13 more mantissa bits zero
-  static __device__ __forceinline__ float at(const u16* p, int i) { return fp16_t::to_float(__ldg(p + i)); }
+  static constexpr int kZeroLowBits = ZERO_LOW_BITS;
+  static __device__ __forceinline__ float at(const u16* p, int i) { return H::to_float(__ldg(p + i)); }
   static __device__ __forceinline__ Raw load(const u16* p, int f) { return __ldg(reinterpret_cast<const uint4*>(p) + f); }
   static __device__ __forceinline__ void unpack(const Raw& v, float x[kVec]) {
     const unsigned w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      x[2 * e] = fp16_t::to_float(static_cast<u16>(w[e] & 0xffffu));
-      x[2 * e + 1] = fp16_t::to_float(static_cast<u16>(w[e] >> 16));
+      x[2 * e] = H::to_float(static_cast<u16>(w[e] & 0xffffu));
+      x[2 * e + 1] = H::to_float(static_cast<u16>(w[e] >> 16));
     }
   }
 };
-
-struct BF16Scores {
-  typedef u16 T;
-  typedef uint4 Raw;
-  static constexpr int kVec = 8;
-  static constexpr int kZeroLowBits = 16;
-  static __device__ __forceinline__ float at(const u16* p, int i) { return bf16_t::to_float(__ldg(p + i)); }
-  static __device__ __forceinline__ Raw load(const u16* p, int f) { return __ldg(reinterpret_cast<const uint4*>(p) + f); }
-  static __device__ __forceinline__ void unpack(const Raw& v, float x[kVec]) {
-    const unsigned w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      x[2 * e] = __int_as_float(static_cast<int>(w[e] << 16));
-      x[2 * e + 1] = __int_as_float(static_cast<int>(w[e] & 0xffff0000u));
-    }
-  }
-};
+typedef U16Scores<fp16_t, 13> F16Scores;   // logits
+typedef U16Scores<bf16_t, 16> BF16Scores;  // max-probability scores
 
 // The staged bins of kVec consecutive keys (the first a multiple of kVec): one 8- or 16-byte
 // access, inside one swizzled 16-byte chunk.
@@ -827,8 +816,12 @@ __device__ Cut search(const RowCtx<S>& c, unsigned* cnt, const MassHist& mass, C
     pshift = shift;
     whole_bin = false;
   }
-  if (!ranked && pshift > 0 && pshift <= kLow) {  // the bits left are zero: one key, or exact ties
-    pfx <<= pshift;
+  if (!ranked && pshift > 0 && pshift <= kLow) {
+    // The bits left are the ones every stored score has zero: one key, or exact ties. An order
+    // key carries them as zeros for scores >= +0 and NaN (key 0), as ones for negative scores
+    // (whose keys are their bits inverted).
+    const bool negative = pfx != 0u && ((pfx >> (31 - pshift)) & 1u) == 0u;
+    pfx = (pfx << pshift) | (negative ? (1u << pshift) - 1u : 0u);
     pshift = 0;
   }
   if (window == 0u) window = 1u;  // defensive: an empty window cannot happen for valid input

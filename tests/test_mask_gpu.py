@@ -319,13 +319,15 @@ def test_predict_mask_matches_reference(config, shape):
 @pytest.mark.parametrize("kv_len", [3000, 32_760, 100_000])
 def test_rows_of_few_distinct_scores_select_exactly(scores, kv_len):
     """Rows whose keys share a handful of values (flat attention stored in 16 bits): the cut
-    falls inside thousands of exact ties, which are kept in index order, as the reference does."""
+    falls inside thousands of exact ties, which are kept in index order, as the reference does
+    (negative float16 logits too)."""
     gen = torch.Generator().manual_seed(kv_len)
     rows = 8
     levels = torch.randint(1, 6, (rows, kv_len), generator=gen).float()
     lse = None
     if scores == "float16":
-        values, lse = levels, torch.logsumexp(levels, -1)  # logits
+        values = -levels  # negative logits: their order keys carry the bits float16 lacks as ones
+        lse = torch.logsumexp(values, -1)
     else:
         values = (1 + levels / 64) / kv_len  # probabilities within a few bfloat16 steps of 1 / kv_len
         values = ref.stored_probs(values) if scores == "bfloat16" else values
@@ -470,6 +472,7 @@ def test_adaptive_rows_match_the_reference(batch, heads, q_len, blocks, dim, dty
     q = q.transpose(1, 2).contiguous().transpose(1, 2) if layout == "NHD" else q
     rows, sampled = mask_kernels.gpu_adaptive_rows(q, pool, slice_m)
     expected_rows, expected_sampled = ref.adaptive_rows(q, pool, slice_m)
+    assert mask_kernels.gpu_adaptive_rows(q, 2, slice_m) is None  # sub-blocks of 2: the torch path
     coherence = ref.block_coherence(q, slice_m)
     near_cut = (coherence - ref.COHERENCE_CUT).abs() < 1e-4  # float sums in another order may go either way
     assert torch.equal(sampled | near_cut, expected_sampled | near_cut)
