@@ -86,7 +86,8 @@ class GpuPrediction:
         elif req.pooling == "sample":
             self.rows = samples
         elif req.pooling == "adaptive":
-            rows, sampled = gpu_adaptive_rows(qh, req.pool, req.slice_m) or ref.adaptive_rows(qh, req.pool, req.slice_m)
+            fused = gpu_adaptive_rows(qh, req.pool, req.slice_m)
+            rows, sampled = fused if fused is not None else ref.adaptive_rows(qh, req.pool, req.slice_m)
             self.rows, self.sampled = rows.contiguous(), sampled.reshape(self.bh * self.q_blocks)
         else:
             self.rows = ref.pool_queries(qh, req.pool).to(qh.dtype).contiguous()

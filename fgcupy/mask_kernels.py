@@ -14,9 +14,9 @@ import torch
 from . import bridge
 from .jit.launch import launch
 from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_LARGE_SMEM, SELECT_MAX_SMEM,  # noqa: F401
-                             SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DILATE_RUN, DilateInPlaceSpec,
-                             DilateSpec,
-                             EmitSpec, AdaptiveRowsSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec, ROWS_MAX_DIM, ROWS_MAX_GROUPS)
+                             SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DILATE_RUN, ROWS_MAX_DIM,
+                             ROWS_MAX_GROUPS, AdaptiveRowsSpec, DilateInPlaceSpec, DilateSpec, EmitSpec, ScoreSpec,
+                             SelectSpec, Sm90ScoreSpec)
 from .mask import num_blocks
 from .mask_reference import COHERENCE_CUT, PROB_DTYPE, dilate_keys, stored_probs
 
@@ -32,8 +32,8 @@ def _cp_async_ready(t: torch.Tensor) -> torch.Tensor:
 
 def row_stride(kv_len: int, itemsize: int = 4) -> int:
     """Score rows are padded to 128 bytes (32 float32 or 64 16-bit scores): every row starts on a
-    cache line, so the scoring kernel's 32-byte row segments fill whole sectors (float16 rows padded to
-    16 bytes only straddled sectors and were slower than float32 ones)."""
+    cache line, so the scoring kernel's 32-byte row segments fill whole sectors (float16 rows
+    padded to 16 bytes only straddled sectors and were slower than float32 ones)."""
     per = 128 // itemsize
     return (kv_len + per - 1) // per * per
 
@@ -96,8 +96,8 @@ def _score_params(rows, k, scale: float, *, out, ld: int, partial, lse, bh0: int
 def gpu_refine_band(q: torch.Tensor, k: torch.Tensor, scale: float, sub_lse: torch.Tensor, pool: int, slice_m: int,
                     band: tuple, out: torch.Tensor, *, bh0: int = 0, nbh: int | None = None,
                     kernel: str = "auto") -> torch.Tensor:
-    """Raise pooled max-probability scores ``out`` (bfloat16 [nbh, QB, ld]) of heads [bh0, bh0 + nbh) on
-    each query block's band ``(lo, width)`` to the exact column maxima (mask_reference.refine_band:
+    """Raise pooled max-probability scores ``out`` (bfloat16 [nbh, QB, ld]) of heads
+    [bh0, bh0 + nbh) on each query block's band ``(lo, width)`` to the exact column maxima (mask_reference.refine_band:
     each query's LSE is its band LSE log-added to ``sub_lse`` [nbh, ceil(q_len / pool)] of the
     sub-block holding it). On Hopper with blocks of 128 one launch (the wgmma kernel's band mode);
     otherwise a stats pass over the bands, the log-add in torch, and a max-probability pass.
@@ -287,8 +287,8 @@ def gpu_emit(bits: torch.Tensor, kv_len: int, sub_rows: int, group: int, slice_m
 def gpu_dilate(scores: torch.Tensor, radius: int, kv_len: int, *, mul: torch.Tensor | None = None) -> torch.Tensor:
     """fg::dilate_rows on bfloat16 score rows [..., ld]: the first ``kv_len`` keys of each row
     raised to the max over keys j - radius .. j + radius (mask_reference.dilate_keys), in a new
-    tensor; with ``mul`` (same shape) sqrt(mul * that) in float32, stored (stored_probs), written into
-    ``mul``. Radii beyond DILATE_MAX_RADIUS (sub-blocks of more than 128 queries) run the torch
+    tensor; with ``mul`` (same shape) sqrt(mul * that) in float32, stored (stored_probs),
+    written into ``mul``. Radii beyond DILATE_MAX_RADIUS (sub-blocks of more than 128 queries) run the torch
     reference."""
     if radius > DILATE_MAX_RADIUS:
         dilated = dilate_keys(scores.float(), radius, kv_len)

@@ -4,7 +4,7 @@ the GPU. These run without one: planning checks come before any CUDA call."""
 import pytest
 import torch
 
-from fgcupy import SliceMask, SparseAttention, mask_kernels, reference_attention, sparse_attention
+from fgcupy import SliceMask, SparseAttention, mask_kernels, reference_attention, scoring, sparse_attention
 from fgcupy.attention import check_inputs, check_strides
 from fgcupy.jit import AttentionSpec
 from fgcupy.mask_reference import dilate_keys
@@ -136,3 +136,14 @@ def test_dilation_past_the_kernel_radius_runs_the_reference():
     got = mask_kernels.gpu_dilate(scores, radius, 150)
     assert got.dtype == torch.bfloat16
     assert torch.equal(got[:, :150], dilate_keys(scores[:, :150], radius))
+
+
+def test_selection_refuses_score_rows_it_cannot_rank():
+    """float16 rows hold logits (an LSE is needed), bfloat16 rows max-probability scores (none)."""
+    req = scoring.make_request(64, 64, 64, "topk", top_k=3)
+    with pytest.raises(TypeError, match=r"bfloat16 probabilities \(no lse\); got torch.bfloat16 with lse"):
+        mask_kernels.gpu_select(torch.zeros(1, 2, 64, dtype=torch.bfloat16), 64, req, lse=torch.zeros(1, 2))
+    with pytest.raises(TypeError, match="got torch.float16 without lse"):
+        mask_kernels.gpu_select(torch.zeros(1, 2, 64, dtype=torch.float16), 64, req)
+    with pytest.raises(TypeError, match="got torch.float64 without lse"):
+        mask_kernels.gpu_select(torch.zeros(1, 2, 64, dtype=torch.float64), 64, req)
