@@ -50,13 +50,20 @@ def revision_sources(rev: str, into: Path) -> Path:
     (for a copy of the tree without its git history: ``git archive REV cuda_src | tar -x -C DIR``
     beforehand, then pass DIR/cuda_src)."""
     if Path(rev).is_dir():
-        return Path(rev)
-    repo = Path(__file__).resolve().parent.parent
-    archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "cuda_src"], check=True,
-                             capture_output=True).stdout
-    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(into, filter="data")
-    return into / "cuda_src"
+        folder = Path(rev)
+    else:
+        repo = Path(__file__).resolve().parent.parent
+        archive = subprocess.run(["git", "-C", str(repo), "archive", rev, "cuda_src"], check=True,
+                                 capture_output=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(into, filter="data")
+        folder = into / "cuda_src"
+    if not (folder / "adaptive_rows.cu").exists():
+        # Earlier kernels write float32 max-probability scores into the bfloat16 rows the
+        # launchers allocate: past their end.
+        raise SystemExit(f"{rev}: kernels from before the bfloat16 score rows (no adaptive_rows.cu) do not fit "
+                         "today's launchers; compare them with that revision's own tools")
+    return folder
 
 
 def _alternate(variants: dict, fn, timer, rounds: int = ROUNDS) -> dict:
