@@ -61,22 +61,20 @@ __device__ __forceinline__ void window_maxima(const float* s, int j, int r, floa
   }
 }
 
-// Two bfloat16 packed in a word, as floats.
-__device__ __forceinline__ float lo_half(u32 w) { return __int_as_float(static_cast<int>(w << 16)); }
-__device__ __forceinline__ float hi_half(u32 w) { return __int_as_float(static_cast<int>(w & 0xffff0000u)); }
+// Eight bfloat16 of a 16-byte vector as floats.
+__device__ __forceinline__ void unpack8(const uint4& w, float* v) {
+  const u32 words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    v[2 * e] = bf16_t::to_float(static_cast<u16>(words[e]));
+    v[2 * e + 1] = bf16_t::to_float(static_cast<u16>(words[e] >> 16));
+  }
+}
 
 // kDilateRun bfloat16 at p (16-byte aligned) as floats.
 __device__ __forceinline__ void load_run(const u16* p, float (&v)[kDilateRun]) {
 #pragma unroll
-  for (int c = 0; c < kDilateRun / 8; ++c) {
-    const uint4 w = reinterpret_cast<const uint4*>(p)[c];
-    const u32 words[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      v[8 * c + 2 * e] = lo_half(words[e]);
-      v[8 * c + 2 * e + 1] = hi_half(words[e]);
-    }
-  }
+  for (int c = 0; c < kDilateRun / 8; ++c) unpack8(reinterpret_cast<const uint4*>(p)[c], v + 8 * c);
 }
 
 // A thread's part of keys t0 .. t0 + kDilateTile + r - 1 of `row`, as loaded (converted when
@@ -103,16 +101,11 @@ __device__ __forceinline__ TilePart load_tile_part(const u16* row, int t0, int r
 // as -inf.
 __device__ __forceinline__ void put_tile_part(float* s, const TilePart& t, int t0, int r, int kv_len) {
   const int j = threadIdx.x * kDilateRun;
+  float v[kDilateRun];
 #pragma unroll
-  for (int c = 0; c < kDilateRun / 8; ++c) {
-    const u32 words[4] = {t.raw[c].x, t.raw[c].y, t.raw[c].z, t.raw[c].w};
+  for (int c = 0; c < kDilateRun / 8; ++c) unpack8(t.raw[c], v + 8 * c);
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const int u = 8 * c + e;
-      const float v = e & 1 ? hi_half(words[e / 2]) : lo_half(words[e / 2]);
-      s[padded(r + j + u)] = t0 + j + u < kv_len ? v : FG_NEG_INF;
-    }
-  }
+  for (int u = 0; u < kDilateRun; ++u) s[padded(r + j + u)] = t0 + j + u < kv_len ? v[u] : FG_NEG_INF;
   const int halo_key = t0 + kDilateTile + threadIdx.x;
   if (static_cast<int>(threadIdx.x) < r) s[padded(r + kDilateTile + threadIdx.x)] = halo_key < kv_len ? bf16_t::to_float(t.halo) : FG_NEG_INF;
 }

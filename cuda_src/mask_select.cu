@@ -180,9 +180,8 @@ struct F32Scores {
   }
 };
 
-// 16-bit rows: H converts one score (fp16_t or bf16_t); ZERO_LOW_BITS order-key bits are zero in
-// every converted score's bits (a float16 is a float with 13 more mantissa bits zero, a
-// bfloat16 16).
+// 16-bit rows: H converts one score (fp16_t or bf16_t); the low ZERO_LOW_BITS bits of every
+// converted score are zero (a float16 is a float with 13 more mantissa bits zero, a bfloat16 16).
 template <class H, int ZERO_LOW_BITS>
 struct U16Scores {
   typedef u16 T;
