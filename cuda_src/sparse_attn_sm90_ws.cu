@@ -307,10 +307,10 @@ sparse_attn_fwd_sm90_ws(const __grid_constant__ AttnParams p) {
     issue_pv((ntiles - 1) % STAGES);
   }
   turn_pass();
-  if (ntiles > 0) {
-    wgmma_wait<0>();
-    wgmma_fence_operand(acc_o);
-  }
+  // Unconditional (a no-op with nothing committed): a wait under its own branch leaves ptxas a
+  // path from the product to the epilogue's reads of acc_o, where it injects a wait (C7517).
+  wgmma_wait<0>();
+  wgmma_fence_operand(acc_o);
   if constexpr (kPingPong) {
     if (c == 0) named_sync(kBarTurn0, 256);  // consumer 1's last pass
   }

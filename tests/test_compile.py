@@ -43,9 +43,9 @@ def test_wgmma_kernels_compile_for_sm90a_without_spills(spec):
     assert rep.spill_store_bytes == 0 and rep.spill_load_bytes == 0 and rep.stack_bytes == 0, rep.log
     assert rep.registers * spec.threads <= 65536
     assert spec.smem_bytes <= MAX_SMEM_BYTES_SM90
-    # No wgmma serialisation: ptxas says so (C7510, C7514, C7519) when registers move between
-    # wgmmas or are read while a wgmma may still write them.
-    assert "serialized" not in rep.log and not any(code in rep.log for code in ("C7510", "C7514", "C7519")), rep.log
+    # No wgmma serialisation and no waits injected: ptxas says so (C75xx) when registers move
+    # between wgmmas or are read on a path where a wgmma may still write them.
+    assert "serialized" not in rep.log and "C75" not in rep.log, rep.log
 
 
 def test_wgmma_kernels_need_sm90a():
