@@ -159,16 +159,35 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
         calibrate = cuda_time_ms(calibrating_block, **reps)["median_ms"]
     fd.remove(model)
 
-    schedule = fd.SparseAttentionConfig(dense_steps=args.dense_steps, refresh_every=args.refresh_every, **predictor)
+    # mask_from_warmup: the last warm-up step runs dense through fgcupy and makes the exact mask.
+    warmup_mask = stock
+    if args.mask_from_warmup:
+        handle = fd.apply(model, fd.SparseAttentionConfig(slice_m=args.slice_m, dense_steps=args.dense_steps,
+                                                          mask_from_warmup=True, **predictor))
+
+        def warmup_mask_block():
+            handle.reset()
+            handle.set_step(args.dense_steps - 1)
+            return run_block()
+
+        warmup_mask = cuda_time_ms(warmup_mask_block, **reps)["median_ms"]
+        assert handle.stats()["blocks.0.attn1"].refresh_steps == [args.dense_steps - 1] * (args.warmup + args.reps)
+        fd.remove(model)
+
+    schedule = fd.SparseAttentionConfig(dense_steps=args.dense_steps, refresh_every=args.refresh_every,
+                                        mask_from_warmup=args.mask_from_warmup, **predictor)
     n_dense, n_refresh, n_reuse = schedule_counts(schedule, args.steps)
     refresh_total = (calibrate + (n_refresh - 1) * refresh) if n_refresh else 0.0
-    amortised = (n_dense * stock + refresh_total + n_reuse * reuse) / args.steps
-    mask_share = (refresh_total - n_refresh * reuse) / args.steps / stock_attn  # per step, of stock attention
+    warmup_extra = warmup_mask - stock
+    amortised = (n_dense * stock + warmup_extra + refresh_total + n_reuse * reuse) / args.steps
+    # per step, of stock attention
+    mask_share = (warmup_extra + refresh_total - n_refresh * reuse) / args.steps / stock_attn
     # Later generations keep the calibrated poolings: every refresh is a plain one.
     later_share = n_refresh * (refresh - reuse) / args.steps / stock_attn
     row = dict(seq=seq, density=density, stock_block_ms=stock, stock_attention_ms=stock_attn,
                stock_attention_share=stock_attn / stock, fgcupy_reuse_block_ms=reuse,
                fgcupy_refresh_block_ms=refresh, refresh_overhead_ms=refresh - reuse, calibrating_refresh_block_ms=calibrate,
+               warmup_mask_block_ms=warmup_mask if args.mask_from_warmup else None,
                fgcupy_attention_ms=sparse_attn, fgcupy_attention_share=sparse_attn / reuse,
                schedule=dict(steps=args.steps, dense=n_dense, refresh=n_refresh, reuse=n_reuse),
                amortised_block_ms=amortised, speedup_steady=stock / reuse, speedup_amortised=stock / amortised,
@@ -177,7 +196,9 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
     print(f"seq {seq:6d}  density {density:.3f}  block: stock {stock:7.2f} ms (attention {stock_attn:7.2f} ms, "
           f"{100 * stock_attn / stock:4.1f} %) | fgcupy reuse {reuse:7.2f} ms (attention {sparse_attn:7.2f} ms, "
           f"{100 * sparse_attn / reuse:4.1f} %), refresh {refresh:7.2f} ms"
-          + (f" (calibrating {calibrate:7.2f} ms)" if calibrate != refresh else "") + f" | {args.steps}-step average "
+          + (f" (calibrating {calibrate:7.2f} ms)" if calibrate != refresh else "")
+          + (f", warm-up step making the exact mask {warmup_mask:7.2f} ms" if args.mask_from_warmup else "")
+          + f" | {args.steps}-step average "
           f"{amortised:7.2f} ms -> x{stock / amortised:.2f} (steady x{stock / reuse:.2f}); refresh cost per step "
           f"{100 * mask_share:.1f} % of stock attention"
           + (f" ({100 * later_share:.1f} % in later generations)" if calibrate != refresh else ""), flush=True)
@@ -243,6 +264,9 @@ def main(argv=None):
     parser.add_argument("--calibrate", action="store_true",
                         help="with --predictor topk: calibrate_pooling=True (a layer's first refresh picks per-head "
                              "poolings from sampled queries; the calibrating refresh is timed apart)")
+    parser.add_argument("--mask-from-warmup", action="store_true",
+                        help="mask_from_warmup=True: the last dense warm-up step makes the exact column-max mask "
+                             "the first sparse step uses (timed apart)")
     parser.add_argument("--slice-m", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50, help="schedule length the refresh cost is spread over")
     parser.add_argument("--dense-steps", type=int, default=5)
@@ -278,7 +302,8 @@ def main(argv=None):
 
     print("\n" + header)
     print(f"Wan 2.1 14B block (5120 hidden, 40x128 heads, FFN 13824, bf16), {args.steps}-step schedule: "
-          f"{args.dense_steps} dense warm-up steps, refresh every {args.refresh_every}")
+          f"{args.dense_steps} dense warm-up steps"
+          + (" (the last making exact masks)" if args.mask_from_warmup else "") + f", refresh every {args.refresh_every}")
     print("| tokens | density | stock block ms | attention share | fgcupy block ms (reuse / refresh) "
           "| attention share | avg over schedule ms | speedup (avg / steady) |")
     print("|---|---|---|---|---|---|---|---|")

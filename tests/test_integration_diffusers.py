@@ -335,6 +335,52 @@ def test_exact_schedule_refreshes_densely_with_column_max_masks():
     assert abs(expected.density() - 0.3) < 0.01
 
 
+@pytest.mark.parametrize("share_branches", [False, True])
+def test_mask_from_warmup_serves_the_first_sparse_step(share_branches):
+    """mask_from_warmup: the last warm-up step returns dense attention through fgcupy's path and
+    keeps the exact column-max mask of its LSE, which the first sparse step uses without
+    predicting; the schedule's later refreshes predict (guidance branches: one mask per branch,
+    or one in all with share_branches)."""
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    steps, branches = 5, 2
+    dense = [run_wan(model, latents, text, t=1000 - 100 * step) for step in range(steps)]
+    seen = []
+    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.3, slice_m=64, dense_steps=2, refresh_every=2,
+                                                      mask_from_warmup=True, share_branches=share_branches,
+                                                      attention_fn=_recording(seen)))
+    outs = [[run_wan(model, latents, text, t=1000 - 100 * step) for _ in range(branches)] for step in range(steps)]
+    stats = handle.stats()["blocks.0.attn1"]
+    made = 1 if share_branches else branches
+    # step 0: stock; step 1: the warm-up mask(s); steps 2, 3: that mask; step 4: the predictor.
+    assert stats.refresh_steps == [1] * made + [4] * made
+    assert (stats.dense_calls, stats.sparse_calls) == (2 * branches, 3 * branches)
+    assert all(relative_l2(out, dense[step]) < 1e-5 for step in (0, 1) for out in outs[step])
+    assert relative_l2(outs[2][0], dense[2]) > 1e-4  # sparse from step 2
+    q, k, full = seen[0]
+    assert full.density() == 1.0 and len(seen) == made + 3 * branches
+    lse = exact_lse(q.transpose(1, 2), k.transpose(1, 2))
+    expected = fgcupy.predict_mask(q.transpose(1, 2), k.transpose(1, 2), 64, method="colmax", lse=lse, rule="topk",
+                                   density=0.3)
+    first_sparse = seen[made]
+    assert torch.equal(first_sparse[2].to_dense(), expected.to_dense())
+    assert seen[made + branches][2] is first_sparse[2]  # step 3 reuses it
+    assert seen[made + 2 * branches][2] is not first_sparse[2]  # step 4 predicts
+    assert handle.cache.predictions == 2 * made
+
+
+def test_mask_from_warmup_in_the_schedule_counts():
+    cfg = fd.SparseAttentionConfig(dense_steps=5, refresh_every=5, mask_from_warmup=True)
+    assert [s for s in range(20) if cfg.is_refresh_step(s)] == [10, 15]
+    assert fd.SparseAttentionConfig(dense_steps=5, refresh_every=5).is_refresh_step(5)
+    # The exact mask takes the predictor's selection, not its scoring options.
+    kwargs = {"pool": 32, "exact_band": 64, "min_keys": 4, "local": 0}
+    assert fd.SparseAttentionConfig(dense_steps=1, mask_from_warmup=True, predictor_kwargs=kwargs
+                                    ).exact_arguments() == {"rule": "topk", "density": 0.1, "min_keys": 4, "local": 0}
+    assert fd.SparseAttentionConfig(predictor="tau", tau=0.8).exact_arguments() == {"rule": "tau", "tau": 0.8}
+    assert fd.SparseAttentionConfig(predictor="colmax", tau=0.8).exact_arguments() == {"rule": "tau", "tau": 0.8}
+
+
 def test_calibrated_schedule_chooses_poolings_once_per_layer():
     """calibrate_pooling: the first refresh picks per-head poolings from sampled queries (no
     dense call) and uses their mask; later refreshes predict with them."""
@@ -647,6 +693,12 @@ def test_config_schedule():
     (dict(predictor="colmax", find_diagonals=2), ValueError, r"moves the exact band of the mean-query predictors"),
     (dict(find_diagonals=2, process_group=object()), ValueError, r"find_diagonals needs each layer"),
     (dict(find_diagonals=2, predictor_kwargs={"diagonals": (300,)}), ValueError, r"may not set them"),
+    (dict(mask_from_warmup=True), ValueError, r"mask_from_warmup .* needs dense_steps >= 1, got 0"),
+    (dict(mask_from_warmup=1, dense_steps=1), TypeError, r"mask_from_warmup must be a bool"),
+    (dict(mask_from_warmup=True, dense_steps=1, predictor=lambda q, k, slice_m: None), ValueError,
+     r"a callable predictor has none"),
+    (dict(mask_from_warmup=True, dense_steps=1, process_group=object()), ValueError,
+     r"mask_from_warmup needs each layer's full-sequence LSE"),
     (dict(refresh_on_drift=0.0), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
     (dict(refresh_on_drift=2.5), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
     (dict(refresh_on_drift=True), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),

@@ -177,6 +177,24 @@ def test_exact_schedule_on_the_kernel():
     assert abs(handle.mask("blocks.0.attn1").density() - 0.3) < 0.02
 
 
+def test_mask_from_warmup_on_the_kernel():
+    """mask_from_warmup on CUDA: the last warm-up step runs dense through the kernel (bf16 noise
+    from stock) and its exact column-max mask, the same as predict_mask's from that step's LSE,
+    serves the first sparse step; the trajectory stays near dense."""
+    _, model = bf16_pair(tiny_wan(head_dim=128))
+    latents, text = wan_inputs(frames=3, size=32, device=CUDA)
+    dense = wan_trajectory(model, latents, text, 5)
+    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.3, dense_steps=2, refresh_every=2,
+                                                      mask_from_warmup=True))
+    ours = wan_trajectory(model, latents, text, 5)
+    assert relative_l2(ours[1], dense[1]) < 2e-2  # the warm-up mask's step: dense through the kernel
+    for step, (o, d) in enumerate(zip(ours, dense)):
+        assert relative_l2(o, d) < 5e-2, step
+    stats = handle.stats()
+    assert all(s.refresh_steps == [1, 4] and s.dense_calls == 2 and s.sparse_calls == 3 for s in stats.values())
+    assert abs(handle.mask("blocks.0.attn1").density() - 0.3) < 0.02
+
+
 def test_calibrated_schedule_on_the_kernel():
     """calibrate_pooling on CUDA: the first refresh picks the poolings from sampled queries, they
     drive later refreshes, and the trajectory stays near dense."""

@@ -22,6 +22,8 @@ fgcupy's ``MaskCache`` (one entry per layer and guidance branch): masks are pred
 steps and reused in between; warm-up steps and chosen layers run dense through the stock processor.
 With ``predictor="colmax"`` (the exact schedule) a refresh call runs dense attention through
 fgcupy's kernel, returns that exact output, and keeps the exact column-max mask its LSE gives.
+With ``mask_from_warmup`` the last warm-up step does the same (its output is dense anyway), and its
+exact mask serves the first sparse step; later refreshes use the predictor.
 With ``refresh_on_drift`` a layer also refreshes on a step where the block means of its queries or
 keys moved past the threshold since its mask was made (one host synchronisation per layer).
 
@@ -242,6 +244,15 @@ class SparseAttentionHandle:
     def is_dense(self, layer: _Layer) -> bool:
         return layer.dense or self.cache.action(self.step) == "dense"
 
+    def makes_warmup_mask(self, layer: _Layer) -> bool:
+        """With mask_from_warmup: whether this call, on the last warm-up step, is to run dense
+        through fgcupy and keep the exact mask of its LSE (once per step with shared branches)."""
+        cfg = self.config
+        if not cfg.mask_from_warmup or layer.dense or self.step != cfg.dense_steps - 1:
+            return False
+        entry = (layer.name, self._slot_branch())
+        return not (entry in self.cache and self.cache.step_of(entry) == cfg.dense_steps)
+
     def key_padding(self, attention_mask: torch.Tensor, batch: int, kv_len: int):
         """(key_valid [B, KV] bool or None when every key is valid, version). The first layer of a
         transformer call that sees a new mask copies it to the host once; later layers of the call
@@ -281,8 +292,10 @@ class SparseAttentionHandle:
         drift = torch.maximum(means_drift(slot.means[0], means[0]), means_drift(slot.means[1], means[1]))
         return bool(drift.item() > self.config.refresh_on_drift)
 
-    def _store(self, layer: _Layer, entry: tuple, slot: _Slot, mask: SliceMask, key: tuple, key_version: int):
-        self.cache.put(entry, mask, self.step)
+    def _store(self, layer: _Layer, entry: tuple, slot: _Slot, mask: SliceMask, key: tuple, key_version: int,
+               serves_step: int | None = None):
+        """Cache ``mask`` as the one made for ``serves_step`` (default: this step)."""
+        self.cache.put(entry, mask, self.step if serves_step is None else serves_step)
         self.cache.record_prediction()
         slot.key, slot.key_version = key, key_version
         layer.stats.refresh_steps.append(self.step)
@@ -295,7 +308,8 @@ class SparseAttentionHandle:
         entry = (layer.name, branch)
         slot = layer.slots.setdefault(branch, _Slot())
         key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
-        scheduled = self._needs_refresh(entry, slot, key, key_version)
+        warmup = self.cache.action(self.step) == "dense"  # routed here by makes_warmup_mask
+        scheduled = warmup or self._needs_refresh(entry, slot, key, key_version)
         # Drift is judged on the branch that makes the slot's masks (the first, with shared branches).
         means = self._block_means(q, k) if branch == self.branch else None
         drifted = (not scheduled and means is not None and self.cache.step_of(entry) != self.step
@@ -306,13 +320,15 @@ class SparseAttentionHandle:
             if means is not None:
                 slot.means = means
             poolings = layer.poolings.get((branch, key))
-            calibrating = cfg.calibrate_pooling and poolings is None
-            dense_out, lse = self._dense_call(q, k, v, key_valid) if cfg.exact else (None, None)
+            calibrating = cfg.calibrate_pooling and poolings is None and not warmup
+            dense_out, lse = self._dense_call(q, k, v, key_valid) if cfg.exact or warmup else (None, None)
             if calibrating:  # from sampled queries: no dense step
                 calibration = calibrate(q.transpose(1, 2), k.transpose(1, 2), None, cfg.slice_m,
                                         method=cfg.predictor, **cfg.predictor_arguments())
                 layer.poolings[(branch, key)], mask = calibration.poolings, calibration.mask
                 layer.stats.calibrations += 1
+            elif warmup:
+                mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), lse)
             else:
                 diagonals = self._diagonals(layer, (branch, key), q, k)
                 mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), lse, poolings, diagonals)
@@ -321,7 +337,8 @@ class SparseAttentionHandle:
             if cfg.attention_fn is None:
                 slot.plan = (slot.plan or SparseAttention()).plan(mask, head_dim=q.shape[-1], dtype=q.dtype)
                 mask = slot.plan.mask  # the cache holds the plan's own mask: no second copy
-            self._store(layer, entry, slot, mask, key, key_version)
+            # The warm-up's mask is the first sparse step's: that step need not predict.
+            self._store(layer, entry, slot, mask, key, key_version, cfg.dense_steps if warmup else None)
             if dense_out is not None:
                 layer.stats.dense_calls += 1
                 return dense_out
@@ -392,7 +409,7 @@ class SparseAttentionHandle:
         if callable(cfg.predictor):
             mask = cfg.predictor(q, k, slice_m=cfg.slice_m)
         elif lse is not None:
-            mask = _predict_mask()(q, k, slice_m=cfg.slice_m, method="colmax", lse=lse, **cfg.predictor_arguments())
+            mask = _predict_mask()(q, k, slice_m=cfg.slice_m, method="colmax", lse=lse, **cfg.exact_arguments())
         else:
             extra = {} if poolings is None else {"pooling": poolings}
             if diagonals:

@@ -18,6 +18,8 @@ _METHOD_PARAMETER = {"topk": "density", "tau": "tau", "threshold": "threshold"}
 EXACT_PREDICTOR = "colmax"
 _RULE_OF_PARAMETER = {parameter: method for method, parameter in _METHOD_PARAMETER.items()}
 DEFAULT_DENSITY = 0.1
+#: predict_mask options that shape the selection (and so apply to an exact column-max mask too).
+_SELECTION_OPTIONS = ("top_k", "min_keys", "max_keys", "local")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,14 @@ class SparseAttentionConfig:
         Each diagonal costs about one exact band per refresh; the offsets are shared by a
         layer's heads (README "Mask quality" has what they gain and lose per head family).
         0: off.
+    mask_from_warmup: the last of the ``dense_steps`` warm-up steps runs its dense attention
+        through fgcupy's kernel (the same exact output) and keeps its row LSE, and each layer's
+        first mask is the exact column max of that step (FG-Attn's schedule), selected by the
+        predictor's density / tau / threshold (and the selection options of ``predictor_kwargs``:
+        top_k, min_keys, max_keys, local). It serves the first sparse step, which then needs no
+        prediction; later refreshes follow the schedule with the predictor. Costs one column-max
+        pass per layer and generation (about half a dense attention on an H200). Needs
+        dense_steps >= 1 and a named predictor.
     refresh_on_drift: also re-predict a layer's mask on a step where its queries or keys moved
         by more than this since the mask was made (``fgcupy.cache.means_drift`` of their block
         means, in (0, 2]; costs one host sync per layer and sparse step). None: schedule only.
@@ -80,6 +90,7 @@ class SparseAttentionConfig:
     refresh_every: int = 5
     refresh_steps: tuple[int, ...] | None = None
     refresh_on_drift: float | None = None
+    mask_from_warmup: bool = False
     calibrate_pooling: bool = False
     find_diagonals: int = 0
     share_branches: bool = False
@@ -140,6 +151,8 @@ class SparseAttentionConfig:
                                  "with process_group")
             if isinstance(self.predictor_kwargs, dict) and "diagonals" in self.predictor_kwargs:
                 raise ValueError("find_diagonals finds the diagonals: predictor_kwargs may not set them")
+        if self.mask_from_warmup:
+            self._check_mask_from_warmup()
         if self.refresh_on_drift is not None:
             if isinstance(self.refresh_on_drift, bool) or not isinstance(self.refresh_on_drift, (int, float)) \
                     or not 0.0 < self.refresh_on_drift <= 2.0:
@@ -187,6 +200,19 @@ class SparseAttentionConfig:
             raise ValueError(f"predictor={EXACT_PREDICTOR!r} needs each layer's full-sequence LSE on one device: not "
                              f"with process_group (sequence parallel); use a predicted mask there")
 
+    def _check_mask_from_warmup(self) -> None:
+        if not isinstance(self.mask_from_warmup, bool):
+            raise TypeError(f"mask_from_warmup must be a bool, got {self.mask_from_warmup!r}")
+        if self.dense_steps < 1:
+            raise ValueError("mask_from_warmup makes the first mask on the last dense warm-up step: it needs "
+                             f"dense_steps >= 1, got {self.dense_steps}")
+        if not isinstance(self.predictor, str):
+            raise ValueError("mask_from_warmup selects the exact mask by the predictor's density / tau / threshold: "
+                             "a callable predictor has none; give a named predictor")
+        if self.process_group is not None:
+            raise ValueError("mask_from_warmup needs each layer's full-sequence LSE on one device: not with "
+                             "process_group (sequence parallel)")
+
     def _check_predictor_arguments(self) -> None:
         """Refuse now what predict_mask would refuse at the first sparse step."""
         import inspect
@@ -214,7 +240,10 @@ class SparseAttentionConfig:
         return self.mask_cache().action(step) == "dense"
 
     def is_refresh_step(self, step: int) -> bool:
-        """Whether the schedule predicts new masks on ``step`` (a layer with no mask yet always does)."""
+        """Whether the schedule predicts new masks on ``step`` (a layer with no mask yet always does;
+        with mask_from_warmup the first sparse step has the warm-up's mask)."""
+        if self.mask_from_warmup and step == self.dense_steps:
+            return False
         return self.mask_cache().action(step) == "refresh"
 
     def predictor_arguments(self) -> dict:
@@ -233,6 +262,18 @@ class SparseAttentionConfig:
             if getattr(self, name) is not None:
                 args[name] = getattr(self, name)
         args.update(self.predictor_kwargs)
+        return args
+
+    def exact_arguments(self) -> dict:
+        """predict_mask's keyword arguments for an exact column-max mask (method "colmax"): the
+        rule of the predictor's own parameter and the selection options of predictor_kwargs."""
+        if self.exact:
+            return self.predictor_arguments()
+        name = _METHOD_PARAMETER[self.predictor]
+        args = {"rule": self.predictor}
+        if getattr(self, name) is not None:
+            args[name] = getattr(self, name)
+        args.update({key: value for key, value in self.predictor_kwargs.items() if key in _SELECTION_OPTIONS})
         return args
 
 

@@ -55,6 +55,8 @@ class _Processor:
             layer.stats.record_stock(reason)
             return "stock"
         if handle.is_dense(layer):
+            if handle.makes_warmup_mask(layer) and handle.device_ok(layer, device):
+                return "sparse"  # handle.attend runs it dense and keeps the exact mask
             layer.stats.dense_calls += 1
             return "dense"
         if not handle.device_ok(layer, device):
