@@ -159,53 +159,43 @@ def test_cpu_model_on_a_gpu_machine_is_a_clear_error():
             model(latents, torch.tensor([500]), text)
 
 
+def run_schedule(**config):
+    """(handle, our trajectory, the stock one) of five steps of a tiny bf16 Wan under ``config``;
+    every step stays near dense."""
+    _, model = bf16_pair(tiny_wan(head_dim=128))
+    latents, text = wan_inputs(frames=3, size=32, device=CUDA)
+    dense = wan_trajectory(model, latents, text, 5)
+    handle = fd.apply(model, fd.SparseAttentionConfig(**config))
+    ours = wan_trajectory(model, latents, text, 5)
+    for step, (o, d) in enumerate(zip(ours, dense)):
+        assert relative_l2(o, d) < 5e-2, step
+    return handle, ours, dense
+
+
 def test_exact_schedule_on_the_kernel():
     """predictor="colmax" on CUDA: each refresh step runs dense attention through the kernel (its
     output matches the stock trajectory to bf16 noise) and keeps the exact column-max mask; the
     sparse steps between stay near dense."""
-    _, model = bf16_pair(tiny_wan(head_dim=128))
-    latents, text = wan_inputs(frames=3, size=32, device=CUDA)
-    dense = wan_trajectory(model, latents, text, 5)
-    handle = fd.apply(model, fd.SparseAttentionConfig(predictor="colmax", density=0.3, dense_steps=1,
-                                                      refresh_every=2))
-    ours = wan_trajectory(model, latents, text, 5)
+    handle, ours, dense = run_schedule(predictor="colmax", density=0.3, dense_steps=1, refresh_every=2)
     assert relative_l2(ours[1], dense[1]) < 2e-2  # refresh: dense through the kernel
-    for step, (o, d) in enumerate(zip(ours, dense)):
-        assert relative_l2(o, d) < 5e-2, step
-    stats = handle.stats()
-    assert all(s.refresh_steps == [1, 3] for s in stats.values())
+    assert all(s.refresh_steps == [1, 3] for s in handle.stats().values())
     assert abs(handle.mask("blocks.0.attn1").density() - 0.3) < 0.02
 
 
 def test_mask_from_warmup_on_the_kernel():
     """mask_from_warmup on CUDA: the last warm-up step runs dense through the kernel (bf16 noise
-    from stock) and its exact column-max mask, the same as predict_mask's from that step's LSE,
-    serves the first sparse step; the trajectory stays near dense."""
-    _, model = bf16_pair(tiny_wan(head_dim=128))
-    latents, text = wan_inputs(frames=3, size=32, device=CUDA)
-    dense = wan_trajectory(model, latents, text, 5)
-    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.3, dense_steps=2, refresh_every=2,
-                                                      mask_from_warmup=True))
-    ours = wan_trajectory(model, latents, text, 5)
+    from stock) and makes the mask of the first sparse steps; the predictor refreshes after."""
+    handle, ours, dense = run_schedule(density=0.3, dense_steps=2, refresh_every=2, mask_from_warmup=True)
     assert relative_l2(ours[1], dense[1]) < 2e-2  # the warm-up mask's step: dense through the kernel
-    for step, (o, d) in enumerate(zip(ours, dense)):
-        assert relative_l2(o, d) < 5e-2, step
-    stats = handle.stats()
-    assert all(s.refresh_steps == [1, 4] and s.dense_calls == 2 and s.sparse_calls == 3 for s in stats.values())
+    stats = handle.stats().values()
+    assert all(s.refresh_steps == [1, 4] and s.dense_calls == 2 and s.sparse_calls == 3 for s in stats)
     assert abs(handle.mask("blocks.0.attn1").density() - 0.3) < 0.02
 
 
 def test_calibrated_schedule_on_the_kernel():
     """calibrate_pooling on CUDA: the first refresh picks the poolings from sampled queries, they
     drive later refreshes, and the trajectory stays near dense."""
-    _, model = bf16_pair(tiny_wan(head_dim=128))
-    latents, text = wan_inputs(frames=3, size=32, device=CUDA)
-    dense = wan_trajectory(model, latents, text, 5)
-    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.3, dense_steps=1, refresh_every=2,
-                                                      calibrate_pooling=True))
-    ours = wan_trajectory(model, latents, text, 5)
-    for step, (o, d) in enumerate(zip(ours, dense)):
-        assert relative_l2(o, d) < 5e-2, step
+    handle, _, _ = run_schedule(density=0.3, dense_steps=1, refresh_every=2, calibrate_pooling=True)
     stats = handle.stats()
     assert all(s.refresh_steps == [1, 3] and s.dense_calls == 1 and s.calibrations == 1 for s in stats.values())
     poolings = next(iter(handle.layers["blocks.0.attn1"].poolings.values()))

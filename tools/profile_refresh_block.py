@@ -26,6 +26,19 @@ def kernel_times(prof) -> tuple:
     return times, launches
 
 
+def block_caller(model, run_block, every: int):
+    """fgcupy applied to ``model`` (top-k 0.1) and a call of its block that refreshes the mask
+    every ``every`` steps (1: every call; a huge value: the mask of the first call reused)."""
+    handle = fd.apply(model, fd.SparseAttentionConfig(refresh_every=every, predictor="topk", density=0.1))
+    steps = iter(range(10**9))
+
+    def call():
+        handle.set_step(next(steps) if every == 1 else 1)
+        run_block()
+
+    return call
+
+
 def main() -> None:
     seq = int(sys.argv[1]) if len(sys.argv) > 1 else 32_760
     model = build_wan(1)
@@ -33,13 +46,7 @@ def main() -> None:
     print(torch.cuda.get_device_name(), "| tokens", seq)
     measured = {}
     for name, every in (("reuse", 10**9), ("refresh", 1)):
-        handle = fd.apply(model, fd.SparseAttentionConfig(refresh_every=every, predictor="topk", density=0.1))
-        steps = iter(range(10**9))
-
-        def call():
-            handle.set_step(next(steps) if every == 1 else 1)
-            run_block()
-
+        call = block_caller(model, run_block, every)
         for _ in range(CALLS):
             call()
         torch.cuda.synchronize()

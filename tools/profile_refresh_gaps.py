@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fgcupy.integrations.diffusers as fd
 from bench.bench_e2e import block_call, build_wan
+from tools.profile_refresh_block import block_caller
 
 GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 BLOCKING = ("Synchronize", "Malloc", "Free", "Memcpy", "HostAlloc")
@@ -22,13 +23,7 @@ BLOCKING = ("Synchronize", "Malloc", "Free", "Memcpy", "HostAlloc")
 
 def timeline(run_block, model, every: int) -> list:
     """GPU events (chrome-trace dicts, in start order) and blocking host calls of one block call."""
-    handle = fd.apply(model, fd.SparseAttentionConfig(refresh_every=every, predictor="topk", density=0.1))
-    steps = iter(range(10**9))
-
-    def call():
-        handle.set_step(next(steps) if every == 1 else 1)
-        run_block()
-
+    call = block_caller(model, run_block, every)
     for _ in range(3):
         call()
     torch.cuda.synchronize()
