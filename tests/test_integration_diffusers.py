@@ -472,6 +472,21 @@ def test_exact_schedule_with_text_padding():
         assert not handle.mask(name).to_dense()[..., -3:].any()
 
 
+def test_mask_from_warmup_with_text_padding():
+    """HunyuanVideo: the warm-up step that makes the mask drops the padded text keys from its
+    dense call (its output is the stock one) and from the mask it keeps."""
+    model = tiny_hunyuan()
+    inputs = hunyuan_inputs(valid_text=9)
+    expected = run_hunyuan(model, inputs)
+    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.5, slice_m=64, dense_steps=1, mask_from_warmup=True,
+                                                      attention_fn=reference_attention_fn))
+    out = run_hunyuan(model, inputs)
+    assert relative_l2(out, expected) < 1e-5
+    for name, stats in handle.stats().items():
+        assert stats.dense_calls == 1 and stats.refresh_steps == [0]
+        assert not handle.mask(name).to_dense()[..., -3:].any()
+
+
 def test_step_tracking_from_timesteps():
     model = tiny_wan(layers=1)
     handle = fd.apply(model, cpu_config())
