@@ -458,28 +458,17 @@ def test_calibration_is_kept_across_generations_until_asked_again():
     assert generation(latents[:, :, :2]) == 1 and len(layer.poolings) == 2  # fewer frames: chosen for them
 
 
-def test_exact_schedule_with_text_padding():
-    """HunyuanVideo: the dense refresh call drops the padded text keys, like the stock processor."""
+@pytest.mark.parametrize("schedule", [dict(predictor="colmax"), dict(dense_steps=1, mask_from_warmup=True)],
+                         ids=["exact", "mask_from_warmup"])
+def test_dense_call_making_the_mask_with_text_padding(schedule):
+    """HunyuanVideo: the dense call that makes an exact mask (the exact schedule's refresh, or the
+    last warm-up step with mask_from_warmup) drops the padded text keys like the stock processor,
+    and so does the mask it keeps."""
     model = tiny_hunyuan()
     inputs = hunyuan_inputs(valid_text=9)
     expected = run_hunyuan(model, inputs)
-    handle = fd.apply(model, fd.SparseAttentionConfig(predictor="colmax", density=0.5, slice_m=64,
-                                                      attention_fn=reference_attention_fn))
-    out = run_hunyuan(model, inputs)
-    assert relative_l2(out, expected) < 1e-5
-    for name, stats in handle.stats().items():
-        assert stats.dense_calls == 1 and stats.refresh_steps == [0]
-        assert not handle.mask(name).to_dense()[..., -3:].any()
-
-
-def test_mask_from_warmup_with_text_padding():
-    """HunyuanVideo: the warm-up step that makes the mask drops the padded text keys from its
-    dense call (its output is the stock one) and from the mask it keeps."""
-    model = tiny_hunyuan()
-    inputs = hunyuan_inputs(valid_text=9)
-    expected = run_hunyuan(model, inputs)
-    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.5, slice_m=64, dense_steps=1, mask_from_warmup=True,
-                                                      attention_fn=reference_attention_fn))
+    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.5, slice_m=64, attention_fn=reference_attention_fn,
+                                                      **schedule))
     out = run_hunyuan(model, inputs)
     assert relative_l2(out, expected) < 1e-5
     for name, stats in handle.stats().items():
