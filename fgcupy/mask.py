@@ -37,6 +37,10 @@ def num_blocks(length: int, slice_m: int) -> int:
     return (length + slice_m - 1) // slice_m
 
 
+#: Full masks of at most this many slices are built on the host (SliceMask.full).
+HOST_BUILT_FULL_MASK = 1 << 20
+
+
 @dataclass(frozen=True)
 class SliceMask:
     indptr: torch.Tensor
@@ -172,9 +176,13 @@ class SliceMask:
         rows = batch * heads * q_blocks
         if rows * kv_len > torch.iinfo(torch.int32).max:
             raise ValueError(f"{rows} rows x {kv_len} keys exceed int32 offsets")
-        indices = torch.arange(kv_len, dtype=torch.int32, device=device).repeat(rows)  # sorted already
-        flat = torch.arange(rows + 1, dtype=torch.int32, device=device) * kv_len
-        return cls(indptr_from_offsets(flat, batch, heads, q_blocks), indices, slice_m, q_len, kv_len)
+        # Small masks are built on the host and copied in one transfer: in a new process each
+        # first use of a torch CUDA operation loads its kernels (milliseconds apiece).
+        build = "cpu" if rows * kv_len <= HOST_BUILT_FULL_MASK else device
+        indices = torch.arange(kv_len, dtype=torch.int32, device=build).repeat(rows)  # sorted already
+        flat = torch.arange(rows + 1, dtype=torch.int32, device=build) * kv_len
+        indptr = indptr_from_offsets(flat, batch, heads, q_blocks)
+        return cls(indptr.to(device), indices.to(device), slice_m, q_len, kv_len)
 
     # ---- views ----
     def flat_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
