@@ -267,14 +267,11 @@ class SparseAttentionConfig:
     def exact_arguments(self) -> dict:
         """predict_mask's keyword arguments for an exact column-max mask (method "colmax"): the
         rule of the predictor's own parameter and the selection options of predictor_kwargs."""
+        args = self.predictor_arguments()
         if self.exact:
-            return self.predictor_arguments()
-        name = _METHOD_PARAMETER[self.predictor]
-        args = {"rule": self.predictor}
-        if getattr(self, name) is not None:
-            args[name] = getattr(self, name)
-        args.update({key: value for key, value in self.predictor_kwargs.items() if key in _SELECTION_OPTIONS})
-        return args
+            return args
+        kept = (_METHOD_PARAMETER[self.predictor], *_SELECTION_OPTIONS)
+        return {"rule": self.predictor, **{key: value for key, value in args.items() if key in kept}}
 
 
 def _int_tuple(values, what: str) -> tuple[int, ...]:
