@@ -1,6 +1,6 @@
 """Time of the first sparse_attention of a new process, cold (empty kernel cache) and warm.
 
-    python -m bench.first_call            (GPU; spawns fresh processes, prints both and a profile)
+    python -m bench.first_call [--cold N] [--warm N]   (GPU; fresh processes; prints both and a profile)
 
 Each measurement is a new Python process that imports torch (not counted: a model has it
 already), then times ``import fgcupy`` plus the first ``sparse_attention`` call until its
@@ -87,7 +87,15 @@ def summary(cold: list, warm: list) -> str:
 
 
 def main() -> None:
-    cold, warm = measure()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cold", type=int, default=2, help="cold processes (each with fresh caches)")
+    parser.add_argument("--warm", type=int, default=3, help="warm processes (reusing the first cold one's caches)")
+    args = parser.parse_args()
+    if args.cold < 1 or args.warm < 0:
+        parser.error("--cold must be >= 1 and --warm >= 0")
+    cold, warm = measure(args.cold, args.warm)
     warm_profile = run_child(cold[0]["cache"], cold[0]["tuned"], profile=True)
     cold_profile = run_child(*_fresh_dirs(), profile=True)
     print(summary(cold, warm))

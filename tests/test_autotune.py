@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fgcupy.jit import nvrtc
 from fgcupy import SliceMask, SparseAttention, autotune
 from fgcupy.jit import AttentionSpec, KernelCompileError, all_attention_specs
 from fgcupy.jit.report import PtxasReport
@@ -136,9 +137,9 @@ def test_fit_skips_what_does_not_compile_or_fit():
     assert autotune.check_fit(small, H100, unreadable).reason.startswith("no ptxas report")
 
 
-def test_fit_without_nvrtc_bindings_judges_shared_memory_from_the_spec():
+def test_fit_without_libnvrtc_judges_shared_memory_from_the_spec():
     def missing(spec, arch):
-        raise ModuleNotFoundError("No module named 'cuda.bindings'")
+        raise nvrtc.NvrtcUnavailable("libnvrtc (CUDA 13) not found")
 
     big = AttentionSpec("bfloat16", 128, 128, 128, 2)
     assert autotune.check_fit(big, H100, missing).reason is None
@@ -147,7 +148,8 @@ def test_fit_without_nvrtc_bindings_judges_shared_memory_from_the_spec():
 
 
 def test_fit_uses_the_real_ptxas_report_for_the_device_arch():
-    pytest.importorskip("cuda.bindings.nvrtc")
+    if not nvrtc.available():
+        pytest.skip("no libnvrtc to compile with")
     default = autotune.heuristic_spec("bfloat16", 128, 128)  # the mma.sync kernel: any arch
     fit = autotune.check_fit(default, H100)
     assert fit.reason is None and 0 < fit.registers <= 255 and fit.spill_bytes == 0

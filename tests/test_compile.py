@@ -4,12 +4,12 @@ options the runtime path uses, and ptxas' report shows no spills and shared memo
 import pytest
 
 from fgcupy.jit import (AttentionSpec, KernelCompileError, Sm90WsAttentionSpec, all_attention_specs, all_sm90_specs,
-                        all_sm90_ws_specs)
+                        all_sm90_ws_specs, nvrtc, source)
 from fgcupy.jit import report as report_mod
-from fgcupy.jit import source
 from fgcupy.jit.spec import MAX_SMEM_BYTES_SM80, MAX_SMEM_BYTES_SM90
 
-pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (test extra) provides NVRTC bindings")
+if not nvrtc.available():
+    pytest.skip("no libnvrtc (nvidia-cuda-nvrtc) to compile with", allow_module_level=True)
 
 SPECS = all_attention_specs()
 

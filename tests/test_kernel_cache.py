@@ -4,6 +4,7 @@ import logging
 
 import pytest
 
+from fgcupy.jit import nvrtc
 from fgcupy.jit import AttentionSpec, driver, kernel_cache
 from fgcupy.jit.compile import compile_cubin
 
@@ -89,14 +90,14 @@ def test_a_cold_load_compiles_once_then_loads_from_disk(fresh_runtime, monkeypat
     assert compiles == ["sm_80"] and second.function.args[0] == first.function.args[0]
 
 
-def test_without_nvrtc_bindings_or_a_driver_library_cupy_takes_over(fresh_runtime, monkeypatch):
+def test_without_libnvrtc_or_a_driver_library_cupy_takes_over(fresh_runtime, monkeypatch):
     runtime = fresh_runtime
     monkeypatch.setattr(runtime, "_load_with_cupy", lambda spec, index: ("cupy", spec.name, index))
 
-    def no_bindings(spec, arch):
-        raise ImportError("no cuda.bindings")
+    def no_nvrtc(spec, arch):
+        raise nvrtc.NvrtcUnavailable("libnvrtc (CUDA 13) not found")
 
-    monkeypatch.setattr(runtime, "compile_cubin", no_bindings)
+    monkeypatch.setattr(runtime, "compile_cubin", no_nvrtc)
     assert runtime._load(SPEC, 1) == ("cupy", SPEC.name, 1)
     monkeypatch.setattr(runtime, "compile_cubin", compile_cubin)
     monkeypatch.setattr(runtime.driver, "available", lambda: False)

@@ -5,6 +5,7 @@ budget for the launch shape the spec declares."""
 import pytest
 import torch
 
+from fgcupy.jit import nvrtc
 from fgcupy.jit import report as report_mod
 from fgcupy import mask_kernels
 from fgcupy.jit.score_spec import (
@@ -13,7 +14,8 @@ from fgcupy.jit.score_spec import (
 )
 from fgcupy.jit.spec import MAX_SMEM_BYTES_SM90_PER_SM
 
-pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (test extra) provides NVRTC bindings")
+if not nvrtc.available():
+    pytest.skip("no libnvrtc (nvidia-cuda-nvrtc) to compile with", allow_module_level=True)
 
 SPECS = all_mask_specs()
 SM80_SMEM = 163 * 1024

@@ -49,7 +49,7 @@ def check_fit(spec: AttentionSpec, info: DeviceInfo, compiler=None) -> Fit:
         first = next((line for line in err.nvrtc_log.splitlines() if "error" in line), "see log")
         return Fit(None, spec.smem_bytes, None, f"compile failed: {first.strip()[:80]}")
     except ImportError:
-        # No NVRTC bindings (cuda-bindings is a test extra): judge shared memory from the spec;
+        # No libnvrtc: judge shared memory from the spec;
         # the runtime compile in the measurement catches what does not build.
         rep = None
     except Exception as err:  # noqa: BLE001 - an unreadable report skips the candidate, not the tune

@@ -1,10 +1,10 @@
 """Kernels ready to launch: one per (spec, device) in this process.
 
 A kernel comes from this process's table, else from the disk cache (``kernel_cache``), else from
-NVRTC through cuda.bindings (then written to the disk cache); it is loaded and launched by the
-CUDA driver through ctypes (``driver``), so a process whose kernels are cached imports no CUDA
-Python package. Where cuda.bindings or libcuda is missing, cupy.RawModule compiles, caches
-(CUPY_CACHE_DIR) and launches instead.
+NVRTC (``nvrtc``: libnvrtc through ctypes; then written to the disk cache); it is loaded and
+launched by the CUDA driver through ctypes (``driver``), so a process whose kernels are cached
+imports no CUDA Python package and loads no compiler. Where libnvrtc or libcuda is missing,
+cupy.RawModule compiles, caches (CUPY_CACHE_DIR) and launches instead.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ class DriverKernel:
 
 
 class CupyKernel:
-    """A cupy.RawKernel (the path without cuda.bindings); launches on torch's current stream."""
+    """A cupy.RawKernel (the path without libnvrtc or libcuda); launches on torch's current stream."""
 
     def __init__(self, raw):
         self.raw = raw

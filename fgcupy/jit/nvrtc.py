@@ -1,0 +1,163 @@
+"""libnvrtc through ctypes: the few NVRTC calls that turn a kernel's source into a cubin.
+
+A Python binding package costs a cold process tens of milliseconds to import and to search for
+the library; the pip wheel ``nvidia-cuda-nvrtc`` puts it at a known place, so it is loaded from
+there directly (else found by ``cuda.pathfinder`` where that is installed, else by the system's
+loader). NVRTC loads its builtins library by name, which the loader does not find next to a
+wheel's libnvrtc, so it is loaded first from the same folder. Compiles release the GIL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import sys
+import threading
+
+SUCCESS = 0
+#: The name the system's loader is asked for last (a CUDA toolkit on its search path).
+SYSTEM_NAME = "nvrtc64_130_0.dll" if sys.platform == "win32" else "libnvrtc.so.13"
+_lib = None
+_lib_lock = threading.Lock()
+
+
+class NvrtcUnavailable(ImportError):
+    """No libnvrtc could be loaded (the runtime then compiles through cupy)."""
+
+
+class NvrtcError(RuntimeError):
+    """An NVRTC call other than the compile itself failed."""
+
+
+def _wheel_paths() -> list[str]:
+    """Where the nvidia-cuda-nvrtc 13 wheel puts the library, in each ``nvidia`` folder found."""
+    try:
+        found = importlib.util.find_spec("nvidia")
+    except (ImportError, ValueError):
+        return []
+    roots = list(found.submodule_search_locations or ()) if found else []
+    if sys.platform == "win32":
+        return [os.path.join(r, "cu13", "bin", d, "nvrtc64_130_0.dll") for r in roots for d in ("x86_64", "")]
+    return [os.path.join(r, "cu13", "lib", "libnvrtc.so.13") for r in roots]
+
+
+def _pathfinder_path() -> str | None:
+    try:
+        from cuda.pathfinder import load_nvidia_dynamic_lib
+    except ImportError:
+        return None
+    try:
+        return load_nvidia_dynamic_lib("nvrtc").abs_path
+    except Exception:  # noqa: BLE001 - any failure means: not found this way
+        return None
+
+
+def _open(path: str):
+    """libnvrtc at ``path`` with its builtins sibling loaded first (when there is one)."""
+    folder, name = os.path.split(path)
+    if folder and sys.platform != "win32":
+        for sibling in sorted(os.listdir(folder)):
+            if sibling.startswith("libnvrtc-builtins.so.") and ".alt." not in sibling:
+                ctypes.CDLL(os.path.join(folder, sibling), mode=ctypes.RTLD_GLOBAL)
+                break
+    return ctypes.CDLL(path)
+
+
+def _declare(lib) -> None:
+    p, sz = ctypes.c_void_p, ctypes.c_size_t
+    pp = ctypes.POINTER(p)
+    signatures = {
+        "nvrtcVersion": [ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)],
+        "nvrtcCreateProgram": [pp, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, p, p],
+        "nvrtcDestroyProgram": [pp],
+        "nvrtcAddNameExpression": [p, ctypes.c_char_p],
+        "nvrtcCompileProgram": [p, ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)],
+        "nvrtcGetProgramLogSize": [p, ctypes.POINTER(sz)],
+        "nvrtcGetProgramLog": [p, ctypes.c_char_p],
+        "nvrtcGetLoweredName": [p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p)],
+        "nvrtcGetCUBINSize": [p, ctypes.POINTER(sz)],
+        "nvrtcGetCUBIN": [p, ctypes.c_char_p],
+        "nvrtcGetErrorString": [ctypes.c_int],
+    }
+    for name, args in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = ctypes.c_char_p if name == "nvrtcGetErrorString" else ctypes.c_int
+
+
+def library():
+    """libnvrtc, loaded once (under a lock: two threads' first compiles must not load it twice);
+    NvrtcUnavailable names where it was looked for."""
+    global _lib
+    with _lib_lock:
+        if _lib is None:
+            tried = []
+            candidates = [p for p in _wheel_paths() if os.path.isfile(p)] + [_pathfinder_path, lambda: SYSTEM_NAME]
+            for candidate in candidates:
+                path = candidate() if callable(candidate) else candidate
+                if path is None:
+                    continue
+                try:
+                    lib = _open(path)
+                    _declare(lib)
+                except (OSError, AttributeError) as err:
+                    tried.append(f"{path}: {err}")
+                    continue
+                _lib = lib
+                break
+            else:
+                raise NvrtcUnavailable("libnvrtc (CUDA 13) not found; install nvidia-cuda-nvrtc==13.0.*"
+                                       + "".join(f"\n  {t}" for t in tried))
+    return _lib
+
+
+def available() -> bool:
+    """Whether libnvrtc can be loaded (the CPU tests that compile kernels skip without it)."""
+    try:
+        library()
+    except NvrtcUnavailable:
+        return False
+    return True
+
+
+def version() -> tuple[int, int]:
+    lib = library()
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _check(lib, lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
+    return major.value, minor.value
+
+
+def _check(lib, result: int, call: str) -> None:
+    if result != SUCCESS:
+        raise NvrtcError(f"{call} failed: {lib.nvrtcGetErrorString(result).decode()}")
+
+
+def compile_program(source: str, filename: str, name_expression: str, options) -> tuple[bool, str, str, bytes]:
+    """Compile ``source``; (succeeded, log, lowered name of ``name_expression``, cubin), the last
+    two empty when the compile failed."""
+    lib = library()
+    prog = ctypes.c_void_p()
+    _check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), filename.encode(), 0, None, None),
+           "nvrtcCreateProgram")
+    try:
+        _check(lib, lib.nvrtcAddNameExpression(prog, name_expression.encode()), "nvrtcAddNameExpression")
+        encoded = [o.encode() for o in options]
+        result = lib.nvrtcCompileProgram(prog, len(encoded), (ctypes.c_char_p * len(encoded))(*encoded))
+        size = ctypes.c_size_t()
+        _check(lib, lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)), "nvrtcGetProgramLogSize")
+        buf = ctypes.create_string_buffer(size.value)
+        _check(lib, lib.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
+        log = buf.value.decode(errors="replace").rstrip()
+        if result != SUCCESS:
+            return False, log, "", b""
+        lowered = ctypes.c_char_p()
+        _check(lib, lib.nvrtcGetLoweredName(prog, name_expression.encode(), ctypes.byref(lowered)),
+               "nvrtcGetLoweredName")
+        lowered_name = lowered.value.decode()  # owned by the program: copied before it is destroyed
+        _check(lib, lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
+        cubin = ctypes.create_string_buffer(size.value)
+        _check(lib, lib.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
+        return True, log, lowered_name, cubin.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
