@@ -1,9 +1,7 @@
 """fgcupy: fine-grained (M x 1 slice) sparse attention for video diffusion transformers."""
 
-from . import workloads
 from .attention import SparseAttention, sparse_attention
 from .cache import MaskCache, mask_drift
-from .diagonals import find_diagonals
 from .jit import AttentionSpec, KernelCompileError
 from .mask import SliceMask
 from .reference import dense_attention, reference_attention, relative_l2
@@ -31,13 +29,16 @@ __all__ = [
 ]
 
 _LAZY = {"SequenceParallelAttention": "distributed", "sequence_parallel_attention": "distributed",
-         "HybridSequenceParallelAttention": "ring"}
+         "HybridSequenceParallelAttention": "ring", "find_diagonals": "diagonals"}
 
 
 def __getattr__(name):
-    """Sequence-parallel entry points load on first use (they pull in torch.distributed)."""
-    if name in _LAZY:
-        import importlib
+    """Entry points that a first attention call does not need load on first use: sequence
+    parallelism (it pulls in torch.distributed), the diagonal finder and the workloads."""
+    import importlib
 
+    if name == "workloads":
+        return importlib.import_module(".workloads", __name__)
+    if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

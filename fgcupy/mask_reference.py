@@ -14,6 +14,9 @@ Definitions (the kernels in cuda_src/mask_score.cu and mask_select.cu implement 
   has a mean that stands for none of them;
 * mean-query logits: ``scale * pooled_q . k`` in float32 for every key, and their row LSE;
   stored logits (``logits_dtype``) are then rounded to that dtype (the LSE stays exact);
+* a pooled row's LSE (the normaliser of its max-prob scores and the sub-block's mass in the exact
+  band) is estimated from every ``LSE_KEY_STRIDE``-th key, scaled to the row's length
+  (``sampled_lse``; every key for rows shorter than ``LSE_STRIDE_MIN_KEYS``);
 * max-prob scores of a group of rows: ``max_row exp(logit - lse[row])`` (0 where lse is not
   finite), stored as ``PROB_DTYPE`` (bfloat16, rounded toward zero: ``stored_probs``; half the
   memory traffic of float32 in every pass over the score rows; the rounding is monotone, so
@@ -51,6 +54,10 @@ BAND_KEY = 0xFFFFFFFF
 TAU_SLACK = 1e-5
 #: How max-probability scores are stored between the kernels (see "max-prob scores" above).
 PROB_DTYPE = torch.bfloat16
+#: A pooled row's LSE from every 8th key: the stats pass reads an eighth of the keys, and no
+#: head family's error ratio moved by more than 0.01 (notes/PERF.md, session 22).
+LSE_KEY_STRIDE = 8
+LSE_STRIDE_MIN_KEYS = 4096
 
 
 def stored_probs(x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +166,18 @@ def logits_and_lse(rows: torch.Tensor, k: torch.Tensor, scale: float, chunk: int
     return logits, torch.logsumexp(logits, dim=-1)
 
 
+def lse_key_stride(kv_len: int) -> int:
+    """Every how many keys a pooled row's LSE is estimated from (``sampled_lse``)."""
+    return LSE_KEY_STRIDE if kv_len >= LSE_STRIDE_MIN_KEYS else 1
+
+
+def sampled_lse(rows: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """float32 [B, H, R]: each row's LSE over every ``lse_key_stride``-th key, plus the log of
+    the keys per sampled key (the row's mass estimated from a strided sample)."""
+    sampled = k[:, :, :: lse_key_stride(k.shape[2])]
+    return logits_and_lse(rows, sampled, scale)[1] + math.log(k.shape[2] / max(sampled.shape[2], 1))
+
+
 def maxprob_scores(rows: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group: int, scale: float,
                    chunk: int = 1024, exact: bool = False) -> torch.Tensor:
     """float32 [B, H, ceil(R / group), S]: per group of rows, the max softmax probability as the
@@ -220,7 +239,7 @@ def raw_subblock_scores(q, k, pool: int, slice_m: int, scale: float, pooling: st
         rows = q[:, :, sample_rows(q.shape[2], pool, q.device)]
     else:
         rows = rounded(pool_queries(q, pool), q.dtype)
-    _, sub_lse = logits_and_lse(rows, k, scale)
+    sub_lse = sampled_lse(rows, k, scale)
     scores = maxprob_scores(rows, k, sub_lse, slice_m // pool, scale)
     if pooling == "sample":
         scores = dilate_keys(scores, pool // 2)

@@ -429,11 +429,13 @@ def test_pooling_per_head_on_the_gpu():
         assert torch.equal(got[:, h : h + 1], alone.to_dense()), (h, pooling)
 
 
+@pytest.mark.parametrize("kv_len", [777, 5000])
 @pytest.mark.parametrize("slice_m, pool, kernel", [(64, 16, "mma"), (128, 32, "mma"), (128, 32, "wgmma")])
-def test_adaptive_pooling_on_blocks_of_both_kinds(slice_m, pool, kernel):
+def test_adaptive_pooling_on_blocks_of_both_kinds(slice_m, pool, kernel, kv_len):
     """pooling="adaptive" on CUDA, where some blocks are coherent (one shared direction) and
     the others noise: the same blocks are sampled as in the reference, and the scores (sampled
-    rows dilated in place, the band on each block's own rows' LSE) match it."""
+    rows dilated in place, the band on each block's own rows' LSE) match it; past
+    ref.LSE_STRIDE_MIN_KEYS keys the rows' LSE comes from a strided sample of the keys."""
     if kernel not in SCORE_KERNELS:
         pytest.skip("the wgmma scoring kernel needs an sm_90 GPU")
     gen = torch.Generator().manual_seed(21)
@@ -441,16 +443,16 @@ def test_adaptive_pooling_on_blocks_of_both_kinds(slice_m, pool, kernel):
     coherent = (torch.arange(1000) // slice_m) % 3 == 0
     q[:, :, coherent] = 0.2 * q[:, :, coherent] + torch.randn(1, 3, 1, 128, generator=gen)
     q = q.to(DEVICE, torch.bfloat16)
-    k = torch.randn(1, 3, 777, 128, generator=gen).to(DEVICE, torch.bfloat16)
+    k = torch.randn(1, 3, kv_len, 128, generator=gen).to(DEVICE, torch.bfloat16)
     sampled = ref.adaptive_rows(q, pool, slice_m)[1]
     assert sampled.any() and not sampled.all()
-    req = scoring.make_request(128, 777, slice_m, "topk", top_k=50, pool=pool, pooling="adaptive")
+    req = scoring.make_request(128, kv_len, slice_m, "topk", top_k=50, pool=pool, pooling="adaptive")
     pred = scoring.GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
     assert torch.equal(pred.sampled, sampled.reshape(-1))
     with mock.patch.object(mask_kernels, "_is_hopper", lambda index: kernel == "wgmma"):
         got, _ = pred._scores(0, pred.bh)
     expected = ref.pooled_scores(q, k, pool, slice_m, req.exact_band, req.scale, "adaptive")
-    _close(got[..., :777].float(), expected.reshape(3, got.shape[1], -1), PROB_RTOL, 1e-6)
+    _close(got[..., :kv_len].float(), expected.reshape(3, got.shape[1], -1), PROB_RTOL, 1e-6)
     mask = predict_mask(q, k, slice_m, "topk", top_k=50, pool=pool, pooling="adaptive").validate()
     reference = ref.select(expected, "topk", k=50)
     assert (mask.to_dense() != reference).sum().item() <= 5 + 0.002 * int(reference.sum())

@@ -389,3 +389,36 @@ def test_adaptive_pooling_samples_the_incoherent_blocks_only():
     banded = ref.refine_band(got, q, k, got_lse, 32, 64, 64, scale)
     mask = predict_mask(q, k, 64, "topk", top_k=40, pool=32, pooling="adaptive")
     assert torch.equal(mask.to_dense(), ref.select(banded, "topk", k=40))
+
+
+@given(st.integers(1, 9_000), st.integers(0, 2**31 - 1))
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_pooled_rows_lse_comes_from_a_strided_sample_of_long_rows(kv_len, seed):
+    """sampled_lse: every key below LSE_STRIDE_MIN_KEYS, else every LSE_KEY_STRIDE-th key with
+    the log of the keys per sampled key added; on rows whose mass is spread out (what a pooled
+    row's scores are) the estimate stays near the exact LSE."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, k = torch.randn(1, 2, 3, 16, generator=gen), torch.randn(1, 2, kv_len, 16, generator=gen)
+    scale = 0.25
+    got = ref.sampled_lse(rows, k, scale)
+    exact = ref.logits_and_lse(rows, k, scale)[1]
+    if kv_len < ref.LSE_STRIDE_MIN_KEYS:
+        assert ref.lse_key_stride(kv_len) == 1 and torch.equal(got, exact)
+        return
+    stride = ref.lse_key_stride(kv_len)
+    assert stride == ref.LSE_KEY_STRIDE > 1
+    sample = k[:, :, ::stride]
+    expected = ref.logits_and_lse(rows, sample, scale)[1] + math.log(kv_len / sample.shape[2])
+    torch.testing.assert_close(got, expected)
+    assert (got - exact).abs().max().item() < 0.15
+
+
+def test_default_prediction_of_long_rows_normalises_by_the_sampled_lse():
+    """The pooled scores' rows (and the exact band's sub-block mass) use sampled_lse."""
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 1, 256, 32, generator=gen), torch.randn(1, 1, 5000, 32, generator=gen)
+    scale = 1 / math.sqrt(32)
+    scores, sub_lse = ref.raw_subblock_scores(q, k, 32, 128, scale, "mean")
+    rows = ref.rounded(ref.pool_queries(q, 32), q.dtype)
+    torch.testing.assert_close(sub_lse, ref.sampled_lse(rows, k, scale))
+    torch.testing.assert_close(scores, ref.maxprob_scores(rows, k, sub_lse, 4, scale))
