@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fgcupy.jit import nvrtc
 from fgcupy import SliceMask, SparseAttention, autotune
-from fgcupy.jit import AttentionSpec, KernelCompileError, all_attention_specs
+from fgcupy.jit import AttentionSpec, KernelCompileError, all_attention_specs, nvrtc
 from fgcupy.jit.report import PtxasReport
 from fgcupy.reference import reference_attention
 

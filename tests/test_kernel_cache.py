@@ -4,11 +4,11 @@ import logging
 
 import pytest
 
-from fgcupy.jit import nvrtc
-from fgcupy.jit import AttentionSpec, driver, kernel_cache
+from fgcupy.jit import AttentionSpec, driver, kernel_cache, nvrtc
 from fgcupy.jit.compile import compile_cubin
 
-pytest.importorskip("cuda.bindings.nvrtc", reason="cuda-bindings (test extra) provides NVRTC bindings")
+if not nvrtc.available():
+    pytest.skip("no libnvrtc (nvidia-cuda-nvrtc) to compile with", allow_module_level=True)
 
 SPEC = AttentionSpec("bfloat16", 64, 64)
 

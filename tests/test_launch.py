@@ -3,24 +3,16 @@
 import numpy as np
 import pytest
 
+from fgcupy.jit import nvrtc
 from fgcupy.jit.launch import ParamStruct
 from fgcupy.jit.score_spec import SCORE_PARAMS
 from fgcupy.jit.spec import ATTN_PARAMS, ATTN_TMA_PARAMS
 
 
 def _nvrtc_accepts(code: str) -> tuple:
-    from cuda.bindings import nvrtc
-
-    err, prog = nvrtc.nvrtcCreateProgram(code.encode(), b"layout.cu", 0, [], [])
-    assert err == nvrtc.nvrtcResult.NVRTC_SUCCESS
-    try:
-        (result,) = nvrtc.nvrtcCompileProgram(prog, 2, [b"-std=c++17", b"-arch=compute_80"])
-        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
-        log = b" " * size
-        nvrtc.nvrtcGetProgramLog(prog, log)
-        return result == nvrtc.nvrtcResult.NVRTC_SUCCESS, log.decode(errors="replace")
-    finally:
-        nvrtc.nvrtcDestroyProgram(prog)
+    if not nvrtc.available():
+        pytest.skip("no libnvrtc (nvidia-cuda-nvrtc) to compile with")
+    return nvrtc.accepts(code, ["-std=c++17", "-arch=compute_80"])
 
 
 @pytest.mark.parametrize("struct", [SCORE_PARAMS, ATTN_PARAMS, ATTN_TMA_PARAMS], ids=lambda s: f"{s.name}-{len(s.fields)}")

@@ -5,9 +5,9 @@ budget for the launch shape the spec declares."""
 import pytest
 import torch
 
+from fgcupy import mask_kernels
 from fgcupy.jit import nvrtc
 from fgcupy.jit import report as report_mod
-from fgcupy import mask_kernels
 from fgcupy.jit.score_spec import (
     SELECT_FIXED_SMEM, SELECT_LARGE_SMEM, SELECT_MAX_SMEM, EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec, all_mask_specs,
     all_sm90_mask_specs,

@@ -9,6 +9,7 @@ wheel's libnvrtc, so it is loaded first from the same folder. Compiles release t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import os
@@ -133,31 +134,49 @@ def _check(lib, result: int, call: str) -> None:
         raise NvrtcError(f"{call} failed: {lib.nvrtcGetErrorString(result).decode()}")
 
 
-def compile_program(source: str, filename: str, name_expression: str, options) -> tuple[bool, str, str, bytes]:
-    """Compile ``source``; (succeeded, log, lowered name of ``name_expression``, cubin), the last
-    two empty when the compile failed."""
+@contextlib.contextmanager
+def _program(source: str, filename: str):
     lib = library()
     prog = ctypes.c_void_p()
     _check(lib, lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), filename.encode(), 0, None, None),
            "nvrtcCreateProgram")
     try:
+        yield lib, prog
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _compile(lib, prog, options) -> tuple[bool, str]:
+    encoded = [o.encode() for o in options]
+    result = lib.nvrtcCompileProgram(prog, len(encoded), (ctypes.c_char_p * len(encoded))(*encoded))
+    size = ctypes.c_size_t()
+    _check(lib, lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)), "nvrtcGetProgramLogSize")
+    buf = ctypes.create_string_buffer(size.value)
+    _check(lib, lib.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
+    return result == SUCCESS, buf.value.decode(errors="replace").rstrip()
+
+
+def accepts(source: str, options) -> tuple[bool, str]:
+    """(whether NVRTC compiles ``source`` with ``options``, its log): for checks that need no
+    binary, such as the parameter structs' layout asserts."""
+    with _program(source, "check.cu") as (lib, prog):
+        return _compile(lib, prog, options)
+
+
+def compile_program(source: str, filename: str, name_expression: str, options) -> tuple[bool, str, str, bytes]:
+    """Compile ``source``; (succeeded, log, lowered name of ``name_expression``, cubin), the last
+    two empty when the compile failed."""
+    with _program(source, filename) as (lib, prog):
         _check(lib, lib.nvrtcAddNameExpression(prog, name_expression.encode()), "nvrtcAddNameExpression")
-        encoded = [o.encode() for o in options]
-        result = lib.nvrtcCompileProgram(prog, len(encoded), (ctypes.c_char_p * len(encoded))(*encoded))
-        size = ctypes.c_size_t()
-        _check(lib, lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size)), "nvrtcGetProgramLogSize")
-        buf = ctypes.create_string_buffer(size.value)
-        _check(lib, lib.nvrtcGetProgramLog(prog, buf), "nvrtcGetProgramLog")
-        log = buf.value.decode(errors="replace").rstrip()
-        if result != SUCCESS:
+        ok, log = _compile(lib, prog, options)
+        if not ok:
             return False, log, "", b""
         lowered = ctypes.c_char_p()
         _check(lib, lib.nvrtcGetLoweredName(prog, name_expression.encode(), ctypes.byref(lowered)),
                "nvrtcGetLoweredName")
         lowered_name = lowered.value.decode()  # owned by the program: copied before it is destroyed
+        size = ctypes.c_size_t()
         _check(lib, lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
         cubin = ctypes.create_string_buffer(size.value)
         _check(lib, lib.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
         return True, log, lowered_name, cubin.raw
-    finally:
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
