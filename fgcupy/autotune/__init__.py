@@ -62,13 +62,6 @@ from .selection import (  # noqa: F401
     select_winner,
     tune,
 )
-from .measure import (  # noqa: F401
-    CHECK_TOLERANCE,
-    EventMeasure,
-    SAMPLE_WAVES,
-    sample_heads,
-    tune_on_device,
-)
 from .store import (  # noqa: F401
     AUTOTUNE_ENV,
     AutotuneCacheWarning,
@@ -91,15 +84,20 @@ from .choice import (  # noqa: F401
     choose_spec,
     planned_spec,
 )
-from .slices import (  # noqa: F401
-    DENSITY_GRID,
-    SliceChoice,
-    SliceTrial,
-    _event_timer,
-    _kernel_attend,
-    tune_slice,
-)
-from .cli import (  # noqa: F401
-    PRESETS,
-    main,
-)
+
+# What only a tuning run uses loads on first use: a process's first attention call needs
+# planned_spec alone (the measuring, slice-tuning and command-line modules cost it ~10 ms).
+_LAZY = {
+    "measure": ("CHECK_TOLERANCE", "EventMeasure", "SAMPLE_WAVES", "sample_heads", "tune_on_device"),
+    "slices": ("DENSITY_GRID", "SliceChoice", "SliceTrial", "_event_timer", "_kernel_attend", "tune_slice"),
+    "cli": ("PRESETS", "main"),
+}
+_LAZY_NAMES = {name: module for module, names in _LAZY.items() for name in names}
+
+
+def __getattr__(name):
+    if name in _LAZY_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY_NAMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,9 +16,17 @@ from ..jit import AttentionSpec
 from ..mask import SliceMask
 from .candidates import heuristic_spec
 from .keys import DeviceInfo, ProblemKey, mask_density_estimate
-from .measure import tune_on_device
 from .selection import TuneResult
 from .store import AUTOTUNE_ENV, AutotuneCacheWarning, TuneCache
+
+
+def tune_on_device(*args, **kwargs) -> TuneResult:
+    """measure.tune_on_device, imported when a tune runs: the attention calls that only look a
+    choice up never load the measuring code."""
+    from .measure import tune_on_device as tune
+
+    return tune(*args, **kwargs)
+
 
 # Choice at plan time
 # ---------------------------------------------------------------------------------------------
