@@ -399,7 +399,7 @@ def test_pooled_rows_lse_comes_from_a_strided_sample_of_long_rows(kv_len, seed):
     row's scores are) the estimate stays near the exact LSE."""
     gen = torch.Generator().manual_seed(seed)
     rows, k = torch.randn(1, 2, 3, 16, generator=gen), torch.randn(1, 2, kv_len, 16, generator=gen)
-    scale = 0.25
+    scale = 0.1  # logits of std 0.4: the estimate's error has a std under 0.03 (the bound is 5 of them)
     got = ref.sampled_lse(rows, k, scale)
     exact = ref.logits_and_lse(rows, k, scale)[1]
     if kv_len < ref.LSE_STRIDE_MIN_KEYS:
