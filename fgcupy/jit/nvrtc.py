@@ -3,8 +3,9 @@
 A Python binding package costs a cold process tens of milliseconds to import and to search for
 the library; the pip wheel ``nvidia-cuda-nvrtc`` puts it at a known place, so it is loaded from
 there directly (else found by ``cuda.pathfinder`` where that is installed, else by the system's
-loader). NVRTC loads its builtins library by name, which the loader does not find next to a
-wheel's libnvrtc, so it is loaded first from the same folder. Compiles release the GIL.
+loader). NVRTC loads its builtins library by name when it first compiles, which the loader does
+not find next to a wheel's libnvrtc, so the builtins of its version are loaded from the same
+folder first. Compiles release the GIL.
 """
 
 from __future__ import annotations
@@ -55,14 +56,18 @@ def _pathfinder_path() -> str | None:
 
 
 def _open(path: str):
-    """libnvrtc at ``path`` with its builtins sibling loaded first (when there is one)."""
-    folder, name = os.path.split(path)
+    """libnvrtc at ``path``, its signatures declared and, where a file path names it, the builtins
+    library of its own version (``libnvrtc-builtins.so.<major>.<minor>`` beside it) loaded."""
+    lib = ctypes.CDLL(path)
+    _declare(lib)
+    folder = os.path.dirname(os.path.realpath(path)) if os.path.dirname(path) else ""
     if folder and sys.platform != "win32":
-        for sibling in sorted(os.listdir(folder)):
-            if sibling.startswith("libnvrtc-builtins.so.") and ".alt." not in sibling:
-                ctypes.CDLL(os.path.join(folder, sibling), mode=ctypes.RTLD_GLOBAL)
-                break
-    return ctypes.CDLL(path)
+        major, minor = ctypes.c_int(), ctypes.c_int()
+        if lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)) == SUCCESS:
+            builtins = os.path.join(folder, f"libnvrtc-builtins.so.{major.value}.{minor.value}")
+            if os.path.isfile(builtins):
+                ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+    return lib
 
 
 def _declare(lib) -> None:
@@ -101,7 +106,6 @@ def library():
                     continue
                 try:
                     lib = _open(path)
-                    _declare(lib)
                 except (OSError, AttributeError) as err:
                     tried.append(f"{path}: {err}")
                     continue
