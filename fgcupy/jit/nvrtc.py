@@ -1,7 +1,7 @@
 """libnvrtc through ctypes: the few NVRTC calls that turn a kernel's source into a cubin.
 
-A Python binding package costs a cold process tens of milliseconds to import and to search for
-the library; the pip wheel ``nvidia-cuda-nvrtc`` puts it at a known place, so it is loaded from
+A Python binding package cost a cold process about 0.1 s to import and to search for the library
+(notes/PERF.md, session 22); the pip wheel ``nvidia-cuda-nvrtc`` puts it at a known place, so it is loaded from
 there directly (else found by ``cuda.pathfinder`` where that is installed, else by the system's
 loader). NVRTC loads its builtins library by name when it first compiles, which the loader does
 not find next to a wheel's libnvrtc, so the builtins of its version are loaded from the same
