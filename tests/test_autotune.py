@@ -594,3 +594,18 @@ def test_tune_slice_rejects_bad_arguments():
         autotune.tune_slice(q, k, v, 0.0, predictor=exact_predictor([]))
     with pytest.raises(ValueError, match="densities"):
         autotune.tune_slice(q, k, v, 0.1, predictor=exact_predictor([]), densities=(0.0, 0.5))
+
+
+def test_looking_a_choice_up_loads_no_tuning_module():
+    """A process's first attention call only looks the tuned kernel up: importing fgcupy and
+    reaching planned_spec must not load the measuring, slice-tuning or command-line modules (nor
+    the workloads), which cost the first call about 10 ms; their names still resolve on use."""
+    code = ("import sys, fgcupy, fgcupy.autotune as a; a.planned_spec; "
+            "heavy = ('fgcupy.autotune.measure', 'fgcupy.autotune.slices', 'fgcupy.autotune.cli', 'fgcupy.workloads'); "
+            "print(sorted(m for m in heavy if m in sys.modules)); a.tune_slice, a.main, a.EventMeasure; "
+            "print(sorted(m for m in heavy if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    before, after = out.stdout.strip().splitlines()
+    assert before == "[]"
+    assert after == str(["fgcupy.autotune.cli", "fgcupy.autotune.measure", "fgcupy.autotune.slices", "fgcupy.workloads"])
