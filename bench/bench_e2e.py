@@ -7,7 +7,8 @@
    the stock block; fgcupy's block on a reused mask and on a refresh step (predict + plan + run);
    the attention call alone (stock SDPA dispatch vs the fgcupy plan) for the attention share; and
    the time per block averaged over a ``--steps`` schedule (dense warm-up steps run stock, refresh
-   steps pay the prediction), with the speedup over stock.
+   steps pay the prediction), with the speedup over stock; and what a refresh adds measured a
+   second way, as the median over back-to-back pairs of a refresh call and a reuse call.
 2. A ``--model-layers``-deep WanTransformer3DModel of the same width over ``--model-steps``
    Euler steps of a flow-matching-like loop, dense then sparse from the same start: time per
    forward and the PSNR of each step's output against the dense run. Random weights attend almost
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import time
 
 import torch
@@ -112,6 +114,25 @@ def block_call(model, seq: int):
     return run_block
 
 
+def paired_refresh_overhead_ms(model, run_block, args, predictor: dict) -> float:
+    """Median over pairs of (a refresh call - the reuse call right after it), from a schedule
+    that refreshes every other step. The two calls of a pair run back to back, so the GPU's
+    clocks, which move between two separately timed medians, cancel: a refresh adds about 4 ms
+    to a 50 ms block call at 32,760 tokens, and the difference of the medians scatters by about
+    a tenth of that from run to run."""
+    handle = fd.apply(model, fd.SparseAttentionConfig(slice_m=args.slice_m, refresh_every=2, **predictor))
+    differences = []
+    for pair in range(args.warmup + args.reps):
+        refresh_and_reuse = []
+        for step in (2 * pair, 2 * pair + 1):
+            handle.set_step(step)
+            refresh_and_reuse.append(cuda_time_ms(run_block, warmup=0, reps=1, queued=args.queued)["median_ms"])
+        if pair >= args.warmup:
+            differences.append(refresh_and_reuse[0] - refresh_and_reuse[1])
+    assert handle.refresh_counts()["blocks.0.attn1"] == args.warmup + args.reps
+    return statistics.median(differences)
+
+
 def bench_block(seq: int, args, predictor: dict) -> dict:
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
@@ -157,6 +178,7 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
             return run_block()
 
         calibrate = cuda_time_ms(calibrating_block, **reps)["median_ms"]
+    paired = paired_refresh_overhead_ms(model, run_block, args, predictor)
     fd.remove(model)
 
     # mask_from_warmup: the last warm-up step runs dense through fgcupy and makes the exact mask.
@@ -184,6 +206,7 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
     mask_share = (warmup_extra + refresh_total - n_refresh * reuse) / args.steps / stock_attn
     # Later generations keep the calibrated poolings: every refresh is a plain one.
     later_share = n_refresh * (refresh - reuse) / args.steps / stock_attn
+    paired_share = n_refresh * paired / args.steps / stock_attn  # the plain refreshes' share, paired
     row = dict(seq=seq, density=density, stock_block_ms=stock, stock_attention_ms=stock_attn,
                stock_attention_share=stock_attn / stock, fgcupy_reuse_block_ms=reuse,
                fgcupy_refresh_block_ms=refresh, refresh_overhead_ms=refresh - reuse, calibrating_refresh_block_ms=calibrate,
@@ -192,7 +215,8 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
                schedule=dict(steps=args.steps, dense=n_dense, refresh=n_refresh, reuse=n_reuse),
                amortised_block_ms=amortised, speedup_steady=stock / reuse, speedup_amortised=stock / amortised,
                attention_speedup=stock_attn / sparse_attn, first_call_s=first_call_s,
-               amortised_mask_share=mask_share, later_generations_mask_share=later_share)
+               amortised_mask_share=mask_share, later_generations_mask_share=later_share,
+               paired_refresh_overhead_ms=paired, paired_refresh_share=paired_share)
     print(f"seq {seq:6d}  density {density:.3f}  block: stock {stock:7.2f} ms (attention {stock_attn:7.2f} ms, "
           f"{100 * stock_attn / stock:4.1f} %) | fgcupy reuse {reuse:7.2f} ms (attention {sparse_attn:7.2f} ms, "
           f"{100 * sparse_attn / reuse:4.1f} %), refresh {refresh:7.2f} ms"
@@ -201,7 +225,8 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
           + f" | {args.steps}-step average "
           f"{amortised:7.2f} ms -> x{stock / amortised:.2f} (steady x{stock / reuse:.2f}); refresh cost per step "
           f"{100 * mask_share:.1f} % of stock attention"
-          + (f" ({100 * later_share:.1f} % in later generations)" if calibrate != refresh else ""), flush=True)
+          + (f" ({100 * later_share:.1f} % in later generations)" if calibrate != refresh else "")
+          + f"; paired calls: a refresh adds {paired:.2f} ms, {100 * paired_share:.1f} % per step", flush=True)
     del model, run_block, handle, plan, q, k, v
     torch.cuda.empty_cache()
     return row
