@@ -119,18 +119,18 @@ def paired_refresh_overhead_ms(model, run_block, args, predictor: dict) -> float
     that refreshes every other step. The two calls of a pair run back to back, so the GPU's
     clocks, which move between two separately timed medians, cancel: a refresh adds about 4 ms
     to a 50 ms block call at 32,760 tokens, and the difference of the medians scatters by about
-    a tenth of that from run to run."""
+    a tenth of that from run to run. Which calls refreshed is read from the layer's count."""
     handle = fd.apply(model, fd.SparseAttentionConfig(slice_m=args.slice_m, refresh_every=2, **predictor))
-    differences = []
-    for pair in range(args.warmup + args.reps):
-        refresh_and_reuse = []
-        for step in (2 * pair, 2 * pair + 1):
-            handle.set_step(step)
-            refresh_and_reuse.append(cuda_time_ms(run_block, warmup=0, reps=1, queued=args.queued)["median_ms"])
-        if pair >= args.warmup:
-            differences.append(refresh_and_reuse[0] - refresh_and_reuse[1])
-    assert handle.refresh_counts()["blocks.0.attn1"] == args.warmup + args.reps
-    return statistics.median(differences)
+    calls = []  # (ms, refreshed)
+    for step in range(2 * (args.warmup + args.reps) + 4):
+        handle.set_step(step)
+        before = handle.refresh_counts()["blocks.0.attn1"]
+        ms = cuda_time_ms(run_block, warmup=0, reps=1, queued=args.queued)["median_ms"]
+        calls.append((ms, handle.refresh_counts()["blocks.0.attn1"] > before))
+    differences = [a[0] - b[0] for a, b in zip(calls, calls[1:]) if a[1] and not b[1]][args.warmup:]
+    if len(differences) < args.reps:
+        raise RuntimeError(f"expected {args.reps} refresh/reuse pairs, got {len(differences)}: {calls}")
+    return statistics.median(differences[: args.reps])
 
 
 def bench_block(seq: int, args, predictor: dict) -> dict:
