@@ -3,7 +3,6 @@ torch reference it must match, both from a checked ``MaskRequest``."""
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import torch
@@ -140,10 +139,10 @@ class GpuPrediction:
         req = self.req
         # 8 warps (128 rows per CTA): K is read half as often as with 4. The LSE is
         # ref.sampled_lse's: a stats pass over a strided view of the keys.
-        sampled = self.kh[:, :, :: ref.lse_key_stride(self.kv_len)]
+        sampled, log_factor = ref.lse_key_sample(self.kh)
         sub_lse = gpu_scores("stats", rows, sampled, req.scale, bh0=bh0, nbh=nbh, warps=8)
-        if sampled.shape[2] != self.kv_len:
-            sub_lse += math.log(self.kv_len / sampled.shape[2])
+        if log_factor:
+            sub_lse += log_factor
         scores = gpu_scores("maxprob", rows, self.kh, req.scale, bh0=bh0, nbh=nbh, lse=sub_lse, group=req.group,
                             warps=8)
         return scores, sub_lse

@@ -171,11 +171,19 @@ def lse_key_stride(kv_len: int) -> int:
     return LSE_KEY_STRIDE if kv_len >= LSE_STRIDE_MIN_KEYS else 1
 
 
+def lse_key_sample(k: torch.Tensor) -> tuple:
+    """(the strided view of k [B, H, S, D] a pooled row's LSE is taken over, the log of the keys
+    per sampled key that the sample's LSE is raised by): what ``sampled_lse`` and the GPU's stats
+    pass share."""
+    sampled = k[:, :, :: lse_key_stride(k.shape[2])]
+    return sampled, math.log(k.shape[2] / max(sampled.shape[2], 1))
+
+
 def sampled_lse(rows: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
     """float32 [B, H, R]: each row's LSE over every ``lse_key_stride``-th key, plus the log of
     the keys per sampled key (the row's mass estimated from a strided sample)."""
-    sampled = k[:, :, :: lse_key_stride(k.shape[2])]
-    return logits_and_lse(rows, sampled, scale)[1] + math.log(k.shape[2] / max(sampled.shape[2], 1))
+    sampled, log_factor = lse_key_sample(k)
+    return logits_and_lse(rows, sampled, scale)[1] + log_factor
 
 
 def maxprob_scores(rows: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group: int, scale: float,

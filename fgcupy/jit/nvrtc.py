@@ -62,11 +62,10 @@ def _open(path: str):
     _declare(lib)
     folder = os.path.dirname(os.path.realpath(path)) if os.path.dirname(path) else ""
     if folder and sys.platform != "win32":
-        major, minor = ctypes.c_int(), ctypes.c_int()
-        if lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)) == SUCCESS:
-            builtins = os.path.join(folder, f"libnvrtc-builtins.so.{major.value}.{minor.value}")
-            if os.path.isfile(builtins):
-                ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
+        major, minor = _version(lib)
+        builtins = os.path.join(folder, f"libnvrtc-builtins.so.{major}.{minor}")
+        if os.path.isfile(builtins):
+            ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
     return lib
 
 
@@ -106,7 +105,7 @@ def library():
                     continue
                 try:
                     lib = _open(path)
-                except (OSError, AttributeError) as err:
+                except (OSError, AttributeError, NvrtcError) as err:
                     tried.append(f"{path}: {err}")
                     continue
                 _lib = lib
@@ -127,7 +126,10 @@ def available() -> bool:
 
 
 def version() -> tuple[int, int]:
-    lib = library()
+    return _version(library())
+
+
+def _version(lib) -> tuple[int, int]:
     major, minor = ctypes.c_int(), ctypes.c_int()
     _check(lib, lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
     return major.value, minor.value
