@@ -292,6 +292,9 @@ def main(argv=None):
     parser.add_argument("--mask-from-warmup", action="store_true",
                         help="mask_from_warmup=True: the last dense warm-up step makes the exact column-max mask "
                              "the first sparse step uses (timed apart)")
+    parser.add_argument("--sparse-refresh", action="store_true",
+                        help="sparse_refresh=True: a refresh attends through the layer's mask and makes the next one "
+                             "from the exact column max over its keys and the predictor's (--predictor topk or tau)")
     parser.add_argument("--slice-m", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50, help="schedule length the refresh cost is spread over")
     parser.add_argument("--dense-steps", type=int, default=5)
@@ -317,6 +320,10 @@ def main(argv=None):
         if name != "topk":
             parser.error("--calibrate needs --predictor topk")
         name, predictor = "topk, calibrated poolings", dict(predictor, calibrate_pooling=True)
+    if args.sparse_refresh:
+        if name not in ("topk", "tau", "topk, calibrated poolings"):
+            parser.error("--sparse-refresh needs --predictor topk or tau")
+        name, predictor = f"{name}, sparse refresh", dict(predictor, sparse_refresh=True)
     header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | diffusers "
               f"{__import__('diffusers').__version__} | predictor {name} | target density {args.density} | "
               f"{'queued GPU time' if args.queued else 'isolated calls'}")

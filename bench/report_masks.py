@@ -39,7 +39,7 @@ import torch
 
 from bench.cases import sdpa_call
 from bench.timing import cuda_time_ms
-from fgcupy import SliceMask, find_diagonals, mask_drift, mask_kernels, predict_mask, scoring
+from fgcupy import SliceMask, find_diagonals, mask_drift, mask_kernels, predict_mask, scoring, sparse_attention
 from fgcupy.cache import block_means, means_drift
 from fgcupy.calibration import calibrate_pooling
 from fgcupy import mask_reference as ref
@@ -233,6 +233,17 @@ def timing_rows(args, shape, device):
           for name, kw in JUDGED.items() if isinstance(kw, dict)),
     ):
         record(label, lambda kw=kw: predict_mask(q, k, 128, **kw))
+    for density in (0.1, 0.3):
+        # sparse_refresh's second half: the old mask (here the exact one of this step) and the
+        # default's keys scored exactly with the LSE of attention through the old mask.
+        old = predict_mask(q, k, 128, "colmax", rule="topk", density=density, lse=lse)
+        candidates = [old, predict_mask(q, k, 128, "topk", density=density)]
+        sparse_lse = sparse_attention(q, k, v, old, return_lse=True)[1]
+        record(f"colmax over candidates d={density} (old + default masks)",
+               lambda d=density, c=candidates, s=sparse_lse: predict_mask(q, k, 128, "colmax", rule="topk", density=d,
+                                                                        lse=s, candidates=c),
+               candidate_density=float(sum(m.density() for m in candidates)))
+        del old, candidates, sparse_lse
     # Stages of mean-query selection: pooling (torch), scoring kernel, selection and emit
     # kernels; float16 logits are top-k's and threshold's default, float32 tau's.
     req = scoring.make_request(shape.head_dim, shape.seq, 128, "topk", density=0.1)

@@ -22,6 +22,11 @@
 //     (log-add) with the LSE lse[z, row / group] of the pooled sub-block holding it; a
 //     max-probability pass over the band with that LSE then raises out, as the stats and
 //     maxprob launches with a log-add between them did, with the rows read once.
+//   listmax (MODE 5, GROUP 128): maxprob over each query block's own list of keys instead of a key
+//     range (list_indices[list_indptr[bh, block] ...], a SliceMask's CSR with out_rows blocks a
+//     head; key chunks are chunks of list positions): the listed keys' rows are gathered row by
+//     row (their indices read a tile ahead) and each listed key's exact max probability is
+//     stored at out[z, block, key]; other keys are left as they are.
 // Grid: (row tiles, key chunks, heads), row tiles fastest, so CTAs that run together read the
 // same keys from L2. Two CTAs per SM: one's reductions overlap the other's products (256 rows
 // per CTA, one CTA per SM and two products in flight per warpgroup measured slower).
@@ -51,9 +56,12 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   using S = Sm90ScoreShape<D>;
   constexpr int kN = S::kKeys;
   constexpr float kLog2e = 1.4426950408889634f;
-  static_assert(MODE == kMode_stats || MODE == kMode_maxprob || MODE == kMode_band, "stats, maxprob, band");
+  static_assert(MODE == kMode_stats || MODE == kMode_maxprob || MODE == kMode_band || MODE == kMode_listmax,
+                "stats, maxprob, band, listmax");
+  constexpr bool kList = MODE == kMode_listmax;
+  constexpr bool kMaxProb = MODE == kMode_maxprob || kList;
   static_assert(MODE == kMode_stats  ? GROUP == 1
-                : MODE == kMode_band ? GROUP == S::kRows
+                : MODE == kMode_band || kList ? GROUP == S::kRows
                                      : GROUP >= 2 && GROUP <= S::kRows && (GROUP & (GROUP - 1)) == 0,
                 "maxprob groups are powers of two from 2 to 128 rows; stats takes GROUP 1, band 128");
   constexpr int kPasses = MODE == kMode_band ? 2 : 1;  // band: stats, then maxprob
@@ -81,8 +89,15 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   const int row0 = blockIdx.x * S::kRows;
   const int chunk = blockIdx.y;
   const bool band = p.band_width > 0;
-  const int range_begin = band ? max(0, row0 + p.band_lo) : 0;
-  const int range_end = band ? min(p.kv_len, row0 + p.band_lo + p.band_width) : p.kv_len;
+  // List mode: "keys" from here on are positions in this block's list.
+  const int* __restrict__ list = static_cast<const int*>(p.list_indices);
+  int range_begin = band ? max(0, row0 + p.band_lo) : 0;
+  int range_end = band ? min(p.kv_len, row0 + p.band_lo + p.band_width) : p.kv_len;
+  if (kList) {
+    const int* block_ptr = static_cast<const int*>(p.list_indptr) + static_cast<i64>(bh) * (p.out_rows + 1) + blockIdx.x;
+    range_begin = block_ptr[0];
+    range_end = block_ptr[1];
+  }
   const int key_begin = range_begin + chunk * p.key_chunk;
   const int key_end = min(range_end, key_begin + p.key_chunk);
   const int ntiles = key_end > key_begin ? (key_end - key_begin + kN - 1) / kN : 0;
@@ -109,7 +124,7 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   // advance by fixed steps (the rows' swizzle repeats every 8), so a tile's addresses are
   // additions, not a 64-bit multiply per row; only a chunk's last, partial tile tests rows
   // against key_end (those past it are zero-filled from a valid address).
-  constexpr bool kOwnKeys = MODE == kMode_maxprob;
+  constexpr bool kOwnKeys = kMaxProb;
   constexpr int kLoaders = kOwnKeys ? 128 : S::kThreads;
   constexpr int kLoadRows = kOwnKeys ? 64 : kN;
   constexpr int kLoadPass = kLoaders / S::kChunksPerRow;
@@ -121,10 +136,27 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   const i64 k_pass_step = static_cast<i64>(kLoadPass) * k_ss;
   const u32 k_dst = sK_u32 + 2 * sw128_offset<kN>(l_row, l_chunk);
   constexpr u32 kPassBytes = kLoadPass * 128;  // kLoadPass swizzled rows of one column half
+  constexpr int kLoaderRows = kLoadRows / kLoadPass;
+  int listed[kList ? kLoaderRows : 1];  // list mode: the key of each row this loader copies next
+  auto read_list = [&](int t) {
+#pragma unroll
+    for (int j = 0; j < (kList ? kLoaderRows : 0); ++j) {
+      const int pos = key_begin + t * kN + l_row + j * kLoadPass;
+      listed[j] = pos < key_end ? list[pos] : -1;
+    }
+  };
   auto issue_tile = [&](int t, int stage) {
     const u16* src = k_thread + static_cast<i64>(t) * kN * k_ss;
     const u32 dst = k_dst + stage * S::kTileElems * 2;
-    if (key_begin + (t + 1) * kN <= key_end) {
+    if (kList) {
+      const u16* k_chunk = k_base + l_chunk * 8;
+#pragma unroll
+      for (int j = 0; j < (kList ? kLoaderRows : 0); ++j) {
+        const bool valid = listed[j] >= 0;
+        cp_async16(dst + j * kPassBytes, valid ? k_chunk + static_cast<i64>(listed[j]) * k_ss : k_base, valid);
+      }
+      read_list(t + 1);
+    } else if (key_begin + (t + 1) * kN <= key_end) {
 #pragma unroll
       for (int j = 0; j < kLoadRows / kLoadPass; ++j) cp_async16(dst + j * kPassBytes, src + j * k_pass_step, true);
     } else {
@@ -146,7 +178,7 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
       __syncthreads();
     }
   };
-  if (MODE == kMode_maxprob && tid < S::kRows) {
+  if (kMaxProb && tid < S::kRows) {
     // Rows without a finite lse (and rows past n_rows) get +inf: their p is exp2(-inf) = 0.
     const int r = row0 + tid;
     const float x = r < n_rows ? static_cast<const float*>(p.lse)[static_cast<i64>(z) * n_rows + r] : FG_NEG_INF;
@@ -171,6 +203,7 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
 #pragma unroll
   for (int pass = 0; pass < kPasses; ++pass) {
     const bool stats_pass = MODE == kMode_stats || (MODE == kMode_band && pass == 0);
+    if (kList) read_list(0);
     if (ntiles > 0) issue_tile(0, 0);
     cp_async_commit();
     for (int t = 0; t < ntiles; ++t) {
@@ -181,6 +214,15 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
       tile_sync(t == 0);
       const u32 k_stage = sK_u32 + (t & 1) * S::kTileElems * 2;
       const int tile_key = key_begin + t * kN;
+      // List mode: the keys of this thread's two A rows, read before the product hides the load.
+      int row_key[2] = {0, 0};
+      if (kList) {
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          const int pos = tile_key + thread_row + 8 * i;
+          row_key[i] = pos < key_end ? list[pos] : 0;
+        }
+      }
 
       float acc[kN / 2];
       wgmma_fence();
@@ -228,7 +270,7 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
         constexpr int kRowsPerStep = GROUP >= 8 ? 1 : 8 / GROUP;  // output rows between two groups' stores
         const bool full_tile = tile_key + kN <= key_end;
         const i64 step_ld = kRowsPerStep * out_ld;
-        u16* dst = out_thread + tile_key;
+        u16* dst = kList ? out_thread - thread_row : out_thread + tile_key;
         float run[2];
 #pragma unroll
         for (int nt = 0; nt < S::kRows / 8; ++nt) {
@@ -250,7 +292,9 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
             for (int i = 0; i < 2; ++i) {
               if (full_tile || tile_key + thread_row + 8 * i < key_end) {
                 const float m = fast_exp2(run[i]);
-                if (GROUP == S::kRows && band) {
+                if (kList) {
+                  __stcs(dst + row_key[i], bf16_t::truncate(m));
+                } else if (GROUP == S::kRows && band) {
                   dst[8 * i] = bf16_t::truncate(fmaxf(bf16_t::to_float(dst[8 * i]), m));
                 } else {
                   __stcs(dst + 8 * i, bf16_t::truncate(m));  // streamed: keep L2 for the key tiles other CTAs read

@@ -9,7 +9,7 @@ import torch
 
 from . import mask_reference as ref
 from .mask import SliceMask, indptr_from_counts, num_blocks
-from .mask_kernels import (gpu_adaptive_rows, gpu_colmax, gpu_dilate, gpu_dilate_in_place, gpu_emit,
+from .mask_kernels import (gpu_adaptive_rows, gpu_candidate_colmax, gpu_colmax, gpu_dilate, gpu_dilate_in_place, gpu_emit,
                            gpu_refine_band, gpu_scores, gpu_select, row_stride)
 from .mask_request import MaskRequest
 
@@ -17,12 +17,22 @@ DEFAULT_WORKSPACE = 2 << 30
 _INT32_MAX = 2**31 - 1
 
 
-def predict_reference(qh, kh, req: MaskRequest, lse) -> SliceMask:
+def predict_reference(qh, kh, req: MaskRequest, lse, candidates: tuple = ()) -> SliceMask:
     return ref.predict_mask_reference(
         qh, kh, req.slice_m, req.method, rule=req.rule, top_k=req.top_k, tau=req.tau, threshold=req.threshold,
         pool=req.pool, combine=req.combine, min_keys=req.min_keys, max_keys=req.max_keys, local=req.local,
         lse=lse, scale=req.scale, logits_dtype=req.logits_dtype, exact_band=req.exact_band, pooling=req.pooling,
-        diagonals=req.diagonals)
+        diagonals=req.diagonals, candidates=candidate_keys(candidates))
+
+
+def candidate_keys(candidates: tuple):
+    """bool [B, H, QB, S]: the keys any of the SliceMasks ``candidates`` keeps (None if none)."""
+    if not candidates:
+        return None
+    keys = candidates[0].to_dense()
+    for mask in candidates[1:]:
+        keys |= mask.to_dense()
+    return keys
 
 
 def row_counts(q_blocks: int, kv_len: int, slice_m: int, top_k: int, min_keys: int, max_keys: int | None,
@@ -64,8 +74,8 @@ def _static_layout(batch: int, heads: int, q_blocks: int, kv_len: int, req: Mask
 class GpuPrediction:
     """Chunked over (batch x head): score, select, emit; then one SliceMask."""
 
-    def __init__(self, qh, kh, req: MaskRequest, lse, workspace_bytes: int):
-        self.qh, self.kh, self.req, self.lse = qh, kh, req, lse
+    def __init__(self, qh, kh, req: MaskRequest, lse, workspace_bytes: int, candidates: tuple = ()):
+        self.qh, self.kh, self.req, self.lse, self.candidates = qh, kh, req, lse, candidates
         self.batch, self.heads, self.q_len, self.dim = qh.shape
         self.kv_len = kh.shape[2]
         self.bh = self.batch * self.heads
@@ -117,6 +127,12 @@ class GpuPrediction:
         if kind == "submax":
             return self._pooled_scores(bh0, nbh), None
         lse = self.lse.reshape(self.bh, self.q_len)[bh0 : bh0 + nbh]
+        if self.candidates:
+            # Each candidate mask's lists write their keys' scores; a key listed twice gets the same score.
+            scores = torch.zeros(nbh, self.q_blocks, self.ld, dtype=ref.PROB_DTYPE, device=self.device)
+            for mask in self.candidates:
+                gpu_candidate_colmax(self.rows, self.kh, req.scale, lse, mask, scores, bh0=bh0, nbh=nbh)
+            return scores, None
         return gpu_colmax(self.rows, self.kh, req.scale, lse, req.slice_m, bh0=bh0, nbh=nbh), None
 
     def _pooled_scores(self, bh0, nbh):

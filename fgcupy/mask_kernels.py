@@ -62,7 +62,8 @@ def _score_spec(kernel: str, portable: ScoreSpec, group: int, band, device):
     if kernel not in SCORE_KERNELS:
         raise ValueError(f"kernel must be one of {SCORE_KERNELS}, got {kernel!r}")
     mode = portable.mode
-    fits = (mode in SM90_SCORE_MODES and (band is None or portable.rows_per_cta == SM90_SCORE_ROWS)
+    whole_tiles = band is not None or mode == "listmax"  # a row tile is one query block
+    fits = (mode in SM90_SCORE_MODES and (not whole_tiles or portable.rows_per_cta == SM90_SCORE_ROWS)
             and (mode != "maxprob" or group >= 2))
     if kernel == "wgmma" and not fits:
         raise ValueError(f"the wgmma scoring kernel has no mode {mode!r} with group={group}, band={band}, "
@@ -71,7 +72,8 @@ def _score_spec(kernel: str, portable: ScoreSpec, group: int, band, device):
         return portable
     if kernel == "auto" and not _is_hopper(device.index if device.index is not None else torch.cuda.current_device()):
         return portable
-    return Sm90ScoreSpec(portable.dtype, portable.head_dim, mode, group if mode == "maxprob" else 1)
+    group = SM90_SCORE_ROWS if mode == "listmax" else group if mode == "maxprob" else 1
+    return Sm90ScoreSpec(portable.dtype, portable.head_dim, mode, group)
 
 
 def _check_scale(scale: float) -> None:
@@ -81,8 +83,9 @@ def _check_scale(scale: float) -> None:
 
 
 def _score_params(rows, k, scale: float, *, out, ld: int, partial, lse, bh0: int, key_chunk: int, group: int,
-                  out_rows: int, band: tuple):
-    """The ScoreParams of one scoring launch over rows [B, H, R, D] and k [B, H, S, D]."""
+                  out_rows: int, band: tuple, lists: tuple = (None, None)):
+    """The ScoreParams of one scoring launch over rows [B, H, R, D] and k [B, H, S, D] (and, in
+    list mode, the (indptr, indices) of the key lists each block scores)."""
     return SCORE_PARAMS.pack(
         rows=rows, r_sb=rows.stride(0), r_sh=rows.stride(1), r_ss=rows.stride(2),
         k=k, k_sb=k.stride(0), k_sh=k.stride(1), k_ss=k.stride(2),
@@ -90,6 +93,7 @@ def _score_params(rows, k, scale: float, *, out, ld: int, partial, lse, bh0: int
         heads=rows.shape[1], bh0=bh0, n_rows=rows.shape[2], kv_len=k.shape[2], key_chunk=key_chunk,
         group=group, out_rows=out_rows, band_lo=band[0], band_width=band[1],
         scale=scale, scale_log2=scale * math.log2(math.e),
+        list_indptr=lists[0], list_indices=lists[1],
     )
 
 
@@ -201,6 +205,40 @@ def gpu_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor
     ``lse`` [nbh, q_len]."""
     return gpu_scores("maxprob", q, k, scale, bh0=bh0, nbh=nbh, lse=lse, group=slice_m,
                       warps=4 if slice_m <= 64 else 8)
+
+
+def gpu_candidate_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor, candidates,
+                         out: torch.Tensor, *, bh0: int = 0, nbh: int | None = None,
+                         kernel: str = "auto") -> torch.Tensor:
+    """The exact column maxima of heads [bh0, bh0 + nbh) on the keys each query block of the
+    SliceMask ``candidates`` lists (its own slice_m), written into bfloat16 ``out``
+    [nbh, QB, ld] (other keys keep what ``out`` holds); ``lse`` [nbh, q_len]. One CTA per query
+    block walks its list (the list mode of the scoring kernels: wgmma on Hopper with blocks of
+    128, else mma.sync; ``kernel`` as in ``gpu_scores``). Returns ``out``."""
+    batch, heads, q_len, dim = q.shape
+    nbh = batch * heads - bh0 if nbh is None else nbh
+    _check_scale(scale)
+    slice_m = candidates.slice_m
+    q_blocks, kv_len = num_blocks(q_len, slice_m), k.shape[2]
+    if (candidates.batch, candidates.heads, candidates.q_len, candidates.kv_len) != (batch, heads, q_len, kv_len):
+        raise ValueError(f"candidates cover (B, H, q_len, kv_len)="
+                         f"{(candidates.batch, candidates.heads, candidates.q_len, candidates.kv_len)}, the scores "
+                         f"{(batch, heads, q_len, kv_len)}")
+    if candidates.indptr.device != q.device:
+        raise ValueError(f"candidates are on {candidates.indptr.device}, the queries on {q.device}")
+    portable = ScoreSpec(bridge.dtype_name(q.dtype, "q"), dim, "listmax", slice_m // 16)
+    spec = _score_spec(kernel, portable, slice_m, None, q.device)
+    _check_prob_out(out, (nbh, q_blocks, row_stride(kv_len, PROB_DTYPE.itemsize)))
+    q, k = _cp_async_ready(q), _cp_async_ready(k)
+    # Lists hold at most kv_len keys: chunks past a block's list end at once.
+    key_chunk, chunks = _key_chunking(kv_len, q_blocks * nbh, spec.key_tile)
+    params = _score_params(q, k, scale, out=out, ld=out.shape[-1], partial=None,
+                           lse=lse.reshape(nbh, q_len).contiguous(), bh0=bh0, key_chunk=key_chunk, group=slice_m,
+                           out_rows=q_blocks, band=(0, 0),
+                           lists=(candidates.indptr.contiguous(), candidates.indices.contiguous()))
+    if nbh and q_len:
+        launch(spec, q.device, spec.grid(chunks, q_blocks, nbh), params)
+    return out
 
 
 @lru_cache(maxsize=None)

@@ -357,8 +357,9 @@ def select_union(values, rule, group: int, *, band=None, **kwargs) -> torch.Tens
 def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_k=None, tau=None, threshold=None,
                            pool=None, combine="max", min_keys=0, max_keys=None, local=None, lse=None,
                            scale=None, logits_dtype=torch.float32, exact_band=None, pooling="mean",
-                           diagonals=()) -> SliceMask:
-    """The whole prediction on any device ([B, H, S, D] inputs): scores, selection, SliceMask."""
+                           diagonals=(), candidates=None) -> SliceMask:
+    """The whole prediction on any device ([B, H, S, D] inputs): scores, selection, SliceMask.
+    ``candidates`` (colmax; bool [B, H, QB, S]): only those keys are scored, the others score 0."""
     batch, heads, q_len, dim = q.shape
     kv_len = k.shape[2]
     scale = default_scale(dim) if scale is None else scale
@@ -367,6 +368,8 @@ def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_
     sel = dict(k=top_k, tau=tau, threshold=threshold, min_keys=min_keys, max_keys=max_keys)
     if method == "colmax":
         scores = colmax_scores(q, k, lse, slice_m, scale)
+        if candidates is not None:
+            scores = scores.masked_fill(~candidates.to(scores.device), 0.0)
         keep = select(scores, rule, band=band, **sel)
     else:
         pool = slice_m if pool is None else pool

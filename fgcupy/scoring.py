@@ -54,7 +54,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
                  rule: str | None = None, pool=AUTO, combine: str = "max", min_keys: int = 0,
                  max_keys: int | None = None, local: int | None = None, lse=None, scale: float | None = None,
                  logits_dtype: torch.dtype | None = None, exact_band=AUTO, pooling=AUTO, diagonals=(),
-                 layout: str = "HND", workspace_bytes: int = DEFAULT_WORKSPACE) -> SliceMask:
+                 candidates=None, layout: str = "HND", workspace_bytes: int = DEFAULT_WORKSPACE) -> SliceMask:
     """Predict which slices to keep for ``q`` attending to ``k``; returns a SliceMask on q's device.
 
     q, k: [B, H, S, D] ("HND") or [B, S, H, D] ("NHD"), torch or cupy; CUDA tensors run the
@@ -81,6 +81,10 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     exact band is applied again, moved by that many keys (needs exact_band); heads that attend
     at fixed offsets, such as the same place in other frames, get those keys scored exactly.
     ``fgcupy.find_diagonals`` finds them from sampled queries. Each costs about one band.
+    ``candidates`` (colmax only): a SliceMask, or a list of them, of this shape and slice_m: only
+    the keys they keep are scored (exactly); other keys score 0, so a top-k keeps candidates
+    first. With ``lse`` from a sparse step (its row LSE over the keys it kept), a refresh that
+    needs no dense step: the cost is one pass of Q K^T over the candidates' slices.
     """
     qh, kh = query_key_views(q, k, layout)
     if isinstance(pooling, (list, tuple)):
@@ -100,6 +104,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     lse_t = None
     if lse is not None and method != "colmax":
         raise ValueError(f"lse applies to method='colmax' (scores from a dense step), not {method!r}")
+    candidates = _candidate_masks(candidates, qh, kh, slice_m, method)
     if method == "colmax":
         if lse is None:
             raise ValueError("method='colmax' needs lse: the float32 [B, H, q_len] row LSE of a dense step")
@@ -118,8 +123,29 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
             req.scale, req.logits_dtype == torch.float16, req.pooling, list(req.diagonals))
         return SliceMask(indptr, indices, req.slice_m, qh.shape[2], kh.shape[2])
     if qh.device.type != "cuda":
-        return predict_reference(qh, kh, req, lse_t)
-    return GpuPrediction(qh, kh, req, lse_t, workspace_bytes).run()
+        return predict_reference(qh, kh, req, lse_t, candidates)
+    return GpuPrediction(qh, kh, req, lse_t, workspace_bytes, candidates).run()
+
+
+def _candidate_masks(candidates, qh, kh, slice_m: int, method: str) -> tuple:
+    """``candidates`` as a checked tuple of SliceMasks (empty for None)."""
+    if candidates is None:
+        return ()
+    if method != "colmax":
+        raise ValueError(f"candidates apply to method='colmax' (exact scores of the listed keys), not {method!r}")
+    masks = (candidates,) if isinstance(candidates, SliceMask) else tuple(candidates)
+    expected = (qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2], slice_m)
+    for mask in masks:
+        if not isinstance(mask, SliceMask):
+            raise TypeError(f"candidates must be a SliceMask or a list of them, got {type(mask).__name__}")
+        shape = (mask.batch, mask.heads, mask.q_len, mask.kv_len, mask.slice_m)
+        if shape != expected:
+            raise ValueError(f"candidates have (B, H, q_len, kv_len, slice_m)={shape}, the prediction {expected}")
+        if mask.indptr.device != qh.device:
+            raise ValueError(f"candidates are on {mask.indptr.device}, q on {qh.device}")
+    if not masks:
+        raise ValueError("candidates is empty: give at least one SliceMask (or None to score every key)")
+    return masks
 
 
 def _predict_per_head_pooling(qh, kh, poolings: list, slice_m: int, options: dict) -> SliceMask:

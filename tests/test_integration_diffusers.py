@@ -369,6 +369,35 @@ def test_mask_from_warmup_serves_the_first_sparse_step(share_branches):
     assert handle.cache.predictions == 2 * made
 
 
+@pytest.mark.parametrize("warmup", [False, True], ids=["predicted_first", "mask_from_warmup"])
+def test_sparse_refresh_attends_through_the_old_mask_and_keeps_the_exact_one_over_candidates(warmup):
+    """sparse_refresh: a refresh step with a mask attends through it, and the mask it keeps for the
+    next steps is the exact column max, with that call's LSE over the old mask's keys, over the
+    old mask's and the predictor's keys."""
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    seen = []
+    schedule = dict(dense_steps=1, mask_from_warmup=True) if warmup else {}
+    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.25, slice_m=64, refresh_every=2, sparse_refresh=True,
+                                                      attention_fn=_recording(seen), **schedule))
+    first = 1 if warmup else 0
+    for step in range(first + 5):
+        run_wan(model, latents, text, t=1000 - 100 * step)
+    stats = handle.stats()["blocks.0.attn1"]
+    assert stats.refresh_steps == [0, first + 2, first + 4]
+    assert stats.dense_calls == (1 if warmup else 0) and stats.sparse_calls == 5
+    sparse = seen[1:] if warmup else seen  # (q, k, mask) of each sparse call
+    assert sparse[2][2] is sparse[1][2] is sparse[0][2]  # the refresh step attends through the old mask
+    assert sparse[3][2] is not sparse[2][2] and sparse[4][2] is sparse[3][2]
+    q, k, old = (x.transpose(1, 2) if i < 2 else x for i, x in enumerate(sparse[2]))
+    _, lse = fgcupy.sparse_attention(q, k, k, old, return_lse=True)
+    predicted = fgcupy.predict_mask(q, k, 64, "topk", density=0.25)
+    expected = fgcupy.predict_mask(q, k, 64, "colmax", rule="topk", density=0.25, lse=lse, candidates=[old, predicted])
+    assert torch.equal(sparse[3][2].to_dense(), expected.to_dense())
+    assert not (expected.to_dense() & ~(old.to_dense() | predicted.to_dense())).any()
+    assert not torch.equal(expected.to_dense(), predicted.to_dense())
+
+
 def test_mask_from_warmup_in_the_schedule_counts():
     cfg = fd.SparseAttentionConfig(dense_steps=5, refresh_every=5, mask_from_warmup=True)
     assert [s for s in range(20) if cfg.is_refresh_step(s)] == [10, 15]
@@ -645,6 +674,10 @@ def test_predictor_with_the_wrong_shape_is_named():
         (dict(dense_layers=(-1,)), "dense_layers"),
         (dict(refresh_steps=[1.5]), "refresh_steps"),
         (dict(threshold=0.0), "threshold"),
+        (dict(sparse_refresh=1), "sparse_refresh must be a bool"),
+        (dict(sparse_refresh=True, predictor="colmax"), "sparse_refresh adds the keys of a mean-query predictor"),
+        (dict(sparse_refresh=True, predictor=full_predictor), "sparse_refresh adds the keys"),
+        (dict(sparse_refresh=True, process_group=object()), "sparse_refresh needs each layer's full-sequence"),
     ],
 )
 def test_config_validation(kwargs, error):

@@ -192,6 +192,17 @@ def test_mask_from_warmup_on_the_kernel():
     assert abs(handle.mask("blocks.0.attn1").density() - 0.3) < 0.02
 
 
+def test_sparse_refresh_on_the_kernel():
+    """sparse_refresh on CUDA: after the warm-up's exact mask, each refresh attends through the
+    layer's mask (the plan's LSE) and keeps the exact column max over its keys and the
+    predictor's; the trajectory stays near dense and the masks keep the density."""
+    handle, ours, dense = run_schedule(density=0.3, dense_steps=1, refresh_every=2, mask_from_warmup=True,
+                                       sparse_refresh=True)
+    stats = handle.stats().values()
+    assert all(s.refresh_steps == [0, 3] and s.dense_calls == 1 and s.sparse_calls == 4 for s in stats)
+    assert abs(handle.mask("blocks.0.attn1").density() - 0.3) < 0.02
+
+
 def test_calibrated_schedule_on_the_kernel():
     """calibrate_pooling on CUDA: the first refresh picks the poolings from sampled queries, they
     drive later refreshes, and the trajectory stays near dense."""

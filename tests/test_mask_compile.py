@@ -25,7 +25,8 @@ def test_every_axis_is_shipped():
     scores = [s for s in SPECS if isinstance(s, ScoreSpec)]
     assert {(s.dtype, s.head_dim) for s in scores} == {(d, h) for d in ("bfloat16", "float16") for h in (64, 128)}
     assert {(s.mode, s.warps) for s in scores} == {("logits", 4), ("logits", 8), ("logits_f16", 4), ("logits_f16", 8),
-                                                   ("stats", 4), ("stats", 8), ("maxprob", 4), ("maxprob", 8)}
+                                                   ("stats", 4), ("stats", 8), ("maxprob", 4), ("maxprob", 8),
+                                                   ("listmax", 4), ("listmax", 8)}
     selects = {(s.staged, s.scores) for s in SPECS if isinstance(s, SelectSpec)}
     assert selects == {(staged, scores) for staged in (True, False) for scores in ("float32", "float16", "bfloat16")}
     assert EmitSpec() in SPECS
@@ -77,7 +78,7 @@ def test_select_staging_limit():
     [
         (dict(head_dim=96), r"head_dim must be one of \(64, 128\), got 96"),
         (dict(dtype="float32"), r"dtype must be one of \('bfloat16', 'float16'\), got 'float32'"),
-        (dict(mode="probs"), r"mode must be one of \('logits', 'stats', 'maxprob', 'logits_f16'\), got 'probs'"),
+        (dict(mode="probs"), r"mode must be one of \('logits', 'stats', 'maxprob', 'logits_f16', 'listmax'\), got 'probs'"),
         (dict(warps=2), r"warps must be one of \(4, 8\), got 2"),
     ],
 )
@@ -106,7 +107,7 @@ def test_wgmma_scoring_compiles_for_two_ctas_per_sm(spec):
 
 
 def test_wgmma_scoring_spec():
-    groups = {"stats": (1,), "maxprob": (2, 4, 8, 16, 32, 64, 128), "band": (128,)}
+    groups = {"stats": (1,), "maxprob": (2, 4, 8, 16, 32, 64, 128), "band": (128,), "listmax": (128,)}
     assert {(s.dtype, s.head_dim, s.mode, s.group) for s in all_sm90_mask_specs()} == {
         (d, h, m, g) for d in ("bfloat16", "float16") for h in (64, 128) for m in groups for g in groups[m]}
     spec = Sm90ScoreSpec("float16", 64, "stats")
@@ -116,14 +117,15 @@ def test_wgmma_scoring_spec():
     assert pooled.name == "mask_score_sm90_maxprob_g4_bf16_d128"
     assert pooled.name_expression == "fg::mask_score_sm90<fg::bf16_t, 128, 2, 4>"
     assert Sm90ScoreSpec("bfloat16", 64, "band", 128).name_expression == "fg::mask_score_sm90<fg::bf16_t, 64, 4, 128>"
+    assert Sm90ScoreSpec("bfloat16", 64, "listmax", 128).name == "mask_score_sm90_listmax_bf16_d64"
     with pytest.raises(ValueError, match="mode must be one of"):
         ScoreSpec(mode="band")  # the mma.sync kernel has no band mode
-    for mode, group in (("maxprob", 1), ("maxprob", 3), ("maxprob", 256), ("stats", 4), ("band", 64)):
+    for mode, group in (("maxprob", 1), ("maxprob", 3), ("maxprob", 256), ("stats", 4), ("band", 64), ("listmax", 64)):
         with pytest.raises(ValueError, match=f"group of mode '{mode}' must be one of"):
             Sm90ScoreSpec(mode=mode, group=group)
     # Rows first: CTAs that run together share key tiles.
     assert spec.grid(3, 5, 7) == (5, 3, 7) and ScoreSpec().grid(3, 5, 7) == (3, 5, 7)
-    with pytest.raises(ValueError, match=r"mode must be one of \('stats', 'maxprob', 'band'\), got 'logits'"):
+    with pytest.raises(ValueError, match=r"mode must be one of \('stats', 'maxprob', 'band', 'listmax'\), got 'logits'"):
         Sm90ScoreSpec(mode="logits")
 
 

@@ -8,6 +8,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import fgcupy
 from fgcupy import MaskCache, SliceMask, mask_kernels, predict_mask, scoring
 from fgcupy import mask_reference as ref
 from fgcupy.jit.score_spec import SelectSpec
@@ -101,6 +102,62 @@ def test_maxprob_scores(p, group, kernel):
     out_rows = num_blocks(rows.shape[2], group)
     assert got.dtype == ref.PROB_DTYPE and got.shape == (bh, out_rows, mask_kernels.row_stride(p["kv_len"], 2))
     _close(got[..., : p["kv_len"]].float(), expected.reshape(bh, out_rows, -1), PROB_RTOL, 1e-6)
+
+
+@given(score_problems(), st.sampled_from([64, 128]), st.floats(0.0, 1.0), st.sampled_from(SCORE_KERNELS))
+@SETTINGS
+def test_candidate_colmax_scores_exactly_the_listed_keys(p, slice_m, density, kernel):
+    """List mode: each block's listed keys get the exact column max (the sparse LSE given, rows
+    without keys contributing 0), two candidate masks listing a key twice write the same score,
+    and every other key keeps 0; a chunk of heads from the middle reads its own lists (wgmma:
+    blocks of 128 only)."""
+    kernel = "mma" if slice_m == 64 else kernel
+    q, k = _inputs(p["seed"], p["batch"], p["heads"], p["q_len"], p["kv_len"], p["dim"], p["dtype"], p["layout"])
+    scale = 1 / math.sqrt(p["dim"])
+    batch, heads, q_len, kv_len = p["batch"], p["heads"], p["q_len"], p["kv_len"]
+    gen = torch.Generator().manual_seed(p["seed"] + 1)
+    q_blocks = num_blocks(q_len, slice_m)
+    masks = [SliceMask.from_dense((torch.rand(batch, heads, q_blocks, kv_len, generator=gen) < d).to(DEVICE), slice_m,
+                                  q_len) for d in (density, density / 2)]
+    _, lse = ref.logits_and_lse(q, k, scale)
+    lse[..., ::5] = -math.inf
+    bh = batch * heads
+    listed = masks[0].to_dense() | masks[1].to_dense()
+    expected = ref.colmax_scores(q, k, lse, slice_m, scale).masked_fill(~listed, 0.0).reshape(bh, q_blocks, -1)
+    ld = mask_kernels.row_stride(kv_len, 2)
+    got = torch.zeros(bh, q_blocks, ld, dtype=ref.PROB_DTYPE, device=DEVICE)
+    for mask in masks:
+        mask_kernels.gpu_candidate_colmax(q, k, scale, lse.reshape(bh, -1), mask, got, kernel=kernel)
+    _close(got[..., :kv_len].float(), expected, PROB_RTOL, 1e-6)
+    assert not got[..., kv_len:].any()
+    if bh > 1:
+        part = torch.zeros(bh - 1, q_blocks, ld, dtype=ref.PROB_DTYPE, device=DEVICE)
+        mask_kernels.gpu_candidate_colmax(q, k, scale, lse.reshape(bh, -1)[1:], masks[0], part, bh0=1, nbh=bh - 1,
+                                          kernel=kernel)
+        own = ref.colmax_scores(q, k, lse, slice_m, scale).masked_fill(~masks[0].to_dense(), 0.0)
+        _close(part[..., :kv_len].float(), own.reshape(bh, q_blocks, -1)[1:], PROB_RTOL, 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 300, 400, 64, 64), (2, 3, 1000, 777, 128, 128), (1, 2, 5000, 5000, 128, 128)])
+@pytest.mark.parametrize("rule", [dict(rule="topk", top_k=40), dict(rule="tau", tau=0.8, workspace_bytes=1)])
+def test_candidate_colmax_prediction_matches_reference(shape, rule):
+    """predict_mask(method="colmax", candidates=...) with the LSE of a sparse step over one
+    candidate mask: the GPU pipeline selects what the reference selects, and only candidates."""
+    batch, heads, q_len, kv_len, dim, slice_m = shape
+    q, k = _inputs(5, batch, heads, q_len, kv_len, dim, torch.bfloat16)
+    old = predict_mask(q, k, slice_m, "topk", top_k=60)
+    new = predict_mask(q, k, slice_m, "topk", top_k=60, pool=slice_m, exact_band=None)
+    _, lse = fgcupy.sparse_attention(q, k, k, old, return_lse=True)
+    kw = dict(rule)
+    workspace = kw.pop("workspace_bytes", scoring.DEFAULT_WORKSPACE)
+    got = predict_mask(q, k, slice_m, "colmax", lse=lse, candidates=[old, new], workspace_bytes=workspace,
+                       **kw).validate()
+    req = scoring.make_request(dim, kv_len, slice_m, "colmax", **kw)
+    expected = ref.predict_mask_reference(q, k, slice_m, "colmax", rule=req.rule, top_k=req.top_k, tau=req.tau,
+                                          lse=lse, scale=req.scale,
+                                          candidates=old.to_dense() | new.to_dense()).to_dense()
+    assert (got.to_dense() != expected).sum().item() <= 5 + 0.002 * int(expected.sum())
+    assert not (got.to_dense() & ~(old.to_dense() | new.to_dense())).any()
 
 
 @given(score_problems(), st.sampled_from([64, 128]), st.sampled_from([0, 3, 64, 500, 5000]),

@@ -84,6 +84,52 @@ def test_colmax_threshold_is_the_exact_column_max():
     assert (top.sum(-1) == 7).all()
 
 
+@given(st.integers(0, 2**31 - 1), st.sampled_from([16, 64]), st.integers(1, 150), st.integers(1, 120),
+       st.floats(0.05, 1.0))
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_colmax_over_candidates_is_the_exact_top_k_among_them(seed, slice_m, q_len, kv_len, density):
+    """candidates: each block's top-k by the float64 column max with the given (sparse) LSE,
+    among the keys any candidate mask keeps; blocks with fewer candidates keep them all."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(1, 2, q_len, 16, generator=gen), torch.randn(1, 2, kv_len, 16, generator=gen)
+    q_blocks = num_blocks(q_len, slice_m)
+    parts = [torch.rand(1, 2, q_blocks, kv_len, generator=gen) < density for _ in range(2)]
+    listed = parts[0] | parts[1]
+    logits = (q.double() @ k.double().transpose(-1, -2)) / 4.0
+    rows = listed.repeat_interleave(slice_m, 2)[:, :, :q_len]
+    lse = torch.logsumexp(logits.masked_fill(~rows, -math.inf), -1)  # a sparse step's LSE
+    top_k = max(1, kv_len // 4)
+    got = predict_mask(q, k, slice_m, "colmax", rule="topk", top_k=top_k, lse=lse.float(),
+                       candidates=[SliceMask.from_dense(part, slice_m, q_len) for part in parts]).to_dense()
+    assert (got.sum(-1) == top_k).all()
+    probs = torch.exp(logits - lse.unsqueeze(-1)).nan_to_num(0.0)
+    pad = q_blocks * slice_m - q_len
+    colmax = torch.nn.functional.pad(probs, (0, 0, 0, pad)).unflatten(2, (q_blocks, slice_m)).amax(3)
+    kept_min = colmax.masked_fill(~(got & listed), math.inf).amin(-1)
+    dropped = listed & ~got
+    dropped_max = colmax.masked_fill(~dropped, -math.inf).amax(-1)
+    # Kept candidates outrank dropped ones up to the stored scores' rounding (8 significant
+    # bits); a block keeps other keys only once every candidate is kept.
+    assert (dropped_max <= kept_min * (1 + 2**-6) + 1e-30).all()
+    assert not (dropped.any(-1) & (got & ~listed).any(-1)).any()
+    few = listed.sum(-1) <= top_k
+    assert (got | ~listed)[few].all()
+
+
+def test_candidates_errors():
+    q, k = _qk()
+    lse = torch.zeros(1, 2, 300)
+    other = SliceMask.full(1, 2, 300, 300, 128)
+    with pytest.raises(ValueError, match=r"candidates apply to method='colmax'"):
+        predict_mask(q, k, 64, "topk", top_k=3, candidates=SliceMask.full(1, 2, 300, 300, 64))
+    with pytest.raises(ValueError, match=r"candidates have \(B, H, q_len, kv_len, slice_m\)=\(1, 2, 300, 300, 128\)"):
+        predict_mask(q, k, 64, "colmax", lse=lse, candidates=other)
+    with pytest.raises(TypeError, match="candidates must be a SliceMask or a list of them"):
+        predict_mask(q, k, 64, "colmax", lse=lse, candidates=[torch.zeros(3)])
+    with pytest.raises(ValueError, match="candidates is empty"):
+        predict_mask(q, k, 64, "colmax", lse=lse, candidates=[])
+
+
 def test_layout_nhd_matches_hnd():
     q, k = _qk(seed=4)
     a = predict_mask(q, k, 64, "tau", tau=0.8)

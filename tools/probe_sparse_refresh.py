@@ -8,22 +8,21 @@ dense warm-up step gives, SparseAttentionConfig(mask_from_warmup=True)). At step
 drifted (fresh content noise of std ``--drift`` added to every entry; v kept). A refresh at step
 B could score exactly the keys M0 keeps plus the default predictor's keys: max over each block's
 queries of logit - lse, where lse is each query's LSE over M0's keys (what step B's sparse
-attention through M0 returns), and keep the top-k. Printed, as error / step B's oracle error:
+attention through M0 returns), and keep the top-k: SparseAttentionConfig(sparse_refresh=True),
+through the library's path (the kernels on a GPU, the reference on a CPU). Printed, as error / step B's oracle error:
 the default predictor at step B, M0 reused, and that refresh.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import replace
 
 import torch
 
-from fgcupy import SliceMask, predict_mask
+from fgcupy import SliceMask, predict_mask, sparse_attention
 from fgcupy.head_families import FAMILIES, family_qkv
-from fgcupy.mask import num_blocks
-from fgcupy.oracle import Judge, keys_for
+from fgcupy.oracle import Judge
 from fgcupy.workloads import SHAPES
 
 
@@ -31,20 +30,14 @@ def drifted(t: torch.Tensor, drift: float, gen: torch.Generator) -> torch.Tensor
     return (t.float() + drift * torch.randn(t.shape, generator=gen).to(t.device)).to(t.dtype)
 
 
-def sparse_refresh(q, k, previous: torch.Tensor, candidates: torch.Tensor, keys: int, slice_m: int,
-                   scale: float) -> SliceMask:
-    """The top ``keys`` of each block among ``previous | candidates`` (bool [B, H, QB, S]) by the
-    exact column max of logit - lse, lse over ``previous``'s keys of each query's block."""
-    q_len = q.shape[2]
-    q_blocks = num_blocks(q_len, slice_m)
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    kept_rows = previous.repeat_interleave(slice_m, dim=2)[:, :, :q_len]
-    lse = torch.logsumexp(logits.masked_fill(~kept_rows, -math.inf), -1, keepdim=True)
-    pad = q_blocks * slice_m - q_len
-    scores = torch.nn.functional.pad(logits - lse, (0, 0, 0, pad), value=-math.inf)
-    scores = scores.unflatten(2, (q_blocks, slice_m)).amax(3).masked_fill(~(previous | candidates), -math.inf)
-    top = scores.topk(keys, dim=-1).indices.sort(-1).values
-    return SliceMask.from_topk(top.to(torch.int32), slice_m, q_len, k.shape[2])
+def sparse_refresh(q, k, v, previous: SliceMask, density: float) -> SliceMask:
+    """What SparseAttentionConfig(sparse_refresh=True) makes at step B: attention through
+    ``previous`` for each query's LSE over its keys, then the exact column-max top-k over the keys
+    of ``previous`` and of the default predictor."""
+    _, lse = sparse_attention(q, k, v, previous, return_lse=True)
+    default = predict_mask(q, k, previous.slice_m, "topk", density=density)
+    return predict_mask(q, k, previous.slice_m, "colmax", rule="topk", density=density, lse=lse,
+                        candidates=[previous, default])
 
 
 def main(argv=None) -> None:
@@ -69,8 +62,7 @@ def main(argv=None) -> None:
         for density in args.densities:
             previous = before.oracle(density)
             default = predict_mask(q1, k1, slice_m, "topk", density=density)
-            refreshed = sparse_refresh(q1, k1, previous.to_dense(), default.to_dense(), keys_for(density, k1.shape[2]),
-                                       slice_m, after.scale)
+            refreshed = sparse_refresh(q1, k1, v, previous, density)
             print(f"{family:17s} d={density}: default x{after.ratio(default)[1]:.2f}  "
                   f"M0 reused x{after.ratio(previous)[1]:.2f}  "
                   f"exact over M0 + default keys x{after.ratio(refreshed)[1]:.2f}", flush=True)

@@ -24,6 +24,8 @@ With ``predictor="colmax"`` (the exact schedule) a refresh call runs dense atten
 fgcupy's kernel, returns that exact output, and keeps the exact column-max mask its LSE gives.
 With ``mask_from_warmup`` the last warm-up step does the same (its output is dense anyway), and its
 exact mask serves the first sparse step; later refreshes use the predictor.
+With ``sparse_refresh`` a refresh of a layer that has a mask attends through it, and the next mask is
+the exact column max (with that call's LSE) over the keys it kept and the keys the predictor adds.
 With ``refresh_on_drift`` a layer also refreshes on a step where the block means of its queries or
 keys moved past the threshold since its mask was made (one host synchronisation per layer).
 
@@ -41,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import SparseAttention, dense_attention_with_lse
+from ..attention import SparseAttention, dense_attention_with_lse, sparse_attention
 from ..bridge import cupy_available
 from ..cache import block_means, means_drift
 from ..calibration import calibrate
@@ -275,9 +277,13 @@ class SparseAttentionHandle:
     def _needs_refresh(self, entry: tuple, slot: _Slot, key: tuple, key_version: int) -> bool:
         """The cache's schedule says refresh (once per step, whatever the number of branches sharing
         the entry), or the mask was predicted for other shapes or another key padding."""
-        if slot.key != key or slot.key_version != key_version or entry not in self.cache:
+        if self._needs_new_shape(entry, slot, key, key_version):
             return True
         return self.cache.action(self.step, entry) == "refresh" and self.cache.step_of(entry) != self.step
+
+    def _needs_new_shape(self, entry: tuple, slot: _Slot, key: tuple, key_version: int) -> bool:
+        """Whether the slot has no mask for inputs of this shape and key padding."""
+        return slot.key != key or slot.key_version != key_version or entry not in self.cache
 
     def _block_means(self, q, k) -> tuple | None:
         """With refresh_on_drift: the block means of q, k ``[B, S, H, D]``; else None."""
@@ -322,7 +328,21 @@ class SparseAttentionHandle:
             poolings = layer.poolings.get((branch, key))
             calibrating = cfg.calibrate_pooling and poolings is None and not warmup
             dense_out, lse = self._dense_call(q, k, v, key_valid) if cfg.exact or warmup else (None, None)
-            if calibrating:  # from sampled queries: no dense step
+            # sparse_refresh: a layer whose mask still fits these inputs attends through it and
+            # makes the next mask from that call's LSE (calibration still runs first).
+            cached = None
+            if cfg.sparse_refresh and not (warmup or calibrating) and not self._needs_new_shape(entry, slot, key,
+                                                                                             key_version):
+                cached = self.cache.get(entry)
+                sparse_out, lse = self._sparse_call(slot, cached, q, k, v)
+            if cached is not None:
+                diagonals = self._diagonals(layer, (branch, key), q, k)
+                predicted = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), None, poolings, diagonals)
+                if key_valid is not None:
+                    predicted = drop_keys(predicted, key_valid)
+                mask = _predict_mask()(q.transpose(1, 2), k.transpose(1, 2), slice_m=cfg.slice_m, method="colmax",
+                                       lse=lse, candidates=(cached, predicted), **cfg.exact_arguments())
+            elif calibrating:  # from sampled queries: no dense step
                 calibration = calibrate(q.transpose(1, 2), k.transpose(1, 2), None, cfg.slice_m,
                                         method=cfg.predictor, **cfg.predictor_arguments())
                 layer.poolings[(branch, key)], mask = calibration.poolings, calibration.mask
@@ -342,6 +362,9 @@ class SparseAttentionHandle:
             if dense_out is not None:
                 layer.stats.dense_calls += 1
                 return dense_out
+            if cached is not None:
+                layer.stats.sparse_calls += 1
+                return sparse_out
         else:
             self.cache.record_reuse()
         layer.stats.sparse_calls += 1
@@ -390,6 +413,16 @@ class SparseAttentionHandle:
             full = SliceMask.full(batch, heads, q_len, k.shape[1], cfg.slice_m, device=q.device)
             out = cfg.attention_fn(q, k, v, full if key_valid is None else drop_keys(full, key_valid), None)
         return out, lse
+
+    def _sparse_call(self, slot: _Slot, mask: SliceMask, q, k, v):
+        """(output, row LSE over the kept keys) of q, k, v ``[B, S, H, D]`` through the cached
+        ``mask``: the refresh call of sparse_refresh. With ``attention_fn`` the output is its answer
+        and the LSE fgcupy's (the reference on CPU tensors)."""
+        cfg = self.config
+        if cfg.attention_fn is None:
+            return slot.plan.run(q, k, v, layout="NHD", return_lse=True)
+        _, lse = sparse_attention(q, k, v, mask, layout="NHD", return_lse=True)
+        return cfg.attention_fn(q, k, v, mask, None), lse
 
     def _diagonals(self, layer: _Layer, entry: tuple, q, k) -> tuple:
         """The layer's diagonals (find_diagonals): found on its first refresh, then kept."""

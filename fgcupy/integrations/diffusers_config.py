@@ -62,6 +62,14 @@ class SparseAttentionConfig:
         prediction; later refreshes follow the schedule with the predictor. Costs one column-max
         pass per layer and generation (about half a dense attention on an H200). Needs
         dense_steps >= 1 and a named predictor.
+    sparse_refresh: a refresh of a layer that has a mask for these inputs attends through that
+        mask (this call's output) and keeps each query's LSE over the kept keys; the new mask,
+        which serves the following steps, is the exact column max with that LSE over the keys the
+        old mask keeps and the keys the predictor picks (``predict_mask(method="colmax",
+        candidates=...)``), selected by the predictor's density / tau / threshold. No dense
+        step: the predictor's cost plus one Q K^T pass over the candidates. Masks stay near the
+        exact ones while attention moves slowly between refreshes (README "Mask quality").
+        Needs a named mean-query predictor and no process_group.
     refresh_on_drift: also re-predict a layer's mask on a step where its queries or keys moved
         by more than this since the mask was made (``fgcupy.cache.means_drift`` of their block
         means, in (0, 2]; costs one host sync per layer and sparse step). None: schedule only.
@@ -91,6 +99,7 @@ class SparseAttentionConfig:
     refresh_steps: tuple[int, ...] | None = None
     refresh_on_drift: float | None = None
     mask_from_warmup: bool = False
+    sparse_refresh: bool = False
     calibrate_pooling: bool = False
     find_diagonals: int = 0
     share_branches: bool = False
@@ -153,6 +162,8 @@ class SparseAttentionConfig:
                 raise ValueError("find_diagonals finds the diagonals: predictor_kwargs may not set them")
         if self.mask_from_warmup:
             self._check_mask_from_warmup()
+        if self.sparse_refresh:
+            self._check_sparse_refresh()
         if self.refresh_on_drift is not None:
             if isinstance(self.refresh_on_drift, bool) or not isinstance(self.refresh_on_drift, (int, float)) \
                     or not 0.0 < self.refresh_on_drift <= 2.0:
@@ -212,6 +223,16 @@ class SparseAttentionConfig:
         if self.process_group is not None:
             raise ValueError("mask_from_warmup needs each layer's full-sequence LSE on one device: not with "
                              "process_group (sequence parallel)")
+
+    def _check_sparse_refresh(self) -> None:
+        if not isinstance(self.sparse_refresh, bool):
+            raise TypeError(f"sparse_refresh must be a bool, got {self.sparse_refresh!r}")
+        if self.predictor not in _METHOD_PARAMETER:
+            raise ValueError(f"sparse_refresh adds the keys of a mean-query predictor {tuple(_METHOD_PARAMETER)} to the "
+                             f"old mask's and selects by its parameter, got predictor={self.predictor!r}")
+        if self.process_group is not None:
+            raise ValueError("sparse_refresh needs each layer's full-sequence queries, keys and LSE on one device: "
+                             "not with process_group (sequence parallel)")
 
     def _check_predictor_arguments(self) -> None:
         """Refuse now what predict_mask would refuse at the first sparse step."""

@@ -17,17 +17,18 @@ _CPP_DTYPE = {"bfloat16": "fg::bf16_t", "float16": "fg::fp16_t"}
 _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 
 #: Scoring modes (template MODE of fg::mask_score).
-SCORE_MODES = {"logits": 0, "stats": 1, "maxprob": 2, "logits_f16": 3, "band": 4}
+#: "listmax" is "maxprob" over each query block's own list of keys (a SliceMask's CSR).
+SCORE_MODES = {"logits": 0, "stats": 1, "maxprob": 2, "logits_f16": 3, "band": 4, "listmax": 5}
 #: The modes of the portable (mma.sync) kernel: all but "band", which only the wgmma kernel has.
 PORTABLE_SCORE_MODES = tuple(m for m in SCORE_MODES if m != "band")
 SCORE_KEY_TILE = 64
 #: The Hopper scoring kernel (mask_score_sm90.cu): resident rows per CTA and keys per tile.
 SM90_SCORE_ROWS = 128
 SM90_SCORE_KEY_TILE = 128
-SM90_SCORE_MODES = ("stats", "maxprob", "band")
+SM90_SCORE_MODES = ("stats", "maxprob", "band", "listmax")
 #: Row groups of the Hopper max-probability pass (its template GROUP): powers of two to 128.
 SM90_SCORE_GROUPS = (2, 4, 8, 16, 32, 64, 128)
-_SM90_GROUPS = {"stats": (1,), "maxprob": SM90_SCORE_GROUPS, "band": (SM90_SCORE_ROWS,)}
+_SM90_GROUPS = {"stats": (1,), "maxprob": SM90_SCORE_GROUPS, "band": (SM90_SCORE_ROWS,), "listmax": (SM90_SCORE_ROWS,)}
 #: Selection rules (fg::select_rows' rule argument).
 RULE_IDS = {"topk": 0, "tau": 1, "threshold": 2}
 SCORE_WARPS = (4, 8)
@@ -38,7 +39,7 @@ SCORE_PARAMS = ParamStruct("ScoreParams", (
     ("out", "out"), ("out_ld", "i64"), ("partial", "out"), ("lse", "in"),
     ("heads", "i32"), ("bh0", "i32"), ("n_rows", "i32"), ("kv_len", "i32"), ("key_chunk", "i32"),
     ("group", "i32"), ("out_rows", "i32"), ("band_lo", "i32"), ("band_width", "i32"),
-    ("scale", "f32"), ("scale_log2", "f32"),
+    ("scale", "f32"), ("scale_log2", "f32"), ("list_indptr", "in"), ("list_indices", "in"),
 ))
 
 #: Selection kernel constants (written ahead of mask_select.cu as C++ constants: SELECT_CONSTANTS).
@@ -156,7 +157,7 @@ class ScoreSpec:
     @property
     def smem_bytes(self) -> int:
         tiles = (self.rows_per_cta + 2 * SCORE_KEY_TILE) * self.head_dim * 2
-        return tiles + (self.warps * SCORE_KEY_TILE * 4 if self.mode == "maxprob" else 0)
+        return tiles + (self.warps * SCORE_KEY_TILE * 4 if self.mode in ("maxprob", "listmax") else 0)
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ class Sm90ScoreSpec:
 
     @property
     def name(self) -> str:
-        group = f"_g{self.group}" if self.mode == "maxprob" else ""  # band: always 128
+        group = f"_g{self.group}" if self.mode == "maxprob" else ""  # band, listmax: always 128
         return f"mask_score_sm90_{self.mode}{group}_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}"
 
     @property
@@ -329,6 +330,8 @@ def all_mask_specs() -> list:
             specs.append(ScoreSpec(dtype, d, "stats", 8))
             specs.append(ScoreSpec(dtype, d, "maxprob", 4))
             specs.append(ScoreSpec(dtype, d, "maxprob", 8))
+            specs.append(ScoreSpec(dtype, d, "listmax", 4))
+            specs.append(ScoreSpec(dtype, d, "listmax", 8))
     selects = [SelectSpec(staged, scores) for staged in (True, False) for scores in SELECT_SCORES]
     return specs + selects + [EmitSpec(), DilateSpec(), DilateInPlaceSpec(), AdaptiveRowsSpec()]
 
