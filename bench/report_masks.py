@@ -23,7 +23,10 @@
    whose host runs ahead; host synchronisations still count).
 3. Drift: q and k evolve slowly (--drift radians of content noise per step); the step-0 mask
    against a fresh one at later steps (fraction of kept slices that changed), the error of
-   reusing the old mask vs predicting anew, and the drift of q's and k's block means
+   reusing the old mask vs predicting anew; for top-k, each against the oracle, with a sparse
+   refresh (SparseAttentionConfig(sparse_refresh=True): the exact column max over the old and the
+   new mask's keys with the LSE of attention through the old one) from the step-0 prediction and
+   from the step-0 exact mask (mask_from_warmup); and the drift of q's and k's block means
    (fgcupy.cache.means_drift: what SparseAttentionConfig(refresh_on_drift=...) compares).
 """
 
@@ -284,10 +287,24 @@ def timing_rows(args, shape, device):
     return rows
 
 
+def sparse_refresh_errors(q, k, v, qual, density: float, fresh, predicted0, exact0) -> dict:
+    """Top-k at ``density`` on one drifted step: the errors of the oracle mask, and of what
+    SparseAttentionConfig(sparse_refresh=True) makes from an old mask (the step-0 prediction
+    ``predicted0``, or the step-0 exact mask ``exact0`` as mask_from_warmup gives): the LSE of
+    attention through it, the exact column max over its keys and the ``fresh`` prediction's."""
+    def refreshed(old):
+        lse = sparse_attention(q, k, v, old, return_lse=True)[1]
+        return predict_mask(q, k, 128, "colmax", rule="topk", density=density, lse=lse, candidates=[old, fresh])
+
+    oracle = predict_mask(q, k, 128, "colmax", rule="topk", density=density, lse=qual.lse)
+    return dict(rel_l2_oracle=qual.error(oracle)[0], rel_l2_sparse_refresh=qual.error(refreshed(predicted0))[0],
+                rel_l2_exact0_reused=qual.error(exact0)[0], rel_l2_exact0_sparse_refresh=qual.error(refreshed(exact0))[0])
+
+
 def drift_rows(args, shape, heads, device):
     rows = []
     methods = (("topk d=0.1", dict(method="topk", density=0.1)), ("tau=0.9", dict(method="tau", tau=0.9)))
-    first, means0 = {}, None
+    first, exact0, means0 = {}, None, None
     for step in [0] + args.drift_steps:
         q, k, v = video_qkv(shape, "mixed", head_ids=heads, seed=args.seed, device=device, step=step, drift=args.drift)
         qual = Quality(q, k, v)
@@ -298,15 +315,25 @@ def drift_rows(args, shape, heads, device):
             fresh = predict_mask(q, k, 128, **kw)
             if step == 0:
                 first[label] = fresh
+                if kw["method"] == "topk":
+                    exact0 = predict_mask(q, k, 128, "colmax", rule="topk", density=kw["density"], lse=qual.lse)
                 continue
             moved = mask_drift(first[label], fresh)
             err_fresh, _ = qual.error(fresh)
             err_reused, _ = qual.error(first[label])
             row = dict(step=step, method=label, changed=moved["changed"], jaccard=moved["jaccard"],
                        rel_l2_fresh=err_fresh, rel_l2_reused=err_reused, means_drift=signal)
+            line = (f"  step {step:3d} {label:10s} changed {moved['changed']:.4f} jaccard {moved['jaccard']:.4f}  "
+                    f"rel L2 fresh {err_fresh:.4f} reused {err_reused:.4f}")
+            if kw["method"] == "topk":  # the same density for every mask
+                row.update(sparse_refresh_errors(q, k, v, qual, kw["density"], fresh, first[label], exact0))
+                oracle = row["rel_l2_oracle"]
+                line += (f" | / oracle {oracle:.4f}: fresh x{err_fresh / oracle:.2f}, reused x{err_reused / oracle:.2f}, "
+                         f"sparse refresh x{row['rel_l2_sparse_refresh'] / oracle:.2f}; step-0 exact mask reused "
+                         f"x{row['rel_l2_exact0_reused'] / oracle:.2f}, its sparse refresh "
+                         f"x{row['rel_l2_exact0_sparse_refresh'] / oracle:.2f} |")
             rows.append(row)
-            print(f"  step {step:3d} {label:10s} changed {moved['changed']:.4f} jaccard {moved['jaccard']:.4f}  "
-                  f"rel L2 fresh {err_fresh:.4f} reused {err_reused:.4f}  block-means drift {signal:.2e}", flush=True)
+            print(f"{line}  block-means drift {signal:.2e}", flush=True)
     return rows
 
 
