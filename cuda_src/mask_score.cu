@@ -24,6 +24,7 @@
 // Parameters arrive as one ScoreParams struct; it and the constants kScoreKeyTile and kMode_*
 // come from fgcupy/jit/score_spec.py (SCORE_PARAMS, SCORE_CONSTANTS), written ahead of this source.
 #include "common.cuh"
+#include "score_range.cuh"
 
 namespace fg {
 
@@ -79,13 +80,9 @@ mask_score(const __grid_constant__ ScoreParams p) {
   // of positions in this block's key list: "keys" below are then list positions.
   const bool band = p.band_width > 0;
   const int* __restrict__ list = static_cast<const int*>(p.list_indices);
-  int range_begin = band ? max(0, row0 + p.band_lo) : 0;
-  int range_end = band ? min(p.kv_len, row0 + p.band_lo + p.band_width) : p.kv_len;
-  if (kList) {
-    const int* block_ptr = static_cast<const int*>(p.list_indptr) + static_cast<i64>(bh) * (p.out_rows + 1) + blockIdx.y;
-    range_begin = block_ptr[0];
-    range_end = block_ptr[1];
-  }
+  const int2 range = score_key_range(p, kList, bh, row0, blockIdx.y);
+  const int range_begin = range.x;
+  const int range_end = range.y;
   const int key_begin = range_begin + blockIdx.x * p.key_chunk;
   const int key_end = min(range_end, key_begin + p.key_chunk);
   const int ntiles = key_end > key_begin ? (key_end - key_begin + kN - 1) / kN : 0;

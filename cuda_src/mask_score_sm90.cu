@@ -31,6 +31,7 @@
 // same keys from L2. Two CTAs per SM: one's reductions overlap the other's products (256 rows
 // per CTA, one CTA per SM and two products in flight per warpgroup measured slower).
 #include "common.cuh"
+#include "score_range.cuh"
 #include "sync_sm90.cuh"
 #include "wgmma.cuh"
 
@@ -89,15 +90,11 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   const int row0 = blockIdx.x * S::kRows;
   const int chunk = blockIdx.y;
   const bool band = p.band_width > 0;
-  // List mode: "keys" from here on are positions in this block's list.
   const int* __restrict__ list = static_cast<const int*>(p.list_indices);
-  int range_begin = band ? max(0, row0 + p.band_lo) : 0;
-  int range_end = band ? min(p.kv_len, row0 + p.band_lo + p.band_width) : p.kv_len;
-  if (kList) {
-    const int* block_ptr = static_cast<const int*>(p.list_indptr) + static_cast<i64>(bh) * (p.out_rows + 1) + blockIdx.x;
-    range_begin = block_ptr[0];
-    range_end = block_ptr[1];
-  }
+  // Keys of this CTA (list mode: positions in its block's list, called keys from here on).
+  const int2 range = score_key_range(p, kList, bh, row0, blockIdx.x);
+  const int range_begin = range.x;
+  const int range_end = range.y;
   const int key_begin = range_begin + chunk * p.key_chunk;
   const int key_end = min(range_end, key_begin + p.key_chunk);
   const int ntiles = key_end > key_begin ? (key_end - key_begin + kN - 1) / kN : 0;

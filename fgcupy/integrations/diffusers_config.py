@@ -144,9 +144,7 @@ class SparseAttentionConfig:
             if self.predictor != "topk":
                 raise ValueError(f"calibrate_pooling compares masks of equal size: predictor='topk' only, "
                                  f"got predictor={self.predictor!r}")
-            if self.process_group is not None:
-                raise ValueError("calibrate_pooling needs each layer's full-sequence queries and keys on one "
-                                 "device: not with process_group")
+            self._refuse_process_group("calibrate_pooling", "queries and keys")
             if isinstance(self.predictor_kwargs, dict) and "pooling" in self.predictor_kwargs:
                 raise ValueError("calibrate_pooling chooses the pooling: predictor_kwargs may not set it")
         if isinstance(self.find_diagonals, bool) or not isinstance(self.find_diagonals, int) or self.find_diagonals < 0:
@@ -155,9 +153,7 @@ class SparseAttentionConfig:
             if self.predictor not in _METHOD_PARAMETER:
                 raise ValueError(f"find_diagonals moves the exact band of the mean-query predictors {tuple(_METHOD_PARAMETER)}, "
                                  f"got predictor={self.predictor!r}")
-            if self.process_group is not None:
-                raise ValueError("find_diagonals needs each layer's full-sequence queries and keys on one device: not "
-                                 "with process_group")
+            self._refuse_process_group("find_diagonals", "queries and keys")
             if isinstance(self.predictor_kwargs, dict) and "diagonals" in self.predictor_kwargs:
                 raise ValueError("find_diagonals finds the diagonals: predictor_kwargs may not set them")
         if self.mask_from_warmup:
@@ -207,9 +203,7 @@ class SparseAttentionConfig:
                              f"lse from the dense call: predictor_kwargs may not set 'rule' or 'lse'")
         if not given and not (isinstance(self.predictor_kwargs, dict) and "top_k" in self.predictor_kwargs):
             object.__setattr__(self, "density", DEFAULT_DENSITY)
-        if self.process_group is not None:
-            raise ValueError(f"predictor={EXACT_PREDICTOR!r} needs each layer's full-sequence LSE on one device: not "
-                             f"with process_group (sequence parallel); use a predicted mask there")
+        self._refuse_process_group(f"predictor={EXACT_PREDICTOR!r}", "LSE", "; use a predicted mask there")
 
     def _check_mask_from_warmup(self) -> None:
         if not isinstance(self.mask_from_warmup, bool):
@@ -220,9 +214,7 @@ class SparseAttentionConfig:
         if not isinstance(self.predictor, str):
             raise ValueError("mask_from_warmup selects the exact mask by the predictor's density / tau / threshold: "
                              "a callable predictor has none; give a named predictor")
-        if self.process_group is not None:
-            raise ValueError("mask_from_warmup needs each layer's full-sequence LSE on one device: not with "
-                             "process_group (sequence parallel)")
+        self._refuse_process_group("mask_from_warmup", "LSE")
 
     def _check_sparse_refresh(self) -> None:
         if not isinstance(self.sparse_refresh, bool):
@@ -230,9 +222,12 @@ class SparseAttentionConfig:
         if self.predictor not in _METHOD_PARAMETER:
             raise ValueError(f"sparse_refresh adds the keys of a mean-query predictor {tuple(_METHOD_PARAMETER)} to the "
                              f"old mask's and selects by its parameter, got predictor={self.predictor!r}")
+        self._refuse_process_group("sparse_refresh", "queries, keys and LSE")
+
+    def _refuse_process_group(self, option: str, needs: str, hint: str = "") -> None:
         if self.process_group is not None:
-            raise ValueError("sparse_refresh needs each layer's full-sequence queries, keys and LSE on one device: "
-                             "not with process_group (sequence parallel)")
+            raise ValueError(f"{option} needs each layer's full-sequence {needs} on one device: not with process_group "
+                             f"(sequence parallel){hint}")
 
     def _check_predictor_arguments(self) -> None:
         """Refuse now what predict_mask would refuse at the first sparse step."""
