@@ -19,6 +19,8 @@ from fgcupy.jit import AttentionSpec, KernelCompileError, all_attention_specs, n
 from fgcupy.jit.report import PtxasReport
 from fgcupy.reference import reference_attention
 
+from .needs import needs_nvrtc
+
 REPO = Path(__file__).resolve().parent.parent
 H100 = autotune.DeviceInfo("NVIDIA H100 80GB HBM3", (9, 0), 132, 232448, 65536)
 ADA = autotune.DeviceInfo("NVIDIA L40S", (8, 9), 142, 101376, 65536)  # ~99 KB per block
@@ -146,9 +148,8 @@ def test_fit_without_libnvrtc_judges_shared_memory_from_the_spec():
     assert autotune.check_fit(big, H100, missing).registers is None
 
 
+@needs_nvrtc
 def test_fit_uses_the_real_ptxas_report_for_the_device_arch():
-    if not nvrtc.available():
-        pytest.skip("no libnvrtc to compile with")
     default = autotune.heuristic_spec("bfloat16", 128, 128)  # the mma.sync kernel: any arch
     fit = autotune.check_fit(default, H100)
     assert fit.reason is None and 0 < fit.registers <= 255 and fit.spill_bytes == 0

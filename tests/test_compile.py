@@ -4,12 +4,13 @@ options the runtime path uses, and ptxas' report shows no spills and shared memo
 import pytest
 
 from fgcupy.jit import (AttentionSpec, KernelCompileError, Sm90WsAttentionSpec, all_attention_specs, all_sm90_specs,
-                        all_sm90_ws_specs, nvrtc, source)
+                        all_sm90_ws_specs, source)
 from fgcupy.jit import report as report_mod
 from fgcupy.jit.spec import MAX_SMEM_BYTES_SM80, MAX_SMEM_BYTES_SM90
 
-if not nvrtc.available():
-    pytest.skip("no libnvrtc (nvidia-cuda-nvrtc) to compile with", allow_module_level=True)
+from .needs import needs_nvrtc
+
+pytestmark = needs_nvrtc
 
 SPECS = all_attention_specs()
 

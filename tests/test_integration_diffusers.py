@@ -398,6 +398,28 @@ def test_sparse_refresh_attends_through_the_old_mask_and_keeps_the_exact_one_ove
     assert not torch.equal(expected.to_dense(), predicted.to_dense())
 
 
+@pytest.mark.parametrize("share_branches", [False, True])
+def test_sparse_refresh_with_text_padding_and_guidance_branches(share_branches):
+    """HunyuanVideo's padded text keys stay out of every sparse-refreshed mask (the candidates
+    drop them too), with each guidance branch refreshing its own mask or sharing the first's."""
+    model = tiny_hunyuan()
+    inputs = hunyuan_inputs(valid_text=9)
+    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.5, slice_m=64, refresh_every=1, sparse_refresh=True,
+                                                      share_branches=share_branches,
+                                                      attention_fn=reference_attention_fn))
+    for step in range(3):
+        for _ in range(2):
+            out = run_hunyuan(model, inputs, t=1000 - 100 * step)
+            assert torch.isfinite(out).all()
+    made = 1 if share_branches else 2
+    for name, stats in handle.stats().items():
+        assert stats.refresh_steps == [step for step in range(3) for _ in range(made)]
+        assert stats.sparse_calls == 6 and stats.dense_calls == 0
+        for branch in range(made):
+            mask = handle.mask(name, branch)
+            assert not mask.to_dense()[..., -3:].any() and abs(mask.density() - 0.5) < 0.05
+
+
 def test_mask_from_warmup_in_the_schedule_counts():
     cfg = fd.SparseAttentionConfig(dense_steps=5, refresh_every=5, mask_from_warmup=True)
     assert [s for s in range(20) if cfg.is_refresh_step(s)] == [10, 15]

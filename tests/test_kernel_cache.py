@@ -7,8 +7,9 @@ import pytest
 from fgcupy.jit import AttentionSpec, driver, kernel_cache, nvrtc
 from fgcupy.jit.compile import compile_cubin
 
-if not nvrtc.available():
-    pytest.skip("no libnvrtc (nvidia-cuda-nvrtc) to compile with", allow_module_level=True)
+from .needs import needs_nvrtc
+
+pytestmark = needs_nvrtc
 
 SPEC = AttentionSpec("bfloat16", 64, 64)
 

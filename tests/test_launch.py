@@ -8,19 +8,21 @@ from fgcupy.jit.launch import ParamStruct
 from fgcupy.jit.score_spec import SCORE_PARAMS
 from fgcupy.jit.spec import ATTN_PARAMS, ATTN_TMA_PARAMS
 
+from .needs import needs_nvrtc
+
 
 def _nvrtc_accepts(code: str) -> tuple:
-    if not nvrtc.available():
-        pytest.skip("no libnvrtc (nvidia-cuda-nvrtc) to compile with")
     return nvrtc.accepts(code, ["-std=c++17", "-arch=compute_80"])
 
 
+@needs_nvrtc
 @pytest.mark.parametrize("struct", [SCORE_PARAMS, ATTN_PARAMS, ATTN_TMA_PARAMS], ids=lambda s: f"{s.name}-{len(s.fields)}")
 def test_cpp_layout_matches_numpy(struct):
     ok, log = _nvrtc_accepts(struct.cpp() + struct.layout_checks())
     assert ok, log
 
 
+@needs_nvrtc
 def test_a_wrong_layout_is_caught():
     """The check can fail: a claimed size that the compiler does not give."""
     struct = ParamStruct("Odd", (("a", "i32"), ("b", "i64")))
@@ -41,6 +43,7 @@ def test_every_field_offset_matches_on_the_gpu(struct):
     assert out.get().tolist() == struct.offsets
 
 
+@needs_nvrtc
 def test_tensor_maps_sit_on_64_byte_boundaries():
     struct = ParamStruct("M", (("n", "i32"), ("map", "tmap"), ("m", "i32")))
     assert struct.offsets == [0, 64, 192] and struct.dtype.itemsize == 256 and struct.alignment == 64

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 from fgcupy import SliceMask
 import fgcupy.attention_kernel as attention_kernel
 from fgcupy.attention_kernel import block_order, order_buckets
-from fgcupy.jit import nvrtc
 from fgcupy.jit.plan_spec import ORDER_BUCKETS, ORDER_SEGMENT, ORDER_TILE_KEYS, LaunchOrderSpec, order_shift
+
+from .needs import needs_nvrtc
 
 
 def _mask_of_lengths(lengths, q_blocks: int, kv_len: int, device="cpu") -> SliceMask:
@@ -74,9 +75,8 @@ def test_reference_order_is_a_stable_descending_sort_of_the_buckets(lengths, hea
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90", "sm_90a"])
+@needs_nvrtc
 def test_order_kernel_compiles_without_spills(arch):
-    if not nvrtc.available():
-        pytest.skip("no libnvrtc (nvidia-cuda-nvrtc) to compile with")
     from fgcupy.jit import report as report_mod
 
     rep = report_mod.compile_report(LaunchOrderSpec(), arch)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from fgcupy import mask_kernels
-from fgcupy.jit import nvrtc
 from fgcupy.jit import report as report_mod
 from fgcupy.jit.score_spec import (
     SELECT_FIXED_SMEM, SELECT_LARGE_SMEM, SELECT_MAX_SMEM, EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec, all_mask_specs,
@@ -14,8 +13,9 @@ from fgcupy.jit.score_spec import (
 )
 from fgcupy.jit.spec import MAX_SMEM_BYTES_SM90_PER_SM
 
-if not nvrtc.available():
-    pytest.skip("no libnvrtc (nvidia-cuda-nvrtc) to compile with", allow_module_level=True)
+from .needs import needs_nvrtc
+
+pytestmark = needs_nvrtc
 
 SPECS = all_mask_specs()
 SM80_SMEM = 163 * 1024

@@ -9,6 +9,8 @@ from fgcupy.jit import KernelCompileError, nvrtc
 from fgcupy.jit.compile import compile_cubin
 from fgcupy.jit.plan_spec import LaunchOrderSpec
 
+from .needs import needs_nvrtc
+
 SOURCE = 'namespace fg { template <int N> __global__ void fill(float *x) { x[threadIdx.x] = N; } }\n'
 
 
@@ -28,7 +30,6 @@ def test_missing_library_is_an_import_error_naming_the_wheel(unloaded, monkeypat
     assert not nvrtc.available()
 
 
-needs_nvrtc = pytest.mark.skipif(not nvrtc.available(), reason="no libnvrtc (nvidia-cuda-nvrtc) to compile with")
 
 
 @needs_nvrtc
