@@ -20,7 +20,8 @@
 //      of the block's list (list_indices[list_indptr[bh, block] ...], a SliceMask's CSR with
 //      out_rows blocks per head) instead of a key range; key chunks are chunks of list
 //      positions. Each listed key's exact max probability is stored in out[z, block, key]; other
-//      keys are left as they are.
+//      keys are left as they are, and so are listed keys outside [0, kv_len) (a corrupt list
+//      reads and writes nothing out of bounds).
 // Parameters arrive as one ScoreParams struct; it and the constants kScoreKeyTile and kMode_*
 // come from fgcupy/jit/score_spec.py (SCORE_PARAMS, SCORE_CONSTANTS), written ahead of this source.
 #include "common.cuh"
@@ -109,7 +110,8 @@ mask_score(const __grid_constant__ ScoreParams p) {
 #pragma unroll
     for (int j = 0; j < kTileRows; ++j) {
       const int pos = key_begin + t * kN + my_row + j * S::kRowsPerPass;
-      listed[j] = kList && pos < key_end ? list[pos] : 0;
+      const int key = kList && pos < key_end ? list[pos] : -1;
+      listed[j] = static_cast<unsigned>(key) < static_cast<unsigned>(p.kv_len) ? key : -1;  // bad keys: no row
     }
   };
   auto issue_tile = [&](int t, int stage) {
@@ -117,7 +119,7 @@ mask_score(const __grid_constant__ ScoreParams p) {
     for (int j = 0; j < kTileRows; ++j) {
       const int r = my_row + j * S::kRowsPerPass;
       const int key = key_begin + t * kN + r;
-      const bool valid = key < key_end;
+      const bool valid = kList ? listed[j] >= 0 : key < key_end;
       const int row = kList ? listed[j] : key;
       const u16* src = k_base + (valid ? static_cast<i64>(row) * k_ss : 0) + my_chunk * 8;
       cp_async16(smem_u32(sK + stage * S::kTileElems + swz<D>(r, my_chunk)), src, valid);
@@ -168,7 +170,8 @@ mask_score(const __grid_constant__ ScoreParams p) {
     // List mode: thread tid < kN stores column tid of this tile; its key is read before the
     // product, which hides the load.
     const int tile_pos = key_begin + t * kN;
-    const int column_key = kList && tid < kN && tile_pos + tid < key_end ? list[tile_pos + tid] : 0;
+    const int column_key = kList && tid < kN && tile_pos + tid < key_end ? list[tile_pos + tid] : -1;
+    const bool column_ok = static_cast<unsigned>(column_key) < static_cast<unsigned>(p.kv_len);
 
     float acc[kN / 8][4];
 #pragma unroll
@@ -329,7 +332,7 @@ mask_score(const __grid_constant__ ScoreParams p) {
           m = fast_exp2(m);
           const int orow = row0 / group + gi;
           const int key = tile_key + col;
-          if (orow < out_rows && key < key_end) {
+          if (orow < out_rows && key < key_end && (!kList || column_ok)) {
             // Band mode refines rows already scored: each (row, key) belongs to one CTA.
             u16* dst = out16 + (static_cast<i64>(z) * out_rows + orow) * out_ld + (kList ? column_key : key);
             *dst = bf16_t::truncate(band ? fmaxf(bf16_t::to_float(*dst), m) : m);

@@ -26,7 +26,8 @@
 //     range (list_indices[list_indptr[bh, block] ...], a SliceMask's CSR with out_rows blocks a
 //     head; key chunks are chunks of list positions): the listed keys' rows are gathered row by
 //     row (their indices read a tile ahead) and each listed key's exact max probability is
-//     stored at out[z, block, key]; other keys are left as they are.
+//     stored at out[z, block, key]; other keys are left as they are, and so are listed keys
+//     outside [0, kv_len) (a corrupt list reads and writes nothing out of bounds).
 // Grid: (row tiles, key chunks, heads), row tiles fastest, so CTAs that run together read the
 // same keys from L2. Two CTAs per SM: one's reductions overlap the other's products (256 rows
 // per CTA, one CTA per SM and two products in flight per warpgroup measured slower).
@@ -139,7 +140,8 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
 #pragma unroll
     for (int j = 0; j < (kList ? kLoaderRows : 0); ++j) {
       const int pos = key_begin + t * kN + l_row + j * kLoadPass;
-      listed[j] = pos < key_end ? list[pos] : -1;
+      const int key = pos < key_end ? list[pos] : -1;
+      listed[j] = static_cast<unsigned>(key) < static_cast<unsigned>(p.kv_len) ? key : -1;  // bad keys: no row
     }
   };
   auto issue_tile = [&](int t, int stage) {
@@ -212,12 +214,12 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
       const u32 k_stage = sK_u32 + (t & 1) * S::kTileElems * 2;
       const int tile_key = key_begin + t * kN;
       // List mode: the keys of this thread's two A rows, read before the product hides the load.
-      int row_key[2] = {0, 0};
+      int row_key[2] = {-1, -1};
       if (kList) {
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int pos = tile_key + thread_row + 8 * i;
-          row_key[i] = pos < key_end ? list[pos] : 0;
+          row_key[i] = pos < key_end ? list[pos] : -1;
         }
       }
 
@@ -290,7 +292,9 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
               if (full_tile || tile_key + thread_row + 8 * i < key_end) {
                 const float m = fast_exp2(run[i]);
                 if (kList) {
-                  __stcs(dst + row_key[i], bf16_t::truncate(m));
+                  if (static_cast<unsigned>(row_key[i]) < static_cast<unsigned>(p.kv_len)) {
+                    __stcs(dst + row_key[i], bf16_t::truncate(m));
+                  }
                 } else if (GROUP == S::kRows && band) {
                   dst[8 * i] = bf16_t::truncate(fmaxf(bf16_t::to_float(dst[8 * i]), m));
                 } else {

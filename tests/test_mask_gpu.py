@@ -138,6 +138,31 @@ def test_candidate_colmax_scores_exactly_the_listed_keys(p, slice_m, density, ke
         _close(part[..., :kv_len].float(), own.reshape(bh, q_blocks, -1)[1:], PROB_RTOL, 1e-6)
 
 
+@pytest.mark.parametrize("kernel", SCORE_KERNELS)
+def test_candidate_lists_with_keys_out_of_range_touch_nothing_else(kernel):
+    """A corrupt list (keys past kv_len, negative keys) scores its valid keys exactly and neither
+    reads nor writes out of bounds: the bad entries are skipped."""
+    q, k = _inputs(3, 1, 2, 300, 500, 128, torch.bfloat16)
+    scale = 1 / math.sqrt(128)
+    valid = SliceMask.from_dense((torch.rand(1, 2, 3, 500, generator=torch.Generator().manual_seed(4)) < 0.3)
+                                 .to(DEVICE), 128, 300)
+    bad = valid.indices.clone()
+    bad[::7] = 500 + torch.arange(bad[::7].numel(), device=DEVICE, dtype=torch.int32)
+    bad[3::11] = -5
+    corrupt = SliceMask(valid.indptr, bad, 128, 300, 500)
+    _, lse = ref.logits_and_lse(q, k, scale)
+    ld = mask_kernels.row_stride(500, 2)
+    got = torch.zeros(2, 3, ld, dtype=ref.PROB_DTYPE, device=DEVICE)
+    mask_kernels.gpu_candidate_colmax(q, k, scale, lse.reshape(2, -1), corrupt, got, kernel=kernel)
+    listed = torch.zeros(1, 2, 3, 500, dtype=torch.bool, device=DEVICE)
+    rows = torch.repeat_interleave(torch.arange(6, device=DEVICE), valid.row_lengths().reshape(-1).long())
+    good = (bad >= 0) & (bad < 500)
+    listed.view(6, 500)[rows[good], bad[good].long()] = True
+    expected = ref.colmax_scores(q, k, lse, 128, scale).masked_fill(~listed, 0.0).reshape(2, 3, -1)
+    _close(got[..., :500].float(), expected, PROB_RTOL, 1e-6)
+    assert not got[..., 500:].any()
+
+
 @pytest.mark.parametrize("shape", [(1, 2, 300, 400, 64, 64), (2, 3, 1000, 777, 128, 128), (1, 2, 5000, 5000, 128, 128)])
 @pytest.mark.parametrize("rule", [dict(rule="topk", top_k=40), dict(rule="tau", tau=0.8, workspace_bytes=1)])
 def test_candidate_colmax_prediction_matches_reference(shape, rule):

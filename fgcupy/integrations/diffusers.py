@@ -328,20 +328,14 @@ class SparseAttentionHandle:
             poolings = layer.poolings.get((branch, key))
             calibrating = cfg.calibrate_pooling and poolings is None and not warmup
             dense_out, lse = self._dense_call(q, k, v, key_valid) if cfg.exact or warmup else (None, None)
-            # sparse_refresh: a layer whose mask still fits these inputs attends through it and
-            # makes the next mask from that call's LSE (calibration still runs first).
-            cached = None
+            # sparse_refresh: a layer whose mask still fits these inputs attends through it
+            # (calibration still runs first).
+            old = None
             if cfg.sparse_refresh and not (warmup or calibrating) and not self._needs_new_shape(entry, slot, key,
                                                                                              key_version):
-                cached = self.cache.get(entry)
-                sparse_out, lse = self._sparse_call(slot, cached, q, k, v)
-            if cached is not None:
-                diagonals = self._diagonals(layer, (branch, key), q, k)
-                predicted = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), None, poolings, diagonals)
-                if key_valid is not None:
-                    predicted = drop_keys(predicted, key_valid)
-                mask = _predict_mask()(q.transpose(1, 2), k.transpose(1, 2), slice_m=cfg.slice_m, method="colmax",
-                                       lse=lse, candidates=(cached, predicted), **cfg.exact_arguments())
+                old = self.cache.get(entry)
+                sparse_out, mask = self._refresh_from_sparse_call(layer, (branch, key), slot, old, q, k, v,
+                                                                  key_valid, poolings)
             elif calibrating:  # from sampled queries: no dense step
                 calibration = calibrate(q.transpose(1, 2), k.transpose(1, 2), None, cfg.slice_m,
                                         method=cfg.predictor, **cfg.predictor_arguments())
@@ -362,7 +356,7 @@ class SparseAttentionHandle:
             if dense_out is not None:
                 layer.stats.dense_calls += 1
                 return dense_out
-            if cached is not None:
+            if old is not None:
                 layer.stats.sparse_calls += 1
                 return sparse_out
         else:
@@ -414,15 +408,25 @@ class SparseAttentionHandle:
             out = cfg.attention_fn(q, k, v, full if key_valid is None else drop_keys(full, key_valid), None)
         return out, lse
 
-    def _sparse_call(self, slot: _Slot, mask: SliceMask, q, k, v):
-        """(output, row LSE over the kept keys) of q, k, v ``[B, S, H, D]`` through the cached
-        ``mask``: the refresh call of sparse_refresh. With ``attention_fn`` the output is its answer
-        and the LSE fgcupy's (the reference on CPU tensors)."""
+    def _refresh_from_sparse_call(self, layer: _Layer, entry: tuple, slot: _Slot, old: SliceMask, q, k, v,
+                                  key_valid, poolings) -> tuple:
+        """sparse_refresh's refresh call of q, k, v ``[B, S, H, D]``: (its output through the
+        layer's mask ``old``, the next mask: the exact column max, with this call's LSE over
+        ``old``'s keys, over those keys and the predictor's). With ``attention_fn`` the output is
+        its answer and the LSE fgcupy's (the reference on CPU tensors)."""
         cfg = self.config
         if cfg.attention_fn is None:
-            return slot.plan.run(q, k, v, layout="NHD", return_lse=True)
-        _, lse = sparse_attention(q, k, v, mask, layout="NHD", return_lse=True)
-        return cfg.attention_fn(q, k, v, mask, None), lse
+            out, lse = slot.plan.run(q, k, v, layout="NHD", return_lse=True)
+        else:
+            _, lse = sparse_attention(q, k, v, old, layout="NHD", return_lse=True)
+            out = cfg.attention_fn(q, k, v, old, None)
+        qh, kh = q.transpose(1, 2), k.transpose(1, 2)
+        predicted = self._predict(layer, qh, kh, None, poolings, self._diagonals(layer, entry, q, k))
+        if key_valid is not None:
+            predicted = drop_keys(predicted, key_valid)
+        mask = _predict_mask()(qh, kh, slice_m=cfg.slice_m, method="colmax", lse=lse, candidates=(old, predicted),
+                               **cfg.exact_arguments())
+        return out, mask
 
     def _diagonals(self, layer: _Layer, entry: tuple, q, k) -> tuple:
         """The layer's diagonals (find_diagonals): found on its first refresh, then kept."""
