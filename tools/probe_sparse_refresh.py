@@ -1,7 +1,7 @@
 """How good a refresh from a sparse step could be, per head family (a quality probe; CPU or GPU).
 
     PYTHONPATH=. python -m tools.probe_sparse_refresh [--drift 0.3] [--families mixture ...]
-        [--grid 5x30x52] [--heads 2] [--densities 0.1 0.3] [--device cpu]
+        [--grid 5x30x52] [--heads 2] [--densities 0.1 0.3] [--device cpu] [--iterate N]
 
 Step A is a head family's q, k, v and its oracle mask M0 (the exact column-max top-k: what a
 dense warm-up step gives, SparseAttentionConfig(mask_from_warmup=True)). At step B, q and k have
@@ -10,7 +10,9 @@ B could score exactly the keys M0 keeps plus the default predictor's keys: max o
 queries of logit - lse, where lse is each query's LSE over M0's keys (what step B's sparse
 attention through M0 returns), and keep the top-k: SparseAttentionConfig(sparse_refresh=True),
 through the library's path (the kernels on a GPU, the reference on a CPU). Printed, as error / step B's oracle error:
-the default predictor at step B, M0 reused, and that refresh.
+the default predictor at step B, M0 reused, and that refresh. With ``--iterate N``: N refreshes in
+a row from the default's own mask (q and k drifting before each), without and with the old mask's
+keys moved by one token, row or frame of the grid as candidates too (a local search).
 """
 
 from __future__ import annotations
@@ -30,14 +32,46 @@ def drifted(t: torch.Tensor, drift: float, gen: torch.Generator) -> torch.Tensor
     return (t.float() + drift * torch.randn(t.shape, generator=gen).to(t.device)).to(t.dtype)
 
 
-def sparse_refresh(q, k, v, previous: SliceMask, density: float) -> SliceMask:
+def sparse_refresh(q, k, v, previous: SliceMask, density: float, extra=()) -> SliceMask:
     """What SparseAttentionConfig(sparse_refresh=True) makes at step B: attention through
     ``previous`` for each query's LSE over its keys, then the exact column-max top-k over the keys
-    of ``previous`` and of the default predictor."""
+    of ``previous``, of the default predictor (and of the masks ``extra``)."""
     _, lse = sparse_attention(q, k, v, previous, return_lse=True)
     default = predict_mask(q, k, previous.slice_m, "topk", density=density)
     return predict_mask(q, k, previous.slice_m, "colmax", rule="topk", density=density, lse=lse,
-                        candidates=[previous, default])
+                        candidates=[previous, default, *extra])
+
+
+def shifted(mask: SliceMask, offset: int) -> SliceMask:
+    """``mask``'s keys moved by ``offset`` (clamped into the keys): candidate lists, not a mask
+    (keys may repeat)."""
+    return SliceMask(mask.indptr, (mask.indices + offset).clamp(0, mask.kv_len - 1), mask.slice_m, mask.q_len,
+                     mask.kv_len)
+
+
+def local_search(args, shape, grid) -> None:
+    """--iterate: from the default's mask, ``args.iterate`` refreshes, each on q, k drifted
+    again; a plain sparse refresh beside one that also scores the old mask's keys moved by one
+    token, one row or one frame of the grid either way (one of the three in turn)."""
+    offsets = (1, grid[2], grid[1] * grid[2])
+    for family in args.families:
+        q, k, v = family_qkv(shape, family, heads=args.heads, seed=args.seed, device=args.device)
+        gen = torch.Generator().manual_seed(args.seed + 7)
+        for density in args.densities:
+            plain = searched = predict_mask(q, k, 128, "topk", density=density)
+            line, scored = f"{family:17s} d={density}:", []
+            for step in range(args.iterate):
+                q, k = drifted(q, args.drift, gen), drifted(k, args.drift, gen)
+                judge = Judge(q, k, v, 128)
+                moved = [shifted(searched, sign * offsets[step % 3]) for sign in (1, -1)]
+                scored.append(sum(m.density() for m in moved))
+                plain = sparse_refresh(q, k, v, plain, density)
+                searched = sparse_refresh(q, k, v, searched, density, moved)
+                default = predict_mask(q, k, 128, "topk", density=density)
+                line += (f"  x{judge.ratio(default)[1]:.2f}/{judge.ratio(plain)[1]:.2f}/"
+                         f"{judge.ratio(searched)[1]:.2f}")
+            print(f"{line}  (default / sparse refresh / + moved keys; moved keys scored: "
+                  f"{sum(scored) / len(scored):.3f} of the slices a refresh)", flush=True)
 
 
 def main(argv=None) -> None:
@@ -49,11 +83,17 @@ def main(argv=None) -> None:
     parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--iterate", type=int, default=0,
+                        help="refreshes in a row from the default's mask, q and k drifting before each (0: one "
+                             "refresh from the oracle mask)")
     args = parser.parse_args(argv)
     grid = tuple(int(x) for x in args.grid.split("x"))
     shape = replace(SHAPES["wan14b-480p"], grid=grid, heads=args.heads)
     slice_m = 128
     print(f"grid {grid}, {args.heads} heads per family, drift {args.drift}, device {args.device}", flush=True)
+    if args.iterate:
+        local_search(args, shape, grid)
+        return
     for family in args.families:
         q0, k0, v = family_qkv(shape, family, heads=args.heads, seed=args.seed, device=args.device)
         gen = torch.Generator().manual_seed(args.seed + 7)
