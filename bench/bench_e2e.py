@@ -136,6 +136,9 @@ def paired_refresh_overhead_ms(model, run_block, args, predictor: dict) -> float
 def bench_block(seq: int, args, predictor: dict) -> dict:
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
+    if predictor.get("local_search"):  # the block is called alone: no transformer call to read the grid from
+        predictor = dict(predictor, grid=GRIDS[seq])
+
     model = build_wan(1)
     run_block = block_call(model, seq)
     gen = torch.Generator(device=DEVICE).manual_seed(2)
@@ -295,6 +298,9 @@ def main(argv=None):
     parser.add_argument("--sparse-refresh", action="store_true",
                         help="sparse_refresh=True: a refresh attends through the layer's mask and makes the next one "
                              "from the exact column max over its keys and the predictor's (--predictor topk or tau)")
+    parser.add_argument("--local-search", action="store_true",
+                        help="with --sparse-refresh: local_search=True (the old mask's keys moved along the token "
+                             "grid are candidates too)")
     parser.add_argument("--slice-m", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50, help="schedule length the refresh cost is spread over")
     parser.add_argument("--dense-steps", type=int, default=5)
@@ -324,6 +330,10 @@ def main(argv=None):
         if name not in ("topk", "tau", "topk, calibrated poolings"):
             parser.error("--sparse-refresh needs --predictor topk or tau")
         name, predictor = f"{name}, sparse refresh", dict(predictor, sparse_refresh=True)
+    if args.local_search:
+        if not args.sparse_refresh:
+            parser.error("--local-search needs --sparse-refresh")
+        name, predictor = f"{name} + local search", dict(predictor, local_search=True)
     header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | diffusers "
               f"{__import__('diffusers').__version__} | predictor {name} | target density {args.density} | "
               f"{'queued GPU time' if args.queued else 'isolated calls'}")

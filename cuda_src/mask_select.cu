@@ -33,6 +33,7 @@
 // emit_rows counts (offsets == nullptr) or writes the kept keys of each output row from the
 // bitmasks: the union over `group` consecutive selected sub-rows, plus an optional diagonal band.
 #include "common.cuh"
+#include "bit_rows.cuh"
 
 namespace fg {
 
@@ -47,7 +48,6 @@ constexpr float kTauSlack = 1e-5f;  // "reaches tau" allows this relative float3
 constexpr int kProbTop = 12257;  // (order_key(1.0f) >> 18) + 1: probability 1 falls in bin 1
 constexpr unsigned kBandKey = 0xffffffffu;
 constexpr int kDroppedBin = 0x7fff;  // staged bin of a decided key of the cut's bin that is dropped
-constexpr unsigned kFull = 0xffffffffu;
 constexpr int kIntMax = 0x7fffffff;
 constexpr int kRowPass = -2;
 constexpr int kSplitCut = -2;  // Cut::i of a threshold cut at a bin boundary (no key compared)
@@ -65,65 +65,6 @@ __device__ __forceinline__ unsigned order_key(float v) {
 __device__ __forceinline__ float key_float(unsigned u) {
   const unsigned b = (u & 0x80000000u) ? (u & 0x7fffffffu) : ~u;
   return __int_as_float(static_cast<int>(b));
-}
-
-__device__ __forceinline__ unsigned lanemask_lt(int lane) { return (1u << lane) - 1u; }
-
-// Position of the (r + 1)-th set bit of m (r < popc(m)): a binary search on bit counts.
-__device__ __forceinline__ int nth_set_bit(unsigned m, unsigned r) {
-  int pos = 0;
-#pragma unroll
-  for (int width = 16; width >= 1; width >>= 1) {
-    const unsigned low = __popc(m & ((1u << width) - 1u));
-    if (r >= low) {
-      r -= low;
-      m >>= width;
-      pos += width;
-    }
-  }
-  return pos;
-}
-
-// Writes the set bits of 32 consecutive bitmask words (lane l holds word word0 + l) as key
-// indices, in order, at dst[base], dst[base + 1], ... (positions >= limit skipped); every store
-// of the warp is coalesced. Returns the number of set bits. Where few words are non-zero (kept
-// keys cluster) the warp visits each of them with one lane per bit; where many are (scattered
-// keys) it writes 32 consecutive outputs per step, each lane finding its output's word by a
-// binary search of the words' starts and the bit by nth_set_bit.
-__device__ __forceinline__ unsigned warp_write_words(unsigned x, int word0, unsigned base, unsigned limit, int* dst) {
-  const int lane = threadIdx.x & 31;
-  const unsigned n = __popc(x);
-  unsigned incl = n;
-#pragma unroll
-  for (int off = 1; off < 32; off <<= 1) {
-    const unsigned y = __shfl_up_sync(kFull, incl, off);
-    if (lane >= off) incl += y;
-  }
-  const unsigned start = incl - n;
-  const unsigned total = __shfl_sync(kFull, incl, 31);
-  unsigned todo = __ballot_sync(kFull, x != 0u);
-  if (static_cast<unsigned>(__popc(todo)) <= 2u * ((total + 31u) / 32u)) {
-    while (todo != 0u) {
-      const int src = __ffs(todo) - 1;
-      todo &= todo - 1u;
-      const unsigned m = __shfl_sync(kFull, x, src);
-      const unsigned pos = base + __shfl_sync(kFull, start, src) + __popc(m & lanemask_lt(lane));
-      if (((m >> lane) & 1u) && pos < limit) dst[pos] = 32 * (word0 + src) + lane;
-    }
-    return total;
-  }
-  for (unsigned k0 = 0u; k0 < total; k0 += 32u) {
-    const unsigned k = k0 + lane;  // the output this lane writes: in the last word starting at or before it
-    int w = 0;
-#pragma unroll
-    for (int step = 16; step >= 1; step >>= 1) {
-      if (__shfl_sync(kFull, start, w + step) <= k) w += step;
-    }
-    const unsigned m = __shfl_sync(kFull, x, w);
-    const unsigned r = k - __shfl_sync(kFull, start, w);
-    if (k < total && base + k < limit) dst[base + k] = 32 * (word0 + w) + nth_set_bit(m, r);
-  }
-  return total;
 }
 
 // Band [lo, hi) of query block j: its own keys and `band` more on either side (band < 0: none).
@@ -1137,7 +1078,6 @@ emit_rows(const __grid_constant__ EmitParams p) {
   const int words = p.words, kv_len = p.kv_len, sub_rows = p.sub_rows, out_rows = p.out_rows;
   const int group = p.group, slice_m = p.slice_m, add_band = p.add_band;
   __shared__ unsigned warp_cnt[kEmitWarps];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int row = blockIdx.x;
   const int bh = row / out_rows;
   const int j = row - bh * out_rows;
@@ -1150,32 +1090,7 @@ emit_rows(const __grid_constant__ EmitParams p) {
     for (int s = 0; s < nsub; ++s) x |= __ldg(sub0 + static_cast<i64>(s) * words + w);
     return x;
   };
-  // Warp w owns a contiguous segment of words; lane l takes every 32nd word of it, so a warp
-  // writes one contiguous run of indices per 32 words.
-  const int seg = ((words + kEmitWarps - 1) / kEmitWarps + 31) & ~31;
-  const int ws = warp * seg;
-  const int we = min(words, ws + seg);
-  unsigned mine = 0u;
-  for (int w = ws + lane; w < we; w += 32) mine += __popc(word(w));
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) mine += __shfl_xor_sync(kFull, mine, off);
-  if (lane == 0) warp_cnt[warp] = mine;
-  __syncthreads();
-  unsigned run = 0u, total = 0u;
-  for (int w = 0; w < kEmitWarps; ++w) {
-    if (w < warp) run += warp_cnt[w];
-    total += warp_cnt[w];
-  }
-  if (offsets == nullptr) {
-    if (tid == 0) counts[row] = static_cast<int>(total);
-    return;
-  }
-  const unsigned limit = static_cast<unsigned>(max(counts[row], 0));
-  int* dst = out + offsets[row];
-  for (int w0 = ws; w0 < we; w0 += 32) {
-    const int w = w0 + lane;
-    run += warp_write_words(w < we ? word(w) : 0u, w0, run, limit, dst);
-  }
+  count_or_write_row<kEmitThreads>(word, words, row, counts, offsets, out, warp_cnt);
 }
 
 }  // namespace fg

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .mask import SliceMask, indptr_from_offsets, num_blocks
+from .jit.score_spec import UNION_MAX_OFFSETS
+from .mask import INT32_MAX, SliceMask, indptr_from_counts, indptr_from_offsets, num_blocks
 
 
 def concat_heads(masks, order=None) -> SliceMask:
@@ -192,3 +193,43 @@ def _check_ints(**values) -> None:
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+
+
+def union_reference(mask: SliceMask, offsets=(0,), extra: SliceMask | None = None) -> SliceMask:
+    """The keys of ``mask`` moved by each of ``offsets`` (0: the keys themselves), joined with the
+    keys of ``extra`` (same shape), inside [0, kv_len), sorted and unique per row: candidates for
+    a local search around a mask. Plain torch; synchronises (``fgcupy.union_keys`` is the kernel)."""
+    check_union(mask, offsets, extra)
+    rows = mask.batch * mask.heads * mask.q_blocks
+    row_of, keys = mask.flat_rows()
+    moved_rows = [row_of for _ in offsets]
+    moved_keys = [keys + int(offset) for offset in offsets]
+    if extra is not None:
+        extra_rows, extra_keys = extra.flat_rows()
+        moved_rows.append(extra_rows)
+        moved_keys.append(extra_keys)
+    row_of, keys = torch.cat(moved_rows), torch.cat(moved_keys)
+    inside = (keys >= 0) & (keys < mask.kv_len)
+    flat = torch.unique(row_of[inside] * max(mask.kv_len, 1) + keys[inside])
+    counts = torch.bincount(flat // max(mask.kv_len, 1), minlength=rows)
+    indptr = indptr_from_counts(counts, mask.batch, mask.heads, mask.q_blocks)
+    indices = (flat % max(mask.kv_len, 1)).to(torch.int32)
+    return SliceMask(indptr, indices, mask.slice_m, mask.q_len, mask.kv_len)
+
+
+def check_union(mask, offsets, extra) -> None:
+    _check_mask(mask)
+    offsets = tuple(offsets)
+    if not 1 <= len(offsets) <= UNION_MAX_OFFSETS:
+        raise ValueError(f"offsets must hold 1 to {UNION_MAX_OFFSETS} ints, got {len(offsets)}")
+    for offset in offsets:
+        if isinstance(offset, bool) or not isinstance(offset, int) or abs(offset) > INT32_MAX:
+            raise ValueError(f"offsets must be ints within int32, got {offset!r}")
+    if extra is not None:
+        _check_mask(extra)
+        shape = (mask.batch, mask.heads, mask.q_len, mask.kv_len, mask.slice_m)
+        other = (extra.batch, extra.heads, extra.q_len, extra.kv_len, extra.slice_m)
+        if other != shape:
+            raise ValueError(f"extra has (B, H, q_len, kv_len, slice_m)={other}, the mask {shape}")
+        if extra.device != mask.device:
+            raise ValueError(f"extra is on {extra.device}, the mask on {mask.device}")

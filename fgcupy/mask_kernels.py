@@ -15,9 +15,9 @@ from . import bridge
 from .jit.launch import launch
 from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_LARGE_SMEM, SELECT_MAX_SMEM,  # noqa: F401
                              SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DILATE_RUN, ROWS_MAX_DIM,
-                             ROWS_MAX_GROUPS, AdaptiveRowsSpec, DilateInPlaceSpec, DilateSpec, EmitSpec, ScoreSpec,
-                             SelectSpec, Sm90ScoreSpec)
-from .mask import num_blocks
+                             ROWS_MAX_GROUPS, UNION_MAX_OFFSETS, UNION_MAX_WORDS, AdaptiveRowsSpec, DilateInPlaceSpec, DilateSpec, EmitSpec,
+                             ScoreSpec, SelectSpec, Sm90ScoreSpec, UnionSpec)
+from .mask import INT32_MAX, SliceMask, indptr_from_counts, num_blocks
 from .mask_reference import COHERENCE_CUT, PROB_DTYPE, dilate_keys, stored_probs
 
 _TARGET_CTAS = 2048
@@ -407,3 +407,36 @@ def gpu_adaptive_rows(q: torch.Tensor, pool: int, slice_m: int):
                             stride_s=q.stride(2), heads=heads, q_len=q_len, dim=dim, slice_m=slice_m, pool=pool,
                             is_bf16=int(q.dtype == torch.bfloat16), cut=COHERENCE_CUT))
     return rows, sampled
+
+
+def gpu_union(mask, offsets: tuple, extra=None):
+    """fg::union_rows: mask_algebra.union_reference on the GPU (a count launch, one host sync
+    for the size, a write launch), or None where the kernel does not apply (rows longer than
+    UNION_MAX_WORDS * 32 keys)."""
+    words = -(-mask.kv_len // 32)
+    if words > UNION_MAX_WORDS:
+        return None
+    rows = mask.batch * mask.heads * mask.q_blocks
+    counts = torch.zeros(rows, dtype=torch.int32, device=mask.device)
+    spec = UnionSpec()
+    moved = {f"offset{i}": int(offsets[i]) if i < len(offsets) else 0 for i in range(UNION_MAX_OFFSETS)}
+    lists = {"indptr": mask.indptr.contiguous(), "indices": mask.indices.contiguous(), "capacity": mask.capacity,
+             "extra_indptr": None if extra is None else extra.indptr.contiguous(),
+             "extra_indices": None if extra is None else extra.indices.contiguous(),
+             "extra_capacity": 0 if extra is None else extra.capacity}
+
+    def run(offsets_of_rows=None, out=None):
+        if rows and words:
+            launch(spec, mask.device, (rows,),
+                   spec.params.pack(counts=counts, offsets=offsets_of_rows, out=out, q_blocks=mask.q_blocks,
+                                    kv_len=mask.kv_len, words=words, n_offsets=len(offsets), **lists, **moved),
+                   shared_mem=8 * words)
+
+    run()
+    indptr = indptr_from_counts(counts, mask.batch, mask.heads, mask.q_blocks)
+    total = int(counts.sum(dtype=torch.int64).item())  # the one host sync
+    if total > INT32_MAX:
+        raise ValueError(f"the union keeps {total} slices, more than int32 offsets address")
+    indices = torch.empty(total, dtype=torch.int32, device=mask.device)
+    run(indptr[..., :-1].reshape(-1).contiguous(), indices)
+    return SliceMask(indptr, indices, mask.slice_m, mask.q_len, mask.kv_len)

@@ -14,7 +14,8 @@ pytest.importorskip("diffusers", reason="diffusers is an optional extra: pip ins
 import fgcupy  # noqa: E402
 from fgcupy import SliceMask, relative_l2  # noqa: E402
 from fgcupy.integrations import diffusers as fd  # noqa: E402
-from fgcupy.mask_algebra import drop_keys  # noqa: E402
+from fgcupy.local_search import search_offsets  # noqa: E402
+from fgcupy.mask_algebra import drop_keys, union_reference  # noqa: E402
 from fgcupy.oracle import exact_lse  # noqa: E402
 
 from .tiny_diffusers import (  # noqa: E402
@@ -398,6 +399,39 @@ def test_sparse_refresh_attends_through_the_old_mask_and_keeps_the_exact_one_ove
     assert not torch.equal(expected.to_dense(), predicted.to_dense())
 
 
+@pytest.mark.parametrize("grid", [None, (3, 4, 16)], ids=["grid_from_the_model", "grid_given"])
+def test_local_search_scores_the_old_keys_moved_along_the_grid(grid):
+    """local_search: each refresh's candidates are the old mask's keys moved by a token, a row,
+    then a frame of the token grid (read from hidden_states and patch_size unless given), joined
+    with the predictor's keys; the new mask is the exact column max over them."""
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs(frames=3, size=16)
+    seen = []
+    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.2, slice_m=64, refresh_every=1, sparse_refresh=True,
+                                                      local_search=True, grid=grid, attention_fn=_recording(seen)))
+    for step in range(5):
+        run_wan(model, latents, text, t=1000 - 100 * step)
+    expected_grid = (3, 8, 8) if grid is None else grid
+    assert handle.grid == expected_grid
+    for refresh in range(3):  # step refresh + 1 attends through step refresh's mask and makes the next
+        q, k, old = (x.transpose(1, 2) if i < 2 else x for i, x in enumerate(seen[refresh + 1]))
+        _, lse = fgcupy.sparse_attention(q, k, k, old, return_lse=True)
+        predicted = fgcupy.predict_mask(q, k, 64, "topk", density=0.2)
+        candidates = union_reference(old, search_offsets(expected_grid, refresh), predicted)
+        expected = fgcupy.predict_mask(q, k, 64, "colmax", rule="topk", density=0.2, lse=lse, candidates=[candidates])
+        assert torch.equal(seen[refresh + 2][2].to_dense(), expected.to_dense())
+    moved = union_reference(old, search_offsets(expected_grid, 2)).to_dense()
+    assert (moved & ~(old.to_dense() | predicted.to_dense())).any()  # the search adds keys
+
+
+def test_token_grid_of_wan_and_hunyuan_inputs():
+    latents = torch.zeros(1, 4, 5, 16, 12)
+    assert fd.token_grid(tiny_wan(layers=1).config, latents) == (5, 8, 6)
+    assert fd.token_grid(tiny_hunyuan().config, latents) == (5, 8, 6)
+    assert fd.token_grid(tiny_wan(layers=1).config, latents[0]) is None
+    assert fd.token_grid(None, latents) is None
+
+
 @pytest.mark.parametrize("share_branches", [False, True])
 def test_sparse_refresh_with_text_padding_and_guidance_branches(share_branches):
     """HunyuanVideo's padded text keys stay out of every sparse-refreshed mask (the candidates
@@ -700,6 +734,10 @@ def test_predictor_with_the_wrong_shape_is_named():
         (dict(sparse_refresh=True, predictor="colmax"), "sparse_refresh adds the keys of a mean-query predictor"),
         (dict(sparse_refresh=True, predictor=full_predictor), "sparse_refresh adds the keys"),
         (dict(sparse_refresh=True, process_group=object()), "sparse_refresh needs each layer's full-sequence"),
+        (dict(sparse_refresh=True, local_search=1), "local_search must be a bool"),
+        (dict(local_search=True), "set sparse_refresh=True too"),
+        (dict(grid=(3, 8, 8)), "grid is read by local_search only"),
+        (dict(sparse_refresh=True, local_search=True, grid=(8, 8)), "three positive ints"),
     ],
 )
 def test_config_validation(kwargs, error):

@@ -192,12 +192,15 @@ def test_mask_from_warmup_on_the_kernel():
     assert abs(handle.mask("blocks.0.attn1").density() - 0.3) < 0.02
 
 
-def test_sparse_refresh_on_the_kernel():
+@pytest.mark.parametrize("local_search", [False, True])
+def test_sparse_refresh_on_the_kernel(local_search):
     """sparse_refresh on CUDA: after the warm-up's exact mask, each refresh attends through the
     layer's mask (the plan's LSE) and keeps the exact column max over its keys and the
-    predictor's; the trajectory stays near dense and the masks keep the density."""
+    predictor's (and, with local_search, the old keys moved along the grid, joined by the union
+    kernel); the trajectory stays near dense and the masks keep the density."""
     handle, ours, dense = run_schedule(density=0.3, dense_steps=1, refresh_every=2, mask_from_warmup=True,
-                                       sparse_refresh=True)
+                                       sparse_refresh=True, local_search=local_search)
+    assert handle.grid == ((3, 16, 16) if local_search else None)
     stats = handle.stats().values()
     assert all(s.refresh_steps == [0, 3] and s.dense_calls == 1 and s.sparse_calls == 4 for s in stats)
     assert abs(handle.mask("blocks.0.attn1").density() - 0.3) < 0.02

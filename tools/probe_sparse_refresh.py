@@ -24,6 +24,7 @@ import torch
 
 from fgcupy import SliceMask, predict_mask, sparse_attention
 from fgcupy.head_families import FAMILIES, family_qkv
+from fgcupy.mask_algebra import union_reference
 from fgcupy.oracle import Judge
 from fgcupy.workloads import SHAPES
 
@@ -42,36 +43,51 @@ def sparse_refresh(q, k, v, previous: SliceMask, density: float, extra=()) -> Sl
                         candidates=[previous, default, *extra])
 
 
-def shifted(mask: SliceMask, offset: int) -> SliceMask:
-    """``mask``'s keys moved by ``offset`` (clamped into the keys): candidate lists, not a mask
-    (keys may repeat)."""
-    return SliceMask(mask.indptr, (mask.indices + offset).clamp(0, mask.kv_len - 1), mask.slice_m, mask.q_len,
-                     mask.kv_len)
-
-
 def local_search(args, shape, grid) -> None:
-    """--iterate: from the default's mask, ``args.iterate`` refreshes, each on q, k drifted
-    again; a plain sparse refresh beside one that also scores the old mask's keys moved by one
-    token, one row or one frame of the grid either way (one of the three in turn)."""
+    """--iterate: from the default's mask (or the oracle's, ``--start oracle``), ``args.iterate``
+    refreshes, each on q, k drifted again, side by side: a plain sparse refresh; one that also
+    scores the old mask's keys moved by one token, row or frame of the grid either way (one of the
+    three in turn); one that moves them by all three; those two without the predictor's keys."""
     offsets = (1, grid[2], grid[1] * grid[2])
+    every = tuple(sign * o for o in offsets for sign in (1, -1))
+    variants = {
+        "plain": lambda step: ((0,), True),
+        "rotating": lambda step: ((0, offsets[step % 3], -offsets[step % 3]), True),
+        "all": lambda step: ((0, *every), True),
+        "all, no predictor": lambda step: ((0, *every), False),
+        "rotating, no predictor": lambda step: ((0, offsets[step % 3], -offsets[step % 3]), False),
+    }
+    print("columns per refresh: default / " + " / ".join(variants) + "  (error / oracle error); "
+          "candidates: the union's density / the mask's", flush=True)
     for family in args.families:
         q, k, v = family_qkv(shape, family, heads=args.heads, seed=args.seed, device=args.device)
         gen = torch.Generator().manual_seed(args.seed + 7)
         for density in args.densities:
-            plain = searched = predict_mask(q, k, 128, "topk", density=density)
-            line, scored = f"{family:17s} d={density}:", []
+            start = (Judge(q, k, v, 128).oracle(density) if args.start == "oracle"
+                     else predict_mask(q, k, 128, "topk", density=density))
+            masks = dict.fromkeys(variants, start)
+            line, scored = f"{family:17s} d={density}:", {name: [] for name in variants}
             for step in range(args.iterate):
                 q, k = drifted(q, args.drift, gen), drifted(k, args.drift, gen)
                 judge = Judge(q, k, v, 128)
-                moved = [shifted(searched, sign * offsets[step % 3]) for sign in (1, -1)]
-                scored.append(sum(m.density() for m in moved))
-                plain = sparse_refresh(q, k, v, plain, density)
-                searched = sparse_refresh(q, k, v, searched, density, moved)
                 default = predict_mask(q, k, 128, "topk", density=density)
-                line += (f"  x{judge.ratio(default)[1]:.2f}/{judge.ratio(plain)[1]:.2f}/"
-                         f"{judge.ratio(searched)[1]:.2f}")
-            print(f"{line}  (default / sparse refresh / + moved keys; moved keys scored: "
-                  f"{sum(scored) / len(scored):.3f} of the slices a refresh)", flush=True)
+                cells = [f"{judge.ratio(default)[1]:.2f}"]
+                for name, choose in variants.items():
+                    moves, with_predictor = choose(step)
+                    union = union_reference(masks[name], moves, default if with_predictor else None)
+                    scored[name].append(union.density() / density)
+                    masks[name] = local_refresh(q, k, v, masks[name], union, density)
+                    cells.append(f"{judge.ratio(masks[name])[1]:.2f}")
+                line += "  " + "/".join(cells)
+            costs = " / ".join(f"{sum(c) / len(c):.2f}" for c in scored.values())
+            print(f"{line}  (candidates {costs})", flush=True)
+
+
+def local_refresh(q, k, v, previous: SliceMask, candidates: SliceMask, density: float) -> SliceMask:
+    """A sparse refresh whose candidates are ``candidates`` (a union around ``previous``)."""
+    _, lse = sparse_attention(q, k, v, previous, return_lse=True)
+    return predict_mask(q, k, previous.slice_m, "colmax", rule="topk", density=density, lse=lse,
+                        candidates=[candidates])
 
 
 def main(argv=None) -> None:
@@ -83,6 +99,8 @@ def main(argv=None) -> None:
     parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start", choices=("default", "oracle"), default="default",
+                        help="--iterate's first mask: the default predictor's or the oracle's (a dense warm-up)")
     parser.add_argument("--iterate", type=int, default=0,
                         help="refreshes in a row from the default's mask, q and k drifting before each (0: one "
                              "refresh from the oracle mask)")

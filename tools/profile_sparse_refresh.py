@@ -6,9 +6,12 @@ beside SDPA cuDNN dense in the same run (CUDA-event medians, isolated calls):
 Per density d: the old mask (the exact one of this step), the default prediction, the sparse
 attention through the old mask with its LSE, and the exact column max over the two masks' keys
 (predict_mask(method="colmax", candidates=...)), and its scoring pass alone on each scoring
-kernel (list mode; the rest is zeroing the score rows and the top-k selection).
-SparseAttentionConfig(sparse_refresh=True) adds the default prediction and the candidates'
-column max to a refresh step (its attention call runs anyway).
+kernel (list mode; the rest is zeroing the score rows and the top-k selection). Then the
+candidates as SparseAttentionConfig builds them (fgcupy.union_keys: every key once): the two
+masks' union (sparse_refresh=True), with the old keys moved by a token, a row or a frame of the
+grid (local_search=True; one kind a refresh), and moved keys without the predictor's; for each,
+the union kernel and the column max over it. A sparse refresh adds the default prediction, the
+union and its column max to a refresh step (its attention call runs anyway).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import math
 import torch
 
 from fgcupy import mask_kernels, predict_mask, sparse_attention
+from fgcupy.local_search import grid_offsets, union_keys
 from fgcupy import mask_reference as ref
 from fgcupy.mask import num_blocks
 from fgcupy.oracle import exact_lse
@@ -75,6 +79,18 @@ def main(argv=None) -> None:
         record(f"colmax over candidates d={density} (predict_mask, auto kernel)",
                lambda d=density, o=old, c=default: predict_mask(q, k, 128, "colmax", rule="topk", density=d,
                                                                 lse=sparse_lse, candidates=[o, c]))
+        token, row, frame = grid_offsets(shape.grid)
+        unions = {"old + default": ((0,), default), "old moved by a token + default": ((0, token, -token), default),
+                  "old moved by a row + default": ((0, row, -row), default),
+                  "old moved by a frame + default": ((0, frame, -frame), default),
+                  "old moved by a row, no predictor": ((0, row, -row), None)}
+        for name, (offsets, extra) in unions.items():
+            joined = union_keys(old, offsets, extra)
+            print(f"  {name}: {joined.density():.3f} of all slices", flush=True)
+            record("    union_keys", lambda o=old, m=offsets, e=extra: union_keys(o, m, e))
+            record("    colmax over the union",
+                   lambda d=density, j=joined: predict_mask(q, k, 128, "colmax", rule="topk", density=d,
+                                                            lse=sparse_lse, candidates=[j]))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ With ``mask_from_warmup`` the last warm-up step does the same (its output is den
 exact mask serves the first sparse step; later refreshes use the predictor.
 With ``sparse_refresh`` a refresh of a layer that has a mask attends through it, and the next mask is
 the exact column max (with that call's LSE) over the keys it kept and the keys the predictor adds.
+With ``local_search`` the candidates also hold the old mask's keys moved by a token, a row or a frame
+of the token grid (read from the transformer call's ``hidden_states`` and the model's patch size).
 With ``refresh_on_drift`` a layer also refreshes on a step where the block means of its queries or
 keys moved past the threshold since its mask was made (one host synchronisation per layer).
 
@@ -49,6 +51,7 @@ from ..cache import block_means, means_drift
 from ..calibration import calibrate
 from ..diagonals import find_diagonals
 from ..mask import SliceMask
+from ..local_search import search_offsets, union_keys
 from ..mask_algebra import drop_keys
 from .diffusers_config import SparseAttentionConfig
 from .diffusers_processors import HunyuanVideoSparseProcessor, WanSparseProcessor, _Processor  # noqa: F401
@@ -64,6 +67,7 @@ __all__ = [
     "handle_of",
     "kernel_available",
     "remove",
+    "token_grid",
 ]
 
 _HANDLE_ATTR = "_fgcupy_sparse_attention"
@@ -113,6 +117,7 @@ class _Slot:
     key: tuple | None = None  # (shape of q, shape of k, dtype, device): a change forces a refresh
     key_version: int = 0
     means: tuple | None = None  # block means of (q, k) the mask was made from (refresh_on_drift)
+    searches: int = 0  # local searches run (which grid step the next one moves keys by)
 
 
 class _Layer:
@@ -156,10 +161,14 @@ class SparseAttentionHandle:
         self._padding_host: dict[int, torch.Tensor] = {}
         self._padding_version: dict[int, int] = {}
         self._padding_seen: dict[int, tuple] = {}
+        self.grid: tuple | None = config.grid  # the latent token grid (local_search)
 
     # ---- steps ----
     def _pre_hook(self, module, args, kwargs):
         timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if self.config.local_search and self.config.grid is None:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            self.grid = token_grid(getattr(module, "config", None), hidden)
         self.begin_forward(timestep)
 
     def begin_forward(self, timestep=None) -> None:
@@ -424,7 +433,12 @@ class SparseAttentionHandle:
         predicted = self._predict(layer, qh, kh, None, poolings, self._diagonals(layer, entry, q, k))
         if key_valid is not None:
             predicted = drop_keys(predicted, key_valid)
-        mask = _predict_mask()(qh, kh, slice_m=cfg.slice_m, method="colmax", lse=lse, candidates=(old, predicted),
+        offsets = (0,)
+        if cfg.local_search:
+            offsets = search_offsets(self.grid, slot.searches) if self.grid else (0, 1, -1)
+            slot.searches += 1
+        candidates = union_keys(old, offsets, predicted)
+        mask = _predict_mask()(qh, kh, slice_m=cfg.slice_m, method="colmax", lse=lse, candidates=(candidates,),
                                **cfg.exact_arguments())
         return out, mask
 
@@ -499,6 +513,23 @@ def _predict_mask():
             "this fgcupy has no predict_mask: pass a callable predictor (q, k, slice_m=...) -> SliceMask"
         )
     return predict
+
+
+def token_grid(model_config, hidden_states) -> tuple | None:
+    """(frames, height, width) of the tokens a video transformer makes of ``hidden_states``
+    [B, C, F, H, W]: its sizes over the model's ``patch_size`` (Wan: a triple; HunyuanVideo: an
+    int beside ``patch_size_t``). None where either is missing."""
+    patch = getattr(model_config, "patch_size", None)
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
+        return None
+    if isinstance(patch, (tuple, list)) and len(patch) == 3:
+        steps = tuple(patch)
+    elif isinstance(patch, int):
+        steps = (getattr(model_config, "patch_size_t", None) or 1, patch, patch)
+    else:
+        return None
+    grid = tuple(int(n) // int(s) for n, s in zip(hidden_states.shape[2:], steps))
+    return grid if min(grid) >= 1 else None
 
 
 def _stock_processor_kinds():

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from ..cache import MaskCache
 from ..jit.spec import SLICE_SIZES
+from ..local_search import grid_offsets
 
 # The parameter each named predictor method is tuned by (checked at config time, so a missing
 # density fails at apply() rather than on the first refresh step deep inside a pipeline).
@@ -70,6 +71,14 @@ class SparseAttentionConfig:
         step: the predictor's cost plus one Q K^T pass over the candidates. Masks stay near the
         exact ones while attention moves slowly between refreshes (README "Mask quality").
         Needs a named mean-query predictor and no process_group.
+    local_search: with sparse_refresh, the candidates also hold the old mask's keys moved by one
+        step of the token grid either way, a token, a row and a frame in turn (one kind a refresh;
+        ``fgcupy.local_search``): refresh after refresh the mask follows attention that shifts
+        by a few tokens, which the cheap predictor cannot see where a query block's queries look
+        at different places. Every candidate is scored once (``union_keys``).
+    grid: (frames, height, width) of the latent token grid for local_search; None reads it from
+        each transformer call (``hidden_states`` [B, C, F, H, W] over the model's ``patch_size``).
+        Without either the search moves keys by one token only.
     refresh_on_drift: also re-predict a layer's mask on a step where its queries or keys moved
         by more than this since the mask was made (``fgcupy.cache.means_drift`` of their block
         means, in (0, 2]; costs one host sync per layer and sparse step). None: schedule only.
@@ -100,6 +109,8 @@ class SparseAttentionConfig:
     refresh_on_drift: float | None = None
     mask_from_warmup: bool = False
     sparse_refresh: bool = False
+    local_search: bool = False
+    grid: tuple[int, int, int] | None = None
     calibrate_pooling: bool = False
     find_diagonals: int = 0
     share_branches: bool = False
@@ -160,6 +171,7 @@ class SparseAttentionConfig:
             self._check_mask_from_warmup()
         if self.sparse_refresh:
             self._check_sparse_refresh()
+        self._check_local_search()
         if self.refresh_on_drift is not None:
             if isinstance(self.refresh_on_drift, bool) or not isinstance(self.refresh_on_drift, (int, float)) \
                     or not 0.0 < self.refresh_on_drift <= 2.0:
@@ -223,6 +235,17 @@ class SparseAttentionConfig:
             raise ValueError(f"sparse_refresh adds the keys of a mean-query predictor {tuple(_METHOD_PARAMETER)} to the "
                              f"old mask's and selects by its parameter, got predictor={self.predictor!r}")
         self._refuse_process_group("sparse_refresh", "queries, keys and LSE")
+
+    def _check_local_search(self) -> None:
+        if not isinstance(self.local_search, bool):
+            raise TypeError(f"local_search must be a bool, got {self.local_search!r}")
+        if self.local_search and not self.sparse_refresh:
+            raise ValueError("local_search adds candidates to a sparse refresh: set sparse_refresh=True too")
+        if self.grid is not None:
+            if not self.local_search:
+                raise ValueError("grid is read by local_search only: set local_search=True or leave grid None")
+            grid_offsets(self.grid)
+            object.__setattr__(self, "grid", tuple(self.grid))
 
     def _refuse_process_group(self, option: str, needs: str, hint: str = "") -> None:
         if self.process_group is not None:

@@ -100,6 +100,18 @@ ADAPTIVE_ROWS_PARAMS = ParamStruct("AdaptiveRowsParams", (
     ("heads", "i32"), ("q_len", "i32"), ("dim", "i32"), ("slice_m", "i32"), ("pool", "i32"), ("is_bf16", "i32"),
     ("cut", "f32"),
 ))
+#: fg::union_rows (mask_union.cu): threads per CTA, offsets per union, and its one argument.
+#: Its two rows of key bits sit in dynamic shared memory within the 48 KB every GPU grants
+#: without opting in: rows up to UNION_MAX_WORDS * 32 keys.
+UNION_THREADS = 256
+UNION_MAX_OFFSETS = 8
+UNION_MAX_WORDS = 6016
+UNION_PARAMS = ParamStruct("UnionParams", (
+    ("indptr", "in"), ("indices", "in"), ("extra_indptr", "in"), ("extra_indices", "in"), ("counts", "out"),
+    ("offsets", "in"), ("out", "out"), ("capacity", "i32"), ("extra_capacity", "i32"), ("q_blocks", "i32"),
+    ("kv_len", "i32"), ("words", "i32"), ("n_offsets", "i32"),
+    *((f"offset{i}", "i32") for i in range(UNION_MAX_OFFSETS)),
+))
 #: Score-row storage the selection kernel reads (template S of fg::select_rows): float32 or
 #: float16 logits, bfloat16 max-probability scores (what the "maxprob" and "band" modes write).
 SELECT_SCORES = {"float32": "fg::F32Scores", "float16": "fg::F16Scores", "bfloat16": "fg::BF16Scores"}
@@ -317,6 +329,18 @@ class AdaptiveRowsSpec(PlainKernelSpec):
     constants = {"kRowsThreads": ROWS_THREADS, "kRowsMaxGroups": ROWS_MAX_GROUPS, "kRowsMaxDim": ROWS_MAX_DIM}
 
 
+@dataclass(frozen=True)
+class UnionSpec(PlainKernelSpec):
+    """``fg::union_rows``: count or write each row's keys of a mask moved by a few offsets,
+    joined with another mask's keys (the candidates of a local search)."""
+
+    source = "mask_union.cu"
+    template = "fg::union_rows"
+    threads = UNION_THREADS
+    params = UNION_PARAMS
+    constants = {"kUnionThreads": UNION_THREADS, "kUnionMaxOffsets": UNION_MAX_OFFSETS}
+
+
 def all_mask_specs() -> list:
     """Every mask-prediction specialization fgcupy ships (and the CPU tests compile)."""
     specs = []
@@ -333,7 +357,7 @@ def all_mask_specs() -> list:
             specs.append(ScoreSpec(dtype, d, "listmax", 4))
             specs.append(ScoreSpec(dtype, d, "listmax", 8))
     selects = [SelectSpec(staged, scores) for staged in (True, False) for scores in SELECT_SCORES]
-    return specs + selects + [EmitSpec(), DilateSpec(), DilateInPlaceSpec(), AdaptiveRowsSpec()]
+    return specs + selects + [EmitSpec(), DilateSpec(), DilateInPlaceSpec(), AdaptiveRowsSpec(), UnionSpec()]
 
 
 def all_sm90_mask_specs() -> list:

@@ -1,0 +1,49 @@
+"""Candidates for a sparse refresh that searches around the old mask.
+
+Attention in video transformers moves slowly between diffusion steps, and where it moves it
+mostly shifts: a head that looked at a key now looks at its neighbour in the token grid. A sparse
+refresh (exact column maxima over candidate keys, SparseAttentionConfig(sparse_refresh=True)) that
+also scores the old mask's keys moved by one token, one row or one frame follows that drift step
+by step (a local search), where the cheap predictor alone cannot see structure finer than a
+query block. ``union_keys`` builds those candidates without duplicates, so each key is scored once.
+"""
+
+from __future__ import annotations
+
+from .bridge import cupy_available
+from .mask import SliceMask
+from .mask_algebra import check_union, union_reference
+
+
+def union_keys(mask: SliceMask, offsets=(0,), extra: SliceMask | None = None) -> SliceMask:
+    """Per row, the keys of ``mask`` moved by each of ``offsets`` (0: the keys themselves) and the
+    keys of ``extra`` (a mask of the same shape), inside [0, kv_len), sorted and unique. On CUDA
+    tensors one kernel counts and one writes (one host sync for the size); elsewhere the torch
+    reference (mask_algebra.union_reference)."""
+    offsets = tuple(offsets)
+    check_union(mask, offsets, extra)
+    if mask.device.type == "cuda" and cupy_available():
+        from .mask_kernels import gpu_union
+
+        joined = gpu_union(mask, offsets, extra)
+        if joined is not None:
+            return joined
+    return union_reference(mask, offsets, extra)
+
+
+def grid_offsets(grid) -> tuple[int, int, int]:
+    """Key offsets of one token, one row and one frame of a (frames, height, width) token grid."""
+    grid = tuple(grid)
+    if len(grid) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in grid):
+        raise ValueError(f"grid must be three positive ints (frames, height, width), got {grid!r}")
+    _, height, width = grid
+    return 1, width, height * width
+
+
+def search_offsets(grid, refresh: int) -> tuple[int, int, int]:
+    """The offsets a local search scores on its ``refresh``-th refresh: the keys themselves and
+    one step of the grid either way, a token, a row and a frame in turn (one step a refresh keeps
+    the candidates near 1.7x the mask; all three at once, near 2.8x, gained little on the head
+    families: tools.probe_sparse_refresh --iterate)."""
+    step = grid_offsets(grid)[refresh % 3]
+    return 0, step, -step
