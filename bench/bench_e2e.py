@@ -301,6 +301,9 @@ def main(argv=None):
     parser.add_argument("--local-search", action="store_true",
                         help="with --sparse-refresh: local_search=True (the old mask's keys moved along the token "
                              "grid are candidates too)")
+    parser.add_argument("--search-only", action="store_true",
+                        help="with --local-search: predict_on_refresh=False (a refresh scores the old keys and their "
+                             "moved copies only)")
     parser.add_argument("--slice-m", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50, help="schedule length the refresh cost is spread over")
     parser.add_argument("--dense-steps", type=int, default=5)
@@ -334,6 +337,10 @@ def main(argv=None):
         if not args.sparse_refresh:
             parser.error("--local-search needs --sparse-refresh")
         name, predictor = f"{name} + local search", dict(predictor, local_search=True)
+    if args.search_only:
+        if not args.local_search:
+            parser.error("--search-only needs --local-search")
+        name, predictor = f"{name}, no prediction", dict(predictor, predict_on_refresh=False)
     header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | diffusers "
               f"{__import__('diffusers').__version__} | predictor {name} | target density {args.density} | "
               f"{'queued GPU time' if args.queued else 'isolated calls'}")

@@ -399,25 +399,32 @@ def test_sparse_refresh_attends_through_the_old_mask_and_keeps_the_exact_one_ove
     assert not torch.equal(expected.to_dense(), predicted.to_dense())
 
 
-@pytest.mark.parametrize("grid", [None, (3, 4, 16)], ids=["grid_from_the_model", "grid_given"])
-def test_local_search_scores_the_old_keys_moved_along_the_grid(grid):
+@pytest.mark.parametrize("grid, predicts", [(None, True), ((3, 4, 16), True), (None, False)],
+                         ids=["grid_from_the_model", "grid_given", "no_prediction"])
+def test_local_search_scores_the_old_keys_moved_along_the_grid(grid, predicts):
     """local_search: each refresh's candidates are the old mask's keys moved by a token, a row,
     then a frame of the token grid (read from hidden_states and patch_size unless given), joined
-    with the predictor's keys; the new mask is the exact column max over them."""
+    with the predictor's keys (none with predict_on_refresh=False); the new mask is the exact
+    column max over them."""
     model = tiny_wan(layers=1)
     latents, text = wan_inputs(frames=3, size=16)
     seen = []
     handle = fd.apply(model, fd.SparseAttentionConfig(density=0.2, slice_m=64, refresh_every=1, sparse_refresh=True,
-                                                      local_search=True, grid=grid, attention_fn=_recording(seen)))
+                                                      local_search=True, grid=grid, predict_on_refresh=predicts,
+                                                      attention_fn=_recording(seen)))
+    predictions = []
+    predict = handle._predict
+    handle._predict = lambda *a, **kw: predictions.append(1) or predict(*a, **kw)
     for step in range(5):
         run_wan(model, latents, text, t=1000 - 100 * step)
+    assert len(predictions) == (5 if predicts else 1)  # the first mask, then one per refresh
     expected_grid = (3, 8, 8) if grid is None else grid
     assert handle.grid == expected_grid
     for refresh in range(3):  # step refresh + 1 attends through step refresh's mask and makes the next
         q, k, old = (x.transpose(1, 2) if i < 2 else x for i, x in enumerate(seen[refresh + 1]))
         _, lse = fgcupy.sparse_attention(q, k, k, old, return_lse=True)
         predicted = fgcupy.predict_mask(q, k, 64, "topk", density=0.2)
-        candidates = union_reference(old, search_offsets(expected_grid, refresh), predicted)
+        candidates = union_reference(old, search_offsets(expected_grid, refresh), predicted if predicts else None)
         expected = fgcupy.predict_mask(q, k, 64, "colmax", rule="topk", density=0.2, lse=lse, candidates=[candidates])
         assert torch.equal(seen[refresh + 2][2].to_dense(), expected.to_dense())
     moved = union_reference(old, search_offsets(expected_grid, 2)).to_dense()
@@ -738,6 +745,8 @@ def test_predictor_with_the_wrong_shape_is_named():
         (dict(local_search=True), "set sparse_refresh=True too"),
         (dict(grid=(3, 8, 8)), "grid is read by local_search only"),
         (dict(sparse_refresh=True, local_search=True, grid=(8, 8)), "three positive ints"),
+        (dict(sparse_refresh=True, predict_on_refresh=False), "needs local_search=True"),
+        (dict(sparse_refresh=True, local_search=True, predict_on_refresh=0), "predict_on_refresh must be a bool"),
     ],
 )
 def test_config_validation(kwargs, error):

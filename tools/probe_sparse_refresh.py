@@ -43,6 +43,9 @@ def sparse_refresh(q, k, v, previous: SliceMask, density: float, extra=()) -> Sl
                         candidates=[previous, default, *extra])
 
 
+SEARCHES = ("plain", "rotating", "all", "all, no predictor", "rotating, no predictor")
+
+
 def local_search(args, shape, grid) -> None:
     """--iterate: from the default's mask (or the oracle's, ``--start oracle``), ``args.iterate``
     refreshes, each on q, k drifted again, side by side: a plain sparse refresh; one that also
@@ -57,6 +60,7 @@ def local_search(args, shape, grid) -> None:
         "all, no predictor": lambda step: ((0, *every), False),
         "rotating, no predictor": lambda step: ((0, offsets[step % 3], -offsets[step % 3]), False),
     }
+    variants = {name: variants[name] for name in args.variants}
     print("columns per refresh: default / " + " / ".join(variants) + "  (error / oracle error); "
           "candidates: the union's density / the mask's", flush=True)
     for family in args.families:
@@ -101,6 +105,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start", choices=("default", "oracle"), default="default",
                         help="--iterate's first mask: the default predictor's or the oracle's (a dense warm-up)")
+    parser.add_argument("--variants", nargs="+", default=list(SEARCHES), choices=SEARCHES,
+                        help="--iterate's refreshes to run side by side")
     parser.add_argument("--iterate", type=int, default=0,
                         help="refreshes in a row from the default's mask, q and k drifting before each (0: one "
                              "refresh from the oracle mask)")

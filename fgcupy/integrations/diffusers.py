@@ -421,7 +421,8 @@ class SparseAttentionHandle:
                                   key_valid, poolings) -> tuple:
         """sparse_refresh's refresh call of q, k, v ``[B, S, H, D]``: (its output through the
         layer's mask ``old``, the next mask: the exact column max, with this call's LSE over
-        ``old``'s keys, over those keys and the predictor's). With ``attention_fn`` the output is
+        ``old``'s keys, over those keys, the predictor's unless predict_on_refresh is False, and
+        with local_search their moved copies). With ``attention_fn`` the output is
         its answer and the LSE fgcupy's (the reference on CPU tensors)."""
         cfg = self.config
         if cfg.attention_fn is None:
@@ -430,14 +431,18 @@ class SparseAttentionHandle:
             _, lse = sparse_attention(q, k, v, old, layout="NHD", return_lse=True)
             out = cfg.attention_fn(q, k, v, old, None)
         qh, kh = q.transpose(1, 2), k.transpose(1, 2)
-        predicted = self._predict(layer, qh, kh, None, poolings, self._diagonals(layer, entry, q, k))
-        if key_valid is not None:
-            predicted = drop_keys(predicted, key_valid)
+        predicted = None
+        if cfg.predict_on_refresh:
+            predicted = self._predict(layer, qh, kh, None, poolings, self._diagonals(layer, entry, q, k))
+            if key_valid is not None:
+                predicted = drop_keys(predicted, key_valid)
         offsets = (0,)
         if cfg.local_search:
             offsets = search_offsets(self.grid, slot.searches) if self.grid else (0, 1, -1)
             slot.searches += 1
         candidates = union_keys(old, offsets, predicted)
+        if key_valid is not None:  # moved keys may land on padding
+            candidates = drop_keys(candidates, key_valid)
         mask = _predict_mask()(qh, kh, slice_m=cfg.slice_m, method="colmax", lse=lse, candidates=(candidates,),
                                **cfg.exact_arguments())
         return out, mask
