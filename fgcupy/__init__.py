@@ -25,16 +25,18 @@ __all__ = [
     "relative_l2",
     "sequence_parallel_attention",
     "sparse_attention",
+    "union_keys",
     "workloads",
 ]
 
 _LAZY = {"SequenceParallelAttention": "distributed", "sequence_parallel_attention": "distributed",
-         "HybridSequenceParallelAttention": "ring", "find_diagonals": "diagonals"}
+         "HybridSequenceParallelAttention": "ring", "find_diagonals": "diagonals", "union_keys": "local_search"}
 
 
 def __getattr__(name):
     """Entry points that a first attention call does not need load on first use: sequence
-    parallelism (it pulls in torch.distributed), the diagonal finder and the workloads."""
+    parallelism (it pulls in torch.distributed), the diagonal finder, the local search's union and
+    the workloads."""
     import importlib
 
     if name == "workloads":
