@@ -16,12 +16,7 @@
 // Band mode (modes 1 and 2, band_width > 0): each row tile is one query block and takes only
 // the keys of its band [row0 + band_lo, + band_width); mode 2 then raises the block's existing
 // scores to the exact maxima (a max with what is stored: each (block, key) has one writer).
-//   5 (listmax): mode 2 with group = WARPS x 16 (each row tile is one query block) over the keys
-//      of the block's list (list_indices[list_indptr[bh, block] ...], a SliceMask's CSR with
-//      out_rows blocks per head) instead of a key range; key chunks are chunks of list
-//      positions. Each listed key's exact max probability is stored in out[z, block, key]; other
-//      keys are left as they are, and so are listed keys outside [0, kv_len) (a corrupt list
-//      reads and writes nothing out of bounds).
+// Mode 2 with groups of a whole row tile runs in mask_colmax.cu instead (keys as the A operand).
 // Parameters arrive as one ScoreParams struct; it and the constants kScoreKeyTile and kMode_*
 // come from fgcupy/jit/score_spec.py (SCORE_PARAMS, SCORE_CONSTANTS), written ahead of this source.
 #include "common.cuh"
@@ -47,8 +42,6 @@ mask_score(const __grid_constant__ ScoreParams p) {
   using S = ScoreShape<D, WARPS>;
   constexpr int kN = S::kN;
   constexpr bool kLogits = MODE == kMode_logits || MODE == kMode_logits_f16;  // stored logits
-  constexpr bool kList = MODE == kMode_listmax;
-  constexpr bool kMaxProb = MODE == kMode_maxprob || kList;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   u16* sQ = reinterpret_cast<u16*>(smem_raw);
   u16* sK = sQ + S::kRows * D;
@@ -77,15 +70,11 @@ mask_score(const __grid_constant__ ScoreParams p) {
   const int h = bh - b * p.heads;
   const int row0 = blockIdx.y * S::kRows;
   // Keys of this CTA: a chunk of all keys, or (band mode) of this row tile's band
-  // [row0 + band_lo, row0 + band_lo + band_width) clipped to the keys, or (list mode) a chunk
-  // of positions in this block's key list: "keys" below are then list positions.
+  // [row0 + band_lo, row0 + band_lo + band_width) clipped to the keys.
   const bool band = p.band_width > 0;
-  const int* __restrict__ list = static_cast<const int*>(p.list_indices);
-  const int2 range = score_key_range(p, kList, bh, row0, blockIdx.y);
-  const int range_begin = range.x;
-  const int range_end = range.y;
-  const int key_begin = range_begin + blockIdx.x * p.key_chunk;
-  const int key_end = min(range_end, key_begin + p.key_chunk);
+  const int2 range = score_key_range(p, false, bh, row0, blockIdx.y);
+  const int key_begin = range.x + blockIdx.x * p.key_chunk;
+  const int key_end = min(range.y, key_begin + p.key_chunk);
   const int ntiles = key_end > key_begin ? (key_end - key_begin + kN - 1) / kN : 0;
 
   const i64 r_ss = p.r_ss;
@@ -102,31 +91,16 @@ mask_score(const __grid_constant__ ScoreParams p) {
     const u16* src = q_base + (valid ? static_cast<i64>(row0 + r) * r_ss : 0) + my_chunk * 8;
     cp_async16(smem_u32(sQ + swz<D>(r, my_chunk)), src, valid);
   }
-  // List mode reads the key indices of a tile one tile ahead of its copies, so that the index
-  // load's latency is not paid before each copy.
-  constexpr int kTileRows = kN / S::kRowsPerPass;
-  int listed[kTileRows];
-  auto read_list = [&](int t) {
-#pragma unroll
-    for (int j = 0; j < kTileRows; ++j) {
-      const int pos = key_begin + t * kN + my_row + j * S::kRowsPerPass;
-      const int key = kList && pos < key_end ? list[pos] : -1;
-      listed[j] = static_cast<unsigned>(key) < static_cast<unsigned>(p.kv_len) ? key : -1;  // bad keys: no row
-    }
-  };
   auto issue_tile = [&](int t, int stage) {
 #pragma unroll
-    for (int j = 0; j < kTileRows; ++j) {
+    for (int j = 0; j < kN / S::kRowsPerPass; ++j) {
       const int r = my_row + j * S::kRowsPerPass;
       const int key = key_begin + t * kN + r;
-      const bool valid = kList ? listed[j] >= 0 : key < key_end;
-      const int row = kList ? listed[j] : key;
-      const u16* src = k_base + (valid ? static_cast<i64>(row) * k_ss : 0) + my_chunk * 8;
+      const bool valid = key < key_end;
+      const u16* src = k_base + (valid ? static_cast<i64>(key) * k_ss : 0) + my_chunk * 8;
       cp_async16(smem_u32(sK + stage * S::kTileElems + swz<D>(r, my_chunk)), src, valid);
     }
-    if (kList) read_list(t + 1);
   };
-  if (kList) read_list(0);
   if (ntiles > 0) issue_tile(0, 0);
   cp_async_commit();
 
@@ -138,7 +112,7 @@ mask_score(const __grid_constant__ ScoreParams p) {
   // Mode 2: log2-scaled lse of the two rows; rows without a finite lse contribute p = 0.
   float lse2[2] = {0.f, 0.f};
   bool row_ok[2] = {false, false};
-  if (kMaxProb) {
+  if (MODE == kMode_maxprob) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int r = r_lo + 8 * i;
@@ -167,11 +141,6 @@ mask_score(const __grid_constant__ ScoreParams p) {
     cp_async_wait<1>();
     __syncthreads();
     const u32 k_stage = sK_addr + (t & 1) * S::kTileElems * 2;
-    // List mode: thread tid < kN stores column tid of this tile; its key is read before the
-    // product, which hides the load.
-    const int tile_pos = key_begin + t * kN;
-    const int column_key = kList && tid < kN && tile_pos + tid < key_end ? list[tile_pos + tid] : -1;
-    const bool column_ok = static_cast<unsigned>(column_key) < static_cast<unsigned>(p.kv_len);
 
     float acc[kN / 8][4];
 #pragma unroll
@@ -332,9 +301,9 @@ mask_score(const __grid_constant__ ScoreParams p) {
           m = fast_exp2(m);
           const int orow = row0 / group + gi;
           const int key = tile_key + col;
-          if (orow < out_rows && key < key_end && (!kList || column_ok)) {
+          if (orow < out_rows && key < key_end) {
             // Band mode refines rows already scored: each (row, key) belongs to one CTA.
-            u16* dst = out16 + (static_cast<i64>(z) * out_rows + orow) * out_ld + (kList ? column_key : key);
+            u16* dst = out16 + (static_cast<i64>(z) * out_rows + orow) * out_ld + key;
             *dst = bf16_t::truncate(band ? fmaxf(bf16_t::to_float(*dst), m) : m);
           }
         }

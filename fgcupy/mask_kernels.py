@@ -15,8 +15,8 @@ from . import bridge
 from .jit.launch import launch
 from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_LARGE_SMEM, SELECT_MAX_SMEM,  # noqa: F401
                              SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DILATE_RUN, ROWS_MAX_DIM,
-                             ROWS_MAX_GROUPS, UNION_MAX_OFFSETS, UNION_MAX_WORDS, AdaptiveRowsSpec, DilateInPlaceSpec, DilateSpec, EmitSpec,
-                             ScoreSpec, SelectSpec, Sm90ScoreSpec, UnionSpec)
+                             ROWS_MAX_GROUPS, UNION_MAX_OFFSETS, UNION_MAX_WORDS, AdaptiveRowsSpec, ColmaxSpec,
+                             DilateInPlaceSpec, DilateSpec, EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec, UnionSpec)
 from .mask import INT32_MAX, SliceMask, indptr_from_counts, num_blocks
 from .mask_reference import COHERENCE_CUT, PROB_DTYPE, dilate_keys, stored_probs
 
@@ -54,11 +54,11 @@ def _is_hopper(device_index: int) -> bool:
 SCORE_KERNELS = ("auto", "mma", "wgmma")
 
 
-def _score_spec(kernel: str, portable: ScoreSpec, group: int, band, device):
+def _score_spec(kernel: str, portable, group: int, band, device):
     """The scoring kernel of a launch: the wgmma kernel (128 rows per CTA) on Hopper for the
-    modes it has, where a band's row tile (``portable``'s rows per CTA) is its 128 rows and
-    groups hold two or more rows; else ``portable``, the mma.sync kernel. ``kernel`` "mma" or
-    "wgmma" forces one."""
+    modes it has, where a band's or a list's row tile (``portable``'s rows per CTA) is its 128
+    rows and groups hold two or more rows; else ``portable``, an mma.sync kernel (ScoreSpec or
+    ColmaxSpec). ``kernel`` "mma" or "wgmma" forces one."""
     if kernel not in SCORE_KERNELS:
         raise ValueError(f"kernel must be one of {SCORE_KERNELS}, got {kernel!r}")
     mode = portable.mode
@@ -159,6 +159,8 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     portable = ScoreSpec(bridge.dtype_name(rows.dtype, "rows"), dim, mode, warps)  # checks the arguments
     if mode == "maxprob" and (group < 1 or group & (group - 1) or portable.rows_per_cta % group):
         raise ValueError(f"group={group} must be a power of two dividing {portable.rows_per_cta}")
+    if mode == "maxprob" and group == portable.rows_per_cta:  # whole blocks: the column-max kernel
+        portable = ColmaxSpec(portable.dtype, dim, mode, warps)
     spec = _score_spec(kernel, portable, group, band, rows.device)
     rows, k = _cp_async_ready(rows), _cp_async_ready(k)
     half = mode == "logits_f16"
@@ -213,8 +215,8 @@ def gpu_candidate_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: to
     """The exact column maxima of heads [bh0, bh0 + nbh) on the keys each query block of the
     SliceMask ``candidates`` lists (its own slice_m), written into bfloat16 ``out``
     [nbh, QB, ld] (other keys keep what ``out`` holds); ``lse`` [nbh, q_len]. One CTA per query
-    block walks its list (the list mode of the scoring kernels: wgmma on Hopper with blocks of
-    128, else mma.sync; ``kernel`` as in ``gpu_scores``). Returns ``out``."""
+    block walks its list (the list mode of mask_score_sm90.cu on Hopper with blocks of 128, else
+    of mask_colmax.cu; ``kernel`` as in ``gpu_scores``). Returns ``out``."""
     batch, heads, q_len, dim = q.shape
     nbh = batch * heads - bh0 if nbh is None else nbh
     _check_scale(scale)
@@ -226,7 +228,7 @@ def gpu_candidate_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: to
                          f"{(batch, heads, q_len, kv_len)}")
     if candidates.indptr.device != q.device:
         raise ValueError(f"candidates are on {candidates.indptr.device}, the queries on {q.device}")
-    portable = ScoreSpec(bridge.dtype_name(q.dtype, "q"), dim, "listmax", slice_m // 16)
+    portable = ColmaxSpec(bridge.dtype_name(q.dtype, "q"), dim, "listmax", slice_m // 16)
     spec = _score_spec(kernel, portable, slice_m, None, q.device)
     _check_prob_out(out, (nbh, q_blocks, row_stride(kv_len, PROB_DTYPE.itemsize)))
     q, k = _cp_async_ready(q), _cp_async_ready(k)

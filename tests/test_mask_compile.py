@@ -8,7 +8,8 @@ import torch
 from fgcupy import mask_kernels
 from fgcupy.jit import report as report_mod
 from fgcupy.jit.score_spec import (
-    SELECT_FIXED_SMEM, SELECT_LARGE_SMEM, SELECT_MAX_SMEM, EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec, all_mask_specs,
+    SELECT_FIXED_SMEM, SELECT_LARGE_SMEM, SELECT_MAX_SMEM, ColmaxSpec, EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec,
+    all_mask_specs,
     all_sm90_mask_specs,
 )
 from fgcupy.jit.spec import MAX_SMEM_BYTES_SM90_PER_SM
@@ -25,8 +26,10 @@ def test_every_axis_is_shipped():
     scores = [s for s in SPECS if isinstance(s, ScoreSpec)]
     assert {(s.dtype, s.head_dim) for s in scores} == {(d, h) for d in ("bfloat16", "float16") for h in (64, 128)}
     assert {(s.mode, s.warps) for s in scores} == {("logits", 4), ("logits", 8), ("logits_f16", 4), ("logits_f16", 8),
-                                                   ("stats", 4), ("stats", 8), ("maxprob", 4), ("maxprob", 8),
-                                                   ("listmax", 4), ("listmax", 8)}
+                                                   ("stats", 4), ("stats", 8), ("maxprob", 4), ("maxprob", 8)}
+    colmax = {(s.dtype, s.head_dim, s.mode, s.warps) for s in SPECS if isinstance(s, ColmaxSpec)}
+    assert colmax == {(d, h, m, w) for d in ("bfloat16", "float16") for h in (64, 128) for m in ("maxprob", "listmax")
+                      for w in (4, 8)}
     selects = {(s.staged, s.scores) for s in SPECS if isinstance(s, SelectSpec)}
     assert selects == {(staged, scores) for staged in (True, False) for scores in ("float32", "float16", "bfloat16")}
     assert EmitSpec() in SPECS
@@ -56,6 +59,17 @@ def test_score_spec_names_and_shared_memory():
     assert ScoreSpec().smem_bytes == (64 + 128) * 128 * 2
 
 
+def test_colmax_spec_names_and_shared_memory():
+    spec = ColmaxSpec("float16", 64, "listmax", 4)
+    assert spec.name == "mask_colmax_listmax_fp16_d64_w4"
+    assert spec.name_expression == "fg::mask_colmax<fg::fp16_t, 64, 5, 4>"
+    assert spec.rows_per_cta == spec.key_tile == 64 and spec.threads == 128
+    # The block's 64 rows + two 64-key stages, 2 bytes each, + the rows' lse.
+    assert spec.smem_bytes == (64 + 128) * 64 * 2 + 64 * 4
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ColmaxSpec(mode="stats")
+
+
 def test_select_staging_limit():
     assert SelectSpec(True).name_expression == "fg::select_rows<true, fg::F32Scores>"
     assert SelectSpec(False, "float16").name_expression == "fg::select_rows<false, fg::F16Scores>"
@@ -78,7 +92,7 @@ def test_select_staging_limit():
     [
         (dict(head_dim=96), r"head_dim must be one of \(64, 128\), got 96"),
         (dict(dtype="float32"), r"dtype must be one of \('bfloat16', 'float16'\), got 'float32'"),
-        (dict(mode="probs"), r"mode must be one of \('logits', 'stats', 'maxprob', 'logits_f16', 'listmax'\), got 'probs'"),
+        (dict(mode="probs"), r"mode must be one of \('logits', 'stats', 'maxprob', 'logits_f16'\), got 'probs'"),
         (dict(warps=2), r"warps must be one of \(4, 8\), got 2"),
     ],
 )

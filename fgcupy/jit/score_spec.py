@@ -19,8 +19,11 @@ _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
 #: Scoring modes (template MODE of fg::mask_score).
 #: "listmax" is "maxprob" over each query block's own list of keys (a SliceMask's CSR).
 SCORE_MODES = {"logits": 0, "stats": 1, "maxprob": 2, "logits_f16": 3, "band": 4, "listmax": 5}
-#: The modes of the portable (mma.sync) kernel: all but "band", which only the wgmma kernel has.
-PORTABLE_SCORE_MODES = tuple(m for m in SCORE_MODES if m != "band")
+#: The modes of the portable (mma.sync) kernel mask_score.cu; "band" is the wgmma kernel's only,
+#: "listmax" (and "maxprob" with groups of a whole block) the portable column-max kernel's.
+PORTABLE_SCORE_MODES = tuple(m for m in SCORE_MODES if m not in ("band", "listmax"))
+#: The modes of the portable column-max kernel (mask_colmax.cu): a whole query block a CTA.
+COLMAX_MODES = ("maxprob", "listmax")
 SCORE_KEY_TILE = 64
 #: The Hopper scoring kernel (mask_score_sm90.cu): resident rows per CTA and keys per tile.
 SM90_SCORE_ROWS = 128
@@ -169,7 +172,58 @@ class ScoreSpec:
     @property
     def smem_bytes(self) -> int:
         tiles = (self.rows_per_cta + 2 * SCORE_KEY_TILE) * self.head_dim * 2
-        return tiles + (self.warps * SCORE_KEY_TILE * 4 if self.mode in ("maxprob", "listmax") else 0)
+        return tiles + (self.warps * SCORE_KEY_TILE * 4 if self.mode == "maxprob" else 0)
+
+
+@dataclass(frozen=True)
+class ColmaxSpec:
+    """``fg::mask_colmax<T, D, MODE, WARPS>``: the exact column max of whole query blocks of
+    WARPS x 16 rows on mma.sync, keys as the A operand (tiles of WARPS x 16 keys); "maxprob" over
+    a key range or band, "listmax" over each block's list."""
+
+    dtype: str = "bfloat16"
+    head_dim: int = 128
+    mode: str = "maxprob"
+    warps: int = 8
+
+    source = "mask_colmax.cu"
+    template = "fg::mask_colmax"
+    extra_options = ()
+    params = SCORE_PARAMS
+    constants = SCORE_CONSTANTS
+
+    def __post_init__(self):
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("head_dim", self.head_dim, HEAD_DIMS)
+        _check_choice("mode", self.mode, COLMAX_MODES)
+        _check_choice("warps", self.warps, SCORE_WARPS)
+
+    @property
+    def name(self) -> str:
+        return f"mask_colmax_{self.mode}_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}_w{self.warps}"
+
+    @property
+    def name_expression(self) -> str:
+        return f"{self.template}<{_CPP_DTYPE[self.dtype]}, {self.head_dim}, {SCORE_MODES[self.mode]}, {self.warps}>"
+
+    @property
+    def threads(self) -> int:
+        return self.warps * 32
+
+    @property
+    def rows_per_cta(self) -> int:
+        return self.warps * 16
+
+    @property
+    def key_tile(self) -> int:
+        return self.warps * 16
+
+    grid = staticmethod(ScoreSpec.grid)
+
+    @property
+    def smem_bytes(self) -> int:
+        """The block's rows, two key stages (2 bytes an element) and the rows' lse."""
+        return (self.rows_per_cta + 2 * self.key_tile) * self.head_dim * 2 + self.rows_per_cta * 4
 
 
 @dataclass(frozen=True)
@@ -354,8 +408,7 @@ def all_mask_specs() -> list:
             specs.append(ScoreSpec(dtype, d, "stats", 8))
             specs.append(ScoreSpec(dtype, d, "maxprob", 4))
             specs.append(ScoreSpec(dtype, d, "maxprob", 8))
-            specs.append(ScoreSpec(dtype, d, "listmax", 4))
-            specs.append(ScoreSpec(dtype, d, "listmax", 8))
+            specs += [ColmaxSpec(dtype, d, mode, warps) for mode in COLMAX_MODES for warps in SCORE_WARPS]
     selects = [SelectSpec(staged, scores) for staged in (True, False) for scores in SELECT_SCORES]
     return specs + selects + [EmitSpec(), DilateSpec(), DilateInPlaceSpec(), AdaptiveRowsSpec(), UnionSpec()]
 
