@@ -19,23 +19,11 @@
 
 namespace fg {
 
-template <int D, int WARPS>
-struct ColmaxShape {
-  static constexpr int kRows = WARPS * 16;  // one query block
-  static constexpr int kKeys = WARPS * 16;  // keys per tile: 16 per warp
-  static constexpr int kThreads = WARPS * 32;
-  static constexpr int kChunksPerRow = D / 8;  // 16-byte chunks per row
-  static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
-  static constexpr int kTileElems = kKeys * D;
-  static_assert(D % 16 == 0 && kThreads % kChunksPerRow == 0, "head dim / threads");
-  static_assert(kKeys % kRowsPerPass == 0 && kRows % kRowsPerPass == 0, "tile rows per pass");
-};
-
 template <class T, int D, int MODE, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
 mask_colmax(const __grid_constant__ ScoreParams p) {
-  using S = ColmaxShape<D, WARPS>;
-  constexpr int kN = S::kKeys;
+  using S = ScoreShape<D, WARPS, WARPS * 16>;  // keys: 16 a warp
+  constexpr int kN = S::kN;
   constexpr bool kList = MODE == kMode_listmax;
   static_assert(MODE == kMode_maxprob || kList, "maxprob (groups of a whole block) or listmax");
   extern __shared__ __align__(128) unsigned char smem_raw[];

@@ -24,22 +24,10 @@
 
 namespace fg {
 
-template <int D, int WARPS>
-struct ScoreShape {
-  static constexpr int kRows = WARPS * 16;
-  static constexpr int kThreads = WARPS * 32;
-  static constexpr int kN = kScoreKeyTile;                   // keys per tile
-  static constexpr int kChunksPerRow = D / 8;                // 16-byte chunks per row
-  static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
-  static constexpr int kTileElems = kN * D;
-  static_assert(D % 16 == 0 && kThreads % kChunksPerRow == 0, "head dim / threads");
-  static_assert(kN % kRowsPerPass == 0 && kRows % kRowsPerPass == 0, "tile rows per pass");
-};
-
 template <class T, int D, int MODE, int WARPS>
 __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
 mask_score(const __grid_constant__ ScoreParams p) {
-  using S = ScoreShape<D, WARPS>;
+  using S = ScoreShape<D, WARPS, kScoreKeyTile>;
   constexpr int kN = S::kN;
   constexpr bool kLogits = MODE == kMode_logits || MODE == kMode_logits_f16;  // stored logits
   extern __shared__ __align__(128) unsigned char smem_raw[];

@@ -1,10 +1,27 @@
-// The keys one CTA of a scoring kernel (mask_score.cu, mask_score_sm90.cu) walks, from its
+// What the scoring kernels (mask_score.cu, mask_colmax.cu, mask_score_sm90.cu) share: the shape
+// of an mma.sync kernel's tiles, and the keys one CTA walks.
+//
+// ScoreShape: WARPS x 16 resident rows, key tiles of KEYS rows, rows copied in 16-byte chunks.
+//
+// score_key_range: the keys one CTA of a scoring kernel walks, from its
 // ScoreParams: all keys; in band mode (band_width > 0) its row tile's band [row0 + band_lo,
 // + band_width) clipped to the keys; in list mode the positions of query block `block`'s list
 // in a SliceMask's CSR (list_indptr [B, H, out_rows + 1]). Returns [x, y): keys or positions.
 #pragma once
 
 namespace fg {
+
+template <int D, int WARPS, int KEYS>
+struct ScoreShape {
+  static constexpr int kRows = WARPS * 16;
+  static constexpr int kThreads = WARPS * 32;
+  static constexpr int kN = KEYS;                            // keys per tile
+  static constexpr int kChunksPerRow = D / 8;                // 16-byte chunks per row
+  static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+  static constexpr int kTileElems = kN * D;
+  static_assert(D % 16 == 0 && kThreads % kChunksPerRow == 0, "head dim / threads");
+  static_assert(kN % kRowsPerPass == 0 && kRows % kRowsPerPass == 0, "tile rows per pass");
+};
 
 template <class Params>
 __device__ __forceinline__ int2 score_key_range(const Params& p, bool list_mode, int bh, int row0, int block) {

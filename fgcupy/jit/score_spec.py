@@ -137,6 +137,7 @@ class ScoreSpec:
 
     source = "mask_score.cu"
     template = "fg::mask_score"
+    modes = PORTABLE_SCORE_MODES
     extra_options = ()
     params = SCORE_PARAMS
     constants = SCORE_CONSTANTS
@@ -144,12 +145,13 @@ class ScoreSpec:
     def __post_init__(self):
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("head_dim", self.head_dim, HEAD_DIMS)
-        _check_choice("mode", self.mode, PORTABLE_SCORE_MODES)
+        _check_choice("mode", self.mode, self.modes)
         _check_choice("warps", self.warps, SCORE_WARPS)
 
     @property
     def name(self) -> str:
-        return f"mask_score_{self.mode}_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}_w{self.warps}"
+        kernel = self.template.rsplit("::", 1)[-1]
+        return f"{kernel}_{self.mode}_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}_w{self.warps}"
 
     @property
     def name_expression(self) -> str:
@@ -176,49 +178,21 @@ class ScoreSpec:
 
 
 @dataclass(frozen=True)
-class ColmaxSpec:
+class ColmaxSpec(ScoreSpec):
     """``fg::mask_colmax<T, D, MODE, WARPS>``: the exact column max of whole query blocks of
     WARPS x 16 rows on mma.sync, keys as the A operand (tiles of WARPS x 16 keys); "maxprob" over
     a key range or band, "listmax" over each block's list."""
 
-    dtype: str = "bfloat16"
-    head_dim: int = 128
     mode: str = "maxprob"
     warps: int = 8
 
     source = "mask_colmax.cu"
     template = "fg::mask_colmax"
-    extra_options = ()
-    params = SCORE_PARAMS
-    constants = SCORE_CONSTANTS
-
-    def __post_init__(self):
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("head_dim", self.head_dim, HEAD_DIMS)
-        _check_choice("mode", self.mode, COLMAX_MODES)
-        _check_choice("warps", self.warps, SCORE_WARPS)
-
-    @property
-    def name(self) -> str:
-        return f"mask_colmax_{self.mode}_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}_w{self.warps}"
-
-    @property
-    def name_expression(self) -> str:
-        return f"{self.template}<{_CPP_DTYPE[self.dtype]}, {self.head_dim}, {SCORE_MODES[self.mode]}, {self.warps}>"
-
-    @property
-    def threads(self) -> int:
-        return self.warps * 32
-
-    @property
-    def rows_per_cta(self) -> int:
-        return self.warps * 16
+    modes = COLMAX_MODES
 
     @property
     def key_tile(self) -> int:
         return self.warps * 16
-
-    grid = staticmethod(ScoreSpec.grid)
 
     @property
     def smem_bytes(self) -> int:
