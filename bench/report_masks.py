@@ -26,7 +26,9 @@
    reusing the old mask vs predicting anew; for top-k, each against the oracle, with a sparse
    refresh (SparseAttentionConfig(sparse_refresh=True): the exact column max over the old and the
    new mask's keys with the LSE of attention through the old one) from the step-0 prediction and
-   from the step-0 exact mask (mask_from_warmup); and the drift of q's and k's block means
+   from the step-0 exact mask (mask_from_warmup), and a local search (local_search=True) that
+   refreshes at every drift step listed, from the step-0 prediction (its candidates also hold
+   the old mask's keys moved by a token, row or frame in turn); and the drift of q's and k's block means
    (fgcupy.cache.means_drift: what SparseAttentionConfig(refresh_on_drift=...) compares).
 """
 
@@ -43,6 +45,7 @@ import torch
 from bench.cases import sdpa_call
 from bench.timing import cuda_time_ms
 from fgcupy import SliceMask, find_diagonals, mask_drift, mask_kernels, predict_mask, scoring, sparse_attention
+from fgcupy.local_search import search_offsets, union_keys
 from fgcupy.cache import block_means, means_drift
 from fgcupy.calibration import calibrate_pooling
 from fgcupy import mask_reference as ref
@@ -301,10 +304,19 @@ def sparse_refresh_errors(q, k, v, qual, density: float, fresh, predicted0, exac
                 rel_l2_exact0_reused=qual.error(exact0)[0], rel_l2_exact0_sparse_refresh=qual.error(refreshed(exact0))[0])
 
 
+def local_search_refresh(q, k, v, old, fresh, density: float, grid, refresh: int):
+    """What SparseAttentionConfig(sparse_refresh=True, local_search=True) makes from ``old`` on
+    its ``refresh``-th refresh: the exact column max over old's keys, their moved copies and the
+    ``fresh`` prediction's."""
+    lse = sparse_attention(q, k, v, old, return_lse=True)[1]
+    candidates = union_keys(old, search_offsets(grid, refresh), fresh)
+    return predict_mask(q, k, 128, "colmax", rule="topk", density=density, lse=lse, candidates=[candidates])
+
+
 def drift_rows(args, shape, heads, device):
     rows = []
     methods = (("topk d=0.1", dict(method="topk", density=0.1)), ("tau=0.9", dict(method="tau", tau=0.9)))
-    first, exact0, means0 = {}, None, None
+    first, exact0, means0, searched = {}, None, None, None
     for step in [0] + args.drift_steps:
         q, k, v = video_qkv(shape, "mixed", head_ids=heads, seed=args.seed, device=device, step=step, drift=args.drift)
         qual = Quality(q, k, v)
@@ -327,11 +339,15 @@ def drift_rows(args, shape, heads, device):
                     f"rel L2 fresh {err_fresh:.4f} reused {err_reused:.4f}")
             if kw["method"] == "topk":  # the same density for every mask
                 row.update(sparse_refresh_errors(q, k, v, qual, kw["density"], fresh, first[label], exact0))
+                searched = local_search_refresh(q, k, v, searched or first[label], fresh, kw["density"], shape.grid,
+                                                args.drift_steps.index(step))
+                row["rel_l2_local_search"] = qual.error(searched)[0]
                 oracle = row["rel_l2_oracle"]
                 line += (f" | / oracle {oracle:.4f}: fresh x{err_fresh / oracle:.2f}, reused x{err_reused / oracle:.2f}, "
                          f"sparse refresh x{row['rel_l2_sparse_refresh'] / oracle:.2f}; step-0 exact mask reused "
                          f"x{row['rel_l2_exact0_reused'] / oracle:.2f}, its sparse refresh "
-                         f"x{row['rel_l2_exact0_sparse_refresh'] / oracle:.2f} |")
+                         f"x{row['rel_l2_exact0_sparse_refresh'] / oracle:.2f}; local search from the step-0 "
+                         f"prediction, a refresh each step listed, x{row['rel_l2_local_search'] / oracle:.2f} |")
             rows.append(row)
             print(f"{line}  block-means drift {signal:.2e}", flush=True)
     return rows
