@@ -439,14 +439,15 @@ def test_token_grid_of_wan_and_hunyuan_inputs():
     assert fd.token_grid(None, latents) is None
 
 
-@pytest.mark.parametrize("share_branches", [False, True])
-def test_sparse_refresh_with_text_padding_and_guidance_branches(share_branches):
+@pytest.mark.parametrize("share_branches, local_search", [(False, False), (True, False), (False, True)])
+def test_sparse_refresh_with_text_padding_and_guidance_branches(share_branches, local_search):
     """HunyuanVideo's padded text keys stay out of every sparse-refreshed mask (the candidates
-    drop them too), with each guidance branch refreshing its own mask or sharing the first's."""
+    drop them too, moved keys included), with each guidance branch refreshing its own mask or
+    sharing the first's."""
     model = tiny_hunyuan()
     inputs = hunyuan_inputs(valid_text=9)
     handle = fd.apply(model, fd.SparseAttentionConfig(density=0.5, slice_m=64, refresh_every=1, sparse_refresh=True,
-                                                      share_branches=share_branches,
+                                                      share_branches=share_branches, local_search=local_search,
                                                       attention_fn=reference_attention_fn))
     for step in range(3):
         for _ in range(2):
@@ -459,6 +460,7 @@ def test_sparse_refresh_with_text_padding_and_guidance_branches(share_branches):
         for branch in range(made):
             mask = handle.mask(name, branch)
             assert not mask.to_dense()[..., -3:].any() and abs(mask.density() - 0.5) < 0.05
+    assert handle.grid == ((3, 8, 8) if local_search else None)
 
 
 def test_mask_from_warmup_in_the_schedule_counts():
