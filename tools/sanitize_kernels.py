@@ -1,14 +1,15 @@
 """Run every kernel of fgcupy once on small inputs, for compute-sanitizer (GPU).
 
     compute-sanitizer --tool memcheck  python -m tools.sanitize_kernels
-    compute-sanitizer --tool racecheck python -m tools.sanitize_kernels
+    compute-sanitizer --tool racecheck python -m tools.sanitize_kernels [--masks-only]
 
 Covers: the mma.sync attention kernel (both slice sizes; head dims 64, 96, 128, 256), both wgmma kernels (on
 Hopper; the warp-specialised one over lists of several key tiles, head dims 64, 96, 128 and 256,
 with random lists (every tile gathered) and with full and window masks, whose contiguous tiles
 load through tensor maps), the launch-order kernel, every mask-scoring mode (band mode
 included), the dilation of sampled poolings (in place for "adaptive", the default), both selection kernels (staged and global rows,
-each rule) and the emit kernel. Each result is checked against the reference, so
+each rule), the emit kernel, the candidates' union and the column max over a list (the portable
+column-max kernel with 64-query blocks). ``--masks-only`` skips the attention kernels. Each result is checked against the reference, so
 a run that sanitizes clean also computed the right thing.
 """
 
@@ -17,9 +18,10 @@ from __future__ import annotations
 import torch
 
 from bench.cases import window_mask
-from fgcupy import SliceMask, predict_mask, reference_attention, sparse_attention
+from fgcupy import SliceMask, predict_mask, reference_attention, sparse_attention, union_keys
 from fgcupy.jit import AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec
 from fgcupy.mask import random_topk_mask
+from fgcupy.mask_algebra import union_reference
 from fgcupy.reference import relative_l2
 
 
@@ -41,9 +43,14 @@ def attention_cases():
         yield Sm90WsAttentionSpec("float16", 256, 64, key_tile=64, stages=3, pingpong=0), 1500
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--masks-only", action="store_true", help="skip the attention kernels")
+    args = parser.parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for spec, tokens in attention_cases():
+    for spec, tokens in [] if args.masks_only else attention_cases():
         d, m = spec.head_dim, spec.slice_m
         dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float16
         q, k, v = (torch.randn(1, 2, tokens, d, generator=gen, device="cuda", dtype=dtype) for _ in range(3))
@@ -66,6 +73,13 @@ def main() -> None:
         mask = predict_mask(q, k, 64, **kw).validate()
         print(f"predict_mask {kw.get('method')} {sorted(k for k in kw if k != 'lse')} {kw.get('pooling', '')}: "
               f"density {mask.density():.3f}")
+    old = predict_mask(q, k, 64, "topk", density=0.1)
+    union = union_keys(old, (0, 3, -40), predict_mask(q, k, 64, "topk", density=0.1, pooling="both")).validate()
+    expected = union_reference(old, (0, 3, -40), predict_mask(q, k, 64, "topk", density=0.1, pooling="both"))
+    assert torch.equal(union.indptr, expected.indptr) and torch.equal(union.indices, expected.indices)
+    sparse_lse = sparse_attention(q, k, k, old, return_lse=True)[1]
+    mask = predict_mask(q, k, 64, "colmax", density=0.1, lse=sparse_lse, candidates=[union]).validate()
+    print(f"union_keys {union.density():.3f} of the slices; column max over it: density {mask.density():.3f}")
     # Rows past every GPU's staging limit (81,920 keys on Hopper): float16 logits, bfloat16 scores.
     long_k = torch.randn(1, 1, 100_000, 64, generator=gen, device="cuda", dtype=torch.float16)
     mask = predict_mask(long_k[:, :, :128], long_k, 64, "tau", tau=0.9, pool=None, exact_band=None).validate()
