@@ -78,7 +78,7 @@ def main(argv=None) -> None:
     expected = union_reference(old, (0, 3, -40), predict_mask(q, k, 64, "topk", density=0.1, pooling="both"))
     assert torch.equal(union.indptr, expected.indptr) and torch.equal(union.indices, expected.indices)
     sparse_lse = sparse_attention(q, k, k, old, return_lse=True)[1]
-    mask = predict_mask(q, k, 64, "colmax", density=0.1, lse=sparse_lse, candidates=[union]).validate()
+    mask = predict_mask(q, k, 64, "colmax", rule="topk", density=0.1, lse=sparse_lse, candidates=[union]).validate()
     print(f"union_keys {union.density():.3f} of the slices; column max over it: density {mask.density():.3f}")
     # Rows past every GPU's staging limit (81,920 keys on Hopper): float16 logits, bfloat16 scores.
     long_k = torch.randn(1, 1, 100_000, 64, generator=gen, device="cuda", dtype=torch.float16)
