@@ -431,6 +431,16 @@ def test_local_search_scores_the_old_keys_moved_along_the_grid(grid, predicts):
     assert (moved & ~(old.to_dense() | predicted.to_dense())).any()  # the search adds keys
 
 
+def test_local_search_refuses_a_grid_larger_than_the_sequence():
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs(frames=3, size=16)  # 3 x 8 x 8 = 192 tokens
+    fd.apply(model, fd.SparseAttentionConfig(density=0.2, slice_m=64, refresh_every=1, sparse_refresh=True,
+                                             local_search=True, grid=(3, 8, 9), attention_fn=reference_attention_fn))
+    run_wan(model, latents, text, t=1000)  # the first mask: no search yet
+    with pytest.raises(ValueError, match=r"grid \(3, 8, 9\) holds 216 tokens, more than layer blocks.0.attn1's 192"):
+        run_wan(model, latents, text, t=900)
+
+
 def test_token_grid_of_wan_and_hunyuan_inputs():
     latents = torch.zeros(1, 4, 5, 16, 12)
     assert fd.token_grid(tiny_wan(layers=1).config, latents) == (5, 8, 6)

@@ -41,6 +41,7 @@ context parallelism, ``_parallel_config``, still routes to the stock processor).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -438,6 +439,9 @@ class SparseAttentionHandle:
                 predicted = drop_keys(predicted, key_valid)
         offsets = (0,)
         if cfg.local_search:
+            if self.grid and math.prod(self.grid) > k.shape[1]:
+                raise ValueError(f"local_search's grid {self.grid} holds {math.prod(self.grid)} tokens, more than "
+                                 f"layer {layer.name}'s {k.shape[1]} keys: give the latent token grid")
             offsets = search_offsets(self.grid, slot.searches) if self.grid else (0, 1, -1)
             slot.searches += 1
         candidates = union_keys(old, offsets, predicted)
