@@ -6,10 +6,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dataclasses import replace
+
+from fgcupy import predict_mask, sparse_attention
+from fgcupy.head_families import family_qkv
 from fgcupy.jit.score_spec import UNION_MAX_OFFSETS
 from fgcupy.local_search import grid_offsets, search_offsets, union_keys
 from fgcupy.mask import SliceMask
 from fgcupy.mask_algebra import union_reference
+from fgcupy.oracle import Judge
+from fgcupy.workloads import SHAPES
 
 from .strategies import dense_masks, mask_from
 
@@ -78,6 +84,26 @@ def test_grid_offsets_and_the_rotation():
     for bad in ((30, 52), (0, 30, 52), (2.0, 30, 52), (True, 3, 4)):
         with pytest.raises(ValueError, match="three positive ints"):
             grid_offsets(bad)
+
+
+@pytest.mark.parametrize("family", ["mixture", "window2d", "temporal-strided"])
+def test_local_search_walks_towards_the_oracle(family):
+    """Six refreshes from the default's mask, q and k drifting a little before each: with the old
+    keys moved along the grid as candidates the mask ends well below the default's error ratio
+    (a plain sparse refresh stays near the default: tools.probe_sparse_refresh)."""
+    grid, density = (2, 16, 32), 0.1
+    q, k, v = family_qkv(replace(SHAPES["wan14b-480p"], grid=grid, heads=2), family, heads=2, seed=0)
+    gen = torch.Generator().manual_seed(7)
+    mask = predict_mask(q, k, 128, "topk", density=density)
+    for refresh in range(6):
+        q, k = (x + 0.1 * torch.randn(x.shape, generator=gen).to(x.dtype) for x in (q, k))
+        default = predict_mask(q, k, 128, "topk", density=density)
+        lse = sparse_attention(q, k, v, mask, return_lse=True)[1]
+        candidates = union_keys(mask, search_offsets(grid, refresh), default)
+        mask = predict_mask(q, k, 128, "colmax", rule="topk", density=density, lse=lse, candidates=[candidates])
+    judge = Judge(q, k, v, 128)
+    searched, predicted = judge.ratio(mask)[1], judge.ratio(default)[1]
+    assert predicted > 1.4 and searched < 0.8 * predicted and searched < 1.4, (searched, predicted)
 
 
 @pytest.mark.gpu
