@@ -68,7 +68,8 @@ class SparseAttentionConfig:
         which serves the following steps, is the exact column max with that LSE over the keys the
         old mask keeps and the keys the predictor picks (``predict_mask(method="colmax",
         candidates=...)``), selected by the predictor's density / tau / threshold. No dense
-        step: the predictor's cost plus one Q K^T pass over the candidates. Masks stay near the
+        step: the predictor's cost plus one Q K^T pass over the candidates' union
+        (``fgcupy.union_keys``: one host synchronisation a refresh for its size). Masks stay near the
         exact ones while attention moves slowly between refreshes (README "Mask quality").
         Needs a named mean-query predictor and no process_group.
     local_search: with sparse_refresh, the candidates also hold the old mask's keys moved by one
