@@ -45,7 +45,7 @@ import torch
 from bench.cases import sdpa_call
 from bench.timing import cuda_time_ms
 from fgcupy import SliceMask, find_diagonals, mask_drift, mask_kernels, predict_mask, scoring, sparse_attention
-from fgcupy.local_search import search_offsets, union_keys
+from fgcupy.local_search import refresh_topk, search_offsets, union_keys
 from fgcupy.cache import block_means, means_drift
 from fgcupy.calibration import calibrate_pooling
 from fgcupy import mask_reference as ref
@@ -296,8 +296,7 @@ def sparse_refresh_errors(q, k, v, qual, density: float, fresh, predicted0, exac
     ``predicted0``, or the step-0 exact mask ``exact0`` as mask_from_warmup gives): the LSE of
     attention through it, the exact column max over its keys and the ``fresh`` prediction's."""
     def refreshed(old):
-        lse = sparse_attention(q, k, v, old, return_lse=True)[1]
-        return predict_mask(q, k, 128, "colmax", rule="topk", density=density, lse=lse, candidates=[old, fresh])
+        return refresh_topk(q, k, v, old, union_keys(old, (0,), fresh), density)
 
     oracle = predict_mask(q, k, 128, "colmax", rule="topk", density=density, lse=qual.lse)
     return dict(rel_l2_oracle=qual.error(oracle)[0], rel_l2_sparse_refresh=qual.error(refreshed(predicted0))[0],
@@ -308,9 +307,7 @@ def local_search_refresh(q, k, v, old, fresh, density: float, grid, refresh: int
     """What SparseAttentionConfig(sparse_refresh=True, local_search=True) makes from ``old`` on
     its ``refresh``-th refresh: the exact column max over old's keys, their moved copies and the
     ``fresh`` prediction's."""
-    lse = sparse_attention(q, k, v, old, return_lse=True)[1]
-    candidates = union_keys(old, search_offsets(grid, refresh), fresh)
-    return predict_mask(q, k, 128, "colmax", rule="topk", density=density, lse=lse, candidates=[candidates])
+    return refresh_topk(q, k, v, old, union_keys(old, search_offsets(grid, refresh), fresh), density)
 
 
 def drift_rows(args, shape, heads, device):

@@ -10,9 +10,11 @@ query block. ``union_keys`` builds those candidates without duplicates, so each 
 
 from __future__ import annotations
 
+from .attention import sparse_attention
 from .bridge import cupy_available
 from .mask import SliceMask
 from .mask_algebra import check_union, union_reference
+from .scoring import predict_mask
 
 
 def union_keys(mask: SliceMask, offsets=(0,), extra: SliceMask | None = None) -> SliceMask:
@@ -21,14 +23,23 @@ def union_keys(mask: SliceMask, offsets=(0,), extra: SliceMask | None = None) ->
     tensors one kernel counts and one writes (one host sync for the size); elsewhere the torch
     reference (mask_algebra.union_reference)."""
     offsets = tuple(offsets)
-    check_union(mask, offsets, extra)
-    if mask.device.type == "cuda" and cupy_available():
+    if isinstance(mask, SliceMask) and mask.device.type == "cuda" and cupy_available():
         from .mask_kernels import gpu_union
 
+        check_union(mask, offsets, extra)
         joined = gpu_union(mask, offsets, extra)
         if joined is not None:
             return joined
     return union_reference(mask, offsets, extra)
+
+
+def refresh_topk(q, k, v, old: SliceMask, candidates: SliceMask, density: float) -> SliceMask:
+    """The mask a sparse refresh keeps by top-k at ``density`` (what SparseAttentionConfig
+    (sparse_refresh=True) makes with a top-k predictor): attention through ``old`` gives each
+    query's LSE over its keys, and the exact column max with that LSE over the keys of
+    ``candidates`` (``union_keys`` around ``old``) picks each block's keys. q, k, v [B, H, S, D]."""
+    _, lse = sparse_attention(q, k, v, old, return_lse=True)
+    return predict_mask(q, k, old.slice_m, "colmax", rule="topk", density=density, lse=lse, candidates=[candidates])
 
 
 def grid_offsets(grid) -> tuple[int, int, int]:

@@ -8,10 +8,10 @@ from hypothesis import strategies as st
 
 from dataclasses import replace
 
-from fgcupy import predict_mask, sparse_attention
+from fgcupy import predict_mask
 from fgcupy.head_families import family_qkv
 from fgcupy.jit.score_spec import UNION_MAX_OFFSETS
-from fgcupy.local_search import grid_offsets, search_offsets, union_keys
+from fgcupy.local_search import grid_offsets, refresh_topk, search_offsets, union_keys
 from fgcupy.mask import SliceMask
 from fgcupy.mask_algebra import union_reference
 from fgcupy.oracle import Judge
@@ -98,9 +98,7 @@ def test_local_search_walks_towards_the_oracle(family):
     for refresh in range(6):
         q, k = (x + 0.1 * torch.randn(x.shape, generator=gen).to(x.dtype) for x in (q, k))
         default = predict_mask(q, k, 128, "topk", density=density)
-        lse = sparse_attention(q, k, v, mask, return_lse=True)[1]
-        candidates = union_keys(mask, search_offsets(grid, refresh), default)
-        mask = predict_mask(q, k, 128, "colmax", rule="topk", density=density, lse=lse, candidates=[candidates])
+        mask = refresh_topk(q, k, v, mask, union_keys(mask, search_offsets(grid, refresh), default), density)
     judge = Judge(q, k, v, 128)
     searched, predicted = judge.ratio(mask)[1], judge.ratio(default)[1]
     assert predicted > 1.4 and searched < 0.8 * predicted and searched < 1.4, (searched, predicted)

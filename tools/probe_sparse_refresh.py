@@ -22,9 +22,9 @@ from dataclasses import replace
 
 import torch
 
-from fgcupy import SliceMask, predict_mask, sparse_attention
+from fgcupy import SliceMask, predict_mask
 from fgcupy.head_families import FAMILIES, family_qkv
-from fgcupy.mask_algebra import union_reference
+from fgcupy.local_search import grid_offsets, refresh_topk, search_offsets, union_keys
 from fgcupy.oracle import Judge
 from fgcupy.workloads import SHAPES
 
@@ -33,14 +33,11 @@ def drifted(t: torch.Tensor, drift: float, gen: torch.Generator) -> torch.Tensor
     return (t.float() + drift * torch.randn(t.shape, generator=gen).to(t.device)).to(t.dtype)
 
 
-def sparse_refresh(q, k, v, previous: SliceMask, density: float, extra=()) -> SliceMask:
-    """What SparseAttentionConfig(sparse_refresh=True) makes at step B: attention through
-    ``previous`` for each query's LSE over its keys, then the exact column-max top-k over the keys
-    of ``previous``, of the default predictor (and of the masks ``extra``)."""
-    _, lse = sparse_attention(q, k, v, previous, return_lse=True)
+def sparse_refresh(q, k, v, previous: SliceMask, density: float) -> SliceMask:
+    """What SparseAttentionConfig(sparse_refresh=True) makes at step B: the exact column-max top-k
+    over the keys of ``previous`` and of the default predictor."""
     default = predict_mask(q, k, previous.slice_m, "topk", density=density)
-    return predict_mask(q, k, previous.slice_m, "colmax", rule="topk", density=density, lse=lse,
-                        candidates=[previous, default, *extra])
+    return refresh_topk(q, k, v, previous, union_keys(previous, (0,), default), density)
 
 
 SEARCHES = ("plain", "rotating", "all", "all, no predictor", "rotating, no predictor")
@@ -51,14 +48,13 @@ def local_search(args, shape, grid) -> None:
     refreshes, each on q, k drifted again, side by side: a plain sparse refresh; one that also
     scores the old mask's keys moved by one token, row or frame of the grid either way (one of the
     three in turn); one that moves them by all three; those two without the predictor's keys."""
-    offsets = (1, grid[2], grid[1] * grid[2])
-    every = tuple(sign * o for o in offsets for sign in (1, -1))
+    every = (0, *(sign * o for o in grid_offsets(grid) for sign in (1, -1)))
     variants = {
         "plain": lambda step: ((0,), True),
-        "rotating": lambda step: ((0, offsets[step % 3], -offsets[step % 3]), True),
-        "all": lambda step: ((0, *every), True),
-        "all, no predictor": lambda step: ((0, *every), False),
-        "rotating, no predictor": lambda step: ((0, offsets[step % 3], -offsets[step % 3]), False),
+        "rotating": lambda step: (search_offsets(grid, step), True),
+        "all": lambda step: (every, True),
+        "all, no predictor": lambda step: (every, False),
+        "rotating, no predictor": lambda step: (search_offsets(grid, step), False),
     }
     variants = {name: variants[name] for name in args.variants}
     print("columns per refresh: default / " + " / ".join(variants) + "  (error / oracle error); "
@@ -78,20 +74,13 @@ def local_search(args, shape, grid) -> None:
                 cells = [f"{judge.ratio(default)[1]:.2f}"]
                 for name, choose in variants.items():
                     moves, with_predictor = choose(step)
-                    union = union_reference(masks[name], moves, default if with_predictor else None)
+                    union = union_keys(masks[name], moves, default if with_predictor else None)
                     scored[name].append(union.density() / density)
-                    masks[name] = local_refresh(q, k, v, masks[name], union, density)
+                    masks[name] = refresh_topk(q, k, v, masks[name], union, density)
                     cells.append(f"{judge.ratio(masks[name])[1]:.2f}")
                 line += "  " + "/".join(cells)
             costs = " / ".join(f"{sum(c) / len(c):.2f}" for c in scored.values())
             print(f"{line}  (candidates {costs})", flush=True)
-
-
-def local_refresh(q, k, v, previous: SliceMask, candidates: SliceMask, density: float) -> SliceMask:
-    """A sparse refresh whose candidates are ``candidates`` (a union around ``previous``)."""
-    _, lse = sparse_attention(q, k, v, previous, return_lse=True)
-    return predict_mask(q, k, previous.slice_m, "colmax", rule="topk", density=density, lse=lse,
-                        candidates=[candidates])
 
 
 def main(argv=None) -> None:

@@ -435,8 +435,6 @@ class SparseAttentionHandle:
         predicted = None
         if cfg.predict_on_refresh:
             predicted = self._predict(layer, qh, kh, None, poolings, self._diagonals(layer, entry, q, k))
-            if key_valid is not None:
-                predicted = drop_keys(predicted, key_valid)
         offsets = (0,)
         if cfg.local_search:
             if self.grid and math.prod(self.grid) > k.shape[1]:
@@ -445,7 +443,7 @@ class SparseAttentionHandle:
             offsets = search_offsets(self.grid, slot.searches) if self.grid else (0, 1, -1)
             slot.searches += 1
         candidates = union_keys(old, offsets, predicted)
-        if key_valid is not None:  # moved keys may land on padding
+        if key_valid is not None:  # padded keys: the predictor's, and moved keys landing there
             candidates = drop_keys(candidates, key_valid)
         mask = _predict_mask()(qh, kh, slice_m=cfg.slice_m, method="colmax", lse=lse, candidates=(candidates,),
                                **cfg.exact_arguments())
