@@ -58,13 +58,7 @@ mask_colmax(const __grid_constant__ ScoreParams p) {
   const u16* k_base = k + b * p.k_sb + h * p.k_sh;
   const int my_chunk = tid % S::kChunksPerRow;
   const int my_row = tid / S::kChunksPerRow;
-#pragma unroll
-  for (int j = 0; j < S::kRows / S::kRowsPerPass; ++j) {
-    const int r = my_row + j * S::kRowsPerPass;
-    const bool valid = row0 + r < n_rows;
-    const u16* src = q_base + (valid ? static_cast<i64>(row0 + r) * p.r_ss : 0) + my_chunk * 8;
-    cp_async16(smem_u32(sQ + swz<D>(r, my_chunk)), src, valid);
-  }
+  copy_resident_rows<S, D>(sQ, q_base, row0, n_rows, p.r_ss, my_row, my_chunk);
   if (tid < S::kRows) {
     // +inf for rows past n_rows or without a finite lse: their p is exp2(-inf) = 0.
     const int r = row0 + tid;

@@ -65,20 +65,13 @@ mask_score(const __grid_constant__ ScoreParams p) {
   const int key_end = min(range.y, key_begin + p.key_chunk);
   const int ntiles = key_end > key_begin ? (key_end - key_begin + kN - 1) / kN : 0;
 
-  const i64 r_ss = p.r_ss;
   const i64 k_ss = p.k_ss;
   const u16* q_base = rows + b * p.r_sb + h * p.r_sh;
   const u16* k_base = k + b * p.k_sb + h * p.k_sh;
   const int my_chunk = tid % S::kChunksPerRow;
   const int my_row = tid / S::kChunksPerRow;
 
-#pragma unroll
-  for (int j = 0; j < S::kRows / S::kRowsPerPass; ++j) {
-    const int r = my_row + j * S::kRowsPerPass;
-    const bool valid = row0 + r < n_rows;
-    const u16* src = q_base + (valid ? static_cast<i64>(row0 + r) * r_ss : 0) + my_chunk * 8;
-    cp_async16(smem_u32(sQ + swz<D>(r, my_chunk)), src, valid);
-  }
+  copy_resident_rows<S, D>(sQ, q_base, row0, n_rows, p.r_ss, my_row, my_chunk);
   auto issue_tile = [&](int t, int stage) {
 #pragma unroll
     for (int j = 0; j < kN / S::kRowsPerPass; ++j) {

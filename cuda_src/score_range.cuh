@@ -1,13 +1,15 @@
 // What the scoring kernels (mask_score.cu, mask_colmax.cu, mask_score_sm90.cu) share: the shape
 // of an mma.sync kernel's tiles, and the keys one CTA walks.
 //
-// ScoreShape: WARPS x 16 resident rows, key tiles of KEYS rows, rows copied in 16-byte chunks.
+// ScoreShape: WARPS x 16 resident rows, key tiles of KEYS rows, rows copied in 16-byte chunks;
+// copy_resident_rows starts the copy of an mma.sync kernel's rows into swizzled shared memory.
 //
 // score_key_range: the keys one CTA of a scoring kernel walks, from its
 // ScoreParams: all keys; in band mode (band_width > 0) its row tile's band [row0 + band_lo,
 // + band_width) clipped to the keys; in list mode the positions of query block `block`'s list
 // in a SliceMask's CSR (list_indptr [B, H, out_rows + 1]). Returns [x, y): keys or positions.
 #pragma once
+#include "common.cuh"
 
 namespace fg {
 
@@ -22,6 +24,21 @@ struct ScoreShape {
   static_assert(D % 16 == 0 && kThreads % kChunksPerRow == 0, "head dim / threads");
   static_assert(kN % kRowsPerPass == 0 && kRows % kRowsPerPass == 0, "tile rows per pass");
 };
+
+// Rows [row0, row0 + kRows) of `base` (row stride `stride`; rows at or past n_rows read as zeros)
+// into `dst`, swizzled, by cp.async: this thread's 16-byte chunk `my_chunk` of rows my_row,
+// my_row + kRowsPerPass, ...
+template <class S, int D>
+__device__ __forceinline__ void copy_resident_rows(u16* dst, const u16* base, int row0, int n_rows, i64 stride,
+                                                   int my_row, int my_chunk) {
+#pragma unroll
+  for (int j = 0; j < S::kRows / S::kRowsPerPass; ++j) {
+    const int r = my_row + j * S::kRowsPerPass;
+    const bool valid = row0 + r < n_rows;
+    const u16* src = base + (valid ? static_cast<i64>(row0 + r) * stride : 0) + my_chunk * 8;
+    cp_async16(smem_u32(dst + swz<D>(r, my_chunk)), src, valid);
+  }
+}
 
 template <class Params>
 __device__ __forceinline__ int2 score_key_range(const Params& p, bool list_mode, int bh, int row0, int block) {
