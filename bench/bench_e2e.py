@@ -8,7 +8,9 @@
    the attention call alone (stock SDPA dispatch vs the fgcupy plan) for the attention share; and
    the time per block averaged over a ``--steps`` schedule (dense warm-up steps run stock, refresh
    steps pay the prediction), with the speedup over stock; and what a refresh adds measured a
-   second way, as the median over back-to-back pairs of a refresh call and a reuse call.
+   second way, as the median over back-to-back pairs of a refresh call and a reuse call. The
+   schedule is SparseAttentionConfig's default for ``--dense-steps`` (with warm-up steps: the
+   warm-up's exact mask, sparse refreshes every 20) unless the flags say otherwise.
 2. A ``--model-layers``-deep WanTransformer3DModel of the same width over ``--model-steps``
    Euler steps of a flow-matching-like loop, dense then sparse from the same start: time per
    forward and the PSNR of each step's output against the dense run. Random weights attend almost
@@ -262,7 +264,8 @@ def bench_model(args, predictor: dict) -> dict:
     trajectory()  # warm-up (kernels, allocator)
     dense_out, dense_ms, dense_final = trajectory()
     config = fd.SparseAttentionConfig(slice_m=args.slice_m, dense_steps=args.model_dense_steps,
-                                      refresh_every=args.model_refresh_every, **predictor)
+                                      refresh_every=args.model_refresh_every,
+                                      mask_from_warmup=args.mask_from_warmup, **predictor)
     handle = fd.apply(model, config)
     trajectory()  # warm-up: compiles, predicts
     handle.reset(clear_stats=True)
@@ -292,12 +295,13 @@ def main(argv=None):
     parser.add_argument("--calibrate", action="store_true",
                         help="with --predictor topk: calibrate_pooling=True (a layer's first refresh picks per-head "
                              "poolings from sampled queries; the calibrating refresh is timed apart)")
-    parser.add_argument("--mask-from-warmup", action="store_true",
-                        help="mask_from_warmup=True: the last dense warm-up step makes the exact column-max mask "
-                             "the first sparse step uses (timed apart)")
-    parser.add_argument("--sparse-refresh", action="store_true",
-                        help="sparse_refresh=True: a refresh attends through the layer's mask and makes the next one "
-                             "from the exact column max over its keys and the predictor's (--predictor topk or tau)")
+    parser.add_argument("--mask-from-warmup", action=argparse.BooleanOptionalAction, default=None,
+                        help="mask_from_warmup: the last dense warm-up step makes the exact column-max mask the "
+                             "first sparse step uses (timed apart); default: SparseAttentionConfig's")
+    parser.add_argument("--sparse-refresh", action=argparse.BooleanOptionalAction, default=None,
+                        help="sparse_refresh: a refresh attends through the layer's mask and makes the next one "
+                             "from the exact column max over its keys and the predictor's (--predictor topk or tau); "
+                             "default: SparseAttentionConfig's")
     parser.add_argument("--local-search", action="store_true",
                         help="with --sparse-refresh: local_search=True (the old mask's keys moved along the token "
                              "grid are candidates too)")
@@ -307,7 +311,7 @@ def main(argv=None):
     parser.add_argument("--slice-m", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50, help="schedule length the refresh cost is spread over")
     parser.add_argument("--dense-steps", type=int, default=5)
-    parser.add_argument("--refresh-every", type=int, default=5)
+    parser.add_argument("--refresh-every", type=int, default=None, help="default: SparseAttentionConfig's")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--queued", action="store_true",
@@ -329,6 +333,14 @@ def main(argv=None):
         if name != "topk":
             parser.error("--calibrate needs --predictor topk")
         name, predictor = "topk, calibrated poolings", dict(predictor, calibrate_pooling=True)
+    try:  # the schedule SparseAttentionConfig makes of these flags (None: its defaults)
+        schedule = fd.SparseAttentionConfig(dense_steps=args.dense_steps, refresh_every=args.refresh_every,
+                                            mask_from_warmup=args.mask_from_warmup,
+                                            sparse_refresh=args.sparse_refresh, **predictor)
+    except ValueError as error:
+        parser.error(str(error))
+    args.mask_from_warmup, args.sparse_refresh = schedule.mask_from_warmup, schedule.sparse_refresh
+    args.refresh_every = schedule.refresh_every
     if args.sparse_refresh:
         if name not in ("topk", "tau", "topk, calibrated poolings"):
             parser.error("--sparse-refresh needs --predictor topk or tau")

@@ -340,7 +340,7 @@ def test_exact_schedule_refreshes_densely_with_column_max_masks():
 def test_mask_from_warmup_serves_the_first_sparse_step(share_branches):
     """mask_from_warmup: the last warm-up step returns dense attention through fgcupy's path and
     keeps the exact column-max mask of its LSE, which the first sparse step uses without
-    predicting; the schedule's later refreshes predict (guidance branches: one mask per branch,
+    predicting; with sparse_refresh=False the schedule's later refreshes predict (guidance branches: one mask per branch,
     or one in all with share_branches)."""
     model = tiny_wan(layers=1)
     latents, text = wan_inputs()
@@ -348,8 +348,8 @@ def test_mask_from_warmup_serves_the_first_sparse_step(share_branches):
     dense = [run_wan(model, latents, text, t=1000 - 100 * step) for step in range(steps)]
     seen = []
     handle = fd.apply(model, fd.SparseAttentionConfig(density=0.3, slice_m=64, dense_steps=2, refresh_every=2,
-                                                      mask_from_warmup=True, share_branches=share_branches,
-                                                      attention_fn=_recording(seen)))
+                                                      mask_from_warmup=True, sparse_refresh=False,
+                                                      share_branches=share_branches, attention_fn=_recording(seen)))
     outs = [[run_wan(model, latents, text, t=1000 - 100 * step) for _ in range(branches)] for step in range(steps)]
     stats = handle.stats()["blocks.0.attn1"]
     made = 1 if share_branches else branches
@@ -476,7 +476,7 @@ def test_sparse_refresh_with_text_padding_and_guidance_branches(share_branches, 
 def test_mask_from_warmup_in_the_schedule_counts():
     cfg = fd.SparseAttentionConfig(dense_steps=5, refresh_every=5, mask_from_warmup=True)
     assert [s for s in range(20) if cfg.is_refresh_step(s)] == [10, 15]
-    assert fd.SparseAttentionConfig(dense_steps=5, refresh_every=5).is_refresh_step(5)
+    assert fd.SparseAttentionConfig(dense_steps=5, refresh_every=5, mask_from_warmup=False).is_refresh_step(5)
     # The exact mask takes the predictor's selection, not its scoring options.
     kwargs = {"pool": 32, "exact_band": 64, "min_keys": 4, "local": 0}
     assert fd.SparseAttentionConfig(dense_steps=1, mask_from_warmup=True, predictor_kwargs=kwargs
@@ -766,8 +766,31 @@ def test_config_validation(kwargs, error):
         fd.SparseAttentionConfig(**kwargs)
 
 
+def test_config_defaults_start_exact_after_warmup_steps():
+    """With dense warm-up steps the defaults make the first mask the warm-up's exact one, refresh
+    it sparsely (keeping its keys as candidates) and less often; without, or where that cannot
+    work, masks are predicted every 5 sparse steps."""
+    def resolved(**kwargs):
+        config = fd.SparseAttentionConfig(**kwargs)
+        return config.mask_from_warmup, config.sparse_refresh, config.refresh_every
+
+    assert resolved() == (False, False, 5)
+    assert resolved(dense_steps=5) == (True, True, 20)
+    warm = fd.SparseAttentionConfig(dense_steps=5)
+    assert [s for s in range(50) if warm.is_refresh_step(s)] == [25, 45]
+    assert resolved(dense_steps=5, predictor="tau", tau=0.9) == (True, True, 20)
+    assert resolved(dense_steps=5, refresh_every=5) == (True, True, 5)
+    assert resolved(dense_steps=5, mask_from_warmup=False) == (False, False, 5)
+    assert resolved(dense_steps=5, sparse_refresh=False) == (True, False, 5)  # predicted refreshes: every 5
+    assert resolved(dense_steps=5, calibrate_pooling=True) == (False, False, 5)
+    assert resolved(dense_steps=5, predictor="colmax") == (False, False, 5)  # already exact
+    assert resolved(dense_steps=5, predictor=lambda q, k, slice_m: None) == (False, False, 5)
+    assert resolved(dense_steps=5, process_group=object()) == (False, False, 5)
+    assert resolved(sparse_refresh=True) == (False, True, 5)
+
+
 def test_config_schedule():
-    config = fd.SparseAttentionConfig(dense_steps=2, refresh_every=3, dense_layers=[3, 1, 3])
+    config = fd.SparseAttentionConfig(dense_steps=2, refresh_every=3, dense_layers=[3, 1, 3], mask_from_warmup=False)
     assert config.dense_layers == (1, 3)
     assert [s for s in range(10) if config.is_dense_step(s)] == [0, 1]
     assert [s for s in range(10) if config.is_refresh_step(s)] == [2, 5, 8]

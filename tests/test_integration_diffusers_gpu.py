@@ -127,16 +127,19 @@ def test_sparse_schedule_follows_the_reference_and_refreshes_on_schedule():
 
 @pytest.mark.skipif(not hasattr(fgcupy, "predict_mask"), reason="fgcupy.predict_mask is not in this fgcupy yet")
 @pytest.mark.parametrize("method, params", [("topk", {"density": 0.3}), ("tau", {"tau": 0.9})])
-def test_predict_mask_schedule_stays_close_to_dense(method, params):
+@pytest.mark.parametrize("from_warmup, refresh_steps", [(None, [0, 3]), (False, [1, 3])],
+                         ids=["default_exact_start", "predicted_start"])
+def test_predict_mask_schedule_stays_close_to_dense(method, params, from_warmup, refresh_steps):
+    """Default (the warm-up's exact mask, refreshed sparsely) and predicted schedules."""
     _, model = bf16_pair(tiny_wan(head_dim=128))
     latents, text = wan_inputs(frames=3, size=32, device=CUDA)
     dense = wan_trajectory(model, latents, text, 5)
     handle = fd.apply(model, fd.SparseAttentionConfig(predictor=method, dense_steps=1, refresh_every=2,
-                                                      **{"density": None, **params}))
+                                                      mask_from_warmup=from_warmup, **{"density": None, **params}))
     ours = wan_trajectory(model, latents, text, 5)
     for step, (o, d) in enumerate(zip(ours, dense)):
         assert relative_l2(o, d) < 5e-2, step
-    assert all(s.refresh_steps == [1, 3] for s in handle.stats().values())
+    assert all(s.refresh_steps == refresh_steps for s in handle.stats().values())
     assert handle.mask("blocks.0.attn1").density() < 1.0
 
 

@@ -23,7 +23,8 @@ steps and reused in between; warm-up steps and chosen layers run dense through t
 With ``predictor="colmax"`` (the exact schedule) a refresh call runs dense attention through
 fgcupy's kernel, returns that exact output, and keeps the exact column-max mask its LSE gives.
 With ``mask_from_warmup`` the last warm-up step does the same (its output is dense anyway), and its
-exact mask serves the first sparse step; later refreshes use the predictor.
+exact mask serves the first sparse step (the default with dense warm-up steps, paired with
+``sparse_refresh`` so that later refreshes keep its keys; without it they use the predictor).
 With ``sparse_refresh`` a refresh of a layer that has a mask attends through it, and the next mask is
 the exact column max (with that call's LSE) over the keys it kept and the keys the predictor adds.
 With ``local_search`` the candidates also hold the old mask's keys moved by a token, a row or a frame

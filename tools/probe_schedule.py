@@ -1,0 +1,152 @@
+"""Mask schedules over a whole denoising trajectory, per head family (a quality probe; CPU or GPU).
+
+    PYTHONPATH=. python -m tools.probe_schedule [--grid 21x30x52] [--heads 8] [--device cuda]
+        [--steps 50] [--dense-steps 5] [--drift 0.045] [--schedules default "search /5" ...]
+
+A head family's q and k drift step by step (fresh content noise of std ``--drift`` added to every
+entry each step: a random walk, v kept). The first ``--dense-steps`` run dense; from then on each
+schedule keeps its own mask, made or refreshed on its refresh steps (every N sparse steps from the
+first) as SparseAttentionConfig would make it:
+
+    default            the predictor (predict_mask top-k) on each refresh
+    sparse /N          sparse_refresh=True: exact column max over the old mask's and the predictor's keys
+    search /N          + local_search=True, predict_on_refresh=False: the old keys and their moves
+                       by a token, a row or a frame of the grid (one kind a refresh, in turn)
+    warm-up ...        mask_from_warmup=True: the first mask is the exact column max of the last
+                       dense step; "warm-up, reused" never refreshes; "warm-up + sparse /20" is
+                       SparseAttentionConfig(dense_steps=5)'s default
+
+Every sparse step's mask is judged against that step's oracle (error / oracle error, the same
+density), so a schedule pays for the steps its mask grows stale. Printed per family and density:
+the mean ratio over the sparse steps, the last step's, and per refresh the candidates scored (as a
+multiple of the mask's keys): what a refresh costs besides the attention call.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+
+import torch
+
+from fgcupy import predict_mask
+from fgcupy.head_families import FAMILIES, family_qkv
+from fgcupy.local_search import refresh_topk, search_offsets, union_keys
+from fgcupy.oracle import Judge
+from fgcupy.workloads import SHAPES
+from tools.probe_sparse_refresh import drifted
+
+SLICE_M = 128
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """first: how the first sparse step's mask is made ("predict" or "warm-up": the last dense
+    step's exact mask); refresh: what a refresh does ("predict", "sparse", "search" or None: the
+    mask is reused); every: sparse steps between refreshes."""
+
+    first: str
+    refresh: str | None
+    every: int = 5
+
+
+SCHEDULES = {
+    "default": Schedule("predict", "predict"),
+    "sparse /5": Schedule("predict", "sparse"),
+    "search /5": Schedule("predict", "search"),
+    "search /10": Schedule("predict", "search", 10),
+    "warm-up, reused": Schedule("warm-up", None),
+    "warm-up + default": Schedule("warm-up", "predict"),
+    "warm-up + sparse /5": Schedule("warm-up", "sparse"),
+    "warm-up + sparse /20": Schedule("warm-up", "sparse", 20),
+    "warm-up + search /5": Schedule("warm-up", "search"),
+    "warm-up + search /20": Schedule("warm-up", "search", 20),
+}
+
+
+class Run:
+    """One schedule's mask over a trajectory, and what its refreshes scored."""
+
+    def __init__(self, schedule: Schedule, density: float, grid):
+        self.schedule, self.density, self.grid = schedule, density, grid
+        self.mask, self.searches, self.scored = None, 0, []
+
+    def step(self, sparse_step: int, q, k, v, warmup_mask) -> None:
+        """Make or refresh the mask on sparse step ``sparse_step`` (0: the first) of q, k, v."""
+        plan = self.schedule
+        if sparse_step == 0:
+            self.mask = warmup_mask if plan.first == "warm-up" else self._predict(q, k)
+        elif plan.refresh is not None and sparse_step % plan.every == 0:
+            if plan.refresh == "predict":
+                self.mask = self._predict(q, k)
+                return
+            if plan.refresh == "sparse":
+                candidates = union_keys(self.mask, (0,), self._predict(q, k))
+            else:
+                candidates = union_keys(self.mask, search_offsets(self.grid, self.searches))
+                self.searches += 1
+            self.scored.append(candidates.density() / self.density)
+            self.mask = refresh_topk(q, k, v, self.mask, candidates, self.density)
+
+    def _predict(self, q, k):
+        return predict_mask(q, k, SLICE_M, "topk", density=self.density)
+
+
+def trajectory(args, shape, family: str, schedules: dict) -> None:
+    q, k, v = family_qkv(shape, family, heads=args.heads, seed=args.seed, device=args.device)
+    gen = torch.Generator().manual_seed(args.seed + 7)
+    runs = {(name, d): Run(plan, d, shape.grid) for name, plan in schedules.items() for d in args.densities}
+    ratios = {key: [] for key in runs}
+    warmup = {}
+    for step in range(args.steps):
+        if step:
+            q, k = drifted(q, args.drift, gen), drifted(k, args.drift, gen)
+        if step < args.dense_steps - 1:
+            continue
+        sparse_step = step - args.dense_steps
+        if sparse_step < 0:  # the last warm-up step: its exact masks
+            last_dense = Judge(q, k, v, SLICE_M)
+            warmup = {d: last_dense.oracle(d) for d in args.densities}
+            continue
+        judge = Judge(q, k, v, SLICE_M) if sparse_step % args.judge_every == 0 or step == args.steps - 1 else None
+        for (name, density), run in runs.items():
+            run.step(sparse_step, q, k, v, warmup.get(density))
+            if judge is not None:
+                ratios[(name, density)].append(judge.ratio(run.mask)[1])
+    for density in args.densities:
+        for name in schedules:
+            run, seen = runs[(name, density)], ratios[(name, density)]
+            scored = (f"{sum(run.scored) / len(run.scored):.2f}x the mask's keys scored in {len(run.scored)} refreshes"
+                      if run.scored else "")
+            print(f"{family:17s} d={density}  {name:22s} mean x{sum(seen) / len(seen):.2f}  "
+                  f"last x{seen[-1]:.2f}  worst x{max(seen):.2f}  {scored}", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
+    parser.add_argument("--grid", default="5x30x52", help="frames x height x width of the token grid")
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--dense-steps", type=int, default=5)
+    parser.add_argument("--drift", type=float, default=0.045, help="std of the content noise added each step")
+    parser.add_argument("--judge-every", type=int, default=1, help="judge every n-th sparse step (and the last)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.dense_steps < 1 or args.steps <= args.dense_steps:
+        parser.error("needs 1 <= --dense-steps < --steps")
+    grid = tuple(int(x) for x in args.grid.split("x"))
+    shape = replace(SHAPES["wan14b-480p"], grid=grid, heads=args.heads)
+    schedules = {name: SCHEDULES[name] for name in args.schedules}
+    print(f"grid {grid}, {args.heads} heads per family, {args.steps} steps ({args.dense_steps} dense), drift "
+          f"{args.drift} a step, device {args.device}; error / that step's oracle error over the sparse steps",
+          flush=True)
+    for family in args.families:
+        trajectory(args, shape, family, schedules)
+
+
+if __name__ == "__main__":
+    main()
