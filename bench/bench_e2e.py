@@ -333,26 +333,19 @@ def main(argv=None):
         if name != "topk":
             parser.error("--calibrate needs --predictor topk")
         name, predictor = "topk, calibrated poolings", dict(predictor, calibrate_pooling=True)
-    try:  # the schedule SparseAttentionConfig makes of these flags (None: its defaults)
+    try:  # the schedule SparseAttentionConfig makes of these flags (None: its defaults); it refuses what cannot work
         schedule = fd.SparseAttentionConfig(dense_steps=args.dense_steps, refresh_every=args.refresh_every,
-                                            mask_from_warmup=args.mask_from_warmup,
-                                            sparse_refresh=args.sparse_refresh, **predictor)
+                                            mask_from_warmup=args.mask_from_warmup, sparse_refresh=args.sparse_refresh,
+                                            local_search=args.local_search, predict_on_refresh=not args.search_only,
+                                            **predictor)
     except ValueError as error:
         parser.error(str(error))
     args.mask_from_warmup, args.sparse_refresh = schedule.mask_from_warmup, schedule.sparse_refresh
     args.refresh_every = schedule.refresh_every
-    if args.sparse_refresh:
-        if name not in ("topk", "tau", "topk, calibrated poolings"):
-            parser.error("--sparse-refresh needs --predictor topk or tau")
-        name, predictor = f"{name}, sparse refresh", dict(predictor, sparse_refresh=True)
-    if args.local_search:
-        if not args.sparse_refresh:
-            parser.error("--local-search needs --sparse-refresh")
-        name, predictor = f"{name} + local search", dict(predictor, local_search=True)
-    if args.search_only:
-        if not args.local_search:
-            parser.error("--search-only needs --local-search")
-        name, predictor = f"{name}, no prediction", dict(predictor, predict_on_refresh=False)
+    refresh = {key: getattr(schedule, key) for key in ("sparse_refresh", "local_search", "predict_on_refresh")}
+    predictor = dict(predictor, **refresh)  # the block's refresh calls are timed as the schedule makes them
+    name += ((", sparse refresh" if schedule.sparse_refresh else "") + (" + local search" if schedule.local_search else "")
+             + ("" if schedule.predict_on_refresh else ", no prediction"))
     header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | diffusers "
               f"{__import__('diffusers').__version__} | predictor {name} | target density {args.density} | "
               f"{'queued GPU time' if args.queued else 'isolated calls'}")
