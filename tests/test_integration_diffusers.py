@@ -787,6 +787,12 @@ def test_config_defaults_start_exact_after_warmup_steps():
     assert resolved(dense_steps=5, predictor=lambda q, k, slice_m: None) == (False, False, 5)
     assert resolved(dense_steps=5, process_group=object()) == (False, False, 5)
     assert resolved(sparse_refresh=True) == (False, True, 5)
+    assert warm.mask_making() == ("masks: first the exact column max of the last warm-up step; refreshes sparse: "
+                                  "the exact column max over the old mask's keys, the topk predictor's")
+    assert fd.SparseAttentionConfig().mask_making() == "masks: first predicted (topk); refreshes predicted (topk)"
+    searching = fd.SparseAttentionConfig(sparse_refresh=True, local_search=True, predict_on_refresh=False)
+    assert searching.mask_making().endswith("over the old mask's keys, their moves along the token grid")
+    assert "dense call" in fd.SparseAttentionConfig(predictor="colmax").mask_making()
 
 
 def test_config_schedule():

@@ -247,8 +247,9 @@ class SparseAttentionHandle:
         return self.cache.memory_bytes()
 
     def describe(self) -> str:
-        """The MaskCache's summary: schedule, then every (layer, branch) mask held."""
-        return self.cache.describe()
+        """How masks are made, then the MaskCache's summary: schedule, then every (layer, branch)
+        mask held."""
+        return self.config.mask_making() + "\n" + self.cache.describe()
 
     # ---- routing ----
     def _slot_branch(self) -> int:

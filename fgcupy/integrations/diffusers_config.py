@@ -238,6 +238,24 @@ class SparseAttentionConfig:
             exact_start = self.mask_from_warmup is True and self.sparse_refresh is True
             object.__setattr__(self, "refresh_every", WARMUP_REFRESH_EVERY if exact_start else DEFAULT_REFRESH_EVERY)
 
+    def mask_making(self) -> str:
+        """How this schedule makes masks, in words (the first line of ``handle.describe()``)."""
+        predictor = self.predictor if isinstance(self.predictor, str) else "a callable predictor"
+        if self.exact:
+            return "masks: the exact column max of a dense call on each refresh"
+        first = ("the exact column max of the last warm-up step" if self.mask_from_warmup
+                 else f"predicted ({predictor})")
+        if not self.sparse_refresh:
+            later = f"predicted ({predictor})"
+        else:
+            candidates = ["the old mask's keys"]
+            if self.predict_on_refresh:
+                candidates.append(f"the {predictor} predictor's")
+            if self.local_search:
+                candidates.append("their moves along the token grid")
+            later = "sparse: the exact column max over " + ", ".join(candidates)
+        return f"masks: first {first}; refreshes {later}"
+
     @property
     def exact(self) -> bool:
         """Whether refresh calls run dense and predict exact column-max masks from their LSE."""
