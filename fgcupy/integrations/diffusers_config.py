@@ -44,7 +44,9 @@ class SparseAttentionConfig:
     slice_m: queries per slice (a kernel size, 64 or 128).
     dense_steps: the first denoising steps run dense (stock processor): early steps set the layout.
         With dense_steps >= 1 the defaults make the first mask exact and keep it so
-        (``mask_from_warmup`` and ``sparse_refresh`` below).
+        (``mask_from_warmup`` and ``sparse_refresh`` below). 0 by default, since the length of
+        the pipeline's schedule is not known here (a few-step model would run mostly dense);
+        with 30-50 steps, 1-5 dense steps buy near-oracle masks for about one percent of speed.
     dense_layers: indices (in model order) of self-attention layers that always run dense.
     refresh_every / refresh_steps: masks are re-predicted every ``refresh_every`` sparse steps
         (counted from the first sparse step), or exactly on the steps listed in ``refresh_steps``
