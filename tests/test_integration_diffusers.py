@@ -20,11 +20,13 @@ from fgcupy.oracle import exact_lse  # noqa: E402
 
 from .tiny_diffusers import (  # noqa: E402
     CountingPredictor,
+    cogvideox_inputs,
     expand_mask,
     full_predictor,
     hunyuan_inputs,
     random_predictor,
     reference_attention_fn,
+    tiny_cogvideox,
     tiny_hunyuan,
     tiny_wan,
     wan_inputs,
@@ -157,6 +159,71 @@ def test_hunyuan_full_mask_with_text_padding_equals_stock():
     for name in handle.layers:
         kept = handle.mask(name).to_dense()
         assert not kept[..., -3:].any() and kept[..., :-3].all()
+
+
+def run_cogvideox(model, inputs, t=500):
+    latents, text, rotary = inputs
+    with torch.no_grad():
+        return model(latents, text, torch.tensor([t]), image_rotary_emb=rotary).sample
+
+
+def test_cogvideox_full_mask_equals_stock():
+    """CogVideoX's joint attention (text first, rotary embedding on the video tokens only)."""
+    model = tiny_cogvideox()
+    inputs = cogvideox_inputs()
+    expected = run_cogvideox(model, inputs)
+    handle = fd.apply(model, cpu_config())
+    out = run_cogvideox(model, inputs)
+    assert relative_l2(out, expected) < 1e-5
+    assert len(handle.layers) == 2
+    assert all(s.sparse_calls == 1 and s.stock_calls == 0 for s in handle.stats().values())
+    assert handle.mask("transformer_blocks.0.attn1").kv_len == 7 + 3 * 8 * 8
+
+
+def test_cogvideox_sparse_mask_equals_stock_attention_through_the_same_mask():
+    """A sparse mask changes the result exactly as attention through that mask does: the stock
+    processor's math with SDPA given the mask as a dense boolean mask."""
+    model = tiny_cogvideox()
+    latents, text, rotary = cogvideox_inputs()
+    handle = fd.apply(model, cpu_config(predictor=random_predictor(0.3)))
+    attn = model.transformer_blocks[0].attn1
+    video = torch.randn(1, 3 * 8 * 8, attn.to_q.in_features)
+    context = torch.randn(1, 7, attn.to_q.in_features)
+    with torch.no_grad():
+        out_video, out_text = attn(video, context, image_rotary_emb=rotary)
+        mask = handle.mask("transformer_blocks.0.attn1")
+        assert 0.2 < mask.density() < 0.5
+        stock = handle.layers["transformer_blocks.0.attn1"].stock
+        seen = []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+
+        def masked_sdpa(q, k, v, attn_mask=None, **kwargs):
+            seen.append(q.shape)
+            return sdpa(q, k, v, attn_mask=expand_mask(mask), **kwargs)
+
+        torch.nn.functional.scaled_dot_product_attention = masked_sdpa
+        try:
+            expected_video, expected_text = stock(attn, video, context, image_rotary_emb=rotary)
+        finally:
+            torch.nn.functional.scaled_dot_product_attention = sdpa
+        dense_video, _ = stock(attn, video, context, image_rotary_emb=rotary)
+    assert seen  # the stock processor went through the masked call
+    assert relative_l2(out_video, expected_video) < 1e-5 and relative_l2(out_text, expected_text) < 1e-5
+    assert relative_l2(out_video, dense_video) > 1e-2  # the mask did change the result
+
+
+def test_cogvideox_positional_timestep_and_grid():
+    """CogVideoX takes the timestep third (after the text states) and latents frame-first: a
+    positional call still counts steps, and the local search reads the right token grid."""
+    model = tiny_cogvideox()
+    inputs = cogvideox_inputs()
+    handle = fd.apply(model, cpu_config(predictor="topk", density=0.3, sparse_refresh=True, local_search=True,
+                                        refresh_every=1))
+    for step in range(3):
+        run_cogvideox(model, inputs, t=900 - 100 * step)
+    assert handle.step == 2 and handle.grid == (3, 8, 8)
+    assert handle.stats()["transformer_blocks.0.attn1"].refresh_steps == [0, 1, 2]
+    assert fd.token_grid(model.config, inputs[0], frames_first=True) == (3, 8, 8)
 
 
 def test_wan_sparse_mask_equals_stock_with_the_same_dense_mask():

@@ -1,4 +1,4 @@
-"""fgcupy.integrations.diffusers on the GPU: the real kernel inside tiny Wan / HunyuanVideo models.
+"""fgcupy.integrations.diffusers on the GPU: the real kernel inside tiny Wan / HunyuanVideo / CogVideoX models.
 
 bf16 tolerance is measured, not guessed: the stock processor in bf16 against the same model in
 float32 sets the noise floor, and fgcupy in bf16 must stay within a small multiple of it."""
@@ -18,11 +18,13 @@ from fgcupy.integrations import diffusers as fd  # noqa: E402
 
 from .tiny_diffusers import (  # noqa: E402
     CountingPredictor,
+    cogvideox_inputs,
     expand_mask,
     full_predictor,
     hunyuan_inputs,
     random_predictor,
     reference_attention_fn,
+    tiny_cogvideox,
     tiny_hunyuan,
     tiny_wan,
     wan_inputs,
@@ -59,6 +61,41 @@ def test_wan_full_mask_matches_stock(head_dim, slice_m):
     assert relative_l2(ours, truth) <= 2 * floor + 1e-3, (relative_l2(ours, truth), floor)
     assert relative_l2(ours, stock) <= 2 * floor + 1e-3
     assert all(s.sparse_calls == 1 and s.stock_calls == 0 for s in handle.stats().values())
+
+
+@pytest.mark.parametrize("schedule", ["full", "default_exact_start"])
+def test_cogvideox_on_the_kernel_matches_stock(schedule):
+    """CogVideoX (head dim 64, text first): the full mask within the bf16 noise floor of the stock
+    processor; the default schedule with a warm-up step (its exact mask, then sparse refreshes)
+    close to dense over a few steps."""
+    fp32, bf16 = bf16_pair(tiny_cogvideox())
+    latents, text, rotary = cogvideox_inputs(frames=3, size=32, device=CUDA)  # 7 + 768 tokens
+
+    def trajectory(model, dtype, steps):
+        x, outs = latents.to(dtype), []
+        with torch.no_grad():
+            for step in range(steps):
+                t = torch.tensor([1000 - 150 * step], device=CUDA)
+                out = model(x, text.to(dtype), t, image_rotary_emb=rotary).sample
+                outs.append(out.float())
+                x = x - 0.15 * out
+        return outs
+
+    steps = 1 if schedule == "full" else 4
+    truth = trajectory(fp32, torch.float32, steps)
+    stock = trajectory(bf16, torch.bfloat16, steps)
+    config = (fd.SparseAttentionConfig(predictor=full_predictor) if schedule == "full"
+              else fd.SparseAttentionConfig(density=0.5, slice_m=64, dense_steps=1, refresh_every=2))
+    handle = fd.apply(bf16, config)
+    ours = trajectory(bf16, torch.bfloat16, steps)
+    floor = max(relative_l2(s, t) for s, t in zip(stock, truth))
+    if schedule == "full":
+        assert relative_l2(ours[0], truth[0]) <= 2 * floor + 1e-3, (relative_l2(ours[0], truth[0]), floor)
+        assert all(s.sparse_calls == 1 and s.stock_calls == 0 for s in handle.stats().values())
+    else:
+        for step, (o, t) in enumerate(zip(ours, truth)):
+            assert relative_l2(o, t) < 5e-2, step
+        assert all(s.refresh_steps == [0, 3] for s in handle.stats().values())
 
 
 def test_hunyuan_full_mask_with_text_padding_matches_stock():

@@ -35,6 +35,32 @@ def tiny_hunyuan(head_dim: int = 64, heads: int = 2, seed: int = 0):
     ).eval()
 
 
+def tiny_cogvideox(head_dim: int = 64, heads: int = 2, seed: int = 0):
+    """CogVideoX with rotary embeddings: latents [1, 3, 4, 16, 16] make 3 x 8 x 8 video tokens."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(seed)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=32,
+        text_embed_dim=32, num_layers=2, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+        max_text_seq_length=7, use_rotary_positional_embeddings=True,
+    ).eval()
+
+
+def cogvideox_inputs(frames: int = 3, size: int = 16, text: int = 7, head_dim: int = 64, seed: int = 1,
+                     device="cpu", dtype=torch.float32):
+    """Latents [1, F, 4, size, size] (CogVideoX's frame-first layout), text states [1, text, 32] and
+    the 3-D rotary embedding the pipeline would pass, (cos, sin) [F * (size / 2)^2, head_dim]."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(1, frames, 4, size, size, generator=gen)
+    text_states = torch.randn(1, text, 32, generator=gen)
+    side = size // 2
+    rotary = get_3d_rotary_pos_embed(head_dim, ((0, 0), (side, side)), (side, side), frames)
+    return latents.to(device, dtype), text_states.to(device, dtype), tuple(r.to(device) for r in rotary)
+
+
 def wan_inputs(frames: int = 3, size: int = 16, text: int = 7, seed: int = 1, device="cpu", dtype=torch.float32):
     """Latents [1, 4, F, size, size] -> F * (size / 2)^2 tokens; text [1, text, 32]."""
     gen = torch.Generator().manual_seed(seed)

@@ -1,12 +1,13 @@
-"""fgcupy in diffusers' video transformers: one call switches Wan 2.1 / HunyuanVideo to slice-sparse
-self-attention, another switches back.
+"""fgcupy in diffusers' video transformers: one call switches Wan 2.1 / HunyuanVideo / CogVideoX to
+slice-sparse self-attention, another switches back.
 
 >>> handle = apply(pipe.transformer, SparseAttentionConfig(predictor="topk", density=0.1))
 >>> video = pipe(prompt).frames            # the pipeline itself is unchanged
 >>> remove(pipe.transformer)
 
 ``apply`` swaps the processor of every self-attention layer (modules whose processor is diffusers'
-stock ``WanAttnProcessor`` on a self-attention ``WanAttention``, or ``HunyuanVideoAttnProcessor2_0``)
+stock ``WanAttnProcessor`` on a self-attention ``WanAttention``, ``HunyuanVideoAttnProcessor2_0`` or
+``CogVideoXAttnProcessor2_0``, whose joint attention puts the text tokens first)
 for one that repeats the stock math (projections, q/k norms, rotary embeddings, output projection)
 and replaces only the attention call with fgcupy's kernel. What the kernel cannot express goes to
 the stock processor unchanged: cross-attention, head dims without a kernel, context parallelism,
@@ -56,7 +57,12 @@ from ..mask import SliceMask
 from ..local_search import search_offsets, union_keys
 from ..mask_algebra import drop_keys
 from .diffusers_config import SparseAttentionConfig
-from .diffusers_processors import HunyuanVideoSparseProcessor, WanSparseProcessor, _Processor  # noqa: F401
+from .diffusers_processors import (  # noqa: F401
+    CogVideoXSparseProcessor,
+    HunyuanVideoSparseProcessor,
+    WanSparseProcessor,
+    _Processor,
+)
 
 __all__ = [
     "HunyuanVideoSparseProcessor",
@@ -164,13 +170,16 @@ class SparseAttentionHandle:
         self._padding_version: dict[int, int] = {}
         self._padding_seen: dict[int, tuple] = {}
         self.grid: tuple | None = config.grid  # the latent token grid (local_search)
+        self._timestep_position = _timestep_position(transformer)
 
     # ---- steps ----
     def _pre_hook(self, module, args, kwargs):
-        timestep = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        at = self._timestep_position
+        timestep = kwargs.get("timestep", args[at] if len(args) > at else None)
         if self.config.local_search and self.config.grid is None:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            self.grid = token_grid(getattr(module, "config", None), hidden)
+            frames_first = type(module).__name__.startswith("CogVideoX")
+            self.grid = token_grid(getattr(module, "config", None), hidden, frames_first)
         self.begin_forward(timestep)
 
     def begin_forward(self, timestep=None) -> None:
@@ -524,13 +533,28 @@ def _predict_mask():
     return predict
 
 
-def token_grid(model_config, hidden_states) -> tuple | None:
+def _timestep_position(transformer) -> int:
+    """Where a positional call of ``transformer`` passes the timestep (Wan and HunyuanVideo: second;
+    CogVideoX: third, after the text states)."""
+    import inspect
+
+    try:
+        names = [name for name in inspect.signature(transformer.forward).parameters if name != "self"]
+    except (TypeError, ValueError):
+        return 1
+    return names.index("timestep") if "timestep" in names else 1
+
+
+def token_grid(model_config, hidden_states, frames_first: bool = False) -> tuple | None:
     """(frames, height, width) of the tokens a video transformer makes of ``hidden_states``
-    [B, C, F, H, W]: its sizes over the model's ``patch_size`` (Wan: a triple; HunyuanVideo: an
-    int beside ``patch_size_t``). None where either is missing."""
+    [B, C, F, H, W] ([B, F, C, H, W] with ``frames_first``, as CogVideoX takes them): its sizes
+    over the model's ``patch_size`` (Wan: a triple; HunyuanVideo and CogVideoX: an int beside
+    ``patch_size_t``). None where either is missing."""
     patch = getattr(model_config, "patch_size", None)
     if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 5:
         return None
+    if frames_first:
+        hidden_states = hidden_states.transpose(1, 2)
     if isinstance(patch, (tuple, list)) and len(patch) == 3:
         steps = tuple(patch)
     elif isinstance(patch, int):
@@ -543,18 +567,21 @@ def token_grid(model_config, hidden_states) -> tuple | None:
 
 def _stock_processor_kinds():
     try:
+        from diffusers.models.attention_processor import CogVideoXAttnProcessor2_0
         from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
         from diffusers.models.transformers.transformer_wan import WanAttnProcessor
     except ImportError as exc:  # the extra is optional
         raise ImportError(
             "fgcupy.integrations.diffusers needs diffusers (pip install 'fgcupy[diffusers]')"
         ) from exc
-    return {WanAttnProcessor: WanSparseProcessor, HunyuanVideoAttnProcessor2_0: HunyuanVideoSparseProcessor}
+    return {WanAttnProcessor: WanSparseProcessor, HunyuanVideoAttnProcessor2_0: HunyuanVideoSparseProcessor,
+            CogVideoXAttnProcessor2_0: CogVideoXSparseProcessor}
 
 
 def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = None) -> SparseAttentionHandle:
     """Install fgcupy on every self-attention layer of ``transformer`` (a diffusers
-    WanTransformer3DModel or HunyuanVideoTransformer3DModel, or a module holding their layers).
+    WanTransformer3DModel, HunyuanVideoTransformer3DModel or CogVideoXTransformer3DModel, or a
+    module holding their layers).
     Applying again replaces the earlier installation. Raises RuntimeError when fgcupy's kernel
     cannot run here, unless ``config.fallback`` or ``config.attention_fn`` says what to do instead."""
     config = SparseAttentionConfig() if config is None else config
@@ -584,8 +611,9 @@ def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = N
         found.append((name, module, processor, sparse_kind))
     if not found:
         raise TypeError(
-            f"{type(transformer).__name__} has no self-attention layer with a stock WanAttnProcessor or "
-            "HunyuanVideoAttnProcessor2_0 (already patched, or not a Wan / HunyuanVideo transformer?)"
+            f"{type(transformer).__name__} has no self-attention layer with a stock WanAttnProcessor, "
+            "HunyuanVideoAttnProcessor2_0 or CogVideoXAttnProcessor2_0 (already patched, or not a Wan / "
+            "HunyuanVideo / CogVideoX transformer?)"
         )
     if parallel and any(kind is not WanSparseProcessor for *_, kind in found):
         raise ValueError("process_group (sequence parallel) is supported for Wan transformers only")

@@ -1,4 +1,4 @@
-"""The attention processors ``apply`` installs on Wan and HunyuanVideo attention modules: they
+"""The attention processors ``apply`` installs on Wan, HunyuanVideo and CogVideoX attention modules: they
 run the model's own projections, norms and rotary embeddings, then hand q, k, v to the handle
 (fgcupy.integrations.diffusers), or to the stock processor where fgcupy does not apply."""
 
@@ -177,6 +177,43 @@ class HunyuanVideoSparseProcessor(_Processor):
         if getattr(attn, "to_add_out", None) is not None:
             text_out = attn.to_add_out(text_out)
         return video_out, text_out
+
+
+class CogVideoXSparseProcessor(_Processor):
+    """CogVideoX joint (text + video) self-attention with fgcupy: the stock
+    CogVideoXAttnProcessor2_0's math (text tokens first, rotary embedding on the video tokens
+    only), attention replaced."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        structural = None
+        if attn.is_cross_attention:
+            structural = "cross_attention"
+        elif attention_mask is not None:
+            structural = "attention_mask"
+        route = self._route(attn, hidden_states.device, structural)
+        if route != "sparse":
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask=attention_mask,
+                              image_rotary_emb=image_rotary_emb)
+        text_len = encoder_hidden_states.shape[1]
+        tokens = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        query, key, value = (proj(tokens).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+
+            def rotated(x):  # the stock function takes [B, H, S, D]
+                video = apply_rotary_emb(x[:, text_len:].transpose(1, 2), image_rotary_emb).transpose(1, 2)
+                return torch.cat([x[:, :text_len], video], dim=1)
+
+            query, key = rotated(query), rotated(key)
+
+        out = self._attention(query, key, value)
+        out = out.flatten(2, 3).type_as(query)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out[:, text_len:], out[:, :text_len]
 
 
 def _iskey_padding(mask: torch.Tensor, batch: int, kv_len: int) -> bool:
