@@ -95,6 +95,17 @@ def _rotate_pairs_hunyuan(x: torch.Tensor, freqs: tuple[torch.Tensor, torch.Tens
     return (x.float() * cos + turned.float() * sin).to(x.dtype)
 
 
+def _headed_qkv(attn, tokens: torch.Tensor) -> tuple:
+    """q, k, v ``[B, S, H, D]`` of ``tokens`` through the module's projections, q and k through its
+    per-head norms where it has them (HunyuanVideo, CogVideoX)."""
+    query, key, value = (proj(tokens).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
 class WanSparseProcessor(_Processor):
     """Wan self-attention with fgcupy: the stock WanAttnProcessor's math, attention replaced."""
 
@@ -149,11 +160,7 @@ class HunyuanVideoSparseProcessor(_Processor):
             key_valid, key_version = self._handle.key_padding(attention_mask, hidden_states.shape[0], kv_len)
 
         tokens = torch.cat([hidden_states, encoder_hidden_states], dim=1) if in_stream else hidden_states
-        query, key, value = (proj(tokens).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _headed_qkv(attn, tokens)
         if image_rotary_emb is not None:
             video = tokens.shape[1] - (text_len if in_stream else 0)
             query = torch.cat([_rotate_pairs_hunyuan(query[:, :video], image_rotary_emb), query[:, video:]], dim=1)
@@ -196,11 +203,7 @@ class CogVideoXSparseProcessor(_Processor):
                               image_rotary_emb=image_rotary_emb)
         text_len = encoder_hidden_states.shape[1]
         tokens = torch.cat([encoder_hidden_states, hidden_states], dim=1)
-        query, key, value = (proj(tokens).unflatten(2, (attn.heads, -1)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _headed_qkv(attn, tokens)
         if image_rotary_emb is not None:
             from diffusers.models.embeddings import apply_rotary_emb
 
