@@ -340,8 +340,7 @@ def main(argv=None):
                                             **predictor)
     except ValueError as error:
         parser.error(str(error))
-    args.mask_from_warmup, args.sparse_refresh = schedule.mask_from_warmup, schedule.sparse_refresh
-    args.refresh_every = schedule.refresh_every
+    args.mask_from_warmup, args.refresh_every = schedule.mask_from_warmup, schedule.refresh_every
     refresh = {key: getattr(schedule, key) for key in ("sparse_refresh", "local_search", "predict_on_refresh")}
     predictor = dict(predictor, **refresh)  # the block's refresh calls are timed as the schedule makes them
     name += ((", sparse refresh" if schedule.sparse_refresh else "") + (" + local search" if schedule.local_search else "")

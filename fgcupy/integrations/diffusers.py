@@ -65,6 +65,7 @@ from .diffusers_processors import (  # noqa: F401
 )
 
 __all__ = [
+    "CogVideoXSparseProcessor",
     "HunyuanVideoSparseProcessor",
     "LayerStats",
     "SparseAttentionConfig",
@@ -171,6 +172,7 @@ class SparseAttentionHandle:
         self._padding_seen: dict[int, tuple] = {}
         self.grid: tuple | None = config.grid  # the latent token grid (local_search)
         self._timestep_position = _timestep_position(transformer)
+        self._frames_first = type(transformer).__name__.startswith("CogVideoX")  # its latents [B, F, C, H, W]
 
     # ---- steps ----
     def _pre_hook(self, module, args, kwargs):
@@ -178,8 +180,7 @@ class SparseAttentionHandle:
         timestep = kwargs.get("timestep", args[at] if len(args) > at else None)
         if self.config.local_search and self.config.grid is None:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            frames_first = type(module).__name__.startswith("CogVideoX")
-            self.grid = token_grid(getattr(module, "config", None), hidden, frames_first)
+            self.grid = token_grid(getattr(module, "config", None), hidden, self._frames_first)
         self.begin_forward(timestep)
 
     def begin_forward(self, timestep=None) -> None:
@@ -539,7 +540,7 @@ def _timestep_position(transformer) -> int:
     import inspect
 
     try:
-        names = [name for name in inspect.signature(transformer.forward).parameters if name != "self"]
+        names = list(inspect.signature(transformer.forward).parameters)
     except (TypeError, ValueError):
         return 1
     return names.index("timestep") if "timestep" in names else 1

@@ -236,8 +236,7 @@ class SparseAttentionConfig:
                         and not self.calibrate_pooling)
             object.__setattr__(self, "mask_from_warmup", possible)
         if self.sparse_refresh is None:
-            object.__setattr__(self, "sparse_refresh", self.mask_from_warmup is True and mean_query
-                               and self.process_group is None)
+            object.__setattr__(self, "sparse_refresh", self.mask_from_warmup is True and mean_query)
         if self.refresh_every is None:
             exact_start = self.mask_from_warmup is True and self.sparse_refresh is True
             object.__setattr__(self, "refresh_every", WARMUP_REFRESH_EVERY if exact_start else DEFAULT_REFRESH_EVERY)
