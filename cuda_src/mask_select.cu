@@ -879,7 +879,10 @@ __device__ __forceinline__ unsigned kept_word_below(const u16* bins, int i0, int
   return left >= 32 ? m : (left <= 0 ? 0u : m & ((1u << left) - 1u));
 }
 
-template <bool STAGED, class S>
+// RULE: kRule_topk compiles top-k alone (the default prediction's rule: a fifth of the compile
+// time of the kernel holding every rule's passes, the tau search's above all); -1 takes the
+// rule from p.rule.
+template <bool STAGED, class S, int RULE>
 __global__ void __launch_bounds__(kSelThreads, STAGED ? 2 : 1)
 select_rows(const __grid_constant__ SelectParams p) {
   const typename S::T* __restrict__ vals = static_cast<const typename S::T*>(p.vals);
@@ -890,7 +893,7 @@ select_rows(const __grid_constant__ SelectParams p) {
   unsigned* __restrict__ bits = static_cast<unsigned*>(p.bits);
   const i64 ld = p.ld;
   const int kv_len = p.kv_len, rows_per_bh = p.rows_per_bh, slice_m = p.slice_m, band = p.band;
-  const int rule = p.rule, k_keys = p.k_keys, min_keys = p.min_keys, max_keys = p.max_keys, words = p.words;
+  const int rule = RULE >= 0 ? RULE : p.rule, k_keys = p.k_keys, min_keys = p.min_keys, max_keys = p.max_keys, words = p.words;
   const float tau = p.tau, thr = p.thr;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   unsigned* cnt = reinterpret_cast<unsigned*>(smem_raw);
@@ -918,6 +921,7 @@ select_rows(const __grid_constant__ SelectParams p) {
   c.t1 = min(kv_len, c.t0 + per);
   band_range(row % rows_per_bh, slice_m, band, kv_len, c.band_lo, c.band_hi);
 
+  static_assert(RULE == -1 || RULE == kRule_topk, "a kernel of every rule, or of top-k");
   const bool tau_rule = rule == kRule_tau;
   const bool thr_rule = rule == kRule_threshold;
   const float v_thr = c.logit ? c.lse + thr : thr;

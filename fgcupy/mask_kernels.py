@@ -254,14 +254,16 @@ def _smem_optin(device_index: int) -> int:
 _SCORE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def _select_spec(device: torch.device, ld: int, scores: str = "float32") -> SelectSpec:
+def _select_spec(device: torch.device, ld: int, scores: str = "float32", rule: str = "topk") -> SelectSpec:
     """The staged kernel where the row fits the shared memory this GPU grants (the larger cap
-    where it grants that, 1 KB left for static shared memory), else the global one."""
+    where it grants that, 1 KB left for static shared memory), else the global one; top-k's
+    own, or the one taking any rule."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     optin = _smem_optin(index)
     cap = SELECT_LARGE_SMEM if optin >= SELECT_LARGE_SMEM + 1024 else SELECT_MAX_SMEM
     staged = SelectSpec.fits(ld, cap) and optin >= cap + 1024
-    return SelectSpec(staged=staged, scores=scores, max_smem=cap if staged else SELECT_MAX_SMEM)
+    return SelectSpec(staged=staged, scores=scores, max_smem=cap if staged else SELECT_MAX_SMEM,
+                      rule="topk" if rule == "topk" else "any")
 
 
 def bit_words(kv_len: int) -> int:
@@ -289,7 +291,7 @@ def gpu_select(vals: torch.Tensor, kv_len: int, req, *, lse=None, band: int | No
     if ld < kv_len or ld % (16 // vals.element_size()) or not vals.is_contiguous() or vals.data_ptr() % 16:
         raise ValueError(f"score rows must be contiguous, 16-byte aligned [n, R, ld >= kv_len] with rows of a "
                          f"multiple of 16 bytes; got shape {tuple(vals.shape)}, {vals.dtype}")
-    spec = _select_spec(device, ld, scores)
+    spec = _select_spec(device, ld, scores, req.rule)
     counts = torch.empty(rows, dtype=torch.int32, device=device) if counts is None else counts
     words = bit_words(kv_len)
     mask_bits = torch.empty(rows, words, dtype=torch.int32, device=device) if bits else None

@@ -30,8 +30,9 @@ def test_every_axis_is_shipped():
     colmax = {(s.dtype, s.head_dim, s.mode, s.warps) for s in SPECS if isinstance(s, ColmaxSpec)}
     assert colmax == {(d, h, m, w) for d in ("bfloat16", "float16") for h in (64, 128) for m in ("maxprob", "listmax")
                       for w in (4, 8)}
-    selects = {(s.staged, s.scores) for s in SPECS if isinstance(s, SelectSpec)}
-    assert selects == {(staged, scores) for staged in (True, False) for scores in ("float32", "float16", "bfloat16")}
+    selects = {(s.staged, s.scores, s.rule) for s in SPECS if isinstance(s, SelectSpec)}
+    assert selects == {(staged, scores, rule) for staged in (True, False) for scores in ("float32", "float16", "bfloat16")
+                       for rule in ("any", "topk")}
     assert EmitSpec() in SPECS
     assert len({s.name for s in SPECS}) == len(SPECS)
 
@@ -71,9 +72,10 @@ def test_colmax_spec_names_and_shared_memory():
 
 
 def test_select_staging_limit():
-    assert SelectSpec(True).name_expression == "fg::select_rows<true, fg::F32Scores>"
-    assert SelectSpec(False, "float16").name_expression == "fg::select_rows<false, fg::F16Scores>"
+    assert SelectSpec(True).name_expression == "fg::select_rows<true, fg::F32Scores, -1>"
+    assert SelectSpec(False, "float16", rule="topk").name_expression == "fg::select_rows<false, fg::F16Scores, 0>"
     assert SelectSpec(False, "float16").name == "select_rows_global_f16"
+    assert SelectSpec(False, "float16", rule="topk").name == "select_rows_global_f16_topk"
     assert SelectSpec(False).smem_bytes == SELECT_FIXED_SMEM
     wan_row = 32_760
     assert SelectSpec.fits(wan_row) and SelectSpec(True).launch_smem(wan_row) <= SELECT_MAX_SMEM
@@ -104,6 +106,8 @@ def test_score_spec_validation(kwargs, message):
 def test_select_spec_validation():
     with pytest.raises(ValueError, match=r"scores must be one of \('float32', 'float16', 'bfloat16'\), got 'float64'"):
         SelectSpec(True, "float64")
+    with pytest.raises(ValueError, match=r"rule must be one of \('any', 'topk'\), got 'tau'"):
+        SelectSpec(True, rule="tau")
 
 
 @pytest.mark.parametrize("spec", all_sm90_mask_specs(), ids=lambda s: s.name)

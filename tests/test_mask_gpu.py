@@ -310,8 +310,9 @@ def test_selection_matches_reference(staged, scores, case):
                                max_keys=opts.get("max_keys"), **kwargs)
     buf = _padded(values, getattr(torch, scores))
     lse_d = None if lse is None else lse.to(DEVICE).reshape(1, rows)
-    spec = SelectSpec(staged=staged and SelectSpec.fits(buf.shape[2]), scores=scores)
-    with mock.patch.object(mask_kernels, "_select_spec", lambda device, ld, scores: spec):
+    spec = SelectSpec(staged=staged and SelectSpec.fits(buf.shape[2]), scores=scores,
+                      rule="topk" if rule == "topk" else "any")
+    with mock.patch.object(mask_kernels, "_select_spec", lambda device, ld, scores, rule: spec):
         counts, bits = mask_kernels.gpu_select(buf, kv_len, req, lse=lse_d, band=local, bits=True)
         assert bits.shape == (rows, mask_kernels.bit_words(kv_len))
         # The bitmask holds exactly the counted keys.

@@ -34,6 +34,8 @@ SM90_SCORE_GROUPS = (2, 4, 8, 16, 32, 64, 128)
 _SM90_GROUPS = {"stats": (1,), "maxprob": SM90_SCORE_GROUPS, "band": (SM90_SCORE_ROWS,), "listmax": (SM90_SCORE_ROWS,)}
 #: Selection rules (fg::select_rows' rule argument).
 RULE_IDS = {"topk": 0, "tau": 1, "threshold": 2}
+#: Selection kernels: one taking any rule at launch, one compiled for top-k alone.
+SELECT_RULES = ("any", "topk")
 SCORE_WARPS = (4, 8)
 #: fg::mask_score's one argument (see cuda_src/mask_score.cu for what each field means).
 SCORE_PARAMS = ParamStruct("ScoreParams", (
@@ -259,15 +261,17 @@ def staged_bytes(row_stride: int) -> int:
 
 @dataclass(frozen=True)
 class SelectSpec:
-    """``fg::select_rows<STAGED, S>``: per-row threshold search (and optional emit). The staged
-    variant keeps every key's 16-bit coarse bin in shared memory after one read of the row;
-    the other re-reads the row from global memory on every pass (rows too long to stage).
+    """``fg::select_rows<STAGED, S, RULE>``: per-row threshold search (and optional emit). The
+    staged variant keeps every key's 16-bit coarse bin in shared memory after one read of the
+    row; the other re-reads the row from global memory on every pass (rows too long to stage).
     ``scores``: the dtype of the score rows (float16 only holds logits, bfloat16 only
-    max-probability scores)."""
+    max-probability scores). ``rule``: "any" (the rule a launch passes) or "topk" (compiled in:
+    top-k alone compiles in about a fifth of the time, which a cold first prediction waits for)."""
 
     staged: bool = True
     scores: str = "float32"
     max_smem: int = SELECT_MAX_SMEM  # dynamic shared memory the staged kernel may ask for
+    rule: str = "any"
 
     source = "mask_select.cu"
     template = "fg::select_rows"
@@ -280,14 +284,17 @@ class SelectSpec:
     def __post_init__(self):
         _check_choice("scores", self.scores, SELECT_SCORES)
         _check_choice("max_smem", self.max_smem, (SELECT_MAX_SMEM, SELECT_LARGE_SMEM))
+        _check_choice("rule", self.rule, SELECT_RULES)
 
     @property
     def name(self) -> str:
-        return f"select_rows_{'staged' if self.staged else 'global'}{_SELECT_SUFFIX[self.scores]}"
+        rule = "" if self.rule == "any" else f"_{self.rule}"
+        return f"select_rows_{'staged' if self.staged else 'global'}{_SELECT_SUFFIX[self.scores]}{rule}"
 
     @property
     def name_expression(self) -> str:
-        return f"{self.template}<{'true' if self.staged else 'false'}, {SELECT_SCORES[self.scores]}>"
+        rule = -1 if self.rule == "any" else RULE_IDS[self.rule]
+        return f"{self.template}<{'true' if self.staged else 'false'}, {SELECT_SCORES[self.scores]}, {rule}>"
 
     @property
     def smem_bytes(self) -> int:
@@ -383,7 +390,8 @@ def all_mask_specs() -> list:
             specs.append(ScoreSpec(dtype, d, "maxprob", 4))
             specs.append(ScoreSpec(dtype, d, "maxprob", 8))
             specs += [ColmaxSpec(dtype, d, mode, warps) for mode in COLMAX_MODES for warps in SCORE_WARPS]
-    selects = [SelectSpec(staged, scores) for staged in (True, False) for scores in SELECT_SCORES]
+    selects = [SelectSpec(staged, scores, rule=rule) for staged in (True, False) for scores in SELECT_SCORES
+               for rule in SELECT_RULES]
     return specs + selects + [EmitSpec(), DilateSpec(), DilateInPlaceSpec(), AdaptiveRowsSpec(), UnionSpec()]
 
 
