@@ -7,10 +7,14 @@ from functools import lru_cache
 
 import torch
 
+from . import bridge
 from . import mask_reference as ref
+from .jit.runtime import load_in_background
+from .jit.score_spec import DILATE_MAX_RADIUS, DilateInPlaceSpec, DilateSpec, EmitSpec
 from .mask import SliceMask, indptr_from_counts, num_blocks
-from .mask_kernels import (gpu_adaptive_rows, gpu_candidate_colmax, gpu_colmax, gpu_dilate, gpu_dilate_in_place, gpu_emit,
-                           gpu_refine_band, gpu_scores, gpu_select, row_stride)
+from .mask_kernels import (SCORE_DTYPES, band_specs, gpu_adaptive_rows, gpu_candidate_colmax, gpu_colmax, gpu_dilate,
+                           gpu_dilate_in_place, gpu_emit, gpu_refine_band, gpu_scores, gpu_select, row_stride,
+                           scores_spec, select_spec)
 from .mask_request import MaskRequest
 
 DEFAULT_WORKSPACE = 2 << 30
@@ -85,6 +89,10 @@ class GpuPrediction:
         self.itemsize = stored.itemsize
         self.ld = row_stride(self.kv_len, self.itemsize)
         self.device = qh.device
+        # Static: sizes known from the shapes (top-k with one selection per block), fused emit, no sync.
+        self.static = req.rule == "topk" and kind != "union"
+        for spec in self._later_kernels(bridge.dtype_name(qh.dtype, "q"), SCORE_DTYPES[stored]):
+            load_in_background(self.device, spec)
         # Rows scored against every key: the queries (colmax), each sub-block's mean query or its
         # middle query (pooling "mean" / "sample", per block for "adaptive", whose sampled blocks'
         # score rows are dilated); "both" keeps the middle queries in samples.
@@ -107,9 +115,24 @@ class GpuPrediction:
         buffers = {"mean": 1, "sample": 2, "both": 2, "adaptive": 1}[req.pooling]
         per_head = self.sub_rows if kind in ("mean", "union") else self.q_blocks * buffers
         self.chunk = max(1, min(self.bh, workspace_bytes // max(1, per_head * self.ld * self.itemsize)))
-        # Sizes known from the shapes (top-k with one selection per block): fused emit, no sync.
-        self.static = req.rule == "topk" and kind != "union"
         self.capped = req.max_keys is not None and kind != "union"
+
+    def _later_kernels(self, dtype: str, scores: str) -> list:
+        """The kernels of the passes after the first, which start loading (compiling, when not
+        cached) on threads as the prediction begins: a cold first prediction then waits for its
+        slowest compile rather than for the sum of them."""
+        req, dim, device = self.req, self.dim, self.device
+        specs = [select_spec(device, self.ld, scores, req.rule)]
+        if not self.static:
+            specs.append(EmitSpec())
+        if req.kind == "submax":
+            specs += [scores_spec("stats", dtype, dim, warps=8, device=device),
+                      scores_spec("maxprob", dtype, dim, group=req.group, warps=8, device=device)]
+            if req.pool // 2 <= DILATE_MAX_RADIUS and req.pooling != "mean":
+                specs.append(DilateInPlaceSpec() if req.pooling == "adaptive" else DilateSpec())
+            if req.exact_band is not None:
+                specs += band_specs(dtype, dim, req.slice_m, device)
+        return specs
 
     def run(self) -> SliceMask:
         with torch.cuda.device(self.device):

@@ -12,6 +12,7 @@ from functools import lru_cache
 import torch
 
 from . import bridge
+from .jit import driver
 from .jit.launch import launch
 from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_LARGE_SMEM, SELECT_MAX_SMEM,  # noqa: F401
                              SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DILATE_RUN, ROWS_MAX_DIM,
@@ -110,8 +111,8 @@ def gpu_refine_band(q: torch.Tensor, k: torch.Tensor, scale: float, sub_lse: tor
     nbh = batch * heads - bh0 if nbh is None else nbh
     _check_scale(scale)
     warps = slice_m // 16
-    portable = ScoreSpec(bridge.dtype_name(q.dtype, "q"), dim, "stats", warps)
-    fused = _score_spec(kernel, portable, 1, band, q.device) is not portable
+    dtype = bridge.dtype_name(q.dtype, "q")
+    fused = len(band_specs(dtype, dim, slice_m, q.device, kernel)) == 1
     if not fused:
         band_lse = gpu_scores("stats", q, k, scale, bh0=bh0, nbh=nbh, warps=warps, band=band, kernel=kernel)
         own = sub_lse.repeat_interleave(pool, dim=1)[:, :q_len]
@@ -126,7 +127,7 @@ def gpu_refine_band(q: torch.Tensor, k: torch.Tensor, scale: float, sub_lse: tor
     width = int(band[1])
     if width < 1:
         raise ValueError(f"band width must be positive, got {band}")
-    spec = Sm90ScoreSpec(portable.dtype, dim, "band", SM90_SCORE_ROWS)
+    spec = Sm90ScoreSpec(dtype, dim, "band", SM90_SCORE_ROWS)
     q, k = _cp_async_ready(q), _cp_async_ready(k)
     # One key chunk: each CTA needs its rows' whole band for their LSE.
     params = _score_params(q, k, scale, out=out, ld=ld, partial=None, lse=sub_lse.contiguous(), bh0=bh0,
@@ -134,6 +135,29 @@ def gpu_refine_band(q: torch.Tensor, k: torch.Tensor, scale: float, sub_lse: tor
     if nbh and q_len:
         launch(spec, q.device, spec.grid(1, num_blocks(q_len, SM90_SCORE_ROWS), nbh), params)
     return out
+
+
+def scores_spec(mode: str, dtype: str, dim: int, *, group: int = 1, warps: int = 4, band: tuple | None = None,
+                device: torch.device, kernel: str = "auto"):
+    """The kernel ``gpu_scores`` launches for these arguments (checking them)."""
+    portable = ScoreSpec(dtype, dim, mode, warps)
+    if mode == "maxprob" and (group < 1 or group & (group - 1) or portable.rows_per_cta % group):
+        raise ValueError(f"group={group} must be a power of two dividing {portable.rows_per_cta}")
+    if mode == "maxprob" and group == portable.rows_per_cta:  # whole blocks: the column-max kernel
+        portable = ColmaxSpec(portable.dtype, dim, mode, warps)
+    return _score_spec(kernel, portable, group, band, device)
+
+
+def band_specs(dtype: str, dim: int, slice_m: int, device: torch.device, kernel: str = "auto") -> list:
+    """The kernels ``gpu_refine_band`` launches: the fused band kernel, or a stats and a
+    max-probability pass."""
+    warps = slice_m // 16
+    portable = ScoreSpec(dtype, dim, "stats", warps)
+    fused = _score_spec(kernel, portable, 1, (0, 1), device)
+    if fused is not portable:
+        return [Sm90ScoreSpec(dtype, dim, "band", SM90_SCORE_ROWS)]
+    return [portable, scores_spec("maxprob", dtype, dim, group=slice_m, warps=warps, band=(0, 1), device=device,
+                                  kernel=kernel)]
 
 
 def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, bh0: int = 0, nbh: int | None = None,
@@ -156,12 +180,8 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     kv_len = k.shape[2]
     nbh = batch * heads - bh0 if nbh is None else nbh
     _check_scale(scale)
-    portable = ScoreSpec(bridge.dtype_name(rows.dtype, "rows"), dim, mode, warps)  # checks the arguments
-    if mode == "maxprob" and (group < 1 or group & (group - 1) or portable.rows_per_cta % group):
-        raise ValueError(f"group={group} must be a power of two dividing {portable.rows_per_cta}")
-    if mode == "maxprob" and group == portable.rows_per_cta:  # whole blocks: the column-max kernel
-        portable = ColmaxSpec(portable.dtype, dim, mode, warps)
-    spec = _score_spec(kernel, portable, group, band, rows.device)
+    spec = scores_spec(mode, bridge.dtype_name(rows.dtype, "rows"), dim, group=group, warps=warps, band=band,
+                       device=rows.device, kernel=kernel)
     rows, k = _cp_async_ready(rows), _cp_async_ready(k)
     half = mode == "logits_f16"
     ld = row_stride(kv_len, 2 if half else PROB_DTYPE.itemsize if mode == "maxprob" else 4)
@@ -244,17 +264,23 @@ def gpu_candidate_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: to
 
 
 @lru_cache(maxsize=None)
+@lru_cache(maxsize=None)
 def _smem_optin(device_index: int) -> int:
+    """The shared memory a block may opt in to: through the driver (no CUDA Python package
+    imported), through cupy where libcuda does not load."""
+    if driver.available():
+        return driver.device_attribute(device_index, driver.DEVICE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
     import cupy
 
     runtime = cupy.cuda.runtime
     return runtime.deviceGetAttribute(runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, device_index)
 
 
-_SCORE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+#: The selection kernel's name of each score-row dtype.
+SCORE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def _select_spec(device: torch.device, ld: int, scores: str = "float32", rule: str = "topk") -> SelectSpec:
+def select_spec(device: torch.device, ld: int, scores: str = "float32", rule: str = "topk") -> SelectSpec:
     """The staged kernel where the row fits the shared memory this GPU grants (the larger cap
     where it grants that, 1 KB left for static shared memory), else the global one; top-k's
     own, or the one taking any rule."""
@@ -284,14 +310,14 @@ def gpu_select(vals: torch.Tensor, kv_len: int, req, *, lse=None, band: int | No
     n, per_head, ld = vals.shape
     rows = n * per_head
     device = vals.device
-    scores = _SCORE_DTYPES.get(vals.dtype)
+    scores = SCORE_DTYPES.get(vals.dtype)
     if scores is None or (scores == "float16" and lse is None) or (scores == "bfloat16" and lse is not None):
         raise TypeError(f"score rows must be float32, float16 logits (with lse) or bfloat16 probabilities (no lse); "
                         f"got {vals.dtype} {'with' if lse is not None else 'without'} lse")
     if ld < kv_len or ld % (16 // vals.element_size()) or not vals.is_contiguous() or vals.data_ptr() % 16:
         raise ValueError(f"score rows must be contiguous, 16-byte aligned [n, R, ld >= kv_len] with rows of a "
                          f"multiple of 16 bytes; got shape {tuple(vals.shape)}, {vals.dtype}")
-    spec = _select_spec(device, ld, scores, req.rule)
+    spec = select_spec(device, ld, scores, req.rule)
     counts = torch.empty(rows, dtype=torch.int32, device=device) if counts is None else counts
     words = bit_words(kv_len)
     mask_bits = torch.empty(rows, words, dtype=torch.int32, device=device) if bits else None

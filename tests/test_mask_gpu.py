@@ -312,7 +312,7 @@ def test_selection_matches_reference(staged, scores, case):
     lse_d = None if lse is None else lse.to(DEVICE).reshape(1, rows)
     spec = SelectSpec(staged=staged and SelectSpec.fits(buf.shape[2]), scores=scores,
                       rule="topk" if rule == "topk" else "any")
-    with mock.patch.object(mask_kernels, "_select_spec", lambda device, ld, scores, rule: spec):
+    with mock.patch.object(mask_kernels, "select_spec", lambda device, ld, scores, rule: spec):
         counts, bits = mask_kernels.gpu_select(buf, kv_len, req, lse=lse_d, band=local, bits=True)
         assert bits.shape == (rows, mask_kernels.bit_words(kv_len))
         # The bitmask holds exactly the counted keys.
@@ -434,7 +434,7 @@ def test_long_rows_select_correctly(kv_len):
     q, k = _inputs(3, 1, 1, 200, kv_len, 64, torch.float16)
     ld = mask_kernels.row_stride(kv_len)
     assert not SelectSpec.fits(ld)
-    spec = mask_kernels._select_spec(q.device, ld)
+    spec = mask_kernels.select_spec(q.device, ld)
     optin = mask_kernels._smem_optin(q.device.index or 0)
     assert spec.staged == (kv_len <= 81_920 and optin >= mask_kernels.SELECT_LARGE_SMEM + 1024)
     got = predict_mask(q, k, 64, "tau", tau=0.9, **MEAN).validate().to_dense()
@@ -566,3 +566,31 @@ def test_adaptive_rows_match_the_reference(batch, heads, q_len, blocks, dim, dty
     torch.testing.assert_close(rows[~per_row].float(), expected_rows[~per_row].float(), rtol=2**-7, atol=1e-3)
     middles = sampled.repeat_interleave(slice_m // pool, 2)[:, :, : rows.shape[2]] & ~per_row
     assert torch.equal(rows[middles], expected_rows[middles])
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(density=0.1),
+    dict(density=0.1, pooling="both"),
+    dict(density=0.1, pooling="sample", pool=16),
+    dict(method="tau", tau=0.9),
+    dict(method="tau", tau=0.9, pool=32, combine="union", exact_band=None),
+    dict(method="threshold", threshold=1e-3, exact_band=None, pool=None),
+])
+def test_kernels_loaded_ahead_are_launched(kwargs):
+    """A prediction starts loading its later passes' kernels on threads as it begins; each must
+    be one it launches (a wrong guess compiles a kernel for nothing)."""
+    from fgcupy import gpu_prediction
+
+    q, k = _inputs(11, 1, 2, 1000, 1200, 128, torch.bfloat16)
+    ahead, launched = [], []
+    real_launch = mask_kernels.launch
+
+    def recording_launch(spec, *args, **kw):
+        launched.append(spec)
+        return real_launch(spec, *args, **kw)
+
+    with mock.patch.object(gpu_prediction, "load_in_background", lambda device, spec: ahead.append(spec)), \
+            mock.patch.object(mask_kernels, "launch", recording_launch):
+        method = kwargs.pop("method", "topk")
+        predict_mask(q, k, 128, method, **kwargs).validate()
+    assert ahead and set(ahead) <= set(launched), (ahead, launched)
