@@ -33,14 +33,18 @@ _LAZY = {"SequenceParallelAttention": "distributed", "sequence_parallel_attentio
          "HybridSequenceParallelAttention": "ring", "find_diagonals": "diagonals", "union_keys": "local_search"}
 
 
+#: Modules the documentation reaches as ``fgcupy.<name>`` after ``import fgcupy``.
+_SUBMODULES = ("workloads", "calibration", "head_families", "oracle", "distributed", "local_search", "diagonals")
+
+
 def __getattr__(name):
     """Entry points that a first attention call does not need load on first use: sequence
-    parallelism (it pulls in torch.distributed), the diagonal finder, the local search's union and
-    the workloads."""
+    parallelism (it pulls in torch.distributed), the diagonal finder, the local search's union,
+    and the modules of _SUBMODULES."""
     import importlib
 
-    if name == "workloads":
-        return importlib.import_module(".workloads", __name__)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 
@@ -160,7 +161,11 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
         return_lse = True
     elif return_lse:
         lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    scale = float(scale)
     ops.attend(qh, kh, vh, oh, lse, mask.indptr, mask.indices, order, mask.slice_m, scale, spec_token(spec))
     result = bridge.to_cupy(out_t) if returns_cupy else out_t
     if return_lse:
@@ -183,20 +188,28 @@ def _spec_like(q, mask: SliceMask):
     return default_spec(dtype, q.shape[-1], mask.slice_m)
 
 
+#: The ``plan`` options ``sparse_attention`` passes on.
+TILE_OPTIONS = ("key_tile", "stages", "rows_per_warp", "schedule", "spec")
+
+
 def sparse_attention(q, k, v, mask: SliceMask, scale: float | None = None, layout: str = "HND",
-                     out=None, return_lse: bool = False, **tile):
-    """One-shot slice-sparse attention. With no ``tile`` option the op picks the kernel as
-    ``plan`` would (and CPU tensors get the reference); ``tile`` takes ``plan``'s key_tile,
-    stages, rows_per_warp, schedule and spec. Prefer a ``SparseAttention`` object when the same
-    mask serves several calls."""
+                     out=None, return_lse: bool = False, lse=None, **tile):
+    """One-shot slice-sparse attention (arguments as ``SparseAttention.run``). With no ``tile``
+    option the op picks the kernel as ``plan`` would (and CPU tensors get the reference);
+    ``tile`` takes ``plan``'s key_tile, stages, rows_per_warp, schedule and spec. Prefer a
+    ``SparseAttention`` object when the same mask serves several calls."""
     check_layout(layout)
     if not isinstance(mask, SliceMask):
         raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
+    unknown = sorted(set(tile) - set(TILE_OPTIONS))
+    if unknown:
+        raise TypeError(f"sparse_attention() got unexpected keyword argument(s) {unknown}; besides run()'s "
+                        f"arguments it takes the plan options {TILE_OPTIONS}")
     if tile:
         q_t = bridge.to_torch(q, "q")
         plan = SparseAttention().plan(mask, head_dim=q_t.shape[-1], dtype=q_t.dtype, **tile)
-        return plan.run(q, k, v, scale=scale, layout=layout, out=out, return_lse=return_lse)
-    return _attend(q, k, v, mask, None, None, scale, layout, out, return_lse, None)
+        return plan.run(q, k, v, scale=scale, layout=layout, out=out, return_lse=return_lse, lse=lse)
+    return _attend(q, k, v, mask, None, None, scale, layout, out, return_lse, lse)
 
 
 #: Index slices (int32 each) of the full masks one dense_attention_with_lse launch may build.

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .mask import SliceMask, num_blocks
+from .layout import query_key_views
 from .mask_algebra import concat_heads
 from .mask_kernels import gpu_colmax
 from .mask_reference import colmax_scores
@@ -100,11 +101,11 @@ def sampled_mass(q, k, masks, slice_m: int, scale: float, per_block: int = DEFAU
 
 
 def calibrate(q, k, lse=None, slice_m: int = 128, *, candidates=DEFAULT_CANDIDATES, scale: float | None = None,
-              per_block: int = DEFAULT_SAMPLES, **predict_kwargs) -> Calibration:
+              per_block: int = DEFAULT_SAMPLES, layout: str = "HND", **predict_kwargs) -> Calibration:
     """The pooling of ``candidates`` whose mask holds the most attention, per head, and the mask
     those choices give (joined from the candidates' predictions: nothing predicted twice).
 
-    q, k: [B, H, S, D] (torch). With ``lse`` (float32 [B, H, q_len], a dense step's natural-log
+    q, k: [B, H, S, D] ("HND") or [B, S, H, D] ("NHD"), torch or cupy. With ``lse`` (float32 [B, H, q_len], a dense step's natural-log
     row LSE) "most attention" is the most exact column-max mass: a column-max pass (the scoring
     kernel on CUDA, float32 torch on the CPU) whose float32 scores, B x H x ceil(q_len / slice_m)
     x kv_len of them, are kept (1.3 GB for 40 heads of 32,760 tokens). Without it, the most
@@ -112,6 +113,7 @@ def calibrate(q, k, lse=None, slice_m: int = 128, *, candidates=DEFAULT_CANDIDAT
     ``predict_kwargs``: the predict_mask options the choice is for (e.g. density=0.1); one
     prediction per candidate.
     """
+    q, k = query_key_views(q, k, layout)
     if not candidates or any(c not in POOLINGS for c in candidates):
         raise ValueError(f"candidates must be one or more of {POOLINGS}, got {candidates!r}")
     if "pooling" in predict_kwargs or predict_kwargs.get("method") == "colmax":

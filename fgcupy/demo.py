@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from .bridge import cupy_available
+from .jit.runtime import kernels_can_run
 from .reference import dense_attention, reference_attention, relative_l2
 from .scoring import predict_mask
 from .timing import cuda_time_ms
@@ -40,7 +40,7 @@ def run_gpu(shape: VideoShape, density: float) -> None:
 
 
 def run_cpu(density: float) -> None:
-    print("No CUDA GPU found (torch.cuda or cupy sees no device): fgcupy's kernels need one.")
+    print("fgcupy's kernels cannot run here (no CUDA GPU, or neither libnvrtc with libcuda nor cupy).")
     print("Running the same steps with the float32 reference on a small video grid instead.")
     shape = VideoShape("demo-cpu", 1, 2, 64, (4, 8, 16))
     q, k, v = video_qkv(shape, "mixed", dtype=torch.float32)
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", default="wan1.3b-480p", choices=sorted(SHAPES))
     parser.add_argument("--density", type=float, default=0.2)
     args = parser.parse_args(argv)
-    if torch.cuda.is_available() and cupy_available():
+    if kernels_can_run():
         run_gpu(SHAPES[args.shape], args.density)
     else:
         run_cpu(args.density)

@@ -11,7 +11,7 @@ query block. ``union_keys`` builds those candidates without duplicates, so each 
 from __future__ import annotations
 
 from .attention import sparse_attention
-from .bridge import cupy_available
+from .jit.runtime import kernels_can_run
 from .mask import SliceMask
 from .mask_algebra import check_union, union_reference
 from .scoring import predict_mask
@@ -23,7 +23,7 @@ def union_keys(mask: SliceMask, offsets=(0,), extra: SliceMask | None = None) ->
     tensors one kernel counts and one writes (one host sync for the size); elsewhere the torch
     reference (mask_algebra.union_reference)."""
     offsets = tuple(offsets)
-    if isinstance(mask, SliceMask) and mask.device.type == "cuda" and cupy_available():
+    if isinstance(mask, SliceMask) and mask.device.type == "cuda" and kernels_can_run():
         from .mask_kernels import gpu_union
 
         check_union(mask, offsets, extra)

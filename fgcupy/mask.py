@@ -172,6 +172,10 @@ class SliceMask:
     @classmethod
     def full(cls, batch: int, heads: int, q_len: int, kv_len: int, slice_m: int, device=None) -> "SliceMask":
         """Every key for every query block: dense attention through the sparse kernel."""
+        for name, value, least in (("batch", batch, 0), ("heads", heads, 0), ("q_len", q_len, 0), ("kv_len", kv_len, 0),
+                                   ("slice_m", slice_m, 1)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         q_blocks = num_blocks(q_len, slice_m)
         rows = batch * heads * q_blocks
         if rows * kv_len > torch.iinfo(torch.int32).max:
@@ -197,9 +201,17 @@ class SliceMask:
         keys = self.indices[positions].to(torch.int64) if self.capacity else positions
         return row_of, keys
 
-    def to_dense(self) -> torch.Tensor:
-        """Boolean map ``[B, H, QB, KV]`` (call ``validate`` first on untrusted masks)."""
+    def _kept_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``flat_rows`` without keys outside [0, kv_len): the slices the kernels attend to (they
+        drop such keys; ``validate`` names them)."""
         row_of, keys = self.flat_rows()
+        inside = (keys >= 0) & (keys < self.kv_len)
+        return row_of[inside], keys[inside]
+
+    def to_dense(self) -> torch.Tensor:
+        """Boolean map ``[B, H, QB, KV]`` of the kept slices (keys outside [0, kv_len) are dropped,
+        as the kernels drop them; ``validate`` refuses them)."""
+        row_of, keys = self._kept_pairs()
         rows = self.batch * self.heads * self.q_blocks
         dense = torch.zeros(rows, self.kv_len, dtype=torch.bool, device=self.device)
         dense[row_of, keys] = True
@@ -251,7 +263,7 @@ class SliceMask:
         """Boolean ``[B, H, ceil(q_len/bs), ceil(kv_len/bs)]``: blocks holding any kept slice."""
         if block_size % self.slice_m:
             raise ValueError(f"block_size={block_size} must be a multiple of slice_m={self.slice_m}")
-        row_of, keys = self.flat_rows()
+        row_of, keys = self._kept_pairs()
         q_blocks_big = num_blocks(self.q_len, block_size)
         kv_blocks_big = num_blocks(self.kv_len, block_size)
         bh, j = torch.div(row_of, self.q_blocks, rounding_mode="floor"), row_of % self.q_blocks

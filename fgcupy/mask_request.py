@@ -86,7 +86,8 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
     slice_m = int(slice_m)
     if method == "colmax":
-        rule = "threshold" if rule is None else rule
+        if rule is None:  # the rule whose option is given; threshold by default
+            rule = "topk" if density is not None or top_k is not None else "tau" if tau is not None else "threshold"
     elif rule is not None and rule != method:
         raise ValueError(f"rule={rule!r} only applies to method='colmax' (method {method!r} is its own rule)")
     else:
@@ -97,10 +98,12 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         if (density is None) == (top_k is None):
             raise ValueError("top-k selection needs exactly one of density (fraction of keys) or top_k")
         if density is not None:
-            if not 0.0 <= density <= 1.0:
-                raise ValueError(f"density must be in [0, 1], got {density}")
-            top_k = round(density * kv_len)
-        if not isinstance(top_k, (int, np.integer)) or top_k < 0:
+            if isinstance(density, bool) or not isinstance(density, (int, float, np.integer, np.floating)) or \
+                    not 0.0 <= density <= 1.0:
+                raise ValueError(f"density must be a number in [0, 1], got {density!r}")
+            # A positive density keeps at least one key (rounding to none would zero every output).
+            top_k = max(1, round(density * kv_len)) if density > 0 and kv_len else 0
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
             raise ValueError(f"top_k must be a non-negative int, got {top_k!r}")
         top_k = int(min(top_k, kv_len))
     elif density is not None or top_k is not None:
@@ -127,15 +130,15 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
             raise ValueError("pool applies to mean-query methods, not colmax")
         if slice_m not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"colmax needs slice_m a power of two <= 128, got {slice_m}")
-    elif not isinstance(pool, int) or pool < 1 or slice_m % pool or (pool < slice_m and (slice_m // pool) & (slice_m // pool - 1)):
+    elif isinstance(pool, bool) or not isinstance(pool, (int, np.integer)) or pool < 1 or slice_m % pool or (pool < slice_m and (slice_m // pool) & (slice_m // pool - 1)):
         raise ValueError(f"pool must divide slice_m={slice_m} into a power-of-two number of sub-blocks, got {pool!r}")
     elif pool < slice_m and slice_m // pool > 128:
         raise ValueError(f"at most 128 sub-blocks per block, got slice_m / pool = {slice_m // pool}")
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-    if not isinstance(min_keys, int) or min_keys < 0:
+    if isinstance(min_keys, bool) or not isinstance(min_keys, (int, np.integer)) or min_keys < 0:
         raise ValueError(f"min_keys must be a non-negative int, got {min_keys!r}")
-    if local is not None and (not isinstance(local, int) or local < 0):
+    if local is not None and (isinstance(local, bool) or not isinstance(local, (int, np.integer)) or local < 0):
         raise ValueError(f"local must be None or a non-negative int (keys beyond the block on each side), got {local!r}")
     if max_keys is not None:
         band_width = slice_m + 2 * local if local is not None else 0
@@ -176,7 +179,8 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         raise ValueError("logits_dtype=torch.float16 applies where logits are stored (mean-query scoring with one "
                          "pooled row per block, or combine='union'); colmax and combine='max' store "
                          "probabilities (bfloat16)")
-    return MaskRequest(method, rule, slice_m, pool, combine, top_k, tau, threshold, min_keys, max_keys, local, scale,
+    return MaskRequest(method, rule, slice_m, int(pool), combine, top_k, tau, threshold, int(min_keys),
+                       None if max_keys is None else int(max_keys), None if local is None else int(local), scale,
                        logits_dtype, exact_band, pooling, diagonals)
 
 

@@ -45,11 +45,26 @@ def reference_attention(
         # A query whose block keeps no key gets zeros (its LSE is -inf); NaN inputs stay NaN.
         empty = torch.isneginf(row_lse).unsqueeze(-1)
         probs = torch.where(empty, 0.0, torch.exp(scores - torch.where(empty, 0.0, row_lse.unsqueeze(-1))))
-        out[:, :, rows] = torch.matmul(probs, vf)
+        out[:, :, rows] = _kept_values(probs, row_keep, vf)
         lse[:, :, rows] = row_lse
     if layout == "NHD":
         out = out.transpose(1, 2)
     return out, lse
+
+
+def _kept_values(probs, row_keep, v, keys_per_pass: int = 64):
+    """probs @ v [B, H, rows, D], where a dropped key adds nothing even if its value row holds
+    inf or NaN (0 x NaN is NaN; the kernels never read a dropped key's value). Kept keys'
+    non-finite values add p x v as IEEE arithmetic has it."""
+    finite = torch.isfinite(v).all(-1)  # [B, H, KV]
+    if bool(finite.all()):
+        return torch.matmul(probs, v)
+    out = torch.matmul(probs, torch.where(finite.unsqueeze(-1), v, 0.0))
+    for b, h in torch.nonzero(~finite.all(-1)).tolist():
+        for keys in torch.nonzero(~finite[b, h]).flatten().split(keys_per_pass):
+            kept = row_keep[b, h][:, keys].unsqueeze(-1)  # [rows, n, 1]
+            out[b, h] += torch.where(kept, probs[b, h][:, keys].unsqueeze(-1) * v[b, h, keys], 0.0).sum(1)
+    return out
 
 
 def dense_attention(q, k, v, scale: float | None = None, layout: str = "HND", dtype=torch.float32,

@@ -58,8 +58,15 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     """Predict which slices to keep for ``q`` attending to ``k``; returns a SliceMask on q's device.
 
     q, k: [B, H, S, D] ("HND") or [B, S, H, D] ("NHD"), torch or cupy; CUDA tensors run the
-    kernels (bf16/fp16), CPU tensors the torch reference. ``density`` is top-k as a fraction
-    of kv_len. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.
+    kernels (bf16/fp16), CPU tensors the torch reference. ``method``: "topk", "tau" or
+    "threshold" (mean-query scoring, selected by that rule) or "colmax" (exact column maxima
+    from ``lse``, selected by ``rule``: the rule whose option is given, "threshold" when none is).
+    ``density`` is top-k as a fraction of kv_len (a positive density keeps at least one key), or
+    ``top_k`` a count. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.
+    ``min_keys`` / ``max_keys`` clamp each block's count; ``local`` keys either side of the
+    block (and its own) are kept first; ``scale`` defaults to 1 / sqrt(D). ``combine``: how
+    sub-blocks of ``pool`` queries join, "max" (one selection on the max of their scores) or
+    "union" (one selection each). ``workspace_bytes`` bounds the score buffers (heads in chunks).
     ``logits_dtype``: how stored mean-query logits are kept (one mean query per block or combine
     "union" only), torch.float16 (default for top-k and threshold) or torch.float32 (default for
     tau); see the module docstring.
@@ -68,7 +75,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     mean query), "sample" (its middle query, scores dilated along the keys by pool // 2 either
     side), "both" (the geometric mean of the two scores; twice the scoring work) or "adaptive"
     (per query block: "sample" where the block's queries point different ways, their mean
-    cosine similarity to their mean below mask_reference.COHERENCE_CUT, else "mean"; the cost of
+    resultant length |mean q| / mean |q| below mask_reference.COHERENCE_CUT, else "mean"; the cost of
     "mean" plus a sliding max over the sampled blocks' rows); or one of those per head (a list of H, e.g. from ``fgcupy.calibration.calibrate``): heads are
     predicted in groups of one pooling and joined in head order by one gather (one host sync).
     ``exact_band``: keys within this many of the block (either side) get their exact column-max

@@ -896,6 +896,7 @@ def test_config_schedule():
     (dict(tau=0.9), ValueError, r"tau=0.9 does not apply to predictor='topk'"),
     (dict(predictor_kwargs={"pool": 24}), ValueError, r"pool must divide slice_m=128"),
     (dict(predictor_kwargs={"bogus": 1}), ValueError, r"predict_mask does not take: \['bogus'\]"),
+    (dict(predictor_kwargs={"layout": "NHD"}), ValueError, r"may not set .layout.: the processors give"),
     (dict(predictor="threshold", threshold=1e-3, predictor_kwargs={"top_k": 3}), ValueError,
      r"density/top_k apply to top-k selection"),
     (dict(predictor="tau", tau=0.9, calibrate_pooling=True), ValueError, r"predictor='topk' only"),

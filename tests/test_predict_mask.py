@@ -150,7 +150,7 @@ def test_min_and_max_keys_bound_every_block():
         (dict(method="best"), r"method must be one of \('topk', 'tau', 'threshold', 'colmax'\), got 'best'"),
         (dict(method="topk"), r"exactly one of density"),
         (dict(method="topk", density=0.1, top_k=3), r"exactly one of density"),
-        (dict(method="topk", density=1.5), r"density must be in \[0, 1\], got 1.5"),
+        (dict(method="topk", density=1.5), r"density must be a number in \[0, 1\], got 1.5"),
         (dict(method="tau", tau=0.0), r"tau must be in \(0, 1\], got 0.0"),
         (dict(method="tau", top_k=4), r"density/top_k apply to top-k selection, not rule 'tau'"),
         (dict(method="threshold"), r"rule 'threshold' needs threshold"),

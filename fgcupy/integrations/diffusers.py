@@ -49,12 +49,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..attention import SparseAttention, dense_attention_with_lse, sparse_attention
-from ..bridge import cupy_available
 from ..cache import block_means, means_drift
 from ..calibration import calibrate
 from ..diagonals import find_diagonals
 from ..mask import SliceMask
 from ..local_search import search_offsets, union_keys
+from ..jit.runtime import kernels_can_run
 from ..mask_algebra import drop_keys
 from .diffusers_config import SparseAttentionConfig
 from .diffusers_processors import (  # noqa: F401
@@ -83,8 +83,8 @@ _HANDLE_ATTR = "_fgcupy_sparse_attention"
 
 
 def kernel_available() -> bool:
-    """True when fgcupy's CUDA kernel can run in this process (torch and cupy both see a GPU)."""
-    return torch.cuda.is_available() and cupy_available()
+    """True when fgcupy's CUDA kernel can run in this process (fgcupy.jit.runtime.kernels_can_run)."""
+    return kernels_can_run()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -510,7 +510,7 @@ class SparseAttentionHandle:
             return False
         raise RuntimeError(
             f"fgcupy cannot run layer {layer.name}: its tensors are on {device}, and the kernel needs a CUDA "
-            f"device seen by torch and cupy (kernel_available()={kernel_available()}). Move the transformer to "
+            f"device seen by torch (kernel_available()={kernel_available()}). Move the transformer to "
             "the GPU, or pass SparseAttentionConfig(fallback=True) to keep the stock attention here."
         )
 
@@ -593,8 +593,8 @@ def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = N
     parallel = config.process_group is not None  # SequenceParallelAttention has a CPU reference path
     if config.attention_fn is None and not config.fallback and not parallel and not kernel_available():
         raise RuntimeError(
-            "fgcupy cannot run here: its kernel needs a CUDA GPU visible to torch and cupy "
-            f"(torch.cuda.is_available()={torch.cuda.is_available()}, cupy sees a GPU={cupy_available()}). "
+            "fgcupy cannot run here: its kernel needs a CUDA GPU visible to torch and either libnvrtc with "
+            f"libcuda or cupy (torch.cuda.is_available()={torch.cuda.is_available()}). "
             "Pass SparseAttentionConfig(fallback=True) to keep the stock attention where fgcupy cannot run."
         )
     if isinstance(config.predictor, str):

@@ -52,7 +52,8 @@ class SparseAttentionConfig:
     dense_layers: indices (in model order) of self-attention layers that always run dense.
     refresh_every / refresh_steps: masks are re-predicted every ``refresh_every`` sparse steps
         (counted from the first sparse step), or exactly on the steps listed in ``refresh_steps``
-        (the first sparse step always predicts); other steps reuse the layer's cached mask.
+        (a layer with no mask yet makes one on its first sparse step; with ``mask_from_warmup``
+        that step uses the warm-up's exact mask instead); other steps reuse the layer's cached mask.
         None: 5, or 20 with the warm-up's exact mask and sparse refreshes (each costs about two
         predictions; over a 50-step schedule with 5 dense steps the mask cost stays under 2 % of
         dense attention per step, README "End to end").
@@ -324,12 +325,16 @@ class SparseAttentionConfig:
 
         kwargs = self.predictor_arguments()
         allowed = set(inspect.signature(make_request).parameters) - {"head_dim", "kv_len", "slice_m", "method"}
-        allowed |= {"layout", "workspace_bytes"}
+        allowed.add("workspace_bytes")
+        if "layout" in kwargs:
+            raise ValueError("predictor_kwargs may not set 'layout': the processors give the predictor [B, H, S, D] "
+                             "(\"HND\") views of the model's q and k")
         unknown = set(kwargs) - allowed
         if unknown:
             raise ValueError(f"predictor_kwargs holds options predict_mask does not take: {sorted(unknown)}")
-        checked = {name: value for name, value in kwargs.items() if name not in ("layout", "workspace_bytes")}
+        checked = {name: value for name, value in kwargs.items() if name != "workspace_bytes"}
         make_request(128, 4096, self.slice_m, self.predictor, **checked)
+
     def mask_cache(self) -> MaskCache:
         """An empty MaskCache with this schedule. Listed refresh steps inside the warm-up are dropped
         (they would run dense anyway); masks are kept expanded, so reuse costs no conversion."""

@@ -58,6 +58,20 @@ class CupyKernel:
             self.raw(tuple(grid), (block,), (params,), shared_mem=shared_mem)
 
 
+def kernels_can_run() -> bool:
+    """Whether fgcupy's kernels can run in this process: torch sees a CUDA GPU, and kernels can
+    be compiled and launched (libnvrtc and libcuda through ctypes, else cupy)."""
+    if not torch.cuda.is_available():
+        return False
+    from . import nvrtc
+
+    if driver.available() and nvrtc.available():
+        return True
+    from ..bridge import cupy_available
+
+    return cupy_available()
+
+
 def get_kernel(spec):
     """The kernel for ``spec`` on torch's current device, loaded (or compiled) on first use."""
     return get_kernel_on(torch.device("cuda", torch.cuda.current_device()), spec)
