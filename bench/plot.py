@@ -5,18 +5,25 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("report", help="report.json written by bench.report_peers")
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
+    path = parse_args(argv).report
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = (argv or sys.argv[1:])[0]
     report = json.load(open(path))
     folder = os.path.dirname(path)
     by = {}

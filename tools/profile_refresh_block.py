@@ -6,7 +6,8 @@ the GPU time a refresh call adds over a reuse call:
     PYTHONPATH=. python -m tools.profile_refresh_block [32760 | 75600]
 """
 
-import sys
+import argparse
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -39,8 +40,16 @@ def block_caller(model, run_block, every: int):
     return call
 
 
-def main() -> None:
-    seq = int(sys.argv[1]) if len(sys.argv) > 1 else 32_760
+def sequence_length(prog: str, doc: str, argv=None) -> int:
+    """The one optional argument of the refresh profiles: the block's tokens."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("seq", nargs="?", type=int, default=32_760,
+                        help="tokens of the block's sequence (default 32760)")
+    return parser.parse_args(argv).seq
+
+
+def main(argv=None) -> None:
+    seq = sequence_length("python -m tools.profile_refresh_block", __doc__, argv)
     model = build_wan(1)
     run_block = block_call(model, seq)
     print(torch.cuda.get_device_name(), "| tokens", seq)

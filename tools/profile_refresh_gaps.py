@@ -7,7 +7,6 @@ differences first.
 """
 
 import json
-import sys
 import tempfile
 
 import torch
@@ -15,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import fgcupy.integrations.diffusers as fd
 from bench.bench_e2e import block_call, build_wan
-from tools.profile_refresh_block import block_caller
+from tools.profile_refresh_block import block_caller, sequence_length
 
 GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 BLOCKING = ("Synchronize", "Malloc", "Free", "Memcpy", "HostAlloc")
@@ -52,8 +51,8 @@ def report(name: str, gpu: list, blocking: list) -> None:
         print(f"  host call {e['name']} {e['dur']:.1f} us")
 
 
-def main() -> None:
-    seq = int(sys.argv[1]) if len(sys.argv) > 1 else 32_760
+def main(argv=None) -> None:
+    seq = sequence_length("python -m tools.profile_refresh_gaps", __doc__, argv)
     model = build_wan(1)
     run_block = block_call(model, seq)
     print(torch.cuda.get_device_name(), "| tokens", seq)

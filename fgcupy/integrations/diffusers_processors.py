@@ -12,8 +12,8 @@ _KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 
 
 class _Processor:
-    """Shared routing of both processors; the stock processor is kept for every call that fgcupy
-    does not take, so those calls give exactly the stock result."""
+    """Shared routing of the three processors; the stock processor is kept for every call that
+    fgcupy does not take, so those calls give exactly the stock result."""
 
     def __init__(self, handle, layer):
         """``handle``: the SparseAttentionHandle that installed it; ``layer``: its per-layer state."""
