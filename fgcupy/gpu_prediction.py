@@ -9,13 +9,16 @@ import torch
 
 from . import bridge
 from . import mask_reference as ref
-from .jit.runtime import load_in_background
+from .jit.plan_spec import LaunchOrderSpec
+from .jit.runtime import device_arch, load_in_background
 from .jit.score_spec import DILATE_MAX_RADIUS, DilateInPlaceSpec, DilateSpec, EmitSpec
+from .jit.spec import ATTENTION_HEAD_DIMS, SLICE_SIZES
 from .mask import SliceMask, indptr_from_counts, num_blocks
 from .mask_kernels import (SCORE_DTYPES, band_specs, gpu_adaptive_rows, gpu_candidate_colmax, gpu_colmax, gpu_dilate,
                            gpu_dilate_in_place, gpu_emit, gpu_refine_band, gpu_scores, gpu_select, row_stride,
                            scores_spec, select_spec)
 from .mask_request import MaskRequest
+from .tiles import default_spec
 
 DEFAULT_WORKSPACE = 2 << 30
 _INT32_MAX = 2**31 - 1
@@ -75,6 +78,17 @@ def _static_layout(batch: int, heads: int, q_blocks: int, kv_len: int, req: Mask
     return offsets.to(device), indptr.to(device), capacity
 
 
+def attention_kernels_ahead(dtype: str, head_dim: int, slice_m: int, device) -> list:
+    """The attention kernels a predicted mask most likely meets next: the untuned default for
+    its dtype, head dim and slice size on this GPU, and the launch-order kernel. Loaded ahead
+    with the prediction's own, a cold first sparse step waits for no attention compile after its
+    prediction (a tuned kernel, where one is stored, is loaded by the plan as before)."""
+    if head_dim not in ATTENTION_HEAD_DIMS or slice_m not in SLICE_SIZES:
+        return []
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return [default_spec(dtype, head_dim, slice_m, device_arch(index)), LaunchOrderSpec()]
+
+
 class GpuPrediction:
     """Chunked over (batch x head): score, select, emit; then one SliceMask."""
 
@@ -91,7 +105,9 @@ class GpuPrediction:
         self.device = qh.device
         # Static: sizes known from the shapes (top-k with one selection per block), fused emit, no sync.
         self.static = req.rule == "topk" and kind != "union"
-        for spec in self._later_kernels(bridge.dtype_name(qh.dtype, "q"), SCORE_DTYPES[stored]):
+        dtype = bridge.dtype_name(qh.dtype, "q")
+        for spec in self._later_kernels(dtype, SCORE_DTYPES[stored]) + attention_kernels_ahead(
+                dtype, self.dim, req.slice_m, self.device):
             load_in_background(self.device, spec)
         # Rows scored against every key: the queries (colmax), each sub-block's mean query or its
         # middle query (pooling "mean" / "sample", per block for "adaptive", whose sampled blocks'

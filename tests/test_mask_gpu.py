@@ -577,9 +577,10 @@ def test_adaptive_rows_match_the_reference(batch, heads, q_len, blocks, dim, dty
     dict(method="threshold", threshold=1e-3, exact_band=None, pool=None),
 ])
 def test_kernels_loaded_ahead_are_launched(kwargs):
-    """A prediction starts loading its later passes' kernels on threads as it begins; each must
-    be one it launches (a wrong guess compiles a kernel for nothing)."""
-    from fgcupy import gpu_prediction
+    """A prediction starts loading its later passes' kernels, and the attention kernels its mask
+    most likely meets, on threads as it begins; each must be one that the prediction and a
+    one-shot attention over its mask launch (a wrong guess compiles a kernel for nothing)."""
+    from fgcupy import attention_kernel, gpu_prediction
 
     q, k = _inputs(11, 1, 2, 1000, 1200, 128, torch.bfloat16)
     ahead, launched = [], []
@@ -590,7 +591,9 @@ def test_kernels_loaded_ahead_are_launched(kwargs):
         return real_launch(spec, *args, **kw)
 
     with mock.patch.object(gpu_prediction, "load_in_background", lambda device, spec: ahead.append(spec)), \
-            mock.patch.object(mask_kernels, "launch", recording_launch):
+            mock.patch.object(mask_kernels, "launch", recording_launch), \
+            mock.patch.object(attention_kernel, "launch", recording_launch):
         method = kwargs.pop("method", "topk")
-        predict_mask(q, k, 128, method, **kwargs).validate()
+        mask = predict_mask(q, k, 128, method, **kwargs).validate()
+        fgcupy.sparse_attention(q, k, k, mask)
     assert ahead and set(ahead) <= set(launched), (ahead, launched)
