@@ -139,6 +139,8 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
         check_inputs(qh, kh, vh, mask, spec or _spec_like(qh, mask))
     else:
         check_inputs(qh, kh, vh, mask)  # the reference takes any floating dtype
+        if spec is not None and qh.shape[-1] != spec.head_dim:
+            raise ValueError(f"q has head dim {qh.shape[-1]}, the plan was made for {spec.head_dim}")
     if out is None:
         out_t = torch.empty_like(q_t)
     else:

@@ -148,8 +148,8 @@ class SliceMask:
     @classmethod
     def from_topk(cls, topk, slice_m: int, q_len: int, kv_len: int) -> "SliceMask":
         """From key indices ``[B, H, QB, k]`` (each row's k keys, any order, unique). No sync for
-        int32 indices (``validate`` checks them); other integer dtypes are range-checked first
-        (one sync), so a value beyond int32 never wraps into a valid key."""
+        int32 indices (``validate`` checks them); other integer dtypes are range-checked and
+        checked for repeats first (one sync), so a value beyond int32 never wraps into a valid key."""
         if not isinstance(topk, torch.Tensor):
             topk = torch.as_tensor(topk)
         if topk.dtype == torch.bool or topk.dtype.is_floating_point or topk.dtype.is_complex:
@@ -165,7 +165,13 @@ class SliceMask:
         rows = batch * heads * q_blocks
         if rows * k > torch.iinfo(torch.int32).max:
             raise ValueError(f"{rows} rows x k={k} exceed int32 offsets")
-        indices = torch.sort(topk.to(torch.int32), dim=-1).values.reshape(-1)
+        ordered = torch.sort(topk.to(torch.int32), dim=-1).values
+        if topk.dtype != torch.int32 and k > 1:
+            repeated = ordered[..., 1:] == ordered[..., :-1]
+            if repeated.any():
+                where = tuple(int(i) for i in torch.nonzero(repeated)[0])
+                raise ValueError(f"top-k index {int(ordered[where])} is listed twice in row {where[:3]}")
+        indices = ordered.reshape(-1)
         flat = torch.arange(rows + 1, dtype=torch.int32, device=topk.device) * k
         return cls(indptr_from_offsets(flat, batch, heads, q_blocks), indices, slice_m, q_len, kv_len)
 

@@ -117,3 +117,20 @@ def test_calibration_takes_either_layout():
     hnd = calibrate(q, k, density=0.1)
     nhd = calibrate(q.transpose(1, 2), k.transpose(1, 2), density=0.1, layout="NHD")
     assert hnd.poolings == nhd.poolings and torch.equal(hnd.mask.indices, nhd.mask.indices)
+
+
+def test_from_topk_refuses_a_repeated_key_it_checks_anyway():
+    with pytest.raises(ValueError, match=r"top-k index 2 is listed twice in row \(0, 0, 1\)"):
+        SliceMask.from_topk(torch.tensor([[[[1, 5], [2, 2]]]]), 64, 128, 128)
+    listed = SliceMask.from_topk(torch.tensor([[[[1, 5], [2, 2]]]], dtype=torch.int32), 64, 128, 128)  # no sync
+    with pytest.raises(ValueError, match="not sorted and unique"):
+        listed.validate()
+
+
+def test_a_cpu_plan_keeps_its_head_dim():
+    from fgcupy import SparseAttention
+
+    q, k, v = _qkv(9)
+    plan = SparseAttention().plan(SliceMask.full(1, 2, 128, 128, 64), head_dim=128, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="q has head dim 64, the plan was made for 128"):
+        plan.run(q, k, v)
