@@ -3,6 +3,9 @@
     PYTHONPATH=. python -m tools.probe_schedule [--grid 21x30x52] [--heads 8] [--device cuda]
         [--steps 50] [--dense-steps 5] [--drift 0.045] [--schedules default "search /5" ...]
 
+With ``--dense-steps 0`` (SparseAttentionConfig's default) every step is sparse and only the
+schedules that start from a prediction apply.
+
 A head family's q and k drift step by step (fresh content noise of std ``--drift`` added to every
 entry each step: a random walk, v kept). The first ``--dense-steps`` run dense; from then on each
 schedule keeps its own mask, made or refreshed on its refresh steps (every N sparse steps from the
@@ -53,6 +56,8 @@ class Schedule:
 SCHEDULES = {
     "default": Schedule("predict", "predict"),
     "sparse /5": Schedule("predict", "sparse"),
+    "sparse /10": Schedule("predict", "sparse", 10),
+    "sparse /20": Schedule("predict", "sparse", 20),
     "search /5": Schedule("predict", "search"),
     "search /10": Schedule("predict", "search", 10),
     "warm-up, reused": Schedule("warm-up", None),
@@ -136,8 +141,10 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.dense_steps < 1 or args.steps <= args.dense_steps:
-        parser.error("needs 1 <= --dense-steps < --steps")
+    if args.dense_steps < 0 or args.steps <= args.dense_steps:
+        parser.error("needs 0 <= --dense-steps < --steps")
+    if args.dense_steps == 0 and any(SCHEDULES[name].first == "warm-up" for name in args.schedules):
+        parser.error("warm-up schedules need --dense-steps >= 1")
     grid = tuple(int(x) for x in args.grid.split("x"))
     shape = replace(SHAPES["wan14b-480p"], grid=grid, heads=args.heads)
     schedules = {name: SCHEDULES[name] for name in args.schedules}
