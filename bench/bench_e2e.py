@@ -10,7 +10,8 @@
    steps pay the prediction), with the speedup over stock; and what a refresh adds measured a
    second way, as the median over back-to-back pairs of a refresh call and a reuse call. The
    schedule is SparseAttentionConfig's default for ``--dense-steps`` (with warm-up steps: the
-   warm-up's exact mask, sparse refreshes every 20) unless the flags say otherwise.
+   warm-up's exact mask, sparse refreshes every 20; without: a predicted mask, searching
+   refreshes every 10) unless the flags say otherwise.
 2. A ``--model-layers``-deep WanTransformer3DModel of the same width over ``--model-steps``
    Euler steps of a flow-matching-like loop, dense then sparse from the same start: time per
    forward and the PSNR of each step's output against the dense run. Random weights attend almost
@@ -302,12 +303,12 @@ def main(argv=None):
                         help="sparse_refresh: a refresh attends through the layer's mask and makes the next one "
                              "from the exact column max over its keys and the predictor's (--predictor topk or tau); "
                              "default: SparseAttentionConfig's")
-    parser.add_argument("--local-search", action="store_true",
-                        help="with --sparse-refresh: local_search=True (the old mask's keys moved along the token "
-                             "grid are candidates too)")
+    parser.add_argument("--local-search", action=argparse.BooleanOptionalAction, default=None,
+                        help="with sparse refreshes: local_search (the old mask's keys moved along the token grid are "
+                             "candidates too); default: SparseAttentionConfig's")
     parser.add_argument("--search-only", action="store_true",
-                        help="with --local-search: predict_on_refresh=False (a refresh scores the old keys and their "
-                             "moved copies only)")
+                        help="with local search: predict_on_refresh=False (a refresh scores the old keys and their "
+                             "moved copies only); without it, SparseAttentionConfig's default")
     parser.add_argument("--slice-m", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50, help="schedule length the refresh cost is spread over")
     parser.add_argument("--dense-steps", type=int, default=5)
@@ -336,7 +337,8 @@ def main(argv=None):
     try:  # the schedule SparseAttentionConfig makes of these flags (None: its defaults); it refuses what cannot work
         schedule = fd.SparseAttentionConfig(dense_steps=args.dense_steps, refresh_every=args.refresh_every,
                                             mask_from_warmup=args.mask_from_warmup, sparse_refresh=args.sparse_refresh,
-                                            local_search=args.local_search, predict_on_refresh=not args.search_only,
+                                            local_search=args.local_search,
+                                            predict_on_refresh=False if args.search_only else None,
                                             **predictor)
     except ValueError as error:
         parser.error(str(error))

@@ -447,7 +447,7 @@ def test_sparse_refresh_attends_through_the_old_mask_and_keeps_the_exact_one_ove
     seen = []
     schedule = dict(dense_steps=1, mask_from_warmup=True) if warmup else {}
     handle = fd.apply(model, fd.SparseAttentionConfig(density=0.25, slice_m=64, refresh_every=2, sparse_refresh=True,
-                                                      attention_fn=_recording(seen), **schedule))
+                                                      local_search=False, attention_fn=_recording(seen), **schedule))
     first = 1 if warmup else 0
     for step in range(first + 5):
         run_wan(model, latents, text, t=1000 - 100 * step)
@@ -821,10 +821,10 @@ def test_predictor_with_the_wrong_shape_is_named():
         (dict(sparse_refresh=True, predictor=full_predictor), "sparse_refresh adds the keys"),
         (dict(sparse_refresh=True, process_group=object()), "sparse_refresh needs each layer's full-sequence"),
         (dict(sparse_refresh=True, local_search=1), "local_search must be a bool"),
-        (dict(local_search=True), "set sparse_refresh=True too"),
-        (dict(grid=(3, 8, 8)), "grid is read by local_search only"),
+        (dict(local_search=True, sparse_refresh=False), "set sparse_refresh=True too"),
+        (dict(grid=(3, 8, 8), local_search=False), "grid is read by local_search only"),
         (dict(sparse_refresh=True, local_search=True, grid=(8, 8)), "three positive ints"),
-        (dict(sparse_refresh=True, predict_on_refresh=False), "needs local_search=True"),
+        (dict(sparse_refresh=True, local_search=False, predict_on_refresh=False), "needs local_search=True"),
         (dict(sparse_refresh=True, local_search=True, predict_on_refresh=0), "predict_on_refresh must be a bool"),
     ],
 )
@@ -835,30 +835,40 @@ def test_config_validation(kwargs, error):
 
 def test_config_defaults_start_exact_after_warmup_steps():
     """With dense warm-up steps the defaults make the first mask the warm-up's exact one, refresh
-    it sparsely (keeping its keys as candidates) and less often; without, or where that cannot
-    work, masks are predicted every 5 sparse steps."""
+    it sparsely (keeping its keys as candidates) every 20 sparse steps; without, the first mask
+    is predicted and refreshes search around it (no prediction) every 10; where sparse
+    refreshes cannot work, masks are predicted every 5 sparse steps."""
     def resolved(**kwargs):
         config = fd.SparseAttentionConfig(**kwargs)
-        return config.mask_from_warmup, config.sparse_refresh, config.refresh_every
+        return (config.mask_from_warmup, config.sparse_refresh, config.local_search, config.predict_on_refresh,
+                config.refresh_every)
 
-    assert resolved() == (False, False, 5)
-    assert resolved(dense_steps=5) == (True, True, 20)
+    exact_start, search, predicted = (True, True, False, True, 20), (False, True, True, False, 10), \
+        (False, False, False, True, 5)
+    assert resolved() == search
+    assert resolved(predictor="tau", tau=0.9) == search
+    assert resolved(dense_steps=5) == exact_start
     warm = fd.SparseAttentionConfig(dense_steps=5)
     assert [s for s in range(50) if warm.is_refresh_step(s)] == [25, 45]
-    assert resolved(dense_steps=5, predictor="tau", tau=0.9) == (True, True, 20)
-    assert resolved(dense_steps=5, refresh_every=5) == (True, True, 5)
-    assert resolved(dense_steps=5, mask_from_warmup=False) == (False, False, 5)
-    assert resolved(dense_steps=5, sparse_refresh=False) == (True, False, 5)  # predicted refreshes: every 5
-    assert resolved(dense_steps=5, calibrate_pooling=True) == (False, False, 5)
-    assert resolved(dense_steps=5, predictor="colmax") == (False, False, 5)  # already exact
-    assert resolved(dense_steps=5, predictor=lambda q, k, slice_m: None) == (False, False, 5)
-    assert resolved(dense_steps=5, process_group=object()) == (False, False, 5)
-    assert resolved(sparse_refresh=True) == (False, True, 5)
+    assert [s for s in range(50) if fd.SparseAttentionConfig().is_refresh_step(s)] == [0, 10, 20, 30, 40]
+    assert resolved(dense_steps=5, predictor="tau", tau=0.9) == exact_start
+    assert resolved(dense_steps=5, refresh_every=5) == (True, True, False, True, 5)
+    assert resolved(dense_steps=5, mask_from_warmup=False) == search
+    assert resolved(dense_steps=5, sparse_refresh=False) == (True, False, False, True, 5)  # predicted refreshes
+    assert resolved(sparse_refresh=False) == predicted
+    assert resolved(local_search=False) == (False, True, False, True, 5)  # sparse refreshes with the predictor's keys
+    assert resolved(dense_steps=5, local_search=True) == (True, True, True, True, 20)
+    for kwargs in (dict(calibrate_pooling=True), dict(predictor="colmax"), dict(predictor=lambda q, k, slice_m: None),
+                   dict(process_group=object()), dict(find_diagonals=2)):
+        assert resolved(**kwargs) == predicted, kwargs
+        assert resolved(dense_steps=5, **kwargs)[:3] == (bool(kwargs.get("find_diagonals")),) * 2 + (False,), kwargs
     assert warm.mask_making() == ("masks: first the exact column max of the last warm-up step; refreshes sparse: "
                                   "the exact column max over the old mask's keys, the topk predictor's")
-    assert fd.SparseAttentionConfig().mask_making() == "masks: first predicted (topk); refreshes predicted (topk)"
-    searching = fd.SparseAttentionConfig(sparse_refresh=True, local_search=True, predict_on_refresh=False)
-    assert searching.mask_making().endswith("over the old mask's keys, their moves along the token grid")
+    assert fd.SparseAttentionConfig().mask_making() == ("masks: first predicted (topk); refreshes sparse: the exact "
+                                                        "column max over the old mask's keys, their moves along the "
+                                                        "token grid")
+    assert fd.SparseAttentionConfig(sparse_refresh=False).mask_making() == ("masks: first predicted (topk); "
+                                                                            "refreshes predicted (topk)")
     assert "dense call" in fd.SparseAttentionConfig(predictor="colmax").mask_making()
 
 

@@ -25,6 +25,9 @@ DEFAULT_REFRESH_EVERY = 5
 #: refresh costs about twice a prediction, and with the warm-up's column max two of them in a
 #: 50-step schedule keep the mask cost per step under 2 % of dense attention (README "End to end").
 WARMUP_REFRESH_EVERY = 20
+#: refresh_every where the first mask is predicted and refreshes search around the old mask: four
+#: of them in 50 sparse steps cost about what nine predictions do (README "End to end").
+SEARCH_REFRESH_EVERY = 10
 #: predict_mask options that shape the selection (and so apply to an exact column-max mask too).
 _SELECTION_OPTIONS = ("top_k", "min_keys", "max_keys", "local")
 
@@ -44,7 +47,9 @@ class SparseAttentionConfig:
     slice_m: queries per slice (a kernel size, 64 or 128).
     dense_steps: the first denoising steps run dense (stock processor): early steps set the layout.
         With dense_steps >= 1 the defaults make the first mask exact and keep it so
-        (``mask_from_warmup`` and ``sparse_refresh`` below). 0 by default, since the length of
+        (``mask_from_warmup`` and ``sparse_refresh`` below); without, the first mask is predicted
+        and sparse refreshes with a local search walk it towards the exact one
+        (``local_search`` below). 0 by default, since the length of
         the pipeline's schedule is not known here (a few-step model would run mostly dense);
         with 30-50 steps, a few dense steps buy near-oracle masks; each costs a stock call
         instead of a sparse one (Wan-14B block at 32,760 tokens on an H200: 80.7 against 47.9 ms,
@@ -54,9 +59,11 @@ class SparseAttentionConfig:
         (counted from the first sparse step), or exactly on the steps listed in ``refresh_steps``
         (a layer with no mask yet makes one on its first sparse step; with ``mask_from_warmup``
         that step uses the warm-up's exact mask instead); other steps reuse the layer's cached mask.
-        None: 5, or 20 with the warm-up's exact mask and sparse refreshes (each costs about two
+        None: 20 with the warm-up's exact mask and sparse refreshes (each costs about two
         predictions; over a 50-step schedule with 5 dense steps the mask cost stays under 2 % of
-        dense attention per step, README "End to end").
+        dense attention per step, README "End to end"), 10 with a predicted first mask and
+        searching refreshes (the default without dense steps: about the cost of predicting every
+        5), else 5.
     calibrate_pooling: with predictor "topk", a layer's first refresh picks per head the pooling
         ("mean" or "both") whose mask holds the most probability of 16 sampled queries per
         query block (``fgcupy.calibration``, exact softmax rows of those queries: no dense
@@ -91,17 +98,22 @@ class SparseAttentionConfig:
         synchronisation a refresh for its size). Masks stay as good as the old mask plus the
         candidates (README "Mask quality"), so a refresh never throws the warm-up's exact mask
         away. Needs a named mean-query predictor and no process_group. None (the default): on
-        where mask_from_warmup is.
+        wherever it can be (a named mean-query predictor, no process_group, no
+        calibrate_pooling; from a predicted first mask, no find_diagonals either).
     local_search: with sparse_refresh, the candidates also hold the old mask's keys moved by one
         step of the token grid either way, a token, a row and a frame in turn (one kind a refresh;
         ``fgcupy.local_search``): refresh after refresh the mask follows attention that shifts
         by a few tokens, which the cheap predictor cannot see where a query block's queries look
-        at different places. Every candidate is scored once (``union_keys``).
+        at different places. Every candidate is scored once (``union_keys``). None (the
+        default): on where sparse refreshes start from a predicted mask (no warm-up exact mask):
+        over 50 sparse steps of the head families its masks had 0.99-1.82x the oracle's error
+        where masks predicted every 5 steps had 0.89-3.61x (README "Over a whole schedule").
     predict_on_refresh: with local_search, False leaves the predictor out of sparse refreshes: the
         candidates are the old mask's keys and their moved copies only, which saves the
         prediction (about 7 % of a dense attention call on an H200) and on the head families
         tracked the oracle as closely (README "Refreshing from a sparse step"); the first mask of a
-        layer still comes from the predictor (or the warm-up's exact one).
+        layer still comes from the predictor (or the warm-up's exact one). None (the default):
+        False where local_search was left to its default and turned on, else True.
     grid: (frames, height, width) of the latent token grid for local_search; None reads it from
         each transformer call (``hidden_states`` [B, C, F, H, W] over the model's ``patch_size``).
         Without either the search moves keys by one token only.
@@ -135,8 +147,8 @@ class SparseAttentionConfig:
     refresh_on_drift: float | None = None
     mask_from_warmup: bool | None = None
     sparse_refresh: bool | None = None
-    local_search: bool = False
-    predict_on_refresh: bool = True
+    local_search: bool | None = None
+    predict_on_refresh: bool | None = None
     grid: tuple[int, int, int] | None = None
     calibrate_pooling: bool = False
     find_diagonals: int = 0
@@ -229,18 +241,35 @@ class SparseAttentionConfig:
             self._check_predictor_arguments()
 
     def _resolve_exact_start(self) -> None:
-        """Fill the None defaults: with dense warm-up steps, the first mask is the warm-up's exact
-        one and refreshes keep its keys as candidates (sparse), on a longer interval."""
+        """Fill the None defaults where sparse refreshes can work (a named mean-query predictor,
+        no process_group, no calibrate_pooling): with dense warm-up steps the first mask is the
+        warm-up's exact one and refreshes keep its keys as candidates, every 20 sparse steps;
+        without (and without find_diagonals), the first mask is predicted and refreshes search
+        around the old mask (its keys moved along the token grid, no prediction), every 10.
+        Elsewhere masks are predicted every 5 sparse steps."""
         mean_query = isinstance(self.predictor, str) and self.predictor in _METHOD_PARAMETER
+        sparse_possible = mean_query and self.process_group is None and not self.calibrate_pooling
         if self.mask_from_warmup is None:
-            possible = (self.dense_steps >= 1 and mean_query and self.process_group is None
-                        and not self.calibrate_pooling)
-            object.__setattr__(self, "mask_from_warmup", possible)
+            object.__setattr__(self, "mask_from_warmup", self.dense_steps >= 1 and sparse_possible)
+        # From a predicted mask, refreshes search (no prediction) unless the predictor was asked
+        # for diagonals, which only predicting refreshes score.
+        search_start = sparse_possible and not self.find_diagonals and self.mask_from_warmup is not True
         if self.sparse_refresh is None:
-            object.__setattr__(self, "sparse_refresh", self.mask_from_warmup is True and mean_query)
+            object.__setattr__(self, "sparse_refresh", search_start or (self.mask_from_warmup is True and mean_query))
+        searching = False  # local_search left to its default and turned on
+        if self.local_search is None:
+            searching = self.sparse_refresh is True and search_start
+            object.__setattr__(self, "local_search", searching)
+        if self.predict_on_refresh is None:
+            object.__setattr__(self, "predict_on_refresh", not searching)
         if self.refresh_every is None:
-            exact_start = self.mask_from_warmup is True and self.sparse_refresh is True
-            object.__setattr__(self, "refresh_every", WARMUP_REFRESH_EVERY if exact_start else DEFAULT_REFRESH_EVERY)
+            if self.mask_from_warmup is True and self.sparse_refresh is True:
+                every = WARMUP_REFRESH_EVERY
+            elif self.local_search is True and self.predict_on_refresh is False:
+                every = SEARCH_REFRESH_EVERY
+            else:
+                every = DEFAULT_REFRESH_EVERY
+            object.__setattr__(self, "refresh_every", every)
 
     def mask_making(self) -> str:
         """How this schedule makes masks, in words (the first line of ``handle.describe()``)."""
