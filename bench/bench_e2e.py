@@ -326,7 +326,7 @@ def main(argv=None):
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if not fd.kernel_available():
-        raise SystemExit("bench_e2e needs a CUDA GPU that torch and cupy can see")
+        raise SystemExit("bench_e2e needs a CUDA GPU that fgcupy's kernels can run on")
 
     started = time.perf_counter()
     name, predictor = make_predictor(args.predictor, args.density, args.tau)

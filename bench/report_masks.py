@@ -24,7 +24,7 @@
 3. Drift: q and k evolve slowly (--drift radians of content noise per step); the step-0 mask
    against a fresh one at later steps (fraction of kept slices that changed), the error of
    reusing the old mask vs predicting anew; for top-k, each against the oracle, with a sparse
-   refresh (SparseAttentionConfig(sparse_refresh=True): the exact column max over the old and the
+   refresh (SparseAttentionConfig(sparse_refresh=True, local_search=False): the exact column max over the old and the
    new mask's keys with the LSE of attention through the old one) from the step-0 prediction and
    from the step-0 exact mask (mask_from_warmup), and a local search (local_search=True) that
    refreshes at every drift step listed, from the step-0 prediction (its candidates also hold

@@ -163,6 +163,8 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
         return_lse = True
     elif return_lse:
         lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        scale = scale.item()
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
@@ -191,7 +193,7 @@ def _spec_like(q, mask: SliceMask):
 
 
 #: The ``plan`` options ``sparse_attention`` passes on.
-TILE_OPTIONS = ("key_tile", "stages", "rows_per_warp", "schedule", "spec")
+PLAN_OPTIONS = ("key_tile", "stages", "rows_per_warp", "schedule", "spec")
 
 
 def sparse_attention(q, k, v, mask: SliceMask, scale: float | None = None, layout: str = "HND",
@@ -203,10 +205,10 @@ def sparse_attention(q, k, v, mask: SliceMask, scale: float | None = None, layou
     check_layout(layout)
     if not isinstance(mask, SliceMask):
         raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
-    unknown = sorted(set(tile) - set(TILE_OPTIONS))
+    unknown = sorted(set(tile) - set(PLAN_OPTIONS))
     if unknown:
         raise TypeError(f"sparse_attention() got unexpected keyword argument(s) {unknown}; besides run()'s "
-                        f"arguments it takes the plan options {TILE_OPTIONS}")
+                        f"arguments it takes the plan options {PLAN_OPTIONS}")
     if tile:
         q_t = bridge.to_torch(q, "q")
         plan = SparseAttention().plan(mask, head_dim=q_t.shape[-1], dtype=q_t.dtype, **tile)

@@ -82,7 +82,7 @@ def attention_kernels_ahead(dtype: str, head_dim: int, slice_m: int, device) -> 
     """The attention kernels a predicted mask most likely meets next: the untuned default for
     its dtype, head dim and slice size on this GPU, and the launch-order kernel. Loaded ahead
     with the prediction's own, a cold first sparse step waits for no attention compile after its
-    prediction (a tuned kernel, where one is stored, is loaded by the plan as before)."""
+    prediction (a tuned kernel, where one is stored, is the plan's to load)."""
     if head_dim not in ATTENTION_HEAD_DIMS or slice_m not in SLICE_SIZES:
         return []
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -106,9 +106,10 @@ class GpuPrediction:
         # Static: sizes known from the shapes (top-k with one selection per block), fused emit, no sync.
         self.static = req.rule == "topk" and kind != "union"
         dtype = bridge.dtype_name(qh.dtype, "q")
-        for spec in self._later_kernels(dtype, SCORE_DTYPES[stored]) + attention_kernels_ahead(
-                dtype, self.dim, req.slice_m, self.device):
-            load_in_background(self.device, spec)
+        if not torch.cuda.is_current_stream_capturing():  # no threads while a graph is captured
+            for spec in self._later_kernels(dtype, SCORE_DTYPES[stored]) + attention_kernels_ahead(
+                    dtype, self.dim, req.slice_m, self.device):
+                load_in_background(self.device, spec)
         # Rows scored against every key: the queries (colmax), each sub-block's mean query or its
         # middle query (pooling "mean" / "sample", per block for "adaptive", whose sampled blocks'
         # score rows are dilated); "both" keeps the middle queries in samples.

@@ -156,22 +156,13 @@ class SliceMask:
             raise TypeError(f"top-k indices must be an integer tensor, got {topk.dtype}")
         if topk.dim() != 4:
             raise ValueError(f"top-k indices must have shape [B, H, QB, k], got {tuple(topk.shape)}")
-        if topk.dtype != torch.int32 and topk.numel():
-            bad = (topk < 0) | (topk >= kv_len)
-            if bad.any():
-                where = tuple(int(i) for i in torch.nonzero(bad)[0])
-                raise ValueError(f"top-k index {int(topk[where])} at {where} is outside [0, kv_len={kv_len})")
         batch, heads, q_blocks, k = topk.shape
         rows = batch * heads * q_blocks
         if rows * k > torch.iinfo(torch.int32).max:
             raise ValueError(f"{rows} rows x k={k} exceed int32 offsets")
-        ordered = torch.sort(topk.to(torch.int32), dim=-1).values
-        if topk.dtype != torch.int32 and k > 1:
-            repeated = ordered[..., 1:] == ordered[..., :-1]
-            if repeated.any():
-                where = tuple(int(i) for i in torch.nonzero(repeated)[0])
-                raise ValueError(f"top-k index {int(ordered[where])} is listed twice in row {where[:3]}")
-        indices = ordered.reshape(-1)
+        if topk.dtype != torch.int32 and topk.numel():
+            _check_topk(topk, kv_len)
+        indices = torch.sort(topk.to(torch.int32), dim=-1).values.reshape(-1)
         flat = torch.arange(rows + 1, dtype=torch.int32, device=topk.device) * k
         return cls(indptr_from_offsets(flat, batch, heads, q_blocks), indices, slice_m, q_len, kv_len)
 
@@ -331,6 +322,20 @@ def random_topk_mask(batch: int, heads: int, q_len: int, kv_len: int, slice_m: i
     topk = torch.topk(scores, keep, dim=-1, sorted=False).indices
     del scores
     return SliceMask.from_topk(topk, slice_m, q_len, kv_len)
+
+
+def _check_topk(topk: torch.Tensor, kv_len: int) -> None:
+    """ValueError for a top-k index outside [0, kv_len) or listed twice in its row (one sync)."""
+    outside = (topk < 0) | (topk >= kv_len)
+    ordered = torch.sort(topk, dim=-1).values
+    repeated = ordered[..., 1:] == ordered[..., :-1]
+    any_outside, any_repeated = torch.stack([outside.any(), repeated.any()]).tolist()
+    if any_outside:
+        where = tuple(int(i) for i in torch.nonzero(outside)[0])
+        raise ValueError(f"top-k index {int(topk[where])} at {where} is outside [0, kv_len={kv_len})")
+    if any_repeated:
+        where = tuple(int(i) for i in torch.nonzero(repeated)[0])
+        raise ValueError(f"top-k index {int(ordered[where])} is listed twice in row {where[:3]}")
 
 
 def indptr_from_offsets(flat: torch.Tensor, batch: int, heads: int, q_blocks: int) -> torch.Tensor:

@@ -264,7 +264,6 @@ def gpu_candidate_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: to
 
 
 @lru_cache(maxsize=None)
-@lru_cache(maxsize=None)
 def _smem_optin(device_index: int) -> int:
     """The shared memory a block may opt in to: through the driver (no CUDA Python package
     imported), through cupy where libcuda does not load."""
@@ -280,7 +279,7 @@ def _smem_optin(device_index: int) -> int:
 SCORE_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def select_spec(device: torch.device, ld: int, scores: str = "float32", rule: str = "topk") -> SelectSpec:
+def select_spec(device: torch.device, ld: int, scores: str, rule: str) -> SelectSpec:
     """The staged kernel where the row fits the shared memory this GPU grants (the larger cap
     where it grants that, 1 KB left for static shared memory), else the global one; top-k's
     own, or the one taking any rule."""

@@ -108,6 +108,9 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         top_k = int(min(top_k, kv_len))
     elif density is not None or top_k is not None:
         raise ValueError(f"density/top_k apply to top-k selection, not rule {rule!r}")
+    for name, value in (("tau", tau), ("threshold", threshold)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))):
+            raise ValueError(f"{name} must be a number, got {value!r}")
     if rule == "tau":
         tau = 0.9 if tau is None else float(tau)
         if not 0.0 < tau <= 1.0:

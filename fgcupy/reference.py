@@ -33,6 +33,8 @@ def reference_attention(
     out = torch.zeros(batch, heads, q_len, head_dim, dtype=dtype, device=q.device)
     lse = torch.full((batch, heads, q_len), -math.inf, dtype=dtype, device=q.device)
     kf, vf = k.to(dtype), v.to(dtype)
+    finite_values = torch.isfinite(vf).all(-1)  # [B, H, KV]: value rows a dropped key may not spread
+    finite_values = None if bool(finite_values.all()) else finite_values
     blocks_per_chunk = max(1, rows_per_chunk // mask.slice_m)
     for first in range(0, mask.q_blocks, blocks_per_chunk):
         last = min(first + blocks_per_chunk, mask.q_blocks)
@@ -45,19 +47,19 @@ def reference_attention(
         # A query whose block keeps no key gets zeros (its LSE is -inf); NaN inputs stay NaN.
         empty = torch.isneginf(row_lse).unsqueeze(-1)
         probs = torch.where(empty, 0.0, torch.exp(scores - torch.where(empty, 0.0, row_lse.unsqueeze(-1))))
-        out[:, :, rows] = _kept_values(probs, row_keep, vf)
+        out[:, :, rows] = _kept_values(probs, row_keep, vf, finite_values)
         lse[:, :, rows] = row_lse
     if layout == "NHD":
         out = out.transpose(1, 2)
     return out, lse
 
 
-def _kept_values(probs, row_keep, v, keys_per_pass: int = 64):
+def _kept_values(probs, row_keep, v, finite, keys_per_pass: int = 64):
     """probs @ v [B, H, rows, D], where a dropped key adds nothing even if its value row holds
     inf or NaN (0 x NaN is NaN; the kernels never read a dropped key's value). Kept keys'
-    non-finite values add p x v as IEEE arithmetic has it."""
-    finite = torch.isfinite(v).all(-1)  # [B, H, KV]
-    if bool(finite.all()):
+    non-finite values add p x v as IEEE arithmetic has it. ``finite``: bool [B, H, KV] of the
+    value rows without inf or NaN, or None when all are."""
+    if finite is None:
         return torch.matmul(probs, v)
     out = torch.matmul(probs, torch.where(finite.unsqueeze(-1), v, 0.0))
     for b, h in torch.nonzero(~finite.all(-1)).tolist():

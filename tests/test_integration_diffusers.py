@@ -857,6 +857,8 @@ def test_config_defaults_start_exact_after_warmup_steps():
     assert resolved(dense_steps=5, sparse_refresh=False) == (True, False, False, True, 5)  # predicted refreshes
     assert resolved(sparse_refresh=False) == predicted
     assert resolved(local_search=False) == (False, True, False, True, 5)  # sparse refreshes with the predictor's keys
+    assert resolved(local_search=True) == resolved(sparse_refresh=True, local_search=True) == search
+    assert resolved(predict_on_refresh=True) == (False, True, True, True, 5)
     assert resolved(dense_steps=5, local_search=True) == (True, True, True, True, 20)
     for kwargs in (dict(calibrate_pooling=True), dict(predictor="colmax"), dict(predictor=lambda q, k, slice_m: None),
                    dict(process_group=object()), dict(find_diagonals=2)):

@@ -434,7 +434,7 @@ def test_long_rows_select_correctly(kv_len):
     q, k = _inputs(3, 1, 1, 200, kv_len, 64, torch.float16)
     ld = mask_kernels.row_stride(kv_len)
     assert not SelectSpec.fits(ld)
-    spec = mask_kernels.select_spec(q.device, ld)
+    spec = mask_kernels.select_spec(q.device, ld, "float32", "tau")
     optin = mask_kernels._smem_optin(q.device.index or 0)
     assert spec.staged == (kv_len <= 81_920 and optin >= mask_kernels.SELECT_LARGE_SMEM + 1024)
     got = predict_mask(q, k, 64, "tau", tau=0.9, **MEAN).validate().to_dense()

@@ -64,6 +64,12 @@ def test_attention_refuses_a_scale_that_is_not_a_finite_number(scale):
         sparse_attention(q, k, v, SliceMask.full(1, 2, 128, 128, 64), scale=scale)
 
 
+def test_attention_takes_a_one_element_tensor_scale():
+    q, k, v = _qkv(3)
+    mask = SliceMask.full(1, 2, 128, 128, 64)
+    assert torch.equal(sparse_attention(q, k, v, mask, scale=torch.tensor(0.1)), sparse_attention(q, k, v, mask, scale=0.1))
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(slice_m=0), "slice_m"), (dict(heads=-1), "heads"), (dict(q_len=10.0), "q_len"), (dict(batch=True), "batch"),
 ])
@@ -85,11 +91,14 @@ def test_a_positive_density_keeps_at_least_one_key():
     (dict(top_k=True), "top_k must be a non-negative int"),
     (dict(density=0.1, min_keys=True), "min_keys must be a non-negative int"),
     (dict(density=0.1, local=True), "local must be None or a non-negative int"),
+    (dict(method="tau", tau=True), "tau must be a number"), (dict(method="tau", tau="0.5"), "tau must be a number"),
 ])
 def test_predict_mask_refuses_flags_and_tensors_for_numbers(kwargs, message):
     q, k, _ = _qkv(5)
+    kwargs = dict(kwargs)
+    method = kwargs.pop("method", "topk")
     with pytest.raises(ValueError, match=message):
-        predict_mask(q, k, 128, **kwargs)
+        predict_mask(q, k, 128, method, **kwargs)
 
 
 def test_predict_mask_takes_numpy_ints():

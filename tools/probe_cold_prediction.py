@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,10 +45,16 @@ print(json.dumps({"predict_s": round(t1 - t0, 3), "attention_s": round(t2 - t1, 
 """
 
 
-def run_child(cache: str, heads: int, seq: int, ahead: bool) -> tuple:
-    env = dict(os.environ, FGCUPY_CACHE_DIR=cache, CUPY_CACHE_DIR=cache)
-    done = subprocess.run([sys.executable, "-c", CHILD, str(heads), str(seq), "on" if ahead else "off"], env=env,
-                          capture_output=True, text=True)
+def run_child(cache: str | None, heads: int, seq: int, ahead: bool) -> tuple:
+    """One child process on ``cache`` (None: a fresh folder, removed afterwards)."""
+    folder = cache or tempfile.mkdtemp(prefix="fgcupy-cold-")
+    env = dict(os.environ, FGCUPY_CACHE_DIR=folder, CUPY_CACHE_DIR=folder)
+    try:
+        done = subprocess.run([sys.executable, "-c", CHILD, str(heads), str(seq), "on" if ahead else "off"], env=env,
+                              capture_output=True, text=True)
+    finally:
+        if cache is None:
+            shutil.rmtree(folder, ignore_errors=True)
     if done.returncode:
         raise RuntimeError(f"the child process failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     loads = [line.split("loaded ", 1)[1] for line in done.stderr.splitlines() if "fgcupy: loaded" in line]
@@ -64,14 +71,17 @@ def main(argv=None) -> None:
     import torch
 
     print(torch.cuda.get_device_name(), f"| {os.cpu_count()} CPUs | {args.heads} heads x {args.seq} tokens x 128")
-    print("throwaway first process", run_child(tempfile.mkdtemp(), args.heads, args.seq, True)[0])
+    print("throwaway first process", run_child(None, args.heads, args.seq, True)[0])
     for _ in range(args.rounds):
         for ahead in (True, False):
-            times, loads = run_child(tempfile.mkdtemp(), args.heads, args.seq, ahead)
+            times, loads = run_child(None, args.heads, args.seq, ahead)
             print(f"cold, loading ahead {'on' if ahead else 'off'}: {times}\n    " + "\n    ".join(loads), flush=True)
-    cache = tempfile.mkdtemp()
-    run_child(cache, args.heads, args.seq, True)
-    print("warm", [run_child(cache, args.heads, args.seq, True)[0] for _ in range(2)])
+    cache = tempfile.mkdtemp(prefix="fgcupy-warm-")
+    try:
+        run_child(cache, args.heads, args.seq, True)
+        print("warm", [run_child(cache, args.heads, args.seq, True)[0] for _ in range(2)])
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 if __name__ == "__main__":

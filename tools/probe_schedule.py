@@ -11,7 +11,8 @@ entry each step: a random walk, v kept). The first ``--dense-steps`` run dense; 
 schedule keeps its own mask, made or refreshed on its refresh steps (every N sparse steps from the
 first) as SparseAttentionConfig would make it:
 
-    default            the predictor (predict_mask top-k) on each refresh
+    default            the predictor (predict_mask top-k) on each refresh: SparseAttentionConfig's
+                       predicted schedule (sparse_refresh=False)
     sparse /N          sparse_refresh=True: exact column max over the old mask's and the predictor's keys
     search /N          + local_search=True, predict_on_refresh=False: the old keys and their moves
                        by a token, a row or a frame of the grid (one kind a refresh, in turn)

@@ -8,7 +8,7 @@ dense warm-up step gives, SparseAttentionConfig(mask_from_warmup=True)). At step
 drifted (fresh content noise of std ``--drift`` added to every entry; v kept). A refresh at step
 B could score exactly the keys M0 keeps plus the default predictor's keys: max over each block's
 queries of logit - lse, where lse is each query's LSE over M0's keys (what step B's sparse
-attention through M0 returns), and keep the top-k: SparseAttentionConfig(sparse_refresh=True),
+attention through M0 returns), and keep the top-k: SparseAttentionConfig(sparse_refresh=True, local_search=False),
 through the library's path (the kernels on a GPU, the reference on a CPU). Printed, as error / step B's oracle error:
 the default predictor at step B, M0 reused, and that refresh. With ``--iterate N``: N refreshes in
 a row from the default's own mask (q and k drifting before each), without and with the old mask's

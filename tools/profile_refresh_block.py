@@ -28,9 +28,11 @@ def kernel_times(prof) -> tuple:
 
 
 def block_caller(model, run_block, every: int):
-    """fgcupy applied to ``model`` (top-k 0.1) and a call of its block that refreshes the mask
-    every ``every`` steps (1: every call; a huge value: the mask of the first call reused)."""
-    handle = fd.apply(model, fd.SparseAttentionConfig(refresh_every=every, predictor="topk", density=0.1))
+    """fgcupy applied to ``model`` (top-k 0.1, the predicted schedule: each refresh predicts) and
+    a call of its block that refreshes the mask every ``every`` steps (1: every call; a huge
+    value: the mask of the first call reused)."""
+    handle = fd.apply(model, fd.SparseAttentionConfig(refresh_every=every, predictor="topk", density=0.1,
+                                                      sparse_refresh=False))
     steps = iter(range(10**9))
 
     def call():

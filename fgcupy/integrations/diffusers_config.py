@@ -98,8 +98,8 @@ class SparseAttentionConfig:
         synchronisation a refresh for its size). Masks stay as good as the old mask plus the
         candidates (README "Mask quality"), so a refresh never throws the warm-up's exact mask
         away. Needs a named mean-query predictor and no process_group. None (the default): on
-        wherever it can be (a named mean-query predictor, no process_group, no
-        calibrate_pooling; from a predicted first mask, no find_diagonals either).
+        with the warm-up's exact mask, and from a predicted first mask where a named mean-query
+        predictor, no process_group, no calibrate_pooling and no find_diagonals allow it.
     local_search: with sparse_refresh, the candidates also hold the old mask's keys moved by one
         step of the token grid either way, a token, a row and a frame in turn (one kind a refresh;
         ``fgcupy.local_search``): refresh after refresh the mask follows attention that shifts
@@ -113,7 +113,7 @@ class SparseAttentionConfig:
         prediction (about 7 % of a dense attention call on an H200) and on the head families
         tracked the oracle as closely (README "Refreshing from a sparse step"); the first mask of a
         layer still comes from the predictor (or the warm-up's exact one). None (the default):
-        False where local_search was left to its default and turned on, else True.
+        False where refreshes search from a predicted first mask, else True.
     grid: (frames, height, width) of the latent token grid for local_search; None reads it from
         each transformer call (``hidden_states`` [B, C, F, H, W] over the model's ``patch_size``).
         Without either the search moves keys by one token only.
@@ -125,7 +125,9 @@ class SparseAttentionConfig:
     fallback: where fgcupy's kernel cannot run (no GPU, CPU tensors), use the stock processor
         instead of raising.
     attention_fn: replaces fgcupy's kernel: ``attention_fn(q, k, v, mask, scale) -> out`` with
-        q, k, v, out ``[B, S, H, D]``; for other backends, comparisons and CPU tests.
+        q, k, v, out ``[B, S, H, D]``; for other backends, comparisons and CPU tests. The LSE of a
+        sparse refresh and of the warm-up's exact mask still comes from fgcupy's attention
+        (``sparse_refresh=False, mask_from_warmup=False`` leave it out).
     process_group: a torch.distributed group whose ranks each hold a contiguous sequence shard
         (rank order = sequence order): self-attention then runs through SequenceParallelAttention
         (fgcupy's kernel on CUDA tensors, its float32 reference elsewhere), dense steps and layers
@@ -188,7 +190,7 @@ class SparseAttentionConfig:
             raise ValueError(f"slice_m must be one of {SLICE_SIZES} (sizes with a kernel), got {self.slice_m}")
         if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
             raise ValueError(f"dense_steps must be an int >= 0, got {self.dense_steps!r}")
-        self._resolve_exact_start()
+        self._resolve_schedule_defaults()
         if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
             raise ValueError(f"refresh_every must be an int >= 1, got {self.refresh_every!r}")
         if self.calibrate_pooling:
@@ -240,7 +242,7 @@ class SparseAttentionConfig:
         if isinstance(self.predictor, str):
             self._check_predictor_arguments()
 
-    def _resolve_exact_start(self) -> None:
+    def _resolve_schedule_defaults(self) -> None:
         """Fill the None defaults where sparse refreshes can work (a named mean-query predictor,
         no process_group, no calibrate_pooling): with dense warm-up steps the first mask is the
         warm-up's exact one and refreshes keep its keys as candidates, every 20 sparse steps;
@@ -256,11 +258,10 @@ class SparseAttentionConfig:
         search_start = sparse_possible and not self.find_diagonals and self.mask_from_warmup is not True
         if self.sparse_refresh is None:
             object.__setattr__(self, "sparse_refresh", search_start or (self.mask_from_warmup is True and mean_query))
-        searching = False  # local_search left to its default and turned on
         if self.local_search is None:
-            searching = self.sparse_refresh is True and search_start
-            object.__setattr__(self, "local_search", searching)
-        if self.predict_on_refresh is None:
+            object.__setattr__(self, "local_search", self.sparse_refresh is True and search_start)
+        if self.predict_on_refresh is None:  # a search from a predicted mask needs no prediction
+            searching = self.local_search is True and self.sparse_refresh is True and self.mask_from_warmup is not True
             object.__setattr__(self, "predict_on_refresh", not searching)
         if self.refresh_every is None:
             if self.mask_from_warmup is True and self.sparse_refresh is True:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from functools import lru_cache
 
 import torch
 
@@ -24,6 +25,8 @@ log = logging.getLogger("fgcupy")
 _lock = threading.Lock()  # guards _key_locks
 _key_locks: dict = {}  # (spec, device index) -> the lock its one load holds
 _kernels: dict = {}
+_failed_in_background: set = set()  # (spec, device index) whose background load raised: not retried there
+_loading_in_background: set = set()  # (spec, device index) a thread is loading (guarded by _lock)
 
 
 class DriverKernel:
@@ -58,6 +61,7 @@ class CupyKernel:
             self.raw(tuple(grid), (block,), (params,), shared_mem=shared_mem)
 
 
+@lru_cache(maxsize=None)
 def kernels_can_run() -> bool:
     """Whether fgcupy's kernels can run in this process: torch sees a CUDA GPU, and kernels can
     be compiled and launched (libnvrtc and libcuda through ctypes, else cupy)."""
@@ -97,18 +101,27 @@ def load_in_background(device, spec) -> None:
     """Start loading ``spec``'s kernel on a thread unless it is loaded, so that a cold compile
     overlaps the caller's own (NVRTC runs without the GIL); ``get_kernel_on`` then waits for it,
     and raises the error if the load failed."""
-    index = _index(device)  # here: a thread's current device is its own
-    if (spec, index) in _kernels:
+    key = (spec, _index(device))  # here: a thread's current device is its own
+    if key in _kernels or key in _failed_in_background:
         return
-    threading.Thread(target=_load_quietly, args=(torch.device("cuda", index), spec), daemon=True,
+    with _lock:  # one thread per kernel, however many predictions ask for it meanwhile
+        if key in _loading_in_background:
+            return
+        _loading_in_background.add(key)
+    threading.Thread(target=_load_quietly, args=(torch.device("cuda", key[1]), spec), daemon=True,
                      name="fgcupy-load").start()
 
 
 def _load_quietly(device, spec) -> None:
+    key = (spec, _index(device))
     try:
         get_kernel_on(device, spec)
     except Exception:  # noqa: BLE001 - the caller's own get_kernel_on raises it
+        _failed_in_background.add(key)
         log.debug("fgcupy: background load of %s failed", spec.name, exc_info=True)
+    finally:
+        with _lock:
+            _loading_in_background.discard(key)
 
 
 def _index(device) -> int:
