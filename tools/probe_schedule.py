@@ -37,10 +37,12 @@ from fgcupy import predict_mask
 from fgcupy.head_families import FAMILIES, family_qkv
 from fgcupy.local_search import refresh_topk, search_offsets, union_keys
 from fgcupy.oracle import Judge
-from fgcupy.workloads import SHAPES
+from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
 from tools.probe_sparse_refresh import drifted
 
 SLICE_M = 128
+#: fgcupy.workloads patterns, trajectories of which run beside the head families.
+WORKLOAD_PREFIX = "workload-"
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,11 @@ class Run:
 
 
 def trajectory(args, shape, family: str, schedules: dict) -> None:
-    q, k, v = family_qkv(shape, family, heads=args.heads, seed=args.seed, device=args.device)
+    if family.startswith(WORKLOAD_PREFIX):  # the video-like head zoo, another generator
+        q, k, v = video_qkv(shape, family[len(WORKLOAD_PREFIX):], head_ids=range(args.heads), seed=args.seed,
+                            device=args.device)
+    else:
+        q, k, v = family_qkv(shape, family, heads=args.heads, seed=args.seed, device=args.device)
     gen = torch.Generator().manual_seed(args.seed + 7)
     runs = {(name, d): Run(plan, d, shape.grid) for name, plan in schedules.items() for d in args.densities}
     ratios = {key: [] for key in runs}
@@ -130,7 +136,9 @@ def trajectory(args, shape, family: str, schedules: dict) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES),
+                        choices=list(FAMILIES) + [WORKLOAD_PREFIX + p for p in PATTERNS],
+                        help="head families, or fgcupy.workloads patterns as workload-<pattern>")
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     parser.add_argument("--grid", default="5x30x52", help="frames x height x width of the token grid")
     parser.add_argument("--heads", type=int, default=2)
