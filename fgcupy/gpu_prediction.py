@@ -10,7 +10,7 @@ import torch
 from . import bridge
 from . import mask_reference as ref
 from .jit.plan_spec import LaunchOrderSpec
-from .jit.runtime import device_arch, load_in_background
+from .jit.runtime import device_arch, device_index, load_in_background
 from .jit.score_spec import DILATE_MAX_RADIUS, DilateInPlaceSpec, DilateSpec, EmitSpec
 from .jit.spec import ATTENTION_HEAD_DIMS, SLICE_SIZES
 from .mask import SliceMask, indptr_from_counts, num_blocks
@@ -85,8 +85,7 @@ def attention_kernels_ahead(dtype: str, head_dim: int, slice_m: int, device) -> 
     prediction (a tuned kernel, where one is stored, is the plan's to load)."""
     if head_dim not in ATTENTION_HEAD_DIMS or slice_m not in SLICE_SIZES:
         return []
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return [default_spec(dtype, head_dim, slice_m, device_arch(index)), LaunchOrderSpec()]
+    return [default_spec(dtype, head_dim, slice_m, device_arch(device_index(device))), LaunchOrderSpec()]
 
 
 class GpuPrediction:

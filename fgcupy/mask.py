@@ -33,6 +33,11 @@ def _as_int32_tensor(x, what: str) -> torch.Tensor:
 INT32_MAX = 2**31 - 1
 
 
+def is_int(value) -> bool:
+    """A Python or numpy integer, not a bool (options that count things)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def num_blocks(length: int, slice_m: int) -> int:
     return (length + slice_m - 1) // slice_m
 
@@ -171,7 +176,7 @@ class SliceMask:
         """Every key for every query block: dense attention through the sparse kernel."""
         for name, value, least in (("batch", batch, 0), ("heads", heads, 0), ("q_len", q_len, 0), ("kv_len", kv_len, 0),
                                    ("slice_m", slice_m, 1)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            if not is_int(value) or value < least:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         q_blocks = num_blocks(q_len, slice_m)
         rows = batch * heads * q_blocks

@@ -14,6 +14,7 @@ import torch
 from . import bridge
 from .jit import driver
 from .jit.launch import launch
+from .jit.runtime import device_index
 from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_LARGE_SMEM, SELECT_MAX_SMEM,  # noqa: F401
                              SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DILATE_RUN, ROWS_MAX_DIM,
                              ROWS_MAX_GROUPS, UNION_MAX_OFFSETS, UNION_MAX_WORDS, AdaptiveRowsSpec, ColmaxSpec,
@@ -71,7 +72,7 @@ def _score_spec(kernel: str, portable, group: int, band, device):
                          f"{portable.rows_per_cta} rows per CTA")
     if kernel == "mma" or not fits:
         return portable
-    if kernel == "auto" and not _is_hopper(device.index if device.index is not None else torch.cuda.current_device()):
+    if kernel == "auto" and not _is_hopper(device_index(device)):
         return portable
     group = SM90_SCORE_ROWS if mode == "listmax" else group if mode == "maxprob" else 1
     return Sm90ScoreSpec(portable.dtype, portable.head_dim, mode, group)
@@ -111,9 +112,8 @@ def gpu_refine_band(q: torch.Tensor, k: torch.Tensor, scale: float, sub_lse: tor
     nbh = batch * heads - bh0 if nbh is None else nbh
     _check_scale(scale)
     warps = slice_m // 16
-    dtype = bridge.dtype_name(q.dtype, "q")
-    fused = len(band_specs(dtype, dim, slice_m, q.device, kernel)) == 1
-    if not fused:
+    specs = band_specs(bridge.dtype_name(q.dtype, "q"), dim, slice_m, q.device, kernel)
+    if len(specs) > 1:  # the portable passes
         band_lse = gpu_scores("stats", q, k, scale, bh0=bh0, nbh=nbh, warps=warps, band=band, kernel=kernel)
         own = sub_lse.repeat_interleave(pool, dim=1)[:, :q_len]
         return gpu_scores("maxprob", q, k, scale, bh0=bh0, nbh=nbh, lse=torch.logaddexp(band_lse, own), group=slice_m,
@@ -127,7 +127,7 @@ def gpu_refine_band(q: torch.Tensor, k: torch.Tensor, scale: float, sub_lse: tor
     width = int(band[1])
     if width < 1:
         raise ValueError(f"band width must be positive, got {band}")
-    spec = Sm90ScoreSpec(dtype, dim, "band", SM90_SCORE_ROWS)
+    spec = specs[0]  # the fused band kernel
     q, k = _cp_async_ready(q), _cp_async_ready(k)
     # One key chunk: each CTA needs its rows' whole band for their LSE.
     params = _score_params(q, k, scale, out=out, ld=ld, partial=None, lse=sub_lse.contiguous(), bh0=bh0,
@@ -283,8 +283,7 @@ def select_spec(device: torch.device, ld: int, scores: str, rule: str) -> Select
     """The staged kernel where the row fits the shared memory this GPU grants (the larger cap
     where it grants that, 1 KB left for static shared memory), else the global one; top-k's
     own, or the one taking any rule."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    optin = _smem_optin(index)
+    optin = _smem_optin(device_index(device))
     cap = SELECT_LARGE_SMEM if optin >= SELECT_LARGE_SMEM + 1024 else SELECT_MAX_SMEM
     staged = SelectSpec.fits(ld, cap) and optin >= cap + 1024
     return SelectSpec(staged=staged, scores=scores, max_smem=cap if staged else SELECT_MAX_SMEM,

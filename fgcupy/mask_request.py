@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from . import mask_reference as ref
+from .mask import is_int
 from .jit.score_spec import RULE_IDS
 
 METHODS = ("topk", "tau", "threshold", "colmax")
@@ -82,7 +83,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         pool = min(DEFAULT_POOL, slice_m) if defaults_apply else None
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(slice_m, bool) or not isinstance(slice_m, (int, np.integer)) or slice_m < 1:
+    if not is_int(slice_m) or slice_m < 1:
         raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
     slice_m = int(slice_m)
     if method == "colmax":
@@ -98,18 +99,17 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         if (density is None) == (top_k is None):
             raise ValueError("top-k selection needs exactly one of density (fraction of keys) or top_k")
         if density is not None:
-            if isinstance(density, bool) or not isinstance(density, (int, float, np.integer, np.floating)) or \
-                    not 0.0 <= density <= 1.0:
+            if not _is_number(density) or not 0.0 <= density <= 1.0:
                 raise ValueError(f"density must be a number in [0, 1], got {density!r}")
             # A positive density keeps at least one key (rounding to none would zero every output).
             top_k = max(1, round(density * kv_len)) if density > 0 and kv_len else 0
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        if not is_int(top_k) or top_k < 0:
             raise ValueError(f"top_k must be a non-negative int, got {top_k!r}")
         top_k = int(min(top_k, kv_len))
     elif density is not None or top_k is not None:
         raise ValueError(f"density/top_k apply to top-k selection, not rule {rule!r}")
     for name, value in (("tau", tau), ("threshold", threshold)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating))):
+        if value is not None and not _is_number(value):
             raise ValueError(f"{name} must be a number, got {value!r}")
     if rule == "tau":
         tau = 0.9 if tau is None else float(tau)
@@ -133,24 +133,23 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
             raise ValueError("pool applies to mean-query methods, not colmax")
         if slice_m not in (1, 2, 4, 8, 16, 32, 64, 128):
             raise ValueError(f"colmax needs slice_m a power of two <= 128, got {slice_m}")
-    elif isinstance(pool, bool) or not isinstance(pool, (int, np.integer)) or pool < 1 or slice_m % pool or (pool < slice_m and (slice_m // pool) & (slice_m // pool - 1)):
+    elif not is_int(pool) or pool < 1 or slice_m % pool or (pool < slice_m and (slice_m // pool) & (slice_m // pool - 1)):
         raise ValueError(f"pool must divide slice_m={slice_m} into a power-of-two number of sub-blocks, got {pool!r}")
     elif pool < slice_m and slice_m // pool > 128:
         raise ValueError(f"at most 128 sub-blocks per block, got slice_m / pool = {slice_m // pool}")
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
-    if isinstance(min_keys, bool) or not isinstance(min_keys, (int, np.integer)) or min_keys < 0:
+    if not is_int(min_keys) or min_keys < 0:
         raise ValueError(f"min_keys must be a non-negative int, got {min_keys!r}")
-    if local is not None and (isinstance(local, bool) or not isinstance(local, (int, np.integer)) or local < 0):
+    if local is not None and (not is_int(local) or local < 0):
         raise ValueError(f"local must be None or a non-negative int (keys beyond the block on each side), got {local!r}")
     if max_keys is not None:
         band_width = slice_m + 2 * local if local is not None else 0
-        if isinstance(max_keys, bool) or not isinstance(max_keys, (int, np.integer)) or \
-                max_keys < max(1, min_keys, min(band_width, kv_len)):
+        if not is_int(max_keys) or max_keys < max(1, min_keys, min(band_width, kv_len)):
             raise ValueError(f"max_keys must be an int >= max(1, min_keys={min_keys}, band width "
                              f"{min(band_width, kv_len)}), got {max_keys!r}")
     if exact_band is not None:
-        if isinstance(exact_band, bool) or not isinstance(exact_band, (int, np.integer)) or exact_band < 0:
+        if not is_int(exact_band) or exact_band < 0:
             raise ValueError(f"exact_band must be None or a non-negative int (keys beyond the block on each side), "
                              f"got {exact_band!r}")
         if method == "colmax" or combine != "max":
@@ -168,7 +167,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         raise ValueError(f"pooling={pooling!r} scores sub-blocks by their middle query for the max-prob combine: it "
                          f"needs a mean-query method and combine='max', got method={method!r}, combine={combine!r}")
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        if not _is_number(scale):
             raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive finite number, got {scale}")
@@ -187,13 +186,18 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
                        logits_dtype, exact_band, pooling, diagonals)
 
 
+def _is_number(value) -> bool:
+    """A Python or numpy real number, not a bool (nor a tensor or a string)."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
 def _checked_diagonals(diagonals, exact_band, slice_m: int) -> tuple:
     """Sorted distinct non-zero key shifts of the exact band (0, the band itself, is implied)."""
     if isinstance(diagonals, (str, bytes)) or not hasattr(diagonals, "__iter__"):
         raise ValueError(f"diagonals must be a sequence of ints (key offsets), got {diagonals!r}")
     diagonals = tuple(diagonals)
     for d in diagonals:
-        if isinstance(d, bool) or not isinstance(d, (int, np.integer)):
+        if not is_int(d):
             raise ValueError(f"diagonals must be ints (key offsets), got {d!r} in {diagonals!r}")
     if diagonals and exact_band is None:
         raise ValueError("diagonals move the exact band: they need exact_band (and a pooled method with "

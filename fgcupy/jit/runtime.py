@@ -83,7 +83,7 @@ def get_kernel(spec):
 
 def get_kernel_on(device, spec):
     """The kernel for ``spec`` on a torch device (its index, or torch's current device)."""
-    key = (spec, _index(device))
+    key = (spec, device_index(device))
     kernel = _kernels.get(key)
     if kernel is not None:
         return kernel
@@ -101,7 +101,7 @@ def load_in_background(device, spec) -> None:
     """Start loading ``spec``'s kernel on a thread unless it is loaded, so that a cold compile
     overlaps the caller's own (NVRTC runs without the GIL); ``get_kernel_on`` then waits for it,
     and raises the error if the load failed."""
-    key = (spec, _index(device))  # here: a thread's current device is its own
+    key = (spec, device_index(device))  # here: a thread's current device is its own
     if key in _kernels or key in _failed_in_background:
         return
     with _lock:  # one thread per kernel, however many predictions ask for it meanwhile
@@ -113,7 +113,7 @@ def load_in_background(device, spec) -> None:
 
 
 def _load_quietly(device, spec) -> None:
-    key = (spec, _index(device))
+    key = (spec, device_index(device))
     try:
         get_kernel_on(device, spec)
     except Exception:  # noqa: BLE001 - the caller's own get_kernel_on raises it
@@ -124,7 +124,8 @@ def _load_quietly(device, spec) -> None:
             _loading_in_background.discard(key)
 
 
-def _index(device) -> int:
+def device_index(device) -> int:
+    """A torch CUDA device's index (torch's current device where it names none)."""
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
