@@ -203,7 +203,7 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
         fd.remove(model)
 
     schedule = fd.SparseAttentionConfig(dense_steps=args.dense_steps, refresh_every=args.refresh_every,
-                                        mask_from_warmup=args.mask_from_warmup, **predictor)
+                                        refresh_ramp=args.refresh_ramp, mask_from_warmup=args.mask_from_warmup, **predictor)
     n_dense, n_refresh, n_reuse = schedule_counts(schedule, args.steps)
     refresh_total = (calibrate + (n_refresh - 1) * refresh) if n_refresh else 0.0
     warmup_extra = warmup_mask - stock
@@ -313,6 +313,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=50, help="schedule length the refresh cost is spread over")
     parser.add_argument("--dense-steps", type=int, default=5)
     parser.add_argument("--refresh-every", type=int, default=None, help="default: SparseAttentionConfig's")
+    parser.add_argument("--refresh-ramp", action=argparse.BooleanOptionalAction, default=None,
+                        help="also refresh on sparse steps 1, 2, 4, ... below the interval (default: "
+                             "SparseAttentionConfig's)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--queued", action="store_true",
@@ -336,6 +339,7 @@ def main(argv=None):
         name, predictor = "topk, calibrated poolings", dict(predictor, calibrate_pooling=True)
     try:  # the schedule SparseAttentionConfig makes of these flags (None: its defaults); it refuses what cannot work
         schedule = fd.SparseAttentionConfig(dense_steps=args.dense_steps, refresh_every=args.refresh_every,
+                                            refresh_ramp=args.refresh_ramp,
                                             mask_from_warmup=args.mask_from_warmup, sparse_refresh=args.sparse_refresh,
                                             local_search=args.local_search,
                                             predict_on_refresh=False if args.search_only else None,
@@ -343,6 +347,7 @@ def main(argv=None):
     except ValueError as error:
         parser.error(str(error))
     args.mask_from_warmup, args.refresh_every = schedule.mask_from_warmup, schedule.refresh_every
+    args.refresh_ramp = schedule.refresh_ramp
     refresh = {key: getattr(schedule, key) for key in ("sparse_refresh", "local_search", "predict_on_refresh")}
     predictor = dict(predictor, **refresh)  # the block's refresh calls are timed as the schedule makes them
     name += ((", sparse refresh" if schedule.sparse_refresh else "") + (" + local search" if schedule.local_search else "")
@@ -358,7 +363,8 @@ def main(argv=None):
     print("\n" + header)
     print(f"Wan 2.1 14B block (5120 hidden, 40x128 heads, FFN 13824, bf16), {args.steps}-step schedule: "
           f"{args.dense_steps} dense warm-up steps"
-          + (" (the last making exact masks)" if args.mask_from_warmup else "") + f", refresh every {args.refresh_every}")
+          + (" (the last making exact masks)" if args.mask_from_warmup else "") + f", refresh every {args.refresh_every}"
+          + (" after sparse steps 1, 2, 4, ... below it (the ramp)" if args.refresh_ramp else ""))
     print("| tokens | density | stock block ms | attention share | fgcupy block ms (reuse / refresh) "
           "| attention share | avg over schedule ms | speedup (avg / steady) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -6,8 +6,9 @@ prediction can serve several steps. :class:`MaskCache` keeps one mask per layer:
 * steps ``< warmup`` are "dense" (no mask: run full attention, perhaps to get the LSE for a
   column-max prediction);
 * "refresh" steps predict a new mask: every ``refresh_every`` steps from the end of the
-  warm-up, or exactly the steps listed in ``refresh_steps`` (a layer with nothing cached
-  refreshes whatever the schedule says);
+  warm-up (with ``ramp``, also 1, 2, 4, ... steps after it while those gaps are shorter:
+  a mask that each refresh improves gets its first refreshes early), or exactly the steps
+  listed in ``refresh_steps`` (a layer with nothing cached refreshes whatever the schedule says);
 * the steps in between "reuse" the layer's mask.
 
 Storage is compact: kept indices as int16 when kv_len fits (else int32), or a bit map of all
@@ -36,6 +37,14 @@ def _is_int(value) -> bool:
 _INT16_KEYS = 2**15
 
 
+def refreshes_on(sparse_step: int, refresh_every: int, ramp: bool = False) -> bool:
+    """Whether a schedule refreshing every ``refresh_every`` steps (with ``ramp``, also on the
+    powers of two below it) refreshes ``sparse_step`` steps after its first mask was made."""
+    if sparse_step % refresh_every == 0:
+        return True
+    return ramp and sparse_step < refresh_every and sparse_step & (sparse_step - 1) == 0
+
+
 @dataclass
 class _Entry:
     """One layer's mask in compact form."""
@@ -60,7 +69,7 @@ class MaskCache:
     """
 
     def __init__(self, warmup: int = 0, refresh_every: int | None = 1, refresh_steps=None, storage: str = "auto",
-                 expanded: bool = False, **predict_kwargs):
+                 expanded: bool = False, ramp: bool = False, **predict_kwargs):
         if not _is_int(warmup) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
         if refresh_steps is None:
@@ -77,12 +86,17 @@ class MaskCache:
             if any(s < warmup for s in steps):
                 raise ValueError(f"refresh_steps {steps} include warm-up steps (< {warmup})")
             self.refresh_steps = frozenset(steps)
+        if not isinstance(ramp, bool):
+            raise TypeError(f"ramp must be a bool, got {ramp!r}")
+        if ramp and refresh_steps is not None:
+            raise ValueError("ramp spaces the refreshes of refresh_every; refresh_steps lists them all: give one")
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         if expanded and storage != "auto":
             raise ValueError(f"expanded=True keeps masks as given; it cannot be combined with storage={storage!r}")
         self.warmup = warmup
         self.refresh_every = refresh_every
+        self.ramp = ramp
         self.storage = storage
         self.expanded = bool(expanded)
         self.predict_kwargs = predict_kwargs
@@ -102,7 +116,7 @@ class MaskCache:
             return "refresh"
         if self.refresh_steps is not None:
             return "refresh" if step in self.refresh_steps else "reuse"
-        return "refresh" if (step - self.warmup) % self.refresh_every == 0 else "reuse"
+        return "refresh" if refreshes_on(step - self.warmup, self.refresh_every, self.ramp) else "reuse"
 
     # ---- storage ----
     def put(self, layer, mask: SliceMask, step: int = 0) -> None:

@@ -836,30 +836,36 @@ def test_config_validation(kwargs, error):
 def test_config_defaults_start_exact_after_warmup_steps():
     """With dense warm-up steps the defaults make the first mask the warm-up's exact one, refresh
     it sparsely (keeping its keys as candidates) every 20 sparse steps; without, the first mask
-    is predicted and refreshes search around it (no prediction) every 10; where sparse
-    refreshes cannot work, masks are predicted every 5 sparse steps."""
+    is predicted and refreshes search around it (no prediction) on sparse steps 1, 2, 4, 8, 16
+    and then every 32 (the ramp); where sparse refreshes cannot work, masks are predicted every 5
+    sparse steps."""
     def resolved(**kwargs):
         config = fd.SparseAttentionConfig(**kwargs)
         return (config.mask_from_warmup, config.sparse_refresh, config.local_search, config.predict_on_refresh,
-                config.refresh_every)
+                config.refresh_every, config.refresh_ramp)
 
-    exact_start, search, predicted = (True, True, False, True, 20), (False, True, True, False, 10), \
-        (False, False, False, True, 5)
+    exact_start, search, predicted = (True, True, False, True, 20, False), (False, True, True, False, 32, True), \
+        (False, False, False, True, 5, False)
     assert resolved() == search
     assert resolved(predictor="tau", tau=0.9) == search
     assert resolved(dense_steps=5) == exact_start
     warm = fd.SparseAttentionConfig(dense_steps=5)
     assert [s for s in range(50) if warm.is_refresh_step(s)] == [25, 45]
-    assert [s for s in range(50) if fd.SparseAttentionConfig().is_refresh_step(s)] == [0, 10, 20, 30, 40]
+    assert [s for s in range(50) if fd.SparseAttentionConfig().is_refresh_step(s)] == [0, 1, 2, 4, 8, 16, 32]
     assert resolved(dense_steps=5, predictor="tau", tau=0.9) == exact_start
-    assert resolved(dense_steps=5, refresh_every=5) == (True, True, False, True, 5)
+    assert resolved(dense_steps=5, refresh_every=5) == (True, True, False, True, 5, False)
     assert resolved(dense_steps=5, mask_from_warmup=False) == search
-    assert resolved(dense_steps=5, sparse_refresh=False) == (True, False, False, True, 5)  # predicted refreshes
+    assert resolved(dense_steps=5, sparse_refresh=False) == (True, False, False, True, 5, False)  # predicted refreshes
     assert resolved(sparse_refresh=False) == predicted
-    assert resolved(local_search=False) == (False, True, False, True, 5)  # sparse refreshes with the predictor's keys
+    assert resolved(local_search=False) == (False, True, False, True, 5, False)  # with the predictor's keys
     assert resolved(local_search=True) == resolved(sparse_refresh=True, local_search=True) == search
-    assert resolved(predict_on_refresh=True) == (False, True, True, True, 5)
-    assert resolved(dense_steps=5, local_search=True) == (True, True, True, True, 20)
+    assert resolved(predict_on_refresh=True) == (False, True, True, True, 5, False)
+    assert resolved(dense_steps=5, local_search=True) == (True, True, True, True, 20, False)
+    # An explicit interval or list of steps is taken as given; the ramp can be asked for.
+    assert resolved(refresh_every=10) == (False, True, True, False, 10, False)
+    assert fd.SparseAttentionConfig(refresh_steps=(3, 9)).refresh_ramp is False
+    ramped = fd.SparseAttentionConfig(refresh_every=10, refresh_ramp=True, sparse_refresh=False)
+    assert [s for s in range(30) if ramped.is_refresh_step(s)] == [0, 1, 2, 4, 8, 10, 20]
     for kwargs in (dict(calibrate_pooling=True), dict(predictor="colmax"), dict(predictor=lambda q, k, slice_m: None),
                    dict(process_group=object()), dict(find_diagonals=2)):
         assert resolved(**kwargs) == predicted, kwargs
@@ -926,6 +932,8 @@ def test_config_schedule():
      r"a callable predictor has none"),
     (dict(mask_from_warmup=True, dense_steps=1, process_group=object()), ValueError,
      r"mask_from_warmup needs each layer's full-sequence LSE"),
+    (dict(refresh_ramp=1), TypeError, r"refresh_ramp must be a bool"),
+    (dict(refresh_ramp=True, refresh_steps=(2, 5)), ValueError, r"refresh_steps lists every refresh step"),
     (dict(refresh_on_drift=0.0), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
     (dict(refresh_on_drift=2.5), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
     (dict(refresh_on_drift=True), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),

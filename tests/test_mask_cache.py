@@ -31,6 +31,25 @@ def test_every_r_schedule(warmup, every, step):
     assert cache.action(step, "other") == ("dense" if step < warmup else "refresh")
 
 
+@given(st.integers(0, 5), st.integers(1, 40), st.integers(0, 200))
+@settings(max_examples=80, deadline=None)
+def test_ramp_adds_the_powers_of_two_below_the_interval(warmup, every, step):
+    ramped, plain = MaskCache(warmup=warmup, refresh_every=every, ramp=True), MaskCache(warmup=warmup, refresh_every=every)
+    sparse_step = step - warmup
+    early = 0 < sparse_step < every and sparse_step in {2**i for i in range(8)}
+    expected = "refresh" if early else plain.action(step)
+    assert ramped.action(step) == expected
+
+
+def test_ramp_schedule():
+    cache = MaskCache(warmup=1, refresh_every=16, ramp=True)
+    assert [s for s in range(60) if cache.action(s) == "refresh"] == [1, 2, 3, 5, 9, 17, 33, 49]
+    with pytest.raises(ValueError, match=r"ramp spaces the refreshes of refresh_every"):
+        MaskCache(refresh_steps=[3], ramp=True)
+    with pytest.raises(TypeError, match=r"ramp must be a bool"):
+        MaskCache(refresh_every=4, ramp=1)
+
+
 def test_explicit_refresh_steps():
     cache = MaskCache(warmup=2, refresh_steps=[2, 3, 10])
     assert [cache.action(s) for s in range(12)] == (

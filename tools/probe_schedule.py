@@ -16,6 +16,8 @@ first) as SparseAttentionConfig would make it:
     sparse /N          sparse_refresh=True: exact column max over the old mask's and the predictor's keys
     search /N          + local_search=True, predict_on_refresh=False: the old keys and their moves
                        by a token, a row or a frame of the grid (one kind a refresh, in turn)
+    search ramp /N     the same, also refreshing on sparse steps 1, 2, 4, ... below N (MaskCache's ramp)
+    search 1,3,...     the same, refreshing on the sparse steps listed
     warm-up ...        mask_from_warmup=True: the first mask is the exact column max of the last
                        dense step; "warm-up, reused" never refreshes; "warm-up + sparse /20" is
                        SparseAttentionConfig(dense_steps=5)'s default
@@ -34,6 +36,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from fgcupy import predict_mask
+from fgcupy.cache import refreshes_on
 from fgcupy.head_families import FAMILIES, family_qkv
 from fgcupy.local_search import refresh_topk, search_offsets, union_keys
 from fgcupy.oracle import Judge
@@ -54,6 +57,13 @@ class Schedule:
     first: str
     refresh: str | None
     every: int = 5
+    ramp: bool = False  # also refresh on the powers of two below ``every`` (MaskCache's ramp)
+    steps: tuple[int, ...] | None = None  # refresh on these sparse steps instead
+
+    def refreshes_on(self, sparse_step: int) -> bool:
+        if self.refresh is None or sparse_step == 0:
+            return False
+        return sparse_step in self.steps if self.steps is not None else refreshes_on(sparse_step, self.every, self.ramp)
 
 
 SCHEDULES = {
@@ -63,6 +73,10 @@ SCHEDULES = {
     "sparse /20": Schedule("predict", "sparse", 20),
     "search /5": Schedule("predict", "search"),
     "search /10": Schedule("predict", "search", 10),
+    "search ramp /16": Schedule("predict", "search", 16, ramp=True),
+    "search ramp /32": Schedule("predict", "search", 32, ramp=True),
+    "search 1,3,7,15,31": Schedule("predict", "search", steps=(1, 3, 7, 15, 31)),
+    "search 1,4,12,28": Schedule("predict", "search", steps=(1, 4, 12, 28)),
     "warm-up, reused": Schedule("warm-up", None),
     "warm-up + default": Schedule("warm-up", "predict"),
     "warm-up + sparse /5": Schedule("warm-up", "sparse"),
@@ -84,7 +98,7 @@ class Run:
         plan = self.schedule
         if sparse_step == 0:
             self.mask = warmup_mask if plan.first == "warm-up" else self._predict(q, k)
-        elif plan.refresh is not None and sparse_step % plan.every == 0:
+        elif plan.refreshes_on(sparse_step):
             if plan.refresh == "predict":
                 self.mask = self._predict(q, k)
                 return

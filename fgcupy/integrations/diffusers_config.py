@@ -25,9 +25,10 @@ DEFAULT_REFRESH_EVERY = 5
 #: refresh costs about twice a prediction, and with the warm-up's column max two of them in a
 #: 50-step schedule keep the mask cost per step under 2 % of dense attention (README "End to end").
 WARMUP_REFRESH_EVERY = 20
-#: refresh_every where the first mask is predicted and refreshes search around the old mask: four
-#: of them in 50 sparse steps cost about what nine predictions do (README "End to end").
-SEARCH_REFRESH_EVERY = 10
+#: refresh_every where the first mask is predicted and refreshes search around the old mask, with
+#: the ramp (refreshes on sparse steps 1, 2, 4, 8, 16, then every 32): each search moves the
+#: mask closer to the exact one, so the early ones buy the most (README "Over a whole schedule").
+SEARCH_REFRESH_EVERY = 32
 #: predict_mask options that shape the selection (and so apply to an exact column-max mask too).
 _SELECTION_OPTIONS = ("top_k", "min_keys", "max_keys", "local")
 
@@ -62,8 +63,12 @@ class SparseAttentionConfig:
         None: 20 with the warm-up's exact mask and sparse refreshes (each costs about two
         predictions; over a 50-step schedule with 5 dense steps the mask cost stays under 2 % of
         dense attention per step, README "End to end"), 10 with a predicted first mask and
-        searching refreshes (the default without dense steps: about the cost of predicting every
-        5), else 5.
+        searching refreshes (the default without dense steps, with ``refresh_ramp``), else 5.
+    refresh_ramp: with refresh_every, also refresh on sparse steps 1, 2, 4, ... below it (with
+        32, the default where it is on: sparse steps 1, 2, 4, 8, 16, 32, 64, ...). Where each refresh improves the mask (a
+        local search walking a predicted mask towards the exact one) the first steps gain the
+        most. None (the default): on where refreshes search from a predicted first mask and
+        neither refresh_every nor refresh_steps is given, else off.
     calibrate_pooling: with predictor "topk", a layer's first refresh picks per head the pooling
         ("mean" or "both") whose mask holds the most probability of 16 sampled queries per
         query block (``fgcupy.calibration``, exact softmax rows of those queries: no dense
@@ -146,6 +151,7 @@ class SparseAttentionConfig:
     dense_layers: tuple[int, ...] = ()
     refresh_every: int | None = None
     refresh_steps: tuple[int, ...] | None = None
+    refresh_ramp: bool | None = None
     refresh_on_drift: float | None = None
     mask_from_warmup: bool | None = None
     sparse_refresh: bool | None = None
@@ -193,6 +199,11 @@ class SparseAttentionConfig:
         self._resolve_schedule_defaults()
         if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
             raise ValueError(f"refresh_every must be an int >= 1, got {self.refresh_every!r}")
+        if not isinstance(self.refresh_ramp, bool):
+            raise TypeError(f"refresh_ramp must be a bool, got {self.refresh_ramp!r}")
+        if self.refresh_ramp and self.refresh_steps is not None:
+            raise ValueError("refresh_ramp spaces the refreshes of refresh_every; refresh_steps lists every refresh "
+                             "step: give one of them")
         if self.calibrate_pooling:
             if self.predictor != "topk":
                 raise ValueError(f"calibrate_pooling compares masks of equal size: predictor='topk' only, "
@@ -247,8 +258,8 @@ class SparseAttentionConfig:
         no process_group, no calibrate_pooling): with dense warm-up steps the first mask is the
         warm-up's exact one and refreshes keep its keys as candidates, every 20 sparse steps;
         without (and without find_diagonals), the first mask is predicted and refreshes search
-        around the old mask (its keys moved along the token grid, no prediction), every 10.
-        Elsewhere masks are predicted every 5 sparse steps."""
+        around the old mask (its keys moved along the token grid, no prediction) on sparse steps
+        1, 2, 4, 8, 16, then every 32. Elsewhere masks are predicted every 5 sparse steps."""
         mean_query = isinstance(self.predictor, str) and self.predictor in _METHOD_PARAMETER
         sparse_possible = mean_query and self.process_group is None and not self.calibrate_pooling
         if self.mask_from_warmup is None:
@@ -260,9 +271,12 @@ class SparseAttentionConfig:
             object.__setattr__(self, "sparse_refresh", search_start or (self.mask_from_warmup is True and mean_query))
         if self.local_search is None:
             object.__setattr__(self, "local_search", self.sparse_refresh is True and search_start)
+        searching = self.local_search is True and self.sparse_refresh is True and self.mask_from_warmup is not True
         if self.predict_on_refresh is None:  # a search from a predicted mask needs no prediction
-            searching = self.local_search is True and self.sparse_refresh is True and self.mask_from_warmup is not True
             object.__setattr__(self, "predict_on_refresh", not searching)
+        # Searches improve the mask refresh by refresh: the default interval starts with a ramp.
+        ramp_by_default = searching and self.predict_on_refresh is False and self.refresh_every is None \
+            and self.refresh_steps is None
         if self.refresh_every is None:
             if self.mask_from_warmup is True and self.sparse_refresh is True:
                 every = WARMUP_REFRESH_EVERY
@@ -271,6 +285,8 @@ class SparseAttentionConfig:
             else:
                 every = DEFAULT_REFRESH_EVERY
             object.__setattr__(self, "refresh_every", every)
+        if self.refresh_ramp is None:
+            object.__setattr__(self, "refresh_ramp", ramp_by_default)
 
     def mask_making(self) -> str:
         """How this schedule makes masks, in words (the first line of ``handle.describe()``)."""
@@ -372,7 +388,7 @@ class SparseAttentionConfig:
         if steps is not None:
             steps = [s for s in steps if s >= self.dense_steps]
         return MaskCache(warmup=self.dense_steps, refresh_every=self.refresh_every, refresh_steps=steps,
-                         expanded=True)
+                         ramp=self.refresh_ramp, expanded=True)
 
     def is_dense_step(self, step: int) -> bool:
         return self.mask_cache().action(step) == "dense"
