@@ -1,9 +1,11 @@
 """What a refresh adds to a Wan-14B-sized diffusers block: the kernels of reused-mask calls and
-of refresh calls (predict + plan + run) through the diffusers integration, top-k density 0.1,
-random weights (GPU, diffusers installed; torch.profiler, three calls of each), then per kernel
-the GPU time a refresh call adds over a reuse call:
+of refresh calls through the diffusers integration, top-k density 0.1, random weights (GPU,
+diffusers installed; torch.profiler, three calls of each), then per kernel the GPU time a
+refresh call adds over a reuse call. Refreshes as SparseAttentionConfig's default makes them
+without dense steps (a sparse call, a local search, the column max over its candidates), or
+with ``--predicted`` as the predicted schedule does (predict + plan + run):
 
-    PYTHONPATH=. python -m tools.profile_refresh_block [32760 | 75600]
+    PYTHONPATH=. python -m tools.profile_refresh_block [32760 | 75600] [--predicted]
 """
 
 import argparse
@@ -27,12 +29,12 @@ def kernel_times(prof) -> tuple:
     return times, launches
 
 
-def block_caller(model, run_block, every: int):
-    """fgcupy applied to ``model`` (top-k 0.1, the predicted schedule: each refresh predicts) and
-    a call of its block that refreshes the mask every ``every`` steps (1: every call; a huge
-    value: the mask of the first call reused)."""
-    handle = fd.apply(model, fd.SparseAttentionConfig(refresh_every=every, predictor="topk", density=0.1,
-                                                      sparse_refresh=False))
+def block_caller(model, run_block, every: int, predicted: bool = True):
+    """fgcupy applied to ``model`` (top-k 0.1; refreshes predict with ``predicted``, else search
+    around the old mask) and a call of its block that refreshes the mask every ``every`` steps
+    (1: every call; a huge value: the mask of the first call reused)."""
+    schedule = dict(sparse_refresh=False) if predicted else {}
+    handle = fd.apply(model, fd.SparseAttentionConfig(refresh_every=every, predictor="topk", density=0.1, **schedule))
     steps = iter(range(10**9))
 
     def call():
@@ -42,22 +44,24 @@ def block_caller(model, run_block, every: int):
     return call
 
 
-def sequence_length(prog: str, doc: str, argv=None) -> int:
-    """The one optional argument of the refresh profiles: the block's tokens."""
+def profile_arguments(prog: str, doc: str, argv=None) -> argparse.Namespace:
+    """The refresh profiles' arguments: the block's tokens, and which schedule's refreshes."""
     parser = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("seq", nargs="?", type=int, default=32_760,
                         help="tokens of the block's sequence (default 32760)")
-    return parser.parse_args(argv).seq
+    parser.add_argument("--predicted", action="store_true",
+                        help="refreshes predict anew (sparse_refresh=False) instead of searching")
+    return parser.parse_args(argv)
 
 
 def main(argv=None) -> None:
-    seq = sequence_length("python -m tools.profile_refresh_block", __doc__, argv)
+    args = profile_arguments("python -m tools.profile_refresh_block", __doc__, argv)
     model = build_wan(1)
-    run_block = block_call(model, seq)
-    print(torch.cuda.get_device_name(), "| tokens", seq)
+    run_block = block_call(model, args.seq)
+    print(torch.cuda.get_device_name(), "| tokens", args.seq, "| refreshes", "predict" if args.predicted else "search")
     measured = {}
     for name, every in (("reuse", 10**9), ("refresh", 1)):
-        call = block_caller(model, run_block, every)
+        call = block_caller(model, run_block, every, args.predicted)
         for _ in range(CALLS):
             call()
         torch.cuda.synchronize()

@@ -3,7 +3,10 @@ idle gaps on the GPU timeline and host calls that block (torch.profiler, one cal
 warm-up, top-k density 0.1, random weights), then each kernel's time in the two calls, largest
 differences first.
 
-    PYTHONPATH=. python -m tools.profile_refresh_gaps [32760 | 75600]     (GPU, diffusers installed)
+    PYTHONPATH=. python -m tools.profile_refresh_gaps [32760 | 75600] [--predicted]   (GPU, diffusers)
+
+Refreshes as SparseAttentionConfig's default makes them without dense steps, or with
+``--predicted`` each predicting anew.
 """
 
 import json
@@ -14,15 +17,15 @@ from torch.profiler import ProfilerActivity, profile
 
 import fgcupy.integrations.diffusers as fd
 from bench.bench_e2e import block_call, build_wan
-from tools.profile_refresh_block import block_caller, sequence_length
+from tools.profile_refresh_block import block_caller, profile_arguments
 
 GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 BLOCKING = ("Synchronize", "Malloc", "Free", "Memcpy", "HostAlloc")
 
 
-def timeline(run_block, model, every: int) -> list:
+def timeline(run_block, model, every: int, predicted: bool) -> list:
     """GPU events (chrome-trace dicts, in start order) and blocking host calls of one block call."""
-    call = block_caller(model, run_block, every)
+    call = block_caller(model, run_block, every, predicted)
     for _ in range(3):
         call()
     torch.cuda.synchronize()
@@ -52,13 +55,13 @@ def report(name: str, gpu: list, blocking: list) -> None:
 
 
 def main(argv=None) -> None:
-    seq = sequence_length("python -m tools.profile_refresh_gaps", __doc__, argv)
+    args = profile_arguments("python -m tools.profile_refresh_gaps", __doc__, argv)
     model = build_wan(1)
-    run_block = block_call(model, seq)
-    print(torch.cuda.get_device_name(), "| tokens", seq)
+    run_block = block_call(model, args.seq)
+    print(torch.cuda.get_device_name(), "| tokens", args.seq, "| refreshes", "predict" if args.predicted else "search")
     per_kernel = {}
     for name, every in (("reuse", 10**9), ("refresh", 1)):
-        gpu, blocking = timeline(run_block, model, every)
+        gpu, blocking = timeline(run_block, model, every, args.predicted)
         report(name, gpu, blocking)
         totals = {}
         for e in gpu:
