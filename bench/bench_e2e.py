@@ -11,7 +11,7 @@
    second way, as the median over back-to-back pairs of a refresh call and a reuse call. The
    schedule is SparseAttentionConfig's default for ``--dense-steps`` (with warm-up steps: the
    warm-up's exact mask, sparse refreshes every 20; without: a predicted mask, searching
-   refreshes every 10) unless the flags say otherwise.
+   refreshes on sparse steps 1, 2, 4, 8, 16, then every 32) unless the flags say otherwise.
 2. A ``--model-layers``-deep WanTransformer3DModel of the same width over ``--model-steps``
    Euler steps of a flow-matching-like loop, dense then sparse from the same start: time per
    forward and the PSNR of each step's output against the dense run. Random weights attend almost

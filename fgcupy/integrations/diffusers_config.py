@@ -111,8 +111,9 @@ class SparseAttentionConfig:
         by a few tokens, which the cheap predictor cannot see where a query block's queries look
         at different places. Every candidate is scored once (``union_keys``). None (the
         default): on where sparse refreshes start from a predicted mask (no warm-up exact mask):
-        over 50 sparse steps of the head families its masks had 0.99-1.82x the oracle's error
-        where masks predicted every 5 steps had 0.89-3.61x (README "Over a whole schedule").
+        over 50 sparse steps of the head families its masks (searching on the ramp below) had
+        1.01-1.40x the oracle's error where masks predicted every 5 steps had 0.89-3.61x (README
+        "Over a whole schedule").
     predict_on_refresh: with local_search, False leaves the predictor out of sparse refreshes: the
         candidates are the old mask's keys and their moved copies only, which saves the
         prediction (about 7 % of a dense attention call on an H200) and on the head families
