@@ -9,9 +9,10 @@
    the time per block averaged over a ``--steps`` schedule (dense warm-up steps run stock, refresh
    steps pay the prediction), with the speedup over stock; and what a refresh adds measured a
    second way, as the median over back-to-back pairs of a refresh call and a reuse call. The
-   schedule is SparseAttentionConfig's default for ``--dense-steps`` (with warm-up steps: the
-   warm-up's exact mask, sparse refreshes every 20; without: a predicted mask, searching
-   refreshes on sparse steps 1, 2, 4, 8, 16, then every 32) unless the flags say otherwise.
+   schedule is SparseAttentionConfig's default (one dense step, or ``--dense-steps``; with warm-up
+   steps: the warm-up's exact mask, sparse refreshes every 20; without: a predicted mask,
+   searching refreshes on sparse steps 1, 2, 4, 8, 16, then every 32) unless the flags say
+   otherwise.
 2. A ``--model-layers``-deep WanTransformer3DModel of the same width over ``--model-steps``
    Euler steps of a flow-matching-like loop, dense then sparse from the same start: time per
    forward and the PSNR of each step's output against the dense run. Random weights attend almost
@@ -123,7 +124,7 @@ def paired_refresh_overhead_ms(model, run_block, args, predictor: dict) -> float
     clocks, which move between two separately timed medians, cancel: a refresh adds about 4 ms
     to a 50 ms block call at 32,760 tokens, and the difference of the medians scatters by about
     a tenth of that from run to run. Which calls refreshed is read from the layer's count."""
-    handle = fd.apply(model, fd.SparseAttentionConfig(slice_m=args.slice_m, refresh_every=2, **predictor))
+    handle = fd.apply(model, fd.SparseAttentionConfig(slice_m=args.slice_m, dense_steps=0, refresh_every=2, **predictor))
     calls = []  # (ms, refreshed)
     for step in range(2 * (args.warmup + args.reps) + 4):
         handle.set_step(step)
@@ -153,7 +154,7 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
     stock_attn = cuda_time_ms(lambda: dispatch_attention_fn(q, k, v), **reps)["median_ms"]
 
     # Reused mask: the first call predicts, later calls of later steps reuse.
-    reuse_cfg = fd.SparseAttentionConfig(slice_m=args.slice_m, refresh_every=10**9, **predictor)
+    reuse_cfg = fd.SparseAttentionConfig(slice_m=args.slice_m, dense_steps=0, refresh_every=10**9, **predictor)
     handle = fd.apply(model, reuse_cfg)
     started = time.perf_counter()
     run_block()
@@ -166,7 +167,7 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
     sparse_attn = cuda_time_ms(lambda: plan.run(q, k, v, layout="NHD"), **reps)["median_ms"]
 
     # Every call a refresh step: prediction + plan + run.
-    handle = fd.apply(model, fd.SparseAttentionConfig(slice_m=args.slice_m, refresh_every=1, **predictor))
+    handle = fd.apply(model, fd.SparseAttentionConfig(slice_m=args.slice_m, dense_steps=0, refresh_every=1, **predictor))
     steps = iter(range(10**9))
 
     def refresh_block():
@@ -311,7 +312,7 @@ def main(argv=None):
                              "moved copies only); without it, SparseAttentionConfig's default")
     parser.add_argument("--slice-m", type=int, default=128)
     parser.add_argument("--steps", type=int, default=50, help="schedule length the refresh cost is spread over")
-    parser.add_argument("--dense-steps", type=int, default=5)
+    parser.add_argument("--dense-steps", type=int, default=None, help="default: SparseAttentionConfig's")
     parser.add_argument("--refresh-every", type=int, default=None, help="default: SparseAttentionConfig's")
     parser.add_argument("--refresh-ramp", action=argparse.BooleanOptionalAction, default=None,
                         help="also refresh on sparse steps 1, 2, 4, ... below the interval (default: "
@@ -347,7 +348,7 @@ def main(argv=None):
     except ValueError as error:
         parser.error(str(error))
     args.mask_from_warmup, args.refresh_every = schedule.mask_from_warmup, schedule.refresh_every
-    args.refresh_ramp = schedule.refresh_ramp
+    args.refresh_ramp, args.dense_steps = schedule.refresh_ramp, schedule.dense_steps
     refresh = {key: getattr(schedule, key) for key in ("sparse_refresh", "local_search", "predict_on_refresh")}
     predictor = dict(predictor, **refresh)  # the block's refresh calls are timed as the schedule makes them
     name += ((", sparse refresh" if schedule.sparse_refresh else "") + (" + local search" if schedule.local_search else "")

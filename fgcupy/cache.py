@@ -6,8 +6,8 @@ prediction can serve several steps. :class:`MaskCache` keeps one mask per layer:
 * steps ``< warmup`` are "dense" (no mask: run full attention, perhaps to get the LSE for a
   column-max prediction);
 * "refresh" steps predict a new mask: every ``refresh_every`` steps from the end of the
-  warm-up (with ``ramp``, also 1, 2, 4, ... steps after it while those gaps are shorter:
-  a mask that each refresh improves gets its first refreshes early), or exactly the steps
+  warm-up (with ``ramp``, also 1, 2, 4, ... steps after it, the powers of two below
+  ``refresh_every``: a mask that each refresh improves gets its first refreshes early), or exactly the steps
   listed in ``refresh_steps`` (a layer with nothing cached refreshes whatever the schedule says);
 * the steps in between "reuse" the layer's mask.
 
@@ -225,6 +225,9 @@ class MaskCache:
             schedule = f"{dense}, refresh at {sorted(self.refresh_steps)}"
         else:
             schedule = f"{dense}, refresh every {self.refresh_every} steps from step {self.warmup}"
+            if self.ramp:
+                early = [self.warmup + s for s in range(1, self.refresh_every) if refreshes_on(s, self.refresh_every, True)]
+                schedule += f", and on steps {early} (ramp)"
         lines = [f"MaskCache: {len(self._entries)} layers, {self.memory_bytes() / 2**20:.2f} MiB; {schedule}; "
                  f"{self.predictions} predictions, {self.reuses} reuses"]
         for layer, e in self._entries.items():

@@ -34,8 +34,9 @@ from .tiny_diffusers import (  # noqa: E402
 
 
 def cpu_config(**overrides):
-    """A config that runs on CPU: the exact reference stands in for the kernel."""
-    base = dict(predictor=full_predictor, attention_fn=reference_attention_fn)
+    """A config that runs on CPU: the exact reference stands in for the kernel. No dense warm-up
+    step unless asked for (the tests of the warm-up schedule ask)."""
+    base = dict(predictor=full_predictor, attention_fn=reference_attention_fn, dense_steps=0)
     base.update(overrides)
     return fd.SparseAttentionConfig(**base)
 
@@ -224,6 +225,27 @@ def test_cogvideox_positional_timestep_and_grid():
     assert handle.step == 2 and handle.grid == (3, 8, 8)
     assert handle.stats()["transformer_blocks.0.attn1"].refresh_steps == [0, 1, 2]
     assert fd.token_grid(model.config, inputs[0], frames_first=True) == (3, 8, 8)
+
+
+def test_default_schedules_through_apply():
+    """The defaults as a pipeline meets them: one dense step whose exact mask serves the sparse
+    steps until the refresh 20 sparse steps on; with dense_steps=0, a predicted first mask and
+    searching refreshes on the ramp (sparse steps 1, 2, 4, 8, ...)."""
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    handle = fd.apply(model, cpu_config(predictor="topk", density=0.3, slice_m=64, dense_steps=None))
+    for step in range(23):
+        run_wan(model, latents, text, t=1000 - step)
+    stats = handle.stats()["blocks.0.attn1"]
+    assert (stats.dense_calls, stats.sparse_calls) == (1, 22)
+    assert stats.refresh_steps == [0, 21]  # the warm-up's mask, then the first sparse refresh
+    handle = fd.apply(model, cpu_config(predictor="topk", density=0.3, slice_m=64))
+    for step in range(10):
+        run_wan(model, latents, text, t=1000 - step)
+    stats = handle.stats()["blocks.0.attn1"]
+    assert (stats.dense_calls, stats.sparse_calls) == (0, 10)
+    assert stats.refresh_steps == [0, 1, 2, 4, 8]
+    assert handle.layers["blocks.0.attn1"].slots[0].searches == 4
 
 
 def test_wan_sparse_mask_equals_stock_with_the_same_dense_mask():
@@ -445,7 +467,7 @@ def test_sparse_refresh_attends_through_the_old_mask_and_keeps_the_exact_one_ove
     model = tiny_wan(layers=1)
     latents, text = wan_inputs()
     seen = []
-    schedule = dict(dense_steps=1, mask_from_warmup=True) if warmup else {}
+    schedule = dict(dense_steps=1, mask_from_warmup=True) if warmup else dict(dense_steps=0)
     handle = fd.apply(model, fd.SparseAttentionConfig(density=0.25, slice_m=64, refresh_every=2, sparse_refresh=True,
                                                       local_search=False, attention_fn=_recording(seen), **schedule))
     first = 1 if warmup else 0
@@ -476,7 +498,8 @@ def test_local_search_scores_the_old_keys_moved_along_the_grid(grid, predicts):
     model = tiny_wan(layers=1)
     latents, text = wan_inputs(frames=3, size=16)
     seen = []
-    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.2, slice_m=64, refresh_every=1, sparse_refresh=True,
+    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.2, slice_m=64, dense_steps=0, refresh_every=1,
+                                                      sparse_refresh=True,
                                                       local_search=True, grid=grid, predict_on_refresh=predicts,
                                                       attention_fn=_recording(seen)))
     predictions = []
@@ -501,7 +524,7 @@ def test_local_search_scores_the_old_keys_moved_along_the_grid(grid, predicts):
 def test_local_search_refuses_a_grid_larger_than_the_sequence():
     model = tiny_wan(layers=1)
     latents, text = wan_inputs(frames=3, size=16)  # 3 x 8 x 8 = 192 tokens
-    fd.apply(model, fd.SparseAttentionConfig(density=0.2, slice_m=64, refresh_every=1, sparse_refresh=True,
+    fd.apply(model, fd.SparseAttentionConfig(density=0.2, slice_m=64, dense_steps=0, refresh_every=1, sparse_refresh=True,
                                              local_search=True, grid=(3, 8, 9), attention_fn=reference_attention_fn))
     run_wan(model, latents, text, t=1000)  # the first mask: no search yet
     with pytest.raises(ValueError, match=r"grid \(3, 8, 9\) holds 216 tokens, more than layer blocks.0.attn1's 192"):
@@ -523,7 +546,8 @@ def test_sparse_refresh_with_text_padding_and_guidance_branches(share_branches, 
     sharing the first's."""
     model = tiny_hunyuan()
     inputs = hunyuan_inputs(valid_text=9)
-    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.5, slice_m=64, refresh_every=1, sparse_refresh=True,
+    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.5, slice_m=64, dense_steps=0, refresh_every=1,
+                                                      sparse_refresh=True,
                                                       share_branches=share_branches, local_search=local_search,
                                                       attention_fn=reference_attention_fn))
     for step in range(3):
@@ -558,7 +582,8 @@ def test_calibrated_schedule_chooses_poolings_once_per_layer():
     model = tiny_wan(layers=1)
     latents, text = wan_inputs()
     seen = []
-    handle = fd.apply(model, fd.SparseAttentionConfig(predictor="topk", density=0.3, slice_m=64, refresh_every=2,
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor="topk", density=0.3, slice_m=64, dense_steps=0,
+                                                      refresh_every=2,
                                                       calibrate_pooling=True, attention_fn=_recording(seen)))
     for step in range(4):
         run_wan(model, latents, text, t=1000 - 100 * step)
@@ -588,7 +613,8 @@ def test_found_diagonals_are_scored_on_every_refresh_of_their_layer(monkeypatch)
     model = tiny_wan(layers=1)
     latents, text = wan_inputs()
     seen = []
-    handle = fd.apply(model, fd.SparseAttentionConfig(predictor="topk", density=0.3, slice_m=64, refresh_every=2,
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor="topk", density=0.3, slice_m=64, dense_steps=0,
+                                                      refresh_every=2,
                                                       find_diagonals=3, attention_fn=_recording(seen)))
     for step in range(4):
         run_wan(model, latents, text, t=1000 - 100 * step)
@@ -610,7 +636,8 @@ def test_calibration_is_kept_across_generations_until_asked_again():
     reset(recalibrate=True) chooses again, and a new input shape does too."""
     model = tiny_wan(layers=1)
     latents, text = wan_inputs()
-    handle = fd.apply(model, fd.SparseAttentionConfig(predictor="topk", density=0.3, slice_m=64, refresh_every=2,
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor="topk", density=0.3, slice_m=64, dense_steps=0,
+                                                      refresh_every=2,
                                                       calibrate_pooling=True, attention_fn=reference_attention_fn))
     layer = handle.layers["blocks.0.attn1"]
 
@@ -834,49 +861,57 @@ def test_config_validation(kwargs, error):
 
 
 def test_config_defaults_start_exact_after_warmup_steps():
-    """With dense warm-up steps the defaults make the first mask the warm-up's exact one, refresh
-    it sparsely (keeping its keys as candidates) every 20 sparse steps; without, the first mask
-    is predicted and refreshes search around it (no prediction) on sparse steps 1, 2, 4, 8, 16
-    and then every 32 (the ramp); where sparse refreshes cannot work, masks are predicted every 5
-    sparse steps."""
+    """By default one dense step makes the first mask exact (the warm-up's column max) and sparse
+    refreshes keep its keys as candidates every 20 sparse steps; with dense_steps=0 the first
+    mask is predicted and refreshes search around it (no prediction) on sparse steps 1, 2, 4, 8,
+    16 and then every 32 (the ramp); where sparse refreshes cannot work, nothing runs dense and
+    masks are predicted every 5 sparse steps."""
     def resolved(**kwargs):
         config = fd.SparseAttentionConfig(**kwargs)
-        return (config.mask_from_warmup, config.sparse_refresh, config.local_search, config.predict_on_refresh,
-                config.refresh_every, config.refresh_ramp)
+        return (config.dense_steps, config.mask_from_warmup, config.sparse_refresh, config.local_search,
+                config.predict_on_refresh, config.refresh_every, config.refresh_ramp)
 
-    exact_start, search, predicted = (True, True, False, True, 20, False), (False, True, True, False, 32, True), \
-        (False, False, False, True, 5, False)
-    assert resolved() == search
-    assert resolved(predictor="tau", tau=0.9) == search
-    assert resolved(dense_steps=5) == exact_start
+    exact_start, search, predicted = (1, True, True, False, True, 20, False), (0, False, True, True, False, 32, True), \
+        (0, False, False, False, True, 5, False)
+    assert resolved() == exact_start
+    assert resolved(predictor="tau", tau=0.9) == exact_start
+    assert resolved(dense_steps=0) == resolved(mask_from_warmup=False) == search
+    assert resolved(dense_steps=0, predictor="tau", tau=0.9) == search
+    assert resolved(dense_steps=5) == (5,) + exact_start[1:]
+    assert [s for s in range(50) if fd.SparseAttentionConfig().is_refresh_step(s)] == [21, 41]
     warm = fd.SparseAttentionConfig(dense_steps=5)
     assert [s for s in range(50) if warm.is_refresh_step(s)] == [25, 45]
-    assert [s for s in range(50) if fd.SparseAttentionConfig().is_refresh_step(s)] == [0, 1, 2, 4, 8, 16, 32]
-    assert resolved(dense_steps=5, predictor="tau", tau=0.9) == exact_start
-    assert resolved(dense_steps=5, refresh_every=5) == (True, True, False, True, 5, False)
-    assert resolved(dense_steps=5, mask_from_warmup=False) == search
-    assert resolved(dense_steps=5, sparse_refresh=False) == (True, False, False, True, 5, False)  # predicted refreshes
-    assert resolved(sparse_refresh=False) == predicted
-    assert resolved(local_search=False) == (False, True, False, True, 5, False)  # with the predictor's keys
-    assert resolved(local_search=True) == resolved(sparse_refresh=True, local_search=True) == search
-    assert resolved(predict_on_refresh=True) == (False, True, True, True, 5, False)
-    assert resolved(dense_steps=5, local_search=True) == (True, True, True, True, 20, False)
-    # An explicit interval or list of steps is taken as given; the ramp can be asked for.
-    assert resolved(refresh_every=10) == (False, True, True, False, 10, False)
-    assert fd.SparseAttentionConfig(refresh_steps=(3, 9)).refresh_ramp is False
-    ramped = fd.SparseAttentionConfig(refresh_every=10, refresh_ramp=True, sparse_refresh=False)
+    searching = fd.SparseAttentionConfig(dense_steps=0)
+    assert [s for s in range(50) if searching.is_refresh_step(s)] == [0, 1, 2, 4, 8, 16, 32]
+    assert resolved(dense_steps=5, refresh_every=5) == (5, True, True, False, True, 5, False)
+    assert resolved(dense_steps=5, mask_from_warmup=False) == (5,) + search[1:]
+    assert resolved(sparse_refresh=False) == (1, True, False, False, True, 5, False)  # predicted refreshes
+    assert resolved(dense_steps=0, sparse_refresh=False) == predicted
+    assert resolved(dense_steps=0, local_search=False) == (0, False, True, False, True, 5, False)  # + predictor's keys
+    assert resolved(dense_steps=0, local_search=True) == search
+    assert resolved(dense_steps=0, predict_on_refresh=True) == (0, False, True, True, True, 5, False)
+    assert resolved(local_search=True) == (1, True, True, True, True, 20, False)
+    # An explicit interval or list of steps is taken as given; the ramp can be asked for or refused.
+    assert resolved(dense_steps=0, refresh_every=10) == (0, False, True, True, False, 10, False)
+    assert resolved(dense_steps=0, refresh_ramp=False) == (0, False, True, True, False, 10, False)
+    assert fd.SparseAttentionConfig(dense_steps=0, refresh_steps=(3, 9)).refresh_ramp is False
+    ramped = fd.SparseAttentionConfig(refresh_every=10, refresh_ramp=True, sparse_refresh=False, dense_steps=0)
     assert [s for s in range(30) if ramped.is_refresh_step(s)] == [0, 1, 2, 4, 8, 10, 20]
+    assert "and on steps [1, 2, 4, 8, 16] (ramp)" in searching.mask_cache().describe()
     for kwargs in (dict(calibrate_pooling=True), dict(predictor="colmax"), dict(predictor=lambda q, k, slice_m: None),
                    dict(process_group=object()), dict(find_diagonals=2)):
-        assert resolved(**kwargs) == predicted, kwargs
-        assert resolved(dense_steps=5, **kwargs)[:3] == (bool(kwargs.get("find_diagonals")),) * 2 + (False,), kwargs
+        diagonals = bool(kwargs.get("find_diagonals"))  # predicting refreshes, after a dense step by default
+        assert resolved(**kwargs) == (exact_start if diagonals else predicted), kwargs
+        assert resolved(dense_steps=0, **kwargs) == predicted, kwargs
+        assert resolved(dense_steps=5, **kwargs)[1:4] == (diagonals,) * 2 + (False,), kwargs
     assert warm.mask_making() == ("masks: first the exact column max of the last warm-up step; refreshes sparse: "
                                   "the exact column max over the old mask's keys, the topk predictor's")
-    assert fd.SparseAttentionConfig().mask_making() == ("masks: first predicted (topk); refreshes sparse: the exact "
+    assert searching.mask_making() == ("masks: first predicted (topk); refreshes sparse: the exact "
                                                         "column max over the old mask's keys, their moves along the "
                                                         "token grid")
-    assert fd.SparseAttentionConfig(sparse_refresh=False).mask_making() == ("masks: first predicted (topk); "
-                                                                            "refreshes predicted (topk)")
+    assert fd.SparseAttentionConfig(dense_steps=0, sparse_refresh=False).mask_making() == (
+        "masks: first predicted (topk); refreshes predicted (topk)")
+    assert fd.SparseAttentionConfig().mask_making() == warm.mask_making()
     assert "dense call" in fd.SparseAttentionConfig(predictor="colmax").mask_making()
 
 
@@ -926,7 +961,7 @@ def test_config_schedule():
     (dict(predictor="colmax", find_diagonals=2), ValueError, r"moves the exact band of the mean-query predictors"),
     (dict(find_diagonals=2, process_group=object()), ValueError, r"find_diagonals needs each layer"),
     (dict(find_diagonals=2, predictor_kwargs={"diagonals": (300,)}), ValueError, r"may not set them"),
-    (dict(mask_from_warmup=True), ValueError, r"mask_from_warmup .* needs dense_steps >= 1, got 0"),
+    (dict(mask_from_warmup=True, dense_steps=0), ValueError, r"mask_from_warmup .* needs dense_steps >= 1, got 0"),
     (dict(mask_from_warmup=1, dense_steps=1), TypeError, r"mask_from_warmup must be a bool"),
     (dict(mask_from_warmup=True, dense_steps=1, predictor=lambda q, k, slice_m: None), ValueError,
      r"a callable predictor has none"),

@@ -246,6 +246,20 @@ def test_sparse_refresh_on_the_kernel(local_search):
     assert abs(handle.mask("blocks.0.attn1").density() - 0.3) < 0.02
 
 
+def test_default_schedules_on_the_kernel():
+    """The defaults on CUDA: one dense step through the kernel makes the exact first mask, which
+    serves the sparse steps after it; with dense_steps=0 the predicted mask is refreshed by
+    searches along the grid on the ramp (sparse steps 1, 2, 4)."""
+    handle, ours, dense = run_schedule(density=0.3)
+    assert relative_l2(ours[0], dense[0]) < 2e-2  # the warm-up step: dense through the kernel
+    stats = handle.stats().values()
+    assert all(s.refresh_steps == [0] and s.dense_calls == 1 and s.sparse_calls == 4 for s in stats)
+    handle, _, _ = run_schedule(density=0.3, dense_steps=0)
+    assert handle.grid == (3, 16, 16)
+    assert all(s.refresh_steps == [0, 1, 2, 4] and s.dense_calls == 0 for s in handle.stats().values())
+    assert abs(handle.mask("blocks.0.attn1").density() - 0.3) < 0.02
+
+
 def test_calibrated_schedule_on_the_kernel():
     """calibrate_pooling on CUDA: the first refresh picks the poolings from sampled queries, they
     drive later refreshes, and the trajectory stays near dense."""

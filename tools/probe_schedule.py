@@ -60,7 +60,7 @@ class Schedule:
     ramp: bool = False  # also refresh on the powers of two below ``every`` (MaskCache's ramp)
     steps: tuple[int, ...] | None = None  # refresh on these sparse steps instead
 
-    def refreshes_on(self, sparse_step: int) -> bool:
+    def refreshes(self, sparse_step: int) -> bool:
         if self.refresh is None or sparse_step == 0:
             return False
         return sparse_step in self.steps if self.steps is not None else refreshes_on(sparse_step, self.every, self.ramp)
@@ -98,7 +98,7 @@ class Run:
         plan = self.schedule
         if sparse_step == 0:
             self.mask = warmup_mask if plan.first == "warm-up" else self._predict(q, k)
-        elif plan.refreshes_on(sparse_step):
+        elif plan.refreshes(sparse_step):
             if plan.refresh == "predict":
                 self.mask = self._predict(q, k)
                 return

@@ -14,7 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fgcupy.integrations.diffusers as fd
-from bench.bench_e2e import block_call, build_wan
+from bench.bench_e2e import GRIDS, block_call, build_wan
 
 CALLS = 3
 
@@ -29,12 +29,15 @@ def kernel_times(prof) -> tuple:
     return times, launches
 
 
-def block_caller(model, run_block, every: int, predicted: bool = True):
-    """fgcupy applied to ``model`` (top-k 0.1; refreshes predict with ``predicted``, else search
-    around the old mask) and a call of its block that refreshes the mask every ``every`` steps
-    (1: every call; a huge value: the mask of the first call reused)."""
-    schedule = dict(sparse_refresh=False) if predicted else {}
-    handle = fd.apply(model, fd.SparseAttentionConfig(refresh_every=every, predictor="topk", density=0.1, **schedule))
+def block_caller(model, run_block, every: int, predicted: bool, seq: int):
+    """fgcupy applied to ``model`` (top-k 0.1, no dense step; refreshes predict with ``predicted``,
+    else search around the old mask along the token grid of ``seq`` tokens) and a call of its
+    block that refreshes the mask every ``every`` steps (1: every call; a huge value: the mask
+    of the first call reused)."""
+    # The block is called alone: the search's grid is given (a transformer call would give it).
+    schedule = dict(sparse_refresh=False) if predicted else dict(grid=GRIDS[seq])
+    handle = fd.apply(model, fd.SparseAttentionConfig(refresh_every=every, predictor="topk", density=0.1,
+                                                      dense_steps=0, **schedule))
     steps = iter(range(10**9))
 
     def call():
@@ -61,7 +64,7 @@ def main(argv=None) -> None:
     print(torch.cuda.get_device_name(), "| tokens", args.seq, "| refreshes", "predict" if args.predicted else "search")
     measured = {}
     for name, every in (("reuse", 10**9), ("refresh", 1)):
-        call = block_caller(model, run_block, every, args.predicted)
+        call = block_caller(model, run_block, every, args.predicted, args.seq)
         for _ in range(CALLS):
             call()
         torch.cuda.synchronize()

@@ -23,9 +23,9 @@ GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 BLOCKING = ("Synchronize", "Malloc", "Free", "Memcpy", "HostAlloc")
 
 
-def timeline(run_block, model, every: int, predicted: bool) -> list:
+def timeline(run_block, model, every: int, predicted: bool, seq: int) -> list:
     """GPU events (chrome-trace dicts, in start order) and blocking host calls of one block call."""
-    call = block_caller(model, run_block, every, predicted)
+    call = block_caller(model, run_block, every, predicted, seq)
     for _ in range(3):
         call()
     torch.cuda.synchronize()
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
     print(torch.cuda.get_device_name(), "| tokens", args.seq, "| refreshes", "predict" if args.predicted else "search")
     per_kernel = {}
     for name, every in (("reuse", 10**9), ("refresh", 1)):
-        gpu, blocking = timeline(run_block, model, every, args.predicted)
+        gpu, blocking = timeline(run_block, model, every, args.predicted, args.seq)
         report(name, gpu, blocking)
         totals = {}
         for e in gpu:

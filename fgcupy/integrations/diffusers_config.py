@@ -29,6 +29,11 @@ WARMUP_REFRESH_EVERY = 20
 #: the ramp (refreshes on sparse steps 1, 2, 4, 8, 16, then every 32): each search moves the
 #: mask closer to the exact one, so the early ones buy the most (README "Over a whole schedule").
 SEARCH_REFRESH_EVERY = 32
+#: The same without the ramp: four searches in 50 sparse steps.
+EVEN_SEARCH_REFRESH_EVERY = 10
+#: dense_steps where the warm-up can make the first mask: one dense step's exact masks (sparse
+#: refreshes every 20 after it) cost over 50 steps what the searches from a predicted mask do.
+DEFAULT_DENSE_STEPS = 1
 #: predict_mask options that shape the selection (and so apply to an exact column-max mask too).
 _SELECTION_OPTIONS = ("top_k", "min_keys", "max_keys", "local")
 
@@ -48,13 +53,15 @@ class SparseAttentionConfig:
     slice_m: queries per slice (a kernel size, 64 or 128).
     dense_steps: the first denoising steps run dense (stock processor): early steps set the layout.
         With dense_steps >= 1 the defaults make the first mask exact and keep it so
-        (``mask_from_warmup`` and ``sparse_refresh`` below); without, the first mask is predicted
+        (``mask_from_warmup`` and ``sparse_refresh`` below); with 0, the first mask is predicted
         and sparse refreshes with a local search walk it towards the exact one
-        (``local_search`` below). 0 by default, since the length of
-        the pipeline's schedule is not known here (a few-step model would run mostly dense);
-        with 30-50 steps, a few dense steps buy near-oracle masks; each costs a stock call
-        instead of a sparse one (Wan-14B block at 32,760 tokens on an H200: 80.7 against 47.9 ms,
-        1.3 % of a 50-step generation's time; README "End to end").
+        (``local_search`` and ``refresh_ramp`` below). None (the default): 1 where the warm-up
+        can make the first mask (a named mean-query predictor, no process_group, no
+        calibrate_pooling, mask_from_warmup not False), else 0. Over 50 steps one dense step
+        costs what the searches it replaces do (a Wan-14B block at 32,760 tokens on an H200:
+        1.63x over stock either way) and its masks had 0.99-1.05x the oracle's error on every
+        head family against 1.01-1.40x (README "Over a whole schedule"). A few-step (distilled)
+        model spends a larger share of its steps dense: give it dense_steps=0.
     dense_layers: indices (in model order) of self-attention layers that always run dense.
     refresh_every / refresh_steps: masks are re-predicted every ``refresh_every`` sparse steps
         (counted from the first sparse step), or exactly on the steps listed in ``refresh_steps``
@@ -62,13 +69,15 @@ class SparseAttentionConfig:
         that step uses the warm-up's exact mask instead); other steps reuse the layer's cached mask.
         None: 20 with the warm-up's exact mask and sparse refreshes (each costs about two
         predictions; over a 50-step schedule with 5 dense steps the mask cost stays under 2 % of
-        dense attention per step, README "End to end"), 10 with a predicted first mask and
-        searching refreshes (the default without dense steps, with ``refresh_ramp``), else 5.
-    refresh_ramp: with refresh_every, also refresh on sparse steps 1, 2, 4, ... below it (with
-        32, the default where it is on: sparse steps 1, 2, 4, 8, 16, 32, 64, ...). Where each refresh improves the mask (a
-        local search walking a predicted mask towards the exact one) the first steps gain the
-        most. None (the default): on where refreshes search from a predicted first mask and
-        neither refresh_every nor refresh_steps is given, else off.
+        dense attention per step, README "End to end"); with a predicted first mask and searching
+        refreshes (local_search, no predict_on_refresh: the default with dense_steps=0) 32 on the
+        ramp below, or 10 with refresh_ramp=False; else 5.
+    refresh_ramp: with refresh_every, also refresh on the sparse steps 1, 2, 4, ... below it
+        (with 32: sparse steps 1, 2, 4, 8, 16, 32, 64, ...). Where each refresh improves the mask
+        (a local search walking a predicted mask towards the exact one) early refreshes gain the
+        most. None (the default): on where refreshes search from a predicted first mask without
+        the predictor (local_search, predict_on_refresh False) and neither refresh_every nor
+        refresh_steps is given; else off.
     calibrate_pooling: with predictor "topk", a layer's first refresh picks per head the pooling
         ("mean" or "both") whose mask holds the most probability of 16 sampled queries per
         query block (``fgcupy.calibration``, exact softmax rows of those queries: no dense
@@ -148,7 +157,7 @@ class SparseAttentionConfig:
     threshold: float | None = None
     predictor_kwargs: dict = field(default_factory=dict)
     slice_m: int = 128
-    dense_steps: int = 0
+    dense_steps: int | None = None
     dense_layers: tuple[int, ...] = ()
     refresh_every: int | None = None
     refresh_steps: tuple[int, ...] | None = None
@@ -195,7 +204,8 @@ class SparseAttentionConfig:
             raise ValueError(f"threshold must be > 0, got {self.threshold}")
         if self.slice_m not in SLICE_SIZES:
             raise ValueError(f"slice_m must be one of {SLICE_SIZES} (sizes with a kernel), got {self.slice_m}")
-        if isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int) or self.dense_steps < 0:
+        if self.dense_steps is not None and (isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int)
+                                             or self.dense_steps < 0):
             raise ValueError(f"dense_steps must be an int >= 0, got {self.dense_steps!r}")
         self._resolve_schedule_defaults()
         if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
@@ -256,13 +266,16 @@ class SparseAttentionConfig:
 
     def _resolve_schedule_defaults(self) -> None:
         """Fill the None defaults where sparse refreshes can work (a named mean-query predictor,
-        no process_group, no calibrate_pooling): with dense warm-up steps the first mask is the
-        warm-up's exact one and refreshes keep its keys as candidates, every 20 sparse steps;
-        without (and without find_diagonals), the first mask is predicted and refreshes search
+        no process_group, no calibrate_pooling): one dense step, whose exact mask is the first,
+        and refreshes keeping its keys as candidates, every 20 sparse steps; with dense_steps=0
+        (and without find_diagonals), the first mask is predicted and refreshes search
         around the old mask (its keys moved along the token grid, no prediction) on sparse steps
         1, 2, 4, 8, 16, then every 32. Elsewhere masks are predicted every 5 sparse steps."""
         mean_query = isinstance(self.predictor, str) and self.predictor in _METHOD_PARAMETER
         sparse_possible = mean_query and self.process_group is None and not self.calibrate_pooling
+        if self.dense_steps is None:  # one dense step makes exact first masks where they can be used
+            warmup_mask = sparse_possible and self.mask_from_warmup is not False
+            object.__setattr__(self, "dense_steps", DEFAULT_DENSE_STEPS if warmup_mask else 0)
         if self.mask_from_warmup is None:
             object.__setattr__(self, "mask_from_warmup", self.dense_steps >= 1 and sparse_possible)
         # From a predicted mask, refreshes search (no prediction) unless the predictor was asked
@@ -275,19 +288,19 @@ class SparseAttentionConfig:
         searching = self.local_search is True and self.sparse_refresh is True and self.mask_from_warmup is not True
         if self.predict_on_refresh is None:  # a search from a predicted mask needs no prediction
             object.__setattr__(self, "predict_on_refresh", not searching)
-        # Searches improve the mask refresh by refresh: the default interval starts with a ramp.
-        ramp_by_default = searching and self.predict_on_refresh is False and self.refresh_every is None \
-            and self.refresh_steps is None
         if self.refresh_every is None:
             if self.mask_from_warmup is True and self.sparse_refresh is True:
                 every = WARMUP_REFRESH_EVERY
             elif self.local_search is True and self.predict_on_refresh is False:
-                every = SEARCH_REFRESH_EVERY
+                # Each search improves the mask: by default the first ones come early (the ramp).
+                if self.refresh_ramp is None and self.refresh_steps is None:
+                    object.__setattr__(self, "refresh_ramp", True)
+                every = SEARCH_REFRESH_EVERY if self.refresh_ramp else EVEN_SEARCH_REFRESH_EVERY
             else:
                 every = DEFAULT_REFRESH_EVERY
             object.__setattr__(self, "refresh_every", every)
         if self.refresh_ramp is None:
-            object.__setattr__(self, "refresh_ramp", ramp_by_default)
+            object.__setattr__(self, "refresh_ramp", False)
 
     def mask_making(self) -> str:
         """How this schedule makes masks, in words (the first line of ``handle.describe()``)."""
