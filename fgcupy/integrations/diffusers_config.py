@@ -40,7 +40,9 @@ _SELECTION_OPTIONS = ("top_k", "min_keys", "max_keys", "local")
 
 @dataclass(frozen=True)
 class SparseAttentionConfig:
-    """What ``apply`` installs.
+    """What ``apply`` installs. Options left None are resolved when the config is made (the
+    attributes then hold the values in use); ``dataclasses.replace`` copies those resolved
+    values, so build a new config to get the defaults of other settings.
 
     predictor: a ``fgcupy.predict_mask`` method name ("topk", "tau", "threshold") tuned by its
         own ``density`` (default 0.1) / ``tau`` / ``threshold`` (+ ``predictor_kwargs``), or a callable
