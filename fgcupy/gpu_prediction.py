@@ -12,9 +12,9 @@ from . import mask_reference as ref
 from .jit.plan_spec import LaunchOrderSpec
 from .jit.runtime import device_arch, device_index, load_in_background
 from .jit.score_spec import DILATE_MAX_RADIUS, DilateInPlaceSpec, DilateSpec, EmitSpec
-from .jit.spec import ATTENTION_HEAD_DIMS, SLICE_SIZES
+from .jit.spec import ATTENTION_HEAD_DIMS, HEAD_DIMS, SLICE_SIZES
 from .mask import SliceMask, indptr_from_counts, num_blocks
-from .mask_kernels import (SCORE_DTYPES, band_specs, gpu_adaptive_rows, gpu_candidate_colmax, gpu_colmax, gpu_dilate,
+from .mask_kernels import (SCORE_DTYPES, band_specs, colmax_warps, gpu_adaptive_rows, gpu_candidate_colmax, gpu_colmax, gpu_dilate,
                            gpu_dilate_in_place, gpu_emit, gpu_refine_band, gpu_scores, gpu_select, row_stride,
                            scores_spec, select_spec)
 from .mask_request import MaskRequest
@@ -86,6 +86,19 @@ def attention_kernels_ahead(dtype: str, head_dim: int, slice_m: int, device) -> 
     if head_dim not in ATTENTION_HEAD_DIMS or slice_m not in SLICE_SIZES:
         return []
     return [default_spec(dtype, head_dim, slice_m, device_arch(device_index(device))), LaunchOrderSpec()]
+
+
+def colmax_kernels(dtype: str, head_dim: int, slice_m: int, kv_len: int, rule: str, device) -> list:
+    """The kernels of an exact column-max prediction of these shapes (``predict_mask(method=
+    "colmax", lse=..., rule=rule)``): its max-probability pass over every query and its selection
+    (and, but for top-k, the emit). Loaded ahead of the dense call whose LSE the prediction waits
+    for, their cold compiles overlap that call's."""
+    if head_dim not in HEAD_DIMS or slice_m not in SLICE_SIZES:
+        return []
+    ld = row_stride(kv_len, ref.PROB_DTYPE.itemsize)
+    specs = [scores_spec("maxprob", dtype, head_dim, group=slice_m, warps=colmax_warps(slice_m), device=device),
+             select_spec(device, ld, SCORE_DTYPES[ref.PROB_DTYPE], rule)]
+    return specs if rule == "topk" else specs + [EmitSpec()]
 
 
 class GpuPrediction:

@@ -225,8 +225,12 @@ def gpu_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor
     """A dense step's exact column maxima (``gpu_scores`` max-probability pass over every query,
     groups of ``slice_m``) of heads [bh0, bh0 + nbh): bfloat16 [nbh, ceil(q_len / slice_m), ld];
     ``lse`` [nbh, q_len]."""
-    return gpu_scores("maxprob", q, k, scale, bh0=bh0, nbh=nbh, lse=lse, group=slice_m,
-                      warps=4 if slice_m <= 64 else 8)
+    return gpu_scores("maxprob", q, k, scale, bh0=bh0, nbh=nbh, lse=lse, group=slice_m, warps=colmax_warps(slice_m))
+
+
+def colmax_warps(slice_m: int) -> int:
+    """Warps of ``gpu_colmax``'s scoring CTAs for query blocks of ``slice_m``."""
+    return 4 if slice_m <= 64 else 8
 
 
 def gpu_candidate_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor, candidates,

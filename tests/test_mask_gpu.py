@@ -568,6 +568,31 @@ def test_adaptive_rows_match_the_reference(batch, heads, q_len, blocks, dim, dty
     assert torch.equal(rows[middles], expected_rows[middles])
 
 
+@pytest.mark.parametrize("slice_m", [64, 128])
+@pytest.mark.parametrize("rule, option", [("topk", dict(density=0.1)), ("tau", dict(tau=0.9)),
+                                          ("threshold", dict(threshold=1e-3))])
+def test_colmax_kernels_are_those_an_exact_prediction_launches(slice_m, rule, option):
+    """colmax_kernels (loaded ahead of a dense step whose LSE an exact prediction waits for) names
+    each kernel that prediction launches but the emit of top-k, which it fuses."""
+    from fgcupy import gpu_prediction
+    from fgcupy.oracle import exact_lse
+
+    q, k = _inputs(12, 1, 2, 1000, 1200, 128, torch.bfloat16)
+    lse = exact_lse(q, k)
+    launched = []
+    real_launch = mask_kernels.launch
+
+    def recording_launch(spec, *args, **kw):
+        launched.append(spec)
+        return real_launch(spec, *args, **kw)
+
+    with mock.patch.object(gpu_prediction, "load_in_background", lambda device, spec: None), \
+            mock.patch.object(mask_kernels, "launch", recording_launch):
+        predict_mask(q, k, slice_m, "colmax", lse=lse, rule=rule, **option).validate()
+    ahead = gpu_prediction.colmax_kernels("bfloat16", 128, slice_m, k.shape[2], rule, q.device)
+    assert ahead and set(ahead) == set(launched), (ahead, launched)
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(density=0.1),
     dict(density=0.1, pooling="both"),

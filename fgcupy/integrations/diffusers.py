@@ -48,13 +48,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import bridge
 from ..attention import SparseAttention, dense_attention_with_lse, sparse_attention
 from ..cache import block_means, means_drift
 from ..calibration import calibrate
 from ..diagonals import find_diagonals
 from ..mask import SliceMask
 from ..local_search import search_offsets, union_keys
-from ..jit.runtime import kernels_can_run
+from ..gpu_prediction import colmax_kernels
+from ..jit.runtime import kernels_can_run, load_in_background
 from ..mask_algebra import drop_keys
 from .diffusers_config import SparseAttentionConfig
 from .diffusers_processors import (  # noqa: F401
@@ -423,12 +425,25 @@ class SparseAttentionHandle:
         """(exact output, row LSE) of q, k, v ``[B, S, H, D]``: the refresh call of the exact
         schedule. With ``attention_fn`` the output is its answer on the full mask."""
         cfg = self.config
+        self._load_colmax_kernels_ahead(q, k)
         out, lse = dense_attention_with_lse(q, k, v, cfg.slice_m, key_valid, layout="NHD")
         if cfg.attention_fn is not None:
             batch, q_len, heads, _ = q.shape
             full = SliceMask.full(batch, heads, q_len, k.shape[1], cfg.slice_m, device=q.device)
             out = cfg.attention_fn(q, k, v, full if key_valid is None else drop_keys(full, key_valid), None)
         return out, lse
+
+    def _load_colmax_kernels_ahead(self, q, k) -> None:
+        """Start loading, on threads, the kernels of the column-max prediction that waits for this
+        dense call's LSE (q, k ``[B, S, H, D]`` on CUDA), so that a cold first step compiles them
+        beside the attention kernel instead of after it."""
+        if (not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or not kernels_can_run()
+                or torch.cuda.is_current_stream_capturing()):
+            return
+        rule = self.config.exact_arguments()["rule"]
+        for spec in colmax_kernels(bridge.dtype_name(q.dtype, "q"), q.shape[-1], self.config.slice_m, k.shape[1], rule,
+                                   q.device):
+            load_in_background(q.device, spec)
 
     def _refresh_from_sparse_call(self, layer: _Layer, entry: tuple, slot: _Slot, old: SliceMask, q, k, v,
                                   key_valid, poolings) -> tuple:
