@@ -226,8 +226,9 @@ class MaskCache:
         else:
             schedule = f"{dense}, refresh every {self.refresh_every} steps from step {self.warmup}"
             if self.ramp:
-                early = [self.warmup + s for s in range(1, self.refresh_every) if refreshes_on(s, self.refresh_every, True)]
-                schedule += f", and on steps {early} (ramp)"
+                early = [self.warmup + 2**i for i in range(self.refresh_every.bit_length()) if 2**i < self.refresh_every]
+                if early:
+                    schedule += f", and on steps {early} (ramp)"
         lines = [f"MaskCache: {len(self._entries)} layers, {self.memory_bytes() / 2**20:.2f} MiB; {schedule}; "
                  f"{self.predictions} predictions, {self.reuses} reuses"]
         for layer, e in self._entries.items():

@@ -885,7 +885,14 @@ def test_config_defaults_start_exact_after_warmup_steps():
     assert [s for s in range(50) if searching.is_refresh_step(s)] == [0, 1, 2, 4, 8, 16, 32]
     assert resolved(dense_steps=5, refresh_every=5) == (5, True, True, False, True, 5, False)
     assert resolved(dense_steps=5, mask_from_warmup=False) == (5,) + search[1:]
-    assert resolved(sparse_refresh=False) == (1, True, False, False, True, 5, False)  # predicted refreshes
+    # A dense step only where its exact mask is asked for or kept: options of the schedule without
+    # dense steps, predicting refreshes that would replace it and listed steps (taken as given) leave it out.
+    assert resolved(sparse_refresh=False) == predicted
+    assert resolved(predict_on_refresh=False) == resolved(refresh_ramp=True) == search
+    assert resolved(refresh_steps=(0, 10, 20))[:2] == (0, False)
+    assert resolved(mask_from_warmup=True) == exact_start
+    assert resolved(mask_from_warmup=True, calibrate_pooling=True)[:2] == (1, True)
+    assert resolved(dense_steps=1, sparse_refresh=False) == (1, True, False, False, True, 5, False)  # predicted refreshes
     assert resolved(dense_steps=0, sparse_refresh=False) == predicted
     assert resolved(dense_steps=0, local_search=False) == (0, False, True, False, True, 5, False)  # + predictor's keys
     assert resolved(dense_steps=0, local_search=True) == search
@@ -965,6 +972,8 @@ def test_config_schedule():
     (dict(mask_from_warmup=1, dense_steps=1), TypeError, r"mask_from_warmup must be a bool"),
     (dict(mask_from_warmup=True, dense_steps=1, predictor=lambda q, k, slice_m: None), ValueError,
      r"a callable predictor has none"),
+    (dict(mask_from_warmup=True, predictor=lambda q, k, slice_m: None), ValueError, r"a callable predictor has none"),
+    (dict(mask_from_warmup=True, process_group=object()), ValueError, r"mask_from_warmup needs each layer's full"),
     (dict(mask_from_warmup=True, dense_steps=1, process_group=object()), ValueError,
      r"mask_from_warmup needs each layer's full-sequence LSE"),
     (dict(refresh_ramp=1), TypeError, r"refresh_ramp must be a bool"),

@@ -44,6 +44,9 @@ def test_ramp_adds_the_powers_of_two_below_the_interval(warmup, every, step):
 def test_ramp_schedule():
     cache = MaskCache(warmup=1, refresh_every=16, ramp=True)
     assert [s for s in range(60) if cache.action(s) == "refresh"] == [1, 2, 3, 5, 9, 17, 33, 49]
+    assert "on steps [2, 3, 5, 9] (ramp)" in cache.describe()
+    assert "ramp" not in MaskCache(refresh_every=1, ramp=True).describe()
+    assert "on steps [1, 2, 4" in MaskCache(refresh_every=10**12, ramp=True).describe()  # no walk to 10**12
     with pytest.raises(ValueError, match=r"ramp spaces the refreshes of refresh_every"):
         MaskCache(refresh_steps=[3], ramp=True)
     with pytest.raises(TypeError, match=r"ramp must be a bool"):

@@ -3,8 +3,8 @@
     PYTHONPATH=. python -m tools.probe_schedule [--grid 21x30x52] [--heads 8] [--device cuda]
         [--steps 50] [--dense-steps 5] [--drift 0.045] [--schedules default "search /5" ...]
 
-With ``--dense-steps 0`` (SparseAttentionConfig's default) every step is sparse and only the
-schedules that start from a prediction apply.
+With ``--dense-steps 0`` every step is sparse and only the schedules that start from a
+prediction apply (SparseAttentionConfig's default is one dense step: ``--dense-steps 1``).
 
 A head family's q and k drift step by step (fresh content noise of std ``--drift`` added to every
 entry each step: a random walk, v kept). The first ``--dense-steps`` run dense; from then on each

@@ -58,8 +58,10 @@ class SparseAttentionConfig:
         (``mask_from_warmup`` and ``sparse_refresh`` below); with 0, the first mask is predicted
         and sparse refreshes with a local search walk it towards the exact one
         (``local_search`` and ``refresh_ramp`` below). None (the default): 1 where the warm-up
-        can make the first mask (a named mean-query predictor, no process_group, no
-        calibrate_pooling, mask_from_warmup not False), else 0. Over 50 steps one dense step
+        can make the first mask and keep it (a named mean-query predictor, no process_group, no
+        calibrate_pooling, and none of mask_from_warmup=False, sparse_refresh=False,
+        predict_on_refresh=False, refresh_ramp=True, refresh_steps), or mask_from_warmup=True;
+        else 0. Over 50 steps one dense step
         costs what the searches it replaces do (a Wan-14B block at 32,760 tokens on an H200:
         1.63x over stock either way) and its masks had 0.99-1.05x the oracle's error on every
         head family against 1.01-1.40x (README "Over a whole schedule"). A few-step (distilled)
@@ -70,8 +72,8 @@ class SparseAttentionConfig:
         (a layer with no mask yet makes one on its first sparse step; with ``mask_from_warmup``
         that step uses the warm-up's exact mask instead); other steps reuse the layer's cached mask.
         None: 20 with the warm-up's exact mask and sparse refreshes (each costs about two
-        predictions; over a 50-step schedule with 5 dense steps the mask cost stays under 2 % of
-        dense attention per step, README "End to end"); with a predicted first mask and searching
+        predictions; over a 50-step schedule with 1 or 5 dense steps the mask cost stays under 2 %
+        of dense attention per step, README "End to end"); with a predicted first mask and searching
         refreshes (local_search, no predict_on_refresh: the default with dense_steps=0) 32 on the
         ramp below, or 10 with refresh_ramp=False; else 5.
     refresh_ramp: with refresh_every, also refresh on the sparse steps 1, 2, 4, ... below it
@@ -275,9 +277,8 @@ class SparseAttentionConfig:
         1, 2, 4, 8, 16, then every 32. Elsewhere masks are predicted every 5 sparse steps."""
         mean_query = isinstance(self.predictor, str) and self.predictor in _METHOD_PARAMETER
         sparse_possible = mean_query and self.process_group is None and not self.calibrate_pooling
-        if self.dense_steps is None:  # one dense step makes exact first masks where they can be used
-            warmup_mask = sparse_possible and self.mask_from_warmup is not False
-            object.__setattr__(self, "dense_steps", DEFAULT_DENSE_STEPS if warmup_mask else 0)
+        if self.dense_steps is None:
+            object.__setattr__(self, "dense_steps", DEFAULT_DENSE_STEPS if self._wants_warmup_mask(sparse_possible) else 0)
         if self.mask_from_warmup is None:
             object.__setattr__(self, "mask_from_warmup", self.dense_steps >= 1 and sparse_possible)
         # From a predicted mask, refreshes search (no prediction) unless the predictor was asked
@@ -303,6 +304,16 @@ class SparseAttentionConfig:
             object.__setattr__(self, "refresh_every", every)
         if self.refresh_ramp is None:
             object.__setattr__(self, "refresh_ramp", False)
+
+    def _wants_warmup_mask(self, sparse_possible: bool) -> bool:
+        """Whether the default dense_steps is the warm-up's: asked for (mask_from_warmup=True), or
+        possible and kept to the end, that is no option of the schedule without dense steps
+        (refreshes that never predict, the ramp), no predicting refreshes that would replace the
+        exact mask (sparse_refresh=False), no list of refresh steps (taken as given)."""
+        if self.mask_from_warmup is not None:
+            return self.mask_from_warmup
+        return (sparse_possible and self.sparse_refresh is not False and self.predict_on_refresh is not False
+                and self.refresh_ramp is not True and self.refresh_steps is None)
 
     def mask_making(self) -> str:
         """How this schedule makes masks, in words (the first line of ``handle.describe()``)."""
