@@ -88,17 +88,17 @@ def attention_kernels_ahead(dtype: str, head_dim: int, slice_m: int, device) -> 
     return [default_spec(dtype, head_dim, slice_m, device_arch(device_index(device))), LaunchOrderSpec()]
 
 
-def colmax_kernels(dtype: str, head_dim: int, slice_m: int, kv_len: int, rule: str, device) -> list:
+def colmax_kernels(dtype: str, head_dim: int, slice_m: int, kv_len: int | None, rule: str, device) -> list:
     """The kernels of an exact column-max prediction of these shapes (``predict_mask(method=
-    "colmax", lse=..., rule=rule)``): its max-probability pass over every query and its selection
-    (and, but for top-k, the emit). Loaded ahead of the dense call whose LSE the prediction waits
-    for, their cold compiles overlap that call's."""
+    "colmax", lse=..., rule=rule)``): its max-probability pass over every query and, where the
+    keys' count is known, its selection (and, but for top-k, the emit). Loaded ahead of the dense
+    call whose LSE the prediction waits for, their cold compiles overlap that call's."""
     if head_dim not in HEAD_DIMS or slice_m not in SLICE_SIZES:
         return []
-    ld = row_stride(kv_len, ref.PROB_DTYPE.itemsize)
-    specs = [scores_spec("maxprob", dtype, head_dim, group=slice_m, warps=colmax_warps(slice_m), device=device),
-             select_spec(device, ld, SCORE_DTYPES[ref.PROB_DTYPE], rule)]
-    return specs if rule == "topk" else specs + [EmitSpec()]
+    specs = [scores_spec("maxprob", dtype, head_dim, group=slice_m, warps=colmax_warps(slice_m), device=device)]
+    if kv_len is not None:
+        specs.append(select_spec(device, row_stride(kv_len, ref.PROB_DTYPE.itemsize), SCORE_DTYPES[ref.PROB_DTYPE], rule))
+    return specs if rule == "topk" or kv_len is None else specs + [EmitSpec()]
 
 
 class GpuPrediction:

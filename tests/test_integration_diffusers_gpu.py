@@ -260,6 +260,34 @@ def test_default_schedules_on_the_kernel():
     assert abs(handle.mask("blocks.0.attn1").density() - 0.3) < 0.02
 
 
+def test_apply_loads_the_first_steps_kernels_ahead():
+    """apply() on a bf16 model already on the GPU starts loading the kernels its first steps launch
+    (the dense step's attention and launch order, its column-max scoring pass; the dense call adds
+    the selection); each is one that those steps launch."""
+    from unittest import mock
+
+    from fgcupy import attention_kernel, mask_kernels
+
+    _, model = bf16_pair(tiny_wan(head_dim=128))
+    latents, text = wan_inputs(frames=3, size=32, device=CUDA)
+    at_apply, ahead, launched = [], [], []
+    real_masks, real_attention = mask_kernels.launch, attention_kernel.launch
+
+    def recording(real):
+        def launch(spec, *args, **kw):
+            launched.append(spec)
+            return real(spec, *args, **kw)
+        return launch
+
+    with mock.patch.object(fd, "load_in_background", lambda device, spec: ahead.append(spec)), \
+            mock.patch.object(mask_kernels, "launch", recording(real_masks)), \
+            mock.patch.object(attention_kernel, "launch", recording(real_attention)):
+        fd.apply(model, fd.SparseAttentionConfig(density=0.3))
+        at_apply = list(ahead)
+        wan_trajectory(model, latents, text, 2)
+    assert len(at_apply) == 3 and set(ahead) <= set(launched), (at_apply, ahead, launched)
+
+
 def test_calibrated_schedule_on_the_kernel():
     """calibrate_pooling on CUDA: the first refresh picks the poolings from sampled queries, they
     drive later refreshes, and the trajectory stays near dense."""

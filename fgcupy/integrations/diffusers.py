@@ -55,7 +55,7 @@ from ..calibration import calibrate
 from ..diagonals import find_diagonals
 from ..mask import SliceMask
 from ..local_search import search_offsets, union_keys
-from ..gpu_prediction import colmax_kernels
+from ..gpu_prediction import attention_kernels_ahead, colmax_kernels
 from ..jit.runtime import kernels_can_run, load_in_background
 from ..mask_algebra import drop_keys
 from .diffusers_config import SparseAttentionConfig
@@ -644,7 +644,28 @@ def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = N
         _set_processor(module, sparse_kind(handle, layer))
     handle._hook = transformer.register_forward_pre_hook(handle._pre_hook, with_kwargs=True)
     setattr(transformer, _HANDLE_ATTR, handle)
+    if config.attention_fn is None and not parallel:
+        _load_kernels_ahead(transformer, config)
     return handle
+
+
+def _load_kernels_ahead(transformer: torch.nn.Module, config: SparseAttentionConfig) -> None:
+    """Start loading, on threads, the kernels the first steps will launch (the attention kernel
+    and, where a dense call makes exact masks, their scoring pass) if ``transformer`` is already on
+    a GPU in bfloat16 or float16: a cold process then compiles them while the pipeline encodes
+    its prompt instead of in the first transformer call."""
+    param = next(transformer.parameters(), None)
+    head_dim = getattr(getattr(transformer, "config", None), "attention_head_dim", None)
+    if (param is None or not param.is_cuda or param.dtype not in (torch.bfloat16, torch.float16)
+            or not isinstance(head_dim, int) or not kernels_can_run()):
+        return
+    dtype = bridge.dtype_name(param.dtype, "the model's parameters")
+    specs = attention_kernels_ahead(dtype, head_dim, config.slice_m, param.device)
+    if config.exact or config.mask_from_warmup:
+        rule = config.exact_arguments()["rule"]
+        specs += colmax_kernels(dtype, head_dim, config.slice_m, None, rule, param.device)
+    for spec in specs:
+        load_in_background(param.device, spec)
 
 
 def remove(transformer: torch.nn.Module) -> SparseAttentionHandle:
