@@ -269,6 +269,7 @@ def test_apply_loads_the_first_steps_kernels_ahead():
     from fgcupy import attention_kernel, mask_kernels
 
     _, model = bf16_pair(tiny_wan(head_dim=128))
+    model.scale_shift_table.data = model.scale_shift_table.data.float()  # as diffusers keeps it
     latents, text = wan_inputs(frames=3, size=32, device=CUDA)
     at_apply, ahead, launched = [], [], []
     real_masks, real_attention = mask_kernels.launch, attention_kernel.launch

@@ -43,6 +43,7 @@ context parallelism, ``_parallel_config``, still routes to the stock processor).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -65,6 +66,8 @@ from .diffusers_processors import (  # noqa: F401
     WanSparseProcessor,
     _Processor,
 )
+
+log = logging.getLogger("fgcupy")
 
 __all__ = [
     "CogVideoXSparseProcessor",
@@ -644,17 +647,23 @@ def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = N
         _set_processor(module, sparse_kind(handle, layer))
     handle._hook = transformer.register_forward_pre_hook(handle._pre_hook, with_kwargs=True)
     setattr(transformer, _HANDLE_ATTR, handle)
-    if config.attention_fn is None and not parallel:
-        _load_kernels_ahead(transformer, config)
+    sparse_layers = [layer for layer in layers if not layer.dense]
+    if config.attention_fn is None and not parallel and sparse_layers:
+        try:
+            _load_kernels_ahead(transformer, sparse_layers[0].module, config)
+        except Exception:  # noqa: BLE001 - loading ahead only saves time; the first call loads what it needs
+            log.debug("fgcupy: loading kernels ahead at apply() failed", exc_info=True)
     return handle
 
 
-def _load_kernels_ahead(transformer: torch.nn.Module, config: SparseAttentionConfig) -> None:
+def _load_kernels_ahead(transformer: torch.nn.Module, attention: torch.nn.Module,
+                        config: SparseAttentionConfig) -> None:
     """Start loading, on threads, the kernels the first steps will launch (the attention kernel
-    and, where a dense call makes exact masks, their scoring pass) if ``transformer`` is already on
-    a GPU in bfloat16 or float16: a cold process then compiles them while the pipeline encodes
-    its prompt instead of in the first transformer call."""
-    param = next(transformer.parameters(), None)
+    and, where a dense call makes exact masks, their scoring pass) if the ``attention`` layer's
+    weights are already on a GPU in bfloat16 or float16 (other parameters of a model may stay in
+    float32): a cold process then compiles them while the pipeline encodes its prompt instead of
+    in the first transformer call."""
+    param = next(attention.parameters(), None)
     head_dim = getattr(getattr(transformer, "config", None), "attention_head_dim", None)
     if (param is None or not param.is_cuda or param.dtype not in (torch.bfloat16, torch.float16)
             or not isinstance(head_dim, int) or not kernels_can_run()):

@@ -60,8 +60,8 @@ class SparseAttentionConfig:
         (``local_search`` and ``refresh_ramp`` below). None (the default): 1 where the warm-up
         can make the first mask and keep it (a named mean-query predictor, no process_group, no
         calibrate_pooling, and none of mask_from_warmup=False, sparse_refresh=False,
-        predict_on_refresh=False, refresh_ramp=True, refresh_steps), or mask_from_warmup=True;
-        else 0. Over 50 steps one dense step
+        predict_on_refresh=False, refresh_ramp=True, refresh_steps, grid), or
+        mask_from_warmup=True; else 0. Over 50 steps one dense step
         costs what the searches it replaces do (a Wan-14B block at 32,760 tokens on an H200:
         1.63x over stock either way) and its masks had 0.99-1.05x the oracle's error on every
         head family against 1.01-1.40x (README "Over a whole schedule"). A few-step (distilled)
@@ -309,11 +309,12 @@ class SparseAttentionConfig:
         """Whether the default dense_steps is the warm-up's: asked for (mask_from_warmup=True), or
         possible and kept to the end, that is no option of the schedule without dense steps
         (refreshes that never predict, the ramp), no predicting refreshes that would replace the
-        exact mask (sparse_refresh=False), no list of refresh steps (taken as given)."""
+        exact mask (sparse_refresh=False), no list of refresh steps (taken as given), no grid (the
+        search's)."""
         if self.mask_from_warmup is not None:
             return self.mask_from_warmup
         return (sparse_possible and self.sparse_refresh is not False and self.predict_on_refresh is not False
-                and self.refresh_ramp is not True and self.refresh_steps is None)
+                and self.refresh_ramp is not True and self.refresh_steps is None and self.grid is None)
 
     def mask_making(self) -> str:
         """How this schedule makes masks, in words (the first line of ``handle.describe()``)."""
