@@ -891,6 +891,9 @@ def test_config_defaults_start_exact_after_warmup_steps():
     assert resolved(predict_on_refresh=False) == resolved(refresh_ramp=True) == search
     assert resolved(refresh_steps=(0, 10, 20))[:2] == (0, False)
     assert resolved(grid=(3, 8, 8)) == search  # the grid is the search's
+    # Options of the search alone turn it on after a warm-up mask too.
+    assert resolved(dense_steps=5, grid=(3, 8, 8)) == (5, True, True, True, True, 20, False)
+    assert resolved(mask_from_warmup=True, predict_on_refresh=False) == (1, True, True, True, False, 20, False)
     assert resolved(mask_from_warmup=True) == exact_start
     assert resolved(mask_from_warmup=True, calibrate_pooling=True)[:2] == (1, True)
     assert resolved(dense_steps=1, sparse_refresh=False) == (1, True, False, False, True, 5, False)  # predicted refreshes

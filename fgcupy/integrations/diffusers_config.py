@@ -126,7 +126,8 @@ class SparseAttentionConfig:
         default): on where sparse refreshes start from a predicted mask (no warm-up exact mask):
         over 50 sparse steps of the head families its masks (searching on the ramp below) had
         1.01-1.40x the oracle's error where masks predicted every 5 steps had 0.89-3.61x (README
-        "Over a whole schedule").
+        "Over a whole schedule"); also on with sparse refreshes where predict_on_refresh=False or a
+        grid is given (options of the search alone).
     predict_on_refresh: with local_search, False leaves the predictor out of sparse refreshes: the
         candidates are the old mask's keys and their moved copies only, which saves the
         prediction (about 7 % of a dense attention call on an H200) and on the head families
@@ -286,8 +287,9 @@ class SparseAttentionConfig:
         search_start = sparse_possible and not self.find_diagonals and self.mask_from_warmup is not True
         if self.sparse_refresh is None:
             object.__setattr__(self, "sparse_refresh", search_start or (self.mask_from_warmup is True and mean_query))
-        if self.local_search is None:
-            object.__setattr__(self, "local_search", self.sparse_refresh is True and search_start)
+        if self.local_search is None:  # also wherever an option only a search uses is given
+            asked = self.predict_on_refresh is False or self.grid is not None
+            object.__setattr__(self, "local_search", self.sparse_refresh is True and (search_start or asked))
         searching = self.local_search is True and self.sparse_refresh is True and self.mask_from_warmup is not True
         if self.predict_on_refresh is None:  # a search from a predicted mask needs no prediction
             object.__setattr__(self, "predict_on_refresh", not searching)
