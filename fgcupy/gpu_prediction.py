@@ -118,10 +118,9 @@ class GpuPrediction:
         # Static: sizes known from the shapes (top-k with one selection per block), fused emit, no sync.
         self.static = req.rule == "topk" and kind != "union"
         dtype = bridge.dtype_name(qh.dtype, "q")
-        if not torch.cuda.is_current_stream_capturing():  # no threads while a graph is captured
-            for spec in self._later_kernels(dtype, SCORE_DTYPES[stored]) + attention_kernels_ahead(
-                    dtype, self.dim, req.slice_m, self.device):
-                load_in_background(self.device, spec)
+        for spec in self._later_kernels(dtype, SCORE_DTYPES[stored]) + attention_kernels_ahead(
+                dtype, self.dim, req.slice_m, self.device):
+            load_in_background(self.device, spec)
         # Rows scored against every key: the queries (colmax), each sub-block's mean query or its
         # middle query (pooling "mean" / "sample", per block for "adaptive", whose sampled blocks'
         # score rows are dilated); "both" keeps the middle queries in samples.

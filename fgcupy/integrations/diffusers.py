@@ -428,25 +428,14 @@ class SparseAttentionHandle:
         """(exact output, row LSE) of q, k, v ``[B, S, H, D]``: the refresh call of the exact
         schedule. With ``attention_fn`` the output is its answer on the full mask."""
         cfg = self.config
-        self._load_colmax_kernels_ahead(q, k)
+        # The column-max prediction waiting for this call's LSE: its kernels compile beside the call's.
+        _load_kernels_ahead(cfg, q.device, q.dtype, q.shape[-1], kv_len=k.shape[1])
         out, lse = dense_attention_with_lse(q, k, v, cfg.slice_m, key_valid, layout="NHD")
         if cfg.attention_fn is not None:
             batch, q_len, heads, _ = q.shape
             full = SliceMask.full(batch, heads, q_len, k.shape[1], cfg.slice_m, device=q.device)
             out = cfg.attention_fn(q, k, v, full if key_valid is None else drop_keys(full, key_valid), None)
         return out, lse
-
-    def _load_colmax_kernels_ahead(self, q, k) -> None:
-        """Start loading, on threads, the kernels of the column-max prediction that waits for this
-        dense call's LSE (q, k ``[B, S, H, D]`` on CUDA), so that a cold first step compiles them
-        beside the attention kernel instead of after it."""
-        if (not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or not kernels_can_run()
-                or torch.cuda.is_current_stream_capturing()):
-            return
-        rule = self.config.exact_arguments()["rule"]
-        for spec in colmax_kernels(bridge.dtype_name(q.dtype, "q"), q.shape[-1], self.config.slice_m, k.shape[1], rule,
-                                   q.device):
-            load_in_background(q.device, spec)
 
     def _refresh_from_sparse_call(self, layer: _Layer, entry: tuple, slot: _Slot, old: SliceMask, q, k, v,
                                   key_valid, poolings) -> tuple:
@@ -649,32 +638,32 @@ def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = N
     setattr(transformer, _HANDLE_ATTR, handle)
     sparse_layers = [layer for layer in layers if not layer.dense]
     if config.attention_fn is None and not parallel and sparse_layers:
-        try:
-            _load_kernels_ahead(transformer, sparse_layers[0].module, config)
-        except Exception:  # noqa: BLE001 - loading ahead only saves time; the first call loads what it needs
-            log.debug("fgcupy: loading kernels ahead at apply() failed", exc_info=True)
+        # The first steps' kernels compile while the pipeline encodes its prompt. The dtype and
+        # device are an attention layer's (a model may keep other parameters in float32).
+        param = next(sparse_layers[0].module.parameters(), None)
+        head_dim = getattr(getattr(transformer, "config", None), "attention_head_dim", None)
+        if param is not None and isinstance(head_dim, int):
+            try:
+                _load_kernels_ahead(config, param.device, param.dtype, head_dim, attention=True)
+            except Exception:  # noqa: BLE001 - loading ahead only saves time; the first call loads what it needs
+                log.debug("fgcupy: loading kernels ahead at apply() failed", exc_info=True)
     return handle
 
 
-def _load_kernels_ahead(transformer: torch.nn.Module, attention: torch.nn.Module,
-                        config: SparseAttentionConfig) -> None:
-    """Start loading, on threads, the kernels the first steps will launch (the attention kernel
-    and, where a dense call makes exact masks, their scoring pass) if the ``attention`` layer's
-    weights are already on a GPU in bfloat16 or float16 (other parameters of a model may stay in
-    float32): a cold process then compiles them while the pipeline encodes its prompt instead of
-    in the first transformer call."""
-    param = next(attention.parameters(), None)
-    head_dim = getattr(getattr(transformer, "config", None), "attention_head_dim", None)
-    if (param is None or not param.is_cuda or param.dtype not in (torch.bfloat16, torch.float16)
-            or not isinstance(head_dim, int) or not kernels_can_run()):
+def _load_kernels_ahead(config: SparseAttentionConfig, device: torch.device, dtype: torch.dtype, head_dim: int,
+                        kv_len: int | None = None, attention: bool = False) -> None:
+    """Start loading, on threads, kernels of ``dtype`` and ``head_dim`` on ``device`` (a GPU;
+    bfloat16 or float16) that a later call will launch: with ``attention`` the attention kernels,
+    and where the schedule makes exact masks the column-max prediction's (its selection where
+    ``kv_len`` is known)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16) or not kernels_can_run():
         return
-    dtype = bridge.dtype_name(param.dtype, "the model's parameters")
-    specs = attention_kernels_ahead(dtype, head_dim, config.slice_m, param.device)
+    name = bridge.dtype_name(dtype, "the attention inputs")
+    specs = attention_kernels_ahead(name, head_dim, config.slice_m, device) if attention else []
     if config.exact or config.mask_from_warmup:
-        rule = config.exact_arguments()["rule"]
-        specs += colmax_kernels(dtype, head_dim, config.slice_m, None, rule, param.device)
+        specs += colmax_kernels(name, head_dim, config.slice_m, kv_len, config.exact_arguments()["rule"], device)
     for spec in specs:
-        load_in_background(param.device, spec)
+        load_in_background(device, spec)
 
 
 def remove(transformer: torch.nn.Module) -> SparseAttentionHandle:

@@ -100,7 +100,9 @@ def get_kernel_on(device, spec):
 def load_in_background(device, spec) -> None:
     """Start loading ``spec``'s kernel on a thread unless it is loaded, so that a cold compile
     overlaps the caller's own (NVRTC runs without the GIL); ``get_kernel_on`` then waits for it,
-    and raises the error if the load failed."""
+    and raises the error if the load failed. Nothing starts while a CUDA graph is captured."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return
     key = (spec, device_index(device))  # here: a thread's current device is its own
     if key in _kernels or key in _failed_in_background:
         return
