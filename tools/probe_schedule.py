@@ -7,7 +7,10 @@ With ``--dense-steps 0`` every step is sparse and only the schedules that start 
 prediction apply (SparseAttentionConfig's default is one dense step: ``--dense-steps 1``).
 
 A head family's q and k drift step by step (fresh content noise of std ``--drift`` added to every
-entry each step: a random walk, v kept). The first ``--dense-steps`` run dense; from then on each
+entry each step: a random walk, v kept). With ``--morph N`` the heads also turn, over the first N
+steps, into another draw of the same family (q, k and v at angle pi/2 * step / N between the
+seed's draw and the next seed's: other length scales, frequencies, regions, sinks), a trajectory
+whose structure changes, not only its content noise. The first ``--dense-steps`` run dense; from then on each
 schedule keeps its own mask, made or refreshed on its refresh steps (every N sparse steps from the
 first) as SparseAttentionConfig would make it:
 
@@ -20,7 +23,8 @@ first) as SparseAttentionConfig would make it:
     search 1,3,...     the same, refreshing on the sparse steps listed
     warm-up ...        mask_from_warmup=True: the first mask is the exact column max of the last
                        dense step; "warm-up, reused" never refreshes; "warm-up + sparse /20" is
-                       SparseAttentionConfig(dense_steps=5)'s default
+                       SparseAttentionConfig()'s default (one dense step); "ramp" also refreshes
+                       on sparse steps 1, 2, 4, ... below N; "4,20" on the sparse steps listed
 
 Every sparse step's mask is judged against that step's oracle (error / oracle error, the same
 density), so a schedule pays for the steps its mask grows stale. Printed per family and density:
@@ -31,6 +35,7 @@ multiple of the mask's keys): what a refresh costs besides the attention call.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, replace
 
 import torch
@@ -83,6 +88,8 @@ SCHEDULES = {
     "warm-up + sparse /20": Schedule("warm-up", "sparse", 20),
     "warm-up + search /5": Schedule("warm-up", "search"),
     "warm-up + search /20": Schedule("warm-up", "search", 20),
+    "warm-up + sparse ramp /20": Schedule("warm-up", "sparse", 20, ramp=True),
+    "warm-up + sparse 4,20": Schedule("warm-up", "sparse", steps=(4, 20)),
 }
 
 
@@ -114,18 +121,43 @@ class Run:
         return predict_mask(q, k, SLICE_M, "topk", density=self.density)
 
 
-def trajectory(args, shape, family: str, schedules: dict) -> None:
+def heads_of(args, shape, family: str, seed: int):
     if family.startswith(WORKLOAD_PREFIX):  # the video-like head zoo, another generator
-        q, k, v = video_qkv(shape, family[len(WORKLOAD_PREFIX):], head_ids=range(args.heads), seed=args.seed,
-                            device=args.device)
-    else:
-        q, k, v = family_qkv(shape, family, heads=args.heads, seed=args.seed, device=args.device)
+        return video_qkv(shape, family[len(WORKLOAD_PREFIX):], head_ids=range(args.heads), seed=seed,
+                         device=args.device)
+    return family_qkv(shape, family, heads=args.heads, seed=seed, device=args.device)
+
+
+class Morph:
+    """q, k, v turning from one draw of a family into another over ``steps`` steps, plus the
+    random walk of content noise."""
+
+    def __init__(self, first, second, steps: int, drift: float, gen: torch.Generator):
+        self.first, self.second, self.steps, self.drift, self.gen = first, second, steps, drift, gen
+        self.noise = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in first[:2]]
+
+    def at(self, step: int):
+        if step:
+            for n in self.noise:
+                n += self.drift * torch.randn(n.shape, generator=self.gen).to(n.device)
+        angle = math.pi / 2 * min(step / self.steps, 1.0)
+        a, b = math.cos(angle), math.sin(angle)
+        blend = [(a * x.float() + b * y.float()) for x, y in zip(self.first, self.second)]
+        q, k, v = blend[0] + self.noise[0], blend[1] + self.noise[1], blend[2]
+        return tuple(t.to(self.first[0].dtype) for t in (q, k, v))
+
+
+def trajectory(args, shape, family: str, schedules: dict) -> None:
+    q, k, v = heads_of(args, shape, family, args.seed)
     gen = torch.Generator().manual_seed(args.seed + 7)
+    morph = Morph((q, k, v), heads_of(args, shape, family, args.seed + 1), args.morph, args.drift, gen) if args.morph else None
     runs = {(name, d): Run(plan, d, shape.grid) for name, plan in schedules.items() for d in args.densities}
     ratios = {key: [] for key in runs}
     warmup = {}
     for step in range(args.steps):
-        if step:
+        if morph is not None:
+            q, k, v = morph.at(step)
+        elif step:
             q, k = drifted(q, args.drift, gen), drifted(k, args.drift, gen)
         if step < args.dense_steps - 1:
             continue
@@ -160,6 +192,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--dense-steps", type=int, default=5)
     parser.add_argument("--drift", type=float, default=0.045, help="std of the content noise added each step")
+    parser.add_argument("--morph", type=int, default=0,
+                        help="steps over which the heads turn into another draw of their family (0: never)")
     parser.add_argument("--judge-every", type=int, default=1, help="judge every n-th sparse step (and the last)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -171,8 +205,11 @@ def main(argv=None) -> None:
     grid = tuple(int(x) for x in args.grid.split("x"))
     shape = replace(SHAPES["wan14b-480p"], grid=grid, heads=args.heads)
     schedules = {name: SCHEDULES[name] for name in args.schedules}
+    if args.morph < 0:
+        parser.error("--morph must be >= 0")
+    morph = f", turning into another draw over {args.morph} steps" if args.morph else ""
     print(f"grid {grid}, {args.heads} heads per family, {args.steps} steps ({args.dense_steps} dense), drift "
-          f"{args.drift} a step, device {args.device}; error / that step's oracle error over the sparse steps",
+          f"{args.drift} a step{morph}, device {args.device}; error / that step's oracle error over the sparse steps",
           flush=True)
     for family in args.families:
         trajectory(args, shape, family, schedules)
