@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
 
 import torch
 
 from . import bridge
-from .attention_kernel import SCHEDULES, block_order, check_inputs, check_strides, load_kernels  # noqa: F401 - public here
+from .attention_kernel import (SCHEDULES, block_order, check_inputs, check_outputs, check_scale,  # noqa: F401 - public here
+                               check_strides, load_kernels)
 from .jit import AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec
 from . import ops
 from .ops import spec_token
@@ -136,7 +136,7 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
     q_t, k_t, v_t = (bridge.to_torch(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     qh, kh, vh = (to_bhsd(x, layout) for x in (q_t, k_t, v_t))
     if qh.device.type == "cuda":
-        check_inputs(qh, kh, vh, mask, spec or _spec_like(qh, mask))
+        check_inputs(qh, kh, vh, mask, spec or _spec_like(qh, mask), planned=spec is not None)
     else:
         check_inputs(qh, kh, vh, mask)  # the reference takes any floating dtype
         if spec is not None and qh.shape[-1] != spec.head_dim:
@@ -151,6 +151,8 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
                 f"got {tuple(out_t.shape)}, {out_t.dtype}, {out_t.device}"
             )
     oh = to_bhsd(out_t, layout)
+    if not torch.compiler.is_compiling():  # addresses are not traceable; the launch checks them too
+        check_outputs(qh, kh, vh, oh, None)
     batch, heads, q_len, head_dim = qh.shape
     if lse is not None:
         lse = bridge.to_torch(lse, "lse")
@@ -167,8 +169,7 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
         scale = scale.item()
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    check_scale(scale)
     scale = float(scale)
     ops.attend(qh, kh, vh, oh, lse, mask.indptr, mask.indices, order, mask.slice_m, scale, spec_token(spec))
     result = bridge.to_cupy(out_t) if returns_cupy else out_t

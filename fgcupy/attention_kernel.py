@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 
@@ -89,9 +90,13 @@ def _strides(t: torch.Tensor) -> tuple:
 
 def launch_attention(spec, q, k, v, out, lse, mask: SliceMask, order: torch.Tensor, scale: float) -> None:
     """Run ``spec`` on [B, H, S, D] views q, k, v into ``out`` (and float32 ``lse`` [B, H, q_len]
-    or None) over ``mask`` in ``order``; shapes and dtypes already checked (check_inputs)."""
+    or None) over ``mask`` in ``order``; q, k, v already checked against the mask (check_inputs).
+    What the kernel writes to and reads raw (out, lse, the mask's offsets) is checked here, the
+    one place every caller passes through: the op called directly included."""
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         check_strides(t, name)
+    check_outputs(q, k, v, out, lse)
+    check_scale(scale)
     batch, heads, q_len, _ = q.shape
     items = batch * heads * mask.q_blocks
     if not (items and q_len):
@@ -104,17 +109,21 @@ def launch_attention(spec, q, k, v, out, lse, mask: SliceMask, order: torch.Tens
     if spec.params is ATTN_TMA_PARAMS:
         maps = {"k_map": rows_tensor_map(k, spec.key_tile), "v_map": rows_tensor_map(v, spec.key_tile)}
         fields.update(maps, tma=int(None not in maps.values()))
+    # The kernels index the offsets and keys as flat arrays (a mask may hold expanded views); a
+    # copy made here is freed in stream order, after the kernel.
+    indptr, indices = mask.indptr.contiguous(), mask.indices.contiguous()
     params = spec.params.pack(
-        q=q, k=k, v=v, o=out, lse=lse, indptr=mask.indptr, indices=mask.indices, order=order,
+        q=q, k=k, v=v, o=out, lse=lse, indptr=indptr, indices=indices, order=order,
         heads=heads, q_blocks=mask.q_blocks, q_len=q_len, kv_len=mask.kv_len, capacity=mask.capacity,
         scale_log2=scale * math.log2(math.e), **fields,
     )
     launch(spec, q.device, (items,), params)
 
 
-def check_inputs(q, k, v, mask: SliceMask, spec=None) -> None:
+def check_inputs(q, k, v, mask: SliceMask, spec=None, planned: bool = True) -> None:
     """ValueError/TypeError naming expected and actual for anything the kernel (``spec``) cannot
-    take; with no spec (the CPU reference), any floating dtype shared by q, k and v. Strides are
+    take; with no spec (the CPU reference), any floating dtype shared by q, k and v. ``planned``:
+    whether a plan chose ``spec`` (else it follows q, and the messages say so). Strides are
     checked at launch (``launch_attention``), where tensors are real even inside torch.compile."""
     if spec is None:
         if not q.dtype.is_floating_point:
@@ -122,13 +131,16 @@ def check_inputs(q, k, v, mask: SliceMask, spec=None) -> None:
         expected_dtype, head_dim = q.dtype, q.shape[-1]
     else:
         expected_dtype, head_dim = _DTYPE_BY_NAME[spec.dtype], spec.head_dim
+    by_plan = spec is not None and planned
+    wants_dtype = f"the plan expects {expected_dtype}" if by_plan else f"q has {expected_dtype}"
+    wants_dim = f"the plan was made for {head_dim}" if by_plan else f"q has {head_dim}"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dtype != expected_dtype:
-            raise TypeError(f"{name} has dtype {t.dtype}, the plan expects {expected_dtype}")
+            raise TypeError(f"{name} has dtype {t.dtype}, {wants_dtype}")
         if t.device != mask.device:
-            raise ValueError(f"{name} is on {t.device}, the mask and plan are on {mask.device}")
+            raise ValueError(f"{name} is on {t.device}, the mask is on {mask.device}")
         if t.shape[-1] != head_dim:
-            raise ValueError(f"{name} has head dim {t.shape[-1]}, the plan was made for {head_dim}")
+            raise ValueError(f"{name} has head dim {t.shape[-1]}, {wants_dim}")
     expected_q = (mask.batch, mask.heads, mask.q_len, head_dim)
     expected_kv = (mask.batch, mask.heads, mask.kv_len, head_dim)
     if tuple(q.shape) != expected_q:
@@ -136,6 +148,50 @@ def check_inputs(q, k, v, mask: SliceMask, spec=None) -> None:
     for name, t in (("k", k), ("v", v)):
         if tuple(t.shape) != expected_kv:
             raise ValueError(f"{name} has [B, H, S, D] shape {tuple(t.shape)}, the mask expects {expected_kv}")
+
+
+def check_scale(scale) -> None:
+    """The kernels take the row maximum of unscaled logits, which is the maximum of the scaled
+    ones only for a positive scale."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number (or None: 1 / sqrt(head dim)), got {scale!r}")
+
+
+def check_outputs(q, k, v, out, lse) -> None:
+    """``out`` must be q's shape, dtype and device with no two elements in one place, and must
+    not overlap k or v (other query blocks still read them while one block writes) nor q other
+    than as q itself (in place); ``lse``, where given, contiguous float32 [B, H, q_len]."""
+    if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must match q: expected shape {tuple(q.shape)}, {q.dtype}, {q.device}; "
+                         f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
+    if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
+        raise ValueError(f"out has elements that share memory (strides {out.stride()} for shape {tuple(out.shape)}, "
+                         "an expanded tensor): every block would write over another's rows")
+    in_place = out.data_ptr() == q.data_ptr() and out.stride() == q.stride()
+    for name, t in (("k", k), ("v", v)) + ((() if in_place else (("q", q),))):
+        if _spans_overlap(out, t):
+            raise ValueError(f"out overlaps {name} in memory: the kernel would overwrite {name} while other "
+                             "query blocks still read it; pass a separate out (out=q, in place, is allowed)")
+    if lse is not None:
+        expected = tuple(q.shape[:3])
+        if tuple(lse.shape) != expected or lse.dtype != torch.float32 or lse.device != q.device or not lse.is_contiguous():
+            raise ValueError(f"lse must be a contiguous float32 tensor of shape {expected} on {q.device}; "
+                             f"got {tuple(lse.shape)}, {lse.dtype}, {lse.device}")
+
+
+def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the address ranges two tensors cover intersect (a conservative test of aliasing)."""
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False  # separate allocations
+
+    def span(t):
+        last = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def check_strides(t: torch.Tensor, name: str) -> None:

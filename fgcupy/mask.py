@@ -193,15 +193,16 @@ class SliceMask:
     # ---- views ----
     def flat_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, key) int64 pairs of every kept slice, row = (b * H + h) * QB + j. Synchronises."""
-        starts = self.indptr[..., :-1].reshape(-1).to(torch.int64)
-        lengths = (self.indptr[..., 1:].reshape(-1).to(torch.int64) - starts).clamp_min(0)
+        # Offsets clamped as the kernels clamp them (work_item): start into [0, capacity], end
+        # into [start, capacity]; a row whose offsets lie outside the list is empty.
+        starts = self.indptr[..., :-1].reshape(-1).to(torch.int64).clamp(0, self.capacity)
+        ends = torch.maximum(self.indptr[..., 1:].reshape(-1).to(torch.int64).clamp_max(self.capacity), starts)
+        lengths = ends - starts
         total = int(lengths.sum().item())
         row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=self.device), lengths)
         first = torch.cumsum(lengths, 0) - lengths
         positions = starts[row_of] + torch.arange(total, device=self.device) - first[row_of]
-        positions = positions.clamp(0, max(self.capacity - 1, 0))
-        keys = self.indices[positions].to(torch.int64) if self.capacity else positions
-        return row_of, keys
+        return row_of, self.indices[positions].to(torch.int64)
 
     def _kept_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``flat_rows`` without keys outside [0, kv_len): the slices the kernels attend to (they
