@@ -127,9 +127,10 @@ def slice_heads(mask: SliceMask, heads: range) -> SliceMask:
 
 
 def drop_keys(mask: SliceMask, key_valid: torch.Tensor) -> SliceMask:
-    """``mask`` without the keys where ``key_valid`` (bool ``[B, KV]``) is False, on the GPU and
-    without a host synchronisation (same capacity; rows stay sorted). Rows may sit anywhere in
-    the buffer as long as they do not overlap."""
+    """``mask`` without the keys where ``key_valid`` (bool ``[B, KV]``) is False and without keys
+    outside [0, kv_len), on the GPU and without a host synchronisation (same capacity; rows stay
+    sorted). Rows may sit anywhere in the buffer and may share entries: an entry rows of several
+    batches share stays only where every one of those batches keeps its key."""
     _check_mask(mask)
     if not isinstance(key_valid, torch.Tensor):
         raise TypeError(f"key_valid must be a bool torch.Tensor [B, KV], got {type(key_valid).__name__}")
@@ -140,22 +141,32 @@ def drop_keys(mask: SliceMask, key_valid: torch.Tensor) -> SliceMask:
         )
     device, capacity = mask.device, mask.capacity
     key_valid = key_valid.to(device)
-    starts = mask.indptr[..., :-1].reshape(-1).to(torch.int64)
-    ends = mask.indptr[..., 1:].reshape(-1).to(torch.int64)
-    if capacity == 0 or starts.numel() == 0:
+    if capacity == 0 or batch * heads * q_blocks == 0:
         return mask
-    # batch + 1 at every position a row covers, 0 in gaps: +tag at a row's start, -tag at its end.
-    tag = (torch.arange(starts.numel(), device=device) // (heads * q_blocks) + 1).to(torch.int64)
-    marks = torch.zeros(capacity + 1, dtype=torch.int64, device=device)
-    marks.index_add_(0, starts, tag).index_add_(0, ends, -tag)
-    owner = torch.cumsum(marks, 0)[:capacity]
-    keys = mask.indices.to(torch.int64).clamp(0, max(kv_len - 1, 0))
-    keep = (owner > 0) & key_valid[(owner - 1).clamp_min(0), keys]
+    # Offsets clamped as the kernels clamp them; each batch's rows mark the entries they cover
+    # (+1 at a row's start, -1 at its end, summed), and an entry stays where it is a key in
+    # range that every batch covering it keeps.
+    starts = mask.indptr[..., :-1].reshape(batch, -1).to(torch.int64).clamp(0, capacity)
+    ends = torch.maximum(mask.indptr[..., 1:].reshape(batch, -1).to(torch.int64).clamp_max(capacity), starts)
+    keys = mask.indices.to(torch.int64)
+    in_range = (keys >= 0) & (keys < kv_len)
+    keys = keys.clamp(0, max(kv_len - 1, 0))
+    covered = torch.zeros(capacity, dtype=torch.bool, device=device)
+    keep = in_range
+    ones = torch.ones(starts.shape[1], dtype=torch.int64, device=device)
+    for b in range(batch):
+        marks = torch.zeros(capacity + 1, dtype=torch.int64, device=device)
+        marks.index_add_(0, starts[b], ones).index_add_(0, ends[b], -ones)
+        mine = torch.cumsum(marks, 0)[:capacity] > 0
+        keep = keep & (~mine | key_valid[b, keys])
+        covered |= mine
+    keep &= covered
     before = torch.zeros(capacity + 1, dtype=torch.int64, device=device)
     torch.cumsum(keep, 0, out=before[1:])
     target = torch.where(keep, before[:-1], capacity)  # dropped entries land in a spare slot
     indices = torch.zeros(capacity + 1, dtype=torch.int32, device=device).scatter_(0, target, mask.indices)
-    indptr = before[mask.indptr.to(torch.int64)].to(torch.int32)
+    offsets = mask.indptr.to(torch.int64).clamp(0, capacity)
+    indptr = before[offsets].to(torch.int32)
     return SliceMask(indptr, indices[:capacity], mask.slice_m, mask.q_len, kv_len)
 
 

@@ -117,7 +117,7 @@ def coherence_of(q: torch.Tensor, means: torch.Tensor, pool: int, slice_m: int) 
     sums = means * float(pool)  # each sub-block's sum of queries (the last may hold fewer)
     sums[:, :, -1] *= (q_len - (means.shape[2] - 1) * pool) / pool
     sums = torch.nn.functional.pad(sums, (0, 0, 0, q_blocks * group - means.shape[2]))
-    sums = sums.view(batch, heads, q_blocks, group, -1).sum(3)
+    sums = sums.view(batch, heads, q_blocks, group, q.shape[-1]).sum(3)
     norms = torch.linalg.vector_norm(q, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).float()
     pad = q_blocks * slice_m - q_len
     norm_sums = torch.nn.functional.pad(norms, (0, pad)).view(batch, heads, q_blocks, slice_m).sum(-1)

@@ -123,8 +123,8 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
                 raise ValueError("rule 'threshold' needs threshold (a probability)")
             threshold = 0.5 / kv_len
         threshold = float(threshold)
-        if not threshold > 0.0 or math.isinf(threshold):
-            raise ValueError(f"threshold must be a positive probability, got {threshold}")
+        if not 0.0 < threshold <= 1.0:  # scores are probabilities: above 1 nothing would pass
+            raise ValueError(f"threshold must be a probability in (0, 1], got {threshold}")
     elif threshold is not None:
         raise ValueError(f"threshold applies to rule 'threshold', not {rule!r}")
     pool = slice_m if pool is None else pool
@@ -144,6 +144,9 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
     if local is not None and (not is_int(local) or local < 0):
         raise ValueError(f"local must be None or a non-negative int (keys beyond the block on each side), got {local!r}")
     if max_keys is not None:
+        if combine == "union":
+            raise ValueError("max_keys caps one selection per block; combine='union' makes one per sub-block and "
+                             "their union per block could exceed it: use combine='max' with max_keys")
         band_width = slice_m + 2 * local if local is not None else 0
         if not is_int(max_keys) or max_keys < max(1, min_keys, min(band_width, kv_len)):
             raise ValueError(f"max_keys must be an int >= max(1, min_keys={min_keys}, band width "

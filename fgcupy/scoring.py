@@ -43,7 +43,7 @@ from . import bridge, predict_op
 from .gpu_prediction import DEFAULT_WORKSPACE, GpuPrediction, predict_reference, static_row_counts  # noqa: F401
 from .jit.spec import SLICE_SIZES
 from .layout import query_key_views
-from .mask import SliceMask
+from .mask import SliceMask, num_blocks
 from .mask_algebra import concat_heads
 from .mask_request import (AUTO, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
                            METHODS, POOLINGS, MaskRequest, make_request)
@@ -63,7 +63,9 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     from ``lse``, selected by ``rule``: the rule whose option is given, "threshold" when none is).
     ``density`` is top-k as a fraction of kv_len (a positive density keeps at least one key), or
     ``top_k`` a count. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.
-    ``min_keys`` / ``max_keys`` clamp each block's count; ``local`` keys either side of the
+    ``min_keys`` / ``max_keys`` clamp each block's count (``max_keys`` not with combine "union",
+    whose union of sub-block selections it could not bound); ``threshold`` is a probability in
+    (0, 1]; ``local`` keys either side of the
     block (and its own) are kept first; ``scale`` defaults to 1 / sqrt(D). ``combine``: how
     sub-blocks of ``pool`` queries join, "max" (one selection on the max of their scores) or
     "union" (one selection each). ``workspace_bytes`` bounds the score buffers (heads in chunks).
@@ -122,6 +124,11 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
                              f"{lse_t.dtype}, {lse_t.device}")
     if qh.device.type == "cuda":
         bridge.dtype_name(qh.dtype, "q")
+    if qh.shape[0] * qh.shape[1] == 0:  # no heads: nothing to score, on any device
+        indptr = torch.zeros(qh.shape[0], qh.shape[1], num_blocks(qh.shape[2], req.slice_m) + 1, dtype=torch.int32,
+                             device=qh.device)
+        return SliceMask(indptr, torch.zeros(0, dtype=torch.int32, device=qh.device), req.slice_m, qh.shape[2],
+                         kh.shape[2])
     if req.rule == "topk" and req.kind in ("mean", "submax") and workspace_bytes == DEFAULT_WORKSPACE:
         # Sizes known from the shapes: one custom op, which torch.compile and CUDA graphs take.
         indptr, indices = predict_op.predict(
