@@ -1019,3 +1019,66 @@ def test_drop_keys_with_gaps_between_rows():
     assert torch.equal(out.to_dense(), mask.to_dense() & key_valid[:, None, None, :])
     assert out.indptr.tolist() == [[[0, 1, 4]], [[4, 4, 6]]]
     assert out.indices[:6].tolist() == [3, 0, 2, 4, 2, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# step counting the caller takes over, and its limits
+# ---------------------------------------------------------------------------------------------
+def test_set_step_holds_the_schedule_until_reset():
+    model = tiny_wan(layers=1)
+    handle = fd.apply(model, cpu_config())
+    latents, text = wan_inputs()
+    handle.set_step(5)
+    for t in (900, 900, 800, 999):  # the hook no longer counts: no branch, step or generation moves
+        run_wan(model, latents, text, t=t)
+        assert (handle.step, handle.branch, handle.generation) == (5, 0, 0)
+    handle.reset()
+    run_wan(model, latents, text, t=900)
+    run_wan(model, latents, text, t=800)
+    assert (handle.step, handle.branch) == (1, 0)
+
+
+def test_calls_with_one_timestep_past_the_branch_limit_start_a_new_generation():
+    model = tiny_wan(layers=1)
+    handle = fd.apply(model, cpu_config())
+    latents, text = wan_inputs()
+    seen = []
+    for _ in range(2 * fd.MAX_BRANCHES + 1):  # one-step generations back to back
+        run_wan(model, latents, text, t=999)
+        seen.append((handle.branch, handle.generation))
+    assert seen[: fd.MAX_BRANCHES] == [(b, 0) for b in range(fd.MAX_BRANCHES)]
+    assert seen[fd.MAX_BRANCHES] == (0, 1) and seen[-1] == (0, 2)
+    assert len(handle.cache.layers()) <= fd.MAX_BRANCHES
+
+
+def test_shared_branches_with_different_text_padding_keep_their_masks():
+    """Guidance whose negative prompt pads its text differently: each padding keeps its own mask
+    (a shared one would be re-made for each in turn, every call)."""
+    model = tiny_hunyuan()
+    handle = fd.apply(model, cpu_config(refresh_every=100, share_branches=True))
+    for t in (900, 800, 700, 600):
+        run_hunyuan(model, hunyuan_inputs(valid_text=9), t=t)
+        out = run_hunyuan(model, hunyuan_inputs(valid_text=5), t=t)
+    expected = run_hunyuan(tiny_hunyuan(), hunyuan_inputs(valid_text=5), t=600)
+    assert relative_l2(out, expected) < 1e-5
+    assert all(s.refresh_steps == [0, 0] for s in handle.stats().values())  # one per padding, then reuse
+
+
+def test_a_model_whose_forward_takes_no_timestep_warns_and_leaves_the_count_to_the_caller():
+    class Holder(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, latents, t, text):  # the timestep under another name
+            return self.inner(latents, t, text).sample
+
+    model = Holder(tiny_wan(layers=1))
+    with pytest.warns(UserWarning, match="takes no timestep"):
+        handle = fd.apply(model, cpu_config())
+    latents, text = wan_inputs()
+    with torch.no_grad():
+        for t in (900, 900, 800):
+            handle.begin_forward(torch.tensor([t]))
+            model(latents, torch.tensor([t]), text)
+    assert (handle.step, handle.branch) == (1, 0)

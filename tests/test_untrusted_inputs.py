@@ -57,10 +57,11 @@ def test_one_shot_call_takes_run_arguments_and_names_unknown_ones():
         sparse_attention(q, k, v, mask, return_lses=True)
 
 
-@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.1", True])
-def test_attention_refuses_a_scale_that_is_not_a_finite_number(scale):
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "0.1", True, 0.0, -0.125])
+def test_attention_refuses_a_scale_that_is_not_a_positive_finite_number(scale):
+    # The kernels take the row maximum before scaling: right for positive scales only.
     q, k, v = _qkv(3)
-    with pytest.raises(ValueError, match="scale must be a finite number or None"):
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
         sparse_attention(q, k, v, SliceMask.full(1, 2, 128, 128, 64), scale=scale)
 
 
@@ -143,3 +144,103 @@ def test_a_cpu_plan_keeps_its_head_dim():
     plan = SparseAttention().plan(SliceMask.full(1, 2, 128, 128, 64), head_dim=128, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="q has head dim 64, the plan was made for 128"):
         plan.run(q, k, v)
+
+
+def test_out_that_overlaps_itself_or_k_or_v_is_refused_and_q_in_place_is_taken():
+    q, k, v = _qkv(4)
+    mask = SliceMask.full(1, 2, 128, 128, 64)
+    expected = sparse_attention(q, k, v, mask)
+    with pytest.raises(ValueError, match="share memory"):
+        sparse_attention(q, k, v, mask, out=torch.empty(1, 1, 128, 64).expand(1, 2, 128, 64))
+    for name, target in (("k", k), ("v", v)):
+        with pytest.raises(ValueError, match=f"out overlaps {name}"):
+            sparse_attention(q, k, v, mask, out=target)
+    packed = torch.randn(1, 2, 128, 3 * 64)  # a view into a tensor holding k too
+    q2, k2, v2 = packed[..., :64], packed[..., 64:128], packed[..., 128:]
+    with pytest.raises(ValueError, match="out overlaps k"):
+        sparse_attention(q2, k2, v2, mask, out=packed[..., 64:128])
+    q_copy = q.clone()
+    assert sparse_attention(q_copy, k, v, mask, out=q_copy) is q_copy
+    torch.testing.assert_close(q_copy, expected)
+
+
+def test_the_launch_checks_what_the_op_writes_and_reads(monkeypatch):
+    """torch.ops.fgcupy.sparse_attention_ can be called directly: the launch itself refuses an out
+    or lse the kernel would write past, and hands the kernel the mask's offsets as one flat array
+    even where the mask holds expanded views."""
+    import ctypes
+
+    import fgcupy.attention_kernel as ak
+    from fgcupy.jit.spec import AttentionSpec
+
+    read = []  # the offsets as the kernel would read them: six int32 from the address it gets
+
+    def launch(spec, device, grid, params):
+        read.append(list((ctypes.c_int32 * 6).from_address(int(params["indptr"]))))
+
+    monkeypatch.setattr(ak, "launch", launch)
+    q, k, v = (t.to(torch.bfloat16) for t in _qkv(5, heads=2, seq=128, dim=64))
+    base = SliceMask.full(1, 1, 128, 128, 64)
+    mask = SliceMask(base.indptr.expand(1, 2, 3), base.indices, 64, 128, 128)  # both heads read one row
+    assert not mask.indptr.is_contiguous()
+    spec = AttentionSpec(dtype="bfloat16", head_dim=64, slice_m=64)
+    order = torch.arange(4, dtype=torch.int32)
+    out = torch.empty_like(q)
+    with pytest.raises(ValueError, match="out must match q"):
+        ak.launch_attention(spec, q, k, v, out[:, :1], None, mask, order, 0.125)
+    with pytest.raises(ValueError, match="lse must be"):
+        ak.launch_attention(spec, q, k, v, out, torch.empty(3), mask, order, 0.125)
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        ak.launch_attention(spec, q, k, v, out, None, mask, order, -0.125)
+    ak.launch_attention(spec, q, k, v, out, None, mask, order, 0.125)
+    assert read == [[0, 128, 256, 0, 128, 256]]
+
+
+def test_rows_whose_offsets_lie_outside_the_list_are_empty_as_in_the_kernels():
+    q, k, v = _qkv(6, heads=1, seq=64, dim=16)
+    indices = torch.arange(4, dtype=torch.int32)
+    for offsets in ([5, 6], [-4, -2]):
+        mask = SliceMask(torch.tensor([[offsets]], dtype=torch.int32), indices, 64, 64, 64)
+        out, lse = reference_attention(q, k, v, mask)
+        assert torch.all(out == 0) and torch.all(torch.isneginf(lse)), offsets
+        assert mask.flat_rows()[1].numel() == 0
+
+
+def test_prediction_refuses_what_would_silently_keep_too_many_or_no_keys():
+    q, k, _ = _qkv(7)
+    with pytest.raises(ValueError, match="combine='union'"):
+        predict_mask(q, k, 64, "topk", density=0.5, pool=16, combine="union", max_keys=8)
+    with pytest.raises(ValueError, match=r"threshold must be a probability in \(0, 1\]"):
+        predict_mask(q, k, 64, "threshold", threshold=2.0)
+    assert predict_mask(q, k, 64, "threshold", threshold=1.0).indptr.shape == (1, 2, 3)
+
+
+@pytest.mark.parametrize("batch, heads", [(0, 2), (1, 0)])
+def test_prediction_of_no_heads_is_an_empty_mask(batch, heads):
+    q = torch.randn(batch, heads, 100, 64)
+    mask = predict_mask(q, q, 64, density=0.2)
+    assert (mask.batch, mask.heads, mask.q_blocks, mask.capacity) == (batch, heads, 2, 0)
+
+
+def test_drop_keys_decides_shared_rows_per_batch_and_drops_keys_out_of_range():
+    from fgcupy.mask_algebra import drop_keys, restrict_keys
+
+    # Both heads of a batch share one stored row; batch 1 pads away every key but 6.
+    indptr = torch.tensor([[[0, 3], [0, 3]], [[3, 6], [3, 6]]], dtype=torch.int32)
+    mask = SliceMask(indptr, torch.tensor([1, 2, 3, 4, 5, 6], dtype=torch.int32), 8, 8, 8)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, :6] = False
+    kept = drop_keys(mask, valid).to_dense()
+    assert kept[0, 0, 0].nonzero().flatten().tolist() == kept[0, 1, 0].nonzero().flatten().tolist() == [1, 2, 3]
+    assert kept[1, 0, 0].nonzero().flatten().tolist() == kept[1, 1, 0].nonzero().flatten().tolist() == [6]
+    # A row shared across batches keeps only keys both batches keep.
+    across = SliceMask(torch.tensor([[[0, 3]], [[0, 3]]], dtype=torch.int32), torch.tensor([1, 2, 3], dtype=torch.int32),
+                       8, 8, 8)
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, 2] = False
+    assert drop_keys(across, valid).to_dense()[:, 0, 0].nonzero()[:, 1].tolist() == [1, 3, 1, 3]
+    # Keys outside [0, kv_len) never come back as key 0.
+    corrupt = SliceMask(torch.tensor([[[0, 3]]], dtype=torch.int32), torch.tensor([-5, 3, 12], dtype=torch.int32), 4, 4, 10)
+    restricted = restrict_keys(corrupt, 0, 10)
+    assert restricted.to_dense()[0, 0, 0].nonzero().flatten().tolist() == [3]
+    assert restricted.indptr.tolist() == [[[0, 1]]]

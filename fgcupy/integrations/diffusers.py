@@ -18,7 +18,10 @@ The denoising step reaches the processors through a forward pre-hook on the tran
 with a smaller timestep than the last starts a new step, a call with the same timestep is another
 branch of the same step (classifier-free guidance runs the model twice per step; each branch keeps
 its own masks), a larger timestep starts a new generation (masks are dropped). Reading the timestep
-costs one host synchronisation per transformer call, not per layer. The schedule and the masks are
+costs one host synchronisation per transformer call, not per layer. Calls with one timestep past
+``MAX_BRANCHES`` branches start a new generation too (back-to-back one-step generations cannot be
+told from guidance branches: ``reset()`` between them says so). ``set_step`` takes the count over
+until ``reset()``. The schedule and the masks are
 fgcupy's ``MaskCache`` (one entry per layer and guidance branch): masks are predicted on refresh
 steps and reused in between; warm-up steps and chosen layers run dense through the stock processor.
 With ``predictor="colmax"`` (the exact schedule) a refresh call runs dense attention through
@@ -43,6 +46,7 @@ context parallelism, ``_parallel_config``, still routes to the stock processor).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 import logging
 import math
 from dataclasses import dataclass, field
@@ -84,6 +88,9 @@ __all__ = [
     "token_grid",
 ]
 
+#: Guidance branches one step may have; a further call with the same timestep starts a new
+#: generation (bounding the masks kept when one-step generations run back to back).
+MAX_BRANCHES = 4
 _HANDLE_ATTR = "_fgcupy_sparse_attention"
 
 
@@ -171,10 +178,13 @@ class SparseAttentionHandle:
         self.generation = 0
         self._last_timestep: float | None = None
         self._calls = 0
+        self._manual = False  # set_step drives the schedule; the hook no longer counts calls
         self._hook = None
         self._padding_host: dict[int, torch.Tensor] = {}
         self._padding_version: dict[int, int] = {}
         self._padding_seen: dict[int, tuple] = {}
+        self._branch_padding: dict[int, torch.Tensor] = {}  # key padding of each guidance branch
+        self._own_slots: set[int] = set()  # share_branches: branches whose padding is not branch 0's
         self.grid: tuple | None = config.grid  # the latent token grid (local_search)
         self._timestep_position = _timestep_position(transformer)
         self._frames_first = type(transformer).__name__.startswith("CogVideoX")  # its latents [B, F, C, H, W]
@@ -182,11 +192,15 @@ class SparseAttentionHandle:
     # ---- steps ----
     def _pre_hook(self, module, args, kwargs):
         at = self._timestep_position
-        timestep = kwargs.get("timestep", args[at] if len(args) > at else None)
+        positional = args[at] if at is not None and len(args) > at else None
+        timestep = kwargs.get("timestep", positional)
         if self.config.local_search and self.config.grid is None:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             self.grid = token_grid(getattr(module, "config", None), hidden, self._frames_first)
-        self.begin_forward(timestep)
+        if self._manual or (at is None and "timestep" not in kwargs):
+            self._padding_seen.clear()  # set_step or the caller's begin_forward counts the steps
+        else:
+            self.begin_forward(timestep)
 
     def begin_forward(self, timestep=None) -> None:
         """Account one transformer call: a smaller timestep than the last is the next step, the
@@ -199,7 +213,7 @@ class SparseAttentionHandle:
             self.step, self.branch = 0, 0
         elif value is None or self._last_timestep is None or value < self._last_timestep:
             self.step, self.branch = self.step + 1, 0
-        elif value == self._last_timestep:
+        elif value == self._last_timestep and self.branch + 1 < MAX_BRANCHES:
             self.branch += 1
         else:
             self._new_generation()
@@ -208,9 +222,11 @@ class SparseAttentionHandle:
         self._padding_seen.clear()
 
     def set_step(self, step: int, branch: int = 0) -> None:
-        """Put the schedule at ``step`` (and guidance ``branch``) for the next calls."""
+        """Put the schedule at ``step`` (and guidance ``branch``) for the next calls, which stay
+        there: from now until ``reset()`` the transformer's calls no longer move the count."""
         if step < 0 or branch < 0:
             raise ValueError(f"step and branch must be >= 0, got step={step}, branch={branch}")
+        self._manual = True
         self.step, self.branch = int(step), int(branch)
         self._calls = max(self._calls, 1)
         self._padding_seen.clear()
@@ -226,6 +242,7 @@ class SparseAttentionHandle:
                 layer.diagonals.clear()
         self._calls = 0
         self._last_timestep = None
+        self._manual = False
         if clear_stats:
             for layer in self.layers.values():
                 layer.stats = LayerStats(layer.name, layer.index)
@@ -239,6 +256,8 @@ class SparseAttentionHandle:
         self._padding_host.clear()
         self._padding_version.clear()
         self._padding_seen.clear()
+        self._branch_padding.clear()
+        self._own_slots.clear()
 
     # ---- statistics ----
     def stats(self) -> dict[str, LayerStats]:
@@ -268,7 +287,10 @@ class SparseAttentionHandle:
 
     # ---- routing ----
     def _slot_branch(self) -> int:
-        return 0 if self.config.share_branches else self.branch
+        """The branch whose masks this call uses: its own, or with share_branches the first's
+        (unless this branch's key padding differs from it)."""
+        shared = self.config.share_branches and self.branch not in self._own_slots
+        return 0 if shared else self.branch
 
     def is_dense(self, layer: _Layer) -> bool:
         return layer.dense or self.cache.action(self.step) == "dense"
@@ -289,9 +311,13 @@ class SparseAttentionHandle:
         seen = self._padding_seen.get(id(attention_mask))
         if seen is not None and seen[0] is attention_mask:
             return seen[1], seen[2]
-        branch = self._slot_branch()
         valid = attention_mask.reshape(attention_mask.shape[0], kv_len).expand(batch, kv_len)
         host = valid.to("cpu", torch.bool)
+        self._branch_padding[self.branch] = host
+        first = self._branch_padding.get(0)
+        if self.config.share_branches and self.branch and first is not None and not _same(first, host):
+            self._own_slots.add(self.branch)  # a shared mask would be re-made for each padding in turn
+        branch = self._slot_branch()
         previous = self._padding_host.get(branch)
         if previous is None or previous.shape != host.shape or not torch.equal(previous, host):
             self._padding_host[branch] = host
@@ -541,16 +567,20 @@ def _predict_mask():
     return predict
 
 
-def _timestep_position(transformer) -> int:
+def _timestep_position(transformer) -> int | None:
     """Where a positional call of ``transformer`` passes the timestep (Wan and HunyuanVideo: second;
-    CogVideoX: third, after the text states)."""
+    CogVideoX: third, after the text states); None where its forward takes no ``timestep``."""
     import inspect
 
     try:
         names = list(inspect.signature(transformer.forward).parameters)
     except (TypeError, ValueError):
         return 1
-    return names.index("timestep") if "timestep" in names else 1
+    return names.index("timestep") if "timestep" in names else None
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a, b)
 
 
 def token_grid(model_config, hidden_states, frames_first: bool = False) -> tuple | None:
@@ -634,6 +664,11 @@ def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = N
     handle = SparseAttentionHandle(transformer, config, layers)
     for layer, (_, module, _, sparse_kind) in zip(layers, found):
         _set_processor(module, sparse_kind(handle, layer))
+    if handle._timestep_position is None:
+        warnings.warn(f"fgcupy: {type(transformer).__name__}.forward takes no timestep, so the schedule cannot see "
+                      "the denoising steps from its calls; call handle.begin_forward(timestep) before each call "
+                      "of the model (or handle.set_step(step)), or apply fgcupy to the transformer itself",
+                      stacklevel=2)
     handle._hook = transformer.register_forward_pre_hook(handle._pre_hook, with_kwargs=True)
     setattr(transformer, _HANDLE_ATTR, handle)
     sparse_layers = [layer for layer in layers if not layer.dense]
