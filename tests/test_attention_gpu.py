@@ -219,3 +219,21 @@ def test_dense_attention_with_lse_matches_reference(layout):
     out, lse = dense_attention_with_lse(q, k, v, 128, key_valid=key_valid, layout=layout, index_budget=2 * 6 * 900)
     full = SliceMask.full(2, 5, 700, 900, 128, device=DEVICE)
     check_against_reference(q, k, v, drop_keys(full, key_valid), out, lse, layout, torch.bfloat16)
+
+
+def test_masks_holding_expanded_views_read_their_logical_rows():
+    """A mask whose offsets are an expanded view (one row per head shared across a batch) and an
+    out computed in place over q give the reference's answer through the one-shot call and a plan."""
+    gen = torch.Generator().manual_seed(11)
+    one = random_mask(gen, 1, 3, 256, 256, 128)
+    mask = SliceMask(one.indptr.expand(2, 3, one.indptr.shape[-1]), one.indices, 128, 256, 256)
+    q, k, v = random_qkv(gen, 2, 3, 256, 256, 128, torch.bfloat16, "HND")
+    expected, expected_lse = reference_attention(q, k, v, mask)
+    for out, lse in (sparse_attention(q, k, v, mask, return_lse=True),
+                     SparseAttention().plan(mask, head_dim=128).run(q, k, v, return_lse=True)):
+        assert relative_l2(out, expected) < TOLERANCE[torch.bfloat16]
+        finite = torch.isfinite(expected_lse)
+        torch.testing.assert_close(lse[finite], expected_lse[finite], atol=2e-2, rtol=0)
+    q_in_place = q.clone()
+    sparse_attention(q_in_place, k, v, mask, out=q_in_place)
+    assert relative_l2(q_in_place, expected) < TOLERANCE[torch.bfloat16]
