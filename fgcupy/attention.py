@@ -168,8 +168,9 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
         scale = scale.item()
     if scale is None:
-        scale = 1.0 / math.sqrt(head_dim)
-    check_scale(scale)
+        scale = 1.0 / math.sqrt(head_dim)  # symbolic under torch.compile with dynamic shapes
+    else:
+        check_scale(scale)
     scale = float(scale)
     ops.attend(qh, kh, vh, oh, lse, mask.indptr, mask.indices, order, mask.slice_m, scale, spec_token(spec))
     result = bridge.to_cupy(out_t) if returns_cupy else out_t

@@ -79,3 +79,12 @@ def test_cuda_graphs_reduce_overhead_match_eager():
         got = compiled(q, k, v)
     torch.testing.assert_close(got.float(), eager.float(), rtol=2e-2, atol=2e-2)
     assert fgcupy.ops is not None
+
+
+def test_dynamic_shapes_compile_without_breaks():
+    """With dynamic shapes the head dim, and so the default scale, is symbolic while tracing."""
+    mask = SliceMask.full(1, 2, 256, 256, 64)
+    compiled = torch.compile(lambda q, k, v: sparse_attention(q, k, v, mask) * 2, fullgraph=True, dynamic=True)
+    q, k, v = _qkv()
+    out = compiled(q, k, v)
+    torch.testing.assert_close(out, reference_attention(q, k, v, mask)[0] * 2)
