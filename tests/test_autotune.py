@@ -283,7 +283,6 @@ def test_a_second_process_reuses_the_file(isolated_cache):
         (b"\x00\xff garbage", "corrupt"),
         (b"[1, 2, 3]", "not an fgcupy autotune file"),
         (json.dumps({"header": {"library": "someone-else", "format": 1}, "entries": {}}).encode(), "not an fgcupy"),
-        (json.dumps({"header": {"library": "fgcupy", "format": 99}, "entries": {}}).encode(), "not an fgcupy"),
     ],
 )
 def test_corrupt_or_foreign_file_warns_then_a_fresh_tune_replaces_it(isolated_cache, content, message):
@@ -295,6 +294,17 @@ def test_corrupt_or_foreign_file_warns_then_a_fresh_tune_replaces_it(isolated_ca
         assert autotune.TuneCache().store([fake_result()], H100)
     autotune.TuneCache._memo.clear()
     assert autotune.TuneCache().lookup(KEY) == OTHER
+
+
+def test_a_newer_fgcupys_file_is_read_as_empty_and_never_overwritten(isolated_cache):
+    isolated_cache.parent.mkdir(parents=True)
+    content = json.dumps({"header": {"library": "fgcupy", "format": 99}, "entries": {"x": {}}}).encode()
+    isolated_cache.write_bytes(content)
+    with pytest.warns(autotune.AutotuneCacheWarning, match="newer fgcupy"):
+        assert autotune.TuneCache().lookup(KEY) is None
+    with pytest.warns(autotune.AutotuneCacheWarning, match="newer fgcupy"):
+        assert not autotune.TuneCache().store([fake_result()], H100)
+    assert isolated_cache.read_bytes() == content
 
 
 @pytest.mark.parametrize("field", ["version", "kernel_hash"])

@@ -139,6 +139,9 @@ class TuneCache:
         except (ValueError, RecursionError) as err:  # ValueError includes UnicodeDecodeError
             return None, f"{self.path} is corrupt ({type(err).__name__}); it will be replaced by a fresh tune"
         header = data.get("header") if isinstance(data, dict) else None
+        if _newer_format(header):
+            return None, (f"{self.path} was written by a newer fgcupy (autotune format {header['format']}, this one "
+                          f"reads {FORMAT}): it is left as it is and tuned results stay in this process")
         if not isinstance(header, dict) or header.get("library") != "fgcupy" or header.get("format") not in (1, FORMAT):
             return None, f"{self.path} is not an fgcupy autotune file (format {FORMAT}); it will be replaced"
         return data, None
@@ -199,9 +202,12 @@ class TuneCache:
             with _file_lock(self.path.with_name(self.path.name + ".lock")):
                 tables = {}
                 if self.path.exists():
-                    data, problem = self._parse(self.path.read_bytes())
+                    raw = self.path.read_bytes()
+                    data, problem = self._parse(raw)
                     if problem:
                         self._warn(problem, None)
+                        if _newer_format(_header_of(raw)):
+                            return False  # another version's tables are never wiped
                     else:
                         tables = self._tables(data)
                 stamp = library_stamp()
@@ -234,3 +240,17 @@ class TuneCache:
             self._warn(f"cannot write {self.path}: {err}; tuned results stay in this process only", None)
             return False
         return True
+
+
+def _header_of(raw: bytes):
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError):
+        return None
+    return data.get("header") if isinstance(data, dict) else None
+
+
+def _newer_format(header) -> bool:
+    """Whether ``header`` is a later fgcupy's (a format this version cannot read, not a foreign file)."""
+    return (isinstance(header, dict) and header.get("library") == "fgcupy" and type(header.get("format")) is int
+            and header["format"] > FORMAT)
