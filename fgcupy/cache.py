@@ -127,9 +127,10 @@ class MaskCache:
         if self.expanded:
             self._entries[layer] = _Entry(shape, mask.indptr, mask.indices, "expanded", None, step, mask)
             return
-        slots = mask.batch * mask.heads * mask.q_blocks * mask.kv_len
-        index_bytes = mask.capacity * (2 if mask.kv_len <= _INT16_KEYS else 4)
-        form = self.storage if self.storage != "auto" else ("bits" if slots / 8 < index_bytes else "index")
+        rows = mask.batch * mask.heads * mask.q_blocks
+        index_bytes = mask.capacity * (2 if mask.kv_len <= _INT16_KEYS else 4) + 4 * mask.indptr.numel()
+        bits_bytes = rows * -(-mask.kv_len // 8)
+        form = self.storage if self.storage != "auto" else ("bits" if bits_bytes < index_bytes else "index")
         if form == "bits":
             dense = mask.to_dense()
             pad = (-mask.kv_len) % 8

@@ -59,6 +59,11 @@ class Calibration:
     mask: SliceMask
 
 
+def default_samples(slice_m: int) -> int:
+    """DEFAULT_SAMPLES, or the most queries up to it that divide a block of ``slice_m`` evenly."""
+    return math.gcd(DEFAULT_SAMPLES, slice_m)
+
+
 def probe_queries(q_len: int, slice_m: int, per_block: int) -> torch.Tensor:
     """int64 [QB, per_block]: the queries ``sampled_mass`` reads, ``per_block`` per query block,
     a quarter of the way into each of its equal parts (away from the parts' middles, the queries
@@ -71,12 +76,13 @@ def probe_queries(q_len: int, slice_m: int, per_block: int) -> torch.Tensor:
     return torch.arange(num_blocks(q_len, slice_m))[:, None] * slice_m + within
 
 
-def sampled_mass(q, k, masks, slice_m: int, scale: float, per_block: int = DEFAULT_SAMPLES) -> torch.Tensor:
+def sampled_mass(q, k, masks, slice_m: int, scale: float, per_block: int | None = None) -> torch.Tensor:
     """float64 [len(masks), H]: per mask and head, the attention probability that sampled queries
     (``probe_queries``) put on the slices the mask keeps, summed over batch and queries: the mass
     a mask holds, read off exact softmax rows of a few queries (per_block / slice_m of a dense
     step's QK^T, one head at a time; only the kept keys' probabilities are formed)."""
     batch, heads, q_len, _ = q.shape
+    per_block = default_samples(slice_m) if per_block is None else per_block
     positions = probe_queries(q_len, slice_m, per_block).to(q.device)
     q_blocks = positions.shape[0]
     valid = (positions < q_len).to(torch.float32)
@@ -101,7 +107,7 @@ def sampled_mass(q, k, masks, slice_m: int, scale: float, per_block: int = DEFAU
 
 
 def calibrate(q, k, lse=None, slice_m: int = 128, *, candidates=DEFAULT_CANDIDATES, scale: float | None = None,
-              per_block: int = DEFAULT_SAMPLES, layout: str = "HND", **predict_kwargs) -> Calibration:
+              per_block: int | None = None, layout: str = "HND", **predict_kwargs) -> Calibration:
     """The pooling of ``candidates`` whose mask holds the most attention, per head, and the mask
     those choices give (joined from the candidates' predictions: nothing predicted twice).
 

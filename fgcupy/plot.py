@@ -38,7 +38,9 @@ def mask_image(mask: SliceMask, batch: int = 0, head: int = 0, max_columns: int 
         return torch.zeros(mask.q_blocks, 0)
     per_bin = num_blocks(mask.kv_len, max_columns)
     pad = (-mask.kv_len) % per_bin
-    return torch.nn.functional.pad(dense, (0, pad)).unflatten(1, (-1, per_bin)).mean(2)
+    kept = torch.nn.functional.pad(dense, (0, pad)).unflatten(1, (-1, per_bin)).sum(2)
+    keys = torch.nn.functional.pad(torch.ones(mask.kv_len), (0, pad)).unflatten(0, (-1, per_bin)).sum(1)
+    return kept / keys  # the last bin holds fewer keys: the padding is not a dropped key
 
 
 def draw_masks(masks: dict, path, batch: int = 0, head: int = 0, block_size: int = 128, max_columns: int = 2048,
@@ -57,7 +59,9 @@ def draw_masks(masks: dict, path, batch: int = 0, head: int = 0, block_size: int
             ax.imshow(cover, cmap="Blues", vmin=0, vmax=3, extent=extent, aspect="auto", interpolation="nearest")
         shown = torch.where(image > 0, image, torch.nan)
         ax.imshow(shown, cmap="magma_r", vmin=0, vmax=1, extent=extent, aspect="auto", interpolation="nearest")
-        ax.set_title(f"{label}: density {float(image.mean()):.3f}")
+        head_mask = SliceMask(mask.indptr[batch : batch + 1, head : head + 1].contiguous(), mask.indices,
+                              mask.slice_m, mask.q_len, mask.kv_len)
+        ax.set_title(f"{label}: density {head_mask.density():.3f}")
         ax.set_xlabel("key")
         ax.set_ylabel("query")
         rows = image.mean(1)

@@ -83,3 +83,11 @@ def test_sampled_calibration_needs_no_dense_step():
     calibration = calibrate(q, k, None, 128, density=0.1)
     assert calibration.poolings == ["both", "mean"]
     assert calibration.mask.heads == 2
+
+
+def test_default_samples_fit_small_blocks():
+    """Blocks smaller than the default sample count are probed with as many queries as divide them."""
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, 2, 64, 32, generator=gen) for _ in range(2))
+    calibration = calibrate(q, k, None, 8, method="topk", density=0.25)
+    assert len(calibration.poolings) == 2

@@ -150,3 +150,16 @@ def test_expanded_storage_returns_the_stored_mask_itself():
         cache.get("attn", kv_len=261)
     with pytest.raises(ValueError, match="cannot be combined with storage='bits'"):
         MaskCache(storage="bits", expanded=True)
+
+
+def test_auto_storage_keeps_the_smaller_form_counting_offsets_and_whole_bytes():
+    dense = torch.zeros(1, 8, 4, 256, dtype=torch.bool)
+    dense[..., :15] = True  # 15 of 256 keys: indices 960 B plus 132 B of offsets against 1024 B of bits
+    mask = SliceMask.from_dense(dense, 64, 256)
+    sizes = {}
+    for storage in ("auto", "index", "bits"):
+        cache = MaskCache(storage=storage)
+        cache.put("m", mask)
+        sizes[storage] = cache.memory_bytes()
+        assert torch.equal(cache.get("m").to_dense(), mask.to_dense())
+    assert sizes["auto"] == min(sizes["index"], sizes["bits"])

@@ -31,3 +31,10 @@ def test_draw_masks_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="at least one mask"):
         draw_masks({}, tmp_path / "n.png")
+
+
+def test_the_last_bin_counts_only_real_keys():
+    """kv_len not a multiple of the bin: a fully kept mask draws every bin at 1 and density 1."""
+    mask = SliceMask.full(1, 1, 128, 2049, 64)
+    image = mask_image(mask, max_columns=2048)
+    assert torch.all(image == 1.0)
