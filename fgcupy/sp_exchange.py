@@ -4,12 +4,15 @@ owns over every token, returning outputs to the tokens' owners, by all-to-all or
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 
 from .sp_handshake import Pending, _uses_nccl
 
-_PROBED: dict = {}  # (id(group), device type) -> (group, exchange method)
+# group -> {device type: exchange method}; weak, so a destroyed group (and its connections) goes.
+_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 # ---- exchange ----
@@ -19,9 +22,9 @@ def probe_all_to_all(group, device: torch.device) -> str:
     """'all_to_all' if the backend runs an uneven ``all_to_all_single`` on ``device``, else 'p2p'.
     Unsupported collectives raise at the call on every rank alike, so all ranks agree."""
     group = group if group is not None else dist.group.WORLD
-    key = (id(group), device.type)
-    if key in _PROBED and _PROBED[key][0] is group:
-        return _PROBED[key][1]
+    known = _PROBED.get(group, {})
+    if device.type in known:
+        return known[device.type]
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     send_counts = [j + 1 for j in range(world)]
     send = torch.zeros(sum(send_counts), device=device)
@@ -31,7 +34,7 @@ def probe_all_to_all(group, device: torch.device) -> str:
         method = "all_to_all"
     except (RuntimeError, NotImplementedError, ValueError):
         method = "p2p"
-    _PROBED[key] = (group, method)
+    _PROBED.setdefault(group, {})[device.type] = method
     return method
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .attention_kernel import check_scale
 from .layout import LAYOUTS, check_layout, to_bhsd
 
 COMPUTES = ("auto", "fgcupy", "reference")
@@ -43,8 +44,12 @@ def collective_timeout() -> datetime.timedelta:
 
 
 def _scale_code(scale) -> int:
-    """The scale's float64 bits as an int64 (0 for None, the default), for the header."""
-    return 0 if scale is None else struct.unpack("<q", struct.pack("<d", float(scale)))[0]
+    """The scale's float64 bits as an int64 (0 for None, the default), for the header; a scale
+    the attention would refuse raises here, before the header, so every rank hears of it."""
+    if scale is None:
+        return 0
+    check_scale(scale)
+    return struct.unpack("<q", struct.pack("<d", float(scale)))[0]
 
 
 def _scale_of(code: int):

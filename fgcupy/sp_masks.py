@@ -18,7 +18,10 @@ class MaskPredictor:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, heads: range) -> SliceMask:
         # Exchanged tensors are strided views of the receive buffer; scoring kernels may want rows.
-        return predict_mask(q.contiguous(), k.contiguous(), slice_m=self.slice_m, **self.options)
+        options = dict(self.options)
+        if isinstance(options.get("pooling"), (list, tuple)):  # one pooling per head of the model
+            options["pooling"] = [options["pooling"][h] for h in heads]
+        return predict_mask(q.contiguous(), k.contiguous(), slice_m=self.slice_m, **options)
 
     def __repr__(self):
         options = "".join(f", {k}={v!r}" for k, v in self.options.items())

@@ -133,7 +133,7 @@ def _without_all_to_all(call):
         result = call()
     finally:
         dist.all_to_all_single = saved
-    chosen = [method for _, method in sp_exchange._PROBED.values()]
+    chosen = [method for methods in sp_exchange._PROBED.values() for method in methods.values()]
     sp_exchange._PROBED.clear()
     if chosen != ["p2p"]:
         raise AssertionError(f"with all_to_all_single missing the probe chose {chosen}, expected ['p2p']")
@@ -292,6 +292,10 @@ def error_cases(settings):
         q, k, v, mask = inputs(rank, world)
         call(group, q, k, v, mask, scale=0.3 if rank == 0 else None)
 
+    def zero_scale_on_rank0(rank, world, group):
+        q, k, v, mask = inputs(rank, world)
+        call(group, q, k, v, mask, scale=0.0 if rank == 0 else None)
+
     def layout_disagree(rank, world, group):
         q, k, v, mask = inputs(rank, world)
         layout = "NHD" if rank == 0 else "HND"
@@ -327,6 +331,8 @@ def error_cases(settings):
     return {
         "exchange_disagree": (exchange_disagree, "ValueError", r"ranks disagree on exchange: \['p2p', 'all_to_all'"),
         "scale_disagree": (scale_disagree, "ValueError", r"ranks disagree on scale: \[0.3, None"),
+        "zero_scale_on_rank0": (zero_scale_on_rank0, "ValueError",
+                                {0: r"scale must be a positive finite number", "other": r"rank\(s\) \[0\] of the group rejected"}),
         "layout_disagree": (layout_disagree, "ValueError", r"ranks disagree on layout: \['NHD', 'HND'"),
         "mask_presence_disagree": (mask_presence_disagree, "ValueError",
                                    r"ranks disagree on mask kind: \['static', 'none'"),

@@ -272,3 +272,21 @@ def test_mask_predictor_forwards_to_scoring(monkeypatch):
     assert seen["slice_m"] == 64 and seen["options"] == dict(method="mean", density=0.3)
     assert seen["q"].is_contiguous() and torch.equal(seen["q"], q)
     assert "method='mean'" in repr(predictor)
+
+
+def test_mask_predictor_gives_each_head_group_its_own_poolings(monkeypatch):
+    """A per-head pooling list (what fgcupy.calibration chooses) is the model's heads; a rank's
+    call gets the entries of the heads it owns."""
+    seen = {}
+
+    def predict_mask(q, k, slice_m, **options):
+        seen.update(options)
+        return "mask"
+
+    from fgcupy import sp_masks
+
+    monkeypatch.setattr(sp_masks, "predict_mask", predict_mask)
+    predictor = MaskPredictor(slice_m=64, density=0.3, pooling=["mean", "sample", "both", "mean"])
+    q = torch.zeros(1, 2, 4, 8)
+    assert predictor(q, q, range(1, 3)) == "mask"
+    assert seen["pooling"] == ["sample", "both"] and predictor.options["pooling"] == ["mean", "sample", "both", "mean"]
