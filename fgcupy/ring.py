@@ -11,12 +11,14 @@ second all-to-all returns the output to the tokens' owners.
 Masks: a static SliceMask over the whole sequence and all heads (or None: every key); each span
 must start on a slice boundary (shard lengths multiple of slice_m, the last one excepted), so a
 query block never straddles two spans. Self-attention only (k, v shards as long as q's).
-Construct it on every rank of the default process group: it creates its sub-groups.
+Construct it on every rank of ``group`` (others need not take part): its sub-groups are created
+among their members alone, once per set of ranks for the default group's lifetime.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,22 @@ from .sp_exchange import probe_all_to_all, return_heads, send_heads
 from .sp_handshake import (DENSE_SLICE_M, _DTYPE_CODES, _HEADER, _MASK_KINDS, _scale_code, _wait, check_agreement,
                            gather_headers, head_ranges, shard_views)
 
+
+
+# Sub-groups by their ranks, per default group (weakly: a destroyed one takes its sub-groups).
+_SUBGROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _subgroup(ranks: list):
+    """The process group of ``ranks`` (None on a rank outside it), created among its members
+    alone, so ranks outside the caller's group need not call in (a world-wide creation they skip
+    would leave their later groups out of step); group-local creation names a group by its ranks,
+    so each set is created once and shared."""
+    made = _SUBGROUPS.setdefault(dist.group.WORLD, {})
+    key = tuple(sorted(ranks))
+    if key not in made:
+        made[key] = dist.new_group(list(key), use_local_synchronization=True)
+    return made[key]
 
 
 class HybridSequenceParallelAttention:
@@ -48,10 +66,8 @@ class HybridSequenceParallelAttention:
             raise ValueError(f"ring must be a positive int dividing the group's {world} ranks, got {ring!r}")
         self.group, self.ring, self.ulysses = group, ring, world // ring
         ranks = [r if group is None else dist.get_global_rank(group, r) for r in range(world)]
-        span_groups = [dist.new_group([ranks[j * self.ulysses + u] for u in range(self.ulysses)])
-                       for j in range(ring)]
-        ring_groups = [dist.new_group([ranks[j * self.ulysses + u] for j in range(ring)])
-                       for u in range(self.ulysses)]
+        span_groups = [_subgroup([ranks[j * self.ulysses + u] for u in range(self.ulysses)]) for j in range(ring)]
+        ring_groups = [_subgroup([ranks[j * self.ulysses + u] for j in range(ring)]) for u in range(self.ulysses)]
         rank = dist.get_rank(group)
         self.span, self.member = divmod(rank, self.ulysses)
         self.span_group, self.ring_group = span_groups[self.span], ring_groups[self.member]

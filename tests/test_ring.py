@@ -113,3 +113,56 @@ def test_ring_must_divide_the_group():
 
     with pytest.raises(RuntimeError, match="not initialised"):
         HybridSequenceParallelAttention(ring=2)
+
+
+def _subgroup_worker(rank, world, port, path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    from fgcupy.ring import HybridSequenceParallelAttention
+
+    verdict = {}
+    try:
+        sub = dist.new_group([1, 2])
+        if rank in (1, 2):  # rank 0 is not in the group and does not construct it
+            gen = torch.Generator().manual_seed(0)
+            q, k, v = (torch.randn(1, 2, 2 * SLICE, 8, generator=gen) for _ in range(3))
+            mask = SliceMask.full(1, 2, 2 * SLICE, 2 * SLICE, SLICE)
+            lo, hi = (0, SLICE) if rank == 1 else (SLICE, 2 * SLICE)
+            ref = reference_attention(q, k, v, mask)[0][:, :, lo:hi]
+            for _ in range(2):  # a second object on the same ranks shares the sub-groups
+                out = HybridSequenceParallelAttention(sub, ring=2)(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], mask)
+                verdict["err"] = max(verdict.get("err", 0.0), float((out - ref).abs().max()))
+        later = dist.new_group([0, 1, 2])  # a group the application makes afterwards, on every rank
+        x = torch.ones(1)
+        dist.all_reduce(x, group=later)
+        verdict["sum"] = float(x.item())
+    except Exception:  # noqa: BLE001 - the parent reports it
+        verdict["detail"] = traceback.format_exc(limit=5)
+    with open(f"{path}.{rank}", "w") as f:
+        json.dump(verdict, f)
+    dist.destroy_process_group()
+
+
+def test_a_sub_group_leaves_the_other_ranks_groups_in_step():
+    """Ranks outside the group never call in, and later world-wide groups still form."""
+    path = tempfile.mktemp(prefix="fgcupy-ring-sub-")
+    ctx = torch.multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_subgroup_worker, args=(r, 3, port, path)) for r in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(90)
+            assert not p.is_alive(), "a rank hung"
+    finally:
+        for p in procs:
+            p.kill()
+    for rank in range(3):
+        with open(f"{path}.{rank}") as f:
+            verdict = json.load(f)
+        os.unlink(f"{path}.{rank}")
+        assert "detail" not in verdict, verdict["detail"]
+        assert verdict["sum"] == 3.0
+        if rank:
+            assert verdict["err"] < 1e-5
