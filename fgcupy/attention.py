@@ -151,7 +151,7 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
                 f"got {tuple(out_t.shape)}, {out_t.dtype}, {out_t.device}"
             )
     oh = to_bhsd(out_t, layout)
-    if not torch.compiler.is_compiling():  # addresses are not traceable; the launch checks them too
+    if qh.device.type != "cuda" and not torch.compiler.is_compiling():  # on the GPU the launch checks it
         check_outputs(qh, kh, vh, oh, None)
     batch, heads, q_len, head_dim = qh.shape
     if lse is not None:

@@ -191,12 +191,17 @@ class SliceMask:
         return cls(indptr.to(device), indices.to(device), slice_m, q_len, kv_len)
 
     # ---- views ----
-    def flat_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, key) int64 pairs of every kept slice, row = (b * H + h) * QB + j. Synchronises."""
-        # Offsets clamped as the kernels clamp them (work_item): start into [0, capacity], end
-        # into [start, capacity]; a row whose offsets lie outside the list is empty.
+    def row_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 [B * H * QB] (start, end) of each row's entries, clamped as the kernels clamp
+        them (work_item): start into [0, capacity], end into [start, capacity], so a row whose
+        offsets lie outside the list is empty. No sync."""
         starts = self.indptr[..., :-1].reshape(-1).to(torch.int64).clamp(0, self.capacity)
         ends = torch.maximum(self.indptr[..., 1:].reshape(-1).to(torch.int64).clamp_max(self.capacity), starts)
+        return starts, ends
+
+    def flat_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, key) int64 pairs of every kept slice, row = (b * H + h) * QB + j. Synchronises."""
+        starts, ends = self.row_bounds()
         lengths = ends - starts
         total = int(lengths.sum().item())
         row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=self.device), lengths)

@@ -143,11 +143,10 @@ def drop_keys(mask: SliceMask, key_valid: torch.Tensor) -> SliceMask:
     key_valid = key_valid.to(device)
     if capacity == 0 or batch * heads * q_blocks == 0:
         return mask
-    # Offsets clamped as the kernels clamp them; each batch's rows mark the entries they cover
+    # Rows bounded as the kernels bound them; each batch's rows mark the entries they cover
     # (+1 at a row's start, -1 at its end, summed), and an entry stays where it is a key in
     # range that every batch covering it keeps.
-    starts = mask.indptr[..., :-1].reshape(batch, -1).to(torch.int64).clamp(0, capacity)
-    ends = torch.maximum(mask.indptr[..., 1:].reshape(batch, -1).to(torch.int64).clamp_max(capacity), starts)
+    starts, ends = (bound.view(batch, -1) for bound in mask.row_bounds())
     keys = mask.indices.to(torch.int64)
     in_range = (keys >= 0) & (keys < kv_len)
     keys = keys.clamp(0, max(kv_len - 1, 0))

@@ -31,9 +31,7 @@ def mask_image(mask: SliceMask, batch: int = 0, head: int = 0, max_columns: int 
         raise ValueError(f"(batch, head) must index the mask's {(mask.batch, mask.heads)}, got {(batch, head)}")
     if max_columns < 1:
         raise ValueError(f"max_columns must be positive, got {max_columns}")
-    one = SliceMask(mask.indptr[batch : batch + 1, head : head + 1].contiguous(), mask.indices, mask.slice_m,
-                    mask.q_len, mask.kv_len)
-    dense = one.to_dense()[0, 0].float().cpu()
+    dense = _head_mask(mask, batch, head).to_dense()[0, 0].float().cpu()
     if mask.kv_len == 0:
         return torch.zeros(mask.q_blocks, 0)
     per_bin = num_blocks(mask.kv_len, max_columns)
@@ -41,6 +39,12 @@ def mask_image(mask: SliceMask, batch: int = 0, head: int = 0, max_columns: int 
     kept = torch.nn.functional.pad(dense, (0, pad)).unflatten(1, (-1, per_bin)).sum(2)
     keys = torch.nn.functional.pad(torch.ones(mask.kv_len), (0, pad)).unflatten(0, (-1, per_bin)).sum(1)
     return kept / keys  # the last bin holds fewer keys: the padding is not a dropped key
+
+
+def _head_mask(mask: SliceMask, batch: int, head: int) -> SliceMask:
+    """Head ``head`` of batch ``batch`` as a mask of its own (its offsets, the shared keys)."""
+    return SliceMask(mask.indptr[batch : batch + 1, head : head + 1].contiguous(), mask.indices, mask.slice_m,
+                     mask.q_len, mask.kv_len)
 
 
 def draw_masks(masks: dict, path, batch: int = 0, head: int = 0, block_size: int = 128, max_columns: int = 2048,
@@ -59,9 +63,7 @@ def draw_masks(masks: dict, path, batch: int = 0, head: int = 0, block_size: int
             ax.imshow(cover, cmap="Blues", vmin=0, vmax=3, extent=extent, aspect="auto", interpolation="nearest")
         shown = torch.where(image > 0, image, torch.nan)
         ax.imshow(shown, cmap="magma_r", vmin=0, vmax=1, extent=extent, aspect="auto", interpolation="nearest")
-        head_mask = SliceMask(mask.indptr[batch : batch + 1, head : head + 1].contiguous(), mask.indices,
-                              mask.slice_m, mask.q_len, mask.kv_len)
-        ax.set_title(f"{label}: density {head_mask.density():.3f}")
+        ax.set_title(f"{label}: density {_head_mask(mask, batch, head).density():.3f}")
         ax.set_xlabel("key")
         ax.set_ylabel("query")
         rows = image.mean(1)

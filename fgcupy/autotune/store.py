@@ -133,14 +133,15 @@ class TuneCache:
         return entries, None
 
     def _parse(self, raw: bytes) -> tuple[dict | None, str | None]:
-        """(data, problem): the parsed file if it is an fgcupy autotune file."""
+        """(data, problem): the parsed file if it is an fgcupy autotune file; both for a newer
+        fgcupy's file (not to be read, nor overwritten)."""
         try:
             data = json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as err:  # ValueError includes UnicodeDecodeError
             return None, f"{self.path} is corrupt ({type(err).__name__}); it will be replaced by a fresh tune"
         header = data.get("header") if isinstance(data, dict) else None
         if _newer_format(header):
-            return None, (f"{self.path} was written by a newer fgcupy (autotune format {header['format']}, this one "
+            return data, (f"{self.path} was written by a newer fgcupy (autotune format {header['format']}, this one "
                           f"reads {FORMAT}): it is left as it is and tuned results stay in this process")
         if not isinstance(header, dict) or header.get("library") != "fgcupy" or header.get("format") not in (1, FORMAT):
             return None, f"{self.path} is not an fgcupy autotune file (format {FORMAT}); it will be replaced"
@@ -202,12 +203,11 @@ class TuneCache:
             with _file_lock(self.path.with_name(self.path.name + ".lock")):
                 tables = {}
                 if self.path.exists():
-                    raw = self.path.read_bytes()
-                    data, problem = self._parse(raw)
+                    data, problem = self._parse(self.path.read_bytes())
                     if problem:
                         self._warn(problem, None)
-                        if _newer_format(_header_of(raw)):
-                            return False  # another version's tables are never wiped
+                        if data is not None:  # a newer fgcupy's file: its tables are never wiped
+                            return False
                     else:
                         tables = self._tables(data)
                 stamp = library_stamp()
@@ -240,14 +240,6 @@ class TuneCache:
             self._warn(f"cannot write {self.path}: {err}; tuned results stay in this process only", None)
             return False
         return True
-
-
-def _header_of(raw: bytes):
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError):
-        return None
-    return data.get("header") if isinstance(data, dict) else None
 
 
 def _newer_format(header) -> bool:
