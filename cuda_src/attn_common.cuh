@@ -38,7 +38,10 @@ struct WorkItem {
 __device__ __forceinline__ WorkItem work_item(const int* __restrict__ order, const int* __restrict__ indptr,
                                               int heads, int q_blocks, int capacity) {
   WorkItem w;
-  const int item = order[blockIdx.x];
+  // One CTA per item: an order entry outside [0, items) (a corrupt launch order) runs the CTA's
+  // own item instead of indexing past the offsets.
+  int item = order[blockIdx.x];
+  if (static_cast<unsigned>(item) >= gridDim.x) item = blockIdx.x;
   w.qb = item % q_blocks;
   w.bh = item / q_blocks;
   w.b = w.bh / heads;

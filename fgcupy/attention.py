@@ -14,8 +14,8 @@ import math
 import torch
 
 from . import bridge
-from .attention_kernel import (SCHEDULES, block_order, check_inputs, check_outputs, check_scale,  # noqa: F401 - public here
-                               check_strides, load_kernels)
+from .attention_kernel import (SCHEDULES, block_order, check_forward_only, check_inputs,  # noqa: F401 - public here
+                               check_outputs, check_scale, check_strides, load_kernels)
 from .jit import AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec
 from . import ops
 from .ops import spec_token
@@ -93,7 +93,7 @@ class SparseAttention:
             if mask.device.type == "cuda":
                 load_kernels(mask.device, spec, schedule)
             order = block_order(mask, schedule)
-            if self._same_shape(mask):
+            if self._same_shape(mask) and self._writable():
                 self._indptr.copy_(mask.indptr)
                 self._indices.copy_(mask.indices)
                 self._order.copy_(order)
@@ -112,6 +112,10 @@ class SparseAttention:
             and self._indices.shape == mask.indices.shape
             and self._indptr.device == mask.device
         )
+
+    def _writable(self) -> bool:
+        """Buffers made under torch.inference_mode take no in-place copy outside it."""
+        return torch.is_inference_mode_enabled() or not self._indptr.is_inference()
 
     # ---- run ----
     def run(self, q, k, v, scale: float | None = None, layout: str = "HND", out=None,
@@ -135,6 +139,7 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
     returns_cupy = bridge.is_cupy_array(q)
     q_t, k_t, v_t = (bridge.to_torch(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     qh, kh, vh = (to_bhsd(x, layout) for x in (q_t, k_t, v_t))
+    check_forward_only(qh, kh, vh)
     if qh.device.type == "cuda":
         check_inputs(qh, kh, vh, mask, spec or _spec_like(qh, mask), planned=spec is not None)
     else:
@@ -169,6 +174,9 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
         scale = scale.item()
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)  # symbolic under torch.compile with dynamic shapes
+    elif torch.compiler.is_compiling():  # maybe computed from symbolic shapes: checked in the graph
+        torch._check(scale > 0, lambda: "scale must be a positive finite number")
+        torch._check(scale < math.inf, lambda: "scale must be a positive finite number")
     else:
         check_scale(scale)
     scale = float(scale)

@@ -99,6 +99,7 @@ def launch_attention(spec, q, k, v, out, lse, mask: SliceMask, order: torch.Tens
     check_scale(scale)
     batch, heads, q_len, _ = q.shape
     items = batch * heads * mask.q_blocks
+    check_order(order, items, q.device)
     if not (items and q_len):
         if lse is not None:
             lse.fill_(-math.inf)
@@ -118,6 +119,17 @@ def launch_attention(spec, q, k, v, out, lse, mask: SliceMask, order: torch.Tens
         scale_log2=scale * math.log2(math.e), **fields,
     )
     launch(spec, q.device, (items,), params)
+
+
+def check_order(order, items: int, device) -> None:
+    """The launch order the kernel reads one entry of per CTA: int32, one per (batch, head, query
+    block), on the inputs' device (its values are clamped in the kernel)."""
+    if not isinstance(order, torch.Tensor) or order.dtype != torch.int32 or order.device != device \
+            or order.numel() != items or not order.is_contiguous():
+        got = (f"{tuple(order.shape)}, {order.dtype}, {order.device}" if isinstance(order, torch.Tensor)
+               else type(order).__name__)
+        raise ValueError(f"order must be a contiguous int32 tensor of {items} items (batch x heads x query "
+                         f"blocks) on {device}; got {got}")
 
 
 def check_inputs(q, k, v, mask: SliceMask, spec=None, planned: bool = True) -> None:
@@ -148,6 +160,14 @@ def check_inputs(q, k, v, mask: SliceMask, spec=None, planned: bool = True) -> N
     for name, t in (("k", k), ("v", v)):
         if tuple(t.shape) != expected_kv:
             raise ValueError(f"{name} has [B, H, S, D] shape {tuple(t.shape)}, the mask expects {expected_kv}")
+
+
+def check_forward_only(q, k, v) -> None:
+    """The kernels have no backward pass: refuse to run where autograd would record the call
+    (no gradient would reach q, k or v, silently)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise RuntimeError("fgcupy attention has no backward pass: call it under torch.no_grad() or "
+                           "torch.inference_mode() (diffusers pipelines do), or pass q, k, v detached")
 
 
 def check_scale(scale) -> None:

@@ -46,7 +46,7 @@ def num_blocks(length: int, slice_m: int) -> int:
 HOST_BUILT_FULL_MASK = 1 << 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SliceMask:
     indptr: torch.Tensor
     indices: torch.Tensor

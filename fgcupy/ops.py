@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import torch
 
+from .jit.spec import spec_from_token
+from .jit.spec import spec_token as _spec_token
 from .mask import SliceMask
 from .op_library import define
 
-_SPECS: dict = {}  # spec name -> spec (the op takes the name: a custom op argument is a string)
-
 
 def spec_token(spec) -> str:
-    """The name an op call carries for ``spec`` ("" lets the op choose, as plan() would)."""
-    if spec is None:
-        return ""
-    _SPECS[spec.name] = spec
-    return spec.name
+    """The string an op call carries for ``spec`` ("" lets the op choose, as plan() would)."""
+    return "" if spec is None else _spec_token(spec)
 
 
 def _attention_meta(q, k, v, out, lse, indptr, indices, order, slice_m, scale, spec):
@@ -33,6 +30,8 @@ def _attention_meta(q, k, v, out, lse, indptr, indices, order, slice_m, scale, s
 def _attention_cpu(q, k, v, out, lse, indptr, indices, order, slice_m, scale, spec):
     from .reference import reference_attention
 
+    if spec:
+        spec_from_token(spec)  # a token the CUDA kernel could not read fails here too
     mask = SliceMask(indptr, indices, slice_m, q.shape[2], k.shape[2])
     precision = torch.float64 if q.dtype == torch.float64 else torch.float32
     result, row_lse = reference_attention(q, k, v, mask, scale=scale, dtype=precision)
@@ -41,16 +40,16 @@ def _attention_cpu(q, k, v, out, lse, indptr, indices, order, slice_m, scale, sp
         lse.copy_(row_lse)
 
 
-def _attention_cuda(q, k, v, out, lse, indptr, indices, order, slice_m, scale, spec):
+def _attention_cuda(q, k, v, out, lse, indptr, indices, order, slice_m, scale, spec, checked: bool = False):
+    """The kernels; ``checked``: the caller (``_attend``) has checked q, k, v against the mask and
+    spec already (the op, called from a graph or directly, checks them here)."""
     from . import autotune, bridge
     from .attention_kernel import block_order, check_inputs, launch_attention, load_kernels
 
     mask = SliceMask(indptr, indices, slice_m, q.shape[2], k.shape[2])
-    chosen = _SPECS.get(spec) if spec else autotune.planned_spec(mask, q.shape[-1], bridge.dtype_name(q.dtype, "q"))
-    if chosen is None:
-        raise ValueError(f"unknown kernel spec {spec!r} (plan() registers the specs it chooses)")
-    if not spec:
-        check_inputs(q, k, v, mask, chosen)
+    chosen = spec_from_token(spec) if spec else autotune.planned_spec(mask, q.shape[-1], bridge.dtype_name(q.dtype, "q"))
+    if not checked:
+        check_inputs(q, k, v, mask, chosen, planned=bool(spec))
     if order is None:
         load_kernels(q.device, chosen)
         order = block_order(mask)
@@ -69,6 +68,6 @@ def attend(*args) -> None:
     if torch.compiler.is_compiling():
         torch.ops.fgcupy.sparse_attention_(*args)
     elif args[0].device.type == "cuda":
-        _attention_cuda(*args)
+        _attention_cuda(*args, checked=True)
     else:
         _attention_cpu(*args)

@@ -135,3 +135,16 @@ def test_specs_differing_only_in_shared_memory_get_their_own_module():
     assert source.kernel_source(small) == source.kernel_source(large)
     assert module_options(small) != module_options(large)
     assert cache_file(small, "sm_90") != cache_file(large, "sm_90")
+
+
+def test_every_spec_travels_as_a_token_and_back():
+    """The attention op carries its kernel as a string that names every template argument."""
+    from fgcupy.jit.spec import spec_from_token, spec_token
+
+    specs = all_attention_specs() + all_sm90_specs() + all_sm90_ws_specs()
+    assert all(spec_from_token(spec_token(s)) == s for s in specs)
+    assert len({spec_token(s) for s in specs}) == len(specs)
+    for bad in ("", "AttentionSpec", "NoSuchSpec(dtype=bfloat16)", "AttentionSpec(dtype=bfloat16,colour=3)",
+                "Sm90WsAttentionSpec(dtype=bfloat16,head_dim=256,slice_m=128,key_tile=128,stages=2,pingpong=1)"):
+        with pytest.raises(ValueError):
+            spec_from_token(bad)

@@ -147,3 +147,28 @@ def test_selection_refuses_score_rows_it_cannot_rank():
         mask_kernels.gpu_select(torch.zeros(1, 2, 64, dtype=torch.float16), 64, req)
     with pytest.raises(TypeError, match="got torch.float64 without lse"):
         mask_kernels.gpu_select(torch.zeros(1, 2, 64, dtype=torch.float64), 64, req)
+
+
+def test_a_plan_made_under_inference_mode_plans_again_outside_it():
+    mask = SliceMask.full(1, 2, 128, 128, 64)
+    with torch.inference_mode():
+        attn = SparseAttention().plan(mask, head_dim=64)
+    other = SliceMask.from_topk(torch.zeros(1, 2, 2, 1, dtype=torch.int32), 64, 128, 128)
+    attn.plan(other, head_dim=64)  # same shape of offsets, new buffers
+    q, k, v = (torch.randn(1, 2, 128, 64) for _ in range(3))
+    with torch.no_grad():
+        torch.testing.assert_close(attn.run(q, k, v), reference_attention(q, k, v, other)[0])
+
+
+def test_masks_compare_by_identity():
+    a, b = SliceMask.full(1, 2, 128, 128, 64), SliceMask.full(1, 2, 128, 128, 64)
+    assert a == a and a != b and len({a, b}) == 2
+
+
+def test_a_launch_order_the_kernel_cannot_read_is_refused():
+    from fgcupy.attention_kernel import check_order
+
+    check_order(torch.arange(8, dtype=torch.int32), 8, torch.device("cpu"))
+    for bad in (torch.arange(8), torch.arange(7, dtype=torch.int32), torch.arange(16, dtype=torch.int32)[::2], None):
+        with pytest.raises(ValueError, match="order must be a contiguous int32 tensor of 8 items"):
+            check_order(bad, 8, torch.device("cpu"))

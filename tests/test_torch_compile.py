@@ -88,3 +88,49 @@ def test_dynamic_shapes_compile_without_breaks():
     q, k, v = _qkv()
     out = compiled(q, k, v)
     torch.testing.assert_close(out, reference_attention(q, k, v, mask)[0] * 2)
+
+
+def test_a_scale_from_the_shapes_compiles_without_breaks():
+    """A scale the caller computes from q's (symbolic) head dim is checked inside the graph."""
+    mask = SliceMask.full(1, 2, 256, 256, 64)
+    compiled = torch.compile(lambda q, k, v: sparse_attention(q, k, v, mask, scale=q.shape[-1] ** -0.5) * 2,
+                             fullgraph=True, dynamic=True)
+    q, k, v = _qkv()
+    out = compiled(q, k, v)
+    torch.testing.assert_close(out, reference_attention(q, k, v, mask, scale=64 ** -0.5)[0] * 2)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_attention_refuses_to_run_where_autograd_records(compiled):
+    """No backward pass: a call whose inputs need gradients raises instead of leaving q.grad
+    unset; under no_grad the same call runs."""
+    q, k, v = _qkv()
+    q.requires_grad_(True)
+    mask = SliceMask.full(1, 2, 256, 256, 64)
+    call = lambda q, k, v: sparse_attention(q, k, v, mask)  # noqa: E731
+    call = torch.compile(call, fullgraph=True) if compiled else call
+    with pytest.raises(Exception, match="no backward pass"):
+        call(q, k, v)
+    with torch.no_grad():
+        torch.testing.assert_close(call(q, k, v), reference_attention(q, k, v, mask)[0])
+
+
+def test_the_op_refuses_a_spec_it_cannot_read():
+    q, k, v = _qkv(dtype=torch.bfloat16)
+    mask = SliceMask.full(1, 2, 256, 256, 64)
+    with pytest.raises(ValueError, match="not a kernel spec token"):
+        torch.ops.fgcupy.sparse_attention_(q, k, v, torch.empty_like(q), None, mask.indptr, mask.indices, None, 64,
+                                           0.125, "sparse_attn_fwd_bf16_d64_m64_n64_s2_w4")
+
+
+@pytest.mark.gpu
+def test_a_planned_run_compiles_on_cuda_before_any_eager_call():
+    """The op reads its kernel from its own argument: a graph's first call needs nothing an eager
+    call would have left behind."""
+    q, k, v = _qkv("cuda", torch.bfloat16, seq=512, dim=128)
+    mask = SliceMask.from_topk(torch.arange(128, dtype=torch.int32, device="cuda").expand(1, 2, 4, 128).contiguous(),
+                               128, 512, 512)
+    attn = SparseAttention().plan(mask, head_dim=128, dtype=torch.bfloat16, key_tile=64, stages=3)
+    out = torch.compile(lambda q, k, v: attn.run(q, k, v) * 2, fullgraph=True)(q, k, v)
+    ref, _ = reference_attention(q, k, v, mask)
+    torch.testing.assert_close(out.float(), ref * 2, rtol=2e-2, atol=2e-2)

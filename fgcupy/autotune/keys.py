@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..jit import AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec
+from ..jit.spec import ATTENTION_SPEC_CLASSES
 from ..mask import SliceMask
 
 DENSITY_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
@@ -96,7 +96,7 @@ class ProblemKey:
                 f"|q{self.q_bucket}|kv{self.kv_bucket}|p{self.density:g}")
 
 
-_SPEC_CLASSES = {cls.__name__: cls for cls in (AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec)}
+_SPEC_CLASSES = ATTENTION_SPEC_CLASSES
 
 
 def mask_density_estimate(mask: SliceMask) -> float:

@@ -7,6 +7,8 @@ memory it needs all come from here, so the runtime path and the CPU compile chec
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -249,6 +251,34 @@ class Sm90WsAttentionSpec(_AttentionKernelSpec):
         """1024 bytes to align the tiles (128-byte swizzle atoms), four mbarriers and one
         unmasked-flag word per producer warp per stage."""
         return 1024 + 4 * 8 * self.stages + 4 * WS_PRODUCER_WARPS * self.stages
+
+
+#: The attention kernels' spec classes by name (tune files and op arguments name them).
+ATTENTION_SPEC_CLASSES = {cls.__name__: cls for cls in (AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec)}
+
+
+def spec_token(spec) -> str:
+    """``spec`` as a string that :func:`spec_from_token` rebuilds alone (a custom op's
+    argument: a string, read in whatever process or graph the op runs)."""
+    fields = ",".join(f"{f.name}={getattr(spec, f.name)}" for f in dataclasses.fields(spec))
+    return f"{type(spec).__name__}({fields})"
+
+
+@functools.lru_cache(maxsize=256)
+def spec_from_token(token: str):
+    """The spec ``spec_token`` wrote; ValueError for anything else."""
+    name, _, rest = token.partition("(")
+    cls = ATTENTION_SPEC_CLASSES.get(name)
+    if cls is None or not rest.endswith(")"):
+        raise ValueError(f"not a kernel spec token: {token!r}")
+    fields = {}
+    for item in filter(None, rest[:-1].split(",")):
+        key, _, value = item.partition("=")
+        fields[key] = int(value) if value.lstrip("-").isdigit() else value
+    try:
+        return cls(**fields)
+    except TypeError as err:
+        raise ValueError(f"not a kernel spec token: {token!r} ({err})") from None
 
 
 def all_attention_specs() -> list[AttentionSpec]:
