@@ -1,6 +1,10 @@
 """Compiled kernels on disk (fgcupy.jit.kernel_cache) and the driver loader's CPU-side behaviour."""
 
 import logging
+import os
+import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -41,13 +45,44 @@ def test_the_file_name_follows_every_input_of_the_binary(cache_dir, monkeypatch)
     assert kernel_cache.cache_file(SPEC, "sm_80") != first
 
 
-def test_a_damaged_file_is_ignored(cache_dir, caplog):
+@pytest.mark.parametrize("damage", ["no separator", "cut short", "zeros", "not utf-8", "old format"])
+def test_a_damaged_file_is_deleted_and_compiled_again(cache_dir, caplog, damage):
+    compiled = compile_cubin(SPEC, "sm_80")
+    kernel_cache.store(SPEC, "sm_80", compiled)
     path = kernel_cache.cache_file(SPEC, "sm_80")
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"no separator here")
+    whole = path.read_bytes()
+    path.write_bytes({"no separator": b"no separator here",
+                      "cut short": whole[: len(whole) // 2],
+                      "zeros": bytes(len(whole)),
+                      "not utf-8": whole[:len(kernel_cache.MAGIC) + 32] + b"\xff\xfe\0" + compiled.cubin,
+                      "old format": compiled.lowered_name.encode() + b"\0" + compiled.cubin}[damage])
     with caplog.at_level(logging.WARNING, logger="fgcupy"):
         assert kernel_cache.load(SPEC, "sm_80") is None
-    assert "damaged" in caplog.text
+    assert "damaged" in caplog.text and not path.exists()
+
+
+def test_files_are_readable_as_the_umask_allows(cache_dir):
+    old = os.umask(0o022)
+    try:
+        kernel_cache.store(SPEC, "sm_80", compile_cubin(SPEC, "sm_80"))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(kernel_cache.cache_file(SPEC, "sm_80").stat().st_mode) == 0o644
+
+
+def test_another_compiler_is_another_file(cache_dir, monkeypatch):
+    first = kernel_cache.cache_file(SPEC, "sm_80")
+    monkeypatch.setattr(kernel_cache, "library_identity", lambda: "libnvrtc.so.13.9:1234")
+    assert kernel_cache.cache_file(SPEC, "sm_80") != first
+
+
+def test_nvrtc_of_another_major_version_is_refused(monkeypatch):
+    lib = nvrtc.library()
+    path = next(p for p in nvrtc._wheel_paths() + [nvrtc.SYSTEM_NAME] if p == nvrtc.SYSTEM_NAME or os.path.isfile(p))
+    monkeypatch.setattr(nvrtc, "_version", lambda lib: (12, 8))
+    with pytest.raises(nvrtc.NvrtcError, match="NVRTC 12.8, not 13"):
+        nvrtc._open(path)
+    assert lib is nvrtc.library()  # the loaded one stays
 
 
 def test_an_unwritable_cache_is_logged_not_raised(tmp_path, monkeypatch, caplog):
@@ -113,3 +148,57 @@ def test_wgmma_specs_compile_for_their_own_arch(fresh_runtime, monkeypatch):
     monkeypatch.setattr(runtime, "compile_cubin", lambda spec, arch: seen.append(arch) or compile_cubin(SPEC, "sm_80"))
     runtime._load(Sm90AttentionSpec("bfloat16", 64, 64), 0)
     assert seen == ["sm_90a"]
+
+
+def test_a_cached_kernel_the_driver_refuses_is_compiled_again(fresh_runtime, monkeypatch, caplog):
+    runtime = fresh_runtime
+    runtime._load(SPEC, 0)  # compiled and stored
+    refused = []
+
+    class RefusesCachedOnce(_FakeFunction):
+        def __init__(self, *args):
+            if not refused:
+                refused.append(args[0])
+                raise driver.CudaDriverError("CUDA driver call cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE")
+            super().__init__(*args)
+
+    monkeypatch.setattr(runtime.driver, "Function", RefusesCachedOnce)
+    compiles = []
+    real = runtime.compile_cubin
+    monkeypatch.setattr(runtime, "compile_cubin", lambda spec, arch: compiles.append(arch) or real(spec, arch))
+    with caplog.at_level(logging.WARNING, logger="fgcupy"):
+        kernel = runtime._load(SPEC, 0)
+    assert refused and compiles == ["sm_80"] and isinstance(kernel.function, RefusesCachedOnce)
+    assert "refused the cached" in caplog.text and kernel_cache.load(SPEC, "sm_80") is not None
+
+
+def test_neither_nvrtc_nor_cupy_names_both(fresh_runtime, monkeypatch):
+    runtime = fresh_runtime
+    monkeypatch.setitem(sys.modules, "cupy", None)
+
+    def missing():
+        raise nvrtc.NvrtcUnavailable("libnvrtc (CUDA 13) not found; install nvidia-cuda-nvrtc==13.0.*")
+
+    monkeypatch.setattr(nvrtc, "library", missing)
+    with pytest.raises(nvrtc.NvrtcUnavailable, match="(?s)libnvrtc .* not found.*cupy.*not installed"):
+        runtime._load_with_cupy(SPEC, 0)
+
+
+EXIT_DURING_LOAD = """
+import sys, threading, time, torch
+from fgcupy.jit import runtime
+def slow_load(spec, index):
+    time.sleep(1.0)
+    open(sys.argv[1], "w").write("done")
+    return object()
+runtime._load = slow_load
+runtime.load_in_background(torch.device("cuda", 0), object())
+"""
+
+
+def test_exit_waits_for_a_load_in_background(tmp_path):
+    """A process ending while a kernel compiles waits for it (NVRTC torn down under a compile
+    aborts the process)."""
+    marker = tmp_path / "done"
+    subprocess.run([sys.executable, "-c", EXIT_DURING_LOAD, str(marker)], check=True, timeout=60)
+    assert marker.read_text() == "done"

@@ -1,20 +1,29 @@
 """Compiled kernels on disk ($FGCUPY_CACHE_DIR/kernels): one file per (spec, architecture,
-source and options), so a new process loads its kernels without compiling (or importing a
-compiler). A file is the kernel's lowered name, a NUL, then the cubin; writes are atomic."""
+source, options and compiler), so a new process loads its kernels without compiling (or
+importing a compiler).
+
+A file is a magic tag, the SHA-256 of the rest, the kernel's lowered name, a NUL, then the
+cubin: a file cut short or filled with zeros by a crash fails the hash and is deleted (the kernel
+is compiled again). Writes are flushed to disk and renamed into place, readable as the umask
+allows (a cache folder shared by several users works)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 from ..paths import cache_root
 from .compile import CompiledKernel, compile_options
+from .nvrtc import library_identity
 from .source import kernel_source
 
 log = logging.getLogger("fgcupy")
+
+MAGIC = b"fgcupy-cubin-2\n"
+_DIGEST_BYTES = 32
 
 
 def kernel_dir() -> Path:
@@ -23,37 +32,63 @@ def kernel_dir() -> Path:
 
 def cache_file(spec, arch: str) -> Path:
     """The file of ``spec`` compiled for ``arch``: named by the spec and a hash of everything the
-    binary depends on (the full source and every option, which carry a hash of cuda_src/)."""
+    binary depends on (the full source and every option, which carry a hash of cuda_src/, and
+    which libnvrtc compiles it)."""
     digest = hashlib.sha256()
-    for part in (kernel_source(spec), *compile_options(spec, arch), spec.name_expression):
+    for part in (MAGIC.decode(), library_identity(), kernel_source(spec), *compile_options(spec, arch),
+                 spec.name_expression):
         digest.update(part.encode())
         digest.update(b"\0")
     return kernel_dir() / f"{spec.name}-{arch}-{digest.hexdigest()[:20]}.cubin"
 
 
 def load(spec, arch: str) -> CompiledKernel | None:
-    """The cached kernel, or None (absent or unreadable)."""
+    """The cached kernel, or None (absent, unreadable, or damaged: then deleted)."""
     path = cache_file(spec, arch)
     try:
         raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        log.warning("fgcupy: cannot read the kernel cache file %s (%s); compiling", path, err)
+        return None
+    body = raw[len(MAGIC) + _DIGEST_BYTES:]
+    name, sep, cubin = body.partition(b"\0")
+    intact = (raw.startswith(MAGIC) and hashlib.sha256(body).digest() == raw[len(MAGIC):len(MAGIC) + _DIGEST_BYTES]
+              and sep and cubin)
+    try:
+        lowered = name.decode() if intact else ""
+    except UnicodeDecodeError:
+        intact = False
+    if not intact:
+        log.warning("fgcupy: deleting a damaged kernel cache file %s; compiling", path)
+        discard(spec, arch)
+        return None
+    return CompiledKernel(cubin, lowered, "")
+
+
+def discard(spec, arch: str) -> None:
+    """Delete the cached kernel (damaged, or refused by the driver); a missing file is fine."""
+    try:
+        cache_file(spec, arch).unlink()
     except OSError:
-        return None
-    name, sep, cubin = raw.partition(b"\0")
-    if not sep or not cubin:
-        log.warning("fgcupy: ignoring a damaged kernel cache file %s", path)
-        return None
-    return CompiledKernel(cubin, name.decode(), "")
+        pass
 
 
 def store(spec, arch: str, compiled: CompiledKernel) -> None:
-    """Write the kernel (atomically); a cache that cannot be written is logged and skipped."""
+    """Write the kernel (flushed, then renamed into place); a cache that cannot be written is
+    logged and skipped."""
     path = cache_file(spec, arch)
+    body = compiled.lowered_name.encode() + b"\0" + compiled.cubin
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        tmp = path.parent / f".tmp-{os.getpid()}-{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides who may read
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(compiled.lowered_name.encode() + b"\0" + compiled.cubin)
+                f.write(MAGIC + hashlib.sha256(body).digest() + body)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             os.unlink(tmp)

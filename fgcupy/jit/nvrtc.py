@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import importlib.util
 import os
 import sys
 import threading
 
 SUCCESS = 0
+REQUIRED_MAJOR = 13
 #: The name the system's loader is asked for last (a CUDA toolkit on its search path).
 SYSTEM_NAME = "nvrtc64_130_0.dll" if sys.platform == "win32" else "libnvrtc.so.13"
 _lib = None
@@ -44,6 +46,19 @@ def _wheel_paths() -> list[str]:
     return [os.path.join(r, "cu13", "lib", "libnvrtc.so.13") for r in roots]
 
 
+@functools.lru_cache(maxsize=None)
+def library_identity() -> str:
+    """Which libnvrtc compiles, without loading it (a process whose kernels are cached loads
+    none): the wheel's library by name and size (another release has another size; several
+    environments with one release share their kernels), or "system" for any other."""
+    for path in _wheel_paths():
+        try:
+            return f"{os.path.basename(os.path.realpath(path))}:{os.stat(path).st_size}"
+        except OSError:
+            continue
+    return "system"
+
+
 def _pathfinder_path() -> str | None:
     try:
         from cuda.pathfinder import load_nvidia_dynamic_lib
@@ -60,9 +75,12 @@ def _open(path: str):
     library of its own version (``libnvrtc-builtins.so.<major>.<minor>`` beside it) loaded."""
     lib = ctypes.CDLL(path)
     _declare(lib)
+    major, minor = _version(lib)
+    if major != REQUIRED_MAJOR:
+        raise NvrtcError(f"NVRTC {major}.{minor}, not {REQUIRED_MAJOR}.x (the kernels' cache and options are "
+                         f"for CUDA {REQUIRED_MAJOR})")
     folder = os.path.dirname(os.path.realpath(path)) if os.path.dirname(path) else ""
     if folder and sys.platform != "win32":
-        major, minor = _version(lib)
         builtins = os.path.join(folder, f"libnvrtc-builtins.so.{major}.{minor}")
         if os.path.isfile(builtins):
             ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)

@@ -9,6 +9,7 @@ cupy.RawModule compiles, caches (CUPY_CACHE_DIR) and launches instead.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -27,6 +28,7 @@ _key_locks: dict = {}  # (spec, device index) -> the lock its one load holds
 _kernels: dict = {}
 _failed_in_background: set = set()  # (spec, device index) whose background load raised: not retried there
 _loading_in_background: set = set()  # (spec, device index) a thread is loading (guarded by _lock)
+_threads: set = set()  # the loading threads, joined at exit (guarded by _lock)
 
 
 class DriverKernel:
@@ -110,8 +112,23 @@ def load_in_background(device, spec) -> None:
         if key in _loading_in_background:
             return
         _loading_in_background.add(key)
-    threading.Thread(target=_load_quietly, args=(torch.device("cuda", key[1]), spec), daemon=True,
-                     name="fgcupy-load").start()
+    thread = threading.Thread(target=_load_quietly, args=(torch.device("cuda", key[1]), spec), daemon=True,
+                              name="fgcupy-load")
+    with _lock:
+        if not _threads:
+            atexit.register(_join_loads)
+        _threads.add(thread)
+    thread.start()
+
+
+def _join_loads(timeout_s: float = 120.0) -> None:
+    """At exit, wait for loads still compiling: NVRTC torn down under a running compile aborts
+    the process."""
+    deadline = time.monotonic() + timeout_s
+    with _lock:
+        threads = list(_threads)
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _load_quietly(device, spec) -> None:
@@ -124,6 +141,7 @@ def _load_quietly(device, spec) -> None:
     finally:
         with _lock:
             _loading_in_background.discard(key)
+            _threads.discard(threading.current_thread())
 
 
 def device_index(device) -> int:
@@ -150,7 +168,14 @@ def _load(spec, index: int):
             return _load_with_cupy(spec, index)
         kernel_cache.store(spec, arch, compiled)
         source = "NVRTC"
-    function = driver.Function(compiled.cubin, compiled.lowered_name, index, spec.smem_bytes)
+    try:
+        function = driver.Function(compiled.cubin, compiled.lowered_name, index, spec.smem_bytes)
+    except driver.CudaDriverError as err:
+        if source != "the disk cache":
+            raise
+        log.warning("fgcupy: the driver refused the cached %s (%s); deleting it and compiling", spec.name, err)
+        kernel_cache.discard(spec, arch)
+        return _load(spec, index)
     log.info("fgcupy: loaded %s from %s in %.3f s", spec.name, source, time.perf_counter() - started)
     return DriverKernel(function)
 
@@ -162,7 +187,16 @@ def module_options(spec) -> tuple[str, ...]:
 
 
 def _load_with_cupy(spec, index: int):
-    import cupy
+    try:
+        import cupy
+    except ImportError as err:
+        from .nvrtc import NvrtcUnavailable, library
+
+        try:
+            library()
+        except NvrtcUnavailable as missing:  # the cause worth naming: neither way to compile exists
+            raise NvrtcUnavailable(f"{missing}\nand cupy, the other way to compile, is not installed ({err})") from err
+        raise
 
     from .source import kernel_source
 
