@@ -47,7 +47,7 @@ print(json.dumps({"seconds": total, "stages": stages, "profile": buf.getvalue(),
 
 
 def run_child(cache_dir: str, autotune_dir: str, profile: bool = False) -> dict:
-    env = dict(os.environ, CUPY_CACHE_DIR=cache_dir, FGCUPY_CACHE_DIR=autotune_dir)
+    env = dict(os.environ, CUPY_CACHE_DIR=cache_dir, FGCUPY_CACHE_DIR=autotune_dir, FGCUPY_AUTOTUNE="0")  # no tune timed
     argv = [sys.executable, "-c", CHILD] + (["--profile"] if profile else [])
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     if done.returncode:

@@ -32,6 +32,16 @@ def _sleep_cycles_per_ms(device_index: int) -> float:
     return cycles / start.elapsed_time(stop)
 
 
+def queue_lead_cycles(fn, calls: int, device) -> int:
+    """``torch.cuda._sleep`` cycles that keep ``device`` busy while the host queues ``calls``
+    calls of ``fn`` (twice their host time, timed on one call, plus a millisecond)."""
+    with torch.cuda.device(device):
+        started = time.perf_counter()
+        fn()
+        host_ms = (time.perf_counter() - started) * 1e3
+        return int(_sleep_cycles_per_ms(torch.cuda.current_device()) * (2.0 * calls * host_ms + 1.0))
+
+
 def cuda_time_ms(fn, warmup: int = 3, reps: int = 10, queued: bool = False) -> dict:
     """Median / min / max milliseconds of ``fn()`` measured with CUDA events (see the module
     docstring for ``queued``)."""

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -307,7 +308,7 @@ def test_a_newer_fgcupys_file_is_read_as_empty_and_never_overwritten(isolated_ca
     assert isolated_cache.read_bytes() == content
 
 
-@pytest.mark.parametrize("field", ["version", "kernel_hash"])
+@pytest.mark.parametrize("field", ["version", "kernel_hash", "candidates_hash"])
 def test_other_version_or_kernels_is_stale(isolated_cache, monkeypatch, field):
     current = autotune.library_stamp()
     monkeypatch.setattr(autotune.store, "library_stamp", lambda: dict(current, **{field: "0.0.0-old"}))
@@ -354,6 +355,20 @@ def test_foreign_entries_never_reach_plan(isolated_cache, entry, message):
     autotune.TuneCache._memo.clear()
     with pytest.warns(autotune.AutotuneCacheWarning, match=message):
         assert autotune.TuneCache().lookup(KEY) is None
+
+
+def test_a_stored_kernel_the_gpu_cannot_run_is_ignored(isolated_cache):
+    """A Hopper kernel under an Ampere key (a hand-edited or foreign file) is not a candidate there."""
+    a100 = autotune.DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), 108, 166912, 65536)
+    key = autotune.ProblemKey.make(a100, "bfloat16", 128, 128, 32760, 32760, 0.3)
+    autotune.TuneCache().store([fake_result(key)], a100)
+    data = json.loads(isolated_cache.read_text())
+    data["entries"][key.id].update(kernel="Sm90WsAttentionSpec", spec={"dtype": "bfloat16", "head_dim": 128,
+                                   "slice_m": 128, "key_tile": 128, "stages": 2, "pingpong": 1})
+    isolated_cache.write_text(json.dumps(data))
+    autotune.TuneCache._memo.clear()
+    with pytest.warns(autotune.AutotuneCacheWarning, match="not a kernel for sm_80"):
+        assert autotune.TuneCache().lookup(key) is None
 
 
 def test_deeply_nested_file_is_corrupt_not_a_crash(isolated_cache):
@@ -456,6 +471,33 @@ def test_autotune_on_tunes_once_and_stores(isolated_cache, monkeypatch):
     assert KEY.id in json.loads(isolated_cache.read_text())["entries"]
 
 
+def test_a_tune_holds_its_own_key_alone(isolated_cache, monkeypatch):
+    """While one thread tunes a key for minutes, another plans a different key at once."""
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")
+    started, release = threading.Event(), threading.Event()
+
+    def slow_tune(key):
+        started.set()
+        release.wait(30)
+        return fake_result(key)
+
+    tuning = threading.Thread(target=autotune.choose_spec, args=(KEY, DEFAULT, slow_tune), kwargs={"gpu": H100})
+    tuning.start()
+    try:
+        assert started.wait(30)
+        other = autotune.ProblemKey.make(H100, "bfloat16", 128, 64, 32760, 32760, 0.3)
+        monkeypatch.setenv(autotune.AUTOTUNE_ENV, "0")
+        done = []
+        planner = threading.Thread(target=lambda: done.append(autotune.choose_spec(other, DEFAULT, slow_tune)))
+        planner.start()
+        planner.join(5)
+        assert done == [DEFAULT], "planning another key waited for the tune"
+    finally:
+        release.set()
+        tuning.join(30)
+    assert autotune.choose_spec(KEY, DEFAULT, slow_tune) == OTHER
+
+
 def test_failed_tune_warns_and_falls_back(monkeypatch):
     monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")
 
@@ -508,6 +550,30 @@ def test_command_without_gpu_says_so(capsys):
         pytest.skip("a GPU is present")
     assert autotune.main(["--preset", "cogvideox5b"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--density", "0"], ["--density", "1.5"], ["--reps", "0"]])
+def test_command_refuses_settings_it_cannot_tune(argv, capsys):
+    with pytest.raises(SystemExit):
+        autotune.main(argv)
+    assert "must be" in capsys.readouterr().err
+
+
+def test_command_shows_a_hand_edited_entry_without_crashing(isolated_cache, monkeypatch, capsys):
+    """A stored entry with only its spec (no name, no candidate table) is shown as cached."""
+    from fgcupy.autotune import cli
+
+    key = autotune.ProblemKey.make(H100, "bfloat16", 64, 64, 17550, 17550, 1.0)
+    autotune.TuneCache().store([fake_result(key)], H100)
+    data = json.loads(isolated_cache.read_text())
+    data["entries"][key.id] = {"spec": data["entries"][key.id]["spec"], "candidates": [{"spec": 1}]}
+    isolated_cache.write_text(json.dumps(data))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(cli.DeviceInfo, "of", staticmethod(lambda device: H100))
+    assert autotune.main(["--preset", "cogvideox5b", "--density", "1.0", "--slice-m", "64", "--no-store"]) == 0
+    out = capsys.readouterr().out
+    assert "cached" in out and "unreadable" in out and AttentionSpec("bfloat16", 64, 64, 32, 3).name in out
 
 
 # ---- slice-size tuning -----------------------------------------------------------------------

@@ -19,9 +19,12 @@ Control (environment):
   FGCUPY_AUTOTUNE=0   (default) use a cached result if present, else the heuristic default
   FGCUPY_CACHE_DIR    folder of ``autotune.json`` (default ``$XDG_CACHE_HOME/fgcupy`` or
                       ``~/.cache/fgcupy``)
-The file has a header (library, format, version, kernel-source hash, GPUs) and entries keyed by
-problem key. A corrupt, foreign or other-version file gives a warning and is treated as empty
-(the next store replaces it); writers take a file lock, re-read, merge and ``os.replace``.
+The file has a header (library, format, version, kernel-source hash, hash of the code that picks
+candidates, GPUs) and entries keyed by problem key. A corrupt or foreign file gives a warning and
+is treated as empty (the next store replaces it); the tables of other versions are kept beside
+this version's (each reads its own; a newer fgcupy's file is never overwritten), and an entry
+whose kernel is not a candidate for its key is ignored with a warning. Writers take a file lock,
+re-read, merge and ``os.replace``.
 
 Ahead of time: ``python -m fgcupy.autotune --preset wan14b-480p cogvideox5b --density 1.0 0.3``.
 

@@ -31,7 +31,8 @@ def tune_on_device(*args, **kwargs) -> TuneResult:
 # Choice at plan time
 # ---------------------------------------------------------------------------------------------
 _session: dict[str, AttentionSpec] = {}  # key id -> spec chosen in this process
-_session_lock = threading.RLock()
+_session_lock = threading.Lock()  # guards _key_locks
+_key_locks: dict[str, threading.RLock] = {}  # key id -> held while that key is looked up or tuned
 
 
 def autotune_enabled() -> bool:
@@ -48,8 +49,14 @@ def autotune_enabled() -> bool:
 def choose_spec(key: ProblemKey, default: AttentionSpec, tune_fn: Callable[[ProblemKey], TuneResult],
                 cache: TuneCache | None = None, gpu: DeviceInfo | None = None) -> AttentionSpec:
     """This process's choice, else the cached winner, else (FGCUPY_AUTOTUNE=1) a fresh tune that
-    is stored, else ``default``. A failed tune warns and falls back to ``default``."""
+    is stored, else ``default``. A failed tune warns and falls back to ``default``. A tune holds
+    its own key alone: other keys (and other GPUs) plan meanwhile."""
+    spec = _session.get(key.id)
+    if spec is not None:
+        return spec
     with _session_lock:
+        key_lock = _key_locks.setdefault(key.id, threading.RLock())
+    with key_lock:
         spec = _session.get(key.id)
         if spec is not None:
             return spec

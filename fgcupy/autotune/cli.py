@@ -25,6 +25,20 @@ PRESETS = {name: (shape.batch, shape.heads, shape.seq, shape.head_dim) for name,
 
 # Command line
 # ---------------------------------------------------------------------------------------------
+def _density(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"density must be in (0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive int, got {text}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fgcupy.autotune",
@@ -33,12 +47,13 @@ def main(argv=None) -> int:
         epilog=f"{AUTOTUNE_ENV}=1 tunes each new problem on first use inside SparseAttention.plan; "
                f"{AUTOTUNE_ENV}=0 (default) uses stored winners and otherwise the heuristic default.")
     parser.add_argument("--preset", nargs="+", default=["wan14b-480p"], choices=sorted(PRESETS))
-    parser.add_argument("--density", type=float, nargs="+", default=[1.0, 0.3])
+    parser.add_argument("--density", type=_density, nargs="+", default=[1.0, 0.3],
+                        help="each is tuned at its bucket's density, the one plan-time tuning uses")
     parser.add_argument("--slice-m", type=int, nargs="+", default=list(SLICE_SIZES), choices=SLICE_SIZES)
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(_TORCH_DTYPES))
     parser.add_argument("--force", action="store_true", help="re-tune keys that are already stored")
     parser.add_argument("--no-store", action="store_true", help="print only; leave the cache file alone")
-    parser.add_argument("--reps", type=int, default=5, help="timed reps per candidate per round (3 rounds)")
+    parser.add_argument("--reps", type=_positive_int, default=5, help="timed reps per candidate per round (3 rounds)")
     parser.add_argument("--json", help="also write every result (with candidate tables) here")
     args = parser.parse_args(argv)
 
@@ -57,13 +72,18 @@ def main(argv=None) -> int:
         for density in args.density:
             for slice_m in args.slice_m:
                 key = ProblemKey.make(info, args.dtype, head_dim, slice_m, seq, seq, density)
+                density = key.density
                 entry = None if args.force else cache.entry(key)
-                if entry is not None and cache.lookup(key) is not None:
+                cached = None if entry is None else cache.lookup(key)
+                if cached is not None:
                     print(f"\n{name} d={density} m={slice_m}: cached (tuned {entry.get('tuned_at')}, "
                           f"{entry.get('tune_seconds')} s)")
-                    print(format_table(key.id, entry.get("candidates", []), entry.get("default", ""), entry["spec_name"]))
+                    try:
+                        print(format_table(key.id, entry.get("candidates", []), entry.get("default", ""), cached.name))
+                    except (KeyError, TypeError, ValueError):  # a hand-edited entry: the spec alone
+                        print(f"{key.id}: {cached.name} (its candidate table is unreadable)")
                     summary.append((name, density, slice_m, entry.get("default"), entry.get("default_ms"),
-                                    entry["spec_name"], entry.get("winner_ms"), 0.0, "cached"))
+                                    cached.name, entry.get("winner_ms"), 0.0, "cached"))
                     dump.append({"preset": name, "cached": True, **entry})
                     continue
                 print(f"\n{name} d={density} m={slice_m}: tuning", flush=True)

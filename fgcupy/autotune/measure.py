@@ -12,6 +12,7 @@ from ..attention_kernel import block_order, launch_attention
 from ..jit import AttentionSpec, get_kernel_on
 from ..progress import progress_bar
 from ..mask import SliceMask, num_blocks, random_topk_mask
+from ..timing import queue_lead_cycles
 from .keys import DeviceInfo, ProblemKey, _TORCH_DTYPES
 from .selection import Measurement, TuneResult, tune
 
@@ -101,12 +102,14 @@ class EventMeasure:
             samples = {s: [] for s in good}
             stream = torch.cuda.current_stream(device)
             bar = progress_bar(total=self.rounds * len(good), desc="fgcupy autotune: timing")
+            lead = queue_lead_cycles(run, self.reps, device)
             for r in range(self.rounds):
                 self.progress(f"  round {r + 1}/{self.rounds}: {len(good)} candidates x {self.reps} reps")
                 for spec in (good if r % 2 == 0 else good[::-1]):
                     bar.update()
                     use(spec)
                     run()
+                    torch.cuda._sleep(lead)  # the reps queue behind it: the events time GPU work alone
                     events = []
                     for _ in range(self.reps):
                         start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

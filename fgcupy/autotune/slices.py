@@ -4,6 +4,7 @@ least scoring + attention time."""
 from __future__ import annotations
 
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -87,7 +88,6 @@ def tune_slice(q, k, v, target: float, *, layout: str = "HND", slice_sizes=SLICE
     ``timer(fn, label) -> ms`` to CUDA events.
     """
     from ..layout import to_bhsd
-    from ..reference import dense_attention, relative_l2
 
     if not (isinstance(target, (int, float)) and target > 0):
         raise ValueError(f"target must be a positive relative L2 error, got {target!r}")
@@ -108,6 +108,14 @@ def tune_slice(q, k, v, target: float, *, layout: str = "HND", slice_sizes=SLICE
     densities = sorted(set(float(d) for d in densities))
 
     q, k, v = (to_bhsd(bridge.to_torch(x, n), layout) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    # Events and syncs go to torch's current device: make it q's.
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        return _tune_slice(q, k, v, target, slice_sizes, densities, heads, refine, predictor, attend, timer, progress)
+
+
+def _tune_slice(q, k, v, target, slice_sizes, densities, heads, refine, predictor, attend, timer, progress):
+    from ..reference import dense_attention, relative_l2
+
     batch, n_heads = q.shape[:2]
     total = batch * n_heads
     pick = torch.linspace(0, total - 1, min(heads, total)).round().long().unique()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -17,6 +19,7 @@ from typing import Iterable
 
 from ..jit import AttentionSpec
 from ..paths import CACHE_ENV, cache_root  # noqa: F401 - CACHE_ENV is part of the autotune API
+from .candidates import candidate_specs
 from .keys import DeviceInfo, ProblemKey, _SPEC_CLASSES
 from .selection import TuneResult
 
@@ -42,12 +45,27 @@ def cache_path() -> Path:
     return cache_root() / CACHE_FILE
 
 
+#: The modules that decide a key's candidates and its default (``candidates_hash``).
+CANDIDATE_MODULES = ("jit/spec.py", "tiles.py", "autotune/candidates.py")
+
+
 def library_stamp() -> dict:
-    """What makes stored timings stale: the library version and the kernel sources."""
+    """What makes stored timings stale: the library version, the kernel sources, and the code
+    that decides which kernels are candidates and which is the default (a winner no longer
+    offered must not be used, a new candidate must get its chance)."""
     from .. import __version__
     from ..jit.source import source_hash
 
-    return {"version": __version__, "kernel_hash": source_hash()}
+    return {"version": __version__, "kernel_hash": source_hash(), "candidates_hash": candidates_hash()}
+
+
+@functools.lru_cache(maxsize=None)
+def candidates_hash() -> str:
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for name in CANDIDATE_MODULES:
+        digest.update(name.encode() + b"\0" + (package / name).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -79,7 +97,7 @@ def _file_lock(path: Path, timeout: float | None = None):
 
 
 def _stamp_id(stamp: dict) -> str:
-    return f"{stamp.get('version')}|{stamp.get('kernel_hash')}"
+    return f"{stamp.get('version')}|{stamp.get('kernel_hash')}|{stamp.get('candidates_hash')}"
 
 
 class TuneCache:
@@ -127,8 +145,9 @@ class TuneCache:
         entries = tables.get(_stamp_id(stamp), {}).get("entries")
         if entries is None:
             theirs = {k: data["header"].get(k) for k in stamp}
-            return {}, (f"{self.path} was written by fgcupy {theirs['version']} (kernels {theirs['kernel_hash']}), "
-                        f"this is {stamp['version']} (kernels {stamp['kernel_hash']}): its results are stale "
+            return {}, (f"{self.path} was written by fgcupy {theirs['version']} (kernels {theirs['kernel_hash']}, "
+                        f"candidates {theirs['candidates_hash']}), this is {stamp['version']} (kernels "
+                        f"{stamp['kernel_hash']}, candidates {stamp['candidates_hash']}): its results are stale "
                         f"and fresh tunes will be stored beside them")
         return entries, None
 
@@ -185,6 +204,9 @@ class TuneCache:
             return None
         if (spec.dtype, spec.head_dim, spec.slice_m) != (key.dtype, key.head_dim, key.slice_m):
             self._warn(f"ignoring entry {key.id!r} in {self.path}: its spec {spec.name} is for another problem", None)
+            return None
+        if spec not in candidate_specs(key.dtype, key.head_dim, key.slice_m, key.arch):
+            self._warn(f"ignoring entry {key.id!r} in {self.path}: {spec.name} is not a kernel for {key.arch}", None)
             return None
         return spec
 
