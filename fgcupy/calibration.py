@@ -22,7 +22,7 @@ from .mask_algebra import concat_heads
 from .mask_kernels import gpu_colmax
 from .mask_reference import colmax_scores
 from .mask_request import POOLINGS
-from .scoring import predict_mask
+from .scoring import checked_lse, predict_mask
 
 DEFAULT_CANDIDATES = ("mean", "both")
 #: Sampled queries per query block when no dense step's LSE is given (16: at blocks of 128 the
@@ -126,15 +126,13 @@ def calibrate(q, k, lse=None, slice_m: int = 128, *, candidates=DEFAULT_CANDIDAT
         raise ValueError("calibrate chooses the pooling of a mean-query method: predict_kwargs may not set "
                          "pooling or method='colmax'")
     if lse is not None:
-        lse = torch.as_tensor(lse)
-        if tuple(lse.shape) != tuple(q.shape[:3]):
-            raise ValueError(f"lse must be [B, H, q_len] = {tuple(q.shape[:3])}, got {tuple(lse.shape)}")
+        lse = checked_lse(lse, q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     masks = [predict_mask(q, k, slice_m, pooling=c, scale=scale, **predict_kwargs) for c in candidates]
     if lse is None:
         captured = sampled_mass(q, k, masks, slice_m, scale, per_block)
     else:
-        colmax = exact_colmax(q, k, lse.float(), slice_m, scale)
+        colmax = exact_colmax(q, k, lse, slice_m, scale)
         captured = torch.stack([captured_colmax(colmax, m) for m in masks])  # [candidates, H]
     chosen = captured.argmax(0).tolist()
     heads = q.shape[1]

@@ -201,6 +201,7 @@ def maxprob_scores(rows: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group
         row_lse = lse[:, :, r0:r1].float().unsqueeze(-1)
         finite = torch.isfinite(row_lse)
         probs = torch.where(finite, torch.exp(logits - torch.where(finite, row_lse, 0.0)), 0.0)
+        probs = probs.nan_to_num(nan=0.0)  # a NaN query or key adds nothing (the kernels' fmaxf)
         pad = (-probs.shape[2]) % group
         if pad:
             probs = torch.cat([probs, probs.new_zeros(batch, heads, pad, probs.shape[3])], 2)
@@ -232,8 +233,8 @@ def refine_band(scores: torch.Tensor, q, k, sub_lse: torch.Tensor, pool: int, sl
         logits = torch.matmul(q[:, :, q0:q1].float(), kf[:, :, k0:k1].transpose(-1, -2)) * scale
         own = sub_lse[:, :, torch.arange(q0, q1, device=q.device) // pool]
         total = torch.logaddexp(torch.logsumexp(logits, -1), own.float())
-        probs = stored_probs(torch.exp(logits - total.unsqueeze(-1)).amax(2))
-        out[:, :, j, k0:k1] = torch.maximum(out[:, :, j, k0:k1], probs)
+        probs = stored_probs(torch.exp(logits - total.unsqueeze(-1)).nan_to_num(nan=0.0).amax(2))
+        out[:, :, j, k0:k1] = torch.maximum(out[:, :, j, k0:k1], probs)  # NaN queries ignored, as fmaxf does
     return out
 
 

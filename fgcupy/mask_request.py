@@ -143,6 +143,9 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         raise ValueError(f"min_keys must be a non-negative int, got {min_keys!r}")
     if local is not None and (not is_int(local) or local < 0):
         raise ValueError(f"local must be None or a non-negative int (keys beyond the block on each side), got {local!r}")
+    # Counts past kv_len mean "all keys" (the kernels take them as int32).
+    min_keys = int(min(min_keys, kv_len))
+    local = None if local is None else int(min(local, kv_len))
     if max_keys is not None:
         if combine == "union":
             raise ValueError("max_keys caps one selection per block; combine='union' makes one per sub-block and "
@@ -151,6 +154,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         if not is_int(max_keys) or max_keys < max(1, min_keys, min(band_width, kv_len)):
             raise ValueError(f"max_keys must be an int >= max(1, min_keys={min_keys}, band width "
                              f"{min(band_width, kv_len)}), got {max_keys!r}")
+        max_keys = int(min(max_keys, max(kv_len, 1)))
     if exact_band is not None:
         if not is_int(exact_band) or exact_band < 0:
             raise ValueError(f"exact_band must be None or a non-negative int (keys beyond the block on each side), "

@@ -49,6 +49,17 @@ from .mask_request import (AUTO, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXA
                            METHODS, POOLINGS, MaskRequest, make_request)
 
 
+def checked_lse(lse, q) -> torch.Tensor:
+    """``lse`` as a torch tensor, if it is the float32 [B, H, q_len] row LSE of [B, H, S, D] ``q``
+    on q's device (the column-max kernels read it raw); else ValueError."""
+    lse_t = bridge.to_torch(lse, "lse")
+    expected = tuple(q.shape[:3])
+    if tuple(lse_t.shape) != expected or lse_t.dtype != torch.float32 or lse_t.device != q.device:
+        raise ValueError(f"lse must be float32 {expected} on {q.device}; got {tuple(lse_t.shape)}, "
+                         f"{lse_t.dtype}, {lse_t.device}")
+    return lse_t
+
+
 def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: float | None = None,
                  top_k: int | None = None, tau: float | None = None, threshold: float | None = None,
                  rule: str | None = None, pool=AUTO, combine: str = "max", min_keys: int = 0,
@@ -61,8 +72,9 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     kernels (bf16/fp16), CPU tensors the torch reference. ``method``: "topk", "tau" or
     "threshold" (mean-query scoring, selected by that rule) or "colmax" (exact column maxima
     from ``lse``, selected by ``rule``: the rule whose option is given, "threshold" when none is).
-    ``density`` is top-k as a fraction of kv_len (a positive density keeps at least one key), or
-    ``top_k`` a count. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.
+    ``density`` is top-k as a fraction of kv_len (a positive density keeps at least one key; 0
+    keeps only what ``local`` and ``min_keys`` add, so alone it gives empty rows), or ``top_k`` a
+    count. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.
     ``min_keys`` / ``max_keys`` clamp each block's count (``max_keys`` not with combine "union",
     whose union of sub-block selections it could not bound); ``threshold`` is a probability in
     (0, 1]; ``local`` keys either side of the
@@ -117,11 +129,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     if method == "colmax":
         if lse is None:
             raise ValueError("method='colmax' needs lse: the float32 [B, H, q_len] row LSE of a dense step")
-        lse_t = bridge.to_torch(lse, "lse")
-        expected = (qh.shape[0], qh.shape[1], qh.shape[2])
-        if tuple(lse_t.shape) != expected or lse_t.dtype != torch.float32 or lse_t.device != qh.device:
-            raise ValueError(f"lse must be float32 {expected} on {qh.device}; got {tuple(lse_t.shape)}, "
-                             f"{lse_t.dtype}, {lse_t.device}")
+        lse_t = checked_lse(lse, qh)
     if qh.device.type == "cuda":
         bridge.dtype_name(qh.dtype, "q")
     if qh.shape[0] * qh.shape[1] == 0:  # no heads: nothing to score, on any device

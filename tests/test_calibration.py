@@ -51,8 +51,9 @@ def test_calibration_refuses_what_it_cannot_choose():
         calibrate_pooling(q, q, lse, 128, candidates=("mean", "max"), density=0.1)
     with pytest.raises(ValueError, match="may not set pooling"):
         calibrate_pooling(q, q, lse, 128, pooling="both", density=0.1)
-    with pytest.raises(ValueError, match=r"lse must be \[B, H, q_len\]"):
-        calibrate_pooling(q, q, lse[:, :1], 128, density=0.1)
+    for bad in (lse[:, :1], lse.double(), lse.to("meta")):  # the column-max kernels read it raw
+        with pytest.raises(ValueError, match=r"lse must be float32 \(1, 2, 256\) on cpu"):
+            calibrate_pooling(q, q, bad, 128, density=0.1)
 
 
 @pytest.mark.parametrize("per_block", [4, 16])

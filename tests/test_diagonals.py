@@ -32,7 +32,7 @@ def test_offset_mass_sums_to_one_and_peaks_at_the_planted_offset():
 def test_a_planted_diagonal_is_found_and_random_heads_have_none():
     q, k = _planted(500)
     found = find_diagonals(q, k, 64, exact_band=16, count=2)
-    assert any(abs(d - 500) <= PEAK_WIDTH // 2 for d in found), found
+    assert set(found) & {500, 500 - 1200}, found  # the planted offset itself, not its window's edge
     gen = torch.Generator().manual_seed(1)
     q, k = torch.randn(1, 2, 1200, 32, generator=gen), torch.randn(1, 2, 1200, 32, generator=gen)
     assert find_diagonals(q, k, 64, exact_band=16) == ()

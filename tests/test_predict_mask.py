@@ -469,3 +469,16 @@ def test_default_prediction_of_long_rows_normalises_by_the_sampled_lse():
     rows = ref.rounded(ref.pool_queries(q, 32), q.dtype)
     torch.testing.assert_close(sub_lse, ref.sampled_lse(rows, k, scale))
     torch.testing.assert_close(scores, ref.maxprob_scores(rows, k, sub_lse, 4, scale))
+
+
+def test_a_nan_query_leaves_its_blocks_mask_to_the_other_queries():
+    """The exact band ignores a NaN query, as the kernels' fmaxf does: its block keeps the keys
+    its other 127 queries need."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(1, 1, 512, 64, generator=gen)
+    q = (base * 2 + 0.3 * torch.randn(1, 1, 512, 64, generator=gen)).bfloat16()
+    k = (base * 2).bfloat16()
+    clean = predict_mask(q, k, 128, density=0.3)
+    q[0, 0, 5, 0] = float("nan")
+    with_nan = predict_mask(q, k, 128, density=0.3)
+    assert torch.equal(with_nan.to_dense()[0, 0, 0], clean.to_dense()[0, 0, 0])
