@@ -96,8 +96,12 @@ class HybridSequenceParallelAttention:
         U = self.ulysses
         spans = [sum(lens[j * U:(j + 1) * U]) for j in range(self.ring)]
         starts = [sum(spans[:j]) for j in range(self.ring)]
-        slice_m = mask.slice_m if mask is not None else DENSE_SLICE_M
-        if mask is not None and any(s % slice_m for s in starts):
+        slice_sizes = sorted({h["mask_slice_m"] for h in headers if h["mask"]})
+        if len(slice_sizes) > 1:
+            raise ValueError(f"ranks disagree on the mask's slice size: {[h['mask_slice_m'] for h in headers]} "
+                             "(rank order)")
+        slice_m = slice_sizes[0] if slice_sizes else DENSE_SLICE_M
+        if slice_sizes and any(s % slice_m for s in starts):
             raise ValueError(f"every span must start on a slice boundary (slice_m={slice_m}); span starts {starts} "
                              f"(shards {lens})")
         out, lse = self._attend(qh, kh, vh, mask, lens, spans, starts, scale, return_lse, rank)
@@ -120,7 +124,7 @@ class HybridSequenceParallelAttention:
             if (mask.batch, mask.heads) != (batch, heads):
                 raise ValueError(f"mask is for (B, H)={(mask.batch, mask.heads)}, q for {(batch, heads)}")
             local.update(mask=1, mask_batch=mask.batch, mask_heads=mask.heads, mask_q_len=mask.q_len,
-                         mask_kv_len=mask.kv_len)
+                         mask_kv_len=mask.kv_len, mask_slice_m=mask.slice_m)
         return qh, kh, vh
 
     def _attend(self, qh, kh, vh, mask, lens, spans, starts, scale, return_lse, rank):
@@ -189,7 +193,8 @@ class HybridSequenceParallelAttention:
 
 
 def _merge(out, lse, out_i, lse_i):
-    """Exact merge of two partial attentions over disjoint key sets (float32, -inf = no key)."""
+    """Exact merge of two partial attentions over disjoint key sets (float32, as their LSEs are;
+    -inf = no key)."""
     both = torch.maximum(lse, lse_i)
     base = torch.where(torch.isfinite(both), both, 0.0)
     w, w_i = torch.exp(lse - base), torch.exp(lse_i - base)

@@ -22,8 +22,8 @@ DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is give
 
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
 _HEADER = ("error", "batch", "heads", "head_dim", "q_len", "kv_len", "dtype", "head_groups", "attend",
-           "return_lse", "mask", "mask_batch", "mask_heads", "mask_q_len", "mask_kv_len", "layout", "scale",
-           "exchange", "mask_kind", "seq_lens")
+           "return_lse", "mask", "mask_batch", "mask_heads", "mask_q_len", "mask_kv_len", "mask_slice_m", "layout",
+           "scale", "exchange", "mask_kind", "seq_lens")
 #: Header fields every rank must have alike (seq_lens: a digest of the list, 0 when not given).
 _AGREE = ("batch", "heads", "head_dim", "dtype", "head_groups", "attend", "return_lse", "layout", "scale", "exchange",
           "mask_kind", "seq_lens")

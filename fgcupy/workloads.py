@@ -31,6 +31,9 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+#: Generator seeds are kept to 63 bits (torch refuses larger), so any int seed works.
+_SEED_MASK = (1 << 63) - 1
+
 
 @dataclass(frozen=True)
 class VideoShape:
@@ -210,7 +213,7 @@ def video_qkv(shape, pattern: str = "mixed", *, head_ids=None, seed: int = 0, st
     cos, sin = _rotary_tables(shape.grid, dim, knobs.rope_theta, device)
     out = [torch.empty(shape.batch, len(head_ids), seq, dim, dtype=dtype, device=device) for _ in range(3)]
     for b in range(shape.batch):
-        scene = torch.Generator().manual_seed(seed * 7919 + b)
+        scene = torch.Generator().manual_seed((seed * 7919 + b) & _SEED_MASK)
         sink_pos = torch.randperm(seq, generator=scene)[: knobs.sinks].to(device)
         member = _object_membership(shape.grid, knobs.objects, scene, device)
         for slot, h in enumerate(head_ids):
@@ -242,7 +245,7 @@ def _one_head(knobs, style, dim, seq, scale, cos, sin, sink_pos, member, seed, b
         q[inside] += shared
         k[inside] += shared
     # Content noise, rotated slowly by drift * step between two fixed draws.
-    noise = torch.Generator(device=device).manual_seed(((seed * 1_000_003 + b) * 65_537 + h) * 2 + 1)
+    noise = torch.Generator(device=device).manual_seed((((seed * 1_000_003 + b) * 65_537 + h) * 2 + 1) & _SEED_MASK)
     angle = knobs.drift * step
     c, s = math.cos(angle), math.sin(angle)
     for t in (q, k):

@@ -1,5 +1,6 @@
 """Ulysses x ring sequence parallelism on CPU (gloo): every grid shape of 2, 3 and 4 ranks gives
-the one-process reference; a span that starts inside a query block raises on every rank."""
+the one-process reference; a span that starts inside a query block, or masks of different slice
+sizes, raise on every rank."""
 
 import datetime
 import json
@@ -81,6 +82,18 @@ def _worker(rank, world, port, path):
                 verdicts[f"ring{ring}_misaligned"] = dict(ok=False, detail="no error")
             except ValueError as err:
                 verdicts[f"ring{ring}_misaligned"] = dict(ok="slice boundary" in str(err), detail=str(err))
+            # masks of different slice sizes (spans aligned for rank 0's alone): every rank raises
+            lens = [2 * SLICE] * world
+            total = sum(lens)
+            q = torch.randn(1, 2, total, 8, generator=gen)
+            lo, hi = sum(lens[:rank]), sum(lens[:rank + 1])
+            mask = SliceMask.full(1, 2, total, total, SLICE if rank == 0 else 4 * SLICE)
+            try:
+                attn(q[:, :, lo:hi], q[:, :, lo:hi], q[:, :, lo:hi], mask)
+                verdicts[f"ring{ring}_slice_sizes"] = dict(ok=False, detail="no error")
+            except ValueError as err:
+                verdicts[f"ring{ring}_slice_sizes"] = dict(ok="disagree on the mask's slice size" in str(err),
+                                                           detail=str(err))
     with open(f"{path}.{rank}", "w") as f:
         json.dump(verdicts, f)
     dist.barrier()
@@ -103,7 +116,7 @@ def test_every_grid_matches_one_process(world):
             verdicts = json.load(f)
         os.unlink(f"{path}.{rank}")
         rings = [r for r in range(1, world + 1) if world % r == 0]
-        assert len(verdicts) == len(rings) * len(CASES) + len(rings) - 1
+        assert len(verdicts) == len(rings) * len(CASES) + 2 * (len(rings) - 1)
         for name, verdict in verdicts.items():
             assert verdict["ok"], f"rank {rank} {name}: {verdict}"
 
