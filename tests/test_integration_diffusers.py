@@ -347,7 +347,7 @@ def test_refresh_on_drift_with_shared_branches_judges_the_first_branch():
     model = tiny_wan(layers=1)
     latents, text = wan_inputs()
     other = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
-    handle = fd.apply(model, cpu_config(density=0.5, refresh_every=100, refresh_on_drift=0.05, share_branches=True))
+    handle = fd.apply(model, cpu_config(refresh_every=100, refresh_on_drift=0.05, share_branches=True))
     for step in range(3):
         run_wan(model, latents, text, t=1000 - step)
         run_wan(model, other, text, t=1000 - step)
@@ -389,7 +389,9 @@ def test_masks_live_in_the_mask_cache_and_reuse_is_the_same_object():
     assert seen[2] is seen[4] is seen[0] and seen[3] is seen[5] is seen[1]  # steps 2, 3 reuse
     assert seen[6] is not seen[0] and seen[7] is not seen[1]  # step 4 refreshes
     assert sorted(handle.cache.layers()) == [("blocks.0.attn1", 0), ("blocks.0.attn1", 1)]
-    assert handle.mask("blocks.0.attn1", 1) is seen[7]
+    held = handle.mask("blocks.0.attn1", 1)  # a copy: a later refresh in place leaves it as it is
+    assert held is not seen[7] and torch.equal(held.indices, seen[7].indices)
+    assert held.indices.data_ptr() != seen[7].indices.data_ptr()
     assert handle.mask_memory_bytes() == handle.cache.memory_bytes() > 0
     assert "refresh every 3 steps from step 1" in handle.describe()
     assert (handle.cache.predictions, handle.cache.reuses) == (4, 4)
@@ -853,6 +855,10 @@ def test_predictor_with_the_wrong_shape_is_named():
         (dict(sparse_refresh=True, local_search=True, grid=(8, 8)), "three positive ints"),
         (dict(sparse_refresh=True, local_search=False, predict_on_refresh=False), "needs local_search=True"),
         (dict(sparse_refresh=True, local_search=True, predict_on_refresh=0), "predict_on_refresh must be a bool"),
+        (dict(predictor=full_predictor, density=0.2), "density would not reach it"),
+        (dict(predictor=full_predictor, predictor_kwargs={"pool": 8}), "predictor_kwargs would not reach it"),
+        (dict(refresh_every=5, refresh_steps=(3, 30)), "give one of them"),
+        (dict(find_diagonals=2, mask_from_warmup=True, predict_on_refresh=False), "never be used"),
     ],
 )
 def test_config_validation(kwargs, error):
@@ -1038,6 +1044,42 @@ def test_set_step_holds_the_schedule_until_reset():
     assert (handle.step, handle.branch) == (1, 0)
 
 
+def test_rising_timesteps_are_steps_of_an_inversion():
+    """An inversion's timesteps rise: each is the next step (a larger one had started a new
+    generation each call, every step dense); a fall afterwards starts the denoising anew."""
+    model = tiny_wan(layers=1)
+    handle = fd.apply(model, cpu_config())
+    seen = []
+    for t in (100, 100, 200, 200, 300, 900, 800):
+        handle.begin_forward(torch.tensor([t]))
+        seen.append((handle.step, handle.branch, handle.generation))
+    assert seen == [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0), (2, 0, 0), (3, 0, 0), (0, 0, 1)]
+
+
+def test_a_call_that_raised_starts_the_next_call_over():
+    """A generation retried after an exception (out of memory at its first step) starts from step
+    0 with no mask of the failed attempt (its calls had become later branches of step 0)."""
+    model = tiny_wan(layers=2)
+    latents, text = wan_inputs()
+    failures = [2]
+
+    def fails_once(q, k, v, mask, scale):
+        failures[0] -= 1
+        if failures[0] == 0:
+            raise torch.OutOfMemoryError("simulated")
+        return reference_attention_fn(q, k, v, mask, scale)
+
+    handle = fd.apply(model, cpu_config(attention_fn=fails_once))
+    with pytest.raises(torch.OutOfMemoryError):
+        run_wan(model, latents, text, t=1000)
+    generation = handle.generation
+    seen = []
+    for t in (1000, 1000, 900):
+        run_wan(model, latents, text, t=t)
+        seen.append((handle.step, handle.branch, handle.generation))
+    assert seen == [(0, 0, generation + 1), (0, 1, generation + 1), (1, 0, generation + 1)]
+
+
 def test_calls_with_one_timestep_past_the_branch_limit_start_a_new_generation():
     model = tiny_wan(layers=1)
     handle = fd.apply(model, cpu_config())
@@ -1062,6 +1104,18 @@ def test_shared_branches_with_different_text_padding_keep_their_masks():
     expected = run_hunyuan(tiny_hunyuan(), hunyuan_inputs(valid_text=5), t=600)
     assert relative_l2(out, expected) < 1e-5
     assert all(s.refresh_steps == [0, 0] for s in handle.stats().values())  # one per padding, then reuse
+
+
+def test_shared_branches_with_different_text_padding_each_get_the_warmup_mask():
+    """With the dense warm-up, a branch whose padding keeps it apart makes its own exact mask on
+    that step (it had been routed as if it shared the first branch's, and predicted later)."""
+    model = tiny_hunyuan()
+    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.3, slice_m=64, share_branches=True,
+                                                      attention_fn=reference_attention_fn))
+    for t in (1000, 900, 800):
+        run_hunyuan(model, hunyuan_inputs(valid_text=9), t=t)
+        run_hunyuan(model, hunyuan_inputs(valid_text=5, seed=2), t=t)
+    assert all(s.refresh_steps == [0, 0] for s in handle.stats().values()), handle.stats()
 
 
 def test_a_model_whose_forward_takes_no_timestep_warns_and_leaves_the_count_to_the_caller():

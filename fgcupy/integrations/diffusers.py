@@ -177,9 +177,11 @@ class SparseAttentionHandle:
         self.branch = 0
         self.generation = 0
         self._last_timestep: float | None = None
+        self._direction: float | None = None  # -1: timesteps fall (denoising), +1: they rise (inversion)
+        self._in_call = False  # set between a transformer call's hooks: still set, the last call raised
         self._calls = 0
         self._manual = False  # set_step drives the schedule; the hook no longer counts calls
-        self._hook = None
+        self._hooks: list = []  # the transformer's forward pre- and post-hooks
         self._padding_host: dict[int, torch.Tensor] = {}
         self._padding_version: dict[int, int] = {}
         self._padding_seen: dict[int, tuple] = {}
@@ -197,24 +199,39 @@ class SparseAttentionHandle:
         if self.config.local_search and self.config.grid is None:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             self.grid = token_grid(getattr(module, "config", None), hidden, self._frames_first)
+        if self._in_call:  # the last call raised: whatever comes now starts over
+            self._new_generation()
+            self._calls, self._last_timestep = 0, None
+        self._in_call = True
         if self._manual or (at is None and "timestep" not in kwargs):
             self._padding_seen.clear()  # set_step or the caller's begin_forward counts the steps
         else:
             self.begin_forward(timestep)
 
+    def _post_hook(self, module, args, kwargs, output):
+        self._in_call = False
+
     def begin_forward(self, timestep=None) -> None:
-        """Account one transformer call: a smaller timestep than the last is the next step, the
-        same timestep another branch of this step, a larger one a new generation (masks dropped).
-        Without a timestep every call is a new step."""
+        """Account one transformer call: the same timestep as the last is another branch of this
+        step; the first other timestep sets the direction of the schedule (falling, or rising as
+        in an inversion) and is step 1; later, a step in that direction is the next step and one
+        against it a new generation (masks dropped). Without a timestep every call is a new step."""
         value = None
         if timestep is not None:
             value = float(torch.as_tensor(timestep).detach().max())
+        last = self._last_timestep
         if self._calls == 0:
             self.step, self.branch = 0, 0
-        elif value is None or self._last_timestep is None or value < self._last_timestep:
+        elif value is None or last is None:
             self.step, self.branch = self.step + 1, 0
-        elif value == self._last_timestep and self.branch + 1 < MAX_BRANCHES:
-            self.branch += 1
+        elif value == last:
+            if self.branch + 1 < MAX_BRANCHES:
+                self.branch += 1
+            else:
+                self._new_generation()
+        elif self._direction is None or (value - last) * self._direction > 0:
+            self._direction = 1.0 if value > last else -1.0
+            self.step, self.branch = self.step + 1, 0
         else:
             self._new_generation()
         self._calls += 1
@@ -243,12 +260,14 @@ class SparseAttentionHandle:
         self._calls = 0
         self._last_timestep = None
         self._manual = False
+        self._in_call = False
         if clear_stats:
             for layer in self.layers.values():
                 layer.stats = LayerStats(layer.name, layer.index)
 
     def _new_generation(self) -> None:
         self.step, self.branch = 0, 0
+        self._direction = None
         self.generation += 1
         for layer in self.layers.values():
             layer.slots.clear()
@@ -271,11 +290,15 @@ class SparseAttentionHandle:
         return {name: layer.stats.refreshes for name, layer in self.layers.items()}
 
     def mask(self, name: str, branch: int = 0) -> SliceMask | None:
-        """The mask layer ``name`` holds for ``branch`` (None before its first sparse call); with a
-        process group, the mask of this rank's heads over the whole sequence."""
+        """A copy of the mask layer ``name`` holds for ``branch`` (None before its first sparse
+        call; a refresh rewrites the held one in place); with a process group, the mask of this
+        rank's heads over the whole sequence."""
         if name not in self.layers:
             raise KeyError(f"no patched layer {name!r}; layers: {list(self.layers)}")
-        return self.cache.get((name, branch)) if (name, branch) in self.cache else None
+        if (name, branch) not in self.cache:
+            return None
+        held = self.cache.get((name, branch))
+        return SliceMask(held.indptr.clone(), held.indices.clone(), held.slice_m, held.q_len, held.kv_len)
 
     def mask_memory_bytes(self) -> int:
         return self.cache.memory_bytes()
@@ -669,7 +692,8 @@ def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = N
                       "the denoising steps from its calls; call handle.begin_forward(timestep) before each call "
                       "of the model (or handle.set_step(step)), or apply fgcupy to the transformer itself",
                       stacklevel=2)
-    handle._hook = transformer.register_forward_pre_hook(handle._pre_hook, with_kwargs=True)
+    handle._hooks = [transformer.register_forward_pre_hook(handle._pre_hook, with_kwargs=True),
+                     transformer.register_forward_hook(handle._post_hook, with_kwargs=True)]
     setattr(transformer, _HANDLE_ATTR, handle)
     sparse_layers = [layer for layer in layers if not layer.dense]
     if config.attention_fn is None and not parallel and sparse_layers:
@@ -713,9 +737,9 @@ def remove(transformer: torch.nn.Module) -> SparseAttentionHandle:
             _set_processor(layer.module, layer.stock)
         layer.slots.clear()
     handle.cache.clear()
-    if handle._hook is not None:
-        handle._hook.remove()
-        handle._hook = None
+    for hook in handle._hooks:
+        hook.remove()
+    handle._hooks = []
     delattr(transformer, _HANDLE_ATTR)
     return handle
 

@@ -201,6 +201,12 @@ class SparseAttentionConfig:
                                      f"(it takes {needed})")
         elif not callable(self.predictor):
             raise TypeError(f"predictor must be a method name or a callable, got {type(self.predictor).__name__}")
+        else:
+            given = [name for name in ("density", "tau", "threshold") if getattr(self, name) is not None]
+            if given or self.predictor_kwargs:
+                raise ValueError(f"a callable predictor is called as predictor(q, k, slice_m=...): "
+                                 f"{', '.join(given + ['predictor_kwargs'] * bool(self.predictor_kwargs))} would "
+                                 "not reach it (bind them into the callable)")
         for name in ("density", "tau"):
             value = getattr(self, name)
             if value is not None and not 0.0 < value <= 1.0:
@@ -212,6 +218,9 @@ class SparseAttentionConfig:
         if self.dense_steps is not None and (isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int)
                                              or self.dense_steps < 0):
             raise ValueError(f"dense_steps must be an int >= 0, got {self.dense_steps!r}")
+        if self.refresh_every is not None and self.refresh_steps is not None:
+            raise ValueError("refresh_every and refresh_steps both say when to refresh: give one of them "
+                             "(refresh_steps lists every refresh step)")
         self._resolve_schedule_defaults()
         if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
             raise ValueError(f"refresh_every must be an int >= 1, got {self.refresh_every!r}")
@@ -238,6 +247,9 @@ class SparseAttentionConfig:
                 raise ValueError("find_diagonals finds the diagonals: predictor_kwargs may not set them")
         if self.mask_from_warmup:
             self._check_mask_from_warmup()
+            if self.find_diagonals and not self.predict_on_refresh:
+                raise ValueError("find_diagonals moves the predictor's band, but with the warm-up's mask and "
+                                 "predict_on_refresh=False no refresh predicts: it would never be used")
         if self.sparse_refresh:
             self._check_sparse_refresh()
         self._check_local_search()

@@ -151,6 +151,9 @@ class HunyuanVideoSparseProcessor(_Processor):
         structural = None
         if attention_mask is not None and not _iskey_padding(attention_mask, hidden_states.shape[0], kv_len):
             structural = "attention_mask"
+        if attention_mask is not None and structural is None and self._handle.config.share_branches:
+            # whether this branch's padding lets it share the first branch's masks decides its route
+            self._handle.key_padding(attention_mask, hidden_states.shape[0], kv_len)
         route = self._route(attn, hidden_states.device, structural)
         if route != "sparse":
             return self.stock(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
