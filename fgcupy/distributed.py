@@ -34,9 +34,9 @@ Strategies (chosen so no token and no head is ever padded or dropped):
   head groups, exchange kind, mask kind and shape, ``seq_lens``, an error flag), so an input that
   one rank rejects, or on which ranks disagree, raises on every rank instead of leaving the others
   blocked in a collective. On gloo groups, a mask callable that fails on one rank makes every rank
-  raise (the ranks agree after each head group's masks), and every wait on a collective (header,
-  all-to-all) is bounded by ``FGCUPY_COLLECTIVE_TIMEOUT_S`` (default 60 s); point-to-point
-  exchanges and NCCL groups are bounded by the process group's own timeout.
+  raise (the ranks agree after each head group's masks), and every wait (header, all-to-all,
+  point-to-point) is bounded by ``FGCUPY_COLLECTIVE_TIMEOUT_S`` (default 60 s); NCCL groups are
+  bounded by the process group's own timeout.
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ from .mask_algebra import concat_heads, slice_heads  # noqa: F401 - public here
 from .sp_masks import MaskPredictor  # noqa: F401 - public here
 from .sp_exchange import probe_all_to_all, return_heads, send_heads
 from .sp_handshake import (  # noqa: F401 - some are public here
-    _backend, _Call, check_agreement, check_seq_lens, collective_timeout, COLLECTIVE_TIMEOUT_ENV,
+    _backend, _Call, check_agreement, check_attention_inputs, check_seq_lens, collective_timeout,
+    COLLECTIVE_TIMEOUT_ENV,
     COMPUTES, DENSE_SLICE_M, _DTYPE_CODES, EXCHANGES, gather_headers, _group_ranges, head_ranges,
     _HEADER, _lens_digest, _MASK_KINDS, _scale_code, shard_ranges, shard_views, _uses_nccl, _wait,
 )
@@ -178,6 +179,7 @@ class SequenceParallelAttention:
             compute = "fgcupy" if qh.device.type == "cuda" else "reference"
         if compute == "fgcupy" and qh.device.type != "cuda":
             raise ValueError(f"compute='fgcupy' needs CUDA tensors, got {qh.device}")
+        check_attention_inputs(qh, kh, vh, uses_kernel=compute == "fgcupy")
         local.update(batch=batch, heads=heads, head_dim=head_dim, q_len=q_len, kv_len=kh.shape[2],
                      dtype=_DTYPE_CODES[qh.dtype], head_groups=self.head_groups)
         return qh, kh, vh, compute

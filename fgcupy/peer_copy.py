@@ -28,7 +28,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-_WORKSPACES: dict = {}  # (id(group), device) -> PeerWorkspace
+_WORKSPACES: dict = {}  # (id(process group), device) -> PeerWorkspace (which holds the group)
+
+
+def _group_id(group) -> int:
+    """The id of ``group``, None being the default group it stands for now: a default group made
+    again after destroy_process_group is another object, so it never finds the old workspace."""
+    return id(dist.distributed_c10d._get_default_group() if group is None else group)
 
 #: What each rank tells its peers about its buffer, as raw bytes in a uint8 tensor (never a
 #: pickle): the CUDA IPC handle, the buffer's size, a digest of (host name, boot id) and the
@@ -160,7 +166,7 @@ class PeerWorkspace:
     def get(cls, group, device: torch.device, nbytes: int) -> PeerWorkspace:
         """The cached workspace, rebuilt (collectively) when a call needs more bytes; ``nbytes``
         must be the same on every rank so all rebuild together."""
-        key = (id(group), device)
+        key = (_group_id(group), device)
         ws = _WORKSPACES.get(key)
         if ws is None or ws.nbytes < nbytes:
             if ws is not None:
@@ -203,7 +209,7 @@ def release(group=None) -> None:
     """Free this group's workspace on every rank (collective: call it on all ranks, with no
     exchange in flight): peers unmap their views, wait for each other, then each frees its own.
     Views of it handed out earlier (the q, k, v a mask callable received) must not be used after."""
-    ws = next((w for key, w in _WORKSPACES.items() if key[0] == id(group)), None)
+    ws = next((w for key, w in _WORKSPACES.items() if key[0] == _group_id(group)), None)
     if ws is None:
         return
     import cupy
@@ -214,7 +220,7 @@ def release(group=None) -> None:
             cupy.cuda.runtime.ipcCloseMemHandle(ptr)
     ws._opened = []
     dist.barrier(group=group)
-    for key in [key for key in _WORKSPACES if key[0] == id(group)]:
+    for key in [key for key in _WORKSPACES if key[0] == _group_id(group)]:
         del _WORKSPACES[key]
     del ws  # the last reference: __del__ frees the buffer
 

@@ -29,7 +29,7 @@ from .mask import SliceMask
 from .mask_algebra import restrict_keys, slice_heads, slice_rows
 from .sp_exchange import probe_all_to_all, return_heads, send_heads
 from .sp_handshake import (DENSE_SLICE_M, _DTYPE_CODES, _HEADER, _MASK_KINDS, _scale_code, _wait, check_agreement,
-                           gather_headers, head_ranges, shard_views)
+                           check_attention_inputs, gather_headers, head_ranges, shard_views)
 
 
 
@@ -113,6 +113,7 @@ class HybridSequenceParallelAttention:
         if kh.shape != qh.shape or vh.shape != qh.shape or kh.dtype != qh.dtype or vh.dtype != qh.dtype:
             raise ValueError(f"q, k, v shards must agree in shape and dtype (self-attention); got "
                              f"{tuple(qh.shape)}, {tuple(kh.shape)}, {tuple(vh.shape)}")
+        check_attention_inputs(qh, kh, vh, uses_kernel=qh.device.type == "cuda")
         if mask is not None and not isinstance(mask, SliceMask):
             raise TypeError(f"mask must be a fgcupy.SliceMask over the whole sequence or None, got {type(mask).__name__}")
         batch, heads, q_len, head_dim = qh.shape

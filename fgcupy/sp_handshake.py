@@ -13,7 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .attention_kernel import check_scale
+from . import bridge
+from .attention_kernel import check_forward_only, check_scale
+from .jit.spec import ATTENTION_HEAD_DIMS
 from .layout import LAYOUTS, check_layout, to_bhsd
 
 COMPUTES = ("auto", "fgcupy", "reference")
@@ -65,6 +67,17 @@ def _lens_digest(seq_lens) -> int:
 
 
 # ---- partitions ----
+def check_attention_inputs(q, k, v, uses_kernel: bool) -> None:
+    """Before the header, what this rank's attention would refuse only after the exchanges had
+    started (the other ranks would wait in them): inputs that need gradients, and for the
+    kernels a dtype or head dim they do not take."""
+    check_forward_only(q, k, v)
+    if uses_kernel:
+        bridge.dtype_name(q.dtype, "q")
+        if q.shape[-1] not in ATTENTION_HEAD_DIMS:
+            raise ValueError(f"head_dim {q.shape[-1]} has no attention kernel; available: {ATTENTION_HEAD_DIMS}")
+
+
 def shard_ranges(length: int, parts: int) -> list[range]:
     """Contiguous near-equal pieces, the first ``length % parts`` one longer (torch.tensor_split's
     rule): every rank computes every rank's piece without communicating."""
@@ -138,12 +151,15 @@ class Pending:
 def _wait(work, group, pollable: bool = True) -> None:
     """Wait for one collective of ``group``; on gloo at most collective_timeout(), then
     TimeoutError (the work is polled: gloo's own wait ignores a timeout here). Gloo's
-    point-to-point works never report completion to a poll: those wait for the process group's
-    own timeout (``pollable=False``)."""
-    if not pollable or "gloo" not in _backend(group):
+    point-to-point works never report completion to a poll (``pollable=False``): their own wait
+    takes the timeout (and raises RuntimeError past it)."""
+    if "gloo" not in _backend(group):
         work.wait()
         return
     timeout = collective_timeout()
+    if not pollable:
+        work.wait(timeout)
+        return
     deadline = time.monotonic() + timeout.total_seconds()
     pause = 0.0
     while not work.is_completed():

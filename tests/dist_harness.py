@@ -318,6 +318,10 @@ def error_cases(settings):
         q, k, v, mask = inputs(rank, world)
         call(group, q, k, v, mask, seq_lens=[len(r) for r in shard_ranges(24, world)] if rank == 0 else None)
 
+    def grad_on_rank0(rank, world, group):
+        q, k, v, mask = inputs(rank, world)
+        call(group, q.requires_grad_(rank == 0), k, v, mask)
+
     def mask_callable_fails_on_last_rank(rank, world, group):
         q, k, v, mask = inputs(rank, world)
 
@@ -329,6 +333,8 @@ def error_cases(settings):
         call(group, q, k, v, predictor)
 
     return {
+        "grad_on_rank0": (grad_on_rank0, {0: "RuntimeError", "other": "ValueError"},
+                          {0: r"no backward pass", "other": r"rank\(s\) \[0\] of the group rejected"}),
         "exchange_disagree": (exchange_disagree, "ValueError", r"ranks disagree on exchange: \['p2p', 'all_to_all'"),
         "scale_disagree": (scale_disagree, "ValueError", r"ranks disagree on scale: \[0.3, None"),
         "zero_scale_on_rank0": (zero_scale_on_rank0, "ValueError",

@@ -1,5 +1,5 @@
-"""A rank that never joins cannot hang the others: on gloo every wait on a collective is bounded
-by FGCUPY_COLLECTIVE_TIMEOUT_S. Its own two-process spawn, since a timed-out collective leaves
+"""A rank that never joins cannot hang the others: on gloo every wait (collectives and
+point-to-point receives) is bounded by FGCUPY_COLLECTIVE_TIMEOUT_S. Its own two-process spawn, since a timed-out collective leaves
 the process group unusable (as on NCCL)."""
 
 import datetime
@@ -12,10 +12,11 @@ import torch
 import torch.distributed as dist
 
 from fgcupy.distributed import SequenceParallelAttention
+from fgcupy.sp_handshake import _wait
 from tests.dist_harness import free_port
 
 
-def _worker(rank, port, path):
+def _worker(rank, port, path, what="attention"):
     os.environ["FGCUPY_COLLECTIVE_TIMEOUT_S"] = "2"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
@@ -24,7 +25,10 @@ def _worker(rank, port, path):
         q = torch.randn(1, 2, 16, 8)
         started = time.monotonic()
         try:
-            SequenceParallelAttention(compute="reference")(q, q, q)
+            if what == "attention":
+                SequenceParallelAttention(compute="reference")(q, q, q)
+            else:  # a point-to-point exchange's receive (gloo's works of those cannot be polled)
+                _wait(dist.irecv(q, 1), None, pollable=False)
             verdict = dict(error=None)
         except Exception as err:  # noqa: BLE001 - the verdict goes to the parent
             verdict = dict(error=type(err).__name__, message=str(err))
@@ -36,18 +40,28 @@ def _worker(rank, port, path):
     os._exit(0)  # no teardown: the group is broken by design
 
 
-def test_a_rank_that_never_calls_makes_the_others_time_out():
+def _run(what):
     path = tempfile.mktemp(prefix="fgcupy-timeout-")
     ctx = torch.multiprocessing.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, path)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, port, path, what)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(60)
         assert not p.is_alive(), "a rank hung"
     with open(f"{path}.0") as f:
-        verdict = json.load(f)
+        return json.load(f)
+
+
+def test_a_rank_that_never_calls_makes_the_others_time_out():
+    verdict = _run("attention")
     assert verdict["error"] == "TimeoutError", verdict
     assert "did not finish within 2 s" in verdict["message"]
     assert verdict["seconds"] < 30
+
+
+def test_a_point_to_point_receive_times_out_too():
+    verdict = _run("p2p")
+    assert verdict["error"] == "RuntimeError" and "Timed out" in verdict["message"], verdict
+    assert verdict["seconds"] < 6

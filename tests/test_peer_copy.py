@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from fgcupy.distributed import _group_ranges, head_ranges
 import pytest
 
+from fgcupy import peer_copy
 from fgcupy.peer_copy import CopyPlan, Rows, check_within, host_identity, pack_advert, unpack_adverts
 
 
@@ -106,3 +107,16 @@ def test_peer_copies_stay_inside_the_advertised_buffers():
     for bad in (Rows(1000, 10, 10, 11), Rows(5190, 20, 20, 1), Rows(990, 0, 5, 1), Rows(3000, 1, 1, 1)):
         with pytest.raises(ValueError, match="outside every rank's advertised buffer"):
             check_within(bad, ptrs, sizes)
+
+
+def test_none_is_keyed_as_the_default_group_it_stands_for(tmp_path):
+    """group=None and the default group share one workspace; a default group made again is
+    looked up as itself."""
+    import torch.distributed as dist
+
+    for run in ("first", "again"):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/{run}", rank=0, world_size=1)
+        try:
+            assert peer_copy._group_id(None) == peer_copy._group_id(dist.group.WORLD) == id(dist.group.WORLD)
+        finally:
+            dist.destroy_process_group()
