@@ -69,7 +69,7 @@ __global__ void __launch_bounds__(kRowsThreads) adaptive_rows(const __grid_const
     }
   };
   for (int s0 = w0; s0 < w1; s0 += kRowsAtOnce) {
-    const int g = (s0 - first) / pool;  // four queries never straddle a sub-block (pool >= 4)
+    const int g = (s0 - first) / pool;  // four queries never straddle a sub-block (the host: pool % 4 == 0)
     if (g != acc_group) {
       flush();
       acc_group = g;

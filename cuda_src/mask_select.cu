@@ -280,8 +280,11 @@ struct MassHist {
     if (fixed) {
       const float s = fminf(m, 4.f) * 1048576.f;
       const unsigned h = static_cast<unsigned>(s);
-      atomicAdd(hi + b, h);
-      atomicAdd(lo + b, static_cast<unsigned>((s - static_cast<float>(h)) * 65536.f));
+      const unsigned l = static_cast<unsigned>((s - static_cast<float>(h)) * 65536.f);
+      // A bin's low sum wraps past ~65,000 keys of alike mass: the wrap (2^32 units of 2^-36)
+      // carries 2^16 units of 2^-20 into the high sum.
+      const unsigned before = atomicAdd(lo + b, l);
+      atomicAdd(hi + b, h + (before > 0xffffffffu - l ? 65536u : 0u));
     } else {
       atomicAdd(f() + b, m);
     }

@@ -9,6 +9,7 @@ import torch
 
 from . import bridge
 from . import mask_reference as ref
+from .jit.launch import GRID_LIMITS
 from .jit.plan_spec import LaunchOrderSpec
 from .jit.runtime import device_arch, device_index, load_in_background
 from .jit.score_spec import DILATE_MAX_RADIUS, DilateInPlaceSpec, DilateSpec, EmitSpec
@@ -142,7 +143,8 @@ class GpuPrediction:
         # Score buffers alive at once per head: the block scores and, sampled, the raw sampled scores.
         buffers = {"mean": 1, "sample": 2, "both": 2, "adaptive": 1}[req.pooling]
         per_head = self.sub_rows if kind in ("mean", "union") else self.q_blocks * buffers
-        self.chunk = max(1, min(self.bh, workspace_bytes // max(1, per_head * self.ld * self.itemsize)))
+        # Heads per chunk: as many as the workspace holds, at most a grid's z (one head each).
+        self.chunk = max(1, min(self.bh, GRID_LIMITS[2], workspace_bytes // max(1, per_head * self.ld * self.itemsize)))
         self.capped = req.max_keys is not None and kind != "union"
 
     def _later_kernels(self, dtype: str, scores: str) -> list:

@@ -424,10 +424,12 @@ def gpu_adaptive_rows(q: torch.Tensor, pool: int, slice_m: int):
     """fg::adaptive_rows: mask_reference.adaptive_rows (rows [B, H, ceil(S / pool), D] in q's
     dtype, sampled bool [B, H, QB]) in one read of the queries, or None where the kernel does not
     apply (not a 16-bit CUDA tensor, a head dim not a multiple of 64 or above ROWS_MAX_DIM, pool
-    below 4 or more than ROWS_MAX_GROUPS sub-blocks a block, odd strides or a misaligned start)."""
+    not a multiple of 4 or more than ROWS_MAX_GROUPS sub-blocks a block, a block not a multiple
+    of 32 queries (the kernel's warps take four queries at a time, within one sub-block), odd
+    strides or a misaligned start)."""
     batch, heads, q_len, dim = q.shape
     if (q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16) or dim % 64 or dim > ROWS_MAX_DIM
-            or pool < 4 or slice_m % pool or slice_m // pool > ROWS_MAX_GROUPS or q.stride(3) != 1
+            or pool % 4 or slice_m % 32 or slice_m % pool or slice_m // pool > ROWS_MAX_GROUPS or q.stride(3) != 1
             or any(st % 2 for st in q.stride()[:3]) or q.data_ptr() % 4 or q_len == 0):
         return None
     q_blocks = num_blocks(q_len, slice_m)

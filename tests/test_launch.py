@@ -63,3 +63,12 @@ def test_pack_needs_every_field_and_no_other():
     assert packed["n"] == 7 and packed["x"] == 0 and np.float32(packed["s"]) == np.float32(0.5)
     with pytest.raises(ValueError, match="kind must be one of"):
         ParamStruct("Q", (("x", "double"),))
+
+
+def test_a_grid_past_cudas_limits_is_named_before_any_launch():
+    from fgcupy.jit.launch import launch
+    from fgcupy.jit.plan_spec import LaunchOrderSpec
+
+    for grid in ((1, 65536, 1), (1, 1, 65536), (2**31, 1, 1)):
+        with pytest.raises(ValueError, match=r"exceeds CUDA's limits"):
+            launch(LaunchOrderSpec(), None, grid, None)

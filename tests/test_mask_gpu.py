@@ -622,3 +622,23 @@ def test_kernels_loaded_ahead_are_launched(kwargs):
         mask = predict_mask(q, k, 128, method, **kwargs).validate()
         fgcupy.sparse_attention(q, k, k, mask)
     assert ahead and set(ahead) <= set(launched), (ahead, launched)
+
+
+def test_tau_on_a_long_row_of_alike_keys_keeps_its_mass():
+    """300,000 keys of one logit: the fixed-point mass of one bin passes 2^32 in its low word,
+    which must carry (it wrapped, and tau = 0.9 kept 78.7 % of the mass)."""
+    kv_len = 300_000
+    q = torch.zeros(1, 1, 128, 64, dtype=torch.bfloat16, device="cuda")
+    k = torch.randn(1, 1, kv_len, 64, dtype=torch.bfloat16, device="cuda")
+    mask = predict_mask(q, k, 128, method="tau", tau=0.9, pool=None, exact_band=None)
+    kept = int(mask.row_lengths().max())
+    assert 0.9 * kv_len <= kept <= 0.9 * kv_len + 2, kept
+
+
+def test_adaptive_rows_of_sub_blocks_not_a_multiple_of_four_come_from_torch():
+    """The kernel's warps take four queries at a time within one sub-block: pools of 6 (or blocks
+    not a multiple of 32 queries) go to the torch reference, which pools them right."""
+    q = torch.randn(1, 2, 480, 64, dtype=torch.bfloat16, device="cuda")
+    assert mask_kernels.gpu_adaptive_rows(q, 6, 48) is None
+    assert mask_kernels.gpu_adaptive_rows(q, 8, 48) is None
+    assert mask_kernels.gpu_adaptive_rows(q, 8, 64) is not None

@@ -105,9 +105,18 @@ class ParamStruct:
         return packed[()]
 
 
+#: CUDA's grid limits: x, y, z.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
 def launch(spec, device, grid, params: np.void, shared_mem: int | None = None) -> None:
-    """Run ``spec`` with one packed parameter struct on torch's current stream of ``device``."""
+    """Run ``spec`` with one packed parameter struct on torch's current stream of ``device``;
+    ValueError for a grid past CUDA's limits (the driver's "invalid configuration" names none)."""
     from .runtime import get_kernel_on
+
+    if any(n > limit for n, limit in zip(grid, GRID_LIMITS)):
+        raise ValueError(f"{spec.name}: grid {tuple(grid)} exceeds CUDA's limits {GRID_LIMITS} (x, y, z); "
+                         "the problem is too large for one launch of this kernel")
 
     get_kernel_on(device, spec).launch(device, grid, spec.threads, params,
                                        spec.smem_bytes if shared_mem is None else shared_mem)
