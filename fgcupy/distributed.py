@@ -86,6 +86,7 @@ class SequenceParallelAttention:
         self.exchange = exchange
         self.key_tile = key_tile
         self.plan_builds = 0  # how often masks were sliced and planned (tests check reuse)
+        self.lengths: tuple | None = None  # (q_len, kv_len) of the whole sequence, as of the last call
         self._static_key = None
         self._static = None  # per head group: (mask, plan or None)
         self._dynamic_plans: dict = {}
@@ -151,6 +152,7 @@ class SequenceParallelAttention:
             raise ValueError(f"sequence-parallel attention stopped: rank(s) {bad} of the group rejected "
                              f"their inputs (their errors say why)")
         q_lens, kv_lens = check_agreement(headers)
+        self.lengths = (sum(q_lens), sum(kv_lens))
         method = self._exchange_method(device)
         if method == "copy":
             if q_lens == kv_lens and not return_lse and device.type == "cuda" and _uses_nccl(self.group, device):

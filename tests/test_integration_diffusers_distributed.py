@@ -38,9 +38,9 @@ SCHEDULE = dict(predictor=oracle_topk(0.3), slice_m=64, dense_steps=1, refresh_e
 FRAMES, SIZE = 3, 10
 
 
-def _problem():
+def _problem(heads=HEADS):
     """Model, rotary tables and one hidden state per step (identical on every process)."""
-    model = tiny_wan(heads=HEADS)
+    model = tiny_wan(heads=heads)
     latents, _ = wan_inputs(frames=FRAMES, size=SIZE)
     rotary = model.rope(latents)
     gen = torch.Generator().manual_seed(7)
@@ -77,7 +77,12 @@ def _worker(rank, port, path):
         stats = {name: (s.refresh_steps, s.sparse_calls, s.dense_calls, s.stock_calls)
                  for name, s in handle.stats().items()}
         mask = handle.mask("blocks.0.attn1")
-        torch.save(dict(out=out, stats=stats, mask_heads=mask.heads, mask_q_len=mask.q_len), f"{path}.{rank}")
+        # one head over two ranks: rank 1 owns none, and must still reuse when rank 0 does
+        few, _, few_hidden = _problem(heads=1)
+        few_handle = fd.apply(few, fd.SparseAttentionConfig(process_group=dist.group.WORLD, **SCHEDULE))
+        few_out = _run_steps(few, few_handle, rotary, few_hidden, rows)
+        torch.save(dict(out=out, stats=stats, mask_heads=mask.heads, mask_q_len=mask.q_len, few_out=few_out),
+                   f"{path}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -122,6 +127,16 @@ def test_sequence_parallel_processor_matches_single_process(ranks):
         assert result["stats"] == want_stats
         # each rank holds the mask of its own heads over the whole sequence
         assert (result["mask_heads"], result["mask_q_len"]) == ([2, 1][rank], expected.shape[3])
+
+
+def test_a_rank_owning_no_head_keeps_step_with_the_others(ranks):
+    model, rotary, hidden = _problem(heads=1)
+    handle = fd.apply(model, fd.SparseAttentionConfig(attention_fn=reference_attention_fn, **SCHEDULE))
+    expected = _run_steps(model, handle, rotary, hidden)
+    pieces = shard_ranges(expected.shape[3], WORLD)
+    for rank, result in enumerate(ranks):
+        want = expected[:, :, :, pieces[rank].start:pieces[rank].stop]
+        assert relative_l2(result["few_out"], want) < 1e-5, rank
 
 
 def test_reused_masks_matter():

@@ -58,7 +58,7 @@ from ..attention import SparseAttention, dense_attention_with_lse, sparse_attent
 from ..cache import block_means, means_drift
 from ..calibration import calibrate
 from ..diagonals import find_diagonals
-from ..mask import SliceMask
+from ..mask import SliceMask, num_blocks
 from ..local_search import search_offsets, union_keys
 from ..gpu_prediction import attention_kernels_ahead, colmax_kernels
 from ..jit.runtime import kernels_can_run, load_in_background
@@ -470,7 +470,13 @@ class SparseAttentionHandle:
 
         out = slot.parallel(q, k, v, predict, layout="NHD")
         if parts:
-            self._store(layer, entry, slot, concat_heads(parts), key, 0)
+            mask = concat_heads(parts)
+        else:  # this rank owns no head: a mask of none, so it reuses when the others do
+            q_len, kv_len = slot.parallel.lengths
+            mask = SliceMask(torch.zeros(q.shape[0], 0, num_blocks(q_len, self.config.slice_m) + 1, dtype=torch.int32,
+                                         device=q.device), torch.zeros(0, dtype=torch.int32, device=q.device),
+                             self.config.slice_m, q_len, kv_len)
+        self._store(layer, entry, slot, mask, key, 0)
         return out
 
     def _dense_call(self, q, k, v, key_valid):
