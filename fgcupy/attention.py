@@ -93,10 +93,13 @@ class SparseAttention:
             if mask.device.type == "cuda":
                 load_kernels(mask.device, spec, schedule)
             order = block_order(mask, schedule)
-            if self._same_shape(mask) and self._writable():
-                self._indptr.copy_(mask.indptr)
-                self._indices.copy_(mask.indices)
-                self._order.copy_(order)
+            if self._same_shape(mask):
+                # In place (a captured CUDA graph keeps reading these), under inference_mode where
+                # the buffers were made in it.
+                with torch.inference_mode(self._indptr.is_inference()):
+                    self._indptr.copy_(mask.indptr)
+                    self._indices.copy_(mask.indices)
+                    self._order.copy_(order)
             else:
                 self._indptr = mask.indptr.contiguous().clone()
                 self._indices = mask.indices.contiguous().clone()
@@ -112,10 +115,6 @@ class SparseAttention:
             and self._indices.shape == mask.indices.shape
             and self._indptr.device == mask.device
         )
-
-    def _writable(self) -> bool:
-        """Buffers made under torch.inference_mode take no in-place copy outside it."""
-        return torch.is_inference_mode_enabled() or not self._indptr.is_inference()
 
     # ---- run ----
     def run(self, q, k, v, scale: float | None = None, layout: str = "HND", out=None,

@@ -85,17 +85,19 @@ def find_diagonals(q, k, slice_m: int = 128, *, count: int = 4, exact_band: int 
     offsets = torch.arange(mass.numel(), device=mass.device) - (q_len - 1)
     eligible = (offsets.abs() >= apart) & (peak >= min_mass) & (peak >= min_contrast * around)
     peak = torch.where(eligible, peak, torch.zeros_like(peak)).cpu()
-    offsets, mass = offsets.cpu(), mass.cpu()
+    offsets, mass, allowed = offsets.cpu(), mass.cpu(), eligible.cpu()
     half = PEAK_WIDTH // 2
     chosen = []
     for _ in range(count):
         best = int(peak.argmax())  # the first of the windows that hold the peak alike
         if not float(peak[best]) > 0.0:
             break
-        lo = max(0, best - half)
-        best = lo + int(mass[lo:best + half + 1].argmax())  # the peak itself, within its window
+        lo = max(0, best - half)  # the peak itself, within its window, among eligible offsets
+        best = lo + int(torch.where(allowed[lo:best + half + 1], mass[lo:best + half + 1], -1.0).argmax())
         chosen.append(int(offsets[best]))
-        peak[(offsets - offsets[best]).abs() < apart] = 0.0
+        near = (offsets - offsets[best]).abs() < apart
+        peak[near] = 0.0
+        allowed &= ~near
     return tuple(sorted(chosen))
 
 

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -496,6 +497,30 @@ def test_a_tune_holds_its_own_key_alone(isolated_cache, monkeypatch):
         release.set()
         tuning.join(30)
     assert autotune.choose_spec(KEY, DEFAULT, slow_tune) == OTHER
+
+
+def test_tunes_on_one_gpu_model_take_turns(isolated_cache, monkeypatch):
+    """Two keys tuned from two threads: their timings never overlap (each would time the other)."""
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def tune(key):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        return fake_result(key)
+
+    keys = [KEY, autotune.ProblemKey.make(H100, "bfloat16", 128, 64, 32760, 32760, 0.3)]
+    threads = [threading.Thread(target=autotune.choose_spec, args=(key, DEFAULT, tune), kwargs={"gpu": H100})
+               for key in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert peak[0] == 1
 
 
 def test_failed_tune_warns_and_falls_back(monkeypatch):

@@ -150,11 +150,13 @@ def test_selection_refuses_score_rows_it_cannot_rank():
 
 
 def test_a_plan_made_under_inference_mode_plans_again_outside_it():
-    mask = SliceMask.full(1, 2, 128, 128, 64)
+    keys = torch.arange(32, dtype=torch.int32).expand(1, 2, 2, 32)
     with torch.inference_mode():
-        attn = SparseAttention().plan(mask, head_dim=64)
-    other = SliceMask.from_topk(torch.zeros(1, 2, 2, 1, dtype=torch.int32), 64, 128, 128)
-    attn.plan(other, head_dim=64)  # same shape of offsets, new buffers
+        attn = SparseAttention().plan(SliceMask.from_topk(keys.contiguous(), 64, 128, 128), head_dim=64)
+    other = SliceMask.from_topk((keys + 64).contiguous(), 64, 128, 128)
+    buffers = attn.mask.indptr.data_ptr(), attn.mask.indices.data_ptr()
+    attn.plan(other, head_dim=64)  # same shape of offsets: the same buffers, refilled
+    assert (attn.mask.indptr.data_ptr(), attn.mask.indices.data_ptr()) == buffers
     q, k, v = (torch.randn(1, 2, 128, 64) for _ in range(3))
     with torch.no_grad():
         torch.testing.assert_close(attn.run(q, k, v), reference_attention(q, k, v, other)[0])

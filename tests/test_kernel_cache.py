@@ -202,3 +202,37 @@ def test_exit_waits_for_a_load_in_background(tmp_path):
     marker = tmp_path / "done"
     subprocess.run([sys.executable, "-c", EXIT_DURING_LOAD, str(marker)], check=True, timeout=60)
     assert marker.read_text() == "done"
+
+
+def test_a_driver_error_about_something_else_leaves_the_cache_alone(fresh_runtime, monkeypatch):
+    """Out of memory (or an earlier kernel's fault) says nothing about the file: raised as is."""
+    runtime = fresh_runtime
+    runtime._load(SPEC, 0)
+
+    def out_of_memory(*args):
+        raise driver.CudaDriverError("CUDA driver call cuModuleLoadData failed: CUDA_ERROR_OUT_OF_MEMORY (2)")
+
+    monkeypatch.setattr(runtime.driver, "Function", out_of_memory)
+    with pytest.raises(driver.CudaDriverError, match="OUT_OF_MEMORY"):
+        runtime._load(SPEC, 0)
+    assert kernel_cache.load(SPEC, "sm_80") is not None
+
+
+def test_a_refused_cached_kernel_that_cannot_be_deleted_is_compiled_once(fresh_runtime, monkeypatch):
+    runtime = fresh_runtime
+    runtime._load(SPEC, 0)
+    monkeypatch.setattr(kernel_cache, "discard", lambda spec, arch: None)  # a read-only cache
+    refused = []
+
+    class RefusesCached(_FakeFunction):
+        def __init__(self, cubin, *args):
+            if not refused:
+                refused.append(cubin)
+                raise driver.CudaDriverError("CUDA driver call cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE")
+            super().__init__(cubin, *args)
+
+    monkeypatch.setattr(runtime.driver, "Function", RefusesCached)
+    compiles = []
+    real = runtime.compile_cubin
+    monkeypatch.setattr(runtime, "compile_cubin", lambda spec, arch: compiles.append(arch) or real(spec, arch))
+    assert isinstance(runtime._load(SPEC, 0).function, RefusesCached) and compiles == ["sm_80"]

@@ -33,6 +33,7 @@ def tune_on_device(*args, **kwargs) -> TuneResult:
 _session: dict[str, AttentionSpec] = {}  # key id -> spec chosen in this process
 _session_lock = threading.Lock()  # guards _key_locks
 _key_locks: dict[str, threading.RLock] = {}  # key id -> held while that key is looked up or tuned
+_gpu_locks: dict[str, threading.Lock] = {}  # GPU name -> held while a tune times kernels on such a GPU
 
 
 def autotune_enabled() -> bool:
@@ -50,12 +51,14 @@ def choose_spec(key: ProblemKey, default: AttentionSpec, tune_fn: Callable[[Prob
                 cache: TuneCache | None = None, gpu: DeviceInfo | None = None) -> AttentionSpec:
     """This process's choice, else the cached winner, else (FGCUPY_AUTOTUNE=1) a fresh tune that
     is stored, else ``default``. A failed tune warns and falls back to ``default``. A tune holds
-    its own key alone: other keys (and other GPUs) plan meanwhile."""
+    its own key and its GPU model alone: other keys plan meanwhile, and tunes take turns (the
+    events of two at once would each time the other's kernels too)."""
     spec = _session.get(key.id)
     if spec is not None:
         return spec
     with _session_lock:
         key_lock = _key_locks.setdefault(key.id, threading.RLock())
+        gpu_lock = _gpu_locks.setdefault(key.gpu, threading.Lock())
     with key_lock:
         spec = _session.get(key.id)
         if spec is not None:
@@ -64,7 +67,8 @@ def choose_spec(key: ProblemKey, default: AttentionSpec, tune_fn: Callable[[Prob
         spec = cache.lookup(key)
         if spec is None and autotune_enabled():
             try:
-                result = tune_fn(key)
+                with gpu_lock:
+                    result = tune_fn(key)
             except Exception as err:  # noqa: BLE001 - tuning is an optimisation, never fatal
                 warnings.warn(f"fgcupy autotune: tuning {key.id} failed ({type(err).__name__}: {err}); "
                               f"using {default.name}", AutotuneCacheWarning, stacklevel=3)

@@ -102,7 +102,9 @@ class EventMeasure:
             samples = {s: [] for s in good}
             stream = torch.cuda.current_stream(device)
             bar = progress_bar(total=self.rounds * len(good), desc="fgcupy autotune: timing")
-            lead = queue_lead_cycles(run, self.reps, device)
+            if good:
+                use(good[0])
+                lead = queue_lead_cycles(run, self.reps, device)
             for r in range(self.rounds):
                 self.progress(f"  round {r + 1}/{self.rounds}: {len(good)} candidates x {self.reps} reps")
                 for spec in (good if r % 2 == 0 else good[::-1]):

@@ -177,8 +177,7 @@ class SparseAttentionHandle:
         self.branch = 0
         self.generation = 0
         self._last_timestep: float | None = None
-        self._direction: float | None = None  # -1: timesteps fall (denoising), +1: they rise (inversion)
-        self._in_call = False  # set between a transformer call's hooks: still set, the last call raised
+        self._in_call = False  # set between a counted call's hooks: still set, the last call raised
         self._calls = 0
         self._manual = False  # set_step drives the schedule; the hook no longer counts calls
         self._hooks: list = []  # the transformer's forward pre- and post-hooks
@@ -199,39 +198,31 @@ class SparseAttentionHandle:
         if self.config.local_search and self.config.grid is None:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             self.grid = token_grid(getattr(module, "config", None), hidden, self._frames_first)
-        if self._in_call:  # the last call raised: whatever comes now starts over
-            self._new_generation()
-            self._calls, self._last_timestep = 0, None
-        self._in_call = True
         if self._manual or (at is None and "timestep" not in kwargs):
             self._padding_seen.clear()  # set_step or the caller's begin_forward counts the steps
         else:
+            if self._in_call:  # the last call raised: this one starts over
+                self._new_generation()
+                self._calls, self._last_timestep = 0, None
+            self._in_call = True
             self.begin_forward(timestep)
 
     def _post_hook(self, module, args, kwargs, output):
         self._in_call = False
 
     def begin_forward(self, timestep=None) -> None:
-        """Account one transformer call: the same timestep as the last is another branch of this
-        step; the first other timestep sets the direction of the schedule (falling, or rising as
-        in an inversion) and is step 1; later, a step in that direction is the next step and one
-        against it a new generation (masks dropped). Without a timestep every call is a new step."""
+        """Account one transformer call: a smaller timestep than the last is the next step, the
+        same timestep another branch of this step, a larger one a new generation (masks dropped).
+        Without a timestep every call is a new step."""
         value = None
         if timestep is not None:
             value = float(torch.as_tensor(timestep).detach().max())
-        last = self._last_timestep
         if self._calls == 0:
             self.step, self.branch = 0, 0
-        elif value is None or last is None:
+        elif value is None or self._last_timestep is None or value < self._last_timestep:
             self.step, self.branch = self.step + 1, 0
-        elif value == last:
-            if self.branch + 1 < MAX_BRANCHES:
-                self.branch += 1
-            else:
-                self._new_generation()
-        elif self._direction is None or (value - last) * self._direction > 0:
-            self._direction = 1.0 if value > last else -1.0
-            self.step, self.branch = self.step + 1, 0
+        elif value == self._last_timestep and self.branch + 1 < MAX_BRANCHES:
+            self.branch += 1
         else:
             self._new_generation()
         self._calls += 1
@@ -267,7 +258,6 @@ class SparseAttentionHandle:
 
     def _new_generation(self) -> None:
         self.step, self.branch = 0, 0
-        self._direction = None
         self.generation += 1
         for layer in self.layers.values():
             layer.slots.clear()

@@ -222,7 +222,8 @@ class SparseAttentionConfig:
             raise ValueError("refresh_every and refresh_steps both say when to refresh: give one of them "
                              "(refresh_steps lists every refresh step)")
         self._resolve_schedule_defaults()
-        if isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int) or self.refresh_every < 1:
+        if self.refresh_steps is None and (isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int)
+                                           or self.refresh_every < 1):
             raise ValueError(f"refresh_every must be an int >= 1, got {self.refresh_every!r}")
         if not isinstance(self.refresh_ramp, bool):
             raise TypeError(f"refresh_ramp must be a bool, got {self.refresh_ramp!r}")
@@ -305,7 +306,7 @@ class SparseAttentionConfig:
         searching = self.local_search is True and self.sparse_refresh is True and self.mask_from_warmup is not True
         if self.predict_on_refresh is None:  # a search from a predicted mask needs no prediction
             object.__setattr__(self, "predict_on_refresh", not searching)
-        if self.refresh_every is None:
+        if self.refresh_every is None and self.refresh_steps is None:  # listed steps need no period
             if self.mask_from_warmup is True and self.sparse_refresh is True:
                 every = WARMUP_REFRESH_EVERY
             elif self.local_search is True and self.predict_on_refresh is False:

@@ -154,12 +154,18 @@ def device_arch(index: int) -> str:
     return f"sm_{major}{minor}"
 
 
-def _load(spec, index: int):
+#: Driver errors that say a cubin itself is unusable (others, such as out of memory or an
+#: earlier kernel's fault, say nothing about the file).
+_BAD_IMAGE_ERRORS = ("CUDA_ERROR_INVALID_IMAGE", "CUDA_ERROR_NO_BINARY_FOR_GPU", "CUDA_ERROR_INVALID_PTX",
+                     "CUDA_ERROR_UNSUPPORTED_PTX_VERSION", "CUDA_ERROR_INVALID_SOURCE")
+
+
+def _load(spec, index: int, from_cache: bool = True):
     if not driver.available():
         return _load_with_cupy(spec, index)
     started = time.perf_counter()
     arch = getattr(spec, "arch", None) or device_arch(index)
-    compiled = kernel_cache.load(spec, arch)
+    compiled = kernel_cache.load(spec, arch) if from_cache else None
     source = "the disk cache"
     if compiled is None:
         try:
@@ -171,11 +177,11 @@ def _load(spec, index: int):
     try:
         function = driver.Function(compiled.cubin, compiled.lowered_name, index, spec.smem_bytes)
     except driver.CudaDriverError as err:
-        if source != "the disk cache":
+        if source != "the disk cache" or not any(name in str(err) for name in _BAD_IMAGE_ERRORS):
             raise
         log.warning("fgcupy: the driver refused the cached %s (%s); deleting it and compiling", spec.name, err)
         kernel_cache.discard(spec, arch)
-        return _load(spec, index)
+        return _load(spec, index, from_cache=False)
     log.info("fgcupy: loaded %s from %s in %.3f s", spec.name, source, time.perf_counter() - started)
     return DriverKernel(function)
 
