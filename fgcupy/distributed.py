@@ -381,6 +381,12 @@ class SequenceParallelAttention:
         # Inputs are ready, and this rank is done with the previous call's buffer (its output was
         # copied out on the current stream).
         ws.stream.wait_stream(current)
+        if ws.last_recv_bytes is not None and any(new > old for new, old in zip(plan.recv_bytes, ws.last_recv_bytes)):
+            # Copies into a peer's buffer would reach its last return area, which it may still be
+            # reading: wait for every rank first (all decide alike: the plans are the same).
+            with torch.cuda.stream(ws.stream):
+                ws.barrier()
+        ws.last_recv_bytes = list(plan.recv_bytes)
 
         def inbound(g):
             """Queue group g's copies into the peers and the barrier after them; the returned

@@ -147,6 +147,9 @@ class PeerWorkspace:
         # group's attention, and the next groups' inbound copies must not queue behind it.
         self.stream = torch.cuda.Stream(device=device)
         self.out_stream = torch.cuda.Stream(device=device)
+        # Each rank's receive bytes of the last call (where its return area began): a call whose
+        # receive areas reach further must wait until every rank has copied its output out.
+        self.last_recv_bytes: list | None = None
         self._flag = torch.zeros(1, dtype=torch.int32, device=device)
 
     def __del__(self):
