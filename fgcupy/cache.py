@@ -37,6 +37,11 @@ def _is_int(value) -> bool:
 _INT16_KEYS = 2**15
 
 
+def _bhs(shape, layout: str) -> tuple:
+    """(B, H, S) of a [B, H, S, D] ("HND") or [B, S, H, D] ("NHD") shape."""
+    return (shape[0], shape[1], shape[2]) if layout == "HND" else (shape[0], shape[2], shape[1])
+
+
 def refreshes_on(sparse_step: int, refresh_every: int, ramp: bool = False) -> bool:
     """Whether a schedule refreshing every ``refresh_every`` steps (with ``ramp``, also on the
     powers of two below it) refreshes ``sparse_step`` steps after its first mask was made."""
@@ -112,8 +117,8 @@ class MaskCache:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         if step < self.warmup:
             return "dense"
-        if layer is not None and layer not in self._entries:
-            return "refresh"
+        if layer is not None and (layer not in self._entries or step < self._entries[layer].step):
+            return "refresh"  # nothing cached, or a mask from a later step: a new run began
         if self.refresh_steps is not None:
             return "refresh" if step in self.refresh_steps else "reuse"
         return "refresh" if refreshes_on(step - self.warmup, self.refresh_every, self.ramp) else "reuse"
@@ -141,7 +146,8 @@ class MaskCache:
             kept = int(dense.sum().item())
             indptr = torch.empty(0, dtype=torch.int32, device=mask.device)
         else:
-            payload = mask.indices.to(torch.int16 if mask.kv_len <= _INT16_KEYS else torch.int32)
+            # A copy at any width: the caller's keys (a plan's buffers, refilled in place) stay theirs.
+            payload = mask.indices.to(torch.int16 if mask.kv_len <= _INT16_KEYS else torch.int32, copy=True)
             kept, indptr = None, mask.indptr.clone()
         self._entries[layer] = _Entry(shape, indptr, payload, form, kept, step)
 
@@ -180,13 +186,12 @@ class MaskCache:
         action = self.action(step, layer)
         if action == "dense":
             return None
-        q_t = q if layout == "HND" else q.transpose(1, 2)
-        k_t = k if layout == "HND" else k.transpose(1, 2)
         options = {**self.predict_kwargs, **overrides}
         slice_m = options.get("slice_m", 128)
         if action == "reuse":
             self.record_reuse()
-            return self.get(layer, q_t.shape[0], q_t.shape[1], q_t.shape[2], k_t.shape[2], slice_m)
+            (batch, heads, q_len), kv_len = _bhs(q.shape, layout), _bhs(k.shape, layout)[2]  # cupy too
+            return self.get(layer, batch, heads, q_len, kv_len, slice_m)
         mask = predict_mask(q, k, layout=layout, **options)
         self.record_prediction()
         self.put(layer, mask, step)

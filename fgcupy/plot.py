@@ -34,11 +34,32 @@ def mask_image(mask: SliceMask, batch: int = 0, head: int = 0, max_columns: int 
     dense = _head_mask(mask, batch, head).to_dense()[0, 0].float().cpu()
     if mask.kv_len == 0:
         return torch.zeros(mask.q_blocks, 0)
-    per_bin = num_blocks(mask.kv_len, max_columns)
+    per_bin = _keys_per_bin(mask.kv_len, max_columns)
     pad = (-mask.kv_len) % per_bin
     kept = torch.nn.functional.pad(dense, (0, pad)).unflatten(1, (-1, per_bin)).sum(2)
     keys = torch.nn.functional.pad(torch.ones(mask.kv_len), (0, pad)).unflatten(0, (-1, per_bin)).sum(1)
     return kept / keys  # the last bin holds fewer keys: the padding is not a dropped key
+
+
+def _keys_per_bin(kv_len: int, max_columns: int) -> int:
+    return num_blocks(kv_len, max_columns) if kv_len else 1
+
+
+def image_extent(image: torch.Tensor, rows_per_pixel: int, keys_per_pixel: int) -> tuple:
+    """matplotlib's (left, right, bottom, top) of ``image`` in queries and keys: whole blocks and
+    bins, so every pixel sits over the queries and keys it stands for (the last ones may run past
+    the sequence)."""
+    return (0, image.shape[1] * keys_per_pixel, image.shape[0] * rows_per_pixel, 0)
+
+
+def block_density(image: torch.Tensor, kv_len: int, max_columns: int = 2048) -> torch.Tensor:
+    """float32 [QB]: each block's kept fraction of all keys, from ``mask_image``'s bins (weighted
+    by the keys each holds: the last bin may hold fewer)."""
+    per_bin = _keys_per_bin(kv_len, max_columns)
+    keys = torch.full((image.shape[1],), float(per_bin))
+    if image.shape[1]:
+        keys[-1] = kv_len - per_bin * (image.shape[1] - 1)
+    return (image * keys).sum(1) / max(kv_len, 1)
 
 
 def _head_mask(mask: SliceMask, batch: int, head: int) -> SliceMask:
@@ -57,16 +78,19 @@ def draw_masks(masks: dict, path, batch: int = 0, head: int = 0, block_size: int
     for i, (label, mask) in enumerate(masks.items()):
         image = mask_image(mask, batch, head, max_columns)
         ax, bar = axes[0, 2 * i], axes[0, 2 * i + 1]
-        extent = (0, mask.kv_len, mask.q_len, 0)
         if block_size % mask.slice_m == 0:
             cover = mask.block_cover(block_size)[batch, head].float().cpu()
-            ax.imshow(cover, cmap="Blues", vmin=0, vmax=3, extent=extent, aspect="auto", interpolation="nearest")
+            ax.imshow(cover, cmap="Blues", vmin=0, vmax=3, aspect="auto", interpolation="nearest",
+                      extent=image_extent(cover, block_size, block_size))
         shown = torch.where(image > 0, image, torch.nan)
-        ax.imshow(shown, cmap="magma_r", vmin=0, vmax=1, extent=extent, aspect="auto", interpolation="nearest")
+        ax.imshow(shown, cmap="magma_r", vmin=0, vmax=1, aspect="auto", interpolation="nearest",
+                  extent=image_extent(image, mask.slice_m, _keys_per_bin(mask.kv_len, max_columns)))
+        ax.set_xlim(0, mask.kv_len)  # the last blocks and bins run past the sequence: cropped
+        ax.set_ylim(mask.q_len, 0)
         ax.set_title(f"{label}: density {_head_mask(mask, batch, head).density():.3f}")
         ax.set_xlabel("key")
         ax.set_ylabel("query")
-        rows = image.mean(1)
+        rows = block_density(image, mask.kv_len, max_columns)
         bar.barh(torch.arange(rows.numel()) * mask.slice_m + mask.slice_m / 2, rows, height=mask.slice_m, color="0.3")
         bar.set_ylim(mask.q_len, 0)
         bar.set_xlim(0, max(float(rows.max()), 1e-3) * 1.1)

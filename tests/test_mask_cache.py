@@ -163,3 +163,23 @@ def test_auto_storage_keeps_the_smaller_form_counting_offsets_and_whole_bytes():
         sizes[storage] = cache.memory_bytes()
         assert torch.equal(cache.get("m").to_dense(), mask.to_dense())
     assert sizes["auto"] == min(sizes["index"], sizes["bits"])
+
+
+def test_an_index_mask_is_copied_at_any_key_count():
+    """Past 32,768 keys the cache stored the caller's own key tensor: a plan refilled in place
+    rewrote the cached mask."""
+    for kv_len in (1000, 40_000):
+        mask = SliceMask.from_topk(torch.arange(8, dtype=torch.int32).expand(1, 1, 2, 8).contiguous(), 64, 128,
+                                   kv_len)
+        cache = MaskCache(storage="index")
+        cache.put("layer", mask)
+        mask.indices.add_(1)
+        assert cache.get("layer").indices.tolist() == list(range(8)) * 2
+
+
+def test_a_step_before_the_cached_masks_refreshes():
+    """A second run over the steps without clear(): its first sparse step does not reuse the last
+    run's mask, whatever the listed refresh steps."""
+    cache = MaskCache(warmup=2, refresh_steps=[8])
+    cache.put("layer", SliceMask.full(1, 1, 64, 64, 64), step=8)
+    assert cache.action(9, "layer") == "reuse" and cache.action(2, "layer") == "refresh"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fgcupy import SliceMask
-from fgcupy.plot import draw_masks, mask_image
+from fgcupy.plot import block_density, draw_masks, image_extent, mask_image
 
 pytest.importorskip("matplotlib")
 
@@ -38,3 +38,26 @@ def test_the_last_bin_counts_only_real_keys():
     mask = SliceMask.full(1, 1, 128, 2049, 64)
     image = mask_image(mask, max_columns=2048)
     assert torch.all(image == 1.0)
+
+
+@pytest.mark.parametrize("kv_len, max_columns", [(3, 2), (4097, 2048), (300, 30)])
+def test_block_density_weights_the_short_last_bin(kv_len, max_columns):
+    """The bar beside a block is its kept fraction of all keys, even where the last bin is short."""
+    dense = torch.zeros(1, 1, 2, kv_len, dtype=torch.bool)
+    dense[0, 0, 0, -1] = True
+    dense[0, 0, 1, : kv_len // 3] = True
+    mask = SliceMask.from_dense(dense, 64, 128)
+    bars = block_density(mask_image(mask, max_columns=max_columns), kv_len, max_columns)
+    torch.testing.assert_close(bars, dense[0, 0].float().mean(1))
+
+
+def test_pixels_sit_over_the_queries_and_keys_they_stand_for():
+    """q_len and kv_len of 200 with slices of 64: the image spans 4 blocks (256 queries) and the
+    block cover 2 x 2 blocks of 128, each cropped to the sequence, so a slice drawn at block 1 is
+    queries 64-127 whatever the sequence's length."""
+    dense = torch.zeros(1, 1, 4, 200, dtype=torch.bool)
+    dense[0, 0, 1, 110:120] = True
+    mask = SliceMask.from_dense(dense, 64, 200)
+    image = mask_image(mask)
+    assert image_extent(image, 64, 1) == (0, 200, 256, 0)
+    assert image_extent(mask.block_cover(128)[0, 0], 128, 128) == (0, 256, 256, 0)
