@@ -106,19 +106,25 @@ class MaskCache:
         self.expanded = bool(expanded)
         self.predict_kwargs = predict_kwargs
         self._entries: dict = {}
+        self._last_step: dict = {}  # layer -> the last step asked about (a step back: a new run)
         self.predictions = 0
         self.reuses = 0
 
     # ---- schedule ----
     def action(self, step: int, layer=None) -> str:
         """"dense", "refresh" or "reuse" for ``step`` (and ``layer``: one with nothing cached
-        refreshes)."""
+        refreshes, and so does one asked about an earlier step than before: a new run began)."""
         if not _is_int(step) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
+        if layer is not None:
+            last = self._last_step.get(layer)
+            self._last_step[layer] = step
+            if last is not None and step < last:  # a new run: its masks are its own
+                self._entries.pop(layer, None)
+            if step >= self.warmup and (layer not in self._entries or step < self._entries[layer].step):
+                return "refresh"
         if step < self.warmup:
             return "dense"
-        if layer is not None and (layer not in self._entries or step < self._entries[layer].step):
-            return "refresh"  # nothing cached, or a mask from a later step: a new run began
         if self.refresh_steps is not None:
             return "refresh" if step in self.refresh_steps else "reuse"
         return "refresh" if refreshes_on(step - self.warmup, self.refresh_every, self.ramp) else "reuse"
@@ -220,6 +226,7 @@ class MaskCache:
 
     def clear(self) -> None:
         self._entries.clear()
+        self._last_step.clear()
 
     def memory_bytes(self) -> int:
         return sum(e.memory_bytes() for e in self._entries.values())

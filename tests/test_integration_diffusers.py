@@ -1052,6 +1052,20 @@ def test_set_step_holds_the_schedule_until_reset():
     assert (handle.step, handle.branch) == (1, 0)
 
 
+def test_set_step_back_to_an_earlier_step_starts_a_new_generation():
+    """A loop driven by set_step that runs twice: the second run predicts its own masks (it had
+    reused the first run's, dated at the same first sparse step)."""
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    handle = fd.apply(model, cpu_config(refresh_every=10**9))
+    generation = handle.generation
+    for _ in range(2):
+        for step in range(4):
+            handle.set_step(step)
+            run_wan(model, latents, text)
+    assert handle.stats()["blocks.0.attn1"].refresh_steps == [0, 0] and handle.generation == generation + 1
+
+
 def test_a_call_that_raised_starts_the_next_call_over():
     """A generation retried after an exception (out of memory at its first step) starts from step
     0 with no mask of the failed attempt (its calls had become later branches of step 0)."""

@@ -177,9 +177,17 @@ def test_an_index_mask_is_copied_at_any_key_count():
         assert cache.get("layer").indices.tolist() == list(range(8)) * 2
 
 
-def test_a_step_before_the_cached_masks_refreshes():
-    """A second run over the steps without clear(): its first sparse step does not reuse the last
-    run's mask, whatever the listed refresh steps."""
-    cache = MaskCache(warmup=2, refresh_steps=[8])
-    cache.put("layer", SliceMask.full(1, 1, 64, 64, 64), step=8)
-    assert cache.action(9, "layer") == "reuse" and cache.action(2, "layer") == "refresh"
+@pytest.mark.parametrize("refresh_steps", [[8], []])
+def test_a_second_run_without_clear_predicts_anew(refresh_steps):
+    """Steps 0..9 twice without clear(): the second run's first sparse step does not reuse the
+    first run's mask, whatever the listed refresh steps (none: the mask of the first sparse step)."""
+    cache = MaskCache(warmup=2, refresh_steps=refresh_steps, method="topk", density=0.25, slice_m=64)
+    gen = torch.Generator().manual_seed(0)
+    runs = []
+    for _ in range(2):
+        q, k = (torch.randn(1, 1, 128, 64, generator=gen) for _ in range(2))
+        before = cache.predictions
+        for step in range(10):
+            cache.mask_for("layer", step, q, k)
+        runs.append(cache.predictions - before)
+    assert runs == [1 + len(refresh_steps)] * 2

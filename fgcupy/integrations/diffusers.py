@@ -231,9 +231,12 @@ class SparseAttentionHandle:
 
     def set_step(self, step: int, branch: int = 0) -> None:
         """Put the schedule at ``step`` (and guidance ``branch``) for the next calls, which stay
-        there: from now until ``reset()`` the transformer's calls no longer move the count."""
+        there: from now until ``reset()`` the transformer's calls no longer move the count. A step
+        before the current one starts a new generation (masks dropped)."""
         if step < 0 or branch < 0:
             raise ValueError(f"step and branch must be >= 0, got step={step}, branch={branch}")
+        if self._calls and step < self.step:  # back to an earlier step: another generation
+            self._new_generation()
         self._manual = True
         self.step, self.branch = int(step), int(branch)
         self._calls = max(self._calls, 1)
