@@ -173,7 +173,10 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
     if pooling != "mean" and (method == "colmax" or combine != "max"):
         raise ValueError(f"pooling={pooling!r} scores sub-blocks by their middle query for the max-prob combine: it "
                          f"needs a mean-query method and combine='max', got method={method!r}, combine={combine!r}")
-    if scale is not None:
+    if scale is not None and torch.compiler.is_compiling():  # maybe symbolic: checked in the graph
+        torch._check(scale > 0, lambda: "scale must be a positive finite number")
+        torch._check(scale < math.inf, lambda: "scale must be a positive finite number")
+    elif scale is not None:
         if not _is_number(scale):
             raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
         if not (math.isfinite(scale) and scale > 0):

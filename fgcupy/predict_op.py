@@ -34,6 +34,7 @@ def _predict_meta(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, lo
             q.new_empty((capacity,), dtype=torch.int32))
 
 
+@torch.no_grad()  # integer indices out: nothing to differentiate (and reductions into out= refuse grad)
 def _predict_cpu(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling,
                  diagonals):
     mask = predict_reference(q, k, _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local,
@@ -41,6 +42,7 @@ def _predict_cpu(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, loc
     return mask.indptr, mask.indices
 
 
+@torch.no_grad()
 def _predict_cuda(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling,
                   diagonals):
     req = _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling,

@@ -60,6 +60,7 @@ def checked_lse(lse, q) -> torch.Tensor:
     return lse_t
 
 
+@torch.no_grad()  # a mask of integer indices: nothing to differentiate, whatever q and k need
 def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: float | None = None,
                  top_k: int | None = None, tau: float | None = None, threshold: float | None = None,
                  rule: str | None = None, pool=AUTO, combine: str = "max", min_keys: int = 0,

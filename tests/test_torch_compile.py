@@ -134,3 +134,23 @@ def test_a_planned_run_compiles_on_cuda_before_any_eager_call():
     out = torch.compile(lambda q, k, v: attn.run(q, k, v) * 2, fullgraph=True)(q, k, v)
     ref, _ = reference_attention(q, k, v, mask)
     torch.testing.assert_close(out.float(), ref * 2, rtol=2e-2, atol=2e-2)
+
+
+def test_prediction_takes_inputs_that_need_gradients():
+    """A mask is integer indices: q that needs gradients predicts as any q (the CPU reference's
+    pooling had refused it)."""
+    q, k, _ = _qkv()
+    q.requires_grad_(True)
+    expected = predict_mask(q.detach(), k, 64, "topk", density=0.25)
+    for call in (predict_mask, torch.compile(predict_mask, fullgraph=True)):
+        got = call(q, k, 64, "topk", density=0.25)
+        assert torch.equal(got.indices, expected.indices) and torch.equal(got.indptr, expected.indptr)
+
+
+def test_a_prediction_scale_that_changes_compiles_without_breaks():
+    """A scale that differs from the first call's (symbolic then) is checked inside the graph."""
+    q, k, _ = _qkv()
+    compiled = torch.compile(lambda q, k, s: predict_mask(q, k, 64, "topk", density=0.25, scale=s).indices,
+                             fullgraph=True)
+    for scale in (0.125, 0.01, 0.3):
+        assert torch.equal(compiled(q, k, scale), predict_mask(q, k, 64, "topk", density=0.25, scale=scale).indices)
