@@ -115,12 +115,11 @@ def load_in_background(device, spec) -> None:
     thread = threading.Thread(target=_load_quietly, args=(torch.device("cuda", key[1]), spec), daemon=True,
                               name="fgcupy-load")
     with _lock:
-        if not _threads:
-            atexit.register(_join_loads)
         _threads.add(thread)
     thread.start()
 
 
+@atexit.register
 def _join_loads(timeout_s: float = 120.0) -> None:
     """At exit, wait for loads still compiling: NVRTC torn down under a running compile aborts
     the process."""
