@@ -143,9 +143,10 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         raise ValueError(f"min_keys must be a non-negative int, got {min_keys!r}")
     if local is not None and (not is_int(local) or local < 0):
         raise ValueError(f"local must be None or a non-negative int (keys beyond the block on each side), got {local!r}")
-    # Counts past kv_len mean "all keys" (the kernels take them as int32).
+    # Counts past kv_len mean "all keys"; a band wider than any sequence the kernels index (int32)
+    # is all keys too. Both are int32 fields of the kernels.
     min_keys = int(min(min_keys, kv_len))
-    local = None if local is None else int(min(local, kv_len))
+    local = None if local is None else int(min(local, _LOCAL_MAX))
     if max_keys is not None:
         if combine == "union":
             raise ValueError("max_keys caps one selection per block; combine='union' makes one per sub-block and "
@@ -194,6 +195,11 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
     return MaskRequest(method, rule, slice_m, int(pool), combine, top_k, tau, threshold, int(min_keys),
                        None if max_keys is None else int(max_keys), None if local is None else int(local), scale,
                        logits_dtype, exact_band, pooling, diagonals)
+
+
+#: ``local`` past this is taken as this: the band of every block of a sequence shorter than 2^30
+#: already holds every key, and the kernels' band ends stay within int32.
+_LOCAL_MAX = 2**30 - 1
 
 
 def _is_number(value) -> bool:

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fgcupy import SliceMask, predict_mask
@@ -29,6 +29,7 @@ def _qk(seq=300, kv=260, heads=2, dim=16, seed=0, dtype=torch.float32):
 @given(st.integers(1, 200), st.integers(1, 200), st.sampled_from([16, 64]), st.floats(0, 1),
        st.one_of(st.none(), st.integers(0, 20)), st.integers(0, 2**31 - 1))
 @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@example(seq=17, kv=1, slice_m=16, density=0.0, local=16, seed=0)  # a band wider than the keys
 def test_topk_keeps_the_static_number_of_keys(seq, kv, slice_m, density, local, seed):
     q, k = _qk(seq, kv, seed=seed)
     mask = predict_mask(q, k, slice_m, "topk", density=density, local=local).validate()

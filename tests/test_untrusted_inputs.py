@@ -249,14 +249,15 @@ def test_drop_keys_decides_shared_rows_per_batch_and_drops_keys_out_of_range():
 
 
 def test_counts_past_the_keys_mean_all_keys():
-    """min_keys / max_keys / local beyond kv_len (sys.maxsize as "no cap") are taken as kv_len, so
-    the kernels' int32 fields never overflow."""
+    """min_keys / max_keys beyond kv_len (sys.maxsize as "no cap") are taken as kv_len, and a
+    local band wider than 2^30 as 2^30 (every key of any sequence the kernels index), so the
+    kernels' int32 fields never overflow."""
     from fgcupy.scoring import make_request
 
     req = make_request(64, 1000, 128, "topk", density=0.1, min_keys=2**40, max_keys=2**40, local=2**33)
-    assert (req.min_keys, req.max_keys, req.local) == (1000, 1000, 1000)
+    assert (req.min_keys, req.max_keys, req.local) == (1000, 1000, 2**30 - 1)
     q, k, _ = _qkv(seq=256)
-    for kwargs in (dict(max_keys=sys.maxsize), dict(local=2**31), dict(min_keys=2**31)):
+    for kwargs in (dict(max_keys=sys.maxsize), dict(local=2**31), dict(min_keys=2**31)):  # q_len = kv_len = 256
         capped = predict_mask(q, k, 128, density=0.1, **kwargs)
         at_kv_len = predict_mask(q, k, 128, density=0.1, **{name: 256 for name in kwargs})
         assert torch.equal(capped.to_dense(), at_kv_len.to_dense())
