@@ -14,12 +14,12 @@ import math
 import torch
 
 from . import bridge
-from .attention_kernel import (SCHEDULES, block_order, check_forward_only, check_inputs,  # noqa: F401 - public here
-                               check_outputs, check_scale, check_strides, load_kernels)
-from .jit import AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec
+from .attention_kernel import (SCHEDULES, block_order, check_forward_only, check_has_kernel,  # noqa: F401 - public here
+                               check_inputs, check_outputs, check_scale, check_strides, load_kernels)
+from .jit import AttentionSpec
 from . import ops
 from .ops import spec_token
-from .jit.spec import ATTENTION_HEAD_DIMS, SLICE_SIZES
+from .jit.spec import ATTENTION_SPEC_CLASSES
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask, num_blocks
 from .mask_algebra import drop_keys
@@ -28,7 +28,7 @@ from .tiles import default_config, default_spec  # noqa: F401 - public here sinc
 _INT32_MAX = 2**31 - 1
 
 #: The kernels a plan can run: mma.sync (any sm_80+), wgmma, warp-specialised wgmma (Hopper).
-KERNEL_SPECS = (AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec)
+KERNEL_SPECS = tuple(ATTENTION_SPEC_CLASSES.values())
 
 
 class SparseAttention:
@@ -68,7 +68,7 @@ class SparseAttention:
         if not isinstance(mask, SliceMask):
             raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
         dtype_name = bridge.dtype_name(dtype, "dtype")
-        _check_has_kernel(head_dim, mask.slice_m)
+        check_has_kernel(head_dim, mask.slice_m)
         if spec is None and key_tile is None and stages is None and rows_per_warp is None:
             from . import autotune  # the tuned winner for this GPU and shape, if stored
 
@@ -173,9 +173,6 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
         scale = scale.item()
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)  # symbolic under torch.compile with dynamic shapes
-    elif torch.compiler.is_compiling():  # maybe computed from symbolic shapes: checked in the graph
-        torch._check(scale > 0, lambda: "scale must be a positive finite number")
-        torch._check(scale < math.inf, lambda: "scale must be a positive finite number")
     else:
         check_scale(scale)
     scale = float(scale)
@@ -186,18 +183,10 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
     return result
 
 
-def _check_has_kernel(head_dim, slice_m) -> None:
-    """ValueError unless an attention kernel takes this head dim and slice size."""
-    if head_dim not in ATTENTION_HEAD_DIMS:
-        raise ValueError(f"head_dim {head_dim!r} has no attention kernel; available: {ATTENTION_HEAD_DIMS}")
-    if slice_m not in SLICE_SIZES:
-        raise ValueError(f"mask.slice_m={slice_m} has no compiled kernel; available: {SLICE_SIZES}")
-
-
 def _spec_like(q, mask: SliceMask):
     """The default spec of q's dtype and head dim (what input checks compare against)."""
     dtype = bridge.dtype_name(q.dtype, "q")
-    _check_has_kernel(q.shape[-1], mask.slice_m)
+    check_has_kernel(q.shape[-1], mask.slice_m)
     return default_spec(dtype, q.shape[-1], mask.slice_m)
 
 

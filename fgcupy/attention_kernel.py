@@ -16,7 +16,7 @@ from .jit import driver
 from .jit.launch import launch
 from .jit.runtime import get_kernel_on, load_in_background
 from .jit.plan_spec import ORDER_BUCKETS, ORDER_TILE_KEYS, LaunchOrderSpec, order_shift
-from .jit.spec import ATTN_TMA_PARAMS
+from .jit.spec import ATTENTION_HEAD_DIMS, ATTN_TMA_PARAMS, SLICE_SIZES
 from .mask import SliceMask
 
 SCHEDULES = ("longest_first", "index")
@@ -170,9 +170,22 @@ def check_forward_only(q, k, v) -> None:
                            "torch.inference_mode() (diffusers pipelines do), or pass q, k, v detached")
 
 
+def check_has_kernel(head_dim, slice_m) -> None:
+    """ValueError unless an attention kernel takes this head dim and slice size."""
+    if head_dim not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"head_dim {head_dim!r} has no attention kernel; available: {ATTENTION_HEAD_DIMS}")
+    if slice_m not in SLICE_SIZES:
+        raise ValueError(f"mask.slice_m={slice_m} has no compiled kernel; available: {SLICE_SIZES}")
+
+
 def check_scale(scale) -> None:
     """The kernels take the row maximum of unscaled logits, which is the maximum of the scaled
-    ones only for a positive scale."""
+    ones only for a positive scale. While torch.compile traces, the scale may be computed from
+    symbolic shapes: it is checked inside the graph."""
+    if torch.compiler.is_compiling():
+        torch._check(scale > 0, lambda: "scale must be a positive finite number")
+        torch._check(scale < math.inf, lambda: "scale must be a positive finite number")
+        return
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number (or None: 1 / sqrt(head dim)), got {scale!r}")
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import bridge
+from .layout import to_bhsd
 from .mask import SliceMask, indptr_from_counts, num_blocks
 from .mask_reference import pool_queries
 from .scoring import predict_mask
@@ -35,11 +37,6 @@ STORAGES = ("auto", "index", "bits")
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 _INT16_KEYS = 2**15
-
-
-def _bhs(shape, layout: str) -> tuple:
-    """(B, H, S) of a [B, H, S, D] ("HND") or [B, S, H, D] ("NHD") shape."""
-    return (shape[0], shape[1], shape[2]) if layout == "HND" else (shape[0], shape[2], shape[1])
 
 
 def refreshes_on(sparse_step: int, refresh_every: int, ramp: bool = False) -> bool:
@@ -196,8 +193,8 @@ class MaskCache:
         slice_m = options.get("slice_m", 128)
         if action == "reuse":
             self.record_reuse()
-            (batch, heads, q_len), kv_len = _bhs(q.shape, layout), _bhs(k.shape, layout)[2]  # cupy too
-            return self.get(layer, batch, heads, q_len, kv_len, slice_m)
+            qh, kh = (to_bhsd(bridge.to_torch(x, name), layout) for x, name in ((q, "q"), (k, "k")))
+            return self.get(layer, qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2], slice_m)
         mask = predict_mask(q, k, layout=layout, **options)
         self.record_prediction()
         self.put(layer, mask, step)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from . import mask_reference as ref
+from .attention_kernel import check_scale
 from .mask import is_int
 from .jit.score_spec import RULE_IDS
 
@@ -175,8 +176,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         raise ValueError(f"pooling={pooling!r} scores sub-blocks by their middle query for the max-prob combine: it "
                          f"needs a mean-query method and combine='max', got method={method!r}, combine={combine!r}")
     if scale is not None and torch.compiler.is_compiling():  # maybe symbolic: checked in the graph
-        torch._check(scale > 0, lambda: "scale must be a positive finite number")
-        torch._check(scale < math.inf, lambda: "scale must be a positive finite number")
+        check_scale(scale)
     elif scale is not None:
         if not _is_number(scale):
             raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")

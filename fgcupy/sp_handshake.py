@@ -14,8 +14,7 @@ import torch
 import torch.distributed as dist
 
 from . import bridge
-from .attention_kernel import check_forward_only, check_scale
-from .jit.spec import ATTENTION_HEAD_DIMS
+from .attention_kernel import check_forward_only, check_has_kernel, check_scale
 from .layout import LAYOUTS, check_layout, to_bhsd
 
 COMPUTES = ("auto", "fgcupy", "reference")
@@ -74,8 +73,7 @@ def check_attention_inputs(q, k, v, uses_kernel: bool) -> None:
     check_forward_only(q, k, v)
     if uses_kernel:
         bridge.dtype_name(q.dtype, "q")
-        if q.shape[-1] not in ATTENTION_HEAD_DIMS:
-            raise ValueError(f"head_dim {q.shape[-1]} has no attention kernel; available: {ATTENTION_HEAD_DIMS}")
+        check_has_kernel(q.shape[-1], DENSE_SLICE_M)
 
 
 def shard_ranges(length: int, parts: int) -> list[range]:
