@@ -59,6 +59,18 @@ def row_counts(q_blocks: int, kv_len: int, slice_m: int, top_k: int, min_keys: i
     return counts
 
 
+def kept_slices(q_blocks, kv_len, slice_m: int, top_k, min_keys: int, max_keys: int | None,
+                local: int | None):
+    """Sum of ``row_counts`` over the blocks. Without ``local`` every block keeps the same count,
+    so the sum is one product, symbolic where the sizes are (torch.compile with dynamic shapes
+    then compiles once for every sequence length instead of once per block count)."""
+    if local is not None:
+        return sum(row_counts(q_blocks, kv_len, slice_m, top_k, min_keys, max_keys, local))
+    low = torch.sym_min(min_keys, kv_len)
+    cap = kv_len if max_keys is None else torch.sym_min(max_keys, kv_len)
+    return q_blocks * torch.sym_min(torch.sym_max(low, top_k), torch.sym_max(low, cap))
+
+
 def static_row_counts(q_blocks: int, kv_len: int, req: MaskRequest, device="cpu") -> torch.Tensor:
     """int64 [QB]: ``row_counts`` of a top-k request."""
     counts = row_counts(q_blocks, kv_len, req.slice_m, req.top_k, req.min_keys, req.max_keys, req.local)

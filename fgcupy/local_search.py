@@ -10,10 +10,13 @@ query block. ``union_keys`` builds those candidates without duplicates, so each 
 
 from __future__ import annotations
 
+import torch
+
 from .attention import sparse_attention
 from .jit.runtime import kernels_can_run
-from .mask import SliceMask
+from .mask import INT32_MAX, SliceMask
 from .mask_algebra import check_union, union_reference
+from .op_library import define
 from .scoring import predict_mask
 
 
@@ -21,8 +24,19 @@ def union_keys(mask: SliceMask, offsets=(0,), extra: SliceMask | None = None) ->
     """Per row, the keys of ``mask`` moved by each of ``offsets`` (0: the keys themselves) and the
     keys of ``extra`` (a mask of the same shape), inside [0, kv_len), sorted and unique. On CUDA
     tensors one kernel counts and one writes (one host sync for the size); elsewhere the torch
-    reference (mask_algebra.union_reference)."""
+    reference (mask_algebra.union_reference). Under torch.compile, an op whose index count is a
+    run-time value (``torch.ops.fgcupy.union_keys``)."""
     offsets = tuple(offsets)
+    if not torch.compiler.is_compiling():
+        return _union_keys(mask, offsets, extra)
+    check_union(mask, offsets, extra)
+    indptr, indices = torch.ops.fgcupy.union_keys(
+        mask.indptr, mask.indices, list(offsets), None if extra is None else extra.indptr,
+        None if extra is None else extra.indices, mask.slice_m, mask.q_len, mask.kv_len)
+    return SliceMask(indptr, indices, mask.slice_m, mask.q_len, mask.kv_len)
+
+
+def _union_keys(mask: SliceMask, offsets: tuple, extra: SliceMask | None) -> SliceMask:
     if isinstance(mask, SliceMask) and mask.device.type == "cuda" and kernels_can_run():
         from .mask_kernels import gpu_union
 
@@ -31,6 +45,24 @@ def union_keys(mask: SliceMask, offsets=(0,), extra: SliceMask | None = None) ->
         if joined is not None:
             return joined
     return union_reference(mask, offsets, extra)
+
+
+def _union_op(indptr, indices, offsets, extra_indptr, extra_indices, slice_m, q_len, kv_len):
+    mask = SliceMask(indptr, indices, slice_m, q_len, kv_len)
+    extra = None if extra_indptr is None else SliceMask(extra_indptr, extra_indices, slice_m, q_len, kv_len)
+    joined = _union_keys(mask, tuple(offsets), extra)
+    return joined.indptr, joined.indices
+
+
+def _union_fake(indptr, indices, offsets, extra_indptr, extra_indices, slice_m, q_len, kv_len):
+    kept = torch.library.get_ctx().new_dynamic_size(max=INT32_MAX)
+    return torch.empty_like(indptr), indices.new_empty((kept,))
+
+
+# union_keys of the mask (indptr, indices) and the optional mask extra, as (indptr, indices).
+define("union_keys(Tensor indptr, Tensor indices, int[] offsets, Tensor? extra_indptr, Tensor? extra_indices, "
+       "SymInt slice_m, SymInt q_len, SymInt kv_len) -> (Tensor, Tensor)",
+       cpu=_union_op, cuda=_union_op, fake=_union_fake)
 
 
 def refresh_topk(q, k, v, old: SliceMask, candidates: SliceMask, density: float) -> SliceMask:

@@ -3,7 +3,7 @@
 ``torch.ops.fgcupy.sparse_attention_`` writes attention over a slice mask's CSR into ``out``
 (and ``lse``), with a fake (meta) implementation for tracing, a CUDA implementation (the
 kernels) and a CPU implementation (the torch reference); ``predict_op`` does the same for
-top-k mask prediction. ``SparseAttention.run`` and ``sparse_attention`` call :func:`attend`,
+mask prediction. ``SparseAttention.run`` and ``sparse_attention`` call :func:`attend`,
 which uses the op while torch.compile traces and the implementation directly otherwise (an
 eager op call imports torch._dynamo: a second of a process's first call).
 """
@@ -23,7 +23,7 @@ def spec_token(spec) -> str:
     return "" if spec is None else _spec_token(spec)
 
 
-def _attention_meta(q, k, v, out, lse, indptr, indices, order, slice_m, scale, spec):
+def _attention_fake(q, k, v, out, lse, indptr, indices, order, slice_m, scale, spec):
     return None
 
 
@@ -60,7 +60,7 @@ def _attention_cuda(q, k, v, out, lse, indptr, indices, order, slice_m, scale, s
 # float32 lse [B, H, q_len]); order: the plan's launch order (None: longest first).
 define("sparse_attention_(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor(b!)? lse, Tensor indptr, "
        "Tensor indices, Tensor? order, SymInt slice_m, float scale, str spec) -> ()",
-       cpu=_attention_cpu, cuda=_attention_cuda, meta=_attention_meta)
+       cpu=_attention_cpu, cuda=_attention_cuda, fake=_attention_fake)
 
 
 def attend(*args) -> None:

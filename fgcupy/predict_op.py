@@ -1,7 +1,10 @@
-"""Top-k mask prediction as a torch.library op (``torch.ops.fgcupy.predict_topk``).
+"""Mask prediction as a torch.library op (``torch.ops.fgcupy.predict_mask``).
 
-A top-k mask's sizes follow from the shapes, so the op has a meta implementation and
-torch.compile(fullgraph=True) takes it; the CUDA implementation runs the kernels, the CPU one the
+The op takes a checked request (``fgcupy.predict_mask`` builds it) as a token plus the values that
+may be symbolic while torch.compile traces (top_k, threshold and scale follow from the shapes).
+Its fake implementation sizes a top-k mask from the shapes, so CUDA graphs take it; every other
+selection (and a pooling per head, joined with a host sync) gets a data-dependent length (an
+unbacked size), which torch.compile(fullgraph=True) traces and CUDA graphs leave out. The CUDA implementation runs the kernels, the CPU one the
 torch reference. :func:`predict` uses the op only while torch.compile traces (see fgcupy.ops).
 """
 
@@ -9,58 +12,140 @@ from __future__ import annotations
 
 import torch
 
-from .gpu_prediction import DEFAULT_WORKSPACE, GpuPrediction, predict_reference, row_counts
-from .mask import num_blocks
-from .mask_request import make_request
+from .gpu_prediction import GpuPrediction, kept_slices, predict_reference
+from .mask import INT32_MAX, SliceMask, num_blocks
+from .mask_algebra import concat_heads
+from .mask_request import MaskRequest, make_request
 from .op_library import define
 
-
-def _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling,
-             diagonals):
-    return make_request(q.shape[3], k.shape[2], slice_m, "topk", top_k=top_k, pool=pool,
-                        exact_band=None if exact_band < 0 else exact_band, min_keys=min_keys,
-                        max_keys=None if max_keys < 0 else max_keys, local=None if local < 0 else local,
-                        scale=scale, logits_dtype=torch.float16 if half_logits else torch.float32, pooling=pooling,
-                        diagonals=tuple(diagonals))
+#: The request's fields a token carries (top_k, threshold and scale travel as op arguments).
+_TOKEN_FIELDS = ("method", "rule", "slice_m", "pool", "combine", "tau", "min_keys", "max_keys", "local",
+                 "logits_dtype", "exact_band", "pooling", "diagonals")
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-def _predict_meta(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling,
-                  diagonals):
+def request_token(req: MaskRequest, poolings: tuple | None = None) -> str:
+    """``req`` (and a per-head pooling list, which replaces its pooling) as the op's string."""
+    fields = {name: getattr(req, name) for name in _TOKEN_FIELDS}
+    fields["logits_dtype"] = str(fields["logits_dtype"]).removeprefix("torch.")
+    if poolings is not None:
+        fields["pooling"] = ",".join(poolings)
+    fields["diagonals"] = ",".join(str(d) for d in fields["diagonals"])
+    return ";".join(f"{name}={value}" for name, value in fields.items())
+
+
+def _fields(token: str) -> dict:
+    """The token's fields as Python values (unchecked); ValueError if it is not a token."""
+    try:
+        fields = dict(item.split("=", 1) for item in token.split(";"))
+    except ValueError:
+        fields = {}
+    if sorted(fields) != sorted(_TOKEN_FIELDS):
+        raise ValueError(f"not a prediction request token: {token!r}")
+
+    def number(text, kind):
+        return None if text == "None" else kind(text)
+
+    return dict(
+        method=fields["method"], rule=fields["rule"], slice_m=int(fields["slice_m"]), pool=int(fields["pool"]),
+        combine=fields["combine"], tau=number(fields["tau"], float), min_keys=int(fields["min_keys"]),
+        max_keys=number(fields["max_keys"], int), local=number(fields["local"], int),
+        logits_dtype=_DTYPES.get(fields["logits_dtype"], fields["logits_dtype"]),
+        exact_band=number(fields["exact_band"], int), pooling=tuple(fields["pooling"].split(",")),
+        diagonals=tuple(int(d) for d in fields["diagonals"].split(",") if d))
+
+
+def _requests(q, k, token: str, top_k: int, threshold: float, scale: float) -> tuple:
+    """(MaskRequest per head, its pooling) from an op call, every option checked again: the op
+    may be called directly."""
+    fields = _fields(token)
+    poolings = fields.pop("pooling")
+    if len(poolings) not in (1, q.shape[1]):
+        raise ValueError(f"a pooling per head needs {q.shape[1]} entries, got {len(poolings)}")
+    method, rule, slice_m = fields.pop("method"), fields.pop("rule"), fields.pop("slice_m")
+    requests = {}
+    for pooling in dict.fromkeys(poolings):
+        requests[pooling] = make_request(
+            q.shape[3], k.shape[2], slice_m, method, rule=rule if method == "colmax" else None,
+            top_k=top_k if rule == "topk" else None, threshold=threshold if rule == "threshold" else None,
+            pooling=pooling, scale=scale, **fields)
+    return requests, poolings
+
+
+def _is_static(token: str) -> bool:
+    """Whether the mask's sizes follow from the shapes and the op needs no host sync (so CUDA
+    graphs may take it): top-k with one selection per block and one pooling for every head (a
+    pooling per head joins its groups' masks with a sync)."""
+    fields = _fields(token)
+    if len(fields["pooling"]) > 1:
+        return False
+    req = MaskRequest(**{**fields, "pooling": fields["pooling"][0]}, top_k=0, threshold=None, scale=1.0)
+    return req.rule == "topk" and req.kind != "union"
+
+
+def _predict_fake(q, k, lse, candidate_indptrs, candidate_indices, token, top_k, threshold, scale, workspace_bytes):
+    fields = _fields(token)
     batch, heads, q_len, _ = q.shape
-    q_blocks = num_blocks(q_len, slice_m)
-    capacity = batch * heads * sum(row_counts(q_blocks, k.shape[2], slice_m, top_k, min_keys,
-                                              None if max_keys < 0 else max_keys, None if local < 0 else local))
-    return (q.new_empty((batch, heads, q_blocks + 1), dtype=torch.int32),
-            q.new_empty((capacity,), dtype=torch.int32))
+    q_blocks = num_blocks(q_len, fields["slice_m"])
+    if _is_static(token):
+        kept = batch * heads * kept_slices(q_blocks, k.shape[2], fields["slice_m"], top_k, fields["min_keys"],
+                                           fields["max_keys"], fields["local"])
+    else:
+        kept = torch.library.get_ctx().new_dynamic_size(max=INT32_MAX)
+    return (q.new_empty((batch, heads, q_blocks + 1), dtype=torch.int32), q.new_empty((kept,), dtype=torch.int32))
 
 
 @torch.no_grad()  # integer indices out: nothing to differentiate (and reductions into out= refuse grad)
-def _predict_cpu(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling,
-                 diagonals):
-    mask = predict_reference(q, k, _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local,
-                                             scale, half_logits, pooling, diagonals), None)
+def _predict(q, k, lse, candidate_indptrs, candidate_indices, token, top_k, threshold, scale, workspace_bytes):
+    requests, poolings = _requests(q, k, token, top_k, threshold, scale)
+    slice_m = next(iter(requests.values())).slice_m
+    candidates = tuple(SliceMask(indptr, indices, slice_m, q.shape[2], k.shape[2])
+                       for indptr, indices in zip(candidate_indptrs, candidate_indices, strict=True))
+    if len(requests) == 1:
+        mask = _predict_one(q, k, next(iter(requests.values())), lse, candidates, workspace_bytes)
+    else:
+        mask = _predict_per_head(q, k, requests, poolings, workspace_bytes)
     return mask.indptr, mask.indices
 
 
-@torch.no_grad()
-def _predict_cuda(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling,
-                  diagonals):
-    req = _request(q, k, slice_m, top_k, pool, exact_band, min_keys, max_keys, local, scale, half_logits, pooling,
-                   diagonals)
-    mask = GpuPrediction(q, k, req, None, DEFAULT_WORKSPACE).run()
-    return mask.indptr, mask.indices
+def _predict_one(qh, kh, req: MaskRequest, lse, candidates: tuple, workspace_bytes: int) -> SliceMask:
+    if qh.device.type == "cuda":
+        return GpuPrediction(qh, kh, req, lse, workspace_bytes, candidates).run()
+    return predict_reference(qh, kh, req, lse, candidates)
 
 
-# (indptr, indices) of a top-k mask predicted from [B, H, S, D] q, k (negative exact_band /
-# max_keys / local: off; see fgcupy.predict_mask).
-define("predict_topk(Tensor q, Tensor k, SymInt slice_m, SymInt top_k, SymInt pool, SymInt exact_band, "
-       "SymInt min_keys, SymInt max_keys, SymInt local, float scale, bool half_logits, str pooling, "
-       "int[] diagonals) -> (Tensor, Tensor)",
-       cpu=_predict_cpu, cuda=_predict_cuda, meta=_predict_meta)
+def _predict_per_head(qh, kh, requests: dict, poolings: tuple, workspace_bytes: int) -> SliceMask:
+    """Head h predicted with ``poolings[h]``: one prediction per pooling over its heads, joined
+    in head order (one gather, one host sync)."""
+    masks, placed = [], []
+    for pooling, req in requests.items():
+        group = [h for h, p in enumerate(poolings) if p == pooling]
+        index = torch.tensor(group, device=qh.device)
+        masks.append(_predict_one(qh.index_select(1, index), kh.index_select(1, index), req, None, (),
+                                  workspace_bytes))
+        placed += group
+    position = {h: i for i, h in enumerate(placed)}
+    return concat_heads(masks, order=[position[h] for h in range(qh.shape[1])])
 
 
-def predict(*args) -> tuple:
-    """``predict_topk``'s arguments: the op under torch.compile, else its implementation."""
+# (indptr, indices) of the mask that ``token`` (a checked request, see request_token) selects for
+# [B, H, S, D] q and k; lse: a dense step's row LSE (colmax); candidates: masks' CSR (colmax);
+# top_k -1 and threshold -1 where the rule takes none.
+define("predict_mask(Tensor q, Tensor k, Tensor? lse, Tensor[] candidate_indptrs, Tensor[] candidate_indices, "
+       "str token, SymInt top_k, float threshold, float scale, int workspace_bytes) -> (Tensor, Tensor)",
+       cpu=_predict, cuda=_predict, fake=_predict_fake)
+
+
+def predict(q, k, lse, candidates: tuple, req: MaskRequest, poolings, workspace_bytes: int) -> SliceMask:
+    """The mask ``req`` selects (``poolings``: one per head, or None): through the op under
+    torch.compile, else its implementation."""
+    args = (q, k, lse, [m.indptr for m in candidates], [m.indices for m in candidates],
+            request_token(req, poolings), -1 if req.top_k is None else req.top_k,
+            -1.0 if req.threshold is None else req.threshold, req.scale, workspace_bytes)
     if torch.compiler.is_compiling():
-        return torch.ops.fgcupy.predict_topk(*args)
-    return _predict_cuda(*args) if args[0].device.type == "cuda" else _predict_cpu(*args)
+        indptr, indices = torch.ops.fgcupy.predict_mask(*args)
+    elif poolings is None:  # eager: the request is checked already
+        return _predict_one(q, k, req, lse, candidates, workspace_bytes)
+    else:
+        indptr, indices = _predict(*args)
+    return SliceMask(indptr, indices, req.slice_m, q.shape[2], k.shape[2])

@@ -40,11 +40,10 @@ from __future__ import annotations
 import torch
 
 from . import bridge, predict_op
-from .gpu_prediction import DEFAULT_WORKSPACE, GpuPrediction, predict_reference, static_row_counts  # noqa: F401
+from .gpu_prediction import DEFAULT_WORKSPACE, static_row_counts  # noqa: F401
 from .jit.spec import SLICE_SIZES
 from .layout import query_key_views
-from .mask import SliceMask, num_blocks
-from .mask_algebra import concat_heads
+from .mask import SliceMask, is_int, num_blocks
 from .mask_request import (AUTO, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
                            METHODS, POOLINGS, MaskRequest, make_request)
 
@@ -109,45 +108,48 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     needs no dense step: the cost is one pass of Q K^T over the candidates' slices.
     """
     qh, kh = query_key_views(q, k, layout)
+    poolings = None
     if isinstance(pooling, (list, tuple)):
-        return _predict_per_head_pooling(
-            qh, kh, list(pooling), slice_m, dict(
-                method=method, density=density, top_k=top_k, tau=tau, threshold=threshold, rule=rule, pool=pool,
-                combine=combine, min_keys=min_keys, max_keys=max_keys, local=local, lse=lse, scale=scale,
-                logits_dtype=logits_dtype, exact_band=exact_band, diagonals=diagonals,
-                workspace_bytes=workspace_bytes))
+        poolings = _checked_poolings(pooling, qh.shape[1], method)
+        pooling = poolings[0]
+        poolings = poolings if len(set(poolings)) > 1 else None
     if qh.device.type == "cuda" and slice_m not in SLICE_SIZES:
         raise ValueError(f"slice_m={slice_m!r} has no attention kernel; available: {SLICE_SIZES} "
                          "(the CPU reference takes any size)")
-    req = make_request(qh.shape[3], kh.shape[2], slice_m, method, density=density, top_k=top_k, tau=tau,
-                       threshold=threshold, rule=rule, pool=pool, combine=combine, min_keys=min_keys,
-                       max_keys=max_keys, local=local, scale=scale, logits_dtype=logits_dtype,
-                       exact_band=exact_band, pooling=pooling, diagonals=diagonals)
-    lse_t = None
+    options = dict(density=density, top_k=top_k, tau=tau, threshold=threshold, rule=rule, pool=pool,
+                   combine=combine, min_keys=min_keys, max_keys=max_keys, local=local, scale=scale,
+                   logits_dtype=logits_dtype, exact_band=exact_band, diagonals=diagonals)
+    req = None
+    for each in poolings or (pooling,):  # every pooling of a per-head list is checked
+        req = make_request(qh.shape[3], kh.shape[2], slice_m, method, pooling=each, **options)
     if lse is not None and method != "colmax":
         raise ValueError(f"lse applies to method='colmax' (scores from a dense step), not {method!r}")
     candidates = _candidate_masks(candidates, qh, kh, slice_m, method)
+    lse_t = None
     if method == "colmax":
         if lse is None:
             raise ValueError("method='colmax' needs lse: the float32 [B, H, q_len] row LSE of a dense step")
         lse_t = checked_lse(lse, qh)
     if qh.device.type == "cuda":
         bridge.dtype_name(qh.dtype, "q")
+    if not is_int(workspace_bytes) or workspace_bytes < 1:
+        raise ValueError(f"workspace_bytes must be a positive int, got {workspace_bytes!r}")
     if qh.shape[0] * qh.shape[1] == 0:  # no heads: nothing to score, on any device
         indptr = torch.zeros(qh.shape[0], qh.shape[1], num_blocks(qh.shape[2], req.slice_m) + 1, dtype=torch.int32,
                              device=qh.device)
         return SliceMask(indptr, torch.zeros(0, dtype=torch.int32, device=qh.device), req.slice_m, qh.shape[2],
                          kh.shape[2])
-    if req.rule == "topk" and req.kind in ("mean", "submax") and workspace_bytes == DEFAULT_WORKSPACE:
-        # Sizes known from the shapes: one custom op, which torch.compile and CUDA graphs take.
-        indptr, indices = predict_op.predict(
-            qh, kh, req.slice_m, req.top_k, req.pool, -1 if req.exact_band is None else req.exact_band,
-            req.min_keys, -1 if req.max_keys is None else req.max_keys, -1 if req.local is None else req.local,
-            req.scale, req.logits_dtype == torch.float16, req.pooling, list(req.diagonals))
-        return SliceMask(indptr, indices, req.slice_m, qh.shape[2], kh.shape[2])
-    if qh.device.type != "cuda":
-        return predict_reference(qh, kh, req, lse_t, candidates)
-    return GpuPrediction(qh, kh, req, lse_t, workspace_bytes, candidates).run()
+    return predict_op.predict(qh, kh, lse_t, candidates, req, poolings, int(workspace_bytes))
+
+
+def _checked_poolings(poolings, heads: int, method: str) -> tuple:
+    """A per-head pooling list, checked, as a tuple."""
+    if len(poolings) != heads or any(not isinstance(p, str) or p not in POOLINGS for p in poolings):
+        raise ValueError(f"pooling per head must list one of {POOLINGS} for each of the {heads} heads, "
+                         f"got {poolings!r}")
+    if method == "colmax":
+        raise ValueError("pooling per head applies to the mean-query methods, not colmax")
+    return tuple(poolings)
 
 
 def _candidate_masks(candidates, qh, kh, slice_m: int, method: str) -> tuple:
@@ -169,25 +171,3 @@ def _candidate_masks(candidates, qh, kh, slice_m: int, method: str) -> tuple:
     if not masks:
         raise ValueError("candidates is empty: give at least one SliceMask (or None to score every key)")
     return masks
-
-
-def _predict_per_head_pooling(qh, kh, poolings: list, slice_m: int, options: dict) -> SliceMask:
-    """predict_mask with ``poolings[h]`` for head h: one prediction per pooling over its heads,
-    joined in head order."""
-    heads = qh.shape[1]
-    if len(poolings) != heads or any(not isinstance(p, str) or p not in POOLINGS for p in poolings):
-        raise ValueError(f"pooling per head must list one of {POOLINGS} for each of the {heads} heads, "
-                         f"got {poolings!r}")
-    if options["method"] == "colmax":
-        raise ValueError("pooling per head applies to the mean-query methods, not colmax")
-    groups = {p: [h for h in range(heads) if poolings[h] == p] for p in dict.fromkeys(poolings)}
-    if len(groups) == 1:
-        return predict_mask(qh, kh, slice_m, pooling=poolings[0], **options)
-    masks, placed = [], []
-    for pooling, group in groups.items():
-        index = torch.tensor(group, device=qh.device)
-        masks.append(predict_mask(qh.index_select(1, index), kh.index_select(1, index), slice_m, pooling=pooling,
-                                  **options))
-        placed += group
-    position = {h: i for i, h in enumerate(placed)}
-    return concat_heads(masks, order=[position[h] for h in range(heads)])

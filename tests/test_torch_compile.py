@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import fgcupy
-from fgcupy import SliceMask, SparseAttention, predict_mask, reference_attention, sparse_attention
+from fgcupy import SliceMask, SparseAttention, predict_mask, predict_op, reference_attention, sparse_attention
+from fgcupy.local_search import refresh_topk, union_keys
+from fgcupy.mask_request import make_request
 
 
 def _qkv(device="cpu", dtype=torch.float32, seq=256, dim=64, layout="HND"):
@@ -29,7 +31,8 @@ class Block(torch.nn.Module):
 
 def test_ops_are_registered():
     assert hasattr(torch.ops.fgcupy, "sparse_attention_")
-    assert hasattr(torch.ops.fgcupy, "predict_topk")
+    assert hasattr(torch.ops.fgcupy, "predict_mask")
+    assert hasattr(torch.ops.fgcupy, "union_keys")
 
 
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
@@ -63,10 +66,124 @@ def test_planned_run_and_lse_compile_without_breaks():
     torch.testing.assert_close(lse, ref_lse)
 
 
-def test_dynamic_selections_are_refused_by_fullgraph_not_silently_wrong():
+#: Predictions whose sizes depend on the scores (and top-k ones outside the default path): each
+#: compiles with fullgraph, with a data-dependent index count where the sizes follow from the data.
+DATA_DEPENDENT = {
+    "tau": lambda q, k, lse: predict_mask(q, k, 64, "tau", tau=0.8),
+    "threshold": lambda q, k, lse: predict_mask(q, k, 64, "threshold", threshold=0.02, pool=None, exact_band=None),
+    "union": lambda q, k, lse: predict_mask(q, k, 64, "tau", tau=0.7, pool=16, combine="union"),
+    "tau capped": lambda q, k, lse: predict_mask(q, k, 64, "tau", tau=0.95, max_keys=80, local=4),
+    "colmax top-k": lambda q, k, lse: predict_mask(q, k, 64, "colmax", density=0.2, lse=lse),
+    "colmax threshold": lambda q, k, lse: predict_mask(q, k, 64, "colmax", lse=lse),
+    "colmax candidates": lambda q, k, lse: predict_mask(
+        q, k, 64, "colmax", rule="tau", tau=0.9, lse=lse,
+        candidates=[predict_mask(q, k, 64, "topk", density=0.1), predict_mask(q, k, 64, "tau", tau=0.5)]),
+    "per-head pooling": lambda q, k, lse: predict_mask(q, k, 64, "topk", density=0.2, pooling=["mean", "sample"]),
+    "per-head pooling tau": lambda q, k, lse: predict_mask(q, k, 64, "tau", tau=0.8, pooling=["both", "adaptive"]),
+    "small workspace": lambda q, k, lse: predict_mask(q, k, 64, "topk", density=0.2, workspace_bytes=1),
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("name", sorted(DATA_DEPENDENT))
+def test_every_prediction_compiles_with_fullgraph_and_attends(name, device):
+    """Every prediction runs inside one graph, and attention through its mask after it."""
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    q, k, v = _qkv(device, dtype)
+    lse = reference_attention(q, k, v, SliceMask.full(1, 2, 256, 256, 64, device=device))[1]  # a dense step's
+    predict = DATA_DEPENDENT[name]
+
+    def step(q, k, v, lse):
+        mask = predict(q, k, lse)
+        return sparse_attention(q, k, v, mask) * 2, mask.indptr, mask.indices
+
+    mask = predict(q, k, lse)
+    expected = reference_attention(q, k, v, mask)[0].to(dtype) * 2
+    tolerance = {} if device == "cpu" else dict(rtol=2e-2, atol=2e-2)
+    # fullgraph=True raises at any break. Without it, torch (by default) breaks the graph at an op
+    # of data-dependent size and runs it eagerly: the same answer.
+    for fullgraph in (True, False) if name in ("tau", "colmax candidates") else (True,):
+        torch._dynamo.reset()
+        out, indptr, indices = torch.compile(step, fullgraph=fullgraph)(q, k, v, lse)
+        torch.testing.assert_close(indptr, mask.indptr)
+        torch.testing.assert_close(indices, mask.indices)
+        torch.testing.assert_close(out, expected, **tolerance)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_leave_out_a_data_dependent_prediction():
+    """reduce-overhead over a tau prediction (an index count known only at run time, a host sync
+    in the op): torch runs that graph without a CUDA graph, and the answer is right."""
+    q, k, v = _qkv("cuda", torch.bfloat16, seq=1024, dim=128)
+
+    def step(q, k, v):
+        return sparse_attention(q, k, v, predict_mask(q, k, 128, "tau", tau=0.9)) * 2
+
+    compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+    for _ in range(3):
+        got = compiled(q, k, v)
+    torch.testing.assert_close(got.float(), step(q, k, v).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_a_sparse_refresh_compiles_with_fullgraph():
+    """A refresh without a dense step in one graph: attention through the old mask for its LSE,
+    the old keys moved along the sequence as candidates, their exact column max."""
+    q, k, v = _qkv()
+    old = predict_mask(q, k, 64, "topk", density=0.1)
+
+    def refresh(q, k, v, indptr, indices):
+        mask = SliceMask(indptr, indices, 64, 256, 256)
+        candidates = union_keys(mask, (0, 1, -16), extra=predict_mask(q, k, 64, "tau", tau=0.5))
+        new = refresh_topk(q, k, v, mask, candidates, 0.2)
+        return candidates.indptr, candidates.indices, new.indptr, new.indices
+
+    got = torch.compile(refresh, fullgraph=True)(q, k, v, old.indptr, old.indices)
+    candidates = union_keys(old, (0, 1, -16), extra=predict_mask(q, k, 64, "tau", tau=0.5))
+    new = refresh_topk(q, k, v, old, candidates, 0.2)
+    for a, b in zip(got, (candidates.indptr, candidates.indices, new.indptr, new.indices)):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_data_dependent_mask_compiles_once_for_masks_of_other_sizes():
+    """The index count is a run-time value of the graph: a tau mask that keeps more keys on other
+    inputs reuses the graph (and is still exact)."""
+    compiled = torch.compile(lambda q, k: predict_mask(q, k, 64, "tau", tau=0.9).indices, fullgraph=True)
+    torch._dynamo.utils.counters.clear()
+    sizes = set()
+    for seed in range(3):
+        q, k, _ = _qkv()
+        q = q * (seed + 1) * 0.5  # sharper or flatter rows: other counts
+        got = compiled(q, k)
+        torch.testing.assert_close(got, predict_mask(q, k, 64, "tau", tau=0.9).indices)
+        sizes.add(got.numel())
+    assert len(sizes) == 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_top_k_compiles_once_for_every_sequence_length():
+    """With dynamic shapes the top-k mask's size is one expression of the lengths, not one graph per
+    count of query blocks."""
+    compiled = torch.compile(lambda q, k: predict_mask(q, k, 64, "topk", density=0.2).indices, fullgraph=True,
+                             dynamic=True)
+    torch._dynamo.utils.counters.clear()
+    for seq in (300, 400, 520, 700):
+        q, k, _ = _qkv(seq=seq)
+        torch.testing.assert_close(compiled(q, k), predict_mask(q, k, 64, "topk", density=0.2).indices)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+def test_the_op_checks_a_request_it_is_handed():
     q, k, _ = _qkv()
-    with pytest.raises(Exception):  # noqa: B017 - torch raises its own graph-break error
-        torch.compile(lambda q, k: predict_mask(q, k, 64, "tau", tau=0.9).indices, fullgraph=True)(q, k)
+    token = predict_op.request_token(make_request(64, 256, 64, "tau", tau=0.5))
+    indptr, indices = torch.ops.fgcupy.predict_mask(q, k, None, [], [], token, -1, -1.0, 0.125, 1 << 20)
+    assert torch.equal(indices, predict_mask(q, k, 64, "tau", tau=0.5, scale=0.125).indices)
+    with pytest.raises(ValueError, match="not a prediction request token"):
+        torch.ops.fgcupy.predict_mask(q, k, None, [], [], "method=tau", -1, -1.0, 0.125, 1 << 20)
+    with pytest.raises(ValueError, match="tau must be in"):
+        torch.ops.fgcupy.predict_mask(q, k, None, [], [], token.replace("tau=0.5", "tau=7.0"), -1, -1.0, 0.125,
+                                      1 << 20)
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        torch.ops.fgcupy.predict_mask(q, k, None, [], [], token, -1, -1.0, -1.0, 1 << 20)
 
 
 @pytest.mark.gpu
