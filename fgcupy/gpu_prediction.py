@@ -77,12 +77,19 @@ def static_row_counts(q_blocks: int, kv_len: int, req: MaskRequest, device="cpu"
     return torch.tensor(counts, dtype=torch.int64, device=device)
 
 
-@lru_cache(maxsize=None)
 def _static_layout(batch: int, heads: int, q_blocks: int, kv_len: int, req: MaskRequest, device: str):
     """(int32 offsets of every block, int32 indptr [B, H, QB + 1], capacity) of a top-k mask:
-    known from the shapes, so repeated predictions (every layer, every step) reuse them. Never
-    evicted: a captured CUDA graph keeps reading the offsets (a few bytes per block)."""
-    per_block = static_row_counts(q_blocks, kv_len, req)
+    known from the shapes, so repeated predictions (every layer, every step) reuse them."""
+    return _layout_of_counts(batch, heads, q_blocks, kv_len, req.slice_m, req.top_k, req.min_keys, req.max_keys,
+                             req.local, device)
+
+
+@lru_cache(maxsize=None)
+def _layout_of_counts(batch, heads, q_blocks, kv_len, slice_m, top_k, min_keys, max_keys, local, device: str):
+    """``_static_layout``, cached on what the counts depend on (not on the scale or the scoring).
+    Never evicted: a captured CUDA graph keeps reading the offsets (a few bytes per block)."""
+    per_block = torch.tensor(row_counts(q_blocks, kv_len, slice_m, top_k, min_keys, max_keys, local),
+                             dtype=torch.int64)
     per_head = int(per_block.sum())
     capacity = per_head * batch * heads
     if capacity > _INT32_MAX:

@@ -56,7 +56,7 @@ def _union_op(indptr, indices, offsets, extra_indptr, extra_indices, slice_m, q_
 
 def _union_fake(indptr, indices, offsets, extra_indptr, extra_indices, slice_m, q_len, kv_len):
     kept = torch.library.get_ctx().new_dynamic_size(max=INT32_MAX)
-    return torch.empty_like(indptr), indices.new_empty((kept,))
+    return indptr.new_empty(indptr.shape), indices.new_empty((kept,))
 
 
 # union_keys of the mask (indptr, indices) and the optional mask extra, as (indptr, indices).

@@ -100,7 +100,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         if (density is None) == (top_k is None):
             raise ValueError("top-k selection needs exactly one of density (fraction of keys) or top_k")
         if density is not None:
-            if not _is_number(density) or not 0.0 <= density <= 1.0:
+            if not is_number(density) or not 0.0 <= density <= 1.0:
                 raise ValueError(f"density must be a number in [0, 1], got {density!r}")
             # A positive density keeps at least one key (rounding to none would zero every output).
             top_k = max(1, round(density * kv_len)) if density > 0 and kv_len else 0
@@ -110,7 +110,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
     elif density is not None or top_k is not None:
         raise ValueError(f"density/top_k apply to top-k selection, not rule {rule!r}")
     for name, value in (("tau", tau), ("threshold", threshold)):
-        if value is not None and not _is_number(value):
+        if value is not None and not is_number(value):
             raise ValueError(f"{name} must be a number, got {value!r}")
     if rule == "tau":
         tau = 0.9 if tau is None else float(tau)
@@ -178,7 +178,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
     if scale is not None and torch.compiler.is_compiling():  # maybe symbolic: checked in the graph
         check_scale(scale)
     elif scale is not None:
-        if not _is_number(scale):
+        if not is_number(scale):
             raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be a positive finite number, got {scale}")
@@ -202,7 +202,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
 _LOCAL_MAX = 2**30 - 1
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     """A Python or numpy real number, not a bool (nor a tensor or a string)."""
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 

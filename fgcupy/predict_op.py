@@ -24,12 +24,13 @@ _TOKEN_FIELDS = ("method", "rule", "slice_m", "pool", "combine", "tau", "min_key
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
-def request_token(req: MaskRequest, poolings: tuple | None = None) -> str:
-    """``req`` (and a per-head pooling list, which replaces its pooling) as the op's string."""
+def request_token(req: MaskRequest, per_head: tuple | None = None) -> str:
+    """``req`` as the op's string. ``per_head``: (a pooling per head, the caller's logits_dtype or
+    None), which replace the request's own (each pooling may store its scores in its own dtype)."""
     fields = {name: getattr(req, name) for name in _TOKEN_FIELDS}
+    if per_head is not None:
+        fields["pooling"], fields["logits_dtype"] = ",".join(per_head[0]), per_head[1]
     fields["logits_dtype"] = str(fields["logits_dtype"]).removeprefix("torch.")
-    if poolings is not None:
-        fields["pooling"] = ",".join(poolings)
     fields["diagonals"] = ",".join(str(d) for d in fields["diagonals"])
     return ";".join(f"{name}={value}" for name, value in fields.items())
 
@@ -50,7 +51,7 @@ def _fields(token: str) -> dict:
         method=fields["method"], rule=fields["rule"], slice_m=int(fields["slice_m"]), pool=int(fields["pool"]),
         combine=fields["combine"], tau=number(fields["tau"], float), min_keys=int(fields["min_keys"]),
         max_keys=number(fields["max_keys"], int), local=number(fields["local"], int),
-        logits_dtype=_DTYPES.get(fields["logits_dtype"], fields["logits_dtype"]),
+        logits_dtype=number(fields["logits_dtype"], lambda name: _DTYPES.get(name, name)),
         exact_band=number(fields["exact_band"], int), pooling=tuple(fields["pooling"].split(",")),
         diagonals=tuple(int(d) for d in fields["diagonals"].split(",") if d))
 
@@ -136,15 +137,16 @@ define("predict_mask(Tensor q, Tensor k, Tensor? lse, Tensor[] candidate_indptrs
        cpu=_predict, cuda=_predict, fake=_predict_fake)
 
 
-def predict(q, k, lse, candidates: tuple, req: MaskRequest, poolings, workspace_bytes: int) -> SliceMask:
-    """The mask ``req`` selects (``poolings``: one per head, or None): through the op under
+def predict(q, k, lse, candidates: tuple, req: MaskRequest, workspace_bytes: int,
+            per_head: tuple | None = None) -> SliceMask:
+    """The mask ``req`` selects (``per_head``: see request_token): through the op under
     torch.compile, else its implementation."""
     args = (q, k, lse, [m.indptr for m in candidates], [m.indices for m in candidates],
-            request_token(req, poolings), -1 if req.top_k is None else req.top_k,
+            request_token(req, per_head), -1 if req.top_k is None else req.top_k,
             -1.0 if req.threshold is None else req.threshold, req.scale, workspace_bytes)
     if torch.compiler.is_compiling():
         indptr, indices = torch.ops.fgcupy.predict_mask(*args)
-    elif poolings is None:  # eager: the request is checked already
+    elif per_head is None:  # eager: the request is checked already
         return _predict_one(q, k, req, lse, candidates, workspace_bytes)
     else:
         indptr, indices = _predict(*args)

@@ -37,15 +37,17 @@ is given. Score buffers ([heads x rows x kv_len], rows padded to 128 bytes) are 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import bridge, predict_op
 from .gpu_prediction import DEFAULT_WORKSPACE, static_row_counts  # noqa: F401
 from .jit.spec import SLICE_SIZES
 from .layout import query_key_views
-from .mask import SliceMask, is_int, num_blocks
+from .mask import SliceMask, num_blocks
 from .mask_request import (AUTO, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
-                           METHODS, POOLINGS, MaskRequest, make_request)
+                           METHODS, POOLINGS, MaskRequest, is_number, make_request)
 
 
 def checked_lse(lse, q) -> torch.Tensor:
@@ -111,7 +113,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     poolings = None
     if isinstance(pooling, (list, tuple)):
         poolings = _checked_poolings(pooling, qh.shape[1], method)
-        pooling = poolings[0]
+        pooling = poolings[0] if poolings else AUTO
         poolings = poolings if len(set(poolings)) > 1 else None
     if qh.device.type == "cuda" and slice_m not in SLICE_SIZES:
         raise ValueError(f"slice_m={slice_m!r} has no attention kernel; available: {SLICE_SIZES} "
@@ -132,14 +134,15 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
         lse_t = checked_lse(lse, qh)
     if qh.device.type == "cuda":
         bridge.dtype_name(qh.dtype, "q")
-    if not is_int(workspace_bytes) or workspace_bytes < 1:
-        raise ValueError(f"workspace_bytes must be a positive int, got {workspace_bytes!r}")
+    if not is_number(workspace_bytes) or not workspace_bytes >= 0 or not math.isfinite(workspace_bytes):
+        raise ValueError(f"workspace_bytes must be a non-negative number of bytes, got {workspace_bytes!r}")
     if qh.shape[0] * qh.shape[1] == 0:  # no heads: nothing to score, on any device
         indptr = torch.zeros(qh.shape[0], qh.shape[1], num_blocks(qh.shape[2], req.slice_m) + 1, dtype=torch.int32,
                              device=qh.device)
         return SliceMask(indptr, torch.zeros(0, dtype=torch.int32, device=qh.device), req.slice_m, qh.shape[2],
                          kh.shape[2])
-    return predict_op.predict(qh, kh, lse_t, candidates, req, poolings, int(workspace_bytes))
+    return predict_op.predict(qh, kh, lse_t, candidates, req, int(min(workspace_bytes, 2**62)),
+                              None if poolings is None else (poolings, logits_dtype))
 
 
 def _checked_poolings(poolings, heads: int, method: str) -> tuple:

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import fgcupy
-from fgcupy import MaskCache, SliceMask, mask_kernels, predict_mask, scoring
+from fgcupy import MaskCache, SliceMask, gpu_prediction, mask_kernels, predict_mask, scoring
 from fgcupy import mask_reference as ref
 from fgcupy.jit.score_spec import SelectSpec
 from fgcupy.mask import num_blocks
@@ -194,7 +194,7 @@ def test_exact_band_scores(p, slice_m, band, kernel):
     q, k = _inputs(p["seed"], p["batch"], p["heads"], p["q_len"], p["kv_len"], p["dim"], p["dtype"], p["layout"])
     pool = min(p["pool"], slice_m)
     req = scoring.make_request(p["dim"], p["kv_len"], slice_m, "topk", top_k=1, pool=pool, exact_band=band)
-    pred = scoring.GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
+    pred = gpu_prediction.GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
     with mock.patch.object(mask_kernels, "_is_hopper", lambda index: kernel == "wgmma"):
         got, _ = pred._scores(0, pred.bh)
     rows = ref.rounded(ref.pool_queries(q, pool), q.dtype)
@@ -215,7 +215,7 @@ def test_diagonal_bands_score_exactly(p, slice_m, band, diagonals, kernel):
     pool = min(p["pool"], slice_m)
     req = scoring.make_request(p["dim"], p["kv_len"], slice_m, "topk", top_k=1, pool=pool, exact_band=band,
                                diagonals=diagonals)
-    pred = scoring.GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
+    pred = gpu_prediction.GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
     with mock.patch.object(mask_kernels, "_is_hopper", lambda index: kernel == "wgmma"):
         got, _ = pred._scores(0, pred.bh)
     expected = ref.pooled_scores(q, k, pool, slice_m, band, req.scale, "mean", req.diagonals)
@@ -444,7 +444,7 @@ def test_long_rows_select_correctly(kv_len):
     assert smallest_tau_set_ok(stored, got, 0.9, lse=lse).all()
     # The default predictor's bfloat16 max-probability rows, staged or not alike.
     got = predict_mask(q, k, 64, "topk", density=0.1).validate().to_dense()
-    expected = scoring.predict_reference(q, k, scoring.make_request(64, kv_len, 64, "topk", density=0.1),
+    expected = gpu_prediction.predict_reference(q, k, scoring.make_request(64, kv_len, 64, "topk", density=0.1),
                                          None).to_dense()
     assert (got != expected).sum().item() <= 5 + 0.002 * int(expected.sum())
 
@@ -530,7 +530,7 @@ def test_adaptive_pooling_on_blocks_of_both_kinds(slice_m, pool, kernel, kv_len)
     sampled = ref.adaptive_rows(q, pool, slice_m)[1]
     assert sampled.any() and not sampled.all()
     req = scoring.make_request(128, kv_len, slice_m, "topk", top_k=50, pool=pool, pooling="adaptive")
-    pred = scoring.GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
+    pred = gpu_prediction.GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
     assert torch.equal(pred.sampled, sampled.reshape(-1))
     with mock.patch.object(mask_kernels, "_is_hopper", lambda index: kernel == "wgmma"):
         got, _ = pred._scores(0, pred.bh)

@@ -378,6 +378,19 @@ def test_pooling_per_head_is_each_heads_own_prediction(layout):
     assert torch.equal(same, predict_mask(q, k, 64, "tau", tau=0.8, pooling="sample").to_dense())
 
 
+@pytest.mark.parametrize("poolings", [["sample", "mean"], ["mean", "sample"]])
+def test_pooling_per_head_stores_each_poolings_own_logits(poolings):
+    """With one pooled row per block, "mean" keeps float16 logits by default and "sample" float32
+    probabilities: each head gets its own pooling's default, in any order of the list."""
+    gen = torch.Generator().manual_seed(15)
+    q, k = torch.randn(1, 2, 256, 64, generator=gen), torch.randn(1, 2, 256, 64, generator=gen)
+    options = dict(density=0.2, pool=128, exact_band=None)
+    got = predict_mask(q, k, 128, "topk", pooling=poolings, **options).to_dense()
+    for h, pooling in enumerate(poolings):
+        alone = predict_mask(q[:, h : h + 1], k[:, h : h + 1], 128, "topk", pooling=pooling, **options)
+        assert torch.equal(got[:, h : h + 1], alone.to_dense()), (h, pooling)
+
+
 @pytest.mark.parametrize("pooling, message", [
     (["mean"] * 3, r"one of \('mean', 'sample', 'both', 'adaptive'\) for each of the 4 heads"),
     (["mean", "mean", "max", "mean"], r"for each of the 4 heads"),
@@ -388,6 +401,23 @@ def test_pooling_per_head_refuses_bad_lists(pooling, message):
         predict_mask(q, q, 64, "topk", density=0.1, pooling=pooling)
     with pytest.raises(ValueError, match="not colmax"):
         predict_mask(q, q, 64, "colmax", lse=torch.zeros(1, 4, 100), pooling=["mean", "both"] * 2)
+
+
+def test_workspace_bytes_is_a_non_negative_number():
+    """Any size works (0: one head at a time, as 1 does); what is not a size is refused."""
+    q = torch.randn(1, 2, 100, 16)
+    expected = predict_mask(q, q, 64, "topk", density=0.2).indices
+    for size in (0, 1, 1e9, 10**40):
+        assert torch.equal(predict_mask(q, q, 64, "topk", density=0.2, workspace_bytes=size).indices, expected)
+    for bad in (True, -1, float("nan"), float("inf"), "1", None):
+        with pytest.raises(ValueError, match="workspace_bytes must be a non-negative number"):
+            predict_mask(q, q, 64, "topk", density=0.2, workspace_bytes=bad)
+
+
+def test_no_heads_with_an_empty_pooling_list_is_an_empty_mask():
+    q = torch.randn(1, 0, 100, 16)
+    mask = predict_mask(q, q, 64, "topk", density=0.2, pooling=[])
+    assert (mask.heads, mask.q_blocks, mask.indices.numel()) == (0, 2, 0)
 
 
 def _blocks_of_two_kinds(q_len, dim, slice_m, seed):
