@@ -278,3 +278,32 @@ def means_drift(reference: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     if reference.shape != current.shape:
         raise ValueError(f"block means of different shapes: {tuple(reference.shape)} and {tuple(current.shape)}")
     return 1.0 - torch.nn.functional.cosine_similarity(reference, current, dim=-1).mean()
+
+
+#: Queries per head whose exact LSE ``mask_recall`` reads.
+RECALL_SAMPLES = 64
+#: Logit entries formed at once by ``mask_recall`` (float32: 256 MB); heads are taken in chunks.
+_RECALL_CHUNK = 1 << 26
+
+
+def mask_recall(q, k, lse, scale: float, key_valid=None, samples: int = RECALL_SAMPLES) -> torch.Tensor:
+    """float32 [B, H]: the share of the softmax mass a mask keeps, per head, averaged over
+    ``samples`` evenly spaced queries: exp(their LSE over the kept keys - their exact LSE over
+    every key). ``lse`` [B, H, S]: the row LSE of attention through the mask (a sparse call's
+    ``return_lse``), so only the sampled rows' exact LSE is computed (samples / S of a dense
+    Q K^T; no host sync). A mask that went stale keeps less: a staleness signal that, unlike
+    block means, reads where the attention went. q, k [B, H, S, D]; ``key_valid`` [B, S_k] bool
+    leaves padded keys out of the exact LSE."""
+    batch, heads, q_len, _ = q.shape
+    if q_len == 0 or heads == 0:
+        return torch.ones(batch, heads, dtype=torch.float32, device=q.device)
+    rows = torch.linspace(0, q_len - 1, min(samples, q_len), device=q.device).round().long()
+    exact = torch.empty(batch, heads, rows.numel(), dtype=torch.float32, device=q.device)
+    chunk = max(1, _RECALL_CHUNK // max(1, batch * rows.numel() * k.shape[2]))
+    for h0 in range(0, heads, chunk):
+        h1 = min(heads, h0 + chunk)
+        logits = torch.matmul(q[:, h0:h1, rows].float(), k[:, h0:h1].float().transpose(-1, -2)) * scale
+        if key_valid is not None:
+            logits.masked_fill_(~key_valid[:, None, None, :], float("-inf"))
+        exact[:, h0:h1] = torch.logsumexp(logits, dim=-1)
+    return torch.exp(lse[:, :, rows].float() - exact).nan_to_num(0.0).mean(-1)

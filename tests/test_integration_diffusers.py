@@ -356,6 +356,66 @@ def test_refresh_on_drift_with_shared_branches_judges_the_first_branch():
     assert stats.sparse_calls == 6
 
 
+def test_refresh_on_recall_refreshes_the_step_after_the_mask_lost_mass():
+    """New latents at step 2 move the attention off the mask: its recall reading of that step
+    falls and the next step refreshes; the same inputs again read the same recall (no refresh)."""
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    moved = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
+    config = dict(predictor="topk", density=0.3, slice_m=64, refresh_every=100, refresh_on_recall=0.99)
+    handle = fd.apply(model, cpu_config(**config))
+    for step, x in enumerate([latents, latents, moved, moved, moved]):
+        run_wan(model, x, text, t=1000 - step)
+    stats = handle.stats()["blocks.0.attn1"]
+    assert stats.refresh_steps == [0, 3] and stats.recall_refresh_steps == [3]
+    handle = fd.apply(model, cpu_config(**config))
+    for step in range(5):
+        run_wan(model, latents, text, t=1000 - step)
+    assert handle.stats()["blocks.0.attn1"].refresh_steps == [0]
+
+
+def test_refresh_on_recall_with_shared_branches_judges_the_first_branch():
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    other = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
+    handle = fd.apply(model, cpu_config(predictor="topk", density=0.3, slice_m=64, refresh_every=100,
+                                        refresh_on_recall=0.99, share_branches=True))
+    for step in range(4):
+        run_wan(model, latents, text, t=1000 - step)
+        run_wan(model, other, text, t=1000 - step)
+    stats = handle.stats()["blocks.0.attn1"]
+    assert stats.refresh_steps == [0] and stats.recall_refresh_steps == []
+
+
+@pytest.mark.parametrize("bad", [0, 1.5, -0.1, True, "0.9"])
+def test_refresh_on_recall_is_a_share_in_0_1(bad):
+    with pytest.raises(ValueError, match="refresh_on_recall must be a number in"):
+        cpu_config(refresh_on_recall=bad)
+
+
+def test_mask_recall_is_the_mass_the_mask_keeps_on_sampled_queries():
+    """exp(sparse LSE - exact LSE) of the sampled rows equals the exact probability they put on the
+    kept keys (float64), padded keys left out of both."""
+    from fgcupy.cache import mask_recall
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, 200, 16, generator=gen) for _ in range(3))
+    key_valid = torch.ones(2, 200, dtype=torch.bool)
+    key_valid[1, 150:] = False
+    mask = drop_keys(fgcupy.predict_mask(q, k, 64, "topk", density=0.3), key_valid)
+    _, lse = fgcupy.reference_attention(q, k, v, mask)
+    got = mask_recall(q, k, lse, 0.25, key_valid, samples=7)
+    rows = torch.linspace(0, 199, 7).round().long()
+    logits = (q[:, :, rows].double() @ k.double().transpose(-1, -2)) * 0.25
+    logits.masked_fill_(~key_valid[:, None, None, :], float("-inf"))
+    probs = torch.softmax(logits, -1)
+    kept = mask.to_dense()[:, :, rows // 64]
+    expected = (probs * kept).sum(-1).mean(-1)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    full = fgcupy.SliceMask.full(2, 3, 200, 200, 64)
+    assert torch.allclose(mask_recall(q, k, fgcupy.reference_attention(q, k, v, full)[1], 0.25), torch.ones(2, 3))
+
+
 def test_block_means_drift():
     from fgcupy.cache import block_means, means_drift
 
@@ -1000,6 +1060,7 @@ def test_config_schedule():
     (dict(refresh_on_drift=2.5), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
     (dict(refresh_on_drift=True), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
     (dict(refresh_on_drift=0.1, process_group=object()), ValueError, r"refresh_on_drift decides per rank"),
+    (dict(refresh_on_recall=0.9, process_group=object()), ValueError, r"refresh_on_recall decides per rank"),
 ])
 def test_config_refuses_what_cannot_work(kwargs, error, message):
     with pytest.raises(error, match=message):

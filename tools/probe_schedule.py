@@ -24,7 +24,10 @@ first) as SparseAttentionConfig would make it:
     warm-up ...        mask_from_warmup=True: the first mask is the exact column max of the last
                        dense step; "warm-up, reused" never refreshes; "warm-up + sparse /20" is
                        SparseAttentionConfig()'s default (one dense step); "ramp" also refreshes
-                       on sparse steps 1, 2, 4, ... below N; "4,20" on the sparse steps listed
+                       on sparse steps 1, 2, 4, ... below N; "4,20" on the sparse steps listed;
+                       "recall r" also refreshes on the sparse step after one where the mask's
+                       recall (fgcupy.cache.mask_recall) fell below r x its first reading
+                       (SparseAttentionConfig(refresh_on_recall=r))
 
 Every sparse step's mask is judged against that step's oracle (error / oracle error, the same
 density), so a schedule pays for the steps its mask grows stale. Printed per family and density:
@@ -40,8 +43,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fgcupy import predict_mask
-from fgcupy.cache import refreshes_on
+from fgcupy import predict_mask, sparse_attention
+from fgcupy.cache import mask_recall, refreshes_on
 from fgcupy.head_families import FAMILIES, family_qkv
 from fgcupy.local_search import refresh_topk, search_offsets, union_keys
 from fgcupy.oracle import Judge
@@ -64,6 +67,7 @@ class Schedule:
     every: int = 5
     ramp: bool = False  # also refresh on the powers of two below ``every`` (MaskCache's ramp)
     steps: tuple[int, ...] | None = None  # refresh on these sparse steps instead
+    recall: float | None = None  # refresh_on_recall: also refresh the step after the mask's recall fell below this x its first
 
     def refreshes(self, sparse_step: int) -> bool:
         if self.refresh is None or sparse_step == 0:
@@ -90,8 +94,9 @@ SCHEDULES = {
     "warm-up + search /20": Schedule("warm-up", "search", 20),
     "warm-up + sparse ramp /20": Schedule("warm-up", "sparse", 20, ramp=True),
     "warm-up + sparse 4,20": Schedule("warm-up", "sparse", steps=(4, 20)),
+    "warm-up + sparse /20 recall 0.97": Schedule("warm-up", "sparse", 20, recall=0.97),
+    "warm-up + sparse /20 recall 0.93": Schedule("warm-up", "sparse", 20, recall=0.93),
 }
-
 
 class Run:
     """One schedule's mask over a trajectory, and what its refreshes scored."""
@@ -99,13 +104,17 @@ class Run:
     def __init__(self, schedule: Schedule, density: float, grid):
         self.schedule, self.density, self.grid = schedule, density, grid
         self.mask, self.searches, self.scored = None, 0, []
+        self.recall0, self.fell, self.triggered = None, False, []
 
     def step(self, sparse_step: int, q, k, v, warmup_mask) -> None:
         """Make or refresh the mask on sparse step ``sparse_step`` (0: the first) of q, k, v."""
         plan = self.schedule
         if sparse_step == 0:
             self.mask = warmup_mask if plan.first == "warm-up" else self._predict(q, k)
-        elif plan.refreshes(sparse_step):
+        elif plan.refreshes(sparse_step) or self.fell:
+            if self.fell and not plan.refreshes(sparse_step):
+                self.triggered.append(sparse_step)
+            self.fell, self.recall0 = False, None
             if plan.refresh == "predict":
                 self.mask = self._predict(q, k)
                 return
@@ -116,6 +125,19 @@ class Run:
                 self.searches += 1
             self.scored.append(candidates.density() / self.density)
             self.mask = refresh_topk(q, k, v, self.mask, candidates, self.density)
+            return
+        if plan.recall is not None:
+            self._read_recall(q, k, v)
+
+    def _read_recall(self, q, k, v) -> None:
+        """SparseAttentionConfig(refresh_on_recall=...): this sparse step's reading of the mask's
+        recall; one below ``recall`` x the mask's first refreshes on the next step."""
+        _, lse = sparse_attention(q, k, v, self.mask, return_lse=True)
+        recall = mask_recall(q, k, lse, q.shape[-1] ** -0.5)
+        if self.recall0 is None:
+            self.recall0 = recall
+        else:
+            self.fell = bool((recall < self.schedule.recall * self.recall0).any())
 
     def _predict(self, q, k):
         return predict_mask(q, k, SLICE_M, "topk", density=self.density)
@@ -176,6 +198,8 @@ def trajectory(args, shape, family: str, schedules: dict) -> None:
             run, seen = runs[(name, density)], ratios[(name, density)]
             scored = (f"{sum(run.scored) / len(run.scored):.2f}x the mask's keys scored in {len(run.scored)} refreshes"
                       if run.scored else "")
+            if run.schedule.recall is not None:
+                scored += f" (on recall: sparse steps {run.triggered})"
             print(f"{family:17s} d={density}  {name:22s} mean x{sum(seen) / len(seen):.2f}  "
                   f"last x{seen[-1]:.2f}  worst x{max(seen):.2f}  {scored}", flush=True)
 

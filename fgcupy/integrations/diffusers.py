@@ -34,7 +34,9 @@ the exact column max (with that call's LSE) over the keys it kept and the keys t
 With ``local_search`` the candidates also hold the old mask's keys moved by a token, a row or a frame
 of the token grid (read from the transformer call's ``hidden_states`` and the model's patch size).
 With ``refresh_on_drift`` a layer also refreshes on a step where the block means of its queries or
-keys moved past the threshold since its mask was made (one host synchronisation per layer).
+keys moved past the threshold since its mask was made (one host synchronisation per layer); with
+``refresh_on_recall``, on the step after the share of attention mass its mask keeps fell (read from
+the sparse call's LSE and 64 sampled queries' exact LSE per head, without a synchronisation).
 
 Sequence parallel (``process_group``, Wan only): each rank's processor gets its contiguous shard of
 the sequence (and the matching rows of the rotary tables) and attends through
@@ -55,7 +57,7 @@ import torch
 
 from .. import bridge
 from ..attention import SparseAttention, dense_attention_with_lse, sparse_attention
-from ..cache import block_means, means_drift
+from ..cache import block_means, mask_recall, means_drift
 from ..calibration import calibrate
 from ..diagonals import find_diagonals
 from ..mask import SliceMask, num_blocks
@@ -63,6 +65,7 @@ from ..local_search import search_offsets, union_keys
 from ..gpu_prediction import attention_kernels_ahead, colmax_kernels
 from ..jit.runtime import kernels_can_run, load_in_background
 from ..mask_algebra import drop_keys
+from ..mask_reference import default_scale
 from .diffusers_config import SparseAttentionConfig
 from .diffusers_processors import (  # noqa: F401
     CogVideoXSparseProcessor,
@@ -115,6 +118,7 @@ class LayerStats:
     stock_reasons: dict = field(default_factory=dict)
     refresh_steps: list = field(default_factory=list)
     drift_refresh_steps: list = field(default_factory=list)  # refreshes that refresh_on_drift asked for
+    recall_refresh_steps: list = field(default_factory=list)  # refreshes that refresh_on_recall asked for
     calibrations: int = 0  # per-head pooling choices made (calibrate_pooling)
     diagonals: tuple = ()  # the diagonals last found (find_diagonals)
 
@@ -138,6 +142,8 @@ class _Slot:
     key: tuple | None = None  # (shape of q, shape of k, dtype, device): a change forces a refresh
     key_version: int = 0
     means: tuple | None = None  # block means of (q, k) the mask was made from (refresh_on_drift)
+    recall: torch.Tensor | None = None  # [B, H] mask_recall on the mask's first sparse step (refresh_on_recall)
+    recall_fell: tuple | None = None  # (host bool, CUDA event or None) of the last reading (refresh_on_recall)
     searches: int = 0  # local searches run (which grid step the next one moves keys by)
 
 
@@ -373,7 +379,35 @@ class SparseAttentionHandle:
         self.cache.put(entry, mask, self.step if serves_step is None else serves_step)
         self.cache.record_prediction()
         slot.key, slot.key_version = key, key_version
+        slot.recall, slot.recall_fell = None, None
         layer.stats.refresh_steps.append(self.step)
+
+    def _recall_fell(self, slot: _Slot) -> bool:
+        """Whether the last recall reading of the slot's mask fell (refresh_on_recall): False until
+        the reading has reached the host."""
+        if slot.recall_fell is None:
+            return False
+        fell, copied = slot.recall_fell
+        if copied is not None and not copied.query():
+            return False
+        slot.recall_fell = None
+        return bool(fell)
+
+    def _read_recall(self, slot: _Slot, q, k, lse, key_valid) -> None:
+        """Queue the recall reading of the slot's mask from this sparse call's LSE: the first after
+        a refresh is the reference; a later one below refresh_on_recall x that is copied to the
+        host without a sync, for the next step to read."""
+        recall = mask_recall(q.transpose(1, 2), k.transpose(1, 2), lse, default_scale(q.shape[-1]), key_valid)
+        if slot.recall is None or slot.recall.shape != recall.shape:
+            slot.recall = recall
+            return
+        fell = (recall < self.config.refresh_on_recall * slot.recall).any()
+        if fell.is_cuda:
+            copied = torch.cuda.Event()
+            slot.recall_fell = (fell.to("cpu", non_blocking=True), copied)
+            copied.record()
+        else:
+            slot.recall_fell = (fell, None)
 
     def attend(self, layer: _Layer, q, k, v, key_valid=None, key_version: int = 0):
         """Slice-sparse attention of q, k, v ``[B, S, H, D]``: refresh the layer's mask when the
@@ -389,9 +423,14 @@ class SparseAttentionHandle:
         means = self._block_means(q, k) if branch == self.branch else None
         drifted = (not scheduled and means is not None and self.cache.step_of(entry) != self.step
                    and self._drifted(slot, means))
-        if scheduled or drifted:
+        reads_recall = cfg.refresh_on_recall is not None and branch == self.branch
+        recall_fell = (not (scheduled or drifted) and reads_recall and self.cache.step_of(entry) != self.step
+                       and self._recall_fell(slot))
+        if scheduled or drifted or recall_fell:
             if drifted:
                 layer.stats.drift_refresh_steps.append(self.step)
+            if recall_fell:
+                layer.stats.recall_refresh_steps.append(self.step)
             if means is not None:
                 slot.means = means
             poolings = layer.poolings.get((branch, key))
@@ -431,9 +470,17 @@ class SparseAttentionHandle:
         else:
             self.cache.record_reuse()
         layer.stats.sparse_calls += 1
+        if not reads_recall:
+            if cfg.attention_fn is not None:
+                return cfg.attention_fn(q, k, v, self.cache.get(entry), None)
+            return slot.plan.run(q, k, v, layout="NHD")
         if cfg.attention_fn is not None:
-            return cfg.attention_fn(q, k, v, self.cache.get(entry), None)
-        return slot.plan.run(q, k, v, layout="NHD")
+            out = cfg.attention_fn(q, k, v, self.cache.get(entry), None)
+            _, lse = sparse_attention(q, k, v, self.cache.get(entry), layout="NHD", return_lse=True)
+        else:
+            out, lse = slot.plan.run(q, k, v, layout="NHD", return_lse=True)
+        self._read_recall(slot, q, k, lse, key_valid)
+        return out
 
     def attend_parallel(self, layer: _Layer, q, k, v, dense: bool):
         """Sequence-parallel attention of this rank's shard q, k, v ``[B, S_r, H, D]``. Refresh steps

@@ -140,6 +140,11 @@ class SparseAttentionConfig:
     refresh_on_drift: also re-predict a layer's mask on a step where its queries or keys moved
         by more than this since the mask was made (``fgcupy.cache.means_drift`` of their block
         means, in (0, 2]; costs one host sync per layer and sparse step). None: schedule only.
+    refresh_on_recall: also refresh a layer's mask on the sparse step after one where the share of
+        attention mass it keeps fell below this fraction, in (0, 1], of that share on the mask's
+        first sparse step, in any head (``fgcupy.cache.mask_recall``: the sparse call's LSE
+        against the exact LSE of 64 sampled queries per head). The reading reaches the host
+        without a sync, one step late (later if the GPU has not finished it). None: schedule only.
     share_branches: later calls of the same step (classifier-free guidance's second pass) reuse the
         first call's masks instead of predicting their own: half the mask memory.
     fallback: where fgcupy's kernel cannot run (no GPU, CPU tensors), use the stock processor
@@ -168,6 +173,7 @@ class SparseAttentionConfig:
     refresh_steps: tuple[int, ...] | None = None
     refresh_ramp: bool | None = None
     refresh_on_drift: float | None = None
+    refresh_on_recall: float | None = None
     mask_from_warmup: bool | None = None
     sparse_refresh: bool | None = None
     local_search: bool | None = None
@@ -261,6 +267,14 @@ class SparseAttentionConfig:
                                  f"got {self.refresh_on_drift!r}")
             if self.process_group is not None:
                 raise ValueError("refresh_on_drift decides per rank from its own shard: not with process_group "
+                                 "(the ranks must refresh together); use refresh_every or refresh_steps")
+        if self.refresh_on_recall is not None:
+            if isinstance(self.refresh_on_recall, bool) or not isinstance(self.refresh_on_recall, (int, float)) \
+                    or not 0.0 < self.refresh_on_recall <= 1.0:
+                raise ValueError(f"refresh_on_recall must be a number in (0, 1] (a share of the mask's first "
+                                 f"recall), got {self.refresh_on_recall!r}")
+            if self.process_group is not None:
+                raise ValueError("refresh_on_recall decides per rank from its own shard: not with process_group "
                                  "(the ranks must refresh together); use refresh_every or refresh_steps")
         object.__setattr__(self, "dense_layers", _int_tuple(self.dense_layers, "dense_layers"))
         if self.refresh_steps is not None:
