@@ -282,7 +282,7 @@ def means_drift(reference: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
 
 #: Queries per head whose exact LSE ``mask_recall`` reads.
 RECALL_SAMPLES = 64
-#: Logit entries formed at once by ``mask_recall`` (float32: 256 MB); heads are taken in chunks.
+#: float32 entries (logits and keys) ``mask_recall`` forms at once (256 MB); heads in chunks.
 _RECALL_CHUNK = 1 << 26
 
 
@@ -299,7 +299,7 @@ def mask_recall(q, k, lse, scale: float, key_valid=None, samples: int = RECALL_S
         return torch.ones(batch, heads, dtype=torch.float32, device=q.device)
     rows = torch.linspace(0, q_len - 1, min(samples, q_len), device=q.device).round().long()
     exact = torch.empty(batch, heads, rows.numel(), dtype=torch.float32, device=q.device)
-    chunk = max(1, _RECALL_CHUNK // max(1, batch * rows.numel() * k.shape[2]))
+    chunk = max(1, _RECALL_CHUNK // max(1, batch * k.shape[2] * (rows.numel() + k.shape[3])))
     for h0 in range(0, heads, chunk):
         h1 = min(heads, h0 + chunk)
         logits = torch.matmul(q[:, h0:h1, rows].float(), k[:, h0:h1].float().transpose(-1, -2)) * scale

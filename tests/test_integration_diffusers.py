@@ -374,6 +374,36 @@ def test_refresh_on_recall_refreshes_the_step_after_the_mask_lost_mass():
     assert handle.stats()["blocks.0.attn1"].refresh_steps == [0]
 
 
+def test_a_recall_reading_still_on_its_way_is_read_before_the_next():
+    """A reading whose copy to the host has not landed (its event not done) is kept, not replaced
+    by the next step's; once it lands, a fallen reading refreshes the mask."""
+
+    class Event:
+        done = False
+
+        def query(self):
+            return self.done
+
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    handle = fd.apply(model, cpu_config(predictor="topk", density=0.3, slice_m=64, refresh_every=100,
+                                        refresh_on_recall=0.5))
+    for step in range(2):
+        run_wan(model, latents, text, t=1000 - step)
+    slot = handle.layers["blocks.0.attn1"].slots[0]
+    pending = (torch.tensor(True), Event())
+    slot.recall_fell = pending
+    run_wan(model, latents, text, t=998)
+    assert slot.recall_fell is pending and handle.stats()["blocks.0.attn1"].refresh_steps == [0]
+    pending[1].done = True
+    run_wan(model, latents, text, t=997)
+    stats = handle.stats()["blocks.0.attn1"]
+    assert stats.refresh_steps == [0, 3] and stats.recall_refresh_steps == [3]
+    snapshot = handle.stats()["blocks.0.attn1"]
+    handle.layers["blocks.0.attn1"].stats.recall_refresh_steps.append(99)
+    assert snapshot.recall_refresh_steps == [3]  # stats() copies
+
+
 def test_refresh_on_recall_with_shared_branches_judges_the_first_branch():
     model = tiny_wan(layers=1)
     latents, text = wan_inputs()

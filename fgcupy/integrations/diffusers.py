@@ -282,7 +282,8 @@ class SparseAttentionHandle:
         """Copies of every patched layer's statistics, by module name, in model order."""
         return {name: dataclasses.replace(layer.stats, stock_reasons=dict(layer.stats.stock_reasons),
                                           refresh_steps=list(layer.stats.refresh_steps),
-                                          drift_refresh_steps=list(layer.stats.drift_refresh_steps))
+                                          drift_refresh_steps=list(layer.stats.drift_refresh_steps),
+                                          recall_refresh_steps=list(layer.stats.recall_refresh_steps))
                 for name, layer in self.layers.items()}
 
     def refresh_counts(self) -> dict[str, int]:
@@ -397,6 +398,9 @@ class SparseAttentionHandle:
         """Queue the recall reading of the slot's mask from this sparse call's LSE: the first after
         a refresh is the reference; a later one below refresh_on_recall x that is copied to the
         host without a sync, for the next step to read."""
+        pending = slot.recall_fell
+        if pending is not None and pending[1] is not None and not pending[1].query():
+            return  # the last reading has not reached the host: it is read first
         recall = mask_recall(q.transpose(1, 2), k.transpose(1, 2), lse, default_scale(q.shape[-1]), key_valid)
         if slot.recall is None or slot.recall.shape != recall.shape:
             slot.recall = recall
@@ -405,7 +409,7 @@ class SparseAttentionHandle:
         if fell.is_cuda:
             copied = torch.cuda.Event()
             slot.recall_fell = (fell.to("cpu", non_blocking=True), copied)
-            copied.record()
+            copied.record(torch.cuda.current_stream(fell.device))  # the copy's stream
         else:
             slot.recall_fell = (fell, None)
 

@@ -144,15 +144,18 @@ class SparseAttentionConfig:
         attention mass it keeps fell below this fraction, in (0, 1], of that share on the mask's
         first sparse step, in any head (``fgcupy.cache.mask_recall``: the sparse call's LSE
         against the exact LSE of 64 sampled queries per head). The reading reaches the host
-        without a sync, one step late (later if the GPU has not finished it). None: schedule only.
+        without a sync, one step late (later if the GPU has not finished it: readings wait for
+        it). With ``attention_fn`` each sparse step then also runs fgcupy's attention for its
+        LSE. None: schedule only.
     share_branches: later calls of the same step (classifier-free guidance's second pass) reuse the
         first call's masks instead of predicting their own: half the mask memory.
     fallback: where fgcupy's kernel cannot run (no GPU, CPU tensors), use the stock processor
         instead of raising.
     attention_fn: replaces fgcupy's kernel: ``attention_fn(q, k, v, mask, scale) -> out`` with
         q, k, v, out ``[B, S, H, D]``; for other backends, comparisons and CPU tests. The LSE of a
-        sparse refresh and of the warm-up's exact mask still comes from fgcupy's attention
-        (``sparse_refresh=False, mask_from_warmup=False`` leave it out).
+        sparse refresh, of the warm-up's exact mask and of refresh_on_recall's readings still
+        comes from fgcupy's attention (``sparse_refresh=False, mask_from_warmup=False`` and no
+        refresh_on_recall leave it out).
     process_group: a torch.distributed group whose ranks each hold a contiguous sequence shard
         (rank order = sequence order): self-attention then runs through SequenceParallelAttention
         (fgcupy's kernel on CUDA tensors, its float32 reference elsewhere), dense steps and layers
