@@ -263,22 +263,8 @@ class SparseAttentionConfig:
         if self.sparse_refresh:
             self._check_sparse_refresh()
         self._check_local_search()
-        if self.refresh_on_drift is not None:
-            if isinstance(self.refresh_on_drift, bool) or not isinstance(self.refresh_on_drift, (int, float)) \
-                    or not 0.0 < self.refresh_on_drift <= 2.0:
-                raise ValueError(f"refresh_on_drift must be a number in (0, 2] (1 - cosine similarity), "
-                                 f"got {self.refresh_on_drift!r}")
-            if self.process_group is not None:
-                raise ValueError("refresh_on_drift decides per rank from its own shard: not with process_group "
-                                 "(the ranks must refresh together); use refresh_every or refresh_steps")
-        if self.refresh_on_recall is not None:
-            if isinstance(self.refresh_on_recall, bool) or not isinstance(self.refresh_on_recall, (int, float)) \
-                    or not 0.0 < self.refresh_on_recall <= 1.0:
-                raise ValueError(f"refresh_on_recall must be a number in (0, 1] (a share of the mask's first "
-                                 f"recall), got {self.refresh_on_recall!r}")
-            if self.process_group is not None:
-                raise ValueError("refresh_on_recall decides per rank from its own shard: not with process_group "
-                                 "(the ranks must refresh together); use refresh_every or refresh_steps")
+        self._check_refresh_trigger("refresh_on_drift", 2.0, "1 - cosine similarity")
+        self._check_refresh_trigger("refresh_on_recall", 1.0, "a share of the mask's first recall")
         object.__setattr__(self, "dense_layers", _int_tuple(self.dense_layers, "dense_layers"))
         if self.refresh_steps is not None:
             object.__setattr__(self, "refresh_steps", _int_tuple(self.refresh_steps, "refresh_steps"))
@@ -393,6 +379,17 @@ class SparseAttentionConfig:
             raise ValueError("mask_from_warmup selects the exact mask by the predictor's density / tau / threshold: "
                              "a callable predictor has none; give a named predictor")
         self._refuse_process_group("mask_from_warmup", "LSE")
+
+    def _check_refresh_trigger(self, name: str, upper: float, meaning: str) -> None:
+        """A refresh_on_* threshold: a number in (0, upper], and per rank, so not with process_group."""
+        value = getattr(self, name)
+        if value is None:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= upper:
+            raise ValueError(f"{name} must be a number in (0, {upper:g}] ({meaning}), got {value!r}")
+        if self.process_group is not None:
+            raise ValueError(f"{name} decides per rank from its own shard: not with process_group (the ranks "
+                             "must refresh together); use refresh_every or refresh_steps")
 
     def _check_sparse_refresh(self) -> None:
         if not isinstance(self.sparse_refresh, bool):
