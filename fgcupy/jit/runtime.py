@@ -26,7 +26,7 @@ log = logging.getLogger("fgcupy")
 _lock = threading.Lock()  # guards _key_locks
 _key_locks: dict = {}  # (spec, device index) -> the lock its one load holds
 _kernels: dict = {}
-_failed_in_background: set = set()  # (spec, device index) whose background load raised: not retried there
+_failed_in_background: dict = {}  # (spec, device index) -> what its background load raised (raised once, not retried)
 _loading_in_background: set = set()  # (spec, device index) a thread is loading (guarded by _lock)
 _threads: set = set()  # the loading threads, joined at exit (guarded by _lock)
 
@@ -85,6 +85,10 @@ def get_kernel(spec):
 
 def get_kernel_on(device, spec):
     """The kernel for ``spec`` on a torch device (its index, or torch's current device)."""
+    return _get_kernel(device, spec, background=False)
+
+
+def _get_kernel(device, spec, background: bool):
     key = (spec, device_index(device))
     kernel = _kernels.get(key)
     if kernel is not None:
@@ -94,7 +98,15 @@ def get_kernel_on(device, spec):
     with key_lock:  # one load per kernel; loads of different kernels run side by side
         kernel = _kernels.get(key)
         if kernel is None:
-            kernel = _load(spec, key[1])
+            failed = _failed_in_background.pop(key, None)
+            if failed is not None:  # raised as it was, not compiled again to raise it (a later call retries)
+                raise failed
+            try:
+                kernel = _load(spec, key[1])
+            except Exception as error:
+                if background:  # kept before the lock is let go: a caller waiting on it raises this
+                    _failed_in_background[key] = error
+                raise
             _kernels[key] = kernel
     return kernel
 
@@ -102,7 +114,7 @@ def get_kernel_on(device, spec):
 def load_in_background(device, spec) -> None:
     """Start loading ``spec``'s kernel on a thread unless it is loaded, so that a cold compile
     overlaps the caller's own (NVRTC runs without the GIL); ``get_kernel_on`` then waits for it,
-    and raises the error if the load failed. Nothing starts while a CUDA graph is captured."""
+    and raises the load's own error if it failed. Nothing starts while a CUDA graph is captured."""
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return
     key = (spec, device_index(device))  # here: a thread's current device is its own
@@ -133,9 +145,8 @@ def _join_loads(timeout_s: float = 120.0) -> None:
 def _load_quietly(device, spec) -> None:
     key = (spec, device_index(device))
     try:
-        get_kernel_on(device, spec)
-    except Exception:  # noqa: BLE001 - the caller's own get_kernel_on raises it
-        _failed_in_background.add(key)
+        _get_kernel(device, spec, background=True)
+    except Exception:  # noqa: BLE001 - kept for the caller's own get_kernel_on to raise
         log.debug("fgcupy: background load of %s failed", spec.name, exc_info=True)
     finally:
         with _lock:
