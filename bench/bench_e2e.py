@@ -155,7 +155,7 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
 
     # Reused mask: the first call predicts, later calls of later steps reuse.
     reuse_cfg = fd.SparseAttentionConfig(slice_m=args.slice_m, dense_steps=0, refresh_every=10**9,
-                                         refresh_on_recall=args.refresh_on_recall, **predictor)
+                                         refresh_on_missed_mass=args.refresh_on_missed_mass, **predictor)
     handle = fd.apply(model, reuse_cfg)
     started = time.perf_counter()
     run_block()
@@ -318,8 +318,8 @@ def main(argv=None):
     parser.add_argument("--refresh-ramp", action=argparse.BooleanOptionalAction, default=None,
                         help="also refresh on sparse steps 1, 2, 4, ... below the interval (default: "
                              "SparseAttentionConfig's)")
-    parser.add_argument("--refresh-on-recall", type=float, default=None,
-                        help="SparseAttentionConfig(refresh_on_recall=...): reuse steps also read the mask's recall "
+    parser.add_argument("--refresh-on-missed-mass", type=float, default=None,
+                        help="SparseAttentionConfig(refresh_on_missed_mass=...): reuse steps also read the mask's recall "
                              "(their time includes the reading; the refreshes it adds depend on the data)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--reps", type=int, default=5)
@@ -344,7 +344,7 @@ def main(argv=None):
         name, predictor = "topk, calibrated poolings", dict(predictor, calibrate_pooling=True)
     try:  # the schedule SparseAttentionConfig makes of these flags (None: its defaults); it refuses what cannot work
         schedule = fd.SparseAttentionConfig(dense_steps=args.dense_steps, refresh_every=args.refresh_every,
-                                            refresh_ramp=args.refresh_ramp, refresh_on_recall=args.refresh_on_recall,
+                                            refresh_ramp=args.refresh_ramp, refresh_on_missed_mass=args.refresh_on_missed_mass,
                                             mask_from_warmup=args.mask_from_warmup, sparse_refresh=args.sparse_refresh,
                                             local_search=args.local_search,
                                             predict_on_refresh=False if args.search_only else None,

@@ -282,6 +282,9 @@ def means_drift(reference: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
 
 #: Queries per head whose exact LSE ``mask_recall`` reads.
 RECALL_SAMPLES = 64
+#: Missed mass (1 - mask_recall) a reading may gain beyond a factor of another's before it counts
+#: as more (rounding: a mask that keeps every key reads 1 give or take float32's last bits).
+MISSED_MASS_FLOOR = 1e-5
 #: float32 entries (logits and keys) ``mask_recall`` forms at once (256 MB); heads in chunks.
 _RECALL_CHUNK = 1 << 26
 

@@ -356,18 +356,18 @@ def test_refresh_on_drift_with_shared_branches_judges_the_first_branch():
     assert stats.sparse_calls == 6
 
 
-def test_refresh_on_recall_refreshes_the_step_after_the_mask_lost_mass():
-    """New latents at step 2 move the attention off the mask: its recall reading of that step
-    falls and the next step refreshes; the same inputs again read the same recall (no refresh)."""
+def test_refresh_on_missed_mass_refreshes_the_step_after_the_mask_lost_mass():
+    """New latents at step 2 move the attention off the mask: its reading of that step misses more
+    mass and the next step refreshes; the same inputs again read the same (no refresh)."""
     model = tiny_wan(layers=1)
     latents, text = wan_inputs()
     moved = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
-    config = dict(predictor="topk", density=0.3, slice_m=64, refresh_every=100, refresh_on_recall=0.99)
+    config = dict(predictor="topk", density=0.3, slice_m=64, refresh_every=100, refresh_on_missed_mass=1.01)
     handle = fd.apply(model, cpu_config(**config))
     for step, x in enumerate([latents, latents, moved, moved, moved]):
         run_wan(model, x, text, t=1000 - step)
     stats = handle.stats()["blocks.0.attn1"]
-    assert stats.refresh_steps == [0, 3] and stats.recall_refresh_steps == [3]
+    assert stats.refresh_steps == [0, 3] and stats.missed_mass_refresh_steps == [3]
     handle = fd.apply(model, cpu_config(**config))
     for step in range(5):
         run_wan(model, latents, text, t=1000 - step)
@@ -387,7 +387,7 @@ def test_a_recall_reading_still_on_its_way_is_read_before_the_next():
     model = tiny_wan(layers=1)
     latents, text = wan_inputs()
     handle = fd.apply(model, cpu_config(predictor="topk", density=0.3, slice_m=64, refresh_every=100,
-                                        refresh_on_recall=0.5))
+                                        refresh_on_missed_mass=2.0))
     for step in range(2):
         run_wan(model, latents, text, t=1000 - step)
     slot = handle.layers["blocks.0.attn1"].slots[0]
@@ -398,29 +398,29 @@ def test_a_recall_reading_still_on_its_way_is_read_before_the_next():
     pending[1].done = True
     run_wan(model, latents, text, t=997)
     stats = handle.stats()["blocks.0.attn1"]
-    assert stats.refresh_steps == [0, 3] and stats.recall_refresh_steps == [3]
+    assert stats.refresh_steps == [0, 3] and stats.missed_mass_refresh_steps == [3]
     snapshot = handle.stats()["blocks.0.attn1"]
-    handle.layers["blocks.0.attn1"].stats.recall_refresh_steps.append(99)
-    assert snapshot.recall_refresh_steps == [3]  # stats() copies
+    handle.layers["blocks.0.attn1"].stats.missed_mass_refresh_steps.append(99)
+    assert snapshot.missed_mass_refresh_steps == [3]  # stats() copies
 
 
-def test_refresh_on_recall_with_shared_branches_judges_the_first_branch():
+def test_refresh_on_missed_mass_with_shared_branches_judges_the_first_branch():
     model = tiny_wan(layers=1)
     latents, text = wan_inputs()
     other = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7))
     handle = fd.apply(model, cpu_config(predictor="topk", density=0.3, slice_m=64, refresh_every=100,
-                                        refresh_on_recall=0.99, share_branches=True))
+                                        refresh_on_missed_mass=1.01, share_branches=True))
     for step in range(4):
         run_wan(model, latents, text, t=1000 - step)
         run_wan(model, other, text, t=1000 - step)
     stats = handle.stats()["blocks.0.attn1"]
-    assert stats.refresh_steps == [0] and stats.recall_refresh_steps == []
+    assert stats.refresh_steps == [0] and stats.missed_mass_refresh_steps == []
 
 
-@pytest.mark.parametrize("bad", [0, 1.5, -0.1, True, "0.9"])
-def test_refresh_on_recall_is_a_share_in_0_1(bad):
-    with pytest.raises(ValueError, match="refresh_on_recall must be a number in"):
-        cpu_config(refresh_on_recall=bad)
+@pytest.mark.parametrize("bad", [0, 1, 0.5, -2.0, True, "2", float("inf"), float("nan")])
+def test_refresh_on_missed_mass_is_a_factor_above_1(bad):
+    with pytest.raises(ValueError, match="refresh_on_missed_mass must be a number in"):
+        cpu_config(refresh_on_missed_mass=bad)
 
 
 def test_mask_recall_is_the_mass_the_mask_keeps_on_sampled_queries():
@@ -1090,7 +1090,7 @@ def test_config_schedule():
     (dict(refresh_on_drift=2.5), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
     (dict(refresh_on_drift=True), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
     (dict(refresh_on_drift=0.1, process_group=object()), ValueError, r"refresh_on_drift decides per rank"),
-    (dict(refresh_on_recall=0.9, process_group=object()), ValueError, r"refresh_on_recall decides per rank"),
+    (dict(refresh_on_missed_mass=2.0, process_group=object()), ValueError, r"refresh_on_missed_mass decides per rank"),
 ])
 def test_config_refuses_what_cannot_work(kwargs, error, message):
     with pytest.raises(error, match=message):

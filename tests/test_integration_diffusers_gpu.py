@@ -299,22 +299,22 @@ def test_calibrated_schedule_on_the_kernel():
     assert poolings is not None and set(poolings) <= {"mean", "both"}
 
 
-def test_refresh_on_recall_on_the_kernel():
-    """refresh_on_recall on CUDA: the plan's LSE gives each sparse step's recall reading, copied
+def test_refresh_on_missed_mass_on_the_kernel():
+    """refresh_on_missed_mass on CUDA: the plan's LSE gives each sparse step's recall reading, copied
     to the host without a sync; new latents at step 2 refresh the mask on a later step (step 3
     once the copy has landed), the same latents never."""
     model = tiny_wan(layers=1).to(CUDA, torch.bfloat16)
     latents, text = wan_inputs(device=CUDA, dtype=torch.bfloat16)
     moved = torch.randn(latents.shape, generator=torch.Generator().manual_seed(7)).to(CUDA, torch.bfloat16)
     config = dict(predictor="topk", density=0.3, slice_m=64, dense_steps=0, refresh_every=100,
-                  refresh_on_recall=0.99)
+                  refresh_on_missed_mass=1.01)
     handle = fd.apply(model, fd.SparseAttentionConfig(**config))
     with torch.no_grad():
         for step, x in enumerate([latents, latents, moved, moved, moved, moved]):
             model(x, torch.tensor([1000 - step], device=CUDA), text)
             torch.cuda.synchronize()  # the reading has landed by the next step
     stats = handle.stats()["blocks.0.attn1"]
-    assert stats.refresh_steps == [0, 3] and stats.recall_refresh_steps == [3]
+    assert stats.refresh_steps == [0, 3] and stats.missed_mass_refresh_steps == [3]
     handle = fd.apply(model, fd.SparseAttentionConfig(**config))
     with torch.no_grad():
         for step in range(5):

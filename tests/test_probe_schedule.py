@@ -49,14 +49,14 @@ def test_a_short_morphing_trajectory_judges_every_schedule(capsys):
     assert "refreshes" not in lines[0]
 
 
-def test_a_recall_schedule_reports_where_it_refreshed(capsys):
-    """refresh_on_recall as a probe schedule: heads turning into another draw lose mass from the
+def test_a_missed_mass_schedule_reports_where_it_refreshed(capsys):
+    """refresh_on_missed_mass as a probe schedule: heads turning into another draw lose mass from the
     first mask, and the refresh comes on a step after a reading (never on sparse step 0 or 1: the
     first reading is the reference), listed on the line."""
     probe_schedule.main(["--grid", "2x16x24", "--heads", "1", "--steps", "6", "--dense-steps", "1",
                          "--densities", "0.1", "--families", "window2d", "--morph", "4",
-                         "--schedules", "warm-up + sparse /20 recall 0.97"])
+                         "--schedules", "warm-up + sparse /20 missed 1.5"])
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("window2d"))
-    steps = [int(s) for s in line.split("on recall: sparse steps [")[1].split("]")[0].split(",") if s.strip()]
+    steps = [int(s) for s in line.split("on missed mass: sparse steps [")[1].split("]")[0].split(",") if s.strip()]
     assert steps and all(2 <= s <= 4 for s in steps)
     assert f"in {len(steps)} refreshes" in line  # no scheduled refresh within 5 sparse steps

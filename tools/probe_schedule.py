@@ -25,9 +25,9 @@ first) as SparseAttentionConfig would make it:
                        dense step; "warm-up, reused" never refreshes; "warm-up + sparse /20" is
                        SparseAttentionConfig()'s default (one dense step); "ramp" also refreshes
                        on sparse steps 1, 2, 4, ... below N; "4,20" on the sparse steps listed;
-                       "recall r" also refreshes on the sparse step after one where the mask's
-                       recall (fgcupy.cache.mask_recall) fell below r x its first reading
-                       (SparseAttentionConfig(refresh_on_recall=r))
+                       "missed g" also refreshes on the sparse step after one where the mass the
+                       mask misses (1 - fgcupy.cache.mask_recall) grew past g x its first reading
+                       (SparseAttentionConfig(refresh_on_missed_mass=g))
 
 Every sparse step's mask is judged against that step's oracle (error / oracle error, the same
 density), so a schedule pays for the steps its mask grows stale. Printed per family and density:
@@ -44,7 +44,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from fgcupy import predict_mask, sparse_attention
-from fgcupy.cache import mask_recall, refreshes_on
+from fgcupy.cache import MISSED_MASS_FLOOR, mask_recall, refreshes_on
 from fgcupy.head_families import FAMILIES, family_qkv
 from fgcupy.local_search import refresh_topk, search_offsets, union_keys
 from fgcupy.oracle import Judge
@@ -67,7 +67,7 @@ class Schedule:
     every: int = 5
     ramp: bool = False  # also refresh on the powers of two below ``every`` (MaskCache's ramp)
     steps: tuple[int, ...] | None = None  # refresh on these sparse steps instead
-    recall: float | None = None  # refresh_on_recall: also refresh the step after the mask's recall fell below this x its first
+    missed: float | None = None  # refresh_on_missed_mass: also refresh after the mass the mask misses grew past this x its first
 
     def refreshes(self, sparse_step: int) -> bool:
         if self.refresh is None or sparse_step == 0:
@@ -94,8 +94,8 @@ SCHEDULES = {
     "warm-up + search /20": Schedule("warm-up", "search", 20),
     "warm-up + sparse ramp /20": Schedule("warm-up", "sparse", 20, ramp=True),
     "warm-up + sparse 4,20": Schedule("warm-up", "sparse", steps=(4, 20)),
-    "warm-up + sparse /20 recall 0.97": Schedule("warm-up", "sparse", 20, recall=0.97),
-    "warm-up + sparse /20 recall 0.93": Schedule("warm-up", "sparse", 20, recall=0.93),
+    "warm-up + sparse /20 missed 1.5": Schedule("warm-up", "sparse", 20, missed=1.5),
+    "warm-up + sparse /20 missed 2": Schedule("warm-up", "sparse", 20, missed=2.0),
 }
 
 class Run:
@@ -126,18 +126,18 @@ class Run:
             self.scored.append(candidates.density() / self.density)
             self.mask = refresh_topk(q, k, v, self.mask, candidates, self.density)
             return
-        if plan.recall is not None:
+        if plan.missed is not None:
             self._read_recall(q, k, v)
 
     def _read_recall(self, q, k, v) -> None:
-        """SparseAttentionConfig(refresh_on_recall=...): this sparse step's reading of the mask's
-        recall; one below ``recall`` x the mask's first refreshes on the next step."""
+        """SparseAttentionConfig(refresh_on_missed_mass=...): this sparse step's reading of the mass
+        the mask keeps; one that misses more than ``missed`` x the first's refreshes on the next step."""
         _, lse = sparse_attention(q, k, v, self.mask, return_lse=True)
         recall = mask_recall(q, k, lse, q.shape[-1] ** -0.5)
         if self.recall0 is None:
             self.recall0 = recall
         else:
-            self.fell = bool((recall < self.schedule.recall * self.recall0).any())
+            self.fell = bool((1 - recall > self.schedule.missed * (1 - self.recall0) + MISSED_MASS_FLOOR).any())
 
     def _predict(self, q, k):
         return predict_mask(q, k, SLICE_M, "topk", density=self.density)
@@ -198,8 +198,8 @@ def trajectory(args, shape, family: str, schedules: dict) -> None:
             run, seen = runs[(name, density)], ratios[(name, density)]
             scored = (f"{sum(run.scored) / len(run.scored):.2f}x the mask's keys scored in {len(run.scored)} refreshes"
                       if run.scored else "")
-            if run.schedule.recall is not None:
-                scored += f" (on recall: sparse steps {run.triggered})"
+            if run.schedule.missed is not None:
+                scored += f" (on missed mass: sparse steps {run.triggered})"
             print(f"{family:17s} d={density}  {name:22s} mean x{sum(seen) / len(seen):.2f}  "
                   f"last x{seen[-1]:.2f}  worst x{max(seen):.2f}  {scored}", flush=True)
 

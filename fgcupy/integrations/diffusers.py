@@ -35,8 +35,9 @@ With ``local_search`` the candidates also hold the old mask's keys moved by a to
 of the token grid (read from the transformer call's ``hidden_states`` and the model's patch size).
 With ``refresh_on_drift`` a layer also refreshes on a step where the block means of its queries or
 keys moved past the threshold since its mask was made (one host synchronisation per layer); with
-``refresh_on_recall``, on the step after the share of attention mass its mask keeps fell (read from
-the sparse call's LSE and 64 sampled queries' exact LSE per head, without a synchronisation).
+``refresh_on_missed_mass``, on the step after the share of attention mass its mask misses grew by a
+factor (read from the sparse call's LSE and 64 sampled queries' exact LSE per head, without a
+synchronisation).
 
 Sequence parallel (``process_group``, Wan only): each rank's processor gets its contiguous shard of
 the sequence (and the matching rows of the rotary tables) and attends through
@@ -57,7 +58,7 @@ import torch
 
 from .. import bridge
 from ..attention import SparseAttention, dense_attention_with_lse, sparse_attention
-from ..cache import block_means, mask_recall, means_drift
+from ..cache import MISSED_MASS_FLOOR, block_means, mask_recall, means_drift
 from ..calibration import calibrate
 from ..diagonals import find_diagonals
 from ..mask import SliceMask, num_blocks
@@ -118,7 +119,7 @@ class LayerStats:
     stock_reasons: dict = field(default_factory=dict)
     refresh_steps: list = field(default_factory=list)
     drift_refresh_steps: list = field(default_factory=list)  # refreshes that refresh_on_drift asked for
-    recall_refresh_steps: list = field(default_factory=list)  # refreshes that refresh_on_recall asked for
+    missed_mass_refresh_steps: list = field(default_factory=list)  # refreshes that refresh_on_missed_mass asked for
     calibrations: int = 0  # per-head pooling choices made (calibrate_pooling)
     diagonals: tuple = ()  # the diagonals last found (find_diagonals)
 
@@ -142,8 +143,8 @@ class _Slot:
     key: tuple | None = None  # (shape of q, shape of k, dtype, device): a change forces a refresh
     key_version: int = 0
     means: tuple | None = None  # block means of (q, k) the mask was made from (refresh_on_drift)
-    recall: torch.Tensor | None = None  # [B, H] mask_recall on the mask's first sparse step (refresh_on_recall)
-    recall_fell: tuple | None = None  # (host bool, CUDA event or None) of the last reading (refresh_on_recall)
+    recall: torch.Tensor | None = None  # [B, H] mask_recall on the mask's first sparse step (refresh_on_missed_mass)
+    recall_fell: tuple | None = None  # (host bool, CUDA event or None) of the last reading (refresh_on_missed_mass)
     searches: int = 0  # local searches run (which grid step the next one moves keys by)
 
 
@@ -283,7 +284,7 @@ class SparseAttentionHandle:
         return {name: dataclasses.replace(layer.stats, stock_reasons=dict(layer.stats.stock_reasons),
                                           refresh_steps=list(layer.stats.refresh_steps),
                                           drift_refresh_steps=list(layer.stats.drift_refresh_steps),
-                                          recall_refresh_steps=list(layer.stats.recall_refresh_steps))
+                                          missed_mass_refresh_steps=list(layer.stats.missed_mass_refresh_steps))
                 for name, layer in self.layers.items()}
 
     def refresh_counts(self) -> dict[str, int]:
@@ -384,8 +385,8 @@ class SparseAttentionHandle:
         layer.stats.refresh_steps.append(self.step)
 
     def _recall_fell(self, slot: _Slot) -> bool:
-        """Whether the last recall reading of the slot's mask fell (refresh_on_recall): False until
-        the reading has reached the host."""
+        """Whether the last recall reading of the slot's mask missed too much (refresh_on_missed_mass):
+        False until the reading has reached the host."""
         if slot.recall_fell is None:
             return False
         fell, copied = slot.recall_fell
@@ -396,8 +397,8 @@ class SparseAttentionHandle:
 
     def _read_recall(self, slot: _Slot, q, k, lse, key_valid) -> None:
         """Queue the recall reading of the slot's mask from this sparse call's LSE: the first after
-        a refresh is the reference; a later one below refresh_on_recall x that is copied to the
-        host without a sync, for the next step to read."""
+        a refresh is the reference; whether a later one misses more than refresh_on_missed_mass x
+        the reference's missed mass is copied to the host without a sync, for the next step."""
         pending = slot.recall_fell
         if pending is not None and pending[1] is not None and not pending[1].query():
             return  # the last reading has not reached the host: it is read first
@@ -405,7 +406,8 @@ class SparseAttentionHandle:
         if slot.recall is None or slot.recall.shape != recall.shape:
             slot.recall = recall
             return
-        fell = (recall < self.config.refresh_on_recall * slot.recall).any()
+        # The mass it misses grew past the factor (and past rounding: a mask that keeps every key).
+        fell = (1 - recall > self.config.refresh_on_missed_mass * (1 - slot.recall) + MISSED_MASS_FLOOR).any()
         if fell.is_cuda:
             copied = torch.cuda.Event()
             slot.recall_fell = (fell.to("cpu", non_blocking=True), copied)
@@ -427,14 +429,14 @@ class SparseAttentionHandle:
         means = self._block_means(q, k) if branch == self.branch else None
         drifted = (not scheduled and means is not None and self.cache.step_of(entry) != self.step
                    and self._drifted(slot, means))
-        reads_recall = cfg.refresh_on_recall is not None and branch == self.branch
+        reads_recall = cfg.refresh_on_missed_mass is not None and branch == self.branch
         recall_fell = (not (scheduled or drifted) and reads_recall and self.cache.step_of(entry) != self.step
                        and self._recall_fell(slot))
         if scheduled or drifted or recall_fell:
             if drifted:
                 layer.stats.drift_refresh_steps.append(self.step)
             if recall_fell:
-                layer.stats.recall_refresh_steps.append(self.step)
+                layer.stats.missed_mass_refresh_steps.append(self.step)
             if means is not None:
                 slot.means = means
             poolings = layer.poolings.get((branch, key))

@@ -3,6 +3,7 @@ is made (a setting that cannot work is refused here, not at the first sparse ste
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -140,22 +141,23 @@ class SparseAttentionConfig:
     refresh_on_drift: also re-predict a layer's mask on a step where its queries or keys moved
         by more than this since the mask was made (``fgcupy.cache.means_drift`` of their block
         means, in (0, 2]; costs one host sync per layer and sparse step). None: schedule only.
-    refresh_on_recall: also refresh a layer's mask on the sparse step after one where the share of
-        attention mass it keeps fell below this fraction, in (0, 1], of that share on the mask's
-        first sparse step, in any head (``fgcupy.cache.mask_recall``: the sparse call's LSE
-        against the exact LSE of 64 sampled queries per head). The reading reaches the host
-        without a sync, one step late (later if the GPU has not finished it: readings wait for
-        it). With ``attention_fn`` each sparse step then also runs fgcupy's attention for its
-        LSE. None: schedule only.
+    refresh_on_missed_mass: also refresh a layer's mask on the sparse step after one where the
+        share of attention mass it misses grew past this factor (> 1) of that share on the mask's
+        first sparse step, in any head (1 - ``fgcupy.cache.mask_recall``: the sparse call's LSE
+        against the exact LSE of 64 sampled queries per head; an output's error grows with the
+        mass its mask misses, so the factor reads as how much worse the mask got). The reading
+        reaches the host without a sync, one step late (later if the GPU has not finished it:
+        readings wait for it). With ``attention_fn`` each sparse step then also runs fgcupy's
+        attention for its LSE. None: schedule only.
     share_branches: later calls of the same step (classifier-free guidance's second pass) reuse the
         first call's masks instead of predicting their own: half the mask memory.
     fallback: where fgcupy's kernel cannot run (no GPU, CPU tensors), use the stock processor
         instead of raising.
     attention_fn: replaces fgcupy's kernel: ``attention_fn(q, k, v, mask, scale) -> out`` with
         q, k, v, out ``[B, S, H, D]``; for other backends, comparisons and CPU tests. The LSE of a
-        sparse refresh, of the warm-up's exact mask and of refresh_on_recall's readings still
+        sparse refresh, of the warm-up's exact mask and of refresh_on_missed_mass's readings still
         comes from fgcupy's attention (``sparse_refresh=False, mask_from_warmup=False`` and no
-        refresh_on_recall leave it out).
+        refresh_on_missed_mass leave it out).
     process_group: a torch.distributed group whose ranks each hold a contiguous sequence shard
         (rank order = sequence order): self-attention then runs through SequenceParallelAttention
         (fgcupy's kernel on CUDA tensors, its float32 reference elsewhere), dense steps and layers
@@ -176,7 +178,7 @@ class SparseAttentionConfig:
     refresh_steps: tuple[int, ...] | None = None
     refresh_ramp: bool | None = None
     refresh_on_drift: float | None = None
-    refresh_on_recall: float | None = None
+    refresh_on_missed_mass: float | None = None
     mask_from_warmup: bool | None = None
     sparse_refresh: bool | None = None
     local_search: bool | None = None
@@ -263,8 +265,8 @@ class SparseAttentionConfig:
         if self.sparse_refresh:
             self._check_sparse_refresh()
         self._check_local_search()
-        self._check_refresh_trigger("refresh_on_drift", 2.0, "1 - cosine similarity")
-        self._check_refresh_trigger("refresh_on_recall", 1.0, "a share of the mask's first recall")
+        self._check_refresh_trigger("refresh_on_drift", 0.0, 2.0, "1 - cosine similarity")
+        self._check_refresh_trigger("refresh_on_missed_mass", 1.0, math.inf, "a factor of the mask's first miss")
         object.__setattr__(self, "dense_layers", _int_tuple(self.dense_layers, "dense_layers"))
         if self.refresh_steps is not None:
             object.__setattr__(self, "refresh_steps", _int_tuple(self.refresh_steps, "refresh_steps"))
@@ -380,13 +382,16 @@ class SparseAttentionConfig:
                              "a callable predictor has none; give a named predictor")
         self._refuse_process_group("mask_from_warmup", "LSE")
 
-    def _check_refresh_trigger(self, name: str, upper: float, meaning: str) -> None:
-        """A refresh_on_* threshold: a number in (0, upper], and per rank, so not with process_group."""
+    def _check_refresh_trigger(self, name: str, lower: float, upper: float, meaning: str) -> None:
+        """A refresh_on_* threshold: a number in (lower, upper] (finite), and per rank, so not with
+        process_group."""
         value = getattr(self, name)
         if value is None:
             return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= upper:
-            raise ValueError(f"{name} must be a number in (0, {upper:g}] ({meaning}), got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lower < value <= upper \
+                or not math.isfinite(value):
+            bounds = f"({lower:g}, {upper:g}]" if math.isfinite(upper) else f"({lower:g}, inf)"
+            raise ValueError(f"{name} must be a number in {bounds} ({meaning}), got {value!r}")
         if self.process_group is not None:
             raise ValueError(f"{name} decides per rank from its own shard: not with process_group (the ranks "
                              "must refresh together); use refresh_every or refresh_steps")
