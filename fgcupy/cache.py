@@ -310,3 +310,10 @@ def mask_recall(q, k, lse, scale: float, key_valid=None, samples: int = RECALL_S
             logits.masked_fill_(~key_valid[:, None, None, :], float("-inf"))
         exact[:, h0:h1] = torch.logsumexp(logits, dim=-1)
     return torch.exp(lse[:, :, rows].float() - exact).nan_to_num(0.0).mean(-1)
+
+
+def missed_more(recall: torch.Tensor, first: torch.Tensor, factor: float) -> torch.Tensor:
+    """0-dim bool on their device, no host sync: whether any head of ``recall`` misses more than
+    ``factor`` x the mass it missed in ``first`` (two ``mask_recall`` readings of one mask), beyond
+    MISSED_MASS_FLOOR. An output's error grows with the mass its mask misses."""
+    return (1 - recall > factor * (1 - first) + MISSED_MASS_FLOOR).any()

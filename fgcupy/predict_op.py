@@ -73,11 +73,10 @@ def _requests(q, k, token: str, top_k: int, threshold: float, scale: float) -> t
     return requests, poolings
 
 
-def _is_static(token: str) -> bool:
+def _is_static(fields: dict) -> bool:
     """Whether the mask's sizes follow from the shapes and the op needs no host sync (so CUDA
     graphs may take it): top-k with one selection per block and one pooling for every head (a
-    pooling per head joins its groups' masks with a sync)."""
-    fields = _fields(token)
+    pooling per head joins its groups' masks with a sync). ``fields``: a token's (``_fields``)."""
     if len(fields["pooling"]) > 1:
         return False
     req = MaskRequest(**{**fields, "pooling": fields["pooling"][0]}, top_k=0, threshold=None, scale=1.0)
@@ -88,7 +87,7 @@ def _predict_fake(q, k, lse, candidate_indptrs, candidate_indices, token, top_k,
     fields = _fields(token)
     batch, heads, q_len, _ = q.shape
     q_blocks = num_blocks(q_len, fields["slice_m"])
-    if _is_static(token):
+    if _is_static(fields):
         kept = batch * heads * kept_slices(q_blocks, k.shape[2], fields["slice_m"], top_k, fields["min_keys"],
                                            fields["max_keys"], fields["local"])
     else:

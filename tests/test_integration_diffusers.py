@@ -392,9 +392,9 @@ def test_a_recall_reading_still_on_its_way_is_read_before_the_next():
         run_wan(model, latents, text, t=1000 - step)
     slot = handle.layers["blocks.0.attn1"].slots[0]
     pending = (torch.tensor(True), Event())
-    slot.recall_fell = pending
+    slot.missed_more = pending
     run_wan(model, latents, text, t=998)
-    assert slot.recall_fell is pending and handle.stats()["blocks.0.attn1"].refresh_steps == [0]
+    assert slot.missed_more is pending and handle.stats()["blocks.0.attn1"].refresh_steps == [0]
     pending[1].done = True
     run_wan(model, latents, text, t=997)
     stats = handle.stats()["blocks.0.attn1"]

@@ -44,7 +44,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from fgcupy import predict_mask, sparse_attention
-from fgcupy.cache import MISSED_MASS_FLOOR, mask_recall, refreshes_on
+from fgcupy.cache import mask_recall, missed_more, refreshes_on
 from fgcupy.head_families import FAMILIES, family_qkv
 from fgcupy.local_search import refresh_topk, search_offsets, union_keys
 from fgcupy.oracle import Judge
@@ -137,7 +137,7 @@ class Run:
         if self.recall0 is None:
             self.recall0 = recall
         else:
-            self.fell = bool((1 - recall > self.schedule.missed * (1 - self.recall0) + MISSED_MASS_FLOOR).any())
+            self.fell = bool(missed_more(recall, self.recall0, self.schedule.missed))
 
     def _predict(self, q, k):
         return predict_mask(q, k, SLICE_M, "topk", density=self.density)

@@ -58,7 +58,7 @@ import torch
 
 from .. import bridge
 from ..attention import SparseAttention, dense_attention_with_lse, sparse_attention
-from ..cache import MISSED_MASS_FLOOR, block_means, mask_recall, means_drift
+from ..cache import block_means, mask_recall, means_drift, missed_more
 from ..calibration import calibrate
 from ..diagonals import find_diagonals
 from ..mask import SliceMask, num_blocks
@@ -144,7 +144,7 @@ class _Slot:
     key_version: int = 0
     means: tuple | None = None  # block means of (q, k) the mask was made from (refresh_on_drift)
     recall: torch.Tensor | None = None  # [B, H] mask_recall on the mask's first sparse step (refresh_on_missed_mass)
-    recall_fell: tuple | None = None  # (host bool, CUDA event or None) of the last reading (refresh_on_missed_mass)
+    missed_more: tuple | None = None  # (host bool, CUDA event or None) of the last reading (refresh_on_missed_mass)
     searches: int = 0  # local searches run (which grid step the next one moves keys by)
 
 
@@ -381,39 +381,38 @@ class SparseAttentionHandle:
         self.cache.put(entry, mask, self.step if serves_step is None else serves_step)
         self.cache.record_prediction()
         slot.key, slot.key_version = key, key_version
-        slot.recall, slot.recall_fell = None, None
+        slot.recall, slot.missed_more = None, None
         layer.stats.refresh_steps.append(self.step)
 
-    def _recall_fell(self, slot: _Slot) -> bool:
+    def _missed_more(self, slot: _Slot) -> bool:
         """Whether the last recall reading of the slot's mask missed too much (refresh_on_missed_mass):
         False until the reading has reached the host."""
-        if slot.recall_fell is None:
+        if slot.missed_more is None:
             return False
-        fell, copied = slot.recall_fell
+        more, copied = slot.missed_more
         if copied is not None and not copied.query():
             return False
-        slot.recall_fell = None
-        return bool(fell)
+        slot.missed_more = None
+        return bool(more)
 
     def _read_recall(self, slot: _Slot, q, k, lse, key_valid) -> None:
         """Queue the recall reading of the slot's mask from this sparse call's LSE: the first after
         a refresh is the reference; whether a later one misses more than refresh_on_missed_mass x
         the reference's missed mass is copied to the host without a sync, for the next step."""
-        pending = slot.recall_fell
+        pending = slot.missed_more
         if pending is not None and pending[1] is not None and not pending[1].query():
             return  # the last reading has not reached the host: it is read first
         recall = mask_recall(q.transpose(1, 2), k.transpose(1, 2), lse, default_scale(q.shape[-1]), key_valid)
         if slot.recall is None or slot.recall.shape != recall.shape:
             slot.recall = recall
             return
-        # The mass it misses grew past the factor (and past rounding: a mask that keeps every key).
-        fell = (1 - recall > self.config.refresh_on_missed_mass * (1 - slot.recall) + MISSED_MASS_FLOOR).any()
-        if fell.is_cuda:
+        more = missed_more(recall, slot.recall, self.config.refresh_on_missed_mass)
+        if more.is_cuda:
             copied = torch.cuda.Event()
-            slot.recall_fell = (fell.to("cpu", non_blocking=True), copied)
-            copied.record(torch.cuda.current_stream(fell.device))  # the copy's stream
+            slot.missed_more = (more.to("cpu", non_blocking=True), copied)
+            copied.record(torch.cuda.current_stream(more.device))  # the copy's stream
         else:
-            slot.recall_fell = (fell, None)
+            slot.missed_more = (more, None)
 
     def attend(self, layer: _Layer, q, k, v, key_valid=None, key_version: int = 0):
         """Slice-sparse attention of q, k, v ``[B, S, H, D]``: refresh the layer's mask when the
@@ -430,12 +429,12 @@ class SparseAttentionHandle:
         drifted = (not scheduled and means is not None and self.cache.step_of(entry) != self.step
                    and self._drifted(slot, means))
         reads_recall = cfg.refresh_on_missed_mass is not None and branch == self.branch
-        recall_fell = (not (scheduled or drifted) and reads_recall and self.cache.step_of(entry) != self.step
-                       and self._recall_fell(slot))
-        if scheduled or drifted or recall_fell:
+        lost_mass = (not (scheduled or drifted) and reads_recall and self.cache.step_of(entry) != self.step
+                     and self._missed_more(slot))
+        if scheduled or drifted or lost_mass:
             if drifted:
                 layer.stats.drift_refresh_steps.append(self.step)
-            if recall_fell:
+            if lost_mass:
                 layer.stats.missed_mass_refresh_steps.append(self.step)
             if means is not None:
                 slot.means = means
@@ -476,16 +475,16 @@ class SparseAttentionHandle:
         else:
             self.cache.record_reuse()
         layer.stats.sparse_calls += 1
-        if not reads_recall:
-            if cfg.attention_fn is not None:
-                return cfg.attention_fn(q, k, v, self.cache.get(entry), None)
-            return slot.plan.run(q, k, v, layout="NHD")
         if cfg.attention_fn is not None:
-            out = cfg.attention_fn(q, k, v, self.cache.get(entry), None)
-            _, lse = sparse_attention(q, k, v, self.cache.get(entry), layout="NHD", return_lse=True)
-        else:
+            mask = self.cache.get(entry)
+            out = cfg.attention_fn(q, k, v, mask, None)
+            lse = sparse_attention(q, k, v, mask, layout="NHD", return_lse=True)[1] if reads_recall else None
+        elif reads_recall:
             out, lse = slot.plan.run(q, k, v, layout="NHD", return_lse=True)
-        self._read_recall(slot, q, k, lse, key_valid)
+        else:
+            return slot.plan.run(q, k, v, layout="NHD")
+        if lse is not None:
+            self._read_recall(slot, q, k, lse, key_valid)
         return out
 
     def attend_parallel(self, layer: _Layer, q, k, v, dense: bool):
