@@ -23,7 +23,7 @@ from .jit.spec import ATTENTION_SPEC_CLASSES
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask, num_blocks
 from .mask_algebra import drop_keys
-from .tiles import default_config, default_spec  # noqa: F401 - public here since the first release
+from .tiles import config_with, default_config, default_spec  # noqa: F401 - default_* public here since the first release
 
 _INT32_MAX = 2**31 - 1
 
@@ -53,7 +53,7 @@ class SparseAttention:
         """Choose and load the kernel for ``mask``. With no tile parameter and no ``spec``: the
         tuned kernel for this GPU and shape if ``fgcupy.autotune`` stored one, else
         ``default_spec``. Any of key_tile / stages / rows_per_warp selects the mma.sync kernel,
-        the others taking ``default_config``. ``spec`` (one of ``KERNEL_SPECS``) picks the kernel
+        the others taking ``tiles.config_with``. ``spec`` (one of ``KERNEL_SPECS``) picks the kernel
         outright. ``schedule`` orders the query blocks:
         "longest_first" (default: long lists start early, so the last wave is short) or "index"."""
         if schedule not in SCHEDULES:
@@ -74,13 +74,7 @@ class SparseAttention:
 
             spec = autotune.planned_spec(mask, head_dim, dtype_name)
         if spec is None:
-            default = default_config(head_dim, mask.slice_m)
-            spec = AttentionSpec(
-                dtype_name, head_dim, mask.slice_m,
-                default["key_tile"] if key_tile is None else key_tile,
-                default["stages"] if stages is None else stages,
-                default["rows_per_warp"] if rows_per_warp is None else rows_per_warp,
-            )
+            spec = AttentionSpec(dtype_name, head_dim, mask.slice_m, **config_with(head_dim, mask.slice_m, **tile_args))
         elif (spec.dtype, spec.head_dim, spec.slice_m) != (dtype_name, head_dim, mask.slice_m):
             raise ValueError(
                 f"spec {spec.name} is for (dtype, head_dim, slice_m)={(spec.dtype, spec.head_dim, spec.slice_m)}, "

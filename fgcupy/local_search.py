@@ -14,9 +14,9 @@ import torch
 
 from .attention import sparse_attention
 from .jit.runtime import kernels_can_run
-from .mask import INT32_MAX, SliceMask
+from .mask import SliceMask
 from .mask_algebra import check_union, union_reference
-from .op_library import define
+from .op_library import define, pack_csr, packed_csr_empty, unpack_csr
 from .scoring import predict_mask
 
 
@@ -30,9 +30,9 @@ def union_keys(mask: SliceMask, offsets=(0,), extra: SliceMask | None = None) ->
     if not torch.compiler.is_compiling():
         return _union_keys(mask, offsets, extra)
     check_union(mask, offsets, extra)
-    indptr, indices = torch.ops.fgcupy.union_keys(
+    indptr, indices = unpack_csr(torch.ops.fgcupy.union_keys(
         mask.indptr, mask.indices, list(offsets), None if extra is None else extra.indptr,
-        None if extra is None else extra.indices, mask.slice_m, mask.q_len, mask.kv_len)
+        None if extra is None else extra.indices, mask.slice_m, mask.q_len, mask.kv_len), mask.indptr.shape)
     return SliceMask(indptr, indices, mask.slice_m, mask.q_len, mask.kv_len)
 
 
@@ -51,17 +51,16 @@ def _union_op(indptr, indices, offsets, extra_indptr, extra_indices, slice_m, q_
     mask = SliceMask(indptr, indices, slice_m, q_len, kv_len)
     extra = None if extra_indptr is None else SliceMask(extra_indptr, extra_indices, slice_m, q_len, kv_len)
     joined = _union_keys(mask, tuple(offsets), extra)
-    return joined.indptr, joined.indices
+    return pack_csr(joined.indptr, joined.indices)
 
 
 def _union_fake(indptr, indices, offsets, extra_indptr, extra_indices, slice_m, q_len, kv_len):
-    kept = torch.library.get_ctx().new_dynamic_size(max=INT32_MAX)
-    return indptr.new_empty(indptr.shape), indices.new_empty((kept,))
+    return packed_csr_empty(indptr, indptr.shape)
 
 
-# union_keys of the mask (indptr, indices) and the optional mask extra, as (indptr, indices).
+# union_keys of the mask (indptr, indices) and the optional mask extra, packed (op_library.pack_csr).
 define("union_keys(Tensor indptr, Tensor indices, int[] offsets, Tensor? extra_indptr, Tensor? extra_indices, "
-       "SymInt slice_m, SymInt q_len, SymInt kv_len) -> (Tensor, Tensor)",
+       "SymInt slice_m, SymInt q_len, SymInt kv_len) -> Tensor",
        cpu=_union_op, cuda=_union_op, fake=_union_fake)
 
 

@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from .mask import INT32_MAX
+
 LIBRARY = torch.library.Library("fgcupy", "DEF")
 
 
@@ -20,3 +22,44 @@ def define(schema: str, *, cpu: Callable, cuda: Callable, fake: Callable) -> Non
     for kernel, key in ((cpu, "CPU"), (cuda, "CUDA")):
         LIBRARY.impl(name, kernel, key)
     torch.library.register_fake(f"fgcupy::{name}", fake, lib=LIBRARY)
+
+
+#: A mask's indices start this many int32 entries apart in a packed CSR (128 bytes, so vector
+#: loads of the indices stay aligned).
+_PACK_ALIGN = 32
+
+
+def _indices_offset(indptr_numel: int) -> int:
+    return -(-indptr_numel // _PACK_ALIGN) * _PACK_ALIGN
+
+
+def packed_csr_empty(like: torch.Tensor, indptr_shape, kept=None) -> torch.Tensor:
+    """The fake of :func:`pack_csr`'s result: int32, room for ``indptr_shape`` and ``kept`` indices
+    (None: a count known only when the op runs, an unbacked size)."""
+    numel = 1
+    for n in indptr_shape:
+        numel *= n
+    offset = _indices_offset(numel)
+    if kept is None:
+        return like.new_empty((torch.library.get_ctx().new_dynamic_size(min=offset, max=offset + INT32_MAX),),
+                              dtype=torch.int32)
+    return like.new_empty((offset + kept,), dtype=torch.int32)
+
+
+def pack_csr(indptr: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """A mask's int32 (indptr, indices) as one tensor. An op whose output size is known only when it
+    runs returns this rather than a pair: torch 2.11's inductor passed such a pair, as a tuple, into
+    the CUDA graph of the nodes that unpack it (reduce-overhead crashed)."""
+    offset = _indices_offset(indptr.numel())
+    packed = indptr.new_empty((offset + indices.numel(),))
+    packed[: indptr.numel()] = indptr.reshape(-1)
+    packed[offset:] = indices
+    return packed
+
+
+def unpack_csr(packed: torch.Tensor, indptr_shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indptr, indices) views of :func:`pack_csr`'s tensor."""
+    numel = 1
+    for n in indptr_shape:
+        numel *= n
+    return packed[:numel].view(tuple(indptr_shape)), packed[_indices_offset(numel):]

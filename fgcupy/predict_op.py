@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 
 from .gpu_prediction import GpuPrediction, kept_slices, predict_reference
-from .mask import INT32_MAX, SliceMask, num_blocks
+from .mask import SliceMask, num_blocks
 from .mask_algebra import concat_heads
 from .mask_request import MaskRequest, make_request
-from .op_library import define
+from .op_library import define, pack_csr, packed_csr_empty, unpack_csr
 
 #: The request's fields a token carries (top_k, threshold and scale travel as op arguments).
 _TOKEN_FIELDS = ("method", "rule", "slice_m", "pool", "combine", "tau", "min_keys", "max_keys", "local",
@@ -91,21 +91,25 @@ def _predict_fake(q, k, lse, candidate_indptrs, candidate_indices, token, top_k,
         kept = batch * heads * kept_slices(q_blocks, k.shape[2], fields["slice_m"], top_k, fields["min_keys"],
                                            fields["max_keys"], fields["local"])
     else:
-        kept = torch.library.get_ctx().new_dynamic_size(max=INT32_MAX)
-    return (q.new_empty((batch, heads, q_blocks + 1), dtype=torch.int32), q.new_empty((kept,), dtype=torch.int32))
+        kept = None
+    return packed_csr_empty(q, (batch, heads, q_blocks + 1), kept)
+
+
+def _predict(*args) -> torch.Tensor:
+    mask = _predict_mask(*args)
+    return pack_csr(mask.indptr, mask.indices)
 
 
 @torch.no_grad()  # integer indices out: nothing to differentiate (and reductions into out= refuse grad)
-def _predict(q, k, lse, candidate_indptrs, candidate_indices, token, top_k, threshold, scale, workspace_bytes):
+def _predict_mask(q, k, lse, candidate_indptrs, candidate_indices, token, top_k, threshold, scale,
+                  workspace_bytes) -> SliceMask:
     requests, poolings = _requests(q, k, token, top_k, threshold, scale)
     slice_m = next(iter(requests.values())).slice_m
     candidates = tuple(SliceMask(indptr, indices, slice_m, q.shape[2], k.shape[2])
                        for indptr, indices in zip(candidate_indptrs, candidate_indices, strict=True))
     if len(requests) == 1:
-        mask = _predict_one(q, k, next(iter(requests.values())), lse, candidates, workspace_bytes)
-    else:
-        mask = _predict_per_head(q, k, requests, poolings, workspace_bytes)
-    return mask.indptr, mask.indices
+        return _predict_one(q, k, next(iter(requests.values())), lse, candidates, workspace_bytes)
+    return _predict_per_head(q, k, requests, poolings, workspace_bytes)
 
 
 def _predict_one(qh, kh, req: MaskRequest, lse, candidates: tuple, workspace_bytes: int) -> SliceMask:
@@ -128,11 +132,12 @@ def _predict_per_head(qh, kh, requests: dict, poolings: tuple, workspace_bytes: 
     return concat_heads(masks, order=[position[h] for h in range(qh.shape[1])])
 
 
-# (indptr, indices) of the mask that ``token`` (a checked request, see request_token) selects for
+# The mask that ``token`` (a checked request, see request_token) selects for
 # [B, H, S, D] q and k; lse: a dense step's row LSE (colmax); candidates: masks' CSR (colmax);
-# top_k -1 and threshold -1 where the rule takes none.
+# top_k -1 and threshold -1 where the rule takes none. Out: its (indptr, indices) packed
+# (op_library.pack_csr).
 define("predict_mask(Tensor q, Tensor k, Tensor? lse, Tensor[] candidate_indptrs, Tensor[] candidate_indices, "
-       "str token, SymInt top_k, float threshold, float scale, int workspace_bytes) -> (Tensor, Tensor)",
+       "str token, SymInt top_k, float threshold, float scale, int workspace_bytes) -> Tensor",
        cpu=_predict, cuda=_predict, fake=_predict_fake)
 
 
@@ -144,9 +149,11 @@ def predict(q, k, lse, candidates: tuple, req: MaskRequest, workspace_bytes: int
             request_token(req, per_head), -1 if req.top_k is None else req.top_k,
             -1.0 if req.threshold is None else req.threshold, req.scale, workspace_bytes)
     if torch.compiler.is_compiling():
-        indptr, indices = torch.ops.fgcupy.predict_mask(*args)
+        batch, heads, q_len, _ = q.shape
+        indptr, indices = unpack_csr(torch.ops.fgcupy.predict_mask(*args),
+                                     (batch, heads, num_blocks(q_len, req.slice_m) + 1))
     elif per_head is None:  # eager: the request is checked already
         return _predict_one(q, k, req, lse, candidates, workspace_bytes)
     else:
-        indptr, indices = _predict(*args)
+        return _predict_mask(*args)
     return SliceMask(indptr, indices, req.slice_m, q.shape[2], k.shape[2])

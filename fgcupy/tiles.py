@@ -18,6 +18,19 @@ def default_config(head_dim: int, slice_m: int) -> dict:
     return {"key_tile": 64, "stages": 2, "rows_per_warp": 16}
 
 
+def config_with(head_dim: int, slice_m: int, key_tile: int | None = None, stages: int | None = None,
+                rows_per_warp: int | None = None) -> dict:
+    """``default_config`` with the given parameters in its place. A rows_per_warp left out takes
+    one m-tile per warp where two would not fit the given key tile (two need key_tile x head_dim
+    <= 4096), so key_tile=64 alone is a plan that runs at head dim 128."""
+    config = default_config(head_dim, slice_m)
+    given = {"key_tile": key_tile, "stages": stages, "rows_per_warp": rows_per_warp}
+    config.update({name: value for name, value in given.items() if value is not None})
+    if rows_per_warp is None and config["key_tile"] * head_dim > 4096:
+        config["rows_per_warp"] = 16
+    return config
+
+
 def default_spec(dtype: str, head_dim: int, slice_m: int, arch: str | None = None):
     """The kernel used when nothing is tuned. On Hopper (``arch`` "sm_90"): the warp-specialised
     wgmma kernel with two stages (ping-pong with 128-query slices) and 128-key tiles for 96- and

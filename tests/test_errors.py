@@ -32,6 +32,19 @@ def test_plan_errors(kwargs, error, message):
         SparseAttention().plan(**args)
 
 
+@pytest.mark.parametrize("tiles, rows_per_warp", [
+    (dict(key_tile=64, stages=3), 16),  # two m-tiles per warp would not fit 64 keys x 128 columns
+    (dict(key_tile=32), 32),
+    (dict(key_tile=64, rows_per_warp=16), 16),
+])
+def test_a_plan_given_some_tile_parameters_fills_the_rest_so_it_runs(tiles, rows_per_warp):
+    mask = SliceMask.full(1, 2, 256, 256, 128)
+    spec = SparseAttention().plan(mask, head_dim=128, **tiles).spec
+    assert spec.rows_per_warp == rows_per_warp and spec.key_tile == tiles["key_tile"]
+    with pytest.raises(ValueError, match="rows_per_warp=32 needs"):
+        SparseAttention().plan(mask, head_dim=128, key_tile=64, rows_per_warp=32)
+
+
 def test_run_before_plan():
     x = torch.zeros(1, 2, 100, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"run called before plan"):

@@ -632,7 +632,8 @@ def test_tau_on_a_long_row_of_alike_keys_keeps_its_mass():
     k = torch.randn(1, 1, kv_len, 64, dtype=torch.bfloat16, device="cuda")
     mask = predict_mask(q, k, 128, method="tau", tau=0.9, pool=None, exact_band=None)
     kept = int(mask.row_lengths().max())
-    assert 0.9 * kv_len <= kept <= 0.9 * kv_len + 2, kept
+    # "Reaches tau" allows the kernel's relative float32 slack (kTauSlack, 1e-5) and a key of rounding.
+    assert 0.9 * kv_len * (1 - 1e-5) - 1 <= kept <= 0.9 * kv_len + 2, kept
 
 
 def test_adaptive_rows_of_sub_blocks_not_a_multiple_of_four_come_from_torch():

@@ -8,6 +8,7 @@ import fgcupy
 from fgcupy import SliceMask, SparseAttention, predict_mask, predict_op, reference_attention, sparse_attention
 from fgcupy.local_search import refresh_topk, union_keys
 from fgcupy.mask_request import make_request
+from fgcupy.op_library import pack_csr, unpack_csr
 
 
 def _qkv(device="cpu", dtype=torch.float32, seq=256, dim=64, layout="HND"):
@@ -172,11 +173,21 @@ def test_top_k_compiles_once_for_every_sequence_length():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+def test_a_packed_mask_unpacks_to_itself_with_aligned_indices():
+    mask = predict_mask(*_qkv(seq=320)[:2], 64, "tau", tau=0.7)
+    packed = pack_csr(mask.indptr, mask.indices)
+    indptr, indices = unpack_csr(packed, mask.indptr.shape)
+    assert torch.equal(indptr, mask.indptr) and torch.equal(indices, mask.indices)
+    assert indices.storage_offset() * 4 % 128 == 0
+
+
 def test_the_op_checks_a_request_it_is_handed():
     q, k, _ = _qkv()
     token = predict_op.request_token(make_request(64, 256, 64, "tau", tau=0.5))
-    indptr, indices = torch.ops.fgcupy.predict_mask(q, k, None, [], [], token, -1, -1.0, 0.125, 1 << 20)
-    assert torch.equal(indices, predict_mask(q, k, 64, "tau", tau=0.5, scale=0.125).indices)
+    packed = torch.ops.fgcupy.predict_mask(q, k, None, [], [], token, -1, -1.0, 0.125, 1 << 20)
+    expected = predict_mask(q, k, 64, "tau", tau=0.5, scale=0.125)
+    indptr, indices = unpack_csr(packed, expected.indptr.shape)
+    assert torch.equal(indptr, expected.indptr) and torch.equal(indices, expected.indices)
     with pytest.raises(ValueError, match="not a prediction request token"):
         torch.ops.fgcupy.predict_mask(q, k, None, [], [], "method=tau", -1, -1.0, 0.125, 1 << 20)
     with pytest.raises(ValueError, match="tau must be in"):
