@@ -285,7 +285,8 @@ RECALL_SAMPLES = 64
 #: Missed mass (1 - mask_recall) a reading may gain beyond a factor of another's before it counts
 #: as more (rounding: a mask that keeps every key reads 1 give or take float32's last bits).
 MISSED_MASS_FLOOR = 1e-5
-#: float32 entries (logits and keys) ``mask_recall`` forms at once (256 MB); heads in chunks.
+#: float32 entries (logits and keys) ``mask_recall`` forms at once per batch entry (256 MB);
+#: heads in chunks.
 _RECALL_CHUNK = 1 << 26
 
 
@@ -302,14 +303,24 @@ def mask_recall(q, k, lse, scale: float, key_valid=None, samples: int = RECALL_S
         return torch.ones(batch, heads, dtype=torch.float32, device=q.device)
     rows = torch.linspace(0, q_len - 1, min(samples, q_len), device=q.device).round().long()
     exact = torch.empty(batch, heads, rows.numel(), dtype=torch.float32, device=q.device)
-    chunk = max(1, _RECALL_CHUNK // max(1, batch * k.shape[2] * (rows.numel() + k.shape[3])))
-    for h0 in range(0, heads, chunk):
-        h1 = min(heads, h0 + chunk)
-        logits = torch.matmul(q[:, h0:h1, rows].float(), k[:, h0:h1].float().transpose(-1, -2)) * scale
-        if key_valid is not None:
-            logits.masked_fill_(~key_valid[:, None, None, :], float("-inf"))
-        exact[:, h0:h1] = torch.logsumexp(logits, dim=-1)
+    chunk = max(1, _RECALL_CHUNK // max(1, k.shape[2] * (rows.numel() + k.shape[3])))
+    for b in range(batch):
+        for h0 in range(0, heads, chunk):
+            h1 = min(heads, h0 + chunk)
+            logits = _float32_logits(q[b, h0:h1, rows], k[b, h0:h1]).mul_(scale)
+            if key_valid is not None:
+                logits.masked_fill_(~key_valid[b, None, None, :], float("-inf"))
+            exact[b, h0:h1] = torch.logsumexp(logits, dim=-1)
     return torch.exp(lse[:, :, rows].float() - exact).nan_to_num(0.0).mean(-1)
+
+
+def _float32_logits(q_rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """float32 [H, R, S] products of q_rows [H, R, D] with k [H, S, D]. On CUDA, half-precision
+    operands go to the tensor cores as they are, accumulated and returned in float32 (the same
+    values as a float32 product, without a float32 copy of every key)."""
+    if q_rows.is_cuda and q_rows.dtype in (torch.bfloat16, torch.float16) and k.dtype == q_rows.dtype:
+        return torch.bmm(q_rows, k.transpose(-1, -2), out_dtype=torch.float32)
+    return torch.matmul(q_rows.float(), k.float().transpose(-1, -2))
 
 
 def missed_more(recall: torch.Tensor, first: torch.Tensor, factor: float) -> torch.Tensor:

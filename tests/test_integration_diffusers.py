@@ -423,27 +423,31 @@ def test_refresh_on_missed_mass_is_a_factor_above_1(bad):
         cpu_config(refresh_on_missed_mass=bad)
 
 
-def test_mask_recall_is_the_mass_the_mask_keeps_on_sampled_queries():
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32),
+                                           pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu)])
+def test_mask_recall_is_the_mass_the_mask_keeps_on_sampled_queries(device, dtype):
     """exp(sparse LSE - exact LSE) of the sampled rows equals the exact probability they put on the
-    kept keys (float64), padded keys left out of both."""
+    kept keys (float64), padded keys left out of both; q and k as the integration hands them
+    ([B, S, H, D] seen as [B, H, S, D])."""
     from fgcupy.cache import mask_recall
 
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, 3, 200, 16, generator=gen) for _ in range(3))
-    key_valid = torch.ones(2, 200, dtype=torch.bool)
+    q, k, v = (torch.randn(2, 200, 3, 16, generator=gen).to(device, dtype).transpose(1, 2) for _ in range(3))
+    key_valid = torch.ones(2, 200, dtype=torch.bool, device=device)
     key_valid[1, 150:] = False
     mask = drop_keys(fgcupy.predict_mask(q, k, 64, "topk", density=0.3), key_valid)
     _, lse = fgcupy.reference_attention(q, k, v, mask)
     got = mask_recall(q, k, lse, 0.25, key_valid, samples=7)
-    rows = torch.linspace(0, 199, 7).round().long()
+    rows = torch.linspace(0, 199, 7).round().long().to(device)
     logits = (q[:, :, rows].double() @ k.double().transpose(-1, -2)) * 0.25
     logits.masked_fill_(~key_valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, -1)
     kept = mask.to_dense()[:, :, rows // 64]
     expected = (probs * kept).sum(-1).mean(-1)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
-    full = fgcupy.SliceMask.full(2, 3, 200, 200, 64)
-    assert torch.allclose(mask_recall(q, k, fgcupy.reference_attention(q, k, v, full)[1], 0.25), torch.ones(2, 3))
+    full = fgcupy.SliceMask.full(2, 3, 200, 200, 64, device=device)
+    got_full = mask_recall(q, k, fgcupy.reference_attention(q, k, v, full)[1], 0.25)
+    torch.testing.assert_close(got_full, torch.ones(2, 3, device=device), rtol=0, atol=1e-5)
 
 
 def test_block_means_drift():
