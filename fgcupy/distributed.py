@@ -69,7 +69,8 @@ class SequenceParallelAttention:
     (slicing synchronises; later calls with that mask do not, apart from the header exchange), so
     a mask whose tensors were changed in place must come as a new ``SliceMask``. A mask callable
     gets ``heads``, the range of global head indices of the group, and must return a mask of
-    those heads over the whole sequence.
+    those heads over the whole sequence; a mask object it returned for the group on the last call
+    keeps that call's plan (the same rule: changed in place, it must come as a new one).
     """
 
     def __init__(self, group=None, *, head_groups: int = 1, compute: str = "auto", exchange: str = "auto",
@@ -272,8 +273,11 @@ class SequenceParallelAttention:
             raise ValueError(f"the mask callable returned a mask for (B, H, q_len, kv_len)="
                              f"{(part.batch, part.heads, part.q_len, part.kv_len)}; heads {heads} need {expected}")
         previous = self._dynamic_plans.get(("callable", g))
+        plan_key = (compute, qg.device, qg.dtype, qg.shape[-1])
+        if previous is not None and previous[0] is part and previous[2] == plan_key:
+            return part, previous[1]  # the group's mask of the last call: its plan stands
         plan = self._plan(part, qg, compute, plan=previous[1] if previous else None)
-        self._dynamic_plans[("callable", g)] = (part, plan)
+        self._dynamic_plans[("callable", g)] = (part, plan, plan_key)
         return part, plan
 
     def _attend(self, compute, qg, kg, vg, mask, plan, out, lse, scale):

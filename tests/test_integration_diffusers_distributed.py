@@ -62,6 +62,21 @@ def _run_steps(model, handle, rotary, hidden, rows=None):
     return torch.stack(outs)  # [steps, layers, B, S_r, dim]
 
 
+# A later step on the first 74 tokens: shards 37 + 37, so rank 1's shard keeps its length while
+# the whole sequence's changes (a refresh on every rank, or the ranks would disagree on the mask).
+SHORT, SHORT_STEP = 74, 6  # step 6 reuses by the schedule (refreshes on 1, 3, 5)
+
+
+def _run_short_step(model, handle, rotary, hidden, rows=None):
+    """Both layers on ``rows`` of the first SHORT tokens at SHORT_STEP."""
+    rows = slice(0, SHORT) if rows is None else slice(rows.start, rows.stop)
+    with torch.no_grad():
+        handle.set_step(SHORT_STEP)
+        return torch.stack([block.attn1(hidden[-1][:, :SHORT][:, rows], None, None,
+                                        tuple(t[:, :SHORT][:, rows] for t in rotary))
+                            for block in model.blocks])
+
+
 def _worker(rank, port, path):
     import torch.distributed as dist
 
@@ -77,12 +92,14 @@ def _worker(rank, port, path):
         stats = {name: (s.refresh_steps, s.sparse_calls, s.dense_calls, s.stock_calls)
                  for name, s in handle.stats().items()}
         mask = handle.mask("blocks.0.attn1")
+        short_out = _run_short_step(model, handle, rotary, hidden, shard_ranges(SHORT, WORLD)[rank])
+        short_refreshes = handle.stats()["blocks.0.attn1"].refresh_steps
         # one head over two ranks: rank 1 owns none, and must still reuse when rank 0 does
         few, _, few_hidden = _problem(heads=1)
         few_handle = fd.apply(few, fd.SparseAttentionConfig(process_group=dist.group.WORLD, **SCHEDULE))
         few_out = _run_steps(few, few_handle, rotary, few_hidden, rows)
-        torch.save(dict(out=out, stats=stats, mask_heads=mask.heads, mask_q_len=mask.q_len, few_out=few_out),
-                   f"{path}.{rank}")
+        torch.save(dict(out=out, stats=stats, mask_heads=mask.heads, mask_q_len=mask.q_len, few_out=few_out,
+                        short_out=short_out, short_refreshes=short_refreshes), f"{path}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -127,6 +144,20 @@ def test_sequence_parallel_processor_matches_single_process(ranks):
         assert result["stats"] == want_stats
         # each rank holds the mask of its own heads over the whole sequence
         assert (result["mask_heads"], result["mask_q_len"]) == ([2, 1][rank], expected.shape[3])
+
+
+def test_a_new_sequence_length_refreshes_every_rank_even_one_whose_shard_kept_its_length(ranks):
+    model, rotary, hidden = _problem()
+    handle = fd.apply(model, fd.SparseAttentionConfig(attention_fn=reference_attention_fn, **SCHEDULE))
+    _run_steps(model, handle, rotary, hidden)
+    expected = _run_short_step(model, handle, rotary, hidden)
+    assert handle.stats()["blocks.0.attn1"].refresh_steps == [1, 3, SHORT_STEP]
+    pieces = shard_ranges(SHORT, WORLD)
+    assert [len(p) for p in pieces] == [37, 37]  # rank 1's shard: 37 tokens before and after
+    for rank, result in enumerate(ranks):
+        want = expected[:, :, pieces[rank].start:pieces[rank].stop]
+        assert relative_l2(result["short_out"], want) < 1e-5, rank
+        assert result["short_refreshes"] == [1, 3, SHORT_STEP], rank
 
 
 def test_a_rank_owning_no_head_keeps_step_with_the_others(ranks):

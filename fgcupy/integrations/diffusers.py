@@ -146,6 +146,10 @@ class _Slot:
     recall: torch.Tensor | None = None  # [B, H] mask_recall on the mask's first sparse step (refresh_on_missed_mass)
     missed_more: tuple | None = None  # (host bool, CUDA event or None) of the last reading (refresh_on_missed_mass)
     searches: int = 0  # local searches run (which grid step the next one moves keys by)
+    # process_group: the mask of each head group (by its (first, stop) heads) and the whole sequence's
+    # (q_len, kv_len) they were predicted for
+    parallel_parts: dict = field(default_factory=dict)
+    parallel_lengths: tuple | None = None
 
 
 class _Layer:
@@ -488,10 +492,12 @@ class SparseAttentionHandle:
         return out
 
     def attend_parallel(self, layer: _Layer, q, k, v, dense: bool):
-        """Sequence-parallel attention of this rank's shard q, k, v ``[B, S_r, H, D]``. Refresh steps
-        pass a callable that predicts (and caches) the mask of the heads this rank owns from the
-        exchanged full-sequence q, k; other steps pass the cached mask itself, so
-        SequenceParallelAttention slices and plans it once per refresh, not per step."""
+        """Sequence-parallel attention of this rank's shard q, k, v ``[B, S_r, H, D]``. The mask is a
+        callable SequenceParallelAttention calls per head group on the exchanged full-sequence q, k:
+        on refresh steps, or when the whole sequence's length changed, it predicts the group's mask;
+        otherwise it hands back the group's mask of the last refresh (the same object, so the plan
+        stays). Both tests read what every rank shares (the step, the whole sequence's length), not
+        this rank's shard, so all ranks refresh together."""
         from ..distributed import SequenceParallelAttention, concat_heads
 
         branch = self._slot_branch()
@@ -501,26 +507,34 @@ class SparseAttentionHandle:
         if dense:
             return slot.parallel(q, k, v, None, layout="NHD")
         entry = (layer.name, branch)
-        key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
-        refresh = self._needs_refresh(entry, slot, key, 0)
+        key = (q.shape[0], q.shape[2], q.shape[3], q.dtype, q.device)
+        scheduled = self._needs_refresh(entry, slot, key, 0)
         layer.stats.sparse_calls += 1
-        if not refresh:
+        predicted = {}
+
+        def refreshing() -> bool:
+            return scheduled or slot.parallel.lengths != slot.parallel_lengths
+
+        def group_mask(q_heads, k_heads, heads):
+            span = (heads.start, heads.stop)
+            if refreshing() or span not in slot.parallel_parts:
+                predicted[span] = self._predict(layer, q_heads.contiguous(), k_heads.contiguous())
+                return predicted[span]
+            return slot.parallel_parts[span]
+
+        out = slot.parallel(q, k, v, group_mask, layout="NHD")
+        if not refreshing():
+            slot.parallel_parts.update(predicted)
             self.cache.record_reuse()
-            return slot.parallel(q, k, v, self.cache.get(entry), layout="NHD")
-        parts = []  # one mask per head group; joined into the mask of this rank's heads
-
-        def predict(q_heads, k_heads, heads):
-            parts.append(self._predict(layer, q_heads.contiguous(), k_heads.contiguous()))
-            return parts[-1]
-
-        out = slot.parallel(q, k, v, predict, layout="NHD")
-        if parts:
-            mask = concat_heads(parts)
-        else:  # this rank owns no head: a mask of none, so it reuses when the others do
+            return out
+        if predicted:
+            mask = concat_heads([predicted[span] for span in sorted(predicted)])
+        else:  # this rank owns no head: a mask of none
             q_len, kv_len = slot.parallel.lengths
             mask = SliceMask(torch.zeros(q.shape[0], 0, num_blocks(q_len, self.config.slice_m) + 1, dtype=torch.int32,
                                          device=q.device), torch.zeros(0, dtype=torch.int32, device=q.device),
                              self.config.slice_m, q_len, kv_len)
+        slot.parallel_parts, slot.parallel_lengths = predicted, slot.parallel.lengths
         self._store(layer, entry, slot, mask, key, 0)
         return out
 
