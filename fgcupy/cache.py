@@ -285,8 +285,8 @@ RECALL_SAMPLES = 64
 #: Missed mass (1 - mask_recall) a reading may gain beyond a factor of another's before it counts
 #: as more (rounding: a mask that keeps every key reads 1 give or take float32's last bits).
 MISSED_MASS_FLOOR = 1e-5
-#: float32 entries (logits and keys) ``mask_recall`` forms at once per batch entry (256 MB);
-#: heads in chunks.
+#: float32 entries (logits, and keys where they are copied to float32) ``mask_recall`` forms at
+#: once per batch entry (256 MB); heads in chunks.
 _RECALL_CHUNK = 1 << 26
 
 
@@ -314,11 +314,15 @@ def mask_recall(q, k, lse, scale: float, key_valid=None, samples: int = RECALL_S
     return torch.exp(lse[:, :, rows].float() - exact).nan_to_num(0.0).mean(-1)
 
 
+#: torch.bmm(..., out_dtype=) exists (torch 2.8 on).
+_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
+
+
 def _float32_logits(q_rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """float32 [H, R, S] products of q_rows [H, R, D] with k [H, S, D]. On CUDA, half-precision
     operands go to the tensor cores as they are, accumulated and returned in float32 (the same
     values as a float32 product, without a float32 copy of every key)."""
-    if q_rows.is_cuda and q_rows.dtype in (torch.bfloat16, torch.float16) and k.dtype == q_rows.dtype:
+    if _BMM_OUT_DTYPE and q_rows.is_cuda and q_rows.dtype in (torch.bfloat16, torch.float16) and k.dtype == q_rows.dtype:
         return torch.bmm(q_rows, k.transpose(-1, -2), out_dtype=torch.float32)
     return torch.matmul(q_rows.float(), k.float().transpose(-1, -2))
 

@@ -40,9 +40,8 @@ def packed_csr_empty(like: torch.Tensor, indptr_shape, kept=None) -> torch.Tenso
     for n in indptr_shape:
         numel *= n
     offset = _indices_offset(numel)
-    if kept is None:
-        return like.new_empty((torch.library.get_ctx().new_dynamic_size(min=offset, max=offset + INT32_MAX),),
-                              dtype=torch.int32)
+    if kept is None:  # min and max must be plain ints: offset is symbolic under dynamic shapes
+        return like.new_empty((torch.library.get_ctx().new_dynamic_size(max=INT32_MAX),), dtype=torch.int32)
     return like.new_empty((offset + kept,), dtype=torch.int32)
 
 
@@ -62,4 +61,6 @@ def unpack_csr(packed: torch.Tensor, indptr_shape) -> tuple[torch.Tensor, torch.
     numel = 1
     for n in indptr_shape:
         numel *= n
-    return packed[:numel].view(tuple(indptr_shape)), packed[_indices_offset(numel):]
+    offset = _indices_offset(numel)
+    torch._check(packed.shape[0] >= offset)  # what an unbacked packed size does not say by itself
+    return packed[:numel].view(tuple(indptr_shape)), packed[offset:]

@@ -173,6 +173,23 @@ def test_top_k_compiles_once_for_every_sequence_length():
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_data_dependent_masks_compile_for_new_sequence_lengths(dynamic):
+    """A new length recompiles with symbolic shapes (dynamic=None) or runs the one dynamic graph:
+    the packed output's size must not depend on the symbolic lengths."""
+    def step(q, k):
+        mask = predict_mask(q, k, 64, "tau", tau=0.9)
+        return mask.indptr, mask.indices, union_keys(mask, (0, 1, -1)).indices
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=dynamic)
+    for seq in (256, 320, 448):
+        q, k, _ = _qkv(seq=seq)
+        mask = predict_mask(q, k, 64, "tau", tau=0.9)
+        for got, want in zip(compiled(q, k), (mask.indptr, mask.indices, union_keys(mask, (0, 1, -1)).indices)):
+            torch.testing.assert_close(got, want)
+
+
 def test_a_packed_mask_unpacks_to_itself_with_aligned_indices():
     mask = predict_mask(*_qkv(seq=320)[:2], 64, "tau", tau=0.7)
     packed = pack_csr(mask.indptr, mask.indices)

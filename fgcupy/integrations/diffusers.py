@@ -140,7 +140,7 @@ class _Slot:
 
     plan: SparseAttention | None = None
     parallel: object = None  # fgcupy.distributed.SequenceParallelAttention
-    key: tuple | None = None  # (shape of q, shape of k, dtype, device): a change forces a refresh
+    key: tuple | None = None  # what the mask was made for (shapes, dtype, device): a change forces a refresh
     key_version: int = 0
     means: tuple | None = None  # block means of (q, k) the mask was made from (refresh_on_drift)
     recall: torch.Tensor | None = None  # [B, H] mask_recall on the mask's first sparse step (refresh_on_missed_mass)
