@@ -750,6 +750,9 @@ def test_calibration_is_kept_across_generations_until_asked_again():
     assert not layer.poolings
     assert generation() == 1 and layer.poolings == chosen  # same inputs, same choice
     assert generation(latents[:, :, :2]) == 1 and len(layer.poolings) == 2  # fewer frames: chosen for them
+    wide = latents[:, :, :, :8].contiguous()  # 4 x 8 tokens a frame, then 8 x 4: as many tokens, other rows
+    assert generation(wide) == 1 and generation(wide.transpose(-1, -2).contiguous()) == 1
+    assert len(layer.poolings) == 4
 
 
 @pytest.mark.parametrize("schedule", [dict(predictor="colmax"), dict(dense_steps=1, mask_from_warmup=True)],
@@ -952,7 +955,7 @@ def test_predictor_with_the_wrong_shape_is_named():
         (dict(predictor=full_predictor, density=0.2), "density would not reach it"),
         (dict(predictor=full_predictor, predictor_kwargs={"pool": 8}), "predictor_kwargs would not reach it"),
         (dict(refresh_every=5, refresh_steps=(3, 30)), "give one of them"),
-        (dict(find_diagonals=2, mask_from_warmup=True, predict_on_refresh=False), "never be used"),
+        (dict(find_diagonals=2, mask_from_warmup=True, predict_on_refresh=False), "it would not be used"),
     ],
 )
 def test_config_validation(kwargs, error):
@@ -1003,7 +1006,8 @@ def test_config_defaults_start_exact_after_warmup_steps():
     assert resolved(dense_steps=5, grid=(3, 8, 8)) == (5, True, True, True, True, 20, False)
     assert resolved(mask_from_warmup=True, predict_on_refresh=False) == (1, True, True, True, False, 20, False)
     assert resolved(mask_from_warmup=True) == exact_start
-    assert resolved(mask_from_warmup=True, calibrate_pooling=True)[:2] == (1, True)
+    with pytest.raises(ValueError, match="would replace the warm-up's exact mask"):  # calibration predicts anew
+        resolved(mask_from_warmup=True, calibrate_pooling=True)
     assert resolved(dense_steps=1, sparse_refresh=False) == (1, True, False, False, True, 5, False)  # predicted refreshes
     assert resolved(dense_steps=0, sparse_refresh=False) == predicted
     assert resolved(dense_steps=0, local_search=False) == (0, False, True, False, True, 5, False)  # + predictor's keys
@@ -1059,7 +1063,9 @@ def test_config_schedule():
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(predictor="bogus"), ValueError, r"predictor must be one of \('topk', 'tau', 'threshold'\)"),
     (dict(predictor="colmax", tau=0.9, density=0.2), ValueError, r"selects by one rule: give one of density"),
-    (dict(predictor="colmax", predictor_kwargs={"rule": "tau"}), ValueError, r"may not set 'rule' or 'lse'"),
+    (dict(predictor="colmax", predictor_kwargs={"rule": "tau"}), ValueError, r"may not set 'rule', 'lse' or 'scale'"),
+    (dict(predictor="colmax", threshold=0.01, predictor_kwargs={"scale": 0.02}), ValueError,
+     r"at the model's attention scale"),
     (dict(predictor="colmax", process_group=object()), ValueError, r"not with process_group"),
     (dict(predictor="colmax", predictor_kwargs={"pool": 32}), ValueError, r"pool applies to mean-query methods"),
     (dict(predictor="colmax", slice_m=64, threshold=0.0), ValueError, r"threshold must be > 0"),
@@ -1095,10 +1101,32 @@ def test_config_schedule():
     (dict(refresh_on_drift=True), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
     (dict(refresh_on_drift=0.1, process_group=object()), ValueError, r"refresh_on_drift decides per rank"),
     (dict(refresh_on_missed_mass=2.0, process_group=object()), ValueError, r"refresh_on_missed_mass decides per rank"),
+    (dict(calibrate_pooling=True, predictor_kwargs={"combine": "union"}), ValueError,
+     r"calibrate_pooling tries pooling='both', which predictor_kwargs do not allow"),
+    (dict(find_diagonals=2, predictor_kwargs={"exact_band": None}), ValueError,
+     r"find_diagonals adds diagonals=\(128,\), which predictor_kwargs do not allow: diagonals move the exact band"),
+    (dict(find_diagonals=2, predictor_kwargs={"combine": "union"}), ValueError, r"find_diagonals adds diagonals"),
+    (dict(calibrate_pooling=True, dense_steps=1, mask_from_warmup=True), ValueError,
+     r"would replace the warm-up's exact mask"),
+    (dict(calibrate_pooling=True, dense_steps=0, sparse_refresh=True, local_search=True, predict_on_refresh=False),
+     ValueError, r"calibrate_pooling serves the refreshes that predict"),
+    (dict(find_diagonals=2, dense_steps=0, sparse_refresh=True, local_search=True, predict_on_refresh=False),
+     ValueError, r"find_diagonals serves the refreshes that predict"),
+    (dict(find_diagonals=2, dense_steps=1, mask_from_warmup=True, local_search=True, predict_on_refresh=False),
+     ValueError, r"find_diagonals serves the refreshes that predict"),
 ])
 def test_config_refuses_what_cannot_work(kwargs, error, message):
     with pytest.raises(error, match=message):
         fd.SparseAttentionConfig(**kwargs)
+
+
+@pytest.mark.parametrize("option", [dict(find_diagonals=2), dict(calibrate_pooling=True)])
+def test_a_search_schedule_with_predictor_tuning_keeps_predicting(option):
+    """Diagonals and calibrated poolings only serve predictions: a searching schedule given one of
+    them predicts on its refreshes too (without it, predict_on_refresh would default to False)."""
+    config = fd.SparseAttentionConfig(dense_steps=0, sparse_refresh=True, local_search=True, **option)
+    assert config.predict_on_refresh is True
+    assert fd.SparseAttentionConfig(dense_steps=0, sparse_refresh=True, local_search=True).predict_on_refresh is False
 
 
 # ---------------------------------------------------------------------------------------------

@@ -197,7 +197,7 @@ class SparseAttentionHandle:
         self._padding_seen: dict[int, tuple] = {}
         self._branch_padding: dict[int, torch.Tensor] = {}  # key padding of each guidance branch
         self._own_slots: set[int] = set()  # share_branches: branches whose padding is not branch 0's
-        self.grid: tuple | None = config.grid  # the latent token grid (local_search)
+        self.grid: tuple | None = config.grid  # the latent token grid (local_search, poolings, diagonals)
         self._timestep_position = _timestep_position(transformer)
         self._frames_first = type(transformer).__name__.startswith("CogVideoX")  # its latents [B, F, C, H, W]
 
@@ -206,7 +206,9 @@ class SparseAttentionHandle:
         at = self._timestep_position
         positional = args[at] if at is not None and len(args) > at else None
         timestep = kwargs.get("timestep", positional)
-        if self.config.local_search and self.config.grid is None:
+        # The grid: local_search's offsets, and part of what poolings and diagonals are kept for.
+        cfg = self.config
+        if (cfg.local_search or cfg.calibrate_pooling or cfg.find_diagonals) and cfg.grid is None:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
             self.grid = token_grid(getattr(module, "config", None), hidden, self._frames_first)
         if self._manual or (at is None and "timestep" not in kwargs):
@@ -442,7 +444,10 @@ class SparseAttentionHandle:
                 layer.stats.missed_mass_refresh_steps.append(self.step)
             if means is not None:
                 slot.means = means
-            poolings = layer.poolings.get((branch, key))
+            # Poolings and diagonals are a head's kind on one token grid (a transposed grid of as many
+            # tokens has other row and frame offsets).
+            tuned = (branch, key, self.grid)
+            poolings = layer.poolings.get(tuned)
             calibrating = cfg.calibrate_pooling and poolings is None and not warmup
             dense_out, lse = self._dense_call(q, k, v, key_valid) if cfg.exact or warmup else (None, None)
             # sparse_refresh: a layer whose mask still fits these inputs attends through it
@@ -451,17 +456,17 @@ class SparseAttentionHandle:
             if cfg.sparse_refresh and not (warmup or calibrating) and not self._needs_new_shape(entry, slot, key,
                                                                                              key_version):
                 old = self.cache.get(entry)
-                sparse_out, mask = self._refresh_from_sparse_call(layer, (branch, key), slot, old, q, k, v,
+                sparse_out, mask = self._refresh_from_sparse_call(layer, tuned, slot, old, q, k, v,
                                                                   key_valid, poolings)
             elif calibrating:  # from sampled queries: no dense step
                 calibration = calibrate(q.transpose(1, 2), k.transpose(1, 2), None, cfg.slice_m,
                                         method=cfg.predictor, **cfg.predictor_arguments())
-                layer.poolings[(branch, key)], mask = calibration.poolings, calibration.mask
+                layer.poolings[tuned], mask = calibration.poolings, calibration.mask
                 layer.stats.calibrations += 1
             elif warmup:
                 mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), lse)
             else:
-                diagonals = self._diagonals(layer, (branch, key), q, k)
+                diagonals = self._diagonals(layer, tuned, q, k)
                 mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), lse, poolings, diagonals)
             if key_valid is not None:
                 mask = drop_keys(mask, key_valid)

@@ -87,13 +87,16 @@ class SparseAttentionConfig:
         ("mean" or "both") whose mask holds the most probability of 16 sampled queries per
         query block (``fgcupy.calibration``, exact softmax rows of those queries: no dense
         step); that step's mask is the chosen one and later refreshes predict with those
-        poolings. Once per layer (and guidance branch and input shape) while the handle lives:
-        later generations keep the choice (``handle.reset(recalibrate=True)`` makes it again).
+        poolings. Once per layer (and guidance branch, input shape and token grid) while the
+        handle lives: later generations keep the choice (``handle.reset(recalibrate=True)`` makes
+        it again). Not with mask_from_warmup=True (the calibrating refresh would replace the
+        exact mask) nor predict_on_refresh=False (no refresh would use the poolings).
     find_diagonals: with a named mean-query predictor, a layer's first predicting refresh (the
         one after the calibration, with calibrate_pooling) finds up to this many diagonals (``fgcupy.find_diagonals``: key offsets, such as whole frames, where
         sampled queries of every head attend; one host sync) and every refresh of that layer
         then scores them exactly too (``predict_mask(diagonals=...)``). Kept per layer (and
-        guidance branch and input shape) while the handle lives, like calibrated poolings.
+        guidance branch, input shape and token grid) while the handle lives, like calibrated
+        poolings. Not with predict_on_refresh=False (no refresh would score them).
         Each diagonal costs about one exact band per refresh; the offsets are shared by a
         layer's heads (README "Mask quality" has what they gain and lose per head family).
         0: off.
@@ -259,9 +262,13 @@ class SparseAttentionConfig:
                 raise ValueError("find_diagonals finds the diagonals: predictor_kwargs may not set them")
         if self.mask_from_warmup:
             self._check_mask_from_warmup()
-            if self.find_diagonals and not self.predict_on_refresh:
-                raise ValueError("find_diagonals moves the predictor's band, but with the warm-up's mask and "
-                                 "predict_on_refresh=False no refresh predicts: it would never be used")
+            if self.calibrate_pooling:
+                raise ValueError("calibrate_pooling makes a layer's first refresh from sampled queries, which would "
+                                 "replace the warm-up's exact mask: not with mask_from_warmup=True")
+        for option in ("find_diagonals", "calibrate_pooling"):
+            if getattr(self, option) and self.predict_on_refresh is False:
+                raise ValueError(f"{option} serves the refreshes that predict, but with predict_on_refresh=False none "
+                                 "does: it would not be used")
         if self.sparse_refresh:
             self._check_sparse_refresh()
         self._check_local_search()
@@ -309,8 +316,10 @@ class SparseAttentionConfig:
             asked = self.predict_on_refresh is False or self.grid is not None
             object.__setattr__(self, "local_search", self.sparse_refresh is True and (search_start or asked))
         searching = self.local_search is True and self.sparse_refresh is True and self.mask_from_warmup is not True
-        if self.predict_on_refresh is None:  # a search from a predicted mask needs no prediction
-            object.__setattr__(self, "predict_on_refresh", not searching)
+        if self.predict_on_refresh is None:  # a search from a predicted mask needs no prediction, unless
+            # the predictor was asked for diagonals or calibrated poolings, which only predictions use
+            object.__setattr__(self, "predict_on_refresh",
+                               not searching or bool(self.find_diagonals) or bool(self.calibrate_pooling))
         if self.refresh_every is None and self.refresh_steps is None:  # listed steps need no period
             if self.mask_from_warmup is True and self.sparse_refresh is True:
                 every = WARMUP_REFRESH_EVERY
@@ -364,9 +373,10 @@ class SparseAttentionConfig:
         if len(given) > 1:
             raise ValueError(f"predictor={EXACT_PREDICTOR!r} selects by one rule: give one of density, tau, threshold, "
                              f"got {given}")
-        if isinstance(self.predictor_kwargs, dict) and ("rule" in self.predictor_kwargs or "lse" in self.predictor_kwargs):
+        if isinstance(self.predictor_kwargs, dict) and {"rule", "lse", "scale"} & set(self.predictor_kwargs):
             raise ValueError(f"predictor={EXACT_PREDICTOR!r} takes its rule from density / tau / threshold and its "
-                             f"lse from the dense call: predictor_kwargs may not set 'rule' or 'lse'")
+                             f"lse (at the model's attention scale) from the dense call: predictor_kwargs may not set "
+                             f"'rule', 'lse' or 'scale'")
         if not given and not (isinstance(self.predictor_kwargs, dict) and "top_k" in self.predictor_kwargs):
             object.__setattr__(self, "density", DEFAULT_DENSITY)
         self._refuse_process_group(f"predictor={EXACT_PREDICTOR!r}", "LSE", "; use a predicted mask there")
@@ -442,6 +452,19 @@ class SparseAttentionConfig:
             raise ValueError(f"predictor_kwargs holds options predict_mask does not take: {sorted(unknown)}")
         checked = {name: value for name, value in kwargs.items() if name != "workspace_bytes"}
         make_request(128, 4096, self.slice_m, self.predictor, **checked)
+        runtime_options = []  # what the handle adds to these options at run time
+        if self.calibrate_pooling:
+            from ..calibration import DEFAULT_CANDIDATES
+
+            runtime_options += [("calibrate_pooling tries", {"pooling": p}) for p in DEFAULT_CANDIDATES]
+        if self.find_diagonals:
+            runtime_options.append(("find_diagonals adds", {"diagonals": (self.slice_m,)}))
+        for what, extra in runtime_options:
+            try:
+                make_request(128, 4096, self.slice_m, self.predictor, **checked, **extra)
+            except ValueError as err:
+                shown = ", ".join(f"{k}={v!r}" for k, v in extra.items())
+                raise ValueError(f"{what} {shown}, which predictor_kwargs do not allow: {err}") from None
 
     def mask_cache(self) -> MaskCache:
         """An empty MaskCache with this schedule. Listed refresh steps inside the warm-up are dropped
