@@ -324,6 +324,8 @@ def test_explicit_refresh_steps_and_shared_branches():
     assert handle.stats()["blocks.0.attn1"].refresh_steps == [0, 2]
     assert handle.stats()["blocks.0.attn1"].sparse_calls == 8
     assert counter.calls == 2
+    shared = handle.mask("blocks.0.attn1", 1)  # the second branch attends through the first's mask
+    assert shared is not None and torch.equal(shared.indices, handle.mask("blocks.0.attn1").indices)
 
 
 @pytest.mark.parametrize("predictor", ["topk", "colmax"])

@@ -298,10 +298,13 @@ class SparseAttentionHandle:
 
     def mask(self, name: str, branch: int = 0) -> SliceMask | None:
         """A copy of the mask layer ``name`` holds for ``branch`` (None before its first sparse
-        call; a refresh rewrites the held one in place); with a process group, the mask of this
-        rank's heads over the whole sequence."""
+        call; a refresh rewrites the held one in place); with share_branches, a branch holding
+        none of its own gets the first branch's, through which it attends; with a process group,
+        the mask of this rank's heads over the whole sequence."""
         if name not in self.layers:
             raise KeyError(f"no patched layer {name!r}; layers: {list(self.layers)}")
+        if self.config.share_branches and (name, branch) not in self.cache:
+            branch = 0
         if (name, branch) not in self.cache:
             return None
         held = self.cache.get((name, branch))
