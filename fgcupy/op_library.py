@@ -7,6 +7,7 @@ its caller's source for error messages), which a process's first call pays.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -36,13 +37,9 @@ def _indices_offset(indptr_numel: int) -> int:
 def packed_csr_empty(like: torch.Tensor, indptr_shape, kept=None) -> torch.Tensor:
     """The fake of :func:`pack_csr`'s result: int32, room for ``indptr_shape`` and ``kept`` indices
     (None: a count known only when the op runs, an unbacked size)."""
-    numel = 1
-    for n in indptr_shape:
-        numel *= n
-    offset = _indices_offset(numel)
-    if kept is None:  # min and max must be plain ints: offset is symbolic under dynamic shapes
+    if kept is None:  # not offset + an unbacked count: min and max must be plain ints, offset may be symbolic
         return like.new_empty((torch.library.get_ctx().new_dynamic_size(max=INT32_MAX),), dtype=torch.int32)
-    return like.new_empty((offset + kept,), dtype=torch.int32)
+    return like.new_empty((_indices_offset(math.prod(indptr_shape)) + kept,), dtype=torch.int32)
 
 
 def pack_csr(indptr: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -58,9 +55,7 @@ def pack_csr(indptr: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 def unpack_csr(packed: torch.Tensor, indptr_shape) -> tuple[torch.Tensor, torch.Tensor]:
     """(indptr, indices) views of :func:`pack_csr`'s tensor."""
-    numel = 1
-    for n in indptr_shape:
-        numel *= n
+    numel = math.prod(indptr_shape)
     offset = _indices_offset(numel)
     torch._check(packed.shape[0] >= offset)  # what an unbacked packed size does not say by itself
     return packed[:numel].view(tuple(indptr_shape)), packed[offset:]
