@@ -434,21 +434,21 @@ def test_mask_recall_is_the_mass_the_mask_keeps_on_sampled_queries(device, dtype
     from fgcupy.cache import mask_recall
 
     gen = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(2, 200, 3, 16, generator=gen).to(device, dtype).transpose(1, 2) for _ in range(3))
+    q, k, v = (torch.randn(2, 200, 3, 64, generator=gen).to(device, dtype).transpose(1, 2) for _ in range(3))
     key_valid = torch.ones(2, 200, dtype=torch.bool, device=device)
     key_valid[1, 150:] = False
     mask = drop_keys(fgcupy.predict_mask(q, k, 64, "topk", density=0.3), key_valid)
     _, lse = fgcupy.reference_attention(q, k, v, mask)
-    got = mask_recall(q, k, lse, 0.25, key_valid, samples=7)
+    got = mask_recall(q, k, lse, 0.125, key_valid, samples=7)
     rows = torch.linspace(0, 199, 7).round().long().to(device)
-    logits = (q[:, :, rows].double() @ k.double().transpose(-1, -2)) * 0.25
+    logits = (q[:, :, rows].double() @ k.double().transpose(-1, -2)) * 0.125
     logits.masked_fill_(~key_valid[:, None, None, :], float("-inf"))
     probs = torch.softmax(logits, -1)
     kept = mask.to_dense()[:, :, rows // 64]
     expected = (probs * kept).sum(-1).mean(-1)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
     full = fgcupy.SliceMask.full(2, 3, 200, 200, 64, device=device)
-    got_full = mask_recall(q, k, fgcupy.reference_attention(q, k, v, full)[1], 0.25)
+    got_full = mask_recall(q, k, fgcupy.reference_attention(q, k, v, full)[1], 0.125)
     torch.testing.assert_close(got_full, torch.ones(2, 3, device=device), rtol=0, atol=1e-5)
 
 
