@@ -1,7 +1,7 @@
 """Run every kernel of fgcupy once on small inputs, for compute-sanitizer (GPU).
 
     compute-sanitizer --tool memcheck  python -m tools.sanitize_kernels
-    compute-sanitizer --tool racecheck python -m tools.sanitize_kernels [--masks-only]
+    compute-sanitizer --tool racecheck python -m tools.sanitize_kernels [--masks-only | --only NAME ...]
 
 Covers: the mma.sync attention kernel (both slice sizes; head dims 64, 96, 128, 256), both wgmma kernels (on
 Hopper; the warp-specialised one over lists of several key tiles, head dims 64, 96, 128 and 256,
@@ -9,7 +9,9 @@ with random lists (every tile gathered) and with full and window masks, whose co
 load through tensor maps), the launch-order kernel, every mask-scoring mode (band mode
 included), the dilation of sampled poolings (in place for "adaptive", the default), both selection kernels (staged and global rows,
 each rule), the emit kernel, the candidates' union and the column max over a list (the portable
-column-max kernel with 64-query blocks). ``--masks-only`` skips the attention kernels. Each result is checked against the reference, so
+column-max kernel with 64-query blocks). ``--masks-only`` skips the attention kernels; ``--only``
+runs just the attention kernels whose names contain one of its words (racecheck over every
+attention kernel takes minutes: a run cut short can be finished). Each result is checked against the reference, so
 a run that sanitizes clean also computed the right thing.
 """
 
@@ -48,9 +50,16 @@ def main(argv=None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--masks-only", action="store_true", help="skip the attention kernels")
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="only the attention kernels whose names contain one of these (no mask kernels)")
     args = parser.parse_args(argv)
+    cases = [] if args.masks_only else list(attention_cases())
+    if args.only:
+        cases = [(spec, tokens) for spec, tokens in cases if any(word in spec.name for word in args.only)]
+        if not cases:
+            parser.error(f"no attention kernel's name contains any of {args.only}")
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for spec, tokens in [] if args.masks_only else attention_cases():
+    for spec, tokens in cases:
         d, m = spec.head_dim, spec.slice_m
         dtype = torch.bfloat16 if spec.dtype == "bfloat16" else torch.float16
         q, k, v = (torch.randn(1, 2, tokens, d, generator=gen, device="cuda", dtype=dtype) for _ in range(3))
@@ -63,6 +72,8 @@ def main(argv=None) -> None:
             err = relative_l2(out.float(), reference_attention(q, k, v, mask)[0])
             print(f"{spec.name} {kind}: rel L2 {err:.2e}")
             assert err < 2e-2
+    if args.only:
+        return
     q, k = (torch.randn(1, 2, 700, 64, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     lse = torch.logsumexp(q.float() @ k.float().transpose(-1, -2) / 8.0, -1)
     for kw in (dict(method="topk", density=0.1), dict(method="topk", density=0.1, pool=None, exact_band=None),
