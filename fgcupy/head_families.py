@@ -204,11 +204,13 @@ def mass_fraction(q, k, mass: float = 0.9, queries: int = 256, seed: int = 0) ->
     batch, heads, q_len, dim = q.shape
     if q_len == 0 or k.shape[2] == 0:
         raise ValueError(f"mass_fraction needs queries and keys, got q_len={q_len}, kv_len={k.shape[2]}")
+    if not 0 < mass <= 1:
+        raise ValueError(f"mass must be in (0, 1], got {mass!r}")
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, q_len, (min(queries, q_len),), generator=gen).to(q.device)
     logits = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)) / math.sqrt(dim)
     probs = torch.softmax(logits, -1).sort(-1, descending=True).values
-    needed = (probs.cumsum(-1) < mass).sum(-1) + 1
+    needed = ((probs.cumsum(-1) < mass).sum(-1) + 1).clamp_max(k.shape[2])  # float sums can stop short of 1
     return float(needed.double().mean() / k.shape[2])
 
 

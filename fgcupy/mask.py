@@ -6,7 +6,8 @@ Format (CSR with a fixed-capacity buffer, so shapes stay static across diffusion
   indices int32 [capacity]      kept key positions, sorted ascending and unique within a row
 QB = ceil(q_len / slice_m). Query block j covers queries [j * slice_m, (j + 1) * slice_m).
 Tensors live on any torch device; nothing here synchronises the host except ``validate``,
-``density``, ``from_dense`` and the BlockMask converters, which say so.
+``density``, ``to_dense``, ``flat_rows``, ``block_cover``, ``from_dense``, ``from_topk`` of
+non-int32 indices and the BlockMask converters.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class SliceMask:
                 raise ValueError(f"{name} must be a non-negative int, got {value!r}")
             if value > INT32_MAX:
                 raise ValueError(f"{name} must be < 2**31 (kernels index with int32), got {value}")
+            object.__setattr__(self, name, int(value))  # numpy ints would not trace under torch.compile
         if self.slice_m < 1:
             raise ValueError(f"slice_m must be >= 1, got {self.slice_m}")
         if indptr.dim() != 3:
@@ -269,6 +271,8 @@ class SliceMask:
     # ---- FlexAttention ----
     def block_cover(self, block_size: int = 128) -> torch.Tensor:
         """Boolean ``[B, H, ceil(q_len/bs), ceil(kv_len/bs)]``: blocks holding any kept slice."""
+        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if block_size % self.slice_m:
             raise ValueError(f"block_size={block_size} must be a multiple of slice_m={self.slice_m}")
         row_of, keys = self._kept_pairs()
@@ -312,6 +316,9 @@ class SliceMask:
         seq_q, seq_kv = block_mask.seq_lengths
         q_len = seq_q if q_len is None else q_len
         kv_len = seq_kv if kv_len is None else kv_len
+        if q_len > seq_q or kv_len > seq_kv:
+            raise ValueError(f"(q_len, kv_len)=({q_len}, {kv_len}) exceed the BlockMask's sequence lengths "
+                             f"({seq_q}, {seq_kv})")
         if q_block % slice_m:
             raise ValueError(f"BlockMask query block {q_block} is not a multiple of slice_m={slice_m}")
         blocks = block_mask.to_dense().to(torch.bool)  # [B, H, QBlocks, KVBlocks]

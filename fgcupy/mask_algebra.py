@@ -29,8 +29,9 @@ def concat_heads(masks, order=None) -> SliceMask:
     for m in masks:
         bases.append(base)
         base += m.capacity
-    starts = torch.cat([m.indptr[..., :-1].to(torch.int64) + b for m, b in zip(masks, bases)], dim=1)
-    ends = torch.cat([m.indptr[..., 1:].to(torch.int64) + b for m, b in zip(masks, bases)], dim=1)
+    bounds = [_row_bounds(m) for m in masks]
+    starts = torch.cat([start + b for (start, _), b in zip(bounds, bases)], dim=1)
+    ends = torch.cat([end + b for (_, end), b in zip(bounds, bases)], dim=1)
     if order is not None:
         index = _head_index(order, starts.shape[1], first.device)
         starts, ends = starts.index_select(1, index), ends.index_select(1, index)
@@ -50,9 +51,16 @@ def take_heads(mask: SliceMask, heads) -> SliceMask:
     if not isinstance(mask, SliceMask):
         raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
     index = _head_index(heads, mask.heads, mask.device)
-    starts = mask.indptr[..., :-1].index_select(1, index).to(torch.int64)
-    ends = mask.indptr[..., 1:].index_select(1, index).to(torch.int64)
-    return _pack_rows(mask.indices, starts, ends, mask)
+    starts, ends = _row_bounds(mask)
+    return _pack_rows(mask.indices, starts.index_select(1, index), ends.index_select(1, index), mask)
+
+
+def _row_bounds(mask: SliceMask) -> tuple:
+    """int64 [B, H, QB] (start, end) of each row, clamped into the index list as the kernels
+    clamp them (SliceMask.row_bounds)."""
+    starts, ends = mask.row_bounds()
+    shape = mask.indptr[..., :-1].shape
+    return starts.reshape(shape), ends.reshape(shape)
 
 
 def _pack_rows(source, starts, ends, like: SliceMask) -> SliceMask:

@@ -50,7 +50,8 @@ from .mask import SliceMask, num_blocks
 RULES = ("topk", "tau", "threshold")
 BAND_KEY = 0xFFFFFFFF
 #: "Reaches tau" allows this relative error, so float32 sums on the GPU agree (tau = 1 keeps
-#: the keys with any mass, not the zero-mass ones that float rounding would drag in).
+#: all but a tail of at most this fraction of the mass, not the zero-mass keys that float
+#: rounding would drag in).
 TAU_SLACK = 1e-5
 #: How max-probability scores are stored between the kernels (see "max-prob scores" above).
 PROB_DTYPE = torch.bfloat16

@@ -85,7 +85,9 @@ class Judge:
         """(key blocks per query block, error) of the smallest oracle block mask whose error is at
         most ``target``, by bisection between ``low`` and every block (the full mask is exact).
         Bisection assumes the error falls as blocks are added, which the nested masks make the
-        rule, not a law: the result's error is at most ``target`` and one block fewer's is above.
+        rule, not a law: the result's error is at most ``target`` and one block fewer's is above,
+        unless even every block's error (float rounding, ~1e-7) is above ``target``: then every
+        block and that error.
         The equal-error density of a block-sparse kernel beside a slice mask of error ``target``."""
         kb = num_blocks(self.kv_len, block)
         lo, hi = max(1, min(low, kb)), kb

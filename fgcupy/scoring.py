@@ -13,7 +13,8 @@ Methods (DESIGN.md §2):
       0.5 / kv_len). Tiled on the GPU; the S x S matrix is never stored.
 Every selection can keep at least ``min_keys``, at most ``max_keys`` keys per block, and the
 block's diagonal band (its own keys and ``local`` more on either side), which is ranked first
-(it counts toward k and toward the mass). Exact definitions: fgcupy.mask_reference.
+(it counts toward k and toward the mass; with combine "union", toward each sub-block's selection,
+so a block's union can hold more than k keys). Exact definitions: fgcupy.mask_reference.
 
 The default scores are probabilities (pooled sub-blocks with the exact band). With one
 mean query per block (``pool=None, exact_band=None``), or combine "union", logits are stored
@@ -94,8 +95,8 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     resultant length |mean q| / mean |q| below mask_reference.COHERENCE_CUT, else "mean"; the cost of
     "mean" plus a sliding max over the sampled blocks' rows); or one of those per head (a list of H, e.g. from ``fgcupy.calibration.calibrate``): heads are
     predicted in groups of one pooling and joined in head order by one gather (one host sync).
-    ``exact_band``: keys within this many of the block (either side) get their exact column-max
-    score instead of the pooled one (slice_m 64 or 128, combine "max"; None: off; see
+    ``exact_band``: keys within this many of the block (either side) are raised to their exact
+    column-max score where it is above the pooled one (slice_m 64 or 128, combine "max"; None: off; see
     mask_reference). Left as "auto", mean-query methods with combine "max" and slice_m 64 or
     128 use pool=DEFAULT_POOL, pooling=DEFAULT_POOLING and exact_band=DEFAULT_EXACT_BAND (an
     explicit pool keeps mean queries unless pooling is given); other calls use one mean query

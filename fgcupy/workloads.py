@@ -206,6 +206,10 @@ def video_qkv(shape, pattern: str = "mixed", *, head_ids=None, seed: int = 0, st
         shape = SHAPES[shape]
     knobs = replace(knobs or VideoKnobs(), **overrides)
     head_ids = list(range(shape.heads)) if head_ids is None else [int(h) for h in head_ids]
+    if shape.head_dim % 2 or shape.head_dim < 18:
+        raise ValueError(f"head_dim must be even and at least 18 (rotary pairs on three axes), got {shape.head_dim}")
+    if any(not 0 <= h < shape.heads for h in head_ids):
+        raise ValueError(f"head_ids must lie in [0, {shape.heads}) for shape {shape.name!r}, got {head_ids}")
     styles = head_styles(pattern, max(head_ids) + 1 if head_ids else 0)
     device = torch.device(device)
     seq, dim = shape.seq, shape.head_dim

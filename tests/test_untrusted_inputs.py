@@ -261,3 +261,35 @@ def test_counts_past_the_keys_mean_all_keys():
         capped = predict_mask(q, k, 128, density=0.1, **kwargs)
         at_kv_len = predict_mask(q, k, 128, density=0.1, **{name: 256 for name in kwargs})
         assert torch.equal(capped.to_dense(), at_kv_len.to_dense())
+
+
+def test_head_selection_reads_rows_as_the_kernels_clamp_them():
+    """A row whose start lies before the list reads from its first entry (it had wrapped to the
+    list's end, or into the neighbouring mask's entries)."""
+    from fgcupy.mask_algebra import concat_heads, take_heads
+
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    corrupt = SliceMask(i32([[[-2, 1], [1, 3]]]), i32([5, 6, 7]), 4, 4, 8)
+    dense = corrupt.to_dense()
+    assert dense[0, 0, 0].nonzero().flatten().tolist() == [5]
+    assert torch.equal(take_heads(corrupt, [1, 0]).to_dense(), dense.flip(1))
+    assert torch.equal(concat_heads([corrupt, corrupt]).to_dense(), torch.cat([dense, dense], 1))
+
+
+def test_mask_sizes_given_as_numpy_ints_are_python_ints():
+    mask = SliceMask.full(1, 1, np.int64(8), 8, np.int64(4))
+    assert all(type(getattr(mask, name)) is int for name in ("slice_m", "q_len", "kv_len"))
+
+
+@pytest.mark.parametrize("block_size", [0, -128, 1.5, True])
+def test_block_cover_refuses_a_block_size_that_is_not_positive(block_size):
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        SliceMask.full(1, 1, 8, 8, 4).block_cover(block_size)
+
+
+def test_from_block_mask_refuses_lengths_past_the_block_masks():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    block_mask = flex.create_block_mask(lambda b, h, q, k: q >= k, 1, 1, 256, 256, device="cpu")
+    with pytest.raises(ValueError, match="exceed the BlockMask's sequence lengths"):
+        SliceMask.from_block_mask(block_mask, 128, 256, kv_len=300)
+    assert SliceMask.from_block_mask(block_mask, 128, 256, kv_len=200).kv_len == 200

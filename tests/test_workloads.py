@@ -97,3 +97,23 @@ def test_head_styles_and_errors():
         video_qkv(SMALL, "noise")
     with pytest.raises(ValueError, match=r"unknown shape 'wan99'"):
         video_qkv("wan99")
+
+
+def test_video_qkv_refuses_heads_and_head_dims_the_shape_has_not():
+    shape = VideoShape("tiny", 1, 4, 64, (2, 4, 4))
+    for head_ids in ([4], [-1], [0, 100]):
+        with pytest.raises(ValueError, match="head_ids must lie in"):
+            video_qkv(shape, "mixed", head_ids=head_ids)
+    for head_dim in (16, 33):
+        with pytest.raises(ValueError, match="head_dim must be even and at least 18"):
+            video_qkv(VideoShape("tiny", 1, 1, head_dim, (2, 4, 4)), "mixed")
+
+
+def test_mass_fraction_is_a_fraction_of_the_keys():
+    from fgcupy.head_families import mass_fraction
+
+    q, k, _ = video_qkv(VideoShape("tiny", 1, 2, 64, (2, 4, 4)), "mixed", dtype=torch.float32)
+    assert 0 < mass_fraction(q, k, 1.0) <= 1.0
+    for mass in (0.0, -1.0, 2.0):
+        with pytest.raises(ValueError, match="mass must be in"):
+            mass_fraction(q, k, mass)
