@@ -166,7 +166,7 @@ mask_score(const __grid_constant__ ScoreParams p) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float x = MODE == kMode_stats ? acc[nt][e] : acc[nt][e] * 1.4426950408889634f;
-          run_l[e >> 1] += fast_exp2(x - base[e >> 1]);
+          run_l[e >> 1] += fast_exp2(fmaxf(x - base[e >> 1], FG_NEG_INF));  // a NaN logit: no mass
         }
       }
       if (MODE == kMode_logits) {

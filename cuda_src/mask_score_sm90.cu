@@ -250,9 +250,10 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
         float base[2];
         raise_running_max(run_m, run_l, tile_m, base);
         float part[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // two sums per row: shorter add chains
+        // fmaxf with -inf turns a NaN product (a NaN query or key) into no mass, as the max ignores it.
 #pragma unroll
         for (int i = 0; i < kN / 2; ++i)
-          part[(i >> 1) & 1][i & 1] += fast_exp2(fmaf(acc[i], scale_log2, -base[(i >> 1) & 1]));
+          part[(i >> 1) & 1][i & 1] += fast_exp2(fmaxf(fmaf(acc[i], scale_log2, -base[(i >> 1) & 1]), FG_NEG_INF));
         run_l[0] += part[0][0] + part[0][1];
         run_l[1] += part[1][0] + part[1][1];
       } else {

@@ -164,7 +164,13 @@ def logits_and_lse(rows: torch.Tensor, k: torch.Tensor, scale: float, chunk: int
     logits = torch.empty(*rows.shape[:3], k.shape[2], dtype=torch.float32, device=rows.device)
     for r0 in range(0, rows.shape[2], chunk):
         logits[:, :, r0 : r0 + chunk] = torch.matmul(rows[:, :, r0 : r0 + chunk].float(), kf.transpose(-1, -2)) * scale
-    return logits, torch.logsumexp(logits, dim=-1)
+    return logits, nan_free_logsumexp(logits)
+
+
+def nan_free_logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dim with NaN logits (a NaN query or key) adding no mass, as in
+    the kernels' sums."""
+    return torch.logsumexp(logits.nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf), dim=-1)
 
 
 def lse_key_stride(kv_len: int) -> int:
@@ -233,7 +239,7 @@ def refine_band(scores: torch.Tensor, q, k, sub_lse: torch.Tensor, pool: int, sl
             continue
         logits = torch.matmul(q[:, :, q0:q1].float(), kf[:, :, k0:k1].transpose(-1, -2)) * scale
         own = sub_lse[:, :, torch.arange(q0, q1, device=q.device) // pool]
-        total = torch.logaddexp(torch.logsumexp(logits, -1), own.float())
+        total = torch.logaddexp(nan_free_logsumexp(logits), own.float())
         probs = stored_probs(torch.exp(logits - total.unsqueeze(-1)).nan_to_num(nan=0.0).amax(2))
         out[:, :, j, k0:k1] = torch.maximum(out[:, :, j, k0:k1], probs)  # NaN queries ignored, as fmaxf does
     return out

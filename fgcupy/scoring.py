@@ -109,6 +109,10 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     the keys they keep are scored (exactly); other keys score 0, so a top-k keeps candidates
     first. With ``lse`` from a sparse step (its row LSE over the keys it kept), a refresh that
     needs no dense step: the cost is one pass of Q K^T over the candidates' slices.
+    NaN in q or k: a NaN key adds no mass to any row's normaliser and scores lowest (a sampled
+    pooling's dilation may still keep it); a NaN query makes its pooled row's scores NaN, which
+    add nothing (with one mean query per block, that block's keys come in index order; the
+    query's own output is NaN through any mask).
     """
     qh, kh = query_key_views(q, k, layout)
     poolings = None

@@ -643,3 +643,14 @@ def test_adaptive_rows_of_sub_blocks_not_a_multiple_of_four_come_from_torch():
     assert mask_kernels.gpu_adaptive_rows(q, 6, 48) is None
     assert mask_kernels.gpu_adaptive_rows(q, 8, 48) is None
     assert mask_kernels.gpu_adaptive_rows(q, 8, 64) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_nan_key_or_query_adds_nothing_to_the_kernels_prediction(dtype):
+    """The kernels' normalisers leave NaN products out, as the reference's do (a NaN key had made
+    every row's normaliser NaN, so its head's masks came out empty or in index order)."""
+    from .test_untrusted_inputs import assert_nan_adds_nothing
+
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, 2, 512, 64, generator=gen).to("cuda", dtype) for _ in range(2))
+    assert_nan_adds_nothing(q, k, "cuda")

@@ -293,3 +293,35 @@ def test_from_block_mask_refuses_lengths_past_the_block_masks():
     with pytest.raises(ValueError, match="exceed the BlockMask's sequence lengths"):
         SliceMask.from_block_mask(block_mask, 128, 256, kv_len=300)
     assert SliceMask.from_block_mask(block_mask, 128, 256, kv_len=200).kv_len == 200
+
+
+def nan_key_cases():
+    """(name, predict_mask options): the default, one mean query with each rule, a sampled pooling."""
+    return [("default", dict(density=0.2)), ("mean topk", dict(density=0.2, pool=None, exact_band=None)),
+            ("mean threshold", dict(method="threshold", threshold=1 / 512, pool=None, exact_band=None)),
+            ("tau", dict(method="tau", tau=0.9)), ("sample", dict(density=0.2, pooling="sample"))]
+
+
+def assert_nan_adds_nothing(q, k, device):
+    """One NaN key changes a head's masks by what that key's mass was (rows keep nearly the same
+    keys; mean queries do not keep the NaN key, sampled poolings' dilation may), and so does one
+    NaN query where its sub-block is one of several: a NaN had made every row's normaliser NaN,
+    and the masks empty, dense or in index order."""
+    for name, options in nan_key_cases():
+        options = dict(options)
+        method = options.pop("method", "topk")
+        clean = predict_mask(q, k, 64, method, **options).to_dense()
+        for which in ("key",) if name.startswith("mean") else ("key", "query"):
+            qn, kn = q.clone(), k.clone()
+            (kn if which == "key" else qn)[0, 0, 200, 0] = float("nan")
+            got = predict_mask(qn, kn, 64, method, **options).to_dense()
+            assert torch.equal(got[:, 1:], clean[:, 1:]), (name, which)  # the other head is untouched
+            overlap = (got[0, 0] & clean[0, 0]).sum(-1) / clean[0, 0].sum(-1).clamp_min(1)
+            assert overlap.min() > 0.9 and got[0, 0].sum(-1).min() > 0, (name, which, overlap)
+            if which == "key" and name.startswith("mean"):
+                assert not got[0, 0, :, 200].any(), name
+
+
+def test_a_nan_key_or_query_adds_nothing_to_the_prediction():
+    q, k, _ = _qkv(seed=4, seq=512)
+    assert_nan_adds_nothing(q, k, "cpu")
