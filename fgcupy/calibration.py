@@ -20,7 +20,7 @@ from .mask import SliceMask, num_blocks
 from .layout import query_key_views
 from .mask_algebra import concat_heads
 from .mask_kernels import gpu_colmax
-from .mask_reference import colmax_scores
+from .mask_reference import colmax_scores, nan_free_logsumexp
 from .mask_request import POOLINGS
 from .scoring import checked_lse, predict_mask
 
@@ -96,12 +96,12 @@ def sampled_mass(q, k, masks, slice_m: int, scale: float, per_block: int | None 
     for b in range(batch):
         for h in range(heads):
             logits = torch.matmul(q[b, h, rows].float(), k[b, h].float().T) * scale  # [QB * per_block, KV]
-            lse = torch.logsumexp(logits, dim=-1).view(q_blocks, per_block)
+            lse = nan_free_logsumexp(logits).view(q_blocks, per_block)
             logits = logits.view(q_blocks, per_block, -1)
             for i, (block, key, starts) in enumerate(kept):
                 lo, hi = starts[b * heads + h], starts[b * heads + h + 1]
                 blk, kk = block[lo:hi], key[lo:hi]
-                probs = torch.exp(logits[blk, :, kk] - lse[blk]) * valid[blk]
+                probs = torch.exp(logits[blk, :, kk] - lse[blk]).nan_to_num(nan=0.0) * valid[blk]  # NaN keys: none
                 mass[i, h] += probs.sum(dtype=torch.float64)
     return mass.cpu()
 

@@ -50,7 +50,8 @@ def offset_mass(q, k, *, samples: int = DEFAULT_SAMPLES, scale: float | None = N
     for b in range(batch):
         for h0 in range(0, heads, step):
             logits = torch.matmul(q[b, h0 : h0 + step, rows].float(), kf[b, h0 : h0 + step].transpose(-1, -2))
-            probs = torch.softmax(logits * scale, dim=-1).sum(0)  # [rows, kv_len], summed over heads
+            # a NaN key (padded, as the diffusers integration marks them) holds no mass
+            probs = torch.softmax(logits.nan_to_num(nan=-math.inf) * scale, dim=-1).sum(0)  # [rows, kv_len]
             mass.index_add_(0, where, probs.reshape(-1))
     return mass / (batch * heads * rows.numel())
 

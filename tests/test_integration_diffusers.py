@@ -1279,3 +1279,29 @@ def test_a_model_whose_forward_takes_no_timestep_warns_and_leaves_the_count_to_t
             handle.begin_forward(torch.tensor([t]))
             model(latents, torch.tensor([t]), text)
     assert (handle.step, handle.branch) == (1, 0)
+
+
+@pytest.mark.parametrize("density", [0.3, 0.02])
+def test_padded_text_keys_take_none_of_a_rows_budget(density):
+    """HunyuanVideo's padded text keys are left out before selecting, not after: each row of the
+    warm-up's exact mask and of sparse refreshes keeps its count of real keys, and predicted masks
+    nearly so (a sampled pooling's dilation may reach a padded key). They had been ranked with the
+    rest and dropped after, leaving 46 of 77 keys per row, and at density 0.02 a block with none."""
+    inputs = hunyuan_inputs(text=64, valid_text=4)
+    schedules = {"exact": {}, "predicted": dict(dense_steps=0, sparse_refresh=False),
+                 "calibrated": dict(dense_steps=0, sparse_refresh=False, calibrate_pooling=True)}
+    for name, options in schedules.items():
+        model = tiny_hunyuan()
+        handle = fd.apply(model, fd.SparseAttentionConfig(density=density, slice_m=64, refresh_every=1,
+                                                          attention_fn=reference_attention_fn, **options))
+        for step in range(3):
+            run_hunyuan(model, inputs, t=1000 - 100 * step)
+            for layer in handle.layers:
+                mask = handle.mask(layer)
+                if mask is None:
+                    continue
+                kept = mask.row_lengths().flatten().float()
+                target = max(1, round(density * mask.kv_len))
+                assert not mask.to_dense()[..., -60:].any()
+                assert kept.max() <= target and kept.min() >= (target if name != "predicted" else 0.8 * target), \
+                    (name, step, layer, kept.tolist(), target)

@@ -1,6 +1,7 @@
 """Inputs a user plausibly gets wrong: answered as the kernels answer them, or refused with an
 error that names the argument. CPU only (the reference paths)."""
 
+import math
 import sys
 
 import numpy as np
@@ -299,6 +300,7 @@ def nan_key_cases():
     """(name, predict_mask options): the default, one mean query with each rule, a sampled pooling."""
     return [("default", dict(density=0.2)), ("mean topk", dict(density=0.2, pool=None, exact_band=None)),
             ("mean threshold", dict(method="threshold", threshold=1 / 512, pool=None, exact_band=None)),
+            ("mean tau", dict(method="tau", tau=0.9, pool=None, exact_band=None)),
             ("tau", dict(method="tau", tau=0.9)), ("sample", dict(density=0.2, pooling="sample"))]
 
 
@@ -320,6 +322,16 @@ def assert_nan_adds_nothing(q, k, device):
             assert overlap.min() > 0.9 and got[0, 0].sum(-1).min() > 0, (name, which, overlap)
             if which == "key" and name.startswith("mean"):
                 assert not got[0, 0, :, 200].any(), name
+    # The exact column max with the LSE a dense step without that key would give.
+    from fgcupy.mask_reference import nan_free_logsumexp
+
+    kn = k.clone()
+    kn[0, 0, 200, 0] = float("nan")
+    lse = nan_free_logsumexp((q.float() @ kn.float().transpose(-1, -2)) / math.sqrt(q.shape[-1]))
+    clean = predict_mask(q, k, 64, "colmax", rule="topk", density=0.2, lse=exact_lse(q, k)).to_dense()
+    got = predict_mask(q, kn, 64, "colmax", rule="topk", density=0.2, lse=lse).to_dense()
+    assert not got[0, 0, :, 200].any() and torch.equal(got[:, 1:], clean[:, 1:])
+    assert ((got[0, 0] & clean[0, 0]).sum(-1) >= 0.9 * clean[0, 0].sum(-1)).all()
 
 
 def test_a_nan_key_or_query_adds_nothing_to_the_prediction():

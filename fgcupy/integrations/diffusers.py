@@ -132,6 +132,15 @@ class LayerStats:
         self.stock_reasons[reason] = self.stock_reasons.get(reason, 0) + 1
 
 
+def without_padded_keys(k: torch.Tensor, key_valid) -> torch.Tensor:
+    """k ``[B, S, H, D]`` as mask prediction is to see it: padded keys (``key_valid`` False) NaN,
+    which adds no mass to any row and scores lowest, so a row's budget goes to real keys (they had
+    been ranked with the rest and dropped after, leaving rows short, a small block empty)."""
+    if key_valid is None:
+        return k
+    return k.masked_fill(~key_valid[:, :, None, None], float("nan"))
+
+
 @dataclass
 class _Slot:
     """What one layer keeps per guidance branch beside its mask (which is in the handle's
@@ -452,6 +461,7 @@ class SparseAttentionHandle:
             tuned = (branch, key, self.grid)
             poolings = layer.poolings.get(tuned)
             calibrating = cfg.calibrate_pooling and poolings is None and not warmup
+            k_seen = without_padded_keys(k, key_valid)
             dense_out, lse = self._dense_call(q, k, v, key_valid) if cfg.exact or warmup else (None, None)
             # sparse_refresh: a layer whose mask still fits these inputs attends through it
             # (calibration still runs first).
@@ -460,17 +470,17 @@ class SparseAttentionHandle:
                                                                                              key_version):
                 old = self.cache.get(entry)
                 sparse_out, mask = self._refresh_from_sparse_call(layer, tuned, slot, old, q, k, v,
-                                                                  key_valid, poolings)
+                                                                  key_valid, poolings, k_seen)
             elif calibrating:  # from sampled queries: no dense step
-                calibration = calibrate(q.transpose(1, 2), k.transpose(1, 2), None, cfg.slice_m,
+                calibration = calibrate(q.transpose(1, 2), k_seen.transpose(1, 2), None, cfg.slice_m,
                                         method=cfg.predictor, **cfg.predictor_arguments())
                 layer.poolings[tuned], mask = calibration.poolings, calibration.mask
                 layer.stats.calibrations += 1
             elif warmup:
-                mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), lse)
+                mask = self._predict(layer, q.transpose(1, 2), k_seen.transpose(1, 2), lse)
             else:
-                diagonals = self._diagonals(layer, tuned, q, k)
-                mask = self._predict(layer, q.transpose(1, 2), k.transpose(1, 2), lse, poolings, diagonals)
+                diagonals = self._diagonals(layer, tuned, q, k_seen)
+                mask = self._predict(layer, q.transpose(1, 2), k_seen.transpose(1, 2), lse, poolings, diagonals)
             if key_valid is not None:
                 mask = drop_keys(mask, key_valid)
             if cfg.attention_fn is None:
@@ -560,12 +570,13 @@ class SparseAttentionHandle:
         return out, lse
 
     def _refresh_from_sparse_call(self, layer: _Layer, entry: tuple, slot: _Slot, old: SliceMask, q, k, v,
-                                  key_valid, poolings) -> tuple:
+                                  key_valid, poolings, k_seen) -> tuple:
         """sparse_refresh's refresh call of q, k, v ``[B, S, H, D]``: (its output through the
         layer's mask ``old``, the next mask: the exact column max, with this call's LSE over
         ``old``'s keys, over those keys, the predictor's unless predict_on_refresh is False, and
         with local_search their moved copies). With ``attention_fn`` the output is
-        its answer and the LSE fgcupy's (the reference on CPU tensors)."""
+        its answer and the LSE fgcupy's (the reference on CPU tensors). The predictor sees ``k_seen``
+        (k with padded keys NaN)."""
         cfg = self.config
         if cfg.attention_fn is None:
             out, lse = slot.plan.run(q, k, v, layout="NHD", return_lse=True)
@@ -575,7 +586,8 @@ class SparseAttentionHandle:
         qh, kh = q.transpose(1, 2), k.transpose(1, 2)
         predicted = None
         if cfg.predict_on_refresh:
-            predicted = self._predict(layer, qh, kh, None, poolings, self._diagonals(layer, entry, q, k))
+            predicted = self._predict(layer, qh, k_seen.transpose(1, 2), None, poolings,
+                                      self._diagonals(layer, entry, q, k_seen))
         offsets = (0,)
         if cfg.local_search:
             if self.grid and math.prod(self.grid) > k.shape[1]:
