@@ -3,6 +3,7 @@
 from .attention import SparseAttention, sparse_attention
 from .cache import MaskCache, mask_drift
 from .jit import AttentionSpec, KernelCompileError
+from .local_search import union_keys  # registers torch.ops.fgcupy.union_keys, which graphs may name
 from .mask import SliceMask
 from .reference import dense_attention, reference_attention, relative_l2
 from .scoring import predict_mask
@@ -30,7 +31,7 @@ __all__ = [
 ]
 
 _LAZY = {"SequenceParallelAttention": "distributed", "sequence_parallel_attention": "distributed",
-         "HybridSequenceParallelAttention": "ring", "find_diagonals": "diagonals", "union_keys": "local_search"}
+         "HybridSequenceParallelAttention": "ring", "find_diagonals": "diagonals"}
 
 
 #: Modules the documentation reaches as ``fgcupy.<name>`` after ``import fgcupy``.
@@ -39,8 +40,8 @@ _SUBMODULES = ("workloads", "calibration", "head_families", "oracle", "distribut
 
 def __getattr__(name):
     """Entry points that a first attention call does not need load on first use: sequence
-    parallelism (it pulls in torch.distributed), the diagonal finder, the local search's union,
-    and the modules of _SUBMODULES."""
+    parallelism (it pulls in torch.distributed), the diagonal finder, and the modules of
+    _SUBMODULES."""
     import importlib
 
     if name in _SUBMODULES:

@@ -49,6 +49,7 @@ def pack_csr(indptr: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     offset = _indices_offset(indptr.numel())
     packed = indptr.new_empty((offset + indices.numel(),))
     packed[: indptr.numel()] = indptr.reshape(-1)
+    packed[indptr.numel() : offset] = 0  # the alignment gap: an output is written everywhere
     packed[offset:] = indices
     return packed
 
