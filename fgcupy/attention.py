@@ -117,7 +117,8 @@ class SparseAttention:
 
         q: [B, H, q_len, D] (layout "HND") or [B, q_len, H, D] ("NHD"); k, v likewise with kv_len.
         Returns ``out`` (same type and layout as q), and float32 ``lse`` [B, H, q_len] (natural
-        log) if ``return_lse``. ``out``/``lse`` may be given to write into existing buffers.
+        log) if ``return_lse`` or ``lse`` is given. ``out``/``lse`` may be given to write into
+        existing buffers.
         Under torch.compile this is one ``torch.ops.fgcupy.sparse_attention_`` call (CUDA graphs
         take it too); eager calls run the same implementation directly.
         """
@@ -135,10 +136,8 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
     check_forward_only(qh, kh, vh)
     if qh.device.type == "cuda":
         check_inputs(qh, kh, vh, mask, spec or _spec_like(qh, mask), planned=spec is not None)
-    else:
-        check_inputs(qh, kh, vh, mask)  # the reference takes any floating dtype
-        if spec is not None and qh.shape[-1] != spec.head_dim:
-            raise ValueError(f"q has head dim {qh.shape[-1]}, the plan was made for {spec.head_dim}")
+    else:  # the reference takes any floating dtype, a plan's only
+        check_inputs(qh, kh, vh, mask, spec)
     if out is None:
         out_t = torch.empty_like(q_t)
     else:
@@ -149,8 +148,6 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
                 f"got {tuple(out_t.shape)}, {out_t.dtype}, {out_t.device}"
             )
     oh = to_bhsd(out_t, layout)
-    if qh.device.type != "cuda" and not torch.compiler.is_compiling():  # on the GPU the launch checks it
-        check_outputs(qh, kh, vh, oh, None)
     batch, heads, q_len, head_dim = qh.shape
     if lse is not None:
         lse = bridge.to_torch(lse, "lse")
@@ -164,6 +161,9 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
     elif return_lse:
         lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        if torch.compiler.is_compiling():
+            raise TypeError("scale as a tensor cannot be traced by torch.compile (the op takes a float): pass "
+                            "a Python number, or None for 1 / sqrt(head dim)")
         scale = scale.item()
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)  # symbolic under torch.compile with dynamic shapes
@@ -201,8 +201,12 @@ def sparse_attention(q, k, v, mask: SliceMask, scale: float | None = None, layou
     if unknown:
         raise TypeError(f"sparse_attention() got unexpected keyword argument(s) {unknown}; besides run()'s "
                         f"arguments it takes the plan options {PLAN_OPTIONS}")
+    tile = {name: value for name, value in tile.items() if value is not None}  # None: plan's default
     if tile:
         q_t = bridge.to_torch(q, "q")
+        if q_t.dtype not in (torch.bfloat16, torch.float16):
+            raise TypeError(f"the plan options {sorted(tile)} choose a kernel, which takes bfloat16 or float16; "
+                            f"q has {q_t.dtype} (without them CPU tensors of any floating dtype run the reference)")
         plan = SparseAttention().plan(mask, head_dim=q_t.shape[-1], dtype=q_t.dtype, **tile)
         return plan.run(q, k, v, scale=scale, layout=layout, out=out, return_lse=return_lse, lse=lse)
     return _attend(q, k, v, mask, None, None, scale, layout, out, return_lse, lse)
@@ -219,8 +223,13 @@ def dense_attention_with_lse(q, k, v, slice_m: int = 128, key_valid=None, scale:
     need. ``key_valid`` (bool [B, KV]) drops padded keys. Heads run in groups whose full index
     lists hold at most ``index_budget`` slices (a 32,760-token head needs 8.4 M)."""
     check_layout(layout)
+    if isinstance(slice_m, bool) or not isinstance(slice_m, int) or slice_m < 1:
+        raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
     q_t, k_t, v_t = (bridge.to_torch(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
-    qh, kh = to_bhsd(q_t, layout), to_bhsd(k_t, layout)
+    qh, kh, vh = to_bhsd(q_t, layout), to_bhsd(k_t, layout), to_bhsd(v_t, layout)
+    if qh.dim() != 4 or kh.shape[:3] != vh.shape[:3] or kh.shape[:2] != qh.shape[:2]:
+        raise ValueError(f"q, k, v must be [B, H, S, D] (layout {layout}) with one batch and head count and k, v "
+                         f"of one length; got q {tuple(qh.shape)}, k {tuple(kh.shape)}, v {tuple(vh.shape)}")
     batch, heads, q_len, _ = qh.shape
     kv_len = kh.shape[2]
     per_head = batch * num_blocks(q_len, slice_m) * kv_len

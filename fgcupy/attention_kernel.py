@@ -197,9 +197,9 @@ def check_outputs(q, k, v, out, lse) -> None:
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
         raise ValueError(f"out must match q: expected shape {tuple(q.shape)}, {q.dtype}, {q.device}; "
                          f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
-    if any(stride == 0 and size > 1 for stride, size in zip(out.stride(), out.shape)):
+    if _may_overlap_itself(out):
         raise ValueError(f"out has elements that share memory (strides {out.stride()} for shape {tuple(out.shape)}, "
-                         "an expanded tensor): every block would write over another's rows")
+                         "an expanded or overlapping view): blocks would write over each other's rows")
     in_place = out.data_ptr() == q.data_ptr() and out.stride() == q.stride()
     for name, t in (("k", k), ("v", v)) + ((() if in_place else (("q", q),))):
         if _spans_overlap(out, t):
@@ -210,6 +210,18 @@ def check_outputs(q, k, v, out, lse) -> None:
         if tuple(lse.shape) != expected or lse.dtype != torch.float32 or lse.device != q.device or not lse.is_contiguous():
             raise ValueError(f"lse must be a contiguous float32 tensor of shape {expected} on {q.device}; "
                              f"got {tuple(lse.shape)}, {lse.dtype}, {lse.device}")
+
+
+def _may_overlap_itself(t: torch.Tensor) -> bool:
+    """False where each dimension's stride clears the span of the dimensions with smaller strides
+    (no two elements share an address); True otherwise (expanded views, overlapping windows; a
+    few exotic interleavings that do not overlap are refused too)."""
+    span = 1  # elements covered by the dimensions taken so far
+    for stride, size in sorted((abs(stride), size) for stride, size in zip(t.stride(), t.shape) if size > 1):
+        if stride < span:
+            return True
+        span += stride * (size - 1)
+    return False
 
 
 def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -45,6 +45,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .jit.spec import KEY_TILES
 from .layout import LAYOUTS, to_bhsd
 from .mask import SliceMask
 from .mask_algebra import concat_heads, slice_heads  # noqa: F401 - public here
@@ -59,6 +60,20 @@ from .sp_handshake import (  # noqa: F401 - some are public here
 
 
 # ---- the entry points ----
+def check_options(*, head_groups: int = 1, compute: str = "auto", exchange: str = "auto",
+                  key_tile: int | None = None) -> None:
+    """ValueError for SequenceParallelAttention options it cannot take (the diffusers config checks
+    its parallel_options with it when it is made)."""
+    if not isinstance(head_groups, int) or isinstance(head_groups, bool) or head_groups < 1:
+        raise ValueError(f"head_groups must be a positive int, got {head_groups!r}")
+    if compute not in COMPUTES:
+        raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    if key_tile is not None and key_tile not in KEY_TILES:
+        raise ValueError(f"key_tile must be None or one of {KEY_TILES}, got {key_tile!r}")
+
+
 class SequenceParallelAttention:
     """Ulysses sequence-parallel slice-sparse attention for one process group.
 
@@ -75,12 +90,7 @@ class SequenceParallelAttention:
 
     def __init__(self, group=None, *, head_groups: int = 1, compute: str = "auto", exchange: str = "auto",
                  key_tile: int | None = None):
-        if not isinstance(head_groups, int) or isinstance(head_groups, bool) or head_groups < 1:
-            raise ValueError(f"head_groups must be a positive int, got {head_groups!r}")
-        if compute not in COMPUTES:
-            raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
-        if exchange not in EXCHANGES:
-            raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+        check_options(head_groups=head_groups, compute=compute, exchange=exchange, key_tile=key_tile)
         self.group = group
         self.head_groups = head_groups
         self.compute = compute

@@ -28,11 +28,16 @@ def _attention_fake(q, k, v, out, lse, indptr, indices, order, slice_m, scale, s
 
 
 def _attention_cpu(q, k, v, out, lse, indptr, indices, order, slice_m, scale, spec):
+    """The reference; it checks what the kernels' launch checks (a graph or a direct op call
+    reaches it with no other check)."""
+    from .attention_kernel import check_inputs, check_outputs, check_scale
     from .reference import reference_attention
 
-    if spec:
-        spec_from_token(spec)  # a token the CUDA kernel could not read fails here too
+    chosen = spec_from_token(spec) if spec else None  # a token the CUDA kernel could not read fails here too
     mask = SliceMask(indptr, indices, slice_m, q.shape[2], k.shape[2])
+    check_inputs(q, k, v, mask, chosen)
+    check_outputs(q, k, v, out, lse)
+    check_scale(scale)
     precision = torch.float64 if q.dtype == torch.float64 else torch.float32
     result, row_lse = reference_attention(q, k, v, mask, scale=scale, dtype=precision)
     out.copy_(result)

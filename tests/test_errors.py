@@ -170,9 +170,10 @@ def test_a_plan_made_under_inference_mode_plans_again_outside_it():
     buffers = attn.mask.indptr.data_ptr(), attn.mask.indices.data_ptr()
     attn.plan(other, head_dim=64)  # same shape of offsets: the same buffers, refilled
     assert (attn.mask.indptr.data_ptr(), attn.mask.indices.data_ptr()) == buffers
-    q, k, v = (torch.randn(1, 2, 128, 64) for _ in range(3))
+    q, k, v = (torch.randn(1, 2, 128, 64, dtype=torch.bfloat16) for _ in range(3))
     with torch.no_grad():
-        torch.testing.assert_close(attn.run(q, k, v), reference_attention(q, k, v, other)[0])
+        torch.testing.assert_close(attn.run(q, k, v).float(), reference_attention(q, k, v, other)[0].float(),
+                                   rtol=2e-2, atol=2e-2)
 
 
 def test_masks_compare_by_identity():

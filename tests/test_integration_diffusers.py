@@ -729,6 +729,46 @@ def test_found_diagonals_are_scored_on_every_refresh_of_their_layer(monkeypatch)
     assert len(found) == 2
 
 
+def test_diagonals_are_spaced_by_the_predictors_band_and_scale(monkeypatch):
+    """find_diagonals gets the exact_band and scale the predictor uses (it spaced diagonals for the
+    default band of 64 whatever the predictor's)."""
+    found = []
+
+    def finder(q, k, slice_m, **kwargs):
+        found.append(kwargs)
+        return ()
+
+    monkeypatch.setattr(fd, "find_diagonals", finder)
+    model = tiny_wan(layers=1)
+    fd.apply(model, fd.SparseAttentionConfig(predictor="topk", density=0.3, slice_m=64, dense_steps=0, find_diagonals=2,
+                                             predictor_kwargs={"exact_band": 16, "scale": 0.1},
+                                             attention_fn=reference_attention_fn))
+    run_wan(model, *wan_inputs())
+    assert found == [dict(count=2, layout="NHD", exact_band=16, scale=0.1)]
+
+
+def test_the_workspace_bound_reaches_the_column_max_masks(monkeypatch):
+    """predictor_kwargs' workspace_bytes bounds every prediction, the exact masks of the warm-up
+    and of sparse refreshes included (they had run with the default workspace)."""
+    calls = []
+    predict = fgcupy.predict_mask
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("method"), kwargs.get("workspace_bytes")))
+        return predict(*args, **kwargs)
+
+    monkeypatch.setattr(fgcupy, "predict_mask", spy)
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    fd.apply(model, fd.SparseAttentionConfig(predictor="topk", density=0.3, slice_m=64, refresh_every=1,
+                                             predictor_kwargs={"workspace_bytes": 1 << 20},
+                                             attention_fn=reference_attention_fn))
+    for step in range(3):
+        run_wan(model, latents, text, t=1000 - 100 * step)
+    assert {method for method, _ in calls} >= {"colmax", "topk"}
+    assert all(bound == 1 << 20 for _, bound in calls), calls
+
+
 def test_calibration_is_kept_across_generations_until_asked_again():
     """A head's kind belongs to the model: a new generation keeps the chosen poolings,
     reset(recalibrate=True) chooses again, and a new input shape does too."""
@@ -1305,3 +1345,20 @@ def test_padded_text_keys_take_none_of_a_rows_budget(density):
                 assert not mask.to_dense()[..., -60:].any()
                 assert kept.max() <= target and kept.min() >= (target if name != "predicted" else 0.8 * target), \
                     (name, step, layer, kept.tolist(), target)
+
+
+def test_a_re_apply_that_fails_leaves_the_installed_config():
+    """apply() on an applied model checks the new config against the model before replacing the
+    old installation (a failing one had removed it and left the stock processors)."""
+    model = tiny_wan()
+    latents, text = wan_inputs()
+    handle = fd.apply(model, cpu_config())
+    with pytest.raises(ValueError, match="dense_layers"):
+        fd.apply(model, cpu_config(dense_layers=(5,)))
+    assert fd.handle_of(model) is handle
+    run_wan(model, latents, text)
+    assert all(stats.sparse_calls + stats.dense_calls == 1 for stats in handle.stats().values())
+    again = fd.apply(model, cpu_config(dense_layers=(1,)))
+    assert fd.handle_of(model) is again and again is not handle
+    run_wan(model, latents, text)
+    assert [stats.dense_calls for stats in again.stats().values()] == [0, 1]

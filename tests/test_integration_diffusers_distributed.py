@@ -189,6 +189,12 @@ def test_parallel_options_checks():
         fd.SparseAttentionConfig(parallel_options=dict(head_groups=2))
     with pytest.raises(TypeError, match="parallel_options must be a dict, got list"):
         fd.SparseAttentionConfig(process_group=object(), parallel_options=["copy"])
+    # values too, when the config is made (they had failed at the first call)
+    for options, message in ((dict(head_groups=0), "head_groups must be a positive int"),
+                             (dict(exchange="bogus"), "exchange must be one of"),
+                             (dict(key_tile=48), "key_tile must be None or one of")):
+        with pytest.raises(ValueError, match=message):
+            fd.SparseAttentionConfig(process_group=object(), parallel_options=options)
 
 
 def test_process_group_config_checks():

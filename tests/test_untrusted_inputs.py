@@ -143,7 +143,7 @@ def test_from_topk_refuses_a_repeated_key_it_checks_anyway():
 def test_a_cpu_plan_keeps_its_head_dim():
     from fgcupy import SparseAttention
 
-    q, k, v = _qkv(9)
+    q, k, v = (x.to(torch.bfloat16) for x in _qkv(9))
     plan = SparseAttention().plan(SliceMask.full(1, 2, 128, 128, 64), head_dim=128, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="q has head dim 64, the plan was made for 128"):
         plan.run(q, k, v)
@@ -337,3 +337,73 @@ def assert_nan_adds_nothing(q, k, device):
 def test_a_nan_key_or_query_adds_nothing_to_the_prediction():
     q, k, _ = _qkv(seed=4, seq=512)
     assert_nan_adds_nothing(q, k, "cpu")
+
+
+def test_the_attention_op_checks_what_it_is_handed_on_the_cpu():
+    """Called directly or from a compiled graph, the CPU op checks as the kernels' launch does
+    (it had written a batch-2 out from batch-1 inputs, and a compiled call wrote over k)."""
+    q, k, v = _qkv(seq=130)
+    mask = SliceMask.full(1, 2, 130, 130, 64)
+    op = torch.ops.fgcupy.sparse_attention_
+    with pytest.raises(ValueError, match="out must match q"):
+        op(q, k, v, torch.zeros(2, 2, 130, 64), None, mask.indptr, mask.indices, None, 64, 0.125, "")
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        op(q, k, v, torch.empty_like(q), None, mask.indptr, mask.indices, None, 64, -1.0, "")
+    with pytest.raises(TypeError, match="k has dtype"):
+        op(q, k.double(), v, torch.empty_like(q), None, mask.indptr, mask.indices, None, 64, 0.125, "")
+    compiled = torch.compile(lambda q, k, v, out: sparse_attention(q, k, v, mask, out=out), fullgraph=True)
+    with pytest.raises(Exception, match="out overlaps k"):
+        compiled(q, k, v, k)
+
+
+def test_out_whose_elements_share_memory_is_refused():
+    q, k, v = _qkv(seq=130)
+    mask = SliceMask.full(1, 2, 130, 130, 64)
+    overlapping = torch.empty(130 * 64 + 64).as_strided((1, 2, 130, 64), (8320, 32, 64, 1))
+    with pytest.raises(ValueError, match="share memory"):
+        sparse_attention(q, k, v, mask, out=overlapping)
+    transposed = torch.empty(1, 130, 2, 64).transpose(1, 2)  # strided, every element its own
+    assert torch.allclose(sparse_attention(q, k, v, mask, out=transposed), reference_attention(q, k, v, mask)[0])
+
+
+def test_a_plan_takes_its_own_dtype_on_the_cpu_too():
+    from fgcupy import SparseAttention
+
+    q, k, v = (x.to(torch.bfloat16) for x in _qkv(seq=130))
+    mask = SliceMask.full(1, 2, 130, 130, 64)
+    plan = SparseAttention().plan(mask, 64, torch.bfloat16)
+    assert plan.run(q, k, v).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="the plan expects torch.bfloat16"):
+        plan.run(q.float(), k.float(), v.float())
+
+
+def test_plan_options_left_at_none_keep_the_one_shot_path():
+    q, k, v = _qkv(seq=130)
+    mask = SliceMask.full(1, 2, 130, 130, 64)
+    expected = sparse_attention(q, k, v, mask)
+    assert torch.equal(sparse_attention(q, k, v, mask, spec=None, key_tile=None), expected)
+    with pytest.raises(TypeError, match="choose a kernel, which takes bfloat16 or float16"):
+        sparse_attention(q, k, v, mask, key_tile=64)
+
+
+def test_a_tensor_scale_is_refused_clearly_under_torch_compile():
+    q, k, v = _qkv(seq=130)
+    mask = SliceMask.full(1, 2, 130, 130, 64)
+    scale = torch.tensor(0.2)
+    eager = sparse_attention(q, k, v, mask, scale=scale)
+    assert torch.allclose(eager, sparse_attention(q, k, v, mask, scale=0.2))
+    with pytest.raises(Exception, match="scale as a tensor cannot be traced"):
+        torch.compile(lambda q, k, v: sparse_attention(q, k, v, mask, scale=scale), fullgraph=True)(q, k, v)
+
+
+@pytest.mark.parametrize("kwargs, shapes, message", [
+    (dict(slice_m=0), None, "slice_m must be a positive int"),
+    ({}, ((1, 2, 130, 64), (1, 1, 130, 64), (1, 1, 130, 64)), "one batch and head count"),
+    ({}, ((1, 2, 130, 64), (1, 2, 130, 64), (1, 2, 120, 64)), "one batch and head count"),
+])
+def test_dense_attention_with_lse_refuses_what_it_cannot_take(kwargs, shapes, message):
+    from fgcupy.attention import dense_attention_with_lse
+
+    tensors = _qkv(seq=130) if shapes is None else tuple(torch.randn(s) for s in shapes)
+    with pytest.raises(ValueError, match=message):
+        dense_attention_with_lse(*tensors, **kwargs)

@@ -608,7 +608,9 @@ class SparseAttentionHandle:
         if not count:
             return ()
         if entry not in layer.diagonals:
-            layer.diagonals[entry] = find_diagonals(q, k, self.config.slice_m, count=count, layout="NHD")
+            spacing = {name: value for name, value in self.config.predictor_arguments().items()
+                       if name in ("exact_band", "scale") and value is not None}  # the bands they move
+            layer.diagonals[entry] = find_diagonals(q, k, self.config.slice_m, count=count, layout="NHD", **spacing)
             layer.stats.diagonals = layer.diagonals[entry]
         return layer.diagonals[entry]
 
@@ -745,12 +747,13 @@ def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = N
     if isinstance(config.predictor, str):
         _predict_mask()
     kinds = _stock_processor_kinds()
-    if getattr(transformer, _HANDLE_ATTR, None) is not None:
-        remove(transformer)
+    installed = getattr(transformer, _HANDLE_ATTR, None)  # replaced only once the new config is found to fit
 
     found = []
     for name, module in transformer.named_modules():
         processor = getattr(module, "processor", None)
+        if installed is not None and isinstance(processor, _Processor) and processor._handle is installed:
+            processor = processor.stock  # what remove() puts back
         sparse_kind = kinds.get(type(processor))
         if sparse_kind is None or getattr(module, "is_cross_attention", False):
             continue
@@ -766,6 +769,8 @@ def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = N
     bad = [i for i in config.dense_layers if i >= len(found)]
     if bad:
         raise ValueError(f"dense_layers {bad} out of range: the model has {len(found)} self-attention layers")
+    if installed is not None:
+        remove(transformer)
 
     layers = [_Layer(name, i, module, processor, i in config.dense_layers)
               for i, (name, module, processor, _) in enumerate(found)]

@@ -35,8 +35,9 @@ EVEN_SEARCH_REFRESH_EVERY = 10
 #: dense_steps where the warm-up can make the first mask: one dense step's exact masks (sparse
 #: refreshes every 20 after it) cost over 50 steps what the searches from a predicted mask do.
 DEFAULT_DENSE_STEPS = 1
-#: predict_mask options that shape the selection (and so apply to an exact column-max mask too).
-_SELECTION_OPTIONS = ("top_k", "min_keys", "max_keys", "local")
+#: predict_mask options that shape the selection or bound its memory (and so apply to an exact
+#: column-max mask too).
+_SELECTION_OPTIONS = ("top_k", "min_keys", "max_keys", "local", "workspace_bytes")
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,10 @@ class SparseAttentionConfig:
             raise ValueError(f"parallel_options accepts head_groups, exchange and key_tile, got {sorted(unknown)}")
         if self.parallel_options and self.process_group is None:
             raise ValueError("parallel_options apply to sequence parallelism: give process_group too")
+        if self.process_group is not None:
+            from ..distributed import check_options
+
+            check_options(**self.parallel_options)
         if isinstance(self.predictor, str):
             self._check_predictor_arguments()
 
