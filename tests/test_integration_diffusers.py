@@ -1362,3 +1362,20 @@ def test_a_re_apply_that_fails_leaves_the_installed_config():
     assert fd.handle_of(model) is again and again is not handle
     run_wan(model, latents, text)
     assert [stats.dense_calls for stats in again.stats().values()] == [0, 1]
+
+
+def test_apply_to_a_compiled_transformer_reads_the_model_it_wraps(recwarn):
+    """torch.compile's wrapper forwards *args: apply() reads the timestep's position, the class and
+    the layer names from the model inside (it had warned that the forward takes no timestep, so
+    the schedule never moved, and named every layer "_orig_mod....")."""
+    model = torch.compile(tiny_wan(), backend="eager")
+    handle = fd.apply(model, cpu_config(refresh_every=2))
+    assert not [w for w in recwarn if "takes no timestep" in str(w.message)]
+    assert list(handle.layers) == ["blocks.0.attn1", "blocks.1.attn1"]
+    latents, text = wan_inputs()
+    for step in range(3):
+        run_wan(model, latents, text, t=1000 - 100 * step)
+    assert all(stats.refresh_steps == [0, 2] for stats in handle.stats().values())
+    assert fd.handle_of(model) is handle
+    fd.remove(model)
+    assert fd.handle_of(model) is None

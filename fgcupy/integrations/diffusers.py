@@ -207,8 +207,9 @@ class SparseAttentionHandle:
         self._branch_padding: dict[int, torch.Tensor] = {}  # key padding of each guidance branch
         self._own_slots: set[int] = set()  # share_branches: branches whose padding is not branch 0's
         self.grid: tuple | None = config.grid  # the latent token grid (local_search, poolings, diagonals)
-        self._timestep_position = _timestep_position(transformer)
-        self._frames_first = type(transformer).__name__.startswith("CogVideoX")  # its latents [B, F, C, H, W]
+        model = compiled_model(transformer)
+        self._timestep_position = _timestep_position(model)
+        self._frames_first = type(model).__name__.startswith("CogVideoX")  # its latents [B, F, C, H, W]
 
     # ---- steps ----
     def _pre_hook(self, module, args, kwargs):
@@ -677,6 +678,13 @@ def _predict_mask():
     return predict
 
 
+def compiled_model(transformer: torch.nn.Module) -> torch.nn.Module:
+    """The model a ``torch.compile``'d transformer wraps (its forward's signature, class and layer
+    names are the model's); the transformer itself otherwise."""
+    inner = getattr(transformer, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) and type(transformer).__name__ == "OptimizedModule" else transformer
+
+
 def _timestep_position(transformer) -> int | None:
     """Where a positional call of ``transformer`` passes the timestep (Wan and HunyuanVideo: second;
     CogVideoX: third, after the text states); None where its forward takes no ``timestep``."""
@@ -750,7 +758,7 @@ def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = N
     installed = getattr(transformer, _HANDLE_ATTR, None)  # replaced only once the new config is found to fit
 
     found = []
-    for name, module in transformer.named_modules():
+    for name, module in compiled_model(transformer).named_modules():
         processor = getattr(module, "processor", None)
         if installed is not None and isinstance(processor, _Processor) and processor._handle is installed:
             processor = processor.stock  # what remove() puts back
@@ -760,7 +768,7 @@ def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = N
         found.append((name, module, processor, sparse_kind))
     if not found:
         raise TypeError(
-            f"{type(transformer).__name__} has no self-attention layer with a stock WanAttnProcessor, "
+            f"{type(compiled_model(transformer)).__name__} has no self-attention layer with a stock WanAttnProcessor, "
             "HunyuanVideoAttnProcessor2_0 or CogVideoXAttnProcessor2_0 (already patched, or not a Wan / "
             "HunyuanVideo / CogVideoX transformer?)"
         )
@@ -778,7 +786,7 @@ def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = N
     for layer, (_, module, _, sparse_kind) in zip(layers, found):
         _set_processor(module, sparse_kind(handle, layer))
     if handle._timestep_position is None:
-        warnings.warn(f"fgcupy: {type(transformer).__name__}.forward takes no timestep, so the schedule cannot see "
+        warnings.warn(f"fgcupy: {type(compiled_model(transformer)).__name__}.forward takes no timestep, so the schedule cannot see "
                       "the denoising steps from its calls; call handle.begin_forward(timestep) before each call "
                       "of the model (or handle.set_step(step)), or apply fgcupy to the transformer itself",
                       stacklevel=2)

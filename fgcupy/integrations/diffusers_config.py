@@ -128,7 +128,8 @@ class SparseAttentionConfig:
         ``fgcupy.local_search``): refresh after refresh the mask follows attention that shifts
         by a few tokens, which the cheap predictor cannot see where a query block's queries look
         at different places. Every candidate is scored once (``union_keys``). None (the
-        default): on where sparse refreshes start from a predicted mask (no warm-up exact mask):
+        default): on where sparse refreshes start from a mask a named mean-query predictor made
+        (no warm-up exact mask, no find_diagonals, no calibrate_pooling, no process_group):
         over 50 sparse steps of the head families its masks (searching on the ramp below) had
         1.01-1.40x the oracle's error where masks predicted every 5 steps had 0.89-3.61x (README
         "Over a whole schedule"); also on with sparse refreshes where predict_on_refresh=False or a
@@ -154,7 +155,9 @@ class SparseAttentionConfig:
         readings wait for it). With ``attention_fn`` each sparse step then also runs fgcupy's
         attention for its LSE. None: schedule only.
     share_branches: later calls of the same step (classifier-free guidance's second pass) reuse the
-        first call's masks instead of predicting their own: half the mask memory.
+        first call's masks instead of predicting their own: half the mask memory. Pipelines that
+        put both branches in one batch (CogVideoX's) make one call per step: each batch entry
+        keeps its own mask rows, and this option changes nothing.
     fallback: where fgcupy's kernel cannot run (no GPU, CPU tensors), use the stock processor
         instead of raising.
     attention_fn: replaces fgcupy's kernel: ``attention_fn(q, k, v, mask, scale) -> out`` with
