@@ -202,7 +202,7 @@ def check_outputs(q, k, v, out, lse) -> None:
                          "an expanded or overlapping view): blocks would write over each other's rows")
     in_place = out.data_ptr() == q.data_ptr() and out.stride() == q.stride()
     for name, t in (("k", k), ("v", v)) + ((() if in_place else (("q", q),))):
-        if _spans_overlap(out, t):
+        if _spans_overlap(out, t) and _may_share_elements(out, t):
             raise ValueError(f"out overlaps {name} in memory: the kernel would overwrite {name} while other "
                              "query blocks still read it; pass a separate out (out=q, in place, is allowed)")
     if lse is not None:
@@ -222,6 +222,30 @@ def _may_overlap_itself(t: torch.Tensor) -> bool:
             return True
         span += stride * (size - 1)
     return False
+
+
+def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors whose address ranges intersect may hold an element in common. Exact for
+    views of one layout moved apart (q, k and v cut from one fused projection: their ranges
+    interleave, their elements do not); True for anything else."""
+    if a.shape != b.shape or a.stride() != b.stride() or a.element_size() != b.element_size() or _may_overlap_itself(a):
+        return True
+    gap, rest = divmod(abs(b.data_ptr() - a.data_ptr()), a.element_size())
+    if rest:
+        return True
+    dims = sorted((abs(stride), size) for stride, size in zip(a.stride(), a.shape) if size > 1)
+
+    def reachable(offset: int, upto: int) -> bool:  # offset = sum of c_d * stride_d, |c_d| < size_d?
+        if upto == 0:
+            return offset == 0
+        stride, size = dims[upto - 1]
+        inner = sum(s * (n - 1) for s, n in dims[: upto - 1])  # below this dimension's stride
+        lowest = -(-(offset - inner) // stride)  # the c whose remainder the inner dims can still reach
+        return any(reachable(offset - c * stride, upto - 1)
+                   for c in range(max(lowest, -(size - 1)), min(offset // stride + 1, size - 1) + 1)
+                   if abs(offset - c * stride) <= inner)
+
+    return reachable(gap, len(dims))
 
 
 def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:

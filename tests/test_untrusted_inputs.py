@@ -407,3 +407,18 @@ def test_dense_attention_with_lse_refuses_what_it_cannot_take(kwargs, shapes, me
     tensors = _qkv(seq=130) if shapes is None else tuple(torch.randn(s) for s in shapes)
     with pytest.raises(ValueError, match=message):
         dense_attention_with_lse(*tensors, **kwargs)
+
+
+def test_in_place_on_q_cut_from_a_fused_projection():
+    """q, k, v cut from one fused QKV tensor interleave in memory without sharing an element:
+    out=q in place is taken (it had been refused as overlapping k), out=k still is not."""
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = torch.randn(1, 130, 3, 2, 64, generator=gen).unbind(2)  # NHD views, one allocation
+    mask = SliceMask.full(1, 2, 130, 130, 64)
+    expected = reference_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)[0].transpose(1, 2)
+    keys, values = k.clone(), v.clone()
+    out = sparse_attention(q, k, v, mask, layout="NHD", out=q)
+    assert out.data_ptr() == q.data_ptr() and torch.allclose(q, expected, atol=1e-5)
+    assert torch.equal(k, keys) and torch.equal(v, values)
+    with pytest.raises(ValueError, match="out overlaps k"):
+        sparse_attention(q, k, v, mask, layout="NHD", out=k)
