@@ -154,8 +154,8 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
         expected = (batch, heads, q_len)
         if tuple(lse.shape) != expected or lse.dtype != torch.float32 or lse.device != qh.device or not lse.is_contiguous():
             raise ValueError(
-                f"lse must be a contiguous float32 tensor of shape {expected} on {qh.device}; "
-                f"got {tuple(lse.shape)}, {lse.dtype}, {lse.device}"
+                f"lse must be a contiguous float32 tensor of shape {expected} on {qh.device}; got "
+                f"{tuple(lse.shape)}, {lse.dtype}, {lse.device}{'' if lse.is_contiguous() else ', not contiguous'}"
             )
         return_lse = True
     elif return_lse:

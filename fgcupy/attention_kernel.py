@@ -208,8 +208,8 @@ def check_outputs(q, k, v, out, lse) -> None:
     if lse is not None:
         expected = tuple(q.shape[:3])
         if tuple(lse.shape) != expected or lse.dtype != torch.float32 or lse.device != q.device or not lse.is_contiguous():
-            raise ValueError(f"lse must be a contiguous float32 tensor of shape {expected} on {q.device}; "
-                             f"got {tuple(lse.shape)}, {lse.dtype}, {lse.device}")
+            raise ValueError(f"lse must be a contiguous float32 tensor of shape {expected} on {q.device}; got "
+                             f"{tuple(lse.shape)}, {lse.dtype}, {lse.device}{'' if lse.is_contiguous() else ', not contiguous'}")
 
 
 def _may_overlap_itself(t: torch.Tensor) -> bool:

@@ -10,6 +10,9 @@ query block. ``union_keys`` builds those candidates without duplicates, so each 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
+import numpy as np
 import torch
 
 from .attention import sparse_attention
@@ -26,7 +29,9 @@ def union_keys(mask: SliceMask, offsets=(0,), extra: SliceMask | None = None) ->
     tensors one kernel counts and one writes (one host sync for the size); elsewhere the torch
     reference (mask_algebra.union_reference). Under torch.compile, an op whose index count is a
     run-time value (``torch.ops.fgcupy.union_keys``)."""
-    offsets = tuple(offsets)
+    if isinstance(offsets, (str, bytes)) or not isinstance(offsets, Iterable):
+        raise TypeError(f"offsets must be a sequence of ints, e.g. (0, 1, -1), got {type(offsets).__name__}")
+    offsets = tuple(int(o) if isinstance(o, np.integer) else o for o in offsets)
     if not torch.compiler.is_compiling():
         return _union_keys(mask, offsets, extra)
     check_union(mask, offsets, extra)

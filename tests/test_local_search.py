@@ -1,6 +1,7 @@
 """Candidates of a local search (fgcupy.local_search): the union of a mask's moved keys and
 another mask's keys, against a dense construction; the kernel against the reference on a GPU."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -75,6 +76,9 @@ def test_union_keys_errors():
         union_keys(mask, (0,), SliceMask.full(1, 2, 100, 91, 64))
     with pytest.raises(TypeError, match="SliceMask"):
         union_keys(mask.indptr, (0,))
+    with pytest.raises(TypeError, match="offsets must be a sequence of ints"):
+        union_keys(mask, 1)
+    assert torch.equal(union_keys(mask, (np.int64(0), np.int32(1))).indices, union_keys(mask, (0, 1)).indices)
 
 
 def test_grid_offsets_and_the_rotation():
