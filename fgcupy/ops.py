@@ -49,11 +49,12 @@ def _attention_cuda(q, k, v, out, lse, indptr, indices, order, slice_m, scale, s
     """The kernels; ``checked``: the caller (``_attend``) has checked q, k, v against the mask and
     spec already (the op, called from a graph or directly, checks them here)."""
     from . import autotune, bridge
-    from .attention_kernel import block_order, check_inputs, launch_attention, load_kernels
+    from .attention_kernel import block_order, check_forward_only, check_inputs, launch_attention, load_kernels
 
     mask = SliceMask(indptr, indices, slice_m, q.shape[2], k.shape[2])
     chosen = spec_from_token(spec) if spec else autotune.planned_spec(mask, q.shape[-1], bridge.dtype_name(q.dtype, "q"))
     if not checked:
+        check_forward_only(q, k, v)  # the kernel's out has no gradient: refused, not silently missing
         check_inputs(q, k, v, mask, chosen, planned=bool(spec))
     if order is None:
         load_kernels(q.device, chosen)
