@@ -237,3 +237,11 @@ def test_masks_holding_expanded_views_read_their_logical_rows():
     q_in_place = q.clone()
     sparse_attention(q_in_place, k, v, mask, out=q_in_place)
     assert relative_l2(q_in_place, expected) < TOLERANCE[torch.bfloat16]
+
+
+def test_the_op_called_directly_refuses_inputs_that_need_gradients():
+    q, k, v = (torch.randn(1, 2, 130, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    mask = SliceMask.full(1, 2, 130, 130, 64, device="cuda")
+    with pytest.raises(RuntimeError, match="no backward pass"):
+        torch.ops.fgcupy.sparse_attention_(q, k, v, torch.empty_like(q), None, mask.indptr, mask.indices, None, 64,
+                                           0.125, "")
