@@ -3,16 +3,42 @@
 from __future__ import annotations
 
 import os
+import tempfile
+import time
 from pathlib import Path
 
 CACHE_ENV = "FGCUPY_CACHE_DIR"
+#: A temporary file this old was left by a writer that died before renaming it (a write takes
+#: well under a second).
+STALE_TEMPORARY_S = 3600
 
 
 def cache_root() -> Path:
-    """$FGCUPY_CACHE_DIR, else $XDG_CACHE_HOME/fgcupy, else ~/.cache/fgcupy."""
+    """$FGCUPY_CACHE_DIR (made absolute), else $XDG_CACHE_HOME/fgcupy (an absolute one, as the
+    XDG rules say), else ~/.cache/fgcupy; where no home directory is known (a user id without a
+    passwd entry and no $HOME), fgcupy-cache-<uid> in the temporary folder."""
     folder = os.environ.get(CACHE_ENV)
     if folder:
-        return Path(folder).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "fgcupy"
+        return Path(folder).expanduser().absolute()
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", "")).expanduser()
+    if xdg.is_absolute():
+        return xdg / "fgcupy"
+    try:
+        return Path.home() / ".cache" / "fgcupy"
+    except RuntimeError:
+        return Path(tempfile.gettempdir()) / f"fgcupy-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
+def sweep_stale_temporaries(folder: Path, pattern: str, age_s: float = STALE_TEMPORARY_S) -> None:
+    """Delete files matching ``pattern`` in ``folder`` older than ``age_s`` seconds: what writers
+    killed between creating a temporary file and renaming it into place left behind."""
+    now = time.time()
+    try:
+        for path in folder.glob(pattern):
+            try:
+                if now - path.stat().st_mtime > age_s:
+                    path.unlink()
+            except OSError:
+                pass  # gone already, or another user's
+    except OSError:
+        pass

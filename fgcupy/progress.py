@@ -10,4 +10,6 @@ from tqdm import tqdm
 
 def progress_bar(iterable=None, *, total: int | None = None, desc: str = ""):
     """A tqdm bar over ``iterable`` (or ``total`` steps, advanced with ``.update()``)."""
-    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, disable=None, leave=False, dynamic_ncols=True)
+    quiet = sys.stderr is None or not hasattr(sys.stderr, "isatty")  # closed (2>&-) or replaced by a bare object
+    return tqdm(iterable, total=total, desc=desc, file=sys.stderr, disable=True if quiet else None, leave=False,
+                dynamic_ncols=True)

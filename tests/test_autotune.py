@@ -414,6 +414,18 @@ def test_lock_is_private_never_follows_a_symlink_and_is_waited_on_briefly(isolat
     assert target.read_text() == "keep me"
 
 
+def test_temporaries_of_killed_writers_are_swept(isolated_cache):
+    import os
+
+    isolated_cache.parent.mkdir(parents=True)
+    old, recent = isolated_cache.parent / ".autotune-dead.tmp", isolated_cache.parent / ".autotune-writing.tmp"
+    for path in (old, recent):
+        path.write_text("{")
+    os.utime(old, (1, 1))
+    assert autotune.TuneCache().store([fake_result()], H100)
+    assert not old.exists() and recent.exists()
+
+
 def test_unwritable_folder_warns_and_keeps_going(tmp_path, monkeypatch):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

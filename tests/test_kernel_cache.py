@@ -61,6 +61,19 @@ def test_a_damaged_file_is_deleted_and_compiled_again(cache_dir, caplog, damage)
     assert "damaged" in caplog.text and not path.exists()
 
 
+def test_another_kernels_file_under_this_ones_name_is_deleted(cache_dir, caplog):
+    """An intact file copied or renamed from another spec's (a shared folder, a hand-made copy) is
+    refused by the key inside it, not handed to the driver as this spec's kernel."""
+    other = AttentionSpec("bfloat16", 64, 64, stages=3)
+    kernel_cache.store(other, "sm_80", compile_cubin(other, "sm_80"))
+    planted = kernel_cache.cache_file(SPEC, "sm_80")
+    planted.write_bytes(kernel_cache.cache_file(other, "sm_80").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="fgcupy"):
+        assert kernel_cache.load(SPEC, "sm_80") is None
+    assert "another kernel's binary" in caplog.text and not planted.exists()
+    assert kernel_cache.load(other, "sm_80") is not None
+
+
 def test_files_are_readable_as_the_umask_allows(cache_dir):
     old = os.umask(0o022)
     try:
@@ -236,3 +249,52 @@ def test_a_refused_cached_kernel_that_cannot_be_deleted_is_compiled_once(fresh_r
     real = runtime.compile_cubin
     monkeypatch.setattr(runtime, "compile_cubin", lambda spec, arch: compiles.append(arch) or real(spec, arch))
     assert isinstance(runtime._load(SPEC, 0).function, RefusesCached) and compiles == ["sm_80"]
+
+
+def test_cache_root_takes_absolute_folders_and_works_without_a_home(monkeypatch, tmp_path):
+    from pathlib import Path
+
+    from fgcupy import paths
+
+    monkeypatch.delenv("FGCUPY_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")  # the XDG rules: a relative value is ignored
+    monkeypatch.setattr(Path, "home", classmethod(lambda cls: tmp_path / "home"))
+    assert paths.cache_root() == tmp_path / "home" / ".cache" / "fgcupy"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert paths.cache_root() == tmp_path / "xdg" / "fgcupy"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+
+    def no_home(cls):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", classmethod(no_home))
+    assert paths.cache_root().parent == Path(__import__("tempfile").gettempdir())
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FGCUPY_CACHE_DIR", "here")
+    assert paths.cache_root() == tmp_path / "here"
+
+
+def test_temporaries_of_killed_writers_are_swept(cache_dir):
+    cache_dir.mkdir(parents=True)
+    old, recent = cache_dir / ".tmp-1-dead", cache_dir / ".tmp-2-writing"
+    for path in (old, recent):
+        path.write_bytes(b"partial")
+    os.utime(old, (1, 1))
+    kernel_cache.store(SPEC, "sm_80", compile_cubin(SPEC, "sm_80"))
+    assert not old.exists() and recent.exists()
+
+
+def test_a_compile_error_pickles_with_its_log():
+    import pickle
+
+    from fgcupy.jit.compile import KernelCompileError
+
+    error = pickle.loads(pickle.dumps(KernelCompileError(SPEC, "error: expected a ';'")))
+    assert error.spec == SPEC and error.nvrtc_log == "error: expected a ';'" and "expected a ';'" in str(error)
+
+
+def test_progress_bars_stay_quiet_without_stderr(monkeypatch):
+    from fgcupy.progress import progress_bar
+
+    monkeypatch.setattr(sys, "stderr", None)
+    assert list(progress_bar(range(3))) == [0, 1, 2]

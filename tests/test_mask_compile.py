@@ -96,6 +96,8 @@ def test_select_staging_limit():
         (dict(dtype="float32"), r"dtype must be one of \('bfloat16', 'float16'\), got 'float32'"),
         (dict(mode="probs"), r"mode must be one of \('logits', 'stats', 'maxprob', 'logits_f16'\), got 'probs'"),
         (dict(warps=2), r"warps must be one of \(4, 8\), got 2"),
+        (dict(head_dim=128.0), r"head_dim must be one of \(64, 128\), got 128.0"),  # a float equal to one
+        (dict(warps=True), r"warps must be one of"),
     ],
 )
 def test_score_spec_validation(kwargs, message):
@@ -108,6 +110,10 @@ def test_select_spec_validation():
         SelectSpec(True, "float64")
     with pytest.raises(ValueError, match=r"rule must be one of \('any', 'topk'\), got 'tau'"):
         SelectSpec(True, rule="tau")
+    with pytest.raises(ValueError, match="staged must be a bool, got 'false'"):
+        SelectSpec("false")
+    with pytest.raises(ValueError, match=r"group of mode 'stats' must be one of \(1,\), got True"):
+        Sm90ScoreSpec(mode="stats", group=True)
 
 
 @pytest.mark.parametrize("spec", all_sm90_mask_specs(), ids=lambda s: s.name)

@@ -18,7 +18,7 @@ from typing import Iterable
 
 
 from ..jit import AttentionSpec
-from ..paths import CACHE_ENV, cache_root  # noqa: F401 - CACHE_ENV is part of the autotune API
+from ..paths import CACHE_ENV, cache_root, sweep_stale_temporaries  # noqa: F401 - CACHE_ENV is part of the autotune API
 from .candidates import candidate_specs
 from .keys import DeviceInfo, ProblemKey, _SPEC_CLASSES
 from .selection import TuneResult
@@ -262,6 +262,7 @@ class TuneCache:
                     with contextlib.suppress(OSError):
                         os.unlink(tmp)
                     raise
+                sweep_stale_temporaries(self.path.parent, ".autotune-*.tmp")
         except OSError as err:
             self._warn(f"cannot write {self.path}: {err}; tuned results stay in this process only", None)
             return False

@@ -20,6 +20,9 @@ class KernelCompileError(RuntimeError):
         self.nvrtc_log = nvrtc_log
         super().__init__(f"NVRTC failed to compile {spec.name} ({spec.name_expression}):\n{nvrtc_log}")
 
+    def __reduce__(self):  # pickles whole (worker pools, multiprocessing), the log included
+        return type(self), (self.spec, self.nvrtc_log)
+
 
 @dataclass(frozen=True)
 class CompiledKernel:

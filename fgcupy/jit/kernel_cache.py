@@ -2,9 +2,10 @@
 source, options and compiler), so a new process loads its kernels without compiling (or
 importing a compiler).
 
-A file is a magic tag, the SHA-256 of the rest, the kernel's lowered name, a NUL, then the
-cubin: a file cut short or filled with zeros by a crash fails the hash and is deleted (the kernel
-is compiled again). Writes are flushed to disk and renamed into place, readable as the umask
+A file is a magic tag, the SHA-256 of the rest, the file's full key (the hash its name is cut
+from), a NUL, the kernel's lowered name, a NUL, then the cubin: a file cut short or filled with
+zeros by a crash fails the hash, and one copied or renamed from another kernel's file fails the
+key; either is deleted (the kernel is compiled again). Writes are flushed to disk and renamed into place, readable as the umask
 allows (a cache folder shared by several users works)."""
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import os
 import secrets
 from pathlib import Path
 
-from ..paths import cache_root
+from ..paths import cache_root, sweep_stale_temporaries
 from .compile import CompiledKernel, compile_options
 from .nvrtc import library_identity
 from .source import kernel_source
 
 log = logging.getLogger("fgcupy")
 
-MAGIC = b"fgcupy-cubin-2\n"
+MAGIC = b"fgcupy-cubin-3\n"
 _DIGEST_BYTES = 32
 
 
@@ -30,21 +31,27 @@ def kernel_dir() -> Path:
     return cache_root() / "kernels"
 
 
-def cache_file(spec, arch: str) -> Path:
-    """The file of ``spec`` compiled for ``arch``: named by the spec and a hash of everything the
-    binary depends on (the full source and every option, which carry a hash of cuda_src/, and
-    which libnvrtc compiles it)."""
+def cache_key(spec, arch: str) -> str:
+    """A hash of everything ``spec``'s binary for ``arch`` depends on (the full source and every
+    option, which carry a hash of cuda_src/, and which libnvrtc compiles it)."""
     digest = hashlib.sha256()
     for part in (MAGIC.decode(), library_identity(), kernel_source(spec), *compile_options(spec, arch),
-                 spec.name_expression):
+                 spec.name_expression, arch):
         digest.update(part.encode())
         digest.update(b"\0")
-    return kernel_dir() / f"{spec.name}-{arch}-{digest.hexdigest()[:20]}.cubin"
+    return digest.hexdigest()
+
+
+def cache_file(spec, arch: str, key: str | None = None) -> Path:
+    """The file of ``spec`` compiled for ``arch``: named by the spec and its ``cache_key``."""
+    key = cache_key(spec, arch) if key is None else key
+    return kernel_dir() / f"{spec.name}-{arch}-{key[:20]}.cubin"
 
 
 def load(spec, arch: str) -> CompiledKernel | None:
-    """The cached kernel, or None (absent, unreadable, or damaged: then deleted)."""
-    path = cache_file(spec, arch)
+    """The cached kernel, or None (absent, unreadable, damaged or another kernel's: then deleted)."""
+    key = cache_key(spec, arch)
+    path = cache_file(spec, arch, key)
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -53,15 +60,20 @@ def load(spec, arch: str) -> CompiledKernel | None:
         log.warning("fgcupy: cannot read the kernel cache file %s (%s); compiling", path, err)
         return None
     body = raw[len(MAGIC) + _DIGEST_BYTES:]
-    name, sep, cubin = body.partition(b"\0")
+    stored_key, sep, rest = body.partition(b"\0")
+    name, sep2, cubin = rest.partition(b"\0")
     intact = (raw.startswith(MAGIC) and hashlib.sha256(body).digest() == raw[len(MAGIC):len(MAGIC) + _DIGEST_BYTES]
-              and sep and cubin)
+              and sep and sep2 and cubin)
     try:
         lowered = name.decode() if intact else ""
     except UnicodeDecodeError:
         intact = False
     if not intact:
         log.warning("fgcupy: deleting a damaged kernel cache file %s; compiling", path)
+        discard(spec, arch)
+        return None
+    if stored_key != key.encode():
+        log.warning("fgcupy: deleting %s: it holds another kernel's binary (copied or renamed); compiling", path)
         discard(spec, arch)
         return None
     return CompiledKernel(cubin, lowered, "")
@@ -78,8 +90,9 @@ def discard(spec, arch: str) -> None:
 def store(spec, arch: str, compiled: CompiledKernel) -> None:
     """Write the kernel (flushed, then renamed into place); a cache that cannot be written is
     logged and skipped."""
-    path = cache_file(spec, arch)
-    body = compiled.lowered_name.encode() + b"\0" + compiled.cubin
+    key = cache_key(spec, arch)
+    path = cache_file(spec, arch, key)
+    body = key.encode() + b"\0" + compiled.lowered_name.encode() + b"\0" + compiled.cubin
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".tmp-{os.getpid()}-{secrets.token_hex(8)}"
@@ -93,5 +106,6 @@ def store(spec, arch: str, compiled: CompiledKernel) -> None:
         except BaseException:
             os.unlink(tmp)
             raise
+        sweep_stale_temporaries(path.parent, ".tmp-*")
     except OSError as err:
         log.warning("fgcupy: cannot write the kernel cache %s (%s); kernels will be compiled again", path, err)

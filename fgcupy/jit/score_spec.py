@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .launch import ParamStruct
 from .plain_spec import PlainKernelSpec
 from .spec import DTYPES, HEAD_DIMS
+from .spec import _check_choice as check_choice
 
 _CPP_DTYPE = {"bfloat16": "fg::bf16_t", "float16": "fg::fp16_t"}
 _SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
@@ -124,8 +125,8 @@ _SELECT_SUFFIX = {"float32": "", "float16": "_f16", "bfloat16": "_bf16"}
 
 
 def _check_choice(what, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{what} must be one of {tuple(allowed)}, got {value!r}")
+    """spec._check_choice over any collection of choices (a dict's keys included)."""
+    check_choice(what, value, tuple(allowed))
 
 
 @dataclass(frozen=True)
@@ -282,6 +283,8 @@ class SelectSpec:
     constants = SELECT_CONSTANTS
 
     def __post_init__(self):
+        if not isinstance(self.staged, bool):
+            raise ValueError(f"staged must be a bool, got {self.staged!r}")
         _check_choice("scores", self.scores, SELECT_SCORES)
         _check_choice("max_smem", self.max_smem, (SELECT_MAX_SMEM, SELECT_LARGE_SMEM))
         _check_choice("rule", self.rule, SELECT_RULES)
