@@ -298,3 +298,15 @@ def test_progress_bars_stay_quiet_without_stderr(monkeypatch):
 
     monkeypatch.setattr(sys, "stderr", None)
     assert list(progress_bar(range(3))) == [0, 1, 2]
+
+
+def test_a_kernel_past_the_gpus_shared_memory_is_refused_with_both_sizes(monkeypatch):
+    """GPUs granting 99 KB per block (RTX 30/40/50, L40S, A10) cannot run the mma.sync default of
+    head dim 256 with 128-query slices (131,328 bytes): the refusal says so, where the driver's
+    named no size."""
+    monkeypatch.setattr(driver, "device_attribute", lambda index, attribute: 101_376)
+    spec = AttentionSpec("bfloat16", 256, 128, key_tile=32, stages=2, rows_per_warp=16)
+    with pytest.raises(ValueError, match=f"needs {spec.smem_bytes:,} bytes of shared memory per block; GPU 0 grants 101,376"):
+        driver.check_shared_memory(0, spec.smem_bytes, spec.name)
+    driver.check_shared_memory(0, AttentionSpec("bfloat16", 256, 64, key_tile=32, stages=2, rows_per_warp=16).smem_bytes,
+                               "fits")

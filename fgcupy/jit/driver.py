@@ -89,6 +89,17 @@ def device_attribute(device_index: int, attribute: int) -> int:
     return value.value
 
 
+def check_shared_memory(device_index: int, needed: int, kernel: str) -> None:
+    """ValueError naming both sizes where a kernel needs more shared memory per block than the
+    device grants (GPUs with 99 KB, sm_86 / sm_89 / sm_120, against sm_80's 163 KB and
+    Hopper's 227 KB): the driver's own refusal names neither."""
+    granted = device_attribute(device_index, DEVICE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+    if needed > granted:
+        raise ValueError(f"{kernel} needs {needed:,} bytes of shared memory per block; GPU {device_index} grants "
+                         f"{granted:,}. Smaller tiles or 64-query slices need less (head dim 256 with 128-query "
+                         "slices has no kernel that fits such a GPU)")
+
+
 def _primary_context(device_index: int) -> ctypes.c_void_p:
     lib = _library()
     device = _device(device_index)
@@ -126,6 +137,7 @@ class Function:
             _check(_lib.cuModuleGetFunction(ctypes.byref(function), module, lowered_name.encode()),
                    f"cuModuleGetFunction({lowered_name})")
             if max_dynamic_smem > 48 * 1024:
+                check_shared_memory(device_index, max_dynamic_smem, lowered_name)
                 _check(_lib.cuFuncSetAttribute(function, _ATTR_MAX_DYNAMIC_SHARED_SIZE_BYTES, max_dynamic_smem),
                        "cuFuncSetAttribute(max dynamic shared memory)")
         self.module, self.function = module, function
