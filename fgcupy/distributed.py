@@ -74,6 +74,25 @@ def check_options(*, head_groups: int = 1, compute: str = "auto", exchange: str 
         raise ValueError(f"key_tile must be None or one of {KEY_TILES}, got {key_tile!r}")
 
 
+def _dense(compute: str, q, k, v, out, lse, scale) -> None:
+    """Attention of every query over every key into ``out`` (and ``lse``): the kernel in head
+    groups whose full index lists stay within attention.DENSE_INDEX_BUDGET (a list of every key
+    of a whole 75,600-token sequence is 45 M entries per head), or the reference."""
+    if compute == "fgcupy":
+        from .attention import dense_attention_with_lse
+
+        dense_out, dense_lse = dense_attention_with_lse(q, k, v, DENSE_SLICE_M, scale=scale)
+    else:
+        from .reference import reference_attention
+
+        full = SliceMask.full(q.shape[0], q.shape[1], q.shape[2], k.shape[2], DENSE_SLICE_M, device=q.device)
+        accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
+        dense_out, dense_lse = reference_attention(q, k, v, full, scale=scale, dtype=accumulate)
+    out.copy_(dense_out)
+    if lse is not None:
+        lse.copy_(dense_lse)
+
+
 class SequenceParallelAttention:
     """Ulysses sequence-parallel slice-sparse attention for one process group.
 
@@ -267,14 +286,8 @@ class SequenceParallelAttention:
     def _group_mask(self, g, mask, qg, kg, heads, compute, q_total, kv_total):
         if isinstance(mask, SliceMask):
             return self._static[1][g]
-        if mask is None:  # all keys: one cached full mask per group and shape
-            shape = (tuple(qg.shape), kv_total, qg.device, qg.dtype, compute)
-            cached = self._dynamic_plans.get(("dense", g))
-            if cached is None or cached[0] != shape:
-                full = SliceMask.full(qg.shape[0], qg.shape[1], q_total, kv_total, DENSE_SLICE_M, device=qg.device)
-                cached = (shape, full, self._plan(full, qg, compute))
-                self._dynamic_plans[("dense", g)] = cached
-            return cached[1], cached[2]
+        if mask is None:  # all keys: _attend runs dense attention (no list of every key is kept)
+            return None, None
         part = mask(qg, kg, heads)
         if not isinstance(part, SliceMask):
             raise TypeError(f"the mask callable returned {type(part).__name__}, expected a fgcupy.SliceMask")
@@ -291,6 +304,9 @@ class SequenceParallelAttention:
         return part, plan
 
     def _attend(self, compute, qg, kg, vg, mask, plan, out, lse, scale):
+        if mask is None:
+            _dense(compute, qg, kg, vg, out, lse, scale)
+            return
         if compute == "fgcupy":
             plan.run(qg, kg, vg, scale=scale, out=out, lse=lse)
             return

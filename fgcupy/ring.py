@@ -23,12 +23,12 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from .attention import sparse_attention
+from .attention import dense_attention_with_lse, sparse_attention
 from .layout import LAYOUTS
 from .mask import SliceMask
 from .mask_algebra import restrict_keys, slice_heads, slice_rows
 from .sp_exchange import probe_all_to_all, return_heads, send_heads
-from .sp_handshake import (DENSE_SLICE_M, _DTYPE_CODES, _HEADER, _MASK_KINDS, _scale_code, _wait, check_agreement,
+from .sp_handshake import (DENSE_SLICE_M, _DTYPE_CODES, _HEADER, _MASK_KINDS, _header_device, _scale_code, _wait, check_agreement,
                            check_attention_inputs, gather_headers, head_ranges, shard_views)
 
 
@@ -49,6 +49,17 @@ def _subgroup(ranks: list):
     return made[key]
 
 
+def _agree_on_ring(group, ring: int, world: int) -> None:
+    """ValueError on every rank unless every rank of ``group`` asked for the same ``ring`` (one
+    all-gather, bounded by the collective timeout on gloo)."""
+    mine = torch.tensor([ring], dtype=torch.int64, device=_header_device(group, torch.device("cpu")))
+    every = [torch.empty_like(mine) for _ in range(world)]
+    _wait(dist.all_gather(every, mine, group=group, async_op=True), group)
+    rings = [int(value) for value in every]
+    if len(set(rings)) > 1:
+        raise ValueError(f"the ranks asked for different ring sizes {rings}: every rank of the group must give one")
+
+
 class HybridSequenceParallelAttention:
     """``HybridSequenceParallelAttention(group, ring=R)(q_shard, k_shard, v_shard, mask)``.
 
@@ -64,6 +75,7 @@ class HybridSequenceParallelAttention:
         world = dist.get_world_size(group)
         if isinstance(ring, bool) or not isinstance(ring, int) or ring < 1 or world % ring:
             raise ValueError(f"ring must be a positive int dividing the group's {world} ranks, got {ring!r}")
+        _agree_on_ring(group, ring, world)  # ranks that differ would create sub-groups out of step: a hang
         self.group, self.ring, self.ulysses = group, ring, world // ring
         ranks = [r if group is None else dist.get_global_rank(group, r) for r in range(world)]
         span_groups = [_subgroup([ranks[j * self.ulysses + u] for u in range(self.ulysses)]) for j in range(ring)]
@@ -142,12 +154,15 @@ class HybridSequenceParallelAttention:
         out = torch.zeros(batch, len(mine), spans[j], head_dim, dtype=torch.float32, device=qh.device)
         lse = torch.full((batch, len(mine), spans[j]), -math.inf, dtype=torch.float32, device=qh.device)
         if len(mine):
-            rows = self._rows(mask, mine, batch, spans, starts, qh.device)
+            rows = None if mask is None else self._rows(mask, mine, batch, spans, starts, qh.device)
             for i in range(self.ring):
                 if spans[i] == 0 or spans[j] == 0:
                     continue
-                part = restrict_keys(rows, starts[i], starts[i] + spans[i])
-                out_i, lse_i = sparse_attention(qj, keys[i], values[i], part, scale=scale, return_lse=True)
+                if rows is None:  # every key: dense attention (head groups within the dense index budget)
+                    out_i, lse_i = dense_attention_with_lse(qj, keys[i], values[i], DENSE_SLICE_M, scale=scale)
+                else:
+                    part = restrict_keys(rows, starts[i], starts[i] + spans[i])
+                    out_i, lse_i = sparse_attention(qj, keys[i], values[i], part, scale=scale, return_lse=True)
                 out, lse = _merge(out, lse, out_i.float(), lse_i.float())
         grid = out.to(qh.dtype).permute(2, 0, 1, 3).contiguous()  # [span_j, B, h, D]
         pending, chunks = return_heads(self.span_group, grid, subs, span_lens, method, 1, U, u)
@@ -182,13 +197,10 @@ class HybridSequenceParallelAttention:
         the same mask object comes back (slicing heads synchronises), as SequenceParallelAttention
         keeps its static masks."""
         key = (id(mask), heads, batch, tuple(spans), device)
-        if self._rows_key == key and (mask is None or self._rows_mask[0] is mask):
+        if self._rows_key == key and self._rows_mask[0] is mask:
             return self._rows_mask[1]
         j = self.span
-        if mask is None:
-            rows = SliceMask.full(batch, len(heads), spans[j], sum(spans), DENSE_SLICE_M, device=device)
-        else:
-            rows = slice_rows(slice_heads(mask.to(device), heads), starts[j] // mask.slice_m, spans[j])
+        rows = slice_rows(slice_heads(mask.to(device), heads), starts[j] // mask.slice_m, spans[j])
         self._rows_key, self._rows_mask = key, (mask, rows)
         return rows
 

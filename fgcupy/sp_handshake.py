@@ -30,6 +30,7 @@ _AGREE = ("batch", "heads", "head_dim", "dtype", "head_groups", "attend", "retur
           "mask_kind", "seq_lens")
 _MASK_KINDS = {"none": 0, "static": 1, "callable": 2}
 COLLECTIVE_TIMEOUT_ENV = "FGCUPY_COLLECTIVE_TIMEOUT_S"
+MAX_COLLECTIVE_TIMEOUT_S = 2**31 // 1000  # ~24.8 days: gloo's wait takes int32 milliseconds
 
 
 def collective_timeout() -> datetime.timedelta:
@@ -39,8 +40,9 @@ def collective_timeout() -> datetime.timedelta:
         seconds = float(raw)
     except ValueError:
         raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
-    if not seconds > 0:
-        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV} must be positive, got {raw!r}")
+    if not 0 < seconds <= MAX_COLLECTIVE_TIMEOUT_S:  # gloo takes the wait in int milliseconds
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV} must be a positive number of seconds up to "
+                         f"{MAX_COLLECTIVE_TIMEOUT_S}, got {raw!r}")
     return datetime.timedelta(seconds=seconds)
 
 
@@ -150,21 +152,26 @@ def _wait(work, group, pollable: bool = True) -> None:
     """Wait for one collective of ``group``; on gloo at most collective_timeout(), then
     TimeoutError (the work is polled: gloo's own wait ignores a timeout here). Gloo's
     point-to-point works never report completion to a poll (``pollable=False``): their own wait
-    takes the timeout (and raises RuntimeError past it)."""
+    takes the timeout (its RuntimeError past it is raised as the same TimeoutError)."""
     if "gloo" not in _backend(group):
         work.wait()
         return
     timeout = collective_timeout()
+    message = (f"a sequence-parallel collective did not finish within {timeout.total_seconds():.0f} s "
+               f"({COLLECTIVE_TIMEOUT_ENV}); another rank probably failed or stopped")
     if not pollable:
-        work.wait(timeout)
+        try:
+            work.wait(timeout)
+        except RuntimeError as err:
+            if "timed out" in str(err).lower():
+                raise TimeoutError(message) from err
+            raise
         return
     deadline = time.monotonic() + timeout.total_seconds()
     pause = 0.0
     while not work.is_completed():
         if time.monotonic() >= deadline:
-            raise TimeoutError(f"a sequence-parallel collective did not finish within "
-                               f"{timeout.total_seconds():.0f} s ({COLLECTIVE_TIMEOUT_ENV}); another rank "
-                               f"probably failed or stopped")
+            raise TimeoutError(message)
         time.sleep(pause)
         pause = min(0.001, pause + 0.0001)
     work.wait()  # raises the collective's own error, if it failed

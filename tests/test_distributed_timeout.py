@@ -62,6 +62,20 @@ def test_a_rank_that_never_calls_makes_the_others_time_out():
 
 
 def test_a_point_to_point_receive_times_out_too():
+    """As the same TimeoutError, naming its cause (gloo's own RuntimeError had come through)."""
     verdict = _run("p2p")
-    assert verdict["error"] == "RuntimeError" and "Timed out" in verdict["message"], verdict
+    assert verdict["error"] == "TimeoutError" and "did not finish within 2 s" in verdict["message"], verdict
     assert verdict["seconds"] < 6
+
+
+def test_the_timeout_must_be_a_wait_gloo_can_take(monkeypatch):
+    import pytest
+
+    from fgcupy.sp_handshake import collective_timeout
+
+    for raw in ("inf", "1e300", "0", "-3", "nan"):
+        monkeypatch.setenv("FGCUPY_COLLECTIVE_TIMEOUT_S", raw)
+        with pytest.raises(ValueError, match="must be a positive number of seconds up to"):
+            collective_timeout()
+    monkeypatch.setenv("FGCUPY_COLLECTIVE_TIMEOUT_S", "3600")
+    assert collective_timeout().total_seconds() == 3600

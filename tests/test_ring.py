@@ -179,3 +179,41 @@ def test_a_sub_group_leaves_the_other_ranks_groups_in_step():
         assert verdict["sum"] == 3.0
         if rank:
             assert verdict["err"] < 1e-5
+
+
+def _mismatch_worker(rank, port, path):
+    os.environ["FGCUPY_COLLECTIVE_TIMEOUT_S"] = "10"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    from fgcupy.ring import HybridSequenceParallelAttention
+
+    try:
+        HybridSequenceParallelAttention(ring=1 if rank == 0 else 2)
+        verdict = {"error": None}
+    except Exception as err:  # noqa: BLE001 - the parent reports it
+        verdict = {"error": type(err).__name__, "message": str(err)}
+    with open(f"{path}.{rank}", "w") as f:
+        json.dump(verdict, f)
+    dist.destroy_process_group()
+
+
+def test_ranks_that_ask_for_different_rings_raise_instead_of_hanging():
+    """Their sub-groups would be created out of step (new_group waited forever)."""
+    path = tempfile.mktemp(prefix="fgcupy-ring-mismatch-")
+    ctx = torch.multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_mismatch_worker, args=(r, port, path)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(60)
+            assert not p.is_alive(), "a rank hung"
+    finally:
+        for p in procs:
+            p.kill()
+    for rank in range(2):
+        with open(f"{path}.{rank}") as f:
+            verdict = json.load(f)
+        os.unlink(f"{path}.{rank}")
+        assert verdict["error"] == "ValueError" and "different ring sizes [1, 2]" in verdict["message"], verdict
