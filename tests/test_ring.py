@@ -156,34 +156,41 @@ def _subgroup_worker(rank, world, port, path):
     dist.destroy_process_group()
 
 
-def test_a_sub_group_leaves_the_other_ranks_groups_in_step():
-    """Ranks outside the group never call in, and later world-wide groups still form."""
-    path = tempfile.mktemp(prefix="fgcupy-ring-sub-")
+def _verdicts(worker, world: int, join_s: float) -> list:
+    """Run ``worker(rank, world, port, path)`` on ``world`` spawned ranks; each rank's JSON verdict."""
+    path = tempfile.mktemp(prefix="fgcupy-ring-")
     ctx = torch.multiprocessing.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_subgroup_worker, args=(r, 3, port, path)) for r in range(3)]
+    procs = [ctx.Process(target=worker, args=(r, world, port, path)) for r in range(world)]
     for p in procs:
         p.start()
     try:
         for p in procs:
-            p.join(90)
+            p.join(join_s)
             assert not p.is_alive(), "a rank hung"
     finally:
         for p in procs:
             p.kill()
-    for rank in range(3):
+    verdicts = []
+    for rank in range(world):
         with open(f"{path}.{rank}") as f:
-            verdict = json.load(f)
+            verdicts.append(json.load(f))
         os.unlink(f"{path}.{rank}")
+    return verdicts
+
+
+def test_a_sub_group_leaves_the_other_ranks_groups_in_step():
+    """Ranks outside the group never call in, and later world-wide groups still form."""
+    for rank, verdict in enumerate(_verdicts(_subgroup_worker, 3, 90)):
         assert "detail" not in verdict, verdict["detail"]
         assert verdict["sum"] == 3.0
         if rank:
             assert verdict["err"] < 1e-5
 
 
-def _mismatch_worker(rank, port, path):
+def _mismatch_worker(rank, world, port, path):
     os.environ["FGCUPY_COLLECTIVE_TIMEOUT_S"] = "10"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=20))
     from fgcupy.ring import HybridSequenceParallelAttention
 
@@ -199,21 +206,5 @@ def _mismatch_worker(rank, port, path):
 
 def test_ranks_that_ask_for_different_rings_raise_instead_of_hanging():
     """Their sub-groups would be created out of step (new_group waited forever)."""
-    path = tempfile.mktemp(prefix="fgcupy-ring-mismatch-")
-    ctx = torch.multiprocessing.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_mismatch_worker, args=(r, port, path)) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(60)
-            assert not p.is_alive(), "a rank hung"
-    finally:
-        for p in procs:
-            p.kill()
-    for rank in range(2):
-        with open(f"{path}.{rank}") as f:
-            verdict = json.load(f)
-        os.unlink(f"{path}.{rank}")
+    for verdict in _verdicts(_mismatch_worker, 2, 60):
         assert verdict["error"] == "ValueError" and "different ring sizes [1, 2]" in verdict["message"], verdict

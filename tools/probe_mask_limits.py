@@ -19,6 +19,9 @@ better:
 * "default", "both 32 + band 64": the shipped default and its pooling "both" (real predictors);
 * "mean of P + band 64": the default's scoring itself with sub-blocks of P queries instead of
   32 (a real predictor; its scoring work grows as 32 / P times the default's);
+* "..., per-head budget": the exact column max, and the shipped default (pooling "adaptive"),
+  selected per head instead of per block: the head's d x blocks x keys highest scores, so
+  blocks keep different numbers of keys at the same density (does a mass-like rule help?);
 * "best per block of ...": each query block takes whichever of those real predictors' masks
   gives it the least output error (the squared error splits over blocks), a bound for any
   per-block choice among them.
@@ -42,6 +45,8 @@ from fgcupy.workloads import VideoShape
 SLICE_M = 128
 #: The real predictors a per-block choice picks from (names yielded by ``predictors``).
 PER_BLOCK_CANDIDATES = ("default", "both 32 + band 64", "mean of 8 + band 64")
+#: Predictors selected per head (``head_budget_mask``) rather than per block.
+PER_HEAD = ("colmax, per-head budget", "default adaptive, per-head budget")
 
 
 def column_stat(q, k, lse, rows, scale, reduce):
@@ -81,8 +86,22 @@ def top_mask(scores, density: float, q_len: int) -> SliceMask:
     return SliceMask.from_topk(top.to(torch.int32), SLICE_M, q_len, kv_len)
 
 
+def head_budget_mask(scores, density: float, q_len: int) -> SliceMask:
+    """Per head, the blocks x keys_for(density) highest (block, key) scores: as many slices as a
+    top-k of that density keeps, spread over the blocks as the scores say."""
+    batch, heads, blocks, kv_len = scores.shape
+    flat = scores.reshape(batch, heads, -1)
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(-1, flat.topk(blocks * keys_for(density, kv_len), -1).indices,
+                                                             True)
+    return SliceMask.from_dense(keep.reshape(scores.shape), SLICE_M, q_len)
+
+
 def predictors(q, k, judge, scale, grid):
     rows = torch.arange(q.shape[2], device=q.device)
+    yield "colmax, per-head budget", judge.colmax
+    adaptive = ref.pooled_scores(q, k, 32, SLICE_M, 64, scale, "adaptive")
+    yield "default adaptive", adaptive
+    yield "default adaptive, per-head budget", adaptive
     yield "column sum", column_stat(q, k, judge.lse, rows, scale, "sum")
     yield "colmax dilated 1", ref.dilate_keys(judge.colmax, 1)
     yield "every 2nd query", column_stat(q, k, judge.lse, rows[::2], scale, "max")
@@ -120,7 +139,7 @@ def main():
         for name, scores in predictors(q, k, judge, scale, grid):
             ratios = []
             for d in (0.1, 0.3):
-                mask = top_mask(scores, d, q.shape[2])
+                mask = (head_budget_mask if name in PER_HEAD else top_mask)(scores, d, q.shape[2])
                 ratios.append(f"x{judge.ratio(mask)[1]:.2f}")
                 if name in PER_BLOCK_CANDIDATES:
                     candidates.setdefault(d, []).append(block_errors(judge, mask))
