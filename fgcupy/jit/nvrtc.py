@@ -49,8 +49,9 @@ def _wheel_paths() -> list[str]:
 @functools.lru_cache(maxsize=None)
 def library_identity() -> str:
     """Which libnvrtc compiles, without loading it (a process whose kernels are cached loads
-    none): the wheel's library by name and size (another release has another size; several
-    environments with one release share their kernels), or "system" for any other."""
+    none): the wheel's library by name and size (another release has another size), or "system"
+    for any other (a system toolkit upgraded within one major version keeps its kernels: the
+    binaries stay valid, the newer compiler's changes reach them once cuda_src/ changes)."""
     for path in _wheel_paths():
         try:
             return f"{os.path.basename(os.path.realpath(path))}:{os.stat(path).st_size}"
