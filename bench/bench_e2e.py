@@ -76,9 +76,12 @@ def make_predictor(name: str, density: float, tau: float):
 
         name = "topk" if hasattr(fgcupy, "predict_mask") else "random"
     if name == "random":
+        calls = iter(range(1 << 30))  # a fresh draw each refresh and layer (one seed repeated one mask)
+
         def random_keys(q, k, slice_m):
             batch, heads, q_len, _ = q.shape
-            return random_topk_mask(batch, heads, q_len, k.shape[2], slice_m, density, device=q.device)
+            return random_topk_mask(batch, heads, q_len, k.shape[2], slice_m, density, seed=next(calls),
+                                    device=q.device)
 
         return "random", dict(predictor=random_keys)
     if name == "tau":
@@ -126,11 +129,13 @@ def paired_refresh_overhead_ms(model, run_block, args, predictor: dict) -> float
     a tenth of that from run to run. Which calls refreshed is read from the layer's count."""
     handle = fd.apply(model, fd.SparseAttentionConfig(slice_m=args.slice_m, dense_steps=0, refresh_every=2, **predictor))
     calls = []  # (ms, refreshed)
+    host_ms = 0.0  # the longest host time of a call so far: the queued lead covers it
     for step in range(2 * (args.warmup + args.reps) + 4):
         handle.set_step(step)
         before = handle.refresh_counts()["blocks.0.attn1"]
-        ms = cuda_time_ms(run_block, warmup=0, reps=1, queued=args.queued)["median_ms"]
-        calls.append((ms, handle.refresh_counts()["blocks.0.attn1"] > before))
+        timed = cuda_time_ms(run_block, warmup=0, reps=1, queued=args.queued, host_ms=host_ms)
+        host_ms = max(host_ms, timed["host_ms"])
+        calls.append((timed["median_ms"], handle.refresh_counts()["blocks.0.attn1"] > before))
     differences = [a[0] - b[0] for a, b in zip(calls, calls[1:]) if a[1] and not b[1]][args.warmup:]
     if len(differences) < args.reps:
         raise RuntimeError(f"expected {args.reps} refresh/reuse pairs, got {len(differences)}: {calls}")
@@ -358,7 +363,8 @@ def main(argv=None):
     name += ((", sparse refresh" if schedule.sparse_refresh else "") + (" + local search" if schedule.local_search else "")
              + ("" if schedule.predict_on_refresh else ", no prediction"))
     header = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | diffusers "
-              f"{__import__('diffusers').__version__} | predictor {name} | target density {args.density} | "
+              f"{__import__('diffusers').__version__} | predictor {name} | "
+              f"{f'tau {args.tau}' if args.predictor == 'tau' else f'target density {args.density}'} | "
               f"{'queued GPU time' if args.queued else 'isolated calls'}")
     print(header, flush=True)
     print("(random weights attend almost uniformly: the PSNR below checks plumbing, not quality)", flush=True)

@@ -76,7 +76,7 @@ def main(argv=None):
             plan.plan(mask, head_dim=head_dim, dtype=q.dtype, **tile_args)
             plan_ms = (time.perf_counter() - started) * 1e3  # host time of a re-plan (buffers reused)
             out = torch.empty_like(q)
-            name = spec.name if spec else "default plan"
+            name = spec.name if spec else f"default plan ({plan.spec.name})"  # a tuned winner, or the heuristic
             record(f"fgcupy {name}", density, cuda_time_ms(lambda: plan.run(q, k, v, out=out), reps=args.reps),
                    first_plan_s=first_plan_s, replan_ms=plan_ms)
             del plan, out, mask
@@ -120,17 +120,21 @@ def main(argv=None):
 
 def parse_tile(token: str, head_dim: int, dtype: str = "bfloat16"):
     """'m128n32s3w4' -> AttentionSpec, 'sm90-m128n64s2pv1c2' -> Sm90AttentionSpec,
-    'ws-m128n128s2pp1' -> Sm90WsAttentionSpec."""
-    ws = re.fullmatch(r"ws-m(\d+)n(\d+)s(\d+)pp(\d+)", token.strip())
+    'ws-m128n128s2pp1' -> Sm90WsAttentionSpec; every field of its family, no other (a field of
+    another family had been dropped silently)."""
+    token = token.strip()
+    ws = re.fullmatch(r"ws-m(\d+)n(\d+)s(\d+)pp(\d+)", token)
     if ws:
         return Sm90WsAttentionSpec(dtype, head_dim, *(int(g) for g in ws.groups()))
-    found = re.fullmatch(r"(sm90-)?m(\d+)n(\d+)s(\d+)(?:w(\d+)|pv(\d+)(?:c(\d+))?)", token.strip())
-    if not found:
-        raise ValueError(f"cannot parse kernel {token!r}")
-    sm90, m, n, s, w, pv, ctas = found.groups()
+    sm90 = re.fullmatch(r"sm90-m(\d+)n(\d+)s(\d+)pv(\d+)c(\d+)", token)
     if sm90:
-        return Sm90AttentionSpec(dtype, head_dim, int(m), int(n), int(s), int(pv or 0), int(ctas or 1))
-    return AttentionSpec(dtype, head_dim, int(m), int(n), int(s), int(m) // int(w or int(m) // 16))
+        return Sm90AttentionSpec(dtype, head_dim, *(int(g) for g in sm90.groups()))
+    mma = re.fullmatch(r"m(\d+)n(\d+)s(\d+)w(\d+)", token)
+    if mma:
+        m, n, s, w = (int(g) for g in mma.groups())
+        return AttentionSpec(dtype, head_dim, m, n, s, m // w)
+    raise ValueError(f"cannot parse kernel {token!r}: give m<M>n<N>s<S>w<warps> (mma.sync), "
+                     "sm90-m<M>n<N>s<S>pv<0|1>c<CTAs> (wgmma) or ws-m<M>n<N>s<S>pp<0|1> (warp-specialised)")
 
 
 if __name__ == "__main__":

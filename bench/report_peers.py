@@ -36,7 +36,8 @@ from fgcupy.workloads import SHAPES, video_qkv
 
 def pooled_block_mask(q, k, density: float, block: int = 128):
     """FlexAttention BlockMask keeping, per 128-query row block, the top key blocks by the
-    softmax of mean-pooled q against mean-pooled k (the usual block predictor)."""
+    softmax of mean-pooled q against mean-pooled k (the usual block predictor), as full blocks
+    (FlexAttention evaluates no mask_mod in them)."""
     from torch.nn.attention.flex_attention import BlockMask
 
     batch, heads, seq, dim = q.shape
@@ -56,7 +57,8 @@ def pooled_block_mask(q, k, density: float, block: int = 128):
     counts = torch.full((batch, heads, blocks), keep, dtype=torch.int32, device=q.device)
     full_indices = torch.zeros(batch, heads, blocks, blocks, dtype=torch.int32, device=q.device)
     full_indices[..., :keep] = top
-    return BlockMask.from_kv_blocks(counts, full_indices, BLOCK_SIZE=block, seq_lengths=(seq, seq))
+    return BlockMask.from_kv_blocks(torch.zeros_like(counts), full_indices, full_kv_num_blocks=counts,
+                                    full_kv_indices=full_indices, BLOCK_SIZE=block, seq_lengths=(seq, seq))
 
 
 def optional_peer(name: str, make_call, reps: int):

@@ -27,15 +27,11 @@ import torch
 
 from . import bridge
 from .layout import to_bhsd
-from .mask import SliceMask, indptr_from_counts, num_blocks
+from .mask import SliceMask, indptr_from_counts, is_int, num_blocks
 from .mask_reference import pool_queries
 from .scoring import predict_mask
 
 STORAGES = ("auto", "index", "bits")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 _INT16_KEYS = 2**15
 
 
@@ -72,19 +68,19 @@ class MaskCache:
 
     def __init__(self, warmup: int = 0, refresh_every: int | None = 1, refresh_steps=None, storage: str = "auto",
                  expanded: bool = False, ramp: bool = False, **predict_kwargs):
-        if not _is_int(warmup) or warmup < 0:
+        if not is_int(warmup) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
         if refresh_steps is None:
-            if not _is_int(refresh_every) or refresh_every < 1:
+            if not is_int(refresh_every) or refresh_every < 1:
                 raise ValueError(f"refresh_every must be a positive int (or give refresh_steps), got {refresh_every!r}")
             self.refresh_steps = None
         else:
             if isinstance(refresh_steps, (str, bytes)) or not hasattr(refresh_steps, "__iter__"):
                 raise TypeError(f"refresh_steps must be a sequence of ints, got {refresh_steps!r}")
             refresh_steps = list(refresh_steps)
-            if not all(_is_int(s) for s in refresh_steps):
+            if not all(is_int(s) for s in refresh_steps):
                 raise TypeError(f"refresh_steps must hold ints, got {refresh_steps!r}")
-            steps = sorted(set(refresh_steps))
+            steps = sorted({int(s) for s in refresh_steps})
             if any(s < warmup for s in steps):
                 raise ValueError(f"refresh_steps {steps} include warm-up steps (< {warmup})")
             self.refresh_steps = frozenset(steps)
@@ -96,6 +92,8 @@ class MaskCache:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         if expanded and storage != "auto":
             raise ValueError(f"expanded=True keeps masks as given; it cannot be combined with storage={storage!r}")
+        if "layout" in predict_kwargs:
+            raise ValueError("layout is an argument of mask_for (the layout of its q and k), not a prediction option")
         self.warmup = warmup
         self.refresh_every = refresh_every
         self.ramp = ramp
@@ -111,8 +109,9 @@ class MaskCache:
     def action(self, step: int, layer=None) -> str:
         """"dense", "refresh" or "reuse" for ``step`` (and ``layer``: one with nothing cached
         refreshes, and so does one asked about an earlier step than before: a new run began)."""
-        if not _is_int(step) or step < 0:
+        if not is_int(step) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
+        step = int(step)
         if layer is not None:
             last = self._last_step.get(layer)
             self._last_step[layer] = step
@@ -150,12 +149,17 @@ class MaskCache:
             indptr = torch.empty(0, dtype=torch.int32, device=mask.device)
         else:
             # A copy at any width: the caller's keys (a plan's buffers, refilled in place) stay theirs.
-            payload = mask.indices.to(torch.int16 if mask.kv_len <= _INT16_KEYS else torch.int32, copy=True)
+            # Keys outside [0, kv_len), which the kernels drop, are stored as -1: narrowed to int16
+            # they would wrap into real keys.
+            keys = mask.indices.masked_fill((mask.indices < 0) | (mask.indices >= mask.kv_len), -1)
+            payload = keys.to(torch.int16 if mask.kv_len <= _INT16_KEYS else torch.int32)
             kept, indptr = None, mask.indptr.clone()
         self._entries[layer] = _Entry(shape, indptr, payload, form, kept, step)
 
     def get(self, layer, batch=None, heads=None, q_len=None, kv_len=None, slice_m=None) -> SliceMask:
-        """``layer``'s cached mask as a SliceMask; any shape given must match the cached one."""
+        """``layer``'s cached mask as a SliceMask; any shape given must match the cached one. Its
+        tensors may be the cache's own (reuse steps hand attention the mask of the refresh step,
+        with no copy): treat it as read-only, or clone it."""
         if layer not in self._entries:
             raise KeyError(f"no mask cached for layer {layer!r}; cached: {sorted(map(str, self._entries))}")
         entry = self._entries[layer]
@@ -192,9 +196,10 @@ class MaskCache:
         options = {**self.predict_kwargs, **overrides}
         slice_m = options.get("slice_m", 128)
         if action == "reuse":
-            self.record_reuse()
             qh, kh = (to_bhsd(bridge.to_torch(x, name), layout) for x, name in ((q, "q"), (k, "k")))
-            return self.get(layer, qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2], slice_m)
+            mask = self.get(layer, qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2], slice_m)
+            self.record_reuse()
+            return mask
         mask = predict_mask(q, k, layout=layout, **options)
         self.record_prediction()
         self.put(layer, mask, step)
@@ -252,8 +257,12 @@ def mask_drift(old: SliceMask, new: SliceMask) -> dict:
     """How much a mask moved between two steps (synchronises): ``changed`` = fraction of the
     new mask's kept slices that the old one did not keep; ``jaccard`` = 1 - |old & new| /
     |old | new|."""
-    if (old.batch, old.heads, old.q_len, old.kv_len, old.slice_m) != (new.batch, new.heads, new.q_len, new.kv_len, new.slice_m):
-        raise ValueError("masks of different shapes cannot be compared")
+    if not isinstance(old, SliceMask) or not isinstance(new, SliceMask):
+        raise TypeError(f"mask_drift compares two SliceMasks, got {type(old).__name__} and {type(new).__name__}")
+    shapes = [(m.batch, m.heads, m.q_len, m.kv_len, m.slice_m) for m in (old, new)]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"masks of different (B, H, q_len, kv_len, slice_m) cannot be compared: {shapes[0]} and "
+                         f"{shapes[1]}")
     a, b = old.to_dense(), new.to(old.device).to_dense()
     both = int((a & b).sum().item())
     either = int((a | b).sum().item())
@@ -267,6 +276,8 @@ def mask_drift(old: SliceMask, new: SliceMask) -> dict:
 def block_means(x: torch.Tensor, slice_m: int) -> torch.Tensor:
     """float32 [B, H, QB, D]: the mean of each block of ``slice_m`` rows of x [B, H, S, D] (a
     layer's fingerprint for :func:`means_drift`: a few kilobytes per head)."""
+    if not is_int(slice_m) or slice_m < 1:
+        raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
     return pool_queries(x, slice_m)
 
 
@@ -277,7 +288,9 @@ def means_drift(reference: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     mask changes)."""
     if reference.shape != current.shape:
         raise ValueError(f"block means of different shapes: {tuple(reference.shape)} and {tuple(current.shape)}")
-    return 1.0 - torch.nn.functional.cosine_similarity(reference, current, dim=-1).mean()
+    similarity = torch.nn.functional.cosine_similarity(reference, current, dim=-1)
+    both_zero = (reference.norm(dim=-1) == 0) & (current.norm(dim=-1) == 0)  # zero rows (padding): unmoved
+    return 1.0 - torch.where(both_zero, torch.ones_like(similarity), similarity).mean()
 
 
 #: Queries per head whose exact LSE ``mask_recall`` reads.
@@ -299,6 +312,13 @@ def mask_recall(q, k, lse, scale: float, key_valid=None, samples: int = RECALL_S
     block means, reads where the attention went. q, k [B, H, S, D]; ``key_valid`` [B, S_k] bool
     leaves padded keys out of the exact LSE."""
     batch, heads, q_len, _ = q.shape
+    if not is_int(samples) or samples < 1:
+        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    if k.dim() != 4 or tuple(k.shape[:2]) != (batch, heads) or k.shape[3] != q.shape[3]:
+        raise ValueError(f"k must be [B, H, S_k, D] with q's B, H and D {(batch, heads, q.shape[3])}, "
+                         f"got {tuple(k.shape)}")
+    if tuple(lse.shape) != (batch, heads, q_len):
+        raise ValueError(f"lse must be [B, H, S]={(batch, heads, q_len)}, got {tuple(lse.shape)}")
     if q_len == 0 or heads == 0:
         return torch.ones(batch, heads, dtype=torch.float32, device=q.device)
     rows = torch.linspace(0, q_len - 1, min(samples, q_len), device=q.device).round().long()
@@ -330,5 +350,7 @@ def _float32_logits(q_rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
 def missed_more(recall: torch.Tensor, first: torch.Tensor, factor: float) -> torch.Tensor:
     """0-dim bool on their device, no host sync: whether any head of ``recall`` misses more than
     ``factor`` x the mass it missed in ``first`` (two ``mask_recall`` readings of one mask), beyond
-    MISSED_MASS_FLOOR. An output's error grows with the mass its mask misses."""
-    return (1 - recall > factor * (1 - first) + MISSED_MASS_FLOOR).any()
+    MISSED_MASS_FLOOR. An output's error grows with the mass its mask misses. A reading above 1
+    (rounding; keys a padding mask leaves out) misses nothing."""
+    missed, missed_first = (1 - recall).clamp_min(0), (1 - first).clamp_min(0)
+    return (missed > factor * missed_first + MISSED_MASS_FLOOR).any()

@@ -289,7 +289,8 @@ class SliceMask:
 
         With ``exact=True`` a ``mask_mod`` keeps only the kept slices inside each block, so
         FlexAttention computes the same function as fgcupy; with ``exact=False`` whole blocks are
-        computed (the work a block-sparse kernel does for this mask). Synchronises.
+        computed (the work a block-sparse kernel does for this mask), listed as full blocks, which
+        FlexAttention runs without evaluating a mask_mod per element. Synchronises.
         """
         from torch.nn.attention.flex_attention import BlockMask
 
@@ -304,6 +305,10 @@ class SliceMask:
             def mask_mod(b, h, q_idx, kv_idx):
                 return slice_map[b, h, q_idx // slice_m, kv_idx]
 
+        if not exact:  # every block whole: no partial blocks, so no per-element mask_mod
+            return BlockMask.from_kv_blocks(torch.zeros_like(counts), order, full_kv_num_blocks=counts,
+                                            full_kv_indices=order, BLOCK_SIZE=block_size,
+                                            seq_lengths=(self.q_len, self.kv_len))
         return BlockMask.from_kv_blocks(
             counts, order, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(self.q_len, self.kv_len)
         )

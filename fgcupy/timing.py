@@ -42,10 +42,15 @@ def queue_lead_cycles(fn, calls: int, device) -> int:
         return int(_sleep_cycles_per_ms(torch.cuda.current_device()) * (2.0 * calls * host_ms + 1.0))
 
 
-def cuda_time_ms(fn, warmup: int = 3, reps: int = 10, queued: bool = False) -> dict:
+def cuda_time_ms(fn, warmup: int = 3, reps: int = 10, queued: bool = False, host_ms: float | None = None) -> dict:
     """Median / min / max milliseconds of ``fn()`` measured with CUDA events (see the module
-    docstring for ``queued``)."""
-    host_s = 0.0
+    docstring for ``queued``), and ``host_ms``, the host time of the last timed call. Queued
+    timing sizes its lead from the last warm-up call's host time, or from ``host_ms`` where
+    there is no warm-up (a call that cannot be repeated): without either it would cover only
+    a millisecond of host work, and the rest would land between the events."""
+    if queued and warmup == 0 and host_ms is None:
+        raise ValueError("queued timing without warm-up needs host_ms, the host time of one call")
+    host_s = 0.0 if host_ms is None else host_ms / 1e3
     for _ in range(warmup):
         t0 = time.perf_counter()
         fn()
@@ -60,9 +65,11 @@ def cuda_time_ms(fn, warmup: int = 3, reps: int = 10, queued: bool = False) -> d
         if lead:
             torch.cuda._sleep(lead)
         start.record()
+        t0 = time.perf_counter()
         fn()
+        host_s = time.perf_counter() - t0
         stop.record()
         stop.synchronize()
         times.append(start.elapsed_time(stop))
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps,
-            "queued": queued}
+            "queued": queued, "host_ms": host_s * 1e3}

@@ -245,3 +245,18 @@ def test_the_op_called_directly_refuses_inputs_that_need_gradients():
     with pytest.raises(RuntimeError, match="no backward pass"):
         torch.ops.fgcupy.sparse_attention_(q, k, v, torch.empty_like(q), None, mask.indptr, mask.indices, None, 64,
                                            0.125, "")
+
+
+def test_whole_block_masks_attend_as_their_block_cover_in_compiled_flex_attention():
+    """to_block_mask(exact=False) lists full blocks (the benchmarks' FlexAttention baseline runs no
+    mask_mod in them); compiled FlexAttention over it attends exactly the cover's keys."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    keep = torch.rand(1, 2, 6, 700, generator=gen, device="cuda") < 0.002
+    mask = SliceMask.from_dense(keep, 128, 700)
+    q, k, v = (torch.randn(1, 2, 700, 64, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    got = torch.compile(flex.flex_attention)(q, k, v, block_mask=mask.to_block_mask(128, exact=False))
+    cover = SliceMask.from_block_mask(mask.to_block_mask(128, exact=False), 128)
+    expected = reference_attention(q, k, v, cover)[0]
+    rows = cover.to_dense().any(-1).repeat_interleave(128, -1)[..., :700]  # FlexAttention leaves empty rows unset
+    assert relative_l2(got.float()[rows], expected.float()[rows]) < 1e-2

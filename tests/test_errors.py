@@ -188,3 +188,21 @@ def test_a_launch_order_the_kernel_cannot_read_is_refused():
     for bad in (torch.arange(8), torch.arange(7, dtype=torch.int32), torch.arange(16, dtype=torch.int32)[::2], None):
         with pytest.raises(ValueError, match="order must be a contiguous int32 tensor of 8 items"):
             check_order(bad, 8, torch.device("cpu"))
+
+
+def test_queued_timing_without_warm_up_needs_the_host_time():
+    """Its lead would cover a millisecond of host work, and the rest would land between the events."""
+    from fgcupy.timing import cuda_time_ms
+
+    with pytest.raises(ValueError, match="needs host_ms"):
+        cuda_time_ms(lambda: None, warmup=0, reps=1, queued=True)
+
+
+def test_benchmark_kernel_tokens_take_every_field_of_their_family_and_no_other():
+    from bench.report_attention import parse_tile
+
+    assert parse_tile("sm90-m128n64s2pv1c2", 128).name == "sparse_attn_fwd_sm90_bf16_d128_m128_n64_s2_pv1_c2"
+    assert parse_tile("m128n32s3w4", 128).name == "sparse_attn_fwd_bf16_d128_m128_n32_s3_w4"
+    for token in ("sm90-m128n64s2w4", "m128n64s2pv1c2", "ws-m128n128s2"):
+        with pytest.raises(ValueError, match="cannot parse kernel"):
+            parse_tile(token, 128)

@@ -137,6 +137,22 @@ def test_block_mask_round_trip_and_exact_mask_mod():
     assert torch.equal(got, dense[0, 1][q // 64, kv])
 
 
+def test_whole_block_masks_list_full_blocks():
+    """exact=False lists every covered block as a full block (FlexAttention evaluates no mask_mod
+    there): the same blocks as the cover. (Eager flex_attention applies mask_mod alone, not the
+    blocks, so the attention itself is checked on the GPU, compiled.)"""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    gen = torch.Generator().manual_seed(1)
+    mask = SliceMask.from_dense(torch.rand(1, 2, 6, 700, generator=gen) < 0.002, 128, 700)
+    block_mask = mask.to_block_mask(128, exact=False)
+    assert int(block_mask.kv_num_blocks.sum()) == 0
+    assert torch.equal(block_mask.full_kv_num_blocks, mask.block_cover(128).sum(-1, dtype=torch.int32))
+    back = SliceMask.from_block_mask(block_mask, 128)
+    cover = mask.block_cover(128)[..., torch.arange(700) // 128]
+    assert torch.equal(back.to_dense(), cover)
+    assert torch.equal(block_mask.to_dense().bool(), mask.block_cover(128))
+
+
 def test_block_size_must_be_multiple_of_slice():
     mask = SliceMask.full(1, 1, 256, 256, 128)
     with pytest.raises(ValueError, match="multiple of slice_m=128"):

@@ -191,3 +191,74 @@ def test_a_second_run_without_clear_predicts_anew(refresh_steps):
             cache.mask_for("layer", step, q, k)
         runs.append(cache.predictions - before)
     assert runs == [1 + len(refresh_steps)] * 2
+
+
+@pytest.mark.parametrize("storage", ["index", "auto", "bits"])
+def test_keys_outside_the_sequence_stay_dropped_in_storage(storage):
+    """Narrowed to int16, a key past kv_len had wrapped into a real key (65541 came back as 5)."""
+    i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    mask = SliceMask(i32([[[0, 4]]]), i32([3, 65541, -65531, 100]), 4, 4, 100)
+    cache = MaskCache(storage=storage)
+    cache.put("l", mask)
+    assert torch.equal(cache.get("l").to_dense(), mask.to_dense())
+
+
+def test_a_reading_above_one_misses_nothing():
+    from fgcupy.cache import missed_more
+
+    assert not bool(missed_more(torch.tensor([[1.0001]]), torch.tensor([[1.0001]]), 1.5))
+    assert not bool(missed_more(torch.tensor([[1.0]]), torch.tensor([[1 + 2e-6]]), 10.0))
+    assert bool(missed_more(torch.tensor([[0.9]]), torch.tensor([[1.0]]), 1.5))
+
+
+def test_blocks_of_zeros_have_not_moved():
+    from fgcupy.cache import block_means, means_drift
+
+    x = torch.randn(1, 2, 10, 4)
+    x[:, :, 4:] = 0
+    means = block_means(x, 4)
+    assert float(means_drift(means, means)) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="slice_m must be a positive int"):
+        block_means(x, 0)
+
+
+def test_mask_recall_checks_its_arguments():
+    from fgcupy.cache import mask_recall
+
+    q, k = torch.randn(1, 2, 10, 8), torch.randn(1, 2, 12, 8)
+    lse = torch.zeros(1, 2, 10)
+    with pytest.raises(ValueError, match="samples must be a positive int"):
+        mask_recall(q, k, lse, 0.3, samples=0)
+    with pytest.raises(ValueError, match=r"lse must be \[B, H, S\]"):
+        mask_recall(q, k, lse[:, :, :5], 0.3)
+    with pytest.raises(ValueError, match="k must be"):
+        mask_recall(q, k[:, :1], lse, 0.3)
+
+
+def test_schedules_take_numpy_ints_and_refuse_a_layout_option():
+    import numpy as np
+
+    cache = MaskCache(warmup=1, refresh_steps=np.arange(10, 50, 10))
+    assert cache.action(np.int64(10)) == "refresh" and cache.action(np.int64(11)) == "reuse"
+    with pytest.raises(ValueError, match="layout is an argument of mask_for"):
+        MaskCache(layout="NHD", method="topk", density=0.1)
+
+
+def test_a_reuse_that_raises_is_not_counted():
+    cache = MaskCache(refresh_every=10, method="topk", density=0.5, slice_m=64)
+    q = torch.randn(1, 2, 128, 64)
+    cache.mask_for("l", 0, q, q)
+    cache.mask_for("l", 1, q, q)
+    with pytest.raises(ValueError, match="differs"):
+        cache.mask_for("l", 2, q[:, :1], q[:, :1])
+    assert cache.reuses == 1
+
+
+def test_mask_drift_names_what_it_cannot_compare():
+    from fgcupy import mask_drift
+
+    a, b = SliceMask.full(1, 2, 8, 8, 4), SliceMask.full(1, 1, 8, 8, 4)
+    with pytest.raises(ValueError, match=r"\(1, 2, 8, 8, 4\) and \(1, 1, 8, 8, 4\)"):
+        mask_drift(a, b)
+    with pytest.raises(TypeError, match="two SliceMasks"):
+        mask_drift(a, a.indptr)
