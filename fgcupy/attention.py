@@ -217,11 +217,12 @@ DENSE_INDEX_BUDGET = 1 << 26
 
 
 def dense_attention_with_lse(q, k, v, slice_m: int = 128, key_valid=None, scale: float | None = None,
-                             layout: str = "HND", index_budget: int = DENSE_INDEX_BUDGET):
+                             layout: str = "HND", index_budget: int = DENSE_INDEX_BUDGET, **tile):
     """(out, lse): dense attention through the slice kernel (CPU tensors: the reference) and its
     row LSE, float32 [B, H, S], natural log: the dense step whose LSE exact column-max masks
     need. ``key_valid`` (bool [B, KV]) drops padded keys. Heads run in groups whose full index
-    lists hold at most ``index_budget`` slices (a 32,760-token head needs 8.4 M)."""
+    lists hold at most ``index_budget`` slices (a 32,760-token head needs 8.4 M). ``tile``: plan
+    options, as ``sparse_attention`` takes them."""
     check_layout(layout)
     if isinstance(slice_m, bool) or not isinstance(slice_m, int) or slice_m < 1:
         raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
@@ -245,6 +246,7 @@ def dense_attention_with_lse(q, k, v, slice_m: int = 128, key_valid=None, scale:
             masks[h1 - h0] = full if key_valid is None else drop_keys(full, key_valid)
         full = masks[h1 - h0]
         part = [x.narrow(head_axis, h0, h1 - h0) for x in (q_t, k_t, v_t, out)]
-        _, part_lse = sparse_attention(*part[:3], full, scale=scale, layout=layout, out=part[3], return_lse=True)
+        _, part_lse = sparse_attention(*part[:3], full, scale=scale, layout=layout, out=part[3], return_lse=True,
+                                       **tile)
         lse[:, h0:h1] = part_lse
     return out, lse

@@ -149,10 +149,12 @@ class MaskCache:
             indptr = torch.empty(0, dtype=torch.int32, device=mask.device)
         else:
             # A copy at any width: the caller's keys (a plan's buffers, refilled in place) stay theirs.
-            # Keys outside [0, kv_len), which the kernels drop, are stored as -1: narrowed to int16
-            # they would wrap into real keys.
-            keys = mask.indices.masked_fill((mask.indices < 0) | (mask.indices >= mask.kv_len), -1)
-            payload = keys.to(torch.int16 if mask.kv_len <= _INT16_KEYS else torch.int32)
+            if mask.kv_len <= _INT16_KEYS:  # keys outside [0, kv_len) would wrap into real keys in int16:
+                # int16's lowest stays outside the keys however union_keys moves it (offsets < kv_len)
+                outside = (mask.indices < 0) | (mask.indices >= mask.kv_len)
+                payload = mask.indices.masked_fill(outside, -(2**15)).to(torch.int16)
+            else:
+                payload = mask.indices.clone()
             kept, indptr = None, mask.indptr.clone()
         self._entries[layer] = _Entry(shape, indptr, payload, form, kept, step)
 

@@ -74,14 +74,14 @@ def check_options(*, head_groups: int = 1, compute: str = "auto", exchange: str 
         raise ValueError(f"key_tile must be None or one of {KEY_TILES}, got {key_tile!r}")
 
 
-def _dense(compute: str, q, k, v, out, lse, scale) -> None:
+def _dense(compute: str, q, k, v, out, lse, scale, key_tile: int | None = None) -> None:
     """Attention of every query over every key into ``out`` (and ``lse``): the kernel in head
     groups whose full index lists stay within attention.DENSE_INDEX_BUDGET (a list of every key
     of a whole 75,600-token sequence is 45 M entries per head), or the reference."""
     if compute == "fgcupy":
         from .attention import dense_attention_with_lse
 
-        dense_out, dense_lse = dense_attention_with_lse(q, k, v, DENSE_SLICE_M, scale=scale)
+        dense_out, dense_lse = dense_attention_with_lse(q, k, v, DENSE_SLICE_M, scale=scale, key_tile=key_tile)
     else:
         from .reference import reference_attention
 
@@ -305,7 +305,7 @@ class SequenceParallelAttention:
 
     def _attend(self, compute, qg, kg, vg, mask, plan, out, lse, scale):
         if mask is None:
-            _dense(compute, qg, kg, vg, out, lse, scale)
+            _dense(compute, qg, kg, vg, out, lse, scale, self.key_tile)
             return
         if compute == "fgcupy":
             plan.run(qg, kg, vg, scale=scale, out=out, lse=lse)

@@ -6,6 +6,7 @@ stock processors given the same slice mask as a dense boolean mask (sparse masks
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -1379,3 +1380,29 @@ def test_apply_to_a_compiled_transformer_reads_the_model_it_wraps(recwarn):
     assert fd.handle_of(model) is handle
     fd.remove(model)
     assert fd.handle_of(model) is None
+
+
+def test_a_callable_predictor_sees_the_models_own_keys():
+    """Padded text keys are NaN only to fgcupy's own predictors: a callable gets k as the model
+    made it (a top-k of its own had picked the NaN keys first, and every row came out empty)."""
+    seen = []
+
+    def predictor(q, k, slice_m):
+        seen.append(bool(torch.isnan(k).any()))
+        return fgcupy.predict_mask(q, k, slice_m, "topk", density=0.3)
+
+    model = tiny_hunyuan()
+    fd.apply(model, fd.SparseAttentionConfig(predictor=predictor, slice_m=64, dense_steps=0,
+                                             attention_fn=reference_attention_fn))
+    run_hunyuan(model, hunyuan_inputs(text=64, valid_text=4))
+    assert seen and not any(seen)
+
+
+@pytest.mark.parametrize("band", ["auto", np.int64(32)])
+def test_diagonals_take_the_bands_predict_mask_takes(band):
+    model = tiny_wan(layers=1)
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor="topk", density=0.3, slice_m=64, dense_steps=0,
+                                                      find_diagonals=2, predictor_kwargs={"exact_band": band},
+                                                      attention_fn=reference_attention_fn))
+    run_wan(model, *wan_inputs())
+    assert all(stats.sparse_calls == 1 for stats in handle.stats().values())

@@ -201,6 +201,13 @@ def test_keys_outside_the_sequence_stay_dropped_in_storage(storage):
     cache = MaskCache(storage=storage)
     cache.put("l", mask)
     assert torch.equal(cache.get("l").to_dense(), mask.to_dense())
+    # ... and moved by union_keys they land where the original's land (outside, or as it moves them)
+    from fgcupy import union_keys
+
+    for kv_len in (100, 40_000):
+        mask = SliceMask(i32([[[0, 3]]]), i32([3, 10, kv_len + 5]), 4, 4, kv_len)
+        cache.put("l", mask)
+        assert torch.equal(union_keys(cache.get("l"), (0, 1)).to_dense(), union_keys(mask, (0, 1)).to_dense())
 
 
 def test_a_reading_above_one_misses_nothing():

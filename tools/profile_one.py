@@ -1,6 +1,6 @@
 """Launch one fgcupy kernel a few times on a dense wan-like problem, for ncu to profile.
 
-    ncu --kernel-name regex:sparse_attn --launch-skip 2 --launch-count 1 python3 -m tools.profile_one sm90-m128n64s2pv1
+    ncu --kernel-name regex:sparse_attn --launch-skip 2 --launch-count 1 python3 -m tools.profile_one sm90-m128n64s2pv1c1
 """
 
 import sys
@@ -10,7 +10,7 @@ import torch
 from bench.cases import fgcupy_call, random_inputs, random_topk_mask
 from bench.report_attention import parse_tile
 
-token = sys.argv[1] if len(sys.argv) > 1 else "sm90-m128n64s2pv1"
+token = sys.argv[1] if len(sys.argv) > 1 else "sm90-m128n64s2pv1c1"
 heads = int(sys.argv[2]) if len(sys.argv) > 2 else 8
 spec = parse_tile(token, 128)
 q, k, v = random_inputs(1, heads, 32_760, 128)

@@ -61,7 +61,7 @@ from ..attention import SparseAttention, dense_attention_with_lse, sparse_attent
 from ..cache import block_means, mask_recall, means_drift, missed_more
 from ..calibration import calibrate
 from ..diagonals import find_diagonals
-from ..mask import SliceMask, num_blocks
+from ..mask import SliceMask, is_int, num_blocks
 from ..local_search import search_offsets, union_keys
 from ..gpu_prediction import attention_kernels_ahead, colmax_kernels
 from ..jit.runtime import kernels_can_run, load_in_background
@@ -462,7 +462,6 @@ class SparseAttentionHandle:
             tuned = (branch, key, self.grid)
             poolings = layer.poolings.get(tuned)
             calibrating = cfg.calibrate_pooling and poolings is None and not warmup
-            k_seen = without_padded_keys(k, key_valid)
             dense_out, lse = self._dense_call(q, k, v, key_valid) if cfg.exact or warmup else (None, None)
             # sparse_refresh: a layer whose mask still fits these inputs attends through it
             # (calibration still runs first).
@@ -471,15 +470,17 @@ class SparseAttentionHandle:
                                                                                              key_version):
                 old = self.cache.get(entry)
                 sparse_out, mask = self._refresh_from_sparse_call(layer, tuned, slot, old, q, k, v,
-                                                                  key_valid, poolings, k_seen)
+                                                                  key_valid, poolings)
             elif calibrating:  # from sampled queries: no dense step
-                calibration = calibrate(q.transpose(1, 2), k_seen.transpose(1, 2), None, cfg.slice_m,
+                calibration = calibrate(q.transpose(1, 2), self._keys_seen(k, key_valid).transpose(1, 2), None,
+                                        cfg.slice_m,
                                         method=cfg.predictor, **cfg.predictor_arguments())
                 layer.poolings[tuned], mask = calibration.poolings, calibration.mask
                 layer.stats.calibrations += 1
             elif warmup:
-                mask = self._predict(layer, q.transpose(1, 2), k_seen.transpose(1, 2), lse)
+                mask = self._predict(layer, q.transpose(1, 2), self._keys_seen(k, key_valid).transpose(1, 2), lse)
             else:
+                k_seen = self._keys_seen(k, key_valid)
                 diagonals = self._diagonals(layer, tuned, q, k_seen)
                 mask = self._predict(layer, q.transpose(1, 2), k_seen.transpose(1, 2), lse, poolings, diagonals)
             if key_valid is not None:
@@ -571,13 +572,12 @@ class SparseAttentionHandle:
         return out, lse
 
     def _refresh_from_sparse_call(self, layer: _Layer, entry: tuple, slot: _Slot, old: SliceMask, q, k, v,
-                                  key_valid, poolings, k_seen) -> tuple:
+                                  key_valid, poolings) -> tuple:
         """sparse_refresh's refresh call of q, k, v ``[B, S, H, D]``: (its output through the
         layer's mask ``old``, the next mask: the exact column max, with this call's LSE over
         ``old``'s keys, over those keys, the predictor's unless predict_on_refresh is False, and
         with local_search their moved copies). With ``attention_fn`` the output is
-        its answer and the LSE fgcupy's (the reference on CPU tensors). The predictor sees ``k_seen``
-        (k with padded keys NaN)."""
+        its answer and the LSE fgcupy's (the reference on CPU tensors)."""
         cfg = self.config
         if cfg.attention_fn is None:
             out, lse = slot.plan.run(q, k, v, layout="NHD", return_lse=True)
@@ -587,6 +587,7 @@ class SparseAttentionHandle:
         qh, kh = q.transpose(1, 2), k.transpose(1, 2)
         predicted = None
         if cfg.predict_on_refresh:
+            k_seen = self._keys_seen(k, key_valid)
             predicted = self._predict(layer, qh, k_seen.transpose(1, 2), None, poolings,
                                       self._diagonals(layer, entry, q, k_seen))
         offsets = (0,)
@@ -603,14 +604,23 @@ class SparseAttentionHandle:
                                **cfg.exact_arguments())
         return out, mask
 
+    def _keys_seen(self, k, key_valid):
+        """k ``[B, S, H, D]`` as fgcupy's predictors see it (``without_padded_keys``: one copy of k,
+        made only where a prediction runs); a callable predictor gets the model's own keys."""
+        return k if callable(self.config.predictor) else without_padded_keys(k, key_valid)
+
     def _diagonals(self, layer: _Layer, entry: tuple, q, k) -> tuple:
         """The layer's diagonals (find_diagonals): found on its first refresh, then kept."""
         count = self.config.find_diagonals
         if not count:
             return ()
         if entry not in layer.diagonals:
-            spacing = {name: value for name, value in self.config.predictor_arguments().items()
-                       if name in ("exact_band", "scale") and value is not None}  # the bands they move
+            arguments = self.config.predictor_arguments()  # the predictor's band and scale space the diagonals
+            spacing = {}
+            if is_int(arguments.get("exact_band")):  # "auto" / None: find_diagonals' default band
+                spacing["exact_band"] = int(arguments["exact_band"])
+            if arguments.get("scale") is not None:
+                spacing["scale"] = float(arguments["scale"])
             layer.diagonals[entry] = find_diagonals(q, k, self.config.slice_m, count=count, layout="NHD", **spacing)
             layer.stats.diagonals = layer.diagonals[entry]
         return layer.diagonals[entry]
