@@ -120,8 +120,8 @@ def main(argv=None):
 
 def parse_tile(token: str, head_dim: int, dtype: str = "bfloat16"):
     """'m128n32s3w4' -> AttentionSpec, 'sm90-m128n64s2pv1c2' -> Sm90AttentionSpec,
-    'ws-m128n128s2pp1' -> Sm90WsAttentionSpec; every field of its family, no other (a field of
-    another family had been dropped silently)."""
+    'ws-m128n128s2pp1' -> Sm90WsAttentionSpec; every field of its family and no other (a field
+    another family takes would be meaningless here)."""
     token = token.strip()
     ws = re.fullmatch(r"ws-m(\d+)n(\d+)s(\d+)pp(\d+)", token)
     if ws:

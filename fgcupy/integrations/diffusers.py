@@ -134,8 +134,8 @@ class LayerStats:
 
 def without_padded_keys(k: torch.Tensor, key_valid) -> torch.Tensor:
     """k ``[B, S, H, D]`` as mask prediction is to see it: padded keys (``key_valid`` False) NaN,
-    which adds no mass to any row and scores lowest, so a row's budget goes to real keys (they had
-    been ranked with the rest and dropped after, leaving rows short, a small block empty)."""
+    which adds no mass to any row and scores lowest, so a row's budget goes to real keys (ranked
+    with the rest and dropped after, they would leave rows short, a small block empty)."""
     if key_valid is None:
         return k
     return k.masked_fill(~key_valid[:, :, None, None], float("nan"))
