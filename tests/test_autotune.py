@@ -723,3 +723,15 @@ def test_looking_a_choice_up_loads_no_tuning_module():
     before, after = out.stdout.strip().splitlines()
     assert before == "[]"
     assert after == str(["fgcupy.autotune.cli", "fgcupy.autotune.measure", "fgcupy.autotune.slices", "fgcupy.workloads"])
+
+
+def test_a_stored_kernel_past_the_gpus_shared_memory_is_not_used():
+    """A winner stored under a 99 KB GPU's key that needs more (a hand-edited or foreign file) is
+    passed over for the default, with a warning, rather than failing at its load."""
+    key = autotune.ProblemKey.make(ADA, "bfloat16", 128, 128, 32760, 32760, 0.3)
+    big = AttentionSpec("bfloat16", 128, 128, 64, 3)
+    assert big.smem_bytes > ADA.smem_per_block_optin
+    autotune.TuneCache().store([fake_result(key, winner=big)], ADA)
+    default = autotune.heuristic_spec("bfloat16", 128, 128, ADA.arch)
+    with pytest.warns(autotune.AutotuneCacheWarning, match="grants 101,376; not using it"):
+        assert autotune.choose_spec(key, default, lambda k: None, gpu=ADA) == default

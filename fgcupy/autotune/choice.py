@@ -65,6 +65,11 @@ def choose_spec(key: ProblemKey, default: AttentionSpec, tune_fn: Callable[[Prob
             return spec
         cache = cache or TuneCache()
         spec = cache.lookup(key)
+        if spec is not None and gpu is not None and spec.smem_bytes > gpu.smem_per_block_optin:
+            warnings.warn(f"fgcupy autotune: the stored {spec.name} for {key.id} needs {spec.smem_bytes:,} bytes of "
+                          f"shared memory per block, {gpu.name} grants {gpu.smem_per_block_optin:,}; not using it",
+                          AutotuneCacheWarning, stacklevel=3)
+            spec = None
         if spec is None and autotune_enabled():
             try:
                 with gpu_lock:
