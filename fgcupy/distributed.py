@@ -74,20 +74,13 @@ def check_options(*, head_groups: int = 1, compute: str = "auto", exchange: str 
         raise ValueError(f"key_tile must be None or one of {KEY_TILES}, got {key_tile!r}")
 
 
-def _dense(compute: str, q, k, v, out, lse, scale, key_tile: int | None = None) -> None:
-    """Attention of every query over every key into ``out`` (and ``lse``): the kernel in head
+def _dense(q, k, v, out, lse, scale, key_tile: int | None = None) -> None:
+    """The kernel's attention of every query over every key into ``out`` (and ``lse``), in head
     groups whose full index lists stay within attention.DENSE_INDEX_BUDGET (a list of every key
-    of a whole 75,600-token sequence is 45 M entries per head), or the reference."""
-    if compute == "fgcupy":
-        from .attention import dense_attention_with_lse
+    of a whole 75,600-token sequence is 45 M entries per head)."""
+    from .attention import dense_attention_with_lse
 
-        dense_out, dense_lse = dense_attention_with_lse(q, k, v, DENSE_SLICE_M, scale=scale, key_tile=key_tile)
-    else:
-        from .reference import reference_attention
-
-        full = SliceMask.full(q.shape[0], q.shape[1], q.shape[2], k.shape[2], DENSE_SLICE_M, device=q.device)
-        accumulate = torch.float64 if q.dtype == torch.float64 else torch.float32
-        dense_out, dense_lse = reference_attention(q, k, v, full, scale=scale, dtype=accumulate)
+    dense_out, dense_lse = dense_attention_with_lse(q, k, v, DENSE_SLICE_M, scale=scale, key_tile=key_tile)
     out.copy_(dense_out)
     if lse is not None:
         lse.copy_(dense_lse)
@@ -304,9 +297,11 @@ class SequenceParallelAttention:
         return part, plan
 
     def _attend(self, compute, qg, kg, vg, mask, plan, out, lse, scale):
-        if mask is None:
-            _dense(compute, qg, kg, vg, out, lse, scale, self.key_tile)
+        if mask is None and compute == "fgcupy":
+            _dense(qg, kg, vg, out, lse, scale, self.key_tile)
             return
+        if mask is None:  # the reference over every key
+            mask = SliceMask.full(qg.shape[0], qg.shape[1], qg.shape[2], kg.shape[2], DENSE_SLICE_M, device=qg.device)
         if compute == "fgcupy":
             plan.run(qg, kg, vg, scale=scale, out=out, lse=lse)
             return

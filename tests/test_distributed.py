@@ -311,5 +311,5 @@ def test_dense_head_groups_keep_no_list_of_every_key(monkeypatch):
     budgets = []
     monkeypatch.setattr(attention, "dense_attention_with_lse",
                         lambda *args, **kwargs: budgets.append(kwargs.get("index_budget")) or (q, lse))
-    distributed._dense("fgcupy", q, k, v, torch.empty_like(q), None, 0.125)
+    distributed._dense(q, k, v, torch.empty_like(q), None, 0.125)
     assert budgets == [None]  # the default budget applies
