@@ -81,6 +81,8 @@ JUDGED = {
     "pool 64 + band 64 + diagonals": dict(pool=64, exact_band=64, diagonals=FOUND),
     "pool 16 + band 128": dict(pool=16, exact_band=128),
     "pool 8 + band 128": dict(pool=8, exact_band=128),
+    # The exact column max with each query's LSE estimated (fgcupy.lse_estimate): no dense step.
+    "colmax, estimated LSE": dict(method="colmax", lse="estimate"),
     # Per head, the pooling whose mask holds the most exact column-max mass (the LSE of a dense step).
     "calibrated (mean | both)": "calibrate",
     # The same choice without a dense step: the most probability of sampled queries
@@ -180,8 +182,8 @@ def family_rows(args, shape, device):
                     if kw in ("calibrate", "calibrate_sampled"):
                         lse = judge.lse if kw == "calibrate" else None
                         kw = dict(pooling=calibrate_pooling(q, k, lse, 128, density=d))
-                    kw = with_diagonals(kw, diagonals)
-                    err, ratio = judge.ratio(predict_mask(q, k, 128, "topk", density=d, **kw))
+                    kw = dict(with_diagonals(kw, diagonals))
+                    err, ratio = judge.ratio(predict_mask(q, k, 128, kw.pop("method", "topk"), density=d, **kw))
                 except Exception as exc:  # noqa: BLE001 - report and go on
                     traceback.print_exc()
                     row["ratios"][name] = repr(exc)

@@ -10,7 +10,8 @@ Methods (DESIGN.md §2):
   "colmax": exact column-max scores from a dense step's row LSE (``lse`` [B, H, S], natural
       log, as ``SparseAttention.run(..., return_lse=True)`` gives): score(block, key) = max over
       the block's queries of their probability; selection by ``rule`` (default threshold,
-      0.5 / kv_len). Tiled on the GPU; the S x S matrix is never stored.
+      0.5 / kv_len). Tiled on the GPU; the S x S matrix is never stored. With no dense step,
+      ``lse="estimate"`` uses fgcupy.lse_estimate (each query's band mass plus its block mean's).
 Every selection can keep at least ``min_keys``, at most ``max_keys`` keys per block, and the
 block's diagonal band (its own keys and ``local`` more on either side), which is ranked first
 (it counts toward k and toward the mass; with combine "union", toward each sub-block's selection,
@@ -46,6 +47,7 @@ from . import bridge, predict_op
 from .gpu_prediction import DEFAULT_WORKSPACE, static_row_counts  # noqa: F401
 from .jit.spec import SLICE_SIZES
 from .layout import query_key_views
+from .lse_estimate import estimate_lse
 from .mask import SliceMask, num_blocks
 from .mask_request import (AUTO, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
                            METHODS, POOLINGS, MaskRequest, is_number, make_request)
@@ -74,7 +76,9 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     q, k: [B, H, S, D] ("HND") or [B, S, H, D] ("NHD"), torch or cupy; CUDA tensors run the
     kernels (bf16/fp16), CPU tensors the torch reference. ``method``: "topk", "tau" or
     "threshold" (mean-query scoring, selected by that rule) or "colmax" (exact column maxima
-    from ``lse``, selected by ``rule``: the rule whose option is given, "threshold" when none is).
+    from ``lse``, selected by ``rule``: the rule whose option is given, "threshold" when none is;
+    ``lse="estimate"`` where no dense step ran: fgcupy.lse_estimate.estimate_lse, near the
+    oracle on every head family at about half a dense attention's cost, README "Mask quality").
     ``density`` is top-k as a fraction of kv_len (a positive density keeps at least one key; 0
     keeps only what ``local`` and ``min_keys`` add, so alone it gives empty rows), or ``top_k`` a
     count. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.
@@ -135,12 +139,19 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     lse_t = None
     if method == "colmax":
         if lse is None:
-            raise ValueError("method='colmax' needs lse: the float32 [B, H, q_len] row LSE of a dense step")
-        lse_t = checked_lse(lse, qh)
+            raise ValueError("method='colmax' needs lse: the float32 [B, H, q_len] row LSE of a dense step, "
+                             "or \"estimate\" where none ran")
+        if isinstance(lse, str):
+            if lse != "estimate":
+                raise ValueError(f"lse must be a float32 [B, H, q_len] tensor or \"estimate\", got {lse!r}")
+        else:
+            lse_t = checked_lse(lse, qh)
     if qh.device.type == "cuda":
         bridge.dtype_name(qh.dtype, "q")
     if not is_number(workspace_bytes) or not workspace_bytes >= 0 or not math.isfinite(workspace_bytes):
         raise ValueError(f"workspace_bytes must be a non-negative number of bytes, got {workspace_bytes!r}")
+    if isinstance(lse, str) and qh.shape[0] * qh.shape[1]:
+        lse_t = estimate_lse(qh, kh, req.slice_m, scale=req.scale, workspace_bytes=workspace_bytes)
     if qh.shape[0] * qh.shape[1] == 0:  # no heads: nothing to score, on any device
         indptr = torch.zeros(qh.shape[0], qh.shape[1], num_blocks(qh.shape[2], req.slice_m) + 1, dtype=torch.int32,
                              device=qh.device)

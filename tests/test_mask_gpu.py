@@ -654,3 +654,23 @@ def test_a_nan_key_or_query_adds_nothing_to_the_kernels_prediction(dtype):
     gen = torch.Generator().manual_seed(4)
     q, k = (torch.randn(1, 2, 512, 64, generator=gen).to("cuda", dtype) for _ in range(2))
     assert_nan_adds_nothing(q, k, "cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_estimated_lse_and_its_column_max_on_the_gpu(dtype):
+    """lse="estimate" on CUDA: the estimate agrees with the CPU's on the same inputs, the
+    prediction is the column max of that estimate, and it stays near the oracle on sharp heads."""
+    from fgcupy.head_families import family_qkv, family_shape
+    from fgcupy.lse_estimate import estimate_lse
+    from fgcupy.oracle import Judge
+
+    shape = family_shape("wan14b-480p", grid=(3, 16, 24))
+    q, k, v = family_qkv(shape, "gauss-sharp", heads=2, dtype=dtype)
+    got = estimate_lse(q.to(DEVICE), k.to(DEVICE), 128, workspace_bytes=1 << 20)
+    torch.testing.assert_close(got.cpu(), estimate_lse(q, k, 128), rtol=0, atol=2e-4)
+    qd, kd = q.to(DEVICE), k.to(DEVICE)
+    mask = predict_mask(qd, kd, 128, "colmax", density=0.1, lse="estimate")
+    same = predict_mask(qd, kd, 128, "colmax", density=0.1, lse=got)
+    assert torch.equal(mask.indptr, same.indptr) and torch.equal(mask.indices, same.indices)
+    _, ratio = Judge(q.float(), k.float(), v.float()).ratio(mask.to("cpu"))
+    assert ratio < 1.45

@@ -96,6 +96,7 @@ DATA_DEPENDENT = {
     "tau capped": lambda q, k, lse: predict_mask(q, k, 64, "tau", tau=0.95, max_keys=80, local=4),
     "colmax top-k": lambda q, k, lse: predict_mask(q, k, 64, "colmax", density=0.2, lse=lse),
     "colmax threshold": lambda q, k, lse: predict_mask(q, k, 64, "colmax", lse=lse),
+    "colmax estimated": lambda q, k, lse: predict_mask(q, k, 64, "colmax", density=0.2, lse="estimate"),
     "colmax candidates": lambda q, k, lse: predict_mask(
         q, k, 64, "colmax", rule="tau", tau=0.9, lse=lse,
         candidates=[predict_mask(q, k, 64, "topk", density=0.1), predict_mask(q, k, 64, "tau", tau=0.5)]),

@@ -22,6 +22,9 @@ better:
 * "..., per-head budget": the exact column max, and the shipped default (pooling "adaptive"),
   selected per head instead of per block: the head's d x blocks x keys highest scores, so
   blocks keep different numbers of keys at the same density (does a mass-like rule help?);
+* "colmax, estimated LSE" (``predict_mask(method="colmax", lse="estimate")``, a real predictor
+  that needs no dense step) and its estimate's two parts alone: each query's LSE over its
+  block's band only ("band LSE only"), or its block mean query's LSE only ("block-mean LSE only");
 * "best per block of ...": each query block takes whichever of those real predictors' masks
   gives it the least output error (the squared error splits over blocks), a bound for any
   per-block choice among them.
@@ -31,12 +34,14 @@ Runs on the CPU (torch reference) or on a GPU (--device cuda).
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 
 import torch
 
 from fgcupy import mask_reference as ref
 from fgcupy.head_families import FAMILIES, family_qkv
+from fgcupy.lse_estimate import ESTIMATE_BAND, band_lse, estimate_lse
 from fgcupy.mask import SliceMask
 from fgcupy.oracle import Judge, keys_for
 from fgcupy.reference import reference_attention
@@ -96,28 +101,48 @@ def head_budget_mask(scores, density: float, q_len: int) -> SliceMask:
     return SliceMask.from_dense(keep.reshape(scores.shape), SLICE_M, q_len)
 
 
+def estimated_lses(q, k, scale):
+    """{name: LSE} of the estimate (fgcupy.lse_estimate) and of each of its parts alone."""
+    flat_q, flat_k = q.flatten(0, 1), k.flatten(0, 1)
+    near = band_lse(flat_q, flat_k, SLICE_M, ESTIMATE_BAND, scale).view(q.shape[:3])
+    broad = ref.sampled_lse(ref.pool_queries(q, SLICE_M), k, scale).repeat_interleave(SLICE_M, -1)[..., : q.shape[2]]
+    return {"colmax, estimated LSE": estimate_lse(q, k, SLICE_M, scale=scale),
+            "colmax, band LSE only": near, "colmax, block-mean LSE only": broad}
+
+
 def predictors(q, k, judge, scale, grid):
+    """(name, a function computing its [B, H, QB, S] scores) of every predictor, in print order;
+    scores that several share are computed once, and only if asked for."""
     rows = torch.arange(q.shape[2], device=q.device)
-    yield "colmax, per-head budget", judge.colmax
-    adaptive = ref.pooled_scores(q, k, 32, SLICE_M, 64, scale, "adaptive")
+    lses = functools.cache(lambda: estimated_lses(q, k, scale))
+    adaptive = functools.cache(lambda: ref.pooled_scores(q, k, 32, SLICE_M, 64, scale, "adaptive"))
+    both = functools.cache(lambda: ref.pooled_scores(q, k, 64, SLICE_M, 64, scale, "both"))
+    default = functools.cache(lambda: ref.pooled_scores(q, k, 32, SLICE_M, 64, scale, "mean"))
+
+    def exact_on_top(frac):
+        top = both().topk(keys_for(frac, k.shape[2]), -1).indices
+        return both().scatter(-1, top, judge.colmax.gather(-1, top))
+
+    for name in ("colmax, estimated LSE", "colmax, band LSE only", "colmax, block-mean LSE only"):
+        yield name, functools.partial(lambda name: ref.colmax_scores(q, k, lses()[name], SLICE_M, scale), name)
+    yield "colmax, per-head budget", lambda: judge.colmax
     yield "default adaptive", adaptive
     yield "default adaptive, per-head budget", adaptive
-    yield "column sum", column_stat(q, k, judge.lse, rows, scale, "sum")
-    yield "colmax dilated 1", ref.dilate_keys(judge.colmax, 1)
-    yield "every 2nd query", column_stat(q, k, judge.lse, rows[::2], scale, "max")
-    yield "every 8th query, dilated 4", ref.dilate_keys(column_stat(q, k, judge.lse, rows[4::8], scale, "max"), 4)
-    both = ref.pooled_scores(q, k, 64, SLICE_M, 64, scale, "both")
+    yield "column sum", lambda: column_stat(q, k, judge.lse, rows, scale, "sum")
+    yield "colmax dilated 1", lambda: ref.dilate_keys(judge.colmax, 1)
+    yield "every 2nd query", lambda: column_stat(q, k, judge.lse, rows[::2], scale, "max")
+    yield "every 8th query, dilated 4", lambda: ref.dilate_keys(column_stat(q, k, judge.lse, rows[4::8], scale, "max"), 4)
     yield "both 64 + band 64", both
     for frac in (0.1, 0.2):
-        top = both.topk(keys_for(frac, k.shape[2]), -1).indices
-        yield f"both, exact on top {frac}", both.scatter(-1, top, judge.colmax.gather(-1, top))
-    default = ref.pooled_scores(q, k, 32, SLICE_M, 64, scale, "mean")
+        yield f"both, exact on top {frac}", functools.partial(exact_on_top, frac)
     yield "default", default
-    yield "both 32 + band 64", ref.pooled_scores(q, k, 32, SLICE_M, 64, scale, "both")
+    yield "both 32 + band 64", lambda: ref.pooled_scores(q, k, 32, SLICE_M, 64, scale, "both")
     for frames in (2, grid[0] - 1):
-        yield f"exact on frames +-{frames}", frame_bands(default, judge.colmax, grid[1] * grid[2], frames)
+        yield f"exact on frames +-{frames}", functools.partial(
+            lambda frames: frame_bands(default(), judge.colmax, grid[1] * grid[2], frames), frames)
     for pool in (8, 4, 2):
-        yield f"mean of {pool} + band 64", ref.pooled_scores(q, k, pool, SLICE_M, 64, scale, "mean")
+        yield f"mean of {pool} + band 64", functools.partial(
+            lambda pool: ref.pooled_scores(q, k, pool, SLICE_M, 64, scale, "mean"), pool)
 
 
 def main():
@@ -126,6 +151,7 @@ def main():
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--families", nargs="+", default=["gauss-sharp", "mixture"], choices=list(FAMILIES))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--only", nargs="+", help="judge only the predictors whose names start with one of these")
     args = parser.parse_args()
     grid = tuple(int(n) for n in args.grid.split("x"))
     shape = VideoShape(f"grid {args.grid}", 1, args.heads, 128, grid)
@@ -136,7 +162,10 @@ def main():
         judge = Judge(q, k, v, SLICE_M, scale)
         print(f"{family}: oracle error " + ", ".join(f"d={d}: {judge.oracle_error(d):.4f}" for d in (0.1, 0.3)))
         candidates = {}  # density -> [per-block errors of the real predictors]
-        for name, scores in predictors(q, k, judge, scale, grid):
+        for name, compute in predictors(q, k, judge, scale, grid):
+            if args.only and not name.startswith(tuple(args.only)):
+                continue
+            scores = compute()
             ratios = []
             for d in (0.1, 0.3):
                 mask = (head_budget_mask if name in PER_HEAD else top_mask)(scores, d, q.shape[2])
@@ -144,6 +173,8 @@ def main():
                 if name in PER_BLOCK_CANDIDATES:
                     candidates.setdefault(d, []).append(block_errors(judge, mask))
             print(f"  {name:28s} d=0.1 {ratios[0]}  d=0.3 {ratios[1]}", flush=True)
+        if len(candidates.get(0.1, ())) < len(PER_BLOCK_CANDIDATES):  # some left out by --only
+            continue
         norm = float((judge.dense.double() ** 2).sum())
         bound = [math.sqrt(float(torch.stack(candidates[d]).amin(0).sum()) / norm) / judge.oracle_error(d)
                  for d in (0.1, 0.3)]

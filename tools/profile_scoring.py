@@ -7,7 +7,8 @@ Prints, for the mma.sync kernel and (on Hopper) the wgmma kernel: the exact colu
 (every query, groups of 128, LSE given), and the two pooled passes of the default predictor
 (pool 32: stats, then max-probability over groups of 4) and, on wgmma, the exact band in two
 launches against the fused one; then predict_mask's default, its
-sampled and combined poolings, and column-max predictions. --table adds the GPU kernels of one default prediction.
+sampled and combined poolings, and column-max predictions (with a dense step's LSE and with
+the estimated one, fgcupy.lse_estimate, whose estimate is also timed alone). --table adds the GPU kernels of one default prediction.
 """
 
 import sys
@@ -15,6 +16,7 @@ import sys
 import torch
 
 from fgcupy import mask_kernels, predict_mask
+from fgcupy.lse_estimate import estimate_lse
 from fgcupy.oracle import exact_lse
 from tools.scoring_setup import queued_ms, scoring_setup
 
@@ -49,9 +51,13 @@ def main():
                      ("pooling=both, top-k d=0.3", dict(method="topk", density=0.3, pooling="both")),
                      ("pooling=both pool=64, top-k d=0.1", dict(method="topk", density=0.1, pool=64, pooling="both")),
                      ("pooling=both pool=64, top-k d=0.3", dict(method="topk", density=0.3, pool=64, pooling="both")),
-                     ("column max, top-k d=0.1", dict(method="colmax", lse=lse, rule="topk", density=0.1))):
+                     ("column max, top-k d=0.1", dict(method="colmax", lse=lse, rule="topk", density=0.1)),
+                     ("column max with estimated LSE, top-k d=0.1",
+                      dict(method="colmax", lse="estimate", rule="topk", density=0.1))):
         t = ms(lambda: predict_mask(q, k, 128, **kw))
         print(f"predict_mask {name}: {t:.3f} ms = {100 * t / dense:.2f} % of cuDNN dense")
+    t = ms(lambda: estimate_lse(q, k, 128, scale=scale))
+    print(f"estimate_lse alone: {t:.3f} ms = {100 * t / dense:.2f} % of cuDNN dense")
     if "--table" in sys.argv:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             predict_mask(q, k, 128, "topk", density=0.1)
