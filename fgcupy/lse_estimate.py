@@ -28,12 +28,12 @@ from .mask_request import is_number
 
 #: Keys either side of a block whose exact mass the estimate counts (the default exact band).
 ESTIMATE_BAND = 64
-#: Float32 bytes the band logits of one head chunk may take.
-DEFAULT_WORKSPACE = 1 << 30
+#: Bytes the band logits of one head chunk (and their exponentials) may take.
+DEFAULT_BAND_WORKSPACE = 1 << 30
 
 
 def estimate_lse(q, k, slice_m: int = 128, *, band: int = ESTIMATE_BAND, scale: float | None = None,
-                 layout: str = "HND", workspace_bytes: int = DEFAULT_WORKSPACE) -> torch.Tensor:
+                 layout: str = "HND", workspace_bytes: int = DEFAULT_BAND_WORKSPACE) -> torch.Tensor:
     """float32 [B, H, q_len] natural-log LSE estimate of each query of ``q`` over the keys ``k``
     ([B, H, S, D] "HND" or [B, S, H, D] "NHD", torch or cupy), on q's device: what
     ``predict_mask(method="colmax", lse=...)`` needs where no dense step ran
@@ -54,7 +54,7 @@ def estimate_lse(q, k, slice_m: int = 128, *, band: int = ESTIMATE_BAND, scale: 
     out = torch.empty(batch * heads, q_len, dtype=torch.float32, device=qh.device)
     q_flat, k_flat = qh.reshape(batch * heads, q_len, dim), kh.reshape(batch * heads, kh.shape[2], dim)
     blocks = num_blocks(q_len, slice_m)
-    per_head = 4 * blocks * slice_m * (slice_m + 2 * band) + 4 * (kh.shape[2] + 2 * band + slice_m) * dim
+    per_head = 2 * 4 * blocks * slice_m * (slice_m + 2 * band) + 4 * (kh.shape[2] + 2 * band + slice_m) * dim
     chunk = max(1, min(batch * heads, int(workspace_bytes // max(per_head, 1))))
     for h0 in range(0, batch * heads, chunk):
         qc, kc = q_flat[h0 : h0 + chunk], k_flat[h0 : h0 + chunk]
@@ -80,5 +80,5 @@ def band_lse(q: torch.Tensor, k: torch.Tensor, slice_m: int, band: int, scale: f
     logits = torch.matmul(queries, windows) * scale  # [N, QB, M, width]
     keys = torch.arange(blocks, device=q.device).unsqueeze(1) * slice_m - band + torch.arange(width, device=q.device)
     outside = (keys < 0) | (keys >= kv_len)
-    logits.masked_fill_(outside.view(1, blocks, 1, width), -math.inf)
-    return ref.nan_free_logsumexp(logits).view(n, blocks * slice_m)[:, :q_len]
+    logits.masked_fill_(outside.view(1, blocks, 1, width), -math.inf).nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    return torch.logsumexp(logits, -1).view(n, blocks * slice_m)[:, :q_len]

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from fgcupy import mask_reference as ref
 from fgcupy import predict_mask
 from fgcupy.head_families import family_qkv, family_shape
-from fgcupy.lse_estimate import estimate_lse
+from fgcupy.lse_estimate import band_lse, estimate_lse
 from fgcupy.oracle import Judge
 from fgcupy.workloads import video_qkv
 
@@ -102,3 +102,11 @@ def test_estimate_errors():
     with pytest.raises(ValueError, match="lse applies to method='colmax'"):
         predict_mask(q, k, 16, "topk", density=0.1, lse="estimate")
     assert predict_mask(q[:, :0], k[:, :0], 16, "colmax", lse="estimate", density=0.5).indices.numel() == 0
+
+
+def test_band_lse_is_minus_infinity_where_a_block_has_no_band_keys():
+    q, k = torch.randn(2, 300, 8), torch.randn(2, 10, 8)
+    near = band_lse(q, k, 128, 0, 0.3)
+    assert torch.isfinite(near[:, :10]).all() and torch.isneginf(near[:, 128:]).all()
+    expected = torch.logsumexp(q[:, :128] @ k.transpose(-1, -2) * 0.3, -1)
+    torch.testing.assert_close(near[:, :128], expected)
