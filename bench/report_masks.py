@@ -235,10 +235,9 @@ def timing_rows(args, shape, device):
         ("predict topk d=0.1 sub16 max", dict(MEAN, method="topk", density=0.1, pool=16, combine="max")),
         ("predict topk sub16 union", dict(MEAN, method="topk", top_k=round(0.1 * shape.seq / 8), pool=16, combine="union")),
         ("predict colmax thr=0.5/S", dict(method="colmax", lse=lse)),
-        *((f"predict topk d=0.1 {name}", dict(method="topk", density=0.1, **with_diagonals(kw, diagonals)))
-          for name, kw in JUDGED.items() if isinstance(kw, dict)),
-        *((f"predict topk d=0.3 {name}", dict(method="topk", density=0.3, **with_diagonals(kw, diagonals)))
-          for name, kw in JUDGED.items() if isinstance(kw, dict)),
+        *((f"predict {kw.get('method', 'topk')} d={d} {name}",
+           dict(dict(method="topk"), density=d, **with_diagonals(kw, diagonals)))
+          for d in (0.1, 0.3) for name, kw in JUDGED.items() if isinstance(kw, dict)),
     ):
         record(label, lambda kw=kw: predict_mask(q, k, 128, **kw))
     for density in (0.1, 0.3):

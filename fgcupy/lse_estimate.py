@@ -10,9 +10,10 @@ yields the LSE; without one, ``estimate_lse`` log-adds two parts:
   (``mask_reference.sampled_lse``): the broad part a band cannot see.
 
 Either part alone fails on some heads (the band alone on region mixtures, the mean alone on
-sharp Gaussians and concentrated spatial heads: README "Mask quality"); the sum overcounts
-the band's keys by at most a factor of two, which moves every probability of a query alike.
-Plain torch on any device, in head chunks bounded by ``workspace_bytes``.
+sharp Gaussians: README "Mask quality"). The band's keys count in both parts and the mean
+query's mass is no bound on any one query's, so the estimate is judged by the masks it gives.
+Plain torch on any device (so it traces under torch.compile), in head chunks bounded by
+``workspace_bytes``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import torch
 
 from . import mask_reference as ref
 from .layout import query_key_views
-from .mask import num_blocks
+from .attention_kernel import check_scale
+from .mask import is_int, num_blocks
 from .mask_request import is_number
 
 #: Keys either side of a block whose exact mass the estimate counts (the default exact band).
@@ -38,31 +40,59 @@ def estimate_lse(q, k, slice_m: int = 128, *, band: int = ESTIMATE_BAND, scale: 
     ([B, H, S, D] "HND" or [B, S, H, D] "NHD", torch or cupy), on q's device: what
     ``predict_mask(method="colmax", lse=...)`` needs where no dense step ran
     (``lse="estimate"`` there calls this). ``slice_m``: the query blocks whose mean query and
-    band are used; ``scale`` defaults to 1 / sqrt(D). A query whose block holds a NaN query
-    keeps only its band's part; a NaN key adds no mass."""
+    band are used; ``scale`` defaults to 1 / sqrt(D). Queries with a NaN or infinite entry are
+    left out of their block's mean (a block with none keeps only the band's part); NaN logits
+    add no mass."""
     qh, kh = query_key_views(q, k, layout)
-    for name, value in (("slice_m", slice_m), ("band", band)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "slice_m" else 0):
-            raise ValueError(f"{name} must be a {'positive' if name == 'slice_m' else 'non-negative'} int, "
-                             f"got {value!r}")
+    for name, value, low in (("slice_m", slice_m, 1), ("band", band, 0)):
+        if not is_int(value) or value < low:
+            raise ValueError(f"{name} must be a {'positive' if low else 'non-negative'} int, got {value!r}")
     scale = ref.default_scale(qh.shape[3]) if scale is None else scale
-    if not is_number(scale) or not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+    check_scale(scale)
     if not is_number(workspace_bytes) or not (workspace_bytes >= 0 and math.isfinite(workspace_bytes)):
         raise ValueError(f"workspace_bytes must be a non-negative number of bytes, got {workspace_bytes!r}")
+    slice_m = int(slice_m)
     batch, heads, q_len, dim = qh.shape
-    out = torch.empty(batch * heads, q_len, dtype=torch.float32, device=qh.device)
-    q_flat, k_flat = qh.reshape(batch * heads, q_len, dim), kh.reshape(batch * heads, kh.shape[2], dim)
+    kv_len = kh.shape[2]
     blocks = num_blocks(q_len, slice_m)
-    per_head = 2 * 4 * blocks * slice_m * (slice_m + 2 * band) + 4 * (kh.shape[2] + 2 * band + slice_m) * dim
-    chunk = max(1, min(batch * heads, int(workspace_bytes // max(per_head, 1))))
+    band = min(int(band), max(kv_len, blocks * slice_m))  # wider bands hold the same keys
+    out = torch.empty(batch * heads, q_len, dtype=torch.float32, device=qh.device)
+    q_flat, k_flat = qh.reshape(batch * heads, q_len, dim), kh.reshape(batch * heads, kv_len, dim)
+    chunk = max(1, min(batch * heads, int(workspace_bytes // _bytes_per_head(blocks, slice_m, band, kv_len, dim))))
+    # An index, not repeat_interleave and a slice: torch 2.13's inductor fused those into logaddexp
+    # wrongly on the CPU (the last block's queries read garbage).
+    block_of_query = torch.arange(q_len, device=qh.device) // slice_m
     for h0 in range(0, batch * heads, chunk):
         qc, kc = q_flat[h0 : h0 + chunk], k_flat[h0 : h0 + chunk]
-        means = ref.pool_queries(qc.unsqueeze(0), slice_m)
-        broad = ref.sampled_lse(means, kc.unsqueeze(0), float(scale))[0]
-        near = band_lse(qc, kc, slice_m, band, float(scale))
-        out[h0 : h0 + chunk] = torch.logaddexp(near, broad.repeat_interleave(slice_m, -1)[:, :q_len])
+        means, counted = finite_block_means(qc, slice_m)
+        broad = ref.sampled_lse(means.unsqueeze(0), kc.unsqueeze(0), scale)[0]
+        broad = torch.where(counted, broad, -math.inf)
+        near = band_lse(qc, kc, slice_m, band, scale)
+        out[h0 : h0 + chunk] = torch.logaddexp(near, broad.index_select(1, block_of_query))
     return out.view(batch, heads, q_len)
+
+
+def _bytes_per_head(blocks: int, slice_m: int, band: int, kv_len: int, dim: int) -> int:
+    """Float32 bytes one head's estimate holds at its peak: the band logits and their
+    exponentials, the band windows matmul makes contiguous, the padded keys and queries, and the
+    block means' logits over the sampled keys with their two temporaries."""
+    width = slice_m + 2 * band
+    sampled = num_blocks(kv_len, ref.lse_key_stride(kv_len))
+    return 4 * (2 * blocks * slice_m * width + blocks * dim * width + 2 * (kv_len + width) * dim
+                + blocks * slice_m * dim + 3 * blocks * sampled)
+
+
+def finite_block_means(q: torch.Tensor, slice_m: int) -> tuple:
+    """(float32 [N, QB, D] mean of each block's queries whose entries are all finite, bool
+    [N, QB] whether a block has any) for q [N, q_len, D]."""
+    n, q_len, dim = q.shape
+    blocks = num_blocks(q_len, slice_m)
+    padded = torch.nn.functional.pad(q.float(), (0, 0, 0, blocks * slice_m - q_len)).view(n, blocks, slice_m, dim)
+    real = (torch.arange(blocks * slice_m, device=q.device) < q_len).view(1, blocks, slice_m)
+    used = torch.isfinite(padded).all(-1) & real
+    counts = used.sum(-1)
+    sums = torch.where(used.unsqueeze(-1), padded, 0.0).sum(2)
+    return sums / counts.clamp_min(1).unsqueeze(-1), counts > 0
 
 
 def band_lse(q: torch.Tensor, k: torch.Tensor, slice_m: int, band: int, scale: float) -> torch.Tensor:

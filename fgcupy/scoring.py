@@ -78,7 +78,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     "threshold" (mean-query scoring, selected by that rule) or "colmax" (exact column maxima
     from ``lse``, selected by ``rule``: the rule whose option is given, "threshold" when none is;
     ``lse="estimate"`` where no dense step ran: fgcupy.lse_estimate.estimate_lse, near the
-    oracle on every head family at about half a dense attention's cost, README "Mask quality").
+    oracle on every head family for one column-max pass plus the estimate, README "Mask quality").
     ``density`` is top-k as a fraction of kv_len (a positive density keeps at least one key; 0
     keeps only what ``local`` and ``min_keys`` add, so alone it gives empty rows), or ``top_k`` a
     count. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.

@@ -16,7 +16,9 @@ better:
 * "exact on frames +-F": the default scores (mean queries of 32, exact band of 64), with the
   exact column max also on the block's keys +-64 in the F frames before and after it (bands at
   multiples of the frame size, as a predictor told the video grid could place them);
-* "default", "both 32 + band 64": the shipped default and its pooling "both" (real predictors);
+* "default adaptive": the shipped default (pooling "adaptive"); "default": its pooling "mean"
+  (mean queries of 32 and the exact band, the default before "adaptive"); "both 32 + band 64":
+  its pooling "both" (real predictors);
 * "mean of P + band 64": the default's scoring itself with sub-blocks of P queries instead of
   32 (a real predictor; its scoring work grows as 32 / P times the default's);
 * "..., per-head budget": the exact column max, and the shipped default (pooling "adaptive"),
@@ -137,7 +139,7 @@ def predictors(q, k, judge, scale, grid):
         yield f"both, exact on top {frac}", functools.partial(exact_on_top, frac)
     yield "default", default
     yield "both 32 + band 64", lambda: ref.pooled_scores(q, k, 32, SLICE_M, 64, scale, "both")
-    for frames in (2, grid[0] - 1):
+    for frames in sorted({min(2, grid[0] - 1), grid[0] - 1} - {0}):
         yield f"exact on frames +-{frames}", functools.partial(
             lambda frames: frame_bands(default(), judge.colmax, grid[1] * grid[2], frames), frames)
     for pool in (8, 4, 2):

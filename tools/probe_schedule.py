@@ -28,6 +28,9 @@ first) as SparseAttentionConfig would make it:
                        "missed g" also refreshes on the sparse step after one where the mass the
                        mask misses (1 - fgcupy.cache.mask_recall) grew past g x its first reading
                        (SparseAttentionConfig(refresh_on_missed_mass=g))
+    estimated ...      the first mask is the column max with each query's LSE estimated
+                       (predict_mask(method="colmax", lse="estimate"): no dense step), then
+                       refreshed as named
 
 Every sparse step's mask is judged against that step's oracle (error / oracle error, the same
 density), so a schedule pays for the steps its mask grows stale. Printed per family and density:
@@ -58,8 +61,8 @@ WORKLOAD_PREFIX = "workload-"
 
 @dataclass(frozen=True)
 class Schedule:
-    """first: how the first sparse step's mask is made ("predict" or "warm-up": the last dense
-    step's exact mask); refresh: what a refresh does ("predict", "sparse", "search" or None: the
+    """first: how the first sparse step's mask is made ("predict", "warm-up": the last dense
+    step's exact mask, or "estimate": the column max with estimated LSEs); refresh: what a refresh does ("predict", "sparse", "search" or None: the
     mask is reused); every: sparse steps between refreshes."""
 
     first: str
@@ -96,6 +99,9 @@ SCHEDULES = {
     "warm-up + sparse 4,20": Schedule("warm-up", "sparse", steps=(4, 20)),
     "warm-up + sparse /20 missed 1.5": Schedule("warm-up", "sparse", 20, missed=1.5),
     "warm-up + sparse /20 missed 2": Schedule("warm-up", "sparse", 20, missed=2.0),
+    "estimated, reused": Schedule("estimate", None),
+    "estimated + sparse /20": Schedule("estimate", "sparse", 20),
+    "estimated + search ramp /32": Schedule("estimate", "search", 32, ramp=True),
 }
 
 class Run:
@@ -110,7 +116,10 @@ class Run:
         """Make or refresh the mask on sparse step ``sparse_step`` (0: the first) of q, k, v."""
         plan = self.schedule
         if sparse_step == 0:
-            self.mask = warmup_mask if plan.first == "warm-up" else self._predict(q, k)
+            if plan.first == "estimate":
+                self.mask = predict_mask(q, k, SLICE_M, "colmax", density=self.density, lse="estimate")
+            else:
+                self.mask = warmup_mask if plan.first == "warm-up" else self._predict(q, k)
         elif plan.refreshes(sparse_step) or self.fell:
             if self.fell and not plan.refreshes(sparse_step):
                 self.triggered.append(sparse_step)
