@@ -587,6 +587,30 @@ def test_sparse_refresh_attends_through_the_old_mask_and_keeps_the_exact_one_ove
     assert not torch.equal(expected.to_dense(), predicted.to_dense())
 
 
+def test_estimate_first_mask_makes_the_first_mask_from_estimated_lses_and_searches_after():
+    """estimate_first_mask: no dense step by default; the first sparse step's mask is the exact
+    column max with estimated LSEs, and the refreshes after it search around it (no estimate)."""
+    config = fd.SparseAttentionConfig(density=0.25, slice_m=64, estimate_first_mask=True, attention_fn=None)
+    assert (config.dense_steps, config.mask_from_warmup, config.sparse_refresh, config.local_search,
+            config.predict_on_refresh) == (0, False, True, True, False)
+    assert config.mask_making().startswith("masks: first the exact column max with estimated LSEs; refreshes sparse")
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs(frames=3, size=16)
+    seen, estimates = [], []
+    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.25, slice_m=64, estimate_first_mask=True,
+                                                      attention_fn=_recording(seen)))
+    predict = handle._predict
+    handle._predict = lambda layer, q, k, lse=None, *a: estimates.append(lse) or predict(layer, q, k, lse, *a)
+    for step in range(3):
+        run_wan(model, latents, text, t=1000 - 100 * step)
+    assert estimates == ["estimate"]  # the first mask; sparse steps 1 and 2 refresh by searching
+    q, k, first = (x.transpose(1, 2) if i < 2 else x for i, x in enumerate(seen[0]))
+    expected = fgcupy.predict_mask(q, k, 64, "colmax", rule="topk", density=0.25, lse="estimate")
+    assert torch.equal(first.to_dense(), expected.to_dense())
+    assert handle.stats()["blocks.0.attn1"].refresh_steps == [0, 1, 2]
+    assert not torch.equal(first.to_dense(), fgcupy.predict_mask(q, k, 64, "topk", density=0.25).to_dense())
+
+
 @pytest.mark.parametrize("grid, predicts", [(None, True), ((3, 4, 16), True), (None, False)],
                          ids=["grid_from_the_model", "grid_given", "no_prediction"])
 def test_local_search_scores_the_old_keys_moved_along_the_grid(grid, predicts):
@@ -999,6 +1023,11 @@ def test_predictor_with_the_wrong_shape_is_named():
         (dict(predictor=full_predictor, predictor_kwargs={"pool": 8}), "predictor_kwargs would not reach it"),
         (dict(refresh_every=5, refresh_steps=(3, 30)), "give one of them"),
         (dict(find_diagonals=2, mask_from_warmup=True, predict_on_refresh=False), "it would not be used"),
+        (dict(estimate_first_mask=1), "estimate_first_mask must be a bool"),
+        (dict(estimate_first_mask=True, predictor=full_predictor), "mean-query predictor"),
+        (dict(estimate_first_mask=True, predictor="colmax"), "mean-query predictor"),
+        (dict(estimate_first_mask=True, mask_from_warmup=True), "give one"),
+        (dict(estimate_first_mask=True, calibrate_pooling=True), "not with estimate_first_mask"),
     ],
 )
 def test_config_validation(kwargs, error):

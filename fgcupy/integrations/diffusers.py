@@ -482,6 +482,8 @@ class SparseAttentionHandle:
             else:
                 k_seen = self._keys_seen(k, key_valid)
                 diagonals = self._diagonals(layer, tuned, q, k_seen)
+                if lse is None and cfg.estimate_first_mask and self._needs_new_shape(entry, slot, key, key_version):
+                    lse = "estimate"  # the exact column max with estimated LSEs
                 mask = self._predict(layer, q.transpose(1, 2), k_seen.transpose(1, 2), lse, poolings, diagonals)
             if key_valid is not None:
                 mask = drop_keys(mask, key_valid)
@@ -626,7 +628,8 @@ class SparseAttentionHandle:
         return layer.diagonals[entry]
 
     def _predict(self, layer: _Layer, q, k, lse=None, poolings=None, diagonals=()) -> SliceMask:
-        """The layer's new mask: the exact column max where a dense call gave ``lse``, else the
+        """The layer's new mask: the exact column max where a dense call gave ``lse`` (or with
+        ``lse="estimate"``, estimated LSEs), else the
         configured predictor (with per-head ``poolings`` once calibrated and the layer's
         ``diagonals``)."""
         cfg = self.config
@@ -827,7 +830,7 @@ def _load_kernels_ahead(config: SparseAttentionConfig, device: torch.device, dty
         return
     name = bridge.dtype_name(dtype, "the attention inputs")
     specs = attention_kernels_ahead(name, head_dim, config.slice_m, device) if attention else []
-    if config.exact or config.mask_from_warmup:
+    if config.exact or config.mask_from_warmup or config.estimate_first_mask:
         specs += colmax_kernels(name, head_dim, config.slice_m, kv_len, config.exact_arguments()["rule"], device)
     for spec in specs:
         load_in_background(device, spec)

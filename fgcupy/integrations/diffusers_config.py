@@ -112,6 +112,16 @@ class SparseAttentionConfig:
         process_group and no calibrate_pooling): over a 50-step schedule of the head families,
         with sparse refreshes, its masks had 0.99-1.05x the oracle's error where predicted ones had
         0.91-4.0x (README "Over a whole schedule").
+    estimate_first_mask: a layer's first mask (and the first for new input shapes or key
+        padding) is the exact column max with each query's LSE estimated instead of predicted
+        (``predict_mask(method="colmax", lse="estimate")``: no dense step), selected like
+        mask_from_warmup's; later refreshes as configured. Costs one column-max pass and the
+        estimate per layer and generation (about half a dense attention with a dense step's LSE
+        on an H200; the estimate untimed). On the head families the estimated masks had 0.99-1.18x
+        the oracle's error where the default predictor's had up to 4.3x (CPU, README "Mask
+        quality"). Needs a named mean-query predictor; not with mask_from_warmup=True (the
+        warm-up's exact mask is the first), calibrate_pooling (its refresh makes the first mask)
+        or process_group. With it the default dense_steps is 0.
     sparse_refresh: a refresh of a layer that has a mask attends through that mask (this call's
         output) and keeps each query's LSE over the kept keys; the new mask, which serves the
         following steps, is the exact column max with that LSE over the keys the old mask keeps
@@ -187,6 +197,7 @@ class SparseAttentionConfig:
     refresh_on_drift: float | None = None
     refresh_on_missed_mass: float | None = None
     mask_from_warmup: bool | None = None
+    estimate_first_mask: bool = False
     sparse_refresh: bool | None = None
     local_search: bool | None = None
     predict_on_refresh: bool | None = None
@@ -264,6 +275,10 @@ class SparseAttentionConfig:
             self._refuse_process_group("find_diagonals", "queries and keys")
             if isinstance(self.predictor_kwargs, dict) and "diagonals" in self.predictor_kwargs:
                 raise ValueError("find_diagonals finds the diagonals: predictor_kwargs may not set them")
+        if not isinstance(self.estimate_first_mask, bool):
+            raise TypeError(f"estimate_first_mask must be a bool, got {self.estimate_first_mask!r}")
+        if self.estimate_first_mask:
+            self._check_estimate_first_mask()
         if self.mask_from_warmup:
             self._check_mask_from_warmup()
             if self.calibrate_pooling:
@@ -347,10 +362,10 @@ class SparseAttentionConfig:
         possible and kept to the end, that is no option of the schedule without dense steps
         (refreshes that never predict, the ramp), no predicting refreshes that would replace the
         exact mask (sparse_refresh=False), no list of refresh steps (taken as given), no grid (the
-        search's)."""
+        search's), no estimated first mask."""
         if self.mask_from_warmup is not None:
             return self.mask_from_warmup
-        return (sparse_possible and self.sparse_refresh is not False and self.predict_on_refresh is not False
+        return (sparse_possible and self.estimate_first_mask is not True and self.sparse_refresh is not False and self.predict_on_refresh is not False
                 and self.refresh_ramp is not True and self.refresh_steps is None and self.grid is None)
 
     def mask_making(self) -> str:
@@ -359,6 +374,7 @@ class SparseAttentionConfig:
         if self.exact:
             return "masks: the exact column max of a dense call on each refresh"
         first = ("the exact column max of the last warm-up step" if self.mask_from_warmup
+                 else "the exact column max with estimated LSEs" if self.estimate_first_mask
                  else f"predicted ({predictor})")
         if not self.sparse_refresh:
             later = f"predicted ({predictor})"
@@ -437,6 +453,16 @@ class SparseAttentionConfig:
                 raise ValueError("grid is read by local_search only: set local_search=True or leave grid None")
             grid_offsets(self.grid)
             object.__setattr__(self, "grid", tuple(self.grid))
+
+    def _check_estimate_first_mask(self) -> None:
+        if not (isinstance(self.predictor, str) and self.predictor in _METHOD_PARAMETER):
+            raise ValueError(f"estimate_first_mask selects by a mean-query predictor's density / tau / threshold "
+                             f"{tuple(_METHOD_PARAMETER)}, got predictor={self.predictor!r}")
+        if self.mask_from_warmup:
+            raise ValueError("estimate_first_mask and mask_from_warmup=True both make a layer's first mask: give one")
+        if self.calibrate_pooling:
+            raise ValueError("calibrate_pooling's refresh makes a layer's first mask: not with estimate_first_mask")
+        self._refuse_process_group("estimate_first_mask", "queries and keys")
 
     def _refuse_process_group(self, option: str, needs: str, hint: str = "") -> None:
         if self.process_group is not None:
