@@ -56,20 +56,20 @@ def estimate_lse(q, k, slice_m: int = 128, *, band: int = ESTIMATE_BAND, scale: 
     kv_len = kh.shape[2]
     blocks = num_blocks(q_len, slice_m)
     band = min(int(band), max(kv_len, blocks * slice_m))  # wider bands hold the same keys
-    out = torch.empty(batch * heads, q_len, dtype=torch.float32, device=qh.device)
-    q_flat, k_flat = qh.reshape(batch * heads, q_len, dim), kh.reshape(batch * heads, kv_len, dim)
-    chunk = max(1, min(batch * heads, int(workspace_bytes // _bytes_per_head(blocks, slice_m, band, kv_len, dim))))
+    out = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
+    chunk = max(1, min(heads, int(workspace_bytes // _bytes_per_head(blocks, slice_m, band, kv_len, dim))))
     # An index, not repeat_interleave and a slice: torch 2.13's inductor fused those into logaddexp
     # wrongly on the CPU (the last block's queries read garbage).
     block_of_query = torch.arange(q_len, device=qh.device) // slice_m
-    for h0 in range(0, batch * heads, chunk):
-        qc, kc = q_flat[h0 : h0 + chunk], k_flat[h0 : h0 + chunk]
-        means, counted = finite_block_means(qc, slice_m)
-        broad = ref.sampled_lse(means.unsqueeze(0), kc.unsqueeze(0), scale)[0]
-        broad = torch.where(counted, broad, -math.inf)
-        near = band_lse(qc, kc, slice_m, band, scale)
-        out[h0 : h0 + chunk] = torch.logaddexp(near, broad.index_select(1, block_of_query))
-    return out.view(batch, heads, q_len)
+    for b in range(batch):
+        for h0 in range(0, heads, chunk):  # views of q and k (an NHD layout is not copied whole)
+            qc, kc = qh[b, h0 : h0 + chunk], kh[b, h0 : h0 + chunk]
+            means, counted = finite_block_means(qc, slice_m)
+            broad = ref.sampled_lse(means.unsqueeze(0), kc.unsqueeze(0), scale)[0]
+            broad = torch.where(counted, broad, -math.inf)
+            near = band_lse(qc, kc, slice_m, band, scale)
+            out[b, h0 : h0 + chunk] = torch.logaddexp(near, broad.index_select(1, block_of_query))
+    return out
 
 
 def _bytes_per_head(blocks: int, slice_m: int, band: int, kv_len: int, dim: int) -> int:

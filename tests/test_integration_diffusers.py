@@ -594,6 +594,8 @@ def test_estimate_first_mask_makes_the_first_mask_from_estimated_lses_and_search
     assert (config.dense_steps, config.mask_from_warmup, config.sparse_refresh, config.local_search,
             config.predict_on_refresh) == (0, False, True, True, False)
     assert config.mask_making().startswith("masks: first the exact column max with estimated LSEs; refreshes sparse")
+    warmed = fd.SparseAttentionConfig(density=0.25, estimate_first_mask=True, dense_steps=1)
+    assert (warmed.dense_steps, warmed.mask_from_warmup) == (1, False)  # the warm-up does not make the first mask
     model = tiny_wan(layers=1)
     latents, text = wan_inputs(frames=3, size=16)
     seen, estimates = [], []

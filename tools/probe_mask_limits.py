@@ -27,6 +27,11 @@ better:
 * "colmax, estimated LSE" (``predict_mask(method="colmax", lse="estimate")``, a real predictor
   that needs no dense step) and its estimate's two parts alone: each query's LSE over its
   block's band only ("band LSE only"), or its block mean query's LSE only ("block-mean LSE only");
+* "mean of 32 + spread + band 64": the default's mean queries with each key's logit raised by
+  s^2 / 2 x (the sub-block's mean per-entry query variance) x |k|^2, the second cumulant of the
+  sub-block's logits if its queries spread alike in every direction (a log of the sub-block's
+  summed exp-logits, not of its mean query's), max-probability by each row's own LSE, with the
+  exact band: what such a term would buy a real predictor (one more scalar per row and per key);
 * "best per block of ...": each query block takes whichever of those real predictors' masks
   gives it the least output error (the squared error splits over blocks), a bound for any
   per-block choice among them.
@@ -112,6 +117,27 @@ def estimated_lses(q, k, scale):
             "colmax, band LSE only": near, "colmax, block-mean LSE only": broad}
 
 
+def spread_scores(q, k, pool, scale):
+    """[B, H, QB, S]: "mean of 32 + spread + band 64" of the module docstring, on sub-blocks of ``pool``."""
+    batch, heads, q_len, dim = q.shape
+    groups = math.ceil(q_len / pool)
+    x = torch.nn.functional.pad(q.float(), (0, 0, 0, groups * pool - q_len)).view(batch, heads, groups, pool, dim)
+    counts = torch.full((groups,), float(pool), device=q.device)
+    counts[-1] = q_len - (groups - 1) * pool
+    valid = (torch.arange(pool, device=q.device) < counts.unsqueeze(1)).view(1, 1, groups, pool, 1)
+    mean = (x * valid).sum(3) / counts.view(1, 1, groups, 1)
+    spread = (((x - mean.unsqueeze(3)) * valid) ** 2).sum((3, 4)) / counts.view(1, 1, groups) / dim
+    kf = k.float()
+    logits = scale * mean @ kf.transpose(-1, -2) + 0.5 * scale**2 * spread.unsqueeze(-1) * (kf * kf).sum(-1).unsqueeze(2)
+    lse = torch.logsumexp(logits, -1)
+    probs = torch.exp(logits - lse.unsqueeze(-1))
+    per_block = SLICE_M // pool
+    blocks = math.ceil(groups / per_block)
+    probs = torch.nn.functional.pad(probs, (0, 0, 0, blocks * per_block - groups)).unflatten(2, (blocks, per_block))
+    rows_lse = lse.repeat_interleave(pool, -1)[..., :q_len]
+    return ref.refine_band(ref.stored_probs(probs.amax(3)), q, k, rows_lse, 1, SLICE_M, 64, scale)
+
+
 def predictors(q, k, judge, scale, grid):
     """(name, a function computing its [B, H, QB, S] scores) of every predictor, in print order;
     scores that several share are computed once, and only if asked for."""
@@ -138,6 +164,7 @@ def predictors(q, k, judge, scale, grid):
     for frac in (0.1, 0.2):
         yield f"both, exact on top {frac}", functools.partial(exact_on_top, frac)
     yield "default", default
+    yield "mean of 32 + spread + band 64", lambda: spread_scores(q, k, 32, scale)
     yield "both 32 + band 64", lambda: ref.pooled_scores(q, k, 32, SLICE_M, 64, scale, "both")
     for frames in sorted({min(2, grid[0] - 1), grid[0] - 1} - {0}):
         yield f"exact on frames +-{frames}", functools.partial(

@@ -481,9 +481,9 @@ class SparseAttentionHandle:
                 mask = self._predict(layer, q.transpose(1, 2), self._keys_seen(k, key_valid).transpose(1, 2), lse)
             else:
                 k_seen = self._keys_seen(k, key_valid)
-                diagonals = self._diagonals(layer, tuned, q, k_seen)
                 if lse is None and cfg.estimate_first_mask and self._needs_new_shape(entry, slot, key, key_version):
-                    lse = "estimate"  # the exact column max with estimated LSEs
+                    lse = "estimate"  # the exact column max with estimated LSEs: every key scored, no diagonals
+                diagonals = () if lse is not None else self._diagonals(layer, tuned, q, k_seen)
                 mask = self._predict(layer, q.transpose(1, 2), k_seen.transpose(1, 2), lse, poolings, diagonals)
             if key_valid is not None:
                 mask = drop_keys(mask, key_valid)

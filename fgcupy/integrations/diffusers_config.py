@@ -62,7 +62,7 @@ class SparseAttentionConfig:
         (``local_search`` and ``refresh_ramp`` below). None (the default): 1 where the warm-up
         can make the first mask and keep it (a named mean-query predictor, no process_group, no
         calibrate_pooling, and none of mask_from_warmup=False, sparse_refresh=False,
-        predict_on_refresh=False, refresh_ramp=True, refresh_steps, grid), or
+        predict_on_refresh=False, refresh_ramp=True, refresh_steps, grid, estimate_first_mask), or
         mask_from_warmup=True; else 0. Over 50 steps one dense step
         costs what the searches it replaces do (a Wan-14B block at 32,760 tokens on an H200:
         1.63x over stock either way) and its masks had 0.99-1.05x the oracle's error on every
@@ -116,12 +116,13 @@ class SparseAttentionConfig:
         padding) is the exact column max with each query's LSE estimated instead of predicted
         (``predict_mask(method="colmax", lse="estimate")``: no dense step), selected like
         mask_from_warmup's; later refreshes as configured. Costs one column-max pass and the
-        estimate per layer and generation (about half a dense attention with a dense step's LSE
-        on an H200; the estimate untimed). On the head families the estimated masks had 0.99-1.18x
+        estimate per layer and generation (and guidance branch, without share_branches): about
+        half a dense attention with a dense step's LSE on an H200, the estimate untimed. On the head families the estimated masks had 0.99-1.18x
         the oracle's error where the default predictor's had up to 4.3x (CPU, README "Mask
         quality"). Needs a named mean-query predictor; not with mask_from_warmup=True (the
         warm-up's exact mask is the first), calibrate_pooling (its refresh makes the first mask)
-        or process_group. With it the default dense_steps is 0.
+        or process_group. With it the default dense_steps is 0, and given warm-up steps do not
+        make the first mask (mask_from_warmup defaults to False).
     sparse_refresh: a refresh of a layer that has a mask attends through that mask (this call's
         output) and keeps each query's LSE over the kept keys; the new mask, which serves the
         following steps, is the exact column max with that LSE over the keys the old mask keeps
@@ -329,7 +330,8 @@ class SparseAttentionConfig:
         if self.dense_steps is None:
             object.__setattr__(self, "dense_steps", DEFAULT_DENSE_STEPS if self._wants_warmup_mask(sparse_possible) else 0)
         if self.mask_from_warmup is None:
-            object.__setattr__(self, "mask_from_warmup", self.dense_steps >= 1 and sparse_possible)
+            object.__setattr__(self, "mask_from_warmup",
+                               self.dense_steps >= 1 and sparse_possible and not self.estimate_first_mask)
         # From a predicted mask, refreshes search (no prediction) unless the predictor was asked
         # for diagonals, which only predicting refreshes score.
         search_start = sparse_possible and not self.find_diagonals and self.mask_from_warmup is not True
