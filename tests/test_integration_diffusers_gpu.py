@@ -246,6 +246,15 @@ def test_sparse_refresh_on_the_kernel(local_search):
     assert abs(handle.mask("blocks.0.attn1").density() - 0.3) < 0.02
 
 
+def test_estimated_first_mask_on_the_kernel():
+    """estimate_first_mask on CUDA: no dense call; the first mask is the column max with
+    estimated LSEs (kernels' scoring), the searches after it keep the density and the trajectory
+    stays near dense (run_schedule checks every step)."""
+    handle, _, _ = run_schedule(density=0.3, estimate_first_mask=True)
+    assert all(s.refresh_steps == [0, 1, 2, 4] and s.dense_calls == 0 for s in handle.stats().values())
+    assert abs(handle.mask("blocks.0.attn1").density() - 0.3) < 0.02
+
+
 def test_default_schedules_on_the_kernel():
     """The defaults on CUDA: one dense step through the kernel makes the exact first mask, which
     serves the sparse steps after it; with dense_steps=0 the predicted mask is refreshed by
