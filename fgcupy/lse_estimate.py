@@ -110,5 +110,6 @@ def band_lse(q: torch.Tensor, k: torch.Tensor, slice_m: int, band: int, scale: f
     logits = torch.matmul(queries, windows) * scale  # [N, QB, M, width]
     keys = torch.arange(blocks, device=q.device).unsqueeze(1) * slice_m - band + torch.arange(width, device=q.device)
     outside = (keys < 0) | (keys >= kv_len)
-    logits.masked_fill_(outside.view(1, blocks, 1, width), -math.inf).nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    logits.masked_fill_(outside.view(1, blocks, 1, width), -math.inf)
+    logits.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     return torch.logsumexp(logits, -1).view(n, blocks * slice_m)[:, :q_len]

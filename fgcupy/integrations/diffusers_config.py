@@ -117,12 +117,14 @@ class SparseAttentionConfig:
         (``predict_mask(method="colmax", lse="estimate")``: no dense step), selected like
         mask_from_warmup's; later refreshes as configured. Costs one column-max pass and the
         estimate per layer and generation (and guidance branch, without share_branches): about
-        half a dense attention with a dense step's LSE on an H200, the estimate untimed. On the head families the estimated masks had 0.99-1.18x
-        the oracle's error where the default predictor's had up to 4.3x (CPU, README "Mask
-        quality"). Needs a named mean-query predictor; not with mask_from_warmup=True (the
-        warm-up's exact mask is the first), calibrate_pooling (its refresh makes the first mask)
-        or process_group. With it the default dense_steps is 0, and given warm-up steps do not
-        make the first mask (mask_from_warmup defaults to False).
+        half a dense attention with a dense step's LSE on an H200, the estimate untimed. On the
+        head families the estimated masks had 0.99-1.18x the oracle's error where the default
+        predictor's had up to 4.3x, and over 50 searched sparse steps 1.03-1.11x where a predicted
+        first mask's had 1.11-1.57x (CPU; README "Mask quality", "More than one call"). Needs a
+        named mean-query predictor; not with mask_from_warmup=True (the warm-up's exact mask is
+        the first), calibrate_pooling (its refresh makes the first mask) or process_group. With it
+        the default dense_steps is 0, and given warm-up steps do not make the first mask
+        (mask_from_warmup defaults to False).
     sparse_refresh: a refresh of a layer that has a mask attends through that mask (this call's
         output) and keeps each query's LSE over the kept keys; the new mask, which serves the
         following steps, is the exact column max with that LSE over the keys the old mask keeps
@@ -367,7 +369,8 @@ class SparseAttentionConfig:
         search's), no estimated first mask."""
         if self.mask_from_warmup is not None:
             return self.mask_from_warmup
-        return (sparse_possible and self.estimate_first_mask is not True and self.sparse_refresh is not False and self.predict_on_refresh is not False
+        return (sparse_possible and self.estimate_first_mask is not True and self.sparse_refresh is not False
+                and self.predict_on_refresh is not False
                 and self.refresh_ramp is not True and self.refresh_steps is None and self.grid is None)
 
     def mask_making(self) -> str:
