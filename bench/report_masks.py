@@ -236,7 +236,7 @@ def timing_rows(args, shape, device):
         ("predict topk sub16 union", dict(MEAN, method="topk", top_k=round(0.1 * shape.seq / 8), pool=16, combine="union")),
         ("predict colmax thr=0.5/S", dict(method="colmax", lse=lse)),
         *((f"predict {kw.get('method', 'topk')} d={d} {name}",
-           dict(dict(method="topk"), density=d, **with_diagonals(kw, diagonals)))
+           {"method": "topk", **with_diagonals(kw, diagonals), "density": d})
           for d in (0.1, 0.3) for name, kw in JUDGED.items() if isinstance(kw, dict)),
     ):
         record(label, lambda kw=kw: predict_mask(q, k, 128, **kw))

@@ -63,13 +63,22 @@ def estimate_lse(q, k, slice_m: int = 128, *, band: int = ESTIMATE_BAND, scale: 
     block_of_query = torch.arange(q_len, device=qh.device) // slice_m
     for b in range(batch):
         for h0 in range(0, heads, chunk):  # views of q and k (an NHD layout is not copied whole)
-            qc, kc = qh[b, h0 : h0 + chunk], kh[b, h0 : h0 + chunk]
-            means, counted = finite_block_means(qc, slice_m)
-            broad = ref.sampled_lse(means.unsqueeze(0), kc.unsqueeze(0), scale)[0]
-            broad = torch.where(counted, broad, -math.inf)
-            near = band_lse(qc, kc, slice_m, band, scale)
-            out[b, h0 : h0 + chunk] = torch.logaddexp(near, broad.index_select(1, block_of_query))
+            near, broad = lse_parts(qh[b, h0 : h0 + chunk], kh[b, h0 : h0 + chunk], slice_m, band, scale,
+                                    block_of_query)
+            out[b, h0 : h0 + chunk] = torch.logaddexp(near, broad)
     return out
+
+
+def lse_parts(q: torch.Tensor, k: torch.Tensor, slice_m: int, band: int, scale: float,
+              block_of_query: torch.Tensor | None = None) -> tuple:
+    """(band part, block-mean part), each float32 [N, q_len], of ``estimate_lse`` for q [N, q_len,
+    D] and k [N, kv_len, D] (unchecked): the estimate is their logaddexp. ``block_of_query``:
+    each query's block index (made here when not given)."""
+    if block_of_query is None:
+        block_of_query = torch.arange(q.shape[1], device=q.device) // slice_m
+    means, counted = finite_block_means(q, slice_m)
+    broad = torch.where(counted, ref.sampled_lse(means.unsqueeze(0), k.unsqueeze(0), scale)[0], -math.inf)
+    return band_lse(q, k, slice_m, band, scale), broad.index_select(1, block_of_query)
 
 
 def _bytes_per_head(blocks: int, slice_m: int, band: int, kv_len: int, dim: int) -> int:

@@ -48,7 +48,7 @@ import torch
 
 from fgcupy import mask_reference as ref
 from fgcupy.head_families import FAMILIES, family_qkv
-from fgcupy.lse_estimate import ESTIMATE_BAND, band_lse, estimate_lse
+from fgcupy.lse_estimate import ESTIMATE_BAND, lse_parts
 from fgcupy.mask import SliceMask
 from fgcupy.oracle import Judge, keys_for
 from fgcupy.reference import reference_attention
@@ -110,10 +110,9 @@ def head_budget_mask(scores, density: float, q_len: int) -> SliceMask:
 
 def estimated_lses(q, k, scale):
     """{name: LSE} of the estimate (fgcupy.lse_estimate) and of each of its parts alone."""
-    flat_q, flat_k = q.flatten(0, 1), k.flatten(0, 1)
-    near = band_lse(flat_q, flat_k, SLICE_M, ESTIMATE_BAND, scale).view(q.shape[:3])
-    broad = ref.sampled_lse(ref.pool_queries(q, SLICE_M), k, scale).repeat_interleave(SLICE_M, -1)[..., : q.shape[2]]
-    return {"colmax, estimated LSE": estimate_lse(q, k, SLICE_M, scale=scale),
+    near, broad = (part.view(q.shape[:3]) for part in lse_parts(q.flatten(0, 1), k.flatten(0, 1), SLICE_M,
+                                                                  ESTIMATE_BAND, scale))
+    return {"colmax, estimated LSE": torch.logaddexp(near, broad),
             "colmax, band LSE only": near, "colmax, block-mean LSE only": broad}
 
 
