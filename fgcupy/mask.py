@@ -211,7 +211,7 @@ class SliceMask:
         positions = starts[row_of] + torch.arange(total, device=self.device) - first[row_of]
         return row_of, self.indices[positions].to(torch.int64)
 
-    def _kept_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def kept_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``flat_rows`` without keys outside [0, kv_len): the slices the kernels attend to (they
         drop such keys; ``validate`` names them)."""
         row_of, keys = self.flat_rows()
@@ -221,7 +221,7 @@ class SliceMask:
     def to_dense(self) -> torch.Tensor:
         """Boolean map ``[B, H, QB, KV]`` of the kept slices (keys outside [0, kv_len) are dropped,
         as the kernels drop them; ``validate`` refuses them)."""
-        row_of, keys = self._kept_pairs()
+        row_of, keys = self.kept_pairs()
         rows = self.batch * self.heads * self.q_blocks
         dense = torch.zeros(rows, self.kv_len, dtype=torch.bool, device=self.device)
         dense[row_of, keys] = True
@@ -275,7 +275,7 @@ class SliceMask:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
         if block_size % self.slice_m:
             raise ValueError(f"block_size={block_size} must be a multiple of slice_m={self.slice_m}")
-        row_of, keys = self._kept_pairs()
+        row_of, keys = self.kept_pairs()
         q_blocks_big = num_blocks(self.q_len, block_size)
         kv_blocks_big = num_blocks(self.kv_len, block_size)
         bh, j = torch.div(row_of, self.q_blocks, rounding_mode="floor"), row_of % self.q_blocks

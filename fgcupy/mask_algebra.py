@@ -216,14 +216,16 @@ def _check_ints(**values) -> None:
 def union_reference(mask: SliceMask, offsets=(0,), extra: SliceMask | None = None) -> SliceMask:
     """The keys of ``mask`` moved by each of ``offsets`` (0: the keys themselves), joined with the
     keys of ``extra`` (same shape), inside [0, kv_len), sorted and unique per row: candidates for
-    a local search around a mask. Plain torch; synchronises (``fgcupy.union_keys`` is the kernel)."""
+    a local search around a mask. Keys outside [0, kv_len) in either mask are dropped before
+    they move (no kernel attends to them), as the kernel does. Plain torch; synchronises
+    (``fgcupy.union_keys`` is the kernel)."""
     check_union(mask, offsets, extra)
     rows = mask.batch * mask.heads * mask.q_blocks
-    row_of, keys = mask.flat_rows()
+    row_of, keys = mask.kept_pairs()
     moved_rows = [row_of for _ in offsets]
     moved_keys = [keys + int(offset) for offset in offsets]
     if extra is not None:
-        extra_rows, extra_keys = extra.flat_rows()
+        extra_rows, extra_keys = extra.kept_pairs()
         moved_rows.append(extra_rows)
         moved_keys.append(extra_keys)
     row_of, keys = torch.cat(moved_rows), torch.cat(moved_keys)

@@ -81,6 +81,21 @@ def test_union_keys_errors():
     assert torch.equal(union_keys(mask, (np.int64(0), np.int32(1))).indices, union_keys(mask, (0, 1)).indices)
 
 
+def test_union_reference_drops_keys_outside_before_moving_them():
+    """A corrupt mask's keys outside [0, kv_len) are no kept slices (no kernel attends to them),
+    so moving them into range must not make them candidates; as the kernel does."""
+    kv_len = 50
+    indptr = torch.tensor([[[0, 3, 5]]], dtype=torch.int32)
+    indices = torch.tensor([-2, 10, kv_len + 1, 4, kv_len + 3], dtype=torch.int32)
+    mask = SliceMask(indptr, indices, 64, 100, kv_len)
+    got = union_reference(mask, (0, 2, -3))
+    assert got.indptr.tolist() == [[[0, 3, 6]]]
+    assert got.indices.tolist() == [7, 10, 12, 1, 4, 6]
+    extra = SliceMask(torch.tensor([[[0, 1, 2]]], dtype=torch.int32), torch.tensor([kv_len, 0], dtype=torch.int32),
+                      64, 100, kv_len)
+    assert union_reference(mask, (0,), extra).indices.tolist() == [10, 0, 4]
+
+
 def test_grid_offsets_and_the_rotation():
     assert grid_offsets((21, 30, 52)) == (1, 52, 1560)
     assert [search_offsets((21, 30, 52), r) for r in range(4)] == [(0, 1, -1), (0, 52, -52), (0, 1560, -1560),
@@ -137,6 +152,6 @@ def test_union_kernel_long_rows_and_corrupt_lists(kv_len):
     bad[1::9] = -3
     indptr = mask.indptr.clone()
     indptr[0, -1, -1] = mask.capacity + 1000  # clamped to the buffer's end: the list as it was
-    corrupt = union_keys(SliceMask(indptr, bad, 128, 500, kv_len), (0, 2)).validate()
-    expected = union_reference(SliceMask(mask.indptr, bad, 128, 500, kv_len), (0, 2))
+    corrupt = union_keys(SliceMask(indptr, bad, 128, 500, kv_len), (0, 2, -9, 5)).validate()
+    expected = union_reference(SliceMask(mask.indptr, bad, 128, 500, kv_len), (0, 2, -9, 5))
     assert torch.equal(corrupt.indptr, expected.indptr) and torch.equal(corrupt.indices, expected.indices)
