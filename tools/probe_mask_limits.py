@@ -34,7 +34,11 @@ better:
   exact band: what such a term would buy a real predictor (one more scalar per row and per key);
 * "best per block of ...": each query block takes whichever of those real predictors' masks
   gives it the least output error (the squared error splits over blocks), a bound for any
-  per-block choice among them.
+  per-block choice among them;
+* "estimated column max on the best F of blocks": per head, the fraction F of query blocks
+  where the estimated column max's mask lowers the error most against the default's takes it,
+  the rest keep the default's (an ideal choice, a bound for any rule spending the exact work on
+  F of the blocks), and beside it the F least coherent blocks (mask_reference.block_coherence).
 Runs on the CPU (torch reference) or on a GPU (--device cuda).
 """
 
@@ -59,6 +63,10 @@ SLICE_M = 128
 PER_BLOCK_CANDIDATES = ("default", "both 32 + band 64", "mean of 8 + band 64")
 #: Predictors selected per head (``head_budget_mask``) rather than per block.
 PER_HEAD = ("colmax, per-head budget", "default adaptive, per-head budget")
+#: (cheap, exact) predictors of the per-block budget bound (``budget_bound``).
+BUDGET_PAIR = ("default adaptive", "colmax, estimated LSE")
+#: Fractions of a head's blocks the budget bound gives the exact predictor.
+BUDGET_FRACTIONS = (0.1, 0.25, 0.5, 0.75)
 
 
 def column_stat(q, k, lse, rows, scale, reduce):
@@ -190,6 +198,7 @@ def main():
         judge = Judge(q, k, v, SLICE_M, scale)
         print(f"{family}: oracle error " + ", ".join(f"d={d}: {judge.oracle_error(d):.4f}" for d in (0.1, 0.3)))
         candidates = {}  # density -> [per-block errors of the real predictors]
+        pair = {}  # (name, density) -> per-block errors of BUDGET_PAIR's predictors
         for name, compute in predictors(q, k, judge, scale, grid):
             if args.only and not name.startswith(tuple(args.only)):
                 continue
@@ -200,7 +209,11 @@ def main():
                 ratios.append(f"x{judge.ratio(mask)[1]:.2f}")
                 if name in PER_BLOCK_CANDIDATES:
                     candidates.setdefault(d, []).append(block_errors(judge, mask))
+                if name in BUDGET_PAIR:
+                    pair[name, d] = block_errors(judge, mask)
             print(f"  {name:28s} d=0.1 {ratios[0]}  d=0.3 {ratios[1]}", flush=True)
+        if len(pair) == 2 * len(BUDGET_PAIR):
+            budget_bound(judge, pair, ref.block_coherence(q, SLICE_M))
         if len(candidates.get(0.1, ())) < len(PER_BLOCK_CANDIDATES):  # some left out by --only
             continue
         norm = float((judge.dense.double() ** 2).sum())
@@ -208,6 +221,24 @@ def main():
                  for d in (0.1, 0.3)]
         print(f"  best per block of {', '.join(PER_BLOCK_CANDIDATES)}: d=0.1 x{bound[0]:.2f}  d=0.3 x{bound[1]:.2f}",
               flush=True)
+
+
+def budget_bound(judge, pair, coherence):
+    """Print "estimated column max on the best F of blocks" (module docstring) from the per-block
+    errors ``pair`` {(name, density): [B, H, QB]} of BUDGET_PAIR."""
+    norm = float((judge.dense.double() ** 2).sum())
+    cheap, exact = BUDGET_PAIR
+    for frac in BUDGET_FRACTIONS:
+        cells = []
+        for d in (0.1, 0.3):
+            gain = pair[cheap, d] - pair[exact, d]
+            count = int(frac * gain.shape[-1])
+            for ranking in (gain, -coherence):
+                chosen = torch.zeros_like(gain, dtype=torch.bool).scatter_(-1, ranking.topk(count, -1).indices, True)
+                err = torch.where(chosen, pair[exact, d], pair[cheap, d]).sum()
+                cells.append(f"x{math.sqrt(float(err) / norm) / judge.oracle_error(d):.2f}")
+        print(f"  estimated column max on the best {frac} of blocks (least coherent): d=0.1 {cells[0]} ({cells[1]})"
+              f"  d=0.3 {cells[2]} ({cells[3]})", flush=True)
 
 
 if __name__ == "__main__":
