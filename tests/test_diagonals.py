@@ -78,3 +78,33 @@ def test_diagonals_bring_strided_temporal_heads_nearer_the_oracle():
     diagonals = find_diagonals(q, k, 128)
     better = judge.error(predict_mask(q, k, 128, "topk", density=0.1, pooling="mean", diagonals=diagonals))
     assert better < 0.8 * plain, (plain, better, diagonals)
+
+
+def test_a_key_every_query_looks_at_is_no_diagonal():
+    """A sink seen from each sampled query is one spike per query, at a different offset each:
+    too few queries hold any one of them (min_support)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 16000, 32, generator=gen), torch.randn(1, 2, 16000, 32, generator=gen)
+    u = torch.randn(32, generator=gen)
+    u /= u.norm()
+    q += 8 * u
+    k[:, :, 0] = 8 * u
+    assert find_diagonals(q, k, 64, exact_band=16, count=4, min_support=0.0) != ()  # what the support rules out
+    assert find_diagonals(q, k, 64, exact_band=16, count=4) == ()
+
+
+def test_numpy_ints_and_a_fully_padded_batch_entry():
+    """numpy ints are ints; a batch entry whose keys are all padding (NaN) adds nothing, so the
+    other entry's diagonal is still found."""
+    import numpy as np
+
+    q, k = _planted(500)
+    q, k = torch.cat([q, q]), torch.cat([k, k])
+    expected = find_diagonals(q, k, 64, exact_band=16, count=2)
+    assert set(expected) & {500, 500 - 1200}
+    assert find_diagonals(q, k, np.int64(64), exact_band=np.int32(16), count=np.int64(2), samples=np.int64(64)) == expected
+    k[1] = float("nan")
+    assert find_diagonals(q, k, 64, exact_band=16, count=2) == expected
+    assert offset_mass(q, k).sum().item() == pytest.approx(1.0, rel=1e-5)
+    with pytest.raises(ValueError, match="min_support"):
+        find_diagonals(q, k, min_support=1.5)
