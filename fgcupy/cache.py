@@ -54,6 +54,8 @@ class _Entry:
     kept: int | None  # slices kept (known for bits; None when not counted, to avoid a sync)
     step: int
     mask: SliceMask | None = None  # the mask itself, for form "expanded"
+    capacity: int = 0  # the indices buffer a "bits" mask is rebuilt into: the stored mask's
+    # (a plan sized to it, or a captured graph, sees the same shapes on reuse steps)
 
     def memory_bytes(self) -> int:
         return self.indptr.numel() * self.indptr.element_size() + self.payload.numel() * self.payload.element_size()
@@ -156,7 +158,7 @@ class MaskCache:
             else:
                 payload = mask.indices.clone()
             kept, indptr = None, mask.indptr.clone()
-        self._entries[layer] = _Entry(shape, indptr, payload, form, kept, step)
+        self._entries[layer] = _Entry(shape, indptr, payload, form, kept, step, capacity=mask.capacity)
 
     def get(self, layer, batch=None, heads=None, q_len=None, kv_len=None, slice_m=None) -> SliceMask:
         """``layer``'s cached mask as a SliceMask; any shape given must match the cached one. Its
@@ -175,7 +177,8 @@ class MaskCache:
         dense = bits.flatten(-2)[..., :kv_len].to(torch.bool)
         indptr = indptr_from_counts(dense.sum(-1, dtype=torch.int32), batch, heads, num_blocks(q_len, slice_m))
         rows = batch * heads * num_blocks(q_len, slice_m)
-        keys = torch.nonzero_static(dense.reshape(rows, kv_len), size=entry.kept)[:, 1].to(torch.int32)
+        size = max(entry.kept, entry.capacity)  # unused entries past the last row hold key 0
+        keys = torch.nonzero_static(dense.reshape(rows, kv_len), size=size, fill_value=0)[:, 1].to(torch.int32)
         return SliceMask(indptr, keys, slice_m, q_len, kv_len)
 
     def _check(self, layer, entry: _Entry, wanted) -> None:

@@ -79,16 +79,20 @@ def test_mask_for_predicts_on_refresh_and_reuses_in_between():
     assert fresh.density() == pytest.approx(0.5, abs=0.01)
 
 
-@given(dense_masks(max_kv=200), st.sampled_from(["index", "bits", "auto"]))
+@given(dense_masks(max_kv=200), st.sampled_from(["index", "bits", "auto"]), st.integers(0, 300))
 @settings(max_examples=40, deadline=None)
-def test_storage_round_trips(case, storage):
+def test_storage_round_trips(case, storage, spare):
+    """The keys, and the capacity: a mask with room to spare (a prediction with max_keys) comes
+    back with the same buffer size, so a plan sized to it sees the same shapes on reuse steps."""
     dense, slice_m, q_len = case
     mask = SliceMask.from_dense(dense, slice_m, q_len)
+    mask = SliceMask.from_dense(dense, slice_m, q_len, capacity=mask.capacity + spare)
     cache = MaskCache(storage=storage)
     cache.put(0, mask, step=3)
     back = cache.get(0).validate()
     assert torch.equal(back.to_dense(), dense)
     assert back.indices.dtype == torch.int32 and (back.slice_m, back.q_len, back.kv_len) == (slice_m, q_len, dense.shape[-1])
+    assert back.capacity == mask.capacity
 
 
 def test_storage_is_compact():
