@@ -134,8 +134,10 @@ def calibrate(q, k, lse=None, slice_m: int = 128, *, candidates=DEFAULT_CANDIDAT
     else:
         colmax = exact_colmax(q, k, lse, slice_m, scale)
         captured = torch.stack([captured_colmax(colmax, m) for m in masks])  # [candidates, H]
-    chosen = captured.argmax(0).tolist()
     heads = q.shape[1]
+    if heads == 0:  # nothing to choose: every candidate's mask is the same empty one
+        return Calibration([], masks[0])
+    chosen = captured.argmax(0).tolist()
     if len(set(chosen)) == 1:
         mask = masks[chosen[0]]
     else:

@@ -337,8 +337,9 @@ class SliceMask:
 def random_topk_mask(batch: int, heads: int, q_len: int, kv_len: int, slice_m: int, density: float,
                      device=None, generator: torch.Generator | None = None) -> SliceMask:
     """Each query block keeps round(density * kv_len) distinct keys drawn uniformly (at least
-    one); density >= 1 keeps all. For benchmarks and tuning: random keys carry no structure."""
-    if density >= 1.0:
+    one, where there are keys); density >= 1 keeps all. For benchmarks and tuning: random keys
+    carry no structure."""
+    if density >= 1.0 or kv_len == 0:
         return SliceMask.full(batch, heads, q_len, kv_len, slice_m, device=device)
     keep = max(1, round(density * kv_len))
     scores = torch.rand(batch, heads, num_blocks(q_len, slice_m), kv_len, generator=generator, device=device)

@@ -92,3 +92,9 @@ def test_default_samples_fit_small_blocks():
     q, k = (torch.randn(1, 2, 64, 32, generator=gen) for _ in range(2))
     calibration = calibrate(q, k, None, 8, method="topk", density=0.25)
     assert len(calibration.poolings) == 2
+
+
+def test_zero_heads_calibrate_to_nothing():
+    q = torch.randn(1, 0, 64, 16)
+    calibration = calibrate(q, q, None, 16, density=0.2)
+    assert calibration.poolings == [] and calibration.mask.heads == 0 and calibration.mask.capacity == 0

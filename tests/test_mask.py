@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgcupy import SliceMask
-from fgcupy.mask import num_blocks
+from fgcupy.mask import num_blocks, random_topk_mask
 
 from .strategies import dense_masks, mask_from
 
@@ -161,3 +161,10 @@ def test_block_size_must_be_multiple_of_slice():
 
 def test_num_blocks():
     assert [num_blocks(n, 64) for n in (0, 1, 64, 65)] == [0, 1, 1, 2]
+
+
+def test_random_topk_mask_counts_and_no_keys():
+    gen = torch.Generator().manual_seed(0)
+    mask = random_topk_mask(1, 2, 100, 50, 32, 0.1, generator=gen).validate()
+    assert mask.row_lengths().unique().tolist() == [5]
+    assert random_topk_mask(1, 1, 8, 0, 4, 0.5).capacity == 0
