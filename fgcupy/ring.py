@@ -25,8 +25,9 @@ import torch.distributed as dist
 
 from .attention import dense_attention_with_lse, sparse_attention
 from .layout import LAYOUTS
-from .mask import SliceMask
+from .mask import SliceMask, is_int
 from .mask_algebra import restrict_keys, slice_heads, slice_rows
+from .reference import reference_attention
 from .sp_exchange import probe_all_to_all, return_heads, send_heads
 from .sp_handshake import (DENSE_SLICE_M, _DTYPE_CODES, _HEADER, _MASK_KINDS, _header_device, _scale_code, _wait, check_agreement,
                            check_attention_inputs, gather_headers, head_ranges, shard_views)
@@ -49,13 +50,21 @@ def _subgroup(ranks: list):
     return made[key]
 
 
-def _agree_on_ring(group, ring: int, world: int) -> None:
-    """ValueError on every rank unless every rank of ``group`` asked for the same ``ring`` (one
-    all-gather, bounded by the collective timeout on gloo)."""
-    mine = torch.tensor([ring], dtype=torch.int64, device=_header_device(group, torch.device("cpu")))
+def _agree_on_ring(group, ring, world: int) -> None:
+    """ValueError on every rank unless every rank of ``group`` asked for the same valid ``ring``
+    (one all-gather, bounded by the collective timeout on gloo; a rank with an invalid ring takes
+    part too, so the others hear of it instead of waiting)."""
+    valid = is_int(ring) and 1 <= ring <= world and world % ring == 0
+    mine = torch.tensor([int(ring) if valid else 0], dtype=torch.int64,
+                        device=_header_device(group, torch.device("cpu")))
     every = [torch.empty_like(mine) for _ in range(world)]
     _wait(dist.all_gather(every, mine, group=group, async_op=True), group)
+    if not valid:
+        raise ValueError(f"ring must be a positive int dividing the group's {world} ranks, got {ring!r}")
     rings = [int(value) for value in every]
+    bad = [rank for rank, value in enumerate(rings) if value == 0]
+    if bad:
+        raise ValueError(f"rank(s) {bad} gave a ring size that does not divide the group's {world} ranks")
     if len(set(rings)) > 1:
         raise ValueError(f"the ranks asked for different ring sizes {rings}: every rank of the group must give one")
 
@@ -73,9 +82,8 @@ class HybridSequenceParallelAttention:
         if dist.get_rank(group) < 0:
             raise ValueError("this process is not a member of the given process group")
         world = dist.get_world_size(group)
-        if isinstance(ring, bool) or not isinstance(ring, int) or ring < 1 or world % ring:
-            raise ValueError(f"ring must be a positive int dividing the group's {world} ranks, got {ring!r}")
         _agree_on_ring(group, ring, world)  # ranks that differ would create sub-groups out of step: a hang
+        ring = int(ring)
         self.group, self.ring, self.ulysses = group, ring, world // ring
         ranks = [r if group is None else dist.get_global_rank(group, r) for r in range(world)]
         span_groups = [_subgroup([ranks[j * self.ulysses + u] for u in range(self.ulysses)]) for j in range(ring)]
@@ -151,19 +159,16 @@ class HybridSequenceParallelAttention:
         pending.wait()
         qj, kj, vj = views  # [B, h, span_j, D]
         keys, values = self._gather_ring(kj.contiguous(), vj.contiguous(), spans)
-        out = torch.zeros(batch, len(mine), spans[j], head_dim, dtype=torch.float32, device=qh.device)
-        lse = torch.full((batch, len(mine), spans[j]), -math.inf, dtype=torch.float32, device=qh.device)
+        work = torch.float64 if qh.dtype == torch.float64 else torch.float32  # the merge's precision
+        out = torch.zeros(batch, len(mine), spans[j], head_dim, dtype=work, device=qh.device)
+        lse = torch.full((batch, len(mine), spans[j]), -math.inf, dtype=work, device=qh.device)
         if len(mine):
             rows = None if mask is None else self._rows(mask, mine, batch, spans, starts, qh.device)
             for i in range(self.ring):
                 if spans[i] == 0 or spans[j] == 0:
                     continue
-                if rows is None:  # every key: dense attention (head groups within the dense index budget)
-                    out_i, lse_i = dense_attention_with_lse(qj, keys[i], values[i], DENSE_SLICE_M, scale=scale)
-                else:
-                    part = restrict_keys(rows, starts[i], starts[i] + spans[i])
-                    out_i, lse_i = sparse_attention(qj, keys[i], values[i], part, scale=scale, return_lse=True)
-                out, lse = _merge(out, lse, out_i.float(), lse_i.float())
+                part = None if rows is None else restrict_keys(rows, starts[i], starts[i] + spans[i])
+                out, lse = _merge(out, lse, *_partial(qj, keys[i], values[i], part, scale, work))
         grid = out.to(qh.dtype).permute(2, 0, 1, 3).contiguous()  # [span_j, B, h, D]
         pending, chunks = return_heads(self.span_group, grid, subs, span_lens, method, 1, U, u)
         pending.wait()
@@ -173,7 +178,7 @@ class HybridSequenceParallelAttention:
                 result[:, sub.start:sub.stop].copy_(chunk.permute(1, 2, 0, 3))
         lse_out = None
         if return_lse:
-            pending, chunks = return_heads(self.span_group, lse.permute(2, 0, 1).contiguous(), subs, span_lens,
+            pending, chunks = return_heads(self.span_group, lse.float().permute(2, 0, 1).contiguous(), subs, span_lens,
                                            method, 2, U, u)
             pending.wait()
             lse_out = torch.empty(batch, heads, qh.shape[2], dtype=torch.float32, device=qh.device)
@@ -205,9 +210,24 @@ class HybridSequenceParallelAttention:
         return rows
 
 
+def _partial(q, k, v, part, scale, work):
+    """(out, lse) in ``work`` precision of q [B, h, S_q, D] over k, v through the SliceMask
+    ``part`` (None: every key). CPU tensors run the reference in ``work``, so a partial result
+    is not rounded to q's dtype before the merge (float64 stays float64); GPU tensors the kernels."""
+    if q.device.type == "cpu":
+        if part is None:
+            part = SliceMask.full(q.shape[0], q.shape[1], q.shape[2], k.shape[2], DENSE_SLICE_M)
+        return reference_attention(q, k, v, part, scale=scale, dtype=work)
+    if part is None:  # every key: dense attention (head groups within the dense index budget)
+        out, lse = dense_attention_with_lse(q, k, v, DENSE_SLICE_M, scale=scale)
+    else:
+        out, lse = sparse_attention(q, k, v, part, scale=scale, return_lse=True)
+    return out.to(work), lse.to(work)
+
+
 def _merge(out, lse, out_i, lse_i):
-    """Exact merge of two partial attentions over disjoint key sets (float32, as their LSEs are;
-    -inf = no key)."""
+    """Exact merge of two partial attentions over disjoint key sets (in their dtype; -inf = no
+    key)."""
     both = torch.maximum(lse, lse_i)
     base = torch.where(torch.isfinite(both), both, 0.0)
     w, w_i = torch.exp(lse - base), torch.exp(lse_i - base)

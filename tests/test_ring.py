@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import tempfile
+import time
 import traceback
 
 import pytest
@@ -69,6 +70,13 @@ def _worker(rank, world, port, path):
                 verdicts[key] = dict(ok=err < 1e-5 and lse_err < 1e-4 and same_inf, err=err, lse_err=lse_err)
             except Exception:  # noqa: BLE001 - the parent reports it
                 verdicts[key] = dict(ok=False, detail=traceback.format_exc(limit=5))
+        # float64 stays float64 through the merge of the ring's partial results
+        lens, q, k, v, mask = _problem("uneven", 2, 1, world, seed=3)
+        q, k, v = (t.double() for t in (q, k, v))
+        lo, hi = sum(lens[:rank]), sum(lens[:rank + 1])
+        out = attn(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], mask)
+        err = float((out - reference_attention(q, k, v, mask, dtype=torch.float64)[0][:, :, lo:hi]).abs().max())
+        verdicts[f"ring{ring}_float64"] = dict(ok=out.dtype == torch.float64 and err < 1e-12, err=err)
         # a span starting inside a query block: every rank raises
         if ring > 1:
             lens = [SLICE + 3] * world
@@ -116,7 +124,7 @@ def test_every_grid_matches_one_process(world):
             verdicts = json.load(f)
         os.unlink(f"{path}.{rank}")
         rings = [r for r in range(1, world + 1) if world % r == 0]
-        assert len(verdicts) == len(rings) * len(CASES) + 2 * (len(rings) - 1)
+        assert len(verdicts) == len(rings) * (len(CASES) + 1) + 2 * (len(rings) - 1)
         for name, verdict in verdicts.items():
             assert verdict["ok"], f"rank {rank} {name}: {verdict}"
 
@@ -194,11 +202,14 @@ def _mismatch_worker(rank, world, port, path):
                             timeout=datetime.timedelta(seconds=20))
     from fgcupy.ring import HybridSequenceParallelAttention
 
-    try:
-        HybridSequenceParallelAttention(ring=1 if rank == 0 else 2)
-        verdict = {"error": None}
-    except Exception as err:  # noqa: BLE001 - the parent reports it
-        verdict = {"error": type(err).__name__, "message": str(err)}
+    verdict = {}
+    for case, ring in (("differ", 1 if rank == 0 else 2), ("invalid", 3 if rank == 0 else 2)):
+        start = time.monotonic()
+        try:
+            HybridSequenceParallelAttention(ring=ring)
+            verdict[case] = {"error": None}
+        except Exception as err:  # noqa: BLE001 - the parent reports it
+            verdict[case] = {"error": type(err).__name__, "message": str(err), "s": time.monotonic() - start}
     with open(f"{path}.{rank}", "w") as f:
         json.dump(verdict, f)
     dist.destroy_process_group()
@@ -206,5 +217,9 @@ def _mismatch_worker(rank, world, port, path):
 
 def test_ranks_that_ask_for_different_rings_raise_instead_of_hanging():
     """Their sub-groups would be created out of step (new_group waited forever)."""
-    for verdict in _verdicts(_mismatch_worker, 2, 60):
-        assert verdict["error"] == "ValueError" and "different ring sizes [1, 2]" in verdict["message"], verdict
+    for rank, verdict in enumerate(_verdicts(_mismatch_worker, 2, 60)):
+        differ, invalid = verdict["differ"], verdict["invalid"]
+        assert differ["error"] == "ValueError" and "different ring sizes [1, 2]" in differ["message"], differ
+        # a ring that does not divide the group on one rank: every rank raises at once (no timeout)
+        expected = "must be a positive int dividing" if rank == 0 else "rank(s) [0] gave a ring size"
+        assert invalid["error"] == "ValueError" and expected in invalid["message"] and invalid["s"] < 5, invalid
