@@ -31,7 +31,8 @@ Strategies (chosen so no token and no head is ever padded or dropped):
   attention; NCCL only provides barriers. It covers self-attention (equal q and k/v shards)
   without ``return_lse``; other calls use what "auto" picks. Ranks on different hosts raise.
 - Errors: before any data moves, ranks exchange a small header (shapes, dtype, layout, scale,
-  head groups, exchange kind, mask kind and shape, ``seq_lens``, an error flag), so an input that
+  head groups, exchange kind, mask kind and shape, a digest of a static mask over every head
+  (``SliceMask.digest``, taken once per mask object), ``seq_lens``, an error flag), so an input that
   one rank rejects, or on which ranks disagree, raises on every rank instead of leaving the others
   blocked in a collective. On gloo groups, a mask callable that fails on one rank makes every rank
   raise (the ranks agree after each head group's masks), and every wait (header, all-to-all,
@@ -111,7 +112,7 @@ class SequenceParallelAttention:
         self.plan_builds = 0  # how often masks were sliced and planned (tests check reuse)
         self.lengths: tuple | None = None  # (q_len, kv_len) of the whole sequence, as of the last call
         self._static_key = None
-        self._static = None  # per head group: (mask, plan or None)
+        self._static = None  # (mask, per head group (mask, plan or None), its digest or 0)
         self._dynamic_plans: dict = {}
 
     # ---- public ----
@@ -159,7 +160,7 @@ class SequenceParallelAttention:
             mask_info = self._prepare_masks(mask, qh, compute, world, rank) if attend else None
             if mask_info is not None:
                 local.update(mask=1, mask_batch=mask_info[0], mask_heads=mask_info[1], mask_q_len=mask_info[2],
-                             mask_kv_len=mask_info[3])
+                             mask_kv_len=mask_info[3], mask_digest=mask_info[4])
             if seq_lens is not None:
                 seq_lens = check_seq_lens(seq_lens, world, rank, local)
                 local["seq_lens"] = _lens_digest(seq_lens)
@@ -236,8 +237,9 @@ class SequenceParallelAttention:
 
     # ---- masks and plans ----
     def _prepare_masks(self, mask, qh, compute, world, rank):
-        """Slice and plan a static mask per head group (cached); returns (B, H, q_len, kv_len) of
-        the given mask for the cross-rank check, or None when the mask is not static."""
+        """Slice and plan a static mask per head group (cached); returns (B, H, q_len, kv_len,
+        digest) of the given mask for the cross-rank check (the digest of a mask over every head,
+        else 0), or None when the mask is not static."""
         if mask is None or (callable(mask) and not isinstance(mask, SliceMask)):
             return None
         if not isinstance(mask, SliceMask):
@@ -261,10 +263,10 @@ class SequenceParallelAttention:
                 local = range(sub.start - owned.start + first, sub.stop - owned.start + first)
                 part = slice_heads(mask, local)
                 per_group.append((part, self._plan(part, qh, compute) if len(sub) else None))
-            self._static = (mask, per_group)
+            self._static = (mask, per_group, mask.digest() if mask.heads == heads else 0)
             self._static_key = key
             self.plan_builds += 1
-        return mask.batch, mask.heads, mask.q_len, mask.kv_len
+        return mask.batch, mask.heads, mask.q_len, mask.kv_len, self._static[2]
 
     def _plan(self, mask, qh, compute, plan=None):
         if compute != "fgcupy":

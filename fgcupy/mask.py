@@ -6,7 +6,7 @@ Format (CSR with a fixed-capacity buffer, so shapes stay static across diffusion
   indices int32 [capacity]      kept key positions, sorted ascending and unique within a row
 QB = ceil(q_len / slice_m). Query block j covers queries [j * slice_m, (j + 1) * slice_m).
 Tensors live on any torch device; nothing here synchronises the host except ``validate``,
-``density``, ``to_dense``, ``flat_rows``, ``block_cover``, ``from_dense``, ``from_topk`` of
+``density``, ``to_dense``, ``flat_rows``, ``digest``, ``block_cover``, ``from_dense``, ``from_topk`` of
 non-int32 indices and the BlockMask converters.
 """
 
@@ -16,6 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+#: ``SliceMask.digest``: its modulus (a Mersenne prime) and the entries it weighs at once.
+_DIGEST_PRIME = 2**31 - 1
+_DIGEST_CHUNK = 1 << 24
 
 
 def _as_int32_tensor(x, what: str) -> torch.Tensor:
@@ -200,6 +204,28 @@ class SliceMask:
         starts = self.indptr[..., :-1].reshape(-1).to(torch.int64).clamp(0, self.capacity)
         ends = torch.maximum(self.indptr[..., 1:].reshape(-1).to(torch.int64).clamp_max(self.capacity), starts)
         return starts, ends
+
+    def digest(self) -> int:
+        """A fingerprint (non-negative int below 2^62) of the offsets and of the index entries some
+        row covers (spare capacity is ignored): equal for masks laid out alike, different for
+        others but by a chance of about 2^-31. Sequence-parallel ranks compare it to catch masks
+        that should be one and are not. Synchronises once; reads the mask in chunks."""
+        starts, ends = self.row_bounds()
+        cover = torch.zeros(self.capacity + 1, dtype=torch.int32, device=self.device)
+        ones = torch.ones_like(starts, dtype=torch.int32)
+        cover.index_add_(0, starts, ones).index_add_(0, ends, -ones)
+        covered = cover.cumsum(0, dtype=torch.int32)[:-1] > 0
+        sums = torch.zeros(2, dtype=torch.int64, device=self.device)
+        for slot, (values, keep) in enumerate(((self.indptr.reshape(-1), None), (self.indices, covered))):
+            for lo in range(0, values.numel(), _DIGEST_CHUNK):
+                part = values[lo : lo + _DIGEST_CHUNK].to(torch.int64) % _DIGEST_PRIME
+                at = torch.arange(lo, lo + part.numel(), dtype=torch.int64, device=self.device)
+                term = part * ((at * 1_000_003 + 12_345) % _DIGEST_PRIME + 1) % _DIGEST_PRIME  # < 2^31 each
+                if keep is not None:
+                    term = torch.where(keep[lo : lo + part.numel()], term, 0)
+                sums[slot] = (sums[slot] + term.sum()) % _DIGEST_PRIME  # chunks of 2^24 terms: no overflow
+        offsets, keys = sums.tolist()
+        return offsets * _DIGEST_PRIME + keys
 
     def flat_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, key) int64 pairs of every kept slice, row = (b * H + h) * QB + j. Synchronises."""

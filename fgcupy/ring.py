@@ -92,6 +92,7 @@ class HybridSequenceParallelAttention:
         self.span, self.member = divmod(rank, self.ulysses)
         self.span_group, self.ring_group = span_groups[self.span], ring_groups[self.member]
         self._rows_key, self._rows_mask = None, None  # this rank's rows of the last mask
+        self._digest = None  # (the last mask, its digest) for the cross-rank check
 
     def __call__(self, q, k, v, mask: SliceMask | None = None, *, layout: str = "HND", scale: float | None = None,
                  return_lse: bool = False):
@@ -144,8 +145,10 @@ class HybridSequenceParallelAttention:
         if mask is not None:
             if (mask.batch, mask.heads) != (batch, heads):
                 raise ValueError(f"mask is for (B, H)={(mask.batch, mask.heads)}, q for {(batch, heads)}")
+            if self._digest is None or self._digest[0] is not mask:  # one sync per new mask
+                self._digest = (mask, mask.digest())
             local.update(mask=1, mask_batch=mask.batch, mask_heads=mask.heads, mask_q_len=mask.q_len,
-                         mask_kv_len=mask.kv_len, mask_slice_m=mask.slice_m)
+                         mask_kv_len=mask.kv_len, mask_slice_m=mask.slice_m, mask_digest=self._digest[1])
         return qh, kh, vh
 
     def _attend(self, qh, kh, vh, mask, lens, spans, starts, scale, return_lse, rank):

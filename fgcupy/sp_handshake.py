@@ -24,7 +24,7 @@ DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is give
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
 _HEADER = ("error", "batch", "heads", "head_dim", "q_len", "kv_len", "dtype", "head_groups", "attend",
            "return_lse", "mask", "mask_batch", "mask_heads", "mask_q_len", "mask_kv_len", "mask_slice_m", "layout",
-           "scale", "exchange", "mask_kind", "seq_lens")
+           "scale", "exchange", "mask_kind", "seq_lens", "mask_digest")
 #: Header fields every rank must have alike (seq_lens: a digest of the list, 0 when not given).
 _AGREE = ("batch", "heads", "head_dim", "dtype", "head_groups", "attend", "return_lse", "layout", "scale", "exchange",
           "mask_kind", "seq_lens")
@@ -204,7 +204,22 @@ def check_agreement(headers):
     q_lens = [h["q_len"] for h in headers]
     kv_lens = [h["kv_len"] for h in headers]
     _check_mask_totals(headers, q_lens, kv_lens)
+    _check_mask_digests(headers)
     return q_lens, kv_lens
+
+
+def _check_mask_digests(headers):
+    """Static masks over every head are one mask (each rank attends its own heads or rows of it):
+    ranks whose copies differ (SliceMask.digest) would attend a mix of them."""
+    full = [(i, h["mask_digest"]) for i, h in enumerate(headers) if h["mask"] and h["mask_heads"] == h["heads"]]
+    if len({headers[i]["mask_slice_m"] for i, _ in full}) > 1:
+        return  # slice sizes that differ have their own message (ring attention)
+    if len({digest for _, digest in full}) > 1:
+        groups: dict = {}
+        for i, digest in full:
+            groups.setdefault(digest, []).append(i)
+        raise ValueError(f"the ranks' masks over all heads differ (ranks {sorted(groups.values())} hold alike "
+                         "copies): pass every rank the same mask, or each rank the mask of its own heads")
 
 
 def _dtype_of(code):

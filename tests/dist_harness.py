@@ -332,7 +332,14 @@ def error_cases(settings):
 
         call(group, q, k, v, predictor)
 
+    def masks_over_all_heads_differ(rank, world, group):
+        q, k, v, mask = inputs(rank, world)
+        keep = torch.rand(1, mask.heads, mask.q_blocks, mask.kv_len, generator=torch.Generator().manual_seed(rank)) < 0.5
+        call(group, q, k, v, SliceMask.from_dense(keep.to(device), mask.slice_m, mask.q_len))
+
     return {
+        "masks_over_all_heads_differ": (masks_over_all_heads_differ, "ValueError",
+                                        r"the ranks' masks over all heads differ \(ranks \[\[0\], \[1\]\] hold alike"),
         "grad_on_rank0": (grad_on_rank0, {0: "RuntimeError", "other": "ValueError"},
                           {0: r"no backward pass", "other": r"rank\(s\) \[0\] of the group rejected"}),
         "exchange_disagree": (exchange_disagree, "ValueError", r"ranks disagree on exchange: \['p2p', 'all_to_all'"),

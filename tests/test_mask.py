@@ -168,3 +168,18 @@ def test_random_topk_mask_counts_and_no_keys():
     mask = random_topk_mask(1, 2, 100, 50, 32, 0.1, generator=gen).validate()
     assert mask.row_lengths().unique().tolist() == [5]
     assert random_topk_mask(1, 1, 8, 0, 4, 0.5).capacity == 0
+
+
+def test_digest_tells_masks_apart_and_ignores_spare_capacity():
+    gen = torch.Generator().manual_seed(1)
+    dense = torch.rand(2, 3, 4, 50, generator=gen) < 0.3
+    mask = SliceMask.from_dense(dense, 16, 60)
+    assert mask.digest() == SliceMask.from_dense(dense.clone(), 16, 60).digest()
+    spare = SliceMask.from_dense(dense, 16, 60, capacity=mask.capacity + 9)
+    spare.indices[mask.capacity:] = 7  # room no row covers
+    assert spare.digest() == mask.digest()
+    moved = dense.clone()
+    moved[1, 2, 3, 0] = not bool(moved[1, 2, 3, 0])
+    assert SliceMask.from_dense(moved, 16, 60).digest() != mask.digest()
+    assert 0 <= mask.digest() < 2**62
+    assert SliceMask.full(1, 0, 10, 10, 16).digest() == SliceMask.full(1, 0, 10, 10, 16).digest()

@@ -77,6 +77,15 @@ def _worker(rank, world, port, path):
         out = attn(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], mask)
         err = float((out - reference_attention(q, k, v, mask, dtype=torch.float64)[0][:, :, lo:hi]).abs().max())
         verdicts[f"ring{ring}_float64"] = dict(ok=out.dtype == torch.float64 and err < 1e-12, err=err)
+        # ranks whose masks differ: every rank raises, rather than attend a mix of them
+        lens, q, k, v, _ = _problem("even", 2, 1, world)
+        lo, hi = sum(lens[:rank]), sum(lens[:rank + 1])
+        keep = torch.rand(1, 2, -(-sum(lens) // SLICE), sum(lens), generator=torch.Generator().manual_seed(rank)) < 0.5
+        try:
+            attn(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], SliceMask.from_dense(keep, SLICE, sum(lens)))
+            verdicts[f"ring{ring}_masks_differ"] = dict(ok=False, detail="no error")
+        except ValueError as err:
+            verdicts[f"ring{ring}_masks_differ"] = dict(ok="masks over all heads differ" in str(err), detail=str(err))
         # a span starting inside a query block: every rank raises
         if ring > 1:
             lens = [SLICE + 3] * world
@@ -124,7 +133,7 @@ def test_every_grid_matches_one_process(world):
             verdicts = json.load(f)
         os.unlink(f"{path}.{rank}")
         rings = [r for r in range(1, world + 1) if world % r == 0]
-        assert len(verdicts) == len(rings) * (len(CASES) + 1) + 2 * (len(rings) - 1)
+        assert len(verdicts) == len(rings) * (len(CASES) + 2) + 2 * (len(rings) - 1)
         for name, verdict in verdicts.items():
             assert verdict["ok"], f"rank {rank} {name}: {verdict}"
 
