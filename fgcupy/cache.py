@@ -21,6 +21,8 @@ A later step whose shapes differ from the cached mask's gets a ValueError naming
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -132,6 +134,9 @@ class MaskCache:
         """Store ``mask`` as ``layer``'s mask (compactly)."""
         if not isinstance(mask, SliceMask):
             raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
+        if not is_int(step) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        step = int(step)
         shape = (mask.batch, mask.heads, mask.q_len, mask.kv_len, mask.slice_m)
         if self.expanded:
             self._entries[layer] = _Entry(shape, mask.indptr, mask.indices, "expanded", None, step, mask)
@@ -315,7 +320,7 @@ def mask_recall(q, k, lse, scale: float, key_valid=None, samples: int = RECALL_S
     ``return_lse``), so only the sampled rows' exact LSE is computed (samples / S of a dense
     Q K^T; no host sync). A mask that went stale keeps less: a staleness signal that, unlike
     block means, reads where the attention went. q, k [B, H, S, D]; ``key_valid`` [B, S_k] bool
-    leaves padded keys out of the exact LSE."""
+    leaves padded keys out of the exact LSE (a sampled query with no valid key reads 1)."""
     batch, heads, q_len, _ = q.shape
     if not is_int(samples) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")
@@ -336,7 +341,8 @@ def mask_recall(q, k, lse, scale: float, key_valid=None, samples: int = RECALL_S
             if key_valid is not None:
                 logits.masked_fill_(~key_valid[b, None, None, :], float("-inf"))
             exact[b, h0:h1] = torch.logsumexp(logits, dim=-1)
-    return torch.exp(lse[:, :, rows].float() - exact).nan_to_num(0.0).mean(-1)
+    kept = torch.exp(lse[:, :, rows].float() - exact).nan_to_num(0.0)
+    return torch.where(exact == -math.inf, 1.0, kept).mean(-1)  # a query with no valid key misses nothing
 
 
 #: torch.bmm(..., out_dtype=) exists (torch 2.8 on).

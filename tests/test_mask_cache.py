@@ -1,5 +1,6 @@
 """MaskCache: the dense / refresh / reuse schedule, compact storage round trips, shape errors."""
 
+import math
 import pytest
 import torch
 from hypothesis import given, settings
@@ -246,6 +247,21 @@ def test_mask_recall_checks_its_arguments():
         mask_recall(q, k[:, :1], lse, 0.3)
 
 
+def test_mask_recall_of_a_batch_entry_with_no_valid_key_is_one():
+    """All of entry 1's keys are padding: its queries miss nothing (not a huge reading from
+    exp(lse - -inf))."""
+    from fgcupy.cache import mask_recall
+
+    q, k = torch.randn(2, 2, 10, 8), torch.randn(2, 2, 12, 8)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    valid[1] = False
+    lse = torch.logsumexp(q @ k.transpose(-1, -2) * 0.3, -1)
+    recall = mask_recall(q, k, lse, 0.3, key_valid=valid)
+    assert torch.allclose(recall, torch.ones(2, 2), atol=1e-5), recall
+    recall = mask_recall(q, k, torch.full_like(lse, -math.inf), 0.3, key_valid=valid)
+    assert recall[0].tolist() == [0.0, 0.0] and recall[1].tolist() == [1.0, 1.0]
+
+
 def test_schedules_take_numpy_ints_and_refuse_a_layout_option():
     import numpy as np
 
@@ -273,3 +289,11 @@ def test_mask_drift_names_what_it_cannot_compare():
         mask_drift(a, b)
     with pytest.raises(TypeError, match="two SliceMasks"):
         mask_drift(a, a.indptr)
+
+
+def test_put_checks_its_step():
+    cache = MaskCache()
+    with pytest.raises(ValueError, match="step must be a non-negative int"):
+        cache.put(0, SliceMask.full(1, 1, 8, 8, 4), step="3")
+    with pytest.raises(ValueError, match="step must be a non-negative int"):
+        cache.put(0, SliceMask.full(1, 1, 8, 8, 4), step=-1)
