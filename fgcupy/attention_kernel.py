@@ -193,7 +193,8 @@ def check_scale(scale) -> None:
 def check_outputs(q, k, v, out, lse) -> None:
     """``out`` must be q's shape, dtype and device with no two elements in one place, and must
     not overlap k or v (other query blocks still read them while one block writes) nor q other
-    than as q itself (in place); ``lse``, where given, contiguous float32 [B, H, q_len]."""
+    than as q itself (in place); ``lse``, where given, contiguous float32 [B, H, q_len] clear of
+    out, q, k and v."""
     if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
         raise ValueError(f"out must match q: expected shape {tuple(q.shape)}, {q.dtype}, {q.device}; "
                          f"got {tuple(out.shape)}, {out.dtype}, {out.device}")
@@ -210,6 +211,10 @@ def check_outputs(q, k, v, out, lse) -> None:
         if tuple(lse.shape) != expected or lse.dtype != torch.float32 or lse.device != q.device or not lse.is_contiguous():
             raise ValueError(f"lse must be a contiguous float32 tensor of shape {expected} on {q.device}; got "
                              f"{tuple(lse.shape)}, {lse.dtype}, {lse.device}{'' if lse.is_contiguous() else ', not contiguous'}")
+        for name, t in (("out", out), ("q", q), ("k", k), ("v", v)):
+            if _spans_overlap(lse, t):  # another dtype: any shared byte is one too many
+                raise ValueError(f"lse overlaps {name} in memory: the kernel would write the LSE over {name} "
+                                 "while it is read or written; pass a separate lse")
 
 
 def _may_overlap_itself(t: torch.Tensor) -> bool:
@@ -249,11 +254,11 @@ def _may_share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether the address ranges two tensors cover intersect (a conservative test of aliasing)."""
+    """Whether the address ranges two tensors cover intersect (a conservative test of aliasing).
+    By address alone: tensors imported through DLPack (cupy arrays) get storages of their own that
+    may still share memory."""
     if a.device != b.device or a.numel() == 0 or b.numel() == 0:
         return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False  # separate allocations
 
     def span(t):
         last = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))

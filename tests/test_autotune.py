@@ -484,6 +484,22 @@ def test_autotune_on_tunes_once_and_stores(isolated_cache, monkeypatch):
     assert KEY.id in json.loads(isolated_cache.read_text())["entries"]
 
 
+def test_a_tune_put_off_is_not_remembered(isolated_cache, monkeypatch):
+    """A plan during CUDA graph capture does not tune (tune_fn returns None): the default then,
+    a tune at the next plan outside capture."""
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")
+    calls = []
+
+    def tune_fn(key):
+        calls.append(key)
+        return None if len(calls) == 1 else fake_result(key)
+
+    assert autotune.choose_spec(KEY, DEFAULT, tune_fn, gpu=H100) == DEFAULT
+    assert autotune.choose_spec(KEY, DEFAULT, tune_fn, gpu=H100) == OTHER
+    assert autotune.choose_spec(KEY, DEFAULT, tune_fn, gpu=H100) == OTHER
+    assert len(calls) == 2
+
+
 def test_a_tune_holds_its_own_key_alone(isolated_cache, monkeypatch):
     """While one thread tunes a key for minutes, another plans a different key at once."""
     monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")

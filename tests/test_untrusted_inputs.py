@@ -167,6 +167,26 @@ def test_out_that_overlaps_itself_or_k_or_v_is_refused_and_q_in_place_is_taken()
     torch.testing.assert_close(q_copy, expected)
 
 
+def test_an_lse_or_out_sharing_memory_with_the_inputs_is_refused_whatever_its_storage():
+    """An lse inside out, q or k, and an out that is k under another storage (DLPack imports,
+    cupy arrays among them, get storages of their own at the same addresses)."""
+    q, k, v = _qkv(6)
+    mask = SliceMask.full(1, 2, 128, 128, 64)
+    out = torch.empty_like(q)
+    for name, host in (("out", out), ("q", q), ("k", k), ("v", v)):
+        with pytest.raises(ValueError, match=f"lse overlaps {name}"):
+            sparse_attention(q, k, v, mask, out=out, lse=host.view(-1)[: 2 * 128].view(1, 2, 128))
+    fused = torch.randn(3, 1, 2, 128, 64)
+    q2, k2, v2 = fused[0], fused[1], fused[2]
+    alias = torch.from_dlpack(fused[1:3])[0]
+    assert alias.untyped_storage().data_ptr() != k2.untyped_storage().data_ptr() and alias.data_ptr() == k2.data_ptr()
+    with pytest.raises(ValueError, match="out overlaps k"):
+        sparse_attention(q2, k2, v2, mask, out=alias)
+    lse = torch.empty(1, 2, 128)
+    got, got_lse = sparse_attention(q, k, v, mask, out=out, lse=lse)
+    assert got is out and got_lse is lse
+
+
 def test_the_launch_checks_what_the_op_writes_and_reads(monkeypatch):
     """torch.ops.fgcupy.sparse_attention_ can be called directly: the launch itself refuses an out
     or lse the kernel would write past, and hands the kernel the mask's offsets as one flat array

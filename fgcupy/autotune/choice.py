@@ -47,10 +47,11 @@ def autotune_enabled() -> bool:
     return False
 
 
-def choose_spec(key: ProblemKey, default: AttentionSpec, tune_fn: Callable[[ProblemKey], TuneResult],
+def choose_spec(key: ProblemKey, default: AttentionSpec, tune_fn: Callable[[ProblemKey], TuneResult | None],
                 cache: TuneCache | None = None, gpu: DeviceInfo | None = None) -> AttentionSpec:
     """This process's choice, else the cached winner, else (FGCUPY_AUTOTUNE=1) a fresh tune that
-    is stored, else ``default``. A failed tune warns and falls back to ``default``. A tune holds
+    is stored, else ``default``. A failed tune warns and falls back to ``default`` for the rest of
+    the process; a ``tune_fn`` that returns None (not now) leaves a later call to tune. A tune holds
     its own key and its GPU model alone: other keys plan meanwhile, and tunes take turns (the
     events of two at once would each time the other's kernels too)."""
     spec = _session.get(key.id)
@@ -77,8 +78,10 @@ def choose_spec(key: ProblemKey, default: AttentionSpec, tune_fn: Callable[[Prob
             except Exception as err:  # noqa: BLE001 - tuning is an optimisation, never fatal
                 warnings.warn(f"fgcupy autotune: tuning {key.id} failed ({type(err).__name__}: {err}); "
                               f"using {default.name}", AutotuneCacheWarning, stacklevel=3)
-                result = None
-            if result is not None and result.measured:
+                result = False  # failed: this process keeps the default
+            if result is None:  # not now (a CUDA graph capture): a later plan tunes
+                return default
+            if result and result.measured:
                 cache.store([result], gpu)
                 spec = result.winner
         spec = spec or default
