@@ -877,6 +877,25 @@ def test_step_tracking_from_timesteps():
         handle.set_step(-1)
 
 
+def test_a_repeated_timestep_after_end_step_is_the_next_step():
+    """Timesteps rounded to ints can repeat (999, 999): after end_step (the pipeline callback) the
+    same timestep starts the next step instead of another guidance branch."""
+    model = tiny_wan(layers=1)
+    handle = fd.apply(model, cpu_config())
+    seen = []
+    for t in (999, 999, 999, 999, 998, 998):
+        handle.begin_forward(torch.tensor([t]))
+        seen.append((handle.step, handle.branch))
+        if len(seen) % 2 == 0:  # each step runs two branches, then the pipeline calls back
+            kwargs = {"latents": torch.zeros(1)}
+            assert handle.step_callback(None, len(seen) // 2 - 1, torch.tensor(t), kwargs) is kwargs
+    assert seen == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    handle.reset()
+    handle.begin_forward(torch.tensor([999]))
+    handle.begin_forward(torch.tensor([999]))
+    assert (handle.step, handle.branch) == (0, 1)  # without end_step: a second branch
+
+
 def test_changed_text_padding_forces_a_refresh():
     model = tiny_hunyuan()
     handle = fd.apply(model, cpu_config(refresh_every=100))

@@ -200,6 +200,7 @@ class SparseAttentionHandle:
         self._in_call = False  # set between a counted call's hooks: still set, the last call raised
         self._calls = 0
         self._manual = False  # set_step drives the schedule; the hook no longer counts calls
+        self._step_over = False  # end_step: the next call starts a step even at the same timestep
         self._hooks: list = []  # the transformer's forward pre- and post-hooks
         self._padding_host: dict[int, torch.Tensor] = {}
         self._padding_version: dict[int, int] = {}
@@ -242,7 +243,8 @@ class SparseAttentionHandle:
             value = float(torch.as_tensor(timestep).detach().max())
         if self._calls == 0:
             self.step, self.branch = 0, 0
-        elif value is None or self._last_timestep is None or value < self._last_timestep:
+        elif (value is None or self._last_timestep is None or value < self._last_timestep
+              or (self._step_over and value == self._last_timestep)):
             self.step, self.branch = self.step + 1, 0
         elif value == self._last_timestep and self.branch + 1 < MAX_BRANCHES:
             self.branch += 1
@@ -250,7 +252,20 @@ class SparseAttentionHandle:
             self._new_generation()
         self._calls += 1
         self._last_timestep = value
+        self._step_over = False
         self._padding_seen.clear()
+
+    def end_step(self) -> None:
+        """The current denoising step is over: the next call starts the next step even at the same
+        timestep. Schedulers that round timesteps to ints can repeat one (999, 999 at a high flow
+        shift and many steps), which the count alone takes for another guidance branch."""
+        self._step_over = True
+
+    def step_callback(self, pipe, step_index: int, timestep, callback_kwargs: dict) -> dict:
+        """``pipe(..., callback_on_step_end=handle.step_callback)``: ``end_step`` after each step
+        of a diffusers pipeline; returns the pipeline's tensors unchanged."""
+        self.end_step()
+        return callback_kwargs
 
     def set_step(self, step: int, branch: int = 0) -> None:
         """Put the schedule at ``step`` (and guidance ``branch``) for the next calls, which stay
@@ -277,6 +292,7 @@ class SparseAttentionHandle:
         self._calls = 0
         self._last_timestep = None
         self._manual = False
+        self._step_over = False
         self._in_call = False
         if clear_stats:
             for layer in self.layers.values():

@@ -38,6 +38,9 @@ DEFAULT_DENSE_STEPS = 1
 #: predict_mask options that shape the selection or bound its memory (and so apply to an exact
 #: column-max mask too).
 _SELECTION_OPTIONS = ("top_k", "min_keys", "max_keys", "local", "workspace_bytes")
+#: The key count predictor options are checked at when the config is made: the longest the
+#: kernels index (int32), where no count is clamped to the keys.
+_LONGEST = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -301,6 +304,10 @@ class SparseAttentionConfig:
             object.__setattr__(self, "refresh_steps", _int_tuple(self.refresh_steps, "refresh_steps"))
         if not isinstance(self.predictor_kwargs, dict):
             raise TypeError(f"predictor_kwargs must be a dict, got {type(self.predictor_kwargs).__name__}")
+        own = sorted(set(_METHOD_PARAMETER.values()) & set(self.predictor_kwargs))
+        if own:
+            raise ValueError(f"predictor_kwargs may not set {', '.join(own)}: give the config's own "
+                             f"{', '.join(own)} (checked, and read by the exact masks and refreshes too)")
         if self.attention_fn is not None and not callable(self.attention_fn):
             raise TypeError(f"attention_fn must be callable, got {type(self.attention_fn).__name__}")
         if self.process_group is not None and self.attention_fn is not None:
@@ -478,7 +485,7 @@ class SparseAttentionConfig:
         """Refuse now what predict_mask would refuse at the first sparse step."""
         import inspect
 
-        from ..mask_request import make_request
+        from ..mask_request import is_number, make_request
 
         kwargs = self.predictor_arguments()
         allowed = set(inspect.signature(make_request).parameters) - {"head_dim", "kv_len", "slice_m", "method"}
@@ -489,8 +496,12 @@ class SparseAttentionConfig:
         unknown = set(kwargs) - allowed
         if unknown:
             raise ValueError(f"predictor_kwargs holds options predict_mask does not take: {sorted(unknown)}")
+        if "workspace_bytes" in kwargs:
+            budget = kwargs["workspace_bytes"]
+            if not is_number(budget) or not budget >= 0 or not math.isfinite(budget):
+                raise ValueError(f"workspace_bytes must be a non-negative number of bytes, got {budget!r}")
         checked = {name: value for name, value in kwargs.items() if name != "workspace_bytes"}
-        make_request(128, 4096, self.slice_m, self.predictor, **checked)
+        make_request(128, _LONGEST, self.slice_m, self.predictor, **checked)
         runtime_options = []  # what the handle adds to these options at run time
         if self.calibrate_pooling:
             from ..calibration import DEFAULT_CANDIDATES
@@ -500,7 +511,7 @@ class SparseAttentionConfig:
             runtime_options.append(("find_diagonals adds", {"diagonals": (self.slice_m,)}))
         for what, extra in runtime_options:
             try:
-                make_request(128, 4096, self.slice_m, self.predictor, **checked, **extra)
+                make_request(128, _LONGEST, self.slice_m, self.predictor, **checked, **extra)
             except ValueError as err:
                 shown = ", ".join(f"{k}={v!r}" for k, v in extra.items())
                 raise ValueError(f"{what} {shown}, which predictor_kwargs do not allow: {err}") from None
