@@ -453,6 +453,13 @@ class SparseAttentionConfig:
     def _check_local_search(self) -> None:
         if not isinstance(self.local_search, bool):
             raise TypeError(f"local_search must be a bool, got {self.local_search!r}")
+        if not (isinstance(self.predictor, str) and self.predictor in _METHOD_PARAMETER):
+            given = [option for option, on in (("local_search=True", self.local_search),
+                                               ("predict_on_refresh=False", self.predict_on_refresh is False),
+                                               ("grid", self.grid is not None)) if on]
+            if given:
+                raise ValueError(f"{', '.join(given)}: a local search refreshes the masks of a mean-query predictor "
+                                 f"{tuple(_METHOD_PARAMETER)} from sparse steps, got predictor={self.predictor!r}")
         if self.local_search and not self.sparse_refresh:
             raise ValueError("local_search adds candidates to a sparse refresh: set sparse_refresh=True too")
         if not isinstance(self.predict_on_refresh, bool):
