@@ -217,6 +217,9 @@ class SparseAttentionConfig:
     parallel_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for option in ("calibrate_pooling", "share_branches", "fallback", "estimate_first_mask"):
+            if not isinstance(getattr(self, option), bool):  # "False" would switch it on
+                raise TypeError(f"{option} must be a bool, got {getattr(self, option)!r}")
         if self.predictor == EXACT_PREDICTOR:
             self._check_exact_schedule()
         elif isinstance(self.predictor, str):
@@ -281,8 +284,6 @@ class SparseAttentionConfig:
             self._refuse_process_group("find_diagonals", "queries and keys")
             if isinstance(self.predictor_kwargs, dict) and "diagonals" in self.predictor_kwargs:
                 raise ValueError("find_diagonals finds the diagonals: predictor_kwargs may not set them")
-        if not isinstance(self.estimate_first_mask, bool):
-            raise TypeError(f"estimate_first_mask must be a bool, got {self.estimate_first_mask!r}")
         if self.estimate_first_mask:
             self._check_estimate_first_mask()
         if self.mask_from_warmup:
