@@ -9,7 +9,7 @@ import weakref
 import torch
 import torch.distributed as dist
 
-from .sp_handshake import Pending, _uses_nccl
+from .sp_handshake import Pending, _uses_nccl, _wait
 
 # group -> {device type: exchange method}; weak, so a destroyed group (and its connections) goes.
 _PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -20,7 +20,8 @@ _PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def probe_all_to_all(group, device: torch.device) -> str:
     """'all_to_all' if the backend runs an uneven ``all_to_all_single`` on ``device``, else 'p2p'.
-    Unsupported collectives raise at the call on every rank alike, so all ranks agree."""
+    Unsupported collectives raise at the call on every rank alike, so all ranks agree; the wait
+    is bounded as every collective's is (sp_handshake._wait)."""
     group = group if group is not None else dist.group.WORLD
     known = _PROBED.get(group, {})
     if device.type in known:
@@ -30,7 +31,8 @@ def probe_all_to_all(group, device: torch.device) -> str:
     send = torch.zeros(sum(send_counts), device=device)
     recv = torch.empty((rank + 1) * world, device=device)
     try:
-        dist.all_to_all_single(recv, send, [rank + 1] * world, send_counts, group=group)
+        work = dist.all_to_all_single(recv, send, [rank + 1] * world, send_counts, group=group, async_op=True)
+        _wait(work, group)  # bounded on gloo (TimeoutError): a rank that never probes is no hang
         method = "all_to_all"
     except (RuntimeError, NotImplementedError, ValueError):
         method = "p2p"
