@@ -35,10 +35,11 @@ better:
 * "best per block of ...": each query block takes whichever of those real predictors' masks
   gives it the least output error (the squared error splits over blocks), a bound for any
   per-block choice among them;
-* "estimated column max on the best F of blocks": per head, the fraction F of query blocks
-  where the estimated column max's mask lowers the error most against the default's takes it,
-  the rest keep the default's (an ideal choice, a bound for any rule spending the exact work on
-  F of the blocks), and beside it the F least coherent blocks (mask_reference.block_coherence).
+* "estimated column max on the best N of QB blocks": per head, the N query blocks (each of
+  BUDGET_FRACTIONS of them, rounded) where the estimated column max's mask lowers the error most
+  against the default's take it, the rest keep the default's (an ideal choice, a bound for any
+  rule spending the exact work on N blocks), and beside it the N least coherent blocks
+  (mask_reference.block_coherence).
 Runs on the CPU (torch reference) or on a GPU (--device cuda).
 """
 
@@ -224,21 +225,22 @@ def main():
 
 
 def budget_bound(judge, pair, coherence):
-    """Print "estimated column max on the best F of blocks" (module docstring) from the per-block
+    """Print "estimated column max on the best N of QB blocks" (module docstring) from the per-block
     errors ``pair`` {(name, density): [B, H, QB]} of BUDGET_PAIR."""
     norm = float((judge.dense.double() ** 2).sum())
     cheap, exact = BUDGET_PAIR
+    blocks = coherence.shape[-1]
     for frac in BUDGET_FRACTIONS:
+        count = min(blocks, max(1, round(frac * blocks)))
         cells = []
         for d in (0.1, 0.3):
             gain = pair[cheap, d] - pair[exact, d]
-            count = int(frac * gain.shape[-1])
             for ranking in (gain, -coherence):
                 chosen = torch.zeros_like(gain, dtype=torch.bool).scatter_(-1, ranking.topk(count, -1).indices, True)
                 err = torch.where(chosen, pair[exact, d], pair[cheap, d]).sum()
                 cells.append(f"x{math.sqrt(float(err) / norm) / judge.oracle_error(d):.2f}")
-        print(f"  estimated column max on the best {frac} of blocks (least coherent): d=0.1 {cells[0]} ({cells[1]})"
-              f"  d=0.3 {cells[2]} ({cells[3]})", flush=True)
+        print(f"  estimated column max on the best {count} of {blocks} blocks (least coherent): d=0.1 {cells[0]} "
+              f"({cells[1]})  d=0.3 {cells[2]} ({cells[3]})", flush=True)
 
 
 if __name__ == "__main__":
