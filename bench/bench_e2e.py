@@ -272,8 +272,7 @@ def bench_model(args, predictor: dict) -> dict:
     trajectory()  # warm-up (kernels, allocator)
     dense_out, dense_ms, dense_final = trajectory()
     config = fd.SparseAttentionConfig(slice_m=args.slice_m, dense_steps=args.model_dense_steps,
-                                      refresh_every=args.model_refresh_every,
-                                      mask_from_warmup=args.mask_from_warmup, **predictor)
+                                      refresh_every=args.model_refresh_every, **predictor)
     handle = fd.apply(model, config)
     trajectory()  # warm-up: compiles, predicts
     handle.reset(clear_stats=True)
@@ -356,6 +355,15 @@ def main(argv=None):
                                             **predictor)
     except ValueError as error:
         parser.error(str(error))
+    # the model runs its own schedule (--model-dense-steps ...): the flags as given, resolved there
+    model_predictor = dict(predictor, mask_from_warmup=args.mask_from_warmup, sparse_refresh=args.sparse_refresh,
+                           local_search=args.local_search, predict_on_refresh=False if args.search_only else None)
+    if args.model_layers > 0:  # refused now, not after the block's timings
+        try:
+            fd.SparseAttentionConfig(slice_m=args.slice_m, dense_steps=args.model_dense_steps,
+                                     refresh_every=args.model_refresh_every, **model_predictor)
+        except ValueError as error:
+            parser.error(f"the model's schedule (--model-dense-steps {args.model_dense_steps}): {error}")
     args.mask_from_warmup, args.refresh_every = schedule.mask_from_warmup, schedule.refresh_every
     args.refresh_ramp, args.dense_steps = schedule.refresh_ramp, schedule.dense_steps
     refresh = {key: getattr(schedule, key) for key in ("sparse_refresh", "local_search", "predict_on_refresh")}
@@ -369,7 +377,7 @@ def main(argv=None):
     print(header, flush=True)
     print("(random weights attend almost uniformly: the PSNR below checks plumbing, not quality)", flush=True)
     blocks = [bench_block(seq, args, predictor) for seq in args.seqs]
-    model = bench_model(args, predictor) if args.model_layers > 0 else None
+    model = bench_model(args, model_predictor) if args.model_layers > 0 else None
 
     print("\n" + header)
     print(f"Wan 2.1 14B block (5120 hidden, 40x128 heads, FFN 13824, bf16), {args.steps}-step schedule: "

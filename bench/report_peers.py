@@ -34,6 +34,13 @@ from fgcupy.reference import dense_attention
 from fgcupy.workloads import SHAPES, video_qkv
 
 
+
+def visited_share(block_mask, pairs: int) -> float:
+    """The share of ``pairs`` (query block, key block) pairs a FlexAttention BlockMask computes,
+    partial and full blocks alike (a block cover lists every block as full)."""
+    full = block_mask.full_kv_num_blocks
+    return float(block_mask.kv_num_blocks.sum() + (0 if full is None else full.sum())) / pairs
+
 def pooled_block_mask(q, k, density: float, block: int = 128):
     """FlexAttention BlockMask keeping, per 128-query row block, the top key blocks by the
     softmax of mean-pooled q against mean-pooled k (the usual block predictor), as full blocks
@@ -151,7 +158,7 @@ def main(argv=None):
         record("fgcupy", mask.density(), ms, error, target_density=density, spec=plan.spec.name,
                predict_ms=mask_ms["median_ms"])
         cover = mask.to_block_mask(128, exact=False)
-        cover_density = float(cover.kv_num_blocks.sum()) / (batch * heads * math.ceil(seq / 128) ** 2)
+        cover_density = visited_share(cover, batch * heads * math.ceil(seq / 128) ** 2)
         record("flex-block-cover", cover_density, cuda_time_ms(lambda: flex(q, k, v, block_mask=cover), reps=args.reps),
                target_density=density, slice_density=mask.density(), fgcupy_ms=ms["median_ms"])
         flashinfer_ms = optional_peer("flashinfer-slices", partial(flashinfer_slices, q, k, v, mask), args.reps)
