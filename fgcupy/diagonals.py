@@ -65,14 +65,14 @@ def _offset_stats(q, k, samples, scale, level: float = DEFAULT_MIN_MASS) -> tupl
     per_head = rows.numel() * kv_len * 4
     step = max(1, _CHUNK_BYTES // per_head)
     kf = k.float()
-    counted = 0
+    counted = torch.zeros((), dtype=torch.float32, device=q.device)  # rows with mass (no host sync)
     for b in range(batch):
         for h0 in range(0, heads, step):
             logits = torch.matmul(q[b, h0 : h0 + step, rows].float(), kf[b, h0 : h0 + step].transpose(-1, -2))
             # a NaN key (padded, as the diffusers integration marks them) holds no mass; a row
             # with no finite logit (all keys padded) has no softmax and counts for nothing
             probs = torch.softmax(logits.nan_to_num(nan=-math.inf) * scale, dim=-1).nan_to_num_(nan=0.0)
-            counted += int((probs.sum(-1) > 0).sum())
+            counted += (probs.sum(-1) > 0).sum()
             mass.index_add_(0, where, probs.sum(0).reshape(-1))
             windows = _box(probs, PEAK_WIDTH) >= level
             for head in windows:  # [rows, kv_len]: the rows of one head holding a peak there
@@ -81,7 +81,7 @@ def _offset_stats(q, k, samples, scale, level: float = DEFAULT_MIN_MASS) -> tupl
                 torch.maximum(support, count / reach.clamp_min(1.0), out=support)
     # an offset few sampled queries can reach (near +-S) has no share worth the name
     support.masked_fill_(reach < DEFAULT_MIN_SUPPORT * rows.numel(), 0.0)
-    return mass / max(counted, 1), support
+    return mass / counted.clamp_min(1.0), support
 
 
 def find_diagonals(q, k, slice_m: int = 128, *, count: int = 4, exact_band: int = DEFAULT_EXACT_BAND,
