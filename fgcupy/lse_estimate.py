@@ -28,7 +28,7 @@ from . import mask_reference as ref
 from .layout import query_key_views
 from .attention_kernel import check_scale
 from .mask import is_int, num_blocks
-from .mask_request import is_number
+from .mask_request import check_workspace_bytes
 
 #: Keys either side of a block whose exact mass the estimate counts (the default exact band).
 ESTIMATE_BAND = 64
@@ -51,8 +51,7 @@ def estimate_lse(q, k, slice_m: int = 128, *, band: int = ESTIMATE_BAND, scale: 
             raise ValueError(f"{name} must be a {'positive' if low else 'non-negative'} int, got {value!r}")
     scale = ref.default_scale(qh.shape[3]) if scale is None else scale
     check_scale(scale)
-    if not is_number(workspace_bytes) or not (workspace_bytes >= 0 and math.isfinite(workspace_bytes)):
-        raise ValueError(f"workspace_bytes must be a non-negative number of bytes, got {workspace_bytes!r}")
+    check_workspace_bytes(workspace_bytes)
     slice_m = int(slice_m)
     batch, heads, q_len, dim = qh.shape
     kv_len = kh.shape[2]

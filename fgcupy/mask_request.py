@@ -207,6 +207,13 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
+def check_workspace_bytes(value) -> None:
+    """ValueError unless ``value`` is a non-negative, finite number of bytes (a score buffer's
+    budget: predict_mask, estimate_lse, and the diffusers config that passes it on)."""
+    if not is_number(value) or not value >= 0 or not math.isfinite(value):
+        raise ValueError(f"workspace_bytes must be a non-negative number of bytes, got {value!r}")
+
+
 def _checked_diagonals(diagonals, exact_band, slice_m: int) -> tuple:
     """Sorted distinct non-zero key shifts of the exact band (0, the band itself, is implied)."""
     if isinstance(diagonals, (str, bytes)) or not hasattr(diagonals, "__iter__"):

@@ -39,8 +39,6 @@ is given. Score buffers ([heads x rows x kv_len], rows padded to 128 bytes) are 
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from . import bridge, predict_op
@@ -50,7 +48,7 @@ from .layout import query_key_views
 from .lse_estimate import estimate_lse
 from .mask import SliceMask, num_blocks
 from .mask_request import (AUTO, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
-                           METHODS, POOLINGS, MaskRequest, is_number, make_request)
+                           METHODS, POOLINGS, MaskRequest, check_workspace_bytes, make_request)
 
 
 def checked_lse(lse, q) -> torch.Tensor:
@@ -148,8 +146,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
             lse_t = checked_lse(lse, qh)
     if qh.device.type == "cuda":
         bridge.dtype_name(qh.dtype, "q")
-    if not is_number(workspace_bytes) or not workspace_bytes >= 0 or not math.isfinite(workspace_bytes):
-        raise ValueError(f"workspace_bytes must be a non-negative number of bytes, got {workspace_bytes!r}")
+    check_workspace_bytes(workspace_bytes)
     if isinstance(lse, str) and qh.shape[0] * qh.shape[1]:
         lse_t = estimate_lse(qh, kh, req.slice_m, scale=req.scale, workspace_bytes=workspace_bytes)
     if qh.shape[0] * qh.shape[1] == 0:  # no heads: nothing to score, on any device

@@ -493,7 +493,7 @@ class SparseAttentionConfig:
         """Refuse now what predict_mask would refuse at the first sparse step."""
         import inspect
 
-        from ..mask_request import is_number, make_request
+        from ..mask_request import check_workspace_bytes, make_request
 
         kwargs = self.predictor_arguments()
         allowed = set(inspect.signature(make_request).parameters) - {"head_dim", "kv_len", "slice_m", "method"}
@@ -505,9 +505,7 @@ class SparseAttentionConfig:
         if unknown:
             raise ValueError(f"predictor_kwargs holds options predict_mask does not take: {sorted(unknown)}")
         if "workspace_bytes" in kwargs:
-            budget = kwargs["workspace_bytes"]
-            if not is_number(budget) or not budget >= 0 or not math.isfinite(budget):
-                raise ValueError(f"workspace_bytes must be a non-negative number of bytes, got {budget!r}")
+            check_workspace_bytes(kwargs["workspace_bytes"])
         checked = {name: value for name, value in kwargs.items() if name != "workspace_bytes"}
         make_request(128, _LONGEST, self.slice_m, self.predictor, **checked)
         runtime_options = []  # what the handle adds to these options at run time
