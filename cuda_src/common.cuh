@@ -164,6 +164,12 @@ __device__ __forceinline__ void merge_lse2(float& m, float& l, float m_o, float 
   m = nm;
 }
 
+// log2 of a row's softmax normaliser from its running max and sum: -inf with no mass, +inf where
+// a logit was +inf (the sum is NaN then, from inf - inf).
+__device__ __forceinline__ float row_lse2(float m, float l) {
+  return m == -FG_NEG_INF ? m : (l > 0.f ? m + __log2f(l) : FG_NEG_INF);
+}
+
 // 8-byte store of two floats (dst is 8-byte aligned).
 __device__ __forceinline__ void store2(float* dst, float x, float y) {
   float2 v;

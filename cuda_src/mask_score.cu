@@ -302,7 +302,7 @@ mask_score(const __grid_constant__ ScoreParams p) {
       const int r = r_lo + 8 * i;
       if (tig == 0 && r < n_rows) {
         partial[(static_cast<i64>(z) * n_rows + r) * gridDim.x + blockIdx.x] =
-            run_l[i] > 0.f ? (run_m[i] + __log2f(run_l[i])) * FG_LN2 : FG_NEG_INF;
+            row_lse2(run_m[i], run_l[i]) * FG_LN2;
       }
     }
   }

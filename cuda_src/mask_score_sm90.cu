@@ -317,20 +317,20 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
         merge_lse2(run_m[i], run_l[i], __shfl_xor_sync(0xffffffffu, run_m[i], 1), __shfl_xor_sync(0xffffffffu, run_l[i], 1));
         merge_lse2(run_m[i], run_l[i], __shfl_xor_sync(0xffffffffu, run_m[i], 2), __shfl_xor_sync(0xffffffffu, run_l[i], 2));
         const int r = row0 + thread_row + 8 * i;
-        const float lse2 = run_l[i] > 0.f ? run_m[i] + __log2f(run_l[i]) : FG_NEG_INF;
+        const float lse2 = row_lse2(run_m[i], run_l[i]);
         if (MODE == kMode_stats && tig == 0 && r < n_rows) {
           static_cast<float*>(p.partial)[(static_cast<i64>(z) * n_rows + r) * gridDim.y + chunk] = lse2 * FG_LN2;
         }
         if (MODE == kMode_band && tig == 0) {
           // The row's band LSE log-added to its sub-block's (p.group queries a pooled row); rows
-          // past n_rows, or with no finite mass, get +inf (p = 0) as in maxprob mode.
+          // past n_rows, with no finite mass or with a +inf logit, get +inf (p = 0) as in maxprob mode.
           float total = -FG_NEG_INF;
           if (r < n_rows) {
             const int own_rows = (n_rows + p.group - 1) / p.group;
             const float x = static_cast<const float*>(p.lse)[static_cast<i64>(z) * own_rows + r / p.group];
             const float own2 = x > FG_NEG_INF && x < -FG_NEG_INF ? x * kLog2e : FG_NEG_INF;
             const float m = fmaxf(lse2, own2);
-            if (m > FG_NEG_INF) total = m + __log2f(fast_exp2(lse2 - m) + fast_exp2(own2 - m));
+            if (m > FG_NEG_INF && m < -FG_NEG_INF) total = m + __log2f(fast_exp2(lse2 - m) + fast_exp2(own2 - m));
           }
           sLse2[thread_row + 8 * i] = total;
         }

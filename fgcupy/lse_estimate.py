@@ -12,10 +12,9 @@ yields the LSE; without one, ``estimate_lse`` log-adds two parts:
 Either part alone fails on some heads (the band alone on region mixtures, the mean alone on
 sharp Gaussians: README "Mask quality"). The band's keys count in both parts and the mean
 query's mass is no bound on any one query's, so the estimate is judged by the masks it gives.
-Plain torch on any device (so it traces under torch.compile), in head chunks bounded by
-``workspace_bytes``: on an H200 it takes as long as the column-max pass itself (README "Mask
-quality"), where the scoring kernels' exact band (a stats and a max-probability pass over the
-same keys) took 0.52 ms (notes/results/profile_scoring_s34_h200.log).
+On a GPU the band part runs on the scoring stats kernel (mask_kernels.gpu_scores, a band of
+keys per query block); elsewhere, and under torch.compile (where it traces), plain torch in head
+chunks bounded by ``workspace_bytes``.
 """
 
 from __future__ import annotations
@@ -62,12 +61,38 @@ def estimate_lse(q, k, slice_m: int = 128, *, band: int = ESTIMATE_BAND, scale: 
     # An index, not repeat_interleave and a slice: torch 2.13's inductor fused those into logaddexp
     # wrongly on the CPU (the last block's queries read garbage).
     block_of_query = torch.arange(q_len, device=qh.device) // slice_m
+    near_all = _kernel_band_lse(qh, kh, slice_m, band, scale)
     for b in range(batch):
         for h0 in range(0, heads, chunk):  # views of q and k (an NHD layout is not copied whole)
-            near, broad = lse_parts(qh[b, h0 : h0 + chunk], kh[b, h0 : h0 + chunk], slice_m, band, scale,
-                                    block_of_query)
+            qc, kc = qh[b, h0 : h0 + chunk], kh[b, h0 : h0 + chunk]
+            if near_all is None:
+                near, broad = lse_parts(qc, kc, slice_m, band, scale, block_of_query)
+            else:
+                near, broad = near_all[b, h0 : h0 + chunk], block_mean_lse(qc, kc, slice_m, scale, block_of_query)
             out[b, h0 : h0 + chunk] = torch.logaddexp(near, broad)
     return out
+
+
+def _kernel_band_lse(qh, kh, slice_m: int, band: int, scale: float):
+    """``band_lse`` of every head by the stats kernel (one CTA per query block, its band of keys;
+    mask_kernels.gpu_scores), float32 [B, H, q_len]; None where it does not apply (CPU tensors, a
+    trace under torch.compile, shapes or dtypes the kernel lacks), and the torch path runs."""
+    if qh.device.type != "cuda" or torch.compiler.is_compiling() or qh.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    from .jit.launch import GRID_LIMITS
+    from .jit.runtime import kernels_can_run
+    from .jit.spec import HEAD_DIMS, SLICE_SIZES
+
+    if slice_m not in SLICE_SIZES or qh.shape[3] not in HEAD_DIMS or not kernels_can_run():
+        return None
+    from .mask_kernels import gpu_scores
+
+    batch, heads, q_len, _ = qh.shape
+    lse = torch.cat([gpu_scores("stats", qh, kh, scale, bh0=bh0, nbh=min(GRID_LIMITS[2], batch * heads - bh0),
+                                warps=slice_m // 16, band=(-band, slice_m + 2 * band))
+                     for bh0 in range(0, batch * heads, GRID_LIMITS[2])])
+    # A NaN query has no band mass, as in torch; infinities stay.
+    return lse.view(batch, heads, q_len).nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
 
 
 def lse_parts(q: torch.Tensor, k: torch.Tensor, slice_m: int, band: int, scale: float,

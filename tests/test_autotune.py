@@ -309,7 +309,7 @@ def test_a_newer_fgcupys_file_is_read_as_empty_and_never_overwritten(isolated_ca
     assert isolated_cache.read_bytes() == content
 
 
-@pytest.mark.parametrize("field", ["version", "kernel_hash", "candidates_hash"])
+@pytest.mark.parametrize("field", ["version", "kernel_hash", "candidates_hash", "nvrtc"])
 def test_other_version_or_kernels_is_stale(isolated_cache, monkeypatch, field):
     current = autotune.library_stamp()
     monkeypatch.setattr(autotune.store, "library_stamp", lambda: dict(current, **{field: "0.0.0-old"}))

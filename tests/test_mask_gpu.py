@@ -668,9 +668,12 @@ def test_estimated_lse_and_its_column_max_on_the_gpu(dtype):
     q, k, v = family_qkv(shape, "gauss-sharp", heads=2, dtype=dtype)
     got = estimate_lse(q.to(DEVICE), k.to(DEVICE), 128, workspace_bytes=1 << 20)
     torch.testing.assert_close(got.cpu(), estimate_lse(q, k, 128), rtol=0, atol=2e-4)
-    # the band on the stats kernel: 64-query blocks, NHD views, fewer keys than queries, a NaN query
+    # the band on the stats kernel: 64-query blocks, NHD views, fewer keys than queries, a NaN
+    # query, a block of NaN queries (its estimate -inf) and a query with an infinite entry (+inf)
     qn = q.clone()
     qn[0, 1, 70] = float("nan")
+    qn[0, 0, :64] = float("nan")
+    qn[0, 0, 200, 3] = float("inf")
     for slice_m, keys in ((64, 1152), (128, 500), (64, 300)):
         on_gpu = estimate_lse(qn.transpose(1, 2).to(DEVICE), k[:, :, :keys].transpose(1, 2).to(DEVICE), slice_m,
                               layout="NHD")

@@ -50,13 +50,16 @@ CANDIDATE_MODULES = ("jit/spec.py", "tiles.py", "autotune/candidates.py")
 
 
 def library_stamp() -> dict:
-    """What makes stored timings stale: the library version, the kernel sources, and the code
-    that decides which kernels are candidates and which is the default (a winner no longer
-    offered must not be used, a new candidate must get its chance)."""
+    """What makes stored timings stale: the library version, the kernel sources, the code that
+    decides which kernels are candidates and which is the default (a winner no longer offered
+    must not be used, a new candidate must get its chance), and the libnvrtc that compiles them
+    (another compiler's binaries rank differently)."""
     from .. import __version__
+    from ..jit.nvrtc import library_identity
     from ..jit.source import source_hash
 
-    return {"version": __version__, "kernel_hash": source_hash(), "candidates_hash": candidates_hash()}
+    return {"version": __version__, "kernel_hash": source_hash(), "candidates_hash": candidates_hash(),
+            "nvrtc": library_identity()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -101,7 +104,7 @@ def _file_lock(path: Path, timeout: float | None = None):
 
 
 def _stamp_id(stamp: dict) -> str:
-    return f"{stamp.get('version')}|{stamp.get('kernel_hash')}|{stamp.get('candidates_hash')}"
+    return f"{stamp.get('version')}|{stamp.get('kernel_hash')}|{stamp.get('candidates_hash')}|{stamp.get('nvrtc')}"
 
 
 class TuneCache:
@@ -150,9 +153,9 @@ class TuneCache:
         if entries is None:
             theirs = {k: data["header"].get(k) for k in stamp}
             return {}, (f"{self.path} was written by fgcupy {theirs['version']} (kernels {theirs['kernel_hash']}, "
-                        f"candidates {theirs['candidates_hash']}), this is {stamp['version']} (kernels "
-                        f"{stamp['kernel_hash']}, candidates {stamp['candidates_hash']}): its results are stale "
-                        f"and fresh tunes will be stored beside them")
+                        f"candidates {theirs['candidates_hash']}, NVRTC {theirs['nvrtc']}), this is "
+                        f"{stamp['version']} (kernels {stamp['kernel_hash']}, candidates {stamp['candidates_hash']}, "
+                        f"NVRTC {stamp['nvrtc']}): its results are stale and fresh tunes will be stored beside them")
         return entries, None
 
     def _parse(self, raw: bytes) -> tuple[dict | None, str | None]:
