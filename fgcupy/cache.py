@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import torch
 
 from . import bridge
+from .attention_kernel import check_scale
 from .layout import to_bhsd
-from .mask import SliceMask, indptr_from_counts, is_int, num_blocks
+from .mask import SliceMask, check_key_valid, indptr_from_counts, is_int, num_blocks
 from .mask_reference import pool_queries
 from .scoring import predict_mask
 
@@ -329,6 +330,10 @@ def mask_recall(q, k, lse, scale: float, key_valid=None, samples: int = RECALL_S
                          f"got {tuple(k.shape)}")
     if tuple(lse.shape) != (batch, heads, q_len):
         raise ValueError(f"lse must be [B, H, S]={(batch, heads, q_len)}, got {tuple(lse.shape)}")
+    check_scale(scale)
+    if key_valid is not None:
+        check_key_valid(key_valid, batch, k.shape[2])
+        key_valid = key_valid.to(q.device)
     if q_len == 0 or heads == 0:
         return torch.ones(batch, heads, dtype=torch.float32, device=q.device)
     rows = torch.linspace(0, q_len - 1, min(samples, q_len), device=q.device).round().long()

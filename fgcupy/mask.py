@@ -12,6 +12,7 @@ non-int32 indices and the BlockMask converters.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,16 @@ INT32_MAX = 2**31 - 1
 def is_int(value) -> bool:
     """A Python or numpy integer, not a bool (options that count things)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_key_valid(key_valid, batch: int, kv_len: int) -> None:
+    """TypeError / ValueError unless ``key_valid`` is a bool tensor [batch, kv_len]."""
+    if not isinstance(key_valid, torch.Tensor):
+        raise TypeError(f"key_valid must be a bool torch.Tensor [B, KV], got {type(key_valid).__name__}")
+    if tuple(key_valid.shape) != (batch, kv_len) or key_valid.dtype != torch.bool:
+        raise ValueError(
+            f"key_valid must be bool [B, KV]={(batch, kv_len)}, got {key_valid.dtype} {tuple(key_valid.shape)}"
+        )
 
 
 def num_blocks(length: int, slice_m: int) -> int:
@@ -114,11 +125,13 @@ class SliceMask:
         return self.indptr[..., 1:] - self.indptr[..., :-1]
 
     def density(self) -> float:
-        """Kept slices / all slices (synchronises)."""
+        """Kept slices / all slices: the entries the kernels read, rows bounded as they bound them
+        (a key listed twice counts twice). Synchronises."""
         total = self.batch * self.heads * self.q_blocks * self.kv_len
         if total == 0:
             return 0.0
-        return float(self.row_lengths().sum(dtype=torch.int64).item()) / total
+        starts, ends = self.row_bounds()  # rows as the kernels read them
+        return float((ends - starts).sum().item()) / total
 
     def to(self, device) -> "SliceMask":
         return SliceMask(self.indptr.to(device), self.indices.to(device), self.slice_m, self.q_len, self.kv_len)
@@ -149,6 +162,8 @@ class SliceMask:
             raise ValueError(f"mask keeps {total} slices, more than int32 offsets can address")
         if capacity is None:
             capacity = total
+        elif not is_int(capacity) or capacity < 0:
+            raise ValueError(f"capacity must be a non-negative int or None, got {capacity!r}")
         elif capacity < total:
             raise ValueError(f"capacity={capacity} is smaller than the {total} kept slices")
         indices = torch.zeros(capacity, dtype=torch.int32, device=dense.device)
@@ -167,6 +182,8 @@ class SliceMask:
             raise TypeError(f"top-k indices must be an integer tensor, got {topk.dtype}")
         if topk.dim() != 4:
             raise ValueError(f"top-k indices must have shape [B, H, QB, k], got {tuple(topk.shape)}")
+        if not is_int(kv_len) or kv_len < 0:
+            raise ValueError(f"kv_len must be a non-negative int, got {kv_len!r}")
         batch, heads, q_blocks, k = topk.shape
         rows = batch * heads * q_blocks
         if rows * k > torch.iinfo(torch.int32).max:
@@ -206,9 +223,10 @@ class SliceMask:
         return starts, ends
 
     def digest(self) -> int:
-        """A fingerprint (non-negative int below 2^62) of the offsets and of the index entries some
-        row covers (spare capacity is ignored): equal for masks laid out alike, different for
-        others but by a chance of about 2^-31. Sequence-parallel ranks compare it to catch masks
+        """A fingerprint (non-negative int below 2^62) of the shape (batch, heads, query blocks,
+        slice_m, q_len, kv_len), the offsets and the index entries some row covers (spare
+        capacity is ignored): equal for masks laid out alike, different for others but by a
+        chance of about 2^-31. Sequence-parallel ranks compare it to catch masks
         that should be one and are not. Synchronises once; reads the mask in chunks."""
         starts, ends = self.row_bounds()
         cover = torch.zeros(self.capacity + 1, dtype=torch.int32, device=self.device)
@@ -225,6 +243,8 @@ class SliceMask:
                     term = torch.where(keep[lo : lo + part.numel()], term, 0)
                 sums[slot] = (sums[slot] + term.sum()) % _DIGEST_PRIME  # chunks of 2^24 terms: no overflow
         offsets, keys = sums.tolist()
+        for size in (self.batch, self.heads, self.q_blocks, self.slice_m, self.q_len, self.kv_len):
+            offsets = (offsets * 1_000_003 + size + 1) % _DIGEST_PRIME
         return offsets * _DIGEST_PRIME + keys
 
     def flat_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,8 +317,9 @@ class SliceMask:
     # ---- FlexAttention ----
     def block_cover(self, block_size: int = 128) -> torch.Tensor:
         """Boolean ``[B, H, ceil(q_len/bs), ceil(kv_len/bs)]``: blocks holding any kept slice."""
-        if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        if not is_int(block_size) or block_size < 1:
             raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+        block_size = int(block_size)
         if block_size % self.slice_m:
             raise ValueError(f"block_size={block_size} must be a multiple of slice_m={self.slice_m}")
         row_of, keys = self.kept_pairs()
@@ -321,6 +342,7 @@ class SliceMask:
         from torch.nn.attention.flex_attention import BlockMask
 
         cover = self.block_cover(block_size)
+        block_size = int(block_size)
         counts = cover.sum(-1, dtype=torch.int32)
         order = torch.argsort((~cover).to(torch.int8), dim=-1, stable=True).to(torch.int32)
         mask_mod = None
@@ -343,6 +365,15 @@ class SliceMask:
     def from_block_mask(cls, block_mask, slice_m: int, q_len: int | None = None, kv_len: int | None = None):
         """Every slice inside the blocks a FlexAttention ``BlockMask`` visits (its mask_mod is
         not applied: partial blocks count as full). Synchronises."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        if not isinstance(block_mask, BlockMask):
+            raise TypeError(f"block_mask must be a FlexAttention BlockMask, got {type(block_mask).__name__}")
+        if not is_int(slice_m) or slice_m < 1:
+            raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
+        for name, value in (("q_len", q_len), ("kv_len", kv_len)):
+            if value is not None and (not is_int(value) or value < 0):
+                raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")
         q_block, kv_block = block_mask.BLOCK_SIZE
         seq_q, seq_kv = block_mask.seq_lengths
         q_len = seq_q if q_len is None else q_len
@@ -365,6 +396,8 @@ def random_topk_mask(batch: int, heads: int, q_len: int, kv_len: int, slice_m: i
     """Each query block keeps round(density * kv_len) distinct keys drawn uniformly (at least
     one, where there are keys); density >= 1 keeps all. For benchmarks and tuning: random keys
     carry no structure."""
+    if not isinstance(density, numbers.Real) or isinstance(density, bool) or not density >= 0:
+        raise ValueError(f"density must be a non-negative number, got {density!r}")
     if density >= 1.0 or kv_len == 0:
         return SliceMask.full(batch, heads, q_len, kv_len, slice_m, device=device)
     keep = max(1, round(density * kv_len))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from .jit.score_spec import UNION_MAX_OFFSETS
-from .mask import INT32_MAX, SliceMask, indptr_from_counts, indptr_from_offsets, num_blocks
+from .mask import (INT32_MAX, SliceMask, check_key_valid, indptr_from_counts, indptr_from_offsets, is_int,
+                   num_blocks)
 
 
 def concat_heads(masks, order=None) -> SliceMask:
@@ -39,6 +40,10 @@ def concat_heads(masks, order=None) -> SliceMask:
 
 
 def _head_index(heads, count: int, device) -> torch.Tensor:
+    if torch.is_tensor(heads) and not heads.is_floating_point() and not heads.is_complex() and heads.dtype != torch.bool:
+        heads = heads.reshape(-1).tolist()
+    if isinstance(heads, (str, bytes)) or not all(is_int(h) for h in heads):
+        raise TypeError(f"heads must be a sequence of int head indices, got {heads!r}")
     order = [int(h) for h in heads]
     if not order or any(h < 0 or h >= count for h in order):
         raise ValueError(f"heads must be one or more head indices in [0, {count}), got {list(heads)}")
@@ -140,13 +145,8 @@ def drop_keys(mask: SliceMask, key_valid: torch.Tensor) -> SliceMask:
     sorted). Rows may sit anywhere in the buffer and may share entries: an entry rows of several
     batches share stays only where every one of those batches keeps its key."""
     _check_mask(mask)
-    if not isinstance(key_valid, torch.Tensor):
-        raise TypeError(f"key_valid must be a bool torch.Tensor [B, KV], got {type(key_valid).__name__}")
     batch, heads, q_blocks, kv_len = mask.batch, mask.heads, mask.q_blocks, mask.kv_len
-    if tuple(key_valid.shape) != (batch, kv_len) or key_valid.dtype != torch.bool:
-        raise ValueError(
-            f"key_valid must be bool [B, KV]={(batch, kv_len)}, got {key_valid.dtype} {tuple(key_valid.shape)}"
-        )
+    check_key_valid(key_valid, batch, kv_len)
     device, capacity = mask.device, mask.capacity
     key_valid = key_valid.to(device)
     if capacity == 0 or batch * heads * q_blocks == 0:
@@ -165,7 +165,8 @@ def drop_keys(mask: SliceMask, key_valid: torch.Tensor) -> SliceMask:
         marks = torch.zeros(capacity + 1, dtype=torch.int64, device=device)
         marks.index_add_(0, starts[b], ones).index_add_(0, ends[b], -ones)
         mine = torch.cumsum(marks, 0)[:capacity] > 0
-        keep = keep & (~mine | key_valid[b, keys])
+        if kv_len:  # with no keys every entry is out of range already
+            keep = keep & (~mine | key_valid[b, keys])
         covered |= mine
     keep &= covered
     before = torch.zeros(capacity + 1, dtype=torch.int64, device=device)
@@ -209,7 +210,7 @@ def _check_mask(mask) -> None:
 
 def _check_ints(**values) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if not is_int(value) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
 
 

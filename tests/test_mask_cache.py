@@ -245,6 +245,11 @@ def test_mask_recall_checks_its_arguments():
         mask_recall(q, k, lse[:, :, :5], 0.3)
     with pytest.raises(ValueError, match="k must be"):
         mask_recall(q, k[:, :1], lse, 0.3)
+    with pytest.raises(ValueError, match="scale"):
+        mask_recall(q, k, lse, None)
+    for key_valid in (torch.ones(1, 1, dtype=torch.bool), torch.ones(1, 12, dtype=torch.int64)):
+        with pytest.raises(ValueError, match=r"key_valid must be bool \[B, KV\]"):
+            mask_recall(q, k, lse, 0.3, key_valid)
 
 
 def test_mask_recall_of_a_batch_entry_with_no_valid_key_is_one():

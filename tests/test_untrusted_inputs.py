@@ -316,6 +316,90 @@ def test_from_block_mask_refuses_lengths_past_the_block_masks():
     assert SliceMask.from_block_mask(block_mask, 128, 256, kv_len=200).kv_len == 200
 
 
+def test_block_mask_sizes_given_as_numpy_ints_work_in_flex_attention():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    mask = SliceMask.from_dense(torch.rand(1, 1, 4, 256, generator=torch.Generator().manual_seed(0)) < 0.3, 64, 256)
+    q = torch.randn(1, 1, 256, 32)
+    block_mask = mask.to_block_mask(np.int64(128))
+    assert block_mask.BLOCK_SIZE == (128, 128)
+    want = flex.flex_attention(q, q, q, block_mask=mask.to_block_mask(128))
+    torch.testing.assert_close(flex.flex_attention(q, q, q, block_mask=block_mask), want)
+
+
+@pytest.mark.parametrize("slice_m", [0, -64, 64.0, True])
+def test_from_block_mask_refuses_a_slice_size_that_is_not_a_positive_int(slice_m):
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    block_mask = flex.create_block_mask(lambda b, h, q, k: q >= k, 1, 1, 256, 256, device="cpu")
+    with pytest.raises(ValueError, match="slice_m must be a positive int"):
+        SliceMask.from_block_mask(block_mask, slice_m)
+    with pytest.raises(TypeError, match="BlockMask"):
+        SliceMask.from_block_mask(torch.ones(1, 1, 2, 2, dtype=torch.bool), 128)
+
+
+@pytest.mark.parametrize("heads", [[0.9, 1.5], "12", [True], [torch.tensor(0.0)]])
+def test_head_selection_refuses_indices_that_are_not_ints(heads):
+    from fgcupy.mask_algebra import take_heads
+
+    mask = SliceMask.full(1, 3, 8, 8, 4)
+    with pytest.raises(TypeError, match="heads must be a sequence of int"):
+        take_heads(mask, heads)
+
+
+def test_head_selection_takes_numpy_and_tensor_indices():
+    from fgcupy.mask_algebra import take_heads
+
+    mask = SliceMask.from_dense(torch.rand(1, 3, 2, 8, generator=torch.Generator().manual_seed(1)) < 0.5, 4, 8)
+    want = mask.to_dense()[:, [2, 0]]
+    for heads in ([2, 0], np.array([2, 0]), torch.tensor([2, 0]), [np.int64(2), 0]):
+        assert torch.equal(take_heads(mask, heads).to_dense(), want)
+
+
+def test_density_counts_rows_as_the_kernels_bound_them():
+    backwards = SliceMask(torch.tensor([[[3, 0]]], dtype=torch.int32), torch.arange(3, dtype=torch.int32), 4, 4, 4)
+    past_the_list = SliceMask(torch.tensor([[[0, 100]]], dtype=torch.int32), torch.arange(3, dtype=torch.int32), 4, 4, 4)
+    assert backwards.density() == 0.0 == backwards.to_dense().float().mean().item()
+    assert past_the_list.density() == 0.75 == past_the_list.to_dense().float().mean().item()
+
+
+def test_digest_tells_masks_of_other_shapes_apart():
+    mask = SliceMask.from_dense(torch.rand(1, 2, 2, 8, generator=torch.Generator().manual_seed(2)) > 0.5, 4, 8)
+    other_split = SliceMask(mask.indptr.reshape(2, 1, 3), mask.indices, 4, 8, 8)
+    other_lengths = SliceMask(mask.indptr, mask.indices, 4, 5, 64)
+    assert len({mask.digest(), other_split.digest(), other_lengths.digest()}) == 3
+    assert mask.digest() == SliceMask(mask.indptr.clone(), mask.indices.clone(), 4, 8, 8).digest()
+
+
+def test_drop_keys_of_a_mask_with_no_keys_and_spare_capacity():
+    from fgcupy.mask_algebra import drop_keys
+
+    mask = SliceMask.from_dense(torch.zeros(1, 1, 1, 0, dtype=torch.bool), 4, 4, capacity=3)
+    kept = drop_keys(mask, torch.zeros(1, 0, dtype=torch.bool))
+    assert kept.density() == 0.0 and kept.capacity == 3
+
+
+def test_mask_slicing_takes_numpy_ints():
+    from fgcupy.mask_algebra import restrict_keys, slice_rows
+
+    mask = SliceMask.full(1, 1, 12, 8, 4)
+    assert slice_rows(mask, np.int64(1), np.int64(8)).q_blocks == 2
+    assert restrict_keys(mask, np.int64(2), np.int64(6)).kv_len == 4
+
+
+def test_mask_builders_name_a_bad_capacity_or_length():
+    with pytest.raises(ValueError, match="capacity must be a non-negative int"):
+        SliceMask.from_dense(torch.ones(1, 1, 2, 4, dtype=torch.bool), 4, 8, capacity=10.5)
+    with pytest.raises(ValueError, match="kv_len must be a non-negative int"):
+        SliceMask.from_topk(torch.zeros(1, 1, 2, 1, dtype=torch.int64), 4, 8, None)
+
+
+@pytest.mark.parametrize("density", [-0.5, float("nan"), "0.1", True])
+def test_random_lists_refuse_a_density_that_is_not_a_non_negative_number(density):
+    from fgcupy.mask import random_topk_mask
+
+    with pytest.raises(ValueError, match="density must be a non-negative number"):
+        random_topk_mask(1, 1, 8, 8, 4, density)
+
+
 def nan_key_cases():
     """(name, predict_mask options): the default, one mean query with each rule, a sampled pooling."""
     return [("default", dict(density=0.2)), ("mean topk", dict(density=0.2, pool=None, exact_band=None)),
