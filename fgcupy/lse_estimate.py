@@ -129,12 +129,16 @@ def finite_block_means(q: torch.Tensor, slice_m: int) -> tuple:
     """(float32 [N, QB, D] mean of each block's queries whose entries are all finite, bool
     [N, QB] whether a block has any) for q [N, q_len, D]."""
     n, q_len, dim = q.shape
-    blocks = num_blocks(q_len, slice_m)
-    padded = torch.nn.functional.pad(q.float(), (0, 0, 0, blocks * slice_m - q_len)).view(n, blocks, slice_m, dim)
-    real = (torch.arange(blocks * slice_m, device=q.device) < q_len).view(1, blocks, slice_m)
-    used = torch.isfinite(padded).all(-1) & real
-    counts = used.sum(-1)
-    sums = torch.where(used.unsqueeze(-1), padded, 0.0).sum(2)
+    blocks, whole = num_blocks(q_len, slice_m), q_len // slice_m
+    used = torch.isfinite(q).all(-1)
+    kept = torch.where(used.unsqueeze(-1), q, 0)  # in q's dtype: no float32 copy of the queries
+    sums = torch.empty(n, blocks, dim, dtype=torch.float32, device=q.device)
+    counts = torch.empty(n, blocks, dtype=torch.int64, device=q.device)
+    sums[:, :whole] = kept[:, : whole * slice_m].unflatten(1, (whole, slice_m)).sum(2, dtype=torch.float32)
+    counts[:, :whole] = used[:, : whole * slice_m].unflatten(1, (whole, slice_m)).sum(2)
+    if whole < blocks:  # the last block, cut short
+        sums[:, whole] = kept[:, whole * slice_m :].sum(1, dtype=torch.float32)
+        counts[:, whole] = used[:, whole * slice_m :].sum(1)
     return sums / counts.clamp_min(1).unsqueeze(-1), counts > 0
 
 
