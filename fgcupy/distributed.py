@@ -155,6 +155,7 @@ class SequenceParallelAttention:
                                            "static" if isinstance(mask, SliceMask) else "callable"])
         device = q.device if isinstance(q, torch.Tensor) else torch.device("cpu")
         try:
+            collective_timeout()  # a bad FGCUPY_COLLECTIVE_TIMEOUT_S raises before the header, on every rank
             qh, kh, vh, compute = self._check_local(q, k, v, layout, local, world, rank)
             device = qh.device
             mask_info = self._prepare_masks(mask, qh, compute, world, rank) if attend else None

@@ -29,8 +29,9 @@ from .mask import SliceMask, is_int
 from .mask_algebra import restrict_keys, slice_heads, slice_rows
 from .reference import reference_attention
 from .sp_exchange import probe_all_to_all, return_heads, send_heads
-from .sp_handshake import (DENSE_SLICE_M, _DTYPE_CODES, _HEADER, _MASK_KINDS, _header_device, _scale_code, _wait, check_agreement,
-                           check_attention_inputs, gather_headers, head_ranges, shard_views)
+from .sp_handshake import (DENSE_SLICE_M, _DTYPE_CODES, _HEADER, _MASK_KINDS, _header_device, _scale_code, _wait,
+                           check_agreement, check_attention_inputs, collective_timeout, gather_headers, head_ranges,
+                           shard_views)
 
 
 
@@ -92,7 +93,7 @@ class HybridSequenceParallelAttention:
         self.span, self.member = divmod(rank, self.ulysses)
         self.span_group, self.ring_group = span_groups[self.span], ring_groups[self.member]
         self._rows_key, self._rows_mask = None, None  # this rank's rows of the last mask
-        self._digest = None  # (the last mask, its digest) for the cross-rank check
+        self._digest = None  # (the last mask, its digest for the cross-rank check, its heads on this rank)
 
     def __call__(self, q, k, v, mask: SliceMask | None = None, *, layout: str = "HND", scale: float | None = None,
                  return_lse: bool = False):
@@ -130,6 +131,7 @@ class HybridSequenceParallelAttention:
         return (out, lse) if return_lse else out
 
     def _check_local(self, q, k, v, mask, layout, scale, return_lse, local):
+        collective_timeout()  # a bad FGCUPY_COLLECTIVE_TIMEOUT_S raises before the header, on every rank
         qh, kh, vh = shard_views(q, k, v, layout)
         if kh.shape != qh.shape or vh.shape != qh.shape or kh.dtype != qh.dtype or vh.dtype != qh.dtype:
             raise ValueError(f"q, k, v shards must agree in shape and dtype (self-attention); got "
@@ -146,7 +148,8 @@ class HybridSequenceParallelAttention:
             if (mask.batch, mask.heads) != (batch, heads):
                 raise ValueError(f"mask is for (B, H)={(mask.batch, mask.heads)}, q for {(batch, heads)}")
             if self._digest is None or self._digest[0] is not mask:  # one sync per new mask
-                self._digest = (mask, mask.digest())
+                # with this rank's heads, sliced before the header: a mask bad there raises on every rank
+                self._digest = (mask, mask.digest(), slice_heads(mask, head_ranges(heads, self.ulysses)[self.member]))
             local.update(mask=1, mask_batch=mask.batch, mask_heads=mask.heads, mask_q_len=mask.q_len,
                          mask_kv_len=mask.kv_len, mask_slice_m=mask.slice_m, mask_digest=self._digest[1])
         return qh, kh, vh
@@ -208,7 +211,7 @@ class HybridSequenceParallelAttention:
         if self._rows_key == key and self._rows_mask[0] is mask:
             return self._rows_mask[1]
         j = self.span
-        rows = slice_rows(slice_heads(mask.to(device), heads), starts[j] // mask.slice_m, spans[j])
+        rows = slice_rows(self._digest[2].to(device), starts[j] // mask.slice_m, spans[j])
         self._rows_key, self._rows_mask = key, (mask, rows)
         return rows
 
@@ -235,6 +238,6 @@ def _merge(out, lse, out_i, lse_i):
     base = torch.where(torch.isfinite(both), both, 0.0)
     w, w_i = torch.exp(lse - base), torch.exp(lse_i - base)
     total = w + w_i
-    merged = torch.where(total > 0, base + torch.log(total), -math.inf)
+    merged = torch.where(total == 0, -math.inf, base + torch.log(total))  # NaN stays NaN
     safe = torch.where(total > 0, total, 1.0).unsqueeze(-1)
     return (out * w.unsqueeze(-1) + out_i * w_i.unsqueeze(-1)) / safe, merged

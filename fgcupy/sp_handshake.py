@@ -73,6 +73,8 @@ def check_attention_inputs(q, k, v, uses_kernel: bool) -> None:
     started (the other ranks would wait in them): inputs that need gradients, and for the
     kernels a dtype or head dim they do not take."""
     check_forward_only(q, k, v)
+    if q.shape[-1] < 1:
+        raise ValueError(f"head_dim must be at least 1, got {q.shape[-1]}")
     if uses_kernel:
         bridge.dtype_name(q.dtype, "q")
         check_has_kernel(q.shape[-1], DENSE_SLICE_M)

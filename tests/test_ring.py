@@ -232,3 +232,58 @@ def test_ranks_that_ask_for_different_rings_raise_instead_of_hanging():
         # a ring that does not divide the group on one rank: every rank raises at once (no timeout)
         expected = "must be a positive int dividing" if rank == 0 else "rank(s) [0] gave a ring size"
         assert invalid["error"] == "ValueError" and expected in invalid["message"] and invalid["s"] < 5, invalid
+
+
+def _one_rank_fails_worker(rank, world, port, path):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    from fgcupy import SequenceParallelAttention
+    from fgcupy.ring import HybridSequenceParallelAttention
+
+    os.environ["FGCUPY_COLLECTIVE_TIMEOUT_S"] = "10"
+    full = SliceMask.full(1, 2, 16, 16, 4)
+    indptr = full.indptr.clone()
+    indptr[0, 1, -1] += 5  # head 1, which only rank 1 attends, points past the index buffer
+    q = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(rank))
+    cases = {"bad head": lambda: HybridSequenceParallelAttention(ring=1)(q, q, q, SliceMask(indptr, full.indices, 4, 16, 16)),
+             "head dim 0": lambda: SequenceParallelAttention()(q[..., :0], q[..., :0], q[..., :0])}
+    verdict = {}
+    for case, call in cases.items():
+        start = time.monotonic()
+        try:
+            call()
+            verdict[case] = {"error": None}
+        except Exception as err:  # noqa: BLE001 - the parent reports it
+            verdict[case] = {"error": type(err).__name__, "message": str(err), "s": time.monotonic() - start}
+    os.environ["FGCUPY_COLLECTIVE_TIMEOUT_S"] = "5s" if rank == 1 else "10"
+    start = time.monotonic()
+    try:
+        SequenceParallelAttention()(q, q, q)
+        verdict["bad timeout"] = {"error": None}
+    except Exception as err:  # noqa: BLE001
+        verdict["bad timeout"] = {"error": type(err).__name__, "message": str(err), "s": time.monotonic() - start}
+    with open(f"{path}.{rank}", "w") as f:
+        json.dump(verdict, f)
+    dist.destroy_process_group()
+
+
+def test_what_one_rank_rejects_every_rank_raises_at_once():
+    """A mask bad only in the heads one rank attends, a head dim of 0, an unreadable collective
+    timeout on one rank: every rank raises before any rank waits in an exchange."""
+    for rank, verdict in enumerate(_verdicts(_one_rank_fails_worker, 2, 90)):
+        for case, got in verdict.items():
+            assert got["error"] in ("ValueError",), (rank, case, got)
+            assert got["s"] < 5, (rank, case, got)  # not the 10 s collective timeout
+
+
+def test_a_merge_keeps_a_nan_lse():
+    """A NaN key makes the row's LSE NaN in one process; the ring's merge must not turn it into
+    "no key" (which the next span's LSE then overwrote with a finite value)."""
+    from fgcupy.ring import _merge
+
+    out = torch.full((1, 1, 2, 4), float("nan"))
+    lse = torch.tensor([[[float("nan"), float("-inf")]]])
+    out_i, lse_i = torch.ones(1, 1, 2, 4), torch.tensor([[[1.0, float("-inf")]]])
+    merged_out, merged = _merge(out, lse, out_i, lse_i)
+    assert merged[0, 0, 0].isnan() and merged[0, 0, 1] == float("-inf")
+    assert merged_out[0, 0, 0].isnan().all()
