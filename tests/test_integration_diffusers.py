@@ -651,9 +651,62 @@ def test_local_search_refuses_a_grid_larger_than_the_sequence():
     latents, text = wan_inputs(frames=3, size=16)  # 3 x 8 x 8 = 192 tokens
     fd.apply(model, fd.SparseAttentionConfig(density=0.2, slice_m=64, dense_steps=0, refresh_every=1, sparse_refresh=True,
                                              local_search=True, grid=(3, 8, 9), attention_fn=reference_attention_fn))
-    run_wan(model, latents, text, t=1000)  # the first mask: no search yet
-    with pytest.raises(ValueError, match=r"grid \(3, 8, 9\) holds 216 tokens, more than layer blocks.0.attn1's 192"):
-        run_wan(model, latents, text, t=900)
+    with pytest.raises(ValueError, match=r"grid=\(3, 8, 9\) holds 216 tokens, this call's latent token grid "
+                                         r"\(3, 8, 8\) 192"):
+        run_wan(model, latents, text, t=1000)
+
+
+def test_a_given_grid_must_hold_the_calls_tokens():
+    """A grid given for one video size is refused at a call of another (its search offsets would
+    move keys by the wrong rows and frames); one of as many tokens, laid out otherwise, is taken."""
+    model = tiny_wan(layers=1)
+    fd.apply(model, fd.SparseAttentionConfig(density=0.2, slice_m=64, dense_steps=0, refresh_every=1, sparse_refresh=True,
+                                             local_search=True, grid=(3, 8, 8), attention_fn=reference_attention_fn))
+    run_wan(model, *wan_inputs(frames=3, size=16), t=1000)
+    with pytest.raises(ValueError, match=r"grid=\(3, 8, 8\) holds 192 tokens, this call's latent token grid "
+                                         r"\(3, 12, 12\) 432"):
+        run_wan(model, *wan_inputs(frames=3, size=24), t=900)
+
+
+def test_a_padding_mask_refilled_in_place_is_read_again():
+    """Direct attention calls that reuse one padding buffer: its new contents count (the host copy
+    had aliased the caller's CPU mask, so no change was seen and padded keys stayed in)."""
+    model = tiny_hunyuan()
+    handle = fd.apply(model, fd.SparseAttentionConfig(predictor=full_predictor, attention_fn=reference_attention_fn,
+                                                      dense_steps=0))
+    attn = model.transformer_blocks[0].attn
+    rotary = model.rope(hunyuan_inputs()[0])
+    video, dim = rotary[0].shape[0], attn.to_q.in_features
+    gen = torch.Generator().manual_seed(3)
+    hidden, text_states = torch.randn(1, video, dim, generator=gen), torch.randn(1, 12, dim, generator=gen)
+    padding = torch.ones(1, 1, 1, video + 12, dtype=torch.bool)
+    stock = handle.layers["transformer_blocks.0.attn"].stock
+    with torch.no_grad():
+        for valid_text in (12, 6):
+            padding.fill_(True)
+            padding[..., video + valid_text:] = False
+            handle.set_step(0)
+            got = attn(hidden, encoder_hidden_states=text_states, attention_mask=padding, image_rotary_emb=rotary)[0]
+            want = stock(attn, hidden, encoder_hidden_states=text_states, attention_mask=padding,
+                         image_rotary_emb=rotary)[0]
+            assert relative_l2(got, want) < 1e-5, valid_text
+
+
+def test_config_keeps_its_own_predictor_kwargs():
+    kwargs = {"min_keys": 4}
+    config = fd.SparseAttentionConfig(density=0.2, predictor_kwargs=kwargs)
+    kwargs["layout"] = "NHD"
+    assert config.predictor_kwargs == {"min_keys": 4}
+
+
+def test_refresh_steps_inside_the_warm_up_are_refused():
+    with pytest.raises(ValueError, match=r"refresh_steps \[0, 3, 7\] lists steps of the warm-up \(\[0, 3\] < dense_steps=5\)"):
+        fd.SparseAttentionConfig(density=0.3, dense_steps=5, refresh_steps=(0, 3, 7))
+
+
+def test_refresh_on_drift_refuses_a_threshold_no_drift_reaches():
+    with pytest.raises(ValueError, match=r"refresh_on_drift must be a number in \(0, 2\)"):
+        fd.SparseAttentionConfig(density=0.3, refresh_on_drift=2.0)
 
 
 def test_token_grid_of_wan_and_hunyuan_inputs():
@@ -1136,8 +1189,8 @@ def test_config_schedule():
     assert config.dense_layers == (1, 3)
     assert [s for s in range(10) if config.is_dense_step(s)] == [0, 1]
     assert [s for s in range(10) if config.is_refresh_step(s)] == [2, 5, 8]
-    listed = fd.SparseAttentionConfig(dense_steps=2, refresh_steps=(1, 4, 9))
-    assert [s for s in range(10) if listed.is_refresh_step(s)] == [4, 9]  # step 1 is a dense step
+    listed = fd.SparseAttentionConfig(dense_steps=2, refresh_steps=(4, 9))
+    assert [s for s in range(10) if listed.is_refresh_step(s)] == [4, 9]
     assert fd.SparseAttentionConfig(predictor_kwargs={"min_keys": 4}).predictor_arguments() == {
         "density": 0.1, "min_keys": 4}
     assert fd.SparseAttentionConfig(predictor="tau", tau=0.9).predictor_arguments() == {"tau": 0.9}
@@ -1197,9 +1250,9 @@ def test_config_schedule():
      r"mask_from_warmup needs each layer's full-sequence LSE"),
     (dict(refresh_ramp=1), TypeError, r"refresh_ramp must be a bool"),
     (dict(refresh_ramp=True, refresh_steps=(2, 5)), ValueError, r"refresh_steps lists every refresh step"),
-    (dict(refresh_on_drift=0.0), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
-    (dict(refresh_on_drift=2.5), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
-    (dict(refresh_on_drift=True), ValueError, r"refresh_on_drift must be a number in \(0, 2\]"),
+    (dict(refresh_on_drift=0.0), ValueError, r"refresh_on_drift must be a number in \(0, 2\)"),
+    (dict(refresh_on_drift=2.5), ValueError, r"refresh_on_drift must be a number in \(0, 2\)"),
+    (dict(refresh_on_drift=True), ValueError, r"refresh_on_drift must be a number in \(0, 2\)"),
     (dict(refresh_on_drift=0.1, process_group=object()), ValueError, r"refresh_on_drift decides per rank"),
     (dict(refresh_on_missed_mass=2.0, process_group=object()), ValueError, r"refresh_on_missed_mass decides per rank"),
     (dict(calibrate_pooling=True, predictor_kwargs={"combine": "union"}), ValueError,

@@ -219,9 +219,15 @@ class SparseAttentionHandle:
         timestep = kwargs.get("timestep", positional)
         # The grid: local_search's offsets, and part of what poolings and diagonals are kept for.
         cfg = self.config
-        if (cfg.local_search or cfg.calibrate_pooling or cfg.find_diagonals) and cfg.grid is None:
+        if cfg.local_search or cfg.calibrate_pooling or cfg.find_diagonals:
             hidden = kwargs.get("hidden_states", args[0] if args else None)
-            self.grid = token_grid(getattr(module, "config", None), hidden, self._frames_first)
+            read = token_grid(getattr(module, "config", None), hidden, self._frames_first)
+            if cfg.grid is None:
+                self.grid = read
+            elif read is not None and math.prod(read) != math.prod(cfg.grid):
+                raise ValueError(f"the config's grid={tuple(cfg.grid)} holds {math.prod(cfg.grid)} tokens, this "
+                                 f"call's latent token grid {read} {math.prod(read)} (another video size?): give "
+                                 "grid=None to read it from each call")
         if self._manual or (at is None and "timestep" not in kwargs):
             self._padding_seen.clear()  # set_step or the caller's begin_forward counts the steps
         else:
@@ -366,12 +372,13 @@ class SparseAttentionHandle:
     def key_padding(self, attention_mask: torch.Tensor, batch: int, kv_len: int):
         """(key_valid [B, KV] bool or None when every key is valid, version). The first layer of a
         transformer call that sees a new mask copies it to the host once; later layers of the call
-        get the answer by identity. A changed padding bumps the version, so layers re-predict."""
+        get the answer by identity (and the tensor's version: a mask refilled in place is read
+        again). A changed padding bumps the version, so layers re-predict."""
         seen = self._padding_seen.get(id(attention_mask))
-        if seen is not None and seen[0] is attention_mask:
+        if seen is not None and seen[0] is attention_mask and seen[3] == attention_mask._version:
             return seen[1], seen[2]
         valid = attention_mask.reshape(attention_mask.shape[0], kv_len).expand(batch, kv_len)
-        host = valid.to("cpu", torch.bool)
+        host = valid.to("cpu", torch.bool, copy=True)  # the caller may refill its mask in place
         self._branch_padding[self.branch] = host
         first = self._branch_padding.get(0)
         if self.config.share_branches and self.branch and first is not None and not _same(first, host):
@@ -383,7 +390,7 @@ class SparseAttentionHandle:
             self._padding_version[branch] = self._padding_version.get(branch, 0) + 1
         version = self._padding_version[branch]
         key_valid = None if bool(host.all()) else valid.to(torch.bool).contiguous()
-        self._padding_seen[id(attention_mask)] = (attention_mask, key_valid, version)
+        self._padding_seen[id(attention_mask)] = (attention_mask, key_valid, version, attention_mask._version)
         return key_valid, version
 
     def _needs_refresh(self, entry: tuple, slot: _Slot, key: tuple, key_version: int) -> bool:

@@ -119,8 +119,8 @@ class SparseAttentionConfig:
         padding) is the exact column max with each query's LSE estimated instead of predicted
         (``predict_mask(method="colmax", lse="estimate")``: no dense step), selected like
         mask_from_warmup's; later refreshes as configured. Costs one column-max pass and the
-        estimate per layer and generation (and guidance branch, without share_branches): 0.88x
-        the time of SDPA cuDNN's dense attention for a wan14b-480p layer on an H200. On the
+        estimate per layer and generation (and guidance branch, without share_branches): 0.56x
+        the time of SDPA cuDNN's dense attention for a wan14b-480p layer on an H100. On the
         head families the estimated masks had 0.99-1.18x the oracle's error where the default
         predictor's had up to 4.3x, and over 50 searched sparse steps 1.03-1.11x where a predicted
         first mask's had 1.11-1.57x (CPU; README "Mask quality", "More than one call"). Needs a
@@ -161,7 +161,7 @@ class SparseAttentionConfig:
         Without either the search moves keys by one token only.
     refresh_on_drift: also re-predict a layer's mask on a step where its queries or keys moved
         by more than this since the mask was made (``fgcupy.cache.means_drift`` of their block
-        means, in (0, 2]; costs one host sync per layer and sparse step). None: schedule only.
+        means, in (0, 2); costs one host sync per layer and sparse step). None: schedule only.
     refresh_on_missed_mass: also refresh a layer's mask on the sparse step after one where the
         share of attention mass it misses grew past this factor (> 1) of that share on the mask's
         first sparse step, in any head (1 - ``fgcupy.cache.mask_recall``: the sparse call's LSE
@@ -178,9 +178,10 @@ class SparseAttentionConfig:
         instead of raising.
     attention_fn: replaces fgcupy's kernel: ``attention_fn(q, k, v, mask, scale) -> out`` with
         q, k, v, out ``[B, S, H, D]``; for other backends, comparisons and CPU tests. The LSE of a
-        sparse refresh, of the warm-up's exact mask and of refresh_on_missed_mass's readings still
-        comes from fgcupy's attention (``sparse_refresh=False, mask_from_warmup=False`` and no
-        refresh_on_missed_mass leave it out).
+        sparse refresh, of the warm-up's exact mask, of refresh_on_missed_mass's readings and of
+        predictor="colmax"'s refreshes (a dense call whose LSE makes the mask, before attention_fn
+        runs on that step) still comes from fgcupy's attention (``sparse_refresh=False,
+        mask_from_warmup=False``, no refresh_on_missed_mass and a mean-query predictor leave it out).
     process_group: a torch.distributed group whose ranks each hold a contiguous sequence shard
         (rank order = sequence order): self-attention then runs through SequenceParallelAttention
         (fgcupy's kernel on CUDA tensors, its float32 reference elsewhere), dense steps and layers
@@ -217,6 +218,9 @@ class SparseAttentionConfig:
     parallel_options: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        for option in ("predictor_kwargs", "parallel_options"):  # the config's own copy, checked once
+            if isinstance(getattr(self, option), dict):
+                object.__setattr__(self, option, dict(getattr(self, option)))
         for option in ("calibrate_pooling", "share_branches", "fallback", "estimate_first_mask"):
             if not isinstance(getattr(self, option), bool):  # "False" would switch it on
                 raise TypeError(f"{option} must be a bool, got {getattr(self, option)!r}")
@@ -298,11 +302,16 @@ class SparseAttentionConfig:
         if self.sparse_refresh:
             self._check_sparse_refresh()
         self._check_local_search()
-        self._check_refresh_trigger("refresh_on_drift", 0.0, 2.0, "1 - cosine similarity")
+        self._check_refresh_trigger("refresh_on_drift", 0.0, 2.0, "1 - cosine similarity", upper_open=True)
         self._check_refresh_trigger("refresh_on_missed_mass", 1.0, math.inf, "a factor of the mask's first miss")
         object.__setattr__(self, "dense_layers", _int_tuple(self.dense_layers, "dense_layers"))
         if self.refresh_steps is not None:
             object.__setattr__(self, "refresh_steps", _int_tuple(self.refresh_steps, "refresh_steps"))
+            warmup = [step for step in self.refresh_steps if step < self.dense_steps]
+            if warmup:
+                raise ValueError(f"refresh_steps {list(self.refresh_steps)} lists steps of the warm-up ({warmup} < "
+                                 f"dense_steps={self.dense_steps}), which run dense and make no mask: list sparse "
+                                 "steps only")
         if not isinstance(self.predictor_kwargs, dict):
             raise TypeError(f"predictor_kwargs must be a dict, got {type(self.predictor_kwargs).__name__}")
         own = sorted(set(_METHOD_PARAMETER.values()) & set(self.predictor_kwargs))
@@ -429,15 +438,17 @@ class SparseAttentionConfig:
                              "a callable predictor has none; give a named predictor")
         self._refuse_process_group("mask_from_warmup", "LSE")
 
-    def _check_refresh_trigger(self, name: str, lower: float, upper: float, meaning: str) -> None:
-        """A refresh_on_* threshold: a number in (lower, upper] (finite), and per rank, so not with
-        process_group."""
+    def _check_refresh_trigger(self, name: str, lower: float, upper: float, meaning: str,
+                               upper_open: bool = False) -> None:
+        """A refresh_on_* threshold: a number in (lower, upper] (finite; (lower, upper) with
+        ``upper_open``, where no reading exceeds upper), and per rank, so not with process_group."""
         value = getattr(self, name)
         if value is None:
             return
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not lower < value <= upper \
-                or not math.isfinite(value):
-            bounds = f"({lower:g}, {upper:g}]" if math.isfinite(upper) else f"({lower:g}, inf)"
+        number = not isinstance(value, bool) and isinstance(value, (int, float))
+        inside = number and (lower < value < upper if upper_open else lower < value <= upper)
+        if not inside or not math.isfinite(value):
+            bounds = f"({lower:g}, {upper:g}{')' if upper_open else ']'}" if math.isfinite(upper) else f"({lower:g}, inf)"
             raise ValueError(f"{name} must be a number in {bounds} ({meaning}), got {value!r}")
         if self.process_group is not None:
             raise ValueError(f"{name} decides per rank from its own shard: not with process_group (the ranks "
@@ -523,12 +534,9 @@ class SparseAttentionConfig:
                 raise ValueError(f"{what} {shown}, which predictor_kwargs do not allow: {err}") from None
 
     def mask_cache(self) -> MaskCache:
-        """An empty MaskCache with this schedule. Listed refresh steps inside the warm-up are dropped
-        (they would run dense anyway); masks are kept expanded, so reuse costs no conversion."""
-        steps = self.refresh_steps
-        if steps is not None:
-            steps = [s for s in steps if s >= self.dense_steps]
-        return MaskCache(warmup=self.dense_steps, refresh_every=self.refresh_every, refresh_steps=steps,
+        """An empty MaskCache with this schedule; masks are kept expanded, so reuse costs no
+        conversion."""
+        return MaskCache(warmup=self.dense_steps, refresh_every=self.refresh_every, refresh_steps=self.refresh_steps,
                          ramp=self.refresh_ramp, expanded=True)
 
     def is_dense_step(self, step: int) -> bool:
