@@ -1,12 +1,10 @@
 """fgcupy: fine-grained (M x 1 slice) sparse attention for video diffusion transformers."""
 
+from . import predict_op as _predict_op  # noqa: F401 - registers torch.ops.fgcupy.predict_mask, which graphs may name
 from .attention import SparseAttention, sparse_attention
-from .cache import MaskCache, mask_drift
 from .jit import AttentionSpec, KernelCompileError
-from .local_search import union_keys  # registers torch.ops.fgcupy.union_keys, which graphs may name
+from .local_search import union_keys  # registers torch.ops.fgcupy.union_keys
 from .mask import SliceMask
-from .reference import dense_attention, reference_attention, relative_l2
-from .scoring import predict_mask
 
 __version__ = "0.1.0"
 
@@ -31,7 +29,9 @@ __all__ = [
 ]
 
 _LAZY = {"SequenceParallelAttention": "distributed", "sequence_parallel_attention": "distributed",
-         "HybridSequenceParallelAttention": "ring", "find_diagonals": "diagonals"}
+         "HybridSequenceParallelAttention": "ring", "find_diagonals": "diagonals", "MaskCache": "cache",
+         "mask_drift": "cache", "predict_mask": "scoring", "dense_attention": "reference",
+         "reference_attention": "reference", "relative_l2": "reference"}
 
 
 #: Modules the documentation reaches as ``fgcupy.<name>`` after ``import fgcupy``.
@@ -39,9 +39,9 @@ _SUBMODULES = ("workloads", "calibration", "head_families", "oracle", "distribut
 
 
 def __getattr__(name):
-    """Entry points that a first attention call does not need load on first use: sequence
-    parallelism (it pulls in torch.distributed), the diagonal finder, and the modules of
-    _SUBMODULES."""
+    """Entry points that a first attention call does not need load on first use: mask prediction
+    and caching, the references, sequence parallelism (it pulls in torch.distributed), the
+    diagonal finder, and the modules of _SUBMODULES."""
     import importlib
 
     if name in _SUBMODULES:

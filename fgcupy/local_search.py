@@ -20,7 +20,6 @@ from .jit.runtime import kernels_can_run
 from .mask import SliceMask
 from .mask_algebra import check_union, union_reference
 from .op_library import define, pack_csr, packed_csr_empty, unpack_csr
-from .scoring import predict_mask
 
 
 def union_keys(mask: SliceMask, offsets=(0,), extra: SliceMask | None = None) -> SliceMask:
@@ -75,6 +74,8 @@ def refresh_topk(q, k, v, old: SliceMask, candidates: SliceMask, density: float)
     query's LSE over its keys, and the exact column max with that LSE over the keys of
     ``candidates`` (``union_keys`` around ``old``) picks each block's keys. q, k, v [B, H, S, D]."""
     _, lse = sparse_attention(q, k, v, old, return_lse=True)
+    from .scoring import predict_mask  # loads with the first search, not with the op's registration
+
     return predict_mask(q, k, old.slice_m, "colmax", rule="topk", density=density, lse=lse, candidates=[candidates])
 
 

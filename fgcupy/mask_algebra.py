@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from .jit.score_spec import UNION_MAX_OFFSETS
 from .mask import (INT32_MAX, SliceMask, check_key_valid, indptr_from_counts, indptr_from_offsets, is_int,
                    num_blocks)
 
@@ -241,6 +240,8 @@ def union_reference(mask: SliceMask, offsets=(0,), extra: SliceMask | None = Non
 def check_union(mask, offsets, extra) -> None:
     _check_mask(mask)
     offsets = tuple(offsets)
+    from .jit.score_spec import UNION_MAX_OFFSETS  # the kernels' constants load with their first use
+
     if not 1 <= len(offsets) <= UNION_MAX_OFFSETS:
         raise ValueError(f"offsets must hold 1 to {UNION_MAX_OFFSETS} ints, got {len(offsets)}")
     for offset in offsets:

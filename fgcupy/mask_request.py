@@ -11,7 +11,6 @@ import torch
 from . import mask_reference as ref
 from .attention_kernel import check_scale
 from .mask import is_int
-from .jit.score_spec import RULE_IDS
 
 METHODS = ("topk", "tau", "threshold", "colmax")
 COMBINES = ("max", "union")
@@ -94,6 +93,8 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         raise ValueError(f"rule={rule!r} only applies to method='colmax' (method {method!r} is its own rule)")
     else:
         rule = method
+    from .jit.score_spec import RULE_IDS  # the kernels' constants load with their first use
+
     if rule not in RULE_IDS:
         raise ValueError(f"rule must be one of {tuple(RULE_IDS)}, got {rule!r}")
     if rule == "topk":

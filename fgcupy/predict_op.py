@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .gpu_prediction import GpuPrediction, kept_slices, predict_reference
 from .mask import SliceMask, num_blocks
-from .mask_algebra import concat_heads
 from .mask_request import MaskRequest, make_request
 from .op_library import define, pack_csr, packed_csr_empty, unpack_csr
 
@@ -88,6 +86,8 @@ def _predict_fake(q, k, lse, candidate_indptrs, candidate_indices, token, top_k,
     batch, heads, q_len, _ = q.shape
     q_blocks = num_blocks(q_len, fields["slice_m"])
     if _is_static(fields):
+        from .gpu_prediction import kept_slices
+
         kept = batch * heads * kept_slices(q_blocks, k.shape[2], fields["slice_m"], top_k, fields["min_keys"],
                                            fields["max_keys"], fields["local"])
     else:
@@ -113,6 +113,9 @@ def _predict_mask(q, k, lse, candidate_indptrs, candidate_indices, token, top_k,
 
 
 def _predict_one(qh, kh, req: MaskRequest, lse, candidates: tuple, workspace_bytes: int) -> SliceMask:
+    # The prediction's modules load with its first call: a process that only attends skips them.
+    from .gpu_prediction import GpuPrediction, predict_reference
+
     if qh.device.type == "cuda":
         return GpuPrediction(qh, kh, req, lse, workspace_bytes, candidates).run()
     return predict_reference(qh, kh, req, lse, candidates)
@@ -129,6 +132,8 @@ def _predict_per_head(qh, kh, requests: dict, poolings: tuple, workspace_bytes: 
                                   workspace_bytes))
         placed += group
     position = {h: i for i, h in enumerate(placed)}
+    from .mask_algebra import concat_heads
+
     return concat_heads(masks, order=[position[h] for h in range(qh.shape[1])])
 
 
