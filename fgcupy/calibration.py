@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .mask import SliceMask, num_blocks
+from .mask import SliceMask, is_int, num_blocks
 from .layout import query_key_views
 from .mask_algebra import concat_heads
 from .mask_kernels import gpu_colmax
@@ -69,7 +69,7 @@ def probe_queries(q_len: int, slice_m: int, per_block: int) -> torch.Tensor:
     a quarter of the way into each of its equal parts (away from the parts' middles, the queries
     pooling "sample" scores exactly, so the judge does not favour it). The last block's may pass
     q_len (they are left out)."""
-    if per_block < 1 or slice_m % per_block:
+    if not is_int(per_block) or per_block < 1 or slice_m % per_block:
         raise ValueError(f"per_block must be a positive divisor of slice_m={slice_m}, got {per_block}")
     part = slice_m // per_block
     within = torch.arange(per_block) * part + part // 4
@@ -120,6 +120,8 @@ def calibrate(q, k, lse=None, slice_m: int = 128, *, candidates=DEFAULT_CANDIDAT
     prediction per candidate.
     """
     q, k = query_key_views(q, k, layout)
+    if isinstance(candidates, str):
+        raise TypeError(f"candidates must be a sequence of pooling names, not one str: got {candidates!r}")
     if not candidates or any(c not in POOLINGS for c in candidates):
         raise ValueError(f"candidates must be one or more of {POOLINGS}, got {candidates!r}")
     if "pooling" in predict_kwargs or predict_kwargs.get("method") == "colmax":

@@ -27,7 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .workloads import SHAPES, VideoShape, grid_positions
+from .workloads import SHAPES, VideoShape, check_grid, check_seed, grid_positions
 
 INF = math.inf
 
@@ -140,6 +140,8 @@ def family_qkv(shape, family: str, *, heads: int = 8, seed: int = 0, device="cpu
         raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
         raise ValueError(f"heads must be a positive int, got {heads!r}")
+    check_seed(seed)
+    check_grid(shape.grid)
     fam = FAMILIES[family]
     dim = shape.head_dim
     if dim < 32:

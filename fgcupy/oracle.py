@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .mask import SliceMask, num_blocks
+from .mask import SliceMask, is_int, num_blocks
 from .mask_reference import colmax_scores
 from .reference import dense_attention, reference_attention, relative_l2
 
@@ -48,6 +48,9 @@ class Judge:
     mask of it is judged against the same yardstick."""
 
     def __init__(self, q, k, v, slice_m: int = 128, scale: float | None = None):
+        if not is_int(slice_m) or slice_m < 1:
+            raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
+        slice_m = int(slice_m)
         self.q, self.k, self.v, self.slice_m = q, k, v, slice_m
         self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         self.dense = dense_attention(q, k, v, scale=self.scale)
@@ -128,6 +131,9 @@ class Judge:
         same number of keys in every block, as the oracle does: against a mask whose blocks keep
         different counts the oracle of its mean count is no fair yardstick (nor is it rounded
         the same way)."""
+        if mask.slice_m != self.slice_m:
+            raise ValueError(f"the mask's slice_m={mask.slice_m} is not the judge's {self.slice_m}: its oracle is "
+                             "of other blocks")
         err = self.error(mask)
         best = self.oracle_error(max(mask.density(), 1.0 / self.kv_len))  # an empty mask: the one-key oracle
         return err, (err / best if best > 0 else (1.0 if err == 0 else math.inf))

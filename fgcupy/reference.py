@@ -12,7 +12,19 @@ import math
 import torch
 
 from .layout import to_bhsd
-from .mask import SliceMask
+from .mask import SliceMask, is_int
+
+
+def _bhsd_inputs(q, k, v, layout: str, rows_per_chunk) -> tuple:
+    """q, k, v as [B, H, S, D] views, checked against each other (q [B, H, S, D], k and v
+    [B, H, KV, D]): torch would broadcast a batch or head of one, or fail deep in a matmul."""
+    q, k, v = (to_bhsd(t, layout) for t in (q, k, v))
+    if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"q must be [B, H, S, D] and k, v [B, H, KV, D] with q's B, H and D; got (as HND) "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not is_int(rows_per_chunk) or rows_per_chunk < 1:
+        raise ValueError(f"rows_per_chunk must be a positive int, got {rows_per_chunk!r}")
+    return q, k, v
 
 
 def reference_attention(
@@ -20,7 +32,7 @@ def reference_attention(
     dtype: torch.dtype = torch.float32, rows_per_chunk: int = 4096,
 ):
     """Return ``(out, lse)``: out in ``dtype`` and ``layout``, lse float32-or-``dtype`` [B, H, S]."""
-    q, k, v = (to_bhsd(t, layout) for t in (q, k, v))
+    q, k, v = _bhsd_inputs(q, k, v, layout, rows_per_chunk)
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     if (mask.batch, mask.heads, mask.q_len, mask.kv_len) != (batch, heads, q_len, kv_len):
@@ -72,7 +84,7 @@ def _kept_values(probs, row_keep, v, finite, keys_per_pass: int = 64):
 def dense_attention(q, k, v, scale: float | None = None, layout: str = "HND", dtype=torch.float32,
                     rows_per_chunk: int = 4096):
     """Full (unmasked) attention in ``dtype``: the quality baseline of sparse results."""
-    q, k, v = (to_bhsd(t, layout) for t in (q, k, v))
+    q, k, v = _bhsd_inputs(q, k, v, layout, rows_per_chunk)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     kf, vf = k.to(dtype), v.to(dtype)
@@ -84,7 +96,12 @@ def dense_attention(q, k, v, scale: float | None = None, layout: str = "HND", dt
 
 
 def relative_l2(out, ref) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64."""
+    """‖out − ref‖ / ‖ref‖ in float64, of tensors of one shape; NaN where either holds a NaN or
+    an infinity (no error can be read then); ‖out‖ where ref is all zeros."""
+    if tuple(out.shape) != tuple(ref.shape):
+        raise ValueError(f"out and ref must have one shape, got {tuple(out.shape)} and {tuple(ref.shape)}")
     out, ref = out.to(torch.float64), ref.to(torch.float64)
-    denom = torch.linalg.vector_norm(ref)
+    denom = float(torch.linalg.vector_norm(ref))
+    if not math.isfinite(denom):
+        return math.nan
     return float(torch.linalg.vector_norm(out - ref) / denom) if denom > 0 else float(torch.linalg.vector_norm(out))

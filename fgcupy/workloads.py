@@ -31,8 +31,23 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-#: Generator seeds are kept to 63 bits (torch refuses larger), so any int seed works.
+#: Derived generator seeds are kept to 63 bits (torch refuses larger).
 _SEED_MASK = (1 << 63) - 1
+#: Seeds a workload takes: within [0, 2**31) different seeds draw differently (each generator's
+#: seed is the seed times an odd number plus the head's offsets, and torch's CPU generator reads
+#: its low 32 bits), where 2**32 would draw what 0 does.
+SEED_LIMIT = 1 << 31
+
+
+def check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"seed must be an int in [0, 2**31), got {seed!r}")
+
+
+def check_grid(grid) -> None:
+    if not isinstance(grid, tuple) or len(grid) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1
+                                                             for n in grid):
+        raise ValueError(f"grid must be a tuple of three positive ints (frames, height, width), got {grid!r}")
 
 
 @dataclass(frozen=True)
@@ -205,6 +220,12 @@ def video_qkv(shape, pattern: str = "mixed", *, head_ids=None, seed: int = 0, st
             raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
         shape = SHAPES[shape]
     knobs = replace(knobs or VideoKnobs(), **overrides)
+    check_seed(seed)
+    check_grid(shape.grid)
+    for name in ("sinks", "objects"):
+        value = getattr(knobs, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     head_ids = list(range(shape.heads)) if head_ids is None else [int(h) for h in head_ids]
     if shape.head_dim % 2 or shape.head_dim < 18:
         raise ValueError(f"head_dim must be even and at least 18 (rotary pairs on three axes), got {shape.head_dim}")

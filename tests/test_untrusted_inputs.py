@@ -526,3 +526,72 @@ def test_in_place_on_q_cut_from_a_fused_projection():
     assert torch.equal(k, keys) and torch.equal(v, values)
     with pytest.raises(ValueError, match="out overlaps k"):
         sparse_attention(q, k, v, mask, layout="NHD", out=k)
+
+
+def test_references_check_their_inputs_against_each_other():
+    from fgcupy.reference import dense_attention
+
+    q = torch.randn(2, 2, 8, 6)
+    mask = SliceMask.full(2, 2, 8, 8, 4)
+    for k, v in ((q[:1], q[:1]), (q, q[..., :4]), (q, q[:, :, :5])):
+        with pytest.raises(ValueError, match=r"k, v \[B, H, KV, D\] with q's B, H and D"):
+            dense_attention(q, k, v)
+        with pytest.raises(ValueError, match=r"k, v \[B, H, KV, D\] with q's B, H and D|mask is for"):
+            reference_attention(q, k, v, mask)
+    for rows in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="rows_per_chunk must be a positive int"):
+            dense_attention(q, q, q, rows_per_chunk=rows)
+
+
+def test_relative_l2_refuses_other_shapes_and_reads_nan_for_a_non_finite_reference():
+    from fgcupy import relative_l2
+
+    with pytest.raises(ValueError, match="one shape"):
+        relative_l2(torch.ones(4), torch.ones(3, 4))
+    assert math.isnan(relative_l2(torch.ones(3), torch.tensor([1.0, float("nan"), 1.0])))
+    assert math.isnan(relative_l2(torch.ones(3), torch.tensor([1.0, float("inf"), 1.0])))
+    assert relative_l2(torch.full((4,), 2.0), torch.zeros(4)) == 4.0  # a zero reference: the norm of out
+
+
+def test_judge_checks_its_slice_size_and_the_masks_it_judges():
+    from fgcupy.oracle import Judge
+
+    q = torch.randn(1, 1, 16, 8)
+    for slice_m in (0, -1, 4.0, True):
+        with pytest.raises(ValueError, match="slice_m must be a positive int"):
+            Judge(q, q, q, slice_m=slice_m)
+    judge = Judge(q, q, q, slice_m=8)
+    with pytest.raises(ValueError, match="slice_m=4 is not the judge's 8"):
+        judge.ratio(SliceMask.full(1, 1, 16, 16, 4))
+
+
+def test_family_and_video_inputs_check_seed_and_knobs():
+    from fgcupy.head_families import family_qkv, family_shape
+    from fgcupy.workloads import video_qkv
+
+    shape = family_shape("wan14b-480p", grid=(2, 4, 4))
+    with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*31\)"):
+        family_qkv(shape, "window2d", heads=1, seed=2**32)
+    for knob in ({"sinks": -1}, {"objects": -1}, {"sinks": 1.5}):
+        with pytest.raises(ValueError, match="must be a non-negative int"):
+            video_qkv("wan1.3b-480p", head_ids=[0], **knob)
+
+
+def test_calibration_names_bad_candidates_and_sample_counts():
+    from fgcupy.calibration import calibrate, probe_queries
+
+    q = torch.randn(1, 1, 128, 64)
+    with pytest.raises(TypeError, match="not one str"):
+        calibrate(q, q, slice_m=64, candidates="mean", density=0.1)
+    with pytest.raises(ValueError, match="per_block must be a positive divisor"):
+        probe_queries(128, 64, 4.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no CUDA GPU")
+def test_cuda_timing_says_it_needs_a_gpu_before_calling_anything():
+    from fgcupy.timing import cuda_time_ms
+
+    calls = []
+    with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
+        cuda_time_ms(lambda: calls.append(1))
+    assert not calls

@@ -39,9 +39,11 @@ def test_shapes_dtype_and_seeding():
     # A head subsample is the same heads as in the full problem.
     sub = video_qkv(SMALL, "mixed", seed=3, head_ids=[5, 2])
     assert torch.equal(sub[1][:, 0], k[:, 5]) and torch.equal(sub[1][:, 1], k[:, 2])
-    # Any int seed works (seeds derived from it stay within torch's 63 bits).
+    # Seeds in [0, 2**31) draw differently; others are refused (2**32 drew what 0 does).
     assert video_qkv(SMALL, "mixed", seed=2**31 - 1)[0].isfinite().all()
-    assert video_qkv(SMALL, "mixed", seed=2**70)[0].isfinite().all()
+    for seed in (2**31, 2**32, -1, 2**70, 1.0):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*31\)"):
+            video_qkv(SMALL, "mixed", seed=seed)
 
 
 def test_drift_moves_q_and_k_slowly():
