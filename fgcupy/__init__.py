@@ -35,7 +35,8 @@ _LAZY = {"SequenceParallelAttention": "distributed", "sequence_parallel_attentio
 
 
 #: Modules the documentation reaches as ``fgcupy.<name>`` after ``import fgcupy``.
-_SUBMODULES = ("workloads", "calibration", "head_families", "oracle", "distributed", "local_search", "diagonals")
+_SUBMODULES = ("workloads", "calibration", "head_families", "oracle", "distributed", "local_search", "diagonals", "cache",
+               "scoring", "reference", "gpu_prediction", "lse_estimate", "mask_kernels", "timing")
 
 
 def __getattr__(name):

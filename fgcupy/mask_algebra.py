@@ -38,10 +38,20 @@ def concat_heads(masks, order=None) -> SliceMask:
     return _pack_rows(torch.cat([m.indices for m in masks]), starts, ends, first)
 
 
+def _int_tensor(value) -> bool:
+    return torch.is_tensor(value) and not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+
+
+def _int_scalar_tensor(value) -> bool:
+    return _int_tensor(value) and value.dim() == 0
+
+
 def _head_index(heads, count: int, device) -> torch.Tensor:
-    if torch.is_tensor(heads) and not heads.is_floating_point() and not heads.is_complex() and heads.dtype != torch.bool:
-        heads = heads.reshape(-1).tolist()
-    if isinstance(heads, (str, bytes)) or not all(is_int(h) for h in heads):
+    if isinstance(heads, (str, bytes)):
+        raise TypeError(f"heads must be a sequence of int head indices, got {heads!r}")
+    heads = [h.item() if _int_scalar_tensor(h) else h for h in
+             (heads.reshape(-1) if _int_tensor(heads) else heads)]  # one pass: iterators too
+    if not all(is_int(h) for h in heads):
         raise TypeError(f"heads must be a sequence of int head indices, got {heads!r}")
     order = [int(h) for h in heads]
     if not order or any(h < 0 or h >= count for h in order):

@@ -679,17 +679,19 @@ def test_a_padding_mask_refilled_in_place_is_read_again():
     video, dim = rotary[0].shape[0], attn.to_q.in_features
     gen = torch.Generator().manual_seed(3)
     hidden, text_states = torch.randn(1, video, dim, generator=gen), torch.randn(1, 12, dim, generator=gen)
-    padding = torch.ones(1, 1, 1, video + 12, dtype=torch.bool)
     stock = handle.layers["transformer_blocks.0.attn"].stock
-    with torch.no_grad():
-        for valid_text in (12, 6):
-            padding.fill_(True)
-            padding[..., video + valid_text:] = False
-            handle.set_step(0)
-            got = attn(hidden, encoder_hidden_states=text_states, attention_mask=padding, image_rotary_emb=rotary)[0]
-            want = stock(attn, hidden, encoder_hidden_states=text_states, attention_mask=padding,
-                         image_rotary_emb=rotary)[0]
-            assert relative_l2(got, want) < 1e-5, valid_text
+    for mode in (torch.no_grad, torch.inference_mode):  # inference tensors have no version counter
+        with mode():
+            padding = torch.ones(1, 1, 1, video + 12, dtype=torch.bool)
+            for valid_text in (12, 6):
+                padding.fill_(True)
+                padding[..., video + valid_text:] = False
+                handle.set_step(0)
+                got = attn(hidden, encoder_hidden_states=text_states, attention_mask=padding,
+                           image_rotary_emb=rotary)[0]
+                want = stock(attn, hidden, encoder_hidden_states=text_states, attention_mask=padding,
+                             image_rotary_emb=rotary)[0]
+                assert relative_l2(got, want) < 1e-5, (mode.__name__, valid_text)
 
 
 def test_config_keeps_its_own_predictor_kwargs():

@@ -350,7 +350,8 @@ def test_head_selection_takes_numpy_and_tensor_indices():
 
     mask = SliceMask.from_dense(torch.rand(1, 3, 2, 8, generator=torch.Generator().manual_seed(1)) < 0.5, 4, 8)
     want = mask.to_dense()[:, [2, 0]]
-    for heads in ([2, 0], np.array([2, 0]), torch.tensor([2, 0]), [np.int64(2), 0]):
+    for heads in ([2, 0], np.array([2, 0]), torch.tensor([2, 0]), [np.int64(2), 0], list(torch.tensor([2, 0])),
+                  iter([2, 0]), (h for h in (2, 0))):
         assert torch.equal(take_heads(mask, heads).to_dense(), want)
 
 

@@ -374,8 +374,10 @@ class SparseAttentionHandle:
         transformer call that sees a new mask copies it to the host once; later layers of the call
         get the answer by identity (and the tensor's version: a mask refilled in place is read
         again). A changed padding bumps the version, so layers re-predict."""
+        # An inference-mode tensor has no version counter: its identity alone tells.
+        tensor_version = None if attention_mask.is_inference() else attention_mask._version
         seen = self._padding_seen.get(id(attention_mask))
-        if seen is not None and seen[0] is attention_mask and seen[3] == attention_mask._version:
+        if seen is not None and seen[0] is attention_mask and seen[3] == tensor_version:
             return seen[1], seen[2]
         valid = attention_mask.reshape(attention_mask.shape[0], kv_len).expand(batch, kv_len)
         host = valid.to("cpu", torch.bool, copy=True)  # the caller may refill its mask in place
@@ -390,7 +392,7 @@ class SparseAttentionHandle:
             self._padding_version[branch] = self._padding_version.get(branch, 0) + 1
         version = self._padding_version[branch]
         key_valid = None if bool(host.all()) else valid.to(torch.bool).contiguous()
-        self._padding_seen[id(attention_mask)] = (attention_mask, key_valid, version, attention_mask._version)
+        self._padding_seen[id(attention_mask)] = (attention_mask, key_valid, version, tensor_version)
         return key_valid, version
 
     def _needs_refresh(self, entry: tuple, slot: _Slot, key: tuple, key_version: int) -> bool:
