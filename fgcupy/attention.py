@@ -21,7 +21,7 @@ from . import ops
 from .ops import spec_token
 from .jit.spec import ATTENTION_SPEC_CLASSES
 from .layout import check_layout, to_bhsd
-from .mask import SliceMask, num_blocks
+from .mask import SliceMask, is_int, num_blocks
 from .mask_algebra import drop_keys
 from .tiles import config_with, default_config, default_spec  # noqa: F401 - default_* public here since the first release
 
@@ -55,7 +55,11 @@ class SparseAttention:
         ``default_spec``. Any of key_tile / stages / rows_per_warp selects the mma.sync kernel,
         the others taking ``tiles.config_with``. ``spec`` (one of ``KERNEL_SPECS``) picks the kernel
         outright. ``schedule`` orders the query blocks:
-        "longest_first" (default: long lists start early, so the last wave is short) or "index"."""
+        "longest_first" (default: long lists start early, so the last wave is short) or "index".
+
+        The mask is copied into the plan's own buffers, so changing ``mask`` afterwards changes
+        nothing until the next plan; ``self.mask`` views those buffers, which a later plan of
+        the same shape refills (CUDA graphs captured on ``run`` stay valid): copy it to keep it."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         tile_args = {"key_tile": key_tile, "stages": stages, "rows_per_warp": rows_per_warp}
@@ -127,12 +131,25 @@ class SparseAttention:
         return _attend(q, k, v, self.mask, self.spec, self._order, scale, layout, out, return_lse, lse)
 
 
+def _check_writable(name: str, tensor) -> None:
+    """An output the kernels write in place: not one autograd tracks (the write would go
+    unrecorded) nor an inference tensor outside inference mode (torch refuses the write). Traced
+    by torch.compile, the op's schema tells autograd of the writes."""
+    if tensor is None or torch.compiler.is_compiling():
+        return
+    if tensor.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad: the kernels write it in place, which autograd cannot record "
+                         "(pass a tensor without requires_grad, or call under torch.no_grad())")
+    if tensor.is_inference() and not torch.is_inference_mode_enabled():
+        raise ValueError(f"{name} is an inference tensor, which can only be written inside torch.inference_mode()")
+
+
 def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_lse, lse):
     """Check, allocate what is missing, and call the op (``spec`` None: the op picks as plan would)."""
     check_layout(layout)
     returns_cupy = bridge.is_cupy_array(q)
     q_t, k_t, v_t = (bridge.to_torch(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
-    qh, kh, vh = (to_bhsd(x, layout) for x in (q_t, k_t, v_t))
+    qh, kh, vh = (to_bhsd(x, layout, name) for x, name in ((q_t, "q"), (k_t, "k"), (v_t, "v")))
     check_forward_only(qh, kh, vh)
     if qh.device.type == "cuda":
         check_inputs(qh, kh, vh, mask, spec or _spec_like(qh, mask), planned=spec is not None)
@@ -147,8 +164,10 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
                 f"out must match q: expected shape {tuple(q_t.shape)}, {q_t.dtype}, {q_t.device}; "
                 f"got {tuple(out_t.shape)}, {out_t.dtype}, {out_t.device}"
             )
-    oh = to_bhsd(out_t, layout)
+    oh = to_bhsd(out_t, layout, "out")
     batch, heads, q_len, head_dim = qh.shape
+    if head_dim < 1:
+        raise ValueError(f"q, k, v need a head dim of at least 1, got {head_dim}")
     if lse is not None:
         lse = bridge.to_torch(lse, "lse")
         expected = (batch, heads, q_len)
@@ -160,6 +179,8 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
         return_lse = True
     elif return_lse:
         lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
+    for name, given in (("out", out_t if out is not None else None), ("lse", lse)):
+        _check_writable(name, given)
     if isinstance(scale, torch.Tensor) and scale.numel() == 1:
         if torch.compiler.is_compiling():
             raise TypeError("scale as a tensor cannot be traced by torch.compile (the op takes a float): pass "
@@ -224,17 +245,19 @@ def dense_attention_with_lse(q, k, v, slice_m: int = 128, key_valid=None, scale:
     lists hold at most ``index_budget`` slices (a 32,760-token head needs 8.4 M). ``tile``: plan
     options, as ``sparse_attention`` takes them."""
     check_layout(layout)
-    if isinstance(slice_m, bool) or not isinstance(slice_m, int) or slice_m < 1:
+    if not is_int(slice_m) or slice_m < 1:
         raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
+    slice_m = int(slice_m)
     q_t, k_t, v_t = (bridge.to_torch(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
-    qh, kh, vh = to_bhsd(q_t, layout), to_bhsd(k_t, layout), to_bhsd(v_t, layout)
+    qh, kh, vh = to_bhsd(q_t, layout, "q"), to_bhsd(k_t, layout, "k"), to_bhsd(v_t, layout, "v")
     if qh.dim() != 4 or kh.shape[:3] != vh.shape[:3] or kh.shape[:2] != qh.shape[:2]:
         raise ValueError(f"q, k, v must be [B, H, S, D] (layout {layout}) with one batch and head count and k, v "
                          f"of one length; got q {tuple(qh.shape)}, k {tuple(kh.shape)}, v {tuple(vh.shape)}")
     batch, heads, q_len, _ = qh.shape
     kv_len = kh.shape[2]
     per_head = batch * num_blocks(q_len, slice_m) * kv_len
-    group = max(1, min(heads, index_budget // max(per_head, 1)))
+    # Traced, one group: inductor failed on a head-group size computed from symbolic lengths.
+    group = heads if torch.compiler.is_compiling() else max(1, min(heads, index_budget // max(per_head, 1)))
     out = torch.empty_like(q_t)
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
     head_axis = 1 if layout == "HND" else 2

@@ -178,6 +178,10 @@ def check_has_kernel(head_dim, slice_m) -> None:
         raise ValueError(f"mask.slice_m={slice_m} has no compiled kernel; available: {SLICE_SIZES}")
 
 
+#: The largest scale whose product with log2(e) float32 holds.
+_SCALE_MAX = float(torch.finfo(torch.float32).max) / math.log2(math.e)
+
+
 def check_scale(scale) -> None:
     """The kernels take the row maximum of unscaled logits, which is the maximum of the scaled
     ones only for a positive scale. While torch.compile traces, the scale may be computed from
@@ -186,8 +190,13 @@ def check_scale(scale) -> None:
         torch._check(scale > 0, lambda: "scale must be a positive finite number")
         torch._check(scale < math.inf, lambda: "scale must be a positive finite number")
         return
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f"scale must be a positive finite number (or None: 1 / sqrt(head dim)), got {scale!r}")
+    try:  # the kernels scale by scale x log2(e) in float32
+        usable = not isinstance(scale, bool) and isinstance(scale, numbers.Real) and 0 < float(scale) <= _SCALE_MAX
+    except OverflowError:  # an int past float's range
+        usable = False
+    if not usable:
+        raise ValueError(f"scale must be a positive finite number up to {_SCALE_MAX:.3g} (or None: 1 / sqrt(head "
+                         f"dim)), got {scale!r}")
 
 
 def check_outputs(q, k, v, out, lse) -> None:

@@ -13,11 +13,13 @@ def check_layout(layout: str) -> None:
         raise ValueError(f"layout must be one of {LAYOUTS} ('HND' = [B, H, S, D], 'NHD' = [B, S, H, D]), got {layout!r}")
 
 
-def to_bhsd(x, layout: str):
-    """A [B, H, S, D] view of ``x`` given in ``layout`` (works for torch tensors)."""
+def to_bhsd(x, layout: str, name: str = "tensor"):
+    """A [B, H, S, D] view of ``x`` given in ``layout`` (works for torch tensors); ``name``
+    names it in the error."""
     check_layout(layout)
     if x.dim() != 4:
-        raise ValueError(f"expected a 4-D tensor in layout {layout}, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must be a 4-D tensor ({'[B, H, S, D]' if layout == 'HND' else '[B, S, H, D]'}, "
+                         f"layout {layout}), got shape {tuple(x.shape)}")
     return x if layout == "HND" else x.transpose(1, 2)
 
 

@@ -18,7 +18,7 @@ from .mask import SliceMask, is_int
 def _bhsd_inputs(q, k, v, layout: str, rows_per_chunk) -> tuple:
     """q, k, v as [B, H, S, D] views, checked against each other (q [B, H, S, D], k and v
     [B, H, KV, D]): torch would broadcast a batch or head of one, or fail deep in a matmul."""
-    q, k, v = (to_bhsd(t, layout) for t in (q, k, v))
+    q, k, v = (to_bhsd(t, layout, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"q must be [B, H, S, D] and k, v [B, H, KV, D] with q's B, H and D; got (as HND) "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")

@@ -596,3 +596,28 @@ def test_cuda_timing_says_it_needs_a_gpu_before_calling_anything():
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         cuda_time_ms(lambda: calls.append(1))
     assert not calls
+
+
+def test_attention_names_bad_head_dims_scales_and_outputs():
+    q = torch.randn(1, 1, 8, 4)
+    mask = SliceMask.full(1, 1, 8, 8, 4)
+    with pytest.raises(ValueError, match="head dim of at least 1"):
+        sparse_attention(q[..., :0], q[..., :0], q[..., :0], mask)
+    for scale in (1e300, 10**400):
+        with pytest.raises(ValueError, match="scale must be a positive finite number up to"):
+            sparse_attention(q, q, q, mask, scale=scale)
+    with pytest.raises(ValueError, match="out requires grad"):
+        sparse_attention(q, q, q, mask, out=torch.empty_like(q).requires_grad_())
+    with torch.inference_mode():
+        inference_out = torch.empty_like(q)
+    with pytest.raises(ValueError, match="out is an inference tensor"):
+        sparse_attention(q, q, q, mask, out=inference_out)
+    with pytest.raises(ValueError, match=r"k must be a 4-D tensor \(\[B, H, S, D\], layout HND\)"):
+        sparse_attention(q, q[0], q, mask)
+
+
+def test_attention_on_meta_tensors_gives_shapes():
+    mask = SliceMask.full(1, 2, 256, 256, 128, device="meta")
+    q = torch.empty(1, 2, 256, 64, device="meta")
+    out, lse = sparse_attention(q, q, q, mask, return_lse=True)
+    assert out.shape == q.shape and out.device.type == "meta" and lse.shape == (1, 2, 256)
