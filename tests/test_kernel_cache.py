@@ -310,3 +310,33 @@ def test_a_kernel_past_the_gpus_shared_memory_is_refused_with_both_sizes(monkeyp
         driver.check_shared_memory(0, spec.smem_bytes, spec.name)
     driver.check_shared_memory(0, AttentionSpec("bfloat16", 256, 64, key_tile=32, stages=2, rows_per_warp=16).smem_bytes,
                                "fits")
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_or_device_at_the_files_path_is_not_read(cache_dir, caplog):
+    """A planted FIFO would block the read forever, /dev/zero would never end."""
+    path = kernel_cache.cache_file(SPEC, "sm_80")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    with caplog.at_level(logging.WARNING, logger="fgcupy"):
+        assert kernel_cache.load(SPEC, "sm_80") is None
+    assert "cannot read the kernel cache file" in caplog.text
+    os.unlink(path)
+    os.symlink("/dev/zero", path)
+    assert kernel_cache.load(SPEC, "sm_80") is None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_does_not_inherit_a_load_in_flight():
+    code = (
+        "import multiprocessing as mp, threading, time\n"
+        "from fgcupy.jit import runtime\n"
+        "lock = threading.Lock(); lock.acquire()  # a load in flight on a parent thread\n"
+        "runtime._key_locks['k'] = lock; runtime._kernels['k'] = object()\n"
+        "def child():\n"
+        "    assert not runtime._key_locks and not runtime._kernels\n"
+        "    with runtime._lock: pass\n"
+        "p = mp.get_context('fork').Process(target=child); p.start(); p.join(20)\n"
+        "print(p.exitcode)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "0", out.stderr

@@ -72,3 +72,32 @@ def test_a_grid_past_cudas_limits_is_named_before_any_launch():
     for grid in ((1, 65536, 1), (1, 1, 65536), (2**31, 1, 1)):
         with pytest.raises(ValueError, match=r"exceeds CUDA's limits"):
             launch(LaunchOrderSpec(), None, grid, None)
+
+
+def test_pack_refuses_values_its_fields_would_wrap_truncate_or_round():
+    import torch
+
+    struct = ParamStruct("P", (("n", "i32"), ("s", "f32"), ("m", "tmap")))
+    bad = [({"n": 2**31}, ValueError, r"P.n = 2147483648 is outside i32's range"),
+           ({"n": torch.tensor(2**31)}, ValueError, r"P.n = 2147483648 is outside"),
+           ({"n": 3.7}, TypeError, r"P.n must be an int"),
+           ({"s": None}, TypeError, r"P.s must be a number"),
+           ({"s": "1.5"}, TypeError, r"P.s must be a number"),
+           ({"s": float("nan")}, ValueError, r"P.s must be a float32 number"),
+           ({"s": 1e39}, ValueError, r"P.s must be a float32 number"),
+           ({"m": bytes(64)}, ValueError, r"P.m: a tensor map is 128 bytes")]
+    for change, error, message in bad:
+        with pytest.raises(error, match=message):
+            struct.pack(**{"n": 1, "s": 0.5, "m": None, **change})
+    packed = struct.pack(n=np.int64(-5), s=float("-inf"), m=None)  # an explicit infinity is a value
+    assert packed["n"] == -5 and packed["s"] == -np.inf
+    assert struct.pack(n=4.0, s=torch.tensor(0.25), m=None)["n"] == 4  # an integral float is its int
+
+
+def test_a_grid_or_shared_memory_below_one_is_named_before_any_launch():
+    from fgcupy.jit.launch import launch
+    from fgcupy.jit.plan_spec import LaunchOrderSpec
+
+    for grid, shared in (((0, 1, 1), None), ((4, -2, 1), None), ((1, 1, 1), -1)):
+        with pytest.raises(ValueError, match=r"must be positive"):
+            launch(LaunchOrderSpec(), None, grid, None, shared)

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from ..paths import cache_root, sweep_stale_temporaries
@@ -48,12 +49,37 @@ def cache_file(spec, arch: str, key: str | None = None) -> Path:
     return kernel_dir() / f"{spec.name}-{arch}-{key[:20]}.cubin"
 
 
+#: No kernel file is larger (cubins here are a few hundred KB).
+MAX_FILE_BYTES = 64 << 20
+
+
+def _read_regular_file(path: Path) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most MAX_FILE_BYTES, not reached
+    through a symlink; OSError otherwise (a FIFO or a device planted there would block or
+    never end)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
+            raise OSError(f"not a regular file of at most {MAX_FILE_BYTES} bytes")
+        chunks, left = [], st.st_size + 1  # one byte more: a file that grew meanwhile is read short, then refused
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
 def load(spec, arch: str) -> CompiledKernel | None:
     """The cached kernel, or None (absent, unreadable, damaged or another kernel's: then deleted)."""
     key = cache_key(spec, arch)
     path = cache_file(spec, arch, key)
     try:
-        raw = path.read_bytes()
+        raw = _read_regular_file(path)
     except FileNotFoundError:
         return None
     except OSError as err:

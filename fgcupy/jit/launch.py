@@ -9,6 +9,8 @@ compile paths). :func:`launch` runs a spec on torch's current stream.
 
 from __future__ import annotations
 
+import math
+import operator
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -100,9 +102,39 @@ class ParamStruct:
             if kind in ("in", "out"):
                 value = 0 if value is None else value.data_ptr()
             elif kind == "tmap":
+                if value is not None and len(value) != 128:
+                    raise ValueError(f"{self.name}.{field}: a tensor map is 128 bytes, got {len(value)}")
                 value = np.void(bytes(128) if value is None else value)  # None: a zero descriptor
+            else:
+                value = _number(f"{self.name}.{field}", kind, value)
             packed[field] = value
         return packed[()]
+
+
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _number(where: str, kind: str, value):
+    """``value`` for an int or float field, refused where numpy would wrap, truncate or round it
+    to infinity (an integral float is taken as its int)."""
+    if kind == "f32":
+        if isinstance(value, (bool, str, bytes)) or value is None:
+            raise TypeError(f"{where} must be a number, got {value!r}")
+        number = float(value)
+        if math.isnan(number) or (math.isfinite(number) and abs(number) > _F32_MAX):
+            raise ValueError(f"{where} must be a float32 number (not NaN, within its range), got {value!r}")
+        return number
+    try:
+        number = operator.index(value)
+    except TypeError:
+        number = float(value) if isinstance(value, (float, np.floating)) else None
+        if number is None or not number.is_integer():
+            raise TypeError(f"{where} must be an int, got {value!r}") from None
+        number = int(number)
+    info = np.iinfo(KINDS[kind][1])
+    if not info.min <= number <= info.max:
+        raise ValueError(f"{where} = {number} is outside {kind}'s range [{info.min}, {info.max}]")
+    return number
 
 
 #: CUDA's grid limits: x, y, z.
@@ -117,6 +149,9 @@ def launch(spec, device, grid, params: np.void, shared_mem: int | None = None) -
     if any(n > limit for n, limit in zip(grid, GRID_LIMITS)):
         raise ValueError(f"{spec.name}: grid {tuple(grid)} exceeds CUDA's limits {GRID_LIMITS} (x, y, z); "
                          "the problem is too large for one launch of this kernel")
+    if any(n < 1 for n in grid) or (shared_mem is not None and shared_mem < 0):
+        raise ValueError(f"{spec.name}: grid {tuple(grid)} and shared memory {shared_mem} must be positive "
+                         "(a launch with nothing to do is the caller's to skip)")
 
     get_kernel_on(device, spec).launch(device, grid, spec.threads, params,
                                        spec.smem_bytes if shared_mem is None else shared_mem)

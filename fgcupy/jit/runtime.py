@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import threading
 import time
 from functools import lru_cache
@@ -29,6 +30,22 @@ _kernels: dict = {}
 _failed_in_background: dict = {}  # (spec, device index) -> what its background load raised (raised once, not retried)
 _loading_in_background: set = set()  # (spec, device index) a thread is loading (guarded by _lock)
 _threads: set = set()  # the loading threads, joined at exit (guarded by _lock)
+
+
+def _forget_after_fork() -> None:
+    """A forked child starts with no loads: its parent's threads do not exist there (a lock one
+    held would stay locked for good) and loaded kernels belong to the parent's CUDA context."""
+    global _lock
+    _lock = threading.Lock()
+    _key_locks.clear()
+    _kernels.clear()
+    _failed_in_background.clear()
+    _loading_in_background.clear()
+    _threads.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 class DriverKernel:
