@@ -256,8 +256,7 @@ def dense_attention_with_lse(q, k, v, slice_m: int = 128, key_valid=None, scale:
     batch, heads, q_len, _ = qh.shape
     kv_len = kh.shape[2]
     per_head = batch * num_blocks(q_len, slice_m) * kv_len
-    # Traced, one group: inductor failed on a head-group size computed from symbolic lengths.
-    group = heads if torch.compiler.is_compiling() else max(1, min(heads, index_budget // max(per_head, 1)))
+    group = max(1, min(heads, index_budget // max(per_head, 1)))
     out = torch.empty_like(q_t)
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
     head_axis = 1 if layout == "HND" else 2
