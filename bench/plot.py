@@ -50,7 +50,7 @@ def main(argv=None):
         rows = sorted((r for r in by.get(method, []) if r.get("rel_l2") is not None), key=lambda r: r["density"])
         if rows:
             ax.plot([r["density"] for r in rows], [r["rel_l2"] for r in rows], marker="o",
-                    label={"fgcupy": "slice mask (mean-query top-k)", "flex-block-pooled": "128x128 block mask (pooled scores)"}[method])
+                    label={"fgcupy": "slice mask (default predictor)", "flex-block-pooled": "128x128 block mask (pooled scores)"}[method])
     ax.set_xlabel("density")
     ax.set_ylabel("relative L2 error vs dense float32")
     ax.set_yscale("log")

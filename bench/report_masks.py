@@ -241,7 +241,7 @@ def timing_rows(args, shape, device):
         ("predict colmax thr=0.5/S", dict(method="colmax", lse=lse)),
         *((f"predict {kw.get('method', 'topk')} d={d} {name}",
            {"method": "topk", **with_diagonals(kw, diagonals), "density": d})
-          for d in (0.1, 0.3) for name, kw in JUDGED.items() if isinstance(kw, dict)),
+          for d in args.densities for name, kw in JUDGED.items() if name in args.judged and isinstance(kw, dict)),
     ):
         record(label, lambda kw=kw: predict_mask(q, k, 128, **kw))
     for density in (0.1, 0.3):
@@ -361,7 +361,8 @@ def main(argv=None):
     parser.add_argument("--patterns", nargs="+", default=list(PATTERNS), choices=list(PATTERNS))
     parser.add_argument("--quality-heads", type=int, nargs="+", default=None,
                         help="head ids for the quality and drift sections (default: every fifth head)")
-    parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3])
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3],
+                        help="densities of the families section and of the timed predictors")
     parser.add_argument("--taus", type=float, nargs="+", default=[0.5, 0.7, 0.9, 0.95])
     parser.add_argument("--colmax-scales", type=float, nargs="+", default=[0.5, 4.0, 32.0],
                         help="column-max thresholds, in units of 1/S")
@@ -373,7 +374,7 @@ def main(argv=None):
                         choices=list(FAMILIES) + WORKLOAD_FAMILIES)
     parser.add_argument("--family-heads", type=int, default=8, help="heads per family")
     parser.add_argument("--judged", nargs="+", default=list(JUDGED), choices=list(JUDGED),
-                        help="predictors of the families section")
+                        help="predictors of the families and timing sections")
     parser.add_argument("--grid", help="T x H x W latent grid replacing the preset's (e.g. 9x30x52)")
     parser.add_argument("--device", default="cuda",
                         help="cuda, or cpu for the families and drift sections (torch reference; hours at full size)")
