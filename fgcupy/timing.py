@@ -48,13 +48,13 @@ def cuda_time_ms(fn, warmup: int = 3, reps: int = 10, queued: bool = False, host
     timing sizes its lead from the last warm-up call's host time, or from ``host_ms`` where
     there is no warm-up (a call that cannot be repeated): without either it would cover only
     a millisecond of host work, and the rest would land between the events."""
-    if not torch.cuda.is_available():
-        raise RuntimeError("cuda_time_ms times with CUDA events: it needs a CUDA GPU")
     for name, value, least in (("warmup", warmup, 0), ("reps", reps, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     if queued and warmup == 0 and host_ms is None:
         raise ValueError("queued timing without warm-up needs host_ms, the host time of one call")
+    if not torch.cuda.is_available():
+        raise RuntimeError("cuda_time_ms times with CUDA events: it needs a CUDA GPU")
     host_s = 0.0 if host_ms is None else host_ms / 1e3
     for _ in range(warmup):
         t0 = time.perf_counter()
