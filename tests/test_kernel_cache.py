@@ -330,12 +330,14 @@ def test_a_fifo_or_device_at_the_files_path_is_not_read(cache_dir, caplog):
 def test_a_forked_child_does_not_inherit_a_load_in_flight():
     code = (
         "import multiprocessing as mp, threading, time\n"
-        "from fgcupy.jit import runtime\n"
+        "from fgcupy.jit import driver, nvrtc, runtime\n"
         "lock = threading.Lock(); lock.acquire()  # a load in flight on a parent thread\n"
         "runtime._key_locks['k'] = lock; runtime._kernels['k'] = object()\n"
+        "driver._lib_lock.acquire(); nvrtc._lib_lock.acquire()\n"
         "def child():\n"
         "    assert not runtime._key_locks and not runtime._kernels\n"
         "    with runtime._lock: pass\n"
+        "    assert driver._lib_lock.acquire(timeout=5) and nvrtc._lib_lock.acquire(timeout=5)\n"
         "p = mp.get_context('fork').Process(target=child); p.start(); p.join(20)\n"
         "print(p.exitcode)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -8,7 +8,6 @@ primary contexts, the ones torch (and cupy) use.
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 import threading
 
@@ -21,15 +20,6 @@ DEVICE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = 97
 
 _lib = None
 _lib_lock = threading.Lock()
-
-
-def _new_lock_after_fork() -> None:  # a parent's thread may have held it at the fork
-    global _lib_lock
-    _lib_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 class CudaDriverError(RuntimeError):

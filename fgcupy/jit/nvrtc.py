@@ -26,15 +26,6 @@ _lib = None
 _lib_lock = threading.Lock()
 
 
-def _new_lock_after_fork() -> None:  # a parent's thread may have held it at the fork
-    global _lib_lock
-    _lib_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_new_lock_after_fork)
-
-
 class NvrtcUnavailable(ImportError):
     """No libnvrtc could be loaded (the runtime then compiles through cupy)."""
 

@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import torch
 
-from . import driver, kernel_cache
+from . import driver, kernel_cache, nvrtc
 from .compile import KernelCompileError, compile_cubin
 from .source import nvrtc_options, spec_defines
 
@@ -33,10 +33,13 @@ _threads: set = set()  # the loading threads, joined at exit (guarded by _lock)
 
 
 def _forget_after_fork() -> None:
-    """A forked child starts with no loads: its parent's threads do not exist there (a lock one
-    held would stay locked for good) and loaded kernels belong to the parent's CUDA context."""
+    """A forked child starts with no loads and fresh locks, the driver's and NVRTC's included:
+    its parent's threads do not exist there (a lock one held would stay locked for good) and
+    loaded kernels belong to the parent's CUDA context."""
     global _lock
     _lock = threading.Lock()
+    driver._lib_lock = threading.Lock()
+    nvrtc._lib_lock = threading.Lock()
     _key_locks.clear()
     _kernels.clear()
     _failed_in_background.clear()
