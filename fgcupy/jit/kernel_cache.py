@@ -58,20 +58,11 @@ def _read_regular_file(path: Path) -> bytes:
     through a symlink; OSError otherwise (a FIFO or a device planted there would block or
     never end)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    try:
+    with os.fdopen(fd, "rb") as file:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
             raise OSError(f"not a regular file of at most {MAX_FILE_BYTES} bytes")
-        chunks, left = [], st.st_size + 1  # one byte more: a file that grew meanwhile is read short, then refused
-        while left > 0:
-            chunk = os.read(fd, left)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+        return file.read(st.st_size + 1)  # a file that grew meanwhile reads long and fails its checksum
 
 
 def load(spec, arch: str) -> CompiledKernel | None:
