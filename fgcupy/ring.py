@@ -93,7 +93,7 @@ class HybridSequenceParallelAttention:
         self.span, self.member = divmod(rank, self.ulysses)
         self.span_group, self.ring_group = span_groups[self.span], ring_groups[self.member]
         self._rows_key, self._rows_mask = None, None  # this rank's rows of the last mask
-        self._digest = None  # (the last mask, its digest for the cross-rank check, its heads on this rank)
+        self._checked_mask = None  # (the last mask, its digest for the cross-rank check, its heads on this rank)
 
     def __call__(self, q, k, v, mask: SliceMask | None = None, *, layout: str = "HND", scale: float | None = None,
                  return_lse: bool = False):
@@ -147,11 +147,11 @@ class HybridSequenceParallelAttention:
         if mask is not None:
             if (mask.batch, mask.heads) != (batch, heads):
                 raise ValueError(f"mask is for (B, H)={(mask.batch, mask.heads)}, q for {(batch, heads)}")
-            if self._digest is None or self._digest[0] is not mask:  # one sync per new mask
+            if self._checked_mask is None or self._checked_mask[0] is not mask:  # one sync per new mask
                 # with this rank's heads, sliced before the header: a mask bad there raises on every rank
-                self._digest = (mask, mask.digest(), slice_heads(mask, head_ranges(heads, self.ulysses)[self.member]))
+                self._checked_mask = (mask, mask.digest(), slice_heads(mask, head_ranges(heads, self.ulysses)[self.member]))
             local.update(mask=1, mask_batch=mask.batch, mask_heads=mask.heads, mask_q_len=mask.q_len,
-                         mask_kv_len=mask.kv_len, mask_slice_m=mask.slice_m, mask_digest=self._digest[1])
+                         mask_kv_len=mask.kv_len, mask_slice_m=mask.slice_m, mask_digest=self._checked_mask[1])
         return qh, kh, vh
 
     def _attend(self, qh, kh, vh, mask, lens, spans, starts, scale, return_lse, rank):
@@ -211,7 +211,7 @@ class HybridSequenceParallelAttention:
         if self._rows_key == key and self._rows_mask[0] is mask:
             return self._rows_mask[1]
         j = self.span
-        rows = slice_rows(self._digest[2].to(device), starts[j] // mask.slice_m, spans[j])
+        rows = slice_rows(self._checked_mask[2].to(device), starts[j] // mask.slice_m, spans[j])
         self._rows_key, self._rows_mask = key, (mask, rows)
         return rows
 
