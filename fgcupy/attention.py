@@ -237,6 +237,17 @@ def sparse_attention(q, k, v, mask: SliceMask, scale: float | None = None, layou
 DENSE_INDEX_BUDGET = 1 << 26
 
 
+def _heads_per_group(heads, per_head, index_budget) -> int:
+    """The most heads (at least one) whose index lists fit ``index_budget``, as a plain int even
+    where the lengths are symbolic (torch.compile with dynamic shapes): each comparison becomes a
+    guard, where a symbolic group size would reach every index list's shape and inductor fails
+    on those."""
+    group = 1
+    while group < heads and (group + 1) * per_head <= index_budget:
+        group += 1
+    return group
+
+
 def dense_attention_with_lse(q, k, v, slice_m: int = 128, key_valid=None, scale: float | None = None,
                              layout: str = "HND", index_budget: int = DENSE_INDEX_BUDGET, **tile):
     """(out, lse): dense attention through the slice kernel (CPU tensors: the reference) and its
@@ -256,7 +267,7 @@ def dense_attention_with_lse(q, k, v, slice_m: int = 128, key_valid=None, scale:
     batch, heads, q_len, _ = qh.shape
     kv_len = kh.shape[2]
     per_head = batch * num_blocks(q_len, slice_m) * kv_len
-    group = max(1, min(heads, index_budget // max(per_head, 1)))
+    group = _heads_per_group(heads, per_head, index_budget)
     out = torch.empty_like(q_t)
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
     head_axis = 1 if layout == "HND" else 2
