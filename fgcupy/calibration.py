@@ -1,7 +1,7 @@
 """Per-head choice of the cheap predictor's pooling.
 
 No one pooling is best everywhere: mean queries rank a spatial head's keys best, sampled
-queries a head that looks along time (README "Mask quality"). :func:`calibrate` predicts each
+queries a head that looks along time (notes/MEASURED.md "Mask quality"). :func:`calibrate` predicts each
 candidate's mask and keeps, per head, the one whose kept slices hold the most attention: given
 a dense step's row LSE (the exact schedule's refresh, ``fgcupy.attention.dense_attention_with_lse``,
 or any dense attention that returns it), the most exact column-max mass (the oracle's own score);

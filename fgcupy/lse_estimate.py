@@ -10,7 +10,7 @@ yields the LSE; without one, ``estimate_lse`` log-adds two parts:
   (``mask_reference.sampled_lse``): the broad part a band cannot see.
 
 Either part alone fails on some heads (the band alone on region mixtures, the mean alone on
-sharp Gaussians: README "Mask quality"). The band's keys count in both parts and the mean
+sharp Gaussians: notes/MEASURED.md "Mask quality"). The band's keys count in both parts and the mean
 query's mass is no bound on any one query's, so the estimate is judged by the masks it gives.
 On a GPU the band part runs on the scoring stats kernel (mask_kernels.gpu_scores, a band of
 keys per query block); elsewhere, and under torch.compile (where it traces), plain torch in head

@@ -56,7 +56,7 @@ TAU_SLACK = 1e-5
 #: How max-probability scores are stored between the kernels (see "max-prob scores" above).
 PROB_DTYPE = torch.bfloat16
 #: A pooled row's LSE from every 8th key: the stats pass reads an eighth of the keys, and no
-#: head family's error ratio moved by more than 0.03 (README "Mask quality").
+#: head family's error ratio moved by more than 0.03 (notes/MEASURED.md "Mask quality").
 LSE_KEY_STRIDE = 8
 LSE_STRIDE_MIN_KEYS = 4096
 

@@ -18,7 +18,7 @@ COMBINES = ("max", "union")
 EXACT_BAND_SLICES = (64, 128)
 #: The shipped default of mean-query methods (combine "max", slice_m 64 or 128): sub-blocks of
 #: DEFAULT_POOL queries, and exact scores on DEFAULT_EXACT_BAND keys either side of each block
-#: (README "Mask quality" has the measurements behind them).
+#: (notes/MEASURED.md "Mask quality" has the measurements behind them).
 DEFAULT_POOL = 32
 DEFAULT_EXACT_BAND = 64
 #: How each sub-block of ``pool`` queries is scored (mask_reference): "mean" (its mean query),

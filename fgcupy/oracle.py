@@ -4,7 +4,7 @@ For a query block, the oracle slice mask keeps the keys with the highest column 
 softmax (max over the block's queries of their probability), so the largest probability it
 drops is as small as it can be (the FG-Attn criterion). It is the yardstick, not a
 proven optimum of the output error (a block's column sum does a few percent better on some
-heads: README "Mask quality"). The oracle 128x128 block mask keeps, per query block, the key
+heads: notes/MEASURED.md "Mask quality"). The oracle 128x128 block mask keeps, per query block, the key
 blocks holding the highest such maximum. A predictor is judged by its output error divided by
 the oracle's error at the same density: absolute errors hide failures, since some heads are easy
 for every method.
@@ -66,7 +66,7 @@ class Judge:
         """The oracle slice mask keeping round(density x kv_len) keys per block: each block's keys
         of highest column max (the largest probability any of its queries gives them). The
         yardstick of every predictor, not the proven best mask of that density: a mask by each
-        block's column sum does a few percent better on some heads (README "Mask quality")."""
+        block's column sum does a few percent better on some heads (notes/MEASURED.md "Mask quality")."""
         top = self.colmax.topk(keys_for(density, self.kv_len), dim=-1).indices.sort(-1).values
         return SliceMask.from_topk(top.to(torch.int32), self.slice_m, self.q.shape[2], self.kv_len)
 

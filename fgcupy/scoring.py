@@ -20,7 +20,7 @@ so a block's union can hold more than k keys). Exact definitions: fgcupy.mask_re
 The default scores are probabilities (pooled sub-blocks with the exact band). With one
 mean query per block (``pool=None, exact_band=None``), or combine "union", logits are stored
 between scoring and selection, as float16 for top-k and threshold unless ``logits_dtype`` says
-otherwise: half the memory traffic of float32 (see README for the times),
+otherwise: half the memory traffic of float32 (see notes/MEASURED.md for the times),
 and the selection is exact on the stored values: rounding moves a logit by at most 2^-11 of
 its size, so only keys that nearly tie (or sit at the threshold) can change sides, and a logit
 beyond +-65504 becomes +-inf (ranked first or last, ties by index; kept or dropped by a
@@ -76,7 +76,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     "threshold" (mean-query scoring, selected by that rule) or "colmax" (exact column maxima
     from ``lse``, selected by ``rule``: the rule whose option is given, "threshold" when none is;
     ``lse="estimate"`` where no dense step ran: fgcupy.lse_estimate.estimate_lse, near the
-    oracle on every head family for one column-max pass plus the estimate, README "Mask quality").
+    oracle on every head family for one column-max pass plus the estimate, notes/MEASURED.md "Mask quality").
     ``density`` is top-k as a fraction of kv_len (a positive density keeps at least one key; 0
     keeps only what ``local`` and ``min_keys`` add, so alone it gives empty rows), or ``top_k`` a
     count. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.

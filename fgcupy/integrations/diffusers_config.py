@@ -24,11 +24,11 @@ DEFAULT_DENSITY = 0.1
 DEFAULT_REFRESH_EVERY = 5
 #: refresh_every where the first mask is the warm-up's exact one and refreshes are sparse: such a
 #: refresh costs about twice a prediction, and with the warm-up's column max two of them in a
-#: 50-step schedule keep the mask cost per step under 2 % of dense attention (README "End to end").
+#: 50-step schedule keep the mask cost per step under 2 % of dense attention (notes/MEASURED.md "End to end").
 WARMUP_REFRESH_EVERY = 20
 #: refresh_every where the first mask is predicted and refreshes search around the old mask, with
 #: the ramp (refreshes on sparse steps 1, 2, 4, 8, 16, then every 32): each search moves the
-#: mask closer to the exact one, so the early ones buy the most (README "Over a whole schedule").
+#: mask closer to the exact one, so the early ones buy the most (notes/MEASURED.md "Over a whole schedule").
 SEARCH_REFRESH_EVERY = 32
 #: The same without the ramp: four searches in 50 sparse steps.
 EVEN_SEARCH_REFRESH_EVERY = 10
@@ -69,7 +69,7 @@ class SparseAttentionConfig:
         mask_from_warmup=True; else 0. Over 50 steps one dense step
         costs what the searches it replaces do (a Wan-14B block at 32,760 tokens on an H200:
         1.63x over stock either way) and its masks had 0.99-1.05x the oracle's error on every
-        head family against 1.01-1.40x (README "Over a whole schedule"). A few-step (distilled)
+        head family against 1.01-1.40x (notes/MEASURED.md "Over a whole schedule"). A few-step (distilled)
         model spends a larger share of its steps dense: give it dense_steps=0.
     dense_layers: indices (in model order) of self-attention layers that always run dense.
     refresh_every / refresh_steps: masks are re-predicted every ``refresh_every`` sparse steps
@@ -78,7 +78,7 @@ class SparseAttentionConfig:
         that step uses the warm-up's exact mask instead); other steps reuse the layer's cached mask.
         None: 20 with the warm-up's exact mask and sparse refreshes (each costs about two
         predictions; over a 50-step schedule with 1 or 5 dense steps the mask cost stays under 2 %
-        of dense attention per step, README "End to end"); with a predicted first mask and searching
+        of dense attention per step, notes/MEASURED.md "End to end"); with a predicted first mask and searching
         refreshes (local_search, no predict_on_refresh: the default with dense_steps=0) 32 on the
         ramp below, or 10 with refresh_ramp=False; else 5.
     refresh_ramp: with refresh_every, also refresh on the sparse steps 1, 2, 4, ... below it
@@ -102,7 +102,7 @@ class SparseAttentionConfig:
         guidance branch, input shape and token grid) while the handle lives, like calibrated
         poolings. Not with predict_on_refresh=False (no refresh would score them).
         Each diagonal costs about one exact band per refresh; the offsets are shared by a
-        layer's heads (README "Mask quality" has what they gain and lose per head family).
+        layer's heads (notes/MEASURED.md "Mask quality" has what they gain and lose per head family).
         0: off.
     mask_from_warmup: the last of the ``dense_steps`` warm-up steps runs its dense attention
         through fgcupy's kernel (the same exact output) and keeps its row LSE, and each layer's
@@ -114,7 +114,7 @@ class SparseAttentionConfig:
         on wherever it can be (dense_steps >= 1, a named mean-query predictor, no
         process_group and no calibrate_pooling): over a 50-step schedule of the head families,
         with sparse refreshes, its masks had 0.99-1.05x the oracle's error where predicted ones had
-        0.91-4.0x (README "Over a whole schedule").
+        0.91-4.0x (notes/MEASURED.md "Over a whole schedule").
     estimate_first_mask: a layer's first mask (and the first for new input shapes or key
         padding) is the exact column max with each query's LSE estimated instead of predicted
         (``predict_mask(method="colmax", lse="estimate")``: no dense step), selected like
@@ -123,7 +123,7 @@ class SparseAttentionConfig:
         the time of SDPA cuDNN's dense attention for a wan14b-480p layer on an H100. On the
         head families the estimated masks had 0.99-1.18x the oracle's error where the default
         predictor's had up to 4.3x, and over 50 searched sparse steps 1.03-1.11x where a predicted
-        first mask's had 1.11-1.57x (CPU; README "Mask quality", "More than one call"). Needs a
+        first mask's had 1.11-1.57x (CPU; notes/MEASURED.md "Mask quality", README "More than one call"). Needs a
         named mean-query predictor; not with mask_from_warmup=True (the warm-up's exact mask is
         the first), calibrate_pooling (its refresh makes the first mask) or process_group. With it
         the default dense_steps is 0, and given warm-up steps do not make the first mask
@@ -135,7 +135,7 @@ class SparseAttentionConfig:
         selected by the predictor's density / tau / threshold. No dense step: the predictor's
         cost plus one Q K^T pass over the candidates' union (``fgcupy.union_keys``: one host
         synchronisation a refresh for its size). Masks stay as good as the old mask plus the
-        candidates (README "Mask quality"), so a refresh never throws the warm-up's exact mask
+        candidates (notes/MEASURED.md "Mask quality"), so a refresh never throws the warm-up's exact mask
         away. Needs a named mean-query predictor and no process_group. None (the default): on
         with the warm-up's exact mask, and from a predicted first mask where a named mean-query
         predictor, no process_group, no calibrate_pooling and no find_diagonals allow it.
@@ -153,7 +153,7 @@ class SparseAttentionConfig:
     predict_on_refresh: with local_search, False leaves the predictor out of sparse refreshes: the
         candidates are the old mask's keys and their moved copies only, which saves the
         prediction (about 7 % of a dense attention call on an H200) and on the head families
-        tracked the oracle as closely (README "Refreshing from a sparse step"); the first mask of a
+        tracked the oracle as closely (notes/MEASURED.md "Refreshing from a sparse step"); the first mask of a
         layer still comes from the predictor (or the warm-up's exact one). None (the default):
         False where refreshes search from a predicted first mask, else True.
     grid: (frames, height, width) of the latent token grid for local_search; None reads it from
