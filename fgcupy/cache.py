@@ -31,7 +31,7 @@ from . import bridge
 from .attention_kernel import check_scale
 from .layout import to_bhsd
 from .mask import SliceMask, check_key_valid, indptr_from_counts, is_int, num_blocks
-from .mask_reference import pool_queries
+from .lse_estimate import finite_block_means
 from .scoring import predict_mask
 
 STORAGES = ("auto", "index", "bits")
@@ -62,6 +62,10 @@ class _Entry:
 
     def memory_bytes(self) -> int:
         return self.indptr.numel() * self.indptr.element_size() + self.payload.numel() * self.payload.element_size()
+
+    @property
+    def device(self) -> torch.device:
+        return self.payload.device
 
 
 class MaskCache:
@@ -99,8 +103,8 @@ class MaskCache:
             raise ValueError(f"expanded=True keeps masks as given; it cannot be combined with storage={storage!r}")
         if "layout" in predict_kwargs:
             raise ValueError("layout is an argument of mask_for (the layout of its q and k), not a prediction option")
-        self.warmup = warmup
-        self.refresh_every = refresh_every
+        self.warmup = int(warmup)
+        self.refresh_every = int(refresh_every) if is_int(refresh_every) else refresh_every
         self.ramp = ramp
         self.storage = storage
         self.expanded = bool(expanded)
@@ -166,14 +170,17 @@ class MaskCache:
             kept, indptr = None, mask.indptr.clone()
         self._entries[layer] = _Entry(shape, indptr, payload, form, kept, step, capacity=mask.capacity)
 
-    def get(self, layer, batch=None, heads=None, q_len=None, kv_len=None, slice_m=None) -> SliceMask:
-        """``layer``'s cached mask as a SliceMask; any shape given must match the cached one. Its
-        tensors may be the cache's own (reuse steps hand attention the mask of the refresh step,
-        with no copy): treat it as read-only, or clone it."""
+    def get(self, layer, batch=None, heads=None, q_len=None, kv_len=None, slice_m=None, device=None) -> SliceMask:
+        """``layer``'s cached mask as a SliceMask; any shape or device given must match the cached
+        one's. Its tensors may be the cache's own (reuse steps hand attention the mask of the
+        refresh step, with no copy): treat it as read-only, or clone it."""
         if layer not in self._entries:
             raise KeyError(f"no mask cached for layer {layer!r}; cached: {sorted(map(str, self._entries))}")
         entry = self._entries[layer]
         self._check(layer, entry, (batch, heads, q_len, kv_len, slice_m))
+        if device is not None and torch.device(device) != entry.device:
+            raise ValueError(f"layer {layer!r}: the cached mask (from step {entry.step}) is on {entry.device}, but "
+                             f"this step's inputs are on {torch.device(device)}")
         if entry.mask is not None:
             return entry.mask
         batch, heads, q_len, kv_len, slice_m = entry.shape
@@ -208,7 +215,7 @@ class MaskCache:
         slice_m = options.get("slice_m", 128)
         if action == "reuse":
             qh, kh = (to_bhsd(bridge.to_torch(x, name), layout) for x, name in ((q, "q"), (k, "k")))
-            mask = self.get(layer, qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2], slice_m)
+            mask = self.get(layer, qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2], slice_m, qh.device)
             self.record_reuse()
             return mask
         mask = predict_mask(q, k, layout=layout, **options)
@@ -286,10 +293,14 @@ def mask_drift(old: SliceMask, new: SliceMask) -> dict:
 
 def block_means(x: torch.Tensor, slice_m: int) -> torch.Tensor:
     """float32 [B, H, QB, D]: the mean of each block of ``slice_m`` rows of x [B, H, S, D] (a
-    layer's fingerprint for :func:`means_drift`: a few kilobytes per head)."""
+    layer's fingerprint for :func:`means_drift`: a few kilobytes per head), over the rows whose
+    entries are all finite (padding written as NaN or inf does not make every drift NaN); zero
+    for a block with none."""
     if not is_int(slice_m) or slice_m < 1:
         raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
-    return pool_queries(x, slice_m)
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        raise ValueError(f"x must be a [B, H, S, D] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    return finite_block_means(x, int(slice_m))[0]
 
 
 def means_drift(reference: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
@@ -300,6 +311,7 @@ def means_drift(reference: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     if reference.shape != current.shape:
         raise ValueError(f"block means of different shapes: {tuple(reference.shape)} and {tuple(current.shape)}")
     similarity = torch.nn.functional.cosine_similarity(reference, current, dim=-1)
+    similarity = torch.nan_to_num(similarity, nan=0.0)  # a row that cannot be read counts as moved
     both_zero = (reference.norm(dim=-1) == 0) & (current.norm(dim=-1) == 0)  # zero rows (padding): unmoved
     return 1.0 - torch.where(both_zero, torch.ones_like(similarity), similarity).mean()
 
@@ -322,6 +334,11 @@ def mask_recall(q, k, lse, scale: float, key_valid=None, samples: int = RECALL_S
     Q K^T; no host sync). A mask that went stale keeps less: a staleness signal that, unlike
     block means, reads where the attention went. q, k [B, H, S, D]; ``key_valid`` [B, S_k] bool
     leaves padded keys out of the exact LSE (a sampled query with no valid key reads 1)."""
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            raise ValueError(f"{name} must be a [B, H, S, D] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if not isinstance(lse, torch.Tensor):
+        raise TypeError(f"lse must be a tensor [B, H, S], got {type(lse).__name__}")
     batch, heads, q_len, _ = q.shape
     if not is_int(samples) or samples < 1:
         raise ValueError(f"samples must be a positive int, got {samples!r}")

@@ -126,19 +126,19 @@ def _bytes_per_head(blocks: int, slice_m: int, band: int, kv_len: int, dim: int)
 
 
 def finite_block_means(q: torch.Tensor, slice_m: int) -> tuple:
-    """(float32 [N, QB, D] mean of each block's queries whose entries are all finite, bool
-    [N, QB] whether a block has any) for q [N, q_len, D]."""
-    n, q_len, dim = q.shape
+    """(float32 [..., QB, D] mean of each block's queries whose entries are all finite, bool
+    [..., QB] whether a block has any) for q [..., q_len, D]."""
+    *lead, q_len, dim = q.shape
     blocks, whole = num_blocks(q_len, slice_m), q_len // slice_m
     used = torch.isfinite(q).all(-1)
     kept = torch.where(used.unsqueeze(-1), q, 0)  # in q's dtype: no float32 copy of the queries
-    sums = torch.empty(n, blocks, dim, dtype=torch.float32, device=q.device)
-    counts = torch.empty(n, blocks, dtype=torch.int64, device=q.device)
-    sums[:, :whole] = kept[:, : whole * slice_m].unflatten(1, (whole, slice_m)).sum(2, dtype=torch.float32)
-    counts[:, :whole] = used[:, : whole * slice_m].unflatten(1, (whole, slice_m)).sum(2)
+    sums = torch.empty(*lead, blocks, dim, dtype=torch.float32, device=q.device)
+    counts = torch.empty(*lead, blocks, dtype=torch.int64, device=q.device)
+    sums[..., :whole, :] = kept[..., : whole * slice_m, :].unflatten(-2, (whole, slice_m)).sum(-2, dtype=torch.float32)
+    counts[..., :whole] = used[..., : whole * slice_m].unflatten(-1, (whole, slice_m)).sum(-1)
     if whole < blocks:  # the last block, cut short
-        sums[:, whole] = kept[:, whole * slice_m :].sum(1, dtype=torch.float32)
-        counts[:, whole] = used[:, whole * slice_m :].sum(1)
+        sums[..., whole, :] = kept[..., whole * slice_m :, :].sum(-2, dtype=torch.float32)
+        counts[..., whole] = used[..., whole * slice_m :].sum(-1)
     return sums / counts.clamp_min(1).unsqueeze(-1), counts > 0
 
 

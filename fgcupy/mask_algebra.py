@@ -151,8 +151,11 @@ def slice_heads(mask: SliceMask, heads: range) -> SliceMask:
 def drop_keys(mask: SliceMask, key_valid: torch.Tensor) -> SliceMask:
     """``mask`` without the keys where ``key_valid`` (bool ``[B, KV]``) is False and without keys
     outside [0, kv_len), on the GPU and without a host synchronisation (same capacity; rows stay
-    sorted). Rows may sit anywhere in the buffer and may share entries: an entry rows of several
-    batches share stays only where every one of those batches keeps its key."""
+    sorted). Rows may sit anywhere in the buffer and may share entries, but an entry that rows of
+    several batches share stays only where every one of those batches keeps its key: a mask
+    broadcast over batch entries padded differently loses, in each, the keys the others pad.
+    Give each batch entry rows of its own (as ``predict_mask`` and ``SliceMask.full`` do) to keep
+    them."""
     _check_mask(mask)
     batch, heads, q_blocks, kv_len = mask.batch, mask.heads, mask.q_blocks, mask.kv_len
     check_key_valid(key_valid, batch, kv_len)
@@ -195,6 +198,9 @@ def slice_rows(mask: SliceMask, first_block: int, q_len: int) -> SliceMask:
     last = min(mask.q_blocks, first_block + num_blocks(q_len, mask.slice_m))
     if not 0 <= first_block <= last:
         raise ValueError(f"rows from block {first_block} are outside the mask's {mask.q_blocks} blocks")
+    first_query = first_block * mask.slice_m
+    if first_query + q_len > mask.q_len:
+        raise ValueError(f"queries [{first_query}, {first_query + q_len}) reach past the mask's q_len={mask.q_len}")
     return SliceMask(mask.indptr[..., first_block : last + 1].contiguous(), mask.indices, mask.slice_m, q_len,
                      mask.kv_len)
 

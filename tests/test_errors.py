@@ -129,6 +129,11 @@ def test_mask_algebra_refuses_what_is_not_a_mask():
         restrict_keys(MASK, 10.0, 20)
     with pytest.raises(ValueError, match="first_block must be a non-negative int"):
         slice_rows(MASK, -1, 10)
+    short = SliceMask.full(1, 1, 300, 10, 128)
+    for first, q_len in ((2, 128), (1, 300)):
+        with pytest.raises(ValueError, match="reach past the mask's q_len=300"):
+            slice_rows(short, first, q_len)
+    assert slice_rows(short, 2, 44).q_len == 44
 
 
 def test_dilation_kernel_refuses_rows_it_cannot_read():

@@ -302,3 +302,45 @@ def test_put_checks_its_step():
         cache.put(0, SliceMask.full(1, 1, 8, 8, 4), step="3")
     with pytest.raises(ValueError, match="step must be a non-negative int"):
         cache.put(0, SliceMask.full(1, 1, 8, 8, 4), step=-1)
+
+
+def test_padding_written_as_nan_leaves_drift_readable():
+    """Rows that are not all finite are left out of the block means, so two steps of the same
+    keys read no drift and different keys read some (a NaN drift would never fire a refresh)."""
+    from fgcupy.cache import block_means, means_drift
+
+    gen = torch.Generator().manual_seed(0)
+    k0, k1 = torch.randn(1, 2, 300, 8, generator=gen), torch.randn(1, 2, 300, 8, generator=gen)
+    k0[:, :, -5:] = math.nan
+    k1[:, :, -5:] = math.nan
+    same = means_drift(block_means(k0, 128), block_means(k0.clone(), 128))
+    moved = means_drift(block_means(k0, 128), block_means(k1, 128))
+    assert float(same) == pytest.approx(0.0, abs=1e-6) and float(moved) > 0.1
+    reference = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    assert float(means_drift(reference, torch.tensor([[1.0, 0.0], [math.nan, 1.0]]))) == pytest.approx(0.5)
+
+
+def test_block_means_and_mask_recall_name_a_missing_batch_dimension():
+    from fgcupy.cache import block_means, mask_recall
+
+    x = torch.randn(2, 10, 8)
+    with pytest.raises(ValueError, match=r"x must be a \[B, H, S, D\] tensor"):
+        block_means(x, 4)
+    with pytest.raises(ValueError, match=r"q must be a \[B, H, S, D\] tensor"):
+        mask_recall(x, x, torch.zeros(2, 10), 0.3)
+
+
+def test_a_reuse_on_another_device_names_both():
+    cache = MaskCache(refresh_every=10, method="topk", density=0.5, slice_m=64)
+    q = torch.randn(1, 2, 128, 64)
+    cache.mask_for("l", 0, q, q)
+    with pytest.raises(ValueError, match="is on cpu, but this step's inputs are on meta"):
+        cache.mask_for("l", 1, q.to("meta"), q.to("meta"))
+
+
+def test_numpy_schedule_ints_describe():
+    import numpy as np
+
+    cache = MaskCache(warmup=np.int64(1), refresh_every=np.int64(8), ramp=True)
+    assert "on steps [2, 3, 5] (ramp)" in cache.describe()
+    assert type(cache.warmup) is int and type(cache.refresh_every) is int
