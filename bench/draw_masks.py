@@ -34,6 +34,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="masks.png")
     args = parser.parse_args(argv)
+    if args.head < 0:
+        parser.error(f"--head must be a head index >= 0, got {args.head}")
 
     shape = family_shape(args.preset, args.grid)
     if args.pattern:

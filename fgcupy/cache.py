@@ -91,7 +91,7 @@ class MaskCache:
                 raise TypeError(f"refresh_steps must hold ints, got {refresh_steps!r}")
             steps = sorted({int(s) for s in refresh_steps})
             if any(s < warmup for s in steps):
-                raise ValueError(f"refresh_steps {steps} include warm-up steps (< {warmup})")
+                raise ValueError(f"refresh_steps {steps} must be steps after the warm-up (>= warmup={warmup})")
             self.refresh_steps = frozenset(steps)
         if not isinstance(ramp, bool):
             raise TypeError(f"ramp must be a bool, got {ramp!r}")

@@ -58,7 +58,7 @@ def test_explicit_refresh_steps():
     cache = MaskCache(warmup=2, refresh_steps=[2, 3, 10])
     assert [cache.action(s) for s in range(12)] == (
         ["dense"] * 2 + ["refresh", "refresh"] + ["reuse"] * 6 + ["refresh", "reuse"])
-    with pytest.raises(ValueError, match=r"refresh_steps \[1, 4\] include warm-up steps \(< 2\)"):
+    with pytest.raises(ValueError, match=r"refresh_steps \[1, 4\] must be steps after the warm-up \(>= warmup=2\)"):
         MaskCache(warmup=2, refresh_steps=[4, 1])
     with pytest.raises(ValueError, match=r"refresh_every must be a positive int"):
         MaskCache(refresh_every=0)
