@@ -52,7 +52,7 @@ def family_rows(family: str, shape, densities, heads: int, reps: int, flex, seed
         plan = SparseAttention().plan(slice_mask, head_dim=q.shape[-1], dtype=q.dtype)
         out = torch.empty_like(q)
         fg_ms = cuda_time_ms(lambda: plan.run(q, k, v, out=out), reps=reps)["median_ms"]
-        blocks, block_error = judge.blocks_for_error(slice_error, BLOCK, low=max(1, math.ceil(density * key_blocks)))
+        blocks, block_error = judge.blocks_for_error(slice_error, BLOCK)
         block_mask = judge.block_oracle_of(blocks, BLOCK).to_block_mask(BLOCK, exact=False)
         flex_ms = cuda_time_ms(lambda: flex(q, k, v, block_mask=block_mask), reps=reps)["median_ms"]
         row = dict(family=family, density=density, slice_error=slice_error, block_density=blocks / key_blocks,

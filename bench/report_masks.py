@@ -7,13 +7,13 @@
 
 0. Error against the oracle, per head family (fgcupy.head_families, --family-heads each; and
    the first heads of each fgcupy.workloads pattern, as "workload-<pattern>"): the oracle
-   slice mask (exact column-max top-k; the yardstick, not the proven best) and the best
-   128x128 block mask at each density (its error / the oracle's at the block mask's own
+   slice mask (exact column-max top-k; the yardstick, not the proven best) and the oracle
+   128x128 block mask (the key blocks of most attention) at each density (its error / the oracle's at the block mask's own
    density, which whole key blocks round), and every predictor of JUDGED as its error / the
    oracle slice mask's error.
 1. Quality, per workload pattern (fgcupy.workloads: spatial, temporal, mixed) at the preset's
    size: density vs relative L2 error (and cosine) of the attention output against dense float32
-   attention (fgcupy.reference), for mean-query top-k, mean-query tau, sub-block pooling (16
+   attention (fgcupy.reference), for the default top-k and tau predictors, sub-block pooling (16
    queries, max and union), exact column-max, and a 128x128 block mask chosen from pooled
    block scores at the top-k densities. Errors are measured on a per-head subsample
    (--quality-heads, default every fifth head: all head styles of the mixed pattern); masks are

@@ -221,10 +221,11 @@ def equal_quality_summary(rows, fg_errors, block_errors):
     cudnn = by["sdpa-cudnn"][0]["ms"]
     out = []
     for fg, cover in zip(by.get("fgcupy", []), by.get("flex-block-cover", [])):
-        d = fg["target_density"]
-        line = (f"slice density {fg['density']:.3f}: fgcupy {fg['ms']:.2f} ms; block cover {cover['density']:.3f} dense "
+        d = fg["density"]  # the mask's own density: whole keys round the requested one
+        line = (f"slice density {d:.3f}: fgcupy {fg['ms']:.2f} ms; block cover {cover['density']:.3f} dense "
                 f"-> FlexAttention {cover['ms']:.2f} ms ({cover['ms'] / fg['ms']:.2f}x slower); "
-                f"fgcupy / ({d} x SDPA-flash) = {fg['ms'] / (d * flash):.2f}, / ({d} x SDPA-cuDNN) = {fg['ms'] / (d * cudnn):.2f}")
+                f"fgcupy / ({d:.3f} x SDPA-flash) = {fg['ms'] / (d * flash):.2f}, "
+                f"/ ({d:.3f} x SDPA-cuDNN) = {fg['ms'] / (d * cudnn):.2f}")
         pooled = sorted(by.get("flex-block-pooled", []), key=lambda b: b["density"])
         matching = [b for b in pooled if b["rel_l2"] <= fg["rel_l2"]]
         if matching:

@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(kRowsThreads) adaptive_rows(const __grid_const
     for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
     if (lane == 0) {
       const float coherence = total_norm > 0.f ? sqrtf(sq) / total_norm : 0.f;
-      sampled = coherence < p.cut;
+      sampled = !(coherence >= p.cut);  // NaN (an infinite query: inf / inf) samples too
       static_cast<bool*>(p.sampled)[blockIdx.x] = sampled != 0;
     }
   }

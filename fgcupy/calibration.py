@@ -129,6 +129,9 @@ def calibrate(q, k, lse=None, slice_m: int = 128, *, candidates=DEFAULT_CANDIDAT
                          "pooling or method='colmax'")
     if lse is not None:
         lse = checked_lse(lse, q)
+        if per_block is not None:
+            raise ValueError("per_block sets the sampled queries of a calibration without lse; with lse every "
+                             "query counts")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     masks = [predict_mask(q, k, slice_m, pooling=c, scale=scale, **predict_kwargs) for c in candidates]
     if lse is None:

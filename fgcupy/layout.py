@@ -27,7 +27,7 @@ def query_key_views(q, k, layout: str = "HND") -> tuple:
     """[B, H, S, D] torch views of ``q`` and ``k`` (torch or cupy, ``layout``), checked as a pair:
     the same B, H and D, device and floating dtype, at least one token each."""
     check_layout(layout)
-    qh, kh = to_bhsd(bridge.to_torch(q, "q"), layout), to_bhsd(bridge.to_torch(k, "k"), layout)
+    qh, kh = to_bhsd(bridge.to_torch(q, "q"), layout, "q"), to_bhsd(bridge.to_torch(k, "k"), layout, "k")
     if qh.shape[0] != kh.shape[0] or qh.shape[1] != kh.shape[1] or qh.shape[3] != kh.shape[3]:
         raise ValueError(f"q and k must agree on B, H and D ([B, H, S, D]); got {tuple(qh.shape)} and {tuple(kh.shape)}")
     if qh.device != kh.device:

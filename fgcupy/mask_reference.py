@@ -131,7 +131,9 @@ def adaptive_rows(q: torch.Tensor, pool: int, slice_m: int) -> tuple:
     "adaptive": each sub-block's middle query where its block's coherence is below
     COHERENCE_CUT (``sampled``), else its mean query rounded to q's dtype."""
     means = pool_queries(q, pool)
-    sampled = coherence_of(q, means, pool, slice_m) < COHERENCE_CUT
+    # Not above the cut, NaN included: an infinite query (inf / inf) must not make its block's
+    # rows the mean, which it would turn infinite.
+    sampled = ~(coherence_of(q, means, pool, slice_m) >= COHERENCE_CUT)
     middles = q.index_select(2, sample_rows(q.shape[2], pool, q.device))
     per_row = sampled.repeat_interleave(slice_m // pool, 2)[:, :, : means.shape[2]]
     return torch.where(per_row.unsqueeze(-1), middles, means.to(q.dtype)), sampled

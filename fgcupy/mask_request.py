@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import mask_reference as ref
+from . import bridge, mask_reference as ref
 from .attention_kernel import check_scale
-from .mask import is_int
+from .mask import SliceMask, is_int
 
 METHODS = ("topk", "tau", "threshold", "colmax")
 COMBINES = ("max", "union")
@@ -230,3 +230,35 @@ def _checked_diagonals(diagonals, exact_band, slice_m: int) -> tuple:
     if any(abs(int(d)) + width > _INT32_MAX for d in diagonals):
         raise ValueError(f"diagonals {diagonals!r} are too far for int32 key offsets")
     return tuple(sorted({int(d) for d in diagonals} - {0}))
+
+
+def checked_lse(lse, q) -> torch.Tensor:
+    """``lse`` as a torch tensor, if it is the float32 [B, H, q_len] row LSE of [B, H, S, D] ``q``
+    on q's device (the column-max kernels read it raw); else ValueError."""
+    lse_t = bridge.to_torch(lse, "lse")
+    expected = tuple(q.shape[:3])
+    if tuple(lse_t.shape) != expected or lse_t.dtype != torch.float32 or lse_t.device != q.device:
+        raise ValueError(f"lse must be float32 {expected} on {q.device}; got {tuple(lse_t.shape)}, "
+                         f"{lse_t.dtype}, {lse_t.device}")
+    return lse_t
+
+
+def checked_candidates(candidates, qh, kh, slice_m: int, method: str) -> tuple:
+    """``candidates`` as a checked tuple of SliceMasks (empty for None)."""
+    if candidates is None:
+        return ()
+    if method != "colmax":
+        raise ValueError(f"candidates apply to method='colmax' (exact scores of the listed keys), not {method!r}")
+    masks = (candidates,) if isinstance(candidates, SliceMask) else tuple(candidates)
+    expected = (qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2], slice_m)
+    for mask in masks:
+        if not isinstance(mask, SliceMask):
+            raise TypeError(f"candidates must be a SliceMask or a list of them, got {type(mask).__name__}")
+        shape = (mask.batch, mask.heads, mask.q_len, mask.kv_len, mask.slice_m)
+        if shape != expected:
+            raise ValueError(f"candidates have (B, H, q_len, kv_len, slice_m)={shape}, the prediction {expected}")
+        if mask.indptr.device != qh.device:
+            raise ValueError(f"candidates are on {mask.indptr.device}, q on {qh.device}")
+    if not masks:
+        raise ValueError("candidates is empty: give at least one SliceMask (or None to score every key)")
+    return masks

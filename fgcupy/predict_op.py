@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from .mask import SliceMask, num_blocks
-from .mask_request import MaskRequest, make_request
+from .layout import query_key_views
+from .mask_request import MaskRequest, checked_candidates, checked_lse, make_request
 from .op_library import define, pack_csr, packed_csr_empty, unpack_csr
 
 #: The request's fields a token carries (top_k, threshold and scale travel as op arguments).
@@ -105,8 +106,18 @@ def _predict_mask(q, k, lse, candidate_indptrs, candidate_indices, token, top_k,
                   workspace_bytes) -> SliceMask:
     requests, poolings = _requests(q, k, token, top_k, threshold, scale)
     slice_m = next(iter(requests.values())).slice_m
+    # The op may be called directly: its tensors are checked as predict_mask checks them.
+    query_key_views(q, k)
+    method = _fields(token)["method"]
+    if method == "colmax":
+        if lse is None:
+            raise ValueError("method='colmax' needs lse: the float32 [B, H, q_len] row LSE")
+        checked_lse(lse, q)
+    elif lse is not None:
+        raise ValueError(f"lse applies to method='colmax', not {method!r}")
     candidates = tuple(SliceMask(indptr, indices, slice_m, q.shape[2], k.shape[2])
                        for indptr, indices in zip(candidate_indptrs, candidate_indices, strict=True))
+    candidates = checked_candidates(candidates, q, k, slice_m, method) if candidates else ()
     if len(requests) == 1:
         return _predict_one(q, k, next(iter(requests.values())), lse, candidates, workspace_bytes)
     return _predict_per_head(q, k, requests, poolings, workspace_bytes)

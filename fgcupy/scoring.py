@@ -48,18 +48,8 @@ from .layout import query_key_views
 from .lse_estimate import estimate_lse
 from .mask import SliceMask, num_blocks
 from .mask_request import (AUTO, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
-                           METHODS, POOLINGS, MaskRequest, check_workspace_bytes, make_request)
-
-
-def checked_lse(lse, q) -> torch.Tensor:
-    """``lse`` as a torch tensor, if it is the float32 [B, H, q_len] row LSE of [B, H, S, D] ``q``
-    on q's device (the column-max kernels read it raw); else ValueError."""
-    lse_t = bridge.to_torch(lse, "lse")
-    expected = tuple(q.shape[:3])
-    if tuple(lse_t.shape) != expected or lse_t.dtype != torch.float32 or lse_t.device != q.device:
-        raise ValueError(f"lse must be float32 {expected} on {q.device}; got {tuple(lse_t.shape)}, "
-                         f"{lse_t.dtype}, {lse_t.device}")
-    return lse_t
+                           METHODS, POOLINGS, MaskRequest, check_workspace_bytes, checked_candidates,
+                           checked_lse, make_request)
 
 
 @torch.no_grad()  # a mask of integer indices: nothing to differentiate, whatever q and k need
@@ -85,7 +75,8 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     (0, 1]; ``local`` keys either side of the
     block (and its own) are kept first; ``scale`` defaults to 1 / sqrt(D). ``combine``: how
     sub-blocks of ``pool`` queries join, "max" (one selection on the max of their scores) or
-    "union" (one selection each). ``workspace_bytes`` bounds the score buffers (heads in chunks).
+    "union" (one selection each). ``workspace_bytes`` bounds the GPU score buffers (heads in
+    chunks; the CPU reference scores every head at once).
     ``logits_dtype``: how stored mean-query logits are kept (one mean query per block or combine
     "union" only), torch.float16 (default for top-k and threshold) or torch.float32 (default for
     tau); see the module docstring.
@@ -133,7 +124,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
         req = make_request(qh.shape[3], kh.shape[2], slice_m, method, pooling=each, **options)
     if lse is not None and method != "colmax":
         raise ValueError(f"lse applies to method='colmax' (scores from a dense step), not {method!r}")
-    candidates = _candidate_masks(candidates, qh, kh, slice_m, method)
+    candidates = checked_candidates(candidates, qh, kh, slice_m, method)
     lse_t = None
     if method == "colmax":
         if lse is None:
@@ -166,24 +157,3 @@ def _checked_poolings(poolings, heads: int, method: str) -> tuple:
     if method == "colmax":
         raise ValueError("pooling per head applies to the mean-query methods, not colmax")
     return tuple(poolings)
-
-
-def _candidate_masks(candidates, qh, kh, slice_m: int, method: str) -> tuple:
-    """``candidates`` as a checked tuple of SliceMasks (empty for None)."""
-    if candidates is None:
-        return ()
-    if method != "colmax":
-        raise ValueError(f"candidates apply to method='colmax' (exact scores of the listed keys), not {method!r}")
-    masks = (candidates,) if isinstance(candidates, SliceMask) else tuple(candidates)
-    expected = (qh.shape[0], qh.shape[1], qh.shape[2], kh.shape[2], slice_m)
-    for mask in masks:
-        if not isinstance(mask, SliceMask):
-            raise TypeError(f"candidates must be a SliceMask or a list of them, got {type(mask).__name__}")
-        shape = (mask.batch, mask.heads, mask.q_len, mask.kv_len, mask.slice_m)
-        if shape != expected:
-            raise ValueError(f"candidates have (B, H, q_len, kv_len, slice_m)={shape}, the prediction {expected}")
-        if mask.indptr.device != qh.device:
-            raise ValueError(f"candidates are on {mask.indptr.device}, q on {qh.device}")
-    if not masks:
-        raise ValueError("candidates is empty: give at least one SliceMask (or None to score every key)")
-    return masks

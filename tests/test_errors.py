@@ -1,6 +1,8 @@
 """Bad input gets a ValueError/TypeError naming expected and actual, before anything reaches
 the GPU. These run without one: planning checks come before any CUDA call."""
 
+import math
+
 import pytest
 import torch
 
@@ -211,3 +213,31 @@ def test_benchmark_kernel_tokens_take_every_field_of_their_family_and_no_other()
     for token in ("sm90-m128n64s2w4", "m128n64s2pv1c2", "ws-m128n128s2"):
         with pytest.raises(ValueError, match="cannot parse kernel"):
             parse_tile(token, 128)
+
+
+@pytest.mark.parametrize("scale", [-1.0, 0.0, math.nan, "x"])
+def test_diagonals_and_the_judge_refuse_a_scale_attention_refuses(scale):
+    from fgcupy import find_diagonals
+    from fgcupy.oracle import Judge
+
+    q = torch.randn(1, 1, 256, 16)
+    with pytest.raises((ValueError, TypeError), match="scale"):
+        find_diagonals(q, q, scale=scale)
+    with pytest.raises((ValueError, TypeError), match="scale"):
+        Judge(q, q, q, 64, scale=scale)
+
+
+def test_calibrate_with_an_lse_refuses_per_block():
+    from fgcupy.calibration import calibrate
+
+    q = torch.randn(1, 1, 256, 16)
+    with pytest.raises(ValueError, match="per_block sets the sampled queries"):
+        calibrate(q, q, torch.zeros(1, 1, 256), 64, per_block=4, density=0.2)
+
+
+def test_a_three_dimensional_key_is_named():
+    from fgcupy import predict_mask
+
+    with pytest.raises(ValueError, match="k must be a 4-D tensor"):
+        predict_mask(torch.randn(1, 1, 256, 16), torch.randn(1, 256, 16), 64, density=0.2)
+

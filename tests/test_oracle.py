@@ -11,7 +11,7 @@ from fgcupy import mask_reference as ref
 from fgcupy.head_families import FAMILIES, family_qkv, family_shape, mass_fraction
 from fgcupy import predict_mask
 from fgcupy.mask_reference import block_coherence
-from fgcupy.oracle import Judge, exact_lse, keys_for
+from fgcupy.oracle import Judge, block_mass, exact_lse, keys_for
 from fgcupy.reference import relative_l2
 from fgcupy.workloads import video_qkv
 
@@ -46,6 +46,28 @@ def test_full_density_oracle_is_exact_and_ratio_is_one():
     assert judge.oracle_error(1.0) < 1e-5
     err, ratio = judge.ratio(judge.oracle(0.2))
     assert ratio == pytest.approx(1.0) and err > 0
+
+
+@given(seed=st.integers(0, 2**16), q_len=st.integers(1, 200), kv_len=st.integers(1, 200),
+       slice_m=st.sampled_from([16, 64]), budget=st.sampled_from([1, 4 << 30]))
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_block_mass_sums_each_tile_of_the_float64_softmax(seed, q_len, kv_len, slice_m, budget):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(1, 2, n, 16, generator=gen) * 2 for n in (q_len, kv_len))
+    probs = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 4.0, -1)
+    qb, kb = -(-q_len // slice_m), -(-kv_len // slice_m)
+    padded = torch.nn.functional.pad(probs, (0, kb * slice_m - kv_len, 0, qb * slice_m - q_len))
+    expected = padded.reshape(1, 2, qb, slice_m, kb, slice_m).sum((3, 5))
+    got = block_mass(q, k, exact_lse(q, k, 0.25), slice_m, slice_m, 0.25, budget_bytes=budget)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_block_oracle_keeps_the_blocks_of_most_mass():
+    q, k, v = family_qkv(SMALL, "mixture", heads=2, seed=1)
+    judge = Judge(q, k, v, slice_m=64)
+    mass = block_mass(q, k, judge.lse, 64, 64, judge.scale)
+    kept = judge.block_oracle_of(2, 64).to_dense()[..., ::64]  # [B, H, QB, key blocks]
+    assert torch.equal(kept, torch.zeros_like(kept).scatter_(-1, mass.topk(2, -1).indices, True))
 
 
 def test_block_oracle_is_never_better_than_the_slice_oracle_on_local_heads():

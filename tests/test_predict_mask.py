@@ -513,3 +513,46 @@ def test_a_nan_query_leaves_its_blocks_mask_to_the_other_queries():
     q[0, 0, 5, 0] = float("nan")
     with_nan = predict_mask(q, k, 128, density=0.3)
     assert torch.equal(with_nan.to_dense()[0, 0, 0], clean.to_dense()[0, 0, 0])
+
+
+def test_the_op_called_directly_checks_its_tensors():
+    """torch.ops.fgcupy.predict_mask may be named in a graph: q, k, the LSE and the candidates are
+    checked there as predict_mask checks them (a one-head LSE was broadcast over two heads)."""
+    import fgcupy  # noqa: F401 - registers the op
+    from fgcupy.predict_op import request_token
+
+    q, k = torch.randn(1, 2, 256, 64), torch.randn(1, 2, 256, 64)
+    colmax = request_token(make_request(64, 256, 128, "colmax", density=0.1))
+    op = torch.ops.fgcupy.predict_mask
+    lse = torch.zeros(1, 2, 256)
+    with pytest.raises(ValueError, match=r"lse must be float32 \(1, 2, 256\)"):
+        op(q, k, lse[:, :1], [], [], colmax, 25, -1.0, 0.125, 1 << 30)
+    with pytest.raises(ValueError, match="needs lse"):
+        op(q, k, None, [], [], colmax, 25, -1.0, 0.125, 1 << 30)
+    with pytest.raises(ValueError, match="q and k must agree on B, H and D"):
+        op(q, k[:, :1], lse, [], [], colmax, 25, -1.0, 0.125, 1 << 30)
+    with pytest.raises(TypeError, match="floating"):
+        op(q, k.to(torch.int32), lse, [], [], colmax, 25, -1.0, 0.125, 1 << 30)
+    other = SliceMask.full(1, 1, 256, 256, 128)
+    with pytest.raises(ValueError, match=r"candidates have \(B, H, q_len, kv_len, slice_m\)"):
+        op(q, k, lse, [other.indptr], [other.indices], colmax, 25, -1.0, 0.125, 1 << 30)
+    topk = request_token(make_request(64, 256, 128, "topk", density=0.1))
+    with pytest.raises(ValueError, match="lse applies to method='colmax'"):
+        op(q, k, lse, [], [], topk, 25, -1.0, 0.125, 1 << 30)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_one_non_finite_query_leaves_its_block_mask(bad):
+    """An infinite query made its block's coherence NaN, the block fell to mean pooling and its
+    mean turned infinite: 9 of 102 keys kept. Such a block is scored by its sub-blocks instead."""
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 1, 1024, 64, generator=gen).half() for _ in range(2))
+    clean = predict_mask(q, k, 128, density=0.1)
+    q[0, 0, 5, 0] = bad
+    dirty = predict_mask(q, k, 128, density=0.1)
+
+    def block0(m):
+        return set(m.indices[m.indptr[0, 0, 0]:m.indptr[0, 0, 1]].tolist())
+
+    assert len(block0(dirty) & block0(clean)) >= 0.9 * len(block0(clean))
+    assert not bool(ref.block_coherence(q, 128)[0, 0, 0] >= ref.COHERENCE_CUT)
