@@ -568,6 +568,21 @@ def test_adaptive_rows_match_the_reference(batch, heads, q_len, blocks, dim, dty
     assert torch.equal(rows[middles], expected_rows[middles])
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_adaptive_rows_sample_a_block_with_a_non_finite_query(bad):
+    """A NaN or infinite query makes its block sampled in the kernel as in the reference, so the
+    block's other sub-blocks keep rows of their own (an infinite mean would spoil them)."""
+    gen = torch.Generator().manual_seed(3)
+    common = torch.randn(1, 2, 1, 128, generator=gen)
+    q = (0.2 * torch.randn(1, 2, 512, 128, generator=gen) + common).to(DEVICE, torch.bfloat16)  # coherent
+    q[0, 1, 130, 7] = bad
+    rows, sampled = mask_kernels.gpu_adaptive_rows(q, 32, 128)
+    expected_rows, expected_sampled = ref.adaptive_rows(q, 32, 128)
+    assert torch.equal(sampled, expected_sampled)
+    assert sampled[0, 1].tolist() == [False, True, False, False] and not sampled[0, 0].any()
+    torch.testing.assert_close(rows.float(), expected_rows.float(), rtol=2**-7, atol=1e-3, equal_nan=True)
+
+
 @pytest.mark.parametrize("slice_m", [64, 128])
 @pytest.mark.parametrize("rule, option", [("topk", dict(density=0.1)), ("tau", dict(tau=0.9)),
                                           ("threshold", dict(threshold=1e-3))])
