@@ -57,11 +57,12 @@ def estimate_lse(q, k, slice_m: int = 128, *, band: int = ESTIMATE_BAND, scale: 
     blocks = num_blocks(q_len, slice_m)
     band = min(int(band), max(kv_len, blocks * slice_m))  # wider bands hold the same keys
     out = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
-    chunk = max(1, min(heads, int(workspace_bytes // _bytes_per_head(blocks, slice_m, band, kv_len, dim))))
+    near_all = _kernel_band_lse(qh, kh, slice_m, band, scale)
+    per_head = _bytes_per_head(blocks, slice_m, band, kv_len, dim, band_in_torch=near_all is None)
+    chunk = max(1, min(heads, int(workspace_bytes // per_head)))
     # An index, not repeat_interleave and a slice: torch 2.13's inductor fused those into logaddexp
     # wrongly on the CPU (the last block's queries read garbage).
     block_of_query = torch.arange(q_len, device=qh.device) // slice_m
-    near_all = _kernel_band_lse(qh, kh, slice_m, band, scale)
     for b in range(batch):
         for h0 in range(0, heads, chunk):  # views of q and k (an NHD layout is not copied whole)
             qc, kc = qh[b, h0 : h0 + chunk], kh[b, h0 : h0 + chunk]
@@ -115,14 +116,15 @@ def block_mean_lse(q: torch.Tensor, k: torch.Tensor, slice_m: int, scale: float,
     return broad.index_select(1, block_of_query)
 
 
-def _bytes_per_head(blocks: int, slice_m: int, band: int, kv_len: int, dim: int) -> int:
-    """Float32 bytes one head's estimate holds at its peak: the band logits and their
-    exponentials, the band windows matmul makes contiguous, the padded keys and queries, and the
-    block means' logits over the sampled keys with their two temporaries."""
+def _bytes_per_head(blocks: int, slice_m: int, band: int, kv_len: int, dim: int, band_in_torch: bool = True) -> int:
+    """Float32 bytes one head's estimate holds at its peak: the padded queries and the block
+    means' logits over the sampled keys with their two temporaries, and where the band runs in
+    torch its logits and their exponentials, the band windows matmul makes contiguous and the
+    padded keys."""
     width = slice_m + 2 * band
     sampled = num_blocks(kv_len, ref.lse_key_stride(kv_len))
-    return 4 * (2 * blocks * slice_m * width + blocks * dim * width + 2 * (kv_len + width) * dim
-                + blocks * slice_m * dim + 3 * blocks * sampled)
+    band_bytes = 2 * blocks * slice_m * width + blocks * dim * width + 2 * (kv_len + width) * dim
+    return 4 * ((band_bytes if band_in_torch else 0) + blocks * slice_m * dim + 3 * blocks * sampled)
 
 
 def finite_block_means(q: torch.Tensor, slice_m: int) -> tuple:
