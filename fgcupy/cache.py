@@ -8,7 +8,8 @@ prediction can serve several steps. :class:`MaskCache` keeps one mask per layer:
 * "refresh" steps predict a new mask: every ``refresh_every`` steps from the end of the
   warm-up (with ``ramp``, also 1, 2, 4, ... steps after it, the powers of two below
   ``refresh_every``: a mask that each refresh improves gets its first refreshes early), or exactly the steps
-  listed in ``refresh_steps`` (a layer with nothing cached refreshes whatever the schedule says);
+  listed in ``refresh_steps`` (a layer with nothing cached refreshes whatever the schedule says,
+  and one that did not run on a refresh step, skipped by a caching hook, on the next step it runs);
 * the steps in between "reuse" the layer's mask.
 
 Storage is compact: kept indices as int16 when kv_len fits (else int32), or a bit map of all
@@ -44,6 +45,16 @@ def refreshes_on(sparse_step: int, refresh_every: int, ramp: bool = False) -> bo
     if sparse_step % refresh_every == 0:
         return True
     return ramp and sparse_step < refresh_every and sparse_step & (sparse_step - 1) == 0
+
+
+def last_refresh(sparse_step: int, refresh_every: int, ramp: bool = False) -> int:
+    """The latest sparse step at or before ``sparse_step`` (>= 0) that :func:`refreshes_on`."""
+    latest = sparse_step - sparse_step % refresh_every
+    if ramp and sparse_step >= 1:
+        power = 1 << (sparse_step.bit_length() - 1)
+        if power < refresh_every:
+            latest = max(latest, power)
+    return latest
 
 
 @dataclass
@@ -117,7 +128,9 @@ class MaskCache:
     # ---- schedule ----
     def action(self, step: int, layer=None) -> str:
         """"dense", "refresh" or "reuse" for ``step`` (and ``layer``: one with nothing cached
-        refreshes, and so does one asked about an earlier step than before: a new run began)."""
+        refreshes, so does one asked about an earlier step than before (a new run began), and so
+        does one whose mask is older than the schedule's last refresh: a layer that did not run
+        on a refresh step, skipped by a caching hook, refreshes on the next step it runs)."""
         if not is_int(step) or step < 0:
             raise ValueError(f"step must be a non-negative int, got {step!r}")
         step = int(step)
@@ -126,13 +139,20 @@ class MaskCache:
             self._last_step[layer] = step
             if last is not None and step < last:  # a new run: its masks are its own
                 self._entries.pop(layer, None)
-            if step >= self.warmup and (layer not in self._entries or step < self._entries[layer].step):
+            if step >= self.warmup and (layer not in self._entries or step < self._entries[layer].step
+                                        or self._last_refresh(step) > self._entries[layer].step):
                 return "refresh"
         if step < self.warmup:
             return "dense"
         if self.refresh_steps is not None:
             return "refresh" if step in self.refresh_steps else "reuse"
         return "refresh" if refreshes_on(step - self.warmup, self.refresh_every, self.ramp) else "reuse"
+
+    def _last_refresh(self, step: int) -> int:
+        """The schedule's latest refresh step at or before ``step`` (>= warmup); -1 for none."""
+        if self.refresh_steps is not None:
+            return max((r for r in self.refresh_steps if r <= step), default=-1)
+        return self.warmup + last_refresh(step - self.warmup, self.refresh_every, self.ramp)
 
     # ---- storage ----
     def put(self, layer, mask: SliceMask, step: int = 0) -> None:

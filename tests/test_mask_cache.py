@@ -20,7 +20,9 @@ def _qk(seq=300, kv=260, seed=0):
 @settings(max_examples=60, deadline=None)
 def test_every_r_schedule(warmup, every, step):
     cache = MaskCache(warmup=warmup, refresh_every=every)
-    cache.put("layer", SliceMask.full(1, 1, 64, 64, 64))
+    # The layer's mask is from the schedule's last refresh before this step, as in a run.
+    last = step - 1 - max(0, step - 1 - warmup) % every if step - 1 >= warmup else 0
+    cache.put("layer", SliceMask.full(1, 1, 64, 64, 64), last)
     action = cache.action(step, "layer")
     if step < warmup:
         assert action == "dense"
@@ -344,3 +346,21 @@ def test_numpy_schedule_ints_describe():
     cache = MaskCache(warmup=np.int64(1), refresh_every=np.int64(8), ramp=True)
     assert "on steps [2, 3, 5] (ramp)" in cache.describe()
     assert type(cache.warmup) is int and type(cache.refresh_every) is int
+
+
+@pytest.mark.parametrize("schedule", [dict(warmup=1, refresh_every=20), dict(warmup=0, refresh_every=32, ramp=True),
+                                      dict(warmup=1, refresh_steps=[5, 21, 41])])
+def test_a_layer_that_misses_its_refresh_step_refreshes_on_its_next_call(schedule):
+    """A caching hook may skip a layer on some steps: a refresh scheduled on a step the layer did
+    not run happens on the next step it runs, not at the next scheduled step."""
+    cache = MaskCache(**schedule)
+    scheduled = [s for s in range(50) if cache.action(s) == "refresh"]
+    runs = [s for s in range(cache.warmup, 50) if (s - cache.warmup) % 2 == 1]  # every other step
+    refreshed = []
+    for step in runs:
+        if cache.action(step, "layer") == "refresh":
+            refreshed.append(step)
+            cache.put("layer", SliceMask.full(1, 1, 8, 8, 4), step)
+    expected = {runs[0]} | {min(s for s in runs if s >= r) for r in scheduled if r <= runs[-1]}
+    assert refreshed == sorted(expected), (scheduled, refreshed)
+    assert len(refreshed) > 2
