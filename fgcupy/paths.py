@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import time
 from pathlib import Path
@@ -42,3 +43,22 @@ def sweep_stale_temporaries(folder: Path, pattern: str, age_s: float = STALE_TEM
                 pass  # gone already, or another user's
     except OSError:
         pass
+
+
+def read_own_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``max_bytes``, not reached
+    through a symlink, owned by this user (or root) and writable by no other; OSError otherwise.
+    A FIFO or a device planted there would block or never end, and a file another user could
+    write would run their code (a kernel) or steer this process's choices (a tuning table)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as file:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            raise OSError(f"not a regular file of at most {max_bytes} bytes")
+        if hasattr(os, "getuid"):
+            if st.st_uid not in (os.getuid(), 0):
+                raise PermissionError(f"owned by user {st.st_uid}, not by this one ({os.getuid()})")
+            if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+                raise PermissionError(f"writable by other users (mode {stat.S_IMODE(st.st_mode):o})")
+        return file.read(st.st_size + 1)  # a file that grew meanwhile reads long (and fails its checks)
+

@@ -298,6 +298,28 @@ def test_corrupt_or_foreign_file_warns_then_a_fresh_tune_replaces_it(isolated_ca
     assert autotune.TuneCache().lookup(KEY) == OTHER
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and POSIX owners")
+@pytest.mark.parametrize("plant", ["fifo", "endless", "writable by others"])
+def test_a_file_that_is_no_table_of_ours_warns_and_is_replaced(isolated_cache, plant):
+    """A FIFO blocked planning, /dev/zero ran out of memory; a table others may write could steer
+    the kernel choice. Each is a warning, and a fresh tune replaces it."""
+    isolated_cache.parent.mkdir(parents=True)
+    if plant == "fifo":
+        os.mkfifo(isolated_cache)
+    elif plant == "endless":
+        os.symlink("/dev/zero", isolated_cache)
+    else:
+        assert autotune.TuneCache().store([fake_result()], H100)
+        os.chmod(isolated_cache, 0o666)
+        autotune.TuneCache._memo.clear()
+    with pytest.warns(autotune.AutotuneCacheWarning, match="cannot read"):
+        assert autotune.TuneCache().lookup(KEY) is None
+    with pytest.warns(autotune.AutotuneCacheWarning, match="not reading"):
+        assert autotune.TuneCache().store([fake_result()], H100)
+    autotune.TuneCache._memo.clear()
+    assert autotune.TuneCache().lookup(KEY) == OTHER
+
+
 def test_a_newer_fgcupys_file_is_read_as_empty_and_never_overwritten(isolated_cache):
     isolated_cache.parent.mkdir(parents=True)
     content = json.dumps({"header": {"library": "fgcupy", "format": 99}, "entries": {"x": {}}}).encode()

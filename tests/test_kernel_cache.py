@@ -74,13 +74,35 @@ def test_another_kernels_file_under_this_ones_name_is_deleted(cache_dir, caplog)
     assert kernel_cache.load(other, "sm_80") is not None
 
 
-def test_files_are_readable_as_the_umask_allows(cache_dir):
-    old = os.umask(0o022)
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o644), (0o077, 0o600)])
+def test_files_are_never_writable_by_others(cache_dir, umask, mode):
+    old = os.umask(umask)
     try:
         kernel_cache.store(SPEC, "sm_80", compile_cubin(SPEC, "sm_80"))
     finally:
         os.umask(old)
-    assert stat.S_IMODE(kernel_cache.cache_file(SPEC, "sm_80").stat().st_mode) == 0o644
+    assert stat.S_IMODE(kernel_cache.cache_file(SPEC, "sm_80").stat().st_mode) == mode
+    assert kernel_cache.load(SPEC, "sm_80") is not None
+
+
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="needs POSIX owners")
+def test_a_file_others_may_write_or_own_is_not_run(cache_dir, caplog, monkeypatch):
+    """A cubin is code the process runs: one another user could have written is compiled anew."""
+    kernel_cache.store(SPEC, "sm_80", compile_cubin(SPEC, "sm_80"))
+    path = kernel_cache.cache_file(SPEC, "sm_80")
+    os.chmod(path, 0o664)
+    with caplog.at_level(logging.WARNING, logger="fgcupy"):
+        assert kernel_cache.load(SPEC, "sm_80") is None
+    assert "writable by other users" in caplog.text
+    os.chmod(path, 0o644)
+    assert kernel_cache.load(SPEC, "sm_80") is not None
+    owner = os.stat(path).st_uid
+    monkeypatch.setattr(os, "getuid", lambda: owner + 4242)  # as if another user read it
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fgcupy"):
+        assert kernel_cache.load(SPEC, "sm_80") is None or owner == 0  # root's files are trusted
+    if owner != 0:
+        assert f"owned by user {owner}" in caplog.text
 
 
 def test_another_compiler_is_another_file(cache_dir, monkeypatch):

@@ -18,7 +18,7 @@ from typing import Iterable
 
 
 from ..jit import AttentionSpec
-from ..paths import CACHE_ENV, cache_root, sweep_stale_temporaries  # noqa: F401 - CACHE_ENV is part of the autotune API
+from ..paths import CACHE_ENV, cache_root, read_own_file, sweep_stale_temporaries  # noqa: F401 - CACHE_ENV: autotune API
 from .candidates import candidate_specs
 from .keys import DeviceInfo, ProblemKey, _SPEC_CLASSES
 from .selection import TuneResult
@@ -107,6 +107,10 @@ def _stamp_id(stamp: dict) -> str:
     return f"{stamp.get('version')}|{stamp.get('kernel_hash')}|{stamp.get('candidates_hash')}|{stamp.get('nvrtc')}"
 
 
+#: No tuning table is larger (a few hundred problems of about 300 bytes each).
+MAX_FILE_BYTES = 16 << 20
+
+
 class TuneCache:
     """The JSON file of tuned winners. Reads are memoised by the file's stat signature (and
     ``choose_spec`` memoises per key), so planning rarely touches the disk; every problem with
@@ -141,7 +145,7 @@ class TuneCache:
     def _read(self) -> tuple[dict, str | None]:
         """(entries, problem): entries are usable ones; problem says why the file was not."""
         try:
-            raw = self.path.read_bytes()
+            raw = read_own_file(self.path, MAX_FILE_BYTES)
         except OSError as err:
             return {}, f"cannot read {self.path}: {err}"
         data, problem = self._parse(raw)
@@ -231,8 +235,15 @@ class TuneCache:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with _file_lock(self.path.with_name(self.path.name + ".lock")):
                 tables = {}
-                if self.path.exists():
-                    data, problem = self._parse(self.path.read_bytes())
+                try:
+                    raw = read_own_file(self.path, MAX_FILE_BYTES)
+                except FileNotFoundError:
+                    raw = None
+                except OSError as err:  # replaced, not merged: another user's or not a file
+                    self._warn(f"not reading {self.path} ({err}); it will be replaced by a fresh tune", None)
+                    raw = None
+                if raw is not None:
+                    data, problem = self._parse(raw)
                     if problem:
                         self._warn(problem, None)
                         if data is not None:  # a newer fgcupy's file: its tables are never wiped

@@ -5,8 +5,10 @@ importing a compiler).
 A file is a magic tag, the SHA-256 of the rest, the file's full key (the hash its name is cut
 from), a NUL, the kernel's lowered name, a NUL, then the cubin: a file cut short or filled with
 zeros by a crash fails the hash, and one copied or renamed from another kernel's file fails the
-key; either is deleted (the kernel is compiled again). Writes are flushed to disk and renamed into place, readable as the umask
-allows (a cache folder shared by several users works)."""
+key; either is deleted (the kernel is compiled again). A file is loaded only if this user (or
+root) owns it and no other user may write it: a cubin is code the process runs. Writes are
+flushed to disk and renamed into place, mode 0644 (less as the umask says): in a cache folder
+shared by several users each loads the kernels it compiled itself."""
 
 from __future__ import annotations
 
@@ -14,10 +16,9 @@ import hashlib
 import logging
 import os
 import secrets
-import stat
 from pathlib import Path
 
-from ..paths import cache_root, sweep_stale_temporaries
+from ..paths import cache_root, read_own_file, sweep_stale_temporaries
 from .compile import CompiledKernel, compile_options
 from .nvrtc import library_identity
 from .source import kernel_source
@@ -53,24 +54,12 @@ def cache_file(spec, arch: str, key: str | None = None) -> Path:
 MAX_FILE_BYTES = 64 << 20
 
 
-def _read_regular_file(path: Path) -> bytes:
-    """The bytes of ``path`` if it is a regular file of at most MAX_FILE_BYTES, not reached
-    through a symlink; OSError otherwise (a FIFO or a device planted there would block or
-    never end)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as file:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_FILE_BYTES:
-            raise OSError(f"not a regular file of at most {MAX_FILE_BYTES} bytes")
-        return file.read(st.st_size + 1)  # a file that grew meanwhile reads long and fails its checksum
-
-
 def load(spec, arch: str) -> CompiledKernel | None:
     """The cached kernel, or None (absent, unreadable, damaged or another kernel's: then deleted)."""
     key = cache_key(spec, arch)
     path = cache_file(spec, arch, key)
     try:
-        raw = _read_regular_file(path)
+        raw = read_own_file(path, MAX_FILE_BYTES)
     except FileNotFoundError:
         return None
     except OSError as err:
@@ -113,7 +102,7 @@ def store(spec, arch: str, compiled: CompiledKernel) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".tmp-{os.getpid()}-{secrets.token_hex(8)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask decides who may read
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # never writable by others: see load
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(MAGIC + hashlib.sha256(body).digest() + body)
