@@ -256,8 +256,9 @@ def dense_attention_with_lse(q, k, v, slice_m: int = 128, key_valid=None, scale:
     lists hold at most ``index_budget`` slices (a 32,760-token head needs 8.4 M). ``tile``: plan
     options, as ``sparse_attention`` takes them."""
     check_layout(layout)
-    if not is_int(slice_m) or slice_m < 1:
-        raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
+    for name, value in (("slice_m", slice_m), ("index_budget", index_budget)):
+        if not is_int(value) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     slice_m = int(slice_m)
     q_t, k_t, v_t = (bridge.to_torch(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     qh, kh, vh = to_bhsd(q_t, layout, "q"), to_bhsd(k_t, layout, "k"), to_bhsd(v_t, layout, "v")

@@ -384,6 +384,10 @@ class SliceMask:
         if q_block % slice_m:
             raise ValueError(f"BlockMask query block {q_block} is not a multiple of slice_m={slice_m}")
         blocks = block_mask.to_dense().to(torch.bool)  # [B, H, QBlocks, KVBlocks]
+        held = (blocks.shape[2] * q_block, blocks.shape[3] * kv_block)
+        if q_len > held[0] or kv_len > held[1]:  # a sliced BlockMask keeps its sequence lengths
+            raise ValueError(f"the BlockMask's blocks cover (q_len, kv_len)={held}, fewer than ({q_len}, {kv_len}) "
+                             "(a sliced BlockMask keeps the lengths of the whole): pass q_len and kv_len")
         q_blocks = num_blocks(q_len, slice_m)
         row_block = torch.arange(q_blocks, device=blocks.device) * slice_m // q_block
         key_block = torch.arange(kv_len, device=blocks.device) // kv_block

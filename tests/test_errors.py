@@ -241,3 +241,11 @@ def test_a_three_dimensional_key_is_named():
     with pytest.raises(ValueError, match="k must be a 4-D tensor"):
         predict_mask(torch.randn(1, 1, 256, 16), torch.randn(1, 256, 16), 64, density=0.2)
 
+
+def test_dense_attention_with_lse_refuses_an_index_budget_below_one():
+    from fgcupy.attention import dense_attention_with_lse
+
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="index_budget must be a positive int, got 0"):
+        dense_attention_with_lse(q, q, q, index_budget=0)
+

@@ -314,6 +314,12 @@ def test_from_block_mask_refuses_lengths_past_the_block_masks():
     with pytest.raises(ValueError, match="exceed the BlockMask's sequence lengths"):
         SliceMask.from_block_mask(block_mask, 128, 256, kv_len=300)
     assert SliceMask.from_block_mask(block_mask, 128, 256, kv_len=200).kv_len == 200
+    causal = flex.create_block_mask(lambda b, h, q, k: q >= k, 1, 2, 1024, 1024, device="cpu")
+    part = causal[:, :, :2]  # two query blocks, the whole mask's lengths
+    with pytest.raises(ValueError, match=r"blocks cover \(q_len, kv_len\)=\(256, 1024\)"):
+        SliceMask.from_block_mask(part, 128)
+    assert torch.equal(SliceMask.from_block_mask(part, 128, q_len=256).to_dense(),
+                       SliceMask.from_block_mask(causal, 128).to_dense()[:, :, :2])
 
 
 def test_block_mask_sizes_given_as_numpy_ints_work_in_flex_attention():
