@@ -329,13 +329,14 @@ class SparseAttentionHandle:
         return {name: layer.stats.refreshes for name, layer in self.layers.items()}
 
     def mask(self, name: str, branch: int = 0) -> SliceMask | None:
-        """A copy of the mask layer ``name`` holds for ``branch`` (None before its first sparse
-        call; a refresh rewrites the held one in place); with share_branches, a branch holding
-        none of its own gets the first branch's, through which it attends; with a process group,
-        the mask of this rank's heads over the whole sequence."""
+        """A copy of the mask layer ``name`` holds for ``branch`` (None before it has made one:
+        at the warm-up step that makes the exact mask, or else its first sparse call; a refresh
+        rewrites the held one in place); with share_branches, a branch that attends through the
+        first branch's mask (its key padding the same) gets that one; with a process group, the
+        mask of this rank's heads over the whole sequence."""
         if name not in self.layers:
             raise KeyError(f"no patched layer {name!r}; layers: {list(self.layers)}")
-        if self.config.share_branches and (name, branch) not in self.cache:
+        if self.config.share_branches and branch not in self._own_slots and (name, branch) not in self.cache:
             branch = 0
         if (name, branch) not in self.cache:
             return None
