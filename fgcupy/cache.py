@@ -31,7 +31,7 @@ import torch
 from . import bridge
 from .attention_kernel import check_scale
 from .layout import to_bhsd
-from .mask import SliceMask, check_key_valid, indptr_from_counts, is_int, num_blocks
+from .mask import SliceMask, check_key_valid, indptr_from_counts, is_int, num_blocks, positive_int
 from .lse_estimate import finite_block_means
 from .scoring import predict_mask
 
@@ -316,8 +316,7 @@ def block_means(x: torch.Tensor, slice_m: int) -> torch.Tensor:
     layer's fingerprint for :func:`means_drift`: a few kilobytes per head), over the rows whose
     entries are all finite (padding written as NaN or inf does not make every drift NaN); zero
     for a block with none."""
-    if not is_int(slice_m) or slice_m < 1:
-        raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
+    slice_m = positive_int("slice_m", slice_m)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a [B, H, S, D] tensor, got {getattr(x, 'shape', type(x).__name__)}")
     return finite_block_means(x, int(slice_m))[0]
@@ -360,8 +359,7 @@ def mask_recall(q, k, lse, scale: float, key_valid=None, samples: int = RECALL_S
     if not isinstance(lse, torch.Tensor):
         raise TypeError(f"lse must be a tensor [B, H, S], got {type(lse).__name__}")
     batch, heads, q_len, _ = q.shape
-    if not is_int(samples) or samples < 1:
-        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    samples = positive_int("samples", samples)
     if k.dim() != 4 or tuple(k.shape[:2]) != (batch, heads) or k.shape[3] != q.shape[3]:
         raise ValueError(f"k must be [B, H, S_k, D] with q's B, H and D {(batch, heads, q.shape[3])}, "
                          f"got {tuple(k.shape)}")

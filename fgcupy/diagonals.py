@@ -16,7 +16,7 @@ import torch
 
 from .attention_kernel import check_scale
 from .layout import query_key_views
-from .mask import is_int
+from .mask import is_int, positive_int
 from .mask_request import DEFAULT_EXACT_BAND
 
 #: Queries sampled per head (evenly spaced over the sequence).
@@ -53,8 +53,7 @@ def _offset_stats(q, k, samples, scale, level: float = DEFAULT_MIN_MASS) -> tupl
     kv_len = k.shape[2]
     if q_len < 1 or kv_len < 1:
         raise ValueError(f"offset_mass needs queries and keys, got q_len={q_len}, kv_len={kv_len}")
-    if not is_int(samples) or samples < 1:
-        raise ValueError(f"samples must be a positive int, got {samples!r}")
+    samples = positive_int("samples", samples)
     if scale is not None:
         check_scale(scale)
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
@@ -105,8 +104,7 @@ def find_diagonals(q, k, slice_m: int = 128, *, count: int = 4, exact_band: int 
         raise ValueError(f"count must be a non-negative int, got {count!r}")
     if not is_int(exact_band) or exact_band < 0:
         raise ValueError(f"exact_band must be a non-negative int, got {exact_band!r}")
-    if not is_int(slice_m) or slice_m < 1:
-        raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
+    slice_m = positive_int("slice_m", slice_m)
     if not (min_mass >= 0 and min_contrast >= 0 and 0 <= min_support <= 1):
         raise ValueError(f"min_mass and min_contrast must be non-negative and min_support in [0, 1], got "
                          f"{min_mass!r}, {min_contrast!r}, {min_support!r}")

@@ -44,6 +44,14 @@ def is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def positive_int(name: str, value) -> int:
+    """``value`` as an int if it is a positive Python or numpy integer; else ValueError naming
+    ``name``."""
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
 def check_key_valid(key_valid, batch: int, kv_len: int) -> None:
     """TypeError / ValueError unless ``key_valid`` is a bool tensor [batch, kv_len]."""
     if not isinstance(key_valid, torch.Tensor):
@@ -317,9 +325,7 @@ class SliceMask:
     # ---- FlexAttention ----
     def block_cover(self, block_size: int = 128) -> torch.Tensor:
         """Boolean ``[B, H, ceil(q_len/bs), ceil(kv_len/bs)]``: blocks holding any kept slice."""
-        if not is_int(block_size) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-        block_size = int(block_size)
+        block_size = positive_int("block_size", block_size)
         if block_size % self.slice_m:
             raise ValueError(f"block_size={block_size} must be a multiple of slice_m={self.slice_m}")
         row_of, keys = self.kept_pairs()
@@ -369,8 +375,7 @@ class SliceMask:
 
         if not isinstance(block_mask, BlockMask):
             raise TypeError(f"block_mask must be a FlexAttention BlockMask, got {type(block_mask).__name__}")
-        if not is_int(slice_m) or slice_m < 1:
-            raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
+        slice_m = positive_int("slice_m", slice_m)
         for name, value in (("q_len", q_len), ("kv_len", kv_len)):
             if value is not None and (not is_int(value) or value < 0):
                 raise ValueError(f"{name} must be a non-negative int or None, got {value!r}")

@@ -10,7 +10,7 @@ import torch
 
 from . import bridge, mask_reference as ref
 from .attention_kernel import check_scale
-from .mask import SliceMask, is_int
+from .mask import SliceMask, is_int, positive_int
 
 METHODS = ("topk", "tau", "threshold", "colmax")
 COMBINES = ("max", "union")
@@ -83,9 +83,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         pool = min(DEFAULT_POOL, slice_m) if defaults_apply else None
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if not is_int(slice_m) or slice_m < 1:
-        raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
-    slice_m = int(slice_m)
+    slice_m = positive_int("slice_m", slice_m)
     if method == "colmax":
         if rule is None:  # the rule whose option is given; threshold by default
             rule = "topk" if density is not None or top_k is not None else "tau" if tau is not None else "threshold"

@@ -21,7 +21,7 @@ import math
 import torch
 
 from .attention_kernel import check_scale
-from .mask import SliceMask, is_int, num_blocks
+from .mask import SliceMask, num_blocks, positive_int
 from .mask_reference import colmax_scores
 from .reference import dense_attention, reference_attention, relative_l2
 
@@ -75,9 +75,7 @@ class Judge:
     mask of it is judged against the same yardstick."""
 
     def __init__(self, q, k, v, slice_m: int = 128, scale: float | None = None):
-        if not is_int(slice_m) or slice_m < 1:
-            raise ValueError(f"slice_m must be a positive int, got {slice_m!r}")
-        slice_m = int(slice_m)
+        slice_m = positive_int("slice_m", slice_m)
         self.q, self.k, self.v, self.slice_m = q, k, v, slice_m
         if scale is not None:
             check_scale(scale)

@@ -12,7 +12,7 @@ import math
 import torch
 
 from .layout import to_bhsd
-from .mask import SliceMask, is_int
+from .mask import SliceMask, positive_int
 
 
 def _bhsd_inputs(q, k, v, layout: str, rows_per_chunk) -> tuple:
@@ -22,8 +22,7 @@ def _bhsd_inputs(q, k, v, layout: str, rows_per_chunk) -> tuple:
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"q must be [B, H, S, D] and k, v [B, H, KV, D] with q's B, H and D; got (as HND) "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if not is_int(rows_per_chunk) or rows_per_chunk < 1:
-        raise ValueError(f"rows_per_chunk must be a positive int, got {rows_per_chunk!r}")
+    rows_per_chunk = positive_int("rows_per_chunk", rows_per_chunk)
     return q, k, v
 
 
