@@ -10,7 +10,8 @@ computes exactly what one process computes for those heads, and masks never trav
 Strategies (chosen so no token and no head is ever padded or dropped):
 - Uneven sequence shards: shards may have any lengths (zero included); the exchange uses exact
   split sizes (``all_to_all_single`` with split lists), so nothing is padded and no pad needs
-  masking. Lengths are gathered from the ranks on every call, or given as ``seq_lens``.
+  masking. Lengths are gathered from the ranks on every call (in the header); ``seq_lens``, where
+  given, is checked against them.
 - Heads the world size does not divide: uneven head groups, the first ``H % P`` ranks own one
   head more (the slowest rank sets the pace: H=40 on P=3 runs like 14 heads on each). Ranks past
   ``H`` (``H < P``) own no head and only relay tokens.

@@ -101,6 +101,7 @@ class HybridSequenceParallelAttention:
         (and float32 ``lse [B, H, S_r]`` with ``return_lse``)."""
         world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         local = dict.fromkeys(_HEADER, 0)
+        local["ring"] = self.ring  # Ulysses alone sends 0: ranks calling the other engine raise
         problem = None
         try:
             qh, kh, vh = self._check_local(q, k, v, mask, layout, scale, return_lse, local)

@@ -24,10 +24,12 @@ DENSE_SLICE_M = 128  # slice size of the all-keys mask used when no mask is give
 _DTYPE_CODES = {torch.float32: 1, torch.float64: 2, torch.bfloat16: 3, torch.float16: 4}
 _HEADER = ("error", "batch", "heads", "head_dim", "q_len", "kv_len", "dtype", "head_groups", "attend",
            "return_lse", "mask", "mask_batch", "mask_heads", "mask_q_len", "mask_kv_len", "mask_slice_m", "layout",
-           "scale", "exchange", "mask_kind", "seq_lens", "mask_digest")
-#: Header fields every rank must have alike (seq_lens: a digest of the list, 0 when not given).
+           "scale", "exchange", "mask_kind", "seq_lens", "mask_digest", "ring")
+#: Header fields every rank must have alike (seq_lens: a digest of the list, 0 when not given;
+#: ring: 0 for Ulysses alone, else the ring size of Ulysses x ring: ranks calling different
+#: engines would wait on each other's collectives until the timeout).
 _AGREE = ("batch", "heads", "head_dim", "dtype", "head_groups", "attend", "return_lse", "layout", "scale", "exchange",
-          "mask_kind", "seq_lens")
+          "mask_kind", "seq_lens", "ring")
 _MASK_KINDS = {"none": 0, "static": 1, "callable": 2}
 COLLECTIVE_TIMEOUT_ENV = "FGCUPY_COLLECTIVE_TIMEOUT_S"
 MAX_COLLECTIVE_TIMEOUT_S = 2**31 // 1000  # ~24.8 days: gloo's wait takes int32 milliseconds
@@ -199,6 +201,7 @@ def check_agreement(headers):
                      "exchange": lambda: [EXCHANGES[c] for c in values],
                      "mask_kind": lambda: [next(k for k, v in _MASK_KINDS.items() if v == c) for c in values],
                      "seq_lens": lambda: ["given" if c else "not given" for c in values],
+                     "ring": lambda: ["Ulysses" if c == 0 else f"Ulysses x ring of {c}" for c in values],
                      }.get(name, lambda: values)()
             if name == "seq_lens" and all(values):
                 shown = "different lists"

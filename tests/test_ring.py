@@ -245,8 +245,11 @@ def _one_rank_fails_worker(rank, world, port, path):
     indptr = full.indptr.clone()
     indptr[0, 1, -1] += 5  # head 1, which only rank 1 attends, points past the index buffer
     q = torch.randn(1, 2, 8, 8, generator=torch.Generator().manual_seed(rank))
-    cases = {"bad head": lambda: HybridSequenceParallelAttention(ring=1)(q, q, q, SliceMask(indptr, full.indices, 4, 16, 16)),
-             "head dim 0": lambda: SequenceParallelAttention()(q[..., :0], q[..., :0], q[..., :0])}
+    hybrid = HybridSequenceParallelAttention(ring=1)
+    cases = {"bad head": lambda: hybrid(q, q, q, SliceMask(indptr, full.indices, 4, 16, 16)),
+             "head dim 0": lambda: SequenceParallelAttention()(q[..., :0], q[..., :0], q[..., :0]),
+             # ranks calling different engines met in each other's collectives until the timeout
+             "engines differ": lambda: hybrid(q, q, q) if rank == 0 else SequenceParallelAttention()(q, q, q)}
     verdict = {}
     for case, call in cases.items():
         start = time.monotonic()
@@ -274,6 +277,7 @@ def test_what_one_rank_rejects_every_rank_raises_at_once():
         for case, got in verdict.items():
             assert got["error"] in ("ValueError",), (rank, case, got)
             assert got["s"] < 5, (rank, case, got)  # not the 10 s collective timeout
+        assert "ranks disagree on ring: ['Ulysses x ring of 1', 'Ulysses']" in verdict["engines differ"]["message"]
 
 
 def test_a_merge_keeps_a_nan_lse():
