@@ -95,6 +95,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.cold < 1 or args.warm < 0:
         parser.error("--cold must be >= 1 and --warm >= 0")
+    from bench.timing import require_cuda
+
+    require_cuda("bench.first_call")
     cold, warm = measure(args.cold, args.warm)
     warm_profile = run_child(cold[0]["cache"], cold[0]["tuned"], profile=True)
     cold_profile = run_child(*_fresh_dirs(), profile=True)

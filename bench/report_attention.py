@@ -19,7 +19,7 @@ from bench.first_call import measure as measure_first_call
 from bench.first_call import summary as first_call_summary
 from bench.presets import PRESETS
 from bench.report_peers import gpu_header
-from bench.timing import attention_tflops, cuda_time_ms
+from bench.timing import attention_tflops, cuda_time_ms, require_cuda
 from fgcupy import SparseAttention
 from fgcupy.attention import default_spec
 from fgcupy.jit import AttentionSpec, Sm90AttentionSpec, Sm90WsAttentionSpec
@@ -42,6 +42,7 @@ def main(argv=None):
                         help="skip the first call of new processes (bench.first_call: one cold, two warm)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
+    require_cuda("bench.report_attention")
 
     preset = PRESETS[args.preset]
     batch, heads, seq, head_dim = preset.shape

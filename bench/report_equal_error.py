@@ -22,7 +22,7 @@ import time
 import torch
 
 from bench.report_peers import gpu_header
-from bench.timing import cuda_time_ms
+from bench.timing import cuda_time_ms, require_cuda
 from fgcupy import SparseAttention
 from fgcupy.head_families import FAMILIES, family_qkv
 from fgcupy.mask import num_blocks
@@ -77,8 +77,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("report_equal_error times kernels: it needs a CUDA GPU")
+    require_cuda("bench.report_equal_error")
 
     from torch.nn.attention.flex_attention import flex_attention
 

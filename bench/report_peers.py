@@ -29,7 +29,7 @@ from functools import partial
 
 import torch
 
-from bench.timing import attention_tflops, cuda_time_ms
+from bench.timing import attention_tflops, cuda_time_ms, require_cuda
 from fgcupy import SparseAttention, predict_mask, relative_l2
 from fgcupy.reference import dense_attention
 from fgcupy.workloads import SHAPES, video_qkv
@@ -112,6 +112,7 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default="results")
     args = parser.parse_args(argv)
+    require_cuda("bench.report_peers")
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import torch
+
 from fgcupy.timing import cuda_time_ms  # noqa: F401 - the benchmarks' timer
+
+
+def require_cuda(program: str) -> None:
+    """SystemExit naming ``program`` where torch sees no CUDA GPU (it times kernels), instead of
+    an error from deep inside torch."""
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{program} times CUDA kernels: it needs a CUDA GPU, and torch sees none here")
 
 
 def attention_tflops(batch: int, heads: int, q_len: int, kv_len: int, head_dim: int, ms: float,

@@ -18,6 +18,9 @@ from tools.scoring_setup import queued_ms, scoring_setup
 
 
 def main() -> None:
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     s = scoring_setup()
     q, k, dense = s.q, s.k, s.dense_ms
     first_q, first_k = q[0], k[0]  # [H, S, D]: the per-batch views estimate_lse works on

@@ -11,7 +11,6 @@ sampled and combined poolings, and column-max predictions (with a dense step's L
 the estimated one, fgcupy.lse_estimate, whose estimate is also timed alone). --table adds the GPU kernels of one default prediction.
 """
 
-import sys
 
 import torch
 
@@ -22,6 +21,11 @@ from tools.scoring_setup import queued_ms, scoring_setup
 
 
 def main():
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", action="store_true", help="add the GPU kernels of one default prediction")
+    args = parser.parse_args()
     setup = scoring_setup()
     q, k, scale, pooled, pooled_lse, dense = (setup.q, setup.k, setup.scale, setup.pooled, setup.pooled_lse,
                                               setup.dense_ms)
@@ -58,7 +62,7 @@ def main():
         print(f"predict_mask {name}: {t:.3f} ms = {100 * t / dense:.2f} % of cuDNN dense")
     t = ms(lambda: estimate_lse(q, k, 128, scale=scale))
     print(f"estimate_lse alone: {t:.3f} ms = {100 * t / dense:.2f} % of cuDNN dense")
-    if "--table" in sys.argv:
+    if args.table:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             predict_mask(q, k, 128, "topk", density=0.1)
             torch.cuda.synchronize()

@@ -53,6 +53,9 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="only the attention kernels whose names contain one of these (no mask kernels)")
     args = parser.parse_args(argv)
+    from bench.timing import require_cuda
+
+    require_cuda("tools.sanitize_kernels")
     cases = [] if args.masks_only else list(attention_cases())
     if args.only:
         cases = [(spec, tokens) for spec, tokens in cases if any(word in spec.name for word in args.only)]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.cases import sdpa_call
+from bench.timing import require_cuda
 from fgcupy import mask_kernels
 from fgcupy import mask_reference as ref
 from fgcupy.timing import cuda_time_ms
@@ -34,6 +35,7 @@ class ScoringSetup:
 
 def scoring_setup(preset: str = "wan14b-480p") -> ScoringSetup:
     """Build the inputs, print the GPU and SDPA cuDNN's dense time, and score the pooled rows."""
+    require_cuda("this probe")
     shape = SHAPES[preset]
     q, k, v = video_qkv(shape, "mixed", seed=0, device="cuda")
     scale = 1 / math.sqrt(shape.head_dim)
