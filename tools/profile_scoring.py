@@ -11,7 +11,6 @@ sampled and combined poolings, and column-max predictions (with a dense step's L
 the estimated one, fgcupy.lse_estimate, whose estimate is also timed alone). --table adds the GPU kernels of one default prediction.
 """
 
-
 import torch
 
 from fgcupy import mask_kernels, predict_mask
