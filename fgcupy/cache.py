@@ -22,6 +22,7 @@ A later step whose shapes differ from the cached mask's gets a ValueError naming
 
 from __future__ import annotations
 
+import inspect
 import math
 
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from .lse_estimate import finite_block_means
 from .scoring import predict_mask
 
 STORAGES = ("auto", "index", "bits")
+#: What MaskCache passes on to predict_mask (a misspelt option is refused when the cache is made).
+_PREDICT_OPTIONS = frozenset(inspect.signature(predict_mask).parameters) - {"q", "k", "layout"}
 _INT16_KEYS = 2**15
 
 
@@ -114,6 +117,10 @@ class MaskCache:
             raise ValueError(f"expanded=True keeps masks as given; it cannot be combined with storage={storage!r}")
         if "layout" in predict_kwargs:
             raise ValueError("layout is an argument of mask_for (the layout of its q and k), not a prediction option")
+        unknown = sorted(set(predict_kwargs) - _PREDICT_OPTIONS)
+        if unknown:
+            raise TypeError(f"MaskCache got options predict_mask does not take: {unknown}; it takes "
+                            f"{sorted(_PREDICT_OPTIONS)}")
         self.warmup = int(warmup)
         self.refresh_every = int(refresh_every) if is_int(refresh_every) else refresh_every
         self.ramp = ramp

@@ -193,6 +193,9 @@ class SliceMask:
         if not is_int(kv_len) or kv_len < 0:
             raise ValueError(f"kv_len must be a non-negative int, got {kv_len!r}")
         batch, heads, q_blocks, k = topk.shape
+        if is_int(q_len) and is_int(slice_m) and q_len >= 0 and slice_m >= 1 and q_blocks != num_blocks(q_len, slice_m):
+            raise ValueError(f"top-k indices have {q_blocks} query blocks ([B, H, QB, k] = {tuple(topk.shape)}); "
+                             f"q_len={q_len} in blocks of slice_m={slice_m} needs {num_blocks(q_len, slice_m)}")
         rows = batch * heads * q_blocks
         if rows * k > torch.iinfo(torch.int32).max:
             raise ValueError(f"{rows} rows x k={k} exceed int32 offsets")

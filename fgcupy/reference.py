@@ -97,6 +97,10 @@ def dense_attention(q, k, v, scale: float | None = None, layout: str = "HND", dt
 def relative_l2(out, ref) -> float:
     """‖out − ref‖ / ‖ref‖ in float64, of tensors of one shape; NaN where either holds a NaN or
     an infinity (no error can be read then); ‖out‖ where ref is all zeros."""
+    for name, x in (("out", out), ("ref", ref)):
+        if not isinstance(x, torch.Tensor):
+            hint = " (reference_attention returns (out, lse): take its [0])" if isinstance(x, tuple) else ""
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}{hint}")
     if tuple(out.shape) != tuple(ref.shape):
         raise ValueError(f"out and ref must have one shape, got {tuple(out.shape)} and {tuple(ref.shape)}")
     out, ref = out.to(torch.float64), ref.to(torch.float64)

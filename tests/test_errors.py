@@ -249,3 +249,15 @@ def test_dense_attention_with_lse_refuses_an_index_budget_below_one():
     with pytest.raises(ValueError, match="index_budget must be a positive int, got 0"):
         dense_attention_with_lse(q, q, q, index_budget=0)
 
+
+def test_from_topk_names_a_query_block_count_that_does_not_fit_q_len():
+    with pytest.raises(ValueError, match="top-k indices have 5 query blocks .* needs 12"):
+        SliceMask.from_topk(torch.zeros(1, 2, 5, 4, dtype=torch.int32), 128, 1536, 1536)
+
+
+def test_relative_l2_names_the_tuple_reference_attention_returns():
+    q = torch.randn(1, 1, 8, 4)
+    with pytest.raises(TypeError, match=r"reference_attention returns \(out, lse\)"):
+        from fgcupy import relative_l2
+        relative_l2(q, reference_attention(q, q, q, SliceMask.full(1, 1, 8, 8, 4)))
+

@@ -364,3 +364,8 @@ def test_a_layer_that_misses_its_refresh_step_refreshes_on_its_next_call(schedul
     expected = {runs[0]} | {min(s for s in runs if s >= r) for r in scheduled if r <= runs[-1]}
     assert refreshed == sorted(expected), (scheduled, refreshed)
     assert len(refreshed) > 2
+
+
+def test_a_misspelt_prediction_option_is_refused_when_the_cache_is_made():
+    with pytest.raises(TypeError, match=r"predict_mask does not take: \['methd'\]"):
+        MaskCache(density=0.1, methd="topk")
