@@ -31,7 +31,9 @@ KEY = autotune.ProblemKey.make(H100, "bfloat16", 128, 128, 32760, 32760, 0.3)
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own cache folder and a clean in-process state."""
+    """Every test gets its own cache folder (under umask 022: a table the test writes by hand is
+    then one the loader trusts) and a clean in-process state."""
+    old_umask = os.umask(0o022)
     monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.delenv(autotune.AUTOTUNE_ENV, raising=False)
     autotune.TuneCache._memo.clear()
@@ -39,6 +41,7 @@ def isolated_cache(tmp_path, monkeypatch):
     autotune._session.clear()
     yield tmp_path / "cache" / autotune.CACHE_FILE
     autotune._session.clear()
+    os.umask(old_umask)
 
 
 def fake_report(registers=128, static_smem=0):
@@ -300,9 +303,9 @@ def test_corrupt_or_foreign_file_warns_then_a_fresh_tune_replaces_it(isolated_ca
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs and POSIX owners")
 @pytest.mark.parametrize("plant", ["fifo", "endless", "writable by others"])
-def test_a_file_that_is_no_table_of_ours_warns_and_is_replaced(isolated_cache, plant):
+def test_a_file_that_is_no_table_of_ours_is_neither_read_nor_wiped(isolated_cache, plant):
     """A FIFO blocked planning, /dev/zero ran out of memory; a table others may write could steer
-    the kernel choice. Each is a warning, and a fresh tune replaces it."""
+    the kernel choice. Each is a warning; tuned results stay in the process until it is gone."""
     isolated_cache.parent.mkdir(parents=True)
     if plant == "fifo":
         os.mkfifo(isolated_cache)
@@ -314,8 +317,11 @@ def test_a_file_that_is_no_table_of_ours_warns_and_is_replaced(isolated_cache, p
         autotune.TuneCache._memo.clear()
     with pytest.warns(autotune.AutotuneCacheWarning, match="cannot read"):
         assert autotune.TuneCache().lookup(KEY) is None
-    with pytest.warns(autotune.AutotuneCacheWarning, match="not reading"):
-        assert autotune.TuneCache().store([fake_result()], H100)
+    with pytest.warns(autotune.AutotuneCacheWarning, match="it is left as it is"):
+        assert not autotune.TuneCache().store([fake_result()], H100)  # nothing of it is wiped
+    assert os.path.lexists(isolated_cache)
+    os.remove(isolated_cache)  # what the warning says to do
+    assert autotune.TuneCache().store([fake_result()], H100)
     autotune.TuneCache._memo.clear()
     assert autotune.TuneCache().lookup(KEY) == OTHER
 

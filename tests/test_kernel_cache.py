@@ -20,8 +20,12 @@ SPEC = AttentionSpec("bfloat16", 64, 64)
 
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
+    """A fresh cache folder, under umask 022: files the tests write by hand (umask 002 makes
+    them group-writable) are then what the loader trusts."""
     monkeypatch.setenv("FGCUPY_CACHE_DIR", str(tmp_path))
-    return tmp_path / "kernels"
+    old = os.umask(0o022)
+    yield tmp_path / "kernels"
+    os.umask(old)
 
 
 def test_a_stored_kernel_loads_back_byte_for_byte(cache_dir):
@@ -87,22 +91,24 @@ def test_files_are_never_writable_by_others(cache_dir, umask, mode):
 
 @pytest.mark.skipif(not hasattr(os, "getuid"), reason="needs POSIX owners")
 def test_a_file_others_may_write_or_own_is_not_run(cache_dir, caplog, monkeypatch):
-    """A cubin is code the process runs: one another user could have written is compiled anew."""
+    """A cubin is code the process runs: one another user could have written is compiled anew
+    (and stored again, writable by its owner alone)."""
     kernel_cache.store(SPEC, "sm_80", compile_cubin(SPEC, "sm_80"))
     path = kernel_cache.cache_file(SPEC, "sm_80")
-    os.chmod(path, 0o664)
+    os.chmod(path, 0o664)  # what an older version wrote under umask 002
     with caplog.at_level(logging.WARNING, logger="fgcupy"):
         assert kernel_cache.load(SPEC, "sm_80") is None
     assert "writable by other users" in caplog.text
-    os.chmod(path, 0o644)
-    assert kernel_cache.load(SPEC, "sm_80") is not None
+    kernel_cache.store(SPEC, "sm_80", compile_cubin(SPEC, "sm_80"))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 and kernel_cache.load(SPEC, "sm_80") is not None
     owner = os.stat(path).st_uid
-    monkeypatch.setattr(os, "getuid", lambda: owner + 4242)  # as if another user read it
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="fgcupy"):
-        assert kernel_cache.load(SPEC, "sm_80") is None or owner == 0  # root's files are trusted
-    if owner != 0:
-        assert f"owned by user {owner}" in caplog.text
+    monkeypatch.setattr(os, "getuid", lambda: owner + 4242)  # another user: a file name of its own
+    assert kernel_cache.cache_file(SPEC, "sm_80") != path and kernel_cache.load(SPEC, "sm_80") is None
+    from fgcupy.paths import read_own_file
+
+    if owner != 0:  # root's files are trusted
+        with pytest.raises(PermissionError, match=f"owned by user {owner}"):
+            read_own_file(path, 1 << 20)
 
 
 def test_another_compiler_is_another_file(cache_dir, monkeypatch):

@@ -239,9 +239,10 @@ class TuneCache:
                     raw = read_own_file(self.path, MAX_FILE_BYTES)
                 except FileNotFoundError:
                     raw = None
-                except OSError as err:  # replaced, not merged: another user's or not a file
-                    self._warn(f"not reading {self.path} ({err}); it will be replaced by a fresh tune", None)
-                    raw = None
+                except OSError as err:  # left as it is: another user's, or not a file of ours
+                    self._warn(f"not reading {self.path} ({err}); it is left as it is and tuned results stay in "
+                               f"this process (remove it, or make it yours and writable by you alone)", None)
+                    return False
                 if raw is not None:
                     data, problem = self._parse(raw)
                     if problem:

@@ -7,8 +7,10 @@ from), a NUL, the kernel's lowered name, a NUL, then the cubin: a file cut short
 zeros by a crash fails the hash, and one copied or renamed from another kernel's file fails the
 key; either is deleted (the kernel is compiled again). A file is loaded only if this user (or
 root) owns it and no other user may write it: a cubin is code the process runs. Writes are
-flushed to disk and renamed into place, mode 0644 (less as the umask says): in a cache folder
-shared by several users each loads the kernels it compiled itself."""
+flushed to disk and renamed into place, mode 0644 (less as the umask says), under a name that
+carries the user id: in a cache folder shared by several users each keeps and loads the kernels
+it compiled itself (a file of an older version that others may write is compiled anew and
+rewritten)."""
 
 from __future__ import annotations
 
@@ -45,9 +47,11 @@ def cache_key(spec, arch: str) -> str:
 
 
 def cache_file(spec, arch: str, key: str | None = None) -> Path:
-    """The file of ``spec`` compiled for ``arch``: named by the spec and its ``cache_key``."""
+    """The file of ``spec`` compiled for ``arch``: named by the spec, its ``cache_key`` and the
+    user (users sharing a cache folder keep a file each: each loads only its own)."""
     key = cache_key(spec, arch) if key is None else key
-    return kernel_dir() / f"{spec.name}-{arch}-{key[:20]}.cubin"
+    user = f"-u{os.getuid()}" if hasattr(os, "getuid") else ""
+    return kernel_dir() / f"{spec.name}-{arch}-{key[:20]}{user}.cubin"
 
 
 #: No kernel file is larger (cubins here are a few hundred KB).
