@@ -1,0 +1,97 @@
+"""Mask predictors on attention unlike the repository's generators (CPU, small problems): i.i.d.
+heads of growing sharpness, sign-split rank-one heads, sink keys, duplicated tokens, and rotary
+locality whose keys extend the queries by appended tokens. For each, the oracle slice mask's
+error and each predictor's error over it, at densities 0.1 and 0.3.
+
+    PYTHONPATH=. python -m tools.probe_foreign_inputs [--seq 1024] [--heads 2] [--slice-m 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from fgcupy import predict_mask
+from fgcupy.oracle import Judge
+
+DIM = 64
+
+
+def _gaussian(gen, heads, q_len, kv_len, logit_std):
+    """q, k whose scaled logits q.k / sqrt(D) have standard deviation ``logit_std``."""
+    entry = math.sqrt(logit_std)
+    return (torch.randn(1, heads, n, DIM, generator=gen) * entry for n in (q_len, kv_len))
+
+
+def _rotary(positions, scale=6.0, base=50.0):
+    """Rotary features of constant vectors: logits that depend on the relative position only."""
+    freqs = base ** (-torch.arange(DIM // 2) / (DIM // 2))
+    angles = positions[:, None].float() * freqs[None]
+    amplitude = scale * DIM ** 0.25 / math.sqrt(DIM // 2)
+    return torch.cat([amplitude * torch.cos(angles), amplitude * torch.sin(angles)], -1)
+
+
+def inputs(kind: str, heads: int, seq: int, gen: torch.Generator):
+    """(q, k) of ``kind``: [1, heads, S, D] float32."""
+    if kind.startswith("i.i.d."):
+        return tuple(_gaussian(gen, heads, seq, seq, float(kind.split("std ")[1])))
+    if kind == "rank one, signs split, std 8":
+        u = torch.randn(1, heads, 1, DIM, generator=gen)
+        u = u / u.norm(dim=-1, keepdim=True)
+        a, b = (torch.randn(1, heads, seq, 1, generator=gen) for _ in range(2))
+        q, k = a * u, b * u
+        logits = (q @ k.transpose(-1, -2)) / math.sqrt(DIM)
+        gain = math.sqrt(8.0 / float(logits.std()))
+        return q * gain, k * gain
+    if kind == "4 sink keys (logit ~20) over i.i.d. std 2":
+        q, k = _gaussian(gen, heads, seq, seq, 2.0)
+        shared = torch.randn(DIM, generator=gen)
+        shared = shared / shared.norm()
+        q = q + 3.0 * shared
+        k[:, :, torch.linspace(0, seq - 1, 4).long()] = shared * 20.0 * math.sqrt(DIM) / 3.0
+        return q, k
+    if kind == "tokens repeated 4 times, i.i.d. std 3":
+        q, k = _gaussian(gen, heads, seq // 4, seq // 4, 3.0)
+        return q.repeat_interleave(4, 2), k.repeat_interleave(4, 2)
+    if kind == "rotary locality, 256 keys appended":
+        q = _rotary(torch.arange(seq)).expand(1, heads, seq, DIM)
+        k = _rotary(torch.arange(seq + 256)).expand(1, heads, seq + 256, DIM)
+        noise = 0.05
+        return (q + noise * torch.randn(q.shape, generator=gen), k + noise * torch.randn(k.shape, generator=gen))
+    raise ValueError(kind)
+
+
+KINDS = ("i.i.d. std 1", "i.i.d. std 3", "i.i.d. std 5", "i.i.d. std 10", "rank one, signs split, std 8",
+         "4 sink keys (logit ~20) over i.i.d. std 2", "tokens repeated 4 times, i.i.d. std 3",
+         "rotary locality, 256 keys appended")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--slice-m", type=int, default=64)
+    args = parser.parse_args()
+    print(f"CPU, float32, 1 x {args.heads} heads x {args.seq} queries x {DIM}, slice_m {args.slice_m}; "
+          "error / the oracle slice mask's error (absolute errors in brackets)")
+    print("| input | d | oracle error | default top-k | colmax, exact LSE | colmax, estimated LSE |")
+    print("|---|---|---|---|---|---|")
+    for kind in KINDS:
+        gen = torch.Generator().manual_seed(0)
+        q, k = inputs(kind, args.heads, args.seq, gen)
+        v = torch.randn(k.shape, generator=gen)
+        judge = Judge(q, k, v, args.slice_m)
+        for density in (0.1, 0.3):
+            oracle = judge.oracle_error(density)
+            cells = []
+            for options in (dict(), dict(method="colmax", lse=judge.lse), dict(method="colmax", lse="estimate")):
+                mask = predict_mask(q, k, args.slice_m, options.pop("method", "topk"), density=density, **options)
+                error, ratio = judge.ratio(mask)
+                cells.append(f"{ratio:.2f} ({error:.3g})")
+            print(f"| {kind} | {density} | {oracle:.3g} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
