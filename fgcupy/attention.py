@@ -21,7 +21,7 @@ from . import ops
 from .ops import spec_token
 from .jit.spec import ATTENTION_SPEC_CLASSES
 from .layout import check_layout, to_bhsd
-from .mask import SliceMask, is_int, num_blocks
+from .mask import SliceMask, num_blocks, positive_int
 from .mask_algebra import drop_keys
 from .tiles import config_with, default_config, default_spec  # noqa: F401 - default_* public here since the first release
 
@@ -256,10 +256,7 @@ def dense_attention_with_lse(q, k, v, slice_m: int = 128, key_valid=None, scale:
     lists hold at most ``index_budget`` slices (a 32,760-token head needs 8.4 M). ``tile``: plan
     options, as ``sparse_attention`` takes them."""
     check_layout(layout)
-    for name, value in (("slice_m", slice_m), ("index_budget", index_budget)):
-        if not is_int(value) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    slice_m = int(slice_m)
+    slice_m, index_budget = positive_int("slice_m", slice_m), positive_int("index_budget", index_budget)
     q_t, k_t, v_t = (bridge.to_torch(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
     qh, kh, vh = to_bhsd(q_t, layout, "q"), to_bhsd(k_t, layout, "k"), to_bhsd(v_t, layout, "v")
     if qh.dim() != 4 or kh.shape[:3] != vh.shape[:3] or kh.shape[:2] != qh.shape[:2]:

@@ -326,7 +326,7 @@ def block_means(x: torch.Tensor, slice_m: int) -> torch.Tensor:
     slice_m = positive_int("slice_m", slice_m)
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a [B, H, S, D] tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    return finite_block_means(x, int(slice_m))[0]
+    return finite_block_means(x, slice_m)[0]
 
 
 def means_drift(reference: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
