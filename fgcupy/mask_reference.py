@@ -195,6 +195,15 @@ def sampled_lse(rows: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tens
     return logits_and_lse(rows, sampled, scale)[1] + log_factor
 
 
+def probabilities(logits: torch.Tensor, row_lse: torch.Tensor) -> torch.Tensor:
+    """exp(logits - row_lse) of float32 scaled ``logits`` [..., R, S] and their rows' LSE
+    [..., R, 1]: 0 for a row whose LSE is not finite (no key), and NaN (a NaN query or key)
+    adds nothing, as the kernels' fmaxf reads it."""
+    finite = torch.isfinite(row_lse)
+    probs = torch.where(finite, torch.exp(logits - torch.where(finite, row_lse, 0.0)), 0.0)
+    return probs.nan_to_num_(nan=0.0)
+
+
 def maxprob_scores(rows: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group: int, scale: float,
                    chunk: int = 1024, exact: bool = False) -> torch.Tensor:
     """float32 [B, H, ceil(R / group), S]: per group of rows, the max softmax probability as the
@@ -207,10 +216,7 @@ def maxprob_scores(rows: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, group
     for r0 in range(0, n_rows, chunk):
         r1 = min(n_rows, r0 + chunk)
         logits = torch.matmul(rows[:, :, r0:r1].float(), kf.transpose(-1, -2)) * scale
-        row_lse = lse[:, :, r0:r1].float().unsqueeze(-1)
-        finite = torch.isfinite(row_lse)
-        probs = torch.where(finite, torch.exp(logits - torch.where(finite, row_lse, 0.0)), 0.0)
-        probs = probs.nan_to_num(nan=0.0)  # a NaN query or key adds nothing (the kernels' fmaxf)
+        probs = probabilities(logits, lse[:, :, r0:r1].float().unsqueeze(-1))
         pad = (-probs.shape[2]) % group
         if pad:
             probs = torch.cat([probs, probs.new_zeros(batch, heads, pad, probs.shape[3])], 2)

@@ -22,7 +22,7 @@ import torch
 
 from .attention_kernel import check_scale
 from .mask import SliceMask, num_blocks, positive_int
-from .mask_reference import colmax_scores
+from .mask_reference import colmax_scores, probabilities
 from .reference import dense_attention, reference_attention, relative_l2
 
 
@@ -54,9 +54,7 @@ def block_mass(q, k, lse, slice_m: int, block: int, scale: float, budget_bytes: 
     for r0 in range(0, q_len, rows):
         r1 = min(q_len, r0 + rows)
         logits = torch.matmul(q[:, :, r0:r1].float(), kf.transpose(-1, -2)) * scale
-        row_lse = lse[:, :, r0:r1].unsqueeze(-1)
-        finite = torch.isfinite(row_lse)
-        probs = torch.where(finite, torch.exp(logits - torch.where(finite, row_lse, 0.0)), 0.0).nan_to_num_(nan=0.0)
+        probs = probabilities(logits, lse[:, :, r0:r1].unsqueeze(-1))
         probs = torch.nn.functional.pad(probs, (0, key_blocks * block - kv_len, 0, (-(r1 - r0)) % slice_m))
         tiles = probs.unflatten(2, (-1, slice_m)).sum(3).unflatten(-1, (key_blocks, block)).sum(-1)
         out[:, :, r0 // slice_m : r0 // slice_m + tiles.shape[2]] = tiles
