@@ -33,7 +33,6 @@ from . import bridge
 from .attention_kernel import check_scale
 from .layout import to_bhsd
 from .mask import SliceMask, check_key_valid, indptr_from_counts, is_int, num_blocks, positive_int
-from .lse_estimate import finite_block_means
 from .scoring import predict_mask
 
 STORAGES = ("auto", "index", "bits")
@@ -316,6 +315,23 @@ def mask_drift(old: SliceMask, new: SliceMask) -> dict:
         "changed": (kept_new - both) / kept_new if kept_new else 0.0,
         "jaccard": 1.0 - both / either if either else 0.0,
     }
+
+
+def finite_block_means(q: torch.Tensor, slice_m: int) -> tuple:
+    """(float32 [..., QB, D] mean of each block's queries whose entries are all finite, bool
+    [..., QB] whether a block has any) for q [..., q_len, D]."""
+    *lead, q_len, dim = q.shape
+    blocks, whole = num_blocks(q_len, slice_m), q_len // slice_m
+    used = torch.isfinite(q).all(-1)
+    kept = torch.where(used.unsqueeze(-1), q, 0)  # in q's dtype: no float32 copy of the queries
+    sums = torch.empty(*lead, blocks, dim, dtype=torch.float32, device=q.device)
+    counts = torch.empty(*lead, blocks, dtype=torch.int64, device=q.device)
+    sums[..., :whole, :] = kept[..., : whole * slice_m, :].unflatten(-2, (whole, slice_m)).sum(-2, dtype=torch.float32)
+    counts[..., :whole] = used[..., : whole * slice_m].unflatten(-1, (whole, slice_m)).sum(-1)
+    if whole < blocks:  # the last block, cut short
+        sums[..., whole, :] = kept[..., whole * slice_m :, :].sum(-2, dtype=torch.float32)
+        counts[..., whole] = used[..., whole * slice_m :].sum(-1)
+    return sums / counts.clamp_min(1).unsqueeze(-1), counts > 0
 
 
 def block_means(x: torch.Tensor, slice_m: int) -> torch.Tensor:

@@ -2,19 +2,20 @@
 
 The column-max score of a key is the highest probability that any query of the block gives
 it, and a probability needs its query's LSE (the log of its softmax normaliser). A dense step
-yields the LSE; without one, ``estimate_lse`` log-adds two parts:
+yields the LSE; without one, ``estimate_lse`` log-adds two parts of each query's own mass:
 
-* the exact log-mass of the keys around the query's block (its band: the block's own keys and
+* the exact mass of the keys around the query's block (its band: the block's own keys and
   ``band`` more on either side), where local and sharp heads put most of each query's mass;
-* the log-mass that the block's mean query gives every key, from every few keys
-  (``mask_reference.sampled_lse``): the broad part a band cannot see.
+* the mass of one key in every few outside the band (``sample_positions``), scaled to all of
+  them: the broad part a band cannot see.
 
-Either part alone fails on some heads (the band alone on region mixtures, the mean alone on
-sharp Gaussians: notes/MEASURED.md "Mask quality"). The band's keys count in both parts and the mean
-query's mass is no bound on any one query's, so the estimate is judged by the masks it gives.
-On a GPU the band part runs on the scoring stats kernel (mask_kernels.gpu_scores, a band of
-keys per query block); elsewhere, and under torch.compile (where it traces), plain torch in head
-chunks bounded by ``workspace_bytes``.
+The sample leaves the band out: counted in both parts, a band key that the sample holds would
+weigh stride + 1 times, and on sharp heads a query's peak is such a key one time in stride.
+Per query, not per block: a block's mean query stands for none of its queries where they look
+different ways (region mixtures), and misses each query's own peaks on unstructured heads.
+On a GPU the band and the sample run on the scoring stats kernel (mask_kernels.gpu_scores; the
+sample over every key less its band's, the band's sampled keys in torch); elsewhere, and under
+torch.compile (where it traces), plain torch in chunks bounded by ``workspace_bytes``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .mask_request import check_workspace_bytes
 
 #: Keys either side of a block whose exact mass the estimate counts (the default exact band).
 ESTIMATE_BAND = 64
-#: Bytes the band logits of one head chunk (and their exponentials) may take.
+#: Bytes the torch path's logits of one chunk (and their temporaries) may take.
 DEFAULT_BAND_WORKSPACE = 1 << 30
 
 
@@ -40,10 +41,9 @@ def estimate_lse(q, k, slice_m: int = 128, *, band: int = ESTIMATE_BAND, scale: 
     """float32 [B, H, q_len] natural-log LSE estimate of each query of ``q`` over the keys ``k``
     ([B, H, S, D] "HND" or [B, S, H, D] "NHD", torch or cupy), on q's device: what
     ``predict_mask(method="colmax", lse=...)`` needs where no dense step ran
-    (``lse="estimate"`` there calls this). ``slice_m``: the query blocks whose mean query and
-    band are used; ``scale`` defaults to 1 / sqrt(D). Queries with a NaN or infinite entry are
-    left out of their block's mean (a block with none keeps only the band's part); NaN logits
-    add no mass."""
+    (``lse="estimate"`` there calls this). ``slice_m``: the query blocks whose band is counted
+    exactly; ``scale`` defaults to 1 / sqrt(D). NaN logits add no mass (a NaN query's estimate
+    is -inf); a query with an infinite entry gets +inf or NaN, no other query is touched."""
     qh, kh = query_key_views(q, k, layout)
     for name, value, low in (("slice_m", slice_m, 1), ("band", band, 0)):
         if not is_int(value) or value < low:
@@ -52,32 +52,43 @@ def estimate_lse(q, k, slice_m: int = 128, *, band: int = ESTIMATE_BAND, scale: 
     check_scale(scale)
     check_workspace_bytes(workspace_bytes)
     slice_m = int(slice_m)
-    batch, heads, q_len, dim = qh.shape
+    batch, heads, q_len, _ = qh.shape
     kv_len = kh.shape[2]
-    blocks = num_blocks(q_len, slice_m)
-    band = min(int(band), max(kv_len, blocks * slice_m))  # wider bands hold the same keys
+    band = min(int(band), max(kv_len, num_blocks(q_len, slice_m) * slice_m))  # wider bands hold the same keys
+    on_kernel = _kernel_lse_parts(qh, kh, slice_m, band, scale, workspace_bytes)
+    if on_kernel is not None:
+        return torch.logaddexp(*on_kernel)
     out = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
-    near_all = _kernel_band_lse(qh, kh, slice_m, band, scale)
-    per_head = _bytes_per_head(blocks, slice_m, band, kv_len, dim, band_in_torch=near_all is None)
-    chunk = max(1, min(heads, int(workspace_bytes // per_head)))
-    # An index, not repeat_interleave and a slice: torch 2.13's inductor fused those into logaddexp
-    # wrongly on the CPU (the last block's queries read garbage).
-    block_of_query = torch.arange(q_len, device=qh.device) // slice_m
+    chunk = max(1, min(heads, int(workspace_bytes // _bytes_per_head(q_len, kv_len, slice_m, band, qh.shape[3]))))
     for b in range(batch):
         for h0 in range(0, heads, chunk):  # views of q and k (an NHD layout is not copied whole)
-            qc, kc = qh[b, h0 : h0 + chunk], kh[b, h0 : h0 + chunk]
-            if near_all is None:
-                near, broad = lse_parts(qc, kc, slice_m, band, scale, block_of_query)
-            else:
-                near, broad = near_all[b, h0 : h0 + chunk], block_mean_lse(qc, kc, slice_m, scale, block_of_query)
-            out[b, h0 : h0 + chunk] = torch.logaddexp(near, broad)
+            near, far = lse_parts(qh[b, h0 : h0 + chunk], kh[b, h0 : h0 + chunk], slice_m, band, scale,
+                                  workspace_bytes)
+            out[b, h0 : h0 + chunk] = torch.logaddexp(near, far)
     return out
 
 
-def _kernel_band_lse(qh, kh, slice_m: int, band: int, scale: float):
-    """``band_lse`` of every head by the stats kernel (one CTA per query block, its band of keys;
-    mask_kernels.gpu_scores), float32 [B, H, q_len]; None where it does not apply (CPU tensors, a
-    trace under torch.compile, shapes or dtypes the kernel lacks), and the torch path runs."""
+def _bytes_per_head(q_len: int, kv_len: int, slice_m: int, band: int, dim: int) -> int:
+    """Float32 bytes one head of the torch path holds at its peak: the band's logits and their
+    exponentials, the band windows matmul makes contiguous and the padded keys, or the sampled
+    keys' logits with two temporaries (rows in chunks past ``workspace_bytes``)."""
+    blocks, width = num_blocks(q_len, slice_m), slice_m + 2 * band
+    band_bytes = 2 * blocks * slice_m * width + blocks * dim * width + 2 * (kv_len + width) * dim
+    return 4 * max(band_bytes, 3 * q_len * num_blocks(kv_len, ref.lse_key_stride(kv_len)))
+
+
+def lse_parts(q: torch.Tensor, k: torch.Tensor, slice_m: int, band: int, scale: float,
+              workspace_bytes: int = DEFAULT_BAND_WORKSPACE) -> tuple:
+    """(band part, sampled part), each float32 [N, q_len], of ``estimate_lse`` for q [N, q_len,
+    D] and k [N, kv_len, D] (unchecked), in plain torch: the estimate is their logaddexp."""
+    return band_lse(q, k, slice_m, band, scale), sampled_outside_band_lse(q, k, slice_m, band, scale, workspace_bytes)
+
+
+def _kernel_lse_parts(qh, kh, slice_m: int, band: int, scale: float, workspace_bytes: int):
+    """(band part, sampled part), float32 [B, H, q_len] each, by the stats kernel (one CTA per
+    query block and its band; one per row tile over the sampled keys); None where it does not
+    apply (CPU tensors, a trace under torch.compile, shapes or dtypes the kernel lacks), and the
+    torch path runs."""
     if qh.device.type != "cuda" or torch.compiler.is_compiling() or qh.dtype not in (torch.bfloat16, torch.float16):
         return None
     from .jit.launch import GRID_LIMITS
@@ -89,59 +100,123 @@ def _kernel_band_lse(qh, kh, slice_m: int, band: int, scale: float):
     from .mask_kernels import gpu_scores
 
     batch, heads, q_len, _ = qh.shape
-    lse = torch.cat([gpu_scores("stats", qh, kh, scale, bh0=bh0, nbh=min(GRID_LIMITS[2], batch * heads - bh0),
-                                warps=slice_m // 16, band=(-band, slice_m + 2 * band))
-                     for bh0 in range(0, batch * heads, GRID_LIMITS[2])])
-    # A NaN query has no band mass, as in torch; infinities stay.
-    return lse.view(batch, heads, q_len).nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    sampled, log_factor = _sampled_keys(kh)
+    near, everywhere = [], []
+    for bh0 in range(0, batch * heads, GRID_LIMITS[2]):
+        nbh = min(GRID_LIMITS[2], batch * heads - bh0)
+        near.append(gpu_scores("stats", qh, kh, scale, bh0=bh0, nbh=nbh, warps=slice_m // 16,
+                               band=(-band, slice_m + 2 * band)))
+        everywhere.append(gpu_scores("stats", qh, sampled, scale, bh0=bh0, nbh=nbh, warps=8))
+    shape = (batch, heads, q_len)
+    # A NaN query has no mass, as in torch; infinities stay.
+    near = torch.cat(near).view(shape).nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    everywhere = torch.cat(everywhere).view(shape).nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    inside = torch.empty_like(everywhere)
+    keys = _band_sample_keys(num_blocks(q_len, slice_m), slice_m, band, kh.shape[2], qh.device)
+    chunk = max(1, min(heads, int(workspace_bytes // _band_sample_bytes(keys.shape, slice_m, qh.shape[3]))))
+    for b in range(batch):
+        for h0 in range(0, heads, chunk):
+            inside[b, h0 : h0 + chunk] = band_sample_lse(qh[b, h0 : h0 + chunk], sampled[b, h0 : h0 + chunk], keys,
+                                                         slice_m, scale)
+    return near, _log_minus(everywhere, inside) + log_factor
 
 
-def lse_parts(q: torch.Tensor, k: torch.Tensor, slice_m: int, band: int, scale: float,
-              block_of_query: torch.Tensor | None = None) -> tuple:
-    """(band part, block-mean part), each float32 [N, q_len], of ``estimate_lse`` for q [N, q_len,
-    D] and k [N, kv_len, D] (unchecked): the estimate is their logaddexp. ``block_of_query``:
-    each query's block index (made here when not given)."""
-    if block_of_query is None:
-        block_of_query = torch.arange(q.shape[1], device=q.device) // slice_m
-    return band_lse(q, k, slice_m, band, scale), block_mean_lse(q, k, slice_m, scale, block_of_query)
+def _log_minus(total: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """log(exp(total) - exp(part)) for a ``part`` of the terms summed in ``total`` (-inf where
+    rounding leaves nothing or makes the part the larger). Where the part is nearly all of the
+    total the difference loses its digits, but it is then a rounding of the band's exact mass,
+    which the estimate adds to it."""
+    rest = torch.where(part < total, -torch.expm1(part - total), 0.0)
+    return torch.where(torch.isneginf(part) | torch.isposinf(total), total, total + torch.log(rest))
 
 
-def block_mean_lse(q: torch.Tensor, k: torch.Tensor, slice_m: int, scale: float,
-                   block_of_query: torch.Tensor) -> torch.Tensor:
-    """float32 [N, q_len]: the estimate's block-mean part for q [N, q_len, D], k [N, kv_len, D]:
-    each query gets its block's finite-query mean's LSE over every few keys (-inf for a block
-    with no finite query)."""
-    means, counted = finite_block_means(q, slice_m)
-    broad = torch.where(counted, ref.sampled_lse(means.unsqueeze(0), k.unsqueeze(0), scale)[0], -math.inf)
-    return broad.index_select(1, block_of_query)
+def sample_positions(kv_len: int, device=None) -> torch.Tensor:
+    """int64 [ceil(kv_len / stride)], ascending: the keys the sampled part counts, one per run
+    of ``lse_key_stride(kv_len)`` keys (every key below its length), at a place in the run that
+    a hash of the run's index picks. Not each run's first key, as a pooled row's LSE takes
+    (mask_reference.lse_key_sample: those rows all sit at one place in their runs of queries,
+    so a regular sample treats them alike): a frame or row of the token grid is often a
+    multiple of the stride, and a query that looks at its place in other frames would find all
+    or none of its peaks in a regular sample, by its own place in its run. Integer arithmetic,
+    so torch.compile traces it."""
+    stride = ref.lse_key_stride(kv_len)
+    runs = torch.arange(num_blocks(kv_len, stride), device=device)
+    if stride == 1:
+        return runs
+    mixed = (runs * 2654435761) % (1 << 32)  # a multiplicative hash with two xor-shift rounds
+    mixed = mixed ^ (mixed >> 16)
+    mixed = (mixed * 0x45D9F3B) % (1 << 32)
+    mixed = mixed ^ (mixed >> 16)
+    return (runs * stride + mixed % stride).clamp_max(kv_len - 1)  # the last run may be short
 
 
-def _bytes_per_head(blocks: int, slice_m: int, band: int, kv_len: int, dim: int, band_in_torch: bool = True) -> int:
-    """Float32 bytes one head's estimate holds at its peak: the padded queries and the block
-    means' logits over the sampled keys with their two temporaries, and where the band runs in
-    torch its logits and their exponentials, the band windows matmul makes contiguous and the
-    padded keys."""
-    width = slice_m + 2 * band
-    sampled = num_blocks(kv_len, ref.lse_key_stride(kv_len))
-    band_bytes = 2 * blocks * slice_m * width + blocks * dim * width + 2 * (kv_len + width) * dim
-    return 4 * ((band_bytes if band_in_torch else 0) + blocks * slice_m * dim + 3 * blocks * sampled)
+def _sampled_keys(k: torch.Tensor) -> tuple:
+    """(k [..., S, D]'s keys at ``sample_positions`` (k itself where every key counts), the log of
+    the keys per sampled key that the sample's LSE is raised by)."""
+    kv_len = k.shape[-2]
+    if ref.lse_key_stride(kv_len) == 1:
+        return k, 0.0
+    positions = sample_positions(kv_len, k.device)
+    return k.index_select(k.dim() - 2, positions), math.log(kv_len / positions.shape[0])
 
 
-def finite_block_means(q: torch.Tensor, slice_m: int) -> tuple:
-    """(float32 [..., QB, D] mean of each block's queries whose entries are all finite, bool
-    [..., QB] whether a block has any) for q [..., q_len, D]."""
-    *lead, q_len, dim = q.shape
-    blocks, whole = num_blocks(q_len, slice_m), q_len // slice_m
-    used = torch.isfinite(q).all(-1)
-    kept = torch.where(used.unsqueeze(-1), q, 0)  # in q's dtype: no float32 copy of the queries
-    sums = torch.empty(*lead, blocks, dim, dtype=torch.float32, device=q.device)
-    counts = torch.empty(*lead, blocks, dtype=torch.int64, device=q.device)
-    sums[..., :whole, :] = kept[..., : whole * slice_m, :].unflatten(-2, (whole, slice_m)).sum(-2, dtype=torch.float32)
-    counts[..., :whole] = used[..., : whole * slice_m].unflatten(-1, (whole, slice_m)).sum(-1)
-    if whole < blocks:  # the last block, cut short
-        sums[..., whole, :] = kept[..., whole * slice_m :, :].sum(-2, dtype=torch.float32)
-        counts[..., whole] = used[..., whole * slice_m :].sum(-1)
-    return sums / counts.clamp_min(1).unsqueeze(-1), counts > 0
+def _band_sample_keys(blocks: int, slice_m: int, band: int, kv_len: int, device) -> torch.Tensor:
+    """int64 [blocks, W]: per query block, the places in the sample (the keys at
+    ``sample_positions(kv_len)``) of the sampled keys in its band, -1 past them."""
+    positions = sample_positions(kv_len)
+    bounds = torch.tensor([ref.band_bounds(j, slice_m, band, kv_len) for j in range(blocks)],
+                          dtype=torch.int64).view(blocks, 2)
+    first, end = torch.searchsorted(positions, bounds[:, 0]), torch.searchsorted(positions, bounds[:, 1])
+    width = max(1, int((end - first).max())) if blocks else 1
+    keys = first.unsqueeze(1) + torch.arange(width)
+    return torch.where(keys < end.unsqueeze(1), keys, -1).to(device)
+
+
+def _band_sample_bytes(keys_shape, slice_m: int, dim: int) -> int:
+    """Float32 bytes ``band_sample_lse`` holds per head: the gathered keys and the logits with
+    a temporary."""
+    blocks, width = keys_shape
+    return 4 * blocks * width * (dim + 2 * slice_m) + 4 * blocks * slice_m * dim
+
+
+def band_sample_lse(q: torch.Tensor, sampled: torch.Tensor, keys: torch.Tensor, slice_m: int,
+                    scale: float) -> torch.Tensor:
+    """float32 [N, q_len]: each query's LSE over the sampled keys ``sampled`` [N, n, D] at
+    positions ``keys`` [QB, W] (``_band_sample_keys``: -1 for none) of its block, without the
+    sample's scaling; NaN logits add no mass."""
+    n, q_len, dim = q.shape
+    blocks = keys.shape[0]
+    gathered = sampled.float().index_select(1, keys.clamp_min(0).flatten()).view(n, blocks, -1, dim)
+    queries = torch.nn.functional.pad(q.float(), (0, 0, 0, blocks * slice_m - q_len)).view(n, blocks, slice_m, dim)
+    logits = torch.matmul(queries, gathered.transpose(-1, -2)) * scale  # [N, QB, M, W]
+    logits.masked_fill_((keys < 0).view(1, blocks, 1, -1), -math.inf)
+    logits.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    return torch.logsumexp(logits, -1).view(n, blocks * slice_m)[:, :q_len]
+
+
+def sampled_outside_band_lse(q: torch.Tensor, k: torch.Tensor, slice_m: int, band: int, scale: float,
+                             workspace_bytes: int = DEFAULT_BAND_WORKSPACE) -> torch.Tensor:
+    """float32 [N, q_len]: each query's LSE over the sampled keys (``sample_positions``)
+    outside its block's band, plus the log of the keys per sampled key, for q [N, q_len, D] and
+    k [N, kv_len, D]: the mass outside the band, estimated from one key in every few. Rows in chunks
+    whose logits stay within ``workspace_bytes``; NaN logits add no mass."""
+    n, q_len, _ = q.shape
+    kv_len = k.shape[1]
+    sampled, log_factor = _sampled_keys(k)
+    sampled = sampled.float()
+    positions = sample_positions(kv_len, q.device)
+    out = torch.empty(n, q_len, dtype=torch.float32, device=q.device)
+    rows = max(1, int(workspace_bytes // max(1, 12 * n * sampled.shape[1])))  # logits and two temporaries
+    for r0 in range(0, q_len, rows):
+        r1 = min(q_len, r0 + rows)
+        logits = torch.matmul(q[:, r0:r1].float(), sampled.transpose(-1, -2)) * scale  # [N, rows, n]
+        block = torch.arange(r0, r1, device=q.device) // slice_m
+        lo, hi = (block * slice_m - band).clamp_min(0), ((block + 1) * slice_m + band).clamp_max(kv_len)
+        inside = (positions >= lo.unsqueeze(1)) & (positions < hi.unsqueeze(1))
+        logits.masked_fill_(inside.unsqueeze(0), -math.inf)
+        logits.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+        out[:, r0:r1] = torch.logsumexp(logits, -1) + log_factor
+    return out
 
 
 def band_lse(q: torch.Tensor, k: torch.Tensor, slice_m: int, band: int, scale: float) -> torch.Tensor:

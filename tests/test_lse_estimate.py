@@ -11,36 +11,30 @@ from hypothesis import strategies as st
 from fgcupy import mask_reference as ref
 from fgcupy import predict_mask
 from fgcupy.head_families import family_qkv, family_shape
-from fgcupy.lse_estimate import band_lse, estimate_lse
+from fgcupy.lse_estimate import band_lse, estimate_lse, sample_positions
 from fgcupy.oracle import Judge
 from fgcupy.workloads import video_qkv
 
 
 def brute_force_lse(q, k, slice_m, band, scale):
-    """float64 [B, H, q_len]: logaddexp of each query's LSE over its block's band and the LSE of
-    the mean of its block's finite queries over every lse_key_stride-th key (scaled to all keys);
-    NaN logits add no mass."""
+    """float64 [B, H, q_len]: logaddexp of each query's LSE over its block's band and its LSE
+    over the sampled keys (sample_positions) outside the band, scaled to all keys; NaN logits
+    add no mass."""
     q64, k64 = q.double(), k.double()
     logits = (q64 @ k64.transpose(-1, -2) * scale).nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     q_len, kv_len = q.shape[2], k.shape[2]
-    stride = ref.lse_key_stride(kv_len)
-    sampled = k64[:, :, ::stride]
+    sampled = torch.zeros(kv_len, dtype=torch.bool)
+    sampled[sample_positions(kv_len)] = True
+    log_factor = math.log(kv_len / int(sampled.sum())) if kv_len else 0.0
     out = torch.empty(q.shape[:3], dtype=torch.float64)
     for j in range(-(-q_len // slice_m)):
         q0, q1 = j * slice_m, min(q_len, (j + 1) * slice_m)
         lo, hi = ref.band_bounds(j, slice_m, band, kv_len)
-        near = torch.logsumexp(logits[:, :, q0:q1, lo:hi], -1) if hi > lo else torch.full(
-            (*q.shape[:2], q1 - q0), -math.inf, dtype=torch.float64)
-        for b in range(q.shape[0]):
-            for h in range(q.shape[1]):
-                rows = q64[b, h, q0:q1]
-                rows = rows[torch.isfinite(rows).all(-1)]
-                if len(rows) == 0:
-                    broad = -math.inf
-                else:
-                    mean_logits = (rows.mean(0) @ sampled[b, h].T * scale).nan_to_num(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-                    broad = float(torch.logsumexp(mean_logits, -1)) + math.log(kv_len / sampled.shape[2])
-                out[b, h, q0:q1] = torch.logaddexp(near[b, h], torch.tensor(broad, dtype=torch.float64))
+        in_band = torch.zeros(kv_len, dtype=torch.bool)
+        in_band[lo:hi] = True
+        near = torch.logsumexp(logits[:, :, q0:q1].masked_fill(~in_band, -math.inf), -1)
+        far = torch.logsumexp(logits[:, :, q0:q1].masked_fill(in_band | ~sampled, -math.inf), -1) + log_factor
+        out[:, :, q0:q1] = torch.logaddexp(near, far)
     return out
 
 
@@ -64,6 +58,30 @@ def test_estimate_matches_the_float64_reference(seed, q_len, kv_len, slice_m, ba
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-4, equal_nan=True)
     if bad is None or bad.endswith("q"):  # one bad query spoils no other query's estimate
         assert torch.isfinite(got).sum() >= got.numel() - 1
+
+
+@pytest.mark.parametrize("q_len, kv_len, slice_m, band", [(300, 4100, 64, 64), (260, 4500, 128, 37)])
+def test_estimate_samples_long_key_sets_outside_the_band(q_len, kv_len, slice_m, band):
+    """From LSE_STRIDE_MIN_KEYS keys on, the keys outside each band are sampled, one in every
+    few, and scaled; the band's own sampled keys are not counted twice."""
+    gen = torch.Generator().manual_seed(kv_len)
+    q, k = torch.randn(1, 2, q_len, 16, generator=gen), torch.randn(1, 2, kv_len, 16, generator=gen)
+    assert ref.lse_key_stride(kv_len) > 1
+    got = estimate_lse(q, k, slice_m, band=band, scale=0.4, workspace_bytes=200_000)
+    torch.testing.assert_close(got.double(), brute_force_lse(q, k, slice_m, band, 0.4), rtol=0, atol=1e-4)
+
+
+@given(st.integers(1, 20_000))
+@settings(max_examples=30, deadline=None)
+def test_the_sample_takes_one_key_per_run_at_a_hashed_place(kv_len):
+    positions, stride = sample_positions(kv_len), ref.lse_key_stride(kv_len)
+    assert len(positions) == -(-kv_len // stride) and positions[-1] < kv_len
+    assert (positions // stride == torch.arange(len(positions))).all()  # one per run, ascending
+    if stride > 1:  # no grid period lines up: a frame's first run (1560 keys: a multiple of 8) moves
+        for period in (1560, 3120):
+            starts = positions[positions % period < stride]
+            assert len(set((starts % stride).tolist())) > 1, period
+        assert torch.bincount(positions % stride).min() > len(positions) / stride / 2
 
 
 def test_prediction_with_the_estimate_is_the_colmax_of_that_lse():

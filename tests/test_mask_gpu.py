@@ -699,3 +699,19 @@ def test_estimated_lse_and_its_column_max_on_the_gpu(dtype):
     assert torch.equal(mask.indptr, same.indptr) and torch.equal(mask.indices, same.indices)
     _, ratio = Judge(q.float(), k.float(), v.float()).ratio(mask.to("cpu"))
     assert ratio < 1.45
+
+
+@pytest.mark.parametrize("slice_m, band", [(128, 64), (64, 37)])
+def test_estimated_lse_samples_long_key_sets_on_the_gpu(slice_m, band):
+    """Past lse_key_stride's length the stats kernel samples every key and the band's sampled
+    keys come off in torch: the same estimate as the CPU's direct sample outside the band, on
+    sharp heads (whose band holds nearly all the mass) and broad ones."""
+    from fgcupy.lse_estimate import estimate_lse
+
+    gen = torch.Generator().manual_seed(slice_m + band)
+    for std in (1.0, 8.0):
+        q, k = (torch.randn(1, 3, n, 64, generator=gen) * std ** 0.5 for n in (1000, 4700))
+        q[0, 1, 5:20] = k[0, 1, 5:20] * 3  # queries that find their own key sharply, inside the band
+        q, k = q.bfloat16(), k.bfloat16()
+        got = estimate_lse(q.to(DEVICE), k.to(DEVICE), slice_m, band=band)
+        torch.testing.assert_close(got.cpu(), estimate_lse(q, k, slice_m, band=band), rtol=0, atol=2e-4)
