@@ -15,7 +15,8 @@ import torch
 
 from . import bridge
 from .attention_kernel import (SCHEDULES, block_order, check_forward_only, check_has_kernel,  # noqa: F401 - public here
-                               check_inputs, check_outputs, check_scale, check_strides, load_kernels)
+                               check_inputs, check_outputs, check_scale, check_strides, load_kernels,
+                               runnable_spec)
 from .jit import AttentionSpec
 from . import ops
 from .ops import spec_token
@@ -45,6 +46,7 @@ class SparseAttention:
         self._indptr = None
         self._indices = None
         self._order = None
+        self._chosen_for_caller = False  # plan() picked the kernel: a stand-in may run while it compiles
 
     # ---- plan ----
     def plan(self, mask: SliceMask, head_dim: int, dtype=torch.bfloat16, key_tile: int | None = None,
@@ -73,7 +75,8 @@ class SparseAttention:
             raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
         dtype_name = bridge.dtype_name(dtype, "dtype")
         check_has_kernel(head_dim, mask.slice_m)
-        if spec is None and key_tile is None and stages is None and rows_per_warp is None:
+        chosen_for_caller = spec is None and key_tile is None and stages is None and rows_per_warp is None
+        if chosen_for_caller:
             from . import autotune  # the tuned winner for this GPU and shape, if stored
 
             spec = autotune.planned_spec(mask, head_dim, dtype_name)
@@ -89,7 +92,7 @@ class SparseAttention:
 
         with torch.cuda.device(mask.device) if mask.device.type == "cuda" else contextlib.nullcontext():
             if mask.device.type == "cuda":
-                load_kernels(mask.device, spec, schedule)
+                load_kernels(mask.device, runnable_spec(mask.device, spec) if chosen_for_caller else spec, schedule)
             order = block_order(mask, schedule)
             if self._same_shape(mask):
                 # In place (a captured CUDA graph keeps reading these), under inference_mode where
@@ -103,6 +106,7 @@ class SparseAttention:
                 self._indices = mask.indices.contiguous().clone()
                 self._order = order
         self.spec = spec
+        self._chosen_for_caller = chosen_for_caller
         self.mask = SliceMask(self._indptr, self._indices, mask.slice_m, mask.q_len, mask.kv_len)
         return self
 
@@ -128,7 +132,8 @@ class SparseAttention:
         """
         if self.spec is None:
             raise RuntimeError("SparseAttention.run called before plan(mask, ...)")
-        return _attend(q, k, v, self.mask, self.spec, self._order, scale, layout, out, return_lse, lse)
+        return _attend(q, k, v, self.mask, self.spec, self._order, scale, layout, out, return_lse, lse,
+                       self._chosen_for_caller)
 
 
 def _check_writable(name: str, tensor) -> None:
@@ -144,8 +149,9 @@ def _check_writable(name: str, tensor) -> None:
         raise ValueError(f"{name} is an inference tensor, which can only be written inside torch.inference_mode()")
 
 
-def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_lse, lse):
-    """Check, allocate what is missing, and call the op (``spec`` None: the op picks as plan would)."""
+def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_lse, lse, chosen_for_caller=False):
+    """Check, allocate what is missing, and call the op (``spec`` None: the op picks as plan would;
+    ``chosen_for_caller``: plan picked ``spec``, see ops.spec_token)."""
     check_layout(layout)
     returns_cupy = bridge.is_cupy_array(q)
     q_t, k_t, v_t = (bridge.to_torch(x, name) for x, name in ((q, "q"), (k, "k"), (v, "v")))
@@ -191,7 +197,8 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
     else:
         check_scale(scale)
     scale = float(scale)
-    ops.attend(qh, kh, vh, oh, lse, mask.indptr, mask.indices, order, mask.slice_m, scale, spec_token(spec))
+    ops.attend(qh, kh, vh, oh, lse, mask.indptr, mask.indices, order, mask.slice_m, scale,
+               spec_token(spec, chosen_for_caller))
     result = bridge.to_cupy(out_t) if returns_cupy else out_t
     if return_lse:
         return result, (bridge.to_cupy(lse) if returns_cupy else lse)

@@ -9,15 +9,17 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 
 import torch
 
 from .jit import driver
 from .jit.launch import launch
-from .jit.runtime import get_kernel_on, load_in_background
+from .jit.runtime import get_kernel_on, load_in_background, ready_kernel_on
 from .jit.plan_spec import ORDER_BUCKETS, ORDER_TILE_KEYS, LaunchOrderSpec, order_shift
-from .jit.spec import ATTENTION_HEAD_DIMS, ATTN_TMA_PARAMS, SLICE_SIZES
+from .jit.spec import ATTENTION_HEAD_DIMS, ATTN_TMA_PARAMS, SLICE_SIZES, AttentionSpec
 from .mask import SliceMask
+from .tiles import config_with
 
 SCHEDULES = ("longest_first", "index")
 _DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -41,6 +43,25 @@ def block_order(mask: SliceMask, schedule: str = "longest_first") -> torch.Tenso
     launch(spec, mask.device, (1,), spec.params.pack(indptr=mask.indptr.contiguous(), order=order, rows=rows,
                                                     q_blocks=mask.q_blocks, shift=order_shift(mask.kv_len)))
     return order
+
+
+#: Set to "0" to have a first call wait for its Hopper kernel's compile (``runnable_spec``).
+STAND_IN_ENV = "FGCUPY_STAND_IN"
+
+
+def runnable_spec(device, spec):
+    """``spec``, or while its Hopper kernel compiles for the first time on this machine (not in
+    the disk cache), the portable mma.sync kernel of the same dtype, head dim and slice size,
+    which NVRTC compiles in half the time: the Hopper kernel compiles on a thread meanwhile and
+    takes over once loaded. A first call of a new install so waits for one short compile, not
+    the long one. Not while a CUDA graph is captured (a graph keeps the kernel it captured),
+    and not with FGCUPY_STAND_IN=0. Both kernels give the same results up to bf16/fp16 rounding."""
+    if isinstance(spec, AttentionSpec) or os.environ.get(STAND_IN_ENV, "1") == "0":
+        return spec
+    if torch.cuda.is_current_stream_capturing() or ready_kernel_on(device, spec) is not None:
+        return spec
+    load_in_background(device, spec)
+    return AttentionSpec(spec.dtype, spec.head_dim, spec.slice_m, **config_with(spec.head_dim, spec.slice_m))
 
 
 def load_kernels(device, spec, schedule: str = "longest_first") -> None:

@@ -18,9 +18,26 @@ from .mask import SliceMask
 from .op_library import define
 
 
-def spec_token(spec) -> str:
-    """The string an op call carries for ``spec`` ("" lets the op choose, as plan() would)."""
-    return "" if spec is None else _spec_token(spec)
+#: Marks a token whose spec was chosen for the caller (not named by it): while its Hopper kernel
+#: compiles for the first time, the portable kernel may stand in (attention_kernel.runnable_spec).
+AUTO_MARK = "~"
+
+
+def spec_token(spec, chosen_for_caller: bool = False) -> str:
+    """The string an op call carries for ``spec`` ("" lets the op choose, as plan() would);
+    ``chosen_for_caller``: plan() picked it (the default or the tuned kernel), so a stand-in may
+    run until it is compiled."""
+    if spec is None:
+        return ""
+    return (AUTO_MARK if chosen_for_caller else "") + _spec_token(spec)
+
+
+def _chosen_spec(token: str):
+    """(the spec of an op's token or None, whether it was chosen for the caller)."""
+    if not token:
+        return None, True
+    auto = token.startswith(AUTO_MARK)
+    return spec_from_token(token[len(AUTO_MARK):] if auto else token), auto
 
 
 def _attention_fake(q, k, v, out, lse, indptr, indices, order, slice_m, scale, spec):
@@ -33,7 +50,7 @@ def _attention_cpu(q, k, v, out, lse, indptr, indices, order, slice_m, scale, sp
     from .attention_kernel import check_inputs, check_outputs, check_scale
     from .reference import reference_attention
 
-    chosen = spec_from_token(spec) if spec else None  # a token the CUDA kernel could not read fails here too
+    chosen = _chosen_spec(spec)[0]  # a token the CUDA kernel could not read fails here too
     mask = SliceMask(indptr, indices, slice_m, q.shape[2], k.shape[2])
     check_inputs(q, k, v, mask, chosen)
     check_outputs(q, k, v, out, lse)
@@ -49,13 +66,18 @@ def _attention_cuda(q, k, v, out, lse, indptr, indices, order, slice_m, scale, s
     """The kernels; ``checked``: the caller (``_attend``) has checked q, k, v against the mask and
     spec already (the op, called from a graph or directly, checks them here)."""
     from . import autotune, bridge
-    from .attention_kernel import block_order, check_forward_only, check_inputs, launch_attention, load_kernels
+    from .attention_kernel import (block_order, check_forward_only, check_inputs, launch_attention, load_kernels,
+                                   runnable_spec)
 
     mask = SliceMask(indptr, indices, slice_m, q.shape[2], k.shape[2])
-    chosen = spec_from_token(spec) if spec else autotune.planned_spec(mask, q.shape[-1], bridge.dtype_name(q.dtype, "q"))
+    chosen, auto = _chosen_spec(spec)
+    if chosen is None:
+        chosen = autotune.planned_spec(mask, q.shape[-1], bridge.dtype_name(q.dtype, "q"))
     if not checked:
         check_forward_only(q, k, v)  # the kernel's out has no gradient: refused, not silently missing
         check_inputs(q, k, v, mask, chosen, planned=bool(spec))
+    if auto:
+        chosen = runnable_spec(q.device, chosen)
     if order is None:
         load_kernels(q.device, chosen)
         order = block_order(mask)

@@ -20,7 +20,7 @@ class Spec:
 def test_one_thread_per_kernel_and_no_background_retry_of_a_failure(monkeypatch):
     started, release = [], threading.Event()
 
-    def slow_load(spec, index, from_cache=True):
+    def slow_load(spec, index, from_cache=True, compile_missing=True):
         started.append(spec.name)
         release.wait(10)
         if spec.name == "broken":
@@ -54,7 +54,7 @@ def test_a_failed_background_load_raises_its_own_error_once_without_compiling_ag
     it); the call after that loads again."""
     loads = []
 
-    def failing_load(spec, index, from_cache=True):
+    def failing_load(spec, index, from_cache=True, compile_missing=True):
         loads.append(spec.name)
         raise RuntimeError(f"{spec.name} does not compile ({len(loads)})")
 
@@ -72,3 +72,56 @@ def test_a_failed_background_load_raises_its_own_error_once_without_compiling_ag
     assert loads == ["broken"]
     with pytest.raises(RuntimeError, match=r"broken does not compile \(2\)"):
         runtime.get_kernel_on(device, broken)
+
+
+def test_a_ready_kernel_comes_from_memory_or_disk_never_from_a_compile(monkeypatch):
+    """ready_kernel_on: None while a thread compiles the kernel or where only NVRTC could make it;
+    a cached kernel is loaded there and then."""
+    on_disk, loads = {"cached"}, []
+
+    def load(spec, index, from_cache=True, compile_missing=True):
+        loads.append((spec.name, compile_missing))
+        return object() if spec.name in on_disk else None if not compile_missing else object()
+
+    monkeypatch.setattr(runtime, "_load", load)
+    monkeypatch.setattr(runtime, "_kernels", {})
+    monkeypatch.setattr(runtime, "_failed_in_background", {})
+    monkeypatch.setattr(runtime, "_loading_in_background", {(Spec("compiling"), 0)})
+    monkeypatch.setattr(runtime.driver, "available", lambda: True)
+    device = torch.device("cuda", 0)
+    assert runtime.ready_kernel_on(device, Spec("compiling")) is None
+    assert runtime.ready_kernel_on(device, Spec("missing")) is None and (Spec("missing"), 0) not in runtime._kernels
+    cached = runtime.ready_kernel_on(device, Spec("cached"))
+    assert cached is not None and runtime.ready_kernel_on(device, Spec("cached")) is cached
+    assert loads == [("missing", False), ("cached", False)]
+    runtime._failed_in_background[(Spec("broken"), 0)] = RuntimeError("broken does not compile")
+    with pytest.raises(RuntimeError, match="broken does not compile"):
+        runtime.ready_kernel_on(device, Spec("broken"))
+
+
+def test_a_hopper_kernel_not_yet_compiled_has_the_portable_kernel_stand_in(monkeypatch):
+    """runnable_spec: the mma.sync kernel of the same shape while the Hopper kernel compiles on a
+    thread; the Hopper kernel once ready, under graph capture, or with FGCUPY_STAND_IN=0."""
+    from fgcupy import attention_kernel
+    from fgcupy.jit import AttentionSpec, Sm90WsAttentionSpec
+
+    ready, started = set(), []
+    monkeypatch.setattr(attention_kernel, "ready_kernel_on", lambda device, spec: object() if spec in ready else None)
+    monkeypatch.setattr(attention_kernel, "load_in_background", lambda device, spec: started.append(spec))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.delenv(attention_kernel.STAND_IN_ENV, raising=False)
+    device = torch.device("cuda", 0)
+    hopper = Sm90WsAttentionSpec("float16", 96, 64, key_tile=128, stages=2, pingpong=0)
+    portable = AttentionSpec("bfloat16", 128, 128)
+    assert attention_kernel.runnable_spec(device, portable) is portable and not started
+    stand_in = attention_kernel.runnable_spec(device, hopper)
+    assert isinstance(stand_in, AttentionSpec) and started == [hopper]
+    assert (stand_in.dtype, stand_in.head_dim, stand_in.slice_m) == ("float16", 96, 64)
+    monkeypatch.setenv(attention_kernel.STAND_IN_ENV, "0")
+    assert attention_kernel.runnable_spec(device, hopper) is hopper
+    monkeypatch.delenv(attention_kernel.STAND_IN_ENV)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert attention_kernel.runnable_spec(device, hopper) is hopper
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    ready.add(hopper)
+    assert attention_kernel.runnable_spec(device, hopper) is hopper and started == [hopper]

@@ -148,3 +148,28 @@ def test_every_spec_travels_as_a_token_and_back():
                 "Sm90WsAttentionSpec(dtype=bfloat16,head_dim=256,slice_m=128,key_tile=128,stages=2,pingpong=1)"):
         with pytest.raises(ValueError):
             spec_from_token(bad)
+
+
+def test_a_token_says_whether_plan_chose_its_kernel():
+    """A plan's own choice travels marked (a stand-in may run while it compiles); a named spec
+    does not, and the CPU op reads both."""
+    import torch
+
+    from fgcupy import SliceMask, SparseAttention, ops
+    from fgcupy.jit import Sm90WsAttentionSpec
+
+    spec = Sm90WsAttentionSpec("bfloat16", 128, 128, key_tile=128, stages=2, pingpong=1)
+    assert ops._chosen_spec(ops.spec_token(spec, True)) == (spec, True)
+    assert ops._chosen_spec(ops.spec_token(spec)) == (spec, False)
+    assert ops._chosen_spec("") == (None, True)
+    q = torch.randn(1, 1, 200, 64, dtype=torch.bfloat16)
+    mask = SliceMask.full(1, 1, 200, 200, 64)
+    expected = SparseAttention().plan(mask, 64, spec=None).run(q, q, q)
+    for named in (False, True):
+        attn = SparseAttention().plan(mask, 64, key_tile=64 if named else None)
+        assert attn._chosen_for_caller is not named
+        torch.testing.assert_close(attn.run(q, q, q), expected)
+        out = torch.empty_like(q)
+        token = ops.spec_token(attn.spec, not named)
+        torch.ops.fgcupy.sparse_attention_(q, q, q, out, None, mask.indptr, mask.indices, None, 64, 0.125, token)
+        torch.testing.assert_close(out, expected)

@@ -108,7 +108,20 @@ def get_kernel_on(device, spec):
     return _get_kernel(device, spec, background=False)
 
 
-def _get_kernel(device, spec, background: bool):
+def ready_kernel_on(device, spec):
+    """The kernel for ``spec`` if it can be had without compiling: loaded, or in the disk cache
+    (then loaded now); None while it would need NVRTC or a thread is compiling it. A load that
+    failed in the background is raised here, as ``get_kernel_on`` would."""
+    key = (spec, device_index(device))
+    kernel = _kernels.get(key)
+    if kernel is not None:
+        return kernel
+    if key in _loading_in_background or not driver.available():
+        return None
+    return _get_kernel(device, spec, background=False, compile_missing=False)
+
+
+def _get_kernel(device, spec, background: bool, compile_missing: bool = True):
     key = (spec, device_index(device))
     kernel = _kernels.get(key)
     if kernel is not None:
@@ -122,11 +135,13 @@ def _get_kernel(device, spec, background: bool):
             if failed is not None:  # raised as it was, not compiled again to raise it (a later call retries)
                 raise failed
             try:
-                kernel = _load(spec, key[1])
+                kernel = _load(spec, key[1], compile_missing=compile_missing)
             except Exception as error:
                 if background:  # kept before the lock is let go: a caller waiting on it raises this
                     _failed_in_background[key] = error
                 raise
+            if kernel is None:  # not cached, and not to be compiled here
+                return None
             _kernels[key] = kernel
     return kernel
 
@@ -190,13 +205,17 @@ _BAD_IMAGE_ERRORS = ("CUDA_ERROR_INVALID_IMAGE", "CUDA_ERROR_NO_BINARY_FOR_GPU",
                      "CUDA_ERROR_UNSUPPORTED_PTX_VERSION", "CUDA_ERROR_INVALID_SOURCE")
 
 
-def _load(spec, index: int, from_cache: bool = True):
+def _load(spec, index: int, from_cache: bool = True, compile_missing: bool = True):
+    """The kernel from the disk cache, else compiled (None where it is not cached and
+    ``compile_missing`` is off)."""
     if not driver.available():
         return _load_with_cupy(spec, index)
     started = time.perf_counter()
     arch = getattr(spec, "arch", None) or device_arch(index)
     compiled = kernel_cache.load(spec, arch) if from_cache else None
     source = "the disk cache"
+    if compiled is None and not compile_missing:
+        return None
     if compiled is None:
         try:
             compiled = compile_cubin(spec, arch)
