@@ -15,7 +15,7 @@ import torch
 
 from .jit import driver
 from .jit.launch import launch
-from .jit.runtime import get_kernel_on, load_in_background, ready_kernel_on
+from .jit.runtime import compile_in_background, get_kernel_on, load_in_background, loaded_kernel_on, ready_kernel_on
 from .jit.plan_spec import ORDER_BUCKETS, ORDER_TILE_KEYS, LaunchOrderSpec, order_shift
 from .jit.spec import ATTENTION_HEAD_DIMS, ATTN_TMA_PARAMS, SLICE_SIZES, AttentionSpec
 from .mask import SliceMask
@@ -53,15 +53,21 @@ def runnable_spec(device, spec):
     """``spec``, or while its Hopper kernel compiles for the first time on this machine (not in
     the disk cache), the portable mma.sync kernel of the same dtype, head dim and slice size,
     which NVRTC compiles in half the time: the Hopper kernel compiles on a thread meanwhile and
-    takes over once loaded. A first call of a new install so waits for one short compile, not
-    the long one. Not while a CUDA graph is captured (a graph keeps the kernel it captured),
-    and not with FGCUPY_STAND_IN=0. Both kernels give the same results up to bf16/fp16 rounding."""
+    takes over at the first call after it is done. A first call of a new install so waits for
+    one short compile, not the long one. Under a CUDA graph capture nothing is compiled or
+    loaded that can be avoided: the Hopper kernel if it is loaded, else the stand-in if that is
+    (a graph keeps the kernel it captured). FGCUPY_STAND_IN=0 waits for the Hopper kernel.
+    Both kernels give the same results up to bf16/fp16 rounding."""
     if isinstance(spec, AttentionSpec) or os.environ.get(STAND_IN_ENV, "1") == "0":
         return spec
-    if torch.cuda.is_current_stream_capturing() or ready_kernel_on(device, spec) is not None:
+    capturing = torch.cuda.is_current_stream_capturing()
+    if not capturing and ready_kernel_on(device, spec) is not None:
         return spec
-    load_in_background(device, spec)
-    return AttentionSpec(spec.dtype, spec.head_dim, spec.slice_m, **config_with(spec.head_dim, spec.slice_m))
+    stand_in = AttentionSpec(spec.dtype, spec.head_dim, spec.slice_m, **config_with(spec.head_dim, spec.slice_m))
+    if capturing:
+        loaded = loaded_kernel_on(device, spec) is not None or loaded_kernel_on(device, stand_in) is None
+        return spec if loaded else stand_in
+    return stand_in if compile_in_background(device, spec) else spec
 
 
 def load_kernels(device, spec, schedule: str = "longest_first") -> None:

@@ -99,14 +99,26 @@ def _kernel_lse_parts(qh, kh, slice_m: int, band: int, scale: float, workspace_b
         return None
     from .mask_kernels import gpu_scores
 
+    def stats(rows, keys, bh0, nbh, band_keys):
+        return gpu_scores("stats", rows, keys, scale, bh0=bh0, nbh=nbh, warps=slice_m // 16 if band_keys else 8,
+                          band=band_keys)
+
+    return lse_parts_from_stats(qh, kh, slice_m, band, scale, workspace_bytes, stats, GRID_LIMITS[2])
+
+
+def lse_parts_from_stats(qh, kh, slice_m: int, band: int, scale: float, workspace_bytes: int, stats,
+                         heads_per_call: int) -> tuple:
+    """The kernel path's (band part, sampled part), float32 [B, H, q_len] each, given ``stats``
+    (rows [B, H, R, D], keys [B, H, n, D], bh0, nbh, band (lo, width) or None -> the LSE [nbh,
+    R] of each row over its keys, or over its row tile's band of them: the stats kernel): the
+    band, the sampled keys everywhere, less the band's sampled keys (in torch)."""
     batch, heads, q_len, _ = qh.shape
     sampled, log_factor = _sampled_keys(kh)
     near, everywhere = [], []
-    for bh0 in range(0, batch * heads, GRID_LIMITS[2]):
-        nbh = min(GRID_LIMITS[2], batch * heads - bh0)
-        near.append(gpu_scores("stats", qh, kh, scale, bh0=bh0, nbh=nbh, warps=slice_m // 16,
-                               band=(-band, slice_m + 2 * band)))
-        everywhere.append(gpu_scores("stats", qh, sampled, scale, bh0=bh0, nbh=nbh, warps=8))
+    for bh0 in range(0, batch * heads, heads_per_call):
+        nbh = min(heads_per_call, batch * heads - bh0)
+        near.append(stats(qh, kh, bh0, nbh, (-band, slice_m + 2 * band)))
+        everywhere.append(stats(qh, sampled, bh0, nbh, None))
     shape = (batch, heads, q_len)
     # A NaN query has no mass, as in torch; infinities stay.
     near = torch.cat(near).view(shape).nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)

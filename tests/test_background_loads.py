@@ -20,7 +20,7 @@ class Spec:
 def test_one_thread_per_kernel_and_no_background_retry_of_a_failure(monkeypatch):
     started, release = [], threading.Event()
 
-    def slow_load(spec, index, from_cache=True, compile_missing=True):
+    def slow_load(spec, index, from_cache=True, compile_missing=True, compiled=None):
         started.append(spec.name)
         release.wait(10)
         if spec.name == "broken":
@@ -54,7 +54,7 @@ def test_a_failed_background_load_raises_its_own_error_once_without_compiling_ag
     it); the call after that loads again."""
     loads = []
 
-    def failing_load(spec, index, from_cache=True, compile_missing=True):
+    def failing_load(spec, index, from_cache=True, compile_missing=True, compiled=None):
         loads.append(spec.name)
         raise RuntimeError(f"{spec.name} does not compile ({len(loads)})")
 
@@ -79,7 +79,7 @@ def test_a_ready_kernel_comes_from_memory_or_disk_never_from_a_compile(monkeypat
     a cached kernel is loaded there and then."""
     on_disk, loads = {"cached"}, []
 
-    def load(spec, index, from_cache=True, compile_missing=True):
+    def load(spec, index, from_cache=True, compile_missing=True, compiled=None):
         loads.append((spec.name, compile_missing))
         return object() if spec.name in on_disk else None if not compile_missing else object()
 
@@ -101,14 +101,18 @@ def test_a_ready_kernel_comes_from_memory_or_disk_never_from_a_compile(monkeypat
 
 def test_a_hopper_kernel_not_yet_compiled_has_the_portable_kernel_stand_in(monkeypatch):
     """runnable_spec: the mma.sync kernel of the same shape while the Hopper kernel compiles on a
-    thread; the Hopper kernel once ready, under graph capture, or with FGCUPY_STAND_IN=0."""
+    thread; the Hopper kernel once ready or with FGCUPY_STAND_IN=0; under graph capture the one
+    already loaded, nothing compiled."""
     from fgcupy import attention_kernel
     from fgcupy.jit import AttentionSpec, Sm90WsAttentionSpec
 
-    ready, started = set(), []
+    ready, loaded, started, can_compile = set(), set(), [], [True]
     monkeypatch.setattr(attention_kernel, "ready_kernel_on", lambda device, spec: object() if spec in ready else None)
-    monkeypatch.setattr(attention_kernel, "load_in_background", lambda device, spec: started.append(spec))
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(attention_kernel, "loaded_kernel_on", lambda device, spec: object() if spec in loaded else None)
+    monkeypatch.setattr(attention_kernel, "compile_in_background",
+                        lambda device, spec: started.append(spec) or can_compile[0])
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     monkeypatch.delenv(attention_kernel.STAND_IN_ENV, raising=False)
     device = torch.device("cuda", 0)
     hopper = Sm90WsAttentionSpec("float16", 96, 64, key_tile=128, stages=2, pingpong=0)
@@ -120,8 +124,59 @@ def test_a_hopper_kernel_not_yet_compiled_has_the_portable_kernel_stand_in(monke
     monkeypatch.setenv(attention_kernel.STAND_IN_ENV, "0")
     assert attention_kernel.runnable_spec(device, hopper) is hopper
     monkeypatch.delenv(attention_kernel.STAND_IN_ENV)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    capturing[0] = True  # nothing loaded: the Hopper kernel (loaded as before); the stand-in once it is loaded
     assert attention_kernel.runnable_spec(device, hopper) is hopper
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    loaded.add(stand_in)
+    assert attention_kernel.runnable_spec(device, hopper) == stand_in
+    loaded.add(hopper)
+    assert attention_kernel.runnable_spec(device, hopper) is hopper
+    capturing[0] = False
+    can_compile[0] = False  # no thread can compile (cupy's path): the caller loads it
+    assert attention_kernel.runnable_spec(device, hopper) is hopper
     ready.add(hopper)
-    assert attention_kernel.runnable_spec(device, hopper) is hopper and started == [hopper]
+    started.clear()
+    assert attention_kernel.runnable_spec(device, hopper) is hopper and not started
+
+
+def test_a_background_compile_is_loaded_by_the_caller_and_its_failure_raised(monkeypatch, tmp_path):
+    """compile_in_background compiles on a thread (no CUDA call there); ready_kernel_on then loads
+    that binary on the caller's thread, or raises the compile's own error."""
+    from fgcupy.jit import kernel_cache
+
+    compiled, loads = [], []
+    monkeypatch.setattr(runtime, "_kernels", {})
+    monkeypatch.setattr(runtime, "_failed_in_background", {})
+    monkeypatch.setattr(runtime, "_loading_in_background", set())
+    monkeypatch.setattr(runtime, "_compiled_in_background", {})
+    monkeypatch.setattr(runtime.driver, "available", lambda: True)
+    monkeypatch.setattr(runtime.nvrtc, "available", lambda: True)
+    monkeypatch.setattr(runtime, "device_arch", lambda index: "sm_90")
+    monkeypatch.setattr(kernel_cache, "load", lambda spec, arch: None)
+    monkeypatch.setattr(kernel_cache, "store", lambda spec, arch, binary: None)
+
+    def compile_cubin(spec, arch):
+        if spec.name == "broken":
+            raise RuntimeError("broken does not compile")
+        compiled.append((spec.name, threading.current_thread().name))
+        return f"binary of {spec.name}"
+
+    def load(spec, index, from_cache=True, compile_missing=True, compiled=None):
+        loads.append((spec.name, compiled, threading.current_thread().name))
+        return object() if compiled else None
+
+    monkeypatch.setattr(runtime, "compile_cubin", compile_cubin)
+    monkeypatch.setattr(runtime, "_load", load)
+    device = torch.device("cuda", 0)
+    for name in ("fine", "broken"):
+        assert runtime.compile_in_background(device, Spec(name))
+    deadline = time.monotonic() + 10
+    while runtime._loading_in_background and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert compiled == [("fine", "fgcupy-compile")]
+    kernel = runtime.ready_kernel_on(device, Spec("fine"))
+    assert kernel is not None and loads == [("fine", "binary of fine", threading.current_thread().name)]
+    assert runtime.ready_kernel_on(device, Spec("fine")) is kernel and len(loads) == 1
+    with pytest.raises(RuntimeError, match="broken does not compile"):
+        runtime.ready_kernel_on(device, Spec("broken"))
+    monkeypatch.setattr(runtime.nvrtc, "available", lambda: False)
+    assert not runtime.compile_in_background(device, Spec("other"))

@@ -30,6 +30,7 @@ _kernels: dict = {}
 _failed_in_background: dict = {}  # (spec, device index) -> what its background load raised (raised once, not retried)
 _loading_in_background: set = set()  # (spec, device index) a thread is loading (guarded by _lock)
 _threads: set = set()  # the loading threads, joined at exit (guarded by _lock)
+_compiled_in_background: dict = {}  # (spec, device index) -> its binary, compiled on a thread, not yet loaded
 
 
 def _forget_after_fork() -> None:
@@ -45,6 +46,7 @@ def _forget_after_fork() -> None:
     _failed_in_background.clear()
     _loading_in_background.clear()
     _threads.clear()
+    _compiled_in_background.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -109,9 +111,10 @@ def get_kernel_on(device, spec):
 
 
 def ready_kernel_on(device, spec):
-    """The kernel for ``spec`` if it can be had without compiling: loaded, or in the disk cache
-    (then loaded now); None while it would need NVRTC or a thread is compiling it. A load that
-    failed in the background is raised here, as ``get_kernel_on`` would."""
+    """The kernel for ``spec`` if it can be had without compiling: loaded, compiled by
+    ``compile_in_background``, or in the disk cache (then loaded now); None while it would need
+    NVRTC or a thread is compiling it. A background compile or load that failed is raised here,
+    as ``get_kernel_on`` would."""
     key = (spec, device_index(device))
     kernel = _kernels.get(key)
     if kernel is not None:
@@ -119,6 +122,51 @@ def ready_kernel_on(device, spec):
     if key in _loading_in_background or not driver.available():
         return None
     return _get_kernel(device, spec, background=False, compile_missing=False)
+
+
+def loaded_kernel_on(device, spec):
+    """The kernel for ``spec`` if this process has loaded it, else None (nothing is loaded here)."""
+    return _kernels.get((spec, device_index(device)))
+
+
+def compile_in_background(device, spec) -> bool:
+    """Start compiling ``spec`` for ``device`` on a thread unless it is loaded, compiled or under
+    way: NVRTC only, no CUDA call off the caller's thread (a module load there could meet a CUDA
+    graph capture); ``ready_kernel_on`` loads the binary on the caller's thread once it is there.
+    False where no thread can compile it (no libnvrtc or libcuda through ctypes: the caller
+    loads it itself, through cupy)."""
+    if not (driver.available() and nvrtc.available()):
+        return False
+    key = (spec, device_index(device))
+    if key in _kernels or key in _failed_in_background or key in _compiled_in_background:
+        return True
+    arch = getattr(spec, "arch", None) or device_arch(key[1])
+    with _lock:
+        if key in _loading_in_background:
+            return True
+        _loading_in_background.add(key)
+    thread = threading.Thread(target=_compile_quietly, args=(key, arch), daemon=True, name="fgcupy-compile")
+    with _lock:
+        _threads.add(thread)
+    thread.start()
+    return True
+
+
+def _compile_quietly(key, arch: str) -> None:
+    spec = key[0]
+    try:
+        compiled = kernel_cache.load(spec, arch)
+        if compiled is None:
+            compiled = compile_cubin(spec, arch)
+            kernel_cache.store(spec, arch, compiled)
+        _compiled_in_background[key] = compiled
+    except Exception as error:  # noqa: BLE001 - kept for the caller's own load to raise
+        _failed_in_background[key] = error
+        log.debug("fgcupy: background compile of %s failed", spec.name, exc_info=True)
+    finally:
+        with _lock:
+            _loading_in_background.discard(key)
+            _threads.discard(threading.current_thread())
 
 
 def _get_kernel(device, spec, background: bool, compile_missing: bool = True):
@@ -135,7 +183,8 @@ def _get_kernel(device, spec, background: bool, compile_missing: bool = True):
             if failed is not None:  # raised as it was, not compiled again to raise it (a later call retries)
                 raise failed
             try:
-                kernel = _load(spec, key[1], compile_missing=compile_missing)
+                kernel = _load(spec, key[1], compile_missing=compile_missing,
+                               compiled=_compiled_in_background.pop(key, None))
             except Exception as error:
                 if background:  # kept before the lock is let go: a caller waiting on it raises this
                     _failed_in_background[key] = error
@@ -205,15 +254,16 @@ _BAD_IMAGE_ERRORS = ("CUDA_ERROR_INVALID_IMAGE", "CUDA_ERROR_NO_BINARY_FOR_GPU",
                      "CUDA_ERROR_UNSUPPORTED_PTX_VERSION", "CUDA_ERROR_INVALID_SOURCE")
 
 
-def _load(spec, index: int, from_cache: bool = True, compile_missing: bool = True):
-    """The kernel from the disk cache, else compiled (None where it is not cached and
-    ``compile_missing`` is off)."""
+def _load(spec, index: int, from_cache: bool = True, compile_missing: bool = True, compiled=None):
+    """The kernel of ``compiled`` (a binary a thread compiled), else from the disk cache, else
+    compiled (None where it is not cached and ``compile_missing`` is off)."""
     if not driver.available():
         return _load_with_cupy(spec, index)
     started = time.perf_counter()
     arch = getattr(spec, "arch", None) or device_arch(index)
-    compiled = kernel_cache.load(spec, arch) if from_cache else None
-    source = "the disk cache"
+    source = "a background compile" if compiled is not None else "the disk cache"
+    if compiled is None and from_cache:
+        compiled = kernel_cache.load(spec, arch)
     if compiled is None and not compile_missing:
         return None
     if compiled is None:
