@@ -49,7 +49,7 @@ import torch.distributed as dist
 
 from .jit.spec import KEY_TILES
 from .layout import LAYOUTS, to_bhsd
-from .mask import SliceMask
+from .mask import SliceMask, positive_int
 from .mask_algebra import concat_heads, slice_heads  # noqa: F401 - public here
 from .sp_masks import MaskPredictor  # noqa: F401 - public here
 from .sp_exchange import probe_all_to_all, return_heads, send_heads
@@ -66,8 +66,7 @@ def check_options(*, head_groups: int = 1, compute: str = "auto", exchange: str 
                   key_tile: int | None = None) -> None:
     """ValueError for SequenceParallelAttention options it cannot take (the diffusers config checks
     its parallel_options with it when it is made)."""
-    if not isinstance(head_groups, int) or isinstance(head_groups, bool) or head_groups < 1:
-        raise ValueError(f"head_groups must be a positive int, got {head_groups!r}")
+    positive_int("head_groups", head_groups)
     if compute not in COMPUTES:
         raise ValueError(f"compute must be one of {COMPUTES}, got {compute!r}")
     if exchange not in EXCHANGES:

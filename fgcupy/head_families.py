@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .mask import positive_int
 from .workloads import SHAPES, VideoShape, check_grid, check_seed, grid_positions
 
 INF = math.inf
@@ -138,8 +139,7 @@ def family_qkv(shape, family: str, *, heads: int = 8, seed: int = 0, device="cpu
         raise TypeError(f"shape must be a VideoShape or a name in {sorted(SHAPES)}, got {type(shape).__name__}")
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"heads must be a positive int, got {heads!r}")
+    heads = positive_int("heads", heads)
     check_seed(seed)
     check_grid(shape.grid)
     fam = FAMILIES[family]

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from . import bridge
 from .attention_kernel import check_forward_only, check_has_kernel, check_scale
 from .layout import LAYOUTS, check_layout, to_bhsd
+from .mask import is_int, positive_int
 
 COMPUTES = ("auto", "fgcupy", "reference")
 EXCHANGES = ("auto", "all_to_all", "p2p", "copy")
@@ -85,10 +86,10 @@ def check_attention_inputs(q, k, v, uses_kernel: bool) -> None:
 def shard_ranges(length: int, parts: int) -> list[range]:
     """Contiguous near-equal pieces, the first ``length % parts`` one longer (torch.tensor_split's
     rule): every rank computes every rank's piece without communicating."""
-    if not isinstance(parts, int) or parts < 1:
-        raise ValueError(f"parts must be a positive int, got {parts!r}")
-    if not isinstance(length, int) or length < 0:
+    parts = positive_int("parts", parts)
+    if not is_int(length) or length < 0:
         raise ValueError(f"length must be a non-negative int, got {length!r}")
+    length = int(length)
     base, extra = divmod(length, parts)
     ranges, start = [], 0
     for i in range(parts):

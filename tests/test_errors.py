@@ -261,3 +261,22 @@ def test_relative_l2_names_the_tuple_reference_attention_returns():
         from fgcupy import relative_l2
         relative_l2(q, reference_attention(q, q, q, SliceMask.full(1, 1, 8, 8, 4)))
 
+
+
+def test_counts_take_numpy_ints_and_refuse_bools():
+    """Counts checked through mask.positive_int: a numpy integer (what a config file or a numpy
+    loop gives) counts, a bool does not."""
+    import numpy as np
+
+    from fgcupy.distributed import check_options
+    from fgcupy.head_families import family_qkv, family_shape
+    from fgcupy.sp_handshake import shard_ranges
+
+    assert shard_ranges(np.int64(10), np.int32(3)) == [range(0, 4), range(4, 7), range(7, 10)]
+    check_options(head_groups=np.int64(2))
+    q, _, _ = family_qkv(family_shape("wan14b-480p", grid=(1, 4, 8)), "window2d", heads=np.int64(2))
+    assert q.shape[1] == 2
+    for call in (lambda: shard_ranges(10, True), lambda: check_options(head_groups=True),
+                 lambda: family_qkv(family_shape("wan14b-480p", grid=(1, 4, 8)), "window2d", heads=False)):
+        with pytest.raises(ValueError, match="must be a positive int"):
+            call()

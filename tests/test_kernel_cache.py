@@ -228,7 +228,7 @@ def test_neither_nvrtc_nor_cupy_names_both(fresh_runtime, monkeypatch):
 EXIT_DURING_LOAD = """
 import sys, threading, time, torch
 from fgcupy.jit import runtime
-def slow_load(spec, index):
+def slow_load(spec, index, **options):
     time.sleep(1.0)
     open(sys.argv[1], "w").write("done")
     return object()

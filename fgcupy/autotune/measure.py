@@ -11,7 +11,7 @@ import torch
 from ..attention_kernel import block_order, launch_attention
 from ..jit import AttentionSpec, get_kernel_on
 from ..progress import progress_bar
-from ..mask import SliceMask, num_blocks, random_topk_mask
+from ..mask import SliceMask, num_blocks, positive_int, random_topk_mask
 from ..timing import queue_lead_cycles
 from .keys import DeviceInfo, ProblemKey, _TORCH_DTYPES
 from .selection import Measurement, TuneResult, tune
@@ -40,9 +40,8 @@ class EventMeasure:
 
     def __init__(self, key: ProblemKey, device, q_len: int, kv_len: int, heads: int, *, density: float | None = None,
                  warmup: int = 2, rounds: int = 3, reps: int = 5, seed: int = 0, progress=None):
-        for name, value in (("rounds", rounds), ("reps", reps), ("heads", heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        rounds, reps, heads = (positive_int(name, value) for name, value in
+                               (("rounds", rounds), ("reps", reps), ("heads", heads)))
         self.key, self.device = key, torch.device(device)
         self.q_len, self.kv_len, self.heads = q_len, kv_len, heads
         self.density = key.density if density is None else density

@@ -14,6 +14,7 @@ import torch
 from .. import bridge
 from ..attention_kernel import block_order, launch_attention
 from ..jit.spec import SLICE_SIZES
+from ..mask import positive_int
 from ..timing import cuda_time_ms
 from .choice import planned_spec
 
@@ -95,8 +96,7 @@ def tune_slice(q, k, v, target: float, *, layout: str = "HND", slice_sizes=SLICE
         raise ValueError(f"densities must be in (0, 1], got {densities!r}")
     if not slice_sizes or any(m not in SLICE_SIZES for m in slice_sizes):
         raise ValueError(f"slice_sizes must be a non-empty list of {SLICE_SIZES}, got {slice_sizes!r}")
-    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
-        raise ValueError(f"heads must be a positive int, got {heads!r}")
+    heads = positive_int("heads", heads)
     if predictor is None:
         try:
             from ..scoring import predict_mask as predictor
