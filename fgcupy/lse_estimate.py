@@ -43,7 +43,7 @@ def estimate_lse(q, k, slice_m: int = 128, *, band: int = ESTIMATE_BAND, scale: 
     ``predict_mask(method="colmax", lse=...)`` needs where no dense step ran
     (``lse="estimate"`` there calls this). ``slice_m``: the query blocks whose band is counted
     exactly; ``scale`` defaults to 1 / sqrt(D). NaN logits add no mass (a NaN query's estimate
-    is -inf); a query with an infinite entry gets +inf or NaN, no other query is touched."""
+    is -inf); a query with an infinite entry gets +inf or -inf, no other query is touched."""
     qh, kh = query_key_views(q, k, layout)
     for name, value, low in (("slice_m", slice_m, 1), ("band", band, 0)):
         if not is_int(value) or value < low:
@@ -176,19 +176,19 @@ def _band_sample_keys(blocks: int, slice_m: int, band: int, kv_len: int, device)
     """int64 [blocks, W]: per query block, the places in the sample (the keys at
     ``sample_positions(kv_len)``) of the sampled keys in its band, -1 past them."""
     positions = sample_positions(kv_len)
-    bounds = torch.tensor([ref.band_bounds(j, slice_m, band, kv_len) for j in range(blocks)],
-                          dtype=torch.int64).view(blocks, 2)
-    first, end = torch.searchsorted(positions, bounds[:, 0]), torch.searchsorted(positions, bounds[:, 1])
+    bounds = [ref.band_bounds(j, slice_m, band, kv_len) for j in range(blocks)]
+    first = torch.searchsorted(positions, torch.tensor([lo for lo, _ in bounds], dtype=torch.int64))
+    end = torch.searchsorted(positions, torch.tensor([hi for _, hi in bounds], dtype=torch.int64))
     width = max(1, int((end - first).max())) if blocks else 1
     keys = first.unsqueeze(1) + torch.arange(width)
     return torch.where(keys < end.unsqueeze(1), keys, -1).to(device)
 
 
 def _band_sample_bytes(keys_shape, slice_m: int, dim: int) -> int:
-    """Float32 bytes ``band_sample_lse`` holds per head: the gathered keys and the logits with
-    a temporary."""
+    """Float32 bytes ``band_sample_lse`` holds per head: the gathered keys, the logits with a
+    temporary, and the queries as float32, unpadded and padded."""
     blocks, width = keys_shape
-    return 4 * blocks * width * (dim + 2 * slice_m) + 4 * blocks * slice_m * dim
+    return 4 * blocks * width * (dim + 2 * slice_m) + 8 * blocks * slice_m * dim
 
 
 def band_sample_lse(q: torch.Tensor, sampled: torch.Tensor, keys: torch.Tensor, slice_m: int,
@@ -198,7 +198,7 @@ def band_sample_lse(q: torch.Tensor, sampled: torch.Tensor, keys: torch.Tensor, 
     sample's scaling; NaN logits add no mass."""
     n, q_len, dim = q.shape
     blocks = keys.shape[0]
-    gathered = sampled.float().index_select(1, keys.clamp_min(0).flatten()).view(n, blocks, -1, dim)
+    gathered = sampled.index_select(1, keys.clamp_min(0).flatten()).float().view(n, blocks, -1, dim)
     queries = torch.nn.functional.pad(q.float(), (0, 0, 0, blocks * slice_m - q_len)).view(n, blocks, slice_m, dim)
     logits = torch.matmul(queries, gathered.transpose(-1, -2)) * scale  # [N, QB, M, W]
     logits.masked_fill_((keys < 0).view(1, blocks, 1, -1), -math.inf)

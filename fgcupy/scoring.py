@@ -11,7 +11,8 @@ Methods (DESIGN.md §2):
       log, as ``SparseAttention.run(..., return_lse=True)`` gives): score(block, key) = max over
       the block's queries of their probability; selection by ``rule`` (default threshold,
       0.5 / kv_len). Tiled on the GPU; the S x S matrix is never stored. With no dense step,
-      ``lse="estimate"`` uses fgcupy.lse_estimate (each query's band mass plus its block mean's).
+      ``lse="estimate"`` uses fgcupy.lse_estimate (each query's band mass plus its sampled mass
+      outside the band).
 Every selection can keep at least ``min_keys``, at most ``max_keys`` keys per block, and the
 block's diagonal band (its own keys and ``local`` more on either side), which is ranked first
 (it counts toward k and toward the mass; with combine "union", toward each sub-block's selection,

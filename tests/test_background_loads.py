@@ -148,6 +148,7 @@ def test_a_background_compile_is_loaded_by_the_caller_and_its_failure_raised(mon
     monkeypatch.setattr(runtime, "_failed_in_background", {})
     monkeypatch.setattr(runtime, "_loading_in_background", set())
     monkeypatch.setattr(runtime, "_compiled_in_background", {})
+    monkeypatch.setattr(runtime, "_compile_failed", set())
     monkeypatch.setattr(runtime.driver, "available", lambda: True)
     monkeypatch.setattr(runtime.nvrtc, "available", lambda: True)
     monkeypatch.setattr(runtime, "device_arch", lambda index: "sm_90")
@@ -178,5 +179,8 @@ def test_a_background_compile_is_loaded_by_the_caller_and_its_failure_raised(mon
     assert runtime.ready_kernel_on(device, Spec("fine")) is kernel and len(loads) == 1
     with pytest.raises(RuntimeError, match="broken does not compile"):
         runtime.ready_kernel_on(device, Spec("broken"))
+    # raised once; no second background compile: the caller compiles it itself (and meets the error)
+    assert runtime.ready_kernel_on(device, Spec("broken")) is None
+    assert not runtime.compile_in_background(device, Spec("broken")) and not runtime._loading_in_background
     monkeypatch.setattr(runtime.nvrtc, "available", lambda: False)
     assert not runtime.compile_in_background(device, Spec("other"))

