@@ -56,7 +56,10 @@ class SparseAttention:
         tuned kernel for this GPU and shape if ``fgcupy.autotune`` stored one, else
         ``default_spec``. Any of key_tile / stages / rows_per_warp selects the mma.sync kernel,
         the others taking ``tiles.config_with``. ``spec`` (one of ``KERNEL_SPECS``) picks the kernel
-        outright. ``schedule`` orders the query blocks:
+        outright. A Hopper kernel picked here (default or tuned) that is not compiled yet has the
+        mma.sync kernel of its shape stand in until a thread has compiled it
+        (``attention_kernel.runnable_spec``; FGCUPY_STAND_IN=0 waits instead). ``schedule`` orders
+        the query blocks:
         "longest_first" (default: long lists start early, so the last wave is short) or "index".
 
         The mask is copied into the plan's own buffers, so changing ``mask`` afterwards changes

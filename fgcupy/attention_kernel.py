@@ -45,28 +45,31 @@ def block_order(mask: SliceMask, schedule: str = "longest_first") -> torch.Tenso
     return order
 
 
-#: Set to "0" to have a first call wait for its Hopper kernel's compile (``runnable_spec``).
+#: Set to 0 (or false, no, off) to have a first call wait for its Hopper kernel's compile
+#: (``runnable_spec``).
 STAND_IN_ENV = "FGCUPY_STAND_IN"
 
 
 def runnable_spec(device, spec):
     """``spec``, or while its Hopper kernel compiles for the first time on this machine (not in
     the disk cache), the portable mma.sync kernel of the same dtype, head dim and slice size,
-    which NVRTC compiles in half the time: the Hopper kernel compiles on a thread meanwhile and
+    which NVRTC compiles in about 60 % of the time (``python -m tools.compile_times``): the
+    Hopper kernel compiles on a thread meanwhile and
     takes over at the first call after it is done. A first call of a new install so waits for
     one short compile, not the long one. Under a CUDA graph capture nothing is compiled or
     loaded that can be avoided: the Hopper kernel if it is loaded, else the stand-in if that is
     (a graph keeps the kernel it captured). FGCUPY_STAND_IN=0 waits for the Hopper kernel.
     Both kernels give the same results up to bf16/fp16 rounding."""
-    if isinstance(spec, AttentionSpec) or os.environ.get(STAND_IN_ENV, "1") == "0":
+    waits = os.environ.get(STAND_IN_ENV, "").strip().lower() in ("0", "false", "no", "off")
+    if isinstance(spec, AttentionSpec) or waits:
         return spec
     capturing = torch.cuda.is_current_stream_capturing()
     if not capturing and ready_kernel_on(device, spec) is not None:
         return spec
     stand_in = AttentionSpec(spec.dtype, spec.head_dim, spec.slice_m, **config_with(spec.head_dim, spec.slice_m))
     if capturing:
-        loaded = loaded_kernel_on(device, spec) is not None or loaded_kernel_on(device, stand_in) is None
-        return spec if loaded else stand_in
+        hopper_loaded = loaded_kernel_on(device, spec) is not None
+        return spec if hopper_loaded or loaded_kernel_on(device, stand_in) is None else stand_in
     return stand_in if compile_in_background(device, spec) else spec
 
 

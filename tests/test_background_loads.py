@@ -121,8 +121,11 @@ def test_a_hopper_kernel_not_yet_compiled_has_the_portable_kernel_stand_in(monke
     stand_in = attention_kernel.runnable_spec(device, hopper)
     assert isinstance(stand_in, AttentionSpec) and started == [hopper]
     assert (stand_in.dtype, stand_in.head_dim, stand_in.slice_m) == ("float16", 96, 64)
-    monkeypatch.setenv(attention_kernel.STAND_IN_ENV, "0")
-    assert attention_kernel.runnable_spec(device, hopper) is hopper
+    for off in ("0", "off", " False "):
+        monkeypatch.setenv(attention_kernel.STAND_IN_ENV, off)
+        assert attention_kernel.runnable_spec(device, hopper) is hopper
+    monkeypatch.setenv(attention_kernel.STAND_IN_ENV, "1")
+    assert attention_kernel.runnable_spec(device, hopper) == stand_in
     monkeypatch.delenv(attention_kernel.STAND_IN_ENV)
     capturing[0] = True  # nothing loaded: the Hopper kernel (loaded as before); the stand-in once it is loaded
     assert attention_kernel.runnable_spec(device, hopper) is hopper
