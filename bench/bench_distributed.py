@@ -30,6 +30,7 @@ from bench.presets import PRESETS
 from bench.timing import attention_tflops
 from fgcupy import SliceMask, SparseAttention, relative_l2
 from fgcupy.distributed import SequenceParallelAttention, head_ranges, shard_ranges
+from fgcupy.jit.runtime import wait_for_background
 from fgcupy.mask import num_blocks
 
 
@@ -65,7 +66,9 @@ def full_mask(batch, heads, q_len, kv_len, slice_m, device) -> SliceMask:
 
 # ---- timing ----
 def timed(fn, warmup, reps, barrier=True) -> list[float]:
-    """Milliseconds of each repetition (CUDA events); ranks start each one together."""
+    """Milliseconds of each repetition (CUDA events); ranks start each one together, after the
+    kernels still compiling on threads are in (a stand-in would be timed in their place)."""
+    wait_for_background()
     for _ in range(warmup):
         fn()
     times = []

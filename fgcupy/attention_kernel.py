@@ -50,10 +50,16 @@ def block_order(mask: SliceMask, schedule: str = "longest_first") -> torch.Tenso
 STAND_IN_ENV = "FGCUPY_STAND_IN"
 
 
+def stand_in_spec(spec) -> AttentionSpec:
+    """The mma.sync kernel that stands in for the Hopper kernel ``spec`` (``runnable_spec``):
+    the default one of its dtype, head dim and slice size."""
+    return AttentionSpec(spec.dtype, spec.head_dim, spec.slice_m, **config_with(spec.head_dim, spec.slice_m))
+
+
 def runnable_spec(device, spec):
     """``spec``, or while its Hopper kernel compiles for the first time on this machine (not in
     the disk cache), the portable mma.sync kernel of the same dtype, head dim and slice size,
-    which NVRTC compiles in about 60 % of the time (``python -m tools.compile_times``): the
+    which NVRTC compiles in 49-61 % of the time (``python -m tools.compile_times``): the
     Hopper kernel compiles on a thread meanwhile and
     takes over at the first call after it is done. A first call of a new install so waits for
     one short compile, not the long one. Under a CUDA graph capture nothing is compiled or
@@ -66,7 +72,7 @@ def runnable_spec(device, spec):
     capturing = torch.cuda.is_current_stream_capturing()
     if not capturing and ready_kernel_on(device, spec) is not None:
         return spec
-    stand_in = AttentionSpec(spec.dtype, spec.head_dim, spec.slice_m, **config_with(spec.head_dim, spec.slice_m))
+    stand_in = stand_in_spec(spec)
     if capturing:
         hopper_loaded = loaded_kernel_on(device, spec) is not None
         return spec if hopper_loaded or loaded_kernel_on(device, stand_in) is None else stand_in

@@ -55,6 +55,9 @@ def cuda_time_ms(fn, warmup: int = 3, reps: int = 10, queued: bool = False, host
         raise ValueError("queued timing without warm-up needs host_ms, the host time of one call")
     if not torch.cuda.is_available():
         raise RuntimeError("cuda_time_ms times with CUDA events: it needs a CUDA GPU")
+    from .jit.runtime import wait_for_background
+
+    wait_for_background()  # kernels still compiling on threads: a stand-in would be timed in their place
     host_s = 0.0 if host_ms is None else host_ms / 1e3
     for _ in range(warmup):
         t0 = time.perf_counter()

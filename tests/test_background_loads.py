@@ -187,3 +187,49 @@ def test_a_background_compile_is_loaded_by_the_caller_and_its_failure_raised(mon
     assert not runtime.compile_in_background(device, Spec("broken")) and not runtime._loading_in_background
     monkeypatch.setattr(runtime.nvrtc, "available", lambda: False)
     assert not runtime.compile_in_background(device, Spec("other"))
+
+
+def test_a_refused_background_binary_or_a_thread_that_cannot_start_ends_the_background_tries(monkeypatch):
+    """A binary the driver refuses after a background compile is raised and not compiled on a
+    thread again; where no thread starts, the key is not left marked (the caller loads it)."""
+    monkeypatch.setattr(runtime, "_kernels", {})
+    monkeypatch.setattr(runtime, "_failed_in_background", {})
+    monkeypatch.setattr(runtime, "_loading_in_background", set())
+    monkeypatch.setattr(runtime, "_compiled_in_background", {(Spec("refused"), 0): "binary"})
+    monkeypatch.setattr(runtime, "_compile_failed", set())
+    monkeypatch.setattr(runtime, "_threads", set())
+    monkeypatch.setattr(runtime.driver, "available", lambda: True)
+    monkeypatch.setattr(runtime.nvrtc, "available", lambda: True)
+    monkeypatch.setattr(runtime, "device_arch", lambda index: "sm_90")
+
+    def load(spec, index, from_cache=True, compile_missing=True, compiled=None):
+        raise runtime.driver.CudaDriverError("cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE")
+
+    monkeypatch.setattr(runtime, "_load", load)
+    device = torch.device("cuda", 0)
+    with pytest.raises(runtime.driver.CudaDriverError):
+        runtime.ready_kernel_on(device, Spec("refused"))
+    assert not runtime.compile_in_background(device, Spec("refused"))
+
+    class Unstartable(threading.Thread):
+        def start(self):
+            raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(runtime.threading, "Thread", Unstartable)
+    assert not runtime.compile_in_background(device, Spec("other"))
+    runtime.load_in_background(device, Spec("other"))
+    assert not runtime._loading_in_background and not runtime._threads
+    runtime.wait_for_background(1.0)  # nothing left to join
+
+
+def test_a_prediction_loads_the_stand_in_of_a_hopper_default_ahead(monkeypatch):
+    from fgcupy import gpu_prediction
+    from fgcupy.jit import AttentionSpec, Sm90WsAttentionSpec
+    from fgcupy.jit.plan_spec import LaunchOrderSpec
+
+    monkeypatch.setattr(gpu_prediction, "device_index", lambda device: 0)
+    for arch, expected in (("sm_90", [Sm90WsAttentionSpec, AttentionSpec, LaunchOrderSpec]),
+                           ("sm_80", [AttentionSpec, LaunchOrderSpec])):
+        monkeypatch.setattr(gpu_prediction, "device_arch", lambda index, arch=arch: arch)
+        specs = gpu_prediction.attention_kernels_ahead("bfloat16", 128, 128, torch.device("cuda", 0))
+        assert [type(s) for s in specs] == expected

@@ -151,9 +151,21 @@ def compile_in_background(device, spec) -> bool:
             return True
         _loading_in_background.add(key)
     thread = threading.Thread(target=_compile_quietly, args=(key, arch), daemon=True, name="fgcupy-compile")
+    return _start(thread, key)
+
+
+def _start(thread: threading.Thread, key) -> bool:
+    """Start a loading or compiling ``thread`` for ``key`` (already marked in
+    _loading_in_background); False, the mark taken back, where no thread can be started."""
     with _lock:
         _threads.add(thread)
-    thread.start()
+    try:
+        thread.start()
+    except RuntimeError:  # "can't start new thread": the caller loads the kernel itself
+        with _lock:
+            _threads.discard(thread)
+            _loading_in_background.discard(key)
+        return False
     return True
 
 
@@ -188,12 +200,14 @@ def _get_kernel(device, spec, background: bool, compile_missing: bool = True):
             failed = _failed_in_background.pop(key, None)
             if failed is not None:  # raised as it was, not compiled again to raise it (a later call retries)
                 raise failed
+            handed_over = _compiled_in_background.pop(key, None)
             try:
-                kernel = _load(spec, key[1], compile_missing=compile_missing,
-                               compiled=_compiled_in_background.pop(key, None))
+                kernel = _load(spec, key[1], compile_missing=compile_missing, compiled=handed_over)
             except Exception as error:
                 if background:  # kept before the lock is let go: a caller waiting on it raises this
                     _failed_in_background[key] = error
+                if handed_over is not None:  # the driver refused a background compile's binary
+                    _compile_failed.add(key)
                 raise
             if kernel is None:  # not cached, and not to be compiled here
                 return None
@@ -216,20 +230,24 @@ def load_in_background(device, spec) -> None:
         _loading_in_background.add(key)
     thread = threading.Thread(target=_load_quietly, args=(torch.device("cuda", key[1]), spec), daemon=True,
                               name="fgcupy-load")
+    _start(thread, key)  # where none starts, get_kernel_on loads it in the caller's thread
+
+
+def wait_for_background(timeout_s: float = 120.0) -> None:
+    """Wait (at most ``timeout_s``) for the loads and compiles running on threads: before timing
+    kernels (a stand-in would otherwise be timed for the kernel it stands in for) and at exit."""
+    deadline = time.monotonic() + timeout_s
     with _lock:
-        _threads.add(thread)
-    thread.start()
+        threads = list(_threads)
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
 
 
 @atexit.register
 def _join_loads(timeout_s: float = 120.0) -> None:
     """At exit, wait for loads still compiling: NVRTC torn down under a running compile aborts
     the process."""
-    deadline = time.monotonic() + timeout_s
-    with _lock:
-        threads = list(_threads)
-    for thread in threads:
-        thread.join(max(0.0, deadline - time.monotonic()))
+    wait_for_background(timeout_s)
 
 
 def _load_quietly(device, spec) -> None:
@@ -284,7 +302,8 @@ def _load(spec, index: int, from_cache: bool = True, compile_missing: bool = Tru
     except driver.CudaDriverError as err:
         if source != "the disk cache" or not any(name in str(err) for name in _BAD_IMAGE_ERRORS):
             raise
-        log.warning("fgcupy: the driver refused the cached %s (%s); deleting it and compiling", spec.name, err)
+        log.warning("fgcupy: the driver refused the cached %s (%s); deleting it%s", spec.name, err,
+                    " and compiling" if compile_missing else "")
         kernel_cache.discard(spec, arch)
         return _load(spec, index, from_cache=False, compile_missing=compile_missing)
     log.info("fgcupy: loaded %s from %s in %.3f s", spec.name, source, time.perf_counter() - started)
