@@ -123,7 +123,7 @@ class SparseAttentionConfig:
         the time of SDPA cuDNN's dense attention for a wan14b-480p layer on an H100 with the
         earlier, block-mean estimate (the per-query one is not yet timed). On the head families the
         estimated masks had 0.99-1.07x the oracle's error where the default predictor's had up
-        to 4.3x, and over 50 searched sparse steps 1.03-1.11x where a predicted
+        to 4.3x, and over 50 searched sparse steps 1.03-1.06x where a predicted
         first mask's had 1.11-1.57x (CPU; notes/MEASURED.md "Mask quality", docs/diffusers.md). Needs a
         named mean-query predictor; not with mask_from_warmup=True (the warm-up's exact mask is
         the first), calibrate_pooling (its refresh makes the first mask) or process_group. With it
