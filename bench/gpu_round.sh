@@ -5,7 +5,8 @@
 # kernels (bench.report_attention on the presets), tune (fgcupy.autotune tables),
 # e2e (bench.bench_e2e; needs diffusers: carry .whl), peers (bench.report_peers), masks,
 # contest (bench.report_equal_error), headdims (D = 96 and 256 beside SDPA), firstcall,
-# tma (tools.ab_tensor_maps: whole key tiles by TMA against every tile gathered).
+# tma (tools.ab_tensor_maps: whole key tiles by TMA against every tile gathered), estimate (the
+# estimated LSE's parts and cost, and its column max on the head families).
 set -uo pipefail
 OUT=${OUT:-results}
 STEPS=${STEPS:-tests sanitize kernels}
@@ -54,6 +55,11 @@ if has tma; then
 fi
 if has firstcall; then
   timeout 120 python3 -m bench.first_call 2>&1 | tee "$OUT/first_call.log" | head -3
+fi
+if has estimate; then
+  timeout 150 python3 -m tools.profile_estimate 2>&1 | tee "$OUT/estimate_parts.log"
+  timeout 300 python3 -m bench.report_masks --densities 0.1 0.3 --skip quality timing drift \
+    --judged default "colmax, estimated LSE" 2>&1 | tee "$OUT/masks_families.log" | tail -30
 fi
 if has masks; then
   timeout 300 python3 -m bench.report_masks --json "$OUT/masks.json" 2>&1 | tee "$OUT/masks.log" | tail -40
