@@ -19,6 +19,7 @@ __all__ = [
     "dense_attention",
     "find_diagonals",
     "mask_drift",
+    "mask_recall",
     "predict_mask",
     "reference_attention",
     "relative_l2",
@@ -30,7 +31,7 @@ __all__ = [
 
 _LAZY = {"SequenceParallelAttention": "distributed", "sequence_parallel_attention": "distributed",
          "HybridSequenceParallelAttention": "ring", "find_diagonals": "diagonals", "MaskCache": "cache",
-         "mask_drift": "cache", "predict_mask": "scoring", "dense_attention": "reference",
+         "mask_drift": "cache", "mask_recall": "cache", "predict_mask": "scoring", "dense_attention": "reference",
          "reference_attention": "reference", "relative_l2": "reference"}
 
 

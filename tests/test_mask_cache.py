@@ -248,7 +248,9 @@ def test_mask_recall_checks_its_arguments():
     with pytest.raises(ValueError, match="k must be"):
         mask_recall(q, k[:, :1], lse, 0.3)
     with pytest.raises(ValueError, match="scale"):
-        mask_recall(q, k, lse, None)
+        mask_recall(q, k, lse, 0.0)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        mask_recall(q, k, lse, layout="BHSD")
     for key_valid in (torch.ones(1, 1, dtype=torch.bool), torch.ones(1, 12, dtype=torch.int64)):
         with pytest.raises(ValueError, match=r"key_valid must be bool \[B, KV\]"):
             mask_recall(q, k, lse, 0.3, key_valid)
@@ -369,3 +371,25 @@ def test_a_layer_that_misses_its_refresh_step_refreshes_on_its_next_call(schedul
 def test_a_misspelt_prediction_option_is_refused_when_the_cache_is_made():
     with pytest.raises(TypeError, match=r"predict_mask does not take: \['methd'\]"):
         MaskCache(density=0.1, methd="topk")
+
+
+def test_mask_recall_tells_a_mask_that_misses_a_heads_mass_on_any_input():
+    """fgcupy.mask_recall from a sparse call's LSE alone: near 1 for the exact column-max mask,
+    low for a mask that misses sharp unstructured heads' peaks; NHD views and the default scale
+    read the same."""
+    import fgcupy
+    from fgcupy.oracle import exact_lse
+
+    gen = torch.Generator().manual_seed(11)
+    q, k = (torch.randn(1, 2, 512, 32, generator=gen) * 3.0 for _ in range(2))  # logits of std ~9
+    v = torch.randn(1, 2, 512, 32, generator=gen)
+    exact_mask = fgcupy.predict_mask(q, k, 64, "colmax", density=0.1, lse=exact_lse(q, k))
+    default_mask = fgcupy.predict_mask(q, k, 64, density=0.1)
+    recalls = []
+    for mask in (exact_mask, default_mask):
+        _, lse = fgcupy.sparse_attention(q, k, v, mask, return_lse=True)
+        recall = fgcupy.mask_recall(q, k, lse)
+        torch.testing.assert_close(recall, fgcupy.mask_recall(q, k, lse, 1 / math.sqrt(32)))
+        torch.testing.assert_close(recall, fgcupy.mask_recall(q.transpose(1, 2), k.transpose(1, 2), lse, layout="NHD"))
+        recalls.append(recall)
+    assert (recalls[0] > 0.75).all() and (recalls[1] < recalls[0] - 0.3).all(), recalls
