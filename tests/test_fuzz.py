@@ -1,6 +1,6 @@
 """Fuzzing the public CPU entry points (hypothesis): every bad input gets a ValueError or
 TypeError raised by fgcupy itself; every good input gives what an independent check expects.
-About 17,500 generated cases (7 x 2,500); FGCUPY_FUZZ_EXAMPLES scales them."""
+About 20,000 generated cases (8 x 2,500); FGCUPY_FUZZ_EXAMPLES scales them."""
 
 import math
 import os
@@ -314,3 +314,37 @@ def test_integration_configs_are_refused_when_made(kwargs):
     mask = ours(lambda: predict_mask(q, q, config.slice_m, config.predictor, **config.predictor_arguments(),
                                      **dense_step))
     assert mask is not None, f"config {kwargs} accepted what predict_mask refuses"
+
+
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(0, 40), st.integers(0, 40), st.sampled_from([8, 16]),
+       st.fixed_dictionaries({}, optional={
+           "scale": st.sampled_from([None, 0.3, 0.0, -1.0, math.inf, math.nan, "0.3"]),
+           "samples": ODD_SIZES,
+           "layout": st.sampled_from(["HND", "NHD", "BHSD", None]),
+           "key_valid": st.sampled_from(["ok", "none valid", "wrong shape", "int"]),
+       }), st.sampled_from(["ok", "short", "list"]), st.integers(0, 2**16))
+@FUZZ
+def test_mask_recall_is_refused_or_a_kept_share(batch, heads, q_len, kv_len, dim, options, lse_kind, seed):
+    """mask_recall: refused by fgcupy, or each head's mean over its sampled queries of
+    exp(LSE through a mask - exact LSE), which a full mask puts at 1 (a query with no valid key
+    reads 1 too)."""
+    from fgcupy import mask_recall
+
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(batch, heads, q_len, dim, generator=gen), torch.randn(batch, heads, kv_len, dim, generator=gen)
+    layout = options.get("layout", "HND")
+    valid = {"ok": torch.rand(batch, kv_len, generator=gen) > 0.3, "none valid": torch.zeros(batch, kv_len, dtype=torch.bool),
+             "wrong shape": torch.ones(batch, kv_len + 1, dtype=torch.bool),
+             "int": torch.ones(batch, kv_len, dtype=torch.int64)}[options.pop("key_valid", "ok")]
+    scale = options.get("scale")
+    scale_f = 1 / math.sqrt(dim) if scale is None or not isinstance(scale, float) or not scale > 0 else scale
+    logits = (q @ k.transpose(-1, -2)) * scale_f
+    full = torch.logsumexp(logits.masked_fill(~valid.bool()[:, None, None, :], -math.inf), -1) if valid.dtype == torch.bool \
+        and valid.shape[1] == kv_len else torch.zeros(batch, heads, q_len)
+    lse = {"ok": full, "short": full[:, :, : max(0, q_len - 1)], "list": full.tolist()}[lse_kind]
+    views = (q, k) if layout != "NHD" else (q.transpose(1, 2), k.transpose(1, 2))
+    recall = ours(lambda: mask_recall(*views, lse, key_valid=valid, **options))
+    if recall is None:
+        return
+    assert recall.shape == (batch, heads) and recall.dtype == torch.float32
+    assert torch.allclose(recall, torch.ones_like(recall), atol=1e-4), recall  # the full mask keeps everything
