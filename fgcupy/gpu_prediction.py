@@ -11,7 +11,7 @@ from . import bridge
 from . import mask_reference as ref
 from .jit.launch import GRID_LIMITS
 from .jit.plan_spec import LaunchOrderSpec
-from .jit.runtime import device_arch, device_index, load_in_background
+from .jit.runtime import device_arch, device_index, kernel_at_hand, load_in_background
 from .jit.score_spec import DILATE_MAX_RADIUS, DilateInPlaceSpec, DilateSpec, EmitSpec
 from .attention_kernel import stand_in_spec
 from .jit.spec import ATTENTION_HEAD_DIMS, HEAD_DIMS, SLICE_SIZES, AttentionSpec
@@ -103,15 +103,15 @@ def _layout_of_counts(batch, heads, q_blocks, kv_len, slice_m, top_k, min_keys, 
 def attention_kernels_ahead(dtype: str, head_dim: int, slice_m: int, device) -> list:
     """The attention kernels a predicted mask most likely meets next: the untuned default for
     its dtype, head dim and slice size on this GPU, the mma.sync kernel that stands in for it
-    while it compiles where that is a Hopper kernel (attention_kernel.runnable_spec), and the
+    where that is a Hopper kernel not yet compiled here (attention_kernel.runnable_spec), and the
     launch-order kernel. Loaded ahead with the prediction's own, a cold first sparse step waits
     for no attention compile after its prediction (a tuned kernel, where one is stored, is the
     plan's to load)."""
     if head_dim not in ATTENTION_HEAD_DIMS or slice_m not in SLICE_SIZES:
         return []
     default = default_spec(dtype, head_dim, slice_m, device_arch(device_index(device)))
-    stand_in = [] if isinstance(default, AttentionSpec) else [stand_in_spec(default)]
-    return [default, *stand_in, LaunchOrderSpec()]
+    cold = not isinstance(default, AttentionSpec) and not kernel_at_hand(device, default)
+    return [default, *([stand_in_spec(default)] if cold else []), LaunchOrderSpec()]
 
 
 def colmax_kernels(dtype: str, head_dim: int, slice_m: int, kv_len: int | None, rule: str, device) -> list:

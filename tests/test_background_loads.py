@@ -222,14 +222,18 @@ def test_a_refused_background_binary_or_a_thread_that_cannot_start_ends_the_back
     runtime.wait_for_background(1.0)  # nothing left to join
 
 
-def test_a_prediction_loads_the_stand_in_of_a_hopper_default_ahead(monkeypatch):
+def test_a_prediction_loads_the_stand_in_of_a_hopper_default_ahead_while_it_is_not_compiled(monkeypatch):
     from fgcupy import gpu_prediction
     from fgcupy.jit import AttentionSpec, Sm90WsAttentionSpec
     from fgcupy.jit.plan_spec import LaunchOrderSpec
 
     monkeypatch.setattr(gpu_prediction, "device_index", lambda device: 0)
-    for arch, expected in (("sm_90", [Sm90WsAttentionSpec, AttentionSpec, LaunchOrderSpec]),
-                           ("sm_80", [AttentionSpec, LaunchOrderSpec])):
+    at_hand = [False]
+    monkeypatch.setattr(gpu_prediction, "kernel_at_hand", lambda device, spec: at_hand[0])
+    for arch, hand, expected in (("sm_90", False, [Sm90WsAttentionSpec, AttentionSpec, LaunchOrderSpec]),
+                                 ("sm_90", True, [Sm90WsAttentionSpec, LaunchOrderSpec]),
+                                 ("sm_80", False, [AttentionSpec, LaunchOrderSpec])):
+        at_hand[0] = hand
         monkeypatch.setattr(gpu_prediction, "device_arch", lambda index, arch=arch: arch)
         specs = gpu_prediction.attention_kernels_ahead("bfloat16", 128, 128, torch.device("cuda", 0))
         assert [type(s) for s in specs] == expected

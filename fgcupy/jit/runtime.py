@@ -126,6 +126,15 @@ def ready_kernel_on(device, spec):
     return _get_kernel(device, spec, background=False, compile_missing=False)
 
 
+def kernel_at_hand(device, spec) -> bool:
+    """Whether ``spec``'s kernel needs no compile here: loaded, compiled by a thread, or in the
+    disk cache (nothing is loaded or read)."""
+    key = (spec, device_index(device))
+    if key in _kernels or key in _compiled_in_background:
+        return True
+    return kernel_cache.cache_file(spec, getattr(spec, "arch", None) or device_arch(key[1])).is_file()
+
+
 def loaded_kernel_on(device, spec):
     """The kernel for ``spec`` if this process has loaded it, else None (nothing is loaded here)."""
     return _kernels.get((spec, device_index(device)))
