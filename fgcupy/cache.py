@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from . import bridge
+from . import mask_reference as ref
 from .attention_kernel import check_scale
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask, check_key_valid, indptr_from_counts, is_int, num_blocks, positive_int
@@ -407,25 +408,12 @@ def mask_recall(q, k, lse, scale: float | None = None, key_valid=None, samples: 
     for b in range(batch):
         for h0 in range(0, heads, chunk):
             h1 = min(heads, h0 + chunk)
-            logits = _float32_logits(q[b, h0:h1, rows], k[b, h0:h1]).mul_(scale)
+            logits = ref.float32_products(q[b, h0:h1, rows], k[b, h0:h1]).mul_(scale)
             if key_valid is not None:
                 logits.masked_fill_(~key_valid[b, None, None, :], float("-inf"))
             exact[b, h0:h1] = torch.logsumexp(logits, dim=-1)
     kept = torch.exp(lse[:, :, rows].float() - exact).nan_to_num(0.0)
     return torch.where(exact == -math.inf, 1.0, kept).mean(-1)  # a query with no valid key misses nothing
-
-
-#: torch.bmm(..., out_dtype=) exists (torch 2.8 on).
-_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
-
-
-def _float32_logits(q_rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """float32 [H, R, S] products of q_rows [H, R, D] with k [H, S, D]. On CUDA, half-precision
-    operands go to the tensor cores as they are, accumulated and returned in float32 (the same
-    values as a float32 product, without a float32 copy of every key)."""
-    if _BMM_OUT_DTYPE and q_rows.is_cuda and q_rows.dtype in (torch.bfloat16, torch.float16) and k.dtype == q_rows.dtype:
-        return torch.bmm(q_rows, k.transpose(-1, -2), out_dtype=torch.float32)
-    return torch.matmul(q_rows.float(), k.float().transpose(-1, -2))
 
 
 def missed_more(recall: torch.Tensor, first: torch.Tensor, factor: float) -> torch.Tensor:

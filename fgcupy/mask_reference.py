@@ -75,6 +75,19 @@ def stored_probs(x: torch.Tensor) -> torch.Tensor:
 COHERENCE_CUT = 0.4
 
 
+#: torch.bmm(..., out_dtype=) exists (torch 2.8 on).
+_BMM_OUT_DTYPE = "dtype" in torch.ops.aten.bmm.overloads()
+
+
+def float32_products(q_rows: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """float32 [N, R, S] products of q_rows [N, R, D] with k [N, S, D]. On CUDA, half-precision
+    operands go to the tensor cores as they are, accumulated and returned in float32 (the same
+    values as a float32 product, without a float32 copy of every key)."""
+    if _BMM_OUT_DTYPE and q_rows.is_cuda and q_rows.dtype in (torch.bfloat16, torch.float16) and k.dtype == q_rows.dtype:
+        return torch.bmm(q_rows, k.transpose(-1, -2), out_dtype=torch.float32)
+    return torch.matmul(q_rows.float(), k.float().transpose(-1, -2))
+
+
 def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
