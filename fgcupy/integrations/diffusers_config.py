@@ -119,12 +119,12 @@ class SparseAttentionConfig:
         padding) is the exact column max with each query's LSE estimated instead of predicted
         (``predict_mask(method="colmax", lse="estimate")``: no dense step), selected like
         mask_from_warmup's; later refreshes as configured. Costs one column-max pass and the
-        estimate per layer and generation (and guidance branch, without share_branches): 0.56x
-        the time of SDPA cuDNN's dense attention for a wan14b-480p layer on an H100 with the
-        earlier, block-mean estimate (the per-query one is not yet timed). On the head families the
-        estimated masks had 0.99-1.07x the oracle's error where the default predictor's had up
-        to 4.3x, and over 50 searched sparse steps 1.03-1.06x where a predicted
-        first mask's had 1.11-1.57x (CPU; notes/MEASURED.md "Mask quality", docs/diffusers.md). Needs a
+        estimate per layer and generation (and guidance branch, without share_branches): 0.64x
+        the time of SDPA cuDNN's dense attention for a wan14b-480p layer on an H100. On the head
+        families the estimated masks had 1.00-1.06x the oracle's error where the default
+        predictor's had up to 3.6x (H100), and over 50 searched sparse steps 1.03-1.06x where a
+        predicted first mask's had 1.11-1.57x (CPU; notes/MEASURED.md "Mask quality",
+        docs/diffusers.md). Needs a
         named mean-query predictor; not with mask_from_warmup=True (the warm-up's exact mask is
         the first), calibrate_pooling (its refresh makes the first mask) or process_group. With it
         the default dense_steps is 0, and given warm-up steps do not make the first mask
