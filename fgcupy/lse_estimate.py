@@ -185,9 +185,8 @@ def _band_sample_keys(blocks: int, slice_m: int, band: int, kv_len: int, device)
 
 
 def _band_sample_bytes(keys_shape, slice_m: int, dim: int) -> int:
-    """Bytes ``band_sample_lse`` holds per head at most: the gathered keys, the float32 logits
-    with a temporary, and the queries, unpadded and padded (all counted as float32, which the
-    CPU's products make them)."""
+    """Float32 bytes ``band_sample_lse`` holds per head: the gathered keys, the logits with a
+    temporary, and the queries as float32, unpadded and padded."""
     blocks, width = keys_shape
     return 4 * blocks * width * (dim + 2 * slice_m) + 8 * blocks * slice_m * dim
 
@@ -198,10 +197,10 @@ def band_sample_lse(q: torch.Tensor, sampled: torch.Tensor, keys: torch.Tensor, 
     positions ``keys`` [QB, W] (``_band_sample_keys``: -1 for none) of its block, without the
     sample's scaling; NaN logits add no mass."""
     n, q_len, dim = q.shape
-    blocks, width = keys.shape
-    gathered = sampled.index_select(1, keys.clamp_min(0).flatten()).to(q.dtype).view(n * blocks, width, dim)
-    queries = torch.nn.functional.pad(q, (0, 0, 0, blocks * slice_m - q_len)).view(n * blocks, slice_m, dim)
-    logits = ref.float32_products(queries, gathered).view(n, blocks, slice_m, width).mul_(scale)  # [N, QB, M, W]
+    blocks = keys.shape[0]
+    gathered = sampled.index_select(1, keys.clamp_min(0).flatten()).float().view(n, blocks, -1, dim)
+    queries = torch.nn.functional.pad(q.float(), (0, 0, 0, blocks * slice_m - q_len)).view(n, blocks, slice_m, dim)
+    logits = torch.matmul(queries, gathered.transpose(-1, -2)) * scale  # [N, QB, M, W]
     logits.masked_fill_((keys < 0).view(1, blocks, 1, -1), -math.inf)
     logits.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
     return torch.logsumexp(logits, -1).view(n, blocks * slice_m)[:, :q_len]
