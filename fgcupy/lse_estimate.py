@@ -185,25 +185,40 @@ def _band_sample_keys(blocks: int, slice_m: int, band: int, kv_len: int, device)
 
 
 def _band_sample_bytes(keys_shape, slice_m: int, dim: int) -> int:
-    """Float32 bytes ``band_sample_lse`` holds per head: the gathered keys, the logits with a
-    temporary, and the queries as float32, unpadded and padded."""
+    """Float32 bytes ``band_sample_lse`` holds per head at most: the gathered keys, the logits
+    with a temporary, a copy of the queries (where their layout needs one) and the output."""
     blocks, width = keys_shape
-    return 4 * blocks * width * (dim + 2 * slice_m) + 8 * blocks * slice_m * dim
+    return 4 * blocks * width * (dim + 2 * slice_m) + 8 * blocks * slice_m * dim + 4 * blocks * slice_m
 
 
 def band_sample_lse(q: torch.Tensor, sampled: torch.Tensor, keys: torch.Tensor, slice_m: int,
                     scale: float) -> torch.Tensor:
     """float32 [N, q_len]: each query's LSE over the sampled keys ``sampled`` [N, n, D] at
     positions ``keys`` [QB, W] (``_band_sample_keys``: -1 for none) of its block, without the
-    sample's scaling; NaN logits add no mass."""
+    sample's scaling; NaN logits add no mass. The products run on half-precision operands where
+    q is half precision on CUDA (mask_reference.float32_products), with no float32 copy of q."""
     n, q_len, dim = q.shape
-    blocks = keys.shape[0]
-    gathered = sampled.index_select(1, keys.clamp_min(0).flatten()).float().view(n, blocks, -1, dim)
-    queries = torch.nn.functional.pad(q.float(), (0, 0, 0, blocks * slice_m - q_len)).view(n, blocks, slice_m, dim)
-    logits = torch.matmul(queries, gathered.transpose(-1, -2)) * scale  # [N, QB, M, W]
-    logits.masked_fill_((keys < 0).view(1, blocks, 1, -1), -math.inf)
+    full = q_len // slice_m
+    out = torch.empty(n, q_len, dtype=torch.float32, device=q.device)
+    if full:
+        out[:, : full * slice_m] = _blocks_lse(q[:, : full * slice_m].unflatten(1, (full, slice_m)), sampled,
+                                                keys[:full], scale).flatten(1)
+    if q_len > full * slice_m:
+        out[:, full * slice_m :] = _blocks_lse(q[:, full * slice_m :].unsqueeze(1), sampled, keys[full:],
+                                                scale).flatten(1)
+    return out
+
+
+def _blocks_lse(queries: torch.Tensor, sampled: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """float32 [N, QB, M]: the LSE of queries [N, QB, M, D] over the sampled keys at ``keys``
+    [QB, W] (-1 for none) of their block."""
+    n, blocks, rows, dim = queries.shape
+    width = keys.shape[1]
+    gathered = sampled.index_select(1, keys.clamp_min(0).flatten()).view(n * blocks, width, dim)
+    logits = ref.float32_products(queries.reshape(n * blocks, rows, dim), gathered).view(n, blocks, rows, width)
+    logits.mul_(scale).masked_fill_((keys < 0).view(1, blocks, 1, width), -math.inf)
     logits.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-    return torch.logsumexp(logits, -1).view(n, blocks * slice_m)[:, :q_len]
+    return torch.logsumexp(logits, -1)
 
 
 def sampled_outside_band_lse(q: torch.Tensor, k: torch.Tensor, slice_m: int, band: int, scale: float,

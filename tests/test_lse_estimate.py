@@ -197,3 +197,6 @@ def test_the_kernel_paths_parts_give_the_torch_paths_estimate(slice_m, band, kv_
     expected = estimate_lse(q, k, slice_m, band=band, scale=scale)
     assert (got.isnan() == expected.isnan()).all()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4, equal_nan=True)
+    q_nhd = q.transpose(1, 2).contiguous().transpose(1, 2)  # an NHD layout's strides
+    near, far = lse_parts_from_stats(q_nhd, k, slice_m, band, scale, 300_000, _stats_reference(slice_m, scale), 4)
+    torch.testing.assert_close(torch.logaddexp(near, far), got, rtol=0, atol=1e-5, equal_nan=True)
