@@ -85,6 +85,9 @@ JUDGED = {
     "pool 8 + band 128": dict(pool=8, exact_band=128),
     # The exact column max with each query's LSE estimated (fgcupy.lse_estimate): no dense step.
     "colmax, estimated LSE": dict(method="colmax", lse="estimate"),
+    # The default where a check of sampled blocks finds it near their best mask, else the above
+    # (per head; fgcupy.auto_mask).
+    "auto": dict(method="auto"),
     # Per head, the pooling whose mask holds the most exact column-max mass (the LSE of a dense step).
     "calibrated (mean | both)": "calibrate",
     # The same choice without a dense step: the most probability of sampled queries

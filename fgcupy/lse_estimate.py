@@ -174,14 +174,17 @@ def _sampled_keys(k: torch.Tensor) -> tuple:
 
 def _band_sample_keys(blocks: int, slice_m: int, band: int, kv_len: int, device) -> torch.Tensor:
     """int64 [blocks, W]: per query block, the places in the sample (the keys at
-    ``sample_positions(kv_len)``) of the sampled keys in its band, -1 past them."""
-    positions = sample_positions(kv_len)
-    bounds = [ref.band_bounds(j, slice_m, band, kv_len) for j in range(blocks)]
-    first = torch.searchsorted(positions, torch.tensor([lo for lo, _ in bounds], dtype=torch.int64))
-    end = torch.searchsorted(positions, torch.tensor([hi for _, hi in bounds], dtype=torch.int64))
-    width = max(1, int((end - first).max())) if blocks else 1
-    keys = first.unsqueeze(1) + torch.arange(width)
-    return torch.where(keys < end.unsqueeze(1), keys, -1).to(device)
+    ``sample_positions(kv_len)``) of the sampled keys in its band (mask_reference.band_bounds),
+    -1 past them. W bounds any band's count (one sample per run of stride keys), so the
+    shape needs no host sync."""
+    positions = sample_positions(kv_len, device)
+    block = torch.arange(blocks, device=device)
+    lo = (block * slice_m - band).clamp(0, kv_len)
+    hi = torch.maximum(lo, ((block + 1) * slice_m + band).clamp_max(kv_len))
+    first, end = torch.searchsorted(positions, lo), torch.searchsorted(positions, hi)
+    width = min(positions.shape[0], num_blocks(slice_m + 2 * band, ref.lse_key_stride(kv_len)) + 1)
+    keys = first.unsqueeze(1) + torch.arange(max(1, width), device=device)
+    return torch.where(keys < end.unsqueeze(1), keys, -1)
 
 
 def _band_sample_bytes(keys_shape, slice_m: int, dim: int) -> int:

@@ -3,6 +3,8 @@ one indptr builder is fgcupy.mask.indptr_from_offsets)."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .mask import (INT32_MAX, SliceMask, check_key_valid, indptr_from_counts, indptr_from_offsets, is_int,
@@ -203,6 +205,28 @@ def slice_rows(mask: SliceMask, first_block: int, q_len: int) -> SliceMask:
         raise ValueError(f"queries [{first_query}, {first_query + q_len}) reach past the mask's q_len={mask.q_len}")
     return SliceMask(mask.indptr[..., first_block : last + 1].contiguous(), mask.indices, mask.slice_m, q_len,
                      mask.kv_len)
+
+
+def take_blocks(mask: SliceMask, blocks, q_len: int) -> SliceMask:
+    """The mask of query blocks ``blocks`` (ints) of ``mask``, back to back, for a sequence of
+    ``q_len`` queries: the rows of those blocks, gathered (one host sync)."""
+    _check_mask(mask)
+    _check_ints(q_len=q_len)
+    blocks = [int(b) for b in blocks]
+    if any(not 0 <= b < mask.q_blocks for b in blocks) or num_blocks(q_len, mask.slice_m) != len(blocks):
+        raise ValueError(f"blocks {blocks} must be blocks of the mask's {mask.q_blocks}, as many as q_len={q_len} "
+                         f"fills (slice_m={mask.slice_m})")
+    index = torch.tensor(blocks, dtype=torch.int64, device=mask.device)
+    starts, ends = _row_bounds(mask)
+    shape = _Lengths(mask.slice_m, q_len, mask.kv_len)
+    return _pack_rows(mask.indices, starts.index_select(2, index), ends.index_select(2, index), shape)
+
+
+class _Lengths(NamedTuple):
+    """What packed_mask takes from its ``like``: a mask's slice size and lengths."""
+    slice_m: int
+    q_len: int
+    kv_len: int
 
 
 def restrict_keys(mask: SliceMask, start: int, stop: int) -> SliceMask:

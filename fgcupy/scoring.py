@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from . import bridge, predict_op
+from . import auto_mask, bridge, predict_op
 from .gpu_prediction import DEFAULT_WORKSPACE, static_row_counts  # noqa: F401
 from .jit.spec import SLICE_SIZES
 from .layout import query_key_views
@@ -109,6 +109,16 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     query's own output is NaN through any mask).
     """
     qh, kh = query_key_views(q, k, layout)
+    if method == "auto":
+        given = [name for name, value, default in (
+            ("tau", tau, None), ("threshold", threshold, None), ("rule", rule, None), ("pool", pool, AUTO),
+            ("combine", combine, "max"), ("min_keys", min_keys, 0), ("max_keys", max_keys, None),
+            ("local", local, None), ("lse", lse, None), ("logits_dtype", logits_dtype, None),
+            ("exact_band", exact_band, AUTO), ("pooling", pooling, AUTO), ("diagonals", diagonals, ()),
+            ("candidates", candidates, None)) if not _is_default(value, default)]
+        if given:
+            raise ValueError(f"method='auto' takes density or top_k, scale, layout and workspace_bytes; got {given}")
+        return _predict_auto(qh, kh, slice_m, density, top_k, scale, workspace_bytes)
     poolings = None
     if isinstance(pooling, (list, tuple)):
         poolings = _checked_poolings(pooling, qh.shape[1], method)
@@ -148,6 +158,25 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
                          kh.shape[2])
     return predict_op.predict(qh, kh, lse_t, candidates, req, int(min(workspace_bytes, 2**62)),
                               None if poolings is None else (poolings, logits_dtype))
+
+
+def _is_default(value, default) -> bool:
+    if isinstance(default, str) or default is None:
+        return value is default or (isinstance(value, str) and value == default)
+    return isinstance(value, type(default)) and value == default
+
+
+def _predict_auto(qh, kh, slice_m, density, top_k, scale, workspace_bytes) -> SliceMask:
+    """method="auto" (fgcupy.auto_mask), its options checked as top-k's."""
+    req = make_request(qh.shape[3], kh.shape[2], slice_m, "topk", density=density, top_k=top_k, scale=scale)
+    if qh.device.type == "cuda" and slice_m not in SLICE_SIZES:
+        raise ValueError(f"slice_m={slice_m!r} has no attention kernel; available: {SLICE_SIZES} "
+                         "(the CPU reference takes any size)")
+    check_workspace_bytes(workspace_bytes)
+    if qh.shape[0] * qh.shape[1] == 0:
+        return predict_mask(qh, kh, slice_m, "topk", density=density, top_k=top_k, scale=scale)
+    return auto_mask.predict_auto(qh, kh, req.slice_m, predict_mask, density=density, top_k=top_k, scale=req.scale,
+                                  workspace_bytes=workspace_bytes)
 
 
 def _checked_poolings(poolings, heads: int, method: str) -> tuple:

@@ -1,0 +1,161 @@
+"""predict_mask(method="auto"): the check's blocks and masses against a float64 brute force,
+the per-head composition, and its errors (CPU; one GPU test against the CPU composition)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fgcupy import SliceMask, auto_mask, predict_mask
+from fgcupy.mask import num_blocks
+from fgcupy.mask_algebra import take_blocks
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@pytest.mark.parametrize("q_blocks, count, expected", [(1, 8, [0]), (5, 8, [0, 1, 2, 3, 4]),
+                                                       (256, 8, [0, 36, 73, 109, 146, 182, 219, 255]),
+                                                       (9, 3, [0, 4, 8])])
+def test_check_blocks_spread_over_the_sequence(q_blocks, count, expected):
+    assert auto_mask.check_blocks(q_blocks, count) == expected
+
+
+@SETTINGS
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 300), st.integers(1, 90), st.sampled_from([16, 64]),
+       st.integers(0, 2**31 - 1))
+def test_take_blocks_gives_those_blocks_rows(batch, heads, q_len, kv_len, slice_m, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q_blocks = num_blocks(q_len, slice_m)
+    dense = torch.rand(batch, heads, q_blocks, kv_len, generator=gen) < 0.3
+    mask = SliceMask.from_dense(dense, slice_m, q_len)
+    blocks = sorted(set(torch.randint(0, q_blocks, (3,), generator=gen).tolist()))
+    sub_len = (len(blocks) - 1) * slice_m + (q_len - (q_blocks - 1) * slice_m if blocks[-1] == q_blocks - 1 else slice_m)
+    taken = take_blocks(mask, blocks, sub_len)
+    taken.validate()
+    assert (taken.q_len, taken.kv_len, taken.slice_m) == (sub_len, kv_len, slice_m)
+    assert torch.equal(taken.to_dense(), dense[:, :, blocks])
+
+
+def test_take_blocks_refuses_blocks_that_do_not_fill_the_length():
+    mask = SliceMask.full(1, 1, 300, 50, 64)
+    with pytest.raises(ValueError, match="as many as q_len"):
+        take_blocks(mask, [0, 1], 64)
+    with pytest.raises(ValueError, match="blocks"):
+        take_blocks(mask, [7], 64)
+
+
+def brute_force_missed(q, k, mask: SliceMask, density: float, scale: float) -> tuple:
+    """float64 (mean share missed by ``mask``, by the exact column-max top-k) per [B, H] over the
+    checked blocks' queries."""
+    p = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, -1)  # [B, H, S, K]
+    slice_m, q_len, kv_len = mask.slice_m, q.shape[2], k.shape[2]
+    blocks = auto_mask.check_blocks(num_blocks(q_len, slice_m))
+    keep = mask.to_dense()
+    top = max(1, min(kv_len, round(density * kv_len)))
+    missed, best = [], []
+    for b in blocks:
+        rows = p[:, :, b * slice_m : (b + 1) * slice_m]
+        colmax = rows.amax(2)  # [B, H, K]
+        oracle = torch.zeros_like(colmax, dtype=torch.bool).scatter_(-1, colmax.topk(top, -1).indices, True)
+        missed.append(1 - (rows * keep[:, :, b].unsqueeze(2)).sum(-1))
+        best.append(1 - (rows * oracle.unsqueeze(2)).sum(-1))
+    return torch.cat(missed, 2).mean(-1), torch.cat(best, 2).mean(-1)
+
+
+@SETTINGS
+@given(st.integers(1, 2), st.integers(1, 2), st.integers(40, 700), st.integers(30, 400), st.sampled_from([32, 64]),
+       st.sampled_from([0.05, 0.3]), st.integers(0, 2**31 - 1))
+def test_missed_mass_matches_a_float64_brute_force(batch, heads, q_len, kv_len, slice_m, density, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, q_len, 16, generator=gen) * 2
+    k = torch.randn(batch, heads, kv_len, 16, generator=gen)
+    scale = 0.25
+    cheap = predict_mask(q, k, slice_m, "topk", density=density, scale=scale)
+    rule = dict(density=density, top_k=None, scale=scale, workspace_bytes=1 << 30)
+    missed, best = auto_mask.missed_mass(q, k, cheap, predict_mask, scale, rule)
+    expected_missed, expected_best = brute_force_missed(q, k, cheap, density, scale)
+    torch.testing.assert_close(missed.double(), expected_missed, rtol=0, atol=2e-5)
+    # The column max is stored as bfloat16 (8 significant bits): near-ties may trade places.
+    torch.testing.assert_close(best.double(), expected_best, rtol=0, atol=2e-2)
+
+
+def _two_kinds_of_head(seq: int = 1024, dim: int = 32, seed: int = 0):
+    """Head 0: i.i.d. sharp logits (each query its own peaks); head 1: the queries of each
+    block of 128 alike (one mean query stands for them all)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, 2, seq, dim, generator=gen)
+    q = torch.randn(1, 2, seq, dim, generator=gen) * 3
+    q[0, 1] = q[0, 1, ::128].repeat_interleave(128, 0)[:seq] + 0.01 * torch.randn(seq, dim, generator=gen)
+    return q, k
+
+
+def test_auto_predicts_again_only_the_heads_the_cheap_mask_fails():
+    q, k = _two_kinds_of_head()
+    scale = q.shape[-1] ** -0.5
+    cheap = predict_mask(q, k, 128, "topk", density=0.1)
+    rule = dict(density=0.1, top_k=None, scale=scale, workspace_bytes=1 << 30)
+    assert auto_mask.flagged_heads(q, k, cheap, predict_mask, scale, rule) == [0]
+    auto = predict_mask(q, k, 128, "auto", density=0.1)
+    exact = predict_mask(q, k, 128, "colmax", lse="estimate", density=0.1)
+    auto.validate()
+    assert torch.equal(auto.to_dense()[:, 0], exact.to_dense()[:, 0])
+    assert torch.equal(auto.to_dense()[:, 1], cheap.to_dense()[:, 1])
+
+
+def test_auto_keeps_the_cheap_mask_where_every_head_passes():
+    q, k = _two_kinds_of_head()
+    q, k = q[:, 1:], k[:, 1:]
+    cheap = predict_mask(q, k, 128, "topk", density=0.2)
+    auto = predict_mask(q, k, 128, "auto", density=0.2, layout="HND")
+    assert torch.equal(auto.indptr, cheap.indptr) and torch.equal(auto.indices, cheap.indices)
+
+
+def test_auto_takes_nhd_views_and_no_heads():
+    q, k = _two_kinds_of_head()
+    hnd = predict_mask(q, k, 128, "auto", top_k=50)
+    nhd = predict_mask(q.transpose(1, 2), k.transpose(1, 2), 128, "auto", top_k=50, layout="NHD")
+    assert torch.equal(hnd.to_dense(), nhd.to_dense())
+    empty = predict_mask(q[:, :0], k[:, :0], 128, "auto", density=0.1)
+    assert (empty.batch, empty.heads, empty.q_len) == (1, 0, q.shape[2])
+
+
+@pytest.mark.parametrize("options, match", [
+    (dict(tau=0.9), "auto"), (dict(density=0.1, lse="estimate"), "auto"), (dict(density=0.1, pool=16), "auto"),
+    (dict(density=0.1, local=4), "auto"), (dict(), "exactly one of density"), (dict(density=0.1, top_k=3), "exactly one"),
+    (dict(density=1.5), "density"), (dict(density=0.1, scale=-1.0), "scale"),
+])
+def test_auto_refuses_what_it_does_not_take(options, match):
+    q, k = _two_kinds_of_head(256)
+    with pytest.raises(ValueError, match=match):
+        predict_mask(q, k, 128, "auto", **options)
+
+
+def test_an_unknown_method_lists_auto():
+    q, k = _two_kinds_of_head(256)
+    with pytest.raises(ValueError, match="auto"):
+        predict_mask(q, k, 128, "best")
+
+
+@pytest.mark.gpu
+def test_auto_on_the_gpu_is_the_composition_it_checks():
+    """On the kernels: the check's masses near the CPU's, and each head's rows those of the
+    cheap mask or of the estimated column max, as the GPU's own check flags it."""
+    q, k = _two_kinds_of_head(2048, 64)
+    qg, kg = q.cuda().bfloat16(), k.cuda().bfloat16()
+    scale = q.shape[-1] ** -0.5
+    rule = dict(density=0.1, top_k=None, scale=scale, workspace_bytes=1 << 30)
+    cheap = predict_mask(qg, kg, 128, "topk", density=0.1)
+    missed, best = auto_mask.missed_mass(qg, kg, cheap, predict_mask, scale, rule)
+    cpu_missed, cpu_best = brute_force_missed(qg.float().cpu(), kg.float().cpu(), cheap.to("cpu"), 0.1, scale)
+    torch.testing.assert_close(missed.double().cpu(), cpu_missed, rtol=0, atol=5e-3)
+    torch.testing.assert_close(best.double().cpu(), cpu_best, rtol=0, atol=5e-3)
+    flagged = auto_mask.flagged_heads(qg, kg, cheap, predict_mask, scale, rule)
+    assert flagged == [0]
+    auto = predict_mask(qg, kg, 128, "auto", density=0.1)
+    auto.validate()
+    exact = predict_mask(qg, kg, 128, "colmax", lse="estimate", density=0.1)
+    assert torch.equal(auto.to_dense()[:, 0], exact.to_dense()[:, 0])
+    assert torch.equal(auto.to_dense()[:, 1], cheap.to_dense()[:, 1])
+    assert math.isfinite(float(missed.sum()))

@@ -1,0 +1,94 @@
+"""What ``predict_mask(method="auto")`` costs and how many heads it predicts again, per head
+family, beside the default and the estimated column max, as % of SDPA cuDNN dense attention of
+the same heads (CUDA-event medians of calls timed one by one, since "auto" waits on the host to
+pick its heads; one process). ``--parts``: where one family's "auto" call spends its time.
+
+    PYTHONPATH=. python -m tools.profile_auto_mask     (GPU; wan14b-480p grid, 8 heads per family)
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from bench.cases import sdpa_call
+from bench.timing import require_cuda
+from fgcupy import auto_mask, predict_mask
+from fgcupy.head_families import FAMILIES, family_qkv
+from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
+from fgcupy.mask import num_blocks
+from fgcupy.mask_algebra import take_blocks
+from fgcupy.timing import cuda_time_ms
+from fgcupy import sparse_attention
+from tools.scoring_setup import queued_ms
+
+
+def call_ms(fn) -> float:
+    """CUDA-event median of 10 calls timed one by one (host syncs inside ``fn`` included)."""
+    return cuda_time_ms(fn, warmup=2, reps=10)["median_ms"]
+
+
+def parts(q, k, d: float) -> None:
+    """Each step of one "auto" call on q, k, timed alone."""
+    scale = q.shape[-1] ** -0.5
+    rule = dict(density=d, top_k=None, scale=scale, workspace_bytes=1 << 32)
+    cheap = predict_mask(q, k, 128, "topk", density=d)
+    blocks = auto_mask.check_blocks(num_blocks(q.shape[2], 128))
+    rows = torch.cat([torch.arange(b * 128, min(q.shape[2], (b + 1) * 128)) for b in blocks]).cuda()
+    q_rows = q.index_select(2, rows)
+    exact = auto_mask.exact_row_lse(q_rows, k, scale)
+    sub = take_blocks(cheap, blocks, rows.numel())
+    steps = {
+        "cheap top-k": lambda: predict_mask(q, k, 128, "topk", density=d),
+        "checked rows' exact LSE": lambda: auto_mask.exact_row_lse(q_rows, k, scale),
+        "their best mask (column max)": lambda: predict_mask(q_rows, k, 128, "colmax", lse=exact, rule="topk", **rule),
+        "take_blocks": lambda: take_blocks(cheap, blocks, rows.numel()),
+        "kept LSE (sparse call)": lambda: sparse_attention(q_rows, k, k, sub, scale=scale, return_lse=True),
+        "flagged_heads (the whole check)": lambda: auto_mask.flagged_heads(q, k, cheap, predict_mask, scale, rule),
+        "estimated column max, all heads": lambda: predict_mask(q, k, 128, "colmax", lse="estimate", density=d),
+        "auto": lambda: predict_mask(q, k, 128, "auto", density=d),
+    }
+    for name, fn in steps.items():
+        print(f"  {name}: {call_ms(fn):.3f} ms", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3])
+    parser.add_argument("--parts", metavar="FAMILY", help="time each step of one call on this head family (d: the first density)")
+    args = parser.parse_args()
+    require_cuda("this probe")
+    shape = SHAPES["wan14b-480p"]
+    print(torch.cuda.get_device_name())
+    if args.parts:
+        q, k, _ = family_qkv(shape, args.parts, heads=args.heads, device="cuda")
+        print(f"{args.parts}, {args.heads} heads, d = {args.densities[0]}: cuDNN dense "
+              f"{queued_ms(sdpa_call(q, k, k, 'cudnn')):.3f} ms (queued)")
+        parts(q, k, args.densities[0])
+        return
+    inputs = [(f, lambda f=f: family_qkv(shape, f, heads=args.heads, device="cuda")) for f in FAMILIES]
+    inputs += [(f"workload-{p}", lambda p=p: video_qkv(shape, p, head_ids=range(args.heads), device="cuda"))
+               for p in PATTERNS]
+    print("| heads | d | cuDNN dense | default | auto (heads predicted again) | colmax, estimated LSE |")
+    print("|---|---|---|---|---|---|")
+    for name, make in inputs:
+        q, k, v = make()
+        dense = call_ms(sdpa_call(q, k, v, "cudnn"))
+        for d in args.densities:
+            scale = q.shape[-1] ** -0.5
+            cheap = predict_mask(q, k, 128, "topk", density=d)
+            flagged = auto_mask.flagged_heads(q, k, cheap, predict_mask, scale,
+                                              dict(density=d, top_k=None, scale=scale, workspace_bytes=1 << 32))
+            times = [call_ms(lambda m=m, kw=kw, q=q, k=k: predict_mask(q, k, 128, m, density=d, **kw))
+                     for m, kw in (("topk", {}), ("auto", {}), ("colmax", dict(lse="estimate")))]
+            pct = [f"{t:.2f} ms ({100 * t / dense:.1f} %)" for t in times]
+            print(f"| {name} | {d} | {dense:.2f} ms | {pct[0]} | {pct[1]} ({len(flagged)} of {q.shape[1]}) | {pct[2]} |",
+                  flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
