@@ -388,6 +388,8 @@ def mask_recall(q, k, lse, scale: float | None = None, key_valid=None, samples: 
     q, k = to_bhsd(q, layout, "q"), to_bhsd(k, layout, "k")
     if not isinstance(lse, torch.Tensor):
         raise TypeError(f"lse must be a tensor [B, H, S], got {type(lse).__name__}")
+    if lse.dtype != torch.float32:
+        raise ValueError(f"lse must be float32 (a sparse call's return_lse), got {lse.dtype}")
     batch, heads, q_len, _ = q.shape
     samples = positive_int("samples", samples)
     if k.dim() != 4 or tuple(k.shape[:2]) != (batch, heads) or k.shape[3] != q.shape[3]:

@@ -122,11 +122,12 @@ def calibrate(q, k, lse=None, slice_m: int = 128, *, candidates=DEFAULT_CANDIDAT
     q, k = query_key_views(q, k, layout)
     if isinstance(candidates, str):
         raise TypeError(f"candidates must be a sequence of pooling names, not one str: got {candidates!r}")
+    candidates = tuple(candidates)  # iterated more than once
     if not candidates or any(c not in POOLINGS for c in candidates):
         raise ValueError(f"candidates must be one or more of {POOLINGS}, got {candidates!r}")
-    if "pooling" in predict_kwargs or predict_kwargs.get("method") == "colmax":
-        raise ValueError("calibrate chooses the pooling of a mean-query method: predict_kwargs may not set "
-                         "pooling or method='colmax'")
+    if "pooling" in predict_kwargs or predict_kwargs.get("method", "topk") != "topk":
+        raise ValueError("calibrate compares the masks of its candidates at equal size: top-k only (density or "
+                         "top_k); predict_kwargs may not set pooling or another method")
     if lse is not None:
         lse = checked_lse(lse, q)
         if per_block is not None:

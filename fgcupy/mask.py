@@ -162,6 +162,9 @@ class SliceMask:
                 raise ValueError("dense mask must hold only 0 and 1 (or booleans)")
             dense = dense.to(torch.bool)
         batch, heads, q_blocks, kv_len = dense.shape
+        if is_int(q_len) and is_int(slice_m) and q_len >= 0 and slice_m >= 1 and q_blocks != num_blocks(q_len, slice_m):
+            raise ValueError(f"dense mask has {q_blocks} query blocks ([B, H, QB, KV] = {tuple(dense.shape)}); "
+                             f"q_len={q_len} in blocks of slice_m={slice_m} needs {num_blocks(q_len, slice_m)}")
         counts = dense.sum(dim=-1, dtype=torch.int32).reshape(-1)
         indptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=dense.device)
         torch.cumsum(counts, 0, out=indptr[1:])
@@ -188,6 +191,8 @@ class SliceMask:
             topk = torch.as_tensor(topk)
         if topk.dtype == torch.bool or topk.dtype.is_floating_point or topk.dtype.is_complex:
             raise TypeError(f"top-k indices must be an integer tensor, got {topk.dtype}")
+        if topk.dtype in _UNSIGNED_WIDE:
+            raise TypeError(f"top-k indices must be int32 or int64 (or uint8, int8, int16), got {topk.dtype}")
         if topk.dim() != 4:
             raise ValueError(f"top-k indices must have shape [B, H, QB, k], got {tuple(topk.shape)}")
         if not is_int(kv_len) or kv_len < 0:
@@ -417,6 +422,10 @@ def random_topk_mask(batch: int, heads: int, q_len: int, kv_len: int, slice_m: i
     topk = torch.topk(scores, keep, dim=-1, sorted=False).indices
     del scores
     return SliceMask.from_topk(topk, slice_m, q_len, kv_len)
+
+
+#: Unsigned dtypes torch compares on no device (top-k indices in them are refused).
+_UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))
 
 
 def _check_topk(topk: torch.Tensor, kv_len: int) -> None:

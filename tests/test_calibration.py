@@ -51,6 +51,11 @@ def test_calibration_refuses_what_it_cannot_choose():
         calibrate_pooling(q, q, lse, 128, candidates=("mean", "max"), density=0.1)
     with pytest.raises(ValueError, match="may not set pooling"):
         calibrate_pooling(q, q, lse, 128, pooling="both", density=0.1)
+    for method in ("threshold", "tau", "colmax"):  # masks of different sizes: the bigger would win
+        with pytest.raises(ValueError, match="top-k only"):
+            calibrate_pooling(q, q, lse, 128, method=method, threshold=0.002)
+    chosen = calibrate_pooling(q, q, lse, 128, candidates=(c for c in ("mean", "both")), density=0.1)
+    assert chosen == calibrate_pooling(q, q, lse, 128, candidates=("mean", "both"), density=0.1)
     for bad in (lse[:, :1], lse.double(), lse.to("meta")):  # the column-max kernels read it raw
         with pytest.raises(ValueError, match=r"lse must be float32 \(1, 2, 256\) on cpu"):
             calibrate_pooling(q, q, bad, 128, density=0.1)

@@ -694,6 +694,12 @@ def test_a_padding_mask_refilled_in_place_is_read_again():
                 assert relative_l2(got, want) < 1e-5, (mode.__name__, valid_text)
 
 
+def test_config_names_predictor_options_the_integration_sets():
+    for kwargs in ({"slice_m": 64}, {"candidates": None}, {"method": "tau"}):
+        with pytest.raises(ValueError, match="the integration gives the predictor these"):
+            fd.SparseAttentionConfig(density=0.1, predictor_kwargs=kwargs)
+
+
 def test_config_keeps_its_own_predictor_kwargs():
     kwargs = {"min_keys": 4}
     config = fd.SparseAttentionConfig(density=0.2, predictor_kwargs=kwargs)

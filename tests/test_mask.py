@@ -183,3 +183,12 @@ def test_digest_tells_masks_apart_and_ignores_spare_capacity():
     assert SliceMask.from_dense(moved, 16, 60).digest() != mask.digest()
     assert 0 <= mask.digest() < 2**62
     assert SliceMask.full(1, 0, 10, 10, 16).digest() == SliceMask.full(1, 0, 10, 10, 16).digest()
+
+
+def test_constructors_name_what_is_wrong():
+    for dtype in (torch.uint16, torch.uint32):  # torch compares neither: refused by name
+        with pytest.raises(TypeError, match="int32 or int64"):
+            SliceMask.from_topk(torch.tensor([[[[3, 1, 2]]]]).to(dtype), 4, 3, 5)
+    assert SliceMask.from_topk(torch.tensor([[[[3, 1, 2]]]], dtype=torch.uint8), 4, 3, 5).indices.tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="dense mask has 3 query blocks"):
+        SliceMask.from_dense(torch.ones(1, 1, 3, 10, dtype=torch.bool), 128, 100)

@@ -251,6 +251,9 @@ def test_mask_recall_checks_its_arguments():
         mask_recall(q, k, lse, 0.0)
     with pytest.raises(ValueError, match="layout must be one of"):
         mask_recall(q, k, lse, layout="BHSD")
+    for bad in (lse.long(), lse > 0, lse.half()):  # read as an LSE they would give a plausible share
+        with pytest.raises(ValueError, match="lse must be float32"):
+            mask_recall(q, k, bad, 0.3)
     for key_valid in (torch.ones(1, 1, dtype=torch.bool), torch.ones(1, 12, dtype=torch.int64)):
         with pytest.raises(ValueError, match=r"key_valid must be bool \[B, KV\]"):
             mask_recall(q, k, lse, 0.3, key_valid)

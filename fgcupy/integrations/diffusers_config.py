@@ -513,6 +513,10 @@ class SparseAttentionConfig:
         if "layout" in kwargs:
             raise ValueError("predictor_kwargs may not set 'layout': the processors give the predictor [B, H, S, D] "
                              "(\"HND\") views of the model's q and k")
+        supplied = sorted(set(kwargs) & {"slice_m", "candidates", "q", "k", "method"})
+        if supplied:
+            raise ValueError(f"predictor_kwargs may not set {supplied}: the integration gives the predictor these "
+                             "(slice_m: the config's own; method: its predictor)")
         unknown = set(kwargs) - allowed
         if unknown:
             raise ValueError(f"predictor_kwargs holds options predict_mask does not take: {sorted(unknown)}")
