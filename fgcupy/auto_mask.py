@@ -40,7 +40,7 @@ def predict_auto(qh, kh, slice_m: int, predict, *, density, top_k, scale: float,
                  workspace_bytes: int) -> SliceMask:
     """The "auto" mask for q, k [B, H, S, D] views (checked by ``predict``, which is
     fgcupy.predict_mask): cheap top-k on every head, the estimated column max on flagged heads.
-    One host sync (which heads) besides the predictions' own."""
+    Syncs the host (which heads; the masks' gathers)."""
     rule = dict(density=density, top_k=top_k, scale=scale, workspace_bytes=workspace_bytes)
     cheap = predict(qh, kh, slice_m, "topk", **rule)
     flagged = flagged_heads(qh, kh, cheap, predict, scale, rule)

@@ -67,7 +67,11 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     "threshold" (mean-query scoring, selected by that rule) or "colmax" (exact column maxima
     from ``lse``, selected by ``rule``: the rule whose option is given, "threshold" when none is;
     ``lse="estimate"`` where no dense step ran: fgcupy.lse_estimate.estimate_lse, near the
-    oracle on every head family for one column-max pass plus the estimate, notes/MEASURED.md "Mask quality").
+    oracle on every head family for one column-max pass plus the estimate, notes/MEASURED.md "Mask quality"),
+    or "auto" (top-k: the default's mask, checked per head on a few sampled query blocks against
+    their exact column-max mask; heads where it misses more than fgcupy.auto_mask.MISS_RATIO
+    times that mask's share of the attention are predicted again by the estimated column max;
+    takes only density or top_k, scale, layout and workspace_bytes; syncs the host).
     ``density`` is top-k as a fraction of kv_len (a positive density keeps at least one key; 0
     keeps only what ``local`` and ``min_keys`` add, so alone it gives empty rows), or ``top_k`` a
     count. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.
@@ -169,6 +173,7 @@ def _is_default(value, default) -> bool:
 def _predict_auto(qh, kh, slice_m, density, top_k, scale, workspace_bytes) -> SliceMask:
     """method="auto" (fgcupy.auto_mask), its options checked as top-k's."""
     req = make_request(qh.shape[3], kh.shape[2], slice_m, "topk", density=density, top_k=top_k, scale=scale)
+    make_request(qh.shape[3], kh.shape[2], slice_m, "colmax", rule="topk", density=density, top_k=top_k, scale=scale)
     if qh.device.type == "cuda" and slice_m not in SLICE_SIZES:
         raise ValueError(f"slice_m={slice_m!r} has no attention kernel; available: {SLICE_SIZES} "
                          "(the CPU reference takes any size)")

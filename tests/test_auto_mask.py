@@ -132,6 +132,12 @@ def test_auto_refuses_what_it_does_not_take(options, match):
         predict_mask(q, k, 128, "auto", **options)
 
 
+def test_auto_refuses_slices_the_column_max_cannot_take_before_predicting():
+    q, k = _two_kinds_of_head(300)
+    with pytest.raises(ValueError, match="power of two"):
+        predict_mask(q, k, 100, "auto", density=0.1)
+
+
 def test_an_unknown_method_lists_auto():
     q, k = _two_kinds_of_head(256)
     with pytest.raises(ValueError, match="auto"):

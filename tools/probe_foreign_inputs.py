@@ -77,8 +77,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"CPU, float32, 1 x {args.heads} heads x {args.seq} queries x {DIM}, slice_m {args.slice_m}; "
           "error / the oracle slice mask's error (absolute errors in brackets)")
-    print("| input | d | oracle error | default top-k | colmax, exact LSE | colmax, estimated LSE |")
-    print("|---|---|---|---|---|---|")
+    print("| input | d | oracle error | default top-k | colmax, exact LSE | colmax, estimated LSE | auto |")
+    print("|---|---|---|---|---|---|---|")
     for kind in KINDS:
         gen = torch.Generator().manual_seed(0)
         q, k = inputs(kind, args.heads, args.seq, gen)
@@ -87,7 +87,8 @@ def main() -> None:
         for density in (0.1, 0.3):
             oracle = judge.oracle_error(density)
             cells = []
-            for options in (dict(), dict(method="colmax", lse=judge.lse), dict(method="colmax", lse="estimate")):
+            for options in (dict(), dict(method="colmax", lse=judge.lse), dict(method="colmax", lse="estimate"),
+                            dict(method="auto")):
                 mask = predict_mask(q, k, args.slice_m, options.pop("method", "topk"), density=density, **options)
                 error, ratio = judge.ratio(mask)
                 cells.append(f"{ratio:.2f} ({error:.3g})")
