@@ -30,8 +30,8 @@ CHECK_BLOCKS = 8
 #: best mask of the same size misses on the checked blocks (a miss ratio of 1.2 goes with an
 #: output error about 1.3x the best mask's on the head families, notes/MEASURED.md).
 MISS_RATIO = 1.2
-#: ... and more than this share of the mass in all: masks that keep nearly everything pass.
-MISS_FLOOR = 1e-3
+#: ... and more than this share of the mass in all (a floor for masks that keep all but a trace).
+MISS_FLOOR = 1e-4
 #: Bytes the torch path's float32 logits of the checked rows may take at once.
 _CHECK_WORKSPACE = 1 << 30
 
