@@ -26,11 +26,10 @@ from .mask_algebra import concat_heads, take_blocks
 #: Query blocks per head the check scores against every key (evenly spread; fewer if the
 #: sequence has fewer).
 CHECK_BLOCKS = 8
-#: A head is predicted again where its cheap mask misses more than this many times the mass the
-#: best mask of the same size misses on the checked blocks (a miss ratio of 1.2 goes with an
-#: output error about 1.3x the best mask's on the head families, notes/MEASURED.md).
+#: A head is predicted again where its cheap mask misses more than MISS_RATIO times the mass
+#: the best mask of the same size misses on the checked blocks, plus MISS_FLOOR (so two masks
+#: that both keep all but a trace do not count as different).
 MISS_RATIO = 1.2
-#: ... and more than this share of the mass in all (a floor for masks that keep all but a trace).
 MISS_FLOOR = 1e-4
 #: Bytes the torch path's float32 logits of the checked rows may take at once.
 _CHECK_WORKSPACE = 1 << 30
@@ -72,7 +71,8 @@ def check_blocks(q_blocks: int, count: int = CHECK_BLOCKS) -> list:
 def missed_mass(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> tuple:
     """(float32 [B, H] mean share of the attention mass ``cheap`` misses on the checked blocks'
     queries, the same for the best mask of the same size: exact column-max top-k of those
-    blocks). Queries whose exact LSE is not finite (NaN or infinite entries) are left out."""
+    blocks). NaN logits add no mass to the exact LSE; queries whose exact LSE is not finite, or
+    whose LSE over a mask's keys is NaN (a NaN key kept), are left out."""
     slice_m, q_len = cheap.slice_m, qh.shape[2]
     blocks = check_blocks(num_blocks(q_len, slice_m))
     rows = torch.cat([torch.arange(b * slice_m, min(q_len, (b + 1) * slice_m)) for b in blocks]).to(qh.device)
@@ -80,18 +80,16 @@ def missed_mass(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> 
     exact = exact_row_lse(q_rows, kh, scale)
     best = predict(q_rows, kh, slice_m, "colmax", lse=exact, rule="topk", **rule)
     sub_len = rows.numel()
-    shares = []
-    for mask in (take_blocks(cheap, blocks, sub_len), best):
-        _, kept = sparse_attention(q_rows, kh, kh, mask, scale=scale, return_lse=True)  # values unused
-        shares.append(torch.exp(kept - exact))
-    valid = torch.isfinite(exact)
+    kept = [sparse_attention(q_rows, kh, kh, mask, scale=scale, return_lse=True)[1]  # values unused
+            for mask in (take_blocks(cheap, blocks, sub_len), best)]
+    valid = torch.isfinite(exact) & ~kept[0].isnan() & ~kept[1].isnan()
     count = valid.sum(-1).clamp_min(1)
-    return tuple(torch.where(valid, 1.0 - s, 0.0).sum(-1) / count for s in shares)
+    return tuple(torch.where(valid, -torch.expm1(lse - exact), 0.0).sum(-1) / count for lse in kept)
 
 
 def exact_row_lse(q_rows, kh, scale: float) -> torch.Tensor:
-    """float32 [B, H, R]: each row's natural-log LSE over every key of kh (the stats kernel
-    where it runs, else float32 products in head chunks)."""
+    """float32 [B, H, R]: each row's natural-log LSE over every key of kh, NaN logits adding no
+    mass (the stats kernel where it runs, else float32 products in head chunks)."""
     batch, heads, n_rows, dim = q_rows.shape
     on_kernel = _kernel_row_lse(q_rows, kh, scale)
     if on_kernel is not None:
@@ -101,7 +99,7 @@ def exact_row_lse(q_rows, kh, scale: float) -> torch.Tensor:
     for b in range(batch):
         for h0 in range(0, heads, chunk):
             logits = ref.float32_products(q_rows[b, h0 : h0 + chunk], kh[b, h0 : h0 + chunk]).mul_(scale)
-            out[b, h0 : h0 + chunk] = torch.logsumexp(logits, -1)
+            out[b, h0 : h0 + chunk] = ref.nan_free_logsumexp(logits)
     return out
 
 

@@ -430,6 +430,7 @@ _UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint16", "uint32", "ui
 
 def _check_topk(topk: torch.Tensor, kv_len: int) -> None:
     """ValueError for a top-k index outside [0, kv_len) or listed twice in its row (one sync)."""
+    topk = topk.long()  # kv_len in a narrow dtype would wrap
     outside = (topk < 0) | (topk >= kv_len)
     ordered = torch.sort(topk, dim=-1).values
     repeated = ordered[..., 1:] == ordered[..., :-1]

@@ -84,7 +84,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
     if isinstance(pool, str) and pool == AUTO:
         pool = min(DEFAULT_POOL, slice_m) if defaults_apply else None
     if method not in METHODS:
-        raise ValueError(f"method must be one of {PREDICT_METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     slice_m = positive_int("slice_m", slice_m)
     if method == "colmax":
         if rule is None:  # the rule whose option is given; threshold by default

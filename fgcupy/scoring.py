@@ -49,7 +49,7 @@ from .layout import query_key_views
 from .lse_estimate import estimate_lse
 from .mask import SliceMask, num_blocks
 from .mask_request import (AUTO, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
-                           METHODS, POOLINGS, MaskRequest, check_workspace_bytes, checked_candidates,
+                           METHODS, POOLINGS, PREDICT_METHODS, MaskRequest, check_workspace_bytes, checked_candidates,
                            checked_lse, make_request)
 
 
@@ -70,7 +70,8 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     oracle on every head family for one column-max pass plus the estimate, notes/MEASURED.md "Mask quality"),
     or "auto" (top-k: the default's mask, checked per head on a few sampled query blocks against
     their exact column-max mask; heads where it misses more than fgcupy.auto_mask.MISS_RATIO
-    times that mask's share of the attention are predicted again by the estimated column max;
+    times that mask's share of the attention, plus MISS_FLOOR, are predicted again by the
+    estimated column max;
     takes only density or top_k, scale, layout and workspace_bytes; syncs the host).
     ``density`` is top-k as a fraction of kv_len (a positive density keeps at least one key; 0
     keeps only what ``local`` and ``min_keys`` add, so alone it gives empty rows), or ``top_k`` a
@@ -113,6 +114,8 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     query's own output is NaN through any mask).
     """
     qh, kh = query_key_views(q, k, layout)
+    if not isinstance(method, str) or method not in PREDICT_METHODS:
+        raise ValueError(f"method must be one of {PREDICT_METHODS}, got {method!r}")
     if method == "auto":
         given = [name for name, value, default in (
             ("tau", tau, None), ("threshold", threshold, None), ("rule", rule, None), ("pool", pool, AUTO),

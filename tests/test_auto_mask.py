@@ -91,6 +91,19 @@ def _two_kinds_of_head(seq: int = 1024, dim: int = 32, seed: int = 0):
     return q, k
 
 
+def test_a_nan_key_adds_no_mass_to_the_check():
+    q, k = _two_kinds_of_head()
+    scale = q.shape[-1] ** -0.5
+    rule = dict(density=0.1, top_k=None, scale=scale, workspace_bytes=1 << 30)
+    cheap = predict_mask(q, k, 128, "topk", density=0.1)
+    clean = auto_mask.missed_mass(q, k, cheap, predict_mask, scale, rule)
+    k[0, 0, 500, 0] = math.nan  # one NaN entry: no mass for that key, the head still checked
+    missed, best = auto_mask.missed_mass(q, k, predict_mask(q, k, 128, "topk", density=0.1), predict_mask, scale, rule)
+    assert missed[0, 0] > 0.5 and best[0, 0] > 0.3
+    torch.testing.assert_close(missed[0, 1], clean[0][0, 1])
+    assert auto_mask.flagged_heads(q, k, cheap, predict_mask, scale, rule) == [0]
+
+
 def test_auto_predicts_again_only_the_heads_the_cheap_mask_fails():
     q, k = _two_kinds_of_head()
     scale = q.shape[-1] ** -0.5

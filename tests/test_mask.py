@@ -190,5 +190,7 @@ def test_constructors_name_what_is_wrong():
         with pytest.raises(TypeError, match="int32 or int64"):
             SliceMask.from_topk(torch.tensor([[[[3, 1, 2]]]]).to(dtype), 4, 3, 5)
     assert SliceMask.from_topk(torch.tensor([[[[3, 1, 2]]]], dtype=torch.uint8), 4, 3, 5).indices.tolist() == [1, 2, 3]
+    for dtype, index, kv_len in ((torch.uint8, 200, 300), (torch.int8, 100, 200), (torch.int16, 5, 40000)):
+        assert SliceMask.from_topk(torch.tensor([[[[index]]]], dtype=dtype), 4, 3, kv_len).indices.tolist() == [index]
     with pytest.raises(ValueError, match="dense mask has 3 query blocks"):
         SliceMask.from_dense(torch.ones(1, 1, 3, 10, dtype=torch.bool), 128, 100)

@@ -148,7 +148,7 @@ def test_min_and_max_keys_bound_every_block():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(method="best"), r"method must be one of \('topk', 'tau', 'threshold', 'colmax', 'auto'\), got 'best'"),
+        (dict(method="best"), r"method must be one of \('topk', 'tau', 'threshold', 'colmax'\), got 'best'"),
         (dict(method="topk"), r"exactly one of density"),
         (dict(method="topk", density=0.1, top_k=3), r"exactly one of density"),
         (dict(method="topk", density=1.5), r"density must be a number in \[0, 1\], got 1.5"),
