@@ -144,7 +144,7 @@ def predictions(draw):
     k_dtype = dtype if draw(st.integers(0, 9)) else draw(st.sampled_from([torch.float32, torch.float16]))
     shape = dict(b=draw(st.integers(1, 2)), h=draw(st.integers(1, 2)), q=draw(st.integers(0, 70)),
                  kv=draw(st.integers(0, 50)), d=draw(st.sampled_from([0, 4, 8, 16])))
-    method = draw(st.sampled_from(["topk", "tau", "threshold", "colmax", "bogus"]))
+    method = draw(st.sampled_from(["topk", "tau", "threshold", "colmax", "auto", "bogus"]))
     opts = {}
     for name, values in (("density", [0.0, 0.1, 0.5, 1.0, 1.5, math.nan]), ("top_k", [0, 3, 100, -1, 2.5]),
                          ("tau", [0.5, 0.9, 1.0, 0.0, 2.0]), ("threshold", [1e-3, 0.5, 0.0, -1.0, math.inf]),
@@ -154,7 +154,7 @@ def predictions(draw):
                          ("layout", ["HND", "NHD", "BSHD"])):
         if draw(st.integers(0, 3)) == 0:
             opts[name] = draw(st.sampled_from(values))
-    if method == "topk" and "density" not in opts and "top_k" not in opts:
+    if method in ("topk", "auto") and "density" not in opts and "top_k" not in opts:
         opts["density"] = 0.25
     slice_m = draw(st.sampled_from([16, 64, 128, 0, 96]))
     return dtype, k_dtype, shape, method, slice_m, opts, draw(st.integers(0, 2**31 - 1))
