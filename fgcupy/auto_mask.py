@@ -4,14 +4,15 @@ column max on the heads where the check finds it missing attention the best mask
 The cheap default (pooled mean and sampled queries with the exact band) is near the oracle
 where a block's queries look alike and several times off it where they do not (region
 mixtures, sharp Gaussian heads); the column max with each query's LSE estimated is near the
-oracle everywhere but costs about half a dense step. The check tells the two kinds of head
+oracle everywhere but costs about two thirds of a dense step. The check tells the two kinds of head
 apart on a few query blocks per head, spread over the sequence: on their queries it measures
 the attention mass the cheap mask misses and the mass their own best mask of the same size
 (exact column-max top-k) misses, from each query's exact LSE. A head whose cheap mask misses
 more than ``MISS_RATIO`` times the best mask's (plus ``MISS_FLOOR``) is predicted again by the
-estimated column max. The check costs the scoring of ``CHECK_BLOCKS`` blocks per head against
-every key, twice (LSE, column max), and two sparse calls over them: about 1/30 of a dense step
-at 32,760 tokens; the heads it flags cost what the column max costs.
+estimated column max. The check's kernels score ``CHECK_BLOCKS`` blocks per head against every
+key, twice (LSE, column max), and run two sparse calls over them, about 1/30 of a dense step's
+work at 32,760 tokens, but it waits on the host (notes/MEASURED.md "Per head" has what it took);
+the heads it flags cost what the column max costs.
 """
 
 from __future__ import annotations
