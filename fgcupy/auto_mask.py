@@ -76,7 +76,7 @@ def missed_mass(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> 
     whose LSE over a mask's keys is NaN (a NaN key kept), are left out."""
     slice_m, q_len = cheap.slice_m, qh.shape[2]
     blocks = check_blocks(num_blocks(q_len, slice_m))
-    rows = torch.cat([torch.arange(b * slice_m, min(q_len, (b + 1) * slice_m)) for b in blocks]).to(qh.device)
+    rows = torch.cat([torch.arange(b * slice_m, min(q_len, (b + 1) * slice_m), device=qh.device) for b in blocks])
     q_rows = qh.index_select(2, rows)
     exact = exact_row_lse(q_rows, kh, scale)
     best = predict(q_rows, kh, slice_m, "colmax", lse=exact, rule="topk", **rule)
