@@ -47,7 +47,7 @@ from .gpu_prediction import DEFAULT_WORKSPACE, static_row_counts  # noqa: F401
 from .jit.spec import SLICE_SIZES
 from .layout import query_key_views
 from .lse_estimate import estimate_lse
-from .mask import SliceMask, num_blocks
+from .mask import SliceMask, is_int, num_blocks
 from .mask_request import (AUTO, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
                            METHODS, POOLINGS, PREDICT_METHODS, MaskRequest, check_workspace_bytes, checked_candidates,
                            checked_lse, make_request)
@@ -71,8 +71,8 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     or "auto" (top-k: the default's mask, checked per head on a few sampled query blocks against
     their exact column-max mask; heads where it misses more than fgcupy.auto_mask.MISS_RATIO
     times that mask's share of the attention, plus MISS_FLOOR, are predicted again by the
-    estimated column max;
-    takes only density or top_k, scale, layout and workspace_bytes; syncs the host).
+    estimated column max; takes only density or top_k, scale, layout and workspace_bytes;
+    syncs the host).
     ``density`` is top-k as a fraction of kv_len (a positive density keeps at least one key; 0
     keeps only what ``local`` and ``min_keys`` add, so alone it gives empty rows), or ``top_k`` a
     count. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.
@@ -168,9 +168,15 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
 
 
 def _is_default(value, default) -> bool:
-    if isinstance(default, str) or default is None:
-        return value is default or (isinstance(value, str) and value == default)
-    return isinstance(value, type(default)) and value == default
+    """Whether an option that method "auto" does not take was left at its default (an empty
+    list of diagonals counts as none)."""
+    if isinstance(default, tuple):
+        return isinstance(value, (list, tuple)) and len(value) == 0
+    if isinstance(default, str):
+        return isinstance(value, str) and value == default
+    if default is None:
+        return value is None
+    return is_int(value) and value == default
 
 
 def _predict_auto(qh, kh, slice_m, density, top_k, scale, workspace_bytes) -> SliceMask:

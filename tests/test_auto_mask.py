@@ -145,6 +145,16 @@ def test_auto_refuses_what_it_does_not_take(options, match):
         predict_mask(q, k, 128, "auto", **options)
 
 
+def test_auto_takes_other_options_left_at_their_defaults():
+    q, k = _two_kinds_of_head(256)
+    plain = predict_mask(q, k, 128, "auto", density=0.1)
+    spelled = predict_mask(q, k, 128, "auto", density=0.1, diagonals=[], min_keys=0, combine="max", local=None)
+    assert torch.equal(plain.to_dense(), spelled.to_dense())
+    for options in (dict(min_keys=True), dict(min_keys=1), dict(diagonals=[0])):
+        with pytest.raises(ValueError, match="auto"):
+            predict_mask(q, k, 128, "auto", density=0.1, **options)
+
+
 def test_auto_refuses_slices_the_column_max_cannot_take_before_predicting():
     q, k = _two_kinds_of_head(300)
     with pytest.raises(ValueError, match="power of two"):
