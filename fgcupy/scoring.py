@@ -170,8 +170,8 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
 def _is_default(value, default) -> bool:
     """Whether an option that method "auto" does not take was left at its default (an empty
     list of diagonals counts as none)."""
-    if isinstance(default, tuple):
-        return isinstance(value, (list, tuple)) and len(value) == 0
+    if isinstance(default, tuple):  # diagonals: any empty sequence (list, tuple, array, tensor)
+        return not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and len(value) == 0
     if isinstance(default, str):
         return isinstance(value, str) and value == default
     if default is None:

@@ -150,6 +150,8 @@ def test_auto_takes_other_options_left_at_their_defaults():
     plain = predict_mask(q, k, 128, "auto", density=0.1)
     spelled = predict_mask(q, k, 128, "auto", density=0.1, diagonals=[], min_keys=0, combine="max", local=None)
     assert torch.equal(plain.to_dense(), spelled.to_dense())
+    for empty in (torch.tensor([], dtype=torch.int64), ()):
+        assert torch.equal(predict_mask(q, k, 128, "auto", density=0.1, diagonals=empty).to_dense(), plain.to_dense())
     for options in (dict(min_keys=True), dict(min_keys=1), dict(diagonals=[0])):
         with pytest.raises(ValueError, match="auto"):
             predict_mask(q, k, 128, "auto", density=0.1, **options)
