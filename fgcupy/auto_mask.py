@@ -21,6 +21,7 @@ import torch
 
 from . import mask_reference as ref
 from .attention import sparse_attention
+from .lse_estimate import stats_kernel_runs
 from .mask import SliceMask, num_blocks
 from .mask_algebra import concat_heads, take_blocks
 
@@ -105,16 +106,10 @@ def exact_row_lse(q_rows, kh, scale: float) -> torch.Tensor:
 
 
 def _kernel_row_lse(q_rows, kh, scale: float):
-    """The stats kernel's row LSE, or None where it does not apply (as lse_estimate's parts)."""
-    if (q_rows.device.type != "cuda" or torch.compiler.is_compiling()
-            or q_rows.dtype not in (torch.bfloat16, torch.float16)):
+    """The stats kernel's row LSE, or None where it does not apply (lse_estimate.stats_kernel_runs)."""
+    if not stats_kernel_runs(q_rows):
         return None
     from .jit.launch import GRID_LIMITS
-    from .jit.runtime import kernels_can_run
-    from .jit.spec import HEAD_DIMS
-
-    if q_rows.shape[3] not in HEAD_DIMS or not kernels_can_run():
-        return None
     from .mask_kernels import gpu_scores
 
     batch, heads, n_rows, _ = q_rows.shape

@@ -84,18 +84,26 @@ def lse_parts(q: torch.Tensor, k: torch.Tensor, slice_m: int, band: int, scale: 
     return band_lse(q, k, slice_m, band, scale), sampled_outside_band_lse(q, k, slice_m, band, scale, workspace_bytes)
 
 
+def stats_kernel_runs(rows: torch.Tensor) -> bool:
+    """Whether the scoring stats kernel takes rows [..., D] here: half precision on a GPU that
+    runs the kernels, a head dim it has, and no trace under torch.compile (where torch runs)."""
+    if rows.device.type != "cuda" or torch.compiler.is_compiling() or rows.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    from .jit.runtime import kernels_can_run
+    from .jit.spec import HEAD_DIMS
+
+    return rows.shape[-1] in HEAD_DIMS and kernels_can_run()
+
+
 def _kernel_lse_parts(qh, kh, slice_m: int, band: int, scale: float, workspace_bytes: int):
     """(band part, sampled part), float32 [B, H, q_len] each, by the stats kernel (one CTA per
     query block and its band; one per row tile over the sampled keys); None where it does not
     apply (CPU tensors, a trace under torch.compile, shapes or dtypes the kernel lacks), and the
     torch path runs."""
-    if qh.device.type != "cuda" or torch.compiler.is_compiling() or qh.dtype not in (torch.bfloat16, torch.float16):
-        return None
     from .jit.launch import GRID_LIMITS
-    from .jit.runtime import kernels_can_run
-    from .jit.spec import HEAD_DIMS, SLICE_SIZES
+    from .jit.spec import SLICE_SIZES
 
-    if slice_m not in SLICE_SIZES or qh.shape[3] not in HEAD_DIMS or not kernels_can_run():
+    if slice_m not in SLICE_SIZES or not stats_kernel_runs(qh):
         return None
     from .mask_kernels import gpu_scores
 

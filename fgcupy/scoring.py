@@ -131,9 +131,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
         poolings = _checked_poolings(pooling, qh.shape[1], method)
         pooling = poolings[0] if poolings else AUTO
         poolings = poolings if len(set(poolings)) > 1 else None
-    if qh.device.type == "cuda" and slice_m not in SLICE_SIZES:
-        raise ValueError(f"slice_m={slice_m!r} has no attention kernel; available: {SLICE_SIZES} "
-                         "(the CPU reference takes any size)")
+    _check_kernel_slice(qh, slice_m)
     options = dict(density=density, top_k=top_k, tau=tau, threshold=threshold, rule=rule, pool=pool,
                    combine=combine, min_keys=min_keys, max_keys=max_keys, local=local, scale=scale,
                    logits_dtype=logits_dtype, exact_band=exact_band, diagonals=diagonals)
@@ -167,6 +165,13 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
                               None if poolings is None else (poolings, logits_dtype))
 
 
+def _check_kernel_slice(qh, slice_m) -> None:
+    """A CUDA prediction's slice size must have an attention kernel (the mask is for one)."""
+    if qh.device.type == "cuda" and slice_m not in SLICE_SIZES:
+        raise ValueError(f"slice_m={slice_m!r} has no attention kernel; available: {SLICE_SIZES} "
+                         "(the CPU reference takes any size)")
+
+
 def _is_default(value, default) -> bool:
     """Whether an option that method "auto" does not take was left at its default (an empty
     list of diagonals counts as none)."""
@@ -183,9 +188,7 @@ def _predict_auto(qh, kh, slice_m, density, top_k, scale, workspace_bytes) -> Sl
     """method="auto" (fgcupy.auto_mask), its options checked as top-k's."""
     req = make_request(qh.shape[3], kh.shape[2], slice_m, "topk", density=density, top_k=top_k, scale=scale)
     make_request(qh.shape[3], kh.shape[2], slice_m, "colmax", rule="topk", density=density, top_k=top_k, scale=scale)
-    if qh.device.type == "cuda" and slice_m not in SLICE_SIZES:
-        raise ValueError(f"slice_m={slice_m!r} has no attention kernel; available: {SLICE_SIZES} "
-                         "(the CPU reference takes any size)")
+    _check_kernel_slice(qh, slice_m)
     check_workspace_bytes(workspace_bytes)
     if qh.shape[0] * qh.shape[1] == 0:
         return predict_mask(qh, kh, slice_m, "topk", density=density, top_k=top_k, scale=scale)
