@@ -34,12 +34,28 @@ from . import mask_reference as ref
 from .attention_kernel import check_scale
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask, check_key_valid, indptr_from_counts, is_int, num_blocks, positive_int
+from .mask_request import PREDICT_METHODS, check_options, make_request
 from .scoring import predict_mask
 
 STORAGES = ("auto", "index", "bits")
 #: What MaskCache passes on to predict_mask (a misspelt option is refused when the cache is made).
 _PREDICT_OPTIONS = frozenset(inspect.signature(predict_mask).parameters) - {"q", "k", "layout"}
+#: The predict_mask options make_request checks.
+_REQUEST_OPTIONS = frozenset(inspect.signature(make_request).parameters) - {"head_dim", "kv_len", "slice_m", "method"}
+_RULE_OPTIONS = frozenset({"density", "top_k", "tau", "threshold"})
 _INT16_KEYS = 2**15
+
+
+def _check_given_rule(options: dict) -> None:
+    """Refuse now the options predict_mask would refuse at the first refresh, where a selection
+    (density, top_k, tau or threshold) is given (without one, mask_for's overrides may give it)."""
+    if not _RULE_OPTIONS & set(options):
+        return
+    method = options.get("method", "topk")
+    if not isinstance(method, str) or method not in PREDICT_METHODS:
+        raise ValueError(f"method must be one of {PREDICT_METHODS}, got {method!r}")
+    request = {name: value for name, value in options.items() if name in _REQUEST_OPTIONS}
+    check_options(options.get("slice_m", 128), "topk" if method == "auto" else method, request)
 
 
 def refreshes_on(sparse_step: int, refresh_every: int, ramp: bool = False) -> bool:
@@ -89,11 +105,15 @@ class MaskCache:
     >>> mask = cache.mask_for("block.7", step, q, k)   # None on dense steps
     """
 
-    def __init__(self, warmup: int = 0, refresh_every: int | None = 1, refresh_steps=None, storage: str = "auto",
+    def __init__(self, warmup: int = 0, refresh_every: int | None = None, refresh_steps=None, storage: str = "auto",
                  expanded: bool = False, ramp: bool = False, **predict_kwargs):
         if not is_int(warmup) or warmup < 0:
             raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+        if refresh_every is not None and refresh_steps is not None:
+            raise ValueError("refresh_every and refresh_steps both say when to refresh: give one of them "
+                             "(refresh_steps lists every refresh step)")
         if refresh_steps is None:
+            refresh_every = 1 if refresh_every is None else refresh_every
             if not is_int(refresh_every) or refresh_every < 1:
                 raise ValueError(f"refresh_every must be a positive int (or give refresh_steps), got {refresh_every!r}")
             self.refresh_steps = None
@@ -121,6 +141,7 @@ class MaskCache:
         if unknown:
             raise TypeError(f"MaskCache got options predict_mask does not take: {unknown}; it takes "
                             f"{sorted(_PREDICT_OPTIONS)}")
+        _check_given_rule(predict_kwargs)
         self.warmup = int(warmup)
         self.refresh_every = int(refresh_every) if is_int(refresh_every) else refresh_every
         self.ramp = ramp

@@ -6,6 +6,8 @@ stock processors given the same slice mask as a dense boolean mask (sparse masks
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -613,7 +615,7 @@ def test_estimate_first_mask_makes_the_first_mask_from_estimated_lses_and_search
     assert not torch.equal(first.to_dense(), fgcupy.predict_mask(q, k, 64, "topk", density=0.25).to_dense())
 
 
-@pytest.mark.parametrize("grid, predicts", [(None, True), ((3, 4, 16), True), (None, False)],
+@pytest.mark.parametrize("grid, predicts", [(None, True), ((3, 8, 8), True), (None, False)],
                          ids=["grid_from_the_model", "grid_given", "no_prediction"])
 def test_local_search_scores_the_old_keys_moved_along_the_grid(grid, predicts):
     """local_search: each refresh's candidates are the old mask's keys moved by a token, a row,
@@ -651,21 +653,25 @@ def test_local_search_refuses_a_grid_larger_than_the_sequence():
     latents, text = wan_inputs(frames=3, size=16)  # 3 x 8 x 8 = 192 tokens
     fd.apply(model, fd.SparseAttentionConfig(density=0.2, slice_m=64, dense_steps=0, refresh_every=1, sparse_refresh=True,
                                              local_search=True, grid=(3, 8, 9), attention_fn=reference_attention_fn))
-    with pytest.raises(ValueError, match=r"grid=\(3, 8, 9\) holds 216 tokens, this call's latent token grid "
-                                         r"\(3, 8, 8\) 192"):
+    with pytest.raises(ValueError, match=r"grid=\(3, 8, 9\) is not this call's latent token grid \(3, 8, 8\)"):
         run_wan(model, latents, text, t=1000)
 
 
-def test_a_given_grid_must_hold_the_calls_tokens():
-    """A grid given for one video size is refused at a call of another (its search offsets would
-    move keys by the wrong rows and frames); one of as many tokens, laid out otherwise, is taken."""
+def test_a_given_grid_must_be_the_calls_grid():
+    """A grid given for one video size is refused at a call of another, and so is one of as many
+    tokens laid out otherwise (its search offsets would move keys by the wrong rows and frames)."""
     model = tiny_wan(layers=1)
     fd.apply(model, fd.SparseAttentionConfig(density=0.2, slice_m=64, dense_steps=0, refresh_every=1, sparse_refresh=True,
                                              local_search=True, grid=(3, 8, 8), attention_fn=reference_attention_fn))
     run_wan(model, *wan_inputs(frames=3, size=16), t=1000)
-    with pytest.raises(ValueError, match=r"grid=\(3, 8, 8\) holds 192 tokens, this call's latent token grid "
-                                         r"\(3, 12, 12\) 432"):
+    with pytest.raises(ValueError, match=r"grid=\(3, 8, 8\) is not this call's latent token grid \(3, 12, 12\)"):
         run_wan(model, *wan_inputs(frames=3, size=24), t=900)
+    transposed = tiny_wan(layers=1)
+    fd.apply(transposed, fd.SparseAttentionConfig(density=0.2, slice_m=64, dense_steps=0, refresh_every=1,
+                                                  sparse_refresh=True, local_search=True, grid=(6, 4, 8),
+                                                  attention_fn=reference_attention_fn))
+    with pytest.raises(ValueError, match=r"grid=\(6, 4, 8\) is not this call's latent token grid \(3, 8, 8\)"):
+        run_wan(transposed, *wan_inputs(frames=3, size=16), t=1000)
 
 
 def test_a_padding_mask_refilled_in_place_is_read_again():
@@ -1276,10 +1282,43 @@ def test_config_schedule():
      ValueError, r"find_diagonals serves the refreshes that predict"),
     (dict(find_diagonals=2, dense_steps=1, mask_from_warmup=True, local_search=True, predict_on_refresh=False),
      ValueError, r"find_diagonals serves the refreshes that predict"),
+    (dict(predictor_kwargs={"top_k": 0}), ValueError, r"top_k must be an int >= 1 \(an empty mask gives zeros\), got 0"),
+    (dict(predictor="colmax", predictor_kwargs={"top_k": 0}), ValueError, r"top_k must be an int >= 1"),
+    (dict(predictor_kwargs=None), TypeError, r"predictor_kwargs must be a dict, got NoneType"),
+    (dict(parallel_options=[]), TypeError, r"parallel_options must be a dict, got list"),
+    (dict(density="0.1"), TypeError, r"density must be a finite number, got '0.1'"),
+    (dict(predictor="tau", tau=math.nan), TypeError, r"tau must be a finite number, got nan"),
+    (dict(slice_m="128"), ValueError, r"slice_m must be one of .*, got '128'"),
+    (dict(predictor_kwargs={"lse": "estimate"}), ValueError, r"may not set \['lse'\]: the integration gives"),
+    (dict(predictor_kwargs={"pooling": []}), ValueError, r"needs one pooling per head, got an empty list"),
+    (dict(predictor_kwargs={"pooling": ["mean", "bogus"]}), ValueError, r"pooling must be one of"),
+    (dict(predictor_kwargs={"pooling": ["mean", "both"]}, process_group=object()), ValueError,
+     r"a pooling per head does not apply with process_group"),
+    (dict(predictor_kwargs={"pooling": ["mean", "both"], "combine": "union"}), ValueError, r"pooling"),
 ])
 def test_config_refuses_what_cannot_work(kwargs, error, message):
     with pytest.raises(error, match=message):
         fd.SparseAttentionConfig(**kwargs)
+
+
+def test_a_pooling_per_head_in_predictor_kwargs_reaches_the_predictor(monkeypatch):
+    """predict_mask takes one pooling per head; so does the config, which predicts with it."""
+    model = tiny_wan(layers=1)
+    poolings = ["mean", "both"]  # the tiny model's two heads
+    handle = fd.apply(model, fd.SparseAttentionConfig(density=0.2, slice_m=64, dense_steps=0, refresh_every=1,
+                                                      sparse_refresh=False, predictor_kwargs={"pooling": poolings},
+                                                      attention_fn=reference_attention_fn))
+    seen = []
+    real = fgcupy.predict_mask
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("pooling"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fgcupy, "predict_mask", spy)
+    run_wan(model, *wan_inputs(frames=3, size=16), t=1000)
+    assert seen and all(list(p) == poolings for p in seen)
+    assert handle.mask("blocks.0.attn1") is not None
 
 
 @pytest.mark.parametrize("option", [dict(find_diagonals=2), dict(calibrate_pooling=True)])

@@ -64,6 +64,8 @@ def test_explicit_refresh_steps():
         MaskCache(warmup=2, refresh_steps=[4, 1])
     with pytest.raises(ValueError, match=r"refresh_every must be a positive int"):
         MaskCache(refresh_every=0)
+    with pytest.raises(ValueError, match=r"refresh_every and refresh_steps both say when to refresh"):
+        MaskCache(refresh_every=3, refresh_steps=[10])
     with pytest.raises(ValueError, match=r"storage must be one of \('auto', 'index', 'bits'\), got 'zip'"):
         MaskCache(storage="zip")
 
@@ -369,6 +371,25 @@ def test_a_layer_that_misses_its_refresh_step_refreshes_on_its_next_call(schedul
     expected = {runs[0]} | {min(s for s in runs if s >= r) for r in scheduled if r <= runs[-1]}
     assert refreshed == sorted(expected), (scheduled, refreshed)
     assert len(refreshed) > 2
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(method="topk", density=5.0), r"density must be a number in \[0, 1\], got 5.0"),
+    (dict(method="tau", tau=2.0), r"tau must be in \(0, 1\]"),
+    (dict(method="auto", density=-0.1), r"density must be a number in \[0, 1\]"),
+    (dict(method="topk", density=0.1, top_k=3), r"exactly one of density .* or top_k"),
+    (dict(method="bogus", density=0.1), r"method must be one of"),
+    (dict(density=0.1, pooling=["mean", "bogus"]), r"pooling must be one of"),
+])
+def test_a_selection_that_cannot_work_is_refused_when_the_cache_is_made(options, message):
+    with pytest.raises(ValueError, match=message):
+        MaskCache(warmup=3, **options)
+
+
+def test_a_selection_left_to_mask_for_is_checked_there():
+    q = torch.randn(1, 1, 128, 32)
+    cache = MaskCache(method="topk")
+    assert cache.mask_for("L", 0, q, q, density=0.25).density() == pytest.approx(0.25)
 
 
 def test_a_misspelt_prediction_option_is_refused_when_the_cache_is_made():

@@ -224,10 +224,9 @@ class SparseAttentionHandle:
             read = token_grid(getattr(module, "config", None), hidden, self._frames_first)
             if cfg.grid is None:
                 self.grid = read
-            elif read is not None and math.prod(read) != math.prod(cfg.grid):
-                raise ValueError(f"the config's grid={tuple(cfg.grid)} holds {math.prod(cfg.grid)} tokens, this "
-                                 f"call's latent token grid {read} {math.prod(read)} (another video size?): give "
-                                 "grid=None to read it from each call")
+            elif read is not None and tuple(read) != tuple(cfg.grid):
+                raise ValueError(f"the config's grid={tuple(cfg.grid)} is not this call's latent token grid {tuple(read)} "
+                                 "(another video size or orientation?): give grid=None to read it from each call")
         if self._manual or (at is None and "timestep" not in kwargs):
             self._padding_seen.clear()  # set_step or the caller's begin_forward counts the steps
         else:
@@ -698,9 +697,6 @@ class SparseAttentionHandle:
         )
 
 
-# ----------------------------------------------------------------------------------------------
-# slice-mask helper
-# ----------------------------------------------------------------------------------------------
 # ----------------------------------------------------------------------------------------------
 # apply / remove
 # ----------------------------------------------------------------------------------------------

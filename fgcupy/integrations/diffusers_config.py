@@ -4,6 +4,7 @@ is made (a setting that cannot work is refused here, not at the first sparse ste
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -38,9 +39,6 @@ DEFAULT_DENSE_STEPS = 1
 #: predict_mask options that shape the selection or bound its memory (and so apply to an exact
 #: column-max mask too).
 _SELECTION_OPTIONS = ("top_k", "min_keys", "max_keys", "local", "workspace_bytes")
-#: The key count predictor options are checked at when the config is made: the longest the
-#: kernels index (int32), where no count is clamped to the keys.
-_LONGEST = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -220,8 +218,14 @@ class SparseAttentionConfig:
 
     def __post_init__(self):
         for option in ("predictor_kwargs", "parallel_options"):  # the config's own copy, checked once
-            if isinstance(getattr(self, option), dict):
-                object.__setattr__(self, option, dict(getattr(self, option)))
+            if not isinstance(getattr(self, option), dict):
+                raise TypeError(f"{option} must be a dict, got {type(getattr(self, option)).__name__}")
+            object.__setattr__(self, option, dict(getattr(self, option)))
+        for name in ("density", "tau", "threshold"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                      or not math.isfinite(value)):
+                raise TypeError(f"{name} must be a finite number, got {value!r}")
         for option in ("calibrate_pooling", "share_branches", "fallback", "estimate_first_mask"):
             if not isinstance(getattr(self, option), bool):  # "False" would switch it on
                 raise TypeError(f"{option} must be a bool, got {getattr(self, option)!r}")
@@ -235,7 +239,7 @@ class SparseAttentionConfig:
             needed = _METHOD_PARAMETER[self.predictor]
             if self.predictor == "topk" and self.density is None and "top_k" not in self.predictor_kwargs:
                 object.__setattr__(self, "density", DEFAULT_DENSITY)
-            given_top_k = isinstance(self.predictor_kwargs, dict) and "top_k" in self.predictor_kwargs
+            given_top_k = "top_k" in self.predictor_kwargs
             if getattr(self, needed) is None and not (needed == "density" and given_top_k):
                 raise ValueError(f"predictor={self.predictor!r} needs {needed}=..., got None")
             for other in set(_METHOD_PARAMETER.values()) - {needed}:
@@ -257,7 +261,7 @@ class SparseAttentionConfig:
         if self.threshold is not None and not self.threshold > 0:
             raise ValueError(f"threshold must be > 0, got {self.threshold}")
         if self.slice_m not in SLICE_SIZES:
-            raise ValueError(f"slice_m must be one of {SLICE_SIZES} (sizes with a kernel), got {self.slice_m}")
+            raise ValueError(f"slice_m must be one of {SLICE_SIZES} (sizes with a kernel), got {self.slice_m!r}")
         if self.dense_steps is not None and (isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int)
                                              or self.dense_steps < 0):
             raise ValueError(f"dense_steps must be an int >= 0, got {self.dense_steps!r}")
@@ -278,7 +282,7 @@ class SparseAttentionConfig:
                 raise ValueError(f"calibrate_pooling compares masks of equal size: predictor='topk' only, "
                                  f"got predictor={self.predictor!r}")
             self._refuse_process_group("calibrate_pooling", "queries and keys")
-            if isinstance(self.predictor_kwargs, dict) and "pooling" in self.predictor_kwargs:
+            if "pooling" in self.predictor_kwargs:
                 raise ValueError("calibrate_pooling chooses the pooling: predictor_kwargs may not set it")
         if isinstance(self.find_diagonals, bool) or not isinstance(self.find_diagonals, int) or self.find_diagonals < 0:
             raise ValueError(f"find_diagonals must be an int >= 0 (diagonals per layer), got {self.find_diagonals!r}")
@@ -287,7 +291,7 @@ class SparseAttentionConfig:
                 raise ValueError(f"find_diagonals moves the exact band of the mean-query predictors {tuple(_METHOD_PARAMETER)}, "
                                  f"got predictor={self.predictor!r}")
             self._refuse_process_group("find_diagonals", "queries and keys")
-            if isinstance(self.predictor_kwargs, dict) and "diagonals" in self.predictor_kwargs:
+            if "diagonals" in self.predictor_kwargs:
                 raise ValueError("find_diagonals finds the diagonals: predictor_kwargs may not set them")
         if self.estimate_first_mask:
             self._check_estimate_first_mask()
@@ -313,8 +317,6 @@ class SparseAttentionConfig:
                 raise ValueError(f"refresh_steps {list(self.refresh_steps)} lists steps of the warm-up ({warmup} < "
                                  f"dense_steps={self.dense_steps}), which run dense and make no mask: list sparse "
                                  "steps only")
-        if not isinstance(self.predictor_kwargs, dict):
-            raise TypeError(f"predictor_kwargs must be a dict, got {type(self.predictor_kwargs).__name__}")
         own = sorted(set(_METHOD_PARAMETER.values()) & set(self.predictor_kwargs))
         if own:
             raise ValueError(f"predictor_kwargs may not set {', '.join(own)}: give the config's own "
@@ -324,8 +326,6 @@ class SparseAttentionConfig:
         if self.process_group is not None and self.attention_fn is not None:
             raise ValueError("attention_fn and process_group exclude each other: with a process group attention "
                              "runs in fgcupy.distributed.SequenceParallelAttention")
-        if not isinstance(self.parallel_options, dict):
-            raise TypeError(f"parallel_options must be a dict, got {type(self.parallel_options).__name__}")
         unknown = set(self.parallel_options) - {"head_groups", "exchange", "key_tile"}
         if unknown:
             raise ValueError(f"parallel_options accepts head_groups, exchange and key_tile, got {sorted(unknown)}")
@@ -420,11 +420,11 @@ class SparseAttentionConfig:
         if len(given) > 1:
             raise ValueError(f"predictor={EXACT_PREDICTOR!r} selects by one rule: give one of density, tau, threshold, "
                              f"got {given}")
-        if isinstance(self.predictor_kwargs, dict) and {"rule", "lse", "scale"} & set(self.predictor_kwargs):
+        if {"rule", "lse", "scale"} & set(self.predictor_kwargs):
             raise ValueError(f"predictor={EXACT_PREDICTOR!r} takes its rule from density / tau / threshold and its "
                              f"lse (at the model's attention scale) from the dense call: predictor_kwargs may not set "
                              f"'rule', 'lse' or 'scale'")
-        if not given and not (isinstance(self.predictor_kwargs, dict) and "top_k" in self.predictor_kwargs):
+        if not given and not ("top_k" in self.predictor_kwargs):
             object.__setattr__(self, "density", DEFAULT_DENSITY)
         self._refuse_process_group(f"predictor={EXACT_PREDICTOR!r}", "LSE", "; use a predicted mask there")
 
@@ -505,7 +505,7 @@ class SparseAttentionConfig:
         """Refuse now what predict_mask would refuse at the first sparse step."""
         import inspect
 
-        from ..mask_request import check_workspace_bytes, make_request
+        from ..mask_request import check_options, check_workspace_bytes, make_request
 
         kwargs = self.predictor_arguments()
         allowed = set(inspect.signature(make_request).parameters) - {"head_dim", "kv_len", "slice_m", "method"}
@@ -513,17 +513,23 @@ class SparseAttentionConfig:
         if "layout" in kwargs:
             raise ValueError("predictor_kwargs may not set 'layout': the processors give the predictor [B, H, S, D] "
                              "(\"HND\") views of the model's q and k")
-        supplied = sorted(set(kwargs) & {"slice_m", "candidates", "q", "k", "method"})
+        supplied = sorted(set(kwargs) & {"slice_m", "candidates", "q", "k", "method", "lse"})
         if supplied:
             raise ValueError(f"predictor_kwargs may not set {supplied}: the integration gives the predictor these "
-                             "(slice_m: the config's own; method: its predictor)")
+                             "(slice_m: the config's own; method: its predictor; lse: a dense or sparse step's)")
+        top_k = kwargs.get("top_k")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"predictor_kwargs' top_k must be an int >= 1 (an empty mask gives zeros), got {top_k!r}")
         unknown = set(kwargs) - allowed
         if unknown:
             raise ValueError(f"predictor_kwargs holds options predict_mask does not take: {sorted(unknown)}")
         if "workspace_bytes" in kwargs:
             check_workspace_bytes(kwargs["workspace_bytes"])
         checked = {name: value for name, value in kwargs.items() if name != "workspace_bytes"}
-        make_request(128, _LONGEST, self.slice_m, self.predictor, **checked)
+        if isinstance(checked.get("pooling"), (list, tuple)) and self.process_group is not None:
+            raise ValueError("a pooling per head does not apply with process_group (each rank predicts a share "
+                             "of the heads): give one pooling")
+        check_options(self.slice_m, self.predictor, checked)
         runtime_options = []  # what the handle adds to these options at run time
         if self.calibrate_pooling:
             from ..calibration import DEFAULT_CANDIDATES
@@ -533,7 +539,7 @@ class SparseAttentionConfig:
             runtime_options.append(("find_diagonals adds", {"diagonals": (self.slice_m,)}))
         for what, extra in runtime_options:
             try:
-                make_request(128, _LONGEST, self.slice_m, self.predictor, **checked, **extra)
+                check_options(self.slice_m, self.predictor, {**checked, **extra})
             except ValueError as err:
                 shown = ", ".join(f"{k}={v!r}" for k, v in extra.items())
                 raise ValueError(f"{what} {shown}, which predictor_kwargs do not allow: {err}") from None
