@@ -15,7 +15,7 @@ import torch
 
 from . import bridge
 from .attention_kernel import (SCHEDULES, block_order, check_forward_only, check_has_kernel,  # noqa: F401 - public here
-                               check_inputs, check_outputs, check_scale, check_strides, load_kernels,
+                               check_inputs, check_outputs, check_scale, check_strides, eager_scale, load_kernels,
                                runnable_spec)
 from .jit import AttentionSpec
 from . import ops
@@ -190,11 +190,7 @@ def _attend(q, k, v, mask: SliceMask, spec, order, scale, layout, out, return_ls
         lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
     for name, given in (("out", out_t if out is not None else None), ("lse", lse)):
         _check_writable(name, given)
-    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
-        if torch.compiler.is_compiling():
-            raise TypeError("scale as a tensor cannot be traced by torch.compile (the op takes a float): pass "
-                            "a Python number, or None for 1 / sqrt(head dim)")
-        scale = scale.item()
+    scale = eager_scale(scale)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)  # symbolic under torch.compile with dynamic shapes
     else:

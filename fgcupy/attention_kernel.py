@@ -218,6 +218,17 @@ def check_has_kernel(head_dim, slice_m) -> None:
 _SCALE_MAX = float(torch.finfo(torch.float32).max) / math.log2(math.e)
 
 
+def eager_scale(scale):
+    """A one-element tensor scale as a Python float (read eagerly; a traced op takes a number),
+    anything else as given, for check_scale."""
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.dtype.is_complex:
+        if torch.compiler.is_compiling():
+            raise TypeError("scale as a tensor cannot be traced by torch.compile (the op takes a float): pass "
+                            "a Python number, or None for 1 / sqrt(head dim)")
+        return scale.item()
+    return scale
+
+
 def check_scale(scale) -> None:
     """The kernels take the row maximum of unscaled logits, which is the maximum of the scaled
     ones only for a positive scale. While torch.compile traces, the scale may be computed from

@@ -31,7 +31,7 @@ import torch
 
 from . import bridge
 from . import mask_reference as ref
-from .attention_kernel import check_scale
+from .attention_kernel import check_scale, eager_scale
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask, check_key_valid, indptr_from_counts, is_int, num_blocks, positive_int
 from .mask_request import PREDICT_METHODS, check_options, make_request
@@ -403,12 +403,11 @@ def mask_recall(q, k, lse, scale: float | None = None, key_valid=None, samples: 
     [B, S_k] bool leaves padded keys out of the exact LSE (a sampled query with no valid key
     reads 1)."""
     check_layout(layout)
+    q, k, lse = (bridge.to_torch(x, name) for x, name in ((q, "q"), (k, "k"), (lse, "lse")))
     for name, x in (("q", q), ("k", k)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"{name} must be a [B, H, S, D] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be a [B, H, S, D] tensor, got {tuple(x.shape)}")
     q, k = to_bhsd(q, layout, "q"), to_bhsd(k, layout, "k")
-    if not isinstance(lse, torch.Tensor):
-        raise TypeError(f"lse must be a tensor [B, H, S], got {type(lse).__name__}")
     if lse.dtype != torch.float32:
         raise ValueError(f"lse must be float32 (a sparse call's return_lse), got {lse.dtype}")
     batch, heads, q_len, _ = q.shape
@@ -418,7 +417,7 @@ def mask_recall(q, k, lse, scale: float | None = None, key_valid=None, samples: 
                          f"got {tuple(k.shape)}")
     if tuple(lse.shape) != (batch, heads, q_len):
         raise ValueError(f"lse must be [B, H, S]={(batch, heads, q_len)}, got {tuple(lse.shape)}")
-    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else scale
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else eager_scale(scale)
     check_scale(scale)
     if key_valid is not None:
         check_key_valid(key_valid, batch, k.shape[2])

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .attention_kernel import check_scale
+from .attention_kernel import check_scale, eager_scale
 from .layout import query_key_views
 from .mask import is_int, positive_int
 from .mask_request import DEFAULT_EXACT_BAND
@@ -55,6 +55,7 @@ def _offset_stats(q, k, samples, scale, level: float = DEFAULT_MIN_MASS) -> tupl
         raise ValueError(f"offset_mass needs queries and keys, got q_len={q_len}, kv_len={kv_len}")
     samples = positive_int("samples", samples)
     if scale is not None:
+        scale = eager_scale(scale)
         check_scale(scale)
     scale = 1.0 / math.sqrt(dim) if scale is None else scale
     rows = torch.linspace(0, q_len - 1, min(int(samples), q_len), device=q.device).round().long().unique()

@@ -26,7 +26,7 @@ import torch
 
 from . import mask_reference as ref
 from .layout import query_key_views
-from .attention_kernel import check_scale
+from .attention_kernel import check_scale, eager_scale
 from .mask import is_int, num_blocks
 from .mask_request import check_workspace_bytes
 
@@ -48,7 +48,7 @@ def estimate_lse(q, k, slice_m: int = 128, *, band: int = ESTIMATE_BAND, scale: 
     for name, value, low in (("slice_m", slice_m, 1), ("band", band, 0)):
         if not is_int(value) or value < low:
             raise ValueError(f"{name} must be a {'positive' if low else 'non-negative'} int, got {value!r}")
-    scale = ref.default_scale(qh.shape[3]) if scale is None else scale
+    scale = ref.default_scale(qh.shape[3]) if scale is None else eager_scale(scale)
     check_scale(scale)
     check_workspace_bytes(workspace_bytes)
     slice_m = int(slice_m)

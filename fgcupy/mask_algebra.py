@@ -212,6 +212,11 @@ def take_blocks(mask: SliceMask, blocks, q_len: int) -> SliceMask:
     ``q_len`` queries: the rows of those blocks, gathered (one host sync)."""
     _check_mask(mask)
     _check_ints(q_len=q_len)
+    if isinstance(blocks, (str, bytes)):
+        raise TypeError(f"blocks must be a sequence of int query block indices, got {blocks!r}")
+    blocks = [b.item() if _int_scalar_tensor(b) else b for b in blocks]
+    if not all(is_int(b) for b in blocks):
+        raise TypeError(f"blocks must be a sequence of int query block indices, got {blocks!r}")
     blocks = [int(b) for b in blocks]
     if any(not 0 <= b < mask.q_blocks for b in blocks) or num_blocks(q_len, mask.slice_m) != len(blocks):
         raise ValueError(f"blocks {blocks} must be blocks of the mask's {mask.q_blocks}, as many as q_len={q_len} "

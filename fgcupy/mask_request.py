@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from . import bridge, mask_reference as ref
-from .attention_kernel import check_scale
+from .attention_kernel import check_scale, eager_scale
 from .mask import SliceMask, is_int, positive_int
 
 METHODS = ("topk", "tau", "threshold", "colmax")
@@ -176,6 +176,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
     if pooling != "mean" and (method == "colmax" or combine != "max"):
         raise ValueError(f"pooling={pooling!r} scores sub-blocks by their middle query for the max-prob combine: it "
                          f"needs a mean-query method and combine='max', got method={method!r}, combine={combine!r}")
+    scale = eager_scale(scale)
     if scale is not None and torch.compiler.is_compiling():  # maybe symbolic: checked in the graph
         check_scale(scale)
     elif scale is not None:

@@ -17,9 +17,12 @@ from .mask import INT32_MAX
 LIBRARY = torch.library.Library("fgcupy", "DEF")
 
 
-def define(schema: str, *, cpu: Callable, cuda: Callable, fake: Callable) -> None:
-    """Define ``fgcupy::<schema>`` with a kernel per device type and its fake implementation."""
-    name = LIBRARY.define(schema)
+def define(schema: str, *, cpu: Callable, cuda: Callable, fake: Callable, syncs_host: bool = False) -> None:
+    """Define ``fgcupy::<schema>`` with a kernel per device type and its fake implementation.
+    ``syncs_host``: the op waits on the host inside, so CUDA graphs must leave it out (tagged
+    cudagraph_unsafe where this torch has the tag)."""
+    unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
+    name = LIBRARY.define(schema, tags=(unsafe,) if syncs_host and unsafe is not None else ())
     for kernel, key in ((cpu, "CPU"), (cuda, "CUDA")):
         LIBRARY.impl(name, kernel, key)
     torch.library.register_fake(f"fgcupy::{name}", fake, lib=LIBRARY)

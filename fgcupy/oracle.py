@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from .attention_kernel import check_scale
+from .attention_kernel import check_scale, eager_scale
 from .mask import SliceMask, num_blocks, positive_int
 from .mask_reference import colmax_scores, probabilities
 from .reference import dense_attention, reference_attention, relative_l2
@@ -30,6 +30,7 @@ def exact_lse(q, k, scale: float | None = None, budget_bytes: int = 4 << 30) -> 
     """float32 [B, H, q_len]: each query's natural-log LSE over every key (a dense step's LSE),
     in row chunks whose float32 scores stay within ``budget_bytes``."""
     if scale is not None:
+        scale = eager_scale(scale)
         check_scale(scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     kf = k.float()
@@ -76,6 +77,7 @@ class Judge:
         slice_m = positive_int("slice_m", slice_m)
         self.q, self.k, self.v, self.slice_m = q, k, v, slice_m
         if scale is not None:
+            scale = eager_scale(scale)
             check_scale(scale)
         self.scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
         self.dense = dense_attention(q, k, v, scale=self.scale)

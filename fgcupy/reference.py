@@ -11,19 +11,27 @@ import math
 
 import torch
 
+from .attention_kernel import check_scale, eager_scale
 from .layout import to_bhsd
 from .mask import SliceMask, positive_int
 
 
-def _bhsd_inputs(q, k, v, layout: str, rows_per_chunk) -> tuple:
-    """q, k, v as [B, H, S, D] views, checked against each other (q [B, H, S, D], k and v
-    [B, H, KV, D]): torch would broadcast a batch or head of one, or fail deep in a matmul."""
+def _checked_inputs(q, k, v, layout: str, rows_per_chunk, scale, dtype) -> tuple:
+    """(q, k, v as [B, H, S, D] views, the scale as a number): the shapes checked against each
+    other (q [B, H, S, D], k and v [B, H, KV, D]: torch would broadcast a batch or head of one, or
+    fail deep in a matmul), the scale as the kernels take it, a floating ``dtype``."""
     q, k, v = (to_bhsd(t, layout, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"q must be [B, H, S, D] and k, v [B, H, KV, D] with q's B, H and D; got (as HND) "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    rows_per_chunk = positive_int("rows_per_chunk", rows_per_chunk)
-    return q, k, v
+    positive_int("rows_per_chunk", rows_per_chunk)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if scale is None:
+        return q, k, v, 1.0 / math.sqrt(q.shape[-1])
+    scale = eager_scale(scale)
+    check_scale(scale)
+    return q, k, v, scale
 
 
 def reference_attention(
@@ -31,7 +39,9 @@ def reference_attention(
     dtype: torch.dtype = torch.float32, rows_per_chunk: int = 4096,
 ):
     """Return ``(out, lse)``: out in ``dtype`` and ``layout``, lse float32-or-``dtype`` [B, H, S]."""
-    q, k, v = _bhsd_inputs(q, k, v, layout, rows_per_chunk)
+    q, k, v, scale = _checked_inputs(q, k, v, layout, rows_per_chunk, scale, dtype)
+    if not isinstance(mask, SliceMask):
+        raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
     batch, heads, q_len, head_dim = q.shape
     kv_len = k.shape[2]
     if (mask.batch, mask.heads, mask.q_len, mask.kv_len) != (batch, heads, q_len, kv_len):
@@ -39,7 +49,6 @@ def reference_attention(
             f"mask is for (B, H, q_len, kv_len)={(mask.batch, mask.heads, mask.q_len, mask.kv_len)}, "
             f"inputs are {(batch, heads, q_len, kv_len)}"
         )
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     keep = mask.to(q.device).to_dense()  # [B, H, QB, KV]
     out = torch.zeros(batch, heads, q_len, head_dim, dtype=dtype, device=q.device)
     lse = torch.full((batch, heads, q_len), -math.inf, dtype=dtype, device=q.device)
@@ -83,8 +92,7 @@ def _kept_values(probs, row_keep, v, finite, keys_per_pass: int = 64):
 def dense_attention(q, k, v, scale: float | None = None, layout: str = "HND", dtype=torch.float32,
                     rows_per_chunk: int = 4096):
     """Full (unmasked) attention in ``dtype``: the quality baseline of sparse results."""
-    q, k, v = _bhsd_inputs(q, k, v, layout, rows_per_chunk)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    q, k, v, scale = _checked_inputs(q, k, v, layout, rows_per_chunk, scale, dtype)
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     kf, vf = k.to(dtype), v.to(dtype)
     for first in range(0, q.shape[2], rows_per_chunk):

@@ -15,8 +15,8 @@ Methods (DESIGN.md §2):
       outside the band).
 Every selection can keep at least ``min_keys``, at most ``max_keys`` keys per block, and the
 block's diagonal band (its own keys and ``local`` more on either side), which is ranked first
-(it counts toward k and toward the mass; with combine "union", toward each sub-block's selection,
-so a block's union can hold more than k keys). Exact definitions: fgcupy.mask_reference.
+(it counts toward k and toward the mass; with combine "union" each sub-block selects without it
+and the band joins their union, so a block's union can hold more than k keys). Exact definitions: fgcupy.mask_reference.
 
 The default scores are probabilities (pooled sub-blocks with the exact band). With one
 mean query per block (``pool=None, exact_band=None``), or combine "union", logits are stored
@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 
 from . import auto_mask, bridge, predict_op
-from .gpu_prediction import DEFAULT_WORKSPACE, static_row_counts  # noqa: F401
+from .gpu_prediction import DEFAULT_WORKSPACE, kept_slices, static_row_counts  # noqa: F401
 from .jit.spec import SLICE_SIZES
 from .layout import query_key_views
 from .lse_estimate import estimate_lse
@@ -51,6 +51,7 @@ from .mask import SliceMask, is_int, num_blocks
 from .mask_request import (AUTO, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
                            METHODS, POOLINGS, PREDICT_METHODS, MaskRequest, check_workspace_bytes, checked_candidates,
                            checked_lse, make_request)
+from .op_library import define, pack_csr, packed_csr_empty, unpack_csr
 
 
 @torch.no_grad()  # a mask of integer indices: nothing to differentiate, whatever q and k need
@@ -192,8 +193,38 @@ def _predict_auto(qh, kh, slice_m, density, top_k, scale, workspace_bytes) -> Sl
     check_workspace_bytes(workspace_bytes)
     if qh.shape[0] * qh.shape[1] == 0:
         return predict_mask(qh, kh, slice_m, "topk", density=density, top_k=top_k, scale=scale)
-    return auto_mask.predict_auto(qh, kh, req.slice_m, predict_mask, density=density, top_k=top_k, scale=req.scale,
+    workspace_bytes = int(min(workspace_bytes, 2**62))
+    if not torch.compiler.is_compiling():
+        return _auto_mask(qh, kh, req.slice_m, req.top_k, req.scale, workspace_bytes)
+    batch, heads, q_len, _ = qh.shape
+    packed = torch.ops.fgcupy.predict_auto(qh, kh, req.slice_m, req.top_k, req.scale, workspace_bytes)
+    indptr, indices = unpack_csr(packed, (batch, heads, num_blocks(q_len, req.slice_m) + 1))
+    return SliceMask(indptr, indices, req.slice_m, q_len, kh.shape[2])
+
+
+def _auto_mask(qh, kh, slice_m: int, top_k: int, scale: float, workspace_bytes: int) -> SliceMask:
+    return auto_mask.predict_auto(qh, kh, slice_m, predict_mask, density=None, top_k=top_k, scale=scale,
                                   workspace_bytes=workspace_bytes)
+
+
+def _auto_packed(qh, kh, slice_m, top_k, scale, workspace_bytes) -> torch.Tensor:
+    mask = _auto_mask(qh, kh, slice_m, top_k, scale, workspace_bytes)
+    return pack_csr(mask.indptr, mask.indices)
+
+
+def _auto_fake(qh, kh, slice_m, top_k, scale, workspace_bytes) -> torch.Tensor:
+    """Every head of an "auto" mask is a top-k mask (cheap or column max): its size follows from the shapes."""
+    batch, heads, q_len, _ = qh.shape
+    q_blocks = num_blocks(q_len, slice_m)
+    kept = batch * heads * kept_slices(q_blocks, kh.shape[2], slice_m, top_k, 0, None, None)
+    return packed_csr_empty(qh, (batch, heads, q_blocks + 1), kept)
+
+
+# method="auto" on [B, H, S, D] q and k (the checked top_k and scale): its mask's (indptr,
+# indices) packed (op_library.pack_csr). An op, so torch.compile traces over its host syncs
+# (and CUDA graphs leave it out).
+define("predict_auto(Tensor q, Tensor k, int slice_m, SymInt top_k, float scale, int workspace_bytes) -> Tensor",
+       cpu=_auto_packed, cuda=_auto_packed, fake=_auto_fake, syncs_host=True)
 
 
 def _checked_poolings(poolings, heads: int, method: str) -> tuple:

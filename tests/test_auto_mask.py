@@ -38,6 +38,13 @@ def test_take_blocks_gives_those_blocks_rows(batch, heads, q_len, kv_len, slice_
     assert torch.equal(taken.to_dense(), dense[:, :, blocks])
 
 
+@pytest.mark.parametrize("blocks", [[1.7, 2.2], ["1"], [True], "01"])
+def test_take_blocks_refuses_blocks_that_are_not_ints(blocks):
+    mask = SliceMask.full(1, 2, 300, 90, 64)
+    with pytest.raises(TypeError, match=r"blocks must be a sequence of int query block indices"):
+        take_blocks(mask, blocks, 64 * len(blocks))
+
+
 def test_take_blocks_refuses_blocks_that_do_not_fill_the_length():
     mask = SliceMask.full(1, 1, 300, 50, 64)
     with pytest.raises(ValueError, match="as many as q_len"):

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fgcupy import MaskCache, SliceMask, mask_drift, predict_mask
+from fgcupy import MaskCache, SliceMask, mask_drift, mask_recall, predict_mask
 
 from .strategies import dense_masks
 
@@ -417,3 +417,10 @@ def test_mask_recall_tells_a_mask_that_misses_a_heads_mass_on_any_input():
         torch.testing.assert_close(recall, fgcupy.mask_recall(q.transpose(1, 2), k.transpose(1, 2), lse, layout="NHD"))
         recalls.append(recall)
     assert (recalls[0] > 0.75).all() and (recalls[1] < recalls[0] - 0.3).all(), recalls
+
+
+def test_mask_recall_names_an_input_of_another_type():
+    q = torch.randn(1, 2, 64, 16)
+    lse = torch.zeros(1, 2, 64)
+    with pytest.raises(TypeError, match=r"q must be a torch.Tensor or a cupy.ndarray, got ndarray"):
+        mask_recall(q.numpy(), q, lse)

@@ -97,3 +97,46 @@ def test_dense_attention_with_lse_in_head_groups(layout, budget):
         expected = dense_attention(q[b : b + 1], k[b : b + 1, :, keep], v[b : b + 1, :, keep])
         assert relative_l2(out[b : b + 1], expected) < 1e-5
         torch.testing.assert_close(lse[b : b + 1], exact_lse(q[b : b + 1], k[b : b + 1, :, keep]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call", ["reference", "dense"])
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(scale=math.nan), ValueError, r"scale must be a positive finite number"),
+    (dict(scale="a"), ValueError, r"scale must be a positive finite number"),
+    (dict(dtype=torch.int32), TypeError, r"dtype must be a floating torch.dtype"),
+])
+def test_the_references_refuse_what_the_kernels_refuse(call, kwargs, error, message):
+    q = torch.randn(1, 2, 64, 16)
+    mask = SliceMask.full(1, 2, 64, 64, 32)
+    with pytest.raises(error, match=message):
+        if call == "reference":
+            reference_attention(q, q, q, mask, **kwargs)
+        else:
+            dense_attention(q, q, q, **kwargs)
+
+
+def test_the_reference_names_a_mask_that_is_not_one():
+    q = torch.randn(1, 2, 64, 16)
+    with pytest.raises(TypeError, match=r"mask must be a fgcupy.SliceMask, got NoneType"):
+        reference_attention(q, q, q, None)
+
+
+def test_a_one_element_tensor_scale_is_taken_as_its_number_by_every_entry_point():
+    """Attention takes a tensor scale eagerly; prediction, recall, the oracle and the references
+    take it the same way, and give what its float gives."""
+    import fgcupy
+    from fgcupy.lse_estimate import estimate_lse
+    from fgcupy.oracle import Judge, exact_lse
+
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 128, 16), torch.randn(1, 2, 128, 16)
+    number, tensor = 0.3, torch.tensor(0.3)
+    mask = fgcupy.predict_mask(q, k, 64, "topk", density=0.25, scale=number)
+    assert torch.equal(fgcupy.predict_mask(q, k, 64, "topk", density=0.25, scale=tensor).indices, mask.indices)
+    out, lse = reference_attention(q, k, k, mask, scale=number)
+    assert torch.equal(reference_attention(q, k, k, mask, scale=tensor)[0], out)
+    assert torch.equal(dense_attention(q, k, k, scale=tensor), dense_attention(q, k, k, scale=number))
+    assert torch.equal(fgcupy.mask_recall(q, k, lse, scale=tensor), fgcupy.mask_recall(q, k, lse, scale=number))
+    assert torch.equal(exact_lse(q, k, tensor), exact_lse(q, k, number))
+    assert Judge(q, k, k, 64, scale=tensor).scale == pytest.approx(number)
+    assert torch.equal(estimate_lse(q, k, 64, scale=tensor), estimate_lse(q, k, 64, scale=number))

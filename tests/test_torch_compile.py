@@ -51,6 +51,9 @@ def test_ops_are_registered_by_importing_fgcupy():
     code = f"import torch, fgcupy; print([hasattr(torch.ops.fgcupy, n) for n in {names!r}])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == str([True] * len(names))
+    # "auto"'s op registers with fgcupy.predict_mask (the prediction modules load with their first use).
+    code = "import torch, fgcupy; fgcupy.predict_mask; print(hasattr(torch.ops.fgcupy, 'predict_auto'))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"
 
 
 def test_the_ops_pass_torch_opcheck():
@@ -60,6 +63,7 @@ def test_the_ops_pass_torch_opcheck():
     mask = predict_mask(q, k, 64, "topk", density=0.25)
     token = predict_op.request_token(make_request(64, 130, 64, "tau", tau=0.5))
     torch.library.opcheck(torch.ops.fgcupy.predict_mask.default, (q, k, None, [], [], token, -1, -1.0, 0.125, 1 << 20))
+    torch.library.opcheck(torch.ops.fgcupy.predict_auto.default, (q, k, 64, 32, 0.125, 1 << 20))
     torch.library.opcheck(torch.ops.fgcupy.union_keys.default,
                           (mask.indptr, mask.indices, [0, 1], None, None, 64, 130, 130))
     for _ in range(5):  # the gap is written, whatever the memory held before
@@ -115,6 +119,7 @@ DATA_DEPENDENT = {
     "per-head pooling": lambda q, k, lse: predict_mask(q, k, 64, "topk", density=0.2, pooling=["mean", "sample"]),
     "per-head pooling tau": lambda q, k, lse: predict_mask(q, k, 64, "tau", tau=0.8, pooling=["both", "adaptive"]),
     "small workspace": lambda q, k, lse: predict_mask(q, k, 64, "topk", density=0.2, workspace_bytes=1),
+    "auto": lambda q, k, lse: predict_mask(q, k, 64, "auto", density=0.2),
 }
 
 
@@ -145,13 +150,15 @@ def test_every_prediction_compiles_with_fullgraph_and_attends(name, device):
 
 
 @pytest.mark.gpu
-def test_cuda_graphs_leave_out_a_data_dependent_prediction():
+@pytest.mark.parametrize("method, option", [("tau", dict(tau=0.9)), ("auto", dict(density=0.2))])
+def test_cuda_graphs_leave_out_a_prediction_that_syncs_the_host(method, option):
     """reduce-overhead over a tau prediction (an index count known only at run time, a host sync
-    in the op): torch runs that graph without a CUDA graph, and the answer is right."""
+    in the op) or an "auto" one (host syncs inside the op): torch runs that op without a CUDA
+    graph, and the answer is right."""
     q, k, v = _qkv("cuda", torch.bfloat16, seq=1024, dim=128)
 
     def step(q, k, v):
-        return sparse_attention(q, k, v, predict_mask(q, k, 128, "tau", tau=0.9)) * 2
+        return sparse_attention(q, k, v, predict_mask(q, k, 128, method, **option)) * 2
 
     compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
     for _ in range(3):
