@@ -288,7 +288,7 @@ def test_mask_cache_schedules_are_refused_or_consistent(warmup, refresh_every, r
 
 
 @given(st.fixed_dictionaries({}, optional={
-    "predictor": st.sampled_from(["topk", "tau", "threshold", "colmax", "bogus", "", 3, None]),
+    "predictor": st.sampled_from(["topk", "tau", "threshold", "auto", "colmax", "bogus", "", 3, None]),
     "density": st.sampled_from([None, 0.1, 0.0, 1.5, math.nan, "0.2"]),
     "tau": st.sampled_from([None, 0.9, 2.0, math.nan]),
     "threshold": st.sampled_from([None, 1e-3, -1.0, math.inf]),

@@ -615,6 +615,29 @@ def test_estimate_first_mask_makes_the_first_mask_from_estimated_lses_and_search
     assert not torch.equal(first.to_dense(), fgcupy.predict_mask(q, k, 64, "topk", density=0.25).to_dense())
 
 
+@pytest.mark.parametrize("dense_steps", [0, 1])
+def test_the_auto_predictor_makes_the_masks_predict_mask_auto_makes(dense_steps):
+    """predictor="auto": predicted masks are predict_mask(method="auto")'s; with a warm-up step
+    the first is the warm-up's exact mask and refreshes add auto's keys as candidates."""
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs(frames=3, size=16)
+    seen = []
+    config = fd.SparseAttentionConfig(predictor="auto", density=0.25, slice_m=64, dense_steps=dense_steps,
+                                      refresh_every=1, sparse_refresh=False if dense_steps == 0 else None,
+                                      attention_fn=_recording(seen))
+    assert config.exact_arguments() == {"rule": "topk", "density": 0.25}
+    handle = fd.apply(model, config)
+    for step in range(3):
+        run_wan(model, latents, text, t=1000 - 100 * step)
+    q, k, mask = (x.transpose(1, 2) if i < 2 else x for i, x in enumerate(seen[-1]))
+    if dense_steps == 0:
+        assert torch.equal(mask.to_dense(), fgcupy.predict_mask(q, k, 64, "auto", density=0.25).to_dense())
+    else:
+        assert config.mask_from_warmup and config.sparse_refresh
+    # Without warm-up every step predicts; with it, step 0 makes the exact mask, which serves step 1.
+    assert handle.stats()["blocks.0.attn1"].refresh_steps == ([0, 1, 2] if dense_steps == 0 else [0, 2])
+
+
 @pytest.mark.parametrize("grid, predicts", [(None, True), ((3, 8, 8), True), (None, False)],
                          ids=["grid_from_the_model", "grid_given", "no_prediction"])
 def test_local_search_scores_the_old_keys_moved_along_the_grid(grid, predicts):
@@ -1221,7 +1244,7 @@ def test_config_schedule():
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(predictor="bogus"), ValueError, r"predictor must be one of \('topk', 'tau', 'threshold'\)"),
+    (dict(predictor="bogus"), ValueError, r"predictor must be one of \('topk', 'tau', 'threshold', 'auto'\)"),
     (dict(predictor="colmax", tau=0.9, density=0.2), ValueError, r"selects by one rule: give one of density"),
     (dict(predictor="colmax", predictor_kwargs={"rule": "tau"}), ValueError, r"may not set 'rule', 'lse' or 'scale'"),
     (dict(predictor="colmax", grid=(3, 8, 8)), ValueError, r"^grid: a local search refreshes the masks of a mean-query"),
@@ -1295,6 +1318,11 @@ def test_config_schedule():
     (dict(predictor_kwargs={"pooling": ["mean", "both"]}, process_group=object()), ValueError,
      r"a pooling per head does not apply with process_group"),
     (dict(predictor_kwargs={"pooling": ["mean", "both"], "combine": "union"}), ValueError, r"pooling"),
+    (dict(predictor="auto", predictor_kwargs={"pool": 16}), ValueError,
+     r"predictor='auto' takes \['top_k', 'workspace_bytes'\] in predictor_kwargs, got \['pool'\]"),
+    (dict(predictor="auto", find_diagonals=2), ValueError, r"find_diagonals moves the exact band"),
+    (dict(predictor="auto", process_group=object()), ValueError, r"not with process_group"),
+    (dict(predictor="auto", tau=0.9), ValueError, r"tau=0.9 does not apply to predictor='auto'"),
 ])
 def test_config_refuses_what_cannot_work(kwargs, error, message):
     with pytest.raises(error, match=message):

@@ -14,12 +14,16 @@ from ..local_search import grid_offsets
 
 # The parameter each named predictor method is tuned by (checked at config time, so a missing
 # density fails at apply() rather than on the first refresh step deep inside a pipeline).
-_METHOD_PARAMETER = {"topk": "density", "tau": "tau", "threshold": "threshold"}
+_METHOD_PARAMETER = {"topk": "density", "tau": "tau", "threshold": "threshold", "auto": "density"}
+_MEAN_QUERY = ("topk", "tau", "threshold")
+#: What "auto" takes in predictor_kwargs (predict_mask refuses its other options).
+_AUTO_OPTIONS = ("top_k", "workspace_bytes")
 #: The exact predictor: refresh steps run dense attention and keep its row LSE, and the mask is
 #: the exact column max (fgcupy.predict_mask(method="colmax")), selected by the rule of the one
 #: parameter given (density: top-k, tau, threshold).
 EXACT_PREDICTOR = "colmax"
-_RULE_OF_PARAMETER = {parameter: method for method, parameter in _METHOD_PARAMETER.items()}
+#: The selection rule each parameter gives an exact (column-max) mask.
+_RULE_OF_PARAMETER = {"density": "topk", "tau": "tau", "threshold": "threshold"}
 DEFAULT_DENSITY = 0.1
 #: refresh_every of predicted masks (each refresh predicts anew).
 DEFAULT_REFRESH_EVERY = 5
@@ -47,7 +51,10 @@ class SparseAttentionConfig:
     attributes then hold the values in use); ``dataclasses.replace`` copies those resolved
     values, so build a new config to get the defaults of other settings.
 
-    predictor: a ``fgcupy.predict_mask`` method name ("topk", "tau", "threshold") tuned by its
+    predictor: a ``fgcupy.predict_mask`` method name ("topk", "tau", "threshold", or "auto": the
+        top-k mask checked per head, the estimated column max where the check finds it missing
+        attention; predictor_kwargs top_k and workspace_bytes only, no find_diagonals or
+        process_group) tuned by its
         own ``density`` (default 0.1) / ``tau`` / ``threshold`` (+ ``predictor_kwargs``), or a callable
         ``predictor(q, k, slice_m=...) -> SliceMask`` with q, k ``[B, H, S, D]`` views; or "colmax",
         the exact schedule (FG-Attn): a layer's refresh calls run dense attention (their output
@@ -237,7 +244,7 @@ class SparseAttentionConfig:
                                  f"that need no dense step), {EXACT_PREDICTOR!r} (exact masks from a dense call on "
                                  f"each refresh) or a callable, got {self.predictor!r}")
             needed = _METHOD_PARAMETER[self.predictor]
-            if self.predictor == "topk" and self.density is None and "top_k" not in self.predictor_kwargs:
+            if needed == "density" and self.density is None and "top_k" not in self.predictor_kwargs:
                 object.__setattr__(self, "density", DEFAULT_DENSITY)
             given_top_k = "top_k" in self.predictor_kwargs
             if getattr(self, needed) is None and not (needed == "density" and given_top_k):
@@ -287,8 +294,8 @@ class SparseAttentionConfig:
         if isinstance(self.find_diagonals, bool) or not isinstance(self.find_diagonals, int) or self.find_diagonals < 0:
             raise ValueError(f"find_diagonals must be an int >= 0 (diagonals per layer), got {self.find_diagonals!r}")
         if self.find_diagonals:
-            if self.predictor not in _METHOD_PARAMETER:
-                raise ValueError(f"find_diagonals moves the exact band of the mean-query predictors {tuple(_METHOD_PARAMETER)}, "
+            if self.predictor not in _MEAN_QUERY:
+                raise ValueError(f"find_diagonals moves the exact band of the mean-query predictors {_MEAN_QUERY}, "
                                  f"got predictor={self.predictor!r}")
             self._refuse_process_group("find_diagonals", "queries and keys")
             if "diagonals" in self.predictor_kwargs:
@@ -525,11 +532,16 @@ class SparseAttentionConfig:
             raise ValueError(f"predictor_kwargs holds options predict_mask does not take: {sorted(unknown)}")
         if "workspace_bytes" in kwargs:
             check_workspace_bytes(kwargs["workspace_bytes"])
+        if self.predictor == "auto":
+            others = sorted(set(kwargs) - {"density", *_AUTO_OPTIONS})
+            if others:
+                raise ValueError(f"predictor='auto' takes {list(_AUTO_OPTIONS)} in predictor_kwargs, got {others}")
+            self._refuse_process_group("predictor='auto'", "queries and keys")
         checked = {name: value for name, value in kwargs.items() if name != "workspace_bytes"}
         if isinstance(checked.get("pooling"), (list, tuple)) and self.process_group is not None:
             raise ValueError("a pooling per head does not apply with process_group (each rank predicts a share "
                              "of the heads): give one pooling")
-        check_options(self.slice_m, self.predictor, checked)
+        check_options(self.slice_m, "topk" if self.predictor == "auto" else self.predictor, checked)
         runtime_options = []  # what the handle adds to these options at run time
         if self.calibrate_pooling:
             from ..calibration import DEFAULT_CANDIDATES
@@ -585,7 +597,8 @@ class SparseAttentionConfig:
         if self.exact:
             return args
         kept = (_METHOD_PARAMETER[self.predictor], *_SELECTION_OPTIONS)
-        return {"rule": self.predictor, **{key: value for key, value in args.items() if key in kept}}
+        return {"rule": _RULE_OF_PARAMETER[_METHOD_PARAMETER[self.predictor]],
+                **{key: value for key, value in args.items() if key in kept}}
 
 
 def _int_tuple(values, what: str) -> tuple[int, ...]:
