@@ -10,6 +10,7 @@ import functools
 import math
 import numbers
 import os
+import warnings
 
 import torch
 
@@ -66,7 +67,11 @@ def runnable_spec(device, spec):
     loaded that can be avoided: the Hopper kernel if it is loaded, else the stand-in if that is
     (a graph keeps the kernel it captured). FGCUPY_STAND_IN=0 waits for the Hopper kernel.
     Both kernels give the same results up to bf16/fp16 rounding."""
-    waits = os.environ.get(STAND_IN_ENV, "").strip().lower() in ("0", "false", "no", "off")
+    value = os.environ.get(STAND_IN_ENV, "").strip().lower()
+    waits = value in ("0", "false", "no", "off")
+    if not waits and value not in ("", "1", "true", "yes", "on"):
+        warnings.warn(f"fgcupy: {STAND_IN_ENV}={value!r} is not 0 or 1; a first call runs the stand-in while its "
+                      "kernel compiles", RuntimeWarning, stacklevel=2)
     if isinstance(spec, AttentionSpec) or waits:
         return spec
     capturing = torch.cuda.is_current_stream_capturing()

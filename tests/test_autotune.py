@@ -3,6 +3,7 @@ never-slower-than-default rule), the cache file (round trip, second process, cor
 other-version files, concurrent writers), the FGCUPY_AUTOTUNE switch, and slice-size tuning
 with an injected predictor, attention and timer."""
 
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -18,6 +19,7 @@ import torch
 
 from fgcupy import SliceMask, SparseAttention, autotune
 from fgcupy.jit import AttentionSpec, KernelCompileError, all_attention_specs, nvrtc
+from fgcupy.jit.spec import Sm90WsAttentionSpec
 from fgcupy.jit.report import PtxasReport
 from fgcupy.reference import reference_attention
 
@@ -392,8 +394,8 @@ def test_a_stored_kernel_the_gpu_cannot_run_is_ignored(isolated_cache):
     key = autotune.ProblemKey.make(a100, "bfloat16", 128, 128, 32760, 32760, 0.3)
     autotune.TuneCache().store([fake_result(key)], a100)
     data = json.loads(isolated_cache.read_text())
-    data["entries"][key.id].update(kernel="Sm90WsAttentionSpec", spec={"dtype": "bfloat16", "head_dim": 128,
-                                   "slice_m": 128, "key_tile": 128, "stages": 2, "pingpong": 1})
+    hopper = Sm90WsAttentionSpec("bfloat16", 128, 128, 128, 2, 1)
+    data["entries"][key.id].update(kernel="Sm90WsAttentionSpec", spec=dataclasses.asdict(hopper), spec_name=hopper.name)
     isolated_cache.write_text(json.dumps(data))
     autotune.TuneCache._memo.clear()
     with pytest.warns(autotune.AutotuneCacheWarning, match="not a kernel for sm_80"):
@@ -647,7 +649,8 @@ def test_command_shows_a_hand_edited_entry_without_crashing(isolated_cache, monk
     key = autotune.ProblemKey.make(H100, "bfloat16", 64, 64, 17550, 17550, 1.0)
     autotune.TuneCache().store([fake_result(key)], H100)
     data = json.loads(isolated_cache.read_text())
-    data["entries"][key.id] = {"spec": data["entries"][key.id]["spec"], "candidates": [{"spec": 1}]}
+    data["entries"][key.id] = {"spec": data["entries"][key.id]["spec"], "candidates": [{"spec": 1}],
+                               "default_ms": "2.0 ms", "winner_ms": math.nan}
     isolated_cache.write_text(json.dumps(data))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
@@ -779,3 +782,69 @@ def test_a_stored_kernel_past_the_gpus_shared_memory_is_not_used():
     default = autotune.heuristic_spec("bfloat16", 128, 128, ADA.arch)
     with pytest.warns(autotune.AutotuneCacheWarning, match="grants 101,376; not using it"):
         assert autotune.choose_spec(key, default, lambda k: None, gpu=ADA) == default
+
+
+def test_an_entry_whose_spec_lacks_a_field_is_ignored(isolated_cache):
+    """A missing field would take its default: a kernel that was never tuned."""
+    autotune.TuneCache().store([fake_result(KEY)], H100)
+    data = json.loads(isolated_cache.read_text())
+    data["entries"][KEY.id]["spec"] = {"dtype": "bfloat16", "head_dim": 128, "slice_m": 128}
+    isolated_cache.write_text(json.dumps(data))
+    autotune.TuneCache._memo.clear()
+    with pytest.warns(autotune.AutotuneCacheWarning, match=r"its spec lacks \['key_tile', 'stages', 'rows_per_warp'\]"):
+        assert autotune.TuneCache().lookup(KEY) is None
+    data["entries"][KEY.id]["spec"] = dataclasses.asdict(AttentionSpec("bfloat16", 128, 128, 64, 2))
+    isolated_cache.write_text(json.dumps(data))
+    autotune.TuneCache._memo.clear()
+    with pytest.warns(autotune.AutotuneCacheWarning, match=r"its spec_name says"):
+        assert autotune.TuneCache().lookup(KEY) is None
+
+
+def test_older_versions_give_way_so_the_file_stays_readable(isolated_cache, monkeypatch):
+    """Each version's table is kept beside the others only while the file stays within what
+    its reader takes; this version's results are always stored and read back."""
+    from fgcupy.autotune import store
+
+    monkeypatch.setattr(store, "MAX_FILE_BYTES", 20_000)
+    seconds = iter(range(60))
+    monkeypatch.setattr(store.time, "strftime", lambda fmt, *args: f"2026-12-06T00:00:{next(seconds):02d}")
+    keys = [autotune.ProblemKey.make(H100, "bfloat16", 128, 128, 1024 * (i + 1), 1024 * (i + 1), 0.3) for i in range(6)]
+    for version in range(6):
+        monkeypatch.setattr(store, "library_stamp", lambda v=version: {"version": f"v{v}", "kernel_hash": "k",
+                                                                       "candidates_hash": "c", "nvrtc": "n"})
+        assert autotune.TuneCache().store([fake_result(k) for k in keys], H100)
+        assert isolated_cache.stat().st_size <= 20_000
+        autotune.TuneCache._memo.clear()
+        assert all(autotune.TuneCache().lookup(k) is not None for k in keys)
+    kept = json.loads(isolated_cache.read_text())["other_versions"]
+    assert 0 < len(kept) < 5 and "v4|k|c|n" in kept  # the newest others stay
+
+
+def test_an_oversized_file_of_ours_is_replaced(isolated_cache, monkeypatch):
+    from fgcupy.autotune import store
+
+    isolated_cache.parent.mkdir(parents=True)
+    isolated_cache.write_text(" " * 5000)
+    monkeypatch.setattr(store, "MAX_FILE_BYTES", 4000)
+    with pytest.warns(autotune.AutotuneCacheWarning, match=r"is larger than 4000 bytes .* will be replaced"):
+        assert autotune.TuneCache().store([fake_result(KEY)], H100)
+    autotune.TuneCache._memo.clear()
+    assert autotune.TuneCache().lookup(KEY) is not None
+
+
+def test_a_winner_not_compared_with_a_default_that_failed_to_run_is_not_stored():
+    """The default fit but raised (say, out of memory on load): the fastest other kernel serves
+    this process, but is not remembered as beating it."""
+    default = autotune.heuristic_spec("bfloat16", 128, 128, "sm_80")
+    a100 = autotune.DeviceInfo("NVIDIA A100-SXM4-80GB", (8, 0), 108, 166912, 65536)
+    key = autotune.ProblemKey.make(a100, "bfloat16", 128, 128, 4096, 4096, 0.3)
+
+    def measure(specs, note):
+        return {s: autotune.Measurement(None, note=note) if s == default else autotune.Measurement(2.0 + i * 0.1)
+                for i, s in enumerate(specs)}
+
+    crashed = autotune.tune(key, a100, lambda specs: measure(specs, "CUDADriverError: out of memory"),
+                            compiler=fake_report())
+    assert crashed.measured and not crashed.compared and not crashed.storable and crashed.winner != default
+    wrong = autotune.tune(key, a100, lambda specs: measure(specs, "wrong result: rel L2 1e+00"), compiler=fake_report())
+    assert wrong.measured and wrong.compared and wrong.storable

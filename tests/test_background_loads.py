@@ -126,6 +126,9 @@ def test_a_hopper_kernel_not_yet_compiled_has_the_portable_kernel_stand_in(monke
         assert attention_kernel.runnable_spec(device, hopper) is hopper
     monkeypatch.setenv(attention_kernel.STAND_IN_ENV, "1")
     assert attention_kernel.runnable_spec(device, hopper) == stand_in
+    monkeypatch.setenv(attention_kernel.STAND_IN_ENV, "never")  # not a value it reads: said, and the stand-in runs
+    with pytest.warns(RuntimeWarning, match=r"FGCUPY_STAND_IN='never' is not 0 or 1"):
+        assert attention_kernel.runnable_spec(device, hopper) == stand_in
     monkeypatch.delenv(attention_kernel.STAND_IN_ENV)
     capturing[0] = True  # nothing loaded: the Hopper kernel (loaded as before); the stand-in once it is loaded
     assert attention_kernel.runnable_spec(device, hopper) is hopper

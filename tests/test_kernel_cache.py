@@ -316,6 +316,15 @@ def test_cache_root_takes_absolute_folders_and_works_without_a_home(monkeypatch,
     monkeypatch.setenv("FGCUPY_CACHE_DIR", "here")
     assert paths.cache_root() == tmp_path / "here"
 
+    def no_expansion(self):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "expanduser", no_expansion)  # a literal ~ where no home is known
+    for variable in ("FGCUPY_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv("FGCUPY_CACHE_DIR", raising=False)
+        monkeypatch.setenv(variable, "~/cache")
+        assert paths.cache_root().parent == Path(__import__("tempfile").gettempdir())
+
 
 def test_temporaries_of_killed_writers_are_swept(cache_dir):
     cache_dir.mkdir(parents=True)

@@ -82,7 +82,8 @@ def choose_spec(key: ProblemKey, default: AttentionSpec, tune_fn: Callable[[Prob
             if result is None:  # not now (a CUDA graph capture): a later plan tunes
                 return default
             if result and result.measured:
-                cache.store([result], gpu)
+                if result.storable:
+                    cache.store([result], gpu)
                 spec = result.winner
         spec = spec or default
         _session[key.id] = spec

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 import time
 
@@ -82,8 +83,8 @@ def main(argv=None) -> int:
                         print(format_table(key.id, entry.get("candidates", []), entry.get("default", ""), cached.name))
                     except (KeyError, TypeError, ValueError):  # a hand-edited entry: the spec alone
                         print(f"{key.id}: {cached.name} (its candidate table is unreadable)")
-                    summary.append((name, density, slice_m, entry.get("default"), entry.get("default_ms"),
-                                    cached.name, entry.get("winner_ms"), 0.0, "cached"))
+                    summary.append((name, density, slice_m, entry.get("default"), _ms(entry.get("default_ms")),
+                                    cached.name, _ms(entry.get("winner_ms")), 0.0, "cached"))
                     dump.append({"preset": name, "cached": True, **entry})
                     continue
                 print(f"\n{name} d={density} m={slice_m}: tuning", flush=True)
@@ -109,3 +110,9 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"gpu": dataclasses.asdict(info), "torch": torch.__version__, "results": dump}, f, indent=1)
     return 0
+
+
+def _ms(value) -> float | None:
+    """A stored time as a positive finite float, or None (a hand-edited entry's)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return float(value) if number else None

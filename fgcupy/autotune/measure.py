@@ -14,7 +14,7 @@ from ..progress import progress_bar
 from ..mask import SliceMask, num_blocks, positive_int, random_topk_mask
 from ..timing import queue_lead_cycles
 from .keys import DeviceInfo, ProblemKey, _TORCH_DTYPES
-from .selection import Measurement, TuneResult, tune
+from .selection import WRONG_RESULT, Measurement, TuneResult, tune
 
 # Timed work per candidate: enough CTAs for this many full waves (1 CTA/SM) keeps the tail
 # (wave quantisation) small against the 3 % margin.
@@ -92,7 +92,7 @@ class EventMeasure:
                     results[spec] = Measurement(None, note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
                     continue
                 if not err <= CHECK_TOLERANCE[key.dtype]:
-                    results[spec] = Measurement(None, note=f"wrong result: rel L2 {err:.2e} vs float32 reference")
+                    results[spec] = Measurement(None, note=f"{WRONG_RESULT}: rel L2 {err:.2e} vs float32 reference")
                     continue
                 for _ in range(self.warmup):
                     run()

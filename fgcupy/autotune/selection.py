@@ -23,6 +23,10 @@ NOISE_MARGIN = 0.03
 
 # Selection and results
 # ---------------------------------------------------------------------------------------------
+#: How a Measurement's note starts when the kernel ran and gave a wrong result.
+WRONG_RESULT = "wrong result"
+
+
 @dataclass
 class Measurement:
     ms: float | None
@@ -67,6 +71,13 @@ class TuneResult:
     candidates: list[Candidate]
     seconds: float
     workload: dict = field(default_factory=dict)
+    # False where the default fit but could not be timed (an error, not a wrong result): the
+    # winner was not compared with it, so it serves this process and is not stored.
+    compared: bool = True
+
+    @property
+    def storable(self) -> bool:
+        return self.measured and self.compared
 
     def ms_of(self, spec: AttentionSpec) -> float | None:
         return next((c.ms for c in self.candidates if c.spec == spec), None)
@@ -141,8 +152,14 @@ def tune(key: ProblemKey, info: DeviceInfo, measure: Callable[[list[AttentionSpe
         candidates.append(Candidate(s, registers, f.smem_bytes, f.spill_bytes, m.ms if m else None,
                                     m.tflops if m else None, status))
     winner = select_winner({c.spec: c.ms for c in candidates if c.status == "ok"}, default, margin)
+    default_run = measured.get(default)
+    compared = default not in runnable or (default_run is not None and (
+        default_run.ms is not None or default_run.note.startswith(WRONG_RESULT)))
     result = TuneResult(key, default, winner or default, winner is not None, candidates,
-                        time.perf_counter() - started, workload or {})
+                        time.perf_counter() - started, workload or {}, compared)
+    if winner is not None and not compared:
+        progress(f"  the default {default.name} could not be timed "
+                 f"({default_run.note if default_run else 'not measured'}): the winner serves this process only")
     if winner is None:
         progress(f"  no candidate could be timed: keeping the heuristic default {default.name}")
     else:

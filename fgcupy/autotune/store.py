@@ -5,6 +5,7 @@ from __future__ import annotations
 
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -18,7 +19,7 @@ from typing import Iterable
 
 
 from ..jit import AttentionSpec
-from ..paths import CACHE_ENV, cache_root, read_own_file, sweep_stale_temporaries  # noqa: F401 - CACHE_ENV: autotune API
+from ..paths import CACHE_ENV, FileTooLarge, cache_root, read_own_file, sweep_stale_temporaries  # noqa: F401 - CACHE_ENV: autotune API
 from .candidates import candidate_specs
 from .keys import DeviceInfo, ProblemKey, _SPEC_CLASSES
 from .selection import TuneResult
@@ -107,7 +108,8 @@ def _stamp_id(stamp: dict) -> str:
     return f"{stamp.get('version')}|{stamp.get('kernel_hash')}|{stamp.get('candidates_hash')}|{stamp.get('nvrtc')}"
 
 
-#: No tuning table is larger (a few hundred problems of about 300 bytes each).
+#: The largest tuning file read or written (an entry with its candidate table takes about 6 KB;
+#: older versions' tables are dropped, oldest first, to stay within it).
 MAX_FILE_BYTES = 16 << 20
 
 
@@ -209,7 +211,13 @@ class TuneCache:
             bad = {k: v for k, v in fields.items() if not (type(v) is int or type(v) is str)}
             if bad:
                 raise TypeError(f"spec fields must be ints or strings, got {bad}")
-            spec = _SPEC_CLASSES[entry.get("kernel", "AttentionSpec")](**fields)
+            kind = _SPEC_CLASSES[entry.get("kernel", "AttentionSpec")]
+            missing = [f.name for f in dataclasses.fields(kind) if f.name not in fields]
+            if missing:  # a field left out would take its default: a kernel nobody tuned
+                raise ValueError(f"its spec lacks {missing}")
+            spec = kind(**fields)
+            if "spec_name" in entry and spec.name != entry["spec_name"]:
+                raise ValueError(f"its spec fields make {spec.name}, its spec_name says {entry['spec_name']!r}")
         except (KeyError, TypeError, ValueError) as err:
             self._warn(f"ignoring unusable entry {key.id!r} in {self.path}: {err}", None)
             return None
@@ -228,7 +236,7 @@ class TuneCache:
     def store(self, results: Iterable[TuneResult], gpu: DeviceInfo | None = None) -> bool:
         """Merge ``results`` into the file under a lock and replace it atomically. Returns False
         (with a warning) when the folder or file cannot be written."""
-        new = {r.key.id: r.to_entry() for r in results if r.measured}
+        new = {r.key.id: r.to_entry() for r in results if r.storable}
         if not new:
             return True
         try:
@@ -238,6 +246,9 @@ class TuneCache:
                 try:
                     raw = read_own_file(self.path, MAX_FILE_BYTES)
                 except FileNotFoundError:
+                    raw = None
+                except FileTooLarge as err:  # ours (an earlier version wrote it unbounded): replaced
+                    self._warn(f"{self.path} is {err}; it will be replaced by this version's table", None)
                     raw = None
                 except OSError as err:  # left as it is: another user's, or not a file of ours
                     self._warn(f"not reading {self.path} ({err}); it is left as it is and tuned results stay in "
@@ -260,16 +271,22 @@ class TuneCache:
                 merged = {**mine["entries"], **new}
                 newest = sorted(tables.items(), key=lambda item: str(item[1]["header"].get("written", "")),
                                 reverse=True)[:KEEP_VERSIONS]
-                data = {
-                    "header": {"library": "fgcupy", "format": FORMAT, **stamp, "gpus": gpus,
-                               "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
-                    "entries": dict(sorted(merged.items())),
-                    "other_versions": dict(newest),
-                }
+                header = {"library": "fgcupy", "format": FORMAT, **stamp, "gpus": gpus,
+                          "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                while True:  # older versions' tables give way to this one's within MAX_FILE_BYTES
+                    text = json.dumps({"header": header, "entries": dict(sorted(merged.items())),
+                                       "other_versions": dict(newest)}, indent=1)
+                    if len(text.encode()) <= MAX_FILE_BYTES or not newest:
+                        break
+                    newest.pop()
+                if len(text.encode()) > MAX_FILE_BYTES:
+                    self._warn(f"this version's tuned table alone is larger than {MAX_FILE_BYTES} bytes; {self.path} "
+                               "is left as it is and tuned results stay in this process", None)
+                    return False
                 fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".autotune-", suffix=".tmp")
                 try:
                     with os.fdopen(fd, "w") as f:
-                        json.dump(data, f, indent=1)
+                        f.write(text)
                         f.flush()
                         os.fsync(f.fileno())
                     os.replace(tmp, self.path)
