@@ -16,7 +16,8 @@ Methods (DESIGN.md §2):
 Every selection can keep at least ``min_keys``, at most ``max_keys`` keys per block, and the
 block's diagonal band (its own keys and ``local`` more on either side), which is ranked first
 (it counts toward k and toward the mass; with combine "union" each sub-block selects without it
-and the band joins their union, so a block's union can hold more than k keys). Exact definitions: fgcupy.mask_reference.
+and the band joins their union, so a block's union can hold more than k keys). Exact
+definitions: fgcupy.mask_reference.
 
 The default scores are probabilities (pooled sub-blocks with the exact band). With one
 mean query per block (``pool=None, exact_band=None``), or combine "union", logits are stored
