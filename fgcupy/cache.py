@@ -34,7 +34,7 @@ from . import mask_reference as ref
 from .attention_kernel import check_scale, eager_scale
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask, check_key_valid, indptr_from_counts, is_int, num_blocks, positive_int
-from .mask_request import PREDICT_METHODS, check_options, make_request
+from .mask_request import ONE_KEY, PREDICT_METHODS, check_options, make_request
 from .scoring import predict_mask
 
 STORAGES = ("auto", "index", "bits")
@@ -43,19 +43,25 @@ _PREDICT_OPTIONS = frozenset(inspect.signature(predict_mask).parameters) - {"q",
 #: The predict_mask options make_request checks.
 _REQUEST_OPTIONS = frozenset(inspect.signature(make_request).parameters) - {"head_dim", "kv_len", "slice_m", "method"}
 _RULE_OPTIONS = frozenset({"density", "top_k", "tau", "threshold"})
+#: What MaskCache passes on to predict_mask(method="auto").
+_AUTO_OPTIONS = frozenset({"method", "slice_m", "density", "top_k", "scale", "workspace_bytes"})
 _INT16_KEYS = 2**15
 
 
 def _check_given_rule(options: dict) -> None:
-    """Refuse now the options predict_mask would refuse at the first refresh, where a selection
-    (density, top_k, tau or threshold) is given (without one, mask_for's overrides may give it)."""
+    """Refuse now the options predict_mask would refuse at the first refresh at any sequence length,
+    where a selection (density, top_k, tau or threshold) is given (without one, mask_for's
+    overrides may give it)."""
     if not _RULE_OPTIONS & set(options):
         return
     method = options.get("method", "topk")
     if not isinstance(method, str) or method not in PREDICT_METHODS:
         raise ValueError(f"method must be one of {PREDICT_METHODS}, got {method!r}")
+    others = sorted(set(options) - _AUTO_OPTIONS)
+    if method == "auto" and others:
+        raise ValueError(f"method='auto' takes {sorted(_AUTO_OPTIONS - {'method'})}, got {others}")
     request = {name: value for name, value in options.items() if name in _REQUEST_OPTIONS}
-    check_options(options.get("slice_m", 128), "topk" if method == "auto" else method, request)
+    check_options(options.get("slice_m", 128), "topk" if method == "auto" else method, request, ONE_KEY)
 
 
 def refreshes_on(sparse_step: int, refresh_every: int, ramp: bool = False) -> bool:

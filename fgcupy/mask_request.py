@@ -204,23 +204,24 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
 _LOCAL_MAX = 2**30 - 1
 
 
-#: The key count options are checked at before q and k are known: the longest the kernels index
-#: (int32), where no count is clamped to the keys.
-ANY_KV_LEN = 2**31 - 1
+#: Key counts to check options at before q and k are known. Counts past kv_len mean all keys, so
+#: at one key every bound that depends on it (min_keys, the band under max_keys) is loosest (what
+#: is refused there fails at any length); at the longest the kernels index (int32) it is tightest.
+ONE_KEY, LONGEST_KV = 1, 2**31 - 1
 
 
-def check_options(slice_m, method: str, options: dict) -> None:
-    """Refuse now what make_request would refuse for ``options`` at the first prediction, before
-    q and k are known: a per-head pooling list entry by entry (its length is checked with the
-    heads). ``options`` are make_request's keywords."""
+def check_options(slice_m, method: str, options: dict, kv_len: int) -> None:
+    """Refuse now what make_request would refuse for ``options`` at ``kv_len`` keys, before q and
+    k are known: a per-head pooling list entry by entry (its length is checked with the heads).
+    ``options`` are make_request's keywords."""
     poolings = options.get("pooling")
     if isinstance(poolings, (list, tuple)):
         if not poolings:
             raise ValueError("a per-head pooling list needs one pooling per head, got an empty list")
         for each in poolings:
-            make_request(128, ANY_KV_LEN, slice_m, method, **dict(options, pooling=each))
+            make_request(128, kv_len, slice_m, method, **dict(options, pooling=each))
     else:
-        make_request(128, ANY_KV_LEN, slice_m, method, **options)
+        make_request(128, kv_len, slice_m, method, **options)
 
 
 def is_number(value) -> bool:

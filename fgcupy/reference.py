@@ -29,6 +29,8 @@ def _checked_inputs(q, k, v, layout: str, rows_per_chunk, scale, dtype) -> tuple
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if scale is None:
         return q, k, v, 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(scale, torch.Tensor) and torch.compiler.is_compiling():
+        return q, k, v, scale  # torch ops multiply by it: traced as it is
     scale = eager_scale(scale)
     check_scale(scale)
     return q, k, v, scale

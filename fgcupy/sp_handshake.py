@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from . import bridge
-from .attention_kernel import check_forward_only, check_has_kernel, check_scale
+from .attention_kernel import check_forward_only, check_has_kernel, check_scale, eager_scale
 from .layout import LAYOUTS, check_layout, to_bhsd
 from .mask import is_int, positive_int
 
@@ -54,6 +54,7 @@ def _scale_code(scale) -> int:
     the attention would refuse raises here, before the header, so every rank hears of it."""
     if scale is None:
         return 0
+    scale = eager_scale(scale)
     check_scale(scale)
     return struct.unpack("<q", struct.pack("<d", float(scale)))[0]
 

@@ -1121,7 +1121,7 @@ def test_predictor_with_the_wrong_shape_is_named():
         (dict(refresh_steps=[1.5]), "refresh_steps"),
         (dict(threshold=0.0), "threshold"),
         (dict(sparse_refresh=1), "sparse_refresh must be a bool"),
-        (dict(sparse_refresh=True, predictor="colmax"), "sparse_refresh adds the keys of a mean-query predictor"),
+        (dict(sparse_refresh=True, predictor="colmax"), "sparse_refresh adds the keys of a named predictor"),
         (dict(sparse_refresh=True, predictor=full_predictor), "sparse_refresh adds the keys"),
         (dict(sparse_refresh=True, process_group=object()), "sparse_refresh needs each layer's full-sequence"),
         (dict(sparse_refresh=True, local_search=1), "local_search must be a bool"),
@@ -1135,8 +1135,8 @@ def test_predictor_with_the_wrong_shape_is_named():
         (dict(refresh_every=5, refresh_steps=(3, 30)), "give one of them"),
         (dict(find_diagonals=2, mask_from_warmup=True, predict_on_refresh=False), "it would not be used"),
         (dict(estimate_first_mask=1), "estimate_first_mask must be a bool"),
-        (dict(estimate_first_mask=True, predictor=full_predictor), "mean-query predictor"),
-        (dict(estimate_first_mask=True, predictor="colmax"), "mean-query predictor"),
+        (dict(estimate_first_mask=True, predictor=full_predictor), "named predictor"),
+        (dict(estimate_first_mask=True, predictor="colmax"), "named predictor"),
         (dict(estimate_first_mask=True, mask_from_warmup=True), "give one"),
         (dict(estimate_first_mask=True, calibrate_pooling=True), "not with estimate_first_mask"),
     ],
@@ -1247,7 +1247,7 @@ def test_config_schedule():
     (dict(predictor="bogus"), ValueError, r"predictor must be one of \('topk', 'tau', 'threshold', 'auto'\)"),
     (dict(predictor="colmax", tau=0.9, density=0.2), ValueError, r"selects by one rule: give one of density"),
     (dict(predictor="colmax", predictor_kwargs={"rule": "tau"}), ValueError, r"may not set 'rule', 'lse' or 'scale'"),
-    (dict(predictor="colmax", grid=(3, 8, 8)), ValueError, r"^grid: a local search refreshes the masks of a mean-query"),
+    (dict(predictor="colmax", grid=(3, 8, 8)), ValueError, r"^grid: a local search refreshes the masks of a named predictor"),
     (dict(density=0.3, predictor_kwargs={"density": 0.05}), ValueError, r"predictor_kwargs may not set density"),
     (dict(dense_steps=0, slice_m=64, predictor_kwargs={"local": 2048, "max_keys": 4096}), ValueError,
      r"max_keys must be an int >= max\(1, min_keys=0, band width 4160\)"),
@@ -1327,6 +1327,11 @@ def test_config_schedule():
 def test_config_refuses_what_cannot_work(kwargs, error, message):
     with pytest.raises(error, match=message):
         fd.SparseAttentionConfig(**kwargs)
+
+
+def test_predictor_kwargs_take_numpy_counts():
+    config = fd.SparseAttentionConfig(predictor_kwargs={"top_k": np.int64(32), "min_keys": np.int32(4)})
+    assert config.predictor_arguments()["top_k"] == 32
 
 
 def test_a_pooling_per_head_in_predictor_kwargs_reaches_the_predictor(monkeypatch):

@@ -380,10 +380,20 @@ def test_a_layer_that_misses_its_refresh_step_refreshes_on_its_next_call(schedul
     (dict(method="topk", density=0.1, top_k=3), r"exactly one of density .* or top_k"),
     (dict(method="bogus", density=0.1), r"method must be one of"),
     (dict(density=0.1, pooling=["mean", "bogus"]), r"pooling must be one of"),
+    (dict(method="auto", density=0.2, pooling="sample"), r"method='auto' takes .*, got \['pooling'\]"),
+    (dict(method="auto", density=0.2, min_keys=4), r"method='auto' takes .*, got \['min_keys'\]"),
 ])
 def test_a_selection_that_cannot_work_is_refused_when_the_cache_is_made(options, message):
     with pytest.raises(ValueError, match=message):
         MaskCache(warmup=3, **options)
+
+
+def test_counts_that_depend_on_the_keys_are_checked_when_the_keys_are_known():
+    """min_keys and the band are clamped to kv_len, so a max_keys below them can run: it is
+    not refused before q and k are known."""
+    q, k = torch.randn(1, 2, 256, 32), torch.randn(1, 2, 300, 32)
+    cache = MaskCache(density=0.2, local=1000, max_keys=500, slice_m=128)
+    assert cache.mask_for("L", 0, q, k).kv_len == 300
 
 
 def test_a_selection_left_to_mask_for_is_checked_there():

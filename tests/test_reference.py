@@ -140,3 +140,9 @@ def test_a_one_element_tensor_scale_is_taken_as_its_number_by_every_entry_point(
     assert torch.equal(exact_lse(q, k, tensor), exact_lse(q, k, number))
     assert Judge(q, k, k, 64, scale=tensor).scale == pytest.approx(number)
     assert torch.equal(estimate_lse(q, k, 64, scale=tensor), estimate_lse(q, k, 64, scale=number))
+
+
+def test_a_tensor_scale_traces_through_the_dense_reference():
+    q = torch.randn(1, 2, 64, 16)
+    compiled = torch.compile(lambda q, s: dense_attention(q, q, q, scale=s), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, torch.tensor(0.2)), dense_attention(q, q, q, scale=0.2))

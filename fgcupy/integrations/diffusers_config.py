@@ -68,7 +68,7 @@ class SparseAttentionConfig:
         (``mask_from_warmup`` and ``sparse_refresh`` below); with 0, the first mask is predicted
         and sparse refreshes with a local search walk it towards the exact one
         (``local_search`` and ``refresh_ramp`` below). None (the default): 1 where the warm-up
-        can make the first mask and keep it (a named mean-query predictor, no process_group, no
+        can make the first mask and keep it (a named predictor, no process_group, no
         calibrate_pooling, and none of mask_from_warmup=False, sparse_refresh=False,
         predict_on_refresh=False, refresh_ramp=True, refresh_steps, grid, estimate_first_mask), or
         mask_from_warmup=True; else 0. Over 50 steps one dense step
@@ -116,7 +116,7 @@ class SparseAttentionConfig:
         top_k, min_keys, max_keys, local). It serves the first sparse step, which then needs no
         prediction. Costs one column-max pass per layer and generation (about half a dense
         attention on an H200). Needs dense_steps >= 1 and a named predictor. None (the default):
-        on wherever it can be (dense_steps >= 1, a named mean-query predictor, no
+        on wherever it can be (dense_steps >= 1, a named predictor, no
         process_group and no calibrate_pooling): over a 50-step schedule of the head families,
         with sparse refreshes, its masks had 0.99-1.05x the oracle's error where predicted ones had
         0.91-4.0x (notes/MEASURED.md "Over a whole schedule").
@@ -130,7 +130,7 @@ class SparseAttentionConfig:
         predictor's had up to 3.6x (H100), and over 50 searched sparse steps 1.03-1.06x where a
         predicted first mask's had 1.11-1.57x (CPU; notes/MEASURED.md "Mask quality",
         docs/diffusers.md). Needs a
-        named mean-query predictor; not with mask_from_warmup=True (the warm-up's exact mask is
+        named predictor; not with mask_from_warmup=True (the warm-up's exact mask is
         the first), calibrate_pooling (its refresh makes the first mask) or process_group. With it
         the default dense_steps is 0, and given warm-up steps do not make the first mask
         (mask_from_warmup defaults to False).
@@ -142,15 +142,15 @@ class SparseAttentionConfig:
         cost plus one Q K^T pass over the candidates' union (``fgcupy.union_keys``: one host
         synchronisation a refresh for its size). Masks stay as good as the old mask plus the
         candidates (notes/MEASURED.md "Mask quality"), so a refresh never throws the warm-up's exact mask
-        away. Needs a named mean-query predictor and no process_group. None (the default): on
-        with the warm-up's exact mask, and from a predicted first mask where a named mean-query
+        away. Needs a named predictor and no process_group. None (the default): on
+        with the warm-up's exact mask, and from a predicted first mask where a named
         predictor, no process_group, no calibrate_pooling and no find_diagonals allow it.
     local_search: with sparse_refresh, the candidates also hold the old mask's keys moved by one
         step of the token grid either way, a token, a row and a frame in turn (one kind a refresh;
         ``fgcupy.local_search``): refresh after refresh the mask follows attention that shifts
         by a few tokens, which the cheap predictor cannot see where a query block's queries look
         at different places. Every candidate is scored once (``union_keys``). None (the
-        default): on where sparse refreshes start from a mask a named mean-query predictor made
+        default): on where sparse refreshes start from a mask a named predictor made
         (no warm-up exact mask, no find_diagonals, no calibrate_pooling, no process_group):
         over 50 sparse steps of the head families its masks (searching on the ramp below) had
         1.01-1.40x the oracle's error where masks predicted every 5 steps had 0.89-3.61x (README
@@ -187,7 +187,7 @@ class SparseAttentionConfig:
         sparse refresh, of the warm-up's exact mask, of refresh_on_missed_mass's readings and of
         predictor="colmax"'s refreshes (a dense call whose LSE makes the mask, before attention_fn
         runs on that step) still comes from fgcupy's attention (``sparse_refresh=False,
-        mask_from_warmup=False``, no refresh_on_missed_mass and a mean-query predictor leave it out).
+        mask_from_warmup=False``, no refresh_on_missed_mass and a named predictor leave it out).
     process_group: a torch.distributed group whose ranks each hold a contiguous sequence shard
         (rank order = sequence order): self-attention then runs through SequenceParallelAttention
         (fgcupy's kernel on CUDA tensors, its float32 reference elsewhere), dense steps and layers
@@ -346,14 +346,14 @@ class SparseAttentionConfig:
             self._check_predictor_arguments()
 
     def _resolve_schedule_defaults(self) -> None:
-        """Fill the None defaults where sparse refreshes can work (a named mean-query predictor,
+        """Fill the None defaults where sparse refreshes can work (a named predictor,
         no process_group, no calibrate_pooling): one dense step, whose exact mask is the first,
         and refreshes keeping its keys as candidates, every 20 sparse steps; with dense_steps=0
         (and without find_diagonals), the first mask is predicted and refreshes search
         around the old mask (its keys moved along the token grid, no prediction) on sparse steps
         1, 2, 4, 8, 16, then every 32. Elsewhere masks are predicted every 5 sparse steps."""
-        mean_query = isinstance(self.predictor, str) and self.predictor in _METHOD_PARAMETER
-        sparse_possible = mean_query and self.process_group is None and not self.calibrate_pooling
+        named = isinstance(self.predictor, str) and self.predictor in _METHOD_PARAMETER
+        sparse_possible = named and self.process_group is None and not self.calibrate_pooling
         if self.dense_steps is None:
             object.__setattr__(self, "dense_steps", DEFAULT_DENSE_STEPS if self._wants_warmup_mask(sparse_possible) else 0)
         if self.mask_from_warmup is None:
@@ -363,7 +363,7 @@ class SparseAttentionConfig:
         # for diagonals, which only predicting refreshes score.
         search_start = sparse_possible and not self.find_diagonals and self.mask_from_warmup is not True
         if self.sparse_refresh is None:
-            object.__setattr__(self, "sparse_refresh", search_start or (self.mask_from_warmup is True and mean_query))
+            object.__setattr__(self, "sparse_refresh", search_start or (self.mask_from_warmup is True and named))
         if self.local_search is None:  # also wherever an option only a search uses is given
             asked = self.predict_on_refresh is False or self.grid is not None
             object.__setattr__(self, "local_search", self.sparse_refresh is True and (search_start or asked))
@@ -466,7 +466,7 @@ class SparseAttentionConfig:
         if not isinstance(self.sparse_refresh, bool):
             raise TypeError(f"sparse_refresh must be a bool, got {self.sparse_refresh!r}")
         if self.predictor not in _METHOD_PARAMETER:
-            raise ValueError(f"sparse_refresh adds the keys of a mean-query predictor {tuple(_METHOD_PARAMETER)} to the "
+            raise ValueError(f"sparse_refresh adds the keys of a named predictor {tuple(_METHOD_PARAMETER)} to the "
                              f"old mask's and selects by its parameter, got predictor={self.predictor!r}")
         self._refuse_process_group("sparse_refresh", "queries, keys and LSE")
 
@@ -478,7 +478,7 @@ class SparseAttentionConfig:
                                                ("predict_on_refresh=False", self.predict_on_refresh is False),
                                                ("grid", self.grid is not None)) if on]
             if given:
-                raise ValueError(f"{', '.join(given)}: a local search refreshes the masks of a mean-query predictor "
+                raise ValueError(f"{', '.join(given)}: a local search refreshes the masks of a named predictor "
                                  f"{tuple(_METHOD_PARAMETER)} from sparse steps, got predictor={self.predictor!r}")
         if self.local_search and not self.sparse_refresh:
             raise ValueError("local_search adds candidates to a sparse refresh: set sparse_refresh=True too")
@@ -495,7 +495,7 @@ class SparseAttentionConfig:
 
     def _check_estimate_first_mask(self) -> None:
         if not (isinstance(self.predictor, str) and self.predictor in _METHOD_PARAMETER):
-            raise ValueError(f"estimate_first_mask selects by a mean-query predictor's density / tau / threshold "
+            raise ValueError(f"estimate_first_mask selects by a named predictor's density / tau / threshold "
                              f"{tuple(_METHOD_PARAMETER)}, got predictor={self.predictor!r}")
         if self.mask_from_warmup:
             raise ValueError("estimate_first_mask and mask_from_warmup=True both make a layer's first mask: give one")
@@ -512,7 +512,8 @@ class SparseAttentionConfig:
         """Refuse now what predict_mask would refuse at the first sparse step."""
         import inspect
 
-        from ..mask_request import check_options, check_workspace_bytes, make_request
+        from ..mask import is_int
+        from ..mask_request import LONGEST_KV, check_options, check_workspace_bytes, make_request
 
         kwargs = self.predictor_arguments()
         allowed = set(inspect.signature(make_request).parameters) - {"head_dim", "kv_len", "slice_m", "method"}
@@ -525,7 +526,7 @@ class SparseAttentionConfig:
             raise ValueError(f"predictor_kwargs may not set {supplied}: the integration gives the predictor these "
                              "(slice_m: the config's own; method: its predictor; lse: a dense or sparse step's)")
         top_k = kwargs.get("top_k")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and not (is_int(top_k) and top_k >= 1):
             raise ValueError(f"predictor_kwargs' top_k must be an int >= 1 (an empty mask gives zeros), got {top_k!r}")
         unknown = set(kwargs) - allowed
         if unknown:
@@ -541,7 +542,8 @@ class SparseAttentionConfig:
         if isinstance(checked.get("pooling"), (list, tuple)) and self.process_group is not None:
             raise ValueError("a pooling per head does not apply with process_group (each rank predicts a share "
                              "of the heads): give one pooling")
-        check_options(self.slice_m, "topk" if self.predictor == "auto" else self.predictor, checked)
+        # At the longest sequence: a video model's are long, and a count that fails there fails deep in a run.
+        check_options(self.slice_m, "topk" if self.predictor == "auto" else self.predictor, checked, LONGEST_KV)
         runtime_options = []  # what the handle adds to these options at run time
         if self.calibrate_pooling:
             from ..calibration import DEFAULT_CANDIDATES
@@ -551,7 +553,7 @@ class SparseAttentionConfig:
             runtime_options.append(("find_diagonals adds", {"diagonals": (self.slice_m,)}))
         for what, extra in runtime_options:
             try:
-                check_options(self.slice_m, self.predictor, {**checked, **extra})
+                check_options(self.slice_m, self.predictor, {**checked, **extra}, LONGEST_KV)
             except ValueError as err:
                 shown = ", ".join(f"{k}={v!r}" for k, v in extra.items())
                 raise ValueError(f"{what} {shown}, which predictor_kwargs do not allow: {err}") from None
