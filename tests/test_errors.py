@@ -286,7 +286,7 @@ def test_the_sequence_parallel_header_takes_a_tensor_scale_as_its_number():
     """Every rank hears the scale through the header: a one-element tensor travels as its float."""
     from fgcupy.sp_handshake import _scale_code, _scale_of
 
-    assert _scale_code(torch.tensor(0.1)) == _scale_code(0.1)
+    assert _scale_code(torch.tensor(0.1)) == _scale_code(torch.tensor(0.1).item())
     assert _scale_of(_scale_code(torch.tensor(0.25))) == 0.25
     with pytest.raises(ValueError, match="scale must be a positive finite number"):
         _scale_code(torch.tensor(-1.0))
