@@ -15,6 +15,7 @@ from ..local_search import grid_offsets
 # The parameter each named predictor method is tuned by (checked at config time, so a missing
 # density fails at apply() rather than on the first refresh step deep inside a pipeline).
 _METHOD_PARAMETER = {"topk": "density", "tau": "tau", "threshold": "threshold", "auto": "density"}
+#: The mean-query predictors: the exact band find_diagonals moves is theirs.
 _MEAN_QUERY = ("topk", "tau", "threshold")
 #: What "auto" takes in predictor_kwargs (predict_mask refuses its other options).
 _AUTO_OPTIONS = ("top_k", "workspace_bytes")
