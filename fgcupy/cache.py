@@ -61,7 +61,7 @@ def _check_given_rule(options: dict) -> None:
     if method == "auto" and others:
         raise ValueError(f"method='auto' takes {sorted(_AUTO_OPTIONS - {'method'})}, got {others}")
     request = {name: value for name, value in options.items() if name in _REQUEST_OPTIONS}
-    check_options(options.get("slice_m", 128), "topk" if method == "auto" else method, request, ONE_KEY)
+    check_options(options.get("slice_m", 128), method, request, ONE_KEY)
 
 
 def refreshes_on(sparse_step: int, refresh_every: int, ramp: bool = False) -> bool:

@@ -48,16 +48,22 @@ def _int_scalar_tensor(value) -> bool:
     return _int_tensor(value) and value.dim() == 0
 
 
+def _int_list(values, name: str, what: str) -> list:
+    """``values`` (a sequence, an iterator or an int tensor of ints) as Python ints; TypeError
+    saying ``name`` must be a sequence of int ``what`` otherwise."""
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of int {what}, got {values!r}")
+    values = [v.item() if _int_scalar_tensor(v) else v for v in
+              (values.reshape(-1) if _int_tensor(values) else values)]  # one pass: iterators too
+    if not all(is_int(v) for v in values):
+        raise TypeError(f"{name} must be a sequence of int {what}, got {values!r}")
+    return [int(v) for v in values]
+
+
 def _head_index(heads, count: int, device) -> torch.Tensor:
-    if isinstance(heads, (str, bytes)):
-        raise TypeError(f"heads must be a sequence of int head indices, got {heads!r}")
-    heads = [h.item() if _int_scalar_tensor(h) else h for h in
-             (heads.reshape(-1) if _int_tensor(heads) else heads)]  # one pass: iterators too
-    if not all(is_int(h) for h in heads):
-        raise TypeError(f"heads must be a sequence of int head indices, got {heads!r}")
-    order = [int(h) for h in heads]
+    order = _int_list(heads, "heads", "head indices")
     if not order or any(h < 0 or h >= count for h in order):
-        raise ValueError(f"heads must be one or more head indices in [0, {count}), got {list(heads)}")
+        raise ValueError(f"heads must be one or more head indices in [0, {count}), got {order}")
     return torch.tensor(order, dtype=torch.int64, device=device)
 
 
@@ -212,12 +218,7 @@ def take_blocks(mask: SliceMask, blocks, q_len: int) -> SliceMask:
     ``q_len`` queries: the rows of those blocks, gathered (one host sync)."""
     _check_mask(mask)
     _check_ints(q_len=q_len)
-    if isinstance(blocks, (str, bytes)):
-        raise TypeError(f"blocks must be a sequence of int query block indices, got {blocks!r}")
-    blocks = [b.item() if _int_scalar_tensor(b) else b for b in blocks]
-    if not all(is_int(b) for b in blocks):
-        raise TypeError(f"blocks must be a sequence of int query block indices, got {blocks!r}")
-    blocks = [int(b) for b in blocks]
+    blocks = _int_list(blocks, "blocks", "query block indices")
     if any(not 0 <= b < mask.q_blocks for b in blocks) or num_blocks(q_len, mask.slice_m) != len(blocks):
         raise ValueError(f"blocks {blocks} must be blocks of the mask's {mask.q_blocks}, as many as q_len={q_len} "
                          f"fills (slice_m={mask.slice_m})")

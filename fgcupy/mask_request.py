@@ -212,8 +212,9 @@ ONE_KEY, LONGEST_KV = 1, 2**31 - 1
 
 def check_options(slice_m, method: str, options: dict, kv_len: int) -> None:
     """Refuse now what make_request would refuse for ``options`` at ``kv_len`` keys, before q and
-    k are known: a per-head pooling list entry by entry (its length is checked with the heads).
-    ``options`` are make_request's keywords."""
+    k are known: a per-head pooling list entry by entry (its length is checked with the heads);
+    method "auto" as the top-k it selects by. ``options`` are make_request's keywords."""
+    method = "topk" if method == "auto" else method
     poolings = options.get("pooling")
     if isinstance(poolings, (list, tuple)):
         if not poolings:

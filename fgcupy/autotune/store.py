@@ -276,13 +276,13 @@ class TuneCache:
                 while True:  # older versions' tables give way to this one's within MAX_FILE_BYTES
                     text = json.dumps({"header": header, "entries": dict(sorted(merged.items())),
                                        "other_versions": dict(newest)}, indent=1)
-                    if len(text.encode()) <= MAX_FILE_BYTES or not newest:
+                    if len(text.encode()) <= MAX_FILE_BYTES:
                         break
+                    if not newest:
+                        self._warn(f"this version's tuned table alone is larger than {MAX_FILE_BYTES} bytes; "
+                                   f"{self.path} is left as it is and tuned results stay in this process", None)
+                        return False
                     newest.pop()
-                if len(text.encode()) > MAX_FILE_BYTES:
-                    self._warn(f"this version's tuned table alone is larger than {MAX_FILE_BYTES} bytes; {self.path} "
-                               "is left as it is and tuned results stay in this process", None)
-                    return False
                 fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".autotune-", suffix=".tmp")
                 try:
                     with os.fdopen(fd, "w") as f:

@@ -544,7 +544,7 @@ class SparseAttentionConfig:
             raise ValueError("a pooling per head does not apply with process_group (each rank predicts a share "
                              "of the heads): give one pooling")
         # At the longest sequence: a video model's are long, and a count that fails there fails deep in a run.
-        check_options(self.slice_m, "topk" if self.predictor == "auto" else self.predictor, checked, LONGEST_KV)
+        check_options(self.slice_m, self.predictor, checked, LONGEST_KV)
         runtime_options = []  # what the handle adds to these options at run time
         if self.calibrate_pooling:
             from ..calibration import DEFAULT_CANDIDATES
