@@ -10,20 +10,22 @@ the attention mass the cheap mask misses and the mass their own best mask of the
 (exact column-max top-k) misses, from each query's exact LSE. A head whose cheap mask misses
 more than ``MISS_RATIO`` times the best mask's (plus ``MISS_FLOOR``) is predicted again by the
 estimated column max. The check's kernels score ``CHECK_BLOCKS`` blocks per head against every
-key, twice (LSE, column max), and run two sparse calls over them, about 1/30 of a dense step's
-work at 32,760 tokens, but it waits on the host (notes/MEASURED.md "Per head" has what it took);
-the heads it flags cost what the column max costs.
+key, twice (LSE, column max), and run one sparse call over them for both masks, about 1/30 of a
+dense step's work at 32,760 tokens; the host waits once, for the list of flagged heads
+(notes/MEASURED.md "Per head" has what it took). The heads it flags cost what the column max
+costs.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 
 from . import mask_reference as ref
 from .attention import sparse_attention
 from .lse_estimate import stats_kernel_runs
-from .mask import SliceMask, num_blocks
-from .mask_algebra import concat_heads, take_blocks
+from .mask import SliceMask, indptr_from_offsets, num_blocks
 
 #: Query blocks per head the check scores against every key (evenly spread; fewer if the
 #: sequence has fewer).
@@ -41,23 +43,35 @@ def predict_auto(qh, kh, slice_m: int, predict, *, density, top_k, scale: float,
                  workspace_bytes: int) -> SliceMask:
     """The "auto" mask for q, k [B, H, S, D] views (checked by ``predict``, which is
     fgcupy.predict_mask): cheap top-k on every head, the estimated column max on flagged heads.
-    Syncs the host (which heads; the masks' gathers)."""
+    One host sync (which heads): both masks keep the same count per block, so the flagged heads'
+    rows replace the cheap ones in place."""
     rule = dict(density=density, top_k=top_k, scale=scale, workspace_bytes=workspace_bytes)
     cheap = predict(qh, kh, slice_m, "topk", **rule)
     flagged = flagged_heads(qh, kh, cheap, predict, scale, rule)
     if not flagged:
         return cheap
-    index = torch.tensor(flagged, dtype=torch.int64, device=qh.device)
+    index = torch.tensor(flagged, dtype=torch.int64).to(qh.device, non_blocking=True)
     exact = predict(qh.index_select(1, index), kh.index_select(1, index), slice_m, "colmax", lse="estimate",
                     rule="topk", **rule)
-    heads = qh.shape[1]
-    position = {h: heads + i for i, h in enumerate(flagged)}  # the flagged heads follow cheap's in the join
-    return concat_heads([cheap, exact], order=[position.get(h, h) for h in range(heads)])
+    keys = block_keys(cheap).clone()
+    keys.index_copy_(1, index, block_keys(exact))
+    return SliceMask(cheap.indptr, keys.reshape(-1), slice_m, cheap.q_len, cheap.kv_len)
+
+
+def block_keys(mask: SliceMask) -> torch.Tensor:
+    """int32 [B, H, QB, k]: the keys of a top-k mask (every block keeps k, back to back, as
+    predict_mask lays them out), viewed without a copy or a host sync."""
+    rows = mask.batch * mask.heads * mask.q_blocks
+    per_row = mask.capacity // rows if rows else 0
+    if per_row * rows != mask.capacity:
+        raise ValueError(f"a top-k mask keeps the same count in each of its {rows} blocks; this one stores "
+                         f"{mask.capacity} keys")
+    return mask.indices.view(mask.batch, mask.heads, mask.q_blocks, per_row)
 
 
 def flagged_heads(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> list:
     """Heads (ascending) where ``cheap`` misses more than MISS_RATIO times the mass the best
-    mask of its size misses on the checked blocks, in any batch entry."""
+    mask of its size misses on the checked blocks, in any batch entry (one host sync)."""
     missed, best_missed = missed_mass(qh, kh, cheap, predict, scale, rule)
     worse = (missed > MISS_RATIO * best_missed + MISS_FLOOR).any(0)
     return [int(h) for h in torch.nonzero(worse).flatten().tolist()]
@@ -70,21 +84,37 @@ def check_blocks(q_blocks: int, count: int = CHECK_BLOCKS) -> list:
     return sorted({round(i * (q_blocks - 1) / (count - 1)) for i in range(count)})
 
 
+@lru_cache(maxsize=64)
+def _checked_rows(q_len: int, slice_m: int, device: torch.device) -> tuple:
+    """(int64 [n * slice_m] query rows of the checked blocks on ``device``, each block filled to
+    slice_m rows by repeating its last row; bool [n * slice_m]: which rows are not repeats)."""
+    blocks = torch.tensor(check_blocks(num_blocks(q_len, slice_m)), dtype=torch.int64)
+    rows = (blocks[:, None] * slice_m + torch.arange(slice_m)).reshape(-1)
+    return rows.clamp_max(q_len - 1).to(device), (rows < q_len).to(device)
+
+
 def missed_mass(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> tuple:
-    """(float32 [B, H] mean share of the attention mass ``cheap`` misses on the checked blocks'
-    queries, the same for the best mask of the same size: exact column-max top-k of those
-    blocks). NaN logits add no mass to the exact LSE; queries whose exact LSE is not finite, or
-    whose LSE over a mask's keys is NaN (a NaN key kept), are left out."""
+    """(float32 [B, H] mean share of the attention mass ``cheap`` (a top-k mask) misses on the
+    checked blocks' queries, the same for the best mask of the same size: exact column-max top-k
+    of those blocks). Both masks' LSE come from one sparse call over the checked rows twice.
+    NaN logits add no mass to the exact LSE; queries whose exact LSE is not finite, or whose LSE
+    over a mask's keys is NaN (a NaN key kept), are left out. No host sync."""
     slice_m, q_len = cheap.slice_m, qh.shape[2]
-    blocks = check_blocks(num_blocks(q_len, slice_m))
-    rows = torch.cat([torch.arange(b * slice_m, min(q_len, (b + 1) * slice_m), device=qh.device) for b in blocks])
-    q_rows = qh.index_select(2, rows)
+    keys = block_keys(cheap)
+    blocks = check_blocks(cheap.q_blocks)
+    rows, real = _checked_rows(q_len, slice_m, qh.device)
+    q_rows = qh.index_select(2, rows)  # whole blocks: a repeated last row leaves the block's column max as it is
     exact = exact_row_lse(q_rows, kh, scale)
     best = predict(q_rows, kh, slice_m, "colmax", lse=exact, rule="topk", **rule)
-    sub_len = rows.numel()
-    kept = [sparse_attention(q_rows, kh, kh, mask, scale=scale, return_lse=True)[1]  # values unused
-            for mask in (take_blocks(cheap, blocks, sub_len), best)]
-    valid = torch.isfinite(exact) & ~kept[0].isnan() & ~kept[1].isnan()
+    cheap_keys = keys.index_select(2, torch.tensor(blocks, dtype=torch.int64).to(qh.device, non_blocking=True))
+    both = torch.cat([cheap_keys, block_keys(best)], dim=2)  # [B, H, 2n, k]: cheap's blocks, then best's
+    batch, heads, n_blocks, per_row = both.shape
+    flat = torch.arange(batch * heads * n_blocks + 1, dtype=torch.int32, device=qh.device) * per_row
+    pair = SliceMask(indptr_from_offsets(flat, batch, heads, n_blocks), both.reshape(-1), slice_m,
+                     n_blocks * slice_m, kh.shape[2])
+    lse = sparse_attention(torch.cat([q_rows, q_rows], dim=2), kh, kh, pair, scale=scale, return_lse=True)[1]
+    kept = lse.chunk(2, dim=2)  # values unused
+    valid = real & torch.isfinite(exact) & ~kept[0].isnan() & ~kept[1].isnan()
     count = valid.sum(-1).clamp_min(1)
     return tuple(torch.where(valid, -torch.expm1(lse - exact), 0.0).sum(-1) / count for lse in kept)
 

@@ -34,7 +34,7 @@ from . import mask_reference as ref
 from .attention_kernel import check_scale, eager_scale
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask, check_key_valid, indptr_from_counts, is_int, num_blocks, positive_int
-from .mask_request import ONE_KEY, PREDICT_METHODS, check_options, make_request
+from .mask_request import AUTO_OPTIONS, ONE_KEY, PREDICT_METHODS, check_options, make_request
 from .scoring import predict_mask
 
 STORAGES = ("auto", "index", "bits")
@@ -43,8 +43,8 @@ _PREDICT_OPTIONS = frozenset(inspect.signature(predict_mask).parameters) - {"q",
 #: The predict_mask options make_request checks.
 _REQUEST_OPTIONS = frozenset(inspect.signature(make_request).parameters) - {"head_dim", "kv_len", "slice_m", "method"}
 _RULE_OPTIONS = frozenset({"density", "top_k", "tau", "threshold"})
-#: What MaskCache passes on to predict_mask(method="auto").
-_AUTO_OPTIONS = frozenset({"method", "slice_m", "density", "top_k", "scale", "workspace_bytes"})
+#: What MaskCache passes on to predict_mask(method="auto") (layout is mask_for's).
+_AUTO_OPTIONS = frozenset({"method", "slice_m", *AUTO_OPTIONS}) - {"layout"}
 _INT16_KEYS = 2**15
 
 

@@ -15,6 +15,8 @@ from .mask import SliceMask, is_int, positive_int
 METHODS = ("topk", "tau", "threshold", "colmax")
 #: predict_mask's methods: METHODS and "auto" (fgcupy.auto_mask: top-k by one of them per head).
 PREDICT_METHODS = METHODS + ("auto",)
+#: What predict_mask(method="auto") takes besides q, k, slice_m and method (one of density and top_k).
+AUTO_OPTIONS = ("density", "top_k", "scale", "layout", "workspace_bytes")
 COMBINES = ("max", "union")
 #: Slice sizes the exact band takes (one query block per scoring CTA of 4 or 8 warps).
 EXACT_BAND_SLICES = (64, 128)
@@ -230,11 +232,13 @@ def is_number(value) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
-def check_workspace_bytes(value) -> None:
-    """ValueError unless ``value`` is a non-negative, finite number of bytes (a score buffer's
-    budget: predict_mask, estimate_lse, and the diffusers config that passes it on)."""
+def check_workspace_bytes(value) -> int:
+    """``value`` as an int the ops take (at most 2**62), or ValueError unless it is a
+    non-negative, finite number of bytes (a score buffer's budget: predict_mask, estimate_lse,
+    and the diffusers config that passes it on)."""
     if not is_number(value) or not value >= 0 or not math.isfinite(value):
         raise ValueError(f"workspace_bytes must be a non-negative number of bytes, got {value!r}")
+    return int(min(value, 2**62))
 
 
 def _checked_diagonals(diagonals, exact_band, slice_m: int) -> tuple:

@@ -49,7 +49,7 @@ from .jit.spec import SLICE_SIZES
 from .layout import query_key_views
 from .lse_estimate import estimate_lse
 from .mask import SliceMask, is_int, num_blocks
-from .mask_request import (AUTO, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
+from .mask_request import (AUTO, AUTO_OPTIONS, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
                            METHODS, POOLINGS, PREDICT_METHODS, MaskRequest, check_workspace_bytes, checked_candidates,
                            checked_lse, make_request)
 from .op_library import define, pack_csr, packed_csr_empty, unpack_csr
@@ -126,7 +126,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
             ("exact_band", exact_band, AUTO), ("pooling", pooling, AUTO), ("diagonals", diagonals, ()),
             ("candidates", candidates, None)) if not _is_default(value, default)]
         if given:
-            raise ValueError(f"method='auto' takes density or top_k, scale, layout and workspace_bytes; got {given}")
+            raise ValueError(f"method='auto' takes {list(AUTO_OPTIONS)} (one of density and top_k); got {given}")
         return _predict_auto(qh, kh, slice_m, density, top_k, scale, workspace_bytes)
     poolings = None
     if isinstance(pooling, (list, tuple)):
@@ -155,7 +155,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
             lse_t = checked_lse(lse, qh)
     if qh.device.type == "cuda":
         bridge.dtype_name(qh.dtype, "q")
-    check_workspace_bytes(workspace_bytes)
+    workspace_bytes = check_workspace_bytes(workspace_bytes)
     if isinstance(lse, str) and qh.shape[0] * qh.shape[1]:
         lse_t = estimate_lse(qh, kh, req.slice_m, scale=req.scale, workspace_bytes=workspace_bytes)
     if qh.shape[0] * qh.shape[1] == 0:  # no heads: nothing to score, on any device
@@ -163,7 +163,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
                              device=qh.device)
         return SliceMask(indptr, torch.zeros(0, dtype=torch.int32, device=qh.device), req.slice_m, qh.shape[2],
                          kh.shape[2])
-    return predict_op.predict(qh, kh, lse_t, candidates, req, int(min(workspace_bytes, 2**62)),
+    return predict_op.predict(qh, kh, lse_t, candidates, req, workspace_bytes,
                               None if poolings is None else (poolings, logits_dtype))
 
 
@@ -191,10 +191,9 @@ def _predict_auto(qh, kh, slice_m, density, top_k, scale, workspace_bytes) -> Sl
     req = make_request(qh.shape[3], kh.shape[2], slice_m, "topk", density=density, top_k=top_k, scale=scale)
     make_request(qh.shape[3], kh.shape[2], slice_m, "colmax", rule="topk", density=density, top_k=top_k, scale=scale)
     _check_kernel_slice(qh, slice_m)
-    check_workspace_bytes(workspace_bytes)
+    workspace_bytes = check_workspace_bytes(workspace_bytes)
     if qh.shape[0] * qh.shape[1] == 0:
         return predict_mask(qh, kh, slice_m, "topk", density=density, top_k=top_k, scale=scale)
-    workspace_bytes = int(min(workspace_bytes, 2**62))
     if not torch.compiler.is_compiling():
         return _auto_mask(qh, kh, req.slice_m, req.top_k, req.scale, workspace_bytes)
     batch, heads, q_len, _ = qh.shape

@@ -141,6 +141,25 @@ def test_auto_takes_nhd_views_and_no_heads():
     assert (empty.batch, empty.heads, empty.q_len) == (1, 0, q.shape[2])
 
 
+def test_auto_takes_each_option_it_lists():
+    from fgcupy.mask_request import AUTO_OPTIONS
+
+    q, k = _two_kinds_of_head(256)
+    values = dict(density=0.1, scale=0.2, layout="HND", workspace_bytes=1 << 20)
+    assert set(values) | {"top_k"} == set(AUTO_OPTIONS)
+    plain = predict_mask(q, k, 128, "auto", density=0.1, scale=0.2)
+    assert torch.equal(predict_mask(q, k, 128, "auto", **values).to_dense(), plain.to_dense())
+    assert predict_mask(q, k, 128, "auto", top_k=9).row_lengths().unique().tolist() == [9]
+
+
+def test_block_keys_refuses_a_mask_of_uneven_blocks():
+    uneven = SliceMask.from_dense(torch.tensor([[[[True, False, True], [True, False, False]]]]), 64, 128)
+    with pytest.raises(ValueError, match="same count in each of its 2 blocks; this one stores 3 keys"):
+        auto_mask.block_keys(uneven)
+    even = SliceMask.from_dense(torch.tensor([[[[True, False, True], [True, True, False]]]]), 64, 128)
+    assert auto_mask.block_keys(even).tolist() == [[[[0, 2], [0, 1]]]]
+
+
 @pytest.mark.parametrize("options, match", [
     (dict(tau=0.9), "auto"), (dict(density=0.1, lse="estimate"), "auto"), (dict(density=0.1, pool=16), "auto"),
     (dict(density=0.1, local=4), "auto"), (dict(), "exactly one of density"), (dict(density=0.1, top_k=3), "exactly one"),

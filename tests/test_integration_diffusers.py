@@ -1319,7 +1319,7 @@ def test_config_schedule():
      r"a pooling per head does not apply with process_group"),
     (dict(predictor_kwargs={"pooling": ["mean", "both"], "combine": "union"}), ValueError, r"pooling"),
     (dict(predictor="auto", predictor_kwargs={"pool": 16}), ValueError,
-     r"predictor='auto' takes \['top_k', 'workspace_bytes'\] in predictor_kwargs, got \['pool'\]"),
+     r"predictor='auto' takes \['top_k', 'scale', 'workspace_bytes'\] in predictor_kwargs, got \['pool'\]"),
     (dict(predictor="auto", find_diagonals=2), ValueError, r"find_diagonals moves the exact band"),
     (dict(predictor="auto", process_group=object()), ValueError, r"not with process_group"),
     (dict(predictor="auto", tau=0.9), ValueError, r"tau=0.9 does not apply to predictor='auto'"),
@@ -1327,6 +1327,17 @@ def test_config_schedule():
 def test_config_refuses_what_cannot_work(kwargs, error, message):
     with pytest.raises(error, match=message):
         fd.SparseAttentionConfig(**kwargs)
+
+
+def test_auto_takes_in_predictor_kwargs_what_predict_mask_auto_takes():
+    from fgcupy.mask_request import AUTO_OPTIONS
+
+    values = {"top_k": 8, "scale": 0.1, "workspace_bytes": 1 << 20}
+    assert set(values) == set(AUTO_OPTIONS) - {"density", "layout"}  # the config gives density and the layout
+    for name, value in values.items():
+        config = fd.SparseAttentionConfig(predictor="auto", density=None if name == "top_k" else 0.1,
+                                          predictor_kwargs={name: value})
+        assert config.predictor_arguments()[name] == value
 
 
 def test_predictor_kwargs_take_numpy_counts():

@@ -388,6 +388,18 @@ def test_a_selection_that_cannot_work_is_refused_when_the_cache_is_made(options,
         MaskCache(warmup=3, **options)
 
 
+def test_the_cache_passes_method_auto_each_option_it_takes():
+    from fgcupy.mask_request import AUTO_OPTIONS
+
+    q, k = torch.randn(1, 2, 256, 32), torch.randn(1, 2, 256, 32)
+    options = dict(density=0.1, scale=0.2, workspace_bytes=1 << 20)
+    assert set(options) | {"top_k", "layout"} == set(AUTO_OPTIONS)  # layout: mask_for's
+    for name, value in options.items():
+        cache = MaskCache(method="auto", slice_m=128, **({name: value} if name == "density" else {"density": 0.1, name: value}))
+        assert cache.mask_for("L", 0, q, k).density() == pytest.approx(0.1, abs=0.01)
+    assert MaskCache(method="auto", slice_m=128, top_k=9).mask_for("L", 0, q, k).row_lengths().unique().tolist() == [9]
+
+
 def test_counts_that_depend_on_the_keys_are_checked_when_the_keys_are_known():
     """min_keys and the band are clamped to kv_len, so a max_keys below them can run: it is
     not refused before q and k are known."""

@@ -17,8 +17,6 @@ from ..local_search import grid_offsets
 _METHOD_PARAMETER = {"topk": "density", "tau": "tau", "threshold": "threshold", "auto": "density"}
 #: The mean-query predictors: the exact band find_diagonals moves is theirs.
 _MEAN_QUERY = ("topk", "tau", "threshold")
-#: What "auto" takes in predictor_kwargs (predict_mask refuses its other options).
-_AUTO_OPTIONS = ("top_k", "workspace_bytes")
 #: The exact predictor: refresh steps run dense attention and keep its row LSE, and the mask is
 #: the exact column max (fgcupy.predict_mask(method="colmax")), selected by the rule of the one
 #: parameter given (density: top-k, tau, threshold).
@@ -514,7 +512,7 @@ class SparseAttentionConfig:
         import inspect
 
         from ..mask import is_int
-        from ..mask_request import LONGEST_KV, check_options, check_workspace_bytes, make_request
+        from ..mask_request import AUTO_OPTIONS, LONGEST_KV, check_options, check_workspace_bytes, make_request
 
         kwargs = self.predictor_arguments()
         allowed = set(inspect.signature(make_request).parameters) - {"head_dim", "kv_len", "slice_m", "method"}
@@ -535,9 +533,10 @@ class SparseAttentionConfig:
         if "workspace_bytes" in kwargs:
             check_workspace_bytes(kwargs["workspace_bytes"])
         if self.predictor == "auto":
-            others = sorted(set(kwargs) - {"density", *_AUTO_OPTIONS})
+            takes = [name for name in AUTO_OPTIONS if name not in ("layout", "density")]  # density: the config's
+            others = sorted(set(kwargs) - {"density", *takes})
             if others:
-                raise ValueError(f"predictor='auto' takes {list(_AUTO_OPTIONS)} in predictor_kwargs, got {others}")
+                raise ValueError(f"predictor='auto' takes {takes} in predictor_kwargs, got {others}")
             self._refuse_process_group("predictor='auto'", "queries and keys")
         checked = {name: value for name, value in kwargs.items() if name != "workspace_bytes"}
         if isinstance(checked.get("pooling"), (list, tuple)) and self.process_group is not None:
