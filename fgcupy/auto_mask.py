@@ -60,18 +60,27 @@ def predict_auto(qh, kh, slice_m: int, predict, *, density, top_k, scale: float,
 
 def block_keys(mask: SliceMask) -> torch.Tensor:
     """int32 [B, H, QB, k]: the keys of a top-k mask (every block keeps k, back to back, as
-    predict_mask lays them out), viewed without a copy or a host sync."""
+    predict_mask lays them out, no spare capacity), viewed without a copy or a host sync. Other
+    layouts raise ValueError (on a CUDA mask, a device-side assertion: checked without a sync)."""
     rows = mask.batch * mask.heads * mask.q_blocks
     per_row = mask.capacity // rows if rows else 0
+    message = (f"a top-k mask keeps the same count in each of its {rows} blocks, back to back, and stores "
+               f"nothing more; this one's {mask.capacity} stored keys are laid out otherwise")
     if per_row * rows != mask.capacity:
-        raise ValueError(f"a top-k mask keeps the same count in each of its {rows} blocks; this one stores "
-                         f"{mask.capacity} keys")
+        raise ValueError(message)
+    flat = torch.arange(rows + 1, dtype=torch.int32, device=mask.device) * per_row
+    even = (mask.indptr == indptr_from_offsets(flat, mask.batch, mask.heads, mask.q_blocks)).all()
+    if mask.device.type == "cuda":
+        torch._assert_async(even, message)
+    elif not even:
+        raise ValueError(message)
     return mask.indices.view(mask.batch, mask.heads, mask.q_blocks, per_row)
 
 
 def flagged_heads(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> list:
-    """Heads (ascending) where ``cheap`` misses more than MISS_RATIO times the mass the best
-    mask of its size misses on the checked blocks, in any batch entry (one host sync)."""
+    """Heads (ascending) where ``cheap`` (a top-k mask, as block_keys takes) misses more than
+    MISS_RATIO times the mass the best mask of its size misses on the checked blocks, in any
+    batch entry (one host sync)."""
     missed, best_missed = missed_mass(qh, kh, cheap, predict, scale, rule)
     worse = (missed > MISS_RATIO * best_missed + MISS_FLOOR).any(0)
     return [int(h) for h in torch.nonzero(worse).flatten().tolist()]
@@ -84,17 +93,18 @@ def check_blocks(q_blocks: int, count: int = CHECK_BLOCKS) -> list:
     return sorted({round(i * (q_blocks - 1) / (count - 1)) for i in range(count)})
 
 
-@lru_cache(maxsize=64)
+@lru_cache(maxsize=None)
 def _checked_rows(q_len: int, slice_m: int, device: torch.device) -> tuple:
     """(int64 [n * slice_m] query rows of the checked blocks on ``device``, each block filled to
-    slice_m rows by repeating its last row; bool [n * slice_m]: which rows are not repeats)."""
+    slice_m rows by repeating its last row; bool [n * slice_m]: which rows are not repeats).
+    Never evicted (a few KB per sequence length): a freed one could still be read on a stream."""
     blocks = torch.tensor(check_blocks(num_blocks(q_len, slice_m)), dtype=torch.int64)
     rows = (blocks[:, None] * slice_m + torch.arange(slice_m)).reshape(-1)
     return rows.clamp_max(q_len - 1).to(device), (rows < q_len).to(device)
 
 
 def missed_mass(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> tuple:
-    """(float32 [B, H] mean share of the attention mass ``cheap`` (a top-k mask) misses on the
+    """(float32 [B, H] mean share of the attention mass ``cheap`` (a top-k mask, as block_keys takes) misses on the
     checked blocks' queries, the same for the best mask of the same size: exact column-max top-k
     of those blocks). Both masks' LSE come from one sparse call over the checked rows twice.
     NaN logits add no mass to the exact LSE; queries whose exact LSE is not finite, or whose LSE

@@ -52,6 +52,7 @@ from .mask import SliceMask, is_int, num_blocks
 from .mask_request import (AUTO, AUTO_OPTIONS, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
                            METHODS, POOLINGS, PREDICT_METHODS, MaskRequest, check_workspace_bytes, checked_candidates,
                            checked_lse, make_request)
+from .attention_kernel import check_scale
 from .op_library import define, pack_csr, packed_csr_empty, unpack_csr
 
 
@@ -190,6 +191,7 @@ def _predict_auto(qh, kh, slice_m, density, top_k, scale, workspace_bytes) -> Sl
     """method="auto" (fgcupy.auto_mask), its options checked as top-k's."""
     req = make_request(qh.shape[3], kh.shape[2], slice_m, "topk", density=density, top_k=top_k, scale=scale)
     make_request(qh.shape[3], kh.shape[2], slice_m, "colmax", rule="topk", density=density, top_k=top_k, scale=scale)
+    check_scale(req.scale)  # the check runs attention, whose kernels take a narrower range
     _check_kernel_slice(qh, slice_m)
     workspace_bytes = check_workspace_bytes(workspace_bytes)
     if qh.shape[0] * qh.shape[1] == 0:

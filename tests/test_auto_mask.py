@@ -141,21 +141,37 @@ def test_auto_takes_nhd_views_and_no_heads():
     assert (empty.batch, empty.heads, empty.q_len) == (1, 0, q.shape[2])
 
 
-def test_auto_takes_each_option_it_lists():
+def test_auto_takes_each_option_it_lists(monkeypatch):
     from fgcupy.mask_request import AUTO_OPTIONS
 
     q, k = _two_kinds_of_head(256)
-    values = dict(density=0.1, scale=0.2, layout="HND", workspace_bytes=1 << 20)
+    values = dict(density=0.25, scale=0.2, layout="NHD", workspace_bytes=1 << 20)
     assert set(values) | {"top_k"} == set(AUTO_OPTIONS)
-    plain = predict_mask(q, k, 128, "auto", density=0.1, scale=0.2)
-    assert torch.equal(predict_mask(q, k, 128, "auto", **values).to_dense(), plain.to_dense())
+    seen = []
+    real = auto_mask.predict_auto
+
+    def spy(qh, kh, slice_m, predict, **kwargs):
+        seen.append((qh.shape, kwargs))
+        return real(qh, kh, slice_m, predict, **kwargs)
+
+    monkeypatch.setattr(auto_mask, "predict_auto", spy)
+    predict_mask(q.transpose(1, 2), k.transpose(1, 2), 128, "auto", **values)
+    assert seen == [(q.shape, dict(density=None, top_k=64, scale=0.2, workspace_bytes=1 << 20))]
     assert predict_mask(q, k, 128, "auto", top_k=9).row_lengths().unique().tolist() == [9]
 
 
 def test_block_keys_refuses_a_mask_of_uneven_blocks():
     uneven = SliceMask.from_dense(torch.tensor([[[[True, False, True], [True, False, False]]]]), 64, 128)
-    with pytest.raises(ValueError, match="same count in each of its 2 blocks; this one stores 3 keys"):
+    with pytest.raises(ValueError, match="same count in each of its 2 blocks, back to back, and stores nothing more; this one's 3 stored"):
         auto_mask.block_keys(uneven)
+    shifted = SliceMask(torch.tensor([[[0, 1, 4]]], dtype=torch.int32), torch.tensor([0, 0, 1, 2], dtype=torch.int32),
+                        64, 128, 3)  # 1 + 3 keys: the total divides, the blocks differ
+    spare = SliceMask(torch.tensor([[[0, 2, 4]]], dtype=torch.int32), torch.tensor([0, 1, 0, 1, 0, 0, 0, 0], dtype=torch.int32),
+                      64, 128, 3)  # 2 + 2 keys and 4 spare slots
+    for mask in (shifted, spare):
+        mask.validate()
+        with pytest.raises(ValueError, match="same count in each of its 2 blocks"):
+            auto_mask.block_keys(mask)
     even = SliceMask.from_dense(torch.tensor([[[[True, False, True], [True, True, False]]]]), 64, 128)
     assert auto_mask.block_keys(even).tolist() == [[[[0, 2], [0, 1]]]]
 
@@ -164,6 +180,7 @@ def test_block_keys_refuses_a_mask_of_uneven_blocks():
     (dict(tau=0.9), "auto"), (dict(density=0.1, lse="estimate"), "auto"), (dict(density=0.1, pool=16), "auto"),
     (dict(density=0.1, local=4), "auto"), (dict(), "exactly one of density"), (dict(density=0.1, top_k=3), "exactly one"),
     (dict(density=1.5), "density"), (dict(density=0.1, scale=-1.0), "scale"),
+    (dict(density=0.1, scale=3e38), "scale must be a positive finite number up to"),  # the check's attention
 ])
 def test_auto_refuses_what_it_does_not_take(options, match):
     q, k = _two_kinds_of_head(256)

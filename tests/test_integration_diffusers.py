@@ -1321,6 +1321,7 @@ def test_config_schedule():
     (dict(predictor="auto", predictor_kwargs={"pool": 16}), ValueError,
      r"predictor='auto' takes \['top_k', 'scale', 'workspace_bytes'\] in predictor_kwargs, got \['pool'\]"),
     (dict(predictor="auto", find_diagonals=2), ValueError, r"find_diagonals moves the exact band"),
+    (dict(predictor="auto", predictor_kwargs={"scale": 3e38}), ValueError, r"scale must be a positive finite number up to"),
     (dict(predictor="auto", process_group=object()), ValueError, r"not with process_group"),
     (dict(predictor="auto", tau=0.9), ValueError, r"tau=0.9 does not apply to predictor='auto'"),
 ])
@@ -1329,15 +1330,27 @@ def test_config_refuses_what_cannot_work(kwargs, error, message):
         fd.SparseAttentionConfig(**kwargs)
 
 
-def test_auto_takes_in_predictor_kwargs_what_predict_mask_auto_takes():
+def test_auto_takes_in_predictor_kwargs_what_predict_mask_auto_takes(monkeypatch):
     from fgcupy.mask_request import AUTO_OPTIONS
 
     values = {"top_k": 8, "scale": 0.1, "workspace_bytes": 1 << 20}
     assert set(values) == set(AUTO_OPTIONS) - {"density", "layout"}  # the config gives density and the layout
+    seen = []
+    real = fgcupy.predict_mask
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fgcupy, "predict_mask", spy)
     for name, value in values.items():
-        config = fd.SparseAttentionConfig(predictor="auto", density=None if name == "top_k" else 0.1,
-                                          predictor_kwargs={name: value})
-        assert config.predictor_arguments()[name] == value
+        model = tiny_wan(layers=1)
+        fd.apply(model, fd.SparseAttentionConfig(predictor="auto", density=None if name == "top_k" else 0.2,
+                                                 slice_m=64, dense_steps=0, refresh_every=1, sparse_refresh=False,
+                                                 predictor_kwargs={name: value}, attention_fn=reference_attention_fn))
+        seen.clear()
+        run_wan(model, *wan_inputs(frames=3, size=16), t=1000)
+        assert seen and all(kw.get("method") == "auto" and kw.get(name) == value for kw in seen), (name, seen)
 
 
 def test_predictor_kwargs_take_numpy_counts():

@@ -382,22 +382,32 @@ def test_a_layer_that_misses_its_refresh_step_refreshes_on_its_next_call(schedul
     (dict(density=0.1, pooling=["mean", "bogus"]), r"pooling must be one of"),
     (dict(method="auto", density=0.2, pooling="sample"), r"method='auto' takes .*, got \['pooling'\]"),
     (dict(method="auto", density=0.2, min_keys=4), r"method='auto' takes .*, got \['min_keys'\]"),
+    (dict(method="auto", density=0.2, scale=3e38), r"scale must be a positive finite number up to"),
 ])
 def test_a_selection_that_cannot_work_is_refused_when_the_cache_is_made(options, message):
     with pytest.raises(ValueError, match=message):
         MaskCache(warmup=3, **options)
 
 
-def test_the_cache_passes_method_auto_each_option_it_takes():
+def test_the_cache_passes_method_auto_each_option_it_takes(monkeypatch):
+    import fgcupy.cache
     from fgcupy.mask_request import AUTO_OPTIONS
 
     q, k = torch.randn(1, 2, 256, 32), torch.randn(1, 2, 256, 32)
-    options = dict(density=0.1, scale=0.2, workspace_bytes=1 << 20)
-    assert set(options) | {"top_k", "layout"} == set(AUTO_OPTIONS)  # layout: mask_for's
-    for name, value in options.items():
-        cache = MaskCache(method="auto", slice_m=128, **({name: value} if name == "density" else {"density": 0.1, name: value}))
-        assert cache.mask_for("L", 0, q, k).density() == pytest.approx(0.1, abs=0.01)
-    assert MaskCache(method="auto", slice_m=128, top_k=9).mask_for("L", 0, q, k).row_lengths().unique().tolist() == [9]
+    options = dict(top_k=9, scale=0.2, workspace_bytes=1 << 20)
+    assert set(options) | {"density", "layout"} == set(AUTO_OPTIONS)  # layout: mask_for's
+    seen = []
+    real = fgcupy.cache.predict_mask
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fgcupy.cache, "predict_mask", spy)
+    mask = MaskCache(method="auto", slice_m=128, **options).mask_for("L", 0, q, k)
+    assert seen == [dict(layout="HND", method="auto", slice_m=128, **options)]
+    assert mask.row_lengths().unique().tolist() == [9]
+    assert MaskCache(method="auto", density=0.25, slice_m=128).mask_for("L", 0, q, k).density() == pytest.approx(0.25, abs=0.01)
 
 
 def test_counts_that_depend_on_the_keys_are_checked_when_the_keys_are_known():

@@ -52,7 +52,7 @@ class SparseAttentionConfig:
 
     predictor: a ``fgcupy.predict_mask`` method name ("topk", "tau", "threshold", or "auto": the
         top-k mask checked per head, the estimated column max where the check finds it missing
-        attention; predictor_kwargs top_k and workspace_bytes only, no find_diagonals or
+        attention; predictor_kwargs top_k, scale and workspace_bytes only, no find_diagonals or
         process_group) tuned by its
         own ``density`` (default 0.1) / ``tau`` / ``threshold`` (+ ``predictor_kwargs``), or a callable
         ``predictor(q, k, slice_m=...) -> SliceMask`` with q, k ``[B, H, S, D]`` views; or "colmax",
