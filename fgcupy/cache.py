@@ -13,7 +13,9 @@ prediction can serve several steps. :class:`MaskCache` keeps one mask per layer:
 * the steps in between "reuse" the layer's mask.
 
 Storage is compact: kept indices as int16 when kv_len fits (else int32), or a bit map of all
-slices, whichever is smaller ("auto"); ``describe()`` and ``memory_bytes()`` say what is held.
+slices, whichever is smaller ("auto"; a mask whose rows share index entries, so that it keeps
+more slices than its buffer holds, stays indices: a bit map would come back in a larger
+buffer); ``describe()`` and ``memory_bytes()`` say what is held.
 ``expanded=True`` keeps each SliceMask as given instead: ``get`` then returns that object with no
 conversion and no host synchronisation, for loops that reuse a mask every step (a planned kernel
 already holds the expanded mask, so a compact copy would only add memory).
@@ -51,17 +53,26 @@ _INT16_KEYS = 2**15
 def _check_given_rule(options: dict) -> None:
     """Refuse now the options predict_mask would refuse at the first refresh at any sequence length,
     where a selection (density, top_k, tau or threshold) is given (without one, mask_for's
-    overrides may give it)."""
-    if not _RULE_OPTIONS & set(options):
-        return
+    overrides may give it); a method that is none of predict_mask's in any case."""
     method = options.get("method", "topk")
     if not isinstance(method, str) or method not in PREDICT_METHODS:
         raise ValueError(f"method must be one of {PREDICT_METHODS}, got {method!r}")
+    if not _RULE_OPTIONS & set(options):
+        return
     others = sorted(set(options) - _AUTO_OPTIONS)
     if method == "auto" and others:
         raise ValueError(f"method='auto' takes {sorted(_AUTO_OPTIONS - {'method'})}, got {others}")
     request = {name: value for name, value in options.items() if name in _REQUEST_OPTIONS}
     check_options(options.get("slice_m", 128), method, request, ONE_KEY)
+
+
+def _same_device(asked: torch.device, held: torch.device) -> bool:
+    """Whether ``asked`` names ``held``: "cuda" is the current CUDA device, "cpu:0" the CPU."""
+    if asked.type != held.type:
+        return False
+    if asked.type == "cuda" and asked.index is None:
+        return held.index in (None, torch.cuda.current_device())
+    return asked.type == "cpu" or asked.index == held.index
 
 
 def refreshes_on(sparse_step: int, refresh_every: int, ramp: bool = False) -> bool:
@@ -94,7 +105,8 @@ class _Entry:
     step: int
     mask: SliceMask | None = None  # the mask itself, for form "expanded"
     capacity: int = 0  # the indices buffer a "bits" mask is rebuilt into: the stored mask's
-    # (a plan sized to it, or a captured graph, sees the same shapes on reuse steps)
+    # (a plan sized to it, or a captured graph, sees the same shapes on reuse steps), or the
+    # slices it keeps where they are more (rows sharing entries, with storage="bits")
 
     def memory_bytes(self) -> int:
         return self.indptr.numel() * self.indptr.element_size() + self.payload.numel() * self.payload.element_size()
@@ -133,8 +145,9 @@ class MaskCache:
             if any(s < warmup for s in steps):
                 raise ValueError(f"refresh_steps {steps} must be steps after the warm-up (>= warmup={warmup})")
             self.refresh_steps = frozenset(steps)
-        if not isinstance(ramp, bool):
-            raise TypeError(f"ramp must be a bool, got {ramp!r}")
+        for name, value in (("ramp", ramp), ("expanded", expanded)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {value!r}")
         if ramp and refresh_steps is not None:
             raise ValueError("ramp spaces the refreshes of refresh_every; refresh_steps lists them all: give one")
         if storage not in STORAGES:
@@ -206,12 +219,15 @@ class MaskCache:
         form = self.storage if self.storage != "auto" else ("bits" if bits_bytes < index_bytes else "index")
         if form == "bits":
             dense = mask.to_dense()
+            kept = int(dense.sum().item())
+            if kept > mask.capacity and self.storage == "auto":  # shared rows: keep the buffer's size
+                form = "index"
+        if form == "bits":
             pad = (-mask.kv_len) % 8
             if pad:
                 dense = torch.nn.functional.pad(dense, (0, pad))
             weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=dense.device)
             payload = (dense.unflatten(-1, (-1, 8)).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
-            kept = int(dense.sum().item())
             indptr = torch.empty(0, dtype=torch.int32, device=mask.device)
         else:
             # A copy at any width: the caller's keys (a plan's buffers, refilled in place) stay theirs.
@@ -232,7 +248,7 @@ class MaskCache:
             raise KeyError(f"no mask cached for layer {layer!r}; cached: {sorted(map(str, self._entries))}")
         entry = self._entries[layer]
         self._check(layer, entry, (batch, heads, q_len, kv_len, slice_m))
-        if device is not None and torch.device(device) != entry.device:
+        if device is not None and not _same_device(torch.device(device), entry.device):
             raise ValueError(f"layer {layer!r}: the cached mask (from step {entry.step}) is on {entry.device}, but "
                              f"this step's inputs are on {torch.device(device)}")
         if entry.mask is not None:
@@ -383,7 +399,10 @@ def means_drift(reference: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     similarity = torch.nn.functional.cosine_similarity(reference, current, dim=-1)
     similarity = torch.nan_to_num(similarity, nan=0.0)  # a row that cannot be read counts as moved
     both_zero = (reference.norm(dim=-1) == 0) & (current.norm(dim=-1) == 0)  # zero rows (padding): unmoved
-    return 1.0 - torch.where(both_zero, torch.ones_like(similarity), similarity).mean()
+    unmoved = torch.where(both_zero, torch.ones_like(similarity), similarity)
+    if unmoved.numel() == 0:  # no rows: nothing moved
+        return torch.zeros((), dtype=torch.float32, device=reference.device)
+    return 1.0 - unmoved.mean()
 
 
 #: Queries per head whose exact LSE ``mask_recall`` reads.

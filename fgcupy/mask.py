@@ -83,15 +83,13 @@ class SliceMask:
         indices = _as_int32_tensor(self.indices, "indices")
         object.__setattr__(self, "indptr", indptr)
         object.__setattr__(self, "indices", indices)
-        for name in ("slice_m", "q_len", "kv_len"):
+        for name, least in (("slice_m", 1), ("q_len", 0), ("kv_len", 0)):
             value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
             if value > INT32_MAX:
                 raise ValueError(f"{name} must be < 2**31 (kernels index with int32), got {value}")
             object.__setattr__(self, name, int(value))  # numpy ints would not trace under torch.compile
-        if self.slice_m < 1:
-            raise ValueError(f"slice_m must be >= 1, got {self.slice_m}")
         if indptr.dim() != 3:
             raise ValueError(f"indptr must have shape [B, H, QB + 1], got {tuple(indptr.shape)}")
         expected_qb = num_blocks(self.q_len, self.slice_m)
@@ -133,15 +131,22 @@ class SliceMask:
         return self.indptr[..., 1:] - self.indptr[..., :-1]
 
     def density(self) -> float:
-        """Kept slices / all slices: the entries the kernels read, rows bounded as they bound them
-        (a key listed twice counts twice). Synchronises."""
+        """Kept slices / all slices: the entries the kernels attend to, rows bounded as they bound
+        them and keys outside [0, kv_len) left out as they leave them out (a key listed twice
+        counts twice). Synchronises."""
         total = self.batch * self.heads * self.q_blocks * self.kv_len
         if total == 0:
             return 0.0
         starts, ends = self.row_bounds()  # rows as the kernels read them
-        return float((ends - starts).sum().item()) / total
+        in_range = (self.indices >= 0) & (self.indices < self.kv_len)
+        before = torch.zeros(self.capacity + 1, dtype=torch.int64, device=self.indices.device)
+        torch.cumsum(in_range, 0, out=before[1:])  # in-range entries before each position
+        return float((before[ends] - before[starts]).sum().item()) / total
 
     def to(self, device) -> "SliceMask":
+        """The mask on ``device`` (a device, not a dtype: the offsets and keys stay int32)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"SliceMask.to takes a device, got the dtype {device}: a mask's tensors stay int32")
         return SliceMask(self.indptr.to(device), self.indices.to(device), self.slice_m, self.q_len, self.kv_len)
 
     def memory_bytes(self) -> int:
@@ -177,6 +182,8 @@ class SliceMask:
             raise ValueError(f"capacity must be a non-negative int or None, got {capacity!r}")
         elif capacity < total:
             raise ValueError(f"capacity={capacity} is smaller than the {total} kept slices")
+        if capacity > INT32_MAX:
+            raise ValueError(f"capacity={capacity} is more than int32 offsets address")
         indices = torch.zeros(capacity, dtype=torch.int32, device=dense.device)
         if total:
             indices[:total] = dense.reshape(-1, kv_len).nonzero()[:, 1].to(torch.int32)
@@ -219,7 +226,7 @@ class SliceMask:
                 raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         q_blocks = num_blocks(q_len, slice_m)
         rows = batch * heads * q_blocks
-        if rows * kv_len > torch.iinfo(torch.int32).max:
+        if rows * kv_len > torch.iinfo(torch.int32).max or rows > INT32_MAX or kv_len > INT32_MAX:
             raise ValueError(f"{rows} rows x {kv_len} keys exceed int32 offsets")
         # Small masks are built on the host and copied in one transfer: in a new process each
         # first use of a torch CUDA operation loads its kernels (milliseconds apiece).
@@ -252,7 +259,9 @@ class SliceMask:
         sums = torch.zeros(2, dtype=torch.int64, device=self.device)
         for slot, (values, keep) in enumerate(((self.indptr.reshape(-1), None), (self.indices, covered))):
             for lo in range(0, values.numel(), _DIGEST_CHUNK):
-                part = values[lo : lo + _DIGEST_CHUNK].to(torch.int64) % _DIGEST_PRIME
+                # Each int32 as two 16-bit halves: a plain residue would equate 0 and 2^31 - 1.
+                shifted = values[lo : lo + _DIGEST_CHUNK].to(torch.int64) + 2**31
+                part = ((shifted >> 16) * 65_537 + (shifted & 0xFFFF)) % _DIGEST_PRIME
                 at = torch.arange(lo, lo + part.numel(), dtype=torch.int64, device=self.device)
                 term = part * ((at * 1_000_003 + 12_345) % _DIGEST_PRIME + 1) % _DIGEST_PRIME  # < 2^31 each
                 if keep is not None:

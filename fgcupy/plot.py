@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .mask import SliceMask, num_blocks
+from .mask import SliceMask, is_int, num_blocks
 
 
 def _figure(**kwargs):
@@ -27,6 +27,11 @@ def _figure(**kwargs):
 
 def mask_image(mask: SliceMask, batch: int = 0, head: int = 0, max_columns: int = 2048) -> torch.Tensor:
     """float32 [QB, columns]: the fraction of keys kept in each (block, key bin) of one head."""
+    if not isinstance(mask, SliceMask):
+        raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
+    for name, value in (("batch", batch), ("head", head), ("max_columns", max_columns)):
+        if not is_int(value):
+            raise TypeError(f"{name} must be an int, got {value!r}")
     if not (0 <= batch < mask.batch and 0 <= head < mask.heads):
         raise ValueError(f"(batch, head) must index the mask's {(mask.batch, mask.heads)}, got {(batch, head)}")
     if max_columns < 1:
@@ -93,7 +98,7 @@ def draw_masks(masks: dict, path, batch: int = 0, head: int = 0, block_size: int
         rows = block_density(image, mask.kv_len, max_columns)
         bar.barh(torch.arange(rows.numel()) * mask.slice_m + mask.slice_m / 2, rows, height=mask.slice_m, color="0.3")
         bar.set_ylim(mask.q_len, 0)
-        bar.set_xlim(0, max(float(rows.max()), 1e-3) * 1.1)
+        bar.set_xlim(0, max(float(rows.max()) if rows.numel() else 0.0, 1e-3) * 1.1)
         bar.set_xlabel("density")
         bar.set_yticks([])
     if title:

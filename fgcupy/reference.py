@@ -19,7 +19,12 @@ from .mask import SliceMask, positive_int
 def _checked_inputs(q, k, v, layout: str, rows_per_chunk, scale, dtype) -> tuple:
     """(q, k, v as [B, H, S, D] views, the scale as a number): the shapes checked against each
     other (q [B, H, S, D], k and v [B, H, KV, D]: torch would broadcast a batch or head of one, or
-    fail deep in a matmul), the scale as the kernels take it, a floating ``dtype``."""
+    fail deep in a matmul), on one device, the scale as the kernels take it, a floating ``dtype``."""
+    for t, name in ((q, "q"), (k, "k"), (v, "v")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (the reference runs torch ops), got {type(t).__name__}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     q, k, v = (to_bhsd(t, layout, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
     if k.shape != v.shape or k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
         raise ValueError(f"q must be [B, H, S, D] and k, v [B, H, KV, D] with q's B, H and D; got (as HND) "

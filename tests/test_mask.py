@@ -90,8 +90,9 @@ def test_validate_names_batch_and_head():
         (dict(indices=torch.zeros(3, dtype=torch.float32)), TypeError, "indices must be int32"),
         (dict(indptr=torch.zeros(1, 3, dtype=torch.int32)), ValueError, r"shape \[B, H, QB \+ 1\]"),
         (dict(q_len=300), ValueError, r"indptr has 2 query blocks, expected 5"),
-        (dict(slice_m=0), ValueError, "slice_m must be >= 1"),
-        (dict(kv_len=-1), ValueError, "kv_len must be a non-negative int"),
+        (dict(slice_m=0), ValueError, "slice_m must be an int >= 1, got 0"),
+        (dict(slice_m=-64), ValueError, "slice_m must be an int >= 1, got -64"),
+        (dict(kv_len=-1), ValueError, "kv_len must be an int >= 0"),
         (dict(indices=torch.zeros(1, 3, dtype=torch.int32)), ValueError, "indices must be 1-D"),
         (dict(indices=[1, 2]), TypeError, "indices must be a torch tensor, numpy or cupy array"),
     ],
@@ -194,3 +195,31 @@ def test_constructors_name_what_is_wrong():
         assert SliceMask.from_topk(torch.tensor([[[[index]]]], dtype=dtype), 4, 3, kv_len).indices.tolist() == [index]
     with pytest.raises(ValueError, match="dense mask has 3 query blocks"):
         SliceMask.from_dense(torch.ones(1, 1, 3, 10, dtype=torch.bool), 128, 100)
+
+
+def test_density_leaves_out_keys_the_kernels_leave_out():
+    """Entries outside [0, kv_len) (a top-k list padded with -1) are not attended to."""
+    topk = torch.tensor([[[[0, 1, -1, -1], [2, 3, 4, 9]]]], dtype=torch.int32)  # kv_len 8: -1, 9 outside
+    mask = SliceMask.from_topk(topk, 16, 32, 8)
+    assert mask.density() == pytest.approx(mask.to_dense().float().mean().item()) == 5 / 16
+    repeated = SliceMask(torch.tensor([[[0, 3]]], dtype=torch.int32), torch.tensor([2, 2, 7], dtype=torch.int32), 16, 16, 8)
+    assert repeated.density() == 3 / 8  # a key listed twice counts twice
+
+
+def test_a_digest_tells_key_0_from_int32_max():
+    keys = [SliceMask(torch.tensor([[[0, 1]]], dtype=torch.int32), torch.tensor([key], dtype=torch.int32), 16, 16, 8)
+            for key in (0, 2**31 - 1)]
+    assert keys[0].digest() != keys[1].digest()
+
+
+def test_to_refuses_a_dtype():
+    with pytest.raises(TypeError, match="takes a device, got the dtype torch.int64"):
+        SliceMask.full(1, 1, 16, 8, 16).to(torch.int64)
+
+
+@pytest.mark.parametrize("build", [lambda: SliceMask.from_dense(torch.zeros(1, 1, 1, 4, dtype=torch.bool), 16, 16,
+                                                                capacity=2**31),
+                                   lambda: SliceMask.full(1, 1, 2**40, 0, 1)])
+def test_int32_limits_are_checked_before_allocating(build):
+    with pytest.raises(ValueError, match="int32"):
+        build()

@@ -174,6 +174,37 @@ def test_auto_storage_keeps_the_smaller_form_counting_offsets_and_whole_bytes():
     assert sizes["auto"] == min(sizes["index"], sizes["bits"])
 
 
+def test_a_mask_whose_rows_share_entries_comes_back_in_its_own_buffer_size():
+    """Every row reads the same two keys from a buffer of 2: as bits it would come back in a buffer
+    of 16 (its kept slices), and a plan sized to the stored mask would not see the same shapes."""
+    shared = SliceMask(torch.zeros(1, 8, 2, dtype=torch.int32).add_(torch.tensor([0, 2], dtype=torch.int32)),
+                       torch.tensor([1, 3], dtype=torch.int32), 4, 4, 4096)
+    auto, bits = MaskCache(), MaskCache(storage="bits")
+    for cache in (auto, bits):
+        cache.put("m", shared)
+        assert torch.equal(cache.get("m").to_dense(), shared.to_dense())
+    assert auto.get("m").capacity == 2 and "index" in auto.describe()
+    assert bits.get("m").capacity == 16  # asked for bits: the buffer holds every kept slice
+
+
+def test_get_takes_a_device_without_its_index():
+    cache = MaskCache()
+    cache.put("m", SliceMask.full(1, 1, 8, 8, 4))
+    for device in ("cpu", "cpu:0", torch.device("cpu")):
+        cache.get("m", device=device)
+    with pytest.raises(ValueError, match="is on cpu, but this step's inputs are on meta"):
+        cache.get("m", device="meta")
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(expanded="no"), TypeError, "expanded must be a bool, got 'no'"),
+    (dict(method="foo", warmup=10), ValueError, "method must be one of"),
+])
+def test_settings_that_cannot_work_are_refused_when_the_cache_is_made(options, error, match):
+    with pytest.raises(error, match=match):
+        MaskCache(**options)
+
+
 def test_an_index_mask_is_copied_at_any_key_count():
     """Past 32,768 keys the cache stored the caller's own key tensor: a plan refilled in place
     rewrote the cached mask."""
@@ -234,6 +265,8 @@ def test_blocks_of_zeros_have_not_moved():
     x[:, :, 4:] = 0
     means = block_means(x, 4)
     assert float(means_drift(means, means)) == pytest.approx(0.0, abs=1e-6)
+    nothing = block_means(x[:, :, :0], 4)
+    assert float(means_drift(nothing, nothing)) == 0.0
     with pytest.raises(ValueError, match="slice_m must be a positive int"):
         block_means(x, 0)
 

@@ -26,9 +26,23 @@ def test_mask_image_bins_keys_into_kept_fractions():
         mask_image(_mask(), head=2)
 
 
+@pytest.mark.parametrize("args, error, match", [
+    (("x",), TypeError, "mask must be a fgcupy.SliceMask, got str"),
+    ((None, 0, 1.5), TypeError, "head must be an int, got 1.5"),
+    ((None, 0, True), TypeError, "head must be an int, got True"),
+    ((None, 0, 0, 10.5), TypeError, "max_columns must be an int, got 10.5"),
+])
+def test_mask_image_names_an_argument_of_the_wrong_type(args, error, match):
+    args = tuple(_mask() if a is None else a for a in args[:1]) + args[1:]
+    with pytest.raises(error, match=match):
+        mask_image(*args)
+
+
 def test_draw_masks_writes_a_png(tmp_path):
     path = draw_masks({"a": _mask(), "b": _mask()}, tmp_path / "m.png", head=1, block_size=128, title="t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    empty = SliceMask.full(1, 1, 0, 16, 4)
+    assert draw_masks({"no queries": empty}, tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="at least one mask"):
         draw_masks({}, tmp_path / "n.png")
 

@@ -146,3 +146,13 @@ def test_a_tensor_scale_traces_through_the_dense_reference():
     q = torch.randn(1, 2, 64, 16)
     compiled = torch.compile(lambda q, s: dense_attention(q, q, q, scale=s), backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(q, torch.tensor(0.2)), dense_attention(q, q, q, scale=0.2))
+
+
+@pytest.mark.parametrize("attend", [lambda q, k, v: dense_attention(q, k, v),
+                                    lambda q, k, v: reference_attention(q, k, v, SliceMask.full(1, 1, 4, 4, 4))])
+def test_the_references_name_inputs_that_are_not_tensors_or_not_on_one_device(attend):
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(TypeError, match="q must be a torch.Tensor .* got ndarray"):
+        attend(q.numpy(), q, q)
+    with pytest.raises(ValueError, match="q, k and v must be on one device, got cpu, meta, cpu"):
+        attend(q, q.to("meta"), q)

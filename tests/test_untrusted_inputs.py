@@ -287,7 +287,7 @@ def test_counts_past_the_keys_mean_all_keys():
 def test_head_selection_reads_rows_as_the_kernels_clamp_them():
     """A row whose start lies before the list reads from its first entry (it had wrapped to the
     list's end, or into the neighbouring mask's entries)."""
-    from fgcupy.mask_algebra import concat_heads, take_heads
+    from fgcupy.mask_algebra import concat_heads, slice_heads, take_heads
 
     i32 = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
     corrupt = SliceMask(i32([[[-2, 1], [1, 3]]]), i32([5, 6, 7]), 4, 4, 8)
@@ -295,6 +295,20 @@ def test_head_selection_reads_rows_as_the_kernels_clamp_them():
     assert dense[0, 0, 0].nonzero().flatten().tolist() == [5]
     assert torch.equal(take_heads(corrupt, [1, 0]).to_dense(), dense.flip(1))
     assert torch.equal(concat_heads([corrupt, corrupt]).to_dense(), torch.cat([dense, dense], 1))
+    past_end = SliceMask(i32([[[0, 2], [2, 9]]]), i32([0, 1, 2, 3, 4, 5]), 4, 4, 8)  # head 1 runs past the list
+    assert torch.equal(slice_heads(past_end, range(1, 2)).to_dense(), past_end.to_dense()[:, 1:])
+    assert torch.equal(slice_heads(corrupt, range(0, 1)).to_dense(), dense[:, :1])
+
+
+def test_head_selection_names_a_mask_or_head_given_where_a_sequence_belongs():
+    from fgcupy.mask_algebra import concat_heads, take_heads
+
+    mask = SliceMask.full(1, 2, 8, 8, 4)
+    with pytest.raises(TypeError, match="concat_heads needs a sequence of one or more fgcupy.SliceMask, got SliceMask"):
+        concat_heads(mask)
+    for heads in (1, torch.tensor(1)):
+        with pytest.raises(TypeError, match="heads must be a sequence of int head indices"):
+            take_heads(mask, heads)
 
 
 def test_mask_sizes_given_as_numpy_ints_are_python_ints():
