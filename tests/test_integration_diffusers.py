@@ -6,6 +6,7 @@ stock processors given the same slice mask as a dense boolean mask (sparse masks
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -986,6 +987,45 @@ def test_a_repeated_timestep_after_end_step_is_the_next_step():
     assert (handle.step, handle.branch) == (0, 1)  # without end_step: a second branch
 
 
+class _Pipe:
+    """What step_callback reads of a diffusers pipeline."""
+
+    def __init__(self, num_timesteps, interrupt=False):
+        self.num_timesteps, self.interrupt = num_timesteps, interrupt
+
+
+@pytest.mark.parametrize("case", ["one-step model", "interrupted", "refining pass"])
+def test_the_step_callback_ends_a_generation_so_the_next_starts_at_step_0(case):
+    """After a pipeline's last step (or an interrupted one) the next call is step 0 of a new
+    generation, though its timestep is the same as (or lower than) the last one's: the
+    count alone would make it a later step, reusing the old generation's masks."""
+    model = tiny_wan(layers=1)
+    handle = fd.apply(model, cpu_config())
+    first, second = {"one-step model": ([999], [999]), "interrupted": ([999, 800], [700]),
+                     "refining pass": ([999, 750, 500, 250], [200, 100])}[case]
+    steps = len(first) if case != "interrupted" else 4
+    for index, t in enumerate(first):
+        for _ in range(2):  # two guidance branches
+            handle.begin_forward(torch.tensor([t]))
+        pipe = _Pipe(steps, interrupt=case == "interrupted" and index == len(first) - 1)
+        handle.step_callback(pipe, index, torch.tensor(t), {})
+    generation = handle.generation
+    handle.begin_forward(torch.tensor([second[0]]))
+    assert (handle.step, handle.branch, handle.generation) == (0, 0, generation + 1)
+    handle.begin_forward(torch.tensor([second[0]]))
+    assert (handle.step, handle.branch) == (0, 1)
+
+
+def test_the_step_callback_keeps_a_generation_until_its_last_step():
+    model = tiny_wan(layers=1)
+    handle = fd.apply(model, cpu_config())
+    for index, t in enumerate((999, 999, 998)):  # a repeated int timestep, as before
+        handle.begin_forward(torch.tensor([t]))
+        assert (handle.step, handle.generation) == (index, 0)
+        handle.step_callback(_Pipe(3), index, torch.tensor(t), {})
+    handle.step_callback(None, 0, torch.tensor(1), {})  # no pipeline: end_step alone
+
+
 def test_changed_text_padding_forces_a_refresh():
     model = tiny_hunyuan()
     handle = fd.apply(model, cpu_config(refresh_every=100))
@@ -1445,6 +1485,29 @@ def test_set_step_back_to_an_earlier_step_starts_a_new_generation():
             handle.set_step(step)
             run_wan(model, latents, text)
     assert handle.stats()["blocks.0.attn1"].refresh_steps == [0, 0] and handle.generation == generation + 1
+
+
+def test_set_step_with_new_generation_drops_the_masks_of_the_last():
+    """One-step generations driven by set_step(0): each predicts its own masks."""
+    model = tiny_wan(layers=1)
+    latents, text = wan_inputs()
+    handle = fd.apply(model, cpu_config(dense_steps=0, refresh_every=10**9))
+    generation = handle.generation
+    for _ in range(3):
+        handle.set_step(0, new_generation=True)
+        run_wan(model, latents, text)
+    assert handle.stats()["blocks.0.attn1"].refresh_steps == [0, 0, 0] and handle.generation == generation + 3
+    with pytest.raises(TypeError, match="new_generation must be a bool"):
+        handle.set_step(0, new_generation=1)
+
+
+def test_a_pooling_list_of_the_wrong_length_is_refused_when_applied():
+    """The config cannot know the heads; apply can (the first prediction would fail mid-run)."""
+    config = fd.SparseAttentionConfig(slice_m=64, predictor_kwargs={"pooling": ["mean", "sample", "both"]},
+                                      attention_fn=reference_attention_fn)
+    with pytest.raises(ValueError, match="pooling lists 3 poolings, but layer .* has 2 heads: give one per head"):
+        fd.apply(tiny_wan(layers=1), config)
+    fd.apply(tiny_wan(layers=1), dataclasses.replace(config, dense_layers=(0,)))  # no layer predicts
 
 
 def test_a_call_that_raised_starts_the_next_call_over():

@@ -201,6 +201,7 @@ class SparseAttentionHandle:
         self._calls = 0
         self._manual = False  # set_step drives the schedule; the hook no longer counts calls
         self._step_over = False  # end_step: the next call starts a step even at the same timestep
+        self._generation_over = False  # step_callback saw the last (or an interrupted) step: the next call starts anew
         self._hooks: list = []  # the transformer's forward pre- and post-hooks
         self._padding_host: dict[int, torch.Tensor] = {}
         self._padding_version: dict[int, int] = {}
@@ -246,6 +247,9 @@ class SparseAttentionHandle:
         value = None
         if timestep is not None:
             value = float(torch.as_tensor(timestep).detach().max())
+        if self._generation_over:  # whatever its timestep: a pipeline's generation ended
+            self._new_generation()
+            self._calls, self._last_timestep, self._generation_over = 0, None, False
         if self._calls == 0:
             self.step, self.branch = 0, 0
         elif (value is None or self._last_timestep is None or value < self._last_timestep
@@ -268,17 +272,25 @@ class SparseAttentionHandle:
 
     def step_callback(self, pipe, step_index: int, timestep, callback_kwargs: dict) -> dict:
         """``pipe(..., callback_on_step_end=handle.step_callback)``: ``end_step`` after each step
-        of a diffusers pipeline; returns the pipeline's tensors unchanged."""
+        of a diffusers pipeline, and after its last step (``pipe.num_timesteps``) or one where it
+        was interrupted (``pipe.interrupt``) the next call starts a new generation, whatever its
+        timestep; returns the pipeline's tensors unchanged."""
         self.end_step()
+        steps = getattr(pipe, "num_timesteps", None)
+        if getattr(pipe, "interrupt", False) is True or (isinstance(steps, int) and step_index + 1 >= steps):
+            self._generation_over = True
         return callback_kwargs
 
-    def set_step(self, step: int, branch: int = 0) -> None:
+    def set_step(self, step: int, branch: int = 0, new_generation: bool = False) -> None:
         """Put the schedule at ``step`` (and guidance ``branch``) for the next calls, which stay
         there: from now until ``reset()`` the transformer's calls no longer move the count. A step
-        before the current one starts a new generation (masks dropped)."""
+        before the current one, or ``new_generation=True`` (a one-step model's next generation, or
+        one that starts at a later step than the last ended), starts a new generation (masks dropped)."""
         if step < 0 or branch < 0:
             raise ValueError(f"step and branch must be >= 0, got step={step}, branch={branch}")
-        if self._calls and step < self.step:  # back to an earlier step: another generation
+        if not isinstance(new_generation, bool):
+            raise TypeError(f"new_generation must be a bool, got {new_generation!r}")
+        if new_generation or (self._calls and step < self.step):  # another generation
             self._new_generation()
         self._manual = True
         self.step, self.branch = int(step), int(branch)
@@ -298,6 +310,7 @@ class SparseAttentionHandle:
         self._last_timestep = None
         self._manual = False
         self._step_over = False
+        self._generation_over = False
         self._in_call = False
         if clear_stats:
             for layer in self.layers.values():
@@ -769,6 +782,19 @@ def _stock_processor_kinds():
             CogVideoXAttnProcessor2_0: CogVideoXSparseProcessor}
 
 
+def _check_poolings_per_head(config: SparseAttentionConfig, found: list) -> None:
+    """A per-head pooling list in predictor_kwargs must name one pooling for each head of every
+    layer that predicts (the config cannot know the heads; the first prediction would fail)."""
+    poolings = config.predictor_arguments().get("pooling") if isinstance(config.predictor, str) else None
+    if not isinstance(poolings, (list, tuple)):
+        return
+    for i, (name, module, *_) in enumerate(found):
+        heads = getattr(module, "heads", None)
+        if i not in config.dense_layers and isinstance(heads, int) and heads != len(poolings):
+            raise ValueError(f"predictor_kwargs' pooling lists {len(poolings)} poolings, but layer {name} has "
+                             f"{heads} heads: give one per head")
+
+
 def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = None) -> SparseAttentionHandle:
     """Install fgcupy on every self-attention layer of ``transformer`` (a diffusers
     WanTransformer3DModel, HunyuanVideoTransformer3DModel or CogVideoXTransformer3DModel, or a
@@ -812,6 +838,7 @@ def apply(transformer: torch.nn.Module, config: SparseAttentionConfig | None = N
     bad = [i for i in config.dense_layers if i >= len(found)]
     if bad:
         raise ValueError(f"dense_layers {bad} out of range: the model has {len(found)} self-attention layers")
+    _check_poolings_per_head(config, found)
     if installed is not None:
         remove(transformer)
 
