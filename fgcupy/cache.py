@@ -67,12 +67,17 @@ def _check_given_rule(options: dict) -> None:
 
 
 def _same_device(asked: torch.device, held: torch.device) -> bool:
-    """Whether ``asked`` names ``held``: "cuda" is the current CUDA device, "cpu:0" the CPU."""
+    """Whether ``asked`` names ``held``: a device without an index is its backend's current one
+    ("cuda" the current CUDA device), and there is one CPU."""
     if asked.type != held.type:
         return False
-    if asked.type == "cuda" and asked.index is None:
-        return held.index in (None, torch.cuda.current_device())
-    return asked.type == "cpu" or asked.index == held.index
+    if asked.type == "cpu" or asked.index == held.index:
+        return True
+    if asked.index is None:
+        backend = getattr(torch, asked.type, None)
+        current = getattr(backend, "current_device", None)
+        return held.index is None or (current is not None and held.index == current())
+    return False
 
 
 def refreshes_on(sparse_step: int, refresh_every: int, ramp: bool = False) -> bool:
@@ -401,7 +406,7 @@ def means_drift(reference: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     both_zero = (reference.norm(dim=-1) == 0) & (current.norm(dim=-1) == 0)  # zero rows (padding): unmoved
     unmoved = torch.where(both_zero, torch.ones_like(similarity), similarity)
     if unmoved.numel() == 0:  # no rows: nothing moved
-        return torch.zeros((), dtype=torch.float32, device=reference.device)
+        return torch.zeros((), dtype=unmoved.dtype, device=reference.device)
     return 1.0 - unmoved.mean()
 
 

@@ -12,6 +12,8 @@ non-int32 indices and the BlockMask converters.
 
 from __future__ import annotations
 
+import hashlib
+
 import numbers
 from dataclasses import dataclass
 
@@ -138,10 +140,13 @@ class SliceMask:
         if total == 0:
             return 0.0
         starts, ends = self.row_bounds()  # rows as the kernels read them
-        in_range = (self.indices >= 0) & (self.indices < self.kv_len)
-        before = torch.zeros(self.capacity + 1, dtype=torch.int64, device=self.indices.device)
-        torch.cumsum(in_range, 0, out=before[1:])  # in-range entries before each position
-        return float((before[ends] - before[starts]).sum().item()) / total
+        kept = (ends - starts).sum()
+        outside = (self.indices < 0) | (self.indices >= self.kv_len)
+        if bool(outside.any()):  # rare (padded top-k lists): subtract what each row lists outside
+            before = torch.zeros(self.capacity + 1, dtype=torch.int32, device=self.indices.device)
+            torch.cumsum(outside, 0, dtype=torch.int32, out=before[1:])
+            kept = kept - (before[ends] - before[starts]).sum()
+        return float(kept.item()) / total
 
     def to(self, device) -> "SliceMask":
         """The mask on ``device`` (a device, not a dtype: the offsets and keys stay int32)."""
@@ -256,21 +261,22 @@ class SliceMask:
         ones = torch.ones_like(starts, dtype=torch.int32)
         cover.index_add_(0, starts, ones).index_add_(0, ends, -ones)
         covered = cover.cumsum(0, dtype=torch.int32)[:-1] > 0
-        sums = torch.zeros(2, dtype=torch.int64, device=self.device)
+        # Each int32 as its two 16-bit halves, summed apart: every half is below the prime, so a
+        # change of one entry changes a sum (a residue of the whole value would equate some pairs).
+        sums = torch.zeros(4, dtype=torch.int64, device=self.device)
         for slot, (values, keep) in enumerate(((self.indptr.reshape(-1), None), (self.indices, covered))):
             for lo in range(0, values.numel(), _DIGEST_CHUNK):
-                # Each int32 as two 16-bit halves: a plain residue would equate 0 and 2^31 - 1.
                 shifted = values[lo : lo + _DIGEST_CHUNK].to(torch.int64) + 2**31
-                part = ((shifted >> 16) * 65_537 + (shifted & 0xFFFF)) % _DIGEST_PRIME
-                at = torch.arange(lo, lo + part.numel(), dtype=torch.int64, device=self.device)
-                term = part * ((at * 1_000_003 + 12_345) % _DIGEST_PRIME + 1) % _DIGEST_PRIME  # < 2^31 each
-                if keep is not None:
-                    term = torch.where(keep[lo : lo + part.numel()], term, 0)
-                sums[slot] = (sums[slot] + term.sum()) % _DIGEST_PRIME  # chunks of 2^24 terms: no overflow
-        offsets, keys = sums.tolist()
-        for size in (self.batch, self.heads, self.q_blocks, self.slice_m, self.q_len, self.kv_len):
-            offsets = (offsets * 1_000_003 + size + 1) % _DIGEST_PRIME
-        return offsets * _DIGEST_PRIME + keys
+                at = torch.arange(lo, lo + shifted.numel(), dtype=torch.int64, device=self.device)
+                weight = (at * 1_000_003 + 12_345) % _DIGEST_PRIME + 1
+                for half, part in enumerate((shifted >> 16, shifted & 0xFFFF)):
+                    term = part * weight % _DIGEST_PRIME  # < 2^31 each
+                    if keep is not None:
+                        term = torch.where(keep[lo : lo + part.numel()], term, 0)
+                    sums[2 * slot + half] = (sums[2 * slot + half] + term.sum()) % _DIGEST_PRIME  # 2^24 terms a chunk
+        sizes = (self.batch, self.heads, self.q_blocks, self.slice_m, self.q_len, self.kv_len)
+        text = ",".join(str(n) for n in (*sums.tolist(), *sizes))
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
 
     def flat_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, key) int64 pairs of every kept slice, row = (b * H + h) * QB + j. Synchronises."""

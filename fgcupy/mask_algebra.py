@@ -54,7 +54,7 @@ def _int_list(values, name: str, what: str) -> list:
     """``values`` (a sequence, an iterator or an int tensor of ints) as Python ints; TypeError
     saying ``name`` must be a sequence of int ``what`` otherwise."""
     if isinstance(values, (str, bytes)) or not (hasattr(values, "__iter__") or _int_tensor(values)) \
-            or (_int_tensor(values) and values.dim() == 0):
+            or getattr(values, "ndim", None) == 0:  # a 0-d tensor or array: one value, not a sequence
         raise TypeError(f"{name} must be a sequence of int {what}, got {values!r}")
     values = [v.item() if _int_scalar_tensor(v) else v for v in
               (values.reshape(-1) if _int_tensor(values) else values)]  # one pass: iterators too
@@ -122,8 +122,9 @@ def slice_heads(mask: SliceMask, heads: range) -> SliceMask:
 
     Masks whose rows are stored back to back (``from_topk``, ``from_dense``, ``full``) give a view
     of their index buffer; any other storage order is gathered. Offsets outside the buffer are
-    clamped as the kernels clamp them (SliceMask.row_bounds). Reads three scalars (one host
-    synchronisation), so call it when planning, not per step.
+    refused (ValueError), not clamped as the kernels clamp them: the sequence-parallel engines
+    split heads with it, and a rank that attends a corrupt head must refuse, so that every rank
+    raises. Reads three scalars (one host synchronisation), so call it when planning, not per step.
     """
     if not isinstance(mask, SliceMask):
         raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
@@ -138,13 +139,19 @@ def slice_heads(mask: SliceMask, heads: range) -> SliceMask:
     if rows == 0:
         empty = torch.zeros(batch, count, width, dtype=torch.int32, device=mask.device)
         return SliceMask(empty, mask.indices[:0], mask.slice_m, mask.q_len, mask.kv_len)
-    starts, ends = (bound.view(mask.batch, mask.heads, q_blocks)[:, heads.start:heads.stop].reshape(-1)
-                    for bound in mask.row_bounds())
-    lengths = ends - starts
+    starts = indptr[..., :-1].reshape(-1).to(torch.int64)
+    ends = indptr[..., 1:].reshape(-1).to(torch.int64)
+    lengths = (ends - starts).clamp_min(0)
     offsets = torch.zeros(rows + 1, dtype=torch.int64, device=mask.device)
     torch.cumsum(lengths, 0, out=offsets[1:])
-    back_to_back = (starts[1:] == ends[:-1]).all() if rows > 1 else torch.ones((), dtype=torch.bool, device=mask.device)
-    flag, first, total = torch.stack([back_to_back.to(torch.int64), starts[0], offsets[-1]]).tolist()
+    back_to_back = (ends >= starts).all()
+    if rows > 1:
+        back_to_back = back_to_back & (starts[1:] == ends[:-1]).all()
+    in_bounds = ((lengths == 0) | ((starts >= 0) & (ends <= mask.capacity))).all()
+    flag, inside, first, total = torch.stack(
+        [back_to_back.to(torch.int64), in_bounds.to(torch.int64), starts[0], offsets[-1]]).tolist()
+    if not inside:
+        raise ValueError(f"mask offsets of heads {heads} point outside its index buffer (capacity {mask.capacity})")
     if total > torch.iinfo(torch.int32).max:
         raise ValueError(f"heads {heads} keep {total} slices, more than int32 offsets can address")
     if flag:

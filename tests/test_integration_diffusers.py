@@ -1016,6 +1016,16 @@ def test_the_step_callback_ends_a_generation_so_the_next_starts_at_step_0(case):
     assert (handle.step, handle.branch) == (0, 1)
 
 
+@pytest.mark.parametrize("pipe", [_Pipe(np.int64(1)), _Pipe(torch.tensor(1)), _Pipe(5, interrupt=np.bool_(True)),
+                                  _Pipe(5, interrupt=torch.tensor(True))])
+def test_the_step_callback_reads_numpy_and_tensor_attributes(pipe):
+    handle = fd.apply(tiny_wan(layers=1), cpu_config())
+    handle.begin_forward(torch.tensor([999]))
+    handle.step_callback(pipe, 0, torch.tensor(999), {})
+    handle.begin_forward(torch.tensor([999]))
+    assert (handle.step, handle.generation) == (0, 1)
+
+
 def test_the_step_callback_keeps_a_generation_until_its_last_step():
     model = tiny_wan(layers=1)
     handle = fd.apply(model, cpu_config())
@@ -1023,7 +1033,12 @@ def test_the_step_callback_keeps_a_generation_until_its_last_step():
         handle.begin_forward(torch.tensor([t]))
         assert (handle.step, handle.generation) == (index, 0)
         handle.step_callback(_Pipe(3), index, torch.tensor(t), {})
-    handle.step_callback(None, 0, torch.tensor(1), {})  # no pipeline: end_step alone
+    handle.reset()
+    for index, t in enumerate((999, 998)):  # no pipeline: end_step alone, the generation goes on
+        handle.begin_forward(torch.tensor([t]))
+        handle.step_callback(None, index, torch.tensor(t), {})
+    handle.begin_forward(torch.tensor([998]))
+    assert (handle.step, handle.generation) == (2, 1)
 
 
 def test_changed_text_padding_forces_a_refresh():
@@ -1497,6 +1512,12 @@ def test_set_step_with_new_generation_drops_the_masks_of_the_last():
         handle.set_step(0, new_generation=True)
         run_wan(model, latents, text)
     assert handle.stats()["blocks.0.attn1"].refresh_steps == [0, 0, 0] and handle.generation == generation + 3
+    handle.step_callback(_Pipe(1), 0, torch.tensor(1000), {})  # the pipeline's last step
+    for _ in range(2):  # then set_step(0) alone starts the next generation
+        handle.set_step(0)
+        run_wan(model, latents, text)
+        handle.step_callback(_Pipe(1), 0, torch.tensor(1000), {})
+    assert handle.stats()["blocks.0.attn1"].refresh_steps == [0] * 5 and handle.generation == generation + 5
     with pytest.raises(TypeError, match="new_generation must be a bool"):
         handle.set_step(0, new_generation=1)
 

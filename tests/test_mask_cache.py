@@ -175,16 +175,17 @@ def test_auto_storage_keeps_the_smaller_form_counting_offsets_and_whole_bytes():
 
 
 def test_a_mask_whose_rows_share_entries_comes_back_in_its_own_buffer_size():
-    """Every row reads the same two keys from a buffer of 2: as bits it would come back in a buffer
-    of 16 (its kept slices), and a plan sized to the stored mask would not see the same shapes."""
-    shared = SliceMask(torch.zeros(1, 8, 2, dtype=torch.int32).add_(torch.tensor([0, 2], dtype=torch.int32)),
-                       torch.tensor([1, 3], dtype=torch.int32), 4, 4, 4096)
+    """Every row reads the same two keys from a buffer of 2: as bits (64 bytes, against 260 of
+    indices) it would come back in a buffer of 128 (its kept slices), and a plan sized to the
+    stored mask would not see the same shapes."""
+    shared = SliceMask(torch.zeros(1, 64, 2, dtype=torch.int32).add_(torch.tensor([0, 2], dtype=torch.int32)),
+                       torch.tensor([1, 3], dtype=torch.int32), 4, 4, 8)
     auto, bits = MaskCache(), MaskCache(storage="bits")
     for cache in (auto, bits):
         cache.put("m", shared)
         assert torch.equal(cache.get("m").to_dense(), shared.to_dense())
     assert auto.get("m").capacity == 2 and "index" in auto.describe()
-    assert bits.get("m").capacity == 16  # asked for bits: the buffer holds every kept slice
+    assert bits.get("m").capacity == 128  # asked for bits: the buffer holds every kept slice
 
 
 def test_get_takes_a_device_without_its_index():
@@ -267,6 +268,7 @@ def test_blocks_of_zeros_have_not_moved():
     assert float(means_drift(means, means)) == pytest.approx(0.0, abs=1e-6)
     nothing = block_means(x[:, :, :0], 4)
     assert float(means_drift(nothing, nothing)) == 0.0
+    assert means_drift(nothing.double(), nothing.double()).dtype == means_drift(means.double(), means.double()).dtype
     with pytest.raises(ValueError, match="slice_m must be a positive int"):
         block_means(x, 0)
 

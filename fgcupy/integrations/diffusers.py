@@ -19,9 +19,12 @@ with a smaller timestep than the last starts a new step, a call with the same ti
 branch of the same step (classifier-free guidance runs the model twice per step; each branch keeps
 its own masks), a larger timestep starts a new generation (masks are dropped). Reading the timestep
 costs one host synchronisation per transformer call, not per layer. Calls with one timestep past
-``MAX_BRANCHES`` branches start a new generation too (back-to-back one-step generations cannot be
-told from guidance branches: ``reset()`` between them says so). ``set_step`` takes the count over
-until ``reset()``. The schedule and the masks are
+``MAX_BRANCHES`` branches start a new generation too. Back-to-back one-step generations cannot be
+told from guidance branches by the count: ``step_callback`` (a pipeline's callback_on_step_end)
+ends a generation after the pipeline's last step, or ``reset()`` between them says so.
+``set_step`` takes the count over until ``reset()`` (manual counting: it starts a new generation
+at a step before the current one, with ``new_generation=True``, or after ``step_callback`` saw a
+generation end). The schedule and the masks are
 fgcupy's ``MaskCache`` (one entry per layer and guidance branch): masks are predicted on refresh
 steps and reused in between; warm-up steps and chosen layers run dense through the stock processor.
 With ``predictor="colmax"`` (the exact schedule) a refresh call runs dense attention through
@@ -52,8 +55,10 @@ import dataclasses
 import warnings
 import logging
 import math
+import operator
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .. import bridge
@@ -276,8 +281,7 @@ class SparseAttentionHandle:
         was interrupted (``pipe.interrupt``) the next call starts a new generation, whatever its
         timestep; returns the pipeline's tensors unchanged."""
         self.end_step()
-        steps = getattr(pipe, "num_timesteps", None)
-        if getattr(pipe, "interrupt", False) is True or (isinstance(steps, int) and step_index + 1 >= steps):
+        if _flag(getattr(pipe, "interrupt", False)) or step_index + 1 >= _count(getattr(pipe, "num_timesteps", None)):
             self._generation_over = True
         return callback_kwargs
 
@@ -290,8 +294,9 @@ class SparseAttentionHandle:
             raise ValueError(f"step and branch must be >= 0, got step={step}, branch={branch}")
         if not isinstance(new_generation, bool):
             raise TypeError(f"new_generation must be a bool, got {new_generation!r}")
-        if new_generation or (self._calls and step < self.step):  # another generation
+        if new_generation or self._generation_over or (self._calls and step < self.step):  # another generation
             self._new_generation()
+            self._generation_over = False
         self._manual = True
         self.step, self.branch = int(step), int(branch)
         self._calls = max(self._calls, 1)
@@ -780,6 +785,21 @@ def _stock_processor_kinds():
         ) from exc
     return {WanAttnProcessor: WanSparseProcessor, HunyuanVideoAttnProcessor2_0: HunyuanVideoSparseProcessor,
             CogVideoXAttnProcessor2_0: CogVideoXSparseProcessor}
+
+
+def _flag(value) -> bool:
+    """A pipeline's bool attribute (a bool, numpy bool or one-element tensor) as a bool."""
+    if isinstance(value, (bool, np.bool_)) or (torch.is_tensor(value) and value.numel() == 1):
+        return bool(value)
+    return False
+
+
+def _count(value) -> float:
+    """A pipeline's step count (an int, numpy int or one-element int tensor); inf where it has none."""
+    try:
+        return operator.index(value.item() if torch.is_tensor(value) and value.numel() == 1 else value)
+    except TypeError:
+        return math.inf
 
 
 def _check_poolings_per_head(config: SparseAttentionConfig, found: list) -> None:
