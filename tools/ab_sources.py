@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
 import subprocess
 import tarfile
@@ -32,6 +33,7 @@ import fgcupy.jit.runtime as runtime
 import fgcupy.jit.source as source
 from bench.cases import random_inputs, random_topk_mask, sdpa_call
 from fgcupy import SliceMask, SparseAttention, mask_kernels, predict_mask
+from fgcupy.attention_kernel import STAND_IN_ENV
 from fgcupy.oracle import exact_lse
 from fgcupy.reference import relative_l2
 from fgcupy.timing import cuda_time_ms
@@ -184,6 +186,10 @@ def selection(variants: dict) -> None:
 
 
 def main() -> None:
+    # Time the kernels each tree builds: a plan made while a Hopper kernel still compiles would run
+    # the mma.sync stand-in (attention_kernel.runnable_spec), and a switch of sources clears the
+    # loaded kernels, so a cold machine could time the stand-in for one tree throughout.
+    os.environ[STAND_IN_ENV] = "0"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("revs", nargs="+", help="git revisions (or folders of kernel sources) timed beside the tree's")
     parser.add_argument("--skip", nargs="*", default=[], choices=["scoring", "selection", "attention"])
