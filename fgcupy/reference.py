@@ -16,6 +16,19 @@ from .layout import to_bhsd
 from .mask import SliceMask, positive_int
 
 
+#: Bytes of scores one pass may hold (every batch entry and head of a chunk of query rows): at
+#: full video size 4,096 rows of 40 heads against 32,760 keys would take 21 GB per tensor.
+SCORE_BYTES = 1 << 30
+
+
+def _rows_per_pass(rows_per_chunk: int, q, kv_len: int, dtype: torch.dtype, multiple: int = 1) -> int:
+    """At most ``rows_per_chunk`` query rows, fewer where their scores would pass SCORE_BYTES; a
+    multiple of ``multiple`` (whole query blocks), at least one multiple."""
+    per_row = max(1, q.shape[0] * q.shape[1] * kv_len * torch.finfo(dtype).bits // 8)
+    rows = min(rows_per_chunk, SCORE_BYTES // per_row)
+    return max(multiple, rows // multiple * multiple)
+
+
 def _checked_inputs(q, k, v, layout: str, rows_per_chunk, scale, dtype) -> tuple:
     """(q, k, v as [B, H, S, D] views, the scale as a number): the shapes checked against each
     other (q [B, H, S, D], k and v [B, H, KV, D]: torch would broadcast a batch or head of one, or
@@ -45,7 +58,9 @@ def reference_attention(
     q, k, v, mask: SliceMask, scale: float | None = None, layout: str = "HND",
     dtype: torch.dtype = torch.float32, rows_per_chunk: int = 4096,
 ):
-    """Return ``(out, lse)``: out in ``dtype`` and ``layout``, lse float32-or-``dtype`` [B, H, S]."""
+    """Return ``(out, lse)``: out in ``dtype`` and ``layout``, lse float32-or-``dtype`` [B, H, S].
+    Query blocks in passes of at most ``rows_per_chunk`` rows, fewer where their scores would
+    pass SCORE_BYTES."""
     q, k, v, scale = _checked_inputs(q, k, v, layout, rows_per_chunk, scale, dtype)
     if not isinstance(mask, SliceMask):
         raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
@@ -62,7 +77,7 @@ def reference_attention(
     kf, vf = k.to(dtype), v.to(dtype)
     finite_values = torch.isfinite(vf).all(-1)  # [B, H, KV]: value rows a dropped key may not spread
     finite_values = None if bool(finite_values.all()) else finite_values
-    blocks_per_chunk = max(1, rows_per_chunk // mask.slice_m)
+    blocks_per_chunk = _rows_per_pass(rows_per_chunk, q, kv_len, dtype, mask.slice_m) // mask.slice_m
     for first in range(0, mask.q_blocks, blocks_per_chunk):
         last = min(first + blocks_per_chunk, mask.q_blocks)
         rows = slice(first * mask.slice_m, min(last * mask.slice_m, q_len))
@@ -98,12 +113,14 @@ def _kept_values(probs, row_keep, v, finite, keys_per_pass: int = 64):
 
 def dense_attention(q, k, v, scale: float | None = None, layout: str = "HND", dtype=torch.float32,
                     rows_per_chunk: int = 4096):
-    """Full (unmasked) attention in ``dtype``: the quality baseline of sparse results."""
+    """Full (unmasked) attention in ``dtype``: the quality baseline of sparse results (query rows in
+    passes as ``reference_attention``'s)."""
     q, k, v, scale = _checked_inputs(q, k, v, layout, rows_per_chunk, scale, dtype)
     out = torch.empty(q.shape, dtype=dtype, device=q.device)
     kf, vf = k.to(dtype), v.to(dtype)
-    for first in range(0, q.shape[2], rows_per_chunk):
-        rows = slice(first, first + rows_per_chunk)
+    rows_per_pass = _rows_per_pass(rows_per_chunk, q, k.shape[2], dtype)
+    for first in range(0, q.shape[2], rows_per_pass):
+        rows = slice(first, first + rows_per_pass)
         scores = torch.matmul(q[:, :, rows].to(dtype), kf.transpose(-1, -2)) * scale
         out[:, :, rows] = torch.matmul(torch.softmax(scores, dim=-1), vf)
     return out if layout == "HND" else out.transpose(1, 2)

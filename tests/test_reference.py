@@ -156,3 +156,21 @@ def test_the_references_name_inputs_that_are_not_tensors_or_not_on_one_device(at
         attend(q.numpy(), q, q)
     with pytest.raises(ValueError, match="q, k and v must be on one device, got cpu, meta, cpu"):
         attend(q, q.to("meta"), q)
+
+
+def test_passes_shrink_to_the_score_budget_and_give_the_same_result(monkeypatch):
+    import fgcupy.reference as reference
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=gen) for n in (200, 90, 90))
+    mask = SliceMask.from_dense(torch.rand(2, 3, 4, 90, generator=gen) < 0.5, 64, 200)
+    whole = reference_attention(q, k, v, mask), dense_attention(q, k, v)
+    seen = []
+    real = reference._rows_per_pass
+    monkeypatch.setattr(reference, "SCORE_BYTES", 2 * 3 * 90 * 4 * 70)  # 70 rows of scores
+    monkeypatch.setattr(reference, "_rows_per_pass", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
+    chunked = reference_attention(q, k, v, mask), dense_attention(q, k, v)
+    assert seen == [64, 70]  # whole blocks of 64 for the masked reference, 70 rows for the dense one
+    torch.testing.assert_close(chunked[0][0], whole[0][0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked[0][1], whole[0][1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=1e-6)
