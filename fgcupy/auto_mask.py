@@ -104,9 +104,10 @@ def _checked_rows(q_len: int, slice_m: int, device: torch.device) -> tuple:
 
 
 def missed_mass(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> tuple:
-    """(float32 [B, H] mean share of the attention mass ``cheap`` (a top-k mask, as block_keys takes) misses on the
-    checked blocks' queries, the same for the best mask of the same size: exact column-max top-k
-    of those blocks). Both masks' LSE come from one sparse call over the checked rows twice.
+    """(float32 [B, H] mean share of the attention mass ``cheap`` (a top-k mask, as block_keys
+    takes) misses on the checked blocks' queries, the same for the best mask of the same size:
+    exact column-max top-k of those blocks). Both masks' LSE come from one sparse call over the
+    checked rows twice.
     NaN logits add no mass to the exact LSE; queries whose exact LSE is not finite, or whose LSE
     over a mask's keys is NaN (a NaN key kept), are left out. No host sync."""
     slice_m, q_len = cheap.slice_m, qh.shape[2]
