@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 import tempfile
 import time
+from functools import lru_cache
 from pathlib import Path
+
+log = logging.getLogger("fgcupy")
 
 CACHE_ENV = "FGCUPY_CACHE_DIR"
 #: A temporary file this old was left by a writer that died before renaming it (a write takes
@@ -15,20 +19,62 @@ STALE_TEMPORARY_S = 3600
 
 
 def cache_root() -> Path:
-    """$FGCUPY_CACHE_DIR (made absolute), else $XDG_CACHE_HOME/fgcupy (an absolute one, as the
-    XDG rules say), else ~/.cache/fgcupy; where no home directory is known (a user id without a
-    passwd entry and no $HOME, also where a variable starts with ~), fgcupy-cache-<uid> in the
-    temporary folder."""
-    try:
-        folder = os.environ.get(CACHE_ENV)
-        if folder:
+    """$FGCUPY_CACHE_DIR, else $XDG_CACHE_HOME/fgcupy (an absolute one, as the XDG rules say),
+    else ~/.cache/fgcupy; where no home directory is known (a user id without a passwd entry and
+    no $HOME), fgcupy-cache-<uid> in the temporary folder. A relative $FGCUPY_CACHE_DIR is taken
+    from the working folder of the first use (a later chdir does not move the cache); one whose
+    ~ cannot be expanded is warned about once."""
+    return _cache_root(os.environ.get(CACHE_ENV) or "", os.environ.get("XDG_CACHE_HOME", ""), os.environ.get("HOME"))
+
+
+@lru_cache(maxsize=16)
+def _cache_root(folder: str, xdg: str, home: str | None) -> Path:
+    """cache_root for these values of the variables (``home``: $HOME, which Path.home reads)."""
+    if folder:
+        try:
             return Path(folder).expanduser().absolute()
-        xdg = Path(os.environ.get("XDG_CACHE_HOME", "")).expanduser()
-        if xdg.is_absolute():
-            return xdg / "fgcupy"
+        except RuntimeError:
+            log.warning("fgcupy: %s=%r names a home folder that does not exist; caching in %s", CACHE_ENV, folder,
+                        _temporary_root())
+            return _temporary_root()
+    try:
+        xdg_path = Path(xdg).expanduser() if xdg else None
+    except RuntimeError:  # an XDG value that cannot be expanded is ignored, as any relative one
+        xdg_path = None
+    if xdg_path is not None and xdg_path.is_absolute():
+        return xdg_path / "fgcupy"
+    try:
         return Path.home() / ".cache" / "fgcupy"
-    except RuntimeError:  # ~ with no home directory to expand it to
-        return Path(tempfile.gettempdir()) / f"fgcupy-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    except RuntimeError:  # no home directory
+        return _temporary_root()
+
+
+def _temporary_root() -> Path:
+    return Path(tempfile.gettempdir()) / f"fgcupy-cache-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+
+
+def untrusted_folder(folder: Path) -> str | None:
+    """Why files should not be written to or deleted from ``folder`` (None: they may). A folder
+    reached through a symlink, or owned by another user (not root) without the sticky bit,
+    could send this user's writes and deletions wherever its owner points it (the temporary
+    fallback's name is predictable). A missing folder is made, private when it is the temporary
+    fallback's."""
+    try:
+        if not folder.exists() and not folder.is_symlink():
+            private = folder == _temporary_root() or _temporary_root() in folder.parents
+            folder.mkdir(mode=0o700 if private else 0o777, parents=True, exist_ok=True)
+        fallback = _temporary_root()
+        for path in (folder, *([fallback] if fallback in folder.parents else [])):
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                return f"{path} is a symlink"
+            if not stat.S_ISDIR(st.st_mode):
+                return f"{path} is not a folder"
+            if hasattr(os, "getuid") and st.st_uid not in (os.getuid(), 0) and not st.st_mode & stat.S_ISVTX:
+                return f"{path} is owned by user {st.st_uid}, not by this one ({os.getuid()})"
+    except OSError as err:
+        return str(err)
+    return None
 
 
 def sweep_stale_temporaries(folder: Path, pattern: str, age_s: float = STALE_TEMPORARY_S) -> None:
@@ -52,10 +98,15 @@ def read_own_file(path: Path, max_bytes: int) -> bytes:
     A FIFO or a device planted there would block or never end, and a file another user could
     write would run their code (a kernel) or steer this process's choices (a tuning table)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    with os.fdopen(fd, "rb") as file:
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError("not a regular file")
+        file = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with file:
         if hasattr(os, "getuid"):
             if st.st_uid not in (os.getuid(), 0):
                 raise PermissionError(f"owned by user {st.st_uid}, not by this one ({os.getuid()})")

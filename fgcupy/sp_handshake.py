@@ -43,8 +43,9 @@ def collective_timeout() -> datetime.timedelta:
         seconds = float(raw)
     except ValueError:
         raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
-    if not 0 < seconds <= MAX_COLLECTIVE_TIMEOUT_S:  # gloo takes the wait in int milliseconds
-        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV} must be a positive number of seconds up to "
+    # gloo takes the wait in int milliseconds, and 0 ms means no timeout at all
+    if not 0.001 <= seconds <= MAX_COLLECTIVE_TIMEOUT_S:
+        raise ValueError(f"{COLLECTIVE_TIMEOUT_ENV} must be a number of seconds from 0.001 up to "
                          f"{MAX_COLLECTIVE_TIMEOUT_S}, got {raw!r}")
     return datetime.timedelta(seconds=seconds)
 

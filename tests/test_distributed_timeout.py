@@ -73,9 +73,11 @@ def test_the_timeout_must_be_a_wait_gloo_can_take(monkeypatch):
 
     from fgcupy.sp_handshake import collective_timeout
 
-    for raw in ("inf", "1e300", "0", "-3", "nan"):
+    for raw in ("inf", "1e300", "0", "-3", "nan", "0.0004"):  # under 1 ms: gloo's 0 ms, no timeout at all
         monkeypatch.setenv("FGCUPY_COLLECTIVE_TIMEOUT_S", raw)
-        with pytest.raises(ValueError, match="must be a positive number of seconds up to"):
+        with pytest.raises(ValueError, match="must be a number of seconds from 0.001 up to"):
             collective_timeout()
     monkeypatch.setenv("FGCUPY_COLLECTIVE_TIMEOUT_S", "3600")
     assert collective_timeout().total_seconds() == 3600
+    monkeypatch.setenv("FGCUPY_COLLECTIVE_TIMEOUT_S", "0.001")
+    assert collective_timeout().total_seconds() == 0.001

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from fgcupy import paths
 from fgcupy.jit import AttentionSpec, driver, kernel_cache, nvrtc
 from fgcupy.jit.compile import compile_cubin
 
@@ -132,7 +133,7 @@ def test_an_unwritable_cache_is_logged_not_raised(tmp_path, monkeypatch, caplog)
     monkeypatch.setenv("FGCUPY_CACHE_DIR", str(blocker))
     with caplog.at_level(logging.WARNING, logger="fgcupy"):
         kernel_cache.store(SPEC, "sm_80", compile_cubin(SPEC, "sm_80"))
-    assert "cannot write the kernel cache" in caplog.text
+    assert "not writing kernels to" in caplog.text and "Not a directory" in caplog.text
 
 
 def test_driver_availability_is_a_plain_answer():
@@ -394,3 +395,115 @@ def test_a_forked_child_does_not_inherit_a_load_in_flight():
         "print(p.exitcode)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "0", out.stderr
+
+
+def test_a_symlinked_or_foreign_kernel_folder_is_not_written(tmp_path, monkeypatch, caplog):
+    """Another user could point a cache folder they made (the temporary fallback's name is
+    predictable) at this user's files: writes and sweeps there are refused."""
+    elsewhere = tmp_path / "victim"
+    elsewhere.mkdir()
+    root = tmp_path / "cache"
+    root.mkdir()
+    (root / "kernels").symlink_to(elsewhere)
+    monkeypatch.setenv("FGCUPY_CACHE_DIR", str(root))
+    with caplog.at_level(logging.WARNING, logger="fgcupy"):
+        kernel_cache.store(SPEC, "sm_80", compile_cubin(SPEC, "sm_80"))
+    assert list(elsewhere.iterdir()) == [] and "is a symlink" in caplog.text
+    if hasattr(os, "getuid") and os.getuid() == 0:  # a folder of another user, without the sticky bit
+        (root / "kernels").unlink()
+        (root / "kernels").mkdir()
+        os.chown(root / "kernels", 4321, 4321)
+        assert "owned by user 4321" in paths.untrusted_folder(root / "kernels")
+        os.chmod(root / "kernels", 0o1777)
+        assert paths.untrusted_folder(root / "kernels") is None
+
+
+def test_the_cache_folder_is_read_once_from_its_variables(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FGCUPY_CACHE_DIR", "relative-cache")
+    first = paths.cache_root()
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert paths.cache_root() == first == tmp_path / "relative-cache"  # a chdir does not move it
+    monkeypatch.setenv("FGCUPY_CACHE_DIR", "~no_such_user_xyz/cache")
+    with caplog.at_level(logging.WARNING, logger="fgcupy"):
+        assert paths.cache_root() == paths._temporary_root()
+    assert "names a home folder that does not exist" in caplog.text
+    monkeypatch.delenv("FGCUPY_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", "~no_such_user_xyz/c")  # ignored, as a relative one is
+    assert paths.cache_root() == tmp_path / "home" / ".cache" / "fgcupy"
+
+
+def test_reading_a_folder_as_a_file_leaves_no_descriptor_open(tmp_path):
+    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    for _ in range(20):
+        with pytest.raises(OSError, match="not a regular file"):
+            paths.read_own_file(tmp_path, 100)
+    if before is not None:
+        assert len(os.listdir("/proc/self/fd")) <= before + 1
+
+
+def test_gpus_before_ampere_cannot_run_the_kernels(monkeypatch):
+    """cp.async and the bf16 tensor-core products need compute capability 8.0: a T4 or V100 would
+    fail inside NVRTC, not keep the stock attention that fallback=True promises."""
+    import torch
+
+    from fgcupy.jit import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    runtime.kernels_can_run.cache_clear()
+    try:
+        assert runtime.kernels_can_run() is False
+    finally:
+        runtime.kernels_can_run.cache_clear()
+
+
+@needs_nvrtc
+def test_a_virtual_architecture_is_a_failed_compile_not_an_empty_kernel():
+    from fgcupy.jit.compile import KernelCompileError
+
+    with pytest.raises(KernelCompileError, match=r"for compute_80:\n(.|\n)*no binary for this architecture"):
+        compile_cubin(SPEC, "compute_80")
+
+
+@needs_nvrtc
+def test_a_kernel_compiled_after_the_sources_changed_is_not_cached(tmp_path, monkeypatch, caplog):
+    """A header edited under a running process reaches NVRTC through -I while the cache key still
+    carries the old hash: a later process would load that binary for the old sources."""
+    from fgcupy.jit import source
+
+    copy = tmp_path / "cuda_src"
+    copy.mkdir()
+    for path in source.SOURCE_DIR.iterdir():
+        (copy / path.name).write_bytes(path.read_bytes())
+    monkeypatch.setattr(source, "SOURCE_DIR", copy)
+    source.source_hash.cache_clear()
+    source.read_source.cache_clear()
+    monkeypatch.setenv("FGCUPY_CACHE_DIR", str(tmp_path / "cache"))
+    try:
+        compiled = compile_cubin(SPEC, "sm_80")
+        with open(copy / "common.cuh", "a") as header:
+            header.write("\n// edited\n")
+        with caplog.at_level(logging.WARNING, logger="fgcupy"):
+            kernel_cache.store(SPEC, "sm_80", compiled)
+        assert kernel_cache.load(SPEC, "sm_80") is None and "changed since this process read it" in caplog.text
+    finally:
+        source.source_hash.cache_clear()
+        source.read_source.cache_clear()
+
+
+def test_a_kernel_needing_more_shared_memory_than_the_gpu_grants_is_named_before_compiling(monkeypatch):
+    from fgcupy.jit import runtime
+    from fgcupy.jit.spec import Sm90WsAttentionSpec
+
+    spec = Sm90WsAttentionSpec("bfloat16", 128)
+    assert spec.smem_bytes > 101_376
+    monkeypatch.setattr(driver, "available", lambda: True)
+    monkeypatch.setattr(driver, "device_attribute", lambda index, attribute: 101_376)  # a 99 KB GPU
+    monkeypatch.setattr(runtime, "compile_cubin", lambda *a, **kw: pytest.fail("compiled a kernel it cannot load"))
+    monkeypatch.setattr(runtime.kernel_cache, "load", lambda *a: pytest.fail("read the cache for it"))
+    with pytest.raises(ValueError, match=f"{spec.name} needs {spec.smem_bytes:,} bytes of shared memory per block; "
+                                         "GPU 0 grants 101,376"):
+        runtime._load(spec, 0)

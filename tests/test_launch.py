@@ -69,9 +69,10 @@ def test_a_grid_past_cudas_limits_is_named_before_any_launch():
     from fgcupy.jit.launch import launch
     from fgcupy.jit.plan_spec import LaunchOrderSpec
 
+    params = np.zeros((), LaunchOrderSpec().params.dtype)[()]
     for grid in ((1, 65536, 1), (1, 1, 65536), (2**31, 1, 1)):
         with pytest.raises(ValueError, match=r"exceeds CUDA's limits"):
-            launch(LaunchOrderSpec(), None, grid, None)
+            launch(LaunchOrderSpec(), None, grid, params)
 
 
 def test_pack_refuses_values_its_fields_would_wrap_truncate_or_round():
@@ -98,6 +99,23 @@ def test_a_grid_or_shared_memory_below_one_is_named_before_any_launch():
     from fgcupy.jit.launch import launch
     from fgcupy.jit.plan_spec import LaunchOrderSpec
 
+    params = np.zeros((), LaunchOrderSpec().params.dtype)[()]
     for grid, shared in (((0, 1, 1), None), ((4, -2, 1), None), ((1, 1, 1), -1)):
         with pytest.raises(ValueError, match=r"must be positive"):
-            launch(LaunchOrderSpec(), None, grid, None, shared)
+            launch(LaunchOrderSpec(), None, grid, params, shared)
+
+
+def test_a_struct_or_grid_the_kernel_cannot_take_is_named_before_any_launch():
+    from fgcupy.jit.launch import launch
+    from fgcupy.jit.plan_spec import LaunchOrderSpec
+    from fgcupy.jit.spec import AttentionSpec
+
+    spec = LaunchOrderSpec()
+    params = np.zeros((), spec.params.dtype)[()]
+    other = np.zeros((), AttentionSpec("bfloat16", 128).params.dtype)[()]
+    for bad in (None, 7, other):
+        with pytest.raises(TypeError, match=r"params must be a OrderParams packed by spec.params.pack"):
+            launch(spec, None, (1,), bad)
+    for grid in ((), (1, 1, 1, 70000), (2.5,), (True,)):
+        with pytest.raises(ValueError, match=r"grid must be one to three ints"):
+            launch(spec, None, grid, params)

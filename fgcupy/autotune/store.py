@@ -19,7 +19,8 @@ from typing import Iterable
 
 
 from ..jit import AttentionSpec
-from ..paths import CACHE_ENV, FileTooLarge, cache_root, read_own_file, sweep_stale_temporaries  # noqa: F401 - CACHE_ENV: autotune API
+from ..paths import (CACHE_ENV, FileTooLarge, cache_root, read_own_file, sweep_stale_temporaries,  # noqa: F401 - CACHE_ENV: autotune API
+                     untrusted_folder)
 from .candidates import candidate_specs
 from .keys import DeviceInfo, ProblemKey, _SPEC_CLASSES
 from .selection import TuneResult
@@ -239,8 +240,11 @@ class TuneCache:
         new = {r.key.id: r.to_entry() for r in results if r.storable}
         if not new:
             return True
+        refused = untrusted_folder(self.path.parent)
+        if refused:
+            self._warn(f"not writing {self.path} ({refused}); tuned results stay in this process only", None)
+            return False
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             with _file_lock(self.path.with_name(self.path.name + ".lock")):
                 tables = {}
                 try:

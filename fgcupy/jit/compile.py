@@ -15,13 +15,15 @@ RUNTIME_EXTRAS = ("-ftz=true", "--device-as-default-execution-space")
 class KernelCompileError(RuntimeError):
     """NVRTC rejected a kernel specialization; carries the spec and the compiler log."""
 
-    def __init__(self, spec, nvrtc_log: str):
+    def __init__(self, spec, nvrtc_log: str, arch: str | None = None):
         self.spec = spec
         self.nvrtc_log = nvrtc_log
-        super().__init__(f"NVRTC failed to compile {spec.name} ({spec.name_expression}):\n{nvrtc_log}")
+        self.arch = arch
+        target = f" for {arch}" if arch else ""
+        super().__init__(f"NVRTC failed to compile {spec.name} ({spec.name_expression}){target}:\n{nvrtc_log}")
 
     def __reduce__(self):  # pickles whole (worker pools, multiprocessing), the log included
-        return type(self), (self.spec, self.nvrtc_log)
+        return type(self), (self.spec, self.nvrtc_log, self.arch)
 
 
 @dataclass(frozen=True)
@@ -42,5 +44,5 @@ def compile_cubin(spec, arch: str, extra_options: tuple = ()) -> CompiledKernel:
     options = compile_options(spec, arch) + tuple(extra_options)
     ok, log, lowered, cubin = nvrtc.compile_program(kernel_source(spec), spec.source, spec.name_expression, options)
     if not ok:
-        raise KernelCompileError(spec, log)
+        raise KernelCompileError(spec, log, arch)
     return CompiledKernel(cubin, lowered, log)

@@ -18,17 +18,23 @@ import hashlib
 import logging
 import os
 import secrets
+from functools import lru_cache
 from pathlib import Path
 
-from ..paths import cache_root, read_own_file, sweep_stale_temporaries
+from ..paths import cache_root, read_own_file, sweep_stale_temporaries, untrusted_folder
 from .compile import CompiledKernel, compile_options
 from .nvrtc import library_identity
-from .source import kernel_source
+from .source import kernel_source, sources_unchanged
 
 log = logging.getLogger("fgcupy")
 
 MAGIC = b"fgcupy-cubin-3\n"
 _DIGEST_BYTES = 32
+
+
+@lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    log.warning(message)
 
 
 def kernel_dir() -> Path:
@@ -103,8 +109,15 @@ def store(spec, arch: str, compiled: CompiledKernel) -> None:
     key = cache_key(spec, arch)
     path = cache_file(spec, arch, key)
     body = key.encode() + b"\0" + compiled.lowered_name.encode() + b"\0" + compiled.cubin
+    if not sources_unchanged():
+        _warn_once("fgcupy: cuda_src/ changed since this process read it; kernels compiled now are not "
+                   "cached (a new process compiles and caches the new sources)")
+        return
+    refused = untrusted_folder(path.parent)
+    if refused:
+        _warn_once(f"fgcupy: not writing kernels to {path.parent} ({refused}); they will be compiled again")
+        return
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".tmp-{os.getpid()}-{secrets.token_hex(8)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # never writable by others: see load
         try:

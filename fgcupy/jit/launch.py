@@ -143,9 +143,16 @@ GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
 def launch(spec, device, grid, params: np.void, shared_mem: int | None = None) -> None:
     """Run ``spec`` with one packed parameter struct on torch's current stream of ``device``;
-    ValueError for a grid past CUDA's limits (the driver's "invalid configuration" names none)."""
+    TypeError for a struct that is not the kernel's (the driver would copy the kernel's size of
+    parameters from it), ValueError for a grid that is not one to three ints within CUDA's limits
+    (the driver's "invalid configuration" names none)."""
     from .runtime import get_kernel_on
 
+    if not isinstance(params, np.void) or params.dtype != spec.params.dtype:
+        raise TypeError(f"{spec.name}: params must be a {spec.params.name} packed by spec.params.pack, got "
+                        f"{getattr(params, 'dtype', type(params).__name__)}")
+    if not 1 <= len(grid) <= 3 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in grid):
+        raise ValueError(f"{spec.name}: grid must be one to three ints, got {tuple(grid)!r}")
     if any(n > limit for n, limit in zip(grid, GRID_LIMITS)):
         raise ValueError(f"{spec.name}: grid {tuple(grid)} exceeds CUDA's limits {GRID_LIMITS} (x, y, z); "
                          "the problem is too large for one launch of this kernel")

@@ -202,6 +202,8 @@ def compile_program(source: str, filename: str, name_expression: str, options) -
         lowered_name = lowered.value.decode()  # owned by the program: copied before it is destroyed
         size = ctypes.c_size_t()
         _check(lib, lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "nvrtcGetCUBINSize")
+        if size.value == 0:  # a virtual architecture (compute_XX) gives PTX, no binary
+            return False, log + "\nno binary for this architecture (a virtual one such as compute_80 gives none)", "", b""
         cubin = ctypes.create_string_buffer(size.value)
         _check(lib, lib.nvrtcGetCUBIN(prog, cubin), "nvrtcGetCUBIN")
         return True, log, lowered_name, cubin.raw

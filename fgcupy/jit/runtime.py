@@ -89,9 +89,10 @@ class CupyKernel:
 
 @lru_cache(maxsize=None)
 def kernels_can_run() -> bool:
-    """Whether fgcupy's kernels can run in this process: torch sees a CUDA GPU, and kernels can
-    be compiled and launched (libnvrtc and libcuda through ctypes, else cupy)."""
-    if not torch.cuda.is_available():
+    """Whether fgcupy's kernels can run in this process: torch sees a CUDA GPU of compute
+    capability 8.0 or newer (the kernels use cp.async and bf16 tensor-core products), and kernels
+    can be compiled and launched (libnvrtc and libcuda through ctypes, else cupy)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         return False
     from . import nvrtc
 
@@ -293,6 +294,8 @@ def _load(spec, index: int, from_cache: bool = True, compile_missing: bool = Tru
     if not driver.available():
         return _load_with_cupy(spec, index)
     started = time.perf_counter()
+    if spec.smem_bytes > 48 * 1024:  # refused before a compile (and a cache file) it could not use
+        driver.check_shared_memory(index, spec.smem_bytes, spec.name)
     arch = getattr(spec, "arch", None) or device_arch(index)
     source = "a background compile" if compiled is not None else "the disk cache"
     if compiled is None and from_cache:

@@ -44,6 +44,13 @@ def source_hash() -> str:
     return digest.hexdigest()[:16]
 
 
+def sources_unchanged() -> bool:
+    """Whether cuda_src/ still hashes as it did when this process first hashed it: a header edited
+    since (a checkout or an upgrade under a running process) reached NVRTC through -I, so what it
+    compiled does not belong under the old hash."""
+    return source_hash.__wrapped__() == source_hash()
+
+
 def nvrtc_options() -> tuple[str, ...]:
     """Options for every fgcupy kernel, without the target architecture (each path adds its own)."""
     return (
