@@ -137,6 +137,17 @@ def _number(where: str, kind: str, value):
     return number
 
 
+def _is_index(value) -> bool:
+    """An int the driver takes as a grid size (numpy and one-element int tensors too), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
 #: CUDA's grid limits: x, y, z.
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
@@ -151,7 +162,7 @@ def launch(spec, device, grid, params: np.void, shared_mem: int | None = None) -
     if not isinstance(params, np.void) or params.dtype != spec.params.dtype:
         raise TypeError(f"{spec.name}: params must be a {spec.params.name} packed by spec.params.pack, got "
                         f"{getattr(params, 'dtype', type(params).__name__)}")
-    if not 1 <= len(grid) <= 3 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) for n in grid):
+    if not 1 <= len(grid) <= 3 or not all(_is_index(n) for n in grid):
         raise ValueError(f"{spec.name}: grid must be one to three ints, got {tuple(grid)!r}")
     if any(n > limit for n, limit in zip(grid, GRID_LIMITS)):
         raise ValueError(f"{spec.name}: grid {tuple(grid)} exceeds CUDA's limits {GRID_LIMITS} (x, y, z); "
