@@ -60,10 +60,11 @@ def untrusted_folder(folder: Path) -> str | None:
     fallback's name is predictable). A missing folder is made, private when it is the temporary
     fallback's."""
     try:
-        if not folder.exists() and not folder.is_symlink():
-            private = folder == _temporary_root() or _temporary_root() in folder.parents
-            folder.mkdir(mode=0o700 if private else 0o777, parents=True, exist_ok=True)
         fallback = _temporary_root()
+        if not folder.exists() and not folder.is_symlink():
+            if folder == fallback or fallback in folder.parents:
+                fallback.mkdir(mode=0o700, exist_ok=True)  # the parents of a mkdir get the default mode
+            folder.mkdir(parents=True, exist_ok=True)
         for path in (folder, *([fallback] if fallback in folder.parents else [])):
             st = os.lstat(path)
             if stat.S_ISLNK(st.st_mode):
