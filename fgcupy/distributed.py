@@ -461,8 +461,9 @@ class SequenceParallelAttention:
 
 def sequence_parallel_attention(q, k, v, mask=None, *, group=None, layout: str = "HND", scale: float | None = None,
                                 seq_lens=None, head_groups: int = 1, compute: str = "auto", exchange: str = "auto",
-                                return_lse: bool = False):
+                                return_lse: bool = False, key_tile: int | None = None):
     """One-shot ``SequenceParallelAttention(group, ...)(q, k, v, mask, ...)``. Keep an object
     instead when the same mask serves several calls (its slices and plans are reused)."""
-    attention = SequenceParallelAttention(group, head_groups=head_groups, compute=compute, exchange=exchange)
+    attention = SequenceParallelAttention(group, head_groups=head_groups, compute=compute, exchange=exchange,
+                                          key_tile=key_tile)
     return attention(q, k, v, mask, layout=layout, scale=scale, seq_lens=seq_lens, return_lse=return_lse)

@@ -29,7 +29,7 @@ from .mask import SliceMask, is_int
 from .mask_algebra import restrict_keys, slice_heads, slice_rows
 from .reference import reference_attention
 from .sp_exchange import probe_all_to_all, return_heads, send_heads
-from .sp_handshake import (DENSE_SLICE_M, _DTYPE_CODES, _HEADER, _MASK_KINDS, _header_device, _scale_code, _wait,
+from .sp_handshake import (CONSTRUCTING, DENSE_SLICE_M, _DTYPE_CODES, _HEADER, _MASK_KINDS, _scale_code, _wait,
                            check_agreement, check_attention_inputs, collective_timeout, gather_headers, head_ranges,
                            shard_views)
 
@@ -56,13 +56,16 @@ def _agree_on_ring(group, ring, world: int) -> None:
     (one all-gather, bounded by the collective timeout on gloo; a rank with an invalid ring takes
     part too, so the others hear of it instead of waiting)."""
     valid = is_int(ring) and 1 <= ring <= world and world % ring == 0
-    mine = torch.tensor([int(ring) if valid else 0], dtype=torch.int64,
-                        device=_header_device(group, torch.device("cpu")))
-    every = [torch.empty_like(mine) for _ in range(world)]
-    _wait(dist.all_gather(every, mine, group=group, async_op=True), group)
+    local = dict.fromkeys(_HEADER, 0) | {"error": CONSTRUCTING, "ring": int(ring) if valid else 0}
+    headers = gather_headers(group, local, torch.device("cpu"), world)  # a header: see CONSTRUCTING
+    calling = [rank for rank, h in enumerate(headers) if h["error"] != CONSTRUCTING]
+    if calling:
+        raise ValueError(f"rank(s) {calling} called sequence-parallel attention while this rank constructs a "
+                         "HybridSequenceParallelAttention (a collective of the group): construct the engines on "
+                         "every rank before calling them")
     if not valid:
         raise ValueError(f"ring must be a positive int dividing the group's {world} ranks, got {ring!r}")
-    rings = [int(value) for value in every]
+    rings = [h["ring"] for h in headers]
     bad = [rank for rank, value in enumerate(rings) if value == 0]
     if bad:
         raise ValueError(f"rank(s) {bad} gave a ring size that does not divide the group's {world} ranks")
@@ -136,7 +139,7 @@ class HybridSequenceParallelAttention:
         qh, kh, vh = shard_views(q, k, v, layout)
         if kh.shape != qh.shape or vh.shape != qh.shape or kh.dtype != qh.dtype or vh.dtype != qh.dtype:
             raise ValueError(f"q, k, v shards must agree in shape and dtype (self-attention); got "
-                             f"{tuple(qh.shape)}, {tuple(kh.shape)}, {tuple(vh.shape)}")
+                             f"{tuple(qh.shape)} {qh.dtype}, {tuple(kh.shape)} {kh.dtype}, {tuple(vh.shape)} {vh.dtype}")
         check_attention_inputs(qh, kh, vh, uses_kernel=qh.device.type == "cuda")
         if mask is not None and not isinstance(mask, SliceMask):
             raise TypeError(f"mask must be a fgcupy.SliceMask over the whole sequence or None, got {type(mask).__name__}")

@@ -185,13 +185,26 @@ def _wait(work, group, pollable: bool = True) -> None:
 
 
 # ---- the header ----
+#: The header's "error" of a rank constructing HybridSequenceParallelAttention (whose ring
+#: agreement is a header too, so that a rank calling attention meanwhile meets a collective of
+#: its own size, and both raise, instead of gloo aborting on a size mismatch).
+CONSTRUCTING = 2
+
+
 def gather_headers(group, local, device, world: int):
+    """Every rank's header (dicts in rank order); ValueError where another rank is constructing a
+    HybridSequenceParallelAttention while this one calls attention."""
     values = torch.tensor([int(local[name]) for name in _HEADER], dtype=torch.int64)
     values = values.to(_header_device(group, device))
     gathered = [torch.empty_like(values) for _ in range(world)]
     _wait(dist.all_gather(gathered, values, group=group, async_op=True), group)
-    rows = torch.stack(gathered).tolist()
-    return [dict(zip(_HEADER, row)) for row in rows]
+    headers = [dict(zip(_HEADER, row)) for row in torch.stack(gathered).tolist()]
+    building = [rank for rank, h in enumerate(headers) if h["error"] == CONSTRUCTING]
+    if building and local["error"] != CONSTRUCTING:
+        raise ValueError(f"rank(s) {building} are constructing a HybridSequenceParallelAttention (a collective of "
+                         "the group) while this rank calls sequence-parallel attention: construct the engines on "
+                         "every rank before calling them")
+    return headers
 
 def check_agreement(headers):
     """Checks every rank makes alike from the same headers, so all raise or none does."""

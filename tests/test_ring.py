@@ -249,7 +249,10 @@ def _one_rank_fails_worker(rank, world, port, path):
     cases = {"bad head": lambda: hybrid(q, q, q, SliceMask(indptr, full.indices, 4, 16, 16)),
              "head dim 0": lambda: SequenceParallelAttention()(q[..., :0], q[..., :0], q[..., :0]),
              # ranks calling different engines met in each other's collectives until the timeout
-             "engines differ": lambda: hybrid(q, q, q) if rank == 0 else SequenceParallelAttention()(q, q, q)}
+             "engines differ": lambda: hybrid(q, q, q) if rank == 0 else SequenceParallelAttention()(q, q, q),
+             # one rank constructing (a collective) while the other calls: gloo aborted on the sizes
+             "engine built during a call": lambda: (SequenceParallelAttention()(q, q, q) if rank == 0
+                                                    else HybridSequenceParallelAttention(ring=1))}
     verdict = {}
     for case, call in cases.items():
         start = time.monotonic()
@@ -273,11 +276,14 @@ def _one_rank_fails_worker(rank, world, port, path):
 def test_what_one_rank_rejects_every_rank_raises_at_once():
     """A mask bad only in the heads one rank attends, a head dim of 0, an unreadable collective
     timeout on one rank: every rank raises before any rank waits in an exchange."""
-    for rank, verdict in enumerate(_verdicts(_one_rank_fails_worker, 2, 90)):
+    verdicts = _verdicts(_one_rank_fails_worker, 2, 90)
+    for rank, verdict in enumerate(verdicts):
         for case, got in verdict.items():
             assert got["error"] in ("ValueError",), (rank, case, got)
             assert got["s"] < 5, (rank, case, got)  # not the 10 s collective timeout
         assert "ranks disagree on ring: ['Ulysses x ring of 1', 'Ulysses']" in verdict["engines differ"]["message"]
+    assert "rank(s) [1] are constructing a HybridSequenceParallelAttention" in verdicts[0]["engine built during a call"]["message"]
+    assert "rank(s) [0] called sequence-parallel attention" in verdicts[1]["engine built during a call"]["message"]
 
 
 def test_a_merge_keeps_a_nan_lse():
