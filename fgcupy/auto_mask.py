@@ -25,7 +25,7 @@ import torch
 from . import mask_reference as ref
 from .attention import sparse_attention
 from .lse_estimate import stats_kernel_runs
-from .mask import SliceMask, indptr_from_offsets, num_blocks
+from .mask import SliceMask, even_indptr, num_blocks
 
 #: Query blocks per head the check scores against every key (evenly spread; fewer if the
 #: sequence has fewer).
@@ -68,8 +68,7 @@ def block_keys(mask: SliceMask) -> torch.Tensor:
                f"nothing more; this one's {mask.capacity} stored keys are laid out otherwise")
     if per_row * rows != mask.capacity:
         raise ValueError(message)
-    flat = torch.arange(rows + 1, dtype=torch.int32, device=mask.device) * per_row
-    even = (mask.indptr == indptr_from_offsets(flat, mask.batch, mask.heads, mask.q_blocks)).all()
+    even = (mask.indptr == even_indptr(mask.batch, mask.heads, mask.q_blocks, per_row, mask.device)).all()
     if mask.device.type == "cuda":
         torch._assert_async(even, message)
     elif not even:
@@ -95,12 +94,13 @@ def check_blocks(q_blocks: int, count: int = CHECK_BLOCKS) -> list:
 
 @lru_cache(maxsize=None)
 def _checked_rows(q_len: int, slice_m: int, device: torch.device) -> tuple:
-    """(int64 [n * slice_m] query rows of the checked blocks on ``device``, each block filled to
-    slice_m rows by repeating its last row; bool [n * slice_m]: which rows are not repeats).
-    Never evicted (a few KB per sequence length): a freed one could still be read on a stream."""
+    """(int64 [n] the checked blocks, int64 [n * slice_m] their query rows, each block filled to
+    slice_m rows by repeating its last row, bool [n * slice_m]: which rows are not repeats), on
+    ``device``. Never evicted (a few KB per sequence length): a freed one could still be read on
+    a stream."""
     blocks = torch.tensor(check_blocks(num_blocks(q_len, slice_m)), dtype=torch.int64)
     rows = (blocks[:, None] * slice_m + torch.arange(slice_m)).reshape(-1)
-    return rows.clamp_max(q_len - 1).to(device), (rows < q_len).to(device)
+    return blocks.to(device), rows.clamp_max(q_len - 1).to(device), (rows < q_len).to(device)
 
 
 def missed_mass(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> tuple:
@@ -112,16 +112,14 @@ def missed_mass(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> 
     over a mask's keys is NaN (a NaN key kept), are left out. No host sync."""
     slice_m, q_len = cheap.slice_m, qh.shape[2]
     keys = block_keys(cheap)
-    blocks = check_blocks(cheap.q_blocks)
-    rows, real = _checked_rows(q_len, slice_m, qh.device)
+    blocks, rows, real = _checked_rows(q_len, slice_m, qh.device)
     q_rows = qh.index_select(2, rows)  # whole blocks: a repeated last row leaves the block's column max as it is
     exact = exact_row_lse(q_rows, kh, scale)
     best = predict(q_rows, kh, slice_m, "colmax", lse=exact, rule="topk", **rule)
-    cheap_keys = keys.index_select(2, torch.tensor(blocks, dtype=torch.int64).to(qh.device, non_blocking=True))
+    cheap_keys = keys.index_select(2, blocks)
     both = torch.cat([cheap_keys, block_keys(best)], dim=2)  # [B, H, 2n, k]: cheap's blocks, then best's
     batch, heads, n_blocks, per_row = both.shape
-    flat = torch.arange(batch * heads * n_blocks + 1, dtype=torch.int32, device=qh.device) * per_row
-    pair = SliceMask(indptr_from_offsets(flat, batch, heads, n_blocks), both.reshape(-1), slice_m,
+    pair = SliceMask(even_indptr(batch, heads, n_blocks, per_row, qh.device), both.reshape(-1), slice_m,
                      n_blocks * slice_m, kh.shape[2])
     lse = sparse_attention(torch.cat([q_rows, q_rows], dim=2), kh, kh, pair, scale=scale, return_lse=True)[1]
     kept = lse.chunk(2, dim=2)  # values unused

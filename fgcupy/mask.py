@@ -219,8 +219,7 @@ class SliceMask:
         if topk.dtype != torch.int32 and topk.numel():
             _check_topk(topk, kv_len)
         indices = torch.sort(topk.to(torch.int32), dim=-1).values.reshape(-1)
-        flat = torch.arange(rows + 1, dtype=torch.int32, device=topk.device) * k
-        return cls(indptr_from_offsets(flat, batch, heads, q_blocks), indices, slice_m, q_len, kv_len)
+        return cls(even_indptr(batch, heads, q_blocks, k, topk.device), indices, slice_m, q_len, kv_len)
 
     @classmethod
     def full(cls, batch: int, heads: int, q_len: int, kv_len: int, slice_m: int, device=None) -> "SliceMask":
@@ -237,8 +236,7 @@ class SliceMask:
         # first use of a torch CUDA operation loads its kernels (milliseconds apiece).
         build = "cpu" if rows * kv_len <= HOST_BUILT_FULL_MASK else device
         indices = torch.arange(kv_len, dtype=torch.int32, device=build).repeat(rows)  # sorted already
-        flat = torch.arange(rows + 1, dtype=torch.int32, device=build) * kv_len
-        indptr = indptr_from_offsets(flat, batch, heads, q_blocks)
+        indptr = even_indptr(batch, heads, q_blocks, kv_len, build)
         return cls(indptr.to(device), indices.to(device), slice_m, q_len, kv_len)
 
     # ---- views ----
@@ -456,6 +454,12 @@ def _check_topk(topk: torch.Tensor, kv_len: int) -> None:
     if any_repeated:
         where = tuple(int(i) for i in torch.nonzero(repeated)[0])
         raise ValueError(f"top-k index {int(ordered[where])} is listed twice in row {where[:3]}")
+
+
+def even_indptr(batch: int, heads: int, q_blocks: int, per_row: int, device) -> torch.Tensor:
+    """int32 [B, H, QB + 1] of rows that each hold ``per_row`` keys, back to back (no host sync)."""
+    flat = torch.arange(batch * heads * q_blocks + 1, dtype=torch.int32, device=device) * per_row
+    return indptr_from_offsets(flat, batch, heads, q_blocks)
 
 
 def indptr_from_offsets(flat: torch.Tensor, batch: int, heads: int, q_blocks: int) -> torch.Tensor:
