@@ -365,6 +365,21 @@ def test_a_kernel_past_the_gpus_shared_memory_is_refused_with_both_sizes(monkeyp
                                "fits")
 
 
+def test_the_cupy_path_refuses_a_kernel_past_the_gpus_shared_memory_before_compiling(fresh_runtime, monkeypatch):
+    """Without libnvrtc or libcuda, cupy compiles: the same refusal, naming both sizes, before it."""
+    from types import SimpleNamespace
+
+    runtime = fresh_runtime
+    optin = 12345
+    cuda = SimpleNamespace(runtime=SimpleNamespace(cudaDevAttrMaxSharedMemoryPerBlockOptin=optin,
+                                                   deviceGetAttribute=lambda attr, index: 101_376 if attr == optin else 0),
+                           Device=lambda index: pytest.fail("reached the compile"))
+    monkeypatch.setitem(sys.modules, "cupy", SimpleNamespace(cuda=cuda))
+    spec = AttentionSpec("bfloat16", 256, 128, key_tile=32, stages=2, rows_per_warp=16)
+    with pytest.raises(ValueError, match=f"needs {spec.smem_bytes:,} bytes of shared memory per block; GPU 0 grants 101,376"):
+        runtime._load_with_cupy(spec, 0)
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
 def test_a_fifo_or_device_at_the_files_path_is_not_read(cache_dir, caplog):
     """A planted FIFO would block the read forever, /dev/zero would never end."""

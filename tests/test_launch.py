@@ -65,6 +65,28 @@ def test_pack_needs_every_field_and_no_other():
         ParamStruct("Q", (("x", "double"),))
 
 
+def test_pack_takes_pointers_of_cuda_tensors_on_one_device_only():
+    """A host tensor's address (or another GPU's) would be read by the kernel as this GPU's memory."""
+    import torch
+
+    class OnGpu:
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+
+        def data_ptr(self):
+            return 4096
+
+    struct = ParamStruct("P", (("x", "in"), ("y", "out"), ("n", "i32")))
+    with pytest.raises(TypeError, match=r"P.x must be a CUDA tensor \(or None\), got a tensor on cpu"):
+        struct.pack(x=torch.zeros(2), y=None, n=1)
+    with pytest.raises(TypeError, match=r"P.y must be a CUDA tensor \(or None\), got int"):
+        struct.pack(x=None, y=4096, n=1)
+    with pytest.raises(ValueError, match=r"P.y is on cuda:1; the struct's other tensors are on cuda:0"):
+        struct.pack(x=OnGpu(0), y=OnGpu(1), n=1)
+    packed = struct.pack(x=OnGpu(0), y=OnGpu(0), n=1)
+    assert packed["x"] == packed["y"] == 4096
+
+
 def test_a_grid_past_cudas_limits_is_named_before_any_launch():
     from fgcupy.jit.launch import launch
     from fgcupy.jit.plan_spec import LaunchOrderSpec

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import fgcupy.jit.launch
 from fgcupy import SliceMask, predict_mask, reference_attention, sparse_attention
 from fgcupy.calibration import calibrate
 from fgcupy.oracle import exact_lse
@@ -202,6 +203,8 @@ def test_the_launch_checks_what_the_op_writes_and_reads(monkeypatch):
         read.append(list((ctypes.c_int32 * 6).from_address(int(params["indptr"]))))
 
     monkeypatch.setattr(ak, "launch", launch)
+    # Host tensors stand in for the GPU's here: pack would refuse their addresses.
+    monkeypatch.setattr(fgcupy.jit.launch, "_device_pointer", lambda where, value, devices: value.data_ptr())
     q, k, v = (t.to(torch.bfloat16) for t in _qkv(5, heads=2, seq=128, dim=64))
     base = SliceMask.full(1, 1, 128, 128, 64)
     mask = SliceMask(base.indptr.expand(1, 2, 3), base.indices, 64, 128, 128)  # both heads read one row

@@ -89,11 +89,13 @@ def device_attribute(device_index: int, attribute: int) -> int:
     return value.value
 
 
-def check_shared_memory(device_index: int, needed: int, kernel: str) -> None:
+def check_shared_memory(device_index: int, needed: int, kernel: str, granted: int | None = None) -> None:
     """ValueError naming both sizes where a kernel needs more shared memory per block than the
     device grants (GPUs with 99 KB, sm_86 / sm_89 / sm_120, against sm_80's 163 KB and
-    Hopper's 227 KB): the driver's own refusal names neither."""
-    granted = device_attribute(device_index, DEVICE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+    Hopper's 227 KB): the driver's own refusal names neither. ``granted``: the opt-in size where
+    the caller read it (the cupy path), else read through the driver."""
+    if granted is None:
+        granted = device_attribute(device_index, DEVICE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
     if needed > granted:
         raise ValueError(f"{kernel} needs {needed:,} bytes of shared memory per block; GPU {device_index} grants "
                          f"{granted:,}. Smaller tiles or 64-query slices need less (head dim 256 with 128-query "

@@ -97,10 +97,11 @@ class ParamStruct:
         if missing or extra:
             raise TypeError(f"{self.name}: missing fields {sorted(missing)}, unknown fields {sorted(extra)}")
         packed = np.zeros((), dtype=self.dtype)
+        devices = set()
         for field, kind in self.fields:
             value = values[field]
             if kind in ("in", "out"):
-                value = 0 if value is None else value.data_ptr()
+                value = 0 if value is None else _device_pointer(f"{self.name}.{field}", value, devices)
             elif kind == "tmap":
                 if value is not None and len(value) != 128:
                     raise ValueError(f"{self.name}.{field}: a tensor map is 128 bytes, got {len(value)}")
@@ -112,6 +113,20 @@ class ParamStruct:
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _device_pointer(where: str, value, devices: set) -> int:
+    """The address of a tensor on the one CUDA device every pointer field of a struct is on (a
+    host address or another GPU's would be read by the kernel as this GPU's memory)."""
+    device = getattr(value, "device", None)
+    if getattr(device, "type", None) != "cuda" or not hasattr(value, "data_ptr"):
+        raise TypeError(f"{where} must be a CUDA tensor (or None), got "
+                        f"{'a tensor on ' + str(device) if device is not None else type(value).__name__}")
+    devices.add(device.index)
+    if len(devices) > 1:
+        raise ValueError(f"{where} is on cuda:{device.index}; the struct's other tensors are on "
+                         f"{', '.join(f'cuda:{d}' for d in sorted(devices - {device.index}))}")
+    return value.data_ptr()
 
 
 def _number(where: str, kind: str, value):

@@ -343,6 +343,9 @@ def _load_with_cupy(spec, index: int):
     from .source import kernel_source
 
     started = time.perf_counter()
+    if spec.smem_bytes > 48 * 1024:  # refused before a compile it could not use, as on the driver path
+        granted = cupy.cuda.runtime.deviceGetAttribute(cupy.cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin, index)
+        driver.check_shared_memory(index, spec.smem_bytes, spec.name, granted)
     with cupy.cuda.Device(index):
         module = cupy.RawModule(code=kernel_source(spec), options=module_options(spec),
                                 name_expressions=[spec.name_expression])
