@@ -36,6 +36,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.head < 0:
         parser.error(f"--head must be a head index >= 0, got {args.head}")
+    if not 0 < args.density <= 1:  # before the dense attention the oracle needs
+        parser.error(f"--density must be in (0, 1], got {args.density}")
 
     shape = family_shape(args.preset, args.grid)
     if args.pattern:

@@ -1,4 +1,4 @@
-"""Workload shapes of DESIGN.md §4 (bf16, head dim 128 unless said), from fgcupy.workloads."""
+"""The benchmarks' workload shapes (bf16, head dim 128 unless said), from fgcupy.workloads."""
 
 from dataclasses import dataclass
 

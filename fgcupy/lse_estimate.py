@@ -264,6 +264,12 @@ def band_lse(q: torch.Tensor, k: torch.Tensor, slice_m: int, band: int, scale: f
     n, q_len, dim = q.shape
     kv_len = k.shape[1]
     blocks = num_blocks(q_len, slice_m)
+    # Past the ends the band holds no key: one block longer than both lengths, or a band that
+    # reaches every key from every block, is the same band cut to them (the logits stay
+    # O(q_len x (q_len + kv_len)) whatever the sizes asked for).
+    if blocks == 1:
+        slice_m = max(q_len, min(slice_m, kv_len))
+    band = min(band, kv_len + (blocks - 1) * slice_m)
     width = slice_m + 2 * band
     right = max(0, blocks * slice_m + band - kv_len)
     padded = torch.nn.functional.pad(k.float(), (0, 0, band, right))

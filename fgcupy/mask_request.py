@@ -215,11 +215,16 @@ ONE_KEY, LONGEST_KV = 1, 2**31 - 1
 def check_options(slice_m, method: str, options: dict, kv_len: int) -> None:
     """Refuse now what make_request would refuse for ``options`` at ``kv_len`` keys, before q and
     k are known: a per-head pooling list entry by entry (its length is checked with the heads);
-    method "auto" as the top-k it selects by, with a scale its check's attention takes.
+    method "auto" as the top-k it selects by and the column max of its flagged heads, with a
+    scale its check's attention takes.
     ``options`` are make_request's keywords."""
-    if method == "auto" and options.get("scale") is not None:
-        check_scale(eager_scale(options["scale"]))
-    method = "topk" if method == "auto" else method
+    if method == "auto":
+        if options.get("scale") is not None:
+            check_scale(eager_scale(options["scale"]))
+        # its flagged heads take the column max, whose slice sizes are fewer
+        make_request(128, kv_len, slice_m, "colmax", rule="topk",
+                     **{name: options[name] for name in ("density", "top_k", "scale") if name in options})
+        method = "topk"
     poolings = options.get("pooling")
     if isinstance(poolings, (list, tuple)):
         if not poolings:

@@ -22,13 +22,14 @@ import torch
 
 from .attention_kernel import check_scale, eager_scale
 from .mask import SliceMask, num_blocks, positive_int
-from .mask_reference import colmax_scores, probabilities
+from .mask_reference import colmax_scores, nan_free_logsumexp, probabilities
 from .reference import dense_attention, reference_attention, relative_l2
 
 
 def exact_lse(q, k, scale: float | None = None, budget_bytes: int = 4 << 30) -> torch.Tensor:
     """float32 [B, H, q_len]: each query's natural-log LSE over every key (a dense step's LSE),
-    in row chunks whose float32 scores stay within ``budget_bytes``."""
+    in row chunks whose float32 scores stay within ``budget_bytes``; NaN logits (a NaN query or
+    key) add no mass, as in the kernels' sums."""
     if scale is not None:
         scale = eager_scale(scale)
         check_scale(scale)
@@ -38,7 +39,7 @@ def exact_lse(q, k, scale: float | None = None, budget_bytes: int = 4 << 30) -> 
     rows_per_chunk = max(16, budget_bytes // max(1, q.shape[0] * q.shape[1] * k.shape[2] * 4))
     for r0 in range(0, q.shape[2], rows_per_chunk):
         logits = torch.matmul(q[:, :, r0 : r0 + rows_per_chunk].float(), kf.transpose(-1, -2)) * scale
-        lse[:, :, r0 : r0 + rows_per_chunk] = torch.logsumexp(logits, -1)
+        lse[:, :, r0 : r0 + rows_per_chunk] = nan_free_logsumexp(logits)
     return lse
 
 

@@ -78,6 +78,8 @@ def draw_masks(masks: dict, path, batch: int = 0, head: int = 0, block_size: int
     """Draw ``{label: SliceMask}`` side by side into ``path`` (PNG); returns the figure's path."""
     if not masks:
         raise ValueError("draw_masks needs at least one mask")
+    if not is_int(block_size) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     fig = _figure(figsize=(6.5 * len(masks), 5))
     axes = fig.subplots(1, 2 * len(masks), gridspec_kw={"width_ratios": [8, 1] * len(masks)}, squeeze=False)
     for i, (label, mask) in enumerate(masks.items()):

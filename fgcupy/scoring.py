@@ -1,6 +1,6 @@
 """Mask prediction: score (cuda_src/mask_score.cu) and select (mask_select.cu) into a SliceMask.
 
-Methods (DESIGN.md §2):
+Methods:
   "topk" / "tau" / "threshold": mean-query scoring. Each query block's mean query (or, with
       ``pool`` < slice_m, each sub-block's) against every key; selection by top-k, by the
       smallest set holding a fraction tau of the softmax mass, or by probability >= threshold.

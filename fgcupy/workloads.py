@@ -66,7 +66,7 @@ class VideoShape:
         return t * h * w
 
 
-#: Workload shapes of DESIGN.md §4 (bench/presets.py builds its presets from these).
+#: The video workloads the benchmarks run (bench/presets.py builds its presets from these).
 SHAPES = {
     s.name: s
     for s in (

@@ -108,3 +108,20 @@ def test_numpy_ints_and_a_fully_padded_batch_entry():
     assert offset_mass(q, k).sum().item() == pytest.approx(1.0, rel=1e-5)
     with pytest.raises(ValueError, match="min_support"):
         find_diagonals(q, k, min_support=1.5)
+
+
+def test_box_sums_match_brute_force_at_any_width():
+    from fgcupy.diagonals import _box
+
+    x = torch.rand(2, 301)
+    for width in (1, 3, 31, 301, 603, 10**7):
+        half = width // 2
+        want = torch.stack([x[:, max(0, i - half): i + half + 1].double().sum(-1) for i in range(301)], -1)
+        assert torch.allclose(_box(x, width).double(), want, rtol=1e-6, atol=1e-6), width
+
+
+def test_a_band_wider_than_the_sequence_costs_what_the_sequence_does():
+    """The box sums were a convolution as wide as the bands: a band of 10^6 keys on 1,000 tokens
+    asked for 32 GB; no offset is eligible there, and none is found."""
+    q, k = torch.randn(1, 1, 1000, 16), torch.randn(1, 1, 1000, 16)
+    assert find_diagonals(q, k, 128, exact_band=10**6) == ()

@@ -200,3 +200,17 @@ def test_the_kernel_paths_parts_give_the_torch_paths_estimate(slice_m, band, kv_
     q_nhd = q.transpose(1, 2).contiguous().transpose(1, 2)  # an NHD layout's strides
     near, far = lse_parts_from_stats(q_nhd, k, slice_m, band, scale, 300_000, _stats_reference(slice_m, scale), 4)
     torch.testing.assert_close(torch.logaddexp(near, far), got, rtol=0, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("q_len, kv_len, slice_m, band", [(300, 260, 100_000, 5), (300, 260, 64, 10**6),
+                                                          (50, 400, 128, 3), (10, 5, 64, 0), (300, 260, 64, 7)])
+def test_band_lse_is_each_blocks_band_at_any_slice_or_band_size(q_len, kv_len, slice_m, band):
+    """A slice or band far past the sequence is the band cut to it (it padded queries and keys to
+    the slice and band: 40 GB for 300 tokens at slice_m = 100,000)."""
+    torch.manual_seed(0)
+    q, k = torch.randn(2, q_len, 8), torch.randn(2, kv_len, 8)
+    block = torch.arange(q_len) // slice_m
+    keys = torch.arange(kv_len)
+    inside = (keys >= block[:, None] * slice_m - band) & (keys < (block[:, None] + 1) * slice_m + band)
+    want = torch.logsumexp((q @ k.transpose(-1, -2) * 0.3).masked_fill(~inside, -math.inf), -1)
+    assert torch.allclose(band_lse(q, k, slice_m, band, 0.3), want, atol=1e-5)

@@ -491,3 +491,10 @@ def test_mask_recall_names_an_input_of_another_type():
     lse = torch.zeros(1, 2, 64)
     with pytest.raises(TypeError, match=r"q must be a torch.Tensor or a cupy.ndarray, got ndarray"):
         mask_recall(q.numpy(), q, lse)
+
+
+def test_auto_with_a_slice_its_column_max_cannot_take_is_refused_at_construction():
+    """Its flagged heads take the column max (power-of-two slices up to 128): refused when the
+    cache is made, not at the first refresh with an error about a method never asked for."""
+    with pytest.raises(ValueError, match="colmax needs slice_m a power of two"):
+        MaskCache(method="auto", density=0.1, slice_m=96)

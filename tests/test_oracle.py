@@ -157,3 +157,11 @@ def test_adaptive_pooling_samples_heads_that_turn_with_position_and_keeps_cohere
     assert not ref.adaptive_rows(q, 32, 128)[1].any()
     assert torch.equal(predict_mask(q, k, 128, "topk", density=0.1).to_dense(),
                        predict_mask(q, k, 128, "topk", density=0.1, pooling="mean").to_dense())
+
+
+def test_exact_lse_leaves_out_nan_keys_as_the_kernels_do():
+    """One NaN key (padding) made every LSE NaN, every column max zero and the oracle arbitrary."""
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 2, 300, 16), torch.randn(1, 2, 260, 16)
+    k[:, :, -5:] = float("nan")
+    assert torch.allclose(exact_lse(q, k), exact_lse(q, k[:, :, :-5]))

@@ -75,3 +75,18 @@ def test_pixels_sit_over_the_queries_and_keys_they_stand_for():
     image = mask_image(mask)
     assert image_extent(image, 64, 1) == (0, 200, 256, 0)
     assert image_extent(mask.block_cover(128)[0, 0], 128, 128) == (0, 256, 256, 0)
+
+
+@pytest.mark.parametrize("block_size", ["a", 0, 1.5])
+def test_draw_masks_names_a_bad_block_size(tmp_path, block_size):
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        draw_masks({"m": SliceMask.full(1, 1, 128, 256, 64)}, tmp_path / "m.png", block_size=block_size)
+
+
+@pytest.mark.parametrize("density", ["0", "1.5", "nan"])
+def test_the_picture_command_refuses_a_density_before_any_attention(density, capsys):
+    from bench.draw_masks import main
+
+    with pytest.raises(SystemExit):
+        main(["--grid", "2", "8", "16", "--device", "cpu", "--density", density])
+    assert "--density must be in (0, 1]" in capsys.readouterr().err
