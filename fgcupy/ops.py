@@ -47,7 +47,7 @@ def _attention_fake(q, k, v, out, lse, indptr, indices, order, slice_m, scale, s
 def _attention_cpu(q, k, v, out, lse, indptr, indices, order, slice_m, scale, spec):
     """The reference; it checks what the kernels' launch checks (a graph or a direct op call
     reaches it with no other check)."""
-    from .attention_kernel import check_inputs, check_outputs, check_scale
+    from .attention_kernel import check_inputs, check_order, check_outputs, check_scale
     from .reference import reference_attention
 
     chosen = _chosen_spec(spec)[0]  # a token the CUDA kernel could not read fails here too
@@ -55,6 +55,8 @@ def _attention_cpu(q, k, v, out, lse, indptr, indices, order, slice_m, scale, sp
     check_inputs(q, k, v, mask, chosen)
     check_outputs(q, k, v, out, lse)
     check_scale(scale)
+    if order is not None:  # the reference has no launch order, but a graph run on a GPU reads it
+        check_order(order, q.shape[0] * q.shape[1] * mask.q_blocks, q.device)
     precision = torch.float64 if q.dtype == torch.float64 else torch.float32
     result, row_lse = reference_attention(q, k, v, mask, scale=scale, dtype=precision)
     out.copy_(result)

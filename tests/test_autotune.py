@@ -848,3 +848,58 @@ def test_a_winner_not_compared_with_a_default_that_failed_to_run_is_not_stored()
     assert crashed.measured and not crashed.compared and not crashed.storable and crashed.winner != default
     wrong = autotune.tune(key, a100, lambda specs: measure(specs, "wrong result: rel L2 1e+00"), compiler=fake_report())
     assert wrong.measured and wrong.compared and wrong.storable
+
+
+def test_tune_slice_names_bad_arguments_before_any_work():
+    from fgcupy.autotune import tune_slice
+
+    q, k, v = (torch.randn(1, 2, 256, 64) for _ in range(3))
+    never = dict(attend=lambda *a: pytest.fail("attended"), timer=lambda fn, label=None: 1.0)
+    for args, kwargs, message in [
+        ((q, k[:, :1], v, 0.05), never, "q and k must agree on B, H and D"),
+        ((q, k, v[:, :, :128], 0.05), never, r"v must match k"),
+        ((q, k, v, 0.05), dict(never, refine=2.5), "refine must be a non-negative int"),
+        ((q, k, v, 0.05), dict(never, refine=-1), "refine must be a non-negative int"),
+        ((q, k, v, True), never, "target must be a positive relative L2 error"),
+        ((q, k, v, 0.05), {}, "needs CUDA tensors"),  # the kernel, given host tensors
+    ]:
+        with pytest.raises(ValueError, match=message):
+            tune_slice(*args, **kwargs)
+
+
+def _fake_gpu_cli(monkeypatch, tmp_path):
+    """The CLI on a pretend GPU whose tunes are recorded, not run."""
+    from fgcupy.autotune import cli
+    from fgcupy.autotune.candidates import heuristic_spec
+    from fgcupy.autotune.keys import DeviceInfo
+    from fgcupy.autotune.selection import TuneResult
+
+    monkeypatch.setenv("FGCUPY_CACHE_DIR", str(tmp_path / "cache"))
+    tuned = []
+
+    def fake_tune(key, device, q_len, kv_len, heads, **options):
+        tuned.append(key.id)
+        spec = heuristic_spec(key.dtype, key.head_dim, key.slice_m, key.arch)
+        return TuneResult(key, spec, spec, True, [], 0.0)
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(DeviceInfo, "of", classmethod(lambda cls, device: DeviceInfo("Fake", (8, 0), 108, 166912, 65536)))
+    monkeypatch.setattr(cli, "tune_on_device", fake_tune)
+    return cli, tuned
+
+
+def test_the_cli_tunes_each_density_bucket_once_and_keeps_its_json_as_it_goes(monkeypatch, tmp_path):
+    cli, tuned = _fake_gpu_cli(monkeypatch, tmp_path)
+    out = tmp_path / "out.json"
+    assert cli.main(["--preset", "cogvideox5b", "--density", "0.3", "0.28", "0.25", "--slice-m", "64",
+                     "--no-store", "--json", str(out)]) == 0
+    assert len(tuned) == len(set(tuned)) >= 1  # 0.3, 0.28 and 0.25 share buckets: each tuned once
+    assert len(json.loads(out.read_text())["results"]) == len(tuned)
+
+
+def test_the_cli_refuses_an_unwritable_json_path_before_tuning(monkeypatch, tmp_path, capsys):
+    cli, tuned = _fake_gpu_cli(monkeypatch, tmp_path)
+    assert cli.main(["--preset", "cogvideox5b", "--density", "0.3", "--slice-m", "64", "--no-store",
+                     "--json", str(tmp_path / "missing" / "out.json")]) == 2
+    assert tuned == [] and "cannot write --json" in capsys.readouterr().err

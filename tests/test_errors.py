@@ -197,6 +197,17 @@ def test_a_launch_order_the_kernel_cannot_read_is_refused():
             check_order(bad, 8, torch.device("cpu"))
 
 
+def test_the_cpu_op_refuses_a_launch_order_the_gpu_op_refuses():
+    """A graph or a direct call reaches the op unchecked: the CPU reference ignores the order, but
+    the same call on a GPU would fail, so it fails here too."""
+    q, k, v = (torch.randn(1, 2, 100, 64) for _ in range(3))
+    mask = SliceMask.full(1, 2, 100, 100, 64)
+    op = torch.ops.fgcupy.sparse_attention_
+    op(q, k, v, torch.empty_like(q), None, mask.indptr, mask.indices, torch.arange(4, dtype=torch.int32), 64, 0.125, "")
+    with pytest.raises(ValueError, match="order must be a contiguous int32 tensor of 4 items"):
+        op(q, k, v, torch.empty_like(q), None, mask.indptr, mask.indices, torch.zeros(3, dtype=torch.int32), 64, 0.125, "")
+
+
 def test_queued_timing_without_warm_up_needs_the_host_time():
     """Its lead would cover a millisecond of host work, and the rest would land between the events."""
     from fgcupy.timing import cuda_time_ms

@@ -67,13 +67,27 @@ def main(argv=None) -> int:
     print(f"{info.name} ({info.arch}, {info.sm_count} SMs, {info.smem_per_block_optin} B smem/block) | "
           f"torch {torch.__version__} | cache {cache.path}", flush=True)
     started = time.perf_counter()
-    summary, dump = [], []
+    summary, dump, seen = [], [], set()
+
+    def write_json():  # after every key: a failed or interrupted run keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"gpu": dataclasses.asdict(info), "torch": torch.__version__, "results": dump}, f, indent=1)
+
+    try:
+        write_json()  # an unwritable path fails now, not after the tuning
+    except OSError as err:
+        print(f"fgcupy autotune: cannot write --json {args.json}: {err}", file=sys.stderr)
+        return 2
     for name in args.preset:
         batch, heads, seq, head_dim = PRESETS[name]
         for density in args.density:
             for slice_m in args.slice_m:
                 key = ProblemKey.make(info, args.dtype, head_dim, slice_m, seq, seq, density)
                 density = key.density
+                if key.id in seen:  # densities of one bucket are one problem
+                    continue
+                seen.add(key.id)
                 entry = None if args.force else cache.entry(key)
                 cached = None if entry is None else cache.lookup(key)
                 if cached is not None:
@@ -86,6 +100,7 @@ def main(argv=None) -> int:
                     summary.append((name, density, slice_m, entry.get("default"), _ms(entry.get("default_ms")),
                                     cached.name, _ms(entry.get("winner_ms")), 0.0, "cached"))
                     dump.append({"preset": name, "cached": True, **entry})
+                    write_json()
                     continue
                 print(f"\n{name} d={density} m={slice_m}: tuning", flush=True)
                 result = tune_on_device(key, device, seq, seq, batch * heads, density=density,
@@ -96,6 +111,7 @@ def main(argv=None) -> int:
                 summary.append((name, density, slice_m, result.default.name, result.ms_of(result.default),
                                 result.winner.name, result.ms_of(result.winner), result.seconds, "tuned"))
                 dump.append({"preset": name, "cached": False, **result.to_entry()})
+                write_json()
                 torch.cuda.empty_cache()
 
     print(f"\nsummary ({time.perf_counter() - started:.1f} s in all; times on the sampled heads)")
@@ -106,9 +122,6 @@ def main(argv=None) -> int:
         dms_s = f"{dms:.3f}" if dms else "-"
         wms_s = f"{wms:.3f}" if wms else "-"
         print(f"| {name} | {density} | {m} | {dname} | {dms_s} | {wname} | {wms_s} | {speed} | {secs:.1f} | {how} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"gpu": dataclasses.asdict(info), "torch": torch.__version__, "results": dump}, f, indent=1)
     return 0
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 
 from .. import bridge
-from ..attention_kernel import block_order, launch_attention
+from ..attention_kernel import block_order, check_inputs, launch_attention
 from ..jit.spec import SLICE_SIZES
-from ..mask import positive_int
+from ..mask import is_int, positive_int
 from ..timing import cuda_time_ms
 from .choice import planned_spec
 
@@ -68,9 +68,14 @@ def _event_timer(fn, label=None, warmup: int = 2, reps: int = 7) -> float:
 
 
 def _kernel_attend(q, k, v, mask):
-    """Attention through the kernel ``SparseAttention.plan`` would pick (contiguous [B, H, S, D])."""
+    """Attention through the kernel ``SparseAttention.plan`` would pick (contiguous [B, H, S, D]
+    CUDA tensors; a predictor's mask checked against them as a plan's run checks it)."""
+    if q.device.type != "cuda":
+        raise ValueError(f"tune_slice times the attention kernel, which needs CUDA tensors; q is on {q.device} "
+                         "(pass attend= to tune another attention)")
     out = torch.empty_like(q)
     spec = planned_spec(mask, q.shape[-1], bridge.dtype_name(q.dtype, "q"))
+    check_inputs(q, k, v, mask, spec)
     launch_attention(spec, q, k, v, out, None, mask, block_order(mask), 1.0 / math.sqrt(q.shape[-1]))
     return out
 
@@ -88,10 +93,12 @@ def tune_slice(q, k, v, target: float, *, layout: str = "HND", slice_sizes=SLICE
     ``fgcupy.scoring.predict_mask``; ``attend(q, k, v, mask)`` to the slice kernel;
     ``timer(fn, label) -> ms`` to CUDA events.
     """
-    from ..layout import to_bhsd
+    from ..layout import query_key_views, to_bhsd
 
-    if not (isinstance(target, (int, float)) and target > 0):
+    if isinstance(target, bool) or not (isinstance(target, (int, float)) and target > 0):
         raise ValueError(f"target must be a positive relative L2 error, got {target!r}")
+    if not is_int(refine) or refine < 0:
+        raise ValueError(f"refine must be a non-negative int (bisection steps), got {refine!r}")
     if not densities or any(not 0 < d <= 1 for d in densities):
         raise ValueError(f"densities must be in (0, 1], got {densities!r}")
     if not slice_sizes or any(m not in SLICE_SIZES for m in slice_sizes):
@@ -107,7 +114,11 @@ def tune_slice(q, k, v, target: float, *, layout: str = "HND", slice_sizes=SLICE
     progress = progress or (lambda line: None)
     densities = sorted(set(float(d) for d in densities))
 
-    q, k, v = (to_bhsd(bridge.to_torch(x, n), layout) for x, n in ((q, "q"), (k, "k"), (v, "v")))
+    q, k = query_key_views(q, k, layout)
+    v = to_bhsd(bridge.to_torch(v, "v"), layout, "v")
+    if v.shape != k.shape or v.device != k.device:
+        raise ValueError(f"v must match k ([B, H, S, D], device): got {tuple(v.shape)} on {v.device} and "
+                         f"{tuple(k.shape)} on {k.device}")
     # Events and syncs go to torch's current device: make it q's.
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         return _tune_slice(q, k, v, target, slice_sizes, densities, heads, refine, predictor, attend, timer, progress)
