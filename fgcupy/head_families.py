@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .mask import positive_int
-from .workloads import SHAPES, VideoShape, check_grid, check_seed, grid_positions
+from .workloads import SHAPES, VideoShape, check_float_dtype, check_grid, check_seed, grid_positions
 
 INF = math.inf
 
@@ -142,6 +142,7 @@ def family_qkv(shape, family: str, *, heads: int = 8, seed: int = 0, device="cpu
     heads = positive_int("heads", heads)
     check_seed(seed)
     check_grid(shape.grid)
+    check_float_dtype(dtype)
     fam = FAMILIES[family]
     dim = shape.head_dim
     if dim < 32:
@@ -208,6 +209,7 @@ def mass_fraction(q, k, mass: float = 0.9, queries: int = 256, seed: int = 0) ->
         raise ValueError(f"mass_fraction needs queries and keys, got q_len={q_len}, kv_len={k.shape[2]}")
     if not 0 < mass <= 1:
         raise ValueError(f"mass must be in (0, 1], got {mass!r}")
+    queries = positive_int("queries", queries)
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, q_len, (min(queries, q_len),), generator=gen).to(q.device)
     logits = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)) / math.sqrt(dim)

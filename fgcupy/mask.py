@@ -70,6 +70,8 @@ def num_blocks(length: int, slice_m: int) -> int:
 
 #: Full masks of at most this many slices are built on the host (SliceMask.full).
 HOST_BUILT_FULL_MASK = 1 << 20
+#: (row, key) pairs ``to_dense`` builds at once (16 bytes each, and temporaries of their size).
+_PAIRS_PER_PASS = 1 << 22
 
 
 @dataclass(frozen=True, eq=False)
@@ -235,7 +237,8 @@ class SliceMask:
         # Small masks are built on the host and copied in one transfer: in a new process each
         # first use of a torch CUDA operation loads its kernels (milliseconds apiece).
         build = "cpu" if rows * kv_len <= HOST_BUILT_FULL_MASK else device
-        indices = torch.arange(kv_len, dtype=torch.int32, device=build).repeat(rows)  # sorted already
+        indices = (torch.arange(kv_len, dtype=torch.int32, device=build).repeat(rows) if rows  # sorted already
+                   else torch.empty(0, dtype=torch.int32, device=build))
         indptr = even_indptr(batch, heads, q_blocks, kv_len, build)
         return cls(indptr.to(device), indices.to(device), slice_m, q_len, kv_len)
 
@@ -279,9 +282,14 @@ class SliceMask:
     def flat_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row, key) int64 pairs of every kept slice, row = (b * H + h) * QB + j. Synchronises."""
         starts, ends = self.row_bounds()
+        return self._pairs(starts, ends, int((ends - starts).sum().item()))
+
+    def _pairs(self, starts: torch.Tensor, ends: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, key) int64 pairs of the rows with these bounds (``total`` entries), rows counted
+        from the first given."""
         lengths = ends - starts
-        total = int(lengths.sum().item())
-        row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=self.device), lengths)
+        row_of = torch.repeat_interleave(torch.arange(lengths.numel(), device=self.device), lengths,
+                                         output_size=total)
         first = torch.cumsum(lengths, 0) - lengths
         positions = starts[row_of] + torch.arange(total, device=self.device) - first[row_of]
         return row_of, self.indices[positions].to(torch.int64)
@@ -295,11 +303,20 @@ class SliceMask:
 
     def to_dense(self) -> torch.Tensor:
         """Boolean map ``[B, H, QB, KV]`` of the kept slices (keys outside [0, kv_len) are dropped,
-        as the kernels drop them; ``validate`` refuses them)."""
-        row_of, keys = self.kept_pairs()
-        rows = self.batch * self.heads * self.q_blocks
+        as the kernels drop them; ``validate`` refuses them). Built from groups of rows of at most
+        _PAIRS_PER_PASS entries: the (row, key) pairs take 16 bytes each, the map one. Synchronises."""
+        starts, ends = self.row_bounds()
+        rows = starts.numel()
         dense = torch.zeros(rows, self.kv_len, dtype=torch.bool, device=self.device)
-        dense[row_of, keys] = True
+        reached = torch.cumsum(ends - starts, 0).cpu()  # entries up to and including each row
+        first, done = 0, 0
+        while first < rows:
+            last = max(first + 1, int(torch.searchsorted(reached, done + _PAIRS_PER_PASS, right=True)))
+            total = int(reached[last - 1]) - done
+            row_of, keys = self._pairs(starts[first:last], ends[first:last], total)
+            inside = (keys >= 0) & (keys < self.kv_len)
+            dense[row_of[inside] + first, keys[inside]] = True
+            first, done = last, done + total
         return dense.reshape(self.batch, self.heads, self.q_blocks, self.kv_len)
 
     def validate(self) -> "SliceMask":

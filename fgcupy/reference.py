@@ -19,12 +19,14 @@ from .mask import SliceMask, positive_int
 #: Bytes of scores one pass may hold (every batch entry and head of a chunk of query rows): at
 #: full video size 4,096 rows of 40 heads against 32,760 keys would take 21 GB per tensor.
 SCORE_BYTES = 1 << 30
+#: Score-sized tensors a pass holds at once (scores, the masked ones, the kept map, exponentials).
+_PASS_TEMPORARIES = 5
 
 
 def _rows_per_pass(rows_per_chunk: int, q, kv_len: int, dtype: torch.dtype, multiple: int = 1) -> int:
-    """At most ``rows_per_chunk`` query rows, fewer where their scores would pass SCORE_BYTES; a
-    multiple of ``multiple`` (whole query blocks), at least one multiple."""
-    per_row = max(1, q.shape[0] * q.shape[1] * kv_len * torch.finfo(dtype).bits // 8)
+    """At most ``rows_per_chunk`` query rows, fewer where a pass's scores and their temporaries
+    would pass SCORE_BYTES; a multiple of ``multiple`` (whole query blocks), at least one multiple."""
+    per_row = max(1, q.shape[0] * q.shape[1] * kv_len * torch.finfo(dtype).bits // 8 * _PASS_TEMPORARIES)
     rows = min(rows_per_chunk, SCORE_BYTES // per_row)
     return max(multiple, rows // multiple * multiple)
 
@@ -137,6 +139,6 @@ def relative_l2(out, ref) -> float:
         raise ValueError(f"out and ref must have one shape, got {tuple(out.shape)} and {tuple(ref.shape)}")
     out, ref = out.to(torch.float64), ref.to(torch.float64)
     denom = float(torch.linalg.vector_norm(ref))
-    if not math.isfinite(denom):
+    if not math.isfinite(denom) or not math.isfinite(float(torch.linalg.vector_norm(out))):
         return math.nan
     return float(torch.linalg.vector_norm(out - ref) / denom) if denom > 0 else float(torch.linalg.vector_norm(out))

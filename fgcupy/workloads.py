@@ -123,6 +123,18 @@ class VideoKnobs:
     styles: dict = field(default_factory=lambda: dict(STYLES))
 
 
+def _real(knobs: VideoKnobs, name: str) -> float:
+    """A knob's value as a float (NaN, which no range check passes, where it is not a number)."""
+    value = getattr(knobs, name)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def check_float_dtype(dtype) -> None:
+    """TypeError unless ``dtype`` is a floating torch dtype (an integer one truncates the values)."""
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch dtype, got {dtype!r}")
+
+
 def rotary_split(head_dim: int) -> tuple:
     """Wan's split of the head dim into (t, y, x) rotary parts: y and x get 2*(D//6) each."""
     side = 2 * (head_dim // 6)
@@ -226,6 +238,16 @@ def video_qkv(shape, pattern: str = "mixed", *, head_ids=None, seed: int = 0, st
         value = getattr(knobs, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    for name in ("noise", "sink_strength", "object_strength", "value_noise"):
+        if not 0 <= _real(knobs, name) < math.inf:
+            raise ValueError(f"{name} must be a finite number >= 0, got {getattr(knobs, name)!r}")
+    if not 0 <= _real(knobs, "jitter") < 1:
+        raise ValueError(f"jitter must be in [0, 1) (a head's reach and strength scale by 1 +- jitter), got {knobs.jitter!r}")
+    if not 0 < _real(knobs, "rope_theta") < math.inf:
+        raise ValueError(f"rope_theta must be a finite number > 0, got {knobs.rope_theta!r}")
+    if not math.isfinite(_real(knobs, "drift")):
+        raise ValueError(f"drift must be a finite number of radians, got {knobs.drift!r}")
+    check_float_dtype(dtype)
     head_ids = list(range(shape.heads)) if head_ids is None else [int(h) for h in head_ids]
     if shape.head_dim % 2 or shape.head_dim < 18:
         raise ValueError(f"head_dim must be even and at least 18 (rotary pairs on three axes), got {shape.head_dim}")

@@ -301,3 +301,39 @@ def test_the_sequence_parallel_header_takes_a_tensor_scale_as_its_number():
     assert _scale_of(_scale_code(torch.tensor(0.25))) == 0.25
     with pytest.raises(ValueError, match="scale must be a positive finite number"):
         _scale_code(torch.tensor(-1.0))
+
+
+def test_cuda_time_ms_times_the_kernel_a_first_call_started_compiling_not_its_stand_in(monkeypatch):
+    """fn's own first call may start a Hopper compile and run the stand-in meanwhile: the
+    compile is waited for and loaded before the timed calls. Events and the GPU are mocked."""
+    import threading
+    import time
+
+    from fgcupy import timing
+    from fgcupy.jit import runtime
+
+    class Event:
+        def __init__(self, **options):
+            self.at = 0.0
+
+        def record(self):
+            self.at = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return (other.at - self.at) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    ran = []
+
+    def fn():
+        if not ran:  # the first call starts the real kernel's compile on a thread
+            runtime._start(threading.Thread(target=time.sleep, args=(0.3,), daemon=True), ("spec", 0))
+        ran.append("stand-in" if any(t.is_alive() for t in runtime._threads) else "kernel")
+
+    timing.cuda_time_ms(fn, warmup=2, reps=5)
+    assert ran[-5:] == ["kernel"] * 5

@@ -224,3 +224,24 @@ def test_to_refuses_a_dtype():
 def test_int32_limits_are_checked_before_allocating(build):
     with pytest.raises(ValueError, match=r"capacity=2147483648 is more than int32|rows x 0 keys exceed int32"):
         build()
+
+
+def test_to_dense_builds_the_map_in_groups_of_rows_with_the_same_result(monkeypatch):
+    """The (row, key) pairs of a whole full mask took about 40 bytes per kept slice at once."""
+    import fgcupy.mask as mask_module
+
+    gen = torch.Generator().manual_seed(5)
+    dense = torch.rand(2, 3, 5, 70, generator=gen) < 0.4
+    dense[0, 1, 2] = False  # an empty row
+    mask = SliceMask.from_dense(dense, 64, 300)
+    whole = mask.to_dense()
+    for pairs in (1, 7, 40, 10**6):
+        monkeypatch.setattr(mask_module, "_PAIRS_PER_PASS", pairs)
+        assert torch.equal(mask.to_dense(), whole), pairs
+    assert torch.equal(whole, dense)
+
+
+def test_a_full_mask_of_no_rows_builds_no_keys():
+    """It built arange(kv_len) to repeat it zero times: 8 GB at the largest kv_len."""
+    mask = SliceMask.full(0, 8, 4096, 2**29, 128)
+    assert mask.capacity == 0 and mask.indices.numel() == 0

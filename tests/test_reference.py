@@ -73,6 +73,9 @@ def test_relative_l2():
     ref = torch.tensor([3.0, 4.0])
     assert relative_l2(ref, ref) == 0.0
     assert relative_l2(torch.tensor([3.0, 4.5]), ref) == pytest.approx(0.1)
+    for out in (torch.tensor([3.0, math.inf]), torch.tensor([math.nan, 4.0])):  # no error can be read
+        assert math.isnan(relative_l2(out, ref))
+    assert math.isnan(relative_l2(torch.tensor([math.inf, 0.0]), torch.zeros(2)))
 
 
 @pytest.mark.parametrize("layout", ["HND", "NHD"])
@@ -167,7 +170,7 @@ def test_passes_shrink_to_the_score_budget_and_give_the_same_result(monkeypatch)
     whole = reference_attention(q, k, v, mask), dense_attention(q, k, v)
     seen = []
     real = reference._rows_per_pass
-    monkeypatch.setattr(reference, "SCORE_BYTES", 2 * 3 * 90 * 4 * 70)  # 70 rows of scores
+    monkeypatch.setattr(reference, "SCORE_BYTES", 2 * 3 * 90 * 4 * 70 * reference._PASS_TEMPORARIES)  # 70 rows
     monkeypatch.setattr(reference, "_rows_per_pass", lambda *a, **kw: seen.append(real(*a, **kw)) or seen[-1])
     chunked = reference_attention(q, k, v, mask), dense_attention(q, k, v)
     assert seen == [64, 70]  # whole blocks of 64 for the masked reference, 70 rows for the dense one

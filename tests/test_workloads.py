@@ -119,3 +119,30 @@ def test_mass_fraction_is_a_fraction_of_the_keys():
     for mass in (0.0, -1.0, 2.0):
         with pytest.raises(ValueError, match="mass must be in"):
             mass_fraction(q, k, mass)
+
+
+@pytest.mark.parametrize("knob, value", [("sink_strength", -1.0), ("jitter", 3.0), ("jitter", 1.0), ("rope_theta", 0.0),
+                                         ("noise", float("nan")), ("object_strength", float("inf")),
+                                         ("drift", float("nan")), ("value_noise", "0.5")])
+def test_a_knob_out_of_its_range_is_named(knob, value):
+    """Negative strengths and jitter past 1 reached a square root of a negative number; a zero
+    rotary base or a NaN noise gave non-finite q and k without a word."""
+    with pytest.raises(ValueError, match=knob):
+        video_qkv(VideoShape("t", 1, 2, 64, (2, 4, 4)), **{knob: value})
+
+
+def test_the_generators_take_floating_dtypes_only():
+    from fgcupy.head_families import family_qkv, family_shape
+
+    with pytest.raises(TypeError, match="dtype must be a floating torch dtype"):
+        video_qkv(VideoShape("t", 1, 2, 64, (2, 4, 4)), dtype=torch.int32)
+    with pytest.raises(TypeError, match="dtype must be a floating torch dtype"):
+        family_qkv(family_shape("wan1.3b-480p", (2, 4, 4)), "window2d", heads=1, dtype=torch.int32)
+
+
+def test_mass_fraction_needs_a_query():
+    from fgcupy.head_families import family_qkv, family_shape, mass_fraction
+
+    q, k, _ = family_qkv(family_shape("wan1.3b-480p", (2, 4, 4)), "window2d", heads=1)
+    with pytest.raises(ValueError, match="queries"):
+        mass_fraction(q, k, queries=0)

@@ -243,14 +243,16 @@ def load_in_background(device, spec) -> None:
     _start(thread, key)  # where none starts, get_kernel_on loads it in the caller's thread
 
 
-def wait_for_background(timeout_s: float = 120.0) -> None:
+def wait_for_background(timeout_s: float = 120.0) -> bool:
     """Wait (at most ``timeout_s``) for the loads and compiles running on threads: before timing
-    kernels (a stand-in would otherwise be timed for the kernel it stands in for) and at exit."""
+    kernels (a stand-in would otherwise be timed for the kernel it stands in for) and at exit.
+    Whether there were any."""
     deadline = time.monotonic() + timeout_s
     with _lock:
-        threads = list(_threads)
+        threads = [thread for thread in _threads if thread.is_alive()]
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
+    return bool(threads)
 
 
 @atexit.register
