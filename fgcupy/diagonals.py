@@ -87,6 +87,7 @@ def _offset_stats(q, k, samples, scale, level: float = DEFAULT_MIN_MASS) -> tupl
     return mass / counted.clamp_min(1.0), support
 
 
+@torch.no_grad()  # host ints from statistics: no graph for inputs that require grad
 def find_diagonals(q, k, slice_m: int = 128, *, count: int = 4, exact_band: int = DEFAULT_EXACT_BAND,
                    min_mass: float = DEFAULT_MIN_MASS, min_contrast: float = DEFAULT_MIN_CONTRAST,
                    min_support: float = DEFAULT_MIN_SUPPORT, samples: int = DEFAULT_SAMPLES,

@@ -124,7 +124,7 @@ def slice_heads(mask: SliceMask, heads: range) -> SliceMask:
     of their index buffer; any other storage order is gathered. Offsets outside the buffer are
     refused (ValueError), not clamped as the kernels clamp them: the sequence-parallel engines
     split heads with it, and a rank that attends a corrupt head must refuse, so that every rank
-    raises. Reads three scalars (one host synchronisation), so call it when planning, not per step.
+    raises. Reads four scalars (one host synchronisation), so call it when planning, not per step.
     """
     if not isinstance(mask, SliceMask):
         raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")

@@ -253,6 +253,8 @@ def _checked_diagonals(diagonals, exact_band, slice_m: int) -> tuple:
     """Sorted distinct non-zero key shifts of the exact band (0, the band itself, is implied)."""
     if isinstance(diagonals, (str, bytes)) or not hasattr(diagonals, "__iter__"):
         raise ValueError(f"diagonals must be a sequence of ints (key offsets), got {diagonals!r}")
+    if isinstance(diagonals, torch.Tensor) and not diagonals.is_floating_point() and diagonals.dim() == 1:
+        diagonals = diagonals.tolist()  # find_diagonals' offsets as a tensor: ints on the host
     diagonals = tuple(diagonals)
     for d in diagonals:
         if not is_int(d):

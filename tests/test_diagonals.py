@@ -125,3 +125,12 @@ def test_a_band_wider_than_the_sequence_costs_what_the_sequence_does():
     asked for 32 GB; no offset is eligible there, and none is found."""
     q, k = torch.randn(1, 1, 1000, 16), torch.randn(1, 1, 1000, 16)
     assert find_diagonals(q, k, 128, exact_band=10**6) == ()
+
+
+def test_found_offsets_as_a_tensor_are_taken_as_diagonals_and_inputs_needing_grad_are_fine():
+    q, k = torch.randn(1, 1, 512, 32, requires_grad=True), torch.randn(1, 1, 512, 32)
+    assert isinstance(find_diagonals(q, k, 128), tuple)
+    q = q.detach()
+    as_tensor = predict_mask(q, k, 128, "topk", density=0.2, diagonals=torch.tensor([300, -300]))
+    as_ints = predict_mask(q, k, 128, "topk", density=0.2, diagonals=(300, -300))
+    assert torch.equal(as_tensor.indices, as_ints.indices) and torch.equal(as_tensor.indptr, as_ints.indptr)
