@@ -127,7 +127,8 @@ def paired_refresh_overhead_ms(model, run_block, args, predictor: dict) -> float
     clocks, which move between two separately timed medians, cancel: a refresh adds about 4 ms
     to a 50 ms block call at 32,760 tokens, and the difference of the medians scatters by about
     a tenth of that from run to run. Which calls refreshed is read from the layer's count."""
-    handle = fd.apply(model, fd.SparseAttentionConfig(slice_m=args.slice_m, dense_steps=0, refresh_every=2, **predictor))
+    handle = fd.apply(model, fd.SparseAttentionConfig(slice_m=args.slice_m, dense_steps=0, refresh_every=2,
+                                                      refresh_on_missed_mass=args.refresh_on_missed_mass, **predictor))
     calls = []  # (ms, refreshed)
     host_ms = 0.0  # the longest host time of a call so far: the queued lead covers it
     for step in range(2 * (args.warmup + args.reps) + 4):
@@ -357,7 +358,8 @@ def main(argv=None):
         parser.error(str(error))
     # the model runs its own schedule (--model-dense-steps ...): the flags as given, resolved there
     model_predictor = dict(predictor, mask_from_warmup=args.mask_from_warmup, sparse_refresh=args.sparse_refresh,
-                           local_search=args.local_search, predict_on_refresh=False if args.search_only else None)
+                           local_search=args.local_search, predict_on_refresh=False if args.search_only else None,
+                           refresh_on_missed_mass=args.refresh_on_missed_mass)
     if args.model_layers > 0:  # refused now, not after the block's timings
         try:
             fd.SparseAttentionConfig(slice_m=args.slice_m, dense_steps=args.model_dense_steps,

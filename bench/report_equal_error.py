@@ -25,7 +25,6 @@ from bench.report_peers import gpu_header
 from bench.timing import cuda_time_ms, require_cuda
 from fgcupy import SparseAttention
 from fgcupy.head_families import FAMILIES, family_qkv
-from fgcupy.mask import num_blocks
 from fgcupy.oracle import Judge
 from fgcupy.workloads import SHAPES
 
@@ -38,7 +37,6 @@ def family_rows(family: str, shape, densities, heads: int, reps: int, flex, seed
 
     q, k, v = family_qkv(shape, family, heads=heads, seed=seed, device="cuda")
     judge = Judge(q, k, v, BLOCK)
-    key_blocks = num_blocks(k.shape[2], BLOCK)
 
     def sdpa():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
@@ -53,9 +51,10 @@ def family_rows(family: str, shape, densities, heads: int, reps: int, flex, seed
         out = torch.empty_like(q)
         fg_ms = cuda_time_ms(lambda: plan.run(q, k, v, out=out), reps=reps)["median_ms"]
         blocks, block_error = judge.blocks_for_error(slice_error, BLOCK)
-        block_mask = judge.block_oracle_of(blocks, BLOCK).to_block_mask(BLOCK, exact=False)
+        block_slices = judge.block_oracle_of(blocks, BLOCK)
+        block_mask = block_slices.to_block_mask(BLOCK, exact=False)
         flex_ms = cuda_time_ms(lambda: flex(q, k, v, block_mask=block_mask), reps=reps)["median_ms"]
-        row = dict(family=family, density=density, slice_error=slice_error, block_density=blocks / key_blocks,
+        row = dict(family=family, density=density, slice_error=slice_error, block_density=block_slices.density(),
                    block_error=block_error, fgcupy_ms=fg_ms, flex_ms=flex_ms, speedup=flex_ms / fg_ms,
                    cudnn_dense_ms=cudnn_ms, spec=plan.spec.name)
         print(f"{family:17s} d={density:<5} slice err {slice_error:.4f}  block density {row['block_density']:.3f} "

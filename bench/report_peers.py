@@ -174,14 +174,18 @@ def main(argv=None):
     block_errors = {}
     for density in args.block_densities:
         block_mask = pooled_block_mask(q, k, density)
+        kept = visited_share(block_mask, batch * heads * math.ceil(seq / 128) ** 2)  # whole blocks round d
         out = flex(q, k, v, block_mask=block_mask)
         error = relative_l2(out[:, sub].float(), ref)
         block_errors[density] = error
-        record("flex-block-pooled", density, cuda_time_ms(lambda: flex(q, k, v, block_mask=block_mask), reps=args.reps), error)
+        record("flex-block-pooled", kept, cuda_time_ms(lambda: flex(q, k, v, block_mask=block_mask), reps=args.reps),
+               error, target_density=density)
         if flash_dense is not None:
-            record("flex-flash-block-pooled", density,
+            flash_out = flex(q, k, v, block_mask=block_mask, kernel_options=flash_options)
+            record("flex-flash-block-pooled", kept,
                    cuda_time_ms(lambda: flex(q, k, v, block_mask=block_mask, kernel_options=flash_options),
-                                reps=args.reps), error)
+                                reps=args.reps), relative_l2(flash_out[:, sub].float(), ref), target_density=density)
+            del flash_out
         del block_mask, out
 
     header = f"{gpu_header()} | preset {args.preset} {tuple(q.shape)} bf16 | pattern {args.pattern}"
