@@ -1041,6 +1041,61 @@ def test_the_step_callback_keeps_a_generation_until_its_last_step():
     assert (handle.step, handle.generation) == (2, 1)
 
 
+def test_the_step_callback_frees_the_masks_at_a_generations_end():
+    """An idle pipeline held every (layer, branch) mask and plan of its last generation until the
+    next call: 10 GiB for Wan-14B at 480p."""
+    model = tiny_wan()
+    handle = fd.apply(model, cpu_config(dense_steps=0))
+    latents, text = wan_inputs()
+    for index, t in enumerate((999, 500)):
+        for _ in range(2):  # two guidance branches
+            run_wan(model, latents, text, t=t)
+        assert handle.mask_memory_bytes() > 0
+        handle.step_callback(_Pipe(2), index, torch.tensor(t), {})
+    assert handle.mask_memory_bytes() == 0 and not any(layer.slots for layer in handle.layers.values())
+    run_wan(model, latents, text, t=999)  # the next generation predicts anew
+    assert (handle.step, handle.generation) == (0, 1) and handle.mask_memory_bytes() > 0
+
+
+def test_a_patched_model_is_freed_when_the_last_reference_goes():
+    """model -> processor -> handle -> model was a reference cycle: a deleted pipeline's weights and
+    masks stayed until a garbage collection happened to run."""
+    import gc
+    import weakref
+
+    model = tiny_wan()
+    handle = fd.apply(model, cpu_config(dense_steps=0))
+    latents, text = wan_inputs()
+    run_wan(model, latents, text)
+    gone = weakref.ref(model)
+    gc.disable()
+    try:
+        del model
+        assert gone() is None and handle.transformer is None
+    finally:
+        gc.enable()
+
+
+def test_a_compiled_patched_model_does_not_recompile_per_layer_and_step(monkeypatch):
+    """Traced, the schedule's state (layer, step, cached masks) became guards: each layer and step
+    compiled the processor again, up to torch's recompile limit."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    model = torch.compile(tiny_wan(), backend="eager")
+    eager = tiny_wan()
+    handle, eager_handle = fd.apply(model, cpu_config(refresh_every=2)), fd.apply(eager, cpu_config(refresh_every=2))
+    latents, text = wan_inputs()
+    outs = []
+    for step in range(5):
+        expected = run_wan(eager, latents, text, t=1000 - 100 * step)
+        if step == 1:  # every graph exists once each layer has run: none may compile again
+            monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+        outs.append(torch.equal(run_wan(model, latents, text, t=1000 - 100 * step), expected))
+    assert all(outs) and handle.stats()["blocks.0.attn1"].refresh_steps == [0, 2, 4]
+    torch._dynamo.reset()
+
+
 def test_changed_text_padding_forces_a_refresh():
     model = tiny_hunyuan()
     handle = fd.apply(model, cpu_config(refresh_every=100))

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 import logging
 import math
 import operator
@@ -170,7 +171,9 @@ class _Layer:
     def __init__(self, name: str, index: int, module, stock, dense: bool):
         self.name = name
         self.index = index
-        self.module = module
+        # weak: the module holds the processor, which holds the handle, which holds this; a strong
+        # reference back would keep a deleted model (weights, masks) alive until a garbage collection
+        self._module = weakref.ref(module)
         self.stock = stock
         self.dense = dense
         self.slots: dict[int, _Slot] = {}
@@ -180,6 +183,11 @@ class _Layer:
         self.poolings: dict[tuple, list] = {}
         # find_diagonals: the key offsets scored exactly too, per (branch, shapes), kept likewise.
         self.diagonals: dict[tuple, tuple] = {}
+
+    @property
+    def module(self):
+        """The attention module (None once the model is gone)."""
+        return self._module()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +202,7 @@ class SparseAttentionHandle:
     """
 
     def __init__(self, transformer, config: SparseAttentionConfig, layers: list[_Layer]):
-        self.transformer = transformer
+        self._transformer = weakref.ref(transformer)  # weak, as _Layer's module
         self.config = config
         self.layers = {layer.name: layer for layer in layers}
         self.cache = config.mask_cache()  # keys: (layer name, guidance branch)
@@ -279,10 +287,12 @@ class SparseAttentionHandle:
         """``pipe(..., callback_on_step_end=handle.step_callback)``: ``end_step`` after each step
         of a diffusers pipeline, and after its last step (``pipe.num_timesteps``) or one where it
         was interrupted (``pipe.interrupt``) the next call starts a new generation, whatever its
-        timestep; returns the pipeline's tensors unchanged."""
+        timestep, and the generation's masks and plans are freed now; returns the pipeline's
+        tensors unchanged."""
         self.end_step()
         if _flag(getattr(pipe, "interrupt", False)) or step_index + 1 >= _count(getattr(pipe, "num_timesteps", None)):
             self._generation_over = True
+            self._release_masks()  # no call of this generation needs them: an idle pipeline holds none
         return callback_kwargs
 
     def set_step(self, step: int, branch: int = 0, new_generation: bool = False) -> None:
@@ -321,12 +331,20 @@ class SparseAttentionHandle:
             for layer in self.layers.values():
                 layer.stats = LayerStats(layer.name, layer.index)
 
-    def _new_generation(self) -> None:
-        self.step, self.branch = 0, 0
-        self.generation += 1
+    @property
+    def transformer(self):
+        """The patched model (None once it is gone)."""
+        return self._transformer()
+
+    def _release_masks(self) -> None:
         for layer in self.layers.values():
             layer.slots.clear()
         self.cache.clear()
+
+    def _new_generation(self) -> None:
+        self.step, self.branch = 0, 0
+        self.generation += 1
+        self._release_masks()
         self._padding_host.clear()
         self._padding_version.clear()
         self._padding_seen.clear()
@@ -366,7 +384,7 @@ class SparseAttentionHandle:
     def describe(self) -> str:
         """How masks are made, then the MaskCache's summary: schedule, then every (layer, branch)
         mask held."""
-        return self.config.mask_making() + "\n" + self.cache.describe()
+        return self.config.mask_making() + "\n" + self.config.schedule_summary() + "\n" + self.cache.describe()
 
     # ---- routing ----
     def _slot_branch(self) -> int:
@@ -912,9 +930,10 @@ def remove(transformer: torch.nn.Module) -> SparseAttentionHandle:
     if handle is None:
         raise ValueError(f"fgcupy is not applied to this {type(transformer).__name__}")
     for layer in handle.layers.values():
-        current = getattr(layer.module, "processor", None)
+        module = layer.module
+        current = getattr(module, "processor", None)
         if isinstance(current, _Processor) and current._handle is handle:
-            _set_processor(layer.module, layer.stock)
+            _set_processor(module, layer.stock)
         layer.slots.clear()
     handle.cache.clear()
     for hook in handle._hooks:

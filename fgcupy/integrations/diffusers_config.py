@@ -416,6 +416,12 @@ class SparseAttentionConfig:
             later = "sparse: the exact column max over " + ", ".join(candidates)
         return f"masks: first {first}; refreshes {later}"
 
+    def schedule_summary(self, steps: int = 50) -> str:
+        """Which of the first ``steps`` steps run dense and which make new masks, in words."""
+        dense = [s for s in range(steps) if self.is_dense_step(s)]
+        refresh = [s for s in range(steps) if not self.is_dense_step(s) and self.is_refresh_step(s)]
+        return f"of the first {steps} steps: dense {dense or 'none'}; new masks on {refresh or 'none'}"
+
     @property
     def exact(self) -> bool:
         """Whether refresh calls run dense and predict exact column-max masks from their LSE."""

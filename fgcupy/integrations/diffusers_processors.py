@@ -39,6 +39,9 @@ class _Processor:
     def _parallel_config(self, value):
         self.stock._parallel_config = value
 
+    # The schedule's bookkeeping runs eagerly under torch.compile: traced, its state (layer, step,
+    # cached masks) would become guards, and every layer and step would compile again.
+    @torch.compiler.disable
     def _route(self, attn, device: torch.device, structural: str | None) -> str:
         """'stock', 'dense' or 'sparse' for this call (and count the stock/dense ones)."""
         layer, handle = self._layer, self._handle
@@ -64,6 +67,7 @@ class _Processor:
             return "stock"
         return "sparse"
 
+    @torch.compiler.disable
     def _attention(self, q, k, v, key_valid=None, key_version=0, attention_mask=None, dense=False):
         """fgcupy on q, k, v ``[B, S, H, D]``; the stock attention call for dtypes without a kernel."""
         handle = self._handle
