@@ -233,3 +233,34 @@ def test_auto_on_the_gpu_is_the_composition_it_checks():
     assert torch.equal(auto.to_dense()[:, 0], exact.to_dense()[:, 0])
     assert torch.equal(auto.to_dense()[:, 1], cheap.to_dense()[:, 1])
     assert math.isfinite(float(missed.sum()))
+
+
+def test_a_head_failing_in_one_batch_entry_is_flagged():
+    """A guidance branch of its own can hold the incoherent head: any entry flags it."""
+    q, k = _two_kinds_of_head()
+    q, k = torch.cat([q[:, [1, 1]], q[:, [0, 1]]]), torch.cat([k[:, [1, 1]], k[:, [0, 1]]])  # head 0 bad in entry 1
+    scale = q.shape[-1] ** -0.5
+    rule = dict(density=0.1, top_k=None, scale=scale, workspace_bytes=1 << 30)
+    cheap = predict_mask(q, k, 128, "topk", density=0.1)
+    assert auto_mask.flagged_heads(q, k, cheap, predict_mask, scale, rule) == [0]
+
+
+def test_rows_whose_best_mask_keeps_a_nan_key_are_left_out_of_both_means():
+    """Their LSE over the best mask is NaN: counted, it made the head's mean NaN and the head
+    never flagged (a NaN compares false)."""
+    q, k = _two_kinds_of_head()
+    k[0, 0, 500] = math.nan
+    scale = q.shape[-1] ** -0.5
+    rule = dict(density=0.1, top_k=None, scale=scale, workspace_bytes=1 << 30)
+
+    def keeps_the_nan_key(q, k, slice_m, method, **options):
+        mask = predict_mask(q, k, slice_m, method, **options)
+        if method != "colmax":
+            return mask
+        keys = auto_mask.block_keys(mask).clone()
+        keys[..., 0] = 500
+        return SliceMask(mask.indptr, keys.reshape(-1), mask.slice_m, mask.q_len, mask.kv_len)
+
+    cheap = predict_mask(q, k, 128, "topk", density=0.1)
+    missed, best = auto_mask.missed_mass(q, k, cheap, keeps_the_nan_key, scale, rule)
+    assert torch.isfinite(missed).all() and torch.isfinite(best).all()

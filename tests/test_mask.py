@@ -245,3 +245,32 @@ def test_a_full_mask_of_no_rows_builds_no_keys():
     """It built arange(kv_len) to repeat it zero times: 8 GB at the largest kv_len."""
     mask = SliceMask.full(0, 8, 4096, 2**29, 128)
     assert mask.capacity == 0 and mask.indices.numel() == 0
+
+
+def test_offsets_past_the_list_make_an_empty_row_for_density_and_digest_too():
+    """A start past the list is clamped as the kernels clamp it (an empty row), and a key equal to
+    kv_len is dropped as they drop it: density, the dense map and the digest agree."""
+    past = SliceMask(torch.tensor([[[5, 7, 9]]], dtype=torch.int32), torch.tensor([0, 1, 9], dtype=torch.int32),
+                     4, 8, 8)
+    assert past.density() == float(past.to_dense().float().mean()) and isinstance(past.digest(), int)
+    at_end = SliceMask(torch.tensor([[[0, 2]]], dtype=torch.int32), torch.tensor([1, 8], dtype=torch.int32), 4, 4, 8)
+    assert at_end.density() == float(at_end.to_dense().float().mean()) == 1 / 8
+
+
+def test_the_digest_tells_apart_the_key_length_the_slice_size_and_each_key_bit():
+    indptr, indices = torch.tensor([[[0, 1]]], dtype=torch.int32), torch.tensor([5], dtype=torch.int32)
+    base = SliceMask(indptr, indices, 4, 4, 512)
+    assert base.digest() != SliceMask(indptr, indices, 4, 4, 64).digest()
+    assert base.digest() != SliceMask(indptr, indices, 8, 4, 512).digest()
+    for bit in range(9):  # keys differing in one bit, low half and high
+        other = SliceMask(indptr, indices ^ (1 << bit), 4, 4, 512)
+        assert base.digest() != other.digest(), bit
+
+
+def test_from_topk_refuses_an_index_equal_to_kv_len():
+    with pytest.raises(ValueError, match="outside"):
+        SliceMask.from_topk(torch.tensor([[[[1, 8]]]]), 4, 4, 8)
+
+
+def test_random_topk_mask_rounds_the_key_count():
+    assert (random_topk_mask(1, 1, 8, 10, 4, 0.39).row_lengths() == 4).all()  # 3.9 keys: 4, not 3

@@ -498,3 +498,20 @@ def test_auto_with_a_slice_its_column_max_cannot_take_is_refused_at_construction
     cache is made, not at the first refresh with an error about a method never asked for."""
     with pytest.raises(ValueError, match="colmax needs slice_m a power of two"):
         MaskCache(method="auto", density=0.1, slice_m=96)
+
+
+def test_a_second_call_of_a_layer_in_one_step_does_not_start_a_new_run():
+    cache = MaskCache(refresh_every=5, method="topk", density=0.2, slice_m=64)
+    q, k = torch.randn(1, 2, 128, 16), torch.randn(1, 2, 128, 16)
+    for step in (0, 0, 1, 1):
+        cache.mask_for("layer", step, q, k)
+    assert (cache.predictions, cache.reuses) == (2, 2)
+
+
+def test_index_storage_keeps_keys_past_int16_exactly():
+    """Keys of a sequence longer than 2^15 do not fit int16: stored so, they would wrap negative."""
+    cache = MaskCache(storage="index")
+    keys = torch.tensor([[[[3, 32767, 32768, 39999]]]])
+    mask = SliceMask.from_topk(keys, 64, 64, 40000)
+    cache.put("layer", mask)
+    assert torch.equal(cache.get("layer").to_dense(), mask.to_dense())

@@ -171,3 +171,12 @@ def test_tau_agreement_check_forgives_only_a_one_key_cut_at_the_target():
     assert not tau_rows_agree(values, first[4], first[2], at_two).all()  # two keys apart
     shuffled = torch.tensor([[True, False, True, False]])
     assert not tau_rows_agree(values, shuffled, first[2], at_two).all()  # not a prefix
+
+
+def test_a_threshold_keeps_scores_equal_to_it_and_tau_keeps_one_key_of_a_massless_row():
+    """Ties are real with stored bfloat16 probabilities; a row with no mass (a colmax row whose
+    candidates are all masked out) keeps one key, not all."""
+    from fgcupy.mask_reference import select
+
+    assert int(select(torch.tensor([[0.5, 0.25, 0.25, 0.0]]), "threshold", threshold=0.25).sum()) == 3
+    assert select(torch.zeros(2, 6), "tau", tau=0.9).sum(-1).tolist() == [1, 1]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from fgcupy import mask_reference as ref
 from fgcupy.head_families import FAMILIES, family_qkv, family_shape, mass_fraction
-from fgcupy import predict_mask
+from fgcupy import SliceMask, predict_mask
 from fgcupy.mask_reference import block_coherence
 from fgcupy.oracle import Judge, block_mass, exact_lse, keys_for
 from fgcupy.reference import relative_l2
@@ -165,3 +165,28 @@ def test_exact_lse_leaves_out_nan_keys_as_the_kernels_do():
     q, k = torch.randn(1, 2, 300, 16), torch.randn(1, 2, 260, 16)
     k[:, :, -5:] = float("nan")
     assert torch.allclose(exact_lse(q, k), exact_lse(q, k[:, :, :-5]))
+
+
+def test_keys_for_rounds():
+    assert keys_for(0.29, 100) == 29 and keys_for(0.15, 10) == 2 and keys_for(0.001, 10) == 1
+
+
+def _judge_640():
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 640, 16, generator=gen) * s for s in (2.0, 1.0, 1.0))
+    return Judge(q, k, v, 64)
+
+
+def test_the_judge_rounds_block_counts_and_rates_an_empty_mask_against_the_one_key_oracle():
+    judge = _judge_640()
+    assert (judge.block_oracle(0.35, 64).row_lengths() == 4 * 64).all()  # round(0.35 x 10 blocks)
+    empty = SliceMask.from_dense(torch.zeros(1, 2, 10, 640, dtype=torch.bool), 64, 640)
+    err, ratio = judge.ratio(empty)
+    assert math.isfinite(err) and math.isfinite(ratio)
+
+
+def test_blocks_for_error_takes_a_count_whose_error_equals_the_target():
+    judge = _judge_640()
+    errors = [judge.error(judge.block_oracle_of(n, 64)) for n in range(1, 11)]
+    n = next(n for n in range(2, 10) if errors[n - 2] > errors[n - 1])
+    assert judge.blocks_for_error(errors[n - 1], 64)[0] == n
