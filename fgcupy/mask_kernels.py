@@ -41,8 +41,11 @@ def row_stride(kv_len: int, itemsize: int = 4) -> int:
 
 
 def _key_chunking(kv_len: int, row_tiles: int, key_tile: int = SCORE_KEY_TILE) -> tuple:
-    """(keys per CTA, number of key chunks): enough CTAs to fill the GPU when rows are few."""
+    """(keys per CTA, number of key chunks): enough CTAs to fill the GPU when rows are few; no
+    chunk where there are no keys (nothing to launch)."""
     tiles = num_blocks(kv_len, key_tile)
+    if tiles == 0:
+        return key_tile, 0
     chunks = min(tiles, max(1, num_blocks(_TARGET_CTAS, max(row_tiles, 1))))
     per = num_blocks(tiles, chunks) * key_tile
     return per, num_blocks(kv_len, per)
@@ -210,7 +213,7 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
         partial = torch.empty(nbh, n_rows, chunks, dtype=torch.float32, device=device)
     params = _score_params(rows, k, scale, out=out, ld=ld, partial=partial, lse=lse if mode == "maxprob" else None,
                            bh0=bh0, key_chunk=key_chunk, group=group, out_rows=out_rows, band=(band_lo, band_width))
-    if nbh and n_rows:
+    if nbh and n_rows and chunks:
         launch(spec, device, spec.grid(chunks, num_blocks(n_rows, spec.rows_per_cta), nbh), params)
     if mode == "maxprob":
         return out
@@ -256,13 +259,16 @@ def gpu_candidate_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: to
     spec = _score_spec(kernel, portable, slice_m, None, q.device)
     _check_prob_out(out, (nbh, q_blocks, row_stride(kv_len, PROB_DTYPE.itemsize)))
     q, k = _cp_async_ready(q), _cp_async_ready(k)
-    # Lists hold at most kv_len keys: chunks past a block's list end at once.
+    # Lists hold at most kv_len keys: chunks past a block's list end at once (entries past kv_len
+    # of a longer list, which only repeated keys make, are not scored). The offsets are clamped
+    # into the list as the attention kernels clamp theirs: a corrupt mask reads no further.
     key_chunk, chunks = _key_chunking(kv_len, q_blocks * nbh, spec.key_tile)
     params = _score_params(q, k, scale, out=out, ld=out.shape[-1], partial=None,
                            lse=lse.reshape(nbh, q_len).contiguous(), bh0=bh0, key_chunk=key_chunk, group=slice_m,
                            out_rows=q_blocks, band=(0, 0),
-                           lists=(candidates.indptr.contiguous(), candidates.indices.contiguous()))
-    if nbh and q_len:
+                           lists=(candidates.indptr.clamp(0, candidates.capacity).contiguous(),
+                                  candidates.indices.contiguous()))
+    if nbh and q_len and chunks:
         launch(spec, q.device, spec.grid(chunks, q_blocks, nbh), params)
     return out
 

@@ -180,3 +180,28 @@ def test_a_threshold_keeps_scores_equal_to_it_and_tau_keeps_one_key_of_a_massles
 
     assert int(select(torch.tensor([[0.5, 0.25, 0.25, 0.0]]), "threshold", threshold=0.25).sum()) == 3
     assert select(torch.zeros(2, 6), "tau", tau=0.9).sum(-1).tolist() == [1, 1]
+
+
+def test_the_candidate_scoring_launch_reads_offsets_clamped_into_the_list(monkeypatch):
+    """The list mode of the column-max kernels read each block's offsets as given: a corrupt
+    candidate mask sent them past its index buffer. The launch is captured on the CPU."""
+    import fgcupy.jit.launch
+    from fgcupy import SliceMask, mask_kernels
+
+    captured = {}
+    monkeypatch.setattr(fgcupy.jit.launch, "_device_pointer", lambda where, value, devices: captured.setdefault(
+        where.split(".")[-1], value).data_ptr())
+    monkeypatch.setattr(mask_kernels, "launch", lambda spec, device, grid, params: None)
+    q, k = torch.zeros(1, 2, 128, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 200, 64, dtype=torch.bfloat16)
+    corrupt = SliceMask(torch.tensor([[[-5, 10**6]], [[3, 7]]], dtype=torch.int32).view(1, 2, 2),
+                        torch.arange(16, dtype=torch.int32), 128, 128, 200)
+    out = torch.zeros(2, 1, mask_kernels.row_stride(200, 2), dtype=torch.bfloat16)
+    mask_kernels.gpu_candidate_colmax(q, k, 0.125, torch.zeros(2, 128), corrupt, out, kernel="mma")
+    offsets = captured["list_indptr"]
+    assert offsets.min() >= 0 and offsets.max() <= 16 and offsets.flatten().tolist() == [0, 16, 3, 7]
+
+
+def test_scoring_with_no_keys_launches_nothing():
+    from fgcupy import mask_kernels
+
+    assert mask_kernels._key_chunking(0, 10)[1] == 0
