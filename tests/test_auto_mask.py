@@ -264,3 +264,10 @@ def test_rows_whose_best_mask_keeps_a_nan_key_are_left_out_of_both_means():
     cheap = predict_mask(q, k, 128, "topk", density=0.1)
     missed, best = auto_mask.missed_mass(q, k, cheap, keeps_the_nan_key, scale, rule)
     assert torch.isfinite(missed).all() and torch.isfinite(best).all()
+
+
+@pytest.mark.parametrize("option", [{"local": 0}, {"max_keys": 0}])
+def test_auto_refuses_options_it_does_not_take_even_at_zero(option):
+    q, k = torch.randn(1, 1, 256, 32), torch.randn(1, 1, 256, 32)
+    with pytest.raises(ValueError, match="auto"):
+        predict_mask(q, k, 128, "auto", density=0.1, **option)

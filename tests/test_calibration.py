@@ -103,3 +103,12 @@ def test_zero_heads_calibrate_to_nothing():
     q = torch.randn(1, 0, 64, 16)
     calibration = calibrate(q, q, None, 16, density=0.2)
     assert calibration.poolings == [] and calibration.mask.heads == 0 and calibration.mask.capacity == 0
+
+
+def test_calibration_takes_a_slice_size_not_a_multiple_of_16():
+    from fgcupy.calibration import default_samples
+
+    assert default_samples(24) == 8
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 2, 300, 32, generator=gen), torch.randn(1, 2, 300, 32, generator=gen)
+    assert len(calibrate(q, k, slice_m=24, candidates=("mean", "sample"), density=0.2).poolings) == 2

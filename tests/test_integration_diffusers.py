@@ -1041,6 +1041,34 @@ def test_the_step_callback_keeps_a_generation_until_its_last_step():
     assert (handle.step, handle.generation) == (2, 1)
 
 
+def test_set_step_at_the_same_step_for_another_branch_keeps_the_generation():
+    """Manual counting: each branch of a step sets the step again; only a step before the current
+    one starts a new generation (its masks dropped and predicted anew)."""
+    model = tiny_wan(layers=1)
+    handle = fd.apply(model, cpu_config(refresh_every=10**9))
+    latents, text = wan_inputs()
+    generation = handle.generation
+    for step in range(3):
+        for branch in (0, 1):
+            handle.set_step(step, branch=branch)
+            run_wan(model, latents, text)
+    assert handle.generation == generation and handle.stats()["blocks.0.attn1"].refresh_steps == [0, 0]
+
+
+def test_set_step_after_a_finished_generation_starts_one_new_generation_only():
+    model = tiny_wan(layers=1)
+    handle = fd.apply(model, cpu_config(refresh_every=10**9))
+    latents, text = wan_inputs()
+    handle.begin_forward(torch.tensor([1000]))
+    handle.step_callback(_Pipe(1), 0, torch.tensor(1000), {})
+    generation = handle.generation
+    for step in range(3):
+        handle.set_step(step)
+        run_wan(model, latents, text)
+    assert handle.generation == generation + 1 and handle.stats()["blocks.0.attn1"].refresh_steps[-1:] == [0]
+    assert handle.stats()["blocks.0.attn1"].refresh_steps.count(0) == len(handle.stats()["blocks.0.attn1"].refresh_steps)
+
+
 def test_the_step_callback_frees_the_masks_at_a_generations_end():
     """An idle pipeline held every (layer, branch) mask and plan of its last generation until the
     next call: 10 GiB for Wan-14B at 480p."""

@@ -274,3 +274,19 @@ def test_from_topk_refuses_an_index_equal_to_kv_len():
 
 def test_random_topk_mask_rounds_the_key_count():
     assert (random_topk_mask(1, 1, 8, 10, 4, 0.39).row_lengths() == 4).all()  # 3.9 keys: 4, not 3
+
+
+def _i32(values):
+    return torch.tensor(values, dtype=torch.int32)
+
+
+def test_mask_algebra_bounds_rows_as_the_kernels_do_and_refuses_what_it_must():
+    from fgcupy.mask_algebra import drop_keys, slice_heads, take_blocks
+
+    one_past = SliceMask(_i32([[[0, 2], [2, 7]]]), _i32([0, 1, 2, 3, 4, 5]), 4, 4, 8)  # head 1 ends at 7 > 6
+    with pytest.raises(ValueError, match="outside its index buffer"):
+        slice_heads(one_past, range(1, 2))
+    outside = SliceMask(_i32([[[-2, 1], [1, 8]]]), _i32([5, 6, 7]), 4, 4, 8)  # clamped: [0, 1) and [1, 3)
+    assert torch.equal(drop_keys(outside, torch.ones(1, 8, dtype=torch.bool)).to_dense(), outside.to_dense())
+    with pytest.raises(ValueError, match="blocks"):
+        take_blocks(SliceMask.full(1, 1, 128, 300, 64), [2], 64)  # block 2 of 2
