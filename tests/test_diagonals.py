@@ -136,7 +136,7 @@ def test_found_offsets_as_a_tensor_are_taken_as_diagonals_and_inputs_needing_gra
     assert torch.equal(as_tensor.indices, as_ints.indices) and torch.equal(as_tensor.indptr, as_ints.indptr)
 
 
-def _planted(shifts, weight=3.0, noise=0.5, seq=1200, dim=32):
+def _repeated_queries(shifts, weight=3.0, noise=0.5, seq=1200, dim=32):
     """Keys that repeat the queries ``shifts`` tokens away (plus noise): diagonals at those offsets."""
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, 1, seq, dim, generator=gen)
@@ -149,7 +149,7 @@ def _planted(shifts, weight=3.0, noise=0.5, seq=1200, dim=32):
 def test_diagonals_at_the_edges_of_eligibility_and_of_a_peak():
     """One band width (slice_m + 2 x exact_band = 96) away is eligible, closer is not; a sharp
     peak is found at its own offset; support is measured over the queries that reach it."""
-    assert find_diagonals(*_planted([96]), 64, exact_band=16, count=1) == (96,)
-    assert find_diagonals(*_planted([88]), 64, exact_band=16, count=1) == ()
-    assert find_diagonals(*_planted([500], weight=20.0, noise=0.0), 64, exact_band=16, count=1) == (500,)
-    assert 900 in find_diagonals(*_planted([900]), 64, exact_band=16, count=2, min_support=0.5)
+    assert find_diagonals(*_repeated_queries([96]), 64, exact_band=16, count=1) == (96,)
+    assert find_diagonals(*_repeated_queries([88]), 64, exact_band=16, count=1) == ()
+    assert find_diagonals(*_repeated_queries([500], weight=20.0, noise=0.0), 64, exact_band=16, count=1) == (500,)
+    assert 900 in find_diagonals(*_repeated_queries([900]), 64, exact_band=16, count=2, min_support=0.5)
