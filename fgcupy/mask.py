@@ -13,7 +13,6 @@ non-int32 indices and the BlockMask converters.
 from __future__ import annotations
 
 import hashlib
-
 import numbers
 from dataclasses import dataclass
 
@@ -297,7 +296,10 @@ class SliceMask:
     def kept_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``flat_rows`` without keys outside [0, kv_len): the slices the kernels attend to (they
         drop such keys; ``validate`` names them)."""
-        row_of, keys = self.flat_rows()
+        return self._inside(*self.flat_rows())
+
+    def _inside(self, row_of: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (row, key) pairs whose key lies in [0, kv_len)."""
         inside = (keys >= 0) & (keys < self.kv_len)
         return row_of[inside], keys[inside]
 
@@ -313,9 +315,8 @@ class SliceMask:
         while first < rows:
             last = max(first + 1, int(torch.searchsorted(reached, done + _PAIRS_PER_PASS, right=True)))
             total = int(reached[last - 1]) - done
-            row_of, keys = self._pairs(starts[first:last], ends[first:last], total)
-            inside = (keys >= 0) & (keys < self.kv_len)
-            dense[row_of[inside] + first, keys[inside]] = True
+            row_of, keys = self._inside(*self._pairs(starts[first:last], ends[first:last], total))
+            dense[row_of + first, keys] = True
             first, done = last, done + total
         return dense.reshape(self.batch, self.heads, self.q_blocks, self.kv_len)
 

@@ -138,7 +138,7 @@ def relative_l2(out, ref) -> float:
     if tuple(out.shape) != tuple(ref.shape):
         raise ValueError(f"out and ref must have one shape, got {tuple(out.shape)} and {tuple(ref.shape)}")
     out, ref = out.to(torch.float64), ref.to(torch.float64)
-    denom = float(torch.linalg.vector_norm(ref))
-    if not math.isfinite(denom) or not math.isfinite(float(torch.linalg.vector_norm(out))):
+    denom, size = float(torch.linalg.vector_norm(ref)), float(torch.linalg.vector_norm(out))
+    if not (math.isfinite(denom) and math.isfinite(size)):
         return math.nan
-    return float(torch.linalg.vector_norm(out - ref) / denom) if denom > 0 else float(torch.linalg.vector_norm(out))
+    return float(torch.linalg.vector_norm(out - ref) / denom) if denom > 0 else size

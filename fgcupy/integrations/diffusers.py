@@ -53,10 +53,10 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-import weakref
 import logging
 import math
 import operator
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np

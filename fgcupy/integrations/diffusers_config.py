@@ -419,7 +419,7 @@ class SparseAttentionConfig:
     def schedule_summary(self, steps: int = 50) -> str:
         """Which of the first ``steps`` steps run dense and which make new masks, in words."""
         dense = [s for s in range(steps) if self.is_dense_step(s)]
-        refresh = [s for s in range(steps) if not self.is_dense_step(s) and self.is_refresh_step(s)]
+        refresh = [s for s in range(steps) if self.is_refresh_step(s)]  # dense steps make none
         return f"of the first {steps} steps: dense {dense or 'none'}; new masks on {refresh or 'none'}"
 
     @property
