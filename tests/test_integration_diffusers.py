@@ -312,6 +312,24 @@ def test_schedule_with_guidance_branches_and_a_dense_layer():
     assert handle.refresh_counts() == {"blocks.0.attn1": 6, "blocks.1.attn1": 0}
 
 
+def test_step_lists_cover_one_generation_and_counts_every_one():
+    """A long-running pipeline's statistics do not grow with its generations: the step lists
+    start anew with each generation, ``refreshes`` and the call counts keep them all."""
+    model = tiny_wan(layers=1)
+    handle = fd.apply(model, cpu_config(refresh_every=2, dense_steps=0))
+    latents, text = wan_inputs()
+    for generation in range(3):
+        for step in range(4):
+            run_wan(model, latents, text, t=1000 - 100 * step)  # back to 1000: a new generation
+        stats = handle.stats()["blocks.0.attn1"]
+        assert handle.generation == generation
+        assert stats.refresh_steps == [0, 2] and stats.refreshes == 2 * (generation + 1)
+        assert stats.sparse_calls == 4 * (generation + 1)
+    assert handle.refresh_counts() == {"blocks.0.attn1": 6}
+    handle.reset(clear_stats=True)
+    assert handle.stats()["blocks.0.attn1"].refreshes == 0
+
+
 def test_explicit_refresh_steps_and_shared_branches():
     model = tiny_wan(layers=1)
     latents, text = wan_inputs()
@@ -949,7 +967,8 @@ def test_step_tracking_from_timesteps():
     generation = handle.generation
     run_wan(model, latents, text, t=999)  # a larger timestep: a new generation
     assert (handle.step, handle.branch, handle.generation) == (0, 0, generation + 1)
-    assert handle.stats()["blocks.0.attn1"].refresh_steps == [3, 0]  # masks were dropped, predicted anew
+    stats = handle.stats()["blocks.0.attn1"]
+    assert stats.refresh_steps == [0] and stats.refreshes == 2  # masks were dropped, predicted anew
 
     for expected in range(1, 4):  # no timestep: every call is a step
         handle.begin_forward(None)
@@ -1587,7 +1606,8 @@ def test_set_step_back_to_an_earlier_step_starts_a_new_generation():
         for step in range(4):
             handle.set_step(step)
             run_wan(model, latents, text)
-    assert handle.stats()["blocks.0.attn1"].refresh_steps == [0, 0] and handle.generation == generation + 1
+    stats = handle.stats()["blocks.0.attn1"]
+    assert (stats.refresh_steps, stats.refreshes, handle.generation) == ([0], 2, generation + 1)
 
 
 def test_set_step_with_new_generation_drops_the_masks_of_the_last():
@@ -1599,13 +1619,15 @@ def test_set_step_with_new_generation_drops_the_masks_of_the_last():
     for _ in range(3):
         handle.set_step(0, new_generation=True)
         run_wan(model, latents, text)
-    assert handle.stats()["blocks.0.attn1"].refresh_steps == [0, 0, 0] and handle.generation == generation + 3
+    stats = handle.stats()["blocks.0.attn1"]
+    assert (stats.refresh_steps, stats.refreshes, handle.generation) == ([0], 3, generation + 3)
     handle.step_callback(_Pipe(1), 0, torch.tensor(1000), {})  # the pipeline's last step
     for _ in range(2):  # then set_step(0) alone starts the next generation
         handle.set_step(0)
         run_wan(model, latents, text)
         handle.step_callback(_Pipe(1), 0, torch.tensor(1000), {})
-    assert handle.stats()["blocks.0.attn1"].refresh_steps == [0] * 5 and handle.generation == generation + 5
+    stats = handle.stats()["blocks.0.attn1"]
+    assert (stats.refresh_steps, stats.refreshes, handle.generation) == ([0], 5, generation + 5)
     with pytest.raises(TypeError, match="new_generation must be a bool"):
         handle.set_step(0, new_generation=1)
 

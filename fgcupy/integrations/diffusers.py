@@ -114,8 +114,11 @@ def kernel_available() -> bool:
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class LayerStats:
-    """What one self-attention layer did: calls by path and the steps on which it predicted masks
-    (one entry per prediction, so two guidance branches refreshing on step 5 give [5, 5])."""
+    """What one self-attention layer did: calls by path over every generation, and the steps of
+    the current generation (the last one, once it ended) on which it predicted masks (one entry
+    per prediction, so two guidance branches refreshing on step 5 give [5, 5]). The step lists
+    start empty with each generation, so a long-running pipeline's statistics do not grow;
+    ``refreshes`` counts every generation's."""
 
     name: str
     index: int
@@ -128,10 +131,19 @@ class LayerStats:
     missed_mass_refresh_steps: list = field(default_factory=list)  # refreshes that refresh_on_missed_mass asked for
     calibrations: int = 0  # per-head pooling choices made (calibrate_pooling)
     diagonals: tuple = ()  # the diagonals last found (find_diagonals)
+    earlier_refreshes: int = 0  # predictions of the generations before the current one
 
     @property
     def refreshes(self) -> int:
-        return len(self.refresh_steps)
+        """Masks predicted over every generation."""
+        return self.earlier_refreshes + len(self.refresh_steps)
+
+    def start_generation(self) -> None:
+        """Empties the step lists (their predictions stay counted in ``refreshes``)."""
+        self.earlier_refreshes += len(self.refresh_steps)
+        self.refresh_steps.clear()
+        self.drift_refresh_steps.clear()
+        self.missed_mass_refresh_steps.clear()
 
     def record_stock(self, reason: str) -> None:
         self.stock_calls += 1
@@ -350,6 +362,8 @@ class SparseAttentionHandle:
         self._padding_seen.clear()
         self._branch_padding.clear()
         self._own_slots.clear()
+        for layer in self.layers.values():
+            layer.stats.start_generation()
 
     # ---- statistics ----
     def stats(self) -> dict[str, LayerStats]:
