@@ -16,8 +16,8 @@ from .jit.score_spec import DILATE_MAX_RADIUS, DilateInPlaceSpec, DilateSpec, Em
 from .attention_kernel import stand_in_spec
 from .jit.spec import ATTENTION_HEAD_DIMS, HEAD_DIMS, SLICE_SIZES, AttentionSpec
 from .mask import SliceMask, indptr_from_counts, num_blocks
-from .mask_kernels import (SCORE_DTYPES, band_specs, colmax_warps, gpu_adaptive_rows, gpu_candidate_colmax, gpu_colmax, gpu_dilate,
-                           gpu_dilate_in_place, gpu_emit, gpu_refine_band, gpu_scores, gpu_select, row_stride,
+from .mask_kernels import (SCORE_DTYPES, band_specs, bit_words, colmax_warps, gpu_adaptive_rows, gpu_candidate_colmax,
+                           gpu_colmax, gpu_dilate, gpu_dilate_in_place, gpu_emit, gpu_refine_band, gpu_scores, gpu_select, row_stride,
                            scores_spec, select_spec)
 from .mask_request import MaskRequest
 from .tiles import default_spec
@@ -134,6 +134,7 @@ class GpuPrediction:
         self.qh, self.kh, self.req, self.lse, self.candidates = qh, kh, req, lse, candidates
         self.batch, self.heads, self.q_len, self.dim = qh.shape
         self.kv_len = kh.shape[2]
+        self.workspace_bytes = workspace_bytes
         self.bh = self.batch * self.heads
         self.q_blocks = num_blocks(self.q_len, req.slice_m)
         kind = req.kind
@@ -271,25 +272,17 @@ class GpuPrediction:
 
     def _run_dynamic(self) -> SliceMask:
         """Select every chunk into bitmasks and counts, then size the index buffer (one host
-        sync, none with max_keys) and emit every chunk into it."""
-        req, kind = self.req, self.req.kind
-        if self.capped:
-            total = min(req.max_keys, self.kv_len) * self.bh * self.q_blocks
-            if total > _INT32_MAX:
-                raise ValueError(f"max_keys={req.max_keys} x {self.bh * self.q_blocks} blocks exceeds int32 offsets")
-            indices = torch.empty(total, dtype=torch.int32, device=self.device)
-        if kind == "union":
-            group, sub_rows, add_band = req.group, self.sub_rows, req.local
-        else:
-            group, sub_rows, add_band = 1, self.q_blocks, None
+        sync, none with max_keys) and emit every chunk into it. Where every chunk's bitmasks
+        together would outgrow the workspace, each chunk is emitted before the next is scored
+        instead (``_emit_each_chunk``)."""
+        if self.chunk < self.bh and self.bh * self._bits_bytes_per_head() > self.workspace_bytes:
+            return self._emit_each_chunk()
+        req = self.req
+        indices = self._capped_buffer()
+        sub_rows, group, add_band = self._emit_shape()
         chunks = []  # (first block row, counts, bitmask)
         for bh0, nbh, vals, lse in self._chunks():
-            if kind == "union":
-                _, bits = gpu_select(vals, self.kv_len, req, lse=lse, band=None, bits=True)
-                counts = torch.empty(nbh * self.q_blocks, dtype=torch.int32, device=self.device)
-                gpu_emit(bits, self.kv_len, sub_rows, group, req.slice_m, counts, add_band=add_band)
-            else:
-                counts, bits = gpu_select(vals, self.kv_len, req, lse=lse, band=req.local, bits=True)
+            counts, bits = self._select(vals, lse, nbh)
             del vals, lse  # the emit reads only the bitmasks
             chunks.append((bh0 * self.q_blocks, counts, bits))
         all_counts = torch.cat([counts for _, counts, _ in chunks])
@@ -297,13 +290,78 @@ class GpuPrediction:
         # the allocation and the emit launches remain (the GPU idles from the sync until then).
         indptr = indptr_from_counts(all_counts, self.batch, self.heads, self.q_blocks)
         offsets = indptr[..., :-1].reshape(-1)
-        if not self.capped:
-            total = all_counts.sum(dtype=torch.int64)
-            used = int(total.item())  # the one host sync
-            if used > _INT32_MAX:
-                raise ValueError("the mask keeps more slices than int32 offsets address")
-            indices = torch.empty(used, dtype=torch.int32, device=self.device)
+        if indices is None:
+            indices = torch.empty(_checked_total(all_counts), dtype=torch.int32, device=self.device)  # one host sync
         for row0, counts, bits in chunks:
             gpu_emit(bits, self.kv_len, sub_rows, group, req.slice_m, counts, add_band=add_band,
                      offsets=offsets[row0 : row0 + counts.numel()], out=indices)
-        return SliceMask(indptr, indices, self.req.slice_m, self.q_len, self.kv_len)
+        return SliceMask(indptr, indices, req.slice_m, self.q_len, self.kv_len)
+
+    def _emit_each_chunk(self) -> SliceMask:
+        """_run_dynamic holding one chunk's bitmasks at a time: each chunk's keys are written
+        before the next chunk is scored, into the max_keys buffer at offsets summed on the device,
+        or else into a buffer of its own sized by a host sync per chunk (joined at the end)."""
+        req = self.req
+        indices = self._capped_buffer()
+        sub_rows, group, add_band = self._emit_shape()
+        all_counts, parts, written = [], [], 0
+        start = torch.zeros(1, dtype=torch.int64, device=self.device)  # keys written before this chunk
+        for _, nbh, vals, lse in self._chunks():
+            counts, bits = self._select(vals, lse, nbh)
+            del vals, lse
+            ends = torch.cumsum(counts.to(torch.int64), 0)
+            if indices is None:
+                part = torch.empty(_checked_total(counts), dtype=torch.int32, device=self.device)
+                written += part.numel()
+                if written > _INT32_MAX:
+                    raise ValueError("the mask keeps more slices than int32 offsets address")
+                offsets, out = (ends - counts).to(torch.int32), part
+                parts.append(part)
+            else:
+                offsets, out = (start + ends - counts).to(torch.int32), indices
+                start = start + ends[-1:]
+            gpu_emit(bits, self.kv_len, sub_rows, group, req.slice_m, counts, add_band=add_band, offsets=offsets,
+                     out=out)
+            del bits
+            all_counts.append(counts)
+        all_counts = torch.cat(all_counts)
+        if indices is None:
+            indices = torch.cat(parts)
+        indptr = indptr_from_counts(all_counts, self.batch, self.heads, self.q_blocks)
+        return SliceMask(indptr, indices, req.slice_m, self.q_len, self.kv_len)
+
+    def _emit_shape(self) -> tuple:
+        """(bitmask rows per head, rows per emitted block, band added at the emit) of the dynamic path."""
+        if self.req.kind == "union":
+            return self.sub_rows, self.req.group, self.req.local
+        return self.q_blocks, 1, None
+
+    def _bits_bytes_per_head(self) -> int:
+        return self._emit_shape()[0] * bit_words(self.kv_len) * 4
+
+    def _capped_buffer(self):
+        """The index buffer of max_keys per block (no host sync sizes it), or None."""
+        if not self.capped:
+            return None
+        total = min(self.req.max_keys, self.kv_len) * self.bh * self.q_blocks
+        if total > _INT32_MAX:
+            raise ValueError(f"max_keys={self.req.max_keys} x {self.bh * self.q_blocks} blocks exceeds int32 offsets")
+        return torch.empty(total, dtype=torch.int32, device=self.device)
+
+    def _select(self, vals, lse, nbh) -> tuple:
+        """(int32 kept keys per block, bitmask rows) of one chunk's scores."""
+        req = self.req
+        if req.kind == "union":
+            _, bits = gpu_select(vals, self.kv_len, req, lse=lse, band=None, bits=True)
+            counts = torch.empty(nbh * self.q_blocks, dtype=torch.int32, device=self.device)
+            gpu_emit(bits, self.kv_len, self.sub_rows, req.group, req.slice_m, counts, add_band=req.local)
+            return counts, bits
+        return gpu_select(vals, self.kv_len, req, lse=lse, band=req.local, bits=True)
+
+
+def _checked_total(counts: torch.Tensor) -> int:
+    """The sum of ``counts`` (a host sync), refused past int32 offsets."""
+    used = int(counts.sum(dtype=torch.int64).item())
+    if used > _INT32_MAX:
+        raise ValueError("the mask keeps more slices than int32 offsets address")
+    return used

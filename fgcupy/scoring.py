@@ -36,7 +36,10 @@ within 2^-7 of them.
 Host synchronisation: none for top-k with combine "max" (row sizes are known from the
 shapes); the other selections need one (in all) to size the index buffer unless ``max_keys``
 is given. Score buffers ([heads x rows x kv_len], rows padded to 128 bytes) are bounded by
-``workspace_bytes``: heads are processed in chunks.
+``workspace_bytes``: heads are processed in chunks. Those selections also keep a bitmask of
+each block's (each sub-block's with "union") kept keys until the buffer is sized; where every
+head's bitmasks would outgrow ``workspace_bytes`` each chunk is written out before the next is
+scored (one host sync per chunk unless ``max_keys`` is given).
 """
 
 from __future__ import annotations
@@ -84,8 +87,8 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     (0, 1]; ``local`` keys either side of the
     block (and its own) are kept first; ``scale`` defaults to 1 / sqrt(D). ``combine``: how
     sub-blocks of ``pool`` queries join, "max" (one selection on the max of their scores) or
-    "union" (one selection each). ``workspace_bytes`` bounds the GPU score buffers (heads in
-    chunks; the CPU reference scores every head at once).
+    "union" (one selection each). ``workspace_bytes`` bounds the GPU score buffers and selection
+    bitmasks (heads in chunks; the CPU reference scores every head at once).
     ``logits_dtype``: how stored mean-query logits are kept (one mean query per block or combine
     "union" only), torch.float16 (default for top-k and threshold) or torch.float32 (default for
     tau); see the module docstring.

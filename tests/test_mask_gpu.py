@@ -398,6 +398,37 @@ def test_predict_mask_matches_reference(config, shape):
         assert (got.row_lengths().long() == expected_lengths).all()
 
 
+@pytest.mark.parametrize("config", [
+    dict(method="tau", tau=0.8),
+    dict(method="threshold", threshold=0.01, min_keys=3),
+    dict(method="tau", tau=0.6, pool=16, combine="union", local=4),
+    dict(method="tau", tau=0.5, max_keys=300, local=0, pool=None, exact_band=None),
+    dict(method="colmax", rule="threshold", threshold=0.002),
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_selections_written_chunk_by_chunk_equal_those_written_at_once(config):
+    """Where every head's selection bitmasks outgrow the workspace, each chunk of heads is
+    written out before the next is scored: the same mask, bit for bit, as one buffer for all."""
+    q, k = _inputs(7, 2, 3, 1000, 1500, 128, torch.bfloat16)
+    lse = ref.logits_and_lse(q, k, 1 / math.sqrt(128))[1] if config["method"] == "colmax" else None
+    whole = predict_mask(q, k, 128, lse=lse, **config).validate()
+    req = scoring.make_request(128, 1500, 128, **config)
+    seen = []
+    real = gpu_prediction.GpuPrediction._emit_each_chunk
+
+    def spy(self):
+        seen.append(self.chunk)
+        return real(self)
+
+    with mock.patch.object(gpu_prediction.GpuPrediction, "_emit_each_chunk", spy):
+        assert predict_mask(q, k, 128, lse=lse, **config).validate().indices.numel() == whole.indices.numel()
+        assert not seen  # the default workspace holds every bitmask
+        chunked = predict_mask(q, k, 128, lse=lse, workspace_bytes=1, **config).validate()
+    assert seen == [1]
+    assert torch.equal(chunked.indptr, whole.indptr)
+    kept = whole.row_lengths().sum().item()
+    assert torch.equal(chunked.indices[:kept] if req.max_keys else chunked.indices, whole.indices[:kept])
+
+
 @pytest.mark.parametrize("scores", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("kv_len", [3000, 32_760, 100_000])
 def test_rows_of_few_distinct_scores_select_exactly(scores, kv_len):
