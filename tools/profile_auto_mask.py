@@ -1,7 +1,8 @@
 """What ``predict_mask(method="auto")`` costs and how many heads it predicts again, per head
 family, beside the default and the estimated column max, as % of SDPA cuDNN dense attention of
 the same heads (CUDA-event medians of calls timed one by one, since "auto" waits on the host to
-pick its heads; one process). ``--parts``: where one family's "auto" call spends its time.
+pick its heads; one process). ``--parts``: where one family's "auto" call spends its time, and
+the estimated column max its flagged heads pay.
 
     PYTHONPATH=. python -m tools.profile_auto_mask     (GPU; wan14b-480p grid, 8 heads per family)
 """
@@ -14,7 +15,9 @@ import torch
 
 from bench.cases import sdpa_call
 from bench.timing import require_cuda
-from fgcupy import auto_mask, predict_mask
+from fgcupy import auto_mask, predict_mask, scoring
+from fgcupy.lse_estimate import estimate_lse
+from fgcupy.mask_kernels import gpu_colmax, gpu_select
 from fgcupy.head_families import FAMILIES, family_qkv
 from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
 from fgcupy.timing import cuda_time_ms
@@ -35,6 +38,9 @@ def parts(q, k, d: float) -> None:
     _, rows, _ = auto_mask._checked_rows(q.shape[2], 128, q.device)
     q_rows = q.index_select(2, rows)
     exact = auto_mask.exact_row_lse(q_rows, k, scale)
+    estimate = estimate_lse(q, k, 128)
+    colmax = gpu_colmax(q, k, scale, estimate.reshape(-1, q.shape[2]), 128)
+    colmax_rule = scoring.make_request(q.shape[-1], k.shape[2], 128, "colmax", rule="topk", density=d)
     steps = {
         "cheap top-k": lambda: predict_mask(q, k, 128, "topk", density=d),
         "checked rows' exact LSE": lambda: auto_mask.exact_row_lse(q_rows, k, scale),
@@ -42,6 +48,9 @@ def parts(q, k, d: float) -> None:
         "missed_mass (the check, no host sync)": lambda: auto_mask.missed_mass(q, k, cheap, predict_mask, scale, rule),
         "flagged_heads (the check and its sync)": lambda: auto_mask.flagged_heads(q, k, cheap, predict_mask, scale, rule),
         "estimated column max, all heads": lambda: predict_mask(q, k, 128, "colmax", lse="estimate", density=d),
+        "  its LSE estimate": lambda: estimate_lse(q, k, 128),
+        "  its column-max pass": lambda: gpu_colmax(q, k, scale, estimate.reshape(-1, q.shape[2]), 128),
+        "  its selection": lambda: gpu_select(colmax, k.shape[2], colmax_rule),
         "auto": lambda: predict_mask(q, k, 128, "auto", density=d),
     }
     for name, fn in steps.items():
