@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fgcupy import SliceMask, predict_mask
+from fgcupy import SliceMask, predict_mask, reference_attention, sparse_attention
 from fgcupy import mask_reference as ref
 from fgcupy.mask import num_blocks
 from fgcupy.mask_request import DEFAULT_POOLING
@@ -556,3 +556,66 @@ def test_one_non_finite_query_leaves_its_block_mask(bad):
 
     assert len(block0(dirty) & block0(clean)) >= 0.9 * len(block0(clean))
     assert not bool(ref.block_coherence(q, 128)[0, 0, 0] >= ref.COHERENCE_CUT)
+
+
+# ---------------------------------------------------------------------------------------------
+# option conflicts, the op called directly, the CPU op's precision
+# ---------------------------------------------------------------------------------------------
+def test_colmax_refuses_a_pool():
+    q = torch.randn(1, 2, 128, 16, generator=torch.Generator().manual_seed(0))
+    lse = torch.zeros(1, 2, 128)
+    with pytest.raises(ValueError, match="pool applies to mean-query methods, not colmax"):
+        predict_mask(q, q, 64, "colmax", lse=lse, density=0.1, pool=32)
+    with pytest.raises(ValueError, match="pool applies to mean-query methods, not colmax"):
+        make_request(16, 128, 64, "colmax", density=0.1, pool=16)
+
+
+def test_the_op_called_directly_refuses_a_pooling_list_of_another_length():
+    from fgcupy.predict_op import request_token  # registers the op
+
+    q, k = torch.randn(1, 2, 256, 64), torch.randn(1, 2, 256, 64)
+    req = make_request(64, 256, 128, "topk", density=0.1)
+    op = torch.ops.fgcupy.predict_mask
+    for poolings in (("mean", "sample", "both"), ("mean", "sample", "mean")):
+        token = request_token(req, (poolings, None))
+        with pytest.raises(ValueError, match="a pooling per head needs 2 entries, got 3"):
+            op(q, k, None, [], [], token, 25, -1.0, 0.125, 1 << 30)
+
+
+def test_pooling_per_head_keeps_the_diagonals():
+    """A pooling per head goes through the op's token: its diagonals must survive the trip."""
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 2, 256, 32, generator=gen), torch.randn(1, 2, 512, 32, generator=gen)
+    options = dict(top_k=48, exact_band=16, diagonals=[256])
+    got = predict_mask(q, k, 64, "topk", pooling=["mean", "sample"], **options).to_dense()
+    for h, pooling in enumerate(("mean", "sample")):
+        alone = predict_mask(q[:, h : h + 1], k[:, h : h + 1], 64, "topk", pooling=pooling, **options)
+        assert torch.equal(got[:, h : h + 1], alone.to_dense()), (h, pooling)
+
+
+def test_a_union_top_k_prediction_compiles_with_fullgraph():
+    """combine='union' keeps a data-dependent number of keys per block even under top-k: the
+    op's fake implementation must not size it as a static top-k."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 32, generator=gen) for _ in range(3))
+
+    def step(q, k, v):
+        mask = predict_mask(q, k, 64, "topk", density=0.2, pool=16, combine="union")
+        return sparse_attention(q, k, v, mask), mask.indptr, mask.indices
+
+    mask = predict_mask(q, k, 64, "topk", density=0.2, pool=16, combine="union")
+    torch._dynamo.reset()
+    out, indptr, indices = torch.compile(step, fullgraph=True)(q, k, v)
+    assert torch.equal(indptr, mask.indptr) and torch.equal(indices, mask.indices)
+    torch.testing.assert_close(out, reference_attention(q, k, v, mask)[0])
+
+
+def test_float64_attention_on_cpu_stays_float64():
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 150, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    mask = SliceMask.from_dense(torch.rand(1, 2, 3, 150, generator=gen) < 0.5, 64, 150)
+    out, lse = sparse_attention(q, k, v, mask, return_lse=True)
+    ref, ref_lse = reference_attention(q, k, v, mask, dtype=torch.float64)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=0, atol=1e-5)

@@ -3,6 +3,7 @@ the one-process reference; a span that starts inside a query block, or masks of 
 sizes, raise on every rank."""
 
 import datetime
+import math
 import json
 import os
 import tempfile
@@ -297,3 +298,96 @@ def test_a_merge_keeps_a_nan_lse():
     merged_out, merged = _merge(out, lse, out_i, lse_i)
     assert merged[0, 0, 0].isnan() and merged[0, 0, 1] == float("-inf")
     assert merged_out[0, 0, 0].isnan().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# the merge, the ring's size, masks for other heads, shards split anew
+# ---------------------------------------------------------------------------------------------
+def test_a_ring_merge_of_large_lses_stays_finite():
+    """The merge subtracts the larger LSE before exponentiating: partial LSEs far from 0 (or one
+    span with no key) must not overflow into NaN."""
+    from fgcupy.ring import _merge
+
+    out, out_i = torch.ones(1, 1, 2, 4), torch.full((1, 1, 2, 4), 3.0)
+    lse, lse_i = torch.tensor([[[0.0, -math.inf]]]), torch.tensor([[[200.0, 150.0]]])
+    merged_out, merged = _merge(out, lse, out_i, lse_i)
+    torch.testing.assert_close(merged, lse_i)
+    torch.testing.assert_close(merged_out, out_i)
+
+
+def test_a_ring_that_does_not_divide_the_group_is_refused(monkeypatch):
+    """Every rank's header is its own (one process stands for the group)."""
+    from fgcupy import ring as ring_module
+
+    monkeypatch.setattr(ring_module, "gather_headers",
+                        lambda group, local, device, world: [dict(local) for _ in range(world)])
+    for world, ring in ((3, 2), (4, 3), (6, 4), (2, 3), (2, 0)):
+        with pytest.raises(ValueError, match=f"ring must be a positive int dividing the group's {world} ranks"):
+            ring_module._agree_on_ring(None, ring, world)
+    ring_module._agree_on_ring(None, 2, 4)
+
+
+def test_the_hybrid_engine_refuses_a_mask_for_other_heads():
+    from fgcupy.ring import HybridSequenceParallelAttention
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        attn = HybridSequenceParallelAttention(ring=1)
+        q = torch.randn(1, 2, 64, 8, generator=torch.Generator().manual_seed(0))
+        for heads in (1, 4):
+            with pytest.raises(ValueError, match=rf"mask is for \(B, H\)=\(1, {heads}\), q for \(1, 2\)"):
+                attn(q, q, q, SliceMask.full(1, heads, 64, 64, 16))
+        torch.testing.assert_close(attn(q, q, q, SliceMask.full(1, 2, 64, 64, 16)),
+                                   reference_attention(q, q, q, SliceMask.full(1, 2, 64, 64, 16))[0])
+    finally:
+        dist.destroy_process_group()
+
+
+def _resharded_worker(rank, world, port, path):
+    os.environ["FGCUPY_COLLECTIVE_TIMEOUT_S"] = "10"
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+    from fgcupy.ring import HybridSequenceParallelAttention
+
+    verdict = {}
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, 2, 64, 8, generator=gen) for _ in range(3))
+        mask = SliceMask.from_dense(torch.rand(1, 2, 4, 64, generator=gen) < 0.5, 16, 64)
+        ref = reference_attention(q, k, v, mask)[0]
+        attn = HybridSequenceParallelAttention(ring=2)
+        for lens in ([32, 32], [16, 48], [48, 16]):  # the same mask object, shards split elsewhere
+            lo, hi = sum(lens[:rank]), sum(lens[:rank + 1])
+            out = attn(q[:, :, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], mask)
+            verdict[str(lens)] = float((out - ref[:, :, lo:hi]).abs().max())
+    except Exception:  # noqa: BLE001 - the parent reports it
+        verdict["detail"] = traceback.format_exc(limit=5)
+    with open(f"{path}.{rank}", "w") as f:
+        json.dump(verdict, f)
+    dist.destroy_process_group()
+
+
+def test_the_hybrid_engine_follows_shards_split_anew_under_one_mask(tmp_path):
+    """The rows of a mask kept between calls belong to the span they were cut for: shards of
+    other lengths under the same mask object need their own rows."""
+    world = 2
+    path = str(tmp_path / "verdict")
+    ctx = torch.multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_resharded_worker, args=(r, world, port, path)) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(90)
+            assert not p.is_alive(), "a rank hung"
+    finally:
+        for p in procs:
+            p.kill()
+    for rank in range(world):
+        with open(f"{path}.{rank}") as f:
+            verdict = json.load(f)
+        os.unlink(f"{path}.{rank}")
+        assert "detail" not in verdict, verdict["detail"]
+        assert len(verdict) == 3 and max(verdict.values()) < 1e-5, (rank, verdict)

@@ -1,12 +1,14 @@
 """Video-like workloads: shapes, seeding, head subsamples, drift, and attention that is sparse."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from bench.presets import PRESETS
 from fgcupy import workloads
+from fgcupy.head_families import family_qkv, family_shape
 from fgcupy.workloads import SHAPES, VideoShape, grid_positions, head_styles, rotary_split, video_qkv
 
 SMALL = VideoShape("small", 1, 8, 64, (4, 10, 12))
@@ -146,3 +148,115 @@ def test_mass_fraction_needs_a_query():
     q, k, _ = family_qkv(family_shape("wan1.3b-480p", (2, 4, 4)), "window2d", heads=1)
     with pytest.raises(ValueError, match="queries"):
         mass_fraction(q, k, queries=0)
+
+
+TINY = VideoShape("tiny", 1, 2, 64, (2, 6, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# every knob shows in the tensors; head families as documented
+# ---------------------------------------------------------------------------------------------
+
+def test_value_noise_is_the_std_of_the_noise_added_to_v():
+    quiet = video_qkv(TINY, "mixed", seed=2, dtype=torch.float32, value_noise=0.0)
+    loud = video_qkv(TINY, "mixed", seed=2, dtype=torch.float32, value_noise=1.0)
+    assert torch.equal(quiet[0], loud[0]) and torch.equal(quiet[1], loud[1])  # q and k do not depend on it
+    assert abs(float((loud[2] - quiet[2]).std()) - 1.0) < 0.1
+
+
+def _sink_rows(shape, seed=0, **knobs):
+    """Per batch, the key rows that sink_strength moves (the sinks)."""
+    weak = video_qkv(shape, "spatial", seed=seed, dtype=torch.float32, sink_strength=0.0, **knobs)[1]
+    strong = video_qkv(shape, "spatial", seed=seed, dtype=torch.float32, sink_strength=20.0, **knobs)[1]
+    moved = (strong - weak).abs().amax(dim=(1, 3)) > 1e-3  # [B, S]
+    return [set(torch.nonzero(row).flatten().tolist()) for row in moved]
+
+
+def test_sink_strength_moves_the_sink_keys_alone():
+    rows = _sink_rows(TINY, sinks=5)
+    assert len(rows[0]) == 5
+    q_weak = video_qkv(TINY, "spatial", dtype=torch.float32, sink_strength=0.0)[0]
+    q_strong = video_qkv(TINY, "spatial", dtype=torch.float32, sink_strength=20.0)[0]
+    assert (q_strong - q_weak).abs().amax(-1).gt(1e-3).all()  # every query leans on the sinks
+
+
+def test_each_batch_element_has_its_own_sinks():
+    rows = _sink_rows(VideoShape("two", 2, 1, 64, (2, 6, 8)), seed=1, sinks=6)
+    assert len(rows[0]) == len(rows[1]) == 6 and rows[0] != rows[1]
+
+
+def test_family_qkv_refuses_head_dims_below_32():
+    for head_dim in (16, 24, 30):
+        shape = replace_head_dim(family_shape("wan1.3b-480p", (2, 4, 4)), head_dim)
+        with pytest.raises(ValueError, match="head families need head_dim >= 32"):
+            family_qkv(shape, "window2d", heads=1)
+    assert family_qkv(replace_head_dim(family_shape("wan1.3b-480p", (2, 4, 4)), 32), "window2d", heads=1)[0].shape[-1] == 32
+
+
+def replace_head_dim(shape, head_dim):
+    return VideoShape(shape.name, shape.batch, shape.heads, head_dim, shape.grid)
+
+
+def _logits(q, k):
+    return q.float() @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+
+
+def test_strided_temporal_heads_prefer_frames_a_stride_apart():
+    """temporal-strided: keys 2-4 frames apart look alike, the next frame less so (a free time
+    axis would like every frame alike)."""
+    grid = (8, 6, 6)
+    q, k, _ = family_qkv(family_shape("wan1.3b-480p", grid), "temporal-strided", heads=4, dtype=torch.float32)
+    pos = grid_positions(grid)
+    same_place = (pos[:, None, 1:] == pos[None, :, 1:]).all(-1)
+    dt = pos[None, :, 0] - pos[:, None, 0]
+    logits = _logits(q, k)[0]  # [H, S, S]
+    for h in range(q.shape[1]):
+        own = logits[h][same_place & (dt == 0)].mean()
+        next_frame = logits[h][same_place & (dt == 1)].mean()
+        assert own - next_frame > 2.0, (h, float(own), float(next_frame))
+
+
+def test_every_text_token_is_liked_by_every_query(monkeypatch):
+    """Without content noise, every video query gives every text token text_strength logits."""
+    from fgcupy import head_families
+
+    quiet = replace(head_families.FAMILIES["sinks-text"], name="quiet-text", noise=0.0)
+    monkeypatch.setitem(head_families.FAMILIES, "quiet-text", quiet)
+    grid = (2, 4, 4)
+    q, k, _ = family_qkv(family_shape("wan1.3b-480p", grid), "quiet-text", heads=2, dtype=torch.float32)
+    video = 2 * 4 * 4
+    assert q.shape[2] == video + quiet.text
+    to_text = _logits(q, k)[0, :, :video, video:]
+    torch.testing.assert_close(to_text, torch.full_like(to_text, quiet.text_strength), rtol=0, atol=1e-4)
+
+
+def test_mixture_queries_use_one_kernel_each():
+    """A mixture head's query uses its region's kernel or the other, never both nor neither: its
+    logit to its own key is about one kernel's peak (8-14 logits)."""
+    grid = (4, 8, 8)
+    q, k, _ = family_qkv(family_shape("wan1.3b-480p", grid), "mixture", heads=2, dtype=torch.float32)
+    video = 4 * 8 * 8
+    own = torch.diagonal(_logits(q, k)[0, :, :video, :video], dim1=-2, dim2=-1)  # [H, video]
+    inside = ((own > 4.0) & (own < 19.0)).float().mean()
+    assert inside > 0.85, float(inside)
+
+
+def test_family_batch_elements_differ_and_keep_their_heads():
+    """Each (batch, head) draws its own head; a batch element is the same in any batch size."""
+    two = family_qkv(replace(family_shape("wan1.3b-480p", (2, 4, 4)), batch=2), "window3d", heads=2,
+                     dtype=torch.float32)
+    one = family_qkv(family_shape("wan1.3b-480p", (2, 4, 4)), "window3d", heads=2, dtype=torch.float32)
+    for a, b in zip(two, one):
+        assert torch.equal(a[:1], b) and not torch.equal(a[0], a[1])
+
+
+def test_mass_fraction_counts_the_key_that_reaches_the_mass():
+    """Uniform attention over 16 keys holds half its mass in 8 of them; one-hot attention holds
+    any mass in its one key."""
+    from fgcupy.head_families import mass_fraction
+
+    zeros = torch.zeros(1, 1, 4, 8)
+    keys = torch.zeros(1, 1, 16, 8)
+    assert mass_fraction(zeros, keys, 0.5) == 0.5
+    sharp = torch.eye(16)[None, None, :, :8] * 1000.0  # query i likes key i alone (i < 8)
+    assert mass_fraction(sharp[:, :, :8], sharp, 0.9) == 1 / 16
