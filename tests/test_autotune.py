@@ -903,3 +903,80 @@ def test_the_cli_refuses_an_unwritable_json_path_before_tuning(monkeypatch, tmp_
     assert cli.main(["--preset", "cogvideox5b", "--density", "0.3", "--slice-m", "64", "--no-store",
                      "--json", str(tmp_path / "missing" / "out.json")]) == 2
     assert tuned == [] and "cannot write --json" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# the noise margin's edge, timings of no time, exact fits, failed tunes, fresh winners, keys
+# ---------------------------------------------------------------------------------------------
+def _tuned_result(key, winner):
+    """A measured TuneResult whose ``winner`` beat the heuristic default of ``key`` two to one."""
+    default = autotune.heuristic_spec(key.dtype, key.head_dim, key.slice_m, key.arch)
+    cands = [autotune.Candidate(s, 100, s.smem_bytes, 0, ms, 1.0, "ok") for s, ms in ((default, 2.0), (winner, 1.0))]
+    return autotune.TuneResult(key, default, winner, True, cands, 0.5)
+
+
+def test_a_winner_exactly_at_the_margin_keeps_the_default():
+    default, other = AttentionSpec("bfloat16", 128, 128, 32, 3), AttentionSpec("bfloat16", 128, 128, 64, 2)
+    assert autotune.select_winner({default: 2.0, other: 1.0}, default, margin=0.5) == default
+    assert autotune.select_winner({default: 2.0, other: 0.96875}, default, margin=0.5) == other
+
+
+def test_select_winner_ignores_zero_and_negative_timings():
+    default, other = AttentionSpec("bfloat16", 128, 128, 32, 3), AttentionSpec("bfloat16", 128, 128, 64, 2)
+    assert autotune.select_winner({default: 1.0, other: 0.0}, default) == default
+    assert autotune.select_winner({default: None, other: -1.0}, default) is None
+
+
+def test_a_kernel_that_exactly_fills_the_gpus_shared_memory_is_used(isolated_cache):
+    big = AttentionSpec("bfloat16", 128, 128, 64, 3)
+    gpu = autotune.DeviceInfo("NVIDIA L40S", (8, 9), 142, big.smem_bytes, 65536)
+    key = autotune.ProblemKey.make(gpu, "bfloat16", 128, 128, 32760, 32760, 0.3)
+    autotune.TuneCache().store([_tuned_result(key, big)], gpu)
+    default = autotune.heuristic_spec("bfloat16", 128, 128, gpu.arch)
+    assert autotune.choose_spec(key, default, lambda k: None, gpu=gpu) == big
+
+
+def test_a_failed_tune_is_not_tried_again_in_the_same_process(isolated_cache, monkeypatch):
+    monkeypatch.setenv(autotune.AUTOTUNE_ENV, "1")
+    calls = []
+
+    def tune_fn(key):
+        calls.append(key)
+        raise RuntimeError("out of memory")
+
+    default = autotune.heuristic_spec("bfloat16", 128, 128, "sm_90")
+    with pytest.warns(autotune.AutotuneCacheWarning, match="out of memory"):
+        assert autotune.choose_spec(KEY, default, tune_fn) == default
+    assert autotune.choose_spec(KEY, default, tune_fn) == default
+    assert len(calls) == 1
+
+
+def test_a_fresh_tune_replaces_the_stored_winner_of_its_key(isolated_cache):
+    first, second = AttentionSpec("bfloat16", 128, 128, 32, 3), AttentionSpec("bfloat16", 128, 128, 64, 2)
+    assert autotune.TuneCache().store([_tuned_result(KEY, first)], H100)
+    assert autotune.TuneCache().store([_tuned_result(KEY, second)], H100)
+    autotune.TuneCache._memo.clear()
+    assert autotune.TuneCache().lookup(KEY) == second
+
+
+def test_the_file_is_read_again_once_it_changed(isolated_cache):
+    """Another writer's (here: a later store's) entries are seen without restarting."""
+    winner = AttentionSpec("bfloat16", 128, 128, 32, 3)
+    autotune.TuneCache().store([_tuned_result(KEY, winner)], H100)
+    assert autotune.TuneCache().lookup(KEY) == winner
+    other_key = autotune.ProblemKey.make(H100, "bfloat16", 128, 64, 32760, 32760, 1.0)
+    other = AttentionSpec("bfloat16", 128, 64, 32, 2)
+    autotune.TuneCache().store([_tuned_result(other_key, other)], H100)
+    assert autotune.TuneCache().lookup(other_key) == other
+
+
+def test_problem_keys_keep_query_and_key_lengths_apart():
+    key = autotune.ProblemKey.make(H100, "bfloat16", 128, 128, 4096, 256, 0.3)
+    assert (key.q_bucket, key.kv_bucket) == (4096, 256)
+    assert "|q4096|kv256|" in key.id
+
+
+def test_density_estimate_of_a_mask_with_spare_capacity_is_at_most_one():
+    indptr = torch.tensor([[[0, 4]]], dtype=torch.int32)
+    mask = SliceMask(indptr, torch.arange(8, dtype=torch.int32) % 4, 64, 64, 4)  # 8 slots, 4 slices
+    assert autotune.mask_density_estimate(mask) == 1.0

@@ -9,6 +9,7 @@ import torch
 from fgcupy import SliceMask, SparseAttention, mask_kernels, reference_attention, scoring, sparse_attention
 from fgcupy.attention import check_inputs, check_strides
 from fgcupy.jit import AttentionSpec
+from fgcupy.layout import query_key_views, to_bhsd
 from fgcupy.mask_reference import dilate_keys
 
 MASK = SliceMask.full(1, 2, 100, 80, 64)
@@ -337,3 +338,99 @@ def test_cuda_time_ms_times_the_kernel_a_first_call_started_compiling_not_its_st
 
     timing.cuda_time_ms(fn, warmup=2, reps=5)
     assert ran[-5:] == ["kernel"] * 5
+
+
+# ---------------------------------------------------------------------------------------------
+# plans, overlaps, devices, scales and layouts that must be named
+# ---------------------------------------------------------------------------------------------
+def _random_qkv(q_len=128, kv_len=128, d=64, heads=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, heads, n, d, generator=gen) for n in (q_len, kv_len, kv_len))
+
+
+def test_plan_refuses_a_spec_made_for_another_slice_size():
+    """A kernel compiled for 128-query slices would read a 64-query-slice mask wrongly."""
+    mask = SliceMask.full(1, 2, 128, 128, 64)
+    with pytest.raises(ValueError, match=r"spec sparse_attn_fwd_bf16_d64_m128\S* is for .* the plan asks for"):
+        SparseAttention().plan(mask, head_dim=64, spec=AttentionSpec("bfloat16", 64, 128))
+
+
+def test_replanning_a_mask_with_fewer_kept_keys_takes_its_own_buffers():
+    """Same [B, H, QB + 1] offsets, another capacity: the plan must not copy into the old buffers."""
+    q, k, v = (t.bfloat16() for t in _random_qkv())
+    attn = SparseAttention().plan(SliceMask.full(1, 2, 128, 128, 64), head_dim=64)
+    topk = torch.tensor([[[[3, 70, 100], [0, 1, 127]], [[5, 6, 7], [64, 65, 66]]]])
+    sparse = SliceMask.from_topk(topk, 64, 128, 128)
+    attn.plan(sparse, head_dim=64)
+    assert attn.mask.capacity == sparse.capacity == 12
+    torch.testing.assert_close(attn.run(q, k, v), reference_attention(q, k, v, sparse)[0].bfloat16())
+
+
+def test_dense_attention_head_groups_count_every_batch_against_the_index_budget(monkeypatch):
+    """Each group's full mask (batch x blocks x keys x heads slices) stays within index_budget."""
+    import fgcupy.attention as attention
+
+    seen = []
+    real = attention.sparse_attention
+
+    def spy(q, k, v, mask, **kwargs):
+        seen.append((q.shape[1], mask.capacity))
+        return real(q, k, v, mask, **kwargs)
+
+    monkeypatch.setattr(attention, "sparse_attention", spy)
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 64, 32, generator=gen) for _ in range(3))
+    attention.dense_attention_with_lse(q, k, v, slice_m=64, index_budget=256)  # 128 slices a head
+    assert seen == [(2, 256), (2, 256)]
+
+
+def test_inputs_on_another_device_than_the_mask_are_named():
+    mask = SliceMask.full(1, 2, 100, 80, 64)
+    q, k, v = (torch.empty(1, 2, n, 64, dtype=torch.bfloat16, device="meta") for n in (100, 80, 80))
+    with pytest.raises(ValueError, match=r"q is on meta, the mask is on cpu"):
+        check_inputs(q, k, v, mask, AttentionSpec("bfloat16", 64, 64, 64, 2))
+
+
+def test_out_and_lse_right_after_the_inputs_in_one_buffer_are_taken():
+    """Tensors that touch end to end share no byte: nothing overlaps."""
+    size = 1 * 2 * 128 * 64
+    buffer = torch.randn(4 * size + 2 * 128, generator=torch.Generator().manual_seed(2))
+    q, k, v, out = (buffer[i * size : (i + 1) * size].view(1, 2, 128, 64) for i in range(4))
+    lse = buffer[4 * size :].view(1, 2, 128)
+    mask = SliceMask.full(1, 2, 128, 128, 64)
+    expected, expected_lse = reference_attention(q.clone(), k.clone(), v.clone(), mask)
+    got, got_lse = sparse_attention(q, k, v, mask, out=out, lse=lse)
+    assert got is out and got_lse is lse
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(lse, expected_lse)
+
+
+def test_out_over_q_with_other_strides_is_not_taken_as_in_place():
+    """out at q's address but transposed writes q's elements other blocks still read."""
+    q, k, v = _random_qkv(q_len=64, kv_len=64, d=64, heads=1)
+    mask = SliceMask.full(1, 1, 64, 64, 64)
+    with pytest.raises(ValueError, match="out overlaps q"):
+        sparse_attention(q, k, v, mask, out=q.transpose(2, 3))
+
+
+def test_a_tensor_scale_of_several_elements_is_refused_as_a_scale():
+    q, k, v = _random_qkv()
+    mask = SliceMask.full(1, 2, 128, 128, 64)
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        sparse_attention(q, k, v, mask, scale=torch.tensor([0.125, 0.25]))
+
+
+def test_query_key_views_names_a_head_dim_mismatch():
+    with pytest.raises(ValueError, match=r"q and k must agree on B, H and D"):
+        query_key_views(torch.zeros(1, 2, 8, 64), torch.zeros(1, 2, 8, 32))
+
+
+def test_query_key_views_names_a_dtype_mismatch():
+    with pytest.raises(TypeError, match=r"k has dtype torch.float16, q has torch.float32"):
+        query_key_views(torch.zeros(1, 2, 8, 64), torch.zeros(1, 2, 8, 64, dtype=torch.float16))
+
+
+def test_to_bhsd_refuses_a_five_dimensional_tensor():
+    for layout in ("HND", "NHD"):
+        with pytest.raises(ValueError, match=r"q must be a 4-D tensor"):
+            to_bhsd(torch.zeros(1, 2, 3, 4, 5), layout, "q")
