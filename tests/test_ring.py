@@ -368,26 +368,9 @@ def _resharded_worker(rank, world, port, path):
     dist.destroy_process_group()
 
 
-def test_the_hybrid_engine_follows_shards_split_anew_under_one_mask(tmp_path):
+def test_the_hybrid_engine_follows_shards_split_anew_under_one_mask():
     """The rows of a mask kept between calls belong to the span they were cut for: shards of
     other lengths under the same mask object need their own rows."""
-    world = 2
-    path = str(tmp_path / "verdict")
-    ctx = torch.multiprocessing.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_resharded_worker, args=(r, world, port, path)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(90)
-            assert not p.is_alive(), "a rank hung"
-    finally:
-        for p in procs:
-            p.kill()
-    for rank in range(world):
-        with open(f"{path}.{rank}") as f:
-            verdict = json.load(f)
-        os.unlink(f"{path}.{rank}")
+    for rank, verdict in enumerate(_verdicts(_resharded_worker, 2, 90)):
         assert "detail" not in verdict, verdict["detail"]
         assert len(verdict) == 3 and max(verdict.values()) < 1e-5, (rank, verdict)
