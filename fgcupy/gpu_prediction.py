@@ -17,8 +17,8 @@ from .attention_kernel import stand_in_spec
 from .jit.spec import ATTENTION_HEAD_DIMS, HEAD_DIMS, SLICE_SIZES, AttentionSpec
 from .mask import SliceMask, indptr_from_counts, num_blocks
 from .mask_kernels import (SCORE_DTYPES, band_specs, bit_words, colmax_warps, gpu_adaptive_rows, gpu_candidate_colmax,
-                           gpu_colmax, gpu_dilate, gpu_dilate_in_place, gpu_emit, gpu_refine_band, gpu_scores, gpu_select, row_stride,
-                           scores_spec, select_spec)
+                           gpu_colmax, gpu_dilate, gpu_dilate_in_place, gpu_emit, gpu_refine_band, gpu_scores, gpu_select,
+                           row_stride, scores_spec, select_spec)
 from .mask_request import MaskRequest
 from .tiles import default_spec
 
