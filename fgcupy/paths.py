@@ -61,20 +61,32 @@ def untrusted_folder(folder: Path) -> str | None:
     fallback's."""
     try:
         fallback = _temporary_root()
+        under_fallback = fallback in folder.parents
         if not folder.exists() and not folder.is_symlink():
-            if folder == fallback or fallback in folder.parents:
+            if folder == fallback or under_fallback:
                 fallback.mkdir(mode=0o700, exist_ok=True)  # the parents of a mkdir get the default mode
+            # The fallback is checked before anything is made inside it: a planted symlink there
+            # would have this user make folders wherever it points.
+            if under_fallback and (why := _unsafe_folder(fallback)):
+                return why
             folder.mkdir(parents=True, exist_ok=True)
-        for path in (folder, *([fallback] if fallback in folder.parents else [])):
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                return f"{path} is a symlink"
-            if not stat.S_ISDIR(st.st_mode):
-                return f"{path} is not a folder"
-            if hasattr(os, "getuid") and st.st_uid not in (os.getuid(), 0) and not st.st_mode & stat.S_ISVTX:
-                return f"{path} is owned by user {st.st_uid}, not by this one ({os.getuid()})"
+        for path in (folder, *([fallback] if under_fallback else [])):
+            if why := _unsafe_folder(path):
+                return why
     except OSError as err:
         return str(err)
+    return None
+
+
+def _unsafe_folder(path: Path) -> str | None:
+    """Why ``path`` itself (not followed) is no folder to trust, or None."""
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a folder"
+    if hasattr(os, "getuid") and st.st_uid not in (os.getuid(), 0) and not st.st_mode & stat.S_ISVTX:
+        return f"{path} is owned by user {st.st_uid}, not by this one ({os.getuid()})"
     return None
 
 
