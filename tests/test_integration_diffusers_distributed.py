@@ -64,7 +64,8 @@ def _run_steps(model, handle, rotary, hidden, rows=None):
 
 # A later step on the first 74 tokens: shards 37 + 37, so rank 1's shard keeps its length while
 # the whole sequence's changes (a refresh on every rank, or the ranks would disagree on the mask).
-SHORT, SHORT_STEP = 74, 6  # step 6 reuses by the schedule (refreshes on 1, 3, 5)
+SHORT, SHORT_STEP = 74, 6  # refreshes either way: step 5's refresh never ran (a new length at a reuse
+# step: test_integration_diffusers_edges.py)
 
 
 def _run_short_step(model, handle, rotary, hidden, rows=None):
