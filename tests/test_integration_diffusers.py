@@ -25,29 +25,18 @@ from fgcupy.oracle import exact_lse  # noqa: E402
 from .tiny_diffusers import (  # noqa: E402
     CountingPredictor,
     cogvideox_inputs,
+    cpu_config,
     expand_mask,
     full_predictor,
     hunyuan_inputs,
     random_predictor,
     reference_attention_fn,
+    run_wan,
     tiny_cogvideox,
     tiny_hunyuan,
     tiny_wan,
     wan_inputs,
 )
-
-
-def cpu_config(**overrides):
-    """A config that runs on CPU: the exact reference stands in for the kernel. No dense warm-up
-    step unless asked for (the tests of the warm-up schedule ask)."""
-    base = dict(predictor=full_predictor, attention_fn=reference_attention_fn, dense_steps=0)
-    base.update(overrides)
-    return fd.SparseAttentionConfig(**base)
-
-
-def run_wan(model, latents, text, t=500):
-    with torch.no_grad():
-        return model(latents, torch.tensor([t]), text).sample
 
 
 def run_hunyuan(model, inputs, t=500):

@@ -14,25 +14,16 @@ from fgcupy import relative_l2  # noqa: E402
 from fgcupy.integrations import diffusers as fd  # noqa: E402
 
 from .tiny_diffusers import (  # noqa: E402
+    cpu_config,
     full_predictor,
     hunyuan_inputs,
     oracle_topk,
     reference_attention_fn,
+    run_wan,
     tiny_hunyuan,
     tiny_wan,
     wan_inputs,
 )
-
-
-def _cpu_config(**overrides):
-    base = dict(predictor=full_predictor, attention_fn=reference_attention_fn, dense_steps=0)
-    base.update(overrides)
-    return fd.SparseAttentionConfig(**base)
-
-
-def _run_wan(model, latents, text, t=500):
-    with torch.no_grad():
-        return model(latents, torch.tensor([t]), text).sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,11 +34,11 @@ def test_a_new_dtype_makes_a_new_mask():
     between steps refreshes at that step instead of reusing it."""
     model = tiny_wan(layers=1)
     latents, text = wan_inputs()
-    handle = fd.apply(model, _cpu_config(refresh_every=100))
-    _run_wan(model, latents, text, t=900)
-    _run_wan(model, latents, text, t=800)  # the same inputs: reuse
+    handle = fd.apply(model, cpu_config(refresh_every=100))
+    run_wan(model, latents, text, t=900)
+    run_wan(model, latents, text, t=800)  # the same inputs: reuse
     model.to(torch.bfloat16)
-    _run_wan(model, latents.bfloat16(), text.bfloat16(), t=700)
+    run_wan(model, latents.bfloat16(), text.bfloat16(), t=700)
     assert handle.stats()["blocks.0.attn1"].refresh_steps == [0, 2]
 
 
@@ -55,7 +46,7 @@ def test_a_padding_mask_refilled_in_place_within_one_step_is_read_again():
     """Direct attention calls of one step (no set_step between them) that refill one padding
     buffer in place: the second call attends with the new padding (the tensor's version tells)."""
     model = tiny_hunyuan()
-    handle = fd.apply(model, _cpu_config())
+    handle = fd.apply(model, cpu_config())
     attn = model.transformer_blocks[0].attn
     rotary = model.rope(hunyuan_inputs()[0])
     video, dim = rotary[0].shape[0], attn.to_q.in_features
@@ -79,13 +70,13 @@ def test_refresh_on_drift_sees_keys_that_moved_alone():
     refresh the layer's mask there."""
     model = tiny_wan(layers=1)
     latents, text = wan_inputs()
-    handle = fd.apply(model, _cpu_config(refresh_every=100, refresh_on_drift=0.05))
+    handle = fd.apply(model, cpu_config(refresh_every=100, refresh_on_drift=0.05))
     for step in range(4):
         if step == 2:
             with torch.no_grad():
                 to_k = model.blocks[0].attn1.to_k
                 to_k.weight.copy_(torch.randn(to_k.weight.shape, generator=torch.Generator().manual_seed(5)))
-        _run_wan(model, latents, text, t=1000 - step)
+        run_wan(model, latents, text, t=1000 - step)
     stats = handle.stats()["blocks.0.attn1"]
     assert stats.refresh_steps == [0, 2] and stats.drift_refresh_steps == [2]
 
@@ -132,10 +123,10 @@ def test_fallback_keeps_the_warmup_mask_step_stock(monkeypatch):
     monkeypatch.setattr(fd, "kernel_available", lambda: False)
     model = tiny_wan(layers=1).to(torch.bfloat16)
     latents, text = (x.bfloat16() for x in wan_inputs())
-    expected = [_run_wan(model, latents, text, t=t) for t in (900, 800)]
+    expected = [run_wan(model, latents, text, t=t) for t in (900, 800)]
     handle = fd.apply(model, fd.SparseAttentionConfig(density=0.3, slice_m=64, fallback=True))
     assert handle.config.mask_from_warmup and handle.config.dense_steps == 1
-    outs = [_run_wan(model, latents, text, t=t) for t in (900, 800)]
+    outs = [run_wan(model, latents, text, t=t) for t in (900, 800)]
     assert all(torch.equal(out, want) for out, want in zip(outs, expected))
     stats = handle.stats()["blocks.0.attn1"]
     assert (stats.dense_calls, stats.stock_reasons, stats.refresh_steps) == (1, {"no_gpu": 1}, [])
@@ -145,7 +136,7 @@ def test_a_broadcast_boolean_mask_that_is_no_key_padding_runs_stock():
     """A boolean [1, 1, 1, 1] attention mask broadcasts over every key: not a key-padding mask of
     the call's keys, so the stock processor takes it."""
     model = tiny_hunyuan()
-    handle = fd.apply(model, _cpu_config())
+    handle = fd.apply(model, cpu_config())
     handle.set_step(0)
     attn = model.transformer_blocks[0].attn
     stock = handle.layers["transformer_blocks.0.attn"].stock

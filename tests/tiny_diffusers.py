@@ -145,3 +145,18 @@ def expand_mask(mask: SliceMask, key_valid: torch.Tensor | None = None) -> torch
     if key_valid is not None:
         dense = dense & key_valid[:, None, None, :]
     return dense
+
+
+def cpu_config(**overrides):
+    """A config that runs on CPU: the exact reference stands in for the kernel. No dense warm-up
+    step unless asked for (the tests of the warm-up schedule ask)."""
+    from fgcupy.integrations import diffusers as fd
+
+    base = dict(predictor=full_predictor, attention_fn=reference_attention_fn, dense_steps=0)
+    base.update(overrides)
+    return fd.SparseAttentionConfig(**base)
+
+
+def run_wan(model, latents, text, t=500):
+    with torch.no_grad():
+        return model(latents, torch.tensor([t]), text).sample
