@@ -83,8 +83,10 @@ JUDGED = {
     "pool 64 + band 64 + diagonals": dict(pool=64, exact_band=64, diagonals=FOUND),
     "pool 16 + band 128": dict(pool=16, exact_band=128),
     "pool 8 + band 128": dict(pool=8, exact_band=128),
-    # The exact column max with each query's LSE estimated (fgcupy.lse_estimate): no dense step.
+    # The exact column max with each query's LSE estimated (fgcupy.lse_estimate): no dense step;
+    # its products e4m3 where that kernel runs (fgcupy.e4m3), or the inputs' own.
     "colmax, estimated LSE": dict(method="colmax", lse="estimate"),
+    "colmax, estimated LSE, inputs' products": dict(method="colmax", lse="estimate", products="input"),
     # The default where a check of sampled blocks finds it near their best mask, else the above
     # (per head; fgcupy.auto_mask).
     "auto": dict(method="auto"),

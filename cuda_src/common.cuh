@@ -61,6 +61,28 @@ struct fp16_t {
   }
 };
 
+// float8 e4m3 (only the Hopper max-probability pass multiplies it, on wgmma): two values share
+// a 16-bit storage column, so a row of D values is laid out and copied as D / 2 u16 columns.
+struct e4m3_t {};
+template <class T>
+struct IsE4m3 {
+  static constexpr bool value = false;
+};
+template <>
+struct IsE4m3<e4m3_t> {
+  static constexpr bool value = true;
+};
+
+// Storage columns (u16) of a row of D values of T.
+template <class T, int D>
+struct StoreCols {
+  static constexpr int value = D;
+};
+template <int D>
+struct StoreCols<e4m3_t, D> {
+  static constexpr int value = D / 2;
+};
+
 // ---- shared memory addressing ---------------------------------------------------------
 __device__ __forceinline__ u32 smem_u32(const void* p) {
   u32 r;

@@ -28,6 +28,10 @@
 //     row (their indices read a tile ahead) and each listed key's exact max probability is
 //     stored at out[z, block, key]; other keys are left as they are, and so are listed keys
 //     outside [0, kv_len) (a corrupt list reads and writes nothing out of bounds).
+// e4m3 (maxprob only, T = e4m3_t): rows and keys are float8 e4m3, each head's multiplied by a
+// power of two to fit its range; head_scale[bh] (float32, one per head) multiplies scale_log2
+// back. The tiles are laid out as D / 2 u16 columns (StoreCols) and multiplied by k32 steps,
+// each 32 bytes of a row as the 16-bit types' k16: twice the products per instruction.
 // Grid: (row tiles, key chunks, heads), row tiles fastest, so CTAs that run together read the
 // same keys from L2. Two CTAs per SM: one's reductions overlap the other's products (256 rows
 // per CTA, one CTA per SM and two products in flight per warpgroup measured slower).
@@ -55,7 +59,8 @@ constexpr int log2_pow2(int x) { return x <= 1 ? 0 : 1 + log2_pow2(x / 2); }
 template <class T, int D, int MODE, int GROUP>
 __global__ void __launch_bounds__(256, 2)
 mask_score_sm90(const __grid_constant__ ScoreParams p) {
-  using S = Sm90ScoreShape<D>;
+  constexpr int kD = StoreCols<T, D>::value;  // u16 columns of a row (e4m3: D / 2)
+  using S = Sm90ScoreShape<kD>;
   constexpr int kN = S::kKeys;
   constexpr float kLog2e = 1.4426950408889634f;
   static_assert(MODE == kMode_stats || MODE == kMode_maxprob || MODE == kMode_band || MODE == kMode_listmax,
@@ -66,11 +71,13 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
                 : MODE == kMode_band || kList ? GROUP == S::kRows
                                      : GROUP >= 2 && GROUP <= S::kRows && (GROUP & (GROUP - 1)) == 0,
                 "maxprob groups are powers of two from 2 to 128 rows; stats takes GROUP 1, band 128");
+  constexpr bool kE4m3 = IsE4m3<T>::value;
+  static_assert(!kE4m3 || MODE == kMode_maxprob, "e4m3 rows and keys: the max-probability pass only");
   constexpr int kPasses = MODE == kMode_band ? 2 : 1;  // band: stats, then maxprob
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   u16* sR = reinterpret_cast<u16*>(smem_base);
-  u16* sK = sR + S::kRows * D;
+  u16* sK = sR + S::kRows * kD;
   float* sLse2 = reinterpret_cast<float*>(sK + 2 * S::kTileElems);  // maxprob: lse2 of each row
   const u32 sR_u32 = smem_u32(sR);
   const u32 sK_u32 = smem_u32(sK);
@@ -186,7 +193,9 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   // Stats: this thread's rows wg*64 + (warp%4)*16 + g and + 8; running max (log2) and sum.
   float run_m[2] = {FG_NEG_INF, FG_NEG_INF};
   float run_l[2] = {0.f, 0.f};
-  const float scale_log2 = p.scale_log2;
+  // e4m3: rows and keys were multiplied by powers of two (per head) to fit its range;
+  // head_scale[bh] undoes both in the exponent's scale.
+  const float scale_log2 = kE4m3 ? p.scale_log2 * static_cast<const float*>(p.head_scale)[bh] : p.scale_log2;
   const int out_rows = p.out_rows;
   const i64 out_ld = p.out_ld;
   u16* __restrict__ out = static_cast<u16*>(p.out);  // bfloat16 scores
@@ -225,8 +234,8 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
 
       float acc[kN / 2];
       wgmma_fence();
-      if (stats_pass) wgmma_ss_tile<T, D, kN>(acc, sR_u32 + a_wg, S::kRows, k_stage, kN);
-      else wgmma_ss_tile<T, D, S::kRows>(acc, k_stage + a_wg, kN, sR_u32, S::kRows);
+      if (stats_pass) wgmma_ss_tile<T, kD, kN>(acc, sR_u32 + a_wg, S::kRows, k_stage, kN);
+      else wgmma_ss_tile<T, kD, S::kRows>(acc, k_stage + a_wg, kN, sR_u32, S::kRows);
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_operand(acc);

@@ -1,7 +1,7 @@
 // Warpgroup matrix multiply-accumulate (wgmma, sm_90a); the operand lists are generated.
 //
-// ss_nN: D(64 x N, fp32) (+)= A(64 x 16) * B(16 x N), A and B read from shared memory through
-// matrix descriptors (both K-major). rs_nN: A comes from registers in the mma.m16n8k16
+// ss_nN: D(64 x N, fp32) (+)= A(64 x K) * B(K x N), A and B read from shared memory through
+// matrix descriptors (both K-major); K = 16 for the 16-bit types, 32 for e4m3 (32 bytes of a row either way). rs_nN: A comes from registers in the mma.m16n8k16
 // A-fragment layout (each warp of the warpgroup owns 16 rows); B from shared memory, with
 // TRANS_B = 1 for an MN-major B. The accumulator layout per warp equals that of mma.m16n8
 // C fragments repeated over N/8 column tiles. `accumulate` = 0 overwrites D.
@@ -10,19 +10,19 @@
 
 namespace fg {
 
-#define FG_WGMMA_OPS(PTX) \
+#define FG_WGMMA_OPS(PTX, K, SS_TRANS) \
   static __device__ __forceinline__ void ss_n64(float d[32], u64 desc_a, u64 desc_b, int accumulate) { \
     asm volatile( \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " " \
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n" \
+        "wgmma.mma_async.sync.aligned.m64n64k" K ".f32." PTX "." PTX " " \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1" SS_TRANS ";\n}\n" \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
         : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
   } \
   template <int TRANS_B> static __device__ __forceinline__ void rs_n64(float d[32], const u32 a[4], u64 desc_b, int accumulate) { \
     asm volatile( \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " " \
+        "wgmma.mma_async.sync.aligned.m64n64k" K ".f32." PTX "." PTX " " \
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, %38;\n}\n" \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]) \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(TRANS_B)); \
@@ -30,15 +30,15 @@ namespace fg {
   static __device__ __forceinline__ void ss_n128(float d[64], u64 desc_a, u64 desc_b, int accumulate) { \
     asm volatile( \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " " \
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1, 0, 0;\n}\n" \
+        "wgmma.mma_async.sync.aligned.m64n128k" K ".f32." PTX "." PTX " " \
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1" SS_TRANS ";\n}\n" \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
         : "l"(desc_a), "l"(desc_b), "r"(accumulate)); \
   } \
   template <int TRANS_B> static __device__ __forceinline__ void rs_n128(float d[64], const u32 a[4], u64 desc_b, int accumulate) { \
     asm volatile( \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " " \
+        "wgmma.mma_async.sync.aligned.m64n128k" K ".f32." PTX "." PTX " " \
         "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, %70;\n}\n" \
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]) \
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate), "n"(TRANS_B)); \
@@ -48,11 +48,17 @@ template <class T>
 struct Wgmma;
 template <>
 struct Wgmma<bf16_t> {
-  FG_WGMMA_OPS("bf16")
+  FG_WGMMA_OPS("bf16", "16", ", 0, 0")
 };
 template <>
 struct Wgmma<fp16_t> {
-  FG_WGMMA_OPS("f16")
+  FG_WGMMA_OPS("f16", "16", ", 0, 0")
+};
+// k32 steps: 32 bytes of each row a step, as the 16-bit types' k16; both operands K-major, which
+// e4m3 takes without transpose arguments (ss only: an e4m3 A from registers is another layout).
+template <>
+struct Wgmma<e4m3_t> {
+  FG_WGMMA_OPS("e4m3", "32", "")
 };
 #undef FG_WGMMA_OPS
 
@@ -102,7 +108,7 @@ __device__ __forceinline__ int sw128_offset(int row, int chunk) {
   return (chunk >> 3) * (R * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
 }
 
-// D(64 x N) = A B^T over all D columns: A is 64 rows of an a_rows-row sw128 tile starting at
+// D(64 x N) = A B^T over all D storage columns (u16; StoreCols): A is 64 rows of an a_rows-row sw128 tile starting at
 // a_half0 (the row offset already added), B N rows of a b_rows-row sw128 tile at b_half0.
 template <class T, int D, int N>
 __device__ __forceinline__ void wgmma_ss_tile(float (&acc)[N / 2], u32 a_half0, int a_rows, u32 b_half0, int b_rows) {

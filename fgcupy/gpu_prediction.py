@@ -16,9 +16,9 @@ from .jit.score_spec import DILATE_MAX_RADIUS, DilateInPlaceSpec, DilateSpec, Em
 from .attention_kernel import stand_in_spec
 from .jit.spec import ATTENTION_HEAD_DIMS, HEAD_DIMS, SLICE_SIZES, AttentionSpec
 from .mask import SliceMask, indptr_from_counts, num_blocks
-from .mask_kernels import (SCORE_DTYPES, band_specs, bit_words, colmax_warps, gpu_adaptive_rows, gpu_candidate_colmax,
-                           gpu_colmax, gpu_dilate, gpu_dilate_in_place, gpu_emit, gpu_refine_band, gpu_scores, gpu_select,
-                           row_stride, scores_spec, select_spec)
+from .mask_kernels import (SCORE_DTYPES, band_specs, bit_words, colmax_warps, e4m3_runs, gpu_adaptive_rows,
+                           gpu_candidate_colmax, gpu_colmax, gpu_colmax_e4m3, gpu_dilate, gpu_dilate_in_place, gpu_emit,
+                           gpu_refine_band, gpu_scores, gpu_select, row_stride, scores_spec, select_spec)
 from .mask_request import MaskRequest
 from .tiles import default_spec
 
@@ -31,7 +31,14 @@ def predict_reference(qh, kh, req: MaskRequest, lse, candidates: tuple = ()) -> 
         qh, kh, req.slice_m, req.method, rule=req.rule, top_k=req.top_k, tau=req.tau, threshold=req.threshold,
         pool=req.pool, combine=req.combine, min_keys=req.min_keys, max_keys=req.max_keys, local=req.local,
         lse=lse, scale=req.scale, logits_dtype=req.logits_dtype, exact_band=req.exact_band, pooling=req.pooling,
-        diagonals=req.diagonals, candidates=candidate_keys(candidates))
+        diagonals=req.diagonals, candidates=candidate_keys(candidates), products=req.products)
+
+
+def uses_e4m3(req: MaskRequest, qh) -> bool:
+    """Whether a colmax prediction on the GPU multiplies e4m3 (products "e4m3", or "auto" where
+    the kernel runs)."""
+    runs = req.products != "input" and e4m3_runs(qh.device, qh.shape[3])
+    return req.products == "e4m3" or (req.products == "auto" and runs)
 
 
 def candidate_keys(candidates: tuple):
@@ -212,7 +219,8 @@ class GpuPrediction:
             for mask in self.candidates:
                 gpu_candidate_colmax(self.rows, self.kh, req.scale, lse, mask, scores, bh0=bh0, nbh=nbh)
             return scores, None
-        return gpu_colmax(self.rows, self.kh, req.scale, lse, req.slice_m, bh0=bh0, nbh=nbh), None
+        colmax = gpu_colmax_e4m3 if uses_e4m3(req, self.qh) else gpu_colmax
+        return colmax(self.rows, self.kh, req.scale, lse, req.slice_m, bh0=bh0, nbh=nbh), None
 
     def _pooled_scores(self, bh0, nbh):
         """mask_reference.pooled_scores of one chunk of heads: [nbh, QB, ld] bfloat16."""

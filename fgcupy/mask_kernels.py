@@ -15,10 +15,12 @@ from . import bridge
 from .jit import driver
 from .jit.launch import launch
 from .jit.runtime import device_index
-from .jit.score_spec import (RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS, SELECT_LARGE_SMEM, SELECT_MAX_SMEM,  # noqa: F401
-                             SM90_SCORE_MODES, SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DILATE_RUN, ROWS_MAX_DIM,
+from .jit.score_spec import (E4M3, E4M3_HEAD_DIMS, E4M3_MODES, RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS,  # noqa: F401
+                             SELECT_LARGE_SMEM, SELECT_MAX_SMEM, SM90_SCORE_GROUPS, SM90_SCORE_MODES, SM90_SCORE_ROWS,
+                             DILATE_MAX_RADIUS, DILATE_RUN, ROWS_MAX_DIM,
                              ROWS_MAX_GROUPS, UNION_MAX_OFFSETS, UNION_MAX_WORDS, AdaptiveRowsSpec, ColmaxSpec,
                              DilateInPlaceSpec, DilateSpec, EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec, UnionSpec)
+from .e4m3 import heads_as_e4m3
 from .mask import INT32_MAX, SliceMask, indptr_from_counts, num_blocks
 from .mask_reference import COHERENCE_CUT, PROB_DTYPE, dilate_keys, stored_probs
 
@@ -88,9 +90,10 @@ def _check_scale(scale: float) -> None:
 
 
 def _score_params(rows, k, scale: float, *, out, ld: int, partial, lse, bh0: int, key_chunk: int, group: int,
-                  out_rows: int, band: tuple, lists: tuple = (None, None)):
+                  out_rows: int, band: tuple, lists: tuple = (None, None), head_scale=None):
     """The ScoreParams of one scoring launch over rows [B, H, R, D] and k [B, H, S, D] (and, in
-    list mode, the (indptr, indices) of the key lists each block scores)."""
+    list mode, the (indptr, indices) of the key lists each block scores; for e4m3 rows and keys,
+    viewed as 16-bit columns, each head's factor of the logit scale)."""
     return SCORE_PARAMS.pack(
         rows=rows, r_sb=rows.stride(0), r_sh=rows.stride(1), r_ss=rows.stride(2),
         k=k, k_sb=k.stride(0), k_sh=k.stride(1), k_ss=k.stride(2),
@@ -98,7 +101,7 @@ def _score_params(rows, k, scale: float, *, out, ld: int, partial, lse, bh0: int
         heads=rows.shape[1], bh0=bh0, n_rows=rows.shape[2], kv_len=k.shape[2], key_chunk=key_chunk,
         group=group, out_rows=out_rows, band_lo=band[0], band_width=band[1],
         scale=scale, scale_log2=scale * math.log2(math.e),
-        list_indptr=lists[0], list_indices=lists[1],
+        list_indptr=lists[0], list_indices=lists[1], head_scale=head_scale,
     )
 
 
@@ -151,6 +154,33 @@ def scores_spec(mode: str, dtype: str, dim: int, *, group: int = 1, warps: int =
     return _score_spec(kernel, portable, group, band, device)
 
 
+def e4m3_runs(device: torch.device, head_dim: int) -> bool:
+    """Whether the e4m3 max-probability pass runs for these inputs: a Hopper GPU, a head dim it has."""
+    return device.type == "cuda" and head_dim in E4M3_HEAD_DIMS and _is_hopper(device_index(device))
+
+
+def e4m3_spec(mode: str, dim: int, group: int, band, device: torch.device, kernel: str = "auto") -> Sm90ScoreSpec:
+    """The kernel of an e4m3 scoring launch; ValueError naming what exists where there is none."""
+    if mode not in E4M3_MODES or band is not None or kernel == "mma" or group not in SM90_SCORE_GROUPS:
+        raise ValueError(f"e4m3 rows and keys take modes {E4M3_MODES} with groups {SM90_SCORE_GROUPS}, no band, "
+                         f"on the wgmma kernel; got mode={mode!r}, group={group}, band={band}, kernel={kernel!r}")
+    if not e4m3_runs(device, dim):
+        raise ValueError(f"e4m3 scoring runs on Hopper (sm_90) GPUs with head dims {E4M3_HEAD_DIMS}; got head dim "
+                         f"{dim} on {device}")
+    return Sm90ScoreSpec(E4M3, dim, mode, group)
+
+
+def _checked_head_scale(head_scale, rows, k) -> torch.Tensor:
+    heads = rows.shape[0] * rows.shape[1]
+    if k.dtype != rows.dtype:
+        raise ValueError(f"e4m3 rows need e4m3 keys, got {k.dtype}")
+    if (not isinstance(head_scale, torch.Tensor) or head_scale.dtype != torch.float32
+            or tuple(head_scale.shape) != (heads,) or head_scale.device != rows.device):
+        raise ValueError(f"e4m3 scoring needs head_scale: float32 [{heads}] on {rows.device}, one factor of the "
+                         f"logit scale per head, got {head_scale!r}")
+    return head_scale.contiguous()
+
+
 def band_specs(dtype: str, dim: int, slice_m: int, device: torch.device, kernel: str = "auto") -> list:
     """The kernels ``gpu_refine_band`` launches: the fused band kernel, or a stats and a
     max-probability pass."""
@@ -165,7 +195,7 @@ def band_specs(dtype: str, dim: int, slice_m: int, device: torch.device, kernel:
 
 def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, bh0: int = 0, nbh: int | None = None,
                lse: torch.Tensor | None = None, group: int = 1, warps: int = 4, band: tuple | None = None,
-               out: torch.Tensor | None = None, kernel: str = "auto"):
+               out: torch.Tensor | None = None, kernel: str = "auto", head_scale: torch.Tensor | None = None):
     """Run fg::mask_score (or fg::mask_score_sm90, see _score_spec) on heads [bh0, bh0 + nbh) of
     rows [B, H, R, D] against k [B, H, S, D].
 
@@ -173,6 +203,8 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     the logits stored as float16 (lse from the float32 logits); "stats" -> lse [nbh, R];
     "maxprob" (lse [nbh, R] given) -> bfloat16 scores [nbh, ceil(R / group), ld] (PROB_DTYPE).
     ld = row_stride(S) of the stored dtype.
+    float8_e4m3fn rows and k (e4m3_spec: "maxprob" on Hopper) need ``head_scale``: float32 [B * H],
+    each head's factor of the logit scale (1 / the two powers of two of fgcupy.e4m3.to_e4m3).
 
     ``band=(lo, width)``: each tile of warps x 16 rows (one query block of single queries)
     takes only the keys [row0 + lo, row0 + lo + width): "stats" gives each row's LSE over its
@@ -183,8 +215,16 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     kv_len = k.shape[2]
     nbh = batch * heads - bh0 if nbh is None else nbh
     _check_scale(scale)
-    spec = scores_spec(mode, bridge.dtype_name(rows.dtype, "rows"), dim, group=group, warps=warps, band=band,
-                       device=rows.device, kernel=kernel)
+    e4m3 = rows.dtype == torch.float8_e4m3fn
+    if e4m3:
+        spec = e4m3_spec(mode, dim, group, band, rows.device, kernel)
+        head_scale = _checked_head_scale(head_scale, rows, k)
+        rows, k = rows.view(torch.int16), k.view(torch.int16)  # the kernel reads e4m3 pairs as 16-bit columns
+    else:
+        spec = scores_spec(mode, bridge.dtype_name(rows.dtype, "rows"), dim, group=group, warps=warps, band=band,
+                           device=rows.device, kernel=kernel)
+        if head_scale is not None:
+            raise ValueError("head_scale applies to float8_e4m3fn rows and keys")
     rows, k = _cp_async_ready(rows), _cp_async_ready(k)
     half = mode == "logits_f16"
     ld = row_stride(kv_len, 2 if half else PROB_DTYPE.itemsize if mode == "maxprob" else 4)
@@ -212,7 +252,8 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     else:
         partial = torch.empty(nbh, n_rows, chunks, dtype=torch.float32, device=device)
     params = _score_params(rows, k, scale, out=out, ld=ld, partial=partial, lse=lse if mode == "maxprob" else None,
-                           bh0=bh0, key_chunk=key_chunk, group=group, out_rows=out_rows, band=(band_lo, band_width))
+                           bh0=bh0, key_chunk=key_chunk, group=group, out_rows=out_rows, band=(band_lo, band_width),
+                           head_scale=head_scale)
     if nbh and n_rows and chunks:
         launch(spec, device, spec.grid(chunks, num_blocks(n_rows, spec.rows_per_cta), nbh), params)
     if mode == "maxprob":
@@ -229,6 +270,15 @@ def gpu_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor
     groups of ``slice_m``) of heads [bh0, bh0 + nbh): bfloat16 [nbh, ceil(q_len / slice_m), ld];
     ``lse`` [nbh, q_len]."""
     return gpu_scores("maxprob", q, k, scale, bh0=bh0, nbh=nbh, lse=lse, group=slice_m, warps=colmax_warps(slice_m))
+
+
+def gpu_colmax_e4m3(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor, slice_m: int, *,
+                    bh0: int = 0, nbh: int | None = None) -> torch.Tensor:
+    """``gpu_colmax`` from q and k rounded to e4m3 (fgcupy.e4m3; Hopper, e4m3_runs): the heads'
+    e4m3 copies, then one e4m3 max-probability pass."""
+    nbh = q.shape[0] * q.shape[1] - bh0 if nbh is None else nbh
+    q8, k8, head_scale = heads_as_e4m3(q, k, bh0, nbh)
+    return gpu_scores("maxprob", q8, k8, scale, lse=lse, group=slice_m, head_scale=head_scale)
 
 
 def colmax_warps(slice_m: int) -> int:

@@ -45,6 +45,7 @@ import math
 
 import torch
 
+from .e4m3 import e4m3_rounded
 from .mask import SliceMask, num_blocks
 
 RULES = ("topk", "tau", "threshold")
@@ -386,9 +387,10 @@ def select_union(values, rule, group: int, *, band=None, **kwargs) -> torch.Tens
 def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_k=None, tau=None, threshold=None,
                            pool=None, combine="max", min_keys=0, max_keys=None, local=None, lse=None,
                            scale=None, logits_dtype=torch.float32, exact_band=None, pooling="mean",
-                           diagonals=(), candidates=None) -> SliceMask:
+                           diagonals=(), candidates=None, products="input") -> SliceMask:
     """The whole prediction on any device ([B, H, S, D] inputs): scores, selection, SliceMask.
-    ``candidates`` (colmax; bool [B, H, QB, S]): only those keys are scored, the others score 0."""
+    ``candidates`` (colmax; bool [B, H, QB, S]): only those keys are scored, the others score 0.
+    ``products`` (colmax): "e4m3" scores q and k rounded as fgcupy.e4m3 rounds them."""
     batch, heads, q_len, dim = q.shape
     kv_len = k.shape[2]
     scale = default_scale(dim) if scale is None else scale
@@ -396,6 +398,8 @@ def predict_mask_reference(q, k, slice_m: int, method: str, *, rule="topk", top_
     band = band_mask(q_blocks, kv_len, slice_m, local, q.device) if local is not None else None
     sel = dict(k=top_k, tau=tau, threshold=threshold, min_keys=min_keys, max_keys=max_keys)
     if method == "colmax":
+        if products == "e4m3":
+            q, k = e4m3_rounded(q), e4m3_rounded(k)
         scores = colmax_scores(q, k, lse, slice_m, scale)
         if candidates is not None:
             scores = scores.masked_fill(~candidates.to(scores.device), 0.0)

@@ -34,6 +34,11 @@ POOLINGS = ("mean", "sample", "both", "adaptive")
 DEFAULT_POOLING = "adaptive"
 #: Marks an option left to the default (None means "off" for exact_band).
 AUTO = "auto"
+#: What colmax multiplies: q and k as given ("input"), rounded to float8 e4m3 per head
+#: ("e4m3": fgcupy.e4m3, twice the tensor rate on Hopper), or "auto": e4m3 where its kernel runs
+#: (gpu_prediction.uses_e4m3), else as given. predict_mask's default asks for "auto" with
+#: lse="estimate" and "input" otherwise.
+PRODUCTS = ("input", "e4m3", AUTO)
 _INT32_MAX = 2**31 - 1
 
 
@@ -57,6 +62,7 @@ class MaskRequest:
     exact_band: int | None = None
     pooling: str = "mean"
     diagonals: tuple = ()
+    products: str = "input"
 
     @property
     def kind(self) -> str:
@@ -76,7 +82,7 @@ class MaskRequest:
 
 def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None, tau=None, threshold=None,
                  rule=None, pool=AUTO, combine="max", min_keys=0, max_keys=None, local=None, scale=None,
-                 logits_dtype=None, exact_band=AUTO, pooling=AUTO, diagonals=()) -> MaskRequest:
+                 logits_dtype=None, exact_band=AUTO, pooling=AUTO, diagonals=(), products="input") -> MaskRequest:
     """Check every option; ValueError naming expected and actual."""
     defaults_apply = method in ("topk", "tau", "threshold") and combine == "max" and slice_m in EXACT_BAND_SLICES
     if isinstance(exact_band, str) and exact_band == AUTO:
@@ -178,6 +184,10 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
     if pooling != "mean" and (method == "colmax" or combine != "max"):
         raise ValueError(f"pooling={pooling!r} scores sub-blocks by their middle query for the max-prob combine: it "
                          f"needs a mean-query method and combine='max', got method={method!r}, combine={combine!r}")
+    if not isinstance(products, str) or products not in PRODUCTS:
+        raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
+    if products != "input" and method != "colmax":
+        raise ValueError(f"products={products!r} applies to method='colmax', not {method!r}")
     scale = eager_scale(scale)
     if scale is not None and torch.compiler.is_compiling():  # maybe symbolic: checked in the graph
         check_scale(scale)
@@ -198,7 +208,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
                          "probabilities (bfloat16)")
     return MaskRequest(method, rule, slice_m, int(pool), combine, top_k, tau, threshold, int(min_keys),
                        None if max_keys is None else int(max_keys), None if local is None else int(local), scale,
-                       logits_dtype, exact_band, pooling, diagonals)
+                       logits_dtype, exact_band, pooling, diagonals, products)
 
 
 #: ``local`` past this is taken as this: the band of every block of a sequence shorter than 2^30
@@ -298,3 +308,33 @@ def checked_candidates(candidates, qh, kh, slice_m: int, method: str) -> tuple:
     if not masks:
         raise ValueError("candidates is empty: give at least one SliceMask (or None to score every key)")
     return masks
+
+
+def resolved_products(products, method: str, lse) -> str:
+    """The request's products for predict_mask's ``products``: "auto" stays "auto" (e4m3 where
+    the kernel runs) for colmax with lse="estimate", an estimate already; else it is "input"."""
+    if isinstance(products, str) and products == AUTO:
+        estimated = isinstance(lse, str) and lse == "estimate"
+        return AUTO if method == "colmax" and estimated else "input"
+    return products
+
+
+def check_products(req: MaskRequest, qh, candidates: tuple) -> None:
+    """Refuse e4m3 products where they cannot run: with candidates (whose lists the e4m3 pass
+    does not take), or on a GPU without the e4m3 kernel (the CPU reference rounds as it does)."""
+    if req.products != "e4m3":
+        return
+    if candidates:
+        raise ValueError("products='e4m3' scores every key; candidates are scored with the inputs' products "
+                         "(products='input')")
+    if qh.device.type == "cuda" and not _e4m3_runs(qh):
+        from .jit.score_spec import E4M3_HEAD_DIMS
+
+        raise ValueError(f"products='e4m3' runs on Hopper (sm_90) GPUs with head dims {E4M3_HEAD_DIMS}; got head "
+                         f"dim {qh.shape[3]} on {qh.device} (use products='input')")
+
+
+def _e4m3_runs(qh) -> bool:
+    from .mask_kernels import e4m3_runs  # the kernels' module loads with its first use
+
+    return qh.device.type == "cuda" and e4m3_runs(qh.device, qh.shape[3])

@@ -14,12 +14,12 @@ import torch
 
 from .mask import SliceMask, num_blocks
 from .layout import query_key_views
-from .mask_request import MaskRequest, checked_candidates, checked_lse, make_request
+from .mask_request import MaskRequest, check_products, checked_candidates, checked_lse, make_request
 from .op_library import define, pack_csr, packed_csr_empty, unpack_csr
 
 #: The request's fields a token carries (top_k, threshold and scale travel as op arguments).
 _TOKEN_FIELDS = ("method", "rule", "slice_m", "pool", "combine", "tau", "min_keys", "max_keys", "local",
-                 "logits_dtype", "exact_band", "pooling", "diagonals")
+                 "logits_dtype", "exact_band", "pooling", "diagonals", "products")
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -52,7 +52,7 @@ def _fields(token: str) -> dict:
         max_keys=number(fields["max_keys"], int), local=number(fields["local"], int),
         logits_dtype=number(fields["logits_dtype"], lambda name: _DTYPES.get(name, name)),
         exact_band=number(fields["exact_band"], int), pooling=tuple(fields["pooling"].split(",")),
-        diagonals=tuple(int(d) for d in fields["diagonals"].split(",") if d))
+        diagonals=tuple(int(d) for d in fields["diagonals"].split(",") if d), products=fields["products"])
 
 
 def _requests(q, k, token: str, top_k: int, threshold: float, scale: float) -> tuple:
@@ -118,6 +118,8 @@ def _predict_mask(q, k, lse, candidate_indptrs, candidate_indices, token, top_k,
     candidates = tuple(SliceMask(indptr, indices, slice_m, q.shape[2], k.shape[2])
                        for indptr, indices in zip(candidate_indptrs, candidate_indices, strict=True))
     candidates = checked_candidates(candidates, q, k, slice_m, method) if candidates else ()
+    for req in requests.values():
+        check_products(req, q, candidates)
     if len(requests) == 1:
         return _predict_one(q, k, next(iter(requests.values())), lse, candidates, workspace_bytes)
     return _predict_per_head(q, k, requests, poolings, workspace_bytes)

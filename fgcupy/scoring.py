@@ -53,8 +53,8 @@ from .layout import query_key_views
 from .lse_estimate import estimate_lse
 from .mask import SliceMask, is_int, num_blocks
 from .mask_request import (AUTO, AUTO_OPTIONS, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
-                           METHODS, POOLINGS, PREDICT_METHODS, MaskRequest, check_workspace_bytes, checked_candidates,
-                           checked_lse, make_request)
+                           METHODS, POOLINGS, PREDICT_METHODS, MaskRequest, check_products,
+                           check_workspace_bytes, checked_candidates, checked_lse, make_request, resolved_products)
 from .attention_kernel import check_scale
 from .op_library import define, pack_csr, packed_csr_empty, unpack_csr
 
@@ -65,7 +65,8 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
                  rule: str | None = None, pool=AUTO, combine: str = "max", min_keys: int = 0,
                  max_keys: int | None = None, local: int | None = None, lse=None, scale: float | None = None,
                  logits_dtype: torch.dtype | None = None, exact_band=AUTO, pooling=AUTO, diagonals=(),
-                 candidates=None, layout: str = "HND", workspace_bytes: int = DEFAULT_WORKSPACE) -> SliceMask:
+                 candidates=None, products=AUTO, layout: str = "HND",
+                 workspace_bytes: int = DEFAULT_WORKSPACE) -> SliceMask:
     """Predict which slices to keep for ``q`` attending to ``k``; returns a SliceMask on q's device.
 
     q, k: [B, H, S, D] ("HND") or [B, S, H, D] ("NHD"), torch or cupy; CUDA tensors run the
@@ -114,6 +115,11 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     the keys they keep are scored (exactly); other keys score 0, so a top-k keeps candidates
     first. With ``lse`` from a sparse step (its row LSE over the keys it kept), a refresh that
     needs no dense step: the cost is one pass of Q K^T over the candidates' slices.
+    ``products`` (colmax): "input" multiplies q and k as given; "e4m3" rounds each head's q and k
+    to float8 e4m3 under a power-of-two scale (fgcupy.e4m3; Hopper GPUs with head dim 128, where the
+    pass runs at twice the rate, or the CPU reference; not with candidates); "auto" takes "e4m3"
+    with lse="estimate" where it runs (on the head families its masks stay within 0.02x of the
+    inputs' oracle ratios, notes/PERF.md), else "input".
     NaN in q or k: a NaN key adds no mass to any row's normaliser and scores lowest (a sampled
     pooling's dilation may still keep it); a NaN query makes its pooled row's scores NaN, which
     add nothing (with one mean query per block, that block's keys come in index order; the
@@ -128,7 +134,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
             ("combine", combine, "max"), ("min_keys", min_keys, 0), ("max_keys", max_keys, None),
             ("local", local, None), ("lse", lse, None), ("logits_dtype", logits_dtype, None),
             ("exact_band", exact_band, AUTO), ("pooling", pooling, AUTO), ("diagonals", diagonals, ()),
-            ("candidates", candidates, None)) if not _is_default(value, default)]
+            ("candidates", candidates, None), ("products", products, AUTO)) if not _is_default(value, default)]
         if given:
             raise ValueError(f"method='auto' takes {list(AUTO_OPTIONS)} (one of density and top_k); got {given}")
         return _predict_auto(qh, kh, slice_m, density, top_k, scale, workspace_bytes)
@@ -141,12 +147,14 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     options = dict(density=density, top_k=top_k, tau=tau, threshold=threshold, rule=rule, pool=pool,
                    combine=combine, min_keys=min_keys, max_keys=max_keys, local=local, scale=scale,
                    logits_dtype=logits_dtype, exact_band=exact_band, diagonals=diagonals)
+    options["products"] = resolved_products(products, method, lse)
     req = None
     for each in poolings or (pooling,):  # every pooling of a per-head list is checked
         req = make_request(qh.shape[3], kh.shape[2], slice_m, method, pooling=each, **options)
     if lse is not None and method != "colmax":
         raise ValueError(f"lse applies to method='colmax' (scores from a dense step), not {method!r}")
     candidates = checked_candidates(candidates, qh, kh, slice_m, method)
+    check_products(req, qh, candidates)
     lse_t = None
     if method == "colmax":
         if lse is None:

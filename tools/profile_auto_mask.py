@@ -2,7 +2,8 @@
 family, beside the default and the estimated column max, as % of SDPA cuDNN dense attention of
 the same heads (CUDA-event medians of calls timed one by one, since "auto" waits on the host to
 pick its heads; one process). ``--parts``: where one family's "auto" call spends its time, and
-the estimated column max its flagged heads pay.
+the estimated column max its flagged heads pay (its pass on e4m3 products, as it runs on
+Hopper, and on the inputs' for comparison).
 
     PYTHONPATH=. python -m tools.profile_auto_mask     (GPU; wan14b-480p grid, 8 heads per family)
 """
@@ -17,7 +18,8 @@ from bench.cases import sdpa_call
 from bench.timing import require_cuda
 from fgcupy import auto_mask, predict_mask, scoring
 from fgcupy.lse_estimate import estimate_lse
-from fgcupy.mask_kernels import gpu_colmax, gpu_select
+from fgcupy.e4m3 import heads_as_e4m3
+from fgcupy.mask_kernels import gpu_colmax, gpu_colmax_e4m3, gpu_select
 from fgcupy.head_families import FAMILIES, family_qkv
 from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
 from fgcupy.timing import cuda_time_ms
@@ -49,7 +51,11 @@ def parts(q, k, d: float) -> None:
         "flagged_heads (the check and its sync)": lambda: auto_mask.flagged_heads(q, k, cheap, predict_mask, scale, rule),
         "estimated column max, all heads": lambda: predict_mask(q, k, 128, "colmax", lse="estimate", density=d),
         "  its LSE estimate": lambda: estimate_lse(q, k, 128),
-        "  its column-max pass": lambda: gpu_colmax(q, k, scale, estimate.reshape(-1, q.shape[2]), 128),
+        "  its column-max pass": lambda: gpu_colmax_e4m3(q, k, scale, estimate.reshape(-1, q.shape[2]), 128),
+        "    of it, q and k to e4m3": lambda: heads_as_e4m3(q, k, 0, q.shape[0] * q.shape[1]),
+        "  the pass on the inputs' products": lambda: gpu_colmax(q, k, scale, estimate.reshape(-1, q.shape[2]), 128),
+        "estimated column max on the inputs' products": lambda: predict_mask(q, k, 128, "colmax", lse="estimate",
+                                                                             density=d, products="input"),
         "  its selection": lambda: gpu_select(colmax, k.shape[2], colmax_rule),
         "auto": lambda: predict_mask(q, k, 128, "auto", density=d),
     }

@@ -14,8 +14,14 @@ from .plain_spec import PlainKernelSpec
 from .spec import DTYPES, HEAD_DIMS
 from .spec import _check_choice as check_choice
 
-_CPP_DTYPE = {"bfloat16": "fg::bf16_t", "float16": "fg::fp16_t"}
-_SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}
+#: Rows and keys as float8 e4m3 (the Hopper max-probability pass only, at twice the bfloat16
+#: tensor rate): its mode and head dims (a row of 128 bytes or more fills the 128-byte swizzle).
+E4M3 = "float8_e4m3"
+E4M3_MODES = ("maxprob",)
+E4M3_HEAD_DIMS = (128,)
+
+_CPP_DTYPE = {"bfloat16": "fg::bf16_t", "float16": "fg::fp16_t", E4M3: "fg::e4m3_t"}
+_SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", E4M3: "e4m3"}
 
 #: Scoring modes (template MODE of fg::mask_score).
 #: "listmax" is "maxprob" over each query block's own list of keys (a SliceMask's CSR).
@@ -45,7 +51,7 @@ SCORE_PARAMS = ParamStruct("ScoreParams", (
     ("out", "out"), ("out_ld", "i64"), ("partial", "out"), ("lse", "in"),
     ("heads", "i32"), ("bh0", "i32"), ("n_rows", "i32"), ("kv_len", "i32"), ("key_chunk", "i32"),
     ("group", "i32"), ("out_rows", "i32"), ("band_lo", "i32"), ("band_width", "i32"),
-    ("scale", "f32"), ("scale_log2", "f32"), ("list_indptr", "in"), ("list_indices", "in"),
+    ("scale", "f32"), ("scale_log2", "f32"), ("list_indptr", "in"), ("list_indices", "in"), ("head_scale", "in"),
 ))
 
 #: Selection kernel constants (written ahead of mask_select.cu as C++ constants: SELECT_CONSTANTS).
@@ -227,9 +233,9 @@ class Sm90ScoreSpec:
     key_tile = SM90_SCORE_KEY_TILE
 
     def __post_init__(self):
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("head_dim", self.head_dim, HEAD_DIMS)
-        _check_choice("mode", self.mode, SM90_SCORE_MODES)
+        _check_choice("dtype", self.dtype, DTYPES + (E4M3,))
+        _check_choice("head_dim", self.head_dim, E4M3_HEAD_DIMS if self.dtype == E4M3 else HEAD_DIMS)
+        _check_choice("mode", self.mode, E4M3_MODES if self.dtype == E4M3 else SM90_SCORE_MODES)
         _check_choice(f"group of mode {self.mode!r}", self.group, _SM90_GROUPS[self.mode])
 
     @property
@@ -245,7 +251,8 @@ class Sm90ScoreSpec:
     @property
     def smem_bytes(self) -> int:
         """Resident rows, two key stages, the rows' lse and 1 KB to align the swizzled tiles."""
-        return (SM90_SCORE_ROWS + 2 * SM90_SCORE_KEY_TILE) * self.head_dim * 2 + SM90_SCORE_ROWS * 4 + 1024
+        itemsize = 1 if self.dtype == E4M3 else 2
+        return (SM90_SCORE_ROWS + 2 * SM90_SCORE_KEY_TILE) * self.head_dim * itemsize + SM90_SCORE_ROWS * 4 + 1024
 
     @staticmethod
     def grid(chunks: int, row_tiles: int, heads: int) -> tuple:
@@ -400,5 +407,7 @@ def all_mask_specs() -> list:
 
 def all_sm90_mask_specs() -> list:
     """Every Hopper (sm_90a) scoring specialization fgcupy ships."""
-    return [Sm90ScoreSpec(dtype, d, mode, group) for dtype in DTYPES for d in HEAD_DIMS
-            for mode, groups in _SM90_GROUPS.items() for group in groups]
+    sixteen_bit = [Sm90ScoreSpec(dtype, d, mode, group) for dtype in DTYPES for d in HEAD_DIMS
+                   for mode, groups in _SM90_GROUPS.items() for group in groups]
+    return sixteen_bit + [Sm90ScoreSpec(E4M3, d, mode, group) for d in E4M3_HEAD_DIMS for mode in E4M3_MODES
+                          for group in _SM90_GROUPS[mode]]

@@ -1,0 +1,129 @@
+"""The column max from q and k rounded to e4m3 on Hopper's tensor cores against the torch
+reference on the same rounding (GPU only; the kernel needs sm_90)."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fgcupy import mask_kernels, predict_mask
+from fgcupy import mask_reference as ref
+from fgcupy.e4m3 import e4m3_rounded
+from fgcupy.lse_estimate import estimate_lse
+from fgcupy.mask import num_blocks
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                       reason="the e4m3 column-max pass runs on Hopper (sm_90) GPUs"),
+]
+
+DEVICE = "cuda"
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+# Scores stored as bfloat16 from float32 sums in another order: one rounding step apart at most.
+PROB_RTOL = 2**-7
+
+
+def _inputs(seed, batch, heads, q_len, kv_len, dtype, layout, head_gain):
+    """q, k [B, H, S, 128] on the GPU (NHD: a strided view); head h's q times head_gain ** h."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def make(n, gain):
+        x = torch.randn(batch, heads, n, 128, generator=gen) * gain ** torch.arange(heads).view(1, -1, 1, 1)
+        x = x.to(DEVICE, dtype)
+        return x if layout == "HND" else x.transpose(1, 2).contiguous().transpose(1, 2)
+
+    return make(q_len, head_gain), make(kv_len, 1.0)
+
+
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 2), heads=st.integers(1, 3),
+       q_len=st.one_of(st.integers(1, 200), st.integers(200, 1500)), kv_len=st.one_of(st.integers(1, 200), st.integers(200, 1500)),
+       group=st.sampled_from([2, 16, 64, 128]), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       layout=st.sampled_from(["HND", "NHD"]), head_gain=st.sampled_from([1.0, 30.0, 0.03]))
+@SETTINGS
+def test_e4m3_column_max_is_the_rounded_inputs_column_max(seed, batch, heads, q_len, kv_len, group, dtype, layout,
+                                                          head_gain):
+    """Each head rounded under its own power of two (heads whose q differ by factors of 30 get
+    different scales), the scales undone in the kernel: the stored maxima are those of the
+    rounded inputs, for every head chunk."""
+    q, k = _inputs(seed, batch, heads, q_len, kv_len, dtype, layout, head_gain)
+    scale = 1 / math.sqrt(128)
+    _, lse = ref.logits_and_lse(q, k, scale)
+    lse[..., ::7] = -math.inf  # rows without mass give 0
+    bh = batch * heads
+    expected = ref.maxprob_scores(e4m3_rounded(q), e4m3_rounded(k), lse, group, scale)
+    out_rows = num_blocks(q_len, group)
+    got = mask_kernels.gpu_colmax_e4m3(q, k, scale, lse.reshape(bh, -1), group)
+    assert got.dtype == ref.PROB_DTYPE and got.shape == (bh, out_rows, mask_kernels.row_stride(kv_len, 2))
+    _close(got[..., :kv_len].float(), expected.reshape(bh, out_rows, -1))
+    if bh > 1:  # heads from the middle, across a batch boundary where there is one
+        part = mask_kernels.gpu_colmax_e4m3(q, k, scale, lse.reshape(bh, -1)[1:], group, bh0=1, nbh=bh - 1)
+        _close(part[..., :kv_len].float(), expected.reshape(bh, out_rows, -1)[1:])
+
+
+def _close(got, expected):
+    err = (got - expected).abs()
+    assert torch.isfinite(got).all()
+    assert (err <= 1e-6 + PROB_RTOL * expected.abs()).all(), f"max error {err.max().item():.3e}"
+
+
+def test_e4m3_inputs_out_of_the_plain_range():
+    """Heads far outside e4m3's range (1e4 and 1e-4 per element), a NaN key and an infinite
+    query element: the maxima of the rounded inputs (the NaN key scores 0, the clamped element
+    counts as the largest finite value)."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 3, 300, 128, generator=gen) * torch.tensor([1e4, 1e-4, 1.0]).view(1, 3, 1, 1)
+    k = torch.randn(1, 3, 500, 128, generator=gen) * torch.tensor([1e-4, 1e4, 1.0]).view(1, 3, 1, 1)
+    k[0, 2, 17, 5] = float("nan")
+    q[0, 2, 40, 9] = float("inf")
+    q, k = q.to(DEVICE, torch.bfloat16), k.to(DEVICE, torch.bfloat16)
+    scale = 1 / math.sqrt(128)
+    qr, kr = e4m3_rounded(q), e4m3_rounded(k)
+    lse = ref.nan_free_logsumexp(torch.matmul(qr, kr.transpose(-1, -2)) * scale)
+    got = mask_kernels.gpu_colmax_e4m3(q, k, scale, lse.reshape(3, -1), 128)[..., :500].float()
+    expected = ref.maxprob_scores(qr, kr, lse, 128, scale).reshape(3, 3, -1)
+    assert (got[2, :, 17].nan_to_num(0.0) == 0).all()  # NaN scores rank lowest, as 0 does
+    finite = torch.isfinite(expected) & (torch.arange(500, device=DEVICE) != 17)
+    err = (got - expected.nan_to_num(0.0)).abs()
+    assert (err[finite] <= 1e-6 + PROB_RTOL * expected[finite].abs()).all(), f"max error {err[finite].max():.3e}"
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 300, 400, 64), (2, 3, 1000, 777, 128), (1, 2, 5000, 5000, 128)])
+@pytest.mark.parametrize("rule", [dict(rule="topk", density=0.1), dict(rule="tau", tau=0.8, workspace_bytes=1)])
+def test_e4m3_prediction_selects_what_the_reference_selects(shape, rule):
+    """predict_mask(method="colmax", products="e4m3") on the GPU against the CPU reference of the
+    same products, and lse="estimate" takes them by default on Hopper."""
+    batch, heads, q_len, kv_len, slice_m = shape
+    gen = torch.Generator().manual_seed(11)
+    q = (torch.randn(batch, heads, q_len, 128, generator=gen) * 2).to(torch.bfloat16)
+    k = (torch.randn(batch, heads, kv_len, 128, generator=gen) * 2).to(torch.bfloat16)
+    lse = estimate_lse(q, k, slice_m)
+    kw = dict(rule)
+    workspace = kw.pop("workspace_bytes", 1 << 30)
+    got = predict_mask(q.to(DEVICE), k.to(DEVICE), slice_m, "colmax", lse=lse.to(DEVICE), products="e4m3",
+                       workspace_bytes=workspace, **kw).validate()
+    expected = predict_mask(q.float(), k.float(), slice_m, "colmax", lse=lse, products="e4m3", **kw).to_dense()
+    assert (got.to_dense().cpu() != expected).sum().item() <= 5 + 0.002 * int(expected.sum())
+    if rule["rule"] == "topk":
+        by_default = predict_mask(q.to(DEVICE), k.to(DEVICE), slice_m, "colmax", lse="estimate", **kw)
+        estimated = predict_mask(q.to(DEVICE), k.to(DEVICE), slice_m, "colmax", lse=estimate_lse(
+            q.to(DEVICE), k.to(DEVICE), slice_m), products="e4m3", **kw)
+        assert torch.equal(by_default.indices, estimated.indices)
+
+
+def test_e4m3_refusals_on_the_gpu():
+    q = torch.randn(1, 2, 300, 64, device=DEVICE, dtype=torch.bfloat16)
+    lse = torch.zeros(1, 2, 300, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims"):
+        predict_mask(q, q, 128, "colmax", lse=lse, density=0.1, products="e4m3")
+    # head dim 64 has no e4m3 kernel: "auto" keeps the inputs' products
+    auto = predict_mask(q, q, 128, "colmax", lse="estimate", density=0.1)
+    plain = predict_mask(q, q, 128, "colmax", lse="estimate", density=0.1, products="input")
+    assert torch.equal(auto.indices, plain.indices)
+    q8 = torch.randn(1, 2, 300, 128, device=DEVICE).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match="head_scale"):
+        mask_kernels.gpu_scores("maxprob", q8, q8, 0.1, lse=torch.zeros(2, 300, device=DEVICE), group=128)
+    with pytest.raises(ValueError, match="modes"):
+        mask_kernels.gpu_scores("stats", q8, q8, 0.1, head_scale=torch.ones(2, device=DEVICE))

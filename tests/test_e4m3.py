@@ -1,0 +1,122 @@
+"""q and k rounded to e4m3 for the column max (fgcupy.e4m3), and predict_mask's ``products``."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fgcupy import SliceMask, predict_mask
+from fgcupy import mask_reference as ref
+from fgcupy.e4m3 import E4M3_MAX, e4m3_rounded, head_scales, heads_as_e4m3, to_e4m3
+from fgcupy.jit.score_spec import E4M3, Sm90ScoreSpec, all_sm90_mask_specs
+from fgcupy.lse_estimate import estimate_lse
+from fgcupy.predict_op import _fields, request_token
+from fgcupy.scoring import make_request
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1e-6, 0.01, 1.0, 100.0, 3e3]),
+       st.sampled_from([torch.bfloat16, torch.float16, torch.float32]))
+@settings(max_examples=40, deadline=None)
+def test_each_head_gets_the_largest_power_of_two_that_fits(seed, magnitude, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(2, 3, 50, 16, generator=gen) * magnitude * torch.rand(2, 3, 1, 1, generator=gen)).to(dtype)
+    scales = head_scales(x)
+    amax = x.float().abs().amax(dim=(2, 3))
+    assert scales.dtype == torch.float32 and scales.shape == (2, 3)
+    assert torch.equal(scales, torch.exp2(torch.log2(scales).round()))  # powers of two
+    assert (amax * scales <= E4M3_MAX).all() and (amax * scales * 2 > E4M3_MAX).all()
+    rounded = e4m3_rounded(x)
+    # e4m3 keeps 3 mantissa bits: within half a step (2^-4 relative) of each normal value, and
+    # the largest magnitude survives the rounding.
+    big = x.float().abs() * scales[:, :, None, None] >= 2**-6
+    assert ((rounded - x.float()).abs()[big] <= 2**-4 * x.float().abs()[big]).all()
+    assert torch.equal(rounded.abs().amax(dim=(2, 3)) > 0, amax > 0)
+
+
+def test_heads_without_a_finite_nonzero_magnitude_keep_scale_one():
+    x = torch.ones(1, 4, 8, 16)
+    x[0, 0] = 0.0
+    x[0, 1, 3, 3] = float("inf")
+    x[0, 2, 5, 1] = float("nan")
+    x[0, 3] *= 1000.0
+    assert head_scales(x).tolist() == [[1.0, 1.0, 1.0, 2.0**-2]]
+    as_e4m3 = to_e4m3(x, head_scales(x)).float()
+    assert as_e4m3[0, 1, 3, 3] == E4M3_MAX  # an infinite element counts as the largest finite value
+    assert math.isnan(as_e4m3[0, 2, 5, 1]) and as_e4m3[0, 2, 5, 0] == 1.0
+    assert as_e4m3[0, 3].eq(256.0).all()  # 1000 / 4 = 250: e4m3 steps by 16 above 128, 256 is nearest
+    assert head_scales(torch.zeros(0, 2, 0, 16)).shape == (0, 2)
+
+
+def test_bfloat16_and_float32_scaling_round_alike():
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 2, 64, 32, generator=gen) * 7).to(torch.bfloat16)
+    scales = head_scales(x)
+    assert torch.equal(to_e4m3(x, scales).float(), to_e4m3(x.float(), scales).float())
+    wide = (torch.randn(1, 2, 64, 32, generator=gen) * 1e-3).to(torch.float16)  # scale 2^17: past float16's range
+    assert torch.equal(to_e4m3(wide, head_scales(wide)).float(), to_e4m3(wide.float(), head_scales(wide)).float())
+
+
+@pytest.mark.parametrize("bh0, nbh", [(0, 6), (1, 4), (2, 1), (3, 3), (5, 0)])
+def test_heads_as_e4m3_takes_heads_batch_major(bh0, nbh):
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 3, 40, 16, generator=gen) * torch.arange(1, 7).view(2, 3, 1, 1)
+    k = torch.randn(2, 3, 50, 16, generator=gen)
+    q8, k8, factor = heads_as_e4m3(q, k, bh0, nbh)
+    flat_q, flat_k = q.reshape(6, 1, 40, 16)[bh0 : bh0 + nbh], k.reshape(6, 1, 50, 16)[bh0 : bh0 + nbh]
+    assert q8.shape == (1, nbh, 40, 16) and k8.shape == (1, nbh, 50, 16) and factor.shape == (nbh,)
+    assert q8.dtype == torch.float8_e4m3fn and q8.is_contiguous()
+    for i in range(nbh):
+        sq, sk = head_scales(flat_q[i : i + 1]), head_scales(flat_k[i : i + 1])
+        assert factor[i] == 1.0 / (sq * sk).item()
+        assert torch.equal(q8[0, i].float() / sq.item(), e4m3_rounded(flat_q[i : i + 1])[0, 0])
+        assert torch.equal(k8[0, i].float() / sk.item(), e4m3_rounded(flat_k[i : i + 1])[0, 0])
+
+
+def test_e4m3_products_on_the_cpu_are_the_rounded_inputs_column_max():
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(1, 2, 500, 128, generator=gen) * 3, torch.randn(1, 2, 600, 128, generator=gen) * 3
+    lse = estimate_lse(q, k, 128)
+    got = predict_mask(q, k, 128, "colmax", lse=lse, density=0.1, products="e4m3")
+    expected = ref.predict_mask_reference(e4m3_rounded(q), e4m3_rounded(k), 128, "colmax", top_k=60, lse=lse)
+    assert torch.equal(got.indices, expected.indices)
+    plain = predict_mask(q, k, 128, "colmax", lse=lse, density=0.1)
+    assert not torch.equal(got.indices, plain.indices)  # the rounding moves some keys at this size
+    # on the CPU "auto" keeps the inputs' products (the e4m3 kernel is a GPU's)
+    estimated = predict_mask(q, k, 128, "colmax", lse="estimate", density=0.1)
+    assert torch.equal(estimated.indices, plain.indices)
+
+
+def test_products_refusals():
+    q = torch.randn(1, 2, 300, 128)
+    lse = torch.zeros(1, 2, 300)
+    with pytest.raises(ValueError, match="products must be one of"):
+        predict_mask(q, q, 128, "colmax", lse=lse, density=0.1, products="fp8")
+    with pytest.raises(ValueError, match="applies to method='colmax'"):
+        predict_mask(q, q, 128, "topk", density=0.1, products="e4m3")
+    with pytest.raises(ValueError, match="method='auto' takes"):
+        predict_mask(q, q, 128, "auto", density=0.1, products="e4m3")
+    old = predict_mask(q, q, 128, "topk", top_k=20)
+    with pytest.raises(ValueError, match="candidates"):
+        predict_mask(q, q, 128, "colmax", lse=lse, density=0.1, candidates=old, products="e4m3")
+    assert isinstance(predict_mask(q, q, 128, "colmax", lse=lse, density=0.1, candidates=old, products="input"),
+                      SliceMask)
+
+
+def test_the_op_token_carries_products():
+    req = make_request(128, 300, 128, "colmax", rule="topk", top_k=30, products="e4m3")
+    assert _fields(request_token(req))["products"] == "e4m3"
+    assert make_request(128, 300, 128, "colmax", rule="topk", top_k=30).products == "input"
+
+
+def test_e4m3_kernels_are_the_hopper_max_probability_pass_at_head_dim_128():
+    e4m3 = [s for s in all_sm90_mask_specs() if s.dtype == E4M3]
+    assert {s.mode for s in e4m3} == {"maxprob"} and {s.head_dim for s in e4m3} == {128}
+    assert {s.group for s in e4m3} == {2, 4, 8, 16, 32, 64, 128}
+    spec = Sm90ScoreSpec(E4M3, 128, "maxprob", 128)
+    assert spec.name_expression == "fg::mask_score_sm90<fg::e4m3_t, 128, 2, 128>"
+    assert spec.smem_bytes == (128 + 256) * 128 + 128 * 4 + 1024  # one byte a value
+    for bad in (dict(head_dim=64), dict(mode="stats", group=1), dict(mode="band")):
+        with pytest.raises(ValueError):
+            Sm90ScoreSpec(**{**dict(dtype=E4M3, head_dim=128, mode="maxprob", group=128), **bad})
