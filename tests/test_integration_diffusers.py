@@ -28,6 +28,7 @@ from .tiny_diffusers import (  # noqa: E402
     cpu_config,
     expand_mask,
     full_predictor,
+    hunyuan_attention_call,
     hunyuan_inputs,
     random_predictor,
     reference_attention_fn,
@@ -708,15 +709,8 @@ def test_a_given_grid_must_be_the_calls_grid():
 def test_a_padding_mask_refilled_in_place_is_read_again():
     """Direct attention calls that reuse one padding buffer: its new contents count (the host copy
     had aliased the caller's CPU mask, so no change was seen and padded keys stayed in)."""
-    model = tiny_hunyuan()
-    handle = fd.apply(model, fd.SparseAttentionConfig(predictor=full_predictor, attention_fn=reference_attention_fn,
-                                                      dense_steps=0))
-    attn = model.transformer_blocks[0].attn
-    rotary = model.rope(hunyuan_inputs()[0])
-    video, dim = rotary[0].shape[0], attn.to_q.in_features
-    gen = torch.Generator().manual_seed(3)
-    hidden, text_states = torch.randn(1, video, dim, generator=gen), torch.randn(1, 12, dim, generator=gen)
-    stock = handle.layers["transformer_blocks.0.attn"].stock
+    handle, attn, stock, hidden, text_states, rotary = hunyuan_attention_call(cpu_config())
+    video = hidden.shape[1]
     for mode in (torch.no_grad, torch.inference_mode):  # inference tensors have no version counter
         with mode():
             padding = torch.ones(1, 1, 1, video + 12, dtype=torch.bool)

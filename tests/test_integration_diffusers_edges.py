@@ -15,6 +15,7 @@ from fgcupy.integrations import diffusers as fd  # noqa: E402
 
 from .tiny_diffusers import (  # noqa: E402
     cpu_config,
+    hunyuan_attention_call,
     full_predictor,
     hunyuan_inputs,
     oracle_topk,
@@ -45,14 +46,8 @@ def test_a_new_dtype_makes_a_new_mask():
 def test_a_padding_mask_refilled_in_place_within_one_step_is_read_again():
     """Direct attention calls of one step (no set_step between them) that refill one padding
     buffer in place: the second call attends with the new padding (the tensor's version tells)."""
-    model = tiny_hunyuan()
-    handle = fd.apply(model, cpu_config())
-    attn = model.transformer_blocks[0].attn
-    rotary = model.rope(hunyuan_inputs()[0])
-    video, dim = rotary[0].shape[0], attn.to_q.in_features
-    gen = torch.Generator().manual_seed(3)
-    hidden, text_states = torch.randn(1, video, dim, generator=gen), torch.randn(1, 12, dim, generator=gen)
-    stock = handle.layers["transformer_blocks.0.attn"].stock
+    handle, attn, stock, hidden, text_states, rotary = hunyuan_attention_call(cpu_config())
+    video = hidden.shape[1]
     handle.set_step(0)
     with torch.no_grad():
         padding = torch.ones(1, 1, 1, video + 12, dtype=torch.bool)

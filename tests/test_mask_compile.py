@@ -133,7 +133,8 @@ def test_wgmma_scoring_compiles_for_two_ctas_per_sm(spec):
 def test_wgmma_scoring_spec():
     groups = {"stats": (1,), "maxprob": (2, 4, 8, 16, 32, 64, 128), "band": (128,), "listmax": (128,)}
     assert {(s.dtype, s.head_dim, s.mode, s.group) for s in all_sm90_mask_specs()} == {
-        (d, h, m, g) for d in ("bfloat16", "float16") for h in (64, 128) for m in groups for g in groups[m]}
+        (d, h, m, g) for d in ("bfloat16", "float16") for h in (64, 128) for m in groups for g in groups[m]} | {
+        ("float8_e4m3", 128, "maxprob", g) for g in groups["maxprob"]}
     spec = Sm90ScoreSpec("float16", 64, "stats")
     assert spec.name == "mask_score_sm90_stats_fp16_d64"
     assert spec.name_expression == "fg::mask_score_sm90<fg::fp16_t, 64, 1, 1>"

@@ -157,6 +157,21 @@ def cpu_config(**overrides):
     return fd.SparseAttentionConfig(**base)
 
 
+def hunyuan_attention_call(config):
+    """A tiny HunyuanVideo patched by ``config``, and what a direct call of its first attention
+    takes: (handle, attn, its stock processor, hidden states, 12 text states, rotary embedding)."""
+    from fgcupy.integrations import diffusers as fd
+
+    model = tiny_hunyuan()
+    handle = fd.apply(model, config)
+    attn = model.transformer_blocks[0].attn
+    rotary = model.rope(hunyuan_inputs()[0])
+    video, dim = rotary[0].shape[0], attn.to_q.in_features
+    gen = torch.Generator().manual_seed(3)
+    hidden, text_states = torch.randn(1, video, dim, generator=gen), torch.randn(1, 12, dim, generator=gen)
+    return handle, attn, handle.layers["transformer_blocks.0.attn"].stock, hidden, text_states, rotary
+
+
 def run_wan(model, latents, text, t=500):
     with torch.no_grad():
         return model(latents, torch.tensor([t]), text).sample
