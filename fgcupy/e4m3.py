@@ -21,7 +21,8 @@ def head_scales(x: torch.Tensor) -> torch.Tensor:
     """float32 [B, H]: per head of ``x`` [B, H, S, D], the power of two that takes its largest
     magnitude to at most E4M3_MAX (1 where that magnitude is 0 or not finite: an infinite
     element is then clamped, a NaN stays NaN). No host sync."""
-    amax = x.abs().amax(dim=(2, 3)).float() if x.numel() else x.new_zeros(x.shape[:2], dtype=torch.float32)
+    amax = (torch.linalg.vector_norm(x, float("inf"), dim=(2, 3)).float() if x.numel()  # one pass, no |x| copy
+            else x.new_zeros(x.shape[:2], dtype=torch.float32))
     scale = torch.exp2(torch.floor(torch.log2(E4M3_MAX / amax)))
     usable = torch.isfinite(amax) & (amax > 0) & torch.isfinite(scale)
     return torch.where(usable, scale, torch.ones_like(scale))
