@@ -1,10 +1,11 @@
 // Warpgroup matrix multiply-accumulate (wgmma, sm_90a); the operand lists are generated.
 //
 // ss_nN: D(64 x N, fp32) (+)= A(64 x K) * B(K x N), A and B read from shared memory through
-// matrix descriptors (both K-major); K = 16 for the 16-bit types, 32 for e4m3 (32 bytes of a row either way). rs_nN: A comes from registers in the mma.m16n8k16
-// A-fragment layout (each warp of the warpgroup owns 16 rows); B from shared memory, with
-// TRANS_B = 1 for an MN-major B. The accumulator layout per warp equals that of mma.m16n8
-// C fragments repeated over N/8 column tiles. `accumulate` = 0 overwrites D.
+// matrix descriptors (both K-major); K = 16 for the 16-bit types, 32 for e4m3 (32 bytes of a
+// row either way). rs_nN: A comes from registers in the mma.m16n8k16 A-fragment layout (each
+// warp of the warpgroup owns 16 rows); B from shared memory, with TRANS_B = 1 for an MN-major
+// B. The accumulator layout per warp equals that of mma.m16n8 C fragments repeated over N/8
+// column tiles. `accumulate` = 0 overwrites D.
 #pragma once
 #include "common.cuh"
 
