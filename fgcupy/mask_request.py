@@ -186,7 +186,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
                          f"needs a mean-query method and combine='max', got method={method!r}, combine={combine!r}")
     if not isinstance(products, str) or products not in PRODUCTS:
         raise ValueError(f"products must be one of {PRODUCTS}, got {products!r}")
-    if products == AUTO and method != "colmax":  # nothing multiplies q and k rows alone: the inputs' dtype
+    if products == AUTO and method != "colmax":  # mean-query methods score in the inputs' dtype alone
         products = "input"
     if products != "input" and method != "colmax":
         raise ValueError(f"products={products!r} applies to method='colmax', not {method!r}")

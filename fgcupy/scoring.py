@@ -116,8 +116,9 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     first. With ``lse`` from a sparse step (its row LSE over the keys it kept), a refresh that
     needs no dense step: the cost is one pass of Q K^T over the candidates' slices.
     ``products`` (colmax): "input" multiplies q and k as given; "e4m3" rounds each head's q and k
-    to float8 e4m3 under a power-of-two scale (fgcupy.e4m3; Hopper GPUs with head dim 128, where the
-    pass runs at twice the rate, or the CPU reference; not with candidates); "auto" takes "e4m3"
+    to float8 e4m3 under a power-of-two scale (fgcupy.e4m3; Hopper GPUs with head dim 128, whose
+    tensor cores multiply it at twice the bfloat16 rate, or the CPU reference; not with
+    candidates); "auto" takes "e4m3"
     with lse="estimate" where it runs (on the head families its masks stay within 0.02x of the
     inputs' oracle ratios, notes/PERF.md), else "input".
     NaN in q or k: a NaN key adds no mass to any row's normaliser and scores lowest (a sampled
