@@ -37,8 +37,7 @@ def predict_reference(qh, kh, req: MaskRequest, lse, candidates: tuple = ()) -> 
 def uses_e4m3(req: MaskRequest, qh) -> bool:
     """Whether a colmax prediction on the GPU multiplies e4m3 (products "e4m3", or "auto" where
     the kernel runs)."""
-    runs = req.products != "input" and e4m3_runs(qh.device, qh.shape[3])
-    return req.products == "e4m3" or (req.products == "auto" and runs)
+    return req.products == "e4m3" or (req.products == "auto" and e4m3_runs(qh.device, qh.shape[3]))
 
 
 def candidate_keys(candidates: tuple):

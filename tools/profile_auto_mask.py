@@ -19,7 +19,7 @@ from bench.timing import require_cuda
 from fgcupy import auto_mask, predict_mask, scoring
 from fgcupy.lse_estimate import estimate_lse
 from fgcupy.e4m3 import heads_as_e4m3
-from fgcupy.mask_kernels import gpu_colmax, gpu_colmax_e4m3, gpu_select
+from fgcupy.mask_kernels import e4m3_runs, gpu_colmax, gpu_colmax_e4m3, gpu_select
 from fgcupy.head_families import FAMILIES, family_qkv
 from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
 from fgcupy.timing import cuda_time_ms
@@ -41,8 +41,10 @@ def parts(q, k, d: float) -> None:
     q_rows = q.index_select(2, rows)
     exact = auto_mask.exact_row_lse(q_rows, k, scale)
     estimate = estimate_lse(q, k, 128)
-    colmax = gpu_colmax(q, k, scale, estimate.reshape(-1, q.shape[2]), 128)
+    lse = estimate.reshape(-1, q.shape[2])
+    colmax = gpu_colmax(q, k, scale, lse, 128)  # the selection's input
     colmax_rule = scoring.make_request(q.shape[-1], k.shape[2], 128, "colmax", rule="topk", density=d)
+    on_e4m3 = e4m3_runs(q.device, q.shape[3])  # the estimated column max's own pass where it runs
     steps = {
         "cheap top-k": lambda: predict_mask(q, k, 128, "topk", density=d),
         "checked rows' exact LSE": lambda: auto_mask.exact_row_lse(q_rows, k, scale),
@@ -51,12 +53,12 @@ def parts(q, k, d: float) -> None:
         "flagged_heads (the check and its sync)": lambda: auto_mask.flagged_heads(q, k, cheap, predict_mask, scale, rule),
         "estimated column max, all heads": lambda: predict_mask(q, k, 128, "colmax", lse="estimate", density=d),
         "  its LSE estimate": lambda: estimate_lse(q, k, 128),
-        "  its column-max pass": lambda: gpu_colmax_e4m3(q, k, scale, estimate.reshape(-1, q.shape[2]), 128),
-        "    of it, q and k to e4m3": lambda: heads_as_e4m3(q, k, 0, q.shape[0] * q.shape[1]),
-        "  the pass on the inputs' products": lambda: gpu_colmax(q, k, scale, estimate.reshape(-1, q.shape[2]), 128),
+        **({"  its column-max pass (e4m3)": lambda: gpu_colmax_e4m3(q, k, scale, lse, 128),
+            "    of it, q and k to e4m3": lambda: heads_as_e4m3(q, k, 0, q.shape[0] * q.shape[1])} if on_e4m3 else {}),
+        "  the pass on the inputs' products": lambda: gpu_colmax(q, k, scale, lse, 128),
+        "  its selection": lambda: gpu_select(colmax, k.shape[2], colmax_rule),
         "estimated column max on the inputs' products": lambda: predict_mask(q, k, 128, "colmax", lse="estimate",
                                                                              density=d, products="input"),
-        "  its selection": lambda: gpu_select(colmax, k.shape[2], colmax_rule),
         "auto": lambda: predict_mask(q, k, 128, "auto", density=d),
     }
     for name, fn in steps.items():
