@@ -24,6 +24,11 @@ def head_scales(x: torch.Tensor) -> torch.Tensor:
     float32's powers of two, and the head rounds to zeros). No host sync."""
     amax = (torch.linalg.vector_norm(x, float("inf"), dim=(2, 3)).float() if x.numel()  # one pass, no |x| copy
             else x.new_zeros(x.shape[:2], dtype=torch.float32))
+    return scales_for_amax(amax)
+
+
+def scales_for_amax(amax: torch.Tensor) -> torch.Tensor:
+    """float32, amax's shape: ``head_scales`` from each head's largest magnitude (float32)."""
     scale = torch.exp2(torch.floor(torch.log2(E4M3_MAX / amax)))
     scale = torch.where(amax * scale > E4M3_MAX, scale / 2, scale)  # log2 rounded up just past a power of two
     usable = torch.isfinite(amax) & (amax > 0) & torch.isfinite(scale)

@@ -390,18 +390,16 @@ class SliceMask:
         block_size = int(block_size)
         counts = cover.sum(-1, dtype=torch.int32)
         order = torch.argsort((~cover).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        mask_mod = None
-        if exact:
-            slice_map = self.to_dense()
-            slice_m = self.slice_m
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                return slice_map[b, h, q_idx // slice_m, kv_idx]
-
         if not exact:  # every block whole: no partial blocks, so no per-element mask_mod
             return BlockMask.from_kv_blocks(torch.zeros_like(counts), order, full_kv_num_blocks=counts,
                                             full_kv_indices=order, BLOCK_SIZE=block_size,
                                             seq_lengths=(self.q_len, self.kv_len))
+        slice_map = self.to_dense()
+        slice_m = self.slice_m
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return slice_map[b, h, q_idx // slice_m, kv_idx]
+
         return BlockMask.from_kv_blocks(
             counts, order, BLOCK_SIZE=block_size, mask_mod=mask_mod, seq_lengths=(self.q_len, self.kv_len)
         )

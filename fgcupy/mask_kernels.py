@@ -20,7 +20,7 @@ from .jit.score_spec import (E4M3, E4M3_HEAD_DIMS, E4M3_MODES, RULE_IDS, SCORE_K
                              DILATE_MAX_RADIUS, DILATE_RUN, ROWS_MAX_DIM,
                              ROWS_MAX_GROUPS, UNION_MAX_OFFSETS, UNION_MAX_WORDS, AdaptiveRowsSpec, ColmaxSpec,
                              DilateInPlaceSpec, DilateSpec, EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec, UnionSpec)
-from .e4m3 import heads_as_e4m3
+from .e4m3_kernels import gpu_heads_as_e4m3
 from .mask import INT32_MAX, SliceMask, indptr_from_counts, num_blocks
 from .mask_reference import COHERENCE_CUT, PROB_DTYPE, dilate_keys, stored_probs
 
@@ -275,9 +275,9 @@ def gpu_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor
 def gpu_colmax_e4m3(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor, slice_m: int, *,
                     bh0: int = 0, nbh: int | None = None) -> torch.Tensor:
     """``gpu_colmax`` from q and k rounded to e4m3 (fgcupy.e4m3; Hopper, e4m3_runs): the heads'
-    e4m3 copies, then one e4m3 max-probability pass."""
+    e4m3 copies (fgcupy.e4m3_kernels), then one e4m3 max-probability pass."""
     nbh = q.shape[0] * q.shape[1] - bh0 if nbh is None else nbh
-    q8, k8, head_scale = heads_as_e4m3(q, k, bh0, nbh)
+    q8, k8, head_scale = gpu_heads_as_e4m3(q, k, bh0, nbh)
     return gpu_scores("maxprob", q8, k8, scale, lse=lse, group=slice_m, head_scale=head_scale)
 
 

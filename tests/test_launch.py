@@ -4,11 +4,14 @@ import numpy as np
 import pytest
 
 from fgcupy.jit import nvrtc
+from fgcupy.jit.e4m3_spec import E4M3_AMAX_PARAMS, E4M3_ROUND_PARAMS
 from fgcupy.jit.launch import ParamStruct
 from fgcupy.jit.score_spec import SCORE_PARAMS
 from fgcupy.jit.spec import ATTN_PARAMS, ATTN_TMA_PARAMS
 
 from .needs import needs_nvrtc
+
+STRUCTS = [SCORE_PARAMS, ATTN_PARAMS, ATTN_TMA_PARAMS, E4M3_AMAX_PARAMS, E4M3_ROUND_PARAMS]
 
 
 def _nvrtc_accepts(code: str) -> tuple:
@@ -16,7 +19,7 @@ def _nvrtc_accepts(code: str) -> tuple:
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("struct", [SCORE_PARAMS, ATTN_PARAMS, ATTN_TMA_PARAMS], ids=lambda s: f"{s.name}-{len(s.fields)}")
+@pytest.mark.parametrize("struct", STRUCTS, ids=lambda s: f"{s.name}-{len(s.fields)}")
 def test_cpp_layout_matches_numpy(struct):
     ok, log = _nvrtc_accepts(struct.cpp() + struct.layout_checks())
     assert ok, log
@@ -33,7 +36,7 @@ def test_a_wrong_layout_is_caught():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("struct", [SCORE_PARAMS, ATTN_PARAMS, ATTN_TMA_PARAMS], ids=lambda s: f"{s.name}-{len(s.fields)}")
+@pytest.mark.parametrize("struct", STRUCTS, ids=lambda s: f"{s.name}-{len(s.fields)}")
 def test_every_field_offset_matches_on_the_gpu(struct):
     import cupy
 

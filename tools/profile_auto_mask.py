@@ -19,6 +19,7 @@ from bench.timing import require_cuda
 from fgcupy import auto_mask, predict_mask, scoring
 from fgcupy.lse_estimate import estimate_lse
 from fgcupy.e4m3 import heads_as_e4m3
+from fgcupy.e4m3_kernels import gpu_heads_as_e4m3
 from fgcupy.mask_kernels import e4m3_runs, gpu_colmax, gpu_colmax_e4m3, gpu_select
 from fgcupy.head_families import FAMILIES, family_qkv
 from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
@@ -54,7 +55,8 @@ def parts(q, k, d: float) -> None:
         "estimated column max, all heads": lambda: predict_mask(q, k, 128, "colmax", lse="estimate", density=d),
         "  its LSE estimate": lambda: estimate_lse(q, k, 128),
         **({"  its column-max pass (e4m3)": lambda: gpu_colmax_e4m3(q, k, scale, lse, 128),
-            "    of it, q and k to e4m3": lambda: heads_as_e4m3(q, k, 0, q.shape[0] * q.shape[1])} if on_e4m3 else {}),
+            "    of it, q and k to e4m3": lambda: gpu_heads_as_e4m3(q, k, 0, q.shape[0] * q.shape[1]),
+            "    the same in torch ops": lambda: heads_as_e4m3(q, k, 0, q.shape[0] * q.shape[1])} if on_e4m3 else {}),
         "  the pass on the inputs' products": lambda: gpu_colmax(q, k, scale, lse, 128),
         "  its selection": lambda: gpu_select(colmax, k.shape[2], colmax_rule),
         "estimated column max on the inputs' products": lambda: predict_mask(q, k, 128, "colmax", lse="estimate",

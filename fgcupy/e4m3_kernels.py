@@ -1,0 +1,53 @@
+"""q and k rounded to e4m3 on a Hopper GPU by two kernels (cuda_src/e4m3_convert.cu) that read
+the 16-bit inputs twice and write one byte a value: each head's largest magnitude, then the
+rounding. Torch's way (fgcupy.e4m3, the reference) makes four passes over them and three
+16-bit copies. Inputs the kernels cannot read go the torch way, with the same result."""
+
+from __future__ import annotations
+
+import torch
+
+from .e4m3 import heads_as_e4m3, scales_for_amax
+from .jit.e4m3_spec import E4m3ConvertSpec
+from .jit.launch import GRID_LIMITS, launch
+from .jit.score_spec import E4M3_HEAD_DIMS
+
+_KERNEL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def gpu_heads_as_e4m3(q: torch.Tensor, k: torch.Tensor, bh0: int, nbh: int) -> tuple:
+    """``fgcupy.e4m3.heads_as_e4m3`` (the same values) by the conversion kernels where both
+    inputs suit them (``kernels_take``); no host sync."""
+    if not (kernels_take(q, nbh) and kernels_take(k, nbh)):
+        return heads_as_e4m3(q, k, bh0, nbh)
+    q8, q_scales = _rounded_heads(q, bh0, nbh)
+    k8, k_scales = _rounded_heads(k, bh0, nbh)
+    return q8, k8, 1.0 / (q_scales * k_scales)
+
+
+def kernels_take(x: torch.Tensor, nbh: int) -> bool:
+    """Whether the kernels read ``x`` [B, H, S, D] as it lies: 16-bit on a CUDA GPU, a head dim
+    they have, rows of contiguous values at 16-byte steps, at most a grid's y of heads, and a
+    head's 16-byte vectors counted in an int."""
+    if x.device.type != "cuda" or x.dtype not in _KERNEL_DTYPES or x.dim() != 4 or x.shape[3] not in E4M3_HEAD_DIMS:
+        return False
+    aligned = x.data_ptr() % 16 == 0 and all(s % 8 == 0 for s, n in zip(x.stride()[:3], x.shape[:3]) if n > 1)
+    return aligned and x.stride(3) == 1 and 0 < nbh <= GRID_LIMITS[1] and x.shape[2] * x.shape[3] // 8 < 2**31
+
+
+def _rounded_heads(x: torch.Tensor, bh0: int, nbh: int) -> tuple:
+    """(e4m3 [1, nbh, S, D] of heads [bh0, bh0 + nbh) of x (batch-major), float32 [nbh]: their
+    scales, as fgcupy.e4m3.head_scales gives them)."""
+    batch, heads, rows, dim = x.shape
+    dtype = _KERNEL_DTYPES[x.dtype]
+    amax = torch.zeros(nbh, dtype=torch.float32, device=x.device)
+    out = torch.empty(1, nbh, rows, dim, dtype=torch.float8_e4m3fn, device=x.device)
+    where = dict(x=x, stride_b=x.stride(0), stride_h=x.stride(1), stride_s=x.stride(2), heads=heads, bh0=bh0, rows=rows)
+    if rows:
+        spec = E4m3ConvertSpec(dtype, dim, "amax")
+        launch(spec, x.device, spec.grid(rows, dim, nbh), spec.params.pack(amax=amax, **where))
+    scales = scales_for_amax(amax)
+    if rows:
+        spec = E4m3ConvertSpec(dtype, dim, "round")
+        launch(spec, x.device, spec.grid(rows, dim, nbh), spec.params.pack(scale=scales, out=out, **where))
+    return out, scales

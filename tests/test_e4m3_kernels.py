@@ -1,0 +1,135 @@
+"""The e4m3 conversion kernels (cuda_src/e4m3_convert.cu): their specs compile for Hopper with no
+spills, and what they take or leave to torch (CPU); on a Hopper GPU their bytes and scales are
+torch's (fgcupy.e4m3) on fresh inputs, special values and strided layouts included."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fgcupy.e4m3 import head_scales, heads_as_e4m3
+from fgcupy.e4m3_kernels import gpu_heads_as_e4m3, kernels_take
+from fgcupy.jit import report as report_mod
+from fgcupy.jit.e4m3_spec import CONVERT_THREADS, CONVERT_UNROLL, E4m3ConvertSpec, all_e4m3_convert_specs
+
+from .needs import needs_nvrtc
+
+ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="the e4m3 conversion kernels run on Hopper (sm_90) GPUs")
+
+
+def test_specs_cover_both_dtypes_and_steps():
+    specs = all_e4m3_convert_specs()
+    assert {(s.dtype, s.head_dim, s.step) for s in specs} == {
+        (d, 128, step) for d in ("bfloat16", "float16") for step in ("amax", "round")}
+    spec = E4m3ConvertSpec("float16", 128, "round")
+    assert spec.name == "e4m3_round_fp16_d128"
+    assert spec.name_expression == "fg::e4m3_round<fg::fp16_t, 128>"
+    assert spec.shared_params == (E4m3ConvertSpec().params,)
+    for bad in (dict(dtype="float32"), dict(head_dim=64), dict(step="scale")):
+        with pytest.raises(ValueError, match="must be one of"):
+            E4m3ConvertSpec(**bad)
+
+
+def test_grid_covers_every_vector_of_a_head():
+    per_cta = CONVERT_THREADS * CONVERT_UNROLL
+    assert E4m3ConvertSpec.grid(1, 128, 3) == (1, 3)
+    assert E4m3ConvertSpec.grid(per_cta // 16, 128, 2) == (1, 2)
+    assert E4m3ConvertSpec.grid(per_cta // 16 + 1, 128, 2) == (2, 2)
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ["sm_90", "sm_90a"])
+@pytest.mark.parametrize("spec", all_e4m3_convert_specs(), ids=lambda s: s.name)
+def test_compiles_for_hopper_without_spills(spec, arch):
+    rep = report_mod.compile_report(spec, arch)
+    assert spec.template.split("::")[-1] in rep.lowered_name
+    assert rep.spill_store_bytes == 0 and rep.spill_load_bytes == 0 and rep.stack_bytes == 0, rep.log
+    assert rep.registers <= 64, rep.registers  # a memory-bound kernel: full occupancy
+
+
+def test_kernels_take_only_what_they_can_read():
+    x = torch.zeros(2, 3, 40, 128, dtype=torch.bfloat16)
+    assert not kernels_take(x, 6)  # CPU
+    if not torch.cuda.is_available():
+        return
+    gpu = x.cuda()
+    assert kernels_take(gpu, 6)
+    assert kernels_take(gpu.transpose(1, 2).contiguous().transpose(1, 2), 6)  # NHD view
+    assert not kernels_take(gpu.float(), 6)
+    assert not kernels_take(gpu[..., :64], 6) and not kernels_take(torch.zeros(2, 3, 40, 64, device="cuda"), 6)
+    assert not kernels_take(gpu[:, :, :, 1:], 6)
+    assert not kernels_take(gpu, 0)
+
+
+def test_cpu_inputs_go_the_torch_way():
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 3, 50, 128, generator=gen).bfloat16() for _ in range(2))
+    got, want = gpu_heads_as_e4m3(q, k, 1, 4), heads_as_e4m3(q, k, 1, 4)
+    for a, b in zip(got, want):
+        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
+                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+
+
+def _same_e4m3(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bytes, any NaN encoding equal to any other."""
+    a, b = a.float(), b.float()
+    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+
+
+def _special(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
+    """x with one head changed: zeros, an infinity, a NaN, tiny values (subnormal once scaled
+    back), or magnitudes past e4m3's range."""
+    h = int(torch.randint(x.shape[1], (1,), generator=gen))
+    if kind == "zeros":
+        x[:, h] = 0
+    elif kind in ("inf", "nan"):
+        x[0, h, 0, 5] = float("inf") if kind == "inf" else float("nan")
+    elif kind == "tiny":
+        x[:, h] *= 1e-33
+        x[:, h, :, ::3] *= 1e-5  # below the head's largest value by more than e4m3's range
+    elif kind == "large":
+        x[:, h] *= 3e4
+    return x
+
+
+@pytest.mark.gpu
+@needs_hopper
+@given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 3), heads=st.integers(1, 4),
+       rows=st.one_of(st.integers(1, 70), st.integers(70, 2100)), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+       layout=st.sampled_from(["HND", "NHD"]), special=st.sampled_from(["none", "zeros", "inf", "nan", "tiny", "large"]),
+       data=st.data())
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+def test_kernels_give_torchs_bytes_and_scales(seed, batch, heads, rows, dtype, layout, special, data):
+    gen = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(batch, heads, rows, 128, generator=gen) * 4 ** torch.randn(1, heads, 1, 1, generator=gen)
+            for _ in range(2))
+    if dtype == torch.float16 and special == "large":
+        special = "none"  # past float16's range
+    q = _special(q, special, gen)
+    q, k = (x.to("cuda", dtype) for x in (q, k))
+    if layout == "NHD":
+        q, k = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k))
+    total = batch * heads
+    bh0 = data.draw(st.integers(0, total - 1), label="bh0")
+    nbh = data.draw(st.integers(1, total - bh0), label="nbh")
+    assert kernels_take(q, nbh) and kernels_take(k, nbh)
+    q8, k8, factor = gpu_heads_as_e4m3(q, k, bh0, nbh)
+    q8_ref, k8_ref, factor_ref = heads_as_e4m3(q, k, bh0, nbh)
+    assert q8.is_contiguous() and q8.shape == (1, nbh, rows, 128) and q8.dtype == torch.float8_e4m3fn
+    assert _same_e4m3(q8, q8_ref) and _same_e4m3(k8, k8_ref)
+    assert torch.equal(factor, factor_ref)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_scales_match_torch_on_a_head_of_one_value():
+    """A head whose every value is its largest (one vector per thread, every CTA the same
+    atomic): the kernel's largest magnitude is exact."""
+    x = torch.full((1, 2, 3000, 128), 0.8125, device="cuda", dtype=torch.bfloat16)  # 13/16: e4m3 holds it
+    x[0, 1] = -1e-3
+    q8, _, factor = gpu_heads_as_e4m3(x, x, 0, 2)
+    scales = head_scales(x).reshape(-1)
+    assert float(scales[0]) == 512.0  # 0.8125 x 512 = 416 <= 448 < 832
+    assert torch.equal(factor, 1.0 / (scales * scales))
+    assert bool((q8[0, 0].float() == 416.0).all())
