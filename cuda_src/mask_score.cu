@@ -12,7 +12,8 @@
 //      rows (G a power of two dividing WARPS x 16), written to out[z, row / G, key] as bfloat16
 //      rounded toward zero. With one query per row and G = slice_m this is the exact column-max
 //      score of a dense step.
-// Rows past n_rows read zeros and are never written; keys past the chunk are masked out.
+// Rows past n_rows read zeros and are never written; keys past the chunk are masked out, and in
+// mode 1 so are each row's skipped keys (score_range.cuh, skipped_keys).
 // Band mode (modes 1 and 2, band_width > 0): each row tile is one query block and takes only
 // the keys of its band [row0 + band_lo, + band_width); mode 2 then raises the block's existing
 // scores to the exact maxima (a max with what is stored: each (block, key) has one writer).
@@ -93,6 +94,7 @@ mask_score(const __grid_constant__ ScoreParams p) {
   // Mode 2: log2-scaled lse of the two rows; rows without a finite lse contribute p = 0.
   float lse2[2] = {0.f, 0.f};
   bool row_ok[2] = {false, false};
+  const int2 skip = MODE == kMode_stats ? skipped_keys(p, r_lo) : make_int2(0, 0);  // both rows' block
   if (MODE == kMode_maxprob) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -149,7 +151,8 @@ mask_score(const __grid_constant__ ScoreParams p) {
         const int key = tile_key + nt * 8 + tig * 2;
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const bool valid = key + (e & 1) < key_end;
+          const int col = key + (e & 1);
+          const bool valid = col < key_end && (MODE != kMode_stats || col < skip.x || col >= skip.y);
           const float logit = acc[nt][e] * scale;
           if (kLogits) acc[nt][e] = logit;
           // log2 units for the statistics; masked keys do not count.

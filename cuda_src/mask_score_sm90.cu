@@ -7,7 +7,8 @@
 // they differ in which one is the wgmma's A operand, so that each mode's reduction stays
 // inside a thread and its quad:
 //   stats (rows are A, 64 per warpgroup; keys are N): each row's log-sum-exp over the chunk,
-//     written to partial[z, row, chunk], as mask_score.cu's mode 1;
+//     written to partial[z, row, chunk], as mask_score.cu's mode 1 (each row's skipped keys,
+//     score_range.cuh, left out);
 //   maxprob (keys are A, 64 per warpgroup; rows are N): p = exp2(logit * log2e - lse2[row])
 //     and its max over each group of GROUP consecutive rows (a power of two, 2..128, a
 //     template argument: with a runtime group the epilogue's index arithmetic and branches
@@ -202,6 +203,8 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   // A: 64 rows (stats) or 64 keys (maxprob) of its tile, per warpgroup.
   const u32 a_wg = wg * 64 * 128;
   const int thread_row = wg * 64 + (warp & 3) * 16 + g;  // first of this thread's two A rows
+  // Stats: the keys this thread's two rows skip (one block's: a warp's 16 rows share it).
+  const int2 skip = MODE == kMode_stats ? skipped_keys(p, row0 + thread_row) : make_int2(0, 0);
   // Maxprob: this thread's first output row (of its column tile 0) and its store pointer, keys
   // added per tile.
   constexpr int kGroupShift = log2_pow2(GROUP);
@@ -244,12 +247,14 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
         // acc[nt * 4 + e]: row thread_row + 8 * (e >> 1), key tile_key + nt * 8 + tig * 2 + (e & 1).
         // Keys past the chunk (its last tile only) become -inf. The max is taken on the raw
         // products (the scale is positive) and the scale folds into each exponent's FFMA.
-        if (tile_key + kN > key_end) {
+        if (tile_key + kN > key_end || (tile_key < skip.y && tile_key + kN > skip.x)) {
 #pragma unroll
           for (int nt = 0; nt < kN / 8; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e)
-              if (tile_key + nt * 8 + tig * 2 + (e & 1) >= key_end) acc[nt * 4 + e] = FG_NEG_INF;
+            for (int e = 0; e < 4; ++e) {
+              const int col = tile_key + nt * 8 + tig * 2 + (e & 1);
+              if (col >= key_end || (col >= skip.x && col < skip.y)) acc[nt * 4 + e] = FG_NEG_INF;
+            }
         }
         float tile_m[2] = {FG_NEG_INF, FG_NEG_INF};
 #pragma unroll

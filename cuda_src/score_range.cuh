@@ -8,6 +8,11 @@
 // ScoreParams: all keys; in band mode (band_width > 0) its row tile's band [row0 + band_lo,
 // + band_width) clipped to the keys; in list mode the positions of query block `block`'s list
 // in a SliceMask's CSR (list_indptr [B, H, out_rows + 1]). Returns [x, y): keys or positions.
+//
+// skipped_keys: in stats mode, the keys [x, y) that row `row` does not count: skip_ranges
+// (int32 [ceil(n_rows / skip_block), 2], or null for none) per block of skip_block rows, a
+// multiple of 16, so a warp's rows share it (fgcupy.lse_estimate: the sampled keys inside a
+// query block's band, whose mass its exact band part holds).
 #pragma once
 #include "common.cuh"
 
@@ -48,6 +53,13 @@ __device__ __forceinline__ int2 score_key_range(const Params& p, bool list_mode,
   }
   if (p.band_width > 0) return make_int2(max(0, row0 + p.band_lo), min(p.kv_len, row0 + p.band_lo + p.band_width));
   return make_int2(0, p.kv_len);
+}
+
+template <class Params>
+__device__ __forceinline__ int2 skipped_keys(const Params& p, int row) {
+  if (p.skip_ranges == nullptr) return make_int2(0, 0);
+  const int last = p.n_rows > 0 ? p.n_rows - 1 : 0;  // rows past n_rows are never written
+  return static_cast<const int2*>(p.skip_ranges)[min(row, last) / p.skip_block];
 }
 
 }  // namespace fg

@@ -14,8 +14,8 @@ weigh stride + 1 times, and on sharp heads a query's peak is such a key one time
 Per query, not per block: a block's mean query stands for none of its queries where they look
 different ways (region mixtures), and misses each query's own peaks on unstructured heads.
 On a GPU the band and the sample run on the scoring stats kernel (mask_kernels.gpu_scores; the
-sample over every key less its band's, the band's sampled keys in torch); elsewhere, and under
-torch.compile (where it traces), plain torch in chunks bounded by ``workspace_bytes``.
+sample with each block's band keys skipped); elsewhere, and under torch.compile (where it
+traces), plain torch in chunks bounded by ``workspace_bytes``.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def estimate_lse(q, k, slice_m: int = 128, *, band: int = ESTIMATE_BAND, scale: 
     batch, heads, q_len, _ = qh.shape
     kv_len = kh.shape[2]
     band = min(int(band), max(kv_len, num_blocks(q_len, slice_m) * slice_m))  # wider bands hold the same keys
-    on_kernel = _kernel_lse_parts(qh, kh, slice_m, band, scale, workspace_bytes)
+    on_kernel = _kernel_lse_parts(qh, kh, slice_m, band, scale)
     if on_kernel is not None:
         return torch.logaddexp(*on_kernel)
     out = torch.empty(batch, heads, q_len, dtype=torch.float32, device=qh.device)
@@ -95,11 +95,11 @@ def stats_kernel_runs(rows: torch.Tensor) -> bool:
     return rows.shape[-1] in HEAD_DIMS and kernels_can_run()
 
 
-def _kernel_lse_parts(qh, kh, slice_m: int, band: int, scale: float, workspace_bytes: int):
+def _kernel_lse_parts(qh, kh, slice_m: int, band: int, scale: float):
     """(band part, sampled part), float32 [B, H, q_len] each, by the stats kernel (one CTA per
-    query block and its band; one per row tile over the sampled keys); None where it does not
-    apply (CPU tensors, a trace under torch.compile, shapes or dtypes the kernel lacks), and the
-    torch path runs."""
+    query block and its band; one per row tile over the sampled keys, the band's skipped); None
+    where it does not apply (CPU tensors, a trace under torch.compile, shapes or dtypes the kernel
+    lacks), and the torch path runs."""
     from .jit.launch import GRID_LIMITS
     from .jit.spec import SLICE_SIZES
 
@@ -107,47 +107,31 @@ def _kernel_lse_parts(qh, kh, slice_m: int, band: int, scale: float, workspace_b
         return None
     from .mask_kernels import gpu_scores
 
-    def stats(rows, keys, bh0, nbh, band_keys):
+    def stats(rows, keys, bh0, nbh, band_keys, skip):
         return gpu_scores("stats", rows, keys, scale, bh0=bh0, nbh=nbh, warps=slice_m // 16 if band_keys else 8,
-                          band=band_keys)
+                          band=band_keys, skip=skip)
 
-    return lse_parts_from_stats(qh, kh, slice_m, band, scale, workspace_bytes, stats, GRID_LIMITS[2])
+    return lse_parts_from_stats(qh, kh, slice_m, band, stats, GRID_LIMITS[2])
 
 
-def lse_parts_from_stats(qh, kh, slice_m: int, band: int, scale: float, workspace_bytes: int, stats,
-                         heads_per_call: int) -> tuple:
+def lse_parts_from_stats(qh, kh, slice_m: int, band: int, stats, heads_per_call: int) -> tuple:
     """The kernel path's (band part, sampled part), float32 [B, H, q_len] each, given ``stats``
-    (rows [B, H, R, D], keys [B, H, n, D], bh0, nbh, band (lo, width) or None -> the LSE [nbh,
-    R] of each row over its keys, or over its row tile's band of them: the stats kernel): the
-    band, the sampled keys everywhere, less the band's sampled keys (in torch)."""
+    (rows [B, H, R, D], keys [B, H, n, D], bh0, nbh, band (lo, width) or None, skip (ranges
+    [QB, 2], block rows) or None -> the LSE [nbh, R] of each row over its keys, or over its row
+    tile's band of them, less the keys its block's range skips: the stats kernel)."""
     batch, heads, q_len, _ = qh.shape
     sampled, log_factor = _sampled_keys(kh)
-    near, everywhere = [], []
+    skip = (_band_sample_ranges(num_blocks(q_len, slice_m), slice_m, band, kh.shape[2], qh.device), slice_m)
+    near, far = [], []
     for bh0 in range(0, batch * heads, heads_per_call):
         nbh = min(heads_per_call, batch * heads - bh0)
-        near.append(stats(qh, kh, bh0, nbh, (-band, slice_m + 2 * band)))
-        everywhere.append(stats(qh, sampled, bh0, nbh, None))
+        near.append(stats(qh, kh, bh0, nbh, (-band, slice_m + 2 * band), None))
+        far.append(stats(qh, sampled, bh0, nbh, None, skip))
     shape = (batch, heads, q_len)
     # A NaN query has no mass, as in torch; infinities stay.
     near = torch.cat(near).view(shape).nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-    everywhere = torch.cat(everywhere).view(shape).nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-    inside = torch.empty_like(everywhere)
-    keys = _band_sample_keys(num_blocks(q_len, slice_m), slice_m, band, kh.shape[2], qh.device)
-    chunk = max(1, min(heads, int(workspace_bytes // _band_sample_bytes(keys.shape, slice_m, qh.shape[3]))))
-    for b in range(batch):
-        for h0 in range(0, heads, chunk):
-            inside[b, h0 : h0 + chunk] = band_sample_lse(qh[b, h0 : h0 + chunk], sampled[b, h0 : h0 + chunk], keys,
-                                                         slice_m, scale)
-    return near, _log_minus(everywhere, inside) + log_factor
-
-
-def _log_minus(total: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
-    """log(exp(total) - exp(part)) for a ``part`` of the terms summed in ``total`` (-inf where
-    rounding leaves nothing or makes the part the larger). Where the part is nearly all of the
-    total the difference loses its digits, but it is then a rounding of the band's exact mass,
-    which the estimate adds to it."""
-    rest = torch.where(part < total, -torch.expm1(part - total), 0.0)
-    return torch.where(torch.isneginf(part) | torch.isposinf(total), total, total + torch.log(rest))
+    far = torch.cat(far).view(shape).nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    return near, far + log_factor
 
 
 def sample_positions(kv_len: int, device=None) -> torch.Tensor:
@@ -180,56 +164,15 @@ def _sampled_keys(k: torch.Tensor) -> tuple:
     return k.index_select(k.dim() - 2, positions), math.log(kv_len / positions.shape[0])
 
 
-def _band_sample_keys(blocks: int, slice_m: int, band: int, kv_len: int, device) -> torch.Tensor:
-    """int64 [blocks, W]: per query block, the places in the sample (the keys at
-    ``sample_positions(kv_len)``) of the sampled keys in its band (mask_reference.band_bounds),
-    -1 past them. W bounds any band's count (one sample per run of stride keys), so the
-    shape needs no host sync."""
+def _band_sample_ranges(blocks: int, slice_m: int, band: int, kv_len: int, device) -> torch.Tensor:
+    """int32 [blocks, 2]: per query block, the places [first, end) in the sample (the keys at
+    ``sample_positions(kv_len)``, ascending) of the sampled keys in its band
+    (mask_reference.band_bounds). No host sync."""
     positions = sample_positions(kv_len, device)
     block = torch.arange(blocks, device=device)
     lo = (block * slice_m - band).clamp(0, kv_len)
     hi = torch.maximum(lo, ((block + 1) * slice_m + band).clamp_max(kv_len))
-    first, end = torch.searchsorted(positions, lo), torch.searchsorted(positions, hi)
-    width = min(positions.shape[0], num_blocks(slice_m + 2 * band, ref.lse_key_stride(kv_len)) + 1)
-    keys = first.unsqueeze(1) + torch.arange(max(1, width), device=device)
-    return torch.where(keys < end.unsqueeze(1), keys, -1)
-
-
-def _band_sample_bytes(keys_shape, slice_m: int, dim: int) -> int:
-    """Float32 bytes ``band_sample_lse`` holds per head at most: the gathered keys, the logits
-    with a temporary, a copy of the queries (where their layout needs one) and the output."""
-    blocks, width = keys_shape
-    return 4 * blocks * width * (dim + 2 * slice_m) + 8 * blocks * slice_m * dim + 4 * blocks * slice_m
-
-
-def band_sample_lse(q: torch.Tensor, sampled: torch.Tensor, keys: torch.Tensor, slice_m: int,
-                    scale: float) -> torch.Tensor:
-    """float32 [N, q_len]: each query's LSE over the sampled keys ``sampled`` [N, n, D] at
-    positions ``keys`` [QB, W] (``_band_sample_keys``: -1 for none) of its block, without the
-    sample's scaling; NaN logits add no mass. The products run on half-precision operands where
-    q is half precision on CUDA (mask_reference.float32_products), with no float32 copy of q."""
-    n, q_len, dim = q.shape
-    full = q_len // slice_m
-    out = torch.empty(n, q_len, dtype=torch.float32, device=q.device)
-    if full:
-        out[:, : full * slice_m] = _blocks_lse(q[:, : full * slice_m].unflatten(1, (full, slice_m)), sampled,
-                                                keys[:full], scale).flatten(1)
-    if q_len > full * slice_m:
-        out[:, full * slice_m :] = _blocks_lse(q[:, full * slice_m :].unsqueeze(1), sampled, keys[full:],
-                                                scale).flatten(1)
-    return out
-
-
-def _blocks_lse(queries: torch.Tensor, sampled: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
-    """float32 [N, QB, M]: the LSE of queries [N, QB, M, D] over the sampled keys at ``keys``
-    [QB, W] (-1 for none) of their block."""
-    n, blocks, rows, dim = queries.shape
-    width = keys.shape[1]
-    gathered = sampled.index_select(1, keys.clamp_min(0).flatten()).view(n * blocks, width, dim)
-    logits = ref.float32_products(queries.reshape(n * blocks, rows, dim), gathered).view(n, blocks, rows, width)
-    logits.mul_(scale).masked_fill_((keys < 0).view(1, blocks, 1, width), -math.inf)
-    logits.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-    return torch.logsumexp(logits, -1)
+    return torch.stack([torch.searchsorted(positions, lo), torch.searchsorted(positions, hi)], 1).to(torch.int32)
 
 
 def sampled_outside_band_lse(q: torch.Tensor, k: torch.Tensor, slice_m: int, band: int, scale: float,

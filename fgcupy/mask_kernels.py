@@ -21,7 +21,7 @@ from .jit.score_spec import (E4M3, E4M3_HEAD_DIMS, E4M3_MODES, RULE_IDS, SCORE_K
                              ROWS_MAX_GROUPS, UNION_MAX_OFFSETS, UNION_MAX_WORDS, AdaptiveRowsSpec, ColmaxSpec,
                              DilateInPlaceSpec, DilateSpec, EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec, UnionSpec)
 from .e4m3_kernels import gpu_heads_as_e4m3
-from .mask import INT32_MAX, SliceMask, indptr_from_counts, num_blocks
+from .mask import INT32_MAX, SliceMask, indptr_from_counts, is_int, num_blocks
 from .mask_reference import COHERENCE_CUT, PROB_DTYPE, dilate_keys, stored_probs
 
 _TARGET_CTAS = 2048
@@ -90,10 +90,11 @@ def _check_scale(scale: float) -> None:
 
 
 def _score_params(rows, k, scale: float, *, out, ld: int, partial, lse, bh0: int, key_chunk: int, group: int,
-                  out_rows: int, band: tuple, lists: tuple = (None, None), head_scale=None):
+                  out_rows: int, band: tuple, lists: tuple = (None, None), head_scale=None, skip: tuple = (None, 0)):
     """The ScoreParams of one scoring launch over rows [B, H, R, D] and k [B, H, S, D] (and, in
     list mode, the (indptr, indices) of the key lists each block scores; for e4m3 rows and keys,
-    viewed as 16-bit columns, each head's factor of the logit scale)."""
+    viewed as 16-bit columns, each head's factor of the logit scale; in stats mode, the
+    (ranges, block) of keys each block of rows skips)."""
     return SCORE_PARAMS.pack(
         rows=rows, r_sb=rows.stride(0), r_sh=rows.stride(1), r_ss=rows.stride(2),
         k=k, k_sb=k.stride(0), k_sh=k.stride(1), k_ss=k.stride(2),
@@ -101,7 +102,7 @@ def _score_params(rows, k, scale: float, *, out, ld: int, partial, lse, bh0: int
         heads=rows.shape[1], bh0=bh0, n_rows=rows.shape[2], kv_len=k.shape[2], key_chunk=key_chunk,
         group=group, out_rows=out_rows, band_lo=band[0], band_width=band[1],
         scale=scale, scale_log2=scale * math.log2(math.e),
-        list_indptr=lists[0], list_indices=lists[1], head_scale=head_scale,
+        list_indptr=lists[0], list_indices=lists[1], head_scale=head_scale, skip_ranges=skip[0], skip_block=skip[1],
     )
 
 
@@ -195,7 +196,8 @@ def band_specs(dtype: str, dim: int, slice_m: int, device: torch.device, kernel:
 
 def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, bh0: int = 0, nbh: int | None = None,
                lse: torch.Tensor | None = None, group: int = 1, warps: int = 4, band: tuple | None = None,
-               out: torch.Tensor | None = None, kernel: str = "auto", head_scale: torch.Tensor | None = None):
+               out: torch.Tensor | None = None, kernel: str = "auto", head_scale: torch.Tensor | None = None,
+               skip: tuple | None = None):
     """Run fg::mask_score (or fg::mask_score_sm90, see _score_spec) on heads [bh0, bh0 + nbh) of
     rows [B, H, R, D] against k [B, H, S, D].
 
@@ -210,6 +212,10 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     takes only the keys [row0 + lo, row0 + lo + width): "stats" gives each row's LSE over its
     band; "maxprob" (group = warps x 16) raises ``out``'s scores of those keys to the exact
     maxima and returns ``out``.
+
+    ``skip=(ranges, block)`` ("stats" only, no band): the rows of query block j (``block`` rows
+    each, a multiple of 16) leave the keys [ranges[j, 0], ranges[j, 1]) out of their LSE;
+    ``ranges``: int32 [ceil(R / block), 2] on the rows' device.
     """
     batch, heads, n_rows, dim = rows.shape
     kv_len = k.shape[2]
@@ -225,6 +231,7 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
                            device=rows.device, kernel=kernel)
         if head_scale is not None:
             raise ValueError("head_scale applies to float8_e4m3fn rows and keys")
+    skip = (None, 0) if skip is None else _checked_skip(skip, mode, band, n_rows, rows.device)
     rows, k = _cp_async_ready(rows), _cp_async_ready(k)
     half = mode == "logits_f16"
     ld = row_stride(kv_len, 2 if half else PROB_DTYPE.itemsize if mode == "maxprob" else 4)
@@ -253,7 +260,7 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
         partial = torch.empty(nbh, n_rows, chunks, dtype=torch.float32, device=device)
     params = _score_params(rows, k, scale, out=out, ld=ld, partial=partial, lse=lse if mode == "maxprob" else None,
                            bh0=bh0, key_chunk=key_chunk, group=group, out_rows=out_rows, band=(band_lo, band_width),
-                           head_scale=head_scale)
+                           head_scale=head_scale, skip=skip)
     if nbh and n_rows and chunks:
         launch(spec, device, spec.grid(chunks, num_blocks(n_rows, spec.rows_per_cta), nbh), params)
     if mode == "maxprob":
@@ -262,6 +269,19 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     # would still run two reductions over every row.
     row_lse = partial[..., 0] if chunks == 1 else torch.logsumexp(partial, dim=-1)
     return row_lse if mode == "stats" else (out, row_lse)
+
+
+def _checked_skip(skip, mode: str, band, n_rows: int, device: torch.device) -> tuple:
+    ranges, block = skip
+    if mode != "stats" or band is not None:
+        raise ValueError(f"skip applies to mode 'stats' without a band, got mode={mode!r}, band={band}")
+    if not is_int(block) or block < 16 or block % 16:
+        raise ValueError(f"skip's block must be a positive multiple of 16 rows (a warp's rows share it), got {block!r}")
+    blocks = num_blocks(n_rows, block)
+    if (not isinstance(ranges, torch.Tensor) or ranges.dtype != torch.int32 or ranges.device != device
+            or tuple(ranges.shape) != (blocks, 2)):
+        raise ValueError(f"skip's ranges must be int32 [{blocks}, 2] on {device}, got {ranges!r}")
+    return ranges.contiguous(), int(block)
 
 
 def gpu_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor, slice_m: int, *, bh0: int = 0,

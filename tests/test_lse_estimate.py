@@ -161,18 +161,24 @@ def test_the_estimated_prediction_compiles_with_fullgraph(dynamic):
 
 def _stats_reference(slice_m, scale):
     """The stats kernel's contract in torch: each row's LSE over its keys, or over its query
-    block's band of them (keys [tile * slice_m + lo, + width) clipped); NaN logits propagate."""
+    block's band of them (keys [tile * slice_m + lo, + width) clipped), less the keys its block's
+    skip range holds; NaN logits propagate."""
 
-    def stats(rows, keys, bh0, nbh, band_keys):
+    def stats(rows, keys, bh0, nbh, band_keys, skip):
         r = rows.flatten(0, 1)[bh0 : bh0 + nbh].double()
         k = keys.flatten(0, 1)[bh0 : bh0 + nbh].double()
         logits = r @ k.transpose(-1, -2) * scale
+        cols = torch.arange(k.shape[1])
         if band_keys is not None:
             lo, width = band_keys
             tile_start = torch.arange(r.shape[1]) // slice_m * slice_m + lo
-            cols = torch.arange(k.shape[1])
             inside = (cols >= tile_start.unsqueeze(1)) & (cols < tile_start.unsqueeze(1) + width)
             logits = logits.masked_fill(~inside, -math.inf)
+        if skip is not None:
+            ranges, block = skip
+            row_range = ranges.long()[torch.arange(r.shape[1]) // block]
+            skipped = (cols >= row_range[:, :1]) & (cols < row_range[:, 1:])
+            logits = logits.masked_fill(skipped, -math.inf)
         return torch.logsumexp(logits, -1).float()
 
     return stats
@@ -180,8 +186,8 @@ def _stats_reference(slice_m, scale):
 
 @pytest.mark.parametrize("slice_m, band, kv_len", [(64, 64, 4500), (128, 37, 4100), (128, 64, 900)])
 def test_the_kernel_paths_parts_give_the_torch_paths_estimate(slice_m, band, kv_len):
-    """The GPU composition (band and sampled keys on the stats kernel, the band's sampled keys
-    taken off in torch) on a CPU stand-in of the kernel's contract: the direct estimate, sharp
+    """The GPU composition (band and sampled keys on the stats kernel, each block's band keys
+    skipped in the sample) on a CPU stand-in of the kernel's contract: the direct estimate, sharp
     queries (their mass inside the band), a NaN query and an infinite one included, over heads in
     several kernel calls and torch chunks."""
     from fgcupy.lse_estimate import lse_parts_from_stats
@@ -192,13 +198,13 @@ def test_the_kernel_paths_parts_give_the_torch_paths_estimate(slice_m, band, kv_
     q[1, 2, 7] = math.nan
     q[1, 0, 50, 3] = math.inf
     scale = 0.3
-    near, far = lse_parts_from_stats(q, k, slice_m, band, scale, 300_000, _stats_reference(slice_m, scale), 4)
+    near, far = lse_parts_from_stats(q, k, slice_m, band, _stats_reference(slice_m, scale), 4)
     got = torch.logaddexp(near, far)
     expected = estimate_lse(q, k, slice_m, band=band, scale=scale)
     assert (got.isnan() == expected.isnan()).all()
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4, equal_nan=True)
     q_nhd = q.transpose(1, 2).contiguous().transpose(1, 2)  # an NHD layout's strides
-    near, far = lse_parts_from_stats(q_nhd, k, slice_m, band, scale, 300_000, _stats_reference(slice_m, scale), 4)
+    near, far = lse_parts_from_stats(q_nhd, k, slice_m, band, _stats_reference(slice_m, scale), 4)
     torch.testing.assert_close(torch.logaddexp(near, far), got, rtol=0, atol=1e-5, equal_nan=True)
 
 

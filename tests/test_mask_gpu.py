@@ -740,8 +740,8 @@ def test_estimated_lse_and_its_column_max_on_the_gpu(dtype):
 
 @pytest.mark.parametrize("slice_m, band", [(128, 64), (64, 37)])
 def test_estimated_lse_samples_long_key_sets_on_the_gpu(slice_m, band):
-    """Past lse_key_stride's length the stats kernel samples every key and the band's sampled
-    keys come off in torch: the same estimate as the CPU's direct sample outside the band, on
+    """Past lse_key_stride's length the stats kernel samples the keys and skips each block's
+    band keys in the sample: the same estimate as the CPU's direct sample outside the band, on
     sharp heads (whose band holds nearly all the mass) and broad ones."""
     from fgcupy.lse_estimate import estimate_lse
 

@@ -52,6 +52,7 @@ SCORE_PARAMS = ParamStruct("ScoreParams", (
     ("heads", "i32"), ("bh0", "i32"), ("n_rows", "i32"), ("kv_len", "i32"), ("key_chunk", "i32"),
     ("group", "i32"), ("out_rows", "i32"), ("band_lo", "i32"), ("band_width", "i32"),
     ("scale", "f32"), ("scale_log2", "f32"), ("list_indptr", "in"), ("list_indices", "in"), ("head_scale", "in"),
+    ("skip_ranges", "in"), ("skip_block", "i32"),
 ))
 
 #: Selection kernel constants (written ahead of mask_select.cu as C++ constants: SELECT_CONSTANTS).
