@@ -1,14 +1,14 @@
 """q and k rounded to e4m3 on a Hopper GPU by two kernels (cuda_src/e4m3_convert.cu) that read
 the 16-bit inputs twice and write one byte a value: each head's largest magnitude, then the
-rounding. Torch's way (fgcupy.e4m3, the reference) makes four passes over them and three
-16-bit copies. Inputs the kernels cannot read go the torch way, with the same result."""
+rounding. Torch's way (fgcupy.e4m3, the reference) reads them four times and writes full-size
+intermediates. Inputs the kernels cannot read go the torch way, with the same result."""
 
 from __future__ import annotations
 
 import torch
 
 from .e4m3 import heads_as_e4m3, scales_for_amax
-from .jit.e4m3_spec import E4m3ConvertSpec
+from .jit.e4m3_spec import CONVERT_THREADS, CONVERT_UNROLL, E4m3ConvertSpec
 from .jit.launch import GRID_LIMITS, launch
 from .jit.score_spec import E4M3_HEAD_DIMS
 
@@ -17,7 +17,12 @@ _KERNEL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 def gpu_heads_as_e4m3(q: torch.Tensor, k: torch.Tensor, bh0: int, nbh: int) -> tuple:
     """``fgcupy.e4m3.heads_as_e4m3`` (the same values) by the conversion kernels where both
-    inputs suit them (``kernels_take``); no host sync."""
+    inputs suit them (``kernels_take``); no host sync. ValueError for heads [bh0, bh0 + nbh)
+    not within q's and k's B x H."""
+    for name, x in (("q", q), ("k", k)):
+        if x.dim() != 4 or not 0 <= bh0 <= bh0 + nbh <= x.shape[0] * x.shape[1]:
+            raise ValueError(f"heads [{bh0}, {bh0 + nbh}) are not within {name}'s {x.shape[0] * x.shape[1] if x.dim() == 4 else '?'} "
+                             f"(B x H of a [B, H, S, D] tensor, shape {tuple(x.shape)})")
     if not (kernels_take(q, nbh) and kernels_take(k, nbh)):
         return heads_as_e4m3(q, k, bh0, nbh)
     q8, q_scales = _rounded_heads(q, bh0, nbh)
@@ -26,13 +31,16 @@ def gpu_heads_as_e4m3(q: torch.Tensor, k: torch.Tensor, bh0: int, nbh: int) -> t
 
 
 def kernels_take(x: torch.Tensor, nbh: int) -> bool:
-    """Whether the kernels read ``x`` [B, H, S, D] as it lies: 16-bit on a CUDA GPU, a head dim
-    they have, rows of contiguous values at 16-byte steps, at most a grid's y of heads, and a
-    head's 16-byte vectors counted in an int."""
+    """Whether the kernels read ``x`` [B, H, S, D] as it lies: 16-bit on a Hopper GPU (they are
+    built for sm_90), a head dim they have, rows of contiguous values at 16-byte steps, at most a
+    grid's y of heads, and a head's 16-byte vectors (and a CTA's reach past them) counted in an int."""
     if x.device.type != "cuda" or x.dtype not in _KERNEL_DTYPES or x.dim() != 4 or x.shape[3] not in E4M3_HEAD_DIMS:
         return False
+    if torch.cuda.get_device_capability(x.device) != (9, 0):
+        return False
     aligned = x.data_ptr() % 16 == 0 and all(s % 8 == 0 for s, n in zip(x.stride()[:3], x.shape[:3]) if n > 1)
-    return aligned and x.stride(3) == 1 and 0 < nbh <= GRID_LIMITS[1] and x.shape[2] * x.shape[3] // 8 < 2**31
+    vectors = x.shape[2] * x.shape[3] // 8
+    return aligned and x.stride(3) == 1 and 0 < nbh <= GRID_LIMITS[1] and vectors + CONVERT_THREADS * CONVERT_UNROLL < 2**31
 
 
 def _rounded_heads(x: torch.Tensor, bh0: int, nbh: int) -> tuple:

@@ -281,7 +281,8 @@ def _checked_skip(skip, mode: str, band, n_rows: int, device: torch.device) -> t
     if (not isinstance(ranges, torch.Tensor) or ranges.dtype != torch.int32 or ranges.device != device
             or tuple(ranges.shape) != (blocks, 2)):
         raise ValueError(f"skip's ranges must be int32 [{blocks}, 2] on {device}, got {ranges!r}")
-    return ranges.contiguous(), int(block)
+    ranges = ranges.contiguous()
+    return ranges if ranges.data_ptr() % 8 == 0 else ranges.clone(), int(block)  # the kernel reads int2 pairs
 
 
 def gpu_colmax(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.Tensor, slice_m: int, *, bh0: int = 0,

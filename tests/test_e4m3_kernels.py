@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fgcupy.e4m3 import head_scales, heads_as_e4m3
+from fgcupy.e4m3 import head_scales, heads_as_e4m3, to_e4m3
 from fgcupy.e4m3_kernels import gpu_heads_as_e4m3, kernels_take
 from fgcupy.jit import report as report_mod
 from fgcupy.jit.e4m3_spec import CONVERT_THREADS, CONVERT_UNROLL, E4m3ConvertSpec, all_e4m3_convert_specs
@@ -48,46 +48,62 @@ def test_compiles_for_hopper_without_spills(spec, arch):
     assert rep.registers <= 64, rep.registers  # a memory-bound kernel: full occupancy
 
 
+def test_cpu_tensors_are_left_to_torch():
+    assert not kernels_take(torch.zeros(2, 3, 40, 128, dtype=torch.bfloat16), 6)
+
+
+@pytest.mark.gpu
+@needs_hopper
 def test_kernels_take_only_what_they_can_read():
-    x = torch.zeros(2, 3, 40, 128, dtype=torch.bfloat16)
-    assert not kernels_take(x, 6)  # CPU
-    if not torch.cuda.is_available():
-        return
-    gpu = x.cuda()
+    gpu = torch.zeros(2, 3, 40, 128, dtype=torch.bfloat16, device="cuda")
     assert kernels_take(gpu, 6)
     assert kernels_take(gpu.transpose(1, 2).contiguous().transpose(1, 2), 6)  # NHD view
+    assert kernels_take(gpu[:1], 3)  # one batch entry: its batch stride is never used
     assert not kernels_take(gpu.float(), 6)
-    assert not kernels_take(gpu[..., :64], 6) and not kernels_take(torch.zeros(2, 3, 40, 64, device="cuda"), 6)
-    assert not kernels_take(gpu[:, :, :, 1:], 6)
-    assert not kernels_take(gpu, 0)
+    assert not kernels_take(torch.zeros(2, 3, 40, 64, device="cuda", dtype=torch.bfloat16), 6)
+    assert kernels_take(torch.zeros(2, 3, 40, 136, dtype=torch.bfloat16, device="cuda")[..., 8:], 6)  # 272-byte rows
+    assert not kernels_take(torch.zeros(2, 3, 40, 129, dtype=torch.bfloat16, device="cuda")[..., 1:], 6)  # 258-byte rows
+    flat = torch.zeros(2 * 3 * 40 * 128 + 1, dtype=torch.bfloat16, device="cuda")
+    assert not kernels_take(flat[1:].view(2, 3, 40, 128), 6)  # a start 2 bytes past 16-byte alignment
+    assert not kernels_take(gpu, 0) and not kernels_take(gpu, 70000)
 
 
-def test_cpu_inputs_go_the_torch_way():
+def test_the_torch_way_gives_each_heads_rounding_and_refuses_heads_out_of_range():
     gen = torch.Generator().manual_seed(3)
-    q, k = (torch.randn(2, 3, 50, 128, generator=gen).bfloat16() for _ in range(2))
-    got, want = gpu_heads_as_e4m3(q, k, 1, 4), heads_as_e4m3(q, k, 1, 4)
-    for a, b in zip(got, want):
-        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
-                           b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
+    q, k = (torch.randn(2, 3, 50, 128, generator=gen).bfloat16() * 10 ** torch.arange(3.0).view(1, 3, 1, 1)
+            for _ in range(2))
+    q8, k8, factor = gpu_heads_as_e4m3(q, k, 1, 4)  # heads 1, 2 of batch 0 and 0, 1 of batch 1
+    heads = torch.cat([q[0, 1:], q[1, :2]]).unsqueeze(0)
+    scales = head_scales(heads)
+    assert torch.equal(q8.view(torch.uint8), to_e4m3(heads, scales).view(torch.uint8))
+    assert torch.equal(factor, 1.0 / (scales * head_scales(torch.cat([k[0, 1:], k[1, :2]]).unsqueeze(0))).reshape(-1))
+    assert k8.shape == (1, 4, 50, 128)
+    for bh0, nbh in ((-1, 2), (5, 2), (0, 7)):
+        with pytest.raises(ValueError, match="are not within q's 6"):
+            gpu_heads_as_e4m3(q, k, bh0, nbh)
 
 
 def _same_e4m3(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bytes, any NaN encoding equal to any other."""
-    a, b = a.float(), b.float()
-    return a.shape == b.shape and bool(((a == b) | (a.isnan() & b.isnan())).all())
+    """Equal bytes, any NaN encoding equal to any other (the sign of a NaN that torch multiplied
+    on a GPU is not kept)."""
+    a_bytes, b_bytes = a.view(torch.uint8), b.view(torch.uint8)
+    a_nan, b_nan = a.float().isnan(), b.float().isnan()
+    return a.shape == b.shape and bool(((a_bytes == b_bytes) | (a_nan & b_nan)).all()) and torch.equal(a_nan, b_nan)
 
 
-def _special(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
-    """x with one head changed: zeros, an infinity, a NaN, tiny values (subnormal once scaled
-    back), or magnitudes past e4m3's range."""
+def _special(x: torch.Tensor, kind: str, gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """x (float32, to be rounded to ``dtype``) with one head changed: zeros of both signs, an
+    infinity, a NaN of either sign, tiny values (subnormal in ``dtype``, some past e4m3's range
+    below the head's largest), or magnitudes past e4m3's range."""
     h = int(torch.randint(x.shape[1], (1,), generator=gen))
     if kind == "zeros":
         x[:, h] = 0
-    elif kind in ("inf", "nan"):
-        x[0, h, 0, 5] = float("inf") if kind == "inf" else float("nan")
+        x[:, h, :, ::2] = -0.0
+    elif kind in ("inf", "nan", "-nan"):
+        x[0, h, 0, 5] = {"inf": float("inf"), "nan": float("nan"), "-nan": -float("nan")}[kind]
     elif kind == "tiny":
-        x[:, h] *= 1e-33
-        x[:, h, :, ::3] *= 1e-5  # below the head's largest value by more than e4m3's range
+        x[:, h] *= 1e-33 if dtype == torch.bfloat16 else 1e-6
+        x[:, h, :, ::3] *= 1e-5
     elif kind == "large":
         x[:, h] *= 3e4
     return x
@@ -97,7 +113,7 @@ def _special(x: torch.Tensor, kind: str, gen: torch.Generator) -> torch.Tensor:
 @needs_hopper
 @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 3), heads=st.integers(1, 4),
        rows=st.one_of(st.integers(1, 70), st.integers(70, 2100)), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
-       layout=st.sampled_from(["HND", "NHD"]), special=st.sampled_from(["none", "zeros", "inf", "nan", "tiny", "large"]),
+       layout=st.sampled_from(["HND", "NHD"]), special=st.sampled_from(["none", "zeros", "inf", "nan", "-nan", "tiny", "large"]),
        data=st.data())
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 def test_kernels_give_torchs_bytes_and_scales(seed, batch, heads, rows, dtype, layout, special, data):
@@ -106,7 +122,7 @@ def test_kernels_give_torchs_bytes_and_scales(seed, batch, heads, rows, dtype, l
             for _ in range(2))
     if dtype == torch.float16 and special == "large":
         special = "none"  # past float16's range
-    q = _special(q, special, gen)
+    q = _special(q, special, gen, dtype)
     q, k = (x.to("cuda", dtype) for x in (q, k))
     if layout == "NHD":
         q, k = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k))

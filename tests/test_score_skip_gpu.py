@@ -1,6 +1,6 @@
 """The stats pass with skipped keys (``gpu_scores(..., skip=(ranges, block))``): each block of
 rows leaves its range of keys out of its LSE, on the wgmma kernel and the mma.sync one, against
-torch on fresh inputs (GPU only); bad ranges are refused."""
+torch on fresh inputs (GPU); bad ranges are refused (CPU)."""
 
 import math
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from fgcupy import mask_kernels
 from fgcupy.mask import num_blocks
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 DEVICE = "cuda"
 
@@ -26,6 +26,8 @@ def _expected(q, k, scale, ranges, block):
     return torch.logsumexp(logits.masked_fill(skipped, -math.inf), -1).float()
 
 
+@pytest.mark.gpu
+@needs_gpu
 @given(seed=st.integers(0, 2**31 - 1), heads=st.integers(1, 3), q_len=st.integers(1, 700),
        kv_len=st.one_of(st.integers(1, 300), st.integers(300, 3000)), block=st.sampled_from([64, 128]),
        dim=st.sampled_from([64, 128]), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
@@ -51,14 +53,29 @@ def test_stats_leave_each_blocks_range_out(seed, heads, q_len, kv_len, block, di
 
 
 def test_bad_skips_are_refused():
-    q = torch.randn(1, 2, 200, 64, device=DEVICE, dtype=torch.bfloat16)
-    ok = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
-    for skip, match in (((ok, 100), "multiple of 16"), ((ok, True), "multiple of 16"), ((ok.long(), 128), "int32"),
-                        ((ok[:1], 128), r"int32 \[2, 2\]"), ((ok.cpu(), 128), "on cuda")):
+    """200 rows in blocks of 128: two ranges."""
+    check = mask_kernels._checked_skip
+    cpu = torch.device("cpu")
+    ok = torch.zeros(2, 2, dtype=torch.int32)
+    for skip, match in (((ok, 100), "multiple of 16"), ((ok, True), "multiple of 16"), ((ok, 0), "multiple of 16"),
+                        ((ok.long(), 128), "int32"), ((ok[:1], 128), r"int32 \[2, 2\]"),
+                        ((ok, 64), r"int32 \[4, 2\]"), (([[0, 1], [0, 1]], 128), "int32")):
         with pytest.raises(ValueError, match=match):
-            mask_kernels.gpu_scores("stats", q, q, 0.1, skip=skip)
-    lse = torch.zeros(2, 200, device=DEVICE)
-    with pytest.raises(ValueError, match="skip applies to mode 'stats' without a band"):
-        mask_kernels.gpu_scores("maxprob", q, q, 0.1, lse=lse, group=2, skip=(ok, 128))
-    with pytest.raises(ValueError, match="skip applies to mode 'stats' without a band"):
-        mask_kernels.gpu_scores("stats", q, q, 0.1, band=(-64, 256), skip=(ok, 128))
+            check(skip, "stats", None, 200, cpu)
+    with pytest.raises(ValueError, match=r"int32 \[2, 2\] on cuda"):
+        check((ok, 128), "stats", None, 200, torch.device("cuda"))
+    for mode, band in (("maxprob", None), ("logits", None), ("stats", (-64, 256))):
+        with pytest.raises(ValueError, match="skip applies to mode 'stats' without a band"):
+            check((ok, 128), mode, band, 200, cpu)
+
+
+def test_ranges_reach_the_kernel_aligned_and_contiguous():
+    """The kernel reads each range as an 8-byte pair: an int32 view starting at an odd element
+    is copied, and a strided one made contiguous."""
+    buffer = torch.arange(9, dtype=torch.int32)
+    odd = buffer[1:].view(4, 2)
+    ranges, block = mask_kernels._checked_skip((odd, 64), "stats", None, 256, torch.device("cpu"))
+    assert ranges.data_ptr() % 8 == 0 and torch.equal(ranges, odd) and block == 64
+    strided = torch.arange(16, dtype=torch.int32).view(2, 8)[:, ::4]
+    ranges, _ = mask_kernels._checked_skip((strided, 128), "stats", None, 200, torch.device("cpu"))
+    assert ranges.is_contiguous() and torch.equal(ranges, strided)

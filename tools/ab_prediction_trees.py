@@ -52,8 +52,9 @@ def main() -> None:
         return
     for item in args.families:
         family, heads = item.split(":")
-        for _ in range(args.rounds):
-            for tree in (_HERE, args.other.resolve()):
+        for round_ in range(args.rounds):
+            trees = (_HERE, args.other.resolve())
+            for tree in trees if round_ % 2 == 0 else trees[::-1]:  # each goes first in turn
                 env = dict(os.environ, PYTHONPATH=str(tree))
                 subprocess.run([sys.executable, str(_HERE / "tools" / "ab_prediction_trees.py"), str(args.other),
                                 "--measure", family, heads], env=env, cwd=tree, check=True)
