@@ -89,17 +89,11 @@ __device__ __forceinline__ u32 e4m3_pair(float lo, float hi) {
   return r;
 }
 
-// Two 16-bit values (one u32) as two e4m3 bytes. Each byte takes its input's sign bit, as torch's
-// conversion does: the multiply and the conversion return NaN without its sign.
-template <class T>
-__device__ __forceinline__ u32 e4m3_two(u32 x, float scale) {
-  const u32 bytes = e4m3_pair(scaled(T::to_float(static_cast<u16>(x)), scale), scaled(T::to_float(static_cast<u16>(x >> 16)), scale));
-  return (bytes & 0x7f7fu) | ((x >> 8) & 0x80u) | ((x >> 16) & 0x8000u);
-}
-
 template <class T>
 __device__ __forceinline__ u32 e4m3_quad(u32 a, u32 b, float scale) {
-  return e4m3_two<T>(a, scale) | (e4m3_two<T>(b, scale) << 16);
+  const u32 lo = e4m3_pair(scaled(T::to_float(static_cast<u16>(a)), scale), scaled(T::to_float(static_cast<u16>(a >> 16)), scale));
+  const u32 hi = e4m3_pair(scaled(T::to_float(static_cast<u16>(b)), scale), scaled(T::to_float(static_cast<u16>(b >> 16)), scale));
+  return lo | (hi << 16);
 }
 
 template <class T, int D>
