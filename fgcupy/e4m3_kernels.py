@@ -20,9 +20,10 @@ def gpu_heads_as_e4m3(q: torch.Tensor, k: torch.Tensor, bh0: int, nbh: int) -> t
     inputs suit them (``kernels_take``); no host sync. ValueError for heads [bh0, bh0 + nbh)
     not within q's and k's B x H."""
     for name, x in (("q", q), ("k", k)):
-        if x.dim() != 4 or not 0 <= bh0 <= bh0 + nbh <= x.shape[0] * x.shape[1]:
-            raise ValueError(f"heads [{bh0}, {bh0 + nbh}) are not within {name}'s {x.shape[0] * x.shape[1] if x.dim() == 4 else '?'} "
-                             f"(B x H of a [B, H, S, D] tensor, shape {tuple(x.shape)})")
+        heads = x.shape[0] * x.shape[1] if x.dim() == 4 else None
+        if heads is None or not 0 <= bh0 <= bh0 + nbh <= heads:
+            raise ValueError(f"heads [{bh0}, {bh0 + nbh}) are not within {name}'s {heads} (B x H of a [B, H, S, D] "
+                             f"tensor, shape {tuple(x.shape)})")
     if not (kernels_take(q, nbh) and kernels_take(k, nbh)):
         return heads_as_e4m3(q, k, bh0, nbh)
     q8, q_scales = _rounded_heads(q, bh0, nbh)
@@ -39,8 +40,8 @@ def kernels_take(x: torch.Tensor, nbh: int) -> bool:
     if torch.cuda.get_device_capability(x.device) != (9, 0):
         return False
     aligned = x.data_ptr() % 16 == 0 and all(s % 8 == 0 for s, n in zip(x.stride()[:3], x.shape[:3]) if n > 1)
-    vectors = x.shape[2] * x.shape[3] // 8
-    return aligned and x.stride(3) == 1 and 0 < nbh <= GRID_LIMITS[1] and vectors + CONVERT_THREADS * CONVERT_UNROLL < 2**31
+    reach = x.shape[2] * x.shape[3] // 8 + CONVERT_THREADS * CONVERT_UNROLL  # the last CTA's vectors, past the head's
+    return aligned and x.stride(3) == 1 and 0 < nbh <= GRID_LIMITS[1] and reach < 2**31
 
 
 def _rounded_heads(x: torch.Tensor, bh0: int, nbh: int) -> tuple:

@@ -110,8 +110,9 @@ def _special(x: torch.Tensor, kind: str, gen: torch.Generator, dtype: torch.dtyp
 @pytest.mark.gpu
 @needs_hopper
 @given(seed=st.integers(0, 2**31 - 1), batch=st.integers(1, 3), heads=st.integers(1, 4),
-       rows=st.one_of(st.integers(1, 70), st.integers(70, 2100)), dtype=st.sampled_from([torch.bfloat16, torch.float16]),
-       layout=st.sampled_from(["HND", "NHD"]), special=st.sampled_from(["none", "zeros", "inf", "nan", "-nan", "tiny", "large"]),
+       rows=st.one_of(st.integers(1, 70), st.integers(70, 2100)),
+       dtype=st.sampled_from([torch.bfloat16, torch.float16]), layout=st.sampled_from(["HND", "NHD"]),
+       special=st.sampled_from(["none", "zeros", "inf", "nan", "-nan", "tiny", "large"]),
        data=st.data())
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 def test_kernels_give_torchs_bytes_and_scales(seed, batch, heads, rows, dtype, layout, special, data):
