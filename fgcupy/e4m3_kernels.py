@@ -47,16 +47,15 @@ def kernels_take(x: torch.Tensor, nbh: int) -> bool:
 def _rounded_heads(x: torch.Tensor, bh0: int, nbh: int) -> tuple:
     """(e4m3 [1, nbh, S, D] of heads [bh0, bh0 + nbh) of x (batch-major), float32 [nbh]: their
     scales, as fgcupy.e4m3.head_scales gives them)."""
-    batch, heads, rows, dim = x.shape
-    dtype = _KERNEL_DTYPES[x.dtype]
+    _, heads, rows, dim = x.shape
     amax = torch.zeros(nbh, dtype=torch.float32, device=x.device)
     out = torch.empty(1, nbh, rows, dim, dtype=torch.float8_e4m3fn, device=x.device)
+    if not rows:  # nothing to read: every head's largest magnitude stays 0
+        return out, scales_for_amax(amax)
     where = dict(x=x, stride_b=x.stride(0), stride_h=x.stride(1), stride_s=x.stride(2), heads=heads, bh0=bh0, rows=rows)
-    if rows:
-        spec = E4m3ConvertSpec(dtype, dim, "amax")
-        launch(spec, x.device, spec.grid(rows, dim, nbh), spec.params.pack(amax=amax, **where))
+    find_amax, round_heads = (E4m3ConvertSpec(_KERNEL_DTYPES[x.dtype], dim, step) for step in ("amax", "round"))
+    grid = E4m3ConvertSpec.grid(rows, dim, nbh)
+    launch(find_amax, x.device, grid, find_amax.params.pack(amax=amax, **where))
     scales = scales_for_amax(amax)
-    if rows:
-        spec = E4m3ConvertSpec(dtype, dim, "round")
-        launch(spec, x.device, spec.grid(rows, dim, nbh), spec.params.pack(scale=scales, out=out, **where))
+    launch(round_heads, x.device, grid, round_heads.params.pack(scale=scales, out=out, **where))
     return out, scales

@@ -127,10 +127,9 @@ def lse_parts_from_stats(qh, kh, slice_m: int, band: int, stats, heads_per_call:
         nbh = min(heads_per_call, batch * heads - bh0)
         near.append(stats(qh, kh, bh0, nbh, (-band, slice_m + 2 * band), None))
         far.append(stats(qh, sampled, bh0, nbh, None, skip))
-    shape = (batch, heads, q_len)
     # A NaN query has no mass, as in torch; infinities stay.
-    near = torch.cat(near).view(shape).nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
-    far = torch.cat(far).view(shape).nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
+    near, far = (torch.cat(part).view(batch, heads, q_len).nan_to_num_(nan=-math.inf, posinf=math.inf,
+                                                                      neginf=-math.inf) for part in (near, far))
     return near, far + log_factor
 
 
