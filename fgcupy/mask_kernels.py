@@ -14,7 +14,7 @@ import torch
 from . import bridge
 from .jit import driver
 from .jit.launch import launch
-from .jit.runtime import device_index
+from .jit.runtime import device_index, is_hopper
 from .jit.score_spec import (E4M3, E4M3_HEAD_DIMS, E4M3_MODES, RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS,  # noqa: F401
                              SELECT_LARGE_SMEM, SELECT_MAX_SMEM, SM90_SCORE_GROUPS, SM90_SCORE_MODES, SM90_SCORE_ROWS,
                              DILATE_MAX_RADIUS, DILATE_RUN, ROWS_MAX_DIM,
@@ -53,11 +53,6 @@ def _key_chunking(kv_len: int, row_tiles: int, key_tile: int = SCORE_KEY_TILE) -
     return per, num_blocks(kv_len, per)
 
 
-@lru_cache(maxsize=None)
-def _is_hopper(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) == (9, 0)
-
-
 SCORE_KERNELS = ("auto", "mma", "wgmma")
 
 
@@ -77,7 +72,7 @@ def _score_spec(kernel: str, portable, group: int, band, device):
                          f"{portable.rows_per_cta} rows per CTA")
     if kernel == "mma" or not fits:
         return portable
-    if kernel == "auto" and not _is_hopper(device_index(device)):
+    if kernel == "auto" and not is_hopper(device_index(device)):
         return portable
     group = SM90_SCORE_ROWS if mode == "listmax" else group if mode == "maxprob" else 1
     return Sm90ScoreSpec(portable.dtype, portable.head_dim, mode, group)
@@ -157,7 +152,7 @@ def scores_spec(mode: str, dtype: str, dim: int, *, group: int = 1, warps: int =
 
 def e4m3_runs(device: torch.device, head_dim: int) -> bool:
     """Whether the e4m3 max-probability pass runs for these inputs: a Hopper GPU, a head dim it has."""
-    return device.type == "cuda" and head_dim in E4M3_HEAD_DIMS and _is_hopper(device_index(device))
+    return device.type == "cuda" and head_dim in E4M3_HEAD_DIMS and is_hopper(device_index(device))
 
 
 def e4m3_spec(mode: str, dim: int, group: int, band, device: torch.device, kernel: str = "auto") -> Sm90ScoreSpec:

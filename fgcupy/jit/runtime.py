@@ -279,6 +279,12 @@ def device_index(device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+@lru_cache(maxsize=None)
+def is_hopper(index: int) -> bool:
+    """Whether device ``index`` is sm_90, the GPU the wgmma and e4m3 kernels are built for."""
+    return torch.cuda.get_device_capability(index) == (9, 0)
+
+
 def device_arch(index: int) -> str:
     major, minor = torch.cuda.get_device_capability(index)
     return f"sm_{major}{minor}"
