@@ -293,6 +293,7 @@ def gpu_colmax_e4m3(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.T
     """``gpu_colmax`` from q and k rounded to e4m3 (fgcupy.e4m3; Hopper, e4m3_runs): the heads'
     e4m3 copies (fgcupy.e4m3_kernels), then one e4m3 max-probability pass."""
     nbh = q.shape[0] * q.shape[1] - bh0 if nbh is None else nbh
+    e4m3_spec("maxprob", q.shape[3], slice_m, None, q.device)  # refused before any conversion
     q8, k8, head_scale = gpu_heads_as_e4m3(q, k, bh0, nbh)
     return gpu_scores("maxprob", q8, k8, scale, lse=lse, group=slice_m, head_scale=head_scale)
 

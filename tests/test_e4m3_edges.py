@@ -279,3 +279,17 @@ def test_products_auto_is_taken_wherever_predict_mask_takes_it():
     assert make_request(64, 300, 128, "topk", top_k=30, products="auto").products == "input"
     with pytest.raises(ValueError, match="applies to method='colmax'"):
         MaskCache(method="topk", density=0.1, products="e4m3")
+
+
+def test_the_e4m3_column_max_refuses_before_converting():
+    """Where no e4m3 pass runs (no Hopper GPU, another head dim), gpu_colmax_e4m3 says so before
+    any copy is made."""
+    q = torch.zeros(1, 2, 130, 128)
+    convert = mock.Mock()
+    with mock.patch.object(mask_kernels, "gpu_heads_as_e4m3", convert):
+        with pytest.raises(ValueError, match="e4m3 scoring runs on Hopper"):
+            mask_kernels.gpu_colmax_e4m3(q, q, 0.1, torch.zeros(2, 130), 128)
+        with mock.patch.object(mask_kernels, "e4m3_runs", return_value=True):
+            with pytest.raises(ValueError, match="groups"):
+                mask_kernels.gpu_colmax_e4m3(q, q, 0.1, torch.zeros(2, 130), 96)
+    assert convert.call_count == 0
