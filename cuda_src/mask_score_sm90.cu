@@ -2,7 +2,7 @@
 // of mask_score.cu, same parameters and outputs, at wgmma rates.
 //
 // A CTA (two warpgroups) keeps 128 rows in shared memory and walks its key chunk in tiles of
-// 128 keys (cp.async into kSm90ScoreStages 128-byte-swizzled stages; in maxprob mode each warpgroup copies
+// 128 keys (cp.async into two 128-byte-swizzled stages; in maxprob mode each warpgroup copies
 // and waits for only its own 64 keys, so the two run apart). Both modes multiply the same two tiles;
 // they differ in which one is the wgmma's A operand, so that each mode's reduction stays
 // inside a thread and its quad:
@@ -43,39 +43,34 @@
 
 namespace fg {
 
-template <int D, int ROWS>
+template <int D>
 struct Sm90ScoreShape {
-  static constexpr int kRows = ROWS;               // resident rows per CTA
+  static constexpr int kRows = kSm90ScoreRows;     // resident rows per CTA
   static constexpr int kKeys = kSm90ScoreKeyTile;  // keys per tile
-  static constexpr int kThreads = 2 * ROWS;        // a warpgroup per 64 keys and 128 rows
+  static constexpr int kThreads = 256;
   static constexpr int kChunksPerRow = D / 8;
   static constexpr int kRowsPerPass = kThreads / kChunksPerRow;
   static constexpr int kTileElems = kKeys * D;
-  static constexpr int kStages = kSm90ScoreStages;  // key tiles in flight
-  static_assert(kSm90ScoreRows == 128 && (kRows == 128 || kRows == 256) && kKeys == 128,
-                "warpgroups of 64 rows or keys, against 128 rows");
-  static_assert(kStages >= 2, "a tile copied while another is multiplied");
+  static_assert(kRows == 128 && kKeys == 128, "two warpgroups of 64 rows or keys");
   static_assert(D % 64 == 0 && kKeys % kRowsPerPass == 0 && kRows % kRowsPerPass == 0, "tile rows per pass");
 };
 
 constexpr int log2_pow2(int x) { return x <= 1 ? 0 : 1 + log2_pow2(x / 2); }
 
-template <class T, int D, int MODE, int GROUP, int ROWS>
-__global__ void __launch_bounds__(2 * ROWS, 256 / ROWS)
+template <class T, int D, int MODE, int GROUP>
+__global__ void __launch_bounds__(256, 2)
 mask_score_sm90(const __grid_constant__ ScoreParams p) {
   constexpr int kD = StoreCols<T, D>::value;  // u16 columns of a row (e4m3: D / 2)
-  using S = Sm90ScoreShape<kD, ROWS>;
-  constexpr int kTileRows = kSm90ScoreRows;  // rows a warpgroup multiplies; a band's or a list's block
+  using S = Sm90ScoreShape<kD>;
   constexpr int kN = S::kKeys;
   constexpr float kLog2e = 1.4426950408889634f;
   static_assert(MODE == kMode_stats || MODE == kMode_maxprob || MODE == kMode_band || MODE == kMode_listmax,
                 "stats, maxprob, band, listmax");
   constexpr bool kList = MODE == kMode_listmax;
   constexpr bool kMaxProb = MODE == kMode_maxprob || kList;
-  static_assert(ROWS == 128 || MODE == kMode_maxprob, "256 rows: the max-probability pass alone (no band)");
   static_assert(MODE == kMode_stats  ? GROUP == 1
-                : MODE == kMode_band || kList ? GROUP == kTileRows
-                                     : GROUP >= 2 && GROUP <= kTileRows && (GROUP & (GROUP - 1)) == 0,
+                : MODE == kMode_band || kList ? GROUP == S::kRows
+                                     : GROUP >= 2 && GROUP <= S::kRows && (GROUP & (GROUP - 1)) == 0,
                 "maxprob groups are powers of two from 2 to 128 rows; stats takes GROUP 1, band 128");
   constexpr bool kE4m3 = IsE4m3<T>::value;
   static_assert(!kE4m3 || MODE == kMode_maxprob, "e4m3 rows and keys: the max-probability pass only");
@@ -84,7 +79,7 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   unsigned char* smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
   u16* sR = reinterpret_cast<u16*>(smem_base);
   u16* sK = sR + S::kRows * kD;
-  float* sLse2 = reinterpret_cast<float*>(sK + S::kStages * S::kTileElems);  // maxprob: lse2 of each row
+  float* sLse2 = reinterpret_cast<float*>(sK + 2 * S::kTileElems);  // maxprob: lse2 of each row
   const u32 sR_u32 = smem_u32(sR);
   const u32 sK_u32 = smem_u32(sK);
 
@@ -92,8 +87,6 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   const int lane = tid & 31;
   const int warp = tid >> 5;
   const int wg = warpgroup_index();
-  const int key_wg = wg & 1;   // which 64 keys of a tile (stats: which 64 rows)
-  const int row_wg = wg >> 1;  // maxprob: which 128 resident rows
   const int g = lane >> 2;
   const int tig = lane & 3;
   const u16* __restrict__ rows = static_cast<const u16*>(p.rows);
@@ -138,13 +131,13 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   // additions, not a 64-bit multiply per row; only a chunk's last, partial tile tests rows
   // against key_end (those past it are zero-filled from a valid address).
   constexpr bool kOwnKeys = kMaxProb;
-  constexpr int kLoaders = kOwnKeys ? S::kThreads / 2 : S::kThreads;
+  constexpr int kLoaders = kOwnKeys ? 128 : S::kThreads;
   constexpr int kLoadRows = kOwnKeys ? 64 : kN;
   constexpr int kLoadPass = kLoaders / S::kChunksPerRow;
   static_assert(kLoadPass % 8 == 0 && kLoadRows % kLoadPass == 0, "a pass of rows keeps each row's swizzle phase");
-  const int l_tid = kOwnKeys ? row_wg * 128 + (tid & 127) : tid;
+  const int l_tid = kOwnKeys ? tid & 127 : tid;
   const int l_chunk = l_tid % S::kChunksPerRow;
-  const int l_row = (kOwnKeys ? key_wg * 64 : 0) + l_tid / S::kChunksPerRow;
+  const int l_row = (kOwnKeys ? wg * 64 : 0) + l_tid / S::kChunksPerRow;
   const u16* k_thread = k_base + static_cast<i64>(key_begin + l_row) * k_ss + l_chunk * 8;
   const i64 k_pass_step = static_cast<i64>(kLoadPass) * k_ss;
   const u32 k_dst = sK_u32 + 2 * sw128_offset<kN>(l_row, l_chunk);
@@ -186,8 +179,8 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   // copied or wrote: all threads meet there.
   auto tile_sync = [&](bool first) {
     if (kOwnKeys && !first) {
-      if (key_wg == 0) named_sync(1, kLoaders);  // constant ids: ptxas reserves only the barriers named
-      else named_sync(2, kLoaders);
+      if (wg == 0) named_sync(1, 128);  // constant ids: ptxas reserves only the barriers named
+      else named_sync(2, 128);
     } else {
       __syncthreads();
     }
@@ -208,35 +201,29 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   const i64 out_ld = p.out_ld;
   u16* __restrict__ out = static_cast<u16*>(p.out);  // bfloat16 scores
   // A: 64 rows (stats) or 64 keys (maxprob) of its tile, per warpgroup.
-  const u32 a_wg = key_wg * 64 * 128;
-  const int thread_row = key_wg * 64 + (warp & 3) * 16 + g;  // first of this thread's two A rows
+  const u32 a_wg = wg * 64 * 128;
+  const int thread_row = wg * 64 + (warp & 3) * 16 + g;  // first of this thread's two A rows
   // Stats: the keys this thread's two rows skip (one block's: a warp's 16 rows share it).
   const int2 skip = MODE == kMode_stats ? skipped_keys(p, row0 + thread_row) : make_int2(0, 0);
   // Maxprob: this thread's first output row (of its column tile 0) and its store pointer, keys
   // added per tile.
   constexpr int kGroupShift = log2_pow2(GROUP);
-  const int orow0 = (row0 + row_wg * kTileRows + tig * 2) >> kGroupShift;
+  const int orow0 = (row0 + tig * 2) >> kGroupShift;
   u16* out_thread = out + (static_cast<i64>(z) * out_rows + orow0) * out_ld + thread_row;
 
 #pragma unroll
   for (int pass = 0; pass < kPasses; ++pass) {
     const bool stats_pass = MODE == kMode_stats || (MODE == kMode_band && pass == 0);
     if (kList) read_list(0);
-#pragma unroll
-    for (int s = 0; s < S::kStages - 1; ++s) {
-      if (s < ntiles) issue_tile(s, s);
-      cp_async_commit();
-    }
-    int stage = 0;  // t % kStages
+    if (ntiles > 0) issue_tile(0, 0);
+    cp_async_commit();
     for (int t = 0; t < ntiles; ++t) {
-      const int ahead = t + S::kStages - 1;
-      if (ahead < ntiles) issue_tile(ahead, stage == 0 ? S::kStages - 1 : stage - 1);
+      if (t + 1 < ntiles) issue_tile(t + 1, (t + 1) & 1);
       cp_async_commit();
-      cp_async_wait<S::kStages - 1>();
+      cp_async_wait<1>();
       fence_proxy_async();
       tile_sync(t == 0);
-      const u32 k_stage = sK_u32 + stage * S::kTileElems * 2;
-      stage = stage + 1 == S::kStages ? 0 : stage + 1;
+      const u32 k_stage = sK_u32 + (t & 1) * S::kTileElems * 2;
       const int tile_key = key_begin + t * kN;
       // List mode: the keys of this thread's two A rows, read before the product hides the load.
       int row_key[2] = {-1, -1};
@@ -251,7 +238,7 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
       float acc[kN / 2];
       wgmma_fence();
       if (stats_pass) wgmma_ss_tile<T, kD, kN>(acc, sR_u32 + a_wg, S::kRows, k_stage, kN);
-      else wgmma_ss_tile<T, kD, kTileRows>(acc, k_stage + a_wg, kN, sR_u32 + row_wg * kTileRows * 128, S::kRows);
+      else wgmma_ss_tile<T, kD, S::kRows>(acc, k_stage + a_wg, kN, sR_u32, S::kRows);
       wgmma_commit();
       wgmma_wait<0>();
       wgmma_fence_operand(acc);
@@ -300,8 +287,8 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
         u16* dst = kList ? out_thread - thread_row : out_thread + tile_key;
         float run[2];
 #pragma unroll
-        for (int nt = 0; nt < kTileRows / 8; ++nt) {
-          const float2 l2 = *reinterpret_cast<const float2*>(sLse2 + row_wg * kTileRows + nt * 8 + tig * 2);
+        for (int nt = 0; nt < S::kRows / 8; ++nt) {
+          const float2 l2 = *reinterpret_cast<const float2*>(sLse2 + nt * 8 + tig * 2);
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const float v = fmaxf(acc[nt * 4 + 2 * i] * scale_log2 - l2.x, acc[nt * 4 + 2 * i + 1] * scale_log2 - l2.y);
@@ -323,7 +310,7 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
                   if (static_cast<unsigned>(row_key[i]) < static_cast<unsigned>(p.kv_len)) {
                     __stcs(dst + row_key[i], bf16_t::truncate(m));
                   }
-                } else if (GROUP == kTileRows && band) {
+                } else if (GROUP == S::kRows && band) {
                   dst[8 * i] = bf16_t::truncate(fmaxf(bf16_t::to_float(dst[8 * i]), m));
                 } else {
                   __stcs(dst + 8 * i, bf16_t::truncate(m));  // streamed: keep L2 for the key tiles other CTAs read

@@ -16,8 +16,8 @@ from .jit import driver
 from .jit.launch import launch
 from .jit.runtime import device_index, is_hopper
 from .jit.score_spec import (E4M3, E4M3_HEAD_DIMS, E4M3_MODES, RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS,  # noqa: F401
-                             SELECT_LARGE_SMEM, SELECT_MAX_SMEM, SM90_MAXPROB_ROWS, SM90_SCORE_GROUPS, SM90_SCORE_MODES,
-                             SM90_SCORE_ROWS, DILATE_MAX_RADIUS, DILATE_RUN, ROWS_MAX_DIM,
+                             SELECT_LARGE_SMEM, SELECT_MAX_SMEM, SM90_SCORE_GROUPS, SM90_SCORE_MODES, SM90_SCORE_ROWS,
+                             DILATE_MAX_RADIUS, DILATE_RUN, ROWS_MAX_DIM,
                              ROWS_MAX_GROUPS, UNION_MAX_OFFSETS, UNION_MAX_WORDS, AdaptiveRowsSpec, ColmaxSpec,
                              DilateInPlaceSpec, DilateSpec, EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec, UnionSpec)
 from .e4m3_kernels import gpu_heads_as_e4m3
@@ -75,14 +75,7 @@ def _score_spec(kernel: str, portable, group: int, band, device):
     if kernel == "auto" and not is_hopper(device_index(device)):
         return portable
     group = SM90_SCORE_ROWS if mode == "listmax" else group if mode == "maxprob" else 1
-    return Sm90ScoreSpec(portable.dtype, portable.head_dim, mode, group, _sm90_rows(mode, band))
-
-
-def _sm90_rows(mode: str, band) -> int:
-    """Resident rows per CTA of the wgmma scoring kernel: 256 where all of a CTA's rows read the
-    same keys (the max-probability pass without a band: four warpgroups share each key tile,
-    half the copies of two CTAs of 128 rows), else 128."""
-    return SM90_MAXPROB_ROWS if mode == "maxprob" and band is None else SM90_SCORE_ROWS
+    return Sm90ScoreSpec(portable.dtype, portable.head_dim, mode, group)
 
 
 def _check_scale(scale: float) -> None:
@@ -170,7 +163,7 @@ def e4m3_spec(mode: str, dim: int, group: int, band, device: torch.device, kerne
     if not e4m3_runs(device, dim):
         raise ValueError(f"e4m3 scoring runs on Hopper (sm_90) GPUs with head dims {E4M3_HEAD_DIMS}; got head dim "
                          f"{dim} on {device}")
-    return Sm90ScoreSpec(E4M3, dim, mode, group, _sm90_rows(mode, band))
+    return Sm90ScoreSpec(E4M3, dim, mode, group)
 
 
 def _checked_head_scale(head_scale, rows, k) -> torch.Tensor:

@@ -118,10 +118,9 @@ def test_e4m3_kernels_are_the_hopper_max_probability_pass_at_head_dim_128():
     e4m3 = [s for s in all_sm90_mask_specs() if s.dtype == E4M3]
     assert {s.mode for s in e4m3} == {"maxprob"} and {s.head_dim for s in e4m3} == {128}
     assert {s.group for s in e4m3} == {2, 4, 8, 16, 32, 64, 128}
-    assert {s.rows for s in e4m3} == {256}
-    spec = Sm90ScoreSpec(E4M3, 128, "maxprob", 128, 256)
-    assert spec.name_expression == "fg::mask_score_sm90<fg::e4m3_t, 128, 2, 128, 256>"
-    assert spec.smem_bytes == (256 + 256) * 128 + 256 * 4 + 1024  # one byte a value
+    spec = Sm90ScoreSpec(E4M3, 128, "maxprob", 128)
+    assert spec.name_expression == "fg::mask_score_sm90<fg::e4m3_t, 128, 2, 128>"
+    assert spec.smem_bytes == (128 + 256) * 128 + 128 * 4 + 1024  # one byte a value
     for bad in (dict(head_dim=64), dict(mode="stats", group=1), dict(mode="band")):
         with pytest.raises(ValueError):
             Sm90ScoreSpec(**{**dict(dtype=E4M3, head_dim=128, mode="maxprob", group=128), **bad})

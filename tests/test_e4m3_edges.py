@@ -162,7 +162,7 @@ def test_e4m3_spec_takes_the_wgmma_max_probability_pass_alone():
     with mock.patch.object(mask_kernels, "is_hopper", return_value=True):
         for kernel in ("auto", "wgmma"):
             assert mask_kernels.e4m3_spec("maxprob", 128, 64, None, CUDA0, kernel) == Sm90ScoreSpec(E4M3, 128,
-                                                                                                    "maxprob", 64, 256)
+                                                                                                    "maxprob", 64)
         for mode, group, band, kernel in (("stats", 1, None, "auto"), ("maxprob", 64, (0, 128), "auto"),
                                           ("maxprob", 64, None, "mma"), ("maxprob", 256, None, "auto"),
                                           ("maxprob", 1, None, "auto"), ("band", 128, None, "auto"),

@@ -118,14 +118,13 @@ def test_select_spec_validation():
 
 @pytest.mark.parametrize("spec", all_sm90_mask_specs(), ids=lambda s: s.name)
 def test_wgmma_scoring_compiles_for_two_ctas_per_sm(spec):
-    """The wgmma scoring kernel runs four warpgroups per SM (two CTAs of 128 rows or one of 256):
-    at most 128 registers, no spills, and their shared memory within an SM's."""
+    """The wgmma scoring kernel runs two CTAs per SM: at most 128 registers, no spills, and two
+    CTAs' shared memory within an SM's."""
     rep = report_mod.compile_report(spec, "sm_90a")
     assert "mask_score_sm90" in rep.lowered_name
     assert rep.spill_store_bytes == 0 and rep.spill_load_bytes == 0 and rep.stack_bytes == 0, rep.log
     assert rep.registers <= 128, rep.registers
-    assert spec.threads * (256 // spec.rows) == 512
-    assert (256 // spec.rows) * (rep.static_smem_bytes + spec.smem_bytes) <= MAX_SMEM_BYTES_SM90_PER_SM
+    assert 2 * (rep.static_smem_bytes + spec.smem_bytes) <= MAX_SMEM_BYTES_SM90_PER_SM
     # No wgmma serialisation (ptxas' C75xx performance warnings), e.g. for lack of registers to
     # keep two products in flight.
     assert "serialized" not in rep.log and "C75" not in rep.log, rep.log
@@ -133,27 +132,16 @@ def test_wgmma_scoring_compiles_for_two_ctas_per_sm(spec):
 
 def test_wgmma_scoring_spec():
     groups = {"stats": (1,), "maxprob": (2, 4, 8, 16, 32, 64, 128), "band": (128,), "listmax": (128,)}
-    sixteen_bit = {(d, h, m, g, 256 if m == "maxprob" else 128) for d in ("bfloat16", "float16") for h in (64, 128)
-                   for m in groups for g in groups[m]}
-    banded = {(d, h, "maxprob", 128, 128) for d in ("bfloat16", "float16") for h in (64, 128)}
-    assert {(s.dtype, s.head_dim, s.mode, s.group, s.rows) for s in all_sm90_mask_specs()} == sixteen_bit | banded | {
-        ("float8_e4m3", 128, "maxprob", g, 256) for g in groups["maxprob"]}
+    assert {(s.dtype, s.head_dim, s.mode, s.group) for s in all_sm90_mask_specs()} == {
+        (d, h, m, g) for d in ("bfloat16", "float16") for h in (64, 128) for m in groups for g in groups[m]} | {
+        ("float8_e4m3", 128, "maxprob", g) for g in groups["maxprob"]}
     spec = Sm90ScoreSpec("float16", 64, "stats")
     assert spec.name == "mask_score_sm90_stats_fp16_d64"
-    assert spec.name_expression == "fg::mask_score_sm90<fg::fp16_t, 64, 1, 1, 128>"
-    assert (spec.rows_per_cta, spec.threads) == (128, 256)
-    pooled = Sm90ScoreSpec("bfloat16", 128, "maxprob", 4, 256)
-    assert pooled.name == "mask_score_sm90_maxprob_g4_r256_bf16_d128"
-    assert pooled.name_expression == "fg::mask_score_sm90<fg::bf16_t, 128, 2, 4, 256>"
-    assert (pooled.rows_per_cta, pooled.threads) == (256, 512)
-    assert pooled.smem_bytes == (256 + 2 * 128) * 256 + 256 * 4 + 1024
-    assert Sm90ScoreSpec("bfloat16", 128, "maxprob", 4).name == "mask_score_sm90_maxprob_g4_bf16_d128"
-    assert Sm90ScoreSpec("bfloat16", 64, "band", 128).name_expression == "fg::mask_score_sm90<fg::bf16_t, 64, 4, 128, 128>"
-    for mode, group in (("stats", 1), ("band", 128), ("listmax", 128)):  # their rows are one block, or keys differ
-        with pytest.raises(ValueError, match=f"rows per CTA of mode '{mode}' must be one of \\(128,\\), got 256"):
-            Sm90ScoreSpec(mode=mode, group=group, rows=256)
-    with pytest.raises(ValueError, match="rows per CTA of mode 'maxprob' must be one of"):
-        Sm90ScoreSpec(mode="maxprob", group=4, rows=64)
+    assert spec.name_expression == "fg::mask_score_sm90<fg::fp16_t, 64, 1, 1>"
+    pooled = Sm90ScoreSpec("bfloat16", 128, "maxprob", 4)
+    assert pooled.name == "mask_score_sm90_maxprob_g4_bf16_d128"
+    assert pooled.name_expression == "fg::mask_score_sm90<fg::bf16_t, 128, 2, 4>"
+    assert Sm90ScoreSpec("bfloat16", 64, "band", 128).name_expression == "fg::mask_score_sm90<fg::bf16_t, 64, 4, 128>"
     assert Sm90ScoreSpec("bfloat16", 64, "listmax", 128).name == "mask_score_sm90_listmax_bf16_d64"
     with pytest.raises(ValueError, match="mode must be one of"):
         ScoreSpec(mode="band")  # the mma.sync kernel has no band mode
@@ -176,8 +164,7 @@ def test_which_scoring_kernel_runs(mode, group, band, warps, fits):
     portable = ScoreSpec("bfloat16", 128, mode, warps)
     assert mask_kernels._score_spec("mma", portable, group, band, None) is portable
     if fits:
-        rows = 256 if mode == "maxprob" and band is None else 128  # 256 rows share each key tile
-        expected = Sm90ScoreSpec("bfloat16", 128, mode, group if mode == "maxprob" else 1, rows)
+        expected = Sm90ScoreSpec("bfloat16", 128, mode, group if mode == "maxprob" else 1)
         assert mask_kernels._score_spec("wgmma", portable, group, band, None) == expected
     else:
         with pytest.raises(ValueError, match="the wgmma scoring kernel has no mode"):

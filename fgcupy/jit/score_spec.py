@@ -32,21 +32,13 @@ PORTABLE_SCORE_MODES = tuple(m for m in SCORE_MODES if m not in ("band", "listma
 #: The modes of the portable column-max kernel (mask_colmax.cu): a whole query block a CTA.
 COLMAX_MODES = ("maxprob", "listmax")
 SCORE_KEY_TILE = 64
-#: The Hopper scoring kernel (mask_score_sm90.cu): resident rows per CTA, keys per tile and key
-#: tiles in flight.
+#: The Hopper scoring kernel (mask_score_sm90.cu): resident rows per CTA and keys per tile.
 SM90_SCORE_ROWS = 128
 SM90_SCORE_KEY_TILE = 128
-SM90_SCORE_STAGES = 2
-#: Resident rows per CTA of the max-probability pass over key ranges all its rows share.
-SM90_MAXPROB_ROWS = 256
 SM90_SCORE_MODES = ("stats", "maxprob", "band", "listmax")
 #: Row groups of the Hopper max-probability pass (its template GROUP): powers of two to 128.
 SM90_SCORE_GROUPS = (2, 4, 8, 16, 32, 64, 128)
 _SM90_GROUPS = {"stats": (1,), "maxprob": SM90_SCORE_GROUPS, "band": (SM90_SCORE_ROWS,), "listmax": (SM90_SCORE_ROWS,)}
-#: Resident rows per CTA: 256 (four warpgroups sharing each key tile) for the max-probability pass
-#: over key ranges shared by all its rows (no band).
-_SM90_ROWS = {"stats": (SM90_SCORE_ROWS,), "maxprob": (SM90_SCORE_ROWS, 2 * SM90_SCORE_ROWS),
-              "band": (SM90_SCORE_ROWS,), "listmax": (SM90_SCORE_ROWS,)}
 #: Selection rules (fg::select_rows' rule argument).
 RULE_IDS = {"topk": 0, "tau": 1, "threshold": 2}
 #: Selection kernels: one taking any rule at launch, one compiled for top-k alone.
@@ -80,7 +72,7 @@ SELECT_LARGE_SMEM = 226 * 1024
 EMIT_THREADS = 256
 #: The C++ constants each mask kernel source is compiled with (source.kernel_source writes them).
 SCORE_CONSTANTS = {"kScoreKeyTile": SCORE_KEY_TILE, "kSm90ScoreRows": SM90_SCORE_ROWS,
-                   "kSm90ScoreKeyTile": SM90_SCORE_KEY_TILE, "kSm90ScoreStages": SM90_SCORE_STAGES, **{f"kMode_{m}": v for m, v in SCORE_MODES.items()}}
+                   "kSm90ScoreKeyTile": SM90_SCORE_KEY_TILE, **{f"kMode_{m}": v for m, v in SCORE_MODES.items()}}
 SELECT_CONSTANTS = {"kSelThreads": SELECT_THREADS, "kBins": SELECT_BINS, "kCand": SELECT_CANDIDATES,
                     "kEmitThreads": EMIT_THREADS, "kStagedBytes": SELECT_STAGED_BYTES,
                     **{f"kRule_{r}": v for r, v in RULE_IDS.items()}}
@@ -230,7 +222,6 @@ class Sm90ScoreSpec:
     head_dim: int = 128
     mode: str = "stats"
     group: int = 1
-    rows: int = SM90_SCORE_ROWS
 
     source = "mask_score_sm90.cu"
     template = "fg::mask_score_sm90"
@@ -238,6 +229,8 @@ class Sm90ScoreSpec:
     extra_options = ("-arch=sm_90a",)
     params = SCORE_PARAMS
     constants = SCORE_CONSTANTS
+    threads = 256
+    rows_per_cta = SM90_SCORE_ROWS
     key_tile = SM90_SCORE_KEY_TILE
 
     def __post_init__(self):
@@ -245,33 +238,22 @@ class Sm90ScoreSpec:
         _check_choice("head_dim", self.head_dim, E4M3_HEAD_DIMS if self.dtype == E4M3 else HEAD_DIMS)
         _check_choice("mode", self.mode, E4M3_MODES if self.dtype == E4M3 else SM90_SCORE_MODES)
         _check_choice(f"group of mode {self.mode!r}", self.group, _SM90_GROUPS[self.mode])
-        _check_choice(f"rows per CTA of mode {self.mode!r}", self.rows, _SM90_ROWS[self.mode])
-
-    @property
-    def threads(self) -> int:
-        return 2 * self.rows
-
-    @property
-    def rows_per_cta(self) -> int:
-        return self.rows
 
     @property
     def name(self) -> str:
         group = f"_g{self.group}" if self.mode == "maxprob" else ""  # band, listmax: always 128
-        rows = f"_r{self.rows}" if self.rows != SM90_SCORE_ROWS else ""
-        return f"mask_score_sm90_{self.mode}{group}{rows}_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}"
+        return f"mask_score_sm90_{self.mode}{group}_{_SHORT_DTYPE[self.dtype]}_d{self.head_dim}"
 
     @property
     def name_expression(self) -> str:
         return (f"{self.template}<{_CPP_DTYPE[self.dtype]}, {self.head_dim}, {SCORE_MODES[self.mode]}, "
-                f"{self.group}, {self.rows}>")
+                f"{self.group}>")
 
     @property
     def smem_bytes(self) -> int:
-        """Resident rows, the key stages, the rows' lse and 1 KB to align the swizzled tiles."""
+        """Resident rows, two key stages, the rows' lse and 1 KB to align the swizzled tiles."""
         itemsize = 1 if self.dtype == E4M3 else 2
-        stages = self.constants["kSm90ScoreStages"]
-        return (self.rows + stages * SM90_SCORE_KEY_TILE) * self.head_dim * itemsize + self.rows * 4 + 1024
+        return (SM90_SCORE_ROWS + 2 * SM90_SCORE_KEY_TILE) * self.head_dim * itemsize + SM90_SCORE_ROWS * 4 + 1024
 
     @staticmethod
     def grid(chunks: int, row_tiles: int, heads: int) -> tuple:
@@ -425,10 +407,8 @@ def all_mask_specs() -> list:
 
 
 def all_sm90_mask_specs() -> list:
-    """Every Hopper (sm_90a) scoring specialization fgcupy ships: the max-probability pass with
-    256 rows per CTA, and with 128 for a band (groups of 128)."""
-    sixteen_bit = [Sm90ScoreSpec(dtype, d, mode, group, SM90_MAXPROB_ROWS if mode == "maxprob" else SM90_SCORE_ROWS)
-                   for dtype in DTYPES for d in HEAD_DIMS for mode, groups in _SM90_GROUPS.items() for group in groups]
-    banded = [Sm90ScoreSpec(dtype, d, "maxprob", SM90_SCORE_ROWS) for dtype in DTYPES for d in HEAD_DIMS]
-    return sixteen_bit + banded + [Sm90ScoreSpec(E4M3, d, mode, group, SM90_MAXPROB_ROWS) for d in E4M3_HEAD_DIMS
-                                   for mode in E4M3_MODES for group in _SM90_GROUPS[mode]]
+    """Every Hopper (sm_90a) scoring specialization fgcupy ships."""
+    sixteen_bit = [Sm90ScoreSpec(dtype, d, mode, group) for dtype in DTYPES for d in HEAD_DIMS
+                   for mode, groups in _SM90_GROUPS.items() for group in groups]
+    return sixteen_bit + [Sm90ScoreSpec(E4M3, d, mode, group) for d in E4M3_HEAD_DIMS for mode in E4M3_MODES
+                          for group in _SM90_GROUPS[mode]]
