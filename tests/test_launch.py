@@ -3,15 +3,17 @@
 import numpy as np
 import pytest
 
-from fgcupy.jit import nvrtc
-from fgcupy.jit.e4m3_spec import E4M3_AMAX_PARAMS, E4M3_ROUND_PARAMS
-from fgcupy.jit.launch import ParamStruct
-from fgcupy.jit.score_spec import SCORE_PARAMS
-from fgcupy.jit.spec import ATTN_PARAMS, ATTN_TMA_PARAMS
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fgcupy.jit import e4m3_spec, nvrtc, plan_spec, score_spec, spec
+from fgcupy.jit.launch import KINDS, ParamStruct
 
 from .needs import needs_nvrtc
 
-STRUCTS = [SCORE_PARAMS, ATTN_PARAMS, ATTN_TMA_PARAMS, E4M3_AMAX_PARAMS, E4M3_ROUND_PARAMS]
+#: Every parameter struct fgcupy's kernels take.
+STRUCTS = [value for module in (spec, score_spec, plan_spec, e4m3_spec) for value in vars(module).values()
+           if isinstance(value, ParamStruct)]
 
 
 def _nvrtc_accepts(code: str) -> tuple:
@@ -144,3 +146,53 @@ def test_a_struct_or_grid_the_kernel_cannot_take_is_named_before_any_launch():
     for grid in ((), (1, 1, 1, 70000), (2.5,), (True,)):
         with pytest.raises(ValueError, match=r"grid must be one to three ints"):
             launch(spec, None, grid, params)
+
+
+class _OnGpu:
+    """What pack reads of a CUDA tensor: its device and address."""
+
+    def __init__(self, address: int):
+        self.device = __import__("torch").device("cuda", 0)
+        self.address = address
+
+    def data_ptr(self) -> int:
+        return self.address
+
+
+def _field_values(kind: str):
+    if kind in ("in", "out"):
+        return st.one_of(st.none(), st.integers(0, 2**64 - 1).map(_OnGpu))
+    if kind == "tmap":
+        return st.one_of(st.none(), st.binary(min_size=128, max_size=128))
+    if kind == "f32":
+        return st.floats(width=32, allow_nan=False)
+    info = np.iinfo(KINDS[kind][1])
+    return st.integers(int(info.min), int(info.max))
+
+
+def _packed_field_by_field(struct: ParamStruct, values: dict) -> bytes:
+    """The struct's bytes, each field set alone into a zeroed numpy value."""
+    packed = np.zeros((), dtype=struct.dtype)
+    for field, kind in struct.fields:
+        value = values[field]
+        if kind in ("in", "out"):
+            value = 0 if value is None else value.data_ptr()
+        elif kind == "tmap":
+            value = np.void(bytes(128) if value is None else value)
+        packed[field] = value
+    return packed.tobytes()
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_pack_writes_each_field_where_the_struct_has_it(data):
+    """pack builds a struct in one step: its bytes are those of setting each field alone."""
+    struct = data.draw(st.sampled_from(STRUCTS), label="struct")
+    values = {field: data.draw(_field_values(kind), label=field) for field, kind in struct.fields}
+    assert struct.pack(**values).tobytes() == _packed_field_by_field(struct, values)
+
+
+def test_every_kernel_struct_is_checked():
+    names = {s.name for s in STRUCTS}
+    assert {"ScoreParams", "AttnParams", "SelectParams", "EmitParams", "DilateParams", "DilateInPlaceParams",
+            "AdaptiveRowsParams", "UnionParams", "OrderParams", "E4m3AmaxParams", "E4m3RoundParams"} <= names

@@ -90,14 +90,19 @@ class ParamStruct:
     def offsets(self) -> list:
         return [self.dtype.fields[field][1] for field, _ in self.fields]
 
+    @cached_property
+    def _names(self) -> frozenset:
+        return frozenset(field for field, _ in self.fields)
+
     def pack(self, **values) -> np.void:
-        """One struct value; every field must be given (tensors and None become pointers)."""
-        names = [field for field, _ in self.fields]
-        missing, extra = set(names) - values.keys(), values.keys() - set(names)
-        if missing or extra:
+        """One struct value; every field must be given (tensors and None become pointers). Built
+        from one tuple (a launch packs one struct: setting fields one by one cost about as much
+        as the launch itself)."""
+        if values.keys() != self._names:
+            missing, extra = self._names - values.keys(), values.keys() - self._names
             raise TypeError(f"{self.name}: missing fields {sorted(missing)}, unknown fields {sorted(extra)}")
-        packed = np.zeros((), dtype=self.dtype)
         devices = set()
+        row = []
         for field, kind in self.fields:
             value = values[field]
             if kind in ("in", "out"):
@@ -105,14 +110,19 @@ class ParamStruct:
             elif kind == "tmap":
                 if value is not None and len(value) != 128:
                     raise ValueError(f"{self.name}.{field}: a tensor map is 128 bytes, got {len(value)}")
-                value = np.void(bytes(128) if value is None else value)  # None: a zero descriptor
+                value = bytes(128) if value is None else bytes(value)  # None: a zero descriptor
             else:
                 value = _number(f"{self.name}.{field}", kind, value)
-            packed[field] = value
+            row.append(value)
+        packed = np.zeros((), dtype=self.dtype)  # zeros: the padding between fields too
+        packed[()] = tuple(row)
         return packed[()]
 
 
 _F32_MAX = float(np.finfo(np.float32).max)
+#: (min, max) of each integer field kind.
+_INT_RANGES = {kind: (int(np.iinfo(t).min), int(np.iinfo(t).max)) for kind, (_, t) in KINDS.items()
+               if kind in ("i64", "i32")}
 
 
 def _device_pointer(where: str, value, devices: set) -> int:
@@ -146,9 +156,9 @@ def _number(where: str, kind: str, value):
         if number is None or not number.is_integer():
             raise TypeError(f"{where} must be an int, got {value!r}") from None
         number = int(number)
-    info = np.iinfo(KINDS[kind][1])
-    if not info.min <= number <= info.max:
-        raise ValueError(f"{where} = {number} is outside {kind}'s range [{info.min}, {info.max}]")
+    low, high = _INT_RANGES[kind]
+    if not low <= number <= high:
+        raise ValueError(f"{where} = {number} is outside {kind}'s range [{low}, {high}]")
     return number
 
 
