@@ -10,7 +10,7 @@ import torch
 from .e4m3 import heads_as_e4m3, scales_for_amax
 from .jit.e4m3_spec import CONVERT_THREADS, CONVERT_UNROLL, E4m3ConvertSpec
 from .jit.launch import GRID_LIMITS, launch
-from .jit.runtime import device_index, is_hopper
+from .jit import runtime
 from .jit.score_spec import E4M3_HEAD_DIMS
 
 _KERNEL_DTYPES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -38,7 +38,7 @@ def kernels_take(x: torch.Tensor, nbh: int) -> bool:
     grid's y of heads, and a head's 16-byte vectors (and a CTA's reach past them) counted in an int."""
     if x.device.type != "cuda" or x.dtype not in _KERNEL_DTYPES or x.dim() != 4 or x.shape[3] not in E4M3_HEAD_DIMS:
         return False
-    if not is_hopper(device_index(x.device)):
+    if not runtime.is_hopper(runtime.device_index(x.device)):
         return False
     aligned = x.data_ptr() % 16 == 0 and all(s % 8 == 0 for s, n in zip(x.stride()[:3], x.shape[:3]) if n > 1)
     reach = x.shape[2] * x.shape[3] // 8 + CONVERT_THREADS * CONVERT_UNROLL  # the last CTA's vectors, past the head's

@@ -14,7 +14,8 @@ import torch
 from . import bridge
 from .jit import driver
 from .jit.launch import launch
-from .jit.runtime import device_index, is_hopper
+from .jit import runtime
+from .jit.runtime import device_index
 from .jit.score_spec import (E4M3, E4M3_HEAD_DIMS, E4M3_MODES, RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS,  # noqa: F401
                              SELECT_LARGE_SMEM, SELECT_MAX_SMEM, SM90_SCORE_GROUPS, SM90_SCORE_MODES, SM90_SCORE_ROWS,
                              DILATE_MAX_RADIUS, DILATE_RUN, ROWS_MAX_DIM,
@@ -72,7 +73,7 @@ def _score_spec(kernel: str, portable, group: int, band, device):
                          f"{portable.rows_per_cta} rows per CTA")
     if kernel == "mma" or not fits:
         return portable
-    if kernel == "auto" and not is_hopper(device_index(device)):
+    if kernel == "auto" and not runtime.is_hopper(device_index(device)):
         return portable
     group = SM90_SCORE_ROWS if mode == "listmax" else group if mode == "maxprob" else 1
     return Sm90ScoreSpec(portable.dtype, portable.head_dim, mode, group)
@@ -152,7 +153,7 @@ def scores_spec(mode: str, dtype: str, dim: int, *, group: int = 1, warps: int =
 
 def e4m3_runs(device: torch.device, head_dim: int) -> bool:
     """Whether the e4m3 max-probability pass runs for these inputs: a Hopper GPU, a head dim it has."""
-    return device.type == "cuda" and head_dim in E4M3_HEAD_DIMS and is_hopper(device_index(device))
+    return device.type == "cuda" and head_dim in E4M3_HEAD_DIMS and runtime.is_hopper(device_index(device))
 
 
 def e4m3_spec(mode: str, dim: int, group: int, band, device: torch.device, kernel: str = "auto") -> Sm90ScoreSpec:
@@ -293,7 +294,7 @@ def gpu_colmax_e4m3(q: torch.Tensor, k: torch.Tensor, scale: float, lse: torch.T
     """``gpu_colmax`` from q and k rounded to e4m3 (fgcupy.e4m3; Hopper, e4m3_runs): the heads'
     e4m3 copies (fgcupy.e4m3_kernels), then one e4m3 max-probability pass."""
     nbh = q.shape[0] * q.shape[1] - bh0 if nbh is None else nbh
-    e4m3_spec("maxprob", q.shape[3], slice_m, None, q.device)  # refused before any conversion
+    e4m3_spec("maxprob", q.shape[-1], slice_m, None, q.device)  # refused before any conversion
     q8, k8, head_scale = gpu_heads_as_e4m3(q, k, bh0, nbh)
     return gpu_scores("maxprob", q8, k8, scale, lse=lse, group=slice_m, head_scale=head_scale)
 

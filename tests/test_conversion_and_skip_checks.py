@@ -11,6 +11,7 @@ import torch
 from fgcupy import e4m3_kernels
 from fgcupy.e4m3 import E4M3_MAX, heads_as_e4m3, scales_for_amax
 from fgcupy.e4m3_kernels import gpu_heads_as_e4m3, kernels_take
+from fgcupy.jit import runtime as jit_runtime
 from fgcupy.jit.e4m3_spec import CONVERT_THREADS, CONVERT_UNROLL, E4m3ConvertSpec
 from fgcupy.lse_estimate import _band_sample_ranges, estimate_lse, lse_parts_from_stats, sample_positions
 from fgcupy.mask import num_blocks
@@ -76,11 +77,18 @@ def _contiguous_strides(shape):
 @pytest.fixture
 def hopper(monkeypatch):
     """The stand-ins' device counts as a Hopper GPU without one."""
-    monkeypatch.setattr(e4m3_kernels, "is_hopper", lambda index: index == 0)
+    monkeypatch.setattr(jit_runtime, "is_hopper", lambda index: index == 0)
+
+
+def test_only_sm90_counts_as_hopper(monkeypatch):
+    """is_hopper (uncached, so the stubbed capability is what it reads) is sm_90 alone."""
+    for capability, hopper in (((9, 0), True), ((8, 0), False), ((8, 9), False), ((10, 0), False), ((9, 1), False)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None, c=capability: c)
+        assert jit_runtime.is_hopper.__wrapped__(0) is hopper
 
 
 def test_kernels_take_nothing_on_other_gpus(monkeypatch):
-    monkeypatch.setattr(e4m3_kernels, "is_hopper", lambda index: False)
+    monkeypatch.setattr(jit_runtime, "is_hopper", lambda index: False)
     assert not kernels_take(_CudaStandIn((2, 3, 40, 128)), 6)
 
 

@@ -10,6 +10,7 @@ import torch
 
 from fgcupy import SliceMask, gpu_prediction, mask_kernels, predict_mask
 from fgcupy.e4m3 import e4m3_rounded, head_scales, heads_as_e4m3, to_e4m3
+from fgcupy.jit import runtime as jit_runtime
 from fgcupy.jit.score_spec import E4M3, Sm90ScoreSpec, all_sm90_mask_specs
 from fgcupy.mask_request import check_products, make_request
 from fgcupy.predict_op import request_token
@@ -124,11 +125,11 @@ def test_the_op_called_directly_refuses_e4m3_products_with_candidates():
 
 def test_e4m3_products_on_a_gpu_need_hopper_and_head_dim_128():
     req = make_request(128, 300, 128, "colmax", rule="topk", top_k=30, products="e4m3")
-    with mock.patch.object(mask_kernels, "is_hopper", return_value=True):
+    with mock.patch.object(jit_runtime, "is_hopper", return_value=True):
         check_products(req, _fake_cuda_q((1, 2, 300, 128)), ())
         with pytest.raises(ValueError, match=r"head dim 64 on cuda:0"):
             check_products(req, _fake_cuda_q((1, 2, 128, 64)), ())  # 128 queries: the dim is the last axis
-    with mock.patch.object(mask_kernels, "is_hopper", return_value=False):
+    with mock.patch.object(jit_runtime, "is_hopper", return_value=False):
         with pytest.raises(ValueError, match=r"runs on Hopper \(sm_90\) GPUs"):
             check_products(req, _fake_cuda_q((1, 2, 300, 128)), ())
         auto = make_request(128, 300, 128, "colmax", rule="topk", top_k=30, products="auto")
@@ -150,16 +151,16 @@ def test_which_gpu_column_max_multiplies_e4m3(products, head_dim, expected):
 # ---- mask_kernels: where the e4m3 pass runs and what it takes ----
 
 def test_e4m3_runs_on_hopper_cuda_devices_at_head_dim_128():
-    with mock.patch.object(mask_kernels, "is_hopper", return_value=True):
+    with mock.patch.object(jit_runtime, "is_hopper", return_value=True):
         assert mask_kernels.e4m3_runs(CUDA0, 128)
         assert not mask_kernels.e4m3_runs(CUDA0, 64)
         assert not mask_kernels.e4m3_runs(torch.device("cpu"), 128)
-    with mock.patch.object(mask_kernels, "is_hopper", return_value=False):
+    with mock.patch.object(jit_runtime, "is_hopper", return_value=False):
         assert not mask_kernels.e4m3_runs(CUDA0, 128)
 
 
 def test_e4m3_spec_takes_the_wgmma_max_probability_pass_alone():
-    with mock.patch.object(mask_kernels, "is_hopper", return_value=True):
+    with mock.patch.object(jit_runtime, "is_hopper", return_value=True):
         for kernel in ("auto", "wgmma"):
             assert mask_kernels.e4m3_spec("maxprob", 128, 64, None, CUDA0, kernel) == Sm90ScoreSpec(E4M3, 128,
                                                                                                     "maxprob", 64)

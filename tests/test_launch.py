@@ -1,19 +1,33 @@
 """The one launch ABI: Python and C++ agree on every parameter struct's layout (no GPU needed)."""
 
+import importlib
+import pkgutil
+
 import numpy as np
 import pytest
-
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fgcupy.jit import e4m3_spec, nvrtc, plan_spec, score_spec, spec
+import fgcupy.jit
+from fgcupy.jit import nvrtc
 from fgcupy.jit.launch import KINDS, ParamStruct
 
 from .needs import needs_nvrtc
 
-#: Every parameter struct fgcupy's kernels take.
-STRUCTS = [value for module in (spec, score_spec, plan_spec, e4m3_spec) for value in vars(module).values()
-           if isinstance(value, ParamStruct)]
+
+def _every_struct() -> list:
+    """Every parameter struct defined in a module of fgcupy.jit, once each."""
+    found = {}
+    for info in pkgutil.iter_modules(fgcupy.jit.__path__):
+        module = importlib.import_module(f"fgcupy.jit.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, ParamStruct):
+                found[id(value)] = value
+    return list(found.values())
+
+
+STRUCTS = _every_struct()
 
 
 def _nvrtc_accepts(code: str) -> tuple:
@@ -64,6 +78,8 @@ def test_pack_needs_every_field_and_no_other():
         struct.pack(x=None, n=1)
     with pytest.raises(TypeError, match=r"unknown fields \['y'\]"):
         struct.pack(x=None, n=1, s=0.5, y=2)
+    with pytest.raises(TypeError, match=r"missing fields \['s'\], unknown fields \['y'\]"):
+        struct.pack(x=None, n=1, y=2)
     packed = struct.pack(x=None, n=7, s=0.5)
     assert packed["n"] == 7 and packed["x"] == 0 and np.float32(packed["s"]) == np.float32(0.5)
     with pytest.raises(ValueError, match="kind must be one of"):
@@ -72,7 +88,6 @@ def test_pack_needs_every_field_and_no_other():
 
 def test_pack_takes_pointers_of_cuda_tensors_on_one_device_only():
     """A host tensor's address (or another GPU's) would be read by the kernel as this GPU's memory."""
-    import torch
 
     class OnGpu:
         def __init__(self, index):
@@ -103,8 +118,6 @@ def test_a_grid_past_cudas_limits_is_named_before_any_launch():
 
 
 def test_pack_refuses_values_its_fields_would_wrap_truncate_or_round():
-    import torch
-
     struct = ParamStruct("P", (("n", "i32"), ("s", "f32"), ("m", "tmap")))
     bad = [({"n": 2**31}, ValueError, r"P.n = 2147483648 is outside i32's range"),
            ({"n": torch.tensor(2**31)}, ValueError, r"P.n = 2147483648 is outside"),
@@ -152,7 +165,7 @@ class _OnGpu:
     """What pack reads of a CUDA tensor: its device and address."""
 
     def __init__(self, address: int):
-        self.device = __import__("torch").device("cuda", 0)
+        self.device = torch.device("cuda", 0)
         self.address = address
 
     def data_ptr(self) -> int:
@@ -183,16 +196,31 @@ def _packed_field_by_field(struct: ParamStruct, values: dict) -> bytes:
     return packed.tobytes()
 
 
-@settings(max_examples=40, deadline=None)
+@pytest.mark.parametrize("struct", STRUCTS, ids=lambda s: f"{s.name}-{len(s.fields)}")
+@settings(max_examples=15, deadline=None)
 @given(data=st.data())
-def test_pack_writes_each_field_where_the_struct_has_it(data):
+def test_pack_writes_each_field_where_the_struct_has_it(struct, data):
     """pack builds a struct in one step: its bytes are those of setting each field alone."""
-    struct = data.draw(st.sampled_from(STRUCTS), label="struct")
     values = {field: data.draw(_field_values(kind), label=field) for field, kind in struct.fields}
     assert struct.pack(**values).tobytes() == _packed_field_by_field(struct, values)
 
 
 def test_every_kernel_struct_is_checked():
+    from fgcupy.jit.score_spec import SCORE_PARAMS
+    from fgcupy.jit.spec import ATTN_PARAMS, ATTN_TMA_PARAMS
+
     names = {s.name for s in STRUCTS}
     assert {"ScoreParams", "AttnParams", "SelectParams", "EmitParams", "DilateParams", "DilateInPlaceParams",
             "AdaptiveRowsParams", "UnionParams", "OrderParams", "E4m3AmaxParams", "E4m3RoundParams"} <= names
+    assert all(any(s is known for s in STRUCTS) for known in (SCORE_PARAMS, ATTN_PARAMS, ATTN_TMA_PARAMS))
+
+
+def test_a_tensor_map_is_any_buffer_of_128_bytes():
+    """Counted in bytes, whatever the buffer's items: 128 int64 are 1,024 bytes, not a map."""
+    struct = ParamStruct("P", (("m", "tmap"),))
+    descriptor = bytes(range(128))
+    for same in (descriptor, bytearray(descriptor), np.void(descriptor), np.frombuffer(descriptor, np.uint64)):
+        assert struct.pack(m=same).tobytes() == descriptor
+    for wrong, size in ((np.zeros(128, np.int64), 1024), (bytes(129), 129), (bytes(64), 64)):
+        with pytest.raises(ValueError, match=f"P.m: a tensor map is 128 bytes, got {size}"):
+            struct.pack(m=wrong)

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 import fgcupy
 from fgcupy import MaskCache, SliceMask, gpu_prediction, mask_kernels, predict_mask, scoring
 from fgcupy import mask_reference as ref
+from fgcupy.jit import runtime as jit_runtime
 from fgcupy.jit.score_spec import SelectSpec
 from fgcupy.mask import num_blocks
 from fgcupy.workloads import VideoShape, video_qkv
@@ -195,7 +196,7 @@ def test_exact_band_scores(p, slice_m, band, kernel):
     pool = min(p["pool"], slice_m)
     req = scoring.make_request(p["dim"], p["kv_len"], slice_m, "topk", top_k=1, pool=pool, exact_band=band)
     pred = gpu_prediction.GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
-    with mock.patch.object(mask_kernels, "is_hopper", lambda index: kernel == "wgmma"):
+    with mock.patch.object(jit_runtime, "is_hopper", lambda index: kernel == "wgmma"):
         got, _ = pred._scores(0, pred.bh)
     rows = ref.rounded(ref.pool_queries(q, pool), q.dtype)
     _, sub_lse = ref.logits_and_lse(rows, k, req.scale)
@@ -216,7 +217,7 @@ def test_diagonal_bands_score_exactly(p, slice_m, band, diagonals, kernel):
     req = scoring.make_request(p["dim"], p["kv_len"], slice_m, "topk", top_k=1, pool=pool, exact_band=band,
                                diagonals=diagonals)
     pred = gpu_prediction.GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
-    with mock.patch.object(mask_kernels, "is_hopper", lambda index: kernel == "wgmma"):
+    with mock.patch.object(jit_runtime, "is_hopper", lambda index: kernel == "wgmma"):
         got, _ = pred._scores(0, pred.bh)
     expected = ref.pooled_scores(q, k, pool, slice_m, band, req.scale, "mean", req.diagonals)
     bh = p["batch"] * p["heads"]
@@ -563,7 +564,7 @@ def test_adaptive_pooling_on_blocks_of_both_kinds(slice_m, pool, kernel, kv_len)
     req = scoring.make_request(128, kv_len, slice_m, "topk", top_k=50, pool=pool, pooling="adaptive")
     pred = gpu_prediction.GpuPrediction(q, k, req, None, scoring.DEFAULT_WORKSPACE)
     assert torch.equal(pred.sampled, sampled.reshape(-1))
-    with mock.patch.object(mask_kernels, "is_hopper", lambda index: kernel == "wgmma"):
+    with mock.patch.object(jit_runtime, "is_hopper", lambda index: kernel == "wgmma"):
         got, _ = pred._scores(0, pred.bh)
     expected = ref.pooled_scores(q, k, pool, slice_m, req.exact_band, req.scale, "adaptive")
     _close(got[..., :kv_len].float(), expected.reshape(3, got.shape[1], -1), PROB_RTOL, 1e-6)

@@ -108,9 +108,9 @@ class ParamStruct:
             if kind in ("in", "out"):
                 value = 0 if value is None else _device_pointer(f"{self.name}.{field}", value, devices)
             elif kind == "tmap":
-                if value is not None and len(value) != 128:
+                value = bytes(128) if value is None else bytes(memoryview(value).cast("B"))  # None: a zero descriptor
+                if len(value) != 128:
                     raise ValueError(f"{self.name}.{field}: a tensor map is 128 bytes, got {len(value)}")
-                value = bytes(128) if value is None else bytes(value)  # None: a zero descriptor
             else:
                 value = _number(f"{self.name}.{field}", kind, value)
             row.append(value)
@@ -122,7 +122,7 @@ class ParamStruct:
 _F32_MAX = float(np.finfo(np.float32).max)
 #: (min, max) of each integer field kind.
 _INT_RANGES = {kind: (int(np.iinfo(t).min), int(np.iinfo(t).max)) for kind, (_, t) in KINDS.items()
-               if kind in ("i64", "i32")}
+               if kind not in ("in", "out") and np.issubdtype(t, np.integer)}
 
 
 def _device_pointer(where: str, value, devices: set) -> int:

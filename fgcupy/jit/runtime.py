@@ -281,7 +281,8 @@ def device_index(device) -> int:
 
 @lru_cache(maxsize=None)
 def is_hopper(index: int) -> bool:
-    """Whether device ``index`` is sm_90, the GPU the wgmma and e4m3 kernels are built for."""
+    """Whether device ``index`` is sm_90, the GPU the wgmma and e4m3 kernels are built for. The
+    one place fgcupy asks (called through this module, so a test patches it here alone)."""
     return torch.cuda.get_device_capability(index) == (9, 0)
 
 
