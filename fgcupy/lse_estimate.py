@@ -168,10 +168,15 @@ def _band_sample_ranges(blocks: int, slice_m: int, band: int, kv_len: int, devic
     ``sample_positions(kv_len)``, ascending) of the sampled keys in its band
     (mask_reference.band_bounds). No host sync."""
     positions = sample_positions(kv_len, device)
-    block = torch.arange(blocks, device=device)
-    lo = (block * slice_m - band).clamp(0, kv_len)
-    hi = torch.maximum(lo, ((block + 1) * slice_m + band).clamp_max(kv_len))
+    lo, hi = _band_limits(torch.arange(blocks, device=device), slice_m, band, kv_len)
     return torch.stack([torch.searchsorted(positions, lo), torch.searchsorted(positions, hi)], 1).to(torch.int32)
+
+
+def _band_limits(block: torch.Tensor, slice_m: int, band: int, kv_len: int) -> tuple:
+    """(lo, hi): the keys [lo, hi) of each query block ``block``'s band, mask_reference.band_bounds
+    for a tensor of blocks."""
+    lo = (block * slice_m - band).clamp(0, kv_len)
+    return lo, torch.maximum(lo, ((block + 1) * slice_m + band).clamp_max(kv_len))
 
 
 def sampled_outside_band_lse(q: torch.Tensor, k: torch.Tensor, slice_m: int, band: int, scale: float,
@@ -190,8 +195,7 @@ def sampled_outside_band_lse(q: torch.Tensor, k: torch.Tensor, slice_m: int, ban
     for r0 in range(0, q_len, rows):
         r1 = min(q_len, r0 + rows)
         logits = torch.matmul(q[:, r0:r1].float(), sampled.transpose(-1, -2)) * scale  # [N, rows, n]
-        block = torch.arange(r0, r1, device=q.device) // slice_m
-        lo, hi = (block * slice_m - band).clamp_min(0), ((block + 1) * slice_m + band).clamp_max(kv_len)
+        lo, hi = _band_limits(torch.arange(r0, r1, device=q.device) // slice_m, slice_m, band, kv_len)
         inside = (positions >= lo.unsqueeze(1)) & (positions < hi.unsqueeze(1))
         logits.masked_fill_(inside.unsqueeze(0), -math.inf)
         logits.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
