@@ -1,8 +1,9 @@
 // q or k of some heads as float8 e4m3 for the Hopper max-probability pass, in two reads of the
 // 16-bit input (fgcupy/e4m3_kernels.py; fgcupy/e4m3.py is the reference):
 //   e4m3_amax: each head's largest magnitude, raised into amax[head] (float bits, zeroed first);
-//   e4m3_round: each value times its head's power of two, magnitudes past 448 clamped (NaN stays
-//   NaN), rounded to nearest even, written as [heads, rows, D] bytes.
+//   e4m3_round: each head's power of two from its amax (written to scale[head] for the pass's
+//   logit scale), each value times it, magnitudes past 448 clamped (NaN stays NaN), rounded to
+//   nearest even, written as [heads, rows, D] bytes.
 // Heads are counted batch-major from bh0; row r of head bh = b * heads + h starts at element
 // b * stride_b + h * stride_h + r * stride_s, its D values contiguous and 16-byte aligned (the
 // host checks). Each thread takes kConvertUnroll 16-byte vectors a CTA's width apart, loads first.
@@ -96,10 +97,22 @@ __device__ __forceinline__ u32 e4m3_quad(u32 a, u32 b, float scale) {
   return lo | (hi << 16);
 }
 
+// fgcupy.e4m3.scales_for_amax of one head: the largest power of two s with amax * s <= 448, that
+// is the power of two at or below 448 / amax (its exponent bits), halved where the product passes
+// 448 (the quotient rounded up to it); 1 where amax is 0, subnormal (flushed), NaN or infinite, or
+// so small that 448 / amax overflows. Products by powers of two are exact here.
+__device__ __forceinline__ float scale_for_amax(float amax) {
+  const float ratio = __fdiv_rn(448.f, amax);
+  if (!(amax > 0.f) || !isfinite(amax) || !isfinite(ratio)) return 1.f;
+  const float power = __uint_as_float(__float_as_uint(ratio) & 0x7f800000u);
+  return amax * power > 448.f ? 0.5f * power : power;
+}
+
 template <class T, int D>
 __global__ void __launch_bounds__(kConvertThreads) e4m3_round(const __grid_constant__ E4m3RoundParams p) {
   const HeadVectors<D> head(p.x, p.bh0 + blockIdx.y, p.heads, p.stride_b, p.stride_h, p.stride_s, p.rows);
-  const float scale = static_cast<const float*>(p.scale)[blockIdx.y];
+  const float scale = scale_for_amax(static_cast<const float*>(p.amax)[blockIdx.y]);
+  if (blockIdx.x == 0 && threadIdx.x == 0) static_cast<float*>(p.scale)[blockIdx.y] = scale;
   uint2* __restrict__ out = static_cast<uint2*>(p.out) + static_cast<long long>(blockIdx.y) * head.count;
   const int first = first_vector();
   uint4 v[kConvertUnroll];

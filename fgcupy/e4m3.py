@@ -28,10 +28,15 @@ def head_scales(x: torch.Tensor) -> torch.Tensor:
 
 
 def scales_for_amax(amax: torch.Tensor) -> torch.Tensor:
-    """float32, amax's shape: ``head_scales`` from each head's largest magnitude (float32)."""
-    scale = torch.exp2(torch.floor(torch.log2(E4M3_MAX / amax)))
-    scale = torch.where(amax * scale > E4M3_MAX, scale / 2, scale)  # log2 rounded up just past a power of two
-    usable = torch.isfinite(amax) & (amax > 0) & torch.isfinite(scale)
+    """float32, amax's shape: ``head_scales`` from each head's largest magnitude (float32): the
+    largest power of two s with amax x s <= E4M3_MAX, found as the power of two at or below
+    E4M3_MAX / amax (its exponent bits: exact, where a float log2 can round up across a power),
+    halved where the product passes E4M3_MAX (the quotient rounded up to a power); 1 where
+    that quotient is not finite. The rounding kernel computes the same (cuda_src/e4m3_convert.cu)."""
+    ratio = torch.full_like(amax, E4M3_MAX).div_(amax)  # one rounding: `E4M3_MAX / amax` is a reciprocal times 448
+    power = (ratio.view(torch.int32) & 0x7F800000).view(torch.float32)
+    scale = torch.where(amax * power > E4M3_MAX, power / 2, power)
+    usable = torch.isfinite(amax) & (amax > 0) & torch.isfinite(ratio)
     return torch.where(usable, scale, torch.ones_like(scale))
 
 

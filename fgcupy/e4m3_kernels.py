@@ -27,9 +27,11 @@ def gpu_heads_as_e4m3(q: torch.Tensor, k: torch.Tensor, bh0: int, nbh: int) -> t
                              f"tensor, shape {tuple(x.shape)})")
     if not (kernels_take(q, nbh) and kernels_take(k, nbh)):
         return heads_as_e4m3(q, k, bh0, nbh)
-    q8, q_scales = _rounded_heads(q, bh0, nbh)
-    k8, k_scales = _rounded_heads(k, bh0, nbh)
-    return q8, k8, 1.0 / (q_scales * k_scales)
+    amax = torch.zeros(2, nbh, dtype=torch.float32, device=q.device)
+    scales = torch.empty(2, nbh, dtype=torch.float32, device=q.device)
+    q8 = _rounded_heads(q, bh0, nbh, amax[0], scales[0])
+    k8 = _rounded_heads(k, bh0, nbh, amax[1], scales[1])
+    return q8, k8, scales.prod(0).reciprocal_()
 
 
 def kernels_take(x: torch.Tensor, nbh: int) -> bool:
@@ -45,18 +47,19 @@ def kernels_take(x: torch.Tensor, nbh: int) -> bool:
     return aligned and x.stride(3) == 1 and 0 < nbh <= GRID_LIMITS[1] and reach < 2**31
 
 
-def _rounded_heads(x: torch.Tensor, bh0: int, nbh: int) -> tuple:
-    """(e4m3 [1, nbh, S, D] of heads [bh0, bh0 + nbh) of x (batch-major), float32 [nbh]: their
-    scales, as fgcupy.e4m3.head_scales gives them)."""
+def _rounded_heads(x: torch.Tensor, bh0: int, nbh: int, amax: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """e4m3 [1, nbh, S, D] of heads [bh0, bh0 + nbh) of x (batch-major); their scales, as
+    fgcupy.e4m3.head_scales gives them, into ``scales`` (float32 [nbh]) by the rounding kernel
+    from each head's largest magnitude, which the first kernel raises ``amax`` (float32 [nbh],
+    zeros) to."""
     _, heads, rows, dim = x.shape
-    amax = torch.zeros(nbh, dtype=torch.float32, device=x.device)
     out = torch.empty(1, nbh, rows, dim, dtype=torch.float8_e4m3fn, device=x.device)
     if not rows:  # nothing to read: every head's largest magnitude stays 0
-        return out, scales_for_amax(amax)
+        scales.copy_(scales_for_amax(amax))
+        return out
     where = dict(x=x, stride_b=x.stride(0), stride_h=x.stride(1), stride_s=x.stride(2), heads=heads, bh0=bh0, rows=rows)
     find_amax, round_heads = (E4m3ConvertSpec(_KERNEL_DTYPES[x.dtype], dim, step) for step in ("amax", "round"))
     grid = E4m3ConvertSpec.grid(rows, dim, nbh)
     launch(find_amax, x.device, grid, find_amax.params.pack(amax=amax, **where))
-    scales = scales_for_amax(amax)
-    launch(round_heads, x.device, grid, round_heads.params.pack(scale=scales, out=out, **where))
-    return out, scales
+    launch(round_heads, x.device, grid, round_heads.params.pack(amax=amax, scale=scales, out=out, **where))
+    return out

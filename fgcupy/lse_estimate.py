@@ -21,6 +21,7 @@ traces), plain torch in chunks bounded by ``workspace_bytes``.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -120,17 +121,30 @@ def lse_parts_from_stats(qh, kh, slice_m: int, band: int, stats, heads_per_call:
     [QB, 2], block rows) or None -> the LSE [nbh, R] of each row over its keys, or over its row
     tile's band of them, less the keys its block's range skips: the stats kernel)."""
     batch, heads, q_len, _ = qh.shape
-    sampled, log_factor = _sampled_keys(kh)
-    skip = (_band_sample_ranges(num_blocks(q_len, slice_m), slice_m, band, kh.shape[2], qh.device), slice_m)
+    positions, ranges, log_factor = _sample_plan(kh.shape[2], num_blocks(q_len, slice_m), slice_m, band, qh.device)
+    sampled = kh if positions is None else kh.index_select(2, positions)
     near, far = [], []
     for bh0 in range(0, batch * heads, heads_per_call):
         nbh = min(heads_per_call, batch * heads - bh0)
         near.append(stats(qh, kh, bh0, nbh, (-band, slice_m + 2 * band), None))
-        far.append(stats(qh, sampled, bh0, nbh, None, skip))
+        far.append(stats(qh, sampled, bh0, nbh, None, (ranges, slice_m)))
     # A NaN query has no mass, as in torch; infinities stay.
-    near, far = (torch.cat(part).view(batch, heads, q_len).nan_to_num_(nan=-math.inf, posinf=math.inf,
-                                                                      neginf=-math.inf) for part in (near, far))
-    return near, far + log_factor
+    near, far = ((part[0] if len(part) == 1 else torch.cat(part)).reshape(batch, heads, q_len).nan_to_num_(
+        nan=-math.inf, posinf=math.inf, neginf=-math.inf) for part in (near, far))
+    return near, far.add_(log_factor)
+
+
+@lru_cache(maxsize=None)
+def _sample_plan(kv_len: int, q_blocks: int, slice_m: int, band: int, device: torch.device) -> tuple:
+    """(int64 sample_positions(kv_len) on ``device``, None where every key counts; int32
+    [q_blocks, 2] _band_sample_ranges; the log of the keys per sampled key): what the kernel
+    path's sample takes, made once per shape, so a call launches no small integer operations
+    for it. Never evicted (a few KB per sequence length): a freed one could still be read on a
+    stream."""
+    every_key = ref.lse_key_stride(kv_len) == 1
+    positions = None if every_key else sample_positions(kv_len, device)
+    log_factor = 0.0 if every_key else math.log(kv_len / positions.shape[0])
+    return positions, _band_sample_ranges(q_blocks, slice_m, band, kv_len, device), log_factor
 
 
 def sample_positions(kv_len: int, device=None) -> torch.Tensor:

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fgcupy import e4m3_kernels
 from fgcupy.e4m3 import E4M3_MAX, heads_as_e4m3, scales_for_amax
@@ -40,6 +42,38 @@ def test_scales_for_amax_of_zero_infinite_or_nan_are_one():
     """Heads with no finite nonzero magnitude keep scale 1."""
     amax = torch.tensor([0.0, math.inf, math.nan])
     assert scales_for_amax(amax).tolist() == [1.0, 1.0, 1.0]
+
+
+#: float32 bits next to powers of two, to 448 times them, and to where 448 / amax overflows.
+_SCALE_EDGES = [bits for bits in
+                [np.float32(value).view(np.int32).item() + d
+                 for p in range(-149, 128) for value in (2.0**p, min(448.0 * 2.0**p, 3e38)) for d in (-1, 0, 1)]
+                + [np.float32(E4M3_MAX / np.finfo(np.float32).max).view(np.int32).item() + d for d in range(-3, 4)]
+                if 0 <= bits <= 0x7FFFFFFF]
+
+
+def _scale_by_definition(amax: float) -> float:
+    """The largest power of two s with amax x s <= 448, by exact float64 products; 1 where
+    amax is not positive and finite or 448 / amax (in float32) is not finite."""
+    with np.errstate(divide="ignore", over="ignore"):
+        quotient = np.float32(E4M3_MAX) / np.float32(amax)
+    if not (math.isfinite(amax) and amax > 0 and np.isfinite(quotient)):
+        return 1.0
+    power = math.frexp(float(quotient))[1] + 1  # 2**power > quotient, a power or two too high
+    while amax * 2.0**power > E4M3_MAX:
+        power -= 1
+    return 2.0**power
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 0x7FFFFFFF), min_size=1, max_size=32))
+def test_scales_for_amax_is_the_largest_power_of_two_that_fits(bits):
+    """On any non-negative float32 (NaN, infinity and subnormals included), above all next to
+    powers of two and where 448 / amax overflows: the largest power of two that keeps amax
+    within E4M3_MAX, or 1."""
+    amax = np.array(bits + _SCALE_EDGES, dtype=np.uint32).view(np.float32)
+    got = scales_for_amax(torch.from_numpy(amax.copy())).tolist()
+    assert got == [_scale_by_definition(float(a)) for a in amax]
 
 
 # --- fgcupy.e4m3_kernels --------------------------------------------------------------------
@@ -202,6 +236,34 @@ def test_the_kernel_path_asks_for_heads_that_exist():
             assert band_keys == (-20, 64 + 40) and skip is None
         else:
             assert skip[1] == 64 and torch.equal(skip[0], _band_sample_ranges(3, 64, 20, 900, q.device))
+
+
+def test_the_kernel_paths_sample_is_made_once_per_shape(monkeypatch):
+    """The sampled keys' positions and skip ranges are made on the first call of a shape and
+    reused (the same tensors) after, with the values of sample_positions and _band_sample_ranges;
+    the stats see k's keys at those positions."""
+    import fgcupy.lse_estimate as le
+
+    gen = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 2, 200, 16, generator=gen), torch.randn(1, 2, 5000, 16, generator=gen)
+    seen = []
+
+    def stats(rows, keys, bh0, nbh, band_keys, skip):
+        if skip is not None:
+            seen.append((keys, skip[0]))
+        return torch.zeros(nbh, rows.shape[2])
+
+    made = []
+    monkeypatch.setattr(le, "sample_positions", lambda *a: made.append(a) or sample_positions(*a))
+    le._sample_plan.cache_clear()
+    for _ in range(3):
+        lse_parts_from_stats(q, k, 64, 20, stats, 4)
+    assert len(made) == 2  # one plan: its positions and, within its ranges, the same positions again
+    positions = sample_positions(5000)
+    assert 1 < 5000 // positions.numel()  # a real sample, not every key
+    assert all(s[1] is seen[0][1] for s in seen)
+    assert torch.equal(seen[0][1], _band_sample_ranges(4, 64, 20, 5000, q.device))
+    assert all(torch.equal(keys, k[:, :, positions]) for keys, _ in seen)
 
 
 def test_a_band_of_zero_is_the_blocks_own_keys():

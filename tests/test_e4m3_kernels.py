@@ -148,3 +148,20 @@ def test_scales_match_torch_on_a_head_of_one_value():
     assert float(scales[0]) == 512.0  # 0.8125 x 512 = 416 <= 448 < 832
     assert torch.equal(factor, 1.0 / (scales * scales))
     assert bool((q8[0, 0].float() == 416.0).all())
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_scales_match_torch_next_to_powers_of_two_and_the_overflow_edge():
+    """Heads of one value each, that value next to 448 x 2**p, next to 2**p, next to where 448 /
+    amax overflows, or subnormal: the rounding kernel's scale from the exponent bits is
+    scales_for_amax's."""
+    bits = torch.tensor([448.0 * 2.0**p for p in (-20, -3, 0, 5, 30)] + [2.0**p for p in (-100, -1, 0, 7, 100)]
+                        + [1.3165538e-36, 1e-39, 3e38], dtype=torch.bfloat16).view(torch.int16)
+    values = torch.cat([bits - 1, bits, bits + 1]).view(torch.bfloat16)
+    values = values[values.float().isfinite() & (values.float() > 0)]
+    x = values.float().view(1, -1, 1, 1).expand(1, values.numel(), 48, 128).to("cuda", torch.bfloat16)
+    q8, _, factor = gpu_heads_as_e4m3(x, x, 0, values.numel())
+    q8_ref, _, factor_ref = heads_as_e4m3(x, x, 0, values.numel())
+    assert torch.equal(factor, factor_ref)
+    assert _same_e4m3(q8, q8_ref)

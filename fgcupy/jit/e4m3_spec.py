@@ -20,8 +20,11 @@ _INPUT_FIELDS = (("x", "in"), ("stride_b", "i64"), ("stride_h", "i64"), ("stride
                  ("heads", "i32"), ("bh0", "i32"), ("rows", "i32"))
 #: fg::e4m3_amax: raises amax (float32 [nbh], zeroed) to each head's largest magnitude.
 E4M3_AMAX_PARAMS = ParamStruct("E4m3AmaxParams", _INPUT_FIELDS + (("amax", "out"),))
-#: fg::e4m3_round: each head times scale (float32 [nbh]) into out (e4m3 [nbh, rows, D]).
-E4M3_ROUND_PARAMS = ParamStruct("E4m3RoundParams", _INPUT_FIELDS + (("scale", "in"), ("out", "out")))
+#: fg::e4m3_round: each head's power of two from amax (float32 [nbh], as e4m3_amax left it)
+#: into scale (float32 [nbh], fgcupy.e4m3.scales_for_amax), the head times it into out (e4m3
+#: [nbh, rows, D]).
+E4M3_ROUND_PARAMS = ParamStruct("E4m3RoundParams", _INPUT_FIELDS + (("amax", "in"), ("scale", "out"),
+                                                                    ("out", "out")))
 E4M3_STEPS = {"amax": E4M3_AMAX_PARAMS, "round": E4M3_ROUND_PARAMS}
 
 
