@@ -20,11 +20,14 @@ LIBRARY = torch.library.Library("fgcupy", "DEF")
 def define(schema: str, *, cpu: Callable, cuda: Callable, fake: Callable, syncs_host: bool = False) -> None:
     """Define ``fgcupy::<schema>`` with a kernel per device type and its fake implementation.
     ``syncs_host``: the op waits on the host inside, so CUDA graphs must leave it out (tagged
-    cudagraph_unsafe where this torch has the tag)."""
+    cudagraph_unsafe where this torch has the tag).
+    The kernels run with torch.compile off: a graph that breaks at the op calls them eagerly,
+    and dynamo would otherwise trace every frame they enter (the launch code's numpy structs
+    among them, which it cannot fake)."""
     unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
     name = LIBRARY.define(schema, tags=(unsafe,) if syncs_host and unsafe is not None else ())
     for kernel, key in ((cpu, "CPU"), (cuda, "CUDA")):
-        LIBRARY.impl(name, kernel, key)
+        LIBRARY.impl(name, torch.compiler.disable(kernel), key)
     torch.library.register_fake(f"fgcupy::{name}", fake, lib=LIBRARY)
 
 

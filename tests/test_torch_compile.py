@@ -123,6 +123,26 @@ DATA_DEPENDENT = {
 }
 
 
+def test_a_graph_that_breaks_at_an_op_runs_its_kernel_untraced(monkeypatch):
+    """Without fullgraph, a prediction whose graph breaks calls the op's kernel eagerly; dynamo
+    must not trace the frames inside it (on a GPU they pack launch structs with numpy, which
+    dynamo cannot fake: the candidates' prediction failed so)."""
+    seen = []
+    predict_mask_of_op = predict_op._predict_mask
+
+    def spy(*args):
+        seen.append(torch.compiler.is_compiling())
+        return predict_mask_of_op(*args)
+
+    monkeypatch.setattr(predict_op, "_predict_mask", spy)
+    q, k, v = _qkv("cpu", torch.float32)
+    lse = reference_attention(q, k, v, SliceMask.full(1, 2, 256, 256, 64))[1]
+    torch._dynamo.reset()
+    out = torch.compile(lambda q, k, lse: DATA_DEPENDENT["colmax candidates"](q, k, lse).indices.sum())(q, k, lse)
+    assert int(out) == int(DATA_DEPENDENT["colmax candidates"](q, k, lse).indices.sum())
+    assert len(seen) >= 3 and not any(seen)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", sorted(DATA_DEPENDENT))
 def test_every_prediction_compiles_with_fullgraph_and_attends(name, device):
