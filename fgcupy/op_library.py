@@ -61,8 +61,12 @@ def pack_csr(indptr: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_csr(packed: torch.Tensor, indptr_shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indptr, indices) views of :func:`pack_csr`'s tensor."""
+    """(indptr, indices) views of :func:`pack_csr`'s tensor, as an op returned it (its own
+    storage from the start). The indices view is made by as_strided, not a slice: torch 2.11's
+    inductor failed on a slice from a symbolic start of an unbacked size under dynamic shapes."""
+    if not torch.compiler.is_compiling() and packed.storage_offset():
+        raise ValueError(f"a packed mask starts its storage; this one starts {packed.storage_offset()} elements in")
     numel = math.prod(indptr_shape)
     offset = _indices_offset(numel)
     torch._check(packed.shape[0] >= offset)  # what an unbacked packed size does not say by itself
-    return packed[:numel].view(tuple(indptr_shape)), packed[offset:]
+    return packed[:numel].view(tuple(indptr_shape)), packed.as_strided((packed.shape[0] - offset,), (1,), offset)

@@ -258,6 +258,15 @@ def test_a_packed_mask_unpacks_to_itself_with_aligned_indices():
     assert indices.storage_offset() * 4 % 128 == 0
 
 
+def test_a_packed_mask_is_unpacked_only_from_the_start_of_its_storage():
+    """unpack_csr reads the indices at their offset in the storage, so a view that starts later
+    is refused rather than read from the wrong place."""
+    mask = predict_mask(*_qkv(seq=320)[:2], 64, "tau", tau=0.7)
+    packed = torch.cat([torch.zeros(1, dtype=torch.int32), pack_csr(mask.indptr, mask.indices)])
+    with pytest.raises(ValueError, match="starts 1 elements in"):
+        unpack_csr(packed[1:], mask.indptr.shape)
+
+
 def test_the_op_checks_a_request_it_is_handed():
     q, k, _ = _qkv()
     token = predict_op.request_token(make_request(64, 256, 64, "tau", tau=0.5))
