@@ -44,17 +44,26 @@ def predict_auto(qh, kh, slice_m: int, predict, *, density, top_k, scale: float,
     """The "auto" mask for q, k [B, H, S, D] views (checked by ``predict``, which is
     fgcupy.predict_mask): cheap top-k on every head, the estimated column max on flagged heads.
     One host sync (which heads): both masks keep the same count per block, so the flagged heads'
-    rows replace the cheap ones in place."""
+    rows replace the cheap ones in place (where every head is flagged, the column max's mask is
+    the answer; a run of heads is predicted from views of q and k, other sets from copies)."""
     rule = dict(density=density, top_k=top_k, scale=scale, workspace_bytes=workspace_bytes)
     cheap = predict(qh, kh, slice_m, "topk", **rule)
     flagged = flagged_heads(qh, kh, cheap, predict, scale, rule)
     if not flagged:
         return cheap
-    index = torch.tensor(flagged, dtype=torch.int64).to(qh.device, non_blocking=True)
-    exact = predict(qh.index_select(1, index), kh.index_select(1, index), slice_m, "colmax", lse="estimate",
-                    rule="topk", **rule)
-    keys = block_keys(cheap).clone()
-    keys.index_copy_(1, index, block_keys(exact))
+    run = slice(flagged[0], flagged[-1] + 1)
+    if flagged == list(range(run.start, run.stop)):  # a run of heads: views of q and k, no copies
+        exact = predict(qh[:, run], kh[:, run], slice_m, "colmax", lse="estimate", rule="topk", **rule)
+        if len(flagged) == qh.shape[1]:
+            return exact
+        keys = block_keys(cheap).clone()
+        keys[:, run] = block_keys(exact)
+    else:
+        index = torch.tensor(flagged, dtype=torch.int64).to(qh.device, non_blocking=True)
+        exact = predict(qh.index_select(1, index), kh.index_select(1, index), slice_m, "colmax", lse="estimate",
+                        rule="topk", **rule)
+        keys = block_keys(cheap).clone()
+        keys.index_copy_(1, index, block_keys(exact))
     return SliceMask(cheap.indptr, keys.reshape(-1), slice_m, cheap.q_len, cheap.kv_len)
 
 

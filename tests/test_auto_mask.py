@@ -124,6 +124,22 @@ def test_auto_predicts_again_only_the_heads_the_cheap_mask_fails():
     assert torch.equal(auto.to_dense()[:, 1], cheap.to_dense()[:, 1])
 
 
+@pytest.mark.parametrize("flagged", [[0, 1, 2, 3], [1, 2], [3], [0, 2, 3]])
+def test_auto_puts_the_column_max_in_the_flagged_heads_alone(monkeypatch, flagged):
+    """Whatever heads the check flags (all, a run, one, a set with a gap), their rows are the
+    estimated column max's and the others' the cheap mask's."""
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, 4, 384, 32, generator=gen) * 2 for _ in range(2))
+    monkeypatch.setattr(auto_mask, "flagged_heads", lambda *args: flagged)
+    auto = predict_mask(q, k, 128, "auto", density=0.2)
+    auto.validate()
+    cheap = predict_mask(q, k, 128, "topk", density=0.2).to_dense()
+    exact = predict_mask(q, k, 128, "colmax", lse="estimate", density=0.2).to_dense()
+    assert not torch.equal(cheap, exact)
+    for head in range(4):
+        assert torch.equal(auto.to_dense()[:, head], (exact if head in flagged else cheap)[:, head])
+
+
 def test_auto_keeps_the_cheap_mask_where_every_head_passes():
     q, k = _two_kinds_of_head()
     q, k = q[:, 1:], k[:, 1:]
