@@ -77,7 +77,7 @@ def block_keys(mask: SliceMask) -> torch.Tensor:
                f"nothing more; this one's {mask.capacity} stored keys are laid out otherwise")
     if per_row * rows != mask.capacity:
         raise ValueError(message)
-    even = (mask.indptr == even_indptr(mask.batch, mask.heads, mask.q_blocks, per_row, mask.device)).all()
+    even = (mask.indptr == _even_indptr(mask.batch, mask.heads, mask.q_blocks, per_row, mask.device)).all()
     if mask.device.type == "cuda":
         torch._assert_async(even, message)
     elif not even:
@@ -103,13 +103,20 @@ def check_blocks(q_blocks: int, count: int = CHECK_BLOCKS) -> list:
 
 @lru_cache(maxsize=None)
 def _checked_rows(q_len: int, slice_m: int, device: torch.device) -> tuple:
-    """(int64 [n] the checked blocks, int64 [n * slice_m] their query rows, each block filled to
-    slice_m rows by repeating its last row, bool [n * slice_m]: which rows are not repeats), on
-    ``device``. Never evicted (a few KB per sequence length): a freed one could still be read on
-    a stream."""
+    """(int64 [n] the checked blocks, int64 [2 * n * slice_m] their query rows twice, each block
+    filled to slice_m rows by repeating its last row, bool [n * slice_m]: which rows are not
+    repeats), on ``device``. Never evicted (a few KB per sequence length): a freed one could
+    still be read on a stream."""
     blocks = torch.tensor(check_blocks(num_blocks(q_len, slice_m)), dtype=torch.int64)
     rows = (blocks[:, None] * slice_m + torch.arange(slice_m)).reshape(-1)
-    return blocks.to(device), rows.clamp_max(q_len - 1).to(device), (rows < q_len).to(device)
+    return blocks.to(device), rows.clamp_max(q_len - 1).repeat(2).to(device), (rows < q_len).to(device)
+
+
+@lru_cache(maxsize=64)
+def _even_indptr(batch: int, heads: int, q_blocks: int, per_row: int, device: torch.device) -> torch.Tensor:
+    """mask.even_indptr, made once per shape for the check's own use (compared against, or the
+    indptr of a mask it makes and drops): never handed to a caller, who could write into it."""
+    return even_indptr(batch, heads, q_blocks, per_row, device)
 
 
 def missed_mass(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> tuple:
@@ -121,20 +128,22 @@ def missed_mass(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> 
     over a mask's keys is NaN (a NaN key kept), are left out. No host sync."""
     slice_m, q_len = cheap.slice_m, qh.shape[2]
     keys = block_keys(cheap)
-    blocks, rows, real = _checked_rows(q_len, slice_m, qh.device)
-    q_rows = qh.index_select(2, rows)  # whole blocks: a repeated last row leaves the block's column max as it is
+    blocks, rows_twice, real = _checked_rows(q_len, slice_m, qh.device)
+    # The checked rows twice (the sparse call's queries: cheap's blocks, then best's), the first
+    # copy the rows themselves; whole blocks: a repeated last row leaves a block's column max as it is.
+    q_twice = qh.index_select(2, rows_twice)
+    q_rows = q_twice[:, :, : real.numel()]
     exact = exact_row_lse(q_rows, kh, scale)
     best = predict(q_rows, kh, slice_m, "colmax", lse=exact, rule="topk", **rule)
-    cheap_keys = keys.index_select(2, blocks)
-    both = torch.cat([cheap_keys, block_keys(best)], dim=2)  # [B, H, 2n, k]: cheap's blocks, then best's
+    both = torch.cat([keys.index_select(2, blocks), block_keys(best)], dim=2)  # [B, H, 2n, k]
     batch, heads, n_blocks, per_row = both.shape
-    pair = SliceMask(even_indptr(batch, heads, n_blocks, per_row, qh.device), both.reshape(-1), slice_m,
+    pair = SliceMask(_even_indptr(batch, heads, n_blocks, per_row, qh.device), both.reshape(-1), slice_m,
                      n_blocks * slice_m, kh.shape[2])
-    lse = sparse_attention(torch.cat([q_rows, q_rows], dim=2), kh, kh, pair, scale=scale, return_lse=True)[1]
-    kept = lse.chunk(2, dim=2)  # values unused
-    valid = real & torch.isfinite(exact) & ~kept[0].isnan() & ~kept[1].isnan()
-    count = valid.sum(-1).clamp_min(1)
-    return tuple(torch.where(valid, -torch.expm1(lse - exact), 0.0).sum(-1) / count for lse in kept)
+    lse = sparse_attention(q_twice, kh, kh, pair, scale=scale, return_lse=True)[1].view(batch, heads, 2, -1)
+    valid = real & torch.isfinite(exact) & ~lse.isnan().any(2)
+    shares = torch.where(valid.unsqueeze(2), -torch.expm1(lse - exact.unsqueeze(2)), 0.0).sum(-1)
+    shares /= valid.sum(-1, keepdim=True).clamp_min(1)
+    return shares[:, :, 0], shares[:, :, 1]
 
 
 def exact_row_lse(q_rows, kh, scale: float) -> torch.Tensor:
@@ -164,4 +173,4 @@ def _kernel_row_lse(q_rows, kh, scale: float):
     total = batch * heads
     parts = [gpu_scores("stats", q_rows, kh, scale, bh0=bh0, nbh=min(GRID_LIMITS[2], total - bh0), warps=8)
              for bh0 in range(0, total, GRID_LIMITS[2])]
-    return torch.cat(parts).view(batch, heads, n_rows)
+    return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(batch, heads, n_rows)

@@ -38,7 +38,8 @@ def parts(q, k, d: float) -> None:
     scale = q.shape[-1] ** -0.5
     rule = dict(density=d, top_k=None, scale=scale, workspace_bytes=1 << 32)
     cheap = predict_mask(q, k, 128, "topk", density=d)
-    _, rows, _ = auto_mask._checked_rows(q.shape[2], 128, q.device)
+    _, rows_twice, real = auto_mask._checked_rows(q.shape[2], 128, q.device)
+    rows = rows_twice[: real.numel()]
     q_rows = q.index_select(2, rows)
     exact = auto_mask.exact_row_lse(q_rows, k, scale)
     estimate = estimate_lse(q, k, 128)
