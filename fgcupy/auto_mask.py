@@ -18,12 +18,11 @@ costs.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from . import mask_reference as ref
 from .attention import sparse_attention
+from .device_constants import device_constant
 from .lse_estimate import stats_kernel_runs
 from .mask import SliceMask, even_indptr, num_blocks
 
@@ -101,22 +100,24 @@ def check_blocks(q_blocks: int, count: int = CHECK_BLOCKS) -> list:
     return sorted({round(i * (q_blocks - 1) / (count - 1)) for i in range(count)})
 
 
-@lru_cache(maxsize=None)
 def _checked_rows(q_len: int, slice_m: int, device: torch.device) -> tuple:
     """(int64 [n] the checked blocks, int64 [2 * n * slice_m] their query rows twice, each block
     filled to slice_m rows by repeating its last row, bool [n * slice_m]: which rows are not
-    repeats), on ``device``. Never evicted (a few KB per sequence length): a freed one could
-    still be read on a stream."""
-    blocks = torch.tensor(check_blocks(num_blocks(q_len, slice_m)), dtype=torch.int64)
-    rows = (blocks[:, None] * slice_m + torch.arange(slice_m)).reshape(-1)
-    return blocks.to(device), rows.clamp_max(q_len - 1).repeat(2).to(device), (rows < q_len).to(device)
+    repeats), on ``device``, made once per shape (fgcupy.device_constants)."""
+    def build(on):
+        blocks = torch.tensor(check_blocks(num_blocks(q_len, slice_m)), dtype=torch.int64, device=on)
+        rows = (blocks[:, None] * slice_m + torch.arange(slice_m, device=on)).reshape(-1)
+        return blocks, rows.clamp_max(q_len - 1).repeat(2), rows < q_len
+
+    return device_constant(("checked rows", q_len, slice_m), device, build)
 
 
-@lru_cache(maxsize=64)
 def _even_indptr(batch: int, heads: int, q_blocks: int, per_row: int, device: torch.device) -> torch.Tensor:
-    """mask.even_indptr, made once per shape for the check's own use (compared against, or the
-    indptr of a mask it makes and drops): never handed to a caller, who could write into it."""
-    return even_indptr(batch, heads, q_blocks, per_row, device)
+    """mask.even_indptr, made once per shape (fgcupy.device_constants) for the check's own use
+    (compared against, or the indptr of a mask it makes and drops): never handed to a caller,
+    who could write into it."""
+    return device_constant(("even indptr", batch, heads, q_blocks, per_row), device,
+                           lambda on: even_indptr(batch, heads, q_blocks, per_row, on))
 
 
 def missed_mass(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> tuple:

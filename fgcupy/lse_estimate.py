@@ -21,13 +21,13 @@ traces), plain torch in chunks bounded by ``workspace_bytes``.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 
 from . import mask_reference as ref
 from .layout import query_key_views
 from .attention_kernel import check_scale, eager_scale
+from .device_constants import device_constant
 from .mask import is_int, num_blocks
 from .mask_request import check_workspace_bytes
 
@@ -134,17 +134,18 @@ def lse_parts_from_stats(qh, kh, slice_m: int, band: int, stats, heads_per_call:
     return near, far.add_(log_factor)
 
 
-@lru_cache(maxsize=None)
 def _sample_plan(kv_len: int, q_blocks: int, slice_m: int, band: int, device: torch.device) -> tuple:
     """(int64 sample_positions(kv_len) on ``device``, None where every key counts; int32
     [q_blocks, 2] _band_sample_ranges; the log of the keys per sampled key): what the kernel
-    path's sample takes, made once per shape, so a call launches no small integer operations
-    for it. Never evicted (a few KB per sequence length): a freed one could still be read on a
-    stream."""
-    every_key = ref.lse_key_stride(kv_len) == 1
-    positions = None if every_key else sample_positions(kv_len, device)
-    log_factor = 0.0 if every_key else math.log(kv_len / positions.shape[0])
-    return positions, _band_sample_ranges(q_blocks, slice_m, band, kv_len, device), log_factor
+    path's sample takes, made once per shape (fgcupy.device_constants), so a call launches no
+    small integer operations for it."""
+    def build(on):
+        every_key = ref.lse_key_stride(kv_len) == 1
+        positions = None if every_key else sample_positions(kv_len, on)
+        log_factor = 0.0 if every_key else math.log(kv_len / positions.shape[0])
+        return positions, _band_sample_ranges(q_blocks, slice_m, band, kv_len, on), log_factor
+
+    return device_constant(("lse sample", kv_len, q_blocks, slice_m, band), device, build)
 
 
 def sample_positions(kv_len: int, device=None) -> torch.Tensor:

@@ -7,7 +7,9 @@ its caller's source for error messages), which a process's first call pays.
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from typing import Callable
 
 import torch
@@ -21,14 +23,30 @@ def define(schema: str, *, cpu: Callable, cuda: Callable, fake: Callable, syncs_
     """Define ``fgcupy::<schema>`` with a kernel per device type and its fake implementation.
     ``syncs_host``: the op waits on the host inside, so CUDA graphs must leave it out (tagged
     cudagraph_unsafe where this torch has the tag).
-    The kernels run with torch.compile off: a graph that breaks at the op calls them eagerly,
-    and dynamo would otherwise trace every frame they enter (the launch code's numpy structs
-    among them, which it cannot fake)."""
+    The kernels run untraced (``_untraced``)."""
     unsafe = getattr(torch.Tag, "cudagraph_unsafe", None)
     name = LIBRARY.define(schema, tags=(unsafe,) if syncs_host and unsafe is not None else ())
     for kernel, key in ((cpu, "CPU"), (cuda, "CUDA")):
-        LIBRARY.impl(name, torch.compiler.disable(kernel), key)
+        LIBRARY.impl(name, _untraced(kernel), key)
     torch.library.register_fake(f"fgcupy::{name}", fake, lib=LIBRARY)
+
+
+def _untraced(kernel: Callable) -> Callable:
+    """``kernel`` with torch.compile off inside it: a graph that breaks at the op calls it
+    eagerly, and dynamo would otherwise trace every frame it enters (the launch code's numpy
+    structs among them, which dynamo cannot fake). Where torch._dynamo was never imported nothing
+    can be tracing, so importing fgcupy does not import it (about a second)."""
+    disabled = []
+
+    @functools.wraps(kernel)
+    def run(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return kernel(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(kernel))
+        return disabled[0](*args, **kwargs)
+
+    return run
 
 
 #: A mask's indices start this many int32 entries apart in a packed CSR (128 bytes, so vector
@@ -64,8 +82,9 @@ def unpack_csr(packed: torch.Tensor, indptr_shape) -> tuple[torch.Tensor, torch.
     """(indptr, indices) views of :func:`pack_csr`'s tensor, as an op returned it (its own
     storage from the start). The indices view is made by as_strided, not a slice: torch 2.11's
     inductor failed on a slice from a symbolic start of an unbacked size under dynamic shapes."""
-    if not torch.compiler.is_compiling() and packed.storage_offset():
-        raise ValueError(f"a packed mask starts its storage; this one starts {packed.storage_offset()} elements in")
+    if not torch.compiler.is_compiling() and (packed.storage_offset() or packed.stride(0) != 1):
+        raise ValueError(f"a packed mask is its own storage from the start, one element after another; this one starts "
+                         f"{packed.storage_offset()} elements in, at a stride of {packed.stride(0)}")
     numel = math.prod(indptr_shape)
     offset = _indices_offset(numel)
     torch._check(packed.shape[0] >= offset)  # what an unbacked packed size does not say by itself

@@ -1,0 +1,53 @@
+"""fgcupy.device_constants: index tensors made once per shape and kept (CPU; the CUDA-graph
+branch through a stand-in for the capture check)."""
+
+import subprocess
+import sys
+
+import torch
+
+from fgcupy import device_constants
+from fgcupy.device_constants import device_constant
+
+
+def test_a_constant_is_built_once_per_key_and_device(monkeypatch):
+    monkeypatch.setattr(device_constants, "_KEPT", {})
+    built = []
+
+    def build(on):
+        built.append(on)
+        return torch.arange(4, device=on), 2.5
+
+    first = device_constant(("k", 4), "cpu", build)
+    again = device_constant(("k", 4), torch.device("cpu"), build)
+    other = device_constant(("k", 5), "cpu", build)
+    assert again[0] is first[0] and first[1] == 2.5 and other[0] is not first[0]
+    assert built == [torch.device("cpu")] * 2 and first[0].tolist() == [0, 1, 2, 3]
+
+
+def test_a_constant_made_in_inference_mode_can_be_saved_for_backward(monkeypatch):
+    """Kept tensors outlive the first call's mode: one made under inference_mode must still
+    serve a later call that autograd records (an index_select saves its indices)."""
+    monkeypatch.setattr(device_constants, "_KEPT", {})
+    with torch.inference_mode():
+        positions = device_constant("positions", "cpu", lambda on: torch.tensor([0, 2], device=on))
+    assert not positions.is_inference()
+    k = torch.randn(3, 4, requires_grad=True)
+    k.index_select(0, positions).sum().backward()
+    assert k.grad[1].abs().sum() == 0 and k.grad[0].abs().sum() > 0
+
+
+def test_while_a_stream_is_captured_the_constant_is_made_there_and_not_kept(monkeypatch):
+    monkeypatch.setattr(device_constants, "_KEPT", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    built = []
+    for _ in range(2):
+        device_constant("captured", "cuda", lambda on: built.append(on) or 7)
+    assert built == [torch.device("cuda")] * 2 and device_constants._KEPT == {}
+
+
+def test_importing_fgcupy_leaves_dynamo_unimported():
+    """The ops' kernels turn torch.compile off only once dynamo is loaded, so the import stays light."""
+    out = subprocess.run([sys.executable, "-c", "import sys, fgcupy; print('torch._dynamo' in sys.modules)"],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
