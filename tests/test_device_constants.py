@@ -4,6 +4,7 @@ branch through a stand-in for the capture check)."""
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from fgcupy import device_constants
@@ -51,3 +52,29 @@ def test_importing_fgcupy_leaves_dynamo_unimported():
     out = subprocess.run([sys.executable, "-c", "import sys, fgcupy; print('torch._dynamo' in sys.modules)"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.gpu
+def test_the_estimates_sample_stays_right_under_cuda_graph_trees():
+    """Made during reduce-overhead's warm-up (ops run eagerly there, into the graph's pool), the
+    kept sample holds its values after graphs of two lengths are recorded and replayed, and the
+    graphs' masks are the eager ones."""
+    from fgcupy import predict_mask
+    from fgcupy.lse_estimate import ESTIMATE_BAND, _band_sample_ranges, _sample_plan, sample_positions
+
+    def step(q, k):
+        return predict_mask(q, k, 128, "colmax", lse="estimate", density=0.2).indices
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
+    gen = torch.Generator().manual_seed(0)
+    inputs = {seq: tuple(torch.randn(1, 2, seq, 128, generator=gen).to("cuda", torch.bfloat16) for _ in range(2))
+              for seq in (4096, 6144)}
+    for seq in (4096, 6144, 4096, 6144):
+        for _ in range(3):
+            got = compiled(*inputs[seq]).clone()
+        assert torch.equal(got, step(*inputs[seq]))
+    for seq in inputs:
+        positions, ranges, _ = _sample_plan(seq, seq // 128, 128, ESTIMATE_BAND, torch.device("cuda"))
+        assert torch.equal(positions.cpu(), sample_positions(seq))
+        assert torch.equal(ranges.cpu(), _band_sample_ranges(seq // 128, 128, ESTIMATE_BAND, seq, torch.device("cpu")))
