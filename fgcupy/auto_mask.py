@@ -51,17 +51,19 @@ def predict_auto(qh, kh, slice_m: int, predict, *, density, top_k, scale: float,
     if not flagged:
         return cheap
     run = slice(flagged[0], flagged[-1] + 1)
+    index = None
     if flagged == list(range(run.start, run.stop)):  # a run of heads: views of q and k, no copies
-        exact = predict(qh[:, run], kh[:, run], slice_m, "colmax", lse="estimate", rule="topk", **rule)
-        if len(flagged) == qh.shape[1]:
-            return exact
-        keys = block_keys(cheap).clone()
-        keys[:, run] = block_keys(exact)
+        picked = qh[:, run], kh[:, run]
     else:
         index = torch.tensor(flagged, dtype=torch.int64).to(qh.device, non_blocking=True)
-        exact = predict(qh.index_select(1, index), kh.index_select(1, index), slice_m, "colmax", lse="estimate",
-                        rule="topk", **rule)
-        keys = block_keys(cheap).clone()
+        picked = qh.index_select(1, index), kh.index_select(1, index)
+    exact = predict(*picked, slice_m, "colmax", lse="estimate", rule="topk", **rule)
+    if len(flagged) == qh.shape[1]:
+        return exact
+    keys = block_keys(cheap).clone()
+    if index is None:
+        keys[:, run] = block_keys(exact)
+    else:
         keys.index_copy_(1, index, block_keys(exact))
     return SliceMask(cheap.indptr, keys.reshape(-1), slice_m, cheap.q_len, cheap.kv_len)
 

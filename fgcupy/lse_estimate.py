@@ -140,9 +140,7 @@ def _sample_plan(kv_len: int, q_blocks: int, slice_m: int, band: int, device: to
     path's sample takes, made once per shape (fgcupy.device_constants), so a call launches no
     small integer operations for it."""
     def build(on):
-        every_key = ref.lse_key_stride(kv_len) == 1
-        positions = None if every_key else sample_positions(kv_len, on)
-        log_factor = 0.0 if every_key else math.log(kv_len / positions.shape[0])
+        positions, log_factor = _sample(kv_len, on)
         return positions, _band_sample_ranges(q_blocks, slice_m, band, kv_len, on), log_factor
 
     return device_constant(("lse sample", kv_len, q_blocks, slice_m, band), device, build)
@@ -171,11 +169,17 @@ def sample_positions(kv_len: int, device=None) -> torch.Tensor:
 def _sampled_keys(k: torch.Tensor) -> tuple:
     """(k [..., S, D]'s keys at ``sample_positions`` (k itself where every key counts), the log of
     the keys per sampled key that the sample's LSE is raised by)."""
-    kv_len = k.shape[-2]
+    positions, log_factor = _sample(k.shape[-2], k.device)
+    return (k if positions is None else k.index_select(k.dim() - 2, positions)), log_factor
+
+
+def _sample(kv_len: int, device) -> tuple:
+    """(int64 sample_positions(kv_len), None where every key counts; the log of the keys per
+    sampled key that the sample's LSE is raised by)."""
     if ref.lse_key_stride(kv_len) == 1:
-        return k, 0.0
-    positions = sample_positions(kv_len, k.device)
-    return k.index_select(k.dim() - 2, positions), math.log(kv_len / positions.shape[0])
+        return None, 0.0
+    positions = sample_positions(kv_len, device)
+    return positions, math.log(kv_len / positions.shape[0])
 
 
 def _band_sample_ranges(blocks: int, slice_m: int, band: int, kv_len: int, device) -> torch.Tensor:
