@@ -14,9 +14,17 @@ key, twice (LSE, column max), and run one sparse call over them for both masks, 
 dense step's work at 32,760 tokens; the host waits once, for the list of flagged heads
 (notes/MEASURED.md "Per head" has what it took). The heads it flags cost what the column max
 costs.
+
+The estimate can fail too: where each query's mass sits on a few keys that its sample misses
+(very sharp heads with no locality), its LSE is wrong query by query. The same blocks check the
+estimated column max's mask (one more sparse call over them, a second host wait, on flagged
+heads only), and a head whose estimate misses as the cheap mask did is scored again with each
+query's exact LSE (a stats pass over every key: about half a dense step more, on those heads).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +33,7 @@ from .attention import sparse_attention
 from .device_constants import device_constant
 from .lse_estimate import stats_kernel_runs
 from .mask import SliceMask, even_indptr, num_blocks
+from .mask_request import e4m3_runs_for
 
 #: Query blocks per head the check scores against every key (evenly spread; fewer if the
 #: sequence has fewer).
@@ -34,38 +43,62 @@ CHECK_BLOCKS = 8
 #: that both keep all but a trace do not count as different).
 MISS_RATIO = 1.2
 MISS_FLOOR = 1e-4
-#: Bytes the torch path's float32 logits of the checked rows may take at once.
+#: Bytes the torch path's float32 logits of the exact LSE may take at once.
 _CHECK_WORKSPACE = 1 << 30
 
 
 def predict_auto(qh, kh, slice_m: int, predict, *, density, top_k, scale: float,
                  workspace_bytes: int) -> SliceMask:
     """The "auto" mask for q, k [B, H, S, D] views (checked by ``predict``, which is
-    fgcupy.predict_mask): cheap top-k on every head, the estimated column max on flagged heads.
-    One host sync (which heads): both masks keep the same count per block, so the flagged heads'
-    rows replace the cheap ones in place (where every head is flagged, the column max's mask is
-    the answer; a run of heads is predicted from views of q and k, other sets from copies)."""
+    fgcupy.predict_mask): cheap top-k on every head, the estimated column max on flagged heads,
+    and the column max with the exact LSE where the estimate fails the same check. One host sync
+    (which heads), two where any head is flagged. Every mask keeps the same count per block, so
+    the new rows replace the old ones in place."""
     rule = dict(density=density, top_k=top_k, scale=scale, workspace_bytes=workspace_bytes)
     cheap = predict(qh, kh, slice_m, "topk", **rule)
-    flagged = flagged_heads(qh, kh, cheap, predict, scale, rule)
+    check = check_heads(qh, kh, cheap, predict, scale, rule)
+    flagged = flagged_heads(check)
     if not flagged:
         return cheap
-    run = slice(flagged[0], flagged[-1] + 1)
+
+    def estimated(q, k, pick):
+        mask = predict(q, k, slice_m, "colmax", lse="estimate", rule="topk", **rule)
+        weak = flagged_heads(check.of_heads(pick).against(mask, k, scale))
+        if not weak:
+            return mask
+        # The estimated path's products, e4m3 where that kernel runs: same rounding as the mask it replaces.
+        products = "e4m3" if e4m3_runs_for(q) else "input"
+        return with_heads_replaced(mask, q, k, weak, lambda qw, kw, _: predict(
+            qw, kw, slice_m, "colmax", lse=exact_row_lse(qw, kw, scale, workspace_bytes), rule="topk",
+            products=products, **rule))
+
+    return with_heads_replaced(cheap, qh, kh, flagged, estimated)
+
+
+def with_heads_replaced(base: SliceMask, qh, kh, heads: list, predict_heads) -> SliceMask:
+    """``base`` (a top-k mask, as block_keys takes) with the rows of ``heads`` (ascending, not
+    empty) those of ``predict_heads(q, k, pick)``: a top-k mask of the same count per block for
+    those heads of q and k, ``pick`` taking them from any [B, H, ...] tensor (views where the
+    heads are a run, else copies). Where they are every head, that mask is the answer."""
+    run = slice(heads[0], heads[-1] + 1)
     index = None
-    if flagged == list(range(run.start, run.stop)):  # a run of heads: views of q and k, no copies
-        picked = qh[:, run], kh[:, run]
+    if heads == list(range(run.start, run.stop)):
+        def pick(t):
+            return t[:, run]
     else:
-        index = torch.tensor(flagged, dtype=torch.int64).to(qh.device, non_blocking=True)
-        picked = qh.index_select(1, index), kh.index_select(1, index)
-    exact = predict(*picked, slice_m, "colmax", lse="estimate", rule="topk", **rule)
-    if len(flagged) == qh.shape[1]:
-        return exact
-    keys = block_keys(cheap).clone()
+        index = torch.tensor(heads, dtype=torch.int64).to(qh.device, non_blocking=True)
+
+        def pick(t):
+            return t.index_select(1, index)
+    new = predict_heads(pick(qh), pick(kh), pick)
+    if len(heads) == qh.shape[1]:
+        return new
+    keys = block_keys(base).clone()
     if index is None:
-        keys[:, run] = block_keys(exact)
+        keys[:, run] = block_keys(new)
     else:
-        keys.index_copy_(1, index, block_keys(exact))
-    return SliceMask(cheap.indptr, keys.reshape(-1), slice_m, cheap.q_len, cheap.kv_len)
+        keys.index_copy_(1, index, block_keys(new))
+    return SliceMask(base.indptr, keys.reshape(-1), base.slice_m, base.q_len, base.kv_len)
 
 
 def block_keys(mask: SliceMask) -> torch.Tensor:
@@ -84,15 +117,6 @@ def block_keys(mask: SliceMask) -> torch.Tensor:
     elif not even:
         raise ValueError(message)
     return mask.indices.view(mask.batch, mask.heads, mask.q_blocks, per_row)
-
-
-def flagged_heads(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> list:
-    """Heads (ascending) where ``cheap`` (a top-k mask, as block_keys takes) misses more than
-    MISS_RATIO times the mass the best mask of its size misses on the checked blocks, in any
-    batch entry (one host sync)."""
-    missed, best_missed = missed_mass(qh, kh, cheap, predict, scale, rule)
-    worse = (missed > MISS_RATIO * best_missed + MISS_FLOOR).any(0)
-    return [int(h) for h in torch.nonzero(worse).flatten().tolist()]
 
 
 def check_blocks(q_blocks: int, count: int = CHECK_BLOCKS) -> list:
@@ -122,15 +146,45 @@ def _even_indptr(batch: int, heads: int, q_blocks: int, per_row: int, device: to
                            lambda on: even_indptr(batch, heads, q_blocks, per_row, on))
 
 
-def missed_mass(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> tuple:
-    """(float32 [B, H] mean share of the attention mass ``cheap`` (a top-k mask, as block_keys
-    takes) misses on the checked blocks' queries, the same for the best mask of the same size:
-    exact column-max top-k of those blocks). Both masks' LSE come from one sparse call over the
-    checked rows twice.
-    NaN logits add no mass to the exact LSE; queries whose exact LSE is not finite, or whose LSE
-    over a mask's keys is NaN (a NaN key kept), are left out. No host sync."""
+@dataclass(frozen=True)
+class HeadCheck:
+    """What the check measured on its query blocks, per head: the mean share of the attention
+    mass a top-k mask misses on the blocks' queries, and the same for the best mask of its
+    size (exact column-max top-k of those blocks), from each query's exact LSE."""
+
+    blocks: torch.Tensor       # int64 [n]: the checked query blocks
+    q_rows: torch.Tensor       # [B, H, n * slice_m, D]: their queries, each block filled to slice_m rows
+    row_lse: torch.Tensor      # float32 [B, H, n * slice_m]: each row's exact LSE
+    valid: torch.Tensor        # bool [B, H, n * slice_m]: rows the means count
+    missed: torch.Tensor       # float32 [B, H]: the checked mask's mean missed share
+    best_missed: torch.Tensor  # float32 [B, H]: the best mask's
+
+    def of_heads(self, pick) -> HeadCheck:
+        """This check of the heads ``pick`` takes from a [B, H, ...] tensor."""
+        return HeadCheck(self.blocks, *(pick(t) for t in (self.q_rows, self.row_lse, self.valid, self.missed,
+                                                          self.best_missed)))
+
+    def against(self, mask: SliceMask, kh, scale: float) -> HeadCheck:
+        """This check with ``mask`` (a top-k mask of the same heads, as block_keys takes; kh their
+        keys) as the checked mask: one sparse call over the checked rows, no host sync."""
+        keys = block_keys(mask).index_select(2, self.blocks)
+        shares, valid = _missed_shares(self.q_rows, kh, keys, self.row_lse, self.valid, mask.slice_m, scale)
+        return HeadCheck(self.blocks, self.q_rows, self.row_lse, valid, shares[:, :, 0], self.best_missed)
+
+
+def flagged_heads(check: HeadCheck) -> list:
+    """Heads (ascending) where the checked mask misses more than MISS_RATIO times the mass the
+    best mask of its size misses on the checked blocks, in any batch entry (one host sync)."""
+    worse = (check.missed > MISS_RATIO * check.best_missed + MISS_FLOOR).any(0)
+    return [int(h) for h in torch.nonzero(worse).flatten().tolist()]
+
+
+def check_heads(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> HeadCheck:
+    """The check of ``cheap`` (a top-k mask, as block_keys takes) on every head of q, k [B, H, S,
+    D]. Both masks' LSE come from one sparse call over the checked rows twice. NaN logits add no
+    mass to the exact LSE; queries whose exact LSE is not finite, or whose LSE over a mask's keys
+    is NaN (a NaN key kept), are left out. No host sync."""
     slice_m, q_len = cheap.slice_m, qh.shape[2]
-    keys = block_keys(cheap)
     blocks, rows_twice, real = _checked_rows(q_len, slice_m, qh.device)
     # The checked rows twice (the sparse call's queries: cheap's blocks, then best's), the first
     # copy the rows themselves; whole blocks: a repeated last row leaves a block's column max as it is.
@@ -138,30 +192,44 @@ def missed_mass(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> 
     q_rows = q_twice[:, :, : real.numel()]
     exact = exact_row_lse(q_rows, kh, scale)
     best = predict(q_rows, kh, slice_m, "colmax", lse=exact, rule="topk", **rule)
-    both = torch.cat([keys.index_select(2, blocks), block_keys(best)], dim=2)  # [B, H, 2n, k]
-    batch, heads, n_blocks, per_row = both.shape
-    pair = SliceMask(_even_indptr(batch, heads, n_blocks, per_row, qh.device), both.reshape(-1), slice_m,
+    both = torch.cat([block_keys(cheap).index_select(2, blocks), block_keys(best)], dim=2)  # [B, H, 2n, k]
+    shares, valid = _missed_shares(q_twice, kh, both, exact, real & torch.isfinite(exact), slice_m, scale)
+    return HeadCheck(blocks, q_rows, exact, valid, shares[:, :, 0], shares[:, :, 1])
+
+
+def _missed_shares(queries, kh, keys, row_lse, valid, slice_m: int, scale: float) -> tuple:
+    """(float32 [B, H, G] the mean share of each row's mass (exact LSE ``row_lse`` [B, H, R])
+    that each of G masks misses, bool [B, H, R] the rows counted: ``valid`` less those whose LSE
+    over a mask's keys is NaN). ``queries`` [B, H, G * R, D]: the checked rows G times; ``keys``
+    int32 [B, H, G * R / slice_m, k]: each copy's blocks' keys. One sparse call, no host sync."""
+    batch, heads, n_blocks, per_row = keys.shape
+    groups = queries.shape[2] // row_lse.shape[2]
+    pair = SliceMask(_even_indptr(batch, heads, n_blocks, per_row, queries.device), keys.reshape(-1), slice_m,
                      n_blocks * slice_m, kh.shape[2])
-    lse = sparse_attention(q_twice, kh, kh, pair, scale=scale, return_lse=True)[1].view(batch, heads, 2, -1)
-    valid = real & torch.isfinite(exact) & ~lse.isnan().any(2)
-    shares = torch.where(valid.unsqueeze(2), -torch.expm1(lse - exact.unsqueeze(2)), 0.0).sum(-1)
-    shares /= valid.sum(-1, keepdim=True).clamp_min(1)
-    return shares[:, :, 0], shares[:, :, 1]
+    lse = sparse_attention(queries, kh, kh, pair, scale=scale, return_lse=True)[1].view(batch, heads, groups, -1)
+    valid = valid & ~lse.isnan().any(2)
+    shares = torch.where(valid.unsqueeze(2), -torch.expm1(lse - row_lse.unsqueeze(2)), 0.0).sum(-1)
+    return shares / valid.sum(-1, keepdim=True).clamp_min(1), valid
 
 
-def exact_row_lse(q_rows, kh, scale: float) -> torch.Tensor:
+def exact_row_lse(q_rows, kh, scale: float, workspace_bytes: int = _CHECK_WORKSPACE) -> torch.Tensor:
     """float32 [B, H, R]: each row's natural-log LSE over every key of kh, NaN logits adding no
-    mass (the stats kernel where it runs, else float32 products in head chunks)."""
+    mass (the stats kernel where it runs, else float32 products in chunks of heads or rows whose
+    logits stay within ``workspace_bytes``)."""
     batch, heads, n_rows, dim = q_rows.shape
     on_kernel = _kernel_row_lse(q_rows, kh, scale)
     if on_kernel is not None:
         return on_kernel
     out = torch.empty(batch, heads, n_rows, dtype=torch.float32, device=q_rows.device)
-    chunk = max(1, min(heads, _CHECK_WORKSPACE // max(1, 8 * n_rows * kh.shape[2])))
+    row_bytes = 8 * max(1, kh.shape[2])  # the logits and their exponentials
+    rows = max(1, min(n_rows, workspace_bytes // row_bytes))
+    chunk = max(1, min(heads, workspace_bytes // (row_bytes * max(1, n_rows)))) if rows == n_rows else 1
     for b in range(batch):
         for h0 in range(0, heads, chunk):
-            logits = ref.float32_products(q_rows[b, h0 : h0 + chunk], kh[b, h0 : h0 + chunk]).mul_(scale)
-            out[b, h0 : h0 + chunk] = ref.nan_free_logsumexp(logits)
+            for r0 in range(0, n_rows, rows):
+                logits = ref.float32_products(q_rows[b, h0 : h0 + chunk, r0 : r0 + rows],
+                                              kh[b, h0 : h0 + chunk]).mul_(scale)
+                out[b, h0 : h0 + chunk, r0 : r0 + rows] = ref.nan_free_logsumexp(logits)
     return out
 
 

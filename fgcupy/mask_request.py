@@ -329,14 +329,15 @@ def check_products(req: MaskRequest, qh, candidates: tuple) -> None:
     if candidates:
         raise ValueError("products='e4m3' scores every key; candidates are scored with the inputs' products "
                          "(products='input')")
-    if qh.device.type == "cuda" and not _e4m3_runs(qh):
+    if qh.device.type == "cuda" and not e4m3_runs_for(qh):
         from .jit.score_spec import E4M3_HEAD_DIMS
 
         raise ValueError(f"products='e4m3' runs on Hopper (sm_90) GPUs with head dims {E4M3_HEAD_DIMS}; got head "
                          f"dim {qh.shape[3]} on {qh.device} (use products='input')")
 
 
-def _e4m3_runs(qh) -> bool:
+def e4m3_runs_for(qh) -> bool:
+    """Whether the e4m3 column-max pass runs for q [B, H, S, D] here (a Hopper GPU, a head dim it has)."""
     from .mask_kernels import e4m3_runs  # the kernels' module loads with its first use
 
     return qh.device.type == "cuda" and e4m3_runs(qh.device, qh.shape[3])

@@ -81,7 +81,8 @@ def test_missed_mass_matches_a_float64_brute_force(batch, heads, q_len, kv_len, 
     scale = 0.25
     cheap = predict_mask(q, k, slice_m, "topk", density=density, scale=scale)
     rule = dict(density=density, top_k=None, scale=scale, workspace_bytes=1 << 30)
-    missed, best = auto_mask.missed_mass(q, k, cheap, predict_mask, scale, rule)
+    check = auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule)
+    missed, best = check.missed, check.best_missed
     expected_missed, expected_best = brute_force_missed(q, k, cheap, density, scale)
     torch.testing.assert_close(missed.double(), expected_missed, rtol=0, atol=2e-5)
     # The column max is stored as bfloat16 (8 significant bits): near-ties may trade places.
@@ -103,12 +104,12 @@ def test_a_nan_key_adds_no_mass_to_the_check():
     scale = q.shape[-1] ** -0.5
     rule = dict(density=0.1, top_k=None, scale=scale, workspace_bytes=1 << 30)
     cheap = predict_mask(q, k, 128, "topk", density=0.1)
-    clean = auto_mask.missed_mass(q, k, cheap, predict_mask, scale, rule)
+    clean = auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule)
     k[0, 0, 500, 0] = math.nan  # one NaN entry: no mass for that key, the head still checked
-    missed, best = auto_mask.missed_mass(q, k, predict_mask(q, k, 128, "topk", density=0.1), predict_mask, scale, rule)
-    assert missed[0, 0] > 0.5 and best[0, 0] > 0.3
-    torch.testing.assert_close(missed[0, 1], clean[0][0, 1])
-    assert auto_mask.flagged_heads(q, k, cheap, predict_mask, scale, rule) == [0]
+    check = auto_mask.check_heads(q, k, predict_mask(q, k, 128, "topk", density=0.1), predict_mask, scale, rule)
+    assert check.missed[0, 0] > 0.5 and check.best_missed[0, 0] > 0.3
+    torch.testing.assert_close(check.missed[0, 1], clean.missed[0, 1])
+    assert auto_mask.flagged_heads(check) == [0]
 
 
 def test_auto_predicts_again_only_the_heads_the_cheap_mask_fails():
@@ -116,7 +117,7 @@ def test_auto_predicts_again_only_the_heads_the_cheap_mask_fails():
     scale = q.shape[-1] ** -0.5
     cheap = predict_mask(q, k, 128, "topk", density=0.1)
     rule = dict(density=0.1, top_k=None, scale=scale, workspace_bytes=1 << 30)
-    assert auto_mask.flagged_heads(q, k, cheap, predict_mask, scale, rule) == [0]
+    assert auto_mask.flagged_heads(auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule)) == [0]
     auto = predict_mask(q, k, 128, "auto", density=0.1)
     exact = predict_mask(q, k, 128, "colmax", lse="estimate", density=0.1)
     auto.validate()
@@ -130,7 +131,8 @@ def test_auto_puts_the_column_max_in_the_flagged_heads_alone(monkeypatch, flagge
     estimated column max's and the others' the cheap mask's."""
     gen = torch.Generator().manual_seed(3)
     q, k = (torch.randn(1, 4, 384, 32, generator=gen) * 2 for _ in range(2))
-    monkeypatch.setattr(auto_mask, "flagged_heads", lambda *args: flagged)
+    answers = iter([flagged, []])  # the cheap mask's check, then the estimate's: it passes
+    monkeypatch.setattr(auto_mask, "flagged_heads", lambda check: next(answers))
     auto = predict_mask(q, k, 128, "auto", density=0.2)
     auto.validate()
     cheap = predict_mask(q, k, 128, "topk", density=0.2).to_dense()
@@ -138,6 +140,71 @@ def test_auto_puts_the_column_max_in_the_flagged_heads_alone(monkeypatch, flagge
     assert not torch.equal(cheap, exact)
     for head in range(4):
         assert torch.equal(auto.to_dense()[:, head], (exact if head in flagged else cheap)[:, head])
+
+
+@pytest.mark.parametrize("flagged, weak", [([0, 1, 2, 3], [0, 1, 2, 3]), ([1, 2], [0]), ([0, 2, 3], [1]),
+                                            ([0, 1, 3], [0, 2]), ([3], [0])])
+def test_auto_puts_the_exact_lse_in_the_heads_whose_estimate_fails(monkeypatch, flagged, weak):
+    """Flagged heads whose estimated column max fails the check in turn (``weak``: places in
+    ``flagged``) get the column max with the exact LSE; the other flagged heads keep the estimate's."""
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(1, 4, n, 16, generator=gen) * 3 for n in (512, 4096))  # the estimate samples from 4,096 keys
+    answers = iter([flagged, weak])
+    monkeypatch.setattr(auto_mask, "flagged_heads", lambda check: next(answers))
+    auto = predict_mask(q, k, 128, "auto", density=0.2)
+    auto.validate()
+    cheap = predict_mask(q, k, 128, "topk", density=0.2).to_dense()
+    estimated = predict_mask(q, k, 128, "colmax", lse="estimate", density=0.2).to_dense()
+    lse = auto_mask.exact_row_lse(q, k, 16 ** -0.5)
+    exact = predict_mask(q, k, 128, "colmax", lse=lse, density=0.2).to_dense()
+    assert all(not torch.equal(estimated[:, h], exact[:, h]) for h in range(4))
+    weak_heads = [flagged[i] for i in weak]
+    for head in range(4):
+        expected = exact if head in weak_heads else estimated if head in flagged else cheap
+        assert torch.equal(auto.to_dense()[:, head], expected[:, head])
+
+
+def _sharpening_heads(q_len: int = 1024, kv_len: int = 4096, dim: int = 32, seed: int = 0):
+    """Three i.i.d. heads, logits of std 1, 3 and 10: the cheap mask passes the first; the
+    estimated column max, which samples one key in eight past 4,096, the second; only the
+    exact LSE finds the third's peaks (each query's mass on one or two keys)."""
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(1, 3, kv_len, dim, generator=gen)
+    q = torch.randn(1, 3, q_len, dim, generator=gen) * torch.tensor([1.0, 3.0, 10.0]).view(1, 3, 1, 1)
+    return q, k
+
+
+def test_the_estimate_is_checked_and_the_exact_lse_taken_where_it_fails():
+    from fgcupy.oracle import Judge
+
+    q, k = _sharpening_heads()
+    scale = q.shape[-1] ** -0.5
+    rule = dict(density=0.1, top_k=None, scale=scale, workspace_bytes=1 << 30)
+    cheap = predict_mask(q, k, 128, "topk", density=0.1)
+    check = auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule)
+    assert auto_mask.flagged_heads(check) == [1, 2]
+    estimated = predict_mask(q, k, 128, "colmax", lse="estimate", density=0.1)
+    assert auto_mask.flagged_heads(check.against(estimated, k, scale)) == [2]
+    exact = predict_mask(q, k, 128, "colmax", lse=auto_mask.exact_row_lse(q, k, scale), density=0.1)
+    auto = predict_mask(q, k, 128, "auto", density=0.1)
+    for head, expected in enumerate((cheap, estimated, exact)):
+        assert torch.equal(auto.to_dense()[:, head], expected.to_dense()[:, head])
+    judge = Judge(q[:, 2:], k[:, 2:], torch.randn(k[:, 2:].shape, generator=torch.Generator().manual_seed(1)), 128)
+    head_two = [predict_mask(q[:, 2:], k[:, 2:], 128, "colmax", lse=lse, density=0.1)
+                for lse in ("estimate", auto_mask.exact_row_lse(q[:, 2:], k[:, 2:], scale))]
+    assert judge.ratio(head_two[1])[1] < 1.05 < 3 < judge.ratio(head_two[0])[1]
+
+
+@SETTINGS
+@given(st.integers(1, 3), st.integers(1, 200), st.integers(1, 300), st.integers(1, 1 << 16), st.integers(0, 2**31 - 1))
+def test_exact_row_lse_in_chunks_matches_float64(heads, rows, kv_len, workspace, seed):
+    """The torch path cuts heads, then rows, to keep its logits within the workspace."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, rows, 16, generator=gen) * 2
+    k = torch.randn(2, heads, kv_len, 16, generator=gen)
+    got = auto_mask.exact_row_lse(q, k, 0.25, workspace)
+    expected = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) * 0.25, -1)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-4)
 
 
 def test_auto_keeps_the_cheap_mask_where_every_head_passes():
@@ -237,18 +304,42 @@ def test_auto_on_the_gpu_is_the_composition_it_checks():
     scale = q.shape[-1] ** -0.5
     rule = dict(density=0.1, top_k=None, scale=scale, workspace_bytes=1 << 30)
     cheap = predict_mask(qg, kg, 128, "topk", density=0.1)
-    missed, best = auto_mask.missed_mass(qg, kg, cheap, predict_mask, scale, rule)
+    check = auto_mask.check_heads(qg, kg, cheap, predict_mask, scale, rule)
+    missed, best = check.missed, check.best_missed
     cpu_missed, cpu_best = brute_force_missed(qg.float().cpu(), kg.float().cpu(), cheap.to("cpu"), 0.1, scale)
     torch.testing.assert_close(missed.double().cpu(), cpu_missed, rtol=0, atol=5e-3)
     torch.testing.assert_close(best.double().cpu(), cpu_best, rtol=0, atol=5e-3)
-    flagged = auto_mask.flagged_heads(qg, kg, cheap, predict_mask, scale, rule)
-    assert flagged == [0]
+    assert auto_mask.flagged_heads(check) == [0]
     auto = predict_mask(qg, kg, 128, "auto", density=0.1)
     auto.validate()
     exact = predict_mask(qg, kg, 128, "colmax", lse="estimate", density=0.1)
     assert torch.equal(auto.to_dense()[:, 0], exact.to_dense()[:, 0])
     assert torch.equal(auto.to_dense()[:, 1], cheap.to_dense()[:, 1])
     assert math.isfinite(float(missed.sum()))
+
+
+@pytest.mark.gpu
+def test_auto_on_the_gpu_takes_the_exact_lse_where_the_estimate_fails():
+    """On the kernels (head dim 128: the e4m3 pass on Hopper): the sharpening heads' rows are the
+    cheap mask's, the estimated column max's and the column max's with the exact LSE (the same
+    products), and the last near the oracle."""
+    from fgcupy.mask_request import e4m3_runs_for
+    from fgcupy.oracle import Judge
+
+    q, k = (t.cuda().bfloat16() for t in _sharpening_heads(dim=128))
+    scale = q.shape[-1] ** -0.5
+    cheap = predict_mask(q, k, 128, "topk", density=0.1)
+    estimated = predict_mask(q, k, 128, "colmax", lse="estimate", density=0.1)
+    products = "e4m3" if e4m3_runs_for(q) else "input"
+    exact = predict_mask(q, k, 128, "colmax", lse=auto_mask.exact_row_lse(q, k, scale), products=products,
+                         density=0.1)
+    auto = predict_mask(q, k, 128, "auto", density=0.1)
+    auto.validate()
+    for head, expected in enumerate((cheap, estimated, exact)):
+        assert torch.equal(auto.to_dense()[:, head], expected.to_dense()[:, head])
+    v = torch.randn(k[:, 2:].shape, generator=torch.Generator().manual_seed(1)).cuda().bfloat16()
+    judge = Judge(q[:, 2:], k[:, 2:], v, 128)
+    assert judge.ratio(predict_mask(q[:, 2:], k[:, 2:], 128, "auto", density=0.1))[1] < 1.2
 
 
 def test_a_head_failing_in_one_batch_entry_is_flagged():
@@ -258,7 +349,7 @@ def test_a_head_failing_in_one_batch_entry_is_flagged():
     scale = q.shape[-1] ** -0.5
     rule = dict(density=0.1, top_k=None, scale=scale, workspace_bytes=1 << 30)
     cheap = predict_mask(q, k, 128, "topk", density=0.1)
-    assert auto_mask.flagged_heads(q, k, cheap, predict_mask, scale, rule) == [0]
+    assert auto_mask.flagged_heads(auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule)) == [0]
 
 
 def test_rows_whose_best_mask_keeps_a_nan_key_are_left_out_of_both_means():
@@ -278,8 +369,8 @@ def test_rows_whose_best_mask_keeps_a_nan_key_are_left_out_of_both_means():
         return SliceMask(mask.indptr, keys.reshape(-1), mask.slice_m, mask.q_len, mask.kv_len)
 
     cheap = predict_mask(q, k, 128, "topk", density=0.1)
-    missed, best = auto_mask.missed_mass(q, k, cheap, keeps_the_nan_key, scale, rule)
-    assert torch.isfinite(missed).all() and torch.isfinite(best).all()
+    check = auto_mask.check_heads(q, k, cheap, keeps_the_nan_key, scale, rule)
+    assert torch.isfinite(check.missed).all() and torch.isfinite(check.best_missed).all()
 
 
 @pytest.mark.parametrize("option", [{"local": 0}, {"max_keys": 0}])

@@ -47,12 +47,16 @@ def parts(q, k, d: float) -> None:
     colmax = gpu_colmax(q, k, scale, lse, 128)  # the selection's input
     colmax_rule = scoring.make_request(q.shape[-1], k.shape[2], 128, "colmax", rule="topk", density=d)
     on_e4m3 = e4m3_runs(q.device, q.shape[3])  # the estimated column max's own pass where it runs
+    check = auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule)
+    estimated = predict_mask(q, k, 128, "colmax", lse="estimate", density=d)
     steps = {
         "cheap top-k": lambda: predict_mask(q, k, 128, "topk", density=d),
         "checked rows' exact LSE": lambda: auto_mask.exact_row_lse(q_rows, k, scale),
         "their best mask (column max)": lambda: predict_mask(q_rows, k, 128, "colmax", lse=exact, rule="topk", **rule),
-        "missed_mass (the check, no host sync)": lambda: auto_mask.missed_mass(q, k, cheap, predict_mask, scale, rule),
-        "flagged_heads (the check and its sync)": lambda: auto_mask.flagged_heads(q, k, cheap, predict_mask, scale, rule),
+        "check_heads (the check, no host sync)": lambda: auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule),
+        "flagged_heads (the check and its sync)": lambda: auto_mask.flagged_heads(
+            auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule)),
+        "the estimate's check (no host sync)": lambda: check.against(estimated, k, scale),
         "estimated column max, all heads": lambda: predict_mask(q, k, 128, "colmax", lse="estimate", density=d),
         "  its LSE estimate": lambda: estimate_lse(q, k, 128),
         **({"  its column-max pass (e4m3)": lambda: gpu_colmax_e4m3(q, k, scale, lse, 128),
@@ -96,8 +100,8 @@ def main() -> None:
         for d in args.densities:
             scale = q.shape[-1] ** -0.5
             cheap = predict_mask(q, k, 128, "topk", density=d)
-            flagged = auto_mask.flagged_heads(q, k, cheap, predict_mask, scale,
-                                              dict(density=d, top_k=None, scale=scale, workspace_bytes=1 << 32))
+            flagged = auto_mask.flagged_heads(auto_mask.check_heads(
+                q, k, cheap, predict_mask, scale, dict(density=d, top_k=None, scale=scale, workspace_bytes=1 << 32)))
             calls = [lambda m=m, kw=kw, q=q, k=k: predict_mask(q, k, 128, m, density=d, **kw)
                      for m, kw in (("topk", {}), ("auto", {}), ("colmax", dict(lse="estimate")))]
             pct = [f"{t:.2f} ms ({100 * t / dense:.1f} %)" for t in map(call_ms, calls)]
