@@ -99,14 +99,19 @@ def _two_kinds_of_head(seq: int = 1024, dim: int = 32, seed: int = 0):
     return q, k
 
 
+def _checked(q, k, density: float = 0.1, predict=predict_mask) -> tuple:
+    """(the cheap top-k mask of q, k at ``density``, the check of it with ``predict``)."""
+    scale = q.shape[-1] ** -0.5
+    rule = dict(density=density, top_k=None, scale=scale, workspace_bytes=1 << 30)
+    cheap = predict_mask(q, k, 128, "topk", density=density)
+    return cheap, auto_mask.check_heads(q, k, cheap, predict, scale, rule)
+
+
 def test_a_nan_key_adds_no_mass_to_the_check():
     q, k = _two_kinds_of_head()
-    scale = q.shape[-1] ** -0.5
-    rule = dict(density=0.1, top_k=None, scale=scale, workspace_bytes=1 << 30)
-    cheap = predict_mask(q, k, 128, "topk", density=0.1)
-    clean = auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule)
+    cheap, clean = _checked(q, k)
     k[0, 0, 500, 0] = math.nan  # one NaN entry: no mass for that key, the head still checked
-    check = auto_mask.check_heads(q, k, predict_mask(q, k, 128, "topk", density=0.1), predict_mask, scale, rule)
+    _, check = _checked(q, k)
     assert check.missed[0, 0] > 0.5 and check.best_missed[0, 0] > 0.3
     torch.testing.assert_close(check.missed[0, 1], clean.missed[0, 1])
     assert auto_mask.flagged_heads(check) == [0]
@@ -114,10 +119,8 @@ def test_a_nan_key_adds_no_mass_to_the_check():
 
 def test_auto_predicts_again_only_the_heads_the_cheap_mask_fails():
     q, k = _two_kinds_of_head()
-    scale = q.shape[-1] ** -0.5
-    cheap = predict_mask(q, k, 128, "topk", density=0.1)
-    rule = dict(density=0.1, top_k=None, scale=scale, workspace_bytes=1 << 30)
-    assert auto_mask.flagged_heads(auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule)) == [0]
+    cheap, check = _checked(q, k)
+    assert auto_mask.flagged_heads(check) == [0]
     auto = predict_mask(q, k, 128, "auto", density=0.1)
     exact = predict_mask(q, k, 128, "colmax", lse="estimate", density=0.1)
     auto.validate()
@@ -179,9 +182,7 @@ def test_the_estimate_is_checked_and_the_exact_lse_taken_where_it_fails():
 
     q, k = _sharpening_heads()
     scale = q.shape[-1] ** -0.5
-    rule = dict(density=0.1, top_k=None, scale=scale, workspace_bytes=1 << 30)
-    cheap = predict_mask(q, k, 128, "topk", density=0.1)
-    check = auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule)
+    cheap, check = _checked(q, k)
     assert auto_mask.flagged_heads(check) == [1, 2]
     estimated = predict_mask(q, k, 128, "colmax", lse="estimate", density=0.1)
     assert auto_mask.flagged_heads(check.against(estimated, k, scale)) == [2]
@@ -346,10 +347,7 @@ def test_a_head_failing_in_one_batch_entry_is_flagged():
     """A guidance branch of its own can hold the incoherent head: any entry flags it."""
     q, k = _two_kinds_of_head()
     q, k = torch.cat([q[:, [1, 1]], q[:, [0, 1]]]), torch.cat([k[:, [1, 1]], k[:, [0, 1]]])  # head 0 bad in entry 1
-    scale = q.shape[-1] ** -0.5
-    rule = dict(density=0.1, top_k=None, scale=scale, workspace_bytes=1 << 30)
-    cheap = predict_mask(q, k, 128, "topk", density=0.1)
-    assert auto_mask.flagged_heads(auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule)) == [0]
+    assert auto_mask.flagged_heads(_checked(q, k)[1]) == [0]
 
 
 def test_rows_whose_best_mask_keeps_a_nan_key_are_left_out_of_both_means():
@@ -357,8 +355,6 @@ def test_rows_whose_best_mask_keeps_a_nan_key_are_left_out_of_both_means():
     never flagged (a NaN compares false)."""
     q, k = _two_kinds_of_head()
     k[0, 0, 500] = math.nan
-    scale = q.shape[-1] ** -0.5
-    rule = dict(density=0.1, top_k=None, scale=scale, workspace_bytes=1 << 30)
 
     def keeps_the_nan_key(q, k, slice_m, method, **options):
         mask = predict_mask(q, k, slice_m, method, **options)
@@ -368,8 +364,7 @@ def test_rows_whose_best_mask_keeps_a_nan_key_are_left_out_of_both_means():
         keys[..., 0] = 500
         return SliceMask(mask.indptr, keys.reshape(-1), mask.slice_m, mask.q_len, mask.kv_len)
 
-    cheap = predict_mask(q, k, 128, "topk", density=0.1)
-    check = auto_mask.check_heads(q, k, cheap, keeps_the_nan_key, scale, rule)
+    _, check = _checked(q, k, predict=keeps_the_nan_key)
     assert torch.isfinite(check.missed).all() and torch.isfinite(check.best_missed).all()
 
 
