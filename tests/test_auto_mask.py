@@ -87,6 +87,12 @@ def test_missed_mass_matches_a_float64_brute_force(batch, heads, q_len, kv_len, 
     torch.testing.assert_close(missed.double(), expected_missed, rtol=0, atol=2e-5)
     # The column max is stored as bfloat16 (8 significant bits): near-ties may trade places.
     torch.testing.assert_close(best.double(), expected_best, rtol=0, atol=2e-2)
+    # The check of another mask on the same blocks (as auto checks its estimated column max).
+    other = predict_mask(q, k, slice_m, "colmax", lse="estimate", density=density, scale=scale)
+    again = check.against(other, k, scale)
+    torch.testing.assert_close(again.missed.double(), brute_force_missed(q, k, other, density, scale)[0], rtol=0,
+                               atol=2e-5)
+    assert again.best_missed is check.best_missed
 
 
 def _two_kinds_of_head(seq: int = 1024, dim: int = 32, seed: int = 0):
