@@ -154,12 +154,15 @@ def sample_positions(kv_len: int, device=None) -> torch.Tensor:
     so a regular sample treats them alike): a frame or row of the token grid is often a
     multiple of the stride, and a query that looks at its place in other frames would find all
     or none of its peaks in a regular sample, by its own place in its run. Integer arithmetic,
-    so torch.compile traces it."""
+    so torch.compile traces it: the first product is taken in float64 (exact below 2^53, so
+    for runs below 3.4 million), since inductor keeps an arange's integer arithmetic as an
+    index expression, int32 on a GPU, where the multiplier does not fit."""
     stride = ref.lse_key_stride(kv_len)
     runs = torch.arange(num_blocks(kv_len, stride), device=device)
     if stride == 1:
         return runs
-    mixed = (runs * 2654435761) % (1 << 32)  # a multiplicative hash with two xor-shift rounds
+    # A multiplicative hash (runs x 2654435761 mod 2^32) with two xor-shift rounds.
+    mixed = torch.remainder(runs.double() * 2654435761.0, 4294967296.0).long()
     mixed = mixed ^ (mixed >> 16)
     mixed = (mixed * 0x45D9F3B) % (1 << 32)
     mixed = mixed ^ (mixed >> 16)

@@ -81,6 +81,25 @@ def test_the_sample_takes_one_key_per_run_at_a_hashed_place(kv_len):
         for period in (1560, 3120):
             starts = positions[positions % period < stride]
             assert len(set((starts % stride).tolist())) > 1, period
+
+
+def _hashed_place(run: int, stride: int) -> int:
+    """The place in its run of the key that sample_positions takes, in Python integers."""
+    mixed = run * 2654435761 % (1 << 32)
+    mixed ^= mixed >> 16
+    mixed = mixed * 0x45D9F3B % (1 << 32)
+    return (mixed ^ (mixed >> 16)) % stride
+
+
+@pytest.mark.parametrize("kv_len", [4096, 32_760, 118_800, 8 * 3_390_000 + 3])
+def test_the_sample_is_the_integer_hash_at_every_length_it_takes(kv_len):
+    """The first product is taken in float64 (so that inductor's int32 index arithmetic never
+    meets the multiplier): exact up to 3.39 million runs, the last included."""
+    positions, stride = sample_positions(kv_len), ref.lse_key_stride(kv_len)
+    runs = sorted({0, 1, 2, 3, len(positions) - 2, len(positions) - 1}
+                  | set(torch.randint(0, len(positions), (200,), generator=torch.Generator().manual_seed(0)).tolist()))
+    for run in runs:
+        assert positions[run] == min(kv_len - 1, run * stride + _hashed_place(run, stride)), run
         assert torch.bincount(positions % stride).min() > len(positions) / stride / 2
 
 
