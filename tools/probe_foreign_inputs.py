@@ -1,10 +1,14 @@
-"""Mask predictors on attention unlike the repository's generators (CPU, small problems): i.i.d.
+"""Mask predictors on attention unlike the repository's generators (small problems): i.i.d.
 heads of growing sharpness, sign-split rank-one heads, sink keys, duplicated tokens, and rotary
 locality whose keys extend the queries by appended tokens. For each, the oracle slice mask's
 error and each predictor's error over it, at densities 0.1 and 0.3. The default length samples
 the estimated LSE's far keys (from 4,096 keys on; below, it counts every key and is exact).
 
     PYTHONPATH=. python -m tools.probe_foreign_inputs [--seq 8192] [--heads 2] [--slice-m 64]
+        [--dim 64] [--device cpu]
+
+``--device cuda`` runs the kernels on bfloat16 copies of the inputs (the e4m3 column-max pass
+on Hopper at ``--dim 128``); the oracle is judged on those copies.
 """
 
 from __future__ import annotations
@@ -20,45 +24,45 @@ from fgcupy.oracle import Judge
 DIM = 64
 
 
-def _gaussian(gen, heads, q_len, kv_len, logit_std):
+def _gaussian(gen, heads, q_len, kv_len, logit_std, dim):
     """q, k whose scaled logits q.k / sqrt(D) have standard deviation ``logit_std``."""
     entry = math.sqrt(logit_std)
-    return (torch.randn(1, heads, n, DIM, generator=gen) * entry for n in (q_len, kv_len))
+    return (torch.randn(1, heads, n, dim, generator=gen) * entry for n in (q_len, kv_len))
 
 
-def _rotary(positions, scale=6.0, base=50.0):
+def _rotary(positions, dim, scale=6.0, base=50.0):
     """Rotary features of constant vectors: logits that depend on the relative position only."""
-    freqs = base ** (-torch.arange(DIM // 2) / (DIM // 2))
+    freqs = base ** (-torch.arange(dim // 2) / (dim // 2))
     angles = positions[:, None].float() * freqs[None]
-    amplitude = scale * DIM ** 0.25 / math.sqrt(DIM // 2)
+    amplitude = scale * dim ** 0.25 / math.sqrt(dim // 2)
     return torch.cat([amplitude * torch.cos(angles), amplitude * torch.sin(angles)], -1)
 
 
-def inputs(kind: str, heads: int, seq: int, gen: torch.Generator):
+def inputs(kind: str, heads: int, seq: int, gen: torch.Generator, dim: int = DIM):
     """(q, k) of ``kind``: [1, heads, S, D] float32."""
     if kind.startswith("i.i.d."):
-        return tuple(_gaussian(gen, heads, seq, seq, float(kind.split("std ")[1])))
+        return tuple(_gaussian(gen, heads, seq, seq, float(kind.split("std ")[1]), dim))
     if kind == "rank one, signs split, std 8":
-        u = torch.randn(1, heads, 1, DIM, generator=gen)
+        u = torch.randn(1, heads, 1, dim, generator=gen)
         u = u / u.norm(dim=-1, keepdim=True)
         a, b = (torch.randn(1, heads, seq, 1, generator=gen) for _ in range(2))
         q, k = a * u, b * u
-        logits = (q @ k.transpose(-1, -2)) / math.sqrt(DIM)
+        logits = (q @ k.transpose(-1, -2)) / math.sqrt(dim)
         gain = math.sqrt(8.0 / float(logits.std()))
         return q * gain, k * gain
     if kind == "4 sink keys (logit ~20) over i.i.d. std 2":
-        q, k = _gaussian(gen, heads, seq, seq, 2.0)
-        shared = torch.randn(DIM, generator=gen)
+        q, k = _gaussian(gen, heads, seq, seq, 2.0, dim)
+        shared = torch.randn(dim, generator=gen)
         shared = shared / shared.norm()
         q = q + 3.0 * shared
-        k[:, :, torch.linspace(0, seq - 1, 4).long()] = shared * 20.0 * math.sqrt(DIM) / 3.0
+        k[:, :, torch.linspace(0, seq - 1, 4).long()] = shared * 20.0 * math.sqrt(dim) / 3.0
         return q, k
     if kind == "tokens repeated 4 times, i.i.d. std 3":
-        q, k = _gaussian(gen, heads, seq // 4, seq // 4, 3.0)
+        q, k = _gaussian(gen, heads, seq // 4, seq // 4, 3.0, dim)
         return q.repeat_interleave(4, 2), k.repeat_interleave(4, 2)
     if kind == "rotary locality, 256 keys appended":
-        q = _rotary(torch.arange(seq)).expand(1, heads, seq, DIM)
-        k = _rotary(torch.arange(seq + 256)).expand(1, heads, seq + 256, DIM)
+        q = _rotary(torch.arange(seq), dim).expand(1, heads, seq, dim)
+        k = _rotary(torch.arange(seq + 256), dim).expand(1, heads, seq + 256, dim)
         noise = 0.05
         return (q + noise * torch.randn(q.shape, generator=gen), k + noise * torch.randn(k.shape, generator=gen))
     raise ValueError(kind)
@@ -74,15 +78,20 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=8192)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--slice-m", type=int, default=64)
+    parser.add_argument("--dim", type=int, default=DIM)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    print(f"CPU, float32, 1 x {args.heads} heads x {args.seq} queries x {DIM}, slice_m {args.slice_m}; "
-          "error / the oracle slice mask's error (absolute errors in brackets)")
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    where = "CPU" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+    print(f"{where}, {str(dtype).split('.')[1]}, 1 x {args.heads} heads x {args.seq} queries x {args.dim}, slice_m "
+          f"{args.slice_m}; error / the oracle slice mask's error (absolute errors in brackets)")
     print("| input | d | oracle error | default top-k | colmax, exact LSE | colmax, estimated LSE | auto |")
     print("|---|---|---|---|---|---|---|")
     for kind in KINDS:
         gen = torch.Generator().manual_seed(0)
-        q, k = inputs(kind, args.heads, args.seq, gen)
+        q, k = inputs(kind, args.heads, args.seq, gen, args.dim)
         v = torch.randn(k.shape, generator=gen)
+        q, k, v = (t.to(args.device, dtype) for t in (q, k, v))
         judge = Judge(q, k, v, args.slice_m)
         for density in (0.1, 0.3):
             oracle = judge.oracle_error(density)
