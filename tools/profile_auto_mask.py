@@ -90,7 +90,7 @@ def main() -> None:
     inputs = [(f, lambda f=f: family_qkv(shape, f, heads=args.heads, device="cuda")) for f in FAMILIES]
     inputs += [(f"workload-{p}", lambda p=p: video_qkv(shape, p, head_ids=range(args.heads), device="cuda"))
                for p in PATTERNS]
-    print("| heads | d | cuDNN dense | default | auto (heads predicted again) | colmax, estimated LSE | "
+    print("| heads | d | cuDNN dense | default | auto (heads predicted again; of them, with the exact LSE) | colmax, estimated LSE | "
           "default, auto queued (of cuDNN queued) |")
     print("|---|---|---|---|---|---|---|")
     for name, make in inputs:
@@ -100,13 +100,16 @@ def main() -> None:
         for d in args.densities:
             scale = q.shape[-1] ** -0.5
             cheap = predict_mask(q, k, 128, "topk", density=d)
-            flagged = auto_mask.flagged_heads(auto_mask.check_heads(
-                q, k, cheap, predict_mask, scale, dict(density=d, top_k=None, scale=scale, workspace_bytes=1 << 32)))
+            check = auto_mask.check_heads(q, k, cheap, predict_mask, scale,
+                                          dict(density=d, top_k=None, scale=scale, workspace_bytes=1 << 32))
+            flagged = auto_mask.flagged_heads(check)
+            estimated = predict_mask(q, k, 128, "colmax", lse="estimate", density=d)
+            exact_lse = [h for h in auto_mask.flagged_heads(check.against(estimated, k, scale)) if h in flagged]
             calls = [lambda m=m, kw=kw, q=q, k=k: predict_mask(q, k, 128, m, density=d, **kw)
                      for m, kw in (("topk", {}), ("auto", {}), ("colmax", dict(lse="estimate")))]
             pct = [f"{t:.2f} ms ({100 * t / dense:.1f} %)" for t in map(call_ms, calls)]
             queued = " / ".join(f"{100 * queued_ms(fn) / dense_queued:.1f} %" for fn in calls[:2])
-            print(f"| {name} | {d} | {dense:.2f} ms | {pct[0]} | {pct[1]} ({len(flagged)} of {q.shape[1]}) | {pct[2]} "
+            print(f"| {name} | {d} | {dense:.2f} ms | {pct[0]} | {pct[1]} ({len(flagged)} of {q.shape[1]}; {len(exact_lse)} exact LSE) | {pct[2]} "
                   f"| {queued} |", flush=True)
         del q, k, v
         torch.cuda.empty_cache()
