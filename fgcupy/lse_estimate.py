@@ -153,10 +153,10 @@ def sample_positions(kv_len: int, device=None) -> torch.Tensor:
     (mask_reference.lse_key_sample: those rows all sit at one place in their runs of queries,
     so a regular sample treats them alike): a frame or row of the token grid is often a
     multiple of the stride, and a query that looks at its place in other frames would find all
-    or none of its peaks in a regular sample, by its own place in its run. Integer arithmetic,
-    so torch.compile traces it: the first product is taken in float64 (exact below 2^53, so
-    for runs below 3.4 million), since inductor keeps an arange's integer arithmetic as an
-    index expression, int32 on a GPU, where the multiplier does not fit."""
+    or none of its peaks in a regular sample, by its own place in its run. Tensor arithmetic, so
+    torch.compile traces it; the hash's first product is taken in float64 (exact for runs below
+    3.4 million), since inductor keeps an arange's integer arithmetic as an index expression,
+    int32 on a GPU, where the multiplier does not fit."""
     stride = ref.lse_key_stride(kv_len)
     runs = torch.arange(num_blocks(kv_len, stride), device=device)
     if stride == 1:
