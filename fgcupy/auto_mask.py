@@ -19,7 +19,7 @@ The estimate can fail too: where each query's mass sits on a few keys that its s
 (very sharp heads with no locality), its LSE is wrong query by query. The same blocks check the
 estimated column max's mask (one more sparse call over them, a second host wait, on flagged
 heads only), and a head whose estimate misses as the cheap mask did is scored again with each
-query's exact LSE (a stats pass over every key: about half a dense step more, on those heads).
+query's exact LSE (a stats pass over every key, on those heads alone; not yet timed).
 """
 
 from __future__ import annotations
