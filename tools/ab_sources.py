@@ -9,7 +9,8 @@ build meets the same clocks. First each build's outputs are compared with the fi
 * attention: wan14b-480p dense and random key lists (0.3, 0.1), cogvideox5b dense, beside SDPA
   cuDNN; CUDA-event medians;
 * selection: default predictions on flat rows (random inputs) at 32,760 and 75,600 tokens;
-* scoring: the column-max pass (every query, groups of 128, LSE given), the default's pooled
+* scoring: the column-max pass (every query, groups of 128, LSE given; on the inputs and on their
+  e4m3 copies), the default's pooled
   passes (pool 32: stats, max-probability over groups of 4), its fused exact band and whole
   default predictions (top-k 0.1 and 0.3), queued medians, beside the same run's SDPA cuDNN.
 Each build is timed in ROUNDS alternating rounds; a line shows the median of its rounds' medians
@@ -34,6 +35,7 @@ import fgcupy.jit.source as source
 from bench.cases import random_inputs, random_topk_mask, sdpa_call
 from fgcupy import SliceMask, SparseAttention, mask_kernels, predict_mask
 from fgcupy.attention_kernel import STAND_IN_ENV
+from fgcupy.e4m3_kernels import gpu_heads_as_e4m3
 from fgcupy.oracle import exact_lse
 from fgcupy.reference import relative_l2
 from fgcupy.timing import cuda_time_ms
@@ -144,9 +146,13 @@ def scoring(variants: dict) -> None:
     lse = exact_lse(q, k, scale).reshape(heads, -1)
     base = mask_kernels.gpu_scores("maxprob", pooled, k, scale, lse=pooled_lse, group=4, warps=8)
     work = base.clone()
+    heads_bh = q.shape[0] * q.shape[1]
+    q8, k8, head_scale = gpu_heads_as_e4m3(q, k, 0, heads_bh)
     passes = {
         "column-max pass": lambda: mask_kernels.gpu_scores("maxprob", q, k, scale, lse=lse, group=128, warps=8,
                                                            kernel="wgmma"),
+        "column-max pass, e4m3": lambda: mask_kernels.gpu_scores("maxprob", q8, k8, scale, lse=lse, group=128,
+                                                                 head_scale=head_scale),
         "pool-32 stats pass": lambda: mask_kernels.gpu_scores("stats", pooled, k, scale, warps=8, kernel="wgmma"),
         "pool-32 max-prob pass": lambda: mask_kernels.gpu_scores("maxprob", pooled, k, scale, lse=pooled_lse,
                                                                  group=4, warps=8, kernel="wgmma"),
