@@ -16,10 +16,10 @@ from .jit.score_spec import DILATE_MAX_RADIUS, DilateInPlaceSpec, DilateSpec, Em
 from .attention_kernel import stand_in_spec
 from .jit.spec import ATTENTION_HEAD_DIMS, HEAD_DIMS, SLICE_SIZES, AttentionSpec
 from .mask import SliceMask, indptr_from_counts, num_blocks
-from .mask_kernels import (SCORE_DTYPES, band_specs, bit_words, colmax_warps, e4m3_runs, gpu_adaptive_rows,
+from .mask_kernels import (SCORE_DTYPES, band_specs, bit_words, colmax_warps, gpu_adaptive_rows,
                            gpu_candidate_colmax, gpu_colmax, gpu_colmax_e4m3, gpu_dilate, gpu_dilate_in_place, gpu_emit,
                            gpu_refine_band, gpu_scores, gpu_select, row_stride, scores_spec, select_spec)
-from .mask_request import MaskRequest
+from .mask_request import MaskRequest, e4m3_runs_for
 from .tiles import default_spec
 
 DEFAULT_WORKSPACE = 2 << 30
@@ -37,7 +37,7 @@ def predict_reference(qh, kh, req: MaskRequest, lse, candidates: tuple = ()) -> 
 def uses_e4m3(req: MaskRequest, qh) -> bool:
     """Whether a colmax prediction on the GPU multiplies e4m3 (products "e4m3", or "auto" where
     the kernel runs)."""
-    return req.products == "e4m3" or (req.products == "auto" and e4m3_runs(qh.device, qh.shape[3]))
+    return req.products == "e4m3" or (req.products == "auto" and e4m3_runs_for(qh))
 
 
 def candidate_keys(candidates: tuple):

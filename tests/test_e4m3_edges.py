@@ -144,7 +144,7 @@ def test_e4m3_products_on_a_gpu_need_hopper_and_head_dim_128():
 def test_which_gpu_column_max_multiplies_e4m3(products, head_dim, expected):
     req = make_request(head_dim, 300, 128, "colmax", rule="topk", top_k=30, products=products)
     runs = mock.Mock(side_effect=lambda device, dim: device.type == "cuda" and dim == 128)
-    with mock.patch.object(gpu_prediction, "e4m3_runs", runs):
+    with mock.patch.object(mask_kernels, "e4m3_runs", runs):
         assert gpu_prediction.uses_e4m3(req, _fake_cuda_q((1, 2, 300, head_dim))) is expected
 
 
