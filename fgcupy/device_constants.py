@@ -1,24 +1,25 @@
 """Small index tensors made once per shape and kept on their device (sample positions, row
 lists, even offsets): a call that finds its shape's tensors launches nothing to make them.
 
-They are built on the host and copied with a blocking copy, so any stream may read them at
-once; the copy runs on a stream of this module's own, so the memory never comes from a pool that
-a CUDA graph tree routes the current stream to (its warm-up runs ops eagerly into the graph's
-pool, which the tree may reset); never dropped (a few KB each; a freed one could still be read by
-work queued on another stream); made outside inference mode (an inference tensor cannot be saved
-for a backward pass). While the current stream is being captured into a CUDA graph they are made
-on the device and not kept: a copy from the host is not allowed there.
+CUDA ones are built on the host and copied by a worker thread of this module's own, on its own
+stream, which it synchronises before handing them over, so any stream may read them at once. The
+thread matters: a CUDA graph tree's warm-up runs ops eagerly with every allocation of the calling
+thread routed into the graph's pool, which the tree may reset and whose live tensors it refuses.
+They are never dropped (a few KB each; a freed one could still be read by work queued on another
+stream) and made outside inference mode (an inference tensor cannot be saved for a backward pass).
+While the current stream is being captured into a CUDA graph they are made on the device and not
+kept: a copy from the host is not allowed there.
 """
-
 from __future__ import annotations
 
-import contextlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Hashable
 
 import torch
 
 _KEPT: dict = {}
 _COPY_STREAMS: dict = {}
+_MAKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fgcupy-device-constants")
 
 
 def device_constant(key: Hashable, device, build: Callable):
@@ -28,25 +29,38 @@ def device_constant(key: Hashable, device, build: Callable):
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return build(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # the worker's current device may differ
     kept = _KEPT.get((key, device))
     if kept is None:
-        with torch.inference_mode(False), _copy_stream(device):
-            built = build(torch.device("cpu"))
-            kept = (tuple(_moved(item, device) for item in built) if isinstance(built, tuple)
-                    else _moved(built, device))
+        kept = _MAKER.submit(_made, device, build).result() if device.type == "cuda" else _made(device, build)
         _KEPT[(key, device)] = kept
     return kept
 
 
-def _copy_stream(device: torch.device):
-    """This module's own stream on a CUDA ``device`` (made once), as the current stream."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    index = torch.cuda.current_device() if device.index is None else device.index
-    stream = _COPY_STREAMS.get(index)
+def _made(device: torch.device, build: Callable):
+    """``build``'s tensors moved to ``device``; on CUDA, on this module's stream, copies finished."""
+    with torch.inference_mode(False):
+        built = build(torch.device("cpu"))
+        if device.type != "cuda":
+            return _moved_all(built, device)
+        stream = _copy_stream(device)
+        with torch.cuda.device(device), torch.cuda.stream(stream):
+            moved = _moved_all(built, device)
+            stream.synchronize()
+        return moved
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    """This module's own stream on CUDA ``device`` (an index given; made once)."""
+    stream = _COPY_STREAMS.get(device.index)
     if stream is None:
-        stream = _COPY_STREAMS[index] = torch.cuda.Stream(index)
-    return torch.cuda.stream(stream)
+        stream = _COPY_STREAMS[device.index] = torch.cuda.Stream(device.index)
+    return stream
+
+
+def _moved_all(built, device: torch.device):
+    return tuple(_moved(item, device) for item in built) if isinstance(built, tuple) else _moved(built, device)
 
 
 def _moved(item, device: torch.device):

@@ -47,6 +47,19 @@ def test_while_a_stream_is_captured_the_constant_is_made_there_and_not_kept(monk
     assert built == [torch.device("cuda")] * 2 and device_constants._KEPT == {}
 
 
+def test_cuda_constants_are_made_on_the_module_s_own_thread(monkeypatch):
+    """A CUDA graph tree routes every allocation of the calling thread into its pool during
+    warm-up, so CUDA constants must be made on another thread (CPU ones need not be)."""
+    import threading
+
+    monkeypatch.setattr(device_constants, "_KEPT", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(device_constants, "_made", lambda device, build: threading.current_thread())
+    made_on = device_constant("thread", "cuda:0", lambda on: None)
+    assert made_on is not threading.current_thread() and made_on.name.startswith("fgcupy-device-constants")
+    assert device_constant("thread", "cpu", lambda on: None) is threading.current_thread()
+
+
 def test_importing_fgcupy_leaves_dynamo_unimported():
     """The ops' kernels turn torch.compile off only once dynamo is loaded, so the import stays light."""
     out = subprocess.run([sys.executable, "-c", "import sys, fgcupy; print('torch._dynamo' in sys.modules)"],
