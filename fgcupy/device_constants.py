@@ -7,9 +7,10 @@ thread matters: a CUDA graph tree's warm-up runs ops eagerly with every allocati
 thread routed into the graph's pool, which the tree may reset and whose live tensors it refuses.
 They are never dropped (a few KB each; a freed one could still be read by work queued on another
 stream) and made outside inference mode (an inference tensor cannot be saved for a backward pass).
-While the current stream is being captured into a CUDA graph they are made on the device and not
-kept: a copy from the host is not allowed there.
+While the current stream is being captured into a CUDA graph, one not yet kept is made on the
+device and not kept: a copy from the host is not allowed there.
 """
+
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
@@ -27,11 +28,11 @@ def device_constant(key: Hashable, device, build: Callable):
     kept) on ``device``, made once per (key, device). ``build`` must be a function of ``key``
     alone: what it returns is shared by every later call."""
     device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return build(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # the worker's current device may differ
     kept = _KEPT.get((key, device))
+    if kept is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return build(device)
     if kept is None:
         kept = _MAKER.submit(_made, device, build).result() if device.type == "cuda" else _made(device, build)
         _KEPT[(key, device)] = kept

@@ -3,8 +3,6 @@ torch reference it must match, both from a checked ``MaskRequest``."""
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from . import bridge
@@ -14,6 +12,7 @@ from .jit.plan_spec import LaunchOrderSpec
 from .jit.runtime import device_arch, device_index, kernel_at_hand, load_in_background
 from .jit.score_spec import DILATE_MAX_RADIUS, DilateInPlaceSpec, DilateSpec, EmitSpec
 from .attention_kernel import stand_in_spec
+from .device_constants import device_constant
 from .jit.spec import ATTENTION_HEAD_DIMS, HEAD_DIMS, SLICE_SIZES, AttentionSpec
 from .mask import SliceMask, indptr_from_counts, num_blocks
 from .mask_kernels import (SCORE_DTYPES, band_specs, bit_words, colmax_warps, gpu_adaptive_rows,
@@ -86,17 +85,17 @@ def static_row_counts(q_blocks: int, kv_len: int, req: MaskRequest, device="cpu"
 
 def _static_layout(batch: int, heads: int, q_blocks: int, kv_len: int, req: MaskRequest, device: str):
     """(int32 offsets of every block, int32 indptr [B, H, QB + 1], capacity) of a top-k mask:
-    known from the shapes, so repeated predictions (every layer, every step) reuse them."""
-    return _layout_of_counts(batch, heads, q_blocks, kv_len, req.slice_m, req.top_k, req.min_keys, req.max_keys,
-                             req.local, device)
+    known from the shapes, so repeated predictions (every layer, every step) reuse them; made
+    once per shape and what the counts depend on (not the scale or the scoring) and kept
+    (fgcupy.device_constants: a captured CUDA graph keeps reading the offsets)."""
+    key = ("top-k layout", batch, heads, q_blocks, kv_len, req.slice_m, req.top_k, req.min_keys, req.max_keys,
+           req.local)
+    return device_constant(key, device, lambda on: _layout_of_counts(batch, heads, q_blocks, kv_len, req, on))
 
 
-@lru_cache(maxsize=None)
-def _layout_of_counts(batch, heads, q_blocks, kv_len, slice_m, top_k, min_keys, max_keys, local, device: str):
-    """``_static_layout``, cached on what the counts depend on (not on the scale or the scoring).
-    Never evicted: a captured CUDA graph keeps reading the offsets (a few bytes per block)."""
-    per_block = torch.tensor(row_counts(q_blocks, kv_len, slice_m, top_k, min_keys, max_keys, local),
-                             dtype=torch.int64)
+def _layout_of_counts(batch: int, heads: int, q_blocks: int, kv_len: int, req: MaskRequest, device):
+    per_block = torch.tensor(row_counts(q_blocks, kv_len, req.slice_m, req.top_k, req.min_keys, req.max_keys,
+                                        req.local), dtype=torch.int64)
     per_head = int(per_block.sum())
     capacity = per_head * batch * heads
     if capacity > _INT32_MAX:

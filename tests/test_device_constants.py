@@ -43,8 +43,14 @@ def test_while_a_stream_is_captured_the_constant_is_made_there_and_not_kept(monk
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     built = []
     for _ in range(2):
-        device_constant("captured", "cuda", lambda on: built.append(on) or 7)
-    assert built == [torch.device("cuda")] * 2 and device_constants._KEPT == {}
+        device_constant("captured", "cuda:0", lambda on: built.append(on) or 7)
+    assert built == [torch.device("cuda:0")] * 2 and device_constants._KEPT == {}
+
+
+def test_while_a_stream_is_captured_a_kept_constant_is_read(monkeypatch):
+    monkeypatch.setattr(device_constants, "_KEPT", {("kept", torch.device("cuda:0")): 5})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert device_constant("kept", "cuda:0", lambda on: pytest.fail("built again")) == 5
 
 
 def test_cuda_constants_are_made_on_the_module_s_own_thread(monkeypatch):
