@@ -14,6 +14,7 @@ from fgcupy import mask_reference as ref
 from fgcupy.jit import runtime as jit_runtime
 from fgcupy.jit.score_spec import SelectSpec
 from fgcupy.mask import num_blocks
+from fgcupy.mask_request import e4m3_runs_for
 from fgcupy.workloads import VideoShape, video_qkv
 
 from .mask_checks import selection_cases, smallest_tau_set_ok, tau_rows_agree
@@ -732,7 +733,7 @@ def test_estimated_lse_and_its_column_max_on_the_gpu(dtype):
     qd, kd = q.to(DEVICE), k.to(DEVICE)
     mask = predict_mask(qd, kd, 128, "colmax", density=0.1, lse="estimate")
     # with the estimate, the products are e4m3 where that kernel runs (fgcupy.e4m3)
-    products = "e4m3" if mask_kernels.e4m3_runs(qd.device, qd.shape[3]) else "input"
+    products = "e4m3" if e4m3_runs_for(qd) else "input"
     same = predict_mask(qd, kd, 128, "colmax", density=0.1, lse=got, products=products)
     assert torch.equal(mask.indptr, same.indptr) and torch.equal(mask.indices, same.indices)
     _, ratio = Judge(q.float(), k.float(), v.float()).ratio(mask.to("cpu"))
