@@ -26,7 +26,9 @@ _MAKER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fgcupy-device-con
 def device_constant(key: Hashable, device, build: Callable):
     """``build(device)``'s tensors (a tensor, or a tuple whose tensors are moved and other items
     kept) on ``device``, made once per (key, device). ``build`` must be a function of ``key``
-    alone: what it returns is shared by every later call."""
+    alone: what it returns is shared by every later call. It runs on this module's one worker
+    thread for CUDA devices, so it must not ask for another device constant (that would wait on
+    itself)."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())  # the worker's current device may differ
