@@ -52,6 +52,18 @@ struct fp16_t {
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x));
     return f;
   }
+  // Two lanes at once (f16x2 registers): a * b + c rounded once, and the larger (a NaN lane
+  // takes the other operand's, as fmaxf does).
+  static __device__ __forceinline__ u32 fma2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+  }
+  static __device__ __forceinline__ u32 max2(u32 a, u32 b) {
+    u32 d;
+    asm("max.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+  }
   static __device__ __forceinline__ void mma(float d[4], const u32 a[4], u32 b0, u32 b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "

@@ -2,8 +2,8 @@
 // 16-bit input (fgcupy/e4m3_kernels.py; fgcupy/e4m3.py is the reference):
 //   e4m3_amax: each head's largest magnitude, raised into amax[head] (float bits, zeroed first);
 //   e4m3_round: each head's power of two from its amax (written to scale[head] for the pass's
-//   logit scale), each value times it, magnitudes past 448 clamped (NaN stays NaN), rounded to
-//   nearest even, written as [heads, rows, D] bytes.
+//   logit scale), each value times it, magnitudes past kE4m3Target clamped (NaN stays NaN),
+//   rounded to nearest even, written as [heads, rows, D] bytes.
 // Heads are counted batch-major from bh0; row r of head bh = b * heads + h starts at element
 // b * stride_b + h * stride_h + r * stride_s, its D values contiguous and 16-byte aligned (the
 // host checks). Each thread takes kConvertUnroll 16-byte vectors a CTA's width apart, loads first.
@@ -11,7 +11,8 @@
 
 namespace fg {
 
-// kConvertThreads and kConvertUnroll come from fgcupy/jit/e4m3_spec.py, with the parameter structs.
+// kConvertThreads, kConvertUnroll and kE4m3Target (fgcupy.e4m3.E4M3_TARGET: the largest
+// magnitude a head is scaled to) come from fgcupy/jit/e4m3_spec.py, with the parameter structs.
 
 template <int D>
 struct HeadVectors {
@@ -80,7 +81,8 @@ __global__ void __launch_bounds__(kConvertThreads) e4m3_amax(const __grid_consta
 __device__ __forceinline__ float scaled(float x, float scale) {
   float y;
   asm("mul.rn.f32 %0, %1, %2;" : "=f"(y) : "f"(x), "f"(scale));
-  return y > 448.f ? 448.f : (y < -448.f ? -448.f : y);  // comparisons, so a NaN stays NaN
+  constexpr float kTop = kE4m3Target;
+  return y > kTop ? kTop : (y < -kTop ? -kTop : y);  // comparisons, so a NaN stays NaN
 }
 
 // Two float32 values as two e4m3 bytes, lo in the low byte; nearest even.
@@ -97,15 +99,17 @@ __device__ __forceinline__ u32 e4m3_quad(u32 a, u32 b, float scale) {
   return lo | (hi << 16);
 }
 
-// fgcupy.e4m3.scales_for_amax of one head: the largest power of two s with amax * s <= 448, that
-// is the power of two at or below 448 / amax (its exponent bits), halved where the product passes
-// 448 (the quotient rounded up to it); 1 where amax is 0, subnormal (flushed), NaN or infinite, or
-// so small that 448 / amax overflows. Products by powers of two are exact here.
+// fgcupy.e4m3.scales_for_amax of one head: the largest power of two s with amax * s <= the
+// target, that is the power of two at or below target / amax (its exponent bits), halved where
+// the product passes the target (the quotient rounded up to it); 1 where amax is 0, subnormal
+// (flushed), NaN or infinite, or so small that target / amax overflows. Products by powers of
+// two are exact here.
 __device__ __forceinline__ float scale_for_amax(float amax) {
-  const float ratio = __fdiv_rn(448.f, amax);
+  constexpr float kTop = kE4m3Target;
+  const float ratio = __fdiv_rn(kTop, amax);
   if (!(amax > 0.f) || !isfinite(amax) || !isfinite(ratio)) return 1.f;
   const float power = __uint_as_float(__float_as_uint(ratio) & 0x7f800000u);
-  return amax * power > 448.f ? 0.5f * power : power;
+  return amax * power > kTop ? 0.5f * power : power;
 }
 
 template <class T, int D>

@@ -30,9 +30,15 @@
 //     stored at out[z, block, key]; other keys are left as they are, and so are listed keys
 //     outside [0, kv_len) (a corrupt list reads and writes nothing out of bounds).
 // e4m3 (maxprob only, T = e4m3_t): rows and keys are float8 e4m3, each head's multiplied by a
-// power of two to fit its range; head_scale[bh] (float32, one per head) multiplies scale_log2
-// back. The tiles are laid out as D / 2 u16 columns (StoreCols) and multiplied by k32 steps,
-// each 32 bytes of a row as the 16-bit types' k16: twice the products per instruction.
+// power of two that takes its largest magnitude to at most kE4m3Target; head_scale[bh] (float32,
+// one per head) multiplies scale_log2 back. The tiles are laid out as D / 2 u16 columns
+// (StoreCols) and multiplied by k32 steps, each 32 bytes of a row as the 16-bit types' k16: twice
+// the products per instruction. With groups of 16 rows or more the products go to float16
+// accumulators (every logit's fits: D x kE4m3Target^2 < 65,504) and the epilogue works on f16x2
+// pairs, one fma and one max per two scores where float32 takes two of each (the epilogue, not
+// the tensor cores, set the float32 pass's time); float16 keeps 11 bits, below e4m3's own
+// rounding of the products. A CTA whose rows' LSE or head's scale float16 would not hold well
+// (any beyond 2^14) runs in float32.
 // Grid: (row tiles, key chunks, heads), row tiles fastest, so CTAs that run together read the
 // same keys from L2. Two CTAs per SM: one's reductions overlap the other's products (256 rows
 // per CTA, one CTA per SM and two products in flight per warpgroup measured slower).
@@ -74,6 +80,9 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
                 "maxprob groups are powers of two from 2 to 128 rows; stats takes GROUP 1, band 128");
   constexpr bool kE4m3 = IsE4m3<T>::value;
   static_assert(!kE4m3 || MODE == kMode_maxprob, "e4m3 rows and keys: the max-probability pass only");
+  constexpr bool kF16 = kE4m3 && GROUP >= 16;  // float16 accumulators where a CTA allows (f16_cta)
+  static_assert(!kF16 || D * kE4m3Target * kE4m3Target < 65504, "every logit's sum must fit float16");
+  constexpr float kF16Limit = 16384.f;  // rows' LSE (log2) and logit scales float16 runs with
   constexpr int kPasses = MODE == kMode_band ? 2 : 1;  // band: stats, then maxprob
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -185,18 +194,33 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
       __syncthreads();
     }
   };
-  if (kMaxProb && tid < S::kRows) {
-    // Rows without a finite lse (and rows past n_rows) get +inf: their p is exp2(-inf) = 0.
-    const int r = row0 + tid;
-    const float x = r < n_rows ? static_cast<const float*>(p.lse)[static_cast<i64>(z) * n_rows + r] : FG_NEG_INF;
-    sLse2[tid] = x > FG_NEG_INF && x < -FG_NEG_INF ? x * kLog2e : -FG_NEG_INF;
-  }
-  // Stats: this thread's rows wg*64 + (warp%4)*16 + g and + 8; running max (log2) and sum.
-  float run_m[2] = {FG_NEG_INF, FG_NEG_INF};
-  float run_l[2] = {0.f, 0.f};
   // e4m3: rows and keys were multiplied by powers of two (per head) to fit its range;
   // head_scale[bh] undoes both in the exponent's scale.
   const float scale_log2 = kE4m3 ? p.scale_log2 * static_cast<const float*>(p.head_scale)[bh] : p.scale_log2;
+  // Each row's lse2 in sLse2: float32, or in float16 CTAs its negation as float16 (pairs of
+  // rows read as one f16x2).
+  bool f16_cta = false;
+  if (kMaxProb) {
+    // Rows without a finite lse (and rows past n_rows) get +inf: their p is exp2(-inf) = 0.
+    float l2 = -FG_NEG_INF;
+    if (tid < S::kRows) {
+      const int r = row0 + tid;
+      const float x = r < n_rows ? static_cast<const float*>(p.lse)[static_cast<i64>(z) * n_rows + r] : FG_NEG_INF;
+      l2 = x > FG_NEG_INF && x < -FG_NEG_INF ? x * kLog2e : -FG_NEG_INF;
+    }
+    if constexpr (kF16) {
+      const bool fits = !__syncthreads_or(l2 < -FG_NEG_INF && fabsf(l2) >= kF16Limit) && scale_log2 < kF16Limit;
+      f16_cta = __shfl_sync(0xffffffffu, fits, 0);  // from lane 0: warp-uniform to the compiler too
+    }
+    if (tid < S::kRows) {
+      if (f16_cta) reinterpret_cast<u16*>(sLse2)[tid] = static_cast<u16>(fp16_t::pack(-l2, 0.f));
+      else sLse2[tid] = l2;
+    }
+  }
+  const u32 scale2 = fp16_t::pack(scale_log2, scale_log2);  // float16 CTAs' scale, both lanes
+  // Stats: this thread's rows wg*64 + (warp%4)*16 + g and + 8; running max (log2) and sum.
+  float run_m[2] = {FG_NEG_INF, FG_NEG_INF};
+  float run_l[2] = {0.f, 0.f};
   const int out_rows = p.out_rows;
   const i64 out_ld = p.out_ld;
   u16* __restrict__ out = static_cast<u16*>(p.out);  // bfloat16 scores
@@ -236,12 +260,23 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
       }
 
       float acc[kN / 2];
-      wgmma_fence();
-      if (stats_pass) wgmma_ss_tile<T, kD, kN>(acc, sR_u32 + a_wg, S::kRows, k_stage, kN);
-      else wgmma_ss_tile<T, kD, S::kRows>(acc, k_stage + a_wg, kN, sR_u32, S::kRows);
-      wgmma_commit();
-      wgmma_wait<0>();
-      wgmma_fence_operand(acc);
+      u32 acc16[kN / 4];  // float16 CTAs: acc16[nt * 2 + i] holds what acc[nt * 4 + 2 * i] and + 1 would
+      if (f16_cta) {
+        if constexpr (kF16) {
+          wgmma_fence();
+          wgmma_ss_tile_e4m3_f16acc<kD>(acc16, k_stage + a_wg, kN, sR_u32, S::kRows);
+          wgmma_commit();
+          wgmma_wait<0>();
+          wgmma_fence_operand(acc16);
+        }
+      } else {
+        wgmma_fence();
+        if (stats_pass) wgmma_ss_tile<T, kD, kN>(acc, sR_u32 + a_wg, S::kRows, k_stage, kN);
+        else wgmma_ss_tile<T, kD, S::kRows>(acc, k_stage + a_wg, kN, sR_u32, S::kRows);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operand(acc);
+      }
 
       if (stats_pass) {
         // acc[nt * 4 + e]: row thread_row + 8 * (e >> 1), key tile_key + nt * 8 + tig * 2 + (e & 1).
@@ -286,15 +321,31 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
         const i64 step_ld = kRowsPerStep * out_ld;
         u16* dst = kList ? out_thread - thread_row : out_thread + tile_key;
         float run[2];
+        u32 run2[2];  // float16 CTAs: the maxima of each key's two columns so far, f16x2
 #pragma unroll
         for (int nt = 0; nt < S::kRows / 8; ++nt) {
-          const float2 l2 = *reinterpret_cast<const float2*>(sLse2 + nt * 8 + tig * 2);
+          if (f16_cta) {
+            const u32 neg_l2 = reinterpret_cast<const u32*>(sLse2)[nt * 4 + tig];
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const float v = fmaxf(acc[nt * 4 + 2 * i] * scale_log2 - l2.x, acc[nt * 4 + 2 * i + 1] * scale_log2 - l2.y);
-            run[i] = nt % kTilesPerGroup == 0 ? v : fmaxf(run[i], v);
+            for (int i = 0; i < 2; ++i) {
+              const u32 v = fp16_t::fma2(acc16[nt * 2 + i], scale2, neg_l2);
+              run2[i] = nt % kTilesPerGroup == 0 ? v : fp16_t::max2(run2[i], v);
+            }
+          } else {
+            const float2 l2 = *reinterpret_cast<const float2*>(sLse2 + nt * 8 + tig * 2);
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              const float v = fmaxf(acc[nt * 4 + 2 * i] * scale_log2 - l2.x, acc[nt * 4 + 2 * i + 1] * scale_log2 - l2.y);
+              run[i] = nt % kTilesPerGroup == 0 ? v : fmaxf(run[i], v);
+            }
           }
           if (nt % kTilesPerGroup != kTilesPerGroup - 1) continue;
+          if (f16_cta) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              run[i] = fmaxf(fp16_t::to_float(static_cast<u16>(run2[i])), fp16_t::to_float(static_cast<u16>(run2[i] >> 16)));
+            }
+          }
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             if (kLanes >= 2) run[i] = fmaxf(run[i], __shfl_xor_sync(0xffffffffu, run[i], 1));

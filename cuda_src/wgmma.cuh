@@ -80,6 +80,11 @@ __device__ __forceinline__ void wgmma_fence_operand(float (&acc)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(acc[i])::"memory");
 }
+template <int N>
+__device__ __forceinline__ void wgmma_fence_operand(u32 (&acc)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+r"(acc[i])::"memory");
+}
 // Make this thread's generic-proxy writes to shared memory (cp.async, st.shared) visible to
 // the async proxy that wgmma reads through; a barrier must follow.
 __device__ __forceinline__ void fence_proxy_async() {
@@ -121,6 +126,31 @@ __device__ __forceinline__ void wgmma_ss_tile(float (&acc)[N / 2], u32 a_half0, 
     const u64 db = desc_advance(db0, (kk / 4) * b_rows * 128 + (kk % 4) * 32);
     if constexpr (N == 64) Wgmma<T>::ss_n64(acc, da, db, kk > 0);
     else Wgmma<T>::ss_n128(acc, da, db, kk > 0);
+  }
+}
+
+// e4m3 products into float16 accumulators (m64n128k32.f16): 32 registers, each the f16x2 pair
+// of adjacent columns that two consecutive registers of the float32 layout hold.
+__device__ __forceinline__ void wgmma_e4m3_n128_f16acc(u32 d[32], u64 desc_a, u64 desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f16.e4m3.e4m3 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1;\n}\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+// wgmma_ss_tile for e4m3 with N = 128 into float16 accumulators (D: u16 storage columns).
+template <int D>
+__device__ __forceinline__ void wgmma_ss_tile_e4m3_f16acc(u32 (&acc)[32], u32 a_half0, int a_rows, u32 b_half0,
+                                                          int b_rows) {
+  const u64 da0 = smem_desc_sw128(a_half0, 16, 1024);
+  const u64 db0 = smem_desc_sw128(b_half0, 16, 1024);
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const u64 da = desc_advance(da0, (kk / 4) * a_rows * 128 + (kk % 4) * 32);
+    const u64 db = desc_advance(db0, (kk / 4) * b_rows * 128 + (kk % 4) * 32);
+    wgmma_e4m3_n128_f16acc(acc, da, db, kk > 0);
   }
 }
 

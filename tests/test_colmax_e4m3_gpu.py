@@ -24,16 +24,21 @@ DEVICE = "cuda"
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
 # Scores stored as bfloat16 from float32 sums in another order: one rounding step apart at most.
 PROB_RTOL = 2**-7
-#: Hopper's e4m3 products are summed in an accumulator of about 14 significant bits: a logit
-#: may be off by about this share of its sum of |q_i k_i| (a few additions' truncation, with room).
-ACCUMULATION_SLACK = 2**-9
+#: Hopper's e4m3 products are summed in float16 accumulators (groups of 16 rows or more: 11
+#: significant bits, a rounding per k32 step) or in float32 ones of about 14 bits: a logit may be
+#: off by about this share of its sum of |q_i k_i| (a few additions' rounding, with room).
+ACCUMULATION_SLACK = 2**-8
+#: The float16 epilogue rounds each row's -LSE (log2), the logit scale and their fused sum to 11
+#: bits: a log2 probability off by at most this share of |LSE| + |logit| (in any base).
+EPILOGUE_SLACK = 2**-10
 
 
-def _logit_slack(qr, kr, scale):
-    """float32 [B * H, 1, 1]: per head, the largest logit error the e4m3 accumulator may make on
-    rounded q, k (``qr``, ``kr``, float32 [B, H, S, D])."""
+def _logit_slack(qr, kr, scale, lse):
+    """float32 [B * H, 1, 1]: per head, the largest error of a log probability the e4m3 pass may
+    make on rounded q, k (``qr``, ``kr``, float32 [B, H, S, D]) with rows' LSE ``lse`` [B, H, S]."""
     worst = torch.matmul(qr.abs(), kr.abs().transpose(-1, -2)).amax(dim=(2, 3))
-    return (scale * ACCUMULATION_SLACK * worst).reshape(-1, 1, 1)
+    largest_lse = lse.abs().masked_fill(~torch.isfinite(lse), 0.0).amax(-1)
+    return (scale * ACCUMULATION_SLACK * worst + EPILOGUE_SLACK * (largest_lse + scale * worst)).reshape(-1, 1, 1)
 
 
 def _inputs(seed, batch, heads, q_len, kv_len, dtype, layout, head_gain):
@@ -67,7 +72,7 @@ def test_e4m3_column_max_is_the_rounded_inputs_column_max(seed, batch, heads, q_
     lse[..., ::7] = -math.inf  # rows without mass give 0
     bh = batch * heads
     expected = ref.maxprob_scores(qr, kr, lse, group, scale)
-    slack = _logit_slack(qr, kr, scale)
+    slack = _logit_slack(qr, kr, scale, lse)
     out_rows = num_blocks(q_len, group)
     got = mask_kernels.gpu_colmax_e4m3(q, k, scale, lse.reshape(bh, -1), group)
     assert got.dtype == ref.PROB_DTYPE and got.shape == (bh, out_rows, mask_kernels.row_stride(kv_len, 2))
@@ -102,10 +107,29 @@ def test_e4m3_inputs_out_of_the_plain_range():
     expected = ref.maxprob_scores(qr, kr, lse, 128, scale).reshape(3, 3, -1)
     assert (got[2, :, 17].nan_to_num(0.0) == 0).all()  # NaN scores rank lowest, as 0 does
     finite = torch.isfinite(expected) & (torch.arange(500, device=DEVICE) != 17)
-    slack = _logit_slack(qr.nan_to_num(0.0), kr.nan_to_num(0.0), scale)
+    slack = _logit_slack(qr.nan_to_num(0.0), kr.nan_to_num(0.0), scale, lse)
     err = (got - expected.nan_to_num(0.0)).abs()
     bound = 1e-6 + (PROB_RTOL + torch.expm1(slack)) * expected.nan_to_num(0.0).abs()
     assert (err <= bound)[finite].all(), f"max error {err[finite].max():.3e}"
+
+
+def test_a_block_whose_lse_float16_would_not_hold_is_scored_in_float32():
+    """A row whose LSE passes 2^14 in log2 sends its query block's CTA to the float32 epilogue
+    (float16 holds it, but no longer to a useful share of a logit of that size): that block's
+    maxima are still its other rows', as the reference's, within the accumulator's slack alone;
+    the other block takes float16 as before."""
+    gen = torch.Generator().manual_seed(5)
+    q = (torch.randn(1, 1, 256, 128, generator=gen) * 3).to(DEVICE, torch.bfloat16)
+    k = (torch.randn(1, 1, 300, 128, generator=gen) * 3).to(DEVICE, torch.bfloat16)
+    scale = 1 / math.sqrt(128)
+    qr, kr = e4m3_rounded(q), e4m3_rounded(k)
+    _, lse = ref.logits_and_lse(qr, kr, scale)
+    lse[..., 130] = 20000.0  # 28,854 in log2: block 1 runs in float32, its row 130 gives nothing
+    got = mask_kernels.gpu_colmax_e4m3(q, k, scale, lse.reshape(1, -1), 128)[..., :300].float()
+    expected = ref.maxprob_scores(qr, kr, lse, 128, scale).reshape(1, 2, -1)
+    worst = torch.matmul(qr.abs(), kr.abs().transpose(-1, -2)).amax()
+    _close(got[:, 1:], expected[:, 1:], (scale * ACCUMULATION_SLACK * worst).reshape(1, 1, 1))
+    _close(got[:, :1], expected[:, :1], _logit_slack(qr, kr, scale, lse[..., :128]))
 
 
 @pytest.mark.parametrize("shape", [(1, 2, 300, 400, 64), (2, 3, 1000, 777, 128), (1, 2, 5000, 5000, 128)])
@@ -125,7 +149,7 @@ def test_e4m3_prediction_keeps_the_keys_the_reference_ranks_highest(shape, works
     scores = ref.maxprob_scores(qr, kr, lse, slice_m, 1 / math.sqrt(128), exact=True)  # [B, H, QB, S]
     top_k = max(1, round(0.1 * kv_len))
     kth = scores.topk(top_k, dim=-1).values[..., -1:]
-    slack = _logit_slack(qr, kr, 1 / math.sqrt(128)).reshape(batch, heads, 1, 1)
+    slack = _logit_slack(qr, kr, 1 / math.sqrt(128), lse).reshape(batch, heads, 1, 1)
     kept = got.to_dense().cpu()
     assert (kept.sum(-1) == top_k).all()
     floor = kth * torch.exp(-2 * slack) * (1 - PROB_RTOL) - 1e-6  # stored scores round toward zero

@@ -11,10 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgcupy import device_constants, e4m3_kernels
-from fgcupy.e4m3 import E4M3_MAX, heads_as_e4m3, scales_for_amax
+from fgcupy.e4m3 import E4M3_TARGET, heads_as_e4m3, scales_for_amax
 from fgcupy.e4m3_kernels import gpu_heads_as_e4m3, kernels_take
 from fgcupy.jit import runtime as jit_runtime
 from fgcupy.jit.e4m3_spec import CONVERT_THREADS, CONVERT_UNROLL, E4m3ConvertSpec
+from fgcupy.jit.score_spec import Sm90ScoreSpec
 from fgcupy.lse_estimate import _band_sample_ranges, estimate_lse, lse_parts_from_stats, sample_positions
 from fgcupy.mask import num_blocks
 from fgcupy.mask_kernels import _checked_skip
@@ -22,19 +23,20 @@ from fgcupy.mask_kernels import _checked_skip
 # --- fgcupy.e4m3.scales_for_amax -------------------------------------------------------------
 
 
-def test_a_largest_magnitude_of_exactly_e4m3_max_keeps_scale_one():
-    """448 fits e4m3 as it is: its scale is 1, not 1/2 (and 448 / 2**k gets 2**k)."""
-    amax = torch.tensor([448.0, 224.0, 448.0 / 2**20, 448.0 * 4])
+def test_a_largest_magnitude_of_exactly_the_target_keeps_scale_one():
+    """16 is the target as it is: its scale is 1, not 1/2 (and 16 / 2**k gets 2**k)."""
+    assert E4M3_TARGET == 16.0
+    amax = torch.tensor([16.0, 8.0, 16.0 / 2**20, 16.0 * 4])
     assert scales_for_amax(amax).tolist() == [1.0, 2.0, 2.0**20, 0.25]
 
 
 def test_the_largest_power_of_two_below_float32s_range_is_used():
-    """A magnitude near 2e-36 takes 2**127 (the largest finite float32 power of two), which brings
-    it under E4M3_MAX; only past that does the scale fall back to 1."""
-    amax = torch.tensor([2e-36, 1e-45], dtype=torch.float32)
+    """A magnitude near 6e-38 takes 2**127 (the largest finite float32 power of two), which brings
+    it under E4M3_TARGET; only past that does the scale fall back to 1."""
+    amax = torch.tensor([6e-38, 1e-45], dtype=torch.float32)
     scales = scales_for_amax(amax)
     assert scales[0].item() == 2.0**127
-    assert 0 < amax[0].item() * 2.0**127 <= E4M3_MAX
+    assert 0 < amax[0].item() * 2.0**127 <= E4M3_TARGET
     assert scales[1].item() == 1.0
 
 
@@ -44,23 +46,23 @@ def test_scales_for_amax_of_zero_infinite_or_nan_are_one():
     assert scales_for_amax(amax).tolist() == [1.0, 1.0, 1.0]
 
 
-#: float32 bits next to powers of two, to 448 times them, and to where 448 / amax overflows.
+#: float32 bits next to powers of two, to 16 times them, and to where 16 / amax overflows.
 _SCALE_EDGES = [bits for bits in
                 [np.float32(value).view(np.int32).item() + d
-                 for p in range(-149, 128) for value in (2.0**p, min(448.0 * 2.0**p, 3e38)) for d in (-1, 0, 1)]
-                + [np.float32(E4M3_MAX / np.finfo(np.float32).max).view(np.int32).item() + d for d in range(-3, 4)]
+                 for p in range(-149, 128) for value in (2.0**p, min(E4M3_TARGET * 2.0**p, 3e38)) for d in (-1, 0, 1)]
+                + [np.float32(E4M3_TARGET / np.finfo(np.float32).max).view(np.int32).item() + d for d in range(-3, 4)]
                 if 0 <= bits <= 0x7FFFFFFF]
 
 
 def _scale_by_definition(amax: float) -> float:
-    """The largest power of two s with amax x s <= 448, by exact float64 products; 1 where
-    amax is not positive and finite or 448 / amax (in float32) is not finite."""
+    """The largest power of two s with amax x s <= E4M3_TARGET, by exact float64 products; 1
+    where amax is not positive and finite or E4M3_TARGET / amax (in float32) is not finite."""
     with np.errstate(divide="ignore", over="ignore"):
-        quotient = np.float32(E4M3_MAX) / np.float32(amax)
+        quotient = np.float32(E4M3_TARGET) / np.float32(amax)
     if not (math.isfinite(amax) and amax > 0 and np.isfinite(quotient)):
         return 1.0
     power = math.frexp(float(quotient))[1] + 1  # 2**power > quotient, a power or two too high
-    while amax * 2.0**power > E4M3_MAX:
+    while amax * 2.0**power > E4M3_TARGET:
         power -= 1
     return 2.0**power
 
@@ -69,8 +71,8 @@ def _scale_by_definition(amax: float) -> float:
 @given(st.lists(st.integers(0, 0x7FFFFFFF), min_size=1, max_size=32))
 def test_scales_for_amax_is_the_largest_power_of_two_that_fits(bits):
     """On any non-negative float32 (NaN, infinity and subnormals included), above all next to
-    powers of two and where 448 / amax overflows: the largest power of two that keeps amax
-    within E4M3_MAX, or 1."""
+    powers of two and where E4M3_TARGET / amax overflows: the largest power of two that keeps
+    amax within E4M3_TARGET, or 1."""
     amax = np.array(bits + _SCALE_EDGES, dtype=np.uint32).view(np.float32)
     got = scales_for_amax(torch.from_numpy(amax.copy())).tolist()
     assert got == [_scale_by_definition(float(a)) for a in amax]
@@ -184,10 +186,12 @@ def test_one_input_the_kernels_cannot_read_sends_both_the_torch_way(monkeypatch)
 
 def test_convert_constants_are_the_launch_threads_and_unroll():
     """The kernel's thread and unroll constants are the block size the launch uses and the unroll
-    the grid divides by."""
+    the grid divides by; its scaling target is the reference's, and the scoring kernel's."""
     for step in ("amax", "round"):
         spec = E4m3ConvertSpec("bfloat16", 128, step)
-        assert spec.constants == {"kConvertThreads": spec.threads, "kConvertUnroll": CONVERT_UNROLL}
+        assert spec.constants == {"kConvertThreads": spec.threads, "kConvertUnroll": CONVERT_UNROLL,
+                                  "kE4m3Target": E4M3_TARGET}
+        assert Sm90ScoreSpec("float8_e4m3", 128, "maxprob", 128).constants["kE4m3Target"] == E4M3_TARGET
         assert spec.threads == CONVERT_THREADS
 
 

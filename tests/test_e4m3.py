@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from fgcupy import SliceMask, predict_mask
 from fgcupy import mask_reference as ref
-from fgcupy.e4m3 import E4M3_MAX, e4m3_rounded, head_scales, heads_as_e4m3, to_e4m3
+from fgcupy.e4m3 import E4M3_TARGET, e4m3_rounded, head_scales, heads_as_e4m3, to_e4m3
 from fgcupy.jit.score_spec import E4M3, Sm90ScoreSpec, all_sm90_mask_specs
 from fgcupy.lse_estimate import estimate_lse
 from fgcupy.predict_op import _fields, request_token
@@ -26,9 +26,9 @@ def test_each_head_gets_the_largest_power_of_two_that_fits(seed, magnitude, dtyp
     amax = x.float().abs().amax(dim=(2, 3))
     assert scales.dtype == torch.float32 and scales.shape == (2, 3)
     assert torch.equal(scales, torch.exp2(torch.log2(scales).round()))  # powers of two
-    assert (amax * scales <= E4M3_MAX).all()
+    assert (amax * scales <= E4M3_TARGET).all()
     fits = amax > 0  # a float16 head of magnitude 1e-6 may underflow to zeros: scale 1
-    assert (amax * scales * 2 > E4M3_MAX)[fits].all() and (scales[~fits] == 1).all()
+    assert (amax * scales * 2 > E4M3_TARGET)[fits].all() and (scales[~fits] == 1).all()
     rounded = e4m3_rounded(x)
     # e4m3 keeps 3 mantissa bits: within half a step (2^-4 relative) of each normal value, and
     # the largest magnitude survives the rounding.
@@ -43,14 +43,14 @@ def test_heads_without_a_finite_nonzero_magnitude_keep_scale_one():
     x[0, 1, 3, 3] = float("inf")
     x[0, 2, 5, 1] = float("nan")
     x[0, 3] *= 1000.0
-    assert head_scales(x).tolist() == [[1.0, 1.0, 1.0, 2.0**-2]]
+    assert head_scales(x).tolist() == [[1.0, 1.0, 1.0, 2.0**-6]]
     as_e4m3 = to_e4m3(x, head_scales(x)).float()
-    assert as_e4m3[0, 1, 3, 3] == E4M3_MAX  # an infinite element counts as the largest finite value
+    assert as_e4m3[0, 1, 3, 3] == E4M3_TARGET  # an infinite element counts as the largest a head may hold
     assert math.isnan(as_e4m3[0, 2, 5, 1]) and as_e4m3[0, 2, 5, 0] == 1.0
-    assert as_e4m3[0, 3].eq(256.0).all()  # 1000 / 4 = 250: e4m3 steps by 16 above 128, 256 is nearest
+    assert as_e4m3[0, 3].eq(16.0).all()  # 1000 / 64 = 15.6: e4m3 steps by 1 from 8 to 16, 16 is nearest
     assert head_scales(torch.zeros(0, 2, 0, 16)).shape == (0, 2)
-    just_past = torch.tensor(448 * (1 + 2**-23) / 2**10).reshape(1, 1, 1, 1)  # float32 log2 rounds up here
-    assert (just_past * head_scales(just_past)).item() <= E4M3_MAX
+    just_past = torch.tensor(E4M3_TARGET * (1 + 2**-23) / 2**10).reshape(1, 1, 1, 1)  # float32 log2 rounds up here
+    assert (just_past * head_scales(just_past)).item() <= E4M3_TARGET
 
 
 def test_bfloat16_and_float32_scaling_round_alike():
