@@ -114,19 +114,27 @@ __device__ __forceinline__ int sw128_offset(int row, int chunk) {
   return (chunk >> 3) * (R * 64) + row * 64 + (((chunk & 7) ^ (row & 7)) << 3);
 }
 
-// D(64 x N) = A B^T over all D storage columns (u16; StoreCols): A is 64 rows of an a_rows-row sw128 tile starting at
-// a_half0 (the row offset already added), B N rows of a b_rows-row sw128 tile at b_half0.
-template <class T, int D, int N>
-__device__ __forceinline__ void wgmma_ss_tile(float (&acc)[N / 2], u32 a_half0, int a_rows, u32 b_half0, int b_rows) {
+// The k steps of A B^T over all D storage columns (u16; StoreCols): A is 64 rows of an a_rows-row
+// sw128 tile starting at a_half0 (the row offset already added), B N rows of a b_rows-row sw128
+// tile at b_half0; step(kk, desc_a, desc_b) issues step kk's wgmma.
+template <int D, class Step>
+__device__ __forceinline__ void wgmma_ss_steps(u32 a_half0, int a_rows, u32 b_half0, int b_rows, Step step) {
   const u64 da0 = smem_desc_sw128(a_half0, 16, 1024);
   const u64 db0 = smem_desc_sw128(b_half0, 16, 1024);
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    const u64 da = desc_advance(da0, (kk / 4) * a_rows * 128 + (kk % 4) * 32);
-    const u64 db = desc_advance(db0, (kk / 4) * b_rows * 128 + (kk % 4) * 32);
+    step(kk, desc_advance(da0, (kk / 4) * a_rows * 128 + (kk % 4) * 32),
+         desc_advance(db0, (kk / 4) * b_rows * 128 + (kk % 4) * 32));
+  }
+}
+
+// D(64 x N, float32) = A B^T (wgmma_ss_steps' operands).
+template <class T, int D, int N>
+__device__ __forceinline__ void wgmma_ss_tile(float (&acc)[N / 2], u32 a_half0, int a_rows, u32 b_half0, int b_rows) {
+  wgmma_ss_steps<D>(a_half0, a_rows, b_half0, b_rows, [&](int kk, u64 da, u64 db) {
     if constexpr (N == 64) Wgmma<T>::ss_n64(acc, da, db, kk > 0);
     else Wgmma<T>::ss_n128(acc, da, db, kk > 0);
-  }
+  });
 }
 
 // e4m3 products into float16 accumulators (m64n128k32.f16): 32 registers, each the f16x2 pair
@@ -140,18 +148,12 @@ __device__ __forceinline__ void wgmma_e4m3_n128_f16acc(u32 d[32], u64 desc_a, u6
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// wgmma_ss_tile for e4m3 with N = 128 into float16 accumulators (D: u16 storage columns).
+// D(64 x 128, float16) = A B^T of e4m3 tiles (wgmma_ss_steps' operands).
 template <int D>
 __device__ __forceinline__ void wgmma_ss_tile_e4m3_f16acc(u32 (&acc)[32], u32 a_half0, int a_rows, u32 b_half0,
                                                           int b_rows) {
-  const u64 da0 = smem_desc_sw128(a_half0, 16, 1024);
-  const u64 db0 = smem_desc_sw128(b_half0, 16, 1024);
-#pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
-    const u64 da = desc_advance(da0, (kk / 4) * a_rows * 128 + (kk % 4) * 32);
-    const u64 db = desc_advance(db0, (kk / 4) * b_rows * 128 + (kk % 4) * 32);
-    wgmma_e4m3_n128_f16acc(acc, da, db, kk > 0);
-  }
+  wgmma_ss_steps<D>(a_half0, a_rows, b_half0, b_rows,
+                    [&](int kk, u64 da, u64 db) { wgmma_e4m3_n128_f16acc(acc, da, db, kk > 0); });
 }
 
 }  // namespace fg
