@@ -38,7 +38,7 @@
 // pairs, one fma and one max per two scores where float32 takes two of each (the epilogue, not
 // the tensor cores, set the float32 pass's time); float16 keeps 11 bits, below e4m3's own
 // rounding of the products. A CTA whose rows' LSE or head's scale float16 would not hold well
-// (any beyond 2^14) runs in float32.
+// (any beyond 2^14) runs its epilogue in float32, on the same float16 sums.
 // Grid: (row tiles, key chunks, heads), row tiles fastest, so CTAs that run together read the
 // same keys from L2. Two CTAs per SM: one's reductions overlap the other's products (256 rows
 // per CTA, one CTA per SM and two products in flight per warpgroup measured slower).
@@ -260,15 +260,13 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
       }
 
       float acc[kN / 2];
-      u32 acc16[kN / 4];  // float16 CTAs: acc16[nt * 2 + i] holds what acc[nt * 4 + 2 * i] and + 1 would
-      if (f16_cta) {
-        if constexpr (kF16) {
-          wgmma_fence();
-          wgmma_ss_tile_e4m3_f16acc<kD>(acc16, k_stage + a_wg, kN, sR_u32, S::kRows);
-          wgmma_commit();
-          wgmma_wait<0>();
-          wgmma_fence_operand(acc16);
-        }
+      u32 acc16[kN / 4];  // kF16: acc16[nt * 2 + i] holds what acc[nt * 4 + 2 * i] and + 1 would
+      if constexpr (kF16) {
+        wgmma_fence();
+        wgmma_ss_tile_e4m3_f16acc<kD>(acc16, k_stage + a_wg, kN, sR_u32, S::kRows);
+        wgmma_commit();
+        wgmma_wait<0>();
+        wgmma_fence_operand(acc16);
       } else {
         wgmma_fence();
         if (stats_pass) wgmma_ss_tile<T, kD, kN>(acc, sR_u32 + a_wg, S::kRows, k_stage, kN);
@@ -335,7 +333,15 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
             const float2 l2 = *reinterpret_cast<const float2*>(sLse2 + nt * 8 + tig * 2);
 #pragma unroll
             for (int i = 0; i < 2; ++i) {
-              const float v = fmaxf(acc[nt * 4 + 2 * i] * scale_log2 - l2.x, acc[nt * 4 + 2 * i + 1] * scale_log2 - l2.y);
+              float s0, s1;
+              if constexpr (kF16) {
+                s0 = fp16_t::to_float(static_cast<u16>(acc16[nt * 2 + i]));
+                s1 = fp16_t::to_float(static_cast<u16>(acc16[nt * 2 + i] >> 16));
+              } else {
+                s0 = acc[nt * 4 + 2 * i];
+                s1 = acc[nt * 4 + 2 * i + 1];
+              }
+              const float v = fmaxf(s0 * scale_log2 - l2.x, s1 * scale_log2 - l2.y);
               run[i] = nt % kTilesPerGroup == 0 ? v : fmaxf(run[i], v);
             }
           }

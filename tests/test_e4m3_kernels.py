@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fgcupy import e4m3_kernels
-from fgcupy.e4m3 import head_scales, heads_as_e4m3, to_e4m3
+from fgcupy.e4m3 import E4M3_TARGET, head_scales, heads_as_e4m3, to_e4m3
 from fgcupy.e4m3_kernels import gpu_heads_as_e4m3, kernels_take
 from fgcupy.jit import report as report_mod
 from fgcupy.jit.e4m3_spec import CONVERT_THREADS, CONVERT_UNROLL, E4m3ConvertSpec, all_e4m3_convert_specs
@@ -146,19 +146,19 @@ def test_scales_match_torch_on_a_head_of_one_value():
     x[0, 1] = -1e-3
     q8, _, factor = gpu_heads_as_e4m3(x, x, 0, 2)
     scales = head_scales(x).reshape(-1)
-    assert float(scales[0]) == 512.0  # 0.8125 x 512 = 416 <= 448 < 832
+    assert float(scales[0]) == 16.0 and E4M3_TARGET == 16.0  # 0.8125 x 16 = 13 <= 16 < 26
     assert torch.equal(factor, 1.0 / (scales * scales))
-    assert bool((q8[0, 0].float() == 416.0).all())
+    assert bool((q8[0, 0].float() == 13.0).all())
 
 
 @pytest.mark.gpu
 @needs_hopper
 def test_scales_match_torch_next_to_powers_of_two_and_the_overflow_edge():
-    """Heads of one value each, that value next to 448 x 2**p, next to 2**p, next to where 448 /
-    amax overflows, or subnormal: the rounding kernel's scale from the exponent bits is
+    """Heads of one value each, that value next to E4M3_TARGET x 2**p, next to 2**p, next to where
+    E4M3_TARGET / amax overflows, or subnormal: the rounding kernel's scale from the exponent bits is
     scales_for_amax's."""
-    bits = torch.tensor([448.0 * 2.0**p for p in (-20, -3, 0, 5, 30)] + [2.0**p for p in (-100, -1, 0, 7, 100)]
-                        + [1.3165538e-36, 1e-39, 3e38], dtype=torch.bfloat16).view(torch.int16)
+    bits = torch.tensor([E4M3_TARGET * 2.0**p for p in (-20, -3, 0, 5, 30)] + [2.0**p for p in (-100, -1, 0, 7, 100)]
+                        + [E4M3_TARGET / torch.finfo(torch.float32).max, 1e-39, 3e38], dtype=torch.bfloat16).view(torch.int16)
     values = torch.cat([bits - 1, bits, bits + 1]).view(torch.bfloat16)
     values = values[values.float().isfinite() & (values.float() > 0)]
     x = values.float().view(1, -1, 1, 1).expand(1, values.numel(), 48, 128).to("cuda", torch.bfloat16)
