@@ -12,6 +12,12 @@ typedef unsigned short u16;
 typedef long long i64;
 typedef unsigned long long u64;
 
+// A compile-time bool as a type, for a generic lambda instantiated once per value.
+template <bool B>
+struct Flag {
+  static constexpr bool value = B;
+};
+
 #define FG_NEG_INF (__int_as_float(0xff800000))
 #define FG_LN2 0.6931471805599453f
 

@@ -317,66 +317,73 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
         constexpr int kRowsPerStep = GROUP >= 8 ? 1 : 8 / GROUP;  // output rows between two groups' stores
         const bool full_tile = tile_key + kN <= key_end;
         const i64 step_ld = kRowsPerStep * out_ld;
-        u16* dst = kList ? out_thread - thread_row : out_thread + tile_key;
-        float run[2];
-        u32 run2[2];  // float16 CTAs: the maxima of each key's two columns so far, f16x2
+        // The loop once per epilogue: a float16 CTA's has no test per column tile (one keeps
+        // ptxas from fusing its maxima).
+        auto column_tiles = [&](auto half) {
+          constexpr bool kHalf = decltype(half)::value;
+          u16* dst = kList ? out_thread - thread_row : out_thread + tile_key;
+          float run[2];
+          u32 run2[2];  // kHalf: the maxima of each key's two columns so far, f16x2
 #pragma unroll
-        for (int nt = 0; nt < S::kRows / 8; ++nt) {
-          if (f16_cta) {
-            const u32 neg_l2 = reinterpret_cast<const u32*>(sLse2)[nt * 4 + tig];
+          for (int nt = 0; nt < S::kRows / 8; ++nt) {
+            if constexpr (kHalf) {
+              const u32 neg_l2 = reinterpret_cast<const u32*>(sLse2)[nt * 4 + tig];
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-              const u32 v = fp16_t::fma2(acc16[nt * 2 + i], scale2, neg_l2);
-              run2[i] = nt % kTilesPerGroup == 0 ? v : fp16_t::max2(run2[i], v);
-            }
-          } else {
-            const float2 l2 = *reinterpret_cast<const float2*>(sLse2 + nt * 8 + tig * 2);
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-              float s0, s1;
-              if constexpr (kF16) {
-                s0 = fp16_t::to_float(static_cast<u16>(acc16[nt * 2 + i]));
-                s1 = fp16_t::to_float(static_cast<u16>(acc16[nt * 2 + i] >> 16));
-              } else {
-                s0 = acc[nt * 4 + 2 * i];
-                s1 = acc[nt * 4 + 2 * i + 1];
+              for (int i = 0; i < 2; ++i) {
+                const u32 v = fp16_t::fma2(acc16[nt * 2 + i], scale2, neg_l2);
+                run2[i] = nt % kTilesPerGroup == 0 ? v : fp16_t::max2(run2[i], v);
               }
-              const float v = fmaxf(s0 * scale_log2 - l2.x, s1 * scale_log2 - l2.y);
-              run[i] = nt % kTilesPerGroup == 0 ? v : fmaxf(run[i], v);
-            }
-          }
-          if (nt % kTilesPerGroup != kTilesPerGroup - 1) continue;
-          if (f16_cta) {
+            } else {
+              const float2 l2 = *reinterpret_cast<const float2*>(sLse2 + nt * 8 + tig * 2);
 #pragma unroll
-            for (int i = 0; i < 2; ++i) {
-              run[i] = fmaxf(fp16_t::to_float(static_cast<u16>(run2[i])), fp16_t::to_float(static_cast<u16>(run2[i] >> 16)));
-            }
-          }
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            if (kLanes >= 2) run[i] = fmaxf(run[i], __shfl_xor_sync(0xffffffffu, run[i], 1));
-            if (kLanes >= 4) run[i] = fmaxf(run[i], __shfl_xor_sync(0xffffffffu, run[i], 2));
-          }
-          const int step = ((nt + 1 - kTilesPerGroup) * 8) >> kGroupShift;  // output rows past orow0
-          if ((tig & (kLanes - 1)) == 0 && orow0 + step < out_rows) {
-#pragma unroll
-            for (int i = 0; i < 2; ++i) {
-              if (full_tile || tile_key + thread_row + 8 * i < key_end) {
-                const float m = fast_exp2(run[i]);
-                if (kList) {
-                  if (static_cast<unsigned>(row_key[i]) < static_cast<unsigned>(p.kv_len)) {
-                    __stcs(dst + row_key[i], bf16_t::truncate(m));
-                  }
-                } else if (GROUP == S::kRows && band) {
-                  dst[8 * i] = bf16_t::truncate(fmaxf(bf16_t::to_float(dst[8 * i]), m));
+              for (int i = 0; i < 2; ++i) {
+                float s0, s1;
+                if constexpr (kF16) {
+                  s0 = fp16_t::to_float(static_cast<u16>(acc16[nt * 2 + i]));
+                  s1 = fp16_t::to_float(static_cast<u16>(acc16[nt * 2 + i] >> 16));
                 } else {
-                  __stcs(dst + 8 * i, bf16_t::truncate(m));  // streamed: keep L2 for the key tiles other CTAs read
+                  s0 = acc[nt * 4 + 2 * i];
+                  s1 = acc[nt * 4 + 2 * i + 1];
+                }
+                const float v = fmaxf(s0 * scale_log2 - l2.x, s1 * scale_log2 - l2.y);
+                run[i] = nt % kTilesPerGroup == 0 ? v : fmaxf(run[i], v);
+              }
+            }
+            if (nt % kTilesPerGroup != kTilesPerGroup - 1) continue;
+            if constexpr (kHalf) {
+#pragma unroll
+              for (int i = 0; i < 2; ++i) {
+                run[i] = fmaxf(fp16_t::to_float(static_cast<u16>(run2[i])), fp16_t::to_float(static_cast<u16>(run2[i] >> 16)));
+              }
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              if (kLanes >= 2) run[i] = fmaxf(run[i], __shfl_xor_sync(0xffffffffu, run[i], 1));
+              if (kLanes >= 4) run[i] = fmaxf(run[i], __shfl_xor_sync(0xffffffffu, run[i], 2));
+            }
+            const int step = ((nt + 1 - kTilesPerGroup) * 8) >> kGroupShift;  // output rows past orow0
+            if ((tig & (kLanes - 1)) == 0 && orow0 + step < out_rows) {
+#pragma unroll
+              for (int i = 0; i < 2; ++i) {
+                if (full_tile || tile_key + thread_row + 8 * i < key_end) {
+                  const float m = fast_exp2(run[i]);
+                  if (kList) {
+                    if (static_cast<unsigned>(row_key[i]) < static_cast<unsigned>(p.kv_len)) {
+                      __stcs(dst + row_key[i], bf16_t::truncate(m));
+                    }
+                  } else if (GROUP == S::kRows && band) {
+                    dst[8 * i] = bf16_t::truncate(fmaxf(bf16_t::to_float(dst[8 * i]), m));
+                  } else {
+                    __stcs(dst + 8 * i, bf16_t::truncate(m));  // streamed: keep L2 for the key tiles other CTAs read
+                  }
                 }
               }
             }
+            dst += step_ld;
           }
-          dst += step_ld;
-        }
+        };
+        if (kF16 && f16_cta) column_tiles(Flag<kF16>{});
+        else column_tiles(Flag<false>{});
       }
       tile_sync(false);  // the stage is refilled by the next iteration
     }
