@@ -316,6 +316,8 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
         constexpr int kLanes = GROUP >= 8 ? 4 : GROUP / 2;  // quad lanes one group spans
         constexpr int kRowsPerStep = GROUP >= 8 ? 1 : 8 / GROUP;  // output rows between two groups' stores
         const bool full_tile = tile_key + kN <= key_end;
+        const bool key_in[2] = {full_tile || tile_key + thread_row < key_end,  // this thread's two keys
+                                full_tile || tile_key + thread_row + 8 < key_end};
         const i64 step_ld = kRowsPerStep * out_ld;
         // The loop once per epilogue: a float16 CTA's has no test per column tile (one keeps
         // ptxas from fusing its maxima).
@@ -365,7 +367,7 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
             if ((tig & (kLanes - 1)) == 0 && orow0 + step < out_rows) {
 #pragma unroll
               for (int i = 0; i < 2; ++i) {
-                if (full_tile || tile_key + thread_row + 8 * i < key_end) {
+                if (key_in[i]) {
                   const float m = fast_exp2(run[i]);
                   if (kList) {
                     if (static_cast<unsigned>(row_key[i]) < static_cast<unsigned>(p.kv_len)) {
