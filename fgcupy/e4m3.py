@@ -25,7 +25,7 @@ E4M3_TARGET = 16.0
 def head_scales(x: torch.Tensor) -> torch.Tensor:
     """float32 [B, H]: per head of ``x`` [B, H, S, D], the power of two that takes its largest
     magnitude to at most E4M3_TARGET (1 where that magnitude is 0 or not finite: an infinite
-    element is then clamped, a NaN stays NaN; 1 also where it is below about 1e-36, past
+    element is then clamped, a NaN stays NaN; 1 also where it is below about 5e-38, past
     float32's powers of two, and the head rounds to zeros). No host sync."""
     amax = (torch.linalg.vector_norm(x, float("inf"), dim=(2, 3)).float() if x.numel()  # one pass, no |x| copy
             else x.new_zeros(x.shape[:2], dtype=torch.float32))

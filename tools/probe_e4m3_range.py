@@ -14,13 +14,13 @@ kernels compile fgcupy.e4m3.E4M3_TARGET in).
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
 import fgcupy.e4m3 as e4m3
 from fgcupy import predict_mask
 from fgcupy.oracle import Judge
+from tools.probe_foreign_inputs import inputs
 
 DIM = 128
 SLICE_M = 128
@@ -28,10 +28,11 @@ WIDE_CHANNELS = 4
 
 
 def heads(logit_std: float, n_heads: int, seq: int, seed: int) -> tuple:
-    """(q, k, v) float32 [1, n_heads, seq, DIM]: i.i.d. logits of standard deviation ``logit_std``."""
+    """(q, k, v) float32 [1, n_heads, seq, DIM]: i.i.d. logits of standard deviation ``logit_std``
+    (tools.probe_foreign_inputs' heads), v standard normal."""
     gen = torch.Generator().manual_seed(seed)
-    entry = math.sqrt(logit_std)
-    return tuple(torch.randn(1, n_heads, seq, DIM, generator=gen) * (entry if i < 2 else 1.0) for i in range(3))
+    q, k = inputs(f"i.i.d. std {logit_std:g}", n_heads, seq, gen, DIM)
+    return q, k, torch.randn(q.shape, generator=gen)
 
 
 def spread(q: torch.Tensor, k: torch.Tensor, ratio: float) -> tuple:

@@ -15,13 +15,12 @@ import math
 import torch
 
 from fgcupy import SliceMask
+from fgcupy.e4m3 import E4M3_MAX
 from fgcupy.head_families import FAMILIES, family_qkv, family_shape
 from fgcupy.lse_estimate import estimate_lse
 from fgcupy.mask_reference import colmax_scores
 from fgcupy.oracle import Judge, keys_for
 from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
-
-E4M3_MAX = 448.0
 
 
 def e4m3_rounded(x: torch.Tensor) -> torch.Tensor:
