@@ -1,9 +1,10 @@
 // q or k of some heads as float8 e4m3 for the Hopper max-probability pass, in two reads of the
 // 16-bit input (fgcupy/e4m3_kernels.py; fgcupy/e4m3.py is the reference):
-//   e4m3_amax: each head's largest magnitude, raised into amax[head] (float bits, zeroed first);
-//   e4m3_round: each head's power of two from its amax (written to scale[head] for the pass's
-//   logit scale), each value times it, magnitudes past kE4m3Target clamped (NaN stays NaN),
-//   rounded to nearest even, written as [heads, rows, D] bytes.
+//   e4m3_sumsq: each head's largest sum of squares of a row, raised into sumsq[head] (float64
+//   bits, zeroed first);
+//   e4m3_round: each head's power of two from it (written to scale[head] for the pass's logit
+//   scale), each value times it, magnitudes past kE4m3Max clamped (NaN stays NaN), rounded to
+//   nearest even, written as [heads, rows, D] bytes.
 // Heads are counted batch-major from bh0; row r of head bh = b * heads + h starts at element
 // b * stride_b + h * stride_h + r * stride_s, its D values contiguous and 16-byte aligned (the
 // host checks). Each thread takes kConvertUnroll 16-byte vectors a CTA's width apart, loads first.
@@ -11,12 +12,13 @@
 
 namespace fg {
 
-// kConvertThreads, kConvertUnroll and kE4m3Target (fgcupy.e4m3.E4M3_TARGET: the largest
-// magnitude a head is scaled to) come from fgcupy/jit/e4m3_spec.py, with the parameter structs.
+// kConvertThreads, kConvertUnroll, kE4m3Max and kE4m3RowSumsq (fgcupy.e4m3.E4M3_MAX and
+// E4M3_ROW_SUMSQ: e4m3's largest value and the bound on a scaled row's sum of squares) come from
+// fgcupy/jit/e4m3_spec.py, with the parameter structs.
 
 template <int D>
 struct HeadVectors {
-  static_assert(D % 8 == 0, "rows are read as 16-byte vectors of eight 16-bit values");
+  static_assert(D % 8 == 0 && D <= 256, "rows are read as 16-byte vectors of eight 16-bit values, a row within a warp");
   static constexpr int kPerRow = D / 8;
 
   const u16* base;
@@ -40,15 +42,26 @@ __device__ __forceinline__ int first_vector() {
   return blockIdx.x * (kConvertThreads * kConvertUnroll) + threadIdx.x;
 }
 
-// The magnitude of a 16-bit float as the float32 it is. bf16 and fp16 alike order non-negative
-// values (NaN above infinity) as their bits do.
+// The sum of the squares of a vector's eight values, in float64 (each square exact; the widening
+// keeps subnormals, which -ftz=true would flush from a float32 operand).
 template <class T>
-__device__ __forceinline__ float magnitude(u32 bits) {
-  return T::to_float(static_cast<u16>(bits));
+__device__ __forceinline__ double squares(uint4 v) {
+  const u32 words[4] = {v.x, v.y, v.z, v.w};
+  double sum = 0.0;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      double x;
+      asm("cvt.f64.f32 %0, %1;" : "=d"(x) : "f"(T::to_float(static_cast<u16>(words[w] >> (16 * half)))));
+      sum = fma(x, x, sum);
+    }
+  }
+  return sum;
 }
 
 template <class T, int D>
-__global__ void __launch_bounds__(kConvertThreads) e4m3_amax(const __grid_constant__ E4m3AmaxParams p) {
+__global__ void __launch_bounds__(kConvertThreads) e4m3_sumsq(const __grid_constant__ E4m3SumsqParams p) {
   const HeadVectors<D> head(p.x, p.bh0 + blockIdx.y, p.heads, p.stride_b, p.stride_h, p.stride_s, p.rows);
   const int first = first_vector();
   uint4 v[kConvertUnroll];
@@ -57,22 +70,23 @@ __global__ void __launch_bounds__(kConvertThreads) e4m3_amax(const __grid_consta
     const int i = first + u * kConvertThreads;
     v[u] = i < head.count ? head.load(i) : make_uint4(0, 0, 0, 0);
   }
-  u32 pair = 0;  // two 15-bit magnitudes, compared as unsigned halves
+  // A row's kPerRow vectors lie in consecutive lanes (a CTA's first vector starts a row).
+  u64 sumsq = 0;  // float64 bits, sign cleared: non-negative values (NaN above infinity) order as their bits
 #pragma unroll
   for (int u = 0; u < kConvertUnroll; ++u) {
-    pair = __vmaxu2(pair, __vmaxu2(v[u].x & 0x7fff7fffu, v[u].y & 0x7fff7fffu));
-    pair = __vmaxu2(pair, __vmaxu2(v[u].z & 0x7fff7fffu, v[u].w & 0x7fff7fffu));
-  }
-  u32 bits = max(pair & 0xffffu, pair >> 16);
+    double row = squares<T>(v[u]);
 #pragma unroll
-  for (int d = 16; d > 0; d >>= 1) bits = max(bits, __shfl_xor_sync(0xffffffffu, bits, d));
-  __shared__ u32 warp_max[kConvertThreads / 32];
-  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = bits;
+    for (int d = HeadVectors<D>::kPerRow / 2; d > 0; d >>= 1) row += __shfl_xor_sync(0xffffffffu, row, d);
+    sumsq = max(sumsq, static_cast<u64>(__double_as_longlong(row)) & 0x7fffffffffffffffull);
+  }
+#pragma unroll
+  for (int d = 16; d > 0; d >>= 1) sumsq = max(sumsq, __shfl_xor_sync(0xffffffffu, sumsq, d));
+  __shared__ u64 warp_sumsq[kConvertThreads / 32];
+  if ((threadIdx.x & 31) == 0) warp_sumsq[threadIdx.x >> 5] = sumsq;
   __syncthreads();
   if (threadIdx.x == 0) {
-    for (int w = 1; w < kConvertThreads / 32; ++w) bits = max(bits, warp_max[w]);
-    // Non-negative float32 values (NaN above infinity) also order as their bits do.
-    if (bits) atomicMax(static_cast<u32*>(p.amax) + blockIdx.y, __float_as_uint(magnitude<T>(bits)));
+    for (int w = 1; w < kConvertThreads / 32; ++w) sumsq = max(sumsq, warp_sumsq[w]);
+    if (sumsq) atomicMax(static_cast<unsigned long long*>(p.sumsq) + blockIdx.y, sumsq);
   }
 }
 
@@ -81,7 +95,7 @@ __global__ void __launch_bounds__(kConvertThreads) e4m3_amax(const __grid_consta
 __device__ __forceinline__ float scaled(float x, float scale) {
   float y;
   asm("mul.rn.f32 %0, %1, %2;" : "=f"(y) : "f"(x), "f"(scale));
-  constexpr float kTop = kE4m3Target;
+  constexpr float kTop = kE4m3Max;
   return y > kTop ? kTop : (y < -kTop ? -kTop : y);  // comparisons, so a NaN stays NaN
 }
 
@@ -99,23 +113,27 @@ __device__ __forceinline__ u32 e4m3_quad(u32 a, u32 b, float scale) {
   return lo | (hi << 16);
 }
 
-// fgcupy.e4m3.scales_for_amax of one head: the largest power of two s with amax * s <= the
-// target, that is the power of two at or below target / amax (its exponent bits), halved where
-// the product passes the target (the quotient rounded up to it); 1 where amax is 0, subnormal
-// (flushed), NaN or infinite, or so small that target / amax overflows. Products by powers of
-// two are exact here.
-__device__ __forceinline__ float scale_for_amax(float amax) {
-  constexpr float kTop = kE4m3Target;
-  const float ratio = __fdiv_rn(kTop, amax);
-  if (!(amax > 0.f) || !isfinite(amax) || !isfinite(ratio)) return 1.f;
-  const float power = __uint_as_float(__float_as_uint(ratio) & 0x7f800000u);
-  return amax * power > kTop ? 0.5f * power : power;
+// fgcupy.e4m3.scales_for of one head: the largest power of two s with s^2 * sumsq <=
+// kE4m3RowSumsq, the power at or below the quotient's square root (half its exponent, rounded
+// down), halved where the product passes the bound (the quotient rounded up to a power); 1 where
+// sumsq is 0 or not finite, or s is not a normal float32. Products by powers of two are exact.
+__device__ __forceinline__ float scale_for_head(double sumsq) {
+  constexpr double kBound = kE4m3RowSumsq;
+  const long long exponent = (__double_as_longlong(__ddiv_rn(kBound, sumsq)) & 0x7ff0000000000000ll) >> 52;
+  long long half = (exponent - 1023) >> 1;  // within [-512, 512]: the power below is a normal float64
+  double power = __longlong_as_double((half + 1023) << 52);
+  if (power * power * sumsq > kBound) {
+    power *= 0.5;
+    --half;
+  }
+  const bool usable = sumsq > 0.0 && isfinite(sumsq) && half >= -126 && half <= 127;
+  return usable ? static_cast<float>(power) : 1.f;
 }
 
 template <class T, int D>
 __global__ void __launch_bounds__(kConvertThreads) e4m3_round(const __grid_constant__ E4m3RoundParams p) {
   const HeadVectors<D> head(p.x, p.bh0 + blockIdx.y, p.heads, p.stride_b, p.stride_h, p.stride_s, p.rows);
-  const float scale = scale_for_amax(static_cast<const float*>(p.amax)[blockIdx.y]);
+  const float scale = scale_for_head(static_cast<const double*>(p.sumsq)[blockIdx.y]);
   if (blockIdx.x == 0 && threadIdx.x == 0) static_cast<float*>(p.scale)[blockIdx.y] = scale;
   uint2* __restrict__ out = static_cast<uint2*>(p.out) + static_cast<long long>(blockIdx.y) * head.count;
   const int first = first_vector();

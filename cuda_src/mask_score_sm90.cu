@@ -30,15 +30,17 @@
 //     stored at out[z, block, key]; other keys are left as they are, and so are listed keys
 //     outside [0, kv_len) (a corrupt list reads and writes nothing out of bounds).
 // e4m3 (maxprob only, T = e4m3_t): rows and keys are float8 e4m3, each head's multiplied by a
-// power of two that takes its largest magnitude to at most kE4m3Target; head_scale[bh] (float32,
-// one per head) multiplies scale_log2 back. The tiles are laid out as D / 2 u16 columns
+// power of two that keeps its largest magnitude within 448 and each row's sum of squares within
+// kE4m3RowSumsq (fgcupy.e4m3); head_scale[bh] (float32, one per head) multiplies scale_log2 back. The tiles are laid out as D / 2 u16 columns
 // (StoreCols) and multiplied by k32 steps, each 32 bytes of a row as the 16-bit types' k16: twice
 // the products per instruction. With groups of 16 rows or more the products go to float16
-// accumulators (every logit's fits: D x kE4m3Target^2 < 65,504) and the epilogue works on f16x2
+// accumulators (every partial sum of a logit's fits: within (1 + 2^-4)^2 x kE4m3RowSumsq < 65,504
+// by Cauchy-Schwarz, the factor e4m3's rounding of the elements) and the epilogue works on f16x2
 // pairs, one fma and one max per two scores where float32 takes two of each (the epilogue, not
 // the tensor cores, set the float32 pass's time); float16 keeps 11 bits, below e4m3's own
 // rounding of the products. A CTA whose rows' LSE or head's scale float16 would not hold well
-// (any beyond 2^14) runs its epilogue in float32, on the same float16 sums.
+// (any beyond 2^14, or a scale below 2^-14, float16's subnormals) runs its epilogue in float32,
+// on the same float16 sums.
 // Grid: (row tiles, key chunks, heads), row tiles fastest, so CTAs that run together read the
 // same keys from L2. Two CTAs per SM: one's reductions overlap the other's products (256 rows
 // per CTA, one CTA per SM and two products in flight per warpgroup measured slower).
@@ -81,8 +83,9 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   constexpr bool kE4m3 = IsE4m3<T>::value;
   static_assert(!kE4m3 || MODE == kMode_maxprob, "e4m3 rows and keys: the max-probability pass only");
   constexpr bool kF16 = kE4m3 && GROUP >= 16;  // float16 accumulators where a CTA allows (f16_cta)
-  static_assert(!kF16 || D * kE4m3Target * kE4m3Target < 65504, "every logit's sum must fit float16");
+  static_assert(!kF16 || kE4m3RowSumsq * 289.0 / 256.0 < 65504.0, "every logit's partial sums must fit float16");
   constexpr float kF16Limit = 16384.f;  // rows' LSE (log2) and logit scales float16 runs with
+  constexpr float kF16Smallest = 1.f / 16384.f;  // float16's smallest normal: the least scale it runs with
   constexpr int kPasses = MODE == kMode_band ? 2 : 1;  // band: stats, then maxprob
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   unsigned char* smem_base = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);
@@ -209,7 +212,8 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
       l2 = x > FG_NEG_INF && x < -FG_NEG_INF ? x * kLog2e : -FG_NEG_INF;
     }
     if constexpr (kF16) {
-      const bool fits = !__syncthreads_or(l2 < -FG_NEG_INF && fabsf(l2) >= kF16Limit) && scale_log2 < kF16Limit;
+      const bool fits = !__syncthreads_or(l2 < -FG_NEG_INF && fabsf(l2) >= kF16Limit) && scale_log2 < kF16Limit &&
+                        scale_log2 >= kF16Smallest;
       f16_cta = __shfl_sync(0xffffffffu, fits, 0);  // from lane 0: warp-uniform to the compiler too
     }
     if (tid < S::kRows) {

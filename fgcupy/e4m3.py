@@ -3,55 +3,83 @@
 Hopper's tensor cores multiply e4m3 at twice the bfloat16 rate, and the column max only ranks
 keys: rounded to e4m3, the estimated column max keeps every head family's oracle ratio within
 0.02 of the bfloat16 inputs' (notes/PERF.md "Session 42"). Each head's q (and, apart, its k) is
-multiplied by the power of two that brings its largest magnitude to at most ``E4M3_TARGET``, so
-the rounding is e4m3's alone (a power of two is exact in any float); the scoring kernel divides
-the two powers back out of its logit scale. Plain torch, any device: the CPU reference rounds the
-same way (``e4m3_rounded``).
+multiplied by the largest power of two that keeps its rows' sums of squares within
+E4M3_ROW_SUMSQ, so the rounding is e4m3's alone (a power of two is exact in any float) and the
+pass's float16 sums hold every logit; the scoring kernel divides the two powers back out of its
+logit scale. Plain torch, any device: the CPU reference rounds the same way (``e4m3_rounded``).
 """
 
 from __future__ import annotations
 
 import torch
 
-#: The largest finite e4m3 value.
+#: The largest finite e4m3 value. No scaled head reaches it (its largest element is within the
+#: square root of E4M3_ROW_SUMSQ, about 181); a head with a non-finite element keeps scale 1,
+#: and its magnitudes past it are clamped to it.
 E4M3_MAX = 448.0
-#: The largest magnitude a head is scaled to (and clamped at), below E4M3_MAX: the pass sums a
-#: logit's 128 products in float16 accumulators, which then hold any of them (128 x 16 x 16 =
-#: 32,768 < 65,504); what e4m3 gives up for it is range below, where elements 1,024 times under
-#: the head's largest lose bits. The kernels get the same number (jit constant kE4m3Target).
-E4M3_TARGET = 16.0
+#: The bound on each row's sum of squares once scaled. With every row of q and of k within it,
+#: each partial sum of a logit's products stays within (1 + 2^-4)^2 x 2^15 < 65,504 by
+#: Cauchy-Schwarz (e4m3 moves a normal element by at most 2^-4 of it), so the pass's float16
+#: accumulators hold them. A bound on the norms, not on D x the largest element squared: a head
+#: with a few wide channels keeps its small elements far above e4m3's subnormals (elements 2^-6
+#: of 448 and below keep fewer bits). The kernels get the same number (jit constant
+#: kE4m3RowSumsq).
+E4M3_ROW_SUMSQ = 2.0**15
+#: The powers of two a head's scale may take: float32's normal ones. A head that would need
+#: another (rows' norms below about 5e-37 or, past 16-bit inputs' range, above about 2^133)
+#: keeps scale 1.
+_POWERS = (2.0**-126, 2.0**127)
+
+#: Elements per chunk of the float64 sums of squares (bounds their temporary copy).
+_SUMSQ_CHUNK = 1 << 24
 
 
 def head_scales(x: torch.Tensor) -> torch.Tensor:
-    """float32 [B, H]: per head of ``x`` [B, H, S, D], the power of two that takes its largest
-    magnitude to at most E4M3_TARGET (1 where that magnitude is 0 or not finite: an infinite
-    element is then clamped, a NaN stays NaN; 1 also where it is below about 5e-38, past
-    float32's powers of two, and the head rounds to zeros). No host sync."""
-    amax = (torch.linalg.vector_norm(x, float("inf"), dim=(2, 3)).float() if x.numel()  # one pass, no |x| copy
-            else x.new_zeros(x.shape[:2], dtype=torch.float32))
-    return scales_for_amax(amax)
+    """float32 [B, H]: per head of ``x`` [B, H, S, D], ``scales_for`` its rows' largest sum of
+    squares (1 where the head is zeros or has a non-finite element, or where its rows' norms are
+    below about 5e-37, past float32's powers of two: such a head rounds to zeros). No host sync."""
+    return scales_for(row_sumsq(x))
 
 
-def scales_for_amax(amax: torch.Tensor) -> torch.Tensor:
-    """float32, amax's shape: ``head_scales`` from each head's largest magnitude (float32): the
-    largest power of two s with amax x s <= E4M3_TARGET, found as the power of two at or below
-    E4M3_TARGET / amax (its exponent bits: exact, where a float log2 can round up across a
-    power), halved where the product passes E4M3_TARGET (the quotient rounded up to a power); 1
-    where that quotient is not finite. The rounding kernel computes the same
-    (cuda_src/e4m3_convert.cu)."""
-    ratio = torch.full_like(amax, E4M3_TARGET).div_(amax)  # one rounding: `E4M3_TARGET / amax` is a reciprocal times 16
-    power = (ratio.view(torch.int32) & 0x7F800000).view(torch.float32)
-    scale = torch.where(amax * power > E4M3_TARGET, power / 2, power)
-    usable = torch.isfinite(amax) & (amax > 0) & torch.isfinite(ratio)
-    return torch.where(usable, scale, torch.ones_like(scale))
+def row_sumsq(x: torch.Tensor) -> torch.Tensor:
+    """float64 [B, H]: the largest sum of squares of a row of each head of ``x`` [B, H, S, D]
+    (0 for a head of no rows; NaN where a row has a NaN), summed in float64: exact for 16-bit
+    values whose magnitudes in a row lie within 2^15 of each other, so the kernel's order of
+    summation gives the same number; past that the smaller ones fall under float64's rounding
+    of the sum."""
+    batch, heads, rows, dim = x.shape
+    out = torch.zeros(batch, heads, dtype=torch.float64, device=x.device)
+    step = max(1, _SUMSQ_CHUNK // max(1, batch * heads * dim))
+    for r0 in range(0, rows, step):
+        part = x[:, :, r0 : r0 + step].double()
+        part = torch.linalg.vecdot(part, part).amax(2)
+        out = torch.where(part.isnan() | (part > out), part, out)  # NaN wins, as in the kernel
+    return out
+
+
+def scales_for(sumsq: torch.Tensor) -> torch.Tensor:
+    """float32, sumsq's shape: per head, the largest power of two s with s^2 x sumsq <=
+    E4M3_ROW_SUMSQ, from its rows' largest sum of squares ``sumsq`` (float64, as ``row_sumsq``
+    gives it); 1 where sumsq is not positive and finite or s would not be a normal float32. s is
+    the power at or below the square root of the quotient, its exponent half the quotient's
+    (rounded down: exact, where a float log2 can round up across a power), halved where the
+    product passes the bound (the quotient rounded up to a power). The rounding kernel computes
+    the same (cuda_src/e4m3_convert.cu)."""
+    ratio = torch.full_like(sumsq, E4M3_ROW_SUMSQ).div_(sumsq)  # one rounding, as the kernel's division
+    exponent = ratio.view(torch.int64).bitwise_and(0x7FF0000000000000) >> 52  # biased by 1023
+    power = ((((exponent - 1023) >> 1) + 1023) << 52).view(torch.float64)  # >> 1 rounds down, negatives too
+    power = torch.where(power * power * sumsq > E4M3_ROW_SUMSQ, power / 2, power)
+    usable = torch.isfinite(sumsq) & (sumsq > 0) & (power >= _POWERS[0]) & (power <= _POWERS[1])
+    return torch.where(usable, power, torch.ones_like(power)).float()
 
 
 def to_e4m3(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """float8_e4m3fn [B, H, S, D], contiguous: ``x`` times its head's scale, rounded to nearest
-    even (magnitudes past E4M3_TARGET, only an infinite element's head has any, clamped to it)."""
+    even (magnitudes past E4M3_MAX, only a non-finite element's head has any, clamped to it; a
+    NaN stays NaN)."""
     # bfloat16 holds every power of two float32 does (exact products); float16 does not.
     scaled = x * scales[:, :, None, None].to(x.dtype) if x.dtype == torch.bfloat16 else x.float() * scales[:, :, None, None]
-    return scaled.clamp_(-E4M3_TARGET, E4M3_TARGET).to(torch.float8_e4m3fn).contiguous()
+    return scaled.clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).contiguous()
 
 
 def e4m3_rounded(x: torch.Tensor) -> torch.Tensor:

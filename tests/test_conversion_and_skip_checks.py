@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgcupy import device_constants, e4m3_kernels
-from fgcupy.e4m3 import E4M3_TARGET, heads_as_e4m3, scales_for_amax
+from fgcupy.e4m3 import E4M3_MAX, E4M3_ROW_SUMSQ, heads_as_e4m3, scales_for
 from fgcupy.e4m3_kernels import gpu_heads_as_e4m3, kernels_take
 from fgcupy.jit import runtime as jit_runtime
 from fgcupy.jit.e4m3_spec import CONVERT_THREADS, CONVERT_UNROLL, E4m3ConvertSpec
@@ -20,62 +20,58 @@ from fgcupy.lse_estimate import _band_sample_ranges, estimate_lse, lse_parts_fro
 from fgcupy.mask import num_blocks
 from fgcupy.mask_kernels import _checked_skip
 
-# --- fgcupy.e4m3.scales_for_amax -------------------------------------------------------------
+# --- fgcupy.e4m3.scales_for ------------------------------------------------------------------
 
 
-def test_a_largest_magnitude_of_exactly_the_target_keeps_scale_one():
-    """16 is the target as it is: its scale is 1, not 1/2 (and 16 / 2**k gets 2**k)."""
-    assert E4M3_TARGET == 16.0
-    amax = torch.tensor([16.0, 8.0, 16.0 / 2**20, 16.0 * 4])
-    assert scales_for_amax(amax).tolist() == [1.0, 2.0, 2.0**20, 0.25]
+def test_a_sum_of_squares_of_exactly_the_bound_keeps_scale_one():
+    """2^15 is the bound as it is: its scale is 1, not 1/2; a quarter of it gets 2, four times it
+    1/2, and odd powers of two round the square root down."""
+    assert E4M3_ROW_SUMSQ == 2.0**15
+    sumsq = torch.tensor([2.0**15, 2.0**13, 2.0**17, 2.0**14, 2.0**16, 2.0**15 * (1 + 2**-52)], dtype=torch.float64)
+    assert scales_for(sumsq).tolist() == [1.0, 2.0, 0.5, 1.0, 0.5, 0.5]
 
 
-def test_the_largest_power_of_two_below_float32s_range_is_used():
-    """A magnitude near 6e-38 takes 2**127 (the largest finite float32 power of two), which brings
-    it under E4M3_TARGET; only past that does the scale fall back to 1."""
-    amax = torch.tensor([6e-38, 1e-45], dtype=torch.float32)
-    scales = scales_for_amax(amax)
-    assert scales[0].item() == 2.0**127
-    assert 0 < amax[0].item() * 2.0**127 <= E4M3_TARGET
-    assert scales[1].item() == 1.0
+def test_the_float32_range_of_powers_of_two_is_used_to_its_ends():
+    """The largest power a float32 holds, 2^127, is taken where it fits; past either end the
+    scale falls back to 1."""
+    sumsq = torch.tensor([2.0**15 / 2.0**254, 2.0**15 / 2.0**256, 2.0**15 * 2.0**252, 2.0**15 * 2.0**254],
+                         dtype=torch.float64)
+    assert scales_for(sumsq).tolist() == [2.0**127, 1.0, 2.0**-126, 1.0]
 
 
-def test_scales_for_amax_of_zero_infinite_or_nan_are_one():
-    """Heads with no finite nonzero magnitude keep scale 1."""
-    amax = torch.tensor([0.0, math.inf, math.nan])
-    assert scales_for_amax(amax).tolist() == [1.0, 1.0, 1.0]
+def test_scales_for_sums_of_zero_infinite_or_nan_are_one():
+    """Heads of zeros or with a non-finite element keep scale 1."""
+    sumsq = torch.tensor([0.0, -0.0, math.inf, math.nan, 5e-324], dtype=torch.float64)
+    assert scales_for(sumsq).tolist() == [1.0, 1.0, 1.0, 1.0, 1.0]
 
 
-#: float32 bits next to powers of two, to 16 times them, and to where 16 / amax overflows.
-_SCALE_EDGES = [bits for bits in
-                [np.float32(value).view(np.int32).item() + d
-                 for p in range(-149, 128) for value in (2.0**p, min(E4M3_TARGET * 2.0**p, 3e38)) for d in (-1, 0, 1)]
-                + [np.float32(E4M3_TARGET / np.finfo(np.float32).max).view(np.int32).item() + d for d in range(-3, 4)]
-                if 0 <= bits <= 0x7FFFFFFF]
-
-
-def _scale_by_definition(amax: float) -> float:
-    """The largest power of two s with amax x s <= E4M3_TARGET, by exact float64 products; 1
-    where amax is not positive and finite or E4M3_TARGET / amax (in float32) is not finite."""
-    with np.errstate(divide="ignore", over="ignore"):
-        quotient = np.float32(E4M3_TARGET) / np.float32(amax)
-    if not (math.isfinite(amax) and amax > 0 and np.isfinite(quotient)):
+def _scale_by_definition(sumsq: float) -> float:
+    """The largest power of two s with s^2 x sumsq <= E4M3_ROW_SUMSQ, by exact float64 products
+    (rescaled where s^2 would overflow); 1 where sumsq is not positive and finite or s is not a
+    normal float32."""
+    if not (math.isfinite(sumsq) and sumsq > 0):
         return 1.0
-    power = math.frexp(float(quotient))[1] + 1  # 2**power > quotient, a power or two too high
-    while amax * 2.0**power > E4M3_TARGET:
+    power = (15 - math.frexp(sumsq)[1]) // 2 + 2  # 4**power x sumsq > 2^15, by a power or two
+    while math.ldexp(sumsq, 2 * power) > E4M3_ROW_SUMSQ:
         power -= 1
-    return 2.0**power
+    return 2.0**power if -126 <= power <= 127 else 1.0
+
+
+#: float64 bits next to the bound times powers of four (where the scale steps) and of two, and
+#: next to where the power leaves float32's normal range.
+_SUMSQ_EDGES = [int(np.float64(E4M3_ROW_SUMSQ * 2.0**p).view(np.int64)) + d
+                for p in range(-260, 270) for d in (-1, 0, 1)]
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.integers(0, 0x7FFFFFFF), min_size=1, max_size=32))
-def test_scales_for_amax_is_the_largest_power_of_two_that_fits(bits):
-    """On any non-negative float32 (NaN, infinity and subnormals included), above all next to
-    powers of two and where E4M3_TARGET / amax overflows: the largest power of two that keeps
-    amax within E4M3_TARGET, or 1."""
-    amax = np.array(bits + _SCALE_EDGES, dtype=np.uint32).view(np.float32)
-    got = scales_for_amax(torch.from_numpy(amax.copy())).tolist()
-    assert got == [_scale_by_definition(float(a)) for a in amax]
+@given(st.lists(st.integers(0, 0x7FFFFFFFFFFFFFFF), min_size=1, max_size=32))
+def test_scales_for_is_the_largest_power_of_two_that_fits(bits):
+    """On any non-negative float64 (NaN, infinity and subnormals included), above all next to the
+    bound times powers of two: the largest power of two whose square keeps sumsq within the
+    bound, or 1."""
+    sumsq = np.array(bits + _SUMSQ_EDGES, dtype=np.uint64).view(np.float64)
+    got = scales_for(torch.from_numpy(sumsq.copy())).tolist()
+    assert got == [_scale_by_definition(float(x)) for x in sumsq]
 
 
 # --- fgcupy.e4m3_kernels --------------------------------------------------------------------
@@ -186,12 +182,12 @@ def test_one_input_the_kernels_cannot_read_sends_both_the_torch_way(monkeypatch)
 
 def test_convert_constants_are_the_launch_threads_and_unroll():
     """The kernel's thread and unroll constants are the block size the launch uses and the unroll
-    the grid divides by; its scaling target is the reference's, and the scoring kernel's."""
-    for step in ("amax", "round"):
+    the grid divides by; its bounds are the reference's, and the scoring kernel's."""
+    for step in ("sumsq", "round"):
         spec = E4m3ConvertSpec("bfloat16", 128, step)
         assert spec.constants == {"kConvertThreads": spec.threads, "kConvertUnroll": CONVERT_UNROLL,
-                                  "kE4m3Target": E4M3_TARGET}
-        assert Sm90ScoreSpec("float8_e4m3", 128, "maxprob", 128).constants["kE4m3Target"] == E4M3_TARGET
+                                  "kE4m3Max": E4M3_MAX, "kE4m3RowSumsq": E4M3_ROW_SUMSQ}
+        assert Sm90ScoreSpec("float8_e4m3", 128, "maxprob", 128).constants["kE4m3RowSumsq"] == E4M3_ROW_SUMSQ
         assert spec.threads == CONVERT_THREADS
 
 

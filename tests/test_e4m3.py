@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fgcupy import SliceMask, predict_mask
 from fgcupy import mask_reference as ref
-from fgcupy.e4m3 import E4M3_TARGET, e4m3_rounded, head_scales, heads_as_e4m3, to_e4m3
+from fgcupy.e4m3 import E4M3_MAX, E4M3_ROW_SUMSQ, e4m3_rounded, head_scales, heads_as_e4m3, row_sumsq, to_e4m3
 from fgcupy.jit.score_spec import E4M3, Sm90ScoreSpec, all_sm90_mask_specs
 from fgcupy.lse_estimate import estimate_lse
 from fgcupy.predict_op import _fields, request_token
@@ -17,24 +17,52 @@ from fgcupy.scoring import make_request
 
 
 @given(st.integers(0, 2**31 - 1), st.sampled_from([1e-6, 0.01, 1.0, 100.0, 3e3]),
-       st.sampled_from([torch.bfloat16, torch.float16, torch.float32]))
+       st.sampled_from([torch.bfloat16, torch.float16, torch.float32]), st.sampled_from([1.0, 1e2, 1e4]))
 @settings(max_examples=40, deadline=None)
-def test_each_head_gets_the_largest_power_of_two_that_fits(seed, magnitude, dtype):
+def test_each_head_gets_the_largest_power_of_two_that_fits(seed, magnitude, dtype, wide):
+    """Rows' norms within 2^7.5 once scaled, twice that past it; the elements keep e4m3's 3 bits
+    down to 2^-6 (its subnormals start there), however far below the largest (``wide``: one
+    channel that many times the rest)."""
     gen = torch.Generator().manual_seed(seed)
-    x = (torch.randn(2, 3, 50, 16, generator=gen) * magnitude * torch.rand(2, 3, 1, 1, generator=gen)).to(dtype)
+    x = torch.randn(2, 3, 50, 16, generator=gen) * magnitude * torch.rand(2, 3, 1, 1, generator=gen)
+    x[..., 0] *= wide
+    x = x.to(dtype)
+    assume(x.isfinite().all())  # float16 overflows past 65,504
     scales = head_scales(x)
-    amax = x.float().abs().amax(dim=(2, 3))
+    norms2 = x.double().square().sum(3).amax(2)
     assert scales.dtype == torch.float32 and scales.shape == (2, 3)
     assert torch.equal(scales, torch.exp2(torch.log2(scales).round()))  # powers of two
-    assert (amax * scales <= E4M3_TARGET).all()
-    fits = amax > 0  # a float16 head of magnitude 1e-6 may underflow to zeros: scale 1
-    assert (amax * scales * 2 > E4M3_TARGET)[fits].all() and (scales[~fits] == 1).all()
+    assert (norms2 * scales.double() ** 2 <= E4M3_ROW_SUMSQ).all()
+    fits = norms2 > 0  # a float16 head of magnitude 1e-6 may underflow to zeros: scale 1
+    assert (norms2 * (2 * scales.double()) ** 2 > E4M3_ROW_SUMSQ)[fits].all() and (scales[~fits] == 1).all()
     rounded = e4m3_rounded(x)
     # e4m3 keeps 3 mantissa bits: within half a step (2^-4 relative) of each normal value, and
     # the largest magnitude survives the rounding.
     big = x.float().abs() * scales[:, :, None, None] >= 2**-6
     assert ((rounded - x.float()).abs()[big] <= 2**-4 * x.float().abs()[big]).all()
+    amax = x.float().abs().amax(dim=(2, 3))
     assert torch.equal(rounded.abs().amax(dim=(2, 3)) > 0, amax > 0)
+
+
+def test_a_wide_channel_leaves_the_rest_above_e4m3s_subnormals():
+    """One channel 1,000 times the rest: the norm bound puts it near 2^7.5, which leaves the rest
+    above 2^-6, where e4m3 keeps all its bits (a largest element of 16 would put them below)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 1, 256, 128, generator=gen)
+    x[..., 0] = 1e3
+    scale = head_scales(x)[0, 0]
+    assert (x[..., 0] * scale <= 2**7.5).all() and (x[..., 0] * scale > 2**6.5).all()
+    rest = x[..., 1:].abs() * scale
+    assert rest.median() > 2**-6 and (rest * 16 / (1e3 * scale)).median() < 2**-6
+
+
+def test_row_sums_of_squares_are_each_heads_largest_in_float64():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 70, 16, generator=gen).bfloat16()
+    x[1, 2, 33] = 300.0
+    got = row_sumsq(x)
+    assert got.dtype == torch.float64 and torch.equal(got, x.double().square().sum(3).amax(2))
+    assert got[1, 2] == 16 * 300.0**2 and row_sumsq(x[:, :, :0]).eq(0).all()
 
 
 def test_heads_without_a_finite_nonzero_magnitude_keep_scale_one():
@@ -43,14 +71,14 @@ def test_heads_without_a_finite_nonzero_magnitude_keep_scale_one():
     x[0, 1, 3, 3] = float("inf")
     x[0, 2, 5, 1] = float("nan")
     x[0, 3] *= 1000.0
-    assert head_scales(x).tolist() == [[1.0, 1.0, 1.0, 2.0**-6]]
+    assert head_scales(x).tolist() == [[1.0, 1.0, 1.0, 2.0**-5]]  # rows of 16 x 1000^2 = 2^23.9: 2^-5
     as_e4m3 = to_e4m3(x, head_scales(x)).float()
-    assert as_e4m3[0, 1, 3, 3] == E4M3_TARGET  # an infinite element counts as the largest a head may hold
+    assert as_e4m3[0, 1, 3, 3] == E4M3_MAX  # an infinite element counts as the largest e4m3 holds
     assert math.isnan(as_e4m3[0, 2, 5, 1]) and as_e4m3[0, 2, 5, 0] == 1.0
-    assert as_e4m3[0, 3].eq(16.0).all()  # 1000 / 64 = 15.6: e4m3 steps by 1 from 8 to 16, 16 is nearest
+    assert as_e4m3[0, 3].eq(32.0).all()  # 1000 / 32 = 31.25: e4m3 steps by 2 from 16 to 32, 32 is nearest
     assert head_scales(torch.zeros(0, 2, 0, 16)).shape == (0, 2)
-    just_past = torch.tensor(E4M3_TARGET * (1 + 2**-23) / 2**10).reshape(1, 1, 1, 1)  # float32 log2 rounds up here
-    assert (just_past * head_scales(just_past)).item() <= E4M3_TARGET
+    just_past = torch.tensor(2.0**7.5 * (1 + 2**-23) / 2**10).reshape(1, 1, 1, 1)  # its square rounds across 2^15 / 4^10
+    assert (just_past.double() * head_scales(just_past).double()) ** 2 <= E4M3_ROW_SUMSQ
 
 
 def test_bfloat16_and_float32_scaling_round_alike():

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fgcupy import e4m3_kernels
-from fgcupy.e4m3 import E4M3_TARGET, head_scales, heads_as_e4m3, to_e4m3
+from fgcupy.e4m3 import E4M3_ROW_SUMSQ, head_scales, heads_as_e4m3, to_e4m3
 from fgcupy.e4m3_kernels import gpu_heads_as_e4m3, kernels_take
 from fgcupy.jit import report as report_mod
 from fgcupy.jit.e4m3_spec import CONVERT_THREADS, CONVERT_UNROLL, E4m3ConvertSpec, all_e4m3_convert_specs
@@ -22,7 +22,7 @@ needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="the e4m3 conversion ker
 def test_specs_cover_both_dtypes_and_steps():
     specs = all_e4m3_convert_specs()
     assert {(s.dtype, s.head_dim, s.step) for s in specs} == {
-        (d, 128, step) for d in ("bfloat16", "float16") for step in ("amax", "round")}
+        (d, 128, step) for d in ("bfloat16", "float16") for step in ("sumsq", "round")}
     spec = E4m3ConvertSpec("float16", 128, "round")
     assert spec.name == "e4m3_round_fp16_d128"
     assert spec.name_expression == "fg::e4m3_round<fg::fp16_t, 128>"
@@ -146,7 +146,7 @@ def test_scales_match_torch_on_a_head_of_one_value():
     x[0, 1] = -1e-3
     q8, _, factor = gpu_heads_as_e4m3(x, x, 0, 2)
     scales = head_scales(x).reshape(-1)
-    assert float(scales[0]) == 16.0 and E4M3_TARGET == 16.0  # 0.8125 x 16 = 13 <= 16 < 26
+    assert float(scales[0]) == 16.0 and E4M3_ROW_SUMSQ == 2.0**15  # 128 x 13^2 <= 2^15 < 128 x 26^2
     assert torch.equal(factor, 1.0 / (scales * scales))
     assert bool((q8[0, 0].float() == 13.0).all())
 
@@ -154,16 +154,17 @@ def test_scales_match_torch_on_a_head_of_one_value():
 @pytest.mark.gpu
 @needs_hopper
 def test_scales_match_torch_next_to_powers_of_two_and_the_overflow_edge():
-    """Heads of one value each, that value next to E4M3_TARGET x 2**p, next to 2**p, next to where
-    E4M3_TARGET / amax overflows, or subnormal: the rounding kernel's scale from the exponent bits is
-    scales_for_amax's."""
-    bits = torch.tensor([E4M3_TARGET * 2.0**p for p in (-20, -3, 0, 5, 30)] + [2.0**p for p in (-100, -1, 0, 7, 100)]
-                        + [E4M3_TARGET / torch.finfo(torch.float32).max, 1e-39, 3e38], dtype=torch.bfloat16).view(torch.int16)
+    """Heads of one value each, that value next to 16 x 2**p (rows of 128 such values square-sum
+    to E4M3_ROW_SUMSQ x 4**p: where the scale steps), next to 2**p (odd powers of two: the
+    square root rounds down), next to where the scale would pass 2**127, or subnormal: the
+    rounding kernel's scale from the exponent bits is scales_for's."""
+    bits = torch.tensor([16 * 2.0**p for p in (-127, -126, -20, -3, 0, 5, 30, 123)] + [2.0**p for p in (-100, -1, 0, 7, 100)]
+                        + [1e-39, 3e38], dtype=torch.bfloat16).view(torch.int16)
     values = torch.cat([bits - 1, bits, bits + 1]).view(torch.bfloat16)
     values = values[values.float().isfinite() & (values.float() > 0)]
     x = values.float().view(1, -1, 1, 1).expand(1, values.numel(), 48, 128).to("cuda", torch.bfloat16)
-    amax = torch.zeros(values.numel(), dtype=torch.float32, device="cuda")
-    scales = torch.full_like(amax, -1.0)
-    q8 = e4m3_kernels._rounded_heads(x, 0, values.numel(), amax, scales)
+    sumsq = torch.zeros(values.numel(), dtype=torch.float64, device="cuda")
+    scales = torch.full((values.numel(),), -1.0, dtype=torch.float32, device="cuda")
+    q8 = e4m3_kernels._rounded_heads(x, 0, values.numel(), sumsq, scales)
     assert torch.equal(scales, head_scales(x).reshape(-1))  # the scales themselves: their product can overflow
     assert _same_e4m3(q8, to_e4m3(x, head_scales(x)))

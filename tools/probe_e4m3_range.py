@@ -1,14 +1,15 @@
 """How far the e4m3 column max holds on heads whose elements span a wide range: i.i.d. heads
 whose first few channels of q are R times the rest and of k R times smaller (the same logits,
-so the same oracle), for R from 1 to 10,000. Each head is scaled so its largest element sits at
-fgcupy.e4m3.E4M3_TARGET before rounding, so the other channels sit R times lower, where e4m3
-keeps fewer bits. Prints the oracle ratio of the column max's top-k mask (exact and estimated
-LSE) on the inputs' products and on e4m3 products.
+so the same oracle), for R from 1 to 10,000. Each head is scaled by the largest power of two
+that keeps its rows' sums of squares within fgcupy.e4m3.E4M3_ROW_SUMSQ before rounding, so the
+wide channels take most of each row's norm and the rest sit about R times lower, where e4m3
+keeps fewer bits below 2^-6. Prints the oracle ratio of the column max's top-k mask (exact and
+estimated LSE) on the inputs' products and on e4m3 products.
 
-    PYTHONPATH=. python -m tools.probe_e4m3_range [--seq 4096] [--heads 2] [--target 448]
+    PYTHONPATH=. python -m tools.probe_e4m3_range [--seq 4096] [--heads 2] [--device cpu]
 
-CPU reference; ``--target`` rounds under another largest magnitude (the reference only; the
-kernels compile fgcupy.e4m3.E4M3_TARGET in).
+``--device cuda`` runs the kernels on bfloat16 copies of the inputs (on a Hopper GPU the
+conversion kernels and the e4m3 pass); the CPU runs the float32 reference.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ import argparse
 
 import torch
 
-import fgcupy.e4m3 as e4m3
 from fgcupy import predict_mask
+from fgcupy.e4m3 import E4M3_ROW_SUMSQ
 from fgcupy.oracle import Judge
 from tools.probe_foreign_inputs import inputs
 
@@ -48,20 +49,20 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--target", type=float, default=None, help="the reference's largest magnitude")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    if args.target is not None:
-        e4m3.E4M3_TARGET = args.target
-    print(f"# {args.heads} heads x {args.seq} tokens, D = {DIM}, slices of {SLICE_M}, E4M3_TARGET "
-          f"{e4m3.E4M3_TARGET:g}, CPU reference")
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    where = "CPU reference" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+    print(f"# {args.heads} heads x {args.seq} tokens, D = {DIM}, slices of {SLICE_M}, rows' sums of squares "
+          f"scaled within {E4M3_ROW_SUMSQ:g}, {where}, {str(dtype).split('.')[1]}")
     print("| logit std | R | d | oracle rel L2 | exact LSE, inputs | exact LSE, e4m3 | estimated, inputs "
           "| estimated, e4m3 |")
     print("|---|---|---|---|---|---|---|---|")
     for logit_std in (1.0, 3.0):
         q0, k0, v = heads(logit_std, args.heads, args.seq, args.seed)
-        judge = Judge(q0, k0, v, SLICE_M)
+        judge = Judge(*(t.to(args.device, dtype) for t in (q0, k0, v)), SLICE_M)
         for ratio in (1, 100, 1000, 10000):
-            q, k = spread(q0, k0, ratio)
+            q, k = (t.to(args.device, dtype) for t in spread(q0, k0, ratio))
             for d in (0.1, 0.3):
                 cells = [judge.ratio(predict_mask(q, k, SLICE_M, "colmax", lse=lse, products=products,
                                                   density=d))[1]

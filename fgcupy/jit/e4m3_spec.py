@@ -1,11 +1,11 @@
 """Specs of the kernels that round q and k to e4m3 for the Hopper max-probability pass
-(cuda_src/e4m3_convert.cu): each head's largest magnitude, then the rounding."""
+(cuda_src/e4m3_convert.cu): each head's largest sum of squares of a row, then the rounding."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..e4m3 import E4M3_TARGET
+from ..e4m3 import E4M3_MAX, E4M3_ROW_SUMSQ
 from .launch import ParamStruct
 from .score_spec import E4M3_HEAD_DIMS
 from .spec import _CPP_DTYPE, DTYPES
@@ -15,30 +15,30 @@ CONVERT_THREADS = 256
 #: 16-byte vectors each thread of a conversion kernel loads before it uses any.
 CONVERT_UNROLL = 4
 CONVERT_CONSTANTS = {"kConvertThreads": CONVERT_THREADS, "kConvertUnroll": CONVERT_UNROLL,
-                     "kE4m3Target": int(E4M3_TARGET)}
+                     "kE4m3Max": int(E4M3_MAX), "kE4m3RowSumsq": int(E4M3_ROW_SUMSQ)}
 #: Element strides of the input's batch, head and row (its D values contiguous), the heads per
 #: batch entry, the first head (batch-major) and the rows of each.
 _INPUT_FIELDS = (("x", "in"), ("stride_b", "i64"), ("stride_h", "i64"), ("stride_s", "i64"),
                  ("heads", "i32"), ("bh0", "i32"), ("rows", "i32"))
-#: fg::e4m3_amax: raises amax (float32 [nbh], zeroed) to each head's largest magnitude.
-E4M3_AMAX_PARAMS = ParamStruct("E4m3AmaxParams", _INPUT_FIELDS + (("amax", "out"),))
-#: fg::e4m3_round: each head's power of two from amax (float32 [nbh], as e4m3_amax left it)
-#: into scale (float32 [nbh], fgcupy.e4m3.scales_for_amax), the head times it into out (e4m3
-#: [nbh, rows, D]).
-E4M3_ROUND_PARAMS = ParamStruct("E4m3RoundParams", _INPUT_FIELDS + (("amax", "in"), ("scale", "out"),
+#: fg::e4m3_sumsq: raises sumsq (float64 [nbh], zeroed) to each head's largest sum of squares of
+#: a row.
+E4M3_SUMSQ_PARAMS = ParamStruct("E4m3SumsqParams", _INPUT_FIELDS + (("sumsq", "out"),))
+#: fg::e4m3_round: each head's power of two from sumsq (as e4m3_sumsq left it) into scale
+#: (float32 [nbh], fgcupy.e4m3.scales_for), the head times it into out (e4m3 [nbh, rows, D]).
+E4M3_ROUND_PARAMS = ParamStruct("E4m3RoundParams", _INPUT_FIELDS + (("sumsq", "in"), ("scale", "out"),
                                                                     ("out", "out")))
-E4M3_STEPS = {"amax": E4M3_AMAX_PARAMS, "round": E4M3_ROUND_PARAMS}
+E4M3_STEPS = {"sumsq": E4M3_SUMSQ_PARAMS, "round": E4M3_ROUND_PARAMS}
 
 
 @dataclass(frozen=True)
 class E4m3ConvertSpec:
-    """``fg::e4m3_amax<T, D>`` or ``fg::e4m3_round<T, D>`` (``step``) on 16-bit inputs of
+    """``fg::e4m3_sumsq<T, D>`` or ``fg::e4m3_round<T, D>`` (``step``) on 16-bit inputs of
     ``dtype``. Compiled for sm_90: the e4m3 conversion instruction needs sm_89 or later, and only
     Hopper's pass reads e4m3."""
 
     dtype: str = "bfloat16"
     head_dim: int = 128
-    step: str = "amax"
+    step: str = "sumsq"
 
     source = "e4m3_convert.cu"
     arch = "sm_90"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..e4m3 import E4M3_TARGET
+from ..e4m3 import E4M3_ROW_SUMSQ
 from .launch import ParamStruct
 from .plain_spec import PlainKernelSpec
 from .spec import DTYPES, HEAD_DIMS
@@ -73,7 +73,7 @@ SELECT_LARGE_SMEM = 226 * 1024
 EMIT_THREADS = 256
 #: The C++ constants each mask kernel source is compiled with (source.kernel_source writes them).
 SCORE_CONSTANTS = {"kScoreKeyTile": SCORE_KEY_TILE, "kSm90ScoreRows": SM90_SCORE_ROWS,
-                   "kSm90ScoreKeyTile": SM90_SCORE_KEY_TILE, "kE4m3Target": int(E4M3_TARGET),
+                   "kSm90ScoreKeyTile": SM90_SCORE_KEY_TILE, "kE4m3RowSumsq": int(E4M3_ROW_SUMSQ),
                    **{f"kMode_{m}": v for m, v in SCORE_MODES.items()}}
 SELECT_CONSTANTS = {"kSelThreads": SELECT_THREADS, "kBins": SELECT_BINS, "kCand": SELECT_CANDIDATES,
                     "kEmitThreads": EMIT_THREADS, "kStagedBytes": SELECT_STAGED_BYTES,
