@@ -152,3 +152,23 @@ def test_e4m3_kernels_are_the_hopper_max_probability_pass_at_head_dim_128():
     for bad in (dict(head_dim=64), dict(mode="stats", group=1), dict(mode="band")):
         with pytest.raises(ValueError):
             Sm90ScoreSpec(**{**dict(dtype=E4M3, head_dim=128, mode="maxprob", group=128), **bad})
+
+
+@given(st.integers(0, 2**31 - 1), st.sampled_from([1.0, 1e2, 1e4]), st.sampled_from([1, 4, 128]),
+       st.sampled_from([torch.bfloat16, torch.float16]))
+@settings(max_examples=40, deadline=None)
+def test_every_partial_sum_of_a_logit_fits_float16(seed, wide, n_wide, dtype):
+    """What lets the pass sum e4m3 products in float16: once scaled and rounded, any q row and
+    any k row have sum |q_c k_c| within (1 + 2^-4)^2 x E4M3_ROW_SUMSQ (Cauchy-Schwarz; e4m3
+    moves a normal element by at most 2^-4 of it, a subnormal one by 2^-10), which bounds every
+    partial sum in any order, and that stays below float16's largest, 65,504. Rows of q and k
+    alike are the worst case (every product positive)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 2, 64, 128, generator=gen) * torch.rand(1, 2, 1, 1, generator=gen) * 10
+    x[..., :n_wide] *= wide
+    x = x.to(dtype)
+    assume(x.isfinite().all())
+    scaled = to_e4m3(x, head_scales(x)).double()  # q and k alike: the scale and the rounding are per tensor
+    largest = (scaled.abs() @ scaled.abs().transpose(-1, -2)).amax()
+    bound = (1 + 2**-4) ** 2 * E4M3_ROW_SUMSQ + 2 * 128 * 2**-10 * 2**7.5
+    assert largest <= bound < 65504
