@@ -64,7 +64,9 @@ class SparseAttention:
 
         The mask is copied into the plan's own buffers, so changing ``mask`` afterwards changes
         nothing until the next plan; ``self.mask`` views those buffers, which a later plan of
-        the same shape refills (CUDA graphs captured on ``run`` stay valid): copy it to keep it."""
+        the same shape refills (CUDA graphs captured on ``run`` stay valid): copy it to keep it.
+        A mask of that shape already written into them (its tensors view ``self.mask``'s) is not
+        copied again."""
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         tile_args = {"key_tile": key_tile, "stages": stages, "rows_per_warp": rows_per_warp}
@@ -101,8 +103,9 @@ class SparseAttention:
                 # In place (a captured CUDA graph keeps reading these), under inference_mode where
                 # the buffers were made in it.
                 with torch.inference_mode(self._indptr.is_inference()):
-                    self._indptr.copy_(mask.indptr)
-                    self._indices.copy_(mask.indices)
+                    for own, given in ((self._indptr, mask.indptr), (self._indices, mask.indices)):
+                        if given.data_ptr() != own.data_ptr():  # a mask written into the plan's buffers stays
+                            own.copy_(given)
                     self._order.copy_(order)
             else:
                 self._indptr = mask.indptr.contiguous().clone()

@@ -15,7 +15,9 @@ prediction can serve several steps. :class:`MaskCache` keeps one mask per layer:
 Storage is compact: kept indices as int16 when kv_len fits (else int32), or a bit map of all
 slices, whichever is smaller ("auto"; a mask whose rows share index entries, so that it keeps
 more slices than its buffer holds, stays indices: a bit map would come back in a larger
-buffer); ``describe()`` and ``memory_bytes()`` say what is held.
+buffer); ``describe()`` and ``memory_bytes()`` say what is held. On a GPU a bit map is expanded
+by one kernel (fg::emit_rows), and ``get(out=...)`` expands any form into a buffer of the
+caller's (a kernel plan's own, so reuse costs one write of the keys).
 ``expanded=True`` keeps each SliceMask as given instead: ``get`` then returns that object with no
 conversion and no host synchronisation, for loops that reuse a mask every step (a planned kernel
 already holds the expanded mask, so a compact copy would only add memory).
@@ -104,7 +106,7 @@ class _Entry:
 
     shape: tuple  # (B, H, q_len, kv_len, slice_m)
     indptr: torch.Tensor
-    payload: torch.Tensor  # int16/int32 indices, or uint8 packed bits [B, H, QB, ceil(S/8)]
+    payload: torch.Tensor  # int16/int32 indices, or uint8 packed bits [B, H, QB, 4 * ceil(S/32)] (32-bit words)
     form: str  # "index" or "bits"
     kept: int | None  # slices kept (known for bits; None when not counted, to avoid a sync)
     step: int
@@ -220,20 +222,17 @@ class MaskCache:
             return
         rows = mask.batch * mask.heads * mask.q_blocks
         index_bytes = mask.capacity * (2 if mask.kv_len <= _INT16_KEYS else 4) + 4 * mask.indptr.numel()
-        bits_bytes = rows * -(-mask.kv_len // 8)
+        bits_bytes = rows * 4 * -(-mask.kv_len // 32) + 4 * mask.indptr.numel()  # whole 32-bit words, and offsets
         form = self.storage if self.storage != "auto" else ("bits" if bits_bytes < index_bytes else "index")
         if form == "bits":
             dense = mask.to_dense()
-            kept = int(dense.sum().item())
+            counts = dense.sum(-1, dtype=torch.int32)
+            kept = int(counts.sum().item())
             if kept > mask.capacity and self.storage == "auto":  # shared rows: keep the buffer's size
                 form = "index"
         if form == "bits":
-            pad = (-mask.kv_len) % 8
-            if pad:
-                dense = torch.nn.functional.pad(dense, (0, pad))
-            weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=dense.device)
-            payload = (dense.unflatten(-1, (-1, 8)).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
-            indptr = torch.empty(0, dtype=torch.int32, device=mask.device)
+            payload = _packed_bits(dense)
+            indptr = indptr_from_counts(counts, mask.batch, mask.heads, mask.q_blocks)
         else:
             # A copy at any width: the caller's keys (a plan's buffers, refilled in place) stay theirs.
             if mask.kv_len <= _INT16_KEYS:  # keys outside [0, kv_len) would wrap into real keys in int16:
@@ -245,10 +244,13 @@ class MaskCache:
             kept, indptr = None, mask.indptr.clone()
         self._entries[layer] = _Entry(shape, indptr, payload, form, kept, step, capacity=mask.capacity)
 
-    def get(self, layer, batch=None, heads=None, q_len=None, kv_len=None, slice_m=None, device=None) -> SliceMask:
+    def get(self, layer, batch=None, heads=None, q_len=None, kv_len=None, slice_m=None, device=None,
+            out: torch.Tensor | None = None) -> SliceMask:
         """``layer``'s cached mask as a SliceMask; any shape or device given must match the cached
         one's. Its tensors may be the cache's own (reuse steps hand attention the mask of the
-        refresh step, with no copy): treat it as read-only, or clone it."""
+        refresh step, with no copy): treat it as read-only, or clone it. ``out`` (int32, contiguous,
+        ``stored_capacity(layer)`` entries, on the mask's device): the keys are written there and
+        the mask views it."""
         if layer not in self._entries:
             raise KeyError(f"no mask cached for layer {layer!r}; cached: {sorted(map(str, self._entries))}")
         entry = self._entries[layer]
@@ -256,18 +258,23 @@ class MaskCache:
         if device is not None and not _same_device(torch.device(device), entry.device):
             raise ValueError(f"layer {layer!r}: the cached mask (from step {entry.step}) is on {entry.device}, but "
                              f"this step's inputs are on {torch.device(device)}")
-        if entry.mask is not None:
-            return entry.mask
+        if out is not None:
+            _check_out(layer, out, entry)
         batch, heads, q_len, kv_len, slice_m = entry.shape
-        if entry.form == "index":
-            return SliceMask(entry.indptr, entry.payload.to(torch.int32), slice_m, q_len, kv_len)
-        bits = (entry.payload.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=entry.payload.device)) & 1
-        dense = bits.flatten(-2)[..., :kv_len].to(torch.bool)
-        indptr = indptr_from_counts(dense.sum(-1, dtype=torch.int32), batch, heads, num_blocks(q_len, slice_m))
-        rows = batch * heads * num_blocks(q_len, slice_m)
-        size = max(entry.kept, entry.capacity)  # unused entries past the last row hold key 0
-        keys = torch.nonzero_static(dense.reshape(rows, kv_len), size=size, fill_value=0)[:, 1].to(torch.int32)
-        return SliceMask(indptr, keys, slice_m, q_len, kv_len)
+        if entry.form == "bits":
+            keys = _unpacked_keys(entry, out)
+        elif out is not None:
+            keys = out.copy_(entry.payload)
+        elif entry.mask is not None:
+            return entry.mask
+        else:
+            keys = entry.payload.to(torch.int32)
+        return SliceMask(entry.indptr, keys, slice_m, q_len, kv_len)
+
+    def stored_capacity(self, layer) -> int:
+        """Index entries ``get`` gives ``layer``'s mask (the size its ``out`` takes)."""
+        entry = self._entries[layer]
+        return max(entry.kept, entry.capacity) if entry.form == "bits" else entry.payload.numel()
 
     def _check(self, layer, entry: _Entry, wanted) -> None:
         names = ("B", "H", "q_len", "kv_len", "slice_m")
@@ -344,6 +351,53 @@ class MaskCache:
             lines.append(f"  {layer}: (B, H, q_len, kv_len, slice_m)={e.shape}, {e.form} "
                          f"{str(e.payload.dtype).replace('torch.', '')}{kept}, {e.memory_bytes()} bytes, from step {e.step}")
         return "\n".join(lines)
+
+
+def _check_out(layer, out: torch.Tensor, entry: _Entry) -> None:
+    size = max(entry.kept, entry.capacity) if entry.form == "bits" else entry.payload.numel()
+    if (not isinstance(out, torch.Tensor) or out.dtype != torch.int32 or not out.is_contiguous()
+            or out.numel() != size or out.dim() != 1 or not _same_device(out.device, entry.device)):
+        got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise ValueError(f"layer {layer!r}: out must be a contiguous int32 tensor of {size} entries on "
+                         f"{entry.device}, got {got}")
+
+
+def _packed_bits(dense: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 4 * ceil(S / 32)]: the bool map ``dense`` [..., S] one bit a key, key j in bit j % 8
+    of byte j // 8 (so each 4 bytes read as one little-endian 32-bit word hold keys 32w..32w+31,
+    as fg::emit_rows reads them), zeros past S."""
+    pad = (-dense.shape[-1]) % 32
+    if pad:
+        dense = torch.nn.functional.pad(dense, (0, pad))
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=dense.device)
+    return (dense.unflatten(-1, (-1, 8)).to(torch.uint8) * weights).sum(-1, dtype=torch.uint8)
+
+
+def _unpacked_keys(entry: _Entry, out: torch.Tensor | None) -> torch.Tensor:
+    """int32 keys of a bit-map entry, ascending per row at its indptr's offsets, into ``out`` (or a
+    new tensor); entries past the last row hold key 0. fg::emit_rows on a GPU, torch elsewhere."""
+    batch, heads, q_len, kv_len, slice_m = entry.shape
+    q_blocks = num_blocks(q_len, slice_m)
+    rows = batch * heads * q_blocks
+    size = max(entry.kept, entry.capacity)
+    device = entry.payload.device
+    if out is None:
+        out = torch.zeros(size, dtype=torch.int32, device=device)
+    else:
+        out[entry.kept:].zero_()
+    if device.type == "cuda" and rows and kv_len:
+        from .mask_kernels import gpu_emit  # the kernels' module loads with its first use
+
+        words = entry.payload.view(torch.int32).reshape(rows, -1)
+        starts = entry.indptr[..., :-1].reshape(-1).contiguous()
+        counts = (entry.indptr[..., 1:] - entry.indptr[..., :-1]).reshape(-1).contiguous()
+        gpu_emit(words, kv_len, q_blocks, 1, slice_m, counts, offsets=starts, out=out)
+        return out
+    bits = (entry.payload.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=device)) & 1
+    dense = bits.flatten(-2)[..., :kv_len].to(torch.bool)
+    keys = torch.nonzero_static(dense.reshape(rows, kv_len), size=size, fill_value=0)[:, 1]
+    return out.copy_(keys)
 
 
 def mask_drift(old: SliceMask, new: SliceMask) -> dict:

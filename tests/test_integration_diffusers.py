@@ -1798,3 +1798,30 @@ def test_diagonals_take_the_bands_predict_mask_takes(band):
                                                       attention_fn=reference_attention_fn))
     run_wan(model, *wan_inputs())
     assert all(stats.sparse_calls == 1 for stats in handle.stats().values())
+
+
+@pytest.mark.parametrize("share_branches", [False, True])
+def test_compact_masks_give_the_expanded_schedules_outputs_and_masks(share_branches):
+    """compact_masks holds each layer's mask compactly (here bit maps) and gives attention_fn
+    the same masks, so the same outputs, through sparse refreshes, padded text keys and guidance
+    branches; it is refused with process_group."""
+    runs = {}
+    for compact in (False, True):
+        model = tiny_hunyuan()
+        inputs = hunyuan_inputs(valid_text=9)
+        handle = fd.apply(model, fd.SparseAttentionConfig(density=0.5, slice_m=64, dense_steps=0, refresh_every=2,
+                                                          sparse_refresh=True, share_branches=share_branches,
+                                                          compact_masks=compact, attention_fn=reference_attention_fn))
+        outs = [run_hunyuan(model, inputs, t=1000 - 100 * step) for step in range(4) for _ in range(2)]
+        runs[compact] = handle, outs
+    (expanded, want), (compact, got) = runs[False], runs[True]
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    for name in expanded.layers:
+        for branch in (0, 1):
+            assert torch.equal(expanded.mask(name, branch).indices, compact.mask(name, branch).indices)
+    assert "bits uint8" in compact.describe() and compact.mask_memory_bytes() < expanded.mask_memory_bytes()
+    with pytest.raises(ValueError, match="compact_masks holds the masks of whole layers"):
+        fd.SparseAttentionConfig(compact_masks=True, process_group=object())
+    with pytest.raises(TypeError, match="compact_masks must be a bool"):
+        fd.SparseAttentionConfig(compact_masks="yes")

@@ -106,7 +106,7 @@ def test_storage_is_compact():
     int32_bytes = mask.memory_bytes()
     auto = MaskCache()
     auto.put("half", mask)
-    assert auto.memory_bytes() <= 4 * 8 * 1000 // 8 + 64  # bits win at density 0.5
+    assert auto.memory_bytes() == 4 * 8 * 4 * 32 + 4 * 4 * 9  # bits win at density 0.5: 32 words a row, and offsets
     sparse = SliceMask.from_dense(torch.rand(1, 4, 8, 1000) < 0.01, 64, 500)
     auto.put("sparse", sparse)
     index = MaskCache(storage="index")
@@ -163,7 +163,7 @@ def test_expanded_storage_returns_the_stored_mask_itself():
 
 def test_auto_storage_keeps_the_smaller_form_counting_offsets_and_whole_bytes():
     dense = torch.zeros(1, 8, 4, 256, dtype=torch.bool)
-    dense[..., :15] = True  # 15 of 256 keys: indices 960 B plus 132 B of offsets against 1024 B of bits
+    dense[..., :15] = True  # 15 of 256 keys: indices 960 B against 1024 B of bits, each plus 132 B of offsets
     mask = SliceMask.from_dense(dense, 64, 256)
     sizes = {}
     for storage in ("auto", "index", "bits"):
@@ -515,3 +515,42 @@ def test_index_storage_keeps_keys_past_int16_exactly():
     mask = SliceMask.from_topk(keys, 64, 64, 40000)
     cache.put("layer", mask)
     assert torch.equal(cache.get("layer").to_dense(), mask.to_dense())
+
+
+@given(dense_masks(max_kv=200), st.sampled_from(["index", "bits", "auto", "expanded"]), st.integers(0, 40))
+@settings(max_examples=40, deadline=None)
+def test_get_writes_the_keys_into_a_buffer_of_the_callers(case, storage, spare):
+    """``out`` receives the keys ``get`` gives, entries past the last row included (key 0 for a
+    bit map, whatever the buffer held before), and the mask views it."""
+    dense, slice_m, q_len = case
+    mask = SliceMask.from_dense(dense, slice_m, q_len)
+    mask = SliceMask.from_dense(dense, slice_m, q_len, capacity=mask.capacity + spare)
+    cache = MaskCache(expanded=True) if storage == "expanded" else MaskCache(storage=storage)
+    cache.put(0, mask)
+    plain = cache.get(0)
+    out = torch.full((cache.stored_capacity(0),), 7, dtype=torch.int32)
+    into = cache.get(0, out=out)
+    assert into.indices.data_ptr() == out.data_ptr() and torch.equal(into.indices, plain.indices)
+    assert torch.equal(into.indptr, plain.indptr) and into.capacity == plain.capacity
+    for bad in (torch.zeros(out.numel() + 1, dtype=torch.int32), out.to(torch.int64),
+                torch.zeros(2, out.numel() // 2 + 1, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="out must be a contiguous int32 tensor of"):
+            cache.get(0, out=bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda sees no device on this machine")
+@given(dense_masks(max_kv=300), st.integers(0, 2**31 - 1))
+@settings(max_examples=30, deadline=None)
+def test_a_bit_map_expands_on_the_gpu_as_on_the_cpu(case, seed):
+    """fg::emit_rows expands a CUDA bit map to the keys torch's path gives on the CPU."""
+    dense, slice_m, q_len = case
+    mask = SliceMask.from_dense(dense, slice_m, q_len)
+    cpu, gpu = MaskCache(storage="bits"), MaskCache(storage="bits")
+    cpu.put(0, mask)
+    gpu.put(0, SliceMask(mask.indptr.cuda(), mask.indices.cuda(), slice_m, q_len, mask.kv_len))
+    want = cpu.get(0)
+    stale = torch.randint(-5, 5, (gpu.stored_capacity(0),), dtype=torch.int32,
+                          generator=torch.Generator().manual_seed(seed)).cuda()
+    for got in (gpu.get(0), gpu.get(0, out=stale)):
+        assert torch.equal(got.indices.cpu(), want.indices) and torch.equal(got.indptr.cpu(), want.indptr)

@@ -165,7 +165,7 @@ class _Slot:
     MaskCache): the kernel plan, or the sequence-parallel attention object, and what the mask
     was predicted for."""
 
-    plan: SparseAttention | None = None
+    plan: SparseAttention | None = None  # its own (compact_masks: the handle's, shared by a shape)
     parallel: object = None  # fgcupy.distributed.SequenceParallelAttention
     key: tuple | None = None  # what the mask was made for (shapes, dtype, device): a change forces a refresh
     key_version: int = 0
@@ -218,6 +218,7 @@ class SparseAttentionHandle:
         self.config = config
         self.layers = {layer.name: layer for layer in layers}
         self.cache = config.mask_cache()  # keys: (layer name, guidance branch)
+        self._shared_plans: dict[tuple, SparseAttention] = {}  # compact_masks: one per input shapes
         self.step = 0
         self.branch = 0
         self.generation = 0
@@ -352,6 +353,7 @@ class SparseAttentionHandle:
         for layer in self.layers.values():
             layer.slots.clear()
         self.cache.clear()
+        self._shared_plans.clear()
 
     def _new_generation(self) -> None:
         self.step, self.branch = 0, 0
@@ -393,7 +395,9 @@ class SparseAttentionHandle:
         return SliceMask(held.indptr.clone(), held.indices.clone(), held.slice_m, held.q_len, held.kv_len)
 
     def mask_memory_bytes(self) -> int:
-        return self.cache.memory_bytes()
+        """Bytes of the masks held: the cache's, and with compact_masks the shared plans' keys."""
+        shared = sum(plan.mask.memory_bytes() for plan in self._shared_plans.values() if plan.mask is not None)
+        return self.cache.memory_bytes() + shared
 
     def describe(self) -> str:
         """How masks are made, then the MaskCache's summary: schedule, then every (layer, branch)
@@ -518,6 +522,7 @@ class SparseAttentionHandle:
         key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
         warmup = self.cache.action(self.step) == "dense"  # routed here by makes_warmup_mask
         scheduled = warmup or self._needs_refresh(entry, slot, key, key_version)
+        plan = None  # set where this call plans a new mask
         # Drift is judged on the branch that makes the slot's masks (the first, with shared branches).
         means = self._block_means(q, k) if branch == self.branch else None
         drifted = (not scheduled and means is not None and self.cache.step_of(entry) != self.step
@@ -543,8 +548,9 @@ class SparseAttentionHandle:
             old = None
             if cfg.sparse_refresh and not (warmup or calibrating) and not self._needs_new_shape(entry, slot, key,
                                                                                              key_version):
-                old = self.cache.get(entry)
-                sparse_out, mask = self._refresh_from_sparse_call(layer, tuned, slot, old, q, k, v,
+                held = None if cfg.attention_fn is not None else self._planned(slot, entry, key, q)
+                old = self.cache.get(entry) if held is None else held.mask
+                sparse_out, mask = self._refresh_from_sparse_call(layer, tuned, slot, held, old, q, k, v,
                                                                   key_valid, poolings)
             elif calibrating:  # from sampled queries: no dense step
                 calibration = calibrate(q.transpose(1, 2), self._keys_seen(k, key_valid).transpose(1, 2), None,
@@ -563,8 +569,9 @@ class SparseAttentionHandle:
             if key_valid is not None:
                 mask = drop_keys(mask, key_valid)
             if cfg.attention_fn is None:
-                slot.plan = (slot.plan or SparseAttention()).plan(mask, head_dim=q.shape[-1], dtype=q.dtype)
-                mask = slot.plan.mask  # the cache holds the plan's own mask: no second copy
+                plan = self._plan_of(slot, key).plan(mask, head_dim=q.shape[-1], dtype=q.dtype)
+                if not cfg.compact_masks:
+                    mask = plan.mask  # the cache holds the plan's own mask: no second copy
             # The warm-up's mask is the first sparse step's: that step need not predict.
             self._store(layer, entry, slot, mask, key, key_version, cfg.dense_steps if warmup else None)
             if dense_out is not None:
@@ -580,10 +587,11 @@ class SparseAttentionHandle:
             mask = self.cache.get(entry)
             out = cfg.attention_fn(q, k, v, mask, None)
             lse = sparse_attention(q, k, v, mask, layout="NHD", return_lse=True)[1] if reads_recall else None
-        elif reads_recall:
-            out, lse = slot.plan.run(q, k, v, layout="NHD", return_lse=True)
         else:
-            return slot.plan.run(q, k, v, layout="NHD")
+            plan = plan if plan is not None else self._planned(slot, entry, key, q)
+            if not reads_recall:
+                return plan.run(q, k, v, layout="NHD")
+            out, lse = plan.run(q, k, v, layout="NHD", return_lse=True)
         if lse is not None:
             self._read_recall(slot, q, k, lse, key_valid)
         return out
@@ -635,6 +643,25 @@ class SparseAttentionHandle:
         self._store(layer, entry, slot, mask, key, 0)
         return out
 
+    def _plan_of(self, slot: _Slot, key: tuple) -> SparseAttention:
+        """The kernel plan a slot's calls run on: its own, or with compact_masks the one the
+        layers of its input shapes share."""
+        if self.config.compact_masks:
+            return self._shared_plans.setdefault(key, SparseAttention())
+        if slot.plan is None:
+            slot.plan = SparseAttention()
+        return slot.plan
+
+    def _planned(self, slot: _Slot, entry: tuple, key: tuple, q) -> SparseAttention:
+        """The plan holding ``entry``'s cached mask: the slot's own, or with compact_masks the
+        shared one, the mask expanded into its buffers now (where they have its size)."""
+        plan = self._plan_of(slot, key)
+        if self.config.compact_masks:
+            held = plan.mask
+            fits = held is not None and held.indices.numel() == self.cache.stored_capacity(entry)
+            plan.plan(self.cache.get(entry, out=held.indices if fits else None), head_dim=q.shape[-1], dtype=q.dtype)
+        return plan
+
     def _dense_call(self, q, k, v, key_valid):
         """(exact output, row LSE) of q, k, v ``[B, S, H, D]``: the refresh call of the exact
         schedule. With ``attention_fn`` the output is its answer on the full mask."""
@@ -648,16 +675,17 @@ class SparseAttentionHandle:
             out = cfg.attention_fn(q, k, v, full if key_valid is None else drop_keys(full, key_valid), None)
         return out, lse
 
-    def _refresh_from_sparse_call(self, layer: _Layer, entry: tuple, slot: _Slot, old: SliceMask, q, k, v,
-                                  key_valid, poolings) -> tuple:
+    def _refresh_from_sparse_call(self, layer: _Layer, entry: tuple, slot: _Slot, plan: SparseAttention | None,
+                                  old: SliceMask, q, k, v, key_valid, poolings) -> tuple:
         """sparse_refresh's refresh call of q, k, v ``[B, S, H, D]``: (its output through the
-        layer's mask ``old``, the next mask: the exact column max, with this call's LSE over
-        ``old``'s keys, over those keys, the predictor's unless predict_on_refresh is False, and
-        with local_search their moved copies). With ``attention_fn`` the output is
-        its answer and the LSE fgcupy's (the reference on CPU tensors)."""
+        layer's mask ``old``, which ``plan`` holds (None with ``attention_fn``), the next mask:
+        the exact column max, with this call's LSE over ``old``'s keys, over those keys, the
+        predictor's unless predict_on_refresh is False, and with local_search their moved
+        copies). With ``attention_fn`` the output is its answer and the LSE fgcupy's (the
+        reference on CPU tensors)."""
         cfg = self.config
-        if cfg.attention_fn is None:
-            out, lse = slot.plan.run(q, k, v, layout="NHD", return_lse=True)
+        if plan is not None:
+            out, lse = plan.run(q, k, v, layout="NHD", return_lse=True)
         else:
             _, lse = sparse_attention(q, k, v, old, layout="NHD", return_lse=True)
             out = cfg.attention_fn(q, k, v, old, None)

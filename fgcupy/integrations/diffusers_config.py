@@ -179,6 +179,12 @@ class SparseAttentionConfig:
         first call's masks instead of predicting their own: half the mask memory. Pipelines that
         put both branches in one batch (CogVideoX's) make one call per step: each batch entry
         keeps its own mask rows, and this option changes nothing.
+    compact_masks: hold each layer's mask compactly (``fgcupy.MaskCache``'s "auto" storage: int16
+        keys where kv_len fits, else a bit map where that is smaller) and expand it, on each
+        sparse call, into one kernel plan shared by the layers of a shape: at d = 0.1 a bit map
+        takes 1 bit a key against 32 bits a kept key (about 3x less at 75,600 tokens, int16 2x
+        at 32,760), for one write of the kept keys per call. Not with process_group (its head
+        groups keep their own masks).
     fallback: where fgcupy's kernel cannot run (no GPU, CPU tensors), use the stock processor
         instead of raising.
     attention_fn: replaces fgcupy's kernel: ``attention_fn(q, k, v, mask, scale) -> out`` with
@@ -217,6 +223,7 @@ class SparseAttentionConfig:
     calibrate_pooling: bool = False
     find_diagonals: int = 0
     share_branches: bool = False
+    compact_masks: bool = False
     fallback: bool = False
     attention_fn: Callable | None = None
     process_group: object = None
@@ -232,7 +239,7 @@ class SparseAttentionConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                                       or not math.isfinite(value)):
                 raise TypeError(f"{name} must be a finite number, got {value!r}")
-        for option in ("calibrate_pooling", "share_branches", "fallback", "estimate_first_mask"):
+        for option in ("calibrate_pooling", "share_branches", "compact_masks", "fallback", "estimate_first_mask"):
             if not isinstance(getattr(self, option), bool):  # "False" would switch it on
                 raise TypeError(f"{option} must be a bool, got {getattr(self, option)!r}")
         if self.predictor == EXACT_PREDICTOR:
@@ -290,6 +297,9 @@ class SparseAttentionConfig:
             self._refuse_process_group("calibrate_pooling", "queries and keys")
             if "pooling" in self.predictor_kwargs:
                 raise ValueError("calibrate_pooling chooses the pooling: predictor_kwargs may not set it")
+        if self.compact_masks and self.process_group is not None:
+            raise ValueError("compact_masks holds the masks of whole layers; with process_group each head group keeps "
+                             "its own expanded mask: not with process_group (sequence parallel)")
         if isinstance(self.find_diagonals, bool) or not isinstance(self.find_diagonals, int) or self.find_diagonals < 0:
             raise ValueError(f"find_diagonals must be an int >= 0 (diagonals per layer), got {self.find_diagonals!r}")
         if self.find_diagonals:
@@ -566,9 +576,9 @@ class SparseAttentionConfig:
 
     def mask_cache(self) -> MaskCache:
         """An empty MaskCache with this schedule; masks are kept expanded, so reuse costs no
-        conversion."""
+        conversion, or compact (``compact_masks``)."""
         return MaskCache(warmup=self.dense_steps, refresh_every=self.refresh_every, refresh_steps=self.refresh_steps,
-                         ramp=self.refresh_ramp, expanded=True)
+                         ramp=self.refresh_ramp, expanded=not self.compact_masks)
 
     def is_dense_step(self, step: int) -> bool:
         return self.mask_cache().action(step) == "dense"
