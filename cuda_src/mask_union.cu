@@ -104,4 +104,27 @@ __global__ void __launch_bounds__(kUnionThreads) union_rows(const __grid_constan
                                     static_cast<const int*>(p.offsets), static_cast<int*>(p.out), warp_cnt);
 }
 
+// pack_rows: each row's keys as one bit a key (fgcupy.MaskCache's compact form): key j in bit
+// j % 32 of word j / 32 of bits[row * words ...], keys outside [0, kv_len) and repeats set nothing,
+// and the count of the row's bits in counts[row]. One CTA per row, its bits built in shared memory
+// as union_rows builds its rows.
+__global__ void __launch_bounds__(kUnionThreads) pack_rows(const __grid_constant__ PackParams p) {
+  extern __shared__ unsigned row_bits[];  // [words]
+  __shared__ unsigned warp_cnt[kUnionThreads / 32];
+  const int words = p.words, q_blocks = p.q_blocks;
+  const int row = blockIdx.x;
+  const int bh = row / q_blocks;
+  const i64 at = static_cast<i64>(bh) * (q_blocks + 1) + (row - bh * q_blocks);
+  for (int w = threadIdx.x; w < words; w += kUnionThreads) row_bits[w] = 0u;
+  __syncthreads();
+  int lo, hi;
+  list_range(static_cast<const int*>(p.indptr), at, p.capacity, lo, hi);
+  set_list_bits(row_bits, static_cast<const int*>(p.indices), lo, hi, p.kv_len);
+  __syncthreads();
+  unsigned* dst = static_cast<unsigned*>(p.bits) + static_cast<i64>(row) * words;
+  for (int w = threadIdx.x; w < words; w += kUnionThreads) dst[w] = row_bits[w];
+  auto word = [&](int w) -> unsigned { return row_bits[w]; };
+  count_or_write_row<kUnionThreads>(word, words, row, static_cast<int*>(p.counts), nullptr, nullptr, warp_cnt);
+}
+
 }  // namespace fg

@@ -225,13 +225,11 @@ class MaskCache:
         bits_bytes = rows * 4 * -(-mask.kv_len // 32) + 4 * mask.indptr.numel()  # whole 32-bit words, and offsets
         form = self.storage if self.storage != "auto" else ("bits" if bits_bytes < index_bytes else "index")
         if form == "bits":
-            dense = mask.to_dense()
-            counts = dense.sum(-1, dtype=torch.int32)
-            kept = int(counts.sum().item())
+            payload, counts = _bit_map(mask)
+            kept = int(counts.sum(dtype=torch.int64).item())
             if kept > mask.capacity and self.storage == "auto":  # shared rows: keep the buffer's size
                 form = "index"
         if form == "bits":
-            payload = _packed_bits(dense)
             indptr = indptr_from_counts(counts, mask.batch, mask.heads, mask.q_blocks)
         else:
             # A copy at any width: the caller's keys (a plan's buffers, refilled in place) stay theirs.
@@ -361,6 +359,22 @@ def _check_out(layer, out: torch.Tensor, entry: _Entry) -> None:
                else type(out).__name__)
         raise ValueError(f"layer {layer!r}: out must be a contiguous int32 tensor of {size} entries on "
                          f"{entry.device}, got {got}")
+
+
+def _bit_map(mask: SliceMask) -> tuple:
+    """(uint8 [B, H, QB, 4 * ceil(kv_len / 32)] the mask's kept slices one bit a key, as
+    ``_packed_bits`` lays them; int32 [B, H, QB] the keys each row keeps). fg::pack_rows on a GPU
+    (no host sync), else from ``mask.to_dense()``."""
+    shape = (mask.batch, mask.heads, mask.q_blocks)
+    if mask.device.type == "cuda":
+        from .mask_kernels import gpu_pack  # the kernels' module loads with its first use
+
+        packed = gpu_pack(mask)
+        if packed is not None:
+            words, counts = packed
+            return words.view(torch.uint8).reshape(*shape, -1), counts.reshape(shape)
+    dense = mask.to_dense()
+    return _packed_bits(dense), dense.sum(-1, dtype=torch.int32)
 
 
 def _packed_bits(dense: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,9 @@ from .jit.runtime import device_index
 from .jit.score_spec import (E4M3, E4M3_HEAD_DIMS, E4M3_MODES, RULE_IDS, SCORE_KEY_TILE, SCORE_PARAMS,  # noqa: F401
                              SELECT_LARGE_SMEM, SELECT_MAX_SMEM, SM90_SCORE_GROUPS, SM90_SCORE_MODES, SM90_SCORE_ROWS,
                              DILATE_MAX_RADIUS, DILATE_RUN, ROWS_MAX_DIM,
-                             ROWS_MAX_GROUPS, UNION_MAX_OFFSETS, UNION_MAX_WORDS, AdaptiveRowsSpec, ColmaxSpec,
-                             DilateInPlaceSpec, DilateSpec, EmitSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec, UnionSpec)
+                             ROWS_MAX_GROUPS, UNION_MAX_OFFSETS, UNION_MAX_WORDS, PACK_MAX_WORDS, AdaptiveRowsSpec, ColmaxSpec,
+                             DilateInPlaceSpec, DilateSpec, EmitSpec, PackSpec, ScoreSpec, SelectSpec, Sm90ScoreSpec,
+                             UnionSpec)
 from .e4m3_kernels import gpu_heads_as_e4m3
 from .mask import INT32_MAX, SliceMask, indptr_from_counts, is_int, num_blocks
 from .mask_reference import COHERENCE_CUT, PROB_DTYPE, dilate_keys, stored_probs
@@ -515,6 +516,27 @@ def gpu_adaptive_rows(q: torch.Tensor, pool: int, slice_m: int):
                             stride_s=q.stride(2), heads=heads, q_len=q_len, dim=dim, slice_m=slice_m, pool=pool,
                             is_bf16=int(q.dtype == torch.bfloat16), cut=COHERENCE_CUT))
     return rows, sampled
+
+
+def gpu_pack(mask) -> tuple | None:
+    """fg::pack_rows: (int32 [rows, ceil(kv_len / 32)] each row's keys as a bit map, key j in bit
+    j % 32 of word j / 32, keys outside [0, kv_len) and repeats left out; int32 [rows] the keys
+    each row keeps), no host sync; None where the kernel does not apply (rows longer than
+    PACK_MAX_WORDS * 32 keys)."""
+    words = -(-mask.kv_len // 32)
+    if words > PACK_MAX_WORDS:
+        return None
+    rows = mask.batch * mask.heads * mask.q_blocks
+    bits = torch.empty(rows, words, dtype=torch.int32, device=mask.device)
+    counts = torch.zeros(rows, dtype=torch.int32, device=mask.device)
+    if rows and words:
+        spec = PackSpec()
+        launch(spec, mask.device, (rows,),
+               spec.params.pack(indptr=mask.indptr.contiguous(), indices=mask.indices.contiguous(), bits=bits,
+                                counts=counts, capacity=mask.capacity, q_blocks=mask.q_blocks, kv_len=mask.kv_len,
+                                words=words),
+               shared_mem=4 * words)
+    return bits, counts
 
 
 def gpu_union(mask, offsets: tuple, extra=None):

@@ -342,7 +342,7 @@ def test_compact_masks_give_the_expanded_trajectory(options):
     """compact_masks on CUDA: the layers' masks held compactly and expanded into one shared plan
     on each call give the same outputs, bit for bit, and the same masks as each layer's own
     plan (the dense warm-up and its exact mask, searches from sparse calls, recall readings);
-    the cache holds int16 keys (768 tokens fit), half the expanded int32."""
+    the cache holds bit maps (d = 0.3 of 768 keys: fewer bytes than int16 keys)."""
     expanded, ours, _ = run_schedule(**options)
     compact, theirs, _ = run_schedule(compact_masks=True, **options)
     for step, (a, b) in enumerate(zip(ours, theirs)):
@@ -350,6 +350,6 @@ def test_compact_masks_give_the_expanded_trajectory(options):
     for name in expanded.layers:
         held, kept = expanded.mask(name), compact.mask(name)
         assert torch.equal(held.indptr, kept.indptr) and torch.equal(held.indices, kept.indices)
-    assert "index int16" in compact.describe() and "expanded int32" in expanded.describe()
+    assert "bits uint8" in compact.describe() and "expanded int32" in expanded.describe()
     assert compact.cache.memory_bytes() < expanded.cache.memory_bytes()
     assert [s.refresh_steps for s in compact.stats().values()] == [s.refresh_steps for s in expanded.stats().values()]

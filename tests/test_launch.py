@@ -211,7 +211,7 @@ def test_every_kernel_struct_is_checked():
 
     names = {s.name for s in STRUCTS}
     assert {"ScoreParams", "AttnParams", "SelectParams", "EmitParams", "DilateParams", "DilateInPlaceParams",
-            "AdaptiveRowsParams", "UnionParams", "OrderParams", "E4m3AmaxParams", "E4m3RoundParams"} <= names
+            "AdaptiveRowsParams", "UnionParams", "OrderParams", "E4m3SumsqParams", "E4m3RoundParams", "PackParams"} <= names
     assert all(any(s is known for s in STRUCTS) for known in (SCORE_PARAMS, ATTN_PARAMS, ATTN_TMA_PARAMS))
 
 

@@ -554,3 +554,22 @@ def test_a_bit_map_expands_on_the_gpu_as_on_the_cpu(case, seed):
                           generator=torch.Generator().manual_seed(seed)).cuda()
     for got in (gpu.get(0), gpu.get(0, out=stale)):
         assert torch.equal(got.indices.cpu(), want.indices) and torch.equal(got.indptr.cpu(), want.indptr)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda sees no device on this machine")
+def test_a_gpu_bit_map_keeps_what_the_kernels_keep_of_a_loose_mask():
+    """fg::pack_rows on keys listed twice, out of order, outside [0, kv_len), and rows that
+    share entries: the bit map (and the keys it expands to) are the CPU's, from to_dense."""
+    indptr = torch.tensor([[[0, 5, 9, 9, 12]]], dtype=torch.int32)  # row 2 empty
+    indices = torch.tensor([7, 3, 7, -1, 40, 0, 39, 39, 2, 5, 1, 100, 4], dtype=torch.int32)  # 13: one spare
+    loose = SliceMask(indptr, indices, 16, 64, 40)
+    shared = SliceMask(torch.tensor([[[0, 3]]] * 3, dtype=torch.int32).view(1, 3, 2),  # three heads, one row each
+                       torch.tensor([2, 9, 2], dtype=torch.int32), 64, 64, 40)
+    for mask in (loose, shared):
+        cpu, gpu = MaskCache(storage="bits"), MaskCache(storage="bits")
+        cpu.put(0, mask)
+        gpu.put(0, SliceMask(mask.indptr.cuda(), mask.indices.cuda(), mask.slice_m, mask.q_len, mask.kv_len))
+        want, got = cpu.get(0), gpu.get(0)
+        assert torch.equal(got.indices.cpu(), want.indices) and torch.equal(got.indptr.cpu(), want.indptr)
+        assert torch.equal(gpu._entries[0].payload.cpu(), cpu._entries[0].payload)

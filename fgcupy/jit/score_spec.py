@@ -127,6 +127,13 @@ UNION_PARAMS = ParamStruct("UnionParams", (
     ("kv_len", "i32"), ("words", "i32"), ("n_offsets", "i32"),
     *((f"offset{i}", "i32") for i in range(UNION_MAX_OFFSETS)),
 ))
+#: fg::pack_rows (mask_union.cu): each row's keys as a bit map in global memory, its count of
+#: keys; one row of bits in shared memory: rows up to PACK_MAX_WORDS * 32 keys.
+PACK_MAX_WORDS = 2 * UNION_MAX_WORDS
+PACK_PARAMS = ParamStruct("PackParams", (
+    ("indptr", "in"), ("indices", "in"), ("bits", "out"), ("counts", "out"), ("capacity", "i32"), ("q_blocks", "i32"),
+    ("kv_len", "i32"), ("words", "i32"),
+))
 #: Score-row storage the selection kernel reads (template S of fg::select_rows): float32 or
 #: float16 logits, bfloat16 max-probability scores (what the "maxprob" and "band" modes write).
 SELECT_SCORES = {"float32": "fg::F32Scores", "float16": "fg::F16Scores", "bfloat16": "fg::BF16Scores"}
@@ -386,7 +393,21 @@ class UnionSpec(PlainKernelSpec):
     template = "fg::union_rows"
     threads = UNION_THREADS
     params = UNION_PARAMS
+    shared_params = (PACK_PARAMS,)
     constants = {"kUnionThreads": UNION_THREADS, "kUnionMaxOffsets": UNION_MAX_OFFSETS}
+
+
+@dataclass(frozen=True)
+class PackSpec(PlainKernelSpec):
+    """``fg::pack_rows``: each row's keys as a bit map (fgcupy.MaskCache's compact form) and its
+    count."""
+
+    source = "mask_union.cu"
+    template = "fg::pack_rows"
+    threads = UNION_THREADS
+    params = PACK_PARAMS
+    shared_params = (UNION_PARAMS,)
+    constants = UnionSpec.constants
 
 
 def all_mask_specs() -> list:
@@ -405,7 +426,7 @@ def all_mask_specs() -> list:
             specs += [ColmaxSpec(dtype, d, mode, warps) for mode in COLMAX_MODES for warps in SCORE_WARPS]
     selects = [SelectSpec(staged, scores, rule=rule) for staged in (True, False) for scores in SELECT_SCORES
                for rule in SELECT_RULES]
-    return specs + selects + [EmitSpec(), DilateSpec(), DilateInPlaceSpec(), AdaptiveRowsSpec(), UnionSpec()]
+    return specs + selects + [EmitSpec(), DilateSpec(), DilateInPlaceSpec(), AdaptiveRowsSpec(), UnionSpec(), PackSpec()]
 
 
 def all_sm90_mask_specs() -> list:
