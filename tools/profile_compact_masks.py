@@ -13,6 +13,7 @@ running ahead, as it does through a model's layers: fgcupy.timing).
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 
@@ -48,7 +49,7 @@ def layer_row(seq: int, density: float) -> str:
              ("cudnn", sdpa_call(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), "cudnn")))
     timed = {name: cuda_time_ms(fn, warmup=3, reps=10)["median_ms"] for name, fn in calls}
     queued = {name: cuda_time_ms(fn, warmup=3, reps=10, queued=True)["median_ms"] for name, fn in calls[:2]}
-    form = cache.describe().splitlines()[1].split(", ")[1]
+    form = re.search(r"\)=\([^)]*\), (\w+ \w+),", cache.describe().splitlines()[1]).group(1)  # e.g. "bits uint8"
     expanded, compact = mask.memory_bytes(), cache.memory_bytes()
     return (f"| {seq} | {density} | {expanded / 2**20:.1f} MiB | {compact / 2**20:.1f} MiB ({form}, "
             f"{expanded / compact:.2f}x less) | {timed['own']:.2f} / {queued['own']:.2f} ms | "
