@@ -111,12 +111,17 @@ class _Entry:
     kept: int | None  # slices kept (known for bits; None when not counted, to avoid a sync)
     step: int
     mask: SliceMask | None = None  # the mask itself, for form "expanded"
-    capacity: int = 0  # the indices buffer a "bits" mask is rebuilt into: the stored mask's
-    # (a plan sized to it, or a captured graph, sees the same shapes on reuse steps), or the
-    # slices it keeps where they are more (rows sharing entries, with storage="bits")
+    capacity: int = 0  # the stored mask's indices buffer: a "bits" mask comes back in one of this
+    # size (a plan sized to it, or a captured graph, sees the same shapes on reuse steps), or of
+    # the slices it keeps where they are more (rows sharing entries, with storage="bits")
 
     def memory_bytes(self) -> int:
         return self.indptr.numel() * self.indptr.element_size() + self.payload.numel() * self.payload.element_size()
+
+    def expanded_size(self) -> int:
+        """Index entries of the mask as ``get`` gives it: a bit map's come back in the stored
+        mask's buffer size, or in its kept slices where they are more (rows sharing entries)."""
+        return max(self.kept, self.capacity) if self.form == "bits" else self.payload.numel()
 
     @property
     def device(self) -> torch.device:
@@ -271,8 +276,7 @@ class MaskCache:
 
     def stored_capacity(self, layer) -> int:
         """Index entries ``get`` gives ``layer``'s mask (the size its ``out`` takes)."""
-        entry = self._entries[layer]
-        return max(entry.kept, entry.capacity) if entry.form == "bits" else entry.payload.numel()
+        return self._entries[layer].expanded_size()
 
     def _check(self, layer, entry: _Entry, wanted) -> None:
         names = ("B", "H", "q_len", "kv_len", "slice_m")
@@ -352,7 +356,7 @@ class MaskCache:
 
 
 def _check_out(layer, out: torch.Tensor, entry: _Entry) -> None:
-    size = max(entry.kept, entry.capacity) if entry.form == "bits" else entry.payload.numel()
+    size = entry.expanded_size()
     if (not isinstance(out, torch.Tensor) or out.dtype != torch.int32 or not out.is_contiguous()
             or out.numel() != size or out.dim() != 1 or not _same_device(out.device, entry.device)):
         got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
@@ -394,7 +398,7 @@ def _unpacked_keys(entry: _Entry, out: torch.Tensor | None) -> torch.Tensor:
     batch, heads, q_len, kv_len, slice_m = entry.shape
     q_blocks = num_blocks(q_len, slice_m)
     rows = batch * heads * q_blocks
-    size = max(entry.kept, entry.capacity)
+    size = entry.expanded_size()
     device = entry.payload.device
     if out is None:
         out = torch.zeros(size, dtype=torch.int32, device=device)
