@@ -1106,7 +1106,8 @@ def test_a_patched_model_is_freed_when_the_last_reference_goes():
         gc.enable()
 
 
-def test_a_compiled_patched_model_does_not_recompile_per_layer_and_step():
+@pytest.mark.parametrize("compact_masks", [False, True])
+def test_a_compiled_patched_model_does_not_recompile_per_layer_and_step(compact_masks):
     """Traced, the schedule's state (layer, step, cached masks) became guards: each layer and step
     compiled the processor again, up to torch's recompile limit."""
     import torch._dynamo
@@ -1114,7 +1115,8 @@ def test_a_compiled_patched_model_does_not_recompile_per_layer_and_step():
     torch._dynamo.reset()
     model = torch.compile(tiny_wan(), backend="eager")
     eager = tiny_wan()
-    handle, _ = fd.apply(model, cpu_config(refresh_every=2)), fd.apply(eager, cpu_config(refresh_every=2))
+    config = cpu_config(refresh_every=2, compact_masks=compact_masks)
+    handle, _ = fd.apply(model, config), fd.apply(eager, config)
     latents, text = wan_inputs()
     same = []
     try:
