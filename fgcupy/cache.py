@@ -214,6 +214,15 @@ class MaskCache:
         return self.warmup + last_refresh(step - self.warmup, self.refresh_every, self.ramp)
 
     # ---- storage ----
+    def keep_expanded(self, expanded: bool) -> None:
+        """Whether masks stored from now on are kept as given (``expanded``) or compact; masks
+        held keep their form."""
+        if not isinstance(expanded, bool):
+            raise TypeError(f"expanded must be a bool, got {expanded!r}")
+        if expanded and self.storage != "auto":
+            raise ValueError(f"expanded=True keeps masks as given; it cannot be combined with storage={self.storage!r}")
+        self.expanded = expanded
+
     def put(self, layer, mask: SliceMask, step: int = 0) -> None:
         """Store ``mask`` as ``layer``'s mask (compactly)."""
         if not isinstance(mask, SliceMask):

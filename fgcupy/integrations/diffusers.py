@@ -73,7 +73,7 @@ from ..gpu_prediction import attention_kernels_ahead, colmax_kernels
 from ..jit.runtime import kernels_can_run, load_in_background
 from ..mask_algebra import drop_keys
 from ..mask_reference import default_scale
-from .diffusers_config import SparseAttentionConfig
+from .diffusers_config import COMPACT_SHARE, SparseAttentionConfig
 from .diffusers_processors import (  # noqa: F401
     CogVideoXSparseProcessor,
     HunyuanVideoSparseProcessor,
@@ -218,7 +218,8 @@ class SparseAttentionHandle:
         self.config = config
         self.layers = {layer.name: layer for layer in layers}
         self.cache = config.mask_cache()  # keys: (layer name, guidance branch)
-        self._shared_plans: dict[tuple, SparseAttention] = {}  # compact_masks: one per input shapes
+        self._shared_plans: dict[tuple, SparseAttention] = {}  # compact masks: one per input shapes
+        self._compact = self._compact_choice()  # None: chosen at the generation's first mask
         self.step = 0
         self.branch = 0
         self.generation = 0
@@ -354,6 +355,7 @@ class SparseAttentionHandle:
             layer.slots.clear()
         self.cache.clear()
         self._shared_plans.clear()
+        self._compact = self._compact_choice()
 
     def _new_generation(self) -> None:
         self.step, self.branch = 0, 0
@@ -395,7 +397,7 @@ class SparseAttentionHandle:
         return SliceMask(held.indptr.clone(), held.indices.clone(), held.slice_m, held.q_len, held.kv_len)
 
     def mask_memory_bytes(self) -> int:
-        """Bytes of the masks held: the cache's, and with compact_masks the shared plans' keys."""
+        """Bytes of the masks held: the cache's, and with compact masks the shared plans' keys."""
         shared = sum(plan.mask.memory_bytes() for plan in self._shared_plans.values() if plan.mask is not None)
         return self.cache.memory_bytes() + shared
 
@@ -568,9 +570,11 @@ class SparseAttentionHandle:
                 mask = self._predict(layer, q.transpose(1, 2), k_seen.transpose(1, 2), lse, poolings, diagonals)
             if key_valid is not None:
                 mask = drop_keys(mask, key_valid)
+            if self._compact is None:
+                self._choose_compact(mask)
             if cfg.attention_fn is None:
                 plan = self._plan_of(slot, key).plan(mask, head_dim=q.shape[-1], dtype=q.dtype)
-                if not cfg.compact_masks:
+                if not self._compact:
                     mask = plan.mask  # the cache holds the plan's own mask: no second copy
             # The warm-up's mask is the first sparse step's: that step need not predict.
             self._store(layer, entry, slot, mask, key, key_version, cfg.dense_steps if warmup else None)
@@ -643,20 +647,38 @@ class SparseAttentionHandle:
         self._store(layer, entry, slot, mask, key, 0)
         return out
 
+    def _compact_choice(self) -> bool | None:
+        """compact_masks as given; None (choose at the first mask) only where it can be compact."""
+        given = self.config.compact_masks
+        return False if given is None and self.config.process_group is not None else given
+
+    def _choose_compact(self, mask: SliceMask) -> None:
+        """compact_masks=None: hold masks compactly where ``mask`` held expanded by every patched
+        layer, for both guidance branches (one with share_branches), would take more than
+        COMPACT_SHARE of its GPU's memory."""
+        compact = False
+        if mask.device.type == "cuda":
+            layers = sum(not layer.dense for layer in self.layers.values())
+            branches = 1 if self.config.share_branches else 2
+            total = torch.cuda.get_device_properties(mask.device).total_memory
+            compact = mask.memory_bytes() * layers * branches > COMPACT_SHARE * total
+        self._compact = compact
+        self.cache.keep_expanded(not compact)
+
     def _plan_of(self, slot: _Slot, key: tuple) -> SparseAttention:
-        """The kernel plan a slot's calls run on: its own, or with compact_masks the one the
+        """The kernel plan a slot's calls run on: its own, or with compact masks the one the
         layers of its input shapes share."""
-        if self.config.compact_masks:
+        if self._compact:
             return self._shared_plans.setdefault(key, SparseAttention())
         if slot.plan is None:
             slot.plan = SparseAttention()
         return slot.plan
 
     def _planned(self, slot: _Slot, entry: tuple, key: tuple, q) -> SparseAttention:
-        """The plan holding ``entry``'s cached mask: the slot's own, or with compact_masks the
+        """The plan holding ``entry``'s cached mask: the slot's own, or with compact masks the
         shared one, the mask expanded into its buffers now (where they have its size)."""
         plan = self._plan_of(slot, key)
-        if self.config.compact_masks:
+        if self._compact:
             held = plan.mask
             fits = held is not None and held.indices.numel() == self.cache.stored_capacity(entry)
             plan.plan(self.cache.get(entry, out=held.indices if fits else None), head_dim=q.shape[-1], dtype=q.dtype)

@@ -24,6 +24,9 @@ EXACT_PREDICTOR = "colmax"
 #: The selection rule each parameter gives an exact (column-max) mask.
 _RULE_OF_PARAMETER = {"density": "topk", "tau": "tau", "threshold": "threshold"}
 DEFAULT_DENSITY = 0.1
+#: compact_masks=None holds masks compactly where, expanded, every patched layer's for both
+#: guidance branches would take more than this share of the GPU's memory.
+COMPACT_SHARE = 0.25
 #: refresh_every of predicted masks (each refresh predicts anew).
 DEFAULT_REFRESH_EVERY = 5
 #: refresh_every where the first mask is the warm-up's exact one and refreshes are sparse: such a
@@ -182,9 +185,12 @@ class SparseAttentionConfig:
     compact_masks: hold each layer's mask compactly (``fgcupy.MaskCache``'s "auto" storage: int16
         keys where kv_len fits, else a bit map where that is smaller) and expand it, on each
         sparse call, into one kernel plan shared by the layers of a shape: at d = 0.1 a bit map
-        takes 1 bit a key against 32 bits a kept key (about 3x less at 75,600 tokens, int16 2x
-        at 32,760), for one write of the kept keys per call. Not with process_group (its head
-        groups keep their own masks).
+        takes 1 bit a key against 32 bits a kept key (3.2x less), for one write of the kept keys
+        per call (reuse calls 1.5-8 % longer on an H100). None (the default): compact where the
+        first mask, held expanded by every patched layer for both guidance branches (one with
+        share_branches), would take more than COMPACT_SHARE of the GPU's memory (Wan-14B at 720p
+        and d = 0.1: 53 GiB), decided again for each generation. Not True with process_group
+        (its head groups keep their own masks; None stays expanded there).
     fallback: where fgcupy's kernel cannot run (no GPU, CPU tensors), use the stock processor
         instead of raising.
     attention_fn: replaces fgcupy's kernel: ``attention_fn(q, k, v, mask, scale) -> out`` with
@@ -223,7 +229,7 @@ class SparseAttentionConfig:
     calibrate_pooling: bool = False
     find_diagonals: int = 0
     share_branches: bool = False
-    compact_masks: bool = False
+    compact_masks: bool | None = None
     fallback: bool = False
     attention_fn: Callable | None = None
     process_group: object = None
@@ -239,7 +245,7 @@ class SparseAttentionConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                                       or not math.isfinite(value)):
                 raise TypeError(f"{name} must be a finite number, got {value!r}")
-        for option in ("calibrate_pooling", "share_branches", "compact_masks", "fallback", "estimate_first_mask"):
+        for option in ("calibrate_pooling", "share_branches", "fallback", "estimate_first_mask"):
             if not isinstance(getattr(self, option), bool):  # "False" would switch it on
                 raise TypeError(f"{option} must be a bool, got {getattr(self, option)!r}")
         if self.predictor == EXACT_PREDICTOR:
@@ -297,6 +303,8 @@ class SparseAttentionConfig:
             self._refuse_process_group("calibrate_pooling", "queries and keys")
             if "pooling" in self.predictor_kwargs:
                 raise ValueError("calibrate_pooling chooses the pooling: predictor_kwargs may not set it")
+        if self.compact_masks is not None and not isinstance(self.compact_masks, bool):
+            raise TypeError(f"compact_masks must be a bool or None, got {self.compact_masks!r}")
         if self.compact_masks and self.process_group is not None:
             raise ValueError("compact_masks holds the masks of whole layers; with process_group each head group keeps "
                              "its own expanded mask: not with process_group (sequence parallel)")
@@ -576,9 +584,10 @@ class SparseAttentionConfig:
 
     def mask_cache(self) -> MaskCache:
         """An empty MaskCache with this schedule; masks are kept expanded, so reuse costs no
-        conversion, or compact (``compact_masks``)."""
+        conversion, or compact (``compact_masks=True``; with None the handle chooses before
+        its first mask)."""
         return MaskCache(warmup=self.dense_steps, refresh_every=self.refresh_every, refresh_steps=self.refresh_steps,
-                         ramp=self.refresh_ramp, expanded=not self.compact_masks)
+                         ramp=self.refresh_ramp, expanded=self.compact_masks is not True)
 
     def is_dense_step(self, step: int) -> bool:
         return self.mask_cache().action(step) == "dense"
