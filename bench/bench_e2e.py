@@ -15,7 +15,8 @@
    otherwise.
 2. A ``--model-layers``-deep WanTransformer3DModel of the same width over ``--model-steps``
    Euler steps of a flow-matching-like loop, dense then sparse from the same start: time per
-   forward and the PSNR of each step's output against the dense run. Random weights attend almost
+   forward, the PSNR of each step's output against the dense run, the masks' memory (held compactly
+   or expanded: ``--compact-masks``) and the sparse run's peak memory. Random weights attend almost
    uniformly, so this PSNR is a plumbing check, not a quality claim (bench/ quality numbers come
    from the video-like workloads).
 CUDA-event medians after warm-up; everything in one process on one GPU.
@@ -160,7 +161,7 @@ def bench_block(seq: int, args, predictor: dict) -> dict:
     stock_attn = cuda_time_ms(lambda: dispatch_attention_fn(q, k, v), **reps)["median_ms"]
 
     # Reused mask: the first call predicts, later calls of later steps reuse.
-    reuse_cfg = fd.SparseAttentionConfig(slice_m=args.slice_m, dense_steps=0, refresh_every=10**9,
+    reuse_cfg = fd.SparseAttentionConfig(slice_m=args.slice_m, dense_steps=0, refresh_every=10**9, compact_masks=False,
                                          refresh_on_missed_mass=args.refresh_on_missed_mass, **predictor)
     handle = fd.apply(model, reuse_cfg)
     started = time.perf_counter()
@@ -273,21 +274,26 @@ def bench_model(args, predictor: dict) -> dict:
     trajectory()  # warm-up (kernels, allocator)
     dense_out, dense_ms, dense_final = trajectory()
     config = fd.SparseAttentionConfig(slice_m=args.slice_m, dense_steps=args.model_dense_steps,
-                                      refresh_every=args.model_refresh_every, **predictor)
+                                      refresh_every=args.model_refresh_every, compact_masks=args.compact_masks, **predictor)
     handle = fd.apply(model, config)
     trajectory()  # warm-up: compiles, predicts
     handle.reset(clear_stats=True)
+    torch.cuda.reset_peak_memory_stats()
     sparse_out, sparse_ms, sparse_final = trajectory()
+    peak_gib, mask_gib, compact = torch.cuda.max_memory_allocated() / 2**30, handle.mask_memory_bytes() / 2**30, handle.compact_masks
     refreshes = handle.refresh_counts()
     fd.remove(model)
     row = dict(seq=seq, layers=args.model_layers, steps=args.model_steps, dense_steps=args.model_dense_steps,
                refresh_every=args.model_refresh_every, dense_ms=dense_ms, sparse_ms=sparse_ms,
                psnr_db=[psnr(s, d) for s, d in zip(sparse_out, dense_out)],
                final_latent_psnr_db=psnr(sparse_final, dense_final),
-               refreshes_per_layer=sorted(set(refreshes.values())))
+               refreshes_per_layer=sorted(set(refreshes.values())), compact_masks=compact, mask_gib=mask_gib,
+               peak_gib=peak_gib)
     print(f"model {args.model_layers} layers x {seq} tokens, {args.model_steps} steps: dense "
           f"{[round(x, 1) for x in dense_ms]} ms, sparse {[round(x, 1) for x in sparse_ms]} ms, output PSNR "
-          f"{[round(x, 1) for x in row['psnr_db']]} dB, final latents {row['final_latent_psnr_db']:.1f} dB", flush=True)
+          f"{[round(x, 1) for x in row['psnr_db']]} dB, final latents {row['final_latent_psnr_db']:.1f} dB; masks "
+          f"{'compact' if compact else 'expanded'} {mask_gib:.2f} GiB, peak memory of the sparse run {peak_gib:.2f} GiB",
+          flush=True)
     del model
     torch.cuda.empty_cache()
     return row
@@ -295,7 +301,8 @@ def bench_model(args, predictor: dict) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seqs", type=int, nargs="+", default=[32_760, 75_600], choices=sorted(GRIDS))
+    parser.add_argument("--seqs", type=int, nargs="*", default=[32_760, 75_600], choices=sorted(GRIDS),
+                        help="block lengths (none: the model part only)")
     parser.add_argument("--density", type=float, default=0.1)
     parser.add_argument("--predictor", default="auto", choices=["auto", "topk", "tau", "colmax", "random"],
                         help="colmax: the exact schedule (a refresh runs dense attention and its column max)")
@@ -336,6 +343,8 @@ def main(argv=None):
     parser.add_argument("--model-steps", type=int, default=4)
     parser.add_argument("--model-dense-steps", type=int, default=1)
     parser.add_argument("--model-refresh-every", type=int, default=2)
+    parser.add_argument("--compact-masks", action=argparse.BooleanOptionalAction, default=None,
+                        help="the model's SparseAttentionConfig(compact_masks=...); default: its own choice")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     if not fd.kernel_available():

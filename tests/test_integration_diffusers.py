@@ -1841,14 +1841,14 @@ def test_compact_masks_none_chooses_by_the_masks_share_of_the_gpu(monkeypatch):
     mask = types.SimpleNamespace(device=torch.device("cuda", 0), memory_bytes=lambda: 70)
     for share_branches, dense_layers, compact in ((False, (), True), (True, (), False), (False, (1,), False)):
         handle = fd.apply(tiny_wan(), cpu_config(share_branches=share_branches, dense_layers=dense_layers))
-        assert handle._compact is None and handle.cache.expanded
+        assert handle.compact_masks is None and handle.cache.expanded
         handle._choose_compact(mask)  # 70 x 2 layers x 2 branches = 280 > 250; one branch or one layer: 140
-        assert handle._compact is compact and handle.cache.expanded is not compact
+        assert handle.compact_masks is compact and handle.cache.expanded is not compact
         handle.reset()
-        assert handle._compact is None
+        assert handle.compact_masks is None
     assert diffusers_config.COMPACT_SHARE == 0.25
     cpu_mask = types.SimpleNamespace(device=torch.device("cpu"), memory_bytes=lambda: 10**12)
     handle = fd.apply(tiny_wan(), cpu_config())
     handle._choose_compact(cpu_mask)
-    assert handle._compact is False and handle.cache.expanded
-    assert fd.apply(tiny_wan(), cpu_config(compact_masks=True))._compact is True
+    assert handle.compact_masks is False and handle.cache.expanded
+    assert fd.apply(tiny_wan(), cpu_config(compact_masks=True)).compact_masks is True

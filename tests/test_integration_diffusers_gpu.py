@@ -359,9 +359,9 @@ def test_compact_masks_none_chooses_compact_past_its_share_of_the_gpu(monkeypatc
     """compact_masks=None (the default) on CUDA: tiny masks stay expanded; with the share set to
     0 every mask passes it, and the schedule runs compact with the expanded one's outputs."""
     expanded, ours, _ = run_schedule(density=0.3)
-    assert expanded._compact is False and "expanded int32" in expanded.describe()
+    assert expanded.compact_masks is False and "expanded int32" in expanded.describe()
     monkeypatch.setattr(fd, "COMPACT_SHARE", 0.0)
     compact, theirs, _ = run_schedule(density=0.3)
-    assert compact._compact is True and "bits uint8" in compact.describe()
+    assert compact.compact_masks is True and "bits uint8" in compact.describe()
     for step, (a, b) in enumerate(zip(ours, theirs)):
         assert torch.equal(a, b), step

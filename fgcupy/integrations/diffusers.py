@@ -396,6 +396,12 @@ class SparseAttentionHandle:
         held = self.cache.get((name, branch))
         return SliceMask(held.indptr.clone(), held.indices.clone(), held.slice_m, held.q_len, held.kv_len)
 
+    @property
+    def compact_masks(self) -> bool | None:
+        """Whether this generation holds its masks compactly (SparseAttentionConfig.compact_masks;
+        None before its first mask where the config leaves the choice to it)."""
+        return self._compact
+
     def mask_memory_bytes(self) -> int:
         """Bytes of the masks held: the cache's, and with compact masks the shared plans' keys."""
         shared = sum(plan.mask.memory_bytes() for plan in self._shared_plans.values() if plan.mask is not None)
