@@ -3,8 +3,9 @@
 //   e4m3_sumsq: each head's largest sum of squares of a row, raised into sumsq[head] (float64
 //   bits, zeroed first);
 //   e4m3_round: each head's power of two from it (written to scale[head] for the pass's logit
-//   scale), each value times it, magnitudes past kE4m3Max clamped (NaN stays NaN), rounded to
-//   nearest even, written as [heads, rows, D] bytes.
+//   scale), each value times it, clamped at kE4m3Max (at kE4m3NonfiniteClamp in a head with a
+//   non-finite element, which keeps scale 1; NaN stays NaN), rounded to nearest even, written
+//   as [heads, rows, D] bytes.
 // Heads are counted batch-major from bh0; row r of head bh = b * heads + h starts at element
 // b * stride_b + h * stride_h + r * stride_s, its D values contiguous and 16-byte aligned (the
 // host checks). Each thread takes kConvertUnroll 16-byte vectors a CTA's width apart, loads first.
@@ -12,8 +13,9 @@
 
 namespace fg {
 
-// kConvertThreads, kConvertUnroll, kE4m3Max and kE4m3RowSumsq (fgcupy.e4m3.E4M3_MAX and
-// E4M3_ROW_SUMSQ: e4m3's largest value and the bound on a scaled row's sum of squares) come from
+// kConvertThreads, kConvertUnroll, kE4m3Max, kE4m3RowSumsq and kE4m3NonfiniteClamp
+// (fgcupy.e4m3.E4M3_MAX, E4M3_ROW_SUMSQ, E4M3_NONFINITE_CLAMP: e4m3's largest value, the bound on
+// a scaled row's sum of squares, the clamp of a head that cannot be scaled) come from
 // fgcupy/jit/e4m3_spec.py, with the parameter structs.
 
 template <int D>
@@ -91,12 +93,11 @@ __global__ void __launch_bounds__(kConvertThreads) e4m3_sumsq(const __grid_const
 }
 
 // x * scale rounded to float32 without flushing subnormals (the runtime compiles with -ftz=true,
-// and a tiny head's power of two can lift a subnormal into e4m3's range).
-__device__ __forceinline__ float scaled(float x, float scale) {
+// and a tiny head's power of two can lift a subnormal into e4m3's range), clamped at top.
+__device__ __forceinline__ float scaled(float x, float scale, float top) {
   float y;
   asm("mul.rn.f32 %0, %1, %2;" : "=f"(y) : "f"(x), "f"(scale));
-  constexpr float kTop = kE4m3Max;
-  return y > kTop ? kTop : (y < -kTop ? -kTop : y);  // comparisons, so a NaN stays NaN
+  return y > top ? top : (y < -top ? -top : y);  // comparisons, so a NaN stays NaN
 }
 
 // Two float32 values as two e4m3 bytes, lo in the low byte; nearest even.
@@ -107,9 +108,11 @@ __device__ __forceinline__ u32 e4m3_pair(float lo, float hi) {
 }
 
 template <class T>
-__device__ __forceinline__ u32 e4m3_quad(u32 a, u32 b, float scale) {
-  const u32 lo = e4m3_pair(scaled(T::to_float(static_cast<u16>(a)), scale), scaled(T::to_float(static_cast<u16>(a >> 16)), scale));
-  const u32 hi = e4m3_pair(scaled(T::to_float(static_cast<u16>(b)), scale), scaled(T::to_float(static_cast<u16>(b >> 16)), scale));
+__device__ __forceinline__ u32 e4m3_quad(u32 a, u32 b, float scale, float top) {
+  const u32 lo = e4m3_pair(scaled(T::to_float(static_cast<u16>(a)), scale, top),
+                           scaled(T::to_float(static_cast<u16>(a >> 16)), scale, top));
+  const u32 hi = e4m3_pair(scaled(T::to_float(static_cast<u16>(b)), scale, top),
+                           scaled(T::to_float(static_cast<u16>(b >> 16)), scale, top));
   return lo | (hi << 16);
 }
 
@@ -133,7 +136,9 @@ __device__ __forceinline__ float scale_for_head(double sumsq) {
 template <class T, int D>
 __global__ void __launch_bounds__(kConvertThreads) e4m3_round(const __grid_constant__ E4m3RoundParams p) {
   const HeadVectors<D> head(p.x, p.bh0 + blockIdx.y, p.heads, p.stride_b, p.stride_h, p.stride_s, p.rows);
-  const float scale = scale_for_head(static_cast<const double*>(p.sumsq)[blockIdx.y]);
+  const double sumsq = static_cast<const double*>(p.sumsq)[blockIdx.y];
+  const float scale = scale_for_head(sumsq);
+  const float top = isfinite(sumsq) ? static_cast<float>(kE4m3Max) : static_cast<float>(kE4m3NonfiniteClamp);
   if (blockIdx.x == 0 && threadIdx.x == 0) static_cast<float*>(p.scale)[blockIdx.y] = scale;
   uint2* __restrict__ out = static_cast<uint2*>(p.out) + static_cast<long long>(blockIdx.y) * head.count;
   const int first = first_vector();
@@ -146,7 +151,7 @@ __global__ void __launch_bounds__(kConvertThreads) e4m3_round(const __grid_const
 #pragma unroll
   for (int u = 0; u < kConvertUnroll; ++u) {
     const int i = first + u * kConvertThreads;
-    if (i < head.count) out[i] = make_uint2(e4m3_quad<T>(v[u].x, v[u].y, scale), e4m3_quad<T>(v[u].z, v[u].w, scale));
+    if (i < head.count) out[i] = make_uint2(e4m3_quad<T>(v[u].x, v[u].y, scale, top), e4m3_quad<T>(v[u].z, v[u].w, scale, top));
   }
 }
 

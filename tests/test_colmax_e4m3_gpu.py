@@ -113,6 +113,24 @@ def test_e4m3_inputs_out_of_the_plain_range():
     assert (err <= bound)[finite].all(), f"max error {err[finite].max():.3e}"
 
 
+def test_a_large_head_with_an_infinite_element_keeps_its_other_blocks_finite():
+    """A head of magnitude 300 with one infinite query element keeps scale 1; clamped at
+    E4M3_NONFINITE_CLAMP its float16 sums still fit, so query blocks without that row score as
+    the reference does, with no infinity or NaN."""
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 1, 256, 128, generator=gen) * 300
+    q[0, 0, 3, 5] = float("inf")  # in block 0
+    k = torch.randn(1, 1, 512, 128, generator=gen)
+    q, k = q.to(DEVICE, torch.bfloat16), k.to(DEVICE, torch.bfloat16)
+    scale = 1 / math.sqrt(128)
+    qr, kr = e4m3_rounded(q), e4m3_rounded(k)
+    lse = ref.nan_free_logsumexp(torch.matmul(qr, kr.transpose(-1, -2)) * scale)
+    got = mask_kernels.gpu_colmax_e4m3(q, k, scale, lse.reshape(1, -1), 128)[..., :512].float()
+    expected = ref.maxprob_scores(qr, kr, lse, 128, scale).reshape(1, 2, -1)
+    assert torch.isfinite(got[:, 1]).all() and torch.isfinite(expected[:, 1]).all()
+    _close(got[:, 1:], expected[:, 1:], _logit_slack(qr[..., 128:, :], kr, scale, lse[..., 128:]))
+
+
 def test_a_block_whose_lse_float16_would_not_hold_is_scored_in_float32():
     """A row whose LSE passes 2^14 in log2 sends its query block's CTA to the float32 epilogue
     (float16 holds it, but no longer to a useful share of a logit of that size): that block's

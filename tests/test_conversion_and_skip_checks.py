@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fgcupy import device_constants, e4m3_kernels
-from fgcupy.e4m3 import E4M3_MAX, E4M3_ROW_SUMSQ, heads_as_e4m3, scales_for
+from fgcupy.e4m3 import E4M3_MAX, E4M3_NONFINITE_CLAMP, E4M3_ROW_SUMSQ, heads_as_e4m3, scales_for
 from fgcupy.e4m3_kernels import gpu_heads_as_e4m3, kernels_take
 from fgcupy.jit import runtime as jit_runtime
 from fgcupy.jit.e4m3_spec import CONVERT_THREADS, CONVERT_UNROLL, E4m3ConvertSpec
@@ -186,7 +186,8 @@ def test_convert_constants_are_the_launch_threads_and_unroll():
     for step in ("sumsq", "round"):
         spec = E4m3ConvertSpec("bfloat16", 128, step)
         assert spec.constants == {"kConvertThreads": spec.threads, "kConvertUnroll": CONVERT_UNROLL,
-                                  "kE4m3Max": E4M3_MAX, "kE4m3RowSumsq": E4M3_ROW_SUMSQ}
+                                  "kE4m3Max": E4M3_MAX, "kE4m3RowSumsq": E4M3_ROW_SUMSQ,
+                                  "kE4m3NonfiniteClamp": E4M3_NONFINITE_CLAMP}
         assert Sm90ScoreSpec("float8_e4m3", 128, "maxprob", 128).constants["kE4m3RowSumsq"] == E4M3_ROW_SUMSQ
         assert spec.threads == CONVERT_THREADS
 

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from fgcupy import SliceMask, predict_mask
 from fgcupy import mask_reference as ref
-from fgcupy.e4m3 import E4M3_MAX, E4M3_ROW_SUMSQ, e4m3_rounded, head_scales, heads_as_e4m3, row_sumsq, to_e4m3
+from fgcupy.e4m3 import (E4M3_NONFINITE_CLAMP, E4M3_ROW_SUMSQ, e4m3_rounded, head_scales, head_scaling, heads_as_e4m3,
+                         row_sumsq, to_e4m3)
 from fgcupy.jit.score_spec import E4M3, Sm90ScoreSpec, all_sm90_mask_specs
 from fgcupy.lse_estimate import estimate_lse
 from fgcupy.predict_op import _fields, request_token
@@ -72,8 +73,8 @@ def test_heads_without_a_finite_nonzero_magnitude_keep_scale_one():
     x[0, 2, 5, 1] = float("nan")
     x[0, 3] *= 1000.0
     assert head_scales(x).tolist() == [[1.0, 1.0, 1.0, 2.0**-5]]  # rows of 16 x 1000^2 = 2^23.9: 2^-5
-    as_e4m3 = to_e4m3(x, head_scales(x)).float()
-    assert as_e4m3[0, 1, 3, 3] == E4M3_MAX  # an infinite element counts as the largest e4m3 holds
+    as_e4m3 = to_e4m3(x, *head_scaling(x)).float()
+    assert as_e4m3[0, 1, 3, 3] == E4M3_NONFINITE_CLAMP  # a head that cannot be scaled: rows of 128 of it fit
     assert math.isnan(as_e4m3[0, 2, 5, 1]) and as_e4m3[0, 2, 5, 0] == 1.0
     assert as_e4m3[0, 3].eq(32.0).all()  # 1000 / 32 = 31.25: e4m3 steps by 2 from 16 to 32, 32 is nearest
     assert head_scales(torch.zeros(0, 2, 0, 16)).shape == (0, 2)
@@ -84,10 +85,10 @@ def test_heads_without_a_finite_nonzero_magnitude_keep_scale_one():
 def test_bfloat16_and_float32_scaling_round_alike():
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(2, 2, 64, 32, generator=gen) * 7).to(torch.bfloat16)
-    scales = head_scales(x)
-    assert torch.equal(to_e4m3(x, scales).float(), to_e4m3(x.float(), scales).float())
+    scaling = head_scaling(x)
+    assert torch.equal(to_e4m3(x, *scaling).float(), to_e4m3(x.float(), *scaling).float())
     wide = (torch.randn(1, 2, 64, 32, generator=gen) * 1e-3).to(torch.float16)  # scale 2^17: past float16's range
-    assert torch.equal(to_e4m3(wide, head_scales(wide)).float(), to_e4m3(wide.float(), head_scales(wide)).float())
+    assert torch.equal(to_e4m3(wide, *head_scaling(wide)).float(), to_e4m3(wide.float(), *head_scaling(wide)).float())
 
 
 @pytest.mark.parametrize("bh0, nbh", [(0, 6), (1, 4), (2, 1), (3, 3), (5, 0)])
@@ -168,7 +169,65 @@ def test_every_partial_sum_of_a_logit_fits_float16(seed, wide, n_wide, dtype):
     x[..., :n_wide] *= wide
     x = x.to(dtype)
     assume(x.isfinite().all())
-    scaled = to_e4m3(x, head_scales(x)).double()  # q and k alike: the scale and the rounding are per tensor
+    scaled = to_e4m3(x, *head_scaling(x)).double()  # q and k alike: the scale and the rounding are per tensor
     largest = (scaled.abs() @ scaled.abs().transpose(-1, -2)).amax()
     bound = (1 + 2**-4) ** 2 * E4M3_ROW_SUMSQ + 2 * 128 * 2**-10 * 2**7.5
     assert largest <= bound < 65504
+
+
+#: float16 bits of a row whose sum of squares depends on the order of summation: 32 values near
+#: 128 whose squares sum to 2^19 - 2^-8 and 96 near 0.005 whose squares sum to a little more
+#: than 2^-8 (within 2^15 of each other, but float16 squares need 22 bits). Summed in
+#: fg::e4m3_sumsq's order it is 2^19 exactly (scale 1/4); in one plain order a float64 step above.
+ORDER_SENSITIVE_ROW = [
+    7672, 22529, 7889, 7965, 7725, 7874, 7910, 7853, 22441, 7812, 7935, 7658, 7744, 22531, 7734, 7807,
+    7971, 22532, 7296, 22531, 7959, 7809, 22531, 22565, 22528, 7896, 7687, 7763, 7948, 7781, 7762, 7800,
+    22532, 22528, 7863, 7727, 7825, 7829, 7748, 7767, 22529, 7753, 7716, 22485, 7830, 22532, 7827, 7693,
+    22530, 7945, 7879, 7950, 7755, 7700, 7691, 7845, 22530, 7716, 7853, 7692, 7838, 7679, 7732, 22532,
+    7944, 22528, 7820, 7867, 7723, 7734, 7928, 7748, 7941, 7925, 22530, 7807, 7990, 7736, 22534, 22528,
+    22528, 7914, 7651, 7955, 7794, 22532, 7830, 7970, 7755, 7765, 7741, 22531, 7960, 22531, 7649, 7749,
+    22459, 7982, 7661, 22530, 7794, 7890, 7712, 22528, 7925, 7662, 22532, 7952, 7706, 7887, 7758, 7765,
+    7876, 7935, 7919, 7792, 7951, 22528, 7798, 7824, 7883, 22531, 22529, 7786, 22529, 7989, 7755, 7809,
+]
+
+
+def _sumsq_in_the_kernels_order(row: list) -> float:
+    """fg::e4m3_sumsq's sum for one row of 128 values: 16 lanes of 8 squares each in turn, then
+    XOR-butterfly adds (distances 8, 4, 2, 1), in Python floats (float64)."""
+    lanes = []
+    for lane in range(16):
+        total = 0.0
+        for x in row[8 * lane : 8 * lane + 8]:
+            total = x * x + total
+        lanes.append(total)
+    for d in (8, 4, 2, 1):
+        lanes = [lanes[i] + lanes[i ^ d] for i in range(16)]
+    return lanes[0]
+
+
+def test_row_sums_of_squares_are_summed_in_the_kernels_order():
+    """The reference picks the kernel's power of two on a row whose sum depends on the order."""
+    x = torch.tensor(ORDER_SENSITIVE_ROW, dtype=torch.int16).view(torch.float16).view(1, 1, 1, 128)
+    row = x.flatten().double().tolist()
+    kernel_sum = _sumsq_in_the_kernels_order(row)
+    assert kernel_sum == 2.0**19 and row_sumsq(x).item() == kernel_sum and head_scales(x).item() == 0.25
+    plain = torch.linalg.vecdot(x.double(), x.double()).item()
+    assert plain != kernel_sum  # another order rounds across the power: the order matters here
+    gen = torch.Generator().manual_seed(6)
+    many = torch.randn(2, 3, 40, 128, generator=gen).half() * torch.logspace(-3, 3, 128).half()
+    want = [[max(_sumsq_in_the_kernels_order(r) for r in head.double().tolist()) for head in b] for b in many]
+    assert row_sumsq(many).tolist() == want
+
+
+def test_a_head_with_a_non_finite_element_is_clamped_where_its_sums_still_fit():
+    """Such a head keeps scale 1 and its values are clamped at E4M3_NONFINITE_CLAMP, so rows of
+    128 of them keep sums of squares within E4M3_ROW_SUMSQ whatever the head's magnitude."""
+    gen = torch.Generator().manual_seed(7)
+    x = (torch.randn(1, 2, 64, 128, generator=gen) * 300).bfloat16()
+    x[0, 0, 3, 5] = float("inf")
+    scales, clamps = head_scaling(x)
+    assert scales[0, 0] == 1 and clamps.tolist() == [[E4M3_NONFINITE_CLAMP, 448.0]]
+    rounded = to_e4m3(x, scales, clamps).float()
+    assert rounded[0, 0].abs().amax() == E4M3_NONFINITE_CLAMP and rounded[0, 0, 3, 5] == E4M3_NONFINITE_CLAMP
+    assert rounded[0, 0].square().sum(-1).amax() <= E4M3_ROW_SUMSQ
+    assert rounded[0, 1].square().sum(-1).amax() <= E4M3_ROW_SUMSQ * (1 + 2**-4) ** 2

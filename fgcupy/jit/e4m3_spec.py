@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..e4m3 import E4M3_MAX, E4M3_ROW_SUMSQ
+from ..e4m3 import E4M3_MAX, E4M3_NONFINITE_CLAMP, E4M3_ROW_SUMSQ
 from .launch import ParamStruct
 from .score_spec import E4M3_HEAD_DIMS
 from .spec import _CPP_DTYPE, DTYPES
@@ -15,7 +15,8 @@ CONVERT_THREADS = 256
 #: 16-byte vectors each thread of a conversion kernel loads before it uses any.
 CONVERT_UNROLL = 4
 CONVERT_CONSTANTS = {"kConvertThreads": CONVERT_THREADS, "kConvertUnroll": CONVERT_UNROLL,
-                     "kE4m3Max": int(E4M3_MAX), "kE4m3RowSumsq": int(E4M3_ROW_SUMSQ)}
+                     "kE4m3Max": int(E4M3_MAX), "kE4m3RowSumsq": int(E4M3_ROW_SUMSQ),
+                     "kE4m3NonfiniteClamp": int(E4M3_NONFINITE_CLAMP)}
 #: Element strides of the input's batch, head and row (its D values contiguous), the heads per
 #: batch entry, the first head (batch-major) and the rows of each.
 _INPUT_FIELDS = (("x", "in"), ("stride_b", "i64"), ("stride_h", "i64"), ("stride_s", "i64"),
