@@ -238,8 +238,11 @@ class MaskCache:
         index_bytes = mask.capacity * (2 if mask.kv_len <= _INT16_KEYS else 4) + 4 * mask.indptr.numel()
         bits_bytes = rows * 4 * -(-mask.kv_len // 32) + 4 * mask.indptr.numel()  # whole 32-bit words, and offsets
         form = self.storage if self.storage != "auto" else ("bits" if bits_bytes < index_bytes else "index")
-        if form == "bits":
-            payload, counts = _bit_map(mask)
+        packed = _bit_map(mask, dense_ok=self.storage == "bits") if form == "bits" else None
+        if packed is None:
+            form = "index"  # as chosen, or "auto" on rows too long for the packing kernel (no dense map on a GPU)
+        else:
+            payload, counts = packed
             kept = int(counts.sum(dtype=torch.int64).item())
             if kept > mask.capacity and self.storage == "auto":  # shared rows: keep the buffer's size
                 form = "index"
@@ -276,7 +279,8 @@ class MaskCache:
         if entry.form == "bits":
             keys = _unpacked_keys(entry, out)
         elif out is not None:
-            keys = out.copy_(entry.payload)
+            with torch.inference_mode(out.is_inference()):  # a plan's buffers made under inference mode
+                keys = out.copy_(entry.payload)
         elif entry.mask is not None:
             return entry.mask
         else:
@@ -374,10 +378,11 @@ def _check_out(layer, out: torch.Tensor, entry: _Entry) -> None:
                          f"{entry.device}, got {got}")
 
 
-def _bit_map(mask: SliceMask) -> tuple:
+def _bit_map(mask: SliceMask, dense_ok: bool) -> tuple | None:
     """(uint8 [B, H, QB, 4 * ceil(kv_len / 32)] the mask's kept slices one bit a key, as
     ``_packed_bits`` lays them; int32 [B, H, QB] the keys each row keeps). fg::pack_rows on a GPU
-    (no host sync), else from ``mask.to_dense()``."""
+    (no host sync), else from ``mask.to_dense()`` (a byte a slice: on a GPU only where
+    ``dense_ok``, else None)."""
     shape = (mask.batch, mask.heads, mask.q_blocks)
     if mask.device.type == "cuda":
         from .mask_kernels import gpu_pack  # the kernels' module loads with its first use
@@ -386,6 +391,8 @@ def _bit_map(mask: SliceMask) -> tuple:
         if packed is not None:
             words, counts = packed
             return words.view(torch.uint8).reshape(*shape, -1), counts.reshape(shape)
+        if not dense_ok:
+            return None
     dense = mask.to_dense()
     return _packed_bits(dense), dense.sum(-1, dtype=torch.int32)
 
@@ -412,7 +419,8 @@ def _unpacked_keys(entry: _Entry, out: torch.Tensor | None) -> torch.Tensor:
     if out is None:
         out = torch.zeros(size, dtype=torch.int32, device=device)
     else:
-        out[entry.kept:].zero_()
+        with torch.inference_mode(out.is_inference()):  # a plan's buffers made under inference mode
+            out[entry.kept:].zero_()
     if device.type == "cuda" and rows and kv_len:
         from .mask_kernels import gpu_emit  # the kernels' module loads with its first use
 
@@ -424,7 +432,8 @@ def _unpacked_keys(entry: _Entry, out: torch.Tensor | None) -> torch.Tensor:
     bits = (entry.payload.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=device)) & 1
     dense = bits.flatten(-2)[..., :kv_len].to(torch.bool)
     keys = torch.nonzero_static(dense.reshape(rows, kv_len), size=size, fill_value=0)[:, 1]
-    return out.copy_(keys)
+    with torch.inference_mode(out.is_inference()):
+        return out.copy_(keys)
 
 
 def mask_drift(old: SliceMask, new: SliceMask) -> dict:

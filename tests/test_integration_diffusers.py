@@ -1823,6 +1823,11 @@ def test_compact_masks_give_the_expanded_schedules_outputs_and_masks(share_branc
         for branch in (0, 1):
             assert torch.equal(expanded.mask(name, branch).indices, compact.mask(name, branch).indices)
     assert "bits uint8" in compact.describe() and compact.mask_memory_bytes() < expanded.mask_memory_bytes()
+    plan = fgcupy.SparseAttention().plan(compact.mask(next(iter(compact.layers))), head_dim=64, dtype=torch.bfloat16)
+    compact._shared_plans["shape"] = plan  # what a CUDA run holds beside the cache
+    assert compact.mask_memory_bytes() > compact.cache.memory_bytes()
+    fd.remove(model)
+    assert compact.mask_memory_bytes() == 0  # remove frees the cache and the shared plans
     with pytest.raises(ValueError, match="compact_masks holds the masks of whole layers"):
         fd.SparseAttentionConfig(compact_masks=True, process_group=object())
     with pytest.raises(TypeError, match="compact_masks must be a bool"):

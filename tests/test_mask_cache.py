@@ -532,6 +532,9 @@ def test_get_writes_the_keys_into_a_buffer_of_the_callers(case, storage, spare):
     into = cache.get(0, out=out)
     assert into.indices.data_ptr() == out.data_ptr() and torch.equal(into.indices, plain.indices)
     assert torch.equal(into.indptr, plain.indptr) and into.capacity == plain.capacity
+    with torch.inference_mode():  # a plan's buffers made under inference mode, refilled outside it
+        held = torch.full((cache.stored_capacity(0),), 7, dtype=torch.int32)
+    assert torch.equal(cache.get(0, out=held).indices, plain.indices)
     for bad in (torch.zeros(out.numel() + 1, dtype=torch.int32), out.to(torch.int64),
                 torch.zeros(2, out.numel() // 2 + 1, dtype=torch.int32)):
         with pytest.raises(ValueError, match="out must be a contiguous int32 tensor of"):
@@ -573,3 +576,20 @@ def test_a_gpu_bit_map_keeps_what_the_kernels_keep_of_a_loose_mask():
         want, got = cpu.get(0), gpu.get(0)
         assert torch.equal(got.indices.cpu(), want.indices) and torch.equal(got.indptr.cpu(), want.indptr)
         assert torch.equal(gpu._entries[0].payload.cpu(), cpu._entries[0].payload)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: torch.cuda sees no device on this machine")
+def test_rows_too_long_to_pack_on_the_gpu_stay_indices_unless_bits_are_asked_for(monkeypatch):
+    """Past fg::pack_rows' reach "auto" keeps the keys (no dense map of every slice on the GPU);
+    storage="bits" still gets its bit map."""
+    from fgcupy import mask_kernels
+
+    monkeypatch.setattr(mask_kernels, "PACK_MAX_WORDS", 4)  # rows up to 128 keys
+    dense = torch.rand(1, 2, 3, 200, generator=torch.Generator().manual_seed(1)) < 0.5
+    mask = SliceMask.from_dense(dense, 64, 150).to("cuda")
+    auto, bits = MaskCache(), MaskCache(storage="bits")
+    for cache in (auto, bits):
+        cache.put(0, mask)
+        assert torch.equal(cache.get(0).to_dense().cpu(), dense)
+    assert "index int16" in auto.describe() and "bits uint8" in bits.describe()

@@ -1004,8 +1004,7 @@ def remove(transformer: torch.nn.Module) -> SparseAttentionHandle:
         current = getattr(module, "processor", None)
         if isinstance(current, _Processor) and current._handle is handle:
             _set_processor(module, layer.stock)
-        layer.slots.clear()
-    handle.cache.clear()
+    handle._release_masks()
     for hook in handle._hooks:
         hook.remove()
     handle._hooks = []

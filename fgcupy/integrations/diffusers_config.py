@@ -182,8 +182,8 @@ class SparseAttentionConfig:
         first call's masks instead of predicting their own: half the mask memory. Pipelines that
         put both branches in one batch (CogVideoX's) make one call per step: each batch entry
         keeps its own mask rows, and this option changes nothing.
-    compact_masks: hold each layer's mask compactly (``fgcupy.MaskCache``'s "auto" storage: int16
-        keys where kv_len fits, else a bit map where that is smaller) and expand it, on each
+    compact_masks: hold each layer's mask compactly (``fgcupy.MaskCache``'s "auto" storage: the
+        smaller of its keys, int16 where kv_len fits, and a bit map) and expand it, on each
         sparse call, into one kernel plan shared by the layers of a shape: at d = 0.1 a bit map
         takes 1 bit a key against 32 bits a kept key (3.2x less), for one write of the kept keys
         per call (reuse calls 1.5-8 % longer on an H100). None (the default): compact where the
