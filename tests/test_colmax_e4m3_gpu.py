@@ -90,6 +90,19 @@ def _close(got, expected, slack):
     assert (err <= bound).all(), f"max error {err.max().item():.3e}, largest excess {(err - bound).max().item():.3e}"
 
 
+def _pass_and_reference(q, k, scale):
+    """(q and k rounded as the pass sees them, each row's NaN-free LSE over their products, the
+    pass's scores and the reference's, both [heads, query blocks, kv_len]) of q, k [1, H, S, 128]
+    (float32, on the CPU) as bfloat16 on the GPU."""
+    q, k = q.to(DEVICE, torch.bfloat16), k.to(DEVICE, torch.bfloat16)
+    heads, kv_len = q.shape[1], k.shape[2]
+    qr, kr = e4m3_rounded(q), e4m3_rounded(k)
+    lse = ref.nan_free_logsumexp(torch.matmul(qr, kr.transpose(-1, -2)) * scale)
+    got = mask_kernels.gpu_colmax_e4m3(q, k, scale, lse.reshape(heads, -1), 128)[..., :kv_len].float()
+    expected = ref.maxprob_scores(qr, kr, lse, 128, scale).reshape(heads, -1, kv_len)
+    return qr, kr, lse, got, expected
+
+
 def test_e4m3_inputs_out_of_the_plain_range():
     """Heads far outside e4m3's range (1e4 and 1e-4 per element), a NaN key and an infinite
     query element: the maxima of the rounded inputs (the NaN key scores 0, the clamped element
@@ -99,12 +112,8 @@ def test_e4m3_inputs_out_of_the_plain_range():
     k = torch.randn(1, 3, 500, 128, generator=gen) * torch.tensor([1e-4, 1e4, 1.0]).view(1, 3, 1, 1)
     k[0, 2, 17, 5] = float("nan")
     q[0, 2, 40, 9] = float("inf")
-    q, k = q.to(DEVICE, torch.bfloat16), k.to(DEVICE, torch.bfloat16)
     scale = 1 / math.sqrt(128)
-    qr, kr = e4m3_rounded(q), e4m3_rounded(k)
-    lse = ref.nan_free_logsumexp(torch.matmul(qr, kr.transpose(-1, -2)) * scale)
-    got = mask_kernels.gpu_colmax_e4m3(q, k, scale, lse.reshape(3, -1), 128)[..., :500].float()
-    expected = ref.maxprob_scores(qr, kr, lse, 128, scale).reshape(3, 3, -1)
+    qr, kr, lse, got, expected = _pass_and_reference(q, k, scale)
     assert (got[2, :, 17].nan_to_num(0.0) == 0).all()  # NaN scores rank lowest, as 0 does
     finite = torch.isfinite(expected) & (torch.arange(500, device=DEVICE) != 17)
     slack = _logit_slack(qr.nan_to_num(0.0), kr.nan_to_num(0.0), scale, lse)
@@ -121,12 +130,8 @@ def test_a_large_head_with_an_infinite_element_keeps_its_other_blocks_finite():
     q = torch.randn(1, 1, 256, 128, generator=gen) * 300
     q[0, 0, 3, 5] = float("inf")  # in block 0
     k = torch.randn(1, 1, 512, 128, generator=gen)
-    q, k = q.to(DEVICE, torch.bfloat16), k.to(DEVICE, torch.bfloat16)
     scale = 1 / math.sqrt(128)
-    qr, kr = e4m3_rounded(q), e4m3_rounded(k)
-    lse = ref.nan_free_logsumexp(torch.matmul(qr, kr.transpose(-1, -2)) * scale)
-    got = mask_kernels.gpu_colmax_e4m3(q, k, scale, lse.reshape(1, -1), 128)[..., :512].float()
-    expected = ref.maxprob_scores(qr, kr, lse, 128, scale).reshape(1, 2, -1)
+    qr, kr, lse, got, expected = _pass_and_reference(q, k, scale)
     assert torch.isfinite(got[:, 1]).all() and torch.isfinite(expected[:, 1]).all()
     _close(got[:, 1:], expected[:, 1:], _logit_slack(qr[..., 128:, :], kr, scale, lse[..., 128:]))
 
