@@ -30,10 +30,10 @@
 //     stored at out[z, block, key]; other keys are left as they are, and so are listed keys
 //     outside [0, kv_len) (a corrupt list reads and writes nothing out of bounds).
 // e4m3 (maxprob only, T = e4m3_t): rows and keys are float8 e4m3, each head's multiplied by a
-// power of two that keeps its largest magnitude within 448 and each row's sum of squares within
-// kE4m3RowSumsq (fgcupy.e4m3); head_scale[bh] (float32, one per head) multiplies scale_log2 back. The tiles are laid out as D / 2 u16 columns
-// (StoreCols) and multiplied by k32 steps, each 32 bytes of a row as the 16-bit types' k16: twice
-// the products per instruction. With groups of 16 rows or more the products go to float16
+// power of two that keeps each row's sum of squares within kE4m3RowSumsq (fgcupy.e4m3), so its
+// largest magnitude within 448; head_scale[bh] (float32, one per head) multiplies scale_log2
+// back. The tiles are laid out as D / 2 u16 columns (StoreCols) and multiplied by k32 steps,
+// each 32 bytes of a row as the 16-bit types' k16: twice the products per instruction. With groups of 16 rows or more the products go to float16
 // accumulators (every partial sum of a logit's fits: within (1 + 2^-4)^2 x kE4m3RowSumsq < 65,504
 // by Cauchy-Schwarz, the factor e4m3's rounding of the elements) and the epilogue works on f16x2
 // pairs, one fma and one max per two scores where float32 takes two of each (the epilogue, not

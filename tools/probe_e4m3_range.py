@@ -21,7 +21,7 @@ import torch
 from fgcupy import predict_mask
 from fgcupy.e4m3 import E4M3_ROW_SUMSQ
 from fgcupy.oracle import Judge
-from tools.probe_foreign_inputs import inputs
+from tools.probe_foreign_inputs import inputs, run_on
 
 DIM = 128
 SLICE_M = 128
@@ -51,8 +51,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    where = "CPU reference" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+    dtype, where = run_on(args.device)
     print(f"# {args.heads} heads x {args.seq} tokens, D = {DIM}, slices of {SLICE_M}, rows' sums of squares "
           f"scaled within {E4M3_ROW_SUMSQ:g}, {where}, {str(dtype).split('.')[1]}")
     print("| logit std | R | d | oracle rel L2 | exact LSE, inputs | exact LSE, e4m3 | estimated, inputs "

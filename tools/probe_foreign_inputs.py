@@ -73,6 +73,14 @@ KINDS = ("i.i.d. std 1", "i.i.d. std 3", "i.i.d. std 5", "i.i.d. std 10", "rank 
          "rotary locality, 256 keys appended")
 
 
+def run_on(device: str) -> tuple:
+    """(dtype, name) of a probe's run on ``device``: the float32 reference on the CPU, the
+    kernels on bfloat16 copies on a GPU (named as the driver names it)."""
+    if device == "cpu":
+        return torch.float32, "CPU"
+    return torch.bfloat16, torch.cuda.get_device_name(device)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, default=8192)
@@ -81,8 +89,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=DIM)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    where = "CPU" if args.device == "cpu" else torch.cuda.get_device_name(args.device)
+    dtype, where = run_on(args.device)
     print(f"{where}, {str(dtype).split('.')[1]}, 1 x {args.heads} heads x {args.seq} queries x {args.dim}, slice_m "
           f"{args.slice_m}; error / the oracle slice mask's error (absolute errors in brackets)")
     print("| input | d | oracle error | default top-k | colmax, exact LSE | colmax, estimated LSE | auto |")
