@@ -265,7 +265,10 @@ class MaskCache:
         one's. Its tensors may be the cache's own (reuse steps hand attention the mask of the
         refresh step, with no copy): treat it as read-only, or clone it. ``out`` (int32, contiguous,
         ``stored_capacity(layer)`` entries, on the mask's device): the keys are written there and
-        the mask views it."""
+        the mask views it. A larger ``out`` is taken whole: the keys fill its first
+        ``stored_capacity(layer)`` entries, the rest is left as it was (past the last row, so no
+        row reads it), and the mask's capacity is ``out``'s size; one buffer serves masks of
+        several sizes."""
         if layer not in self._entries:
             raise KeyError(f"no mask cached for layer {layer!r}; cached: {sorted(map(str, self._entries))}")
         entry = self._entries[layer]
@@ -280,7 +283,8 @@ class MaskCache:
             keys = _unpacked_keys(entry, out)
         elif out is not None:
             with torch.inference_mode(out.is_inference()):  # a plan's buffers made under inference mode
-                keys = out.copy_(entry.payload)
+                out[: entry.payload.numel()].copy_(entry.payload)
+            keys = out
         elif entry.mask is not None:
             return entry.mask
         else:
@@ -288,7 +292,7 @@ class MaskCache:
         return SliceMask(entry.indptr, keys, slice_m, q_len, kv_len)
 
     def stored_capacity(self, layer) -> int:
-        """Index entries ``get`` gives ``layer``'s mask (the size its ``out`` takes)."""
+        """Index entries ``get`` gives ``layer``'s mask (the least its ``out`` takes)."""
         return self._entries[layer].expanded_size()
 
     def _check(self, layer, entry: _Entry, wanted) -> None:
@@ -371,10 +375,10 @@ class MaskCache:
 def _check_out(layer, out: torch.Tensor, entry: _Entry) -> None:
     size = entry.expanded_size()
     if (not isinstance(out, torch.Tensor) or out.dtype != torch.int32 or not out.is_contiguous()
-            or out.numel() != size or out.dim() != 1 or not _same_device(out.device, entry.device)):
+            or out.numel() < size or out.dim() != 1 or not _same_device(out.device, entry.device)):
         got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
                else type(out).__name__)
-        raise ValueError(f"layer {layer!r}: out must be a contiguous int32 tensor of {size} entries on "
+        raise ValueError(f"layer {layer!r}: out must be a contiguous int32 tensor of at least {size} entries on "
                          f"{entry.device}, got {got}")
 
 
@@ -410,7 +414,8 @@ def _packed_bits(dense: torch.Tensor) -> torch.Tensor:
 
 def _unpacked_keys(entry: _Entry, out: torch.Tensor | None) -> torch.Tensor:
     """int32 keys of a bit-map entry, ascending per row at its indptr's offsets, into ``out`` (or a
-    new tensor); entries past the last row hold key 0. fg::emit_rows on a GPU, torch elsewhere."""
+    new tensor); entries past the last row, up to the entry's expanded size, hold key 0 (those of
+    a larger ``out`` past that are left as they are). fg::emit_rows on a GPU, torch elsewhere."""
     batch, heads, q_len, kv_len, slice_m = entry.shape
     q_blocks = num_blocks(q_len, slice_m)
     rows = batch * heads * q_blocks
@@ -420,7 +425,7 @@ def _unpacked_keys(entry: _Entry, out: torch.Tensor | None) -> torch.Tensor:
         out = torch.zeros(size, dtype=torch.int32, device=device)
     else:
         with torch.inference_mode(out.is_inference()):  # a plan's buffers made under inference mode
-            out[entry.kept:].zero_()
+            out[entry.kept : size].zero_()
     if device.type == "cuda" and rows and kv_len:
         from .mask_kernels import gpu_emit  # the kernels' module loads with its first use
 
@@ -433,7 +438,8 @@ def _unpacked_keys(entry: _Entry, out: torch.Tensor | None) -> torch.Tensor:
     dense = bits.flatten(-2)[..., :kv_len].to(torch.bool)
     keys = torch.nonzero_static(dense.reshape(rows, kv_len), size=size, fill_value=0)[:, 1]
     with torch.inference_mode(out.is_inference()):
-        return out.copy_(keys)
+        out[:size].copy_(keys)
+    return out
 
 
 def mask_drift(old: SliceMask, new: SliceMask) -> dict:

@@ -355,6 +355,20 @@ def test_compact_masks_give_the_expanded_trajectory(options):
     assert [s.refresh_steps for s in compact.stats().values()] == [s.refresh_steps for s in expanded.stats().values()]
 
 
+def test_compact_masks_of_sizes_that_differ_share_one_buffer():
+    """The tau rule keeps a different number of keys per layer: compact masks expand into the
+    shared plan's buffer, grown to the largest layer's mask, with the expanded run's outputs."""
+    options = dict(predictor="tau", tau=0.9, mask_from_warmup=False, sparse_refresh=False, refresh_every=2)
+    expanded, ours, _ = run_schedule(**options)
+    compact, theirs, _ = run_schedule(compact_masks=True, **options)
+    for step, (a, b) in enumerate(zip(ours, theirs)):
+        assert torch.equal(a, b), step
+    sizes = {name: expanded.mask(name).indices.numel() for name in expanded.layers}
+    assert len(set(sizes.values())) > 1, sizes  # the case this test is for
+    (plan,) = compact._shared_plans.values()
+    assert plan.mask.indices.numel() >= max(sizes.values())  # grown to the largest it held
+
+
 def test_compact_masks_none_chooses_compact_past_its_share_of_the_gpu(monkeypatch):
     """compact_masks=None (the default) on CUDA: tiny masks stay expanded; with the share set to
     0 every mask passes it, and the schedule runs compact with the expanded one's outputs."""

@@ -535,10 +535,28 @@ def test_get_writes_the_keys_into_a_buffer_of_the_callers(case, storage, spare):
     with torch.inference_mode():  # a plan's buffers made under inference mode, refilled outside it
         held = torch.full((cache.stored_capacity(0),), 7, dtype=torch.int32)
     assert torch.equal(cache.get(0, out=held).indices, plain.indices)
-    for bad in (torch.zeros(out.numel() + 1, dtype=torch.int32), out.to(torch.int64),
-                torch.zeros(2, out.numel() // 2 + 1, dtype=torch.int32)):
-        with pytest.raises(ValueError, match="out must be a contiguous int32 tensor of"):
+    too_small = [torch.zeros(out.numel() - 1, dtype=torch.int32)] if out.numel() else []
+    for bad in (*too_small, out.to(torch.int64), torch.zeros(2, out.numel() // 2 + 1, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="out must be a contiguous int32 tensor of at least"):
             cache.get(0, out=bad)
+
+
+@given(dense_masks(max_kv=200), st.sampled_from(["index", "bits", "auto", "expanded"]), st.integers(1, 40))
+@settings(max_examples=40, deadline=None)
+def test_a_larger_buffer_takes_the_keys_in_its_first_entries(case, storage, extra):
+    """A larger ``out`` (a plan's buffer sized for another layer's mask) gets the keys in its
+    first stored_capacity entries and keeps the rest; the mask views all of it, with the cached
+    mask's rows."""
+    dense, slice_m, q_len = case
+    mask = SliceMask.from_dense(dense, slice_m, q_len)
+    cache = MaskCache(expanded=True) if storage == "expanded" else MaskCache(storage=storage)
+    cache.put(0, mask)
+    plain, size = cache.get(0), cache.stored_capacity(0)
+    out = torch.full((size + extra,), 7, dtype=torch.int32)
+    into = cache.get(0, out=out)
+    assert into.indices.data_ptr() == out.data_ptr() and into.capacity == size + extra
+    assert torch.equal(out[:size], plain.indices) and bool((out[size:] == 7).all())
+    assert torch.equal(into.indptr, plain.indptr) and torch.equal(into.to_dense(), mask.to_dense())
 
 
 @pytest.mark.gpu

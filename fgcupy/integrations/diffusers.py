@@ -682,11 +682,12 @@ class SparseAttentionHandle:
 
     def _planned(self, slot: _Slot, entry: tuple, key: tuple, q) -> SparseAttention:
         """The plan holding ``entry``'s cached mask: the slot's own, or with compact masks the
-        shared one, the mask expanded into its buffers now (where they have its size)."""
+        shared one, the mask expanded into its buffers now (where they hold its size: they grow to
+        the largest mask of the layers sharing them)."""
         plan = self._plan_of(slot, key)
         if self._compact:
             held = plan.mask
-            fits = held is not None and held.indices.numel() == self.cache.stored_capacity(entry)
+            fits = held is not None and held.indices.numel() >= self.cache.stored_capacity(entry)
             plan.plan(self.cache.get(entry, out=held.indices if fits else None), head_dim=q.shape[-1], dtype=q.dtype)
         return plan
 
