@@ -126,8 +126,9 @@ class SparseAttentionConfig:
         padding) is the exact column max with each query's LSE estimated instead of predicted
         (``predict_mask(method="colmax", lse="estimate")``: no dense step), selected like
         mask_from_warmup's; later refreshes as configured. Costs one column-max pass and the
-        estimate per layer and generation (and guidance branch, without share_branches): 0.64x
-        the time of SDPA cuDNN's dense attention for a wan14b-480p layer on an H100. On the head
+        estimate per layer and generation (and guidance branch, without share_branches): 0.41x
+        the time of SDPA cuDNN's dense attention for a wan14b-480p layer on an H100 (README
+        "Mask quality"). On the head
         families the estimated masks had 1.00-1.06x the oracle's error where the default
         predictor's had up to 3.6x (H100), and over 50 searched sparse steps 1.03-1.06x where a
         predicted first mask's had 1.11-1.57x (CPU; notes/MEASURED.md "Mask quality",
@@ -155,8 +156,8 @@ class SparseAttentionConfig:
         default): on where sparse refreshes start from a mask a named predictor made
         (no warm-up exact mask, no find_diagonals, no calibrate_pooling, no process_group):
         over 50 sparse steps of the head families its masks (searching on the ramp below) had
-        1.01-1.40x the oracle's error where masks predicted every 5 steps had 0.89-3.61x (README
-        "Over a whole schedule"); also on with sparse refreshes where predict_on_refresh=False or a
+        1.01-1.40x the oracle's error where masks predicted every 5 steps had 0.89-3.61x
+        (notes/MEASURED.md "Over a whole schedule"); also on with sparse refreshes where predict_on_refresh=False or a
         grid is given (options of the search alone).
     predict_on_refresh: with local_search, False leaves the predictor out of sparse refreshes: the
         candidates are the old mask's keys and their moved copies only, which saves the
