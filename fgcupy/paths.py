@@ -56,9 +56,9 @@ def _temporary_root() -> Path:
 def untrusted_folder(folder: Path) -> str | None:
     """Why files should not be written to or deleted from ``folder`` (None: they may). A folder
     reached through a symlink, or owned by another user (not root) without the sticky bit,
-    could send this user's writes and deletions wherever its owner points it (the temporary
-    fallback's name is predictable). A missing folder is made, private when it is the temporary
-    fallback's."""
+    could send this user's writes and deletions wherever its owner points it; the temporary
+    fallback, whose name is predictable, must be this user's own. A missing folder is made,
+    private when it is the temporary fallback's."""
     try:
         fallback = _temporary_root()
         under_fallback = fallback in folder.parents
@@ -67,14 +67,53 @@ def untrusted_folder(folder: Path) -> str | None:
                 fallback.mkdir(mode=0o700, exist_ok=True)  # the parents of a mkdir get the default mode
             # The fallback is checked before anything is made inside it: a planted symlink there
             # would have this user make folders wherever it points.
-            if under_fallback and (why := _unsafe_folder(fallback)):
+            if under_fallback and (why := _unsafe_fallback(fallback)):
                 return why
-            folder.mkdir(parents=True, exist_ok=True)
-        for path in (folder, *([fallback] if under_fallback else [])):
-            if why := _unsafe_folder(path):
-                return why
+            _make_folders(folder)
+        if why := _unsafe_folder(folder):
+            return why
+        if (folder == fallback or under_fallback) and (why := _unsafe_fallback(fallback)):
+            return why
     except OSError as err:
         return str(err)
+    return None
+
+
+def _make_folders(folder: Path) -> None:
+    """Make ``folder`` and its missing parents. One made in a folder several users share
+    (sticky and writable by all: a team's cache folder, /tmp) is shared the same way, so that
+    every user of the cache can keep files of their own in it (each loads only its own)."""
+    missing = []
+    for path in (folder, *folder.parents):
+        if path.exists() or path.is_symlink():
+            break
+        missing.append(path)
+    for path in reversed(missing):
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue  # made meanwhile by another process: its maker chose its mode
+        parent = os.stat(path.parent)
+        if parent.st_mode & stat.S_ISVTX and parent.st_mode & stat.S_IWOTH:
+            os.chmod(path, 0o1777)
+
+
+def shared_by_others(folder: Path) -> bool:
+    """Whether ``folder`` exists and another user owns it (a cache folder shared with them)."""
+    try:
+        return hasattr(os, "getuid") and os.stat(folder).st_uid != os.getuid()
+    except OSError:
+        return False
+
+
+def _unsafe_fallback(fallback: Path) -> str | None:
+    """Why the temporary fallback is not to be used, or None. Its name is predictable: made by
+    another user, sticky or not, it is theirs to empty or swap."""
+    if why := _unsafe_folder(fallback):
+        return why
+    owner = os.lstat(fallback).st_uid
+    if hasattr(os, "getuid") and owner != os.getuid():
+        return f"{fallback} is owned by user {owner}, not by this one ({os.getuid()})"
     return None
 
 

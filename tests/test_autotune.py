@@ -246,6 +246,17 @@ def test_cache_location_env(monkeypatch, tmp_path):
     assert autotune.cache_path() == tmp_path / "home" / ".cache" / "fgcupy" / "autotune.json"
 
 
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="needs POSIX owners")
+def test_a_cache_folder_of_another_user_holds_a_table_per_user(monkeypatch, tmp_path):
+    """Another user's table (private to them) is neither read nor replaced: each user of a
+    shared cache folder keeps its own file."""
+    monkeypatch.setenv(autotune.CACHE_ENV, str(tmp_path))
+    assert autotune.cache_path() == tmp_path / "autotune.json"
+    other = os.stat(tmp_path).st_uid + 4242
+    monkeypatch.setattr(os, "getuid", lambda: other)
+    assert autotune.cache_path() == tmp_path / f"autotune-u{other}.json"
+
+
 def test_round_trip_and_header(isolated_cache):
     result = fake_result()
     assert autotune.TuneCache().store([result], H100)

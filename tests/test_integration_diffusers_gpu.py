@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("diffusers", reason="diffusers is an optional extra: pip install 'fgcupy[diffusers]'")
 
 import fgcupy  # noqa: E402
-from fgcupy import relative_l2  # noqa: E402
+from fgcupy import attention_kernel, relative_l2  # noqa: E402
 from fgcupy.integrations import diffusers as fd  # noqa: E402
 
 from .tiny_diffusers import (  # noqa: E402
@@ -335,6 +335,14 @@ def test_refresh_on_missed_mass_on_the_kernel():
     assert handle.stats()["blocks.0.attn1"].refresh_steps == [0]
 
 
+@pytest.fixture
+def hopper_kernel_from_the_start(monkeypatch):
+    """No mma.sync stand-in while the Hopper kernel compiles (attention_kernel.runnable_spec): runs
+    compared bit for bit must each run one kernel, also when the first of them is a cold start's."""
+    monkeypatch.setenv(attention_kernel.STAND_IN_ENV, "0")
+
+
+@pytest.mark.usefixtures("hopper_kernel_from_the_start")
 @pytest.mark.parametrize("options", [dict(density=0.3), dict(density=0.3, dense_steps=0),
                                      dict(density=0.3, refresh_on_missed_mass=1.5, refresh_every=2)],
                          ids=["default", "searches", "recall"])
@@ -355,9 +363,11 @@ def test_compact_masks_give_the_expanded_trajectory(options):
     assert [s.refresh_steps for s in compact.stats().values()] == [s.refresh_steps for s in expanded.stats().values()]
 
 
+@pytest.mark.usefixtures("hopper_kernel_from_the_start")
 def test_compact_masks_of_sizes_that_differ_share_one_buffer():
-    """The tau rule keeps a different number of keys per layer: compact masks expand into the
-    shared plan's buffer, grown to the largest layer's mask, with the expanded run's outputs."""
+    """The tau rule keeps a different number of keys per layer: compact masks expand (and fresh
+    ones are planned) into the shared plan's buffer, grown to the largest layer's mask, with the
+    expanded run's outputs."""
     options = dict(predictor="tau", tau=0.9, mask_from_warmup=False, sparse_refresh=False, refresh_every=2)
     expanded, ours, _ = run_schedule(**options)
     compact, theirs, _ = run_schedule(compact_masks=True, **options)
@@ -369,6 +379,7 @@ def test_compact_masks_of_sizes_that_differ_share_one_buffer():
     assert plan.mask.indices.numel() >= max(sizes.values())  # grown to the largest it held
 
 
+@pytest.mark.usefixtures("hopper_kernel_from_the_start")
 def test_compact_masks_none_chooses_compact_past_its_share_of_the_gpu(monkeypatch):
     """compact_masks=None (the default) on CUDA: tiny masks stay expanded; with the share set to
     0 every mask passes it, and the schedule runs compact with the expanded one's outputs."""

@@ -355,6 +355,22 @@ def test_a_struct_listed_as_both_params_and_shared_params_is_defined_once():
         assert code.count(f"struct {struct.name} {{") == 1
 
 
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="needs POSIX owners")
+def test_a_temporary_fallback_another_user_made_is_not_used(fallback_in_tmp, monkeypatch):
+    """Another user's folder at the fallback's predictable name, sticky and open to all, is still
+    theirs to empty or swap: nothing is written there."""
+    owner = os.getuid()
+    monkeypatch.setattr(os, "getuid", lambda: owner + 4242)
+    theirs = paths._temporary_root()  # this (pretended) user's fallback, made by the real one
+    theirs.mkdir(mode=0o700)
+    os.chmod(theirs, 0o1777)
+    assert paths.untrusted_folder(theirs / "kernels") == (
+        f"{theirs} is owned by user {owner}, not by this one ({owner + 4242})")
+    assert not (theirs / "kernels").exists()
+    monkeypatch.setattr(os, "getuid", lambda: owner)
+    assert paths.untrusted_folder(fallback_in_tmp / "kernels") is None
+
+
 def test_nothing_is_made_inside_a_symlinked_temporary_fallback(tmp_path, monkeypatch):
     """Another user's symlink at the fallback's predictable name: refused before any folder is
     made where it points."""

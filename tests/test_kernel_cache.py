@@ -433,6 +433,22 @@ def test_a_symlinked_or_foreign_kernel_folder_is_not_written(tmp_path, monkeypat
         assert paths.untrusted_folder(root / "kernels") is None
 
 
+@pytest.mark.skipif(not hasattr(os, "getuid"), reason="needs POSIX owners")
+def test_folders_made_in_a_shared_cache_folder_are_shared(tmp_path):
+    """A folder made inside one that every user may write (sticky, as /tmp) takes that mode, so
+    the cache's other users can keep their own kernels there; elsewhere it keeps the umask's."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    assert paths.untrusted_folder(shared / "team" / "kernels") is None
+    for made in (shared / "team", shared / "team" / "kernels"):
+        assert stat.S_IMODE(made.stat().st_mode) == 0o1777, made
+    private = tmp_path / "private"
+    private.mkdir(mode=0o755)
+    assert paths.untrusted_folder(private / "kernels") is None
+    assert not (private / "kernels").stat().st_mode & (stat.S_ISVTX | stat.S_IWOTH)
+
+
 def test_the_cache_folder_is_read_once_from_its_variables(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FGCUPY_CACHE_DIR", "relative-cache")

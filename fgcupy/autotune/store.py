@@ -19,8 +19,8 @@ from typing import Iterable
 
 
 from ..jit import AttentionSpec
-from ..paths import (CACHE_ENV, FileTooLarge, cache_root, read_own_file, sweep_stale_temporaries,  # noqa: F401 - CACHE_ENV: autotune API
-                     untrusted_folder)
+from ..paths import (CACHE_ENV, FileTooLarge, cache_root, read_own_file, shared_by_others,  # noqa: F401 - CACHE_ENV: autotune API
+                     sweep_stale_temporaries, untrusted_folder)
 from .candidates import candidate_specs
 from .keys import DeviceInfo, ProblemKey, _SPEC_CLASSES
 from .selection import TuneResult
@@ -43,8 +43,11 @@ class AutotuneCacheWarning(UserWarning):
 # Persistence
 # ---------------------------------------------------------------------------------------------
 def cache_path() -> Path:
-    """$FGCUPY_CACHE_DIR/autotune.json, else $XDG_CACHE_HOME/fgcupy/..., else ~/.cache/fgcupy/..."""
-    return cache_root() / CACHE_FILE
+    """$FGCUPY_CACHE_DIR/autotune.json, else $XDG_CACHE_HOME/fgcupy/..., else ~/.cache/fgcupy/...;
+    in a cache folder another user owns, autotune-u<uid>.json (only its owner may write or read
+    a user's table)."""
+    root = cache_root()
+    return root / (f"autotune-u{os.getuid()}.json" if shared_by_others(root) else CACHE_FILE)
 
 
 #: The modules that decide a key's candidates and its default (``candidates_hash``).

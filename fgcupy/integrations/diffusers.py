@@ -579,7 +579,8 @@ class SparseAttentionHandle:
             if self._compact is None:
                 self._choose_compact(mask)
             if cfg.attention_fn is None:
-                plan = self._plan_of(slot, key).plan(mask, head_dim=q.shape[-1], dtype=q.dtype)
+                plan = self._plan_of(slot, key)
+                plan.plan(_in_held_buffer(plan, mask) if self._compact else mask, head_dim=q.shape[-1], dtype=q.dtype)
                 if not self._compact:
                     mask = plan.mask  # the cache holds the plan's own mask: no second copy
             # The warm-up's mask is the first sparse step's: that step need not predict.
@@ -837,6 +838,18 @@ def _timestep_position(transformer) -> int | None:
     except (TypeError, ValueError):
         return 1
     return names.index("timestep") if "timestep" in names else None
+
+
+def _in_held_buffer(plan: SparseAttention, mask: SliceMask) -> SliceMask:
+    """``mask`` with its keys copied into the first entries of ``plan``'s key buffer, where that
+    holds them (compact masks: the plan shared by layers keeps the largest buffer any needed),
+    else ``mask``; entries past its keys are left as they are."""
+    held = None if plan.mask is None else plan.mask.indices
+    if held is None or held.numel() < mask.indices.numel() or held.device != mask.device:
+        return mask
+    with torch.inference_mode(held.is_inference()):  # a plan's buffers made under inference mode
+        held[: mask.indices.numel()].copy_(mask.indices)
+    return SliceMask(mask.indptr, held, mask.slice_m, mask.q_len, mask.kv_len)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
