@@ -20,7 +20,7 @@ class Spec:
 def test_one_thread_per_kernel_and_no_background_retry_of_a_failure(monkeypatch):
     started, release = [], threading.Event()
 
-    def slow_load(spec, index, from_cache=True, compile_missing=True, compiled=None):
+    def slow_load(spec, index, from_cache=True, compile_missing=True, compiled=None, **_):
         started.append(spec.name)
         release.wait(10)
         if spec.name == "broken":
@@ -54,7 +54,7 @@ def test_a_failed_background_load_raises_its_own_error_once_without_compiling_ag
     it); the call after that loads again."""
     loads = []
 
-    def failing_load(spec, index, from_cache=True, compile_missing=True, compiled=None):
+    def failing_load(spec, index, from_cache=True, compile_missing=True, compiled=None, **_):
         loads.append(spec.name)
         raise RuntimeError(f"{spec.name} does not compile ({len(loads)})")
 
@@ -79,7 +79,7 @@ def test_a_ready_kernel_comes_from_memory_or_disk_never_from_a_compile(monkeypat
     a cached kernel is loaded there and then."""
     on_disk, loads = {"cached"}, []
 
-    def load(spec, index, from_cache=True, compile_missing=True, compiled=None):
+    def load(spec, index, from_cache=True, compile_missing=True, compiled=None, **_):
         loads.append((spec.name, compile_missing))
         return object() if spec.name in on_disk else None if not compile_missing else object()
 
@@ -167,7 +167,7 @@ def test_a_background_compile_is_loaded_by_the_caller_and_its_failure_raised(mon
         compiled.append((spec.name, threading.current_thread().name))
         return f"binary of {spec.name}"
 
-    def load(spec, index, from_cache=True, compile_missing=True, compiled=None):
+    def load(spec, index, from_cache=True, compile_missing=True, compiled=None, **_):
         loads.append((spec.name, compiled, threading.current_thread().name))
         return object() if compiled else None
 
@@ -198,14 +198,14 @@ def test_a_refused_background_binary_or_a_thread_that_cannot_start_ends_the_back
     monkeypatch.setattr(runtime, "_kernels", {})
     monkeypatch.setattr(runtime, "_failed_in_background", {})
     monkeypatch.setattr(runtime, "_loading_in_background", set())
-    monkeypatch.setattr(runtime, "_compiled_in_background", {(Spec("refused"), 0): "binary"})
+    monkeypatch.setattr(runtime, "_compiled_in_background", {(Spec("refused"), 0): ("binary", False)})
     monkeypatch.setattr(runtime, "_compile_failed", set())
     monkeypatch.setattr(runtime, "_threads", set())
     monkeypatch.setattr(runtime.driver, "available", lambda: True)
     monkeypatch.setattr(runtime.nvrtc, "available", lambda: True)
     monkeypatch.setattr(runtime, "device_arch", lambda index: "sm_90")
 
-    def load(spec, index, from_cache=True, compile_missing=True, compiled=None):
+    def load(spec, index, from_cache=True, compile_missing=True, compiled=None, **_):
         raise runtime.driver.CudaDriverError("cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE")
 
     monkeypatch.setattr(runtime, "_load", load)
@@ -223,6 +223,42 @@ def test_a_refused_background_binary_or_a_thread_that_cannot_start_ends_the_back
     runtime.load_in_background(device, Spec("other"))
     assert not runtime._loading_in_background and not runtime._threads
     runtime.wait_for_background(1.0)  # nothing left to join
+
+
+def test_a_cached_binary_the_driver_refuses_is_compiled_again_also_when_a_thread_read_it(monkeypatch, tmp_path):
+    """A thread that found the kernel in the disk cache hands over a cached binary, not a fresh
+    compile: refused by the driver (built by another toolkit, in a cache that cannot be
+    deleted), it is not raised but left to a compile, as the caller's own load does."""
+    from fgcupy.jit import AttentionSpec, kernel_cache
+    from fgcupy.jit.compile import CompiledKernel
+
+    monkeypatch.setenv("FGCUPY_CACHE_DIR", str(tmp_path))
+    for name, value in (("_kernels", {}), ("_failed_in_background", {}), ("_loading_in_background", set()),
+                        ("_compiled_in_background", {}), ("_compile_failed", set())):
+        monkeypatch.setattr(runtime, name, value)
+    spec = AttentionSpec("bfloat16", 128, 128)
+    kernel_cache.store(spec, "sm_80", CompiledKernel(b"other toolkit", "kernel", ""))
+
+    class Function:
+        num_regs = 1
+
+        def __init__(self, cubin, name, index, smem):
+            if cubin == b"other toolkit":
+                raise runtime.driver.CudaDriverError("cuModuleLoadData failed: CUDA_ERROR_INVALID_IMAGE (200)")
+
+    monkeypatch.setattr(runtime.driver, "Function", Function)
+    monkeypatch.setattr(runtime.driver, "available", lambda: True)
+    monkeypatch.setattr(runtime.driver, "check_shared_memory", lambda *args: None)
+    monkeypatch.setattr(runtime.nvrtc, "available", lambda: True)
+    monkeypatch.setattr(runtime, "device_arch", lambda index: "sm_80")
+    monkeypatch.setattr(runtime, "compile_cubin", lambda spec, arch: CompiledKernel(b"fresh", "kernel", ""))
+    monkeypatch.setattr(kernel_cache, "discard", lambda spec, arch: None)  # a read-only cache folder
+    device = torch.device("cuda", 0)
+    assert runtime.compile_in_background(device, spec)
+    assert runtime.wait_for_background(10)
+    assert runtime.ready_kernel_on(device, spec) is None  # it needs NVRTC now
+    kernel = runtime.get_kernel_on(device, spec)
+    assert isinstance(kernel, runtime.DriverKernel) and isinstance(kernel.function, Function)
 
 
 def test_a_prediction_loads_the_stand_in_of_a_hopper_default_ahead_while_it_is_not_compiled(monkeypatch):

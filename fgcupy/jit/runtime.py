@@ -30,7 +30,7 @@ _kernels: dict = {}
 _failed_in_background: dict = {}  # (spec, device index) -> what its background load raised (raised once, not retried)
 _loading_in_background: set = set()  # (spec, device index) a thread is loading (guarded by _lock)
 _threads: set = set()  # the loading threads, joined at exit (guarded by _lock)
-_compiled_in_background: dict = {}  # (spec, device index) -> its binary, compiled on a thread, not yet loaded
+_compiled_in_background: dict = {}  # (spec, device index) -> (its binary, from the disk cache?), made ready on a thread, not yet loaded
 _compile_failed: set = set()  # (spec, device index) whose background compile failed: not tried there again
 
 
@@ -183,10 +183,11 @@ def _compile_quietly(key, arch: str) -> None:
     spec = key[0]
     try:
         compiled = kernel_cache.load(spec, arch)
+        from_disk = compiled is not None
         if compiled is None:
             compiled = compile_cubin(spec, arch)
             kernel_cache.store(spec, arch, compiled)
-        _compiled_in_background[key] = compiled
+        _compiled_in_background[key] = (compiled, from_disk)
     except Exception as error:  # noqa: BLE001 - kept for the caller's own load to raise
         _failed_in_background[key] = error
         _compile_failed.add(key)
@@ -210,9 +211,10 @@ def _get_kernel(device, spec, background: bool, compile_missing: bool = True):
             failed = _failed_in_background.pop(key, None)
             if failed is not None:  # raised as it was, not compiled again to raise it (a later call retries)
                 raise failed
-            handed_over = _compiled_in_background.pop(key, None)
+            handed_over, from_disk = _compiled_in_background.pop(key, (None, False))
             try:
-                kernel = _load(spec, key[1], compile_missing=compile_missing, compiled=handed_over)
+                kernel = _load(spec, key[1], compile_missing=compile_missing, compiled=handed_over,
+                               compiled_from_disk=from_disk)
             except Exception as error:
                 if background:  # kept before the lock is let go: a caller waiting on it raises this
                     _failed_in_background[key] = error
@@ -297,16 +299,19 @@ _BAD_IMAGE_ERRORS = ("CUDA_ERROR_INVALID_IMAGE", "CUDA_ERROR_NO_BINARY_FOR_GPU",
                      "CUDA_ERROR_UNSUPPORTED_PTX_VERSION", "CUDA_ERROR_INVALID_SOURCE")
 
 
-def _load(spec, index: int, from_cache: bool = True, compile_missing: bool = True, compiled=None):
-    """The kernel of ``compiled`` (a binary a thread compiled), else from the disk cache, else
-    compiled (None where it is not cached and ``compile_missing`` is off)."""
+def _load(spec, index: int, from_cache: bool = True, compile_missing: bool = True, compiled=None,
+          compiled_from_disk: bool = False):
+    """The kernel of ``compiled`` (a binary a thread compiled, or read from the disk cache where
+    ``compiled_from_disk``), else from the disk cache, else compiled (None where it is not cached
+    and ``compile_missing`` is off). A cached binary the driver refuses is deleted and compiled
+    again."""
     if not driver.available():
         return _load_with_cupy(spec, index)
     started = time.perf_counter()
     if spec.smem_bytes > 48 * 1024:  # refused before a compile (and a cache file) it could not use
         driver.check_shared_memory(index, spec.smem_bytes, spec.name)
     arch = getattr(spec, "arch", None) or device_arch(index)
-    source = "a background compile" if compiled is not None else "the disk cache"
+    source = "a background compile" if compiled is not None and not compiled_from_disk else "the disk cache"
     if compiled is None and from_cache:
         compiled = kernel_cache.load(spec, arch)
     if compiled is None and not compile_missing:
