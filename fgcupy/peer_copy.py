@@ -139,8 +139,12 @@ class PeerWorkspace:
             self._sizes = [size for _, size, _, _ in adverts]
             # Opened on this rank's own device: its copy engines then write the peers' memory
             # over NVLink (a handle opened on the owner's device index ran at ~33 GB/s, staged).
-            self._opened = [runtime.ipcOpenMemHandle(h, runtime.cudaIpcMemLazyEnablePeerAccess)
-                            for r, h in enumerate(handles) if r != rank]
+            # One by one: where a peer's handle fails to open, __del__ closes those opened before
+            # it and frees the buffer.
+            self._opened = []
+            for r, h in enumerate(handles):
+                if r != rank:
+                    self._opened.append(runtime.ipcOpenMemHandle(h, runtime.cudaIpcMemLazyEnablePeerAccess))
         opened = iter(self._opened)
         self._ptrs = [self._base if r == rank else next(opened) for r in range(len(handles))]
         # Inbound copies run on one stream, outbound on another: an outbound copy waits for its
@@ -159,7 +163,7 @@ class PeerWorkspace:
             import cupy
 
             with cupy.cuda.Device(self.device.index):
-                for ptr in self._opened:
+                for ptr in getattr(self, "_opened", ()):  # absent where the build failed before any opened
                     cupy.cuda.runtime.ipcCloseMemHandle(ptr)
                 cupy.cuda.runtime.free(self._base)  # synchronises the device first
         except Exception:  # noqa: BLE001 - interpreter shutdown: the driver reclaims it

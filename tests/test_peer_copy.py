@@ -120,3 +120,32 @@ def test_none_is_keyed_as_the_default_group_it_stands_for(tmp_path):
             assert peer_copy._group_id(None) == peer_copy._group_id(dist.group.WORLD) == id(dist.group.WORLD)
         finally:
             dist.destroy_process_group()
+
+
+def test_a_workspace_whose_build_failed_still_frees_its_buffer(monkeypatch):
+    """Where a peer's handle failed to open (or anything failed before), the buffer is freed and
+    the handles opened before it are closed."""
+    cupy = pytest.importorskip("cupy")
+    calls = []
+
+    class Device:
+        def __init__(self, index):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(cupy.cuda, "Device", Device)
+    monkeypatch.setattr(cupy.cuda.runtime, "free", lambda ptr: calls.append(("free", ptr)))
+    monkeypatch.setattr(cupy.cuda.runtime, "ipcCloseMemHandle", lambda ptr: calls.append(("close", ptr)))
+    for opened, closes in ((None, []), ([7], [("close", 7)])):
+        ws = peer_copy.PeerWorkspace.__new__(peer_copy.PeerWorkspace)
+        ws.device, ws._base = torch.device("cuda", 0), 1234
+        if opened is not None:
+            ws._opened = opened
+        calls.clear()
+        ws.__del__()
+        assert calls == [*closes, ("free", 1234)]
