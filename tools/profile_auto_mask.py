@@ -3,7 +3,7 @@ family, beside the default and the estimated column max, as % of SDPA cuDNN dens
 the same heads (CUDA-event medians of calls timed one by one, since "auto" waits on the host to
 pick its heads; one process). ``--parts``: where one family's "auto" call spends its time, and
 the estimated column max its flagged heads pay (its pass on e4m3 products, as it runs on
-Hopper, and on the inputs' for comparison).
+Hopper, and on the inputs' for comparison); with ``--kernels`` the GPU kernels of its parts.
 
     PYTHONPATH=. python -m tools.profile_auto_mask     (GPU; wan14b-480p grid, 8 heads per family)
 """
@@ -72,12 +72,47 @@ def parts(q, k, d: float) -> None:
         print(f"  {name}: {call_ms(fn):.3f} ms one by one, {queued_ms(fn):.3f} ms queued", flush=True)
 
 
+def kernel_table(q, k, d: float, calls: int = 5) -> None:
+    """The GPU kernels of the default, the check and the estimated column max on q, k (torch's
+    profiler, per call: the mean over ``calls`` calls after warm-up), longest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    scale = q.shape[-1] ** -0.5
+    rule = dict(density=d, top_k=None, scale=scale, workspace_bytes=1 << 32)
+    cheap = predict_mask(q, k, 128, "topk", density=d)
+    steps = {
+        "default": lambda: predict_mask(q, k, 128, "topk", density=d),
+        "the check (no host sync)": lambda: auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule),
+        "estimated column max": lambda: predict_mask(q, k, 128, "colmax", lse="estimate", density=d),
+    }
+    for name, fn in steps.items():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+        per_kernel: dict = {}
+        for event in prof.events():
+            if event.device_type == torch.autograd.DeviceType.CUDA:
+                count, total = per_kernel.get(event.name, (0, 0.0))
+                per_kernel[event.name] = (count + 1, total + event.device_time_total)
+        print(f"  {name}: {sum(t for _, t in per_kernel.values()) / calls / 1e3:.3f} ms of kernels per call")
+        for kernel, (count, total) in sorted(per_kernel.items(), key=lambda item: -item[1][1]):
+            print(f"    {total / calls / 1e3:7.3f} ms  x{count // calls:<3d} {kernel[:100]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--parts", metavar="FAMILY", help="time each step of one call on this head family (d: the first density)")
+    parser.add_argument("--kernels", action="store_true", help="with --parts: the GPU kernels of the default, the check "
+                                                                 "and the estimated column max instead")
     args = parser.parse_args()
+    if args.kernels and not args.parts:
+        parser.error("--kernels lists the kernels of one head family's parts: give --parts FAMILY")
     require_cuda("this probe")
     shape = SHAPES["wan14b-480p"]
     print(torch.cuda.get_device_name())
@@ -85,7 +120,7 @@ def main() -> None:
         q, k, v = family_qkv(shape, args.parts, heads=args.heads, device="cuda")
         print(f"{args.parts}, {args.heads} heads, d = {args.densities[0]}: cuDNN dense "
               f"{queued_ms(sdpa_call(q, k, v, 'cudnn')):.3f} ms (queued)")
-        parts(q, k, args.densities[0])
+        (kernel_table if args.kernels else parts)(q, k, args.densities[0])
         return
     inputs = [(f, lambda f=f: family_qkv(shape, f, heads=args.heads, device="cuda")) for f in FAMILIES]
     inputs += [(f"workload-{p}", lambda p=p: video_qkv(shape, p, head_ids=range(args.heads), device="cuda"))
