@@ -242,8 +242,10 @@ def test_a_background_compile_is_written_to_the_disk_cache(quiet_runtime, monkey
     runtime = quiet_runtime
     monkeypatch.setattr(runtime, "compile_cubin", lambda spec, arch: FAKE_BINARY)
     runtime._compile_quietly((KILL_SPEC, 0), "sm_80")
-    assert runtime._compiled_in_background[(KILL_SPEC, 0)] == FAKE_BINARY
+    assert runtime._compiled_in_background[(KILL_SPEC, 0)] == (FAKE_BINARY, False)  # compiled, not read from disk
     assert kernel_cache.load(KILL_SPEC, "sm_80") == CompiledKernel(FAKE_BINARY.cubin, FAKE_BINARY.lowered_name, "")
+    runtime._compile_quietly((KILL_SPEC, 0), "sm_80")  # now found on disk, and handed over as such
+    assert runtime._compiled_in_background[(KILL_SPEC, 0)] == (kernel_cache.load(KILL_SPEC, "sm_80"), True)
 
 
 def test_a_kernel_is_at_hand_once_compiled_on_a_thread_or_cached_for_its_own_arch(quiet_runtime, monkeypatch):
@@ -252,7 +254,7 @@ def test_a_kernel_is_at_hand_once_compiled_on_a_thread_or_cached_for_its_own_arc
     runtime = quiet_runtime
     device = torch.device("cuda", 0)
     assert not runtime.kernel_at_hand(device, KILL_SPEC)
-    runtime._compiled_in_background[(KILL_SPEC, 0)] = FAKE_BINARY
+    runtime._compiled_in_background[(KILL_SPEC, 0)] = (FAKE_BINARY, False)
     assert runtime.kernel_at_hand(device, KILL_SPEC)
     hopper = Sm90AttentionSpec("bfloat16", 64, 64)
     monkeypatch.setattr(runtime, "device_arch", lambda index: "sm_90")  # the device; the spec compiles for sm_90a
