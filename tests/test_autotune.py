@@ -907,6 +907,29 @@ def test_the_cli_tunes_each_density_bucket_once_and_keeps_its_json_as_it_goes(mo
                      "--no-store", "--json", str(out)]) == 0
     assert len(tuned) == len(set(tuned)) >= 1  # 0.3, 0.28 and 0.25 share buckets: each tuned once
     assert len(json.loads(out.read_text())["results"]) == len(tuned)
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_an_interrupted_json_write_leaves_the_last_whole_file(monkeypatch, tmp_path):
+    """Each key's results replace the file whole: a run stopped inside a write keeps the file
+    as the key before left it, never a cut-off one."""
+    cli, tuned = _fake_gpu_cli(monkeypatch, tmp_path)
+    out = tmp_path / "out.json"
+    out.write_text('{"results": ["an earlier run"]}')
+    writes = []
+
+    def dump(obj, f, **options):
+        writes.append(len(obj["results"]))
+        if len(writes) == 2:  # the write after the first key: stopped half-way
+            f.write('{"gpu": ')
+            raise KeyboardInterrupt
+        f.write(json.dumps(obj))
+
+    monkeypatch.setattr(cli.json, "dump", dump)
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(["--preset", "cogvideox5b", "--density", "0.3", "--slice-m", "64", "--no-store", "--json", str(out)])
+    assert json.loads(out.read_text())["results"] == []  # the check-write at the start, whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_the_cli_refuses_an_unwritable_json_path_before_tuning(monkeypatch, tmp_path, capsys):

@@ -7,8 +7,10 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -69,10 +71,17 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     summary, dump, seen = [], [], set()
 
-    def write_json():  # after every key: a failed or interrupted run keeps what it measured
+    def write_json():  # after every key, whole or not at all: a failed or interrupted run keeps what it measured
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"gpu": dataclasses.asdict(info), "torch": torch.__version__, "results": dump}, f, indent=1)
+            path = Path(args.json)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            try:
+                with open(tmp, "w") as f:
+                    json.dump({"gpu": dataclasses.asdict(info), "torch": torch.__version__, "results": dump}, f,
+                              indent=1)
+                os.replace(tmp, path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     try:
         write_json()  # an unwritable path fails now, not after the tuning
