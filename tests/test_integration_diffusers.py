@@ -94,6 +94,24 @@ def test_apply_twice_replaces_the_first_installation():
     assert model.blocks[0].attn1.processor is stock
 
 
+def test_a_patched_model_refuses_deep_copies_and_pickling_with_what_to_do():
+    """A copy would keep reaching the original's layers (remove() on it could not restore it):
+    refused, naming the way round; after remove() the model copies and pickles as any."""
+    import copy
+    import io
+
+    model = tiny_wan()
+    fd.apply(model, cpu_config())
+    with pytest.raises(TypeError, match="cannot be deep-copied: copy it before apply"):
+        copy.deepcopy(model)
+    with pytest.raises(TypeError, match="cannot be pickled .* save its state_dict"):
+        torch.save(model, io.BytesIO())
+    fd.remove(model)
+    twin = copy.deepcopy(model)
+    fd.apply(twin, cpu_config())
+    torch.save(model, io.BytesIO())
+
+
 def test_remove_keeps_a_processor_set_after_apply():
     model = tiny_wan()
     fd.apply(model, cpu_config())

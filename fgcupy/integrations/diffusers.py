@@ -213,6 +213,16 @@ class SparseAttentionHandle:
     by hand (benchmarks, custom loops); ``reset`` forgets masks before an unrelated generation.
     """
 
+    def __deepcopy__(self, memo):
+        # A copy would still reach the original model's layers (weak references are shared), so
+        # remove() on the copied model could not find its processors.
+        raise TypeError("a model patched by fgcupy.integrations.diffusers cannot be deep-copied: copy it before "
+                        "apply(), or remove() it, copy, and apply() to each copy")
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a model patched by fgcupy.integrations.diffusers cannot be pickled (e.g. torch.save of the "
+                        "whole module): save its state_dict, or remove() the patch first")
+
     def __init__(self, transformer, config: SparseAttentionConfig, layers: list[_Layer]):
         self._transformer = weakref.ref(transformer)  # weak, as _Layer's module
         self.config = config
