@@ -1319,6 +1319,19 @@ def test_a_config_with_listed_refresh_steps_copies_with_replace():
     assert dataclasses.replace(config, dense_layers=(0,)).refresh_steps == (3, 6, 9)
 
 
+def test_config_takes_numpy_integers_as_ints():
+    """Counts and step lists from numpy (np.arange, an array's items) are ints like any other,
+    stored as Python ints."""
+    config = fd.SparseAttentionConfig(dense_layers=np.array([1, 0]), refresh_steps=np.arange(2, 10, 2),
+                                      dense_steps=np.int64(2), find_diagonals=np.int32(0))
+    assert config.dense_layers == (0, 1) and config.refresh_steps == (2, 4, 6, 8)
+    assert type(config.dense_steps) is int and type(config.find_diagonals) is int
+    assert all(type(v) is int for v in config.dense_layers + config.refresh_steps)
+    assert type(fd.SparseAttentionConfig(refresh_every=np.int64(5)).refresh_every) is int
+    with pytest.raises(ValueError, match="dense_steps must be an int >= 0"):
+        fd.SparseAttentionConfig(dense_steps=np.float64(2))
+
+
 def test_config_defaults_start_exact_after_warmup_steps():
     """By default one dense step makes the first mask exact (the warm-up's column max) and sparse
     refreshes keep its keys as candidates every 20 sparse steps; with dense_steps=0 the first

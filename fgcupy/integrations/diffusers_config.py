@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from ..cache import MaskCache
 from ..jit.spec import SLICE_SIZES
 from ..local_search import grid_offsets
+from ..mask import is_int
 
 # The parameter each named predictor method is tuned by (checked at config time, so a missing
 # density fails at apply() rather than on the first refresh step deep inside a pipeline).
@@ -282,16 +283,18 @@ class SparseAttentionConfig:
             raise ValueError(f"threshold must be > 0, got {self.threshold}")
         if self.slice_m not in SLICE_SIZES:
             raise ValueError(f"slice_m must be one of {SLICE_SIZES} (sizes with a kernel), got {self.slice_m!r}")
-        if self.dense_steps is not None and (isinstance(self.dense_steps, bool) or not isinstance(self.dense_steps, int)
-                                             or self.dense_steps < 0):
+        if self.dense_steps is not None and (not is_int(self.dense_steps) or self.dense_steps < 0):
             raise ValueError(f"dense_steps must be an int >= 0, got {self.dense_steps!r}")
+        if self.dense_steps is not None:
+            object.__setattr__(self, "dense_steps", int(self.dense_steps))  # numpy integers as ints
         if self.refresh_every is not None and self.refresh_steps is not None:
             raise ValueError("refresh_every and refresh_steps both say when to refresh: give one of them "
                              "(refresh_steps lists every refresh step)")
         self._resolve_schedule_defaults()
-        if self.refresh_steps is None and (isinstance(self.refresh_every, bool) or not isinstance(self.refresh_every, int)
-                                           or self.refresh_every < 1):
+        if self.refresh_steps is None and (not is_int(self.refresh_every) or self.refresh_every < 1):
             raise ValueError(f"refresh_every must be an int >= 1, got {self.refresh_every!r}")
+        if is_int(self.refresh_every):
+            object.__setattr__(self, "refresh_every", int(self.refresh_every))
         if not isinstance(self.refresh_ramp, bool):
             raise TypeError(f"refresh_ramp must be a bool, got {self.refresh_ramp!r}")
         if self.refresh_ramp and self.refresh_steps is not None:
@@ -309,8 +312,9 @@ class SparseAttentionConfig:
         if self.compact_masks and self.process_group is not None:
             raise ValueError("compact_masks holds the masks of whole layers; with process_group each head group keeps "
                              "its own expanded mask: not with process_group (sequence parallel)")
-        if isinstance(self.find_diagonals, bool) or not isinstance(self.find_diagonals, int) or self.find_diagonals < 0:
+        if not is_int(self.find_diagonals) or self.find_diagonals < 0:
             raise ValueError(f"find_diagonals must be an int >= 0 (diagonals per layer), got {self.find_diagonals!r}")
+        object.__setattr__(self, "find_diagonals", int(self.find_diagonals))
         if self.find_diagonals:
             if self.predictor not in _MEAN_QUERY:
                 raise ValueError(f"find_diagonals moves the exact band of the mean-query predictors {_MEAN_QUERY}, "
@@ -536,7 +540,6 @@ class SparseAttentionConfig:
         """Refuse now what predict_mask would refuse at the first sparse step."""
         import inspect
 
-        from ..mask import is_int
         from ..mask_request import AUTO_OPTIONS, LONGEST_KV, check_options, check_workspace_bytes, make_request
 
         kwargs = self.predictor_arguments()
@@ -635,6 +638,6 @@ def _int_tuple(values, what: str) -> tuple[int, ...]:
     if not isinstance(values, Iterable):
         raise TypeError(f"{what} must be a sequence of ints, got {type(values).__name__}")
     out = tuple(values)
-    if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in out):
+    if any(not is_int(v) or v < 0 for v in out):
         raise ValueError(f"{what} must hold ints >= 0, got {out}")
-    return tuple(sorted(set(out)))
+    return tuple(sorted({int(v) for v in out}))
