@@ -1319,6 +1319,19 @@ def test_a_config_with_listed_refresh_steps_copies_with_replace():
     assert dataclasses.replace(config, dense_layers=(0,)).refresh_steps == (3, 6, 9)
 
 
+def test_an_attention_fn_answer_of_another_shape_names_the_layer():
+    """attention_fn's output goes to the layer's projection: a wrong layout or length is refused
+    there, naming the layer and attention_fn, instead of failing inside a matmul."""
+    latents, text = wan_inputs()
+    for wrong in (lambda q, k, v, mask, scale: torch.zeros_like(q).transpose(1, 2),
+                  lambda q, k, v, mask, scale: torch.zeros_like(q)[:, 1:],
+                  lambda q, k, v, mask, scale: None):
+        model = tiny_wan()
+        fd.apply(model, cpu_config(attention_fn=wrong, dense_steps=0))
+        with torch.no_grad(), pytest.raises(ValueError, match=r"attention_fn returned .* for layer blocks\.0\.attn1"):
+            model(latents, torch.tensor([999]), text)
+
+
 def test_config_takes_numpy_integers_as_ints():
     """Counts and step lists from numpy (np.arange, an array's items) are ints like any other,
     stored as Python ints."""

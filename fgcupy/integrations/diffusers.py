@@ -560,7 +560,7 @@ class SparseAttentionHandle:
             tuned = (branch, key, self.grid)
             poolings = layer.poolings.get(tuned)
             calibrating = cfg.calibrate_pooling and poolings is None and not warmup
-            dense_out, lse = self._dense_call(q, k, v, key_valid) if cfg.exact or warmup else (None, None)
+            dense_out, lse = self._dense_call(layer, q, k, v, key_valid) if cfg.exact or warmup else (None, None)
             # sparse_refresh: a layer whose mask still fits these inputs attends through it
             # (calibration still runs first).
             old = None
@@ -606,7 +606,7 @@ class SparseAttentionHandle:
         layer.stats.sparse_calls += 1
         if cfg.attention_fn is not None:
             mask = self.cache.get(entry)
-            out = cfg.attention_fn(q, k, v, mask, None)
+            out = _user_attention(cfg, layer, q, k, v, mask)
             lse = sparse_attention(q, k, v, mask, layout="NHD", return_lse=True)[1] if reads_recall else None
         else:
             plan = plan if plan is not None else self._planned(slot, entry, key, q)
@@ -702,7 +702,7 @@ class SparseAttentionHandle:
             plan.plan(self.cache.get(entry, out=held.indices if fits else None), head_dim=q.shape[-1], dtype=q.dtype)
         return plan
 
-    def _dense_call(self, q, k, v, key_valid):
+    def _dense_call(self, layer: _Layer, q, k, v, key_valid):
         """(exact output, row LSE) of q, k, v ``[B, S, H, D]``: the refresh call of the exact
         schedule. With ``attention_fn`` the output is its answer on the full mask."""
         cfg = self.config
@@ -712,7 +712,7 @@ class SparseAttentionHandle:
         if cfg.attention_fn is not None:
             batch, q_len, heads, _ = q.shape
             full = SliceMask.full(batch, heads, q_len, k.shape[1], cfg.slice_m, device=q.device)
-            out = cfg.attention_fn(q, k, v, full if key_valid is None else drop_keys(full, key_valid), None)
+            out = _user_attention(cfg, layer, q, k, v, full if key_valid is None else drop_keys(full, key_valid))
         return out, lse
 
     def _refresh_from_sparse_call(self, layer: _Layer, entry: tuple, slot: _Slot, plan: SparseAttention | None,
@@ -728,7 +728,7 @@ class SparseAttentionHandle:
             out, lse = plan.run(q, k, v, layout="NHD", return_lse=True)
         else:
             _, lse = sparse_attention(q, k, v, old, layout="NHD", return_lse=True)
-            out = cfg.attention_fn(q, k, v, old, None)
+            out = _user_attention(cfg, layer, q, k, v, old)
         qh, kh = q.transpose(1, 2), k.transpose(1, 2)
         predicted = None
         if cfg.predict_on_refresh:
@@ -848,6 +848,20 @@ def _timestep_position(transformer) -> int | None:
     except (TypeError, ValueError):
         return 1
     return names.index("timestep") if "timestep" in names else None
+
+
+def _user_attention(config: SparseAttentionConfig, layer: _Layer, q, k, v, mask: SliceMask) -> torch.Tensor:
+    """``config.attention_fn``'s output for q, k, v ``[B, S, H, D]`` under ``mask``, checked to be
+    what the layer's output projection takes: a tensor of q's shape on q's device (any floating
+    dtype: the processor casts it to q's)."""
+    out = config.attention_fn(q, k, v, mask, None)
+    if (not isinstance(out, torch.Tensor) or out.shape != q.shape or out.device != q.device
+            or not out.is_floating_point()):
+        got = (f"{tuple(out.shape)} {out.dtype} on {out.device}" if isinstance(out, torch.Tensor)
+               else type(out).__name__)
+        raise ValueError(f"attention_fn returned {got} for layer {layer.name}; expected a floating tensor of q's "
+                         f"[B, S, H, D] = {tuple(q.shape)} on {q.device}")
+    return out
 
 
 def _in_held_buffer(plan: SparseAttention, mask: SliceMask) -> SliceMask:
