@@ -697,9 +697,8 @@ class SparseAttentionHandle:
         the largest mask of the layers sharing them)."""
         plan = self._plan_of(slot, key)
         if self._compact:
-            held = plan.mask
-            fits = held is not None and held.indices.numel() >= self.cache.stored_capacity(entry)
-            plan.plan(self.cache.get(entry, out=held.indices if fits else None), head_dim=q.shape[-1], dtype=q.dtype)
+            held = _held_keys(plan, self.cache.stored_capacity(entry), q.device)
+            plan.plan(self.cache.get(entry, out=held), head_dim=q.shape[-1], dtype=q.dtype)
         return plan
 
     def _dense_call(self, layer: _Layer, q, k, v, key_valid):
@@ -864,12 +863,19 @@ def _user_attention(config: SparseAttentionConfig, layer: _Layer, q, k, v, mask:
     return out
 
 
+def _held_keys(plan: SparseAttention, size: int, device: torch.device) -> torch.Tensor | None:
+    """``plan``'s key buffer where it holds ``size`` entries on ``device`` (compact masks expand
+    and plan into it: it grows to the largest mask of the layers sharing it), else None."""
+    held = None if plan.mask is None else plan.mask.indices
+    return held if held is not None and held.numel() >= size and held.device == device else None
+
+
 def _in_held_buffer(plan: SparseAttention, mask: SliceMask) -> SliceMask:
     """``mask`` with its keys copied into the first entries of ``plan``'s key buffer, where that
     holds them (compact masks: the plan shared by layers keeps the largest buffer any needed),
     else ``mask``; entries past its keys are left as they are."""
-    held = None if plan.mask is None else plan.mask.indices
-    if held is None or held.numel() < mask.indices.numel() or held.device != mask.device:
+    held = _held_keys(plan, mask.indices.numel(), mask.device)
+    if held is None:
         return mask
     with torch.inference_mode(held.is_inference()):  # a plan's buffers made under inference mode
         held[: mask.indices.numel()].copy_(mask.indices)
