@@ -9,7 +9,9 @@ with random lists (every tile gathered) and with full and window masks, whose co
 load through tensor maps), the launch-order kernel, every mask-scoring mode (band mode
 included), the dilation of sampled poolings (in place for "adaptive", the default), both selection kernels (staged and global rows,
 each rule), the emit kernel, the candidates' union and the column max over a list (the portable
-column-max kernel with 64-query blocks). ``--masks-only`` skips the attention kernels; ``--only``
+column-max kernel with 64-query blocks), and on Hopper the e4m3 conversion kernels and column-max
+pass, the LSE estimate's stats kernel, ``method="auto"`` on heads that take each of its three masks,
+and a compact mask cache's bit packing. ``--masks-only`` skips the attention kernels; ``--only``
 runs just the attention kernels whose names contain one of its words (racecheck over every
 attention kernel takes minutes: a run cut short can be finished). Each result is checked against the reference, so
 a run that sanitizes clean also computed the right thing.
@@ -100,6 +102,64 @@ def main(argv=None) -> None:
     print(f"global-row selection, logits: density {mask.density():.4f}")
     mask = predict_mask(long_k[:, :, :128], long_k, 64, "topk", density=0.1).validate()
     print(f"global-row selection, max-probability scores: density {mask.density():.4f}")
+    compact_cache_round_trip(gen)
+    if torch.cuda.get_device_capability()[0] == 9:
+        hopper_predictors(gen)
+
+
+def compact_cache_round_trip(gen) -> None:
+    """A MaskCache in compact storage (fg::pack_rows, then fg::emit_rows) gives the mask back."""
+    from fgcupy import MaskCache
+
+    q, k = (torch.randn(1, 2, 900, 64, generator=gen, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = predict_mask(q, k, 64, "tau", tau=0.7).validate()
+    cache = MaskCache(storage="bits")
+    cache.put("layer", mask)
+    back = cache.get("layer").validate()
+    assert torch.equal(back.to_dense(), mask.to_dense())
+    print(f"compact mask cache: {cache.memory_bytes()} bytes, density {back.density():.3f}, round trip exact")
+
+
+def hopper_predictors(gen) -> None:
+    """The e4m3 kernels, the LSE estimate and ``method="auto"``, each against its reference."""
+    import math
+
+    from fgcupy import auto_mask, mask_kernels
+    from fgcupy import mask_reference as ref
+    from fgcupy.e4m3 import e4m3_rounded
+    from fgcupy.lse_estimate import estimate_lse
+
+    # Logits of std 1, 3 and 10: the cheap mask passes the first head, the estimated column
+    # max the second, and only the exact LSE finds the third's peaks (see tests/test_auto_mask.py).
+    k = torch.randn(1, 3, 4500, 128, generator=gen, device="cuda")
+    q = torch.randn(1, 3, 1000, 128, generator=gen, device="cuda") * torch.tensor([1.0, 3.0, 10.0], device="cuda").view(1, 3, 1, 1)
+    q, k = q.bfloat16(), k.bfloat16()
+    scale = 128 ** -0.5
+    qr, kr = e4m3_rounded(q[:, :2]), e4m3_rounded(k[:, :2])
+    _, lse = ref.logits_and_lse(qr, kr, scale)
+    got = mask_kernels.gpu_colmax_e4m3(q[:, :2], k[:, :2], scale, lse.reshape(2, -1), 64)[..., :4500].float()
+    expected = ref.maxprob_scores(qr, kr, lse, 64, scale).reshape(got.shape)
+    worst = float((got - expected).abs().max())
+    print(f"e4m3 column max: largest probability error {worst:.2e}")
+    assert worst < 2e-2
+    est = estimate_lse(q, k, 128)
+    est_cpu = estimate_lse(q.cpu().float(), k.cpu().float(), 128)
+    worst = float((est.cpu() - est_cpu).abs().max())
+    print(f"LSE estimate on the stats kernel: largest difference from the torch path {worst:.2e}")
+    assert worst < 5e-2
+    cheap = predict_mask(q, k, 128, "topk", density=0.1)
+    estimated = predict_mask(q, k, 128, "colmax", lse="estimate", density=0.1)
+    exact = predict_mask(q, k, 128, "colmax", lse=auto_mask.exact_row_lse(q, k, scale), products="e4m3", density=0.1)
+    auto = predict_mask(q, k, 128, "auto", density=0.1).validate()
+    picked = []
+    for head in range(3):
+        rows = auto.to_dense()[:, head]
+        options = [name for name, m in (("cheap", cheap), ("estimated", estimated), ("exact LSE", exact))
+                   if torch.equal(rows, m.to_dense()[:, head])]
+        assert options, f"auto's head {head} is none of the masks it chooses from"
+        picked.append(options[-1])
+    print(f"auto: heads take {picked}")
+    assert math.isfinite(auto.density())
 
 
 if __name__ == "__main__":
