@@ -1345,6 +1345,33 @@ def test_config_takes_numpy_integers_as_ints():
         fd.SparseAttentionConfig(dense_steps=np.float64(2))
 
 
+def test_config_replace_resolves_the_defaults_again():
+    """replace() starts from the settings given, so a default density or warm-up schedule does
+    not follow into a config where it cannot apply; dataclasses.replace's refusal says so."""
+    config = fd.SparseAttentionConfig(predictor_kwargs={"pool": 16})
+    assert (config.density, config.dense_steps, config.mask_from_warmup) == (0.1, 1, True)
+    tau = config.replace(predictor="tau", tau=0.8, predictor_kwargs={})
+    assert (tau.predictor, tau.tau, tau.density) == ("tau", 0.8, None)
+    assert tau == fd.SparseAttentionConfig(predictor="tau", tau=0.8)
+    no_warmup = config.replace(dense_steps=0)
+    assert no_warmup == fd.SparseAttentionConfig(predictor_kwargs={"pool": 16}, dense_steps=0)
+    assert no_warmup.mask_from_warmup is False and no_warmup.refresh_every != config.refresh_every
+    assert config.replace() == config and config.predictor_kwargs == {"pool": 16}
+    with pytest.raises(ValueError, match=r"config.replace"):
+        dataclasses.replace(config, predictor="tau", tau=0.8, predictor_kwargs={})
+    with pytest.raises(TypeError, match="no setting densty"):
+        config.replace(densty=0.2)
+
+
+def test_configs_hash_by_their_settings():
+    """Equal configs hash alike, dicts of settings included; a config can key a dict."""
+    first = fd.SparseAttentionConfig(predictor_kwargs={"pool": 16, "pooling": ["mean", "sample"]}, dense_layers=[2, 0])
+    second = fd.SparseAttentionConfig(predictor_kwargs={"pooling": ["mean", "sample"], "pool": 16}, dense_layers=(0, 2))
+    assert first == second and hash(first) == hash(second)
+    assert {first: 1}[second] == 1
+    assert hash(first) != hash(first.replace(density=0.2))
+
+
 def test_config_defaults_start_exact_after_warmup_steps():
     """By default one dense step makes the first mask exact (the warm-up's column max) and sparse
     refreshes keep its keys as candidates every 20 sparse steps; with dense_steps=0 the first

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from ..cache import MaskCache
 from ..jit.spec import SLICE_SIZES
@@ -51,8 +51,10 @@ _SELECTION_OPTIONS = ("top_k", "min_keys", "max_keys", "local", "workspace_bytes
 @dataclass(frozen=True)
 class SparseAttentionConfig:
     """What ``apply`` installs. Options left None are resolved when the config is made (the
-    attributes then hold the values in use); ``dataclasses.replace`` copies those resolved
-    values, so build a new config to get the defaults of other settings.
+    attributes then hold the values in use). ``config.replace(**changes)`` makes a new config
+    from the settings this one was given, resolving the defaults again; ``dataclasses.replace``
+    passes the resolved values on as if given (a default density, say, is then refused with a
+    predictor that takes tau).
 
     predictor: a ``fgcupy.predict_mask`` method name ("topk", "tau", "threshold", or "auto": the
         top-k mask checked per head, the estimated column max where the check finds it missing
@@ -242,6 +244,7 @@ class SparseAttentionConfig:
             if not isinstance(getattr(self, option), dict):
                 raise TypeError(f"{option} must be a dict, got {type(getattr(self, option)).__name__}")
             object.__setattr__(self, option, dict(getattr(self, option)))
+        object.__setattr__(self, "_given", {f.name: getattr(self, f.name) for f in fields(self)})
         for name in ("density", "tau", "threshold"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
@@ -266,7 +269,8 @@ class SparseAttentionConfig:
             for other in set(_METHOD_PARAMETER.values()) - {needed}:
                 if getattr(self, other) is not None:
                     raise ValueError(f"{other}={getattr(self, other)!r} does not apply to predictor={self.predictor!r} "
-                                     f"(it takes {needed})")
+                                     f"(it takes {needed}; from another config, config.replace(...) resolves "
+                                     "its defaults again where dataclasses.replace keeps them)")
         elif not callable(self.predictor):
             raise TypeError(f"predictor must be a method name or a callable, got {type(self.predictor).__name__}")
         else:
@@ -366,6 +370,18 @@ class SparseAttentionConfig:
             check_options(**self.parallel_options)
         if isinstance(self.predictor, str):
             self._check_predictor_arguments()
+
+    def replace(self, **changes) -> "SparseAttentionConfig":
+        """A new config of the settings this one was given, with ``changes``; the defaults are
+        resolved again for the new settings."""
+        unknown = sorted(set(changes) - set(self._given))
+        if unknown:
+            raise TypeError(f"SparseAttentionConfig has no setting {', '.join(unknown)}")
+        return type(self)(**{**self._given, **changes})
+
+    def __hash__(self):
+        """Over every setting, the dicts' items included (a config can key a dict or a cache)."""
+        return hash(tuple(_hashable(getattr(self, f.name)) for f in fields(self)))
 
     def _resolve_schedule_defaults(self) -> None:
         """Fill the None defaults where sparse refreshes can work (a named predictor,
@@ -630,6 +646,17 @@ class SparseAttentionConfig:
         kept = (_METHOD_PARAMETER[self.predictor], *_SELECTION_OPTIONS)
         return {"rule": _RULE_OF_PARAMETER[_METHOD_PARAMETER[self.predictor]],
                 **{key: value for key, value in args.items() if key in kept}}
+
+
+def _hashable(value):
+    """``value`` with its dicts, lists and sets as hashable tuples and frozensets."""
+    if isinstance(value, dict):
+        return frozenset((key, _hashable(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(item) for item in value)
+    if isinstance(value, (set, frozenset)):
+        return frozenset(_hashable(item) for item in value)
+    return value
 
 
 def _int_tuple(values, what: str) -> tuple[int, ...]:
