@@ -1755,6 +1755,22 @@ def test_shared_branches_with_different_text_padding_keep_their_masks():
     assert all(s.refresh_steps == [0, 0] for s in handle.stats().values())  # one per padding, then reuse
 
 
+def test_shared_branches_of_different_shapes_keep_their_masks():
+    """A custom loop whose branches differ in shape (here the video's size): each keeps its own
+    mask, predicted once, and attends as it would alone."""
+    model = tiny_wan(layers=1)
+    counter = CountingPredictor(full_predictor)
+    handle = fd.apply(model, cpu_config(predictor=counter, refresh_every=100, share_branches=True))
+    small = wan_inputs(size=12, seed=2)
+    for t in (900, 800, 700):
+        run_wan(model, *wan_inputs(), t=t)
+        out = run_wan(model, *small, t=t)
+    expected = run_wan(tiny_wan(layers=1), *small, t=700)
+    assert relative_l2(out, expected) < 1e-5
+    assert handle.stats()["blocks.0.attn1"].refresh_steps == [0, 0] and counter.calls == 2
+    assert handle.mask("blocks.0.attn1", 1).kv_len < handle.mask("blocks.0.attn1", 0).kv_len
+
+
 def test_shared_branches_with_different_text_padding_each_get_the_warmup_mask():
     """With the dense warm-up, a branch whose padding keeps it apart makes its own exact mask on
     that step (it had been routed as if it shared the first branch's, and predicted later)."""

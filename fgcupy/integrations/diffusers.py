@@ -534,10 +534,14 @@ class SparseAttentionHandle:
         """Slice-sparse attention of q, k, v ``[B, S, H, D]``: refresh the layer's mask when the
         schedule (or a new shape / key padding) asks, then run the kernel on the cached plan."""
         cfg = self.config
+        key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
         branch = self._slot_branch()
+        first = layer.slots.get(0)
+        if branch != self.branch and first is not None and first.key is not None and first.key != key:
+            self._own_slots.add(self.branch)  # inputs of other shapes: a shared mask would be re-made each call
+            branch = self.branch
         entry = (layer.name, branch)
         slot = layer.slots.setdefault(branch, _Slot())
-        key = (tuple(q.shape), tuple(k.shape), q.dtype, q.device)
         warmup = self.cache.action(self.step) == "dense"  # routed here by makes_warmup_mask
         scheduled = warmup or self._needs_refresh(entry, slot, key, key_version)
         plan = None  # set where this call plans a new mask

@@ -185,7 +185,8 @@ class SparseAttentionConfig:
     share_branches: later calls of the same step (classifier-free guidance's second pass) reuse the
         first call's masks instead of predicting their own: half the mask memory. Pipelines that
         put both branches in one batch (CogVideoX's) make one call per step: each batch entry
-        keeps its own mask rows, and this option changes nothing.
+        keeps its own mask rows, and this option changes nothing. A branch whose key padding or
+        input shapes differ from the first's keeps masks of its own.
     compact_masks: hold each layer's mask compactly (``fgcupy.MaskCache``'s "auto" storage: the
         smaller of its keys, int16 where kv_len fits, and a bit map) and expand it, on each
         sparse call, into one kernel plan shared by the layers of a shape: at d = 0.1 a bit map
