@@ -1,11 +1,10 @@
 // q or k of some heads as float8 e4m3 for the Hopper max-probability pass, in two reads of the
 // 16-bit input (fgcupy/e4m3_kernels.py; fgcupy/e4m3.py is the reference):
-//   e4m3_sumsq: each head's largest sum of squares of a row, raised into sumsq[head] (float64
-//   bits, zeroed first);
+//   e4m3_sumsq: each head's largest sum of squares of a row without a non-finite element,
+//   raised into sumsq[head] (float64 bits, zeroed first);
 //   e4m3_round: each head's power of two from it (written to scale[head] for the pass's logit
-//   scale), each value times it, clamped at kE4m3Max (at kE4m3NonfiniteClamp in a head with a
-//   non-finite element, which keeps scale 1; NaN stays NaN), rounded to nearest even, written
-//   as [heads, rows, D] bytes.
+//   scale), each value times it, clamped at kE4m3Max (at kE4m3NonfiniteClamp in a row with a
+//   non-finite element; NaN stays NaN), rounded to nearest even, written as [heads, rows, D] bytes.
 // Heads are counted batch-major from bh0; row r of head bh = b * heads + h starts at element
 // b * stride_b + h * stride_h + r * stride_s, its D values contiguous and 16-byte aligned (the
 // host checks). Each thread takes kConvertUnroll 16-byte vectors a CTA's width apart, loads first.
@@ -15,7 +14,7 @@ namespace fg {
 
 // kConvertThreads, kConvertUnroll, kE4m3Max, kE4m3RowSumsq and kE4m3NonfiniteClamp
 // (fgcupy.e4m3.E4M3_MAX, E4M3_ROW_SUMSQ, E4M3_NONFINITE_CLAMP: e4m3's largest value, the bound on
-// a scaled row's sum of squares, the clamp of a head that cannot be scaled) come from
+// a scaled row's sum of squares, the clamp of a row with a non-finite element) come from
 // fgcupy/jit/e4m3_spec.py, with the parameter structs.
 
 template <int D>
@@ -73,13 +72,13 @@ __global__ void __launch_bounds__(kConvertThreads) e4m3_sumsq(const __grid_const
     v[u] = i < head.count ? head.load(i) : make_uint4(0, 0, 0, 0);
   }
   // A row's kPerRow vectors lie in consecutive lanes (a CTA's first vector starts a row).
-  u64 sumsq = 0;  // float64 bits, sign cleared: non-negative values (NaN above infinity) order as their bits
+  u64 sumsq = 0;  // float64 bits of a finite non-negative value: they order as the values
 #pragma unroll
   for (int u = 0; u < kConvertUnroll; ++u) {
     double row = squares<T>(v[u]);
 #pragma unroll
     for (int d = HeadVectors<D>::kPerRow / 2; d > 0; d >>= 1) row += __shfl_xor_sync(0xffffffffu, row, d);
-    sumsq = max(sumsq, static_cast<u64>(__double_as_longlong(row)) & 0x7fffffffffffffffull);
+    if (isfinite(row)) sumsq = max(sumsq, static_cast<u64>(__double_as_longlong(row)));  // a row with inf or NaN: left out
   }
 #pragma unroll
   for (int d = 16; d > 0; d >>= 1) sumsq = max(sumsq, __shfl_xor_sync(0xffffffffu, sumsq, d));
@@ -105,6 +104,19 @@ __device__ __forceinline__ u32 e4m3_pair(float lo, float hi) {
   unsigned short r;
   asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
   return r;
+}
+
+// Whether a vector's eight 16-bit values are all finite.
+template <class T>
+__device__ __forceinline__ bool all_finite(uint4 v) {
+  const u32 words[4] = {v.x, v.y, v.z, v.w};
+  bool finite = true;
+#pragma unroll
+  for (int w = 0; w < 4; ++w) {
+    finite = finite && isfinite(T::to_float(static_cast<u16>(words[w]))) &&
+             isfinite(T::to_float(static_cast<u16>(words[w] >> 16)));
+  }
+  return finite;
 }
 
 template <class T>
@@ -138,7 +150,6 @@ __global__ void __launch_bounds__(kConvertThreads) e4m3_round(const __grid_const
   const HeadVectors<D> head(p.x, p.bh0 + blockIdx.y, p.heads, p.stride_b, p.stride_h, p.stride_s, p.rows);
   const double sumsq = static_cast<const double*>(p.sumsq)[blockIdx.y];
   const float scale = scale_for_head(sumsq);
-  const float top = isfinite(sumsq) ? static_cast<float>(kE4m3Max) : static_cast<float>(kE4m3NonfiniteClamp);
   if (blockIdx.x == 0 && threadIdx.x == 0) static_cast<float*>(p.scale)[blockIdx.y] = scale;
   uint2* __restrict__ out = static_cast<uint2*>(p.out) + static_cast<long long>(blockIdx.y) * head.count;
   const int first = first_vector();
@@ -146,10 +157,15 @@ __global__ void __launch_bounds__(kConvertThreads) e4m3_round(const __grid_const
 #pragma unroll
   for (int u = 0; u < kConvertUnroll; ++u) {
     const int i = first + u * kConvertThreads;
-    if (i < head.count) v[u] = head.load(i);
+    v[u] = i < head.count ? head.load(i) : make_uint4(0, 0, 0, 0);
   }
 #pragma unroll
   for (int u = 0; u < kConvertUnroll; ++u) {
+    // A row's kPerRow vectors lie in consecutive lanes: the row is finite where all of them are.
+    bool finite = all_finite<T>(v[u]);
+#pragma unroll
+    for (int d = HeadVectors<D>::kPerRow / 2; d > 0; d >>= 1) finite &= __shfl_xor_sync(0xffffffffu, finite, d);
+    const float top = finite ? static_cast<float>(kE4m3Max) : static_cast<float>(kE4m3NonfiniteClamp);
     const int i = first + u * kConvertThreads;
     if (i < head.count) out[i] = make_uint2(e4m3_quad<T>(v[u].x, v[u].y, scale, top), e4m3_quad<T>(v[u].z, v[u].w, scale, top));
   }

@@ -22,6 +22,9 @@ from .jit.spec import ATTENTION_HEAD_DIMS, ATTN_TMA_PARAMS, SLICE_SIZES, Attenti
 from .mask import SliceMask
 from .tiles import config_with
 
+#: What the torch reference computes in (float32, or float64 for float64 inputs) and returns.
+REFERENCE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 SCHEDULES = ("longest_first", "index")
 _DTYPE_BY_NAME = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -175,12 +178,12 @@ def check_order(order, items: int, device) -> None:
 
 def check_inputs(q, k, v, mask: SliceMask, spec=None, planned: bool = True) -> None:
     """ValueError/TypeError naming expected and actual for anything the kernel (``spec``) cannot
-    take; with no spec (the CPU reference), any floating dtype shared by q, k and v. ``planned``:
+    take; with no spec (the CPU reference), one of REFERENCE_DTYPES shared by q, k and v. ``planned``:
     whether a plan chose ``spec`` (else it follows q, and the messages say so). Strides are
     checked at launch (``launch_attention``), where tensors are real even inside torch.compile."""
     if spec is None:
-        if not q.dtype.is_floating_point:
-            raise TypeError(f"q must have a floating dtype, got {q.dtype}")
+        if q.dtype not in REFERENCE_DTYPES:
+            raise TypeError(f"q must have one of the dtypes {REFERENCE_DTYPES}, got {q.dtype}")
         expected_dtype, head_dim = q.dtype, q.shape[-1]
     else:
         expected_dtype, head_dim = _DTYPE_BY_NAME[spec.dtype], spec.head_dim
@@ -227,6 +230,8 @@ def eager_scale(scale):
     """A one-element tensor scale as a Python float (read eagerly; a traced op takes a number),
     anything else as given, for check_scale."""
     if isinstance(scale, torch.Tensor) and scale.numel() == 1 and not scale.dtype.is_complex:
+        if scale.is_meta:
+            raise ValueError("scale is a meta tensor: it holds no value (pass a number)")
         if torch.compiler.is_compiling():
             raise TypeError("scale as a tensor cannot be traced by torch.compile (the op takes a float): pass "
                             "a Python number, or None for 1 / sqrt(head dim)")

@@ -1,8 +1,10 @@
 """torch <-> cupy without copies (DLPack), on torch's current stream.
 
-Kernels are launched with cupy, but the tensors belong to torch: results are torch tensors
-allocated by torch's caching allocator, and launches go on ``torch.cuda.current_stream()`` so
-fgcupy orders correctly with the model around it (and inside CUDA graph capture).
+Kernels are launched through the CUDA driver (``fgcupy.jit``: ctypes, or cupy where the driver or
+NVRTC cannot be loaded that way), but the tensors belong to torch: results are torch tensors allocated by
+torch's caching allocator, and launches go on ``torch.cuda.current_stream()`` so fgcupy orders
+correctly with the model around it (and inside CUDA graph capture). cupy arrays given as inputs
+come in through DLPack here.
 """
 
 from __future__ import annotations

@@ -527,7 +527,7 @@ def mask_recall(q, k, lse, scale: float | None = None, key_valid=None, samples: 
     staleness signal that, unlike block means, reads where the attention went. q, k [B, H, S, D]
     (``layout`` "HND") or [B, S, H, D] ("NHD"); ``scale`` defaults to 1 / sqrt(D); ``key_valid``
     [B, S_k] bool leaves padded keys out of the exact LSE (a sampled query with no valid key
-    reads 1)."""
+    reads 1); NaN logits (a NaN key or query) add no mass, as in the kernels' sums."""
     check_layout(layout)
     q, k, lse = (bridge.to_torch(x, name) for x, name in ((q, "q"), (k, "k"), (lse, "lse")))
     for name, x in (("q", q), ("k", k)):
@@ -559,7 +559,7 @@ def mask_recall(q, k, lse, scale: float | None = None, key_valid=None, samples: 
             logits = ref.float32_products(q[b, h0:h1, rows], k[b, h0:h1]).mul_(scale)
             if key_valid is not None:
                 logits.masked_fill_(~key_valid[b, None, None, :], float("-inf"))
-            exact[b, h0:h1] = torch.logsumexp(logits, dim=-1)
+            exact[b, h0:h1] = ref.nan_free_logsumexp(logits)
     kept = torch.exp(lse[:, :, rows].float() - exact).nan_to_num(0.0)
     return torch.where(exact == -math.inf, 1.0, kept).mean(-1)  # a query with no valid key misses nothing
 

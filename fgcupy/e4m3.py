@@ -24,9 +24,10 @@ E4M3_MAX = 448.0
 #: of 448 and below keep fewer bits). The kernels get the same number (jit constant
 #: kE4m3RowSumsq).
 E4M3_ROW_SUMSQ = 2.0**15
-#: Where a head with a non-finite element (no sum of squares to scale by: it keeps scale 1) is
-#: clamped, so that rows of up to 128 of its values still keep their sums of squares within
-#: E4M3_ROW_SUMSQ (128 x 16^2 = 2^15). The kernels get the same number (kE4m3NonfiniteClamp).
+#: Where a row with a non-finite element (left out of its head's scale) is clamped once scaled,
+#: so that it keeps its sum of squares within E4M3_ROW_SUMSQ (128 x 16^2 = 2^15) whatever its
+#: finite elements; NaN stays NaN. The head's other rows keep their scale and precision (a NaN
+#: padding key does not coarsen its head). The kernels get the same number (kE4m3NonfiniteClamp).
 E4M3_NONFINITE_CLAMP = 16.0
 #: The powers of two a head's scale may take: float32's normal ones. A head that would need
 #: another (rows' norms below about 5e-37 or, past 16-bit inputs' range, above about 2^133)
@@ -38,22 +39,15 @@ _SUMSQ_CHUNK = 1 << 24
 
 
 def head_scales(x: torch.Tensor) -> torch.Tensor:
-    """float32 [B, H]: per head of ``x`` [B, H, S, D], ``scales_for`` its rows' largest sum of
-    squares (1 where the head is zeros or has a non-finite element, or where its rows' norms are
-    below about 5e-37, past float32's powers of two: such a head rounds to zeros). No host sync."""
-    return head_scaling(x)[0]
-
-
-def head_scaling(x: torch.Tensor) -> tuple:
-    """(float32 [B, H] ``head_scales``, float32 [B, H] ``clamps_for``) of ``x`` [B, H, S, D], from
-    one pass over it: what ``to_e4m3`` takes."""
-    sumsq = row_sumsq(x)
-    return scales_for(sumsq), clamps_for(sumsq)
+    """float32 [B, H]: per head of ``x`` [B, H, S, D], ``scales_for`` its finite rows' largest sum
+    of squares (1 where the head has no finite nonzero row, or where its rows' norms are below
+    about 5e-37, past float32's powers of two: such a head rounds to zeros). No host sync."""
+    return scales_for(row_sumsq(x))
 
 
 def row_sumsq(x: torch.Tensor) -> torch.Tensor:
-    """float64 [B, H]: the largest sum of squares of a row of each head of ``x`` [B, H, S, D]
-    (0 for a head of no rows; NaN where a row has a NaN), in float64 and in the kernel's order:
+    """float64 [B, H]: the largest sum of squares of a row of each head of ``x`` [B, H, S, D],
+    rows with a non-finite element left out (0 for a head of no such row), in float64 and in the kernel's order:
     each 16-byte vector's 8 squares in turn, then the vectors' sums pairwise (the first half of
     the row's vectors plus the second, and so on down), where D / 8 is a power of two; other
     head dims (no kernel) sum in torch's order. Each square is exact, so the reference and the
@@ -62,8 +56,8 @@ def row_sumsq(x: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(batch, heads, dtype=torch.float64, device=x.device)
     step = max(1, _SUMSQ_CHUNK // max(1, batch * heads * dim))
     for r0 in range(0, rows, step):
-        part = _kernel_order_sumsq(x[:, :, r0 : r0 + step].double()).amax(2)
-        out = torch.where(part.isnan() | (part > out), part, out)  # NaN wins, as in the kernel
+        part = _kernel_order_sumsq(x[:, :, r0 : r0 + step].double())
+        out = torch.maximum(out, part.masked_fill(~torch.isfinite(part), 0.0).amax(2))
     return out
 
 
@@ -100,37 +94,31 @@ def scales_for(sumsq: torch.Tensor) -> torch.Tensor:
     return torch.where(usable, power, torch.ones_like(power)).float()
 
 
-def clamps_for(sumsq: torch.Tensor) -> torch.Tensor:
-    """float32, sumsq's shape: the magnitude each head's scaled values are clamped at: E4M3_MAX,
-    which no scaled value reaches, or E4M3_NONFINITE_CLAMP where sumsq is not finite (a head with
-    a non-finite element, which keeps scale 1)."""
-    return torch.where(torch.isfinite(sumsq), E4M3_MAX, E4M3_NONFINITE_CLAMP).float()
-
-
-def to_e4m3(x: torch.Tensor, scales: torch.Tensor, clamps: torch.Tensor) -> torch.Tensor:
-    """float8_e4m3fn [B, H, S, D], contiguous: ``x`` times its head's scale, clamped at its
-    head's clamp (``head_scaling`` gives both; only a head with a non-finite element has values
-    that reach it), rounded to nearest even; a NaN stays NaN."""
+def to_e4m3(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn [B, H, S, D], contiguous: ``x`` times its head's scale (``head_scales``),
+    a row with a non-finite element clamped at E4M3_NONFINITE_CLAMP (finite rows cannot reach
+    E4M3_MAX), rounded to nearest even; a NaN stays NaN."""
     # bfloat16 holds every power of two float32 does (exact products); float16 does not.
     scaled = x * scales[:, :, None, None].to(x.dtype) if x.dtype == torch.bfloat16 else x.float() * scales[:, :, None, None]
-    top = clamps[:, :, None, None].to(scaled.dtype)
+    finite_rows = torch.isfinite(x).all(-1, keepdim=True)
+    top = torch.where(finite_rows, E4M3_MAX, E4M3_NONFINITE_CLAMP).to(scaled.dtype)
     return torch.maximum(torch.minimum(scaled, top), -top).to(torch.float8_e4m3fn).contiguous()
 
 
 def e4m3_rounded(x: torch.Tensor) -> torch.Tensor:
     """float32 ``x`` [B, H, S, D] as the e4m3 pass sees it: rounded under its head's scale, then
     divided back."""
-    scales, clamps = head_scaling(x)
-    return to_e4m3(x.float(), scales, clamps).float() / scales[:, :, None, None]
+    scales = head_scales(x)
+    return to_e4m3(x.float(), scales).float() / scales[:, :, None, None]
 
 
 def heads_as_e4m3(q: torch.Tensor, k: torch.Tensor, bh0: int, nbh: int) -> tuple:
     """(q, k of heads [bh0, bh0 + nbh) (batch-major) of q, k [B, H, S, D] as e4m3 [1, nbh, S, D],
     float32 [nbh]: each head's factor of the logit scale, 1 / (q's scale x k's scale))."""
     q_part, k_part = _heads(q, bh0, nbh), _heads(k, bh0, nbh)
-    (q_scales, q_clamps), (k_scales, k_clamps) = head_scaling(q_part), head_scaling(k_part)
+    q_scales, k_scales = head_scales(q_part), head_scales(k_part)
     factor = (1.0 / (q_scales * k_scales)).reshape(-1)
-    return to_e4m3(q_part, q_scales, q_clamps), to_e4m3(k_part, k_scales, k_clamps), factor
+    return to_e4m3(q_part, q_scales), to_e4m3(k_part, k_scales), factor
 
 
 def _heads(x: torch.Tensor, bh0: int, nbh: int) -> torch.Tensor:

@@ -5,9 +5,9 @@ Format (CSR with a fixed-capacity buffer, so shapes stay static across diffusion
                                 ``indices[indptr[b, h, j] : indptr[b, h, j + 1]]``
   indices int32 [capacity]      kept key positions, sorted ascending and unique within a row
 QB = ceil(q_len / slice_m). Query block j covers queries [j * slice_m, (j + 1) * slice_m).
-Tensors live on any torch device; nothing here synchronises the host except ``validate``,
-``density``, ``to_dense``, ``flat_rows``, ``digest``, ``block_cover``, ``from_dense``, ``from_topk`` of
-non-int32 indices and the BlockMask converters.
+Tensors live on any torch device; nothing here synchronises the host except ``validate`` (the
+full check), ``density``, ``to_dense``, ``flat_rows``, ``digest``, ``block_cover``, ``from_dense``,
+``from_topk`` of non-int32 indices and the BlockMask converters.
 """
 
 from __future__ import annotations
@@ -130,8 +130,11 @@ class SliceMask:
         return self.indptr.device
 
     def row_lengths(self) -> torch.Tensor:
-        """int32 [B, H, QB]: number of kept keys of each query block (no sync)."""
-        return self.indptr[..., 1:] - self.indptr[..., :-1]
+        """int32 [B, H, QB]: the entries each query block's row lists, its offsets clamped as
+        ``row_bounds`` clamps them (padding and keys outside [0, kv_len) counted: ``kept_pairs``
+        drops those). No sync."""
+        starts, ends = self.row_bounds()
+        return (ends - starts).to(torch.int32).view(self.batch, self.heads, self.q_blocks)
 
     def density(self) -> float:
         """Kept slices / all slices: the entries the kernels attend to, rows bounded as they bound
@@ -153,6 +156,8 @@ class SliceMask:
         """The mask on ``device`` (a device, not a dtype: the offsets and keys stay int32)."""
         if isinstance(device, torch.dtype):
             raise TypeError(f"SliceMask.to takes a device, got the dtype {device}: a mask's tensors stay int32")
+        if isinstance(device, torch.Tensor):
+            raise TypeError("SliceMask.to takes a device, got a tensor: use mask.to(tensor.device)")
         return SliceMask(self.indptr.to(device), self.indices.to(device), self.slice_m, self.q_len, self.kv_len)
 
     def memory_bytes(self) -> int:
@@ -204,8 +209,6 @@ class SliceMask:
             topk = torch.as_tensor(topk)
         if topk.dtype == torch.bool or topk.dtype.is_floating_point or topk.dtype.is_complex:
             raise TypeError(f"top-k indices must be an integer tensor, got {topk.dtype}")
-        if topk.dtype in _UNSIGNED_WIDE:
-            raise TypeError(f"top-k indices must be int32 or int64 (or uint8, int8, int16), got {topk.dtype}")
         if topk.dim() != 4:
             raise ValueError(f"top-k indices must have shape [B, H, QB, k], got {tuple(topk.shape)}")
         if not is_int(kv_len) or kv_len < 0:
@@ -321,7 +324,7 @@ class SliceMask:
         return dense.reshape(self.batch, self.heads, self.q_blocks, self.kv_len)
 
     def validate(self) -> "SliceMask":
-        """Check offsets and indices; the one call allowed to synchronise. Names the bad row."""
+        """Check offsets and indices (synchronises); names the bad row."""
         starts = self.indptr[..., :-1].reshape(-1).cpu().to(torch.int64)
         ends = self.indptr[..., 1:].reshape(-1).cpu().to(torch.int64)
         for name, offsets in (("start", starts), ("end", ends)):
@@ -451,10 +454,6 @@ def random_topk_mask(batch: int, heads: int, q_len: int, kv_len: int, slice_m: i
     topk = torch.topk(scores, keep, dim=-1, sorted=False).indices
     del scores
     return SliceMask.from_topk(topk, slice_m, q_len, kv_len)
-
-
-#: Unsigned dtypes torch compares on no device (top-k indices in them are refused).
-_UNSIGNED_WIDE = tuple(getattr(torch, name) for name in ("uint16", "uint32", "uint64") if hasattr(torch, name))
 
 
 def _check_topk(topk: torch.Tensor, kv_len: int) -> None:

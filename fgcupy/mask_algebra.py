@@ -253,9 +253,9 @@ def restrict_keys(mask: SliceMask, start: int, stop: int) -> SliceMask:
     return SliceMask(kept.indptr, (kept.indices - start).clamp_min(0), mask.slice_m, mask.q_len, stop - start)
 
 
-def _check_mask(mask) -> None:
+def _check_mask(mask, name: str = "mask") -> None:
     if not isinstance(mask, SliceMask):
-        raise TypeError(f"mask must be a fgcupy.SliceMask, got {type(mask).__name__}")
+        raise TypeError(f"{name} must be a fgcupy.SliceMask, got {type(mask).__name__}")
 
 
 def _check_ints(**values) -> None:
@@ -299,7 +299,7 @@ def check_union(mask, offsets, extra) -> None:
         if isinstance(offset, bool) or not isinstance(offset, int) or abs(offset) > INT32_MAX:
             raise ValueError(f"offsets must be ints within int32, got {offset!r}")
     if extra is not None:
-        _check_mask(extra)
+        _check_mask(extra, "extra")
         shape = (mask.batch, mask.heads, mask.q_len, mask.kv_len, mask.slice_m)
         other = (extra.batch, extra.heads, extra.q_len, extra.kv_len, extra.slice_m)
         if other != shape:

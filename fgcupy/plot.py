@@ -57,10 +57,17 @@ def image_extent(image: torch.Tensor, rows_per_pixel: int, keys_per_pixel: int) 
     return (0, image.shape[1] * keys_per_pixel, image.shape[0] * rows_per_pixel, 0)
 
 
-def block_density(image: torch.Tensor, kv_len: int, max_columns: int = 2048) -> torch.Tensor:
+def block_density(image: torch.Tensor, kv_len: int) -> torch.Tensor:
     """float32 [QB]: each block's kept fraction of all keys, from ``mask_image``'s bins (weighted
-    by the keys each holds: the last bin may hold fewer)."""
-    per_bin = _keys_per_bin(kv_len, max_columns)
+    by the keys each holds: the last bin may hold fewer). The bins' width follows from the image's
+    columns: ceil(kv_len / columns) is the width mask_image gave them, whatever its max_columns."""
+    if not isinstance(image, torch.Tensor) or image.dim() != 2:
+        raise TypeError(f"image must be mask_image's 2-D tensor, got {image!r:.80}")
+    if not is_int(kv_len) or kv_len < 0 or (image.shape[1] == 0) != (kv_len == 0) or image.shape[1] > kv_len:
+        raise ValueError(f"kv_len {kv_len!r} cannot be the keys of an image of {image.shape[1]} columns")
+    per_bin = _keys_per_bin(kv_len, image.shape[1])
+    if kv_len and num_blocks(kv_len, per_bin) != image.shape[1]:
+        raise ValueError(f"no bin width gives {kv_len} keys {image.shape[1]} columns: not mask_image's image")
     keys = torch.full((image.shape[1],), float(per_bin))
     if image.shape[1]:
         keys[-1] = kv_len - per_bin * (image.shape[1] - 1)
@@ -76,6 +83,8 @@ def _head_mask(mask: SliceMask, batch: int, head: int) -> SliceMask:
 def draw_masks(masks: dict, path, batch: int = 0, head: int = 0, block_size: int = 128, max_columns: int = 2048,
                title: str | None = None):
     """Draw ``{label: SliceMask}`` side by side into ``path`` (PNG); returns the figure's path."""
+    if not isinstance(masks, dict):
+        raise TypeError(f"masks must be a dict {{label: SliceMask}}, got {type(masks).__name__}")
     if not masks:
         raise ValueError("draw_masks needs at least one mask")
     if not is_int(block_size) or block_size < 1:
@@ -97,7 +106,7 @@ def draw_masks(masks: dict, path, batch: int = 0, head: int = 0, block_size: int
         ax.set_title(f"{label}: density {_head_mask(mask, batch, head).density():.3f}")
         ax.set_xlabel("key")
         ax.set_ylabel("query")
-        rows = block_density(image, mask.kv_len, max_columns)
+        rows = block_density(image, mask.kv_len)
         bar.barh(torch.arange(rows.numel()) * mask.slice_m + mask.slice_m / 2, rows, height=mask.slice_m, color="0.3")
         bar.set_ylim(mask.q_len, 0)
         bar.set_xlim(0, max(float(rows.max()) if rows.numel() else 0.0, 1e-3) * 1.1)

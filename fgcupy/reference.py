@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from .attention_kernel import check_scale, eager_scale
+from .attention_kernel import REFERENCE_DTYPES, check_scale, eager_scale
 from .layout import to_bhsd
 from .mask import SliceMask, positive_int
 
@@ -34,10 +34,15 @@ def _rows_per_pass(rows_per_chunk: int, q, kv_len: int, dtype: torch.dtype, mult
 def _checked_inputs(q, k, v, layout: str, rows_per_chunk, scale, dtype) -> tuple:
     """(q, k, v as [B, H, S, D] views, the scale as a number): the shapes checked against each
     other (q [B, H, S, D], k and v [B, H, KV, D]: torch would broadcast a batch or head of one, or
-    fail deep in a matmul), on one device, the scale as the kernels take it, a floating ``dtype``."""
+    fail deep in a matmul), on one device, of one of REFERENCE_DTYPES (a complex input would lose
+    its imaginary part), the scale as the kernels take it, ``dtype`` one of REFERENCE_DTYPES."""
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor (the reference runs torch ops), got {type(t).__name__}")
+        if t.dtype not in REFERENCE_DTYPES:
+            raise TypeError(f"{name} must have one of the dtypes {REFERENCE_DTYPES}, got {t.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not q.device == k.device == v.device:
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     q, k, v = (to_bhsd(t, layout, name) for t, name in ((q, "q"), (k, "k"), (v, "v")))
@@ -45,8 +50,8 @@ def _checked_inputs(q, k, v, layout: str, rows_per_chunk, scale, dtype) -> tuple
         raise ValueError(f"q must be [B, H, S, D] and k, v [B, H, KV, D] with q's B, H and D; got (as HND) "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     positive_int("rows_per_chunk", rows_per_chunk)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    if dtype not in REFERENCE_DTYPES:
+        raise TypeError(f"dtype must be one of {REFERENCE_DTYPES}, got {dtype!r}")
     if scale is None:
         return q, k, v, 1.0 / math.sqrt(q.shape[-1])
     if isinstance(scale, torch.Tensor) and torch.compiler.is_compiling():
@@ -137,7 +142,8 @@ def relative_l2(out, ref) -> float:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}{hint}")
     if tuple(out.shape) != tuple(ref.shape):
         raise ValueError(f"out and ref must have one shape, got {tuple(out.shape)} and {tuple(ref.shape)}")
-    out, ref = out.to(torch.float64), ref.to(torch.float64)
+    complex_input = out.is_complex() or ref.is_complex()
+    out, ref = (x.to(torch.complex128 if complex_input else torch.float64) for x in (out, ref))
     denom, size = float(torch.linalg.vector_norm(ref)), float(torch.linalg.vector_norm(out))
     if not (math.isfinite(denom) and math.isfinite(size)):
         return math.nan

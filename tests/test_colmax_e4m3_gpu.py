@@ -123,9 +123,9 @@ def test_e4m3_inputs_out_of_the_plain_range():
 
 
 def test_a_large_head_with_an_infinite_element_keeps_its_other_blocks_finite():
-    """A head of magnitude 300 with one infinite query element keeps scale 1; clamped at
-    E4M3_NONFINITE_CLAMP its float16 sums still fit, so query blocks without that row score as
-    the reference does, with no infinity or NaN."""
+    """A head of magnitude 300 with one infinite query element: the head scales by its other
+    rows and that row is clamped at E4M3_NONFINITE_CLAMP, so the float16 sums still fit and query
+    blocks without that row score as the reference does, with no infinity or NaN."""
     gen = torch.Generator().manual_seed(8)
     q = torch.randn(1, 1, 256, 128, generator=gen) * 300
     q[0, 0, 3, 5] = float("inf")  # in block 0

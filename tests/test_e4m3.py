@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from fgcupy import SliceMask, predict_mask
 from fgcupy import mask_reference as ref
-from fgcupy.e4m3 import (E4M3_NONFINITE_CLAMP, E4M3_ROW_SUMSQ, e4m3_rounded, head_scales, head_scaling, heads_as_e4m3,
+from fgcupy.e4m3 import (E4M3_NONFINITE_CLAMP, E4M3_ROW_SUMSQ, e4m3_rounded, head_scales, heads_as_e4m3,
                          row_sumsq, to_e4m3)
 from fgcupy.jit.score_spec import E4M3, Sm90ScoreSpec, all_sm90_mask_specs
 from fgcupy.lse_estimate import estimate_lse
@@ -66,16 +66,18 @@ def test_row_sums_of_squares_are_each_heads_largest_in_float64():
     assert got[1, 2] == 16 * 300.0**2 and row_sumsq(x[:, :, :0]).eq(0).all()
 
 
-def test_heads_without_a_finite_nonzero_magnitude_keep_scale_one():
+def test_heads_scale_by_their_finite_rows_and_zero_heads_keep_scale_one():
     x = torch.ones(1, 4, 8, 16)
     x[0, 0] = 0.0
     x[0, 1, 3, 3] = float("inf")
     x[0, 2, 5, 1] = float("nan")
     x[0, 3] *= 1000.0
-    assert head_scales(x).tolist() == [[1.0, 1.0, 1.0, 2.0**-5]]  # rows of 16 x 1000^2 = 2^23.9: 2^-5
-    as_e4m3 = to_e4m3(x, *head_scaling(x)).float()
-    assert as_e4m3[0, 1, 3, 3] == E4M3_NONFINITE_CLAMP  # a head that cannot be scaled: rows of 128 of it fit
-    assert math.isnan(as_e4m3[0, 2, 5, 1]) and as_e4m3[0, 2, 5, 0] == 1.0
+    # rows of 16 ones: 32^2 x 16 = 2^14 <= 2^15; rows of 16 x 1000^2 = 2^23.9: 2^-5
+    assert head_scales(x).tolist() == [[1.0, 32.0, 32.0, 2.0**-5]]
+    as_e4m3 = to_e4m3(x, head_scales(x)).float()
+    assert as_e4m3[0, 1, 3, 3] == E4M3_NONFINITE_CLAMP and as_e4m3[0, 1, 3, 0] == E4M3_NONFINITE_CLAMP  # its row
+    assert as_e4m3[0, 1, 2].eq(32.0).all() and as_e4m3[0, 2, 4].eq(32.0).all()  # the head's other rows
+    assert math.isnan(as_e4m3[0, 2, 5, 1]) and as_e4m3[0, 2, 5, 0] == E4M3_NONFINITE_CLAMP
     assert as_e4m3[0, 3].eq(32.0).all()  # 1000 / 32 = 31.25: e4m3 steps by 2 from 16 to 32, 32 is nearest
     assert head_scales(torch.zeros(0, 2, 0, 16)).shape == (0, 2)
     just_past = torch.tensor(2.0**7.5 * (1 + 2**-23) / 2**10).reshape(1, 1, 1, 1)  # its square rounds across 2^15 / 4^10
@@ -85,10 +87,10 @@ def test_heads_without_a_finite_nonzero_magnitude_keep_scale_one():
 def test_bfloat16_and_float32_scaling_round_alike():
     gen = torch.Generator().manual_seed(1)
     x = (torch.randn(2, 2, 64, 32, generator=gen) * 7).to(torch.bfloat16)
-    scaling = head_scaling(x)
-    assert torch.equal(to_e4m3(x, *scaling).float(), to_e4m3(x.float(), *scaling).float())
+    scales = head_scales(x)
+    assert torch.equal(to_e4m3(x, scales).float(), to_e4m3(x.float(), scales).float())
     wide = (torch.randn(1, 2, 64, 32, generator=gen) * 1e-3).to(torch.float16)  # scale 2^17: past float16's range
-    assert torch.equal(to_e4m3(wide, *head_scaling(wide)).float(), to_e4m3(wide.float(), *head_scaling(wide)).float())
+    assert torch.equal(to_e4m3(wide, head_scales(wide)).float(), to_e4m3(wide.float(), head_scales(wide)).float())
 
 
 @pytest.mark.parametrize("bh0, nbh", [(0, 6), (1, 4), (2, 1), (3, 3), (5, 0)])
@@ -169,7 +171,7 @@ def test_every_partial_sum_of_a_logit_fits_float16(seed, wide, n_wide, dtype):
     x[..., :n_wide] *= wide
     x = x.to(dtype)
     assume(x.isfinite().all())
-    scaled = to_e4m3(x, *head_scaling(x)).double()  # q and k alike: the scale and the rounding are per tensor
+    scaled = to_e4m3(x, head_scales(x)).double()  # q and k alike: the scale and the rounding are per tensor
     largest = (scaled.abs() @ scaled.abs().transpose(-1, -2)).amax()
     bound = (1 + 2**-4) ** 2 * E4M3_ROW_SUMSQ + 2 * 128 * 2**-10 * 2**7.5
     assert largest <= bound < 65504
@@ -219,15 +221,22 @@ def test_row_sums_of_squares_are_summed_in_the_kernels_order():
     assert row_sumsq(many).tolist() == want
 
 
-def test_a_head_with_a_non_finite_element_is_clamped_where_its_sums_still_fit():
-    """Such a head keeps scale 1 and its values are clamped at E4M3_NONFINITE_CLAMP, so rows of
-    128 of them keep sums of squares within E4M3_ROW_SUMSQ whatever the head's magnitude."""
+def test_a_row_with_a_non_finite_element_is_clamped_and_its_head_keeps_its_scale():
+    """A NaN or infinite element (a padded key, say) leaves its head's scale to the other rows, so
+    they keep their precision; its own row is clamped at E4M3_NONFINITE_CLAMP, within
+    E4M3_ROW_SUMSQ whatever its finite elements."""
     gen = torch.Generator().manual_seed(7)
     x = (torch.randn(1, 2, 64, 128, generator=gen) * 300).bfloat16()
+    clean = x.clone()
     x[0, 0, 3, 5] = float("inf")
-    scales, clamps = head_scaling(x)
-    assert scales[0, 0] == 1 and clamps.tolist() == [[E4M3_NONFINITE_CLAMP, 448.0]]
-    rounded = to_e4m3(x, scales, clamps).float()
-    assert rounded[0, 0].abs().amax() == E4M3_NONFINITE_CLAMP and rounded[0, 0, 3, 5] == E4M3_NONFINITE_CLAMP
-    assert rounded[0, 0].square().sum(-1).amax() <= E4M3_ROW_SUMSQ
+    x[0, 0, 9] = float("nan")
+    scales = head_scales(x)
+    assert torch.equal(scales[0, 0], head_scales(torch.cat([clean[:, :, :3], clean[:, :, 4:9], clean[:, :, 10:]], 2))[0, 0])
+    rounded = to_e4m3(x, scales).float()
+    assert rounded[0, 0, 3].abs().amax() == E4M3_NONFINITE_CLAMP and rounded[0, 0, 3, 5] == E4M3_NONFINITE_CLAMP
+    assert rounded[0, 0, 9].isnan().all()
+    others = torch.ones(64, dtype=torch.bool)
+    others[[3, 9]] = False
+    assert torch.equal(rounded[0, 0, others], to_e4m3(clean, scales).float()[0, 0, others])
+    assert rounded[0, 0, 3].square().sum(-1) <= E4M3_ROW_SUMSQ
     assert rounded[0, 1].square().sum(-1).amax() <= E4M3_ROW_SUMSQ * (1 + 2**-4) ** 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fgcupy import SliceMask, gpu_prediction, mask_kernels, predict_mask
-from fgcupy.e4m3 import e4m3_rounded, head_scales, head_scaling, heads_as_e4m3, to_e4m3
+from fgcupy.e4m3 import e4m3_rounded, head_scales, heads_as_e4m3, to_e4m3
 from fgcupy.jit import runtime as jit_runtime
 from fgcupy.jit.score_spec import E4M3, Sm90ScoreSpec, all_sm90_mask_specs
 from fgcupy.mask_request import check_products, make_request
@@ -46,9 +46,9 @@ def test_strided_heads_come_out_contiguous():
         nhd = (torch.randn(2, 40, 3, 16, generator=gen) * 9).to(dtype)
         x = nhd.transpose(1, 2)  # [B, H, S, D] view
         assert not x.is_contiguous()
-        as_e4m3 = to_e4m3(x, *head_scaling(x))
+        as_e4m3 = to_e4m3(x, head_scales(x))
         assert as_e4m3.is_contiguous() and as_e4m3.shape == x.shape
-        assert torch.equal(as_e4m3.float(), to_e4m3(x.contiguous(), *head_scaling(x)).float())
+        assert torch.equal(as_e4m3.float(), to_e4m3(x.contiguous(), head_scales(x)).float())
         q8, k8, _ = heads_as_e4m3(x, x, 1, 4)  # across both batch entries
         assert q8.is_contiguous() and k8.is_contiguous() and q8.shape == (1, 4, 40, 16)
         q8, _, _ = heads_as_e4m3(x, x, 1, 2)  # within one batch entry: a view of it

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fgcupy import e4m3_kernels
-from fgcupy.e4m3 import E4M3_ROW_SUMSQ, head_scales, head_scaling, heads_as_e4m3, to_e4m3
+from fgcupy.e4m3 import E4M3_ROW_SUMSQ, head_scales, heads_as_e4m3, to_e4m3
 from fgcupy.e4m3_kernels import gpu_heads_as_e4m3, kernels_take
 from fgcupy.jit import report as report_mod
 from fgcupy.jit.e4m3_spec import CONVERT_THREADS, CONVERT_UNROLL, E4m3ConvertSpec, all_e4m3_convert_specs
@@ -76,7 +76,7 @@ def test_the_torch_way_gives_each_heads_rounding_and_refuses_heads_out_of_range(
     q8, k8, factor = gpu_heads_as_e4m3(q, k, 1, 4)  # heads 1, 2 of batch 0 and 0, 1 of batch 1
     heads = torch.cat([q[0, 1:], q[1, :2]]).unsqueeze(0)
     scales = head_scales(heads)
-    assert torch.equal(q8.view(torch.uint8), to_e4m3(heads, *head_scaling(heads)).view(torch.uint8))
+    assert torch.equal(q8.view(torch.uint8), to_e4m3(heads, head_scales(heads)).view(torch.uint8))
     assert torch.equal(factor, 1.0 / (scales * head_scales(torch.cat([k[0, 1:], k[1, :2]]).unsqueeze(0))).reshape(-1))
     assert k8.shape == (1, 4, 50, 128)
     for bh0, nbh in ((-1, 2), (5, 2), (0, 7)):
@@ -167,7 +167,7 @@ def test_scales_match_torch_next_to_powers_of_two_and_the_overflow_edge():
     scales = torch.full((values.numel(),), -1.0, dtype=torch.float32, device="cuda")
     q8 = e4m3_kernels._rounded_heads(x, 0, values.numel(), sumsq, scales)
     assert torch.equal(scales, head_scales(x).reshape(-1))  # the scales themselves: their product can overflow
-    assert _same_e4m3(q8, to_e4m3(x, *head_scaling(x)))
+    assert _same_e4m3(q8, to_e4m3(x, head_scales(x)))
 
 
 @pytest.mark.gpu

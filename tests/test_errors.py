@@ -94,7 +94,7 @@ def test_one_shot_rejects_bad_layout_and_types():
         sparse_attention([1, 2], k, v, MASK)
     with pytest.raises(TypeError, match=r"mask must be a fgcupy.SliceMask, got str"):
         sparse_attention(q, k, v, "mask")
-    with pytest.raises(TypeError, match=r"q must have a floating dtype, got torch.int32"):
+    with pytest.raises(TypeError, match=r"q must have one of the dtypes .*, got torch.int32"):
         sparse_attention(*(t.to(torch.int32) for t in (q, k, v)), MASK)
 
 
@@ -434,3 +434,33 @@ def test_to_bhsd_refuses_a_five_dimensional_tensor():
     for layout in ("HND", "NHD"):
         with pytest.raises(ValueError, match=r"q must be a 4-D tensor"):
             to_bhsd(torch.zeros(1, 2, 3, 4, 5), layout, "q")
+
+
+def test_cpu_attention_refuses_dtypes_the_reference_does_not_compute_in():
+    """float8 (e8m0 holds no sign or mantissa) would come back in its own dtype, silently coarse."""
+    q = torch.randn(1, 2, 100, 16).to(torch.float8_e4m3fn)
+    k = torch.randn(1, 2, 80, 16).to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match=r"q must have one of the dtypes .*got torch.float8_e4m3fn"):
+        sparse_attention(q, k, k, MASK)
+
+
+def test_misleading_arguments_are_named():
+    import fgcupy
+
+    q = torch.randn(1, 2, 100, 16)
+    with pytest.raises(TypeError, match="extra must be a fgcupy.SliceMask, got str"):
+        fgcupy.union_keys(MASK, (0,), "x")
+    with pytest.raises(TypeError, match=r"use mask.to\(tensor.device\)"):
+        MASK.to(q)
+    with pytest.raises(ValueError, match="scale is a meta tensor"):
+        sparse_attention(q, q[:, :, :80], q[:, :, :80], MASK, scale=torch.tensor(0.5, device="meta"))
+
+
+def test_row_lengths_clamp_offsets_as_the_kernels_do():
+    """Offsets outside the list read as the kernels read them: an empty or clamped row, never a
+    negative count."""
+    mask = SliceMask(torch.tensor([[[-2**31 + 5, 2**31 - 1]]], dtype=torch.int32), torch.arange(3, dtype=torch.int32),
+                     4, 4, 8)
+    assert mask.row_lengths().tolist() == [[[3]]]
+    backwards = SliceMask(torch.tensor([[[2, 1]]], dtype=torch.int32), torch.arange(3, dtype=torch.int32), 4, 4, 8)
+    assert backwards.row_lengths().tolist() == [[[0]]]

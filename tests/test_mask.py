@@ -187,9 +187,10 @@ def test_digest_tells_masks_apart_and_ignores_spare_capacity():
 
 
 def test_constructors_name_what_is_wrong():
-    for dtype in (torch.uint16, torch.uint32):  # torch compares neither: refused by name
-        with pytest.raises(TypeError, match="int32 or int64"):
-            SliceMask.from_topk(torch.tensor([[[[3, 1, 2]]]]).to(dtype), 4, 3, 5)
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):  # checked as int64
+        assert SliceMask.from_topk(torch.tensor([[[[3, 1, 2]]]]).to(dtype), 4, 3, 5).indices.tolist() == [1, 2, 3]
+    with pytest.raises(ValueError, match="outside"):
+        SliceMask.from_topk(torch.tensor([[[[2**63 + 1]]]], dtype=torch.uint64), 4, 3, 5)  # no wrap into a key
     assert SliceMask.from_topk(torch.tensor([[[[3, 1, 2]]]], dtype=torch.uint8), 4, 3, 5).indices.tolist() == [1, 2, 3]
     for dtype, index, kv_len in ((torch.uint8, 200, 300), (torch.int8, 100, 200), (torch.int16, 5, 40000)):
         assert SliceMask.from_topk(torch.tensor([[[[index]]]], dtype=dtype), 4, 3, kv_len).indices.tolist() == [index]

@@ -364,6 +364,21 @@ def test_padding_written_as_nan_leaves_drift_readable():
     assert float(means_drift(reference, torch.tensor([[1.0, 0.0], [math.nan, 1.0]]))) == pytest.approx(0.5)
 
 
+def test_mask_recall_counts_no_mass_for_a_nan_key_as_the_kernels_do():
+    """A NaN key left in k (not named in key_valid) adds no mass to the exact LSE, as it adds
+    none to the sparse call's: a full mask still reads 1 (it read 0)."""
+    from fgcupy import reference_attention
+    from fgcupy.cache import mask_recall
+    from fgcupy.mask_algebra import drop_keys
+
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, 256, 32, generator=gen) for _ in range(3))
+    k[0, 0, 7] = math.nan
+    full = drop_keys(SliceMask.full(1, 1, 256, 256, 128), torch.arange(256)[None] != 7)
+    _, lse = reference_attention(q, k, v, full)
+    torch.testing.assert_close(mask_recall(q, k, lse), torch.ones(1, 1))
+
+
 def test_block_means_and_mask_recall_name_a_missing_batch_dimension():
     from fgcupy.cache import block_means, mask_recall
 

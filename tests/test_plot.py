@@ -54,15 +54,25 @@ def test_the_last_bin_counts_only_real_keys():
     assert torch.all(image == 1.0)
 
 
-@pytest.mark.parametrize("kv_len, max_columns", [(3, 2), (4097, 2048), (300, 30)])
+@pytest.mark.parametrize("kv_len, max_columns", [(3, 2), (4097, 2048), (300, 30), (1000, 7), (1000, 2048), (5, 1)])
 def test_block_density_weights_the_short_last_bin(kv_len, max_columns):
-    """The bar beside a block is its kept fraction of all keys, even where the last bin is short."""
+    """The bar beside a block is its kept fraction of all keys, even where the last bin is short,
+    at any max_columns the image was drawn with (the bins' width follows from its columns)."""
     dense = torch.zeros(1, 1, 2, kv_len, dtype=torch.bool)
     dense[0, 0, 0, -1] = True
     dense[0, 0, 1, : kv_len // 3] = True
     mask = SliceMask.from_dense(dense, 64, 128)
-    bars = block_density(mask_image(mask, max_columns=max_columns), kv_len, max_columns)
+    bars = block_density(mask_image(mask, max_columns=max_columns), kv_len)
     torch.testing.assert_close(bars, dense[0, 0].float().mean(1))
+
+
+def test_block_density_refuses_an_image_that_no_bin_width_gives():
+    with pytest.raises(ValueError, match="no bin width gives 10 keys 6 columns"):
+        block_density(torch.zeros(2, 6), 10)
+    with pytest.raises(ValueError, match="cannot be the keys"):
+        block_density(torch.zeros(2, 6), 5)
+    with pytest.raises(TypeError, match="masks must be a dict"):
+        draw_masks([SliceMask.full(1, 1, 64, 64, 64)], "unused.png")
 
 
 def test_pixels_sit_over_the_queries_and_keys_they_stand_for():

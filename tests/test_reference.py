@@ -106,16 +106,27 @@ def test_dense_attention_with_lse_in_head_groups(layout, budget):
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(scale=math.nan), ValueError, r"scale must be a positive finite number"),
     (dict(scale="a"), ValueError, r"scale must be a positive finite number"),
-    (dict(dtype=torch.int32), TypeError, r"dtype must be a floating torch.dtype"),
+    (dict(dtype=torch.int32), TypeError, r"dtype must be one of"),
+    (dict(dtype=torch.float8_e4m3fn), TypeError, r"dtype must be one of"),
+    (dict(q_dtype=torch.complex64), TypeError, r"q must have one of the dtypes"),
+    (dict(q_dtype=torch.int64), TypeError, r"q must have one of the dtypes"),
+    (dict(v_dtype=torch.float64), TypeError, r"q, k and v must share one dtype"),
 ])
 def test_the_references_refuse_what_the_kernels_refuse(call, kwargs, error, message):
-    q = torch.randn(1, 2, 64, 16)
+    """Complex inputs would lose their imaginary parts, integers and float8 are no attention's."""
+    q, kwargs = torch.randn(1, 2, 64, 16), dict(kwargs)
+    qq, v = q.to(kwargs.pop("q_dtype", q.dtype)), q.to(kwargs.pop("v_dtype", q.dtype))
     mask = SliceMask.full(1, 2, 64, 64, 32)
     with pytest.raises(error, match=message):
         if call == "reference":
-            reference_attention(q, q, q, mask, **kwargs)
+            reference_attention(qq, qq, v, mask, **kwargs)
         else:
-            dense_attention(q, q, q, **kwargs)
+            dense_attention(qq, qq, v, **kwargs)
+
+
+def test_relative_l2_counts_imaginary_parts():
+    assert relative_l2(torch.tensor([1j]), torch.tensor([1 + 0j])) == pytest.approx(math.sqrt(2))
+    assert relative_l2(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])) == pytest.approx(math.sqrt(0.5))
 
 
 def test_the_reference_names_a_mask_that_is_not_one():
