@@ -3,7 +3,10 @@
 Methods:
   "topk" / "tau" / "threshold": mean-query scoring. Each query block's mean query (or, with
       ``pool`` < slice_m, each sub-block's) against every key; selection by top-k, by the
-      smallest set holding a fraction tau of the softmax mass, or by probability >= threshold.
+      smallest set holding a fraction tau of the block's summed scores (scores, not attention
+      mass: a key's score is its highest probability over the block's pooled rows, so the
+      attention mass the set keeps can be well below tau on heads whose queries look apart),
+      or by probability >= threshold.
       Sub-blocks are combined by ``combine="max"`` (max over sub-blocks of their softmax
       probabilities, then one selection per block) or ``"union"`` (one selection per
       sub-block, union per block).

@@ -294,3 +294,23 @@ def test_the_e4m3_column_max_refuses_before_converting():
             with pytest.raises(ValueError, match="groups"):
                 mask_kernels.gpu_colmax_e4m3(q, q, 0.1, torch.zeros(2, 130), 96)
     assert convert.call_count == 0
+
+
+def test_a_nan_padding_key_leaves_the_other_keys_products_as_they_were():
+    """The diffusers integration shows padded keys as NaN: such a key scores nothing and the
+    head's other keys keep their scale, so the e4m3 column max stays as near the oracle as on
+    the clean keys (a NaN had set the whole head to scale 1 and a clamp of 16: 9x the oracle)."""
+    from fgcupy import predict_mask
+    from fgcupy.oracle import Judge
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 512, 64, generator=gen) for _ in range(3))
+    q[..., :4] *= 40  # a few wide channels: a clamp at 16 would flatten them
+    k[..., :4] *= 40
+    scale = 1 / 320
+    padded = k.clone()
+    padded[0, 0, -1] = float("nan")
+    judge = Judge(q, k, v, 128, scale=scale)
+    ratios = [judge.ratio(predict_mask(q, keys, 128, "colmax", lse="estimate", density=0.1, products="e4m3",
+                                       scale=scale))[1] for keys in (k, padded)]
+    assert ratios[1] <= ratios[0] * 1.05 + 0.01, ratios
