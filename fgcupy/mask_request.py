@@ -81,7 +81,7 @@ class MaskRequest:
 
 
 def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None, tau=None, threshold=None,
-                 rule=None, pool=AUTO, combine="max", min_keys=0, max_keys=None, local=None, scale=None,
+                 rule=None, pool=AUTO, combine="max", min_keys=None, max_keys=None, local=None, scale=None,
                  logits_dtype=None, exact_band=AUTO, pooling=AUTO, diagonals=(), products="input") -> MaskRequest:
     """Check every option; ValueError naming expected and actual."""
     defaults_apply = method in ("topk", "tau", "threshold") and combine == "max" and slice_m in EXACT_BAND_SLICES
@@ -149,6 +149,8 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         raise ValueError(f"at most 128 sub-blocks per block, got slice_m / pool = {slice_m // pool}")
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    if min_keys is None:  # a block no key's score reaches would attend to nothing: zeros out
+        min_keys = 1 if rule == "threshold" else 0
     if not is_int(min_keys) or min_keys < 0:
         raise ValueError(f"min_keys must be a non-negative int, got {min_keys!r}")
     if local is not None and (not is_int(local) or local < 0):

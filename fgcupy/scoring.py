@@ -65,7 +65,7 @@ from .op_library import define, pack_csr, packed_csr_empty, unpack_csr
 @torch.no_grad()  # a mask of integer indices: nothing to differentiate, whatever q and k need
 def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: float | None = None,
                  top_k: int | None = None, tau: float | None = None, threshold: float | None = None,
-                 rule: str | None = None, pool=AUTO, combine: str = "max", min_keys: int = 0,
+                 rule: str | None = None, pool=AUTO, combine: str = "max", min_keys: int | None = None,
                  max_keys: int | None = None, local: int | None = None, lse=None, scale: float | None = None,
                  logits_dtype: torch.dtype | None = None, exact_band=AUTO, pooling=AUTO, diagonals=(),
                  candidates=None, products=AUTO, layout: str = "HND",
@@ -86,7 +86,8 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     ``density`` is top-k as a fraction of kv_len (a positive density keeps at least one key; 0
     keeps only what ``local`` and ``min_keys`` add, so alone it gives empty rows), or ``top_k`` a
     count. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.
-    ``min_keys`` / ``max_keys`` clamp each block's count (``max_keys`` not with combine "union",
+    ``min_keys`` / ``max_keys`` clamp each block's count (``min_keys`` None: 1 for the threshold
+    rule, whose high thresholds could leave a block nothing to attend to, else 0; ``max_keys`` not with combine "union",
     whose union of sub-block selections it could not bound); ``threshold`` is a probability in
     (0, 1]; ``local`` keys either side of the
     block (and its own) are kept first; ``scale`` defaults to 1 / sqrt(D). ``combine``: how
@@ -133,9 +134,10 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     if not isinstance(method, str) or method not in PREDICT_METHODS:
         raise ValueError(f"method must be one of {PREDICT_METHODS}, got {method!r}")
     if method == "auto":
+        no_floor = None if is_int(min_keys) and min_keys == 0 else min_keys  # top-k's own default
         given = [name for name, value, default in (
             ("tau", tau, None), ("threshold", threshold, None), ("rule", rule, None), ("pool", pool, AUTO),
-            ("combine", combine, "max"), ("min_keys", min_keys, 0), ("max_keys", max_keys, None),
+            ("combine", combine, "max"), ("min_keys", no_floor, None), ("max_keys", max_keys, None),
             ("local", local, None), ("lse", lse, None), ("logits_dtype", logits_dtype, None),
             ("exact_band", exact_band, AUTO), ("pooling", pooling, AUTO), ("diagonals", diagonals, ()),
             ("candidates", candidates, None), ("products", products, AUTO)) if not _is_default(value, default)]

@@ -56,8 +56,15 @@ def test_tau_and_threshold_follow_their_definitions():
     logits, lse = ref.logits_and_lse(pooled, k, 0.25)
     kept = predict_mask(q, k, 64, "tau", tau=0.7, **MEAN).to_dense()
     assert smallest_tau_set_ok(logits, kept, 0.7, lse=lse).all()
-    kept = predict_mask(q, k, 64, "threshold", threshold=0.01, **MEAN).to_dense()
-    assert torch.equal(kept, torch.exp(logits - lse.unsqueeze(-1)) >= 0.01)
+    probs = torch.exp(logits - lse.unsqueeze(-1))
+    for threshold in (0.01, 0.0035):  # no key reaches the first: every row would be empty
+        reached = probs >= threshold
+        kept = predict_mask(q, k, 64, "threshold", threshold=threshold, min_keys=0, **MEAN).to_dense()
+        assert torch.equal(kept, reached)
+        # By default a row keeps at least its best key: no block attends to nothing.
+        best = torch.zeros_like(reached).scatter_(-1, probs.argmax(-1, keepdim=True), True)
+        kept = predict_mask(q, k, 64, "threshold", threshold=threshold, **MEAN).to_dense()
+        assert torch.equal(kept, torch.where(reached.any(-1, keepdim=True), reached, best))
 
 
 def test_sub_block_pooling_max_and_union():
