@@ -52,6 +52,17 @@ _AUTO_OPTIONS = frozenset({"method", "slice_m", *AUTO_OPTIONS}) - {"layout"}
 _INT16_KEYS = 2**15
 
 
+def _check_predict_options(options: dict, caller: str) -> None:
+    """Refuse names predict_mask does not take, and what _check_given_rule refuses."""
+    if "layout" in options:
+        raise ValueError("layout is an argument of mask_for (the layout of its q and k), not a prediction option")
+    unknown = sorted(set(options) - _PREDICT_OPTIONS)
+    if unknown:
+        raise TypeError(f"{caller} got options predict_mask does not take: {unknown}; it takes "
+                        f"{sorted(_PREDICT_OPTIONS)}")
+    _check_given_rule(options)
+
+
 def _check_given_rule(options: dict) -> None:
     """Refuse now the options predict_mask would refuse at the first refresh at any sequence length,
     where a selection (density, top_k, tau or threshold) is given (without one, mask_for's
@@ -166,13 +177,7 @@ class MaskCache:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         if expanded and storage != "auto":
             raise ValueError(f"expanded=True keeps masks as given; it cannot be combined with storage={storage!r}")
-        if "layout" in predict_kwargs:
-            raise ValueError("layout is an argument of mask_for (the layout of its q and k), not a prediction option")
-        unknown = sorted(set(predict_kwargs) - _PREDICT_OPTIONS)
-        if unknown:
-            raise TypeError(f"MaskCache got options predict_mask does not take: {unknown}; it takes "
-                            f"{sorted(_PREDICT_OPTIONS)}")
-        _check_given_rule(predict_kwargs)
+        _check_predict_options(predict_kwargs, "MaskCache")
         self.warmup = int(warmup)
         self.refresh_every = int(refresh_every) if is_int(refresh_every) else refresh_every
         self.ramp = ramp
@@ -308,11 +313,17 @@ class MaskCache:
     # ---- the per-step entry point ----
     def mask_for(self, layer, step: int, q, k, layout: str = "HND", **overrides):
         """The mask for ``layer`` at ``step``: None on dense steps, a fresh prediction (stored) on
-        refresh steps, the cached one otherwise. ``overrides`` update the predict_mask options."""
+        refresh steps, the cached one otherwise. ``overrides`` update the predict_mask options of
+        this call's prediction: on a reuse step they are checked but the held mask is returned as
+        it was predicted (they take effect at the layer's next refresh)."""
+        if overrides:
+            _check_predict_options(overrides, "mask_for")
         action = self.action(step, layer)
         if action == "dense":
             return None
         options = {**self.predict_kwargs, **overrides}
+        if overrides:
+            _check_given_rule(options)
         slice_m = options.get("slice_m", 128)
         if action == "reuse":
             qh, kh = (to_bhsd(bridge.to_torch(x, name), layout) for x, name in ((q, "q"), (k, "k")))

@@ -206,6 +206,19 @@ def test_settings_that_cannot_work_are_refused_when_the_cache_is_made(options, e
         MaskCache(**options)
 
 
+def test_mask_for_checks_its_overrides_on_every_step():
+    """A misspelt or impossible override fails on the call that passes it, a reuse step included
+    (it had failed only at the layer's next refresh, steps later)."""
+    q, k = torch.randn(1, 1, 256, 16), torch.randn(1, 1, 256, 16)
+    cache = MaskCache(refresh_every=5, method="topk", density=0.1)
+    cache.mask_for("l", 0, q, k)
+    with pytest.raises(TypeError, match=r"mask_for got options predict_mask does not take: \['densty'\]"):
+        cache.mask_for("l", 1, q, k, densty=0.5)
+    with pytest.raises(ValueError, match="needs exactly one of density"):
+        cache.mask_for("l", 2, q, k, top_k=9)  # with the cache's density: two selections
+    assert cache.mask_for("l", 3, q, k, density=0.5).density() == cache.mask_for("l", 4, q, k).density()
+
+
 def test_an_index_mask_is_copied_at_any_key_count():
     """Past 32,768 keys the cache stored the caller's own key tensor: a plan refilled in place
     rewrote the cached mask."""
