@@ -149,6 +149,9 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         raise ValueError(f"at most 128 sub-blocks per block, got slice_m / pool = {slice_m // pool}")
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    if combine == "union" and method != "colmax" and pool == slice_m:
+        raise ValueError(f"combine='union' joins the selections of sub-blocks of pool queries: give pool < "
+                         f"slice_m={slice_m} (with pool = slice_m it is one mean query per block)")
     if min_keys is None:  # a block no key's score reaches would attend to nothing: zeros out
         min_keys = 1 if rule == "threshold" else 0
     if not is_int(min_keys) or min_keys < 0:

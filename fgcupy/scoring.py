@@ -207,7 +207,11 @@ def _is_default(value, default) -> bool:
 def _predict_auto(qh, kh, slice_m, density, top_k, scale, workspace_bytes) -> SliceMask:
     """method="auto" (fgcupy.auto_mask), its options checked as top-k's."""
     req = make_request(qh.shape[3], kh.shape[2], slice_m, "topk", density=density, top_k=top_k, scale=scale)
-    make_request(qh.shape[3], kh.shape[2], slice_m, "colmax", rule="topk", density=density, top_k=top_k, scale=scale)
+    try:
+        make_request(qh.shape[3], kh.shape[2], slice_m, "colmax", rule="topk", density=density, top_k=top_k,
+                     scale=scale)
+    except ValueError as err:
+        raise ValueError(f"method='auto' predicts the heads its check flags by the column max: {err}") from None
     check_scale(req.scale)  # the check runs attention, whose kernels take a narrower range
     _check_kernel_slice(qh, slice_m)
     workspace_bytes = check_workspace_bytes(workspace_bytes)

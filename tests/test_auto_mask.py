@@ -292,7 +292,7 @@ def test_auto_takes_other_options_left_at_their_defaults():
 
 def test_auto_refuses_slices_the_column_max_cannot_take_before_predicting():
     q, k = _two_kinds_of_head(300)
-    with pytest.raises(ValueError, match="power of two"):
+    with pytest.raises(ValueError, match="method='auto' predicts the heads its check flags by the column max: .*power of two"):
         predict_mask(q, k, 100, "auto", density=0.1)
 
 

@@ -338,7 +338,8 @@ def test_pooling_follows_the_default_and_is_refused_where_it_cannot_apply():
     assert (req.pool, req.pooling, req.exact_band, req.kind) == (32, DEFAULT_POOLING, 64, "submax")
     assert make_request(64, 1000, 128, "topk", density=0.1, pool=16).pooling == "mean"  # an explicit pool
     assert make_request(64, 1000, 128, "topk", density=0.1, pool=16, pooling="both").pooling == "both"
-    assert make_request(64, 1000, 128, "topk", density=0.1, combine="union").pooling == "mean"
+    with pytest.raises(ValueError, match="give pool < slice_m=128"):
+        make_request(64, 1000, 128, "topk", density=0.1, combine="union")  # pool = slice_m: nothing to join
     assert make_request(64, 1000, 128, "tau", pool=128, pooling="sample", exact_band=None).kind == "submax"
     with pytest.raises(ValueError, match=r"pooling must be one of \('mean', 'sample', 'both', 'adaptive'\), got True"):
         make_request(64, 1000, 128, "topk", density=0.1, pooling=True)
