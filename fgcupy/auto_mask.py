@@ -5,11 +5,12 @@ The cheap default (pooled mean and sampled queries with the exact band) is near 
 where a block's queries look alike and several times off it where they do not (region
 mixtures, sharp Gaussian heads); the column max with each query's LSE estimated is near the
 oracle everywhere but costs about 0.4x a dense step on Hopper. The check tells the two kinds of head
-apart on a few query blocks per head, spread over the sequence: on their queries it measures
+apart on a few query blocks per head, spread over the sequence, and on the head's blocks whose
+queries spread most around their mean (where a pooled row stands for them worst): on their queries it measures
 the attention mass the cheap mask misses and the mass their own best mask of the same size
 (exact column-max top-k) misses, from each query's exact LSE. A head whose cheap mask misses
 more than ``MISS_RATIO`` times the best mask's (plus ``MISS_FLOOR``) is predicted again by the
-estimated column max. The check's kernels score ``CHECK_BLOCKS`` blocks per head against every
+estimated column max. The check's kernels score ``CHECK_BLOCKS + SPREAD_BLOCKS`` blocks per head against every
 key, twice (LSE, column max), and run one sparse call over them for both masks, about 1/30 of a
 dense step's work at 32,760 tokens; the host waits once, for the list of flagged heads
 (notes/MEASURED.md "Per head" has what it took). The heads it flags cost what the column max
@@ -38,6 +39,12 @@ from .mask_request import e4m3_runs_for
 #: Query blocks per head the check scores against every key (evenly spread; fewer if the
 #: sequence has fewer).
 CHECK_BLOCKS = 8
+#: More blocks per head it scores: those whose queries lie farthest from their block's mean
+#: (mean squared distance), where one pooled row stands for its queries worst. A head hard only
+#: in a few regions is checked there too, not only where the even spread happens to fall.
+SPREAD_BLOCKS = 4
+#: Elements of float32 queries the spread takes at once (heads in chunks).
+_SPREAD_CHUNK = 1 << 26
 #: A head is predicted again where its cheap mask misses more than MISS_RATIO times the mass
 #: the best mask of the same size misses on the checked blocks, plus MISS_FLOOR (so two masks
 #: that both keep all but a trace do not count as different).
@@ -126,16 +133,50 @@ def check_blocks(q_blocks: int, count: int = CHECK_BLOCKS) -> list:
     return sorted({round(i * (q_blocks - 1) / (count - 1)) for i in range(count)})
 
 
-def _checked_rows(q_len: int, slice_m: int, device: torch.device) -> tuple:
-    """(int64 [n] the checked blocks, int64 [2 * n * slice_m] their query rows twice, each block
-    filled to slice_m rows by repeating its last row, bool [n * slice_m]: which rows are not
-    repeats), on ``device``, made once per shape (fgcupy.device_constants)."""
-    def build(on):
-        blocks = torch.tensor(check_blocks(num_blocks(q_len, slice_m)), dtype=torch.int64, device=on)
-        rows = (blocks[:, None] * slice_m + torch.arange(slice_m, device=on)).reshape(-1)
-        return blocks, rows.clamp_max(q_len - 1).repeat(2), rows < q_len
+def block_spread(qh: torch.Tensor, slice_m: int) -> torch.Tensor:
+    """float32 [B, H, QB]: each query block's mean squared distance of its queries from their
+    mean (non-finite entries as 0), heads in chunks. No host sync."""
+    batch, heads, q_len, dim = qh.shape
+    q_blocks = num_blocks(q_len, slice_m)
+    pad = q_blocks * slice_m - q_len
+    counts = torch.full((q_blocks,), float(slice_m), device=qh.device)
+    counts[-1] -= pad
+    out = torch.empty(batch, heads, q_blocks, dtype=torch.float32, device=qh.device)
+    chunk = max(1, _SPREAD_CHUNK // max(1, batch * q_blocks * slice_m * dim))
+    for h0 in range(0, heads, chunk):
+        x = qh[:, h0 : h0 + chunk].float().nan_to_num(0.0, 0.0, 0.0)
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(2, (q_blocks, slice_m))
+        mean = x.sum(3) / counts[:, None]
+        out[:, h0 : h0 + chunk] = x.square().sum((3, 4)) / counts - mean.square().sum(-1)
+    return out
 
-    return device_constant(("checked rows", q_len, slice_m), device, build)
+
+def checked_blocks(qh: torch.Tensor, slice_m: int) -> tuple:
+    """(int64 [B, H, n] the query blocks the check scores per head, how many of them come first
+    spread evenly): the CHECK_BLOCKS spread evenly, then the SPREAD_BLOCKS others of largest
+    ``block_spread``; every block, all counted as spread evenly, where there are no more. No
+    host sync."""
+    batch, heads, q_len, _ = qh.shape
+    q_blocks = num_blocks(q_len, slice_m)
+    if q_blocks <= CHECK_BLOCKS + SPREAD_BLOCKS:
+        return torch.arange(q_blocks, device=qh.device).expand(batch, heads, -1), q_blocks
+    even = device_constant(("checked blocks", q_blocks), qh.device,
+                           lambda on: torch.tensor(check_blocks(q_blocks), dtype=torch.int64, device=on))
+    spread = block_spread(qh, slice_m).index_fill_(2, even, -torch.inf)
+    widest = spread.topk(SPREAD_BLOCKS, dim=2).indices
+    return torch.cat([even.expand(batch, heads, -1), widest], dim=2), even.numel()
+
+
+def _rows_of(blocks: torch.Tensor, slice_m: int, q_len: int) -> tuple:
+    """(int64 [B, H, n * slice_m] the query rows of ``blocks`` [B, H, n], each block filled to
+    slice_m rows by repeating its last row, bool [B, H, n * slice_m]: which rows are not repeats)."""
+    rows = (blocks[..., None] * slice_m + torch.arange(slice_m, device=blocks.device)).flatten(2)
+    return rows.clamp_max(q_len - 1), rows < q_len
+
+
+def _blocks_of(keys: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """[B, H, n, k]: the rows ``blocks`` [B, H, n] of ``keys`` [B, H, QB, k]."""
+    return keys.gather(2, blocks[..., None].expand(-1, -1, -1, keys.shape[3]))
 
 
 def _even_indptr(batch: int, heads: int, q_blocks: int, per_row: int, device: torch.device) -> torch.Tensor:
@@ -150,32 +191,38 @@ def _even_indptr(batch: int, heads: int, q_blocks: int, per_row: int, device: to
 class HeadCheck:
     """What the check measured on its query blocks, per head: the mean share of the attention
     mass a top-k mask misses on the blocks' queries, and the same for the best mask of its
-    size (exact column-max top-k of those blocks), from each query's exact LSE."""
+    size (exact column-max top-k of those blocks), from each query's exact LSE; each apart on
+    the evenly spread blocks and on the widest ones (so a few hard blocks are not averaged away
+    by many easy ones)."""
 
-    blocks: torch.Tensor       # int64 [n]: the checked query blocks
+    blocks: torch.Tensor       # int64 [B, H, n]: the checked query blocks of each head
     q_rows: torch.Tensor       # [B, H, n * slice_m, D]: their queries, each block filled to slice_m rows
     row_lse: torch.Tensor      # float32 [B, H, n * slice_m]: each row's exact LSE
     valid: torch.Tensor        # bool [B, H, n * slice_m]: rows the means count
-    missed: torch.Tensor       # float32 [B, H]: the checked mask's mean missed share
-    best_missed: torch.Tensor  # float32 [B, H]: the best mask's
+    missed: torch.Tensor       # float32 [B, H, 2]: the checked mask's mean missed share (even, widest blocks)
+    best_missed: torch.Tensor  # float32 [B, H, 2]: the best mask's
+    even_rows: int             # the rows of the evenly spread blocks, first in q_rows
 
     def of_heads(self, pick) -> HeadCheck:
         """This check of the heads ``pick`` takes from a [B, H, ...] tensor."""
-        return HeadCheck(self.blocks, *(pick(t) for t in (self.q_rows, self.row_lse, self.valid, self.missed,
-                                                          self.best_missed)))
+        return HeadCheck(*(pick(t) for t in (self.blocks, self.q_rows, self.row_lse, self.valid, self.missed,
+                                             self.best_missed)), self.even_rows)
 
     def against(self, mask: SliceMask, kh, scale: float) -> HeadCheck:
         """This check with ``mask`` (a top-k mask of the same heads, as block_keys takes; kh their
         keys) as the checked mask: one sparse call over the checked rows, no host sync."""
-        keys = block_keys(mask).index_select(2, self.blocks)
-        shares, valid = _missed_shares(self.q_rows, kh, keys, self.row_lse, self.valid, mask.slice_m, scale)
-        return HeadCheck(self.blocks, self.q_rows, self.row_lse, valid, shares[:, :, 0], self.best_missed)
+        keys = _blocks_of(block_keys(mask), self.blocks)
+        shares, valid = _missed_shares(self.q_rows, kh, keys, self.row_lse, self.valid, mask.slice_m, scale,
+                                       self.even_rows)
+        return HeadCheck(self.blocks, self.q_rows, self.row_lse, valid, shares[:, :, 0], self.best_missed,
+                         self.even_rows)
 
 
 def flagged_heads(check: HeadCheck) -> list:
     """Heads (ascending) where the checked mask misses more than MISS_RATIO times the mass the
-    best mask of its size misses on the checked blocks, in any batch entry (one host sync)."""
-    worse = (check.missed > MISS_RATIO * check.best_missed + MISS_FLOOR).any(0)
+    best mask of its size misses, on the evenly spread blocks or on the widest ones, in any
+    batch entry (one host sync)."""
+    worse = (check.missed > MISS_RATIO * check.best_missed + MISS_FLOOR).any(-1).any(0)
     return [int(h) for h in torch.nonzero(worse).flatten().tolist()]
 
 
@@ -185,31 +232,38 @@ def check_heads(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> 
     mass to the exact LSE; queries whose exact LSE is not finite, or whose LSE over a mask's keys
     is NaN (a NaN key kept), are left out. No host sync."""
     slice_m, q_len = cheap.slice_m, qh.shape[2]
-    blocks, rows_twice, real = _checked_rows(q_len, slice_m, qh.device)
+    blocks, even_blocks = checked_blocks(qh, slice_m)
+    rows, real = _rows_of(blocks, slice_m, q_len)
     # The checked rows twice (the sparse call's queries: cheap's blocks, then best's), the first
     # copy the rows themselves; whole blocks: a repeated last row leaves a block's column max as it is.
-    q_twice = qh.index_select(2, rows_twice)
-    q_rows = q_twice[:, :, : real.numel()]
+    rows_twice = rows.repeat(1, 1, 2)
+    q_twice = qh.gather(2, rows_twice[..., None].expand(-1, -1, -1, qh.shape[3]))
+    q_rows = q_twice[:, :, : rows.shape[2]]
     exact = exact_row_lse(q_rows, kh, scale)
     best = predict(q_rows, kh, slice_m, "colmax", lse=exact, rule="topk", **rule)
-    both = torch.cat([block_keys(cheap).index_select(2, blocks), block_keys(best)], dim=2)  # [B, H, 2n, k]
-    shares, valid = _missed_shares(q_twice, kh, both, exact, real & torch.isfinite(exact), slice_m, scale)
-    return HeadCheck(blocks, q_rows, exact, valid, shares[:, :, 0], shares[:, :, 1])
+    both = torch.cat([_blocks_of(block_keys(cheap), blocks), block_keys(best)], dim=2)  # [B, H, 2n, k]
+    even_rows = even_blocks * slice_m
+    shares, valid = _missed_shares(q_twice, kh, both, exact, real & torch.isfinite(exact), slice_m, scale, even_rows)
+    return HeadCheck(blocks, q_rows, exact, valid, shares[:, :, 0], shares[:, :, 1], even_rows)
 
 
-def _missed_shares(queries, kh, keys, row_lse, valid, slice_m: int, scale: float) -> tuple:
-    """(float32 [B, H, G] the mean share of each row's mass (exact LSE ``row_lse`` [B, H, R])
-    that each of G masks misses, bool [B, H, R] the rows counted: ``valid`` less those whose LSE
-    over a mask's keys is NaN). ``queries`` [B, H, G * R, D]: the checked rows G times; ``keys``
-    int32 [B, H, G * R / slice_m, k]: each copy's blocks' keys. One sparse call, no host sync."""
+def _missed_shares(queries, kh, keys, row_lse, valid, slice_m: int, scale: float, even_rows: int) -> tuple:
+    """(float32 [B, H, G, 2] the mean share of each row's mass (exact LSE ``row_lse`` [B, H, R])
+    that each of G masks misses, over the first ``even_rows`` rows and over the rest (0 where a
+    part has none), bool [B, H, R] the rows counted: ``valid`` less those whose LSE over a mask's
+    keys is NaN). ``queries`` [B, H, G * R, D]: the checked rows G times; ``keys`` int32 [B, H,
+    G * R / slice_m, k]: each copy's blocks' keys. One sparse call, no host sync."""
     batch, heads, n_blocks, per_row = keys.shape
     groups = queries.shape[2] // row_lse.shape[2]
     pair = SliceMask(_even_indptr(batch, heads, n_blocks, per_row, queries.device), keys.reshape(-1), slice_m,
                      n_blocks * slice_m, kh.shape[2])
     lse = sparse_attention(queries, kh, kh, pair, scale=scale, return_lse=True)[1].view(batch, heads, groups, -1)
     valid = valid & ~lse.isnan().any(2)
-    shares = torch.where(valid.unsqueeze(2), -torch.expm1(lse - row_lse.unsqueeze(2)), 0.0).sum(-1)
-    return shares / valid.sum(-1, keepdim=True).clamp_min(1), valid
+    missed = torch.where(valid.unsqueeze(2), -torch.expm1(lse - row_lse.unsqueeze(2)), 0.0)
+    parts = [slice(0, even_rows), slice(even_rows, None)]
+    shares = torch.stack([missed[..., part].sum(-1) for part in parts], -1)
+    counts = torch.stack([valid[..., part].sum(-1) for part in parts], -1).unsqueeze(2)
+    return shares / counts.clamp_min(1), valid
 
 
 def exact_row_lse(q_rows, kh, scale: float, workspace_bytes: int = _CHECK_WORKSPACE) -> torch.Tensor:

@@ -53,22 +53,31 @@ def test_take_blocks_refuses_blocks_that_do_not_fill_the_length():
         take_blocks(mask, [7], 64)
 
 
-def brute_force_missed(q, k, mask: SliceMask, density: float, scale: float) -> tuple:
-    """float64 (mean share missed by ``mask``, by the exact column-max top-k) per [B, H] over the
-    checked blocks' queries."""
+def brute_force_missed(q, k, mask: SliceMask, density: float, scale: float, check) -> tuple:
+    """float64 [B, H, 2]: the mean share missed by ``mask`` and by the exact column-max top-k over
+    the queries of each head's checked blocks, apart on the first ``check.even_rows`` rows' blocks
+    and on the rest (0 where none)."""
     p = torch.softmax(q.double() @ k.double().transpose(-1, -2) * scale, -1)  # [B, H, S, K]
-    slice_m, q_len, kv_len = mask.slice_m, q.shape[2], k.shape[2]
-    blocks = auto_mask.check_blocks(num_blocks(q_len, slice_m))
+    slice_m, kv_len = mask.slice_m, k.shape[2]
     keep = mask.to_dense()
     top = max(1, min(kv_len, round(density * kv_len)))
-    missed, best = [], []
-    for b in blocks:
-        rows = p[:, :, b * slice_m : (b + 1) * slice_m]
-        colmax = rows.amax(2)  # [B, H, K]
-        oracle = torch.zeros_like(colmax, dtype=torch.bool).scatter_(-1, colmax.topk(top, -1).indices, True)
-        missed.append(1 - (rows * keep[:, :, b].unsqueeze(2)).sum(-1))
-        best.append(1 - (rows * oracle.unsqueeze(2)).sum(-1))
-    return torch.cat(missed, 2).mean(-1), torch.cat(best, 2).mean(-1)
+    first = check.even_rows // slice_m
+    missed = torch.zeros(*q.shape[:2], 2, dtype=torch.float64)
+    best = torch.zeros(*q.shape[:2], 2, dtype=torch.float64)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            blocks = check.blocks[b, h].tolist()
+            for part, chosen in enumerate((blocks[:first], blocks[first:])):
+                m, o = [], []
+                for j in chosen:
+                    rows = p[b, h, j * slice_m : (j + 1) * slice_m]
+                    colmax = rows.amax(0)
+                    oracle = torch.zeros_like(colmax, dtype=torch.bool).scatter_(-1, colmax.topk(top).indices, True)
+                    m.append(1 - (rows * keep[b, h, j]).sum(-1))
+                    o.append(1 - (rows * oracle).sum(-1))
+                if chosen:
+                    missed[b, h, part], best[b, h, part] = torch.cat(m).mean(), torch.cat(o).mean()
+    return missed, best
 
 
 @SETTINGS
@@ -83,16 +92,62 @@ def test_missed_mass_matches_a_float64_brute_force(batch, heads, q_len, kv_len, 
     rule = dict(density=density, top_k=None, scale=scale, workspace_bytes=1 << 30)
     check = auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule)
     missed, best = check.missed, check.best_missed
-    expected_missed, expected_best = brute_force_missed(q, k, cheap, density, scale)
+    expected_missed, expected_best = brute_force_missed(q, k, cheap, density, scale, check)
     torch.testing.assert_close(missed.double(), expected_missed, rtol=0, atol=2e-5)
     # The column max is stored as bfloat16 (8 significant bits): near-ties may trade places.
     torch.testing.assert_close(best.double(), expected_best, rtol=0, atol=2e-2)
     # The check of another mask on the same blocks (as auto checks its estimated column max).
     other = predict_mask(q, k, slice_m, "colmax", lse="estimate", density=density, scale=scale)
     again = check.against(other, k, scale)
-    torch.testing.assert_close(again.missed.double(), brute_force_missed(q, k, other, density, scale)[0], rtol=0,
-                               atol=2e-5)
+    expected_again = brute_force_missed(q, k, other, density, scale, check)[0]
+    torch.testing.assert_close(again.missed.double(), expected_again, rtol=0, atol=2e-5)
     assert again.best_missed is check.best_missed
+
+
+@SETTINGS
+@given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 700), st.sampled_from([16, 64, 128]), st.integers(0, 2**31 - 1))
+def test_block_spread_is_each_blocks_mean_squared_distance_from_its_mean(batch, heads, q_len, slice_m, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(batch, heads, q_len, 8, generator=gen) * torch.rand(batch, heads, q_len, 1, generator=gen) * 5)
+    got = auto_mask.block_spread(q.bfloat16(), slice_m)
+    qd = q.bfloat16().double()
+    for j in range(num_blocks(q_len, slice_m)):
+        rows = qd[:, :, j * slice_m : (j + 1) * slice_m]
+        expected = (rows - rows.mean(2, keepdim=True)).square().sum(-1).mean(-1)
+        torch.testing.assert_close(got[:, :, j].double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_check_also_takes_each_heads_widest_blocks():
+    """Blocks the even spread leaves out, whose queries spread most, are checked per head."""
+    q = torch.randn(1, 2, 40 * 64, 16, generator=torch.Generator().manual_seed(0))
+    even = auto_mask.check_blocks(40)
+    wide = {0: [3, 15, 21, 38], 1: [1, 2, 25, 30]}
+    for head, blocks in wide.items():
+        for j in blocks:
+            q[0, head, j * 64 : (j + 1) * 64] *= 3 + j / 10
+    chosen, first = auto_mask.checked_blocks(q, 64)
+    assert chosen.shape == (1, 2, auto_mask.CHECK_BLOCKS + auto_mask.SPREAD_BLOCKS) and first == len(even)
+    for head, blocks in wide.items():
+        assert chosen[0, head, : len(even)].tolist() == even and sorted(chosen[0, head, len(even) :].tolist()) == blocks
+    every, first = auto_mask.checked_blocks(q[:, :, : 12 * 64], 64)
+    assert every.tolist() == [[list(range(12))] * 2] and first == 12
+
+
+def test_auto_finds_a_head_that_is_hard_only_between_the_evenly_spread_blocks():
+    """Sharp queries in every block but those the even spread checks: the cheap mask is far off
+    there, and the widest blocks show it."""
+    from fgcupy.oracle import Judge
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4096, 64, generator=gen) for _ in range(3))
+    sharp = torch.full((4096,), 10.0)
+    for j in auto_mask.check_blocks(32):
+        sharp[j * 128 : (j + 1) * 128] = 1.0
+    q = q * sharp[:, None]
+    judge = Judge(q, k, v, 128)
+    cheap = judge.ratio(predict_mask(q, k, 128, "topk", density=0.1))[1]
+    auto = judge.ratio(predict_mask(q, k, 128, "auto", density=0.1))[1]
+    assert cheap > 5 and auto < 1.5, (cheap, auto)
 
 
 def _two_kinds_of_head(seq: int = 1024, dim: int = 32, seed: int = 0):
@@ -118,7 +173,7 @@ def test_a_nan_key_adds_no_mass_to_the_check():
     cheap, clean = _checked(q, k)
     k[0, 0, 500, 0] = math.nan  # one NaN entry: no mass for that key, the head still checked
     _, check = _checked(q, k)
-    assert check.missed[0, 0] > 0.5 and check.best_missed[0, 0] > 0.3
+    assert check.missed[0, 0, 0] > 0.5 and check.best_missed[0, 0, 0] > 0.3
     torch.testing.assert_close(check.missed[0, 1], clean.missed[0, 1])
     assert auto_mask.flagged_heads(check) == [0]
 
@@ -313,7 +368,8 @@ def test_auto_on_the_gpu_is_the_composition_it_checks():
     cheap = predict_mask(qg, kg, 128, "topk", density=0.1)
     check = auto_mask.check_heads(qg, kg, cheap, predict_mask, scale, rule)
     missed, best = check.missed, check.best_missed
-    cpu_missed, cpu_best = brute_force_missed(qg.float().cpu(), kg.float().cpu(), cheap.to("cpu"), 0.1, scale)
+    cpu_missed, cpu_best = brute_force_missed(qg.float().cpu(), kg.float().cpu(), cheap.to("cpu"), 0.1, scale,
+                                              check.of_heads(lambda t: t.cpu()))
     torch.testing.assert_close(missed.double().cpu(), cpu_missed, rtol=0, atol=5e-3)
     torch.testing.assert_close(best.double().cpu(), cpu_best, rtol=0, atol=5e-3)
     assert auto_mask.flagged_heads(check) == [0]
