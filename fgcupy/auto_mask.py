@@ -43,8 +43,6 @@ CHECK_BLOCKS = 8
 #: (mean squared distance), where one pooled row stands for its queries worst. A head hard only
 #: in a few regions is checked there too, not only where the even spread happens to fall.
 SPREAD_BLOCKS = 4
-#: Elements of float32 queries the spread takes at once (heads in chunks).
-_SPREAD_CHUNK = 1 << 26
 #: A head is predicted again where its cheap mask misses more than MISS_RATIO times the mass
 #: the best mask of the same size misses on the checked blocks, plus MISS_FLOOR (so two masks
 #: that both keep all but a trace do not count as different).
@@ -135,20 +133,20 @@ def check_blocks(q_blocks: int, count: int = CHECK_BLOCKS) -> list:
 
 def block_spread(qh: torch.Tensor, slice_m: int) -> torch.Tensor:
     """float32 [B, H, QB]: each query block's mean squared distance of its queries from their
-    mean (non-finite entries as 0), heads in chunks. No host sync."""
+    mean, as mean |q|^2 - |mean q|^2 from two float32 reductions of q (no float copy of it); NaN
+    where a block holds a non-finite query (topk ranks such blocks first). No host sync."""
     batch, heads, q_len, dim = qh.shape
-    q_blocks = num_blocks(q_len, slice_m)
-    pad = q_blocks * slice_m - q_len
-    counts = torch.full((q_blocks,), float(slice_m), device=qh.device)
-    counts[-1] -= pad
-    out = torch.empty(batch, heads, q_blocks, dtype=torch.float32, device=qh.device)
-    chunk = max(1, _SPREAD_CHUNK // max(1, batch * q_blocks * slice_m * dim))
-    for h0 in range(0, heads, chunk):
-        x = qh[:, h0 : h0 + chunk].float().nan_to_num(0.0, 0.0, 0.0)
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad)).unflatten(2, (q_blocks, slice_m))
-        mean = x.sum(3) / counts[:, None]
-        out[:, h0 : h0 + chunk] = x.square().sum((3, 4)) / counts - mean.square().sum(-1)
-    return out
+    full = q_len // slice_m
+    norms = torch.linalg.vector_norm(qh, dim=-1, dtype=torch.float32).square()  # [B, H, S]
+    sums = [qh[:, :, : full * slice_m].unflatten(2, (full, slice_m)).sum(3, dtype=torch.float32)]
+    norm_sums = [norms[:, :, : full * slice_m].unflatten(2, (full, slice_m)).sum(3)]
+    counts = [torch.full((full,), float(slice_m), device=qh.device)]
+    if q_len % slice_m:  # the last block, short
+        sums.append(qh[:, :, full * slice_m :].sum(2, keepdim=True, dtype=torch.float32))
+        norm_sums.append(norms[:, :, full * slice_m :].sum(2, keepdim=True))
+        counts.append(torch.full((1,), float(q_len % slice_m), device=qh.device))
+    sums, norm_sums, counts = torch.cat(sums, 2), torch.cat(norm_sums, 2), torch.cat(counts)
+    return norm_sums / counts - (sums / counts[:, None]).square().sum(-1)
 
 
 def checked_blocks(qh: torch.Tensor, slice_m: int) -> tuple:
