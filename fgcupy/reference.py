@@ -103,19 +103,25 @@ def reference_attention(
     return out, lse
 
 
-def _kept_values(probs, row_keep, v, finite, keys_per_pass: int = 64):
+def _kept_values(probs, row_keep, v, finite):
     """probs @ v [B, H, rows, D], where a dropped key adds nothing even if its value row holds
     inf or NaN (0 x NaN is NaN; the kernels never read a dropped key's value). Kept keys'
-    non-finite values add p x v as IEEE arithmetic has it. ``finite``: bool [B, H, KV] of the
-    value rows without inf or NaN, or None when all are."""
+    non-finite values add p x v as IEEE arithmetic has it: NaN where a kept key's value is NaN,
+    or infinite with p = 0, or where infinities of both signs meet; else that infinity.
+    ``finite``: bool [B, H, KV] of the value rows without inf or NaN, or None when all are. Four
+    more products of the probabilities with indicator matrices, so no loop over keys."""
     if finite is None:
         return torch.matmul(probs, v)
-    out = torch.matmul(probs, torch.where(finite.unsqueeze(-1), v, 0.0))
-    for b, h in torch.nonzero(~finite.all(-1)).tolist():
-        for keys in torch.nonzero(~finite[b, h]).flatten().split(keys_per_pass):
-            kept = row_keep[b, h][:, keys].unsqueeze(-1)  # [rows, n, 1]
-            out[b, h] += torch.where(kept, probs[b, h][:, keys].unsqueeze(-1) * v[b, h, keys], 0.0).sum(1)
-    return out
+    out = torch.matmul(probs, v.nan_to_num(0.0, 0.0, 0.0))  # the finite entries; NaN for a NaN query
+
+    def reached(weights, entries):
+        return torch.matmul(weights.to(probs.dtype), entries.to(probs.dtype)) > 0
+
+    positive, zero = row_keep & (probs > 0), row_keep & (probs == 0)
+    nan = out.isnan() | reached(row_keep, v.isnan()) | reached(zero, v.isinf())
+    plus, minus = reached(positive, v.isposinf()), reached(positive, v.isneginf())
+    out = torch.where(plus, math.inf, torch.where(minus, -math.inf, out))
+    return torch.where(nan | (plus & minus), math.nan, out)
 
 
 def dense_attention(q, k, v, scale: float | None = None, layout: str = "HND", dtype=torch.float32,

@@ -645,3 +645,26 @@ def test_attention_on_meta_tensors_gives_shapes():
     q = torch.empty(1, 2, 256, 64, device="meta")
     out, lse = sparse_attention(q, q, q, mask, return_lse=True)
     assert out.shape == q.shape and out.device.type == "meta" and lse.shape == (1, 2, 256)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_non_finite_values_of_kept_keys_add_as_ieee_arithmetic_has_it(seed):
+    """The reference against p x v summed element by element in float64: a kept NaN, an
+    infinity whose probability underflows to 0, infinities of both signs, a NaN query; dropped
+    keys' values never count."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, 96, 8, generator=gen) for _ in range(3))
+    k[0, 0, 5] *= 40  # keys whose probability underflows for some queries
+    for key, dim, value in ((5, 1, math.inf), (7, 2, -math.inf), (9, 2, math.inf), (11, 0, math.nan), (13, 4, math.inf)):
+        v[0, seed % 2, key + seed, dim] = value
+    q[0, 1, 70] = math.nan
+    keep = torch.rand(1, 2, 3, 96, generator=gen) < 0.5
+    mask = SliceMask.from_dense(keep, 32, 96)
+    out, _ = reference_attention(q, k, v, mask, dtype=torch.float64)
+    scores = (q.double() @ k.double().transpose(-1, -2) / math.sqrt(8)).masked_fill(
+        ~keep.repeat_interleave(32, 2), -math.inf)
+    probs = torch.softmax(scores, -1)
+    terms = torch.where(keep.repeat_interleave(32, 2).unsqueeze(-1), probs.unsqueeze(-1) * v.double().unsqueeze(2), 0.0)
+    expected = terms.sum(3)
+    assert expected.isnan().any() and expected.isinf().any()
+    torch.testing.assert_close(out, expected, equal_nan=True)
