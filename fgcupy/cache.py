@@ -316,14 +316,12 @@ class MaskCache:
         refresh steps, the cached one otherwise. ``overrides`` update the predict_mask options of
         this call's prediction: on a reuse step they are checked but the held mask is returned as
         it was predicted (they take effect at the layer's next refresh)."""
+        options = {**self.predict_kwargs, **overrides}
         if overrides:
-            _check_predict_options(overrides, "mask_for")
+            _check_predict_options(options, "mask_for")
         action = self.action(step, layer)
         if action == "dense":
             return None
-        options = {**self.predict_kwargs, **overrides}
-        if overrides:
-            _check_given_rule(options)
         slice_m = options.get("slice_m", 128)
         if action == "reuse":
             qh, kh = (to_bhsd(bridge.to_torch(x, name), layout) for x, name in ((q, "q"), (k, "k")))

@@ -217,6 +217,9 @@ def test_mask_for_checks_its_overrides_on_every_step():
     with pytest.raises(ValueError, match="needs exactly one of density"):
         cache.mask_for("l", 2, q, k, top_k=9)  # with the cache's density: two selections
     assert cache.mask_for("l", 3, q, k, density=0.5).density() == cache.mask_for("l", 4, q, k).density()
+    tau = MaskCache(refresh_every=2, method="tau", tau=0.9)  # an override checked with the cache's method
+    assert torch.equal(tau.mask_for("l", 0, q, k, tau=0.8).to_dense(),
+                       predict_mask(q, k, 128, "tau", tau=0.8).to_dense())
 
 
 def test_an_index_mask_is_copied_at_any_key_count():
