@@ -82,8 +82,7 @@ def reference_attention(
     out = torch.zeros(batch, heads, q_len, head_dim, dtype=dtype, device=q.device)
     lse = torch.full((batch, heads, q_len), -math.inf, dtype=dtype, device=q.device)
     kf, vf = k.to(dtype), v.to(dtype)
-    finite_values = torch.isfinite(vf).all(-1)  # [B, H, KV]: value rows a dropped key may not spread
-    finite_values = None if bool(finite_values.all()) else finite_values
+    finite_values = bool(torch.isfinite(vf).all())  # else a dropped key's value may not spread
     blocks_per_chunk = _rows_per_pass(rows_per_chunk, q, kv_len, dtype, mask.slice_m) // mask.slice_m
     for first in range(0, mask.q_blocks, blocks_per_chunk):
         last = min(first + blocks_per_chunk, mask.q_blocks)
@@ -103,14 +102,14 @@ def reference_attention(
     return out, lse
 
 
-def _kept_values(probs, row_keep, v, finite):
+def _kept_values(probs, row_keep, v, finite: bool):
     """probs @ v [B, H, rows, D], where a dropped key adds nothing even if its value row holds
     inf or NaN (0 x NaN is NaN; the kernels never read a dropped key's value). Kept keys'
     non-finite values add p x v as IEEE arithmetic has it: NaN where a kept key's value is NaN,
     or infinite with p = 0, or where infinities of both signs meet; else that infinity.
-    ``finite``: bool [B, H, KV] of the value rows without inf or NaN, or None when all are. Four
-    more products of the probabilities with indicator matrices, so no loop over keys."""
-    if finite is None:
+    ``finite``: whether every value is (then one product). Else four more products of the
+    probabilities with indicator matrices, so no loop over keys."""
+    if finite:
         return torch.matmul(probs, v)
     out = torch.matmul(probs, v.nan_to_num(0.0, 0.0, 0.0))  # the finite entries; NaN for a NaN query
 
