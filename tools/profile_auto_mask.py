@@ -38,9 +38,9 @@ def parts(q, k, d: float) -> None:
     scale = q.shape[-1] ** -0.5
     rule = dict(density=d, top_k=None, scale=scale, workspace_bytes=1 << 32)
     cheap = predict_mask(q, k, 128, "topk", density=d)
-    _, rows_twice, real = auto_mask._checked_rows(q.shape[2], 128, q.device)
-    rows = rows_twice[: real.numel()]
-    q_rows = q.index_select(2, rows)
+    blocks, _ = auto_mask.checked_blocks(q, 128)
+    rows, _ = auto_mask._rows_of(blocks, 128, q.shape[2])
+    q_rows = q.gather(2, rows[..., None].expand(-1, -1, -1, q.shape[3]))
     exact = auto_mask.exact_row_lse(q_rows, k, scale)
     estimate = estimate_lse(q, k, 128)
     lse = estimate.reshape(-1, q.shape[2])
@@ -51,6 +51,8 @@ def parts(q, k, d: float) -> None:
     estimated = predict_mask(q, k, 128, "colmax", lse="estimate", density=d)
     steps = {
         "cheap top-k": lambda: predict_mask(q, k, 128, "topk", density=d),
+        "the blocks' spread": lambda: auto_mask.block_spread(q, 128),
+        "the checked blocks (even and widest)": lambda: auto_mask.checked_blocks(q, 128),
         "checked rows' exact LSE": lambda: auto_mask.exact_row_lse(q_rows, k, scale),
         "their best mask (column max)": lambda: predict_mask(q_rows, k, 128, "colmax", lse=exact, rule="topk", **rule),
         "check_heads (the check, no host sync)": lambda: auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule),
