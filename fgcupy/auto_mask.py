@@ -133,20 +133,20 @@ def check_blocks(q_blocks: int, count: int = CHECK_BLOCKS) -> list:
 
 def block_spread(qh: torch.Tensor, slice_m: int) -> torch.Tensor:
     """float32 [B, H, QB]: each query block's mean squared distance of its queries from their
-    mean, as mean |q|^2 - |mean q|^2 from two float32 reductions of q (no float copy of it); NaN
-    where a block holds a non-finite query (topk ranks such blocks first). No host sync."""
-    batch, heads, q_len, dim = qh.shape
+    mean, as mean |q|^2 - |mean q|^2 from two float32 reductions of each block (no float copy of
+    q); NaN where a block holds a non-finite query (topk ranks such blocks first). No host sync."""
+    q_len = qh.shape[2]
     full = q_len // slice_m
-    norms = torch.linalg.vector_norm(qh, dim=-1, dtype=torch.float32).square()  # [B, H, S]
-    sums = [qh[:, :, : full * slice_m].unflatten(2, (full, slice_m)).sum(3, dtype=torch.float32)]
-    norm_sums = [norms[:, :, : full * slice_m].unflatten(2, (full, slice_m)).sum(3)]
-    counts = [torch.full((full,), float(slice_m), device=qh.device)]
+    blocks = [qh[:, :, : full * slice_m].unflatten(2, (full, slice_m))]  # [B, H, QB, slice_m, D]
     if q_len % slice_m:  # the last block, short
-        sums.append(qh[:, :, full * slice_m :].sum(2, keepdim=True, dtype=torch.float32))
-        norm_sums.append(norms[:, :, full * slice_m :].sum(2, keepdim=True))
-        counts.append(torch.full((1,), float(q_len % slice_m), device=qh.device))
-    sums, norm_sums, counts = torch.cat(sums, 2), torch.cat(norm_sums, 2), torch.cat(counts)
-    return norm_sums / counts - (sums / counts[:, None]).square().sum(-1)
+        blocks.append(qh[:, :, full * slice_m :].unsqueeze(2))
+    spreads = []
+    for rows in blocks:
+        count = rows.shape[3]
+        squares = torch.linalg.vector_norm(rows, dim=(3, 4), dtype=torch.float32).square()
+        means = rows.sum(3, dtype=torch.float32).div_(count)
+        spreads.append(squares.div_(count).sub_(means.square().sum(-1)))
+    return spreads[0] if len(spreads) == 1 else torch.cat(spreads, 2)
 
 
 def checked_blocks(qh: torch.Tensor, slice_m: int) -> tuple:
