@@ -213,7 +213,10 @@ def mass_fraction(q, k, mass: float = 0.9, queries: int = 256, seed: int = 0) ->
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randint(0, q_len, (min(queries, q_len),), generator=gen).to(q.device)
     logits = torch.matmul(q[:, :, rows].float(), k.float().transpose(-1, -2)) / math.sqrt(dim)
-    probs = torch.softmax(logits, -1).sort(-1, descending=True).values
+    probs = torch.softmax(logits, -1)
+    if probs.isnan().any():  # a NaN or +inf logit, or a query whose every logit is -inf: no distribution to measure
+        raise ValueError("mass_fraction needs each sampled query's softmax: q and k give a NaN or infinite logit")
+    probs = probs.sort(-1, descending=True).values
     needed = ((probs.cumsum(-1) < mass).sum(-1) + 1).clamp_max(k.shape[2])  # float sums can stop short of 1
     return float(needed.double().mean() / k.shape[2])
 

@@ -231,6 +231,8 @@ def video_qkv(shape, pattern: str = "mixed", *, head_ids=None, seed: int = 0, st
         if shape not in SHAPES:
             raise ValueError(f"unknown shape {shape!r}; known: {sorted(SHAPES)}")
         shape = SHAPES[shape]
+    if not isinstance(shape, VideoShape):
+        raise TypeError(f"shape must be a VideoShape or a name in {sorted(SHAPES)}, got {type(shape).__name__}")
     knobs = replace(knobs or VideoKnobs(), **overrides)
     check_seed(seed)
     check_grid(shape.grid)
@@ -248,12 +250,24 @@ def video_qkv(shape, pattern: str = "mixed", *, head_ids=None, seed: int = 0, st
     if not math.isfinite(_real(knobs, "drift")):
         raise ValueError(f"drift must be a finite number of radians, got {knobs.drift!r}")
     check_float_dtype(dtype)
-    head_ids = list(range(shape.heads)) if head_ids is None else [int(h) for h in head_ids]
+    if head_ids is None:
+        head_ids = list(range(shape.heads))
+    elif isinstance(head_ids, (str, bytes)) or not hasattr(head_ids, "__iter__") or any(
+            isinstance(h, bool) or not isinstance(h, int) for h in head_ids):
+        raise TypeError(f"head_ids must be a sequence of ints, got {head_ids!r}")
+    else:
+        head_ids = [int(h) for h in head_ids]
     if shape.head_dim % 2 or shape.head_dim < 18:
         raise ValueError(f"head_dim must be even and at least 18 (rotary pairs on three axes), got {shape.head_dim}")
     if any(not 0 <= h < shape.heads for h in head_ids):
         raise ValueError(f"head_ids must lie in [0, {shape.heads}) for shape {shape.name!r}, got {head_ids}")
     styles = head_styles(pattern, max(head_ids) + 1 if head_ids else 0)
+    for name in sorted({styles[h] for h in head_ids}):
+        style = knobs.styles.get(name) if isinstance(knobs.styles, dict) else None
+        if not isinstance(style, HeadStyle):
+            raise ValueError(f"knobs.styles must map pattern {pattern!r}'s style {name!r} to a HeadStyle, got {style!r}")
+        if not all(r > 0 for r in style.reach) or not all(0 <= x < math.inf for x in style.strength):
+            raise ValueError(f"style {name!r} needs reaches > 0 (inf: none) and finite strengths >= 0, got {style}")
     device = torch.device(device)
     seq, dim = shape.seq, shape.head_dim
     scale = 1.0 / math.sqrt(dim)
@@ -280,10 +294,11 @@ def _one_head(knobs, style, dim, seq, scale, cos, sin, sink_pos, member, seed, b
     k = positional
     del positional
     # Sinks: one direction every query leans on and the sink keys carry.
-    sink_dir = _unit(1, dim, small)[0].to(device)
-    amp = math.sqrt(knobs.sink_strength / scale)
-    q += amp * sink_dir
-    k[sink_pos] += amp * sink_dir
+    sink_dir = _unit(1, dim, small)[0].to(device)  # drawn either way: later draws stay the same
+    if knobs.sinks:  # the queries' lean also tilts every other key's logit a little
+        amp = math.sqrt(knobs.sink_strength / scale)
+        q += amp * sink_dir
+        k[sink_pos] += amp * sink_dir
     # Objects: shared content direction inside each ellipsoid.
     if knobs.objects:
         dirs = _unit(knobs.objects, dim, small).to(device) * math.sqrt(knobs.object_strength / scale)

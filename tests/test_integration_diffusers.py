@@ -986,6 +986,9 @@ def test_step_tracking_from_timesteps():
     assert (handle.step, handle.branch) == (0, 0) and handle.mask("blocks.0.attn1") is None
     with pytest.raises(ValueError):
         handle.set_step(-1)
+    for step, branch in ((2.7, 0), (True, 0), ("1", 0), (None, 0), (3, 0.9)):  # a float step is no step
+        with pytest.raises(ValueError, match="must be ints >= 0"):
+            handle.set_step(step, branch=branch)
 
 
 def test_a_repeated_timestep_after_end_step_is_the_next_step():
@@ -1363,6 +1366,25 @@ def test_config_replace_resolves_the_defaults_again():
         config.replace(densty=0.2)
 
 
+def test_config_options_cannot_change_after_the_checks():
+    """predictor_kwargs and parallel_options are checked when the config is made: changing them
+    afterwards is refused (it would skip the checks and change the config's hash); the config
+    still copies and pickles."""
+    import copy
+    import pickle
+
+    config = fd.SparseAttentionConfig(predictor_kwargs={"pool": 16})
+    for change in (lambda o: o.__setitem__("pool", 3), lambda o: o.update(pool=3), lambda o: o.pop("pool"),
+                   lambda o: o.clear(), lambda o: o.setdefault("min_keys", 2), lambda o: o.__delitem__("pool")):
+        with pytest.raises(TypeError, match="replace"):
+            change(config.predictor_kwargs)
+    assert config.predictor_kwargs == {"pool": 16}
+    for again in (copy.copy(config), copy.deepcopy(config), pickle.loads(pickle.dumps(config))):
+        assert again == config and hash(again) == hash(config) and again.predictor_kwargs == {"pool": 16}
+    with pytest.raises(TypeError, match="replace"):
+        config.parallel_options["head_groups"] = 2
+
+
 def test_configs_hash_by_their_settings():
     """Equal configs hash alike, dicts of settings included; a config can key a dict."""
     first = fd.SparseAttentionConfig(predictor_kwargs={"pool": 16, "pooling": ["mean", "sample"]}, dense_layers=[2, 0])
@@ -1446,6 +1468,10 @@ def test_config_schedule():
     assert [s for s in range(10) if config.is_refresh_step(s)] == [2, 5, 8]
     listed = fd.SparseAttentionConfig(dense_steps=2, refresh_steps=(4, 9))
     assert [s for s in range(10) if listed.is_refresh_step(s)] == [4, 9]
+    # Listed refreshes after no warm-up: every layer still makes its first mask on step 0.
+    unlisted_first = fd.SparseAttentionConfig(dense_steps=0, refresh_steps=(3, 7))
+    assert [s for s in range(10) if unlisted_first.is_refresh_step(s)] == [0, 3, 7]
+    assert "new masks on [0, 3, 7]" in unlisted_first.schedule_summary(10)
     assert fd.SparseAttentionConfig(predictor_kwargs={"min_keys": 4}).predictor_arguments() == {
         "density": 0.1, "min_keys": 4}
     assert fd.SparseAttentionConfig(predictor="tau", tau=0.9).predictor_arguments() == {"tau": 0.9}

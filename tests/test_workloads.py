@@ -111,6 +111,17 @@ def test_video_qkv_refuses_heads_and_head_dims_the_shape_has_not():
     for head_dim in (16, 33):
         with pytest.raises(ValueError, match="head_dim must be even and at least 18"):
             video_qkv(VideoShape("tiny", 1, 1, head_dim, (2, 4, 4)), "mixed")
+    for head_ids in ([1.7], [True], "12", 3):  # not quietly other heads
+        with pytest.raises(TypeError, match="head_ids must be a sequence of ints"):
+            video_qkv(shape, "mixed", head_ids=head_ids)
+    with pytest.raises(TypeError, match="shape must be a VideoShape"):
+        video_qkv((1, 4, 64, (2, 4, 4)), "mixed")
+    no_spatial = {name: style for name, style in workloads.STYLES.items() if name != "spatial"}
+    with pytest.raises(ValueError, match="style 'spatial'"):
+        video_qkv(shape, "mixed", styles=no_spatial)
+    reach_zero = dict(workloads.STYLES, spatial=workloads.HeadStyle("spatial", (0.0, 4.0, 4.0), (12.0, 5.0, 5.0)))
+    with pytest.raises(ValueError, match="reaches > 0"):
+        video_qkv(shape, "spatial", styles=reach_zero)
 
 
 def test_mass_fraction_is_a_fraction_of_the_keys():
@@ -148,6 +159,9 @@ def test_mass_fraction_needs_a_query():
     q, k, _ = family_qkv(family_shape("wan1.3b-480p", (2, 4, 4)), "window2d", heads=1)
     with pytest.raises(ValueError, match="queries"):
         mass_fraction(q, k, queries=0)
+    k[..., 3, :] = math.nan  # not read as the sharpest head there is
+    with pytest.raises(ValueError, match="NaN or infinite logit"):
+        mass_fraction(q, k)
 
 
 TINY = VideoShape("tiny", 1, 2, 64, (2, 6, 8))
@@ -178,6 +192,14 @@ def test_sink_strength_moves_the_sink_keys_alone():
     q_weak = video_qkv(TINY, "spatial", dtype=torch.float32, sink_strength=0.0)[0]
     q_strong = video_qkv(TINY, "spatial", dtype=torch.float32, sink_strength=20.0)[0]
     assert (q_strong - q_weak).abs().amax(-1).gt(1e-3).all()  # every query leans on the sinks
+
+
+def test_sink_strength_does_nothing_without_sinks():
+    """sinks=0: no key carries the sink direction, so the queries do not lean on it either."""
+    weak = video_qkv(TINY, "mixed", dtype=torch.float32, sinks=0, sink_strength=0.0)
+    strong = video_qkv(TINY, "mixed", dtype=torch.float32, sinks=0, sink_strength=20.0)
+    for a, b in zip(weak, strong):
+        assert torch.equal(a, b)
 
 
 def test_each_batch_element_has_its_own_sinks():

@@ -324,8 +324,8 @@ class SparseAttentionHandle:
         there: from now until ``reset()`` the transformer's calls no longer move the count. A step
         before the current one, or ``new_generation=True`` (a one-step model's next generation, or
         one that starts at a later step than the last ended), starts a new generation (masks dropped)."""
-        if step < 0 or branch < 0:
-            raise ValueError(f"step and branch must be >= 0, got step={step}, branch={branch}")
+        if not is_int(step) or step < 0 or not is_int(branch) or branch < 0:
+            raise ValueError(f"step and branch must be ints >= 0, got step={step!r}, branch={branch!r}")
         if not isinstance(new_generation, bool):
             raise TypeError(f"new_generation must be a bool, got {new_generation!r}")
         if new_generation or self._generation_over or (self._calls and step < self.step):  # another generation

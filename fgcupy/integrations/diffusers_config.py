@@ -244,7 +244,7 @@ class SparseAttentionConfig:
         for option in ("predictor_kwargs", "parallel_options"):  # the config's own copy, checked once
             if not isinstance(getattr(self, option), dict):
                 raise TypeError(f"{option} must be a dict, got {type(getattr(self, option)).__name__}")
-            object.__setattr__(self, option, dict(getattr(self, option)))
+            object.__setattr__(self, option, _ReadOnlyDict(getattr(self, option)))
         object.__setattr__(self, "_given", {f.name: getattr(self, f.name) for f in fields(self)})
         for name in ("density", "tau", "threshold"):
             value = getattr(self, name)
@@ -614,10 +614,10 @@ class SparseAttentionConfig:
         return self.mask_cache().action(step) == "dense"
 
     def is_refresh_step(self, step: int) -> bool:
-        """Whether the schedule predicts new masks on ``step`` (a layer with no mask yet always does;
-        with mask_from_warmup the first sparse step has the warm-up's mask)."""
-        if self.mask_from_warmup and step == self.dense_steps:
-            return False
+        """Whether the schedule predicts new masks on ``step``: the first sparse step, where no
+        layer has a mask yet (unless mask_from_warmup gives it the warm-up's), and the refreshes."""
+        if step == self.dense_steps:
+            return not self.mask_from_warmup
         return self.mask_cache().action(step) == "refresh"
 
     def predictor_arguments(self) -> dict:
@@ -647,6 +647,20 @@ class SparseAttentionConfig:
         kept = (_METHOD_PARAMETER[self.predictor], *_SELECTION_OPTIONS)
         return {"rule": _RULE_OF_PARAMETER[_METHOD_PARAMETER[self.predictor]],
                 **{key: value for key, value in args.items() if key in kept}}
+
+
+class _ReadOnlyDict(dict):
+    """A config's predictor_kwargs or parallel_options: checked once when the config is made,
+    so they cannot be changed afterwards (``replace`` makes a config with other options)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a SparseAttentionConfig's options are checked when it is made and cannot change: "
+                        "config.replace(predictor_kwargs={...}) makes one with other options")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self):
+        return type(self), (dict(self),)
 
 
 def _hashable(value):
