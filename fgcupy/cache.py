@@ -536,7 +536,10 @@ def mask_recall(q, k, lse, scale: float | None = None, key_valid=None, samples: 
     staleness signal that, unlike block means, reads where the attention went. q, k [B, H, S, D]
     (``layout`` "HND") or [B, S, H, D] ("NHD"); ``scale`` defaults to 1 / sqrt(D); ``key_valid``
     [B, S_k] bool leaves padded keys out of the exact LSE (a sampled query with no valid key
-    reads 1); NaN logits (a NaN key or query) add no mass, as in the kernels' sums."""
+    reads 1); NaN logits (a NaN key or query) add no mass to the exact LSE. A query whose
+    ``lse`` is NaN (its mask keeps a NaN key, which makes the sparse call's row NaN) tells
+    nothing and is left out of its head's mean; a head with no other sampled query reads NaN,
+    which ``missed_more`` does not count."""
     check_layout(layout)
     q, k, lse = (bridge.to_torch(x, name) for x, name in ((q, "q"), (k, "k"), (lse, "lse")))
     for name, x in (("q", q), ("k", k)):
@@ -569,14 +572,15 @@ def mask_recall(q, k, lse, scale: float | None = None, key_valid=None, samples: 
             if key_valid is not None:
                 logits.masked_fill_(~key_valid[b, None, None, :], float("-inf"))
             exact[b, h0:h1] = ref.nan_free_logsumexp(logits)
-    kept = torch.exp(lse[:, :, rows].float() - exact).nan_to_num(0.0)
-    return torch.where(exact == -math.inf, 1.0, kept).mean(-1)  # a query with no valid key misses nothing
+    kept = torch.exp(lse[:, :, rows].float() - exact)
+    return torch.where(exact == -math.inf, 1.0, kept).nanmean(-1)  # a query with no valid key misses nothing
 
 
 def missed_more(recall: torch.Tensor, first: torch.Tensor, factor: float) -> torch.Tensor:
     """0-dim bool on their device, no host sync: whether any head of ``recall`` misses more than
     ``factor`` x the mass it missed in ``first`` (two ``mask_recall`` readings of one mask), beyond
     MISSED_MASS_FLOOR. An output's error grows with the mass its mask misses. A reading above 1
-    (rounding; keys a padding mask leaves out) misses nothing."""
+    (rounding; keys a padding mask leaves out) misses nothing; a NaN reading (no query could be
+    read) counts as no more."""
     missed, missed_first = (1 - recall).clamp_min(0), (1 - first).clamp_min(0)
     return (missed > factor * missed_first + MISSED_MASS_FLOOR).any()

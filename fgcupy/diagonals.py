@@ -44,11 +44,12 @@ def offset_mass(q, k, *, samples: int = DEFAULT_SAMPLES, scale: float | None = N
     return _offset_stats(q, k, samples, scale)[0]
 
 
-def _offset_stats(q, k, samples, scale, level: float = DEFAULT_MIN_MASS) -> tuple:
+def _offset_stats(q, k, samples, scale, level: float = DEFAULT_MIN_MASS,
+                  min_reach: float = DEFAULT_MIN_SUPPORT) -> tuple:
     """(``offset_mass``, float32 [q_len + kv_len - 1] support): per offset, the largest share over
     the (batch entry, head) pairs of the sampled queries that can reach it (key inside the
     sequence) whose PEAK_WIDTH keys around it hold at least ``level`` of their mass; 0 where fewer
-    than DEFAULT_MIN_SUPPORT of the sampled queries reach it."""
+    than ``min_reach`` of the sampled queries reach it."""
     batch, heads, q_len, dim = q.shape
     kv_len = k.shape[2]
     if q_len < 1 or kv_len < 1:
@@ -83,7 +84,7 @@ def _offset_stats(q, k, samples, scale, level: float = DEFAULT_MIN_MASS) -> tupl
                 count.index_add_(0, where, head.reshape(-1).float())
                 torch.maximum(support, count / reach.clamp_min(1.0), out=support)
     # an offset few sampled queries can reach (near +-S) has no share worth the name
-    support.masked_fill_(reach < DEFAULT_MIN_SUPPORT * rows.numel(), 0.0)
+    support.masked_fill_(reach < min_reach * rows.numel(), 0.0)
     return mass / counted.clamp_min(1.0), support
 
 
@@ -97,8 +98,9 @@ def find_diagonals(q, k, slice_m: int = 128, *, count: int = 4, exact_band: int 
     least ``min_mass`` of a query's mass and ``min_contrast`` times the mean of its surroundings
     (a peak, not a broad head's slope), held (at ``min_mass`` or more) by at least
     ``min_support`` of one head's sampled queries that reach it (a diagonal, not a key every
-    query looks at, such as a sink, seen from one sampled query), none overlapping the block's own
-    band nor another chosen diagonal's (bands of slice_m + 2 * exact_band keys).
+    query looks at, such as a sink, seen from one sampled query); those must be at least the
+    smaller of ``min_support`` and DEFAULT_MIN_SUPPORT of all sampled queries. None overlaps the
+    block's own band nor another chosen diagonal's (bands of slice_m + 2 * exact_band keys).
     q, k: [B, H, S, D] ("HND") or [B, S, H, D] ("NHD"), torch or cupy. One host
     synchronisation (the offsets are host ints)."""
     qh, kh = query_key_views(q, k, layout)
@@ -110,11 +112,15 @@ def find_diagonals(q, k, slice_m: int = 128, *, count: int = 4, exact_band: int 
     if not (min_mass >= 0 and min_contrast >= 0 and 0 <= min_support <= 1):
         raise ValueError(f"min_mass and min_contrast must be non-negative and min_support in [0, 1], got "
                          f"{min_mass!r}, {min_contrast!r}, {min_support!r}")
+    apart = int(slice_m) + 2 * int(exact_band)  # closer than this, two bands overlap
+    if min_contrast > (2 * apart + 1) / PEAK_WIDTH:  # the surroundings' mean counts the peak too
+        raise ValueError(f"no peak can stand {min_contrast} times above surroundings of slice_m + 2 * exact_band = "
+                         f"{apart} offsets either way (at most {(2 * apart + 1) / PEAK_WIDTH:.2f}): a larger "
+                         "slice_m or exact_band, or a smaller min_contrast")
     if count == 0:
         return ()
     q_len = qh.shape[2]
-    mass, support = _offset_stats(qh, kh, samples, scale, min_mass)
-    apart = int(slice_m) + 2 * int(exact_band)  # closer than this, two bands overlap
+    mass, support = _offset_stats(qh, kh, samples, scale, min_mass, min(min_support, DEFAULT_MIN_SUPPORT))
     peak = _box(mass, PEAK_WIDTH)
     around = _box(mass, 2 * apart + 1) * (PEAK_WIDTH / (2 * apart + 1))
     offsets = torch.arange(mass.numel(), device=mass.device) - (q_len - 1)

@@ -17,7 +17,7 @@ import torch
 
 from .attention import sparse_attention
 from .jit.runtime import kernels_can_run
-from .mask import SliceMask
+from .mask import SliceMask, is_int
 from .mask_algebra import check_union, union_reference
 from .op_library import define, pack_csr, packed_csr_empty, unpack_csr
 
@@ -82,9 +82,9 @@ def refresh_topk(q, k, v, old: SliceMask, candidates: SliceMask, density: float)
 def grid_offsets(grid) -> tuple[int, int, int]:
     """Key offsets of one token, one row and one frame of a (frames, height, width) token grid."""
     grid = tuple(grid)
-    if len(grid) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in grid):
+    if len(grid) != 3 or any(not is_int(n) or n < 1 for n in grid):
         raise ValueError(f"grid must be three positive ints (frames, height, width), got {grid!r}")
-    _, height, width = grid
+    _, height, width = map(int, grid)
     return 1, width, height * width
 
 
@@ -93,5 +93,7 @@ def search_offsets(grid, refresh: int) -> tuple[int, int, int]:
     one step of the grid either way, a token, a row and a frame in turn. One kind a refresh scored
     1.2-2.2x the mask's keys on the head families, all three at once 1.4-3.5x for errors within
     0-0.06x of it but on sharp Gaussians (notes/results/local_search_families_cpu_3x30x52.log)."""
-    step = grid_offsets(grid)[refresh % 3]
+    if not is_int(refresh) or refresh < 0:
+        raise ValueError(f"refresh must be a non-negative int (which refresh this is), got {refresh!r}")
+    step = grid_offsets(grid)[int(refresh) % 3]
     return 0, step, -step

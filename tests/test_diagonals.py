@@ -53,6 +53,8 @@ def test_the_layout_and_argument_checks():
         find_diagonals(q, k[:, :1])
     with pytest.raises(TypeError, match="k has dtype"):
         find_diagonals(q, k.double())
+    with pytest.raises(ValueError, match="no peak can stand 10.0 times"):  # not an empty answer whatever q, k hold
+        find_diagonals(q, k, 16, exact_band=8)
 
 
 @pytest.mark.parametrize("family, frames", [("temporal-strided", True), ("window3d", True), ("window2d", False),
@@ -153,3 +155,16 @@ def test_diagonals_at_the_edges_of_eligibility_and_of_a_peak():
     assert find_diagonals(*_repeated_queries([88]), 64, exact_band=16, count=1) == ()
     assert find_diagonals(*_repeated_queries([500], weight=20.0, noise=0.0), 64, exact_band=16, count=1) == (500,)
     assert 900 in find_diagonals(*_repeated_queries([900]), 64, exact_band=16, count=2, min_support=0.5)
+
+
+def test_min_support_also_sets_how_many_sampled_queries_must_reach_an_offset():
+    """A diagonal only a fifth of the queries can reach (offset 960 of 1,200 tokens), held by every
+    one of them: found with min_support 0.1, not with the default 0.25 (the reach floor was the
+    default whatever min_support said)."""
+    seq, dim, offset = 1200, 32, 960
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, seq, dim, generator=gen)
+    k = 0.5 * torch.randn(1, 2, seq, dim, generator=gen)
+    k[:, :, offset:] += 3.0 * q[:, :, : seq - offset]  # query i's best key is i + offset where it exists
+    assert find_diagonals(q, k, 64, exact_band=16) == ()
+    assert find_diagonals(q, k, 64, exact_band=16, min_support=0.1) == (offset,)

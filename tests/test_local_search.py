@@ -103,6 +103,10 @@ def test_grid_offsets_and_the_rotation():
     for bad in ((30, 52), (0, 30, 52), (2.0, 30, 52), (True, 3, 4)):
         with pytest.raises(ValueError, match="three positive ints"):
             grid_offsets(bad)
+    assert grid_offsets(np.array([21, 30, 52])) == (1, 52, 1560)  # numpy ints, as union_keys takes them
+    for refresh in (1.0, -1, None):
+        with pytest.raises(ValueError, match="refresh must be a non-negative int"):
+            search_offsets((21, 30, 52), refresh)
 
 
 @pytest.mark.parametrize("family", ["mixture", "window2d", "temporal-strided"])

@@ -395,6 +395,26 @@ def test_mask_recall_counts_no_mass_for_a_nan_key_as_the_kernels_do():
     torch.testing.assert_close(mask_recall(q, k, lse), torch.ones(1, 1))
 
 
+def test_mask_recall_leaves_out_queries_whose_sparse_lse_is_nan():
+    """A mask that keeps a NaN key makes those rows' sparse LSE NaN: they tell nothing, so they
+    are left out of the head's mean (they read "kept nothing" before); a head with no other
+    query reads NaN, and missed_more does not count it."""
+    from fgcupy import reference_attention
+    from fgcupy.cache import mask_recall, missed_more
+
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 256, 32, generator=gen) for _ in range(3))
+    k[0, 0, 7] = math.nan
+    full = SliceMask.full(1, 2, 256, 256, 128)
+    first = mask_recall(q, k, reference_attention(q, k, v, full)[1])
+    assert first[0, 0].isnan() and first[0, 1] == pytest.approx(1.0, abs=1e-5)
+    assert not missed_more(first, torch.ones(1, 2), 2.0)
+    half = full.to_dense()
+    half[0, 0, 1, 7] = False  # head 0's second block leaves the NaN key out: its queries are read again
+    recall = mask_recall(q, k, reference_attention(q, k, v, SliceMask.from_dense(half, 128, 256))[1])
+    torch.testing.assert_close(recall, torch.ones(1, 2), atol=1e-5, rtol=0)
+
+
 def test_block_means_and_mask_recall_name_a_missing_batch_dimension():
     from fgcupy.cache import block_means, mask_recall
 
