@@ -39,7 +39,8 @@ def to_cupy(t: torch.Tensor):
 
 def dtype_name(dtype, what: str) -> str:
     """'bfloat16' / 'float16' for a torch dtype or one of those names; TypeError otherwise."""
-    name = _TORCH_DTYPES.get(dtype, dtype if dtype in _TORCH_DTYPES.values() else None)
+    name = (_TORCH_DTYPES.get(dtype) if isinstance(dtype, torch.dtype)
+            else dtype if isinstance(dtype, str) and dtype in _TORCH_DTYPES.values() else None)
     if name is None:
         raise TypeError(f"{what} must be torch.bfloat16 or torch.float16, got {dtype}")
     return name

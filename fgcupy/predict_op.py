@@ -166,7 +166,11 @@ def predict(q, k, lse, candidates: tuple, req: MaskRequest, workspace_bytes: int
     args = (q, k, lse, [m.indptr for m in candidates], [m.indices for m in candidates],
             request_token(req, per_head), -1 if req.top_k is None else req.top_k,
             -1.0 if req.threshold is None else req.threshold, req.scale, workspace_bytes)
-    if torch.compiler.is_compiling():
+    meta = q.device.type == "meta"
+    if meta and not _is_static(_fields(args[5])):
+        raise ValueError("predict_mask on meta tensors: only a top-k mask's size follows from the shapes "
+                         f"(method {req.method!r}, rule {req.rule!r} needs the values)")
+    if torch.compiler.is_compiling() or meta:  # the op's fake implementation gives a meta mask its shape
         batch, heads, q_len, _ = q.shape
         indptr, indices = unpack_csr(torch.ops.fgcupy.predict_mask(*args),
                                      (batch, heads, num_blocks(q_len, req.slice_m) + 1))

@@ -89,7 +89,8 @@ def reference_attention(
         rows = slice(first * mask.slice_m, min(last * mask.slice_m, q_len))
         qf = q[:, :, rows].to(dtype)
         scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-        row_keep = keep[:, :, first:last].repeat_interleave(mask.slice_m, dim=2)[:, :, : qf.shape[2]]
+        row_block = torch.arange(rows.start, rows.stop, device=q.device) // mask.slice_m - first  # real rows only
+        row_keep = keep[:, :, first:last].index_select(2, row_block)
         scores = scores.masked_fill(~row_keep, -math.inf)
         row_lse = torch.logsumexp(scores, dim=-1)
         # A query whose block keeps no key gets zeros (its LSE is -inf); NaN inputs stay NaN.

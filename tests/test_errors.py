@@ -3,6 +3,7 @@ the GPU. These run without one: planning checks come before any CUDA call."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,6 +21,8 @@ MASK = SliceMask.full(1, 2, 100, 80, 64)
     [
         (dict(mask="nope"), TypeError, "mask must be a fgcupy.SliceMask, got str"),
         (dict(dtype=torch.float32), TypeError, r"dtype must be torch.bfloat16 or torch.float16, got torch.float32"),
+        (dict(dtype=[torch.bfloat16]), TypeError, r"dtype must be torch.bfloat16 or torch.float16, got \[torch"),
+        (dict(dtype=np.dtype("float16")), TypeError, r"dtype must be torch.bfloat16 or torch.float16, got float16"),
         (dict(head_dim=80), ValueError, r"head_dim 80 has no attention kernel; available: \(64, 96, 128, 256\)"),
         (dict(mask=SliceMask.full(1, 1, 64, 64, 16)), ValueError, r"mask.slice_m=16 has no compiled kernel"),
         (dict(key_tile=48), ValueError, r"key_tile must be one of \(32, 64, 128\), got 48"),
@@ -382,6 +385,17 @@ def test_dense_attention_head_groups_count_every_batch_against_the_index_budget(
     q, k, v = (torch.randn(2, 4, 64, 32, generator=gen) for _ in range(3))
     attention.dense_attention_with_lse(q, k, v, slice_m=64, index_budget=256)  # 128 slices a head
     assert seen == [(2, 256), (2, 256)]
+
+
+def test_predict_mask_on_meta_tensors_gives_a_top_k_masks_shape_and_refuses_the_rest():
+    from fgcupy import predict_mask
+
+    q, k = (torch.empty(1, 2, n, 64, dtype=torch.bfloat16, device="meta") for n in (300, 200))
+    mask = predict_mask(q, k, 64, density=0.2)
+    assert mask.indices.device.type == "meta" and tuple(mask.indptr.shape) == (1, 2, 6)
+    assert mask.indices.numel() == 1 * 2 * 5 * 40  # 0.2 of 200 keys in each of 5 blocks
+    with pytest.raises(ValueError, match="meta tensors: only a top-k mask's size follows from the shapes"):
+        predict_mask(q, k, 64, "tau", tau=0.9)
 
 
 def test_inputs_on_another_device_than_the_mask_are_named():

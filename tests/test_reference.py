@@ -188,3 +188,14 @@ def test_passes_shrink_to_the_score_budget_and_give_the_same_result(monkeypatch)
     torch.testing.assert_close(chunked[0][0], whole[0][0], rtol=0, atol=1e-6)
     torch.testing.assert_close(chunked[0][1], whole[0][1], rtol=0, atol=1e-6)
     torch.testing.assert_close(chunked[1], whole[1], rtol=0, atol=1e-6)
+
+
+def test_a_slice_far_larger_than_the_sequence():
+    """One block of 2**22 queries over 3 real ones reads as smaller blocks do (its keep map spans
+    the real rows only; it was expanded to the whole block, 335 MB here, before being cut)."""
+    q, k, v = (torch.randn(1, 2, n, 8, generator=torch.Generator().manual_seed(n)) for n in (3, 40, 40))
+    huge = SliceMask.full(1, 2, 3, 40, 1 << 22)
+    out, lse = reference_attention(q, k, v, huge)
+    expected, expected_lse = reference_attention(q, k, v, SliceMask.full(1, 2, 3, 40, 4))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(lse, expected_lse, rtol=0, atol=0)
