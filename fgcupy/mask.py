@@ -447,6 +447,10 @@ def random_topk_mask(batch: int, heads: int, q_len: int, kv_len: int, slice_m: i
     carry no structure."""
     if not isinstance(density, numbers.Real) or isinstance(density, bool) or not density >= 0:
         raise ValueError(f"density must be a non-negative number, got {density!r}")
+    for name, value, least in (("batch", batch, 0), ("heads", heads, 0), ("q_len", q_len, 0), ("kv_len", kv_len, 0),
+                               ("slice_m", slice_m, 1)):
+        if not is_int(value) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
     if density >= 1.0 or kv_len == 0:
         return SliceMask.full(batch, heads, q_len, kv_len, slice_m, device=device)
     keep = max(1, round(density * kv_len))

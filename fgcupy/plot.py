@@ -1,7 +1,8 @@
 """Pictures of slice masks (matplotlib, the optional ``plot`` extra).
 
 One panel per mask: query blocks down, keys across, kept slices lit, the 128x128 block cover
-(what a block-sparse kernel would have to compute) shaded behind them, and each block's
+(what a block-sparse kernel would have to compute; drawn where the block size is a multiple
+of the mask's slice_m) shaded behind them, and each block's
 density in a bar beside it. Long key axes are binned: a pixel shows the fraction of its keys
 kept.
 """
@@ -82,7 +83,9 @@ def _head_mask(mask: SliceMask, batch: int, head: int) -> SliceMask:
 
 def draw_masks(masks: dict, path, batch: int = 0, head: int = 0, block_size: int = 128, max_columns: int = 2048,
                title: str | None = None):
-    """Draw ``{label: SliceMask}`` side by side into ``path`` (PNG); returns the figure's path."""
+    """Draw ``{label: SliceMask}`` side by side into ``path`` (PNG); returns the figure's path.
+    A mask's block cover is shaded where ``block_size`` is a multiple of its slice_m (else its
+    blocks would cut query blocks: its panel shows the slices alone)."""
     if not isinstance(masks, dict):
         raise TypeError(f"masks must be a dict {{label: SliceMask}}, got {type(masks).__name__}")
     if not masks:

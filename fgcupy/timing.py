@@ -13,6 +13,8 @@ the call costs inside a model whose host runs ahead of the GPU. A host synchroni
 
 from __future__ import annotations
 
+import math
+import numbers
 import statistics
 import time
 from functools import lru_cache
@@ -49,8 +51,14 @@ def cuda_time_ms(fn, warmup: int = 3, reps: int = 10, queued: bool = False, host
     there is no warm-up (a call that cannot be repeated): without either it would cover only
     a millisecond of host work, and the rest would land between the events."""
     for name, value, least in (("warmup", warmup, 0), ("reps", reps, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
             raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    warmup, reps = int(warmup), int(reps)
+    if not isinstance(queued, bool):  # "no" would time queued
+        raise TypeError(f"queued must be a bool, got {queued!r}")
+    if host_ms is not None and (isinstance(host_ms, bool) or not isinstance(host_ms, numbers.Real)
+                                or not 0 <= host_ms < math.inf):
+        raise ValueError(f"host_ms must be a finite number of milliseconds >= 0 (or None), got {host_ms!r}")
     if queued and warmup == 0 and host_ms is None:
         raise ValueError("queued timing without warm-up needs host_ms, the host time of one call")
     if not torch.cuda.is_available():

@@ -2,6 +2,7 @@
 limits, background compiles and the timing helper's warm-up and lead (fgcupy.jit, fgcupy.timing,
 fgcupy.paths). CPU only; CUDA events and the GPU are mocked where timing is checked."""
 
+import math
 import fnmatch
 import logging
 import os
@@ -333,6 +334,29 @@ def test_queued_timing_without_warm_up_sizes_its_lead_from_the_host_time_given(f
     state["elapsed"] = [1.0] * 2
     timing.cuda_time_ms(lambda: None, warmup=0, reps=2, queued=True, host_ms=50.0)
     assert len(state["sleeps"]) == 2 and all(100_000 <= cycles <= 102_000 for cycles in state["sleeps"])
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(queued=True, host_ms=-5.0), ValueError, "host_ms must be a finite number"),  # a negative lead: not queued
+    (dict(queued=True, host_ms=math.nan), ValueError, "host_ms must be a finite number"),
+    (dict(queued=True, host_ms="12"), ValueError, "host_ms must be a finite number"),
+    (dict(queued=True, host_ms=True), ValueError, "host_ms must be a finite number"),
+    (dict(queued="no"), TypeError, "queued must be a bool"),
+    (dict(warmup=-1), ValueError, "warmup must be an int >= 0"),
+])
+def test_cuda_time_ms_names_a_bad_argument_before_timing(fake_cuda_clock, kwargs, error, message):
+    timing, state = fake_cuda_clock
+    with pytest.raises(error, match=message):
+        timing.cuda_time_ms(lambda: None, **{"warmup": 0, "reps": 2, **kwargs})
+    assert state["sleeps"] == []
+
+
+def test_cuda_time_ms_takes_numpy_counts(fake_cuda_clock):
+    timing, state = fake_cuda_clock
+    state["elapsed"] = [1.0] * 3
+    calls = []
+    result = timing.cuda_time_ms(lambda: calls.append(1), warmup=np.int64(1), reps=np.int32(3))
+    assert len(calls) == 4 and result["median_ms"] == 1.0
 
 
 def test_a_struct_listed_as_both_params_and_shared_params_is_defined_once():

@@ -105,6 +105,21 @@ def test_constructor_errors(kwargs, error, message):
         SliceMask(**args)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(slice_m=0), "slice_m must be an int >= 1, got 0"),
+    (dict(batch=-1), "batch must be an int >= 0, got -1"),
+    (dict(q_len=10.5), "q_len must be an int >= 0, got 10.5"),
+    (dict(kv_len=-3), "kv_len must be an int >= 0, got -3"),
+])
+def test_random_topk_mask_names_a_bad_size(kwargs, message):
+    from fgcupy.mask import random_topk_mask
+
+    args = {**dict(batch=1, heads=1, q_len=10, kv_len=10, slice_m=4, density=0.3), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        random_topk_mask(**args)
+    assert random_topk_mask(np.int64(1), 2, 10, 10, np.int32(4), 0.3).density() == pytest.approx(0.3)
+
+
 @given(dense_masks(slice_sizes=(64, 128), max_q=400, max_kv=400))
 @settings(max_examples=25, deadline=None)
 def test_block_cover_contains_every_slice(case):
