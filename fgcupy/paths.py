@@ -24,19 +24,27 @@ def cache_root() -> Path:
     no $HOME), fgcupy-cache-<uid> in the temporary folder. A relative $FGCUPY_CACHE_DIR is taken
     from the working folder of the first use (a later chdir does not move the cache); one whose
     ~ cannot be expanded is warned about once."""
-    return _cache_root(os.environ.get(CACHE_ENV) or "", os.environ.get("XDG_CACHE_HOME", ""), os.environ.get("HOME"))
+    folder = os.environ.get(CACHE_ENV) or ""
+    if folder:  # pinned by its own value (and $HOME where it starts with ~), whatever else changes
+        return _given_root(folder, os.environ.get("HOME") if folder.startswith("~") else None)
+    return _default_root(os.environ.get("XDG_CACHE_HOME", ""), os.environ.get("HOME"))
+
+
+@lru_cache(maxsize=None)
+def _given_root(folder: str, home: str | None) -> Path:
+    """$FGCUPY_CACHE_DIR's folder, absolute (``home``: $HOME, which expanduser reads)."""
+    try:
+        return Path(folder).expanduser().absolute()
+    except RuntimeError:
+        log.warning("fgcupy: %s=%r names a home folder that does not exist; caching in %s", CACHE_ENV, folder,
+                    _temporary_root())
+        return _temporary_root()
 
 
 @lru_cache(maxsize=16)
-def _cache_root(folder: str, xdg: str, home: str | None) -> Path:
-    """cache_root for these values of the variables (``home``: $HOME, which Path.home reads)."""
-    if folder:
-        try:
-            return Path(folder).expanduser().absolute()
-        except RuntimeError:
-            log.warning("fgcupy: %s=%r names a home folder that does not exist; caching in %s", CACHE_ENV, folder,
-                        _temporary_root())
-            return _temporary_root()
+def _default_root(xdg: str, home: str | None) -> Path:
+    """cache_root without $FGCUPY_CACHE_DIR for these values of the variables (``home``: $HOME,
+    which Path.home reads)."""
     try:
         xdg_path = Path(xdg).expanduser() if xdg else None
     except RuntimeError:  # an XDG value that cannot be expanded is ignored, as any relative one

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -831,6 +832,44 @@ def test_older_versions_give_way_so_the_file_stays_readable(isolated_cache, monk
     assert 0 < len(kept) < 5 and "v4|k|c|n" in kept  # the newest others stay
 
 
+def test_this_versions_table_with_entries_not_an_object_is_named_so(isolated_cache):
+    """Not called another version's "stale" table (its stamps were the same on both sides)."""
+    autotune.TuneCache().store([fake_result()], H100)
+    data = json.loads(isolated_cache.read_text())
+    data["entries"] = [data["entries"]]
+    isolated_cache.write_text(json.dumps(data))
+    os.chmod(isolated_cache, 0o600)
+    autotune.TuneCache._memo.clear()
+    with pytest.warns(autotune.AutotuneCacheWarning, match="has this version's table, but its entries are not an object"):
+        assert autotune.TuneCache().lookup(KEY) is None
+    assert autotune.TuneCache().store([fake_result()], H100)
+    autotune.TuneCache._memo.clear()
+    assert autotune.TuneCache().lookup(KEY) is not None
+
+
+def test_the_oldest_other_table_gives_way_with_a_warning_even_written_in_one_second(isolated_cache, monkeypatch):
+    """Past KEEP_VERSIONS other versions the oldest table gives way, named in a warning; tables
+    written in the same second keep the order they were written in (the last writer's was the
+    one dropped)."""
+    from fgcupy.autotune import store
+
+    monkeypatch.setattr(store.time, "strftime", lambda fmt, *args: "2026-12-07T10:00:00+0000")
+    for version in range(store.KEEP_VERSIONS + 2):
+        monkeypatch.setattr(store, "library_stamp", lambda v=version: {"version": f"v{v}", "kernel_hash": "k",
+                                                                       "candidates_hash": "c", "nvrtc": "n"})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert autotune.TuneCache().store([fake_result()], H100)
+        gave_way = [str(w.message) for w in caught if "gave way" in str(w.message)]
+        if version <= store.KEEP_VERSIONS:
+            assert gave_way == []
+        else:
+            assert len(gave_way) == 1 and "the tables of 1 older versions gave way (v0|k|c|n)" in gave_way[0]
+    data = json.loads(isolated_cache.read_text())
+    assert data["header"]["version"] == f"v{store.KEEP_VERSIONS + 1}"
+    assert sorted(data["other_versions"]) == sorted(f"v{v}|k|c|n" for v in range(1, store.KEEP_VERSIONS + 1))
+
+
 def test_an_oversized_file_of_ours_is_replaced(isolated_cache, monkeypatch):
     from fgcupy.autotune import store
 
@@ -937,6 +976,22 @@ def test_the_cli_refuses_an_unwritable_json_path_before_tuning(monkeypatch, tmp_
     assert cli.main(["--preset", "cogvideox5b", "--density", "0.3", "--slice-m", "64", "--no-store",
                      "--json", str(tmp_path / "missing" / "out.json")]) == 2
     assert tuned == [] and "cannot write --json" in capsys.readouterr().err
+    for no_file in ("", ".", "/"):  # "" is what --json "$OUT" gives with OUT unset
+        assert cli.main(["--preset", "cogvideox5b", "--density", "0.3", "--slice-m", "64", "--no-store",
+                         "--json", no_file]) == 2
+        assert tuned == [] and "names no file" in capsys.readouterr().err
+
+
+def test_the_cli_json_write_does_not_follow_a_link_planted_at_a_temporary_name(monkeypatch, tmp_path):
+    cli, _ = _fake_gpu_cli(monkeypatch, tmp_path)
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    for pid in range(1, 5):  # the names a predictable scheme would pick
+        (tmp_path / f".out.json.{pid}.tmp").symlink_to(victim)
+    monkeypatch.setattr(cli.os, "getpid", lambda: 3)
+    cli.main(["--preset", "cogvideox5b", "--density", "0.3", "--slice-m", "64", "--no-store",
+              "--json", str(tmp_path / "out.json")])
+    assert victim.read_text() == "keep me" and "results" in json.loads((tmp_path / "out.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,7 +133,7 @@ def test_an_unwritable_cache_is_logged_not_raised(tmp_path, monkeypatch, caplog)
     monkeypatch.setenv("FGCUPY_CACHE_DIR", str(blocker))
     with caplog.at_level(logging.WARNING, logger="fgcupy"):
         kernel_cache.store(SPEC, "sm_80", compile_cubin(SPEC, "sm_80"))
-    assert "not writing kernels to" in caplog.text and "Not a directory" in caplog.text
+    assert "not writing kernels to" in caplog.text and "file is not a folder" in caplog.text
 
 
 def test_driver_availability_is_a_plain_answer():
@@ -433,6 +433,16 @@ def test_a_symlinked_or_foreign_kernel_folder_is_not_written(tmp_path, monkeypat
         assert paths.untrusted_folder(root / "kernels") is None
 
 
+def test_a_symlinked_cache_folder_gets_no_kernels_as_it_gets_no_tuned_table(tmp_path, monkeypatch, caplog):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "link").symlink_to(elsewhere)
+    monkeypatch.setenv("FGCUPY_CACHE_DIR", str(tmp_path / "link"))
+    with caplog.at_level(logging.WARNING, logger="fgcupy"):
+        kernel_cache.store(SPEC, "sm_80", compile_cubin(SPEC, "sm_80"))
+    assert list(elsewhere.iterdir()) == [] and "is a symlink" in caplog.text
+
+
 @pytest.mark.skipif(not hasattr(os, "getuid"), reason="needs POSIX owners")
 def test_folders_made_in_a_shared_cache_folder_are_shared(tmp_path):
     """A folder made inside one that every user may write (sticky, as /tmp) takes that mode, so
@@ -456,6 +466,8 @@ def test_the_cache_folder_is_read_once_from_its_variables(tmp_path, monkeypatch,
     (tmp_path / "sub").mkdir()
     monkeypatch.chdir(tmp_path / "sub")
     assert paths.cache_root() == first == tmp_path / "relative-cache"  # a chdir does not move it
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # nor a variable it does not read
+    assert paths.cache_root() == first
     monkeypatch.setenv("FGCUPY_CACHE_DIR", "~no_such_user_xyz/cache")
     with caplog.at_level(logging.WARNING, logger="fgcupy"):
         assert paths.cache_root() == paths._temporary_root()

@@ -156,8 +156,8 @@ def test_a_struct_or_grid_the_kernel_cannot_take_is_named_before_any_launch():
     for bad in (None, 7, other):
         with pytest.raises(TypeError, match=r"params must be a OrderParams packed by spec.params.pack"):
             launch(spec, None, (1,), bad)
-    for grid in ((), (1, 1, 1, 70000), (2.5,), (True,)):
-        with pytest.raises(ValueError, match=r"grid must be one to three ints"):
+    for grid in ((), (1, 1, 1, 70000), (2.5,), (True,), 4):
+        with pytest.raises(ValueError, match=r"grid must be a tuple of one to three ints"):
             launch(spec, None, grid, params)
 
 

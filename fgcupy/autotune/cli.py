@@ -8,6 +8,7 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -72,11 +73,15 @@ def main(argv=None) -> int:
     summary, dump, seen = [], [], set()
 
     def write_json():  # after every key, whole or not at all: a failed or interrupted run keeps what it measured
-        if args.json:
+        if args.json is not None:
             path = Path(args.json)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            if not args.json or not path.name or path.name in (".", ".."):
+                raise ValueError("it names no file")
+            # a new file of an unguessable name (O_EXCL): a link planted in its place is not followed
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp")
+            handle = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                with open(tmp, "w") as f:
+                with os.fdopen(handle, "w") as f:
                     json.dump({"gpu": dataclasses.asdict(info), "torch": torch.__version__, "results": dump}, f,
                               indent=1)
                 os.replace(tmp, path)
@@ -85,7 +90,7 @@ def main(argv=None) -> int:
 
     try:
         write_json()  # an unwritable path fails now, not after the tuning
-    except OSError as err:
+    except (OSError, ValueError) as err:
         print(f"fgcupy autotune: cannot write --json {args.json}: {err}", file=sys.stderr)
         return 2
     for name in args.preset:

@@ -1,5 +1,6 @@
 """The autotune file: read (memoised, every problem a warning), merged and written under a
-private, bounded lock; other library versions' tables are kept, never wiped."""
+private, bounded lock; the newest KEEP_VERSIONS tables of other library versions are kept beside
+this version's (a warning names any table that gives way)."""
 
 from __future__ import annotations
 
@@ -160,6 +161,9 @@ class TuneCache:
         stamp = library_stamp()
         tables = self._tables(data)
         entries = tables.get(_stamp_id(stamp), {}).get("entries")
+        if entries is None and _stamp_id(data["header"]) == _stamp_id(stamp):
+            return {}, (f"{self.path} has this version's table, but its entries are not an object (an edit?): "
+                        "it is not read, and the next tune replaces it")
         if entries is None:
             theirs = {k: data["header"].get(k) for k in stamp}
             return {}, (f"{self.path} was written by fgcupy {theirs['version']} (kernels {theirs['kernel_hash']}, "
@@ -185,16 +189,17 @@ class TuneCache:
 
     @staticmethod
     def _tables(data: dict) -> dict:
-        """{version stamp id: {"header": ..., "entries": {...}}} of every well-formed table."""
+        """{version stamp id: {"header": ..., "entries": {...}}} of every well-formed table, newest
+        written first: the file's own table, then the others as they were stored (newest first)."""
         tables = {}
+        if isinstance(data.get("entries"), dict):
+            tables[_stamp_id(data["header"])] = {"header": data["header"], "entries": data["entries"]}
         others = data.get("other_versions")
         if isinstance(others, dict):
             for stamp_id, table in others.items():
-                if isinstance(table, dict) and isinstance(table.get("entries"), dict):
+                if stamp_id not in tables and isinstance(table, dict) and isinstance(table.get("entries"), dict):
                     tables[stamp_id] = {"header": table.get("header") if isinstance(table.get("header"), dict) else {},
                                         "entries": table["entries"]}
-        if isinstance(data.get("entries"), dict):
-            tables[_stamp_id(data["header"])] = {"header": data["header"], "entries": data["entries"]}
         return tables
 
     def _warn(self, message: str, signature) -> None:
@@ -276,8 +281,11 @@ class TuneCache:
                 if gpu is not None:
                     gpus[f"{gpu.name}|{gpu.arch}"] = {"name": gpu.name, "arch": gpu.arch, "sm_count": gpu.sm_count}
                 merged = {**mine["entries"], **new}
+                # by when written, newest first; a tie (one second) keeps _tables' order, newest first
                 newest = sorted(tables.items(), key=lambda item: str(item[1]["header"].get("written", "")),
-                                reverse=True)[:KEEP_VERSIONS]
+                                reverse=True)
+                dropped = [stamp_id for stamp_id, _ in newest[KEEP_VERSIONS:]]
+                newest = newest[:KEEP_VERSIONS]
                 header = {"library": "fgcupy", "format": FORMAT, **stamp, "gpus": gpus,
                           "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
                 while True:  # older versions' tables give way to this one's within MAX_FILE_BYTES
@@ -289,7 +297,7 @@ class TuneCache:
                         self._warn(f"this version's tuned table alone is larger than {MAX_FILE_BYTES} bytes; "
                                    f"{self.path} is left as it is and tuned results stay in this process", None)
                         return False
-                    newest.pop()
+                    dropped.append(newest.pop()[0])
                 fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".autotune-", suffix=".tmp")
                 try:
                     with os.fdopen(fd, "w") as f:
@@ -302,6 +310,10 @@ class TuneCache:
                         os.unlink(tmp)
                     raise
                 sweep_stale_temporaries(self.path.parent, ".autotune-*.tmp")
+                if dropped:
+                    self._warn(f"{self.path} keeps this version's table and the newest {KEEP_VERSIONS} others within "
+                               f"{MAX_FILE_BYTES} bytes: the tables of {len(dropped)} older versions gave way "
+                               f"({', '.join(dropped)})", None)
         except OSError as err:
             self._warn(f"cannot write {self.path}: {err}; tuned results stay in this process only", None)
             return False

@@ -113,7 +113,7 @@ def store(spec, arch: str, compiled: CompiledKernel) -> None:
         _warn_once("fgcupy: cuda_src/ changed since this process read it; kernels compiled now are not "
                    "cached (a new process compiles and caches the new sources)")
         return
-    refused = untrusted_folder(path.parent)
+    refused = untrusted_folder(path.parent.parent) or untrusted_folder(path.parent)  # the cache folder, then kernels/
     if refused:
         _warn_once(f"fgcupy: not writing kernels to {path.parent} ({refused}); they will be compiled again")
         return

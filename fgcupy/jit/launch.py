@@ -186,8 +186,8 @@ def launch(spec, device, grid, params: np.void, shared_mem: int | None = None) -
     if not isinstance(params, np.void) or params.dtype != spec.params.dtype:
         raise TypeError(f"{spec.name}: params must be a {spec.params.name} packed by spec.params.pack, got "
                         f"{getattr(params, 'dtype', type(params).__name__)}")
-    if not 1 <= len(grid) <= 3 or not all(_is_index(n) for n in grid):
-        raise ValueError(f"{spec.name}: grid must be one to three ints, got {tuple(grid)!r}")
+    if not isinstance(grid, (tuple, list)) or not 1 <= len(grid) <= 3 or not all(_is_index(n) for n in grid):
+        raise ValueError(f"{spec.name}: grid must be a tuple of one to three ints, got {grid!r}")
     if any(n > limit for n, limit in zip(grid, GRID_LIMITS)):
         raise ValueError(f"{spec.name}: grid {tuple(grid)} exceeds CUDA's limits {GRID_LIMITS} (x, y, z); "
                          "the problem is too large for one launch of this kernel")

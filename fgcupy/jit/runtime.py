@@ -128,8 +128,9 @@ def ready_kernel_on(device, spec):
 
 
 def kernel_at_hand(device, spec) -> bool:
-    """Whether ``spec``'s kernel needs no compile here: loaded, compiled by a thread, or in the
-    disk cache (nothing is loaded or read)."""
+    """Whether ``spec``'s kernel likely needs no compile here: loaded, compiled by a thread, or a
+    file in the disk cache (nothing is loaded or read: a file that load then refuses, cut short
+    or writable by others, is compiled after all)."""
     key = (spec, device_index(device))
     if key in _kernels or key in _compiled_in_background:
         return True
