@@ -149,6 +149,9 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
         raise ValueError(f"at most 128 sub-blocks per block, got slice_m / pool = {slice_m // pool}")
     if combine not in COMBINES:
         raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
+    if method == "colmax" and combine != "max":
+        raise ValueError(f"combine joins the sub-blocks of mean-query methods; colmax scores every query: got "
+                         f"combine={combine!r}")
     if combine == "union" and method != "colmax" and pool == slice_m:
         raise ValueError(f"combine='union' joins the selections of sub-blocks of pool queries: give pool < "
                          f"slice_m={slice_m} (with pool = slice_m it is one mean query per block)")
@@ -201,8 +204,7 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
     elif scale is not None:
         if not is_number(scale):
             raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"scale must be a positive finite number, got {scale}")
+        check_scale(scale)  # the attention kernels' bound: past float32, logits turn to inf and rank as key order
     scale = ref.default_scale(head_dim) if scale is None else float(scale)
     stores_logits = method != "colmax" and exact_band is None and pooling == "mean" and (pool == slice_m or combine == "union")
     if logits_dtype is None:
@@ -261,6 +263,8 @@ def check_workspace_bytes(value) -> int:
     """``value`` as an int the ops take (at most 2**62), or ValueError unless it is a
     non-negative, finite number of bytes (a score buffer's budget: predict_mask, estimate_lse,
     and the diffusers config that passes it on)."""
+    if is_int(value) and value >= 0:  # any int, past float's range too
+        return int(min(value, 2**62))
     if not is_number(value) or not value >= 0 or not math.isfinite(value):
         raise ValueError(f"workspace_bytes must be a non-negative number of bytes, got {value!r}")
     return int(min(value, 2**62))

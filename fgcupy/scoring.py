@@ -150,6 +150,8 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
         pooling = poolings[0] if poolings else AUTO
         poolings = poolings if len(set(poolings)) > 1 else None
     _check_kernel_slice(qh, slice_m)
+    if hasattr(diagonals, "__next__"):  # an iterator: read once, for every pooling's request alike
+        diagonals = tuple(diagonals)
     options = dict(density=density, top_k=top_k, tau=tau, threshold=threshold, rule=rule, pool=pool,
                    combine=combine, min_keys=min_keys, max_keys=max_keys, local=local, scale=scale,
                    logits_dtype=logits_dtype, exact_band=exact_band, diagonals=diagonals)

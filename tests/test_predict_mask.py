@@ -182,11 +182,29 @@ def test_min_and_max_keys_bound_every_block():
         (dict(method="topk", density=0.1, diagonals=[True]), r"diagonals must be ints"),
         (dict(method="topk", density=0.1, diagonals=300), r"diagonals must be a sequence of ints"),
         (dict(method="topk", density=0.1, diagonals=[2**31]), r"too far for int32"),
+        (dict(method="colmax", combine="union"), r"combine joins the sub-blocks of mean-query methods"),
+        # past float32 the logits turn to inf and the mask to key order: the kernels' bound
+        (dict(method="topk", density=0.1, scale=1e39), r"scale must be a positive finite number up to 2.36e\+38"),
+        (dict(method="topk", density=0.1, scale=10**400), r"scale must be a positive finite number up to"),
     ],
 )
 def test_option_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_request(16, 260, 64, **kwargs)
+
+
+def test_diagonals_given_as_an_iterator_reach_every_pooling_of_a_per_head_list():
+    q, k = (torch.randn(1, 2, 512, 16, generator=torch.Generator().manual_seed(n)) for n in (1, 2))
+    options = dict(density=0.1, pooling=["mean", "sample"], exact_band=16)
+    listed = predict_mask(q, k, 64, diagonals=[256], **options)
+    once = predict_mask(q, k, 64, diagonals=iter([256]), **options)
+    assert torch.equal(listed.indices, once.indices) and torch.equal(listed.indptr, once.indptr)
+
+
+def test_a_workspace_past_floats_range_is_capped_as_documented():
+    from fgcupy.mask_request import check_workspace_bytes
+
+    assert check_workspace_bytes(10**400) == check_workspace_bytes(2**70) == 2**62
 
 
 def test_stored_logits_are_float16_unless_asked_otherwise():
