@@ -5,12 +5,15 @@ from __future__ import annotations
 import torch
 
 from .mask import SliceMask
+from .mask_algebra import slice_heads
 from .scoring import predict_mask
 
 
 class MaskPredictor:
     """Per-rank mask prediction for the heads a rank owns: calls ``fgcupy.predict_mask`` on the
-    exchanged full-sequence q, k of each head group."""
+    exchanged full-sequence q, k of each head group. Options that hold one entry per head of the
+    model (a pooling list, an ``lse`` tensor [B, H, S], ``candidates`` masks) are given for every
+    head and cut to the group's."""
 
     def __init__(self, slice_m: int = 128, **options):
         self.slice_m = slice_m
@@ -21,6 +24,13 @@ class MaskPredictor:
         options = dict(self.options)
         if isinstance(options.get("pooling"), (list, tuple)):  # one pooling per head of the model
             options["pooling"] = [options["pooling"][h] for h in heads]
+        if isinstance(options.get("lse"), torch.Tensor):
+            options["lse"] = options["lse"][:, heads.start : heads.stop]
+        candidates = options.get("candidates")
+        if isinstance(candidates, SliceMask):
+            options["candidates"] = slice_heads(candidates, heads)
+        elif isinstance(candidates, (list, tuple)):
+            options["candidates"] = [slice_heads(c, heads) if isinstance(c, SliceMask) else c for c in candidates]
         return predict_mask(q.contiguous(), k.contiguous(), slice_m=self.slice_m, **options)
 
     def __repr__(self):

@@ -292,6 +292,30 @@ def test_mask_predictor_gives_each_head_group_its_own_poolings(monkeypatch):
     assert seen["pooling"] == ["sample", "both"] and predictor.options["pooling"] == ["mean", "sample", "both", "mean"]
 
 
+def test_the_predictor_cuts_a_per_head_lse_and_candidates_to_the_group():
+    """lse and candidates are given for every head of the model, as a pooling list is: each head
+    group predicts with its own (the model's whole tensors were refused as the wrong shape)."""
+    from fgcupy import predict_mask
+    from fgcupy.mask_algebra import slice_heads
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 4, 96, 16, generator=gen) for _ in range(2))
+    lse = torch.logsumexp(q @ k.transpose(-1, -2) * 0.25, -1)
+    candidates = predict_mask(q, k, 32, density=0.5)
+    heads = range(1, 3)
+    for options in (dict(lse=lse), dict(lse="estimate", candidates=candidates), dict(lse=lse, candidates=[candidates])):
+        got = MaskPredictor(slice_m=32, method="colmax", rule="topk", density=0.2, scale=0.25, **options)(
+            q[:, 1:3], k[:, 1:3], heads)
+        own = {name: (value[:, 1:3] if name == "lse" and isinstance(value, torch.Tensor) else value)
+               for name, value in options.items()}
+        if "candidates" in own:
+            cands = own["candidates"]
+            own["candidates"] = ([slice_heads(c, heads) for c in cands] if isinstance(cands, list)
+                                 else slice_heads(cands, heads))
+        expected = predict_mask(q[:, 1:3], k[:, 1:3], 32, "colmax", rule="topk", density=0.2, scale=0.25, **own)
+        assert torch.equal(got.to_dense(), expected.to_dense())
+
+
 def test_dense_head_groups_keep_no_list_of_every_key(monkeypatch):
     """With no mask, a head group runs dense attention (the kernel in head groups within the dense
     index budget), keeping nothing: a cached list of every key was 3.6 GB per object at 75,600
