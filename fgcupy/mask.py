@@ -228,10 +228,7 @@ class SliceMask:
     @classmethod
     def full(cls, batch: int, heads: int, q_len: int, kv_len: int, slice_m: int, device=None) -> "SliceMask":
         """Every key for every query block: dense attention through the sparse kernel."""
-        for name, value, least in (("batch", batch, 0), ("heads", heads, 0), ("q_len", q_len, 0), ("kv_len", kv_len, 0),
-                                   ("slice_m", slice_m, 1)):
-            if not is_int(value) or value < least:
-                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        _check_sizes(batch, heads, q_len, kv_len, slice_m)
         q_blocks = num_blocks(q_len, slice_m)
         rows = batch * heads * q_blocks
         if rows * kv_len > torch.iinfo(torch.int32).max or rows > INT32_MAX or kv_len > INT32_MAX:
@@ -440,6 +437,14 @@ class SliceMask:
         return cls.from_dense(dense, slice_m, q_len)
 
 
+def _check_sizes(batch, heads, q_len, kv_len, slice_m) -> None:
+    """ValueError naming the first of a mask's sizes that is not an int (slice_m >= 1, the rest >= 0)."""
+    for name, value, least in (("batch", batch, 0), ("heads", heads, 0), ("q_len", q_len, 0), ("kv_len", kv_len, 0),
+                               ("slice_m", slice_m, 1)):
+        if not is_int(value) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+
+
 def random_topk_mask(batch: int, heads: int, q_len: int, kv_len: int, slice_m: int, density: float,
                      device=None, generator: torch.Generator | None = None) -> SliceMask:
     """Each query block keeps round(density * kv_len) distinct keys drawn uniformly (at least
@@ -447,10 +452,7 @@ def random_topk_mask(batch: int, heads: int, q_len: int, kv_len: int, slice_m: i
     carry no structure."""
     if not isinstance(density, numbers.Real) or isinstance(density, bool) or not density >= 0:
         raise ValueError(f"density must be a non-negative number, got {density!r}")
-    for name, value, least in (("batch", batch, 0), ("heads", heads, 0), ("q_len", q_len, 0), ("kv_len", kv_len, 0),
-                               ("slice_m", slice_m, 1)):
-        if not is_int(value) or value < least:
-            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+    _check_sizes(batch, heads, q_len, kv_len, slice_m)
     if density >= 1.0 or kv_len == 0:
         return SliceMask.full(batch, heads, q_len, kv_len, slice_m, device=device)
     keep = max(1, round(density * kv_len))
