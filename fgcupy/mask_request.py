@@ -199,10 +199,8 @@ def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None,
     if products != "input" and method != "colmax":
         raise ValueError(f"products={products!r} applies to method='colmax', not {method!r}")
     scale = eager_scale(scale)
-    if scale is not None and torch.compiler.is_compiling():  # maybe symbolic: checked in the graph
-        check_scale(scale)
-    elif scale is not None:
-        if not is_number(scale):
+    if scale is not None:
+        if not torch.compiler.is_compiling() and not is_number(scale):  # compiling: maybe symbolic
             raise TypeError(f"scale must be a number or None, got {type(scale).__name__}")
         check_scale(scale)  # the attention kernels' bound: past float32, logits turn to inf and rank as key order
     scale = ref.default_scale(head_dim) if scale is None else float(scale)

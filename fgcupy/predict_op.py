@@ -163,11 +163,12 @@ def predict(q, k, lse, candidates: tuple, req: MaskRequest, workspace_bytes: int
             per_head: tuple | None = None) -> SliceMask:
     """The mask ``req`` selects (``per_head``: see request_token): through the op under
     torch.compile, else its implementation."""
+    token = request_token(req, per_head)
     args = (q, k, lse, [m.indptr for m in candidates], [m.indices for m in candidates],
-            request_token(req, per_head), -1 if req.top_k is None else req.top_k,
+            token, -1 if req.top_k is None else req.top_k,
             -1.0 if req.threshold is None else req.threshold, req.scale, workspace_bytes)
     meta = q.device.type == "meta"
-    if meta and not _is_static(_fields(args[5])):
+    if meta and not _is_static(_fields(token)):
         raise ValueError("predict_mask on meta tensors: only a top-k mask's size follows from the shapes "
                          f"(method {req.method!r}, rule {req.rule!r} needs the values)")
     if torch.compiler.is_compiling() or meta:  # the op's fake implementation gives a meta mask its shape
