@@ -4,7 +4,7 @@
     python -m bench.draw_masks --pattern mixed --head 2 --grid 4 30 52 --device cpu
 
 Inputs: a head family of fgcupy.head_families or a pattern of fgcupy.workloads, on the
-preset's latent grid (or --grid T H W). Panels: the default predictor, one mean query per
+preset's latent grid (or --grid T H W). Panels: the default predictor ("auto"), the cheap top-k alone, one mean query per
 block, and the oracle (exact column-max top-k) at the same density, each with its block cover
 shaded and its error / the oracle's error in the title.
 """
@@ -50,8 +50,9 @@ def main(argv=None):
         what = f"family {family}, head {args.head}"
     judge = Judge(q, k, v)
     masks = {}
-    for label, kw in (("default", {}), ("mean query", dict(pool=None, exact_band=None))):
-        mask = predict_mask(q, k, 128, "topk", density=args.density, **kw)
+    for label, kw in (("default (auto)", {}), ("topk", dict(method="topk")),
+                      ("mean query", dict(method="topk", pool=None, exact_band=None))):
+        mask = predict_mask(q, k, 128, density=args.density, **kw)
         _, ratio = judge.ratio(mask)
         masks[f"{label} (x{ratio:.2f} oracle error)"] = mask
     masks["oracle"] = judge.oracle(args.density)

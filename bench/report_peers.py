@@ -1,7 +1,7 @@
 """fgcupy against the peers on video-like attention, in one process on one GPU.
 
 For a preset and a pattern of fgcupy.workloads it predicts slice masks at several densities
-(the default predictor, top-k), then times, with CUDA-event medians after warm-up:
+(the cheap top-k predictor), then times, with CUDA-event medians after warm-up:
   * SDPA flash and cuDNN (dense), FlexAttention dense;
   * fgcupy on the slice mask;
   * FlexAttention on the 128x128 block cover of the same slice mask (what a block-sparse

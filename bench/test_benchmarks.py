@@ -52,8 +52,12 @@ def test_fgcupy_random_lists(benchmark, qkv, density):
     _bench(benchmark, fgcupy_call(*qkv, mask), what="fgcupy", density=density)
 
 
-@pytest.mark.parametrize("predictor", ["default", "mean query"])
+PREDICTORS = {"default (auto)": dict(), "topk": dict(method="topk"),
+              "mean query": dict(method="topk", pool=None, exact_band=None)}
+
+
+@pytest.mark.parametrize("predictor", list(PREDICTORS))
 def test_predict_mask(benchmark, predictor):
     q, k, _ = video_qkv("wan14b-480p", "mixed", head_ids=range(HEADS), device="cuda")
-    kw = {} if predictor == "default" else dict(pool=None, exact_band=None)
-    _bench(benchmark, lambda: predict_mask(q, k, 128, "topk", density=0.1, **kw), what=f"predict {predictor}")
+    kw = PREDICTORS[predictor]
+    _bench(benchmark, lambda: predict_mask(q, k, 128, density=0.1, **kw), what=f"predict {predictor}")

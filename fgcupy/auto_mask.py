@@ -1,7 +1,7 @@
 """``predict_mask(method="auto")``: the cheap top-k mask, checked per head, and the estimated
 column max on the heads where the check finds it missing attention the best mask keeps.
 
-The cheap default (pooled mean and sampled queries with the exact band) is near the oracle
+The cheap top-k (pooled mean and sampled queries with the exact band) is near the oracle
 where a block's queries look alike and several times off it where they do not (region
 mixtures, sharp Gaussian heads); the column max with each query's LSE estimated is near the
 oracle everywhere but costs about 0.4x a dense step on Hopper. The check tells the two kinds of head

@@ -38,7 +38,7 @@ from . import mask_reference as ref
 from .attention_kernel import check_scale, eager_scale
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask, check_key_valid, indptr_from_counts, is_int, num_blocks, positive_int
-from .mask_request import AUTO_OPTIONS, ONE_KEY, PREDICT_METHODS, check_options, make_request
+from .mask_request import AUTO_OPTIONS, DEFAULT_METHOD, ONE_KEY, PREDICT_METHODS, auto_refusal, check_options, make_request
 from .scoring import predict_mask
 
 STORAGES = ("auto", "index", "bits")
@@ -67,14 +67,14 @@ def _check_given_rule(options: dict) -> None:
     """Refuse now the options predict_mask would refuse at the first refresh at any sequence length,
     where a selection (density, top_k, tau or threshold) is given (without one, mask_for's
     overrides may give it); a method that is none of predict_mask's in any case."""
-    method = options.get("method", "topk")
+    method = options.get("method", DEFAULT_METHOD)
     if not isinstance(method, str) or method not in PREDICT_METHODS:
         raise ValueError(f"method must be one of {PREDICT_METHODS}, got {method!r}")
     if not _RULE_OPTIONS & set(options):
         return
     others = sorted(set(options) - _AUTO_OPTIONS)
     if method == "auto" and others:
-        raise ValueError(f"method='auto' takes {sorted(_AUTO_OPTIONS - {'method'})}, got {others}")
+        raise auto_refusal(others)
     request = {name: value for name, value in options.items() if name in _REQUEST_OPTIONS}
     check_options(options.get("slice_m", 128), method, request, ONE_KEY)
 

@@ -6,7 +6,7 @@ candidate's mask and keeps, per head, the one whose kept slices hold the most at
 a dense step's row LSE (the exact schedule's refresh, ``fgcupy.attention.dense_attention_with_lse``,
 or any dense attention that returns it), the most exact column-max mass (the oracle's own score);
 without one, the most probability of a few sampled queries per block (exact softmax rows of
-them, a small fraction of a dense step). The choice goes to ``predict_mask(pooling=...)`` on
+them, a small fraction of a dense step). The choice goes to ``predict_mask(method="topk", pooling=...)`` on
 later steps.
 """
 from __future__ import annotations
@@ -134,6 +134,7 @@ def calibrate(q, k, lse=None, slice_m: int = 128, *, candidates=DEFAULT_CANDIDAT
             raise ValueError("per_block sets the sampled queries of a calibration without lse; with lse every "
                              "query counts")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    predict_kwargs = dict(predict_kwargs, method="topk")
     masks = [predict_mask(q, k, slice_m, pooling=c, scale=scale, **predict_kwargs) for c in candidates]
     if lse is None:
         captured = sampled_mass(q, k, masks, slice_m, scale, per_block)
@@ -152,5 +153,5 @@ def calibrate(q, k, lse=None, slice_m: int = 128, *, candidates=DEFAULT_CANDIDAT
 
 
 def calibrate_pooling(q, k, lse=None, slice_m: int = 128, **options) -> list:
-    """``calibrate(...).poolings``: the pooling per head, for ``predict_mask(pooling=...)``."""
+    """``calibrate(...).poolings``: the pooling per head, for ``predict_mask(method="topk", pooling=...)``."""
     return calibrate(q, k, lse, slice_m, **options).poolings

@@ -17,7 +17,12 @@ METHODS = ("topk", "tau", "threshold", "colmax")
 PREDICT_METHODS = METHODS + ("auto",)
 #: What predict_mask(method="auto") takes besides q, k, slice_m and method (one of density and top_k).
 AUTO_OPTIONS = ("density", "top_k", "scale", "layout", "workspace_bytes")
+#: predict_mask's method where none is named: "auto", the one near the oracle on every head family
+#: (the cheap top-k alone is several times off it where a block's queries look apart;
+#: README "Mask quality").
+DEFAULT_METHOD = "auto"
 COMBINES = ("max", "union")
+
 #: Slice sizes the exact band takes (one query block per scoring CTA of 4 or 8 warps).
 EXACT_BAND_SLICES = (64, 128)
 #: The shipped default of mean-query methods (combine "max", slice_m 64 or 128): sub-blocks of
@@ -78,6 +83,13 @@ class MaskRequest:
     @property
     def group(self) -> int:
         return self.slice_m // self.pool
+
+def auto_refusal(given: list) -> ValueError:
+    """The error for options method "auto" does not take (``given``, their names), saying which
+    method takes them: "auto" is the default, so a call that names no method lands here."""
+    return ValueError(f"method='auto' (predict_mask's default) takes {list(AUTO_OPTIONS)} (one of density and "
+                      f"top_k); got {given}. Name the method those options are for: 'topk', 'tau' or "
+                      "'threshold' for the cheap mean-query scores alone, 'colmax' for the column max")
 
 
 def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None, tau=None, threshold=None,

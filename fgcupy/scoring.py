@@ -55,15 +55,15 @@ from .jit.spec import SLICE_SIZES
 from .layout import query_key_views
 from .lse_estimate import estimate_lse
 from .mask import SliceMask, is_int, num_blocks
-from .mask_request import (AUTO, AUTO_OPTIONS, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_POOL, EXACT_BAND_SLICES,  # noqa: F401
-                           METHODS, POOLINGS, PREDICT_METHODS, MaskRequest, check_products,
-                           check_workspace_bytes, checked_candidates, checked_lse, make_request, resolved_products)
+from .mask_request import (AUTO, AUTO_OPTIONS, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_METHOD, DEFAULT_POOL,  # noqa: F401
+                           EXACT_BAND_SLICES, METHODS, POOLINGS, PREDICT_METHODS, MaskRequest, auto_refusal,
+                           check_products, check_workspace_bytes, checked_candidates, checked_lse, make_request, resolved_products)
 from .attention_kernel import check_scale
 from .op_library import define, pack_csr, packed_csr_empty, unpack_csr
 
 
 @torch.no_grad()  # a mask of integer indices: nothing to differentiate, whatever q and k need
-def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: float | None = None,
+def predict_mask(q, k, slice_m: int = 128, method: str = DEFAULT_METHOD, *, density: float | None = None,
                  top_k: int | None = None, tau: float | None = None, threshold: float | None = None,
                  rule: str | None = None, pool=AUTO, combine: str = "max", min_keys: int | None = None,
                  max_keys: int | None = None, local: int | None = None, lse=None, scale: float | None = None,
@@ -73,16 +73,17 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
     """Predict which slices to keep for ``q`` attending to ``k``; returns a SliceMask on q's device.
 
     q, k: [B, H, S, D] ("HND") or [B, S, H, D] ("NHD"), torch or cupy; CUDA tensors run the
-    kernels (bf16/fp16), CPU tensors the torch reference. ``method``: "topk", "tau" or
-    "threshold" (mean-query scoring, selected by that rule) or "colmax" (exact column maxima
-    from ``lse``, selected by ``rule``: the rule whose option is given, "threshold" when none is;
-    ``lse="estimate"`` where no dense step ran: fgcupy.lse_estimate.estimate_lse, near the
-    oracle on every head family for one column-max pass plus the estimate, notes/MEASURED.md "Mask quality"),
-    or "auto" (top-k: the default's mask, checked per head on a few sampled query blocks against
-    their exact column-max mask; heads where it misses more than fgcupy.auto_mask.MISS_RATIO
-    times that mask's share of the attention, plus MISS_FLOOR, are predicted again by the
-    estimated column max; takes only density or top_k, scale, layout and workspace_bytes;
-    syncs the host).
+    kernels (bf16/fp16), CPU tensors the torch reference. ``method``: "auto", the default
+    (top-k: the "topk" mask with its default scores, checked per head on a few sampled query
+    blocks against their exact column-max mask; heads where it misses more than
+    fgcupy.auto_mask.MISS_RATIO times that mask's share of the attention, plus MISS_FLOOR, are
+    predicted again by the estimated column max; takes only density or top_k, scale, layout and
+    workspace_bytes; syncs the host), "topk", "tau" or "threshold" (mean-query scoring alone,
+    selected by that rule: cheaper, and several times off the oracle on heads whose queries
+    look apart) or "colmax" (exact column maxima from ``lse``, selected by ``rule``: the rule
+    whose option is given, "threshold" when none is; ``lse="estimate"`` where no dense step ran:
+    fgcupy.lse_estimate.estimate_lse, near the oracle on every head family for one column-max
+    pass plus the estimate, notes/MEASURED.md "Mask quality").
     ``density`` is top-k as a fraction of kv_len (a positive density keeps at least one key; 0
     keeps only what ``local`` and ``min_keys`` add, so alone it gives empty rows), or ``top_k`` a
     count. ``tau`` defaults to 0.9; ``threshold`` to 0.5 / kv_len for colmax.
@@ -142,7 +143,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = "topk", *, density: flo
             ("exact_band", exact_band, AUTO), ("pooling", pooling, AUTO), ("diagonals", diagonals, ()),
             ("candidates", candidates, None), ("products", products, AUTO)) if not _is_default(value, default)]
         if given:
-            raise ValueError(f"method='auto' takes {list(AUTO_OPTIONS)} (one of density and top_k); got {given}")
+            raise auto_refusal(given)
         return _predict_auto(qh, kh, slice_m, density, top_k, scale, workspace_bytes)
     poolings = None
     if isinstance(pooling, (list, tuple)):
@@ -213,11 +214,12 @@ def _predict_auto(qh, kh, slice_m, density, top_k, scale, workspace_bytes) -> Sl
         make_request(qh.shape[3], kh.shape[2], slice_m, "colmax", rule="topk", density=density, top_k=top_k,
                      scale=scale)
     except ValueError as err:
-        raise ValueError(f"method='auto' predicts the heads its check flags by the column max: {err}") from None
+        raise ValueError(f"method='auto' (predict_mask's default) predicts the heads its check flags by the column "
+                         f"max: {err}; method='topk' scores without it") from None
     check_scale(req.scale)  # the check runs attention, whose kernels take a narrower range
     _check_kernel_slice(qh, slice_m)
     workspace_bytes = check_workspace_bytes(workspace_bytes)
-    if qh.shape[0] * qh.shape[1] == 0:
+    if qh.shape[0] * qh.shape[1] == 0 or qh.device.type == "meta":  # no heads, or a shape alone: top-k's
         return predict_mask(qh, kh, slice_m, "topk", density=density, top_k=top_k, scale=scale)
     if not torch.compiler.is_compiling():
         return _auto_mask(qh, kh, req.slice_m, req.top_k, req.scale, workspace_bytes)

@@ -2,6 +2,7 @@
 the per-head composition, and its errors (CPU; one GPU test against the CPU composition)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -347,8 +348,32 @@ def test_auto_takes_other_options_left_at_their_defaults():
 
 def test_auto_refuses_slices_the_column_max_cannot_take_before_predicting():
     q, k = _two_kinds_of_head(300)
-    with pytest.raises(ValueError, match="method='auto' predicts the heads its check flags by the column max: .*power of two"):
+    with pytest.raises(ValueError, match=r"method='auto' \(predict_mask's default\) predicts the heads its check flags by the column max: .*power of two"):
         predict_mask(q, k, 100, "auto", density=0.1)
+
+
+def test_the_default_method_is_auto():
+    q, k = _two_kinds_of_head()
+    default = predict_mask(q, k, 128, density=0.1).to_dense()
+    assert torch.equal(default, predict_mask(q, k, 128, "auto", density=0.1).to_dense())
+    cheap = predict_mask(q, k, 128, "topk", density=0.1).to_dense()
+    assert not torch.equal(default[:, 0], cheap[:, 0]) and torch.equal(default[:, 1], cheap[:, 1])
+
+
+@pytest.mark.parametrize("options, named", [(dict(pool=16), ["pool"]), (dict(tau=0.9), ["tau"]),
+                                            (dict(local=4, max_keys=9), ["max_keys", "local"])])
+def test_options_of_another_method_without_a_method_say_which_to_name(options, named):
+    q, k = _two_kinds_of_head(256)
+    message = re.escape(f"method='auto' (predict_mask's default) takes") + ".*" + re.escape(f"got {named}. Name the method")
+    with pytest.raises(ValueError, match=message):
+        predict_mask(q, k, 128, density=0.1 if "tau" not in options else None, **options)
+
+
+def test_a_slice_the_column_max_cannot_take_points_to_topk():
+    q, k = _two_kinds_of_head(300)
+    with pytest.raises(ValueError, match="method='topk' scores without it"):
+        predict_mask(q, k, 100, density=0.1)
+    assert predict_mask(q, k, 100, "topk", density=0.1).q_blocks == 3
 
 
 def test_an_unknown_method_lists_auto():

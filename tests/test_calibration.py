@@ -29,18 +29,18 @@ def test_each_head_gets_the_pooling_that_holds_the_most_column_max_mass():
     colmax = colmax_scores(q, k, lse, 128, 1 / math.sqrt(128))
     held = {}
     for pooling in ("mean", "both"):
-        row, key = predict_mask(q, k, 128, density=0.1, pooling=pooling).flat_rows()
+        row, key = predict_mask(q, k, 128, "topk", density=0.1, pooling=pooling).flat_rows()
         blocks = colmax.shape[2]
         per_row = colmax.reshape(-1, colmax.shape[3])[row, key].double()
         held[pooling] = torch.zeros(2, dtype=torch.float64).index_add_(0, row // blocks % 2, per_row)
     assert chosen == ["both" if held["both"][h] > held["mean"][h] else "mean" for h in range(2)]
     assert chosen == ["both", "mean"]  # sampled queries for the strided head, mean queries for the spatial one
-    mask = predict_mask(q, k, 128, density=0.1, pooling="mean")
+    mask = predict_mask(q, k, 128, "topk", density=0.1, pooling="mean")
     torch.testing.assert_close(captured_colmax(colmax, mask), held["mean"])
     # The calibration's mask: each head's rows from its chosen pooling's prediction.
     joined = calibrate(q, k, lse, 128, density=0.1).mask.validate().to_dense()
     for h, pooling in enumerate(chosen):
-        expected = predict_mask(q[:, h:h + 1], k[:, h:h + 1], 128, density=0.1, pooling=pooling).to_dense()
+        expected = predict_mask(q[:, h:h + 1], k[:, h:h + 1], 128, "topk", density=0.1, pooling=pooling).to_dense()
         assert torch.equal(joined[:, h:h + 1], expected)
 
 
@@ -67,7 +67,7 @@ def test_sampled_mass_is_the_probability_the_mask_keeps(per_block):
     queries on the kept keys of their blocks (the last, partial block's samples past q_len left out)."""
     q, k, _ = two_kinds_of_heads()
     q, k = q[:, :, :1000], k[:, :, :1100]  # a partial last block of 1000 - 7 * 128 = 104 queries
-    masks = [predict_mask(q, k, 128, density=0.1, pooling=p) for p in ("mean", "both")]
+    masks = [predict_mask(q, k, 128, "topk", density=0.1, pooling=p) for p in ("mean", "both")]
     got = sampled_mass(q, k, masks, 128, 1 / math.sqrt(128), per_block=per_block)
     positions = probe_queries(q.shape[2], 128, per_block)
     if per_block == 4:

@@ -130,7 +130,7 @@ def test_products_refusals():
         predict_mask(q, q, 128, "colmax", lse=lse, density=0.1, products="fp8")
     with pytest.raises(ValueError, match="applies to method='colmax'"):
         predict_mask(q, q, 128, "topk", density=0.1, products="e4m3")
-    with pytest.raises(ValueError, match="method='auto' takes"):
+    with pytest.raises(ValueError, match=r"method='auto' \(predict_mask's default\) takes"):
         predict_mask(q, q, 128, "auto", density=0.1, products="e4m3")
     old = predict_mask(q, q, 128, "topk", top_k=20)
     with pytest.raises(ValueError, match="candidates"):

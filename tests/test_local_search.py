@@ -111,7 +111,7 @@ def test_grid_offsets_and_the_rotation():
 
 @pytest.mark.parametrize("family", ["mixture", "window2d", "temporal-strided"])
 def test_local_search_walks_towards_the_oracle(family):
-    """Six refreshes from the default's mask, q and k drifting a little before each: with the old
+    """Six refreshes from the cheap top-k's mask, q and k drifting a little before each: with the old
     keys moved along the grid as candidates the mask ends well below the default's error ratio
     (a plain sparse refresh stays near the default: tools.probe_sparse_refresh)."""
     grid, density = (2, 16, 32), 0.1

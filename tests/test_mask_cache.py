@@ -465,9 +465,10 @@ def test_a_layer_that_misses_its_refresh_step_refreshes_on_its_next_call(schedul
     (dict(method="auto", density=-0.1), r"density must be a number in \[0, 1\]"),
     (dict(method="topk", density=0.1, top_k=3), r"exactly one of density .* or top_k"),
     (dict(method="bogus", density=0.1), r"method must be one of"),
-    (dict(density=0.1, pooling=["mean", "bogus"]), r"pooling must be one of"),
-    (dict(method="auto", density=0.2, pooling="sample"), r"method='auto' takes .*, got \['pooling'\]"),
-    (dict(method="auto", density=0.2, min_keys=4), r"method='auto' takes .*, got \['min_keys'\]"),
+    (dict(method="topk", density=0.1, pooling=["mean", "bogus"]), r"pooling must be one of"),
+    (dict(method="auto", density=0.2, pooling="sample"), r"method='auto' \(predict_mask's default\) takes .*; got \['pooling'\]"),
+    (dict(method="auto", density=0.2, min_keys=4), r"method='auto' \(predict_mask's default\) takes .*; got \['min_keys'\]"),
+    (dict(density=0.2, local=64), r"method='auto' \(predict_mask's default\) .*; got \['local'\]\. Name the method"),
     (dict(method="auto", density=0.2, scale=3e38), r"scale must be a positive finite number up to"),
 ])
 def test_a_selection_that_cannot_work_is_refused_when_the_cache_is_made(options, message):
@@ -500,7 +501,7 @@ def test_counts_that_depend_on_the_keys_are_checked_when_the_keys_are_known():
     """min_keys and the band are clamped to kv_len, so a max_keys below them can run: it is
     not refused before q and k are known."""
     q, k = torch.randn(1, 2, 256, 32), torch.randn(1, 2, 300, 32)
-    cache = MaskCache(density=0.2, local=1000, max_keys=500, slice_m=128)
+    cache = MaskCache(method="topk", density=0.2, local=1000, max_keys=500, slice_m=128)
     assert cache.mask_for("L", 0, q, k).kv_len == 300
 
 
@@ -526,9 +527,9 @@ def test_mask_recall_tells_a_mask_that_misses_a_heads_mass_on_any_input():
     q, k = (torch.randn(1, 2, 512, 32, generator=gen) * 3.0 for _ in range(2))  # logits of std ~9
     v = torch.randn(1, 2, 512, 32, generator=gen)
     exact_mask = fgcupy.predict_mask(q, k, 64, "colmax", density=0.1, lse=exact_lse(q, k))
-    default_mask = fgcupy.predict_mask(q, k, 64, density=0.1)
+    cheap_mask = fgcupy.predict_mask(q, k, 64, "topk", density=0.1)
     recalls = []
-    for mask in (exact_mask, default_mask):
+    for mask in (exact_mask, cheap_mask):
         _, lse = fgcupy.sparse_attention(q, k, v, mask, return_lse=True)
         recall = fgcupy.mask_recall(q, k, lse)
         torch.testing.assert_close(recall, fgcupy.mask_recall(q, k, lse, 1 / math.sqrt(32)))

@@ -195,7 +195,7 @@ def test_option_errors(kwargs, message):
 
 def test_diagonals_given_as_an_iterator_reach_every_pooling_of_a_per_head_list():
     q, k = (torch.randn(1, 2, 512, 16, generator=torch.Generator().manual_seed(n)) for n in (1, 2))
-    options = dict(density=0.1, pooling=["mean", "sample"], exact_band=16)
+    options = dict(method="topk", density=0.1, pooling=["mean", "sample"], exact_band=16)
     listed = predict_mask(q, k, 64, diagonals=[256], **options)
     once = predict_mask(q, k, 64, diagonals=iter([256]), **options)
     assert torch.equal(listed.indices, once.indices) and torch.equal(listed.indptr, once.indptr)
@@ -535,9 +535,9 @@ def test_a_nan_query_leaves_its_blocks_mask_to_the_other_queries():
     base = torch.randn(1, 1, 512, 64, generator=gen)
     q = (base * 2 + 0.3 * torch.randn(1, 1, 512, 64, generator=gen)).bfloat16()
     k = (base * 2).bfloat16()
-    clean = predict_mask(q, k, 128, density=0.3)
+    clean = predict_mask(q, k, 128, "topk", density=0.3)
     q[0, 0, 5, 0] = float("nan")
-    with_nan = predict_mask(q, k, 128, density=0.3)
+    with_nan = predict_mask(q, k, 128, "topk", density=0.3)
     assert torch.equal(with_nan.to_dense()[0, 0, 0], clean.to_dense()[0, 0, 0])
 
 
@@ -573,9 +573,9 @@ def test_one_non_finite_query_leaves_its_block_mask(bad):
     mean turned infinite: 9 of 102 keys kept. Such a block is scored by its sub-blocks instead."""
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, 1, 1024, 64, generator=gen).half() for _ in range(2))
-    clean = predict_mask(q, k, 128, density=0.1)
+    clean = predict_mask(q, k, 128, "topk", density=0.1)
     q[0, 0, 5, 0] = bad
-    dirty = predict_mask(q, k, 128, density=0.1)
+    dirty = predict_mask(q, k, 128, "topk", density=0.1)
 
     def block0(m):
         return set(m.indices[m.indptr[0, 0, 0]:m.indptr[0, 0, 1]].tolist())

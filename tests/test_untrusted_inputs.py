@@ -108,8 +108,8 @@ def test_predict_mask_refuses_flags_and_tensors_for_numbers(kwargs, message):
 
 def test_predict_mask_takes_numpy_ints():
     q, k, _ = _qkv(6, seq=256)
-    a = predict_mask(q, k, 128, density=0.1, pool=16, min_keys=2, local=0)
-    b = predict_mask(q, k, 128, density=0.1, pool=np.int64(16), min_keys=np.int32(2), local=np.int64(0))
+    a = predict_mask(q, k, 128, "topk", density=0.1, pool=16, min_keys=2, local=0)
+    b = predict_mask(q, k, 128, "topk", density=0.1, pool=np.int64(16), min_keys=np.int32(2), local=np.int64(0))
     assert torch.equal(a.indices, b.indices)
 
 
@@ -282,8 +282,8 @@ def test_counts_past_the_keys_mean_all_keys():
     assert (req.min_keys, req.max_keys, req.local) == (1000, 1000, 2**30 - 1)
     q, k, _ = _qkv(seq=256)
     for kwargs in (dict(max_keys=sys.maxsize), dict(local=2**31), dict(min_keys=2**31)):  # q_len = kv_len = 256
-        capped = predict_mask(q, k, 128, density=0.1, **kwargs)
-        at_kv_len = predict_mask(q, k, 128, density=0.1, **{name: 256 for name in kwargs})
+        capped = predict_mask(q, k, 128, "topk", density=0.1, **kwargs)
+        at_kv_len = predict_mask(q, k, 128, "topk", density=0.1, **{name: 256 for name in kwargs})
         assert torch.equal(capped.to_dense(), at_kv_len.to_dense())
 
 

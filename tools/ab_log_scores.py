@@ -3,7 +3,7 @@ instead of float32 probabilities, and the selection reading either row format.
 
     PYTHONPATH=. python -m tools.ab_log_scores
 
-wan14b-480p (40 heads, "mixed" pattern), SDPA cuDNN and the default prediction in the same run,
+wan14b-480p (40 heads, "mixed" pattern), SDPA cuDNN and the cheap top-k prediction in the same run,
 queued CUDA-event medians. The float16 variant is the current wgmma scoring source with its
 max-probability store replaced (built here, launched through tools.compare_scoring); its rows
 are not read back (their layout differs), the selection is timed on the float32 scores rounded

@@ -4,7 +4,7 @@ runs 16 results per clock per SM against 128 for FMAs.
 
     PYTHONPATH=. python -m tools.ab_poly_exp [--skip scoring attention]
 
-* scoring: the pooled stats pass of the default prediction (one exponential per score) with a
+* scoring: the pooled stats pass of the cheap top-k prediction (one exponential per score) with a
   quarter, three eighths or half of them on the polynomial (tools.compare_scoring's launcher of
   a source variant), LSE differences and queued medians beside the current kernel;
 * attention: the online softmax of every attention kernel (cuda_src/attn_common.cuh) with a

@@ -3,7 +3,7 @@
     PYTHONPATH=. python -m tools.ab_select_rule   (GPU)
 
 Both are ``fg::select_rows`` (cuda_src/mask_select.cu), the second with the rule compiled in.
-Prints each one's NVRTC compile time for the staged bfloat16 rows of the default prediction,
+Prints each one's NVRTC compile time for the staged bfloat16 rows of the cheap top-k prediction,
 then, per row length (32,760 and 75,600 keys, 40 heads of 128-query blocks), row kind (flat
 random probabilities, or peaked: their 8th powers) and density, both kernels' CUDA-event
 medians over alternating calls and whether they kept the same keys.

@@ -1,4 +1,4 @@
-"""A cold first sparse step: the default prediction and a one-shot attention over its mask in
+"""A cold first sparse step: the cheap top-k prediction and a one-shot attention over its mask in
 fresh processes with empty kernel caches, with the kernels loaded ahead on threads and without.
 
     PYTHONPATH=. python -m tools.probe_cold_prediction [--rounds 2] [--heads 8] [--seq 32760] [--exact]   (GPU)
@@ -67,7 +67,7 @@ print(json.dumps({"predict_s": round(t1 - t0, 3), "attention_s": round(t2 - t1, 
 
 def run_child(cache: str | None, heads: int, seq: int, ahead: bool, mode: str = "predicted") -> tuple:
     """One child process on ``cache`` (None: a fresh folder, removed afterwards); ``mode``
-    "predicted" (the default prediction, then attention) or "exact" (a dense step, then its
+    "predicted" (the cheap top-k prediction, then attention) or "exact" (a dense step, then its
     column-max mask)."""
     folder = cache or tempfile.mkdtemp(prefix="fgcupy-cold-")
     env = dict(os.environ, FGCUPY_CACHE_DIR=folder, CUPY_CACHE_DIR=folder)

@@ -6,11 +6,11 @@
 Step A is a head family's q, k, v and its oracle mask M0 (the exact column-max top-k: what a
 dense warm-up step gives, SparseAttentionConfig(mask_from_warmup=True)). At step B, q and k have
 drifted (fresh content noise of std ``--drift`` added to every entry; v kept). A refresh at step
-B could score exactly the keys M0 keeps plus the default predictor's keys: max over each block's
+B could score exactly the keys M0 keeps plus the cheap top-k predictor's keys: max over each block's
 queries of logit - lse, where lse is each query's LSE over M0's keys (what step B's sparse
 attention through M0 returns), and keep the top-k: SparseAttentionConfig(sparse_refresh=True, local_search=False),
 through the library's path (the kernels on a GPU, the reference on a CPU). Printed, as error / step B's oracle error:
-the default predictor at step B, M0 reused, and that refresh. With ``--iterate N``: N refreshes in
+the cheap top-k predictor at step B, M0 reused, and that refresh. With ``--iterate N``: N refreshes in
 a row from the default's own mask (q and k drifting before each), without and with the old mask's
 keys moved by one token, row or frame of the grid as candidates too (a local search).
 """
@@ -35,7 +35,7 @@ def drifted(t: torch.Tensor, drift: float, gen: torch.Generator) -> torch.Tensor
 
 def sparse_refresh(q, k, v, previous: SliceMask, density: float) -> SliceMask:
     """What SparseAttentionConfig(sparse_refresh=True) makes at step B: the exact column-max top-k
-    over the keys of ``previous`` and of the default predictor."""
+    over the keys of ``previous`` and of the cheap top-k predictor."""
     default = predict_mask(q, k, previous.slice_m, "topk", density=density)
     return refresh_topk(q, k, v, previous, union_keys(previous, (0,), default), density)
 
@@ -44,7 +44,7 @@ SEARCHES = ("plain", "rotating", "all", "all, no predictor", "rotating, no predi
 
 
 def local_search(args, shape, grid) -> None:
-    """--iterate: from the default's mask (or the oracle's, ``--start oracle``), ``args.iterate``
+    """--iterate: from the cheap top-k's mask (or the oracle's, ``--start oracle``), ``args.iterate``
     refreshes, each on q, k drifted again, side by side: a plain sparse refresh; one that also
     scores the old mask's keys moved by one token, row or frame of the grid either way (one of the
     three in turn); one that moves them by all three; those two without the predictor's keys."""
@@ -93,11 +93,11 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--start", choices=("default", "oracle"), default="default",
-                        help="--iterate's first mask: the default predictor's or the oracle's (a dense warm-up)")
+                        help="--iterate's first mask: the cheap top-k predictor's or the oracle's (a dense warm-up)")
     parser.add_argument("--variants", nargs="+", default=list(SEARCHES), choices=SEARCHES,
                         help="--iterate's refreshes to run side by side")
     parser.add_argument("--iterate", type=int, default=0,
-                        help="refreshes in a row from the default's mask, q and k drifting before each (0: one "
+                        help="refreshes in a row from the cheap top-k's mask, q and k drifting before each (0: one "
                              "refresh from the oracle mask)")
     args = parser.parse_args(argv)
     grid = tuple(int(x) for x in args.grid.split("x"))

@@ -1,5 +1,5 @@
 """What ``predict_mask(method="auto")`` costs and how many heads it predicts again, per head
-family, beside the default and the estimated column max, as % of SDPA cuDNN dense attention of
+family, beside the cheap top-k alone and the estimated column max, as % of SDPA cuDNN dense attention of
 the same heads (CUDA-event medians of calls timed one by one, since "auto" waits on the host to
 pick its heads; one process). ``--parts``: where one family's "auto" call spends its time, and
 the estimated column max its flagged heads pay (its pass on e4m3 products, as it runs on
@@ -75,7 +75,7 @@ def parts(q, k, d: float) -> None:
 
 
 def kernel_table(q, k, d: float, calls: int = 5) -> None:
-    """The GPU kernels of the default, the check and the estimated column max on q, k (torch's
+    """The GPU kernels of the cheap top-k, the check and the estimated column max on q, k (torch's
     profiler, per call: the mean over ``calls`` calls after warm-up), longest first."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -83,7 +83,7 @@ def kernel_table(q, k, d: float, calls: int = 5) -> None:
     rule = dict(density=d, top_k=None, scale=scale, workspace_bytes=1 << 32)
     cheap = predict_mask(q, k, 128, "topk", density=d)
     steps = {
-        "default": lambda: predict_mask(q, k, 128, "topk", density=d),
+        "cheap top-k": lambda: predict_mask(q, k, 128, "topk", density=d),
         "the check (no host sync)": lambda: auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule),
         "estimated column max": lambda: predict_mask(q, k, 128, "colmax", lse="estimate", density=d),
     }
@@ -110,7 +110,7 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--parts", metavar="FAMILY", help="time each step of one call on this head family (d: the first density)")
-    parser.add_argument("--kernels", action="store_true", help="with --parts: the GPU kernels of the default, the check "
+    parser.add_argument("--kernels", action="store_true", help="with --parts: the GPU kernels of the cheap top-k, the check "
                                                                  "and the estimated column max instead")
     args = parser.parse_args()
     if args.kernels and not args.parts:
@@ -127,8 +127,8 @@ def main() -> None:
     inputs = [(f, lambda f=f: family_qkv(shape, f, heads=args.heads, device="cuda")) for f in FAMILIES]
     inputs += [(f"workload-{p}", lambda p=p: video_qkv(shape, p, head_ids=range(args.heads), device="cuda"))
                for p in PATTERNS]
-    print("| heads | d | cuDNN dense | default | auto (heads predicted again; of them, with the exact LSE) | colmax, estimated LSE | "
-          "default, auto queued (of cuDNN queued) |")
+    print("| heads | d | cuDNN dense | top-k | auto (heads predicted again; of them, with the exact LSE) | colmax, estimated LSE | "
+          "top-k, auto queued (of cuDNN queued) |")
     print("|---|---|---|---|---|---|---|")
     for name, make in inputs:
         q, k, v = make()

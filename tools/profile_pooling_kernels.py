@@ -1,4 +1,4 @@
-"""Where the default prediction's GPU time goes: per-kernel times (torch profiler, per call over 5
+"""Where the cheap top-k prediction's GPU time goes: per-kernel times (torch profiler, per call over 5
 calls after warm-up) of predict_mask top-k 0.1 with pooling "adaptive" (the default) and "mean"
 on wan14b-480p, on the video-like "mixed" heads (coherent: nothing dilated) and on
 temporal-strided heads (every block sampled and dilated) (GPU):

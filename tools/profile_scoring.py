@@ -4,7 +4,7 @@ cuDNN in the same run (wan14b-480p, mixed pattern; queued GPU time, CUDA-event m
     PYTHONPATH=. python -m tools.profile_scoring [--table]
 
 Prints, for the mma.sync kernel and (on Hopper) the wgmma kernel: the exact column-max pass
-(every query, groups of 128, LSE given), and the two pooled passes of the default predictor
+(every query, groups of 128, LSE given), and the two pooled passes of the cheap top-k predictor
 (pool 32: stats, then max-probability over groups of 4) and, on wgmma, the exact band in two
 launches against the fused one; then predict_mask's default, its
 sampled and combined poolings, and column-max predictions (with a dense step's LSE and with

@@ -3,14 +3,14 @@ beside SDPA cuDNN dense in the same run (CUDA-event medians, isolated calls):
 
     PYTHONPATH=. python -m tools.profile_sparse_refresh [--densities 0.1 0.3] [--reps 10]
 
-Per density d: the old mask (the exact one of this step), the default prediction, the sparse
+Per density d: the old mask (the exact one of this step), the cheap top-k prediction, the sparse
 attention through the old mask with its LSE, and the exact column max over the two masks' keys
 (predict_mask(method="colmax", candidates=...)), and its scoring pass alone on each scoring
 kernel (list mode; the rest is zeroing the score rows and the top-k selection). Then the
 candidates as SparseAttentionConfig builds them (fgcupy.union_keys: every key once): the two
 masks' union (sparse_refresh=True), with the old keys moved by a token, a row or a frame of the
 grid (local_search=True; one kind a refresh), and moved keys without the predictor's; for each,
-the union kernel and the column max over it. A sparse refresh adds the default prediction, the
+the union kernel and the column max over it. A sparse refresh adds the cheap top-k prediction, the
 union and its column max to a refresh step (its attention call runs anyway).
 """
 
