@@ -364,7 +364,7 @@ def test_the_default_method_is_auto():
                                             (dict(local=4, max_keys=9), ["max_keys", "local"])])
 def test_options_of_another_method_without_a_method_say_which_to_name(options, named):
     q, k = _two_kinds_of_head(256)
-    message = re.escape(f"method='auto' (predict_mask's default) takes") + ".*" + re.escape(f"got {named}. Name the method")
+    message = re.escape("method='auto' (predict_mask's default) takes") + ".*" + re.escape(f"got {named}. Name the method")
     with pytest.raises(ValueError, match=message):
         predict_mask(q, k, 128, density=0.1 if "tau" not in options else None, **options)
 
