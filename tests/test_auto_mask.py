@@ -383,6 +383,25 @@ def test_an_unknown_method_lists_auto():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("q_len, kv_len, slice_m, layout, dtype, options, keeps", [
+    (300, 500, 128, "HND", torch.bfloat16, dict(density=0.1), 50),
+    (50, 50, 64, "HND", torch.float16, dict(density=0.2), 10),
+    (256, 256, 128, "NHD", torch.bfloat16, dict(density=1.0), 256),
+    (256, 256, 64, "HND", torch.bfloat16, dict(density=0.0), 0),
+    (256, 100, 128, "HND", torch.bfloat16, dict(top_k=500), 100),
+])
+def test_the_default_on_the_gpu_keeps_top_ks_count_on_odd_inputs(q_len, kv_len, slice_m, layout, dtype, options,
+                                                                 keeps):
+    gen = torch.Generator().manual_seed(q_len + kv_len)
+    q, k = (torch.randn(2, 2, n, 64, generator=gen).to("cuda", dtype) for n in (q_len, kv_len))
+    q[0, 1, 3], k[1, 0, 5] = float("nan"), float("inf")
+    if layout == "NHD":
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    mask = predict_mask(q.requires_grad_(), k, slice_m, layout=layout, **options).validate()
+    assert mask.q_blocks == num_blocks(q_len, slice_m) and (mask.row_lengths() == keeps).all()
+
+
+@pytest.mark.gpu
 def test_auto_on_the_gpu_is_the_composition_it_checks():
     """On the kernels: the check's masses near the CPU's, and each head's rows those of the
     cheap mask or of the estimated column max, as the GPU's own check flags it."""
