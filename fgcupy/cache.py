@@ -26,9 +26,7 @@ A later step whose shapes differ from the cached mask's gets a ValueError naming
 
 from __future__ import annotations
 
-import inspect
 import math
-
 from dataclasses import dataclass
 
 import torch
@@ -38,45 +36,17 @@ from . import mask_reference as ref
 from .attention_kernel import check_scale, eager_scale
 from .layout import check_layout, to_bhsd
 from .mask import SliceMask, check_key_valid, indptr_from_counts, is_int, num_blocks, positive_int
-from .mask_request import AUTO_OPTIONS, DEFAULT_METHOD, ONE_KEY, PREDICT_METHODS, auto_refusal, check_options, make_request
-from .scoring import predict_mask
+from .scoring import check_predict_options, predict_mask
 
 STORAGES = ("auto", "index", "bits")
-#: What MaskCache passes on to predict_mask (a misspelt option is refused when the cache is made).
-_PREDICT_OPTIONS = frozenset(inspect.signature(predict_mask).parameters) - {"q", "k", "layout"}
-#: The predict_mask options make_request checks.
-_REQUEST_OPTIONS = frozenset(inspect.signature(make_request).parameters) - {"head_dim", "kv_len", "slice_m", "method"}
-_RULE_OPTIONS = frozenset({"density", "top_k", "tau", "threshold"})
-#: What MaskCache passes on to predict_mask(method="auto") (layout is mask_for's).
-_AUTO_OPTIONS = frozenset({"method", "slice_m", *AUTO_OPTIONS}) - {"layout"}
 _INT16_KEYS = 2**15
 
 
 def _check_predict_options(options: dict, caller: str) -> None:
-    """Refuse names predict_mask does not take, and what _check_given_rule refuses."""
+    """Refuse a layout (mask_for's) and what scoring.check_predict_options refuses."""
     if "layout" in options:
         raise ValueError("layout is an argument of mask_for (the layout of its q and k), not a prediction option")
-    unknown = sorted(set(options) - _PREDICT_OPTIONS)
-    if unknown:
-        raise TypeError(f"{caller} got options predict_mask does not take: {unknown}; it takes "
-                        f"{sorted(_PREDICT_OPTIONS)}")
-    _check_given_rule(options)
-
-
-def _check_given_rule(options: dict) -> None:
-    """Refuse now the options predict_mask would refuse at the first refresh at any sequence length,
-    where a selection (density, top_k, tau or threshold) is given (without one, mask_for's
-    overrides may give it); a method that is none of predict_mask's in any case."""
-    method = options.get("method", DEFAULT_METHOD)
-    if not isinstance(method, str) or method not in PREDICT_METHODS:
-        raise ValueError(f"method must be one of {PREDICT_METHODS}, got {method!r}")
-    if not _RULE_OPTIONS & set(options):
-        return
-    others = sorted(set(options) - _AUTO_OPTIONS)
-    if method == "auto" and others:
-        raise auto_refusal(others)
-    request = {name: value for name, value in options.items() if name in _REQUEST_OPTIONS}
-    check_options(options.get("slice_m", 128), method, request, ONE_KEY)
+    check_predict_options(options, caller)
 
 
 def _same_device(asked: torch.device, held: torch.device) -> bool:

@@ -5,7 +5,7 @@ place one or more frames away, or one row up: their mass lies on diagonals of th
 key = query + d, outside a query block's exact band, where pooled queries blur it.
 ``find_diagonals`` measures, from the exact softmax rows of a few sampled queries, how much mass
 each offset holds (over every head) and returns the strongest offsets outside the band, for
-``predict_mask(diagonals=...)``. Plain torch, any device.
+``predict_mask(method="topk", diagonals=...)``. Plain torch, any device.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def find_diagonals(q, k, slice_m: int = 128, *, count: int = 4, exact_band: int 
                    min_mass: float = DEFAULT_MIN_MASS, min_contrast: float = DEFAULT_MIN_CONTRAST,
                    min_support: float = DEFAULT_MIN_SUPPORT, samples: int = DEFAULT_SAMPLES,
                    scale: float | None = None, layout: str = "HND") -> tuple:
-    """Up to ``count`` key offsets (ints, ascending) for ``predict_mask(diagonals=...)``: the
+    """Up to ``count`` key offsets (ints, ascending) for ``predict_mask(method="topk", diagonals=...)``: the
     offsets d whose PEAK_WIDTH offsets around d hold the most sampled attention mass, each at
     least ``min_mass`` of a query's mass and ``min_contrast`` times the mean of its surroundings
     (a peak, not a broad head's slope), held (at ``min_mass`` or more) by at least

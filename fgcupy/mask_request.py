@@ -84,12 +84,61 @@ class MaskRequest:
     def group(self) -> int:
         return self.slice_m // self.pool
 
-def auto_refusal(given: list) -> ValueError:
+#: predict_mask's options that method "auto" takes only at their defaults, with those defaults.
+AUTO_REFUSES = {"tau": None, "threshold": None, "rule": None, "pool": AUTO, "combine": "max", "min_keys": None,
+                "max_keys": None, "local": None, "lse": None, "logits_dtype": None, "exact_band": AUTO,
+                "pooling": AUTO, "diagonals": (), "candidates": None, "products": AUTO}
+_MEAN_QUERY = "'topk', 'tau' or 'threshold'"
+#: The methods that take each option "auto" refuses (its refusal names them).
+_METHODS_OF = {"tau": "'tau'", "threshold": "'threshold' or 'colmax'", "rule": "'colmax'", "lse": "'colmax'",
+               "candidates": "'colmax'", "products": "'colmax'", "min_keys": _MEAN_QUERY + " or 'colmax'",
+               "max_keys": _MEAN_QUERY + " or 'colmax'", "local": _MEAN_QUERY + " or 'colmax'",
+               "pool": _MEAN_QUERY, "pooling": _MEAN_QUERY, "combine": _MEAN_QUERY, "exact_band": _MEAN_QUERY,
+               "diagonals": _MEAN_QUERY, "logits_dtype": _MEAN_QUERY}
+
+
+def options_auto_refuses(options: dict) -> list:
+    """The names in ``options`` (predict_mask keywords besides AUTO_OPTIONS) that method "auto"
+    does not take: those given at another value than their default (min_keys=0, top-k's own
+    floor, and an empty sequence of diagonals count as defaults), and names it does not know."""
+    refused = []
+    for name, value in options.items():
+        if name not in AUTO_REFUSES:
+            refused.append(name)
+        elif not _is_default(None if name == "min_keys" and is_int(value) and value == 0 else value,
+                             AUTO_REFUSES[name]):
+            refused.append(name)
+    return refused
+
+
+def _is_default(value, default) -> bool:
+    """Whether an option was left at its default (an empty list of diagonals counts as none)."""
+    if isinstance(default, tuple):  # diagonals: any empty sequence (list, tuple, array, tensor)
+        return not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and len(value) == 0
+    if isinstance(default, str):
+        return isinstance(value, str) and value == default
+    if default is None:
+        return value is None
+    return is_int(value) and value == default
+
+
+def auto_refusal(given: list, takes=AUTO_OPTIONS) -> ValueError:
     """The error for options method "auto" does not take (``given``, their names), saying which
-    method takes them: "auto" is the default, so a call that names no method lands here."""
-    return ValueError(f"method='auto' (predict_mask's default) takes {list(AUTO_OPTIONS)} (one of density and "
-                      f"top_k); got {given}. Name the method those options are for: 'topk', 'tau' or "
-                      "'threshold' for the cheap mean-query scores alone, 'colmax' for the column max")
+    methods take each: "auto" is the default, so a call that names no method lands here.
+    ``takes``: what the caller passes on to it."""
+    hints = "; ".join(f"{name}: method {_METHODS_OF[name]}" for name in given if name in _METHODS_OF)
+    return ValueError(f"method='auto' (predict_mask's default) takes {list(takes)} (one of density and top_k); "
+                      f"got {given}. Name the method those options are for" + (f" ({hints})" if hints else ""))
+
+
+def check_auto_column_max(head_dim: int, kv_len: int, slice_m, density=None, top_k=None, scale=None) -> None:
+    """Refuse what the column max of the heads "auto" flags cannot take (a slice size), saying so:
+    the caller may not have named a method at all."""
+    try:
+        make_request(head_dim, kv_len, slice_m, "colmax", rule="topk", density=density, top_k=top_k, scale=scale)
+    except ValueError as err:
+        raise ValueError(f"method='auto' (predict_mask's default) predicts the heads its check flags by the column "
+                         f"max: {err}; method='topk' scores without it") from None
 
 
 def make_request(head_dim, kv_len, slice_m, method, *, density=None, top_k=None, tau=None, threshold=None,
@@ -250,9 +299,8 @@ def check_options(slice_m, method: str, options: dict, kv_len: int) -> None:
     if method == "auto":
         if options.get("scale") is not None:
             check_scale(eager_scale(options["scale"]))
-        # its flagged heads take the column max, whose slice sizes are fewer
-        make_request(128, kv_len, slice_m, "colmax", rule="topk",
-                     **{name: options[name] for name in ("density", "top_k", "scale") if name in options})
+        check_auto_column_max(128, kv_len, slice_m, **{name: options[name] for name in ("density", "top_k", "scale")
+                                                       if name in options})
         method = "topk"
     poolings = options.get("pooling")
     if isinstance(poolings, (list, tuple)):

@@ -1,6 +1,8 @@
 """Mask prediction: score (cuda_src/mask_score.cu) and select (mask_select.cu) into a SliceMask.
 
 Methods:
+  "auto" (the default; fgcupy.auto_mask): "topk" checked per head on a few query blocks against
+      their best mask, the estimated column max on the heads it fails; waits on the host.
   "topk" / "tau" / "threshold": mean-query scoring. Each query block's mean query (or, with
       ``pool`` < slice_m, each sub-block's) against every key; selection by top-k, by the
       smallest set holding a fraction tau of the block's summed scores (scores, not attention
@@ -36,8 +38,8 @@ rounds them the same way): half the traffic of float32 in the dilation and selec
 and every probability keeps 8 significant bits, so keys only trade places with keys scoring
 within 2^-7 of them.
 
-Host synchronisation: none for top-k with combine "max" (row sizes are known from the
-shapes); the other selections need one (in all) to size the index buffer unless ``max_keys``
+Host synchronisation: "auto" waits once (twice where a head is flagged); none for top-k with
+combine "max" (row sizes are known from the shapes); the other selections need one (in all) to size the index buffer unless ``max_keys``
 is given. Score buffers ([heads x rows x kv_len], rows padded to 128 bytes) are bounded by
 ``workspace_bytes``: heads are processed in chunks. Those selections also keep a bitmask of
 each block's (each sub-block's with "union") kept keys until the buffer is sized; where every
@@ -47,6 +49,8 @@ scored (one host sync per chunk unless ``max_keys`` is given).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from . import auto_mask, bridge, predict_op
@@ -54,10 +58,11 @@ from .gpu_prediction import DEFAULT_WORKSPACE, kept_slices, static_row_counts  #
 from .jit.spec import SLICE_SIZES
 from .layout import query_key_views
 from .lse_estimate import estimate_lse
-from .mask import SliceMask, is_int, num_blocks
+from .mask import SliceMask, num_blocks
 from .mask_request import (AUTO, AUTO_OPTIONS, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_METHOD, DEFAULT_POOL,  # noqa: F401
                            EXACT_BAND_SLICES, METHODS, POOLINGS, PREDICT_METHODS, MaskRequest, auto_refusal,
-                           check_products, check_workspace_bytes, checked_candidates, checked_lse, make_request, resolved_products)
+                           ONE_KEY, check_auto_column_max, check_options, check_products, check_workspace_bytes,
+                           checked_candidates, checked_lse, make_request, options_auto_refuses, resolved_products)
 from .attention_kernel import check_scale
 from .op_library import define, pack_csr, packed_csr_empty, unpack_csr
 
@@ -135,13 +140,10 @@ def predict_mask(q, k, slice_m: int = 128, method: str = DEFAULT_METHOD, *, dens
     if not isinstance(method, str) or method not in PREDICT_METHODS:
         raise ValueError(f"method must be one of {PREDICT_METHODS}, got {method!r}")
     if method == "auto":
-        no_floor = None if is_int(min_keys) and min_keys == 0 else min_keys  # top-k's own default
-        given = [name for name, value, default in (
-            ("tau", tau, None), ("threshold", threshold, None), ("rule", rule, None), ("pool", pool, AUTO),
-            ("combine", combine, "max"), ("min_keys", no_floor, None), ("max_keys", max_keys, None),
-            ("local", local, None), ("lse", lse, None), ("logits_dtype", logits_dtype, None),
-            ("exact_band", exact_band, AUTO), ("pooling", pooling, AUTO), ("diagonals", diagonals, ()),
-            ("candidates", candidates, None), ("products", products, AUTO)) if not _is_default(value, default)]
+        given = options_auto_refuses(dict(
+            tau=tau, threshold=threshold, rule=rule, pool=pool, combine=combine, min_keys=min_keys, max_keys=max_keys,
+            local=local, lse=lse, logits_dtype=logits_dtype, exact_band=exact_band, pooling=pooling,
+            diagonals=diagonals, candidates=candidates, products=products))
         if given:
             raise auto_refusal(given)
         return _predict_auto(qh, kh, slice_m, density, top_k, scale, workspace_bytes)
@@ -188,6 +190,38 @@ def predict_mask(q, k, slice_m: int = 128, method: str = DEFAULT_METHOD, *, dens
                               None if poolings is None else (poolings, logits_dtype))
 
 
+#: predict_mask's keywords an object may hold for later calls (q, k and layout are each call's).
+PREDICT_OPTIONS = frozenset(inspect.signature(predict_mask).parameters) - {"q", "k", "layout"}
+#: The options make_request checks.
+_REQUEST_OPTIONS = frozenset(inspect.signature(make_request).parameters) - {"head_dim", "kv_len", "slice_m", "method"}
+_SELECTIONS = frozenset({"density", "top_k", "tau", "threshold"})
+#: What a holder passes on to method "auto".
+_AUTO_HELD = ("slice_m",) + tuple(name for name in AUTO_OPTIONS if name != "layout")
+
+
+def check_predict_options(options: dict, caller: str) -> None:
+    """Refuse now what predict_mask would refuse later, for ``caller``, which holds ``options``
+    for its calls: names predict_mask does not take, a method it does not have and, where a
+    selection (density, top_k, tau or threshold) is given (without one, a later call may add it),
+    what it refuses at any sequence length."""
+    unknown = sorted(set(options) - PREDICT_OPTIONS)
+    if unknown:
+        raise TypeError(f"{caller} got options predict_mask does not take: {unknown}; it takes "
+                        f"{sorted(PREDICT_OPTIONS)}")
+    method = options.get("method", DEFAULT_METHOD)
+    if not isinstance(method, str) or method not in PREDICT_METHODS:
+        raise ValueError(f"method must be one of {PREDICT_METHODS}, got {method!r}")
+    if not _SELECTIONS & set(options):
+        return
+    if method == "auto":
+        refused = options_auto_refuses({name: value for name, value in options.items()
+                                        if name not in ("method", *_AUTO_HELD)})
+        if refused:
+            raise auto_refusal(refused, takes=_AUTO_HELD)
+    request = {name: value for name, value in options.items() if name in _REQUEST_OPTIONS}
+    check_options(options.get("slice_m", 128), method, request, ONE_KEY)
+
+
 def _check_kernel_slice(qh, slice_m) -> None:
     """A CUDA prediction's slice size must have an attention kernel (the mask is for one)."""
     if qh.device.type == "cuda" and slice_m not in SLICE_SIZES:
@@ -195,27 +229,10 @@ def _check_kernel_slice(qh, slice_m) -> None:
                          "(the CPU reference takes any size)")
 
 
-def _is_default(value, default) -> bool:
-    """Whether an option that method "auto" does not take was left at its default (an empty
-    list of diagonals counts as none)."""
-    if isinstance(default, tuple):  # diagonals: any empty sequence (list, tuple, array, tensor)
-        return not isinstance(value, (str, bytes)) and hasattr(value, "__len__") and len(value) == 0
-    if isinstance(default, str):
-        return isinstance(value, str) and value == default
-    if default is None:
-        return value is None
-    return is_int(value) and value == default
-
-
 def _predict_auto(qh, kh, slice_m, density, top_k, scale, workspace_bytes) -> SliceMask:
     """method="auto" (fgcupy.auto_mask), its options checked as top-k's."""
     req = make_request(qh.shape[3], kh.shape[2], slice_m, "topk", density=density, top_k=top_k, scale=scale)
-    try:
-        make_request(qh.shape[3], kh.shape[2], slice_m, "colmax", rule="topk", density=density, top_k=top_k,
-                     scale=scale)
-    except ValueError as err:
-        raise ValueError(f"method='auto' (predict_mask's default) predicts the heads its check flags by the column "
-                         f"max: {err}; method='topk' scores without it") from None
+    check_auto_column_max(qh.shape[3], kh.shape[2], slice_m, density, top_k, scale)
     check_scale(req.scale)  # the check runs attention, whose kernels take a narrower range
     _check_kernel_slice(qh, slice_m)
     workspace_bytes = check_workspace_bytes(workspace_bytes)

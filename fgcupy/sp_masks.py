@@ -6,16 +6,20 @@ import torch
 
 from .mask import SliceMask
 from .mask_algebra import slice_heads
-from .scoring import predict_mask
+from .scoring import check_predict_options, predict_mask
 
 
 class MaskPredictor:
     """Per-rank mask prediction for the heads a rank owns: calls ``fgcupy.predict_mask`` on the
     exchanged full-sequence q, k of each head group. Options that hold one entry per head of the
     model (a pooling list, an ``lse`` tensor [B, H, S], ``candidates`` masks) are given for every
-    head and cut to the group's."""
+    head and cut to the group's; like every option but density, top_k, scale and workspace_bytes
+    they need a method named (predict_mask's default, "auto", takes only those), and what
+    predict_mask would refuse is refused when the predictor is made."""
 
     def __init__(self, slice_m: int = 128, **options):
+        held = {name: value for name, value in options.items() if name != "layout"}
+        check_predict_options(held | {"slice_m": slice_m}, "MaskPredictor")
         self.slice_m = slice_m
         self.options = options
 

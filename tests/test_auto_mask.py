@@ -369,6 +369,15 @@ def test_options_of_another_method_without_a_method_say_which_to_name(options, n
         predict_mask(q, k, 128, density=0.1 if "tau" not in options else None, **options)
 
 
+@pytest.mark.parametrize("options, hint", [(dict(lse="estimate"), "lse: method 'colmax'"),
+                                           (dict(products="e4m3"), "products: method 'colmax'"),
+                                           (dict(pool=8), "pool: method 'topk', 'tau' or 'threshold'")])
+def test_the_refusal_names_the_methods_that_take_each_option(options, hint):
+    q, k = _two_kinds_of_head(256)
+    with pytest.raises(ValueError, match=re.escape(hint)):
+        predict_mask(q, k, 128, density=0.1, **options)
+
+
 def test_a_slice_the_column_max_cannot_take_points_to_topk():
     q, k = _two_kinds_of_head(300)
     with pytest.raises(ValueError, match="method='topk' scores without it"):

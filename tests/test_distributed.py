@@ -265,13 +265,13 @@ def test_mask_predictor_forwards_to_scoring(monkeypatch):
     from fgcupy import sp_masks
 
     monkeypatch.setattr(sp_masks, "predict_mask", predict_mask)
-    predictor = MaskPredictor(slice_m=64, method="mean", density=0.3)
+    predictor = MaskPredictor(slice_m=64, method="topk", density=0.3)
     q = torch.zeros(4, 1, 3, 8).permute(1, 2, 0, 3)  # strided, as exchanged heads are
     k = torch.zeros(1, 3, 4, 8)
     assert predictor(q, k, range(2, 5)) == "mask"
-    assert seen["slice_m"] == 64 and seen["options"] == dict(method="mean", density=0.3)
+    assert seen["slice_m"] == 64 and seen["options"] == dict(method="topk", density=0.3)
     assert seen["q"].is_contiguous() and torch.equal(seen["q"], q)
-    assert "method='mean'" in repr(predictor)
+    assert "method='topk'" in repr(predictor)
 
 
 def test_mask_predictor_gives_each_head_group_its_own_poolings(monkeypatch):
@@ -286,10 +286,21 @@ def test_mask_predictor_gives_each_head_group_its_own_poolings(monkeypatch):
     from fgcupy import sp_masks
 
     monkeypatch.setattr(sp_masks, "predict_mask", predict_mask)
-    predictor = MaskPredictor(slice_m=64, density=0.3, pooling=["mean", "sample", "both", "mean"])
+    predictor = MaskPredictor(slice_m=64, method="topk", density=0.3, pooling=["mean", "sample", "both", "mean"])
     q = torch.zeros(1, 2, 4, 8)
     assert predictor(q, q, range(1, 3)) == "mask"
     assert seen["pooling"] == ["sample", "both"] and predictor.options["pooling"] == ["mean", "sample", "both", "mean"]
+
+
+@pytest.mark.parametrize("options, error, match", [
+    (dict(density=0.3, pooling=["mean", "sample"]), ValueError, r"got \['pooling'\]\. Name the method"),
+    (dict(method="mean", density=0.3), ValueError, "method must be one of"),
+    (dict(method="topk", densty=0.3), TypeError, r"MaskPredictor got options predict_mask does not take: \['densty'\]"),
+    (dict(method="topk", density=3.0), ValueError, "density must be a number in"),
+])
+def test_mask_predictor_refuses_when_made_what_every_call_would(options, error, match):
+    with pytest.raises(error, match=match):
+        MaskPredictor(slice_m=64, **options)
 
 
 def test_the_predictor_cuts_a_per_head_lse_and_candidates_to_the_group():

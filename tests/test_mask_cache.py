@@ -497,6 +497,19 @@ def test_the_cache_passes_method_auto_each_option_it_takes(monkeypatch):
     assert MaskCache(method="auto", density=0.25, slice_m=128).mask_for("L", 0, q, k).density() == pytest.approx(0.25, abs=0.01)
 
 
+def test_the_cache_takes_the_options_the_default_takes_at_their_defaults():
+    q, k = torch.randn(1, 2, 256, 32), torch.randn(1, 2, 256, 32)
+    for left in (dict(min_keys=0), dict(local=None), dict(combine="max"), dict(diagonals=()), dict(pool="auto")):
+        mask = MaskCache(density=0.1, **left).mask_for("L", 0, q, k)
+        assert torch.equal(mask.to_dense(), predict_mask(q, k, 128, density=0.1, **left).to_dense()), left
+
+
+def test_a_slice_the_defaults_column_max_cannot_take_is_named_as_the_defaults():
+    with pytest.raises(ValueError, match=r"method='auto' \(predict_mask's default\) predicts .*; method='topk' scores"):
+        MaskCache(density=0.2, slice_m=100)
+    MaskCache(method="topk", density=0.2, slice_m=100)
+
+
 def test_counts_that_depend_on_the_keys_are_checked_when_the_keys_are_known():
     """min_keys and the band are clamped to kv_len, so a max_keys below them can run: it is
     not refused before q and k are known."""
