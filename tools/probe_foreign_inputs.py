@@ -1,11 +1,11 @@
 """Mask predictors on attention unlike the repository's generators (small problems): i.i.d.
-heads of growing sharpness, sign-split rank-one heads, sink keys, duplicated tokens, and rotary
-locality whose keys extend the queries by appended tokens. For each, the oracle slice mask's
-error and each predictor's error over it, at densities 0.1 and 0.3. The default length samples
+heads of growing sharpness, sign-split rank-one heads, sink keys, duplicated tokens, rotary
+locality whose keys extend the queries by appended tokens, and attention within runs of 100
+tokens that slices straddle. For each, the oracle slice mask's error and each predictor's error over it, at densities 0.1 and 0.3. The default length samples
 the estimated LSE's far keys (from 4,096 keys on; below, it counts every key and is exact).
 
     PYTHONPATH=. python -m tools.probe_foreign_inputs [--seq 8192] [--heads 2] [--slice-m 64]
-        [--dim 64] [--device cpu]
+        [--dim 64] [--device cpu] [--kinds ...]
 
 ``--device cuda`` runs the kernels on bfloat16 copies of the inputs (the e4m3 column-max pass
 on Hopper at ``--dim 128``); the oracle is judged on those copies.
@@ -65,12 +65,19 @@ def inputs(kind: str, heads: int, seq: int, gen: torch.Generator, dim: int = DIM
         k = _rotary(torch.arange(seq + 256), dim).expand(1, heads, seq + 256, dim)
         noise = 0.05
         return (q + noise * torch.randn(q.shape, generator=gen), k + noise * torch.randn(k.shape, generator=gen))
+    if kind == "segments of 100 tokens, strength 3.5":
+        # Attention within runs of 100 tokens (a frame, a shot), which slices of 64 or 128 straddle:
+        # each token is its run's direction plus i.i.d. noise of std 1 per entry.
+        directions = torch.randn(1, heads, -(-seq // 100), dim, generator=gen)
+        directions = directions / directions.norm(dim=-1, keepdim=True) * 3.5 * dim ** 0.25
+        base = directions[:, :, torch.arange(seq) // 100]
+        return tuple(base + torch.randn(base.shape, generator=gen) for _ in range(2))
     raise ValueError(kind)
 
 
 KINDS = ("i.i.d. std 1", "i.i.d. std 3", "i.i.d. std 5", "i.i.d. std 10", "rank one, signs split, std 8",
          "4 sink keys (logit ~20) over i.i.d. std 2", "tokens repeated 4 times, i.i.d. std 3",
-         "rotary locality, 256 keys appended")
+         "rotary locality, 256 keys appended", "segments of 100 tokens, strength 3.5")
 
 
 def run_on(device: str) -> tuple:
@@ -88,13 +95,14 @@ def main() -> None:
     parser.add_argument("--slice-m", type=int, default=64)
     parser.add_argument("--dim", type=int, default=DIM)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     args = parser.parse_args()
     dtype, where = run_on(args.device)
     print(f"{where}, {str(dtype).split('.')[1]}, 1 x {args.heads} heads x {args.seq} queries x {args.dim}, slice_m "
           f"{args.slice_m}; error / the oracle slice mask's error (absolute errors in brackets)")
-    print("| input | d | oracle error | default top-k | colmax, exact LSE | colmax, estimated LSE | auto |")
+    print("| input | d | oracle error | top-k | colmax, exact LSE | colmax, estimated LSE | auto (the default) |")
     print("|---|---|---|---|---|---|---|")
-    for kind in KINDS:
+    for kind in args.kinds:
         gen = torch.Generator().manual_seed(0)
         q, k = inputs(kind, args.heads, args.seq, gen, args.dim)
         v = torch.randn(k.shape, generator=gen)
