@@ -6,7 +6,7 @@ where a block's queries look alike and several times off it where they do not (r
 mixtures, sharp Gaussian heads); the column max with each query's LSE estimated is near the
 oracle everywhere but costs about 0.4x a dense step on Hopper. The check tells the two kinds of head
 apart on a few query blocks per head, spread over the sequence, and on the head's blocks whose
-queries spread most around their mean (where a pooled row stands for them worst): on their queries it measures
+farthest query lies farthest from their mean (where a pooled row stands for a query worst): on their queries it measures
 the attention mass the cheap mask misses and the mass their own best mask of the same size
 (exact column-max top-k) misses, from each query's exact LSE. A head whose cheap mask misses
 more than ``MISS_RATIO`` times the best mask's (plus ``MISS_FLOOR``) is predicted again by the
@@ -39,9 +39,10 @@ from .mask_request import e4m3_runs_for
 #: Query blocks per head the check scores against every key (evenly spread; fewer if the
 #: sequence has fewer).
 CHECK_BLOCKS = 8
-#: More blocks per head it scores: those whose queries lie farthest from their block's mean
-#: (mean squared distance), where one pooled row stands for its queries worst. A head hard only
-#: in a few regions is checked there too, not only where the even spread happens to fall.
+#: More blocks per head it scores: those with the query farthest from its block's mean, where
+#: a pooled row stands for a query worst. A head hard only in a few regions, or only where a
+#: block takes a few queries of the next frame (periodic, so it can fall between the evenly
+#: spread blocks), is checked there too.
 SPREAD_BLOCKS = 4
 #: A head is predicted again where its cheap mask misses more than MISS_RATIO times the mass
 #: the best mask of the same size misses on the checked blocks, plus MISS_FLOOR (so two masks
@@ -131,28 +132,29 @@ def check_blocks(q_blocks: int, count: int = CHECK_BLOCKS) -> list:
     return sorted({round(i * (q_blocks - 1) / (count - 1)) for i in range(count)})
 
 
-def block_spread(qh: torch.Tensor, slice_m: int) -> torch.Tensor:
-    """float32 [B, H, QB]: each query block's mean squared distance of its queries from their
-    mean, as mean |q|^2 - |mean q|^2 from two float32 reductions of each block (no float copy of
-    q); NaN where a block holds a non-finite query (topk ranks such blocks first). No host sync."""
+def block_outlier(qh: torch.Tensor, slice_m: int) -> torch.Tensor:
+    """float32 [B, H, QB]: each query block's largest squared distance of a query from the
+    block's mean (the query its pooled rows stand for worst: a few queries of the next frame or
+    run, which the cheap scores lose, as well as blocks whose queries all spread), from the
+    queries less their mean in q's dtype, norms in float32 (no float copy of q); NaN where a
+    block holds a non-finite query (topk ranks such blocks first). No host sync."""
     q_len = qh.shape[2]
     full = q_len // slice_m
     blocks = [qh[:, :, : full * slice_m].unflatten(2, (full, slice_m))]  # [B, H, QB, slice_m, D]
     if q_len % slice_m:  # the last block, short
         blocks.append(qh[:, :, full * slice_m :].unsqueeze(2))
-    spreads = []
+    outliers = []
     for rows in blocks:
-        count = rows.shape[3]
-        squares = torch.linalg.vector_norm(rows, dim=(3, 4), dtype=torch.float32).square()
-        means = rows.sum(3, dtype=torch.float32).div_(count)
-        spreads.append(squares.div_(count).sub_(means.square().sum(-1)))
-    return spreads[0] if len(spreads) == 1 else torch.cat(spreads, 2)
+        means = rows.sum(3, dtype=torch.float32).div_(rows.shape[3]).to(rows.dtype)
+        distances = torch.linalg.vector_norm(rows - means.unsqueeze(3), dim=-1, dtype=torch.float32)
+        outliers.append(distances.amax(-1).square_())
+    return outliers[0] if len(outliers) == 1 else torch.cat(outliers, 2)
 
 
 def checked_blocks(qh: torch.Tensor, slice_m: int) -> tuple:
     """(int64 [B, H, n] the query blocks the check scores per head, how many of them come first
     spread evenly): the CHECK_BLOCKS spread evenly, then the SPREAD_BLOCKS others of largest
-    ``block_spread``; every block, all counted as spread evenly, where there are no more. No
+    ``block_outlier``; every block, all counted as spread evenly, where there are no more. No
     host sync."""
     batch, heads, q_len, _ = qh.shape
     q_blocks = num_blocks(q_len, slice_m)
@@ -160,8 +162,8 @@ def checked_blocks(qh: torch.Tensor, slice_m: int) -> tuple:
         return torch.arange(q_blocks, device=qh.device).expand(batch, heads, -1), q_blocks
     even = device_constant(("checked blocks", q_blocks), qh.device,
                            lambda on: torch.tensor(check_blocks(q_blocks), dtype=torch.int64, device=on))
-    spread = block_spread(qh, slice_m).index_fill_(2, even, -torch.inf)
-    widest = spread.topk(SPREAD_BLOCKS, dim=2).indices
+    outlier = block_outlier(qh, slice_m).index_fill_(2, even, -torch.inf)
+    widest = outlier.topk(SPREAD_BLOCKS, dim=2).indices
     return torch.cat([even.expand(batch, heads, -1), widest], dim=2), even.numel()
 
 

@@ -107,15 +107,32 @@ def test_missed_mass_matches_a_float64_brute_force(batch, heads, q_len, kv_len, 
 
 @SETTINGS
 @given(st.integers(1, 2), st.integers(1, 3), st.integers(1, 700), st.sampled_from([16, 64, 128]), st.integers(0, 2**31 - 1))
-def test_block_spread_is_each_blocks_mean_squared_distance_from_its_mean(batch, heads, q_len, slice_m, seed):
+def test_block_outlier_is_each_blocks_largest_squared_distance_from_its_mean(batch, heads, q_len, slice_m, seed):
     gen = torch.Generator().manual_seed(seed)
     q = (torch.randn(batch, heads, q_len, 8, generator=gen) * torch.rand(batch, heads, q_len, 1, generator=gen) * 5)
-    got = auto_mask.block_spread(q.bfloat16(), slice_m)
+    got = auto_mask.block_outlier(q.bfloat16(), slice_m)
     qd = q.bfloat16().double()
     for j in range(num_blocks(q_len, slice_m)):
         rows = qd[:, :, j * slice_m : (j + 1) * slice_m]
-        expected = (rows - rows.mean(2, keepdim=True)).square().sum(-1).mean(-1)
-        torch.testing.assert_close(got[:, :, j].double(), expected, rtol=1e-4, atol=1e-4)
+        expected = (rows - rows.mean(2, keepdim=True)).square().sum(-1).amax(-1)
+        # q less its mean in bfloat16: the mean and each difference rounded to 8 bits
+        bound = 2e-2 * expected + 1e-2 * rows.square().sum(-1).amax(-1) + 1e-6
+        assert ((got[:, :, j].double() - expected).abs() <= bound).all()
+
+
+def test_the_check_takes_blocks_that_hold_a_few_queries_of_another_run():
+    """Attention within runs of 100 tokens: blocks of 64 holding a few queries of the next run
+    recur between the evenly spread blocks; the check takes them, and "auto" is near the oracle
+    where the cheap mask is 31x off."""
+    from fgcupy.oracle import Judge
+    from tools.probe_foreign_inputs import inputs
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = inputs("segments of 100 tokens, strength 3.5", 2, 2048, gen)
+    v = torch.randn(k.shape, generator=gen)
+    judge = Judge(q, k, v, 64)
+    assert judge.ratio(predict_mask(q, k, 64, "topk", density=0.1))[1] > 10
+    assert judge.ratio(predict_mask(q, k, 64, density=0.1))[1] < 1.2
 
 
 def test_the_check_also_takes_each_heads_widest_blocks():

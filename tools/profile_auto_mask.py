@@ -51,7 +51,7 @@ def parts(q, k, d: float) -> None:
     estimated = predict_mask(q, k, 128, "colmax", lse="estimate", density=d)
     steps = {
         "cheap top-k": lambda: predict_mask(q, k, 128, "topk", density=d),
-        "the blocks' spread": lambda: auto_mask.block_spread(q, 128),
+        "the blocks' farthest queries": lambda: auto_mask.block_outlier(q, 128),
         "the checked blocks (even and widest)": lambda: auto_mask.checked_blocks(q, 128),
         "checked rows' exact LSE": lambda: auto_mask.exact_row_lse(q_rows, k, scale),
         "their best mask (column max)": lambda: predict_mask(q_rows, k, 128, "colmax", lse=exact, rule="topk", **rule),
