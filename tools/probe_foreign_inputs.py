@@ -1,7 +1,7 @@
 """Mask predictors on attention unlike the repository's generators (small problems): i.i.d.
 heads of growing sharpness, sign-split rank-one heads, sink keys, duplicated tokens, rotary
-locality whose keys extend the queries by appended tokens, and attention within runs of 100
-tokens that slices straddle. For each, the oracle slice mask's error and each predictor's error over it, at densities 0.1 and 0.3. The default length samples
+locality whose keys extend the queries by appended tokens, attention within runs of 100 tokens
+that slices straddle, and a local window beside a global low-rank component. For each, the oracle slice mask's error and each predictor's error over it, at densities 0.1 and 0.3. The default length samples
 the estimated LSE's far keys (from 4,096 keys on; below, it counts every key and is exact).
 
     PYTHONPATH=. python -m tools.probe_foreign_inputs [--seq 8192] [--heads 2] [--slice-m 64]
@@ -72,12 +72,22 @@ def inputs(kind: str, heads: int, seq: int, gen: torch.Generator, dim: int = DIM
         directions = directions / directions.norm(dim=-1, keepdim=True) * 3.5 * dim ** 0.25
         base = directions[:, :, torch.arange(seq) // 100]
         return tuple(base + torch.randn(base.shape, generator=gen) for _ in range(2))
+    if kind == "window of 16 tokens + rank-4 component":
+        # Half of each token: rotary locality over a window of about 16 tokens; the other half: a
+        # global rank-4 component of std 1 that every query shares with every key.
+        half, positions = dim // 2, torch.arange(seq).float() / 16.0
+        local = _rotary(positions, half, scale=4.0).expand(1, heads, seq, half)
+        basis = torch.randn(heads, 4, half, generator=gen)
+        basis = basis / basis.norm(dim=-1, keepdim=True) * half ** 0.25
+        return tuple(torch.cat([local, (torch.randn(heads, seq, 4, generator=gen) @ basis)[None]], -1)
+                     for _ in range(2))
     raise ValueError(kind)
 
 
 KINDS = ("i.i.d. std 1", "i.i.d. std 3", "i.i.d. std 5", "i.i.d. std 10", "rank one, signs split, std 8",
          "4 sink keys (logit ~20) over i.i.d. std 2", "tokens repeated 4 times, i.i.d. std 3",
-         "rotary locality, 256 keys appended", "segments of 100 tokens, strength 3.5")
+         "rotary locality, 256 keys appended", "segments of 100 tokens, strength 3.5",
+         "window of 16 tokens + rank-4 component")
 
 
 def run_on(device: str) -> tuple:
