@@ -22,7 +22,6 @@ AUTO_OPTIONS = ("density", "top_k", "scale", "layout", "workspace_bytes")
 #: README "Mask quality").
 DEFAULT_METHOD = "auto"
 COMBINES = ("max", "union")
-
 #: Slice sizes the exact band takes (one query block per scoring CTA of 4 or 8 warps).
 EXACT_BAND_SLICES = (64, 128)
 #: The shipped default of mean-query methods (combine "max", slice_m 64 or 128): sub-blocks of
@@ -83,6 +82,7 @@ class MaskRequest:
     @property
     def group(self) -> int:
         return self.slice_m // self.pool
+
 
 #: predict_mask's options that method "auto" takes only at their defaults, with those defaults.
 AUTO_REFUSES = {"tau": None, "threshold": None, "rule": None, "pool": AUTO, "combine": "max", "min_keys": None,
