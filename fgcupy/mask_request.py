@@ -84,17 +84,22 @@ class MaskRequest:
         return self.slice_m // self.pool
 
 
-#: predict_mask's options that method "auto" takes only at their defaults, with those defaults.
-AUTO_REFUSES = {"tau": None, "threshold": None, "rule": None, "pool": AUTO, "combine": "max", "min_keys": None,
-                "max_keys": None, "local": None, "lse": None, "logits_dtype": None, "exact_band": AUTO,
-                "pooling": AUTO, "diagonals": (), "candidates": None, "products": AUTO}
 _MEAN_QUERY = "'topk', 'tau' or 'threshold'"
-#: The methods that take each option "auto" refuses (its refusal names them).
-_METHODS_OF = {"tau": "'tau'", "threshold": "'threshold' or 'colmax'", "rule": "'colmax'", "lse": "'colmax'",
-               "candidates": "'colmax'", "products": "'colmax'", "min_keys": _MEAN_QUERY + " or 'colmax'",
-               "max_keys": _MEAN_QUERY + " or 'colmax'", "local": _MEAN_QUERY + " or 'colmax'",
-               "pool": _MEAN_QUERY, "pooling": _MEAN_QUERY, "combine": _MEAN_QUERY, "exact_band": _MEAN_QUERY,
-               "diagonals": _MEAN_QUERY, "logits_dtype": _MEAN_QUERY}
+_ANY_RULE = _MEAN_QUERY + " or 'colmax'"
+#: predict_mask's options that method "auto" takes only at their defaults: (that default, the
+#: methods that take the option, which its refusal names).
+AUTO_REFUSES = {"tau": (None, "'tau'"), "threshold": (None, "'threshold' or 'colmax'"), "rule": (None, "'colmax'"),
+                "lse": (None, "'colmax'"), "candidates": (None, "'colmax'"), "products": (AUTO, "'colmax'"),
+                "min_keys": (None, _ANY_RULE), "max_keys": (None, _ANY_RULE), "local": (None, _ANY_RULE),
+                "pool": (AUTO, _MEAN_QUERY), "pooling": (AUTO, _MEAN_QUERY), "combine": ("max", _MEAN_QUERY),
+                "exact_band": (AUTO, _MEAN_QUERY), "diagonals": ((), _MEAN_QUERY),
+                "logits_dtype": (None, _MEAN_QUERY)}
+
+
+def check_method(method) -> None:
+    """ValueError unless ``method`` is one of predict_mask's."""
+    if not isinstance(method, str) or method not in PREDICT_METHODS:
+        raise ValueError(f"method must be one of {PREDICT_METHODS}, got {method!r}")
 
 
 def options_auto_refuses(options: dict) -> list:
@@ -106,7 +111,7 @@ def options_auto_refuses(options: dict) -> list:
         if name not in AUTO_REFUSES:
             refused.append(name)
         elif not _is_default(None if name == "min_keys" and is_int(value) and value == 0 else value,
-                             AUTO_REFUSES[name]):
+                             AUTO_REFUSES[name][0]):
             refused.append(name)
     return refused
 
@@ -126,7 +131,7 @@ def auto_refusal(given: list, takes=AUTO_OPTIONS) -> ValueError:
     """The error for options method "auto" does not take (``given``, their names), saying which
     methods take each: "auto" is the default, so a call that names no method lands here.
     ``takes``: what the caller passes on to it."""
-    hints = "; ".join(f"{name}: method {_METHODS_OF[name]}" for name in given if name in _METHODS_OF)
+    hints = "; ".join(f"{name}: method {AUTO_REFUSES[name][1]}" for name in given if name in AUTO_REFUSES)
     return ValueError(f"method='auto' (predict_mask's default) takes {list(takes)} (one of density and top_k); "
                       f"got {given}. Name the method those options are for" + (f" ({hints})" if hints else ""))
 

@@ -39,12 +39,13 @@ and every probability keeps 8 significant bits, so keys only trade places with k
 within 2^-7 of them.
 
 Host synchronisation: "auto" waits once (twice where a head is flagged); none for top-k with
-combine "max" (row sizes are known from the shapes); the other selections need one (in all) to size the index buffer unless ``max_keys``
-is given. Score buffers ([heads x rows x kv_len], rows padded to 128 bytes) are bounded by
-``workspace_bytes``: heads are processed in chunks. Those selections also keep a bitmask of
-each block's (each sub-block's with "union") kept keys until the buffer is sized; where every
-head's bitmasks would outgrow ``workspace_bytes`` each chunk is written out before the next is
-scored (one host sync per chunk unless ``max_keys`` is given).
+combine "max" (row sizes are known from the shapes); the other selections need one (in all) to
+size the index buffer unless ``max_keys`` is given. Score buffers ([heads x rows x kv_len],
+rows padded to 128 bytes) are bounded by ``workspace_bytes``: heads are processed in chunks.
+Those selections also keep a bitmask of each block's (each sub-block's with "union") kept keys
+until the buffer is sized; where every head's bitmasks would outgrow ``workspace_bytes`` each
+chunk is written out before the next is scored (one host sync per chunk unless ``max_keys`` is
+given).
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ from .lse_estimate import estimate_lse
 from .mask import SliceMask, num_blocks
 from .mask_request import (AUTO, AUTO_OPTIONS, COMBINES, DEFAULT_EXACT_BAND, DEFAULT_METHOD, DEFAULT_POOL,  # noqa: F401
                            EXACT_BAND_SLICES, METHODS, POOLINGS, PREDICT_METHODS, MaskRequest, auto_refusal,
-                           ONE_KEY, check_auto_column_max, check_options, check_products, check_workspace_bytes,
+                           ONE_KEY, check_auto_column_max, check_method, check_options, check_products,
+                           check_workspace_bytes,
                            checked_candidates, checked_lse, make_request, options_auto_refuses, resolved_products)
 from .attention_kernel import check_scale
 from .op_library import define, pack_csr, packed_csr_empty, unpack_csr
@@ -137,8 +139,7 @@ def predict_mask(q, k, slice_m: int = 128, method: str = DEFAULT_METHOD, *, dens
     query's own output is NaN through any mask).
     """
     qh, kh = query_key_views(q, k, layout)
-    if not isinstance(method, str) or method not in PREDICT_METHODS:
-        raise ValueError(f"method must be one of {PREDICT_METHODS}, got {method!r}")
+    check_method(method)
     if method == "auto":
         given = options_auto_refuses(dict(
             tau=tau, threshold=threshold, rule=rule, pool=pool, combine=combine, min_keys=min_keys, max_keys=max_keys,
@@ -209,8 +210,7 @@ def check_predict_options(options: dict, caller: str) -> None:
         raise TypeError(f"{caller} got options predict_mask does not take: {unknown}; it takes "
                         f"{sorted(PREDICT_OPTIONS)}")
     method = options.get("method", DEFAULT_METHOD)
-    if not isinstance(method, str) or method not in PREDICT_METHODS:
-        raise ValueError(f"method must be one of {PREDICT_METHODS}, got {method!r}")
+    check_method(method)
     if not _SELECTIONS & set(options):
         return
     if method == "auto":
