@@ -51,7 +51,7 @@ from fgcupy.local_search import refresh_topk, search_offsets, union_keys
 from fgcupy.cache import block_means, means_drift
 from fgcupy.calibration import calibrate_pooling
 from fgcupy import mask_reference as ref
-from fgcupy.head_families import FAMILIES, family_qkv, family_shape, mass_fraction
+from fgcupy.head_families import FAMILIES, WORKLOAD_FAMILIES, family_or_workload_qkv, family_shape, mass_fraction
 from fgcupy.oracle import Judge, exact_lse
 from fgcupy.progress import progress_bar
 from fgcupy.reference import dense_attention, reference_attention, relative_l2
@@ -60,9 +60,6 @@ from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
 #: One mean query per block and no exact band: the plain mean-query predictor.
 MEAN = dict(pool=None, exact_band=None)
 
-#: fgcupy.workloads patterns judged beside the head families (their first --family-heads heads).
-WORKLOAD_PREFIX = "workload-"
-WORKLOAD_FAMILIES = [WORKLOAD_PREFIX + p for p in PATTERNS]
 
 #: Marks predictors whose diagonals are found per problem (fgcupy.find_diagonals).
 FOUND = "found"
@@ -169,11 +166,7 @@ def family_rows(args, shape, device):
     rows = []
     judged = {name: JUDGED[name] for name in args.judged}
     for family in progress_bar(args.families, desc="head families"):
-        if family.startswith(WORKLOAD_PREFIX):  # our own head zoo, judged the same way
-            q, k, v = video_qkv(shape, family[len(WORKLOAD_PREFIX):], head_ids=range(args.family_heads),
-                                seed=args.seed, device=device)
-        else:
-            q, k, v = family_qkv(shape, family, heads=args.family_heads, seed=args.seed, device=device)
+        q, k, v = family_or_workload_qkv(shape, family, heads=args.family_heads, seed=args.seed, device=device)
         judge = Judge(q, k, v)
         diagonals = find_diagonals(q, k, 128)
         print(f"  {family:17s} diagonals found: {diagonals}", flush=True)

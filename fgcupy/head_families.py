@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .mask import positive_int
-from .workloads import SHAPES, VideoShape, check_float_dtype, check_grid, check_seed, grid_positions
+from .workloads import PATTERNS, SHAPES, VideoShape, check_float_dtype, check_grid, check_seed, grid_positions, video_qkv
 
 INF = math.inf
 
@@ -219,6 +219,19 @@ def mass_fraction(q, k, mass: float = 0.9, queries: int = 256, seed: int = 0) ->
     probs = probs.sort(-1, descending=True).values
     needed = ((probs.cumsum(-1) < mass).sum(-1) + 1).clamp_max(k.shape[2])  # float sums can stop short of 1
     return float(needed.double().mean() / k.shape[2])
+
+
+#: Names the judges give fgcupy.workloads' patterns beside the head families ("workload-mixed").
+WORKLOAD_PREFIX = "workload-"
+WORKLOAD_FAMILIES = [WORKLOAD_PREFIX + p for p in PATTERNS]
+
+
+def family_or_workload_qkv(shape, name: str, *, heads: int = 8, seed: int = 0, device="cpu"):
+    """(q, k, v) of a head family, or of a workload pattern's first ``heads`` heads where
+    ``name`` is WORKLOAD_PREFIX + the pattern: the judges run both kinds the same way."""
+    if name.startswith(WORKLOAD_PREFIX):
+        return video_qkv(shape, name[len(WORKLOAD_PREFIX):], head_ids=range(heads), seed=seed, device=device)
+    return family_qkv(shape, name, heads=heads, seed=seed, device=device)
 
 
 def family_shape(shape, grid=None) -> VideoShape:

@@ -282,3 +282,15 @@ def test_mass_fraction_counts_the_key_that_reaches_the_mass():
     assert mass_fraction(zeros, keys, 0.5) == 0.5
     sharp = torch.eye(16)[None, None, :, :8] * 1000.0  # query i likes key i alone (i < 8)
     assert mass_fraction(sharp[:, :, :8], sharp, 0.9) == 1 / 16
+
+
+def test_a_judges_family_name_gives_a_head_family_or_a_workload_patterns_heads():
+    from fgcupy.head_families import WORKLOAD_FAMILIES, family_or_workload_qkv, family_qkv, family_shape
+
+    shape = family_shape("wan14b-480p", (2, 8, 8))
+    for got, expected in ((family_or_workload_qkv(shape, "window2d", heads=2, seed=3),
+                           family_qkv(shape, "window2d", heads=2, seed=3)),
+                          (family_or_workload_qkv(shape, "workload-mixed", heads=2, seed=3),
+                           video_qkv(shape, "mixed", head_ids=range(2), seed=3))):
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert "workload-mixed" in WORKLOAD_FAMILIES

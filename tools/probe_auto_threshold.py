@@ -22,13 +22,9 @@ import torch
 
 from fgcupy import auto_mask, predict_mask
 from fgcupy.gpu_prediction import DEFAULT_WORKSPACE
-from fgcupy.head_families import FAMILIES, family_qkv, family_shape
+from fgcupy.head_families import FAMILIES, WORKLOAD_FAMILIES, family_or_workload_qkv, family_shape
 from fgcupy.oracle import Judge
 from fgcupy.reference import reference_attention
-from fgcupy.workloads import PATTERNS, video_qkv
-
-WORKLOAD_PREFIX = "workload-"
-
 
 def squared_errors(judge: Judge, mask) -> torch.Tensor:
     """float64 [H]: each head's squared L2 distance from dense attention, summed over the batch."""
@@ -62,12 +58,6 @@ def flagged_mask(q, k, density: float):
         return predict_mask(q, k, 128, "auto", density=density)
 
 
-def family_inputs(name: str, shape, heads: int, device):
-    if name.startswith(WORKLOAD_PREFIX):
-        return video_qkv(shape, name[len(WORKLOAD_PREFIX):], head_ids=range(heads), device=device)
-    return family_qkv(shape, name, heads=heads, device=device)
-
-
 def over(squared, oracle_squared) -> float:
     """An error ÷ the oracle's, from their squares (1 where both are 0)."""
     squared, oracle_squared = float(squared), float(oracle_squared)
@@ -96,7 +86,7 @@ def main(argv=None) -> None:
     parser.add_argument("--grid", type=int, nargs=3, metavar=("T", "H", "W"), help="latent grid (default: the preset's)")
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3])
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES) + [WORKLOAD_PREFIX + p for p in PATTERNS])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES) + WORKLOAD_FAMILIES)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[1.2, 1.3, 1.4, 1.5, 1.7, 2.0, 3.0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
@@ -106,7 +96,7 @@ def main(argv=None) -> None:
     worst = {t: (0.0, "") for t in args.thresholds}
     flagged_total = {t: 0 for t in args.thresholds}
     for name in args.families:
-        q, k, v = family_inputs(name, shape, args.heads, device)
+        q, k, v = family_or_workload_qkv(shape, name, heads=args.heads, device=device)
         judge = Judge(q, k, v)
         for density in args.densities:
             cheap_mask = predict_mask(q, k, 128, "topk", density=density)

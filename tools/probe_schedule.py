@@ -48,15 +48,13 @@ import torch
 
 from fgcupy import predict_mask, sparse_attention
 from fgcupy.cache import mask_recall, missed_more, refreshes_on
-from fgcupy.head_families import FAMILIES, family_qkv
+from fgcupy.head_families import FAMILIES, WORKLOAD_FAMILIES, family_or_workload_qkv
 from fgcupy.local_search import refresh_topk, search_offsets, union_keys
 from fgcupy.oracle import Judge
-from fgcupy.workloads import PATTERNS, SHAPES, video_qkv
+from fgcupy.workloads import SHAPES
 from tools.probe_sparse_refresh import drifted
 
 SLICE_M = 128
-#: fgcupy.workloads patterns, trajectories of which run beside the head families.
-WORKLOAD_PREFIX = "workload-"
 
 
 @dataclass(frozen=True)
@@ -153,10 +151,7 @@ class Run:
 
 
 def heads_of(args, shape, family: str, seed: int):
-    if family.startswith(WORKLOAD_PREFIX):  # the video-like head zoo, another generator
-        return video_qkv(shape, family[len(WORKLOAD_PREFIX):], head_ids=range(args.heads), seed=seed,
-                         device=args.device)
-    return family_qkv(shape, family, heads=args.heads, seed=seed, device=args.device)
+    return family_or_workload_qkv(shape, family, heads=args.heads, seed=seed, device=args.device)
 
 
 class Morph:
@@ -216,7 +211,7 @@ def trajectory(args, shape, family: str, schedules: dict) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES),
-                        choices=list(FAMILIES) + [WORKLOAD_PREFIX + p for p in PATTERNS],
+                        choices=list(FAMILIES) + WORKLOAD_FAMILIES,
                         help="head families, or fgcupy.workloads patterns as workload-<pattern>")
     parser.add_argument("--schedules", nargs="+", default=list(SCHEDULES), choices=list(SCHEDULES))
     parser.add_argument("--grid", default="5x30x52", help="frames x height x width of the token grid")
