@@ -1,25 +1,27 @@
 """``predict_mask(method="auto")``: the cheap top-k mask, checked per head, and the estimated
-column max on the heads where the check finds it missing attention the best mask keeps.
+column max on the heads where the check finds it erring well past the best mask.
 
 The cheap top-k (pooled mean and sampled queries with the exact band) is near the oracle
 where a block's queries look alike and several times off it where they do not (region
 mixtures, sharp Gaussian heads); the column max with each query's LSE estimated is near the
 oracle everywhere but costs about 0.4x a dense step on Hopper. The check tells the two kinds of head
 apart on a few query blocks per head, spread over the sequence, and on the head's blocks whose
-farthest query lies farthest from their mean (where a pooled row stands for a query worst): on their queries it measures
-the attention mass the cheap mask misses and the mass their own best mask of the same size
-(exact column-max top-k) misses, from each query's exact LSE. A head whose cheap mask misses
-more than ``MISS_RATIO`` times the best mask's (plus ``MISS_FLOOR``) is predicted again by the
-estimated column max. The check's kernels score ``CHECK_BLOCKS + SPREAD_BLOCKS`` blocks per head against every
-key, twice (LSE, column max), and run one sparse call over them for both masks, about 1/30 of a
-dense step's work at 32,760 tokens; the host waits once, for the list of flagged heads
-(notes/MEASURED.md "Per head" has what it took). The heads it flags cost what the column max
-costs.
+farthest query lies farthest from their mean (where a pooled row stands for a query worst): on
+their queries it estimates the output error the cheap mask gives and the error their own best
+mask of the same size (exact column-max top-k) gives, from each query's exact LSE of its logits
+and of twice them (``estimated_error``: the missed keys' squared probabilities and the
+renormalisation, over values independent of the scores; the missed mass alone overlooks a mask
+that misses a few heavy keys where the best misses many light ones). A head whose cheap mask's
+estimate exceeds ``ERROR_RATIO`` times the best mask's (past ``ERROR_FLOOR``) is predicted again
+by the estimated column max. The check's kernels score ``CHECK_BLOCKS + SPREAD_BLOCKS`` blocks
+per head and their doubles against every key (LSE), the blocks once more (column max), and run
+one sparse call over them and their doubles for both masks; the host waits once, for the list
+of flagged heads (notes/MEASURED.md "Per head" has what it took). The heads it flags cost what the column max costs.
 
 The estimate can fail too: where each query's mass sits on a few keys that its sample misses
 (very sharp heads with no locality), its LSE is wrong query by query. The same blocks check the
 estimated column max's mask (one more sparse call over them, a second host wait, on flagged
-heads only), and a head whose estimate misses as the cheap mask did is scored again with each
+heads only), and a head whose estimate errs as the cheap mask did is scored again with each
 query's exact LSE (a stats pass over every key, on those heads alone; not yet timed).
 """
 
@@ -44,11 +46,13 @@ CHECK_BLOCKS = 8
 #: block takes a few queries of the next frame (periodic, so it can fall between the evenly
 #: spread blocks), is checked there too.
 SPREAD_BLOCKS = 4
-#: A head is predicted again where its cheap mask misses more than MISS_RATIO times the mass
-#: the best mask of the same size misses on the checked blocks, plus MISS_FLOOR (so two masks
-#: that both keep all but a trace do not count as different).
-MISS_RATIO = 1.2
-MISS_FLOOR = 1e-4
+#: A head is predicted again where its cheap mask's estimated output error on the checked
+#: blocks exceeds ERROR_RATIO times that of the best mask of the same size, the two squared
+#: errors apart by more than ERROR_FLOOR squared (errors relative to the output's spread: two
+#: masks that both keep all but a trace, whose estimates differ by the LSE's float32 rounding,
+#: do not count as different).
+ERROR_RATIO = 1.2
+ERROR_FLOOR = 1e-3
 #: Bytes the torch path's float32 logits of the exact LSE may take at once.
 _CHECK_WORKSPACE = 1 << 30
 
@@ -189,81 +193,115 @@ def _even_indptr(batch: int, heads: int, q_blocks: int, per_row: int, device: to
 
 @dataclass(frozen=True)
 class HeadCheck:
-    """What the check measured on its query blocks, per head: the mean share of the attention
-    mass a top-k mask misses on the blocks' queries, and the same for the best mask of its
-    size (exact column-max top-k of those blocks), from each query's exact LSE; each apart on
-    the evenly spread blocks and on the widest ones (so a few hard blocks are not averaged away
-    by many easy ones)."""
+    """What the check measured on its query blocks, per head, for a top-k mask and for the best
+    mask of its size (exact column-max top-k of those blocks), from each query's exact LSE: the
+    mean share of the attention mass each misses, and the output error each gives
+    (``estimated_error``); each apart on the evenly spread blocks and on the widest ones (so a
+    few hard blocks are not averaged away by many easy ones)."""
 
     blocks: torch.Tensor       # int64 [B, H, n]: the checked query blocks of each head
     q_rows: torch.Tensor       # [B, H, n * slice_m, D]: their queries, each block filled to slice_m rows
-    row_lse: torch.Tensor      # float32 [B, H, n * slice_m]: each row's exact LSE
+    row_lse: torch.Tensor      # float32 [B, H, 2, n * slice_m]: each row's exact LSE, of its logits and of twice them
     valid: torch.Tensor        # bool [B, H, n * slice_m]: rows the means count
     missed: torch.Tensor       # float32 [B, H, 2]: the checked mask's mean missed share (even, widest blocks)
     best_missed: torch.Tensor  # float32 [B, H, 2]: the best mask's
+    error: torch.Tensor        # float32 [B, H, 2]: the checked mask's estimated output error
+    best_error: torch.Tensor   # float32 [B, H, 2]: the best mask's
     even_rows: int             # the rows of the evenly spread blocks, first in q_rows
 
     def of_heads(self, pick) -> HeadCheck:
         """This check of the heads ``pick`` takes from a [B, H, ...] tensor."""
         return HeadCheck(*(pick(t) for t in (self.blocks, self.q_rows, self.row_lse, self.valid, self.missed,
-                                             self.best_missed)), self.even_rows)
+                                             self.best_missed, self.error, self.best_error)), self.even_rows)
 
     def against(self, mask: SliceMask, kh, scale: float) -> HeadCheck:
         """This check with ``mask`` (a top-k mask of the same heads, as block_keys takes; kh their
         keys) as the checked mask: one sparse call over the checked rows, no host sync."""
         keys = _blocks_of(block_keys(mask), self.blocks)
-        shares, valid = _missed_shares(self.q_rows, kh, keys, self.row_lse, self.valid, mask.slice_m, scale,
-                                       self.even_rows)
-        return HeadCheck(self.blocks, self.q_rows, self.row_lse, valid, shares[:, :, 0], self.best_missed,
-                         self.even_rows)
+        missed, error, valid = _mask_measures(self.q_rows, kh, keys, self.row_lse, self.valid, mask.slice_m, scale,
+                                              self.even_rows)
+        return HeadCheck(self.blocks, self.q_rows, self.row_lse, valid, missed[:, :, 0], self.best_missed,
+                         error[:, :, 0], self.best_error, self.even_rows)
 
 
 def flagged_heads(check: HeadCheck) -> list:
-    """Heads (ascending) where the checked mask misses more than MISS_RATIO times the mass the
-    best mask of its size misses, on the evenly spread blocks or on the widest ones, in any
-    batch entry (one host sync)."""
-    worse = (check.missed > MISS_RATIO * check.best_missed + MISS_FLOOR).any(-1).any(0)
+    """Heads (ascending) where the checked mask's estimated output error exceeds ERROR_RATIO
+    times the best mask's (squared, past ERROR_FLOOR squared), on the evenly spread blocks or on
+    the widest ones, in any batch entry (one host sync)."""
+    worse = (check.error.square() > (ERROR_RATIO * check.best_error).square() + ERROR_FLOOR**2).any(-1).any(0)
     return [int(h) for h in torch.nonzero(worse).flatten().tolist()]
 
 
 def check_heads(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> HeadCheck:
     """The check of ``cheap`` (a top-k mask, as block_keys takes) on every head of q, k [B, H, S,
-    D]. Both masks' LSE come from one sparse call over the checked rows twice. NaN logits add no
+    D]. Both masks' measures come from one sparse call over the checked rows. NaN logits add no
     mass to the exact LSE; queries whose exact LSE is not finite, or whose LSE over a mask's keys
     is NaN (a NaN key kept), are left out. No host sync."""
     slice_m, q_len = cheap.slice_m, qh.shape[2]
     blocks, even_blocks = checked_blocks(qh, slice_m)
     rows, real = _rows_of(blocks, slice_m, q_len)
-    # The checked rows twice (the sparse call's queries: cheap's blocks, then best's), the first
-    # copy the rows themselves; whole blocks: a repeated last row leaves a block's column max as it is.
-    rows_twice = rows.repeat(1, 1, 2)
-    q_twice = qh.gather(2, rows_twice[..., None].expand(-1, -1, -1, qh.shape[3]))
-    q_rows = q_twice[:, :, : rows.shape[2]]
-    exact = exact_row_lse(q_rows, kh, scale)
-    best = predict(q_rows, kh, slice_m, "colmax", lse=exact, rule="topk", **rule)
+    # Whole blocks: a repeated last row leaves a block's column max as it is.
+    q_rows = qh.gather(2, rows[..., None].expand(-1, -1, -1, qh.shape[3]))
+    exact = exact_row_lse(_doubled(q_rows), kh, scale).unflatten(2, (2, -1))
+    best = predict(q_rows, kh, slice_m, "colmax", lse=exact[:, :, 0], rule="topk", **rule)
     both = torch.cat([_blocks_of(block_keys(cheap), blocks), block_keys(best)], dim=2)  # [B, H, 2n, k]
-    even_rows = even_blocks * slice_m
-    shares, valid = _missed_shares(q_twice, kh, both, exact, real & torch.isfinite(exact), slice_m, scale, even_rows)
-    return HeadCheck(blocks, q_rows, exact, valid, shares[:, :, 0], shares[:, :, 1], even_rows)
+    valid = real & torch.isfinite(exact).all(2)
+    missed, error, valid = _mask_measures(q_rows, kh, both, exact, valid, slice_m, scale, even_blocks * slice_m)
+    return HeadCheck(blocks, q_rows, exact, valid, missed[:, :, 0], missed[:, :, 1], error[:, :, 0],
+                     error[:, :, 1], even_blocks * slice_m)
 
 
-def _missed_shares(queries, kh, keys, row_lse, valid, slice_m: int, scale: float, even_rows: int) -> tuple:
-    """(float32 [B, H, G, 2] the mean share of each row's mass (exact LSE ``row_lse`` [B, H, R])
-    that each of G masks misses, over the first ``even_rows`` rows and over the rest (0 where a
-    part has none), bool [B, H, R] the rows counted: ``valid`` less those whose LSE over a mask's
-    keys is NaN). ``queries`` [B, H, G * R, D]: the checked rows G times; ``keys`` int32 [B, H,
-    G * R / slice_m, k]: each copy's blocks' keys. One sparse call, no host sync."""
+def _doubled(q_rows: torch.Tensor) -> torch.Tensor:
+    """[B, H, 2R, D]: the rows, then the rows times two (exact in any float dtype short of
+    overflow), whose LSE is that of twice the logits: from it, each row's sum of squared
+    probabilities."""
+    return torch.cat([q_rows, q_rows * 2], dim=2)
+
+
+def estimated_error(lse: torch.Tensor, row_lse: torch.Tensor) -> tuple:
+    """(missed share, squared output error) per row of a mask, from the LSE of each row's logits
+    and of twice them, over the mask's keys (``lse`` [..., 2, R]) and over every key
+    (``row_lse`` [..., 2, R]). The error is the expected squared distance of the mask's output
+    from the dense one over values independent of the scores with unit variance per entry and
+    dimension: the missed keys' squared probabilities, plus the kept keys' own output pulled by
+    renormalising, the missed share squared times their renormalised squared probabilities.
+    A mask that misses a little mass spread thin errs less than one that misses the same mass
+    on a few keys; the missed share alone cannot tell them apart."""
+    kept, kept_twice = lse.unbind(-2)
+    every, every_twice = row_lse.unbind(-2)
+    missed = (-torch.expm1(kept - every)).clamp_min(0)
+    missed_squares = torch.exp(every_twice - 2 * every) * (-torch.expm1(kept_twice - every_twice)).clamp_min(0)
+    return missed, missed_squares + missed.square() * torch.exp(kept_twice - 2 * kept)
+
+
+def _mask_measures(q_rows, kh, keys, row_lse, valid, slice_m: int, scale: float, even_rows: int) -> tuple:
+    """(float32 [B, H, G, 2] the mean share of each row's mass that each of G masks misses, float32
+    [B, H, G, 2] the output error it gives relative to the output's spread (the square root of
+    the rows' summed ``estimated_error`` over their summed squared probabilities), each over the
+    first ``even_rows`` rows and over the rest (0 where a part has none), bool [B, H, R] the
+    rows counted: ``valid`` less those whose LSE over a mask's keys is NaN). ``q_rows`` [B, H,
+    R, D]: the checked rows; ``row_lse`` [B, H, 2, R]: their exact LSE (``estimated_error``);
+    ``keys`` int32 [B, H, G * R / slice_m, k]: each mask's keys of their blocks. One sparse call
+    over the rows and their doubles G times each, no host sync."""
     batch, heads, n_blocks, per_row = keys.shape
-    groups = queries.shape[2] // row_lse.shape[2]
-    pair = SliceMask(_even_indptr(batch, heads, n_blocks, per_row, queries.device), keys.reshape(-1), slice_m,
-                     n_blocks * slice_m, kh.shape[2])
-    lse = sparse_attention(queries, kh, kh, pair, scale=scale, return_lse=True)[1].view(batch, heads, groups, -1)
-    valid = valid & ~lse.isnan().any(2)
-    missed = torch.where(valid.unsqueeze(2), -torch.expm1(lse - row_lse.unsqueeze(2)), 0.0)
+    groups = n_blocks * slice_m // q_rows.shape[2]
+    queries = _doubled(q_rows.repeat(1, 1, groups, 1))
+    pair = SliceMask(_even_indptr(batch, heads, 2 * n_blocks, per_row, q_rows.device),
+                     keys.repeat(1, 1, 2, 1).reshape(-1), slice_m, 2 * n_blocks * slice_m, kh.shape[2])
+    lse = sparse_attention(queries, kh, kh, pair, scale=scale, return_lse=True)[1]
+    lse = lse.view(batch, heads, 2, groups, -1).transpose(2, 3)  # [B, H, G, 2, R]
+    valid = valid & ~lse.isnan().any(-2).any(2)
+    missed, squared_error = estimated_error(lse, row_lse.unsqueeze(2))
+    spread = torch.exp(row_lse[:, :, 1] - 2 * row_lse[:, :, 0]).unsqueeze(2)  # [B, H, 1, R]
     parts = [slice(0, even_rows), slice(even_rows, None)]
-    shares = torch.stack([missed[..., part].sum(-1) for part in parts], -1)
+
+    def part_sums(values):  # [B, H, G, R] -> [B, H, G, 2], over valid rows
+        values = torch.where(valid.unsqueeze(2), values, 0.0)
+        return torch.stack([values[..., part].sum(-1) for part in parts], -1)
+
     counts = torch.stack([valid[..., part].sum(-1) for part in parts], -1).unsqueeze(2)
-    return shares / counts.clamp_min(1), valid
+    error = (part_sums(squared_error) / part_sums(spread).clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
+    return part_sums(missed) / counts.clamp_min(1), error, valid
 
 
 def exact_row_lse(q_rows, kh, scale: float, workspace_bytes: int = _CHECK_WORKSPACE) -> torch.Tensor:

@@ -1,15 +1,18 @@
 """How the flag threshold of ``method="auto"`` trades quality for cost, head by head.
 
 For each head family (fgcupy.head_families, and fgcupy.workloads' patterns) and density, each
-head's check ratio (the cheap mask's missed share over its best mask's, less
-``auto_mask.MISS_FLOOR``, the larger of the evenly spread and the widest blocks: a head is
-flagged where this exceeds the threshold) beside its own error ÷ its own oracle error through
-the cheap mask and through the mask "auto" gives a flagged head. Then, per threshold, how many
+head's check ratio (the cheap mask's estimated output error, its square less
+``auto_mask.ERROR_FLOOR`` squared, over its best mask's, the larger of the evenly spread and
+the widest blocks: a head is flagged where this exceeds the threshold) and its missed-mass ratio (the cheap mask's missed
+share over the best mask's) beside its own error ÷ its own oracle error through the cheap mask
+and through the mask "auto" gives a flagged head. Then, per threshold, how many
 heads it flags and the family's error ÷ the oracle's with those choices (errors add over heads
-as squared norms, as ``fgcupy.oracle.Judge`` reads them over all heads).
+as squared norms, as ``fgcupy.oracle.Judge`` reads them over all heads), with the floor and
+with each of ``--floors``.
 
     PYTHONPATH=. python -m tools.probe_auto_threshold [--grid T H W] [--heads 8]
-        [--densities 0.1 0.3] [--families ...] [--thresholds 1.2 1.5 2] [--device cuda]
+        [--densities 0.1 0.3] [--families ...] [--thresholds 1.2 1.5 2] [--floors 3e-4]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -32,14 +35,23 @@ def squared_errors(judge: Judge, mask) -> torch.Tensor:
     return (out.double() - judge.dense.double()).square().sum(dim=(0, 2, 3)).cpu()
 
 
-def check_ratios(q, k, cheap, density: float, scale: float) -> torch.Tensor:
-    """float64 [H]: the threshold above which each head would not be flagged."""
+def _ratio(measure, best, floor: float = 0.0) -> torch.Tensor:
+    """float64 [H]: sqrt(measure^2 - floor^2) / best (the ratio above which a head is not
+    flagged), the larger of any batch entry and either group of blocks."""
+    excess, best = (measure.double().square() - floor**2).clamp_min(0).sqrt(), best.double()
+    ratio = torch.where(best > 0, excess / best.clamp_min(1e-300), torch.where(excess > 0, math.inf, 0.0))
+    return ratio.amax(dim=(0, 2)).cpu()
+
+
+def check_ratios(q, k, cheap, density: float, scale: float, floors) -> tuple:
+    """(float64 [F, H] the ratio above which each head would not be flagged, with each of the F
+    ``floors``, float64 [H] its missed-mass ratio, float64 [H, 2] the cheap and the best mask's
+    largest estimated errors)."""
     rule = dict(density=density, top_k=None, scale=scale, workspace_bytes=DEFAULT_WORKSPACE)
     check = auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule)
-    missed, best = check.missed.double(), check.best_missed.double()
-    excess = missed - auto_mask.MISS_FLOOR
-    ratio = torch.where(best > 0, excess / best.clamp_min(1e-300), torch.where(excess > 0, math.inf, 0.0))
-    return ratio.amax(dim=(0, 2)).cpu()  # any batch entry, either group of blocks
+    errors = torch.stack([e.double().amax(dim=(0, 2)).cpu() for e in (check.error, check.best_error)], -1)
+    ratios = torch.stack([_ratio(check.error, check.best_error, floor) for floor in floors])
+    return ratios, _ratio(check.missed, check.best_missed), errors
 
 
 def flagged_mask(q, k, density: float):
@@ -66,17 +78,21 @@ def over(squared, oracle_squared) -> float:
     return 1.0 if squared == 0 else math.inf
 
 
-def summary(name, density, ratios, cheap, flagged, oracle, thresholds) -> list:
-    """Lines: each head, then each threshold's flagged count and family error ÷ oracle error."""
+def summary(name, density, ratios, floors, masses, estimates, cheap, flagged, oracle, thresholds) -> list:
+    """Lines: each head, then each (floor, threshold)'s flagged count and family error ÷ oracle
+    error. ``ratios`` [F, H]: each head's check ratio with each of the F ``floors``."""
     lines = [f"## {name} d={density}"]
-    for h in range(len(ratios)):
-        lines.append(f"  head {h}: check x{ratios[h]:.2f}  cheap x{over(cheap[h], oracle[h]):.2f}  "
+    for h in range(ratios.shape[1]):
+        lines.append(f"  head {h}: check x{ratios[0, h]:.2f} ({estimates[h, 0]:.2g} / {estimates[h, 1]:.2g})  "
+                     f"mass x{masses[h]:.2f}  cheap x{over(cheap[h], oracle[h]):.2f}  "
                      f"flagged path x{over(flagged[h], oracle[h]):.2f}")
     rows = []
-    for t in thresholds:
-        chosen = torch.where(ratios > t, flagged, cheap)
-        rows.append((t, int((ratios > t).sum()), over(chosen.sum(), oracle.sum())))
-        lines.append(f"  threshold {t:g}: {rows[-1][1]} of {len(ratios)} flagged, family x{rows[-1][2]:.2f}")
+    for floor, floor_ratios in zip(floors, ratios):
+        for t in thresholds:
+            chosen = torch.where(floor_ratios > t, flagged, cheap)
+            rows.append(((floor, t), int((floor_ratios > t).sum()), over(chosen.sum(), oracle.sum())))
+            lines.append(f"  floor {floor:g} threshold {t:g}: {rows[-1][1]} of {len(floor_ratios)} flagged, "
+                         f"family x{rows[-1][2]:.2f}")
     return lines, rows
 
 
@@ -88,31 +104,36 @@ def main(argv=None) -> None:
     parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES) + WORKLOAD_FAMILIES)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[1.2, 1.3, 1.4, 1.5, 1.7, 2.0, 3.0])
+    parser.add_argument("--floors", type=float, nargs="*", default=[],
+                        help="floors to try beside auto_mask.ERROR_FLOOR")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     shape = family_shape(args.preset, tuple(args.grid) if args.grid else None)
     device = torch.device(args.device)
     print(torch.cuda.get_device_name() if device.type == "cuda" else "cpu", shape.name, shape.grid, flush=True)
-    worst = {t: (0.0, "") for t in args.thresholds}
-    flagged_total = {t: 0 for t in args.thresholds}
+    floors = [auto_mask.ERROR_FLOOR] + [f for f in args.floors if f != auto_mask.ERROR_FLOOR]
+    settings = [(f, t) for f in floors for t in args.thresholds]
+    worst = {key: (0.0, "") for key in settings}
+    flagged_total = {key: 0 for key in settings}
     for name in args.families:
         q, k, v = family_or_workload_qkv(shape, name, heads=args.heads, device=device)
         judge = Judge(q, k, v)
         for density in args.densities:
             cheap_mask = predict_mask(q, k, 128, "topk", density=density)
-            ratios = check_ratios(q, k, cheap_mask, density, judge.scale)
+            ratios, masses, estimates = check_ratios(q, k, cheap_mask, density, judge.scale, floors)
             errors = [squared_errors(judge, m) for m in (cheap_mask, flagged_mask(q, k, density),
                                                           judge.oracle(density))]
-            lines, rows = summary(name, density, ratios, *errors, args.thresholds)
+            lines, rows = summary(name, density, ratios, floors, masses, estimates, *errors, args.thresholds)
             print("\n".join(lines), flush=True)
-            for t, count, ratio in rows:
-                flagged_total[t] += count
-                if ratio > worst[t][0]:
-                    worst[t] = (ratio, f"{name} d={density}")
+            for key, count, ratio in rows:
+                flagged_total[key] += count
+                if ratio > worst[key][0]:
+                    worst[key] = (ratio, f"{name} d={density}")
         del q, k, v, judge
-    print("## every family: per threshold, the heads flagged and the worst family's error ÷ the oracle's")
-    for t in args.thresholds:
-        print(f"  threshold {t:g}: {flagged_total[t]} heads flagged, worst x{worst[t][0]:.2f} ({worst[t][1]})")
+    print("## every family: per floor and threshold, the heads flagged and the worst family's error ÷ the oracle's")
+    for floor, t in settings:
+        print(f"  floor {floor:g} threshold {t:g}: {flagged_total[floor, t]} heads flagged, "
+              f"worst x{worst[floor, t][0]:.2f} ({worst[floor, t][1]})")
 
 
 if __name__ == "__main__":
