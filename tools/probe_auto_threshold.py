@@ -3,12 +3,13 @@
 For each head family (fgcupy.head_families, and fgcupy.workloads' patterns) and density, each
 head's check ratio (the cheap mask's estimated output error, its square less
 ``auto_mask.ERROR_FLOOR`` squared, over its best mask's, the larger of the evenly spread and
-the widest blocks: a head is flagged where this exceeds the threshold) and its missed-mass ratio (the cheap mask's missed
-share over the best mask's) beside its own error ÷ its own oracle error through the cheap mask
-and through the mask "auto" gives a flagged head. Then, per threshold, how many
-heads it flags and the family's error ÷ the oracle's with those choices (errors add over heads
-as squared norms, as ``fgcupy.oracle.Judge`` reads them over all heads), with the floor and
-with each of ``--floors``.
+the widest blocks: the threshold is ``auto_mask.ERROR_RATIO``) and its missed-mass ratio (the
+cheap mask's missed share less ``MISS_FLOOR`` over the best mask's: flagged past
+``MISS_RATIO`` whatever the threshold) beside its own error ÷ its own oracle error through the
+cheap mask and through the mask "auto" gives a flagged head. Then, per threshold of the check
+ratio, how many heads are flagged and the family's error ÷ the oracle's with those choices
+(errors add over heads as squared norms, as ``fgcupy.oracle.Judge`` reads them over all
+heads), with the floor and with each of ``--floors``.
 
     PYTHONPATH=. python -m tools.probe_auto_threshold [--grid T H W] [--heads 8]
         [--densities 0.1 0.3] [--families ...] [--thresholds 1.2 1.5 2] [--floors 3e-4]
@@ -44,14 +45,17 @@ def _ratio(measure, best, floor: float = 0.0) -> torch.Tensor:
 
 
 def check_ratios(q, k, cheap, density: float, scale: float, floors) -> tuple:
-    """(float64 [F, H] the ratio above which each head would not be flagged, with each of the F
-    ``floors``, float64 [H] its missed-mass ratio, float64 [H, 2] the cheap and the best mask's
-    largest estimated errors)."""
+    """(float64 [F, H] the error ratio above which each head would not be flagged, with each of
+    the F ``floors``, float64 [H] its missed-mass ratio, bool [H] whether the missed mass flags
+    it, float64 [H, 2] the cheap and the best mask's largest estimated errors)."""
     rule = dict(density=density, top_k=None, scale=scale, workspace_bytes=DEFAULT_WORKSPACE)
     check = auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule)
     errors = torch.stack([e.double().amax(dim=(0, 2)).cpu() for e in (check.error, check.best_error)], -1)
     ratios = torch.stack([_ratio(check.error, check.best_error, floor) for floor in floors])
-    return ratios, _ratio(check.missed, check.best_missed), errors
+    missed = check.missed.double() - auto_mask.MISS_FLOOR
+    masses = torch.where(check.best_missed > 0, missed / check.best_missed.double().clamp_min(1e-300),
+                         torch.where(missed > 0, math.inf, 0.0)).amax(dim=(0, 2)).cpu()
+    return ratios, masses, masses > auto_mask.MISS_RATIO, errors
 
 
 def flagged_mask(q, k, density: float):
@@ -78,9 +82,10 @@ def over(squared, oracle_squared) -> float:
     return 1.0 if squared == 0 else math.inf
 
 
-def summary(name, density, ratios, floors, masses, estimates, cheap, flagged, oracle, thresholds) -> list:
+def summary(name, density, ratios, floors, masses, by_mass, estimates, cheap, flagged, oracle, thresholds) -> list:
     """Lines: each head, then each (floor, threshold)'s flagged count and family error ÷ oracle
-    error. ``ratios`` [F, H]: each head's check ratio with each of the F ``floors``."""
+    error. ``ratios`` [F, H]: each head's check ratio with each of the F ``floors``; ``by_mass``
+    [H]: heads the missed mass flags at any threshold."""
     lines = [f"## {name} d={density}"]
     for h in range(ratios.shape[1]):
         lines.append(f"  head {h}: check x{ratios[0, h]:.2f} ({estimates[h, 0]:.2g} / {estimates[h, 1]:.2g})  "
@@ -89,8 +94,9 @@ def summary(name, density, ratios, floors, masses, estimates, cheap, flagged, or
     rows = []
     for floor, floor_ratios in zip(floors, ratios):
         for t in thresholds:
-            chosen = torch.where(floor_ratios > t, flagged, cheap)
-            rows.append(((floor, t), int((floor_ratios > t).sum()), over(chosen.sum(), oracle.sum())))
+            flags = (floor_ratios > t) | by_mass
+            chosen = torch.where(flags, flagged, cheap)
+            rows.append(((floor, t), int(flags.sum()), over(chosen.sum(), oracle.sum())))
             lines.append(f"  floor {floor:g} threshold {t:g}: {rows[-1][1]} of {len(floor_ratios)} flagged, "
                          f"family x{rows[-1][2]:.2f}")
     return lines, rows
@@ -103,7 +109,8 @@ def main(argv=None) -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--densities", type=float, nargs="+", default=[0.1, 0.3])
     parser.add_argument("--families", nargs="+", default=list(FAMILIES) + WORKLOAD_FAMILIES)
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[1.2, 1.3, 1.4, 1.5, 1.7, 2.0, 3.0])
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[1.2, 1.3, 1.4, 1.5, 1.7, 2.0, 3.0],
+                        help="thresholds of the error ratio (the missed mass flags past MISS_RATIO at each)")
     parser.add_argument("--floors", type=float, nargs="*", default=[],
                         help="floors to try beside auto_mask.ERROR_FLOOR")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -120,10 +127,10 @@ def main(argv=None) -> None:
         judge = Judge(q, k, v)
         for density in args.densities:
             cheap_mask = predict_mask(q, k, 128, "topk", density=density)
-            ratios, masses, estimates = check_ratios(q, k, cheap_mask, density, judge.scale, floors)
+            ratios, masses, by_mass, estimates = check_ratios(q, k, cheap_mask, density, judge.scale, floors)
             errors = [squared_errors(judge, m) for m in (cheap_mask, flagged_mask(q, k, density),
                                                           judge.oracle(density))]
-            lines, rows = summary(name, density, ratios, floors, masses, estimates, *errors, args.thresholds)
+            lines, rows = summary(name, density, ratios, floors, masses, by_mass, estimates, *errors, args.thresholds)
             print("\n".join(lines), flush=True)
             for key, count, ratio in rows:
                 flagged_total[key] += count
