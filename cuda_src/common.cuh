@@ -196,6 +196,21 @@ __device__ __forceinline__ void raise_running_max(float (&run_m)[2], float (&run
   }
 }
 
+// The same with sq, a running sum of the terms' squares (the normaliser of twice the logits,
+// taken against 2 x the max): a rise of the max scales it by the square of the sums' factor.
+__device__ __forceinline__ void raise_running_max(float (&run_m)[2], float (&run_l)[2], float (&run_sq)[2],
+                                                  const float (&tile_m)[2], float (&base)[2]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float nm = fmaxf(run_m[i], tile_m[i]);
+    base[i] = nm == FG_NEG_INF ? 0.f : nm;
+    const float f = fast_exp2(run_m[i] - base[i]);
+    run_l[i] *= f;
+    run_sq[i] *= f * f;
+    run_m[i] = nm;
+  }
+}
+
 // Merge a (max, sum) pair of log2-domain partial sums into (m, l).
 __device__ __forceinline__ void merge_lse2(float& m, float& l, float m_o, float l_o) {
   const float nm = fmaxf(m, m_o);
@@ -204,11 +219,41 @@ __device__ __forceinline__ void merge_lse2(float& m, float& l, float m_o, float 
   m = nm;
 }
 
+// The same with the sums of squares sq and sq_o.
+__device__ __forceinline__ void merge_lse2(float& m, float& l, float& sq, float m_o, float l_o, float sq_o) {
+  const float nm = fmaxf(m, m_o);
+  const float base = nm == FG_NEG_INF ? 0.f : nm;
+  const float f = fast_exp2(m - base);
+  const float f_o = fast_exp2(m_o - base);
+  l = l * f + l_o * f_o;
+  sq = sq * (f * f) + sq_o * (f_o * f_o);
+  m = nm;
+}
+
+// merge_lse2 over the four lanes of an mma quad (lanes that share a row of the C fragment).
+__device__ __forceinline__ void quad_merge_lse2(float& m, float& l) {
+#pragma unroll
+  for (int s = 1; s <= 2; s <<= 1) {
+    merge_lse2(m, l, __shfl_xor_sync(0xffffffffu, m, s), __shfl_xor_sync(0xffffffffu, l, s));
+  }
+}
+__device__ __forceinline__ void quad_merge_lse2(float& m, float& l, float& sq) {
+#pragma unroll
+  for (int s = 1; s <= 2; s <<= 1) {
+    merge_lse2(m, l, sq, __shfl_xor_sync(0xffffffffu, m, s), __shfl_xor_sync(0xffffffffu, l, s),
+               __shfl_xor_sync(0xffffffffu, sq, s));
+  }
+}
+
 // log2 of a row's softmax normaliser from its running max and sum: -inf with no mass, +inf where
 // a logit was +inf (the sum is NaN then, from inf - inf).
 __device__ __forceinline__ float row_lse2(float m, float l) {
   return m == -FG_NEG_INF ? m : (l > 0.f ? m + __log2f(l) : FG_NEG_INF);
 }
+
+// log2 of the normaliser of twice the logits, from the running max and sum of squares: the
+// squares are taken against 2 x the max (+-inf stays +-inf, as in row_lse2).
+__device__ __forceinline__ float row_lse2_twice(float m, float sq) { return row_lse2(2.f * m, sq); }
 
 // 8-byte store of two floats (dst is 8-byte aligned).
 __device__ __forceinline__ void store2(float* dst, float x, float y) {

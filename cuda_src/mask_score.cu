@@ -7,7 +7,10 @@
 //      of this CTA's key chunk (natural log) into partial[z, row, chunk];
 //   3 (logits, float16): the same, logits stored rounded to float16 (IEEE round to nearest,
 //      overflow to +-inf); the log-sum-exps come from the float32 logits;
-//   1 (stats):  only the partial log-sum-exps (used before mode 2 on pooled sub-blocks);
+//   1 (stats):  only the partial log-sum-exps (used before mode 2 on pooled sub-blocks) and,
+//      where partial_sq is set, those of twice the logits, log sum_j exp(2 s_j) (natural log),
+//      into partial_sq[z, row, chunk] (sum_j p_j^2 = exp(lse_twice - 2 lse) without a second
+//      pass over the keys), from a running sum of the exponentials' squares beside their sum;
 //   2 (maxprob): p = exp(logit - lse[row]) and the max of p over each group of G consecutive
 //      rows (G a power of two dividing WARPS x 16), written to out[z, row / G, key] as bfloat16
 //      rounded toward zero. With one query per row and G = slice_m this is the exact column-max
@@ -46,6 +49,7 @@ mask_score(const __grid_constant__ ScoreParams p) {
   float* __restrict__ out = static_cast<float*>(p.out);      // mode 0
   u16* __restrict__ out16 = static_cast<u16*>(p.out);        // modes 2 (bfloat16) and 3 (float16)
   float* __restrict__ partial = static_cast<float*>(p.partial);
+  float* __restrict__ partial_sq = static_cast<float*>(p.partial_sq);  // mode 1, may be null
   const float* __restrict__ lse = static_cast<const float*>(p.lse);
   const int n_rows = p.n_rows;
   const int group = p.group;
@@ -91,6 +95,7 @@ mask_score(const __grid_constant__ ScoreParams p) {
   // Mode 0/1: running max (log2 units) and sum of this thread's columns, per row.
   float run_m[2] = {FG_NEG_INF, FG_NEG_INF};
   float run_l[2] = {0.f, 0.f};
+  float run_sq[2] = {0.f, 0.f};  // mode 1: the sum of the terms' squares (one FMA a term)
   // Mode 2: log2-scaled lse of the two rows; rows without a finite lse contribute p = 0.
   float lse2[2] = {0.f, 0.f};
   bool row_ok[2] = {false, false};
@@ -163,13 +168,16 @@ mask_score(const __grid_constant__ ScoreParams p) {
         }
       }
       float base[2];
-      raise_running_max(run_m, run_l, tile_m, base);
+      if (MODE == kMode_stats) raise_running_max(run_m, run_l, run_sq, tile_m, base);
+      else raise_running_max(run_m, run_l, tile_m, base);
 #pragma unroll
       for (int nt = 0; nt < kN / 8; ++nt) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const float x = MODE == kMode_stats ? acc[nt][e] : acc[nt][e] * 1.4426950408889634f;
-          run_l[e >> 1] += fast_exp2(fmaxf(x - base[e >> 1], FG_NEG_INF));  // a NaN logit: no mass
+          const float term = fast_exp2(fmaxf(x - base[e >> 1], FG_NEG_INF));  // a NaN logit: no mass
+          run_l[e >> 1] += term;
+          if (MODE == kMode_stats) run_sq[e >> 1] = fmaf(term, term, run_sq[e >> 1]);
         }
       }
       if (MODE == kMode_logits) {
@@ -300,12 +308,13 @@ mask_score(const __grid_constant__ ScoreParams p) {
   if (kLogits || MODE == kMode_stats) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      merge_lse2(run_m[i], run_l[i], __shfl_xor_sync(0xffffffffu, run_m[i], 1), __shfl_xor_sync(0xffffffffu, run_l[i], 1));
-      merge_lse2(run_m[i], run_l[i], __shfl_xor_sync(0xffffffffu, run_m[i], 2), __shfl_xor_sync(0xffffffffu, run_l[i], 2));
+      if (MODE == kMode_stats) quad_merge_lse2(run_m[i], run_l[i], run_sq[i]);
+      else quad_merge_lse2(run_m[i], run_l[i]);
       const int r = r_lo + 8 * i;
       if (tig == 0 && r < n_rows) {
-        partial[(static_cast<i64>(z) * n_rows + r) * gridDim.x + blockIdx.x] =
-            row_lse2(run_m[i], run_l[i]) * FG_LN2;
+        const i64 at = (static_cast<i64>(z) * n_rows + r) * gridDim.x + blockIdx.x;
+        partial[at] = row_lse2(run_m[i], run_l[i]) * FG_LN2;
+        if (MODE == kMode_stats && partial_sq) partial_sq[at] = row_lse2_twice(run_m[i], run_sq[i]) * FG_LN2;
       }
     }
   }

@@ -7,7 +7,8 @@
 // they differ in which one is the wgmma's A operand, so that each mode's reduction stays
 // inside a thread and its quad:
 //   stats (rows are A, 64 per warpgroup; keys are N): each row's log-sum-exp over the chunk,
-//     written to partial[z, row, chunk], as mask_score.cu's mode 1 (each row's skipped keys,
+//     written to partial[z, row, chunk], and where partial_sq is set that of twice the logits
+//     to partial_sq[z, row, chunk], as mask_score.cu's mode 1 (each row's skipped keys,
 //     score_range.cuh, left out);
 //   maxprob (keys are A, 64 per warpgroup; rows are N): p = exp2(logit * log2e - lse2[row])
 //     and its max over each group of GROUP consecutive rows (a power of two, 2..128, a
@@ -225,6 +226,7 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
   // Stats: this thread's rows wg*64 + (warp%4)*16 + g and + 8; running max (log2) and sum.
   float run_m[2] = {FG_NEG_INF, FG_NEG_INF};
   float run_l[2] = {0.f, 0.f};
+  float run_sq[2] = {0.f, 0.f};  // stats (not band): the sum of the terms' squares
   const int out_rows = p.out_rows;
   const i64 out_ld = p.out_ld;
   u16* __restrict__ out = static_cast<u16*>(p.out);  // bfloat16 scores
@@ -299,14 +301,21 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
         tile_m[0] *= scale_log2;
         tile_m[1] *= scale_log2;
         float base[2];
-        raise_running_max(run_m, run_l, tile_m, base);
+        if (MODE == kMode_stats) raise_running_max(run_m, run_l, run_sq, tile_m, base);
+        else raise_running_max(run_m, run_l, tile_m, base);
         float part[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // two sums per row: shorter add chains
+        float part_sq[2][2] = {{0.f, 0.f}, {0.f, 0.f}};
         // fmaxf with -inf turns a NaN product (a NaN query or key) into no mass, as the max ignores it.
 #pragma unroll
-        for (int i = 0; i < kN / 2; ++i)
-          part[(i >> 1) & 1][i & 1] += fast_exp2(fmaxf(fmaf(acc[i], scale_log2, -base[(i >> 1) & 1]), FG_NEG_INF));
+        for (int i = 0; i < kN / 2; ++i) {
+          const float term = fast_exp2(fmaxf(fmaf(acc[i], scale_log2, -base[(i >> 1) & 1]), FG_NEG_INF));
+          part[(i >> 1) & 1][i & 1] += term;
+          if (MODE == kMode_stats) part_sq[(i >> 1) & 1][i & 1] = fmaf(term, term, part_sq[(i >> 1) & 1][i & 1]);
+        }
         run_l[0] += part[0][0] + part[0][1];
         run_l[1] += part[1][0] + part[1][1];
+        run_sq[0] += part_sq[0][0] + part_sq[0][1];
+        run_sq[1] += part_sq[1][0] + part_sq[1][1];
       } else {
         // acc[nt * 4 + e]: key tile_key + thread_row + 8 * (e >> 1), row row0 + nt * 8 + tig * 2 + (e & 1).
         // Column tile by column tile: the exponent's max over the thread's two rows of each key,
@@ -398,12 +407,14 @@ mask_score_sm90(const __grid_constant__ ScoreParams p) {
     if (stats_pass) {
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        merge_lse2(run_m[i], run_l[i], __shfl_xor_sync(0xffffffffu, run_m[i], 1), __shfl_xor_sync(0xffffffffu, run_l[i], 1));
-        merge_lse2(run_m[i], run_l[i], __shfl_xor_sync(0xffffffffu, run_m[i], 2), __shfl_xor_sync(0xffffffffu, run_l[i], 2));
+        if (MODE == kMode_stats) quad_merge_lse2(run_m[i], run_l[i], run_sq[i]);
+        else quad_merge_lse2(run_m[i], run_l[i]);
         const int r = row0 + thread_row + 8 * i;
         const float lse2 = row_lse2(run_m[i], run_l[i]);
         if (MODE == kMode_stats && tig == 0 && r < n_rows) {
-          static_cast<float*>(p.partial)[(static_cast<i64>(z) * n_rows + r) * gridDim.y + chunk] = lse2 * FG_LN2;
+          const i64 at = (static_cast<i64>(z) * n_rows + r) * gridDim.y + chunk;
+          static_cast<float*>(p.partial)[at] = lse2 * FG_LN2;
+          if (p.partial_sq) static_cast<float*>(p.partial_sq)[at] = row_lse2_twice(run_m[i], run_sq[i]) * FG_LN2;
         }
         if (MODE == kMode_band && tig == 0) {
           // The row's band LSE log-added to its sub-block's (p.group queries a pooled row); rows

@@ -17,9 +17,9 @@ scores). A head whose cheap mask misses more than ``MISS_RATIO`` times the best 
 apart: the missed mass passes a mask that misses a few heavy keys where the best misses many
 light ones (a window beside a global low-rank component, 1.3-1.8x off), and the error estimate
 cannot resolve errors below about 1e-3 of the output's spread, where the missed mass still
-can. The check's kernels score ``CHECK_BLOCKS + SPREAD_BLOCKS`` blocks per head and their
-doubles against every key (LSE), the blocks once more (column max), and run one sparse call
-over them and their doubles for both masks; the host waits once, for the list of flagged heads
+can. The check's kernels score ``CHECK_BLOCKS + SPREAD_BLOCKS`` blocks per head against every key
+twice (LSE of the logits and of twice them in one pass, then column max), and run one sparse
+call over them and their doubles for both masks; the host waits once, for the list of flagged heads
 (notes/MEASURED.md "Per head" has what it took). The heads it flags cost what the column max
 costs.
 
@@ -254,7 +254,7 @@ def check_heads(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> 
     rows, real = _rows_of(blocks, slice_m, q_len)
     # Whole blocks: a repeated last row leaves a block's column max as it is.
     q_rows = qh.gather(2, rows[..., None].expand(-1, -1, -1, qh.shape[3]))
-    exact = exact_row_lse(_doubled(q_rows), kh, scale).unflatten(2, (2, -1))
+    exact = exact_row_lse(q_rows, kh, scale, twice=True)
     best = predict(q_rows, kh, slice_m, "colmax", lse=exact[:, :, 0], rule="topk", **rule)
     both = torch.cat([_blocks_of(block_keys(cheap), blocks), block_keys(best)], dim=2)  # [B, H, 2n, k]
     valid = real & torch.isfinite(exact).all(2)
@@ -316,15 +316,18 @@ def _mask_measures(q_rows, kh, keys, row_lse, valid, slice_m: int, scale: float,
     return part_sums(missed) / counts.clamp_min(1), error, valid
 
 
-def exact_row_lse(q_rows, kh, scale: float, workspace_bytes: int = _CHECK_WORKSPACE) -> torch.Tensor:
+def exact_row_lse(q_rows, kh, scale: float, workspace_bytes: int = _CHECK_WORKSPACE, *,
+                  twice: bool = False) -> torch.Tensor:
     """float32 [B, H, R]: each row's natural-log LSE over every key of kh, NaN logits adding no
     mass (the stats kernel where it runs, else float32 products in chunks of heads or rows whose
-    logits stay within ``workspace_bytes``)."""
+    logits stay within ``workspace_bytes``); with ``twice``, [B, H, 2, R]: that and the LSE of
+    twice the logits, from the same products."""
     batch, heads, n_rows, dim = q_rows.shape
-    on_kernel = _kernel_row_lse(q_rows, kh, scale)
+    on_kernel = _kernel_row_lse(q_rows, kh, scale, twice)
     if on_kernel is not None:
         return on_kernel
-    out = torch.empty(batch, heads, n_rows, dtype=torch.float32, device=q_rows.device)
+    factors = (1, 2) if twice else (1,)
+    out = torch.empty(batch, heads, len(factors), n_rows, dtype=torch.float32, device=q_rows.device)
     row_bytes = 8 * max(1, kh.shape[2])  # the logits and their exponentials
     rows = max(1, min(n_rows, workspace_bytes // row_bytes))
     chunk = max(1, min(heads, workspace_bytes // (row_bytes * max(1, n_rows)))) if rows == n_rows else 1
@@ -333,12 +336,14 @@ def exact_row_lse(q_rows, kh, scale: float, workspace_bytes: int = _CHECK_WORKSP
             for r0 in range(0, n_rows, rows):
                 logits = ref.float32_products(q_rows[b, h0 : h0 + chunk, r0 : r0 + rows],
                                               kh[b, h0 : h0 + chunk]).mul_(scale)
-                out[b, h0 : h0 + chunk, r0 : r0 + rows] = ref.nan_free_logsumexp(logits)
-    return out
+                for i, factor in enumerate(factors):
+                    out[b, h0 : h0 + chunk, i, r0 : r0 + rows] = ref.nan_free_logsumexp(logits * factor)
+    return out if twice else out[:, :, 0]
 
 
-def _kernel_row_lse(q_rows, kh, scale: float):
-    """The stats kernel's row LSE, or None where it does not apply (lse_estimate.stats_kernel_runs)."""
+def _kernel_row_lse(q_rows, kh, scale: float, twice: bool):
+    """The stats kernel's row LSE (and of twice the logits), or None where it does not apply
+    (lse_estimate.stats_kernel_runs)."""
     if not stats_kernel_runs(q_rows):
         return None
     from .jit.launch import GRID_LIMITS
@@ -346,6 +351,10 @@ def _kernel_row_lse(q_rows, kh, scale: float):
 
     batch, heads, n_rows, _ = q_rows.shape
     total = batch * heads
-    parts = [gpu_scores("stats", q_rows, kh, scale, bh0=bh0, nbh=min(GRID_LIMITS[2], total - bh0), warps=8)
+    parts = [gpu_scores("stats", q_rows, kh, scale, bh0=bh0, nbh=min(GRID_LIMITS[2], total - bh0), warps=8,
+                        squares=twice)
              for bh0 in range(0, total, GRID_LIMITS[2])]
+    if twice:
+        lse = torch.stack([torch.cat(halves) for halves in zip(*parts)], 1)  # [B * H, 2, R]
+        return lse.reshape(batch, heads, 2, n_rows)
     return (parts[0] if len(parts) == 1 else torch.cat(parts)).reshape(batch, heads, n_rows)

@@ -87,15 +87,17 @@ def _check_scale(scale: float) -> None:
 
 
 def _score_params(rows, k, scale: float, *, out, ld: int, partial, lse, bh0: int, key_chunk: int, group: int,
-                  out_rows: int, band: tuple, lists: tuple = (None, None), head_scale=None, skip: tuple = (None, 0)):
+                  out_rows: int, band: tuple, lists: tuple = (None, None), head_scale=None, skip: tuple = (None, 0),
+                  partial_sq=None):
     """The ScoreParams of one scoring launch over rows [B, H, R, D] and k [B, H, S, D] (and, in
     list mode, the (indptr, indices) of the key lists each block scores; for e4m3 rows and keys,
     viewed as 16-bit columns, each head's factor of the logit scale; in stats mode, the
-    (ranges, block) of keys each block of rows skips)."""
+    (ranges, block) of keys each block of rows skips and ``partial_sq``, where not None, for the
+    chunks' LSE of twice the logits)."""
     return SCORE_PARAMS.pack(
         rows=rows, r_sb=rows.stride(0), r_sh=rows.stride(1), r_ss=rows.stride(2),
         k=k, k_sb=k.stride(0), k_sh=k.stride(1), k_ss=k.stride(2),
-        out=out, out_ld=ld, partial=partial, lse=lse,
+        out=out, out_ld=ld, partial=partial, partial_sq=partial_sq, lse=lse,
         heads=rows.shape[1], bh0=bh0, n_rows=rows.shape[2], kv_len=k.shape[2], key_chunk=key_chunk,
         group=group, out_rows=out_rows, band_lo=band[0], band_width=band[1],
         scale=scale, scale_log2=scale * math.log2(math.e),
@@ -194,7 +196,7 @@ def band_specs(dtype: str, dim: int, slice_m: int, device: torch.device, kernel:
 def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, bh0: int = 0, nbh: int | None = None,
                lse: torch.Tensor | None = None, group: int = 1, warps: int = 4, band: tuple | None = None,
                out: torch.Tensor | None = None, kernel: str = "auto", head_scale: torch.Tensor | None = None,
-               skip: tuple | None = None):
+               skip: tuple | None = None, squares: bool = False):
     """Run fg::mask_score (or fg::mask_score_sm90, see _score_spec) on heads [bh0, bh0 + nbh) of
     rows [B, H, R, D] against k [B, H, S, D].
 
@@ -213,11 +215,16 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     ``skip=(ranges, block)`` ("stats" only, no band): the rows of query block j (``block`` rows
     each, a multiple of 16) leave the keys [ranges[j, 0], ranges[j, 1]) out of their LSE;
     ``ranges``: int32 [ceil(R / block), 2] on the rows' device.
+
+    ``squares`` ("stats" only) -> (lse, lse_twice), both [nbh, R]: lse_twice is each row's LSE
+    of twice its logits over the same keys, from the same pass: sum_j p_j^2 = exp(lse_twice - 2 lse).
     """
     batch, heads, n_rows, dim = rows.shape
     kv_len = k.shape[2]
     nbh = batch * heads - bh0 if nbh is None else nbh
     _check_scale(scale)
+    if squares and mode != "stats":
+        raise ValueError(f"squares applies to mode 'stats', got mode {mode!r}")
     e4m3 = rows.dtype == torch.float8_e4m3fn
     if e4m3:
         spec = e4m3_spec(mode, dim, group, band, rows.device, kernel)
@@ -243,7 +250,7 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
     else:
         key_chunk, chunks = _key_chunking(kv_len, row_tiles, spec.key_tile)
     device = rows.device
-    partial = None
+    partial = partial_sq = None
     out_rows = num_blocks(n_rows, group)
     if mode in ("logits", "logits_f16"):
         out = torch.empty(nbh, n_rows, ld, dtype=torch.float16 if half else torch.float32, device=device)
@@ -255,17 +262,24 @@ def gpu_scores(mode: str, rows: torch.Tensor, k: torch.Tensor, scale: float, *, 
         lse = lse.reshape(nbh, n_rows).contiguous()
     else:
         partial = torch.empty(nbh, n_rows, chunks, dtype=torch.float32, device=device)
+        if squares:
+            partial_sq = torch.empty_like(partial)
     params = _score_params(rows, k, scale, out=out, ld=ld, partial=partial, lse=lse if mode == "maxprob" else None,
                            bh0=bh0, key_chunk=key_chunk, group=group, out_rows=out_rows, band=(band_lo, band_width),
-                           head_scale=head_scale, skip=skip)
+                           head_scale=head_scale, skip=skip, partial_sq=partial_sq)
     if nbh and n_rows and chunks:
         launch(spec, device, spec.grid(chunks, num_blocks(n_rows, spec.rows_per_cta), nbh), params)
     if mode == "maxprob":
         return out
-    # One key chunk (bands, short rows): its LSE is the row's; logsumexp over a dimension of one
-    # would still run two reductions over every row.
-    row_lse = partial[..., 0] if chunks == 1 else torch.logsumexp(partial, dim=-1)
-    return row_lse if mode == "stats" else (out, row_lse)
+    if squares:
+        return _rows_lse(partial), _rows_lse(partial_sq)
+    return _rows_lse(partial) if mode == "stats" else (out, _rows_lse(partial))
+
+
+def _rows_lse(partial: torch.Tensor) -> torch.Tensor:
+    """Each row's LSE from its key chunks' [..., chunks]. One chunk (bands, short rows): its LSE
+    is the row's; logsumexp over a dimension of one would still run two reductions over every row."""
+    return partial[..., 0] if partial.shape[-1] == 1 else torch.logsumexp(partial, dim=-1)
 
 
 def _checked_skip(skip, mode: str, band, n_rows: int, device: torch.device) -> tuple:

@@ -343,8 +343,11 @@ def test_exact_row_lse_in_chunks_matches_float64(heads, rows, kv_len, workspace,
     q = torch.randn(2, heads, rows, 16, generator=gen) * 2
     k = torch.randn(2, heads, kv_len, 16, generator=gen)
     got = auto_mask.exact_row_lse(q, k, 0.25, workspace)
-    expected = torch.logsumexp(q.double() @ k.double().transpose(-1, -2) * 0.25, -1)
-    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-4)
+    logits = q.double() @ k.double().transpose(-1, -2) * 0.25
+    torch.testing.assert_close(got.double(), torch.logsumexp(logits, -1), rtol=0, atol=1e-4)
+    both = auto_mask.exact_row_lse(q, k, 0.25, workspace, twice=True)
+    expected = torch.stack([torch.logsumexp(logits * factor, -1) for factor in (1, 2)], 2)
+    torch.testing.assert_close(both.double(), expected, rtol=0, atol=2e-4)
 
 
 def test_auto_keeps_the_cheap_mask_where_every_head_passes():

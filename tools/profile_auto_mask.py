@@ -41,8 +41,7 @@ def parts(q, k, d: float) -> None:
     blocks, _ = auto_mask.checked_blocks(q, 128)
     rows, _ = auto_mask._rows_of(blocks, 128, q.shape[2])
     q_rows = q.gather(2, rows[..., None].expand(-1, -1, -1, q.shape[3]))
-    q_pair = auto_mask._doubled(q_rows)
-    exact = auto_mask.exact_row_lse(q_pair, k, scale).unflatten(2, (2, -1))[:, :, 0]
+    exact = auto_mask.exact_row_lse(q_rows, k, scale)
     estimate = estimate_lse(q, k, 128)
     lse = estimate.reshape(-1, q.shape[2])
     colmax = gpu_colmax(q, k, scale, lse, 128)  # the selection's input
@@ -54,7 +53,9 @@ def parts(q, k, d: float) -> None:
         "cheap top-k": lambda: predict_mask(q, k, 128, "topk", density=d),
         "the blocks' farthest queries": lambda: auto_mask.block_outlier(q, 128),
         "the checked blocks (even and widest)": lambda: auto_mask.checked_blocks(q, 128),
-        "checked rows' exact LSE (of their logits and twice them)": lambda: auto_mask.exact_row_lse(q_pair, k, scale),
+        "checked rows' exact LSE (of their logits and twice them)": lambda: auto_mask.exact_row_lse(q_rows, k, scale,
+                                                                                                    twice=True),
+        "  of their logits alone": lambda: auto_mask.exact_row_lse(q_rows, k, scale),
         "their best mask (column max)": lambda: predict_mask(q_rows, k, 128, "colmax", lse=exact, rule="topk", **rule),
         "check_heads (the check, no host sync)": lambda: auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule),
         "flagged_heads (the check and its sync)": lambda: auto_mask.flagged_heads(

@@ -49,7 +49,7 @@ SCORE_WARPS = (4, 8)
 SCORE_PARAMS = ParamStruct("ScoreParams", (
     ("rows", "in"), ("r_sb", "i64"), ("r_sh", "i64"), ("r_ss", "i64"),
     ("k", "in"), ("k_sb", "i64"), ("k_sh", "i64"), ("k_ss", "i64"),
-    ("out", "out"), ("out_ld", "i64"), ("partial", "out"), ("lse", "in"),
+    ("out", "out"), ("out_ld", "i64"), ("partial", "out"), ("partial_sq", "out"), ("lse", "in"),
     ("heads", "i32"), ("bh0", "i32"), ("n_rows", "i32"), ("kv_len", "i32"), ("key_chunk", "i32"),
     ("group", "i32"), ("out_rows", "i32"), ("band_lo", "i32"), ("band_width", "i32"),
     ("scale", "f32"), ("scale_log2", "f32"), ("list_indptr", "in"), ("list_indices", "in"), ("head_scale", "in"),
