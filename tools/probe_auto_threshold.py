@@ -13,7 +13,10 @@ heads), with the floor and with each of ``--floors``.
 
     PYTHONPATH=. python -m tools.probe_auto_threshold [--grid T H W] [--heads 8]
         [--densities 0.1 0.3] [--families ...] [--thresholds 1.2 1.5 2] [--floors 3e-4]
-        [--device cuda]
+        [--device cuda] [--rounding]
+
+``--rounding`` prints instead, per family, the check's estimated errors where both masks keep
+every key (their true errors 0): what the LSE's rounding alone reads, the floor's yardstick.
 """
 
 from __future__ import annotations
@@ -102,6 +105,21 @@ def summary(name, density, ratios, floors, masses, by_mass, estimates, cheap, fl
     return lines, rows
 
 
+def rounding(shape, families, heads: int, device) -> None:
+    """Per family: the largest estimated error of the check's two masks where both keep every
+    key, and whether any head is flagged (none should be)."""
+    for name in families:
+        q, k, _ = family_or_workload_qkv(shape, name, heads=heads, device=device)
+        scale = q.shape[-1] ** -0.5
+        rule = dict(density=1.0, top_k=None, scale=scale, workspace_bytes=DEFAULT_WORKSPACE)
+        every_key = predict_mask(q, k, 128, "topk", density=1.0)
+        check = auto_mask.check_heads(q, k, every_key, predict_mask, scale, rule)
+        print(f"  {name}: estimated error up to {check.error.max().item():.3g} (best mask "
+              f"{check.best_error.max().item():.3g}), missed share up to {check.missed.max().item():.3g}, "
+              f"heads flagged {auto_mask.flagged_heads(check)}", flush=True)
+        del q, k, every_key, check
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="wan14b-480p")
@@ -114,10 +132,15 @@ def main(argv=None) -> None:
     parser.add_argument("--floors", type=float, nargs="*", default=[],
                         help="floors to try beside auto_mask.ERROR_FLOOR")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounding", action="store_true",
+                        help="the check's estimated errors where both masks keep every key, per family")
     args = parser.parse_args(argv)
     shape = family_shape(args.preset, tuple(args.grid) if args.grid else None)
     device = torch.device(args.device)
     print(torch.cuda.get_device_name() if device.type == "cuda" else "cpu", shape.name, shape.grid, flush=True)
+    if args.rounding:
+        rounding(shape, args.families, args.heads, device)
+        return
     floors = [auto_mask.ERROR_FLOOR] + [f for f in args.floors if f != auto_mask.ERROR_FLOOR]
     settings = [(f, t) for f in floors for t in args.thresholds]
     worst = {key: (0.0, "") for key in settings}
