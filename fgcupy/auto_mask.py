@@ -15,11 +15,12 @@ scores). A head whose cheap mask misses more than ``MISS_RATIO`` times the best 
 (plus ``MISS_FLOOR``), or whose estimated error exceeds ``ERROR_RATIO`` times the best mask's
 (past ``ERROR_FLOOR``), is predicted again by the estimated column max. The two readings fail
 apart: the missed mass passes a mask that misses a few heavy keys where the best misses many
-light ones (a window beside a global low-rank component, 1.3-1.8x off), and the error estimate
-cannot resolve errors below about 1e-3 of the output's spread, where the missed mass still
-can. The check's kernels score ``CHECK_BLOCKS + SPREAD_BLOCKS`` blocks per head against every key
-twice (LSE of the logits and of twice them in one pass, then column max), and run one sparse
-call over them and their doubles for both masks; the host waits once, for the list of flagged heads
+light ones (a window beside a global low-rank component, 1.3-7x off), and the error estimate
+cannot resolve errors below the LSE's rounding (about 1e-3 of the output's spread at the head
+families' logit scale, more where the LSE is larger), where the missed mass still can. The
+check's kernels score ``CHECK_BLOCKS + SPREAD_BLOCKS`` blocks per head against every key twice
+(LSE of the logits and of twice them in one pass, then column max), and run one sparse call
+over them and their doubles for both masks; the host waits once, for the list of flagged heads
 (notes/MEASURED.md "Per head" has what it took). The heads it flags cost what the column max
 costs.
 
@@ -59,7 +60,9 @@ MISS_FLOOR = 1e-4
 #: ... or its estimated output error exceeds ERROR_RATIO times the best mask's, the two squared
 #: errors apart by more than ERROR_FLOOR squared. Errors are relative to the output's spread;
 #: the LSE's float32 rounding alone reads about 1e-3 there (every family, both masks keeping
-#: every key, H100), so below the floor the missed mass, exact to about 1e-6, decides.
+#: every key, H100; it grows with the LSE of twice the logits, so heads of larger logits read
+#: more, and near ties there may be flagged, at the column max's cost), so below the floor the
+#: missed mass, exact to about 1e-6, decides.
 ERROR_RATIO = 1.4
 ERROR_FLOOR = 1e-3
 #: Bytes the torch path's float32 logits of the exact LSE may take at once.
@@ -214,7 +217,7 @@ class HeadCheck:
     valid: torch.Tensor        # bool [B, H, n * slice_m]: rows the means count
     missed: torch.Tensor       # float32 [B, H, 2]: the checked mask's mean missed share (even, widest blocks)
     best_missed: torch.Tensor  # float32 [B, H, 2]: the best mask's
-    error: torch.Tensor        # float32 [B, H, 2]: the checked mask's estimated output error
+    error: torch.Tensor        # float32 [B, H, 2]: the checked mask's estimated output error, over the output's spread
     best_error: torch.Tensor   # float32 [B, H, 2]: the best mask's
     even_rows: int             # the rows of the evenly spread blocks, first in q_rows
 
@@ -225,7 +228,8 @@ class HeadCheck:
 
     def against(self, mask: SliceMask, kh, scale: float) -> HeadCheck:
         """This check with ``mask`` (a top-k mask of the same heads, as block_keys takes; kh their
-        keys) as the checked mask: one sparse call over the checked rows, no host sync."""
+        keys) as the checked mask: one sparse call over the checked rows and their doubles, no
+        host sync."""
         keys = _blocks_of(block_keys(mask), self.blocks)
         missed, error, valid = _mask_measures(self.q_rows, kh, keys, self.row_lse, self.valid, mask.slice_m, scale,
                                               self.even_rows)
@@ -246,9 +250,10 @@ def flagged_heads(check: HeadCheck) -> list:
 
 def check_heads(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> HeadCheck:
     """The check of ``cheap`` (a top-k mask, as block_keys takes) on every head of q, k [B, H, S,
-    D]. Both masks' measures come from one sparse call over the checked rows. NaN logits add no
-    mass to the exact LSE; queries whose exact LSE is not finite, or whose LSE over a mask's keys
-    is NaN (a NaN key kept), are left out. No host sync."""
+    D]. Both masks' measures come from one sparse call over the checked rows and their doubles.
+    NaN logits add no mass to the exact LSE; queries whose exact LSE is not finite, or whose LSE
+    over a mask's keys is not (a NaN key kept; a doubled row past its dtype's range), are left
+    out. No host sync."""
     slice_m, q_len = cheap.slice_m, qh.shape[2]
     blocks, even_blocks = checked_blocks(qh, slice_m)
     rows, real = _rows_of(blocks, slice_m, q_len)
@@ -291,7 +296,7 @@ def _mask_measures(q_rows, kh, keys, row_lse, valid, slice_m: int, scale: float,
     [B, H, G, 2] the output error it gives relative to the output's spread (the square root of
     the rows' summed ``estimated_error`` over their summed squared probabilities), each over the
     first ``even_rows`` rows and over the rest (0 where a part has none), bool [B, H, R] the
-    rows counted: ``valid`` less those whose LSE over a mask's keys is NaN). ``q_rows`` [B, H,
+    rows counted: ``valid`` less those whose LSE over a mask's keys is not finite). ``q_rows`` [B, H,
     R, D]: the checked rows; ``row_lse`` [B, H, 2, R]: their exact LSE (``estimated_error``);
     ``keys`` int32 [B, H, G * R / slice_m, k]: each mask's keys of their blocks. One sparse call
     over the rows and their doubles G times each, no host sync."""
@@ -302,7 +307,7 @@ def _mask_measures(q_rows, kh, keys, row_lse, valid, slice_m: int, scale: float,
                      keys.repeat(1, 1, 2, 1).reshape(-1), slice_m, 2 * n_blocks * slice_m, kh.shape[2])
     lse = sparse_attention(queries, kh, kh, pair, scale=scale, return_lse=True)[1]
     lse = lse.view(batch, heads, 2, groups, -1).transpose(2, 3)  # [B, H, G, 2, R]
-    valid = valid & ~lse.isnan().any(-2).any(2)
+    valid = valid & torch.isfinite(lse).all(-2).all(2)
     missed, squared_error = estimated_error(lse, row_lse.unsqueeze(2))
     spread = torch.exp(row_lse[:, :, 1] - 2 * row_lse[:, :, 0]).unsqueeze(2)  # [B, H, 1, R]
     parts = [slice(0, even_rows), slice(even_rows, None)]
@@ -326,8 +331,7 @@ def exact_row_lse(q_rows, kh, scale: float, workspace_bytes: int = _CHECK_WORKSP
     on_kernel = _kernel_row_lse(q_rows, kh, scale, twice)
     if on_kernel is not None:
         return on_kernel
-    factors = (1, 2) if twice else (1,)
-    out = torch.empty(batch, heads, len(factors), n_rows, dtype=torch.float32, device=q_rows.device)
+    out = torch.empty(batch, heads, 2 if twice else 1, n_rows, dtype=torch.float32, device=q_rows.device)
     row_bytes = 8 * max(1, kh.shape[2])  # the logits and their exponentials
     rows = max(1, min(n_rows, workspace_bytes // row_bytes))
     chunk = max(1, min(heads, workspace_bytes // (row_bytes * max(1, n_rows)))) if rows == n_rows else 1
@@ -336,8 +340,9 @@ def exact_row_lse(q_rows, kh, scale: float, workspace_bytes: int = _CHECK_WORKSP
             for r0 in range(0, n_rows, rows):
                 logits = ref.float32_products(q_rows[b, h0 : h0 + chunk, r0 : r0 + rows],
                                               kh[b, h0 : h0 + chunk]).mul_(scale)
-                for i, factor in enumerate(factors):
-                    out[b, h0 : h0 + chunk, i, r0 : r0 + rows] = ref.nan_free_logsumexp(logits * factor)
+                out[b, h0 : h0 + chunk, 0, r0 : r0 + rows] = ref.nan_free_logsumexp(logits)
+                if twice:  # in place: the workspace holds one copy of the logits
+                    out[b, h0 : h0 + chunk, 1, r0 : r0 + rows] = ref.nan_free_logsumexp(logits.mul_(2))
     return out if twice else out[:, :, 0]
 
 

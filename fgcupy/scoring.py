@@ -84,10 +84,10 @@ def predict_mask(q, k, slice_m: int = 128, method: str = DEFAULT_METHOD, *, dens
     (top-k: the "topk" mask with its default scores, checked per head on a few sampled query
     blocks against their exact column-max mask; heads where it misses more than
     fgcupy.auto_mask.MISS_RATIO times that mask's share of the attention (plus MISS_FLOOR), or
-    its estimated output error exceeds ERROR_RATIO times that mask's (past ERROR_FLOOR), are
-    predicted again by the estimated column max; takes only density or top_k, scale, layout and workspace_bytes;
-    syncs the host), "topk", "tau" or "threshold" (mean-query scoring alone,
-    selected by that rule: cheaper, and several times off the oracle on heads whose queries
+    its estimated output error exceeds fgcupy.auto_mask.ERROR_RATIO times that mask's (past
+    ERROR_FLOOR), are predicted again by the estimated column max; takes only density or top_k,
+    scale, layout and workspace_bytes; syncs the host), "topk", "tau" or "threshold" (mean-query
+    scoring alone, selected by that rule: cheaper, and several times off the oracle on heads whose queries
     look apart) or "colmax" (exact column maxima from ``lse``, selected by ``rule``: the rule
     whose option is given, "threshold" when none is; ``lse="estimate"`` where no dense step ran:
     fgcupy.lse_estimate.estimate_lse, near the oracle on every head family for one column-max
