@@ -1,8 +1,11 @@
 """Mask predictors on attention unlike the repository's generators (small problems): i.i.d.
 heads of growing sharpness, sign-split rank-one heads, sink keys, duplicated tokens, rotary
 locality whose keys extend the queries by appended tokens, attention within runs of 100 tokens
-that slices straddle, and a local window beside a global low-rank component. For each, the oracle slice mask's error and each predictor's error over it, at densities 0.1 and 0.3. The default length samples
-the estimated LSE's far keys (from 4,096 keys on; below, it counts every key and is exact).
+that slices straddle, a local window beside a global low-rank component, and two sharp segments
+that the check's blocks can miss (where a key bias makes other blocks' queries spread most, or
+where the segments' queries spread least). For each, the oracle slice mask's error and each
+predictor's error over it, at densities 0.1 and 0.3. The default length samples the estimated
+LSE's far keys (from 4,096 keys on; below, it counts every key and is exact).
 
     PYTHONPATH=. python -m tools.probe_foreign_inputs [--seq 8192] [--heads 2] [--slice-m 64]
         [--dim 64] [--device cpu] [--kinds ...]
@@ -81,13 +84,59 @@ def inputs(kind: str, heads: int, seq: int, gen: torch.Generator, dim: int = DIM
         basis = basis / basis.norm(dim=-1, keepdim=True) * half ** 0.25
         return tuple(torch.cat([local, (torch.randn(heads, seq, 4, generator=gen) @ basis)[None]], -1)
                      for _ in range(2))
+    if kind.startswith("key bias decoys + 2 sharp segments"):
+        return _key_bias_segments(heads, seq, gen, dim)
+    if kind == "large-norm keys read by 2 segments' quiet queries":
+        return _large_norm_key_segments(heads, seq, gen, dim)
     raise ValueError(kind)
+
+
+def _two_segments(seq: int) -> torch.Tensor:
+    """bool [seq]: tokens 896-1023 and 1280-1407, which at 2,048 tokens fall in none of the
+    check's evenly spread blocks with slices of 64 or 128."""
+    hard = torch.zeros(seq, dtype=torch.bool)
+    hard[896:1024] = True
+    hard[1280:1408] = True
+    return hard
+
+
+def _key_bias_segments(heads, seq, gen, dim):
+    """A local window, and two 128-token segments of sharp i.i.d. queries (logit std 8); every
+    key carries a constant component (a key projection's bias), and the other queries vary
+    along it (std 20): a shift of each row's logits, which softmax ignores, but which makes
+    those blocks' queries spread the most."""
+    width = dim - 2
+    local = _rotary(torch.arange(seq).float() / 2.0, width, scale=5.0).expand(1, heads, seq, width)
+    hard = _two_segments(seq)
+    q_local = local.clone()
+    q_local[:, :, hard] = torch.randn(1, heads, int(hard.sum()), width, generator=gen) * math.sqrt(8.0)
+    k_local = local + 0.05 * torch.randn(local.shape, generator=gen)
+    q_bias = torch.randn(1, heads, seq, 1, generator=gen) * 20.0 * (~hard).float()[:, None]
+    k_bias = torch.tensor([1.0, 0.0]).expand(1, heads, seq, 2)
+    return torch.cat([q_local, q_bias, torch.zeros_like(q_bias)], -1), torch.cat([k_local, k_bias], -1)
+
+
+def _large_norm_key_segments(heads, seq, gen, dim):
+    """A local window on half of each token (queries jittered, std 0.5); on the other half,
+    keys of norm 120 in random directions, read only by two 128-token segments whose queries
+    there are small (std 0.25) and whose positional half is halved: rows as sharp as the keys
+    are strong, from queries that spread less than any other block's."""
+    half = dim // 2
+    local = _rotary(torch.arange(seq).float() / 4.0, half, scale=4.0).expand(1, heads, seq, half)
+    hard = _two_segments(seq)
+    k_far = torch.randn(1, heads, seq, half, generator=gen)
+    k_far = k_far / k_far.norm(dim=-1, keepdim=True) * 120.0
+    q_far = 0.25 * torch.randn(1, heads, seq, half, generator=gen) * hard.float()[:, None]
+    k_local = local + 0.05 * torch.randn(local.shape, generator=gen)
+    q_local = (local + 0.5 * torch.randn(local.shape, generator=gen)) * torch.where(hard, 0.5, 1.0)[:, None]
+    return torch.cat([q_local, q_far], -1), torch.cat([k_local, k_far], -1)
 
 
 KINDS = ("i.i.d. std 1", "i.i.d. std 3", "i.i.d. std 5", "i.i.d. std 10", "rank one, signs split, std 8",
          "4 sink keys (logit ~20) over i.i.d. std 2", "tokens repeated 4 times, i.i.d. std 3",
          "rotary locality, 256 keys appended", "segments of 100 tokens, strength 3.5",
-         "window of 16 tokens + rank-4 component")
+         "window of 16 tokens + rank-4 component", "key bias decoys + 2 sharp segments",
+         "large-norm keys read by 2 segments' quiet queries")
 
 
 def run_on(device: str) -> tuple:
