@@ -242,10 +242,15 @@ def flagged_heads(check: HeadCheck) -> list:
     best mask of its size misses (plus MISS_FLOOR), or its estimated output error exceeds
     ERROR_RATIO times the best mask's (squared, past ERROR_FLOOR squared), on the evenly spread
     blocks or on the widest ones, in any batch entry (one host sync)."""
-    misses_more = check.missed > MISS_RATIO * check.best_missed + MISS_FLOOR
     errs_more = check.error.square() > (ERROR_RATIO * check.best_error).square() + ERROR_FLOOR**2
-    worse = (misses_more | errs_more).any(-1).any(0)
+    worse = (misses_more(check) | errs_more).any(-1).any(0)
     return [int(h) for h in torch.nonzero(worse).flatten().tolist()]
+
+
+def misses_more(check: HeadCheck) -> torch.Tensor:
+    """bool [B, H, 2]: where the checked mask misses more than MISS_RATIO times the mass the best
+    mask of its size misses, plus MISS_FLOOR (flagged_heads' first reading)."""
+    return check.missed > MISS_RATIO * check.best_missed + MISS_FLOOR
 
 
 def check_heads(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> HeadCheck:

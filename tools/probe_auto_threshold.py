@@ -39,12 +39,17 @@ def squared_errors(judge: Judge, mask) -> torch.Tensor:
     return (out.double() - judge.dense.double()).square().sum(dim=(0, 2, 3)).cpu()
 
 
-def _ratio(measure, best, floor: float = 0.0) -> torch.Tensor:
-    """float64 [H]: sqrt(measure^2 - floor^2) / best (the ratio above which a head is not
-    flagged), the larger of any batch entry and either group of blocks."""
-    excess, best = (measure.double().square() - floor**2).clamp_min(0).sqrt(), best.double()
+def _over_best(excess, best) -> torch.Tensor:
+    """float64 [H]: excess / best (inf where only best is 0, 0 where both are), the larger of any
+    batch entry and either group of blocks."""
+    best = best.double()
     ratio = torch.where(best > 0, excess / best.clamp_min(1e-300), torch.where(excess > 0, math.inf, 0.0))
     return ratio.amax(dim=(0, 2)).cpu()
+
+
+def _ratio(measure, best, floor: float = 0.0) -> torch.Tensor:
+    """float64 [H]: sqrt(measure^2 - floor^2) / best, the ratio above which a head is not flagged."""
+    return _over_best((measure.double().square() - floor**2).clamp_min(0).sqrt(), best)
 
 
 def check_ratios(q, k, cheap, density: float, scale: float, floors) -> tuple:
@@ -55,10 +60,8 @@ def check_ratios(q, k, cheap, density: float, scale: float, floors) -> tuple:
     check = auto_mask.check_heads(q, k, cheap, predict_mask, scale, rule)
     errors = torch.stack([e.double().amax(dim=(0, 2)).cpu() for e in (check.error, check.best_error)], -1)
     ratios = torch.stack([_ratio(check.error, check.best_error, floor) for floor in floors])
-    missed = check.missed.double() - auto_mask.MISS_FLOOR
-    masses = torch.where(check.best_missed > 0, missed / check.best_missed.double().clamp_min(1e-300),
-                         torch.where(missed > 0, math.inf, 0.0)).amax(dim=(0, 2)).cpu()
-    return ratios, masses, masses > auto_mask.MISS_RATIO, errors
+    masses = _over_best(check.missed.double() - auto_mask.MISS_FLOOR, check.best_missed)
+    return ratios, masses, auto_mask.misses_more(check).any(-1).any(0).cpu(), errors
 
 
 def flagged_mask(q, k, density: float):
