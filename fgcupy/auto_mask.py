@@ -65,6 +65,9 @@ MISS_FLOOR = 1e-4
 #: missed mass, exact to about 1e-6, decides.
 ERROR_RATIO = 1.4
 ERROR_FLOOR = 1e-3
+#: Each key dimension's own variance added to the keys' covariance, in that share, so that its
+#: factor exists where keys vary along fewer directions than they have dimensions.
+_KEY_METRIC_JITTER = 0.05
 #: Bytes the torch path's float32 logits of the exact LSE may take at once.
 _CHECK_WORKSPACE = 1 << 30
 
@@ -148,6 +151,30 @@ def check_blocks(q_blocks: int, count: int = CHECK_BLOCKS) -> list:
     return sorted({round(i * (q_blocks - 1) / (count - 1)) for i in range(count)})
 
 
+def key_metric_factor(kh: torch.Tensor) -> torch.Tensor:
+    """float32 [B, H, D, D]: a factor L of each head's centered key covariance C (L Lᵀ ≈ C,
+    scaled to unit mean variance), so that ||(q − p) L||² is the variance over keys of the
+    difference between query q's logits and those of a row p: what a pooled row p loses of q.
+    A direction along which keys do not vary (a key projection's bias) counts for nothing, a
+    direction of large keys counts most. For a factor to exist where keys vary along fewer than
+    D directions (and where bfloat16 products round C), each dimension's own variance is added
+    at ``_KEY_METRIC_JITTER`` times; where the factor still fails, each dimension's standard
+    deviation alone. Dimensions where some key is not finite count for nothing."""
+    batch, heads, kv_len, dim = kh.shape
+    centered = kh - kh.mean(2, dtype=torch.float32, keepdim=True).to(kh.dtype)
+    cov = torch.matmul(centered.transpose(-1, -2), centered).float().div_(max(1, kv_len))
+    cov = torch.nan_to_num_(cov, nan=0.0, posinf=0.0, neginf=0.0)
+    variance = cov.diagonal(dim1=-2, dim2=-1)
+    std = variance.clamp_min(0).sqrt()
+    inv = torch.where(std > 0, 1 / std, 0.0)
+    scaled = cov * inv.unsqueeze(-1) * inv.unsqueeze(-2)  # unit diagonal where a dimension varies
+    eye = torch.eye(dim, dtype=torch.float32, device=kh.device)
+    factor, info = torch.linalg.cholesky_ex(scaled + _KEY_METRIC_JITTER * eye)
+    factor = torch.where((info == 0)[..., None, None], factor, eye)
+    mean_variance = variance.clamp_min(0).mean(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    return factor * (std / mean_variance.sqrt().unsqueeze(-1)).unsqueeze(-1)
+
+
 def block_outlier(qh: torch.Tensor, slice_m: int) -> torch.Tensor:
     """float32 [B, H, QB]: each query block's largest squared distance of a query from the
     block's mean (the query its pooled rows stand for worst: a few queries of the next frame or
@@ -167,18 +194,21 @@ def block_outlier(qh: torch.Tensor, slice_m: int) -> torch.Tensor:
     return outliers[0] if len(outliers) == 1 else torch.cat(outliers, 2)
 
 
-def checked_blocks(qh: torch.Tensor, slice_m: int) -> tuple:
+def checked_blocks(qh: torch.Tensor, kh: torch.Tensor, slice_m: int) -> tuple:
     """(int64 [B, H, n] the query blocks the check scores per head, how many of them come first
     spread evenly): the CHECK_BLOCKS spread evenly, then the SPREAD_BLOCKS others of largest
-    ``block_outlier``; every block, all counted as spread evenly, where there are no more. No
-    host sync."""
+    ``block_outlier`` in the keys' metric (``key_metric_factor``: how far a block's pooled row
+    stands from its farthest query in logits, not in raw query space, where a spread along a
+    direction no key varies along would draw the check away from the blocks that matter);
+    every block, all counted as spread evenly, where there are no more. No host sync."""
     batch, heads, q_len, _ = qh.shape
     q_blocks = num_blocks(q_len, slice_m)
     if q_blocks <= CHECK_BLOCKS + SPREAD_BLOCKS:
         return torch.arange(q_blocks, device=qh.device).expand(batch, heads, -1), q_blocks
     even = device_constant(("checked blocks", q_blocks), qh.device,
                            lambda on: torch.tensor(check_blocks(q_blocks), dtype=torch.int64, device=on))
-    outlier = block_outlier(qh, slice_m).index_fill_(2, even, -torch.inf)
+    in_key_metric = torch.matmul(qh, key_metric_factor(kh).to(qh.dtype))
+    outlier = block_outlier(in_key_metric, slice_m).index_fill_(2, even, -torch.inf)
     widest = outlier.topk(SPREAD_BLOCKS, dim=2).indices
     return torch.cat([even.expand(batch, heads, -1), widest], dim=2), even.numel()
 
@@ -260,7 +290,7 @@ def check_heads(qh, kh, cheap: SliceMask, predict, scale: float, rule: dict) -> 
     over a mask's keys is not (a NaN key kept; a doubled row past its dtype's range), are left
     out. No host sync."""
     slice_m, q_len = cheap.slice_m, qh.shape[2]
-    blocks, even_blocks = checked_blocks(qh, slice_m)
+    blocks, even_blocks = checked_blocks(qh, kh, slice_m)
     rows, real = _rows_of(blocks, slice_m, q_len)
     # Whole blocks: a repeated last row leaves a block's column max as it is.
     q_rows = qh.gather(2, rows[..., None].expand(-1, -1, -1, qh.shape[3]))

@@ -2,8 +2,8 @@
 heads of growing sharpness, sign-split rank-one heads, sink keys, duplicated tokens, rotary
 locality whose keys extend the queries by appended tokens, attention within runs of 100 tokens
 that slices straddle, a local window beside a global low-rank component, and two sharp segments
-that the check's blocks can miss (where a key bias makes other blocks' queries spread most, or
-where the segments' queries spread least). For each, the oracle slice mask's error and each
+that the check's blocks can miss (where a key bias, along the axes or turned, makes other
+blocks' queries spread most, or where the segments' queries spread least). For each, the oracle slice mask's error and each
 predictor's error over it, at densities 0.1 and 0.3. The default length samples the estimated
 LSE's far keys (from 4,096 keys on; below, it counts every key and is exact).
 
@@ -84,11 +84,21 @@ def inputs(kind: str, heads: int, seq: int, gen: torch.Generator, dim: int = DIM
         basis = basis / basis.norm(dim=-1, keepdim=True) * half ** 0.25
         return tuple(torch.cat([local, (torch.randn(heads, seq, 4, generator=gen) @ basis)[None]], -1)
                      for _ in range(2))
-    if kind.startswith("key bias decoys + 2 sharp segments"):
+    if kind == "key bias decoys + 2 sharp segments":
         return _key_bias_segments(heads, seq, gen, dim)
+    if kind == "key bias decoys + 2 sharp segments, rotated":
+        return _rotated(_key_bias_segments(heads, seq, gen, dim), gen)
     if kind == "large-norm keys read by 2 segments' quiet queries":
         return _large_norm_key_segments(heads, seq, gen, dim)
     raise ValueError(kind)
+
+
+def _rotated(qk: tuple, gen: torch.Generator) -> tuple:
+    """q and k turned by one random orthogonal matrix per head: the same logits, with no
+    structure along the coordinate axes."""
+    q, k = qk
+    turn = torch.linalg.qr(torch.randn(q.shape[1], q.shape[3], q.shape[3], generator=gen))[0]
+    return q @ turn, k @ turn
 
 
 def _two_segments(seq: int) -> torch.Tensor:
@@ -136,7 +146,7 @@ KINDS = ("i.i.d. std 1", "i.i.d. std 3", "i.i.d. std 5", "i.i.d. std 10", "rank 
          "4 sink keys (logit ~20) over i.i.d. std 2", "tokens repeated 4 times, i.i.d. std 3",
          "rotary locality, 256 keys appended", "segments of 100 tokens, strength 3.5",
          "window of 16 tokens + rank-4 component", "key bias decoys + 2 sharp segments",
-         "large-norm keys read by 2 segments' quiet queries")
+         "key bias decoys + 2 sharp segments, rotated", "large-norm keys read by 2 segments' quiet queries")
 
 
 def run_on(device: str) -> tuple:
