@@ -161,7 +161,10 @@ def key_metric_factor(kh: torch.Tensor) -> torch.Tensor:
     at ``_KEY_METRIC_JITTER`` times; where the factor still fails, each dimension's standard
     deviation alone. Dimensions where some key is not finite count for nothing."""
     batch, heads, kv_len, dim = kh.shape
-    centered = kh - kh.mean(2, dtype=torch.float32, keepdim=True).to(kh.dtype)
+    # bfloat16 for float16 keys: a float16 sum of S squared entries overflows from S * var = 65,504.
+    centered = torch.empty(kh.shape, dtype=torch.bfloat16 if kh.dtype == torch.float16 else kh.dtype,
+                           device=kh.device)
+    torch.sub(kh, kh.mean(2, dtype=torch.float32, keepdim=True).to(kh.dtype), out=centered)
     cov = torch.matmul(centered.transpose(-1, -2), centered).float().div_(max(1, kv_len))
     cov = torch.nan_to_num_(cov, nan=0.0, posinf=0.0, neginf=0.0)
     variance = cov.diagonal(dim1=-2, dim2=-1)

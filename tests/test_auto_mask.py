@@ -214,6 +214,15 @@ def test_key_metric_factor_in_bfloat16_on_keys_of_rank_one():
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-2 * expected.diagonal(dim1=-2, dim2=-1).amax())
 
 
+def test_key_metric_factor_of_float16_keys_whose_squares_sum_past_float16():
+    """20,000 float16 keys of variance 4: their covariance's sums (80,000) pass float16's
+    largest value; the factor still holds it."""
+    k = (torch.randn(1, 2, 20_000, 8, generator=torch.Generator().manual_seed(2)) * 2 + 5).half()
+    got = (lambda f: f.double() @ f.double().transpose(-1, -2))(auto_mask.key_metric_factor(k))
+    expected = _key_metric_reference(k)
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-2 * expected.diagonal(dim1=-2, dim2=-1).amax())
+
+
 @pytest.mark.parametrize("kind", ["key bias decoys + 2 sharp segments", "key bias decoys + 2 sharp segments, rotated",
                                   "large-norm keys read by 2 segments' quiet queries"])
 def test_the_check_finds_sharp_segments_whose_queries_spread_least_in_query_space(kind):
@@ -614,6 +623,27 @@ def test_auto_on_the_gpu_takes_the_exact_lse_where_the_estimate_fails():
     v = torch.randn(k[:, 2:].shape, generator=torch.Generator().manual_seed(1)).cuda().bfloat16()
     judge = Judge(q[:, 2:], k[:, 2:], v, 128)
     assert judge.ratio(predict_mask(q[:, 2:], k[:, 2:], 128, "auto", density=0.1))[1] < 1.2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_key_metric_factor_on_the_gpu(dtype):
+    """On cuBLAS products (16-bit, rounded on output): keys of full rank with a bias, of rank
+    one, and float16 keys whose squares sum past float16; and the segments' blocks taken."""
+    from tools.probe_foreign_inputs import inputs
+
+    gen = torch.Generator().manual_seed(3)
+    full = torch.randn(1, 2, 32_760, 128, generator=gen) * 2 + torch.randn(1, 2, 1, 128, generator=gen) * 8
+    rank_one = torch.randn(1, 2, 32_760, 1, generator=gen) * torch.randn(128, generator=gen)
+    for k in (full, rank_one):
+        k = k.to("cuda", dtype)
+        got = (lambda f: f.double() @ f.double().transpose(-1, -2))(auto_mask.key_metric_factor(k)).cpu()
+        expected = _key_metric_reference(k.cpu())
+        torch.testing.assert_close(got, expected, rtol=0, atol=2e-2 * expected.diagonal(dim1=-2, dim2=-1).amax())
+    q, k = (t.to("cuda", dtype) for t in inputs("key bias decoys + 2 sharp segments, rotated", 2, 2048, gen))
+    blocks, even = auto_mask.checked_blocks(q, k, 64)
+    segments = {*range(896 // 64, 1024 // 64), *range(1280 // 64, 1408 // 64)}
+    assert all(set(head[even:]) <= segments for head in blocks[0].tolist())
 
 
 def _check_of(missed, best_missed, error, best_error) -> auto_mask.HeadCheck:
