@@ -1,28 +1,28 @@
 """``predict_mask(method="auto")``: the cheap top-k mask, checked per head, and the estimated
 column max on the heads where the check finds it erring well past the best mask.
 
-The cheap top-k (pooled mean and sampled queries with the exact band) is near the oracle
-where a block's queries look alike and several times off it where they do not (region
-mixtures, sharp Gaussian heads); the column max with each query's LSE estimated is near the
-oracle everywhere but costs about 0.4x a dense step on Hopper. The check tells the two kinds of head
-apart on a few query blocks per head, spread over the sequence, and on the head's blocks whose
-farthest query lies farthest from their mean (where a pooled row stands for a query worst): on
-their queries it measures the attention mass the cheap mask misses and the mass their own best
-mask of the same size (exact column-max top-k) misses, and estimates the output error each
-gives, from each query's exact LSE of its logits and of twice them (``estimated_error``: the
-missed keys' squared probabilities and the renormalisation, over values independent of the
-scores). A head whose cheap mask misses more than ``MISS_RATIO`` times the best mask's mass
-(plus ``MISS_FLOOR``), or whose estimated error exceeds ``ERROR_RATIO`` times the best mask's
-(past ``ERROR_FLOOR``), is predicted again by the estimated column max. The two readings fail
-apart: the missed mass passes a mask that misses a few heavy keys where the best misses many
-light ones (a window beside a global low-rank component, 1.3-7x off), and the error estimate
-cannot resolve errors below the LSE's rounding (about 1e-3 of the output's spread at the head
-families' logit scale, more where the LSE is larger), where the missed mass still can. The
-check's kernels score ``CHECK_BLOCKS + SPREAD_BLOCKS`` blocks per head against every key twice
-(LSE of the logits and of twice them in one pass, then column max), and run one sparse call
-over them and their doubles for both masks; the host waits once, for the list of flagged heads
-(notes/MEASURED.md "Per head" has what it took). The heads it flags cost what the column max
-costs.
+The cheap top-k (pooled mean and sampled queries with the exact band) is near the oracle where a
+block's queries look alike and several times off it where they do not (region mixtures, sharp
+Gaussian heads); the column max with each query's LSE estimated is near the oracle everywhere
+but costs about 0.4x a dense step on Hopper. The check tells the two kinds of head apart on a
+few query blocks per head, spread over the sequence, and on the head's blocks whose farthest
+query lies farthest from their mean in the keys' metric (where a pooled row's logits stand for a
+query's worst): on their queries it measures the attention mass the cheap mask misses and the
+mass their own best mask of the same size (exact column-max top-k) misses, and estimates the
+output error each gives, from each query's exact LSE of its logits and of twice them
+(``estimated_error``: the missed keys' squared probabilities and the renormalisation, over
+values independent of the scores). A head whose cheap mask misses more than ``MISS_RATIO`` times
+the best mask's mass (plus ``MISS_FLOOR``), or whose estimated error exceeds ``ERROR_RATIO``
+times the best mask's (past ``ERROR_FLOOR``), is predicted again by the estimated column max.
+The two readings fail apart: the missed mass passes a mask that misses a few heavy keys where
+the best misses many light ones (a window beside a global low-rank component, 1.3-7x off), and
+the error estimate cannot resolve errors below the LSE's rounding (about 1e-3 of the output's
+spread at the head families' logit scale, more where the LSE is larger), where the missed mass
+still can. The check's kernels score ``CHECK_BLOCKS + SPREAD_BLOCKS`` blocks per head against
+every key twice (LSE of the logits and of twice them in one pass, then column max), and run one
+sparse call over them and their doubles for both masks; the host waits once, for the list of
+flagged heads (notes/MEASURED.md "Per head" has what it took). The heads it flags cost what the
+column max costs.
 
 The estimate can fail too: where each query's mass sits on a few keys that its sample misses
 (very sharp heads with no locality), its LSE is wrong query by query. The same blocks check the
