@@ -68,8 +68,6 @@ ERROR_FLOOR = 1e-3
 #: Each key dimension's own variance added to the keys' covariance, in that share, so that its
 #: factor exists where keys vary along fewer directions than they have dimensions.
 _KEY_METRIC_JITTER = 0.05
-#: Keys per product in the keys' covariance (``_gram``).
-_GRAM_CHUNK = 2048
 #: Bytes the torch path's float32 logits of the exact LSE may take at once.
 _CHECK_WORKSPACE = 1 << 30
 
@@ -167,7 +165,7 @@ def key_metric_factor(kh: torch.Tensor) -> torch.Tensor:
     centered = torch.empty(kh.shape, dtype=torch.bfloat16 if kh.dtype == torch.float16 else kh.dtype,
                            device=kh.device)
     torch.sub(kh, kh.mean(2, dtype=torch.float32, keepdim=True).to(kh.dtype), out=centered)
-    cov = _gram(centered).div_(max(1, kv_len))
+    cov = torch.matmul(centered.transpose(-1, -2), centered).float().div_(max(1, kv_len))
     cov = torch.nan_to_num_(cov, nan=0.0, posinf=0.0, neginf=0.0)
     variance = cov.diagonal(dim1=-2, dim2=-1)
     std = variance.clamp_min(0).sqrt()
@@ -178,21 +176,6 @@ def key_metric_factor(kh: torch.Tensor) -> torch.Tensor:
     factor = torch.where((info == 0)[..., None, None], factor, eye)
     mean_variance = variance.clamp_min(0).mean(-1).clamp_min(torch.finfo(torch.float32).tiny)
     return factor * (std / mean_variance.sqrt().unsqueeze(-1)).unsqueeze(-1)
-
-
-def _gram(keys: torch.Tensor) -> torch.Tensor:
-    """float32 [B, H, D, D]: keysᵀ keys over the S keys of [B, H, S, D], summed over chunks of
-    ``_GRAM_CHUNK`` keys (one product per head has S-long dot products on a handful of thread
-    blocks; chunks spread them over the GPU, and each chunk's sum is rounded to the keys' dtype
-    alone)."""
-    kv_len = keys.shape[2]
-    full = kv_len // _GRAM_CHUNK * _GRAM_CHUNK
-    chunks = keys[:, :, :full].unflatten(2, (-1, _GRAM_CHUNK))
-    gram = torch.matmul(chunks.transpose(-1, -2), chunks).sum(2, dtype=torch.float32)
-    if full < kv_len:
-        rest = keys[:, :, full:]
-        gram += torch.matmul(rest.transpose(-1, -2), rest).float()
-    return gram
 
 
 def block_outlier(qh: torch.Tensor, slice_m: int) -> torch.Tensor:
