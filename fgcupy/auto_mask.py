@@ -178,21 +178,27 @@ def key_metric_factor(kh: torch.Tensor) -> torch.Tensor:
     return factor * (std / mean_variance.sqrt().unsqueeze(-1)).unsqueeze(-1)
 
 
-def block_outlier(qh: torch.Tensor, slice_m: int) -> torch.Tensor:
+def block_outlier(qh: torch.Tensor, slice_m: int, metric: torch.Tensor | None = None) -> torch.Tensor:
     """float32 [B, H, QB]: each query block's largest squared distance of a query from the
     block's mean (the query its pooled rows stand for worst: a few queries of the next frame or
     run, which the cheap scores lose, as well as blocks whose queries all spread), from the
-    queries less their mean in q's dtype, norms in float32 (no float copy of q); NaN where a
-    block holds a non-finite query (topk ranks such blocks first). No host sync."""
+    queries less their mean in q's dtype, norms in float32 (no float copy of q); with ``metric``
+    ([B, H, D, D] in q's dtype, e.g. ``key_metric_factor``), of the queries times it, centred in
+    place (one copy of q either way). NaN where a block holds a non-finite query (topk ranks
+    such blocks first). No host sync."""
     q_len = qh.shape[2]
     full = q_len // slice_m
-    blocks = [qh[:, :, : full * slice_m].unflatten(2, (full, slice_m))]  # [B, H, QB, slice_m, D]
+    parts = [(qh[:, :, : full * slice_m], (full, slice_m))]
     if q_len % slice_m:  # the last block, short
-        blocks.append(qh[:, :, full * slice_m :].unsqueeze(2))
+        parts.append((qh[:, :, full * slice_m :], (1, q_len % slice_m)))
     outliers = []
-    for rows in blocks:
-        means = rows.sum(3, dtype=torch.float32).div_(rows.shape[3]).to(rows.dtype)
-        distances = torch.linalg.vector_norm(rows - means.unsqueeze(3), dim=-1, dtype=torch.float32)
+    for queries, blocks in parts:
+        if metric is not None:
+            queries = torch.matmul(queries, metric)
+        rows = queries.unflatten(2, blocks)  # [B, H, QB, slice_m, D]
+        means = rows.sum(3, dtype=torch.float32).div_(rows.shape[3]).to(rows.dtype).unsqueeze(3)
+        centred = rows.sub_(means) if metric is not None else rows - means
+        distances = torch.linalg.vector_norm(centred, dim=-1, dtype=torch.float32)
         outliers.append(distances.amax(-1).square_())
     return outliers[0] if len(outliers) == 1 else torch.cat(outliers, 2)
 
@@ -210,8 +216,7 @@ def checked_blocks(qh: torch.Tensor, kh: torch.Tensor, slice_m: int) -> tuple:
         return torch.arange(q_blocks, device=qh.device).expand(batch, heads, -1), q_blocks
     even = device_constant(("checked blocks", q_blocks), qh.device,
                            lambda on: torch.tensor(check_blocks(q_blocks), dtype=torch.int64, device=on))
-    in_key_metric = torch.matmul(qh, key_metric_factor(kh).to(qh.dtype))
-    outlier = block_outlier(in_key_metric, slice_m).index_fill_(2, even, -torch.inf)
+    outlier = block_outlier(qh, slice_m, key_metric_factor(kh).to(qh.dtype)).index_fill_(2, even, -torch.inf)
     widest = outlier.topk(SPREAD_BLOCKS, dim=2).indices
     return torch.cat([even.expand(batch, heads, -1), widest], dim=2), even.numel()
 
