@@ -3,7 +3,9 @@ heads of growing sharpness, sign-split rank-one heads, sink keys, duplicated tok
 locality whose keys extend the queries by appended tokens, attention within runs of 100 tokens
 that slices straddle, a local window beside a global low-rank component, and two sharp segments
 that the check's blocks can miss (where a key bias, along the axes or turned, makes other
-blocks' queries spread most, or where the segments' queries spread least). For each, the oracle slice mask's error and each
+blocks' queries spread most, or where the segments' queries spread least; where a group of keys
+no query attends to varies along a direction the other queries spread along, or where the
+segments read a few rare keys softly). For each, the oracle slice mask's error and each
 predictor's error over it, at densities 0.1 and 0.3. The default length samples the estimated
 LSE's far keys (from 4,096 keys on; below, it counts every key and is exact).
 
@@ -90,7 +92,51 @@ def inputs(kind: str, heads: int, seq: int, gen: torch.Generator, dim: int = DIM
         return _rotated(_key_bias_segments(heads, seq, gen, dim), gen)
     if kind == "large-norm keys read by 2 segments' quiet queries":
         return _large_norm_key_segments(heads, seq, gen, dim)
+    if kind == "an unread key group varying along a decoy + 2 sharp segments":
+        return _unread_group_segments(heads, seq, gen, dim)
+    if kind == "512 rare keys read softly by 2 segments":
+        return _rare_key_segments(heads, seq, gen, dim)
     raise ValueError(kind)
+
+
+def _jittered_window(heads, seq, gen, width):
+    """q, k [1, heads, seq, width]: a local window (rotary, every 2 tokens), queries jittered by
+    0.3, keys by 0.05."""
+    local = _rotary(torch.arange(seq).float() / 2.0, width, scale=5.0).expand(1, heads, seq, width)
+    return (local + 0.3 * torch.randn(local.shape, generator=gen), local + 0.05 * torch.randn(local.shape, generator=gen))
+
+
+def _unread_group_segments(heads, seq, gen, dim):
+    """A local window, and two 128-token segments of sharp i.i.d. queries (logit std 8); 30 % of
+    the keys form a group at -80 along one more direction, which every query reads with a
+    positive weight (the others spread over 0.5-10, the segments' constant): the group's logits
+    stay low, so no query attends to it, yet keys vary most along that direction and the other
+    blocks' queries spread most along it."""
+    width = dim - 2
+    q_local, k_local = _jittered_window(heads, seq, gen, width)
+    hard = _two_segments(seq)
+    q_local[:, :, hard] = torch.randn(1, heads, int(hard.sum()), width, generator=gen) * math.sqrt(8.0)
+    k_decoy = -80.0 * (torch.rand(1, heads, seq, 1, generator=gen) < 0.3).float()
+    q_decoy = torch.where(hard[:, None], 5.25, 0.5 + 9.5 * torch.rand(1, heads, seq, 1, generator=gen))
+    return (torch.cat([q_local, q_decoy, torch.zeros_like(q_decoy)], -1),
+            torch.cat([k_local, k_decoy, torch.zeros_like(k_decoy)], -1))
+
+
+def _rare_key_segments(heads, seq, gen, dim):
+    """A local window on all but 16 dimensions; on those 16, 512 keys of norm 20 in random
+    directions (the rest 0), read by two 128-token segments whose queries are N(0, 1.6) there
+    and 0 on the window: soft rows over the rare keys (logit std about 4), from queries that
+    differ only along directions few keys vary along."""
+    width, rare = dim - 16, 16
+    q_local, k_local = _jittered_window(heads, seq, gen, width)
+    hard = _two_segments(seq)
+    q_local[:, :, hard] = 0.0
+    directions = torch.randn(1, heads, 512, rare, generator=gen)
+    k_rare = torch.zeros(1, heads, seq, rare)
+    k_rare[:, :, torch.randperm(seq, generator=gen)[:512]] = directions / directions.norm(dim=-1, keepdim=True) * 20.0
+    q_rare = torch.zeros(1, heads, seq, rare)
+    q_rare[:, :, hard] = torch.randn(1, heads, int(hard.sum()), rare, generator=gen) * 1.6
+    return torch.cat([q_local, q_rare], -1), torch.cat([k_local, k_rare], -1)
 
 
 def _rotated(qk: tuple, gen: torch.Generator) -> tuple:
@@ -146,7 +192,8 @@ KINDS = ("i.i.d. std 1", "i.i.d. std 3", "i.i.d. std 5", "i.i.d. std 10", "rank 
          "4 sink keys (logit ~20) over i.i.d. std 2", "tokens repeated 4 times, i.i.d. std 3",
          "rotary locality, 256 keys appended", "segments of 100 tokens, strength 3.5",
          "window of 16 tokens + rank-4 component", "key bias decoys + 2 sharp segments",
-         "key bias decoys + 2 sharp segments, rotated", "large-norm keys read by 2 segments' quiet queries")
+         "key bias decoys + 2 sharp segments, rotated", "large-norm keys read by 2 segments' quiet queries",
+         "an unread key group varying along a decoy + 2 sharp segments", "512 rare keys read softly by 2 segments")
 
 
 def run_on(device: str) -> tuple:
