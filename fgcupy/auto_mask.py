@@ -167,14 +167,14 @@ def key_metric_factor(kh: torch.Tensor) -> torch.Tensor:
     torch.sub(kh, kh.mean(2, dtype=torch.float32, keepdim=True).to(kh.dtype), out=centered)
     cov = torch.matmul(centered.transpose(-1, -2), centered).float().div_(max(1, kv_len))
     cov = torch.nan_to_num_(cov, nan=0.0, posinf=0.0, neginf=0.0)
-    variance = cov.diagonal(dim1=-2, dim2=-1)
-    std = variance.clamp_min(0).sqrt()
+    variance = cov.diagonal(dim1=-2, dim2=-1).clamp_min(0)
+    std = variance.sqrt()
     inv = torch.where(std > 0, 1 / std, 0.0)
     scaled = cov * inv.unsqueeze(-1) * inv.unsqueeze(-2)  # unit diagonal where a dimension varies
     eye = torch.eye(dim, dtype=torch.float32, device=kh.device)
     factor, info = torch.linalg.cholesky_ex(scaled + _KEY_METRIC_JITTER * eye)
     factor = torch.where((info == 0)[..., None, None], factor, eye)
-    mean_variance = variance.clamp_min(0).mean(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    mean_variance = variance.mean(-1).clamp_min(torch.finfo(torch.float32).tiny)
     return factor * (std / mean_variance.sqrt().unsqueeze(-1)).unsqueeze(-1)
 
 

@@ -179,6 +179,12 @@ def _key_metric_reference(k: torch.Tensor) -> torch.Tensor:
     return cov / variance.mean(-1)[..., None, None]
 
 
+def _metric_of(k: torch.Tensor) -> torch.Tensor:
+    """float64 [B, H, D, D]: L Lᵀ of key_metric_factor's L."""
+    factor = auto_mask.key_metric_factor(k).double()
+    return factor @ factor.transpose(-1, -2)
+
+
 @SETTINGS
 @given(st.integers(1, 2), st.integers(1, 3), st.integers(2, 300), st.sampled_from([4, 16, 64]),
        st.integers(0, 3), st.integers(0, 2**31 - 1))
@@ -193,7 +199,7 @@ def test_key_metric_factor_factors_the_keys_covariance(batch, heads, kv_len, dim
     factor = auto_mask.key_metric_factor(k)
     assert factor.dtype == torch.float32 and factor.shape == (batch, heads, dim, dim)
     expected = _key_metric_reference(k)
-    got = factor.double() @ factor.double().transpose(-1, -2)
+    got = _metric_of(k)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-3 * expected.diagonal(dim1=-2, dim2=-1).amax())
 
 
@@ -203,7 +209,7 @@ def test_key_metric_factor_leaves_out_constant_and_non_finite_dimensions():
     k[..., 2] = 7.0  # a bias: no spread
     k[0, 1, 50, 5] = math.nan
     k[0, 0, 60, 6] = math.inf
-    metric = (lambda f: f @ f.transpose(-1, -2))(auto_mask.key_metric_factor(k))
+    metric = _metric_of(k)
     assert torch.isfinite(metric).all()
     assert (metric[0, :, 2] == 0).all() and (metric[0, 1, 5] == 0).all() and (metric[0, 0, 6] == 0).all()
     assert (metric[0, 0, 5, 5] > 0.5) and (metric[0, 1, 6, 6] > 0.5)
@@ -217,7 +223,7 @@ def test_key_metric_factor_in_bfloat16_on_keys_of_rank_one():
     gen = torch.Generator().manual_seed(1)
     u = torch.randn(64, generator=gen)
     k = (torch.randn(1, 4, 4096, 1, generator=gen) * u).bfloat16()
-    got = (lambda f: f.double() @ f.double().transpose(-1, -2))(auto_mask.key_metric_factor(k))
+    got = _metric_of(k)
     expected = _key_metric_reference(k)
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-2 * expected.diagonal(dim1=-2, dim2=-1).amax())
 
@@ -226,7 +232,7 @@ def test_key_metric_factor_of_float16_keys_whose_squares_sum_past_float16():
     """20,000 float16 keys of variance 4: their covariance's sums (80,000) pass float16's
     largest value; the factor still holds it."""
     k = (torch.randn(1, 2, 20_000, 8, generator=torch.Generator().manual_seed(2)) * 2 + 5).half()
-    got = (lambda f: f.double() @ f.double().transpose(-1, -2))(auto_mask.key_metric_factor(k))
+    got = _metric_of(k)
     expected = _key_metric_reference(k)
     torch.testing.assert_close(got, expected, rtol=0, atol=2e-2 * expected.diagonal(dim1=-2, dim2=-1).amax())
 
@@ -673,7 +679,7 @@ def test_key_metric_factor_on_the_gpu(dtype):
     rank_one = torch.randn(1, 2, 32_760, 1, generator=gen) * torch.randn(128, generator=gen)
     for k in (full, rank_one):
         k = k.to("cuda", dtype)
-        got = (lambda f: f.double() @ f.double().transpose(-1, -2))(auto_mask.key_metric_factor(k)).cpu()
+        got = _metric_of(k).cpu()
         expected = _key_metric_reference(k.cpu())
         torch.testing.assert_close(got, expected, rtol=0, atol=2e-2 * expected.diagonal(dim1=-2, dim2=-1).amax())
     q, k = (t.to("cuda", dtype) for t in inputs("key bias decoys + 2 sharp segments, rotated", 2, 2048, gen))
