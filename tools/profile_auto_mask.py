@@ -38,6 +38,7 @@ def parts(q, k, d: float) -> None:
     scale = q.shape[-1] ** -0.5
     rule = dict(density=d, top_k=None, scale=scale, workspace_bytes=1 << 32)
     cheap = predict_mask(q, k, 128, "topk", density=d)
+    metric = auto_mask.key_metric_factor(k).to(q.dtype)
     blocks, _ = auto_mask.checked_blocks(q, k, 128)
     rows, _ = auto_mask._rows_of(blocks, 128, q.shape[2])
     q_rows = q.gather(2, rows[..., None].expand(-1, -1, -1, q.shape[3]))
@@ -52,7 +53,7 @@ def parts(q, k, d: float) -> None:
     steps = {
         "cheap top-k": lambda: predict_mask(q, k, 128, "topk", density=d),
         "the keys' metric (its factor)": lambda: auto_mask.key_metric_factor(k),
-        "the blocks' farthest queries (in q's own space)": lambda: auto_mask.block_outlier(q, 128),
+        "the blocks' farthest queries in it": lambda: auto_mask.block_outlier(q, 128, metric),
         "the checked blocks (even and widest)": lambda: auto_mask.checked_blocks(q, k, 128),
         "checked rows' exact LSE (of their logits and twice them)": lambda: auto_mask.exact_row_lse(q_rows, k, scale,
                                                                                                     twice=True),
